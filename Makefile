@@ -1,0 +1,38 @@
+# One-command setup, training, tests and benchmarks on a fresh Debian/Ubuntu machine.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+APT     := libopencv-dev libturbojpeg0-dev pkg-config
+ARGS    ?=
+
+.PHONY: setup train test bench report lint clean
+
+setup: $(STAMP)
+
+# FFCV compiles against opencv and turbojpeg: install them when pkg-config cannot find them.
+$(STAMP): pyproject.toml
+	@if ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT); \
+	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+train: setup
+	$(PY) engine/train.py $(ARGS)
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	$(PY) tools/bench.py $(ARGS)
+
+report: setup
+	$(PY) tools/report.py $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,103 @@
+"""CIFAR ResNet-18 (He et al. 2016; the kuangliu/pytorch-cifar variant) and its MAC count."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS = ("resnet18",)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection; the ResNet-18/34 building block."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        # Identity when shapes match; otherwise a 1x1 projection (option B of the ResNet paper).
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        # Not in-place: Grad-CAM hooks read block outputs and in-place ops would clobber them.
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem and no max-pool, so layer4 sees 4x4 maps."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        chans = [width, 2 * width, 4 * width, 8 * width]
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.layer1 = self._stage(width, chans[0], stride=1)
+        self.layer2 = self._stage(chans[0], chans[1], stride=2)
+        self.layer3 = self._stage(chans[1], chans[2], stride=2)
+        self.layer4 = self._stage(chans[2], chans[3], stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(chans[3], num_classes)
+
+    @staticmethod
+    def _stage(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+        """Two BasicBlocks; only the first one changes resolution and channel count."""
+        return nn.Sequential(BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        # flatten, not .view: a channels_last (N, C, 1, 1) tensor is not view-compatible.
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build_model(arch: str, num_classes: int, width: int) -> nn.Module:
+    """Build a model by name, so configs and checkpoints can refer to it as a string."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return ResNet18(num_classes=num_classes, width=width)
+
+
+def forward_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+    """Multiply-accumulates (MACs, not FLOPs; 1 MAC = 2 FLOPs) of one forward pass per image.
+
+    Counts only nn.Conv2d and nn.Linear, which dominate the cost; used for MFU estimates.
+    """
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal macs
+        kh, kw = m.kernel_size
+        macs += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal macs
+        macs += out.numel() * m.in_features
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    p = next(model.parameters())
+    was_training = model.training
+    # eval mode so the probe pass leaves BN running statistics untouched.
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return macs // input_shape[0]

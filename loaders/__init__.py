@@ -1,0 +1,22 @@
+"""Data: from a download to augmented batches on the device. Knows nothing of models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loaders.base import BatchLoader
+
+LOADERS = ("ffcv", "resident", "torchvision")
+
+
+def make_loader(kind: str, path: Path, **kwargs) -> BatchLoader:
+    """A loader of one .beton split by name; kwargs are BatchLoader's (train, batch_size, ...)."""
+    if kind == "ffcv":
+        from loaders.ffcv import FFCVLoader as cls
+    elif kind == "resident":
+        from loaders.resident import ResidentLoader as cls
+    elif kind == "torchvision":
+        from loaders.torchvision import TorchvisionLoader as cls
+    else:
+        raise ValueError(f"unknown loader '{kind}'; choose one of {', '.join(LOADERS)}")
+    return cls(path, **kwargs)

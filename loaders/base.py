@@ -1,0 +1,63 @@
+"""What every loader shares: its shard of the data per epoch and the on-device augmentation."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from loaders.augment import Augment, AugmentConfig
+from loaders.sharding import epoch_indices, padding
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images N x 3 x 32 x 32 channels_last, labels int64
+
+
+def available_cores() -> int:
+    """Cores this process may run on (not the machine's count, which containers inflate)."""
+    return len(os.sched_getaffinity(0))
+
+
+class BatchLoader:
+    """Iterates (images, labels) batches of one split on `device`; `set_epoch` picks the epoch.
+
+    Training loaders shuffle and augment; evaluation loaders are sequential and plain.
+    """
+
+    def __init__(self, path: Path, *, train: bool, batch_size: int, device: torch.device | str,
+                 num_samples: int, mean: list[float], std: list[float],
+                 dtype: torch.dtype = torch.float32, augment: AugmentConfig | None = None,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.path, self.train, self.batch_size = Path(path), train, batch_size
+        self.device = torch.device(device)
+        self.num_samples, self.seed = num_samples, seed
+        self.rank, self.world_size = rank, world_size
+        self.workers = workers or available_cores()
+        self.augment = Augment(augment if train else None, mean, std, dtype, self.device)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.augment.set_epoch(self.seed, epoch)
+
+    def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This rank's sample indices for the current epoch."""
+        return epoch_indices(self.num_samples, epoch=self.epoch, seed=self.seed,
+                             shuffle=self.train, rank=self.rank, world_size=self.world_size,
+                             device=device)
+
+    @property
+    def padding(self) -> int:
+        """Samples repeated per epoch (over all ranks) so that every rank takes as many steps."""
+        return padding(self.num_samples, self.world_size) if self.train else 0
+
+    def __len__(self) -> int:
+        shard = len(range(self.rank, self.num_samples + self.padding, self.world_size))
+        return math.ceil(shard / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        raise NotImplementedError

@@ -1,0 +1,352 @@
+"""CIFAR-10/100 on disk: download with checksum, safe extraction, validated reading, and a
+synthetic CIFAR-shaped dataset written in the same python format so it takes the same path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SHAPE = (32, 32, 3)
+ROW_SIZE = 32 * 32 * 3
+
+
+class DataError(Exception):
+    """Missing, corrupt or malformed data; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset lives on the web and how its python-format folder is organised."""
+
+    url: str | None
+    md5: str | None
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    names_key: bytes
+    labels_key: bytes
+
+
+LAYOUTS = {
+    "cifar10": Layout(
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        names_key=b"label_names",
+        labels_key=b"labels",
+    ),
+    "cifar100": Layout(
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        names_key=b"fine_label_names",
+        labels_key=b"fine_labels",
+    ),
+}
+DATASETS = ("cifar10", "cifar100", "synthetic")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as uint8 N x 32 x 32 x 3 (HWC, RGB) and labels as int64 N."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class CifarData:
+    name: str
+    classes: list[str]
+    train: Split
+    test: Split
+    source: Path  # the python-format folder the splits were read from
+
+
+# --- download and extraction -------------------------------------------------------------
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, md5: str, dest: Path, timeout: float = 60.0) -> Path:
+    """Fetch url to dest through a temporary file that is renamed only once its md5 matches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != md5:
+            raise DataError(
+                f"The download from {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}. "
+                "Nothing was kept; run again, or place the archive by hand (see below)."
+            )
+        os.replace(tmp, dest)
+        return dest
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise DataError(f"Could not download {url}: {reason}.") from error
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Extract a tar archive into target, refusing members that would land outside it."""
+    root = target.resolve()
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                dest = (root / member.name).resolve()
+                if not dest.is_relative_to(root) or not (member.isfile() or member.isdir()):
+                    raise DataError(
+                        f"{archive} holds '{member.name}', which is a link or lies outside "
+                        f"{target}; refusing to extract it. Delete the archive and download again."
+                    )
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise DataError(
+            f"{archive} is not a readable tar.gz archive ({error}). Delete it and run again."
+        ) from error
+
+
+def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = None) -> Path:
+    """Make sure data_dir holds the python-format folder of dataset `name`; return that folder.
+
+    An existing folder is used as is. Otherwise the archive is downloaded (or reused when it
+    is already there with the right md5) and extracted through a temporary folder, so an
+    interruption never leaves a half-extracted folder under the final name.
+    """
+    layout = LAYOUTS[name]
+    folder = data_dir / layout.folder
+    if folder.is_dir():
+        return folder
+    url, md5 = url or layout.url, md5 or layout.md5
+    archive = data_dir / Path(url).name
+    try:
+        if not (archive.is_file() and md5sum(archive) == md5):
+            download(url, md5, archive)
+    except DataError as error:
+        raise DataError(
+            f"{error} To work offline, place {Path(layout.url).name} (md5 {layout.md5}) or its "
+            f"extracted folder {layout.folder}/ in {data_dir}, or use --dataset synthetic."
+        ) from error
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
+    try:
+        safe_extract(archive, staging)
+        extracted = staging / layout.folder
+        if not extracted.is_dir():
+            raise DataError(f"{archive} does not contain {layout.folder}/. Delete it and rerun.")
+        os.replace(extracted, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+# --- reading and validation --------------------------------------------------------------
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a data file must never run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+
+
+def _unpickle(path: Path, fix: str) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path} is missing. {fix}")
+    try:
+        with open(path, "rb") as f:
+            content = _ArrayUnpickler(f, encoding="bytes").load()
+    except Exception as error:  # truncated files raise EOFError, garbage raises many kinds
+        raise DataError(
+            f"{path} is truncated or not a CIFAR python batch ({type(error).__name__}: "
+            f"{error}). {fix}"
+        ) from error
+    if not isinstance(content, dict):
+        raise DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch dict. {fix}")
+    return content
+
+
+def _read_batch(path: Path, labels_key: bytes, num_classes: int, fix: str) -> Split:
+    batch = _unpickle(path, fix)
+    for key in (b"data", labels_key):
+        if key not in batch:
+            raise DataError(f"{path} has no '{key.decode()}' entry. {fix}")
+    data, labels = batch[b"data"], np.asarray(batch[labels_key])
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
+        raise DataError(f"{path}: 'data' must be a uint8 array, got {type(data).__name__} "
+                        f"of {getattr(data, 'dtype', '?')}. {fix}")
+    if data.ndim != 2 or data.shape[1] != ROW_SIZE:
+        raise DataError(f"{path}: 'data' has shape {data.shape}; each row must hold "
+                        f"{ROW_SIZE} values (32x32x3). {fix}")
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {len(data)} images but labels of shape {labels.shape} and "
+                        f"type {labels.dtype}; expected one integer label per image. {fix}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels span {labels.min()}..{labels.max()}, outside "
+                        f"0..{num_classes - 1} for {num_classes} classes. {fix}")
+    # rows are channel planes (R, G, B) of 32x32; HWC is what decoders and PIL expect
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return Split(np.ascontiguousarray(images), labels.astype(np.int64))
+
+
+def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
+    """Read and validate a python-format folder; any defect raises DataError naming the file."""
+    fix = (f"Delete {folder} to download it again, or replace the file from the original "
+           "archive.")
+    meta = _unpickle(folder / layout.meta_file, fix)
+    names = meta.get(layout.names_key)
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{folder / layout.meta_file} has no '{layout.names_key.decode()}' "
+                        f"list of class names. {fix}")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+    def read(files: tuple[str, ...]) -> Split:
+        parts = [_read_batch(folder / f, layout.labels_key, len(classes), fix) for f in files]
+        return Split(np.concatenate([p.images for p in parts]),
+                     np.concatenate([p.labels for p in parts]))
+
+    return CifarData(name, classes, read(layout.train_files), read(layout.test_files), folder)
+
+
+def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
+         seed: int = 0) -> CifarData:
+    """Fetch (when needed), read and validate dataset `name` under data_dir."""
+    if name not in DATASETS:
+        raise DataError(f"Unknown dataset '{name}'; choose one of {', '.join(DATASETS)}.")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if name == "synthetic":
+        folder = write_synthetic(data_dir, *synthetic_size, seed=seed)
+        return read_folder(folder, SYNTHETIC_LAYOUT, name)
+    return read_folder(fetch(name, data_dir), LAYOUTS[name], name)
+
+
+# --- synthetic data ----------------------------------------------------------------------
+# Each class is a shape drawn in its own hue at a random place over a noisy, smoothly varying
+# background. The shape's box is stored (key 'boxes', ignored by CIFAR readers) so tests can
+# check that Grad-CAM looks at the object.
+
+SHAPE_SIZE = 10
+SYNTHETIC_CLASSES = ["disc", "ring", "square", "frame", "plus", "cross", "hbars", "vbars",
+                     "triangle", "diamond"]
+
+
+def _shape_masks() -> np.ndarray:
+    y, x = np.mgrid[0:SHAPE_SIZE, 0:SHAPE_SIZE].astype(np.float32)
+    c = (SHAPE_SIZE - 1) / 2
+    r = np.hypot(y - c, x - c)
+    masks = [
+        r <= 4.6,
+        (r <= 4.8) & (r >= 2.8),
+        (abs(y - c) <= 3.5) & (abs(x - c) <= 3.5),
+        (abs(y - c) >= 2.5) | (abs(x - c) >= 2.5),
+        (abs(y - c) <= 1.5) | (abs(x - c) <= 1.5),
+        (abs(y - x) <= 1) | (abs(y + x - 2 * c) <= 1),
+        (y % 4) < 2,
+        (x % 4) < 2,
+        abs(x - c) <= (y + 1) / 2,
+        abs(y - c) + abs(x - c) <= 5,
+    ]
+    return np.stack(masks)
+
+
+def _hues(n: int) -> np.ndarray:
+    """n evenly spaced, fully saturated RGB colours in 0..255."""
+    h = np.arange(n) / n * 6
+    channel = lambda k: np.clip(np.abs((h + k) % 6 - 3) - 1, 0, 1)  # noqa: E731
+    return np.stack([channel(0), channel(4), channel(2)], axis=1) * 255
+
+
+def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n deterministic CIFAR-shaped images, their labels, and each object's box (y0, x0, y1, x1)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(SYNTHETIC_CLASSES)
+    rng.shuffle(labels)
+    # background: a random base colour, blocky low-frequency variation, pixel noise
+    base = rng.uniform(40, 200, size=(n, 1, 1, 3)).astype(np.float32)
+    blocks = 30 * rng.standard_normal((n, 4, 4, 3), dtype=np.float32)
+    images = 12 * rng.standard_normal((n, 32, 32, 3), dtype=np.float32)
+    images += base + blocks.repeat(8, axis=1).repeat(8, axis=2)
+    masks, hues = _shape_masks(), _hues(len(SYNTHETIC_CLASSES))
+    corners = rng.integers(0, 32 - SHAPE_SIZE + 1, size=(n, 2))
+    brightness = rng.uniform(0.75, 1.0, size=n)
+    for i, (label, (y, x)) in enumerate(zip(labels, corners, strict=True)):
+        patch = images[i, y:y + SHAPE_SIZE, x:x + SHAPE_SIZE]
+        patch[masks[label]] = hues[label] * brightness[i]
+    boxes = np.concatenate([corners, corners + SHAPE_SIZE], axis=1)
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64), boxes
+
+
+SYNTHETIC_LAYOUT = Layout(None, None, "", LAYOUTS["cifar10"].train_files, ("test_batch",),
+                          "batches.meta", b"label_names", b"labels")
+
+
+def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> None:
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), ROW_SIZE)
+    batch = {b"data": rows, b"labels": labels.tolist(), b"boxes": boxes}
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=4)
+
+
+def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
+    if n_train < len(SYNTHETIC_CLASSES) or n_test < 1:
+        raise DataError(f"Synthetic data needs at least {len(SYNTHETIC_CLASSES)} training and "
+                        f"1 test image, got {n_train} and {n_test}.")
+    folder = data_dir / f"synthetic-{n_train}-{n_test}-seed{seed}"
+    if folder.is_dir():
+        return folder
+    staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=data_dir))
+    try:
+        train = synthetic_split(n_train, seed=2 * seed)
+        for name, part in zip(SYNTHETIC_LAYOUT.train_files,
+                              np.array_split(np.arange(n_train), 5), strict=True):
+            _write_batch(staging / name, *(a[part] for a in train))
+        _write_batch(staging / "test_batch", *synthetic_split(n_test, seed=2 * seed + 1))
+        with open(staging / "batches.meta", "wb") as f:
+            pickle.dump({b"label_names": [c.encode() for c in SYNTHETIC_CLASSES]}, f)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def synthetic_boxes(folder: Path) -> np.ndarray:
+    """The object boxes (y0, x0, y1, x1) of a synthetic test split, in test order."""
+    return np.asarray(_unpickle(folder / "test_batch", "Regenerate the synthetic data.")[b"boxes"])

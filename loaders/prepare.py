@@ -1,0 +1,70 @@
+"""`python -m loaders.prepare`: download (when needed), validate and convert a dataset to .beton
+files, and print their paths. Training calls `prepare` too, so both take the same path."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from loaders import beton, cifar
+from loaders.base import available_cores
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a loader or a report needs to know about a converted dataset."""
+
+    name: str
+    classes: list[str]
+    train: Path
+    test: Path
+    mean: list[float]
+    std: list[float]
+    source: Path  # the python-format folder the .beton files were made from
+
+
+def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
+            seed: int = 0, workers: int | None = None) -> Prepared:
+    """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`."""
+    data = cifar.load(name, Path(data_dir), synthetic_size, seed)
+    tag = data.source.name if name == "synthetic" else name
+    paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
+    workers = workers or available_cores()
+    train = beton.write(paths["train"], data.train, data.classes, workers=workers)
+    # the test split is normalized with the training statistics, as the model will see it
+    beton.write(paths["test"], data.test, data.classes, (train.mean, train.std), workers)
+    return Prepared(name, data.classes, paths["train"], paths["test"], train.mean, train.std,
+                    data.source)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data options shared by every command that reads a dataset."""
+    parser.add_argument("--dataset", choices=cifar.DATASETS, default="cifar10",
+                        help="cifar10 and cifar100 are downloaded once; synthetic is generated "
+                             "offline (default: cifar10)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="downloads, extracted batches and .beton files (default: ./data)")
+    parser.add_argument("--synthetic-size", type=int, nargs=2, default=(50_000, 10_000),
+                        metavar=("TRAIN", "TEST"),
+                        help="images per split of --dataset synthetic (default: 50000 10000)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loaders.prepare", description=__doc__)
+    add_data_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    args = parser.parse_args(argv)
+    try:
+        prepared = prepare(args.dataset, args.data_dir, tuple(args.synthetic_size), args.seed)
+    except cifar.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(prepared.train)
+    print(prepared.test)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The whole split held on the device as uint8; each epoch is a device-side permutation and
+augmentation over large chunks, so the host does nothing per batch (airbench's approach)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from loaders import beton
+from loaders.base import Batch, BatchLoader
+
+CHUNK = 16_384  # images augmented at once: large enough to saturate a GPU, bounded in memory
+
+
+class ResidentLoader(BatchLoader):
+    def __init__(self, path: Path, **kwargs):
+        split = beton.read(Path(path))
+        super().__init__(path, num_samples=len(split.labels), **kwargs)
+        self.images = torch.from_numpy(split.images).to(self.device)
+        self.labels = torch.from_numpy(split.labels).to(self.device)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.indices(self.device)
+        chunk = max(CHUNK // self.batch_size, 1) * self.batch_size
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            images, labels = self.augment(self.images[part]), self.labels[part]
+            for i in range(0, len(part), self.batch_size):
+                yield images[i:i + self.batch_size], labels[i:i + self.batch_size]

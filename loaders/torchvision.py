@@ -1,0 +1,88 @@
+"""The classic baseline: a per-image Dataset with PIL transforms and a multi-worker DataLoader,
+with the same augmentations as augment.py. Kept to measure what the other loaders save."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+
+from loaders import beton
+from loaders.augment import AugmentConfig
+from loaders.base import Batch, BatchLoader
+
+
+class Cutout:
+    """Zero a size x size square centred uniformly in a normalized C x H x W tensor."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w = x.shape
+        top = int(torch.randint(h, ())) - self.size // 2
+        left = int(torch.randint(w, ())) - self.size // 2
+        x[:, max(top, 0):max(top + self.size, 0), max(left, 0):max(left + self.size, 0)] = 0
+        return x
+
+
+def pil_transform(cfg: AugmentConfig | None, mean: list[float], std: list[float]):
+    steps = []
+    if cfg is not None and cfg.translate:
+        mode = "reflect" if cfg.reflect else "constant"
+        steps.append(transforms.RandomCrop(32, padding=cfg.translate, padding_mode=mode))
+    if cfg is not None and cfg.flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if cfg is not None and cfg.cutout:
+        steps.append(Cutout(cfg.cutout))
+    return transforms.Compose(steps)
+
+
+class ImageDataset(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+class _ShardSampler(Sampler[int]):
+    def __init__(self, owner: BatchLoader):
+        self.owner = owner
+
+    def __iter__(self):
+        return iter(self.owner.indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self.owner.indices())
+
+
+class TorchvisionLoader(BatchLoader):
+    def __init__(self, path: Path, *, augment: AugmentConfig | None = None, mean, std,
+                 **kwargs):
+        split = beton.read(Path(path))
+        super().__init__(path, num_samples=len(split.labels), augment=augment, mean=mean,
+                         std=std, **kwargs)
+        transform = pil_transform(augment if self.train else None, mean, std)
+        self.loader = DataLoader(
+            ImageDataset(split.images, split.labels, transform),
+            batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=True,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        dtype = self.augment.dtype
+        for images, labels in self.loader:
+            images = images.to(self.device, dtype, non_blocking=True)
+            yield (images.contiguous(memory_format=torch.channels_last),
+                   labels.to(self.device, non_blocking=True))

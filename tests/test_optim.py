@@ -1,0 +1,141 @@
+"""Optimizer construction, weight-decay grouping and LR schedule shapes."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from engine.optim import (
+    ONECYCLE_END,
+    ONECYCLE_START,
+    OPTIMIZERS,
+    SCHEDULES,
+    build_optimizer,
+    build_schedule,
+    lr_at,
+    param_groups,
+)
+
+T = 100  # total steps; with the default warmup_frac 0.2 warm-up ends at step 20
+W = 20
+
+
+class Tiny(nn.Module):
+    """Conv (no bias) + BN + Linear (bias): every kind of parameter the grouping cares about."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_steps(name: str):
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = build_optimizer(name, model, lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_no_decay_group_is_bn_and_biases():
+    model = Tiny()
+    decay, no_decay = param_groups(model, 5e-4, decay_norm_and_bias=False)
+    assert {id(p) for p in decay["params"]} == {id(model.conv.weight), id(model.fc.weight)}
+    expected = {id(model.bn.weight), id(model.bn.bias), id(model.fc.bias)}
+    assert {id(p) for p in no_decay["params"]} == expected
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+
+    (group,) = param_groups(model, 5e-4, decay_norm_and_bias=True)
+    assert len(group["params"]) == 5 and group["weight_decay"] == 5e-4
+
+    opt = build_optimizer("sgd", model, lr=0.1, weight_decay=1e-3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, 0.0]
+
+
+def test_constant():
+    assert all(lr_at("constant", s, T) == 1.0 for s in range(T + 1))
+
+
+def test_triangular():
+    lrs = [lr_at("triangular", s, T) for s in range(T + 1)]
+    assert lrs[0] == pytest.approx(1 / (W + 1))
+    assert lrs[W] == 1.0 and max(lrs) == 1.0
+    assert lrs[T] == 0.0
+    assert lrs[: W + 1] == sorted(lrs[: W + 1])
+    assert lrs[W:] == sorted(lrs[W:], reverse=True)
+    assert lr_at("triangular", 0, T, warmup_frac=0.0) == 1.0
+
+
+def test_onecycle():
+    assert lr_at("onecycle", 0, T) == pytest.approx(ONECYCLE_START) == pytest.approx(1 / 25)
+    assert lr_at("onecycle", W, T) == 1.0
+    assert lr_at("onecycle", T, T) == pytest.approx(ONECYCLE_END) == pytest.approx(4e-6)
+    assert max(lr_at("onecycle", s, T) for s in range(T + 1)) == 1.0
+
+
+def test_cosine_ignores_warmup():
+    assert lr_at("cosine", 0, T) == 1.0
+    assert lr_at("cosine", T // 2, T) == pytest.approx(0.5)
+    assert lr_at("cosine", T, T) == pytest.approx(0.0)
+    assert lr_at("cosine", 10, T, warmup_frac=0.5) == lr_at("cosine", 10, T, warmup_frac=0.0)
+
+
+def test_step_drops_by_gamma_at_milestones():
+    def at(s: int) -> float:
+        return lr_at("step", s, T, step_milestones=(0.5, 0.75), gamma=0.1)
+
+    assert at(0) == at(49) == 1.0
+    assert at(50) == at(74) == pytest.approx(0.1)
+    assert at(75) == at(T) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_build_schedule_follows_lr_at(name: str):
+    model = nn.Linear(2, 1)
+    opt = build_optimizer("sgd", model, lr=0.5)
+    sched = build_schedule(name, opt, total_steps=10)
+    for s in range(10):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_at(name, s, 10))
+        opt.step()
+        sched.step()
+    # The state must survive torch.save/torch.load(weights_only=True) for --resume.
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["last_epoch"] == 10
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name": "linear"},
+        {"total_steps": 0},
+        {"warmup_frac": 1.0},
+        {"warmup_frac": -0.1},
+        {"step_milestones": (0.5, 1.5)},
+        {"gamma": 0.0},
+    ],
+)
+def test_bad_schedule_args(kwargs: dict):
+    args = {"name": "triangular", "total_steps": T} | kwargs
+    with pytest.raises(ValueError):
+        lr_at(step=0, **args)
+    opt = build_optimizer("sgd", nn.Linear(2, 1), lr=0.1)
+    with pytest.raises(ValueError):
+        build_schedule(optimizer=opt, **args)
+
+
+def test_unknown_schedule_and_optimizer_names_are_listed():
+    opt = build_optimizer("sgd", nn.Linear(2, 1), lr=0.1)
+    with pytest.raises(ValueError, match="onecycle"):
+        build_schedule("linear", opt, T)
+    with pytest.raises(ValueError, match="adamw"):
+        build_optimizer("lion", nn.Linear(2, 1), lr=0.1)

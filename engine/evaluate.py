@@ -1,0 +1,54 @@
+"""Evaluation: summed loss and accuracy (reduced across processes by the caller), optional flip
+test-time augmentation, and per-image predictions for reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def logits_of(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Class scores, averaged with those of the mirrored image when tta is on (airbench's
+    level-1 TTA: CIFAR classes are mirror-symmetric, so both views are evidence)."""
+    logits = model(images).float()
+    if tta:
+        logits = (logits + model(images.flip(3)).float()) / 2
+    return logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, tta: bool = False) -> torch.Tensor:
+    """[loss summed over samples, correct, count] of this process's shard, on the device.
+
+    Sums rather than means, so shards of different sizes reduce exactly: the mean is taken
+    once, after the sum over processes, and each sample counts once.
+    """
+    was_training = model.training
+    model.eval()
+    totals = None
+    for images, labels in loader:
+        logits = logits_of(model, images, tta)
+        batch = torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                             (logits.argmax(1) == labels).sum().float(),
+                             torch.tensor(float(len(labels)), device=logits.device)])
+        totals = batch if totals is None else totals + batch
+    model.train(was_training)
+    if totals is None:  # an empty shard still takes part in the reduction
+        return torch.zeros(3, device=next(model.parameters()).device)
+    return totals
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, tta: bool = False) -> tuple[torch.Tensor, ...]:
+    """Softmax probabilities (N x C) and labels (N) on the CPU, in loader order."""
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    for images, batch_labels in loader:
+        probs.append(logits_of(model, images, tta).softmax(1).cpu())
+        labels.append(batch_labels.cpu())
+    model.train(was_training)
+    return torch.cat(probs), torch.cat(labels)

@@ -39,6 +39,11 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _gist(error: Exception) -> str:
+    """An exception as one short line: library messages can be empty or pages long."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
 def save(path: Path, checkpoint: dict) -> None:
     _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
@@ -52,9 +57,8 @@ def load(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, pickles of classes, random bytes, ...
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}). It may be truncated or come from another "
-            "tool; use the ckpt.pt that engine/train.py wrote.") from None
+            f"{path} is not a readable checkpoint ({_gist(error)}). It may be truncated or "
+            "come from another tool; use the ckpt.pt that engine/train.py wrote.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cifar10-engine checkpoint (no '{FORMAT}' "
                               "marker); use the ckpt.pt that engine/train.py wrote.")
@@ -75,7 +79,7 @@ def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:
     except (ValueError, RuntimeError) as error:  # unknown arch, or weights of another shape
         raise CheckpointError(f"{path}: its weights do not fit a {ckpt['arch']} of width "
                               f"{ckpt['width']} with {ckpt['num_classes']} classes "
-                              f"({' '.join(str(error).split())[:300]}).") from None
+                              f"({_gist(error)}).") from None
     return model.eval()
 
 

@@ -62,9 +62,24 @@ def resolve(cfg: TrainConfig, cuda: bool) -> None:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    resolve(cfg, torch.cuda.is_available())
-    return Accelerator(mixed_precision="no" if cfg.precision == "fp32" else cfg.precision,
-                       log_with=cfg.log_with, project_dir=cfg.out)
+    cuda = torch.cuda.is_available()
+    resolve(cfg, cuda)
+    try:
+        # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun)
+        return Accelerator(cpu=not cuda, log_with=cfg.log_with, project_dir=cfg.out,
+                           mixed_precision="no" if cfg.precision == "fp32" else cfg.precision)
+    except ValueError as error:  # accelerate's word for an unknown tracker or precision
+        raise TrainingError(str(error)) from None
+
+
+def start_trackers(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Open the --log-with trackers; accelerate silently drops one whose package is missing."""
+    flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in cfg.to_dict().items()}
+    accelerator.init_trackers("cifar10-engine", config=flat)
+    if accelerator.is_main_process and not accelerator.trackers:
+        raise TrainingError(f"--log-with {cfg.log_with}: its package is not installed; "
+                            f"pip install {cfg.log_with} (e.g. the [tensorboard] extra).")
 
 
 def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
@@ -248,9 +263,7 @@ def train(cfg: TrainConfig, resume: Path | None) -> int:
                           f"compile {'on' if cfg.compile else 'off'}, {len(run.train_loader)} "
                           f"steps/epoch; writing {out}/")
     if cfg.log_with:
-        flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                for k, v in cfg.to_dict().items()}
-        accelerator.init_trackers("cifar10-engine", config=flat)
+        start_trackers(accelerator, cfg)
     try:
         fit(run, history)
     except KeyboardInterrupt:

@@ -1,0 +1,196 @@
+"""engine/train.py end to end, as real subprocesses on synthetic data (CPU)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint
+from engine.evaluate import evaluate
+from loaders import make_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "engine" / "train.py")]
+SMALL = ["--dataset", "synthetic", "--width", "16", "--batch-size", "128", "--seed", "1"]
+
+
+def train(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*TRAIN, *SMALL, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(data_dir, tmp_path_factory) -> Path:
+    """The CPU default path (ffcv loader, fp32, eager) on 6000 synthetic images."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = train("--synthetic-size", "6000", "600", "--data-dir", str(data_dir),
+                   "--epochs", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_training_learns_and_writes_the_run_directory(two_epoch_run):
+    rows = history(two_epoch_run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["test_acc"] > 0.5  # chance is 0.1
+    assert len((two_epoch_run / "metrics.csv").read_text().splitlines()) == 3  # header + 2
+    config = json.loads((two_epoch_run / "config.json").read_text())
+    assert config["loader"] == "ffcv" and config["precision"] == "fp32"
+    ckpt = torch.load(two_epoch_run / "ckpt.pt", weights_only=True)
+    assert ckpt["history"] == rows and ckpt["num_classes"] == 10 and ckpt["width"] == 16
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["state_dict"].values())
+    best = checkpoint.load(two_epoch_run / "best.pt")
+    assert best["history"][-1]["test_acc"] == max(r["test_acc"] for r in rows)
+    assert "resume" not in best
+
+
+def test_reported_accuracy_matches_an_independent_evaluation(two_epoch_run):
+    ckpt = checkpoint.load(two_epoch_run / "ckpt.pt")
+    assert_reported_accuracy_matches(ckpt)
+
+
+def assert_reported_accuracy_matches(ckpt: dict) -> None:
+    """The last epoch's test accuracy equals a fresh single-process evaluation of the weights."""
+    model = checkpoint.model_from(ckpt)
+    loader = make_loader("resident", Path(ckpt["data"]["test"]), train=False, batch_size=500,
+                         device="cpu", mean=ckpt["mean"], std=ckpt["std"])
+    loss, correct, count = evaluate(model, loader, tta=ckpt["config"]["tta"]).tolist()
+    last = ckpt["history"][-1]
+    assert count == last["test_images"]
+    assert correct / count == pytest.approx(last["test_acc"], abs=1.5 / count)
+    assert loss / count == pytest.approx(last["test_loss"], rel=1e-3)
+
+
+def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path):
+    out = tmp_path / "dist"
+    n_train, n_test = 2001, 301  # odd sizes: one padding sample, unequal test shards
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--synthetic-size", str(n_train), str(n_test), "--data-dir", str(data_dir),
+         "--epochs", "1", "--loader", "resident", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = checkpoint.load(out / "ckpt.pt")
+    assert ckpt["processes"] == 2
+    row = ckpt["history"][0]
+    assert row["train_images"] == n_train + 1  # every sample once, plus the explicit padding
+    assert row["test_images"] == n_test  # evaluated once each, across both shards
+    assert result.stdout.count("best test accuracy") == 1  # only the main process prints
+    assert_reported_accuracy_matches(ckpt)
+
+
+def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path):
+    common = ["--synthetic-size", "3000", "300", "--data-dir", str(data_dir), "--epochs", "3",
+              "--loader", "resident"]
+    full = tmp_path / "full"
+    assert train(*common, "--out", str(full)).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*TRAIN, *SMALL, *common, "--out", str(cut)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cut / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    done = len(history(cut))
+    if done < 3:  # interrupted mid-run, as intended: a clean exit that names --resume
+        assert proc.returncode == 130 and f"--resume {cut}" in stderr
+        assert checkpoint.load(cut / "ckpt.pt")["epoch"] == done
+
+    resumed = train("--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_images")
+    for a, b in zip(history(full), history(cut), strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip", "foreign", "truncated"])
+def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content == "foreign":
+        torch.save({"model": torch.zeros(3)}, run / "ckpt.pt")
+    elif content == "truncated":
+        blob = (two_epoch_run / "ckpt.pt").read_bytes()
+        (run / "ckpt.pt").write_bytes(blob[: len(blob) // 2])
+    else:
+        (run / "ckpt.pt").write_bytes(content)
+    result = train("--resume", str(run), timeout=120)
+    assert result.returncode == 1
+    assert str(run / "ckpt.pt") in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt"]  # nothing else written
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "fast"], "expected a number or 'auto'"),
+    (["--translate", "40"], "--translate must be in 0..16"),
+])
+def test_impossible_options_are_refused(option, message, tmp_path):
+    result = train(*option, "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_data_dir_without_data_names_the_file(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()  # used as is: no download is attempted
+    result = subprocess.run([*TRAIN, "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                             "--out", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(tmp_path / "cifar-10-batches-py" / "batches.meta") in result.stderr
+    assert not list(tmp_path.glob("*.beton"))
+
+
+def test_divergence_stops_with_the_epoch_and_batch(data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = train("--synthetic-size", "2000", "200", "--data-dir", str(data_dir), "--epochs",
+                   "1", "--loader", "resident", "--optimizer", "sgd", "--lr", "1e12",
+                   "--schedule", "constant", "--out", str(out))
+    assert result.returncode == 1
+    assert "NaN or infinite in epoch 1, batch" in result.stderr
+    assert not (out / "ckpt.pt").exists()  # no good epoch: nothing claims to be one
+
+
+def test_an_existing_run_is_not_overwritten(two_epoch_run):
+    before = (two_epoch_run / "ckpt.pt").stat().st_mtime_ns
+    result = train("--out", str(two_epoch_run), timeout=120)
+    assert result.returncode == 1 and "--resume" in result.stderr
+    assert (two_epoch_run / "ckpt.pt").stat().st_mtime_ns == before
+
+
+def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = train("--synthetic-size", "2000", "200", "--data-dir", str(data_dir), "--epochs",
+                   "1", "--loader", "resident", "--log-with", "tensorboard", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent)).Reload()
+    assert {"test_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_an_unknown_tracker_is_refused(tmp_path):
+    result = train("--log-with", "no-such-tracker", "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 1 and "Unsupported logging capability" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -64,6 +64,8 @@ def resolve(cfg: TrainConfig, cuda: bool) -> None:
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     resolve(cfg, cuda)
+    if cfg.precision == "fp16" and not cuda:  # accelerate autocasts fp16 on GPUs only
+        raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU.")
     try:
         # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun)
         return Accelerator(cpu=not cuda, log_with=cfg.log_with, project_dir=cfg.out,
@@ -164,9 +166,18 @@ def train_epoch(run: Run, epoch: int) -> dict:
 
 
 def test_epoch(run: Run) -> dict:
+    """Test metrics of exactly the weights that are saved: rank 0's.
+
+    The unwrapped model is used because evaluation needs no collectives (DDP's could hang on
+    shards of unequal length), and rank 0's BatchNorm statistics are broadcast first.
+    """
     start = time.perf_counter()
+    model = run.accelerator.unwrap_model(run.model)
+    if run.accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     loss, correct, count = run.accelerator.reduce(
-        evaluate(run.step_model, run.test_loader, run.cfg.tta), "sum").tolist()
+        evaluate(model, run.test_loader, run.cfg.tta), "sum").tolist()
     return dict(test_loss=loss / count, test_acc=correct / count, test_images=int(count),
                 eval_seconds=time.perf_counter() - start)
 

@@ -122,6 +122,7 @@ def read(path: Path) -> Split:
     """
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE
 
     try:
         reader = Reader(str(path))
@@ -136,7 +137,11 @@ def read(path: Path) -> Split:
         raise DataError(f"{path} does not hold raw 32x32 images; delete it to rebuild it.")
     blob = np.memmap(path, dtype=np.uint8, mode="r")
     nbytes = 32 * 32 * 3
-    if len(image) and int(image["data_ptr"].max()) + nbytes > len(blob):
+    # the allocation table ends the file: a cut file leaves a partial table, or images whose
+    # allocations are missing from it
+    table_bytes = len(blob) - int(reader.header["alloc_table_ptr"])
+    if table_bytes % ALLOC_TABLE_TYPE.itemsize or not np.isin(
+            image["data_ptr"], reader.alloc_table["ptr"]).all():
         raise DataError(f"{path} is truncated; delete it to rebuild it.")
     # one vectorised gather: row i of the window view is the nbytes starting at byte i
     windows = np.lib.stride_tricks.sliding_window_view(blob, nbytes)

@@ -177,8 +177,11 @@ class _ArrayUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # arrays in pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes written by Python 3 in pickle protocol 2
     }
 
     def find_class(self, module: str, name: str):
@@ -209,6 +212,8 @@ def _read_batch(path: Path, labels_key: bytes, num_classes: int, fix: str) -> Sp
         if key not in batch:
             raise DataError(f"{path} has no '{key.decode()}' entry. {fix}")
     data, labels = batch[b"data"], np.asarray(batch[labels_key])
+    if labels.size == 0:  # np.asarray([]) is float64; an empty batch is still a valid batch
+        labels = labels.astype(np.int64)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
         raise DataError(f"{path}: 'data' must be a uint8 array, got {type(data).__name__} "
                         f"of {getattr(data, 'dtype', '?')}. {fix}")

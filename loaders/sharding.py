@@ -20,10 +20,11 @@ def epoch_indices(n: int, *, epoch: int, seed: int, shuffle: bool, rank: int = 0
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     if not shuffle:
-        return torch.arange(rank, n, world_size, device=device)
+        return torch.arange(n, device=device)[rank::world_size]
     g = epoch_generator(seed, epoch, device, stream=1)
     order = torch.randperm(n, generator=g, device=device)
-    order = torch.cat([order, order[: padding(n, world_size)]])
+    total = n + padding(n, world_size)
+    order = order.repeat(-(-total // n))[:total]  # wrap as often as needed (n < world_size)
     return order[rank::world_size]
 
 

@@ -1,0 +1,211 @@
+"""Data fixtures shared by the tests: small CIFAR-format folders written like the original
+files, tar.gz archives, a local HTTP server, a prepared synthetic dataset, and a bounded way to
+drain a loader."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import queue
+import socket
+import struct
+import tarfile
+import threading
+from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loaders import cifar
+from loaders.prepare import Prepared, prepare
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+SYNTHETIC_SIZE = (605, 201)  # odd sizes: two ranks need padding for training and split unevenly
+
+
+# --- CIFAR python-format files ------------------------------------------------------------
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle did for the original CIFAR files: str and bytes as byte
+    strings (BINSTRING), numpy under its numpy-1 module names."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_string(self, obj):
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_string
+
+
+def dump_pickle(path: Path, obj, protocol: int | str = "py2") -> None:
+    """Write obj as a pickle: "py2" like the original CIFAR files, or a Python 3 protocol."""
+    if protocol == "py2":
+        buffer = io.BytesIO()
+        _Py2Pickler(buffer, protocol=2).dump(obj)
+        data = buffer.getvalue().replace(b"cnumpy._core.", b"cnumpy.core.")
+    else:
+        data = pickle.dumps(obj, protocol=protocol)
+    path.write_bytes(data)
+
+
+def to_rows(images: np.ndarray) -> np.ndarray:
+    """N x 32 x 32 x 3 images as CIFAR rows: R, G and B planes of 1024 values each."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), cifar.ROW_SIZE))
+
+
+def write_batch(path: Path, split: cifar.Split, protocol: int | str = "py2") -> None:
+    batch = {b"batch_label": b"testing", b"labels": split.labels.tolist(),
+             b"data": to_rows(split.images),
+             b"filenames": [f"img_{i}.png".encode() for i in range(len(split.labels))]}
+    dump_pickle(path, batch, protocol)
+
+
+def random_split(n: int, rng: np.random.Generator, num_classes: int = 10) -> cifar.Split:
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    return cifar.Split(images, rng.integers(0, num_classes, size=n).astype(np.int64))
+
+
+@dataclass
+class Cifar10Dir:
+    """A data dir holding cifar-10-batches-py/ and what its files contain."""
+
+    data_dir: Path
+    folder: Path
+    train: cifar.Split
+    test: cifar.Split
+
+    def betons(self) -> list[Path]:
+        return sorted(self.data_dir.glob("*.beton"))
+
+
+def write_cifar10(data_dir: Path, rows=(3, 2, 4, 1, 2), n_test: int = 5, seed: int = 0,
+                  protocol: int | str = "py2") -> Cifar10Dir:
+    """A small CIFAR-10 python folder with `rows[i]` images in data_batch_{i+1}."""
+    layout = cifar.LAYOUTS["cifar10"]
+    folder = data_dir / layout.folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    parts = [random_split(n, rng) for n in rows]
+    for name, part in zip(layout.train_files, parts, strict=True):
+        write_batch(folder / name, part, protocol)
+    test = random_split(n_test, rng)
+    write_batch(folder / "test_batch", test, protocol)
+    meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
+    dump_pickle(folder / layout.meta_file, meta, protocol)
+    train = cifar.Split(np.concatenate([p.images for p in parts]),
+                        np.concatenate([p.labels for p in parts]))
+    return Cifar10Dir(data_dir, folder, train, test)
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path) -> Cifar10Dir:
+    return write_cifar10(tmp_path / "data")
+
+
+def make_tar_gz(path: Path, folder: Path | None = None,
+                members: list[tuple[tarfile.TarInfo, bytes]] = ()) -> Path:
+    """A tar.gz holding `folder` under its own name, plus hand-made members."""
+    with tarfile.open(path, "w:gz") as tar:
+        if folder is not None:
+            tar.add(folder, arcname=folder.name)
+        for info, data in members:
+            if data:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+# --- a local HTTP server -----------------------------------------------------------------
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@dataclass
+class Server:
+    root: Path  # files placed here are served
+    url: str
+
+
+@pytest.fixture
+def http_server(tmp_path, monkeypatch):
+    """An HTTP server on 127.0.0.1 (port 0) serving tmp_path/www from a thread."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # a proxy in the environment must not intercept
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield Server(root, f"http://127.0.0.1:{server.server_address[1]}")
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on: connections to it are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- prepared .beton files and loaders -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Prepared:
+    """The synthetic dataset (605 train / 201 test) converted to .beton files once."""
+    return prepare("synthetic", tmp_path_factory.mktemp("synthetic"),
+                   synthetic_size=SYNTHETIC_SIZE, workers=1)
+
+
+@pytest.fixture(scope="session")
+def source(prepared) -> cifar.CifarData:
+    """What the prepared .beton files were made from."""
+    return cifar.read_folder(prepared.source, cifar.SYNTHETIC_LAYOUT, "synthetic")
+
+
+def _copy(x):
+    return x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
+
+
+@pytest.fixture(scope="session")
+def drain():
+    """drain(iterable, timeout=60): a copy of every item, or a test failure instead of a hang.
+
+    FFCV reuses its output buffers, so items are copied as they arrive.
+    """
+
+    def run(iterable, timeout: float = 60.0) -> list:
+        done: queue.Queue = queue.Queue()
+
+        def consume():
+            try:
+                done.put([tuple(_copy(x) for x in item) for item in iterable])
+            except BaseException as error:  # handed to the test below
+                done.put(error)
+
+        threading.Thread(target=consume, daemon=True).start()
+        try:
+            result = done.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"iterating {iterable!r} did not finish within {timeout} s")
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    return run

@@ -1,0 +1,316 @@
+"""CIFAR download (against a local HTTP server), validation of python-format folders, and the
+synthetic dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import (
+    CIFAR10_CLASSES,
+    dump_pickle,
+    make_tar_gz,
+    random_split,
+    write_cifar10,
+)
+
+from loaders import cifar
+from loaders.cifar import DataError
+from loaders.prepare import prepare
+
+LAYOUT = cifar.LAYOUTS["cifar10"]
+ARCHIVE = "cifar-10-python.tar.gz"
+
+
+def read(folder: Path) -> cifar.CifarData:
+    return cifar.read_folder(folder, LAYOUT, "cifar10")
+
+
+def assert_splits_equal(got: cifar.Split, want: cifar.Split) -> None:
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    assert got.images.dtype == np.uint8 and got.labels.dtype == np.int64
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# --- download ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served_archive(tmp_path, http_server):
+    """A CIFAR-10 archive on the local server: (what it holds, its url, its md5)."""
+    made = write_cifar10(tmp_path / "made")
+    archive = make_tar_gz(http_server.root / ARCHIVE, made.folder)
+    return made, f"{http_server.url}/{ARCHIVE}", md5(archive)
+
+
+def test_fetch_downloads_checks_and_extracts(tmp_path, served_archive):
+    made, url, digest = served_archive
+    data_dir = tmp_path / "data"
+    folder = cifar.fetch("cifar10", data_dir, url=url, md5=digest)
+    assert folder == data_dir / LAYOUT.folder
+    data = read(folder)
+    assert_splits_equal(data.train, made.train)
+    assert_splits_equal(data.test, made.test)
+    # the verified archive is kept for reuse; no temporaries are left
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([ARCHIVE, LAYOUT.folder])
+
+
+def test_fetch_uses_an_existing_folder_without_downloading(cifar10_dir, closed_port):
+    url = f"http://127.0.0.1:{closed_port}/{ARCHIVE}"
+    assert cifar.fetch("cifar10", cifar10_dir.data_dir, url=url, md5="0" * 32) == \
+        cifar10_dir.folder
+
+
+def test_download_keeps_the_file_only_when_its_md5_matches(tmp_path, served_archive):
+    _, url, digest = served_archive
+    dest = cifar.download(url, digest, tmp_path / "data" / "ok.tar.gz")
+    assert md5(dest) == digest
+    with pytest.raises(DataError, match="corrupt"):
+        cifar.download(url, "0" * 32, tmp_path / "data" / "bad.tar.gz")
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["ok.tar.gz"]
+
+
+def test_fetch_with_wrong_md5_raises_and_leaves_nothing(tmp_path, served_archive):
+    _, url, _ = served_archive
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as error:
+        cifar.fetch("cifar10", data_dir, url=url, md5="0" * 32)
+    assert url in str(error.value) and "md5" in str(error.value)
+    assert list(data_dir.iterdir()) == []  # no archive, no .part, no .extract- folder
+
+
+@pytest.mark.parametrize("where", ["closed port", "missing file"])
+def test_fetch_unreachable_names_url_manual_file_and_synthetic(tmp_path, http_server,
+                                                               closed_port, where):
+    base = f"http://127.0.0.1:{closed_port}" if where == "closed port" else http_server.url
+    url = f"{base}/{ARCHIVE}"
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as error:
+        cifar.fetch("cifar10", data_dir, url=url, md5="0" * 32)
+    message = str(error.value)
+    assert url in message
+    assert ARCHIVE in message and LAYOUT.md5 in message and str(data_dir) in message
+    assert "--dataset synthetic" in message
+    assert list(data_dir.iterdir()) == []
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize("evil", ["parent", "absolute", "symlink", "hardlink"])
+def test_fetch_refuses_archive_members_that_escape(tmp_path, http_server, evil):
+    outside = tmp_path / "outside"
+    member = {
+        "parent": _member("../../outside"),
+        "absolute": _member(str(outside)),
+        "symlink": _member(f"{LAYOUT.folder}/link", tarfile.SYMTYPE, str(outside)),
+        "hardlink": _member(f"{LAYOUT.folder}/link", tarfile.LNKTYPE, str(outside)),
+    }[evil]
+    made = write_cifar10(tmp_path / "made")
+    data = b"pwned" if member.isfile() else b""
+    archive = make_tar_gz(http_server.root / ARCHIVE, made.folder, [(member, data)])
+    data_dir = tmp_path / "data"  # extraction goes to a staging folder in data_dir
+    with pytest.raises(DataError, match="refusing to extract"):
+        cifar.fetch("cifar10", data_dir, url=f"{http_server.url}/{ARCHIVE}", md5=md5(archive))
+    assert not outside.exists() and not (tmp_path / "data" / "outside").exists()
+    assert [p.name for p in data_dir.iterdir()] == [ARCHIVE]  # no folder, no staging left
+
+
+def test_prepare_cli_offline_fails_with_one_clear_paragraph(tmp_path, closed_port):
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    dead_proxy = f"http://127.0.0.1:{closed_port}"  # no request can leave this machine
+    env.update(https_proxy=dead_proxy, HTTPS_PROXY=dead_proxy, http_proxy=dead_proxy)
+    result = subprocess.run(
+        [sys.executable, "-m", "loaders.prepare", "--dataset", "cifar10", "--data-dir",
+         str(data_dir)], capture_output=True, text=True, timeout=120, env=env,
+        cwd=Path(__file__).parents[1])
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    message = result.stderr.strip()
+    assert "\n\n" not in message and message.startswith("error: ")
+    assert LAYOUT.url in message and ARCHIVE in message and "--dataset synthetic" in message
+    assert not list(data_dir.glob("*.beton"))
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def test_read_folder_reads_images_labels_and_class_names(cifar10_dir):
+    data = read(cifar10_dir.folder)
+    assert data.classes == CIFAR10_CLASSES
+    assert data.source == cifar10_dir.folder
+    assert_splits_equal(data.train, cifar10_dir.train)
+    assert_splits_equal(data.test, cifar10_dir.test)
+
+
+def test_load_reads_an_existing_cifar10_folder(cifar10_dir):
+    data = cifar.load("cifar10", cifar10_dir.data_dir)
+    assert_splits_equal(data.train, cifar10_dir.train)
+
+
+def test_rows_are_rgb_planes_in_row_major_order(cifar10_dir):
+    """Row layout of the CIFAR python format: 1024 R, then 1024 G, then 1024 B values."""
+    row = np.random.default_rng(0).integers(0, 256, 3072, dtype=np.uint8)
+    dump_pickle(cifar10_dir.folder / "test_batch", {b"data": row[None], b"labels": [3]})
+    image = read(cifar10_dir.folder).test.images[0]
+    for y, x, c in np.ndindex(32, 32, 3):
+        assert image[y, x, c] == row[1024 * c + 32 * y + x]
+
+
+@pytest.mark.parametrize("rows", [
+    (1, 1, 1, 1, 1),
+    (7, 2, 13, 1, 3),
+    (4, 0, 2, 1, 1),
+])
+def test_batches_with_any_number_of_rows(tmp_path, rows):
+    made = write_cifar10(tmp_path / "data", rows=rows)
+    assert_splits_equal(read(made.folder).train, made.train)
+
+
+@pytest.mark.parametrize("protocol", [
+    "py2", 2, 3, 4, 5,
+])
+def test_batches_pickled_with_any_protocol_are_read(tmp_path, protocol):
+    made = write_cifar10(tmp_path / "data", protocol=protocol)
+    assert_splits_equal(read(made.folder).test, made.test)
+
+
+def _good_batch(n: int = 4) -> dict:
+    split = random_split(n, np.random.default_rng(1))
+    return {b"data": split.images.transpose(0, 3, 1, 2).reshape(n, -1).copy(),
+            b"labels": split.labels.tolist()}
+
+
+def _with(**changes) -> dict:
+    batch = _good_batch()
+    for key, value in changes.items():
+        if value is None:
+            del batch[key.encode()]
+        else:
+            batch[key.encode()] = value
+    return batch
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def assert_refused(made, path: Path, words: str) -> None:
+    """read_folder and prepare both raise a DataError naming path; no .beton is written."""
+    with pytest.raises(DataError) as error:
+        read(made.folder)
+    assert str(path) in str(error.value) and words in str(error.value)
+    with pytest.raises(DataError, match=path.name):
+        prepare("cifar10", made.data_dir, workers=1)
+    assert made.betons() == []
+
+
+MALFORMED = {  # case: (file, what to write there or do to it, words the message must hold)
+    "missing file": ("data_batch_3", Path.unlink, "is missing"),
+    "truncated file": ("data_batch_2", _truncate, "truncated"),
+    "garbage file": ("test_batch", lambda p: p.write_bytes(b"\x00junk" * 999), "truncated"),
+    "not a dict": ("data_batch_1", [1, 2, 3], "not a CIFAR batch dict"),
+    "no data key": ("data_batch_4", _with(data=None), "no 'data' entry"),
+    "no labels key": ("test_batch", _with(labels=None), "no 'labels' entry"),
+    "int64 data": ("data_batch_5", _with(data=_good_batch()[b"data"].astype(np.int64)),
+                   "uint8"),
+    "3071 values a row": ("data_batch_1", _with(data=np.zeros((4, 3071), np.uint8)), "3072"),
+    "fewer labels than rows": ("test_batch", _with(labels=[0, 1, 2]), "one integer label"),
+    "label 10": ("data_batch_2", _with(labels=[0, 1, 10, 2]), "outside 0..9"),
+    "label -1": ("data_batch_2", _with(labels=[0, -1, 1, 2]), "outside 0..9"),
+    "meta without label_names": ("batches.meta", {b"num_vis": 3072}, "label_names"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_file_raises_data_error_naming_it(cifar10_dir, case):
+    name, change, words = MALFORMED[case]
+    path = cifar10_dir.folder / name
+    if callable(change):
+        change(path)
+    else:
+        dump_pickle(path, change)
+    assert_refused(cifar10_dir, path, words)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", ["py2", 4])
+def test_pickle_that_would_run_code_is_refused_not_run(cifar10_dir, tmp_path, protocol):
+    marker = tmp_path / "ran"
+    path = cifar10_dir.folder / "data_batch_1"
+    dump_pickle(path, {b"data": _RunsCode(marker)}, protocol)
+    assert_refused(cifar10_dir, path, "refusing to load")
+    assert not marker.exists()
+
+
+# --- synthetic data ---------------------------------------------------------------------------
+
+
+def test_synthetic_same_seed_same_data_other_seed_differs():
+    first, again, other = (cifar.synthetic_split(40, seed) for seed in (3, 3, 4))
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], other[0])
+    assert not np.array_equal(first[2], other[2])
+
+
+@pytest.mark.parametrize("n", [100, 37])
+def test_synthetic_shapes_and_balanced_classes(n):
+    images, labels, boxes = cifar.synthetic_split(n, seed=0)
+    assert images.shape == (n, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (n,) and boxes.shape == (n, 4)
+    counts = np.bincount(labels, minlength=10)
+    assert len(counts) == 10 and counts.max() - counts.min() <= 1
+
+
+def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_path):
+    folder = cifar.write_synthetic(tmp_path, 60, 20, seed=1)
+    data = cifar.read_folder(folder, cifar.SYNTHETIC_LAYOUT, "synthetic")
+    assert data.classes == cifar.SYNTHETIC_CLASSES
+    assert np.bincount(data.train.labels).tolist() == [6] * 10
+    assert data.train.images.shape == (60, 32, 32, 3) and len(data.test.labels) == 20
+    assert cifar.write_synthetic(tmp_path, 60, 20, seed=1) == folder  # written once
+
+
+def test_write_synthetic_refuses_too_few_images(tmp_path):
+    with pytest.raises(DataError, match="at least 10"):
+        cifar.write_synthetic(tmp_path, 9, 5)
+
+
+def test_synthetic_boxes_hold_the_object(tmp_path):
+    """Each box lies in the image and holds the object: one flat colour, never outside it."""
+    folder = cifar.write_synthetic(tmp_path, 10, 200, seed=2)
+    images = cifar.read_folder(folder, cifar.SYNTHETIC_LAYOUT, "synthetic").test.images
+    boxes = cifar.synthetic_boxes(folder)
+    assert boxes.shape == (200, 4)
+    y0, x0, y1, x1 = boxes.T
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y1 <= 32).all() and (x1 <= 32).all()
+    assert ((y1 - y0) == cifar.SHAPE_SIZE).all() and ((x1 - x0) == cifar.SHAPE_SIZE).all()
+    for image, (top, left, bottom, right) in zip(images, boxes, strict=True):
+        inside = np.zeros((32, 32), bool)
+        inside[top:bottom, left:right] = True
+        colours, counts = np.unique(image[inside], axis=0, return_counts=True)
+        colour = colours[counts.argmax()]
+        assert counts.max() >= 40  # the object covers a good part of its 10 x 10 box
+        assert not (image[~inside] == colour).all(-1).any()

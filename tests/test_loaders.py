@@ -1,0 +1,230 @@
+"""The three loaders on the prepared synthetic .beton files (605 train / 201 test), the shared
+sharding rule, and the guard that turns a dying FFCV pipeline into an error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import loaders
+from loaders.augment import AugmentConfig
+from loaders.sharding import epoch_indices, padding
+
+BATCH = 64
+KINDS = loaders.LOADERS
+
+
+@pytest.fixture(scope="module")
+def make(prepared):
+    """make(kind, train, seed=0, rank=0, world_size=1, copy=0): a loader, built once per
+    arguments (each FFCV Loader costs a compilation); `copy` asks for another instance."""
+    built = {}
+
+    def get(kind: str, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+            copy: int = 0) -> loaders.BatchLoader:
+        key = (kind, train, seed, rank, world_size, copy)
+        if key not in built:
+            built[key] = loaders.make_loader(
+                kind, prepared.train if train else prepared.test, train=train,
+                batch_size=BATCH, device="cpu", mean=prepared.mean, std=prepared.std,
+                augment=AugmentConfig(translate=2, cutout=8), seed=seed, rank=rank,
+                world_size=world_size, workers=1)
+        return built[key]
+
+    yield get
+    for loader in built.values():  # torchvision's persistent workers: seconds each if left to gc
+        workers = getattr(getattr(loader, "loader", None), "_iterator", None)
+        if workers is not None:
+            workers._shutdown_workers()
+    built.clear()
+
+
+@pytest.fixture
+def run_epoch(drain):
+    """run_epoch(loader, epoch): the epoch's batches, as (images, labels) copies."""
+
+    def run(loader: loaders.BatchLoader, epoch: int = 0) -> list:
+        loader.set_epoch(epoch)
+        return drain(loader)
+
+    return run
+
+
+def labels_of(batches) -> np.ndarray:
+    return torch.cat([labels for _, labels in batches]).numpy()
+
+
+def split_of(source, train: bool):
+    return source.train if train else source.test
+
+
+def indices(n: int, train: bool, epoch: int = 0, rank: int = 0, world_size: int = 1):
+    return epoch_indices(n, epoch=epoch, seed=0, shuffle=train, rank=rank,
+                         world_size=world_size).numpy()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_are_channels_last_float_with_int64_labels(make, run_epoch, source, kind,
+                                                           train):
+    loader = make(kind, train)
+    batches = run_epoch(loader)
+    assert len(batches) == len(loader)
+    sizes = [len(labels) for _, labels in batches]
+    assert sizes[:-1] == [BATCH] * (len(sizes) - 1) and 0 < sizes[-1] <= BATCH
+    assert sum(sizes) == len(split_of(source, train).labels)
+    for images, labels in batches:
+        assert images.shape == (len(labels), 3, 32, 32) and images.dtype == torch.float32
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and labels.shape == (len(labels),)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_test_loader_yields_normalized_source_in_order(make, run_epoch, source, prepared,
+                                                       kind):
+    batches = run_epoch(make(kind, False))
+    np.testing.assert_array_equal(labels_of(batches), source.test.labels)
+    images = torch.cat([images for images, _ in batches]).numpy()
+    mean, std = (np.reshape(v, (3, 1, 1)) for v in (prepared.mean, prepared.std))
+    want = (source.test.images.transpose(0, 3, 1, 2) / 255 - mean) / std
+    np.testing.assert_allclose(images, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_epoch_visits_every_sample_once_in_the_shared_order(make, run_epoch, source,
+                                                                  kind):
+    labels = labels_of(run_epoch(make(kind, True), epoch=3))
+    np.testing.assert_array_equal(np.sort(labels), np.sort(source.train.labels))
+    order = indices(len(source.train.labels), True, epoch=3)
+    np.testing.assert_array_equal(labels, source.train.labels[order])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_set_epoch_changes_the_order_and_replays_it(make, run_epoch, kind):
+    loader = make(kind, True)
+    first, second, again = (labels_of(run_epoch(loader, e)) for e in (0, 1, 0))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("kind", ["ffcv", "resident"])
+def test_same_seed_gives_the_same_batches(make, run_epoch, kind):
+    first, twin = (run_epoch(make(kind, True, copy=copy), epoch=2) for copy in (0, 1))
+    other = run_epoch(make(kind, True, seed=1), epoch=2)
+    for (images, labels), (twin_images, twin_labels) in zip(first, twin, strict=True):
+        assert torch.equal(images, twin_images) and torch.equal(labels, twin_labels)
+    assert not np.array_equal(labels_of(first), labels_of(other))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_share_the_epoch(make, run_epoch, source, kind, train):
+    """Each rank gets its shard of the shared order; training pads explicitly, tests do not."""
+    split = split_of(source, train)
+    n = len(split.labels)
+    shards = []
+    for rank in (0, 1):
+        loader = make(kind, train, rank=rank, world_size=2)
+        batches = run_epoch(loader)
+        assert len(batches) == len(loader)
+        assert loader.padding == (padding(n, 2) if train else 0)
+        labels = labels_of(batches)
+        np.testing.assert_array_equal(labels, split.labels[indices(n, train, 0, rank, 2)])
+        shards.append(labels)
+    assert sum(map(len, shards)) == n + (padding(n, 2) if train else 0)
+    if train:  # ranks step in lockstep
+        assert len(shards[0]) == len(shards[1])
+
+
+# --- the sharding rule ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [605, 10, 1])
+def test_training_indices_are_a_new_permutation_each_epoch(n):
+    epochs = [indices(n, True, epoch=e) for e in range(3)]
+    for order in epochs:
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    if n > 2:
+        assert not np.array_equal(epochs[0], epochs[1])
+
+
+@pytest.mark.parametrize("n,world_size", [
+    (605, 2), (10, 3), (10, 4), (7, 7), (3, 8),
+])
+def test_ranks_cover_every_training_index_with_explicit_padding(n, world_size):
+    shards = [indices(n, True, 0, rank, world_size) for rank in range(world_size)]
+    assert len({len(shard) for shard in shards}) == 1  # every rank takes as many steps
+    counts = np.bincount(np.concatenate(shards), minlength=n)
+    assert (counts >= 1).all()
+    assert (counts - 1).sum() == padding(n, world_size)  # repeats are exactly the padding
+
+
+@pytest.mark.parametrize("n,world_size", [
+    (201, 2), (10, 3), (8, 8), (3, 8),
+])
+def test_ranks_split_evaluation_indices_without_duplicates(n, world_size):
+    shards = [indices(n, False, 0, rank, world_size) for rank in range(world_size)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_rank_outside_the_world_is_refused():
+    with pytest.raises(ValueError, match="rank 2"):
+        epoch_indices(10, epoch=0, seed=0, shuffle=True, rank=2, world_size=2)
+
+
+def test_unknown_loader_kind_is_refused(prepared):
+    with pytest.raises(ValueError, match="unknown loader"):
+        loaders.make_loader("dali", prepared.test, train=False, batch_size=8, device="cpu",
+                            mean=prepared.mean, std=prepared.std)
+
+
+# --- the FFCV hang guard ----------------------------------------------------------------------
+
+FAILING_PIPELINE = """
+import sys
+from dataclasses import replace
+
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.operation import Operation
+
+from loaders.ffcv import LoaderError, guarded
+
+
+class Explode(Operation):
+    def generate_code(self):
+        def explode(images, destination):
+            raise ValueError("boom in the pipeline")
+        return explode
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=False), None
+
+
+loader = Loader(sys.argv[1], batch_size=32, num_workers=1, order=OrderOption.SEQUENTIAL,
+                pipelines={"image": [SimpleRGBImageDecoder(), Explode()],
+                           "label": [IntDecoder()]})
+try:
+    for _ in guarded(loader):
+        pass
+except LoaderError as error:
+    print(error)
+    sys.exit(0)
+sys.exit("guarded() ended without raising")
+"""
+
+
+def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
+    result = subprocess.run([sys.executable, "-c", FAILING_PIPELINE, str(prepared.test)],
+                            capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "ValueError: boom in the pipeline" in result.stdout
+    assert str(prepared.test) in result.stdout

@@ -1,0 +1,238 @@
+"""tools/report.py end to end: a real training run, the report as a real subprocess, its files
+checked against an independent evaluation, and Grad-CAM checked against the known object boxes
+of the synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+from pypdf import PdfReader
+
+from engine import checkpoint
+from loaders import beton, cifar
+from tools import report
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 8  # misclassified images in the report: 1 + N PDF pages
+
+
+def run_report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A 2-epoch width-16 run on 4000 synthetic images (about 75% test accuracy)."""
+    base = tmp_path_factory.mktemp("report")
+    result = subprocess.run(
+        [sys.executable, "engine/train.py", "--dataset", "synthetic", "--synthetic-size", "4000",
+         "500", "--data-dir", str(base / "data"), "--width", "16", "--epochs", "2",
+         "--batch-size", "128", "--loader", "resident", "--out", str(base / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def ckpt(run_dir) -> dict:
+    return checkpoint.load(run_dir / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def report_dir(run_dir) -> Path:
+    result = run_report(run_dir / "ckpt.pt", "-n", N)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir / "report"
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir) -> report.Run:
+    return report.load(run_dir / "ckpt.pt", None, torch.device("cpu"))
+
+
+def independent_probs(ckpt: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of the checkpoint's model on the raw test images, normalized here by hand."""
+    split = beton.read(Path(ckpt["data"]["test"]))
+    mean = torch.tensor(ckpt["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(ckpt["std"]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        probs = checkpoint.model_from(ckpt)(x).softmax(1).numpy()
+    return probs, split.labels
+
+
+def test_report_writes_every_file(run_dir, report_dir, ckpt):
+    for name in ("curves.png", "misclassified.png", "confusion.png"):
+        picture = imread(report_dir / name)
+        assert picture.ndim == 3 and min(picture.shape[:2]) > 300, name
+        assert picture[..., :3].std() > 0.05, f"{name} is blank"
+    assert len(PdfReader(report_dir / "gradcam.pdf").pages) == 1 + N
+    classes = read_csv(report_dir / "per_class.csv")
+    assert [r["name"] for r in classes] == ckpt["classes"]
+    assert sum(int(r["support"]) for r in classes) == ckpt["history"][-1]["test_images"]
+    assert all(r["accuracy"] == r["recall"] for r in classes)
+    summary = (report_dir / "summary.md").read_text()
+    for name in ("curves.png", "misclassified.png", "gradcam.pdf", "confusion.png",
+                 "per_class.csv"):
+        assert f"]({name})" in summary
+    assert f"{ckpt['history'][-1]['test_acc']:.2%}" in summary
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_misclassified_and_per_class_match_an_independent_evaluation(report_dir, ckpt):
+    probs, labels = independent_probs(ckpt)
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    expected = wrong[np.argsort(-probs[wrong].max(1), kind="stable")][:N]
+    shown = read_csv(report_dir / "misclassified.csv")
+    assert [int(r["index"]) for r in shown] == expected.tolist()
+    assert [r["true"] for r in shown] == [ckpt["classes"][labels[i]] for i in expected]
+    assert [r["predicted"] for r in shown] == [ckpt["classes"][pred[i]] for i in expected]
+    assert [float(r["probability"]) for r in shown] == pytest.approx(
+        probs[expected].max(1), abs=1e-3)
+    for c, row in enumerate(read_csv(report_dir / "per_class.csv")):
+        assert int(row["support"]) == (labels == c).sum()
+        assert int(row["predicted"]) == (pred == c).sum()
+        assert int(row["correct"]) == ((pred == c) & (labels == c)).sum()
+
+
+@pytest.mark.parametrize("method", list(report.METHODS))
+def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
+    inputs = report.normalized(loaded, np.arange(3))
+    assert inputs.shape == (3, 3, 32, 32)
+    for layer in ("layer2", "layer3", "layer4"):
+        maps = report.cams(loaded.model, inputs, loaded.labels[:3], layer, method)
+        assert maps.shape == (3, 32, 32)
+        assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_gradcam_peaks_on_the_object(loaded):
+    """On correctly classified images the true class's layer-3 map peaks inside the shape's
+    box (dilated by a pixel) far more often than chance; a transposed or flipped map fails."""
+    probs, labels = report.predict(loaded)
+    right = np.flatnonzero(probs.argmax(1) == labels)[:200]
+    assert len(right) >= 100  # the model learned something
+    maps = report.cams(loaded.model, report.normalized(loaded, right), labels[right], "layer3")
+    y, x = np.unravel_index(maps.reshape(len(maps), -1).argmax(1), (32, 32))
+    y0, x0, y1, x1 = cifar.synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
+    inside = (y >= y0 - 1) & (y < y1 + 1) & (x >= x0 - 1) & (x < x1 + 1)
+    chance = ((cifar.SHAPE_SIZE + 2) / 32) ** 2  # 14% of the image
+    assert inside.mean() > 3 * chance
+
+
+def test_data_dir_rebuilds_the_same_test_split_and_replaces_an_older_report(
+        run_dir, report_dir, tmp_path):
+    out = tmp_path / "old-report"
+    shutil.copytree(report_dir, out)
+    (out / "stale.txt").write_text("from an older report")
+    result = run_report(run_dir / "ckpt.pt", "--data-dir", run_dir.parent / "data", "-n", 2,
+                        "--layers", "layer3", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "stale.txt").exists()
+    assert read_csv(out / "misclassified.csv") == read_csv(report_dir / "misclassified.csv")[:2]
+    assert len(PdfReader(out / "gradcam.pdf").pages) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["old-report"]
+
+
+def _not_a_checkpoint(tmp: Path, run_dir: Path) -> list:
+    (tmp / "ckpt.pt").write_text("not a checkpoint\n")
+    return [tmp / "ckpt.pt"]
+
+
+def _foreign_torch_file(tmp: Path, run_dir: Path) -> list:
+    torch.save({"a": 1}, tmp / "ckpt.pt")
+    return [tmp / "ckpt.pt"]
+
+
+def _truncated(tmp: Path, run_dir: Path) -> list:
+    data = (run_dir / "ckpt.pt").read_bytes()
+    (tmp / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    return [tmp / "ckpt.pt"]
+
+
+def _missing_data_dir(tmp: Path, run_dir: Path) -> list:
+    return [run_dir / "ckpt.pt", "--data-dir", tmp / "no-such-dir"]
+
+
+def _moved_test_data(tmp: Path, run_dir: Path) -> list:
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["data"]["test"] = str(tmp / "gone" / "test.beton")
+    torch.save(ckpt, tmp / "ckpt.pt")
+    return [tmp / "ckpt.pt"]
+
+
+def _other_architecture(tmp: Path, run_dir: Path) -> list:
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["width"] = 32
+    torch.save(ckpt, tmp / "ckpt.pt")
+    return [tmp / "ckpt.pt"]
+
+
+def _other_class_count(tmp: Path, run_dir: Path) -> list:
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["num_classes"] = 100
+    torch.save(ckpt, tmp / "ckpt.pt")
+    return [tmp / "ckpt.pt"]
+
+
+def assert_refused(code: int, stderr: str, out: Path) -> None:
+    """A non-zero exit, one paragraph on stderr and no traceback, and no --out folder."""
+    assert code != 0
+    assert stderr.startswith("error: ") and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("make", [_not_a_checkpoint, _foreign_torch_file, _truncated,
+                                  _missing_data_dir], ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_gets_a_clear_error_and_writes_nothing(make, run_dir, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    out = tmp_path / "out" / "report"
+    result = run_report(*make(inputs, run_dir), "--out", out)
+    assert_refused(result.returncode, result.stderr, out)
+
+
+@pytest.mark.parametrize("make", [_moved_test_data, _other_architecture, _other_class_count],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_mismatched_checkpoints_are_refused(make, run_dir, tmp_path, capsys):
+    """The same as above, in-process (main() returns the exit code), to save interpreter starts."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    out = tmp_path / "out" / "report"
+    code = report.main([str(a) for a in make(inputs, run_dir)] + ["--out", str(out)])
+    assert_refused(code, capsys.readouterr().err, out)
+
+
+def test_an_existing_folder_that_is_not_a_report_is_never_replaced(run_dir, capsys):
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert report.main([str(run_dir / "ckpt.pt"), "--out", str(run_dir)]) != 0
+    assert "not a report folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(loaded, tmp_path):
+    probs = np.eye(len(loaded.classes))[loaded.labels]
+    indices = report.most_confidently_wrong(probs, loaded.labels, 5)
+    assert len(indices) == 0
+    report.plot_misclassified(loaded, probs, indices, tmp_path / "misclassified.png")
+    assert imread(tmp_path / "misclassified.png").ndim == 3
+    report.write_pdf(loaded, {"run": "perfect"}, probs, indices, ["layer3"], ["gradcam"],
+                     tmp_path / "gradcam.pdf")
+    assert len(PdfReader(tmp_path / "gradcam.pdf").pages) == 1

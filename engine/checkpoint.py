@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from engine.model import build_model
+from loaders.files import atomic_write
 
 FORMAT = "cifar10-engine/ckpt"
 VERSION = 1
@@ -28,24 +28,13 @@ class CheckpointError(Exception):
     """A file that is not a readable cifar10-engine checkpoint; the message says why."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename, so readers and crashes
-    only ever see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _gist(error: Exception) -> str:
     """An exception as one short line: library messages can be empty or pages long."""
     return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
 
 
 def save(path: Path, checkpoint: dict) -> None:
-    _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load(path: Path) -> dict:
@@ -95,9 +84,9 @@ def write_metrics(out: Path, history: list[dict]) -> None:
         writer.writerows(history)
         tmp.write_text(buffer.getvalue())
 
-    _atomic_write(out / "metrics.jsonl", write_jsonl)
-    _atomic_write(out / "metrics.csv", write_csv)
+    atomic_write(out / "metrics.jsonl", write_jsonl)
+    atomic_write(out / "metrics.csv", write_csv)
 
 
 def write_json(path: Path, content: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))

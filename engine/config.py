@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class TrainConfig:
     batch_size: int = 512
     optimizer: str = "nesterov"
     lr: float | str = 0.2  # a number, or "auto": run the LR range test first
+    lr_auto: dict | None = None  # set by --lr auto: the range test's suggestions
     schedule: str = "triangular"
     warmup: float = 0.2
     momentum: float = 0.9
@@ -166,3 +169,30 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, Path | None]:
     if problems:
         parser.error("; ".join(problems))
     return cfg, resume
+
+
+def parse_tool_args(argv: list[str] | None, prog: str, description: str,
+                    own: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None],
+                    ) -> tuple[argparse.Namespace, TrainConfig]:
+    """A tool's options (`own`, add_help=False) beside every option of engine/train.py.
+
+    Returns the raw namespace (None where an option was left out) and the TrainConfig that
+    engine.config.parse makes of the training options, presets and validation included.
+    `check` raises ValueError for a bad combination of the tool's options: a usage error.
+    """
+    tool = Path(prog).stem
+    full = argparse.ArgumentParser(prog=prog, description=description, add_help=False,
+                                   parents=[build_parser(), own], allow_abbrev=False,
+                                   epilog=f"--out defaults to runs/{tool}-<time> here.")
+    args = full.parse_args(argv)  # --help lists every option; a bad one of either exits here
+    if args.resume is not None:
+        full.error("--resume belongs to engine/train.py; give a new --out instead")
+    try:
+        check(args)
+    except ValueError as error:
+        full.error(str(error))
+    _, rest = own.parse_known_args(argv)
+    cfg, _ = parse(rest)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg.out = cfg.out or f"runs/{tool}-{stamp}"
+    return args, cfg

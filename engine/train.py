@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from engine import checkpoint
+from engine import checkpoint, lr_range
 from engine.checkpoint import CheckpointError
 from engine.config import TrainConfig, parse
 from engine.evaluate import evaluate
@@ -101,7 +101,8 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     model = build_model(cfg.arch, len(data.classes), cfg.width)
     if cfg.channels_last:  # before prepare, so DDP's buckets see the final layout
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model, float(cfg.lr), cfg.weight_decay,
+    lr = 0.0 if cfg.lr == "auto" else float(cfg.lr)  # auto: set by the range test below
+    optimizer = build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay,
                                 cfg.momentum, cfg.decay_norm_bias)
     # the schedule is stepped by us once per batch, not prepared: accelerate would step it
     # once per process
@@ -109,8 +110,11 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
                                warmup_frac=cfg.warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     step_model = torch.compile(model) if cfg.compile else model
-    return Run(cfg, accelerator, data, train_loader, test_loader, model, step_model, optimizer,
-               scheduler)
+    run = Run(cfg, accelerator, data, train_loader, test_loader, model, step_model, optimizer,
+              scheduler)
+    if cfg.lr == "auto":  # on every process, in lockstep; sets cfg.lr and the schedule
+        lr_range.use_suggestion(run, train_step)
+    return run
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -263,19 +267,19 @@ def train(cfg: TrainConfig, resume: Path | None) -> int:
                             f"{cfg.out} or choose another --out.")
     accelerator = make_accelerator(cfg)
     out = Path(cfg.out)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    run = build(cfg, accelerator)
-    history = restore(run, ckpt) if ckpt else []
-    if accelerator.is_main_process:
-        checkpoint.write_json(out / "config.json", cfg.to_dict())
-        accelerator.print(f"{cfg.dataset} on {_device_name(accelerator)} x"
-                          f"{accelerator.num_processes}: {cfg.loader} loader, {cfg.precision}, "
-                          f"compile {'on' if cfg.compile else 'off'}, {len(run.train_loader)} "
-                          f"steps/epoch; writing {out}/")
-    if cfg.log_with:
-        start_trackers(accelerator, cfg)
+    history: list[dict] = []
     try:
+        run = build(cfg, accelerator)  # inside: --lr auto trains, and can be interrupted
+        history = restore(run, ckpt) if ckpt else []
+        if accelerator.is_main_process:  # only now: a run that cannot start leaves nothing
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(out / "config.json", cfg.to_dict())
+            accelerator.print(f"{cfg.dataset} on {_device_name(accelerator)} x"
+                              f"{accelerator.num_processes}: {cfg.loader} loader, "
+                              f"{cfg.precision}, compile {'on' if cfg.compile else 'off'}, "
+                              f"{len(run.train_loader)} steps/epoch; writing {out}/")
+        if cfg.log_with:
+            start_trackers(accelerator, cfg)
         fit(run, history)
     except KeyboardInterrupt:
         if accelerator.is_main_process:
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, resume = parse(argv)
     try:
         return train(cfg, resume)
-    except (DataError, CheckpointError, TrainingError) as error:
+    except (DataError, CheckpointError, TrainingError, lr_range.RangeTestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from loaders.cifar import DataError, Split
+from loaders.files import atomic_write
 
 FORMAT = 1  # bump when the layout of the .beton or its sidecar changes
 
@@ -73,12 +73,6 @@ class _Rows:
         return self.split.images[i], int(self.split.labels[i])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write(path: Path, split: Split, classes: list[str],
           stats: tuple[list[float], list[float]] | None = None, workers: int = 1) -> BetonInfo:
     """Write split to path unless an up-to-date copy is there; return its sidecar info.
@@ -101,16 +95,11 @@ def write(path: Path, split: Split, classes: list[str],
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     sidecar(path).unlink(missing_ok=True)  # an old sidecar must never vouch for a new file
-    try:
-        fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        writer.from_indexed_dataset(_Rows(split), chunksize=1000, shuffle_indices=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _atomic_write_text(sidecar(path), json.dumps(asdict(info), indent=1))
+    fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+    atomic_write(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=workers)
+                 .from_indexed_dataset(_Rows(split), chunksize=1000, shuffle_indices=False))
+    atomic_write(sidecar(path), lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=1)))
     return info
 
 

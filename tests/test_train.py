@@ -165,7 +165,7 @@ def test_a_data_dir_without_data_names_the_file(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert str(tmp_path / "cifar-10-batches-py" / "batches.meta") in result.stderr
-    assert not list(tmp_path.glob("*.beton"))
+    assert not list(tmp_path.glob("*.beton")) and not (tmp_path / "out").exists()
 
 
 def test_divergence_stops_with_the_epoch_and_batch(data_dir, tmp_path):

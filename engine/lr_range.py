@@ -1,0 +1,196 @@
+"""Leslie Smith's LR range test on a real training run, leaving the run exactly as it found it.
+
+The LR grows exponentially from start_lr to end_lr, one training step per value, while the
+loss is recorded and smoothed; the sweep stops once training diverges. Weights, BatchNorm
+buffers, optimizer, schedule and loss scaler are restored bit-exact afterwards, so the same run
+can then train for real (Smith, "Cyclical Learning Rates for Training Neural Networks", 2017;
+the smoothing, divergence rule and suggestions follow fastai's lr_find).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.optim import build_schedule
+
+if TYPE_CHECKING:
+    from engine.train import Run
+
+Step = Callable[["Run", torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+START_LR, END_LR, ITERATIONS = 1e-7, 10.0, 100  # fastai's lr_find defaults
+BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
+DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of the best one
+SKIP = 10  # early points left out of the steepest-slope search (fastai v1's skip_start)
+
+
+class RangeTestError(Exception):
+    """The range test found no usable curve; the message says what to change."""
+
+
+@dataclass
+class RangeTest:
+    """One sweep: the LR of every step, its loss, the smoothed loss and both suggestions."""
+
+    lrs: list[float]
+    losses: list[float]  # mean training loss of each step's batch, before its update
+    smoothed: list[float]  # bias-corrected exponential moving average of `losses`
+    steepest: float  # LR of the most negative slope of smoothed loss against log LR
+    min_over_10: float  # a tenth of the LR at the smoothed loss's minimum
+    diverged: bool  # stopped early: smoothed loss above DIVERGE x its best, or not finite
+
+    @property
+    def suggested(self) -> float:
+        """min_over_10: it rests on the curve's minimum, not on the slope of a noisy curve.
+
+        The steepest point moves with every bump of a short, noisy sweep; the minimum is where
+        the loss has just stopped improving, so a tenth of it is still well inside the region
+        where training makes fast progress (fastai's original lr_min rule).
+        """
+        return self.min_over_10
+
+    def record(self) -> dict:
+        """The suggestions as config.json keeps them (TrainConfig.lr_auto)."""
+        return dict(suggested=self.suggested, steepest=self.steepest,
+                    min_over_10=self.min_over_10)
+
+
+def check_sweep(start_lr: float, end_lr: float, iterations: int) -> None:
+    """Raise ValueError, with the fix, for a sweep that cannot run."""
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"the sweep needs 0 < --start-lr < --end-lr, got {start_lr:g} and "
+                         f"{end_lr:g}")
+    if iterations < 2:
+        raise ValueError(f"--iterations must be at least 2, got {iterations}")
+
+
+def exponential(step: int, ratio: float, iterations: int) -> float:
+    """LR multiplier of sweep step `step`: 1 at the first step, `ratio` at the last."""
+    return ratio ** (step / (iterations - 1))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Make `lr` every group's current and base LR, the one a LambdaLR built next multiplies."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+
+
+def snapshot(run: Run) -> dict:
+    """Deep copies of what a step changes (weights, BN buffers, optimizer, scaler), and the
+    schedule, loader epoch and model mode the sweep swaps out."""
+    scaler = run.accelerator.scaler
+    return dict(model=copy.deepcopy(run.model.state_dict()),
+                optimizer=copy.deepcopy(run.optimizer.state_dict()),
+                scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
+                scheduler=run.scheduler, epoch=run.train_loader.epoch,
+                training=run.model.training)
+
+
+def restore(run: Run, saved: dict) -> None:
+    """Put back what `snapshot` took: the run continues as if the sweep had never happened."""
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"] is not None:
+        run.accelerator.scaler.load_state_dict(saved["scaler"])
+    run.scheduler = saved["scheduler"]
+    run.train_loader.set_epoch(saved["epoch"])
+    run.model.train(saved["training"])
+
+
+def endless(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches, epoch after epoch, so a sweep may be longer than one epoch."""
+    for epoch in itertools.count():
+        run.train_loader.set_epoch(epoch)
+        yield from run.train_loader
+
+
+def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
+    """(steepest, min_over_10), both within the sweep.
+
+    The slope (central differences over the whole curve) is searched on the descent up to
+    the minimum, past which the loss rises, skipping the first SKIP points, where the average
+    still rests on a few batches; a tenth of the minimum's LR is not taken below start_lr.
+    """
+    low = int(np.argmin(smoothed))
+    if low == 0:  # the loss never fell: nothing is safer than the start
+        return lrs[0], lrs[0]
+    slope = np.gradient(np.asarray(smoothed), np.log(lrs))
+    first = min(SKIP, low - 1)
+    return lrs[first + int(np.argmin(slope[first:low + 1]))], max(lrs[low] / 10, lrs[0])
+
+
+def sweep(run: Run, step: Step, start_lr: float, end_lr: float,
+          iterations: int) -> tuple[list[float], list[float], list[float], bool]:
+    """Train at exponentially growing LRs; (lrs, losses, smoothed, diverged)."""
+    set_lr(run.optimizer, start_lr)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, partial(exponential, ratio=end_lr / start_lr, iterations=iterations))
+    run.model.train()
+    lrs, losses, smoothed, average = [], [], [], 0.0
+    bar = tqdm(total=iterations, desc="LR range test", unit="step", leave=False,
+               dynamic_ncols=True, disable=not run.accelerator.is_local_main_process)
+    with closing(endless(run)) as batches, bar:
+        for images, labels in itertools.islice(batches, iterations):
+            lr = run.optimizer.param_groups[0]["lr"]
+            loss_sum, _ = step(run, images, labels)
+            # the mean over processes, so that every process stops at the same step
+            loss = run.accelerator.reduce(loss_sum / len(labels), "mean").item()
+            if not math.isfinite(loss):
+                return lrs, losses, smoothed, True
+            average = BETA * average + (1 - BETA) * loss
+            lrs.append(lr)
+            losses.append(loss)
+            smoothed.append(average / (1 - BETA ** len(losses)))
+            bar.update()
+            bar.set_postfix(lr=f"{lr:.2g}", loss=f"{smoothed[-1]:.3f}")
+            if smoothed[-1] > DIVERGE * min(smoothed):
+                return lrs, losses, smoothed, True
+    return lrs, losses, smoothed, False
+
+
+def range_test(run: Run, step: Step, start_lr: float = START_LR, end_lr: float = END_LR,
+               iterations: int = ITERATIONS) -> RangeTest:
+    """Sweep the LR on `run` with the engine's own `step` (engine.train.train_step, passed in
+    because engine.train imports this module), then restore the run."""
+    check_sweep(start_lr, end_lr, iterations)
+    saved = snapshot(run)
+    try:
+        lrs, losses, smoothed, diverged = sweep(run, step, start_lr, end_lr, iterations)
+    finally:
+        restore(run, saved)
+    if len(lrs) < 2:
+        raise RangeTestError(
+            f"the training loss was not finite within the first steps of the LR range test "
+            f"(from lr {start_lr:g}); check the data, or lower the start of the sweep.")
+    return RangeTest(lrs, losses, smoothed, *suggestions(lrs, smoothed), diverged=diverged)
+
+
+def use_suggestion(run: Run, step: Step) -> RangeTest:
+    """--lr auto: range-test the run, then make the suggestion the peak of its schedule.
+
+    Every schedule of engine.optim peaks at the groups' base LR, so the suggestion becomes
+    the one-cycle max LR of the default triangular schedule (Smith's linear 1cycle) or of
+    `--schedule onecycle`; an explicit --schedule is kept as chosen. The config records it.
+    """
+    result = range_test(run, step)
+    set_lr(run.optimizer, result.suggested)
+    cfg = run.cfg
+    run.scheduler = build_schedule(cfg.schedule, run.optimizer, cfg.epochs * len(run.train_loader),
+                                   warmup_frac=cfg.warmup)
+    cfg.lr, cfg.lr_auto = result.suggested, result.record()
+    run.accelerator.print(
+        f"LR range test: {len(result.lrs)} steps from {result.lrs[0]:.2g} to "
+        f"{result.lrs[-1]:.2g}; suggested lr {result.suggested:.3g} (min/10; steepest "
+        f"{result.steepest:.3g}), the peak of the {cfg.schedule} schedule")
+    return result

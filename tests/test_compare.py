@@ -1,0 +1,77 @@
+"""tools/compare.py as a real subprocess: one run per optimizer, one figure, one table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.compare import default_lr, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "16",
+         "--batch-size", "32", "--loader", "resident"]
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    """sgd and adam, one epoch each, at their default LRs."""
+    root = tmp_path_factory.mktemp("compare")
+    out = root / "out"
+    result = compare(*SMALL, "--data-dir", str(root / "data"), "--optimizers", "sgd", "adam",
+                     "--epochs", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
+    assert [p.name for p in out.glob("*.png")] == ["compare.png"]
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["optimizer"] for r in rows] == ["sgd", "adam"]
+    assert [float(r["lr"]) for r in rows] == [0.1 * 32 / 256, 1e-3]
+    for row in rows:
+        assert 0 <= float(row["final_test_acc"]) <= float(row["best_test_acc"]) <= 1
+        assert float(row["seconds_per_epoch"]) > 0 and row["epochs"] == "1" and not row["note"]
+    table = (out / "compare.md").read_text().splitlines()
+    body = [line for line in table if line.startswith("| ")][2:]  # after header and rule
+    assert [line.split("|")[1].strip() for line in body] == ["sgd", "adam"]
+
+
+def test_each_optimizer_keeps_its_own_run_directory_from_the_same_seed(out):
+    for name in ("sgd", "adam"):
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["optimizer"] == name and config["seed"] == 0
+        assert (out / name / "ckpt.pt").is_file() and (out / name / "metrics.jsonl").is_file()
+
+
+def test_compare_will_not_overwrite_runs(out):
+    result = compare(*SMALL, "--optimizers", "adam", "--out", str(out))
+    assert result.returncode == 1 and "already holds runs of adam" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimizers", "sgd", "lion"], "invalid choice"),
+    (["--optimizers", "sgd", "sgd"], "twice"),
+    (["--epochs", "0"], "epochs"),
+])
+def test_compare_refuses_bad_options_with_a_usage_error(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_lrs_follow_the_linear_scaling_rule_for_sgd_only():
+    assert default_lr("nesterov", 512) == pytest.approx(0.2)  # the fast preset's peak
+    assert default_lr("adamw", 512) == default_lr("adamw", 128) == 1e-3

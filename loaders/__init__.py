@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loaders.base import BatchLoader
+import torch
+
+# Importing FFCV sets torch's thread count to 1 (ffcv/pipeline/compiler.py), which would make
+# CPU training silently single-threaded. Every module here imports FFCV after this package, so
+# importing it once here and restoring the count fixes it for all of them.
+_threads = torch.get_num_threads()
+import ffcv.pipeline.compiler  # noqa: E402, F401
+
+torch.set_num_threads(_threads)
+
+from loaders.base import BatchLoader  # noqa: E402
 
 LOADERS = ("ffcv", "resident", "torchvision")
 

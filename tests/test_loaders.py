@@ -3,6 +3,7 @@ sharding rule, and the guard that turns a dying FFCV pipeline into an error."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,13 @@ def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
     assert result.returncode == 0, result.stderr
     assert "ValueError: boom in the pipeline" in result.stdout
     assert str(prepared.test) in result.stdout
+
+
+def test_importing_ffcv_keeps_torch_threads():
+    """FFCV sets torch to one thread on import; the loaders package must undo that."""
+    code = ("import torch; n = torch.get_num_threads(); import loaders.ffcv, loaders.beton; "
+            "print(n, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=120, check=True)
+    before, after = out.stdout.split()
+    assert before == after == "2"

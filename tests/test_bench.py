@@ -1,0 +1,122 @@
+"""tools/bench.py: real --quick runs on CPU as subprocesses, and the FLOP and MFU arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from engine.model import ResNet18
+from tools import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(tmp: Path, *args: str) -> tuple[dict, str]:
+    """Run `python tools/bench.py --quick --device cpu` with args; its JSON and its stdout."""
+    out = tmp / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--device", "cpu",
+         "--data-dir", str(tmp / "data"), "--json", str(out), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[dict, str]:
+    return run_bench(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.mark.slow
+def test_quick_run_records_metadata(quick):
+    report, stdout = quick
+    meta = report["meta"]
+    assert stdout.startswith("command: python tools/bench.py --quick --device cpu")
+    assert meta["command"].startswith("python tools/bench.py --quick")
+    assert meta["device"] == "cpu" and meta["device_name"].startswith("cpu (")
+    assert meta["torch"] and "cuda" in meta and meta["date"]
+    assert meta["commit"]
+    assert set(meta["section_s"]) == set(bench.SECTIONS)
+    for section in bench.SECTIONS:
+        assert f"== {section}" in stdout
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_loader(quick):
+    loaders = {r["loader"]: r for r in quick[0]["loaders"]}
+    assert set(loaders) == {"ffcv", "resident", "torchvision"}
+    for r in loaders.values():
+        assert r["images"] == 2048 and r["images_per_s"] > 0
+        assert r["first_epoch_s"] > 0 and len(r["epoch_s"]) == 1
+    assert loaders["torchvision"]["vs_torchvision"] == 1
+
+
+@pytest.mark.slow
+def test_quick_run_times_steps_and_skips_what_cannot_run(quick):
+    rows = quick[0]["step"]
+    ran = [r for r in rows if r["status"] == "ok"]
+    assert {(r["precision"], r["memory_format"]) for r in ran} >= {
+        ("fp32", "channels_last"), ("fp32", "contiguous"), ("bf16", "channels_last")}
+    assert {r["batch_size"] for r in ran} == {64, 32}
+    assert all(r["images_per_s"] > 0 and r["block_s"] for r in ran)
+    fp16 = [r for r in rows if r["precision"] == "fp16"]
+    assert fp16 and all(r["status"] == "skipped" and "fp16" in r["reason"] for r in fp16)
+
+
+@pytest.mark.slow
+def test_quick_run_measures_epochs_and_data_wait(quick):
+    epochs = {r["loader"]: r for r in quick[0]["epoch"]}
+    assert set(epochs) == {"ffcv", "resident", "torchvision"}
+    for r in epochs.values():
+        assert r["images"] == 256 and r["images_per_s"] > 0
+        assert 0 <= r["data_wait_share"] <= 1
+
+
+@pytest.mark.slow
+def test_quick_run_reports_mfu_against_measured_peaks(quick):
+    mfu = quick[0]["mfu"]
+    assert mfu["train_flops_per_image"] == 6 * mfu["macs_per_image"]
+    assert mfu["peaks"]["fp32"]["flops_per_s"] > 0
+    ran = [r for r in quick[0]["step"] if r["status"] == "ok"]
+    assert len(mfu["rows"]) == len(ran) + len(quick[0]["epoch"])
+    for row in mfu["rows"]:
+        peak = mfu["peaks"][row["precision"]]["flops_per_s"]
+        assert row["mfu"] == pytest.approx(
+            row["images_per_s"] * mfu["train_flops_per_image"] / peak)
+        assert row["mfu"] > 0
+
+
+@pytest.mark.slow
+def test_sections_choose_what_runs(tmp_path):
+    report, stdout = run_bench(tmp_path, "--sections", "mfu")
+    assert {"loaders", "step", "epoch"}.isdisjoint(report) and "== step" not in stdout
+    assert report["mfu"]["rows"] == [] and report["mfu"]["peaks"]["fp32"]["flops_per_s"] > 0
+
+
+def test_unknown_section_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--sections", "loaders,gpu"])
+    assert exit_info.value.code == 2
+    assert "gpu" in capsys.readouterr().err
+
+
+def test_train_flops_by_hand():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),  # 4*8*8 outputs, 3*3*3 MACs each
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 5),  # 256*5
+    )
+    forward = 256 * 27 + 256 * 5
+    assert bench.train_flops(net, (1, 3, 8, 8)) == 3 * 2 * forward
+    # ResNet-18 at width 64: ~0.556 GMACs forward, so ~3.33 training GFLOPs per image
+    assert bench.train_flops(ResNet18(width=64)) == pytest.approx(3.33e9, rel=0.01)
+
+
+def test_mfu_arithmetic():
+    # 1000 images/s x 3.33 GFLOPs = 3.33 TFLOP/s, a third of a 10 TFLOP/s peak
+    assert bench.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)

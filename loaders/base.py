@@ -55,9 +55,13 @@ class BatchLoader:
         """Samples repeated per epoch (over all ranks) so that every rank takes as many steps."""
         return padding(self.num_samples, self.world_size) if self.train else 0
 
+    @property
+    def shard_size(self) -> int:
+        """Samples this rank visits per epoch, padding included."""
+        return len(range(self.rank, self.num_samples + self.padding, self.world_size))
+
     def __len__(self) -> int:
-        shard = len(range(self.rank, self.num_samples + self.padding, self.world_size))
-        return math.ceil(shard / self.batch_size)
+        return math.ceil(self.shard_size / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError

@@ -63,7 +63,7 @@ class _ShardSampler(Sampler[int]):
         return iter(self.owner.indices().tolist())
 
     def __len__(self) -> int:
-        return len(self.owner.indices())
+        return self.owner.shard_size
 
 
 class TorchvisionLoader(BatchLoader):

@@ -281,6 +281,7 @@ def train(cfg: TrainConfig, resume: Path | None) -> int:
         if cfg.log_with:
             start_trackers(accelerator, cfg)
         fit(run, history)
+        accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except KeyboardInterrupt:
         if accelerator.is_main_process:
             print(f"\ninterrupted: {out}/ckpt.pt holds epoch {len(history)}; continue with "
@@ -291,6 +292,8 @@ def train(cfg: TrainConfig, resume: Path | None) -> int:
                             f"--batch-size {max(1, cfg.batch_size // 2)}.") from None
     finally:
         accelerator.end_training()
+        if torch.distributed.is_initialized():  # else gloo's threads die at exit: SIGABRT
+            torch.distributed.destroy_process_group()
     if accelerator.is_main_process and history:
         best = max(history, key=lambda r: r["test_acc"])
         total = sum(r["seconds"] for r in history)

@@ -84,15 +84,21 @@ def start_trackers(accelerator: Accelerator, cfg: TrainConfig) -> None:
                             f"pip install {cfg.log_with} (e.g. the [tensorboard] extra).")
 
 
+def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank: int = 0,
+                   world_size: int = 1) -> dict:
+    """The make_loader options a run uses for both splits (the workers shared by processes)."""
+    workers = cfg.workers or max(1, available_cores() // world_size)
+    return dict(device=device, mean=data.mean, std=data.std, dtype=DTYPES[cfg.precision],
+                seed=cfg.seed, rank=rank, world_size=world_size, workers=workers)
+
+
 def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     """Data, loaders, model, optimizer and schedule of a run, placed by accelerate."""
     with accelerator.main_process_first():  # one process converts; the others reuse its files
         data = prepare(cfg.dataset, Path(cfg.data_dir), tuple(cfg.synthetic_size),
                        workers=cfg.workers)
-    workers = cfg.workers or max(1, available_cores() // accelerator.num_processes)
-    common = dict(device=accelerator.device, mean=data.mean, std=data.std,
-                  dtype=DTYPES[cfg.precision], seed=cfg.seed, rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, workers=workers)
+    common = loader_options(cfg, data, accelerator.device, accelerator.process_index,
+                            accelerator.num_processes)
     train_loader = make_loader(cfg.loader, data.train, train=True, batch_size=cfg.batch_size,
                                augment=cfg.augment(), **common)
     test_loader = make_loader(cfg.loader, data.test, train=False,

@@ -29,7 +29,16 @@ from torch import nn
 
 from engine.config import TrainConfig
 from engine.model import build_model, forward_macs
-from engine.train import DTYPES, Run, TrainingError, build, make_accelerator, resolve, train_step
+from engine.train import (
+    DTYPES,
+    Run,
+    TrainingError,
+    build,
+    loader_options,
+    make_accelerator,
+    resolve,
+    train_step,
+)
 from loaders import LOADERS, make_loader
 from loaders.base import BatchLoader, available_cores
 from loaders.prepare import Prepared, prepare
@@ -198,9 +207,8 @@ def build_loader(kind: str, data: Prepared, cfg: TrainConfig,
                  device: torch.device) -> tuple[BatchLoader, float]:
     """A training loader as engine.train.build makes it, and the seconds its construction took."""
     start = time.perf_counter()
-    loader = make_loader(kind, data.train, train=True, batch_size=cfg.batch_size, device=device,
-                         mean=data.mean, std=data.std, dtype=DTYPES[cfg.precision],
-                         augment=cfg.augment(), seed=cfg.seed, workers=cfg.workers)
+    loader = make_loader(kind, data.train, train=True, batch_size=cfg.batch_size,
+                         augment=cfg.augment(), **loader_options(cfg, data, device))
     return loader, time.perf_counter() - start
 
 

@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 APT     := libopencv-dev libturbojpeg0-dev pkg-config
 ARGS    ?=
 
-.PHONY: setup train test bench report lint clean
+.PHONY: setup train test test-fast bench report lint clean
 
 setup: $(STAMP)
 
@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml
 train: setup
 	$(PY) engine/train.py $(ARGS)
 
+# everything, as CI runs it
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
+
+# the edit-test loop: no end-to-end command-line runs
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: setup
 	$(PY) tools/bench.py $(ARGS)

@@ -7,16 +7,20 @@ the optimizer it continues from can never disagree.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from common.errors import CheckpointError
+from common.files import atomic_write, write_csv, write_text
+from common.hardware import device_name
 from engine.model import build_model
-from loaders.files import atomic_write
+
+if TYPE_CHECKING:
+    from engine.run import Run
 
 FORMAT = "cifar10-engine/ckpt"
 VERSION = 1
@@ -24,11 +28,7 @@ REQUIRED = ("format", "version", "arch", "width", "num_classes", "state_dict", "
             "mean", "std", "config", "history", "data")
 
 
-class CheckpointError(Exception):
-    """A file that is not a readable cifar10-engine checkpoint; the message says why."""
-
-
-def _gist(error: Exception) -> str:
+def gist(error: Exception) -> str:
     """An exception as one short line: library messages can be empty or pages long."""
     return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
 
@@ -46,7 +46,7 @@ def load(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, pickles of classes, random bytes, ...
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({_gist(error)}). It may be truncated or "
+            f"{path} is not a readable checkpoint ({gist(error)}). It may be truncated or "
             "come from another tool; use the ckpt.pt that engine/train.py wrote.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cifar10-engine checkpoint (no '{FORMAT}' "
@@ -68,25 +68,49 @@ def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:
     except (ValueError, RuntimeError) as error:  # unknown arch, or weights of another shape
         raise CheckpointError(f"{path}: its weights do not fit a {ckpt['arch']} of width "
                               f"{ckpt['width']} with {ckpt['num_classes']} classes "
-                              f"({_gist(error)}).") from None
+                              f"({gist(error)}).") from None
     return model.eval()
+
+
+def content(run: Run, history: list[dict], with_state: bool) -> dict:
+    """ckpt.pt's content: plain containers and fp32 CPU tensors only."""
+    weights = {k: (v.float() if v.is_floating_point() else v).detach().cpu()
+               for k, v in run.unwrapped.state_dict().items()}
+    ckpt = dict(
+        format=FORMAT, version=VERSION, arch=run.cfg.arch, width=run.cfg.width,
+        num_classes=len(run.data.classes), state_dict=weights, classes=run.data.classes,
+        mean=run.data.mean, std=run.data.std, config=run.cfg.to_dict(), history=history,
+        epoch=len(history),
+        data=dict(dataset=run.data.name, data_dir=str(Path(run.cfg.data_dir).resolve()),
+                  train=str(run.data.train.resolve()), test=str(run.data.test.resolve()),
+                  source=str(run.data.source.resolve())),
+        device=device_name(run.accelerator.device), processes=run.accelerator.num_processes,
+        torch=str(torch.__version__),  # a TorchVersion object would not load with weights_only
+    )
+    if with_state:  # what --resume needs beyond the weights
+        ckpt["resume"] = dict(optimizer=run.optimizer.state_dict(),
+                              scheduler=run.scheduler.state_dict(),
+                              scaler=run.scaler.state_dict() if run.scaler else None,
+                              rng=torch.get_rng_state())
+    return ckpt
+
+
+def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
+    """Load weights and optimizer, schedule, scaler and RNG state; return the history so far."""
+    if "resume" not in ckpt:
+        raise CheckpointError(f"{path} has no optimizer state (best.pt?); resume from the "
+                              "run's ckpt.pt")
+    run.unwrapped.load_state_dict(ckpt["state_dict"])
+    state = ckpt["resume"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] is not None and run.scaler is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    return list(ckpt["history"])
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
     """metrics.csv and metrics.jsonl: one row per epoch, rewritten whole from the history."""
-    def write_jsonl(tmp: Path) -> None:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-
-    def write_csv(tmp: Path) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(history[0]) if history else [])
-        writer.writeheader()
-        writer.writerows(history)
-        tmp.write_text(buffer.getvalue())
-
-    atomic_write(out / "metrics.jsonl", write_jsonl)
-    atomic_write(out / "metrics.csv", write_csv)
-
-
-def write_json(path: Path, content: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+    write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    write_csv(out / "metrics.csv", history)

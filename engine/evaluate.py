@@ -3,7 +3,8 @@ test-time augmentation, and per-image predictions for reports."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +21,20 @@ def logits_of(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, tta: bool = False) -> torch.Tensor:
+def evaluate(model: nn.Module, loader: Iterable, tta: bool = False,
+             autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """[loss summed over samples, correct, count] of this process's shard, on the device.
 
     Sums rather than means, so shards of different sizes reduce exactly: the mean is taken
-    once, after the sum over processes, and each sample counts once.
+    once, after the sum over processes, and each sample counts once. `autocast` gives the
+    training run's mixed precision (Run.autocast), so batches of its dtype fit the model.
     """
     was_training = model.training
     model.eval()
     totals = None
     for images, labels in loader:
-        logits = logits_of(model, images, tta)
+        with autocast():
+            logits = logits_of(model, images, tta)
         batch = torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
                              (logits.argmax(1) == labels).sum().float(),
                              torch.tensor(float(len(labels)), device=logits.device)])

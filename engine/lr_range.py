@@ -12,31 +12,23 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from common.errors import RangeTestError
 from engine.optim import build_schedule
-
-if TYPE_CHECKING:
-    from engine.train import Run
-
-Step = Callable[["Run", torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+from engine.progress import progress_bar
+from engine.run import Run, train_step
 
 START_LR, END_LR, ITERATIONS = 1e-7, 10.0, 100  # fastai's lr_find defaults
 BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of the best one
 SKIP = 10  # early points left out of the steepest-slope search (fastai v1's skip_start)
-
-
-class RangeTestError(Exception):
-    """The range test found no usable curve; the message says what to change."""
 
 
 @dataclass
@@ -89,7 +81,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def snapshot(run: Run) -> dict:
     """Deep copies of what a step changes (weights, BN buffers, optimizer, scaler), and the
     schedule, loader epoch and model mode the sweep swaps out."""
-    scaler = run.accelerator.scaler
+    scaler = run.scaler
     return dict(model=copy.deepcopy(run.model.state_dict()),
                 optimizer=copy.deepcopy(run.optimizer.state_dict()),
                 scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
@@ -102,7 +94,7 @@ def restore(run: Run, saved: dict) -> None:
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     if saved["scaler"] is not None:
-        run.accelerator.scaler.load_state_dict(saved["scaler"])
+        run.scaler.load_state_dict(saved["scaler"])
     run.scheduler = saved["scheduler"]
     run.train_loader.set_epoch(saved["epoch"])
     run.model.train(saved["training"])
@@ -130,7 +122,7 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
     return lrs[first + int(np.argmin(slope[first:low + 1]))], max(lrs[low] / 10, lrs[0])
 
 
-def sweep(run: Run, step: Step, start_lr: float, end_lr: float,
+def sweep(run: Run, start_lr: float, end_lr: float,
           iterations: int) -> tuple[list[float], list[float], list[float], bool]:
     """Train at exponentially growing LRs; (lrs, losses, smoothed, diverged)."""
     set_lr(run.optimizer, start_lr)
@@ -138,12 +130,12 @@ def sweep(run: Run, step: Step, start_lr: float, end_lr: float,
         run.optimizer, partial(exponential, ratio=end_lr / start_lr, iterations=iterations))
     run.model.train()
     lrs, losses, smoothed, average = [], [], [], 0.0
-    bar = tqdm(total=iterations, desc="LR range test", unit="step", leave=False,
-               dynamic_ncols=True, disable=not run.accelerator.is_local_main_process)
+    bar = progress_bar(iterations, "LR range test", "step",
+                       enabled=run.accelerator.is_local_main_process)
     with closing(endless(run)) as batches, bar:
         for images, labels in itertools.islice(batches, iterations):
             lr = run.optimizer.param_groups[0]["lr"]
-            loss_sum, _ = step(run, images, labels)
+            loss_sum, _ = train_step(run, images, labels)
             # the mean over processes, so that every process stops at the same step
             loss = run.accelerator.reduce(loss_sum / len(labels), "mean").item()
             if not math.isfinite(loss):
@@ -159,14 +151,13 @@ def sweep(run: Run, step: Step, start_lr: float, end_lr: float,
     return lrs, losses, smoothed, False
 
 
-def range_test(run: Run, step: Step, start_lr: float = START_LR, end_lr: float = END_LR,
+def range_test(run: Run, start_lr: float = START_LR, end_lr: float = END_LR,
                iterations: int = ITERATIONS) -> RangeTest:
-    """Sweep the LR on `run` with the engine's own `step` (engine.train.train_step, passed in
-    because engine.train imports this module), then restore the run."""
+    """Sweep the LR on `run` with the engine's own training step, then restore the run."""
     check_sweep(start_lr, end_lr, iterations)
     saved = snapshot(run)
     try:
-        lrs, losses, smoothed, diverged = sweep(run, step, start_lr, end_lr, iterations)
+        lrs, losses, smoothed, diverged = sweep(run, start_lr, end_lr, iterations)
     finally:
         restore(run, saved)
     if len(lrs) < 2:
@@ -176,21 +167,23 @@ def range_test(run: Run, step: Step, start_lr: float = START_LR, end_lr: float =
     return RangeTest(lrs, losses, smoothed, *suggestions(lrs, smoothed), diverged=diverged)
 
 
-def use_suggestion(run: Run, step: Step) -> RangeTest:
+def use_suggestion(run: Run) -> RangeTest:
     """--lr auto: range-test the run, then make the suggestion the peak of its schedule.
 
     Every schedule of engine.optim peaks at the groups' base LR, so the suggestion becomes
     the one-cycle max LR of the default triangular schedule (Smith's linear 1cycle) or of
-    `--schedule onecycle`; an explicit --schedule is kept as chosen. The config records it.
+    `--schedule onecycle`; an explicit --schedule is kept as chosen. run.cfg records it.
     """
-    result = range_test(run, step)
+    result = range_test(run)
     set_lr(run.optimizer, result.suggested)
-    cfg = run.cfg
+    cfg = run.cfg = replace(run.cfg, lr=result.suggested, lr_auto=result.record())
     run.scheduler = build_schedule(cfg.schedule, run.optimizer, cfg.epochs * len(run.train_loader),
                                    warmup_frac=cfg.warmup)
-    cfg.lr, cfg.lr_auto = result.suggested, result.record()
-    run.accelerator.print(
-        f"LR range test: {len(result.lrs)} steps from {result.lrs[0]:.2g} to "
-        f"{result.lrs[-1]:.2g}; suggested lr {result.suggested:.3g} (min/10; steepest "
-        f"{result.steepest:.3g}), the peak of the {cfg.schedule} schedule")
     return result
+
+
+def describe(result: RangeTest, schedule: str) -> str:
+    """One line on what --lr auto found and did."""
+    return (f"LR range test: {len(result.lrs)} steps from {result.lrs[0]:.2g} to "
+            f"{result.lrs[-1]:.2g}; suggested lr {result.suggested:.3g} (min/10; steepest "
+            f"{result.steepest:.3g}), the peak of the {schedule} schedule")

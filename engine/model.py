@@ -56,7 +56,8 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        # flatten, not .view: a channels_last (N, C, 1, 1) tensor is not view-compatible.
+        # flatten, not .view: under channels_last the pooled (N, C, 1, 1) tensor is
+        # view-compatible too, but flatten never needs to care which layout it was given
         return self.fc(torch.flatten(self.pool(x), 1))
 
 

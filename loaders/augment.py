@@ -20,7 +20,8 @@ class AugmentConfig:
 
     def __post_init__(self):
         if not 0 <= self.translate <= 16 or not 0 <= self.cutout <= 32:
-            raise ValueError(f"translate must be in 0..16 and cutout in 0..32, got {self}")
+            raise ValueError(f"--translate must be in 0..16 and --cutout in 0..32, got "
+                             f"{self.translate} and {self.cutout}")
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device | str,

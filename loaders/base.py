@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from common.hardware import default_workers
 from loaders.augment import Augment, AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images N x 3 x 32 x 32 channels_last, labels int64
-
-
-def available_cores() -> int:
-    """Cores this process may run on (not the machine's count, which containers inflate)."""
-    return len(os.sched_getaffinity(0))
 
 
 class BatchLoader:
@@ -36,7 +31,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.num_samples, self.seed = num_samples, seed
         self.rank, self.world_size = rank, world_size
-        self.workers = workers or available_cores()
+        self.workers = workers or default_workers(world_size)
         self.augment = Augment(augment if train else None, mean, std, dtype, self.device)
         self.set_epoch(0)
 

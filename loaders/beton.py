@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders.cifar import DataError, Split
-from loaders.files import atomic_write
+from common.errors import DataError
+from common.files import atomic_write
+from loaders.cifar import ROW_SIZE, Split
+from loaders.guards import torch_threads_kept
 
 FORMAT = 1  # bump when the layout of the .beton or its sidecar changes
 
@@ -82,8 +84,9 @@ def write(path: Path, split: Split, classes: list[str],
     and renamed, so a crash or Ctrl-C never leaves a half file under the final name;
     temporaries of killed writers are swept here.
     """
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    with torch_threads_kept():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
     source = digest(split)
     old = read_info(path)
@@ -109,9 +112,10 @@ def read(path: Path) -> Split:
     Raw RGBImageField samples are stored verbatim at metadata['image']['data_ptr'], so a
     memory map gives them back without compiling an FFCV pipeline.
     """
-    from ffcv.fields.rgb_image import IMAGE_MODES
-    from ffcv.reader import Reader
-    from ffcv.types import ALLOC_TABLE_TYPE
+    with torch_threads_kept():
+        from ffcv.fields.rgb_image import IMAGE_MODES
+        from ffcv.reader import Reader
+        from ffcv.types import ALLOC_TABLE_TYPE
 
     try:
         reader = Reader(str(path))
@@ -125,7 +129,6 @@ def read(path: Path) -> Split:
             or (image["width"] != 32).any():
         raise DataError(f"{path} does not hold raw 32x32 images; delete it to rebuild it.")
     blob = np.memmap(path, dtype=np.uint8, mode="r")
-    nbytes = 32 * 32 * 3
     # the allocation table ends the file: a cut file leaves a partial table, or images whose
     # allocations are missing from it
     table_bytes = len(blob) - int(reader.header["alloc_table_ptr"])
@@ -133,6 +136,6 @@ def read(path: Path) -> Split:
             image["data_ptr"], reader.alloc_table["ptr"]).all():
         raise DataError(f"{path} is truncated; delete it to rebuild it.")
     # one vectorised gather: row i of the window view is the nbytes starting at byte i
-    windows = np.lib.stride_tricks.sliding_window_view(blob, nbytes)
+    windows = np.lib.stride_tricks.sliding_window_view(blob, ROW_SIZE)
     images = windows[image["data_ptr"].astype(np.int64)].reshape(-1, 32, 32, 3)
     return Split(images, np.array(label, dtype=np.int64))  # a copy: FFCV maps it read-only

@@ -16,12 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SHAPE = (32, 32, 3)
-ROW_SIZE = 32 * 32 * 3
+from common.errors import DataError
 
-
-class DataError(Exception):
-    """Missing, corrupt or malformed data; the message names the file and the fix."""
+ROW_SIZE = 32 * 32 * 3  # one image: R, G and B planes of 32 x 32 bytes
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""`python -m loaders.prepare`: download (when needed), validate and convert a dataset to .beton
-files, and print their paths. Training calls `prepare` too, so both take the same path."""
+"""`python loaders/prepare.py` (also `-m loaders.prepare`, `cifar-prepare`): download
+(when needed), validate and convert a dataset to .beton files, and print their paths. Training
+calls `prepare` too, so both take the same path."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import run_main
+from common.hardware import default_workers
 from loaders import beton, cifar
-from loaders.base import available_cores
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000
     data = cifar.load(name, Path(data_dir), synthetic_size, seed)
     tag = data.source.name if name == "synthetic" else name
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
-    workers = workers or available_cores()
+    workers = workers or default_workers()
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)
     # the test split is normalized with the training statistics, as the model will see it
     beton.write(paths["test"], data.test, data.classes, (train.mean, train.std), workers)
@@ -41,29 +43,30 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options shared by every command that reads a dataset."""
-    parser.add_argument("--dataset", choices=cifar.DATASETS, default="cifar10",
+    # no defaults here: engine.config tells options given from options left out, and
+    # TrainConfig (or the caller's set_defaults) holds the defaults named in the help
+    parser.add_argument("--dataset", choices=cifar.DATASETS,
                         help="cifar10 and cifar100 are downloaded once; synthetic is generated "
                              "offline (default: cifar10)")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+    parser.add_argument("--data-dir", type=Path,
                         help="downloads, extracted batches and .beton files (default: ./data)")
-    parser.add_argument("--synthetic-size", type=int, nargs=2, default=(50_000, 10_000),
-                        metavar=("TRAIN", "TEST"),
+    parser.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "TEST"),
                         help="images per split of --dataset synthetic (default: 50000 10000)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loaders.prepare", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python loaders/prepare.py", description=__doc__)
     add_data_arguments(parser)
+    parser.set_defaults(dataset="cifar10", data_dir=Path("data"), synthetic_size=(50_000, 10_000))
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         prepared = prepare(args.dataset, args.data_dir, tuple(args.synthetic_size), args.seed)
-    except cifar.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(prepared.train)
-    print(prepared.test)
-    return 0
+        print(prepared.train)
+        print(prepared.test)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import pickle
 import queue
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -22,6 +24,15 @@ import torch
 
 from loaders import cifar
 from loaders.prepare import Prepared, prepare
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
+
+
+def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`python <script> <args>` from the repository root, as a user runs it; text output."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]

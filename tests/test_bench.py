@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 from torch import nn
 
 from engine.model import ResNet18
-from tools import bench
-
-ROOT = Path(__file__).resolve().parents[1]
+from tools import bench, bench_sections
 
 
 def run_bench(tmp: Path, *args: str) -> tuple[dict, str]:
     """Run `python tools/bench.py --quick --device cpu` with args; its JSON and its stdout."""
     out = tmp / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--device", "cpu",
-         "--data-dir", str(tmp / "data"), "--json", str(out), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--data-dir",
+                        tmp / "data", "--json", out, *args, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
 
@@ -112,11 +107,11 @@ def test_train_flops_by_hand():
         nn.Linear(4 * 8 * 8, 5),  # 256*5
     )
     forward = 256 * 27 + 256 * 5
-    assert bench.train_flops(net, (1, 3, 8, 8)) == 3 * 2 * forward
+    assert bench_sections.train_flops(net, (1, 3, 8, 8)) == 3 * 2 * forward
     # ResNet-18 at width 64: ~0.556 GMACs forward, so ~3.33 training GFLOPs per image
-    assert bench.train_flops(ResNet18(width=64)) == pytest.approx(3.33e9, rel=0.01)
+    assert bench_sections.train_flops(ResNet18(width=64)) == pytest.approx(3.33e9, rel=0.01)
 
 
 def test_mfu_arithmetic():
     # 1000 images/s x 3.33 GFLOPs = 3.33 TFLOP/s, a third of a 10 TFLOP/s peak
-    assert bench.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)
+    assert bench_sections.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)

@@ -129,6 +129,7 @@ def test_fetch_refuses_archive_members_that_escape(tmp_path, http_server, evil):
     assert [p.name for p in data_dir.iterdir()] == [ARCHIVE]  # no folder, no staging left
 
 
+@pytest.mark.slow
 def test_prepare_cli_offline_fails_with_one_clear_paragraph(tmp_path, closed_port):
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

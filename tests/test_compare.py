@@ -5,21 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 from tools.compare import default_lr, main
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "16",
          "--batch-size", "32", "--loader", "resident"]
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "compare.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return run_script("tools/compare.py", *args)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +31,7 @@ def out(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     assert [p.name for p in out.glob("*.png")] == ["compare.png"]
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
@@ -48,6 +47,7 @@ def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     assert [line.split("|")[1].strip() for line in body] == ["sgd", "adam"]
 
 
+@pytest.mark.slow
 def test_each_optimizer_keeps_its_own_run_directory_from_the_same_seed(out):
     for name in ("sgd", "adam"):
         config = json.loads((out / name / "config.json").read_text())
@@ -55,6 +55,7 @@ def test_each_optimizer_keeps_its_own_run_directory_from_the_same_seed(out):
         assert (out / name / "ckpt.pt").is_file() and (out / name / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_compare_will_not_overwrite_runs(out):
     result = compare(*SMALL, "--optimizers", "adam", "--out", str(out))
     assert result.returncode == 1 and "already holds runs of adam" in result.stderr

@@ -3,7 +3,6 @@ sharding rule, and the guard that turns a dying FFCV pipeline into an error."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import loaders
 from loaders.augment import AugmentConfig
@@ -196,7 +196,8 @@ from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
 
-from loaders.ffcv import LoaderError, guarded
+from common.errors import LoaderError
+from loaders.guards import guarded
 
 
 class Explode(Operation):
@@ -222,6 +223,7 @@ sys.exit("guarded() ended without raising")
 """
 
 
+@pytest.mark.slow
 def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
     result = subprocess.run([sys.executable, "-c", FAILING_PIPELINE, str(prepared.test)],
                             capture_output=True, text=True, timeout=120,
@@ -231,11 +233,48 @@ def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
     assert str(prepared.test) in result.stdout
 
 
-def test_importing_ffcv_keeps_torch_threads():
-    """FFCV sets torch to one thread on import; the loaders package must undo that."""
-    code = ("import torch; n = torch.get_num_threads(); import loaders.ffcv, loaders.beton; "
-            "print(n, torch.get_num_threads())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=120, check=True)
-    before, after = out.stdout.split()
-    assert before == after == "2"
+IMPORT_EVERYTHING = """
+import importlib, pkgutil, sys, threading, torch
+torch.set_num_threads(2)
+hook = threading.excepthook
+import loaders
+assert "ffcv" not in sys.modules, "importing loaders imported FFCV"
+for package in ("common", "loaders", "engine", "tools"):
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{info.name}")
+assert "ffcv" in sys.modules  # loaders.stream imports it: the check below means something
+assert torch.get_num_threads() == 2, f"torch threads became {torch.get_num_threads()}"
+assert threading.excepthook is hook, "an import replaced threading.excepthook"
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_importing_any_module_changes_no_process_state():
+    """FFCV's import sets torch to one thread; no module of ours may leave that (or any other
+    process-wide setting) changed by being imported."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_the_failure_hook_is_installed_once_and_chains(prepared):
+    """guards.install_failure_hook is idempotent and hands other threads' errors on."""
+    import threading
+
+    from loaders import guards
+
+    seen = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: seen.append(args.exc_value)
+    try:
+        guards.install_failure_hook()
+        installed = threading.excepthook
+        guards.install_failure_hook()
+        assert threading.excepthook is installed
+        worker = threading.Thread(target=lambda: 1 / 0)
+        worker.start()
+        worker.join()
+        assert len(seen) == 1 and isinstance(seen[0], ZeroDivisionError)
+    finally:
+        threading.excepthook = previous

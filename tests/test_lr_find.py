@@ -9,31 +9,24 @@ import itertools
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 from engine import lr_range
-from engine.config import TrainConfig
+from engine.config import TrainConfig, resolve
 from engine.optim import lr_at
-from engine.train import Run, build, make_accelerator, train_step
+from engine.run import Run, build, make_accelerator, train_step
 from loaders.prepare import prepare
 from tools import lr_find
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = (1000, 200)
 BATCH = 32  # 32 steps per epoch: the sweeps below run over several epochs
 SMALL = ["--dataset", "synthetic", "--synthetic-size", *map(str, SIZE), "--width", "16",
          "--batch-size", str(BATCH), "--loader", "resident"]
-
-
-def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +41,7 @@ def small_run(data_dir: Path, out: Path) -> Run:
     cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=SIZE,
                       width=16, batch_size=BATCH, loader="resident", precision="fp32",
                       compile=False, out=str(out))
+    cfg = resolve(cfg, cuda=False)
     return build(cfg, make_accelerator(cfg))
 
 
@@ -67,6 +61,7 @@ def assert_identical(a, b, where: str = "state") -> None:
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_range_test_sweeps_suggests_inside_and_restores_the_run_bit_exact(data_dir, tmp_path):
     run = small_run(data_dir, tmp_path / "out")
     for images, labels in itertools.islice(run.train_loader, 3):  # momentum, BN stats, schedule
@@ -76,7 +71,7 @@ def test_range_test_sweeps_suggests_inside_and_restores_the_run_bit_exact(data_d
                                 optimizer=run.optimizer.state_dict(),
                                 scheduler=scheduler.state_dict()))
 
-    result = lr_range.range_test(run, train_step, start_lr=1e-4, end_lr=10.0, iterations=40)
+    result = lr_range.range_test(run, start_lr=1e-4, end_lr=10.0, iterations=40)
 
     lrs = np.array(result.lrs)
     assert 2 <= len(lrs) == len(result.losses) == len(result.smoothed) <= 40
@@ -115,9 +110,10 @@ def test_impossible_sweeps_are_refused(start, end, iterations):
         lr_range.check_sweep(start, end, iterations)
 
 
+@pytest.mark.slow
 def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("tools/lr_find.py", *SMALL, "--data-dir", str(data_dir), "--start-lr",
+    result = run_script("tools/lr_find.py", *SMALL, "--data-dir", str(data_dir), "--start-lr",
                      "1e-4", "--iterations", "20", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "lr_find.png").read_bytes().startswith(b"\x89PNG")
@@ -141,10 +137,11 @@ def test_lr_find_refuses_bad_options_with_a_usage_error(args, message, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_train_lr_auto_trains_at_the_suggestion(data_dir, tmp_path):
     out = tmp_path / "out"
     batch = 16  # the sweep is 100 steps long: small steps keep it short
-    result = run_cli("engine/train.py", *SMALL, "--batch-size", str(batch), "--data-dir",
+    result = run_script("engine/train.py", *SMALL, "--batch-size", str(batch), "--data-dir",
                      str(data_dir), "--lr", "auto", "--schedule", "onecycle", "--epochs", "1",
                      "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]

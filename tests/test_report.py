@@ -7,28 +7,26 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from matplotlib.image import imread
 from pypdf import PdfReader
 
 from engine import checkpoint
 from loaders import beton, cifar
-from tools import report
+from tools import report, report_figures, report_inputs
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 N = 8  # misclassified images in the report: 1 + N PDF pages
 
 
-def run_report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_report(*args) -> subprocess.CompletedProcess:
+    return run_script("tools/report.py", *args, timeout=300)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -40,11 +38,10 @@ def read_csv(path: Path) -> list[dict]:
 def run_dir(tmp_path_factory) -> Path:
     """A 2-epoch width-16 run on 4000 synthetic images (about 75% test accuracy)."""
     base = tmp_path_factory.mktemp("report")
-    result = subprocess.run(
-        [sys.executable, "engine/train.py", "--dataset", "synthetic", "--synthetic-size", "4000",
-         "500", "--data-dir", str(base / "data"), "--width", "16", "--epochs", "2",
-         "--batch-size", "128", "--loader", "resident", "--out", str(base / "run")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_script(
+        "engine/train.py", "--dataset", "synthetic", "--synthetic-size", "4000", "500",
+        "--data-dir", base / "data", "--width", "16", "--epochs", "2", "--batch-size", "128",
+        "--loader", "resident", "--out", base / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     return base / "run"
 
@@ -62,8 +59,8 @@ def report_dir(run_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(run_dir) -> report.Run:
-    return report.load(run_dir / "ckpt.pt", None, torch.device("cpu"))
+def loaded(run_dir) -> report_inputs.Inputs:
+    return report_inputs.load(run_dir / "ckpt.pt", None, torch.device("cpu"))
 
 
 def independent_probs(ckpt: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -112,12 +109,12 @@ def test_misclassified_and_per_class_match_an_independent_evaluation(report_dir,
         assert int(row["correct"]) == ((pred == c) & (labels == c)).sum()
 
 
-@pytest.mark.parametrize("method", list(report.METHODS))
+@pytest.mark.parametrize("method", list(report_figures.METHODS))
 def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
-    inputs = report.normalized(loaded, np.arange(3))
+    inputs = report_inputs.normalized(loaded, np.arange(3))
     assert inputs.shape == (3, 3, 32, 32)
     for layer in ("layer2", "layer3", "layer4"):
-        maps = report.cams(loaded.model, inputs, loaded.labels[:3], layer, method)
+        maps = report_figures.cams(loaded.model, inputs, loaded.labels[:3], layer, method)
         assert maps.shape == (3, 32, 32)
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
 
@@ -125,10 +122,11 @@ def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
 def test_gradcam_peaks_on_the_object(loaded):
     """On correctly classified images the true class's layer-3 map peaks inside the shape's
     box (dilated by a pixel) far more often than chance; a transposed or flipped map fails."""
-    probs, labels = report.predict(loaded)
+    probs, labels = report_inputs.predict(loaded)
     right = np.flatnonzero(probs.argmax(1) == labels)[:200]
     assert len(right) >= 100  # the model learned something
-    maps = report.cams(loaded.model, report.normalized(loaded, right), labels[right], "layer3")
+    inputs = report_inputs.normalized(loaded, right)
+    maps = report_figures.cams(loaded.model, inputs, labels[right], "layer3")
     y, x = np.unravel_index(maps.reshape(len(maps), -1).argmax(1), (32, 32))
     y0, x0, y1, x1 = cifar.synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
     inside = (y >= y0 - 1) & (y < y1 + 1) & (x >= x0 - 1) & (x < x1 + 1)
@@ -229,10 +227,10 @@ def test_an_existing_folder_that_is_not_a_report_is_never_replaced(run_dir, caps
 
 def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(loaded, tmp_path):
     probs = np.eye(len(loaded.classes))[loaded.labels]
-    indices = report.most_confidently_wrong(probs, loaded.labels, 5)
+    indices = report_inputs.most_confidently_wrong(probs, loaded.labels, 5)
     assert len(indices) == 0
-    report.plot_misclassified(loaded, probs, indices, tmp_path / "misclassified.png")
+    report_figures.plot_misclassified(loaded, probs, indices, tmp_path / "misclassified.png")
     assert imread(tmp_path / "misclassified.png").ndim == 3
-    report.write_pdf(loaded, {"run": "perfect"}, probs, indices, ["layer3"], ["gradcam"],
+    report_figures.write_pdf(loaded, {"run": "perfect"}, probs, indices, ["layer3"], ["gradcam"],
                      tmp_path / "gradcam.pdf")
     assert len(PdfReader(tmp_path / "gradcam.pdf").pages) == 1

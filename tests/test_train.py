@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 
 from engine import checkpoint
 from engine.evaluate import evaluate
 from loaders import make_loader
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here runs engine/train.py
+
 TRAIN = [sys.executable, str(ROOT / "engine" / "train.py")]
 SMALL = ["--dataset", "synthetic", "--width", "16", "--batch-size", "128", "--seed", "1"]
 
 
-def train(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*TRAIN, *SMALL, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+def train(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return run_script("engine/train.py", *SMALL, *args, timeout=timeout, **kwargs)
 
 
 def history(out: Path) -> list[dict]:

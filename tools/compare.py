@@ -10,24 +10,20 @@ give each optimizer's LR, final and best test accuracy and seconds per epoch.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from engine import lr_range
+from common.cli import run_main
+from common.errors import Interrupted, RangeTestError, TrainingError
+from common.files import atomic_write, write_csv, write_text
 from engine.config import TrainConfig, parse_tool_args
+from engine.loop import train
 from engine.optim import OPTIMIZERS
-from engine.train import TrainingError, train
-from loaders.cifar import DataError
-from loaders.files import atomic_write
+from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:
 # - sgd, nesterov: 0.1 per 256 images, ResNet's 0.1 at batch 256 (He et al., 2016) with the
@@ -96,51 +92,39 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--optimizers names one twice: {' '.join(args.optimizers)}")
 
 
-def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path) -> Result:
-    """Train one optimizer through engine.train.train; a diverged run is kept as a result."""
+def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path,
+              ) -> tuple[Result, bool]:
+    """Train one optimizer with engine.loop.train; a diverged run is kept as a result.
+
+    Returns the result and whether this is the process that writes files.
+    """
     cfg = replace(base, optimizer=optimizer, lr=lr, out=str(out))
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
-    note = ""
     try:
-        if train(cfg, None) == 130:  # train() turns Ctrl-C into 130: stop the comparison too
-            raise KeyboardInterrupt
-    except (TrainingError, lr_range.RangeTestError) as error:  # a result, not the end
-        note = str(error)
+        trained = train(cfg, log=lambda line: print(f"{optimizer}: {line}"))
+        return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
+    except (TrainingError, RangeTestError) as error:  # a result, not the end
         print(f"error: {optimizer}: {error}", file=sys.stderr)
-    metrics = out / "metrics.jsonl"
-    history = ([json.loads(line) for line in metrics.read_text().splitlines()]
-               if metrics.exists() else [])
-    return Result(optimizer, cfg.lr, history, note)  # cfg.lr: the range test's, with --lr auto
+        history = checkpoint_history(out / "ckpt.pt")
+        return Result(optimizer, lr, history, str(error)), True
+
+
+def checkpoint_history(path: Path) -> list[dict]:
+    """The epochs a stopped run saved, from its metrics.jsonl."""
+    metrics = path.with_name("metrics.jsonl")
+    return ([json.loads(line) for line in metrics.read_text().splitlines()]
+            if metrics.exists() else [])
+
+
+PANELS = [Panel("train loss", ("train_loss",)), Panel("test accuracy", ("test_acc",)),
+          Panel("LR at the end of the epoch", ("lr",), yscale="lr")]
 
 
 def plot(results: list[Result], path: Path) -> None:
     """Train loss, test accuracy and LR per epoch, one line per optimizer."""
-    fig = Figure(figsize=(14, 4), layout="constrained")
-    panels = fig.subplots(1, 3)
-    for ax, key, label in zip(panels, ("train_loss", "test_acc", "lr"),
-                              ("train loss", "test accuracy", "LR at the end of the epoch"),
-                              strict=True):
-        for result in results:
-            ax.plot([r["epoch"] for r in result.history], [r[key] for r in result.history],
-                    marker="o", label=f"{result.optimizer} (lr {lr_text(result.lr)})")
-        ax.set(xlabel="epoch", title=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    # LRs of different optimizers lie decades apart, and a schedule may end at 0: log scale
-    # down to the smallest LR recorded, linear below it
-    lrs = [r["lr"] for result in results for r in result.history if r["lr"] > 0]
-    if lrs:
-        panels[2].set_yscale("symlog", linthresh=min(lrs))
-    panels[2].set_ylim(bottom=0)
-    panels[0].legend()
+    fig = plot_history({f"{r.optimizer} (lr {lr_text(r.lr)})": r.history for r in results},
+                       PANELS)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
 def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
@@ -164,8 +148,8 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
     rows = [r.row() for r in results]
     table = markdown(rows, cfg, source)
     plot(results, out / "compare.png")
-    write_csv(rows, out / "compare.csv")
-    atomic_write(out / "compare.md", lambda tmp: tmp.write_text(table))
+    write_csv(out / "compare.csv", rows, FIELDS)
+    write_text(out / "compare.md", table)
     print(table, end="")
     print(f"wrote {out}/compare.png, compare.csv, compare.md")
 
@@ -174,25 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_tool_args(argv, "tools/compare.py", __doc__.splitlines()[0],
                                 own_options(), check)
     out = Path(cfg.out)
-    taken = [name for name in args.optimizers if (out / name / "ckpt.pt").exists()]
-    if taken:
-        print(f"error: {out} already holds runs of {', '.join(taken)}; choose another --out.",
-              file=sys.stderr)
-        return 1
-    results = []
-    try:
+
+    def body() -> int:
+        taken = [name for name in args.optimizers if (out / name / "ckpt.pt").exists()]
+        if taken:
+            raise TrainingError(f"{out} already holds runs of {', '.join(taken)}; choose "
+                                "another --out.")
+        results, main_process = [], True
         for name in args.optimizers:
             lr = default_lr(name, cfg.batch_size) if args.lr is None else cfg.lr
-            results.append(train_one(cfg, name, lr, out / name))
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished runs are in {out}/", file=sys.stderr)
-        return 130
-    if PartialState().is_main_process:  # under torchrun, one process writes
-        write_report(results, cfg, lr_source(args.lr), out)
-    return 1 if any(r.note for r in results) else 0
+            try:
+                result, main_process = train_one(cfg, name, lr, out / name)
+            except Interrupted as stop:
+                raise Interrupted(f"{stop}. The finished runs are in {out}/") from None
+            results.append(result)
+        if main_process:  # under torchrun, one process writes
+            write_report(results, cfg, lr_source(args.lr), out)
+        return 1 if any(r.note for r in results) else 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

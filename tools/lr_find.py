@@ -8,19 +8,19 @@ and lr_find.csv (lr, loss, smoothed) into --out; prints the suggested LR.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 
+from common.cli import run_main
+from common.files import atomic_write, write_csv
 from engine import lr_range
-from engine.config import TrainConfig, parse_tool_args
+from engine.config import TrainConfig, parse_tool_args, resolve
 from engine.lr_range import RangeTest
-from engine.train import TrainingError, build, make_accelerator, train_step
-from loaders.cifar import DataError
-from loaders.files import atomic_write
+from engine.run import build, make_accelerator
 
 
 def own_options() -> argparse.ArgumentParser:
@@ -38,19 +38,18 @@ def own_options() -> argparse.ArgumentParser:
 
 def find(cfg: TrainConfig, args: argparse.Namespace) -> tuple[RangeTest, bool]:
     """The range test on the run engine/train.py would build; (result, is main process)."""
-    cfg.lr = args.start_lr  # a number: the sweep sets the LR, and build must not run --lr auto
+    # a number, not 'auto': the sweep sets the LR itself
+    cfg = resolve(replace(cfg, lr=args.start_lr), torch.cuda.is_available())
     accelerator = make_accelerator(cfg)
     run = build(cfg, accelerator)
-    return (lr_range.range_test(run, train_step, args.start_lr, args.end_lr, args.iterations),
+    return (lr_range.range_test(run, args.start_lr, args.end_lr, args.iterations),
             accelerator.is_main_process)
 
 
-def write_csv(result: RangeTest, path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["lr", "loss", "smoothed"])
-    writer.writerows(zip(result.lrs, result.losses, result.smoothed, strict=True))
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+def rows(result: RangeTest) -> list[dict]:
+    """lr_find.csv: one row per sweep step."""
+    return [dict(lr=lr, loss=loss, smoothed=smooth) for lr, loss, smooth
+            in zip(result.lrs, result.losses, result.smoothed, strict=True)]
 
 
 def plot(result: RangeTest, path: Path) -> None:
@@ -76,24 +75,21 @@ def plot(result: RangeTest, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_tool_args(argv, "tools/lr_find.py", __doc__.splitlines()[0], own_options(),
                                 lambda a: lr_range.check_sweep(a.start_lr, a.end_lr, a.iterations))
-    try:
+
+    def body() -> None:
         result, main_process = find(cfg, args)
-    except (DataError, TrainingError, lr_range.RangeTestError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing written", file=sys.stderr)
-        return 130
-    if main_process:
+        if not main_process:
+            return
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_csv(result, out / "lr_find.csv")
+        write_csv(out / "lr_find.csv", rows(result))
         plot(result, out / "lr_find.png")
         print(f"suggested lr {result.suggested:.4g} (minimum/10; steepest descent at "
               f"{result.steepest:.4g}) over {len(result.lrs)} steps from {result.lrs[0]:.2g} "
               f"to {result.lrs[-1]:.2g}; wrote {out}/lr_find.png and lr_find.csv. Train with "
               f"--lr {result.suggested:.3g}, or let engine/train.py --lr auto find it.")
-    return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""One error hierarchy: library code raises these, command lines turn them into one message.
+
+Every message says what went wrong, names the file or option, and says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error a user can act on; the message is the whole explanation."""
+
+
+class DataError(EngineError):
+    """Missing, corrupt or malformed data; the message names the file and the fix."""
+
+
+class LoaderError(EngineError):
+    """A loader failed while making batches (FFCV's pipeline thread died, ...)."""
+
+
+class CheckpointError(EngineError):
+    """A file that is not a readable cifar10-engine checkpoint; the message says why."""
+
+
+class TrainingError(EngineError):
+    """Training cannot start or go on (diverged, out of memory, bad options)."""
+
+
+class RangeTestError(EngineError):
+    """The LR range test found no usable curve; the message says what to change."""
+
+
+class ReportError(EngineError):
+    """A report cannot be made from these inputs; the message says what to change."""
+
+
+class Interrupted(EngineError):
+    """Ctrl-C: the message says what was kept and how to go on."""

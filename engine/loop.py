@@ -1,0 +1,184 @@
+"""The epoch loop: train and test epochs, a checkpoint after each, resume, and `train()`, the
+whole run as a library call that returns its history or raises an EngineError."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import CheckpointError, Interrupted, TrainingError
+from common.files import write_json
+from common.hardware import device_name
+from engine import checkpoint, lr_range
+from engine.config import TrainConfig, resolve, resume_config
+from engine.evaluate import evaluate
+from engine.progress import progress_bar
+from engine.run import Run, build, make_accelerator, train_step
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Trained:
+    """What a finished train() hands back."""
+
+    cfg: TrainConfig  # as resolved and run (--lr auto's LR included)
+    history: list[dict]  # one row per epoch, as in metrics.jsonl
+    main_process: bool  # the process that wrote the run directory
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def train_epoch(run: Run, epoch: int) -> dict:
+    """One pass over this process's shard; metrics summed over all processes."""
+    loader, acc = run.train_loader, run.accelerator
+    loader.set_epoch(epoch)
+    run.model.train()
+    batch_losses = torch.zeros(len(loader), device=acc.device)
+    correct = torch.zeros((), device=acc.device)
+    seen = 0
+    bar = progress_bar(len(loader), f"epoch {epoch + 1}/{run.cfg.epochs}", "batch",
+                       enabled=acc.is_local_main_process)
+    start = time.perf_counter()
+    for i, (images, labels) in enumerate(loader):
+        batch_losses[i], batch_correct = train_step(run, images, labels)
+        correct += batch_correct
+        seen += len(labels)
+        bar.update()
+        if i % 10 == 0 and not bar.disable:  # a host sync, so only now and then
+            rate = seen * acc.num_processes / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{batch_losses[i].item() / len(labels):.3f}",
+                            acc=f"{correct.item() / seen:.1%}", img_s=f"{rate:,.0f}")
+    bar.close()
+    bad = (~torch.isfinite(batch_losses)).nonzero()
+    first_bad = int(bad[0]) if len(bad) else -1
+    totals = acc.reduce(torch.stack([batch_losses.sum(), correct,
+                                     torch.tensor(float(seen), device=acc.device),
+                                     torch.tensor(float(first_bad >= 0), device=acc.device)]),
+                        "sum").tolist()  # .tolist() waits for the device: the epoch is done
+    seconds = time.perf_counter() - start
+    if totals[3]:
+        where = f"batch {first_bad + 1}" if first_bad >= 0 else "a batch on another process"
+        raise TrainingError(
+            f"the training loss became NaN or infinite in epoch {epoch + 1}, {where}; "
+            f"{run.cfg.out}/ckpt.pt keeps the last good epoch. Lower --lr, or use "
+            "--precision bf16/fp32 instead of fp16.")
+    return dict(train_loss=totals[0] / totals[2], train_acc=totals[1] / totals[2],
+                train_images=int(totals[2]), seconds=seconds,
+                images_per_s=totals[2] / seconds)
+
+
+def test_epoch(run: Run) -> dict:
+    """Test metrics of exactly the weights that are saved: rank 0's.
+
+    The unwrapped model is used because evaluation needs no collectives (DDP's could hang on
+    shards of unequal length), and rank 0's BatchNorm statistics are broadcast first.
+    """
+    start = time.perf_counter()
+    model = run.unwrapped
+    if run.accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    loss, correct, count = run.accelerator.reduce(
+        evaluate(model, run.test_loader, run.cfg.tta, run.autocast), "sum").tolist()
+    return dict(test_loss=loss / count, test_acc=correct / count, test_images=int(count),
+                eval_seconds=time.perf_counter() - start)
+
+
+def summary_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.2%}  test loss {row['test_loss']:.4f} "
+            f"acc {row['test_acc']:.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s "
+            f"{row['images_per_s']:,.0f} img/s")
+
+
+def fit(run: Run, history: list[dict], log: Log) -> None:
+    """Train from len(history) to cfg.epochs, saving after every epoch (main process only)."""
+    cfg, acc, out = run.cfg, run.accelerator, Path(run.cfg.out)
+    for epoch in range(len(history), cfg.epochs):
+        row = dict(epoch=epoch + 1, **train_epoch(run, epoch), **test_epoch(run),
+                   lr=run.optimizer.param_groups[0]["lr"])
+        history.append(row)
+        acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        if acc.is_main_process:
+            if max(history, key=lambda r: r["test_acc"]) is row:
+                checkpoint.save(out / "best.pt", checkpoint.content(run, history, False))
+            checkpoint.save(out / "ckpt.pt", checkpoint.content(run, history, True))
+            checkpoint.write_metrics(out, history)
+            log(summary_line(row, cfg.epochs))
+
+
+def start_trackers(run: Run) -> None:
+    """Open the --log-with trackers; accelerate silently drops one whose package is missing."""
+    cfg, acc = run.cfg, run.accelerator
+    flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in cfg.to_dict().items()}
+    acc.init_trackers("cifar10-engine", config=flat)
+    if acc.is_main_process and not acc.trackers:
+        raise TrainingError(f"--log-with {cfg.log_with}: its package is not installed; "
+                            f"pip install {cfg.log_with} (e.g. the [tensorboard] extra).")
+
+
+def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tuple[TrainConfig,
+                                                                                     dict | None]:
+    """The resolved config of a new run or of the run in `resume`, and its checkpoint."""
+    if resume is None:
+        if cfg.out and (Path(cfg.out) / "ckpt.pt").exists():
+            raise TrainingError(f"{cfg.out} already holds a run; continue it with --resume "
+                                f"{cfg.out} or choose another --out.")
+        return resolve(cfg, torch.cuda.is_available()), None
+    path = Path(resume) / "ckpt.pt"
+    ckpt = checkpoint.load(path)
+    # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
+    saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
+    try:
+        cfg = resume_config(saved, given or {}, Path(resume))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return resolve(cfg, torch.cuda.is_available()), ckpt
+
+
+def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
+          log: Log = print) -> Trained:
+    """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
+    return its history. Ctrl-C raises Interrupted, saying what was kept."""
+    cfg, ckpt = configure(cfg, resume, given)
+    accelerator = make_accelerator(cfg)
+    say = log if accelerator.is_main_process else (lambda _: None)
+    out = Path(cfg.out)
+    history: list[dict] = []
+    try:
+        run = build(cfg, accelerator)
+        if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
+            say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
+        history = checkpoint.restore(run, ckpt, Path(resume) / "ckpt.pt") if ckpt else []
+        if accelerator.is_main_process:  # only now: a run that cannot start leaves nothing
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", run.cfg.to_dict())
+        say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}: "
+            f"{cfg.loader} loader, {cfg.precision}, compile {'on' if cfg.compile else 'off'}, "
+            f"{len(run.train_loader)} steps/epoch; writing {out}/")
+        if cfg.log_with:
+            start_trackers(run)
+        fit(run, history, say)
+        accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
+    except KeyboardInterrupt:
+        if (out / "ckpt.pt").exists():
+            raise Interrupted(f"{out}/ckpt.pt holds epoch {len(history)}; continue with "
+                              f"--resume {out}") from None
+        raise Interrupted("no epoch had finished, so nothing was saved; run the same "
+                          "command again") from None
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}; try "
+                            f"--batch-size {max(1, cfg.batch_size // 2)}.") from None
+    finally:
+        accelerator.end_training()
+        if torch.distributed.is_initialized():  # else gloo's threads die at exit: SIGABRT
+            torch.distributed.destroy_process_group()
+    return Trained(run.cfg, history, accelerator.is_main_process)

@@ -1,0 +1,50 @@
+"""Progress: a tqdm bar on a terminal; in a log (a batch job, `| tee`) a line every so often,
+since tqdm would write each of its refreshes into the file."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+LOG_INTERVAL = 30.0  # seconds between progress lines when standard error is not a terminal
+
+
+class LineProgress:
+    """The part of tqdm's interface the engine uses, writing a line at most every `interval`."""
+
+    disable = False
+
+    def __init__(self, total: int, desc: str, unit: str, interval: float = LOG_INTERVAL):
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.n, self.postfix = 0, ""
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s {self.postfix}".rstrip(),
+                  file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm | LineProgress:
+    """A tqdm bar on a terminal, LineProgress in a log, or a silent bar when not enabled
+    (processes other than the main one)."""
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=not enabled)

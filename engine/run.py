@@ -1,0 +1,125 @@
+"""One training run's parts and its step: data, loaders, model, optimizer, schedule and the
+accelerator that places them. engine/train.py, the LR range test and the tools share these."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from common.errors import TrainingError
+from common.hardware import default_workers
+from engine.config import TrainConfig
+from engine.model import build_model
+from engine.optim import build_optimizer, build_schedule
+from loaders import make_loader
+from loaders.base import BatchLoader
+from loaders.prepare import Prepared, prepare
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; made once by `build`, used by the epoch loop."""
+
+    cfg: TrainConfig  # resolved: loader, precision, compile and out are set
+    accelerator: Accelerator
+    data: Prepared
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    model: nn.Module  # on the device; DDP-wrapped when distributed
+    step_model: nn.Module  # `model`, compiled when cfg.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 only: bf16 and fp32 need no loss scaling
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision for forward passes: the run's dtype, or nothing in fp32."""
+        return torch.autocast(self.accelerator.device.type, dtype=DTYPES[self.cfg.precision],
+                              enabled=self.cfg.precision != "fp32")
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The model without DDP: what is saved and evaluated."""
+        return self.accelerator.unwrap_model(self.model)
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The accelerator of a resolved config: device placement, processes, trackers.
+
+    Mixed precision is ours (Run.autocast), not accelerate's: one process can then build
+    runs of different precisions (tools/bench.py), and `accelerate launch --mixed_precision`
+    cannot apply a second autocast on top of --precision.
+    """
+    cuda = torch.cuda.is_available()
+    if cfg.precision == "fp16" and not cuda:
+        raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU.")
+    try:
+        # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun)
+        return Accelerator(cpu=not cuda, log_with=cfg.log_with, project_dir=cfg.out,
+                           mixed_precision="no")
+    except ValueError as error:  # accelerate's word for an unknown tracker
+        raise TrainingError(str(error)) from None
+
+
+def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank: int = 0,
+                   world_size: int = 1) -> dict:
+    """The make_loader options a run uses for both splits (the workers shared by processes)."""
+    return dict(device=device, mean=data.mean, std=data.std, dtype=DTYPES[cfg.precision],
+                seed=cfg.seed, rank=rank, world_size=world_size,
+                workers=cfg.workers or default_workers(world_size))
+
+
+def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
+    """Data, loaders, model, optimizer and schedule of a resolved config, placed by accelerate.
+
+    With --lr auto the optimizer starts at LR 0: engine.lr_range sets it.
+    """
+    with accelerator.main_process_first():  # one process converts; the others reuse its files
+        data = prepare(cfg.dataset, Path(cfg.data_dir), cfg.synthetic_size, workers=cfg.workers)
+    common = loader_options(cfg, data, accelerator.device, accelerator.process_index,
+                            accelerator.num_processes)
+    train_loader = make_loader(cfg.loader, data.train, train=True, batch_size=cfg.batch_size,
+                               augment=cfg.augment(), **common)
+    test_loader = make_loader(cfg.loader, data.test, train=False,
+                              batch_size=2 * cfg.batch_size, **common)
+    torch.manual_seed(cfg.seed)  # same initial weights on every process and every rerun
+    model = build_model(cfg.arch, len(data.classes), cfg.width).to(accelerator.device)
+    if cfg.channels_last:  # before prepare, so DDP's buckets see the final layout
+        model = model.to(memory_format=torch.channels_last)
+    lr = 0.0 if cfg.lr == "auto" else float(cfg.lr)
+    optimizer = build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay,
+                                cfg.momentum, cfg.decay_norm_bias)
+    # stepped by us once per batch; accelerate would step a prepared one once per process
+    scheduler = build_schedule(cfg.schedule, optimizer, cfg.epochs * len(train_loader),
+                               warmup_frac=cfg.warmup)
+    model = accelerator.prepare(model)  # DDP when distributed; the optimizer stays plain
+    step_model = torch.compile(model) if cfg.compile else model
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    return Run(cfg, accelerator, data, train_loader, test_loader, model, step_model, optimizer,
+               scheduler, scaler)
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One optimizer step; returns (loss summed over the batch, correct) without a host sync."""
+    if not run.cfg.channels_last:
+        images = images.contiguous()
+    with run.autocast():
+        logits = run.step_model(images)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.cfg.label_smoothing)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is None:
+        run.accelerator.backward(loss)
+        run.optimizer.step()
+    else:
+        run.accelerator.backward(run.scaler.scale(loss))
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    run.scheduler.step()
+    return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()

@@ -1,0 +1,83 @@
+"""What tools/bench.py prints and saves: where it ran (device, versions, commit) and a table
+per section, its columns the fields of the section's result dataclass."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shlex
+import subprocess
+from dataclasses import asdict, fields
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from common.hardware import available_cores, device_name
+from tools.bench_sections import EpochResult, LoaderResult, StepResult
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = {name: [f.name for f in fields(cls)] for name, cls in
+           (("loaders", LoaderResult), ("step", StepResult), ("epoch", EpochResult))}
+COLUMNS["mfu"] = ["source", "config", "images_per_s", "achieved_TFLOP/s", "peak_TFLOP/s", "mfu"]
+
+
+def commit() -> str:
+    """HEAD's hash, with '-dirty' when the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def metadata(device: torch.device, argv: list[str]) -> dict:
+    """What ran where: device, library versions, commit, command line and date."""
+    return dict(
+        command=shlex.join(["python", "tools/bench.py", *argv]), argv=argv, commit=commit(),
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        device=device.type, device_name=device_name(device), cores=available_cores(),
+        torch=str(torch.__version__),
+        cuda=torch.version.cuda if device.type == "cuda" else None,
+        torch_cuda_build=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+        accelerate=version("accelerate"), ffcv=version("ffcv"),  # ffcv.__version__ is stale
+        python=platform.python_version())
+
+
+def number(value) -> str:
+    """A cell of a table: thousands separators for large numbers, 3 significant digits else."""
+    if isinstance(value, list):
+        return " ".join(number(v) for v in value)
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(title: str, rows: list[dict], columns: list[str]) -> str:
+    """A fixed-width text table of the given keys of rows."""
+    cells = [columns] + [[number(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join([f"\n== {title}", *lines])
+
+
+def report(results: dict) -> str:
+    """Every section as a table, the peaks and the MFU formula under the MFU table."""
+    parts = [table(name, [asdict(r) for r in results[name]], COLUMNS[name])
+             for name in ("loaders", "step", "epoch") if name in results]
+    if "mfu" in results:
+        m = results["mfu"]
+        rows = [{**r, "achieved_TFLOP/s": r["achieved_flops_per_s"] / 1e12,
+                 "peak_TFLOP/s": r["peak_flops_per_s"] / 1e12} for r in m.rows]
+        parts.append(table("mfu", rows, COLUMNS["mfu"]))
+        parts.append(f"{m.formula}; forward {m.macs_per_image:,} MACs -> "
+                     f"{m.train_flops_per_image:,} training FLOPs per image")
+        parts += [f"{p.dtype} peak: {p.flops_per_s / 1e12:.3f} TFLOP/s ({p.size}^3 matmul, "
+                  f"fastest of {len(p.block_s)} blocks of {p.reps})" for p in m.peaks.values()]
+    return "\n".join(parts)
+

@@ -1,0 +1,249 @@
+"""The sections of tools/bench.py: loaders alone, the training step, full epochs and MFU.
+Each returns result dataclasses; their fields are the columns of the printed tables."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.errors import EngineError
+from engine.config import TrainConfig
+from engine.model import build_model, forward_macs
+from engine.run import Run, build, loader_options, make_accelerator
+from loaders import LOADERS, make_loader
+from loaders.base import BatchLoader
+from loaders.prepare import Prepared, prepare
+from tools.timing import Pass, Peak, fastest, loader_pass, matmul_peak, timed_steps, train_pass
+
+
+@dataclass
+class LoaderResult:
+    """Throughput of one loader alone: batches made and handed over, no model."""
+
+    loader: str
+    images: int  # per epoch
+    batch_size: int
+    construct_s: float  # building the loader object
+    first_epoch_s: float  # warm-up epoch: worker start-up, FFCV's numba JIT, page cache
+    epoch_s: list[float]  # steady-state epochs after the warm-up one
+    images_per_s: float  # of the fastest steady-state epoch
+    vs_torchvision: float = 0.0  # images_per_s over the torchvision loader's
+
+
+@dataclass
+class StepResult:
+    """Throughput of the engine's training step in one configuration, data already on device."""
+
+    precision: str
+    memory_format: str
+    compile: bool
+    batch_size: int
+    width: int
+    status: str = "ok"  # "skipped" when the configuration cannot run here; see reason
+    reason: str = ""
+    warmup_s: float | None = None  # the untimed warm-up steps, torch.compile included
+    steps: int | None = None  # per timed block
+    block_s: list[float] | None = None  # seconds of each timed block of `steps` steps
+    images_per_s: float | None = None  # of the fastest block
+
+
+@dataclass
+class EpochResult:
+    """Full training epochs (data + step) with one loader, and the share spent waiting for data."""
+
+    loader: str
+    precision: str
+    compile: bool
+    batch_size: int
+    width: int
+    images: int  # per epoch
+    build_s: float  # engine.train.build: data, loaders, model, optimizer
+    first_epoch_s: float  # warm-up epoch: JIT, torch.compile, worker start-up
+    epoch_s: list[float]  # steady-state epochs
+    data_wait_s: list[float]  # seconds blocked in the loader's next(), per steady-state epoch
+    data_wait_share: float  # of the fastest steady-state epoch: data_wait_s / epoch_s
+    images_per_s: float  # of the fastest steady-state epoch
+
+
+@dataclass
+class MfuResult:
+    """FLOPs per image, the measured peaks, and the MFU of every throughput of the run."""
+
+    macs_per_image: int  # forward multiply-accumulates (engine.model.forward_macs)
+    train_flops_per_image: int  # 3 x 2 x macs_per_image
+    formula: str = "train FLOPs/image = 3 (forward + 2 x backward) x 2 (FLOPs/MAC) x forward MACs"
+    peaks: dict[str, Peak] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+
+def log(message: str) -> None:
+    """Progress on stdout, flushed so a redirected log is complete at every moment."""
+    print(message, flush=True)
+
+
+def release() -> None:
+    """Return the memory of the previous configuration before the next one is built."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def pin_threads(n: int) -> None:
+    """Set torch's intra-op threads: importing or running FFCV changes them behind our back."""
+    torch.set_num_threads(n)
+
+
+def make_run(cfg: TrainConfig, threads: int) -> Run:
+    """An engine run for cfg (a fresh model: no compiled graphs of the previous one)."""
+    torch.compiler.reset()  # a fresh model must not inherit the previous one's compiled graphs
+    run = build(cfg, make_accelerator(cfg))
+    pin_threads(threads)
+    return run
+
+
+def build_loader(kind: str, data: Prepared, cfg: TrainConfig,
+                 device: torch.device) -> tuple[BatchLoader, float]:
+    """A training loader as engine.train.build makes it, and the seconds its construction took."""
+    start = time.perf_counter()
+    loader = make_loader(kind, data.train, train=True, batch_size=cfg.batch_size,
+                         augment=cfg.augment(), **loader_options(cfg, data, device))
+    return loader, time.perf_counter() - start
+
+
+def bench_loaders(cfg: TrainConfig, device: torch.device,
+                  args: argparse.Namespace) -> list[LoaderResult]:
+    """Every loader over the same split and augmentations, their epochs taken in turns so that
+    a burst of load on a shared machine hits all of them alike."""
+    data = prepare("synthetic", Path(cfg.data_dir), tuple(cfg.synthetic_size),
+                   workers=cfg.workers)
+    built = {kind: build_loader(kind, data, cfg, device) for kind in LOADERS}
+    pin_threads(args.threads)
+    first = {kind: loader_pass(loader, 0) for kind, (loader, _) in built.items()}
+    steady: dict[str, list[Pass]] = {kind: [] for kind in LOADERS}
+    for epoch in range(1, args.epochs + 1):
+        for kind, (loader, _) in built.items():
+            steady[kind].append(loader_pass(loader, epoch))
+    results = [LoaderResult(kind, first[kind].images, cfg.batch_size, built[kind][1],
+                            first[kind].seconds, [p.seconds for p in steady[kind]],
+                            fastest(steady[kind]).images / fastest(steady[kind]).seconds)
+               for kind in LOADERS]
+    baseline = next(r.images_per_s for r in results if r.loader == "torchvision")
+    for r in results:
+        r.vs_torchvision = r.images_per_s / baseline
+        log(f"loaders: {r.loader} {r.images_per_s:,.0f} images/s")
+    return results
+
+
+def step_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConfig]:
+    """precision x memory format x compile at --batch-size, then the other batch sizes."""
+    grid = [replace(base, precision=p, channels_last=f == "channels_last", compile=c == "on")
+            for p in args.precisions for f in args.formats for c in args.compile]
+    sweep_compile = base.compile and "on" in args.compile
+    return grid + [replace(base, batch_size=b, compile=sweep_compile)
+                   for b in args.batch_sizes if b != base.batch_size]
+
+
+def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
+    """Images/s of forward + backward + optimizer step on a fixed batch already on the device."""
+    result = StepResult(cfg.precision, "channels_last" if cfg.channels_last else "contiguous",
+                        cfg.compile, cfg.batch_size, cfg.width)
+    try:
+        run = make_run(cfg, args.threads)
+        images, labels = next(iter(run.train_loader))
+        result.warmup_s = timed_steps(run, images, labels, args.warmup_steps)
+        result.block_s = [timed_steps(run, images, labels, args.steps)
+                          for _ in range(args.repeats)]
+    except (EngineError, RuntimeError) as error:  # e.g. fp16 on CPU, a failed compile, OOM
+        result.status = "skipped"
+        result.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        return result
+    result.steps = args.steps
+    result.images_per_s = args.steps * cfg.batch_size / min(result.block_s)
+    return result
+
+
+def bench_steps(base: TrainConfig, args: argparse.Namespace) -> list[StepResult]:
+    """Every step configuration, one after the other, freeing each before the next."""
+    results = []
+    for cfg in step_configs(base, args):
+        results.append(bench_step(cfg, args))
+        r = results[-1]
+        log(f"step: {r.precision} {r.memory_format} compile={r.compile} batch {r.batch_size}: "
+            + (f"{r.images_per_s:,.1f} images/s" if r.status == "ok" else r.reason))
+        release()
+    return results
+
+
+def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
+    """Full training epochs with cfg's loader: warm-up epoch, then steady-state ones."""
+    start = time.perf_counter()
+    run = make_run(cfg, threads)
+    build_s = time.perf_counter() - start
+    first = train_pass(run, 0)
+    steady = [train_pass(run, e) for e in range(1, epochs + 1)]
+    best = fastest(steady)
+    return EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
+                       first.images, build_s, first.seconds, [p.seconds for p in steady],
+                       [p.wait_s for p in steady], best.wait_s / best.seconds,
+                       best.images / best.seconds)
+
+
+def bench_epochs(base: TrainConfig, args: argparse.Namespace) -> list[EpochResult]:
+    """A full training epoch with each loader, at the engine's defaults for the device."""
+    results = []
+    for kind in LOADERS:
+        results.append(bench_epoch(replace(base, loader=kind), args.epochs, args.threads))
+        r = results[-1]
+        log(f"epoch: {kind} {r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%}")
+        release()
+    return results
+
+
+def train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+    """Training FLOPs per image: 3 x 2 x forward MACs (backward ~ 2 x forward; 1 MAC = 2 FLOPs)."""
+    return 3 * 2 * forward_macs(model, input_shape)
+
+
+def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the peak."""
+    return images_per_s * flops_per_image / peak_flops_per_s
+
+
+def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
+    """MFU of every step configuration that ran and of every steady-state training epoch."""
+    rows = [dict(source="step", config=f"{r.precision} {r.memory_format} "
+                 f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}",
+                 precision=r.precision, images_per_s=r.images_per_s)
+            for r in results.get("step", []) if r.status == "ok"]
+    rows += [dict(source="epoch", config=f"{r.loader} loader, {r.precision} "
+                  f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}",
+                  precision=r.precision, images_per_s=r.images_per_s)
+             for r in results.get("epoch", [])]
+    for row in rows:
+        peak = peaks[row["precision"]].flops_per_s
+        row.update(achieved_flops_per_s=row["images_per_s"] * flops, peak_flops_per_s=peak,
+                   mfu=mfu(row["images_per_s"], flops, peak))
+    return rows
+
+
+def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
+              args: argparse.Namespace) -> MfuResult:
+    """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput."""
+    out = MfuResult(forward_macs(build_model(base.arch, 10, base.width)),
+                    train_flops(build_model(base.arch, 10, base.width)))
+    dtypes = {"fp32", *(r.precision for r in results.get("step", []) if r.status == "ok"),
+              *(r.precision for r in results.get("epoch", []))}
+    pin_threads(args.threads)
+    for dtype in sorted(dtypes):
+        out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,
+                                       args.repeats)
+        log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s")
+    out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)
+    return out
+

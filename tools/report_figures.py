@@ -1,0 +1,147 @@
+"""report.py's pictures: curves, the misclassified grid, the confusion matrix, and the Grad-CAM
+PDF of the trained model (a summary page, then a page of maps per image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+from tqdm import tqdm
+
+from tools.plots import Panel, plot_history
+from tools.report_inputs import Inputs, layer_of, normalized
+
+METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM,
+           "eigencam": EigenCAM, "layercam": LayerCAM}
+PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
+CURVES = [Panel("loss (log scale)", ("train_loss", "test_loss"), yscale="log"),
+          Panel("accuracy (%)", ("train_acc", "test_acc"), scale=100),
+          Panel("learning rate (end of epoch)", ("lr",))]
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Train/test loss and accuracy and the LR per epoch, from the checkpoint's history."""
+    plot_history({"run": history}, CURVES).savefig(path, dpi=90)
+
+
+def cams(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray, layer: str,
+         method: str = "gradcam") -> np.ndarray:
+    """Class activation maps of `layer` for each input's target class: N x H x W in [0, 1]."""
+    with METHODS[method](model=model, target_layers=[layer_of(model, layer)]) as cam:
+        return cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+def plot_misclassified(run: Inputs, probs: np.ndarray, indices: np.ndarray, path: Path) -> None:
+    """A grid of the most confidently wrong test images, in true colour, with both classes."""
+    cols = min(5, max(1, len(indices)))
+    rows = max(1, -(-len(indices) // cols))
+    fig = Figure(figsize=(cols * PANEL, rows * (PANEL + 0.5)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, i in zip(axes, indices, strict=False):
+        ax.imshow(run.images[i], interpolation="nearest")
+        ax.set_title(f"#{i}  true: {run.classes[run.labels[i]]}\n"
+                     f"predicted: {run.classes[probs[i].argmax()]} {probs[i].max():.0%}",
+                     fontsize=10)
+    if not len(indices):
+        axes[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    fig.suptitle("Most confidently wrong test predictions", fontsize=13)
+    fig.savefig(path, dpi=80)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    """The confusion matrix as counts and row-normalized (each true class sums to 1)."""
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    size = max(6.0, 0.45 * len(classes) + 2)
+    fig = Figure(figsize=(2 * size + 1, size), layout="constrained")
+    for ax, values, title, fmt in zip(fig.subplots(1, 2), (matrix, rates),
+                                      ("counts", "row-normalized (recall on the diagonal)"),
+                                      ("{:d}", "{:.2f}"), strict=True):
+        image = ax.imshow(values, cmap="Blues")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set(title=title, xlabel="predicted class", ylabel="true class")
+        ticks = np.arange(len(classes))
+        ax.set_xticks(ticks, classes, rotation=90, fontsize=8 if len(classes) > 20 else 10)
+        ax.set_yticks(ticks, classes, fontsize=8 if len(classes) > 20 else 10)
+        if len(classes) <= 20:  # more numbers than that would be unreadable
+            for (t, p), v in np.ndenumerate(values):
+                ax.text(p, t, fmt.format(v.item()), ha="center", va="center", fontsize=8,
+                        color="white" if v > values.max() / 2 else "black")
+    fig.savefig(path, dpi=80)
+
+
+def summary_page(facts: dict[str, str], config: dict) -> Figure:
+    """The PDF's first page: headline figures and the run's whole config."""
+    fig = Figure(figsize=(11, 8.5))
+    fig.text(0.05, 0.94, "Training run summary", fontsize=20, weight="bold")
+    y = 0.88
+    for key, value in facts.items():
+        fig.text(0.05, y, f"{key}:", fontsize=11, weight="bold")
+        fig.text(0.27, y, value, fontsize=11, wrap=True)
+        y -= 0.04
+    fig.text(0.05, y - 0.02, "config", fontsize=13, weight="bold")
+    items = [f"{k} = {v}" for k, v in config.items()]
+    half = -(-len(items) // 2)
+    for column, part in enumerate((items[:half], items[half:])):
+        fig.text(0.05 + 0.47 * column, y - 0.05, "\n".join(part), fontsize=9, va="top",
+                 family="monospace", linespacing=1.5)
+    return fig
+
+
+def cam_page(run: Inputs, index: int, probs: np.ndarray,
+             maps: dict[tuple[str, str, str], np.ndarray]) -> Figure:
+    """One image's page: a row per (method, layer); heat map and overlay per target class."""
+    image, true, pred = run.images[index], int(run.labels[index]), int(probs.argmax())
+    rows = list(dict.fromkeys((method, layer) for method, layer, _ in maps))
+    fig = Figure(figsize=(5 * PANEL + 1, len(rows) * PANEL + 1.2), layout="constrained")
+    axes = fig.subplots(len(rows), 5, squeeze=False)
+    for r, (method, layer) in enumerate(rows):
+        axes[r, 0].imshow(image, interpolation="nearest")
+        axes[r, 0].set_ylabel(f"{method}\n{layer}", fontsize=12)
+        for k, (kind, cls) in enumerate((("predicted", pred), ("true", true))):
+            cam = maps[method, layer, kind]
+            heat = axes[r, 1 + 2 * k].imshow(cam, cmap="jet", vmin=0, vmax=1,
+                                             interpolation="nearest")
+            overlay = show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True,
+                                        image_weight=0.5)
+            axes[r, 2 + 2 * k].imshow(overlay, interpolation="nearest")
+            if not cam.any():  # all-zero after the ReLU: say so, or it looks like a bug
+                axes[r, 1 + 2 * k].text(16, 16, "no positive\nevidence", ha="center",
+                                        va="center", color="white", fontsize=10)
+            if r == 0:
+                name = f"{kind}: {run.classes[cls]}"
+                axes[r, 1 + 2 * k].set_title(f"{name}\nheat map", fontsize=11)
+                axes[r, 2 + 2 * k].set_title(f"{name}\noverlay", fontsize=11)
+    axes[0, 0].set_title("test image", fontsize=11)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(heat, ax=axes, shrink=min(0.6, 2 / len(rows)),
+                 label="CAM (1 = strongest evidence)")
+    fig.suptitle(f"test image #{index}: true {run.classes[true]}, predicted "
+                 f"{run.classes[pred]} with probability {probs[pred]:.1%}", fontsize=13)
+    return fig
+
+
+def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np.ndarray,
+              layers: list[str], methods: list[str], path: Path) -> None:
+    """gradcam.pdf: the run summary, then one page of CAMs per misclassified image."""
+    inputs = normalized(run, indices)
+    targets = {"predicted": probs[indices].argmax(1), "true": run.labels[indices]}
+    jobs = [(m, layer, kind) for m in methods for layer in layers for kind in targets]
+    maps = {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
+            for m, layer, kind in tqdm(jobs if len(indices) else [], desc="CAMs", leave=False)}
+    with PdfPages(path) as pdf:
+        pdf.savefig(summary_page(facts, run.ckpt["config"]))
+        for row, index in enumerate(tqdm(indices, desc="PDF pages", leave=False)):
+            page = {key: values[row] for key, values in maps.items()}
+            pdf.savefig(cam_page(run, int(index), probs[index], page))
+

@@ -1,0 +1,118 @@
+"""report.py's inputs: the checkpoint, its model on a device, the test split it was trained
+against (checked to fit), and the model's predictions on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.errors import ReportError
+from engine import checkpoint
+from engine.evaluate import predict as predict_probs
+from loaders import beton, make_loader
+from loaders.augment import Augment
+from loaders.prepare import prepare
+
+BATCH = 500  # test images per forward pass of the evaluation
+
+
+@dataclass
+class Inputs:
+    """A loaded checkpoint, its model on the device and its test split, checked to fit."""
+
+    path: Path
+    ckpt: dict
+    model: nn.Module  # fp32, eager, unwrapped, eval mode
+    test: Path  # the test .beton
+    images: np.ndarray  # uint8 N x 32 x 32 x 3 (HWC, RGB), in test order
+    labels: np.ndarray
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, indexed by label."""
+        return list(self.ckpt["classes"])
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device asked for, or the best one here; refuse CUDA where there is none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ReportError("--device cuda: no CUDA GPU is available here; use --device cpu.")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
+    """The test .beton: the one recorded in the checkpoint, or rebuilt from --data-dir."""
+    data = ckpt["data"] if isinstance(ckpt["data"], dict) else {}
+    dataset = data.get("dataset", "?")
+    if data_dir is None:
+        recorded = Path(data.get("test", ""))
+        if not recorded.is_file():
+            raise ReportError(f"{path} records its test data at {recorded}, which does not "
+                              f"exist (moved or deleted?). Pass --data-dir DIR to rebuild the "
+                              f"{dataset} test split there.")
+        return recorded
+    if not data_dir.is_dir():
+        raise ReportError(f"--data-dir {data_dir} does not exist. Pass the folder the run was "
+                          f"trained from (it holds the {dataset} data or its .beton files), or "
+                          f"leave --data-dir out to use {data.get('test', '?')}.")
+    size = tuple(ckpt["config"].get("synthetic_size", (50_000, 10_000)))
+    return prepare(dataset, data_dir, synthetic_size=size).test
+
+
+def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
+    """Checkpoint, model and test split; ReportError (or Checkpoint/DataError) if they misfit."""
+    ckpt = checkpoint.load(path)
+    if not ckpt["history"]:
+        raise ReportError(f"{path} holds no finished epoch; train at least one epoch first.")
+    model = checkpoint.model_from(ckpt, path).to(device)
+    test = locate_test_data(ckpt, path, data_dir)
+    split = beton.read(test)
+    info = beton.read_info(test)
+    if (info is not None and info.classes != ckpt["classes"]) or (
+            len(split.labels) and split.labels.max() >= ckpt["num_classes"]):
+        raise ReportError(f"{test} holds another dataset than the one {path} was trained on "
+                          f"({ckpt['num_classes']} classes: {', '.join(ckpt['classes'][:4])}, "
+                          "...); pass the right --data-dir.")
+    return Inputs(path, ckpt, model, test, split.images, split.labels, device)
+
+
+def layer_of(model: nn.Module, name: str) -> nn.Module:
+    """A submodule by its name (layer3, layer3.1, ...); ReportError naming the valid ones."""
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        names = ", ".join(modules_with_maps(model))
+        raise ReportError(f"--layers {name}: the model has no such layer; choose from {names}.")
+    return modules[name]
+
+
+def modules_with_maps(model: nn.Module) -> list[str]:
+    """Top-level layers whose output is a spatial feature map, the ones CAMs can explain."""
+    return [name for name, m in model.named_children()
+            if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+
+
+def predict(run: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N x C) and labels of the test split: fp32, eager, no TTA."""
+    loader = make_loader("resident", run.test, train=False, batch_size=BATCH, device=run.device,
+                         mean=run.ckpt["mean"], std=run.ckpt["std"])
+    probs, labels = predict_probs(run.model, loader, tta=False)
+    return probs.numpy(), labels.numpy()
+
+
+def most_confidently_wrong(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n wrong predictions made with the highest probability, highest first."""
+    pred, confidence = probs.argmax(1), probs.max(1)
+    wrong = np.flatnonzero(pred != labels)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
+
+
+def normalized(run: Inputs, indices: np.ndarray) -> torch.Tensor:
+    """The model's input for these test images: training's normalization, no augmentation."""
+    augment = Augment(None, run.ckpt["mean"], run.ckpt["std"], torch.float32, run.device)
+    return augment(torch.from_numpy(run.images[indices]).to(run.device))
+

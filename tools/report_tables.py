@@ -1,0 +1,97 @@
+"""report.py's numbers: confusion matrix, per-class metrics, the misclassified list, the
+headline figures and summary.md."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tools.report_inputs import Inputs
+
+MISCLASSIFIED_FIELDS = ("rank", "index", "true", "predicted", "probability", "true_probability")
+
+def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts C x C: row = true class, column = predicted class."""
+    return np.bincount(labels * num_classes + pred, minlength=num_classes**2).reshape(
+        num_classes, num_classes)
+
+
+def per_class(matrix: np.ndarray, classes: list[str]) -> list[dict]:
+    """Support, precision, recall, accuracy (= recall: share of the class's images right), F1."""
+    rows = []
+    for c, name in enumerate(classes):
+        support, predicted, correct = matrix[c].sum(), matrix[:, c].sum(), matrix[c, c]
+        precision = correct / predicted if predicted else 0.0
+        recall = correct / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append(dict(index=c, name=name, support=int(support), predicted=int(predicted),
+                         correct=int(correct), precision=round(float(precision), 4),
+                         recall=round(float(recall), 4), accuracy=round(float(recall), 4),
+                         f1=round(float(f1), 4)))
+    return rows
+
+
+def misclassified_rows(run: Inputs, probs: np.ndarray, indices: np.ndarray) -> list[dict]:
+    """One row per shown image: test index, true and predicted class, both probabilities."""
+    return [dict(rank=rank + 1, index=int(i), true=run.classes[run.labels[i]],
+                 predicted=run.classes[probs[i].argmax()],
+                 probability=round(float(probs[i].max()), 4),
+                 true_probability=round(float(probs[i, run.labels[i]]), 4))
+            for rank, i in enumerate(indices)]
+
+
+def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, str]:
+    """The run's key figures, shared by the PDF's first page and summary.md."""
+    ckpt, history = run.ckpt, run.ckpt["history"]
+    last, best = history[-1], max(history, key=lambda r: r["test_acc"])
+    seconds = sum(r.get("seconds", 0.0) for r in history)
+    tta = " with flip TTA" if ckpt["config"].get("tta") else ""
+    params = sum(p.numel() for p in run.model.parameters())
+    wrong = int((probs.argmax(1) != labels).sum())
+    return {
+        "checkpoint": str(run.path),
+        "dataset": f"{ckpt['data'].get('dataset', '?')}: {len(labels):,} test images, "
+                   f"{ckpt['num_classes']} classes ({run.test})",
+        "model": f"{ckpt['arch']}, width {ckpt['width']}, {params:,} parameters",
+        "epochs": f"{len(history)} of {ckpt['config'].get('epochs', '?')}",
+        "final test accuracy": f"{last['test_acc']:.2%} at epoch {last['epoch']}{tta} "
+                               f"(test loss {last['test_loss']:.4f})",
+        "best test accuracy": f"{best['test_acc']:.2%} at epoch {best['epoch']}{tta}",
+        "this report's accuracy": f"{1 - wrong / len(labels):.2%} ({wrong:,} wrong; fp32, "
+                                  f"no TTA, on {run.device.type})",
+        "trained on": f"{ckpt.get('device', '?')} x {ckpt.get('processes', 1)} process(es), "
+                      f"torch {ckpt.get('torch', '?')}",
+        "training time": f"{seconds:,.1f} s ({seconds / 60:.1f} min) over {len(history)} "
+                         f"epochs, {history[-1].get('images_per_s', 0):,.0f} images/s last",
+    }
+
+
+def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
+            layers: list[str], shown: int) -> str:
+    """summary.md: the headline figures, the hardest classes, and links to every file."""
+    lines = ["# Training report", "", "| | |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in facts.items()]
+    hardest = sorted(classes, key=lambda r: r["recall"])[:5]
+    lines += ["", "## Hardest classes", "",
+              "Per-class accuracy is the share of a class's test images classified correctly, "
+              "which is the same number as its recall.", "",
+              "| class | support | precision | recall (= accuracy) | F1 |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['name']} | {r['support']} | {r['precision']:.2%} | {r['recall']:.2%} | "
+              f"{r['f1']:.2%} |" for r in hardest]
+    lines += ["", "## Files", "",
+              "- [curves.png](curves.png): train and test loss and accuracy, and the LR, "
+              "per epoch", "",
+              "  ![curves](curves.png)", "",
+              f"- [misclassified.png](misclassified.png): the {shown} most confidently wrong "
+              "test images ([misclassified.csv](misclassified.csv): their test indices and "
+              "probabilities)", "",
+              "  ![misclassified](misclassified.png)", "",
+              f"- [gradcam.pdf](gradcam.pdf): a run summary page, then one page per image above "
+              f"with {', '.join(methods)} maps of {', '.join(layers)} for the predicted and the "
+              "true class", "",
+              "- [confusion.png](confusion.png): the confusion matrix, counts and row-normalized",
+              "", "  ![confusion](confusion.png)", "",
+              "- [per_class.csv](per_class.csv): support, precision, recall, accuracy (= recall) "
+              "and F1 of every class", ""]
+    return "\n".join(lines)
+

@@ -1,0 +1,104 @@
+"""Timing primitives of tools/bench.py: epochs of a loader or of training, blocks of steps
+and of matmuls, each waited for on the device so host clocks measure the work."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.run import DTYPES, Run, train_step
+from loaders.base import BatchLoader
+
+
+@dataclass
+class Pass:
+    """One timed epoch: images seen, wall seconds, and seconds blocked waiting for a batch."""
+
+    images: int
+    seconds: float
+    wait_s: float = 0.0
+
+
+@dataclass
+class Peak:
+    """A dense matmul FLOP/s measurement: the denominator of MFU."""
+
+    dtype: str
+    size: int  # n of the n x n x n matmul
+    reps: int  # per timed block
+    block_s: list[float]
+    flops_per_s: float  # of the fastest block
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so host clocks measure it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loader_pass(loader: BatchLoader, epoch: int) -> Pass:
+    """Iterate one epoch of a loader, as a consumer that keeps every batch would."""
+    loader.set_epoch(epoch)
+    sync(loader.device)
+    start, images = time.perf_counter(), 0
+    for _, labels in loader:
+        images += len(labels)
+    sync(loader.device)
+    return Pass(images, time.perf_counter() - start)
+
+
+def train_pass(run: Run, epoch: int) -> Pass:
+    """One epoch of engine.train.train_step over the run's loader, timing the waits in next()."""
+    loader, device = run.train_loader, run.accelerator.device
+    loader.set_epoch(epoch)
+    run.model.train()
+    sync(device)
+    start, images, wait, batches = time.perf_counter(), 0, 0.0, iter(loader)
+    while True:
+        before = time.perf_counter()
+        batch = next(batches, None)
+        wait += time.perf_counter() - before
+        if batch is None:
+            break
+        train_step(run, *batch)
+        images += len(batch[1])
+    sync(device)
+    return Pass(images, time.perf_counter() - start, wait)
+
+
+def timed_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, n: int) -> float:
+    """Seconds for n training steps on one batch already on the device."""
+    device = run.accelerator.device
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        train_step(run, images, labels)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def fastest(passes: list[Pass]) -> Pass:
+    """The pass least disturbed by other work on the machine."""
+    return min(passes, key=lambda p: p.seconds / p.images)
+
+
+def timed_matmuls(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
+    """Seconds for reps products a @ b."""
+    sync(a.device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    sync(a.device)
+    return time.perf_counter() - start
+
+
+def matmul_peak(dtype: str, device: torch.device, n: int, seconds: float, blocks: int) -> Peak:
+    """Dense matmul FLOP/s of n x n x n products of `dtype`: the fastest of timed blocks."""
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[dtype]) for _ in range(2))
+    timed_matmuls(a, b, 1)  # warm-up: library load, kernel choice
+    reps = max(3, int(seconds / blocks / timed_matmuls(a, b, 1)))
+    block_s = [timed_matmuls(a, b, reps) for _ in range(blocks)]
+    return Peak(dtype, n, reps, block_s, 2 * n**3 * reps / min(block_s))
+

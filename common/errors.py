@@ -30,6 +30,10 @@ class RangeTestError(EngineError):
     """The LR range test found no usable curve; the message says what to change."""
 
 
+class OutputError(EngineError):
+    """An output folder cannot be created, written or taken (in use by another run)."""
+
+
 class ReportError(EngineError):
     """A report cannot be made from these inputs; the message says what to change."""
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import datetime
+import fcntl
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+from common.errors import OutputError
 
 
 def temporary_name(path: Path) -> Path:
@@ -43,6 +47,69 @@ def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = N
     write_text(path, buffer.getvalue())
 
 
+def give_default_mode(folder: Path) -> None:
+    """Give a folder made by tempfile.mkdtemp (0700) the mode mkdir would have: 0777 - umask."""
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    Path(folder).chmod(0o777 & ~umask)
+
+
 def timestamped(prefix: str) -> str:
     """A default run folder: runs/<prefix>-<local time>."""
     return f"runs/{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_dir(path: Path, option: str = "--out") -> bool:
+    """Create folder `path` (and parents) and check it is writable; True when it is new.
+
+    Called before any work, so a bad --out is found in a second, not after an hour.
+    """
+    path = Path(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = temporary_name(path / "write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        what = ("is a file, not a folder" if path.is_file()
+                else f"cannot be written ({error.strerror})")
+        raise OutputError(f"{option} {path} {what}; choose a writable folder.") from None
+    return created
+
+
+@contextmanager
+def locked_dir(path: Path, option: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on folder `path` (made if needed) while the block runs.
+
+    A second run into the same folder is refused instead of overwriting the first one's
+    files. The lock is an flock on `path/.lock`: it dies with its process, so a killed run
+    never leaves the folder locked (the file stays: unlinking it could let two runs lock two
+    different files). A folder this call created is removed again if the block wrote nothing.
+    """
+    path = Path(path)
+    created = make_dir(path, option)
+    lock = path / ".lock"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(f"{option} {path} is in use by another run (process {holder}); "
+                              "wait for it to finish or choose another folder.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        if created and [p.name for p in path.iterdir()] == [lock.name]:
+            lock.unlink()
+            path.rmdir()
+        os.close(fd)
+
+
+def sweep_temporaries(folder: Path) -> None:
+    """Delete the `.<name>.<pid>.tmp` files of writers that were killed mid-write."""
+    for stale in Path(folder).glob(".*.*.tmp"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)

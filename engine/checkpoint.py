@@ -8,6 +8,7 @@ the optimizer it continues from can never disagree.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,15 @@ def gist(error: Exception) -> str:
 
 
 def save(path: Path, checkpoint: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    """Write atomically; a failed write (a full disk, ...) leaves the previous file intact."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as either
+        free = shutil.disk_usage(Path(path).parent).free / 2**20
+        kept = "the previous one is intact" if Path(path).exists() else "nothing was written"
+        raise CheckpointError(f"could not write {path} ({gist(error)}); {kept}. Its disk has "
+                              f"{free:,.0f} MiB free: free some space (or choose another "
+                              "--out) and continue with --resume.") from None
 
 
 def load(path: Path) -> dict:
@@ -57,7 +66,37 @@ def load(path: Path) -> dict:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete.")
+    wrong = [key for key, ok in shape_checks(ckpt).items() if not ok]
+    if wrong:
+        raise CheckpointError(f"{path} has the cifar10-engine marker but malformed "
+                              f"{', '.join(wrong)}; it was damaged or written by other code. "
+                              "Use the ckpt.pt that engine/train.py wrote.")
     return ckpt
+
+
+def shape_checks(ckpt: dict) -> dict[str, bool]:
+    """Whether each entry has the type the rest of the engine relies on."""
+    def numbers(x, n: int) -> bool:
+        return isinstance(x, list | tuple) and len(x) == n and all(
+            isinstance(v, int | float) for v in x)
+
+    n = ckpt["num_classes"]
+    return {
+        "arch": isinstance(ckpt["arch"], str),
+        "width": isinstance(ckpt["width"], int) and ckpt["width"] > 0,
+        "num_classes": isinstance(n, int) and n > 0,
+        "state_dict": isinstance(ckpt["state_dict"], dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor)
+            for k, v in ckpt["state_dict"].items()),
+        "classes": isinstance(ckpt["classes"], list) and len(ckpt["classes"]) == n
+                   and all(isinstance(c, str) for c in ckpt["classes"]),
+        "mean": numbers(ckpt["mean"], 3),
+        "std": numbers(ckpt["std"], 3),
+        "config": isinstance(ckpt["config"], dict),
+        "history": isinstance(ckpt["history"], list) and all(
+            isinstance(r, dict) for r in ckpt["history"]),
+        "data": isinstance(ckpt["data"], dict),
+    }
 
 
 def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:

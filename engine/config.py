@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -148,14 +149,18 @@ def validate(cfg: TrainConfig) -> list[str]:
     for name in ("epochs", "batch_size", "width"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.lr != "auto" and not (isinstance(cfg.lr, float | int) and cfg.lr > 0):
-        problems.append("--lr must be a positive number or 'auto'")
+    if cfg.lr != "auto" and not (isinstance(cfg.lr, float | int) and 0 < cfg.lr < math.inf):
+        problems.append(f"--lr must be a positive finite number or 'auto', got {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
         problems.append("--label-smoothing must be in [0, 1)")
     if not 0 <= cfg.warmup < 1:
         problems.append("--warmup must be in [0, 1)")
-    if cfg.weight_decay < 0 or not 0 <= cfg.momentum < 1:
-        problems.append("--weight-decay must be >= 0 and --momentum in [0, 1)")
+    if not 0 <= cfg.weight_decay < math.inf:
+        problems.append(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.momentum < 1:
+        problems.append(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if not 0 <= cfg.seed < 2**32:
+        problems.append(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     try:
         cfg.augment()
     except ValueError as error:  # AugmentConfig owns the augmentation ranges

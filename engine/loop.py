@@ -3,15 +3,17 @@ whole run as a library call that returns its history or raises an EngineError.""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common.errors import CheckpointError, Interrupted, TrainingError
-from common.files import write_json
+from common.files import locked_dir, sweep_temporaries, write_json
 from common.hardware import device_name
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve, resume_config
@@ -33,6 +35,27 @@ class Trained:
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
+
+
+def diverged(run: Run, done: int, what: str) -> TrainingError:
+    """The error for a run whose numbers stopped being finite: what happened, what was kept,
+    and what to run next (--resume cannot help: it would continue with the same options)."""
+    cfg = run.cfg
+    kept = (f"{cfg.out}/ckpt.pt keeps epoch {done}, the last good one (for a report)" if done
+            else "no epoch had finished, so nothing was saved")
+    if cfg.precision == "fp16":
+        fix = "--precision bf16 (or fp32) instead of fp16"
+    else:
+        fix = f"a lower --lr (e.g. --lr {float(cfg.lr) / 10:.3g})"
+    return TrainingError(f"{what}; {kept}. --resume would repeat it: start again with {fix} "
+                         "and a new --out.")
+
+
+def nonfinite_state(model: torch.nn.Module) -> list[str]:
+    """Names of the weights and buffers holding NaN or infinity (one host sync for all)."""
+    floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist()
+    return [name for name, ok in zip(floats, finite, strict=True) if not ok]
 
 
 def train_epoch(run: Run, epoch: int) -> dict:
@@ -65,10 +88,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
     seconds = time.perf_counter() - start
     if totals[3]:
         where = f"batch {first_bad + 1}" if first_bad >= 0 else "a batch on another process"
-        raise TrainingError(
-            f"the training loss became NaN or infinite in epoch {epoch + 1}, {where}; "
-            f"{run.cfg.out}/ckpt.pt keeps the last good epoch. Lower --lr, or use "
-            "--precision bf16/fp32 instead of fp16.")
+        raise diverged(run, epoch, f"the training loss became NaN or infinite in epoch "
+                                   f"{epoch + 1}, {where}")
     return dict(train_loss=totals[0] / totals[2], train_acc=totals[1] / totals[2],
                 train_images=int(totals[2]), seconds=seconds,
                 images_per_s=totals[2] / seconds)
@@ -104,6 +125,15 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
     for epoch in range(len(history), cfg.epochs):
         row = dict(epoch=epoch + 1, **train_epoch(run, epoch), **test_epoch(run),
                    lr=run.optimizer.param_groups[0]["lr"])
+        # nothing non-finite is ever saved: a checkpoint must be a state training can go on from
+        if not math.isfinite(row["test_loss"]):
+            raise diverged(run, epoch, f"the test loss became NaN or infinite in epoch "
+                                       f"{epoch + 1}")
+        bad = nonfinite_state(run.unwrapped)
+        if bad:
+            raise diverged(run, epoch, f"{len(bad)} weights or BatchNorm statistics became NaN "
+                                       f"or infinite in epoch {epoch + 1} ({', '.join(bad[:3])}"
+                                       + (", ..." if len(bad) > 3 else "") + ")")
         history.append(row)
         acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         if acc.is_main_process:
@@ -129,9 +159,6 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
                                                                                      dict | None]:
     """The resolved config of a new run or of the run in `resume`, and its checkpoint."""
     if resume is None:
-        if cfg.out and (Path(cfg.out) / "ckpt.pt").exists():
-            raise TrainingError(f"{cfg.out} already holds a run; continue it with --resume "
-                                f"{cfg.out} or choose another --out.")
         return resolve(cfg, torch.cuda.is_available()), None
     path = Path(resume) / "ckpt.pt"
     ckpt = checkpoint.load(path)
@@ -150,14 +177,29 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     return its history. Ctrl-C raises Interrupted, saying what was kept."""
     cfg, ckpt = configure(cfg, resume, given)
     accelerator = make_accelerator(cfg)
-    say = log if accelerator.is_main_process else (lambda _: None)
+    main = accelerator.is_main_process
+    out = Path(cfg.out)
+    # the main process owns the run folder for the whole run: a second run into it is refused
+    with locked_dir(out) if main else nullcontext():
+        if main and ckpt is None and (out / "ckpt.pt").exists():
+            raise TrainingError(f"{out} already holds a run; continue it with --resume {out} "
+                                "or choose another --out.")
+        if main:
+            sweep_temporaries(out)  # of a save that was killed midway
+        return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
+                      log if main else (lambda _: None))
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
+           say: Log) -> Trained:
+    """train() once the run folder is held: build, restore, fit, and Ctrl-C's message."""
     out = Path(cfg.out)
     history: list[dict] = []
     try:
         run = build(cfg, accelerator)
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
-        history = checkpoint.restore(run, ckpt, Path(resume) / "ckpt.pt") if ckpt else []
+        history = checkpoint.restore(run, ckpt, ckpt_path) if ckpt else []
         if accelerator.is_main_process:  # only now: a run that cannot start leaves nothing
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "config.json", run.cfg.to_dict())

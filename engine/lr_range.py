@@ -60,9 +60,9 @@ class RangeTest:
 
 def check_sweep(start_lr: float, end_lr: float, iterations: int) -> None:
     """Raise ValueError, with the fix, for a sweep that cannot run."""
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"the sweep needs 0 < --start-lr < --end-lr, got {start_lr:g} and "
-                         f"{end_lr:g}")
+    if not 0 < start_lr < end_lr < math.inf:
+        raise ValueError(f"the sweep needs 0 < --start-lr < --end-lr, both finite, got "
+                         f"{start_lr:g} and {end_lr:g}")
     if iterations < 2:
         raise ValueError(f"--iterations must be at least 2, got {iterations}")
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
+
+from common.cli import stop_if_interrupted
 
 LOG_INTERVAL = 30.0  # seconds between progress lines when standard error is not a terminal
 
@@ -22,6 +25,7 @@ class LineProgress:
         self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
+        stop_if_interrupted()
         self.n += n
         if time.monotonic() - self.last >= self.interval:
             self.last = time.monotonic()
@@ -41,10 +45,26 @@ class LineProgress:
         self.close()
 
 
-def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm | LineProgress:
+class Bar(tqdm):
+    """tqdm whose every update is a point where a lost Ctrl-C is raised again."""
+
+    def update(self, n: int = 1) -> bool | None:
+        stop_if_interrupted()
+        return super().update(n)
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Bar | LineProgress:
     """A tqdm bar on a terminal, LineProgress in a log, or a silent bar when not enabled
     (processes other than the main one)."""
     if enabled and not sys.stderr.isatty():
         return LineProgress(total, desc, unit)
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                disable=not enabled)
+    return Bar(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+               disable=not enabled)
+
+
+def track(items: Sequence, desc: str, unit: str = "it") -> Iterator:
+    """Iterate items with a progress bar (or progress lines in a log)."""
+    with progress_bar(len(items), desc, unit) as bar:
+        for item in items:
+            yield item
+            bar.update()

@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from h
 
 
 def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """`python <script> <args>` from the repository root, as a user runs it; text output."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+    """`python <script> <args>`, from the repository root unless cwd= says otherwise, as a user
+    runs it; text output."""
+    kwargs.setdefault("cwd", ROOT)
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 

@@ -93,11 +93,29 @@ def test_sections_choose_what_runs(tmp_path):
     assert report["mfu"]["rows"] == [] and report["mfu"]["peaks"]["fp32"]["flops_per_s"] > 0
 
 
-def test_unknown_section_is_a_usage_error(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--sections", "loaders,gpu"], "gpu"),
+    (["--sections", ""], "--sections needs at least one value"),
+    (["--images", "0"], "--images: must be positive, got 0"),
+    (["--epochs", "0"], "--epochs: must be positive"),
+    (["--repeats", "0"], "--repeats: must be positive"),
+    (["--batch-size", "0"], "--batch-size: must be positive"),
+    (["--steps", "0"], "--steps: must be positive"),
+    (["--threads", "0"], "--threads: must be positive"),
+    (["--matmul-seconds", "-1"], "--matmul-seconds: must be positive"),
+    (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
+])
+def test_impossible_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args(["--sections", "loaders,gpu"])
+        bench.parse_args(args)
     assert exit_info.value.code == 2
-    assert "gpu" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_json_naming_a_folder_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--json", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is a folder; name a file" in capsys.readouterr().err
 
 
 def test_train_flops_by_hand():

@@ -126,6 +126,7 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--start-lr", "1", "--end-lr", "0.1"], "start-lr"),
+    (["--end-lr", "inf"], "both finite"),
     (["--iterations", "1"], "iterations"),
     (["--resume", "somewhere"], "resume"),
     (["--optimizer", "lion"], "invalid choice"),

@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 from common.cli import run_main
-from common.files import atomic_write, write_csv
+from common.files import atomic_write, make_dir, write_csv
 from engine import lr_range
 from engine.config import TrainConfig, parse_tool_args, resolve
 from engine.lr_range import RangeTest
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                                 lambda a: lr_range.check_sweep(a.start_lr, a.end_lr, a.iterations))
 
     def body() -> None:
+        out = Path(cfg.out)
+        make_dir(out)  # a bad --out is found now, not after the sweep
         result, main_process = find(cfg, args)
         if not main_process:
             return
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "lr_find.csv", rows(result))
         plot(result, out / "lr_find.png")
         print(f"suggested lr {result.suggested:.4g} (minimum/10; steepest descent at "

@@ -13,8 +13,8 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, Score
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
-from tqdm import tqdm
 
+from engine.progress import track
 from tools.plots import Panel, plot_history
 from tools.report_inputs import Inputs, layer_of, normalized
 
@@ -138,10 +138,10 @@ def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np
     targets = {"predicted": probs[indices].argmax(1), "true": run.labels[indices]}
     jobs = [(m, layer, kind) for m in methods for layer in layers for kind in targets]
     maps = {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
-            for m, layer, kind in tqdm(jobs if len(indices) else [], desc="CAMs", leave=False)}
+            for m, layer, kind in track(jobs if len(indices) else [], "CAMs", "map")}
     with PdfPages(path) as pdf:
         pdf.savefig(summary_page(facts, run.ckpt["config"]))
-        for row, index in enumerate(tqdm(indices, desc="PDF pages", leave=False)):
+        for row, index in enumerate(track(indices, "PDF pages", "page")):
             page = {key: values[row] for key, values in maps.items()}
             pdf.savefig(cam_page(run, int(index), probs[index], page))
 

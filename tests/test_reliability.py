@@ -1,0 +1,285 @@
+"""engine/train.py and the tools under faults and hostile input: a second run into one folder,
+--resume with other options or from elsewhere, divergence, a full disk, Ctrl-C at awkward
+moments, and impossible values. Real subprocesses on tiny synthetic data (CPU)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+from common.errors import OutputError
+from common.files import locked_dir
+from engine import checkpoint
+from engine.loop import nonfinite_state
+from engine.model import build_model
+
+SIZE = ["--synthetic-size", "1024", "128"]
+TINY = ["--dataset", "synthetic", *SIZE, "--width", "16", "--batch-size", "128",
+        "--loader", "resident", "--seed", "1"]
+
+
+def train(*args, **kwargs) -> subprocess.CompletedProcess:
+    return run_script("engine/train.py", *TINY, *args, **kwargs)
+
+
+def start(*args) -> subprocess.Popen:
+    """engine/train.py in the background, its output piped."""
+    return subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), *TINY, *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line_error(result) -> str:
+    """stderr of a failed run: one paragraph, no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data")
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", *SIZE, "--data-dir", path)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory) -> Path:
+    """A finished 1-epoch run."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = train("--data-dir", data_dir, "--epochs", "1", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stderr  # not a terminal: progress as lines, not tqdm refreshes
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+# --- the run folder ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_folder_is_refused(data_dir, tmp_path):
+    out = tmp_path / "out"
+    first = start("--data-dir", str(data_dir), "--epochs", "3", "--out", str(out))
+    try:
+        wait_for(out / ".lock")
+        time.sleep(0.5)  # the pid is written right after the lock is taken
+        second = train("--data-dir", data_dir, "--epochs", "1", "--out", out, timeout=300)
+        assert second.returncode == 1
+        assert f"{out} is in use by another run (process {first.pid})" in one_line_error(second)
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=300)
+
+
+def test_the_folder_lock_is_exclusive_and_a_folder_left_empty_is_removed(tmp_path):
+    out = tmp_path / "new"
+    with locked_dir(out):
+        with pytest.raises(OutputError, match="in use by another run"), locked_dir(out):
+            pass
+        assert out.is_dir()
+    assert not out.exists()  # nothing was written into it: no trace of the attempt
+    (tmp_path / "kept").mkdir()
+    with locked_dir(tmp_path / "kept"):
+        (tmp_path / "kept" / "file").write_text("x")
+    assert (tmp_path / "kept" / "file").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["engine/train.py", "tools/lr_find.py"])
+def test_an_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
+    out = tmp_path / "file"
+    out.write_text("not a folder")
+    data = tmp_path / "data"
+    result = run_script(script, *TINY, "--data-dir", data, "--out", out, timeout=300)
+    assert result.returncode == 1
+    assert f"--out {out} is a file, not a folder" in one_line_error(result)
+    assert not data.exists()  # refused before the data was made
+    assert out.read_text() == "not a folder"
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    (run / ".ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint of a killed save")
+    result = train("--resume", run, "--epochs", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["epoch"] for r in history(run)] == [1, 2]
+    assert history(run)[0] == history(finished)[0]  # the first epoch is kept as it was
+    assert checkpoint.load(run / "ckpt.pt")["config"]["epochs"] == 2
+    assert not list(run.glob(".*.tmp"))  # the killed save's temporary was swept
+
+
+@pytest.mark.slow
+def test_resume_refuses_options_it_cannot_apply_by_name(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    before = (run / "ckpt.pt").read_bytes()
+    result = train("--resume", run, "--lr", "0.5", "--width", "32", timeout=300)
+    assert result.returncode == 1
+    message = one_line_error(result)
+    assert "--lr, --width cannot change when resuming" in message and "--epochs" in message
+    assert (run / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_resume_from_another_directory_uses_the_recorded_data(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    result = train("--data-dir", "data", "--epochs", "1", "--out", "run", cwd=first)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = train("--resume", first / "run", "--epochs", "2", cwd=second)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (second / "data").exists()  # nothing regenerated relative to the new cwd
+    assert len(history(first / "run")) == 2
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_divergence_in_the_first_epoch_says_nothing_was_saved(data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = train("--data-dir", data_dir, "--epochs", "1", "--optimizer", "sgd", "--lr", "1e12",
+                   "--schedule", "constant", "--out", out)
+    assert result.returncode == 1
+    message = one_line_error(result)
+    assert "NaN or infinite in epoch 1, batch" in message
+    assert "nothing was saved" in message and "a lower --lr (e.g. --lr 1e+11)" in message
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_nonfinite_weights_and_buffers_are_found_by_name():
+    model = build_model("resnet18", 10, 4)
+    assert nonfinite_state(model) == []
+    with torch.no_grad():
+        model.layer2[0].bn1.running_var[3] = float("nan")
+        model.fc.weight[0, 0] = float("inf")
+    assert nonfinite_state(model) == ["layer2.0.bn1.running_var", "fc.weight"]
+
+
+# --- a full disk --------------------------------------------------------------------------------
+
+
+def limit_file_size(limit: int):
+    """preexec_fn: files past `limit` bytes fail with EFBIG, as writes to a full disk fail."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    out = tmp_path / "out"
+    # width 16: best.pt holds the weights (~2.8 MB), ckpt.pt adds the optimizer (~5.6 MB)
+    result = train("--data-dir", data_dir, "--epochs", "1", "--out", out, timeout=300,
+                   preexec_fn=limit_file_size(4 * 2**20))
+    assert result.returncode == 1
+    message = one_line_error(result)
+    assert f"could not write {out / 'ckpt.pt'}" in message and "free" in message
+    assert not list(out.glob(".*.tmp")) and not (out / "ckpt.pt").exists()
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_lr_auto_does_not_advise_resuming(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = start("--data-dir", str(data_dir), "--lr", "auto", "--out", str(out))
+    wait_for(out / ".lock")  # train() has started: the range test comes before any epoch
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "--resume" not in stderr
+    assert "nothing was saved" in stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "report.py"),
+                             str(finished / "ckpt.pt"), "--out", str(out), "-n", "40",
+                             "--methods", "gradcam", "gradcam++", "layercam", "--layers",
+                             "layer1", "layer2", "layer3", "layer4"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".report.*.tmp")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- impossible values --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option, message", [
+    (["--lr", "inf"], "--lr must be a positive finite number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    (["--seed", str(2**64)], "--seed must be in 0..4294967295"),
+    (["--cutout", "40"], "--cutout in 0..32"),
+])
+def test_impossible_values_are_refused_before_anything_is_written(option, message, tmp_path):
+    result = train(*option, "--out", tmp_path / "out", timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_path):
+    ckpt = checkpoint.load(finished / "ckpt.pt")
+    ckpt["classes"] = 5
+    ckpt["mean"] = "0.5"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(ckpt, run / "ckpt.pt")
+    for result in (train("--resume", run, timeout=120),
+                   run_script("tools/report.py", run / "ckpt.pt", timeout=120)):
+        assert result.returncode == 1
+        message = one_line_error(result)
+        assert str(run / "ckpt.pt") in message and "malformed classes, mean" in message
+
+
+@pytest.mark.slow
+def test_report_refuses_a_layer_without_feature_maps(finished, tmp_path):
+    result = run_script("tools/report.py", finished / "ckpt.pt", "--layers", "fc", "--out",
+                        tmp_path / "report", timeout=120)
+    assert result.returncode == 1
+    assert "--layers fc: the model has no such layer with a spatial feature map" in \
+        one_line_error(result)
+    assert not (tmp_path / "report").exists()

@@ -1,10 +1,14 @@
 """ResNet-18 shape, size, memory-format and MAC-count checks (small inputs: CPU, 2 cores)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
-from engine.model import ARCHS, ResNet18, build_model, forward_macs
+from engine.model import ARCHS, PointwiseConv, ResNet18, build_model, forward_macs
 
 
 def n_params(model: nn.Module) -> int:
@@ -67,3 +71,49 @@ def test_forward_macs_by_hand():
 
 def test_forward_macs_resnet18():
     assert forward_macs(ResNet18(width=64)) == pytest.approx(0.556e9, rel=0.01)
+
+
+def test_pointwise_conv_on_cpu_equals_a_strided_convolution():
+    """The CPU route around torch's crash computes what a stride-2 1x1 convolution does."""
+    torch.manual_seed(0)
+    ours = PointwiseConv(8, 16, stride=2)
+    plain = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+    plain.weight.data.copy_(ours.weight.data)
+    x = torch.randn(4, 8, 32, 32, requires_grad=True)  # contiguous: the plain path is safe
+    y = torch.randn(4, 16, 16, 16)
+    (ours(x) * y).sum().backward()
+    grad_x, grad_w = x.grad.clone(), ours.weight.grad.clone()
+    x.grad = None
+    (plain(x) * y).sum().backward()
+    assert torch.allclose(grad_x, x.grad, atol=1e-5)
+    assert torch.allclose(grad_w, plain.weight.grad, atol=1e-4)
+    assert torch.allclose(ours(x), plain(x), atol=1e-5)
+
+
+SWEEP = """
+import sys, torch, torch.nn.functional as F
+from engine.model import build_model
+width = int(sys.argv[1])
+for n in (1, 2, 3, 5, 7, 31, 63, 64, 65):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width).to(memory_format=torch.channels_last)
+    x = torch.randn(n, 3, 32, 32).to(memory_format=torch.channels_last)
+    F.cross_entropy(model(x), torch.zeros(n, dtype=torch.long)).backward()  # training step
+    model.eval()
+    x = x.clone().requires_grad_()
+    model(x)[:, 0].sum().backward()  # what Grad-CAM asks for: input gradients in eval mode
+    print(n, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width", [4, 8, 12, 16, 24, 32, 64])
+def test_no_width_or_batch_size_crashes_the_cpu_backward(width):
+    """torch 2.14's channels_last 1x1 stride-2 backward segfaults for widths 8 and 12 with odd
+    batches (and broke report.py's Grad-CAM); each width runs in its own process, so a crash
+    is an exit code here, not the end of the test session."""
+    result = subprocess.run([sys.executable, "-c", SWEEP, str(width)], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    done = result.stdout.split()
+    assert result.returncode == 0, f"crashed ({result.returncode}) after batch sizes {done}"
+    assert done == ["1", "2", "3", "5", "7", "31", "63", "64", "65"]

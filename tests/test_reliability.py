@@ -283,3 +283,17 @@ def test_report_refuses_a_layer_without_feature_maps(finished, tmp_path):
     assert "--layers fc: the model has no such layer with a spatial feature map" in \
         one_line_error(result)
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.slow
+def test_the_shapes_that_crashed_torch_train_and_report(tmp_path):
+    """Width 8 with a batch of 63 and an odd last batch segfaulted in the backward pass, and
+    report.py aborted computing CAMs of a width-8 model (engine.model.PointwiseConv)."""
+    out = tmp_path / "run"
+    result = run_script("engine/train.py", "--dataset", "synthetic", "--synthetic-size", "515",
+                        "256", "--width", "8", "--batch-size", "63", "--epochs", "1",
+                        "--data-dir", tmp_path / "data", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("tools/report.py", out / "ckpt.pt", "-n", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []

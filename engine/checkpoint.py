@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from torch import nn
 from common.errors import CheckpointError
 from common.files import atomic_write, write_csv, write_text
 from common.hardware import device_name
+from engine.config import TrainConfig
 from engine.model import build_model
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 FORMAT = "cifar10-engine/ckpt"
 VERSION = 1
+CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 REQUIRED = ("format", "version", "arch", "width", "num_classes", "state_dict", "classes",
             "mean", "std", "config", "history", "data")
 
@@ -92,7 +95,7 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
                    and all(isinstance(c, str) for c in ckpt["classes"]),
         "mean": numbers(ckpt["mean"], 3),
         "std": numbers(ckpt["std"], 3),
-        "config": isinstance(ckpt["config"], dict),
+        "config": isinstance(ckpt["config"], dict) and set(ckpt["config"]) <= CONFIG_KEYS,
         "history": isinstance(ckpt["history"], list) and all(
             isinstance(r, dict) for r in ckpt["history"]),
         "data": isinstance(ckpt["data"], dict),

@@ -120,7 +120,7 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
                   args: argparse.Namespace) -> list[LoaderResult]:
     """Every loader over the same split and augmentations, their epochs taken in turns so that
     a burst of load on a shared machine hits all of them alike."""
-    data = prepare("synthetic", Path(cfg.data_dir), tuple(cfg.synthetic_size),
+    data = prepare("synthetic", Path(cfg.data_dir), cfg.synthetic_size,
                    workers=cfg.workers)
     built = {kind: build_loader(kind, data, cfg, device) for kind in LOADERS}
     pin_threads(args.threads)

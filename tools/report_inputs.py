@@ -12,6 +12,7 @@ from torch import nn
 
 from common.errors import ReportError
 from engine import checkpoint
+from engine.config import TrainConfig
 from engine.evaluate import predict as predict_probs
 from loaders import beton, make_loader
 from loaders.augment import Augment
@@ -60,8 +61,8 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
         raise ReportError(f"--data-dir {data_dir} does not exist. Pass the folder the run was "
                           f"trained from (it holds the {dataset} data or its .beton files), or "
                           f"leave --data-dir out to use {data.get('test', '?')}.")
-    size = tuple(ckpt["config"].get("synthetic_size", (50_000, 10_000)))
-    return prepare(dataset, data_dir, synthetic_size=size).test
+    saved = TrainConfig(**ckpt["config"])  # re-typed as training typed it
+    return prepare(dataset, data_dir, synthetic_size=saved.synthetic_size).test
 
 
 def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:

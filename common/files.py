@@ -78,34 +78,51 @@ def make_dir(path: Path, option: str = "--out") -> bool:
     return created
 
 
+def _lock_file(lock: Path, option: str, folder: Path) -> int:
+    """An open descriptor of `lock`, flocked by this process; OutputError if another holds it.
+
+    A holder unlinks the file when done, so after locking, check that the file locked is
+    still the one at that path (the usual pattern): else another run released it meanwhile.
+    """
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(f"{option} {folder} is in use by another run (process {holder}); "
+                              "wait for it to finish or choose another folder.") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 @contextmanager
 def locked_dir(path: Path, option: str = "--out") -> Iterator[None]:
     """Hold an exclusive lock on folder `path` (made if needed) while the block runs.
 
     A second run into the same folder is refused instead of overwriting the first one's
-    files. The lock is an flock on `path/.lock`: it dies with its process, so a killed run
-    never leaves the folder locked (the file stays: unlinking it could let two runs lock two
-    different files). A folder this call created is removed again if the block wrote nothing.
+    files. The lock is an flock on `path/.lock`, which dies with its process, so a killed run
+    never leaves the folder locked; the file is removed on the way out. A folder this call
+    created is removed again if the block wrote nothing into it.
     """
     path = Path(path)
     created = make_dir(path, option)
     lock = path / ".lock"
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = _lock_file(lock, option, path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise OutputError(f"{option} {path} is in use by another run (process {holder}); "
-                              "wait for it to finish or choose another folder.") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        if created and [p.name for p in path.iterdir()] == [lock.name]:
-            lock.unlink()
-            path.rmdir()
+        lock.unlink(missing_ok=True)
         os.close(fd)
+        if created and not any(path.iterdir()):
+            path.rmdir()
 
 
 def sweep_temporaries(folder: Path) -> None:

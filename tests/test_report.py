@@ -18,7 +18,7 @@ from pypdf import PdfReader
 
 from engine import checkpoint
 from loaders import beton, cifar
-from tools import report, report_figures, report_inputs
+from tools import report, report_faithfulness, report_figures, report_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,14 @@ def test_report_writes_every_file(run_dir, report_dir, ckpt):
     assert all(r["accuracy"] == r["recall"] for r in classes)
     summary = (report_dir / "summary.md").read_text()
     for name in ("curves.png", "misclassified.png", "gradcam.pdf", "confusion.png",
-                 "per_class.csv"):
+                 "per_class.csv", "faithfulness.csv"):
         assert f"]({name})" in summary
+    scores = read_csv(report_dir / "faithfulness.csv")
+    assert {(r["method"], r["layer"]) for r in scores} == {
+        ("gradcam", "layer2"), ("gradcam", "layer3"), ("gradcam", "layer4"), ("random", "-")}
+    assert [float(r["road"]) for r in scores] == sorted((float(r["road"]) for r in scores),
+                                                        reverse=True)
+    assert "most faithful explanation" in summary and "| random | - |" in summary
     assert f"{ckpt['history'][-1]['test_acc']:.2%}" in summary
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
 
@@ -132,6 +138,24 @@ def test_gradcam_peaks_on_the_object(loaded):
     inside = (y >= y0 - 1) & (y < y1 + 1) & (x >= x0 - 1) & (x < x1 + 1)
     chance = ((cifar.SHAPE_SIZE + 2) / 32) ** 2  # 14% of the image
     assert inside.mean() > 3 * chance
+
+
+def test_road_ranks_gradcam_and_the_object_box_above_random_maps(loaded):
+    """The faithfulness score means something: on correctly classified synthetic images, the
+    object's own box and Grad-CAM's layer-3 maps both score well above random maps."""
+    probs, labels = report_inputs.predict(loaded)
+    right = np.flatnonzero(probs.argmax(1) == labels)[:64]
+    inputs = report_inputs.normalized(loaded, right)
+    y0, x0, y1, x1 = cifar.synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
+    rows, cols = np.arange(32)[None, :, None], np.arange(32)[None, None, :]
+    boxes = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) & (cols >= x0[:, None, None])
+             & (cols < x1[:, None, None])).astype(np.float32)
+    gradcam = report_figures.cams(loaded.model, inputs, labels[right], "layer3")
+    noise = report_faithfulness.random_maps(gradcam)
+    score = {name: report_faithfulness.road(loaded.model, inputs, labels[right], maps).mean()
+             for name, maps in (("box", boxes), ("gradcam", gradcam), ("random", noise))}
+    assert score["box"] > score["random"] + 0.05, score
+    assert score["gradcam"] > score["random"] + 0.05, score
 
 
 def test_data_dir_rebuilds_the_same_test_split_and_replaces_an_older_report(
@@ -231,6 +255,10 @@ def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(load
     assert len(indices) == 0
     report_figures.plot_misclassified(loaded, probs, indices, tmp_path / "misclassified.png")
     assert imread(tmp_path / "misclassified.png").ndim == 3
-    report_figures.write_pdf(loaded, {"run": "perfect"}, probs, indices, ["layer3"], ["gradcam"],
-                     tmp_path / "gradcam.pdf")
+    maps = report_figures.explain(loaded, probs, indices, ["layer3"], ["gradcam"])
+    assert maps == {}
+    assert report_faithfulness.faithfulness(loaded.model, torch.zeros(0, 3, 32, 32),
+                                            indices, maps) == []
+    report_figures.write_pdf(loaded, {"run": "perfect"}, probs, indices, maps,
+                             tmp_path / "gradcam.pdf")
     assert len(PdfReader(tmp_path / "gradcam.pdf").pages) == 1

@@ -18,15 +18,26 @@ from pathlib import Path
 from common.cli import run_main
 from common.errors import ReportError
 from common.files import give_default_mode, write_csv
+from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import (
     METHODS,
+    explain,
     plot_confusion,
     plot_curves,
     plot_misclassified,
     write_pdf,
 )
-from tools.report_inputs import Inputs, layer_of, load, most_confidently_wrong, pick_device, predict
+from tools.report_inputs import (
+    Inputs,
+    layer_of,
+    load,
+    most_confidently_wrong,
+    normalized,
+    pick_device,
+    predict,
+)
 from tools.report_tables import (
+    FAITHFULNESS_FIELDS,
     MISCLASSIFIED_FIELDS,
     confusion,
     headline,
@@ -85,9 +96,15 @@ def write_report(run: Inputs, args: argparse.Namespace, folder: Path) -> None:
               MISCLASSIFIED_FIELDS)
     plot_confusion(matrix, run.classes, folder / "confusion.png")
     write_csv(folder / "per_class.csv", classes)
-    write_pdf(run, facts, probs, indices, args.layers, args.methods, folder / "gradcam.pdf")
+    maps = explain(run, probs, indices, args.layers, args.methods)
+    scores = faithfulness(run.model, normalized(run, indices), probs[indices].argmax(1),
+                          {(m, layer): v for (m, layer, kind), v in maps.items()
+                           if kind == "predicted"})
+    write_csv(folder / "faithfulness.csv", scores, FAITHFULNESS_FIELDS)
+    facts["most faithful explanation"] = verdict(scores)
+    write_pdf(run, facts, probs, indices, maps, folder / "gradcam.pdf")
     (folder / "summary.md").write_text(
-        summary(facts, classes, args.methods, args.layers, len(indices)))
+        summary(facts, classes, args.methods, args.layers, len(indices), scores))
 
 
 def publish(folder: Path, out: Path) -> None:
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         print(f"wrote {out}/: summary.md, curves.png, misclassified.png, gradcam.pdf, "
-              "confusion.png, per_class.csv")
+              "confusion.png, per_class.csv, faithfulness.csv")
 
     return run_main(body)
 

@@ -131,14 +131,20 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
     return fig
 
 
-def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np.ndarray,
-              layers: list[str], methods: list[str], path: Path) -> None:
-    """gradcam.pdf: the run summary, then one page of CAMs per misclassified image."""
+def explain(run: Inputs, probs: np.ndarray, indices: np.ndarray, layers: list[str],
+            methods: list[str]) -> dict[tuple[str, str, str], np.ndarray]:
+    """CAMs of the images at `indices` for their predicted and their true class:
+    {(method, layer, "predicted" or "true"): N x 32 x 32}."""
     inputs = normalized(run, indices)
     targets = {"predicted": probs[indices].argmax(1), "true": run.labels[indices]}
     jobs = [(m, layer, kind) for m in methods for layer in layers for kind in targets]
-    maps = {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
+    return {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
             for m, layer, kind in track(jobs if len(indices) else [], "CAMs", "map")}
+
+
+def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np.ndarray,
+              maps: dict[tuple[str, str, str], np.ndarray], path: Path) -> None:
+    """gradcam.pdf: the run summary, then one page of CAMs per misclassified image."""
     with PdfPages(path) as pdf:
         pdf.savefig(summary_page(facts, run.ckpt["config"]))
         for row, index in enumerate(track(indices, "PDF pages", "page")):

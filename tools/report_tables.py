@@ -7,6 +7,7 @@ import numpy as np
 
 from tools.report_inputs import Inputs
 
+FAITHFULNESS_FIELDS = ("method", "layer", "road", "road_std", "images")
 MISCLASSIFIED_FIELDS = ("rank", "index", "true", "predicted", "probability", "true_probability")
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -66,8 +67,9 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
 
 
 def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
-            layers: list[str], shown: int) -> str:
-    """summary.md: the headline figures, the hardest classes, and links to every file."""
+            layers: list[str], shown: int, scores: list[dict]) -> str:
+    """summary.md: the headline figures, the hardest classes, how faithful each explanation
+    is, and links to every file."""
     lines = ["# Training report", "", "| | |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in facts.items()]
     hardest = sorted(classes, key=lambda r: r["recall"])[:5]
@@ -78,6 +80,15 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
               "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['name']} | {r['support']} | {r['precision']:.2%} | {r['recall']:.2%} | "
               f"{r['f1']:.2%} |" for r in hardest]
+    lines += ["", "## Which explanation to trust", "",
+              "ROAD score of each map for the predicted class of the images above (Rong et al. "
+              "2022, with pytorch-grad-cam's ROADCombined at 20/40/60/80% of pixels removed): "
+              "the confidence drop when the least relevant pixels are removed minus the drop "
+              "when the most relevant are, halved. Higher is more faithful; random maps are "
+              "the floor.", "",
+              "| method | layer | ROAD | std | images |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['method']} | {r['layer']} | {r['road']:+.4f} | {r['road_std']:.4f} | "
+              f"{r['images']} |" for r in scores]
     lines += ["", "## Files", "",
               "- [curves.png](curves.png): train and test loss and accuracy, and the LR, "
               "per epoch", "",
@@ -92,6 +103,7 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
               "- [confusion.png](confusion.png): the confusion matrix, counts and row-normalized",
               "", "  ![confusion](confusion.png)", "",
               "- [per_class.csv](per_class.csv): support, precision, recall, accuracy (= recall) "
-              "and F1 of every class", ""]
+              "and F1 of every class", "",
+              "- [faithfulness.csv](faithfulness.csv): the ROAD table above", ""]
     return "\n".join(lines)
 

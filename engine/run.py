@@ -81,7 +81,10 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
 
     With --lr auto the optimizer starts at LR 0: engine.lr_range sets it.
     """
-    with accelerator.main_process_first():  # one process converts; the others reuse its files
+    # The global main process prepares first; then each other node's local main process (on a
+    # shared file system it finds the files made; on a node's own disk it makes them once);
+    # then everyone else, who only reads them.
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
         data = prepare(cfg.dataset, Path(cfg.data_dir), cfg.synthetic_size, workers=cfg.workers)
     common = loader_options(cfg, data, accelerator.device, accelerator.process_index,
                             accelerator.num_processes)

@@ -1,0 +1,62 @@
+"""Two "machines" of one process each, started as a user starts them on two nodes (torchrun
+with a rendezvous on 127.0.0.1): each node prepares the data once, only the global main process
+writes the run folder, nothing is counted twice, and a run resumes on the same two nodes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from engine import checkpoint
+
+pytestmark = pytest.mark.slow
+TINY = ["--dataset", "synthetic", "--synthetic-size", "1001", "151", "--width", "16",
+        "--batch-size", "128", "--loader", "resident", "--seed", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """engine/train.py on two nodes of one process each; both nodes' results."""
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+         "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+         str(port), str(ROOT / "engine" / "train.py"), *TINY, *map(str, args)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+def test_two_nodes_train_once_write_once_and_resume(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    nodes = two_nodes("--data-dir", data, "--epochs", "1", "--out", out)
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    assert sum(node.stdout.count("best test accuracy") for node in nodes) == 1
+    ckpt = checkpoint.load(out / "ckpt.pt")
+    assert ckpt["processes"] == 2
+    row = ckpt["history"][0]
+    assert row["train_images"] == 1002  # every sample once, plus one of padding
+    assert row["test_images"] == 151  # evaluated once each across the nodes
+    assert len(list(data.glob("*.beton"))) == 2  # one train and one test file, made once
+    assert not list(Path(data).glob(".*.tmp"))
+
+    nodes = two_nodes("--resume", out, "--epochs", "2")
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    history = checkpoint.load(out / "ckpt.pt")["history"]
+    assert [r["epoch"] for r in history] == [1, 2] and history[0] == row

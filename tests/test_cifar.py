@@ -17,6 +17,7 @@ from conftest import (
     dump_pickle,
     make_tar_gz,
     random_split,
+    to_rows,
     write_cifar10,
 )
 
@@ -190,6 +191,24 @@ def test_batches_pickled_with_any_protocol_are_read(tmp_path, protocol):
     assert_splits_equal(read(made.folder).test, made.test)
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_folders_written_by_python3_are_read_like_the_original(tmp_path, protocol):
+    made = write_cifar10(tmp_path / "data", protocol=protocol, py3=True)
+    got = read(made.folder)
+    assert got.classes == CIFAR10_CLASSES
+    assert_splits_equal(got.train, made.train)
+    assert_splits_equal(got.test, made.test)
+
+
+@pytest.mark.parametrize("labels", [list, np.asarray, lambda a: [int(x) for x in a]],
+                         ids=["numpy integers", "an array", "python ints"])
+def test_labels_as_numpy_integers_an_array_or_ints(cifar10_dir, labels):
+    path = cifar10_dir.folder / "test_batch"
+    test = cifar10_dir.test
+    dump_pickle(path, {"data": to_rows(test.images), "labels": labels(test.labels)}, 4)
+    assert_splits_equal(read(cifar10_dir.folder).test, test)
+
+
 def _good_batch(n: int = 4) -> dict:
     split = random_split(n, np.random.default_rng(1))
     return {b"data": split.images.transpose(0, 3, 1, 2).reshape(n, -1).copy(),
@@ -234,6 +253,12 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
     "label 10": ("data_batch_2", _with(labels=[0, 1, 10, 2]), "outside 0..9"),
     "label -1": ("data_batch_2", _with(labels=[0, -1, 1, 2]), "outside 0..9"),
     "meta without label_names": ("batches.meta", {b"num_vis": 3072}, "label_names"),
+    "duplicate class names": ("batches.meta", {"label_names": [*CIFAR10_CLASSES[:9], "cat"]},
+                              "names the class(es) cat more than once"),
+    "empty test split": ("test_batch", {"data": np.zeros((0, 3072), np.uint8), "labels": []},
+                         "hold(s) no images"),
+    "str keys, no labels": ("test_batch", {"data": np.zeros((2, 3072), np.uint8)},
+                            "no 'labels' entry"),
 }
 
 

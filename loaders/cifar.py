@@ -77,6 +77,13 @@ class CifarData:
     source: Path  # the python-format folder the splits were read from
 
 
+def usual_permissions(path: Path, mode: int = 0o777) -> None:
+    """Give a file or folder made by tempfile (0600/0700) the mode open() and mkdir() would."""
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 # --- download and extraction -------------------------------------------------------------
 
 
@@ -104,6 +111,7 @@ def download(url: str, md5: str, dest: Path, timeout: float = 60.0) -> Path:
                 f"The download from {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}. "
                 "Nothing was kept; run again, or place the archive by hand (see below)."
             )
+        usual_permissions(tmp, 0o666)
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, OSError, TimeoutError) as error:
@@ -362,6 +370,7 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
         _write_batch(staging / "test_batch", *synthetic_split(n_test, seed=2 * seed + 1))
         with open(staging / "batches.meta", "wb") as f:
             pickle.dump({b"label_names": [c.encode() for c in SYNTHETIC_CLASSES]}, f)
+        usual_permissions(staging)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from conftest import (
     CIFAR10_CLASSES,
+    ROOT,
     dump_pickle,
     make_tar_gz,
     random_split,
+    run_script,
     to_rows,
     write_cifar10,
 )
@@ -146,6 +148,78 @@ def test_prepare_cli_offline_fails_with_one_clear_paragraph(tmp_path, closed_por
     assert "\n\n" not in message and message.startswith("error: ")
     assert LAYOUT.url in message and ARCHIVE in message and "--dataset synthetic" in message
     assert not list(data_dir.glob("*.beton"))
+
+
+# --- the data folder ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs for root (who ignores modes),
+    mode 0555 otherwise."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                              capture_output=True)
+        if made.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def _bad_data_dirs(tmp_path: Path, read_only: Path) -> dict[str, tuple[str, str]]:
+    """case: (--data-dir value, words the one-line error must hold)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {"empty": ("", "--data-dir: an empty value"),
+            "a file": (str(a_file), f"{a_file} is a file, not a folder"),
+            "under a file": (str(a_file / "data"), f"{a_file} is a file, not a folder"),
+            "read-only": (str(read_only), f"{read_only} is read-only"),
+            "under a read-only folder": (str(read_only / "data"), f"{read_only} is read-only")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["loaders/prepare.py", "engine/train.py"])
+def test_unusable_data_dir_is_refused_before_any_work(tmp_path, read_only_dir, script):
+    before = sorted(ROOT.iterdir())
+    for case, (value, words) in _bad_data_dirs(tmp_path, read_only_dir).items():
+        result = run_script(script, "--dataset", "synthetic", "--synthetic-size", 20, 5,
+                            "--data-dir", value, "--epochs", 1, "--out", tmp_path / "run",
+                            timeout=120) if script == "engine/train.py" else run_script(
+            script, "--dataset", "synthetic", "--synthetic-size", 20, 5, "--data-dir", value,
+            timeout=120)
+        assert result.returncode in (1, 2), case
+        assert words in result.stderr and "Traceback" not in result.stderr, (case, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]  # argparse puts its usage line first
+        assert last.startswith("error: ") or ": error: argument --data-dir: " in last, case
+    assert sorted(ROOT.iterdir()) == before  # nothing written to the current directory
+    assert list(read_only_dir.iterdir()) == [] and not (tmp_path / "run").exists()
+
+
+def test_prepare_checks_the_data_dir_first(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(DataError, match=f"{a_file} is a file"):
+        prepare("synthetic", a_file, synthetic_size=(20, 5))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask 022", "umask 002"])
+def test_data_made_in_temporary_folders_gets_the_usual_permissions(tmp_path, served_archive,
+                                                                   umask):
+    made, url, digest = served_archive
+    old = os.umask(umask)
+    try:
+        folder = cifar.write_synthetic(tmp_path, 20, 5)
+        cifar.fetch("cifar10", tmp_path / "cifar", url=url, md5=digest)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "cifar" / ARCHIVE).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # --- validation -------------------------------------------------------------------------------

@@ -96,7 +96,6 @@ WRITE_MANY = """
 import sys
 from pathlib import Path
 import numpy as np
-import loaders
 from loaders import beton, cifar
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, size=(6000, 32, 32, 3), dtype=np.uint8)

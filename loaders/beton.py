@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.queues
 import queue
 import shutil
 import signal
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,7 +126,8 @@ def read_info(path: Path) -> BetonInfo | None:
         return None
 
 
-def _quiet_worker(errors, work, *args) -> None:
+def _quiet_worker(errors: multiprocessing.queues.Queue, work: Callable[..., None],
+                  *args: object) -> None:
     """A writer worker that ignores Ctrl-C (the parent stops it) and reports its failure to
     the parent as one line instead of printing a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -135,7 +138,7 @@ def _quiet_worker(errors, work, *args) -> None:
         sys.exit(1)
 
 
-def _guarded_writer(writer_class):
+def _guarded_writer(writer_class: type) -> type:
     """FFCV 1.0.2's DatasetWriter with its worker loop made failure-proof.
 
     Stock FFCV waits until its workers report every sample done, so a worker that dies
@@ -148,7 +151,9 @@ def _guarded_writer(writer_class):
     from ffcv.memory_allocator import MemoryAllocator
 
     class GuardedWriter(writer_class):
-        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+        def _write_common(self, num_samples: int, queue_content: Iterable,
+                          work_fn: Callable[..., None], extra_worker_args: tuple) -> None:
+            """FFCV's _write_common, with the workers polled and always cleaned up."""
             self.num_samples = num_samples
             self.prepare()
             context = multiprocessing.get_context("fork")  # workers share the dataset
@@ -169,13 +174,17 @@ def _guarded_writer(writer_class):
                     p.start()
                 allocation_list = []
                 while len(allocation_list) < len(processes):
+                    try:
+                        allocation_list.append(allocations.get(timeout=0.1))
+                        continue
+                    except queue.Empty:  # nothing yet: see whether anyone is still working
+                        pass
                     failed = [p for p in processes if p.exitcode not in (None, 0)]
                     if failed:
                         raise DataError(self._failure(failed[0], errors))
-                    try:
-                        allocation_list.append(allocations.get(timeout=0.1))
-                    except queue.Empty:
-                        continue
+                    if all(p.exitcode == 0 for p in processes):  # ended, yet some never reported
+                        raise DataError(f"the workers writing {self.fname} ended without "
+                                        "reporting their allocations")
                 for p in processes:
                     p.join(WRITE_TIMEOUT)
                 if done.value != num_samples:
@@ -193,7 +202,9 @@ def _guarded_writer(writer_class):
                 self.metadata_sm.close()
                 self.metadata_sm.unlink()
 
-        def _failure(self, process, errors) -> str:
+        def _failure(self, process: multiprocessing.process.BaseProcess,
+                     errors: multiprocessing.queues.Queue) -> str:
+            """The one-line reason a worker died: its own message, or its signal or status."""
             try:
                 reason = errors.get(timeout=1.0)
             except queue.Empty:  # killed by a signal: nothing was sent

@@ -38,10 +38,10 @@ def data_dir_option(value: str) -> Path:
     return Path(value)
 
 
-def check_data_dir(data_dir: Path) -> None:
+def check_data_dir(data_dir: Path | str) -> None:
     """DataError naming data_dir when it cannot hold the data (a file, or a folder that cannot
     be written), raised before any download or conversion starts."""
-    if str(data_dir) == "":
+    if not str(data_dir).strip():  # a library caller's "" (Path("") would mean ".")
         raise DataError("The data folder is empty (''); name a folder, e.g. --data-dir data.")
     existing = Path(data_dir)
     while not existing.exists() and existing != existing.parent:

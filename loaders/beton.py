@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,9 +15,9 @@ import numpy as np
 from common.errors import DataError
 from common.files import atomic_write
 from loaders.cifar import ROW_SIZE, Split
-from loaders.guards import torch_threads_kept
+from loaders.guards import guarded_writer, torch_threads_kept
 
-FORMAT = 1  # bump when the layout of the .beton or its sidecar changes
+FORMAT = 2  # bump when the layout of the .beton or its sidecar changes
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,12 @@ class BetonInfo:
     classes: list[str]
     mean: list[float]  # per-channel, in 0..1, of the training split this file belongs to
     std: list[float]
+    size: int  # bytes of the .beton: a cut or padded file is caught without reading it
+    file_digest: str  # blake2b of the .beton's bytes: overwritten bytes are caught too
+
+
+IMAGE_OVERHEAD = 64  # bytes per image besides its pixels: metadata row and allocation entry
+PAGE_SIZE = 4 << 21  # FFCV's default page (4 x 2 MiB); each writer worker leaves one partial
 
 
 def digest(split: Split) -> str:
@@ -52,6 +60,56 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, read in blocks (about 0.2 s for CIFAR-10's 180 MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(path: Path, info: BetonInfo, full: bool = True) -> str | None:
+    """Why path does not match its sidecar (size, then content when full), or None if it does."""
+    size = path.stat().st_size
+    if size != info.size:
+        return f"it holds {size} bytes where its sidecar records {info.size}"
+    if full and file_digest(path) != info.file_digest:
+        return "its content differs from the hash its sidecar records"
+    return None
+
+
+def check(path: Path) -> BetonInfo:
+    """The sidecar info of a .beton about to be read; DataError when it is missing or damaged.
+
+    Only the size is compared: loaders open files that prepare() has just verified in full.
+    """
+    info = read_info(path)
+    if info is None or info.format != FORMAT:
+        raise DataError(f"{path} is missing or has no up-to-date sidecar {sidecar(path).name}; "
+                        "run `python loaders/prepare.py` (or training) to rebuild it.")
+    why = damage(path, info, full=False)
+    if why:
+        raise DataError(f"{path} is damaged ({why}); run `python loaders/prepare.py` (or "
+                        "training) to rebuild it from its source.")
+    return info
+
+
+def space_needed(num_samples: int, workers: int) -> int:
+    """An upper bound on a raw-image .beton's size: pixels and per-image overhead, plus one
+    partial page per worker and the header pages (measured: 3.1 KB/image at CIFAR size)."""
+    return num_samples * (ROW_SIZE + IMAGE_OVERHEAD) + (workers + 2) * PAGE_SIZE
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """DataError naming folder when its disk has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DataError(f"{folder} has {free / 1e6:.1f} MB free but writing this .beton needs "
+                        f"about {needed / 1e6:.1f} MB; free some space or choose another "
+                        "--data-dir.")
 
 
 def read_info(path: Path) -> BetonInfo | None:
@@ -92,17 +150,44 @@ def write(path: Path, split: Split, classes: list[str],
     old = read_info(path)
     if old is not None and (old.format, old.num_samples, old.source_digest, old.classes) == (
             FORMAT, len(split.labels), source, classes) and stats in (None, (old.mean, old.std)):
-        return old
-    info = BetonInfo(FORMAT, len(split.labels), source, classes,
-                     *(stats or channel_stats(split.images)))
+        why = damage(path, old)
+        if why is None:
+            return old
+        print(f"notice: {path} is damaged ({why}); rebuilding it from its source.",
+              file=sys.stderr)
+    if len(split.labels) == 0:
+        raise DataError(f"{path}: the split it would hold has no images; a .beton needs at "
+                        "least one. Check the source files of this split.")
+    mean, std = stats or channel_stats(split.images)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     sidecar(path).unlink(missing_ok=True)  # an old sidecar must never vouch for a new file
+    check_space(path.parent, space_needed(len(split.labels), workers))
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
-    atomic_write(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=workers)
-                 .from_indexed_dataset(_Rows(split), chunksize=1000, shuffle_indices=False))
-    atomic_write(sidecar(path), lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=1)))
+    writer_class = guarded_writer(DatasetWriter)
+    written: dict[str, object] = {}
+
+    def write_beton(tmp: Path) -> None:
+        try:
+            writer_class(str(tmp), fields, num_workers=workers).from_indexed_dataset(
+                _Rows(split), chunksize=1000, shuffle_indices=False)
+        except OSError as error:  # the parent's own writes (header, table) hit the disk
+            raise DataError(f"could not write {tmp} ({error.strerror or error}); check that "
+                            f"{path.parent} is writable and has free space.") from error
+        written.update(size=tmp.stat().st_size, file_digest=file_digest(tmp))
+
+    try:
+        atomic_write(path, write_beton)
+    except DataError as error:
+        raise DataError(f"Writing {path} failed: {error}. Nothing was kept; free space in "
+                        f"{path.parent} or fix the cause above, then run again.") from error
+    info = BetonInfo(FORMAT, len(split.labels), source, classes, mean, std, **written)
+    try:
+        atomic_write(sidecar(path), lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=1)))
+    except BaseException:  # a .beton nothing vouches for would only be rebuilt: drop it now
+        path.unlink(missing_ok=True)
+        raise
     return info
 
 
@@ -117,6 +202,7 @@ def read(path: Path) -> Split:
         from ffcv.reader import Reader
         from ffcv.types import ALLOC_TABLE_TYPE
 
+    check(path)
     try:
         reader = Reader(str(path))
         # metadata columns are named f0, f1, ... in field order

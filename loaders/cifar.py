@@ -77,6 +77,13 @@ class CifarData:
     source: Path  # the python-format folder the splits were read from
 
 
+def usual_permissions(path: Path, mode: int = 0o777) -> None:
+    """Give a file or folder made by tempfile (0600/0700) the mode open() and mkdir() would."""
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 # --- download and extraction -------------------------------------------------------------
 
 
@@ -104,6 +111,7 @@ def download(url: str, md5: str, dest: Path, timeout: float = 60.0) -> Path:
                 f"The download from {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}. "
                 "Nothing was kept; run again, or place the archive by hand (see below)."
             )
+        usual_permissions(tmp, 0o666)
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, OSError, TimeoutError) as error:
@@ -179,6 +187,10 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # bytes written by Python 3 in pickle protocol 2
+        # numpy integer scalars (labels saved as a list of np.int64): scalar(dtype, bytes)
+        # only copies bytes into a scalar of an allowed dtype, it calls nothing
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str):
@@ -203,12 +215,18 @@ def _unpickle(path: Path, fix: str) -> dict:
     return content
 
 
+def _entry(content: dict, key: bytes):
+    """content[key] whether the file was written by Python 2 (bytes keys, as in the original
+    archive) or by Python 3 (str keys); None when neither is there."""
+    return content.get(key, content.get(key.decode()))
+
+
 def _read_batch(path: Path, labels_key: bytes, num_classes: int, fix: str) -> Split:
     batch = _unpickle(path, fix)
     for key in (b"data", labels_key):
-        if key not in batch:
+        if _entry(batch, key) is None:
             raise DataError(f"{path} has no '{key.decode()}' entry. {fix}")
-    data, labels = batch[b"data"], np.asarray(batch[labels_key])
+    data, labels = _entry(batch, b"data"), np.asarray(_entry(batch, labels_key))
     if labels.size == 0:  # np.asarray([]) is float64; an empty batch is still a valid batch
         labels = labels.astype(np.int64)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
@@ -233,14 +251,23 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
     fix = (f"Delete {folder} to download it again, or replace the file from the original "
            "archive.")
     meta = _unpickle(folder / layout.meta_file, fix)
-    names = meta.get(layout.names_key)
-    if not isinstance(names, list) or not names:
+    names = _entry(meta, layout.names_key)
+    if not isinstance(names, list | tuple) or not names \
+            or not all(isinstance(n, bytes | str) for n in names):
         raise DataError(f"{folder / layout.meta_file} has no '{layout.names_key.decode()}' "
                         f"list of class names. {fix}")
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise DataError(f"{folder / layout.meta_file} names the class(es) {', '.join(repeated)} "
+                        f"more than once; each of the {len(classes)} labels needs its own "
+                        f"name. {fix}")
 
     def read(files: tuple[str, ...]) -> Split:
         parts = [_read_batch(folder / f, layout.labels_key, len(classes), fix) for f in files]
+        if not sum(len(p.labels) for p in parts):
+            raise DataError(f"{', '.join(str(folder / f) for f in files)} hold(s) no images: "
+                            f"a split needs at least one. {fix}")
         return Split(np.concatenate([p.images for p in parts]),
                      np.concatenate([p.labels for p in parts]))
 
@@ -343,6 +370,7 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
         _write_batch(staging / "test_batch", *synthetic_split(n_test, seed=2 * seed + 1))
         with open(staging / "batches.meta", "wb") as f:
             pickle.dump({b"label_names": [c.encode() for c in SYNTHETIC_CLASSES]}, f)
+        usual_permissions(staging)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

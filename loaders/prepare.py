@@ -5,11 +5,13 @@ calls `prepare` too, so both take the same path."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import run_main
+from common.errors import DataError
 from common.hardware import default_workers
 from loaders import beton, cifar
 
@@ -27,9 +29,35 @@ class Prepared:
     source: Path  # the python-format folder the .beton files were made from
 
 
+def data_dir_option(value: str) -> Path:
+    """--data-dir as typed: an empty value must not silently mean the current directory."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty value would write the data into the current directory; name a folder, "
+            "e.g. --data-dir data")
+    return Path(value)
+
+
+def check_data_dir(data_dir: Path | str) -> None:
+    """DataError naming data_dir when it cannot hold the data (a file, or a folder that cannot
+    be written), raised before any download or conversion starts."""
+    if not str(data_dir).strip():  # a library caller's "" (Path("") would mean ".")
+        raise DataError("The data folder is empty (''); name a folder, e.g. --data-dir data.")
+    existing = Path(data_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # a folder still to be made is made in this one
+    if not existing.is_dir():
+        raise DataError(f"--data-dir {data_dir}: {existing} is a file, not a folder; pass a "
+                        "folder (it is created when missing).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--data-dir {data_dir}: {existing} is read-only; pass a folder you "
+                        "can write to, or make it writable.")
+
+
 def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
             seed: int = 0, workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`."""
+    check_data_dir(data_dir)
     data = cifar.load(name, Path(data_dir), synthetic_size, seed)
     tag = data.source.name if name == "synthetic" else name
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
@@ -48,7 +76,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=cifar.DATASETS,
                         help="cifar10 and cifar100 are downloaded once; synthetic is generated "
                              "offline (default: cifar10)")
-    parser.add_argument("--data-dir", type=Path,
+    parser.add_argument("--data-dir", type=data_dir_option,
                         help="downloads, extracted batches and .beton files (default: ./data)")
     parser.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "TEST"),
                         help="images per split of --dataset synthetic (default: 50000 10000)")

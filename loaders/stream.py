@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loaders import beton
 from loaders.base import Batch, BatchLoader
 from loaders.guards import guarded, torch_threads_kept
 
@@ -16,7 +17,6 @@ with torch_threads_kept():
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader
-    from ffcv.reader import Reader
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
 
@@ -39,7 +39,7 @@ class _ShardOrder(TraversalOrder):
 
 class FFCVLoader(BatchLoader):
     def __init__(self, path: Path, **kwargs):
-        num_samples = int(Reader(str(path)).num_samples)
+        num_samples = beton.check(Path(path)).num_samples  # a damaged file: DataError, not FFCV's
         super().__init__(path, num_samples=num_samples, **kwargs)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
         with torch_threads_kept():  # Loader() sets torch's threads to num_workers

@@ -77,10 +77,16 @@ def to_rows(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), cifar.ROW_SIZE))
 
 
-def write_batch(path: Path, split: cifar.Split, protocol: int | str = "py2") -> None:
+def write_batch(path: Path, split: cifar.Split, protocol: int | str = "py2",
+                py3: bool = False) -> None:
+    """A CIFAR batch as the original archive has it, or (py3) as Python 3 code writes one:
+    str keys and names, labels as a list of numpy integers."""
     batch = {b"batch_label": b"testing", b"labels": split.labels.tolist(),
              b"data": to_rows(split.images),
              b"filenames": [f"img_{i}.png".encode() for i in range(len(split.labels))]}
+    if py3:
+        batch = {"batch_label": "testing", "labels": list(split.labels),
+                 "data": batch[b"data"], "filenames": [f.decode() for f in batch[b"filenames"]]}
     dump_pickle(path, batch, protocol)
 
 
@@ -103,18 +109,21 @@ class Cifar10Dir:
 
 
 def write_cifar10(data_dir: Path, rows=(3, 2, 4, 1, 2), n_test: int = 5, seed: int = 0,
-                  protocol: int | str = "py2") -> Cifar10Dir:
-    """A small CIFAR-10 python folder with `rows[i]` images in data_batch_{i+1}."""
+                  protocol: int | str = "py2", py3: bool = False) -> Cifar10Dir:
+    """A small CIFAR-10 python folder with `rows[i]` images in data_batch_{i+1}; py3 writes
+    it as Python 3 code would (see write_batch)."""
     layout = cifar.LAYOUTS["cifar10"]
     folder = data_dir / layout.folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     parts = [random_split(n, rng) for n in rows]
     for name, part in zip(layout.train_files, parts, strict=True):
-        write_batch(folder / name, part, protocol)
+        write_batch(folder / name, part, protocol, py3)
     test = random_split(n_test, rng)
-    write_batch(folder / "test_batch", test, protocol)
+    write_batch(folder / "test_batch", test, protocol, py3)
     meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
+    if py3:
+        meta = {"label_names": list(CIFAR10_CLASSES), "num_vis": 3072}
     dump_pickle(folder / layout.meta_file, meta, protocol)
     train = cifar.Split(np.concatenate([p.images for p in parts]),
                         np.concatenate([p.labels for p in parts]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC_SIZE, dump_pickle
+from conftest import ROOT, SYNTHETIC_SIZE, dump_pickle, run_script
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 
+import loaders
 from loaders import beton, cifar
 from loaders.cifar import DataError
 from loaders.prepare import prepare
@@ -149,3 +151,200 @@ def test_read_refuses_truncated_or_foreign_file(prepared, tmp_path, damage):
     damage(path)
     with pytest.raises(DataError, match=str(path)):
         beton.read(path)
+
+
+# --- damaged files: the sidecar records size and hash ----------------------------------------
+
+def _overwrite_middle(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\xa5" * 16)
+
+
+DAMAGED = {
+    "cut by a few bytes": lambda p: p.write_bytes(p.read_bytes()[:-3]),
+    "middle bytes overwritten": _overwrite_middle,
+    "header cut": lambda p: p.write_bytes(p.read_bytes()[:40]),
+}
+
+
+def _prepared_copy(prepared, tmp_path) -> Path:
+    """A data dir holding a copy of the prepared synthetic source and .beton files."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(prepared.train.parent, data_dir)
+    return data_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", DAMAGED.values(), ids=DAMAGED.keys())
+def test_prepare_rebuilds_a_damaged_beton_from_its_source(prepared, source, tmp_path, damage):
+    data_dir = _prepared_copy(prepared, tmp_path)
+    path = data_dir / prepared.train.name
+    damage(path)
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--data-dir", data_dir,
+                        "--synthetic-size", *SYNTHETIC_SIZE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"notice: {path} is damaged" in result.stderr and "Traceback" not in result.stderr
+    got = beton.read(path)
+    np.testing.assert_array_equal(got.images, source.train.images)
+    np.testing.assert_array_equal(got.labels, source.train.labels)
+    info = beton.read_info(path)
+    assert (info.size, info.file_digest) == (path.stat().st_size, beton.file_digest(path))
+
+
+def test_cache_hit_checks_the_content_hash(prepared, tmp_path):
+    data_dir = _prepared_copy(prepared, tmp_path)
+    path = data_dir / prepared.test.name
+    _overwrite_middle(path)  # same size: only the hash can tell
+    assert beton.damage(path, beton.read_info(path), full=False) is None
+    assert "hash" in beton.damage(path, beton.read_info(path))
+    prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
+    assert beton.damage(path, beton.read_info(path)) is None
+
+
+@pytest.mark.parametrize("kind", ["ffcv", "resident", "torchvision"])
+@pytest.mark.parametrize("damage", [DAMAGED["cut by a few bytes"], DAMAGED["header cut"],
+                                    lambda p: beton.sidecar(p).unlink()],
+                         ids=["cut by a few bytes", "header cut", "no sidecar"])
+def test_loaders_refuse_a_damaged_beton_naming_it(prepared, tmp_path, kind, damage):
+    path = tmp_path / prepared.test.name
+    shutil.copyfile(prepared.test, path)
+    shutil.copyfile(beton.sidecar(prepared.test), beton.sidecar(path))
+    damage(path)
+    with pytest.raises(DataError, match=str(path)):
+        loaders.make_loader(kind, path, train=False, batch_size=8, device="cpu",
+                            mean=prepared.mean, std=prepared.std)
+
+
+# --- writer failures end in a DataError within seconds, leaving nothing -------------------------
+
+def test_space_needed_bounds_the_real_size(tmp_path):
+    for n, workers in [(1, 1), (1500, 1), (1500, 2), (5000, 2)]:
+        path = tmp_path / f"n{n}-w{workers}.beton"
+        split = cifar.Split(np.zeros((n, 32, 32, 3), np.uint8), np.arange(n) % 10)
+        size = beton.write(path, split, CLASSES, workers=workers).size
+        assert size <= beton.space_needed(n, workers), (n, workers)
+
+
+def test_check_space_names_the_folder_and_both_sizes(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    beton.check_space(tmp_path, free // 2)
+    with pytest.raises(DataError, match=f"{tmp_path} has .* MB free but .* needs"):
+        beton.check_space(tmp_path, free + 10**9)
+
+
+def _leftovers(data_dir: Path) -> list[str]:
+    """Temporary files, staging folders and sidecar-less .beton files a failure left."""
+    hidden = [p.name for p in data_dir.rglob(".*")]
+    orphans = [p.name for p in data_dir.glob("*.beton") if not beton.sidecar(p).exists()]
+    return hidden + orphans
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (needs root: skipped otherwise), unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_prepare_on_a_full_disk_says_how_much_space_is_missing(small_disk):
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--data-dir", small_disk,
+                        "--synthetic-size", 256, 64, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {small_disk} has ") and "MB free" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert _leftovers(small_disk) == [] and not list(small_disk.glob("*.beton"))
+
+
+def _limit_file_size() -> None:
+    """preexec_fn: files of the child may not grow past 12 MB (Python then gets EFBIG)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (12 << 20, 12 << 20))
+
+
+@pytest.mark.slow
+def test_writer_worker_failing_ends_in_one_error_without_leftovers(tmp_path):
+    data_dir = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset", "synthetic",
+         "--data-dir", str(data_dir), "--synthetic-size", "3000", "64"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size)
+    assert result.returncode == 1
+    train = data_dir / "synthetic-3000-64-seed0-train.beton"
+    assert result.stderr.startswith(f"error: Writing {train} failed: a worker writing")
+    assert "File too large" in result.stderr and "Nothing was kept" in result.stderr
+    assert "Traceback" not in result.stderr and "leaked" not in result.stderr
+    assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
+
+
+WRITE_AND_REPORT = WRITE_MANY.replace(
+    "beton.write(", "import os\nbefore = set(os.listdir('/dev/shm'))\ntry:\n    beton.write(") + """
+except cifar.DataError as error:
+    print(error)
+    print("leaked:", sorted(set(os.listdir('/dev/shm')) - before))
+"""
+
+
+def _forked_workers(pid: int) -> list[int]:
+    """The children of pid forked from it (same command line): not its resource tracker."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == cmdline]
+
+
+def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):
+    path = tmp_path / "dead-worker.beton"
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_AND_REPORT, str(path)], cwd=ROOT,
+                              start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / f".{path.name}.{writer.pid}.tmp"
+    try:
+        for _ in range(12_000):  # polls, not a time limit: a worker is killed on sight
+            workers = _forked_workers(writer.pid) if tmp.exists() else []
+            if workers or writer.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert workers, "the writer never started its workers"
+        os.kill(workers[-1], signal.SIGKILL)
+        out, err = writer.communicate(timeout=30)  # a hang fails here
+    finally:
+        if writer.poll() is None:
+            os.killpg(writer.pid, signal.SIGKILL)
+    assert writer.returncode == 0, err
+    assert "a worker writing" in out and "killed by SIGKILL" in out and "Nothing was kept" in out
+    assert "leaked: []" in out and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["generating", "writing"])
+def test_ctrl_c_in_prepare_prints_one_line_and_leaves_nothing(tmp_path, during):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    pattern = ".synthetic-*" if during == "generating" else ".*.beton.*.tmp"
+    prep = subprocess.Popen([sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset",
+                             "synthetic", "--data-dir", str(data_dir)], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(30_000):
+            if list(data_dir.glob(pattern)) or prep.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert list(data_dir.glob(pattern)), f"prepare never reached {during}"
+        time.sleep(0.2)
+        os.killpg(prep.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group
+        out, err = prep.communicate(timeout=60)
+    finally:
+        if prep.poll() is None:
+            os.killpg(prep.pid, signal.SIGKILL)
+    assert prep.returncode == 130 and err.strip() == "interrupted", err
+    assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
+    if during == "generating":
+        assert list(data_dir.iterdir()) == []

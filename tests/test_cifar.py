@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from conftest import (
     CIFAR10_CLASSES,
+    ROOT,
     dump_pickle,
     make_tar_gz,
     random_split,
+    run_script,
+    to_rows,
     write_cifar10,
 )
 
@@ -147,6 +150,78 @@ def test_prepare_cli_offline_fails_with_one_clear_paragraph(tmp_path, closed_por
     assert not list(data_dir.glob("*.beton"))
 
 
+# --- the data folder ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs for root (who ignores modes),
+    mode 0555 otherwise."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                              capture_output=True)
+        if made.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def _bad_data_dirs(tmp_path: Path, read_only: Path) -> dict[str, tuple[str, str]]:
+    """case: (--data-dir value, words the one-line error must hold)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {"empty": ("", "--data-dir: an empty value"),
+            "a file": (str(a_file), f"{a_file} is a file, not a folder"),
+            "under a file": (str(a_file / "data"), f"{a_file} is a file, not a folder"),
+            "read-only": (str(read_only), f"{read_only} is read-only"),
+            "under a read-only folder": (str(read_only / "data"), f"{read_only} is read-only")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["loaders/prepare.py", "engine/train.py"])
+def test_unusable_data_dir_is_refused_before_any_work(tmp_path, read_only_dir, script):
+    before = sorted(ROOT.iterdir())
+    for case, (value, words) in _bad_data_dirs(tmp_path, read_only_dir).items():
+        result = run_script(script, "--dataset", "synthetic", "--synthetic-size", 20, 5,
+                            "--data-dir", value, "--epochs", 1, "--out", tmp_path / "run",
+                            timeout=120) if script == "engine/train.py" else run_script(
+            script, "--dataset", "synthetic", "--synthetic-size", 20, 5, "--data-dir", value,
+            timeout=120)
+        assert result.returncode in (1, 2), case
+        assert words in result.stderr and "Traceback" not in result.stderr, (case, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]  # argparse puts its usage line first
+        assert last.startswith("error: ") or ": error: argument --data-dir: " in last, case
+    assert sorted(ROOT.iterdir()) == before  # nothing written to the current directory
+    assert list(read_only_dir.iterdir()) == [] and not (tmp_path / "run").exists()
+
+
+def test_prepare_checks_the_data_dir_first(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(DataError, match=f"{a_file} is a file"):
+        prepare("synthetic", a_file, synthetic_size=(20, 5))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask 022", "umask 002"])
+def test_data_made_in_temporary_folders_gets_the_usual_permissions(tmp_path, served_archive,
+                                                                   umask):
+    made, url, digest = served_archive
+    old = os.umask(umask)
+    try:
+        folder = cifar.write_synthetic(tmp_path, 20, 5)
+        cifar.fetch("cifar10", tmp_path / "cifar", url=url, md5=digest)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "cifar" / ARCHIVE).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
@@ -188,6 +263,24 @@ def test_batches_with_any_number_of_rows(tmp_path, rows):
 def test_batches_pickled_with_any_protocol_are_read(tmp_path, protocol):
     made = write_cifar10(tmp_path / "data", protocol=protocol)
     assert_splits_equal(read(made.folder).test, made.test)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_folders_written_by_python3_are_read_like_the_original(tmp_path, protocol):
+    made = write_cifar10(tmp_path / "data", protocol=protocol, py3=True)
+    got = read(made.folder)
+    assert got.classes == CIFAR10_CLASSES
+    assert_splits_equal(got.train, made.train)
+    assert_splits_equal(got.test, made.test)
+
+
+@pytest.mark.parametrize("labels", [list, np.asarray, lambda a: [int(x) for x in a]],
+                         ids=["numpy integers", "an array", "python ints"])
+def test_labels_as_numpy_integers_an_array_or_ints(cifar10_dir, labels):
+    path = cifar10_dir.folder / "test_batch"
+    test = cifar10_dir.test
+    dump_pickle(path, {"data": to_rows(test.images), "labels": labels(test.labels)}, 4)
+    assert_splits_equal(read(cifar10_dir.folder).test, test)
 
 
 def _good_batch(n: int = 4) -> dict:
@@ -234,6 +327,12 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
     "label 10": ("data_batch_2", _with(labels=[0, 1, 10, 2]), "outside 0..9"),
     "label -1": ("data_batch_2", _with(labels=[0, -1, 1, 2]), "outside 0..9"),
     "meta without label_names": ("batches.meta", {b"num_vis": 3072}, "label_names"),
+    "duplicate class names": ("batches.meta", {"label_names": [*CIFAR10_CLASSES[:9], "cat"]},
+                              "names the class(es) cat more than once"),
+    "empty test split": ("test_batch", {"data": np.zeros((0, 3072), np.uint8), "labels": []},
+                         "hold(s) no images"),
+    "str keys, no labels": ("test_batch", {"data": np.zeros((2, 3072), np.uint8)},
+                            "no 'labels' entry"),
 }
 
 

@@ -47,11 +47,11 @@ def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = N
     write_text(path, buffer.getvalue())
 
 
-def give_default_mode(folder: Path) -> None:
-    """Give a folder made by tempfile.mkdtemp (0700) the mode mkdir would have: 0777 - umask."""
-    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+def usual_permissions(path: Path, mode: int = 0o777) -> None:
+    """Give a file or folder made by tempfile (0600/0700) the mode open() and mkdir() would."""
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
     os.umask(umask)
-    Path(folder).chmod(0o777 & ~umask)
+    os.chmod(path, mode & ~umask)
 
 
 def timestamped(prefix: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
+from common.files import usual_permissions
 
 ROW_SIZE = 32 * 32 * 3  # one image: R, G and B planes of 32 x 32 bytes
 
@@ -75,13 +76,6 @@ class CifarData:
     train: Split
     test: Split
     source: Path  # the python-format folder the splits were read from
-
-
-def usual_permissions(path: Path, mode: int = 0o777) -> None:
-    """Give a file or folder made by tempfile (0600/0700) the mode open() and mkdir() would."""
-    umask = os.umask(0)  # reading the umask means setting it: put it back at once
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
 
 
 # --- download and extraction -------------------------------------------------------------
@@ -353,12 +347,17 @@ def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, boxes: np.n
         pickle.dump(batch, f, protocol=4)
 
 
+def synthetic_folder_name(n_train: int, n_test: int, seed: int) -> str:
+    """The folder of one synthetic dataset: every size and seed gets its own."""
+    return f"synthetic-{n_train}-{n_test}-seed{seed}"
+
+
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
     if n_train < len(SYNTHETIC_CLASSES) or n_test < 1:
         raise DataError(f"Synthetic data needs at least {len(SYNTHETIC_CLASSES)} training and "
                         f"1 test image, got {n_train} and {n_test}.")
-    folder = data_dir / f"synthetic-{n_train}-{n_test}-seed{seed}"
+    folder = data_dir / synthetic_folder_name(n_train, n_test, seed)
     if folder.is_dir():
         return folder
     staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=data_dir))

@@ -38,9 +38,9 @@ def data_dir_option(value: str) -> Path:
     return Path(value)
 
 
-def check_data_dir(data_dir: Path | str) -> None:
-    """DataError naming data_dir when it cannot hold the data (a file, or a folder that cannot
-    be written), raised before any download or conversion starts."""
+def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
+    """DataError naming data_dir when it cannot hold the data (a file, or, when something must
+    be written there, a folder that cannot be), raised before any download or conversion."""
     if not str(data_dir).strip():  # a library caller's "" (Path("") would mean ".")
         raise DataError("The data folder is empty (''); name a folder, e.g. --data-dir data.")
     existing = Path(data_dir)
@@ -49,18 +49,21 @@ def check_data_dir(data_dir: Path | str) -> None:
     if not existing.is_dir():
         raise DataError(f"--data-dir {data_dir}: {existing} is a file, not a folder; pass a "
                         "folder (it is created when missing).")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if writing and not os.access(existing, os.W_OK | os.X_OK):
         raise DataError(f"--data-dir {data_dir}: {existing} is read-only; pass a folder you "
                         "can write to, or make it writable.")
 
 
 def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
             seed: int = 0, workers: int | None = None) -> Prepared:
-    """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`."""
-    check_data_dir(data_dir)
-    data = cifar.load(name, Path(data_dir), synthetic_size, seed)
-    tag = data.source.name if name == "synthetic" else name
+    """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
+
+    A read-only data_dir is fine once it holds them (a shared, prepared data folder).
+    """
+    tag = cifar.synthetic_folder_name(*synthetic_size, seed) if name == "synthetic" else name
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
+    check_data_dir(data_dir, writing=not all(beton.sidecar(p).is_file() for p in paths.values()))
+    data = cifar.load(name, Path(data_dir), synthetic_size, seed)
     workers = workers or default_workers()
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)
     # the test split is normalized with the training statistics, as the model will see it

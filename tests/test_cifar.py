@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -199,6 +200,32 @@ def test_unusable_data_dir_is_refused_before_any_work(tmp_path, read_only_dir, s
         assert last.startswith("error: ") or ": error: argument --data-dir: " in last, case
     assert sorted(ROOT.iterdir()) == before  # nothing written to the current directory
     assert list(read_only_dir.iterdir()) == [] and not (tmp_path / "run").exists()
+
+
+def test_a_prepared_read_only_data_dir_is_used_as_is(tmp_path):
+    """A shared, prepared data folder need not be writable: nothing is written to it."""
+    made = prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if os.geteuid() == 0:  # root ignores modes: a read-only bind mount
+        if subprocess.run(["mount", "--bind", str(tmp_path / "data"), str(shared)]).returncode:
+            pytest.skip("cannot bind-mount here")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(shared)], check=True)
+    else:
+        shutil.copytree(tmp_path / "data", shared, dirs_exist_ok=True)
+        for path in (shared, *shared.rglob("*")):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        again = prepare("synthetic", shared, synthetic_size=(20, 5), workers=1)
+        assert again.train == shared / made.train.name and again.mean == made.mean
+        with pytest.raises(DataError, match="is read-only"):
+            prepare("synthetic", shared, synthetic_size=(21, 5), workers=1)  # must write
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(shared)], check=True)
+        else:
+            for path in (shared, *shared.rglob("*")):
+                path.chmod(0o755)
 
 
 def test_prepare_checks_the_data_dir_first(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.cli import run_main
 from common.errors import ReportError
-from common.files import give_default_mode, write_csv
+from common.files import usual_permissions, write_csv
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import (
     METHODS,
@@ -109,7 +109,7 @@ def write_report(run: Inputs, args: argparse.Namespace, folder: Path) -> None:
 
 def publish(folder: Path, out: Path) -> None:
     """Rename the finished folder to `out`; an older report there is removed only now."""
-    give_default_mode(folder)  # mkdtemp made it private (0700)
+    usual_permissions(folder)  # mkdtemp made it private (0700)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)

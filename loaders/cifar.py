@@ -18,6 +18,7 @@ import numpy as np
 
 from common.errors import DataError
 from common.files import usual_permissions
+from loaders import folders
 
 ROW_SIZE = 32 * 32 * 3  # one image: R, G and B planes of 32 x 32 bytes
 
@@ -58,7 +59,7 @@ LAYOUTS = {
         labels_key=b"fine_labels",
     ),
 }
-DATASETS = ("cifar10", "cifar100", "synthetic")
+DATASETS = ("cifar10", "cifar100", "synthetic", "folder")
 
 
 @dataclass(frozen=True)
@@ -268,15 +269,28 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
     return CifarData(name, classes, read(layout.train_files), read(layout.test_files), folder)
 
 
+def source_name(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
+                seed: int = 0) -> str:
+    """The python-format folder dataset `name` is read from (and its .beton files' prefix):
+    one per synthetic size and seed, one per state of an image folder."""
+    if name == "synthetic":
+        return f"synthetic-{synthetic_size[0]}-{synthetic_size[1]}-seed{seed}"
+    if name == "folder":
+        return f"folder-{folders.fingerprint(folders.class_files(data_dir))}"
+    return LAYOUTS[name].folder
+
+
 def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
          seed: int = 0) -> CifarData:
-    """Fetch (when needed), read and validate dataset `name` under data_dir."""
+    """Fetch, generate or convert (when needed), read and validate dataset `name`."""
     if name not in DATASETS:
         raise DataError(f"Unknown dataset '{name}'; choose one of {', '.join(DATASETS)}.")
+    if name == "folder":
+        return read_folder(write_image_folder(data_dir), OWN_LAYOUT, name)
     data_dir.mkdir(parents=True, exist_ok=True)
     if name == "synthetic":
         folder = write_synthetic(data_dir, *synthetic_size, seed=seed)
-        return read_folder(folder, SYNTHETIC_LAYOUT, name)
+        return read_folder(folder, OWN_LAYOUT, name)
     return read_folder(fetch(name, data_dir), LAYOUTS[name], name)
 
 
@@ -336,20 +350,36 @@ def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64), boxes
 
 
-SYNTHETIC_LAYOUT = Layout(None, None, "", LAYOUTS["cifar10"].train_files, ("test_batch",),
-                          "batches.meta", b"label_names", b"labels")
+# the layout of the python-format folders this project writes (synthetic data, image folders)
+OWN_LAYOUT = Layout(None, None, "", LAYOUTS["cifar10"].train_files, ("test_batch",),
+                    "batches.meta", b"label_names", b"labels")
 
 
-def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> None:
+def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> None:
     rows = images.transpose(0, 3, 1, 2).reshape(len(images), ROW_SIZE)
-    batch = {b"data": rows, b"labels": labels.tolist(), b"boxes": boxes}
+    batch = {b"data": rows, b"labels": labels.tolist(), **{k.encode(): v for k, v in extra.items()}}
     with open(path, "wb") as f:
         pickle.dump(batch, f, protocol=4)
 
 
-def synthetic_folder_name(n_train: int, n_test: int, seed: int) -> str:
-    """The folder of one synthetic dataset: every size and seed gets its own."""
-    return f"synthetic-{n_train}-{n_test}-seed{seed}"
+def write_python_folder(folder: Path, classes: list[str], train: dict[str, np.ndarray],
+                        test: dict[str, np.ndarray]) -> Path:
+    """Write splits ({"images", "labels", and extra arrays}) as a CIFAR-10 python folder,
+    through a staging folder renamed into place, so a crash never leaves half a folder.
+    Extra arrays (the synthetic boxes) are stored under their names; readers ignore them."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        for name, part in zip(OWN_LAYOUT.train_files,
+                              np.array_split(np.arange(len(train["labels"])), 5), strict=True):
+            _write_batch(staging / name, **{k: v[part] for k, v in train.items()})
+        _write_batch(staging / "test_batch", **test)
+        with open(staging / "batches.meta", "wb") as f:
+            pickle.dump({b"label_names": [c.encode() for c in classes]}, f)
+        usual_permissions(staging)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
@@ -357,23 +387,24 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
     if n_train < len(SYNTHETIC_CLASSES) or n_test < 1:
         raise DataError(f"Synthetic data needs at least {len(SYNTHETIC_CLASSES)} training and "
                         f"1 test image, got {n_train} and {n_test}.")
-    folder = data_dir / synthetic_folder_name(n_train, n_test, seed)
+    folder = data_dir / source_name("synthetic", data_dir, (n_train, n_test), seed)
     if folder.is_dir():
         return folder
-    staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=data_dir))
-    try:
-        train = synthetic_split(n_train, seed=2 * seed)
-        for name, part in zip(SYNTHETIC_LAYOUT.train_files,
-                              np.array_split(np.arange(n_train), 5), strict=True):
-            _write_batch(staging / name, *(a[part] for a in train))
-        _write_batch(staging / "test_batch", *synthetic_split(n_test, seed=2 * seed + 1))
-        with open(staging / "batches.meta", "wb") as f:
-            pickle.dump({b"label_names": [c.encode() for c in SYNTHETIC_CLASSES]}, f)
-        usual_permissions(staging)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    train, test = (dict(zip(("images", "labels", "boxes"), synthetic_split(n, seed=s),
+                            strict=True))
+                   for n, s in ((n_train, 2 * seed), (n_test, 2 * seed + 1)))
+    return write_python_folder(folder, SYNTHETIC_CLASSES, train, test)
+
+
+def write_image_folder(root: Path) -> Path:
+    """Convert (once per state of its files) an ImageFolder tree into a python folder in it."""
+    files = folders.class_files(root)
+    folder = root / f"folder-{folders.fingerprint(files)}"
+    if folder.is_dir():
+        return folder
+    train, test = (dict(zip(("images", "labels"), folders.read_split(files[split]), strict=True))
+                   for split in folders.SPLITS)
+    return write_python_folder(folder, list(files["train"]), train, test)
 
 
 def synthetic_boxes(folder: Path) -> np.ndarray:

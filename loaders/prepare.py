@@ -60,9 +60,12 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000
 
     A read-only data_dir is fine once it holds them (a shared, prepared data folder).
     """
-    tag = cifar.synthetic_folder_name(*synthetic_size, seed) if name == "synthetic" else name
+    check_data_dir(data_dir, writing=False)
+    tag = name if name in cifar.LAYOUTS else cifar.source_name(name, Path(data_dir),
+                                                                synthetic_size, seed)
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
-    check_data_dir(data_dir, writing=not all(beton.sidecar(p).is_file() for p in paths.values()))
+    if not all(beton.sidecar(p).is_file() for p in paths.values()):
+        check_data_dir(data_dir)  # something must be written there
     data = cifar.load(name, Path(data_dir), synthetic_size, seed)
     workers = workers or default_workers()
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)

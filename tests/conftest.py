@@ -198,7 +198,7 @@ def prepared(tmp_path_factory) -> Prepared:
 @pytest.fixture(scope="session")
 def source(prepared) -> cifar.CifarData:
     """What the prepared .beton files were made from."""
-    return cifar.read_folder(prepared.source, cifar.SYNTHETIC_LAYOUT, "synthetic")
+    return cifar.read_folder(prepared.source, cifar.OWN_LAYOUT, "synthetic")
 
 
 def _copy(x):

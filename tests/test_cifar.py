@@ -413,7 +413,7 @@ def test_synthetic_shapes_and_balanced_classes(n):
 
 def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_path):
     folder = cifar.write_synthetic(tmp_path, 60, 20, seed=1)
-    data = cifar.read_folder(folder, cifar.SYNTHETIC_LAYOUT, "synthetic")
+    data = cifar.read_folder(folder, cifar.OWN_LAYOUT, "synthetic")
     assert data.classes == cifar.SYNTHETIC_CLASSES
     assert np.bincount(data.train.labels).tolist() == [6] * 10
     assert data.train.images.shape == (60, 32, 32, 3) and len(data.test.labels) == 20
@@ -428,7 +428,7 @@ def test_write_synthetic_refuses_too_few_images(tmp_path):
 def test_synthetic_boxes_hold_the_object(tmp_path):
     """Each box lies in the image and holds the object: one flat colour, never outside it."""
     folder = cifar.write_synthetic(tmp_path, 10, 200, seed=2)
-    images = cifar.read_folder(folder, cifar.SYNTHETIC_LAYOUT, "synthetic").test.images
+    images = cifar.read_folder(folder, cifar.OWN_LAYOUT, "synthetic").test.images
     boxes = cifar.synthetic_boxes(folder)
     assert boxes.shape == (200, 4)
     y0, x0, y1, x1 = boxes.T

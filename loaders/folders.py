@@ -1,0 +1,109 @@
+"""Your own images: an ImageFolder layout (DIR/train/<class>/*, DIR/test/<class>/*, the way
+CINIC-10 ships) read into 32x32 RGB arrays. loaders.cifar writes them once in the CIFAR-10
+python format, so every loader, training, the report and the bench take them unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import DataError
+from common.hardware import default_workers
+
+SPLITS = ("train", "test")
+SIDE = 32
+
+
+def to_cifar_pixels(image: Image.Image) -> np.ndarray:
+    """Any PIL image as CIFAR stores one: 32 x 32 x 3 uint8 RGB.
+
+    Downscaling averages the pixels each output pixel covers (PIL's BOX filter), the
+    antialiased reduction photos went through to become CIFAR images; a 32x32 image is
+    returned unchanged. Modes with alpha, palettes, grey, CMYK and 16-bit are made RGB first.
+    """
+    if image.mode not in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "1"):
+        image = image.convert("F").point(lambda v: v / 256).convert("L")  # 16-bit, float grey
+    image = image.convert("RGB")
+    if image.size != (SIDE, SIDE):
+        image = image.resize((SIDE, SIDE), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One file as 32 x 32 x 3 uint8; DataError naming it when PIL cannot read it."""
+    try:
+        with Image.open(path) as image:
+            return to_cifar_pixels(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path} is not a readable image ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())[:120]})") from None
+
+
+def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """{split: {class: files}} of an ImageFolder tree; DataError for what is missing or empty.
+
+    Hidden files (.DS_Store, ...) are not images; every other file in a class folder is one.
+    """
+    out = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(f"{folder} is missing: --dataset folder reads {root}/train/<class>/ "
+                            f"and {root}/test/<class>/ image files (the ImageFolder layout).")
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
+                         and not p.name.startswith("."))
+        if not classes:
+            raise DataError(f"{folder} has no class folders; put each class's images in "
+                            f"{folder}/<class name>/.")
+        out[split] = {c: sorted(f for f in (folder / c).iterdir()
+                                if f.is_file() and not f.name.startswith("."))
+                      for c in classes}
+        empty = [str(folder / c) for c, files in out[split].items() if not files]
+        if empty:
+            raise DataError(f"{', '.join(empty)}: no images in this class folder; add some or "
+                            "remove the folder.")
+    if list(out["test"]) != list(out["train"]):
+        raise DataError(f"{root}/train and {root}/test hold different classes "
+                        f"({', '.join(out['train'])} against {', '.join(out['test'])}); "
+                        "both need the same class folders.")
+    return out
+
+
+def fingerprint(files: dict[str, dict[str, list[Path]]]) -> str:
+    """A hash of every image's path, size and modification time: the conversion is redone
+    exactly when a file is added, removed or changed, without decoding any of them."""
+    h = hashlib.blake2b(digest_size=8)
+    for split, classes in files.items():
+        for name, paths in classes.items():
+            for path in paths:
+                stat = path.stat()
+                h.update(f"{split}/{name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def read_split(classes: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N x 32 x 32 x 3) and labels (index in the sorted class names) of one split.
+
+    Every unreadable file is collected, so one error names them all rather than the first.
+    """
+    paths = [p for files in classes.values() for p in files]
+    labels = np.repeat(np.arange(len(classes)), [len(f) for f in classes.values()])
+
+    def attempt(path: Path) -> np.ndarray | DataError:
+        try:
+            return read_image(path)
+        except DataError as error:
+            return error
+
+    with ThreadPoolExecutor(default_workers()) as pool:  # PIL decodes without the GIL
+        images = list(pool.map(attempt, paths))
+    bad = [str(e) for e in images if isinstance(e, DataError)]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} file(s) could not be read as images: "
+                        f"{'; '.join(bad[:3])}{more}. Delete or replace them.")
+    return np.stack(images), labels.astype(np.int64)

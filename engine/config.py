@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="engine/train.py",
         description="Train a CIFAR ResNet-18 (accelerate launch engine/train.py, or plain python).",
         epilog="Options left out take their values from --preset (default: fast).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="fast",
-                   help="starting values; any option given here overrides them")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="starting values; any option given here overrides them (default: fast)")
     add_data_arguments(p)
     g = p.add_argument_group("data loading and augmentation")
     g.add_argument("--loader", choices=LOADERS, help="default: resident on GPU, ffcv on CPU")
@@ -198,9 +198,9 @@ def parse(argv: list[str] | None = None) -> Options:
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
     names = {f.name for f in fields(TrainConfig)}
-    given = {k: _plain(v) for k, v in args.items()
-             if k in names and v is not None and k != "preset"}
-    cfg = TrainConfig(**{**PRESETS[args["preset"]], "preset": args["preset"], **given})
+    given = {k: _plain(v) for k, v in args.items() if k in names and v is not None}
+    preset = given.get("preset", "fast")
+    cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, **given})
     problems = validate(cfg)
     if problems:
         parser.error("; ".join(problems))

@@ -297,3 +297,19 @@ def test_the_shapes_that_crashed_torch_train_and_report(tmp_path):
     result = run_script("tools/report.py", out / "ckpt.pt", "-n", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".report")) == []
+
+
+def test_resume_rules_apply_what_can_change_and_name_the_rest():
+    """engine.config.resume_config on its own: every option typed is either applied or named."""
+    from engine.config import RESUMABLE, parse, resume_config
+
+    saved = parse(["--dataset", "synthetic", "--epochs", "2"]).cfg.to_dict()
+    given = parse(["--epochs", "5", "--workers", "3", "--preset", "seed", "--lr", "0.3"]).given
+    with pytest.raises(ValueError, match="--lr, --preset cannot change") as error:
+        resume_config(saved, given, Path("runs/x"))
+    assert all(f"--{k.replace('_', '-')}" in str(error.value) for k in RESUMABLE)
+    cfg = resume_config(saved, {"epochs": 5, "workers": 3}, Path("runs/x"))
+    assert (cfg.epochs, cfg.workers, cfg.out, cfg.dataset) == (5, 3, "runs/x", "synthetic")
+    same = resume_config(saved, {"dataset": "synthetic", "synthetic_size": (50_000, 10_000)},
+                         Path("runs/x"))  # repeating a saved value is no change
+    assert same.synthetic_size == (50_000, 10_000)

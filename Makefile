@@ -31,7 +31,13 @@ test-fast: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-bench: setup
+# the peers section measures public loaders too: install them (the [bench] extra) once
+BENCH_STAMP := .venv/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) tools/bench.py $(ARGS)
 
 report: setup

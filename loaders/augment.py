@@ -1,7 +1,8 @@
 """Batched augmentation on whatever device the batch is on: flip, translate, normalize, cutout.
 
-Flip and translate are one gather over uint8 pixels (a quarter of the bytes of fp32); reflect
-or zero padding is done by index arithmetic, so no padded copy is ever made.
+Flip and translate are one gather, over uint8 pixels (a quarter of the bytes of fp32) or over
+a split normalized once when it was loaded (the resident loader: then the gather is the whole
+per-epoch work); reflect or zero padding is done by index arithmetic, so no padded copy is made.
 """
 
 from __future__ import annotations
@@ -42,10 +43,18 @@ def _source_index(index: torch.Tensor, size: int, reflect: bool) -> tuple[torch.
     return index.clamp(0, size - 1), inside | reflect
 
 
-def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Random flip and translation of N x H x W x C images, as one gather."""
-    n, h, w, _ = images.shape
+def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+                   index: torch.Tensor | None = None,
+                   fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Random flip and translation of N x H x W x C images, as one gather.
+
+    With `index`, the images taken are images[index], picked by the same gather; zero padding
+    writes `fill` (one value per channel, for normalized images) instead of 0.
+    """
+    _, h, w, _ = images.shape
     dev = images.device
+    n = images.shape[0] if index is None else len(index)
+    samples = torch.arange(n, device=dev) if index is None else index
     shift = torch.randint(-cfg.translate, cfg.translate + 1, (2, n, 1), generator=g, device=dev)
     flip = torch.rand(n, 1, generator=g, device=dev) < 0.5 if cfg.flip else None
     cols = torch.arange(w, device=dev).expand(n, w)
@@ -53,9 +62,14 @@ def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator)
         cols = torch.where(flip, w - 1 - cols, cols)
     rows, row_ok = _source_index(torch.arange(h, device=dev) + shift[0], h, cfg.reflect)
     cols, col_ok = _source_index(cols + shift[1], w, cfg.reflect)
-    out = images[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    # one flat pixel index per output pixel: index_select copies whole pixels (C values) and
+    # measured faster than advanced indexing with three index tensors
+    pixel = ((samples[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]).view(-1)
+    c = images.shape[3]
+    out = images.reshape(-1, c).index_select(0, pixel).view(n, h, w, c)
     if not cfg.reflect:
-        out = out * (row_ok[:, :, None] & col_ok[:, None, :])[..., None]
+        inside = (row_ok[:, :, None] & col_ok[:, None, :])[..., None]
+        out = out * inside if fill is None else torch.where(inside, out, fill)
     return out
 
 
@@ -77,7 +91,8 @@ def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
 
 
 class Augment:
-    """uint8 N x 32 x 32 x 3 batches in, normalized channels_last N x 3 x 32 x 32 out."""
+    """uint8 N x 32 x 32 x 3 batches in (or ones already through `normalize`), normalized
+    channels_last N x 3 x 32 x 32 out."""
 
     def __init__(self, cfg: AugmentConfig | None, mean: list[float], std: list[float],
                  dtype: torch.dtype, device: torch.device | str):
@@ -90,13 +105,40 @@ class Augment:
     def set_epoch(self, seed: int, epoch: int) -> None:
         self.generator = epoch_generator(seed, epoch, self.device)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """(x - 255 mean) / (255 std) of uint8 N x H x W x C: fp32 N x C x H x W channels_last."""
+        # NHWC memory viewed as NCHW is exactly channels_last: no copy needed
+        return images.permute(0, 3, 1, 2).float().sub_(self.mean).mul_(self.inv_std)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 N x H x W x C batch normalized, in the output dtype and still N x H x W x C."""
+        return self._normalized(images).to(self.dtype).permute(0, 2, 3, 1)
+
+    def store(self, images: torch.Tensor) -> torch.Tensor:
+        """A whole uint8 N x H x W x C split normalized once, for `__call__` with an index: each
+        epoch is then one gather in the output dtype (flip, translate and sample order at once,
+        no float conversion or normalization per epoch). Flip and translate only move pixels,
+        so the output is the same as augmenting the uint8 split."""
+        return self.normalize(images)
+
+    def _black(self) -> torch.Tensor:
+        """What zero padding writes in normalized images: a black pixel, normalized."""
+        return self.normalize(torch.zeros(1, 1, 1, 3, dtype=torch.uint8,
+                                          device=self.device))[0, 0, 0]
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Augment a uint8 batch, or images[index] of a split made by `store`."""
+        normalized = images.dtype != torch.uint8
+        if normalized and index is None:
+            raise ValueError("a split made by store() is augmented by index")
         if self.cfg is not None:
             if self.generator is None:
                 raise RuntimeError("call set_epoch(seed, epoch) before augmenting")
-            images = flip_translate(images, self.cfg, self.generator)
-        # NHWC memory viewed as NCHW is exactly channels_last: no copy needed
-        x = images.permute(0, 3, 1, 2).float().sub_(self.mean).mul_(self.inv_std)
+            fill = self._black() if normalized else None  # zero padding = black pixels
+            images = flip_translate(images, self.cfg, self.generator, index, fill)
+        elif normalized:
+            images = images.index_select(0, index)
+        x = images.permute(0, 3, 1, 2) if normalized else self._normalized(images)
         if self.cfg is not None and self.cfg.cutout:
             x = cutout(x, self.cfg.cutout, self.generator)
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)

@@ -1,5 +1,6 @@
-"""The whole split held on the device as uint8; each epoch is a device-side permutation and
-augmentation over large chunks, so the host does nothing per batch (airbench's approach)."""
+"""The whole split held on the device, normalized once in the output dtype when it is loaded;
+each epoch is a device-side permutation and one gather per large chunk (sample order, flip
+and translate together), so the host does nothing per batch (airbench's approach)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class ResidentLoader(BatchLoader):
     def __init__(self, path: Path, **kwargs):
         split = beton.read(Path(path))
         super().__init__(path, num_samples=len(split.labels), **kwargs)
-        self.images = torch.from_numpy(split.images).to(self.device)
+        self.images = self.augment.store(torch.from_numpy(split.images).to(self.device))
         self.labels = torch.from_numpy(split.labels).to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -26,6 +27,6 @@ class ResidentLoader(BatchLoader):
         chunk = max(CHUNK // self.batch_size, 1) * self.batch_size
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
-            images, labels = self.augment(self.images[part]), self.labels[part]
+            images, labels = self.augment(self.images, index=part), self.labels[part]
             for i in range(0, len(part), self.batch_size):
                 yield images[i:i + self.batch_size], labels[i:i + self.batch_size]

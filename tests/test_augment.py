@@ -126,3 +126,21 @@ def test_augmenting_before_set_epoch_raises():
 def test_config_out_of_range_is_refused(bad):
     with pytest.raises(ValueError):
         AugmentConfig(**bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", [None, AugmentConfig(), AugmentConfig(reflect=False),
+                                 AugmentConfig(translate=4, reflect=False, cutout=8),
+                                 AugmentConfig(translate=3, flip=False),
+                                 AugmentConfig(translate=0)],
+                         ids=["plain", "reflect", "zeros", "zeros-cutout", "no-flip", "flip-only"])
+def test_normalizing_once_then_gathering_is_exactly_augmenting_uint8(cfg, dtype):
+    # the resident loader's path: the split normalized at load, then one gather per chunk
+    images, index = random_images(64), torch.randperm(64)[:40]
+    reference, stored = (Augment(cfg, MEAN, STD, dtype, "cpu") for _ in range(2))
+    reference.set_epoch(3, 1)
+    stored.set_epoch(3, 1)
+    want = reference(images[index])
+    got = stored(stored.store(images), index=index)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)

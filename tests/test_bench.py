@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import run_script
 from torch import nn
 
-from engine.model import ResNet18
-from tools import bench, bench_sections
+from engine.config import TrainConfig
+from engine.model import ResNet18, forward_macs
+from tools import bench, bench_peers, bench_sections
+from tools.flops import count_train_flops, train_flops
 
 
 def run_bench(tmp: Path, *args: str) -> tuple[dict, str]:
@@ -75,15 +78,50 @@ def test_quick_run_measures_epochs_and_data_wait(quick):
 @pytest.mark.slow
 def test_quick_run_reports_mfu_against_measured_peaks(quick):
     mfu = quick[0]["mfu"]
-    assert mfu["train_flops_per_image"] == 6 * mfu["macs_per_image"]
+    assert mfu["hand_count_flops_per_image"] == 6 * mfu["macs_per_image"]
+    assert mfu["train_flops_per_image"] == pytest.approx(mfu["hand_count_flops_per_image"],
+                                                         rel=0.02)
+    assert sum(mfu["flops_by_module"].values()) == mfu["train_flops_per_image"]
     assert mfu["peaks"]["fp32"]["flops_per_s"] > 0
     ran = [r for r in quick[0]["step"] if r["status"] == "ok"]
-    assert len(mfu["rows"]) == len(ran) + len(quick[0]["epoch"])
+    peer_epochs = quick[0]["peers"]["epochs"]
+    assert len(mfu["rows"]) == len(ran) + len(quick[0]["epoch"]) + len(peer_epochs)
     for row in mfu["rows"]:
         peak = mfu["peaks"][row["precision"]]["flops_per_s"]
-        assert row["mfu"] == pytest.approx(
-            row["images_per_s"] * mfu["train_flops_per_image"] / peak)
+        flops = (peer_epochs[0]["train_flops_per_image"] if row["source"] == "peers"
+                 else mfu["train_flops_per_image"])
+        assert row["mfu"] == pytest.approx(row["images_per_s"] * flops / peak)
         assert row["mfu"] > 0
+
+
+@pytest.mark.slow
+def test_quick_run_records_every_peer_or_why_not(quick):
+    report, stdout = quick
+    rows = report["peers"]["loaders"]
+    assert [r["loader"] for r in rows if r["role"] == "peer"] == [
+        "airbench.CifarLoader", "stock ffcv.Loader", "seed torchvision DataLoader"]
+    assert {r["loader"] for r in rows if r["role"] == "ours"} == {"resident", "ffcv"}
+    assert "== peers: loaders" in stdout and "== peers: training epoch" in stdout
+    speed = {r["loader"]: r for r in rows if r["role"] == "peer"}
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["images"] == 2048 and r["images_per_s"] > 0 and len(r["epoch_s"]) == 1
+            assert r["output"].endswith("3x32x32 channels_last") or r["role"] == "peer"
+        else:  # a peer that cannot run here says why and how to fix it
+            assert r["status"] in ("not installed", "failed") and r["reason"]
+        if r["role"] == "ours" and speed[r["versus"]]["status"] == "ok":
+            assert r["ratio"] == pytest.approx(
+                r["images_per_s"] / speed[r["versus"]]["images_per_s"])
+    # ours is compared in the output the peer hands over: fp16 beside airbench
+    assert rows[1]["versus"] == "airbench.CifarLoader" and rows[1]["output"].startswith("float16")
+    seed, default = report["peers"]["epochs"]
+    assert (seed["pipeline"], seed["loader"], seed["precision"], seed["channels_last"]) == (
+        "seed", "torchvision", "fp32", False)
+    assert (default["pipeline"], seed["batch_size"], default["batch_size"]) == (
+        "default", 128, 512)
+    assert seed["vs_seed"] == 1 and default["vs_seed"] > 0
+    assert seed["images"] == default["images"] == 256 and seed["width"] == 16
+    assert seed["train_flops_per_image"] == train_flops(ResNet18(width=16))
 
 
 @pytest.mark.slow
@@ -124,10 +162,40 @@ def test_train_flops_by_hand():
         nn.Flatten(),
         nn.Linear(4 * 8 * 8, 5),  # 256*5
     )
-    forward = 256 * 27 + 256 * 5
-    assert bench_sections.train_flops(net, (1, 3, 8, 8)) == 3 * 2 * forward
+    conv, linear = 2 * 256 * 27, 2 * 256 * 5  # forward FLOPs
+    assert bench_sections.hand_train_flops(net, (1, 3, 8, 8)) == 3 * (conv + linear)
+    # counted as it runs: the first layer's backward skips the input's gradient (no one needs
+    # it), so the conv costs 2x its forward and the linear 3x
+    counted, by_module = count_train_flops(net, (3, 8, 8))
+    assert counted == 2 * conv + 3 * linear
+    assert by_module == {"Sequential.0": 2 * conv, "Sequential.2": 3 * linear}
+
+
+def test_counted_flops_agree_with_the_hand_count():
     # ResNet-18 at width 64: ~0.556 GMACs forward, so ~3.33 training GFLOPs per image
-    assert bench_sections.train_flops(ResNet18(width=64)) == pytest.approx(3.33e9, rel=0.01)
+    for width in (16, 64):
+        model = ResNet18(width=width)
+        counted = train_flops(model)
+        assert counted == pytest.approx(6 * forward_macs(model), rel=0.02)
+        assert train_flops(model, channels_last=True) == counted
+    assert train_flops(ResNet18(width=64)) == pytest.approx(3.33e9, rel=0.01)
+
+
+def test_counting_flops_leaves_the_model_untouched():
+    model = ResNet18(width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_flops(model)
+    assert all(p.grad is None for p in model.parameters())
+    assert all((before[k] == v).all() for k, v in model.state_dict().items())
+
+
+def test_missing_peer_is_recorded_not_fatal(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "airbench", None)  # Python's own "not installed"
+    row = bench_peers.PeerResult("airbench.CifarLoader", "peer", "flip")
+    loader = bench_peers.construct(row, lambda: bench_peers.airbench_loader(
+        None, TrainConfig(), None, tmp_path))
+    assert loader is None and row.status == "not installed"
+    assert "airbench" in row.reason and ".[bench]" in row.reason
 
 
 def test_mfu_arithmetic():

@@ -2,9 +2,10 @@
 in one process.
 
 Every figure of a report is measured in the same run, so ratios between them hold on a noisy,
-shared machine. Training FLOPs per image are taken as 3 x 2 x forward MACs (the backward pass
-costs about twice the forward; 1 MAC = 2 FLOPs); MFU is images/s x FLOPs per image over the
-dense matmul peak of the step's dtype, itself timed in the same run.
+shared machine. The peers section puts public CIFAR-10 loaders (airbench, stock FFCV, the seed
+notebook's DataLoader) beside ours. Training FLOPs per image are counted by FlopCounterMode over
+a forward and backward pass; MFU is images/s x FLOPs per image over the dense matmul peak of
+the step's dtype, itself timed in the same run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from common.hardware import available_cores
 from engine.config import TrainConfig, resolve
 from engine.run import DTYPES
 from tools.bench_output import metadata, report
+from tools.bench_peers import bench_peers
 from tools.bench_sections import (
     bench_epochs,
     bench_loaders,
@@ -33,7 +35,7 @@ from tools.bench_sections import (
     log,
 )
 
-SECTIONS = ("loaders", "step", "epoch", "mfu")
+SECTIONS = ("loaders", "peers", "step", "epoch", "mfu")
 TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 
 # Options left out: (on CUDA, on CPU, with --quick). The help text is made from this table.
@@ -50,6 +52,8 @@ DEFAULTS: dict[str, tuple] = {
     "repeats": (3, 3, 1),
     "matmul_size": (4096, 2048, 1024),
     "matmul_seconds": (1.0, 1.0, 0.3),
+    "peer_epoch_images": (50_000, 1_024, 256),
+    "peer_width": (64, 64, 16),
 }
 
 
@@ -105,7 +109,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ("steps", count, "timed steps per block"),
             ("repeats", count, "timed blocks of steps and of matmuls; the fastest counts"),
             ("matmul-size", count, "n of the peak n x n matmul"),
-            ("matmul-seconds", number, "time spent on each peak measurement")):
+            ("matmul-seconds", number, "time spent on each peak measurement"),
+            ("peer-epoch-images", count, "training images of the peers section's seed vs "
+                                         "default epochs"),
+            ("peer-width", count, "ResNet-18 width of the peers section's epochs")):
         p.add_argument(f"--{name}", type=kind,
                        help=f"{help_text} ({default_text(name.replace('-', '_'))})")
     p.add_argument("--precisions", type=csv(str), default=["fp32", "bf16", "fp16"],
@@ -160,11 +167,13 @@ def base_config(args: argparse.Namespace, device: torch.device, images: int,
 
 def run_sections(args: argparse.Namespace, device: torch.device,
                  out: str) -> tuple[dict, dict[str, float]]:
-    """The chosen sections, always in the order loaders, step, epoch, mfu, and their seconds."""
+    """The chosen sections, always in the order loaders, peers, step, epoch, mfu, and their
+    seconds."""
     base = base_config(args, device, args.images, out)
     results: dict = {}
     jobs = {
         "loaders": lambda: bench_loaders(base, device, args),
+        "peers": lambda: bench_peers(base, device, args, out),
         "step": lambda: bench_steps(replace(base, loader="resident"), args),
         "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args),
         "mfu": lambda: bench_mfu(results, base, device, args),
@@ -176,6 +185,15 @@ def run_sections(args: argparse.Namespace, device: torch.device,
         seconds[name] = time.perf_counter() - start
         log(f"{name} section: {seconds[name]:.0f} s")
     return results, seconds
+
+
+def serializable(result):
+    """A section's result as JSON-ready lists and dicts (dataclasses, lists and dicts of them)."""
+    if isinstance(result, list):
+        return [serializable(r) for r in result]
+    if isinstance(result, dict):
+        return {k: serializable(v) for k, v in result.items()}
+    return asdict(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             payload = dict(meta=meta, options={k: str(v) if isinstance(v, Path) else v
                                                for k, v in vars(args).items()},
-                           **{k: asdict(v) if k == "mfu" else [asdict(r) for r in v]
-                              for k, v in results.items()})
+                           **{k: serializable(v) for k, v in results.items()})
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(payload, indent=1) + "\n")
             log(f"wrote {args.json}")

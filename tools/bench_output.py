@@ -14,11 +14,14 @@ from pathlib import Path
 import torch
 
 from common.hardware import available_cores, device_name
+from tools.bench_peers import PeerResult, SeedEpochResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {name: [f.name for f in fields(cls)] for name, cls in
            (("loaders", LoaderResult), ("step", StepResult), ("epoch", EpochResult))}
+COLUMNS["peers"] = [f.name for f in fields(PeerResult)]
+COLUMNS["seed"] = [f.name for f in fields(SeedEpochResult)]
 COLUMNS["mfu"] = ["source", "config", "images_per_s", "achieved_TFLOP/s", "peak_TFLOP/s", "mfu"]
 
 
@@ -70,13 +73,21 @@ def report(results: dict) -> str:
     """Every section as a table, the peaks and the MFU formula under the MFU table."""
     parts = [table(name, [asdict(r) for r in results[name]], COLUMNS[name])
              for name in ("loaders", "step", "epoch") if name in results]
+    if "peers" in results:
+        p = results["peers"]
+        parts.insert(1 if "loaders" in results else 0, "\n".join([
+            table("peers: loaders (ratio = ours / versus, same augmentations and output)",
+                  [asdict(r) for r in p["loaders"]], COLUMNS["peers"]),
+            table("peers: training epoch, seed notebook's pipeline vs the default preset",
+                  [asdict(r) for r in p["epochs"]], COLUMNS["seed"])]))
     if "mfu" in results:
         m = results["mfu"]
         rows = [{**r, "achieved_TFLOP/s": r["achieved_flops_per_s"] / 1e12,
                  "peak_TFLOP/s": r["peak_flops_per_s"] / 1e12} for r in m.rows]
         parts.append(table("mfu", rows, COLUMNS["mfu"]))
-        parts.append(f"{m.formula}; forward {m.macs_per_image:,} MACs -> "
-                     f"{m.train_flops_per_image:,} training FLOPs per image")
+        parts.append(f"{m.formula}: {m.train_flops_per_image:,} training FLOPs per image "
+                     f"(hand count {m.hand_count_flops_per_image:,} from {m.macs_per_image:,} "
+                     f"forward MACs)")
         parts += [f"{p.dtype} peak: {p.flops_per_s / 1e12:.3f} TFLOP/s ({p.size}^3 matmul, "
                   f"fastest of {len(p.block_s)} blocks of {p.reps})" for p in m.peaks.values()]
     return "\n".join(parts)

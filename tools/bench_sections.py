@@ -19,6 +19,7 @@ from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
 from loaders.base import BatchLoader
 from loaders.prepare import Prepared, prepare
+from tools.flops import count_train_flops
 from tools.timing import Pass, Peak, fastest, loader_pass, matmul_peak, timed_steps, train_pass
 
 
@@ -75,9 +76,12 @@ class EpochResult:
 class MfuResult:
     """FLOPs per image, the measured peaks, and the MFU of every throughput of the run."""
 
+    train_flops_per_image: int  # counted by tools.flops (FlopCounterMode), forward + backward
+    flops_by_module: dict[str, int]  # the same count per top-level module
     macs_per_image: int  # forward multiply-accumulates (engine.model.forward_macs)
-    train_flops_per_image: int  # 3 x 2 x macs_per_image
-    formula: str = "train FLOPs/image = 3 (forward + 2 x backward) x 2 (FLOPs/MAC) x forward MACs"
+    hand_count_flops_per_image: int  # 3 x 2 x macs_per_image: the cross-check
+    formula: str = ("train FLOPs/image counted by torch.utils.flop_counter.FlopCounterMode over "
+                    "a forward and backward pass (cross-check: 3 x 2 x forward MACs)")
     peaks: dict[str, Peak] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
 
@@ -205,8 +209,9 @@ def bench_epochs(base: TrainConfig, args: argparse.Namespace) -> list[EpochResul
     return results
 
 
-def train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
-    """Training FLOPs per image: 3 x 2 x forward MACs (backward ~ 2 x forward; 1 MAC = 2 FLOPs)."""
+def hand_train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x forward MACs (backward ~
+    2 x forward; 1 MAC = 2 FLOPs)."""
     return 3 * 2 * forward_macs(model, input_shape)
 
 
@@ -225,20 +230,27 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
                   f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}",
                   precision=r.precision, images_per_s=r.images_per_s)
              for r in results.get("epoch", [])]
+    # the peers' timed training epochs, each with the FLOPs counted on its own model
+    rows += [dict(source="peers", config=f"{r.pipeline} pipeline, {r.loader} loader, "
+                  f"{r.precision} width {r.width} batch {r.batch_size}", precision=r.precision,
+                  images_per_s=r.images_per_s, flops=r.train_flops_per_image)
+             for r in results.get("peers", {}).get("epochs", [])]
     for row in rows:
-        peak = peaks[row["precision"]].flops_per_s
-        row.update(achieved_flops_per_s=row["images_per_s"] * flops, peak_flops_per_s=peak,
-                   mfu=mfu(row["images_per_s"], flops, peak))
+        peak, per_image = peaks[row["precision"]].flops_per_s, row.pop("flops", flops)
+        row.update(achieved_flops_per_s=row["images_per_s"] * per_image, peak_flops_per_s=peak,
+                   mfu=mfu(row["images_per_s"], per_image, peak))
     return rows
 
 
 def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
               args: argparse.Namespace) -> MfuResult:
     """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput."""
-    out = MfuResult(forward_macs(build_model(base.arch, 10, base.width)),
-                    train_flops(build_model(base.arch, 10, base.width)))
+    model = build_model(base.arch, 10, base.width)
+    counted, by_module = count_train_flops(model, channels_last=base.channels_last)
+    out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
     dtypes = {"fp32", *(r.precision for r in results.get("step", []) if r.status == "ok"),
-              *(r.precision for r in results.get("epoch", []))}
+              *(r.precision for r in results.get("epoch", [])),
+              *(r.precision for r in results.get("peers", {}).get("epochs", []))}
     pin_threads(args.threads)
     for dtype in sorted(dtypes):
         out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,

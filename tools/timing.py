@@ -4,6 +4,7 @@ and of matmuls, each waited for on the device so host clocks measure the work.""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +39,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loader_pass(loader: BatchLoader, epoch: int) -> Pass:
-    """Iterate one epoch of a loader, as a consumer that keeps every batch would."""
+def loader_pass(loader: BatchLoader, epoch: int,
+                on_first: Callable[[torch.Tensor], object] | None = None) -> Pass:
+    """Iterate one epoch of a loader, as a consumer that keeps every batch would; on_first sees
+    the first batch's images (to describe a loader's output without starting an extra epoch)."""
     loader.set_epoch(epoch)
     sync(loader.device)
     start, images = time.perf_counter(), 0
-    for _, labels in loader:
+    for batch, labels in loader:
+        if on_first is not None and not images:
+            on_first(batch)
         images += len(labels)
     sync(loader.device)
     return Pass(images, time.perf_counter() - start)

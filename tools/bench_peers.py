@@ -1,0 +1,297 @@
+"""The peers section of tools/bench.py: the fastest public CIFAR-10 loaders beside ours, on the
+same split, in the same process, their epochs taken in turns, each ours compared with the peer
+whose augmentations and output it matches; then the seed notebook's training epoch beside the
+default preset's."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.hardware import default_workers
+from engine.config import PRESETS, TrainConfig, resolve
+from engine.run import DTYPES
+from loaders import beton
+from loaders.guards import guarded, torch_threads_kept
+from loaders.prepare import Prepared, prepare
+from tools.bench_sections import build_loader, log, make_run, pin_threads, release
+from tools.flops import train_flops
+from tools.timing import Pass, fastest, loader_pass, train_pass
+
+BENCH_EXTRA = "pip install -e '.[bench]' (or: make bench)"
+
+
+@dataclass
+class PeerResult:
+    """One loader of the peers table: a public peer, or ours set up to match one."""
+
+    loader: str
+    role: str  # "peer", or "ours" for this engine's loaders
+    augment: str  # what every image goes through
+    status: str = "ok"  # "not installed" or "failed": see reason
+    reason: str = ""
+    output: str = ""  # dtype, shape and memory format of the first batch
+    images: int | None = None  # per epoch
+    construct_s: float | None = None
+    first_epoch_s: float | None = None  # warm-up epoch: numba JIT, first-epoch caches
+    epoch_s: list[float] | None = None  # steady-state epochs
+    images_per_s: float | None = None  # of the fastest steady-state epoch
+    versus: str = ""  # the peer this row of ours is compared with
+    ratio: float | None = None  # images_per_s over versus's
+
+
+@dataclass
+class SeedEpochResult:
+    """A full training epoch of the seed notebook's pipeline or of the default preset."""
+
+    pipeline: str  # "seed" or "default"
+    loader: str
+    precision: str
+    compile: bool
+    channels_last: bool
+    batch_size: int
+    width: int
+    images: int  # per epoch
+    train_flops_per_image: int  # counted (tools.flops), forward and backward
+    first_epoch_s: float
+    epoch_s: list[float]
+    images_per_s: float  # of the fastest steady-state epoch
+    vs_seed: float = 0.0  # images_per_s over the seed pipeline's
+
+
+class Timed:
+    """A peer's loader behind the interface tools.timing.loader_pass times (set_epoch, device)."""
+
+    def __init__(self, batches: Callable[[], Iterator], device: torch.device):
+        self.batches, self.device = batches, device
+
+    def set_epoch(self, epoch: int) -> None:
+        """Peers count their own epochs."""
+
+    def __iter__(self) -> Iterator:
+        return self.batches()
+
+
+def describe(images: torch.Tensor) -> str:
+    """'float16 3x32x32 channels_last': what a loader hands over, to show outputs match."""
+    layout = ("channels_last" if images.is_contiguous(memory_format=torch.channels_last)
+              else "contiguous")
+    return f"{str(images.dtype).removeprefix('torch.')} {'x'.join(map(str, images.shape[1:]))} " \
+           f"{layout}"
+
+
+def airbench_loader(data: Prepared, cfg: TrainConfig, device: torch.device,
+                    folder: Path) -> Timed:
+    """airbench.CifarLoader over our training split, written as the train.pt it reads, with
+    flip and translate 2 (its reflect padding) at our batch size; its output is always fp16."""
+    from airbench import CifarLoader  # ModuleNotFoundError when the [bench] extra is missing
+
+    split = beton.read(data.train)
+    torch.save({"images": torch.from_numpy(split.images), "labels": torch.from_numpy(split.labels),
+                "classes": list(data.classes)}, folder / "train.pt")
+    loader = CifarLoader(str(folder), train=True, batch_size=cfg.batch_size,
+                         aug=dict(flip=True, translate=cfg.translate), gpu=device)
+    return Timed(lambda: iter(loader), device)
+
+
+def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) -> Timed:
+    """FFCV's Loader as its CIFAR example declares it: numba flip and translate (zero fill),
+    optional cutout, ToTensor, ToDevice (not on CPU), ToTorchImage, NormalizeImage, Convert."""
+    with torch_threads_kept():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import (
+            Convert,
+            Cutout,
+            NormalizeImage,
+            RandomHorizontalFlip,
+            RandomTranslate,
+            Squeeze,
+            ToDevice,
+            ToTensor,
+            ToTorchImage,
+        )
+    dtype = DTYPES[cfg.precision]
+    mean, std = np.array(data.mean) * 255, np.array(data.std) * 255
+    # numpy has no bfloat16: normalize to fp32 and let Convert make the training dtype
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    fill = tuple(int(round(m)) for m in mean)
+    augment = [RandomHorizontalFlip(), RandomTranslate(padding=cfg.translate, fill=(0, 0, 0)),
+               *([Cutout(cfg.cutout, fill)] if cfg.cutout else [])]
+    if device.type == "cpu":  # FFCV normalizes on the CPU before ToTensor, with numba
+        tail = [NormalizeImage(mean, std, np_dtype), ToTensor(), ToTorchImage()]
+    else:  # and on the GPU after ToTorchImage, on a channels_last uint8 batch
+        tail = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                NormalizeImage(mean, std, np_dtype)]
+    to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
+    with torch_threads_kept():
+        loader = Loader(str(data.train), batch_size=cfg.batch_size,
+                        num_workers=cfg.workers or default_workers(),
+                        order=OrderOption.RANDOM, drop_last=False, os_cache=True, pipelines={
+                            "image": [SimpleRGBImageDecoder(), *augment, *tail, Convert(dtype)],
+                            "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]})
+    return Timed(lambda: iter(guarded(loader)), device)
+
+
+def ours(kind: str, data: Prepared, cfg: TrainConfig, device: torch.device) -> Timed:
+    """One of our loaders as engine.run.build makes it, for cfg's augmentations and dtype."""
+    loader, _ = build_loader(kind, data, cfg, device)
+    return loader
+
+
+def augment_text(cfg: TrainConfig, reflect: bool) -> str:
+    """'flip, translate 2 reflect': the augmentations a row's images go through."""
+    return f"flip, translate {cfg.translate} {'reflect' if reflect else 'zeros'}" + (
+        f", cutout {cfg.cutout}" if cfg.cutout else "")
+
+
+def lineup(data: Prepared, cfg: TrainConfig, device: torch.device,
+           folder: Path) -> list[tuple[PeerResult, Callable[[], Timed]]]:
+    """Every row and how to build its loader: each peer, then ours set up like it.
+
+    airbench pads by reflection and hands over fp16 (ours beside it in fp16, then in the
+    training dtype); stock FFCV pads with zeros and hands over the training dtype; the seed
+    notebook's DataLoader is ours at the engine's defaults.
+    """
+    air = replace(cfg, precision="fp16", pad_mode="reflect", cutout=0)
+    stock = replace(cfg, pad_mode="zeros")
+    seed = replace(cfg, pad_mode="reflect")
+    rows = [
+        (PeerResult("airbench.CifarLoader", "peer", augment_text(air, True)),
+         lambda: airbench_loader(data, air, device, folder)),
+        (PeerResult("resident", "ours", augment_text(air, True), versus="airbench.CifarLoader"),
+         lambda: ours("resident", data, air, device)),
+        (PeerResult("resident", "ours", augment_text(cfg, True), versus="airbench.CifarLoader"),
+         lambda: ours("resident", data, replace(cfg, pad_mode="reflect"), device)),
+        (PeerResult("stock ffcv.Loader", "peer", augment_text(stock, False)),
+         lambda: stock_ffcv_loader(data, stock, device)),
+        (PeerResult("ffcv", "ours", augment_text(stock, False), versus="stock ffcv.Loader"),
+         lambda: ours("ffcv", data, stock, device)),
+        (PeerResult("resident", "ours", augment_text(stock, False), versus="stock ffcv.Loader"),
+         lambda: ours("resident", data, stock, device)),
+        (PeerResult("seed torchvision DataLoader", "peer", augment_text(seed, True)),
+         lambda: ours("torchvision", data, seed, device)),
+        (PeerResult("resident", "ours", augment_text(seed, True),
+                    versus="seed torchvision DataLoader"),
+         lambda: ours("resident", data, seed, device)),
+        (PeerResult("ffcv", "ours", augment_text(seed, True),
+                    versus="seed torchvision DataLoader"),
+         lambda: ours("ffcv", data, seed, device)),
+    ]
+    return rows
+
+
+def construct(row: PeerResult, make: Callable[[], Timed]) -> Timed | None:
+    """Build a row's loader, or record why it cannot run here (not installed, failed)."""
+    start = time.perf_counter()
+    try:
+        loader = make()
+    except ModuleNotFoundError as error:
+        row.status, row.reason = "not installed", f"no module '{error.name}': {BENCH_EXTRA}"
+        return None
+    except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as error:
+        row.status = "failed"
+        row.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        return None
+    row.construct_s = time.perf_counter() - start
+    return loader
+
+
+def first_pass(row: PeerResult, loader: Timed) -> Pass | None:
+    """The warm-up epoch, noting the output of its first batch; None (and why) if it fails."""
+    def note(images: torch.Tensor) -> None:
+        row.output = describe(images)
+
+    try:
+        return loader_pass(loader, 0, on_first=note)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
+        row.status = "failed"
+        row.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        return None
+
+
+def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
+                       args: argparse.Namespace, folder: Path) -> list[PeerResult]:
+    """Every peer and ours beside it, the steady-state epochs of all taken in turns."""
+    built: list[tuple[PeerResult, Timed]] = []
+    rows = []
+    for row, make in lineup(data, cfg, device, folder):
+        rows.append(row)
+        loader = construct(row, make)
+        pin_threads(args.threads)  # FFCV's Loader and airbench's torch calls may change them
+        first = first_pass(row, loader) if loader is not None else None
+        if first is not None:
+            row.images, row.first_epoch_s = first.images, first.seconds
+            built.append((row, loader))
+    steady: dict[int, list[Pass]] = {id(row): [] for row, _ in built}
+    for epoch in range(1, args.epochs + 1):
+        for row, loader in built:
+            steady[id(row)].append(loader_pass(loader, epoch))
+    for row, _ in built:
+        best = fastest(steady[id(row)])
+        row.epoch_s = [p.seconds for p in steady[id(row)]]
+        row.images_per_s = best.images / best.seconds
+    speed = {r.loader: r.images_per_s for r in rows if r.role == "peer"}
+    for r in rows:
+        if r.versus and r.images_per_s and speed.get(r.versus):
+            r.ratio = r.images_per_s / speed[r.versus]
+        log(f"peers: {r.loader} ({r.augment}): " + (
+            f"{r.images_per_s:,.0f} images/s" if r.status == "ok" else f"{r.status}, {r.reason}")
+            + (f", {r.ratio:.2f}x {r.versus}" if r.ratio else ""))
+    return rows
+
+
+def seed_configs(args: argparse.Namespace, device: torch.device, out: str) -> list[TrainConfig]:
+    """The seed notebook's pipeline and the default preset, at --peer-width on --epoch-images."""
+    common = dict(dataset="synthetic", data_dir=str(args.data_dir), width=args.peer_width,
+                  synthetic_size=(args.peer_epoch_images, 1_000), workers=args.workers, out=out)
+    seed = TrainConfig(**PRESETS["seed"], preset="seed", loader="torchvision", precision="fp32",
+                       compile=False, channels_last=False, **common)
+    cuda = device.type == "cuda"
+    return [resolve(seed, cuda), resolve(TrainConfig(**common), cuda)]
+
+
+def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
+                      out: str) -> list[SeedEpochResult]:
+    """One training epoch of the seed's pipeline beside one of the default preset, in turns."""
+    configs = seed_configs(args, device, out)
+    runs = [make_run(cfg, args.threads) for cfg in configs]
+    first = [train_pass(run, 0) for run in runs]
+    steady: list[list[Pass]] = [[] for _ in runs]
+    for epoch in range(1, args.epochs + 1):
+        for passes, run in zip(steady, runs, strict=True):
+            passes.append(train_pass(run, epoch))
+    results = []
+    for name, cfg, run, warm, passes in zip(("seed", "default"), configs, runs, first, steady,
+                                            strict=True):
+        best = fastest(passes)
+        results.append(SeedEpochResult(
+            name, cfg.loader, cfg.precision, cfg.compile, cfg.channels_last, cfg.batch_size,
+            cfg.width, warm.images, train_flops(run.unwrapped, channels_last=cfg.channels_last),
+            warm.seconds, [p.seconds for p in passes], best.images / best.seconds))
+    for r in results:
+        r.vs_seed = r.images_per_s / results[0].images_per_s
+        log(f"peers: {r.pipeline} pipeline epoch {r.images_per_s:,.1f} images/s, "
+            f"{r.vs_seed:.2f}x seed")
+    del runs
+    release()
+    return results
+
+
+def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace,
+                out: str) -> dict[str, list]:
+    """The peers section: loaders beside the public peers, then seed vs default epochs."""
+    data = prepare("synthetic", Path(cfg.data_dir), tuple(cfg.synthetic_size),
+                   workers=cfg.workers)
+    folder = Path(out) / "airbench"
+    folder.mkdir(parents=True, exist_ok=True)
+    loaders = bench_peer_loaders(data, cfg, device, args, folder)
+    release()
+    return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out))

@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 APT     := libopencv-dev libturbojpeg0-dev pkg-config
 ARGS    ?=
 
-.PHONY: setup train test test-fast bench report lint clean
+.PHONY: setup train test test-fast bench report lint clean gpu wheels
 
 setup: $(STAMP)
 
@@ -42,6 +42,17 @@ bench: $(BENCH_STAMP)
 
 report: setup
 	$(PY) tools/report.py $(ARGS)
+
+# the GPU validation (tools/gpu_suite.py): STEP=tests|bench-step|bench-epoch|train|bench|all,
+# each step under 9 minutes, results in $$OUT or benchmarks/results/gpu-<date>/. Uses .venv when
+# there is one (no setup here: a bare GPU image installs the wheels of .whl/ instead).
+STEP ?= all
+gpu:
+	bash tools/gpu_suite.sh $(STEP) $(ARGS)
+
+# wheels of ffcv, grad-cam and their pure-Python needs for an offline Python 3.12 GPU box
+wheels:
+	bash tools/wheelhouse.sh
 
 lint: setup
 	$(PY) -m ruff check .

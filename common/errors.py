@@ -40,3 +40,7 @@ class ReportError(EngineError):
 
 class Interrupted(EngineError):
     """Ctrl-C: the message says what was kept and how to go on."""
+
+
+class SetupError(EngineError):
+    """The environment lacks what a command needs: a package, a wheel, a GPU."""

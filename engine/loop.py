@@ -141,6 +141,8 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
                 checkpoint.save(out / "best.pt", checkpoint.content(run, history, False))
             checkpoint.save(out / "ckpt.pt", checkpoint.content(run, history, True))
             checkpoint.write_metrics(out, history)
+            # beside the first checkpoint, not before: a run that fails early leaves nothing
+            write_json(out / "config.json", cfg.to_dict())
             log(summary_line(row, cfg.epochs))
 
 
@@ -200,9 +202,6 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
         history = checkpoint.restore(run, ckpt, ckpt_path) if ckpt else []
-        if accelerator.is_main_process:  # only now: a run that cannot start leaves nothing
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "config.json", run.cfg.to_dict())
         say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}: "
             f"{cfg.loader} loader, {cfg.precision}, compile {'on' if cfg.compile else 'off'}, "
             f"{len(run.train_loader)} steps/epoch; writing {out}/")

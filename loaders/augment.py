@@ -43,20 +43,30 @@ def _source_index(index: torch.Tensor, size: int, reflect: bool) -> tuple[torch.
     return index.clamp(0, size - 1), inside | reflect
 
 
-def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
-                   index: torch.Tensor | None = None,
-                   fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Random flip and translation of N x H x W x C images, as one gather.
+def draw_flip_translate(n: int, cfg: AugmentConfig, g: torch.Generator,
+                        device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random (shift, flip) of n images: 2 x n x 1 shifts (rows, cols) and n x 1 flips or None.
+
+    Drawn apart from `gather_flip_translate` so that explicit draws can be applied on any device.
+    """
+    shift = torch.randint(-cfg.translate, cfg.translate + 1, (2, n, 1), generator=g,
+                          device=device)
+    flip = torch.rand(n, 1, generator=g, device=device) < 0.5 if cfg.flip else None
+    return shift, flip
+
+
+def gather_flip_translate(images: torch.Tensor, cfg: AugmentConfig, shift: torch.Tensor,
+                          flip: torch.Tensor | None, index: torch.Tensor | None = None,
+                          fill: torch.Tensor | None = None) -> torch.Tensor:
+    """N x H x W x C images flipped where `flip` and shifted by `shift`, as one gather.
 
     With `index`, the images taken are images[index], picked by the same gather; zero padding
     writes `fill` (one value per channel, for normalized images) instead of 0.
     """
     _, h, w, _ = images.shape
     dev = images.device
-    n = images.shape[0] if index is None else len(index)
+    n = shift.shape[1]
     samples = torch.arange(n, device=dev) if index is None else index
-    shift = torch.randint(-cfg.translate, cfg.translate + 1, (2, n, 1), generator=g, device=dev)
-    flip = torch.rand(n, 1, generator=g, device=dev) < 0.5 if cfg.flip else None
     cols = torch.arange(w, device=dev).expand(n, w)
     if flip is not None:
         cols = torch.where(flip, w - 1 - cols, cols)
@@ -71,6 +81,15 @@ def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
         inside = (row_ok[:, :, None] & col_ok[:, None, :])[..., None]
         out = out * inside if fill is None else torch.where(inside, out, fill)
     return out
+
+
+def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+                   index: torch.Tensor | None = None,
+                   fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Random flip and translation of N x H x W x C images (or images[index]), as one gather."""
+    n = images.shape[0] if index is None else len(index)
+    shift, flip = draw_flip_translate(n, cfg, g, images.device)
+    return gather_flip_translate(images, cfg, shift, flip, index, fill)
 
 
 def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:

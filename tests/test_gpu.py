@@ -1,0 +1,245 @@
+"""The engine on a CUDA GPU: loaders, augmentation, the training step in every precision,
+engine/train.py end to end with resume and out-of-memory, and the tools as subprocesses.
+
+Every test is marked `gpu`; conftest skips them where torch sees no CUDA device.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SYNTHETIC_SIZE, run_script
+from test_train import TRAIN, history
+
+import loaders
+from engine import checkpoint
+from engine.config import TrainConfig, resolve
+from engine.evaluate import evaluate
+from engine.run import DTYPES, build, make_accelerator, train_step
+from loaders.augment import (
+    Augment,
+    AugmentConfig,
+    draw_flip_translate,
+    gather_flip_translate,
+)
+from loaders.sharding import epoch_indices
+
+pytestmark = pytest.mark.gpu
+
+BATCH = 64
+SMALL = ["--dataset", "synthetic", "--width", "16", "--batch-size", "128", "--seed", "1"]
+E2E_SIZE = ("6000", "600")
+
+
+def cuda_loader(prepared, kind: str, train: bool) -> loaders.BatchLoader:
+    """A loader of the prepared synthetic split that yields bf16 batches on the GPU."""
+    return loaders.make_loader(kind, prepared.train if train else prepared.test, train=train,
+                               batch_size=BATCH, device="cuda", mean=prepared.mean,
+                               std=prepared.std, dtype=torch.bfloat16,
+                               augment=AugmentConfig(translate=2, cutout=8), seed=0, workers=1)
+
+
+# --- loaders and augmentation ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", loaders.LOADERS)
+def test_train_batches_are_bf16_channels_last_on_the_gpu_and_visit_every_sample_once(
+        prepared, source, drain, kind):
+    loader = cuda_loader(prepared, kind, train=True)
+    loader.set_epoch(2)
+    batches = drain(loader, timeout=120)
+    assert len(batches) == len(loader)
+    for images, labels in batches:
+        assert images.device.type == "cuda" and labels.device.type == "cuda"
+        assert images.dtype == torch.bfloat16 and images.shape == (len(labels), 3, 32, 32)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64
+    labels = torch.cat([labels for _, labels in batches]).cpu().numpy()
+    order = epoch_indices(len(source.train.labels), epoch=2, seed=0, shuffle=True, rank=0,
+                          world_size=1).numpy()
+    np.testing.assert_array_equal(labels, source.train.labels[order])  # each index once
+
+
+@pytest.mark.parametrize("kind", loaders.LOADERS)
+def test_test_split_comes_in_order_normalized_on_the_gpu(prepared, source, drain, kind):
+    batches = drain(cuda_loader(prepared, kind, train=False), timeout=120)
+    labels = torch.cat([labels for _, labels in batches]).cpu().numpy()
+    np.testing.assert_array_equal(labels, source.test.labels)
+    images = torch.cat([images for images, _ in batches]).float().cpu().numpy()
+    mean, std = (np.reshape(v, (3, 1, 1)) for v in (prepared.mean, prepared.std))
+    want = (source.test.images.transpose(0, 3, 1, 2) / 255 - mean) / std
+    np.testing.assert_allclose(images, want, rtol=1 / 128, atol=1 / 64)  # bf16: 8-bit mantissa
+
+
+@pytest.mark.parametrize("reflect", [True, False], ids=["reflect", "zeros"])
+def test_flip_and_translate_on_cuda_equal_the_cpu_for_the_same_draws(reflect):
+    cfg = AugmentConfig(translate=4, reflect=reflect)
+    images = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    shift, flip = draw_flip_translate(len(images), cfg, torch.Generator().manual_seed(1), "cpu")
+    assert flip.any() and not flip.all() and shift.abs().max() == 4  # the draws do something
+    on_cpu = gather_flip_translate(images, cfg, shift, flip)
+    on_gpu = gather_flip_translate(images.cuda(), cfg, shift.cuda(), flip.cuda())
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    assert not torch.equal(on_cpu, images)
+
+
+def test_normalization_on_cuda_equals_the_cpu():
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    on_cpu = Augment(None, mean, std, torch.float32, "cpu")(images)
+    on_gpu = Augment(None, mean, std, torch.float32, "cuda")(images.cuda())
+    assert on_gpu.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-6, atol=1e-6)
+
+
+# --- the training step -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision, compile", [("bf16", False), ("bf16", True),
+                                                ("fp16", False)])
+def test_training_step_lowers_the_loss(prepared, tmp_path, precision, compile):
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
+                      synthetic_size=SYNTHETIC_SIZE, width=16, batch_size=128, loader="resident",
+                      precision=precision, compile=compile, schedule="constant", lr=0.05,
+                      label_smoothing=0.0, workers=1, out=str(tmp_path / "run"))
+    run = build(resolve(cfg, cuda=True), make_accelerator(cfg))
+    assert (run.scaler is not None) == (precision == "fp16")
+    images, labels = next(iter(run.train_loader))
+    assert images.dtype == DTYPES[precision] and images.device.type == "cuda"
+    losses = [train_step(run, images, labels)[0].item() / len(labels) for _ in range(20)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+# --- engine/train.py end to end ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def train(*args, timeout: float = 540) -> subprocess.CompletedProcess:
+    return run_script("engine/train.py", *SMALL, *args, timeout=timeout)
+
+
+@pytest.fixture(scope="module", params=["resident", "ffcv"])
+def cuda_run(request, data_dir, tmp_path_factory) -> Path:
+    """2 epochs with the CUDA defaults (bf16, torch.compile, channels_last) and the loader."""
+    out = tmp_path_factory.mktemp("cuda-run") / request.param
+    result = train("--synthetic-size", *E2E_SIZE, "--data-dir", data_dir, "--epochs", "2",
+                   "--loader", request.param, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_cuda_run_reports_the_accuracy_of_its_checkpoint(cuda_run):
+    config = json.loads((cuda_run / "config.json").read_text())
+    assert (config["precision"], config["compile"]) == ("bf16", True)
+    ckpt = checkpoint.load(cuda_run / "ckpt.pt")
+    last = ckpt["history"][-1]
+    assert [r["epoch"] for r in ckpt["history"]] == [1, 2] and last["test_acc"] > 0.5
+    # an independent evaluation: the weights rebuilt eagerly, a fresh loader, the run's bf16
+    model = checkpoint.model_from(ckpt).cuda().to(memory_format=torch.channels_last)
+    loader = loaders.make_loader("resident", Path(ckpt["data"]["test"]), train=False,
+                                 batch_size=256, device="cuda", mean=ckpt["mean"],
+                                 std=ckpt["std"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        loss, correct, count = evaluate(
+            model, loader, tta=config["tta"],
+            autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16)).tolist()
+    assert count == last["test_images"] == int(E2E_SIZE[1])
+    # cuDNN may pick other kernels in a fresh process: allow one bf16 borderline sample
+    assert abs(correct - last["test_acc"] * count) <= 1
+    assert loss / count == pytest.approx(last["test_loss"], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
+    common = ["--synthetic-size", "20000", "600", "--data-dir", str(data_dir), "--epochs", "4",
+              "--loader", "resident", "--no-compile"]
+    full = tmp_path / "full"
+    result = train(*common, "--out", full)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*TRAIN, *SMALL, *common, "--out", str(cut)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cut / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    done = len(history(cut))
+    if done < 4:  # interrupted mid-run, as intended
+        assert proc.returncode == 130 and f"--resume {cut}" in stderr
+
+    resumed = train("--resume", cut)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for a, b in zip(history(full), history(cut), strict=True):
+        assert (a["epoch"], a["lr"], a["train_images"]) == (b["epoch"], b["lr"],
+                                                            b["train_images"])
+        # cuDNN's backward kernels are not bitwise deterministic: equal up to that noise
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert a[key] == pytest.approx(b[key], rel=2e-2, abs=1e-2), (a["epoch"], key)
+
+
+@pytest.mark.slow
+def test_impossible_batch_size_ends_in_the_out_of_memory_message(data_dir, tmp_path):
+    out = tmp_path / "oom"
+    result = train("--synthetic-size", "50000", "100", "--data-dir", data_dir, "--width", "64",
+                   "--batch-size", "10000000", "--epochs", "1", "--no-compile", "--out", out)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "out of memory at --batch-size 10000000; try --batch-size 5000000" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # a run that never finished an epoch leaves no folder behind
+
+
+# --- the tools ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_report_on_cuda(cuda_run, tmp_path):
+    out = tmp_path / "report"
+    result = run_script("tools/report.py", cuda_run / "ckpt.pt", "--device", "cuda", "-n", "4",
+                        "--out", out, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("curves.png", "misclassified.png", "confusion.png", "per_class.csv",
+                 "summary.md", "gradcam.pdf"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "gradcam.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.slow
+def test_lr_find_on_cuda(data_dir, tmp_path):
+    out = tmp_path / "lr"
+    result = run_script("tools/lr_find.py", *SMALL, "--synthetic-size", *E2E_SIZE,
+                        "--data-dir", data_dir, "--loader", "resident", "--start-lr", "1e-4",
+                        "--iterations", "30", "--out", out, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "lr_find.png").read_bytes().startswith(b"\x89PNG")
+    assert len((out / "lr_find.csv").read_text().splitlines()) > 2
+    assert "suggested lr" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_on_cuda(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script("tools/bench.py", "--quick", "--device", "cuda", "--data-dir",
+                        tmp_path / "data", "--json", out, timeout=540)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    bench = json.loads(out.read_text())
+    assert bench["meta"]["device"] == "cuda" and bench["meta"]["cuda"]
+    assert {r["loader"] for r in bench["loaders"]} == set(loaders.LOADERS)
+    assert any(r["status"] == "ok" and r["precision"] == "fp16" for r in bench["step"])
+    assert bench["mfu"]["rows"] and all(0 < row["mfu"] < 1 for row in bench["mfu"]["rows"])

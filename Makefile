@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,export]'
 	touch $(STAMP)
 
 train: setup

@@ -36,3 +36,7 @@ class ReportError(EngineError):
 
 class Interrupted(EngineError):
     """Ctrl-C: the message says what was kept and how to go on."""
+
+
+class ExportError(EngineError):
+    """A model cannot be exported, or its export does not compute what the checkpoint does."""

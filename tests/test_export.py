@@ -78,6 +78,7 @@ def test_export_runs_like_the_checkpoint(run_dir, ckpt, test_images, fmt, tmp_pa
     result = export(run_dir / "ckpt.pt", "--format", fmt, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-1 differs on 0 of 256 images: OK" in result.stdout
+    assert "Warning" not in result.stderr  # torch.jit's deprecation notices are hidden
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
     images, expected = test_images
     logits, meta = run_exported(fmt, out, images)
@@ -119,6 +120,16 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
         assert result.returncode == 1 and named in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+
+
+@pytest.mark.slow
+def test_broken_weights_are_refused(ckpt, tmp_path):
+    weights = dict(ckpt["state_dict"])
+    weights["fc.weight"] = torch.full_like(weights["fc.weight"], float("nan"))
+    checkpoint.save(tmp_path / "nan.pt", dict(ckpt, state_dict=weights))
+    result = export(tmp_path / "nan.pt", "--format", "safetensors")
+    assert result.returncode == 1 and "NaN" in result.stderr and "best.pt" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
 
 
 def test_check_refuses_different_logits_and_flipped_classes():

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         model = checkpoint.model_from(ckpt, args.checkpoint)
         images, what = check_images(ckpt, args.checkpoint, args.data_dir)
         ref = reference_logits(ckpt, model, images)
+        if not np.isfinite(ref).all():  # nothing to compare an export with
+            raise ExportError(f"{args.checkpoint}'s model gives NaN or infinite logits; its "
+                              "weights are broken (a diverged run?). Export another "
+                              "checkpoint, e.g. the run's best.pt.")
         meta = metadata(ckpt, args.format, args.checkpoint.resolve())
         result: list[str] = []
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -90,17 +92,26 @@ def run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
     return session.run(["logits"], {"image": to_01(images).numpy()})[0]
 
 
+@contextmanager
+def jit_quietly() -> Iterator[None]:
+    """Hide torch's FutureWarning that torch.jit is deprecated: the user asked for TorchScript."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        yield
+
+
 def write_torchscript(model: nn.Module, meta: dict[str, str], path: Path) -> None:
     """A traced TorchScript module with the metadata as the extra file cifar10_engine.json."""
     wrapped = Normalized(model, json.loads(meta["mean"]), json.loads(meta["std"])).eval()
-    with torch.no_grad():
+    with torch.no_grad(), jit_quietly():
         traced = torch.jit.trace(wrapped, torch.rand(2, 3, 32, 32))
-    torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
 
 
 def run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
     """Logits of uint8 N x 32 x 32 x 3 images from the TorchScript file, by torch.jit.load."""
-    module = torch.jit.load(str(path), map_location="cpu")
+    with jit_quietly():
+        module = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return module(to_01(images)).numpy()
 

@@ -99,6 +99,18 @@ def test_folders_expand_to_sorted_image_files(tmp_path):
     assert names[-1] == "extra.png" and len(names) == 10
 
 
+def test_cams_survive_odd_channels_last_batches():
+    # torch 2.14's CPU backward crashed the process on channels_last batches of 3, 5, 7, ...
+    from engine.model import build_model
+    from tools.report_figures import cams
+
+    model = build_model("resnet18", 10, 8).eval()
+    augment = Augment(None, [0.5] * 3, [0.25] * 3, torch.float32, "cpu")
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    maps = cams(model, augment(pixels), np.zeros(3, dtype=int), "layer3")
+    assert maps.shape == (3, 32, 32) and np.isfinite(maps).all()
+
+
 # --- the command line on a trained model -------------------------------------------------
 
 

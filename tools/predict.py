@@ -103,8 +103,7 @@ def write_cams(model: nn.Module, augment: Augment, images: np.ndarray, predicted
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(images), BATCH):
         chunk = images[start:start + BATCH]
-        # contiguous: grad-cam on a channels_last batch of 7 segfaulted here (torch 2.14 CPU)
-        inputs = augment(torch.from_numpy(chunk).to(augment.device)).contiguous()
+        inputs = augment(torch.from_numpy(chunk).to(augment.device))
         maps = cams(model, inputs, predicted[start:start + BATCH], layer)
         for image, cam, name in zip(chunk, maps, cam_names(files)[start:start + BATCH],
                                     strict=True):

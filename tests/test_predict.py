@@ -90,6 +90,14 @@ def test_unreadable_files_are_named(tmp_path, name):
         read_image(tmp_path / name)
 
 
+@pytest.mark.parametrize("limit", [200_000, 100_000])  # PIL warns above it, refuses above 2x
+def test_enormous_pictures_are_refused_by_name(tmp_path, monkeypatch, limit):
+    path = write_pictures(tmp_path)["big.jpg"]  # 640 x 480 = 307,200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(DataError, match=r"big\.jpg: over .* shrink it first"):
+        read_image(path)
+
+
 def test_folders_expand_to_sorted_image_files(tmp_path):
     write_pictures(tmp_path / "pics")
     (tmp_path / "pics" / "notes.txt").write_text("skip me")

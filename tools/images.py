@@ -63,10 +63,11 @@ def read_image(path: Path) -> np.ndarray:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # photos taken sideways stand upright
                 image = to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
-        raise DataError(f"{path}: not a readable image ({type(error).__name__}); pass a PNG or "
-                        "JPEG file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image; pass a PNG or JPEG file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path}: over {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
+                        "decompression bomb; shrink it first") from None
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data
         raise DataError(f"{path}: cannot decode it ({' '.join(str(error).split())[:120]}); "
                         "the file is damaged or not an image") from None

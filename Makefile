@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# the extras too, so the tests exercise the bench's peers and the exports for real
+	$(PY) -m pip install -q -e '.[dev,bench,export]'
 	touch $(STAMP)
 
 train: setup
@@ -31,13 +32,8 @@ test-fast: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-# the peers section measures public loaders too: install them (the [bench] extra) once
-BENCH_STAMP := .venv/.bench-installed
-$(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[bench]'
-	touch $(BENCH_STAMP)
-
-bench: $(BENCH_STAMP)
+# setup installs the [bench] extra: the peers section measures public loaders too
+bench: setup
 	$(PY) tools/bench.py $(ARGS)
 
 report: setup

@@ -44,3 +44,7 @@ class Interrupted(EngineError):
 
 class SetupError(EngineError):
     """The environment lacks what a command needs: a package, a wheel, a GPU."""
+
+
+class ExportError(EngineError):
+    """A model cannot be exported, or its export does not compute what the checkpoint does."""

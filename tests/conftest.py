@@ -241,3 +241,16 @@ def drain():
         return result
 
     return run
+
+
+# --- a tiny trained model ------------------------------------------------------------------
+
+
+def train_tiny(base: Path) -> Path:
+    """A 1-epoch width-8 run on 2000 synthetic images in base/run (data in base/data)."""
+    result = run_script(
+        "engine/train.py", "--dataset", "synthetic", "--synthetic-size", "2000", "300",
+        "--data-dir", base / "data", "--width", "8", "--epochs", "1", "--batch-size", "128",
+        "--loader", "resident", "--out", base / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base / "run"

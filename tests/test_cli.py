@@ -21,6 +21,8 @@ SCRIPTS = {  # path -> (module, console script)
     "tools/bench.py": ("tools.bench", "cifar-bench"),
     "tools/lr_find.py": ("tools.lr_find", "cifar-lr-find"),
     "tools/compare.py": ("tools.compare", "cifar-compare"),
+    "tools/predict.py": ("tools.predict", "cifar-predict"),
+    "tools/export.py": ("tools.export", "cifar-export"),
 }
 
 

@@ -1,0 +1,150 @@
+"""tools/export.py: each format exported from a real trained checkpoint by a real subprocess,
+then loaded back independently (onnxruntime, torch.jit.load, safetensors) and compared with the
+checkpoint's model on the test .beton images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script, train_tiny
+
+from common.errors import ExportError
+from engine import checkpoint
+from engine.model import build_model
+from loaders import beton
+from tools.export import compare, reference_logits
+from tools.export_formats import EXTRA_FILE, require, to_01
+
+
+def export(*args) -> subprocess.CompletedProcess:
+    return run_script("tools/export.py", *args, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(run_dir) -> dict:
+    return checkpoint.load(run_dir / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def test_images(ckpt) -> tuple[np.ndarray, np.ndarray]:
+    """The first 300 test images and the checkpoint's own logits on them."""
+    images = beton.read(Path(ckpt["data"]["test"])).images
+    return images, reference_logits(ckpt, checkpoint.model_from(ckpt), images)
+
+
+def run_exported(fmt: str, path: Path, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Logits and metadata of an exported file, loaded the way its users would load it."""
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pixels = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+        return session.run(None, {"image": pixels})[0], meta
+    if fmt == "torchscript":
+        extra = {EXTRA_FILE: ""}
+        module = torch.jit.load(str(path), _extra_files=extra)
+        with torch.no_grad():
+            return module(to_01(images)).numpy(), json.loads(extra[EXTRA_FILE])
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model = build_model(meta["arch"], int(meta["num_classes"]), int(meta["width"])).eval()
+    model.load_state_dict(load_file(str(path)))
+    mean = torch.tensor(json.loads(meta["mean"])).view(1, 3, 1, 1)
+    std = torch.tensor(json.loads(meta["std"])).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model((to_01(images) - mean) / std).numpy(), meta
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_export_runs_like_the_checkpoint(run_dir, ckpt, test_images, fmt, tmp_path):
+    out = tmp_path / f"model.{fmt}"
+    result = export(run_dir / "ckpt.pt", "--format", fmt, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top-1 differs on 0 of 256 images: OK" in result.stdout
+    assert "Warning" not in result.stderr  # torch.jit's deprecation notices are hidden
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
+    images, expected = test_images
+    logits, meta = run_exported(fmt, out, images)
+    assert np.array_equal(logits.argmax(1), expected.argmax(1))
+    assert np.abs(logits - expected).max() < 1e-3
+    assert json.loads(meta["classes"]) == ckpt["classes"]
+    assert json.loads(meta["mean"]) == ckpt["mean"] and json.loads(meta["std"]) == ckpt["std"]
+
+
+@pytest.mark.slow
+def test_onnx_takes_any_batch_size(run_dir, test_images, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert export(run_dir / "ckpt.pt", "--format", "onnx", "--out", out).returncode == 0
+    images, expected = test_images
+    for n in (1, 7):
+        logits, _ = run_exported("onnx", out, images[:n])
+        assert logits.shape == (n, 10) and np.allclose(logits, expected[:n], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_missing_test_data_falls_back_to_noise_with_a_note(ckpt, tmp_path):
+    moved = dict(ckpt, data=dict(ckpt["data"], test=str(tmp_path / "gone.beton")))
+    checkpoint.save(tmp_path / "moved.pt", moved)
+    result = export(tmp_path / "moved.pt", "--format", "torchscript")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gone.beton" in result.stderr and "noise" in result.stderr
+    assert "uniform noise" in result.stdout and (tmp_path / "moved.torchscript.pt").is_file()
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
+    (tmp_path / "junk.pt").write_text("junk")
+    cases = (((tmp_path / "junk.pt", "--format", "onnx"), "junk.pt"),
+             ((run_dir / "ckpt.pt", "--format", "onnx", "--data-dir", tmp_path / "nodata",
+               "--out", tmp_path / "x.onnx"), "nodata"),
+             ((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path), str(tmp_path)))
+    for args, named in cases:
+        result = export(*args)
+        assert result.returncode == 1 and named in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+
+
+@pytest.mark.slow
+def test_broken_weights_are_refused(ckpt, tmp_path):
+    weights = dict(ckpt["state_dict"])
+    weights["fc.weight"] = torch.full_like(weights["fc.weight"], float("nan"))
+    checkpoint.save(tmp_path / "nan.pt", dict(ckpt, state_dict=weights))
+    result = export(tmp_path / "nan.pt", "--format", "safetensors")
+    assert result.returncode == 1 and "NaN" in result.stderr and "best.pt" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+
+
+def test_check_refuses_different_logits_and_flipped_classes():
+    ref = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    assert "top-1 differs on 0 of 64" in compare(ref, ref + 1e-6, "onnx", Path("m.onnx"))
+    with pytest.raises(ExportError, match="m.onnx"):
+        compare(ref, ref + 1e-2, "onnx", Path("m.onnx"))
+    with pytest.raises(ExportError, match="top-1 differs"):
+        compare(ref, ref[:, ::-1].copy(), "onnx", Path("m.onnx"))
+    with pytest.raises(ExportError, match="shape"):
+        compare(ref, ref[:, :5], "onnx", Path("m.onnx"))
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(ExportError, match=r"pip install 'cifar10-engine\[export\]'.*onnxruntime"):
+        require("onnx")
+    require("torchscript")  # needs nothing beyond torch

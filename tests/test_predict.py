@@ -1,0 +1,209 @@
+"""tools/predict.py and tools/images.py: real pictures written with PIL in many modes, a real
+trained checkpoint, the command line as a real subprocess, its answers checked against the
+checkpoint's model on the .beton images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script, train_tiny
+from PIL import Image
+
+from common.errors import DataError
+from engine import checkpoint
+from loaders import beton
+from loaders.augment import Augment
+from tools.images import expand, read_image
+
+N_CIFAR = 40  # test images saved as PNGs and predicted
+
+
+def predict(*args) -> subprocess.CompletedProcess:
+    return run_script("tools/predict.py", *args, timeout=300)
+
+
+def write_pictures(folder: Path) -> dict[str, Path]:
+    """Pictures in the modes users have, plus two files that are not pictures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    paths = {name: folder / name for name in
+             ("rgba.png", "gray.jpg", "big.jpg", "one.png", "deep16.png", "cmyk.jpg",
+              "palette.png", "text.png", "empty.png")}
+    Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA").save(
+        paths["rgba.png"])
+    Image.fromarray(pixels[:60, :30, 0], "L").save(paths["gray.jpg"])
+    Image.fromarray(pixels).save(paths["big.jpg"])
+    Image.fromarray(pixels[:1, :1]).save(paths["one.png"])
+    Image.fromarray(rng.integers(0, 65536, (40, 40), dtype=np.uint16)).save(paths["deep16.png"])
+    Image.fromarray(pixels[:40, :40]).convert("CMYK").save(paths["cmyk.jpg"])
+    Image.fromarray(pixels[:40, :40]).convert("P").save(paths["palette.png"])
+    paths["text.png"].write_text("not a picture")
+    paths["empty.png"].write_bytes(b"")
+    return paths
+
+
+# --- reading pictures (no model needed) --------------------------------------------------
+
+
+def test_every_mode_becomes_32x32_rgb(tmp_path):
+    paths = write_pictures(tmp_path)
+    for name, path in paths.items():
+        if name in ("text.png", "empty.png"):
+            continue
+        image = read_image(path)
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8, name
+
+
+def test_a_32x32_picture_is_used_unchanged(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    assert np.array_equal(read_image(tmp_path / "x.png"), pixels)
+
+
+def test_transparency_becomes_white_and_16_bit_is_scaled(tmp_path):
+    clear = np.zeros((32, 32, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(clear, "RGBA").save(tmp_path / "clear.png")
+    assert (read_image(tmp_path / "clear.png") == 255).all()
+    deep = np.full((32, 32), 32896, dtype=np.uint16)  # 128 * 257: mid grey in 16 bits
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert (read_image(tmp_path / "deep.png") == 128).all()  # not clipped to 255
+
+
+def test_downscaling_averages_instead_of_sampling(tmp_path):
+    # a one-pixel checkerboard: an antialiasing filter gives grey, nearest sampling black/white
+    board = (np.indices((320, 320)).sum(0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(board).save(tmp_path / "board.png")
+    image = read_image(tmp_path / "board.png").astype(int)
+    assert np.abs(image - 127.5).max() < 20
+
+
+@pytest.mark.parametrize("name", ["text.png", "empty.png", "missing.png"])
+def test_unreadable_files_are_named(tmp_path, name):
+    write_pictures(tmp_path)
+    with pytest.raises(DataError, match=name):
+        read_image(tmp_path / name)
+
+
+@pytest.mark.parametrize("limit", [200_000, 100_000])  # PIL warns above it, refuses above 2x
+def test_enormous_pictures_are_refused_by_name(tmp_path, monkeypatch, limit):
+    path = write_pictures(tmp_path)["big.jpg"]  # 640 x 480 = 307,200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(DataError, match=r"big\.jpg: over .* shrink it first"):
+        read_image(path)
+
+
+def test_folders_expand_to_sorted_image_files(tmp_path):
+    write_pictures(tmp_path / "pics")
+    (tmp_path / "pics" / "notes.txt").write_text("skip me")
+    files = expand([tmp_path / "pics", tmp_path / "extra.png"])
+    names = [p.name for p in files]
+    assert names[:-1] == sorted(names[:-1]) and "notes.txt" not in names
+    assert names[-1] == "extra.png" and len(names) == 10
+
+
+def test_cams_survive_odd_channels_last_batches():
+    # torch 2.14's CPU backward crashed the process on channels_last batches of 3, 5, 7, ...
+    from engine.model import build_model
+    from tools.report_figures import cams
+
+    model = build_model("resnet18", 10, 8).eval()
+    augment = Augment(None, [0.5] * 3, [0.25] * 3, torch.float32, "cpu")
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    maps = cams(model, augment(pixels), np.zeros(3, dtype=int), "layer3")
+    assert maps.shape == (3, 32, 32) and np.isfinite(maps).all()
+
+
+# --- the command line on a trained model -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("predict"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(run_dir) -> dict:
+    return checkpoint.load(run_dir / "ckpt.pt")
+
+
+@pytest.mark.slow
+def test_mixed_folder_classifies_the_pictures_and_names_the_rest(run_dir, ckpt, tmp_path):
+    paths = write_pictures(tmp_path / "pics")
+    result = predict(run_dir / "ckpt.pt", tmp_path / "pics", "--json", "-k", "10")
+    assert result.returncode == 1  # two files failed
+    assert "Traceback" not in result.stderr
+    bad = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(bad) == 2 and any("text.png" in b for b in bad) and any("empty.png" in b
+                                                                     for b in bad)
+    rows = {Path(r["file"]).name: r for r in json.loads(result.stdout)}
+    assert set(rows) == set(paths)
+    assert "error" in rows["text.png"] and "error" in rows["empty.png"]
+    for name in set(paths) - {"text.png", "empty.png"}:
+        predictions = rows[name]["predictions"]
+        probs = [p["probability"] for p in predictions]
+        assert [p["class"] for p in predictions] != [] and probs == sorted(probs, reverse=True)
+        assert {p["class"] for p in predictions} == set(ckpt["classes"])
+        assert sum(probs) == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_saved_test_images_get_the_models_own_answers(run_dir, ckpt, tmp_path):
+    split = beton.read(Path(ckpt["data"]["test"]))
+    images = split.images[:N_CIFAR]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
+    model = checkpoint.model_from(ckpt)
+    augment = Augment(None, ckpt["mean"], ckpt["std"], torch.float32, "cpu")
+    with torch.no_grad():
+        expected = model(augment(torch.from_numpy(images))).argmax(1).tolist()
+    result = predict(run_dir / "ckpt.pt", tmp_path, "--json", "-k", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = [ckpt["classes"].index(r["predictions"][0]["class"]) for r in json.loads(result.stdout)]
+    assert sum(g == e for g, e in zip(got, expected, strict=True)) >= 0.95 * N_CIFAR
+
+
+@pytest.mark.slow
+def test_table_and_cam_overlays(run_dir, tmp_path):
+    paths = write_pictures(tmp_path / "pics")
+    good = [p for n, p in paths.items() if n not in ("text.png", "empty.png")]
+    result = predict(run_dir / "ckpt.pt", *good, "--cam", tmp_path / "cams", "--layer", "layer2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["file", "top-1", "top-2", "top-3"]
+    assert len(lines) == 1 + len(good)
+    column = lines[0].index("top-1")  # aligned: every row's first class starts under top-1
+    assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines[1:])
+    overlays = sorted((tmp_path / "cams").iterdir())
+    assert [p.name for p in overlays] == sorted(f"{p.stem}.cam.png" for p in good)
+    assert all(Image.open(p).size == (256, 256) for p in overlays)
+
+
+@pytest.mark.slow
+def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path):
+    picture = write_pictures(tmp_path)["one.png"]
+    (tmp_path / "junk.pt").write_text("junk")
+    for args, named in (((tmp_path / "junk.pt", picture), "junk.pt"),
+                        ((run_dir / "ckpt.pt", picture, "--cam", tmp_path / "c", "--layer",
+                          "layer9"), "layer9"),
+                        ((run_dir / "ckpt.pt", tmp_path / "nothing-here"), "nothing-here")):
+        result = predict(*args)
+        assert result.returncode == 1 and named in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_cpu_answers(run_dir, tmp_path):
+    picture = write_pictures(tmp_path)["big.jpg"]
+    answers = [json.loads(predict(run_dir / "ckpt.pt", picture, "--json", "--device", d).stdout)
+               for d in ("cpu", "cuda")]
+    assert [p["class"] for p in answers[0][0]["predictions"]] == \
+        [p["class"] for p in answers[1][0]["predictions"]]

@@ -1,0 +1,78 @@
+"""Users' own pictures as CIFAR input: any PNG/JPEG, any size and mode -> uint8 32 x 32 x 3 RGB.
+
+CIFAR-10's images are whole photos shrunk to 32 x 32 (the 80 Million Tiny Images were resized
+without cropping), so a picture is resized whole, ignoring its aspect ratio, with an
+antialiasing filter: LANCZOS when shrinking (a bilinear or nearest shrink would alias fine
+detail into patterns CIFAR never shows), BICUBIC when enlarging. A 32 x 32 picture is used as
+is, so saving a CIFAR image and predicting it gives the model exactly that image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from common.errors import DataError
+
+SIZE = 32
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+BACKGROUND = (255, 255, 255)  # transparent pixels become white, as viewers show them
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """The files to classify: each file as given, each folder's image files sorted by name."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir()
+                            if p.is_file() and p.suffix.lower() in SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL mode: alpha composited on white, 16-bit and float scaled, not cut."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # PIL's own I;16 -> L conversion clips at 255 instead of scaling the 16-bit range
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values * 255 / top + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")  # keeps a palette's transparency for the composite below
+    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        image = Image.alpha_composite(flat, rgba)
+    return image.convert("RGB")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A picture as uint8 32 x 32 x 3 RGB (see the module docstring); DataError naming the file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)  # photos taken sideways stand upright
+                image = to_rgb(image)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image; pass a PNG or JPEG file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path}: over {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
+                        "decompression bomb; shrink it first") from None
+    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data
+        raise DataError(f"{path}: cannot decode it ({' '.join(str(error).split())[:120]}); "
+                        "the file is damaged or not an image") from None
+    if image.size != (SIZE, SIZE):
+        shrink = image.width >= SIZE and image.height >= SIZE
+        filter_ = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
+        image = image.resize((SIZE, SIZE), filter_)
+    return np.asarray(image, dtype=np.uint8).copy()

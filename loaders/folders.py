@@ -1,6 +1,7 @@
 """Your own images: an ImageFolder layout (DIR/train/<class>/*, DIR/test/<class>/*, the way
-CINIC-10 ships) read into 32x32 RGB arrays. loaders.cifar writes them once in the CIFAR-10
-python format, so every loader, training, the report and the bench take them unchanged."""
+CINIC-10 ships) read into 32x32 RGB arrays as loaders/images.py makes them. loaders.cifar
+writes them once in the CIFAR-10 python format, so every loader, training, the report and the
+bench take them unchanged."""
 
 from __future__ import annotations
 
@@ -9,38 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from common.errors import DataError
 from common.hardware import default_workers
+from loaders.images import read_image
 
 SPLITS = ("train", "test")
-SIDE = 32
-
-
-def to_cifar_pixels(image: Image.Image) -> np.ndarray:
-    """Any PIL image as CIFAR stores one: 32 x 32 x 3 uint8 RGB.
-
-    Downscaling averages the pixels each output pixel covers (PIL's BOX filter), the
-    antialiased reduction photos went through to become CIFAR images; a 32x32 image is
-    returned unchanged. Modes with alpha, palettes, grey, CMYK and 16-bit are made RGB first.
-    """
-    if image.mode not in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "1"):
-        image = image.convert("F").point(lambda v: v / 256).convert("L")  # 16-bit, float grey
-    image = image.convert("RGB")
-    if image.size != (SIDE, SIDE):
-        image = image.resize((SIDE, SIDE), Image.Resampling.BOX)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """One file as 32 x 32 x 3 uint8; DataError naming it when PIL cannot read it."""
-    try:
-        with Image.open(path) as image:
-            return to_cifar_pixels(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"{path} is not a readable image ({type(error).__name__}: "
-                        f"{' '.join(str(error).split())[:120]})") from None
 
 
 def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:

@@ -59,22 +59,6 @@ def test_the_conversion_is_cached_until_a_file_changes(tmp_path):
     assert second.source != first.source and len(beton.read(second.train).labels) == 19
 
 
-@pytest.mark.parametrize("mode, size", [("RGBA", (640, 480)), ("L", (32, 32)), ("P", (7, 100)),
-                                        ("CMYK", (64, 64)), ("I;16", (40, 40)), ("1", (33, 31))])
-def test_any_size_and_mode_becomes_32x32_rgb(tmp_path, mode, size):
-    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
-    Image.new(mode, size).save(path)
-    pixels = folders.read_image(path)
-    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
-
-
-def test_downscaling_averages_the_pixels_each_output_pixel_covers():
-    big = np.zeros((64, 64, 3), np.uint8)
-    big[::2] = 200  # alternate rows: every 2x2 block averages to 100
-    small = folders.to_cifar_pixels(Image.fromarray(big))
-    assert (small == 100).all()
-
-
 def test_unreadable_files_are_all_named(tmp_path):
     write_tree(tmp_path)
     (tmp_path / "train" / "cat" / "notes.png").write_text("not an image")
@@ -85,7 +69,7 @@ def test_unreadable_files_are_all_named(tmp_path):
     assert str(tmp_path / "train" / "cat" / "notes.png") in message
     assert not list(tmp_path.glob("*.beton")) and not list(tmp_path.glob("folder-*"))
     (tmp_path / "train" / "cat" / "notes.png").unlink()
-    with pytest.raises(DataError, match="empty.jpg is not a readable image"):
+    with pytest.raises(DataError, match="empty.jpg: not a readable image"):
         prepare("folder", tmp_path, workers=1)
 
 

@@ -1,6 +1,6 @@
 """`python tools/predict.py ckpt.pt IMAGE|FOLDER...`: classify your own pictures.
 
-Each picture is converted to RGB and resized whole to 32 x 32 (tools/images.py says how and
+Each picture is converted to RGB and resized whole to 32 x 32 (loaders/images.py says how and
 why), normalized with the checkpoint's mean/std exactly as evaluation does, and classified by
 the checkpoint's model. Prints the top-k classes with probabilities (or --json); --cam DIR also
 writes a Grad-CAM overlay per picture for its predicted class. A file that cannot be read is
@@ -26,7 +26,7 @@ from common.files import atomic_write
 from engine import checkpoint
 from engine.progress import progress_bar
 from loaders.augment import Augment
-from tools.images import expand, read_image
+from loaders.images import expand, read_image
 from tools.report_figures import cams
 from tools.report_inputs import modules_with_maps, pick_device
 

@@ -34,9 +34,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def cams(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray, layer: str,
          method: str = "gradcam") -> np.ndarray:
     """Class activation maps of `layer` for each input's target class: N x H x W in [0, 1]."""
-    # contiguous: the backward pass on a channels_last batch of odd size crashed the process
-    # (SIGSEGV/SIGFPE, torch 2.14 CPU, batches of 3, 5, 7, 9 but not 1 or 8)
-    inputs = inputs.contiguous()
     with METHODS[method](model=model, target_layers=[layer_of(model, layer)]) as cam:
         return cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
 

@@ -1,4 +1,5 @@
-"""Users' own pictures as CIFAR input: any PNG/JPEG, any size and mode -> uint8 32 x 32 x 3 RGB.
+"""Pictures as CIFAR input (tools/predict.py, --dataset folder): any PNG/JPEG, any size and
+mode -> uint8 32 x 32 x 3 RGB.
 
 CIFAR-10's images are whole photos shrunk to 32 x 32 (the 80 Million Tiny Images were resized
 without cropping), so a picture is resized whole, ignoring its aspect ratio, with an

@@ -9,9 +9,11 @@ ARCHS = ("resnet18",)
 
 class PointwiseConv(nn.Conv2d):
     """A 1x1 convolution. With a stride on the CPU it subsamples first and convolves with stride
-    1, which gives the same numbers: torch's oneDNN backward of a channels_last 1x1 stride-2
-    convolution crashes the process for some shapes (8 or 12 input channels at 32x32 with an odd
-    batch, torch 2.14; tests/test_model.py sweeps them)."""
+    1, which gives the same numbers and never reaches oneDNN's strided 1x1 backward-weights
+    kernel: on channels_last input with fewer input channels than the SIMD block (16 with
+    AVX-512, 8 with AVX2) it writes past its scratch buffer (uxlfoundation/oneDNN#6035, in the
+    oneDNN 3.12 bundled with torch 2.14), which here killed the process at widths 4, 8 and 12,
+    in training and in Grad-CAM. tests/test_model.py sweeps widths and batch sizes."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
         super().__init__(in_ch, out_ch, 1, stride=stride, bias=False)

@@ -143,7 +143,7 @@ def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, 
 @pytest.mark.parametrize("option, message", [
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "-1"], "--lr must be a positive finite number"),
     (["--lr", "fast"], "expected a number or 'auto'"),
     (["--translate", "40"], "--translate must be in 0..16"),
 ])

@@ -246,11 +246,27 @@ def drain():
 # --- a tiny trained model ------------------------------------------------------------------
 
 
-def train_tiny(base: Path) -> Path:
-    """A 1-epoch width-8 run on 2000 synthetic images in base/run (data in base/data)."""
+def train_tiny(base: Path, width: int = 8, epochs: int = 1,
+               size: tuple[int, int] = (2000, 300)) -> Path:
+    """A small synthetic run (default: 1 epoch of width 8 on 2000 images) in base/run, its data
+    in base/data."""
     result = run_script(
-        "engine/train.py", "--dataset", "synthetic", "--synthetic-size", "2000", "300",
-        "--data-dir", base / "data", "--width", "8", "--epochs", "1", "--batch-size", "128",
+        "engine/train.py", "--dataset", "synthetic", "--synthetic-size", *size,
+        "--data-dir", base / "data", "--width", width, "--epochs", epochs, "--batch-size", "128",
         "--loader", "resident", "--out", base / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     return base / "run"
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """train_tiny's run, made once for every module that only reads it (test_report.py has
+    its own, larger one)."""
+    return train_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def ckpt(run_dir) -> dict:
+    from engine import checkpoint
+
+    return checkpoint.load(run_dir / "ckpt.pt")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, train_tiny
+from conftest import run_script
 
 from common.errors import ExportError
 from engine import checkpoint
@@ -24,16 +24,6 @@ from tools.export_formats import EXTRA_FILE, require, to_01
 
 def export(*args) -> subprocess.CompletedProcess:
     return run_script("tools/export.py", *args, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return train_tiny(tmp_path_factory.mktemp("export"))
-
-
-@pytest.fixture(scope="module")
-def ckpt(run_dir) -> dict:
-    return checkpoint.load(run_dir / "ckpt.pt")
 
 
 @pytest.fixture(scope="module")

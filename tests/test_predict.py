@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, train_tiny
+from conftest import run_script
 from PIL import Image
 
 from common.errors import DataError
@@ -121,16 +121,6 @@ def test_cams_survive_odd_channels_last_batches():
 
 
 # --- the command line on a trained model -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return train_tiny(tmp_path_factory.mktemp("predict"))
-
-
-@pytest.fixture(scope="module")
-def ckpt(run_dir) -> dict:
-    return checkpoint.load(run_dir / "ckpt.pt")
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, train_tiny
 from matplotlib.image import imread
 from pypdf import PdfReader
 
@@ -37,13 +37,7 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A 2-epoch width-16 run on 4000 synthetic images (about 75% test accuracy)."""
-    base = tmp_path_factory.mktemp("report")
-    result = run_script(
-        "engine/train.py", "--dataset", "synthetic", "--synthetic-size", "4000", "500",
-        "--data-dir", base / "data", "--width", "16", "--epochs", "2", "--batch-size", "128",
-        "--loader", "resident", "--out", base / "run")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return base / "run"
+    return train_tiny(tmp_path_factory.mktemp("report"), width=16, epochs=2, size=(4000, 500))
 
 
 @pytest.fixture(scope="module")

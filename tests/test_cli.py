@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -28,16 +29,28 @@ SCRIPTS = {  # path -> (module, console script)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_script_runs_by_path_as_a_module_and_as_a_console_script(script):
-    module, console = SCRIPTS[script]
-    executable = shutil.which(console, path=str(Path(sys.executable).parent))
-    assert executable, f"{console} is not installed beside {sys.executable}; pip install -e ."
-    for command in ([sys.executable, str(ROOT / script)], [sys.executable, "-m", module],
-                    [executable]):
+def test_every_script_runs_by_path_and_as_a_module(script):
+    module, _ = SCRIPTS[script]
+    for command in ([sys.executable, str(ROOT / script)], [sys.executable, "-m", module]):
         result = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert result.stdout.startswith("usage:"), (command, result.stdout[:200])
+
+
+def test_every_console_script_is_installed_and_calls_its_main():
+    scripts = {e.name: e for e in entry_points(group="console_scripts")}
+    for script, (module, console) in SCRIPTS.items():
+        assert console in scripts, f"{console} is not installed; pip install -e ."
+        assert scripts[console].value == f"{module}:main", script
+        assert shutil.which(console, path=str(Path(sys.executable).parent)), console
+
+
+@pytest.mark.slow
+def test_a_console_script_runs():
+    executable = shutil.which("cifar-train", path=str(Path(sys.executable).parent))
+    result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr[-2000:]
 
 
 def test_run_main_maps_errors_to_one_line_and_an_exit_code(capsys):

@@ -11,6 +11,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,13 +363,17 @@ def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, **extra) ->
         pickle.dump(batch, f, protocol=4)
 
 
-def write_python_folder(folder: Path, classes: list[str], train: dict[str, np.ndarray],
-                        test: dict[str, np.ndarray]) -> Path:
-    """Write splits ({"images", "labels", and extra arrays}) as a CIFAR-10 python folder,
-    through a staging folder renamed into place, so a crash never leaves half a folder.
-    Extra arrays (the synthetic boxes) are stored under their names; readers ignore them."""
+Splits = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # train, test
+
+
+def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Splits]) -> Path:
+    """Write the splits `make` returns ({"images", "labels", and extra arrays} each) as a
+    CIFAR-10 python folder, through a staging folder renamed into place, so a crash or Ctrl-C
+    while they are made or written never leaves half a folder. Extra arrays (the synthetic
+    boxes) are stored under their names; readers ignore them."""
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
+        train, test = make()
         for name, part in zip(OWN_LAYOUT.train_files,
                               np.array_split(np.arange(len(train["labels"])), 5), strict=True):
             _write_batch(staging / name, **{k: v[part] for k, v in train.items()})
@@ -390,10 +395,12 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
     folder = data_dir / source_name("synthetic", data_dir, (n_train, n_test), seed)
     if folder.is_dir():
         return folder
-    train, test = (dict(zip(("images", "labels", "boxes"), synthetic_split(n, seed=s),
-                            strict=True))
-                   for n, s in ((n_train, 2 * seed), (n_test, 2 * seed + 1)))
-    return write_python_folder(folder, SYNTHETIC_CLASSES, train, test)
+    def make() -> Splits:
+        return tuple(dict(zip(("images", "labels", "boxes"), synthetic_split(n, seed=s),
+                              strict=True))
+                     for n, s in ((n_train, 2 * seed), (n_test, 2 * seed + 1)))
+
+    return write_python_folder(folder, SYNTHETIC_CLASSES, make)
 
 
 def write_image_folder(root: Path) -> Path:
@@ -402,9 +409,12 @@ def write_image_folder(root: Path) -> Path:
     folder = root / f"folder-{folders.fingerprint(files)}"
     if folder.is_dir():
         return folder
-    train, test = (dict(zip(("images", "labels"), folders.read_split(files[split]), strict=True))
-                   for split in folders.SPLITS)
-    return write_python_folder(folder, list(files["train"]), train, test)
+    def make() -> Splits:
+        return tuple(dict(zip(("images", "labels"), folders.read_split(files[split]),
+                              strict=True))
+                     for split in folders.SPLITS)
+
+    return write_python_folder(folder, list(files["train"]), make)
 
 
 def synthetic_boxes(folder: Path) -> np.ndarray:

@@ -15,10 +15,10 @@ import torch
 from common.errors import CheckpointError, Interrupted, TrainingError
 from common.files import locked_dir, sweep_temporaries, write_json
 from common.hardware import device_name
+from common.progress import progress_bar
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve, resume_config
 from engine.evaluate import evaluate
-from engine.progress import progress_bar
 from engine.run import Run, build, make_accelerator, train_step
 
 Log = Callable[[str], None]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from common.errors import RangeTestError
+from common.progress import progress_bar
 from engine.optim import build_schedule
-from engine.progress import progress_bar
 from engine.run import Run, train_step
 
 START_LR, END_LR, ITERATIONS = 1e-7, 10.0, 100  # fastai's lr_find defaults

@@ -13,6 +13,7 @@ import numpy as np
 
 from common.errors import DataError
 from common.hardware import default_workers
+from common.progress import track
 from loaders.images import read_image
 
 SPLITS = ("train", "test")
@@ -75,7 +76,7 @@ def read_split(classes: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
             return error
 
     with ThreadPoolExecutor(default_workers()) as pool:  # PIL decodes without the GIL
-        images = list(pool.map(attempt, paths))
+        images = list(track(pool.map(attempt, paths), len(paths), "reading images", "image"))
     bad = [str(e) for e in images if isinstance(e, DataError)]
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""

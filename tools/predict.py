@@ -23,8 +23,8 @@ from torch import nn
 from common.cli import run_main
 from common.errors import DataError, ReportError
 from common.files import atomic_write
+from common.progress import progress_bar
 from engine import checkpoint
-from engine.progress import progress_bar
 from loaders.augment import Augment
 from loaders.images import expand, read_image
 from tools.report_figures import cams

@@ -14,7 +14,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from engine.progress import track
+from common.progress import track
 from tools.plots import Panel, plot_history
 from tools.report_inputs import Inputs, layer_of, normalized
 
@@ -139,7 +139,7 @@ def explain(run: Inputs, probs: np.ndarray, indices: np.ndarray, layers: list[st
     targets = {"predicted": probs[indices].argmax(1), "true": run.labels[indices]}
     jobs = [(m, layer, kind) for m in methods for layer in layers for kind in targets]
     return {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
-            for m, layer, kind in track(jobs if len(indices) else [], "CAMs", "map")}
+            for m, layer, kind in track(jobs if len(indices) else [], desc="CAMs", unit="map")}
 
 
 def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np.ndarray,
@@ -147,7 +147,7 @@ def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np
     """gradcam.pdf: the run summary, then one page of CAMs per misclassified image."""
     with PdfPages(path) as pdf:
         pdf.savefig(summary_page(facts, run.ckpt["config"]))
-        for row, index in enumerate(track(indices, "PDF pages", "page")):
+        for row, index in enumerate(track(indices, desc="PDF pages", unit="page")):
             page = {key: values[row] for key, values in maps.items()}
             pdf.savefig(cam_page(run, int(index), probs[index], page))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -62,9 +62,11 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Bar 
                disable=not enabled)
 
 
-def track(items: Sequence, desc: str, unit: str = "it") -> Iterator:
-    """Iterate items with a progress bar (or progress lines in a log)."""
-    with progress_bar(len(items), desc, unit) as bar:
+def track(items: Iterable, total: int | None = None, desc: str = "", unit: str = "it",
+          ) -> Iterator:
+    """Iterate items with a progress bar (or progress lines in a log); `total` when items
+    has no len()."""
+    with progress_bar(len(items) if total is None else total, desc, unit) as bar:
         for item in items:
             yield item
             bar.update()

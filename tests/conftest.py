@@ -7,12 +7,16 @@ from __future__ import annotations
 import io
 import pickle
 import queue
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -270,3 +274,35 @@ def ckpt(run_dir) -> dict:
     from engine import checkpoint
 
     return checkpoint.load(run_dir / "ckpt.pt")
+
+
+# --- faults a test provokes ------------------------------------------------------------------
+
+
+@contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `mount` (e.g. "size=4m", "ro,size=1m") for the block; the test is
+    skipped where mounting is not allowed (not root)."""
+    mount.mkdir(exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def interrupt_after_first_epoch(args: list, out: Path) -> tuple[int, str]:
+    """Start `engine/train.py *args --out out`, send Ctrl-C once its first epoch is saved;
+    (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), *map(str, args),
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SYNTHETIC_SIZE, dump_pickle, run_script
+from conftest import ROOT, SYNTHETIC_SIZE, dump_pickle, run_script, tmpfs
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
@@ -243,14 +243,8 @@ def _leftovers(data_dir: Path) -> list[str]:
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MB tmpfs (needs root: skipped otherwise), unmounted after the test."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True)
-    if made.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "disk", "size=4m") as mount:
+        yield mount
 
 
 @pytest.mark.slow

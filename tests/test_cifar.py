@@ -20,6 +20,7 @@ from conftest import (
     make_tar_gz,
     random_split,
     run_script,
+    tmpfs,
     to_rows,
     write_cifar10,
 )
@@ -161,12 +162,8 @@ def read_only_dir(tmp_path):
     folder = tmp_path / "read-only"
     folder.mkdir()
     if os.geteuid() == 0:
-        made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                              capture_output=True)
-        if made.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-        yield folder
-        subprocess.run(["umount", str(folder)], check=True)
+        with tmpfs(folder, "ro,size=1m"):
+            yield folder
     else:
         folder.chmod(0o555)
         yield folder

@@ -7,16 +7,14 @@ Every test is marked `gpu`; conftest skips them where torch sees no CUDA device.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC_SIZE, run_script
-from test_train import TRAIN, history
+from conftest import SYNTHETIC_SIZE, interrupt_after_first_epoch, run_script
+from test_train import history
 
 import loaders
 from engine import checkpoint
@@ -173,16 +171,10 @@ def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*TRAIN, *SMALL, *common, "--out", str(cut)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (cut / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    returncode, stderr = interrupt_after_first_epoch([*SMALL, *common], cut)
     done = len(history(cut))
     if done < 4:  # interrupted mid-run, as intended
-        assert proc.returncode == 130 and f"--resume {cut}" in stderr
+        assert returncode == 130 and f"--resume {cut}" in stderr
 
     resumed = train("--resume", cut)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, interrupt_after_first_epoch, run_script
 
 from engine import checkpoint
 from engine.evaluate import evaluate
@@ -103,16 +101,10 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path)
     assert train(*common, "--out", str(full)).returncode == 0
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*TRAIN, *SMALL, *common, "--out", str(cut)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (cut / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    returncode, stderr = interrupt_after_first_epoch([*SMALL, *common], cut)
     done = len(history(cut))
     if done < 3:  # interrupted mid-run, as intended: a clean exit that names --resume
-        assert proc.returncode == 130 and f"--resume {cut}" in stderr
+        assert returncode == 130 and f"--resume {cut}" in stderr
         assert checkpoint.load(cut / "ckpt.pt")["epoch"] == done
 
     resumed = train("--resume", str(cut))

@@ -5,6 +5,7 @@ All are put right here, on demand."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.queues
 import queue
 import signal
@@ -80,13 +81,23 @@ def _quiet_worker(errors: multiprocessing.queues.Queue, work: Callable[..., None
         sys.exit(1)
 
 
+class _Sender:
+    """The `put` FFCV's writer worker calls to report its allocations, sent over a pipe."""
+
+    def __init__(self, connection: multiprocessing.connection.Connection):
+        self.connection = connection
+
+    def put(self, allocations: list) -> None:
+        self.connection.send(allocations)
+
+
 def guarded_writer(writer_class: type) -> type:
     """FFCV 1.0.2's DatasetWriter with its worker loop made failure-proof.
 
     Stock FFCV waits until its workers report every sample done, so a worker that dies
-    (disk full, a failing sample) makes it wait forever and leaks its shared memory. This
-    subclass repeats its _write_common, but polls the workers, stops them on any failure
-    or Ctrl-C, and always frees the shared memory.
+    (disk full, a failing sample, the OOM killer) makes it wait forever and leaks its shared
+    memory. This subclass repeats its _write_common, but hears of a worker's death at once,
+    stops the others on any failure or Ctrl-C, and always frees the shared memory.
     """
     import ctypes
 
@@ -95,12 +106,12 @@ def guarded_writer(writer_class: type) -> type:
     class GuardedWriter(writer_class):
         def _write_common(self, num_samples: int, queue_content: Iterable,
                           work_fn: Callable[..., None], extra_worker_args: tuple) -> None:
-            """FFCV's _write_common, with the workers polled and always cleaned up."""
+            """FFCV's _write_common, with the workers watched and always cleaned up."""
             self.num_samples = num_samples
             self.prepare()
             context = multiprocessing.get_context("fork")  # workers share the dataset
-            work, allocations, errors = context.Queue(), context.Queue(), context.Queue()
-            processes = []
+            work, errors = context.Queue(), context.Queue()
+            processes, results = [], []
             try:
                 for todo in queue_content:
                     work.put(todo)
@@ -108,41 +119,49 @@ def guarded_writer(writer_class: type) -> type:
                     work.put(None)
                 done = context.Value(ctypes.c_uint64, 0)
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-                args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator,
-                        done, allocations, *extra_worker_args)
-                processes = [context.Process(target=_quiet_worker, args=(errors, work_fn, *args))
-                             for _ in range(self.num_workers)]
-                for p in processes:
-                    p.start()
-                allocation_list = []
-                while len(allocation_list) < len(processes):
-                    try:
-                        allocation_list.append(allocations.get(timeout=0.1))
-                        continue
-                    except queue.Empty:  # nothing yet: see whether anyone is still working
-                        pass
-                    failed = [p for p in processes if p.exitcode not in (None, 0)]
-                    if failed:
-                        raise DataError(self._failure(failed[0], errors))
-                    if all(p.exitcode == 0 for p in processes):  # ended, yet some never reported
-                        raise DataError(f"the workers writing {self.fname} ended without "
-                                        "reporting their allocations")
+                for _ in range(self.num_workers):
+                    # One pipe per worker, whose sending end only that worker holds: its
+                    # death then reads as end-of-file here, even halfway through a message.
+                    receive, send = context.Pipe(duplex=False)
+                    args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator,
+                            done, _Sender(send), *extra_worker_args)
+                    processes.append(context.Process(target=_quiet_worker,
+                                                     args=(errors, work_fn, *args)))
+                    processes[-1].start()
+                    send.close()
+                    results.append(receive)
+                allocations = self._collect(dict(zip(results, processes, strict=True)), errors)
                 for p in processes:
                     p.join(WRITE_TIMEOUT)
                 if done.value != num_samples:
                     raise DataError(f"{self.fname}: the writer wrote {done.value} of "
                                     f"{num_samples} samples.")
-                self.finalize([a for chunk in allocation_list for a in chunk])
+                self.finalize(allocations)
             finally:
                 for p in processes:
                     if p.is_alive():
                         p.kill()
                     p.join(WRITE_TIMEOUT)
-                for q in (work, allocations, errors):  # never block exit on a dead reader
+                for connection in results:
+                    connection.close()
+                for q in (work, errors):  # never block exit on a dead reader
                     q.cancel_join_thread()
                     q.close()
                 self.metadata_sm.close()
                 self.metadata_sm.unlink()
+
+        def _collect(self, pending: dict, errors: multiprocessing.queues.Queue) -> list:
+            """Every worker's page allocations; the first worker to die instead raises."""
+            allocations = []
+            while pending:
+                for receive in multiprocessing.connection.wait(list(pending)):
+                    process = pending.pop(receive)
+                    try:
+                        allocations.extend(receive.recv())
+                    except (EOFError, OSError):  # it died before or while sending
+                        process.join(WRITE_TIMEOUT)
+                        raise DataError(self._failure(process, errors)) from None
+            return allocations
 
         def _failure(self, process: multiprocessing.process.BaseProcess,
                      errors: multiprocessing.queues.Queue) -> str:

@@ -277,8 +277,16 @@ def test_writer_worker_failing_ends_in_one_error_without_leftovers(tmp_path):
     assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
 
 
-WRITE_AND_REPORT = WRITE_MANY.replace(
-    "beton.write(", "import os\nbefore = set(os.listdir('/dev/shm'))\ntry:\n    beton.write(") + """
+# The source stalls on its last row, so the kill always lands mid-write; the resource tracker
+# is started first, so no fork of it (same command line until it execs) passes for a worker.
+WRITE_AND_REPORT = WRITE_MANY.replace("beton.write(", """import os, time
+from multiprocessing import resource_tracker
+resource_tracker.ensure_running()
+row = beton._Rows.__getitem__
+beton._Rows.__getitem__ = lambda self, i: time.sleep(3600) if i == 5999 else row(self, i)
+before = set(os.listdir('/dev/shm'))
+try:
+    beton.write(""") + """
 except cifar.DataError as error:
     print(error)
     print("leaked:", sorted(set(os.listdir('/dev/shm')) - before))
@@ -286,7 +294,7 @@ except cifar.DataError as error:
 
 
 def _forked_workers(pid: int) -> list[int]:
-    """The children of pid forked from it (same command line): not its resource tracker."""
+    """The children of pid forked from it without exec (same command line)."""
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == cmdline]
@@ -314,6 +322,38 @@ def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):
     assert "a worker writing" in out and "killed by SIGKILL" in out and "Nothing was kept" in out
     assert "leaked: []" in out and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+# A worker that dies halfway through reporting its page allocations: its pipe then holds a
+# message header and part of a body, which a queue the parent also writes to never ends.
+DIE_MID_REPORT = """
+import os, signal, struct, sys
+import numpy as np
+from ffcv.fields import IntField
+from ffcv.writer import DatasetWriter
+from loaders import cifar
+from loaders.guards import guarded_writer
+
+def report_half_and_die(work, *args):
+    sender = args[5]
+    # the header of a 1 MB message, then 4 bytes of it
+    os.write(sender.connection.fileno(), struct.pack("!i", 1 << 20) + b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+writer = guarded_writer(DatasetWriter)(sys.argv[1], {"label": IntField()}, num_workers=1)
+try:
+    writer._write_common(4, [[(i, i) for i in range(4)]], report_half_and_die, ())
+except cifar.DataError as error:
+    print(error)
+"""
+
+
+def test_writer_worker_dying_mid_report_ends_in_a_data_error(tmp_path):
+    path = tmp_path / "half.beton"
+    result = subprocess.run([sys.executable, "-c", DIE_MID_REPORT, str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)  # a hang fails here
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"a worker writing {path} failed (killed by SIGKILL)\n"
 
 
 @pytest.mark.slow

@@ -26,12 +26,14 @@ COLUMNS["mfu"] = ["source", "config", "images_per_s", "achieved_TFLOP/s", "peak_
 
 
 def commit() -> str:
-    """HEAD's hash, with '-dirty' when the working tree differs from it."""
+    """HEAD's hash, with '-dirty' when a tracked file differs from it (untracked ones, such as
+    the log this run is writing, do not count)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
 

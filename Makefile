@@ -25,7 +25,7 @@ train: setup
 # everything, as CI runs it
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 # the edit-test loop: no end-to-end command-line runs
 test-fast: setup

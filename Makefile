@@ -39,7 +39,7 @@ bench: setup
 report: setup
 	$(PY) tools/report.py $(ARGS)
 
-# the GPU validation (tools/gpu_suite.py): STEP=tests|bench-step|bench-epoch|train|bench|all,
+# the GPU validation (tools/gpu_suite.py): STEP=tests|bench-step|bench-epoch|bench-peers|train|bench|all,
 # each step under 9 minutes, results in $$OUT or benchmarks/results/gpu-<date>/. Uses .venv when
 # there is one (no setup here: a bare GPU image installs the wheels of .whl/ instead).
 STEP ?= all

@@ -34,7 +34,7 @@ def dry_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_dry_run_writes_every_step_with_its_header(dry_run):
-    for step in ("tests", "bench-step", "bench-epoch", "train"):
+    for step in ("tests", "bench-step", "bench-epoch", "bench-peers", "train"):
         head = dict(line[2:].split(": ", 1) for line in
                     (dry_run / f"{step}.log").read_text().splitlines() if line.startswith("# ")
                     and ": " in line)
@@ -55,6 +55,9 @@ def test_dry_run_bench_and_tests_leave_their_results(dry_run):
     epoch = json.loads((dry_run / "bench-epoch.json").read_text())
     assert {r["loader"] for r in epoch["loaders"]} == {"ffcv", "resident", "torchvision"}
     assert epoch["step"][0]["precision"] == "fp32" and epoch["mfu"]["rows"]
+    peers = json.loads((dry_run / "bench-peers.json").read_text())["peers"]
+    assert {r["loader"] for r in peers["loaders"]} >= {"airbench.CifarLoader", "stock ffcv.Loader"}
+    assert [e["pipeline"] for e in peers["epochs"]] == ["seed", "default"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """`bash tools/gpu_suite.sh STEP` (or `make gpu STEP=...`): the GPU validation as steps that each
 end within 9 minutes, every log, JSON and summary written to one results folder.
 
-Steps: tests (pytest -m gpu), bench-step and bench-epoch (tools/bench.py in two halves), train
-(the fast preset on 50k synthetic images with and without torch.compile, and the seed
-pipeline); `bench` is both bench steps, `all` every step. --dry-run runs the same commands
+Steps: tests (pytest -m gpu), bench-step, bench-epoch and bench-peers (tools/bench.py in three
+parts), train (the fast preset on 50k synthetic images with and without torch.compile, and the
+seed pipeline); `bench` is the three bench steps, `all` every step. --dry-run runs the same commands
 on the CPU with tiny sizes, to check them without a GPU. On a machine without ffcv or
 grad-cam, the wheels in the checkout's .whl/ (tools/wheelhouse.sh) are installed first.
 """
@@ -31,8 +31,8 @@ from common.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
-STEPS = ("tests", "bench-step", "bench-epoch", "train")
-GROUPS = {"all": STEPS, "bench": ("bench-step", "bench-epoch")}
+STEPS = ("tests", "bench-step", "bench-epoch", "bench-peers", "train")
+GROUPS = {"all": STEPS, "bench": ("bench-step", "bench-epoch", "bench-peers")}
 NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
 EPOCHS = 24  # the fast preset's; GPU_SUITE_EPOCHS lowers it when a step would run too long
 
@@ -97,6 +97,13 @@ def bench_epoch_step(s: Suite) -> list:
                   "--images", "256", "--epoch-images", "256"])
 
 
+def bench_peers_step(s: Suite) -> list:
+    """airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images, then
+    a 50k-image training epoch of the seed pipeline beside the default preset."""
+    return bench(s, "bench-peers", "peers", [],
+                 ["--quick", "--images", "256", "--peer-epoch-images", "128"])
+
+
 def train_step(s: Suite) -> list:
     """engine/train.py: the fast preset compiled and eager, then the seed notebook's pipeline."""
     epochs = os.environ.get("GPU_SUITE_EPOCHS", str(EPOCHS))
@@ -114,7 +121,8 @@ def train_step(s: Suite) -> list:
 
 
 COMMANDS = {"tests": tests_step, "bench-step": bench_step_step,
-            "bench-epoch": bench_epoch_step, "train": train_step}
+            "bench-epoch": bench_epoch_step, "bench-peers": bench_peers_step,
+            "train": train_step}
 
 
 # --- the environment -------------------------------------------------------------------

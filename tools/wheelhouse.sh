@@ -26,6 +26,6 @@ PC
 PKG_CONFIG_PATH="$work/pc" "$work/v/bin/pip" wheel -q --no-deps --no-build-isolation -w "$work/raw" ffcv==1.0.2
 PATH="$work/v/bin:$PATH" "$work/v/bin/auditwheel" repair --plat manylinux_2_35_x86_64 -w "$work/fixed" "$work"/raw/ffcv-*.whl >/dev/null 2>&1
 mkdir -p "$out" && rm -f "$out"/*.whl && cp "$work"/fixed/*.whl "$out"/
-# pure-Python needs of ffcv and grad-cam that the GPU image does not have
-"$work/v/bin/pip" wheel -q --no-deps -w "$out" fastargs assertpy terminaltables pytorch_pfn_extras grad-cam ttach
+# pure-Python needs of ffcv and grad-cam, and the airbench peer, that the GPU image does not have
+"$work/v/bin/pip" wheel -q --no-deps -w "$out" fastargs assertpy terminaltables pytorch_pfn_extras grad-cam ttach airbench
 ls -la "$out"

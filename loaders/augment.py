@@ -7,6 +7,7 @@ per-epoch work); reflect or zero padding is done by index arithmetic, so no padd
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,20 @@ def draw_flip_translate(n: int, cfg: AugmentConfig, g: torch.Generator,
     return shift, flip
 
 
+@functools.cache
+def _shift_tables(h: int, w: int, cfg: AugmentConfig, device: torch.device
+                  ) -> tuple[torch.Tensor, ...]:
+    """Source rows (and where they are inside) for each vertical shift, (2T+1) x h, and source
+    columns for each (flip, horizontal shift), 2 x (2T+1) x w: made once per size and device,
+    so a batch looks its rows and columns up instead of recomputing them."""
+    shifts = torch.arange(-cfg.translate, cfg.translate + 1, device=device)[:, None]
+    rows, row_ok = _source_index(torch.arange(h, device=device) + shifts, h, cfg.reflect)
+    cols = torch.arange(w, device=device)
+    by_flip = [_source_index(c + shifts, w, cfg.reflect) for c in (cols, w - 1 - cols)]
+    return (rows, row_ok, torch.stack([c for c, _ in by_flip]),
+            torch.stack([ok for _, ok in by_flip]))
+
+
 def gather_flip_translate(images: torch.Tensor, cfg: AugmentConfig, shift: torch.Tensor,
                           flip: torch.Tensor | None, index: torch.Tensor | None = None,
                           fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,22 +78,20 @@ def gather_flip_translate(images: torch.Tensor, cfg: AugmentConfig, shift: torch
     With `index`, the images taken are images[index], picked by the same gather; zero padding
     writes `fill` (one value per channel, for normalized images) instead of 0.
     """
-    _, h, w, _ = images.shape
+    _, h, w, c = images.shape
     dev = images.device
     n = shift.shape[1]
+    rows, row_ok, cols, col_ok = _shift_tables(h, w, cfg, dev)
+    dy, dx = shift[0, :, 0] + cfg.translate, shift[1, :, 0] + cfg.translate
+    flipped = flip[:, 0].long() if flip is not None else torch.zeros_like(dx)
+    rows, cols = rows[dy], cols[flipped, dx]  # n x h, n x w
     samples = torch.arange(n, device=dev) if index is None else index
-    cols = torch.arange(w, device=dev).expand(n, w)
-    if flip is not None:
-        cols = torch.where(flip, w - 1 - cols, cols)
-    rows, row_ok = _source_index(torch.arange(h, device=dev) + shift[0], h, cfg.reflect)
-    cols, col_ok = _source_index(cols + shift[1], w, cfg.reflect)
     # one flat pixel index per output pixel: index_select copies whole pixels (C values) and
     # measured faster than advanced indexing with three index tensors
-    pixel = ((samples[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]).view(-1)
-    c = images.shape[3]
+    pixel = ((samples[:, None] * h + rows)[:, :, None] * w + cols[:, None, :]).view(-1)
     out = images.reshape(-1, c).index_select(0, pixel).view(n, h, w, c)
     if not cfg.reflect:
-        inside = (row_ok[:, :, None] & col_ok[:, None, :])[..., None]
+        inside = (row_ok[dy][:, :, None] & col_ok[flipped, dx][:, None, :])[..., None]
         out = out * inside if fill is None else torch.where(inside, out, fill)
     return out
 

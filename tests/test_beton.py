@@ -92,14 +92,17 @@ def test_changed_source_image_rebuilds_the_beton(cifar10_dir):
     assert beton.read_info(second.train).source_digest == beton.digest(want)
 
 
+# The source stalls on its last row, so a kill always lands mid-write, however late it comes.
 WRITE_MANY = """
-import sys
+import sys, time
 from pathlib import Path
 import numpy as np
 from loaders import beton, cifar
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, size=(6000, 32, 32, 3), dtype=np.uint8)
 split = cifar.Split(images, np.arange(6000) % 10)
+row = beton._Rows.__getitem__
+beton._Rows.__getitem__ = lambda self, i: time.sleep(3600) if i == 5999 else row(self, i)
 beton.write(Path(sys.argv[1]), split, [str(i) for i in range(10)], workers=1)
 """
 
@@ -277,13 +280,11 @@ def test_writer_worker_failing_ends_in_one_error_without_leftovers(tmp_path):
     assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
 
 
-# The source stalls on its last row, so the kill always lands mid-write; the resource tracker
-# is started first, so no fork of it (same command line until it execs) passes for a worker.
-WRITE_AND_REPORT = WRITE_MANY.replace("beton.write(", """import os, time
+# The resource tracker is started first, so no fork of it (the same command line until it
+# execs) passes for a worker.
+WRITE_AND_REPORT = WRITE_MANY.replace("beton.write(", """import os
 from multiprocessing import resource_tracker
 resource_tracker.ensure_running()
-row = beton._Rows.__getitem__
-beton._Rows.__getitem__ = lambda self, i: time.sleep(3600) if i == 5999 else row(self, i)
 before = set(os.listdir('/dev/shm'))
 try:
     beton.write(""") + """

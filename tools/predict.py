@@ -28,7 +28,7 @@ from engine import checkpoint
 from loaders.augment import Augment
 from loaders.images import expand, read_image
 from tools.report_figures import cams
-from tools.report_inputs import modules_with_maps, pick_device
+from tools.report_inputs import add_device_option, modules_with_maps, pick_device
 
 BATCH = 256  # pictures per forward pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
@@ -50,8 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write a Grad-CAM overlay PNG per picture for its predicted class")
     parser.add_argument("--layer", default="layer3",
                         help="model layer Grad-CAM explains (default: layer3)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where the model runs (default: cuda when available)")
+    add_device_option(parser)
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"-k must be at least 1, got {args.k}")

@@ -29,6 +29,7 @@ from tools.report_figures import (
 )
 from tools.report_inputs import (
     Inputs,
+    add_device_option,
     layer_of,
     load,
     most_confidently_wrong,
@@ -66,8 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["gradcam"],
                         metavar="NAME",
                         help=f"CAM methods: {', '.join(METHODS)} (default: gradcam)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where the model runs (default: cuda when available)")
+    add_device_option(parser)
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"-n must be at least 1, got {args.n}")

@@ -3,6 +3,7 @@ against (checked to fit), and the model's predictions on it."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,12 @@ class Inputs:
     def classes(self) -> list[str]:
         """Class names, indexed by label."""
         return list(self.ckpt["classes"])
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """--device, which pick_device resolves: the option report and predict share."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where the model runs (default: cuda when available)")
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -21,11 +21,18 @@ def temporary_name(path: Path) -> Path:
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp) on a temporary sibling of path, then rename it over path."""
+    """Call write(tmp) on a temporary sibling of path, then rename it over path.
+
+    An OSError that names no file (a full disk hit by write(), not by open()) is raised again
+    naming path, so that the one-line error says which file could not be written."""
     tmp = temporary_name(Path(path))
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
 

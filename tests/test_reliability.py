@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tmpfs
 
 from common.errors import OutputError
-from common.files import locked_dir
+from common.files import locked_dir, write_text
 from engine import checkpoint
 from engine.loop import nonfinite_state
 from engine.model import build_model
@@ -95,6 +95,15 @@ def test_a_second_run_into_a_busy_folder_is_refused(data_dir, tmp_path):
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=300)
+
+
+def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path):
+    """write() on a full disk raises ENOSPC naming no file; the one-line error must name it."""
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        with pytest.raises(OSError) as raised:
+            write_text(disk / "metrics.csv", "x" * (1 << 20))
+        assert raised.value.errno == 28 and raised.value.filename == str(disk / "metrics.csv")
+        assert list(disk.iterdir()) == []  # no temporary left behind
 
 
 def test_the_folder_lock_is_exclusive_and_a_folder_left_empty_is_removed(tmp_path):

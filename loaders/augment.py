@@ -129,9 +129,9 @@ class Augment:
     def __init__(self, cfg: AugmentConfig | None, mean: list[float], std: list[float],
                  dtype: torch.dtype, device: torch.device | str):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        # (x / 255 - mean) / std = x * scale + shift: one fused multiply-add reading uint8
+        # (x / 255 - mean) / std = x * scale + offset: one fused multiply-add reading uint8
         self.scale = 1 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
-        self.shift = -torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255 * self.scale
+        self.offset = -torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255 * self.scale
         self.generator: torch.Generator | None = None
 
     def set_epoch(self, seed: int, epoch: int) -> None:
@@ -142,7 +142,7 @@ class Augment:
         # NHWC memory viewed as NCHW is exactly channels_last: no copy needed; addcmul promotes
         # uint8 to fp32 as it reads, so this is one pass (converting, subtracting and
         # multiplying apart were three, about 1.4x the time on CPU)
-        return torch.addcmul(self.shift, images.permute(0, 3, 1, 2), self.scale)
+        return torch.addcmul(self.offset, images.permute(0, 3, 1, 2), self.scale)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 N x H x W x C batch normalized, in the output dtype and still N x H x W x C."""

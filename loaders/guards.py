@@ -165,12 +165,14 @@ def guarded_writer(writer_class: type) -> type:
 
         def _failure(self, process: multiprocessing.process.BaseProcess,
                      errors: multiprocessing.queues.Queue) -> str:
-            """The one-line reason a worker died: its own message, or its signal or status."""
+            """The one-line reason a worker stopped: its own message, its signal or status, or
+            that it ended (or closed its pipe) without reporting its allocations."""
             try:
                 reason = errors.get(timeout=1.0)
-            except queue.Empty:  # killed by a signal: nothing was sent
+            except queue.Empty:  # killed by a signal, or ended quietly: nothing was sent
                 code = process.exitcode
-                reason = (f"killed by {signal.Signals(-code).name}" if code < 0
+                reason = ("it ended without reporting its allocations" if not code
+                          else f"killed by {signal.Signals(-code).name}" if code < 0
                           else f"exit status {code}")
             return f"a worker writing {self.fname} failed ({reason})"
 

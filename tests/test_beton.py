@@ -325,36 +325,42 @@ def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# A worker that dies halfway through reporting its page allocations: its pipe then holds a
-# message header and part of a body, which a queue the parent also writes to never ends.
-DIE_MID_REPORT = """
+# Writer workers that stop without a complete report of their page allocations. Half a report
+# leaves a message header and part of a body in the pipe, which a queue the parent also writes
+# to never ends; no report at all is a worker that returned early.
+STOP_BEFORE_REPORTING = """
 import os, signal, struct, sys
-import numpy as np
 from ffcv.fields import IntField
 from ffcv.writer import DatasetWriter
 from loaders import cifar
 from loaders.guards import guarded_writer
 
-def report_half_and_die(work, *args):
-    sender = args[5]
+# FFCV's worker arguments, as guarded_writer passes them
+def report_half_and_die(work, metadata, metadata_type, fields, allocator, done, sender, *data):
     # the header of a 1 MB message, then 4 bytes of it
     os.write(sender.connection.fileno(), struct.pack("!i", 1 << 20) + b"half")
     os.kill(os.getpid(), signal.SIGKILL)
 
+def return_early(*args):
+    pass
+
 writer = guarded_writer(DatasetWriter)(sys.argv[1], {"label": IntField()}, num_workers=1)
 try:
-    writer._write_common(4, [[(i, i) for i in range(4)]], report_half_and_die, ())
+    writer._write_common(4, [[(i, i) for i in range(4)]], globals()[sys.argv[2]], ())
 except cifar.DataError as error:
     print(error)
 """
 
 
-def test_writer_worker_dying_mid_report_ends_in_a_data_error(tmp_path):
+@pytest.mark.parametrize("worker, reason", [
+    ("report_half_and_die", "killed by SIGKILL"),
+    ("return_early", "it ended without reporting its allocations")])
+def test_writer_worker_stopping_before_its_report_ends_in_a_data_error(tmp_path, worker, reason):
     path = tmp_path / "half.beton"
-    result = subprocess.run([sys.executable, "-c", DIE_MID_REPORT, str(path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)  # a hang fails here
+    result = subprocess.run([sys.executable, "-c", STOP_BEFORE_REPORTING, str(path), worker],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # hang: fails
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"a worker writing {path} failed (killed by SIGKILL)\n"
+    assert result.stdout == f"a worker writing {path} failed ({reason})\n"
 
 
 @pytest.mark.slow

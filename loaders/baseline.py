@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from loaders import beton
-from loaders.augment import AugmentConfig
+from loaders.augment import AugmentConfig, epoch_generator
 from loaders.base import Batch, BatchLoader
 
 
@@ -73,14 +73,19 @@ class TorchvisionLoader(BatchLoader):
         super().__init__(path, num_samples=len(split.labels), augment=augment, mean=mean,
                          std=std, **kwargs)
         transform = pil_transform(augment if self.train else None, mean, std)
+        # Workers live for one epoch, as with DataLoader's defaults: they are then joined when
+        # the epoch ends. Persistent ones are only stopped when the DataLoader is freed, and
+        # freed by the cycle collector (a loader in any reference cycle) each waits out a 5 s
+        # timeout, its queue closed before the message to stop was sent.
         self.loader = DataLoader(
             ImageDataset(split.images, split.labels, transform),
             batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=True,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+            pin_memory=self.device.type == "cuda")
 
     def __iter__(self) -> Iterator[Batch]:
+        # the workers' seeds come from this generator: one per (seed, epoch), so an epoch draws
+        # the same augmentations whatever ran before it (a resumed run, a replayed epoch)
+        self.loader.generator = epoch_generator(self.seed, self.epoch, "cpu")
         dtype = self.augment.dtype
         for images, labels in self.loader:
             images = images.to(self.device, dtype, non_blocking=True)

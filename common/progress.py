@@ -3,6 +3,7 @@ since tqdm would write each of its refreshes into the file."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from common.cli import stop_if_interrupted
 
 LOG_INTERVAL = 30.0  # seconds between progress lines when standard error is not a terminal
+POSTFIX_INTERVAL = 1.0  # seconds between a bar's postfix refreshes: nobody reads faster
 
 
 class LineProgress:
@@ -29,8 +31,13 @@ class LineProgress:
         self.n += n
         if time.monotonic() - self.last >= self.interval:
             self.last = time.monotonic()
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s {self.postfix}".rstrip(),
+            units = self.unit + ("es" if self.unit.endswith(("s", "ch", "sh", "x")) else "s")
+            print(f"{self.desc}: {self.n}/{self.total} {units} {self.postfix}".rstrip(),
                   file=sys.stderr, flush=True)
+
+    def due(self) -> bool:
+        """Whether the next update writes a line: the time to refresh a costly postfix."""
+        return time.monotonic() - self.last >= self.interval
 
     def set_postfix(self, **values) -> None:
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
@@ -48,9 +55,18 @@ class LineProgress:
 class Bar(tqdm):
     """tqdm whose every update is a point where a lost Ctrl-C is raised again."""
 
+    postfix_at = -math.inf  # when due() last said yes
+
     def update(self, n: int = 1) -> bool | None:
         stop_if_interrupted()
         return super().update(n)
+
+    def due(self) -> bool:
+        """Whether to refresh a costly postfix now: once a second, never when disabled."""
+        if self.disable or time.monotonic() - self.postfix_at < POSTFIX_INTERVAL:
+            return False
+        self.postfix_at = time.monotonic()
+        return True
 
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Bar | LineProgress:

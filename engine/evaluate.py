@@ -31,18 +31,17 @@ def evaluate(model: nn.Module, loader: Iterable, tta: bool = False,
     """
     was_training = model.training
     model.eval()
-    totals = None
+    device = next(model.parameters()).device
+    totals, count = torch.zeros(2, device=device), 0
     for images, labels in loader:
         with autocast():
             logits = logits_of(model, images, tta)
-        batch = torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                             (logits.argmax(1) == labels).sum().float(),
-                             torch.tensor(float(len(labels)), device=logits.device)])
-        totals = batch if totals is None else totals + batch
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                               (logits.argmax(1) == labels).sum().float()])
+        count += len(labels)  # on the host: a tensor made per batch would wait for the device
     model.train(was_training)
-    if totals is None:  # an empty shard still takes part in the reduction
-        return torch.zeros(3, device=next(model.parameters()).device)
-    return totals
+    # an empty shard still takes part in the reduction, with zeros
+    return torch.cat([totals, torch.tensor([float(count)], device=device)])
 
 
 @torch.no_grad()

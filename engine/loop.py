@@ -73,11 +73,11 @@ def train_epoch(run: Run, epoch: int) -> dict:
         batch_losses[i], batch_correct = train_step(run, images, labels)
         correct += batch_correct
         seen += len(labels)
-        bar.update()
-        if i % 10 == 0 and not bar.disable:  # a host sync, so only now and then
+        if bar.due():  # reading the loss waits for the device: only when it will be shown
             rate = seen * acc.num_processes / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{batch_losses[i].item() / len(labels):.3f}",
                             acc=f"{correct.item() / seen:.1%}", img_s=f"{rate:,.0f}")
+        bar.update()
     bar.close()
     bad = (~torch.isfinite(batch_losses)).nonzero()
     first_bad = int(bad[0]) if len(bad) else -1
@@ -144,6 +144,19 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
             # beside the first checkpoint, not before: a run that fails early leaves nothing
             write_json(out / "config.json", cfg.to_dict())
             log(summary_line(row, cfg.epochs))
+
+
+def out_of_memory(error: BaseException | None) -> bool:
+    """Whether an error is, or was raised while handling, a failed allocation: CUDA's
+    OutOfMemoryError, the RuntimeError of the CPU allocator, or either one wrapped (by
+    torch.compile's backend, a DataLoader's pin-memory thread)."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError) or (
+                isinstance(error, RuntimeError) and any(
+                    text in str(error) for text in ("out of memory", "can't allocate memory"))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def start_trackers(run: Run) -> None:
@@ -215,7 +228,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
                               f"--resume {out}") from None
         raise Interrupted("no epoch had finished, so nothing was saved; run the same "
                           "command again") from None
-    except torch.OutOfMemoryError:
+    except Exception as error:
+        if not out_of_memory(error):
+            raise
         raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}; try "
                             f"--batch-size {max(1, cfg.batch_size // 2)}.") from None
     finally:

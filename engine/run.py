@@ -97,13 +97,15 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     if cfg.channels_last:  # before prepare, so DDP's buckets see the final layout
         model = model.to(memory_format=torch.channels_last)
     lr = 0.0 if cfg.lr == "auto" else float(cfg.lr)
-    optimizer = build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay,
-                                cfg.momentum, cfg.decay_norm_bias)
+    optimizer = build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay, cfg.momentum,
+                                cfg.decay_norm_bias, fused=accelerator.device.type == "cuda")
     # stepped by us once per batch; accelerate would step a prepared one once per process
     scheduler = build_schedule(cfg.schedule, optimizer, cfg.epochs * len(train_loader),
                                warmup_frac=cfg.warmup)
     model = accelerator.prepare(model)  # DDP when distributed; the optimizer stays plain
-    step_model = torch.compile(model) if cfg.compile else model
+    # one static graph for the batch size; train_step runs any other size eagerly, since a
+    # second size would compile again, and dynamo would then prefer a dynamic-shape graph
+    step_model = torch.compile(model, dynamic=False) if cfg.compile else model
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     return Run(cfg, accelerator, data, train_loader, test_loader, model, step_model, optimizer,
                scheduler, scaler)
@@ -113,8 +115,9 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     """One optimizer step; returns (loss summed over the batch, correct) without a host sync."""
     if not run.cfg.channels_last:
         images = images.contiguous()
+    model = run.step_model if len(labels) == run.cfg.batch_size else run.model  # see build
     with run.autocast():
-        logits = run.step_model(images)
+        logits = model(images)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.cfg.label_smoothing)
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is None:

@@ -139,3 +139,22 @@ def test_unknown_schedule_and_optimizer_names_are_listed():
         build_schedule("linear", opt, T)
     with pytest.raises(ValueError, match="adamw"):
         build_optimizer("lion", nn.Linear(2, 1), lr=0.1)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fused_optimizers_step_as_the_others_do(name: str):
+    """fused=True (what a CUDA run asks for) changes the kernels, not the arithmetic; rmsprop,
+    which has no fused form, ignores it."""
+    models = [Tiny(), Tiny()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(name, m, lr=0.01, fused=fused)
+            for m, fused in zip(models, (False, True), strict=True)]
+    assert opts[1].defaults.get("fused", False) is (name != "rmsprop")
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(3):
+        for model, opt in zip(models, opts, strict=True):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -195,6 +195,25 @@ def test_nonfinite_weights_and_buffers_are_found_by_name():
     assert nonfinite_state(model) == ["layer2.0.bn1.running_var", "fc.weight"]
 
 
+# --- out of memory --------------------------------------------------------------------------------
+
+
+def test_running_out_of_memory_on_the_cpu_names_the_batch_size_to_try(data_dir, tmp_path):
+    """The CPU allocator's failure is a RuntimeError, not CUDA's OutOfMemoryError: it gets the
+    same one-line message. An 8 GiB address-space limit stands in for a small machine."""
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    out = tmp_path / "out"
+    # width 256: ~2 GB of weights, gradients and momentum fit; 1 GB per activation does not
+    result = train("--data-dir", data_dir, "--width", "256", "--batch-size", "1024",
+                   "--epochs", "1", "--out", out, timeout=300, preexec_fn=limit_memory)
+    assert result.returncode == 1
+    assert one_line_error(result) == ("error: out of memory at --batch-size 1024; try "
+                                      "--batch-size 512.")
+    assert not out.exists()
+
+
 # --- a full disk --------------------------------------------------------------------------------
 
 

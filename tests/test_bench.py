@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import ROOT, run_script
 from torch import nn
 
 from engine.config import TrainConfig
@@ -39,7 +41,7 @@ def test_quick_run_records_metadata(quick):
     assert meta["device"] == "cpu" and meta["device_name"].startswith("cpu (")
     assert meta["torch"] and "cuda" in meta and meta["date"]
     assert meta["commit"]
-    assert set(meta["section_s"]) == set(bench.SECTIONS)
+    assert set(meta["section_s"]) == set(bench.SECTIONS) and meta["complete"] is True
     for section in bench.SECTIONS:
         assert f"== {section}" in stdout
 
@@ -128,6 +130,7 @@ def test_quick_run_records_every_peer_or_why_not(quick):
 def test_sections_choose_what_runs(tmp_path):
     report, stdout = run_bench(tmp_path, "--sections", "mfu")
     assert {"loaders", "step", "epoch"}.isdisjoint(report) and "== step" not in stdout
+    assert report["meta"]["complete"] is True and list(report["meta"]["section_s"]) == ["mfu"]
     assert report["mfu"]["rows"] == [] and report["mfu"]["peaks"]["fp32"]["flops_per_s"] > 0
 
 
@@ -201,3 +204,24 @@ def test_missing_peer_is_recorded_not_fatal(monkeypatch, tmp_path):
 def test_mfu_arithmetic():
     # 1000 images/s x 3.33 GFLOPs = 3.33 TFLOP/s, a third of a 10 TFLOP/s peak
     assert bench_sections.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)
+
+
+@pytest.mark.slow
+def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path):
+    """--json is rewritten after each section: Ctrl-C (or a GPU step's time limit) during the
+    second section leaves the first one's figures, marked incomplete."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--device", "cpu",
+         "--sections", "loaders,step", "--data-dir", str(tmp_path / "data"), "--json", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the section's end is logged after --json was written
+        if line.startswith("loaders section:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    report = json.loads(out.read_text())
+    assert report["meta"]["complete"] is False and list(report["meta"]["section_s"]) == ["loaders"]
+    assert {r["loader"] for r in report["loaders"]} == {"ffcv", "resident", "torchvision"}
+    assert "step" not in report

@@ -11,17 +11,18 @@ the step's dtype, itself timed in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from common.cli import run_main
+from common.files import write_json
 from common.hardware import available_cores
 from engine.config import TrainConfig, resolve
 from engine.run import DTYPES
@@ -165,10 +166,10 @@ def base_config(args: argparse.Namespace, device: torch.device, images: int,
     return resolve(cfg, device.type == "cuda")
 
 
-def run_sections(args: argparse.Namespace, device: torch.device,
-                 out: str) -> tuple[dict, dict[str, float]]:
+def run_sections(args: argparse.Namespace, device: torch.device, out: str,
+                 done: Callable[[dict, dict[str, float]], None]) -> tuple[dict, dict[str, float]]:
     """The chosen sections, always in the order loaders, peers, step, epoch, mfu, and their
-    seconds."""
+    seconds; `done` gets both after each section."""
     base = base_config(args, device, args.images, out)
     results: dict = {}
     jobs = {
@@ -183,6 +184,7 @@ def run_sections(args: argparse.Namespace, device: torch.device,
         start = time.perf_counter()
         results[name] = jobs[name]()
         seconds[name] = time.perf_counter() - start
+        done(results, seconds)
         log(f"{name} section: {seconds[name]:.0f} s")
     return results, seconds
 
@@ -208,15 +210,21 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("command", "commit", "date", "device_name", "torch", "cuda"):
             log(f"{key}: {meta[key]}")
         log(f"options: {vars(args)}")
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+        def save(results: dict, seconds: dict[str, float]) -> None:
+            """--json as it stands: rewritten after each section, so a run cut short (a
+            time limit, Ctrl-C) keeps what it measured; `complete` says whether it was."""
+            if args.json:
+                meta.update(section_s=seconds, complete=seconds.keys() == set(args.sections))
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                write_json(args.json, dict(meta=meta, options=options,
+                                           **{k: serializable(v) for k, v in results.items()}))
+
         with tempfile.TemporaryDirectory(prefix="bench-") as out:
-            results, meta["section_s"] = run_sections(args, device, out)
+            results, _ = run_sections(args, device, out, save)
         log(report(results))
         if args.json:
-            payload = dict(meta=meta, options={k: str(v) if isinstance(v, Path) else v
-                                               for k, v in vars(args).items()},
-                           **{k: serializable(v) for k, v in results.items()})
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(payload, indent=1) + "\n")
             log(f"wrote {args.json}")
 
     return run_main(body)

@@ -90,7 +90,8 @@ def report(results: dict) -> str:
         parts.append(f"{m.formula}: {m.train_flops_per_image:,} training FLOPs per image "
                      f"(hand count {m.hand_count_flops_per_image:,} from {m.macs_per_image:,} "
                      f"forward MACs)")
-        parts += [f"{p.dtype} peak: {p.flops_per_s / 1e12:.3f} TFLOP/s ({p.size}^3 matmul, "
-                  f"fastest of {len(p.block_s)} blocks of {p.reps})" for p in m.peaks.values()]
+        parts += [f"{p.dtype} peak: {p.flops_per_s / 1e12:.3f} TFLOP/s ({p.size}^3 {p.math} "
+                  f"matmul, fastest of {len(p.block_s)} blocks of {p.reps})"
+                  for p in m.peaks.values()]
     return "\n".join(parts)
 

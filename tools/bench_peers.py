@@ -101,8 +101,10 @@ def airbench_loader(data: Prepared, cfg: TrainConfig, device: torch.device,
 
 
 def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) -> Timed:
-    """FFCV's Loader as its CIFAR example declares it: numba flip and translate (zero fill),
-    optional cutout, ToTensor, ToDevice (not on CPU), ToTorchImage, NormalizeImage, Convert."""
+    """FFCV's Loader with its own numba flip and translate (zero fill), optional cutout, and on a
+    GPU the tail of its CIFAR example (examples/cifar/train_cifar.py): ToTensor, ToDevice,
+    ToTorchImage, Convert to the training dtype, torchvision's Normalize. The example has no
+    CPU path; there ours is FFCV's numba NormalizeImage before ToTensor."""
     with torch_threads_kept():
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import SimpleRGBImageDecoder
@@ -118,24 +120,25 @@ def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) ->
             ToTensor,
             ToTorchImage,
         )
+    from torchvision.transforms import Normalize
     dtype = DTYPES[cfg.precision]
     mean, std = np.array(data.mean) * 255, np.array(data.std) * 255
-    # numpy has no bfloat16: normalize to fp32 and let Convert make the training dtype
-    np_dtype = np.float16 if dtype == torch.float16 else np.float32
     fill = tuple(int(round(m)) for m in mean)
     augment = [RandomHorizontalFlip(), RandomTranslate(padding=cfg.translate, fill=(0, 0, 0)),
                *([Cutout(cfg.cutout, fill)] if cfg.cutout else [])]
-    if device.type == "cpu":  # FFCV normalizes on the CPU before ToTensor, with numba
-        tail = [NormalizeImage(mean, std, np_dtype), ToTensor(), ToTorchImage()]
-    else:  # and on the GPU after ToTorchImage, on a channels_last uint8 batch
-        tail = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                NormalizeImage(mean, std, np_dtype)]
+    if device.type == "cpu":
+        # numpy has no bfloat16: normalize to fp32 and let Convert make the training dtype
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32
+        tail = [NormalizeImage(mean, std, np_dtype), ToTensor(), ToTorchImage(), Convert(dtype)]
+    else:
+        tail = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(), Convert(dtype),
+                Normalize(mean.tolist(), std.tolist())]
     to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
     with torch_threads_kept():
         loader = Loader(str(data.train), batch_size=cfg.batch_size,
                         num_workers=cfg.workers or default_workers(),
                         order=OrderOption.RANDOM, drop_last=False, os_cache=True, pipelines={
-                            "image": [SimpleRGBImageDecoder(), *augment, *tail, Convert(dtype)],
+                            "image": [SimpleRGBImageDecoder(), *augment, *tail],
                             "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]})
     return Timed(lambda: iter(guarded(loader)), device)
 

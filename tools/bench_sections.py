@@ -255,7 +255,8 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
     for dtype in sorted(dtypes):
         out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,
                                        args.repeats)
-        log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s")
+        log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "
+            f"({out.peaks[dtype].math})")
     out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)
     return out
 

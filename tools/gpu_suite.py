@@ -67,8 +67,9 @@ class Suite:
 
 
 def tests_step(s: Suite) -> list[tuple[str, list[str]]]:
-    """pytest on the tests marked gpu (skipped, not run, in a dry run on the CPU)."""
-    return [("pytest", [s.python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+    """pytest on the tests marked gpu (skipped, not run, in a dry run on the CPU); verbose, so
+    a step killed at its time limit still shows which tests passed."""
+    return [("pytest", [s.python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider",
                         "--durations", "0", "--junitxml", str(s.results / "tests.xml"),
                         str(ROOT / "tests" / "test_gpu.py")])]
 

@@ -4,7 +4,8 @@ and of matmuls, each waited for on the device so host clocks measure the work.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class Peak:
     reps: int  # per timed block
     block_s: list[float]
     flops_per_s: float  # of the fastest block
+    math: str  # the arithmetic the product ran in: the dtype, or tf32 for fp32 on tensor cores
 
 
 def sync(device: torch.device) -> None:
@@ -99,11 +101,29 @@ def timed_matmuls(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
     return time.perf_counter() - start
 
 
+@contextmanager
+def matmul_tf32(enabled: bool) -> Iterator[None]:
+    """CUDA fp32 matmuls on TF32 tensor cores (or not) inside the block."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def matmul_peak(dtype: str, device: torch.device, n: int, seconds: float, blocks: int) -> Peak:
-    """Dense matmul FLOP/s of n x n x n products of `dtype`: the fastest of timed blocks."""
+    """Dense matmul FLOP/s of n x n x n products of `dtype`: the fastest of timed blocks.
+
+    On CUDA, fp32 convolutions run in TF32 where cuDNN allows it (its default), so the fp32
+    peak is then a TF32 matmul's: an IEEE fp32 one would overstate the fp32 step's MFU.
+    """
+    tf32 = dtype == "fp32" and device.type == "cuda" and torch.backends.cudnn.allow_tf32
     a, b = (torch.randn(n, n, device=device, dtype=DTYPES[dtype]) for _ in range(2))
-    timed_matmuls(a, b, 1)  # warm-up: library load, kernel choice
-    reps = max(3, int(seconds / blocks / timed_matmuls(a, b, 1)))
-    block_s = [timed_matmuls(a, b, reps) for _ in range(blocks)]
-    return Peak(dtype, n, reps, block_s, 2 * n**3 * reps / min(block_s))
+    with matmul_tf32(tf32):
+        timed_matmuls(a, b, 1)  # warm-up: library load, kernel choice
+        reps = max(3, int(seconds / blocks / timed_matmuls(a, b, 1)))
+        block_s = [timed_matmuls(a, b, reps) for _ in range(blocks)]
+    return Peak(dtype, n, reps, block_s, 2 * n**3 * reps / min(block_s),
+                "tf32" if tf32 else dtype)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, replace
 from functools import partial
@@ -23,7 +22,7 @@ import torch
 from common.errors import RangeTestError
 from common.progress import progress_bar
 from engine.optim import build_schedule
-from engine.run import Run, train_step
+from engine.run import Run, endless, train_step
 
 START_LR, END_LR, ITERATIONS = 1e-7, 10.0, 100  # fastai's lr_find defaults
 BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
@@ -98,13 +97,6 @@ def restore(run: Run, saved: dict) -> None:
     run.scheduler = saved["scheduler"]
     run.train_loader.set_epoch(saved["epoch"])
     run.model.train(saved["training"])
-
-
-def endless(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Training batches, epoch after epoch, so a sweep may be longer than one epoch."""
-    for epoch in itertools.count():
-        run.train_loader.set_epoch(epoch)
-        yield from run.train_loader
 
 
 def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:

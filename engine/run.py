@@ -3,6 +3,8 @@ accelerator that places them. engine/train.py, the LR range test and the tools s
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,3 +131,10 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
         run.scaler.update()
     run.scheduler.step()
     return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
+
+
+def endless(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches, epoch after epoch: for a sweep or a profile longer than one epoch."""
+    for epoch in itertools.count():
+        run.train_loader.set_epoch(epoch)
+        yield from run.train_loader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import signal
 import subprocess
@@ -127,6 +128,20 @@ def test_quick_run_records_every_peer_or_why_not(quick):
 
 
 @pytest.mark.slow
+def test_quick_run_profiles_training_steps_and_writes_their_trace(quick):
+    profile = quick[0]["profile"]
+    assert (profile["steps"], profile["warmup_steps"], profile["sort_by"]) == (2, 1, "self_cpu_ms")
+    assert profile["loader"] == "ffcv" and profile["width"] == 16  # the CPU defaults, quick
+    times = [op["self_cpu_ms"] for op in profile["ops"]]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert "== profile: 2 steps after 1 warm-up" in quick[1]
+    with gzip.open(profile["trace"]) as trace:  # beside --json, a Chrome trace
+        events = json.load(trace)["traceEvents"]
+    # exactly the profiled steps: ResNet-18 runs 20 convolutions forward per step
+    assert sum(e.get("name") == "aten::convolution" for e in events) == 2 * 20
+
+
+@pytest.mark.slow
 def test_sections_choose_what_runs(tmp_path):
     report, stdout = run_bench(tmp_path, "--sections", "mfu")
     assert {"loaders", "step", "epoch"}.isdisjoint(report) and "== step" not in stdout
@@ -142,6 +157,7 @@ def test_sections_choose_what_runs(tmp_path):
     (["--repeats", "0"], "--repeats: must be positive"),
     (["--batch-size", "0"], "--batch-size: must be positive"),
     (["--steps", "0"], "--steps: must be positive"),
+    (["--profile-steps", "0"], "--profile-steps: must be positive"),
     (["--threads", "0"], "--threads: must be positive"),
     (["--matmul-seconds", "-1"], "--matmul-seconds: must be positive"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),

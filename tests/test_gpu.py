@@ -237,3 +237,5 @@ def test_bench_quick_on_cuda(tmp_path):
     assert {r["loader"] for r in bench["loaders"]} == set(loaders.LOADERS)
     assert any(r["status"] == "ok" and r["precision"] == "fp16" for r in bench["step"])
     assert bench["mfu"]["rows"] and all(0 < row["mfu"] < 1 for row in bench["mfu"]["rows"])
+    profile = bench["profile"]  # ranked by the kernels' time on the GPU
+    assert profile["sort_by"] == "self_device_ms" and profile["ops"][0]["self_device_ms"] > 0

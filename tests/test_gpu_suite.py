@@ -55,6 +55,7 @@ def test_dry_run_bench_and_tests_leave_their_results(dry_run):
     epoch = json.loads((dry_run / "bench-epoch.json").read_text())
     assert {r["loader"] for r in epoch["loaders"]} == {"ffcv", "resident", "torchvision"}
     assert epoch["step"][0]["precision"] == "fp32" and epoch["mfu"]["rows"]
+    assert epoch["profile"]["ops"] and (dry_run / "bench-epoch.trace.json.gz").stat().st_size
     peers = json.loads((dry_run / "bench-peers.json").read_text())["peers"]
     assert {r["loader"] for r in peers["loaders"]} >= {"airbench.CifarLoader", "stock ffcv.Loader"}
     assert [e["pipeline"] for e in peers["epochs"]] == ["seed", "default"]

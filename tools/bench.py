@@ -28,6 +28,7 @@ from engine.config import TrainConfig, resolve
 from engine.run import DTYPES
 from tools.bench_output import metadata, report
 from tools.bench_peers import bench_peers
+from tools.bench_profile import bench_profile
 from tools.bench_sections import (
     bench_epochs,
     bench_loaders,
@@ -36,7 +37,7 @@ from tools.bench_sections import (
     log,
 )
 
-SECTIONS = ("loaders", "peers", "step", "epoch", "mfu")
+SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
 TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 
 # Options left out: (on CUDA, on CPU, with --quick). The help text is made from this table.
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, tuple] = {
     "matmul_seconds": (1.0, 1.0, 0.3),
     "peer_epoch_images": (50_000, 1_024, 256),
     "peer_width": (64, 64, 16),
+    "profile_steps": (20, 3, 2),
 }
 
 
@@ -113,13 +115,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ("matmul-seconds", number, "time spent on each peak measurement"),
             ("peer-epoch-images", count, "training images of the peers section's seed vs "
                                          "default epochs"),
-            ("peer-width", count, "ResNet-18 width of the peers section's epochs")):
+            ("peer-width", count, "ResNet-18 width of the peers section's epochs"),
+            ("profile-steps", count, "training steps the profile section records, after "
+                                     "--warmup-steps")):
         p.add_argument(f"--{name}", type=kind,
                        help=f"{help_text} ({default_text(name.replace('-', '_'))})")
     p.add_argument("--precisions", type=csv(str), default=["fp32", "bf16", "fp16"],
                    help="step section precisions (default: fp32,bf16,fp16)")
     p.add_argument("--formats", type=csv(str), default=["channels_last", "contiguous"],
                    help="step section memory formats (default: channels_last,contiguous)")
+    p.add_argument("--trace", type=Path, help="the profile section's gzipped Chrome trace "
+                                              "(default: beside --json, as NAME.trace.json.gz)")
     p.add_argument("--workers", type=count, help="loader workers (default: cores available)")
     p.add_argument("--threads", type=count, default=available_cores(),
                    help="torch intra-op threads for the step, epoch and mfu sections "
@@ -166,6 +172,13 @@ def base_config(args: argparse.Namespace, device: torch.device, images: int,
     return resolve(cfg, device.type == "cuda")
 
 
+def trace_path(args: argparse.Namespace) -> Path | None:
+    """Where the profile section writes its trace: --trace, else beside --json, else nowhere."""
+    if args.trace is not None:
+        return args.trace
+    return args.json.with_suffix(".trace.json.gz") if args.json is not None else None
+
+
 def run_sections(args: argparse.Namespace, device: torch.device, out: str,
                  done: Callable[[dict, dict[str, float]], None]) -> tuple[dict, dict[str, float]]:
     """The chosen sections, always in the order loaders, peers, step, epoch, mfu, and their
@@ -178,6 +191,8 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
         "step": lambda: bench_steps(replace(base, loader="resident"), args),
         "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args),
         "mfu": lambda: bench_mfu(results, base, device, args),
+        "profile": lambda: bench_profile(base_config(args, device, args.epoch_images, out),
+                                         args, trace_path(args)),
     }
     seconds = {}
     for name in (s for s in SECTIONS if s in args.sections):

@@ -93,5 +93,15 @@ def report(results: dict) -> str:
         parts += [f"{p.dtype} peak: {p.flops_per_s / 1e12:.3f} TFLOP/s ({p.size}^3 {p.math} "
                   f"matmul, fastest of {len(p.block_s)} blocks of {p.reps})"
                   for p in m.peaks.values()]
+    if "profile" in results:
+        r = results["profile"]
+        where = r.sort_by.removeprefix("self_")
+        parts.append(table(f"profile: {r.steps} steps after {r.warmup_steps} warm-up, "
+                           f"{r.loader} loader, {r.precision} "
+                           f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}, "
+                           f"width {r.width}; ops by {r.sort_by}",
+                           r.ops, ["name", "calls", r.sort_by, where]))
+        if r.trace:
+            parts.append(f"trace: {r.trace}")
     return "\n".join(parts)
 

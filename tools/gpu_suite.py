@@ -91,8 +91,9 @@ def bench_step_step(s: Suite) -> list:
 
 def bench_epoch_step(s: Suite) -> list:
     """Loaders over 50k images, the fp32 step grid at batch 512, full 50k-image epochs with
-    each loader, and the MFU of all of them."""
-    return bench(s, "bench-epoch", "loaders,step,epoch,mfu",
+    each loader, the MFU of all of them, and a profile (with its trace) of the default run's
+    steps."""
+    return bench(s, "bench-epoch", "loaders,step,epoch,mfu,profile",
                  ["--precisions", "fp32", "--batch-sizes", "512"],
                  ["--quick", "--precisions", "fp32", "--formats", "channels_last",
                   "--images", "256", "--epoch-images", "256"])

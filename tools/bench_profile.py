@@ -1,0 +1,90 @@
+"""The profile section of tools/bench.py: torch.profiler over training steps fed by the
+engine's own loader, after warm-up steps, so that a run on a GPU leaves a trace to study
+offline (the ops taking the most time in the log, the whole timeline as a Chrome trace)."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import tempfile
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.profiler import ProfilerActivity, profile
+
+from common.files import atomic_write
+from engine.config import TrainConfig
+from engine.run import endless, train_step
+from tools.bench_sections import log, make_run
+from tools.timing import sync
+
+TOP = 25  # ops listed in the log and the JSON
+
+
+@dataclass
+class ProfileResult:
+    """The ops of profiled training steps, by the time they took on the device (CPU: host)."""
+
+    loader: str
+    precision: str
+    compile: bool
+    batch_size: int
+    width: int
+    warmup_steps: int  # run first, unprofiled: torch.compile, JIT, worker start-up
+    steps: int  # profiled
+    sort_by: str  # the column the ops are ranked by
+    trace: str  # the gzipped Chrome trace (chrome://tracing, ui.perfetto.dev), or "" if none
+    ops: list[dict] = field(default_factory=list)  # the TOP ops: name, calls, self/total ms
+
+
+def write_trace(prof: profile, path: Path) -> None:
+    """The profiler's Chrome trace, gzipped, written atomically."""
+    with tempfile.TemporaryDirectory(prefix="trace-") as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+
+        def compress(target: Path) -> None:
+            with open(raw, "rb") as source, gzip.open(target, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+
+        atomic_write(path, compress)
+
+
+def top_ops(prof: profile, device: bool) -> tuple[str, list[dict]]:
+    """(ranking column, the TOP ops by self time on the device, or on the host on CPU)."""
+    where = "device" if device else "cpu"
+    ranked = sorted(prof.key_averages(), reverse=True,
+                    key=lambda e: getattr(e, f"self_{where}_time_total"))
+    return f"self_{where}_ms", [
+        dict(name=e.key, calls=e.count,
+             **{f"self_{where}_ms": getattr(e, f"self_{where}_time_total") / 1e3,
+                f"{where}_ms": getattr(e, f"{where}_time_total") / 1e3})
+        for e in ranked[:TOP]]
+
+
+def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
+                  trace: Path | None) -> ProfileResult:
+    """Profile args.profile_steps training steps after args.warmup_steps, batches from cfg's
+    loader; the Chrome trace goes to `trace` when given."""
+    run = make_run(cfg, args.threads)
+    cuda = run.accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with closing(endless(run)) as batches:
+        for _ in range(args.warmup_steps):
+            train_step(run, *next(batches))
+        sync(run.accelerator.device)
+        with profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                train_step(run, *next(batches))
+            sync(run.accelerator.device)
+    if trace is not None:
+        write_trace(prof, trace)
+    sort_by, ops = top_ops(prof, cuda)
+    result = ProfileResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
+                           args.warmup_steps, args.profile_steps, sort_by,
+                           str(trace or ""), ops)
+    log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"
+        + (f"; trace {trace}" if trace else ""))
+    return result

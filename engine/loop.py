@@ -146,6 +146,12 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
             log(summary_line(row, cfg.epochs))
 
 
+# how a failed allocation reads when it is not a torch.OutOfMemoryError: the CPU allocator's,
+# and cuBLAS's and cuDNN's when their workspace cannot be had on a full GPU
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def out_of_memory(error: BaseException | None) -> bool:
     """Whether an error is, or was raised while handling, a failed allocation: CUDA's
     OutOfMemoryError, the RuntimeError of the CPU allocator, or either one wrapped (by
@@ -153,7 +159,7 @@ def out_of_memory(error: BaseException | None) -> bool:
     while error is not None:
         if isinstance(error, torch.OutOfMemoryError) or (
                 isinstance(error, RuntimeError) and any(
-                    text in str(error) for text in ("out of memory", "can't allocate memory"))):
+                    text in str(error) for text in OUT_OF_MEMORY)):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -41,14 +41,21 @@ class FFCVLoader(BatchLoader):
     def __init__(self, path: Path, **kwargs):
         num_samples = beton.check(Path(path)).num_samples  # a damaged file: DataError, not FFCV's
         super().__init__(path, num_samples=num_samples, **kwargs)
-        to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
+        # A blocking copy: FFCV 1.0.2 decodes each batch into one of a few pinned host buffers
+        # and its CUDA events guard only the device buffers, so an asynchronous copy still
+        # queued behind the training kernels could read a buffer already refilled (found by
+        # reading its epoch_iterator.py; PyTorch leaves the source's lifetime to the caller).
+        # Waiting here costs FFCV's own thread, not the training loop.
+        to_device = [ToDevice(self.device, non_blocking=False)] if self.device.type != "cpu" else []
         with torch_threads_kept():  # Loader() sets torch's threads to num_workers
             self.loader = Loader(
                 str(path), batch_size=self.batch_size, num_workers=self.workers,
                 order=_ShardOrder(self), drop_last=False, os_cache=True,
                 pipelines={
                     "image": [SimpleRGBImageDecoder(), ToTensor(), *to_device],
-                    "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device],
+                    # Squeeze(1), not Squeeze(): a last batch of one sample keeps its batch
+                    # dimension, which ToDevice indexes
+                    "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
                 },
             )
 

@@ -1,10 +1,11 @@
 """Data fixtures shared by the tests: small CIFAR-format folders written like the original
-files, tar.gz archives, a local HTTP server, a prepared synthetic dataset, and a bounded way to
-drain a loader."""
+files, tar.gz archives, a local HTTP server, a prepared synthetic dataset, a bounded way to
+drain a loader, and one dry run of the GPU suite (whose bench runs tests/test_bench.py reads)."""
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import queue
 import signal
@@ -38,6 +39,38 @@ def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess
     kwargs.setdefault("cwd", ROOT)
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_gpu_suite(*args, python: str = sys.executable, timeout: float = 900,
+                  out: Path | None = None) -> subprocess.CompletedProcess:
+    """`bash tools/gpu_suite.sh args` with PYTHON set, as `make gpu` runs it; $OUT set to
+    `out` (the device machine's returned folder) or unset."""
+    env = {**os.environ, "PYTHON": python}
+    env.pop("OUT", None)
+    if out is not None:
+        env["OUT"] = str(out)
+    return subprocess.run(["bash", str(ROOT / "tools" / "gpu_suite.sh"), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class SuiteRun:
+    """A finished run of the GPU suite: its results folder, its bundle and its output."""
+
+    results: Path
+    bundle: Path
+    process: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def gpu_suite_dry_run(tmp_path_factory) -> SuiteRun:
+    """The whole GPU suite on the CPU, once per session: every step's real commands with tiny
+    sizes; its bench steps are plain `tools/bench.py --quick` runs, which test_bench reads."""
+    results = tmp_path_factory.mktemp("gpu-results")
+    bundle = tmp_path_factory.mktemp("gpu-bundle") / "suite.tar.gz"
+    process = run_gpu_suite("all", "--dry-run", "--results", results, "--bundle", bundle)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
+    return SuiteRun(results, bundle, process)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,4 +1,5 @@
-"""tools/bench.py: real --quick runs on CPU as subprocesses, and the FLOP and MFU arithmetic."""
+"""tools/bench.py: real --quick runs on CPU as subprocesses (every section's, from the GPU
+suite's dry run: conftest's gpu_suite_dry_run), and the FLOP and MFU arithmetic."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 from conftest import ROOT, run_script
 from torch import nn
 
+import engine.run
+from common.errors import LoaderError
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
 from tools import bench, bench_peers, bench_sections
 from tools.flops import count_train_flops, train_flops
+from tools.timing import Peak
 
 
 def run_bench(tmp: Path, *args: str) -> tuple[dict, str]:
@@ -29,22 +33,34 @@ def run_bench(tmp: Path, *args: str) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> tuple[dict, str]:
-    return run_bench(tmp_path_factory.mktemp("bench"))
+def quick(gpu_suite_dry_run) -> tuple[dict, str]:
+    """`tools/bench.py --quick --device cpu` over every section, as the GPU suite's dry run
+    ran it in three parts (bench-epoch, bench-peers, bench-step): their JSONs merged, each
+    one's meta kept under its name, and their logs."""
+    report, logs = {"meta": {}}, []
+    for name in ("bench-epoch", "bench-peers", "bench-step"):
+        part = json.loads((gpu_suite_dry_run.results / f"{name}.json").read_text())
+        report["meta"][name] = part.pop("meta")
+        report.update({k: v for k, v in part.items() if k not in ("options", "mfu")})
+        report.setdefault("mfus", {})[name] = part["mfu"]
+        logs.append((gpu_suite_dry_run.results / f"{name}.log").read_text())
+    return report, "\n".join(logs)
 
 
 @pytest.mark.slow
-def test_quick_run_records_metadata(quick):
-    report, stdout = quick
-    meta = report["meta"]
-    assert stdout.startswith("command: python tools/bench.py --quick --device cpu")
-    assert meta["command"].startswith("python tools/bench.py --quick")
-    assert meta["device"] == "cpu" and meta["device_name"].startswith("cpu (")
-    assert meta["torch"] and "cuda" in meta and meta["date"]
-    assert meta["commit"]
-    assert set(meta["section_s"]) == set(bench.SECTIONS) and meta["complete"] is True
+def test_quick_runs_record_metadata(quick):
+    report, logs = quick
+    for name, meta in report["meta"].items():
+        assert meta["command"].startswith("python tools/bench.py --device cpu --sections ")
+        assert meta["command"].endswith("--quick"), name
+        assert meta["device"] == "cpu" and meta["device_name"].startswith("cpu (")
+        assert meta["torch"] and "cuda" in meta and meta["date"] and meta["commit"]
+        assert meta["complete"] is True
+        assert f"command: {meta['command']}" in logs
+    assert {s for meta in report["meta"].values() for s in meta["section_s"]} == set(
+        bench.SECTIONS)
     for section in bench.SECTIONS:
-        assert f"== {section}" in stdout
+        assert f"== {section}" in logs
 
 
 @pytest.mark.slow
@@ -80,21 +96,25 @@ def test_quick_run_measures_epochs_and_data_wait(quick):
 
 @pytest.mark.slow
 def test_quick_run_reports_mfu_against_measured_peaks(quick):
-    mfu = quick[0]["mfu"]
-    assert mfu["hand_count_flops_per_image"] == 6 * mfu["macs_per_image"]
-    assert mfu["train_flops_per_image"] == pytest.approx(mfu["hand_count_flops_per_image"],
-                                                         rel=0.02)
-    assert sum(mfu["flops_by_module"].values()) == mfu["train_flops_per_image"]
-    assert mfu["peaks"]["fp32"]["flops_per_s"] > 0
-    ran = [r for r in quick[0]["step"] if r["status"] == "ok"]
-    peer_epochs = quick[0]["peers"]["epochs"]
-    assert len(mfu["rows"]) == len(ran) + len(quick[0]["epoch"]) + len(peer_epochs)
-    for row in mfu["rows"]:
-        peak = mfu["peaks"][row["precision"]]["flops_per_s"]
-        flops = (peer_epochs[0]["train_flops_per_image"] if row["source"] == "peers"
-                 else mfu["train_flops_per_image"])
-        assert row["mfu"] == pytest.approx(row["images_per_s"] * flops / peak)
-        assert row["mfu"] > 0
+    report = quick[0]
+    ran = [r for r in report["step"] if r["status"] == "ok"]
+    peer_epochs = report["peers"]["epochs"]
+    # each run's MFU covers the throughputs measured in it
+    for name, measured in (("bench-epoch", report["epoch"]), ("bench-step", ran),
+                           ("bench-peers", peer_epochs)):
+        mfu = report["mfus"][name]
+        assert mfu["hand_count_flops_per_image"] == 6 * mfu["macs_per_image"]
+        assert mfu["train_flops_per_image"] == pytest.approx(mfu["hand_count_flops_per_image"],
+                                                             rel=0.02)
+        assert sum(mfu["flops_by_module"].values()) == mfu["train_flops_per_image"]
+        assert mfu["peaks"]["fp32"]["flops_per_s"] > 0
+        assert len(mfu["rows"]) == len(measured) > 0, name
+        for row in mfu["rows"]:
+            peak = mfu["peaks"][row["precision"]]["flops_per_s"]
+            flops = (peer_epochs[0]["train_flops_per_image"] if row["source"] == "peers"
+                     else mfu["train_flops_per_image"])
+            assert row["mfu"] == pytest.approx(row["images_per_s"] * flops / peak)
+            assert row["mfu"] > 0
 
 
 @pytest.mark.slow
@@ -224,15 +244,16 @@ def test_mfu_arithmetic():
 
 @pytest.mark.slow
 def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path):
-    """--json is rewritten after each section: Ctrl-C (or a GPU step's time limit) during the
-    second section leaves the first one's figures, marked incomplete."""
+    """--json is rewritten after each section and after each step configuration: Ctrl-C (or
+    a GPU step's time limit) during the second section leaves the first one's figures and the
+    second one's rows so far, marked incomplete."""
     out = tmp_path / "bench.json"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--device", "cpu",
          "--sections", "loaders,step", "--data-dir", str(tmp_path / "data"), "--json", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # the section's end is logged after --json was written
-        if line.startswith("loaders section:"):
+    for line in proc.stdout:  # a configuration's line is logged after --json was written
+        if line.startswith("step:"):
             break
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -240,4 +261,56 @@ def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path):
     report = json.loads(out.read_text())
     assert report["meta"]["complete"] is False and list(report["meta"]["section_s"]) == ["loaders"]
     assert {r["loader"] for r in report["loaders"]} == {"ffcv", "resident", "torchvision"}
-    assert "step" not in report
+    assert report["step"][0]["status"] == "ok" and report["step"][0]["images_per_s"] > 0
+
+
+class FailsAfterWarmup:
+    """A real loader whose second epoch raises LoaderError, as a dying FFCV pipeline does."""
+
+    def __init__(self, loader):
+        self.loader, self.device, self.epoch = loader, loader.device, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        if self.epoch:
+            raise LoaderError("the pipeline thread died")
+        return iter(self.loader)
+
+
+def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch, tmp_path):
+    """One broken CUDA path must not cost a GPU run the other loaders' figures: a loader
+    failing mid-section (loaders) or at construction (epoch) is a failed row, the rest run."""
+    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                             "--images", "256", "--epoch-images", "128", "--workers", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # pick_device's, undone after the test
+    device = bench.pick_device(args)
+    bench.fill_defaults(args)
+    monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))  # no numba JIT
+    real = bench_sections.make_loader
+    monkeypatch.setattr(bench_sections, "make_loader", lambda kind, *a, **k: (
+        FailsAfterWarmup(real(kind, *a, **k)) if kind == "resident" else real(kind, *a, **k)))
+    rows = {r.loader: r for r in bench_sections.bench_loaders(
+        bench.base_config(args, device, 256, str(tmp_path)), device, args)}
+    assert (rows["resident"].status, rows["resident"].images_per_s) == ("failed", None)
+    assert rows["resident"].reason == "LoaderError: the pipeline thread died"
+    assert rows["torchvision"].status == "ok" and rows["torchvision"].vs_torchvision == 1
+
+    def refuse(kind, *a, **k):
+        if kind == "resident":
+            raise LoaderError("cannot hold the split on the device")
+        return real(kind, *a, **k)
+
+    monkeypatch.setattr(engine.run, "make_loader", refuse)
+    saved = []
+    epochs = bench_sections.bench_epochs(bench.base_config(args, device, 128, str(tmp_path)),
+                                         args, lambda rows: saved.append(len(rows)))
+    assert [(r.loader, r.status) for r in epochs] == [("resident", "failed"),
+                                                      ("torchvision", "ok")]
+    assert "cannot hold the split" in epochs[0].reason and epochs[1].images_per_s > 0
+    assert saved == [1, 2]  # the rows so far, after each loader
+    rows = bench_sections.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
+                                                                       "fp32")})
+    assert [row["config"].split()[0] for row in rows] == ["torchvision"]  # failed: no MFU

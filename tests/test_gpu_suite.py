@@ -1,81 +1,149 @@
 """tools/gpu_suite.sh on the CPU: the dry run executes every step's real commands with tiny
-sizes, and a Python that lacks ffcv gets the .whl/ wheels installed or a clear error."""
+sizes, packs its results into one bundle, stops at its --budget, and a Python that lacks ffcv
+gets the .whl/ wheels installed or a clear error."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_gpu_suite
+
+from tools import gpu_suite
 
 PY312 = Path("/root/.pyenv/versions/3.12.1/bin/python3")
 
 
-def suite(*args, python: str = sys.executable, timeout: float = 900
-          ) -> subprocess.CompletedProcess:
-    """`bash tools/gpu_suite.sh args` with PYTHON set, as `make gpu` runs it."""
-    env = {**os.environ, "PYTHON": python}
-    env.pop("OUT", None)  # the results go where --results says
-    return subprocess.run(["bash", str(ROOT / "tools" / "gpu_suite.sh"), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> Path:
-    results = tmp_path_factory.mktemp("gpu-results")
-    result = suite("all", "--dry-run", "--results", results)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return results
-
-
 @pytest.mark.slow
-def test_dry_run_writes_every_step_with_its_header(dry_run):
-    for step in ("tests", "bench-step", "bench-epoch", "bench-peers", "train"):
+def test_dry_run_writes_every_step_with_its_header(gpu_suite_dry_run):
+    results = gpu_suite_dry_run.results
+    for step in gpu_suite.STEPS:
         head = dict(line[2:].split(": ", 1) for line in
-                    (dry_run / f"{step}.log").read_text().splitlines() if line.startswith("# ")
+                    (results / f"{step}.log").read_text().splitlines() if line.startswith("# ")
                     and ": " in line)
         assert head["step"] == step and head["device"] == "cpu" and head["dry_run"] == "True"
         assert head["command"].startswith("bash tools/gpu_suite.sh all --dry-run")
         for key in ("commit", "torch", "ffcv", "accelerate", "numba", "grad-cam", "python"):
             assert head[key], key
-        summary = json.loads((dry_run / f"{step}.summary.json").read_text())
-        assert summary["ok"] and all(c["returncode"] == 0 for c in summary["commands"])
+        summary = json.loads((results / f"{step}.summary.json").read_text())
+        assert summary["ok"] and all(c["status"] == "ok" for c in summary["commands"])
         assert summary["meta"]["step"] == step
+    record = json.loads((results / "suite.json").read_text())
+    assert [s["step"] for s in record["steps"]] == list(gpu_suite.STEPS)  # in priority order
+    assert record["not_run"] == []
 
 
 @pytest.mark.slow
-def test_dry_run_bench_and_tests_leave_their_results(dry_run):
-    assert "testsuite" in (dry_run / "tests.xml").read_text()  # pytest's junit report
-    step = json.loads((dry_run / "bench-step.json").read_text())
-    assert step["meta"]["device"] == "cpu" and step["step"] and "loaders" not in step
-    epoch = json.loads((dry_run / "bench-epoch.json").read_text())
-    assert {r["loader"] for r in epoch["loaders"]} == {"ffcv", "resident", "torchvision"}
-    assert epoch["step"][0]["precision"] == "fp32" and epoch["mfu"]["rows"]
-    assert epoch["profile"]["ops"] and (dry_run / "bench-epoch.trace.json.gz").stat().st_size
-    peers = json.loads((dry_run / "bench-peers.json").read_text())["peers"]
-    assert {r["loader"] for r in peers["loaders"]} >= {"airbench.CifarLoader", "stock ffcv.Loader"}
-    assert [e["pipeline"] for e in peers["epochs"]] == ["seed", "default"]
+def test_dry_run_bench_steps_and_tests_leave_their_results(gpu_suite_dry_run):
+    """Each bench step is one tools/bench.py --quick run of its sections (test_bench reads
+    their figures); each test step leaves pytest's junit report."""
+    results = gpu_suite_dry_run.results
+    for name in ("tests-quick", "tests-e2e"):
+        assert "testsuite" in (results / f"{name}.xml").read_text()
+    for name, sections in (("bench-epoch", ["loaders", "epoch", "mfu", "profile"]),
+                           ("bench-peers", ["peers", "mfu"]), ("bench-step", ["step", "mfu"])):
+        report = json.loads((results / f"{name}.json").read_text())
+        assert report["meta"]["complete"] and list(report["meta"]["section_s"]) == sections
+        assert report["meta"]["device"] == "cpu" and report["options"]["quick"]
+        assert set(report) == {"meta", "options", *sections}, name
+    assert (results / "bench-epoch.trace.json.gz").stat().st_size
 
 
 @pytest.mark.slow
-def test_dry_run_trains_the_fast_and_seed_pipelines(dry_run):
+def test_dry_run_trains_the_fast_and_seed_pipelines(gpu_suite_dry_run):
+    results = gpu_suite_dry_run.results
     for name, epochs in (("train-fast-compile", 1), ("train-fast-eager", 1), ("train-seed", 2)):
-        rows = (dry_run / name / "metrics.jsonl").read_text().splitlines()
+        rows = (results / name / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == epochs, name
-        assert not (dry_run / name / "ckpt.pt").exists()  # checkpoints stay out of the results
-    seed = json.loads((dry_run / "train-seed" / "config.json").read_text())
+        assert not (results / name / "ckpt.pt").exists()  # checkpoints stay out of the results
+    seed = json.loads((results / "train-seed" / "config.json").read_text())
     assert (seed["preset"], seed["loader"], seed["precision"], seed["compile"],
             seed["channels_last"]) == ("seed", "torchvision", "fp32", False, False)
-    eager = json.loads((dry_run / "train-fast-eager" / "config.json").read_text())
+    eager = json.loads((results / "train-fast-eager" / "config.json").read_text())
     assert eager["preset"] == "fast" and eager["compile"] is False
 
 
+@pytest.mark.slow
+def test_dry_run_bundle_holds_every_result_and_the_summary_names_the_figures(gpu_suite_dry_run):
+    results, bundle, process = (gpu_suite_dry_run.results, gpu_suite_dry_run.bundle,
+                                gpu_suite_dry_run.process)
+    with tarfile.open(bundle) as tar:
+        packed = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
+    assert packed == {str(p.relative_to(results)) for p in results.rglob("*") if p.is_file()}
+    summary = (bundle.parent / "suite.summary.md").read_text()
+    assert summary == (results / "summary.md").read_text()
+    assert summary in process.stdout  # the end of the output is what a lease hands back
+    assert "| bench-epoch | bench-epoch | ok |" in summary and "Still to run" not in summary
+    figures = summary.split("## Figures", 1)[1]
+    for expected in ("- loader resident: ", "- epoch, ffcv loader, fp32 eager batch 64: ",
+                     "data wait", "- MFU ", "- train-seed: 2 epochs in ", "- tests-e2e: ",
+                     "- peers: default pipeline epoch", "- step bf16 channels_last eager",
+                     "- step fp16: skipped, TrainingError: --precision fp16 needs a CUDA GPU"):
+        assert expected in figures, expected
+
+
+@pytest.mark.slow
+def test_with_out_set_a_short_budget_leaves_a_bundle_and_names_what_did_not_run(tmp_path):
+    """As on the device machine: $OUT gets two files, whatever the budget cut; the steps and
+    commands the budget left out are named, with the command that runs them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    # the first training takes seconds; then less than START_MIN_S is left of the budget
+    budget = gpu_suite.RESERVE_S + gpu_suite.START_MIN_S + 20
+    result = run_gpu_suite("train", "bench-epoch", "--dry-run", "--budget", budget, out=out)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "failed or not run: train, bench-epoch" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-suite.summary.md", "gpu-suite.tar.gz"]
+    with tarfile.open(out / "gpu-suite.tar.gz") as tar:
+        record = json.load(tar.extractfile("gpu-suite/suite.json"))
+        assert "gpu-suite/train.log" in tar.getnames()
+    (train,) = record["steps"]
+    statuses = [c["status"] for c in train["commands"]]
+    assert statuses[0] in ("ok", "killed at the budget") and statuses[1:] == ["not run"] * 2
+    assert record["not_run"] == ["bench-epoch"] and not train["ok"]
+    summary = (out / "gpu-suite.summary.md").read_text()
+    assert "| bench-epoch | | not run: the budget was spent | |" in summary
+    assert "Still to run: `bash tools/gpu_suite.sh train bench-epoch`" in summary
+
+
+def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
+    """run_command's timeout ends the command's whole process group: a child it started
+    (a DataLoader worker, a compile worker) does not live on to hold the GPU."""
+    pid_file = tmp_path / "child.pid"
+    argv = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
+    with open(tmp_path / "log", "w") as log:
+        code, seconds = gpu_suite.run_command(argv, dict(os.environ), log, timeout=2)
+    assert code is None and seconds < 60
+    child = Path(f"/proc/{pid_file.read_text().strip()}/stat")
+    for _ in range(50):  # SIGKILL is delivered at once; a zombie waits for init to reap it
+        try:
+            if child.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the command's child ({child.parent.name}) outlived the kill")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0"], "--budget must be a positive number of seconds"),
+    (["--bundle", "out.zip"], "name a .tar.gz file"),
+    (["train", "bench-grid"], "unknown step(s) bench-grid; choose from tests-quick, "),
+])
+def test_impossible_options_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_suite.parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_without_dry_run_a_machine_without_gpu_is_told_so(tmp_path):
-    result = suite("tests", "--results", tmp_path / "r", timeout=120)
+    result = run_gpu_suite("tests-quick", "--results", tmp_path / "r", timeout=120)
     assert result.returncode == 1
     assert "no CUDA GPU" in result.stderr and "--dry-run" in result.stderr
     assert "Traceback" not in result.stderr
@@ -89,7 +157,7 @@ def test_a_python_without_ffcv_gets_the_wheels_installed(tmp_path):
     """pyenv's bare 3.12 (no numpy, no torch here): the wheels land in --site, then the
     missing numpy is named; on the GPU image the same path goes on to run the step."""
     site = tmp_path / "site"
-    result = suite("tests", "--dry-run", "--results", tmp_path / "r", "--site", site,
+    result = run_gpu_suite("tests-quick", "--dry-run", "--results", tmp_path / "r", "--site", site,
                    python=str(PY312), timeout=300)
     assert "installing" in result.stdout and result.returncode == 1
     assert (site / "ffcv" / "__init__.py").exists()

@@ -20,7 +20,7 @@ from conftest import ROOT, run_script, tmpfs
 from common.errors import OutputError
 from common.files import locked_dir, write_text
 from engine import checkpoint
-from engine.loop import nonfinite_state
+from engine.loop import nonfinite_state, out_of_memory
 from engine.model import build_model
 
 SIZE = ["--synthetic-size", "1024", "128"]
@@ -212,6 +212,19 @@ def test_running_out_of_memory_on_the_cpu_names_the_batch_size_to_try(data_dir, 
     assert one_line_error(result) == ("error: out of memory at --batch-size 1024; try "
                                       "--batch-size 512.")
     assert not out.exists()
+
+
+def test_cuda_libraries_failing_to_allocate_count_as_out_of_memory():
+    """cuBLAS and cuDNN report a full GPU in their own words, not as OutOfMemoryError."""
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                          "`cublasCreate(handle)`")
+    assert out_of_memory(cublas) and out_of_memory(RuntimeError("cuDNN error: "
+                                                                "CUDNN_STATUS_ALLOC_FAILED"))
+    try:  # as torch.compile's backend wraps it
+        raise RuntimeError("backend compiler failed") from cublas
+    except RuntimeError as wrapped:
+        assert out_of_memory(wrapped)
+    assert not out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
 
 
 # --- a full disk --------------------------------------------------------------------------------

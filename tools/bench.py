@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ DEFAULTS: dict[str, tuple] = {
     "warmup_steps": (3, 3, 1),
     "steps": (20, 3, 2),
     "repeats": (3, 3, 1),
-    "matmul_size": (4096, 2048, 1024),
+    "matmul_size": (8192, 2048, 1024),  # CUDA: large enough to fill an H100's tensor cores
     "matmul_seconds": (1.0, 1.0, 0.3),
     "peer_epoch_images": (50_000, 1_024, 256),
     "peer_width": (64, 64, 16),
@@ -165,10 +165,12 @@ def pick_device(args: argparse.Namespace) -> torch.device:
 
 def base_config(args: argparse.Namespace, device: torch.device, images: int,
                 out: str) -> TrainConfig:
-    """The engine's config (fast preset, device defaults) on synthetic data of `images` images."""
+    """The engine's config (fast preset, device defaults) on synthetic data of `images` images;
+    with --quick never compiled, as on the CPU (the engine compiles by default on CUDA)."""
     cfg = TrainConfig(dataset="synthetic", data_dir=str(args.data_dir),
                       synthetic_size=(images, TEST_IMAGES), width=args.width,
-                      batch_size=args.batch_size, workers=args.workers, out=out)
+                      batch_size=args.batch_size, workers=args.workers, out=out,
+                      compile=False if args.quick else None)
     return resolve(cfg, device.type == "cuda")
 
 
@@ -188,13 +190,19 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
     jobs = {
         "loaders": lambda: bench_loaders(base, device, args),
         "peers": lambda: bench_peers(base, device, args, out),
-        "step": lambda: bench_steps(replace(base, loader="resident"), args),
-        "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args),
+        "step": lambda: bench_steps(replace(base, loader="resident"), args, partial("step")),
+        "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args,
+                                      partial("epoch")),
         "mfu": lambda: bench_mfu(results, base, device, args),
         "profile": lambda: bench_profile(base_config(args, device, args.epoch_images, out),
                                          args, trace_path(args)),
     }
-    seconds = {}
+    seconds: dict[str, float] = {}
+
+    def partial(name: str) -> Callable[[list], None]:
+        """A section's rows so far, saved as a section still running (not in `seconds`)."""
+        return lambda rows: done({**results, name: rows}, seconds)
+
     for name in (s for s in SECTIONS if s in args.sections):
         start = time.perf_counter()
         results[name] = jobs[name]()
@@ -205,12 +213,13 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
 
 
 def serializable(result):
-    """A section's result as JSON-ready lists and dicts (dataclasses, lists and dicts of them)."""
+    """A section's result as JSON-ready lists and dicts (dataclasses, lists and dicts of them,
+    and plain values such as a failure's reason)."""
     if isinstance(result, list):
         return [serializable(r) for r in result]
     if isinstance(result, dict):
         return {k: serializable(v) for k, v in result.items()}
-    return asdict(result)
+    return asdict(result) if is_dataclass(result) else result
 
 
 def main(argv: list[str] | None = None) -> int:

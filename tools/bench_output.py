@@ -4,6 +4,7 @@ per section, its columns the fields of the section's result dataclass."""
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -27,7 +28,8 @@ COLUMNS["mfu"] = ["source", "config", "images_per_s", "achieved_TFLOP/s", "peak_
 
 def commit() -> str:
     """HEAD's hash, with '-dirty' when a tracked file differs from it (untracked ones, such as
-    the log this run is writing, do not count)."""
+    the log this run is writing, do not count); in a copy without .git (a GPU machine's),
+    $GPU_SUITE_COMMIT, the hash the copy was made from."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -35,7 +37,7 @@ def commit() -> str:
         changed = git("status", "--porcelain", "--untracked-files=no")
         return git("rev-parse", "HEAD") + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+        return os.environ.get("GPU_SUITE_COMMIT") or "unknown (not a git checkout)"
 
 
 def metadata(device: torch.device, argv: list[str]) -> dict:
@@ -81,7 +83,8 @@ def report(results: dict) -> str:
             table("peers: loaders (ratio = ours / versus, same augmentations and output)",
                   [asdict(r) for r in p["loaders"]], COLUMNS["peers"]),
             table("peers: training epoch, seed notebook's pipeline vs the default preset",
-                  [asdict(r) for r in p["epochs"]], COLUMNS["seed"])]))
+                  [asdict(r) for r in p["epochs"]], COLUMNS["seed"]),
+            *([f"failed: {p['epochs_failed']}"] if "epochs_failed" in p else [])]))
     if "mfu" in results:
         m = results["mfu"]
         rows = [{**r, "achieved_TFLOP/s": r["achieved_flops_per_s"] / 1e12,

@@ -20,11 +20,21 @@ from engine.run import DTYPES
 from loaders import beton
 from loaders.guards import guarded, torch_threads_kept
 from loaders.prepare import Prepared, prepare
-from tools.bench_sections import build_loader, log, make_run, pin_threads, release
+from tools.bench_sections import (
+    MEASURE_ERRORS,
+    build_loader,
+    failure,
+    log,
+    make_run,
+    pin_threads,
+    release,
+)
 from tools.flops import train_flops
 from tools.timing import Pass, fastest, loader_pass, train_pass
 
 BENCH_EXTRA = "pip install -e '.[bench]' (or: make bench)"
+# what a peer's loader may raise (foreign code: more than ours), recorded in its row
+PEER_ERRORS = (*MEASURE_ERRORS, ValueError, TypeError, AssertionError, OSError)
 
 
 @dataclass
@@ -199,9 +209,8 @@ def construct(row: PeerResult, make: Callable[[], Timed]) -> Timed | None:
     except ModuleNotFoundError as error:
         row.status, row.reason = "not installed", f"no module '{error.name}': {BENCH_EXTRA}"
         return None
-    except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as error:
-        row.status = "failed"
-        row.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    except PEER_ERRORS as error:
+        row.status, row.reason = "failed", failure(error)
         return None
     row.construct_s = time.perf_counter() - start
     return loader
@@ -214,9 +223,8 @@ def first_pass(row: PeerResult, loader: Timed) -> Pass | None:
 
     try:
         return loader_pass(loader, 0, on_first=note)
-    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
-        row.status = "failed"
-        row.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    except PEER_ERRORS as error:
+        row.status, row.reason = "failed", failure(error)
         return None
 
 
@@ -235,8 +243,12 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
             built.append((row, loader))
     steady: dict[int, list[Pass]] = {id(row): [] for row, _ in built}
     for epoch in range(1, args.epochs + 1):
-        for row, loader in built:
-            steady[id(row)].append(loader_pass(loader, epoch))
+        for row, loader in list(built):
+            try:
+                steady[id(row)].append(loader_pass(loader, epoch))
+            except PEER_ERRORS as error:
+                row.status, row.reason = "failed", failure(error)
+                built.remove((row, loader))
     for row, _ in built:
         best = fastest(steady[id(row)])
         row.epoch_s = [p.seconds for p in steady[id(row)]]
@@ -255,10 +267,11 @@ def seed_configs(args: argparse.Namespace, device: torch.device, out: str) -> li
     """The seed notebook's pipeline and the default preset, at --peer-width on --epoch-images."""
     common = dict(dataset="synthetic", data_dir=str(args.data_dir), width=args.peer_width,
                   synthetic_size=(args.peer_epoch_images, 1_000), workers=args.workers, out=out)
+    default = TrainConfig(**common, compile=False if args.quick else None)  # as base_config
     seed = TrainConfig(**PRESETS["seed"], preset="seed", loader="torchvision", precision="fp32",
                        compile=False, channels_last=False, **common)
     cuda = device.type == "cuda"
-    return [resolve(seed, cuda), resolve(TrainConfig(**common), cuda)]
+    return [resolve(seed, cuda), resolve(default, cuda)]
 
 
 def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
@@ -289,12 +302,18 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
 
 
 def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace,
-                out: str) -> dict[str, list]:
-    """The peers section: loaders beside the public peers, then seed vs default epochs."""
+                out: str) -> dict:
+    """The peers section: loaders beside the public peers, then seed vs default epochs (none,
+    and why in `epochs_failed`, when either pipeline cannot run here)."""
     data = prepare("synthetic", Path(cfg.data_dir), tuple(cfg.synthetic_size),
                    workers=cfg.workers)
     folder = Path(out) / "airbench"
     folder.mkdir(parents=True, exist_ok=True)
     loaders = bench_peer_loaders(data, cfg, device, args, folder)
     release()
-    return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out))
+    try:
+        return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out))
+    except MEASURE_ERRORS as error:
+        log(f"peers: the seed vs default epochs failed: {failure(error)}")
+        release()
+        return dict(loaders=loaders, epochs=[], epochs_failed=failure(error))

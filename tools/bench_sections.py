@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,13 +29,15 @@ class LoaderResult:
     """Throughput of one loader alone: batches made and handed over, no model."""
 
     loader: str
-    images: int  # per epoch
     batch_size: int
-    construct_s: float  # building the loader object
-    first_epoch_s: float  # warm-up epoch: worker start-up, FFCV's numba JIT, page cache
-    epoch_s: list[float]  # steady-state epochs after the warm-up one
-    images_per_s: float  # of the fastest steady-state epoch
-    vs_torchvision: float = 0.0  # images_per_s over the torchvision loader's
+    status: str = "ok"  # "failed": see reason (the other loaders are measured all the same)
+    reason: str = ""
+    images: int | None = None  # per epoch
+    construct_s: float | None = None  # building the loader object
+    first_epoch_s: float | None = None  # warm-up epoch: worker start-up, numba JIT, page cache
+    epoch_s: list[float] = field(default_factory=list)  # steady-state epochs after the warm-up
+    images_per_s: float | None = None  # of the fastest steady-state epoch
+    vs_torchvision: float | None = None  # images_per_s over the torchvision loader's
 
 
 @dataclass
@@ -63,13 +66,15 @@ class EpochResult:
     compile: bool
     batch_size: int
     width: int
-    images: int  # per epoch
-    build_s: float  # engine.train.build: data, loaders, model, optimizer
-    first_epoch_s: float  # warm-up epoch: JIT, torch.compile, worker start-up
-    epoch_s: list[float]  # steady-state epochs
-    data_wait_s: list[float]  # seconds blocked in the loader's next(), per steady-state epoch
-    data_wait_share: float  # of the fastest steady-state epoch: data_wait_s / epoch_s
-    images_per_s: float  # of the fastest steady-state epoch
+    status: str = "ok"  # "failed": see reason (the other loaders' epochs run all the same)
+    reason: str = ""
+    images: int | None = None  # per epoch
+    build_s: float | None = None  # engine.train.build: data, loaders, model, optimizer
+    first_epoch_s: float | None = None  # warm-up epoch: JIT, torch.compile, worker start-up
+    epoch_s: list[float] = field(default_factory=list)  # steady-state epochs
+    data_wait_s: list[float] = field(default_factory=list)  # blocked in next(), per epoch
+    data_wait_share: float | None = None  # of the fastest steady-state epoch: wait / epoch
+    images_per_s: float | None = None  # of the fastest steady-state epoch
 
 
 @dataclass
@@ -84,6 +89,16 @@ class MfuResult:
                     "a forward and backward pass (cross-check: 3 x 2 x forward MACs)")
     peaks: dict[str, Peak] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+
+
+# what a configuration that cannot run here raises: fp16 on CPU, a failed compile, a loader's
+# error, out of memory, any CUDA error; it is recorded in its row and the others go on
+MEASURE_ERRORS = (EngineError, RuntimeError)
+
+
+def failure(error: BaseException) -> str:
+    """A row's reason: the error's type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 def log(message: str) -> None:
@@ -126,22 +141,34 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
     a burst of load on a shared machine hits all of them alike."""
     data = prepare("synthetic", Path(cfg.data_dir), cfg.synthetic_size,
                    workers=cfg.workers)
-    built = {kind: build_loader(kind, data, cfg, device) for kind in LOADERS}
+    results = {kind: LoaderResult(kind, cfg.batch_size) for kind in LOADERS}
+    built: dict[str, BatchLoader] = {}
+    for kind, r in results.items():
+        try:
+            built[kind], r.construct_s = build_loader(kind, data, cfg, device)
+        except MEASURE_ERRORS as error:
+            r.status, r.reason = "failed", failure(error)
     pin_threads(args.threads)
-    first = {kind: loader_pass(loader, 0) for kind, (loader, _) in built.items()}
     steady: dict[str, list[Pass]] = {kind: [] for kind in LOADERS}
-    for epoch in range(1, args.epochs + 1):
-        for kind, (loader, _) in built.items():
-            steady[kind].append(loader_pass(loader, epoch))
-    results = [LoaderResult(kind, first[kind].images, cfg.batch_size, built[kind][1],
-                            first[kind].seconds, [p.seconds for p in steady[kind]],
-                            fastest(steady[kind]).images / fastest(steady[kind]).seconds)
-               for kind in LOADERS]
-    baseline = next(r.images_per_s for r in results if r.loader == "torchvision")
-    for r in results:
-        r.vs_torchvision = r.images_per_s / baseline
-        log(f"loaders: {r.loader} {r.images_per_s:,.0f} images/s")
-    return results
+    for epoch in range(args.epochs + 1):  # epoch 0 is the warm-up
+        for kind in list(built):
+            try:
+                steady[kind].append(loader_pass(built[kind], epoch))
+            except MEASURE_ERRORS as error:
+                results[kind].status, results[kind].reason = "failed", failure(error)
+                del built[kind]
+    for kind in built:
+        r, (first, *rest) = results[kind], steady[kind]
+        best = fastest(rest)
+        r.images, r.first_epoch_s = first.images, first.seconds
+        r.epoch_s, r.images_per_s = [p.seconds for p in rest], best.images / best.seconds
+    baseline = results["torchvision"].images_per_s
+    for r in results.values():
+        if r.images_per_s and baseline:
+            r.vs_torchvision = r.images_per_s / baseline
+        log(f"loaders: {r.loader} " + (f"{r.images_per_s:,.0f} images/s" if r.images_per_s
+                                       else f"{r.status}, {r.reason}"))
+    return list(results.values())
 
 
 def step_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConfig]:
@@ -163,20 +190,22 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
         result.warmup_s = timed_steps(run, images, labels, args.warmup_steps)
         result.block_s = [timed_steps(run, images, labels, args.steps)
                           for _ in range(args.repeats)]
-    except (EngineError, RuntimeError) as error:  # e.g. fp16 on CPU, a failed compile, OOM
-        result.status = "skipped"
-        result.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    except MEASURE_ERRORS as error:
+        result.status, result.reason = "skipped", failure(error)
         return result
     result.steps = args.steps
     result.images_per_s = args.steps * cfg.batch_size / min(result.block_s)
     return result
 
 
-def bench_steps(base: TrainConfig, args: argparse.Namespace) -> list[StepResult]:
-    """Every step configuration, one after the other, freeing each before the next."""
+def bench_steps(base: TrainConfig, args: argparse.Namespace,
+                partial: Callable[[list], object]) -> list[StepResult]:
+    """Every step configuration, one after the other, freeing each before the next; partial
+    gets the rows so far after each, before its line is logged (a run cut short keeps them)."""
     results = []
     for cfg in step_configs(base, args):
         results.append(bench_step(cfg, args))
+        partial(results)
         r = results[-1]
         log(f"step: {r.precision} {r.memory_format} compile={r.compile} batch {r.batch_size}: "
             + (f"{r.images_per_s:,.1f} images/s" if r.status == "ok" else r.reason))
@@ -186,25 +215,35 @@ def bench_steps(base: TrainConfig, args: argparse.Namespace) -> list[StepResult]
 
 def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     """Full training epochs with cfg's loader: warm-up epoch, then steady-state ones."""
-    start = time.perf_counter()
-    run = make_run(cfg, threads)
-    build_s = time.perf_counter() - start
-    first = train_pass(run, 0)
-    steady = [train_pass(run, e) for e in range(1, epochs + 1)]
+    r = EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width)
+    try:
+        start = time.perf_counter()
+        run = make_run(cfg, threads)
+        r.build_s = time.perf_counter() - start
+        first = train_pass(run, 0)
+        steady = [train_pass(run, e) for e in range(1, epochs + 1)]
+    except MEASURE_ERRORS as error:
+        r.status, r.reason = "failed", failure(error)
+        return r
     best = fastest(steady)
-    return EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
-                       first.images, build_s, first.seconds, [p.seconds for p in steady],
-                       [p.wait_s for p in steady], best.wait_s / best.seconds,
-                       best.images / best.seconds)
+    r.images, r.first_epoch_s = first.images, first.seconds
+    r.epoch_s, r.data_wait_s = [p.seconds for p in steady], [p.wait_s for p in steady]
+    r.data_wait_share, r.images_per_s = best.wait_s / best.seconds, best.images / best.seconds
+    return r
 
 
-def bench_epochs(base: TrainConfig, args: argparse.Namespace) -> list[EpochResult]:
-    """A full training epoch with each loader, at the engine's defaults for the device."""
+def bench_epochs(base: TrainConfig, args: argparse.Namespace,
+                 partial: Callable[[list], object]) -> list[EpochResult]:
+    """A full training epoch with each loader, at the engine's defaults for the device;
+    partial gets the rows so far after each."""
     results = []
     for kind in LOADERS:
         results.append(bench_epoch(replace(base, loader=kind), args.epochs, args.threads))
+        partial(results)
         r = results[-1]
-        log(f"epoch: {kind} {r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%}")
+        log(f"epoch: {kind} " + (f"{r.images_per_s:,.1f} images/s, data wait "
+                                 f"{r.data_wait_share:.1%}" if r.status == "ok"
+                                 else f"{r.status}, {r.reason}"))
         release()
     return results
 
@@ -229,7 +268,7 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
     rows += [dict(source="epoch", config=f"{r.loader} loader, {r.precision} "
                   f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}",
                   precision=r.precision, images_per_s=r.images_per_s)
-             for r in results.get("epoch", [])]
+             for r in results.get("epoch", []) if r.status == "ok"]
     # the peers' timed training epochs, each with the FLOPs counted on its own model
     rows += [dict(source="peers", config=f"{r.pipeline} pipeline, {r.loader} loader, "
                   f"{r.precision} width {r.width} batch {r.batch_size}", precision=r.precision,

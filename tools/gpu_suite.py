@@ -1,11 +1,16 @@
-"""`bash tools/gpu_suite.sh STEP` (or `make gpu STEP=...`): the GPU validation as steps that each
-end within 9 minutes, every log, JSON and summary written to one results folder.
+"""`bash tools/gpu_suite.sh [STEP ...]` (or `make gpu STEP=...`): the GPU validation in steps.
 
-Steps: tests (pytest -m gpu), bench-step, bench-epoch and bench-peers (tools/bench.py in three
-parts), train (the fast preset on 50k synthetic images with and without torch.compile, and the
-seed pipeline); `bench` is the three bench steps, `all` every step. --dry-run runs the same commands
-on the CPU with tiny sizes, to check them without a GPU. On a machine without ffcv or
-grad-cam, the wheels in the checkout's .whl/ (tools/wheelhouse.sh) are installed first.
+The steps run in the order given, every log and JSON written to one results folder.
+
+Steps, in the order `all` runs them (most wanted first, so a short lease measures what matters):
+tests-quick (pytest -m "gpu and not slow"), bench-epoch (loaders, 50k-image epochs per loader,
+MFU, a profile), train (the fast preset on 50k synthetic images with and without torch.compile,
+and the seed pipeline), tests-e2e (pytest -m "gpu and slow"), bench-peers, bench-step (the
+precision x format x compile x batch grid). --budget ends the whole run in time: a command is
+killed at it and later steps are recorded as not run. --bundle packs the results into one
+.tar.gz after every command (for machines that hand back few files). --dry-run runs the same
+commands on the CPU with tiny sizes. On a machine without ffcv or grad-cam, the wheels in the
+checkout's .whl/ (tools/wheelhouse.sh) are installed first.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,12 +34,17 @@ from pathlib import Path
 
 from common.cli import run_main
 from common.errors import SetupError
-from common.files import write_json
+from common.files import atomic_write, write_json, write_text
+from tools.gpu_summary import render
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("tests-quick", "bench-epoch", "train", "tests-e2e", "bench-peers", "bench-step")
+GROUPS = {"all": STEPS, "tests": ("tests-quick", "tests-e2e"),
+          "bench": ("bench-epoch", "bench-peers", "bench-step")}
 STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
-STEPS = ("tests", "bench-step", "bench-epoch", "bench-peers", "train")
-GROUPS = {"all": STEPS, "bench": ("bench-step", "bench-epoch", "bench-peers")}
+LIMITS = {"tests-quick": 240}  # a hang in the quick tests must not take a whole lease
+START_MIN_S = 30  # a command is not started with less of the budget left
+RESERVE_S = 10  # of the budget, kept for the summary and the last bundle
 NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
 EPOCHS = 24  # the fast preset's; GPU_SUITE_EPOCHS lowers it when a step would run too long
 
@@ -46,14 +58,17 @@ HEADER = ("import json, sys, torch; from importlib.metadata import version; "
 
 @dataclass
 class Suite:
-    """Where a suite writes, how its commands run, and whether it is a CPU dry run."""
+    """Where a suite writes, how its commands run, its deadline, and whether it is a dry run."""
 
     results: Path
     work: Path  # data and run folders: large, so kept out of the results
     python: str
     env: dict
     dry: bool
-    argv: list[str] = field(default_factory=list)
+    meta: dict  # the header of every log
+    deadline: float = math.inf  # time.monotonic() at which --budget runs out
+    bundle: Path | None = None
+    done: list[dict] = field(default_factory=list)  # one record per step run so far
 
     @property
     def device(self) -> str:
@@ -66,44 +81,21 @@ class Suite:
 # --- the steps: named commands ----------------------------------------------------------
 
 
-def tests_step(s: Suite) -> list[tuple[str, list[str]]]:
-    """pytest on the tests marked gpu (skipped, not run, in a dry run on the CPU); verbose, so
-    a step killed at its time limit still shows which tests passed."""
-    return [("pytest", [s.python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider",
-                        "--durations", "0", "--junitxml", str(s.results / "tests.xml"),
-                        str(ROOT / "tests" / "test_gpu.py")])]
+def pytest_step(s: Suite, name: str, marks: str) -> list[tuple[str, list[str]]]:
+    """pytest on tests/test_gpu.py's tests of `marks` (skipped, not run, in a dry run on the
+    CPU); verbose, so a command killed at its limit still shows which tests passed."""
+    return [(name, [s.python, "-m", "pytest", "-v", "-m", marks, "-p", "no:cacheprovider",
+                    "--durations", "0", "--junitxml", str(s.results / f"{name}.xml"),
+                    str(ROOT / "tests" / "test_gpu.py")])]
 
 
-def bench(s: Suite, name: str, sections: str, full: list[str], dry: list[str]) -> list:
-    """One tools/bench.py run of `sections` with its JSON in the results."""
+def bench(s: Suite, name: str, sections: str) -> list:
+    """One tools/bench.py run of `sections` with its JSON in the results: its defaults for
+    CUDA, or --quick in a dry run."""
     return [(name, s.script("tools/bench.py", "--device", s.device, "--sections", sections,
                             "--data-dir", str(s.work / "data"),
                             "--json", str(s.results / f"{name}.json"),
-                            *(dry if s.dry else full)))]
-
-
-def bench_step_step(s: Suite) -> list:
-    """The bf16 and fp16 step grid (format x compile at batch 512, then batch 256 and 1024):
-    8 of its 10 configurations compile, about 40 s each."""
-    return bench(s, "bench-step", "step,mfu", ["--precisions", "bf16,fp16"],
-                 ["--quick", "--precisions", "bf16", "--formats", "channels_last"])
-
-
-def bench_epoch_step(s: Suite) -> list:
-    """Loaders over 50k images, the fp32 step grid at batch 512, full 50k-image epochs with
-    each loader, the MFU of all of them, and a profile (with its trace) of the default run's
-    steps."""
-    return bench(s, "bench-epoch", "loaders,step,epoch,mfu,profile",
-                 ["--precisions", "fp32", "--batch-sizes", "512"],
-                 ["--quick", "--precisions", "fp32", "--formats", "channels_last",
-                  "--images", "256", "--epoch-images", "256"])
-
-
-def bench_peers_step(s: Suite) -> list:
-    """airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images, then
-    a 50k-image training epoch of the seed pipeline beside the default preset."""
-    return bench(s, "bench-peers", "peers", [],
-                 ["--quick", "--images", "256", "--peer-epoch-images", "128"])
+                            *(["--quick"] if s.dry else [])))]
 
 
 def train_step(s: Suite) -> list:
@@ -122,9 +114,20 @@ def train_step(s: Suite) -> list:
             for name, args in runs.items()]
 
 
-COMMANDS = {"tests": tests_step, "bench-step": bench_step_step,
-            "bench-epoch": bench_epoch_step, "bench-peers": bench_peers_step,
-            "train": train_step}
+COMMANDS = {
+    "tests-quick": lambda s: pytest_step(s, "tests-quick", "gpu and not slow"),
+    # loaders over 50k images, a 50k-image epoch per loader with its data-wait share, the MFU
+    # of each, and a profile (with its trace) of the default run's steps
+    "bench-epoch": lambda s: bench(s, "bench-epoch", "loaders,epoch,mfu,profile"),
+    "train": train_step,
+    "tests-e2e": lambda s: pytest_step(s, "tests-e2e", "gpu and slow"),
+    # airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images, then
+    # a 50k-image training epoch of the seed pipeline beside the default preset, with the MFU
+    "bench-peers": lambda s: bench(s, "bench-peers", "peers,mfu"),
+    # every precision x format x compile at batch 512, then batch 256 and 1024 (compiled): 10 of
+    # its 14 configurations compile; the JSON is rewritten after each one
+    "bench-step": lambda s: bench(s, "bench-step", "step,mfu"),
+}
 
 
 # --- the environment -------------------------------------------------------------------
@@ -179,18 +182,17 @@ def environment(python: str, site: Path) -> dict:
     return env
 
 
-def header(s: Suite, step: str) -> dict:
-    """What ran where: tools/bench_output.metadata of the device, plus the suite's own."""
-    result = subprocess.run([s.python, "-c", HEADER, s.device], env=s.env, cwd=ROOT,
+def header(python: str, env: dict, device: str, argv: list[str], dry: bool) -> dict:
+    """What ran where, read once: tools/bench_output.metadata of the device, plus the suite's
+    own (the commit comes from git, else from $GPU_SUITE_COMMIT for a copy without .git)."""
+    result = subprocess.run([python, "-c", HEADER, device], env=env, cwd=ROOT,
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise SetupError(f"cannot read the device and library versions with {s.python}: "
+        raise SetupError(f"cannot read the device and library versions with {python}: "
                          f"{result.stderr.strip()[-800:]}")
     meta = json.loads(result.stdout.splitlines()[-1])
-    meta.update(command=shlex.join(["bash", "tools/gpu_suite.sh", *s.argv]), argv=s.argv,
-                step=step, dry_run=s.dry, pythonpath=s.env["PYTHONPATH"])
-    if os.environ.get("GPU_SUITE_COMMIT"):  # a copied checkout without .git says which commit
-        meta["commit"] = os.environ["GPU_SUITE_COMMIT"]
+    meta.update(command=shlex.join(["bash", "tools/gpu_suite.sh", *argv]), argv=argv,
+                dry_run=dry, pythonpath=env["PYTHONPATH"])
     return meta
 
 
@@ -226,67 +228,144 @@ def keep_run(s: Suite, name: str) -> None:
                 shutil.copy2(run / file, s.results / name / file)
 
 
-def run_step(s: Suite, step: str) -> bool:
-    """One step: its log (header, then every command's output), its summary JSON; True if
-    every command succeeded within the step's time limit."""
-    meta = header(s, step)
+def save(s: Suite, steps: list[str]) -> None:
+    """The suite's record as it stands (suite.json, summary.md) and, with --bundle, the whole
+    results folder packed anew, with the summary beside it: called after every command, so a
+    run cut short keeps everything up to its last command."""
+    record = dict(meta=s.meta, steps=s.done,
+                  not_run=[step for step in steps if step not in {d["step"] for d in s.done}])
+    write_json(s.results / "suite.json", record)
+    summary = render(record, s.results)
+    write_text(s.results / "summary.md", summary)
+    if s.bundle is not None:
+        def pack(tmp: Path) -> None:
+            with tarfile.open(tmp, "w:gz") as tar:
+                tar.add(s.results, arcname=s.bundle.name.removesuffix(".tar.gz"))
+
+        atomic_write(s.bundle, pack)
+        write_text(summary_path(s.bundle), summary)
+
+
+def summary_path(bundle: Path) -> Path:
+    """summary.md beside a bundle: gpu-suite.tar.gz -> gpu-suite.summary.md."""
+    return bundle.with_name(bundle.name.removesuffix(".tar.gz") + ".summary.md")
+
+
+def run_step(s: Suite, step: str, steps: list[str]) -> bool:
+    """One step: its log (header, then every command's output) and its record in s.done; True
+    if every command succeeded within the step's limit and the budget."""
+    meta = dict(s.meta, step=step)
     commands = COMMANDS[step](s)
-    deadline = time.monotonic() + STEP_LIMIT_S
+    step_end = time.monotonic() + LIMITS.get(step, STEP_LIMIT_S)
     done = []
+    record = dict(step=step, ok=False, commands=done)
+    s.done.append(record)
     log_path = s.results / f"{step}.log"
     with open(log_path, "w") as log:
         log.writelines(f"# {key}: {value}\n" for key, value in meta.items())
         for name, argv in commands:
-            left = deadline - time.monotonic()
+            step_left = step_end - time.monotonic()
+            budget_left = s.deadline - RESERVE_S - time.monotonic()
+            if budget_left < START_MIN_S:
+                break
+            left = min(step_left, budget_left)
             print(f"{step}: {name} (at most {left:.0f} s)", flush=True)
             log.write(f"\n$ {shlex.join(argv)}\n")
             log.flush()
             code, seconds = run_command(argv, s.env, log, left)
-            log.write(f"# {name}: " + (f"exit {code}" if code is not None else
-                                       f"killed after {seconds:.0f} s (step limit)")
-                      + f", {seconds:.1f} s\n")
+            limit = "the budget" if budget_left <= step_left else "the step limit"
+            status = ("ok" if code == 0 else f"exit {code}" if code is not None
+                      else f"killed at {limit}")
+            log.write(f"# {name}: {status}, {seconds:.1f} s\n")
             log.flush()
             keep_run(s, name)
-            done.append(dict(name=name, argv=argv, returncode=code, seconds=round(seconds, 1)))
+            done.append(dict(name=name, argv=argv, status=status, returncode=code,
+                             seconds=round(seconds, 1)))
+            save(s, steps)
             if code != 0:
                 break
-    ok = len(done) == len(commands) and all(c["returncode"] == 0 for c in done)
-    write_json(s.results / f"{step}.summary.json", dict(meta=meta, ok=ok, commands=done))
-    if not ok:
+    done += [dict(name=name, argv=argv, status="not run") for name, argv in commands[len(done):]]
+    record["ok"] = len(done) == len(commands) and all(c["status"] == "ok" for c in done)
+    write_json(s.results / f"{step}.summary.json", dict(meta=meta, **record))
+    save(s, steps)
+    if any(c["status"] not in ("ok", "not run", "killed at the budget") for c in done):
         tail = log_path.read_text().splitlines()[-25:]
         print("\n".join(tail), file=sys.stderr)
         print(f"{step}: FAILED; the whole log is {log_path}", file=sys.stderr)
+    elif not record["ok"]:
+        print(f"{step}: cut short by the --budget; the log is {log_path}", file=sys.stderr)
     else:
         print(f"{step}: ok ({sum(c['seconds'] for c in done):.0f} s), log {log_path}")
-    return ok
+    return record["ok"]
 
 
-def results_folder(given: Path | None) -> Path:
-    """--results, else $OUT (the device machine's returned folder), else a dated folder."""
-    if given is None and os.environ.get("OUT"):
-        given = Path(os.environ["OUT"])
-    if given is None:
-        given = ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today().isoformat()}"
-    return given
+def run_steps(s: Suite, steps: list[str]) -> list[str]:
+    """Each step in order, while the budget lasts; the steps that failed or did not run."""
+    failed = []
+    for step in steps:
+        if s.deadline - RESERVE_S - time.monotonic() < START_MIN_S:
+            print(f"{step}: not run, the --budget is spent", file=sys.stderr)
+            failed.append(step)
+        elif not run_step(s, step, steps):
+            failed.append(step)
+    save(s, steps)
+    return failed
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The results folder and the bundle. With $OUT set (a machine that hands back a few files
+    of one folder) and no --results, the folder is a new temporary one and the bundle
+    $OUT/gpu-suite.tar.gz; otherwise the folder is --results, else
+    benchmarks/results/gpu-<date>/."""
+    out = os.environ.get("OUT")
+    bundle = args.bundle or (Path(out) / "gpu-suite.tar.gz" if out else None)
+    if args.results is not None:
+        return args.results, bundle
+    if out:  # a fresh folder: a second call on the same machine bundles nothing stale
+        return Path(tempfile.mkdtemp(prefix="gpu-suite-results-")), bundle
+    return ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today().isoformat()}", bundle
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bash tools/gpu_suite.sh", description=__doc__.split("\n")[0])
-    p.add_argument("step", nargs="?", default="all", choices=[*STEPS, *GROUPS])
+    p.add_argument("steps", nargs="*", default=["all"], metavar="STEP",
+                   help=f"any of {', '.join(STEPS)}, or the groups {', '.join(GROUPS)} "
+                        "(default: all)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every command on the CPU with tiny sizes (no GPU needed)")
-    p.add_argument("--results", type=Path, help="default: $OUT, else "
-                                                "benchmarks/results/gpu-<date>/")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="end the whole run within this many seconds (wheel install included): "
+                        "a command still running then is killed, later steps are not run")
+    p.add_argument("--results", type=Path, help="default: a temporary folder when $OUT is set, "
+                                                "else benchmarks/results/gpu-<date>/")
+    p.add_argument("--bundle", type=Path, metavar="FILE.tar.gz",
+                   help="pack the results folder into this file after every command, with "
+                        "FILE.summary.md beside it (default: $OUT/gpu-suite.tar.gz when $OUT "
+                        "is set)")
     p.add_argument("--site", type=Path, default=Path(tempfile.gettempdir()) / "site",
                    help="where the .whl/ wheels are installed when needed (default: /tmp/site)")
     p.add_argument("--work", type=Path, help="data and run folders (default: a temporary one)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [step for step in args.steps if step not in STEPS and step not in GROUPS]
+    if unknown:
+        p.error(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}, "
+                f"{', '.join(GROUPS)}")
+    if args.budget is not None and args.budget <= 0:
+        p.error(f"--budget must be a positive number of seconds, got {args.budget:g}")
+    if args.bundle is not None and not args.bundle.name.endswith(".tar.gz"):
+        p.error(f"--bundle {args.bundle}: name a .tar.gz file")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the chosen steps; exit 1 if any failed."""
+    """Run the chosen steps; exit 1 if any failed or did not run."""
+    start = time.monotonic()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    steps = list(dict.fromkeys(s for name in args.steps for s in GROUPS.get(name, (name,))))
 
     def body() -> int:
         if not args.dry_run and importlib.util.find_spec("torch") is not None:
@@ -295,17 +374,20 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise SetupError("torch sees no CUDA GPU here; run on a GPU machine, or check "
                                  "the commands on the CPU with --dry-run.")
-        results = results_folder(args.results)
+        results, bundle = outputs(args)
         results.mkdir(parents=True, exist_ok=True)
         env = environment(sys.executable, args.site)
+        device = "cpu" if args.dry_run else "cuda"
+        meta = header(sys.executable, env, device, argv, args.dry_run)
+        deadline = start + args.budget if args.budget else math.inf
         with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
-            work = args.work or Path(tmp)
-            suite = Suite(results, work, sys.executable, env, args.dry_run, argv)
-            steps = GROUPS.get(args.step, (args.step,))
-            failed = [step for step in steps if not run_step(suite, step)]
-        print(f"results in {results}")
+            suite = Suite(results, args.work or Path(tmp), sys.executable, env, args.dry_run,
+                          meta, deadline, bundle)
+            failed = run_steps(suite, steps)
+        print((results / "summary.md").read_text())
+        print(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))
         if failed:
-            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+            print(f"failed or not run: {', '.join(failed)}", file=sys.stderr)
             return 1
         return 0
 

@@ -2,7 +2,8 @@
 # The GPU validation (tools/gpu_suite.py) with the right interpreter and the checkout on
 # PYTHONPATH: $PYTHON if set, else the checkout's .venv (make setup), else python3 (a bare GPU
 # image, where the suite installs the wheels of .whl/ first). Usage: bash tools/gpu_suite.sh
-# [tests|bench-step|bench-epoch|train|bench|all] [--dry-run] [--results DIR]
+# [STEP ...] [--dry-run] [--budget SECONDS] [--results DIR] [--bundle FILE.tar.gz]; --help lists
+# the steps.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-}

@@ -1,0 +1,114 @@
+"""summary.md of a tools/gpu_suite.py run: what ran, how it ended, what is left to run, and the
+headline figures read back from the results folder (bench JSONs, run metrics, junit reports)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+
+def read_json(path: Path) -> dict:
+    """A results file, or {} while it is not written yet (a step killed before its first save)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def tests_line(xml: Path) -> list[str]:
+    """pytest's counts from its junit report, and the names of the tests that failed."""
+    try:
+        suite = ElementTree.parse(xml).getroot().find("testsuite")
+    except (OSError, ElementTree.ParseError):
+        return []
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [case.get("name") for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    return [f"- {xml.stem}: {counts['tests']} tests, {counts['failures']} failed, "
+            f"{counts['errors']} errors, {counts['skipped']} skipped"
+            + (f" ({', '.join(failed)})" if failed else "")]
+
+
+def compiled(r: dict) -> str:
+    return "compiled" if r["compile"] else "eager"
+
+
+# a line for each measured row of these sections
+ROW_LINES = {
+    "loaders": lambda r: (f"loader {r['loader']}: {r['images_per_s']:,.0f} images/s, "
+                          f"{1e3 * r['images'] / r['images_per_s']:,.1f} ms per "
+                          f"{r['images']:,}-image epoch"),
+    "epoch": lambda r: (f"epoch, {r['loader']} loader, {r['precision']} {compiled(r)} batch "
+                        f"{r['batch_size']}: {r['images'] / r['images_per_s']:.3f} s per "
+                        f"{r['images']:,} images, data wait {r['data_wait_share']:.1%}"),
+    "step": lambda r: (f"step {r['precision']} {r['memory_format']} {compiled(r)} batch "
+                       f"{r['batch_size']}: {r['images_per_s']:,.0f} images/s"),
+}
+
+
+def bench_lines(bench: dict) -> list[str]:
+    """The figures the goals are about: loader epochs, training epochs with their data-wait
+    share, the step grid, the peers' ratios and MFU; and every row that failed."""
+    lines = [f"- {line(r)}" for section, line in ROW_LINES.items()
+             for r in bench.get(section, []) if r.get("images_per_s")]
+    peers = bench.get("peers", {})
+    lines += [f"- peers: {r['loader']} {r['ratio']:.2f}x {r['versus']}"
+              for r in peers.get("loaders", []) if r.get("ratio")]
+    lines += [f"- peers: {r['pipeline']} pipeline epoch {r['images_per_s']:,.0f} images/s, "
+              f"{r['vs_seed']:.1f}x seed" for r in peers.get("epochs", [])]
+    lines += [f"- MFU {r['config']}: {r['mfu']:.1%} of {r['peak_flops_per_s'] / 1e12:.3g} "
+              "TFLOP/s" for r in bench.get("mfu", {}).get("rows", [])]
+    rows = [(section, r) for section in ROW_LINES for r in bench.get(section, [])]
+    rows += [("peers", r) for r in peers.get("loaders", [])]
+    lines += [f"- {section} {r.get('loader') or r['precision']}: {r['status']}, {r['reason']}"
+              for section, r in rows if r.get("status", "ok") != "ok"]
+    if "epochs_failed" in peers:
+        lines.append(f"- peers: seed vs default epochs failed: {peers['epochs_failed']}")
+    return lines
+
+
+def run_line(folder: Path, seconds: float | None) -> list[str]:
+    """A training run: epochs, wall time of its command, median epoch seconds, last accuracy."""
+    try:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+    if not rows:
+        return []
+    wall = f" in {seconds:,.0f} s wall" if seconds is not None else ""
+    return [f"- {folder.name}: {len(rows)} epoch{'s' * (len(rows) != 1)}{wall}, "
+            f"{statistics.median(r['seconds'] for r in rows):.2f} s per training epoch "
+            f"(median; first {rows[0]['seconds']:.1f} s), test accuracy "
+            f"{rows[-1]['test_acc']:.2%}"]
+
+
+def figures(record: dict, results: Path) -> list[str]:
+    """Every headline figure found in the results folder, a line each."""
+    seconds = {c["name"]: c.get("seconds") for step in record["steps"]
+               for c in step["commands"]}
+    lines = []
+    for name in seconds:
+        lines += tests_line(results / f"{name}.xml")
+        lines += bench_lines(read_json(results / f"{name}.json"))
+        lines += run_line(results / name, seconds[name])
+    return lines
+
+
+def render(record: dict, results: Path) -> str:
+    """The summary as Markdown: header, a row per command, what did not run, the figures."""
+    meta = record["meta"]
+    lines = [f"# GPU suite on {meta.get('device_name')}, commit {meta.get('commit')}, "
+             f"{meta.get('date')}", "", f"`{meta.get('command')}`", "",
+             "| step | command | status | seconds |", "| --- | --- | --- | --- |"]
+    for step in record["steps"]:
+        lines += [f"| {step['step']} | {c['name']} | {c['status']} | {c.get('seconds', '')} |"
+                  for c in step["commands"]]
+    lines += [f"| {step} | | not run: the budget was spent | |" for step in record["not_run"]]
+    left = [s["step"] for s in record["steps"] if not s["ok"]] + record["not_run"]
+    if left:
+        lines += ["", f"Still to run: `bash tools/gpu_suite.sh {shlex.join(left)}`"]
+    lines += ["", "## Figures", "", *(figures(record, results) or ["(none yet)"])]
+    return "\n".join(lines) + "\n"

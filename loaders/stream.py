@@ -45,7 +45,8 @@ class FFCVLoader(BatchLoader):
         # and its CUDA events guard only the device buffers, so an asynchronous copy still
         # queued behind the training kernels could read a buffer already refilled (found by
         # reading its epoch_iterator.py; PyTorch leaves the source's lifetime to the caller).
-        # Waiting here costs FFCV's own thread, not the training loop.
+        # The wait is in FFCV's own thread; when the GPU is the bottleneck it reaches the
+        # training loop as time in next() (tools/bench.py's loader overhead tells them apart).
         to_device = [ToDevice(self.device, non_blocking=False)] if self.device.type != "cpu" else []
         with torch_threads_kept():  # Loader() sets torch's threads to num_workers
             self.loader = Loader(

@@ -75,6 +75,11 @@ class EpochResult:
     data_wait_s: list[float] = field(default_factory=list)  # blocked in next(), per epoch
     data_wait_share: float | None = None  # of the fastest steady-state epoch: wait / epoch
     images_per_s: float | None = None  # of the fastest steady-state epoch
+    # the same images as steps on one batch already on the device, and the share of the
+    # fastest epoch that the loader adds to them: the data cost wherever the host blocks (on a
+    # GPU, FFCV's blocking copy turns the GPU's backlog into time blocked in next())
+    step_only_s: float | None = None
+    loader_overhead_share: float | None = None
 
 
 @dataclass
@@ -222,6 +227,10 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
         r.build_s = time.perf_counter() - start
         first = train_pass(run, 0)
         steady = [train_pass(run, e) for e in range(1, epochs + 1)]
+        images, labels = next(iter(run.train_loader))
+        steps = max(1, round(first.images / cfg.batch_size))
+        step_only_s = timed_steps(run, images, labels, steps) * first.images / (
+            steps * cfg.batch_size)
     except MEASURE_ERRORS as error:
         r.status, r.reason = "failed", failure(error)
         return r
@@ -229,6 +238,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     r.images, r.first_epoch_s = first.images, first.seconds
     r.epoch_s, r.data_wait_s = [p.seconds for p in steady], [p.wait_s for p in steady]
     r.data_wait_share, r.images_per_s = best.wait_s / best.seconds, best.images / best.seconds
+    r.step_only_s, r.loader_overhead_share = step_only_s, 1 - step_only_s / best.seconds
     return r
 
 
@@ -242,7 +252,8 @@ def bench_epochs(base: TrainConfig, args: argparse.Namespace,
         partial(results)
         r = results[-1]
         log(f"epoch: {kind} " + (f"{r.images_per_s:,.1f} images/s, data wait "
-                                 f"{r.data_wait_share:.1%}" if r.status == "ok"
+                                 f"{r.data_wait_share:.1%}, loader overhead "
+                                 f"{r.loader_overhead_share:.1%}" if r.status == "ok"
                                  else f"{r.status}, {r.reason}"))
         release()
     return results

@@ -43,7 +43,10 @@ ROW_LINES = {
                           f"{r['images']:,}-image epoch"),
     "epoch": lambda r: (f"epoch, {r['loader']} loader, {r['precision']} {compiled(r)} batch "
                         f"{r['batch_size']}: {r['images'] / r['images_per_s']:.3f} s per "
-                        f"{r['images']:,} images, data wait {r['data_wait_share']:.1%}"),
+                        f"{r['images']:,} images, data wait {r['data_wait_share']:.1%} "
+                        f"(blocked in next()), loader overhead "
+                        f"{r['loader_overhead_share']:.1%} (over steps on a batch on the "
+                        "device)"),
     "step": lambda r: (f"step {r['precision']} {r['memory_format']} {compiled(r)} batch "
                        f"{r['batch_size']}: {r['images_per_s']:,.0f} images/s"),
 }

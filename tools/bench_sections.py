@@ -219,7 +219,8 @@ def bench_steps(base: TrainConfig, args: argparse.Namespace,
 
 
 def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
-    """Full training epochs with cfg's loader: warm-up epoch, then steady-state ones."""
+    """Full training epochs with cfg's loader (a warm-up epoch, then steady-state ones), then
+    as many images as steps on one of its batches, to tell the loader's cost apart."""
     r = EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width)
     try:
         start = time.perf_counter()
@@ -227,10 +228,10 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
         r.build_s = time.perf_counter() - start
         first = train_pass(run, 0)
         steady = [train_pass(run, e) for e in range(1, epochs + 1)]
-        images, labels = next(iter(run.train_loader))
-        steps = max(1, round(first.images / cfg.batch_size))
+        images, labels = next(iter(run.train_loader))  # the same images, no loader
+        steps = max(1, round(first.images / len(labels)))
         step_only_s = timed_steps(run, images, labels, steps) * first.images / (
-            steps * cfg.batch_size)
+            steps * len(labels))
     except MEASURE_ERRORS as error:
         r.status, r.reason = "failed", failure(error)
         return r

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.cli import stop_if_interrupted
 from common.errors import EngineError
 from engine.config import TrainConfig
 from engine.model import build_model, forward_macs
@@ -107,13 +108,16 @@ def failure(error: BaseException) -> str:
 
 
 def log(message: str) -> None:
-    """Progress on stdout, flushed so a redirected log is complete at every moment."""
+    """Progress on stdout, flushed so a redirected log is complete at every moment; like any
+    progress update, it raises a Ctrl-C again that a finalizer swallowed (common.cli)."""
     print(message, flush=True)
+    stop_if_interrupted()
 
 
 def release() -> None:
     """Return the memory of the previous configuration before the next one is built."""
     gc.collect()
+    stop_if_interrupted()  # a Ctrl-C landing in a finalizer that the collection ran is lost there
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 

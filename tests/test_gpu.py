@@ -205,8 +205,8 @@ def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
 @pytest.mark.slow
 def test_impossible_batch_size_ends_in_the_out_of_memory_message(data_dir, tmp_path):
     out = tmp_path / "oom"
-    # the batch is capped at the 50k-image split: in fp32 its activations (~4.7 MB an image)
-    # are far over an H200's 141 GB, where bf16's (~2.35 MB) might just fit
+    # the batch is capped at the 50k-image split: in fp32 (twice bf16's bytes) ResNet-18's
+    # saved activations for 50k images are far over any GPU's memory; bf16's might fit an H200
     result = train("--synthetic-size", "50000", "100", "--data-dir", data_dir, "--width", "64",
                    "--batch-size", "10000000", "--epochs", "1", "--no-compile", "--precision",
                    "fp32", "--out", out)

@@ -131,6 +131,15 @@ def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
         pytest.fail(f"the command's child ({child.parent.name}) outlived the kill")
 
 
+def test_a_bundle_in_a_missing_folder_is_refused_before_any_step(tmp_path, capsys):
+    bundle = tmp_path / "missing" / "suite.tar.gz"
+    code = gpu_suite.main(["tests-quick", "--dry-run", "--results", str(tmp_path / "r"),
+                           "--bundle", str(bundle)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"the folder {bundle.parent} does not exist" in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0"], "--budget must be a positive number of seconds"),
     (["--bundle", "out.zip"], "name a .tar.gz file"),

@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SetupError("torch sees no CUDA GPU here; run on a GPU machine, or check "
                                  "the commands on the CPU with --dry-run.")
         results, bundle = outputs(args)
+        if bundle is not None and not bundle.parent.is_dir():  # found now, not after a step
+            raise SetupError(f"--bundle {bundle}: the folder {bundle.parent} does not exist; "
+                             "create it or name a file in an existing folder.")
         results.mkdir(parents=True, exist_ok=True)
         env = environment(sys.executable, args.site)
         device = "cpu" if args.dry_run else "cuda"

@@ -66,6 +66,7 @@ class Suite:
     env: dict
     dry: bool
     meta: dict  # the header of every log
+    steps: list[str]  # what this run was asked for, in order
     deadline: float = math.inf  # time.monotonic() at which --budget runs out
     bundle: Path | None = None
     done: list[dict] = field(default_factory=list)  # one record per step run so far
@@ -73,6 +74,10 @@ class Suite:
     @property
     def device(self) -> str:
         return "cpu" if self.dry else "cuda"
+
+    def budget_left(self) -> float:
+        """Seconds of --budget left for commands (RESERVE_S kept for the last save)."""
+        return self.deadline - RESERVE_S - time.monotonic()
 
     def script(self, path: str, *args: str) -> list[str]:
         return [self.python, str(ROOT / path), *args]
@@ -228,12 +233,12 @@ def keep_run(s: Suite, name: str) -> None:
                 shutil.copy2(run / file, s.results / name / file)
 
 
-def save(s: Suite, steps: list[str]) -> None:
+def save(s: Suite) -> None:
     """The suite's record as it stands (suite.json, summary.md) and, with --bundle, the whole
     results folder packed anew, with the summary beside it: called after every command, so a
     run cut short keeps everything up to its last command."""
     record = dict(meta=s.meta, steps=s.done,
-                  not_run=[step for step in steps if step not in {d["step"] for d in s.done}])
+                  not_run=[step for step in s.steps if step not in {d["step"] for d in s.done}])
     write_json(s.results / "suite.json", record)
     summary = render(record, s.results)
     write_text(s.results / "summary.md", summary)
@@ -251,7 +256,7 @@ def summary_path(bundle: Path) -> Path:
     return bundle.with_name(bundle.name.removesuffix(".tar.gz") + ".summary.md")
 
 
-def run_step(s: Suite, step: str, steps: list[str]) -> bool:
+def run_step(s: Suite, step: str) -> bool:
     """One step: its log (header, then every command's output) and its record in s.done; True
     if every command succeeded within the step's limit and the budget."""
     meta = dict(s.meta, step=step)
@@ -265,7 +270,7 @@ def run_step(s: Suite, step: str, steps: list[str]) -> bool:
         log.writelines(f"# {key}: {value}\n" for key, value in meta.items())
         for name, argv in commands:
             step_left = step_end - time.monotonic()
-            budget_left = s.deadline - RESERVE_S - time.monotonic()
+            budget_left = s.budget_left()
             if budget_left < START_MIN_S:
                 break
             left = min(step_left, budget_left)
@@ -281,13 +286,13 @@ def run_step(s: Suite, step: str, steps: list[str]) -> bool:
             keep_run(s, name)
             done.append(dict(name=name, argv=argv, status=status, returncode=code,
                              seconds=round(seconds, 1)))
-            save(s, steps)
+            save(s)
             if code != 0:
                 break
     done += [dict(name=name, argv=argv, status="not run") for name, argv in commands[len(done):]]
     record["ok"] = len(done) == len(commands) and all(c["status"] == "ok" for c in done)
     write_json(s.results / f"{step}.summary.json", dict(meta=meta, **record))
-    save(s, steps)
+    save(s)
     if any(c["status"] not in ("ok", "not run", "killed at the budget") for c in done):
         tail = log_path.read_text().splitlines()[-25:]
         print("\n".join(tail), file=sys.stderr)
@@ -299,16 +304,16 @@ def run_step(s: Suite, step: str, steps: list[str]) -> bool:
     return record["ok"]
 
 
-def run_steps(s: Suite, steps: list[str]) -> list[str]:
+def run_steps(s: Suite) -> list[str]:
     """Each step in order, while the budget lasts; the steps that failed or did not run."""
     failed = []
-    for step in steps:
-        if s.deadline - RESERVE_S - time.monotonic() < START_MIN_S:
+    for step in s.steps:
+        if s.budget_left() < START_MIN_S:
             print(f"{step}: not run, the --budget is spent", file=sys.stderr)
             failed.append(step)
-        elif not run_step(s, step, steps):
+        elif not run_step(s, step):
             failed.append(step)
-    save(s, steps)
+    save(s)
     return failed
 
 
@@ -385,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         deadline = start + args.budget if args.budget else math.inf
         with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
             suite = Suite(results, args.work or Path(tmp), sys.executable, env, args.dry_run,
-                          meta, deadline, bundle)
-            failed = run_steps(suite, steps)
+                          meta, steps, deadline, bundle)
+            failed = run_steps(suite)
         print((results / "summary.md").read_text())
         print(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))
         if failed:

@@ -3,6 +3,9 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 APT     := libopencv-dev libturbojpeg0-dev pkg-config
 ARGS    ?=
+# test workers (pytest-xdist, a module per worker: tests/conftest.py); past 4 the slowest
+# module bounds the time
+JOBS    ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: setup train test test-fast bench report lint clean gpu wheels
 
@@ -25,12 +28,12 @@ train: setup
 # everything, as CI runs it
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --durations=15 $(ARGS)
 
 # the edit-test loop: no end-to-end command-line runs
 test-fast: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow" $(ARGS)
 
 # setup installs the [bench] extra: the peers section measures public loaders too
 bench: setup

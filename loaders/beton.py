@@ -15,7 +15,7 @@ import numpy as np
 from common.errors import DataError
 from common.files import atomic_write
 from loaders.cifar import ROW_SIZE, Split
-from loaders.guards import guarded_writer, torch_threads_kept
+from loaders.guards import guarded_writer, importing_ffcv
 
 FORMAT = 2  # bump when the layout of the .beton or its sidecar changes
 
@@ -142,7 +142,7 @@ def write(path: Path, split: Split, classes: list[str],
     and renamed, so a crash or Ctrl-C never leaves a half file under the final name;
     temporaries of killed writers are swept here.
     """
-    with torch_threads_kept():
+    with importing_ffcv():
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
@@ -197,7 +197,7 @@ def read(path: Path) -> Split:
     Raw RGBImageField samples are stored verbatim at metadata['image']['data_ptr'], so a
     memory map gives them back without compiling an FFCV pipeline.
     """
-    with torch_threads_kept():
+    with importing_ffcv():
         from ffcv.fields.rgb_image import IMAGE_MODES
         from ffcv.reader import Reader
         from ffcv.types import ALLOC_TABLE_TYPE

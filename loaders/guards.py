@@ -1,12 +1,14 @@
-"""Guards around FFCV 1.0.2: its import resets torch's thread count, a failure in its
-pipeline thread leaves the consumer waiting forever, and so does a dead DatasetWriter worker.
-All are put right here, on demand."""
+"""Guards around FFCV 1.0.2: its import resets torch's thread count, spends seconds in a JIT
+compile it does not need and, on one core, starts numba threads that hang the process at exit;
+a failure in its pipeline thread leaves the consumer waiting forever, and so does a dead
+DatasetWriter worker. All are put right here, on demand."""
 
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.queues
+import os
 import queue
 import signal
 import sys
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from common.errors import DataError, LoaderError
+from common.hardware import available_cores
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
 
@@ -30,6 +33,35 @@ def torch_threads_kept() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def importing_ffcv() -> Iterator[None]:
+    """Import FFCV inside this. Besides keeping torch's threads (torch_threads_kept), it
+    - spares each process a JIT compile, 5 s or more on 2 cores (benchmarks/results/
+      ffcv-import-cpu-2core.log: reading a .beton, means of 9.2 s before, 3.7 s after): at import,
+      ffcv/fields/rgb_image.py builds IMAGE_MODES, two constants that only Python code reads,
+      as a numba typed Dict, which compiles the typed dict's methods. During FFCV's first
+      import `numba.typed.Dict` is a plain dict (ffcv/memory_managers/base.py, the one other
+      module importing it, never calls it); numba's own is restored afterwards.
+    - keeps a process that may use one core from hanging at exit: FFCV's import starts
+      numba's threads, and TBB, numba's first choice, starts no worker there and then waits
+      forever in its unload (numba#10556, oneTBB#2056). There numba prefers OpenMP, unless
+      NUMBA_THREADING_LAYER(_PRIORITY) says otherwise."""
+    import numba.typed
+
+    patch = "ffcv" not in sys.modules
+    if patch:
+        numba.typed.Dict = dict  # the module's lazy __getattr__ serves Dict while this is unset
+        chosen = {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ)
+        if available_cores() == 1 and not chosen:
+            numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    try:
+        with torch_threads_kept():
+            yield
+    finally:
+        if patch:
+            del numba.typed.Dict
 
 
 def _record_pipeline_failure(args: threading.ExceptHookArgs, previous) -> None:

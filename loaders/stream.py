@@ -7,13 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numba
 import numpy as np
 
+from common.errors import LoaderError
 from loaders import beton
 from loaders.base import Batch, BatchLoader
-from loaders.guards import guarded, torch_threads_kept
+from loaders.guards import guarded, importing_ffcv, torch_threads_kept
 
-with torch_threads_kept():
+with importing_ffcv():
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader
@@ -41,6 +43,12 @@ class FFCVLoader(BatchLoader):
     def __init__(self, path: Path, **kwargs):
         num_samples = beton.check(Path(path)).num_samples  # a damaged file: DataError, not FFCV's
         super().__init__(path, num_samples=num_samples, **kwargs)
+        threads = numba.config.NUMBA_NUM_THREADS  # FFCV's workers are numba threads
+        if self.workers > threads:  # numba's own error would be a traceback
+            raise LoaderError(
+                f"--workers {self.workers}: the ffcv loader's workers are numba threads, and numba "
+                f"may start {threads} here (NUMBA_NUM_THREADS, by default the cores this "
+                f"process may use); pass --workers {threads} or fewer.")
         # A blocking copy: FFCV 1.0.2 decodes each batch into one of a few pinned host buffers
         # and its CUDA events guard only the device buffers, so an asynchronous copy still
         # queued behind the training kernels could read a buffer already refilled (found by

@@ -73,6 +73,41 @@ def gpu_suite_dry_run(tmp_path_factory) -> SuiteRun:
     return SuiteRun(results, bundle, process)
 
 
+# Modules whose tests run on another module's pytest-xdist worker: both read the same
+# session-scoped run (here the GPU suite's dry run, the slowest fixture of all), made once.
+SAME_WORKER = {"tests/test_gpu_suite.py": "tests/test_bench.py"}
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which plain pytest runs lack
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` runs the tests on one worker per core (pytest -n): whole modules to a
+    worker, so that each module's shared runs (its module- and session-scoped fixtures) are
+    made once, and SAME_WORKER's modules with their partner."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(module, module)
+
+    return ModuleScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each pytest-xdist worker cores of its own, for itself and the commands it starts:
+    unpinned, N workers' torch processes each spread over every core, and their threads spin
+    waiting for one another (more CPU for the same work). A worker is then a machine with
+    fewer cores, which the code under test has to handle anyway."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index, count = int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])
+    mine = set(cores[index % len(cores)::count])  # every core, none twice while there are enough
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip the tests marked `gpu` where torch sees no CUDA device, so `-m gpu` runs anywhere."""
     if torch.cuda.is_available():

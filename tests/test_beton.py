@@ -16,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, SYNTHETIC_SIZE, dump_pickle, run_script, tmpfs
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
 
 import loaders
 from loaders import beton, cifar
 from loaders.cifar import DataError
+from loaders.guards import importing_ffcv
 from loaders.prepare import prepare
+
+with importing_ffcv():  # as the loaders import it (see loaders.guards)
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -330,10 +333,11 @@ def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):
 # to never ends; no report at all is a worker that returned early.
 STOP_BEFORE_REPORTING = """
 import os, signal, struct, sys
-from ffcv.fields import IntField
-from ffcv.writer import DatasetWriter
 from loaders import cifar
-from loaders.guards import guarded_writer
+from loaders.guards import guarded_writer, importing_ffcv
+with importing_ffcv():
+    from ffcv.fields import IntField
+    from ffcv.writer import DatasetWriter
 
 # FFCV's worker arguments, as guarded_writer passes them
 def report_half_and_die(work, metadata, metadata_type, fields, allocator, done, sender, *data):

@@ -12,8 +12,8 @@ from conftest import run_script
 
 from tools.compare import default_lr, main
 
-SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "16",
-         "--batch-size", "32", "--loader", "resident"]
+SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
+         "--batch-size", "64", "--loader", "resident"]
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["optimizer"] for r in rows] == ["sgd", "adam"]
-    assert [float(r["lr"]) for r in rows] == [0.1 * 32 / 256, 1e-3]
+    assert [float(r["lr"]) for r in rows] == [0.1 * 64 / 256, 1e-3]
     for row in rows:
         assert 0 <= float(row["final_test_acc"]) <= float(row["best_test_acc"]) <= 1
         assert float(row["seconds_per_epoch"]) > 0 and row["epochs"] == "1" and not row["note"]

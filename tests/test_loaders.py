@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT
 
 import loaders
+from common.errors import LoaderError
 from loaders.augment import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
@@ -191,13 +192,14 @@ FAILING_PIPELINE = """
 import sys
 from dataclasses import replace
 
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.pipeline.operation import Operation
-
 from common.errors import LoaderError
-from loaders.guards import guarded
+from loaders.guards import guarded, importing_ffcv
+
+with importing_ffcv():
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.operation import Operation
 
 
 class Explode(Operation):
@@ -245,6 +247,12 @@ for package in ("common", "loaders", "engine", "tools"):
 assert "ffcv" in sys.modules  # loaders.stream imports it: the check below means something
 assert torch.get_num_threads() == 2, f"torch threads became {torch.get_num_threads()}"
 assert threading.excepthook is hook, "an import replaced threading.excepthook"
+import numba.typed
+from numba.typed import typeddict
+assert numba.typed.Dict is typeddict.Dict, "numba.typed.Dict was left patched"
+from ffcv.fields.rgb_image import IMAGE_MODES
+assert IMAGE_MODES == {"jpg": 0, "raw": 1} and type(IMAGE_MODES) is dict
+assert not typeddict._setitem.signatures, "importing FFCV JIT-compiled numba's typed dict"
 print("ok")
 """
 
@@ -252,7 +260,8 @@ print("ok")
 @pytest.mark.slow
 def test_importing_any_module_changes_no_process_state():
     """FFCV's import sets torch to one thread; no module of ours may leave that (or any other
-    process-wide setting) changed by being imported."""
+    process-wide setting) changed by being imported. guards.importing_ffcv's plain dict for
+    FFCV's IMAGE_MODES spares the typed dict's compile and leaves numba as it was."""
     result = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True,
                             text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
@@ -291,3 +300,15 @@ def test_torchvision_workers_end_with_their_epoch(make):
     next(batches)
     batches.close()  # a pass stopped early, as a benchmark or a failed step does
     assert multiprocessing.active_children() == []
+
+
+def test_more_ffcv_workers_than_numba_may_start_is_one_clear_error(prepared):
+    """FFCV's workers are numba threads, at most NUMBA_NUM_THREADS of them: more was a
+    traceback from numba, after the data was prepared."""
+    from numba import config
+
+    too_many = config.NUMBA_NUM_THREADS + 1
+    with pytest.raises(LoaderError, match=f"--workers {too_many}: the ffcv loader's workers "
+                       f"are numba threads.* pass --workers {config.NUMBA_NUM_THREADS} or fewer"):
+        loaders.make_loader("ffcv", prepared.train, train=True, batch_size=BATCH, device="cpu",
+                            mean=prepared.mean, std=prepared.std, workers=too_many)

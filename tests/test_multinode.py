@@ -15,7 +15,7 @@ from conftest import ROOT
 from engine import checkpoint
 
 pytestmark = pytest.mark.slow
-TINY = ["--dataset", "synthetic", "--synthetic-size", "1001", "151", "--width", "16",
+TINY = ["--dataset", "synthetic", "--synthetic-size", "1001", "151", "--width", "8",
         "--batch-size", "128", "--loader", "resident", "--seed", "1"]
 
 

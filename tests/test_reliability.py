@@ -5,6 +5,7 @@ moments, and impossible values. Real subprocesses on tiny synthetic data (CPU)."
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -24,7 +25,7 @@ from engine.loop import nonfinite_state, out_of_memory
 from engine.model import build_model
 
 SIZE = ["--synthetic-size", "1024", "128"]
-TINY = ["--dataset", "synthetic", *SIZE, "--width", "16", "--batch-size", "128",
+TINY = ["--dataset", "synthetic", *SIZE, "--width", "8", "--batch-size", "128",
         "--loader", "resident", "--seed", "1"]
 
 
@@ -241,12 +242,28 @@ def limit_file_size(limit: int):
 def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_path):
     out = tmp_path / "out"
     # width 16: best.pt holds the weights (~2.8 MB), ckpt.pt adds the optimizer (~5.6 MB)
-    result = train("--data-dir", data_dir, "--epochs", "1", "--out", out, timeout=300,
+    result = train("--data-dir", data_dir, "--width", "16", "--epochs", "1", "--out", out,
+                   timeout=300,
                    preexec_fn=limit_file_size(4 * 2**20))
     assert result.returncode == 1
     message = one_line_error(result)
     assert f"could not write {out / 'ckpt.pt'}" in message and "free" in message
     assert not list(out.glob(".*.tmp")) and not (out / "ckpt.pt").exists()
+
+
+# --- one core ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_on_one_core_ends_instead_of_hanging_at_exit(data_dir, tmp_path):
+    """On a machine (or container, or taskset) with one core, numba's TBB threads, started by
+    FFCV's import, used to hang the process at exit once training was done (numba#10556);
+    loaders.guards.importing_ffcv picks another threading layer there."""
+    core = {min(os.sched_getaffinity(0))}
+    result = train("--data-dir", data_dir, "--epochs", "1", "--loader", "torchvision", "--out",
+                   tmp_path / "out", timeout=180, preexec_fn=lambda: os.sched_setaffinity(0, core))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 
 # --- Ctrl-C -------------------------------------------------------------------------------------

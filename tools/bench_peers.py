@@ -18,7 +18,7 @@ from common.hardware import default_workers
 from engine.config import PRESETS, TrainConfig, resolve
 from engine.run import DTYPES
 from loaders import beton
-from loaders.guards import guarded, torch_threads_kept
+from loaders.guards import guarded, importing_ffcv, torch_threads_kept
 from loaders.prepare import Prepared, prepare
 from tools.bench_sections import (
     MEASURE_ERRORS,
@@ -115,7 +115,7 @@ def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) ->
     GPU the tail of its CIFAR example (examples/cifar/train_cifar.py): ToTensor, ToDevice,
     ToTorchImage, Convert to the training dtype, torchvision's Normalize. The example has no
     CPU path; there ours is FFCV's numba NormalizeImage before ToTensor."""
-    with torch_threads_kept():
+    with importing_ffcv():
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption

@@ -243,8 +243,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     out = tmp_path / "out"
     # width 16: best.pt holds the weights (~2.8 MB), ckpt.pt adds the optimizer (~5.6 MB)
     result = train("--data-dir", data_dir, "--width", "16", "--epochs", "1", "--out", out,
-                   timeout=300,
-                   preexec_fn=limit_file_size(4 * 2**20))
+                   timeout=300, preexec_fn=limit_file_size(4 * 2**20))
     assert result.returncode == 1
     message = one_line_error(result)
     assert f"could not write {out / 'ckpt.pt'}" in message and "free" in message

@@ -1,7 +1,8 @@
 """Guards around FFCV 1.0.2: its import resets torch's thread count, spends seconds in a JIT
 compile it does not need and, on one core, starts numba threads that hang the process at exit;
-a failure in its pipeline thread leaves the consumer waiting forever, and so does a dead
-DatasetWriter worker. All are put right here, on demand."""
+more workers than numba may start is a numba traceback; a failure in its pipeline thread leaves
+the consumer waiting forever, and so does a dead DatasetWriter worker. All are put right here,
+on demand."""
 
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ def importing_ffcv() -> Iterator[None]:
     finally:
         if patch:
             del numba.typed.Dict
+
+
+def numba_workers(workers: int) -> int:
+    """`workers` for an FFCV Loader, whose workers are numba threads: more than numba may start
+    is one LoaderError naming the limit, where numba's own error would be a traceback."""
+    import numba
+
+    threads = numba.config.NUMBA_NUM_THREADS
+    if workers > threads:
+        raise LoaderError(
+            f"--workers {workers}: FFCV's workers are numba threads, and numba may start "
+            f"{threads} here (NUMBA_NUM_THREADS, by default the cores this process may use); "
+            f"pass --workers {threads} or fewer.")
+    return workers
 
 
 def _record_pipeline_failure(args: threading.ExceptHookArgs, previous) -> None:

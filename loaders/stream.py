@@ -7,13 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numba
 import numpy as np
 
-from common.errors import LoaderError
 from loaders import beton
 from loaders.base import Batch, BatchLoader
-from loaders.guards import guarded, importing_ffcv, torch_threads_kept
+from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 
 with importing_ffcv():
     from ffcv.fields.basics import IntDecoder
@@ -43,12 +41,6 @@ class FFCVLoader(BatchLoader):
     def __init__(self, path: Path, **kwargs):
         num_samples = beton.check(Path(path)).num_samples  # a damaged file: DataError, not FFCV's
         super().__init__(path, num_samples=num_samples, **kwargs)
-        threads = numba.config.NUMBA_NUM_THREADS  # FFCV's workers are numba threads
-        if self.workers > threads:  # numba's own error would be a traceback
-            raise LoaderError(
-                f"--workers {self.workers}: the ffcv loader's workers are numba threads, and numba "
-                f"may start {threads} here (NUMBA_NUM_THREADS, by default the cores this "
-                f"process may use); pass --workers {threads} or fewer.")
         # A blocking copy: FFCV 1.0.2 decodes each batch into one of a few pinned host buffers
         # and its CUDA events guard only the device buffers, so an asynchronous copy still
         # queued behind the training kernels could read a buffer already refilled (found by
@@ -58,7 +50,7 @@ class FFCVLoader(BatchLoader):
         to_device = [ToDevice(self.device, non_blocking=False)] if self.device.type != "cpu" else []
         with torch_threads_kept():  # Loader() sets torch's threads to num_workers
             self.loader = Loader(
-                str(path), batch_size=self.batch_size, num_workers=self.workers,
+                str(path), batch_size=self.batch_size, num_workers=numba_workers(self.workers),
                 order=_ShardOrder(self), drop_last=False, os_cache=True,
                 pipelines={
                     "image": [SimpleRGBImageDecoder(), ToTensor(), *to_device],

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, run_script
 from torch import nn
 
@@ -239,6 +240,21 @@ def test_missing_peer_is_recorded_not_fatal(monkeypatch, tmp_path):
         None, TrainConfig(), None, tmp_path))
     assert loader is None and row.status == "not installed"
     assert "airbench" in row.reason and ".[bench]" in row.reason
+
+
+def test_stock_ffcv_with_more_workers_than_numba_may_start_is_a_failed_row(prepared):
+    """The peer's row carries the same one-line reason as our ffcv loader, not numba's."""
+    from numba import config
+
+    too_many = config.NUMBA_NUM_THREADS + 1
+    row = bench_peers.PeerResult("stock ffcv.Loader", "peer", "flip")
+    loader = bench_peers.construct(row, lambda: bench_peers.stock_ffcv_loader(
+        prepared, TrainConfig(workers=too_many, precision="fp32"), torch.device("cpu")))
+    assert loader is None and row.status == "failed"
+    assert row.reason == (f"LoaderError: --workers {too_many}: FFCV's workers are numba threads, "
+                          f"and numba may start {config.NUMBA_NUM_THREADS} here (NUMBA_NUM_THREADS,"
+                          " by default the cores this process may use); pass --workers "
+                          f"{config.NUMBA_NUM_THREADS} or fewer.")
 
 
 def test_mfu_arithmetic():

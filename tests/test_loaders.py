@@ -308,7 +308,7 @@ def test_more_ffcv_workers_than_numba_may_start_is_one_clear_error(prepared):
     from numba import config
 
     too_many = config.NUMBA_NUM_THREADS + 1
-    with pytest.raises(LoaderError, match=f"--workers {too_many}: the ffcv loader's workers "
-                       f"are numba threads.* pass --workers {config.NUMBA_NUM_THREADS} or fewer"):
+    with pytest.raises(LoaderError, match=f"--workers {too_many}: FFCV's workers are numba "
+                       f"threads.* pass --workers {config.NUMBA_NUM_THREADS} or fewer"):
         loaders.make_loader("ffcv", prepared.train, train=True, batch_size=BATCH, device="cpu",
                             mean=prepared.mean, std=prepared.std, workers=too_many)

@@ -18,7 +18,7 @@ from common.hardware import default_workers
 from engine.config import PRESETS, TrainConfig, resolve
 from engine.run import DTYPES
 from loaders import beton
-from loaders.guards import guarded, importing_ffcv, torch_threads_kept
+from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.prepare import Prepared, prepare
 from tools.bench_sections import (
     MEASURE_ERRORS,
@@ -146,7 +146,7 @@ def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) ->
     to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
     with torch_threads_kept():
         loader = Loader(str(data.train), batch_size=cfg.batch_size,
-                        num_workers=cfg.workers or default_workers(),
+                        num_workers=numba_workers(cfg.workers or default_workers()),
                         order=OrderOption.RANDOM, drop_last=False, os_cache=True, pipelines={
                             "image": [SimpleRGBImageDecoder(), *augment, *tail],
                             "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]})

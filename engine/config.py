@@ -15,6 +15,10 @@ from loaders import LOADERS
 from loaders.augment import AugmentConfig
 from loaders.prepare import add_data_arguments
 
+# torch.compile's modes: reduce-overhead replays CUDA graphs (one launch a graph instead of one
+# a kernel); the max-autotune ones also time kernel choices while compiling (minutes)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class TrainConfig:
@@ -45,6 +49,7 @@ class TrainConfig:
     cutout: int = 0
     precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
     compile: bool | None = None  # None: on for CUDA
+    compile_mode: str = "default"  # torch.compile's mode, when compiled
     channels_last: bool = True
     tta: bool = True
     seed: int = 0
@@ -61,6 +66,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def compile_text(compile: bool, mode: str = "default") -> str:
+    """How a step runs, for logs and tables: 'eager', 'compiled' or 'compiled reduce-overhead'."""
+    return ("compiled" if mode == "default" else f"compiled {mode}") if compile else "eager"
 
 
 # Where the default ("fast") choices come from; what is not credited below is our own.
@@ -130,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: bf16 on GPU, fp32 on CPU; fp16 uses a loss scaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode, implies --compile (default: default); "
+                        "reduce-overhead replays CUDA graphs, max-autotune also tunes kernels")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels_last memory format")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction,
@@ -165,6 +178,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         cfg.augment()
     except ValueError as error:  # AugmentConfig owns the augmentation ranges
         problems.append(str(error))
+    if cfg.compile is False and cfg.compile_mode != "default":
+        problems.append(f"--compile-mode {cfg.compile_mode} compiles; drop --no-compile")
     if cfg.workers is not None and cfg.workers < 1:
         problems.append("--workers must be at least 1")
     if min(cfg.synthetic_size) < 1:
@@ -174,7 +189,7 @@ def validate(cfg: TrainConfig) -> list[str]:
 
 # What --resume DIR may change: how long to train, and where the data and workers are.
 # Everything else would make the continued run a different run.
-RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile")
+RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mode")
 
 
 @dataclass
@@ -199,6 +214,8 @@ def parse(argv: list[str] | None = None) -> Options:
     resume = args.pop("resume")
     names = {f.name for f in fields(TrainConfig)}
     given = {k: _plain(v) for k, v in args.items() if k in names and v is not None}
+    if given.get("compile_mode", "default") != "default":
+        given.setdefault("compile", True)  # a mode asks for compiling, on the CPU too
     preset = given.get("preset", "fast")
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, **given})
     problems = validate(cfg)

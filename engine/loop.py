@@ -17,7 +17,7 @@ from common.files import locked_dir, sweep_temporaries, write_json
 from common.hardware import device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, resolve, resume_config
+from engine.config import TrainConfig, compile_text, resolve, resume_config
 from engine.evaluate import evaluate
 from engine.run import Run, build, make_accelerator, train_step
 
@@ -222,7 +222,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
         history = checkpoint.restore(run, ckpt, ckpt_path) if ckpt else []
         say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}: "
-            f"{cfg.loader} loader, {cfg.precision}, compile {'on' if cfg.compile else 'off'}, "
+            f"{cfg.loader} loader, {cfg.precision}, {compile_text(cfg.compile, cfg.compile_mode)}, "
             f"{len(run.train_loader)} steps/epoch; writing {out}/")
         if cfg.log_with:
             start_trackers(run)

@@ -107,7 +107,8 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     model = accelerator.prepare(model)  # DDP when distributed; the optimizer stays plain
     # one static graph for the batch size; train_step runs any other size eagerly, since a
     # second size would compile again, and dynamo would then prefer a dynamic-shape graph
-    step_model = torch.compile(model, dynamic=False) if cfg.compile else model
+    step_model = (torch.compile(model, dynamic=False, mode=cfg.compile_mode) if cfg.compile
+                  else model)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     return Run(cfg, accelerator, data, train_loader, test_loader, model, step_model, optimizer,
                scheduler, scaler)

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -186,12 +187,29 @@ def test_sections_choose_what_runs(tmp_path):
     (["--threads", "0"], "--threads: must be positive"),
     (["--matmul-seconds", "-1"], "--matmul-seconds: must be positive"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
+    (["--compile-modes", "fast"], "unknown value(s) fast"),
 ])
 def test_impossible_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, quick, modes", [("cuda", False, ["reduce-overhead"]),
+                                                  ("cpu", False, []), ("cuda", True, [])])
+def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compiles(
+        device, quick, modes):
+    """CUDA's defaults compile, so reduce-overhead (CUDA graphs) is also timed at the base
+    configuration; the CPU's and --quick's do not, and time no compile mode either."""
+    args = bench.parse_args(["--quick"] if quick else [])
+    args.device = device  # the configurations are only listed here: no GPU is needed
+    bench.fill_defaults(args)
+    base = bench.base_config(args, torch.device(device), 1_000, "runs/x")
+    configs = bench_sections.step_configs(base, args)
+    assert [c.compile_mode for c in configs] == ["default"] * (len(configs) - len(modes)) + modes
+    for cfg in configs[len(configs) - len(modes):]:
+        assert cfg == replace(base, compile=True, compile_mode=cfg.compile_mode)
 
 
 def test_json_naming_a_folder_is_a_usage_error(tmp_path, capsys):

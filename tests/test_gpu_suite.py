@@ -8,12 +8,15 @@ import json
 import os
 import tarfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_gpu_suite
 
-from tools import gpu_suite
+from engine.config import COMPILE_MODES, compile_text
+from tools import gpu_suite, gpu_summary
+from tools.bench_sections import StepResult
 
 PY312 = Path("/root/.pyenv/versions/3.12.1/bin/python3")
 
@@ -177,3 +180,16 @@ def test_a_python_without_ffcv_gets_the_wheels_installed(tmp_path):
     assert (site / "pytorch_grad_cam" / "__init__.py").exists()
     assert "still cannot import ffcv" in result.stderr and "numpy" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_summary_names_each_step_row_as_the_bench_does():
+    """gpu_summary reads the bench JSON without importing torch, so it has its own copy of
+    engine.config.compile_text: they must agree on every row."""
+    for compile in (False, True):
+        for mode in COMPILE_MODES:
+            row = asdict(StepResult("bf16", "channels_last", compile, 512, 64, mode,
+                                    images_per_s=1000.0))
+            assert gpu_summary.compiled(row) == compile_text(compile, mode)
+            assert gpu_summary.bench_lines({"step": [row]}) == [
+                f"- step bf16 channels_last {compile_text(compile, mode)} batch 512: "
+                "1,000 images/s"]

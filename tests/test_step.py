@@ -1,13 +1,16 @@
-"""engine.run.train_step on a real run: what reaches the compiled model."""
+"""engine.run.train_step on a real run: what reaches the compiled model, and how."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
 from conftest import SYNTHETIC_SIZE
+from torch._dynamo.utils import counters
 
-from engine.config import TrainConfig, resolve
+from engine.config import TrainConfig, parse, resolve, resume_config
 from engine.run import build, make_accelerator, train_step
 
 
@@ -31,3 +34,32 @@ def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, 
         loss, correct = train_step(run, images, labels)
         assert torch.isfinite(loss)
     assert len(graphs) == 1
+
+
+def test_a_compile_mode_compiles_and_may_change_on_resume():
+    """--compile-mode asks for torch.compile (also where it is off by default, the CPU) and,
+    like --compile, may change when a run is resumed."""
+    options = parse(["--compile-mode", "reduce-overhead"])
+    assert options.given == {"compile_mode": "reduce-overhead", "compile": True}
+    assert resolve(options.cfg, cuda=False).compile is True
+    assert resolve(parse([]).cfg, cuda=False).compile is False  # the CPU's default stays
+    saved = resolve(parse(["--dataset", "synthetic"]).cfg, cuda=True).to_dict()
+    cfg = resume_config(saved, options.given, Path("runs/x"))
+    assert (cfg.compile, cfg.compile_mode) == (True, "reduce-overhead")
+
+
+@pytest.mark.slow
+def test_the_compile_mode_reaches_inductor(prepared, tmp_path):
+    """A real compile (about a minute on 2 cores): reduce-overhead asks inductor for CUDA graphs,
+    which it skips on the CPU and counts as skipped; the default mode never asks for them."""
+    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
+                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
+                              loader="resident", compile=True, compile_mode="reduce-overhead",
+                              workers=1, out=str(tmp_path / "run")), cuda=False)
+    run = build(cfg, make_accelerator(cfg))
+    counters.clear()
+    images, labels = next(iter(run.train_loader))
+    for _ in range(2):
+        loss, _ = train_step(run, images, labels)
+        assert torch.isfinite(loss)
+    assert counters["inductor"]["cudagraph_skips"] >= 1

@@ -139,6 +139,8 @@ def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, 
     (["--lr", "-1"], "--lr must be a positive finite number"),
     (["--lr", "fast"], "expected a number or 'auto'"),
     (["--translate", "40"], "--translate must be in 0..16"),
+    (["--compile-mode", "reduce-overhead", "--no-compile"],
+     "--compile-mode reduce-overhead compiles; drop --no-compile"),
 ])
 def test_impossible_options_are_refused(option, message, tmp_path):
     result = train(*option, "--out", str(tmp_path / "out"), timeout=120)

@@ -24,7 +24,7 @@ import torch
 from common.cli import run_main
 from common.files import write_json
 from common.hardware import available_cores
-from engine.config import TrainConfig, resolve
+from engine.config import COMPILE_MODES, TrainConfig, resolve
 from engine.run import DTYPES
 from tools.bench_output import metadata, report
 from tools.bench_peers import bench_peers
@@ -49,6 +49,7 @@ DEFAULTS: dict[str, tuple] = {
     "batch_size": (512, 256, 64),
     "batch_sizes": ([256, 1024], [128, 512], [32]),
     "compile": (["off", "on"], ["off", "on"], ["off"]),
+    "compile_modes": (["reduce-overhead"], ["reduce-overhead"], []),
     "warmup_steps": (3, 3, 1),
     "steps": (20, 3, 2),
     "repeats": (3, 3, 1),
@@ -63,7 +64,7 @@ DEFAULTS: dict[str, tuple] = {
 def default_text(name: str) -> str:
     """DEFAULTS[name] as help text: '512 on CUDA, 256 on CPU, quick 64'."""
     def show(v) -> str:
-        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+        return (",".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
 
     cuda, cpu, quick = (show(v) for v in DEFAULTS[name])
     both = cuda if cuda == cpu else f"{cuda} on CUDA, {cpu} on CPU"
@@ -108,6 +109,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ("batch-sizes", csv(positive(int)), "more batch sizes for the step section, at "
                                                  "the engine's defaults"),
             ("compile", csv(str), "step section torch.compile settings (off,on)"),
+            ("compile-modes", csv(str), "torch.compile modes the step section also times at "
+                                        "--batch-size when it compiles, besides default"),
             ("warmup-steps", count, "untimed steps first"),
             ("steps", count, "timed steps per block"),
             ("repeats", count, "timed blocks of steps and of matmuls; the fastest counts"),
@@ -135,6 +138,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     problems += [x for x in args.precisions if x not in DTYPES]
     problems += [x for x in args.formats if x not in ("channels_last", "contiguous")]
     problems += [x for x in args.compile or [] if x not in ("off", "on")]
+    problems += [x for x in args.compile_modes or [] if x not in COMPILE_MODES]
     if problems:
         p.error(f"unknown value(s) {', '.join(problems)}; see --help")
     for name in ("sections", "precisions", "formats", "compile", "batch_sizes"):

@@ -15,7 +15,7 @@ from torch import nn
 
 from common.cli import stop_if_interrupted
 from common.errors import EngineError
-from engine.config import TrainConfig
+from engine.config import TrainConfig, compile_text
 from engine.model import build_model, forward_macs
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
@@ -50,6 +50,7 @@ class StepResult:
     compile: bool
     batch_size: int
     width: int
+    compile_mode: str = "default"
     status: str = "ok"  # "skipped" when the configuration cannot run here; see reason
     reason: str = ""
     warmup_s: float | None = None  # the untimed warm-up steps, torch.compile included
@@ -181,18 +182,21 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
 
 
 def step_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConfig]:
-    """precision x memory format x compile at --batch-size, then the other batch sizes."""
+    """precision x memory format x compile at --batch-size, then the other batch sizes, then
+    the other compile modes (when the engine's defaults compile)."""
     grid = [replace(base, precision=p, channels_last=f == "channels_last", compile=c == "on")
             for p in args.precisions for f in args.formats for c in args.compile]
     sweep_compile = base.compile and "on" in args.compile
-    return grid + [replace(base, batch_size=b, compile=sweep_compile)
-                   for b in args.batch_sizes if b != base.batch_size]
+    return (grid + [replace(base, batch_size=b, compile=sweep_compile)
+                    for b in args.batch_sizes if b != base.batch_size]
+            + [replace(base, compile=True, compile_mode=m) for m in args.compile_modes
+               if sweep_compile and m != base.compile_mode])
 
 
 def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
     """Images/s of forward + backward + optimizer step on a fixed batch already on the device."""
     result = StepResult(cfg.precision, "channels_last" if cfg.channels_last else "contiguous",
-                        cfg.compile, cfg.batch_size, cfg.width)
+                        cfg.compile, cfg.batch_size, cfg.width, cfg.compile_mode)
     try:
         run = make_run(cfg, args.threads)
         images, labels = next(iter(run.train_loader))
@@ -216,7 +220,8 @@ def bench_steps(base: TrainConfig, args: argparse.Namespace,
         results.append(bench_step(cfg, args))
         partial(results)
         r = results[-1]
-        log(f"step: {r.precision} {r.memory_format} compile={r.compile} batch {r.batch_size}: "
+        log(f"step: {r.precision} {r.memory_format} {compile_text(r.compile, r.compile_mode)} "
+            f"batch {r.batch_size}: "
             + (f"{r.images_per_s:,.1f} images/s" if r.status == "ok" else r.reason))
         release()
     return results
@@ -278,7 +283,7 @@ def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) ->
 def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
     """MFU of every step configuration that ran and of every steady-state training epoch."""
     rows = [dict(source="step", config=f"{r.precision} {r.memory_format} "
-                 f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}",
+                 f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}",
                  precision=r.precision, images_per_s=r.images_per_s)
             for r in results.get("step", []) if r.status == "ok"]
     rows += [dict(source="epoch", config=f"{r.loader} loader, {r.precision} "

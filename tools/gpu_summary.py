@@ -33,7 +33,9 @@ def tests_line(xml: Path) -> list[str]:
 
 
 def compiled(r: dict) -> str:
-    return "compiled" if r["compile"] else "eager"
+    """engine.config.compile_text of a row (this module reads JSON without importing torch)."""
+    mode = r.get("compile_mode", "default")
+    return ("compiled" if mode == "default" else f"compiled {mode}") if r["compile"] else "eager"
 
 
 # a line for each measured row of these sections

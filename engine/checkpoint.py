@@ -21,6 +21,7 @@ from common.files import atomic_write, write_csv, write_text
 from common.hardware import device_name
 from engine.config import TrainConfig
 from engine.model import build_model
+from engine.optim import load_schedule
 
 if TYPE_CHECKING:
     from engine.run import Run
@@ -145,7 +146,7 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
     run.unwrapped.load_state_dict(ckpt["state_dict"])
     state = ckpt["resume"]
     run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    load_schedule(run.scheduler, state["scheduler"])  # after the optimizer: it sets the LR
     if state["scaler"] is not None and run.scaler is not None:
         run.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])

@@ -13,14 +13,16 @@ SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
 # defaults (div_factor, final_div_factor).
 ONECYCLE_START = 1 / 25
 ONECYCLE_END = ONECYCLE_START / 1e4
+# the step schedule multiplies the LR by STEP_GAMMA at each of these fractions of the steps
+STEP_MILESTONES, STEP_GAMMA = (0.5, 0.75), 0.1
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
     """Split trainable parameters into a decayed group and (second) a non-decayed one.
 
     With decay_norm_and_bias False, every parameter with ndim <= 1 (BatchNorm scales and shifts,
-    all biases) gets weight_decay 0: decaying them only shrinks BN scales and does not
-    regularize ("Bag of Tricks", He et al. 2019, sec. 3.1).
+    all biases) gets weight_decay 0, the "no bias decay" of "Bag of Tricks" (He et al. 2019,
+    sec. 3.1), which after Jia et al. regularizes only the weights to avoid overfitting.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if decay_norm_and_bias:
@@ -42,6 +44,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build an optimizer by name; adam adds weight decay to the gradient (L2), adamw decouples.
 
+    momentum is SGD's and RMSprop's momentum and Adam's beta1 (beta2 stays torch's 0.999).
+
     fused: one kernel for all parameters' updates (sgd, nesterov, adam, adamw; rmsprop has
     none). It also lets an fp16 GradScaler skip its per-step host sync on inf checks.
     """
@@ -52,9 +56,9 @@ def build_optimizer(
     if name == "nesterov":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=fused)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, fused=fused)
+        return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999), fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, fused=fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=fused)
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -70,8 +74,6 @@ def lr_at(
     step: int,
     total_steps: int,
     warmup_frac: float = 0.2,
-    step_milestones: tuple[float, ...] = (0.5, 0.75),
-    gamma: float = 0.1,
 ) -> float:
     """LR multiplier (on each group's base lr) before optimizer step `step` of `total_steps`.
 
@@ -85,7 +87,8 @@ def lr_at(
       total_steps (Smith & Topin 2019; the shape of torch's OneCycleLR with pct_start=warmup_frac).
     - cosine: half-cosine from 1 to 0 over all steps; ignores warmup_frac (SGDR without restarts,
       Loshchilov & Hutter 2017). Use onecycle or triangular for a warm-up.
-    - step: gamma ** (milestones passed), a milestone m falling at step int(m * total_steps).
+    - step: STEP_GAMMA ** (milestones passed), milestone m of STEP_MILESTONES falling at step
+      int(m * total_steps).
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
@@ -93,16 +96,12 @@ def lr_at(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_frac < 1:
         raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
-    if not all(0 < m < 1 for m in step_milestones):
-        raise ValueError(f"step_milestones must be fractions in (0, 1), got {step_milestones}")
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
     s = min(max(step, 0), total_steps)
     warmup = int(warmup_frac * total_steps)  # < total_steps because warmup_frac < 1
     if name == "constant":
         return 1.0
     if name == "step":
-        return gamma ** sum(s >= int(m * total_steps) for m in step_milestones)
+        return STEP_GAMMA ** sum(s >= int(m * total_steps) for m in STEP_MILESTONES)
     if name == "cosine":
         return _cos_interp(1.0, 0.0, s / total_steps)
     if name == "triangular":
@@ -120,18 +119,23 @@ def build_schedule(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     warmup_frac: float = 0.2,
-    step_milestones: tuple[float, ...] = (0.5, 0.75),
-    gamma: float = 0.1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-batch LambdaLR whose multiplier is lr_at (see there for the shapes); step every batch."""
     # partial of a module-level function, not a lambda, so the scheduler state_dict stays plain.
-    fn = partial(
-        lr_at,
-        name,
-        total_steps=total_steps,
-        warmup_frac=warmup_frac,
-        step_milestones=tuple(step_milestones),
-        gamma=gamma,
-    )
+    fn = partial(lr_at, name, total_steps=total_steps, warmup_frac=warmup_frac)
     fn(0)  # validate arguments here, with a clear message, before LambdaLR touches the optimizer
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def load_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Continue a saved schedule at its step, with the LR this schedule gives there.
+
+    The optimizer's saved state holds the LR of the saved schedule; on --resume with more
+    --epochs the schedule is stretched, and its first step must already train at the new LR.
+    """
+    scheduler.load_state_dict(state)
+    groups = scheduler.optimizer.param_groups
+    for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                       strict=True):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports

@@ -113,6 +113,7 @@ def test_epoch(run: Run) -> dict:
 
 
 def summary_line(row: dict, epochs: int) -> str:
+    """One finished epoch's metrics as the line printed after its progress bar."""
     return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.2%}  test loss {row['test_loss']:.4f} "
             f"acc {row['test_acc']:.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s "
@@ -230,7 +231,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except KeyboardInterrupt:
         if (out / "ckpt.pt").exists():
-            raise Interrupted(f"{out}/ckpt.pt holds epoch {len(history)}; continue with "
+            # read, not len(history): a Ctrl-C during a save keeps the previous checkpoint
+            saved = checkpoint.load(out / "ckpt.pt")["epoch"]
+            raise Interrupted(f"{out}/ckpt.pt holds epoch {saved}; continue with "
                               f"--resume {out}") from None
         raise Interrupted("no epoch had finished, so nothing was saved; run the same "
                           "command again") from None

@@ -106,6 +106,7 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path)
     done = len(history(cut))
     if done < 3:  # interrupted mid-run, as intended: a clean exit that names --resume
         assert returncode == 130 and f"--resume {cut}" in stderr
+        assert f"ckpt.pt holds epoch {done};" in stderr
         assert checkpoint.load(cut / "ckpt.pt")["epoch"] == done
 
     resumed = train("--resume", str(cut))

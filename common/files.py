@@ -1,4 +1,5 @@
-"""Atomic file writes: readers and crashes only ever see the old file or the new one."""
+"""Files and folders the tools write: atomic writes (readers and crashes only ever see the old
+file or the new one), the run folder's lock, writability checks and permissions."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def timestamped(prefix: str) -> str:
     return f"runs/{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def make_dir(path: Path, option: str = "--out") -> bool:
+def make_dir(path: Path) -> bool:
     """Create folder `path` (and parents) and check it is writable; True when it is new.
 
     Called before any work, so a bad --out is found in a second, not after an hour.
@@ -81,11 +82,11 @@ def make_dir(path: Path, option: str = "--out") -> bool:
     except OSError as error:
         what = ("is a file, not a folder" if path.is_file()
                 else f"cannot be written ({error.strerror})")
-        raise OutputError(f"{option} {path} {what}; choose a writable folder.") from None
+        raise OutputError(f"--out {path} {what}; choose a writable folder.") from None
     return created
 
 
-def _lock_file(lock: Path, option: str, folder: Path) -> int:
+def _lock_file(lock: Path, folder: Path) -> int:
     """An open descriptor of `lock`, flocked by this process; OutputError if another holds it.
 
     A holder unlinks the file when done, so after locking, check that the file locked is
@@ -98,7 +99,7 @@ def _lock_file(lock: Path, option: str, folder: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise OutputError(f"{option} {folder} is in use by another run (process {holder}); "
+            raise OutputError(f"--out {folder} is in use by another run (process {holder}); "
                               "wait for it to finish or choose another folder.") from None
         try:
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
@@ -109,7 +110,7 @@ def _lock_file(lock: Path, option: str, folder: Path) -> int:
 
 
 @contextmanager
-def locked_dir(path: Path, option: str = "--out") -> Iterator[None]:
+def locked_dir(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on folder `path` (made if needed) while the block runs.
 
     A second run into the same folder is refused instead of overwriting the first one's
@@ -118,9 +119,9 @@ def locked_dir(path: Path, option: str = "--out") -> Iterator[None]:
     created is removed again if the block wrote nothing into it.
     """
     path = Path(path)
-    created = make_dir(path, option)
+    created = make_dir(path)
     lock = path / ".lock"
-    fd = _lock_file(lock, option, path)
+    fd = _lock_file(lock, path)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

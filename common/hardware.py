@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported only when a GPU's name is asked for
+    import torch
 
 
 def available_cores() -> int:
@@ -28,7 +32,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device) -> str:
+def device_name(device: torch.device | str) -> str:
     """The GPU's name, or the CPU model and the cores this process may use."""
     if getattr(device, "type", device) == "cuda":
         import torch

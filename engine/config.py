@@ -81,8 +81,9 @@ def compile_text(compile: bool, mode: str = "default") -> str:
 #   That schedule starts at 0.2 of the peak; ours starts at 1/(W+1) of it (engine/optim.py).
 #   lr 0.2 at batch 512 is also the linear scaling rule, 0.1 per 256 images (Goyal et al. 2017).
 # - label smoothing 0.2 and flip + 2-pixel reflect translate: airbench94's hyp['opt'] and
-#   hyp['aug'] (github.com/KellerJordan/cifar10-airbench). The ResNet-18 baseline above uses
-#   no label smoothing and translate 4 with cutout 12.
+#   hyp['aug'] (github.com/KellerJordan/cifar10-airbench). airbench94 flips alternately (a
+#   random flip once, then all images every other epoch); ours draws a random flip every epoch.
+#   The ResNet-18 baseline above uses no label smoothing and translate 4 with cutout 12.
 # - flip test-time augmentation: level 1 of those scripts' tta_level; both use level 2
 #   (mirror + 1-pixel translations). Ours is the cheaper level 1.
 # - no weight decay on BatchNorm and biases: He et al., "Bag of Tricks" (2019), sec. 3.1.
@@ -107,6 +108,7 @@ def _lr(value: str) -> float | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """engine/train.py's options; other tools add their own to it or reuse its groups."""
     p = argparse.ArgumentParser(
         prog="engine/train.py",
         description="Train a CIFAR ResNet-18 (accelerate launch engine/train.py, or plain python).",

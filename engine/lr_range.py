@@ -1,10 +1,11 @@
-"""Leslie Smith's LR range test on a real training run, leaving the run exactly as it found it.
+"""An LR range test on a real training run, leaving the run exactly as it found it.
 
 The LR grows exponentially from start_lr to end_lr, one training step per value, while the
 loss is recorded and smoothed; the sweep stops once training diverges. Weights, BatchNorm
 buffers, optimizer, schedule and loss scaler are restored bit-exact afterwards, so the same run
-can then train for real (Smith, "Cyclical Learning Rates for Training Neural Networks", 2017;
-the smoothing, divergence rule and suggestions follow fastai's lr_find).
+can then train for real. The test is Smith's ("Cyclical Learning Rates for Training Neural
+Networks", 2017, sec. 3.3, which raises the LR linearly and watches accuracy); the exponential
+sweep on the loss, its smoothing, divergence rule and suggestions follow fastai's lr_find.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import torch
 
 from common.errors import RangeTestError
 from common.progress import progress_bar
-from engine.optim import build_schedule
-from engine.run import Run, endless, train_step
+from engine.run import Run, endless, run_schedule, train_step
 
 START_LR, END_LR, ITERATIONS = 1e-7, 10.0, 100  # fastai's lr_find defaults
 BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
@@ -163,14 +163,13 @@ def use_suggestion(run: Run) -> RangeTest:
     """--lr auto: range-test the run, then make the suggestion the peak of its schedule.
 
     Every schedule of engine.optim peaks at the groups' base LR, so the suggestion becomes
-    the one-cycle max LR of the default triangular schedule (Smith's linear 1cycle) or of
+    the peak LR of the default triangular schedule (Keller Jordan's shape) or of
     `--schedule onecycle`; an explicit --schedule is kept as chosen. run.cfg records it.
     """
     result = range_test(run)
     set_lr(run.optimizer, result.suggested)
     cfg = run.cfg = replace(run.cfg, lr=result.suggested, lr_auto=result.record())
-    run.scheduler = build_schedule(cfg.schedule, run.optimizer, cfg.epochs * len(run.train_loader),
-                                   warmup_frac=cfg.warmup)
+    run.scheduler = run_schedule(cfg, run.optimizer, len(run.train_loader))
     return result
 
 

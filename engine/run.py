@@ -15,7 +15,6 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.errors import TrainingError
-from common.hardware import default_workers
 from engine.config import TrainConfig
 from engine.model import build_model
 from engine.optim import build_optimizer, build_schedule
@@ -52,6 +51,13 @@ class Run:
         return self.accelerator.unwrap_model(self.model)
 
 
+def run_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                 steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The config's LR schedule over all its steps, peaking at the optimizer's base LR."""
+    return build_schedule(cfg.schedule, optimizer, cfg.epochs * steps_per_epoch,
+                          warmup_frac=cfg.warmup)
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The accelerator of a resolved config: device placement, processes, trackers.
 
@@ -74,8 +80,7 @@ def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank:
                    world_size: int = 1) -> dict:
     """The make_loader options a run uses for both splits (the workers shared by processes)."""
     return dict(device=device, mean=data.mean, std=data.std, dtype=DTYPES[cfg.precision],
-                seed=cfg.seed, rank=rank, world_size=world_size,
-                workers=cfg.workers or default_workers(world_size))
+                seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers)
 
 
 def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
@@ -102,8 +107,7 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     optimizer = build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay, cfg.momentum,
                                 cfg.decay_norm_bias, fused=accelerator.device.type == "cuda")
     # stepped by us once per batch; accelerate would step a prepared one once per process
-    scheduler = build_schedule(cfg.schedule, optimizer, cfg.epochs * len(train_loader),
-                               warmup_frac=cfg.warmup)
+    scheduler = run_schedule(cfg, optimizer, len(train_loader))
     model = accelerator.prepare(model)  # DDP when distributed; the optimizer stays plain
     # one static graph for the batch size; train_step runs any other size eagerly, since a
     # second size would compile again, and dynamo would then prefer a dynamic-shape graph

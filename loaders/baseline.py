@@ -3,8 +3,9 @@ with the same augmentations as augment.py. Kept to measure what the other loader
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ class Cutout:
         return x
 
 
-def pil_transform(cfg: AugmentConfig | None, mean: list[float], std: list[float]):
+def pil_transform(cfg: AugmentConfig | None, mean: list[float],
+                  std: list[float]) -> transforms.Compose:
+    """The per-image torchvision pipeline a notebook would write for the same augmentations."""
     steps = []
     if cfg is not None and cfg.translate:
         mode = "reflect" if cfg.reflect else "constant"
@@ -45,7 +48,10 @@ def pil_transform(cfg: AugmentConfig | None, mean: list[float], std: list[float]
 
 
 class ImageDataset(Dataset):
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+    """uint8 HWC images and labels as PIL images through `transform`, one at a time."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 transform: Callable[[Image.Image], torch.Tensor]):
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
@@ -67,8 +73,11 @@ class _ShardSampler(Sampler[int]):
 
 
 class TorchvisionLoader(BatchLoader):
-    def __init__(self, path: Path, *, augment: AugmentConfig | None = None, mean, std,
-                 **kwargs):
+    """The seed's way: a DataLoader of per-image PIL transforms in worker processes; the
+    baseline the other loaders are measured against."""
+
+    def __init__(self, path: Path, *, augment: AugmentConfig | None = None,
+                 mean: list[float], std: list[float], **kwargs: Any):
         split = beton.read(Path(path))
         super().__init__(path, num_samples=len(split.labels), augment=augment, mean=mean,
                          std=std, **kwargs)

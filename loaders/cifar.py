@@ -73,6 +73,8 @@ class Split:
 
 @dataclass(frozen=True)
 class CifarData:
+    """A dataset's class names and both splits, read and validated."""
+
     name: str
     classes: list[str]
     train: Split
@@ -84,6 +86,7 @@ class CifarData:
 
 
 def md5sum(path: Path) -> str:
+    """md5 of a file's bytes, read in blocks: what CIFAR's archives are published with."""
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -277,8 +280,13 @@ def source_name(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50
     if name == "synthetic":
         return f"synthetic-{synthetic_size[0]}-{synthetic_size[1]}-seed{seed}"
     if name == "folder":
-        return f"folder-{folders.fingerprint(folders.class_files(data_dir))}"
+        return image_folder_name(folders.class_files(data_dir))
     return LAYOUTS[name].folder
+
+
+def image_folder_name(files: dict[str, dict[str, list[Path]]]) -> str:
+    """The python folder an ImageFolder tree converts into: one per state of its files."""
+    return f"folder-{folders.fingerprint(files)}"
 
 
 def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
@@ -406,7 +414,7 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
 def write_image_folder(root: Path) -> Path:
     """Convert (once per state of its files) an ImageFolder tree into a python folder in it."""
     files = folders.class_files(root)
-    folder = root / f"folder-{folders.fingerprint(files)}"
+    folder = root / image_folder_name(files)
     if folder.is_dir():
         return folder
     def make() -> Splits:

@@ -105,7 +105,7 @@ def install_failure_hook() -> None:
     threading.excepthook = hook
 
 
-def guarded(loader) -> Iterator[tuple]:
+def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
     """Iterate an FFCV Loader, raising LoaderError when its pipeline thread fails."""
     install_failure_hook()
     epoch = iter(loader)

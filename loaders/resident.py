@@ -1,11 +1,13 @@
-"""The whole split held on the device, normalized once in the output dtype when it is loaded;
-each epoch is a device-side permutation and one gather per large chunk (sample order, flip
-and translate together), so the host does nothing per batch (airbench's approach)."""
+"""The whole split held on the device (as airbench's loader holds it), normalized once in the
+output dtype when it is loaded; each epoch is a device-side permutation and one gather per
+large chunk (sample order, flip and translate together; ours, where airbench crops by masked
+copies), so the host does nothing per batch."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +18,9 @@ CHUNK = 16_384  # images augmented at once: large enough to saturate a GPU, boun
 
 
 class ResidentLoader(BatchLoader):
-    def __init__(self, path: Path, **kwargs):
+    """A .beton split read once into device memory, augmented and batched there."""
+
+    def __init__(self, path: Path, **kwargs: Any):
         split = beton.read(Path(path))
         super().__init__(path, num_samples=len(split.labels), **kwargs)
         self.images = self.augment.store(torch.from_numpy(split.images).to(self.device))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,9 @@ class _ShardOrder(TraversalOrder):
 
 
 class FFCVLoader(BatchLoader):
-    def __init__(self, path: Path, **kwargs):
+    """FFCV's Loader decoding the .beton in numba threads; our augmentation on the device."""
+
+    def __init__(self, path: Path, **kwargs: Any):
         num_samples = beton.check(Path(path)).num_samples  # a damaged file: DataError, not FFCV's
         super().__init__(path, num_samples=num_samples, **kwargs)
         # A blocking copy: FFCV 1.0.2 decodes each batch into one of a few pinned host buffers

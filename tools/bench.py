@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -39,6 +40,7 @@ from tools.bench_sections import (
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
 TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
+T = TypeVar("T")  # the value type of an argparse type below
 
 # Options left out: (on CUDA, on CPU, with --quick). The help text is made from this table.
 DEFAULTS: dict[str, tuple] = {
@@ -71,12 +73,12 @@ def default_text(name: str) -> str:
     return f"default: {both}, quick {quick}"
 
 
-def csv(kind):
+def csv(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
     """An argparse type: comma-separated values of `kind`."""
     return lambda text: [kind(v) for v in text.split(",") if v]
 
 
-def positive(kind):
+def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     """An argparse type: a number of `kind` that is at least 1 (or above 0 for floats)."""
     def parse(text: str):
         value = kind(text)
@@ -187,8 +189,8 @@ def trace_path(args: argparse.Namespace) -> Path | None:
 
 def run_sections(args: argparse.Namespace, device: torch.device, out: str,
                  done: Callable[[dict, dict[str, float]], None]) -> tuple[dict, dict[str, float]]:
-    """The chosen sections, always in the order loaders, peers, step, epoch, mfu, and their
-    seconds; `done` gets both after each section."""
+    """The chosen sections, always in the order of SECTIONS, and their seconds; `done` gets
+    both after each section."""
     base = base_config(args, device, args.images, out)
     results: dict = {}
     jobs = {
@@ -216,7 +218,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
     return results, seconds
 
 
-def serializable(result):
+def serializable(result: Any) -> Any:
     """A section's result as JSON-ready lists and dicts (dataclasses, lists and dicts of them,
     and plain values such as a failure's reason)."""
     if isinstance(result, list):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from common.hardware import available_cores, device_name
+from engine.config import compile_text
 from tools.bench_peers import PeerResult, SeedEpochResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
 
@@ -54,7 +55,7 @@ def metadata(device: torch.device, argv: list[str]) -> dict:
         python=platform.python_version())
 
 
-def number(value) -> str:
+def number(value: object) -> str:
     """A cell of a table: thousands separators for large numbers, 3 significant digits else."""
     if isinstance(value, list):
         return " ".join(number(v) for v in value)
@@ -101,7 +102,7 @@ def report(results: dict) -> str:
         where = r.sort_by.removeprefix("self_")
         parts.append(table(f"profile: {r.steps} steps after {r.warmup_steps} warm-up, "
                            f"{r.loader} loader, {r.precision} "
-                           f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}, "
+                           f"{compile_text(r.compile)} batch {r.batch_size}, "
                            f"width {r.width}; ops by {r.sort_by}",
                            r.ops, ["name", "calls", r.sort_by, where]))
         if r.trace:

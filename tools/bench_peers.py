@@ -264,7 +264,8 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
 
 
 def seed_configs(args: argparse.Namespace, device: torch.device, out: str) -> list[TrainConfig]:
-    """The seed notebook's pipeline and the default preset, at --peer-width on --epoch-images."""
+    """The seed notebook's pipeline and the default preset, at --peer-width over
+    --peer-epoch-images."""
     common = dict(dataset="synthetic", data_dir=str(args.data_dir), width=args.peer_width,
                   synthetic_size=(args.peer_epoch_images, 1_000), workers=args.workers, out=out)
     default = TrainConfig(**common, compile=False if args.quick else None)  # as base_config

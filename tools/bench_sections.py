@@ -71,7 +71,7 @@ class EpochResult:
     status: str = "ok"  # "failed": see reason (the other loaders' epochs run all the same)
     reason: str = ""
     images: int | None = None  # per epoch
-    build_s: float | None = None  # engine.train.build: data, loaders, model, optimizer
+    build_s: float | None = None  # engine.run.build: data, loaders, model, optimizer
     first_epoch_s: float | None = None  # warm-up epoch: JIT, torch.compile, worker start-up
     epoch_s: list[float] = field(default_factory=list)  # steady-state epochs
     data_wait_s: list[float] = field(default_factory=list)  # blocked in next(), per epoch
@@ -138,7 +138,7 @@ def make_run(cfg: TrainConfig, threads: int) -> Run:
 
 def build_loader(kind: str, data: Prepared, cfg: TrainConfig,
                  device: torch.device) -> tuple[BatchLoader, float]:
-    """A training loader as engine.train.build makes it, and the seconds its construction took."""
+    """A training loader as engine.run.build makes it, and the seconds its construction took."""
     start = time.perf_counter()
     loader = make_loader(kind, data.train, train=True, batch_size=cfg.batch_size,
                          augment=cfg.augment(), **loader_options(cfg, data, device))
@@ -287,7 +287,7 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
                  precision=r.precision, images_per_s=r.images_per_s)
             for r in results.get("step", []) if r.status == "ok"]
     rows += [dict(source="epoch", config=f"{r.loader} loader, {r.precision} "
-                  f"{'compiled' if r.compile else 'eager'} batch {r.batch_size}",
+                  f"{compile_text(r.compile)} batch {r.batch_size}",
                   precision=r.precision, images_per_s=r.images_per_s)
              for r in results.get("epoch", []) if r.status == "ok"]
     # the peers' timed training epochs, each with the FLOPs counted on its own model

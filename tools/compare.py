@@ -105,13 +105,13 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path,
         return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
     except (TrainingError, RangeTestError) as error:  # a result, not the end
         print(f"error: {optimizer}: {error}", file=sys.stderr)
-        history = checkpoint_history(out / "ckpt.pt")
+        history = saved_history(out)
         return Result(optimizer, lr, history, str(error)), True
 
 
-def checkpoint_history(path: Path) -> list[dict]:
+def saved_history(run_dir: Path) -> list[dict]:
     """The epochs a stopped run saved, from its metrics.jsonl."""
-    metrics = path.with_name("metrics.jsonl")
+    metrics = run_dir / "metrics.jsonl"
     return ([json.loads(line) for line in metrics.read_text().splitlines()]
             if metrics.exists() else [])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from common.errors import ExportError
+from common.files import usual_permissions
 from engine.model import build_model
 
 PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "safetensors": ("safetensors",),
@@ -123,9 +123,7 @@ def write_safetensors(model: nn.Module, meta: dict[str, str], path: Path) -> Non
     weights = {k: v.detach().float().cpu().contiguous() if v.is_floating_point()
                else v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(path), metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)  # safetensors creates its file 0600; make it like any other
+    usual_permissions(path, 0o666)  # safetensors creates its file 0600; make it like any other
 
 
 def run_safetensors(path: Path, images: np.ndarray) -> np.ndarray:

@@ -130,7 +130,7 @@ COMMANDS = {
     # a 50k-image training epoch of the seed pipeline beside the default preset, with the MFU
     "bench-peers": lambda s: bench(s, "bench-peers", "peers,mfu"),
     # every precision x format x compile at batch 512, then batch 256 and 1024 (compiled), then
-    # reduce-overhead (CUDA graphs): 11 of its 15 configurations compile; the JSON is rewritten
+    # reduce-overhead (CUDA graphs): 9 of its 15 configurations compile; the JSON is rewritten
     # after each one
     "bench-step": lambda s: bench(s, "bench-step", "step,mfu"),
 }

@@ -4,7 +4,7 @@ Attribution Methods", ICML 2022) through pytorch-grad-cam's own metric, ROADComb
 
 ROAD removes the pixels a map ranks most relevant (and, separately, least relevant), fills them
 in from their neighbours, and measures the model's confidence in the explained class. The
-combined score is (confidence drop when the least relevant go - drop when the most relevant
+combined score is (confidence drop when the most relevant go - drop when the least relevant
 go) / 2: higher is more faithful. Random maps are scored the same way, as the floor.
 """
 

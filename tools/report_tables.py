@@ -83,8 +83,8 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
     lines += ["", "## Which explanation to trust", "",
               "ROAD score of each map for the predicted class of the images above (Rong et al. "
               "2022, with pytorch-grad-cam's ROADCombined at 20/40/60/80% of pixels removed): "
-              "the confidence drop when the least relevant pixels are removed minus the drop "
-              "when the most relevant are, halved. Higher is more faithful; random maps are "
+              "the confidence drop when the most relevant pixels are removed minus the drop "
+              "when the least relevant are, halved. Higher is more faithful; random maps are "
               "the floor.", "",
               "| method | layer | ROAD | std | images |", "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {r['method']} | {r['layer']} | {r['road']:+.4f} | {r['road_std']:.4f} | "

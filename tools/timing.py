@@ -57,7 +57,7 @@ def loader_pass(loader: BatchLoader, epoch: int,
 
 
 def train_pass(run: Run, epoch: int) -> Pass:
-    """One epoch of engine.train.train_step over the run's loader, timing the waits in next()."""
+    """One epoch of engine.run.train_step over the run's loader, timing the waits in next()."""
     loader, device = run.train_loader, run.accelerator.device
     loader.set_epoch(epoch)
     run.model.train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -10,10 +11,14 @@ from collections.abc import Callable
 from common.errors import EngineError, Interrupted
 
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
-_ctrl_c = threading.Event()  # set by run_main's SIGINT handler, cleared when it returns
+# SIGTERM (timeout, Slurm, docker stop) stops as cleanly as Ctrl-C, with the shell's 128 + 15
+STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM}
+_ctrl_c = threading.Event()  # set by run_main's signal handler, cleared when it returns
+_stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
 
-def _on_sigint(signum: int, frame) -> None:
+def _on_stop_signal(signum: int, frame) -> None:
+    _stopped_by[:] = [signum]
     _ctrl_c.set()
     raise KeyboardInterrupt
 
@@ -33,30 +38,49 @@ def _quiet_lost_ctrl_c(unraisable, previous=sys.unraisablehook) -> None:
         previous(unraisable)
 
 
+def stopped_code() -> int:
+    """The exit code of a command stopped by a signal: 130 for Ctrl-C, 143 for SIGTERM."""
+    return STOP_SIGNALS.get(_stopped_by[0], INTERRUPTED) if _stopped_by else INTERRUPTED
+
+
+def os_error_text(error: OSError) -> str:
+    """An OSError as one line that names its file (when it has one) and what to do."""
+    if error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return f"the disk is full{where}; free some space or write to another disk."
+    where = f" {error.filename}" if error.filename else ""
+    return (f"cannot use{where}: {error.strerror or error}. Check that the path exists, is "
+            "writable and that its disk has free space.")
+
+
 def run_main(body: Callable[[], int | None]) -> int:
-    """Call a command's body; EngineError -> 'error: ...' and 1, Ctrl-C -> one line and 130."""
-    previous, hook = None, sys.unraisablehook
+    """Call a command's body; EngineError -> 'error: ...' and 1, Ctrl-C -> one line and 130
+    (SIGTERM: 143)."""
+    previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, _on_sigint)
+        previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
         sys.unraisablehook = _quiet_lost_ctrl_c
     try:
         return body() or 0
     except Interrupted as stop:
         print(f"\ninterrupted: {stop}", file=sys.stderr)
-        return INTERRUPTED
+        return stopped_code()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return INTERRUPTED
+        return stopped_code()
     except EngineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a file the library could not read or write: name it
-        where = f" {error.filename}" if error.filename else ""
-        print(f"error: cannot use{where}: {error.strerror or error}. Check that the path "
-              "exists, is writable and that its disk has free space.", file=sys.stderr)
+        print(f"error: {os_error_text(error)}", file=sys.stderr)
+        return 1
+    except MemoryError:  # numpy's _ArrayMemoryError too
+        print("error: out of memory; use a smaller dataset, --batch-size or --width, or a "
+              "machine with more memory.", file=sys.stderr)
         return 1
     finally:
         _ctrl_c.clear()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-            sys.unraisablehook = hook
+        _stopped_by.clear()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sys.unraisablehook = hook

@@ -8,6 +8,7 @@ the optimizer it continues from can never disagree.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -31,6 +32,9 @@ VERSION = 1
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 REQUIRED = ("format", "version", "arch", "width", "num_classes", "state_dict", "classes",
             "mean", "std", "config", "history", "data")
+# what the tools read of every history row and of the data record
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+DATA_KEYS = ("dataset", "data_dir", "train", "test", "source")
 
 
 def gist(error: Exception) -> str:
@@ -44,15 +48,19 @@ def save(path: Path, checkpoint: dict) -> None:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as either
         free = shutil.disk_usage(Path(path).parent).free / 2**20
-        kept = "the previous one is intact" if Path(path).exists() else "nothing was written"
-        raise CheckpointError(f"could not write {path} ({gist(error)}); {kept}. Its disk has "
-                              f"{free:,.0f} MiB free: free some space (or choose another "
-                              "--out) and continue with --resume.") from None
+        then = ("the previous one is intact. Free some space and continue with --resume"
+                if Path(path).exists() else "nothing was written. Free some space (or choose "
+                "another --out) and run the same command again")
+        raise CheckpointError(f"could not write {path} ({gist(error)}); {then}. Its disk has "
+                              f"{free:,.0f} MiB free.") from None
 
 
 def load(path: Path) -> dict:
     """A validated checkpoint dict (tensors on CPU); CheckpointError for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file, such as "
+                              f"{path / 'ckpt.pt'}.")
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the ckpt.pt of a training run.")
     try:
@@ -80,26 +88,33 @@ def load(path: Path) -> dict:
 
 def shape_checks(ckpt: dict) -> dict[str, bool]:
     """Whether each entry has the type the rest of the engine relies on."""
-    def numbers(x, n: int) -> bool:
-        return isinstance(x, list | tuple) and len(x) == n and all(
-            isinstance(v, int | float) for v in x)
+    def number(x: object) -> bool:  # bool is an int to Python, never a number here
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    def numbers(x: object, n: int) -> bool:
+        return isinstance(x, list | tuple) and len(x) == n and all(map(number, x))
+
+    def count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
     n = ckpt["num_classes"]
     return {
         "arch": isinstance(ckpt["arch"], str),
-        "width": isinstance(ckpt["width"], int) and ckpt["width"] > 0,
-        "num_classes": isinstance(n, int) and n > 0,
+        "width": count(ckpt["width"]),
+        "num_classes": count(n),
         "state_dict": isinstance(ckpt["state_dict"], dict) and all(
             isinstance(k, str) and isinstance(v, torch.Tensor)
             for k, v in ckpt["state_dict"].items()),
         "classes": isinstance(ckpt["classes"], list) and len(ckpt["classes"]) == n
                    and all(isinstance(c, str) for c in ckpt["classes"]),
         "mean": numbers(ckpt["mean"], 3),
-        "std": numbers(ckpt["std"], 3),
+        "std": numbers(ckpt["std"], 3) and all(v > 0 for v in ckpt["std"]),
         "config": isinstance(ckpt["config"], dict) and set(ckpt["config"]) <= CONFIG_KEYS,
         "history": isinstance(ckpt["history"], list) and all(
-            isinstance(r, dict) for r in ckpt["history"]),
-        "data": isinstance(ckpt["data"], dict),
+            isinstance(r, dict) and all(number(r.get(k)) for k in HISTORY_KEYS)
+            for r in ckpt["history"]),
+        "data": isinstance(ckpt["data"], dict) and all(
+            isinstance(ckpt["data"].get(k), str) for k in DATA_KEYS),
     }
 
 
@@ -143,6 +158,15 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
     if "resume" not in ckpt:
         raise CheckpointError(f"{path} has no optimizer state (best.pt?); resume from the "
                               "run's ckpt.pt")
+    if ckpt["classes"] != run.data.classes:  # else a traceback, or silently other labels
+        def names(classes: list[str]) -> str:
+            more = ", ..." if len(classes) > 10 else ""
+            return f"{len(classes)}: {', '.join(classes[:10])}{more}"
+
+        raise CheckpointError(
+            f"{path} was trained on other classes ({names(ckpt['classes'])}) than its data "
+            f"{run.data.source} now holds ({names(run.data.classes)}); resume with the data it "
+            "began with, or start a new run with another --out.")
     run.unwrapped.load_state_dict(ckpt["state_dict"])
     state = ckpt["resume"]
     run.optimizer.load_state_dict(state["optimizer"])

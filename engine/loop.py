@@ -182,6 +182,9 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     """The resolved config of a new run or of the run in `resume`, and its checkpoint."""
     if resume is None:
         return resolve(cfg, torch.cuda.is_available()), None
+    if Path(resume).is_file():
+        raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
+                              f"{Path(resume).parent}")
     path = Path(resume) / "ckpt.pt"
     ckpt = checkpoint.load(path)
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
@@ -190,6 +193,10 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
         cfg = resume_config(saved, given or {}, Path(resume))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: {error}") from None
+    done = len(ckpt["history"])
+    if cfg.epochs < done:
+        raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
+                            f"has done; pass --epochs above {done} to extend it.")
     return resolve(cfg, torch.cuda.is_available()), ckpt
 
 
@@ -217,7 +224,12 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
     """train() once the run folder is held: build, restore, fit, and Ctrl-C's message."""
     out = Path(cfg.out)
     history: list[dict] = []
+    run = None
     try:
+        if ckpt is not None and len(ckpt["history"]) == cfg.epochs:  # a requeued job, say
+            say(f"{out} is finished ({cfg.epochs}/{cfg.epochs} epochs): nothing to train. "
+                f"Extend it with --resume {out} --epochs N, N above {cfg.epochs}.")
+            return Trained(cfg, list(ckpt["history"]), accelerator.is_main_process)
         run = build(cfg, accelerator)
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
@@ -232,7 +244,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
     except KeyboardInterrupt:
         if (out / "ckpt.pt").exists():
             # read, not len(history): a Ctrl-C during a save keeps the previous checkpoint
-            saved = checkpoint.load(out / "ckpt.pt")["epoch"]
+            saved = len(checkpoint.load(out / "ckpt.pt")["history"])
             raise Interrupted(f"{out}/ckpt.pt holds epoch {saved}; continue with "
                               f"--resume {out}") from None
         raise Interrupted("no epoch had finished, so nothing was saved; run the same "
@@ -240,6 +252,12 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
     except Exception as error:
         if not out_of_memory(error):
             raise
+        if run is None:  # the model, or the split on the device, did not fit: not the batch
+            resident = cfg.loader == "resident"
+            held = " and the split --loader resident holds on the device" if resident else ""
+            raise TrainingError(f"out of memory building the run (the model at --width "
+                                f"{cfg.width}{held}); try a smaller --width"
+                                f"{' or --loader ffcv' if resident else ''}.") from None
         raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}; try "
                             f"--batch-size {max(1, cfg.batch_size // 2)}.") from None
     finally:

@@ -3,12 +3,15 @@ console script; and errors end in one line, never a traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -72,3 +75,17 @@ def test_run_main_maps_errors_to_one_line_and_an_exit_code(capsys):
     assert run_main(unwritable) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot use /proc/definitely/not/here") and "\n" not in err[:-1]
+
+
+def test_run_main_names_a_full_disk_and_a_lack_of_memory(capsys):
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/a/ckpt.pt")
+
+    def huge():
+        return np.zeros(1 << 62, dtype=np.uint8)  # numpy's MemoryError, not an OSError
+
+    assert run_main(full) == 1
+    assert capsys.readouterr().err == ("error: the disk is full writing runs/a/ckpt.pt; free "
+                                       "some space or write to another disk.\n")
+    assert run_main(huge) == 1
+    assert capsys.readouterr().err.startswith("error: out of memory; ")

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_script, tmpfs
+from test_folders import write_tree
 
-from common.errors import OutputError
+from common.errors import CheckpointError, OutputError
 from common.files import locked_dir, write_text
 from engine import checkpoint
 from engine.loop import nonfinite_state, out_of_memory
@@ -147,6 +148,39 @@ def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
     assert checkpoint.load(run / "ckpt.pt")["config"]["epochs"] == 2
     assert not list(run.glob(".*.tmp"))  # the killed save's temporary was swept
 
+    before = (run / "ckpt.pt").read_bytes()
+    again = train("--resume", run, timeout=300)  # a requeued job: nothing left, not an error
+    assert again.returncode == 0 and f"{run} is finished (2/2 epochs): nothing to train" in \
+        again.stdout, again.stderr[-3000:]
+    fewer = train("--resume", run, "--epochs", "1", timeout=300)
+    assert fewer.returncode == 1
+    assert one_line_error(fewer) == (f"error: --epochs 1 is fewer than the 2 epochs {run} has "
+                                     "done; pass --epochs above 2 to extend it.")
+    file = train("--resume", run / "ckpt.pt", timeout=300)
+    assert file.returncode == 1
+    assert one_line_error(file) == (f"error: --resume takes the run folder, not a file; use "
+                                    f"--resume {run}")
+    assert (run / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_resume_after_the_classes_changed_names_both(tmp_path):
+    """An image folder that gained a class: the checkpoint's head has one output too few."""
+    pictures, run = tmp_path / "pictures", tmp_path / "run"
+    write_tree(pictures, per_class=(16, 4))
+    first = run_script("engine/train.py", "--dataset", "folder", "--data-dir", pictures,
+                       "--width", "8", "--batch-size", "16", "--epochs", "1", "--loader",
+                       "resident", "--out", run, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for split in ("train", "test"):
+        shutil.copytree(pictures / split / "dog", pictures / split / "emu")
+    result = run_script("engine/train.py", "--resume", run, "--epochs", "2", timeout=300)
+    assert result.returncode == 1
+    message = one_line_error(result)
+    assert f"{run / 'ckpt.pt'} was trained on other classes (3: cat, dog, frog) than its " \
+           "data" in message and "now holds (4: cat, dog, emu, frog)" in message, message
+    assert len(history(run)) == 1
+
 
 @pytest.mark.slow
 def test_resume_refuses_options_it_cannot_apply_by_name(finished, tmp_path):
@@ -212,6 +246,17 @@ def test_running_out_of_memory_on_the_cpu_names_the_batch_size_to_try(data_dir, 
     assert result.returncode == 1
     assert one_line_error(result) == ("error: out of memory at --batch-size 1024; try "
                                       "--batch-size 512.")
+    assert not out.exists()
+
+
+def test_a_model_too_wide_for_memory_names_the_width_not_the_batch(data_dir, tmp_path):
+    """Width 100,000 asks for terabytes of weights: halving the batch would not help."""
+    out = tmp_path / "out"
+    result = train("--data-dir", data_dir, "--width", "100000", "--out", out, timeout=300)
+    assert result.returncode == 1
+    assert one_line_error(result) == (
+        "error: out of memory building the run (the model at --width 100000 and the split "
+        "--loader resident holds on the device); try a smaller --width or --loader ffcv.")
     assert not out.exists()
 
 
@@ -282,7 +327,10 @@ def test_ctrl_c_during_lr_auto_does_not_advise_resuming(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, tmp_path):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, tmp_path, stop,
+                                                                     code):
+    """Ctrl-C, and SIGTERM as timeout, Slurm and docker stop send it, stop as cleanly."""
     out = tmp_path / "report"
     proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "report.py"),
                              str(finished / "ckpt.pt"), "--out", str(out), "-n", "40",
@@ -294,9 +342,9 @@ def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, t
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr[-3000:]
+    assert proc.returncode == code and stderr.strip() == "interrupted", stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -330,6 +378,28 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
         assert result.returncode == 1
         message = one_line_error(result)
         assert str(run / "ckpt.pt") in message and "malformed classes, mean" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field, damage", [
+    ("width", lambda c: c.update(width=True)),  # an int to Python, never a width
+    ("std", lambda c: c.update(std=[0.0, 0.2, 0.2])),  # normalizing would divide by 0
+    ("mean", lambda c: c.update(mean=[float("nan"), 0.5, 0.5])),
+    ("history", lambda c: c["history"][0].pop("test_acc")),  # the report's headline reads it
+    ("data", lambda c: c["data"].update(test=5)),  # the report finds the test split there
+])
+def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
+    ckpt = checkpoint.load(finished / "ckpt.pt")
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match=f"malformed {field};"):
+        checkpoint.load(tmp_path / "ckpt.pt")
+
+
+def test_a_folder_given_as_a_checkpoint_names_the_file_to_pass(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; pass a checkpoint "
+                                              f"file, such as {tmp_path / 'ckpt.pt'}"):
+        checkpoint.load(tmp_path)
 
 
 @pytest.mark.slow

@@ -86,6 +86,15 @@ def make_dir(path: Path) -> bool:
     return created
 
 
+def _is_current(fd: int, lock: Path) -> bool:
+    """Whether descriptor fd is of the file now at path `lock` (a holder that was done may
+    have removed it after it was opened)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(lock).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _lock_file(lock: Path, folder: Path) -> int:
     """An open descriptor of `lock`, flocked by this process; OutputError if another holds it.
 
@@ -101,11 +110,8 @@ def _lock_file(lock: Path, folder: Path) -> int:
             os.close(fd)
             raise OutputError(f"--out {folder} is in use by another run (process {holder}); "
                               "wait for it to finish or choose another folder.") from None
-        try:
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
+        if _is_current(fd, lock):
+            return fd
         os.close(fd)
 
 
@@ -138,3 +144,40 @@ def sweep_temporaries(folder: Path) -> None:
     for stale in Path(folder).glob(".*.*.tmp"):
         if stale.is_file():
             stale.unlink(missing_ok=True)
+
+
+def _wait_for_lock(lock: Path, on_wait: Callable[[], object]) -> int:
+    """An open descriptor of `lock`, flocked by this process once any other holder is done;
+    on_wait() is called once if it has to wait."""
+    waited = False
+    while True:
+        # read-only: a lock file another user made (mode 0644) can be locked all the same
+        fd = os.open(lock, os.O_CREAT | os.O_RDONLY, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    on_wait()
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _is_current(fd, lock):
+                return fd
+        except BaseException:  # Ctrl-C while waiting: nothing held, nothing to remove
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+@contextmanager
+def waiting_lock(lock: Path, on_wait: Callable[[], object]) -> Iterator[None]:
+    """Hold an exclusive flock on file `lock` while the block runs, waiting while another
+    process holds it: for work a second process can reuse once the first is done, where
+    locked_dir refuses. The flock dies with its process, so a killed holder never blocks
+    anyone; the file is removed on the way out."""
+    fd = _wait_for_lock(Path(lock), on_wait)
+    try:
+        yield
+    finally:
+        Path(lock).unlink(missing_ok=True)
+        os.close(fd)

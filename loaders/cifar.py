@@ -3,9 +3,12 @@ synthetic CIFAR-shaped dataset written in the same python format so it takes the
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import pickle
+import resource
 import shutil
 import tarfile
 import tempfile
@@ -139,6 +142,15 @@ def safe_extract(archive: Path, target: Path) -> None:
         ) from error
 
 
+def _wrong_archive(archive: Path, found: str | None, md5: str) -> str:
+    """The sentence on an archive already in place whose md5 is not the expected one: without
+    it, a failed download's advice to place the archive there hides that one is there."""
+    if found is None:
+        return ""
+    return (f" The {archive} already there has md5 {found}, not {md5}: it is damaged or "
+            "another file; delete it, or replace it with the original archive.")
+
+
 def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = None) -> Path:
     """Make sure data_dir holds the python-format folder of dataset `name`; return that folder.
 
@@ -152,13 +164,15 @@ def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = N
         return folder
     url, md5 = url or layout.url, md5 or layout.md5
     archive = data_dir / Path(url).name
+    found = md5sum(archive) if archive.is_file() else None
     try:
-        if not (archive.is_file() and md5sum(archive) == md5):
+        if found != md5:
             download(url, md5, archive)
     except DataError as error:
         raise DataError(
-            f"{error} To work offline, place {Path(layout.url).name} (md5 {layout.md5}) or its "
-            f"extracted folder {layout.folder}/ in {data_dir}, or use --dataset synthetic."
+            f"{error}{_wrong_archive(archive, found, md5)} To work offline, place "
+            f"{Path(layout.url).name} (md5 {layout.md5}) or its extracted folder "
+            f"{layout.folder}/ in {data_dir}, or use --dataset synthetic."
         ) from error
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
     try:
@@ -220,23 +234,36 @@ def _entry(content: dict, key: bytes):
     return content.get(key, content.get(key.decode()))
 
 
+def _one_label_each(path: Path, count: int, value, fix: str) -> np.ndarray:
+    """A batch's labels as an integer array of `count`; DataError naming path otherwise."""
+    try:
+        labels = np.asarray(value)
+    except ValueError:  # lists of different lengths ([[1, 2], [3], ...]) make no array
+        labels = None
+    if labels is not None and labels.size == 0:  # np.asarray([]) is float64; still valid
+        labels = labels.astype(np.int64)
+    if labels is None or labels.shape != (count,) or not np.issubdtype(labels.dtype,
+                                                                         np.integer):
+        got = ("ragged labels (lists of different lengths)" if labels is None
+               else f"labels of shape {labels.shape} and type {labels.dtype}")
+        raise DataError(f"{path}: {count} images but {got}; expected one integer label per "
+                        f"image. {fix}")
+    return labels
+
+
 def _read_batch(path: Path, labels_key: bytes, num_classes: int, fix: str) -> Split:
     batch = _unpickle(path, fix)
     for key in (b"data", labels_key):
         if _entry(batch, key) is None:
             raise DataError(f"{path} has no '{key.decode()}' entry. {fix}")
-    data, labels = _entry(batch, b"data"), np.asarray(_entry(batch, labels_key))
-    if labels.size == 0:  # np.asarray([]) is float64; an empty batch is still a valid batch
-        labels = labels.astype(np.int64)
+    data = _entry(batch, b"data")
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
         raise DataError(f"{path}: 'data' must be a uint8 array, got {type(data).__name__} "
                         f"of {getattr(data, 'dtype', '?')}. {fix}")
     if data.ndim != 2 or data.shape[1] != ROW_SIZE:
         raise DataError(f"{path}: 'data' has shape {data.shape}; each row must hold "
                         f"{ROW_SIZE} values (32x32x3). {fix}")
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: {len(data)} images but labels of shape {labels.shape} and "
-                        f"type {labels.dtype}; expected one integer label per image. {fix}")
+    labels = _one_label_each(path, len(data), _entry(batch, labels_key), fix)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{path}: labels span {labels.min()}..{labels.max()}, outside "
                         f"0..{num_classes - 1} for {num_classes} classes. {fix}")
@@ -245,22 +272,43 @@ def _read_batch(path: Path, labels_key: bytes, num_classes: int, fix: str) -> Sp
     return Split(np.ascontiguousarray(images), labels.astype(np.int64))
 
 
+def _text(name: bytes | str) -> str:
+    """A class name as text: bytes as UTF-8, else as Latin-1 (Python 2 era files), which
+    decodes any bytes, so a name in an older encoding still reads instead of failing."""
+    if isinstance(name, str):
+        return name
+    try:
+        return name.decode()
+    except UnicodeDecodeError:
+        return name.decode("latin-1")
+
+
+def _class_names(meta: Path, key: bytes, fix: str) -> list[str]:
+    """The class names a meta file lists under key; DataError naming it unless there are at
+    least 2 distinct names (a classifier of one class has nothing to tell apart)."""
+    names = _entry(_unpickle(meta, fix), key)
+    if isinstance(names, np.ndarray):  # an array of names, as numpy-minded writers save them
+        names = names.tolist()
+    if not isinstance(names, list | tuple) or not all(isinstance(n, bytes | str) for n in names):
+        found = "nothing" if names is None else f"a {type(names).__name__}"
+        raise DataError(f"{meta} has no '{key.decode()}' list of class names (found "
+                        f"{found}). {fix}")
+    classes = [_text(n) for n in names]
+    if len(classes) < 2:
+        raise DataError(f"{meta} names {len(classes)} class(es) ({', '.join(classes)}); a "
+                        f"classifier needs at least 2 classes. {fix}")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise DataError(f"{meta} names the class(es) {', '.join(repeated)} more than once; "
+                        f"each of the {len(classes)} labels needs its own name. {fix}")
+    return classes
+
+
 def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
     """Read and validate a python-format folder; any defect raises DataError naming the file."""
     fix = (f"Delete {folder} to download it again, or replace the file from the original "
            "archive.")
-    meta = _unpickle(folder / layout.meta_file, fix)
-    names = _entry(meta, layout.names_key)
-    if not isinstance(names, list | tuple) or not names \
-            or not all(isinstance(n, bytes | str) for n in names):
-        raise DataError(f"{folder / layout.meta_file} has no '{layout.names_key.decode()}' "
-                        f"list of class names. {fix}")
-    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
-    repeated = sorted({c for c in classes if classes.count(c) > 1})
-    if repeated:
-        raise DataError(f"{folder / layout.meta_file} names the class(es) {', '.join(repeated)} "
-                        f"more than once; each of the {len(classes)} labels needs its own "
-                        f"name. {fix}")
+    classes = _class_names(folder / layout.meta_file, layout.names_key, fix)
 
     def read(files: tuple[str, ...]) -> Split:
         parts = [_read_batch(folder / f, layout.labels_key, len(classes), fix) for f in files]
@@ -309,6 +357,7 @@ def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 1
 # check that Grad-CAM looks at the object.
 
 SHAPE_SIZE = 10
+SYNTHETIC_CHUNK = 2048  # images whose float32 noise is made at once: 25 MB
 SYNTHETIC_CLASSES = ["disc", "ring", "square", "frame", "plus", "cross", "hbars", "vbars",
                      "triangle", "diamond"]
 
@@ -339,24 +388,86 @@ def _hues(n: int) -> np.ndarray:
     return np.stack([channel(0), channel(4), channel(2)], axis=1) * 255
 
 
+def _backgrounds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n uint8 backgrounds: a random base colour, blocky low-frequency variation, pixel noise.
+
+    The float32 noise is made SYNTHETIC_CHUNK images at a time, so memory is the uint8
+    output plus one chunk; drawn in the order one draw of it all takes, it is the same data.
+    """
+    base = rng.uniform(40, 200, size=(n, 1, 1, 3)).astype(np.float32)
+    blocks = 30 * rng.standard_normal((n, 4, 4, 3), dtype=np.float32)
+    images = np.empty((n, 32, 32, 3), np.uint8)
+    for start in range(0, n, SYNTHETIC_CHUNK):
+        part = slice(start, min(n, start + SYNTHETIC_CHUNK))
+        chunk = 12 * rng.standard_normal((part.stop - start, 32, 32, 3), dtype=np.float32)
+        chunk += base[part] + blocks[part].repeat(8, axis=1).repeat(8, axis=2)
+        images[part] = np.clip(chunk, 0, 255).astype(np.uint8)
+    return images
+
+
 def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n deterministic CIFAR-shaped images, their labels, and each object's box (y0, x0, y1, x1)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(SYNTHETIC_CLASSES)
     rng.shuffle(labels)
-    # background: a random base colour, blocky low-frequency variation, pixel noise
-    base = rng.uniform(40, 200, size=(n, 1, 1, 3)).astype(np.float32)
-    blocks = 30 * rng.standard_normal((n, 4, 4, 3), dtype=np.float32)
-    images = 12 * rng.standard_normal((n, 32, 32, 3), dtype=np.float32)
-    images += base + blocks.repeat(8, axis=1).repeat(8, axis=2)
+    images = _backgrounds(rng, n)
     masks, hues = _shape_masks(), _hues(len(SYNTHETIC_CLASSES))
     corners = rng.integers(0, 32 - SHAPE_SIZE + 1, size=(n, 2))
     brightness = rng.uniform(0.75, 1.0, size=n)
+    # a shape's pixels replace the background's, so they take its colour alone, rounded as
+    # when it was painted into the float32 image (the data must stay what it always was)
+    colours = np.clip((hues[labels] * brightness[:, None]).astype(np.float32), 0, 255)
+    colours = colours.astype(np.uint8)
     for i, (label, (y, x)) in enumerate(zip(labels, corners, strict=True)):
-        patch = images[i, y:y + SHAPE_SIZE, x:x + SHAPE_SIZE]
-        patch[masks[label]] = hues[label] * brightness[i]
+        images[i, y:y + SHAPE_SIZE, x:x + SHAPE_SIZE][masks[label]] = colours[i]
     boxes = np.concatenate([corners, corners + SHAPE_SIZE], axis=1)
-    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64), boxes
+    return images, labels.astype(np.int64), boxes
+
+
+def _kb_values(path: Path) -> dict[str, int]:
+    """The `Name:  N kB` lines of a /proc file, in bytes; {} where it cannot be read."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: int(value.split()[0]) * 1024 for key, _, value in
+            (line.partition(":") for line in lines) if value.strip().endswith("kB")}
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the least headroom under each limit there is,
+    the system's available memory, the address space (ulimit -v), a cgroup v2 memory limit."""
+    headrooms = [_kb_values(Path("/proc/meminfo")).get(
+        "MemAvailable", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))]
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        headrooms.append(soft - _kb_values(Path("/proc/self/status")).get("VmSize", 0))
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 here, or no limit ("max")
+        headrooms.append(_cgroup_headroom(Path("/sys/fs/cgroup")))
+    return max(0, min(headrooms))
+
+
+def _cgroup_headroom(cgroup: Path) -> int:
+    """Bytes left under a cgroup v2 memory limit (a container's, which MemAvailable does not
+    show); its inactive file cache counts as free, since the kernel reclaims it first."""
+    fields = (cgroup / "memory.stat").read_text().split()  # "name value" lines
+    stat = dict(zip(fields[::2], fields[1::2], strict=True))
+    used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+    return int((cgroup / "memory.max").read_text()) - used
+
+
+def check_synthetic_memory(n_train: int, n_test: int) -> None:
+    """DataError naming --synthetic-size when the images would not fit in memory, raised
+    before any is made (an allocation that fails is a traceback, one that the kernel grants
+    and cannot back is a process killed by the OOM killer)."""
+    # the written batches are read back and joined: two copies of the images at the peak
+    needed = 2 * (n_train + n_test) * ROW_SIZE
+    available = available_memory()
+    if needed > available:
+        raise DataError(f"--synthetic-size {n_train} {n_test} needs about {needed / 1e9:.1f} GB "
+                        "of memory (twice its images: they are read back once written) but "
+                        f"{available / 1e9:.1f} GB is available; choose a smaller "
+                        "--synthetic-size or free some memory.")
 
 
 # the layout of the python-format folders this project writes (synthetic data, image folders)
@@ -382,12 +493,15 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         train, test = make()
-        for name, part in zip(OWN_LAYOUT.train_files,
-                              np.array_split(np.arange(len(train["labels"])), 5), strict=True):
-            _write_batch(staging / name, **{k: v[part] for k, v in train.items()})
-        _write_batch(staging / "test_batch", **test)
-        with open(staging / "batches.meta", "wb") as f:
-            pickle.dump({b"label_names": [c.encode() for c in classes]}, f)
+        try:
+            _write_splits(staging, classes, train, test)
+        except OSError as error:  # a full disk names no file: say which folder, what it needs
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            needed = sum(a.nbytes for split in (train, test) for a in split.values())
+            raise DataError(f"Writing {folder} failed ({error.strerror}); it needs about "
+                            f"{needed / 1e6:.1f} MB in {folder.parent}. Nothing was kept; free "
+                            "some space there or use a --data-dir on another disk.") from error
         usual_permissions(staging)
         os.replace(staging, folder)
     finally:
@@ -395,11 +509,25 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
     return folder
 
 
+def _write_splits(staging: Path, classes: list[str], train: dict[str, np.ndarray],
+                  test: dict[str, np.ndarray]) -> None:
+    """The batch and meta files of a python folder, in staging."""
+    for name, part in zip(OWN_LAYOUT.train_files,
+                          np.array_split(np.arange(len(train["labels"])), 5), strict=True):
+        _write_batch(staging / name, **{k: v[part] for k, v in train.items()})
+    _write_batch(staging / "test_batch", **test)
+    with open(staging / "batches.meta", "wb") as f:
+        # as file-system bytes: a folder's name that is no UTF-8 (surrogate-escaped) is kept
+        # byte for byte, and read back as Latin-1 text (see _text)
+        pickle.dump({b"label_names": [os.fsencode(c) for c in classes]}, f)
+
+
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
     if n_train < len(SYNTHETIC_CLASSES) or n_test < 1:
         raise DataError(f"Synthetic data needs at least {len(SYNTHETIC_CLASSES)} training and "
                         f"1 test image, got {n_train} and {n_test}.")
+    check_synthetic_memory(n_train, n_test)  # loading a written folder needs it all the same
     folder = data_dir / source_name("synthetic", data_dir, (n_train, n_test), seed)
     if folder.is_dir():
         return folder

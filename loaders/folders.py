@@ -6,6 +6,7 @@ bench take them unchanged."""
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,9 +33,10 @@ def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
                             f"and {root}/test/<class>/ image files (the ImageFolder layout).")
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
                          and not p.name.startswith("."))
-        if not classes:
-            raise DataError(f"{folder} has no class folders; put each class's images in "
-                            f"{folder}/<class name>/.")
+        if len(classes) < 2:  # a classifier of one class has nothing to tell apart
+            found = f"only the class folder {classes[0]}" if classes else "no class folders"
+            raise DataError(f"{folder} has {found}; a classifier needs at least 2 classes: put "
+                            f"each class's images in {folder}/<class name>/.")
         out[split] = {c: sorted(f for f in (folder / c).iterdir()
                                 if f.is_file() and not f.name.startswith("."))
                       for c in classes}
@@ -57,7 +59,9 @@ def fingerprint(files: dict[str, dict[str, list[Path]]]) -> str:
         for name, paths in classes.items():
             for path in paths:
                 stat = path.stat()
-                h.update(f"{split}/{name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+                # fsencode: names that are no UTF-8 come back as their bytes, not an error
+                h.update(os.fsencode(f"{split}/{name}/{path.name}:{stat.st_size}:"
+                                     f"{stat.st_mtime_ns};"))
     return h.hexdigest()
 
 

@@ -5,15 +5,20 @@ calls `prepare` too, so both take the same path."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import run_main
 from common.errors import DataError
+from common.files import waiting_lock
 from common.hardware import default_workers
 from loaders import beton, cifar
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,15 +63,35 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000
             seed: int = 0, workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
 
-    A read-only data_dir is fine once it holds them (a shared, prepared data folder).
+    A read-only data_dir is fine once it holds them (a shared, prepared data folder). Two
+    processes that must write to one data_dir take turns (see preparing).
     """
     check_data_dir(data_dir, writing=False)
     tag = name if name in cifar.LAYOUTS else cifar.source_name(name, Path(data_dir),
                                                                 synthetic_size, seed)
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
-    if not all(beton.sidecar(p).is_file() for p in paths.values()):
+    writing = not all(beton.sidecar(p).is_file() for p in paths.values())
+    if writing:
         check_data_dir(data_dir)  # something must be written there
-    data = cifar.load(name, Path(data_dir), synthetic_size, seed)
+    with preparing(Path(data_dir)) if writing else nullcontext():
+        return _convert(name, Path(data_dir), synthetic_size, seed, workers, paths)
+
+
+def preparing(data_dir: Path) -> AbstractContextManager[None]:
+    """The lock on data_dir/.prepare.lock (data_dir made if missing) held while data is
+    written there: a second process preparing the same folder waits for the first, then
+    reuses what it wrote, instead of writing the same files and sweeping the first's
+    temporaries as stale."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = data_dir / ".prepare.lock"
+    return waiting_lock(lock, lambda: log.warning(
+        f"notice: waiting for another process preparing {data_dir} to finish ({lock})"))
+
+
+def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
+             workers: int | None, paths: dict[str, Path]) -> Prepared:
+    """prepare's work: load dataset `name`, write (or reuse) its .beton files at paths."""
+    data = cifar.load(name, data_dir, synthetic_size, seed)
     workers = workers or default_workers()
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)
     # the test split is normalized with the training statistics, as the model will see it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,20 @@ def test_fetch_unreachable_names_url_manual_file_and_synthetic(tmp_path, http_se
     assert ARCHIVE in message and LAYOUT.md5 in message and str(data_dir) in message
     assert "--dataset synthetic" in message
     assert list(data_dir.iterdir()) == []
+
+
+def test_fetch_names_a_placed_archive_whose_md5_is_wrong(tmp_path, closed_port):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = data_dir / ARCHIVE
+    archive.write_bytes(os.urandom(100_000))  # a cut or foreign file the user put there
+    found = md5(archive)
+    with pytest.raises(DataError) as error:
+        cifar.fetch("cifar10", data_dir, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    message = str(error.value)
+    assert f"{archive} already there has md5 {found}, not {LAYOUT.md5}" in message
+    assert "delete it, or replace it" in message and "--dataset synthetic" in message
+    assert md5(archive) == found  # the user's file is theirs to delete
 
 
 def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
@@ -225,11 +240,46 @@ def test_a_prepared_read_only_data_dir_is_used_as_is(tmp_path):
                 path.chmod(0o755)
 
 
+@pytest.mark.slow
+def test_two_processes_preparing_one_folder_share_its_files(tmp_path):
+    """The second waits for the first (a lock on the folder), then reuses what it wrote."""
+    data_dir = tmp_path / "data"
+    command = [sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset", "synthetic",
+               "--synthetic-size", "10000", "1000", "--data-dir", str(data_dir)]
+    both = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    results = [(p.communicate(timeout=300), p.returncode) for p in both]
+    for (out, err), code in results:
+        assert code == 0 and "Traceback" not in err, err
+        assert out == results[0][0][0]
+    waited = [err for (_, err), _ in results if "waiting for another process" in err]
+    assert len(waited) == 1 and waited[0].strip() == (
+        f"notice: waiting for another process preparing {data_dir} to finish "
+        f"({data_dir / '.prepare.lock'})")
+    name = "synthetic-10000-1000-seed0"
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(
+        [name, *(f"{name}-{split}.beton{json}" for split in ("train", "test")
+                 for json in ("", ".json"))])
+
+
 def test_prepare_checks_the_data_dir_first(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     with pytest.raises(DataError, match=f"{a_file} is a file"):
         prepare("synthetic", a_file, synthetic_size=(20, 5))
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_the_python_folder_is_named(tmp_path):
+    with tmpfs(tmp_path / "disk", "size=300k") as disk:
+        result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size",
+                            200, 50, "--data-dir", disk, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"error: Writing {disk / 'synthetic-200-50-seed0'} "
+                                        "failed (No space left on device); it needs about 0.8 MB")
+        assert "free some space there or use a --data-dir on another disk" in result.stderr
+        assert result.stderr.count("\n") == 1
+        assert list(disk.iterdir()) == []  # no staging folder, no lock file
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask 022", "umask 002"])
@@ -307,6 +357,23 @@ def test_labels_as_numpy_integers_an_array_or_ints(cifar10_dir, labels):
     assert_splits_equal(read(cifar10_dir.folder).test, test)
 
 
+@pytest.mark.parametrize("protocol", ["py2", 4])
+def test_class_names_in_latin1_bytes_are_read_as_latin1(cifar10_dir, protocol):
+    """Python 2 era files may hold names in Latin-1: read as such, not refused or garbled."""
+    names = [b"caf\xe9", "na\u00efve".encode(), *(c.encode() for c in CIFAR10_CLASSES[2:])]
+    dump_pickle(cifar10_dir.folder / "batches.meta", {b"label_names": names}, protocol)
+    assert read(cifar10_dir.folder).classes == ["caf\u00e9", "na\u00efve",
+                                                *CIFAR10_CLASSES[2:]]
+
+
+@pytest.mark.parametrize("kind", ["str", "bytes"])
+@pytest.mark.parametrize("protocol", ["py2", 4])
+def test_class_names_in_a_numpy_array_are_read(cifar10_dir, kind, protocol):
+    names = np.array(CIFAR10_CLASSES if kind == "str" else [c.encode() for c in CIFAR10_CLASSES])
+    dump_pickle(cifar10_dir.folder / "batches.meta", {"label_names": names}, protocol)
+    assert read(cifar10_dir.folder).classes == CIFAR10_CLASSES
+
+
 def _good_batch(n: int = 4) -> dict:
     split = random_split(n, np.random.default_rng(1))
     return {b"data": split.images.transpose(0, 3, 1, 2).reshape(n, -1).copy(),
@@ -348,9 +415,15 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
                    "uint8"),
     "3071 values a row": ("data_batch_1", _with(data=np.zeros((4, 3071), np.uint8)), "3072"),
     "fewer labels than rows": ("test_batch", _with(labels=[0, 1, 2]), "one integer label"),
+    "ragged labels": ("data_batch_1", _with(labels=[[1, 2], [3], 0, 0]),
+                      "ragged labels (lists of different lengths); expected one integer label"),
     "label 10": ("data_batch_2", _with(labels=[0, 1, 10, 2]), "outside 0..9"),
     "label -1": ("data_batch_2", _with(labels=[0, -1, 1, 2]), "outside 0..9"),
     "meta without label_names": ("batches.meta", {b"num_vis": 3072}, "label_names"),
+    "label_names a dict": ("batches.meta", {"label_names": {"cat": 0}},
+                           "no 'label_names' list of class names (found a dict)"),
+    "one class": ("batches.meta", {"label_names": ["only"]},
+                  "names 1 class(es) (only); a classifier needs at least 2 classes"),
     "duplicate class names": ("batches.meta", {"label_names": [*CIFAR10_CLASSES[:9], "cat"]},
                               "names the class(es) cat more than once"),
     "empty test split": ("test_batch", {"data": np.zeros((0, 3072), np.uint8), "labels": []},
@@ -397,6 +470,81 @@ def test_synthetic_same_seed_same_data_other_seed_differs():
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first[0], other[0])
     assert not np.array_equal(first[2], other[2])
+
+
+def _fingerprint(arrays) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(a.tobytes() + str(a.dtype).encode() + str(a.shape).encode())
+    return h.hexdigest()
+
+
+# hashes of synthetic_split's output as first released: prepared caches hold this data
+SYNTHETIC_HASHES = {(1, 0): "b5f4ce960a6556e7", (37, 0): "21ba6adc072e316f",
+                    (40, 3): "fa34ff8086c74222", (605, 0): "3c43332aa048b4a1",
+                    (201, 1): "a18d5cf5235ec121", (5000, 7): "d49ff100880f75b7"}
+
+
+@pytest.mark.parametrize("chunk", [None, 7], ids=["default chunks", "chunks of 7"])
+def test_synthetic_data_is_what_it_always_was_whatever_the_chunk(monkeypatch, chunk):
+    """Generated in chunks, the data must be the same: same seed, same images, any chunk."""
+    if chunk is not None:
+        monkeypatch.setattr(cifar, "SYNTHETIC_CHUNK", chunk)
+    for (n, seed), want in SYNTHETIC_HASHES.items():
+        if chunk is None or n < 1000:  # 5000 images in chunks of 7 would only be slower
+            assert _fingerprint(cifar.synthetic_split(n, seed)) == want, (n, seed)
+
+
+# Generates n images under an address-space limit of what the process uses plus the images'
+# bytes plus 256 MB: all float32 at once would take four times the images' bytes.
+GENERATE_UNDER_LIMIT = """
+import resource, sys
+from loaders import cifar
+n = int(sys.argv[1])
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+limit = int(status["VmSize"].split()[0]) * 1024 + n * 3072 + (256 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+images, labels, boxes = cifar.synthetic_split(n, 0)
+print(images.shape)
+"""
+
+
+@pytest.mark.slow
+def test_synthetic_generation_needs_the_images_and_one_chunk():
+    result = subprocess.run([sys.executable, "-c", GENERATE_UNDER_LIMIT, "40000"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "(40000, 32, 32, 3)\n"
+
+
+def _limit_memory() -> None:
+    """preexec_fn: 6 GB of address space (ulimit -v 6000000), less than 1M images need."""
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+
+@pytest.mark.slow
+def test_a_synthetic_size_beyond_memory_is_refused_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset", "synthetic",
+         "--synthetic-size", "1000000", "10", "--data-dir", str(tmp_path / "data")], cwd=ROOT,
+        capture_output=True, text=True, timeout=120, preexec_fn=_limit_memory)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --synthetic-size 1000000 10 needs about 6.1 GB of "
+                                    "memory")
+    assert "GB is available; choose a smaller --synthetic-size" in result.stderr
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_a_cgroup_limit_counts_its_reclaimable_cache_as_free(tmp_path):
+    for name, value in {"memory.max": "1000000", "memory.current": "600000",
+                        "memory.stat": "anon 400000\ninactive_file 200000\n"}.items():
+        (tmp_path / name).write_text(value + "\n")
+    assert cifar._cgroup_headroom(tmp_path) == 1_000_000 - (600_000 - 200_000)
+
+
+def test_available_memory_is_at_most_what_the_system_has():
+    system = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < cifar.available_memory() <= system
 
 
 @pytest.mark.parametrize("n", [100, 37])

@@ -4,11 +4,12 @@ converted once into the CIFAR python format and .beton files, then used like CIF
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import run_script, tmpfs
 from PIL import Image
 
 from common.errors import DataError
@@ -78,6 +79,7 @@ def test_unreadable_files_are_all_named(tmp_path):
     ("no test split", "test is missing"),
     ("other classes", "hold different classes"),
     ("no classes", "has no class folders"),
+    ("one class", "has only the class folder cat; a classifier needs at least 2 classes"),
 ])
 def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
     write_tree(tmp_path)
@@ -88,6 +90,10 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
         os.rename(tmp_path / "test", tmp_path / "validation")
     elif damage == "other classes":
         os.rename(tmp_path / "test" / "dog", tmp_path / "test" / "wolf")
+    elif damage == "one class":
+        for split in folders.SPLITS:
+            for name in CLASSES[1:]:
+                shutil.rmtree(tmp_path / split / name)
     else:
         for split in folders.SPLITS:
             for d in (tmp_path / split).iterdir():
@@ -97,6 +103,36 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
     with pytest.raises(DataError, match=words) as error:
         cifar.load("folder", tmp_path)
     assert str(tmp_path) in str(error.value)
+
+
+def test_names_that_are_no_utf8_are_converted_and_read_as_latin1(tmp_path):
+    """Folders and files named in an older encoding (bytes that are no UTF-8) are used; the
+    class reads as Latin-1 text."""
+    made = write_tree(tmp_path)
+    for split in folders.SPLITS:
+        os.rename(tmp_path / split / "cat", tmp_path / split / os.fsdecode(b"caf\xe9"))
+    # the last file of its class: sorted by name, it stays last
+    os.rename(tmp_path / "train" / "dog" / "005.png",
+              tmp_path / "train" / "dog" / os.fsdecode(b"\xff.png"))
+    prepared = prepare("folder", tmp_path, workers=1)
+    assert prepared.classes == ["caf\u00e9", "dog", "frog"]
+    read = beton.read(prepared.train)
+    np.testing.assert_array_equal(read.images, made["train"][0])
+    np.testing.assert_array_equal(read.labels, made["train"][1])
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_converting_names_the_folder(tmp_path):
+    """The images fill most of a small disk: their python-format copy does not fit."""
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
+        write_tree(disk, per_class=(10, 4))
+        result = run_script("loaders/prepare.py", "--dataset", "folder", "--data-dir", disk,
+                            timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"error: Writing {disk}/folder-")
+        assert f"failed (No space left on device); it needs about 0.1 MB in {disk}. Nothing " \
+               "was kept" in result.stderr
+        assert sorted(p.name for p in disk.iterdir()) == sorted(folders.SPLITS)  # nothing left
 
 
 @pytest.mark.slow

@@ -218,6 +218,28 @@ def test_json_naming_a_folder_is_a_usage_error(tmp_path, capsys):
     assert exit_info.value.code == 2 and "is a folder; name a file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--json", "--trace"])
+def test_an_unwritable_output_is_a_usage_error(option, tmp_path, capsys):
+    """Found before any section runs, not when the first one is written; a path under a
+    regular file cannot be written, even by root."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    path = tmp_path / "file" / "b.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args([option, str(path)])
+    assert exit_info.value.code == 2
+    assert f"{option} {path}: {tmp_path / 'file'} is a file, not a folder" in (
+        capsys.readouterr().err)
+
+
+def test_an_unwritable_json_stops_the_command_before_any_section(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "loaders",
+                        "--data-dir", tmp_path / "data", "--json", tmp_path / "file" / "b.json",
+                        timeout=300)
+    assert result.returncode == 2 and "--json" in result.stderr.splitlines()[-1]
+    assert result.stdout == "" and not (tmp_path / "data").exists()  # nothing measured
+
+
 def test_train_flops_by_hand():
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),  # 4*8*8 outputs, 3*3*3 MACs each

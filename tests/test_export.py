@@ -5,6 +5,7 @@ checkpoint's model on the test .beton images."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,25 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
         assert result.returncode == 1 and named in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+
+
+@pytest.mark.slow
+def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path):
+    """--out naming the checkpoint exported (here through a symlink) or another checkpoint
+    (best.pt) would replace a file the run resumes from: refused, and nothing is touched."""
+    for name in ("ckpt.pt", "best.pt"):
+        shutil.copy(run_dir / name, tmp_path / name)
+    (tmp_path / "link.pt").symlink_to(tmp_path / "ckpt.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for out, what in (("ckpt.pt", "is the checkpoint being exported"),
+                      ("link.pt", "is the checkpoint being exported"),
+                      ("best.pt", "is a cifar10-engine checkpoint")):
+        result = export(tmp_path / "ckpt.pt", "--format", "safetensors", "--out", tmp_path / out)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"error: --out {tmp_path / out} {what}")
+        assert "another --out" in result.stderr and len(result.stderr.splitlines()) == 1
+        assert result.stdout == ""  # refused before any check ran
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.slow

@@ -189,6 +189,18 @@ def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
+def test_a_cam_layer_without_a_feature_map_is_refused_before_any_work(run_dir, tmp_path):
+    """fc exists but has no spatial map: refused by predict's own option name before any
+    picture is classified, and --cam's folder is not made."""
+    picture = write_pictures(tmp_path)["one.png"]
+    result = predict(run_dir / "ckpt.pt", picture, "--cam", tmp_path / "c", "--layer", "fc")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: --layer fc: ") and "layer3" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,14 +5,16 @@ of the synthetic data."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, train_tiny
+from conftest import run_script, tmpfs, train_tiny
 from matplotlib.image import imread
 from pypdf import PdfReader
 
@@ -244,6 +246,43 @@ def test_an_existing_folder_that_is_not_a_report_is_never_replaced(run_dir, caps
     assert report.main([str(run_dir / "ckpt.pt"), "--out", str(run_dir)]) != 0
     assert "not a report folder" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_out_dot_is_the_current_folder(run_dir, tmp_path):
+    """`--out .` names the folder the command runs in (once a traceback: `.` has no name)."""
+    here = tmp_path / "here"
+    here.mkdir()
+    result = run_script("tools/report.py", run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3",
+                        "--out", ".", cwd=here, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (here / "summary.md").is_file() and (here / "gradcam.pdf").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
+
+
+def test_a_full_disk_names_out_and_leaves_nothing(run_dir, tmp_path):
+    with tmpfs(tmp_path / "full", "size=100k") as full:  # a report takes over 200 KiB
+        out = (full / "report").resolve()
+        result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--out", out)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"error: --out {out}: its disk is full")
+        assert "another --out" in result.stderr and len(result.stderr.splitlines()) == 1
+        assert list(full.iterdir()) == []  # the temporary folder went too
+
+
+def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_path):
+    """A report killed mid-way (SIGKILL) leaves its temporary folder: the next report into the
+    same --out removes those of dead writers, and keeps a live writer's and other names'."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    stale = [f".report.{dead}.tmp", f".report.{dead}.old"]
+    kept = [f".report.{os.getpid()}.tmp", f".other.{dead}.tmp"]  # a running writer; not ours
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "curves.png").write_bytes(b"half a report")
+    result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--out",
+                        tmp_path / "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["report"])
 
 
 def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(loaded, tmp_path):

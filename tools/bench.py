@@ -88,6 +88,23 @@ def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
+def place_problem(path: Path, folders_made: bool) -> str | None:
+    """Why no file can be written at `path`, or None: checked before the sections run, not
+    after an hour of them. With folders_made (save() makes --json's), the nearest folder of
+    path that exists is the one that must be writable."""
+    folder = path.absolute().parent
+    if folders_made:
+        folder = next(p for p in (folder, *folder.parents) if p.exists())  # / always does
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # the only sure test: ro mounts, ACLs, root
+            pass
+    except OSError as error:
+        return f"{folder} cannot be written ({error.strerror})"
+    return None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line; options left out stay None until fill_defaults."""
     p = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__.splitlines()[0],
@@ -148,6 +165,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} needs at least one value; see --help")
     if args.json is not None and args.json.is_dir():
         p.error(f"--json {args.json} is a folder; name a file, e.g. {args.json / 'bench.json'}")
+    for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):
+        problem = place_problem(path, made) if path is not None else None
+        if problem:
+            p.error(f"{option} {path}: {problem}; name a file in a writable folder")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     return args

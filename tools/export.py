@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rebuild the test split in DIR for the check instead of reading "
                              "the .beton path recorded in the checkpoint")
     return parser.parse_args(argv)
+
+
+def holds_checkpoint(path: Path) -> bool:
+    """Whether `path` is a cifar10-engine checkpoint: torch's zip whose pickle holds the format
+    marker. Cheap (no tensor is read) and safe for any file (nothing is unpickled)."""
+    marker = checkpoint.FORMAT.encode()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(marker in archive.read(name) for name in archive.namelist()
+                       if name.rpartition("/")[2] == "data.pkl")
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_out(out: Path, source: Path, default: Path) -> None:
+    """Refuse an --out that would replace the checkpoint being exported or another one: a run
+    overwritten by its export can no longer be resumed, evaluated or exported again."""
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; name the file to write.")
+    if out.resolve() == source.resolve():
+        what = "is the checkpoint being exported"
+    elif out.is_file() and holds_checkpoint(out):
+        what = "is a cifar10-engine checkpoint"
+    else:
+        return
+    raise ExportError(f"--out {out} {what}; the export would overwrite it. Choose another "
+                      f"--out (the default is {default}).")
 
 
 def check_images(ckpt: dict, path: Path, data_dir: Path | None) -> tuple[np.ndarray, str]:
@@ -88,12 +116,12 @@ def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 when the export was written and checked, 1 otherwise."""
     args = parse_args(argv)
-    out = args.out or args.checkpoint.with_suffix(SUFFIX[args.format])
+    default = args.checkpoint.with_suffix(SUFFIX[args.format])
+    out = args.out or default
 
     def body() -> None:
+        check_out(out, args.checkpoint, default)
         require(args.format)
-        if out.is_dir():
-            raise ExportError(f"--out {out} is a folder; name the file to write.")
         ckpt = checkpoint.load(args.checkpoint)
         model = checkpoint.model_from(ckpt, args.checkpoint)
         images, what = check_images(ckpt, args.checkpoint, args.data_dir)

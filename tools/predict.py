@@ -21,14 +21,14 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
 from common.cli import run_main
-from common.errors import DataError, ReportError
+from common.errors import DataError
 from common.files import atomic_write
 from common.progress import progress_bar
 from engine import checkpoint
 from loaders.augment import Augment
 from loaders.images import expand, read_image
 from tools.report_figures import cams
-from tools.report_inputs import add_device_option, modules_with_maps, pick_device
+from tools.report_inputs import add_device_option, layer_of, pick_device
 
 BATCH = 256  # pictures per forward pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
@@ -131,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         ckpt = checkpoint.load(args.checkpoint)
         model = checkpoint.model_from(ckpt, args.checkpoint).to(device)
-        if args.cam is not None and args.layer not in dict(model.named_modules()):
-            raise ReportError(f"--layer {args.layer}: the model has no such layer; choose from "
-                              f"{', '.join(modules_with_maps(model))}.")
+        if args.cam is not None:  # before any work: a CAM of fc fails only after predicting
+            layer_of(model, args.layer, "--layer")
         files = expand(args.images)
         if not files:
             raise DataError(f"no image files in {', '.join(map(str, args.images))}; pass PNG "

@@ -3,21 +3,22 @@
 Writes curves.png, misclassified.png (+ .csv), gradcam.pdf, confusion.png, per_class.csv and
 summary.md into a report folder (default: report/ beside the checkpoint). Everything is written
 into a temporary folder beside it and renamed into place at the end, so a failed run never
-leaves a half report, and an older report is replaced only by a complete one.
+leaves a half report, and an older report is replaced only by a complete one. The temporary
+folder of a report that was killed is removed by the next report into the same folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from common.cli import run_main
 from common.errors import ReportError
-from common.files import usual_permissions, write_csv
+from common.files import temporary_name, write_csv
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import (
     METHODS,
@@ -109,30 +110,73 @@ def write_report(run: Inputs, args: argparse.Namespace, folder: Path) -> None:
 
 def publish(folder: Path, out: Path) -> None:
     """Rename the finished folder to `out`; an older report there is removed only now."""
-    usual_permissions(folder)  # mkdtemp made it private (0700)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
     if out.exists():
         os.replace(out, old)
-    os.replace(folder, out)
+    try:
+        os.replace(folder, out)
+    except OSError:
+        if old.exists():  # put the older report back rather than leave none
+            os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
+
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid` runs (another user's too: signalling it is refused, not failed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(out: Path) -> None:
+    """Remove the `.<name>.<pid>.tmp` and `.old` folders that reports into `out` left when
+    killed (SIGKILL, a power cut): of dead writers, or of this PID, reused after a restart.
+    Nothing else ever removes them, and each can hold a whole report."""
+    prefix = f".{out.name}."
+    for entry in out.parent.iterdir():
+        pid, _, kind = entry.name.removeprefix(prefix).partition(".")
+        if (entry.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit()
+                and (int(pid) == os.getpid() or not writer_alive(int(pid)))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def write_failed(error: OSError, out: Path) -> Exception:
+    """What to raise when writing the report failed: a ReportError naming --out and the fix,
+    or `error` itself when it names a file elsewhere (an input)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ReportError(f"--out {out}: its disk is full, so the report could not be written "
+                           "(nothing was left there); free some space or choose another --out.")
+    if error.filename is None or out.parent in Path(str(error.filename)).parents:
+        return ReportError(f"--out {out}: the report could not be written there "
+                           f"({error.strerror or error}); choose a writable --out.")
+    return error
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 on success, 1 with a one-paragraph error on stderr."""
     args = parse_args(argv)
-    out = args.out or args.checkpoint.parent / "report"
 
     def body() -> None:
+        # resolved: `--out .` has no name, and the temporary's name is made from it
+        out = (args.out or args.checkpoint.parent / "report").resolve()
         check_out(out)
         run = load(args.checkpoint, args.data_dir, pick_device(args.device))
         for layer in args.layers:
             layer_of(run.model, layer)
         out.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        sweep_stale(out)
+        folder = temporary_name(out)
         try:
+            folder.mkdir()
             write_report(run, args, folder)
             publish(folder, out)
+        except OSError as error:
+            raise write_failed(error, out) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         print(f"wrote {out}/: summary.md, curves.png, misclassified.png, gradcam.pdf, "

@@ -89,14 +89,15 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
     return Inputs(path, ckpt, model, test, split.images, split.labels, device)
 
 
-def layer_of(model: nn.Module, name: str) -> nn.Module:
-    """A submodule by its name (layer3, layer3.1, ...); ReportError naming the valid ones."""
+def layer_of(model: nn.Module, name: str, option: str = "--layers") -> nn.Module:
+    """A submodule by its name (layer3, layer3.1, ...); ReportError naming `option` (the
+    command's) and the valid layers."""
     modules = dict(model.named_modules())
     # a CAM needs a spatial feature map: a layer with no convolution in it (fc, pool) has none
     if not name or name not in modules or not any(
             isinstance(m, nn.Conv2d) for m in modules[name].modules()):
         names = ", ".join(modules_with_maps(model))
-        raise ReportError(f"--layers {name}: the model has no such layer with a spatial "
+        raise ReportError(f"{option} {name}: the model has no such layer with a spatial "
                           f"feature map; choose from {names} (or a block such as layer3.1).")
     return modules[name]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import resource
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,3 +41,35 @@ def device_name(device: torch.device | str) -> str:
 
         return torch.cuda.get_device_name(device)
     return f"cpu ({cpu_model()}, {available_cores()} cores)"
+
+
+def _kb_values(path: Path) -> dict[str, int]:
+    """The `Name:  N kB` lines of a /proc file, in bytes; {} where it cannot be read."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: int(value.split()[0]) * 1024 for key, _, value in
+            (line.partition(":") for line in lines) if value.strip().endswith("kB")}
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the least headroom under each limit there is,
+    the system's available memory, the address space (ulimit -v), a cgroup v2 memory limit."""
+    headrooms = [_kb_values(Path("/proc/meminfo")).get(
+        "MemAvailable", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))]
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        headrooms.append(soft - _kb_values(Path("/proc/self/status")).get("VmSize", 0))
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 here, or no limit ("max")
+        headrooms.append(_cgroup_headroom(Path("/sys/fs/cgroup")))
+    return max(0, min(headrooms))
+
+
+def _cgroup_headroom(cgroup: Path) -> int:
+    """Bytes left under a cgroup v2 memory limit (a container's, which MemAvailable does not
+    show); its inactive file cache counts as free, since the kernel reclaims it first."""
+    fields = (cgroup / "memory.stat").read_text().split()  # "name value" lines
+    stat = dict(zip(fields[::2], fields[1::2], strict=True))
+    used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+    return int((cgroup / "memory.max").read_text()) - used

@@ -1,14 +1,13 @@
-"""CIFAR-10/100 on disk: download with checksum, safe extraction, validated reading, and a
-synthetic CIFAR-shaped dataset written in the same python format so it takes the same path."""
+"""CIFAR-10/100 on disk: download with checksum, safe extraction, validated reading; the
+synthetic dataset and image folders are written in the same python format, so they take the
+same path."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import pickle
-import resource
 import shutil
 import tarfile
 import tempfile
@@ -22,7 +21,8 @@ import numpy as np
 
 from common.errors import DataError
 from common.files import usual_permissions
-from loaders import folders
+from common.hardware import available_memory
+from loaders import folders, synthetic
 
 ROW_SIZE = 32 * 32 * 3  # one image: R, G and B planes of 32 x 32 bytes
 
@@ -351,111 +351,6 @@ def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 1
     return read_folder(fetch(name, data_dir), LAYOUTS[name], name)
 
 
-# --- synthetic data ----------------------------------------------------------------------
-# Each class is a shape drawn in its own hue at a random place over a noisy, smoothly varying
-# background. The shape's box is stored (key 'boxes', ignored by CIFAR readers) so tests can
-# check that Grad-CAM looks at the object.
-
-SHAPE_SIZE = 10
-SYNTHETIC_CHUNK = 2048  # images whose float32 noise is made at once: 25 MB
-SYNTHETIC_CLASSES = ["disc", "ring", "square", "frame", "plus", "cross", "hbars", "vbars",
-                     "triangle", "diamond"]
-
-
-def _shape_masks() -> np.ndarray:
-    y, x = np.mgrid[0:SHAPE_SIZE, 0:SHAPE_SIZE].astype(np.float32)
-    c = (SHAPE_SIZE - 1) / 2
-    r = np.hypot(y - c, x - c)
-    masks = [
-        r <= 4.6,
-        (r <= 4.8) & (r >= 2.8),
-        (abs(y - c) <= 3.5) & (abs(x - c) <= 3.5),
-        (abs(y - c) >= 2.5) | (abs(x - c) >= 2.5),
-        (abs(y - c) <= 1.5) | (abs(x - c) <= 1.5),
-        (abs(y - x) <= 1) | (abs(y + x - 2 * c) <= 1),
-        (y % 4) < 2,
-        (x % 4) < 2,
-        abs(x - c) <= (y + 1) / 2,
-        abs(y - c) + abs(x - c) <= 5,
-    ]
-    return np.stack(masks)
-
-
-def _hues(n: int) -> np.ndarray:
-    """n evenly spaced, fully saturated RGB colours in 0..255."""
-    h = np.arange(n) / n * 6
-    channel = lambda k: np.clip(np.abs((h + k) % 6 - 3) - 1, 0, 1)  # noqa: E731
-    return np.stack([channel(0), channel(4), channel(2)], axis=1) * 255
-
-
-def _backgrounds(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n uint8 backgrounds: a random base colour, blocky low-frequency variation, pixel noise.
-
-    The float32 noise is made SYNTHETIC_CHUNK images at a time, so memory is the uint8
-    output plus one chunk; drawn in the order one draw of it all takes, it is the same data.
-    """
-    base = rng.uniform(40, 200, size=(n, 1, 1, 3)).astype(np.float32)
-    blocks = 30 * rng.standard_normal((n, 4, 4, 3), dtype=np.float32)
-    images = np.empty((n, 32, 32, 3), np.uint8)
-    for start in range(0, n, SYNTHETIC_CHUNK):
-        part = slice(start, min(n, start + SYNTHETIC_CHUNK))
-        chunk = 12 * rng.standard_normal((part.stop - start, 32, 32, 3), dtype=np.float32)
-        chunk += base[part] + blocks[part].repeat(8, axis=1).repeat(8, axis=2)
-        images[part] = np.clip(chunk, 0, 255).astype(np.uint8)
-    return images
-
-
-def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n deterministic CIFAR-shaped images, their labels, and each object's box (y0, x0, y1, x1)."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % len(SYNTHETIC_CLASSES)
-    rng.shuffle(labels)
-    images = _backgrounds(rng, n)
-    masks, hues = _shape_masks(), _hues(len(SYNTHETIC_CLASSES))
-    corners = rng.integers(0, 32 - SHAPE_SIZE + 1, size=(n, 2))
-    brightness = rng.uniform(0.75, 1.0, size=n)
-    # a shape's pixels replace the background's, so they take its colour alone, rounded as
-    # when it was painted into the float32 image (the data must stay what it always was)
-    colours = np.clip((hues[labels] * brightness[:, None]).astype(np.float32), 0, 255)
-    colours = colours.astype(np.uint8)
-    for i, (label, (y, x)) in enumerate(zip(labels, corners, strict=True)):
-        images[i, y:y + SHAPE_SIZE, x:x + SHAPE_SIZE][masks[label]] = colours[i]
-    boxes = np.concatenate([corners, corners + SHAPE_SIZE], axis=1)
-    return images, labels.astype(np.int64), boxes
-
-
-def _kb_values(path: Path) -> dict[str, int]:
-    """The `Name:  N kB` lines of a /proc file, in bytes; {} where it cannot be read."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return {}
-    return {key: int(value.split()[0]) * 1024 for key, _, value in
-            (line.partition(":") for line in lines) if value.strip().endswith("kB")}
-
-
-def available_memory() -> int:
-    """Bytes this process can still allocate: the least headroom under each limit there is,
-    the system's available memory, the address space (ulimit -v), a cgroup v2 memory limit."""
-    headrooms = [_kb_values(Path("/proc/meminfo")).get(
-        "MemAvailable", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))]
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if soft != resource.RLIM_INFINITY:
-        headrooms.append(soft - _kb_values(Path("/proc/self/status")).get("VmSize", 0))
-    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 here, or no limit ("max")
-        headrooms.append(_cgroup_headroom(Path("/sys/fs/cgroup")))
-    return max(0, min(headrooms))
-
-
-def _cgroup_headroom(cgroup: Path) -> int:
-    """Bytes left under a cgroup v2 memory limit (a container's, which MemAvailable does not
-    show); its inactive file cache counts as free, since the kernel reclaims it first."""
-    fields = (cgroup / "memory.stat").read_text().split()  # "name value" lines
-    stat = dict(zip(fields[::2], fields[1::2], strict=True))
-    used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
-    return int((cgroup / "memory.max").read_text()) - used
-
-
 def check_synthetic_memory(n_train: int, n_test: int) -> None:
     """DataError naming --synthetic-size when the images would not fit in memory, raised
     before any is made (an allocation that fails is a traceback, one that the kernel grants
@@ -524,19 +419,19 @@ def _write_splits(staging: Path, classes: list[str], train: dict[str, np.ndarray
 
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
-    if n_train < len(SYNTHETIC_CLASSES) or n_test < 1:
-        raise DataError(f"Synthetic data needs at least {len(SYNTHETIC_CLASSES)} training and "
+    if n_train < len(synthetic.CLASSES) or n_test < 1:
+        raise DataError(f"Synthetic data needs at least {len(synthetic.CLASSES)} training and "
                         f"1 test image, got {n_train} and {n_test}.")
     check_synthetic_memory(n_train, n_test)  # loading a written folder needs it all the same
     folder = data_dir / source_name("synthetic", data_dir, (n_train, n_test), seed)
     if folder.is_dir():
         return folder
     def make() -> Splits:
-        return tuple(dict(zip(("images", "labels", "boxes"), synthetic_split(n, seed=s),
+        return tuple(dict(zip(("images", "labels", "boxes"), synthetic.make_split(n, seed=s),
                               strict=True))
                      for n, s in ((n_train, 2 * seed), (n_test, 2 * seed + 1)))
 
-    return write_python_folder(folder, SYNTHETIC_CLASSES, make)
+    return write_python_folder(folder, synthetic.CLASSES, make)
 
 
 def write_image_folder(root: Path) -> Path:

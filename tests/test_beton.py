@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, SYNTHETIC_SIZE, dump_pickle, run_script, tmpfs
 
 import loaders
-from loaders import beton, cifar
+from loaders import beton, cifar, synthetic
 from loaders.cifar import DataError
 from loaders.guards import importing_ffcv
 from loaders.prepare import prepare
@@ -58,7 +58,7 @@ def test_sidecar_records_size_classes_and_training_stats(prepared, source):
     train, test = beton.read_info(prepared.train), beton.read_info(prepared.test)
     assert (train.num_samples, test.num_samples) == (len(source.train.labels),
                                                      len(source.test.labels))
-    assert train.classes == test.classes == prepared.classes == cifar.SYNTHETIC_CLASSES
+    assert train.classes == test.classes == prepared.classes == synthetic.CLASSES
     pixels = source.train.images.reshape(-1, 3) / 255
     np.testing.assert_allclose(train.mean, pixels.mean(0), rtol=1e-9)
     np.testing.assert_allclose(train.std, pixels.std(0), rtol=1e-6)

@@ -26,7 +26,8 @@ from conftest import (
     write_cifar10,
 )
 
-from loaders import cifar
+from common import hardware
+from loaders import cifar, synthetic
 from loaders.cifar import DataError
 from loaders.prepare import prepare
 
@@ -465,7 +466,7 @@ def test_pickle_that_would_run_code_is_refused_not_run(cifar10_dir, tmp_path, pr
 
 
 def test_synthetic_same_seed_same_data_other_seed_differs():
-    first, again, other = (cifar.synthetic_split(40, seed) for seed in (3, 3, 4))
+    first, again, other = (synthetic.make_split(40, seed) for seed in (3, 3, 4))
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first[0], other[0])
@@ -479,7 +480,7 @@ def _fingerprint(arrays) -> str:
     return h.hexdigest()
 
 
-# hashes of synthetic_split's output as first released: prepared caches hold this data
+# hashes of the synthetic data as first released: prepared caches hold this data
 SYNTHETIC_HASHES = {(1, 0): "b5f4ce960a6556e7", (37, 0): "21ba6adc072e316f",
                     (40, 3): "fa34ff8086c74222", (605, 0): "3c43332aa048b4a1",
                     (201, 1): "a18d5cf5235ec121", (5000, 7): "d49ff100880f75b7"}
@@ -489,22 +490,22 @@ SYNTHETIC_HASHES = {(1, 0): "b5f4ce960a6556e7", (37, 0): "21ba6adc072e316f",
 def test_synthetic_data_is_what_it_always_was_whatever_the_chunk(monkeypatch, chunk):
     """Generated in chunks, the data must be the same: same seed, same images, any chunk."""
     if chunk is not None:
-        monkeypatch.setattr(cifar, "SYNTHETIC_CHUNK", chunk)
+        monkeypatch.setattr(synthetic, "CHUNK", chunk)
     for (n, seed), want in SYNTHETIC_HASHES.items():
         if chunk is None or n < 1000:  # 5000 images in chunks of 7 would only be slower
-            assert _fingerprint(cifar.synthetic_split(n, seed)) == want, (n, seed)
+            assert _fingerprint(synthetic.make_split(n, seed)) == want, (n, seed)
 
 
 # Generates n images under an address-space limit of what the process uses plus the images'
 # bytes plus 256 MB: all float32 at once would take four times the images' bytes.
 GENERATE_UNDER_LIMIT = """
 import resource, sys
-from loaders import cifar
+from loaders import synthetic
 n = int(sys.argv[1])
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 limit = int(status["VmSize"].split()[0]) * 1024 + n * 3072 + (256 << 20)
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-images, labels, boxes = cifar.synthetic_split(n, 0)
+images, labels, boxes = synthetic.make_split(n, 0)
 print(images.shape)
 """
 
@@ -539,17 +540,17 @@ def test_a_cgroup_limit_counts_its_reclaimable_cache_as_free(tmp_path):
     for name, value in {"memory.max": "1000000", "memory.current": "600000",
                         "memory.stat": "anon 400000\ninactive_file 200000\n"}.items():
         (tmp_path / name).write_text(value + "\n")
-    assert cifar._cgroup_headroom(tmp_path) == 1_000_000 - (600_000 - 200_000)
+    assert hardware._cgroup_headroom(tmp_path) == 1_000_000 - (600_000 - 200_000)
 
 
 def test_available_memory_is_at_most_what_the_system_has():
     system = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 0 < cifar.available_memory() <= system
+    assert 0 < hardware.available_memory() <= system
 
 
 @pytest.mark.parametrize("n", [100, 37])
 def test_synthetic_shapes_and_balanced_classes(n):
-    images, labels, boxes = cifar.synthetic_split(n, seed=0)
+    images, labels, boxes = synthetic.make_split(n, seed=0)
     assert images.shape == (n, 32, 32, 3) and images.dtype == np.uint8
     assert labels.shape == (n,) and boxes.shape == (n, 4)
     counts = np.bincount(labels, minlength=10)
@@ -559,7 +560,7 @@ def test_synthetic_shapes_and_balanced_classes(n):
 def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_path):
     folder = cifar.write_synthetic(tmp_path, 60, 20, seed=1)
     data = cifar.read_folder(folder, cifar.OWN_LAYOUT, "synthetic")
-    assert data.classes == cifar.SYNTHETIC_CLASSES
+    assert data.classes == synthetic.CLASSES
     assert np.bincount(data.train.labels).tolist() == [6] * 10
     assert data.train.images.shape == (60, 32, 32, 3) and len(data.test.labels) == 20
     assert cifar.write_synthetic(tmp_path, 60, 20, seed=1) == folder  # written once
@@ -578,7 +579,7 @@ def test_synthetic_boxes_hold_the_object(tmp_path):
     assert boxes.shape == (200, 4)
     y0, x0, y1, x1 = boxes.T
     assert (y0 >= 0).all() and (x0 >= 0).all() and (y1 <= 32).all() and (x1 <= 32).all()
-    assert ((y1 - y0) == cifar.SHAPE_SIZE).all() and ((x1 - x0) == cifar.SHAPE_SIZE).all()
+    assert ((y1 - y0) == synthetic.SHAPE_SIZE).all() and ((x1 - x0) == synthetic.SHAPE_SIZE).all()
     for image, (top, left, bottom, right) in zip(images, boxes, strict=True):
         inside = np.zeros((32, 32), bool)
         inside[top:bottom, left:right] = True

@@ -19,7 +19,7 @@ from matplotlib.image import imread
 from pypdf import PdfReader
 
 from engine import checkpoint
-from loaders import beton, cifar
+from loaders import beton, cifar, synthetic
 from tools import report, report_faithfulness, report_figures, report_inputs
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def test_gradcam_peaks_on_the_object(loaded):
     y, x = np.unravel_index(maps.reshape(len(maps), -1).argmax(1), (32, 32))
     y0, x0, y1, x1 = cifar.synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
     inside = (y >= y0 - 1) & (y < y1 + 1) & (x >= x0 - 1) & (x < x1 + 1)
-    chance = ((cifar.SHAPE_SIZE + 2) / 32) ** 2  # 14% of the image
+    chance = ((synthetic.SHAPE_SIZE + 2) / 32) ** 2  # 14% of the image
     assert inside.mean() > 3 * chance
 
 

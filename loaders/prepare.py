@@ -63,8 +63,8 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000
             seed: int = 0, workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
 
-    A read-only data_dir is fine once it holds them (a shared, prepared data folder). Two
-    processes that must write to one data_dir take turns (see preparing).
+    A read-only data_dir is fine once it holds them (a shared, prepared data folder). Processes
+    preparing one writable data_dir take turns (see preparing).
     """
     check_data_dir(data_dir, writing=False)
     tag = name if name in cifar.LAYOUTS else cifar.source_name(name, Path(data_dir),
@@ -73,7 +73,9 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000
     writing = not all(beton.sidecar(p).is_file() for p in paths.values())
     if writing:
         check_data_dir(data_dir)  # something must be written there
-    with preparing(Path(data_dir)) if writing else nullcontext():
+    # a prepared folder may still need a rebuild (a damaged file): every writer takes turns
+    turns = writing or os.access(data_dir, os.W_OK)
+    with preparing(Path(data_dir)) if turns else nullcontext():
         return _convert(name, Path(data_dir), synthetic_size, seed, workers, paths)
 
 

@@ -242,11 +242,19 @@ def test_a_prepared_read_only_data_dir_is_used_as_is(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_preparing_one_folder_share_its_files(tmp_path):
-    """The second waits for the first (a lock on the folder), then reuses what it wrote."""
+@pytest.mark.parametrize("before", ["nothing", "a damaged train.beton"])
+def test_two_processes_preparing_one_folder_share_its_files(tmp_path, before):
+    """The second waits for the first (a lock on the folder), then reuses what it wrote: also
+    when both find a prepared folder whose .beton must be rebuilt."""
     data_dir = tmp_path / "data"
     command = [sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset", "synthetic",
                "--synthetic-size", "10000", "1000", "--data-dir", str(data_dir)]
+    if before != "nothing":
+        subprocess.run(command, cwd=ROOT, capture_output=True, check=True, timeout=300)
+        train = data_dir / "synthetic-10000-1000-seed0-train.beton"
+        with open(train, "r+b") as f:  # same size, other bytes: its sidecar's hash catches it
+            f.seek(train.stat().st_size // 2)
+            f.write(b"\xff" * 4096)
     both = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]
     results = [(p.communicate(timeout=300), p.returncode) for p in both]
@@ -254,7 +262,7 @@ def test_two_processes_preparing_one_folder_share_its_files(tmp_path):
         assert code == 0 and "Traceback" not in err, err
         assert out == results[0][0][0]
     waited = [err for (_, err), _ in results if "waiting for another process" in err]
-    assert len(waited) == 1 and waited[0].strip() == (
+    assert len(waited) == 1 and waited[0].strip().endswith(
         f"notice: waiting for another process preparing {data_dir} to finish "
         f"({data_dir / '.prepare.lock'})")
     name = "synthetic-10000-1000-seed0"

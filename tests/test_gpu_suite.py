@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tarfile
 import time
 from dataclasses import asdict
@@ -116,6 +117,20 @@ def test_with_out_set_a_short_budget_leaves_a_bundle_and_names_what_did_not_run(
     summary = (out / "gpu-suite.summary.md").read_text()
     assert "| bench-epoch | | not run: the budget was spent | |" in summary
     assert "Still to run: `bash tools/gpu_suite.sh train bench-epoch`" in summary
+
+
+def test_a_command_is_not_started_with_less_than_its_minimum_of_the_step_limit(
+        tmp_path, monkeypatch, capsys):
+    """A step's second command, left under START_MIN_S of the step's limit, would be killed
+    and read as a failure: it is recorded as not run, and the step as cut short by its limit."""
+    monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [("first", ["sleep", "3"]),
+                                                              ("second", ["true"])])
+    monkeypatch.setitem(gpu_suite.LIMITS, "two", gpu_suite.START_MIN_S + 2)
+    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
+                            ["two"])
+    assert not gpu_suite.run_step(suite, "two")
+    assert [c["status"] for c in suite.done[0]["commands"]] == ["ok", "not run"]
+    assert "two: cut short by its step limit" in capsys.readouterr().err
 
 
 def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):

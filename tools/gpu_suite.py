@@ -267,12 +267,14 @@ def run_step(s: Suite, step: str) -> bool:
     record = dict(step=step, ok=False, commands=done)
     s.done.append(record)
     log_path = s.results / f"{step}.log"
+    cut = "the --budget"  # what stopped the step, should a command not start
     with open(log_path, "w") as log:
         log.writelines(f"# {key}: {value}\n" for key, value in meta.items())
         for name, argv in commands:
             step_left = step_end - time.monotonic()
             budget_left = s.budget_left()
-            if budget_left < START_MIN_S:
+            if min(step_left, budget_left) < START_MIN_S:  # it would be killed before its end
+                cut = "the --budget" if budget_left <= step_left else "its step limit"
                 break
             left = min(step_left, budget_left)
             print(f"{step}: {name} (at most {left:.0f} s)", flush=True)
@@ -299,7 +301,7 @@ def run_step(s: Suite, step: str) -> bool:
         print("\n".join(tail), file=sys.stderr)
         print(f"{step}: FAILED; the whole log is {log_path}", file=sys.stderr)
     elif not record["ok"]:
-        print(f"{step}: cut short by the --budget; the log is {log_path}", file=sys.stderr)
+        print(f"{step}: cut short by {cut}; the log is {log_path}", file=sys.stderr)
     else:
         print(f"{step}: ok ({sum(c['seconds'] for c in done):.0f} s), log {log_path}")
     return record["ok"]

@@ -61,7 +61,9 @@ def run_main(body: Callable[[], int | None]) -> int:
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
         sys.unraisablehook = _quiet_lost_ctrl_c
     try:
-        return body() or 0
+        code = body() or 0
+        stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
+        return code
     except Interrupted as stop:
         print(f"\ninterrupted: {stop}", file=sys.stderr)
         return stopped_code()

@@ -10,7 +10,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError
@@ -146,13 +146,21 @@ def sweep_temporaries(folder: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _open_lock(lock: Path) -> int:
+    """The lock file opened for writing, as NFS's flock (an fcntl lock there) needs for an
+    exclusive lock; read-only where another user's file (mode 0644) allows no more."""
+    try:
+        return os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    except PermissionError:
+        return os.open(lock, os.O_RDONLY)
+
+
 def _wait_for_lock(lock: Path, on_wait: Callable[[], object]) -> int:
     """An open descriptor of `lock`, flocked by this process once any other holder is done;
     on_wait() is called once if it has to wait."""
     waited = False
     while True:
-        # read-only: a lock file another user made (mode 0644) can be locked all the same
-        fd = os.open(lock, os.O_CREAT | os.O_RDONLY, 0o666)
+        fd = _open_lock(lock)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -179,5 +187,7 @@ def waiting_lock(lock: Path, on_wait: Callable[[], object]) -> Iterator[None]:
     try:
         yield
     finally:
-        Path(lock).unlink(missing_ok=True)
+        # another user's lock file in a sticky folder (/tmp, /scratch) is theirs to remove
+        with suppress(OSError):
+            Path(lock).unlink(missing_ok=True)
         os.close(fd)

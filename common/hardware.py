@@ -55,21 +55,30 @@ def _kb_values(path: Path) -> dict[str, int]:
 
 def available_memory() -> int:
     """Bytes this process can still allocate: the least headroom under each limit there is,
-    the system's available memory, the address space (ulimit -v), a cgroup v2 memory limit."""
+    the system's available memory, the address space (ulimit -v), a container's memory limit
+    (cgroup v2 or v1)."""
     headrooms = [_kb_values(Path("/proc/meminfo")).get(
         "MemAvailable", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))]
     soft = resource.getrlimit(resource.RLIMIT_AS)[0]
     if soft != resource.RLIM_INFINITY:
         headrooms.append(soft - _kb_values(Path("/proc/self/status")).get("VmSize", 0))
-    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 here, or no limit ("max")
-        headrooms.append(_cgroup_headroom(Path("/sys/fs/cgroup")))
+    for folder, names in CGROUPS.items():
+        with contextlib.suppress(OSError, ValueError):  # no such cgroup, or no limit ("max")
+            headrooms.append(_cgroup_headroom(folder, *names))
     return max(0, min(headrooms))
 
 
-def _cgroup_headroom(cgroup: Path) -> int:
-    """Bytes left under a cgroup v2 memory limit (a container's, which MemAvailable does not
-    show); its inactive file cache counts as free, since the kernel reclaims it first."""
+# a container's memory cgroup: its limit, its usage and (in memory.stat) its reclaimable cache
+CGROUPS = {Path("/sys/fs/cgroup"): ("memory.max", "memory.current", "inactive_file"),  # v2
+           Path("/sys/fs/cgroup/memory"): ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                           "total_inactive_file")}  # v1
+
+
+def _cgroup_headroom(cgroup: Path, limit: str, usage: str, cache: str) -> int:
+    """Bytes left under a cgroup's memory limit (a container's, which MemAvailable does not
+    show); its inactive file cache counts as free, since the kernel reclaims it first. v1
+    says "no limit" with a number near 2**63, which then never is the least headroom."""
     fields = (cgroup / "memory.stat").read_text().split()  # "name value" lines
     stat = dict(zip(fields[::2], fields[1::2], strict=True))
-    used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
-    return int((cgroup / "memory.max").read_text()) - used
+    used = int((cgroup / usage).read_text()) - int(stat.get(cache, 0))
+    return int((cgroup / limit).read_text()) - used

@@ -33,7 +33,7 @@ CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 REQUIRED = ("format", "version", "arch", "width", "num_classes", "state_dict", "classes",
             "mean", "std", "config", "history", "data")
 # what the tools read of every history row and of the data record
-HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 DATA_KEYS = ("dataset", "data_dir", "train", "test", "source")
 
 

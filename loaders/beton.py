@@ -137,6 +137,20 @@ class _Rows:
         return self.split.images[i], int(self.split.labels[i])
 
 
+def cached(path: Path, split: Split, classes: list[str],
+           stats: tuple[list[float], list[float]] | None = None,
+           ) -> tuple[BetonInfo | None, str | None]:
+    """path's info when it holds this split as it is now (its source, classes and, when
+    given, normalization) and is undamaged; else None, with why when the file is damaged."""
+    old = read_info(path)
+    if old is None or (old.format, old.num_samples, old.source_digest, old.classes) != (
+            FORMAT, len(split.labels), digest(split), classes) or stats not in (
+            None, (old.mean, old.std)):
+        return None, None
+    why = damage(path, old)
+    return (old, None) if why is None else (None, why)
+
+
 def write(path: Path, split: Split, classes: list[str],
           stats: tuple[list[float], list[float]] | None = None, workers: int = 1) -> BetonInfo:
     """Write split to path unless an up-to-date copy is there; return its sidecar info.
@@ -150,15 +164,12 @@ def write(path: Path, split: Split, classes: list[str],
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
-    source = digest(split)
-    old = read_info(path)
-    if old is not None and (old.format, old.num_samples, old.source_digest, old.classes) == (
-            FORMAT, len(split.labels), source, classes) and stats in (None, (old.mean, old.std)):
-        why = damage(path, old)
-        if why is None:
-            return old
-        # a notice, not an error: the source is at hand, so the rebuild below repairs it
+    old, why = cached(path, split, classes, stats)
+    if old is not None:
+        return old
+    if why is not None:  # a notice, not an error: the source is at hand, the rebuild repairs it
         log.warning(f"notice: {path} is damaged ({why}); rebuilding it from its source.")
+    source = digest(split)
     if len(split.labels) == 0:
         raise DataError(f"{path}: the split it would hold has no images; a .beton needs at "
                         "least one. Check the source files of this split.")

@@ -116,11 +116,41 @@ def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
                           f"{type(failure).__name__}: {failure}") from failure
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have: for work
+    an interrupt must not cut in two (a lock taken and never released, a fork hook that drops
+    the interrupt). A handler that only takes note, not a blocked signal mask: Python runs
+    handlers in the main thread whichever thread the signal reached (numba's, torch's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread gets Python's signal handlers
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # the first one, as it would have been handled
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            else:
+                signal.raise_signal(caught[0])
+
+
 def _quiet_worker(errors: multiprocessing.queues.Queue, work: Callable[..., None],
                   *args: object) -> None:
-    """A writer worker that ignores Ctrl-C (the parent stops it) and reports its failure to
-    the parent as one line instead of printing a traceback."""
+    """A writer worker that ignores Ctrl-C and SIGTERM, which a terminal, `timeout` or Slurm
+    send to the whole group (the parent stops it; it starts with them held, so none arrives
+    before), and reports its failure to the parent as one line instead of a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         work(*args)
     except BaseException as error:  # noqa: BLE001 - everything goes to the parent
@@ -160,23 +190,30 @@ def guarded_writer(writer_class: type) -> type:
             work, errors = context.Queue(), context.Queue()
             processes, results = [], []
             try:
-                for todo in queue_content:
-                    work.put(todo)
-                for _ in range(self.num_workers):
-                    work.put(None)
-                done = context.Value(ctypes.c_uint64, 0)
-                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-                for _ in range(self.num_workers):
-                    # One pipe per worker, whose sending end only that worker holds: its
-                    # death then reads as end-of-file here, even halfway through a message.
-                    receive, send = context.Pipe(duplex=False)
-                    args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator,
-                            done, _Sender(send), *extra_worker_args)
-                    processes.append(context.Process(target=_quiet_worker,
-                                                     args=(errors, work_fn, *args)))
-                    processes[-1].start()
-                    send.close()
-                    results.append(receive)
+                # Held while the queue is filled (an interrupt inside put() would keep its
+                # lock, and close() below would then wait for it forever) and across the forks
+                # (a worker starts with them held, then ignores them; and none is lost in a
+                # fork hook, where Python drops a handler's exception).
+                with stop_signals_held():
+                    for todo in queue_content:
+                        work.put(todo)
+                    for _ in range(self.num_workers):
+                        work.put(None)
+                    done = context.Value(ctypes.c_uint64, 0)
+                    allocator = MemoryAllocator(self.fname, self.data_region_start,
+                                                self.page_size)
+                    for _ in range(self.num_workers):
+                        # One pipe per worker, whose sending end only that worker holds: its
+                        # death then reads as end-of-file here, even halfway through a message.
+                        receive, send = context.Pipe(duplex=False)
+                        args = (work, self.metadata_sm, self.metadata_type, self.fields,
+                                allocator, done, _Sender(send), *extra_worker_args)
+                        process = context.Process(target=_quiet_worker,
+                                                  args=(errors, work_fn, *args))
+                        process.start()
+                        processes.append(process)
+                        send.close()
+                        results.append(receive)
                 allocations = self._collect(dict(zip(results, processes, strict=True)), errors)
                 for p in processes:
                     p.join(WRITE_TIMEOUT)
@@ -185,17 +222,19 @@ def guarded_writer(writer_class: type) -> type:
                                     f"{num_samples} samples.")
                 self.finalize(allocations)
             finally:
-                for p in processes:
-                    if p.is_alive():
-                        p.kill()
-                    p.join(WRITE_TIMEOUT)
-                for connection in results:
-                    connection.close()
-                for q in (work, errors):  # never block exit on a dead reader
-                    q.cancel_join_thread()
-                    q.close()
-                self.metadata_sm.close()
-                self.metadata_sm.unlink()
+                with stop_signals_held():  # a second signal here would skip what follows
+                    for q in (work, errors):  # never block exit on a dead reader
+                        q.cancel_join_thread()
+                    for p in processes:
+                        if p.is_alive():
+                            p.kill()
+                        p.join(WRITE_TIMEOUT)
+                    for connection in results:
+                        connection.close()
+                    for q in (work, errors):
+                        q.close()
+                    self.metadata_sm.close()
+                    self.metadata_sm.unlink()
 
         def _collect(self, pending: dict, errors: multiprocessing.queues.Queue) -> list:
             """Every worker's page allocations; the first worker to die instead raises."""

@@ -8,7 +8,7 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,19 +63,20 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000
             seed: int = 0, workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
 
-    A read-only data_dir is fine once it holds them (a shared, prepared data folder). Processes
-    preparing one writable data_dir take turns (see preparing).
+    A read-only data_dir is fine once it holds them (a shared, prepared data folder). Reading
+    a prepared folder takes no lock (every rank of a run does it at once); processes that must
+    write there take turns (see preparing).
     """
     check_data_dir(data_dir, writing=False)
     tag = name if name in cifar.LAYOUTS else cifar.source_name(name, Path(data_dir),
                                                                 synthetic_size, seed)
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
-    writing = not all(beton.sidecar(p).is_file() for p in paths.values())
-    if writing:
-        check_data_dir(data_dir)  # something must be written there
-    # a prepared folder may still need a rebuild (a damaged file): every writer takes turns
-    turns = writing or os.access(data_dir, os.W_OK)
-    with preparing(Path(data_dir)) if turns else nullcontext():
+    if all(beton.sidecar(p).is_file() for p in paths.values()):
+        ready = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
+        if ready is not None:
+            return ready
+    check_data_dir(data_dir)  # something must be written there
+    with preparing(Path(data_dir)):  # the second writer then finds the first's files ready
         return _convert(name, Path(data_dir), synthetic_size, seed, workers, paths)
 
 
@@ -90,6 +91,23 @@ def preparing(data_dir: Path) -> AbstractContextManager[None]:
         f"notice: waiting for another process preparing {data_dir} to finish ({lock})"))
 
 
+def _prepared(data: cifar.CifarData, paths: dict[str, Path], train: beton.BetonInfo) -> Prepared:
+    """What prepare returns for data written to paths, normalized with train's statistics."""
+    return Prepared(data.name, data.classes, paths["train"], paths["test"], train.mean,
+                    train.std, data.source)
+
+
+def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
+           paths: dict[str, Path]) -> Prepared | None:
+    """The .beton files at paths when both hold dataset `name` as it is now, else None."""
+    data = cifar.load(name, data_dir, synthetic_size, seed)
+    train, _ = beton.cached(paths["train"], data.train, data.classes)
+    if train is None or beton.cached(paths["test"], data.test, data.classes,
+                                     (train.mean, train.std))[0] is None:
+        return None
+    return _prepared(data, paths, train)
+
+
 def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
              workers: int | None, paths: dict[str, Path]) -> Prepared:
     """prepare's work: load dataset `name`, write (or reuse) its .beton files at paths."""
@@ -98,8 +116,7 @@ def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: i
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)
     # the test split is normalized with the training statistics, as the model will see it
     beton.write(paths["test"], data.test, data.classes, (train.mean, train.std), workers)
-    return Prepared(name, data.classes, paths["train"], paths["test"], train.mean, train.std,
-                    data.source)
+    return _prepared(data, paths, train)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

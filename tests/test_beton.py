@@ -369,7 +369,10 @@ def test_writer_worker_stopping_before_its_report_ends_in_a_data_error(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("during", ["generating", "writing"])
-def test_ctrl_c_in_prepare_prints_one_line_and_leaves_nothing(tmp_path, during):
+@pytest.mark.parametrize("stop", ["ctrl-c", "timeout"])
+def test_ctrl_c_in_prepare_prints_one_line_and_leaves_nothing(tmp_path, during, stop):
+    """Ctrl-C reaches the whole group; GNU timeout sends SIGTERM to the process, then to its
+    group: the writer's workers must not die first and read as a failed write."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     pattern = ".synthetic-*" if during == "generating" else ".*.beton.*.tmp"
@@ -383,13 +386,18 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_nothing(tmp_path, during):
                 break
             time.sleep(0.01)
         assert list(data_dir.glob(pattern)), f"prepare never reached {during}"
-        time.sleep(0.2)
-        os.killpg(prep.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group
+        time.sleep(0.05)
+        if stop == "ctrl-c":
+            os.killpg(prep.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group
+        else:
+            os.kill(prep.pid, signal.SIGTERM)
+            os.killpg(prep.pid, signal.SIGTERM)
         out, err = prep.communicate(timeout=60)
     finally:
         if prep.poll() is None:
             os.killpg(prep.pid, signal.SIGKILL)
-    assert prep.returncode == 130 and err.strip() == "interrupted", err
+    assert prep.returncode == (130 if stop == "ctrl-c" else 143), err
+    assert err.strip() == "interrupted", err
     assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
     if during == "generating":
         assert list(data_dir.iterdir()) == []

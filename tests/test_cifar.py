@@ -27,6 +27,7 @@ from conftest import (
 )
 
 from common import hardware
+from common.files import waiting_lock
 from loaders import cifar, synthetic
 from loaders.cifar import DataError
 from loaders.prepare import prepare
@@ -269,6 +270,18 @@ def test_two_processes_preparing_one_folder_share_its_files(tmp_path, before):
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(
         [name, *(f"{name}-{split}.beton{json}" for split in ("train", "test")
                  for json in ("", ".json"))])
+
+
+@pytest.mark.slow
+def test_a_prepared_folder_is_read_while_another_process_holds_its_lock(tmp_path):
+    """Every rank of a multi-GPU run prepares the same folder at once: reading a prepared one
+    takes no lock, so none waits for another (nor says so)."""
+    data_dir = tmp_path / "data"
+    prepare("synthetic", data_dir, synthetic_size=(200, 50), workers=1)
+    with waiting_lock(data_dir / ".prepare.lock", lambda: None):  # a writer, elsewhere
+        result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size",
+                            200, 50, "--data-dir", data_dir, timeout=120)  # a wait: fails
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_prepare_checks_the_data_dir_first(tmp_path):
@@ -544,11 +557,13 @@ def test_a_synthetic_size_beyond_memory_is_refused_before_any_work(tmp_path):
     assert list((tmp_path / "data").iterdir()) == []
 
 
-def test_a_cgroup_limit_counts_its_reclaimable_cache_as_free(tmp_path):
-    for name, value in {"memory.max": "1000000", "memory.current": "600000",
-                        "memory.stat": "anon 400000\ninactive_file 200000\n"}.items():
+@pytest.mark.parametrize("version", [0, 1], ids=["v2", "v1"])
+def test_a_cgroup_limit_counts_its_reclaimable_cache_as_free(tmp_path, version):
+    names = list(hardware.CGROUPS.values())[version]
+    for name, value in zip(names, ("1000000", "600000"), strict=False):
         (tmp_path / name).write_text(value + "\n")
-    assert hardware._cgroup_headroom(tmp_path) == 1_000_000 - (600_000 - 200_000)
+    (tmp_path / "memory.stat").write_text(f"anon 400000\n{names[2]} 200000\n")
+    assert hardware._cgroup_headroom(tmp_path, *names) == 1_000_000 - (600_000 - 200_000)
 
 
 def test_available_memory_is_at_most_what_the_system_has():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -89,3 +90,17 @@ def test_run_main_names_a_full_disk_and_a_lack_of_memory(capsys):
                                        "some space or write to another disk.\n")
     assert run_main(huge) == 1
     assert capsys.readouterr().err.startswith("error: out of memory; ")
+
+
+def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(capsys):
+    """SIGTERM's KeyboardInterrupt raised inside a __del__ (or logging's at-fork hook) is
+    printed and dropped by Python; the command still ends as stopped, not with 0."""
+    class SignalsWhenCollected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside __del__
+
+    def body() -> None:
+        SignalsWhenCollected()
+
+    assert run_main(body) == 143
+    assert capsys.readouterr().err.strip() == "interrupted"

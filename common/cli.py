@@ -6,7 +6,8 @@ import errno
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from common.errors import EngineError, Interrupted
 
@@ -36,6 +37,31 @@ def _quiet_lost_ctrl_c(unraisable, previous=sys.unraisablehook) -> None:
     not lost here, stop_if_interrupted raises it again."""
     if not isinstance(unraisable.exc_value, KeyboardInterrupt):
         previous(unraisable)
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have: for work
+    an interrupt must not cut in two (a lock taken and never released, a fork hook that drops
+    the interrupt). A handler that only takes note, not a blocked signal mask: Python runs
+    handlers in the main thread whichever thread the signal reached (numba's, torch's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread gets Python's signal handlers
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # the first one, as it would have been handled
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            else:
+                signal.raise_signal(caught[0])
 
 
 def stopped_code() -> int:

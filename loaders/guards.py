@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
+from common.cli import STOP_SIGNALS, stop_signals_held
 from common.errors import DataError, LoaderError
 from common.hardware import available_cores
 
@@ -116,41 +117,13 @@ def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
                           f"{type(failure).__name__}: {failure}") from failure
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def stop_signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have: for work
-    an interrupt must not cut in two (a lock taken and never released, a fork hook that drops
-    the interrupt). A handler that only takes note, not a blocked signal mask: Python runs
-    handlers in the main thread whichever thread the signal reached (numba's, torch's)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread gets Python's signal handlers
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:  # the first one, as it would have been handled
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)
-            else:
-                signal.raise_signal(caught[0])
-
-
 def _quiet_worker(errors: multiprocessing.queues.Queue, work: Callable[..., None],
                   *args: object) -> None:
     """A writer worker that ignores Ctrl-C and SIGTERM, which a terminal, `timeout` or Slurm
     send to the whole group (the parent stops it; it starts with them held, so none arrives
     before), and reports its failure to the parent as one line instead of a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     try:
         work(*args)
     except BaseException as error:  # noqa: BLE001 - everything goes to the parent

@@ -14,13 +14,13 @@ from common.errors import EngineError, Interrupted
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 # SIGTERM (timeout, Slurm, docker stop) stops as cleanly as Ctrl-C, with the shell's 128 + 15
 STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM}
-_ctrl_c = threading.Event()  # set by run_main's signal handler, cleared when it returns
+_stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
 
 def _on_stop_signal(signum: int, frame) -> None:
     _stopped_by[:] = [signum]
-    _ctrl_c.set()
+    _stop_requested.set()
     raise KeyboardInterrupt
 
 
@@ -28,15 +28,17 @@ def stop_if_interrupted() -> None:
     """Raise KeyboardInterrupt if Ctrl-C came and was lost: raised inside a __del__ or a
     weakref callback (numba's, during garbage collection), Python prints and ignores it.
     Progress updates call this, so a command stops at the next step all the same."""
-    if _ctrl_c.is_set():
+    if _stop_requested.is_set():
         raise KeyboardInterrupt
 
 
-def _quiet_lost_ctrl_c(unraisable, previous=sys.unraisablehook) -> None:
-    """sys.unraisablehook that drops the 'Exception ignored' report of a lost Ctrl-C: it is
-    not lost here, stop_if_interrupted raises it again."""
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-        previous(unraisable)
+def _quiet_lost_stop(previous: Callable) -> Callable:
+    """A sys.unraisablehook that drops the 'Exception ignored' report of a lost Ctrl-C (it is
+    not lost here: stop_if_interrupted raises it again) and hands the rest to `previous`."""
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+    return hook
 
 
 @contextmanager
@@ -85,7 +87,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
-        sys.unraisablehook = _quiet_lost_ctrl_c
+        sys.unraisablehook = _quiet_lost_stop(hook)
     try:
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
@@ -107,7 +109,7 @@ def run_main(body: Callable[[], int | None]) -> int:
               "machine with more memory.", file=sys.stderr)
         return 1
     finally:
-        _ctrl_c.clear()
+        _stop_requested.clear()
         _stopped_by.clear()
         for s, handler in previous.items():
             signal.signal(s, handler)

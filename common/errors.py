@@ -48,3 +48,9 @@ class SetupError(EngineError):
 
 class ExportError(EngineError):
     """A model cannot be exported, or its export does not compute what the checkpoint does."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, 'ValueError: ...', for a message or a table row: library
+    messages can be empty, many lines or pages long."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import datetime
 import fcntl
+import hashlib
 import io
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -36,6 +38,15 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_hash(path: Path, digest: hashlib._Hash) -> str:
+    """The hex digest of a file's bytes, fed to `digest` (a fresh hashlib object) in 4 MB
+    blocks, so a large file is never held in memory."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -67,6 +78,17 @@ def timestamped(prefix: str) -> str:
     return f"runs/{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be made in existing `folder` ('cannot be written (Permission denied)'),
+    or None. Trying is the only sure test: os.access misses read-only mounts, ACLs and root."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # unlinked at once: nothing left behind
+            pass
+    except OSError as error:
+        return f"cannot be written ({error.strerror or error})"
+    return None
+
+
 def make_dir(path: Path) -> bool:
     """Create folder `path` (and parents) and check it is writable; True when it is new.
 
@@ -76,13 +98,12 @@ def make_dir(path: Path) -> bool:
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = temporary_name(path / "write-test")
-        probe.write_bytes(b"")
-        probe.unlink()
+        problem = unwritable(path)
     except OSError as error:
-        what = ("is a file, not a folder" if path.is_file()
-                else f"cannot be written ({error.strerror})")
-        raise OutputError(f"--out {path} {what}; choose a writable folder.") from None
+        problem = ("is a file, not a folder" if path.is_file()
+                   else f"cannot be written ({error.strerror})")
+    if problem:
+        raise OutputError(f"--out {path} {problem}; choose a writable folder.")
     return created
 
 
@@ -95,24 +116,48 @@ def _is_current(fd: int, lock: Path) -> bool:
         return False
 
 
-def _lock_file(lock: Path, folder: Path) -> int:
-    """An open descriptor of `lock`, flocked by this process; OutputError if another holds it.
+def _open_lock(lock: Path) -> int:
+    """The lock file opened for writing, as NFS's flock (an fcntl lock there) needs for an
+    exclusive lock; read-only where another user's file (mode 0644) allows no more."""
+    try:
+        return os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    except PermissionError:
+        return os.open(lock, os.O_RDONLY)
+
+
+def _acquire(lock: Path, on_busy: Callable[[int], object]) -> int:
+    """An open descriptor of `lock`, flocked by this process. When another process holds it,
+    on_busy(fd) is called once: it raises to refuse, or returns to wait for the holder.
 
     A holder unlinks the file when done, so after locking, check that the file locked is
-    still the one at that path (the usual pattern): else another run released it meanwhile.
+    still the one at that path (the usual pattern): else another process released it meanwhile.
     """
+    waited = False
     while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = _open_lock(lock)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    on_busy(fd)
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _is_current(fd, lock):
+                return fd
+        except BaseException:  # refused, or Ctrl-C while waiting: nothing held
             os.close(fd)
-            raise OutputError(f"--out {folder} is in use by another run (process {holder}); "
-                              "wait for it to finish or choose another folder.") from None
-        if _is_current(fd, lock):
-            return fd
+            raise
         os.close(fd)
+
+
+def _busy_run(folder: Path) -> Callable[[int], None]:
+    """locked_dir's answer to a held lock: refuse, naming the run that holds it."""
+    def refuse(fd: int) -> None:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise OutputError(f"--out {folder} is in use by another run (process {holder}); "
+                          "wait for it to finish or choose another folder.")
+    return refuse
 
 
 @contextmanager
@@ -127,10 +172,11 @@ def locked_dir(path: Path) -> Iterator[None]:
     path = Path(path)
     created = make_dir(path)
     lock = path / ".lock"
-    fd = _lock_file(lock, path)
+    fd = _acquire(lock, _busy_run(path))
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with suppress(OSError):  # another user's lock file, open read-only, keeps its text
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -139,42 +185,12 @@ def locked_dir(path: Path) -> Iterator[None]:
             path.rmdir()
 
 
-def sweep_temporaries(folder: Path) -> None:
-    """Delete the `.<name>.<pid>.tmp` files of writers that were killed mid-write."""
-    for stale in Path(folder).glob(".*.*.tmp"):
+def sweep_temporaries(folder: Path, name: str = "*") -> None:
+    """Delete the `.<name>.<pid>.tmp` files (of every name by default) that writers killed
+    mid-write left in folder."""
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
         if stale.is_file():
             stale.unlink(missing_ok=True)
-
-
-def _open_lock(lock: Path) -> int:
-    """The lock file opened for writing, as NFS's flock (an fcntl lock there) needs for an
-    exclusive lock; read-only where another user's file (mode 0644) allows no more."""
-    try:
-        return os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
-    except PermissionError:
-        return os.open(lock, os.O_RDONLY)
-
-
-def _wait_for_lock(lock: Path, on_wait: Callable[[], object]) -> int:
-    """An open descriptor of `lock`, flocked by this process once any other holder is done;
-    on_wait() is called once if it has to wait."""
-    waited = False
-    while True:
-        fd = _open_lock(lock)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not waited:
-                    on_wait()
-                    waited = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if _is_current(fd, lock):
-                return fd
-        except BaseException:  # Ctrl-C while waiting: nothing held, nothing to remove
-            os.close(fd)
-            raise
-        os.close(fd)
 
 
 @contextmanager
@@ -183,7 +199,7 @@ def waiting_lock(lock: Path, on_wait: Callable[[], object]) -> Iterator[None]:
     process holds it: for work a second process can reuse once the first is done, where
     locked_dir refuses. The flock dies with its process, so a killed holder never blocks
     anyone; the file is removed on the way out."""
-    fd = _wait_for_lock(Path(lock), on_wait)
+    fd = _acquire(Path(lock), lambda fd: on_wait())
     try:
         yield
     finally:

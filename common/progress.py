@@ -19,8 +19,6 @@ POSTFIX_INTERVAL = 1.0  # seconds between a bar's postfix refreshes: nobody read
 class LineProgress:
     """The part of tqdm's interface the engine uses, writing a line at most every `interval`."""
 
-    disable = False
-
     def __init__(self, total: int, desc: str, unit: str, interval: float = LOG_INTERVAL):
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.n, self.postfix = 0, ""

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, one_line
 from common.files import atomic_write, write_csv, write_text
 from common.hardware import device_name
 from engine.config import TrainConfig
 from engine.model import build_model
-from engine.optim import load_schedule
+from engine.optimizers import load_schedule
 
 if TYPE_CHECKING:
     from engine.run import Run
@@ -37,11 +37,6 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr
 DATA_KEYS = ("dataset", "data_dir", "train", "test", "source")
 
 
-def gist(error: Exception) -> str:
-    """An exception as one short line: library messages can be empty or pages long."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
-
-
 def save(path: Path, checkpoint: dict) -> None:
     """Write atomically; a failed write (a full disk, ...) leaves the previous file intact."""
     try:
@@ -51,7 +46,7 @@ def save(path: Path, checkpoint: dict) -> None:
         then = ("the previous one is intact. Free some space and continue with --resume"
                 if Path(path).exists() else "nothing was written. Free some space (or choose "
                 "another --out) and run the same command again")
-        raise CheckpointError(f"could not write {path} ({gist(error)}); {then}. Its disk has "
+        raise CheckpointError(f"could not write {path} ({one_line(error)}); {then}. Its disk has "
                               f"{free:,.0f} MiB free.") from None
 
 
@@ -67,7 +62,7 @@ def load(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, pickles of classes, random bytes, ...
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({gist(error)}). It may be truncated or "
+            f"{path} is not a readable checkpoint ({one_line(error)}). It may be truncated or "
             "come from another tool; use the ckpt.pt that engine/train.py wrote.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cifar10-engine checkpoint (no '{FORMAT}' "
@@ -126,7 +121,7 @@ def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:
     except (ValueError, RuntimeError) as error:  # unknown arch, or weights of another shape
         raise CheckpointError(f"{path}: its weights do not fit a {ckpt['arch']} of width "
                               f"{ckpt['width']} with {ckpt['num_classes']} classes "
-                              f"({gist(error)}).") from None
+                              f"({one_line(error)}).") from None
     return model.eval()
 
 

@@ -8,16 +8,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
 from engine.model import ARCHS
-from engine.optim import OPTIMIZERS, SCHEDULES
-from loaders import LOADERS
+from engine.optimizers import OPTIMIZERS, SCHEDULES
+from loaders import LOADERS, synthetic
 from loaders.augment import AugmentConfig
 from loaders.prepare import add_data_arguments
-
-# torch.compile's modes: reduce-overhead replays CUDA graphs (one launch a graph instead of one
-# a kernel); the max-autotune ones also time kernel choices while compiling (minutes)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -27,7 +24,7 @@ class TrainConfig:
     preset: str = "fast"
     dataset: str = "cifar10"
     data_dir: str = "data"
-    synthetic_size: tuple[int, int] = (50_000, 10_000)
+    synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE
     loader: str | None = None  # None: resident on GPU, ffcv otherwise
     workers: int | None = None  # None: the cores this process may use
     arch: str = "resnet18"
@@ -61,16 +58,13 @@ class TrainConfig:
         self.synthetic_size = tuple(self.synthetic_size)
 
     def augment(self) -> AugmentConfig:
+        """The augmentation options as loaders.augment takes them (it checks their ranges)."""
         return AugmentConfig(flip=self.flip, translate=self.translate,
                              reflect=self.pad_mode == "reflect", cutout=self.cutout)
 
     def to_dict(self) -> dict:
+        """Every field by name: what config.json and ckpt.pt store, so a run can be redone."""
         return asdict(self)
-
-
-def compile_text(compile: bool, mode: str = "default") -> str:
-    """How a step runs, for logs and tables: 'eager', 'compiled' or 'compiled reduce-overhead'."""
-    return ("compiled" if mode == "default" else f"compiled {mode}") if compile else "eager"
 
 
 # Where the default ("fast") choices come from; what is not credited below is our own.
@@ -78,7 +72,7 @@ def compile_text(compile: bool, mode: str = "default") -> str:
 #   triangular LR peaking at 20% of the steps and ending at 0: Keller Jordan's ResNet-18
 #   baseline (github.com/KellerJordan/cifar10-zoo, airbench/baselines/train_resnet18_94.py:
 #   26 epochs at batch 500, 94% with its TTA level 2, "51 seconds on an A100", 2.10 s/epoch).
-#   That schedule starts at 0.2 of the peak; ours starts at 1/(W+1) of it (engine/optim.py).
+#   That schedule starts at 0.2 of the peak; ours starts at 1/(W+1) of it (engine/optimizers.py).
 #   lr 0.2 at batch 512 is also the linear scaling rule, 0.1 per 256 images (Goyal et al. 2017).
 # - label smoothing 0.2 and flip + 2-pixel reflect translate: airbench94's hyp['opt'] and
 #   hyp['aug'] (github.com/KellerJordan/cifar10-airbench). airbench94 flips alternately (a
@@ -203,7 +197,7 @@ class Options:
     given: dict  # option name (TrainConfig field) -> value typed on the command line
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     """An option's value as config.json holds it: paths as strings, lists as tuples."""
     return str(value) if isinstance(value, Path) else tuple(value) if isinstance(
         value, list) else value

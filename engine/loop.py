@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
+from common.compile_modes import compile_text
 from common.errors import CheckpointError, Interrupted, TrainingError
 from common.files import locked_dir, sweep_temporaries, write_json
 from common.hardware import device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, compile_text, resolve, resume_config
+from engine.config import TrainConfig, resolve, resume_config
 from engine.evaluate import evaluate
 from engine.run import Run, build, make_accelerator, train_step
 
@@ -201,9 +202,10 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
-          log: Log = print) -> Trained:
+          log: Log = lambda _: None) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
-    return its history. Ctrl-C raises Interrupted, saying what was kept."""
+    return its history; each epoch's line and each notice go to log (the command line passes
+    print). Ctrl-C raises Interrupted, saying what was kept."""
     cfg, ckpt = configure(cfg, resume, given)
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process

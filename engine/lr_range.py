@@ -162,7 +162,7 @@ def range_test(run: Run, start_lr: float = START_LR, end_lr: float = END_LR,
 def use_suggestion(run: Run) -> RangeTest:
     """--lr auto: range-test the run, then make the suggestion the peak of its schedule.
 
-    Every schedule of engine.optim peaks at the groups' base LR, so the suggestion becomes
+    Every schedule of engine.optimizers peaks at the groups' base LR, so the suggestion becomes
     the peak LR of the default triangular schedule (Keller Jordan's shape) or of
     `--schedule onecycle`; an explicit --schedule is kept as chosen. run.cfg records it.
     """

@@ -17,7 +17,7 @@ from torch import nn
 from common.errors import TrainingError
 from engine.config import TrainConfig
 from engine.model import build_model
-from engine.optim import build_optimizer, build_schedule
+from engine.optimizers import build_optimizer, build_schedule
 from loaders import make_loader
 from loaders.base import BatchLoader
 from loaders.prepare import Prepared, prepare

@@ -13,10 +13,12 @@ from engine.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train as the command line says, then print the best accuracy; the exit status comes
+    from run_main, so a known error or Ctrl-C is one line, not a traceback."""
     options = parse(argv)
 
     def body() -> None:
-        result = train(options.cfg, options.resume, options.given)
+        result = train(options.cfg, options.resume, options.given, log=print)
         if result.main_process and result.history:
             best = max(result.history, key=lambda r: r["test_acc"])
             total = sum(r["seconds"] for r in result.history)

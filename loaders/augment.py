@@ -123,7 +123,7 @@ def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
 
 
 class Augment:
-    """uint8 N x 32 x 32 x 3 batches in (or ones already through `normalize`), normalized
+    """uint8 N x 32 x 32 x 3 batches in (or splits already through `store`), normalized
     channels_last N x 3 x 32 x 32 out."""
 
     def __init__(self, cfg: AugmentConfig | None, mean: list[float], std: list[float],
@@ -144,21 +144,17 @@ class Augment:
         # multiplying apart were three, about 1.4x the time on CPU)
         return torch.addcmul(self.offset, images.permute(0, 3, 1, 2), self.scale)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """A uint8 N x H x W x C batch normalized, in the output dtype and still N x H x W x C."""
-        return self._normalized(images).to(self.dtype).permute(0, 2, 3, 1)
-
     def store(self, images: torch.Tensor) -> torch.Tensor:
-        """A whole uint8 N x H x W x C split normalized once, for `__call__` with an index: each
-        epoch is then one gather in the output dtype (flip, translate and sample order at once,
-        no float conversion or normalization per epoch). Flip and translate only move pixels,
-        so the output is the same as augmenting the uint8 split."""
-        return self.normalize(images)
+        """A whole uint8 N x H x W x C split normalized once, in the output dtype and still
+        N x H x W x C, for `__call__` with an index: each epoch is then one gather (flip,
+        translate and sample order at once, no float conversion or normalization per epoch).
+        Flip and translate only move pixels, so the output is the same as augmenting the uint8
+        split."""
+        return self._normalized(images).to(self.dtype).permute(0, 2, 3, 1)
 
     def _black(self) -> torch.Tensor:
         """What zero padding writes in normalized images: a black pixel, normalized."""
-        return self.normalize(torch.zeros(1, 1, 1, 3, dtype=torch.uint8,
-                                          device=self.device))[0, 0, 0]
+        return self.store(torch.zeros(1, 1, 1, 3, dtype=torch.uint8, device=self.device))[0, 0, 0]
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Augment a uint8 batch, or images[index] of a split made by `store`."""

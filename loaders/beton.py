@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
-from common.files import atomic_write
+from common.files import atomic_write, file_hash, sweep_temporaries, write_json
 from loaders.cifar import ROW_SIZE, Split
 from loaders.guards import guarded_writer, importing_ffcv
 
@@ -68,11 +68,7 @@ def sidecar(path: Path) -> Path:
 def file_digest(path: Path) -> str:
     """blake2b of a file's bytes, read in blocks (0.12 s for CIFAR-10's 169 MB on 2 CPU cores:
     benchmarks/results/beton-verify-cpu-2core.log)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(path, hashlib.blake2b(digest_size=16))
 
 
 def damage(path: Path, info: BetonInfo, full: bool = True) -> str | None:
@@ -175,8 +171,7 @@ def write(path: Path, split: Split, classes: list[str],
                         "least one. Check the source files of this split.")
     mean, std = stats or channel_stats(split.images)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    sweep_temporaries(path.parent, path.name)
     sidecar(path).unlink(missing_ok=True)  # an old sidecar must never vouch for a new file
     check_space(path.parent, space_needed(len(split.labels), workers))
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
@@ -199,7 +194,7 @@ def write(path: Path, split: Split, classes: list[str],
                         f"{path.parent} or fix the cause above, then run again.") from error
     info = BetonInfo(FORMAT, len(split.labels), source, classes, mean, std, **written)
     try:
-        atomic_write(sidecar(path), lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=1)))
+        write_json(sidecar(path), asdict(info))
     except BaseException:  # a .beton nothing vouches for would only be rebuilt: drop it now
         path.unlink(missing_ok=True)
         raise

@@ -14,17 +14,20 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import DataError
-from common.files import usual_permissions
+from common.files import file_hash, usual_permissions
 from common.hardware import available_memory
 from loaders import folders, synthetic
 
 ROW_SIZE = 32 * 32 * 3  # one image: R, G and B planes of 32 x 32 bytes
+# seconds a download's connection may stay silent (connecting, or between two reads) before
+# it is given up: the whole download may take longer
+DOWNLOAD_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ LAYOUTS = {
         labels_key=b"fine_labels",
     ),
 }
+# the layout of the python-format folders this project writes (synthetic data, image folders):
+# CIFAR-10's, so they read as CIFAR-10 does; they are made here, never downloaded
+OWN_LAYOUT = replace(LAYOUTS["cifar10"], url=None, md5=None, folder="")
 DATASETS = ("cifar10", "cifar100", "synthetic", "folder")
 
 
@@ -89,22 +95,19 @@ class CifarData:
 
 
 def md5sum(path: Path) -> str:
-    """md5 of a file's bytes, read in blocks: what CIFAR's archives are published with."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """md5 of a file's bytes: what CIFAR's archives are published with."""
+    return file_hash(path, hashlib.md5())
 
 
-def download(url: str, md5: str, dest: Path, timeout: float = 60.0) -> Path:
+def download(url: str, md5: str, dest: Path) -> Path:
     """Fetch url to dest through a temporary file that is renamed only once its md5 matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
         digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with (os.fdopen(fd, "wb") as out,
+              urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response):
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
@@ -206,7 +209,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
     }
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Callable[..., object]:
+        """The allowed global (module, name) names; UnpicklingError for any other."""
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module.replace("numpy.core", "numpy._core"), name)
@@ -228,13 +232,13 @@ def _unpickle(path: Path, fix: str) -> dict:
     return content
 
 
-def _entry(content: dict, key: bytes):
+def _entry(content: dict, key: bytes) -> object:
     """content[key] whether the file was written by Python 2 (bytes keys, as in the original
     archive) or by Python 3 (str keys); None when neither is there."""
     return content.get(key, content.get(key.decode()))
 
 
-def _one_label_each(path: Path, count: int, value, fix: str) -> np.ndarray:
+def _one_label_each(path: Path, count: int, value: object, fix: str) -> np.ndarray:
     """A batch's labels as an integer array of `count`; DataError naming path otherwise."""
     try:
         labels = np.asarray(value)
@@ -321,10 +325,10 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
     return CifarData(name, classes, read(layout.train_files), read(layout.test_files), folder)
 
 
-def source_name(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
-                seed: int = 0) -> str:
-    """The python-format folder dataset `name` is read from (and its .beton files' prefix):
-    one per synthetic size and seed, one per state of an image folder."""
+def source_name(name: str, data_dir: Path,
+                synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE, seed: int = 0) -> str:
+    """The name of the python-format folder dataset `name` is read from: one per synthetic
+    size and seed, one per state of an image folder, the archive's folder for CIFAR."""
     if name == "synthetic":
         return f"synthetic-{synthetic_size[0]}-{synthetic_size[1]}-seed{seed}"
     if name == "folder":
@@ -337,7 +341,7 @@ def image_folder_name(files: dict[str, dict[str, list[Path]]]) -> str:
     return f"folder-{folders.fingerprint(files)}"
 
 
-def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
+def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE,
          seed: int = 0) -> CifarData:
     """Fetch, generate or convert (when needed), read and validate dataset `name`."""
     if name not in DATASETS:
@@ -365,14 +369,10 @@ def check_synthetic_memory(n_train: int, n_test: int) -> None:
                         "--synthetic-size or free some memory.")
 
 
-# the layout of the python-format folders this project writes (synthetic data, image folders)
-OWN_LAYOUT = Layout(None, None, "", LAYOUTS["cifar10"].train_files, ("test_batch",),
-                    "batches.meta", b"label_names", b"labels")
-
-
 def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> None:
     rows = images.transpose(0, 3, 1, 2).reshape(len(images), ROW_SIZE)
-    batch = {b"data": rows, b"labels": labels.tolist(), **{k.encode(): v for k, v in extra.items()}}
+    batch = {b"data": rows, OWN_LAYOUT.labels_key: labels.tolist(),
+             **{k.encode(): v for k, v in extra.items()}}
     with open(path, "wb") as f:
         pickle.dump(batch, f, protocol=4)
 
@@ -407,14 +407,16 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
 def _write_splits(staging: Path, classes: list[str], train: dict[str, np.ndarray],
                   test: dict[str, np.ndarray]) -> None:
     """The batch and meta files of a python folder, in staging."""
-    for name, part in zip(OWN_LAYOUT.train_files,
-                          np.array_split(np.arange(len(train["labels"])), 5), strict=True):
+    files = OWN_LAYOUT.train_files
+    for name, part in zip(files, np.array_split(np.arange(len(train["labels"])), len(files)),
+                          strict=True):
         _write_batch(staging / name, **{k: v[part] for k, v in train.items()})
-    _write_batch(staging / "test_batch", **test)
-    with open(staging / "batches.meta", "wb") as f:
+    (test_file,) = OWN_LAYOUT.test_files
+    _write_batch(staging / test_file, **test)
+    with open(staging / OWN_LAYOUT.meta_file, "wb") as f:
         # as file-system bytes: a folder's name that is no UTF-8 (surrogate-escaped) is kept
         # byte for byte, and read back as Latin-1 text (see _text)
-        pickle.dump({b"label_names": [os.fsencode(c) for c in classes]}, f)
+        pickle.dump({OWN_LAYOUT.names_key: [os.fsencode(c) for c in classes]}, f)
 
 
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
@@ -446,8 +448,3 @@ def write_image_folder(root: Path) -> Path:
                      for split in folders.SPLITS)
 
     return write_python_folder(folder, list(files["train"]), make)
-
-
-def synthetic_boxes(folder: Path) -> np.ndarray:
-    """The object boxes (y0, x0, y1, x1) of a synthetic test split, in test order."""
-    return np.asarray(_unpickle(folder / "test_batch", "Regenerate the synthetic data.")[b"boxes"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,9 +13,9 @@ from pathlib import Path
 
 from common.cli import run_main
 from common.errors import DataError
-from common.files import waiting_lock
+from common.files import unwritable, waiting_lock
 from common.hardware import default_workers
-from loaders import beton, cifar
+from loaders import beton, cifar, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,12 @@ def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
     if not existing.is_dir():
         raise DataError(f"--data-dir {data_dir}: {existing} is a file, not a folder; pass a "
                         "folder (it is created when missing).")
-    if writing and not os.access(existing, os.W_OK | os.X_OK):
+    if writing and unwritable(existing):
         raise DataError(f"--data-dir {data_dir}: {existing} is read-only; pass a folder you "
                         "can write to, or make it writable.")
 
 
-def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = (50_000, 10_000),
+def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE,
             seed: int = 0, workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
 
@@ -135,7 +134,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python loaders/prepare.py", description=__doc__)
     add_data_arguments(parser)
-    parser.set_defaults(dataset="cifar10", data_dir=Path("data"), synthetic_size=(50_000, 10_000))
+    parser.set_defaults(dataset="cifar10", data_dir=Path("data"),
+                        synthetic_size=synthetic.DEFAULT_SIZE)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     args = parser.parse_args(argv)
 

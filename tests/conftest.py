@@ -217,6 +217,13 @@ def cifar10_dir(tmp_path) -> Cifar10Dir:
     return write_cifar10(tmp_path / "data")
 
 
+def synthetic_boxes(folder: Path) -> np.ndarray:
+    """The object boxes (y0, x0, y1, x1) of a synthetic folder's test split, in test order:
+    stored beside the images for the tests of Grad-CAM, which the readers ignore."""
+    (test_file,) = cifar.OWN_LAYOUT.test_files
+    return np.asarray(pickle.loads((folder / test_file).read_bytes())[b"boxes"])
+
+
 def make_tar_gz(path: Path, folder: Path | None = None,
                 members: list[tuple[tarfile.TarInfo, bytes]] = ()) -> Path:
     """A tar.gz holding `folder` under its own name, plus hand-made members."""

@@ -345,8 +345,8 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     failing mid-section (loaders) or at construction (epoch) is a failed row, the rest run."""
     args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256", "--epoch-images", "128", "--workers", "1"])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # pick_device's, undone after the test
-    device = bench.pick_device(args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
+    device = bench.measured_device(args)
     bench.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))  # no numba JIT
     real = bench_sections.make_loader

@@ -21,6 +21,7 @@ from conftest import (
     make_tar_gz,
     random_split,
     run_script,
+    synthetic_boxes,
     tmpfs,
     to_rows,
     write_cifar10,
@@ -598,7 +599,7 @@ def test_synthetic_boxes_hold_the_object(tmp_path):
     """Each box lies in the image and holds the object: one flat colour, never outside it."""
     folder = cifar.write_synthetic(tmp_path, 10, 200, seed=2)
     images = cifar.read_folder(folder, cifar.OWN_LAYOUT, "synthetic").test.images
-    boxes = cifar.synthetic_boxes(folder)
+    boxes = synthetic_boxes(folder)
     assert boxes.shape == (200, 4)
     y0, x0, y1, x1 = boxes.T
     assert (y0 >= 0).all() and (x0 >= 0).all() and (y1 <= 32).all() and (x1 <= 32).all()

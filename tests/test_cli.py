@@ -4,6 +4,7 @@ console script; and errors end in one line, never a traceback."""
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import shutil
 import signal
@@ -104,3 +105,33 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(capsys):
 
     assert run_main(body) == 143
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_other_unraisable_errors_reach_the_hook_in_place_when_run_main_starts(monkeypatch):
+    """run_main hides only the lost stop signal; the rest goes to the hook of the moment
+    (pytest's, a user's), not to the one present when common.cli was imported."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable))
+
+    class FailsWhenCollected:
+        def __del__(self) -> None:
+            raise ValueError("from a finalizer")
+
+    def body() -> None:
+        FailsWhenCollected()
+
+    assert run_main(body) == 0
+    assert [type(u.exc_value) for u in seen] == [ValueError]
+
+
+@pytest.mark.parametrize("module, args", [("tools.report", ["ckpt.pt"]),
+                                          ("tools.export", ["ckpt.pt", "--format", "onnx"]),
+                                          ("tools.bench", [])])
+def test_an_empty_data_dir_is_refused_not_read_as_the_current_folder(module, args, capsys):
+    """Path('') is '.', so `--data-dir ""` (an unset shell variable) would write into the
+    current folder: every tool with --data-dir refuses it, as training does."""
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).parse_args([*args, "--data-dir", ""])
+    assert stop.value.code == 2
+    assert "an empty value would write the data into the current directory" in \
+        capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_gpu_suite
 
-from engine.config import COMPILE_MODES, compile_text
+from common.compile_modes import COMPILE_MODES, compile_text
 from tools import gpu_suite, gpu_summary
 from tools.bench_sections import StepResult
 
@@ -197,9 +198,15 @@ def test_a_python_without_ffcv_gets_the_wheels_installed(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_the_summary_reads_results_without_importing_torch():
+    """A machine that only reads the results back needs no torch: gpu_summary imports none."""
+    code = "import sys, tools.gpu_summary; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
 def test_the_summary_names_each_step_row_as_the_bench_does():
-    """gpu_summary reads the bench JSON without importing torch, so it has its own copy of
-    engine.config.compile_text: they must agree on every row."""
+    """gpu_summary reads the bench JSON without importing torch, through the same torch-free
+    compile_text as engine.config: its rows must read as the bench's on every mode."""
     for compile in (False, True):
         for mode in COMPILE_MODES:
             row = asdict(StepResult("bf16", "channels_last", compile, 512, 64, mode,

@@ -18,7 +18,7 @@ from conftest import run_script
 
 from engine import lr_range
 from engine.config import TrainConfig, resolve
-from engine.optim import lr_at
+from engine.optimizers import lr_at
 from engine.run import Run, build, make_accelerator, train_step
 from loaders.prepare import prepare
 from tools import lr_find

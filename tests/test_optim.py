@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.optim import (
+from engine.optimizers import (
     ONECYCLE_END,
     ONECYCLE_START,
     OPTIMIZERS,

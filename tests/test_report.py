@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, tmpfs, train_tiny
+from conftest import run_script, synthetic_boxes, tmpfs, train_tiny
 from matplotlib.image import imread
 from pypdf import PdfReader
 
 from engine import checkpoint
-from loaders import beton, cifar, synthetic
+from loaders import beton, synthetic
 from tools import report, report_faithfulness, report_figures, report_inputs
 
 pytestmark = pytest.mark.slow
@@ -124,13 +124,13 @@ def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
 def test_gradcam_peaks_on_the_object(loaded):
     """On correctly classified images the true class's layer-3 map peaks inside the shape's
     box (dilated by a pixel) far more often than chance; a transposed or flipped map fails."""
-    probs, labels = report_inputs.predict(loaded)
+    probs, labels = report_inputs.predictions(loaded)
     right = np.flatnonzero(probs.argmax(1) == labels)[:200]
     assert len(right) >= 100  # the model learned something
     inputs = report_inputs.normalized(loaded, right)
     maps = report_figures.cams(loaded.model, inputs, labels[right], "layer3")
     y, x = np.unravel_index(maps.reshape(len(maps), -1).argmax(1), (32, 32))
-    y0, x0, y1, x1 = cifar.synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
+    y0, x0, y1, x1 = synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
     inside = (y >= y0 - 1) & (y < y1 + 1) & (x >= x0 - 1) & (x < x1 + 1)
     chance = ((synthetic.SHAPE_SIZE + 2) / 32) ** 2  # 14% of the image
     assert inside.mean() > 3 * chance
@@ -141,10 +141,10 @@ def test_road_ranks_gradcam_and_the_object_box_above_random_maps(loaded):
     object's own box and Grad-CAM's layer-3 maps both score above random maps, by more than
     three standard errors of the per-image difference. How far above depends on the model: a
     fixed margin failed when a last-bit change in normalization retrained the tiny model."""
-    probs, labels = report_inputs.predict(loaded)
+    probs, labels = report_inputs.predictions(loaded)
     right = np.flatnonzero(probs.argmax(1) == labels)[:192]
     inputs = report_inputs.normalized(loaded, right)
-    y0, x0, y1, x1 = cifar.synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
+    y0, x0, y1, x1 = synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
     rows, cols = np.arange(32)[None, :, None], np.arange(32)[None, None, :]
     boxes = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) & (cols >= x0[:, None, None])
              & (cols < x1[:, None, None])).astype(np.float32)

@@ -23,23 +23,26 @@ from typing import Any, TypeVar
 import torch
 
 from common.cli import run_main
-from common.files import write_json
+from common.compile_modes import COMPILE_MODES
+from common.files import unwritable, write_json
 from common.hardware import available_cores
-from engine.config import COMPILE_MODES, TrainConfig, resolve
+from engine.config import TrainConfig, resolve
 from engine.run import DTYPES
+from loaders.prepare import data_dir_option
 from tools.bench_output import metadata, report
 from tools.bench_peers import bench_peers
 from tools.bench_profile import bench_profile
 from tools.bench_sections import (
+    TEST_IMAGES,
     bench_epochs,
     bench_loaders,
     bench_mfu,
     bench_steps,
     log,
 )
+from tools.options import add_device_option, pick_device
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
-TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 T = TypeVar("T")  # the value type of an argparse type below
 
 # Options left out: (on CUDA, on CPU, with --quick). The help text is made from this table.
@@ -97,26 +100,22 @@ def place_problem(path: Path, folders_made: bool) -> str | None:
         folder = next(p for p in (folder, *folder.parents) if p.exists())  # / always does
     if not folder.is_dir():
         return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
-    try:
-        with tempfile.TemporaryFile(dir=folder):  # the only sure test: ro mounts, ACLs, root
-            pass
-    except OSError as error:
-        return f"{folder} cannot be written ({error.strerror})"
-    return None
+    problem = unwritable(folder)
+    return f"{folder} {problem}" if problem else None
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The command line; options left out stay None until fill_defaults."""
+def build_parser() -> argparse.ArgumentParser:
+    """bench's options; those left out stay None until fill_defaults."""
     p = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__.splitlines()[0],
                                 epilog="Options left out take device-dependent defaults, "
                                        "smaller with --quick.")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    add_device_option(p)
     p.add_argument("--sections", type=csv(str), default=list(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--json", type=Path, help="also write every figure and the metadata here")
     p.add_argument("--quick", action="store_true",
                    help="small images counts and width 16, no compile: about a minute on 2 cores")
-    p.add_argument("--data-dir", type=Path, default=Path("data"),
+    p.add_argument("--data-dir", type=data_dir_option, default=Path("data"),
                    help="where the synthetic data and its .beton files are kept (default: ./data)")
     count, number = positive(int), positive(float)
     for name, kind, help_text in (
@@ -152,6 +151,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=count, default=available_cores(),
                    help="torch intra-op threads for the step, epoch and mfu sections "
                         "(default: cores available)")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, its values checked before any section runs."""
+    p = build_parser()
     args = p.parse_args(argv)
     problems = [s for s in args.sections if s not in SECTIONS]
     problems += [x for x in args.precisions if x not in DTYPES]
@@ -182,12 +187,13 @@ def fill_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, values[column])
 
 
-def pick_device(args: argparse.Namespace) -> torch.device:
+def measured_device(args: argparse.Namespace) -> torch.device:
     """The device to measure; for cpu, GPUs are hidden so the engine's accelerator uses none."""
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    device = pick_device(args.device)
+    args.device = device.type
+    return device
 
 
 def base_config(args: argparse.Namespace, device: torch.device, images: int,
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        device = pick_device(args)
+        device = measured_device(args)
         fill_defaults(args)
         meta = metadata(device, argv)
         for key in ("command", "commit", "date", "device_name", "torch", "cuda"):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from common.compile_modes import compile_text
 from common.hardware import available_cores, device_name
-from engine.config import compile_text
 from tools.bench_peers import PeerResult, SeedEpochResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
 

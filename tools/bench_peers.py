@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import one_line
 from common.hardware import default_workers
 from engine.config import PRESETS, TrainConfig, resolve
 from engine.run import DTYPES
 from loaders import beton
+from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.prepare import Prepared, prepare
 from tools.bench_sections import (
     MEASURE_ERRORS,
+    TEST_IMAGES,
     build_loader,
-    failure,
     log,
     make_run,
     pin_threads,
@@ -86,6 +88,9 @@ class Timed:
 
     def __iter__(self) -> Iterator:
         return self.batches()
+
+
+Measured = Timed | BatchLoader  # what loader_pass times: a peer's loader or one of ours
 
 
 def describe(images: torch.Tensor) -> str:
@@ -153,7 +158,7 @@ def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) ->
     return Timed(lambda: iter(guarded(loader)), device)
 
 
-def ours(kind: str, data: Prepared, cfg: TrainConfig, device: torch.device) -> Timed:
+def ours(kind: str, data: Prepared, cfg: TrainConfig, device: torch.device) -> BatchLoader:
     """One of our loaders as engine.run.build makes it, for cfg's augmentations and dtype."""
     loader, _ = build_loader(kind, data, cfg, device)
     return loader
@@ -166,7 +171,7 @@ def augment_text(cfg: TrainConfig, reflect: bool) -> str:
 
 
 def lineup(data: Prepared, cfg: TrainConfig, device: torch.device,
-           folder: Path) -> list[tuple[PeerResult, Callable[[], Timed]]]:
+           folder: Path) -> list[tuple[PeerResult, Callable[[], Measured]]]:
     """Every row and how to build its loader: each peer, then ours set up like it.
 
     airbench pads by reflection and hands over fp16 (ours beside it in fp16, then in the
@@ -182,7 +187,7 @@ def lineup(data: Prepared, cfg: TrainConfig, device: torch.device,
         (PeerResult("resident", "ours", augment_text(air, True), versus="airbench.CifarLoader"),
          lambda: ours("resident", data, air, device)),
         (PeerResult("resident", "ours", augment_text(cfg, True), versus="airbench.CifarLoader"),
-         lambda: ours("resident", data, replace(cfg, pad_mode="reflect"), device)),
+         lambda: ours("resident", data, seed, device)),
         (PeerResult("stock ffcv.Loader", "peer", augment_text(stock, False)),
          lambda: stock_ffcv_loader(data, stock, device)),
         (PeerResult("ffcv", "ours", augment_text(stock, False), versus="stock ffcv.Loader"),
@@ -201,7 +206,7 @@ def lineup(data: Prepared, cfg: TrainConfig, device: torch.device,
     return rows
 
 
-def construct(row: PeerResult, make: Callable[[], Timed]) -> Timed | None:
+def construct(row: PeerResult, make: Callable[[], Measured]) -> Measured | None:
     """Build a row's loader, or record why it cannot run here (not installed, failed)."""
     start = time.perf_counter()
     try:
@@ -210,13 +215,13 @@ def construct(row: PeerResult, make: Callable[[], Timed]) -> Timed | None:
         row.status, row.reason = "not installed", f"no module '{error.name}': {BENCH_EXTRA}"
         return None
     except PEER_ERRORS as error:
-        row.status, row.reason = "failed", failure(error)
+        row.status, row.reason = "failed", one_line(error)
         return None
     row.construct_s = time.perf_counter() - start
     return loader
 
 
-def first_pass(row: PeerResult, loader: Timed) -> Pass | None:
+def first_pass(row: PeerResult, loader: Measured) -> Pass | None:
     """The warm-up epoch, noting the output of its first batch; None (and why) if it fails."""
     def note(images: torch.Tensor) -> None:
         row.output = describe(images)
@@ -224,14 +229,14 @@ def first_pass(row: PeerResult, loader: Timed) -> Pass | None:
     try:
         return loader_pass(loader, 0, on_first=note)
     except PEER_ERRORS as error:
-        row.status, row.reason = "failed", failure(error)
+        row.status, row.reason = "failed", one_line(error)
         return None
 
 
 def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
                        args: argparse.Namespace, folder: Path) -> list[PeerResult]:
     """Every peer and ours beside it, the steady-state epochs of all taken in turns."""
-    built: list[tuple[PeerResult, Timed]] = []
+    built: list[tuple[PeerResult, Measured]] = []
     rows = []
     for row, make in lineup(data, cfg, device, folder):
         rows.append(row)
@@ -247,7 +252,7 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
             try:
                 steady[id(row)].append(loader_pass(loader, epoch))
             except PEER_ERRORS as error:
-                row.status, row.reason = "failed", failure(error)
+                row.status, row.reason = "failed", one_line(error)
                 built.remove((row, loader))
     for row, _ in built:
         best = fastest(steady[id(row)])
@@ -267,7 +272,8 @@ def seed_configs(args: argparse.Namespace, device: torch.device, out: str) -> li
     """The seed notebook's pipeline and the default preset, at --peer-width over
     --peer-epoch-images."""
     common = dict(dataset="synthetic", data_dir=str(args.data_dir), width=args.peer_width,
-                  synthetic_size=(args.peer_epoch_images, 1_000), workers=args.workers, out=out)
+                  synthetic_size=(args.peer_epoch_images, TEST_IMAGES), workers=args.workers,
+                  out=out)
     default = TrainConfig(**common, compile=False if args.quick else None)  # as base_config
     seed = TrainConfig(**PRESETS["seed"], preset="seed", loader="torchvision", precision="fp32",
                        compile=False, channels_last=False, **common)
@@ -315,6 +321,6 @@ def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace
     try:
         return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out))
     except MEASURE_ERRORS as error:
-        log(f"peers: the seed vs default epochs failed: {failure(error)}")
+        log(f"peers: the seed vs default epochs failed: {one_line(error)}")
         release()
-        return dict(loaders=loaders, epochs=[], epochs_failed=failure(error))
+        return dict(loaders=loaders, epochs=[], epochs_failed=one_line(error))

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from common.cli import stop_if_interrupted
-from common.errors import EngineError
-from engine.config import TrainConfig, compile_text
+from common.compile_modes import compile_text
+from common.errors import EngineError, one_line
+from engine.config import TrainConfig
 from engine.model import build_model, forward_macs
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
@@ -98,14 +99,10 @@ class MfuResult:
     rows: list[dict] = field(default_factory=list)
 
 
+TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 # what a configuration that cannot run here raises: fp16 on CPU, a failed compile, a loader's
 # error, out of memory, any CUDA error; it is recorded in its row and the others go on
 MEASURE_ERRORS = (EngineError, RuntimeError)
-
-
-def failure(error: BaseException) -> str:
-    """A row's reason: the error's type and the first line of its message."""
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 def log(message: str) -> None:
@@ -157,7 +154,7 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
         try:
             built[kind], r.construct_s = build_loader(kind, data, cfg, device)
         except MEASURE_ERRORS as error:
-            r.status, r.reason = "failed", failure(error)
+            r.status, r.reason = "failed", one_line(error)
     pin_threads(args.threads)
     steady: dict[str, list[Pass]] = {kind: [] for kind in LOADERS}
     for epoch in range(args.epochs + 1):  # epoch 0 is the warm-up
@@ -165,7 +162,7 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
             try:
                 steady[kind].append(loader_pass(built[kind], epoch))
             except MEASURE_ERRORS as error:
-                results[kind].status, results[kind].reason = "failed", failure(error)
+                results[kind].status, results[kind].reason = "failed", one_line(error)
                 del built[kind]
     for kind in built:
         r, (first, *rest) = results[kind], steady[kind]
@@ -204,7 +201,7 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
         result.block_s = [timed_steps(run, images, labels, args.steps)
                           for _ in range(args.repeats)]
     except MEASURE_ERRORS as error:
-        result.status, result.reason = "skipped", failure(error)
+        result.status, result.reason = "skipped", one_line(error)
         return result
     result.steps = args.steps
     result.images_per_s = args.steps * cfg.batch_size / min(result.block_s)
@@ -242,7 +239,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
         step_only_s = timed_steps(run, images, labels, steps) * first.images / (
             steps * len(labels))
     except MEASURE_ERRORS as error:
-        r.status, r.reason = "failed", failure(error)
+        r.status, r.reason = "failed", one_line(error)
         return r
     best = fastest(steady)
     r.images, r.first_epoch_s = first.images, first.seconds

@@ -22,7 +22,7 @@ from common.errors import Interrupted, RangeTestError, TrainingError
 from common.files import atomic_write, write_csv, write_text
 from engine.config import TrainConfig, parse_tool_args
 from engine.loop import train
-from engine.optim import OPTIMIZERS
+from engine.optimizers import OPTIMIZERS
 from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:
@@ -30,7 +30,7 @@ from tools.plots import Panel, plot_history
 #   linear scaling rule (Goyal et al., 2017), as the fast preset's 0.2 at batch 512.
 # - adam, adamw: 1e-3, the default of Kingma & Ba (2015), Loshchilov & Hutter (2019) and torch.
 # - rmsprop: 1e-3, Hinton's lecture 6e and Keras' default (torch's 1e-2 assumes no momentum,
-#   and engine.optim gives RMSprop the run's momentum).
+#   and engine.optimizers gives RMSprop the run's momentum).
 BASE_LRS = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 SCALED = {"sgd", "nesterov"}  # scaled linearly with batch size / 256
 FIELDS = ("optimizer", "lr", "final_test_acc", "best_test_acc", "seconds_per_epoch", "epochs",
@@ -77,6 +77,7 @@ def lr_source(lr: float | str | None) -> str:
 
 
 def own_options() -> argparse.ArgumentParser:
+    """--optimizers, the one option of this tool; parse_tool_args adds engine/train.py's."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     g = p.add_argument_group("comparison")
     g.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
@@ -155,6 +156,8 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train each optimizer in turn and write the comparison; exit 1 if any run failed, so a
+    script sees an incomplete table."""
     args, cfg = parse_tool_args(argv, "tools/compare.py", __doc__.splitlines()[0],
                                 own_options(), check)
     out = Path(cfg.out)

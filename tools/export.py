@@ -22,9 +22,9 @@ from common.errors import EngineError, ExportError
 from common.files import atomic_write
 from engine import checkpoint
 from loaders import beton
-from loaders.augment import Augment
 from tools.export_formats import PACKAGES, RUNNERS, SUFFIX, WRITERS, metadata, require
-from tools.report_inputs import locate_test_data
+from tools.options import add_checkpoint_argument, add_data_dir_option
+from tools.report_inputs import evaluation_input, locate_test_data
 
 CHECK_IMAGES = 256  # test images the export is checked on
 TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|): fp32 rounding
@@ -34,15 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python tools/export.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="ckpt.pt (or best.pt) of a training run")
+    add_checkpoint_argument(parser)
     parser.add_argument("--format", required=True, choices=list(PACKAGES),
                         help="onnx (onnxruntime), torchscript (torch.jit.load) or safetensors "
                              "(weights only)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="where to write (default: beside the checkpoint, e.g. ckpt.onnx)")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                        help="rebuild the test split in DIR for the check instead of reading "
-                             "the .beton path recorded in the checkpoint")
+    add_data_dir_option(parser, "for the check ")
     return parser.parse_args(argv)
 
 
@@ -89,9 +87,9 @@ def check_images(ckpt: dict, path: Path, data_dir: Path | None) -> tuple[np.ndar
 
 def reference_logits(ckpt: dict, model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """The checkpoint's model on the images, normalized exactly as evaluation does."""
-    augment = Augment(None, ckpt["mean"], ckpt["std"], torch.float32, "cpu")
+    to_input = evaluation_input(ckpt, "cpu")
     with torch.no_grad():
-        return model(augment(torch.from_numpy(images))).numpy()
+        return model(to_input(torch.from_numpy(images))).numpy()
 
 
 def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:

@@ -80,13 +80,18 @@ class Suite:
         return self.deadline - RESERVE_S - time.monotonic()
 
     def script(self, path: str, *args: str) -> list[str]:
+        """The argv of a repository script run with the suite's Python, from any directory."""
         return [self.python, str(ROOT / path), *args]
 
 
 # --- the steps: named commands ----------------------------------------------------------
 
 
-def pytest_step(s: Suite, name: str, marks: str) -> list[tuple[str, list[str]]]:
+# a step's commands, in order: (name, argv) each
+Commands = list[tuple[str, list[str]]]
+
+
+def pytest_step(s: Suite, name: str, marks: str) -> Commands:
     """pytest on tests/test_gpu.py's tests of `marks` (skipped, not run, in a dry run on the
     CPU); verbose, so a command killed at its limit still shows which tests passed."""
     return [(name, [s.python, "-m", "pytest", "-v", "-m", marks, "-p", "no:cacheprovider",
@@ -94,7 +99,7 @@ def pytest_step(s: Suite, name: str, marks: str) -> list[tuple[str, list[str]]]:
                     str(ROOT / "tests" / "test_gpu.py")])]
 
 
-def bench(s: Suite, name: str, sections: str) -> list:
+def bench(s: Suite, name: str, sections: str) -> Commands:
     """One tools/bench.py run of `sections` with its JSON in the results: its defaults for
     CUDA, or --quick in a dry run."""
     return [(name, s.script("tools/bench.py", "--device", s.device, "--sections", sections,
@@ -103,7 +108,7 @@ def bench(s: Suite, name: str, sections: str) -> list:
                             *(["--quick"] if s.dry else [])))]
 
 
-def train_step(s: Suite) -> list:
+def train_commands(s: Suite) -> Commands:
     """engine/train.py: the fast preset compiled, the seed notebook's pipeline, then the fast
     preset eager; in that order, so that a budget cut short takes the headline's two first."""
     epochs = os.environ.get("GPU_SUITE_EPOCHS", "1" if s.dry else str(EPOCHS))
@@ -124,7 +129,7 @@ COMMANDS = {
     # loaders over 50k images, a 50k-image epoch per loader with its data-wait share, the MFU
     # of each, and a profile (with its trace) of the default run's steps
     "bench-epoch": lambda s: bench(s, "bench-epoch", "loaders,epoch,mfu,profile"),
-    "train": train_step,
+    "train": train_commands,
     "tests-e2e": lambda s: pytest_step(s, "tests-e2e", "gpu and slow"),
     # airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images, then
     # a 50k-image training epoch of the seed pipeline beside the default preset, with the MFU
@@ -338,6 +343,7 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The suite's options, checked: a bad step name, --budget or --bundle is a usage error."""
     p = argparse.ArgumentParser(prog="bash tools/gpu_suite.sh", description=__doc__.split("\n")[0])
     p.add_argument("steps", nargs="*", default=["all"], metavar="STEP",
                    help=f"any of {', '.join(STEPS)}, or the groups {', '.join(GROUPS)} "

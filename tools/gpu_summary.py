@@ -9,6 +9,8 @@ import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+from common.compile_modes import compile_text
+
 
 def read_json(path: Path) -> dict:
     """A results file, or {} while it is not written yet (a step killed before its first save)."""
@@ -33,9 +35,8 @@ def tests_line(xml: Path) -> list[str]:
 
 
 def compiled(r: dict) -> str:
-    """engine.config.compile_text of a row (this module reads JSON without importing torch)."""
-    mode = r.get("compile_mode", "default")
-    return ("compiled" if mode == "default" else f"compiled {mode}") if r["compile"] else "eager"
+    """How a bench row's step ran, named as the bench names it ('eager', 'compiled ...')."""
+    return compile_text(r["compile"], r.get("compile_mode", "default"))
 
 
 # a line for each measured row of these sections

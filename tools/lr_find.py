@@ -24,6 +24,7 @@ from engine.run import build, make_accelerator
 
 
 def own_options() -> argparse.ArgumentParser:
+    """The sweep's options; parse_tool_args adds engine/train.py's, which set up the run."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     g = p.add_argument_group("range test")
     g.add_argument("--start-lr", type=float, default=lr_range.START_LR,
@@ -73,6 +74,8 @@ def plot(result: RangeTest, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the range test and write lr_find.csv and lr_find.png with the suggested LR, so the
+    LR is chosen from this setup's own losses."""
     args, cfg = parse_tool_args(argv, "tools/lr_find.py", __doc__.splitlines()[0], own_options(),
                                 lambda a: lr_range.check_sweep(a.start_lr, a.end_lr, a.iterations))
 

@@ -27,8 +27,9 @@ from common.progress import progress_bar
 from engine import checkpoint
 from loaders.augment import Augment
 from loaders.images import expand, read_image
+from tools.options import add_checkpoint_argument, add_device_option, pick_device
 from tools.report_figures import cams
-from tools.report_inputs import add_device_option, layer_of, pick_device
+from tools.report_inputs import evaluation_input, layer_of
 
 BATCH = 256  # pictures per forward pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python tools/predict.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="ckpt.pt (or best.pt) of a training run")
+    add_checkpoint_argument(parser)
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                         help="picture files (PNG, JPEG, ...) or folders of them")
     parser.add_argument("-k", type=int, default=3, help="classes to show per picture (default 3)")
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         good, images, errors = read_all(files)
         for message in errors.values():
             print(f"error: {message}", file=sys.stderr)
-        augment = Augment(None, ckpt["mean"], ckpt["std"], torch.float32, device)
-        probs = classify(model, augment, images) if len(good) else torch.zeros(0, 1)
+        to_input = evaluation_input(ckpt, device)
+        probs = classify(model, to_input, images) if len(good) else torch.zeros(0, 1)
         k = min(args.k, len(ckpt["classes"]))
         top = probs.topk(k, dim=1) if len(good) else None
         found = {path: [{"class": ckpt["classes"][int(c)], "probability": float(p)}
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 else {"file": str(path), "error": errors[path]} for path in files]
         print(json.dumps(rows, indent=2) if args.json else table(rows, k))
         if args.cam is not None and len(good):
-            write_cams(model, augment, images, probs.argmax(1).numpy(), good, args.layer,
+            write_cams(model, to_input, images, probs.argmax(1).numpy(), good, args.layer,
                        args.cam)
             print(f"wrote {len(good)} Grad-CAM overlays ({args.layer}) to {args.cam}/",
                   file=sys.stderr)

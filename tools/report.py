@@ -19,6 +19,12 @@ from pathlib import Path
 from common.cli import run_main
 from common.errors import ReportError
 from common.files import temporary_name, write_csv
+from tools.options import (
+    add_checkpoint_argument,
+    add_data_dir_option,
+    add_device_option,
+    pick_device,
+)
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import (
     METHODS,
@@ -30,13 +36,11 @@ from tools.report_figures import (
 )
 from tools.report_inputs import (
     Inputs,
-    add_device_option,
     layer_of,
     load,
     most_confidently_wrong,
     normalized,
-    pick_device,
-    predict,
+    predictions,
 )
 from tools.report_tables import (
     FAITHFULNESS_FIELDS,
@@ -53,13 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python tools/report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="ckpt.pt (or best.pt) of a training run")
+    add_checkpoint_argument(parser)
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="report folder, replaced when complete (default: report/ beside "
                              "the checkpoint)")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                        help="rebuild the test split in DIR instead of reading the .beton path "
-                             "recorded in the checkpoint")
+    add_data_dir_option(parser, "")
     parser.add_argument("-n", type=int, default=20,
                         help="misclassified images to show and explain (default: 20)")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3", "layer4"],
@@ -85,7 +87,7 @@ def check_out(out: Path) -> None:
 
 def write_report(run: Inputs, args: argparse.Namespace, folder: Path) -> None:
     """Every file of the report, into `folder`."""
-    probs, labels = predict(run)
+    probs, labels = predictions(run)
     pred = probs.argmax(1)
     indices = most_confidently_wrong(probs, labels, args.n)
     facts = headline(run, probs, labels)

@@ -3,7 +3,6 @@ against (checked to fit), and the model's predictions on it."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from torch import nn
 from common.errors import ReportError
 from engine import checkpoint
 from engine.config import TrainConfig
-from engine.evaluate import predict as predict_probs
+from engine.evaluate import predict
 from loaders import beton, make_loader
 from loaders.augment import Augment
 from loaders.prepare import prepare
@@ -38,19 +37,6 @@ class Inputs:
     def classes(self) -> list[str]:
         """Class names, indexed by label."""
         return list(self.ckpt["classes"])
-
-
-def add_device_option(parser: argparse.ArgumentParser) -> None:
-    """--device, which pick_device resolves: the option report and predict share."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where the model runs (default: cuda when available)")
-
-
-def pick_device(name: str | None) -> torch.device:
-    """The device asked for, or the best one here; refuse CUDA where there is none."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ReportError("--device cuda: no CUDA GPU is available here; use --device cpu.")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
@@ -108,11 +94,11 @@ def modules_with_maps(model: nn.Module) -> list[str]:
             if any(isinstance(c, nn.Conv2d) for c in m.modules())]
 
 
-def predict(run: Inputs) -> tuple[np.ndarray, np.ndarray]:
+def predictions(run: Inputs) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (N x C) and labels of the test split: fp32, eager, no TTA."""
     loader = make_loader("resident", run.test, train=False, batch_size=BATCH, device=run.device,
                          mean=run.ckpt["mean"], std=run.ckpt["std"])
-    probs, labels = predict_probs(run.model, loader, tta=False)
+    probs, labels = predict(run.model, loader, tta=False)
     return probs.numpy(), labels.numpy()
 
 
@@ -123,8 +109,14 @@ def most_confidently_wrong(probs: np.ndarray, labels: np.ndarray, n: int) -> np.
     return wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
 
 
+def evaluation_input(ckpt: dict, device: torch.device | str) -> Augment:
+    """uint8 NHWC images -> the checkpoint model's fp32 input: training's normalization, no
+    augmentation, as evaluation does."""
+    return Augment(None, ckpt["mean"], ckpt["std"], torch.float32, device)
+
+
 def normalized(run: Inputs, indices: np.ndarray) -> torch.Tensor:
-    """The model's input for these test images: training's normalization, no augmentation."""
-    augment = Augment(None, run.ckpt["mean"], run.ckpt["std"], torch.float32, run.device)
-    return augment(torch.from_numpy(run.images[indices]).to(run.device))
+    """The model's input for these test images."""
+    to_input = evaluation_input(run.ckpt, run.device)
+    return to_input(torch.from_numpy(run.images[indices]).to(run.device))
 

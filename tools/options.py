@@ -1,0 +1,38 @@
+"""The options the tools share, declared once: the checkpoint they read, the device the model
+runs on, and the data folder that rebuilds a test split."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from common.errors import SetupError
+from loaders.prepare import data_dir_option
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint positional of report, predict and export."""
+    parser.add_argument("checkpoint", type=Path, help="ckpt.pt (or best.pt) of a training run")
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """--device, which pick_device resolves."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where the model runs (default: cuda when available)")
+
+
+def add_data_dir_option(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """--data-dir of a tool that reads a checkpoint: where to rebuild its test split for
+    `purpose` instead of reading the .beton path the checkpoint records."""
+    parser.add_argument("--data-dir", type=data_dir_option, default=None, metavar="DIR",
+                        help=f"rebuild the test split in DIR {purpose}instead of reading the "
+                             ".beton path recorded in the checkpoint")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device asked for, or the best one here; refuse CUDA where there is none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda: no CUDA GPU is available here; use --device cpu.")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from common.errors import EngineError, Interrupted
 
@@ -79,6 +81,15 @@ def os_error_text(error: OSError) -> str:
     where = f" {error.filename}" if error.filename else ""
     return (f"cannot use{where}: {error.strerror or error}. Check that the path exists, is "
             "writable and that its disk has free space.")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, 'prog: error: ...; see --help', not
+    the whole usage first (engine/train.py's alone is two dozen lines above the one that
+    matters). Exit code 2, as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def run_main(body: Callable[[], int | None]) -> int:

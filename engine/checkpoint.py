@@ -37,6 +37,17 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr
 DATA_KEYS = ("dataset", "data_dir", "train", "test", "source")
 
 
+def unreadable(error: Exception) -> str:
+    """Why torch.load refused a file, in a few words: the weights-only unpickler's own reason
+    ('Unsupported operand 35'), never torch's advice around it to retry with
+    weights_only=False, which would run whatever code the file holds."""
+    refused = str(error).partition("WeightsUnpickler error:")[2]
+    reason = next((line.strip() for line in refused.splitlines() if line.strip()), "")
+    if reason:
+        return f"a weights-only load refuses it: {reason.split('. ')[0].rstrip('.')}"
+    return one_line(error).split(". ")[0].rstrip(": ")  # a zip's or pickle's: its first sentence
+
+
 def save(path: Path, checkpoint: dict) -> None:
     """Write atomically; a failed write (a full disk, ...) leaves the previous file intact."""
     try:
@@ -62,7 +73,7 @@ def load(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, pickles of classes, random bytes, ...
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({one_line(error)}). It may be truncated or "
+            f"{path} is not a readable checkpoint ({unreadable(error)}). It may be truncated or "
             "come from another tool; use the ckpt.pt that engine/train.py wrote.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cifar10-engine checkpoint (no '{FORMAT}' "

@@ -8,6 +8,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from accelerate.utils import LoggerType
+
+from common.cli import CommandParser
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
 from engine.model import ARCHS
@@ -15,6 +18,8 @@ from engine.optimizers import OPTIMIZERS, SCHEDULES
 from loaders import LOADERS, synthetic
 from loaders.augment import AugmentConfig
 from loaders.prepare import add_data_arguments
+
+TRACKERS = [t.value for t in LoggerType]  # what accelerate's log_with takes
 
 
 @dataclass
@@ -101,9 +106,10 @@ def _lr(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{value}'") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """engine/train.py's options; other tools add their own to it or reuse its groups."""
-    p = argparse.ArgumentParser(
+def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
+    """engine/train.py's options; for another `tool` that trains (lr_find, compare), the same
+    but --resume, which continues one run, and with that tool's --out."""
+    p = CommandParser(
         prog="engine/train.py",
         description="Train a CIFAR ResNet-18 (accelerate launch engine/train.py, or plain python).",
         epilog="Options left out take their values from --preset (default: fast).")
@@ -145,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flip test-time augmentation at evaluation")
     g.add_argument("--seed", type=int, help="seed of initialization, order and augmentation")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="run directory (default: runs/<dataset>-<time>)")
-    g.add_argument("--resume", type=Path,
-                   help="continue the interrupted run in this directory with its saved config")
-    g.add_argument("--log-with", help="accelerate tracker, e.g. tensorboard or wandb")
+    g.add_argument("--out", help=f"run directory (default: runs/{tool or '<dataset>'}-<time>)")
+    if tool is None:
+        g.add_argument("--resume", type=Path,
+                       help="continue the interrupted run in this directory with its saved config")
+    g.add_argument("--log-with", choices=TRACKERS, metavar="TRACKER",
+                   help=f"accelerate tracker: {', '.join(TRACKERS)} (its package installed)")
     return p
 
 
@@ -256,12 +264,9 @@ def parse_tool_args(argv: list[str] | None, prog: str, description: str,
     `check` raises ValueError for a bad combination of the tool's options: a usage error.
     """
     tool = Path(prog).stem
-    full = argparse.ArgumentParser(prog=prog, description=description, add_help=False,
-                                   parents=[build_parser(), own], allow_abbrev=False,
-                                   epilog=f"--out defaults to runs/{tool}-<time> here.")
+    full = CommandParser(prog=prog, description=description, add_help=False,
+                         parents=[build_parser(tool), own], allow_abbrev=False)
     args = full.parse_args(argv)  # --help lists every option; a bad one of either exits here
-    if args.resume is not None:
-        full.error("--resume belongs to engine/train.py; give a new --out instead")
     try:
         check(args)
     except ValueError as error:

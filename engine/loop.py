@@ -48,8 +48,9 @@ def diverged(run: Run, done: int, what: str) -> TrainingError:
         fix = "--precision bf16 (or fp32) instead of fp16"
     else:
         fix = f"a lower --lr (e.g. --lr {float(cfg.lr) / 10:.3g})"
-    return TrainingError(f"{what}; {kept}. --resume would repeat it: start again with {fix} "
-                         "and a new --out.")
+    out = " and a new --out" if done else ""  # else the same --out is free again
+    return TrainingError(f"{what}; {kept}. --resume would repeat it: start again with "
+                         f"{fix}{out}.")
 
 
 def nonfinite_state(model: torch.nn.Module) -> list[str]:
@@ -174,8 +175,11 @@ def start_trackers(run: Run) -> None:
             for k, v in cfg.to_dict().items()}
     acc.init_trackers("cifar10-engine", config=flat)
     if acc.is_main_process and not acc.trackers:
+        if cfg.log_with == "all":  # accelerate's every tracker that is installed: none is
+            raise TrainingError("--log-with all: no tracker's package is installed; pip install "
+                                "one (e.g. tensorboard), or leave --log-with out.")
         raise TrainingError(f"--log-with {cfg.log_with}: its package is not installed; "
-                            f"pip install {cfg.log_with} (e.g. the [tensorboard] extra).")
+                            f"pip install {cfg.log_with}, or leave --log-with out.")
 
 
 def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tuple[TrainConfig,
@@ -187,6 +191,9 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
         raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
                               f"{Path(resume).parent}")
     path = Path(resume) / "ckpt.pt"
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: {path} does not exist; pass the --out folder "
+                              "of a run that saved an epoch.")
     ckpt = checkpoint.load(path)
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}

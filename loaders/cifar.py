@@ -336,6 +336,15 @@ def source_name(name: str, data_dir: Path,
     return LAYOUTS[name].folder
 
 
+def source_at_hand(name: str, folder: Path) -> bool:
+    """Whether dataset `name` can be read from its python folder (see source_name) without a
+    download: the folder is there, or CIFAR's archive beside it. An image folder's always is:
+    its python folder's name is made from the images."""
+    if name == "folder" or folder.is_dir():
+        return True
+    return name in LAYOUTS and (folder.parent / Path(LAYOUTS[name].url).name).is_file()
+
+
 def image_folder_name(files: dict[str, dict[str, list[Path]]]) -> str:
     """The python folder an ImageFolder tree converts into: one per state of its files."""
     return f"folder-{folders.fingerprint(files)}"

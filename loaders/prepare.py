@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.errors import DataError
 from common.files import unwritable, waiting_lock
 from common.hardware import default_workers
@@ -62,16 +62,20 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = synthet
             seed: int = 0, workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
 
-    A read-only data_dir is fine once it holds them (a shared, prepared data folder). Reading
-    a prepared folder takes no lock (every rank of a run does it at once); processes that must
-    write there take turns (see preparing).
+    A read-only data_dir is fine once it holds them (a shared, prepared data folder), with or
+    without the source they were made from. Reading a prepared folder takes no lock (every
+    rank of a run does it at once); processes that must write there take turns (see
+    preparing).
     """
     check_data_dir(data_dir, writing=False)
-    tag = name if name in cifar.LAYOUTS else cifar.source_name(name, Path(data_dir),
-                                                                synthetic_size, seed)
+    source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size, seed)
+    tag = name if name in cifar.LAYOUTS else source.name
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
     if all(beton.sidecar(p).is_file() for p in paths.values()):
-        ready = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
+        if cifar.source_at_hand(name, source):
+            ready = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
+        else:  # .beton files copied without their source, as FFCV users do
+            ready = _without_source(name, source, paths)
         if ready is not None:
             return ready
     check_data_dir(data_dir)  # something must be written there
@@ -107,6 +111,21 @@ def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int
     return _prepared(data, paths, train)
 
 
+def _without_source(name: str, source: Path, paths: dict[str, Path]) -> Prepared | None:
+    """The .beton files at paths on their own, their source gone: when both are whole (by
+    their sidecars' size and hash) and of one dataset (same classes, test normalized with
+    train's statistics), else None and the source is fetched or made again."""
+    infos = {split: beton.read_info(path) for split, path in paths.items()}
+    if any(info is None or info.format != beton.FORMAT or beton.damage(paths[split], info)
+           for split, info in infos.items()):
+        return None
+    train, test = infos["train"], infos["test"]
+    if (test.classes, test.mean, test.std) != (train.classes, train.mean, train.std):
+        return None
+    return Prepared(name, train.classes, paths["train"], paths["test"], train.mean, train.std,
+                    source)
+
+
 def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
              workers: int | None, paths: dict[str, Path]) -> Prepared:
     """prepare's work: load dataset `name`, write (or reuse) its .beton files at paths."""
@@ -132,7 +151,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python loaders/prepare.py", description=__doc__)
+    parser = CommandParser(prog="python loaders/prepare.py", description=__doc__)
     add_data_arguments(parser)
     parser.set_defaults(dataset="cifar10", data_dir=Path("data"),
                         synthetic_size=synthetic.DEFAULT_SIZE)

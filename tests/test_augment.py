@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.augment import Augment, AugmentConfig, cutout, epoch_generator, flip_translate
+from loaders.augment import (
+    Augment,
+    AugmentConfig,
+    cutout,
+    draw_flip_translate,
+    epoch_generator,
+    flip_translate,
+)
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 
@@ -144,3 +151,105 @@ def test_normalizing_once_then_gathering_is_exactly_augmenting_uint8(cfg, dtype)
     got = stored(stored.store(images), index=index)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, want)
+
+
+# --- what the mutation audit found unpinned ---------------------------------------------------
+
+
+def bright_images(n: int, seed: int = 0) -> torch.Tensor:
+    """uint8 images in 200..255: above every 255 * MEAN, so no pixel normalizes to zero."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(200, 256, size=(n, 32, 32, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["uint8", "stored"])
+def test_augment_with_cutout_zeroes_one_square_of_that_side_per_image(stored):
+    """Augment applies its config's cutout after normalizing: each image is the plain normalized
+    one except for one square (clipped at the border) set to 0, the mean colour."""
+    images = bright_images(300)
+    augment = Augment(AugmentConfig(flip=False, translate=0, cutout=8), MEAN, STD,
+                      torch.float32, "cpu")
+    augment.set_epoch(0, 0)
+    if stored:
+        out = augment(augment.store(images), index=torch.arange(len(images)))
+    else:
+        out = augment(images)
+    plain = Augment(None, MEAN, STD, torch.float32, "cpu")(images)
+    hole = out == 0
+    assert torch.equal(hole.all(1), hole.any(1))  # whole pixels, every channel
+    assert torch.equal(out[~hole], plain[~hole])  # nothing else changes
+    hole = hole[:, 0]
+    rows, cols = hole.any(2), hole.any(1)
+    assert torch.equal(hole, rows[:, :, None] & cols[:, None, :])  # one rectangle
+    for line in (*rows, *cols):
+        covered = int(line.sum())
+        assert 8 - 8 // 2 <= covered <= 8  # never empty; 8 unless clipped at a border
+        if not (line[0] or line[-1]):
+            assert covered == 8
+    assert (rows.sum(1) == 8).float().mean() > 0.5  # most squares are whole
+
+
+def test_flip_is_drawn_for_about_half_the_images():
+    _, flip = draw_flip_translate(4000, AugmentConfig(), epoch_generator(0, 0, "cpu"), "cpu")
+    assert flip.shape == (4000, 1) and flip.dtype == torch.bool
+    assert 0.45 <= flip.float().mean().item() <= 0.55
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+@pytest.mark.parametrize("epoch", [0, 1, 7])
+def test_an_epochs_order_stream_is_not_the_next_epochs_augmentation_stream(seed, epoch):
+    """Streams of one (seed, epoch) are apart from every other (seed, epoch)'s: epoch e's sample
+    order (stream 1) must not replay epoch e + 1's augmentation draws (stream 0)."""
+
+    def draws(e: int, stream: int) -> torch.Tensor:
+        return torch.randint(2**62, (4,), generator=epoch_generator(seed, e, "cpu", stream))
+
+    assert not torch.equal(draws(epoch, 1), draws(epoch + 1, 0))
+    assert not torch.equal(draws(epoch, 0), draws(epoch, 1))
+    assert torch.equal(draws(epoch, 1), draws(epoch, 1))
+
+
+def _cutout_centres(hole: torch.Tensor, size: int) -> list[int]:
+    """The centre row of each image's size-`size` hole (N x H of covered rows), clipped or not."""
+    centres = []
+    for line in hole:
+        (inside,) = torch.nonzero(line, as_tuple=True)
+        first, last = int(inside[0]), int(inside[-1])
+        top = first if first > 0 else last - size + 1  # a hole is clipped on one side at most
+        centres.append(top + size // 2)
+    return centres
+
+
+@pytest.mark.parametrize("size", [1, 8])
+def test_cutout_centres_reach_every_row_and_column_including_the_last(size):
+    """The centre is uniform over all 32 rows and columns, the border ones too (a hole centred
+    on the last row covers it: for size 1, only that centre does)."""
+    x = torch.ones(2000, 1, 32, 32)
+    hole = cutout(x, size, epoch_generator(0, 0, "cpu"))[:, 0] == 0
+    rows, cols = hole.any(2), hole.any(1)
+    assert set(_cutout_centres(rows, size)) == set(range(32))
+    assert set(_cutout_centres(cols, size)) == set(range(32))
+
+
+@pytest.mark.parametrize("edge", [{"cutout": 32}, {"translate": 16}, {"cutout": 0, "translate": 0}])
+def test_config_at_the_edges_of_its_ranges_is_accepted(edge):
+    cfg = AugmentConfig(**edge)
+    assert (cfg.cutout, cfg.translate) == (edge.get("cutout", 0), edge.get("translate", 2))
+
+
+def test_cutout_32_runs_and_always_covers_the_centre_pixel():
+    augment = Augment(AugmentConfig(cutout=32), MEAN, STD, torch.float32, "cpu")
+    augment.set_epoch(0, 0)
+    out = augment(bright_images(50))
+    hole = (out == 0).all(1)
+    assert hole[:, 16, 16].all() or hole[:, 15, 15].all()  # a 32-square reaches the middle
+
+
+@pytest.mark.parametrize("cfg", [None, AugmentConfig()], ids=["plain", "aug"])
+def test_a_stored_split_without_an_index_is_refused(cfg):
+    """A split made by store() is already normalized: augmenting it as a uint8 batch would
+    normalize it twice, so it must come with an index."""
+    augment = Augment(cfg, MEAN, STD, torch.float32, "cpu")
+    augment.set_epoch(0, 0)
+    with pytest.raises(ValueError, match="store"):
+        augment(augment.store(random_images()))

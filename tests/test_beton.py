@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SYNTHETIC_SIZE, dump_pickle, run_script, tmpfs
+from conftest import CIFAR10_CLASSES, ROOT, SYNTHETIC_SIZE, dump_pickle, run_script, tmpfs
 
 import loaders
+from common.files import write_json
 from loaders import beton, cifar, synthetic
 from loaders.cifar import DataError
-from loaders.guards import importing_ffcv
+from loaders.guards import guarded_writer, importing_ffcv
 from loaders.prepare import prepare
 
 with importing_ffcv():  # as the loaders import it (see loaders.guards)
@@ -95,6 +98,67 @@ def test_changed_source_image_rebuilds_the_beton(cifar10_dir):
     assert beton.read_info(second.train).source_digest == beton.digest(want)
 
 
+def _rewrite(path: Path, change) -> None:
+    """Unpickle one of our own test files, change(content) in place, pickle it back."""
+    with open(path, "rb") as f:  # our own file: safe to unpickle
+        content = pickle.load(f, encoding="bytes")
+    change(content)
+    dump_pickle(path, content)
+
+
+def test_changed_source_labels_alone_rebuild_the_beton(cifar10_dir):
+    """The cache key covers the labels: relabelled images (same pixels) must not be served
+    with their old labels."""
+    first = prepare("cifar10", cifar10_dir.data_dir, workers=1)
+    old_digest = beton.read_info(first.train).source_digest
+    _rewrite(cifar10_dir.folder / "data_batch_1",
+             lambda b: b.update({b"labels": [(x + 1) % 10 for x in b[b"labels"]]}))
+    want = cifar.load("cifar10", cifar10_dir.data_dir).train
+    assert not np.array_equal(want.labels, cifar10_dir.train.labels)
+    np.testing.assert_array_equal(want.images, cifar10_dir.train.images)
+
+    second = prepare("cifar10", cifar10_dir.data_dir, workers=1)
+    got = beton.read(second.train)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    assert beton.read_info(second.train).source_digest == beton.digest(want) != old_digest
+
+
+def test_renamed_classes_reach_both_sidecars(cifar10_dir):
+    prepare("cifar10", cifar10_dir.data_dir, workers=1)
+    renamed = [name.upper() for name in CIFAR10_CLASSES]
+    _rewrite(cifar10_dir.folder / "batches.meta",
+             lambda m: m.update({b"label_names": [n.encode() for n in renamed]}))
+    again = prepare("cifar10", cifar10_dir.data_dir, workers=1)
+    assert again.classes == renamed
+    assert beton.read_info(again.train).classes == beton.read_info(again.test).classes == renamed
+
+
+def test_a_changed_train_split_renormalizes_the_unchanged_test_split(cifar10_dir):
+    """The test .beton records the training split's mean and std, which the model sees it
+    with: a new training split must update the test sidecar though its images are the same."""
+    first = prepare("cifar10", cifar10_dir.data_dir, workers=1)
+    old_test = beton.read_info(first.test)
+
+    def whiten(batch: dict) -> None:  # every pixel of its 3 images (of 12) white
+        batch[b"data"][:] = 255
+
+    _rewrite(cifar10_dir.folder / "data_batch_1", whiten)
+    second = prepare("cifar10", cifar10_dir.data_dir, workers=1)
+    train, test = beton.read_info(second.train), beton.read_info(second.test)
+    assert train.mean != old_test.mean and train.std != old_test.std
+    assert (test.mean, test.std) == (train.mean, train.std) == (second.mean, second.std)
+    assert test.source_digest == old_test.source_digest  # its own images did not change
+
+
+def test_write_refuses_an_empty_split_and_writes_nothing(tmp_path):
+    path = tmp_path / "empty.beton"
+    empty = cifar.Split(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))
+    with pytest.raises(DataError, match=re.escape(f"{path}: the split it would hold has no "
+                                                  "images")):
+        beton.write(path, empty, CLASSES, workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 # The source stalls on its last row, so a kill always lands mid-write, however late it comes.
 WRITE_MANY = """
 import sys, time
@@ -156,6 +220,58 @@ def test_read_refuses_truncated_or_foreign_file(prepared, tmp_path, damage):
     shutil.copyfile(beton.sidecar(prepared.test), beton.sidecar(path))
     damage(path)
     with pytest.raises(DataError, match=str(path)):
+        beton.read(path)
+
+
+def _vouch_for(path: Path, like: Path) -> None:
+    """Give path a sidecar that records its present size and hash (like's info otherwise),
+    as if it had been written so: check() then passes, and only read()'s own checks of the
+    file's structure can refuse it."""
+    info = replace(beton.read_info(like), size=path.stat().st_size,
+                   file_digest=beton.file_digest(path))
+    write_json(beton.sidecar(path), asdict(info))
+
+
+def _write_other_images(path: Path, mode: str, size: int) -> None:
+    """A .beton written by stock FFCV, as beton.write does, but of other images: `mode`
+    ("raw" or "jpg") images of size x size pixels."""
+    with importing_ffcv():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
+    rng = np.random.default_rng(0)
+    split = cifar.Split(rng.integers(0, 256, (20, size, size, 3), dtype=np.uint8),
+                        np.arange(20) % 10)
+    writer = guarded_writer(DatasetWriter)
+    writer(str(path), {"image": RGBImageField(write_mode=mode), "label": IntField()},
+           num_workers=1).from_indexed_dataset(beton._Rows(split))
+
+
+# FFCV's allocation table (24-byte rows) ends the file
+STRUCTURE = {  # case: (damage, words of read()'s refusal)
+    "a byte appended": (lambda p: p.write_bytes(p.read_bytes() + b"\0"), "is truncated"),
+    "last allocation cut": (lambda p: p.write_bytes(p.read_bytes()[:-24]), "is truncated"),
+    "last byte cut": (lambda p: p.write_bytes(p.read_bytes()[:-1]), "is truncated"),
+    "cut in half": (_cut(0.5), "is not a readable .beton"),
+    "foreign file": (lambda p: p.write_bytes(b'{"not": "a beton"}' * 100),
+                     "is not a readable .beton (file format mismatch"),
+    "16x16 raw images": (lambda p: _write_other_images(p, "raw", 16),
+                         "does not hold raw 32x32 images"),
+    "jpeg images": (lambda p: _write_other_images(p, "jpg", 32),
+                    "does not hold raw 32x32 images"),
+}
+
+
+@pytest.mark.parametrize("case", STRUCTURE)
+def test_read_checks_the_structure_of_a_file_its_sidecar_vouches_for(prepared, tmp_path, case):
+    """A sidecar rewritten to match the damaged file (as a copy made mid-write, or another
+    tool, could leave it): check()'s size comparison passes, so read() itself must refuse."""
+    damage, words = STRUCTURE[case]
+    path = tmp_path / prepared.test.name
+    shutil.copyfile(prepared.test, path)
+    damage(path)
+    _vouch_for(path, prepared.test)
+    assert beton.check(path)  # the sidecar alone would let it through
+    with pytest.raises(DataError, match=re.escape(f"{path} {words}")):
         beton.read(path)
 
 

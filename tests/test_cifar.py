@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,27 @@ def test_a_prepared_read_only_data_dir_is_used_as_is(tmp_path):
         else:
             for path in (shared, *shared.rglob("*")):
                 path.chmod(0o755)
+
+
+def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, closed_port):
+    """.beton files copied to a box without their source (as FFCV users copy them) are used
+    as they are, when whole by their sidecars; a damaged one needs the source again."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    offline = replace(LAYOUT, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    monkeypatch.setitem(cifar.LAYOUTS, "cifar10", offline)  # a download would fail at once
+    data = write_cifar10(tmp_path / "data")
+    made = prepare("cifar10", data.data_dir, workers=1)
+    shutil.rmtree(data.folder)
+    assert prepare("cifar10", data.data_dir, workers=1) == made
+    assert not data.folder.exists()  # nothing fetched or made again
+    synthetic_made = prepare("synthetic", data.data_dir, synthetic_size=(20, 5), workers=1)
+    shutil.rmtree(synthetic_made.source)
+    assert prepare("synthetic", data.data_dir, synthetic_size=(20, 5)) == synthetic_made
+    assert not synthetic_made.source.exists()
+    with open(made.test, "r+b") as f:  # same size, other bytes: its sidecar's hash catches it
+        f.write(b"\xff" * 64)
+    with pytest.raises(DataError, match=f"{ARCHIVE} .* or its extracted folder"):
+        prepare("cifar10", data.data_dir, workers=1)
 
 
 @pytest.mark.slow
@@ -611,3 +633,59 @@ def test_synthetic_boxes_hold_the_object(tmp_path):
         colour = colours[counts.argmax()]
         assert counts.max() >= 40  # the object covers a good part of its 10 x 10 box
         assert not (image[~inside] == colour).all(-1).any()
+
+
+# --- gaps a mutation audit found ------------------------------------------------------------
+
+
+def test_float_labels_are_refused_naming_the_file(cifar10_dir):
+    """Labels of 1.5 have the right shape and range; only their type shows they are no class
+    indices (int64 would silently truncate them)."""
+    path = cifar10_dir.folder / "data_batch_3"
+    dump_pickle(path, _with(labels=np.array([0.0, 1.5, 2.0, 3.0])))
+    assert_refused(cifar10_dir, path, "labels of shape (4,) and type float64; expected one "
+                                      "integer label per image")
+
+
+def test_three_dimensional_data_is_refused_naming_the_file(cifar10_dir):
+    """(4, 3072, 1) has 3072 values a row but is no batch of rows."""
+    path = cifar10_dir.folder / "data_batch_1"
+    dump_pickle(path, _with(data=np.zeros((4, cifar.ROW_SIZE, 1), np.uint8)))
+    assert_refused(cifar10_dir, path, "'data' has shape (4, 3072, 1)")
+
+
+def test_fetch_extracts_a_placed_archive_without_downloading(tmp_path, closed_port):
+    """An archive with the right md5 already in the data folder is used offline."""
+    made = write_cifar10(tmp_path / "made")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = make_tar_gz(data_dir / ARCHIVE, made.folder)
+    folder = cifar.fetch("cifar10", data_dir, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}",
+                         md5=md5(archive))
+    assert folder == data_dir / LAYOUT.folder
+    data = read(folder)
+    assert_splits_equal(data.train, made.train)
+    assert_splits_equal(data.test, made.test)
+
+
+def test_synthetic_splits_and_seeds_never_share_images(tmp_path):
+    """The test split is drawn from its own seed (2 seed + 1), so no test image is a training
+    image; each seed has its own folder and data. Equal split sizes make a shared seed show."""
+    first = cifar.write_synthetic(tmp_path, 20, 20, seed=0)
+    other = cifar.write_synthetic(tmp_path, 20, 20, seed=1)
+    assert first != other and first.name.endswith("seed0") and other.name.endswith("seed1")
+    a, b = (cifar.read_folder(f, cifar.OWN_LAYOUT, "synthetic") for f in (first, other))
+    for data in (a, b):
+        train = {image.tobytes() for image in data.train.images}
+        assert not any(image.tobytes() in train for image in data.test.images)
+    assert not np.array_equal(a.train.images, b.train.images)
+    assert not np.array_equal(a.test.images, b.test.images)
+
+
+def test_prepare_refuses_an_empty_data_dir_and_writes_nothing(tmp_path, monkeypatch):
+    """A library caller's "" must not mean the current directory (Path("") is ".")."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as refused:
+        prepare("synthetic", "", synthetic_size=(20, 5), workers=1)
+    assert str(refused.value).startswith("The data folder is empty ('')")
+    assert list(tmp_path.iterdir()) == []

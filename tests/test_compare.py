@@ -65,6 +65,8 @@ def test_compare_will_not_overwrite_runs(out):
     (["--optimizers", "sgd", "lion"], "invalid choice"),
     (["--optimizers", "sgd", "sgd"], "twice"),
     (["--epochs", "0"], "epochs"),
+    (["--optimizer", "adam"], "--optimizer adam: this tool trains each of --optimizers"),
+    (["--resume", "runs/a"], "unrecognized arguments: --resume"),
 ])
 def test_compare_refuses_bad_options_with_a_usage_error(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

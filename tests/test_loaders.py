@@ -20,23 +20,24 @@ from loaders.sharding import epoch_indices, padding
 
 BATCH = 64
 KINDS = loaders.LOADERS
+AUGMENT = AugmentConfig(flip=True, translate=2, cutout=8)  # what training batches get
 
 
 @pytest.fixture(scope="module")
 def make(prepared):
-    """make(kind, train, seed=0, rank=0, world_size=1, copy=0): a loader, built once per
-    arguments (each FFCV Loader costs a compilation); `copy` asks for another instance."""
+    """make(kind, train, seed=0, rank=0, world_size=1, copy=0, augment=AUGMENT): a loader,
+    built once per arguments (each FFCV Loader costs a compilation); `copy` asks for another
+    instance."""
     built = {}
 
     def get(kind: str, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-            copy: int = 0) -> loaders.BatchLoader:
-        key = (kind, train, seed, rank, world_size, copy)
+            copy: int = 0, augment: AugmentConfig = AUGMENT) -> loaders.BatchLoader:
+        key = (kind, train, seed, rank, world_size, copy, augment)
         if key not in built:
             built[key] = loaders.make_loader(
                 kind, prepared.train if train else prepared.test, train=train,
                 batch_size=BATCH, device="cpu", mean=prepared.mean, std=prepared.std,
-                augment=AugmentConfig(translate=2, cutout=8), seed=seed, rank=rank,
-                world_size=world_size, workers=1)
+                augment=augment, seed=seed, rank=rank, world_size=world_size, workers=1)
         return built[key]
 
     yield get
@@ -111,8 +112,17 @@ def test_set_epoch_changes_the_order_and_replays_it(make, run_epoch, kind):
     np.testing.assert_array_equal(first, again)
 
 
+def normalized(images: np.ndarray, prepared) -> np.ndarray:
+    """uint8 N x H x W x C images as the loaders normalize them, float64 N x H x W x C."""
+    return (images / 255 - np.asarray(prepared.mean)) / np.asarray(prepared.std)
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_same_seed_gives_the_same_batches_whatever_ran_before(make, run_epoch, kind):
+def test_same_seed_gives_the_same_batches_whatever_ran_before(make, run_epoch, source,
+                                                               prepared, kind):
+    """With flip, translate and cutout on (AUGMENT), so the augmentation's draws are compared
+    too, not only the order: the batches are checked to be augmented at all."""
+    assert AUGMENT.flip and AUGMENT.translate and AUGMENT.cutout
     first = run_epoch(make(kind, True), epoch=2)
     twin = make(kind, True, copy=1)
     run_epoch(twin, epoch=0)  # as an uninterrupted run would have, before a resumed one's epoch
@@ -121,6 +131,59 @@ def test_same_seed_gives_the_same_batches_whatever_ran_before(make, run_epoch, k
     for (images, labels), (twin_images, twin_labels) in zip(first, twin, strict=True):
         assert torch.equal(images, twin_images) and torch.equal(labels, twin_labels)
     assert not np.array_equal(labels_of(first), labels_of(other))
+    # augmented: every image has a cutout hole (whole pixels at 0, the mean colour), so none
+    # is its plain normalized source
+    images = torch.cat([images for images, _ in first]).numpy().transpose(0, 2, 3, 1)
+    plain = normalized(source.train.images[indices(len(source.train.labels), True, 2)],
+                       prepared)
+    holes = (images == 0).all(-1).sum((1, 2))
+    assert (holes >= (AUGMENT.cutout // 2) ** 2).all(), f"{(holes == 0).sum()} without cutout"
+    unchanged = np.isclose(images, plain, atol=1e-4).all((1, 2, 3))
+    assert not unchanged.any(), f"{unchanged.sum()} images not augmented"
+
+
+def match_flipped_crops(images: np.ndarray, sources: np.ndarray, pad: int, reflect: bool,
+                        prepared) -> tuple[np.ndarray, np.ndarray]:
+    """For each normalized N x C x H x W image, the (dy, dx, flip) crop of its uint8 source
+    (padded by `pad`, reflecting or black) nearest to it, and how far it is (max abs)."""
+    images = images.transpose(0, 2, 3, 1)
+    mode = "reflect" if reflect else "constant"
+    padded = np.pad(sources, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
+    padded = normalized(padded, prepared)
+    best = np.full(len(images), np.inf)
+    draws = np.zeros((len(images), 3), int)
+    shifts = range(-pad, pad + 1)
+    for dy in shifts:
+        for dx in shifts:
+            crop = padded[:, pad + dy:pad + dy + 32, pad + dx:pad + dx + 32]
+            for flip in (0, 1):
+                candidate = crop[:, :, ::-1] if flip else crop
+                distance = np.abs(images - candidate).max((1, 2, 3))
+                closer = distance < best
+                best[closer] = distance[closer]
+                draws[closer] = (dy, dx, flip)
+    return draws, best
+
+
+@pytest.mark.parametrize("reflect", [True, False], ids=["reflect", "zeros"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_images_are_flipped_shifted_crops_of_their_source(make, run_epoch, source,
+                                                                prepared, kind, reflect):
+    """Each training image is its source padded (by reflection, or black pixels for
+    --pad-mode zeros), cropped at a random shift and flipped about half the time; every shift
+    occurs and few images are left as they were."""
+    cfg = AugmentConfig(flip=True, translate=2, reflect=reflect, cutout=0)
+    batches = run_epoch(make(kind, True, augment=cfg), epoch=1)
+    order = indices(len(source.train.labels), True, epoch=1)
+    np.testing.assert_array_equal(labels_of(batches), source.train.labels[order])
+    images = torch.cat([images for images, _ in batches]).numpy()
+    draws, distance = match_flipped_crops(images, source.train.images[order], cfg.translate,
+                                          reflect, prepared)
+    assert distance.max() < 1e-4, f"{(distance >= 1e-4).sum()} images are no such crop"
+    dy, dx, flip = draws.T
+    assert 0.4 <= flip.mean() <= 0.6
+    assert set(dy) == set(dx) == set(range(-2, 3))
+    assert ((dy == 0) & (dx == 0) & (flip == 0)).mean() < 0.1  # about 1 in 50 by chance
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "test"])

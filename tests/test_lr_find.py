@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import run_script
 
+from common.errors import RangeTestError
 from engine import lr_range
 from engine.config import TrainConfig, resolve
 from engine.optimizers import lr_at
@@ -103,6 +104,56 @@ def test_suggestions_on_a_known_curve():
     assert lr_range.suggestions(lrs, np.linspace(1, 2, 61).tolist()) == (lrs[0], lrs[0])
 
 
+def test_suggestions_skip_the_early_points_of_the_slope_search():
+    """The steepest fall among the first SKIP (10) points is the average still settling on a
+    few batches: it is never suggested. Points 0.1 decade apart; slopes by central
+    differences, in units of 1 / (0.1 ln 10)."""
+    lrs = np.logspace(-5, -3.3, 18).tolist()
+    smoothed = [5.0, 4.0, 3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3, 2.2, 2.1, 1.8, 1.5, 1.45, 1.4,
+                1.5, 1.7]  # minimum at point 15
+    # slopes from point 10 to 15: -0.1, -0.2, -0.3, -0.175, -0.05, +0.025; points 0 and 1: -1
+    steepest, min_over_10 = lr_range.suggestions(lrs, smoothed)
+    assert steepest == lrs[12]
+    assert min_over_10 == pytest.approx(lrs[15] / 10)
+
+
+def test_suggestions_never_go_below_the_start_of_the_sweep():
+    """A minimum within the sweep's first decade: a tenth of its LR lies below start_lr, so
+    start_lr it is; the slope search then starts one point before the minimum."""
+    lrs = np.logspace(-5, -4.5, 6).tolist()
+    smoothed = [3.0, 2.5, 1.0, 2.0, 3.0, 4.0]  # minimum at point 2: slopes searched from 1
+    assert lr_range.suggestions(lrs, smoothed) == (lrs[1], lrs[0])
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_where_it_diverges_and_leaves_eval_mode_as_it_was(data_dir, tmp_path):
+    """From lr 0.01 to 1000 the loss blows up within 20 steps: the sweep stops at the first
+    step whose smoothed loss exceeds 4 x the lowest so far (not later, at NaN or the end).
+    A run in eval mode is put back in eval mode."""
+    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=SIZE,
+                              width=8, batch_size=16, loader="resident", precision="fp32",
+                              compile=False, out=str(tmp_path / "out")), cuda=False)
+    run = build(cfg, make_accelerator(cfg))
+    run.model.eval()
+    result = lr_range.range_test(run, start_lr=0.01, end_lr=1000.0, iterations=20)
+    assert not run.model.training
+
+    smoothed = result.smoothed
+    assert result.diverged and len(smoothed) < 20
+    assert smoothed[-1] > 4 * min(smoothed)
+    assert all(s <= 4 * min(smoothed[:i + 1]) for i, s in enumerate(smoothed[:-1]))
+    # the bias-corrected moving average with beta 0.98, by hand for its second point
+    first, second = result.losses[:2]
+    assert smoothed[1] == pytest.approx((0.98 * 0.02 * first + 0.02 * second) / (1 - 0.98**2),
+                                        rel=1e-12)
+
+    # from lr 1e30 the first step's update makes the second loss infinite: one point is no
+    # curve
+    with pytest.raises(RangeTestError, match="not finite within the first steps"):
+        lr_range.range_test(run, start_lr=1e30, end_lr=1e31, iterations=10)
+    assert not run.model.training
+
+
 @pytest.mark.parametrize("start, end, iterations", [(1.0, 0.1, 100), (0.0, 1.0, 100),
                                                     (1e-5, 1.0, 1)])
 def test_impossible_sweeps_are_refused(start, end, iterations):
@@ -128,7 +179,7 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
     (["--start-lr", "1", "--end-lr", "0.1"], "start-lr"),
     (["--end-lr", "inf"], "both finite"),
     (["--iterations", "1"], "iterations"),
-    (["--resume", "somewhere"], "resume"),
+    (["--resume", "somewhere"], "unrecognized arguments: --resume"),
     (["--optimizer", "lion"], "invalid choice"),
 ])
 def test_lr_find_refuses_bad_options_with_a_usage_error(args, message, tmp_path, capsys):
@@ -136,6 +187,14 @@ def test_lr_find_refuses_bad_options_with_a_usage_error(args, message, tmp_path,
         lr_find.main([*args, "--out", str(tmp_path / "out")])
     assert exit.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tools_help_lists_their_own_out_and_no_resume(capsys):
+    """--resume continues one engine/train.py run: the tools that train do not take it."""
+    with pytest.raises(SystemExit):
+        lr_find.main(["--help"])
+    shown = capsys.readouterr().out
+    assert "runs/lr_find-<time>" in shown and "--resume" not in shown
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Optimizer construction, weight-decay grouping and LR schedule shapes."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -189,3 +190,69 @@ def test_fused_optimizers_step_as_the_others_do(name: str):
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- what the mutation audit found unpinned ---------------------------------------------------
+
+EXPECTED_OPTIMIZERS = {  # name -> (class, the hyperparameters torch must be given)
+    "sgd": (torch.optim.SGD, {"momentum": 0.8, "nesterov": False, "dampening": 0}),
+    "nesterov": (torch.optim.SGD, {"momentum": 0.8, "nesterov": True, "dampening": 0}),
+    "adam": (torch.optim.Adam, {"betas": (0.8, 0.999), "eps": 1e-8, "amsgrad": False,
+                                "decoupled_weight_decay": False}),
+    "adamw": (torch.optim.AdamW, {"betas": (0.8, 0.999), "eps": 1e-8, "amsgrad": False,
+                                  "decoupled_weight_decay": True}),
+    "rmsprop": (torch.optim.RMSprop, {"momentum": 0.8, "alpha": 0.99, "eps": 1e-8,
+                                      "centered": False}),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("decay_norm_and_bias", [False, True])
+def test_each_optimizer_is_its_torch_class_with_its_hyperparameters(name, decay_norm_and_bias):
+    """adam is L2 Adam and adamw decoupled AdamW (a subclass: the exact type is checked), beta2
+    and RMSprop's alpha stay torch's defaults, and weight decay sits on the right groups."""
+    cls, hyper = EXPECTED_OPTIMIZERS[name]
+    opt = build_optimizer(name, Tiny(), lr=0.03, weight_decay=1e-3, momentum=0.8,
+                          decay_norm_and_bias=decay_norm_and_bias)
+    assert type(opt) is cls
+    decays = [1e-3] if decay_norm_and_bias else [1e-3, 0.0]
+    assert [group["weight_decay"] for group in opt.param_groups] == decays
+    for group in opt.param_groups:
+        assert group["lr"] == 0.03
+        assert {key: group[key] for key in hyper} == hyper
+
+
+def test_cosine_is_a_half_cosine_not_a_line():
+    """A quarter of the way, cosine is at (1 + cos(pi/4)) / 2 ~ 0.854 (a line: 0.75)."""
+    quarter = (1 + math.cos(math.pi / 4)) / 2
+    assert lr_at("cosine", T // 4, T) == pytest.approx(quarter)
+    assert lr_at("cosine", 3 * T // 4, T) == pytest.approx(1 - quarter)
+
+
+def test_onecycle_rises_and_falls_along_half_cosines():
+    """A quarter into the warm-up (step 5 of 20) and into the decay (step 20 + 20 of 80)."""
+    quarter = (1 + math.cos(math.pi / 4)) / 2
+    assert lr_at("onecycle", W // 4, T) == pytest.approx(1 + (ONECYCLE_START - 1) * quarter)
+    assert lr_at("onecycle", W + (T - W) // 4, T) == pytest.approx(
+        ONECYCLE_END + (1 - ONECYCLE_END) * quarter)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_steps_outside_the_schedule_take_its_end_values(name):
+    """Past total_steps (a rounding in an epoch count, an extra step) the LR stays at the last
+    value, never below 0 or back up; before step 0 it is the first value."""
+    for past in (T + 1, T + 5, 3 * T):
+        assert lr_at(name, past, T) == lr_at(name, T, T)
+    assert lr_at(name, -3, T) == lr_at(name, 0, T)
+
+
+def test_warmup_steps_are_rounded_down():
+    """W = int(0.27 * 10) = 2 (round would give 3): 1/3 at step 0, the peak at step 2, then
+    linear down over 8 steps."""
+    assert lr_at("triangular", 0, 10, warmup_frac=0.27) == pytest.approx(1 / 3)
+    assert lr_at("triangular", 1, 10, warmup_frac=0.27) == pytest.approx(2 / 3)
+    assert lr_at("triangular", 2, 10, warmup_frac=0.27) == 1.0
+    assert lr_at("triangular", 5, 10, warmup_frac=0.27) == pytest.approx(5 / 8)
+    assert lr_at("onecycle", 2, 10, warmup_frac=0.27) == 1.0
+    assert lr_at("onecycle", 1, 10, warmup_frac=0.27) == pytest.approx(
+        ONECYCLE_START + (1 - ONECYCLE_START) / 2)

@@ -187,6 +187,10 @@ def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path):
         assert result.returncode == 1 and named in result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "c").exists()
+    (tmp_path / "text.png").write_text("not a picture")
+    result = predict(run_dir / "ckpt.pt", tmp_path / "text.png")  # read, but no picture in it
+    assert result.returncode == 1 and "text.png" in result.stderr
+    assert result.stdout == ""  # no table of nothing: a lone header
 
 
 @pytest.mark.slow

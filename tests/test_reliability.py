@@ -22,7 +22,9 @@ from test_folders import write_tree
 from common.errors import CheckpointError, OutputError
 from common.files import locked_dir, write_text
 from engine import checkpoint
-from engine.loop import nonfinite_state, out_of_memory
+from engine.config import TrainConfig
+from engine.loop import configure, nonfinite_state, out_of_memory
+from engine.loop import train as train_run
 from engine.model import build_model
 
 SIZE = ["--synthetic-size", "1024", "128"]
@@ -121,6 +123,24 @@ def test_the_folder_lock_is_exclusive_and_a_folder_left_empty_is_removed(tmp_pat
     assert (tmp_path / "kept" / "file").exists()
 
 
+def test_a_folder_that_existed_empty_is_kept(tmp_path):
+    """Only a folder locked_dir made is removed when left empty: a user's own empty --out
+    stays."""
+    folder = tmp_path / "premade"
+    folder.mkdir()
+    with locked_dir(folder):
+        pass
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_a_stale_longer_lock_file_is_overwritten_with_our_pid(tmp_path):
+    """A lock file a dead run left (flocks die with it) is reused: it must then name this
+    process alone, not our pid over the tail of the old one."""
+    (tmp_path / ".lock").write_text("99999999")
+    with locked_dir(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["engine/train.py", "tools/lr_find.py"])
 def test_an_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
@@ -217,8 +237,8 @@ def test_divergence_in_the_first_epoch_says_nothing_was_saved(data_dir, tmp_path
     assert result.returncode == 1
     message = one_line_error(result)
     assert "NaN or infinite in epoch 1, batch" in message
-    assert "nothing was saved" in message and "a lower --lr (e.g. --lr 1e+11)" in message
-    assert not (out / "ckpt.pt").exists()
+    assert "nothing was saved" in message and message.endswith("a lower --lr (e.g. --lr 1e+11).")
+    assert not (out / "ckpt.pt").exists()  # so the same --out takes the next try
 
 
 def test_nonfinite_weights_and_buffers_are_found_by_name():
@@ -360,8 +380,11 @@ def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, t
     (["--cutout", "40"], "--cutout in 0..32"),
 ])
 def test_impossible_values_are_refused_before_anything_is_written(option, message, tmp_path):
+    """In one line (not argparse's whole usage first), exit 2, nothing written."""
     result = train(*option, "--out", tmp_path / "out", timeout=120)
     assert result.returncode == 2 and message in result.stderr
+    assert result.stderr.startswith("engine/train.py: error: ") and \
+        result.stderr.endswith("; see --help\n") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
@@ -383,11 +406,21 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("field, damage", [
     ("width", lambda c: c.update(width=True)),  # an int to Python, never a width
+    ("width", lambda c: c.update(width=0)),  # a model of no channels
+    ("classes", lambda c: c.update(classes=c["classes"][:9])),  # 9 names for 10 outputs
+    ("config", lambda c: c["config"].update(bogus=1)),  # TrainConfig(**config) would fail
+    ("state_dict", lambda c: c.update(state_dict={"w": 1})),  # weights that are no tensors
     ("std", lambda c: c.update(std=[0.0, 0.2, 0.2])),  # normalizing would divide by 0
     ("mean", lambda c: c.update(mean=[float("nan"), 0.5, 0.5])),
+    ("mean", lambda c: c.update(mean=[0.5, 0.5])),  # one value per RGB channel
     ("history", lambda c: c["history"][0].pop("test_acc")),  # the report's headline reads it
+    ("history", lambda c: c["history"][0].pop("epoch")),  # and the epoch of it
+    ("history", lambda c: c["history"][0].pop("lr")),  # and the curves the LR
     ("data", lambda c: c["data"].update(test=5)),  # the report finds the test split there
-])
+    ("data", lambda c: c["data"].pop("source")),  # --resume names it on a class mismatch
+], ids=["width True", "width 0", "9 of 10 classes", "unknown config key", "int weight",
+        "std 0", "mean NaN", "mean of 2", "no test_acc", "no epoch", "no lr", "data test 5",
+        "data without source"])
 def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
     ckpt = checkpoint.load(finished / "ckpt.pt")
     damage(ckpt)
@@ -396,10 +429,80 @@ def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field
         checkpoint.load(tmp_path / "ckpt.pt")
 
 
+@pytest.mark.slow
+def test_a_checkpoint_of_another_version_is_refused_naming_both(finished, tmp_path):
+    ckpt = checkpoint.load(finished / "ckpt.pt")
+    ckpt["version"] = 2  # otherwise whole: only the version tells it apart
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(tmp_path / "ckpt.pt")
+    assert str(refused.value) == (f"{tmp_path / 'ckpt.pt'} has checkpoint version 2; this "
+                                  "engine reads version 1.")
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"format": checkpoint.FORMAT, "version": checkpoint.VERSION},
+     "lacks arch, width, num_classes, state_dict, classes, mean, std, config, history, data; "
+     "it is incomplete."),
+    ([checkpoint.FORMAT, checkpoint.VERSION],
+     f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker)"),
+], ids=["marker and version only", "a list"])
+def test_a_checkpoint_that_is_no_whole_dict_is_refused(tmp_path, content, message):
+    """Refused in words, not with the KeyError or AttributeError of reading it."""
+    torch.save(content, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(tmp_path / "ckpt.pt")
+    assert str(refused.value).startswith(f"{tmp_path / 'ckpt.pt'} {message}")
+
+
+@pytest.mark.slow
+def test_resume_from_a_copy_of_best_pt_is_one_clear_error(finished, tmp_path):
+    """best.pt holds the weights but no optimizer state: resuming from it (copied over
+    ckpt.pt) is refused in one line, in-process as engine/train.py calls it."""
+    run = copy_run(finished, tmp_path)
+    shutil.copyfile(run / "best.pt", run / "ckpt.pt")
+    before = (run / "ckpt.pt").read_bytes()
+    with pytest.raises(CheckpointError) as refused:
+        train_run(TrainConfig(), run, {"epochs": 2})
+    assert str(refused.value) == (f"{run / 'ckpt.pt'} has no optimizer state (best.pt?); "
+                                  "resume from the run's ckpt.pt")
+    assert (run / "ckpt.pt").read_bytes() == before and len(history(run)) == 1
+
+
+def test_resume_from_a_folder_without_a_checkpoint_asks_for_a_run_folder(tmp_path):
+    with pytest.raises(CheckpointError, match=f"--resume {tmp_path}: {tmp_path / 'ckpt.pt'} "
+                                              "does not exist; pass the --out folder of a run"):
+        configure(TrainConfig(), tmp_path, {})
+
+
 def test_a_folder_given_as_a_checkpoint_names_the_file_to_pass(tmp_path):
     with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; pass a checkpoint "
                                               f"file, such as {tmp_path / 'ckpt.pt'}"):
         checkpoint.load(tmp_path)
+
+
+class Pickled:
+    """A class a foreign checkpoint pickles: a weights-only load refuses it."""
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"# notes\n", "a weights-only load refuses it: Unsupported operand"),
+    (lambda path: torch.save({"model": Pickled()}, path),
+     "a weights-only load refuses it: Unsupported global: GLOBAL test_reliability.Pickled"),
+    (lambda path: torch.save({"w": torch.zeros(1000)}, path) or path.write_bytes(
+        path.read_bytes()[:2000]), "RuntimeError: PytorchStreamReader failed reading zip"),
+    (b"", "(EOFError)")], ids=["text", "pickled class", "truncated", "empty"])
+def test_an_unreadable_checkpoint_gets_the_reason_never_advice_to_unpickle_it(
+        tmp_path, content, reason):
+    """torch wraps the weights-only unpickler's reason in advice to load with
+    weights_only=False, which runs any code the file holds: only the reason is passed on."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content) if isinstance(content, bytes) else content(path)
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path} is not a readable checkpoint (") and reason in message
+    assert "weights_only" not in message and "\n" not in message
 
 
 @pytest.mark.slow

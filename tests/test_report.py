@@ -20,7 +20,7 @@ from pypdf import PdfReader
 
 from engine import checkpoint
 from loaders import beton, synthetic
-from tools import report, report_faithfulness, report_figures, report_inputs
+from tools import report, report_faithfulness, report_figures, report_inputs, report_tables
 
 pytestmark = pytest.mark.slow
 
@@ -298,3 +298,79 @@ def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(load
     report_figures.write_pdf(loaded, {"run": "perfect"}, probs, indices, maps,
                              tmp_path / "gradcam.pdf")
     assert len(PdfReader(tmp_path / "gradcam.pdf").pages) == 1
+
+
+# --- report_tables on hand-made predictions: every expected number worked out by hand ---------
+
+# 10 images of 3 classes; confusion (row = true, column = predicted): [[3, 1, 0], [2, 1, 0],
+# [1, 0, 2]]. Each class's predicted count differs from its support, so precision and recall
+# differ.
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+PRED = np.array([0, 0, 0, 1, 0, 0, 1, 0, 2, 2])
+
+
+def test_confusion_and_per_class_metrics_by_hand():
+    matrix = report_tables.confusion(PRED, LABELS, 3)
+    assert matrix.tolist() == [[3, 1, 0], [2, 1, 0], [1, 0, 2]]
+    # precision = correct / predicted, recall = correct / support, F1 = 2PR / (P + R):
+    #   a: 3/6 = 0.5, 3/4 = 0.75, 0.75 / 1.25 = 0.6
+    #   b: 1/2 = 0.5, 1/3,        (1/3) / (5/6) = 0.4
+    #   c: 2/2 = 1.0, 2/3,        (4/3) / (5/3) = 0.8
+    assert report_tables.per_class(matrix, ["a", "b", "c"]) == [
+        dict(index=0, name="a", support=4, predicted=6, correct=3, precision=0.5, recall=0.75,
+             accuracy=0.75, f1=0.6),
+        dict(index=1, name="b", support=3, predicted=2, correct=1, precision=0.5,
+             recall=0.3333, accuracy=0.3333, f1=0.4),
+        dict(index=2, name="c", support=3, predicted=2, correct=2, precision=1.0,
+             recall=0.6667, accuracy=0.6667, f1=0.8),
+    ]
+
+
+def _inputs(labels: np.ndarray, history: list[dict]) -> report_inputs.Inputs:
+    """Inputs around a hand-made checkpoint dict and a real (tiny) model: 3 x 2 + 2 = 8
+    parameters."""
+    ckpt = dict(arch="resnet18", width=8, num_classes=3, classes=["a", "b", "c"],
+                history=history, config=dict(epochs=3, tta=False),
+                data=dict(dataset="synthetic"), device="cpu", processes=1, torch="2.x")
+    return report_inputs.Inputs(Path("run/ckpt.pt"), ckpt, torch.nn.Linear(3, 2),
+                                Path("test.beton"), np.zeros((len(labels), 32, 32, 3), np.uint8),
+                                labels, torch.device("cpu"))
+
+
+def test_misclassified_rows_give_the_true_class_probability_not_the_smallest():
+    run = _inputs(np.array([0, 1]), [])
+    probs = np.array([[0.2, 0.7, 0.1],  # true a (0.2), predicted b (0.7); c's 0.1 is the least
+                      [0.6, 0.3, 0.1]])  # true b (0.3), predicted a (0.6)
+    assert report_tables.misclassified_rows(run, probs, np.array([1, 0])) == [
+        dict(rank=1, index=1, true="b", predicted="a", probability=0.6, true_probability=0.3),
+        dict(rank=2, index=0, true="a", predicted="b", probability=0.7, true_probability=0.2),
+    ]
+
+
+def test_headline_reports_accuracy_best_and_final_epochs_by_hand():
+    """The best epoch (1) is not the last (2); 1 of 4 images is wrong: 75% right."""
+    history = [dict(epoch=1, test_acc=0.8, test_loss=0.5, seconds=30.0),
+               dict(epoch=2, test_acc=0.6, test_loss=0.9, seconds=60.0, images_per_s=1234.0)]
+    labels = np.array([0, 1, 2, 2])
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
+    facts = report_tables.headline(_inputs(labels, history), probs, labels)
+    assert facts["this report's accuracy"] == "75.00% (1 wrong; fp32, no TTA, on cpu)"
+    assert facts["best test accuracy"] == "80.00% at epoch 1"
+    assert facts["final test accuracy"] == "60.00% at epoch 2 (test loss 0.9000)"
+    assert facts["epochs"] == "2 of 3"
+    assert facts["model"] == "resnet18, width 8, 8 parameters"
+    assert facts["training time"] == "90.0 s (1.5 min) over 2 epochs, 1,234 images/s last"
+
+
+def test_summary_lists_the_five_lowest_recalls_hardest_first():
+    recalls = {"a": 0.9, "b": 0.2, "c": 0.7, "d": 0.5, "e": 0.95, "f": 0.1, "g": 0.6}
+    classes = [dict(name=name, support=10, precision=0.5, recall=recall, f1=0.5)
+               for name, recall in recalls.items()]
+    text = report_tables.summary({"best test accuracy": "80.00% at epoch 1"}, classes,
+                                 ["gradcam"], ["layer3"], 4, [])
+    assert "| best test accuracy | 80.00% at epoch 1 |" in text
+    table = text.split("## Hardest classes")[1].split("## Which explanation")[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines()
+            if line.startswith("| ") and "%" in line]
+    assert rows == ["f", "b", "d", "g", "c"]  # recall 10%, 20%, 50%, 60%, 70%
+    assert "| f | 10 | 50.00% | 10.00% | 50.00% |" in table

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import SYNTHETIC_SIZE
 from torch._dynamo.utils import counters
 
@@ -63,3 +64,25 @@ def test_the_compile_mode_reaches_inductor(prepared, tmp_path):
         loss, _ = train_step(run, images, labels)
         assert torch.isfinite(loss)
     assert counters["inductor"]["cudagraph_skips"] >= 1
+
+
+def test_the_loss_of_a_partial_last_batch_is_summed_over_its_own_images(prepared, tmp_path):
+    """train_step returns the batch's summed loss: the mean times the images it held (29 in the
+    last batch), not times the batch size, so the epoch's mean loss is right. The reference is
+    the same model's label-smoothed cross entropy on that batch, taken just before the step
+    (BatchNorm in train mode normalizes by the batch, so the step's forward gives the same)."""
+    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
+                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
+                              loader="resident", compile=False, workers=1,
+                              out=str(tmp_path / "run")), cuda=False)
+    assert cfg.label_smoothing > 0  # the reference must apply it too
+    run = build(cfg, make_accelerator(cfg))
+    *_, (images, labels) = run.train_loader
+    assert len(labels) == 29
+    run.model.train()
+    with torch.no_grad(), run.autocast():
+        want = F.cross_entropy(run.model(images).float(), labels, reduction="sum",
+                               label_smoothing=cfg.label_smoothing)
+    loss, correct = train_step(run, images, labels)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    assert 0 <= correct.item() <= 29

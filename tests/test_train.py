@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, interrupt_after_first_epoch, run_script
 
 from engine import checkpoint
-from engine.evaluate import evaluate
-from loaders import make_loader
+from loaders import beton
 
 pytestmark = pytest.mark.slow  # every test here runs engine/train.py
 
@@ -65,16 +66,54 @@ def test_reported_accuracy_matches_an_independent_evaluation(two_epoch_run):
     assert_reported_accuracy_matches(ckpt)
 
 
+def normalized_split(ckpt: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images as the model sees them, normalized here by hand from the .beton's raw
+    pixels (not by loaders.augment), in the run's memory format; and its labels."""
+    raw = beton.read(Path(ckpt["data"][split]))
+    mean, std = (torch.tensor(ckpt[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    images = (torch.from_numpy(raw.images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    layout = torch.channels_last if ckpt["config"]["channels_last"] else torch.contiguous_format
+    return images.contiguous(memory_format=layout), torch.from_numpy(raw.labels)
+
+
 def assert_reported_accuracy_matches(ckpt: dict) -> None:
-    """The last epoch's test accuracy equals a fresh single-process evaluation of the weights."""
-    model = checkpoint.model_from(ckpt)
-    loader = make_loader("resident", Path(ckpt["data"]["test"]), train=False, batch_size=500,
-                         device="cpu", mean=ckpt["mean"], std=ckpt["std"])
-    loss, correct, count = evaluate(model, loader, tta=ckpt["config"]["tta"]).tolist()
+    """The last epoch's test accuracy and loss equal an evaluation written out here (flip TTA,
+    argmax and loss by hand, not engine.evaluate's), at the run's test batch size."""
+    images, labels = normalized_split(ckpt, "test")
+    config = ckpt["config"]
+    model = checkpoint.model_from(ckpt).eval()
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        batches = images.split(2 * config["batch_size"])  # the run's test batches
+        logits = torch.cat([model(b) for b in batches])
+        if config["tta"]:
+            logits = (logits + torch.cat([model(b.flip(3)) for b in batches])) / 2
     last = ckpt["history"][-1]
-    assert count == last["test_images"]
-    assert correct / count == pytest.approx(last["test_acc"], abs=1e-9)
-    assert loss / count == pytest.approx(last["test_loss"], rel=1e-4)
+    assert len(labels) == last["test_images"]
+    correct = int((logits.argmax(1) == labels).sum())
+    assert abs(correct - last["test_acc"] * len(labels)) <= 1  # a near tie may go either way
+    assert F.cross_entropy(logits, labels).item() == pytest.approx(last["test_loss"], rel=1e-4)
+
+
+def test_train_loss_and_accuracy_are_those_of_the_epochs_batches(data_dir, tmp_path):
+    """One batch an epoch, no augmentation and a vanishing LR: the epoch's train loss and
+    accuracy are then one train-mode forward of the whole split, computed here by hand."""
+    out = tmp_path / "out"
+    result = train("--synthetic-size", "256", "64", "--data-dir", str(data_dir), "--epochs", "1",
+                   "--batch-size", "256", "--loader", "resident", "--no-flip", "--translate",
+                   "0", "--lr", "1e-12", "--schedule", "constant", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = checkpoint.load(out / "ckpt.pt")
+    images, labels = normalized_split(ckpt, "train")
+    model = checkpoint.model_from(ckpt).to(memory_format=torch.channels_last).train()
+    with torch.no_grad():
+        logits = model(images)  # BatchNorm in train mode: the batch's own statistics
+    row = ckpt["history"][0]
+    assert row["train_images"] == len(labels) == 256
+    loss = F.cross_entropy(logits, labels, label_smoothing=ckpt["config"]["label_smoothing"])
+    assert row["train_loss"] == pytest.approx(loss.item(), rel=1e-4)
+    assert abs(row["train_acc"] * 256 - int((logits.argmax(1) == labels).sum())) <= 1
 
 
 def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path):
@@ -193,7 +232,16 @@ def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
     assert {"test_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
 
 
-def test_an_unknown_tracker_is_refused(tmp_path):
+def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path):
     result = train("--log-with", "no-such-tracker", "--out", str(tmp_path / "out"), timeout=120)
-    assert result.returncode == 1 and "Unsupported logging capability" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and "invalid choice: 'no-such-tracker'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_a_tracker_whose_package_is_missing_says_what_to_install(tmp_path, data_dir):
+    result = train("--synthetic-size", "200", "50", "--data-dir", str(data_dir), "--epochs", "1",
+                   "--width", "8", "--log-with", "wandb", "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("--log-with wandb: its package is not installed; "
+                                          "pip install wandb, or leave --log-with out.")

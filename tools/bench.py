@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.compile_modes import COMPILE_MODES
 from common.files import unwritable, write_json
 from common.hardware import available_cores
@@ -106,7 +106,7 @@ def place_problem(path: Path, folders_made: bool) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """bench's options; those left out stay None until fill_defaults."""
-    p = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__.splitlines()[0],
+    p = CommandParser(prog="python tools/bench.py", description=__doc__.splitlines()[0],
                                 epilog="Options left out take device-dependent defaults, "
                                        "smaller with --quick.")
     add_device_option(p)
@@ -164,10 +164,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     problems += [x for x in args.compile or [] if x not in ("off", "on")]
     problems += [x for x in args.compile_modes or [] if x not in COMPILE_MODES]
     if problems:
-        p.error(f"unknown value(s) {', '.join(problems)}; see --help")
+        p.error(f"unknown value(s) {', '.join(problems)}")
     for name in ("sections", "precisions", "formats", "compile", "batch_sizes"):
         if getattr(args, name) == []:
-            p.error(f"--{name.replace('_', '-')} needs at least one value; see --help")
+            p.error(f"--{name.replace('_', '-')} needs at least one value")
     if args.json is not None and args.json.is_dir():
         p.error(f"--json {args.json} is a folder; name a file, e.g. {args.json / 'bench.json'}")
     for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.errors import Interrupted, RangeTestError, TrainingError
 from common.files import atomic_write, write_csv, write_text
 from engine.config import TrainConfig, parse_tool_args
@@ -78,7 +78,7 @@ def lr_source(lr: float | str | None) -> str:
 
 def own_options() -> argparse.ArgumentParser:
     """--optimizers, the one option of this tool; parse_tool_args adds engine/train.py's."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p = CommandParser(add_help=False, allow_abbrev=False)
     g = p.add_argument_group("comparison")
     g.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
                    metavar="NAME",
@@ -88,7 +88,11 @@ def own_options() -> argparse.ArgumentParser:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Each optimizer once: every run has its own directory."""
+    """Each optimizer once: every run has its own directory; and no --optimizer, which
+    --optimizers replaces here."""
+    if args.optimizer is not None:
+        raise ValueError(f"--optimizer {args.optimizer}: this tool trains each of --optimizers; "
+                         f"pass --optimizers {args.optimizer}")
     if len(set(args.optimizers)) < len(args.optimizers):
         raise ValueError(f"--optimizers names one twice: {' '.join(args.optimizers)}")
 

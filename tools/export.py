@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.errors import EngineError, ExportError
 from common.files import atomic_write
 from engine import checkpoint
@@ -32,7 +32,7 @@ TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python tools/export.py", description=__doc__,
+    parser = CommandParser(prog="python tools/export.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(parser)
     parser.add_argument("--format", required=True, choices=list(PACKAGES),

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.errors import SetupError
 from common.files import atomic_write, write_json, write_text
 from tools.gpu_summary import render
@@ -344,7 +344,7 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The suite's options, checked: a bad step name, --budget or --bundle is a usage error."""
-    p = argparse.ArgumentParser(prog="bash tools/gpu_suite.sh", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="bash tools/gpu_suite.sh", description=__doc__.split("\n")[0])
     p.add_argument("steps", nargs="*", default=["all"], metavar="STEP",
                    help=f"any of {', '.join(STEPS)}, or the groups {', '.join(GROUPS)} "
                         "(default: all)")

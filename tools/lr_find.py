@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.files import atomic_write, make_dir, write_csv
 from engine import lr_range
 from engine.config import TrainConfig, parse_tool_args, resolve
@@ -25,7 +25,7 @@ from engine.run import build, make_accelerator
 
 def own_options() -> argparse.ArgumentParser:
     """The sweep's options; parse_tool_args adds engine/train.py's, which set up the run."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p = CommandParser(add_help=False, allow_abbrev=False)
     g = p.add_argument_group("range test")
     g.add_argument("--start-lr", type=float, default=lr_range.START_LR,
                    help=f"first LR of the sweep (default: {lr_range.START_LR:g})")

@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.errors import DataError
 from common.files import atomic_write
 from common.progress import progress_bar
@@ -38,7 +38,7 @@ PROGRESS_FROM = 100  # pictures from which a progress bar is worth showing
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python tools/predict.py", description=__doc__,
+    parser = CommandParser(prog="python tools/predict.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(parser)
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                  for i, path in enumerate(good)}
         rows = [{"file": str(path), "predictions": found[path]} if path in found
                 else {"file": str(path), "error": errors[path]} for path in files]
-        print(json.dumps(rows, indent=2) if args.json else table(rows, k))
+        if args.json or good:  # a table of no picture would be a lone header
+            print(json.dumps(rows, indent=2) if args.json else table(rows, k))
         if args.cam is not None and len(good):
             write_cams(model, to_input, images, probs.argmax(1).numpy(), good, args.layer,
                        args.cam)

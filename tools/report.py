@@ -1,10 +1,11 @@
 """`python tools/report.py ckpt.pt`: turn a training run into pictures a person can read.
 
-Writes curves.png, misclassified.png (+ .csv), gradcam.pdf, confusion.png, per_class.csv and
-summary.md into a report folder (default: report/ beside the checkpoint). Everything is written
-into a temporary folder beside it and renamed into place at the end, so a failed run never
-leaves a half report, and an older report is replaced only by a complete one. The temporary
-folder of a report that was killed is removed by the next report into the same folder.
+Writes curves.png, misclassified.png (+ .csv), gradcam.pdf, confusion.png, per_class.csv,
+faithfulness.csv and summary.md into a report folder (default: report/ beside the checkpoint).
+Everything is written into a temporary folder beside it and renamed into place at the end, so
+a failed run never leaves a half report, and an older report is replaced only by a complete
+one. The temporary folder of a report that was killed is removed by the next report into the
+same folder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import CommandParser, run_main
 from common.errors import ReportError
 from common.files import temporary_name, write_csv
 from tools.options import (
@@ -55,7 +56,7 @@ from tools.report_tables import (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python tools/report.py", description=__doc__,
+    parser = CommandParser(prog="python tools/report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(parser)
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             raise write_failed(error, out) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        print(f"wrote {out}/: summary.md, curves.png, misclassified.png, gradcam.pdf, "
-              "confusion.png, per_class.csv, faithfulness.csv")
+        print(f"wrote {out}/: summary.md, curves.png, misclassified.png, misclassified.csv, "
+              "gradcam.pdf, confusion.png, per_class.csv, faithfulness.csv")
 
     return run_main(body)
 

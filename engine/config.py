@@ -211,9 +211,11 @@ def _plain(value: object) -> object:
         value, list) else value
 
 
-def parse(argv: list[str] | None = None) -> Options:
-    """The run's config from the command line (preset, then explicit options) and --resume."""
+def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
+    """The run's config from the command line (preset, then explicit options) and --resume;
+    `prog` names the tool in usage errors when another tool's options are parsed here."""
     parser = build_parser()
+    parser.prog = prog or parser.prog
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
     names = {f.name for f in fields(TrainConfig)}
@@ -272,6 +274,6 @@ def parse_tool_args(argv: list[str] | None, prog: str, description: str,
     except ValueError as error:
         full.error(str(error))
     _, rest = own.parse_known_args(argv)
-    cfg = parse(rest).cfg
+    cfg = parse(rest, prog).cfg
     cfg.out = cfg.out or timestamped(tool)
     return args, cfg

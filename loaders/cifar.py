@@ -337,12 +337,11 @@ def source_name(name: str, data_dir: Path,
 
 
 def source_at_hand(name: str, folder: Path) -> bool:
-    """Whether dataset `name` can be read from its python folder (see source_name) without a
-    download: the folder is there, or CIFAR's archive beside it. An image folder's always is:
-    its python folder's name is made from the images."""
-    if name == "folder" or folder.is_dir():
-        return True
-    return name in LAYOUTS and (folder.parent / Path(LAYOUTS[name].url).name).is_file()
+    """Whether dataset `name` can be read as it is now from its python folder (see
+    source_name): the folder is there. CIFAR's archive alone is not enough (extracting it
+    writes, which a shared read-only folder refuses); an image folder's always is, its python
+    folder's name being made from the images."""
+    return name == "folder" or folder.is_dir()
 
 
 def image_folder_name(files: dict[str, dict[str, list[Path]]]) -> str:

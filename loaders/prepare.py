@@ -53,9 +53,10 @@ def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
     if not existing.is_dir():
         raise DataError(f"--data-dir {data_dir}: {existing} is a file, not a folder; pass a "
                         "folder (it is created when missing).")
-    if writing and unwritable(existing):
-        raise DataError(f"--data-dir {data_dir}: {existing} is read-only; pass a folder you "
-                        "can write to, or make it writable.")
+    problem = unwritable(existing) if writing else None
+    if problem:  # read-only (a mount, modes), or a disk out of space or inodes: the reason
+        raise DataError(f"--data-dir {data_dir}: {existing} {problem}; pass a folder you "
+                        "can write to, with free space, or fix this one.")
 
 
 def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE,

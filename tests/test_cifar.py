@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -196,8 +197,9 @@ def _bad_data_dirs(tmp_path: Path, read_only: Path) -> dict[str, tuple[str, str]
     return {"empty": ("", "--data-dir: an empty value"),
             "a file": (str(a_file), f"{a_file} is a file, not a folder"),
             "under a file": (str(a_file / "data"), f"{a_file} is a file, not a folder"),
-            "read-only": (str(read_only), f"{read_only} is read-only"),
-            "under a read-only folder": (str(read_only / "data"), f"{read_only} is read-only")}
+            "read-only": (str(read_only), f"{read_only} cannot be written ("),
+            "under a read-only folder": (str(read_only / "data"),
+                                         f"{read_only} cannot be written (")}
 
 
 @pytest.mark.slow
@@ -212,7 +214,8 @@ def test_unusable_data_dir_is_refused_before_any_work(tmp_path, read_only_dir, s
             timeout=120)
         assert result.returncode in (1, 2), case
         assert words in result.stderr and "Traceback" not in result.stderr, (case, result.stderr)
-        last = result.stderr.strip().splitlines()[-1]  # argparse puts its usage line first
+        assert len(result.stderr.strip().splitlines()) == 1, (case, result.stderr)
+        last = result.stderr.strip()
         assert last.startswith("error: ") or ": error: argument --data-dir: " in last, case
     assert sorted(ROOT.iterdir()) == before  # nothing written to the current directory
     assert list(read_only_dir.iterdir()) == [] and not (tmp_path / "run").exists()
@@ -234,7 +237,7 @@ def test_a_prepared_read_only_data_dir_is_used_as_is(tmp_path):
     try:
         again = prepare("synthetic", shared, synthetic_size=(20, 5), workers=1)
         assert again.train == shared / made.train.name and again.mean == made.mean
-        with pytest.raises(DataError, match="is read-only"):
+        with pytest.raises(DataError, match=r"cannot be written \("):
             prepare("synthetic", shared, synthetic_size=(21, 5), workers=1)  # must write
     finally:
         if os.geteuid() == 0:
@@ -253,8 +256,9 @@ def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, cl
     data = write_cifar10(tmp_path / "data")
     made = prepare("cifar10", data.data_dir, workers=1)
     shutil.rmtree(data.folder)
+    (data.data_dir / ARCHIVE).write_bytes(b"an archive is no source at hand: extracting writes")
     assert prepare("cifar10", data.data_dir, workers=1) == made
-    assert not data.folder.exists()  # nothing fetched or made again
+    assert not data.folder.exists()  # nothing fetched, extracted or made again
     synthetic_made = prepare("synthetic", data.data_dir, synthetic_size=(20, 5), workers=1)
     shutil.rmtree(synthetic_made.source)
     assert prepare("synthetic", data.data_dir, synthetic_size=(20, 5)) == synthetic_made
@@ -305,6 +309,14 @@ def test_a_prepared_folder_is_read_while_another_process_holds_its_lock(tmp_path
         result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size",
                             200, 50, "--data-dir", data_dir, timeout=120)  # a wait: fails
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_data_dir_on_a_full_disk_is_refused_with_the_reason(tmp_path):
+    """A disk out of inodes (or space) is named as such, not called read-only."""
+    full = tmp_path / "full"
+    refusal = re.escape(f"--data-dir {full}: {full} cannot be written (No space left on device)")
+    with tmpfs(full, "size=1m,nr_inodes=1"), pytest.raises(DataError, match=refusal):
+        prepare("synthetic", full, synthetic_size=(20, 5))
 
 
 def test_prepare_checks_the_data_dir_first(tmp_path):

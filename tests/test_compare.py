@@ -64,7 +64,7 @@ def test_compare_will_not_overwrite_runs(out):
 @pytest.mark.parametrize("args, message", [
     (["--optimizers", "sgd", "lion"], "invalid choice"),
     (["--optimizers", "sgd", "sgd"], "twice"),
-    (["--epochs", "0"], "epochs"),
+    (["--epochs", "0"], "tools/compare.py: error: --epochs must be at least 1; see --help"),
     (["--optimizer", "adam"], "--optimizer adam: this tool trains each of --optimizers"),
     (["--resume", "runs/a"], "unrecognized arguments: --resume"),
 ])

@@ -18,9 +18,20 @@ from pathlib import Path
 from common.errors import OutputError
 
 
-def temporary_name(path: Path) -> Path:
-    """The hidden sibling a write goes to first; `.<name>.*.tmp` finds those of dead writers."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def temporary_name(path: Path, kind: str = "tmp") -> Path:
+    """The hidden sibling `.<name>.<pid>.<kind>` a write goes to first (kind "tmp"), or an old
+    file waits in before it is removed; temporary_writer reads the pid back."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+
+
+def temporary_writer(entry: Path, path: Path, kinds: tuple[str, ...] = ("tmp",)) -> int | None:
+    """The pid of the process that made `entry`, when entry is a temporary_name of `path` of
+    one of `kinds`; else None."""
+    prefix = f".{path.name}."
+    pid, _, kind = entry.name.removeprefix(prefix).partition(".")
+    if entry.name.startswith(prefix) and kind in kinds and pid.isdigit():
+        return int(pid)
+    return None
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(weights only)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="where to write (default: beside the checkpoint, e.g. ckpt.onnx)")
-    add_data_dir_option(parser, "for the check ")
+    add_data_dir_option(parser, "for the check")
     return parser.parse_args(argv)
 
 

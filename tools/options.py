@@ -23,12 +23,14 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs (default: cuda when available)")
 
 
-def add_data_dir_option(parser: argparse.ArgumentParser, purpose: str) -> None:
-    """--data-dir of a tool that reads a checkpoint: where to rebuild its test split for
-    `purpose` instead of reading the .beton path the checkpoint records."""
+def add_data_dir_option(parser: argparse.ArgumentParser, purpose: str = "") -> None:
+    """--data-dir of a tool that reads a checkpoint: where to rebuild its test split (for
+    `purpose`, e.g. "for the check") instead of reading the .beton path the checkpoint
+    records."""
+    rebuild = " ".join(filter(None, ("rebuild the test split in DIR", purpose)))
     parser.add_argument("--data-dir", type=data_dir_option, default=None, metavar="DIR",
-                        help=f"rebuild the test split in DIR {purpose}instead of reading the "
-                             ".beton path recorded in the checkpoint")
+                        help=f"{rebuild} instead of reading the .beton path recorded in the "
+                             "checkpoint")
 
 
 def pick_device(name: str | None) -> torch.device:

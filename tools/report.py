@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common.cli import CommandParser, run_main
 from common.errors import ReportError
-from common.files import temporary_name, write_csv
+from common.files import temporary_name, temporary_writer, write_csv
 from tools.options import (
     add_checkpoint_argument,
     add_data_dir_option,
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="report folder, replaced when complete (default: report/ beside "
                              "the checkpoint)")
-    add_data_dir_option(parser, "")
+    add_data_dir_option(parser)
     parser.add_argument("-n", type=int, default=20,
                         help="misclassified images to show and explain (default: 20)")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3", "layer4"],
@@ -113,7 +113,7 @@ def write_report(run: Inputs, args: argparse.Namespace, folder: Path) -> None:
 
 def publish(folder: Path, out: Path) -> None:
     """Rename the finished folder to `out`; an older report there is removed only now."""
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    old = temporary_name(out, "old")
     if out.exists():
         os.replace(out, old)
     try:
@@ -140,11 +140,9 @@ def sweep_stale(out: Path) -> None:
     """Remove the `.<name>.<pid>.tmp` and `.old` folders that reports into `out` left when
     killed (SIGKILL, a power cut): of dead writers, or of this PID, reused after a restart.
     Nothing else ever removes them, and each can hold a whole report."""
-    prefix = f".{out.name}."
     for entry in out.parent.iterdir():
-        pid, _, kind = entry.name.removeprefix(prefix).partition(".")
-        if (entry.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit()
-                and (int(pid) == os.getpid() or not writer_alive(int(pid)))):
+        pid = temporary_writer(entry, out, ("tmp", "old"))
+        if pid is not None and (pid == os.getpid() or not writer_alive(pid)):
             shutil.rmtree(entry, ignore_errors=True)
 
 

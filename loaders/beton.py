@@ -87,7 +87,7 @@ def check(path: Path) -> BetonInfo:
     Only the size is compared: loaders open files that prepare() has just verified in full.
     """
     info = read_info(path)
-    if info is None or info.format != FORMAT:
+    if info is None:
         raise DataError(f"{path} is missing or has no up-to-date sidecar {sidecar(path).name}; "
                         "run `python loaders/prepare.py` (or training) to rebuild it.")
     why = damage(path, info, full=False)
@@ -113,11 +113,19 @@ def check_space(folder: Path, needed: int) -> None:
 
 
 def read_info(path: Path) -> BetonInfo | None:
-    """The sidecar of a .beton, or None when either is missing or unreadable."""
+    """The sidecar of a .beton, or None when either is missing or unreadable, or the sidecar
+    is of another FORMAT (its file is then rebuilt, never read)."""
     try:
-        return BetonInfo(**json.loads(sidecar(path).read_text())) if path.is_file() else None
+        info = BetonInfo(**json.loads(sidecar(path).read_text())) if path.is_file() else None
     except (OSError, ValueError, TypeError):
         return None
+    return info if info is not None and info.format == FORMAT else None
+
+
+def intact(path: Path) -> BetonInfo | None:
+    """path's sidecar info when the file matches it in size and hash, else None."""
+    info = read_info(path)
+    return info if info is not None and damage(path, info) is None else None
 
 
 class _Rows:
@@ -139,8 +147,8 @@ def cached(path: Path, split: Split, classes: list[str],
     """path's info when it holds this split as it is now (its source, classes and, when
     given, normalization) and is undamaged; else None, with why when the file is damaged."""
     old = read_info(path)
-    if old is None or (old.format, old.num_samples, old.source_digest, old.classes) != (
-            FORMAT, len(split.labels), digest(split), classes) or stats not in (
+    if old is None or (old.num_samples, old.source_digest, old.classes) != (
+            len(split.labels), digest(split), classes) or stats not in (
             None, (old.mean, old.std)):
         return None, None
     why = damage(path, old)

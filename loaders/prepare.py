@@ -116,11 +116,9 @@ def _without_source(name: str, source: Path, paths: dict[str, Path]) -> Prepared
     """The .beton files at paths on their own, their source gone: when both are whole (by
     their sidecars' size and hash) and of one dataset (same classes, test normalized with
     train's statistics), else None and the source is fetched or made again."""
-    infos = {split: beton.read_info(path) for split, path in paths.items()}
-    if any(info is None or info.format != beton.FORMAT or beton.damage(paths[split], info)
-           for split, info in infos.items()):
+    train, test = beton.intact(paths["train"]), beton.intact(paths["test"])
+    if train is None or test is None:
         return None
-    train, test = infos["train"], infos["test"]
     if (test.classes, test.mean, test.std) != (train.classes, train.mean, train.std):
         return None
     return Prepared(name, train.classes, paths["train"], paths["test"], train.mean, train.std,

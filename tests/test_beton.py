@@ -324,10 +324,28 @@ def test_cache_hit_checks_the_content_hash(prepared, tmp_path):
     assert beton.damage(path, beton.read_info(path)) is None
 
 
+def _older_sidecar(path: Path) -> None:
+    """The sidecar of path as an older release wrote it: another FORMAT, all else alike."""
+    write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), format=beton.FORMAT - 1)))
+
+
+def test_a_sidecar_of_another_format_is_rebuilt_never_trusted(prepared, tmp_path):
+    data_dir = _prepared_copy(prepared, tmp_path)
+    path = data_dir / prepared.train.name
+    _older_sidecar(path)
+    assert beton.read_info(path) is None and beton.intact(path) is None
+    with pytest.raises(DataError, match="no up-to-date sidecar"):
+        beton.check(path)
+    again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
+    assert again == replace(prepared, train=path, test=data_dir / prepared.test.name,
+                            source=again.source)
+    assert beton.read_info(path).format == beton.FORMAT
+
+
 @pytest.mark.parametrize("kind", ["ffcv", "resident", "torchvision"])
 @pytest.mark.parametrize("damage", [DAMAGED["cut by a few bytes"], DAMAGED["header cut"],
-                                    lambda p: beton.sidecar(p).unlink()],
-                         ids=["cut by a few bytes", "header cut", "no sidecar"])
+                                    lambda p: beton.sidecar(p).unlink(), _older_sidecar],
+                         ids=["cut by a few bytes", "header cut", "no sidecar", "older sidecar"])
 def test_loaders_refuse_a_damaged_beton_naming_it(prepared, tmp_path, kind, damage):
     path = tmp_path / prepared.test.name
     shutil.copyfile(prepared.test, path)

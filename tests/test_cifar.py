@@ -4,6 +4,7 @@ synthetic dataset."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import resource
@@ -31,7 +32,7 @@ from conftest import (
 
 from common import hardware
 from common.files import waiting_lock
-from loaders import cifar, synthetic
+from loaders import beton, cifar, synthetic
 from loaders.cifar import DataError
 from loaders.prepare import prepare
 
@@ -263,6 +264,12 @@ def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, cl
     shutil.rmtree(synthetic_made.source)
     assert prepare("synthetic", data.data_dir, synthetic_size=(20, 5)) == synthetic_made
     assert not synthetic_made.source.exists()
+    sidecar = beton.sidecar(made.train)
+    kept = sidecar.read_text()
+    sidecar.write_text(json.dumps({**json.loads(kept), "format": beton.FORMAT - 1}))
+    with pytest.raises(DataError, match=f"{ARCHIVE} .* or its extracted folder"):
+        prepare("cifar10", data.data_dir, workers=1)  # an older release's sidecar vouches not
+    sidecar.write_text(kept)
     with open(made.test, "r+b") as f:  # same size, other bytes: its sidecar's hash catches it
         f.write(b"\xff" * 64)
     with pytest.raises(DataError, match=f"{ARCHIVE} .* or its extracted folder"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,22 @@ def test_training_learns_and_writes_the_run_directory(two_epoch_run):
     best = checkpoint.load(two_epoch_run / "best.pt")
     assert best["history"][-1]["test_acc"] == max(r["test_acc"] for r in rows)
     assert "resume" not in best
+
+
+def test_best_pt_is_kept_when_a_later_epoch_is_worse(two_epoch_run, tmp_path):
+    """best.pt is rewritten only by an epoch that beats every earlier one: here the history
+    resumed from holds a perfect epoch 2, so epoch 3 leaves best.pt as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(two_epoch_run, run)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["history"][1]["test_acc"] = 1.0
+    torch.save(ckpt, run / "ckpt.pt")
+    before = (run / "best.pt").read_bytes()
+    result = train("--resume", str(run), "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["test_acc"] < 1.0 for r in history(run)] == [True, False, True]
+    assert (run / "best.pt").read_bytes() == before
+    assert checkpoint.load(run / "ckpt.pt")["epoch"] == 3
 
 
 def test_reported_accuracy_matches_an_independent_evaluation(two_epoch_run):

@@ -12,7 +12,7 @@ import math
 import shutil
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from common.files import atomic_write, write_csv, write_text
 from common.hardware import device_name
 from engine.config import TrainConfig
 from engine.model import build_model
-from engine.optimizers import load_schedule
+from engine.optimizers import load_optimizer, load_schedule
 
 if TYPE_CHECKING:
     from engine.run import Run
@@ -136,6 +136,18 @@ def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:
     return model.eval()
 
 
+def on_cpu(value: Any) -> Any:
+    """value (a tensor, or dicts and lists of them) with every tensor moved to the CPU: the
+    optimizer's state lives where the weights do, and a checkpoint must load anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
 def content(run: Run, history: list[dict], with_state: bool) -> dict:
     """ckpt.pt's content: plain containers and fp32 CPU tensors only."""
     weights = {k: (v.float() if v.is_floating_point() else v).detach().cpu()
@@ -152,7 +164,7 @@ def content(run: Run, history: list[dict], with_state: bool) -> dict:
         torch=str(torch.__version__),  # a TorchVersion object would not load with weights_only
     )
     if with_state:  # what --resume needs beyond the weights
-        ckpt["resume"] = dict(optimizer=run.optimizer.state_dict(),
+        ckpt["resume"] = dict(optimizer=on_cpu(run.optimizer.state_dict()),
                               scheduler=run.scheduler.state_dict(),
                               scaler=run.scaler.state_dict() if run.scaler else None,
                               rng=torch.get_rng_state())
@@ -175,7 +187,7 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
             "began with, or start a new run with another --out.")
     run.unwrapped.load_state_dict(ckpt["state_dict"])
     state = ckpt["resume"]
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer(run.optimizer, state["optimizer"])
     load_schedule(run.scheduler, state["scheduler"])  # after the optimizer: it sets the LR
     if state["scaler"] is not None and run.scaler is not None:
         run.scaler.load_state_dict(state["scaler"])

@@ -150,9 +150,10 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
 
 
 # how a failed allocation reads when it is not a torch.OutOfMemoryError: the CPU allocator's,
-# and cuBLAS's and cuDNN's when their workspace cannot be had on a full GPU
+# and cuBLAS's and cuDNN's when their workspace cannot be had on a full GPU (cuDNN 8's
+# CUDNN_STATUS_ALLOC_FAILED; cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_{HOST,DEVICE}_ALLOCATION_FAILED)
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                 "CUDNN_STATUS_ALLOC_FAILED")
+                 "CUDNN_STATUS_ALLOC_FAILED", "ALLOCATION_FAILED")
 
 
 def out_of_memory(error: BaseException | None) -> bool:

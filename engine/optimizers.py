@@ -139,3 +139,19 @@ def load_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> 
                                        strict=True):
         group["lr"] = base * multiplier(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state, keeping how this optimizer runs (fused, foreach: chosen
+    for this device by engine.run.build), which load_state_dict would take from the file.
+
+    The flags go into the saved groups before loading, as torch places each state's step
+    by them (on the device when fused): a run begun on the CPU and resumed on a GPU then
+    steps fused there.
+    """
+    ways = ("fused", "foreach", "capturable", "differentiable")
+    # strict=False: groups of another count are load_state_dict's own error, with its words
+    groups = [{**saved, **{k: group[k] for k in ways if k in group}}
+              for saved, group in zip(state["param_groups"], optimizer.param_groups,
+                                      strict=False)]
+    optimizer.load_state_dict({**state, "param_groups": groups})

@@ -22,7 +22,7 @@ from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
 from tools import bench, bench_peers, bench_sections
 from tools.flops import count_train_flops, train_flops
-from tools.timing import Peak
+from tools.timing import Peak, timed_epoch_steps
 
 
 def run_bench(tmp: Path, *args: str) -> tuple[dict, str]:
@@ -374,3 +374,20 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     rows = bench_sections.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
                                                                        "fp32")})
     assert [row["config"].split()[0] for row in rows] == ["torchvision"]  # failed: no MFU
+
+
+def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_path):
+    """The loader-overhead share compares an epoch with the same steps on one batch: its full
+    batches and its partial last one, which the loader must not be charged for."""
+    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                             "--workers", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
+    device = bench.measured_device(args)
+    bench.fill_defaults(args)
+    cfg = replace(bench.base_config(args, device, 200, str(tmp_path)), loader="resident")
+    run = bench_sections.make_run(cfg, 1)
+    images, labels = next(iter(run.train_loader))
+    sizes = []
+    run.unwrapped.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
+    assert timed_epoch_steps(run, images, labels, 150) > 0
+    assert sizes == [64, 64, 22]  # as an epoch of 150 images at batch 64 steps

@@ -161,11 +161,21 @@ def cuda_run(request, data_dir, tmp_path_factory) -> Path:
     return out
 
 
+def tensors(value) -> list[torch.Tensor]:
+    """Every tensor in nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value
+    return [t for v in items for t in tensors(v)] if isinstance(value, dict | list | tuple) else []
+
+
 @pytest.mark.slow
 def test_cuda_run_reports_the_accuracy_of_its_checkpoint(cuda_run):
     config = json.loads((cuda_run / "config.json").read_text())
     assert (config["precision"], config["compile"]) == ("bf16", True)
     ckpt = checkpoint.load(cuda_run / "ckpt.pt")
+    saved = torch.load(cuda_run / "ckpt.pt", weights_only=True)  # each tensor where saved
+    assert {t.device.type for t in tensors(saved["resume"])} == {"cpu"}  # loads anywhere
     last = ckpt["history"][-1]
     assert [r["epoch"] for r in ckpt["history"]] == [1, 2] and last["test_acc"] > 0.5
     # an independent evaluation: the weights rebuilt eagerly, a fresh loader, the run's bf16;
@@ -205,9 +215,11 @@ def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
     for a, b in zip(history(full), history(cut), strict=True):
         assert (a["epoch"], a["lr"], a["train_images"]) == (b["epoch"], b["lr"],
                                                             b["train_images"])
-        # cuDNN's backward kernels are not bitwise deterministic: equal up to that noise
+        # cuDNN's backward kernels are not bitwise deterministic (nor are TF32 convolutions
+        # in 'fp32'), and the runs drift apart epoch by epoch: equal up to that noise, which
+        # the CPU's resume test (tests/test_train.py: within 1e-4) does not have to allow for
         for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-            assert a[key] == pytest.approx(b[key], rel=2e-2, abs=1e-2), (a["epoch"], key)
+            assert a[key] == pytest.approx(b[key], rel=5e-2, abs=3e-2), (a["epoch"], key)
 
 
 @pytest.mark.slow

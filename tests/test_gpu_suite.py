@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,6 +35,7 @@ def test_dry_run_writes_every_step_with_its_header(gpu_suite_dry_run):
         assert head["command"].startswith("bash tools/gpu_suite.sh all --dry-run")
         for key in ("commit", "torch", "ffcv", "accelerate", "numba", "grad-cam", "python"):
             assert head[key], key
+        assert int(head["dev_shm_bytes"]) == shutil.disk_usage("/dev/shm").total
         summary = json.loads((results / f"{step}.summary.json").read_text())
         assert summary["ok"] and all(c["status"] == "ok" for c in summary["commands"])
         assert summary["meta"]["step"] == step

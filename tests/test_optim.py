@@ -14,6 +14,7 @@ from engine.optimizers import (
     SCHEDULES,
     build_optimizer,
     build_schedule,
+    load_optimizer,
     load_schedule,
     lr_at,
     param_groups,
@@ -256,3 +257,34 @@ def test_warmup_steps_are_rounded_down():
     assert lr_at("onecycle", 2, 10, warmup_frac=0.27) == 1.0
     assert lr_at("onecycle", 1, 10, warmup_frac=0.27) == pytest.approx(
         ONECYCLE_START + (1 - ONECYCLE_START) / 2)
+
+
+@pytest.mark.parametrize("saved_fused, fused", [(False, True), (True, False)])
+def test_a_loaded_state_keeps_the_way_this_optimizer_steps(saved_fused, fused):
+    """A checkpoint of a run on one device resumed on another: the moments and step come from
+    the file, fused or not from this optimizer (torch's load_state_dict would take the file's,
+    and place the step by it)."""
+    torch.manual_seed(0)
+    saved_model, model = Tiny(), Tiny()
+    saved = build_optimizer("adam", saved_model, 1e-2, 5e-4, 0.9, fused=saved_fused)
+    saved_model(torch.randn(4, 3, 8, 8)).sum().backward()
+    saved.step()
+    state = torch.load(io.BytesIO(_saved(saved.state_dict())), weights_only=True)
+    optimizer = build_optimizer("adam", model, 1e-2, 5e-4, 0.9, fused=fused)
+    load_optimizer(optimizer, state)
+    assert [g["fused"] for g in optimizer.param_groups] == [fused or None] * 2
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state's order
+    for i, p in enumerate(params):
+        got, want = optimizer.state[p], saved.state_dict()["state"][i]
+        torch.testing.assert_close(got["exp_avg"], want["exp_avg"])
+        assert got["step"].item() == 1 and got["step"].dtype == torch.float32
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    optimizer.step()  # the fused kernel takes the loaded state as it is
+    assert all(optimizer.state[p]["step"].item() == 2 for p in params)
+
+
+def _saved(state: dict) -> bytes:
+    """state as torch.save writes it into a checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

@@ -286,6 +286,9 @@ def test_cuda_libraries_failing_to_allocate_count_as_out_of_memory():
                           "`cublasCreate(handle)`")
     assert out_of_memory(cublas) and out_of_memory(RuntimeError("cuDNN error: "
                                                                 "CUDNN_STATUS_ALLOC_FAILED"))
+    for where in ("HOST", "DEVICE"):  # cuDNN 9's words for it
+        assert out_of_memory(RuntimeError(
+            f"cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_{where}_ALLOCATION_FAILED"))
     try:  # as torch.compile's backend wraps it
         raise RuntimeError("backend compiler failed") from cublas
     except RuntimeError as wrapped:

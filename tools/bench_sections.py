@@ -23,7 +23,16 @@ from loaders import LOADERS, make_loader
 from loaders.base import BatchLoader
 from loaders.prepare import Prepared, prepare
 from tools.flops import count_train_flops
-from tools.timing import Pass, Peak, fastest, loader_pass, matmul_peak, timed_steps, train_pass
+from tools.timing import (
+    Pass,
+    Peak,
+    fastest,
+    loader_pass,
+    matmul_peak,
+    timed_epoch_steps,
+    timed_steps,
+    train_pass,
+)
 
 
 @dataclass
@@ -235,9 +244,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
         first = train_pass(run, 0)
         steady = [train_pass(run, e) for e in range(1, epochs + 1)]
         images, labels = next(iter(run.train_loader))  # the same images, no loader
-        steps = max(1, round(first.images / len(labels)))
-        step_only_s = timed_steps(run, images, labels, steps) * first.images / (
-            steps * len(labels))
+        step_only_s = timed_epoch_steps(run, images, labels, first.images)
     except MEASURE_ERRORS as error:
         r.status, r.reason = "failed", one_line(error)
         return r

@@ -49,10 +49,14 @@ NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels
 EPOCHS = 24  # the fast preset's (1 in a dry run); GPU_SUITE_EPOCHS=N sets N instead
 
 # the header of every log: tools/bench_output.metadata, in the environment the steps run in
-HEADER = ("import json, sys, torch; from importlib.metadata import version; "
+# (and /dev/shm's size: the torchvision DataLoader's workers pass batches through it, and a
+# container's small default would end them in a bus error)
+HEADER = ("import json, os, shutil, sys, torch; from importlib.metadata import version; "
           "from tools.bench_output import metadata; "
           "m = metadata(torch.device(sys.argv[1]), []); "
           "m.update({p: version(p) for p in ('numba', 'grad-cam', 'pytest')}); "
+          "m['dev_shm_bytes'] = shutil.disk_usage('/dev/shm').total "
+          "if os.path.isdir('/dev/shm') else None; "
           "print(json.dumps(m))")
 
 

@@ -86,6 +86,15 @@ def timed_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, n: int) ->
     return time.perf_counter() - start
 
 
+def timed_epoch_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, total: int) -> float:
+    """Seconds to train `total` images in the steps an epoch takes, on one batch already on
+    the device: its full batches, then its partial last one (which runs eager, not compiled:
+    engine.run.build), so a loader is not charged for that batch's own cost."""
+    full, rest = divmod(total, len(labels))
+    return timed_steps(run, images, labels, full) + (
+        timed_steps(run, images[:rest], labels[:rest], 1) if rest else 0.0)
+
+
 def fastest(passes: list[Pass]) -> Pass:
     """The pass least disturbed by other work on the machine."""
     return min(passes, key=lambda p: p.seconds / p.images)

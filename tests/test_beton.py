@@ -163,8 +163,14 @@ def test_write_refuses_an_empty_split_and_writes_nothing(tmp_path):
 WRITE_MANY = """
 import sys, time
 from pathlib import Path
+from multiprocessing import shared_memory
 import numpy as np
 from loaders import beton, cifar
+made = shared_memory.SharedMemory.__init__
+def recorded(self, *args, **kwargs):  # the test unlinks it: SIGKILL leaves it in /dev/shm
+    made(self, *args, **kwargs)
+    Path(sys.argv[2]).write_text(self.name)
+shared_memory.SharedMemory.__init__ = recorded
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, size=(6000, 32, 32, 3), dtype=np.uint8)
 split = cifar.Split(images, np.arange(6000) % 10)
@@ -176,7 +182,8 @@ beton.write(Path(sys.argv[1]), split, [str(i) for i in range(10)], workers=1)
 
 def test_writer_killed_midway_leaves_no_file_and_next_write_sweeps(tmp_path):
     path = tmp_path / "killed.beton"
-    writer = subprocess.Popen([sys.executable, "-c", WRITE_MANY, str(path)],
+    shared = tmp_path / "shared-memory-name"
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_MANY, str(path), str(shared)],
                               cwd=Path(__file__).parents[1], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = tmp_path / f".{path.name}.{writer.pid}.tmp"
@@ -189,6 +196,8 @@ def test_writer_killed_midway_leaves_no_file_and_next_write_sweeps(tmp_path):
     finally:
         os.killpg(writer.pid, signal.SIGKILL)  # the writer and its pool workers
         writer.wait(timeout=60)
+        if shared.exists():  # its resource tracker died with it: nothing else frees this
+            (Path("/dev/shm") / shared.read_text().lstrip("/")).unlink(missing_ok=True)
     assert tmp.exists() and not path.exists() and not beton.sidecar(path).exists()
 
     split = cifar.Split(np.full((20, 32, 32, 3), 7, np.uint8), np.arange(20) % 10)
@@ -440,7 +449,8 @@ def _forked_workers(pid: int) -> list[int]:
 
 def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):
     path = tmp_path / "dead-worker.beton"
-    writer = subprocess.Popen([sys.executable, "-c", WRITE_AND_REPORT, str(path)], cwd=ROOT,
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_AND_REPORT, str(path),
+                               str(tmp_path.parent / f"{tmp_path.name}-shared-memory")], cwd=ROOT,
                               start_new_session=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     tmp = tmp_path / f".{path.name}.{writer.pid}.tmp"

@@ -37,18 +37,20 @@ def temporary_writer(entry: Path, path: Path, kinds: tuple[str, ...] = ("tmp",))
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary sibling of path, then rename it over path.
 
-    An OSError that names no file (a full disk hit by write(), not by open()) is raised again
-    naming path, so that the one-line error says which file could not be written."""
+    An OSError that names no file (a full disk hit by write(), not by open()) or names the
+    temporary is raised again naming path, so that the one-line error says which file could
+    not be written (the temporary's name means nothing to the user)."""
     tmp = temporary_name(Path(path))
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as error:
-        if error.filename is not None:
+        if error.filename not in (None, str(tmp)):
             raise
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.lexists(tmp):  # unlink would fail on a read-only disk even with no file
+            tmp.unlink()
 
 
 def file_hash(path: Path, digest: hashlib._Hash) -> str:

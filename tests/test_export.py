@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, tmpfs
 
 from common.errors import ExportError
 from engine import checkpoint
@@ -158,3 +158,23 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
     with pytest.raises(ExportError, match=r"pip install 'cifar10-engine\[export\]'.*onnxruntime"):
         require("onnx")
     require("torchscript")  # needs nothing beyond torch
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_a_full_disk_is_one_message_naming_the_file_and_leaves_nothing(run_dir, tmp_path, fmt):
+    """torch.jit.save would abort the process there, safetensors raise its own error type."""
+    with tmpfs(tmp_path / "full", "size=64k") as full:  # every export takes over 400 KiB
+        out = full / f"m.{fmt}"
+        result = export(run_dir / "ckpt.pt", "--format", fmt, "--out", out)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().endswith(f"the disk is full writing {out}; free some space "
+                                              "or write to another disk.")
+        assert list(full.iterdir()) == []
+
+
+def test_a_read_only_out_is_named_not_its_temporary(run_dir, tmp_path):
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as read_only:
+        out = read_only / "m.pt"
+        result = export(run_dir / "ckpt.pt", "--format", "torchscript", "--out", out)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"error: cannot use {out}: Read-only file system.")

@@ -10,6 +10,7 @@ Every format carries the class names, mean and std as JSON (see `metadata`).
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 
 from common.errors import ExportError
-from common.files import usual_permissions
 from engine.model import build_model
 
 PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "safetensors": ("safetensors",),
@@ -105,7 +105,9 @@ def write_torchscript(model: nn.Module, meta: dict[str, str], path: Path) -> Non
     wrapped = Normalized(model, json.loads(meta["mean"]), json.loads(meta["std"])).eval()
     with torch.no_grad(), jit_quietly():
         traced = torch.jit.trace(wrapped, torch.rand(2, 3, 32, 32))
-        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
+        buffer = io.BytesIO()  # written by Python: torch.jit.save aborts the process on a full disk
+        torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(meta)})
+    path.write_bytes(buffer.getvalue())
 
 
 def run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
@@ -118,12 +120,13 @@ def run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
 
 def write_safetensors(model: nn.Module, meta: dict[str, str], path: Path) -> None:
     """The fp32 state_dict (contiguous CPU tensors) with the metadata dict."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights = {k: v.detach().float().cpu().contiguous() if v.is_floating_point()
                else v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(path), metadata=meta)
-    usual_permissions(path, 0o666)  # safetensors creates its file 0600; make it like any other
+    # written by Python, with the usual permissions: save_file makes its file 0600, and its
+    # full-disk error is a SafetensorError, not an OSError naming the file
+    path.write_bytes(save(weights, metadata=meta))
 
 
 def run_safetensors(path: Path, images: np.ndarray) -> np.ndarray:

@@ -89,6 +89,12 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path} has the cifar10-engine marker but malformed "
                               f"{', '.join(wrong)}; it was damaged or written by other code. "
                               "Use the ckpt.pt that engine/train.py wrote.")
+    bad = [k for k, v in ckpt["state_dict"].items() if not torch.isfinite(v).all()]
+    if bad:  # training never saves one (engine.loop.fit): no model to evaluate or resume
+        raise CheckpointError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); engine/train.py never saves "
+                              "such a state, so it was damaged or written by other code. Use "
+                              "another checkpoint, e.g. the run's best.pt.")
     return ckpt
 
 
@@ -108,9 +114,10 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
         "arch": isinstance(ckpt["arch"], str),
         "width": count(ckpt["width"]),
         "num_classes": count(n),
+        # fp32 weights and int64 counters (BatchNorm's num_batches_tracked), as content saves
         "state_dict": isinstance(ckpt["state_dict"], dict) and all(
             isinstance(k, str) and isinstance(v, torch.Tensor)
-            for k, v in ckpt["state_dict"].items()),
+            and v.dtype in (torch.float32, torch.int64) for k, v in ckpt["state_dict"].items()),
         "classes": isinstance(ckpt["classes"], list) and len(ckpt["classes"]) == n
                    and all(isinstance(c, str) for c in ckpt["classes"]),
         "mean": numbers(ckpt["mean"], 3),
@@ -185,13 +192,20 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
             f"{path} was trained on other classes ({names(ckpt['classes'])}) than its data "
             f"{run.data.source} now holds ({names(run.data.classes)}); resume with the data it "
             "began with, or start a new run with another --out.")
-    run.unwrapped.load_state_dict(ckpt["state_dict"])
-    state = ckpt["resume"]
-    load_optimizer(run.optimizer, state["optimizer"])
-    load_schedule(run.scheduler, state["scheduler"])  # after the optimizer: it sets the LR
-    if state["scaler"] is not None and run.scaler is not None:
-        run.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
+    try:  # a damaged state fails in torch's own words, in any of these calls
+        run.unwrapped.load_state_dict(ckpt["state_dict"])
+        state = ckpt["resume"]
+        load_optimizer(run.optimizer, state["optimizer"])
+        load_schedule(run.scheduler, state["scheduler"])  # after the optimizer: it sets the LR
+        if state["scaler"] is not None and run.scaler is not None:
+            run.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}'s saved training state does not fit its run "
+                              f"({one_line(error)}); it was damaged or "
+                              "written by other code. Resume from the ckpt.pt that "
+                              "engine/train.py wrote, or start a new run with another --out."
+                              ) from None
     return list(ckpt["history"])
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -158,6 +160,31 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--log-with", choices=TRACKERS, metavar="TRACKER",
                    help=f"accelerate tracker: {', '.join(TRACKERS)} (its package installed)")
     return p
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether value has the type a TrainConfig field's annotation names (an int is a float)."""
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        return isinstance(value, tuple) and len(value) == len(items) and all(
+            _fits(v, h) for v, h in zip(value, items, strict=True))
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, hint)
+
+
+def foreign_values(cfg: TrainConfig) -> list[str]:
+    """Fields of another type than declared, or outside the command line's choices: never
+    from the command line (argparse types and checks it), so from a damaged checkpoint."""
+    hints = typing.get_type_hints(TrainConfig)
+    wrong = [f"{name} is {getattr(cfg, name)!r}, not {hint}" for name, hint in hints.items()
+             if not _fits(getattr(cfg, name), hint)]
+    choices = {a.dest: a.choices for a in build_parser()._actions if a.choices}
+    return wrong or [f"{name} is {getattr(cfg, name)!r}, not one of {', '.join(options)}"
+                     for name, options in choices.items()
+                     if getattr(cfg, name) not in (None, *options)]
 
 
 def validate(cfg: TrainConfig) -> list[str]:

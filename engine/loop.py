@@ -18,7 +18,7 @@ from common.files import locked_dir, sweep_temporaries, write_json
 from common.hardware import device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, resolve, resume_config
+from engine.config import TrainConfig, foreign_values, resolve, resume_config, validate
 from engine.evaluate import evaluate
 from engine.run import Run, build, make_accelerator, train_step
 
@@ -202,6 +202,14 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
         cfg = resume_config(saved, given or {}, Path(resume))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: {error}") from None
+    problems = foreign_values(cfg) or validate(cfg)
+    if (cfg.arch, cfg.width) != (ckpt["arch"], ckpt["width"]):
+        problems.append(f"its config's {cfg.arch} of width {cfg.width} is not its weights' "
+                        f"{ckpt['arch']} of width {ckpt['width']}")
+    if problems:
+        raise CheckpointError(f"{path} holds a config no run could have ({'; '.join(problems)});"
+                              " it was damaged or edited. Resume from the ckpt.pt that "
+                              "engine/train.py wrote, or start a new run with another --out.")
     done = len(ckpt["history"])
     if cfg.epochs < done:
         raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
@@ -225,8 +233,12 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
                                 "or choose another --out.")
         if main:
             sweep_temporaries(out)  # of a save that was killed midway
-        return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
-                      log if main else (lambda _: None))
+        try:
+            return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
+                          log if main else (lambda _: None))
+        finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full) goes
+            if main and not (out / "ckpt.pt").exists():
+                (out / "best.pt").unlink(missing_ok=True)
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,

@@ -316,6 +316,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     message = one_line_error(result)
     assert f"could not write {out / 'ckpt.pt'}" in message and "free" in message
     assert not list(out.glob(".*.tmp")) and not (out / "ckpt.pt").exists()
+    assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
 
 # --- one core ---------------------------------------------------------------------------------
@@ -413,6 +414,8 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("classes", lambda c: c.update(classes=c["classes"][:9])),  # 9 names for 10 outputs
     ("config", lambda c: c["config"].update(bogus=1)),  # TrainConfig(**config) would fail
     ("state_dict", lambda c: c.update(state_dict={"w": 1})),  # weights that are no tensors
+    ("state_dict", lambda c: c["state_dict"].update(  # weights the engine never saves
+        {"fc.weight": c["state_dict"]["fc.weight"].int()})),
     ("std", lambda c: c.update(std=[0.0, 0.2, 0.2])),  # normalizing would divide by 0
     ("mean", lambda c: c.update(mean=[float("nan"), 0.5, 0.5])),
     ("mean", lambda c: c.update(mean=[0.5, 0.5])),  # one value per RGB channel
@@ -422,6 +425,7 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("data", lambda c: c["data"].update(test=5)),  # the report finds the test split there
     ("data", lambda c: c["data"].pop("source")),  # --resume names it on a class mismatch
 ], ids=["width True", "width 0", "9 of 10 classes", "unknown config key", "int weight",
+        "int32 weights",
         "std 0", "mean NaN", "mean of 2", "no test_acc", "no epoch", "no lr", "data test 5",
         "data without source"])
 def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
@@ -430,6 +434,22 @@ def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field
     torch.save(ckpt, tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match=f"malformed {field};"):
         checkpoint.load(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.slow
+def test_non_finite_weights_are_refused_by_every_tool(finished, tmp_path):
+    """predict used to print 'nan%' and exit 0, and --resume to call the bad epoch good."""
+    run = copy_run(finished, tmp_path)
+    path = _damaged(run, lambda ckpt: ckpt["state_dict"]["layer1.0.conv1.weight"].fill_(
+        float("nan")))
+    for result in (train("--resume", run, "--epochs", "2", timeout=120),
+                   run_script("tools/predict.py", path, ROOT / "docs" / "curves.png",
+                              timeout=120)):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert one_line_error(result) == (
+            f"error: {path} holds NaN or infinite weights (layer1.0.conv1.weight); "
+            "engine/train.py never saves such a state, so it was damaged or written by other "
+            "code. Use another checkpoint, e.g. the run's best.pt.")
 
 
 @pytest.mark.slow
@@ -470,6 +490,55 @@ def test_resume_from_a_copy_of_best_pt_is_one_clear_error(finished, tmp_path):
     assert str(refused.value) == (f"{run / 'ckpt.pt'} has no optimizer state (best.pt?); "
                                   "resume from the run's ckpt.pt")
     assert (run / "ckpt.pt").read_bytes() == before and len(history(run)) == 1
+
+
+def _damaged(run: Path, change) -> Path:
+    """run's ckpt.pt with change(ckpt) applied, saved back as torch.save writes it."""
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, run / "ckpt.pt")
+    return run / "ckpt.pt"
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("batch_size", "abc", "batch_size is 'abc', not <class 'int'>"),
+    ("synthetic_size", "x", "synthetic_size is ('x',), not tuple[int, int]"),
+    ("batch_size", 0, "--batch-size must be at least 1"),
+    ("lr", float("nan"), "--lr must be a positive finite number or 'auto', got nan"),
+    ("translate", 99, "--translate must be in 0..16"),
+    ("dataset", "imagenet", "dataset is 'imagenet', not one of cifar10, cifar100"),
+    ("optimizer", "foo", "optimizer is 'foo', not one of sgd, nesterov"),
+    ("width", 16, "its config's resnet18 of width 16 is not its weights' resnet18 of width"),
+])
+def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_path, key, value,
+                                                                 problem):
+    """A damaged or edited ckpt.pt config: one message, before anything is built (each of
+    these was a traceback from deep inside the run)."""
+    run = copy_run(finished, tmp_path)
+    path = _damaged(run, lambda ckpt: ckpt["config"].update({key: value}))
+    with pytest.raises(CheckpointError) as refused:
+        configure(TrainConfig(), run, {})
+    assert str(refused.value).startswith(f"{path} holds a config no run could have (")
+    assert problem in str(refused.value) and "damaged or edited" in str(refused.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, cause", [
+    (lambda ckpt: ckpt["resume"].update(rng=torch.zeros(3)), "TypeError"),
+    (lambda ckpt: ckpt["resume"]["optimizer"].update(param_groups=[]), "ValueError"),
+    (lambda ckpt: ckpt["resume"].update(scheduler={"foo": 1}), "KeyError"),
+    (lambda ckpt: ckpt.update(resume={}), "KeyError: 'optimizer'"),
+    (lambda ckpt: ckpt.update(resume=[1, 2]), "TypeError"),
+], ids=["rng", "optimizer groups", "scheduler", "empty", "a list"])
+def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, change, cause):
+    run = copy_run(finished, tmp_path)
+    path = _damaged(run, change)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError) as refused:
+        train_run(TrainConfig(), run, {"epochs": 2})
+    assert str(refused.value).startswith(f"{path}'s saved training state does not fit its run "
+                                         f"({cause}")
+    assert path.read_bytes() == before and len(history(run)) == 1
 
 
 def test_resume_from_a_folder_without_a_checkpoint_asks_for_a_run_folder(tmp_path):

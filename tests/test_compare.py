@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -56,9 +57,36 @@ def test_each_optimizer_keeps_its_own_run_directory_from_the_same_seed(out):
 
 
 @pytest.mark.slow
-def test_compare_will_not_overwrite_runs(out):
-    result = compare(*SMALL, "--optimizers", "adam", "--out", str(out))
-    assert result.returncode == 1 and "already holds runs of adam" in result.stderr
+def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_path):
+    """A comparison stopped midway goes on when run again: finished runs are reused as they
+    are, and a longer --epochs resumes each run where it stopped."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    common = [*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "adam",
+              "--out", str(again)]
+    before = {name: (again / name / "ckpt.pt").read_bytes() for name in ("sgd", "adam")}
+    result = compare(*common, "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {name: (again / name / "ckpt.pt").read_bytes() for name in before} == before
+    assert (again / "compare.csv").read_text() == (out / "compare.csv").read_text()
+
+    result = compare(*common, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("sgd", "adam"):
+        rows = [json.loads(line) for line in (again / name / "metrics.jsonl").open()]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        first = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert rows[0] == first  # epoch 1 is the saved one, not trained again
+    with open(again / "compare.csv") as f:
+        assert [r["epochs"] for r in csv.DictReader(f)] == ["2", "2"]
+
+
+@pytest.mark.slow
+def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "adam",
+                     "--epochs", "1", "--width", "16", "--out", str(again))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--width cannot change when resuming {again / 'adam'}" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

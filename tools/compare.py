@@ -2,7 +2,8 @@
 
 Trains one run per optimizer with engine/train.py's own training loop, from the same seed, data
 and options, each at its own LR: the table below, `--lr auto` (the range test's suggestion for
-each optimizer) or one `--lr X` for all. Each run keeps its directory in --out/<optimizer>/;
+each optimizer) or one `--lr X` for all. Each run keeps its directory in --out/<optimizer>/
+(the same command run again resumes a stopped run there, and reuses a finished one);
 compare.png overlays train loss, test accuracy and LR per epoch, and compare.csv and compare.md
 give each optimizer's LR, final and best test accuracy and seconds per epoch.
 """
@@ -97,16 +98,27 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--optimizers names one twice: {' '.join(args.optimizers)}")
 
 
+def given_options(cfg: TrainConfig) -> dict:
+    """cfg as the options a resumed run must not change (engine.config.resume_config refuses
+    others by name): all but the run folder and an LR still to be found by the range test."""
+    return {k: v for k, v in cfg.to_dict().items() if v is not None and k not in (
+        "out", "lr_auto") and not (k == "lr" and v == "auto")}
+
+
 def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path,
               ) -> tuple[Result, bool]:
-    """Train one optimizer with engine.loop.train; a diverged run is kept as a result.
+    """Train one optimizer with engine.loop.train; a diverged run is kept as a result. A run
+    already in `out` (a comparison stopped and started again) is resumed, or reused when it
+    is finished.
 
     Returns the result and whether this is the process that writes files.
     """
     cfg = replace(base, optimizer=optimizer, lr=lr, out=str(out))
+    resume = out if (out / "ckpt.pt").exists() else None
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
     try:
-        trained = train(cfg, log=lambda line: print(f"{optimizer}: {line}"))
+        trained = train(cfg, resume, given_options(cfg) if resume else None,
+                        log=lambda line: print(f"{optimizer}: {line}"))
         return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
     except (TrainingError, RangeTestError) as error:  # a result, not the end
         print(f"error: {optimizer}: {error}", file=sys.stderr)
@@ -167,17 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
 
     def body() -> int:
-        taken = [name for name in args.optimizers if (out / name / "ckpt.pt").exists()]
-        if taken:
-            raise TrainingError(f"{out} already holds runs of {', '.join(taken)}; choose "
-                                "another --out.")
         results, main_process = [], True
         for name in args.optimizers:
             lr = default_lr(name, cfg.batch_size) if args.lr is None else cfg.lr
             try:
                 result, main_process = train_one(cfg, name, lr, out / name)
-            except Interrupted as stop:
-                raise Interrupted(f"{stop}. The finished runs are in {out}/") from None
+            except Interrupted:
+                raise Interrupted(f"stopped during {name}; run the same command again to go "
+                                  f"on: the runs in {out}/ are resumed, or reused when "
+                                  "finished") from None
             results.append(result)
         if main_process:  # under torchrun, one process writes
             write_report(results, cfg, lr_source(args.lr), out)

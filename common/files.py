@@ -102,10 +102,11 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
-def make_dir(path: Path) -> bool:
+def make_dir(path: Path, option: str = "--out") -> bool:
     """Create folder `path` (and parents) and check it is writable; True when it is new.
 
-    Called before any work, so a bad --out is found in a second, not after an hour.
+    Called before any work, so a bad --out (or other `option`) is found in a second, not
+    after an hour.
     """
     path = Path(path)
     created = not path.exists()
@@ -116,7 +117,7 @@ def make_dir(path: Path) -> bool:
         problem = ("is a file, not a folder" if path.is_file()
                    else f"cannot be written ({error.strerror})")
     if problem:
-        raise OutputError(f"--out {path} {problem}; choose a writable folder.")
+        raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
     return created
 
 

@@ -65,8 +65,9 @@ def load(path: Path) -> dict:
     """A validated checkpoint dict (tensors on CPU); CheckpointError for anything else."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass a checkpoint file, such as "
-                              f"{path / 'ckpt.pt'}.")
+        inside = path / "ckpt.pt"
+        such = f", such as {inside}" if inside.is_file() else " (a run's ckpt.pt or best.pt)"
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file{such}.")
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the ckpt.pt of a training run.")
     try:

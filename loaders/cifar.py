@@ -218,7 +218,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path, fix: str) -> dict:
     if not path.is_file():
-        raise DataError(f"{path} is missing. {fix}")
+        raise DataError(f"{path} {'is a folder, not a file' if path.is_dir() else 'is missing'}."
+                        f" {fix}")
     try:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="bytes").load()

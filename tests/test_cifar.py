@@ -470,6 +470,7 @@ def assert_refused(made, path: Path, words: str) -> None:
 
 MALFORMED = {  # case: (file, what to write there or do to it, words the message must hold)
     "missing file": ("data_batch_3", Path.unlink, "is missing"),
+    "a folder": ("data_batch_3", lambda p: p.unlink() or p.mkdir(), "is a folder, not a file"),
     "truncated file": ("data_batch_2", _truncate, "truncated"),
     "garbage file": ("test_batch", lambda p: p.write_bytes(b"\x00junk" * 999), "truncated"),
     "not a dict": ("data_batch_1", [1, 2, 3], "not a CIFAR batch dict"),

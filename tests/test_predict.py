@@ -205,6 +205,17 @@ def test_a_cam_layer_without_a_feature_map_is_refused_before_any_work(run_dir, t
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
+def test_a_cam_folder_that_is_a_file_is_refused_before_any_work(run_dir, tmp_path):
+    picture = write_pictures(tmp_path)["one.png"]
+    (tmp_path / "afile").write_text("mine")
+    result = predict(run_dir / "ckpt.pt", picture, "--cam", tmp_path / "afile")
+    assert result.returncode == 1 and result.stdout == ""  # nothing classified first
+    assert result.stderr == (f"error: --cam {tmp_path / 'afile'} is a file, not a folder; "
+                             "choose a writable folder.\n")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -548,9 +548,15 @@ def test_resume_from_a_folder_without_a_checkpoint_asks_for_a_run_folder(tmp_pat
 
 
 def test_a_folder_given_as_a_checkpoint_names_the_file_to_pass(tmp_path):
-    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; pass a checkpoint "
-                                              f"file, such as {tmp_path / 'ckpt.pt'}"):
+    with pytest.raises(CheckpointError) as refused:  # a folder that is no run folder
         checkpoint.load(tmp_path)
+    assert str(refused.value) == (f"{tmp_path} is a folder; pass a checkpoint file (a run's "
+                                  "ckpt.pt or best.pt).")
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # a run folder: its checkpoint is named
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(tmp_path)
+    assert str(refused.value) == (f"{tmp_path} is a folder; pass a checkpoint file, such as "
+                                  f"{tmp_path / 'ckpt.pt'}.")
 
 
 class Pickled:

@@ -374,3 +374,15 @@ def test_summary_lists_the_five_lowest_recalls_hardest_first():
             if line.startswith("| ") and "%" in line]
     assert rows == ["f", "b", "d", "g", "c"]  # recall 10%, 20%, 50%, 60%, 70%
     assert "| f | 10 | 50.00% | 10.00% | 50.00% |" in table
+
+
+@pytest.mark.parametrize("make, what", [(lambda p: None, "does not exist"),
+                                        (lambda p: p.write_text("x"), "is a file, not a folder")],
+                         ids=["missing", "a file"])
+def test_a_data_dir_that_is_no_folder_is_named_as_it_is(tmp_path, make, what):
+    data_dir = tmp_path / "data"
+    make(data_dir)
+    ckpt = {"data": {"dataset": "synthetic", "test": "/elsewhere/test.beton"}, "config": {}}
+    with pytest.raises(report_inputs.ReportError) as refused:
+        report_inputs.locate_test_data(ckpt, tmp_path / "ckpt.pt", data_dir)
+    assert str(refused.value).startswith(f"--data-dir {data_dir} {what}. Pass the folder")

@@ -22,7 +22,7 @@ from torch import nn
 
 from common.cli import CommandParser, run_main
 from common.errors import DataError
-from common.files import atomic_write
+from common.files import atomic_write, make_dir
 from common.progress import progress_bar
 from engine import checkpoint
 from loaders.augment import Augment
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         model = checkpoint.model_from(ckpt, args.checkpoint).to(device)
         if args.cam is not None:  # before any work: a CAM of fc fails only after predicting
             layer_of(model, args.layer, "--layer")
+            make_dir(args.cam, "--cam")
         files = expand(args.images)
         if not files:
             raise DataError(f"no image files in {', '.join(map(str, args.images))}; pass PNG "

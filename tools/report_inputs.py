@@ -51,7 +51,8 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
                               f"{dataset} test split there.")
         return recorded
     if not data_dir.is_dir():
-        raise ReportError(f"--data-dir {data_dir} does not exist. Pass the folder the run was "
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise ReportError(f"--data-dir {data_dir} {what}. Pass the folder the run was "
                           f"trained from (it holds the {dataset} data or its .beton files), or "
                           f"leave --data-dir out to use {data.get('test', '?')}.")
     saved = TrainConfig(**ckpt["config"])  # re-typed as training typed it

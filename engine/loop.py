@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
 from common.errors import CheckpointError, Interrupted, TrainingError
@@ -169,18 +170,24 @@ def out_of_memory(error: BaseException | None) -> bool:
     return False
 
 
+def check_tracker(log_with: str | None) -> None:
+    """TrainingError, before any work, when --log-with names a tracker whose package is not
+    installed: accelerate would only warn, then train without it."""
+    installed = [tracker.value for tracker in get_available_trackers()]
+    if log_with is None or (installed if log_with == "all" else log_with in installed):
+        return
+    if log_with == "all":  # accelerate's every tracker that is installed: none is
+        raise TrainingError("--log-with all: no tracker's package is installed; pip install "
+                            "one (e.g. tensorboard), or leave --log-with out.")
+    raise TrainingError(f"--log-with {log_with}: its package is not installed; pip install "
+                        f"{log_with}, or leave --log-with out.")
+
+
 def start_trackers(run: Run) -> None:
-    """Open the --log-with trackers; accelerate silently drops one whose package is missing."""
-    cfg, acc = run.cfg, run.accelerator
+    """Open the --log-with trackers (check_tracker has made sure they are installed)."""
     flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
-            for k, v in cfg.to_dict().items()}
-    acc.init_trackers("cifar10-engine", config=flat)
-    if acc.is_main_process and not acc.trackers:
-        if cfg.log_with == "all":  # accelerate's every tracker that is installed: none is
-            raise TrainingError("--log-with all: no tracker's package is installed; pip install "
-                                "one (e.g. tensorboard), or leave --log-with out.")
-        raise TrainingError(f"--log-with {cfg.log_with}: its package is not installed; "
-                            f"pip install {cfg.log_with}, or leave --log-with out.")
+            for k, v in run.cfg.to_dict().items()}
+    run.accelerator.init_trackers("cifar10-engine", config=flat)
 
 
 def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tuple[TrainConfig,
@@ -223,6 +230,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     return its history; each epoch's line and each notice go to log (the command line passes
     print). Ctrl-C raises Interrupted, saying what was kept."""
     cfg, ckpt = configure(cfg, resume, given)
+    check_tracker(cfg.log_with)
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     out = Path(cfg.out)

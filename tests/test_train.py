@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, interrupt_after_first_epoch, run_script
 
+import engine.loop
+from common.errors import TrainingError
 from engine import checkpoint
 from loaders import beton
 
@@ -259,6 +261,16 @@ def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path):
 def test_a_tracker_whose_package_is_missing_says_what_to_install(tmp_path, data_dir):
     result = train("--synthetic-size", "200", "50", "--data-dir", str(data_dir), "--epochs", "1",
                    "--width", "8", "--log-with", "wandb", "--out", str(tmp_path / "out"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().endswith("--log-with wandb: its package is not installed; "
-                                          "pip install wandb, or leave --log-with out.")
+    assert result.returncode == 1 and result.stdout == "" and not (tmp_path / "out").exists()
+    assert result.stderr == ("error: --log-with wandb: its package is not installed; pip "
+                             "install wandb, or leave --log-with out.\n")  # no warning first
+
+
+def test_log_with_all_and_no_tracker_installed_says_to_install_one(monkeypatch):
+    """accelerate's 'all' is every tracker that is installed: with none, one message."""
+    monkeypatch.setattr(engine.loop, "get_available_trackers", lambda: [])  # a bare install
+    with pytest.raises(TrainingError) as refused:
+        engine.loop.check_tracker("all")
+    assert str(refused.value) == ("--log-with all: no tracker's package is installed; pip "
+                                  "install one (e.g. tensorboard), or leave --log-with out.")
+    engine.loop.check_tracker(None)  # no tracker asked for: nothing to check

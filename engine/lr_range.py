@@ -28,6 +28,7 @@ START_LR, END_LR, ITERATIONS = 1e-7, 10.0, 100  # fastai's lr_find defaults
 BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of the best one
 SKIP = 10  # early points left out of the steepest-slope search (fastai v1's skip_start)
+MIN_ITERATIONS = 2 * SKIP  # ours: as many steps searched as skipped, at the least
 
 
 @dataclass
@@ -62,8 +63,9 @@ def check_sweep(start_lr: float, end_lr: float, iterations: int) -> None:
     if not 0 < start_lr < end_lr < math.inf:
         raise ValueError(f"the sweep needs 0 < --start-lr < --end-lr, both finite, got "
                          f"{start_lr:g} and {end_lr:g}")
-    if iterations < 2:
-        raise ValueError(f"--iterations must be at least 2, got {iterations}")
+    if iterations < MIN_ITERATIONS:  # a shorter sweep suggests its first LR, confidently
+        raise ValueError(f"--iterations must be at least {MIN_ITERATIONS}: the first {SKIP} "
+                         f"steps are not searched for the steepest slope, got {iterations}")
 
 
 def exponential(step: int, ratio: float, iterations: int) -> float:

@@ -150,12 +150,12 @@ def test_a_sweep_stops_where_it_diverges_and_leaves_eval_mode_as_it_was(data_dir
     # from lr 1e30 the first step's update makes the second loss infinite: one point is no
     # curve
     with pytest.raises(RangeTestError, match="not finite within the first steps"):
-        lr_range.range_test(run, start_lr=1e30, end_lr=1e31, iterations=10)
+        lr_range.range_test(run, start_lr=1e30, end_lr=1e31, iterations=20)
     assert not run.model.training
 
 
 @pytest.mark.parametrize("start, end, iterations", [(1.0, 0.1, 100), (0.0, 1.0, 100),
-                                                    (1e-5, 1.0, 1)])
+                                                    (1e-5, 1.0, 1), (1e-5, 1.0, 19)])
 def test_impossible_sweeps_are_refused(start, end, iterations):
     with pytest.raises(ValueError, match="start-lr|iterations"):
         lr_range.check_sweep(start, end, iterations)
@@ -178,7 +178,7 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--start-lr", "1", "--end-lr", "0.1"], "start-lr"),
     (["--end-lr", "inf"], "both finite"),
-    (["--iterations", "1"], "iterations"),
+    (["--iterations", "5"], "--iterations must be at least 20: the first 10 steps"),
     (["--resume", "somewhere"], "unrecognized arguments: --resume"),
     (["--optimizer", "lion"], "invalid choice"),
 ])

@@ -33,7 +33,8 @@ def own_options() -> argparse.ArgumentParser:
                    help=f"last LR of the sweep (default: {lr_range.END_LR:g})")
     g.add_argument("--iterations", type=int, default=lr_range.ITERATIONS,
                    help=f"training steps of the sweep, over as many epochs as needed; it stops "
-                        f"early once the loss diverges (default: {lr_range.ITERATIONS})")
+                        f"early once the loss diverges (default: {lr_range.ITERATIONS}; at least "
+                        f"{lr_range.MIN_ITERATIONS})")
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -188,6 +189,8 @@ def test_sections_choose_what_runs(tmp_path):
     (["--matmul-seconds", "-1"], "--matmul-seconds: must be positive"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
     (["--compile-modes", "fast"], "unknown value(s) fast"),
+    (["--epoch-images", "1", "--images", "5"], "--images 5, --epoch-images 1: the synthetic "
+                                               "data needs at least 10 training images"),
 ])
 def test_impossible_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -391,3 +394,18 @@ def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_pat
     run.unwrapped.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
     assert timed_epoch_steps(run, images, labels, 150) > 0
     assert sizes == [64, 64, 22]  # as an epoch of 150 images at batch 64 steps
+
+
+@pytest.mark.slow
+def test_a_failed_row_is_exit_1_after_every_table_and_the_json(tmp_path):
+    """ffcv cannot start more numba threads than numba may (NUMBA_NUM_THREADS=1 here): its row
+    fails, the other loaders are measured, and the exit status says the run is incomplete."""
+    out = tmp_path / "bench.json"
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "loaders",
+                        "--workers", "2", "--data-dir", tmp_path / "data", "--json", out,
+                        timeout=900, env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    rows = {r["loader"]: r["status"] for r in json.loads(out.read_text())["loaders"]}
+    assert rows == {"ffcv": "failed", "resident": "ok", "torchvision": "ok"}
+    assert result.stderr.strip().endswith("error: 1 measurement(s) failed; each one's reason "
+                                          "is in its table above.")

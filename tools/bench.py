@@ -28,6 +28,7 @@ from common.files import unwritable, write_json
 from common.hardware import available_cores
 from engine.config import TrainConfig, resolve
 from engine.run import DTYPES
+from loaders import synthetic
 from loaders.prepare import data_dir_option
 from tools.bench_output import metadata, report
 from tools.bench_peers import bench_peers
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+IMAGE_COUNTS = ("images", "epoch_images", "peer_epoch_images")  # synthetic training splits
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line, its values checked before any section runs."""
     p = build_parser()
@@ -168,6 +172,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("sections", "precisions", "formats", "compile", "batch_sizes"):
         if getattr(args, name) == []:
             p.error(f"--{name.replace('_', '-')} needs at least one value")
+    few = [f"--{name.replace('_', '-')} {n}" for name in IMAGE_COUNTS
+           if (n := getattr(args, name)) is not None and n < len(synthetic.CLASSES)]
+    if few:  # else every row of their sections fails, in synthetic's words
+        p.error(f"{', '.join(few)}: the synthetic data needs at least {len(synthetic.CLASSES)} "
+                "training images, one per class")
     if args.json is not None and args.json.is_dir():
         p.error(f"--json {args.json} is a folder; name a file, e.g. {args.json / 'bench.json'}")
     for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):
@@ -255,12 +264,21 @@ def serializable(result: Any) -> Any:
     return asdict(result) if is_dataclass(result) else result
 
 
+def failed(results: Any) -> int:
+    """How many rows of the results failed (status "failed"; "skipped" and "not installed"
+    rows are what this machine cannot run, not failures)."""
+    if isinstance(results, dict):
+        return int(results.get("status") == "failed") + sum(map(failed, results.values()))
+    return sum(map(failed, results)) if isinstance(results, list) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Measure the chosen sections, print the tables and write --json."""
+    """Measure the chosen sections, print the tables and write --json; 1 when a row failed
+    (its reason is in its table), so a script sees an incomplete run."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
 
-    def body() -> None:
+    def body() -> int:
         device = measured_device(args)
         fill_defaults(args)
         meta = metadata(device, argv)
@@ -283,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         log(report(results))
         if args.json:
             log(f"wrote {args.json}")
+        bad = failed(serializable(results))
+        if bad:
+            print(f"error: {bad} measurement(s) failed; each one's reason is in its table "
+                  "above.", file=sys.stderr)
+        return 1 if bad else 0
 
     return run_main(body)
 

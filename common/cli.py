@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 from common.errors import EngineError, Interrupted
@@ -81,6 +82,17 @@ def os_error_text(error: OSError) -> str:
     where = f" {error.filename}" if error.filename else ""
     return (f"cannot use{where}: {error.strerror or error}. Check that the path exists, is "
             "writable and that its disk has free space.")
+
+
+def path_option(what: str) -> Callable[[str], Path]:
+    """An argparse type for a path option: an empty value (a shell variable left unset) is
+    refused, where Path('') would silently mean the current directory. `what` ends the
+    message: what such a value would do there."""
+    def parse(value: str) -> Path:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"an empty value would {what}; name a path")
+        return Path(value)
+    return parse
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from accelerate.utils import LoggerType
 
-from common.cli import CommandParser
+from common.cli import CommandParser, path_option
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
 from engine.model import ARCHS
@@ -153,9 +153,10 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
                    help="flip test-time augmentation at evaluation")
     g.add_argument("--seed", type=int, help="seed of initialization, order and augmentation")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help=f"run directory (default: runs/{tool or '<dataset>'}-<time>)")
+    g.add_argument("--out", type=path_option("write the run into the current directory"),
+                   help=f"run directory (default: runs/{tool or '<dataset>'}-<time>)")
     if tool is None:
-        g.add_argument("--resume", type=Path,
+        g.add_argument("--resume", type=path_option("resume the current directory"),
                        help="continue the interrupted run in this directory with its saved config")
     g.add_argument("--log-with", choices=TRACKERS, metavar="TRACKER",
                    help=f"accelerate tracker: {', '.join(TRACKERS)} (its package installed)")

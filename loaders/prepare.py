@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import CommandParser, run_main
+from common.cli import CommandParser, path_option, run_main
 from common.errors import DataError
 from common.files import unwritable, waiting_lock
 from common.hardware import default_workers
@@ -33,13 +33,8 @@ class Prepared:
     source: Path  # the python-format folder the .beton files were made from
 
 
-def data_dir_option(value: str) -> Path:
-    """--data-dir as typed: an empty value must not silently mean the current directory."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError(
-            "an empty value would write the data into the current directory; name a folder, "
-            "e.g. --data-dir data")
-    return Path(value)
+# --data-dir as typed: an empty value must not silently mean the current directory
+data_dir_option = path_option("write the data into the current directory (e.g. --data-dir data)")
 
 
 def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:

@@ -135,3 +135,22 @@ def test_an_empty_data_dir_is_refused_not_read_as_the_current_folder(module, arg
     assert stop.value.code == 2
     assert "an empty value would write the data into the current directory" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parse, args, option", [
+    ("engine.config.parse", ["--out", ""], "--out"),
+    ("engine.config.parse", ["--resume", ""], "--resume"),
+    ("tools.report.parse_args", ["ckpt.pt", "--out", ""], "--out"),
+    ("tools.export.parse_args", ["ckpt.pt", "--out", ""], "--out"),
+    ("tools.predict.parse_args", ["ckpt.pt", "a.png", "--cam", ""], "--cam"),
+    ("tools.bench.parse_args", ["--json", ""], "--json"),
+    ("tools.bench.parse_args", ["--trace", ""], "--trace"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(parse, args, option, capsys):
+    """`--out ""` (an unset shell variable) was a timestamped run folder for training, and the
+    current folder for the tools (Path('') is '.'): every path option refuses it."""
+    module, name = parse.rsplit(".", 1)
+    with pytest.raises(SystemExit) as stop:
+        getattr(importlib.import_module(module), name)(args)
+    assert stop.value.code == 2
+    assert f"argument {option}: an empty value would " in capsys.readouterr().err

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from common.cli import CommandParser, run_main
+from common.cli import CommandParser, path_option, run_main
 from common.compile_modes import COMPILE_MODES
 from common.files import unwritable, write_json
 from common.hardware import available_cores
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_option(p)
     p.add_argument("--sections", type=csv(str), default=list(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    p.add_argument("--json", type=Path, help="also write every figure and the metadata here")
+    file = path_option("name the current directory")
+    p.add_argument("--json", type=file, help="also write every figure and the metadata here")
     p.add_argument("--quick", action="store_true",
                    help="small images counts and width 16, no compile: about a minute on 2 cores")
     p.add_argument("--data-dir", type=data_dir_option, default=Path("data"),
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step section precisions (default: fp32,bf16,fp16)")
     p.add_argument("--formats", type=csv(str), default=["channels_last", "contiguous"],
                    help="step section memory formats (default: channels_last,contiguous)")
-    p.add_argument("--trace", type=Path, help="the profile section's gzipped Chrome trace "
+    p.add_argument("--trace", type=file, help="the profile section's gzipped Chrome trace "
                                               "(default: beside --json, as NAME.trace.json.gz)")
     p.add_argument("--workers", type=count, help="loader workers (default: cores available)")
     p.add_argument("--threads", type=count, default=available_cores(),

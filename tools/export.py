@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import CommandParser, run_main
+from common.cli import CommandParser, path_option, run_main
 from common.errors import EngineError, ExportError
 from common.files import atomic_write
 from engine import checkpoint
@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", required=True, choices=list(PACKAGES),
                         help="onnx (onnxruntime), torchscript (torch.jit.load) or safetensors "
                              "(weights only)")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+    parser.add_argument("--out", type=path_option("name the current directory"), default=None,
+                        metavar="FILE",
                         help="where to write (default: beside the checkpoint, e.g. ckpt.onnx)")
     add_data_dir_option(parser, "for the check")
     return parser.parse_args(argv)

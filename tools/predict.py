@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
-from common.cli import CommandParser, run_main
+from common.cli import CommandParser, path_option, run_main
 from common.errors import DataError
 from common.files import atomic_write, make_dir
 from common.progress import progress_bar
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list of {file, predictions: [{class, probability}]} "
                              "(or {file, error}) instead of a table")
-    parser.add_argument("--cam", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--cam", type=path_option("write into the current directory"),
+                        default=None, metavar="DIR",
                         help="write a Grad-CAM overlay PNG per picture for its predicted class")
     parser.add_argument("--layer", default="layer3",
                         help="model layer Grad-CAM explains (default: layer3)")

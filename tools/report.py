@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, run_main
+from common.cli import CommandParser, path_option, run_main
 from common.errors import ReportError
 from common.files import temporary_name, temporary_writer, write_csv
 from tools.options import (
@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CommandParser(prog="python tools/report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(parser)
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--out", type=path_option("replace the current directory"),
+                        default=None, metavar="DIR",
                         help="report folder, replaced when complete (default: report/ beside "
                              "the checkpoint)")
     add_data_dir_option(parser)

@@ -376,6 +376,18 @@ def test_summary_lists_the_five_lowest_recalls_hardest_first():
     assert "| f | 10 | 50.00% | 10.00% | 50.00% |" in table
 
 
+def test_a_class_name_with_a_bar_or_a_line_break_keeps_its_table_row():
+    """An image folder's class may be named 'cat|dog', and a pickled CIFAR meta may hold a
+    line break: the summary's tables keep one cell per column and one line per row."""
+    classes = [dict(name="cat|dog", support=3, precision=0.5, recall=0.25, f1=0.3),
+               dict(name="two\nlines", support=3, precision=0.5, recall=0.5, f1=0.5)]
+    text = report_tables.summary({"trained on": "cpu | x1"}, classes, ["gradcam"], ["layer3"],
+                                 4, [])
+    assert "| trained on | cpu \\| x1 |" in text
+    assert "| cat\\|dog | 3 | 50.00% | 25.00% | 30.00% |" in text
+    assert "| two lines | 3 | 50.00% | 50.00% | 50.00% |" in text
+
+
 @pytest.mark.parametrize("make, what", [(lambda p: None, "does not exist"),
                                         (lambda p: p.write_text("x"), "is a file, not a folder")],
                          ids=["missing", "a file"])

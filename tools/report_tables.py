@@ -66,19 +66,25 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
     }
 
 
+def cell(text: object) -> str:
+    """text for a Markdown table cell: a '|' (possible in an image folder's class names) would
+    end the cell, and a line break the table."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
             layers: list[str], shown: int, scores: list[dict]) -> str:
     """summary.md: the headline figures, the hardest classes, how faithful each explanation
     is, and links to every file."""
     lines = ["# Training report", "", "| | |", "| --- | --- |"]
-    lines += [f"| {key} | {value} |" for key, value in facts.items()]
+    lines += [f"| {key} | {cell(value)} |" for key, value in facts.items()]
     hardest = sorted(classes, key=lambda r: r["recall"])[:5]
     lines += ["", "## Hardest classes", "",
               "Per-class accuracy is the share of a class's test images classified correctly, "
               "which is the same number as its recall.", "",
               "| class | support | precision | recall (= accuracy) | F1 |",
               "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['name']} | {r['support']} | {r['precision']:.2%} | {r['recall']:.2%} | "
+    lines += [f"| {cell(r['name'])} | {r['support']} | {r['precision']:.2%} | {r['recall']:.2%} | "
               f"{r['f1']:.2%} |" for r in hardest]
     lines += ["", "## Which explanation to trust", "",
               "ROAD score of each map for the predicted class of the images above (Rong et al. "

@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, run_script, tmpfs
 from test_folders import write_tree
 
-from common.errors import CheckpointError, OutputError
+from common.errors import CheckpointError, OutputError, TrainingError
 from common.files import locked_dir, write_text
 from engine import checkpoint
 from engine.config import TrainConfig
@@ -539,6 +539,21 @@ def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, chang
     assert str(refused.value).startswith(f"{path}'s saved training state does not fit its run "
                                          f"({cause}")
     assert path.read_bytes() == before and len(history(run)) == 1
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_while_restoring_is_no_damaged_checkpoint(finished, tmp_path,
+                                                                       monkeypatch):
+    """A GPU too full for the optimizer's state is named as such, not as a damaged file
+    (restore's CheckpointError keeps the OutOfMemoryError as its context, which train reads)."""
+    run = copy_run(finished, tmp_path)
+
+    def full(*args) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(checkpoint, "load_optimizer", full)
+    with pytest.raises(TrainingError, match=r"^out of memory at --batch-size \d+; try"):
+        train_run(TrainConfig(), run, {"epochs": 2})
 
 
 def test_resume_from_a_folder_without_a_checkpoint_asks_for_a_run_folder(tmp_path):

@@ -12,9 +12,10 @@ import math
 import shutil
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 from common.errors import CheckpointError, one_line
@@ -144,18 +145,6 @@ def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:
     return model.eval()
 
 
-def on_cpu(value: Any) -> Any:
-    """value (a tensor, or dicts and lists of them) with every tensor moved to the CPU: the
-    optimizer's state lives where the weights do, and a checkpoint must load anywhere."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: on_cpu(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(on_cpu(v) for v in value)
-    return value
-
-
 def content(run: Run, history: list[dict], with_state: bool) -> dict:
     """ckpt.pt's content: plain containers and fp32 CPU tensors only."""
     weights = {k: (v.float() if v.is_floating_point() else v).detach().cpu()
@@ -172,7 +161,8 @@ def content(run: Run, history: list[dict], with_state: bool) -> dict:
         torch=str(torch.__version__),  # a TorchVersion object would not load with weights_only
     )
     if with_state:  # what --resume needs beyond the weights
-        ckpt["resume"] = dict(optimizer=on_cpu(run.optimizer.state_dict()),
+        # the optimizer's state lives where the weights do: on the CPU, the file loads anywhere
+        ckpt["resume"] = dict(optimizer=send_to_device(run.optimizer.state_dict(), "cpu"),
                               scheduler=run.scheduler.state_dict(),
                               scaler=run.scaler.state_dict() if run.scaler else None,
                               rng=torch.get_rng_state())

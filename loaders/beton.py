@@ -115,11 +115,13 @@ def check_space(folder: Path, needed: int) -> None:
 def read_info(path: Path) -> BetonInfo | None:
     """The sidecar of a .beton, or None when either is missing or unreadable, or the sidecar
     is of another FORMAT (its file is then rebuilt, never read)."""
+    if not path.is_file():
+        return None
     try:
-        info = BetonInfo(**json.loads(sidecar(path).read_text())) if path.is_file() else None
+        info = BetonInfo(**json.loads(sidecar(path).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return info if info is not None and info.format == FORMAT else None
+    return info if info.format == FORMAT else None
 
 
 def intact(path: Path) -> BetonInfo | None:

@@ -187,17 +187,24 @@ def test_writer_killed_midway_leaves_no_file_and_next_write_sweeps(tmp_path):
                               cwd=Path(__file__).parents[1], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = tmp_path / f".{path.name}.{writer.pid}.tmp"
+
+    def named() -> str:
+        """The writer's shared memory block, once it has written the name down."""
+        return shared.read_text().lstrip("/") if shared.exists() else ""
+
     try:
-        for _ in range(12_000):  # polls, not a time limit: the writer is killed on sight
-            if tmp.exists() or writer.poll() is not None:
+        # polls, not a time limit: the writer (its worker asleep on the last sample) is killed
+        # once its temporary file and its shared memory's name are both there
+        for _ in range(12_000):
+            if (tmp.exists() and named()) or writer.poll() is not None:
                 break
             time.sleep(0.01)
         assert tmp.exists(), "the writer never showed its temporary file"
     finally:
         os.killpg(writer.pid, signal.SIGKILL)  # the writer and its pool workers
         writer.wait(timeout=60)
-        if shared.exists():  # its resource tracker died with it: nothing else frees this
-            (Path("/dev/shm") / shared.read_text().lstrip("/")).unlink(missing_ok=True)
+        if named():  # its resource tracker died with it: nothing else frees this
+            (Path("/dev/shm") / named()).unlink(missing_ok=True)
     assert tmp.exists() and not path.exists() and not beton.sidecar(path).exists()
 
     split = cifar.Split(np.full((20, 32, 32, 3), 7, np.uint8), np.arange(20) % 10)

@@ -24,6 +24,7 @@ from common.hardware import device_name
 from engine.config import TrainConfig
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule
+from loaders.beton import MIN_STD
 
 if TYPE_CHECKING:
     from engine.run import Run
@@ -123,7 +124,7 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
         "classes": isinstance(ckpt["classes"], list) and len(ckpt["classes"]) == n
                    and all(isinstance(c, str) for c in ckpt["classes"]),
         "mean": numbers(ckpt["mean"], 3),
-        "std": numbers(ckpt["std"], 3) and all(v > 0 for v in ckpt["std"]),
+        "std": numbers(ckpt["std"], 3) and min(ckpt["std"]) >= MIN_STD,
         "config": isinstance(ckpt["config"], dict) and set(ckpt["config"]) <= CONFIG_KEYS,
         "history": isinstance(ckpt["history"], list) and all(
             isinstance(r, dict) and all(number(r.get(k)) for k in HISTORY_KEYS)

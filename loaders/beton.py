@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ class BetonInfo:
 
 IMAGE_OVERHEAD = 64  # bytes per image besides its pixels: metadata row and allocation entry
 PAGE_SIZE = 4 << 21  # FFCV's default page (4 x 2 MiB); each writer worker leaves one partial
+# the least std a channel is given (one grey level, ours): a channel that never varies (a dataset
+# whose blue is always 0) would otherwise be divided by 0, and every loss would be NaN
+MIN_STD = 1 / 255
 
 
 def digest(split: Split) -> str:
@@ -49,7 +53,8 @@ def digest(split: Split) -> str:
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in 0..1, accumulated in float64 chunks to bound memory."""
+    """Per-channel mean and std in 0..1, accumulated in float64 chunks to bound memory; std is
+    at least MIN_STD."""
     total, total_sq, count = np.zeros(3), np.zeros(3), 0
     for chunk in np.array_split(images, max(1, len(images) // 8192)):
         pixels = chunk.reshape(-1, 3).astype(np.float64) / 255
@@ -57,7 +62,8 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
         total_sq += (pixels**2).sum(0)
         count += len(pixels)
     mean = total / count
-    return mean.tolist(), np.sqrt(total_sq / count - mean**2).tolist()
+    variance = np.maximum(total_sq / count - mean**2, 0)  # rounding makes a constant's < 0
+    return mean.tolist(), np.maximum(np.sqrt(variance), MIN_STD).tolist()
 
 
 def sidecar(path: Path) -> Path:
@@ -114,14 +120,16 @@ def check_space(folder: Path, needed: int) -> None:
 
 def read_info(path: Path) -> BetonInfo | None:
     """The sidecar of a .beton, or None when either is missing or unreadable, or the sidecar
-    is of another FORMAT (its file is then rebuilt, never read)."""
+    is of another FORMAT or records a normalization that cannot be used (a std below MIN_STD,
+    as written before it was the floor): its file is then rebuilt, never read."""
     if not path.is_file():
         return None
     try:
         info = BetonInfo(**json.loads(sidecar(path).read_text()))
+        usable = all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD
     except (OSError, ValueError, TypeError):
         return None
-    return info if info.format == FORMAT else None
+    return info if info.format == FORMAT and usable else None
 
 
 def intact(path: Path) -> BetonInfo | None:

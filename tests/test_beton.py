@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -66,6 +67,32 @@ def test_sidecar_records_size_classes_and_training_stats(prepared, source):
     np.testing.assert_allclose(train.mean, pixels.mean(0), rtol=1e-9)
     np.testing.assert_allclose(train.std, pixels.std(0), rtol=1e-6)
     assert (test.mean, test.std) == (train.mean, train.std) == (prepared.mean, prepared.std)
+
+
+def test_a_channel_that_never_varies_gets_the_least_std_not_nan():
+    # blue always 0 (the variance formula's rounding made it NaN), red always 77 (a spurious
+    # 2e-6, which scaled a test image's other reds by 2e6); green varies
+    images = np.random.default_rng(0).integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)
+    images[..., 0], images[..., 2] = 77, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in sqrt"
+        mean, std = beton.channel_stats(images)
+    assert std[0] == std[2] == beton.MIN_STD
+    np.testing.assert_allclose(std[1], images[..., 1].std() / 255, rtol=1e-6)
+    np.testing.assert_allclose(mean, [77 / 255, images[..., 1].mean() / 255, 0], atol=1e-12)
+
+
+@pytest.mark.parametrize("std", [[float("nan"), 0.2, 0.2], [0.0, 0.2, 0.2], [1e-9, 0.2, 0.2]],
+                         ids=["NaN", "0", "below MIN_STD"])
+def test_a_sidecar_whose_std_cannot_normalize_is_rebuilt(prepared, tmp_path, std):
+    # as a constant channel's sidecar was written before MIN_STD: reusing it made every loss NaN
+    data_dir = _prepared_copy(prepared, tmp_path)
+    path = data_dir / prepared.train.name
+    write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), std=std)))
+    assert beton.read_info(path) is None
+    again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
+    assert (again.mean, again.std) == (prepared.mean, prepared.std)
+    assert beton.read_info(path).std == prepared.std
 
 
 def _stats(paths) -> list[tuple[int, int]]:

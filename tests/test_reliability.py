@@ -417,6 +417,7 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("state_dict", lambda c: c["state_dict"].update(  # weights the engine never saves
         {"fc.weight": c["state_dict"]["fc.weight"].int()})),
     ("std", lambda c: c.update(std=[0.0, 0.2, 0.2])),  # normalizing would divide by 0
+    ("std", lambda c: c.update(std=[1e-300, 0.2, 0.2])),  # and by this, overflow to inf
     ("mean", lambda c: c.update(mean=[float("nan"), 0.5, 0.5])),
     ("mean", lambda c: c.update(mean=[0.5, 0.5])),  # one value per RGB channel
     ("history", lambda c: c["history"][0].pop("test_acc")),  # the report's headline reads it
@@ -426,8 +427,8 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("data", lambda c: c["data"].pop("source")),  # --resume names it on a class mismatch
 ], ids=["width True", "width 0", "9 of 10 classes", "unknown config key", "int weight",
         "int32 weights",
-        "std 0", "mean NaN", "mean of 2", "no test_acc", "no epoch", "no lr", "data test 5",
-        "data without source"])
+        "std 0", "std 1e-300", "mean NaN", "mean of 2", "no test_acc", "no epoch", "no lr",
+        "data test 5", "data without source"])
 def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
     ckpt = checkpoint.load(finished / "ckpt.pt")
     damage(ckpt)

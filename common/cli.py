@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
+import os
 import signal
 import sys
 import threading
@@ -15,6 +17,7 @@ from typing import NoReturn
 from common.errors import EngineError, Interrupted
 
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of its own
 # SIGTERM (timeout, Slurm, docker stop) stops as cleanly as Ctrl-C, with the shell's 128 + 15
 STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM}
 _stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
@@ -104,6 +107,26 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
+def interrupted_while_importing() -> NoReturn:
+    """Exit as run_main does on Ctrl-C (one line, 130), for a Ctrl-C that came while a script
+    was still importing (torch alone takes seconds), before run_main could catch it."""
+    print(INTERRUPTED_LINE, file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
+def _exit_at_once_on_ctrl_c() -> None:
+    """At exit, Ctrl-C ends the process at once, silently: torch's own teardown takes seconds,
+    even after a bare `import torch`, and a Ctrl-C in it printed an 'Exception ignored in
+    atexit callback' traceback. Registered last, this runs first; the command's
+    files are all written by then, and its output is flushed here."""
+    def exit_now(signum: int, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, exit_now)
+
+
 def run_main(body: Callable[[], int | None]) -> int:
     """Call a command's body; EngineError -> 'error: ...' and 1, Ctrl-C -> one line and 130
     (SIGTERM: 143)."""
@@ -111,6 +134,8 @@ def run_main(body: Callable[[], int | None]) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
         sys.unraisablehook = _quiet_lost_stop(hook)
+        atexit.unregister(_exit_at_once_on_ctrl_c)  # once, however often run_main runs
+        atexit.register(_exit_at_once_on_ctrl_c)
     try:
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
@@ -119,7 +144,7 @@ def run_main(body: Callable[[], int | None]) -> int:
         print(f"\ninterrupted: {stop}", file=sys.stderr)
         return stopped_code()
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print(INTERRUPTED_LINE, file=sys.stderr)
         return stopped_code()
     except EngineError as error:
         print(f"error: {error}", file=sys.stderr)

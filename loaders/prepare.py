@@ -11,11 +11,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import CommandParser, path_option, run_main
-from common.errors import DataError
-from common.files import unwritable, waiting_lock
-from common.hardware import default_workers
-from loaders import beton, cifar, synthetic
+from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
+
+try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+    from common.errors import DataError
+    from common.files import unwritable, waiting_lock
+    from common.hardware import default_workers
+    from loaders import beton, cifar, synthetic
+except KeyboardInterrupt:
+    interrupted_while_importing()
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,42 @@ def test_every_script_runs_by_path_and_as_a_module(script):
         assert result.stdout.startswith("usage:"), (command, result.stdout[:200])
 
 
+# python -c this script args: a real SIGINT as the first of numpy or torch starts to import
+INTERRUPT_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("numpy", "torch"):
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, Interrupt())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_while_a_script_still_imports_is_one_line(script):
+    # torch takes seconds to import (20 s for report on a busy 2-core machine): a Ctrl-C then
+    # printed a KeyboardInterrupt traceback through importlib
+    result = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, str(ROOT / script),
+                             "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (130, "interrupted", ""), \
+        result.stderr[-2000:]
+
+
+def test_ctrl_c_while_the_interpreter_shuts_down_exits_at_once_and_silently():
+    # torch's teardown takes seconds after a command's last line; a Ctrl-C in it printed an
+    # "Exception ignored in atexit callback" traceback. The harness's own atexit callback,
+    # registered first so run last (after run_main's), sends the real signal
+    code = ("import atexit, os, signal, sys; atexit.register(os.kill, os.getpid(), "
+            "signal.SIGINT); import torch; from common.cli import run_main; "
+            "sys.exit(run_main(lambda: print('all written')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "all written\n", "")
+
+
 def test_every_console_script_is_installed_and_calls_its_main():
     scripts = {e.name: e for e in entry_points(group="console_scripts")}
     for script, (module, console) in SCRIPTS.items():

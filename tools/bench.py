@@ -20,28 +20,32 @@ from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
+from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
 
-from common.cli import CommandParser, path_option, run_main
-from common.compile_modes import COMPILE_MODES
-from common.files import unwritable, write_json
-from common.hardware import available_cores
-from engine.config import TrainConfig, resolve
-from engine.run import DTYPES
-from loaders import synthetic
-from loaders.prepare import data_dir_option
-from tools.bench_output import metadata, report
-from tools.bench_peers import bench_peers
-from tools.bench_profile import bench_profile
-from tools.bench_sections import (
-    TEST_IMAGES,
-    bench_epochs,
-    bench_loaders,
-    bench_mfu,
-    bench_steps,
-    log,
-)
-from tools.options import add_device_option, pick_device
+try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+    import torch
+
+    from common.compile_modes import COMPILE_MODES
+    from common.files import unwritable, write_json
+    from common.hardware import available_cores
+    from engine.config import TrainConfig, resolve
+    from engine.run import DTYPES
+    from loaders import synthetic
+    from loaders.prepare import data_dir_option
+    from tools.bench_output import metadata, report
+    from tools.bench_peers import bench_peers
+    from tools.bench_profile import bench_profile
+    from tools.bench_sections import (
+        TEST_IMAGES,
+        bench_epochs,
+        bench_loaders,
+        bench_mfu,
+        bench_steps,
+        log,
+    )
+    from tools.options import add_device_option, pick_device
+except KeyboardInterrupt:
+    interrupted_while_importing()
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
 T = TypeVar("T")  # the value type of an argparse type below

@@ -16,15 +16,19 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+from common.cli import CommandParser, interrupted_while_importing, run_main
 
-from common.cli import CommandParser, run_main
-from common.errors import Interrupted, RangeTestError, TrainingError
-from common.files import atomic_write, write_csv, write_text
-from engine.config import TrainConfig, parse_tool_args
-from engine.loop import train
-from engine.optimizers import OPTIMIZERS
-from tools.plots import Panel, plot_history
+try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+    import torch
+
+    from common.errors import Interrupted, RangeTestError, TrainingError
+    from common.files import atomic_write, write_csv, write_text
+    from engine.config import TrainConfig, parse_tool_args
+    from engine.loop import train
+    from engine.optimizers import OPTIMIZERS
+    from tools.plots import Panel, plot_history
+except KeyboardInterrupt:
+    interrupted_while_importing()
 
 # Peak LRs when --lr is left out:
 # - sgd, nesterov: 0.1 per 256 images, ResNet's 0.1 at batch 256 (He et al., 2016) with the

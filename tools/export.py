@@ -14,17 +14,21 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
-import torch
+from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
 
-from common.cli import CommandParser, path_option, run_main
-from common.errors import EngineError, ExportError
-from common.files import atomic_write
-from engine import checkpoint
-from loaders import beton
-from tools.export_formats import PACKAGES, RUNNERS, SUFFIX, WRITERS, metadata, require
-from tools.options import add_checkpoint_argument, add_data_dir_option
-from tools.report_inputs import evaluation_input, locate_test_data
+try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+    import numpy as np
+    import torch
+
+    from common.errors import EngineError, ExportError
+    from common.files import atomic_write
+    from engine import checkpoint
+    from loaders import beton
+    from tools.export_formats import PACKAGES, RUNNERS, SUFFIX, WRITERS, metadata, require
+    from tools.options import add_checkpoint_argument, add_data_dir_option
+    from tools.report_inputs import evaluation_input, locate_test_data
+except KeyboardInterrupt:
+    interrupted_while_importing()
 
 CHECK_IMAGES = 256  # test images the export is checked on
 TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|): fp32 rounding

@@ -12,15 +12,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from matplotlib.figure import Figure
+from common.cli import CommandParser, interrupted_while_importing, run_main
 
-from common.cli import CommandParser, run_main
-from common.files import atomic_write, make_dir, write_csv
-from engine import lr_range
-from engine.config import TrainConfig, parse_tool_args, resolve
-from engine.lr_range import RangeTest
-from engine.run import build, make_accelerator
+try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+    import torch
+    from matplotlib.figure import Figure
+
+    from common.files import atomic_write, make_dir, write_csv
+    from engine import lr_range
+    from engine.config import TrainConfig, parse_tool_args, resolve
+    from engine.lr_range import RangeTest
+    from engine.run import build, make_accelerator
+except KeyboardInterrupt:
+    interrupted_while_importing()
 
 
 def own_options() -> argparse.ArgumentParser:

@@ -14,22 +14,26 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from torch import nn
+from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
 
-from common.cli import CommandParser, path_option, run_main
-from common.errors import DataError
-from common.files import atomic_write, make_dir
-from common.progress import progress_bar
-from engine import checkpoint
-from loaders.augment import Augment
-from loaders.images import expand, read_image
-from tools.options import add_checkpoint_argument, add_device_option, pick_device
-from tools.report_figures import cams
-from tools.report_inputs import evaluation_input, layer_of
+try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+    import numpy as np
+    import torch
+    from PIL import Image
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from torch import nn
+
+    from common.errors import DataError
+    from common.files import atomic_write, make_dir
+    from common.progress import progress_bar
+    from engine import checkpoint
+    from loaders.augment import Augment
+    from loaders.images import expand, read_image
+    from tools.options import add_checkpoint_argument, add_device_option, pick_device
+    from tools.report_figures import cams
+    from tools.report_inputs import evaluation_input, layer_of
+except KeyboardInterrupt:
+    interrupted_while_importing()
 
 BATCH = 256  # pictures per forward pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen

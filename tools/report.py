@@ -17,41 +17,45 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, path_option, run_main
-from common.errors import ReportError
-from common.files import temporary_name, temporary_writer, write_csv
-from tools.options import (
-    add_checkpoint_argument,
-    add_data_dir_option,
-    add_device_option,
-    pick_device,
-)
-from tools.report_faithfulness import faithfulness, verdict
-from tools.report_figures import (
-    METHODS,
-    explain,
-    plot_confusion,
-    plot_curves,
-    plot_misclassified,
-    write_pdf,
-)
-from tools.report_inputs import (
-    Inputs,
-    layer_of,
-    load,
-    most_confidently_wrong,
-    normalized,
-    predictions,
-)
-from tools.report_tables import (
-    FAITHFULNESS_FIELDS,
-    MISCLASSIFIED_FIELDS,
-    confusion,
-    headline,
-    misclassified_rows,
-    per_class,
-    summary,
-)
+from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
+
+try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+    from common.errors import ReportError
+    from common.files import temporary_name, temporary_writer, write_csv
+    from tools.options import (
+        add_checkpoint_argument,
+        add_data_dir_option,
+        add_device_option,
+        pick_device,
+    )
+    from tools.report_faithfulness import faithfulness, verdict
+    from tools.report_figures import (
+        METHODS,
+        explain,
+        plot_confusion,
+        plot_curves,
+        plot_misclassified,
+        write_pdf,
+    )
+    from tools.report_inputs import (
+        Inputs,
+        layer_of,
+        load,
+        most_confidently_wrong,
+        normalized,
+        predictions,
+    )
+    from tools.report_tables import (
+        FAITHFULNESS_FIELDS,
+        MISCLASSIFIED_FIELDS,
+        confusion,
+        headline,
+        misclassified_rows,
+        per_class,
+        summary,
+    )
+except KeyboardInterrupt:
+    interrupted_while_importing()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -54,3 +54,9 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     """An exception as one short line, 'ValueError: ...', for a message or a table row: library
     messages can be empty, many lines or pages long."""
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
+def one_line_text(text: str) -> bool:
+    """Whether text stays on one line of a message or a table: no line break of any kind
+    (those str.splitlines splits at)."""
+    return text.splitlines() in ([], [text])

@@ -59,7 +59,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_ctrl_c_while_a_script_still_imports_is_one_line(script):
-    # torch takes seconds to import (20 s for report on a busy 2-core machine): a Ctrl-C then
+    # torch takes seconds to import (more for report, with grad-cam and matplotlib): a Ctrl-C then
     # printed a KeyboardInterrupt traceback through importlib
     result = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, str(ROOT / script),
                              "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)

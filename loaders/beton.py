@@ -15,8 +15,9 @@ import numpy as np
 
 from common.errors import DataError
 from common.files import atomic_write, file_hash, sweep_temporaries, write_json
-from loaders.cifar import ROW_SIZE, Split
+from loaders.cifar import Split
 from loaders.guards import guarded_writer, importing_ffcv
+from loaders.layouts import ROW_SIZE
 
 log = logging.getLogger(__name__)
 

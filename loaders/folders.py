@@ -1,5 +1,5 @@
 """Your own images: an ImageFolder layout (DIR/train/<class>/*, DIR/test/<class>/*, the way
-CINIC-10 ships) read into 32x32 RGB arrays as loaders/images.py makes them. loaders.cifar
+CINIC-10 ships) read into 32x32 RGB arrays as loaders/images.py makes them. loaders.python_folder
 writes them once in the CIFAR-10 python format, so every loader, training, the report and the
 bench take them unchanged."""
 

@@ -18,6 +18,7 @@ try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in on
     from common.files import unwritable, waiting_lock
     from common.hardware import default_workers
     from loaders import beton, cifar, synthetic
+    from loaders.layouts import LAYOUTS
 except KeyboardInterrupt:
     interrupted_while_importing()
 
@@ -69,7 +70,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = synthet
     """
     check_data_dir(data_dir, writing=False)
     source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size, seed)
-    tag = name if name in cifar.LAYOUTS else source.name
+    tag = name if name in LAYOUTS else source.name
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
     if all(beton.sidecar(p).is_file() for p in paths.values()):
         if cifar.source_at_hand(name, source):

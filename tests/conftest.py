@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from loaders import cifar
+from loaders import cifar, layouts
 from loaders.prepare import Prepared, prepare
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
@@ -156,7 +156,7 @@ def dump_pickle(path: Path, obj, protocol: int | str = "py2") -> None:
 
 def to_rows(images: np.ndarray) -> np.ndarray:
     """N x 32 x 32 x 3 images as CIFAR rows: R, G and B planes of 1024 values each."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), cifar.ROW_SIZE))
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), layouts.ROW_SIZE))
 
 
 def write_batch(path: Path, split: cifar.Split, protocol: int | str = "py2",
@@ -194,7 +194,7 @@ def write_cifar10(data_dir: Path, rows=(3, 2, 4, 1, 2), n_test: int = 5, seed: i
                   protocol: int | str = "py2", py3: bool = False) -> Cifar10Dir:
     """A small CIFAR-10 python folder with `rows[i]` images in data_batch_{i+1}; py3 writes
     it as Python 3 code would (see write_batch)."""
-    layout = cifar.LAYOUTS["cifar10"]
+    layout = layouts.LAYOUTS["cifar10"]
     folder = data_dir / layout.folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -220,7 +220,7 @@ def cifar10_dir(tmp_path) -> Cifar10Dir:
 def synthetic_boxes(folder: Path) -> np.ndarray:
     """The object boxes (y0, x0, y1, x1) of a synthetic folder's test split, in test order:
     stored beside the images for the tests of Grad-CAM, which the readers ignore."""
-    (test_file,) = cifar.OWN_LAYOUT.test_files
+    (test_file,) = layouts.OWN_LAYOUT.test_files
     return np.asarray(pickle.loads((folder / test_file).read_bytes())[b"boxes"])
 
 
@@ -287,7 +287,7 @@ def prepared(tmp_path_factory) -> Prepared:
 @pytest.fixture(scope="session")
 def source(prepared) -> cifar.CifarData:
     """What the prepared .beton files were made from."""
-    return cifar.read_folder(prepared.source, cifar.OWN_LAYOUT, "synthetic")
+    return cifar.read_folder(prepared.source, layouts.OWN_LAYOUT, "synthetic")
 
 
 def _copy(x):

@@ -32,11 +32,11 @@ from conftest import (
 
 from common import hardware
 from common.files import waiting_lock
-from loaders import beton, cifar, synthetic
+from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
 from loaders.prepare import prepare
 
-LAYOUT = cifar.LAYOUTS["cifar10"]
+LAYOUT = layouts.LAYOUTS["cifar10"]
 ARCHIVE = "cifar-10-python.tar.gz"
 
 
@@ -68,7 +68,7 @@ def served_archive(tmp_path, http_server):
 def test_fetch_downloads_checks_and_extracts(tmp_path, served_archive):
     made, url, digest = served_archive
     data_dir = tmp_path / "data"
-    folder = cifar.fetch("cifar10", data_dir, url=url, md5=digest)
+    folder = download.fetch("cifar10", data_dir, url=url, md5=digest)
     assert folder == data_dir / LAYOUT.folder
     data = read(folder)
     assert_splits_equal(data.train, made.train)
@@ -79,16 +79,16 @@ def test_fetch_downloads_checks_and_extracts(tmp_path, served_archive):
 
 def test_fetch_uses_an_existing_folder_without_downloading(cifar10_dir, closed_port):
     url = f"http://127.0.0.1:{closed_port}/{ARCHIVE}"
-    assert cifar.fetch("cifar10", cifar10_dir.data_dir, url=url, md5="0" * 32) == \
+    assert download.fetch("cifar10", cifar10_dir.data_dir, url=url, md5="0" * 32) == \
         cifar10_dir.folder
 
 
 def test_download_keeps_the_file_only_when_its_md5_matches(tmp_path, served_archive):
     _, url, digest = served_archive
-    dest = cifar.download(url, digest, tmp_path / "data" / "ok.tar.gz")
+    dest = download.download(url, digest, tmp_path / "data" / "ok.tar.gz")
     assert md5(dest) == digest
     with pytest.raises(DataError, match="corrupt"):
-        cifar.download(url, "0" * 32, tmp_path / "data" / "bad.tar.gz")
+        download.download(url, "0" * 32, tmp_path / "data" / "bad.tar.gz")
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["ok.tar.gz"]
 
 
@@ -96,7 +96,7 @@ def test_fetch_with_wrong_md5_raises_and_leaves_nothing(tmp_path, served_archive
     _, url, _ = served_archive
     data_dir = tmp_path / "data"
     with pytest.raises(DataError) as error:
-        cifar.fetch("cifar10", data_dir, url=url, md5="0" * 32)
+        download.fetch("cifar10", data_dir, url=url, md5="0" * 32)
     assert url in str(error.value) and "md5" in str(error.value)
     assert list(data_dir.iterdir()) == []  # no archive, no .part, no .extract- folder
 
@@ -108,7 +108,7 @@ def test_fetch_unreachable_names_url_manual_file_and_synthetic(tmp_path, http_se
     url = f"{base}/{ARCHIVE}"
     data_dir = tmp_path / "data"
     with pytest.raises(DataError) as error:
-        cifar.fetch("cifar10", data_dir, url=url, md5="0" * 32)
+        download.fetch("cifar10", data_dir, url=url, md5="0" * 32)
     message = str(error.value)
     assert url in message
     assert ARCHIVE in message and LAYOUT.md5 in message and str(data_dir) in message
@@ -123,7 +123,7 @@ def test_fetch_names_a_placed_archive_whose_md5_is_wrong(tmp_path, closed_port):
     archive.write_bytes(os.urandom(100_000))  # a cut or foreign file the user put there
     found = md5(archive)
     with pytest.raises(DataError) as error:
-        cifar.fetch("cifar10", data_dir, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+        download.fetch("cifar10", data_dir, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
     message = str(error.value)
     assert f"{archive} already there has md5 {found}, not {LAYOUT.md5}" in message
     assert "delete it, or replace it" in message and "--dataset synthetic" in message
@@ -150,7 +150,7 @@ def test_fetch_refuses_archive_members_that_escape(tmp_path, http_server, evil):
     archive = make_tar_gz(http_server.root / ARCHIVE, made.folder, [(member, data)])
     data_dir = tmp_path / "data"  # extraction goes to a staging folder in data_dir
     with pytest.raises(DataError, match="refusing to extract"):
-        cifar.fetch("cifar10", data_dir, url=f"{http_server.url}/{ARCHIVE}", md5=md5(archive))
+        download.fetch("cifar10", data_dir, url=f"{http_server.url}/{ARCHIVE}", md5=md5(archive))
     assert not outside.exists() and not (tmp_path / "data" / "outside").exists()
     assert [p.name for p in data_dir.iterdir()] == [ARCHIVE]  # no folder, no staging left
 
@@ -253,7 +253,7 @@ def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, cl
     as they are, when whole by their sidecars; a damaged one needs the source again."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     offline = replace(LAYOUT, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
-    monkeypatch.setitem(cifar.LAYOUTS, "cifar10", offline)  # a download would fail at once
+    monkeypatch.setitem(layouts.LAYOUTS, "cifar10", offline)  # a download would fail at once
     data = write_cifar10(tmp_path / "data")
     made = prepare("cifar10", data.data_dir, workers=1)
     shutil.rmtree(data.folder)
@@ -352,8 +352,8 @@ def test_data_made_in_temporary_folders_gets_the_usual_permissions(tmp_path, ser
     made, url, digest = served_archive
     old = os.umask(umask)
     try:
-        folder = cifar.write_synthetic(tmp_path, 20, 5)
-        cifar.fetch("cifar10", tmp_path / "cifar", url=url, md5=digest)
+        folder = python_folder.write_synthetic(tmp_path, 20, 5)
+        download.fetch("cifar10", tmp_path / "cifar", url=url, md5=digest)
     finally:
         os.umask(old)
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
@@ -624,23 +624,23 @@ def test_synthetic_shapes_and_balanced_classes(n):
 
 
 def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_path):
-    folder = cifar.write_synthetic(tmp_path, 60, 20, seed=1)
-    data = cifar.read_folder(folder, cifar.OWN_LAYOUT, "synthetic")
+    folder = python_folder.write_synthetic(tmp_path, 60, 20, seed=1)
+    data = cifar.read_folder(folder, layouts.OWN_LAYOUT, "synthetic")
     assert data.classes == synthetic.CLASSES
     assert np.bincount(data.train.labels).tolist() == [6] * 10
     assert data.train.images.shape == (60, 32, 32, 3) and len(data.test.labels) == 20
-    assert cifar.write_synthetic(tmp_path, 60, 20, seed=1) == folder  # written once
+    assert python_folder.write_synthetic(tmp_path, 60, 20, seed=1) == folder  # written once
 
 
 def test_write_synthetic_refuses_too_few_images(tmp_path):
     with pytest.raises(DataError, match="at least 10"):
-        cifar.write_synthetic(tmp_path, 9, 5)
+        python_folder.write_synthetic(tmp_path, 9, 5)
 
 
 def test_synthetic_boxes_hold_the_object(tmp_path):
     """Each box lies in the image and holds the object: one flat colour, never outside it."""
-    folder = cifar.write_synthetic(tmp_path, 10, 200, seed=2)
-    images = cifar.read_folder(folder, cifar.OWN_LAYOUT, "synthetic").test.images
+    folder = python_folder.write_synthetic(tmp_path, 10, 200, seed=2)
+    images = cifar.read_folder(folder, layouts.OWN_LAYOUT, "synthetic").test.images
     boxes = synthetic_boxes(folder)
     assert boxes.shape == (200, 4)
     y0, x0, y1, x1 = boxes.T
@@ -670,7 +670,7 @@ def test_float_labels_are_refused_naming_the_file(cifar10_dir):
 def test_three_dimensional_data_is_refused_naming_the_file(cifar10_dir):
     """(4, 3072, 1) has 3072 values a row but is no batch of rows."""
     path = cifar10_dir.folder / "data_batch_1"
-    dump_pickle(path, _with(data=np.zeros((4, cifar.ROW_SIZE, 1), np.uint8)))
+    dump_pickle(path, _with(data=np.zeros((4, layouts.ROW_SIZE, 1), np.uint8)))
     assert_refused(cifar10_dir, path, "'data' has shape (4, 3072, 1)")
 
 
@@ -680,7 +680,7 @@ def test_fetch_extracts_a_placed_archive_without_downloading(tmp_path, closed_po
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     archive = make_tar_gz(data_dir / ARCHIVE, made.folder)
-    folder = cifar.fetch("cifar10", data_dir, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}",
+    folder = download.fetch("cifar10", data_dir, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}",
                          md5=md5(archive))
     assert folder == data_dir / LAYOUT.folder
     data = read(folder)
@@ -691,10 +691,10 @@ def test_fetch_extracts_a_placed_archive_without_downloading(tmp_path, closed_po
 def test_synthetic_splits_and_seeds_never_share_images(tmp_path):
     """The test split is drawn from its own seed (2 seed + 1), so no test image is a training
     image; each seed has its own folder and data. Equal split sizes make a shared seed show."""
-    first = cifar.write_synthetic(tmp_path, 20, 20, seed=0)
-    other = cifar.write_synthetic(tmp_path, 20, 20, seed=1)
+    first = python_folder.write_synthetic(tmp_path, 20, 20, seed=0)
+    other = python_folder.write_synthetic(tmp_path, 20, 20, seed=1)
     assert first != other and first.name.endswith("seed0") and other.name.endswith("seed1")
-    a, b = (cifar.read_folder(f, cifar.OWN_LAYOUT, "synthetic") for f in (first, other))
+    a, b = (cifar.read_folder(f, layouts.OWN_LAYOUT, "synthetic") for f in (first, other))
     for data in (a, b):
         train = {image.tobytes() for image in data.train.images}
         assert not any(image.tobytes() in train for image in data.test.images)

@@ -1,0 +1,116 @@
+"""A CIFAR archive fetched into a data folder: downloaded through a temporary file kept only
+when its md5 matches, and extracted safely (nothing outside the target, no links)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from common.errors import DataError
+from common.files import file_hash, usual_permissions
+from loaders.layouts import LAYOUTS
+
+# seconds a download's connection may stay silent (connecting, or between two reads) before
+# it is given up: the whole download may take longer
+DOWNLOAD_TIMEOUT = 60.0
+
+
+def md5sum(path: Path) -> str:
+    """md5 of a file's bytes: what CIFAR's archives are published with."""
+    return file_hash(path, hashlib.md5())
+
+
+def download(url: str, md5: str, dest: Path) -> Path:
+    """Fetch url to dest through a temporary file that is renamed only once its md5 matches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5()
+        with (os.fdopen(fd, "wb") as out,
+              urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response):
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != md5:
+            raise DataError(
+                f"The download from {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}. "
+                "Nothing was kept; run again, or place the archive by hand (see below)."
+            )
+        usual_permissions(tmp, 0o666)
+        os.replace(tmp, dest)
+        return dest
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise DataError(f"Could not download {url}: {reason}.") from error
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Extract a tar archive into target, refusing members that would land outside it."""
+    root = target.resolve()
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                dest = (root / member.name).resolve()
+                if not dest.is_relative_to(root) or not (member.isfile() or member.isdir()):
+                    raise DataError(
+                        f"{archive} holds '{member.name}', which is a link or lies outside "
+                        f"{target}; refusing to extract it. Delete the archive and download again."
+                    )
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise DataError(
+            f"{archive} is not a readable tar.gz archive ({error}). Delete it and run again."
+        ) from error
+
+
+def _wrong_archive(archive: Path, found: str | None, md5: str) -> str:
+    """The sentence on an archive already in place whose md5 is not the expected one: without
+    it, a failed download's advice to place the archive there hides that one is there."""
+    if found is None:
+        return ""
+    return (f" The {archive} already there has md5 {found}, not {md5}: it is damaged or "
+            "another file; delete it, or replace it with the original archive.")
+
+
+def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = None) -> Path:
+    """Make sure data_dir holds the python-format folder of dataset `name`; return that folder.
+
+    An existing folder is used as is. Otherwise the archive is downloaded (or reused when it
+    is already there with the right md5) and extracted through a temporary folder, so an
+    interruption never leaves a half-extracted folder under the final name.
+    """
+    layout = LAYOUTS[name]
+    folder = data_dir / layout.folder
+    if folder.is_dir():
+        return folder
+    url, md5 = url or layout.url, md5 or layout.md5
+    archive = data_dir / Path(url).name
+    found = md5sum(archive) if archive.is_file() else None
+    try:
+        if found != md5:
+            download(url, md5, archive)
+    except DataError as error:
+        raise DataError(
+            f"{error}{_wrong_archive(archive, found, md5)} To work offline, place "
+            f"{Path(layout.url).name} (md5 {layout.md5}) or its extracted folder "
+            f"{layout.folder}/ in {data_dir}, or use --dataset synthetic."
+        ) from error
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
+    try:
+        safe_extract(archive, staging)
+        extracted = staging / layout.folder
+        if not extracted.is_dir():
+            raise DataError(f"{archive} does not contain {layout.folder}/. Delete it and rerun.")
+        os.replace(extracted, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

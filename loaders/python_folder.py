@@ -1,0 +1,127 @@
+"""The python-format folders this project writes: the synthetic dataset and image folders
+become CIFAR-10 python folders, once each, named by what they hold, so they take CIFAR-10's
+path from there on."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import DataError
+from common.files import usual_permissions
+from common.hardware import available_memory
+from loaders import folders, synthetic
+from loaders.layouts import OWN_LAYOUT, ROW_SIZE
+
+
+def synthetic_folder_name(n_train: int, n_test: int, seed: int) -> str:
+    """The python folder the synthetic dataset is written to: one per size and seed."""
+    return f"synthetic-{n_train}-{n_test}-seed{seed}"
+
+
+def image_folder_name(files: dict[str, dict[str, list[Path]]]) -> str:
+    """The python folder an ImageFolder tree converts into: one per state of its files."""
+    return f"folder-{folders.fingerprint(files)}"
+
+
+def check_synthetic_memory(n_train: int, n_test: int) -> None:
+    """DataError naming --synthetic-size when the images would not fit in memory, raised
+    before any is made (an allocation that fails is a traceback, one that the kernel grants
+    and cannot back is a process killed by the OOM killer)."""
+    # the written batches are read back and joined: two copies of the images at the peak
+    needed = 2 * (n_train + n_test) * ROW_SIZE
+    available = available_memory()
+    if needed > available:
+        raise DataError(f"--synthetic-size {n_train} {n_test} needs about {needed / 1e9:.1f} GB "
+                        "of memory (twice its images: they are read back once written) but "
+                        f"{available / 1e9:.1f} GB is available; choose a smaller "
+                        "--synthetic-size or free some memory.")
+
+
+def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> None:
+    """One batch file as the original archive has it: rows of R, G and B planes, list labels."""
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), ROW_SIZE)
+    batch = {b"data": rows, OWN_LAYOUT.labels_key: labels.tolist(),
+             **{k.encode(): v for k, v in extra.items()}}
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=4)
+
+
+Splits = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # train, test
+
+
+def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Splits]) -> Path:
+    """Write the splits `make` returns ({"images", "labels", and extra arrays} each) as a
+    CIFAR-10 python folder, through a staging folder renamed into place, so a crash or Ctrl-C
+    while they are made or written never leaves half a folder. Extra arrays (the synthetic
+    boxes) are stored under their names; readers ignore them."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        train, test = make()
+        try:
+            _write_splits(staging, classes, train, test)
+        except OSError as error:  # a full disk names no file: say which folder, what it needs
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            needed = sum(a.nbytes for split in (train, test) for a in split.values())
+            raise DataError(f"Writing {folder} failed ({error.strerror}); it needs about "
+                            f"{needed / 1e6:.1f} MB in {folder.parent}. Nothing was kept; free "
+                            "some space there or use a --data-dir on another disk.") from error
+        usual_permissions(staging)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _write_splits(staging: Path, classes: list[str], train: dict[str, np.ndarray],
+                  test: dict[str, np.ndarray]) -> None:
+    """The batch and meta files of a python folder, in staging."""
+    files = OWN_LAYOUT.train_files
+    for name, part in zip(files, np.array_split(np.arange(len(train["labels"])), len(files)),
+                          strict=True):
+        _write_batch(staging / name, **{k: v[part] for k, v in train.items()})
+    (test_file,) = OWN_LAYOUT.test_files
+    _write_batch(staging / test_file, **test)
+    with open(staging / OWN_LAYOUT.meta_file, "wb") as f:
+        # as file-system bytes: a folder's name that is no UTF-8 (surrogate-escaped) is kept
+        # byte for byte, and read back as Latin-1 text (see _text in loaders/cifar.py)
+        pickle.dump({OWN_LAYOUT.names_key: [os.fsencode(c) for c in classes]}, f)
+
+
+def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
+    if n_train < len(synthetic.CLASSES) or n_test < 1:
+        raise DataError(f"Synthetic data needs at least {len(synthetic.CLASSES)} training and "
+                        f"1 test image, got {n_train} and {n_test}.")
+    check_synthetic_memory(n_train, n_test)  # loading a written folder needs it all the same
+    folder = data_dir / synthetic_folder_name(n_train, n_test, seed)
+    if folder.is_dir():
+        return folder
+    def make() -> Splits:
+        return tuple(dict(zip(("images", "labels", "boxes"), synthetic.make_split(n, seed=s),
+                              strict=True))
+                     for n, s in ((n_train, 2 * seed), (n_test, 2 * seed + 1)))
+
+    return write_python_folder(folder, synthetic.CLASSES, make)
+
+
+def write_image_folder(root: Path) -> Path:
+    """Convert (once per state of its files) an ImageFolder tree into a python folder in it."""
+    files = folders.class_files(root)
+    folder = root / image_folder_name(files)
+    if folder.is_dir():
+        return folder
+    def make() -> Splits:
+        return tuple(dict(zip(("images", "labels"), folders.read_split(files[split]),
+                              strict=True))
+                     for split in folders.SPLITS)
+
+    return write_python_folder(folder, list(files["train"]), make)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError
+from common.errors import DataError, one_line_text
 from loaders import download, folders, python_folder, synthetic
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
 
@@ -146,6 +146,10 @@ def _class_names(meta: Path, key: bytes, fix: str) -> list[str]:
         raise DataError(f"{meta} has no '{key.decode()}' list of class names (found "
                         f"{found}). {fix}")
     classes = [_text(n) for n in names]
+    broken = [repr(c) for c in classes if not one_line_text(c)]
+    if broken:  # each name is a line of the report's tables and of messages
+        raise DataError(f"{meta} has class names that hold a line break ({', '.join(broken)}), "
+                        f"as readlines() leaves them; strip them. {fix}")
     if len(classes) < 2:
         raise DataError(f"{meta} names {len(classes)} class(es) ({', '.join(classes)}); a "
                         f"classifier needs at least 2 classes. {fix}")

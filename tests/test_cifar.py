@@ -489,6 +489,9 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
                            "no 'label_names' list of class names (found a dict)"),
     "one class": ("batches.meta", {"label_names": ["only"]},
                   "names 1 class(es) (only); a classifier needs at least 2 classes"),
+    "class names with line breaks": ("batches.meta",  # as readlines() leaves them
+                                     {"label_names": [f"{c}\n" for c in CIFAR10_CLASSES]},
+                                     "hold a line break ('airplane\\n', 'automobile\\n', "),
     "duplicate class names": ("batches.meta", {"label_names": [*CIFAR10_CLASSES[:9], "cat"]},
                               "names the class(es) cat more than once"),
     "empty test split": ("test_batch", {"data": np.zeros((0, 3072), np.uint8), "labels": []},

@@ -170,6 +170,14 @@ def out_of_memory(error: BaseException | None) -> bool:
     return False
 
 
+def peer_gone(error: BaseException) -> bool:
+    """Whether a collective (a barrier, DDP's all-reduce) failed: in a run of several processes,
+    because another one stopped first (gloo: 'Connection closed by peer'; NCCL raises
+    DistBackendError), and that process's own message says why."""
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and "gloo" in str(error))
+
+
 def check_tracker(log_with: str | None) -> None:
     """TrainingError, before any work, when --log-with names a tracker whose package is not
     installed: accelerate would only warn, then train without it."""
@@ -280,6 +288,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         raise Interrupted("no epoch had finished, so nothing was saved; run the same "
                           "command again") from None
     except Exception as error:
+        if accelerator.num_processes > 1 and peer_gone(error):  # not a traceback of its own
+            raise TrainingError(f"process {accelerator.process_index} of "
+                                f"{accelerator.num_processes} stops: another process of this "
+                                "run stopped first, and its own message says why.") from None
         if not out_of_memory(error):
             raise
         if run is None:  # the model, or the split on the device, did not fit: not the batch

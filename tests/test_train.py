@@ -153,6 +153,23 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     assert_reported_accuracy_matches(ckpt)
 
 
+def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):
+    # the main process fails preparing the data (a CIFAR folder without its files); the other
+    # one, waiting for it at a barrier, ended in gloo's "Connection closed by peer" traceback
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out",
+         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
+    assert "batches.meta is missing" in errors[0]
+    assert errors[1] == ("error: process 1 of 2 stops: another process of this run stopped "
+                         "first, and its own message says why.")
+    # torchrun's own report of a failed process is its one traceback
+    assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
+
+
 def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path):
     common = ["--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs", "3",
               "--loader", "resident"]

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NoReturn
 
@@ -121,7 +121,8 @@ def _exit_at_once_on_ctrl_c() -> None:
     files are all written by then, and its output is flushed here."""
     def exit_now(signum: int, frame) -> None:
         for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+            with suppress(OSError, ValueError):  # a pipe whose reader left (| head), closed
+                stream.flush()
         os._exit(INTERRUPTED)
 
     signal.signal(signal.SIGINT, exit_now)

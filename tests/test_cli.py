@@ -67,16 +67,19 @@ def test_ctrl_c_while_a_script_still_imports_is_one_line(script):
         result.stderr[-2000:]
 
 
-def test_ctrl_c_while_the_interpreter_shuts_down_exits_at_once_and_silently():
+@pytest.mark.parametrize("body, stdout", [("print('all written')", "all written\n"),
+                                          ("sys.stdout.close()", "")],  # | head, say
+                         ids=["output", "closed output"])
+def test_ctrl_c_while_the_interpreter_shuts_down_exits_at_once_and_silently(body, stdout):
     # torch's teardown takes seconds after a command's last line; a Ctrl-C in it printed an
     # "Exception ignored in atexit callback" traceback. The harness's own atexit callback,
     # registered first so run last (after run_main's), sends the real signal
     code = ("import atexit, os, signal, sys; atexit.register(os.kill, os.getpid(), "
             "signal.SIGINT); import torch; from common.cli import run_main; "
-            "sys.exit(run_main(lambda: print('all written')))")
+            f"sys.exit(run_main(lambda: {body}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
-    assert (result.returncode, result.stdout, result.stderr) == (130, "all written\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (130, stdout, "")
 
 
 def test_every_console_script_is_installed_and_calls_its_main():

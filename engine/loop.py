@@ -14,7 +14,7 @@ import torch
 from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
-from common.errors import CheckpointError, Interrupted, TrainingError
+from common.errors import CheckpointError, Interrupted, TrainingError, one_line
 from common.files import locked_dir, sweep_temporaries, write_json
 from common.hardware import device_name
 from common.progress import progress_bar
@@ -289,9 +289,12 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
                           "command again") from None
     except Exception as error:
         if accelerator.num_processes > 1 and peer_gone(error):  # not a traceback of its own
+            # the collective's own words too: all of them fail alike when, say, NCCL cannot
+            # start, and then no other process has more to say
             raise TrainingError(f"process {accelerator.process_index} of "
-                                f"{accelerator.num_processes} stops: another process of this "
-                                "run stopped first, and its own message says why.") from None
+                                f"{accelerator.num_processes} stops: most often another process "
+                                "of this run stopped first, and its own message says why (here "
+                                f"a collective failed: {one_line(error, 160)}).") from None
         if not out_of_memory(error):
             raise
         if run is None:  # the model, or the split on the device, did not fit: not the batch

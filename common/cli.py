@@ -107,11 +107,34 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
-def interrupted_while_importing() -> NoReturn:
-    """Exit as run_main does on Ctrl-C (one line, 130), for a Ctrl-C that came while a script
-    was still importing (torch alone takes seconds), before run_main could catch it."""
-    print(INTERRUPTED_LINE, file=sys.stderr)
-    sys.exit(INTERRUPTED)
+@contextmanager
+def interruptible_imports() -> Iterator[None]:
+    """Around a script's slow imports (torch: seconds, before run_main is in place): a Ctrl-C
+    meanwhile ends the command as run_main's would, one line and 130, even where a library
+    swallows it: one that lands while torch imports numpy is lost, and the command ran on, or
+    failed later on the half-imported numpy (a RecursionError)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if (threading.current_thread() is not threading.main_thread()
+            or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable
+        yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
+        return
+    caught: list[int] = []
+
+    def note(signum: int, frame) -> None:
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    except BaseException:
+        if not caught:
+            raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        sys.exit(INTERRUPTED)
 
 
 def _exit_at_once_on_ctrl_c() -> None:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from common.cli import interrupted_while_importing, run_main
+from common.cli import interruptible_imports, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     from engine.config import parse
     from engine.loop import train
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 
 def main(argv: list[str] | None = None) -> int:

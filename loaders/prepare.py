@@ -11,16 +11,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
+from common.cli import CommandParser, interruptible_imports, path_option, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     from common.errors import DataError
     from common.files import unwritable, waiting_lock
     from common.hardware import default_workers
     from loaders import beton, cifar, synthetic
     from loaders.layouts import LAYOUTS
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 log = logging.getLogger(__name__)
 

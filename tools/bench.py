@@ -20,9 +20,9 @@ from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
+from common.cli import CommandParser, interruptible_imports, path_option, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     import torch
 
     from common.compile_modes import COMPILE_MODES
@@ -44,8 +44,6 @@ try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in on
         log,
     )
     from tools.options import add_device_option, pick_device
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
 T = TypeVar("T")  # the value type of an argparse type below

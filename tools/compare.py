@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.cli import CommandParser, interrupted_while_importing, run_main
+from common.cli import CommandParser, interruptible_imports, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     import torch
 
     from common.errors import Interrupted, RangeTestError, TrainingError
@@ -27,8 +27,6 @@ try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in on
     from engine.loop import train
     from engine.optimizers import OPTIMIZERS
     from tools.plots import Panel, plot_history
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 # Peak LRs when --lr is left out:
 # - sgd, nesterov: 0.1 per 256 images, ResNet's 0.1 at batch 256 (He et al., 2016) with the

@@ -14,9 +14,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
+from common.cli import CommandParser, interruptible_imports, path_option, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     import numpy as np
     import torch
 
@@ -27,8 +27,6 @@ try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in on
     from tools.export_formats import PACKAGES, RUNNERS, SUFFIX, WRITERS, metadata, require
     from tools.options import add_checkpoint_argument, add_data_dir_option
     from tools.report_inputs import evaluation_input, locate_test_data
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 CHECK_IMAGES = 256  # test images the export is checked on
 TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|): fp32 rounding

@@ -12,9 +12,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common.cli import CommandParser, interrupted_while_importing, run_main
+from common.cli import CommandParser, interruptible_imports, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     import torch
     from matplotlib.figure import Figure
 
@@ -23,8 +23,6 @@ try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in on
     from engine.config import TrainConfig, parse_tool_args, resolve
     from engine.lr_range import RangeTest
     from engine.run import build, make_accelerator
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 
 def own_options() -> argparse.ArgumentParser:

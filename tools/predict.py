@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
+from common.cli import CommandParser, interruptible_imports, path_option, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     import numpy as np
     import torch
     from PIL import Image
@@ -32,8 +32,6 @@ try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in on
     from tools.options import add_checkpoint_argument, add_device_option, pick_device
     from tools.report_figures import cams
     from tools.report_inputs import evaluation_input, layer_of
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 BATCH = 256  # pictures per forward pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen

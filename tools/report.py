@@ -17,9 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, interrupted_while_importing, path_option, run_main
+from common.cli import CommandParser, interruptible_imports, path_option, run_main
 
-try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in one line, as later
+with interruptible_imports():  # torch and the rest take seconds to import
     from common.errors import ReportError
     from common.files import temporary_name, temporary_writer, write_csv
     from tools.options import (
@@ -54,8 +54,6 @@ try:  # torch and the rest take seconds to import: a Ctrl-C meanwhile ends in on
         per_class,
         summary,
     )
-except KeyboardInterrupt:
-    interrupted_while_importing()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -110,8 +110,8 @@ def place_problem(path: Path, folders_made: bool) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     """bench's options; those left out stay None until fill_defaults."""
     p = CommandParser(prog="python tools/bench.py", description=__doc__.splitlines()[0],
-                                epilog="Options left out take device-dependent defaults, "
-                                       "smaller with --quick.")
+                      epilog="Options left out take device-dependent defaults, smaller with "
+                             "--quick.")
     add_device_option(p)
     p.add_argument("--sections", type=csv(str), default=list(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")

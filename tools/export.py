@@ -35,7 +35,7 @@ TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = CommandParser(prog="python tools/export.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(parser)
     parser.add_argument("--format", required=True, choices=list(PACKAGES),
                         help="onnx (onnxruntime), torchscript (torch.jit.load) or safetensors "

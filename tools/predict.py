@@ -41,7 +41,7 @@ PROGRESS_FROM = 100  # pictures from which a progress bar is worth showing
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = CommandParser(prog="python tools/predict.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(parser)
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                         help="picture files (PNG, JPEG, ...) or folders of them")

@@ -59,7 +59,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = CommandParser(prog="python tools/report.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_argument(parser)
     parser.add_argument("--out", type=path_option("replace the current directory"),
                         default=None, metavar="DIR",

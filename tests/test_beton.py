@@ -71,7 +71,7 @@ def test_sidecar_records_size_classes_and_training_stats(prepared, source):
 
 def test_a_channel_that_never_varies_gets_the_least_std_not_nan():
     # blue always 0 (the variance formula's rounding made it NaN), red always 77 (a spurious
-    # 2e-6, which scaled a test image's other reds by 2e6); green varies
+    # 2e-6, which made one grey level of a test image's red worth about 1,600); green varies
     images = np.random.default_rng(0).integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)
     images[..., 0], images[..., 2] = 77, 0
     with warnings.catch_warnings():

@@ -24,6 +24,13 @@ _stop_requested = threading.Event()  # set by run_main's handler, cleared when i
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
 
+def error_line(text: str) -> None:
+    """Print text on stderr in one write: stderr writes through, so print() sent the text and
+    its newline as two, and the lines of processes sharing one stderr (torchrun's) could run
+    into each other."""
+    sys.stderr.write(f"{text}\n")
+
+
 def _on_stop_signal(signum: int, frame) -> None:
     _stopped_by[:] = [signum]
     _stop_requested.set()
@@ -135,7 +142,7 @@ def interruptible_imports() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
     if caught:
-        print(INTERRUPTED_LINE, file=sys.stderr)
+        error_line(INTERRUPTED_LINE)
         sys.exit(INTERRUPTED)
 
 
@@ -167,20 +174,20 @@ def run_main(body: Callable[[], int | None]) -> int:
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code
     except Interrupted as stop:
-        print(f"\ninterrupted: {stop}", file=sys.stderr)
+        error_line(f"\ninterrupted: {stop}")
         return stopped_code()
     except KeyboardInterrupt:
-        print(INTERRUPTED_LINE, file=sys.stderr)
+        error_line(INTERRUPTED_LINE)
         return stopped_code()
     except EngineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        error_line(f"error: {error}")
         return 1
     except OSError as error:  # a file the library could not read or write: name it
-        print(f"error: {os_error_text(error)}", file=sys.stderr)
+        error_line(f"error: {os_error_text(error)}")
         return 1
     except MemoryError:  # numpy's _ArrayMemoryError too
-        print("error: out of memory; use a smaller dataset, --batch-size or --width, or a "
-              "machine with more memory.", file=sys.stderr)
+        error_line("error: out of memory; use a smaller dataset, --batch-size or --width, or a "
+                   "machine with more memory.")
         return 1
     finally:
         _stop_requested.clear()

@@ -4,6 +4,7 @@ drain a loader, and one dry run of the GPU suite (whose bench runs tests/test_be
 
 from __future__ import annotations
 
+import getpass
 import io
 import os
 import pickle
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -60,6 +62,25 @@ class SuiteRun:
     results: Path
     bundle: Path
     process: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytest(tmp_path_factory) -> Iterator[None]:
+    """Point the TMPDIR of every command the tests start into pytest's own temporary tree, so
+    what they leave in it (torchrun's torchelastic_* logs, the GPU suite's results folder when
+    $OUT is set) goes with pytest's cleanup instead of piling up in /tmp. torch.compile's
+    cache stays where it was: moving it would recompile every kernel in every run."""
+    saved = {name: os.environ.get(name) for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    # torch's default place for it, named before TMPDIR changes
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

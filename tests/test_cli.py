@@ -141,6 +141,32 @@ def test_run_main_names_a_full_disk_and_a_lack_of_memory(capsys):
     assert capsys.readouterr().err.startswith("error: out of memory; ")
 
 
+def test_each_line_run_main_prints_is_one_write(monkeypatch):
+    """Processes sharing one stderr (torchrun's) interleave write by write, and stderr writes
+    through: print() made a line's text and its newline two writes, so one process's line
+    ended inside another's."""
+    writes = []
+
+    class Recorder:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    def raises(error: BaseException):
+        def body():
+            raise error
+        return body
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    for error in (DataError("data/x is missing"), OSError(errno.ENOSPC, "full", "ckpt.pt"),
+                  MemoryError(), KeyboardInterrupt(), Interrupted("ckpt.pt holds epoch 2")):
+        run_main(raises(error))
+    assert len(writes) == 5 and all(text.endswith("\n") for text in writes), writes
+    assert writes[0] == "error: data/x is missing\n"
+
+
 def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(capsys):
     """SIGTERM's KeyboardInterrupt raised inside a __del__ (or logging's at-fork hook) is
     printed and dropped by Python; the command still ends as stopped, not with 0."""

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, run_main
+from common.cli import CommandParser, error_line, interruptible_imports, run_main
 
 with interruptible_imports():  # torch and the rest take seconds to import
     import torch
@@ -123,7 +123,7 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path,
                         log=lambda line: print(f"{optimizer}: {line}"))
         return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
     except (TrainingError, RangeTestError) as error:  # a result, not the end
-        print(f"error: {optimizer}: {error}", file=sys.stderr)
+        error_line(f"error: {optimizer}: {error}")
         history = saved_history(out)
         return Result(optimizer, lr, history, str(error)), True
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, path_option, run_main
+from common.cli import CommandParser, error_line, interruptible_imports, path_option, run_main
 
 with interruptible_imports():  # torch and the rest take seconds to import
     import numpy as np
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                             "or JPEG files or folders holding them.")
         good, images, errors = read_all(files)
         for message in errors.values():
-            print(f"error: {message}", file=sys.stderr)
+            error_line(f"error: {message}")
         to_input = evaluation_input(ckpt, device)
         probs = classify(model, to_input, images) if len(good) else torch.zeros(0, 1)
         k = min(args.k, len(ckpt["classes"]))

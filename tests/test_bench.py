@@ -120,8 +120,14 @@ def test_quick_run_reports_mfu_against_measured_peaks(quick):
             peak = mfu["peaks"][row["precision"]]["flops_per_s"]
             flops = (peer_epochs[0]["train_flops_per_image"] if row["source"] == "peers"
                      else mfu["train_flops_per_image"])
-            assert row["mfu"] == pytest.approx(row["images_per_s"] * flops / peak)
-            assert row["mfu"] > 0
+            share = row["images_per_s"] * flops / peak
+            if row["precision"] in mfu["not_peaks"]:  # bf16 here: its matmul is no peak
+                assert row["mfu"] is None
+            else:
+                assert row["mfu"] == pytest.approx(share) and 0 < row["mfu"] <= 1
+        assert mfu["not_peaks"] == sorted({row["precision"] for row in mfu["rows"]
+                                           if row["achieved_flops_per_s"]
+                                           > row["peak_flops_per_s"]})
 
 
 @pytest.mark.slow
@@ -298,6 +304,19 @@ def test_stock_ffcv_with_more_workers_than_numba_may_start_is_a_failed_row(prepa
                           f"and numba may start {config.NUMBA_NUM_THREADS} here (NUMBA_NUM_THREADS,"
                           " by default the cores this process may use); pass --workers "
                           f"{config.NUMBA_NUM_THREADS} or fewer.")
+
+
+def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
+    """A CPU without bf16 instructions runs torch's bf16 matmul far slower than its bf16
+    convolutions: a step's MFU of 650% then only said that the peak was no peak."""
+    steps = [bench_sections.StepResult(precision, "channels_last", False, 64, 16,
+                                       images_per_s=speed)
+             for precision, speed in (("fp32", 100.0), ("bf16", 10.0), ("bf16", 100.0))]
+    peaks = {dtype: Peak(dtype, 1, 1, [1], flops, dtype)
+             for dtype, flops in (("fp32", 1e6), ("bf16", 5e4))}
+    rows = bench_sections.mfu_rows({"step": steps}, 1000, peaks)
+    assert [row["mfu"] for row in rows] == [pytest.approx(0.1), None, None]
+    assert bench_sections.outpaced_peaks(rows) == ["bf16"]
 
 
 def test_mfu_arithmetic():

@@ -97,6 +97,8 @@ def report(results: dict) -> str:
         parts += [f"{p.dtype} peak: {p.flops_per_s / 1e12:.3f} TFLOP/s ({p.size}^3 {p.math} "
                   f"matmul, fastest of {len(p.block_s)} blocks of {p.reps})"
                   for p in m.peaks.values()]
+        parts += [f"no {dtype} MFU: a {dtype} run computed faster than the {dtype} matmul, so "
+                  f"that matmul is not this device's peak" for dtype in m.not_peaks]
     if "profile" in results:
         r = results["profile"]
         where = r.sort_by.removeprefix("self_")

@@ -106,6 +106,7 @@ class MfuResult:
                     "a forward and backward pass (cross-check: 3 x 2 x forward MACs)")
     peaks: dict[str, Peak] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    not_peaks: list[str] = field(default_factory=list)  # dtypes whose matmul a run outpaced
 
 
 TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
@@ -303,7 +304,19 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
         peak, per_image = peaks[row["precision"]].flops_per_s, row.pop("flops", flops)
         row.update(achieved_flops_per_s=row["images_per_s"] * per_image, peak_flops_per_s=peak,
                    mfu=mfu(row["images_per_s"], per_image, peak))
+    outpaced = outpaced_peaks(rows)
+    for row in rows:  # an MFU over 100% would only say the peak is wrong: none at all
+        if row["precision"] in outpaced:
+            row["mfu"] = None
     return rows
+
+
+def outpaced_peaks(rows: list[dict]) -> list[str]:
+    """The precisions a run computed faster than their matmul peak: that matmul is then not the
+    device's fastest path (torch's bf16 matmul on a CPU without bf16 instructions is far slower
+    than oneDNN's bf16 convolutions), and no MFU of that precision means anything."""
+    return sorted({row["precision"] for row in rows
+                   if row["achieved_flops_per_s"] > row["peak_flops_per_s"]})
 
 
 def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
@@ -322,5 +335,6 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
         log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "
             f"({out.peaks[dtype].math})")
     out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)
+    out.not_peaks = outpaced_peaks(out.rows)
     return out
 

@@ -66,7 +66,9 @@ def bench_lines(bench: dict) -> list[str]:
     lines += [f"- peers: {r['pipeline']} pipeline epoch {r['images_per_s']:,.0f} images/s, "
               f"{r['vs_seed']:.1f}x seed" for r in peers.get("epochs", [])]
     lines += [f"- MFU {r['config']}: {r['mfu']:.1%} of {r['peak_flops_per_s'] / 1e12:.3g} "
-              "TFLOP/s" for r in bench.get("mfu", {}).get("rows", [])]
+              "TFLOP/s" for r in bench.get("mfu", {}).get("rows", []) if r["mfu"] is not None]
+    lines += [f"- no {dtype} MFU: a {dtype} run outpaced the {dtype} matmul peak"
+              for dtype in bench.get("mfu", {}).get("not_peaks", [])]
     rows = [(section, r) for section in ROW_LINES for r in bench.get(section, [])]
     rows += [("peers", r) for r in peers.get("loaders", [])]
     lines += [f"- {section} {r.get('loader') or r['precision']}: {r['status']}, {r['reason']}"

@@ -83,6 +83,15 @@ def temporary_files_under_pytest(tmp_path_factory) -> Iterator[None]:
             os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def no_gpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch) -> None:
+    """The commands a test starts see no GPU unless the test is marked `gpu`, so the CPU tests
+    check the CPU's defaults and paths on any machine: on a GPU one, `make test` would have
+    them pick bf16, compilation and the resident loader, and put two processes on one GPU."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def gpu_suite_dry_run(tmp_path_factory) -> SuiteRun:
     """The whole GPU suite on the CPU, once per session: every step's real commands with tiny

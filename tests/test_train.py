@@ -136,14 +136,19 @@ def test_train_loss_and_accuracy_are_those_of_the_epochs_batches(data_dir, tmp_p
 
 
 def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path):
+    """Started as the README starts several GPUs, `accelerate launch --multi_gpu`: on a machine
+    without one, its torchrun processes train on the CPU over gloo. (Its --cpu mode would
+    start one process: accelerate's several CPU processes need an MPI hostfile.)"""
     out = tmp_path / "dist"
     n_train, n_test = 2001, 301  # odd sizes: one padding sample, unequal test shards
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
-         *SMALL, "--synthetic-size", str(n_train), str(n_test), "--data-dir", str(data_dir),
-         "--epochs", "1", "--loader", "resident", "--out", str(out)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         *TRAIN[1:], *SMALL, "--synthetic-size", str(n_train), str(n_test), "--data-dir",
+         str(data_dir), "--epochs", "1", "--loader", "resident", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert " x2: resident loader" in result.stdout
     ckpt = checkpoint.load(out / "ckpt.pt")
     assert ckpt["processes"] == 2
     row = ckpt["history"][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import errno
+import gc
 import os
 import signal
 import sys
@@ -162,13 +163,19 @@ def _exit_at_once_on_ctrl_c() -> None:
 
 def run_main(body: Callable[[], int | None]) -> int:
     """Call a command's body; EngineError -> 'error: ...' and 1, Ctrl-C -> one line and 130
-    (SIGTERM: 143)."""
+    (SIGTERM: 143).
+
+    At exit, gc.freeze spares the interpreter its last full collection, which walks torch's
+    whole object graph to free memory the process hands back anyway: much of the time each
+    command took after its last line. Atexit callbacks and module teardown still run.
+    """
     previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
         sys.unraisablehook = _quiet_lost_stop(hook)
-        atexit.unregister(_exit_at_once_on_ctrl_c)  # once, however often run_main runs
-        atexit.register(_exit_at_once_on_ctrl_c)
+        for callback in (gc.freeze, _exit_at_once_on_ctrl_c):  # once, however often it runs
+            atexit.unregister(callback)
+            atexit.register(callback)
     try:
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops

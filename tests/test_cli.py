@@ -91,6 +91,15 @@ def test_ctrl_c_while_the_interpreter_shuts_down_exits_at_once_and_silently(body
     assert (result.returncode, result.stdout, result.stderr) == (130, stdout, "")
 
 
+def test_the_last_collection_at_exit_is_spared_and_atexit_callbacks_still_run():
+    # the harness's callback, registered first, runs last: after run_main's gc.freeze
+    code = ("import atexit, gc, sys; atexit.register(lambda: print(gc.get_freeze_count() > 0));"
+            " from common.cli import run_main; sys.exit(run_main(lambda: print('done')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "done\nTrue\n", "")
+
+
 def test_every_console_script_is_installed_and_calls_its_main():
     scripts = {e.name: e for e in entry_points(group="console_scripts")}
     for script, (module, console) in SCRIPTS.items():

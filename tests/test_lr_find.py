@@ -181,6 +181,8 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
     (["--iterations", "5"], "--iterations must be at least 20: the first 10 steps"),
     (["--resume", "somewhere"], "unrecognized arguments: --resume"),
     (["--optimizer", "lion"], "invalid choice"),
+    (["--lr", "0.1"], "--lr: the range test does not use it (it sweeps the LR from"),
+    (["--epochs", "3", "--no-tta"], "--epochs, --tta: the range test does not use them"),
 ])
 def test_lr_find_refuses_bad_options_with_a_usage_error(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -40,6 +40,22 @@ def own_options() -> argparse.ArgumentParser:
     return p
 
 
+# training options the sweep has no use for: it sets the LR itself, step by step, for
+# --iterations steps, and never evaluates; given, they would be ignored without a word
+UNUSED = ("lr", "epochs", "schedule", "warmup", "tta", "log_with")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Raise ValueError for a sweep that cannot run or a training option it would ignore."""
+    lr_range.check_sweep(args.start_lr, args.end_lr, args.iterations)
+    given = [f"--{name.replace('_', '-')}" for name in UNUSED if getattr(args, name) is not None]
+    if given:
+        them = "them" if len(given) > 1 else "it"
+        raise ValueError(f"{', '.join(given)}: the range test does not use {them} (it sweeps "
+                         "the LR from --start-lr to --end-lr over --iterations steps and never "
+                         f"evaluates); leave {them} out here, and pass {them} to engine/train.py")
+
+
 def find(cfg: TrainConfig, args: argparse.Namespace) -> tuple[RangeTest, bool]:
     """The range test on the run engine/train.py would build; (result, is main process)."""
     # a number, not 'auto': the sweep sets the LR itself
@@ -80,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the range test and write lr_find.csv and lr_find.png with the suggested LR, so the
     LR is chosen from this setup's own losses."""
     args, cfg = parse_tool_args(argv, "tools/lr_find.py", __doc__.splitlines()[0], own_options(),
-                                lambda a: lr_range.check_sweep(a.start_lr, a.end_lr, a.iterations))
+                                check)
 
     def body() -> None:
         out = Path(cfg.out)

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -396,6 +396,34 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     rows = bench_sections.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
                                                                        "fp32")})
     assert [row["config"].split()[0] for row in rows] == ["torchvision"]  # failed: no MFU
+
+
+def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monkeypatch,
+                                                                           tmp_path):
+    """fp16 on a CPU cannot run here (skipped); out of memory or a failed compile in a step on
+    a GPU is what the step grid is there to find (failed: the command exits 1)."""
+    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                             "--images", "256"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    device = bench.measured_device(args)
+    bench.fill_defaults(args)
+    base = replace(bench.base_config(args, device, 64, str(tmp_path)), loader="resident")
+    refused = bench_sections.bench_step(replace(base, precision="fp16"), args)
+    assert (refused.status, refused.images_per_s) == ("skipped", None)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench_sections, "timed_steps", out_of_memory)
+    broken = bench_sections.bench_step(base, args)
+    assert (broken.status, broken.images_per_s) == ("failed", None)
+    assert broken.reason.startswith("OutOfMemoryError: CUDA out of memory")
+    assert bench.failed({"step": [asdict(refused), asdict(broken)]}) == 1
+
+
+def test_failed_peer_epochs_count_as_a_failure():
+    assert bench.failed({"peers": {"loaders": [], "epochs": [], "epochs_failed": "x"}}) == 1
+    assert bench.failed({"peers": {"loaders": [], "epochs": []}}) == 0
 
 
 def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,14 @@ PY312 = Path("/root/.pyenv/versions/3.12.1/bin/python3")
 
 
 @pytest.mark.slow
+def test_the_suite_runs_every_module_with_gpu_tests():
+    """A test marked gpu in a module the suite does not name would never run on a GPU."""
+    marked = {path.name for path in (ROOT / "tests").glob("test_*.py")
+              if re.search(r"^(@pytest\.mark\.gpu$|pytestmark = .*pytest\.mark\.gpu\b)",
+                           path.read_text(), re.MULTILINE)}
+    assert marked == set(gpu_suite.GPU_TESTS)
+
+
 def test_dry_run_writes_every_step_with_its_header(gpu_suite_dry_run):
     results = gpu_suite_dry_run.results
     for step in gpu_suite.STEPS:
@@ -169,6 +178,9 @@ def test_a_bundle_in_a_missing_folder_is_refused_before_any_step(tmp_path, capsy
     (["--budget", "0"], "--budget must be a positive number of seconds"),
     (["--bundle", "out.zip"], "name a .tar.gz file"),
     (["train", "bench-grid"], "unknown step(s) bench-grid; choose from tests-quick, "),
+    (["--results", ""], "an empty value would write the results into the current folder"),
+    (["--work", " "], "an empty value would put the data and runs in the current folder"),
+    (["--site", ""], "an empty value would install the wheels into the current folder"),
 ])
 def test_impossible_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

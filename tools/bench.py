@@ -1,5 +1,4 @@
-"""`python tools/bench.py` (or `cifar-bench`): loader, train-step, full-epoch and MFU throughput,
-in one process.
+"""`python tools/bench.py` (or `cifar-bench`): loaders, peers, steps, epochs and MFU, one process.
 
 Every figure of a report is measured in the same run, so ratios between them hold on a noisy,
 shared machine. The peers section puts public CIFAR-10 loaders (airbench, stock FFCV, the seed
@@ -268,10 +267,12 @@ def serializable(result: Any) -> Any:
 
 
 def failed(results: Any) -> int:
-    """How many rows of the results failed (status "failed"; "skipped" and "not installed"
-    rows are what this machine cannot run, not failures)."""
+    """How many rows of the results failed (status "failed", and the peers' seed vs default
+    epochs when they failed; "skipped" and "not installed" rows are what this machine cannot
+    run, not failures)."""
     if isinstance(results, dict):
-        return int(results.get("status") == "failed") + sum(map(failed, results.values()))
+        return (int(results.get("status") == "failed") + int("epochs_failed" in results)
+                + sum(map(failed, results.values())))
     return sum(map(failed, results)) if isinstance(results, list) else 0
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from common.cli import stop_if_interrupted
 from common.compile_modes import compile_text
-from common.errors import EngineError, one_line
+from common.errors import EngineError, TrainingError, one_line
 from engine.config import TrainConfig
 from engine.model import build_model, forward_macs
 from engine.run import Run, build, loader_options, make_accelerator
@@ -211,7 +211,10 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
         result.block_s = [timed_steps(run, images, labels, args.steps)
                           for _ in range(args.repeats)]
     except MEASURE_ERRORS as error:
-        result.status, result.reason = "skipped", one_line(error)
+        # a configuration the engine refuses here (fp16 on a CPU) is skipped; out of memory, a
+        # failed compile or a CUDA error is a failure, which makes the command exit 1
+        skipped = isinstance(error, TrainingError)
+        result.status, result.reason = "skipped" if skipped else "failed", one_line(error)
         return result
     result.steps = args.steps
     result.images_per_s = args.steps * cfg.batch_size / min(result.block_s)

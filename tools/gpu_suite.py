@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import CommandParser, run_main
+from common.cli import CommandParser, path_option, run_main
 from common.errors import SetupError
 from common.files import atomic_write, write_json, write_text
 from tools.gpu_summary import render
@@ -93,14 +93,17 @@ class Suite:
 
 # a step's commands, in order: (name, argv) each
 Commands = list[tuple[str, list[str]]]
+# the modules holding tests marked gpu (named, not searched for: a bare GPU machine lacks the
+# packages other test modules import, such as onnxruntime)
+GPU_TESTS = ("test_gpu.py", "test_predict.py")
 
 
 def pytest_step(s: Suite, name: str, marks: str) -> Commands:
-    """pytest on tests/test_gpu.py's tests of `marks` (skipped, not run, in a dry run on the
+    """pytest on the tests of `marks` in GPU_TESTS (skipped, not run, in a dry run on the
     CPU); verbose, so a command killed at its limit still shows which tests passed."""
     return [(name, [s.python, "-m", "pytest", "-v", "-m", marks, "-p", "no:cacheprovider",
                     "--durations", "0", "--junitxml", str(s.results / f"{name}.xml"),
-                    str(ROOT / "tests" / "test_gpu.py")])]
+                    *(str(ROOT / "tests" / f) for f in GPU_TESTS)])]
 
 
 def bench(s: Suite, name: str, sections: str) -> Commands:
@@ -357,15 +360,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="end the whole run within this many seconds (wheel install included): "
                         "a command still running then is killed, later steps are not run")
-    p.add_argument("--results", type=Path, help="default: a temporary folder when $OUT is set, "
-                                                "else benchmarks/results/gpu-<date>/")
+    p.add_argument("--results", type=path_option("write the results into the current folder"),
+                   help="default: a temporary folder when $OUT is set, else "
+                        "benchmarks/results/gpu-<date>/")
     p.add_argument("--bundle", type=Path, metavar="FILE.tar.gz",
                    help="pack the results folder into this file after every command, with "
                         "FILE.summary.md beside it (default: $OUT/gpu-suite.tar.gz when $OUT "
                         "is set)")
-    p.add_argument("--site", type=Path, default=Path(tempfile.gettempdir()) / "site",
+    p.add_argument("--site", type=path_option("install the wheels into the current folder"),
+                   default=Path(tempfile.gettempdir()) / "site",
                    help="where the .whl/ wheels are installed when needed (default: /tmp/site)")
-    p.add_argument("--work", type=Path, help="data and run folders (default: a temporary one)")
+    p.add_argument("--work", type=path_option("put the data and runs in the current folder"),
+                   help="data and run folders (default: a temporary one)")
     args = p.parse_args(argv)
     unknown = [step for step in args.steps if step not in STEPS and step not in GROUPS]
     if unknown:

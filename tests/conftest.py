@@ -358,11 +358,12 @@ def drain():
 def train_tiny(base: Path, width: int = 8, epochs: int = 1,
                size: tuple[int, int] = (2000, 300)) -> Path:
     """A small synthetic run (default: 1 epoch of width 8 on 2000 images) in base/run, its data
-    in base/data."""
+    in base/data; never compiled (the CPU's default; on a GPU, compiling would take longer
+    than the run itself)."""
     result = run_script(
         "engine/train.py", "--dataset", "synthetic", "--synthetic-size", *size,
         "--data-dir", base / "data", "--width", width, "--epochs", epochs, "--batch-size", "128",
-        "--loader", "resident", "--out", base / "run")
+        "--loader", "resident", "--no-compile", "--out", base / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     return base / "run"
 

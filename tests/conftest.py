@@ -70,17 +70,12 @@ def temporary_files_under_pytest(tmp_path_factory) -> Iterator[None]:
     what they leave in it (torchrun's torchelastic_* logs, the GPU suite's results folder when
     $OUT is set) goes with pytest's cleanup instead of piling up in /tmp. torch.compile's
     cache stays where it was: moving it would recompile every kernel in every run."""
-    saved = {name: os.environ.get(name) for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
-    # torch's default place for it, named before TMPDIR changes
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                          str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as patch:  # undone when the session ends
+        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # torch's default, named before TMPDIR
+            patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir())
+                                                         / f"torchinductor_{getpass.getuser()}"))
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+        yield
 
 
 @pytest.fixture(autouse=True)

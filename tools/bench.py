@@ -19,7 +19,7 @@ from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common.cli import CommandParser, interruptible_imports, path_option, run_main
+from common.cli import CommandParser, error_line, interruptible_imports, path_option, run_main
 
 with interruptible_imports():  # torch and the rest take seconds to import
     import torch
@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"wrote {args.json}")
         bad = failed(serializable(results))
         if bad:
-            print(f"error: {bad} measurement(s) failed; each one's reason is in its table "
-                  "above.", file=sys.stderr)
+            error_line(f"error: {bad} measurement(s) failed; each one's reason is in its table "
+                       "above.")
         return 1 if bad else 0
 
     return run_main(body)

@@ -43,6 +43,17 @@ def test_every_script_runs_by_path_and_as_a_module(script):
         assert result.stdout.startswith("usage:"), (command, result.stdout[:200])
 
 
+def test_help_and_refusals_wait_for_no_grad_cam():
+    """pytorch-grad-cam brings torchvision, scikit-learn and scipy (seconds): report.py and
+    predict.py import it only when they draw a map, so --help and a refused checkpoint are quick."""
+    code = ("import sys, tools.report, tools.predict\n"
+            "heavy = {'pytorch_grad_cam', 'sklearn'} & set(sys.modules)\n"
+            "sys.exit(' '.join(sorted(heavy)) or None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"imported at start: {result.stderr[-2000:]}"
+
+
 # python -c this script args: a real SIGINT as the import of the COUNT-th module whose name
 # starts with one of PREFIXES begins
 INTERRUPT_WHILE_IMPORTING = """

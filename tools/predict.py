@@ -20,7 +20,6 @@ with interruptible_imports():  # torch and the rest take seconds to import
     import numpy as np
     import torch
     from PIL import Image
-    from pytorch_grad_cam.utils.image import show_cam_on_image
     from torch import nn
 
     from common.errors import DataError
@@ -30,7 +29,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     from loaders.augment import Augment
     from loaders.images import expand, read_image
     from tools.options import add_checkpoint_argument, add_device_option, pick_device
-    from tools.report_figures import cams
+    from tools.report_figures import cams, overlay
     from tools.report_inputs import evaluation_input, layer_of
 
 BATCH = 256  # pictures per forward pass
@@ -110,10 +109,8 @@ def write_cams(model: nn.Module, augment: Augment, images: np.ndarray, predicted
         maps = cams(model, inputs, predicted[start:start + BATCH], layer)
         for image, cam, name in zip(chunk, maps, cam_names(files)[start:start + BATCH],
                                     strict=True):
-            overlay = show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True,
-                                        image_weight=0.5)
-            big = Image.fromarray(overlay).resize((32 * CAM_SCALE, 32 * CAM_SCALE),
-                                                  Image.Resampling.NEAREST)
+            big = Image.fromarray(overlay(image, cam)).resize(
+                (32 * CAM_SCALE, 32 * CAM_SCALE), Image.Resampling.NEAREST)
             atomic_write(out / name, lambda tmp, big=big: big.save(tmp, format="PNG"))
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pytorch_grad_cam.metrics.road import ROADCombined
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
 PERCENTILES = [20, 40, 60, 80]  # of pixels removed; pytorch-grad-cam's default is 10..90
@@ -23,6 +21,10 @@ RANDOM = "random"  # the baseline's method name in the table
 def road(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
          maps: np.ndarray) -> np.ndarray:
     """ROADCombined score of each image's map for its target class (softmax confidence)."""
+    # imported here, as in report_figures.cams: seconds that --help need not wait for
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
     metric = ROADCombined(percentiles=PERCENTILES)
     classes = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
     # the imputer works on contiguous CHW images; channels_last is only a layout

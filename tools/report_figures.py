@@ -9,17 +9,16 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from common.progress import track
 from tools.plots import Panel, plot_history
 from tools.report_inputs import Inputs, layer_of, normalized
 
-METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM,
-           "eigencam": EigenCAM, "layercam": LayerCAM}
+# --methods name -> pytorch-grad-cam's class, imported where a map is made: grad-cam pulls in
+# torchvision, scikit-learn and scipy (seconds) that --help and a refused input need not wait for
+METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "scorecam": "ScoreCAM",
+           "eigencam": "EigenCAM", "layercam": "LayerCAM"}
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
 CURVES = [Panel("loss (log scale)", ("train_loss", "test_loss"), yscale="log"),
           Panel("accuracy (%)", ("train_acc", "test_acc"), scale=100),
@@ -34,8 +33,19 @@ def plot_curves(history: list[dict], path: Path) -> None:
 def cams(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray, layer: str,
          method: str = "gradcam") -> np.ndarray:
     """Class activation maps of `layer` for each input's target class: N x H x W in [0, 1]."""
-    with METHODS[method](model=model, target_layers=[layer_of(model, layer)]) as cam:
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    method_class = getattr(pytorch_grad_cam, METHODS[method])
+    with method_class(model=model, target_layers=[layer_of(model, layer)]) as cam:
         return cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """A uint8 HxWx3 image with its map blended in half and half, as pytorch-grad-cam draws it."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True, image_weight=0.5)
 
 
 def plot_misclassified(run: Inputs, probs: np.ndarray, indices: np.ndarray, path: Path) -> None:
@@ -110,9 +120,7 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
             cam = maps[method, layer, kind]
             heat = axes[r, 1 + 2 * k].imshow(cam, cmap="jet", vmin=0, vmax=1,
                                              interpolation="nearest")
-            overlay = show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True,
-                                        image_weight=0.5)
-            axes[r, 2 + 2 * k].imshow(overlay, interpolation="nearest")
+            axes[r, 2 + 2 * k].imshow(overlay(image, cam), interpolation="nearest")
             if not cam.any():  # all-zero after the ReLU: say so, or it looks like a bug
                 axes[r, 1 + 2 * k].text(16, 16, "no positive\nevidence", ha="center",
                                         va="center", color="white", fontsize=10)

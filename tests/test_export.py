@@ -62,17 +62,25 @@ def run_exported(fmt: str, path: Path, images: np.ndarray) -> tuple[np.ndarray, 
         return model((to_01(images) - mean) / std).numpy(), meta
 
 
+@pytest.fixture(scope="module")
+def exported(request, run_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """tools/export.py of the shared run in the format a test names (indirect parameter), into
+    a folder of its own: once per format for the whole module, an export taking seconds."""
+    fmt = request.param
+    out = tmp_path_factory.mktemp(f"export-{fmt}") / f"model.{fmt}"
+    return export(run_dir / "ckpt.pt", "--format", fmt, "--out", out), out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
-def test_export_runs_like_the_checkpoint(run_dir, ckpt, test_images, fmt, tmp_path):
-    out = tmp_path / f"model.{fmt}"
-    result = export(run_dir / "ckpt.pt", "--format", fmt, "--out", out)
+@pytest.mark.parametrize("exported", ["onnx", "torchscript", "safetensors"], indirect=True)
+def test_export_runs_like_the_checkpoint(exported, ckpt, test_images):
+    result, out = exported
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-1 differs on 0 of 256 images: OK" in result.stdout
     assert "Warning" not in result.stderr  # torch.jit's deprecation notices are hidden
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left behind
     images, expected = test_images
-    logits, meta = run_exported(fmt, out, images)
+    logits, meta = run_exported(out.suffix[1:], out, images)
     assert np.array_equal(logits.argmax(1), expected.argmax(1))
     assert np.abs(logits - expected).max() < 1e-3
     assert json.loads(meta["classes"]) == ckpt["classes"]
@@ -80,9 +88,10 @@ def test_export_runs_like_the_checkpoint(run_dir, ckpt, test_images, fmt, tmp_pa
 
 
 @pytest.mark.slow
-def test_onnx_takes_any_batch_size(run_dir, test_images, tmp_path):
-    out = tmp_path / "m.onnx"
-    assert export(run_dir / "ckpt.pt", "--format", "onnx", "--out", out).returncode == 0
+@pytest.mark.parametrize("exported", ["onnx"], indirect=True)
+def test_onnx_takes_any_batch_size(exported, test_images):
+    result, out = exported
+    assert result.returncode == 0, result.stderr[-3000:]
     images, expected = test_images
     for n in (1, 7):
         logits, _ = run_exported("onnx", out, images[:n])

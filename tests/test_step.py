@@ -52,10 +52,10 @@ def test_a_compile_mode_compiles_and_may_change_on_resume():
 
 @pytest.mark.slow
 def test_the_compile_mode_reaches_inductor(prepared, tmp_path):
-    """A real compile (about 40 s on 2 cores): reduce-overhead asks inductor for CUDA graphs,
+    """A real compile (under a minute on 2 cores): reduce-overhead asks inductor for CUDA graphs,
     which it skips on the CPU and counts as skipped; the default mode never asks for them.
-    Inductor writes scalar C++ here: vectorized kernels are not what is tested, and compiling
-    them took half as long again (CI starts without inductor's cache)."""
+    Inductor writes scalar C++ here: vectorized kernels are not what is tested, and they took
+    longer to compile (CI starts without inductor's cache)."""
     cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
                               synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
                               loader="resident", compile=True, compile_mode="reduce-overhead",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script, synthetic_boxes, tmpfs, train_tiny
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import imread
 from pypdf import PdfReader
 
@@ -300,6 +301,37 @@ def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(load
     report_figures.write_pdf(loaded, {"run": "perfect"}, probs, indices, maps,
                              tmp_path / "gradcam.pdf")
     assert len(PdfReader(tmp_path / "gradcam.pdf").pages) == 1
+
+
+@pytest.mark.parametrize("layers", [["layer4"], ["layer2", "layer3", "layer4"]])
+@pytest.mark.parametrize("methods", [["gradcam"], ["gradcam", "eigencam"]])
+def test_a_cam_page_keeps_every_label_on_the_page_and_no_panel_over_another(loaded, layers,
+                                                                            methods):
+    """The fixed frame does what constrained layout did: with 1 to 6 rows and the longest class
+    names, titles, row labels and the colorbar lie inside the page and overlap no panel."""
+    longest = max(range(len(loaded.classes)), key=lambda c: len(loaded.classes[c]))
+    probs = np.full(len(loaded.classes), 0.01)
+    probs[longest] = 0.9
+    maps = {(m, layer, kind): np.random.default_rng(0).random((32, 32))
+            for m in methods for layer in layers for kind in ("predicted", "true")}
+    fig = report_figures.cam_page(loaded, int(np.flatnonzero(loaded.labels == longest)[0]),
+                                  probs, maps)
+    renderer = FigureCanvasAgg(fig).get_renderer()  # what savefig draws PNG pages with
+    fig.draw(renderer)
+    page = fig.bbox
+    *panels, colorbar = fig.axes
+    assert len(panels) == 5 * len(methods) * len(layers)
+    boxes = [ax.get_window_extent(renderer) for ax in panels]
+    labels = [t.get_window_extent(renderer) for ax in fig.axes
+              for t in (ax.title, ax.yaxis.label) if t.get_text()]
+    labels += [fig._suptitle.get_window_extent(renderer),
+               *(t.get_window_extent(renderer) for t in colorbar.get_yticklabels())]
+    for box in [*boxes, *labels, colorbar.get_tightbbox(renderer)]:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[i + 1:])
+        assert not box.overlaps(colorbar.get_tightbbox(renderer))
+        assert not any(box.overlaps(label) for label in labels)
 
 
 # --- report_tables on hand-made predictions: every expected number worked out by hand ---------

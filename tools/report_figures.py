@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from torch import nn
@@ -106,13 +107,30 @@ def summary_page(facts: dict[str, str], config: dict) -> Figure:
     return fig
 
 
+def cam_page_frame(rows: int) -> tuple[Figure, np.ndarray, Axes]:
+    """A CAM page's figure, its rows x 5 image axes and its colorbar's axes, placed in inches
+    for the labels cam_page draws. Not a constrained layout: every page has the same frame,
+    and solving it again for each page took half of write_pdf's time
+    (benchmarks/results/report-cam-pages-cpu-2core.log)."""
+    width, height = 5 * PANEL + 1, rows * PANEL + 1.2
+    left, right, top, bottom = 0.6, 1.0, 0.85, 0.1  # row labels; colorbar; titles; an edge
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, 5, squeeze=False, gridspec_kw=dict(
+        left=left / width, right=1 - right / width, top=1 - top / height,
+        bottom=bottom / height, wspace=0.04, hspace=0.04))
+    span = min(0.6 * rows, 2) * PANEL  # the colorbar's height, centred on the rows
+    colorbar_axes = fig.add_axes(((width - right + 0.15) / width,
+                                  (bottom + (height - top - bottom - span) / 2) / height,
+                                  0.15 / width, span / height))
+    return fig, axes, colorbar_axes
+
+
 def cam_page(run: Inputs, index: int, probs: np.ndarray,
              maps: dict[tuple[str, str, str], np.ndarray]) -> Figure:
     """One image's page: a row per (method, layer); heat map and overlay per target class."""
     image, true, pred = run.images[index], int(run.labels[index]), int(probs.argmax())
     rows = list(dict.fromkeys((method, layer) for method, layer, _ in maps))
-    fig = Figure(figsize=(5 * PANEL + 1, len(rows) * PANEL + 1.2), layout="constrained")
-    axes = fig.subplots(len(rows), 5, squeeze=False)
+    fig, axes, colorbar_axes = cam_page_frame(len(rows))
     for r, (method, layer) in enumerate(rows):
         axes[r, 0].imshow(image, interpolation="nearest")
         axes[r, 0].set_ylabel(f"{method}\n{layer}", fontsize=12)
@@ -132,8 +150,7 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(heat, ax=axes, shrink=min(0.6, 2 / len(rows)),
-                 label="CAM (1 = strongest evidence)")
+    fig.colorbar(heat, cax=colorbar_axes, label="CAM (1 = strongest evidence)")
     fig.suptitle(f"test image #{index}: true {run.classes[true]}, predicted "
                  f"{run.classes[pred]} with probability {probs[pred]:.1%}", fontsize=13)
     return fig

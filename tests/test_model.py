@@ -90,13 +90,16 @@ def test_pointwise_conv_on_cpu_equals_a_strided_convolution():
     assert torch.allclose(ours(x), plain(x), atol=1e-5)
 
 
-WIDTHS = (4, 8, 12, 16, 24, 32, 64)
+# Every batch size for the widths whose stride-2 shortcut sees fewer input channels than
+# AVX-512's block of 16 (oneDNN's bug) and the first width past it; a few for the wider ones,
+# whose bigger batches cost most of the sweep's time and none of its reach into the bug.
 BATCHES = (1, 2, 3, 5, 7, 31, 63, 64, 65)
+SWEPT = {**{w: BATCHES for w in (4, 8, 12, 16)}, **{w: (1, 3, 65) for w in (24, 32, 64)}}
 SWEEP = f"""
 import torch, torch.nn.functional as F
 from engine.model import build_model
-for width in {WIDTHS}:
-    for n in {BATCHES}:
+for width, batches in {SWEPT}.items():
+    for n in batches:
         torch.manual_seed(0)
         model = build_model("resnet18", 10, width).to(memory_format=torch.channels_last)
         x = torch.randn(n, 3, 32, 32).to(memory_format=torch.channels_last)
@@ -119,4 +122,4 @@ def test_no_width_or_batch_size_crashes_the_cpu_backward():
     done = [tuple(map(int, line.split())) for line in result.stdout.splitlines()]
     assert result.returncode == 0, (f"crashed ({result.returncode}) after (width, batch) "
                                     f"{done[-1:]}: {result.stderr[-1000:]}")
-    assert done == [(w, n) for w in WIDTHS for n in BATCHES]
+    assert done == [(w, n) for w, batches in SWEPT.items() for n in batches]

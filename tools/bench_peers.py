@@ -154,7 +154,7 @@ def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) ->
                         num_workers=numba_workers(cfg.workers or default_workers()),
                         order=OrderOption.RANDOM, drop_last=False, os_cache=True, pipelines={
                             "image": [SimpleRGBImageDecoder(), *augment, *tail],
-                            "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]})
+                            "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]})
     return Timed(lambda: iter(guarded(loader)), device)
 
 

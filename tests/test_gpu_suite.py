@@ -4,6 +4,7 @@ gets the .whl/ wheels installed or a clear error."""
 
 from __future__ import annotations
 
+import _ctypes
 import json
 import os
 import re
@@ -131,7 +132,7 @@ def test_with_out_set_a_short_budget_leaves_a_bundle_and_names_what_did_not_run(
         assert "gpu-suite/train.log" in tar.getnames()
     (train,) = record["steps"]
     statuses = [c["status"] for c in train["commands"]]
-    assert statuses == ["killed at the budget", "not run", "not run"]
+    assert statuses == ["killed at the budget", "not run"]
     assert record["not_run"] == ["bench-epoch"] and not train["ok"]
     summary = (out / "gpu-suite.summary.md").read_text()
     assert "| bench-epoch | | not run: the budget was spent | |" in summary
@@ -217,6 +218,76 @@ def test_a_python_without_ffcv_gets_the_wheels_installed(tmp_path):
     assert (site / "pytorch_grad_cam" / "__init__.py").exists()
     assert "still cannot import ffcv" in result.stderr and "numpy" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def probe_wheel(folder: Path, library: str) -> None:
+    """A real wheel of one package, `lib_probe`, whose import dlopens `library` by name (as
+    ffcv's bundled libGLX needs libX11.so.6): written in `folder` with zipfile."""
+    import zipfile
+
+    info = "lib_probe-1.0.dist-info"
+    files = {"lib_probe/__init__.py": f"import ctypes\nctypes.CDLL({library!r})\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: lib-probe\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / "lib_probe-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["in .whl/lib", "nowhere"])
+def test_a_library_the_image_lacks_is_found_in_whl_lib_or_named(tmp_path, monkeypatch, capsys,
+                                                                carried):
+    """A wheel whose package needs a shared library the machine lacks: with the library in
+    .whl/lib (tools/wheelhouse.sh copies libX11 and its needs there), the steps' environment
+    gets .whl/lib on LD_LIBRARY_PATH and the import works; without it, the library is named."""
+    library = "libcifar_probe.so.0"
+    probe_wheel(tmp_path / ".whl", library)
+    if carried:  # a real shared object (ctypes' own) under the name the package asks for
+        (tmp_path / ".whl" / "lib").mkdir()
+        shutil.copy(_ctypes.__file__, tmp_path / ".whl" / "lib" / library)
+    monkeypatch.setattr(gpu_suite, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_suite, "NEEDED", ("lib_probe",))
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    site = tmp_path / "site"
+    if carried:
+        env = gpu_suite.environment(sys.executable, site)
+        assert env["LD_LIBRARY_PATH"] == str(tmp_path / ".whl" / "lib")
+        assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(site), str(tmp_path)]
+        assert f"adding {tmp_path / '.whl' / 'lib'} to LD_LIBRARY_PATH" in capsys.readouterr().out
+    else:
+        with pytest.raises(gpu_suite.SetupError,
+                           match=f"still cannot import lib_probe: .*{library}"):
+            gpu_suite.environment(sys.executable, site)
+    assert (site / "lib_probe" / "__init__.py").exists()  # the wheel was installed either way
+
+
+# what tools/wheelhouse.sh copies into .whl/lib, from where Debian keeps it
+X11 = ("libX11.so.6", "libxcb.so.1", "libXau.so.6", "libXdmcp.so.6", "libbsd.so.0", "libmd.so.0")
+SYSTEM_LIBS = Path("/usr/lib/x86_64-linux-gnu")
+
+
+@pytest.mark.skipif(not list((ROOT / ".whl").glob("ffcv-*.whl")) or os.geteuid() != 0
+                    or not shutil.which("unshare"),
+                    reason="needs wheels built by `make wheels`, root and unshare")
+def test_the_ffcv_wheels_opencv_loads_on_a_machine_without_x11_from_whl_lib(tmp_path):
+    """The X11 libraries hidden in a mount namespace of its own, as on an image without them:
+    the wheel's bundled opencv core (through libGLX) fails to load, and loads with .whl/lib."""
+    (wheel,) = (ROOT / ".whl").glob("ffcv-*.whl")
+    shutil.unpack_archive(wheel, tmp_path, "zip")
+    (core,) = (tmp_path / "ffcv.libs").glob("libopencv_core*")
+    hidden = [os.path.realpath(SYSTEM_LIBS / name) for name in X11 if (SYSTEM_LIBS / name).exists()]
+    load = f"import ctypes; ctypes.CDLL({str(core)!r}); print('loaded')"
+    script = "".join(f"mount --bind /dev/null {path}; " for path in hidden) + (
+        f"{sys.executable} -c \"{load}\"; echo exit $?; "
+        f"LD_LIBRARY_PATH={ROOT / '.whl' / 'lib'} {sys.executable} -c \"{load}\"")
+    result = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True,
+                            text=True, timeout=60)
+    without, with_lib = result.stdout.split("exit ")
+    assert "loaded" not in without and "libX11.so.6" in result.stderr
+    assert with_lib.splitlines()[-1] == "loaded", result.stderr[-2000:]
 
 
 def test_the_summary_reads_results_without_importing_torch():

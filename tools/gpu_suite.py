@@ -3,11 +3,13 @@
 The steps run in the order given, every log and JSON written to one results folder.
 
 Steps, in the order `all` runs them (most wanted first, so a short lease measures what matters):
-tests-quick (pytest -m "gpu and not slow"), bench-epoch (loaders, 50k-image epochs per loader,
-MFU, a profile), train (the fast preset on 50k synthetic images compiled, the seed pipeline,
-the fast preset eager), tests-e2e (pytest -m "gpu and slow"), bench-peers, bench-step (the
-precision x format x compile x batch grid). --budget ends the whole run in time: a command is
-killed at it and later steps are recorded as not run. --bundle packs the results into one
+tests-quick (pytest -m "gpu and not slow"), train (the fast preset on 50k synthetic images
+compiled, then the seed pipeline: the headline ratio), bench-peers (the public loaders and the
+seed pipeline's epoch beside ours), bench-epoch (loaders, 50k-image epochs per loader, MFU, a
+profile), tests-e2e (pytest -m "gpu and slow"), train-eager (the fast preset not compiled),
+bench-step (the precision x format x compile x batch grid). Each step has a time limit, so one
+slow step cannot take the lease from the ones after it. --budget ends the whole run in time: a
+command is killed at it and later steps are recorded as not run. --bundle packs the results into one
 .tar.gz after every command (for machines that hand back few files). --dry-run runs the same
 commands on the CPU with tiny sizes. On a machine without ffcv or grad-cam, the wheels in the
 checkout's .whl/ (tools/wheelhouse.sh) are installed first.
@@ -38,11 +40,14 @@ from common.files import atomic_write, write_json, write_text
 from tools.gpu_summary import render
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("tests-quick", "bench-epoch", "train", "tests-e2e", "bench-peers", "bench-step")
+STEPS = ("tests-quick", "train", "bench-peers", "bench-epoch", "tests-e2e", "train-eager",
+         "bench-step")
 GROUPS = {"all": STEPS, "tests": ("tests-quick", "tests-e2e"),
-          "bench": ("bench-epoch", "bench-peers", "bench-step")}
+          "bench": ("bench-peers", "bench-epoch", "bench-step")}
 STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
-LIMITS = {"tests-quick": 240}  # a hang in the quick tests must not take a whole lease
+# the first steps' own limits (guesses until a GPU run times them): a hang in the quick tests,
+# or a step slower than thought, leaves the next steps of a 9-minute lease their turn
+LIMITS = {"tests-quick": 180, "train": 240, "bench-peers": 180, "bench-epoch": 240}
 START_MIN_S = 30  # a command is not started with less of the budget left
 RESERVE_S = 10  # of the budget, kept for the summary and the last bundle
 NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
@@ -115,9 +120,9 @@ def bench(s: Suite, name: str, sections: str) -> Commands:
                             *(["--quick"] if s.dry else [])))]
 
 
-def train_commands(s: Suite) -> Commands:
-    """engine/train.py: the fast preset compiled, the seed notebook's pipeline, then the fast
-    preset eager; in that order, so that a budget cut short takes the headline's two first."""
+def train_commands(s: Suite, *names: str) -> Commands:
+    """engine/train.py runs by name: the fast preset compiled or eager, or the seed notebook's
+    pipeline; on 50k synthetic images (tiny ones in a dry run)."""
     epochs = os.environ.get("GPU_SUITE_EPOCHS", "1" if s.dry else str(EPOCHS))
     data = ["--dataset", "synthetic", "--data-dir", str(s.work / "data")]
     if s.dry:
@@ -127,8 +132,8 @@ def train_commands(s: Suite) -> Commands:
             "train-seed": ["--preset", "seed", "--loader", "torchvision", "--precision",
                            "fp32", "--no-compile", "--no-channels-last", "--epochs", "2"],
             "train-fast-eager": ["--epochs", epochs, "--no-compile"]}
-    return [(name, s.script("engine/train.py", *data, *args, "--out", str(s.work / name)))
-            for name, args in runs.items()]
+    return [(name, s.script("engine/train.py", *data, *runs[name], "--out", str(s.work / name)))
+            for name in names]
 
 
 COMMANDS = {
@@ -136,11 +141,13 @@ COMMANDS = {
     # loaders over 50k images, a 50k-image epoch per loader with its data-wait share, the MFU
     # of each, and a profile (with its trace) of the default run's steps
     "bench-epoch": lambda s: bench(s, "bench-epoch", "loaders,epoch,mfu,profile"),
-    "train": train_commands,
+    # the headline: the default preset compiled, then the seed pipeline, on the same GPU
+    "train": lambda s: train_commands(s, "train-fast-compile", "train-seed"),
     "tests-e2e": lambda s: pytest_step(s, "tests-e2e", "gpu and slow"),
     # airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images, then
     # a 50k-image training epoch of the seed pipeline beside the default preset, with the MFU
     "bench-peers": lambda s: bench(s, "bench-peers", "peers,mfu"),
+    "train-eager": lambda s: train_commands(s, "train-fast-eager"),
     # every precision x format x compile at batch 512, then batch 256 and 1024 (compiled), then
     # reduce-overhead (CUDA graphs): 9 of its 15 configurations compile; the JSON is rewritten
     # after each one
@@ -169,7 +176,8 @@ def missing(python: str, env: dict) -> dict[str, str]:
 
 def environment(python: str, site: Path) -> dict:
     """The steps' environment: the checkout on PYTHONPATH, and the .whl/ wheels installed into
-    `site` (and put first on it) when ffcv or grad-cam cannot be imported otherwise."""
+    `site` (and put first on it) when ffcv or grad-cam cannot be imported otherwise; .whl/lib
+    (tools/wheelhouse.sh) goes on LD_LIBRARY_PATH if ffcv still cannot load its libraries."""
     env = dict(os.environ)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
     paths.insert(0, str(ROOT))
@@ -184,14 +192,22 @@ def environment(python: str, site: Path) -> dict:
                          "the wheels with `make wheels` on a machine with network and copy .whl/ "
                          "into this checkout.")
     print(f"installing {len(wheels)} wheels from .whl/ into {site}", flush=True)
+    # --upgrade: a second suite on the same machine replaces the wheels a first one installed
     install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                              "--target", str(site), *map(str, wheels)],
+                              "--upgrade", "--target", str(site), *map(str, wheels)],
                              capture_output=True, text=True)
     if install.returncode != 0:
         raise SetupError(f"pip could not install the wheels of .whl/ into {site}: "
                          f"{install.stderr.strip()[-800:]}")
     env["PYTHONPATH"] = os.pathsep.join([str(site), *paths])
     lacking = missing(python, env)
+    libs = ROOT / ".whl" / "lib"
+    if libs.is_dir() and any(".so" in error for error in lacking.values()):
+        # an image without X11: the libraries that ffcv's bundled libGLX needs, carried
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
+        print(f"adding {libs} to LD_LIBRARY_PATH: {'; '.join(lacking.values())}", flush=True)
+        lacking = missing(python, env)
     if lacking:
         why = "; ".join(f"{name}: {error}" for name, error in lacking.items())
         raise SetupError(f"after installing .whl/ into {site}, {python} still cannot import "

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -224,8 +225,6 @@ def test_a_python_without_ffcv_gets_the_wheels_installed(tmp_path):
 def probe_wheel(folder: Path, library: str) -> None:
     """A real wheel of one package, `lib_probe`, whose import dlopens `library` by name (as
     ffcv's bundled libGLX needs libX11.so.6): written in `folder` with zipfile."""
-    import zipfile
-
     info = "lib_probe-1.0.dist-info"
     files = {"lib_probe/__init__.py": f"import ctypes\nctypes.CDLL({library!r})\n",
              f"{info}/METADATA": "Metadata-Version: 2.1\nName: lib-probe\nVersion: 1.0\n",
@@ -265,7 +264,8 @@ def test_a_library_the_image_lacks_is_found_in_whl_lib_or_named(tmp_path, monkey
     assert (site / "lib_probe" / "__init__.py").exists()  # the wheel was installed either way
 
 
-# what tools/wheelhouse.sh copies into .whl/lib, from where Debian keeps it
+# libX11 and what it needs, where Debian keeps them: the test's own list, so that one
+# missing from what tools/wheelhouse.sh copies into .whl/lib still fails it
 X11 = ("libX11.so.6", "libxcb.so.1", "libXau.so.6", "libXdmcp.so.6", "libbsd.so.0", "libmd.so.0")
 SYSTEM_LIBS = Path("/usr/lib/x86_64-linux-gnu")
 

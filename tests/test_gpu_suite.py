@@ -264,6 +264,21 @@ def test_a_library_the_image_lacks_is_found_in_whl_lib_or_named(tmp_path, monkey
     assert (site / "lib_probe" / "__init__.py").exists()  # the wheel was installed either way
 
 
+def test_wheelhouse_answers_help_and_refuses_an_unknown_option_before_building(tmp_path):
+    """--help and a mistyped option return at once: neither apt, a venv nor a build starts,
+    and no folder named after the option is made."""
+    script = str(ROOT / "tools" / "wheelhouse.sh")
+    shown = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=30)
+    assert shown.returncode == 0 and "Usage: bash tools/wheelhouse.sh [OUTDIR]" in shown.stdout
+    refused = subprocess.run(["bash", script, "--out"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=30)
+    assert refused.returncode == 2
+    assert refused.stderr == ("wheelhouse: unknown option --out; usage: bash "
+                              "tools/wheelhouse.sh [OUTDIR]\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 # libX11 and what it needs, where Debian keeps them: the test's own list, so that one
 # missing from what tools/wheelhouse.sh copies into .whl/lib still fails it
 X11 = ("libX11.so.6", "libxcb.so.1", "libXau.so.6", "libXdmcp.so.6", "libbsd.so.0", "libmd.so.0")

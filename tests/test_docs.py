@@ -1,0 +1,149 @@
+"""The docs stay true: every command README.md, BENCHMARKS.md and docs/*.md show is accepted by
+that command's own parser, every option and make target they name exists, and every file they
+point to (a raw log, a picture) is in the repository."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import ROOT
+
+DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCRIPTS = {  # how the docs start a command -> its module, whose main() parses, then run_main()
+    "engine/train.py": "engine.train", "loaders/prepare.py": "loaders.prepare",
+    "tools/report.py": "tools.report", "tools/bench.py": "tools.bench",
+    "tools/lr_find.py": "tools.lr_find", "tools/compare.py": "tools.compare",
+    "tools/predict.py": "tools.predict", "tools/export.py": "tools.export",
+    "tools/gpu_suite.sh": "tools.gpu_suite"}
+MAKE = {"train": "engine/train.py", "bench": "tools/bench.py", "report": "tools/report.py",
+        "gpu": "tools/gpu_suite.sh"}  # make targets that pass ARGS (and gpu's STEP) on
+# options the docs give to other programs: accelerate launch, torchrun, pip; and "--no-...",
+# the docs' name for the off switch of every on/off option
+OTHERS = {"--cpu", "--machine_rank", "--main_process_ip", "--main_process_port",
+          "--mpirun_hostfile", "--multi_gpu", "--num_machines", "--num_processes",
+          "--master_addr", "--nnodes", "--node_rank", "--nproc_per_node", "--no-deps",
+          "--no-index", "--target", "--no-"}
+OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+
+
+def code(doc: Path) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, fenced) of each command-like piece of a doc: a fenced block's lines
+    (a line ending in a backslash joined with the next) and every inline `code` span."""
+    fenced, pending = False, ""
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            pending += line
+            if pending.endswith("\\"):
+                pending = pending[:-1]
+                continue
+            yield number, pending, True
+            pending = ""
+        else:
+            yield from ((number, span, False) for span in re.findall(r"`([^`]+)`", line))
+
+
+def commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script, its arguments) of every command of ours the docs show, directly or
+    through a make target that passes ARGS on."""
+    found = []
+    for doc in DOCS:
+        for number, text, fenced in code(doc):
+            where = f"{doc.name}:{number}: {text.strip()}"
+            try:
+                words = shlex.split(text, comments=True)
+            except ValueError:  # prose in backticks, not a command
+                continue
+            if words[:1] == ["make"] and len(words) > 1 and words[1] in MAKE:
+                assigned = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+                args = shlex.split(assigned.get("STEP", "")) + shlex.split(assigned.get("ARGS", ""))
+                found.append((where, MAKE[words[1]], args))
+                continue
+            for i, word in enumerate(words):
+                script = next((s for s in SCRIPTS if word == s or word.endswith("/" + s)), None)
+                if script is not None:
+                    if fenced or words[i + 1:]:  # else a script named in a sentence
+                        found.append((where, script, words[i + 1:]))
+                    break
+    return found
+
+
+def parse_only(script: str, args: list[str], monkeypatch) -> tuple[int | None, str]:
+    """The script's main() on args with its work left out (run_main returns 0 at once): its
+    exit code and what its parser printed."""
+    module = importlib.import_module(SCRIPTS[script])
+    monkeypatch.setattr(module, "run_main", lambda body: 0)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main(args)
+        except SystemExit as exit:
+            code = exit.code
+    return code, out.getvalue() + err.getvalue()
+
+
+def test_every_command_the_docs_show_is_accepted_by_its_parser(monkeypatch):
+    shown = commands()
+    assert {script for _, script, _ in shown} == set(SCRIPTS)  # the search finds every one
+    refused = []
+    for where, script, args in shown:
+        code, output = parse_only(script, args, monkeypatch)
+        if code != 0:
+            refused.append(f"{where}\n    -> exit {code}: {output.strip()[-300:]}")
+    assert not refused, "\n".join(refused)
+
+
+def test_a_command_with_an_unknown_option_is_found_out(monkeypatch):
+    """parse_only is a real check: a misspelt option or a value outside its choices fails."""
+    assert parse_only("engine/train.py", ["--epocs", "3"], monkeypatch)[0] == 2
+    assert parse_only("tools/bench.py", ["--sections", "loader"], monkeypatch)[0] == 2
+    assert parse_only("tools/gpu_suite.sh", ["train", "bench"], monkeypatch)[0] == 0
+
+
+def test_every_option_the_docs_name_is_one_of_a_command(monkeypatch):
+    """Options named in the prose too (the option table, the notes): each is one of our
+    commands' (read from their --help) or one the docs give to accelerate, torchrun or pip."""
+    ours = set()
+    for script in SCRIPTS:
+        code, usage = parse_only(script, ["--help"], monkeypatch)
+        assert code == 0 and usage.startswith("usage:"), (script, usage[:300])
+        ours |= set(OPTION.findall(usage))
+    unknown = sorted({f"{doc.name}: {option}" for doc in DOCS
+                      for option in OPTION.findall(doc.read_text())
+                      if option not in ours | OTHERS})
+    assert not unknown, unknown
+
+
+def test_every_make_target_the_docs_name_is_in_the_makefile():
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    named = {(doc.name, word) for doc in DOCS for _, text, _ in code(doc)
+             for word in re.findall(r"^\s*make ([\w-]+)", text)}
+    assert {"train", "test"} <= {target for _, target in named}
+    assert not {(doc, target) for doc, target in named if target not in targets}
+
+
+def files_named(doc: Path) -> Iterator[tuple[str, Path]]:
+    """(as written, path) of each relative link and each benchmarks/ path in a doc; a path
+    with a <placeholder> is a pattern for the reader, not a file."""
+    text = doc.read_text()
+    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+        if not re.match(r"[a-z]+:|#", link):
+            yield link, doc.parent / link.split("#")[0]
+    for path in re.findall(r"(?<![\w/.:<-])(benchmarks/[\w./<>-]*\w)", text):
+        if "<" not in path:
+            yield path, ROOT / path
+
+
+def test_every_file_the_docs_point_to_exists():
+    named = [(doc.name, written, path) for doc in DOCS for written, path in files_named(doc)]
+    assert len(named) > 20  # the raw logs of the figures, the pictures
+    missing = sorted({(doc, written) for doc, written, path in named if not path.exists()})
+    assert not missing, missing
+

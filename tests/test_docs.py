@@ -1,6 +1,7 @@
 """The docs stay true: every command README.md, BENCHMARKS.md and docs/*.md show is accepted by
-that command's own parser, every option and make target they name exists, and every file they
-point to (a raw log, a picture) is in the repository."""
+that command's own parser, every option and make target they name exists, every file they
+point to (a raw log, a picture) is in the repository, and README's table of GPU steps is the
+suite's, time limits included."""
 
 from __future__ import annotations
 
@@ -147,3 +148,20 @@ def test_every_file_the_docs_point_to_exists():
     missing = sorted({(doc, written) for doc, written, path in named if not path.exists()})
     assert not missing, missing
 
+
+
+def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits():
+    """README's table of `make gpu` steps: the suite's steps in the order `all` runs them, each
+    with the time limit tools/gpu_suite.py gives it; the Makefile's comment in the same order."""
+    from tools.gpu_suite import LIMITS, STEPS
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("| `STEP=` | what runs |"):].split("\n\n")[0]
+    table = dict(re.findall(r"^\| `([\w-]+)` \|(.*)\|$", block, re.MULTILINE))
+    assert list(table) == list(STEPS)  # the groups' row, `tests`, `bench`, `all`, aside
+    for step, text in table.items():
+        limits = re.findall(r"at most (\d+) minutes", text)
+        assert limits == ([str(LIMITS[step] // 60)] if step in LIMITS else []), step
+    make = re.search(r"STEP= one or more of ([\w\s#-]+?), or the groups",
+                     (ROOT / "Makefile").read_text())
+    assert make.group(1).replace("#", " ").split() == list(STEPS)

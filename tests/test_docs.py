@@ -1,7 +1,7 @@
 """The docs stay true: every command README.md, BENCHMARKS.md and docs/*.md show is accepted by
 that command's own parser, every option and make target they name exists, every file they
-point to (a raw log, a picture) is in the repository, and README's table of GPU steps is the
-suite's, time limits included."""
+point to (a raw log, a picture) is in the repository, README's option table gives the defaults
+a run takes, and its table of GPU steps is the suite's, time limits included."""
 
 from __future__ import annotations
 
@@ -165,3 +165,38 @@ def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits()
     make = re.search(r"STEP= one or more of ([\w\s#-]+?), or the groups",
                      (ROOT / "Makefile").read_text())
     assert make.group(1).replace("#", " ").split() == list(STEPS)
+
+
+def test_the_option_tables_defaults_are_what_a_run_takes():
+    """README's table of engine/train.py's options: each default is the parsed config's (with
+    "on GPU" and "on CPU", "for CUDA", the config resolved for each)."""
+    from engine.config import parse, resolve
+
+    cfg = parse([]).cfg
+    machines = {"GPU": resolve(cfg, cuda=True), "CPU": resolve(cfg, cuda=False)}
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("| option | default | |"):].split("\n\n")[0]
+    checked = []
+    for options, defaults in re.findall(r"^\| (`--[^|]*) \|([^|]*)\|", block, re.MULTILINE):
+        names = [n.replace("-", "_") for n in re.findall(r"`--([\w-]+)", options)]
+        if not defaults.strip():  # --out, --resume, --seed, ...: nothing said
+            continue
+        values = [v.strip("`") for v in defaults.strip().split(", ")]
+        if len(names) == 1 and len(values) == 2:  # "bf16 on GPU, fp32 on CPU"
+            for value in values:
+                want, machine = re.fullmatch(r"(\S+) on (GPU|CPU)", value).groups()
+                assert getattr(machines[machine], names[0]) == want, (names[0], value)
+            checked.append(names[0])
+            continue
+        for name, value in zip(names, values, strict=True):
+            if value == "on for CUDA":
+                assert (getattr(machines["GPU"], name), getattr(machines["CPU"], name)) == (
+                    True, False), name
+            else:
+                have = getattr(cfg, name)
+                want = {"on": True, "off": False}.get(value, value)
+                if isinstance(have, int | float) and not isinstance(have, bool):
+                    want = type(have)(want)  # "5e-4" is 0.0005
+                assert have == want, name
+            checked.append(name)
+    assert {"epochs", "batch_size", "lr", "loader", "precision", "compile"} <= set(checked)

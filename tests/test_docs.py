@@ -1,7 +1,8 @@
 """The docs stay true: every command README.md, BENCHMARKS.md and docs/*.md show is accepted by
 that command's own parser, every option and make target they name exists, every file they
-point to (a raw log, a picture) is in the repository, README's option table gives the defaults
-a run takes, and its table of GPU steps is the suite's, time limits included."""
+point to (a raw log, a picture) is in the repository, every BENCHMARKS.md row names its device
+and commit and its raw log holds its figures, README's option table gives the defaults a run
+takes, and its table of GPU steps is the suite's, time limits included."""
 
 from __future__ import annotations
 
@@ -200,3 +201,39 @@ def test_the_option_tables_defaults_are_what_a_run_takes():
                 assert have == want, name
             checked.append(name)
     assert {"epochs", "batch_size", "lr", "loader", "precision", "compile"} <= set(checked)
+
+
+NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")  # 186,047.9, 0.000721, 13.5
+
+
+def benchmark_rows() -> Iterator[tuple[dict[str, str], str]]:
+    """({header: cell}, the line) of each row of BENCHMARKS.md's tables of measured figures:
+    those with a device and a commit column."""
+    header = None
+    for line in (ROOT / "BENCHMARKS.md").read_text().splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set("".join(cells)) <= set("-: ") and {"device", "commit"} <= set(header):
+            yield dict(zip(header, cells, strict=True)), line
+
+
+def test_every_benchmarks_row_names_its_device_and_commit_and_its_log_holds_its_figures():
+    """Each row: a device, a commit, a raw log linked, and every figure of it (the number,
+    commas aside) in that log or in its .json twin; the 'what' column only describes."""
+    rows = list(benchmark_rows())
+    assert len(rows) > 30
+    for row, line in rows:
+        assert row["device"] and row["commit"], line
+        logs = [ROOT / link for link in re.findall(r"\]\(([^)#]+)\)", line)]
+        assert logs and all(log.is_file() for log in logs), line
+        text = "".join(path.read_text() for log in logs
+                       for path in (log, log.with_suffix(".json")) if path.is_file())
+        logged = {n.replace(",", "") for n in NUMBER.findall(text)}
+        for column, cell in row.items():
+            if column not in ("device", "commit", "what", "raw log"):
+                for figure in NUMBER.findall(re.sub(r"\[[^]]*\]\([^)]*\)", "", cell)):
+                    assert figure.replace(",", "") in logged, (column, figure, line)

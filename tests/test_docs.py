@@ -32,6 +32,7 @@ OTHERS = {"--cpu", "--machine_rank", "--main_process_ip", "--main_process_port",
           "--master_addr", "--nnodes", "--node_rank", "--nproc_per_node", "--no-deps",
           "--no-index", "--target", "--no-"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target
 
 
 def code(doc: Path) -> Iterator[tuple[int, str, bool]]:
@@ -135,7 +136,7 @@ def files_named(doc: Path) -> Iterator[tuple[str, Path]]:
     """(as written, path) of each relative link and each benchmarks/ path in a doc; a path
     with a <placeholder> is a pattern for the reader, not a file."""
     text = doc.read_text()
-    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+    for link in LINK.findall(text):
         if not re.match(r"[a-z]+:|#", link):
             yield link, doc.parent / link.split("#")[0]
     for path in re.findall(r"(?<![\w/.:<-])(benchmarks/[\w./<>-]*\w)", text):
@@ -151,13 +152,18 @@ def test_every_file_the_docs_point_to_exists():
 
 
 
+def readme_table(header: str) -> str:
+    """The README table whose first line is `header`, up to the blank line that ends it."""
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index(header):].split("\n\n")[0]
+
+
 def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits():
     """README's table of `make gpu` steps: the suite's steps in the order `all` runs them, each
     with the time limit tools/gpu_suite.py gives it; the Makefile's comment in the same order."""
     from tools.gpu_suite import LIMITS, STEPS
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("| `STEP=` | what runs |"):].split("\n\n")[0]
+    block = readme_table("| `STEP=` | what runs |")
     table = dict(re.findall(r"^\| `([\w-]+)` \|(.*)\|$", block, re.MULTILINE))
     assert list(table) == list(STEPS)  # the groups' row, `tests`, `bench`, `all`, aside
     for step, text in table.items():
@@ -175,8 +181,7 @@ def test_the_option_tables_defaults_are_what_a_run_takes():
 
     cfg = parse([]).cfg
     machines = {"GPU": resolve(cfg, cuda=True), "CPU": resolve(cfg, cuda=False)}
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("| option | default | |"):].split("\n\n")[0]
+    block = readme_table("| option | default | |")
     checked = []
     for options, defaults in re.findall(r"^\| (`--[^|]*) \|([^|]*)\|", block, re.MULTILINE):
         names = [n.replace("-", "_") for n in re.findall(r"`--([\w-]+)", options)]
@@ -228,7 +233,7 @@ def test_every_benchmarks_row_names_its_device_and_commit_and_its_log_holds_its_
     assert len(rows) > 30
     for row, line in rows:
         assert row["device"] and row["commit"], line
-        logs = [ROOT / link for link in re.findall(r"\]\(([^)#]+)\)", line)]
+        logs = [ROOT / link.split("#")[0] for link in LINK.findall(line)]
         assert logs and all(log.is_file() for log in logs), line
         text = "".join(path.read_text() for log in logs
                        for path in (log, log.with_suffix(".json")) if path.is_file())

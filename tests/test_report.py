@@ -326,11 +326,12 @@ def test_a_cam_page_keeps_every_label_on_the_page_and_no_panel_over_another(load
               for t in (ax.title, ax.yaxis.label) if t.get_text()]
     labels += [fig._suptitle.get_window_extent(renderer),
                *(t.get_window_extent(renderer) for t in colorbar.get_yticklabels())]
-    for box in [*boxes, *labels, colorbar.get_tightbbox(renderer)]:
+    bar = colorbar.get_tightbbox(renderer)  # the colorbar with its ticks and label
+    for box in [*boxes, *labels, bar]:
         assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
     for i, box in enumerate(boxes):
         assert not any(box.overlaps(other) for other in boxes[i + 1:])
-        assert not box.overlaps(colorbar.get_tightbbox(renderer))
+        assert not box.overlaps(bar)
         assert not any(box.overlaps(label) for label in labels)
 
 

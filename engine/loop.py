@@ -303,8 +303,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
             raise TrainingError(f"out of memory building the run (the model at --width "
                                 f"{cfg.width}{held}); try a smaller --width"
                                 f"{' or --loader ffcv' if resident else ''}.") from None
-        raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}; try "
-                            f"--batch-size {max(1, cfg.batch_size // 2)}.") from None
+        batch = run.train_loader.batch_size  # capped at the shard: the size that ran
+        whole = f" (batches of {batch}, the whole split)" if batch < cfg.batch_size else ""
+        raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
+                            f"--batch-size {max(1, batch // 2)}.") from None
     finally:
         accelerator.end_training()
         if torch.distributed.is_initialized():  # else gloo's threads die at exit: SIGABRT

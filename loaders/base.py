@@ -27,10 +27,13 @@ class BatchLoader:
                  seed: int = 0, rank: int = 0, world_size: int = 1, workers: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.path, self.train, self.batch_size = Path(path), train, batch_size
+        self.path, self.train = Path(path), train
         self.device = torch.device(device)
         self.num_samples, self.seed = num_samples, seed
         self.rank, self.world_size = rank, world_size
+        # a batch larger than the shard is the whole shard: capped, so that no loader sizes its
+        # buffers by the option (FFCV's would overflow at --batch-size 10**15)
+        self.batch_size = min(batch_size, max(self.shard_size, 1))
         self.workers = workers or default_workers(world_size)
         self.augment = Augment(augment if train else None, mean, std, dtype, self.device)
         self.set_epoch(0)

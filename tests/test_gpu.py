@@ -231,7 +231,8 @@ def test_impossible_batch_size_ends_in_the_out_of_memory_message(data_dir, tmp_p
                    "--batch-size", "10000000", "--epochs", "1", "--no-compile", "--precision",
                    "fp32", "--out", out)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "out of memory at --batch-size 10000000; try --batch-size 5000000" in result.stderr
+    assert ("out of memory at --batch-size 10000000 (batches of 50000, the whole split); try "
+            "--batch-size 25000.") in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()  # a run that never finished an epoch leaves no folder behind
 

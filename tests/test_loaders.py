@@ -206,6 +206,19 @@ def test_two_ranks_share_the_epoch(make, run_epoch, source, kind, train):
         assert len(shards[0]) == len(shards[1])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_beyond_the_shard_is_the_whole_shard(prepared, source, run_epoch, kind):
+    """--batch-size 10**15 is one batch of the shard, not buffers of 10**15 images (FFCV's
+    allocation overflowed with a traceback)."""
+    n = len(source.train.labels)
+    loader = loaders.make_loader(kind, prepared.train, train=True, batch_size=10**15,
+                                 device="cpu", mean=prepared.mean, std=prepared.std,
+                                 augment=AUGMENT, rank=1, world_size=2, workers=1)
+    assert loader.batch_size == loader.shard_size == (n + padding(n, 2)) // 2 and len(loader) == 1
+    (batch,) = run_epoch(loader)
+    np.testing.assert_array_equal(batch[1].numpy(), source.train.labels[indices(n, True, 0, 1, 2)])
+
+
 # --- the sharding rule ------------------------------------------------------------------------
 
 

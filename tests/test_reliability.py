@@ -21,7 +21,7 @@ from test_folders import write_tree
 
 from common.errors import CheckpointError, OutputError, TrainingError
 from common.files import locked_dir, write_text
-from engine import checkpoint
+from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.loop import configure, nonfinite_state, out_of_memory
 from engine.loop import train as train_run
@@ -267,6 +267,24 @@ def test_running_out_of_memory_on_the_cpu_names_the_batch_size_to_try(data_dir, 
     assert one_line_error(result) == ("error: out of memory at --batch-size 1024; try "
                                       "--batch-size 512.")
     assert not out.exists()
+
+
+def test_out_of_memory_beyond_the_split_suggests_half_the_split(data_dir, tmp_path,
+                                                                monkeypatch):
+    """A --batch-size over the 1024-image split ran as batches of 1024: halving the option
+    (to 5e14) would run the same batch again, so the advice halves the batch that ran."""
+    def full(*args) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(loop, "train_step", full)
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=10**15, loader="ffcv", workers=1,
+                      out=str(tmp_path / "out"))
+    with pytest.raises(TrainingError) as refused:
+        train_run(cfg)
+    assert str(refused.value) == ("out of memory at --batch-size 1000000000000000 (batches of "
+                                  "1024, the whole split); try --batch-size 512.")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_too_wide_for_memory_names_the_width_not_the_batch(data_dir, tmp_path):

@@ -93,10 +93,13 @@ def timestamped(prefix: str) -> str:
 
 def unwritable(folder: Path) -> str | None:
     """Why no file can be made in existing `folder` ('cannot be written (Permission denied)'),
-    or None. Trying is the only sure test: os.access misses read-only mounts, ACLs and root."""
+    or None. Trying is the only sure test: os.access misses read-only mounts, ACLs and root;
+    and a byte is written, since an empty file is made on a disk with no space left."""
     try:
-        with tempfile.TemporaryFile(dir=folder):  # unlinked at once: nothing left behind
-            pass
+        with tempfile.TemporaryFile(dir=folder) as probe:  # unlinked at once: nothing is left
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())  # where space is taken at write-back, it is taken here
     except OSError as error:
         return f"cannot be written ({error.strerror or error})"
     return None

@@ -111,17 +111,30 @@ def _read_batch(path: Path, labels_key: bytes, num_classes: int, fix: str) -> Sp
     data = _entry(batch, b"data")
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
         raise DataError(f"{path}: 'data' must be a uint8 array, got {type(data).__name__} "
-                        f"of {getattr(data, 'dtype', '?')}. {fix}")
-    if data.ndim != 2 or data.shape[1] != ROW_SIZE:
-        raise DataError(f"{path}: 'data' has shape {data.shape}; each row must hold "
-                        f"{ROW_SIZE} values (32x32x3). {fix}")
-    labels = _one_label_each(path, len(data), _entry(batch, labels_key), fix)
+                        f"of {getattr(data, 'dtype', '?')}; pixels of 0..255 convert with "
+                        f"np.asarray(data, dtype=np.uint8). {fix}")
+    images = _as_hwc(path, data, fix)
+    labels = _one_label_each(path, len(images), _entry(batch, labels_key), fix)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{path}: labels span {labels.min()}..{labels.max()}, outside "
                         f"0..{num_classes - 1} for {num_classes} classes. {fix}")
-    # rows are channel planes (R, G, B) of 32x32; HWC is what decoders and PIL expect
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return Split(np.ascontiguousarray(images), labels.astype(np.int64))
+
+
+def _as_hwc(path: Path, data: np.ndarray, fix: str) -> np.ndarray:
+    """uint8 pixels as N x 32 x 32 x 3 (HWC, what decoders and PIL expect) from the archive's
+    rows of R, G and B planes (N x 3072), or from the image arrays Python 3 writers save
+    (N x 3 x 32 x 32 planes, N x 32 x 32 x 3 pixels; 3 is never 32, so neither is mistaken
+    for the other); DataError naming path for any other shape."""
+    if data.ndim == 2 and data.shape[1] == ROW_SIZE:
+        return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if data.shape[1:] == (3, 32, 32):
+        return data.transpose(0, 2, 3, 1)
+    if data.shape[1:] == (32, 32, 3):
+        return data
+    raise DataError(f"{path}: 'data' has shape {data.shape}; expected N x {ROW_SIZE} rows of R, "
+                    "G and B planes (the original archive's layout), N x 3 x 32 x 32 or "
+                    f"N x 32 x 32 x 3. {fix}")
 
 
 def _text(name: bytes | str) -> str:
@@ -184,7 +197,7 @@ def source_name(name: str, data_dir: Path,
     if name == "synthetic":
         return python_folder.synthetic_folder_name(*synthetic_size, seed)
     if name == "folder":
-        return python_folder.image_folder_name(folders.class_files(data_dir))
+        return python_folder.image_folder_name(data_dir, folders.class_files(data_dir))
     return LAYOUTS[name].folder
 
 

@@ -20,10 +20,30 @@ from loaders.images import read_image
 SPLITS = ("train", "test")
 
 
+def images_under(folder: Path) -> list[Path]:
+    """Every file in `folder` and its sub-folders, as torchvision's ImageFolder takes them
+    (linked folders followed, each once), sorted; hidden files and folders (.DS_Store, ...)
+    left out. DataError for a link whose file is gone: skipped, its image would be lost."""
+    files, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(top) in seen:  # a link back up the tree: walked already
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(top))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for path in (Path(top, n) for n in names if not n.startswith(".")):
+            if path.is_symlink() and not path.exists():
+                raise DataError(f"{path} links to {os.readlink(path)}, which does not exist; "
+                                "restore it or delete the link.")
+            if path.is_file():  # not a FIFO or a socket, which reading would wait on
+                files.append(path)
+    return sorted(files)
+
+
 def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
     """{split: {class: files}} of an ImageFolder tree; DataError for what is missing or empty.
 
-    Hidden files (.DS_Store, ...) are not images; every other file in a class folder is one.
+    Every file under a class folder is one of its images (images_under).
     """
     out = {}
     for split in SPLITS:
@@ -41,9 +61,7 @@ def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
             found = f"only the class folder {classes[0]}" if classes else "no class folders"
             raise DataError(f"{folder} has {found}; a classifier needs at least 2 classes: put "
                             f"each class's images in {folder}/<class name>/.")
-        out[split] = {c: sorted(f for f in (folder / c).iterdir()
-                                if f.is_file() and not f.name.startswith("."))
-                      for c in classes}
+        out[split] = {c: images_under(folder / c) for c in classes}
         empty = [str(folder / c) for c, files in out[split].items() if not files]
         if empty:
             raise DataError(f"{', '.join(empty)}: no images in this class folder; add some or "
@@ -55,16 +73,17 @@ def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
     return out
 
 
-def fingerprint(files: dict[str, dict[str, list[Path]]]) -> str:
-    """A hash of every image's path, size and modification time: the conversion is redone
-    exactly when a file is added, removed or changed, without decoding any of them."""
+def fingerprint(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:
+    """A hash of every image's path in `root`, size and modification time: the conversion is
+    redone exactly when a file is added, removed or changed, without decoding any of them."""
     h = hashlib.blake2b(digest_size=8)
     for split, classes in files.items():
         for name, paths in classes.items():
             for path in paths:
                 stat = path.stat()
+                within = path.relative_to(root / split / name)  # its name, in sub-folders
                 # fsencode: names that are no UTF-8 come back as their bytes, not an error
-                h.update(os.fsencode(f"{split}/{name}/{path.name}:{stat.st_size}:"
+                h.update(os.fsencode(f"{split}/{name}/{within}:{stat.st_size}:"
                                      f"{stat.st_mtime_ns};"))
     return h.hexdigest()
 

@@ -26,9 +26,10 @@ def synthetic_folder_name(n_train: int, n_test: int, seed: int) -> str:
     return f"synthetic-{n_train}-{n_test}-seed{seed}"
 
 
-def image_folder_name(files: dict[str, dict[str, list[Path]]]) -> str:
-    """The python folder an ImageFolder tree converts into: one per state of its files."""
-    return f"folder-{folders.fingerprint(files)}"
+def image_folder_name(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:
+    """The python folder the ImageFolder tree in `root` converts into: one per state of its
+    files."""
+    return f"folder-{folders.fingerprint(root, files)}"
 
 
 def check_synthetic_memory(n_train: int, n_test: int) -> None:
@@ -116,7 +117,7 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
 def write_image_folder(root: Path) -> Path:
     """Convert (once per state of its files) an ImageFolder tree into a python folder in it."""
     files = folders.class_files(root)
-    folder = root / image_folder_name(files)
+    folder = root / image_folder_name(root, files)
     if folder.is_dir():
         return folder
     def make() -> Splits:

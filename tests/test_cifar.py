@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -31,7 +32,8 @@ from conftest import (
 )
 
 from common import hardware
-from common.files import waiting_lock
+from common.errors import OutputError
+from common.files import make_dir, waiting_lock
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
 from loaders.prepare import prepare
@@ -324,6 +326,22 @@ def test_a_data_dir_on_a_full_disk_is_refused_with_the_reason(tmp_path):
     refusal = re.escape(f"--data-dir {full}: {full} cannot be written (No space left on device)")
     with tmpfs(full, "size=1m,nr_inodes=1"), pytest.raises(DataError, match=refusal):
         prepare("synthetic", full, synthetic_size=(20, 5))
+
+
+def test_a_folder_on_a_disk_without_space_is_refused_before_any_work(tmp_path):
+    """An empty file can still be made on a full disk: --out and --data-dir are refused
+    there all the same, before hours of training find out at the first checkpoint."""
+    full = tmp_path / "full"
+    with tmpfs(full, "size=64k"):
+        with open(full / "filler", "wb") as filler, pytest.raises(OSError):
+            filler.write(b"x" * (1 << 20))
+            filler.flush()
+        with pytest.raises(OutputError, match=re.escape(
+                f"--out {full / 'run'} cannot be written (No space left on device)")):
+            make_dir(full / "run")
+        with pytest.raises(DataError, match=re.escape(
+                f"--data-dir {full}: {full} cannot be written (No space left on device)")):
+            prepare("synthetic", full, synthetic_size=(20, 5))
 
 
 def test_prepare_checks_the_data_dir_first(tmp_path):
@@ -668,6 +686,21 @@ def test_float_labels_are_refused_naming_the_file(cifar10_dir):
     dump_pickle(path, _with(labels=np.array([0.0, 1.5, 2.0, 3.0])))
     assert_refused(cifar10_dir, path, "labels of shape (4,) and type float64; expected one "
                                       "integer label per image")
+
+
+@pytest.mark.parametrize("layout", ["planes", "pixels"])
+def test_image_arrays_as_python_3_writers_save_them_are_read(cifar10_dir, layout):
+    """N x 3 x 32 x 32 (torch's layout) and N x 32 x 32 x 3 (PIL's, Keras's) hold the same
+    pixels as the archive's N x 3072 rows: each is read as what it is, never reshaped."""
+    for name in (*LAYOUT.train_files, *LAYOUT.test_files):
+        path = cifar10_dir.folder / name
+        batch = pickle.loads(path.read_bytes(), encoding="bytes")
+        planes = batch[b"data"].reshape(-1, 3, 32, 32)
+        batch[b"data"] = planes if layout == "planes" else planes.transpose(0, 2, 3, 1).copy()
+        dump_pickle(path, batch, 4)
+    data = read(cifar10_dir.folder)
+    assert_splits_equal(data.train, cifar10_dir.train)
+    assert_splits_equal(data.test, cifar10_dir.test)
 
 
 def test_three_dimensional_data_is_refused_naming_the_file(cifar10_dir):

@@ -60,6 +60,32 @@ def test_the_conversion_is_cached_until_a_file_changes(tmp_path):
     assert second.source != first.source and len(beton.read(second.train).labels) == 19
 
 
+def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
+    """As torchvision's ImageFolder walks a class folder: sub-folders and linked folders count
+    (a link back up the tree once), hidden ones and FIFOs do not; a dangling link is named."""
+    write_tree(tmp_path)
+    nested = tmp_path / "train" / "cat" / "2023" / "june"
+    nested.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(nested / f"{i}.png")
+    (tmp_path / "train" / "cat" / ".thumbs").mkdir()
+    (tmp_path / "train" / "cat" / ".thumbs" / "x.png").write_text("not an image")
+    os.mkfifo(tmp_path / "train" / "dog" / "pipe.png")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    shutil.copytree(nested, elsewhere)
+    (tmp_path / "train" / "dog" / "more").symlink_to(elsewhere)
+    (nested / "up").symlink_to(tmp_path / "train" / "cat")  # a loop
+    files = folders.class_files(tmp_path)["train"]
+    assert [len(files[c]) for c in CLASSES] == [6 + 2, 6 + 2, 6]
+    assert files["cat"][-2:] == [nested / "0.png", nested / "1.png"]  # sorted by path
+    prepared = prepare("folder", tmp_path, workers=1)
+    assert len(beton.read(prepared.train).labels) == 22
+    (tmp_path / "test" / "frog" / "gone.png").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(DataError, match=f"^{tmp_path}/test/frog/gone.png links to "
+                                        f"{tmp_path}/moved.png, which does not exist"):
+        prepare("folder", tmp_path, workers=1)
+
+
 def test_unreadable_files_are_all_named(tmp_path):
     write_tree(tmp_path)
     (tmp_path / "train" / "cat" / "notes.png").write_text("not an image")

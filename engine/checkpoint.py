@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,7 +44,12 @@ def unreadable(error: Exception) -> str:
     """Why torch.load refused a file, in a few words: the weights-only unpickler's own reason
     ('Unsupported operand 35'), never torch's advice around it to retry with
     weights_only=False, which would run whatever code the file holds."""
-    refused = str(error).partition("WeightsUnpickler error:")[2]
+    text = str(error)
+    refused = text.partition("WeightsUnpickler error:")[2]
+    if not refused and text.startswith("Weights only load failed"):
+        # torch's other wording: the reason is the paragraph between its advice and its link
+        refused = next((p for p in text.split("\n\n")[1:] if p.strip()
+                        and not p.strip().startswith("Check the documentation")), "")
     reason = next((line.strip() for line in refused.splitlines() if line.strip()), "")
     if reason:
         return f"a weights-only load refuses it: {reason.split('. ')[0].rstrip('.')}"
@@ -73,7 +79,9 @@ def load(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the ckpt.pt of a training run.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on a foreign file's pickle protocol
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zips, pickles of classes, random bytes, ...
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({unreadable(error)}). It may be truncated or "

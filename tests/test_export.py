@@ -114,7 +114,10 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
     cases = (((tmp_path / "junk.pt", "--format", "onnx"), "junk.pt"),
              ((run_dir / "ckpt.pt", "--format", "onnx", "--data-dir", tmp_path / "nodata",
                "--out", tmp_path / "x.onnx"), "nodata"),
-             ((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path), str(tmp_path)))
+             ((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path), str(tmp_path)),
+             # folders with no file name to derive the default --out from
+             (("/", "--format", "safetensors"), "/ is a folder"),
+             (("", "--format", "onnx", "--out", tmp_path / "x.onnx"), ". is a folder"))
     for args, named in cases:
         result = export(*args)
         assert result.returncode == 1 and named in result.stderr, result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -597,13 +598,23 @@ class Pickled:
     """A class a foreign checkpoint pickles: a weights-only load refuses it."""
 
 
+class RunsCode:
+    """What a malicious checkpoint pickles: a call of os.system."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
 @pytest.mark.parametrize("content, reason", [
     (b"# notes\n", "a weights-only load refuses it: Unsupported operand"),
     (lambda path: torch.save({"model": Pickled()}, path),
      "a weights-only load refuses it: Unsupported global: GLOBAL test_reliability.Pickled"),
+    (lambda path: torch.save({"model": RunsCode()}, path),  # torch words this refusal apart
+     "a weights-only load refuses it: Trying to load unsupported GLOBAL posix.system whose "
+     "module posix is blocked)"),
     (lambda path: torch.save({"w": torch.zeros(1000)}, path) or path.write_bytes(
         path.read_bytes()[:2000]), "RuntimeError: PytorchStreamReader failed reading zip"),
-    (b"", "(EOFError)")], ids=["text", "pickled class", "truncated", "empty"])
+    (b"", "(EOFError)")], ids=["text", "pickled class", "code", "truncated", "empty"])
 def test_an_unreadable_checkpoint_gets_the_reason_never_advice_to_unpickle_it(
         tmp_path, content, reason):
     """torch wraps the weights-only unpickler's reason in advice to load with
@@ -615,6 +626,16 @@ def test_an_unreadable_checkpoint_gets_the_reason_never_advice_to_unpickle_it(
     message = str(refused.value)
     assert message.startswith(f"{path} is not a readable checkpoint (") and reason in message
     assert "weights_only" not in message and "\n" not in message
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_foreign_pickle_is_refused_without_torchs_warnings(tmp_path):
+    """torch warns about a plain pickle's protocol (advice to its author, over lines of
+    stderr before the one-line error): not passed on."""
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4))
+    with pytest.raises(CheckpointError, match="refuses it: Unsupported operand 149"):
+        checkpoint.load(path)
 
 
 @pytest.mark.slow

@@ -215,6 +215,21 @@ def _other_class_count(tmp: Path, run_dir: Path) -> list:
     return [tmp / "ckpt.pt"]
 
 
+def _config_of_no_run(tmp: Path, run_dir: Path) -> list:
+    """A config TrainConfig cannot take: the data to rebuild would be a guess."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"]["synthetic_size"] = 5
+    torch.save(ckpt, tmp / "ckpt.pt")
+    return [tmp / "ckpt.pt", "--data-dir", run_dir.parent / "data"]
+
+
+def _unknown_dataset(tmp: Path, run_dir: Path) -> list:
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["data"]["dataset"] = "bogus"
+    torch.save(ckpt, tmp / "ckpt.pt")
+    return [tmp / "ckpt.pt", "--data-dir", run_dir.parent / "data"]
+
+
 def assert_refused(code: int, stderr: str, out: Path) -> None:
     """A non-zero exit, one paragraph on stderr and no traceback, and no --out folder."""
     assert code != 0
@@ -233,7 +248,8 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(make, run_dir, tmp_path
     assert_refused(result.returncode, result.stderr, out)
 
 
-@pytest.mark.parametrize("make", [_moved_test_data, _other_architecture, _other_class_count],
+@pytest.mark.parametrize("make", [_moved_test_data, _other_architecture, _other_class_count,
+                                  _config_of_no_run, _unknown_dataset],
                          ids=lambda f: f.__name__.strip("_"))
 def test_mismatched_checkpoints_are_refused(make, run_dir, tmp_path, capsys):
     """The same as above, in-process (main() returns the exit code), to save interpreter starts."""

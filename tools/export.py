@@ -117,13 +117,13 @@ def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 when the export was written and checked, 1 otherwise."""
     args = parse_args(argv)
-    default = args.checkpoint.with_suffix(SUFFIX[args.format])
-    out = args.out or default
 
     def body() -> None:
+        ckpt = checkpoint.load(args.checkpoint)  # first: a folder ('.', '/') has no file name
+        default = args.checkpoint.with_suffix(SUFFIX[args.format])
+        out = args.out or default
         check_out(out, args.checkpoint, default)
         require(args.format)
-        ckpt = checkpoint.load(args.checkpoint)
         model = checkpoint.model_from(ckpt, args.checkpoint)
         images, what = check_images(ckpt, args.checkpoint, args.data_dir)
         ref = reference_logits(ckpt, model, images)

@@ -42,8 +42,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values * 255 / top + 0.5, 0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    elif image.mode == "F":  # NaN, where a float picture holds it, is black
+        values = np.nan_to_num(np.asarray(image), nan=0.0)
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA")  # keeps a palette's transparency for the composite below
     if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
@@ -59,7 +60,10 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's notes on damaged metadata ('Corrupt EXIF data'), lines of stderr that name
+            # no file: the pixels decoded, which is all that is used
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # checked first
             with Image.open(path) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # photos taken sideways stand upright

@@ -75,6 +75,26 @@ def test_transparency_becomes_white_and_16_bit_is_scaled(tmp_path):
     assert (read_image(tmp_path / "deep.png") == 128).all()  # not clipped to 255
 
 
+@pytest.mark.filterwarnings("error")
+def test_damaged_metadata_and_nan_pixels_are_read_without_warnings(tmp_path):
+    """A photo's corrupt EXIF block (its pixels intact) and a float TIFF's NaN: PIL and numpy
+    warned on stderr without naming the file; the pixels are read, NaN as black."""
+    pixels = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    photo = Image.fromarray(pixels)
+    exif = photo.getexif()
+    exif[0x010F] = "Camera"  # Make
+    photo.save(tmp_path / "photo.jpg", exif=exif)
+    raw = bytearray((tmp_path / "photo.jpg").read_bytes())
+    tiff = raw.index(b"Exif\0\0") + 6  # the EXIF block's TIFF header
+    order = "little" if raw[tiff:tiff + 2] == b"II" else "big"
+    first_ifd = tiff + int.from_bytes(raw[tiff + 4:tiff + 8], order)
+    raw[first_ifd:first_ifd + 2] = (40).to_bytes(2, order)  # 40 entries where there is one
+    (tmp_path / "photo.jpg").write_bytes(bytes(raw))
+    assert read_image(tmp_path / "photo.jpg").shape == (32, 32, 3)
+    Image.fromarray(np.full((32, 32), np.nan, np.float32)).save(tmp_path / "nan.tif")
+    assert (read_image(tmp_path / "nan.tif") == 0).all()
+
+
 def test_downscaling_averages_instead_of_sampling(tmp_path):
     # a one-pixel checkerboard: an antialiasing filter gives grey, nearest sampling black/white
     board = (np.indices((320, 320)).sum(0) % 2 * 255).astype(np.uint8)

@@ -124,6 +124,22 @@ def make_dir(path: Path, option: str = "--out") -> bool:
     return created
 
 
+@contextmanager
+def removed_if_failed_empty(path: Path) -> Iterator[None]:
+    """Remove folder `path` when the block fails (Ctrl-C included) having made it and left it
+    empty: a failed command leaves no trace. Not on success: under torchrun another process
+    may still be about to write there."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):  # not empty after all, or gone: nothing to undo
+            if not existed and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
+
+
 def _is_current(fd: int, lock: Path) -> bool:
     """Whether descriptor fd is of the file now at path `lock` (a holder that was done may
     have removed it after it was opened)."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import ROOT, run_script
 
 from tools.compare import default_lr, main
 
@@ -87,6 +90,25 @@ def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
                      "--epochs", "1", "--width", "16", "--out", str(again))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"--width cannot change when resuming {again / 'adam'}" in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_first_run_leaves_no_out_folder(out, tmp_path):
+    """Stopped before any run saved an epoch: the --out it made goes, as engine/train.py's."""
+    again = tmp_path / "new" / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "compare.py"), *SMALL, "--width", "64",
+         "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "--epochs", "1",
+         "--out", str(again)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.monotonic() + 300
+    while not (again / "sgd" / ".lock").exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # a width-64 epoch is seconds away: none is saved
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "stopped during sgd" in stderr, stderr[-3000:]
+    assert not again.exists() and (tmp_path / "new").is_dir()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -191,6 +191,16 @@ def test_lr_find_refuses_bad_options_with_a_usage_error(args, message, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sweep_that_fails_leaves_no_out_folder_it_made(tmp_path, capsys):
+    """fp16 fails on the CPU once --out is made (it is made first, to refuse a bad one): the
+    folder goes again, as engine/train.py's does; a folder that was there stays."""
+    for out, existed in ((tmp_path / "new", False), (tmp_path, True)):
+        code = lr_find.main([*SMALL, "--data-dir", str(tmp_path / "data"), "--precision",
+                             "fp16", "--out", str(out)])
+        assert code == 1 and "--precision fp16 needs a CUDA GPU" in capsys.readouterr().err
+        assert out.is_dir() == existed
+
+
 def test_the_tools_help_lists_their_own_out_and_no_resume(capsys):
     """--resume continues one engine/train.py run: the tools that train do not take it."""
     with pytest.raises(SystemExit):

@@ -22,7 +22,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     import torch
 
     from common.errors import Interrupted, RangeTestError, TrainingError
-    from common.files import atomic_write, write_csv, write_text
+    from common.files import atomic_write, removed_if_failed_empty, write_csv, write_text
     from engine.config import TrainConfig, parse_tool_args
     from engine.loop import train
     from engine.optimizers import OPTIMIZERS
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.optimizers:
             lr = default_lr(name, cfg.batch_size) if args.lr is None else cfg.lr
             try:
-                result, main_process = train_one(cfg, name, lr, out / name)
+                with removed_if_failed_empty(out):  # each run's folder goes when left empty
+                    result, main_process = train_one(cfg, name, lr, out / name)
             except Interrupted:
                 raise Interrupted(f"stopped during {name}; run the same command again to go "
                                   f"on: the runs in {out}/ are resumed, or reused when "

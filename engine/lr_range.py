@@ -29,6 +29,7 @@ BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of the best one
 SKIP = 10  # early points left out of the steepest-slope search (fastai v1's skip_start)
 MIN_ITERATIONS = 2 * SKIP  # ours: as many steps searched as skipped, at the least
+MAX_ITERATIONS = 100_000  # ours: 1000x fastai's default; past it a typo, never a sweep
 
 
 @dataclass
@@ -66,6 +67,9 @@ def check_sweep(start_lr: float, end_lr: float, iterations: int) -> None:
     if iterations < MIN_ITERATIONS:  # a shorter sweep suggests its first LR, confidently
         raise ValueError(f"--iterations must be at least {MIN_ITERATIONS}: the first {SKIP} "
                          f"steps are not searched for the steepest slope, got {iterations}")
+    if iterations > MAX_ITERATIONS:  # the LR would creep for days before the loss moved
+        raise ValueError(f"--iterations must be at most {MAX_ITERATIONS:,} (the default is "
+                         f"{ITERATIONS}), got {iterations:,}")
 
 
 def exponential(step: int, ratio: float, iterations: int) -> float:

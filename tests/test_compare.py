@@ -125,6 +125,15 @@ def test_compare_refuses_bad_options_with_a_usage_error(args, message, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_that_is_a_file_is_named_before_any_run(tmp_path, capsys):
+    (tmp_path / "notes").write_text("kept")
+    assert main([*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
+                 "--out", str(tmp_path / "notes")]) == 1
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'notes'} is a file, not a "
+                                       "folder; choose a writable folder.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no data prepared
+
+
 def test_default_lrs_follow_the_linear_scaling_rule_for_sgd_only():
     assert default_lr("nesterov", 512) == pytest.approx(0.2)  # the fast preset's peak
     assert default_lr("adamw", 512) == default_lr("adamw", 128) == 1e-3

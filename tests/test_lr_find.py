@@ -179,6 +179,8 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
     (["--start-lr", "1", "--end-lr", "0.1"], "start-lr"),
     (["--end-lr", "inf"], "both finite"),
     (["--iterations", "5"], "--iterations must be at least 20: the first 10 steps"),
+    (["--iterations", "100000000000"], "--iterations must be at most 100,000 (the default is "
+                                       "100), got 100,000,000,000"),
     (["--resume", "somewhere"], "unrecognized arguments: --resume"),
     (["--optimizer", "lion"], "invalid choice"),
     (["--lr", "0.1"], "--lr: the range test does not use it (it sweeps the LR from"),

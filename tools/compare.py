@@ -22,7 +22,13 @@ with interruptible_imports():  # torch and the rest take seconds to import
     import torch
 
     from common.errors import Interrupted, RangeTestError, TrainingError
-    from common.files import atomic_write, removed_if_failed_empty, write_csv, write_text
+    from common.files import (
+        atomic_write,
+        make_dir,
+        removed_if_failed_empty,
+        write_csv,
+        write_text,
+    )
     from engine.config import TrainConfig, parse_tool_args
     from engine.loop import train
     from engine.optimizers import OPTIMIZERS
@@ -182,16 +188,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         results, main_process = [], True
-        for name in args.optimizers:
-            lr = default_lr(name, cfg.batch_size) if args.lr is None else cfg.lr
-            try:
-                with removed_if_failed_empty(out):  # each run's folder goes when left empty
+        with removed_if_failed_empty(out):  # each run's folder goes too when left empty
+            make_dir(out)  # a file or a read-only --out is named as such, before any run
+            for name in args.optimizers:
+                lr = default_lr(name, cfg.batch_size) if args.lr is None else cfg.lr
+                try:
                     result, main_process = train_one(cfg, name, lr, out / name)
-            except Interrupted:
-                raise Interrupted(f"stopped during {name}; run the same command again to go "
-                                  f"on: the runs in {out}/ are resumed, or reused when "
-                                  "finished") from None
-            results.append(result)
+                except Interrupted:
+                    raise Interrupted(f"stopped during {name}; run the same command again to "
+                                      f"go on: the runs in {out}/ are resumed, or reused when "
+                                      "finished") from None
+                results.append(result)
         if main_process:  # under torchrun, one process writes
             write_report(results, cfg, lr_source(args.lr), out)
         return 1 if any(r.note for r in results) else 0

@@ -161,6 +161,19 @@ def _exit_at_once_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, exit_now)
 
 
+def error_text(error: Exception) -> str:
+    """The one line a command prints for a failure it expects: an EngineError's own words, a
+    file it could not read or write, memory; any other error is a bug, raised again."""
+    if isinstance(error, EngineError):
+        return str(error)
+    if isinstance(error, OSError):  # a file the library could not read or write: name it
+        return os_error_text(error)
+    if isinstance(error, MemoryError):  # numpy's _ArrayMemoryError too
+        return ("out of memory; use a smaller dataset, --batch-size or --width, or a machine "
+                "with more memory.")
+    raise error
+
+
 def run_main(body: Callable[[], int | None]) -> int:
     """Call a command's body; EngineError -> 'error: ...' and 1, Ctrl-C -> one line and 130
     (SIGTERM: 143).
@@ -186,15 +199,11 @@ def run_main(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         error_line(INTERRUPTED_LINE)
         return stopped_code()
-    except EngineError as error:
-        error_line(f"error: {error}")
-        return 1
-    except OSError as error:  # a file the library could not read or write: name it
-        error_line(f"error: {os_error_text(error)}")
-        return 1
-    except MemoryError:  # numpy's _ArrayMemoryError too
-        error_line("error: out of memory; use a smaller dataset, --batch-size or --width, or a "
-                   "machine with more memory.")
+    except Exception as error:
+        if _stop_requested.is_set():  # a library made the Ctrl-C an error of its own: torch's
+            error_line(INTERRUPTED_LINE)  # exporter, stopped mid-import, raises TorchExportError
+            return stopped_code()
+        error_line(f"error: {error_text(error)}")
         return 1
     finally:
         _stop_requested.clear()

@@ -161,6 +161,23 @@ def test_run_main_names_a_full_disk_and_a_lack_of_memory(capsys):
     assert capsys.readouterr().err.startswith("error: out of memory; ")
 
 
+def test_a_ctrl_c_a_library_turns_into_its_own_error_is_still_a_ctrl_c(capsys):
+    """torch's exporter, stopped while it imports dynamo, raised TorchExportError from the
+    KeyboardInterrupt: a traceback and exit 1 instead of one line and 130. An error after a
+    stop is the stop's doing; without one, an unexpected error is a bug, raised."""
+    def wrapped():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # run_main's handler raises it here
+            signal.sigtimedwait([], 5)  # not reached: the interrupt comes first
+        except KeyboardInterrupt as stop:
+            raise RuntimeError("Failed to export the model with torch.export") from stop
+
+    assert run_main(wrapped) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_main(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
 def test_each_line_run_main_prints_is_one_write(monkeypatch):
     """Processes sharing one stderr (torchrun's) interleave write by write, and stderr writes
     through: print() made a line's text and its newline two writes, so one process's line

@@ -52,6 +52,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         # only copies bytes into a scalar of an allowed dtype, it calls nothing
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # a batch saved as an OrderedDict: the class is called with its (key, value) pairs
+        ("collections", "OrderedDict"),
     }
 
     def find_class(self, module: str, name: str) -> Callable[..., object]:
@@ -156,6 +158,8 @@ def _class_names(meta: Path, key: bytes, fix: str) -> list[str]:
         names = names.tolist()
     if not isinstance(names, list | tuple) or not all(isinstance(n, bytes | str) for n in names):
         found = "nothing" if names is None else f"a {type(names).__name__}"
+        if isinstance(names, list | tuple):  # of what: [0, 1, ...] is no list of names
+            found += " of " + ", ".join(sorted({type(n).__name__ for n in names}))
         raise DataError(f"{meta} has no '{key.decode()}' list of class names (found "
                         f"{found}). {fix}")
     classes = [_text(n) for n in names]

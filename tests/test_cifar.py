@@ -3,6 +3,7 @@ synthetic dataset."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -456,6 +457,13 @@ def test_class_names_in_a_numpy_array_are_read(cifar10_dir, kind, protocol):
     assert read(cifar10_dir.folder).classes == CIFAR10_CLASSES
 
 
+def test_a_batch_saved_as_an_ordered_dict_is_read(cifar10_dir):
+    path = cifar10_dir.folder / "test_batch"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    dump_pickle(path, collections.OrderedDict(batch), 4)
+    assert_splits_equal(read(cifar10_dir.folder).test, cifar10_dir.test)
+
+
 def _good_batch(n: int = 4) -> dict:
     split = random_split(n, np.random.default_rng(1))
     return {b"data": split.images.transpose(0, 3, 1, 2).reshape(n, -1).copy(),
@@ -505,6 +513,8 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
     "meta without label_names": ("batches.meta", {b"num_vis": 3072}, "label_names"),
     "label_names a dict": ("batches.meta", {"label_names": {"cat": 0}},
                            "no 'label_names' list of class names (found a dict)"),
+    "label_names of ints": ("batches.meta", {"label_names": list(range(10))},
+                            "no 'label_names' list of class names (found a list of int)"),
     "one class": ("batches.meta", {"label_names": ["only"]},
                   "names 1 class(es) (only); a classifier needs at least 2 classes"),
     "class names with line breaks": ("batches.meta",  # as readlines() leaves them

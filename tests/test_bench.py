@@ -193,6 +193,8 @@ def test_sections_choose_what_runs(tmp_path):
     (["--profile-steps", "0"], "--profile-steps: must be positive"),
     (["--threads", "0"], "--threads: must be positive"),
     (["--matmul-seconds", "-1"], "--matmul-seconds: must be positive"),
+    (["--matmul-seconds", "inf"], "--matmul-seconds: must be finite, got inf"),
+    (["--batch-size", "1e3"], "--batch-size: invalid int value: '1e3'"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
     (["--compile-modes", "fast"], "unknown value(s) fast"),
     (["--epoch-images", "1", "--images", "5"], "--images 5, --epoch-images 1: the synthetic "
@@ -221,10 +223,13 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
         assert cfg == replace(base, compile=True, compile_mode=cfg.compile_mode)
 
 
-def test_json_naming_a_folder_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--json", "--trace"])
+def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option):
+    """Before any section runs: --trace's was found after the profile had run."""
     with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args(["--json", str(tmp_path)])
-    assert exit_info.value.code == 2 and "is a folder; name a file" in capsys.readouterr().err
+        bench.parse_args([option, str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"{option} {tmp_path} is a folder; name a file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])
@@ -419,6 +424,20 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     assert (broken.status, broken.images_per_s) == ("failed", None)
     assert broken.reason.startswith("OutOfMemoryError: CUDA out of memory")
     assert bench.failed({"step": [asdict(refused), asdict(broken)]}) == 1
+
+
+def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypatch, tmp_path):
+    """--batch-size 400 over 100 images steps on batches of 100: images/s counts those, not
+    400 a step (a 4x overstatement, MFU with it), and the row says so."""
+    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                             "--batch-size", "400", "--workers", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    device = bench.measured_device(args)
+    bench.fill_defaults(args)
+    base = replace(bench.base_config(args, device, 100, str(tmp_path)), loader="resident")
+    row = bench_sections.bench_step(base, args)
+    assert row.status == "ok" and row.batch_size == 100
+    assert row.images_per_s == pytest.approx(args.steps * 100 / min(row.block_s))
 
 
 def test_failed_peer_epochs_count_as_a_failure():

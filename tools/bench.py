@@ -10,6 +10,7 @@ the step's dtype, itself timed in the same run.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -84,12 +85,16 @@ def csv(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
 
 
 def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse type: a number of `kind` that is at least 1 (or above 0 for floats)."""
+    """An argparse type: a number of `kind` that is at least 1 (or above 0 for floats), and
+    finite (--matmul-seconds inf would time blocks forever)."""
     def parse(text: str):
         value = kind(text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: '1e3'"
     return parse
 
 
@@ -179,8 +184,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if few:  # else every row of their sections fails, in synthetic's words
         p.error(f"{', '.join(few)}: the synthetic data needs at least {len(synthetic.CLASSES)} "
                 "training images, one per class")
-    if args.json is not None and args.json.is_dir():
-        p.error(f"--json {args.json} is a folder; name a file, e.g. {args.json / 'bench.json'}")
+    for option, path, name in (("--json", args.json, "bench.json"),
+                               ("--trace", args.trace, "bench.trace.json.gz")):
+        if path is not None and path.is_dir():
+            p.error(f"{option} {path} is a folder; name a file, e.g. {path / name}")
     for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):
         problem = place_problem(path, made) if path is not None else None
         if problem:

@@ -209,6 +209,7 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
     try:
         run = make_run(cfg, args.threads)
         images, labels = next(iter(run.train_loader))
+        result.batch_size = len(labels)  # a batch over the split is the split (BatchLoader)
         result.warmup_s = timed_steps(run, images, labels, args.warmup_steps)
         result.block_s = [timed_steps(run, images, labels, args.steps)
                           for _ in range(args.repeats)]
@@ -219,7 +220,7 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
         result.status, result.reason = "skipped" if skipped else "failed", one_line(error)
         return result
     result.steps = args.steps
-    result.images_per_s = args.steps * cfg.batch_size / min(result.block_s)
+    result.images_per_s = args.steps * result.batch_size / min(result.block_s)
     return result
 
 
@@ -248,6 +249,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
         run = make_run(cfg, threads)
         sync(run.accelerator.device)  # the build's queued GPU work belongs to its time
         r.build_s = time.perf_counter() - start
+        r.batch_size = run.train_loader.batch_size  # capped at the split, as in training
         first = train_pass(run, 0)
         steady = [train_pass(run, e) for e in range(1, epochs + 1)]
         images, labels = next(iter(run.train_loader))  # the same images, no loader

@@ -175,17 +175,64 @@ def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
         pytest.fail(f"the command's child ({child.parent.name}) outlived the kill")
 
 
-def test_a_bundle_in_a_missing_folder_is_refused_before_any_step(tmp_path, capsys):
-    bundle = tmp_path / "missing" / "suite.tar.gz"
-    code = gpu_suite.main(["tests-quick", "--dry-run", "--results", str(tmp_path / "r"),
-                           "--bundle", str(bundle)])
+@pytest.mark.parametrize("case", ["missing folder", "a folder", "$OUT a file"])
+def test_a_bundle_that_cannot_be_written_is_refused_before_any_step(tmp_path, monkeypatch,
+                                                                    capsys, case):
+    """Found before the first command (a folder was found after it, and the step's record was
+    lost), and before a results folder is made for it ($OUT's temporary one was left)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("OUT", raising=False)
+    args = ["tests-quick", "--dry-run"]
+    if case == "missing folder":
+        bundle, words = tmp_path / "missing" / "suite.tar.gz", "does not exist"
+    elif case == "a folder":
+        bundle, words = tmp_path / "suite.tar.gz", "is a folder; name a .tar.gz file"
+        bundle.mkdir()
+    else:
+        (tmp_path / "out").write_text("")
+        monkeypatch.setenv("OUT", str(tmp_path / "out"))
+        bundle, words = tmp_path / "out" / "gpu-suite.tar.gz", "is a file, not a folder"
+    if case != "$OUT a file":
+        args += ["--results", str(tmp_path / "r"), "--bundle", str(bundle)]
+    before = sorted(tmp_path.iterdir())
+    code = gpu_suite.main(args)
     err = capsys.readouterr().err
-    assert code == 1 and f"the folder {bundle.parent} does not exist" in err
-    assert not (tmp_path / "r").exists()
+    assert code == 1 and err.startswith(f"error: --bundle {bundle} ") and words in err, err
+    assert sorted(tmp_path.iterdir()) == before  # no results folder, temporary or not
+
+
+def test_a_step_clears_what_an_earlier_suite_left_for_its_commands(tmp_path, monkeypatch):
+    """The summary reads the results folder: an old run's metrics beside a command that
+    failed this time showed the old figures as this run's."""
+    monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [("first", ["false"])])
+    stale = [tmp_path / "first" / "metrics.jsonl", tmp_path / "first.json",
+             tmp_path / "first.trace.json.gz", tmp_path / "first.xml"]
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("{}")
+    (tmp_path / "other.json").write_text("{}")  # another command's: kept
+    suite = gpu_suite.Suite(tmp_path, tmp_path / "work", sys.executable, dict(os.environ),
+                            True, {}, ["two"])
+    assert not gpu_suite.run_step(suite, "two")
+    assert not any(path.exists() for path in stale) and (tmp_path / "other.json").exists()
+
+
+@pytest.mark.slow
+def test_relative_paths_name_places_from_where_the_suite_is_called(tmp_path):
+    """gpu_suite.sh changed into the checkout: --results r wrote into it. The step's own
+    commands, which run in the checkout, get the same places."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    result = subprocess.run(["bash", str(ROOT / "tools" / "gpu_suite.sh"), "tests-quick",
+                             "--dry-run", "--results", "r", "--bundle", "b.tar.gz"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "r" / "tests-quick.xml").is_file() and (tmp_path / "b.tar.gz").is_file()
+    assert not (ROOT / "r").exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0"], "--budget must be a positive number of seconds"),
+    (["--budget", "nan"], "--budget must be a positive number of seconds, got nan"),
     (["--bundle", "out.zip"], "name a .tar.gz file"),
     (["train", "bench-grid"], "unknown step(s) bench-grid; choose from tests-quick, "),
     (["--results", ""], "an empty value would write the results into the current folder"),

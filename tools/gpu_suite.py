@@ -253,6 +253,16 @@ def run_command(argv: list[str], env: dict, log, timeout: float) -> tuple[int | 
     return code, time.perf_counter() - start
 
 
+def clear_outputs(s: Suite, names: list[str]) -> None:
+    """Remove what earlier suites left in the results for these commands (a run's files, a
+    bench JSON and trace, a junit report): the summary reads the folder, and would show an
+    old run's figures beside a command that failed this time."""
+    for name in names:
+        shutil.rmtree(s.results / name, ignore_errors=True)
+        for suffix in (".json", ".trace.json.gz", ".xml"):
+            (s.results / f"{name}{suffix}").unlink(missing_ok=True)
+
+
 def keep_run(s: Suite, name: str) -> None:
     """Copy a training run's small files (not its checkpoints) into the results."""
     run = s.work / name
@@ -296,6 +306,7 @@ def run_step(s: Suite, step: str) -> bool:
     record = dict(step=step, ok=False, commands=done)
     s.done.append(record)
     log_path = s.results / f"{step}.log"
+    clear_outputs(s, [name for name, _ in commands])
     cut = "the --budget"  # what stopped the step, should a command not start
     with open(log_path, "w") as log:
         log.writelines(f"# {key}: {value}\n" for key, value in meta.items())
@@ -359,8 +370,18 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     benchmarks/results/gpu-<date>/."""
     out = os.environ.get("OUT")
     bundle = args.bundle or (Path(out) / "gpu-suite.tar.gz" if out else None)
+    if bundle is not None:  # found now, not after the first command
+        bundle = bundle.absolute()
+        where = bundle.parent
+        problem = ("is a folder; name a .tar.gz file" if bundle.is_dir()
+                   else f"cannot be written: {where} is a file, not a folder" if where.is_file()
+                   else f"cannot be written: the folder {where} does not exist; create it or "
+                        "name a file in an existing folder" if not where.is_dir() else None)
+        if problem:
+            raise SetupError(f"--bundle {bundle} {problem}"
+                             + (" (from $OUT)" if args.bundle is None else "") + ".")
     if args.results is not None:
-        return args.results, bundle
+        return args.results.absolute(), bundle
     if out:  # a fresh folder: a second call on the same machine bundles nothing stale
         return Path(tempfile.mkdtemp(prefix="gpu-suite-results-")), bundle
     return ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today().isoformat()}", bundle
@@ -394,7 +415,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}, "
                 f"{', '.join(GROUPS)}")
-    if args.budget is not None and args.budget <= 0:
+    if args.budget is not None and not 0 < args.budget < math.inf:  # nan meant no budget
         p.error(f"--budget must be a positive number of seconds, got {args.budget:g}")
     if args.bundle is not None and not args.bundle.name.endswith(".tar.gz"):
         p.error(f"--bundle {args.bundle}: name a .tar.gz file")
@@ -416,16 +437,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise SetupError("torch sees no CUDA GPU here; run on a GPU machine, or check "
                                  "the commands on the CPU with --dry-run.")
         results, bundle = outputs(args)
-        if bundle is not None and not bundle.parent.is_dir():  # found now, not after a step
-            raise SetupError(f"--bundle {bundle}: the folder {bundle.parent} does not exist; "
-                             "create it or name a file in an existing folder.")
         results.mkdir(parents=True, exist_ok=True)
-        env = environment(sys.executable, args.site)
+        env = environment(sys.executable, args.site.absolute())
         device = "cpu" if args.dry_run else "cuda"
         meta = header(sys.executable, env, device, argv, args.dry_run)
         deadline = start + args.budget if args.budget else math.inf
         with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
-            suite = Suite(results, args.work or Path(tmp), sys.executable, env, args.dry_run,
+            # absolute: the commands run in the checkout, the caller named them from elsewhere
+            work = args.work.absolute() if args.work else Path(tmp)
+            suite = Suite(results, work, sys.executable, env, args.dry_run,
                           meta, steps, deadline, bundle)
             failed = run_steps(suite)
         print((results / "summary.md").read_text())

@@ -10,6 +10,6 @@ py=${PYTHON:-}
 if [ -z "$py" ]; then
   if [ -x "$root/.venv/bin/python" ]; then py=$root/.venv/bin/python; else py=python3; fi
 fi
-cd "$root"
+# no cd: relative --results, --bundle and $OUT name places from where the suite is called
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 exec "$py" -m tools.gpu_suite "$@"

@@ -32,18 +32,20 @@ def image_folder_name(root: Path, files: dict[str, dict[str, list[Path]]]) -> st
     return f"folder-{folders.fingerprint(root, files)}"
 
 
-def check_synthetic_memory(n_train: int, n_test: int) -> None:
-    """DataError naming --synthetic-size when the images would not fit in memory, raised
-    before any is made (an allocation that fails is a traceback, one that the kernel grants
-    and cannot back is a process killed by the OOM killer)."""
+def check_synthetic_memory(n_train: int, n_test: int, option: str = "--synthetic-size") -> None:
+    """DataError naming `option` (the command's: tools/bench.py sizes the split with --images)
+    when the images would not fit in memory, raised before any is made (an allocation that
+    fails is a traceback, one that the kernel grants and cannot back is a process killed by
+    the OOM killer)."""
     # the written batches are read back and joined: two copies of the images at the peak
     needed = 2 * (n_train + n_test) * ROW_SIZE
     available = available_memory()
+    given = f"{n_train} {n_test}" if option == "--synthetic-size" else f"{n_train}"
     if needed > available:
-        raise DataError(f"--synthetic-size {n_train} {n_test} needs about {needed / 1e9:.1f} GB "
-                        "of memory (twice its images: they are read back once written) but "
-                        f"{available / 1e9:.1f} GB is available; choose a smaller "
-                        "--synthetic-size or free some memory.")
+        raise DataError(f"{option} {given} needs about {needed / 1e9:.1f} GB of memory (twice "
+                        "its images: they are read back once written) but "
+                        f"{available / 1e9:.1f} GB is available; choose a smaller {option} or "
+                        "free some memory.")
 
 
 def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> None:

@@ -195,6 +195,7 @@ def test_sections_choose_what_runs(tmp_path):
     (["--matmul-seconds", "-1"], "--matmul-seconds: must be positive"),
     (["--matmul-seconds", "inf"], "--matmul-seconds: must be finite, got inf"),
     (["--batch-size", "1e3"], "--batch-size: invalid int value: '1e3'"),
+    (["--images", "1000000000"], "--images 1000000000 needs about 6144.0 GB of memory"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
     (["--compile-modes", "fast"], "unknown value(s) fast"),
     (["--epoch-images", "1", "--images", "5"], "--images 5, --epoch-images 1: the synthetic "
@@ -438,6 +439,18 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     row = bench_sections.bench_step(base, args)
     assert row.status == "ok" and row.batch_size == 100
     assert row.images_per_s == pytest.approx(args.steps * 100 / min(row.block_s))
+
+
+@pytest.mark.parametrize("option, value", [("--matmul-size", "1000000"), ("--width", "100000")])
+def test_an_mfu_section_out_of_memory_names_the_option(tmp_path, capsys, option, value):
+    """A 10^6 x 10^6 matmul (4 TB) or a model of width 10^5 does not fit: one line naming the
+    option, not the CPU allocator's traceback."""
+    code = bench.main(["--quick", "--device", "cpu", "--sections", "mfu", option, value,
+                       "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: out of memory ")
+    assert err.splitlines()[-1].endswith(f"choose a smaller {option}.")
 
 
 def test_failed_peer_epochs_count_as_a_failure():

@@ -26,12 +26,14 @@ with interruptible_imports():  # torch and the rest take seconds to import
     import torch
 
     from common.compile_modes import COMPILE_MODES
+    from common.errors import DataError
     from common.files import unwritable, write_json
     from common.hardware import available_cores
     from engine.config import TrainConfig, resolve
     from engine.run import DTYPES
     from loaders import synthetic
     from loaders.prepare import data_dir_option
+    from loaders.python_folder import check_synthetic_memory
     from tools.bench_output import metadata, report
     from tools.bench_peers import bench_peers
     from tools.bench_profile import bench_profile
@@ -184,6 +186,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if few:  # else every row of their sections fails, in synthetic's words
         p.error(f"{', '.join(few)}: the synthetic data needs at least {len(synthetic.CLASSES)} "
                 "training images, one per class")
+    for name in IMAGE_COUNTS:  # named as bench's options, not as engine/train.py's
+        if getattr(args, name) is not None:
+            try:
+                check_synthetic_memory(getattr(args, name), TEST_IMAGES,
+                                       f"--{name.replace('_', '-')}")
+            except DataError as error:
+                p.error(str(error))
     for option, path, name in (("--json", args.json, "bench.json"),
                                ("--trace", args.trace, "bench.trace.json.gz")):
         if path is not None and path.is_dir():

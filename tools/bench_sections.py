@@ -15,8 +15,9 @@ from torch import nn
 
 from common.cli import stop_if_interrupted
 from common.compile_modes import compile_text
-from common.errors import EngineError, TrainingError, one_line
+from common.errors import EngineError, SetupError, TrainingError, one_line
 from engine.config import TrainConfig
+from engine.loop import out_of_memory
 from engine.model import build_model, forward_macs
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
@@ -329,17 +330,30 @@ def outpaced_peaks(rows: list[dict]) -> list[str]:
 
 def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
               args: argparse.Namespace) -> MfuResult:
-    """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput."""
-    model = build_model(base.arch, 10, base.width)
-    counted, by_module = count_train_flops(model, channels_last=base.channels_last)
+    """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput.
+    SetupError naming the option when the model or a matmul does not fit in memory."""
+    try:
+        model = build_model(base.arch, 10, base.width)
+        counted, by_module = count_train_flops(model, channels_last=base.channels_last)
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        raise SetupError(f"out of memory counting the FLOPs of the model at --width "
+                         f"{base.width}; choose a smaller --width.") from None
     out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
     dtypes = {"fp32", *(r.precision for r in results.get("step", []) if r.status == "ok"),
               *(r.precision for r in results.get("epoch", [])),
               *(r.precision for r in results.get("peers", {}).get("epochs", []))}
     pin_threads(args.threads)
     for dtype in sorted(dtypes):
-        out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,
-                                       args.repeats)
+        try:
+            out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,
+                                           args.repeats)
+        except RuntimeError as error:
+            if not out_of_memory(error):
+                raise
+            raise SetupError(f"out of memory for the {dtype} matmul peak at --matmul-size "
+                             f"{args.matmul_size}; choose a smaller --matmul-size.") from None
         log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "
             f"({out.peaks[dtype].math})")
     out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)

@@ -279,7 +279,7 @@ def test_out_of_memory_beyond_the_split_suggests_half_the_split(data_dir, tmp_pa
 
     monkeypatch.setattr(loop, "train_step", full)
     cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=10**15, loader="ffcv", workers=1,
+                      width=8, batch_size=10**15, loader="resident", workers=1,
                       out=str(tmp_path / "out"))
     with pytest.raises(TrainingError) as refused:
         train_run(cfg)

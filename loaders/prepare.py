@@ -127,7 +127,8 @@ def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: i
              workers: int | None, paths: dict[str, Path]) -> Prepared:
     """prepare's work: load dataset `name`, write (or reuse) its .beton files at paths."""
     data = cifar.load(name, data_dir, synthetic_size, seed)
-    workers = workers or default_workers()
+    # writer processes beyond the cores only cost memory, and a page of disk space each
+    workers = min(workers, default_workers()) if workers else default_workers()
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)
     # the test split is normalized with the training statistics, as the model will see it
     beton.write(paths["test"], data.test, data.classes, (train.mean, train.std), workers)

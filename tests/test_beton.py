@@ -440,6 +440,12 @@ def test_prepare_on_a_full_disk_says_how_much_space_is_missing(small_disk):
     assert _leftovers(small_disk) == [] and not list(small_disk.glob("*.beton"))
 
 
+def test_writer_workers_beyond_the_cores_are_the_cores(tmp_path):
+    """--workers 100000 asked for a page of disk per writer (800 GB), and as many processes."""
+    prepared = prepare("synthetic", tmp_path, synthetic_size=(64, 16), workers=100_000)
+    assert beton.read_info(prepared.train).num_samples == 64
+
+
 def _limit_file_size() -> None:
     """preexec_fn: files of the child may not grow past 12 MB (Python then gets EFBIG)."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (12 << 20, 12 << 20))

@@ -105,6 +105,19 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def place_problem(path: Path, folders_made: bool = False) -> str | None:
+    """Why no file can be written at `path`, or None: checked before the work it records,
+    not after an hour of it. With folders_made (the writer makes them), the nearest folder
+    of path that exists is the one that must be writable."""
+    folder = path.absolute().parent
+    if folders_made:
+        folder = next(p for p in (folder, *folder.parents) if p.exists())  # / always does
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
+    problem = unwritable(folder)
+    return f"{folder} {problem}" if problem else None
+
+
 def make_dir(path: Path, option: str = "--out") -> bool:
     """Create folder `path` (and parents) and check it is writable; True when it is new.
 
@@ -125,17 +138,17 @@ def make_dir(path: Path, option: str = "--out") -> bool:
 
 
 @contextmanager
-def removed_if_failed_empty(path: Path) -> Iterator[None]:
-    """Remove folder `path` when the block fails (Ctrl-C included) having made it and left it
-    empty: a failed command leaves no trace. Not on success: under torchrun another process
-    may still be about to write there."""
+def output_dir(path: Path, option: str = "--out") -> Iterator[None]:
+    """Make folder `path` for the block as make_dir does, and remove it again when the block
+    fails (Ctrl-C included) having left it empty: a failed command leaves no trace. Not on
+    success: under torchrun another process may still be about to write there."""
     path = Path(path)
-    existed = path.exists()
+    created = make_dir(path, option)
     try:
         yield
     except BaseException:
         with suppress(OSError):  # not empty after all, or gone: nothing to undo
-            if not existed and path.is_dir() and not any(path.iterdir()):
+            if created and not any(path.iterdir()):
                 path.rmdir()
         raise
 
@@ -200,22 +213,20 @@ def locked_dir(path: Path) -> Iterator[None]:
     A second run into the same folder is refused instead of overwriting the first one's
     files. The lock is an flock on `path/.lock`, which dies with its process, so a killed run
     never leaves the folder locked; the file is removed on the way out. A folder this call
-    created is removed again if the block wrote nothing into it.
+    created is removed again if the block fails having written nothing into it.
     """
     path = Path(path)
-    created = make_dir(path)
-    lock = path / ".lock"
-    fd = _acquire(lock, _busy_run(path))
-    try:
-        with suppress(OSError):  # another user's lock file, open read-only, keeps its text
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
-        if created and not any(path.iterdir()):
-            path.rmdir()
+    with output_dir(path):
+        lock = path / ".lock"
+        fd = _acquire(lock, _busy_run(path))
+        try:
+            with suppress(OSError):  # another user's lock file, open read-only, keeps its text
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
 
 
 def sweep_temporaries(folder: Path, name: str = "*") -> None:

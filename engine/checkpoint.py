@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from torch import nn
 from common.errors import CheckpointError, one_line
 from common.files import atomic_write, write_csv, write_text
 from common.hardware import device_name
-from engine.config import TrainConfig
+from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule
 from loaders.beton import MIN_STD
@@ -107,6 +108,29 @@ def load(path: Path) -> dict:
                               "such a state, so it was damaged or written by other code. Use "
                               "another checkpoint, e.g. the run's best.pt.")
     return ckpt
+
+
+def checked_config(path: Path, ckpt: dict, build: Callable[[], TrainConfig], fix: str,
+                   ) -> TrainConfig:
+    """The config `build` makes of ckpt's, with the types and ranges the command line checks
+    and the model and dataset of ckpt's weights and data; otherwise CheckpointError naming
+    `path`, ending with `fix` (a damaged or edited config: what it asks for would be a guess)."""
+    try:
+        cfg = build()
+    except TypeError as error:  # a value TrainConfig cannot re-type (a number for a tuple)
+        problems = [str(error)]
+    else:
+        problems = foreign_values(cfg) or validate(cfg)
+        if (cfg.arch, cfg.width) != (ckpt["arch"], ckpt["width"]):
+            problems.append(f"its config's {cfg.arch} of width {cfg.width} is not its "
+                            f"weights' {ckpt['arch']} of width {ckpt['width']}")
+        if cfg.dataset != ckpt["data"]["dataset"]:
+            problems.append(f"its data is {ckpt['data']['dataset']!r}, its config's dataset "
+                            f"{cfg.dataset!r}")
+    if problems:
+        raise CheckpointError(f"{path} holds a config no run could have ({'; '.join(problems)});"
+                              f" it was damaged or edited. {fix}")
+    return cfg
 
 
 def shape_checks(ckpt: dict) -> dict[str, bool]:

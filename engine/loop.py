@@ -19,7 +19,7 @@ from common.files import locked_dir, sweep_temporaries, write_json
 from common.hardware import device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, foreign_values, resolve, resume_config, validate
+from engine.config import TrainConfig, resolve, resume_config
 from engine.evaluate import evaluate
 from engine.run import Run, build, make_accelerator, train_step
 
@@ -214,17 +214,12 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
     try:
-        cfg = resume_config(saved, given or {}, Path(resume))
-    except (TypeError, ValueError) as error:
+        cfg = checkpoint.checked_config(
+            path, ckpt, lambda: resume_config(saved, given or {}, Path(resume)),
+            fix="Resume from the ckpt.pt that engine/train.py wrote, or start a new run with "
+                "another --out.")
+    except ValueError as error:  # an option that --resume cannot change
         raise CheckpointError(f"{path}: {error}") from None
-    problems = foreign_values(cfg) or validate(cfg)
-    if (cfg.arch, cfg.width) != (ckpt["arch"], ckpt["width"]):
-        problems.append(f"its config's {cfg.arch} of width {cfg.width} is not its weights' "
-                        f"{ckpt['arch']} of width {ckpt['width']}")
-    if problems:
-        raise CheckpointError(f"{path} holds a config no run could have ({'; '.join(problems)});"
-                              " it was damaged or edited. Resume from the ckpt.pt that "
-                              "engine/train.py wrote, or start a new run with another --out.")
     done = len(ckpt["history"])
     if cfg.epochs < done:
         raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "

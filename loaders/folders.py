@@ -26,10 +26,11 @@ def images_under(folder: Path) -> list[Path]:
     left out. DataError for a link whose file is gone: skipped, its image would be lost."""
     files, seen = [], set()
     for top, dirs, names in os.walk(folder, followlinks=True):
-        if os.path.realpath(top) in seen:  # a link back up the tree: walked already
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree: walked already
             dirs.clear()
             continue
-        seen.add(os.path.realpath(top))
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for path in (Path(top, n) for n in names if not n.startswith(".")):
             if path.is_symlink() and not path.exists():

@@ -395,6 +395,21 @@ def tmpfs(mount: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs for root (who ignores modes),
+    mode 0555 otherwise."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        with tmpfs(folder, "ro,size=1m"):
+            yield folder
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
 def interrupt_after_first_epoch(args: list, out: Path) -> tuple[int, str]:
     """Start `engine/train.py *args --out out`, send Ctrl-C once its first epoch is saved;
     (exit code, stderr)."""

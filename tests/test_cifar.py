@@ -179,21 +179,6 @@ def test_prepare_cli_offline_fails_with_one_clear_paragraph(tmp_path, closed_por
 # --- the data folder ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder this process cannot write: a read-only tmpfs for root (who ignores modes),
-    mode 0555 otherwise."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    if os.geteuid() == 0:
-        with tmpfs(folder, "ro,size=1m"):
-            yield folder
-    else:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-
-
 def _bad_data_dirs(tmp_path: Path, read_only: Path) -> dict[str, tuple[str, str]]:
     """case: (--data-dir value, words the one-line error must hold)."""
     a_file = tmp_path / "a-file"

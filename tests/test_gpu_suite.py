@@ -175,19 +175,23 @@ def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
         pytest.fail(f"the command's child ({child.parent.name}) outlived the kill")
 
 
-@pytest.mark.parametrize("case", ["missing folder", "a folder", "$OUT a file"])
+@pytest.mark.parametrize("case", ["missing folder", "a folder", "read-only folder",
+                                  "$OUT a file"])
 def test_a_bundle_that_cannot_be_written_is_refused_before_any_step(tmp_path, monkeypatch,
-                                                                    capsys, case):
+                                                                    capsys, case, request):
     """Found before the first command (a folder was found after it, and the step's record was
     lost), and before a results folder is made for it ($OUT's temporary one was left)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("OUT", raising=False)
     args = ["tests-quick", "--dry-run"]
     if case == "missing folder":
-        bundle, words = tmp_path / "missing" / "suite.tar.gz", "does not exist"
+        bundle, words = tmp_path / "missing" / "suite.tar.gz", f"{tmp_path / 'missing'} is missing"
     elif case == "a folder":
-        bundle, words = tmp_path / "suite.tar.gz", "is a folder; name a .tar.gz file"
+        bundle, words = tmp_path / "suite.tar.gz", "it is a folder; name a .tar.gz file"
         bundle.mkdir()
+    elif case == "read-only folder":
+        folder = request.getfixturevalue("read_only_dir")
+        bundle, words = folder / "suite.tar.gz", f"{folder} cannot be written ("
     else:
         (tmp_path / "out").write_text("")
         monkeypatch.setenv("OUT", str(tmp_path / "out"))
@@ -197,7 +201,7 @@ def test_a_bundle_that_cannot_be_written_is_refused_before_any_step(tmp_path, mo
     before = sorted(tmp_path.iterdir())
     code = gpu_suite.main(args)
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith(f"error: --bundle {bundle} ") and words in err, err
+    assert code == 1 and err.startswith(f"error: --bundle {bundle}") and words in err, err
     assert sorted(tmp_path.iterdir()) == before  # no results folder, temporary or not
 
 

@@ -111,13 +111,13 @@ def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path):
         assert list(disk.iterdir()) == []  # no temporary left behind
 
 
-def test_the_folder_lock_is_exclusive_and_a_folder_left_empty_is_removed(tmp_path):
+def test_the_folder_lock_is_exclusive_and_a_failure_leaving_it_empty_removes_it(tmp_path):
     out = tmp_path / "new"
-    with locked_dir(out):
-        with pytest.raises(OutputError, match="in use by another run"), locked_dir(out):
-            pass
+    with pytest.raises(OutputError, match="in use by another run"), locked_dir(out):
         assert out.is_dir()
-    assert not out.exists()  # nothing was written into it: no trace of the attempt
+        with locked_dir(out):
+            pass
+    assert not out.exists()  # nothing was written into it: no trace of the failed run
     (tmp_path / "kept").mkdir()
     with locked_dir(tmp_path / "kept"):
         (tmp_path / "kept" / "file").write_text("x")
@@ -529,6 +529,7 @@ def _damaged(run: Path, change) -> Path:
     ("dataset", "imagenet", "dataset is 'imagenet', not one of cifar10, cifar100"),
     ("optimizer", "foo", "optimizer is 'foo', not one of sgd, nesterov"),
     ("width", 16, "its config's resnet18 of width 16 is not its weights' resnet18 of width"),
+    ("dataset", "cifar100", "its data is 'synthetic', its config's dataset 'cifar100'"),
 ])
 def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_path, key, value,
                                                                  problem):

@@ -223,6 +223,14 @@ def _config_of_no_run(tmp: Path, run_dir: Path) -> list:
     return [tmp / "ckpt.pt", "--data-dir", run_dir.parent / "data"]
 
 
+def _config_of_other_weights(tmp: Path, run_dir: Path) -> list:
+    """A config whose model is not the weights': it was edited, so what else was?"""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"]["width"] = 8
+    torch.save(ckpt, tmp / "ckpt.pt")
+    return [tmp / "ckpt.pt", "--data-dir", run_dir.parent / "data"]
+
+
 def _unknown_dataset(tmp: Path, run_dir: Path) -> list:
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
     ckpt["data"]["dataset"] = "bogus"
@@ -258,6 +266,16 @@ def test_mismatched_checkpoints_are_refused(make, run_dir, tmp_path, capsys):
     out = tmp_path / "out" / "report"
     code = report.main([str(a) for a in make(inputs, run_dir)] + ["--out", str(out)])
     assert_refused(code, capsys.readouterr().err, out)
+
+
+def test_a_config_that_is_not_its_weights_is_refused_naming_both(run_dir, tmp_path, capsys):
+    """The check resume makes (engine.checkpoint.checked_config), before data is rebuilt."""
+    out = tmp_path / "out" / "report"
+    code = report.main([str(a) for a in _config_of_other_weights(tmp_path, run_dir)]
+                       + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert_refused(code, err, out)
+    assert "its config's resnet18 of width 8 is not its weights' resnet18 of width 16" in err
 
 
 def test_an_existing_folder_that_is_not_a_report_is_never_replaced(run_dir, capsys):

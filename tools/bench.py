@@ -27,7 +27,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
 
     from common.compile_modes import COMPILE_MODES
     from common.errors import DataError
-    from common.files import unwritable, write_json
+    from common.files import place_problem, write_json
     from common.hardware import available_cores
     from engine.config import TrainConfig, resolve
     from engine.run import DTYPES
@@ -98,19 +98,6 @@ def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
         return value
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: '1e3'"
     return parse
-
-
-def place_problem(path: Path, folders_made: bool) -> str | None:
-    """Why no file can be written at `path`, or None: checked before the sections run, not
-    after an hour of them. With folders_made (save() makes --json's), the nearest folder of
-    path that exists is the one that must be writable."""
-    folder = path.absolute().parent
-    if folders_made:
-        folder = next(p for p in (folder, *folder.parents) if p.exists())  # / always does
-    if not folder.is_dir():
-        return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
-    problem = unwritable(folder)
-    return f"{folder} {problem}" if problem else None
 
 
 def build_parser() -> argparse.ArgumentParser:

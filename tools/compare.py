@@ -22,13 +22,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     import torch
 
     from common.errors import Interrupted, RangeTestError, TrainingError
-    from common.files import (
-        atomic_write,
-        make_dir,
-        removed_if_failed_empty,
-        write_csv,
-        write_text,
-    )
+    from common.files import atomic_write, output_dir, write_csv, write_text
     from engine.config import TrainConfig, parse_tool_args
     from engine.loop import train
     from engine.optimizers import OPTIMIZERS
@@ -188,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         results, main_process = [], True
-        with removed_if_failed_empty(out):  # each run's folder goes too when left empty
-            make_dir(out)  # a file or a read-only --out is named as such, before any run
+        # a file or a read-only --out is named as such before any run; each run's folder
+        # goes too when a failure leaves it empty
+        with output_dir(out):
             for name in args.optimizers:
                 lr = default_lr(name, cfg.batch_size) if args.lr is None else cfg.lr
                 try:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from common.cli import CommandParser, path_option, run_main
 from common.errors import SetupError
-from common.files import atomic_write, write_json, write_text
+from common.files import atomic_write, place_problem, write_json, write_text
 from tools.gpu_summary import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,14 +372,10 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     bundle = args.bundle or (Path(out) / "gpu-suite.tar.gz" if out else None)
     if bundle is not None:  # found now, not after the first command
         bundle = bundle.absolute()
-        where = bundle.parent
-        problem = ("is a folder; name a .tar.gz file" if bundle.is_dir()
-                   else f"cannot be written: {where} is a file, not a folder" if where.is_file()
-                   else f"cannot be written: the folder {where} does not exist; create it or "
-                        "name a file in an existing folder" if not where.is_dir() else None)
+        problem = "it is a folder" if bundle.is_dir() else place_problem(bundle)
         if problem:
-            raise SetupError(f"--bundle {bundle} {problem}"
-                             + (" (from $OUT)" if args.bundle is None else "") + ".")
+            raise SetupError(f"--bundle {bundle}" + (" (from $OUT)" if args.bundle is None else "")
+                             + f": {problem}; name a .tar.gz file in a writable folder.")
     if args.results is not None:
         return args.results.absolute(), bundle
     if out:  # a fresh folder: a second call on the same machine bundles nothing stale

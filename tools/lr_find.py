@@ -18,7 +18,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     import torch
     from matplotlib.figure import Figure
 
-    from common.files import atomic_write, make_dir, removed_if_failed_empty, write_csv
+    from common.files import atomic_write, output_dir, write_csv
     from engine import lr_range
     from engine.config import TrainConfig, parse_tool_args, resolve
     from engine.lr_range import RangeTest
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         out = Path(cfg.out)
-        with removed_if_failed_empty(out):
-            make_dir(out)  # a bad --out is found now, not after the sweep
+        with output_dir(out):  # a bad --out is found now, not after the sweep
             result, main_process = find(cfg, args)
         if not main_process:
             return

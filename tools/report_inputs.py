@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import CheckpointError, ReportError
+from common.errors import ReportError
 from engine import checkpoint
-from engine.config import TrainConfig, foreign_values
+from engine.config import TrainConfig
 from engine.evaluate import predict
 from loaders import beton, make_loader
 from loaders.augment import Augment
@@ -55,26 +55,11 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
         raise ReportError(f"--data-dir {data_dir} {what}. Pass the folder the run was "
                           f"trained from (it holds the {dataset} data or its .beton files), or "
                           f"leave --data-dir out to use {data.get('test', '?')}.")
-    return prepare(dataset, data_dir, synthetic_size=saved_config(ckpt, path).synthetic_size).test
-
-
-def saved_config(ckpt: dict, path: Path) -> TrainConfig:
-    """The config a checkpoint was trained with, re-typed as training typed it; CheckpointError
-    naming `path` when no run could have written it (the data to rebuild would be a guess)."""
-    try:
-        cfg = TrainConfig(**ckpt["config"])
-    except (TypeError, ValueError) as error:
-        problems = [str(error)]
-    else:
-        problems = foreign_values(cfg)
-        if not problems and cfg.dataset != ckpt["data"]["dataset"]:
-            problems = [f"its data is {ckpt['data']['dataset']!r}, its config's dataset "
-                        f"{cfg.dataset!r}"]
-    if problems:
-        raise CheckpointError(f"{path} holds a config no run could have ({'; '.join(problems)})"
-                              "; it was damaged or edited. Pass the ckpt.pt or best.pt that "
-                              "engine/train.py wrote.")
-    return cfg
+    # the config says how the data was made (synthetic_size): rebuilt from a damaged one, it
+    # would be a guess
+    cfg = checkpoint.checked_config(path, ckpt, lambda: TrainConfig(**ckpt["config"]),
+                                    fix="Pass the ckpt.pt or best.pt that engine/train.py wrote.")
+    return prepare(dataset, data_dir, synthetic_size=cfg.synthetic_size).test
 
 
 def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:

@@ -38,6 +38,21 @@ def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, 
     assert len(graphs) == 1
 
 
+def test_a_batch_size_above_the_split_still_runs_the_compiled_model(prepared, tmp_path):
+    """The loader caps the batch at the split (605 images here): every batch is then full, so
+    each step runs the compiled graph. Compared with the option, they all ran eagerly."""
+    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
+                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=4096,
+                              loader="resident", compile=False, workers=1,
+                              out=str(tmp_path / "run")), cuda=False)
+    run = build(cfg, make_accelerator(cfg))
+    sizes, compiled = [], run.step_model
+    run.step_model = lambda images: sizes.append(len(images)) or compiled(images)
+    for images, labels in run.train_loader:
+        train_step(run, images, labels)
+    assert sizes == [SYNTHETIC_SIZE[0]]
+
+
 def test_a_compile_mode_compiles_and_may_change_on_resume():
     """--compile-mode asks for torch.compile (also where it is off by default, the CPU) and,
     like --compile, may change when a run is resumed."""

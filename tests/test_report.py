@@ -369,6 +369,19 @@ def test_a_cam_page_keeps_every_label_on_the_page_and_no_panel_over_another(load
         assert not any(box.overlaps(label) for label in labels)
 
 
+def test_eigencam_is_made_once_and_its_row_says_no_class_changes_it(loaded):
+    """EigenCAM ignores the target: its 'predicted' and 'true' maps were one picture drawn
+    twice under two class names, as if evidence for each."""
+    probs = np.eye(len(loaded.classes))[(loaded.labels[:2] + 1) % len(loaded.classes)]
+    maps = report_figures.explain(loaded, probs, np.arange(2), ["layer3"], ["eigencam", "gradcam"])
+    assert maps["eigencam", "layer3", "true"] is maps["eigencam", "layer3", "predicted"]
+    gradcam = maps["gradcam", "layer3", "true"], maps["gradcam", "layer3", "predicted"]
+    assert not np.allclose(*gradcam)  # a class-specific method: two classes, two maps
+    fig = report_figures.cam_page(loaded, 0, probs[0], {k: v[0] for k, v in maps.items()})
+    assert [fig.axes[5 * row].get_ylabel() for row in range(2)] == [
+        "eigencam: any class\nlayer3", "gradcam\nlayer3"]
+
+
 # --- report_tables on hand-made predictions: every expected number worked out by hand ---------
 
 # 10 images of 3 classes; confusion (row = true, column = predicted): [[3, 1, 0], [2, 1, 0],

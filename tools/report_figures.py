@@ -20,6 +20,7 @@ from tools.report_inputs import Inputs, layer_of, normalized
 # torchvision, scikit-learn and scipy (seconds) that --help and a refused input need not wait for
 METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "scorecam": "ScoreCAM",
            "eigencam": "EigenCAM", "layercam": "LayerCAM"}
+CLASS_AGNOSTIC = {"eigencam"}  # a principal component of the activations: no target class
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
 CURVES = [Panel("loss (log scale)", ("train_loss", "test_loss"), yscale="log"),
           Panel("accuracy (%)", ("train_acc", "test_acc"), scale=100),
@@ -133,7 +134,9 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
     fig, axes, colorbar_axes = cam_page_frame(len(rows))
     for r, (method, layer) in enumerate(rows):
         axes[r, 0].imshow(image, interpolation="nearest")
-        axes[r, 0].set_ylabel(f"{method}\n{layer}", fontsize=12)
+        # a class-agnostic map is the same under both titles: said, or it reads as evidence
+        agnostic = ": any class" if method in CLASS_AGNOSTIC else ""
+        axes[r, 0].set_ylabel(f"{method}{agnostic}\n{layer}", fontsize=12)
         for k, (kind, cls) in enumerate((("predicted", pred), ("true", true))):
             cam = maps[method, layer, kind]
             heat = axes[r, 1 + 2 * k].imshow(cam, cmap="jet", vmin=0, vmax=1,
@@ -159,12 +162,17 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
 def explain(run: Inputs, probs: np.ndarray, indices: np.ndarray, layers: list[str],
             methods: list[str]) -> dict[tuple[str, str, str], np.ndarray]:
     """CAMs of the images at `indices` for their predicted and their true class:
-    {(method, layer, "predicted" or "true"): N x 32 x 32}."""
+    {(method, layer, "predicted" or "true"): N x 32 x 32}; EigenCAM's, which no class changes,
+    is made once and given for both."""
     inputs = normalized(run, indices)
     targets = {"predicted": probs[indices].argmax(1), "true": run.labels[indices]}
-    jobs = [(m, layer, kind) for m in methods for layer in layers for kind in targets]
-    return {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
+    jobs = [(m, layer, kind) for m in methods for layer in layers
+            for kind in (["predicted"] if m in CLASS_AGNOSTIC else targets)]
+    maps = {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
             for m, layer, kind in track(jobs if len(indices) else [], desc="CAMs", unit="map")}
+    # a class-agnostic method's one map serves both targets
+    return maps | {(m, layer, "true"): maps[m, layer, "predicted"]
+                   for m, layer, _ in maps if m in CLASS_AGNOSTIC}
 
 
 def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np.ndarray,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, SYNTHETIC_SIZE, run_script
 from torch import nn
 
 import engine.run
@@ -153,8 +153,9 @@ def test_quick_run_records_every_peer_or_why_not(quick):
     seed, default = report["peers"]["epochs"]
     assert (seed["pipeline"], seed["loader"], seed["precision"], seed["channels_last"]) == (
         "seed", "torchvision", "fp32", False)
+    # the default's 512 over 256 images ran as one batch of 256, and its row says so
     assert (default["pipeline"], seed["batch_size"], default["batch_size"]) == (
-        "default", 128, 512)
+        "default", 128, 256)
     assert seed["vs_seed"] == 1 and default["vs_seed"] > 0
     assert seed["images"] == default["images"] == 256 and seed["width"] == 16
     assert seed["train_flops_per_image"] == train_flops(ResNet18(width=16))
@@ -297,6 +298,27 @@ def test_missing_peer_is_recorded_not_fatal(monkeypatch, tmp_path):
     assert "airbench" in row.reason and ".[bench]" in row.reason
 
 
+def test_airbench_hands_over_every_image_of_the_split(prepared, tmp_path):
+    """Its training default drops the last partial batch after augmenting it: 576 of these
+    605 images were counted, and 64 of 100 at --images 100 --batch-size 64."""
+    cfg = TrainConfig(batch_size=64, translate=2)
+    loader = bench_peers.airbench_loader(prepared, cfg, torch.device("cpu"), tmp_path)
+    assert sum(len(labels) for _, labels in loader) == 605
+
+
+def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):
+    """A --batch-size over the split is the split, in each loader as in training."""
+    # two of them: ffcv's numba compilation would take the longest here
+    monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
+                      synthetic_size=SYNTHETIC_SIZE, batch_size=4096, precision="fp32",
+                      workers=1)
+    args = bench.parse_args(["--quick", "--device", "cpu", "--epochs", "1"])
+    bench.fill_defaults(args)
+    rows = bench_sections.bench_loaders(cfg, torch.device("cpu"), args)
+    assert [(r.status, r.batch_size) for r in rows] == [("ok", SYNTHETIC_SIZE[0])] * 2
+
+
 def test_stock_ffcv_with_more_workers_than_numba_may_start_is_a_failed_row(prepared):
     """The peer's row carries the same one-line reason as our ffcv loader, not numba's."""
     from numba import config
@@ -357,6 +379,7 @@ class FailsAfterWarmup:
 
     def __init__(self, loader):
         self.loader, self.device, self.epoch = loader, loader.device, 0
+        self.batch_size = loader.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -101,7 +101,8 @@ def test_dry_run_bundle_holds_every_result_and_the_summary_names_the_figures(gpu
     for expected in ("- loader resident: ", "- epoch, ffcv loader, fp32 eager batch 64: ",
                      "data wait", "- MFU ", "- train-seed: 2 epochs in ", "- tests-e2e: ",
                      "- peers: default pipeline epoch", "- step bf16 channels_last eager",
-                     "- step fp16: skipped, TrainingError: --precision fp16 needs a CUDA GPU"):
+                     "- step fp16 channels_last eager batch 64: skipped, TrainingError: "
+                     "--precision fp16 needs a CUDA GPU"):
         assert expected in figures, expected
 
 
@@ -229,7 +230,7 @@ def test_relative_paths_name_places_from_where_the_suite_is_called(tmp_path, mon
     result = subprocess.run(["bash", str(ROOT / "tools" / "gpu_suite.sh"), "tests-quick",
                              "--dry-run", "--bundle", "b.tar.gz"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)  # a folder here only
-    assert result.returncode == 1 and "b.tar.gz is a folder" in result.stderr
+    assert result.returncode == 1 and f"{tmp_path / 'b.tar.gz'}: it is a folder" in result.stderr
     monkeypatch.setattr(gpu_suite, "STEPS", (*gpu_suite.STEPS, "two"))
     monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [
         ("first", ["touch", str(s.results / "made"), str(s.work / "made")])])
@@ -384,3 +385,25 @@ def test_the_summary_names_each_step_row_as_the_bench_does():
             assert gpu_summary.bench_lines({"step": [row]}) == [
                 f"- step bf16 channels_last {compile_text(compile, mode)} batch 512: "
                 "1,000 images/s"]
+
+
+def test_the_summary_tells_rows_apart_and_keeps_the_goals_digits():
+    """Two rows of ours beside one peer, in the peer's output and in ours, read as two; two
+    failed steps of one precision as two; 19.96x the seed is not rounded up to the 20x goal."""
+    ours = dict(loader="resident", role="ours", augment="flip, translate 2 reflect",
+                status="ok", reason="", versus="airbench.CifarLoader", images_per_s=2.0)
+    failed = dict(status="skipped", reason="TrainingError: --precision fp16 needs a CUDA GPU")
+    bench = {
+        "peers": {"loaders": [{**ours, "output": "float16 3x32x32 channels_last", "ratio": 3.23},
+                              {**ours, "output": "float32 3x32x32 channels_last", "ratio": 2.11}],
+                  "epochs": [{"pipeline": "default", "images_per_s": 2e3, "vs_seed": 19.96}]},
+        "step": [asdict(StepResult("fp16", layout, False, 64, 16)) | failed
+                 for layout in ("channels_last", "contiguous")]}
+    assert gpu_summary.bench_lines(bench) == [
+        "- peers: resident (flip, translate 2 reflect; float16 3x32x32 channels_last) vs "
+        "airbench.CifarLoader: 3.23x",
+        "- peers: resident (flip, translate 2 reflect; float32 3x32x32 channels_last) vs "
+        "airbench.CifarLoader: 2.11x",
+        "- peers: default pipeline epoch 2,000 images/s, 19.96x seed",
+        "- step fp16 channels_last eager batch 64: skipped, " + failed["reason"],
+        "- step fp16 contiguous eager batch 64: skipped, " + failed["reason"]]

@@ -81,7 +81,8 @@ def report(results: dict) -> str:
     if "peers" in results:
         p = results["peers"]
         parts.insert(1 if "loaders" in results else 0, "\n".join([
-            table("peers: loaders (ratio = ours / versus, same augmentations and output)",
+            table("peers: loaders (ratio = ours / versus, same augmentations and dtype; "
+                  "output: what each hands over)",
                   [asdict(r) for r in p["loaders"]], COLUMNS["peers"]),
             table("peers: training epoch, seed notebook's pipeline vs the default preset",
                   [asdict(r) for r in p["epochs"]], COLUMNS["seed"]),

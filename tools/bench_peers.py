@@ -110,8 +110,11 @@ def airbench_loader(data: Prepared, cfg: TrainConfig, device: torch.device,
     split = beton.read(data.train)
     torch.save({"images": torch.from_numpy(split.images), "labels": torch.from_numpy(split.labels),
                 "classes": list(data.classes)}, folder / "train.pt")
+    # every image of the split in every epoch, as ours (its training default drops the last
+    # partial batch, after augmenting it: fewer images counted than made)
     loader = CifarLoader(str(folder), train=True, batch_size=cfg.batch_size,
-                         aug=dict(flip=True, translate=cfg.translate), gpu=device)
+                         aug=dict(flip=True, translate=cfg.translate), drop_last=False,
+                         gpu=device)
     return Timed(lambda: iter(loader), device)
 
 
@@ -296,7 +299,8 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
                                             strict=True):
         best = fastest(passes)
         results.append(SeedEpochResult(
-            name, cfg.loader, cfg.precision, cfg.compile, cfg.channels_last, cfg.batch_size,
+            name, cfg.loader, cfg.precision, cfg.compile, cfg.channels_last,
+            run.train_loader.batch_size,  # capped at the split, as in training
             cfg.width, warm.images, train_flops(run.unwrapped, channels_last=cfg.channels_last),
             warm.seconds, [p.seconds for p in passes], best.images / best.seconds))
     for r in results:

@@ -82,8 +82,8 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
     if trace is not None:
         write_trace(prof, trace)
     sort_by, ops = top_ops(prof, cuda)
-    result = ProfileResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
-                           args.warmup_steps, args.profile_steps, sort_by,
+    result = ProfileResult(cfg.loader, cfg.precision, cfg.compile, run.train_loader.batch_size,
+                           cfg.width, args.warmup_steps, args.profile_steps, sort_by,
                            str(trace or ""), ops)
     log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"
         + (f"; trace {trace}" if trace else ""))

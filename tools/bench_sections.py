@@ -166,6 +166,7 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
     for kind, r in results.items():
         try:
             built[kind], r.construct_s = build_loader(kind, data, cfg, device)
+            r.batch_size = built[kind].batch_size  # capped at the split, as in training
         except MEASURE_ERRORS as error:
             r.status, r.reason = "failed", one_line(error)
     pin_threads(args.threads)

@@ -39,19 +39,28 @@ def compiled(r: dict) -> str:
     return compile_text(r["compile"], r.get("compile_mode", "default"))
 
 
+# each row's name, enough to tell it from the other rows of its section
+ROW_NAMES = {
+    "loaders": lambda r: r["loader"],
+    "epoch": lambda r: (f"{r['loader']} loader, {r['precision']} {compiled(r)} batch "
+                        f"{r['batch_size']}"),
+    "step": lambda r: (f"{r['precision']} {r['memory_format']} {compiled(r)} batch "
+                       f"{r['batch_size']}"),
+    "peers": lambda r: (f"{r['loader']} ({'; '.join(filter(None, (r['augment'], r['output'])))})"
+                        + (f" vs {r['versus']}" if r["versus"] else "")),
+}
+
 # a line for each measured row of these sections
 ROW_LINES = {
-    "loaders": lambda r: (f"loader {r['loader']}: {r['images_per_s']:,.0f} images/s, "
-                          f"{1e3 * r['images'] / r['images_per_s']:,.1f} ms per "
+    "loaders": lambda r: (f"loader {ROW_NAMES['loaders'](r)}: {r['images_per_s']:,.0f} "
+                          f"images/s, {1e3 * r['images'] / r['images_per_s']:,.1f} ms per "
                           f"{r['images']:,}-image epoch"),
-    "epoch": lambda r: (f"epoch, {r['loader']} loader, {r['precision']} {compiled(r)} batch "
-                        f"{r['batch_size']}: {r['images'] / r['images_per_s']:.3f} s per "
-                        f"{r['images']:,} images, data wait {r['data_wait_share']:.1%} "
+    "epoch": lambda r: (f"epoch, {ROW_NAMES['epoch'](r)}: {r['images'] / r['images_per_s']:.3f} "
+                        f"s per {r['images']:,} images, data wait {r['data_wait_share']:.1%} "
                         f"(blocked in next()), loader overhead "
                         f"{r['loader_overhead_share']:.1%} (over steps on a batch on the "
                         "device)"),
-    "step": lambda r: (f"step {r['precision']} {r['memory_format']} {compiled(r)} batch "
-                       f"{r['batch_size']}: {r['images_per_s']:,.0f} images/s"),
+    "step": lambda r: f"step {ROW_NAMES['step'](r)}: {r['images_per_s']:,.0f} images/s",
 }
 
 
@@ -61,17 +70,17 @@ def bench_lines(bench: dict) -> list[str]:
     lines = [f"- {line(r)}" for section, line in ROW_LINES.items()
              for r in bench.get(section, []) if r.get("images_per_s")]
     peers = bench.get("peers", {})
-    lines += [f"- peers: {r['loader']} {r['ratio']:.2f}x {r['versus']}"
+    lines += [f"- peers: {ROW_NAMES['peers'](r)}: {r['ratio']:.2f}x"
               for r in peers.get("loaders", []) if r.get("ratio")]
     lines += [f"- peers: {r['pipeline']} pipeline epoch {r['images_per_s']:,.0f} images/s, "
-              f"{r['vs_seed']:.1f}x seed" for r in peers.get("epochs", [])]
+              f"{r['vs_seed']:.2f}x seed" for r in peers.get("epochs", [])]
     lines += [f"- MFU {r['config']}: {r['mfu']:.1%} of {r['peak_flops_per_s'] / 1e12:.3g} "
               "TFLOP/s" for r in bench.get("mfu", {}).get("rows", []) if r["mfu"] is not None]
     lines += [f"- no {dtype} MFU: a {dtype} run outpaced the {dtype} matmul peak"
               for dtype in bench.get("mfu", {}).get("not_peaks", [])]
     rows = [(section, r) for section in ROW_LINES for r in bench.get(section, [])]
     rows += [("peers", r) for r in peers.get("loaders", [])]
-    lines += [f"- {section} {r.get('loader') or r['precision']}: {r['status']}, {r['reason']}"
+    lines += [f"- {section} {ROW_NAMES[section](r)}: {r['status']}, {r['reason']}"
               for section, r in rows if r.get("status", "ok") != "ok"]
     if "epochs_failed" in peers:
         lines.append(f"- peers: seed vs default epochs failed: {peers['epochs_failed']}")

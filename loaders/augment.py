@@ -26,13 +26,21 @@ class AugmentConfig:
                              f"{self.translate} and {self.cutout}")
 
 
-def epoch_generator(seed: int, epoch: int, device: torch.device | str,
-                    stream: int = 0) -> torch.Generator:
-    """One generator per (seed, epoch, stream): the same seed gives the same batches.
+# Ranks' seeds lie this far apart: even, to keep the stream bit; twice an odd number, so that
+# ranks stay distinct in the low 32 bits, all a CPU generator (mt19937) keeps of a seed.
+RANK_STRIDE = 2 * 0x9E3779B9
 
-    Streams keep independent draws apart (0: augmentation, 1: sample order).
+
+def epoch_generator(seed: int, epoch: int, device: torch.device | str, stream: int = 0,
+                    rank: int = 0) -> torch.Generator:
+    """One generator per (seed, epoch, stream, rank): the same seed gives the same batches.
+
+    Streams keep independent draws apart (0: augmentation, 1: sample order). Each rank draws
+    its own augmentations (the same ones would pair images across a global batch); the sample
+    order is one permutation that the ranks split, so it takes rank 0 on every rank.
     """
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 2 + stream)
+    return torch.Generator(device=device).manual_seed(
+        (seed * 1_000_003 + epoch) * 2 + stream + rank * RANK_STRIDE)
 
 
 def _source_index(index: torch.Tensor, size: int, reflect: bool) -> tuple[torch.Tensor, ...]:
@@ -134,8 +142,8 @@ class Augment:
         self.offset = -torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255 * self.scale
         self.generator: torch.Generator | None = None
 
-    def set_epoch(self, seed: int, epoch: int) -> None:
-        self.generator = epoch_generator(seed, epoch, self.device)
+    def set_epoch(self, seed: int, epoch: int, rank: int = 0) -> None:
+        self.generator = epoch_generator(seed, epoch, self.device, rank=rank)
 
     def _normalized(self, images: torch.Tensor) -> torch.Tensor:
         """(x - 255 mean) / (255 std) of uint8 N x H x W x C: fp32 N x C x H x W channels_last."""

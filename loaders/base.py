@@ -40,7 +40,7 @@ class BatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.augment.set_epoch(self.seed, epoch)
+        self.augment.set_epoch(self.seed, epoch, self.rank)
 
     def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """This rank's sample indices for the current epoch."""

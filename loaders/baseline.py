@@ -92,9 +92,10 @@ class TorchvisionLoader(BatchLoader):
             pin_memory=self.device.type == "cuda")
 
     def __iter__(self) -> Iterator[Batch]:
-        # the workers' seeds come from this generator: one per (seed, epoch), so an epoch draws
-        # the same augmentations whatever ran before it (a resumed run, a replayed epoch)
-        self.loader.generator = epoch_generator(self.seed, self.epoch, "cpu")
+        # the workers' seeds come from this generator: one per (seed, epoch, rank), so an epoch
+        # draws the same augmentations whatever ran before it (a resumed run, a replayed epoch)
+        # with the same --workers (each worker draws for the batches it is dealt)
+        self.loader.generator = epoch_generator(self.seed, self.epoch, "cpu", rank=self.rank)
         dtype = self.augment.dtype
         for images, labels in self.loader:
             images = images.to(self.device, dtype, non_blocking=True)

@@ -207,6 +207,20 @@ def test_two_ranks_share_the_epoch(make, run_epoch, source, kind, train):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_each_rank_draws_its_own_augmentations(make, run_epoch, source, prepared, kind):
+    """Ranks seeded alike gave their k-th images the same flip and shift: half the randomness
+    of a global batch. Apart, the k-th draws agree about 1 time in 50 (5 x 5 shifts x 2)."""
+    cfg = AugmentConfig(flip=True, translate=2, cutout=0)
+    n, draws = len(source.train.labels), []
+    for rank in (0, 1):
+        images = torch.cat([b for b, _ in run_epoch(make(kind, True, rank=rank, world_size=2,
+                                                         augment=cfg))]).numpy()
+        sources = source.train.images[indices(n, True, 0, rank, 2)]
+        draws.append(match_flipped_crops(images, sources, cfg.translate, True, prepared)[0])
+    assert (draws[0] == draws[1]).all(axis=1).mean() < 0.1
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_batch_beyond_the_shard_is_the_whole_shard(prepared, source, run_epoch, kind):
     """--batch-size 10**15 is one batch of the shard, not buffers of 10**15 images (FFCV's
     allocation overflowed with a traceback)."""

@@ -42,9 +42,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values * 255 / top + 0.5, 0, 255).astype(np.uint8))
-    elif image.mode == "F":  # NaN, where a float picture holds it, is black
-        values = np.nan_to_num(np.asarray(image), nan=0.0)
-        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    elif image.mode == "F":  # float: 0..1 by convention, else 0..255 or 0..its maximum
+        values = np.asarray(image, dtype=np.float64)
+        values = np.where(np.isfinite(values), values, 0.0)  # NaN and infinities are black
+        top = 1.0 if values.max() <= 1.0 else max(255.0, values.max())
+        image = Image.fromarray(np.clip(values * 255 / top + 0.5, 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA")  # keeps a palette's transparency for the composite below
     if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):

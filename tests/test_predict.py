@@ -75,6 +75,17 @@ def test_transparency_becomes_white_and_16_bit_is_scaled(tmp_path):
     assert (read_image(tmp_path / "deep.png") == 128).all()  # not clipped to 255
 
 
+@pytest.mark.parametrize("value, top, grey", [(0.5, 1.0, 128), (200.0, 200.0, 200),
+                                               (500.0, 1000.0, 128)],
+                         ids=["0..1", "0..255", "0..1000"])
+def test_a_float_picture_is_scaled_not_cut(tmp_path, value, top, grey):
+    """A float TIFF in 0..1, the usual convention, was cut to 0 (black); one past 255, to 255."""
+    pixels = np.full((32, 32), value, np.float32)
+    pixels[0, 0] = top  # the picture's maximum
+    Image.fromarray(pixels).save(tmp_path / "float.tif")
+    assert (read_image(tmp_path / "float.tif")[1:] == grey).all()
+
+
 @pytest.mark.filterwarnings("error")
 def test_damaged_metadata_and_nan_pixels_are_read_without_warnings(tmp_path):
     """A photo's corrupt EXIF block (its pixels intact) and a float TIFF's NaN: PIL and numpy

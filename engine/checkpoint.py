@@ -220,7 +220,9 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
         run.unwrapped.load_state_dict(ckpt["state_dict"])
         state = ckpt["resume"]
         load_optimizer(run.optimizer, state["optimizer"])
-        load_schedule(run.scheduler, state["scheduler"])  # after the optimizer: it sets the LR
+        # after the optimizer, which would set the saved LR; resumed at an epoch's end
+        load_schedule(run.scheduler, state["scheduler"],
+                      len(ckpt["history"]) * len(run.train_loader))
         if state["scaler"] is not None and run.scaler is not None:
             run.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])

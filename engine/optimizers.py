@@ -127,13 +127,17 @@ def build_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def load_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
-    """Continue a saved schedule at its step, with the LR this schedule gives there.
+def load_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict,
+                  step: int) -> None:
+    """Continue a saved schedule at `step`, with the LR this schedule gives there.
 
     The optimizer's saved state holds the LR of the saved schedule; on --resume with more
     --epochs the schedule is stretched, and its first step must already train at the new LR.
+    `step` is this run's steps in the epochs done: the saved count is another run's when the
+    number of processes (and so the steps per epoch) changed.
     """
     scheduler.load_state_dict(state)
+    scheduler.last_epoch = step
     groups = scheduler.optimizer.param_groups
     for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas,
                                        strict=True):

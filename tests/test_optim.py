@@ -139,7 +139,7 @@ def test_a_stretched_schedule_resumes_at_its_own_lr():
     opt = build_optimizer("sgd", model, lr=0.5)
     sched = build_schedule("triangular", opt, total_steps=20)
     opt.load_state_dict(saved_opt)
-    load_schedule(sched, saved_sched)
+    load_schedule(sched, saved_sched, 10)
     assert sched.last_epoch == 10
     for s in range(10, 20):
         expected = 0.5 * lr_at("triangular", s, 20)

@@ -577,6 +577,25 @@ def test_running_out_of_memory_while_restoring_is_no_damaged_checkpoint(finished
         train_run(TrainConfig(), run, {"epochs": 2})
 
 
+def test_a_run_resumed_on_another_process_count_goes_on_at_its_epochs(finished, tmp_path):
+    """A run of 2 processes (half the steps an epoch) resumed on 1: the saved step count put
+    the schedule mid-way through the first epoch again, so it never reached its end. It goes
+    on from the epochs done, in this run's steps, and says the global batch changed."""
+    run = copy_run(finished, tmp_path)
+    steps = torch.load(run / "ckpt.pt", weights_only=True)["resume"]["scheduler"]["last_epoch"]
+
+    def on_two(ckpt: dict) -> None:
+        ckpt["resume"]["scheduler"]["last_epoch"] = (steps + 1) // 2
+        ckpt["processes"] = 2
+
+    _damaged(run, on_two)
+    said = []
+    trained = train_run(TrainConfig(), run, {"epochs": 2}, log=said.append)
+    assert f"{run / 'ckpt.pt'} trained on 2 processes, this run has 1: its steps now take 1 x " \
+           in "\n".join(said)
+    assert trained.history[-1]["lr"] == 0  # the triangle's end: 2 epochs of this run's steps
+
+
 def test_resume_from_a_folder_without_a_checkpoint_asks_for_a_run_folder(tmp_path):
     with pytest.raises(CheckpointError, match=f"--resume {tmp_path}: {tmp_path / 'ckpt.pt'} "
                                               "does not exist; pass the --out folder of a run"):

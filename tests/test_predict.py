@@ -251,8 +251,12 @@ def test_a_cam_folder_that_is_a_file_is_refused_before_any_work(run_dir, tmp_pat
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_gives_the_cpu_answers(run_dir, tmp_path):
+    """Every class's probability, within what CUDA's TF32 convolutions change (about 1e-3): a
+    1-epoch model's near-flat top 3 may swap places, so ranks are not compared."""
     picture = write_pictures(tmp_path)["big.jpg"]
-    answers = [json.loads(predict(run_dir / "ckpt.pt", picture, "--json", "--device", d).stdout)
-               for d in ("cpu", "cuda")]
-    assert [p["class"] for p in answers[0][0]["predictions"]] == \
-        [p["class"] for p in answers[1][0]["predictions"]]
+    answers = [json.loads(predict(run_dir / "ckpt.pt", picture, "--json", "-k", "10",
+                                  "--device", d).stdout) for d in ("cpu", "cuda")]
+    cpu, cuda = ({p["class"]: p["probability"] for p in a[0]["predictions"]} for a in answers)
+    assert cpu.keys() == cuda.keys() and len(cpu) == 10
+    for name, probability in cpu.items():
+        assert cuda[name] == pytest.approx(probability, abs=5e-3), name

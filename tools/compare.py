@@ -190,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     result, main_process = train_one(cfg, name, lr, out / name)
                 except Interrupted:
-                    raise Interrupted(f"stopped during {name}; run the same command again to "
-                                      f"go on: the runs in {out}/ are resumed, or reused when "
+                    # --out named: the default is a new folder on every call
+                    raise Interrupted(f"stopped during {name}; to go on, run the same command "
+                                      f"with --out {out}: its runs are resumed, or reused when "
                                       "finished") from None
                 results.append(result)
         if main_process:  # under torchrun, one process writes

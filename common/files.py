@@ -143,12 +143,13 @@ def output_dir(path: Path, option: str = "--out") -> Iterator[None]:
     fails (Ctrl-C included) having left it empty: a failed command leaves no trace. Not on
     success: under torchrun another process may still be about to write there."""
     path = Path(path)
-    created = make_dir(path, option)
+    created = not path.exists()
     try:
+        make_dir(path, option)  # made, then found unwritable (a full disk): removed too
         yield
     except BaseException:
         with suppress(OSError):  # not empty after all, or gone: nothing to undo
-            if created and not any(path.iterdir()):
+            if created and path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
         raise
 

@@ -271,8 +271,10 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
         raise ValueError(f"{names} cannot change when resuming {run_dir}, which continues with "
                          f"its saved config; only {allowed} can. Start a new run with another "
                          "--out to change the rest.")
-    return TrainConfig(**{**saved, **{k: v for k, v in given.items() if k in RESUMABLE},
-                          "out": str(run_dir)})
+    changes = {k: v for k, v in given.items() if k in RESUMABLE}
+    if changes.get("compile") is False:  # --no-compile: no mode left to compile in
+        changes.setdefault("compile_mode", "default")
+    return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
 
 
 def resolve(cfg: TrainConfig, cuda: bool) -> TrainConfig:

@@ -271,7 +271,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         if ckpt and before != accelerator.num_processes:
             say(f"{ckpt_path} trained on {before} processes, this run has "
                 f"{accelerator.num_processes}: its steps now take {accelerator.num_processes} "
-                f"x {cfg.batch_size} images, and the schedule goes on from epoch {len(history)}.")
+                f"x {run.train_loader.batch_size} images, and the schedule goes on from epoch "
+                f"{len(history)}.")
         say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}: "
             f"{cfg.loader} loader, {cfg.precision}, {compile_text(cfg.compile, cfg.compile_mode)}, "
             f"{len(run.train_loader)} steps/epoch; writing {out}/")

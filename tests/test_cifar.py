@@ -34,7 +34,7 @@ from conftest import (
 
 from common import hardware
 from common.errors import OutputError
-from common.files import make_dir, waiting_lock
+from common.files import output_dir, waiting_lock
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
 from loaders.prepare import prepare
@@ -323,8 +323,10 @@ def test_a_folder_on_a_disk_without_space_is_refused_before_any_work(tmp_path):
             filler.write(b"x" * (1 << 20))
             filler.flush()
         with pytest.raises(OutputError, match=re.escape(
-                f"--out {full / 'run'} cannot be written (No space left on device)")):
-            make_dir(full / "run")
+                f"--out {full / 'run'} cannot be written (No space left on device)")), \
+                output_dir(full / "run"):
+            pass
+        assert not (full / "run").exists()  # made, found unwritable and removed: no trace
         with pytest.raises(DataError, match=re.escape(
                 f"--data-dir {full}: {full} cannot be written (No space left on device)")):
             prepare("synthetic", full, synthetic_size=(20, 5))

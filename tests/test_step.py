@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import SYNTHETIC_SIZE
 from torch._dynamo.utils import counters
 
-from engine.config import TrainConfig, parse, resolve, resume_config
+from engine.config import TrainConfig, parse, resolve, resume_config, validate
 from engine.run import build, make_accelerator, train_step
 
 
@@ -63,6 +63,9 @@ def test_a_compile_mode_compiles_and_may_change_on_resume():
     saved = resolve(parse(["--dataset", "synthetic"]).cfg, cuda=True).to_dict()
     cfg = resume_config(saved, options.given, Path("runs/x"))
     assert (cfg.compile, cfg.compile_mode) == (True, "reduce-overhead")
+    # and --no-compile on a run of a mode: refused as a contradiction, which it was not
+    again = resume_config(cfg.to_dict(), parse(["--no-compile"]).given, Path("runs/x"))
+    assert (again.compile, again.compile_mode, validate(again)) == (False, "default", [])
 
 
 @pytest.mark.slow

@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     result, main_process = train_one(cfg, name, lr, out / name)
                 except Interrupted:
+                    if not any((out / n / "ckpt.pt").exists() for n in args.optimizers):
+                        raise Interrupted(f"stopped during {name}, before any run saved an "
+                                          "epoch; run the same command again") from None
                     # --out named: the default is a new folder on every call
                     raise Interrupted(f"stopped during {name}; to go on, run the same command "
                                       f"with --out {out}: its runs are resumed, or reused when "

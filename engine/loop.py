@@ -267,9 +267,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
         history = checkpoint.restore(run, ckpt, ckpt_path) if ckpt else []
-        before = ckpt.get("processes", accelerator.num_processes) if ckpt else None
-        if ckpt and before != accelerator.num_processes:
-            say(f"{ckpt_path} trained on {before} processes, this run has "
+        trained_on = ckpt.get("processes") if ckpt else None
+        if trained_on not in (None, accelerator.num_processes):
+            say(f"{ckpt_path} trained on {trained_on} processes, this run has "
                 f"{accelerator.num_processes}: its steps now take {accelerator.num_processes} "
                 f"x {run.train_loader.batch_size} images, and the schedule goes on from epoch "
                 f"{len(history)}.")

@@ -122,7 +122,8 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     """One optimizer step; returns (loss summed over the batch, correct) without a host sync."""
     if not run.cfg.channels_last:
         images = images.contiguous()
-    model = run.step_model if len(labels) == run.train_loader.batch_size else run.model  # build
+    # the compiled graph is for full batches (see build); the loader's, capped at the shard
+    model = run.step_model if len(labels) == run.train_loader.batch_size else run.model
     # the last step's gradients go before the forward: with CUDA graphs (reduce-overhead) they
     # live in the graphs' memory, which the next replay takes back; and the peak memory is lower
     run.optimizer.zero_grad(set_to_none=True)

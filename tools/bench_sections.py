@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -329,32 +330,36 @@ def outpaced_peaks(rows: list[dict]) -> list[str]:
                    if row["achieved_flops_per_s"] > row["peak_flops_per_s"]})
 
 
+@contextmanager
+def named_out_of_memory(message: str) -> Iterator[None]:
+    """SetupError(message), naming the option to lower, for running out of memory in the
+    block (torch's error or the CPU allocator's); any other error as it was."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        raise SetupError(message) from None
+
+
 def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
               args: argparse.Namespace) -> MfuResult:
     """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput.
     SetupError naming the option when the model or a matmul does not fit in memory."""
-    try:
+    with named_out_of_memory(f"out of memory counting the FLOPs of the model at --width "
+                             f"{base.width}; choose a smaller --width."):
         model = build_model(base.arch, 10, base.width)
         counted, by_module = count_train_flops(model, channels_last=base.channels_last)
-    except RuntimeError as error:
-        if not out_of_memory(error):
-            raise
-        raise SetupError(f"out of memory counting the FLOPs of the model at --width "
-                         f"{base.width}; choose a smaller --width.") from None
     out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
     dtypes = {"fp32", *(r.precision for r in results.get("step", []) if r.status == "ok"),
               *(r.precision for r in results.get("epoch", [])),
               *(r.precision for r in results.get("peers", {}).get("epochs", []))}
     pin_threads(args.threads)
     for dtype in sorted(dtypes):
-        try:
+        with named_out_of_memory(f"out of memory for the {dtype} matmul peak at --matmul-size "
+                                 f"{args.matmul_size}; choose a smaller --matmul-size."):
             out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,
                                            args.repeats)
-        except RuntimeError as error:
-            if not out_of_memory(error):
-                raise
-            raise SetupError(f"out of memory for the {dtype} matmul peak at --matmul-size "
-                             f"{args.matmul_size}; choose a smaller --matmul-size.") from None
         log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "
             f"({out.peaks[dtype].math})")
     out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)

@@ -32,15 +32,14 @@ def image_folder_name(root: Path, files: dict[str, dict[str, list[Path]]]) -> st
     return f"folder-{folders.fingerprint(root, files)}"
 
 
-def check_synthetic_memory(n_train: int, n_test: int, option: str = "--synthetic-size") -> None:
-    """DataError naming `option` (the command's: tools/bench.py sizes the split with --images)
-    when the images would not fit in memory, raised before any is made (an allocation that
-    fails is a traceback, one that the kernel grants and cannot back is a process killed by
-    the OOM killer)."""
+def check_synthetic_memory(n_train: int, n_test: int, option: str, given: str) -> None:
+    """DataError naming `option` and its `given` values (the command's: tools/bench.py sizes
+    the split with --images) when the images would not fit in memory, raised before any is
+    made (an allocation that fails is a traceback, one that the kernel grants and cannot back
+    is a process killed by the OOM killer)."""
     # the written batches are read back and joined: two copies of the images at the peak
     needed = 2 * (n_train + n_test) * ROW_SIZE
     available = available_memory()
-    given = f"{n_train} {n_test}" if option == "--synthetic-size" else f"{n_train}"
     if needed > available:
         raise DataError(f"{option} {given} needs about {needed / 1e9:.1f} GB of memory (twice "
                         "its images: they are read back once written) but "
@@ -104,7 +103,8 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
     if n_train < len(synthetic.CLASSES) or n_test < 1:
         raise DataError(f"Synthetic data needs at least {len(synthetic.CLASSES)} training and "
                         f"1 test image, got {n_train} and {n_test}.")
-    check_synthetic_memory(n_train, n_test)  # loading a written folder needs it all the same
+    # loading a written folder needs the memory all the same
+    check_synthetic_memory(n_train, n_test, "--synthetic-size", f"{n_train} {n_test}")
     folder = data_dir / synthetic_folder_name(n_train, n_test, seed)
     if folder.is_dir():
         return folder

@@ -177,7 +177,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) is not None:
             try:
                 check_synthetic_memory(getattr(args, name), TEST_IMAGES,
-                                       f"--{name.replace('_', '-')}")
+                                       f"--{name.replace('_', '-')}", str(getattr(args, name)))
             except DataError as error:
                 p.error(str(error))
     for option, path, name in (("--json", args.json, "bench.json"),

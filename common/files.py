@@ -35,22 +35,33 @@ def temporary_writer(entry: Path, path: Path, kinds: tuple[str, ...] = ("tmp",))
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp) on a temporary sibling of path, then rename it over path.
+    """Call write(tmp) on a temporary sibling of path, then rename it over path."""
+    atomic_writes({path: write})
 
-    An OSError that names no file (a full disk hit by write(), not by open()) or names the
-    temporary is raised again naming path, so that the one-line error says which file could
-    not be written (the temporary's name means nothing to the user)."""
-    tmp = temporary_name(Path(path))
+
+def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
+    """Call write(tmp) for each path's temporary sibling and, once every one is written, rename
+    them all into place: files that belong together (a table and its plot) are all new or
+    all as they were, never a mix, whatever fails.
+
+    An OSError that names no file (a full disk hit by write(), not by open()) or names a
+    temporary is raised again naming its path, so that the one-line error says which file
+    could not be written (the temporary's name means nothing to the user)."""
+    temporaries = {Path(path): temporary_name(Path(path)) for path in writes}
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        if error.filename not in (None, str(tmp)):
-            raise
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        for (path, tmp), write in zip(temporaries.items(), writes.values(), strict=True):
+            try:
+                write(tmp)
+            except OSError as error:
+                if error.filename not in (None, str(tmp)):
+                    raise
+                raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
     finally:
-        if os.path.lexists(tmp):  # unlink would fail on a read-only disk even with no file
-            tmp.unlink()
+        for tmp in temporaries.values():
+            if os.path.lexists(tmp):  # unlink would fail on a read-only disk even with no file
+                tmp.unlink()
 
 
 def file_hash(path: Path, digest: hashlib._Hash) -> str:
@@ -70,13 +81,17 @@ def write_json(path: Path, content: dict) -> None:
     write_text(path, json.dumps(content, indent=2) + "\n")
 
 
-def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = None) -> None:
+def csv_text(rows: Sequence[dict], fields: Sequence[str] | None = None) -> str:
     """rows as CSV with a header: `fields`, or the keys of the first row."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(fields or (rows[0] if rows else [])))
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = None) -> None:
+    write_text(path, csv_text(rows, fields))
 
 
 def usual_permissions(path: Path, mode: int = 0o777) -> None:

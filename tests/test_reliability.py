@@ -21,7 +21,7 @@ from conftest import ROOT, run_script, tmpfs
 from test_folders import write_tree
 
 from common.errors import CheckpointError, OutputError, TrainingError
-from common.files import locked_dir, write_text
+from common.files import atomic_writes, locked_dir, write_text
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.loop import configure, nonfinite_state, out_of_memory
@@ -109,6 +109,24 @@ def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path):
             write_text(disk / "metrics.csv", "x" * (1 << 20))
         assert raised.value.errno == 28 and raised.value.filename == str(disk / "metrics.csv")
         assert list(disk.iterdir()) == []  # no temporary left behind
+
+
+def test_files_written_together_are_all_new_or_all_old_on_a_full_disk(tmp_path):
+    """lr_find's table and plot: the plot not fitting leaves the old table, not a new table
+    beside an old plot; written in full, both are new."""
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        table, plot = disk / "lr_find.csv", disk / "lr_find.png"
+        table.write_text("old table")
+        plot.write_text("old plot")
+        with pytest.raises(OSError) as raised:
+            atomic_writes({table: lambda tmp: tmp.write_text("new table"),
+                           plot: lambda tmp: tmp.write_bytes(b"x" * (1 << 20))})
+        assert raised.value.errno == 28 and raised.value.filename == str(plot)
+        assert (table.read_text(), plot.read_text()) == ("old table", "old plot")
+        assert sorted(p.name for p in disk.iterdir()) == ["lr_find.csv", "lr_find.png"]
+        atomic_writes({table: lambda tmp: tmp.write_text("new table"),
+                       plot: lambda tmp: tmp.write_text("new plot")})
+        assert (table.read_text(), plot.read_text()) == ("new table", "new plot")
 
 
 def test_the_folder_lock_is_exclusive_and_a_failure_leaving_it_empty_removes_it(tmp_path):

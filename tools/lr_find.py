@@ -18,7 +18,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     import torch
     from matplotlib.figure import Figure
 
-    from common.files import atomic_write, output_dir, write_csv
+    from common.files import atomic_writes, csv_text, output_dir
     from engine import lr_range
     from engine.config import TrainConfig, parse_tool_args, resolve
     from engine.lr_range import RangeTest
@@ -72,7 +72,7 @@ def rows(result: RangeTest) -> list[dict]:
             in zip(result.lrs, result.losses, result.smoothed, strict=True)]
 
 
-def plot(result: RangeTest, path: Path) -> None:
+def plot(result: RangeTest) -> Figure:
     """Loss against LR on a log axis, raw and smoothed, with both suggestions marked."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -89,7 +89,7 @@ def plot(result: RangeTest, path: Path) -> None:
            title=f"LR range test: suggested lr {result.suggested:.3g}"
                  + (f" (diverged at {result.lrs[-1]:.2g})" if result.diverged else ""))
     ax.legend()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             result, main_process = find(cfg, args)
         if not main_process:
             return
-        write_csv(out / "lr_find.csv", rows(result))
-        plot(result, out / "lr_find.png")
+        fig = plot(result)
+        # the table and its plot together: a full disk leaves neither new, not one of them
+        atomic_writes({out / "lr_find.csv": lambda tmp: tmp.write_text(csv_text(rows(result))),
+                       out / "lr_find.png": lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
         print(f"suggested lr {result.suggested:.4g} (minimum/10; steepest descent at "
               f"{result.steepest:.4g}) over {len(result.lrs)} steps from {result.lrs[0]:.2g} "
               f"to {result.lrs[-1]:.2g}; wrote {out}/lr_find.png and lr_find.csv. Train with "

@@ -126,11 +126,27 @@ def read_info(path: Path) -> BetonInfo | None:
     if not path.is_file():
         return None
     try:
-        info = BetonInfo(**json.loads(sidecar(path).read_text()))
+        info = _load_sidecar(path)
         usable = all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD
     except (OSError, ValueError, TypeError):
         return None
     return info if info.format == FORMAT and usable else None
+
+
+def _load_sidecar(path: Path) -> BetonInfo:
+    return BetonInfo(**json.loads(sidecar(path).read_text()))
+
+
+def sidecar_damage(path: Path) -> str | None:
+    """Why the sidecar of .beton `path` is there but is no sidecar (cut short, overwritten),
+    or None: the file is rebuilt all the same, and the notice says why."""
+    try:
+        _load_sidecar(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as error:
+        return f"its sidecar {sidecar(path).name} cannot be read: {error}"
+    return None
 
 
 def intact(path: Path) -> BetonInfo | None:
@@ -158,7 +174,9 @@ def cached(path: Path, split: Split, classes: list[str],
     """path's info when it holds this split as it is now (its source, classes and, when
     given, normalization) and is undamaged; else None, with why when the file is damaged."""
     old = read_info(path)
-    if old is None or (old.num_samples, old.source_digest, old.classes) != (
+    if old is None:
+        return None, sidecar_damage(path) if path.is_file() else None
+    if (old.num_samples, old.source_digest, old.classes) != (
             len(split.labels), digest(split), classes) or stats not in (
             None, (old.mean, old.std)):
         return None, None

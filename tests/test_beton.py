@@ -330,6 +330,7 @@ DAMAGED = {
     "cut by a few bytes": lambda p: p.write_bytes(p.read_bytes()[:-3]),
     "middle bytes overwritten": _overwrite_middle,
     "header cut": lambda p: p.write_bytes(p.read_bytes()[:40]),
+    "sidecar cut": lambda p: beton.sidecar(p).write_text(beton.sidecar(p).read_text()[:30]),
 }
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from common.errors import DataError, one_line_text
 from common.hardware import default_workers
 from common.progress import track
-from loaders.images import read_image
+from loaders.images import decode_image, quiet_pil
 
 SPLITS = ("train", "test")
 
@@ -99,11 +99,12 @@ def read_split(classes: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
 
     def attempt(path: Path) -> np.ndarray | DataError:
         try:
-            return read_image(path)
+            return decode_image(path)
         except DataError as error:
             return error
 
-    with ThreadPoolExecutor(default_workers()) as pool:  # PIL decodes without the GIL
+    # PIL decodes without the GIL; its warnings silenced once, for every thread
+    with quiet_pil(), ThreadPoolExecutor(default_workers()) as pool:
         images = list(track(pool.map(attempt, paths), len(paths), "reading images", "image"))
     bad = [str(e) for e in images if isinstance(e, DataError)]
     if bad:

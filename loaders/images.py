@@ -11,6 +11,8 @@ is, so saving a CIFAR image and predicting it gives the model exactly that image
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,23 +58,37 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@contextmanager
+def quiet_pil() -> Iterator[None]:
+    """PIL's warnings silenced: its notes on damaged metadata ('Corrupt EXIF data') are lines
+    of stderr that name no file, and the pixels decode, which is all that is used; its
+    decompression-bomb warning too, as decode_image refuses those pictures itself. The
+    warning filters are the process's, not a thread's: enter it once, around every thread."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        yield
+
+
 def read_image(path: Path) -> np.ndarray:
     """A picture as uint8 32 x 32 x 3 RGB (see the module docstring); DataError naming the file."""
+    with quiet_pil():
+        return decode_image(path)
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """read_image, for threads: their caller holds quiet_pil() around them all."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        with warnings.catch_warnings():
-            # PIL's notes on damaged metadata ('Corrupt EXIF data'), lines of stderr that name
-            # no file: the pixels decoded, which is all that is used
-            warnings.filterwarnings("ignore", module=r"PIL\.")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # checked first
-            with Image.open(path) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)  # photos taken sideways stand upright
-                image = to_rgb(image)
+        with Image.open(path) as opened:
+            if opened.width * opened.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to 2x
+                raise Image.DecompressionBombError
+            opened.load()
+            image = ImageOps.exif_transpose(opened)  # photos taken sideways stand upright
+            image = to_rgb(image)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image; pass a PNG or JPEG file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise DataError(f"{path}: over {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
                         "decompression bomb; shrink it first") from None
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,17 @@ def test_an_image_folder_becomes_betons_with_exactly_its_pixels(tmp_path):
         loader = make_loader(kind, prepared.test, train=False, batch_size=4, device="cpu",
                              mean=prepared.mean, std=prepared.std, workers=1)
         assert sum(len(labels) for _, labels in loader) == 9
+
+
+def test_reading_in_threads_leaves_the_warning_filters_as_they_were(tmp_path):
+    """Each thread entering warnings.catch_warnings restored the filters another had saved:
+    PIL's left silenced, and a decompression bomb warning turned into an error, for the
+    rest of the process."""
+    made = write_tree(tmp_path, per_class=(40, 1))
+    before = list(warnings.filters)
+    images, labels = folders.read_split(folders.class_files(tmp_path)["train"])
+    assert list(warnings.filters) == before
+    np.testing.assert_array_equal(images, made["train"][0])
 
 
 def test_the_conversion_is_cached_until_a_file_changes(tmp_path):

@@ -2,6 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 APT     := libopencv-dev libturbojpeg0-dev pkg-config
+PROJECT := '.[dev,bench,export]'
 ARGS    ?=
 # test workers (pytest-xdist, a module per worker: tests/conftest.py); past 4 the slowest
 # module bounds the time
@@ -17,9 +18,14 @@ $(STAMP): pyproject.toml
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT); \
 	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
+	# uv fetches and unpacks torch's gigabytes of CUDA wheels in parallel, in half pip's time
+	# (benchmarks/results/setup-pip-vs-uv-cpu-2core.log); compiled to bytecode as pip does, or
+	# every command would compile torch's sources again. pip, with this machine's own
+	# configuration (a private index, say), when uv cannot.
+	$(PY) -m pip install -q uv
 	# the extras too, so the tests exercise the bench's peers and the exports for real
-	$(PY) -m pip install -q -e '.[dev,bench,export]'
+	$(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e $(PROJECT) \
+	  || $(PY) -m pip install -q -e $(PROJECT)
 	touch $(STAMP)
 
 train: setup

@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 	# uv fetches and unpacks torch's gigabytes of CUDA wheels in parallel, in half pip's time
 	# (benchmarks/results/setup-pip-vs-uv-cpu-2core.log); compiled to bytecode as pip does, or
 	# every command would compile torch's sources again. pip, with this machine's own
-	# configuration (a private index, say), when uv cannot.
-	$(PY) -m pip install -q uv
-	# the extras too, so the tests exercise the bench's peers and the exports for real
-	$(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e $(PROJECT) \
-	  || $(PY) -m pip install -q -e $(PROJECT)
+	# configuration (a private index, say), when uv cannot. The extras too, so the tests
+	# exercise the bench's peers and the exports for real. uv's TMPDIR in .venv: it leaves a
+	# lock file in the temporary folder per package it builds (astral-sh/uv#14385).
+	mkdir -p .venv/tmp
+	{ $(PY) -m pip install -q uv && TMPDIR="$(CURDIR)/.venv/tmp" $(PY) -m uv pip install -q \
+	  --compile-bytecode --python $(PY) -e $(PROJECT); } || $(PY) -m pip install -q -e $(PROJECT)
+	rm -rf .venv/tmp
 	touch $(STAMP)
 
 train: setup

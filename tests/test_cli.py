@@ -55,9 +55,12 @@ def test_help_and_refusals_wait_for_no_grad_cam():
 
 
 # python -c this script args: a real SIGINT as the import of the COUNT-th module whose name
-# starts with one of PREFIXES begins
+# starts with one of PREFIXES begins. SIGINT as a terminal's foreground command has it: a test
+# run started in the background (`cmd &` without job control) passes SIGINT ignored down to
+# every command, and a command that finds it ignored rightly runs on (interruptible_imports)
 INTERRUPT_WHILE_IMPORTING = """
 import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a command typed at a terminal
 prefixes, count = tuple(os.environ["PREFIXES"].split()), int(os.environ["COUNT"])
 class Interrupt:
     def find_spec(self, name, path=None, target=None):

@@ -1,4 +1,7 @@
-"""TrainConfig, its presets and the command line of engine/train.py (torchvision style)."""
+"""TrainConfig, its presets and the command line of engine/train.py (torchvision style).
+
+Plain Python, like the option names it offers: a command line is parsed, and --help or a
+refused value answered, before torch loads (seconds); the command imports it afterwards."""
 
 from __future__ import annotations
 
@@ -10,18 +13,32 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from accelerate.utils import LoggerType
-
-from common.cli import CommandParser, path_option
+from common.cli import CommandParser, interruptible_imports, path_option
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
-from engine.model import ARCHS
-from engine.optimizers import OPTIMIZERS, SCHEDULES
-from loaders import LOADERS, synthetic
-from loaders.augment import AugmentConfig
-from loaders.prepare import add_data_arguments
+from loaders import LOADERS
+from loaders.options import SYNTHETIC_SIZE, AugmentConfig, add_data_arguments
 
-TRACKERS = [t.value for t in LoggerType]  # what accelerate's log_with takes
+# the names engine.model and engine.optimizers build from, here so options parse without torch
+ARCHS = ("resnet18",)
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
+SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
+
+
+def trackers() -> list[str]:
+    """What accelerate's log_with takes; asked of accelerate itself, which imports torch, so
+    only when --log-with is given or a saved config is checked."""
+    with interruptible_imports():
+        from accelerate.utils import LoggerType
+    return [t.value for t in LoggerType]
+
+
+def _tracker(value: str) -> str:
+    names = trackers()
+    if value not in names:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {value!r} (choose from {', '.join(names)})")
+    return value
 
 
 @dataclass
@@ -31,7 +48,7 @@ class TrainConfig:
     preset: str = "fast"
     dataset: str = "cifar10"
     data_dir: str = "data"
-    synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE
+    synthetic_size: tuple[int, int] = SYNTHETIC_SIZE
     loader: str | None = None  # None: resident on GPU, ffcv otherwise
     workers: int | None = None  # None: the cores this process may use
     arch: str = "resnet18"
@@ -158,8 +175,9 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     if tool is None:
         g.add_argument("--resume", type=path_option("resume the current directory"),
                        help="continue the interrupted run in this directory with its saved config")
-    g.add_argument("--log-with", choices=TRACKERS, metavar="TRACKER",
-                   help=f"accelerate tracker: {', '.join(TRACKERS)} (its package installed)")
+    g.add_argument("--log-with", type=_tracker, metavar="TRACKER",
+                   help="an accelerate tracker, e.g. tensorboard or wandb (its package "
+                        "installed)")
     return p
 
 
@@ -183,6 +201,7 @@ def foreign_values(cfg: TrainConfig) -> list[str]:
     wrong = [f"{name} is {getattr(cfg, name)!r}, not {hint}" for name, hint in hints.items()
              if not _fits(getattr(cfg, name), hint)]
     choices = {a.dest: a.choices for a in build_parser()._actions if a.choices}
+    choices["log_with"] = trackers()
     return wrong or [f"{name} is {getattr(cfg, name)!r}, not one of {', '.join(options)}"
                      for name, options in choices.items()
                      if getattr(cfg, name) not in (None, *options)]

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS = ("resnet18",)
+from engine.config import ARCHS
 
 
 class PointwiseConv(nn.Conv2d):

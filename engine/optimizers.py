@@ -6,8 +6,7 @@ from functools import partial
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
-SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
+from engine.config import OPTIMIZERS, SCHEDULES
 
 # onecycle starts at peak/25 and ends at peak/(25 * 1e4), the torch.optim.lr_scheduler.OneCycleLR
 # defaults (div_factor, final_div_factor).

@@ -8,16 +8,15 @@ from __future__ import annotations
 import sys
 
 from common.cli import interruptible_imports, run_main
-
-with interruptible_imports():  # torch and the rest take seconds to import
-    from engine.config import parse
-    from engine.loop import train
+from engine.config import parse
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train as the command line says, then print the best accuracy; the exit status comes
     from run_main, so a known error or Ctrl-C is one line, not a traceback."""
-    options = parse(argv)
+    options = parse(argv)  # first: --help and a refused option answer before torch loads
+    with interruptible_imports():  # torch and the rest take seconds to import
+        from engine.loop import train
 
     def body() -> None:
         result = train(options.cfg, options.resume, options.given, log=print)

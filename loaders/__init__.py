@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loaders.base import BatchLoader
+if TYPE_CHECKING:  # torch loads with the loader itself, not with this package's names
+    from loaders.base import BatchLoader
 
 LOADERS = ("ffcv", "resident", "torchvision")
 

@@ -8,23 +8,10 @@ per-epoch work); reflect or zero padding is done by index arithmetic, so no padd
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    flip: bool = True  # random horizontal flip with p=0.5
-    translate: int = 2  # random shift by up to this many pixels (pad-and-crop); 0 = off
-    reflect: bool = True  # pad by reflection (else with black pixels)
-    cutout: int = 0  # side of a square set to the mean colour; 0 = off
-
-    def __post_init__(self):
-        if not 0 <= self.translate <= 16 or not 0 <= self.cutout <= 32:
-            raise ValueError(f"--translate must be in 0..16 and --cutout in 0..32, got "
-                             f"{self.translate} and {self.cutout}")
-
+from loaders.options import AugmentConfig
 
 # Ranks' seeds lie this far apart: even, to keep the stream bit; twice an odd number, so that
 # ranks stay distinct in the low 32 bits, all a CPU generator (mt19937) keeps of a seed.

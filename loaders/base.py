@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from common.hardware import default_workers
-from loaders.augment import Augment, AugmentConfig
+from loaders.augment import Augment
+from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images N x 3 x 32 x 32 channels_last, labels int64

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from loaders import beton
-from loaders.augment import AugmentConfig, epoch_generator
+from loaders.augment import epoch_generator
 from loaders.base import Batch, BatchLoader
+from loaders.options import AugmentConfig
 
 
 class Cutout:

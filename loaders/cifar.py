@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError, one_line_text
-from loaders import download, folders, python_folder, synthetic
+from loaders import download, folders, python_folder
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
-
-DATASETS = ("cifar10", "cifar100", "synthetic", "folder")
+from loaders.options import DATASETS, SYNTHETIC_SIZE
 
 
 @dataclass(frozen=True)
@@ -195,7 +194,7 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
 
 
 def source_name(name: str, data_dir: Path,
-                synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE, seed: int = 0) -> str:
+                synthetic_size: tuple[int, int] = SYNTHETIC_SIZE, seed: int = 0) -> str:
     """The name of the python-format folder dataset `name` is read from: one per synthetic
     size and seed, one per state of an image folder, the archive's folder for CIFAR."""
     if name == "synthetic":
@@ -213,7 +212,7 @@ def source_at_hand(name: str, folder: Path) -> bool:
     return name == "folder" or folder.is_dir()
 
 
-def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE,
+def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_SIZE,
          seed: int = 0) -> CifarData:
     """Fetch, generate or convert (when needed), read and validate dataset `name`."""
     if name not in DATASETS:

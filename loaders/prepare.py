@@ -4,21 +4,21 @@ calls `prepare` too, so both take the same path."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, path_option, run_main
+from common.cli import CommandParser, interruptible_imports, run_main
 
 with interruptible_imports():  # torch and the rest take seconds to import
     from common.errors import DataError
     from common.files import unwritable, waiting_lock
     from common.hardware import default_workers
-    from loaders import beton, cifar, synthetic
+    from loaders import beton, cifar
     from loaders.layouts import LAYOUTS
+    from loaders.options import SYNTHETIC_SIZE, add_data_arguments
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ class Prepared:
     mean: list[float]
     std: list[float]
     source: Path  # the python-format folder the .beton files were made from
-
-
-# --data-dir as typed: an empty value must not silently mean the current directory
-data_dir_option = path_option("write the data into the current directory (e.g. --data-dir data)")
 
 
 def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
@@ -57,7 +53,7 @@ def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
                         "can write to, with free space, or fix this one.")
 
 
-def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = synthetic.DEFAULT_SIZE,
+def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_SIZE,
             seed: int = 0, workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
 
@@ -135,24 +131,11 @@ def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: i
     return _prepared(data, paths, train)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data options shared by every command that reads a dataset."""
-    # no defaults here: engine.config tells options given from options left out, and
-    # TrainConfig (or the caller's set_defaults) holds the defaults named in the help
-    parser.add_argument("--dataset", choices=cifar.DATASETS,
-                        help="cifar10 and cifar100 are downloaded once; synthetic is generated "
-                             "offline (default: cifar10)")
-    parser.add_argument("--data-dir", type=data_dir_option,
-                        help="downloads, extracted batches and .beton files (default: ./data)")
-    parser.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "TEST"),
-                        help="images per split of --dataset synthetic (default: 50000 10000)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = CommandParser(prog="python loaders/prepare.py", description=__doc__)
     add_data_arguments(parser)
     parser.set_defaults(dataset="cifar10", data_dir=Path("data"),
-                        synthetic_size=synthetic.DEFAULT_SIZE)
+                        synthetic_size=SYNTHETIC_SIZE)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     args = parser.parse_args(argv)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_SIZE = (50_000, 10_000)  # training and test images: CIFAR-10's, which it stands in for
 SHAPE_SIZE = 10
 CHUNK = 2048  # images whose float32 noise is made at once: 25 MB
 CLASSES = ["disc", "ring", "square", "frame", "plus", "cross", "hbars", "vbars", "triangle",

@@ -8,12 +8,12 @@ import torch
 
 from loaders.augment import (
     Augment,
-    AugmentConfig,
     cutout,
     draw_flip_translate,
     epoch_generator,
     flip_translate,
 )
+from loaders.options import AugmentConfig
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 

@@ -43,6 +43,32 @@ def test_every_script_runs_by_path_and_as_a_module(script):
         assert result.stdout.startswith("usage:"), (command, result.stdout[:200])
 
 
+# python -c this script args: the script as `python script args` runs it, then the heavy
+# libraries it had imported by the time it exited, on the last line of stderr
+IMPORTED_BY_EXIT = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    heavy = [m for m in ("torch", "numpy", "accelerate") if m in sys.modules]
+    sys.stderr.write(f"imported: {' '.join(heavy) or 'none'}\\n")
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--epochs", "0"], 2),
+                                        (["--loader", "nope"], 2), (["--preset"], 2)])
+def test_train_answers_help_and_refusals_before_torch_loads(args, code, tmp_path):
+    """engine/train.py parses its options in plain Python first: torch (seconds) loads only
+    for a command line that can run, and no run folder is made for one that cannot."""
+    result = subprocess.run([sys.executable, "-c", IMPORTED_BY_EXIT, str(ROOT / "engine/train.py"),
+                             *args, "--out", str(tmp_path / "run")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == "imported: none", result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_help_and_refusals_wait_for_no_grad_cam():
     """pytorch-grad-cam brings torchvision, scikit-learn and scipy (seconds): report.py and
     predict.py import it only when they draw a map, so --help and a refused checkpoint are quick."""
@@ -75,6 +101,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# the options with which a script goes on to import torch: --help, but where a script parses its
+# options first (without torch), options that parse and name a run that is not there
+PAST_PARSING = {"engine/train.py": ["--resume", "no-such-run"]}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("prefixes, count", [("numpy torch", 1), ("numpy", 20)],
                          ids=["as torch or numpy starts", "inside numpy"])
@@ -84,7 +115,8 @@ def test_ctrl_c_while_a_script_still_imports_is_one_line(script, prefixes, count
     # imports it, it was swallowed: the command ran on (--help printed, exit 0), or failed
     # later on the half-imported numpy (RecursionError)
     result = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, str(ROOT / script),
-                             "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             *PAST_PARSING.get(script, ["--help"])], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PREFIXES": prefixes, "COUNT": str(count)})
     assert (result.returncode, result.stderr.strip(), result.stdout) == (130, "interrupted", ""), \
         result.stderr[-2000:]

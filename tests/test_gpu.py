@@ -24,10 +24,10 @@ from engine.evaluate import evaluate
 from engine.run import DTYPES, build, make_accelerator, train_step
 from loaders.augment import (
     Augment,
-    AugmentConfig,
     draw_flip_translate,
     gather_flip_translate,
 )
+from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices
 
 pytestmark = pytest.mark.gpu

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 import loaders
 from common.errors import LoaderError
-from loaders.augment import AugmentConfig
+from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
 BATCH = 64

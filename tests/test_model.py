@@ -8,7 +8,8 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from engine.model import ARCHS, PointwiseConv, ResNet18, build_model, forward_macs
+from engine.config import ARCHS
+from engine.model import PointwiseConv, ResNet18, build_model, forward_macs
 
 
 def n_params(model: nn.Module) -> int:

@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from engine.config import OPTIMIZERS, SCHEDULES
 from engine.optimizers import (
     ONECYCLE_END,
     ONECYCLE_START,
-    OPTIMIZERS,
-    SCHEDULES,
     build_optimizer,
     build_schedule,
     load_optimizer,

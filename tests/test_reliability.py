@@ -546,6 +546,7 @@ def _damaged(run: Path, change) -> Path:
     ("translate", 99, "--translate must be in 0..16"),
     ("dataset", "imagenet", "dataset is 'imagenet', not one of cifar10, cifar100"),
     ("optimizer", "foo", "optimizer is 'foo', not one of sgd, nesterov"),
+    ("log_with", "foo", "log_with is 'foo', not one of all, "),  # accelerate's names
     ("width", 16, "its config's resnet18 of width 16 is not its weights' resnet18 of width"),
     ("dataset", "cifar100", "its data is 'synthetic', its config's dataset 'cifar100'"),
 ])

@@ -277,6 +277,7 @@ def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
 def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path):
     result = train("--log-with", "no-such-tracker", "--out", str(tmp_path / "out"), timeout=120)
     assert result.returncode == 2 and "invalid choice: 'no-such-tracker'" in result.stderr
+    assert "tensorboard" in result.stderr  # the choices, as accelerate names them
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 

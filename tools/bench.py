@@ -32,7 +32,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     from engine.config import TrainConfig, resolve
     from engine.run import DTYPES
     from loaders import synthetic
-    from loaders.prepare import data_dir_option
+    from loaders.options import data_dir_option
     from loaders.python_folder import check_synthetic_memory
     from tools.bench_output import metadata, report
     from tools.bench_peers import bench_peers

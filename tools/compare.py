@@ -23,9 +23,8 @@ with interruptible_imports():  # torch and the rest take seconds to import
 
     from common.errors import Interrupted, RangeTestError, TrainingError
     from common.files import atomic_write, output_dir, write_csv, write_text
-    from engine.config import TrainConfig, parse_tool_args
+    from engine.config import OPTIMIZERS, TrainConfig, parse_tool_args
     from engine.loop import train
-    from engine.optimizers import OPTIMIZERS
     from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:

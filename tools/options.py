@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from common.errors import SetupError
-from loaders.prepare import data_dir_option
+from loaders.options import data_dir_option
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:

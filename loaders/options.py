@@ -1,0 +1,43 @@
+"""The data and augmentation options every command shares, declared once in plain Python, so
+a command line is parsed (its --help, a refused value) before numpy and torch load: seconds."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from common.cli import path_option
+
+DATASETS = ("cifar10", "cifar100", "synthetic", "folder")
+SYNTHETIC_SIZE = (50_000, 10_000)  # training and test images: CIFAR-10's, which it stands in for
+
+# --data-dir as typed: an empty value must not silently mean the current directory
+data_dir_option = path_option("write the data into the current directory (e.g. --data-dir data)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data options shared by every command that reads a dataset."""
+    # no defaults here: engine.config tells options given from options left out, and
+    # TrainConfig (or the caller's set_defaults) holds the defaults named in the help
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="cifar10 and cifar100 are downloaded once; synthetic is generated "
+                             "offline (default: cifar10)")
+    parser.add_argument("--data-dir", type=data_dir_option,
+                        help="downloads, extracted batches and .beton files (default: ./data)")
+    parser.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "TEST"),
+                        help="images per split of --dataset synthetic (default: 50000 10000)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The training augmentation a loader applies (loaders.augment does it), range-checked."""
+
+    flip: bool = True  # random horizontal flip with p=0.5
+    translate: int = 2  # random shift by up to this many pixels (pad-and-crop); 0 = off
+    reflect: bool = True  # pad by reflection (else with black pixels)
+    cutout: int = 0  # side of a square set to the mean colour; 0 = off
+
+    def __post_init__(self):
+        if not 0 <= self.translate <= 16 or not 0 <= self.cutout <= 32:
+            raise ValueError(f"--translate must be in 0..16 and --cutout in 0..32, got "
+                             f"{self.translate} and {self.cutout}")

@@ -58,6 +58,7 @@ def test_quick_runs_record_metadata(quick):
         assert meta["command"].endswith("--quick"), name
         assert meta["device"] == "cpu" and meta["device_name"].startswith("cpu (")
         assert meta["torch"] and "cuda" in meta and meta["date"] and meta["commit"]
+        assert len(meta["load_average"]) == 3 and min(meta["load_average"]) >= 0
         assert meta["complete"] is True
         assert f"command: {meta['command']}" in logs
     assert {s for meta in report["meta"].values() for s in meta["section_s"]} == set(

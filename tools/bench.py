@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         device = measured_device(args)
         fill_defaults(args)
         meta = metadata(device, argv)
-        for key in ("command", "commit", "date", "device_name", "torch", "cuda"):
+        for key in ("command", "commit", "date", "device_name", "load_average", "torch", "cuda"):
             log(f"{key}: {meta[key]}")
         log(f"options: {vars(args)}")
         options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -42,11 +42,13 @@ def commit() -> str:
 
 
 def metadata(device: torch.device, argv: list[str]) -> dict:
-    """What ran where: device, library versions, commit, command line and date."""
+    """What ran where: device, library versions, commit, command line, date, and the load
+    average at the start (1, 5, 15 minutes): on a shared host, what tells a quiet run."""
     return dict(
         command=shlex.join(["python", "tools/bench.py", *argv]), argv=argv, commit=commit(),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         device=device.type, device_name=device_name(device), cores=available_cores(),
+        load_average=[round(load, 2) for load in os.getloadavg()],
         torch=str(torch.__version__),
         cuda=torch.version.cuda if device.type == "cuda" else None,
         torch_cuda_build=torch.version.cuda,

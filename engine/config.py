@@ -283,7 +283,8 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
     Any other option given on the command line is refused by name rather than dropped.
     """
     refused = sorted(k for k, v in given.items()
-                     if k not in RESUMABLE and _plain(saved.get(k)) != v)
+                     if k not in RESUMABLE and _plain(saved.get(k)) != v
+                     and not (k == "lr" and v == "auto" and saved.get("lr_auto")))  # its origin
     if refused:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in refused)
         allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE)

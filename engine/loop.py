@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from accelerate.tracking import get_available_trackers
 
+from common.cli import stop_signals_held
 from common.compile_modes import compile_text
 from common.errors import CheckpointError, Interrupted, TrainingError, one_line
 from common.files import locked_dir, sweep_temporaries, write_json
@@ -141,12 +142,14 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
         history.append(row)
         acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         if acc.is_main_process:
-            if max(history, key=lambda r: r["test_acc"]) is row:
-                checkpoint.save(out / "best.pt", checkpoint.content(run, history, False))
-            checkpoint.save(out / "ckpt.pt", checkpoint.content(run, history, True))
-            checkpoint.write_metrics(out, history)
-            # beside the first checkpoint, not before: a run that fails early leaves nothing
-            write_json(out / "config.json", cfg.to_dict())
+            # the epoch's files as one: Ctrl-C waits, so none is left an epoch behind the others
+            with stop_signals_held():
+                if max(history, key=lambda r: r["test_acc"]) is row:
+                    checkpoint.save(out / "best.pt", checkpoint.content(run, history, False))
+                checkpoint.save(out / "ckpt.pt", checkpoint.content(run, history, True))
+                checkpoint.write_metrics(out, history)
+                # beside the first checkpoint, not before: a run that fails early leaves nothing
+                write_json(out / "config.json", cfg.to_dict())
             log(summary_line(row, cfg.epochs))
 
 
@@ -220,6 +223,9 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
                 "another --out.")
     except ValueError as error:  # an option that --resume cannot change
         raise CheckpointError(f"{path}: {error}") from None
+    if cfg.precision == "fp16" and not torch.cuda.is_available():  # --precision is kept
+        raise TrainingError(f"{path} trained in fp16, which needs a CUDA GPU; resume it on a "
+                            "machine with one (--resume keeps the run's --precision).")
     done = len(ckpt["history"])
     if cfg.epochs < done:
         raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
@@ -227,11 +233,19 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     return resolve(cfg, torch.cuda.is_available()), ckpt
 
 
+def end_processes() -> None:
+    """Leave the process group of torchrun or accelerate launch, once this process trains no
+    more: gloo's threads otherwise die at exit with SIGABRT."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
-          log: Log = lambda _: None) -> Trained:
+          log: Log = lambda _: None, last: bool = True) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
     return its history; each epoch's line and each notice go to log (the command line passes
-    print). Ctrl-C raises Interrupted, saying what was kept."""
+    print). Ctrl-C raises Interrupted, saying what was kept. `last=False` keeps the process
+    group for another run in this process (tools/compare.py), which calls end_processes()."""
     cfg, ckpt = configure(cfg, resume, given)
     check_tracker(cfg.log_with)
     accelerator = make_accelerator(cfg)
@@ -246,14 +260,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
             sweep_temporaries(out)  # of a save that was killed midway
         try:
             return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
-                          log if main else (lambda _: None))
+                          log if main else (lambda _: None), last)
         finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full) goes
             if main and not (out / "ckpt.pt").exists():
                 (out / "best.pt").unlink(missing_ok=True)
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
-           say: Log) -> Trained:
+           say: Log, last: bool) -> Trained:
     """train() once the run folder is held: build, restore, fit, and Ctrl-C's message."""
     out = Path(cfg.out)
     history: list[dict] = []
@@ -309,7 +323,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
                             f"--batch-size {max(1, batch // 2)}.") from None
     finally:
-        accelerator.end_training()
-        if torch.distributed.is_initialized():  # else gloo's threads die at exit: SIGABRT
-            torch.distributed.destroy_process_group()
+        # this run's trackers; not accelerator.end_training(), which also ends the process
+        # group, and a second Accelerator in this process would not start it again
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        if last:
+            end_processes()
     return Trained(run.cfg, history, accelerator.is_main_process)

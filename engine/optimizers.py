@@ -52,8 +52,9 @@ def build_optimizer(
     fused = fused or None  # None: torch's own default (foreach on CUDA)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
-    if name == "nesterov":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=fused)
+    if name == "nesterov":  # with no momentum, no look-ahead: plain SGD, which torch requires
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0,
+                               fused=fused)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999), fused=fused)
     if name == "adamw":

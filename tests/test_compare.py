@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_script
 
+from engine import checkpoint
 from tools.compare import default_lr, main
 
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
@@ -33,6 +34,29 @@ def out(tmp_path_factory) -> Path:
                      "--epochs", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.mark.slow
+def test_two_processes_compare_every_optimizer_in_turn(tmp_path):
+    """Under torchrun each process trains one optimizer after the other: the first run must
+    leave the process group to the second (it ended it, and the second run stopped at its
+    first barrier with a traceback on both processes)."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
+         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
+         str(tmp_path / "data"), "--optimizers", "sgd", "adam", "--epochs", "1", "--out",
+         str(out)], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["optimizer"], r["epochs"], r["note"]) for r in rows] == [
+        ("sgd", "1", ""), ("adam", "1", "")]
+    for name in ("sgd", "adam"):
+        assert checkpoint.load(out / name / "ckpt.pt")["processes"] == 2
+    assert result.stdout.count("wrote ") == 1  # one process writes the comparison
 
 
 @pytest.mark.slow

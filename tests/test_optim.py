@@ -55,6 +55,24 @@ def test_momentum_reaches_every_optimizer(name: str):
         assert (group["betas"][0] if "betas" in group else group["momentum"]) == 0.8
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_no_momentum_is_a_choice_every_optimizer_takes(name: str):
+    """--momentum 0: nesterov, whose look-ahead then looks nowhere, steps as plain SGD does (torch
+    refused it: a traceback after the data was prepared); the others take it as it is."""
+    steps = []
+    for optimizer in (name, "sgd"):
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = build_optimizer(optimizer, model, lr=0.01, momentum=0.0)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+            opt.step()
+        steps.append([p.detach() for p in model.parameters()])
+    if name in ("sgd", "nesterov"):
+        assert all(torch.equal(a, b) for a, b in zip(*steps, strict=True))
+
+
 def test_no_decay_group_is_bn_and_biases():
     model = Tiny()
     decay, no_decay = param_groups(model, 5e-4, decay_norm_and_bias=False)

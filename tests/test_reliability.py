@@ -562,6 +562,17 @@ def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_p
     assert problem in str(refused.value) and "damaged or edited" in str(refused.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where a CUDA GPU is")
+def test_an_fp16_run_is_resumed_only_where_fp16_can_run(finished, tmp_path):
+    """No advice to pick another --precision, which --resume refuses: a GPU is the way on."""
+    run = copy_run(finished, tmp_path)
+    path = _damaged(run, lambda ckpt: ckpt["config"].update(precision="fp16"))
+    with pytest.raises(TrainingError, match="trained in fp16, which needs a CUDA GPU; resume it "
+                                            "on a machine with one") as refused:
+        configure(TrainConfig(), run, {})
+    assert str(path) in str(refused.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("change, cause", [
     (lambda ckpt: ckpt["resume"].update(rng=torch.zeros(3)), "TypeError"),
@@ -715,3 +726,17 @@ def test_resume_rules_apply_what_can_change_and_name_the_rest():
     same = resume_config(saved, {"dataset": "synthetic", "synthetic_size": (50_000, 10_000)},
                          Path("runs/x"))  # repeating a saved value is no change
     assert same.synthetic_size == (50_000, 10_000)
+
+
+def test_resuming_an_lr_auto_run_takes_its_command_again():
+    """A --lr auto run saves the LR it found: the same command with --resume repeats 'auto',
+    which is the saved LR's origin, not a change (it was refused as '--lr cannot change')."""
+    from engine.config import parse, resume_config
+
+    found = {"suggested": 0.0123, "steepest": 0.004}
+    saved = {**parse(["--lr", "auto"]).cfg.to_dict(), "lr": 0.0123, "lr_auto": found}
+    cfg = resume_config(saved, parse(["--lr", "auto", "--epochs", "30"]).given, Path("runs/x"))
+    assert (cfg.lr, cfg.lr_auto, cfg.epochs) == (0.0123, found, 30)
+    fixed = {**saved, "lr_auto": None}  # a run at a fixed LR did not come from the range test
+    with pytest.raises(ValueError, match="--lr cannot change"):
+        resume_config(fixed, parse(["--lr", "auto"]).given, Path("runs/x"))

@@ -198,6 +198,38 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path)
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)
 
 
+# python -c this script args: engine/train.py, with a real Ctrl-C as soon as best.pt is saved,
+# before the epoch's ckpt.pt, metrics and config.json
+CTRL_C_AFTER_BEST = """
+import os, runpy, signal, sys
+from engine import checkpoint
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a command typed at a terminal
+save = checkpoint.save
+def save_then_interrupt(path, content):
+    save(path, content)
+    if path.name == "best.pt":
+        os.kill(os.getpid(), signal.SIGINT)
+checkpoint.save = save_then_interrupt
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_an_epoch_is_saved_waits_for_all_its_files(data_dir, tmp_path):
+    """best.pt, ckpt.pt, metrics and config.json are one epoch's files: a Ctrl-C between them
+    left best.pt an epoch ahead of ckpt.pt (or, in the first epoch, no run at all)."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_BEST, str(ROOT / "engine/train.py"),
+                             *SMALL, "--synthetic-size", "1500", "300", "--data-dir",
+                             str(data_dir), "--epochs", "3", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert f"ckpt.pt holds epoch 1; continue with --resume {out}" in result.stderr
+    assert [checkpoint.load(out / name)["epoch"] for name in ("best.pt", "ckpt.pt")] == [1, 1]
+    assert len(history(out)) == 1 and json.loads((out / "config.json").read_text())["epochs"] == 3
+
+
 @pytest.mark.parametrize("content", [b"", b"not a zip", "foreign", "truncated"])
 def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, content):
     run = tmp_path / "run"

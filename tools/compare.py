@@ -24,7 +24,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     from common.errors import Interrupted, RangeTestError, TrainingError
     from common.files import atomic_write, output_dir, write_csv, write_text
     from engine.config import OPTIMIZERS, TrainConfig, parse_tool_args
-    from engine.loop import train
+    from engine.loop import end_processes, train
     from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:
@@ -101,9 +101,8 @@ def check(args: argparse.Namespace) -> None:
 
 def given_options(cfg: TrainConfig) -> dict:
     """cfg as the options a resumed run must not change (engine.config.resume_config refuses
-    others by name): all but the run folder and an LR still to be found by the range test."""
-    return {k: v for k, v in cfg.to_dict().items() if v is not None and k not in (
-        "out", "lr_auto") and not (k == "lr" and v == "auto")}
+    others by name): all but the run folder. --lr auto is the saved LR's origin: no change."""
+    return {k: v for k, v in cfg.to_dict().items() if v is not None and k != "out"}
 
 
 def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path,
@@ -119,7 +118,7 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path,
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
     try:
         trained = train(cfg, resume, given_options(cfg) if resume else None,
-                        log=lambda line: print(f"{optimizer}: {line}"))
+                        log=lambda line: print(f"{optimizer}: {line}"), last=False)
         return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
     except (TrainingError, RangeTestError) as error:  # a result, not the end
         error_line(f"error: {optimizer}: {error}")
@@ -172,6 +171,28 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
     print(f"wrote {out}/compare.png, compare.csv, compare.md")
 
 
+def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path,
+               ) -> tuple[list[Result], bool]:
+    """Each optimizer's run in out/<name>, in turn, at its default LR (own_lrs: no --lr given)
+    or cfg.lr; the results and whether this process writes. Ctrl-C says how to go on: the
+    same command resumes the runs, or reuses finished ones."""
+    results, main_process = [], True
+    for name in optimizers:
+        try:
+            lr = default_lr(name, cfg.batch_size) if own_lrs else cfg.lr
+            result, main_process = train_one(cfg, name, lr, out / name)
+        except Interrupted:
+            if not any((out / n / "ckpt.pt").exists() for n in optimizers):
+                raise Interrupted(f"stopped during {name}, before any run saved an epoch; run "
+                                  "the same command again") from None
+            # --out named: the default is a new folder on every call
+            raise Interrupted(f"stopped during {name}; to go on, run the same command with "
+                              f"--out {out}: its runs are resumed, or reused when finished"
+                              ) from None
+        results.append(result)
+    return results, main_process
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train each optimizer in turn and write the comparison; exit 1 if any run failed, so a
     script sees an incomplete table."""
@@ -180,23 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
 
     def body() -> int:
-        results, main_process = [], True
         # a file or a read-only --out is named as such before any run; each run's folder
         # goes too when a failure leaves it empty
-        with output_dir(out):
-            for name in args.optimizers:
-                lr = default_lr(name, cfg.batch_size) if args.lr is None else cfg.lr
-                try:
-                    result, main_process = train_one(cfg, name, lr, out / name)
-                except Interrupted:
-                    if not any((out / n / "ckpt.pt").exists() for n in args.optimizers):
-                        raise Interrupted(f"stopped during {name}, before any run saved an "
-                                          "epoch; run the same command again") from None
-                    # --out named: the default is a new folder on every call
-                    raise Interrupted(f"stopped during {name}; to go on, run the same command "
-                                      f"with --out {out}: its runs are resumed, or reused when "
-                                      "finished") from None
-                results.append(result)
+        try:
+            with output_dir(out):
+                results, main_process = train_each(cfg, args.optimizers, args.lr is None, out)
+        finally:  # the runs kept the process group for one another
+            end_processes()
         if main_process:  # under torchrun, one process writes
             write_report(results, cfg, lr_source(args.lr), out)
         return 1 if any(r.note for r in results) else 0

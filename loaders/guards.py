@@ -109,7 +109,8 @@ def install_failure_hook() -> None:
 def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
     """Iterate an FFCV Loader, raising LoaderError when its pipeline thread fails."""
     install_failure_hook()
-    epoch = iter(loader)
+    with torch_threads_kept():  # each epoch's iter() sets torch's threads to its workers
+        epoch = iter(loader)
     yield from epoch
     failure = getattr(epoch, "failure", None)
     if failure is not None:

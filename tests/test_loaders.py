@@ -325,6 +325,18 @@ def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
     assert str(prepared.test) in result.stdout
 
 
+def test_an_ffcv_epoch_leaves_torchs_threads_as_they_were(make):
+    """FFCV sets torch's intra-op threads to its worker count in every iter(), not only when a
+    Loader is made: training on the CPU went on with --workers threads (here one)."""
+    loader, threads = make("ffcv", True), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = [torch.get_num_threads() for _ in loader]  # workers=1: FFCV would make it 1
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys, threading, torch
 torch.set_num_threads(2)

@@ -307,6 +307,32 @@ def test_airbench_hands_over_every_image_of_the_split(prepared, tmp_path):
     assert sum(len(labels) for _, labels in loader) == 605
 
 
+def test_airbench_leaves_cudnn_autotuning_as_it_was(prepared, tmp_path, monkeypatch):
+    """airbench's modules set torch.backends.cudnn.benchmark = True when imported: every later
+    measurement of the run (the seed vs default epochs on a GPU) would have autotuned."""
+    for name in [m for m in sys.modules if m == "airbench" or m.startswith("airbench.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, as in a bench run
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    bench_peers.airbench_loader(prepared, TrainConfig(batch_size=64), torch.device("cpu"),
+                                tmp_path)
+    assert "airbench.lib_airbench94" in sys.modules and torch.backends.cudnn.benchmark is False
+
+
+def test_the_peer_loaders_are_saved_after_every_turn(prepared, tmp_path, monkeypatch):
+    """A GPU step cut at its time limit keeps the turns it finished: the rows were saved only
+    once the whole peers section was done."""
+    lineup = bench_peers.lineup  # airbench and ours beside it: no FFCV compile here
+    monkeypatch.setattr(bench_peers, "lineup", lambda *a: lineup(*a)[:2])
+    args = bench.parse_args(["--quick", "--device", "cpu", "--epochs", "2"])
+    bench.fill_defaults(args)
+    saved = []
+    rows = bench_peers.bench_peer_loaders(
+        prepared, TrainConfig(batch_size=64, precision="fp32"), torch.device("cpu"), args,
+        tmp_path, lambda rows: saved.append([asdict(r) for r in rows]))
+    assert [[len(r["epoch_s"]) for r in turn] for turn in saved] == [[1, 1], [2, 2]]
+    assert saved[0][1]["ratio"] > 0 and saved[-1] == [asdict(r) for r in rows]
+
+
 def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):
     """A --batch-size over the split is the split, in each loader as in training."""
     # two of them: ffcv's numba compilation would take the longest here

@@ -156,6 +156,18 @@ def test_a_command_is_not_started_with_less_than_its_minimum_of_the_step_limit(
     assert "two: cut short by its step limit" in capsys.readouterr().err
 
 
+def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tmp_path,
+                                                                              monkeypatch):
+    """The train step's seed run and the compiled run are independent: a failed seed run left
+    the headline run not run, with the step's time unspent."""
+    monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [("first", ["false"]),
+                                                              ("second", ["true"])])
+    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
+                            ["two"])
+    assert not gpu_suite.run_step(suite, "two")
+    assert [c["status"] for c in suite.done[0]["commands"]] == ["exit 1", "ok"]
+
+
 def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
     """run_command's timeout ends the command's whole process group: a child it started
     (a DataLoader worker, a compile worker) does not live on to hold the GPU."""

@@ -236,7 +236,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
     results: dict = {}
     jobs = {
         "loaders": lambda: bench_loaders(base, device, args),
-        "peers": lambda: bench_peers(base, device, args, out),
+        "peers": lambda: bench_peers(base, device, args, out, partial("peers")),
         "step": lambda: bench_steps(replace(base, loader="resident"), args, partial("step")),
         "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args,
                                       partial("epoch")),
@@ -246,7 +246,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
     }
     seconds: dict[str, float] = {}
 
-    def partial(name: str) -> Callable[[list], None]:
+    def partial(name: str) -> Callable[[Any], None]:
         """A section's rows so far, saved as a section still running (not in `seconds`)."""
         return lambda rows: done({**results, name: rows}, seconds)
 

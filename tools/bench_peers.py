@@ -105,7 +105,11 @@ def airbench_loader(data: Prepared, cfg: TrainConfig, device: torch.device,
                     folder: Path) -> Timed:
     """airbench.CifarLoader over our training split, written as the train.pt it reads, with
     flip and translate 2 (its reflect padding) at our batch size; its output is always fp16."""
-    from airbench import CifarLoader  # ModuleNotFoundError when the [bench] extra is missing
+    autotune = torch.backends.cudnn.benchmark
+    try:
+        from airbench import CifarLoader  # ModuleNotFoundError when the [bench] extra is missing
+    finally:  # its modules turn cuDNN's autotuning on at import, for every later measurement
+        torch.backends.cudnn.benchmark = autotune
 
     split = beton.read(data.train)
     torch.save({"images": torch.from_numpy(split.images), "labels": torch.from_numpy(split.labels),
@@ -236,9 +240,24 @@ def first_pass(row: PeerResult, loader: Measured) -> Pass | None:
         return None
 
 
+def score(rows: list[PeerResult], built: list[tuple[PeerResult, Measured]],
+          steady: dict[int, list[Pass]]) -> None:
+    """Each row's fastest steady epoch so far, and its ratio to the peer it is set beside."""
+    for row, _ in built:
+        best = fastest(steady[id(row)])
+        row.epoch_s = [p.seconds for p in steady[id(row)]]
+        row.images_per_s = best.images / best.seconds
+    speed = {r.loader: r.images_per_s for r in rows if r.role == "peer"}
+    for r in rows:
+        r.ratio = (r.images_per_s / speed[r.versus]
+                   if r.versus and r.images_per_s and speed.get(r.versus) else None)
+
+
 def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
-                       args: argparse.Namespace, folder: Path) -> list[PeerResult]:
-    """Every peer and ours beside it, the steady-state epochs of all taken in turns."""
+                       args: argparse.Namespace, folder: Path,
+                       save: Callable[[list[PeerResult]], None]) -> list[PeerResult]:
+    """Every peer and ours beside it, the steady-state epochs of all taken in turns; `save`
+    gets the rows after each turn, so a run cut short keeps the turns it finished."""
     built: list[tuple[PeerResult, Measured]] = []
     rows = []
     for row, make in lineup(data, cfg, device, folder):
@@ -256,15 +275,11 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
                 steady[id(row)].append(loader_pass(loader, epoch))
             except PEER_ERRORS as error:
                 row.status, row.reason = "failed", one_line(error)
+                row.epoch_s, row.images_per_s = None, None  # no figure of a loader that failed
                 built.remove((row, loader))
-    for row, _ in built:
-        best = fastest(steady[id(row)])
-        row.epoch_s = [p.seconds for p in steady[id(row)]]
-        row.images_per_s = best.images / best.seconds
-    speed = {r.loader: r.images_per_s for r in rows if r.role == "peer"}
+        score(rows, built, steady)
+        save(rows)
     for r in rows:
-        if r.versus and r.images_per_s and speed.get(r.versus):
-            r.ratio = r.images_per_s / speed[r.versus]
         log(f"peers: {r.loader} ({r.augment}): " + (
             f"{r.images_per_s:,.0f} images/s" if r.status == "ok" else f"{r.status}, {r.reason}")
             + (f", {r.ratio:.2f}x {r.versus}" if r.ratio else ""))
@@ -313,14 +328,16 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
 
 
 def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace,
-                out: str) -> dict:
+                out: str, save: Callable[[dict], None]) -> dict:
     """The peers section: loaders beside the public peers, then seed vs default epochs (none,
-    and why in `epochs_failed`, when either pipeline cannot run here)."""
+    and why in `epochs_failed`, when either pipeline cannot run here); `save` gets what is
+    measured so far, as the loaders' turns end."""
     data = prepare("synthetic", Path(cfg.data_dir), tuple(cfg.synthetic_size),
                    workers=cfg.workers)
     folder = Path(out) / "airbench"
     folder.mkdir(parents=True, exist_ok=True)
-    loaders = bench_peer_loaders(data, cfg, device, args, folder)
+    loaders = bench_peer_loaders(data, cfg, device, args, folder,
+                                 lambda rows: save(dict(loaders=rows, epochs=[])))
     release()
     try:
         return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out))

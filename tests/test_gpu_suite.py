@@ -156,6 +156,18 @@ def test_a_command_is_not_started_with_less_than_its_minimum_of_the_step_limit(
     assert "two: cut short by its step limit" in capsys.readouterr().err
 
 
+def test_a_runs_epoch_time_leaves_out_its_warm_up_epoch(tmp_path):
+    """The seed run has 2 epochs: a median of both was their mean, its first (cuDNN's and the
+    allocator's start) inflating the seed-vs-default headline."""
+    run = tmp_path / "train-seed"
+    run.mkdir()
+    rows = [dict(epoch=i + 1, seconds=s, test_acc=0.5) for i, s in enumerate([10.0, 2.0, 3.0])]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (line,) = gpu_summary.run_line(run, 20.0)
+    assert "3 epochs in 20 s wall, 2.50 s per training epoch (median after the first; " \
+           "first 10.0 s)" in line
+
+
 def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tmp_path,
                                                                               monkeypatch):
     """The train step's seed run and the compiled run are independent: a failed seed run left
@@ -186,6 +198,16 @@ def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"the command's child ({child.parent.name}) outlived the kill")
+
+
+def test_a_command_runs_in_its_own_group_but_in_the_suites_session(tmp_path):
+    """The device machine ends what a call leaves running, except a process in a session of
+    its own: a command the suite started with setsid would hold the GPU after a cut call."""
+    argv = [sys.executable, "-c", "import os; print(os.getsid(0), os.getpgrp(), os.getpid())"]
+    with open(tmp_path / "log", "w") as log:
+        code, _ = gpu_suite.run_command(argv, dict(os.environ), log, timeout=60)
+    session, group, pid = map(int, (tmp_path / "log").read_text().split())
+    assert code == 0 and session == os.getsid(0) and group == pid
 
 
 @pytest.mark.parametrize("case", ["missing folder", "a folder", "read-only folder",

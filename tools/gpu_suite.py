@@ -50,6 +50,7 @@ STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
 LIMITS = {"tests-quick": 180, "train": 240, "bench-peers": 180, "bench-epoch": 240}
 START_MIN_S = 30  # a command is not started with less of the budget left
 RESERVE_S = 10  # of the budget, kept for the summary and the last bundle
+STOP_WAIT_S = 30  # a command Ctrl-C reached gets this long to save and stop
 NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
 EPOCHS = 24  # the fast preset's (1 in a dry run); GPU_SUITE_EPOCHS=N sets N instead
 
@@ -236,10 +237,12 @@ def header(python: str, env: dict, device: str, argv: list[str], dry: bool) -> d
 
 def run_command(argv: list[str], env: dict, log, timeout: float) -> tuple[int | None, float]:
     """argv with its output appended to `log`; (return code or None when killed at timeout,
-    seconds). The command runs in its own process group so a timeout ends its children too."""
+    seconds). The command runs in its own process group so a timeout ends its children too; in
+    the suite's session, not a new one, so that whatever ends the suite's session (the device
+    machine's call returning) ends a command still running as well."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            preexec_fn=os.setpgrp)  # safe: the suite starts no threads
     try:
         code = proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
@@ -248,7 +251,11 @@ def run_command(argv: list[str], env: dict, log, timeout: float) -> tuple[int | 
         code = None
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait()
+        try:
+            proc.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:  # it would not stop: the suite must still end
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         raise
     return code, time.perf_counter() - start
 

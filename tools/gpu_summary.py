@@ -88,7 +88,8 @@ def bench_lines(bench: dict) -> list[str]:
 
 
 def run_line(folder: Path, seconds: float | None) -> list[str]:
-    """A training run: epochs, wall time of its command, median epoch seconds, last accuracy."""
+    """A training run: epochs, wall time of its command, the median epoch seconds after the
+    first (its warm-up: cuDNN's and the allocator's start, compilation), last accuracy."""
     try:
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError):
@@ -96,9 +97,10 @@ def run_line(folder: Path, seconds: float | None) -> list[str]:
     if not rows:
         return []
     wall = f" in {seconds:,.0f} s wall" if seconds is not None else ""
+    steady = rows[1:] or rows  # a one-epoch run (a dry run's) has only its first
     return [f"- {folder.name}: {len(rows)} epoch{'s' * (len(rows) != 1)}{wall}, "
-            f"{statistics.median(r['seconds'] for r in rows):.2f} s per training epoch "
-            f"(median; first {rows[0]['seconds']:.1f} s), test accuracy "
+            f"{statistics.median(r['seconds'] for r in steady):.2f} s per training epoch "
+            f"(median after the first; first {rows[0]['seconds']:.1f} s), test accuracy "
             f"{rows[-1]['test_acc']:.2%}"]
 
 

@@ -17,7 +17,7 @@ from common.cli import CommandParser, interruptible_imports, path_option
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
 from loaders import LOADERS
-from loaders.options import SYNTHETIC_SIZE, AugmentConfig, add_data_arguments
+from loaders.options import SYNTHETIC_SIZE, AugmentConfig, add_data_arguments, seed_problem
 
 # the names engine.model and engine.optimizers build from, here so options parse without torch
 ARCHS = ("resnet18",)
@@ -223,8 +223,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     if not 0 <= cfg.momentum < 1:
         problems.append(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if not 0 <= cfg.seed < 2**32:
-        problems.append(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
+    if seed_problem(cfg.seed):
+        problems.append(seed_problem(cfg.seed))
     try:
         cfg.augment()
     except ValueError as error:  # AugmentConfig owns the augmentation ranges

@@ -5,6 +5,7 @@ entry point, first fetches the archive (loaders/download.py) or writes the folde
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ class CifarData:
     source: Path  # the python-format folder the splits were read from
 
 
+# numpy 2 renamed numpy.core to numpy._core (the old name still imports, with a warning);
+# numpy 1 has no numpy._core (1.26.0) or only part of it: a pickle may name either
+NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a data file must never run code."""
 
@@ -59,7 +65,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         """The allowed global (module, name) names; UnpicklingError for any other."""
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+        return super().find_class(re.sub(r"^numpy\._?core\b", NUMPY_CORE, module), name)
 
 
 def _unpickle(path: Path, fix: str) -> dict:

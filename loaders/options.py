@@ -11,6 +11,12 @@ from common.cli import path_option
 DATASETS = ("cifar10", "cifar100", "synthetic", "folder")
 SYNTHETIC_SIZE = (50_000, 10_000)  # training and test images: CIFAR-10's, which it stands in for
 
+def seed_problem(seed: int) -> str | None:
+    """Why --seed cannot seed the data and the run (numpy's and torch's generators both take
+    0..2**32-1), or None."""
+    return None if 0 <= seed < 2**32 else f"--seed must be in 0..{2**32 - 1}, got {seed}"
+
+
 # --data-dir as typed: an empty value must not silently mean the current directory
 data_dir_option = path_option("write the data into the current directory (e.g. --data-dir data)")
 

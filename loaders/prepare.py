@@ -18,7 +18,7 @@ with interruptible_imports():  # torch and the rest take seconds to import
     from common.hardware import default_workers
     from loaders import beton, cifar
     from loaders.layouts import LAYOUTS
-    from loaders.options import SYNTHETIC_SIZE, add_data_arguments
+    from loaders.options import SYNTHETIC_SIZE, add_data_arguments, seed_problem
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                         synthetic_size=SYNTHETIC_SIZE)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     args = parser.parse_args(argv)
+    if seed_problem(args.seed):
+        parser.error(seed_problem(args.seed))
 
     def body() -> None:
         prepared = prepare(args.dataset, args.data_dir, tuple(args.synthetic_size), args.seed)

@@ -339,6 +339,17 @@ def test_prepare_checks_the_data_dir_first(tmp_path):
         prepare("synthetic", a_file, synthetic_size=(20, 5))
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_prepare_refuses_a_seed_no_generator_takes(tmp_path, seed):
+    """numpy's generator refused -1 with a traceback, after the data folder was checked."""
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--seed", seed,
+                        "--data-dir", tmp_path / "data", timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        f"python loaders/prepare.py: error: --seed must be in 0..4294967295, got {seed}; "
+        "see --help\n")
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.slow
 def test_a_full_disk_while_writing_the_python_folder_is_named(tmp_path):
     with tmpfs(tmp_path / "disk", "size=300k") as disk:
@@ -719,6 +730,22 @@ def test_fetch_extracts_a_placed_archive_without_downloading(tmp_path, closed_po
     data = read(folder)
     assert_splits_equal(data.train, made.train)
     assert_splits_equal(data.test, made.test)
+
+
+def test_a_full_disk_while_extracting_keeps_the_good_archive(tmp_path, closed_port):
+    """The archive passed its md5: a disk too small for its files is the folder's problem, and
+    the advice was to delete the archive (a good one, downloaded again to fail again)."""
+    made = write_cifar10(tmp_path / "made")
+    padding = _member(f"{LAYOUT.folder}/padding")  # 2 MB of zeros: a few KB in the archive
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
+        archive = make_tar_gz(disk / ARCHIVE, made.folder, [(padding, bytes(2 << 20))])
+        with pytest.raises(DataError) as refused:
+            download.fetch("cifar10", disk, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}",
+                           md5=md5(archive))
+        assert str(refused.value).startswith(f"cannot extract {archive} into {disk}: No space "
+                                             "left on device. It needs 2 MB there")
+        assert "Delete" not in str(refused.value)
+        assert [p.name for p in disk.iterdir()] == [ARCHIVE]  # no staging folder left
 
 
 def test_synthetic_splits_and_seeds_never_share_images(tmp_path):

@@ -5,6 +5,7 @@ calls `prepare` too, so both take the same path."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -75,7 +76,20 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
             return ready
     check_data_dir(data_dir)  # something must be written there
     with preparing(Path(data_dir)):  # the second writer then finds the first's files ready
+        sweep_stale(Path(data_dir), source.name)
         return _convert(name, Path(data_dir), synthetic_size, seed, workers, paths)
+
+
+def sweep_stale(data_dir: Path, source: str) -> None:
+    """Remove what a writer killed outright (SIGKILL, the OOM killer: no cleanup ran) left in
+    data_dir: a partial download, an extraction's staging folder, the `source` folder's
+    staging folder. Called holding the lock: no live writer's files are among them."""
+    for pattern in (".*.tar.gz.*.part", ".extract-*", f".{source}-*"):
+        for stale in data_dir.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def preparing(data_dir: Path) -> AbstractContextManager[None]:

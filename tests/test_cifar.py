@@ -339,6 +339,20 @@ def test_prepare_checks_the_data_dir_first(tmp_path):
         prepare("synthetic", a_file, synthetic_size=(20, 5))
 
 
+def test_what_a_killed_writer_left_is_swept_by_the_next_prepare(tmp_path):
+    """SIGKILL (the OOM killer) runs no cleanup: a partial download, an extraction's staging
+    folder and the source folder's staging folder stayed in the data folder for good."""
+    data = tmp_path / "data"
+    stale = [data / ".cifar-10-python.tar.gz.x1y2.part", data / ".extract-k3j4" / "f",
+             data / f".{python_folder.synthetic_folder_name(20, 5, 0)}-q9w8" / "data_batch_1"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"left by a killed writer")
+    (data / ".keep").write_text("not ours")
+    prepare("synthetic", data, synthetic_size=(20, 5), workers=1)
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith(".")) == [".keep"]
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_prepare_refuses_a_seed_no_generator_takes(tmp_path, seed):
     """numpy's generator refused -1 with a traceback, after the data folder was checked."""

@@ -63,7 +63,9 @@ def quiet_pil() -> Iterator[None]:
     """PIL's warnings silenced: its notes on damaged metadata ('Corrupt EXIF data') are lines
     of stderr that name no file, and the pixels decode, which is all that is used; its
     decompression-bomb warning too, as decode_image refuses those pictures itself. The
-    warning filters are the process's, not a thread's: enter it once, around every thread."""
+    warning filters are the process's, not a thread's: enter it once, around every thread.
+    libtiff writes its own complaints to the C stderr, beyond any filter: a damaged TIFF can
+    print such lines (naming no file) before its one-line error."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"PIL\.")
         yield

@@ -525,6 +525,27 @@ def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_pat
     assert sizes == [64, 64, 22]  # as an epoch of 150 images at batch 64 steps
 
 
+def test_the_loader_overhead_sets_fastest_against_fastest(monkeypatch, tmp_path):
+    """The step-only time was one pass against the fastest of the epochs: a minimum on one
+    side only, which pushed the share down (negative in the dry run)."""
+    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                             "--workers", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
+    device = bench.measured_device(args)
+    bench.fill_defaults(args)
+    cfg = replace(bench.base_config(args, device, 128, str(tmp_path)), loader="resident")
+    passes = []
+
+    def timed(*a) -> float:
+        passes.append(timed_epoch_steps(*a))
+        return passes[-1]
+
+    monkeypatch.setattr(bench_sections, "timed_epoch_steps", timed)
+    row = bench_sections.bench_epoch(cfg, 3, 1)
+    assert row.status == "ok" and len(row.epoch_s) == len(passes) == 3
+    assert row.loader_overhead_share == pytest.approx(1 - min(passes) / min(row.epoch_s))
+
+
 @pytest.mark.slow
 def test_a_failed_row_is_exit_1_after_every_table_and_the_json(tmp_path):
     """ffcv cannot start more numba threads than numba may (NUMBA_NUM_THREADS=1 here): its row

@@ -210,14 +210,6 @@ def source_name(name: str, data_dir: Path,
     return LAYOUTS[name].folder
 
 
-def source_at_hand(name: str, folder: Path) -> bool:
-    """Whether dataset `name` can be read as it is now from its python folder (see
-    source_name): the folder is there. CIFAR's archive alone is not enough (extracting it
-    writes, which a shared read-only folder refuses); an image folder's always is, its python
-    folder's name being made from the images."""
-    return name == "folder" or folder.is_dir()
-
-
 def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_SIZE,
          seed: int = 0) -> CifarData:
     """Fetch, generate or convert (when needed), read and validate dataset `name`."""

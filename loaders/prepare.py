@@ -68,7 +68,10 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     tag = name if name in LAYOUTS else source.name
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
     if all(beton.sidecar(p).is_file() for p in paths.values()):
-        if cifar.source_at_hand(name, source):
+        # read from the python folder when it is there; CIFAR's archive or an image folder's
+        # pictures would have to be written out first, which a shared read-only folder
+        # refuses (an image folder's .beton names come from its pictures: these are of them)
+        if source.is_dir():
             ready = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
         else:  # .beton files copied without their source, as FFCV users do
             ready = _without_source(name, source, paths)

@@ -72,6 +72,19 @@ def test_the_conversion_is_cached_until_a_file_changes(tmp_path):
     assert second.source != first.source and len(beton.read(second.train).labels) == 19
 
 
+def test_betons_of_the_pictures_need_no_python_folder(tmp_path):
+    """Its python folder gone (deleted to save space), the .beton files named after these very
+    pictures are used as they are: it was written again, without the lock or a check that
+    the image folder can be written (a read-only one failed on a random temporary's name)."""
+    write_tree(tmp_path)
+    first = prepare("folder", tmp_path, workers=1)
+    shutil.rmtree(first.source)
+    again = prepare("folder", tmp_path, workers=1)
+    assert (again.train, again.test, again.mean, again.classes) == (
+        first.train, first.test, first.mean, first.classes)
+    assert not first.source.exists()  # nothing was written
+
+
 def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
     """As torchvision's ImageFolder walks a class folder: sub-folders and linked folders count
     (a link back up the tree once), hidden ones and FIFOs do not; a dangling link is named."""

@@ -223,8 +223,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     if not 0 <= cfg.momentum < 1:
         problems.append(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if seed_problem(cfg.seed):
-        problems.append(seed_problem(cfg.seed))
+    if problem := seed_problem(cfg.seed):
+        problems.append(problem)
     try:
         cfg.augment()
     except ValueError as error:  # AugmentConfig owns the augmentation ranges

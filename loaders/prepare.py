@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         synthetic_size=SYNTHETIC_SIZE)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     args = parser.parse_args(argv)
-    if seed_problem(args.seed):
-        parser.error(seed_problem(args.seed))
+    if problem := seed_problem(args.seed):
+        parser.error(problem)
 
     def body() -> None:
         prepared = prepare(args.dataset, args.data_dir, tuple(args.synthetic_size), args.seed)

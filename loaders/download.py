@@ -74,17 +74,15 @@ def safe_extract(archive: Path, target: Path) -> None:
                     )
                 size += member.size
             tar.extractall(target, **EXTRACT_FILTER)
-    except (tarfile.TarError, EOFError) as error:
+    except (tarfile.TarError, EOFError, OSError) as error:
+        if isinstance(error, OSError) and error.errno is not None:  # the disk, not the data
+            raise DataError(f"cannot extract {archive} into {target.parent}: "
+                            f"{error.strerror}. It needs {size / 1e6:,.0f} MB there: free some "
+                            "space, or pass another --data-dir.") from error
+        # gzip's and zlib's errors for damaged data are OSErrors without an errno
         raise DataError(
             f"{archive} is not a readable tar.gz archive ({error}). Delete it and run again."
         ) from error
-    except OSError as error:
-        if error.errno is None:  # gzip's and zlib's word for damaged data
-            raise DataError(f"{archive} is not a readable tar.gz archive ({error}). Delete it "
-                            "and run again.") from error
-        raise DataError(f"cannot extract {archive} into {target.parent}: {error.strerror}. It "
-                        f"needs {size / 1e6:,.0f} MB there: free some space, or pass another "
-                        "--data-dir.") from error
 
 
 def _wrong_archive(archive: Path, found: str | None, md5: str) -> str:

@@ -508,15 +508,20 @@ def test_failed_peer_epochs_count_as_a_failure():
     assert bench.failed({"peers": {"loaders": [], "epochs": []}}) == 0
 
 
-def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_path):
-    """The loader-overhead share compares an epoch with the same steps on one batch: its full
-    batches and its partial last one, which the loader must not be charged for."""
+def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConfig:
+    """The config a `--quick --device cpu` bench epoch trains, on the resident loader."""
     args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
     device = bench.measured_device(args)
     bench.fill_defaults(args)
-    cfg = replace(bench.base_config(args, device, 200, str(tmp_path)), loader="resident")
+    return replace(bench.base_config(args, device, images, str(tmp_path)), loader="resident")
+
+
+def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_path):
+    """The loader-overhead share compares an epoch with the same steps on one batch: its full
+    batches and its partial last one, which the loader must not be charged for."""
+    cfg = quick_resident_config(monkeypatch, tmp_path, 200)
     run = bench_sections.make_run(cfg, 1)
     images, labels = next(iter(run.train_loader))
     sizes = []
@@ -528,12 +533,7 @@ def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_pat
 def test_the_loader_overhead_sets_fastest_against_fastest(monkeypatch, tmp_path):
     """The step-only time was one pass against the fastest of the epochs: a minimum on one
     side only, which pushed the share down (negative in the dry run)."""
-    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
-                             "--workers", "1"])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
-    device = bench.measured_device(args)
-    bench.fill_defaults(args)
-    cfg = replace(bench.base_config(args, device, 128, str(tmp_path)), loader="resident")
+    cfg = quick_resident_config(monkeypatch, tmp_path, 128)
     passes = []
 
     def timed(*a) -> float:

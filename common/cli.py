@@ -126,8 +126,9 @@ def interruptible_imports() -> Iterator[None]:
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable
         yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
         return
-    # its own record, not run_main's: a block inside another (bench imports prepare) exits
-    # through the outer one, which must let that exit pass rather than report it again
+    # its own record, not run_main's: a block inside another (a module imported in one that
+    # imports in one itself) exits through the outer one, which must let that exit pass
+    # rather than report it again
     caught: list[int] = []
 
     def note(signum: int, frame) -> None:

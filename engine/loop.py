@@ -245,7 +245,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
     return its history; each epoch's line and each notice go to log (the command line passes
     print). Ctrl-C raises Interrupted, saying what was kept. `last=False` keeps the process
-    group for another run in this process (tools/compare.py), which calls end_processes()."""
+    group for another run in this process (tools/comparison.py), which calls end_processes()."""
     cfg, ckpt = configure(cfg, resume, given)
     check_tracker(cfg.log_with)
     accelerator = make_accelerator(cfg)

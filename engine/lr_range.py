@@ -22,14 +22,11 @@ import torch
 
 from common.errors import RangeTestError
 from common.progress import progress_bar
+from engine.lr_sweep import END_LR, ITERATIONS, SKIP, START_LR, check_sweep
 from engine.run import Run, endless, run_schedule, train_step
 
-START_LR, END_LR, ITERATIONS = 1e-7, 10.0, 100  # fastai's lr_find defaults
 BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of the best one
-SKIP = 10  # early points left out of the steepest-slope search (fastai v1's skip_start)
-MIN_ITERATIONS = 2 * SKIP  # ours: as many steps searched as skipped, at the least
-MAX_ITERATIONS = 100_000  # ours: 1000x fastai's default; past it a typo, never a sweep
 
 
 @dataclass
@@ -57,19 +54,6 @@ class RangeTest:
         """The suggestions as config.json keeps them (TrainConfig.lr_auto)."""
         return dict(suggested=self.suggested, steepest=self.steepest,
                     min_over_10=self.min_over_10)
-
-
-def check_sweep(start_lr: float, end_lr: float, iterations: int) -> None:
-    """Raise ValueError, with the fix, for a sweep that cannot run."""
-    if not 0 < start_lr < end_lr < math.inf:
-        raise ValueError(f"the sweep needs 0 < --start-lr < --end-lr, both finite, got "
-                         f"{start_lr:g} and {end_lr:g}")
-    if iterations < MIN_ITERATIONS:  # a shorter sweep suggests its first LR, confidently
-        raise ValueError(f"--iterations must be at least {MIN_ITERATIONS}: the first {SKIP} "
-                         f"steps are not searched for the steepest slope, got {iterations}")
-    if iterations > MAX_ITERATIONS:  # the LR would creep for days before the loss moved
-        raise ValueError(f"--iterations must be at most {MAX_ITERATIONS:,} (the default is "
-                         f"{ITERATIONS}), got {iterations:,}")
 
 
 def exponential(step: int, ratio: float, iterations: int) -> float:

@@ -20,7 +20,7 @@ from engine.model import build_model
 from engine.optimizers import build_optimizer, build_schedule
 from loaders import make_loader
 from loaders.base import BatchLoader
-from loaders.prepare import Prepared, prepare
+from loaders.preparation import Prepared, prepare
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

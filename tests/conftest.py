@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from loaders import cifar, layouts
-from loaders.prepare import Prepared, prepare
+from loaders.preparation import Prepared, prepare
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
 

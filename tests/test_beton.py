@@ -25,7 +25,7 @@ from common.files import write_json
 from loaders import beton, cifar, synthetic
 from loaders.cifar import DataError
 from loaders.guards import guarded_writer, importing_ffcv
-from loaders.prepare import prepare
+from loaders.preparation import prepare
 
 with importing_ffcv():  # as the loaders import it (see loaders.guards)
     from ffcv.fields.basics import IntDecoder

@@ -37,7 +37,7 @@ from common.errors import OutputError
 from common.files import output_dir, waiting_lock
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
-from loaders.prepare import prepare
+from loaders.preparation import prepare
 
 LAYOUT = layouts.LAYOUTS["cifar10"]
 ARCHIVE = "cifar-10-python.tar.gz"

@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT, run_script
 
 from engine import checkpoint
-from tools.compare import default_lr, main
+from tools.compare import main
+from tools.comparison import default_lr
 
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
          "--batch-size", "64", "--loader", "resident"]

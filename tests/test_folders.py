@@ -15,7 +15,7 @@ from PIL import Image
 
 from common.errors import DataError
 from loaders import beton, cifar, folders, make_loader
-from loaders.prepare import prepare
+from loaders.preparation import prepare
 
 CLASSES = ["cat", "dog", "frog"]
 

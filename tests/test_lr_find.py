@@ -17,11 +17,11 @@ import torch
 from conftest import run_script
 
 from common.errors import RangeTestError
-from engine import lr_range
+from engine import lr_range, lr_sweep
 from engine.config import TrainConfig, resolve
 from engine.optimizers import lr_at
 from engine.run import Run, build, make_accelerator, train_step
-from loaders.prepare import prepare
+from loaders.preparation import prepare
 from tools import lr_find
 
 SIZE = (1000, 200)
@@ -158,7 +158,7 @@ def test_a_sweep_stops_where_it_diverges_and_leaves_eval_mode_as_it_was(data_dir
                                                     (1e-5, 1.0, 1), (1e-5, 1.0, 19)])
 def test_impossible_sweeps_are_refused(start, end, iterations):
     with pytest.raises(ValueError, match="start-lr|iterations"):
-        lr_range.check_sweep(start, end, iterations)
+        lr_sweep.check_sweep(start, end, iterations)
 
 
 @pytest.mark.slow

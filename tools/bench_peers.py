@@ -21,7 +21,7 @@ from engine.run import DTYPES
 from loaders import beton
 from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
-from loaders.prepare import Prepared, prepare
+from loaders.preparation import Prepared, prepare
 from tools.bench_sections import (
     MEASURE_ERRORS,
     TEST_IMAGES,

@@ -23,7 +23,7 @@ from engine.model import build_model, forward_macs
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
 from loaders.base import BatchLoader
-from loaders.prepare import Prepared, prepare
+from loaders.preparation import Prepared, prepare
 from tools.flops import count_train_flops
 from tools.timing import (
     Pass,

@@ -1,15 +1,18 @@
-"""The options the tools share, declared once: the checkpoint they read, the device the model
-runs on, and the data folder that rebuilds a test split."""
+"""The options the tools share, declared once in plain Python (a command line is parsed before
+torch loads): the checkpoint they read, the device the model runs on, and the data folder that
+rebuilds a test split."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from common.errors import SetupError
 from loaders.options import data_dir_option
+
+if TYPE_CHECKING:  # torch is imported when a device is picked, after parsing
+    import torch
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,8 @@ def add_data_dir_option(parser: argparse.ArgumentParser, purpose: str = "") -> N
 
 def pick_device(name: str | None) -> torch.device:
     """The device asked for, or the best one here; refuse CUDA where there is none."""
+    import torch
+
     if name == "cuda" and not torch.cuda.is_available():
         raise SetupError("--device cuda: no CUDA GPU is available here; use --device cpu.")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

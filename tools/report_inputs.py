@@ -16,7 +16,7 @@ from engine.config import TrainConfig
 from engine.evaluate import predict
 from loaders import beton, make_loader
 from loaders.augment import Augment
-from loaders.prepare import prepare
+from loaders.preparation import prepare
 
 BATCH = 500  # test images per forward pass of the evaluation
 

@@ -1,0 +1,144 @@
+"""A dataset by name as train/test .beton files in a data folder: downloaded when needed,
+validated, converted once and reused while its source is unchanged. Training, the tools and
+`python loaders/prepare.py` all call prepare, so they all take the same path."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import DataError
+from common.files import unwritable, waiting_lock
+from common.hardware import default_workers
+from loaders import beton, cifar
+from loaders.layouts import LAYOUTS
+from loaders.options import SYNTHETIC_SIZE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a loader or a report needs to know about a converted dataset."""
+
+    name: str
+    classes: list[str]
+    train: Path
+    test: Path
+    mean: list[float]
+    std: list[float]
+    source: Path  # the python-format folder the .beton files were made from
+
+
+def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
+    """DataError naming data_dir when it cannot hold the data (a file, or, when something must
+    be written there, a folder that cannot be), raised before any download or conversion."""
+    if not str(data_dir).strip():  # a library caller's "" (Path("") would mean ".")
+        raise DataError("The data folder is empty (''); name a folder, e.g. --data-dir data.")
+    existing = Path(data_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # a folder still to be made is made in this one
+    if not existing.is_dir():
+        raise DataError(f"--data-dir {data_dir}: {existing} is a file, not a folder; pass a "
+                        "folder (it is created when missing).")
+    problem = unwritable(existing) if writing else None
+    if problem:  # read-only (a mount, modes), or a disk out of space or inodes: the reason
+        raise DataError(f"--data-dir {data_dir}: {existing} {problem}; pass a folder you "
+                        "can write to, with free space, or fix this one.")
+
+
+def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_SIZE,
+            seed: int = 0, workers: int | None = None) -> Prepared:
+    """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
+
+    A read-only data_dir is fine once it holds them (a shared, prepared data folder), with or
+    without the source they were made from. Reading a prepared folder takes no lock (every
+    rank of a run does it at once); processes that must write there take turns (see
+    preparing).
+    """
+    check_data_dir(data_dir, writing=False)
+    source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size, seed)
+    tag = name if name in LAYOUTS else source.name
+    paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
+    if all(beton.sidecar(p).is_file() for p in paths.values()):
+        # read from the python folder when it is there; CIFAR's archive or an image folder's
+        # pictures would have to be written out first, which a shared read-only folder
+        # refuses (an image folder's .beton names come from its pictures: these are of them)
+        if source.is_dir():
+            ready = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
+        else:  # .beton files copied without their source, as FFCV users do
+            ready = _without_source(name, source, paths)
+        if ready is not None:
+            return ready
+    check_data_dir(data_dir)  # something must be written there
+    with preparing(Path(data_dir)):  # the second writer then finds the first's files ready
+        sweep_stale(Path(data_dir), source.name)
+        return _convert(name, Path(data_dir), synthetic_size, seed, workers, paths)
+
+
+def sweep_stale(data_dir: Path, source: str) -> None:
+    """Remove what a writer killed outright (SIGKILL, the OOM killer: no cleanup ran) left in
+    data_dir: a partial download, an extraction's staging folder, the `source` folder's
+    staging folder. Called holding the lock: no live writer's files are among them."""
+    for pattern in (".*.tar.gz.*.part", ".extract-*", f".{source}-*"):
+        for stale in data_dir.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def preparing(data_dir: Path) -> AbstractContextManager[None]:
+    """The lock on data_dir/.prepare.lock (data_dir made if missing) held while data is
+    written there: a second process preparing the same folder waits for the first, then
+    reuses what it wrote, instead of writing the same files and sweeping the first's
+    temporaries as stale."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = data_dir / ".prepare.lock"
+    return waiting_lock(lock, lambda: log.warning(
+        f"notice: waiting for another process preparing {data_dir} to finish ({lock})"))
+
+
+def _prepared(data: cifar.CifarData, paths: dict[str, Path], train: beton.BetonInfo) -> Prepared:
+    """What prepare returns for data written to paths, normalized with train's statistics."""
+    return Prepared(data.name, data.classes, paths["train"], paths["test"], train.mean,
+                    train.std, data.source)
+
+
+def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
+           paths: dict[str, Path]) -> Prepared | None:
+    """The .beton files at paths when both hold dataset `name` as it is now, else None."""
+    data = cifar.load(name, data_dir, synthetic_size, seed)
+    train, _ = beton.cached(paths["train"], data.train, data.classes)
+    if train is None or beton.cached(paths["test"], data.test, data.classes,
+                                     (train.mean, train.std))[0] is None:
+        return None
+    return _prepared(data, paths, train)
+
+
+def _without_source(name: str, source: Path, paths: dict[str, Path]) -> Prepared | None:
+    """The .beton files at paths on their own, their source gone: when both are whole (by
+    their sidecars' size and hash) and of one dataset (same classes, test normalized with
+    train's statistics), else None and the source is fetched or made again."""
+    train, test = beton.intact(paths["train"]), beton.intact(paths["test"])
+    if train is None or test is None:
+        return None
+    if (test.classes, test.mean, test.std) != (train.classes, train.mean, train.std):
+        return None
+    return Prepared(name, train.classes, paths["train"], paths["test"], train.mean, train.std,
+                    source)
+
+
+def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
+             workers: int | None, paths: dict[str, Path]) -> Prepared:
+    """prepare's work: load dataset `name`, write (or reuse) its .beton files at paths."""
+    data = cifar.load(name, data_dir, synthetic_size, seed)
+    # writer processes beyond the cores only cost memory, and a page of disk space each
+    workers = min(workers, default_workers()) if workers else default_workers()
+    train = beton.write(paths["train"], data.train, data.classes, workers=workers)
+    # the test split is normalized with the training statistics, as the model will see it
+    beton.write(paths["test"], data.test, data.classes, (train.mean, train.std), workers)
+    return _prepared(data, paths, train)

@@ -1,0 +1,179 @@
+"""The optimizer comparison: one training run per optimizer with engine.loop.train, from the
+same seed, data and options, then compare.png, compare.csv and compare.md (tools/compare.py is its
+command line)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from common.cli import error_line
+from common.errors import Interrupted, RangeTestError, TrainingError
+from common.files import atomic_write, output_dir, write_csv, write_text
+from engine.config import TrainConfig
+from engine.loop import Log, end_processes, train
+from tools.plots import Panel, plot_history
+
+# Peak LRs when --lr is left out:
+# - sgd, nesterov: 0.1 per 256 images, ResNet's 0.1 at batch 256 (He et al., 2016) with the
+#   linear scaling rule (Goyal et al., 2017), as the fast preset's 0.2 at batch 512.
+# - adam, adamw: 1e-3, the default of Kingma & Ba (2015), Loshchilov & Hutter (2019) and torch.
+# - rmsprop: 1e-3, Hinton's lecture 6e and Keras' default (torch's 1e-2 assumes no momentum,
+#   and engine.optimizers gives RMSprop the run's momentum).
+BASE_LRS = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
+SCALED = {"sgd", "nesterov"}  # scaled linearly with batch size / 256
+FIELDS = ("optimizer", "lr", "final_test_acc", "best_test_acc", "seconds_per_epoch", "epochs",
+          "note")
+
+
+@dataclass
+class Result:
+    """One optimizer's run: the LR it trained at, its per-epoch history, and why it stopped."""
+
+    optimizer: str
+    lr: float | str
+    history: list[dict]
+    note: str = ""  # empty when the run finished
+
+    def row(self) -> dict:
+        """The run in one table row."""
+        accs = [r["test_acc"] for r in self.history]
+        seconds = [r["seconds"] for r in self.history]
+        return dict(optimizer=self.optimizer, lr=self.lr,
+                    final_test_acc=accs[-1] if accs else None,
+                    best_test_acc=max(accs) if accs else None,
+                    seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None,
+                    epochs=len(self.history), note=self.note)
+
+
+def lr_text(lr: float | str) -> str:
+    """An LR for a label: 3 digits, or 'auto' where the range test never ran."""
+    return f"{lr:.3g}" if isinstance(lr, float) else lr
+
+
+def default_lr(optimizer: str, batch_size: int) -> float:
+    """The optimizer's peak LR from BASE_LRS, scaled to the batch size for SGD."""
+    return BASE_LRS[optimizer] * (batch_size / 256 if optimizer in SCALED else 1.0)
+
+
+def lr_source(lr: float | str | None) -> str:
+    """Where the runs' LRs came from, for the table's caption."""
+    if lr is None:
+        return "each optimizer's default (BASE_LRS in tools/comparison.py)"
+    if lr == "auto":
+        return "each optimizer's LR range test suggestion (--lr auto)"
+    return f"--lr {lr:g} for all"
+
+
+def given_options(cfg: TrainConfig) -> dict:
+    """cfg as the options a resumed run must not change (engine.config.resume_config refuses
+    others by name): all but the run folder. --lr auto is the saved LR's origin: no change."""
+    return {k: v for k, v in cfg.to_dict().items() if v is not None and k != "out"}
+
+
+def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log: Log,
+              ) -> tuple[Result, bool]:
+    """Train one optimizer with engine.loop.train, its lines to log; a diverged run is kept as
+    a result. A run already in `out` (a comparison stopped and started again) is resumed, or
+    reused when it is finished.
+
+    Returns the result and whether this is the process that writes files.
+    """
+    cfg = replace(base, optimizer=optimizer, lr=lr, out=str(out))
+    resume = out if (out / "ckpt.pt").exists() else None
+    torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
+    try:
+        trained = train(cfg, resume, given_options(cfg) if resume else None,
+                        log=lambda line: log(f"{optimizer}: {line}"), last=False)
+        return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
+    except (TrainingError, RangeTestError) as error:  # a result, not the end
+        error_line(f"error: {optimizer}: {error}")
+        history = saved_history(out)
+        return Result(optimizer, lr, history, str(error)), True
+
+
+def saved_history(run_dir: Path) -> list[dict]:
+    """The epochs a stopped run saved, from its metrics.jsonl."""
+    metrics = run_dir / "metrics.jsonl"
+    return ([json.loads(line) for line in metrics.read_text().splitlines()]
+            if metrics.exists() else [])
+
+
+PANELS = [Panel("train loss", ("train_loss",)), Panel("test accuracy", ("test_acc",)),
+          Panel("LR at the end of the epoch", ("lr",), yscale="lr")]
+
+
+def plot(results: list[Result], path: Path) -> None:
+    """Train loss, test accuracy and LR per epoch, one line per optimizer."""
+    fig = plot_history({f"{r.optimizer} (lr {lr_text(r.lr)})": r.history for r in results},
+                       PANELS)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
+    """The table for a README or a pull request, with what every run shared."""
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2%}"
+
+    lines = [f"{cfg.epochs} epochs of {cfg.dataset}, batch {cfg.batch_size}, width {cfg.width}, "
+             f"{cfg.schedule} schedule, seed {cfg.seed}; LR: {source}.", "",
+             "| optimizer | lr | final test acc | best test acc | s/epoch | note |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['optimizer']} | {lr_text(r['lr'])} | {pct(r['final_test_acc'])} | "
+              f"{pct(r['best_test_acc'])} | "
+              + ("-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}")
+              + f" | {r['note'].split(';')[0]} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path) -> str:
+    """compare.png, compare.csv and compare.md into out; the table, to show too."""
+    rows = [r.row() for r in results]
+    table = markdown(rows, cfg, source)
+    plot(results, out / "compare.png")
+    write_csv(out / "compare.csv", rows, FIELDS)
+    write_text(out / "compare.md", table)
+    return table
+
+
+def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path, log: Log,
+               ) -> tuple[list[Result], bool]:
+    """Each optimizer's run in out/<name>, in turn, at its default LR (own_lrs: no --lr given)
+    or cfg.lr; the results and whether this process writes. Ctrl-C says how to go on: the
+    same command resumes the runs, or reuses finished ones."""
+    results, main_process = [], True
+    for name in optimizers:
+        try:
+            lr = default_lr(name, cfg.batch_size) if own_lrs else cfg.lr
+            result, main_process = train_one(cfg, name, lr, out / name, log)
+        except Interrupted:
+            if not any((out / n / "ckpt.pt").exists() for n in optimizers):
+                raise Interrupted(f"stopped during {name}, before any run saved an epoch; run "
+                                  "the same command again") from None
+            # --out named: the default is a new folder on every call
+            raise Interrupted(f"stopped during {name}; to go on, run the same command with "
+                              f"--out {out}: its runs are resumed, or reused when finished"
+                              ) from None
+        results.append(result)
+    return results, main_process
+
+
+def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool,
+            log: Log) -> tuple[list[Result], str | None]:
+    """Train each optimizer in turn in cfg.out/<name>, each at its default LR (own_lrs: no --lr
+    given) or cfg.lr, their lines to log, and write the comparison into cfg.out; the results
+    and the markdown table, None in a process other than the one that writes."""
+    out = Path(cfg.out)
+    # a file or a read-only --out is named as such before any run; each run's folder goes
+    # too when a failure leaves it empty
+    try:
+        with output_dir(out):
+            results, main_process = train_each(cfg, optimizers, own_lrs, out, log)
+    finally:  # the runs kept the process group for one another
+        end_processes()
+    if not main_process:  # under torchrun, one process writes
+        return results, None
+    return results, write_report(results, cfg, lr_source(None if own_lrs else cfg.lr), out)

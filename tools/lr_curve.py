@@ -1,0 +1,69 @@
+"""The LR range test's curve: swept on the run engine/train.py would build, and written as
+lr_find.csv and lr_find.png (tools/lr_find.py is its command line)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from common.files import atomic_writes, csv_text, output_dir
+from engine import lr_range
+from engine.config import TrainConfig, resolve
+from engine.lr_range import RangeTest
+from engine.run import build, make_accelerator
+
+
+def find(cfg: TrainConfig, start_lr: float, end_lr: float,
+         iterations: int) -> tuple[RangeTest, bool]:
+    """The range test on the run engine/train.py would build; (result, is main process)."""
+    # a number, not 'auto': the sweep sets the LR itself
+    cfg = resolve(replace(cfg, lr=start_lr), torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
+    run = build(cfg, accelerator)
+    return (lr_range.range_test(run, start_lr, end_lr, iterations),
+            accelerator.is_main_process)
+
+
+def rows(result: RangeTest) -> list[dict]:
+    """lr_find.csv: one row per sweep step."""
+    return [dict(lr=lr, loss=loss, smoothed=smooth) for lr, loss, smooth
+            in zip(result.lrs, result.losses, result.smoothed, strict=True)]
+
+
+def plot(result: RangeTest) -> Figure:
+    """Loss against LR on a log axis, raw and smoothed, with both suggestions marked."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(result.lrs, result.losses, color="0.7", lw=1, label="loss of each step")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=2,
+            label=f"smoothed (EMA {lr_range.BETA})")
+    ax.axvline(result.steepest, color="C1", ls="--",
+               label=f"steepest descent: {result.steepest:.3g}")
+    ax.axvline(result.min_over_10, color="C2", ls="--",
+               label=f"minimum / 10: {result.min_over_10:.3g} (suggested)")
+    ax.set_xscale("log")
+    ax.set_ylim(top=min(max(result.losses), 1.5 * result.smoothed[0]) * 1.02)
+    ax.set(xlabel="learning rate", ylabel="training loss",
+           title=f"LR range test: suggested lr {result.suggested:.3g}"
+                 + (f" (diverged at {result.lrs[-1]:.2g})" if result.diverged else ""))
+    ax.legend()
+    return fig
+
+
+def write_lr_curve(cfg: TrainConfig, start_lr: float, end_lr: float,
+                   iterations: int) -> RangeTest | None:
+    """Sweep the LR on cfg's run and write lr_find.csv and lr_find.png into cfg.out; the
+    result, or None in a process other than the one that writes."""
+    out = Path(cfg.out)
+    with output_dir(out):  # a bad --out is found now, not after the sweep
+        result, main_process = find(cfg, start_lr, end_lr, iterations)
+    if not main_process:
+        return None
+    fig = plot(result)
+    # the table and its plot together: a full disk leaves neither new, not one of them
+    atomic_writes({out / "lr_find.csv": lambda tmp: tmp.write_text(csv_text(rows(result))),
+                   out / "lr_find.png": lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
+    return result

@@ -19,8 +19,9 @@ from common.errors import ExportError
 from engine import checkpoint
 from engine.model import build_model
 from loaders import beton
-from tools.export import compare, reference_logits
-from tools.export_formats import EXTRA_FILE, require, to_01
+from tools.export_formats import EXTRA_FILE, require
+from tools.export_model import compare, reference_logits
+from tools.export_writers import to_01
 
 
 def export(*args) -> subprocess.CompletedProcess:

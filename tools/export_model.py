@@ -1,0 +1,115 @@
+"""Export a checkpoint's model to a format and check the file against the model before it is
+renamed into place (tools/export.py is its command line)."""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import EngineError, ExportError
+from common.files import atomic_write
+from engine import checkpoint
+from loaders import beton
+from tools.export_formats import SUFFIX, metadata, require
+from tools.export_writers import RUNNERS, WRITERS
+from tools.report_inputs import evaluation_input, locate_test_data
+
+CHECK_IMAGES = 256  # test images the export is checked on
+TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|): fp32 rounding
+
+
+def holds_checkpoint(path: Path) -> bool:
+    """Whether `path` is a cifar10-engine checkpoint: torch's zip whose pickle holds the format
+    marker. Cheap (no tensor is read) and safe for any file (nothing is unpickled)."""
+    marker = checkpoint.FORMAT.encode()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(marker in archive.read(name) for name in archive.namelist()
+                       if name.rpartition("/")[2] == "data.pkl")
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_out(out: Path, source: Path, default: Path) -> None:
+    """Refuse an --out that would replace the checkpoint being exported or another one: a run
+    overwritten by its export can no longer be resumed, evaluated or exported again."""
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; name the file to write.")
+    if out.resolve() == source.resolve():
+        what = "is the checkpoint being exported"
+    elif out.is_file() and holds_checkpoint(out):
+        what = "is a cifar10-engine checkpoint"
+    else:
+        return
+    raise ExportError(f"--out {out} {what}; the export would overwrite it. Choose another "
+                      f"--out (the default is {default}).")
+
+
+def check_images(ckpt: dict, path: Path, data_dir: Path | None) -> tuple[np.ndarray, str]:
+    """Images for the check and what they are: test images, or noise when those are gone."""
+    try:
+        test = locate_test_data(ckpt, path, data_dir)
+        return beton.read(test).images[:CHECK_IMAGES], f"{test}"
+    except EngineError as error:
+        if data_dir is not None:  # asked for explicitly: its failure is the user's to fix
+            raise
+        print(f"note: no test data to check with ({error}) Checking on {CHECK_IMAGES} uniform "
+              "noise images instead.", file=sys.stderr)
+        noise = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, 32, 32, 3), np.uint8)
+        return noise, "uniform noise"
+
+
+def reference_logits(ckpt: dict, model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """The checkpoint's model on the images, normalized exactly as evaluation does."""
+    to_input = evaluation_input(ckpt, "cpu")
+    with torch.no_grad():
+        return model(to_input(torch.from_numpy(images))).numpy()
+
+
+def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
+    """One line saying how well the export agrees; ExportError when it does not."""
+    if got.shape != ref.shape:
+        raise ExportError(f"{fmt} export gives logits of shape {got.shape}, the checkpoint's "
+                          f"model {ref.shape}; nothing was written to {path}.")
+    diff = float(np.abs(got.astype(np.float64) - ref).max())
+    limit = TOLERANCE * max(1.0, float(np.abs(ref).max()))
+    # a top-1 flip is an error unless the reference's top two logits are within the tolerance
+    ordered = np.sort(ref, axis=1)
+    decided = ordered[:, -1] - ordered[:, -2] > 2 * limit
+    flips = int(((got.argmax(1) != ref.argmax(1)) & decided).sum())
+    line = (f"max |logit difference| {diff:.2e} (limit {limit:.2e}), top-1 differs on {flips} "
+            f"of {len(ref)} images")
+    if diff > limit or flips or not np.isfinite(got).all():
+        raise ExportError(f"the {fmt} export does not match the checkpoint's model: {line}; "
+                          f"nothing was written to {path}.")
+    return line
+
+
+def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None) -> tuple[Path, str]:
+    """Write the model of checkpoint `path` in `fmt` to `out` (default: beside it) once it
+    agrees with the checkpoint's own model; the file written and how well it agrees."""
+    ckpt = checkpoint.load(path)  # first: a folder ('.', '/') has no file name
+    default = path.with_suffix(SUFFIX[fmt])
+    out = out or default
+    check_out(out, path, default)
+    require(fmt)
+    model = checkpoint.model_from(ckpt, path)
+    images, what = check_images(ckpt, path, data_dir)
+    ref = reference_logits(ckpt, model, images)
+    if not np.isfinite(ref).all():  # nothing to compare an export with
+        raise ExportError(f"{path}'s model gives NaN or infinite logits; its weights are broken "
+                          "(a diverged run?). Export another checkpoint, e.g. the run's best.pt.")
+    meta = metadata(ckpt, fmt, path.resolve())
+    result: list[str] = []
+
+    def write_and_check(tmp: Path) -> None:
+        WRITERS[fmt](model, meta, tmp)
+        result.append(compare(ref, RUNNERS[fmt](tmp, images), fmt, out))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write_and_check)  # renamed into place only once checked
+    return out, f"check on {len(images)} images ({what}): {result[0]}: OK"

@@ -23,6 +23,7 @@ from loaders.options import SYNTHETIC_SIZE, AugmentConfig, add_data_arguments, s
 ARCHS = ("resnet18",)
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
+PRECISIONS = ("bf16", "fp16", "fp32")  # engine.run.DTYPES maps them to torch dtypes
 
 
 def trackers() -> list[str]:
@@ -157,7 +158,7 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
                    help="also decay BatchNorm and bias parameters")
     g.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss")
     g = p.add_argument_group("numerics and hardware")
-    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+    g.add_argument("--precision", choices=PRECISIONS,
                    help="default: bf16 on GPU, fp32 on CPU; fp16 uses a loss scaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA)")

@@ -7,9 +7,14 @@ import argparse
 from dataclasses import dataclass
 
 from common.cli import path_option
+from common.errors import DataError
+from common.hardware import available_memory
+from loaders.layouts import ROW_SIZE
 
 DATASETS = ("cifar10", "cifar100", "synthetic", "folder")
 SYNTHETIC_SIZE = (50_000, 10_000)  # training and test images: CIFAR-10's, which it stands in for
+SYNTHETIC_CLASSES = ["disc", "ring", "square", "frame", "plus", "cross", "hbars", "vbars",
+                     "triangle", "diamond"]  # one shape per class (loaders/synthetic.py)
 
 def seed_problem(seed: int) -> str | None:
     """Why --seed cannot seed the data and the run (numpy's and torch's generators both take
@@ -47,3 +52,18 @@ class AugmentConfig:
         if not 0 <= self.translate <= 16 or not 0 <= self.cutout <= 32:
             raise ValueError(f"--translate must be in 0..16 and --cutout in 0..32, got "
                              f"{self.translate} and {self.cutout}")
+
+
+def check_synthetic_memory(n_train: int, n_test: int, option: str, given: str) -> None:
+    """DataError naming `option` and its `given` values (the command's: tools/bench.py sizes
+    the split with --images) when the images would not fit in memory, raised before any is
+    made (an allocation that fails is a traceback, one that the kernel grants and cannot back
+    is a process killed by the OOM killer)."""
+    # the written batches are read back and joined: two copies of the images at the peak
+    needed = 2 * (n_train + n_test) * ROW_SIZE
+    available = available_memory()
+    if needed > available:
+        raise DataError(f"{option} {given} needs about {needed / 1e9:.1f} GB of memory (twice "
+                        "its images: they are read back once written) but "
+                        f"{available / 1e9:.1f} GB is available; choose a smaller {option} or "
+                        "free some memory.")

@@ -16,9 +16,9 @@ import numpy as np
 
 from common.errors import DataError
 from common.files import usual_permissions
-from common.hardware import available_memory
 from loaders import folders, synthetic
 from loaders.layouts import OWN_LAYOUT, ROW_SIZE
+from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory
 
 
 def synthetic_folder_name(n_train: int, n_test: int, seed: int) -> str:
@@ -30,21 +30,6 @@ def image_folder_name(root: Path, files: dict[str, dict[str, list[Path]]]) -> st
     """The python folder the ImageFolder tree in `root` converts into: one per state of its
     files."""
     return f"folder-{folders.fingerprint(root, files)}"
-
-
-def check_synthetic_memory(n_train: int, n_test: int, option: str, given: str) -> None:
-    """DataError naming `option` and its `given` values (the command's: tools/bench.py sizes
-    the split with --images) when the images would not fit in memory, raised before any is
-    made (an allocation that fails is a traceback, one that the kernel grants and cannot back
-    is a process killed by the OOM killer)."""
-    # the written batches are read back and joined: two copies of the images at the peak
-    needed = 2 * (n_train + n_test) * ROW_SIZE
-    available = available_memory()
-    if needed > available:
-        raise DataError(f"{option} {given} needs about {needed / 1e9:.1f} GB of memory (twice "
-                        "its images: they are read back once written) but "
-                        f"{available / 1e9:.1f} GB is available; choose a smaller {option} or "
-                        "free some memory.")
 
 
 def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> None:
@@ -100,8 +85,8 @@ def _write_splits(staging: Path, classes: list[str], train: dict[str, np.ndarray
 
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
-    if n_train < len(synthetic.CLASSES) or n_test < 1:
-        raise DataError(f"Synthetic data needs at least {len(synthetic.CLASSES)} training and "
+    if n_train < len(SYNTHETIC_CLASSES) or n_test < 1:
+        raise DataError(f"Synthetic data needs at least {len(SYNTHETIC_CLASSES)} training and "
                         f"1 test image, got {n_train} and {n_test}.")
     # loading a written folder needs the memory all the same
     check_synthetic_memory(n_train, n_test, "--synthetic-size", f"{n_train} {n_test}")
@@ -113,7 +98,7 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) ->
                               strict=True))
                      for n, s in ((n_train, 2 * seed), (n_test, 2 * seed + 1)))
 
-    return write_python_folder(folder, synthetic.CLASSES, make)
+    return write_python_folder(folder, SYNTHETIC_CLASSES, make)
 
 
 def write_image_folder(root: Path) -> Path:

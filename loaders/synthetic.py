@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from loaders.options import SYNTHETIC_CLASSES
+
 SHAPE_SIZE = 10
 CHUNK = 2048  # images whose float32 noise is made at once: 25 MB
-CLASSES = ["disc", "ring", "square", "frame", "plus", "cross", "hbars", "vbars", "triangle",
-           "diamond"]
 
 
 def _shape_masks() -> np.ndarray:
-    """One SHAPE_SIZE x SHAPE_SIZE boolean mask per class, in CLASSES order."""
+    """One SHAPE_SIZE x SHAPE_SIZE boolean mask per class, in SYNTHETIC_CLASSES order."""
     y, x = np.mgrid[0:SHAPE_SIZE, 0:SHAPE_SIZE].astype(np.float32)
     c = (SHAPE_SIZE - 1) / 2
     r = np.hypot(y - c, x - c)
@@ -62,10 +62,10 @@ def _backgrounds(rng: np.random.Generator, n: int) -> np.ndarray:
 def make_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n deterministic CIFAR-shaped images, their labels, and each object's box (y0, x0, y1, x1)."""
     rng = np.random.default_rng(seed)
-    labels = np.arange(n) % len(CLASSES)
+    labels = np.arange(n) % len(SYNTHETIC_CLASSES)
     rng.shuffle(labels)
     images = _backgrounds(rng, n)
-    masks, hues = _shape_masks(), _hues(len(CLASSES))
+    masks, hues = _shape_masks(), _hues(len(SYNTHETIC_CLASSES))
     corners = rng.integers(0, 32 - SHAPE_SIZE + 1, size=(n, 2))
     brightness = rng.uniform(0.75, 1.0, size=n)
     # a shape's pixels replace the background's, so they take its colour alone, rounded as

@@ -19,9 +19,10 @@ from torch import nn
 
 import engine.run
 from common.errors import LoaderError
-from engine.config import TrainConfig
+from engine.config import PRECISIONS, TrainConfig
 from engine.model import ResNet18, forward_macs
-from tools import bench, bench_peers, bench_sections
+from engine.run import DTYPES
+from tools import bench, bench_peers, bench_run, bench_sections
 from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
 
@@ -200,6 +201,7 @@ def test_sections_choose_what_runs(tmp_path):
     (["--images", "1000000000"], "--images 1000000000 needs about 6144.0 GB of memory"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
     (["--compile-modes", "fast"], "unknown value(s) fast"),
+    (["--precisions", "fp32,fp8"], "unknown value(s) fp8"),
     (["--epoch-images", "1", "--images", "5"], "--images 5, --epoch-images 1: the synthetic "
                                                "data needs at least 10 training images"),
 ])
@@ -208,6 +210,22 @@ def test_impossible_options_are_usage_errors(args, message, capsys):
         bench.parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_precisions_offered_are_the_engines_dtypes():
+    """bench parses --precisions before torch loads, with engine.config's names: each must be
+    one engine.run can train in, and each of those offered."""
+    assert tuple(DTYPES) == PRECISIONS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    """--device cuda is checked once torch has loaded: one line, exit 1, nothing written."""
+    json = tmp_path / "bench.json"
+    assert bench.main(["--device", "cuda", "--quick", "--json", str(json)]) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA GPU is available here; use --device cpu" in err
+    assert "Traceback" not in err and not json.exists()
 
 
 @pytest.mark.parametrize("device, quick, modes", [("cuda", False, ["reduce-overhead"]),
@@ -219,7 +237,7 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
     args = bench.parse_args(["--quick"] if quick else [])
     args.device = device  # the configurations are only listed here: no GPU is needed
     bench.fill_defaults(args)
-    base = bench.base_config(args, torch.device(device), 1_000, "runs/x")
+    base = bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
     configs = bench_sections.step_configs(base, args)
     assert [c.compile_mode for c in configs] == ["default"] * (len(configs) - len(modes)) + modes
     for cfg in configs[len(configs) - len(modes):]:
@@ -424,14 +442,14 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256", "--epoch-images", "128", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
-    device = bench.measured_device(args)
+    device = bench_run.measured_device(args)
     bench.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))  # no numba JIT
     real = bench_sections.make_loader
     monkeypatch.setattr(bench_sections, "make_loader", lambda kind, *a, **k: (
         FailsAfterWarmup(real(kind, *a, **k)) if kind == "resident" else real(kind, *a, **k)))
     rows = {r.loader: r for r in bench_sections.bench_loaders(
-        bench.base_config(args, device, 256, str(tmp_path)), device, args)}
+        bench_run.base_config(args, device, 256, str(tmp_path)), device, args)}
     assert (rows["resident"].status, rows["resident"].images_per_s) == ("failed", None)
     assert rows["resident"].reason == "LoaderError: the pipeline thread died"
     assert rows["torchvision"].status == "ok" and rows["torchvision"].vs_torchvision == 1
@@ -443,7 +461,7 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
 
     monkeypatch.setattr(engine.run, "make_loader", refuse)
     saved = []
-    epochs = bench_sections.bench_epochs(bench.base_config(args, device, 128, str(tmp_path)),
+    epochs = bench_sections.bench_epochs(bench_run.base_config(args, device, 128, str(tmp_path)),
                                          args, lambda rows: saved.append(len(rows)))
     assert [(r.loader, r.status) for r in epochs] == [("resident", "failed"),
                                                       ("torchvision", "ok")]
@@ -461,9 +479,9 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench.measured_device(args)
+    device = bench_run.measured_device(args)
     bench.fill_defaults(args)
-    base = replace(bench.base_config(args, device, 64, str(tmp_path)), loader="resident")
+    base = replace(bench_run.base_config(args, device, 64, str(tmp_path)), loader="resident")
     refused = bench_sections.bench_step(replace(base, precision="fp16"), args)
     assert (refused.status, refused.images_per_s) == ("skipped", None)
 
@@ -474,7 +492,7 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     broken = bench_sections.bench_step(base, args)
     assert (broken.status, broken.images_per_s) == ("failed", None)
     assert broken.reason.startswith("OutOfMemoryError: CUDA out of memory")
-    assert bench.failed({"step": [asdict(refused), asdict(broken)]}) == 1
+    assert bench_run.failed({"step": [asdict(refused), asdict(broken)]}) == 1
 
 
 def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypatch, tmp_path):
@@ -483,9 +501,9 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--batch-size", "400", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench.measured_device(args)
+    device = bench_run.measured_device(args)
     bench.fill_defaults(args)
-    base = replace(bench.base_config(args, device, 100, str(tmp_path)), loader="resident")
+    base = replace(bench_run.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
     assert row.status == "ok" and row.batch_size == 100
     assert row.images_per_s == pytest.approx(args.steps * 100 / min(row.block_s))
@@ -504,8 +522,8 @@ def test_an_mfu_section_out_of_memory_names_the_option(tmp_path, capsys, option,
 
 
 def test_failed_peer_epochs_count_as_a_failure():
-    assert bench.failed({"peers": {"loaders": [], "epochs": [], "epochs_failed": "x"}}) == 1
-    assert bench.failed({"peers": {"loaders": [], "epochs": []}}) == 0
+    assert bench_run.failed({"peers": {"loaders": [], "epochs": [], "epochs_failed": "x"}}) == 1
+    assert bench_run.failed({"peers": {"loaders": [], "epochs": []}}) == 0
 
 
 def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConfig:
@@ -513,9 +531,9 @@ def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConf
     args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
-    device = bench.measured_device(args)
+    device = bench_run.measured_device(args)
     bench.fill_defaults(args)
-    return replace(bench.base_config(args, device, images, str(tmp_path)), loader="resident")
+    return replace(bench_run.base_config(args, device, images, str(tmp_path)), loader="resident")
 
 
 def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_path):

@@ -22,9 +22,10 @@ from conftest import CIFAR10_CLASSES, ROOT, SYNTHETIC_SIZE, dump_pickle, run_scr
 
 import loaders
 from common.files import write_json
-from loaders import beton, cifar, synthetic
+from loaders import beton, cifar
 from loaders.cifar import DataError
 from loaders.guards import guarded_writer, importing_ffcv
+from loaders.options import SYNTHETIC_CLASSES
 from loaders.preparation import prepare
 
 with importing_ffcv():  # as the loaders import it (see loaders.guards)
@@ -62,7 +63,7 @@ def test_sidecar_records_size_classes_and_training_stats(prepared, source):
     train, test = beton.read_info(prepared.train), beton.read_info(prepared.test)
     assert (train.num_samples, test.num_samples) == (len(source.train.labels),
                                                      len(source.test.labels))
-    assert train.classes == test.classes == prepared.classes == synthetic.CLASSES
+    assert train.classes == test.classes == prepared.classes == SYNTHETIC_CLASSES
     pixels = source.train.images.reshape(-1, 3) / 255
     np.testing.assert_allclose(train.mean, pixels.mean(0), rtol=1e-9)
     np.testing.assert_allclose(train.std, pixels.std(0), rtol=1e-6)

@@ -37,6 +37,7 @@ from common.errors import OutputError
 from common.files import output_dir, waiting_lock
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
+from loaders.options import SYNTHETIC_CLASSES
 from loaders.preparation import prepare
 
 LAYOUT = layouts.LAYOUTS["cifar10"]
@@ -669,7 +670,7 @@ def test_synthetic_shapes_and_balanced_classes(n):
 def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_path):
     folder = python_folder.write_synthetic(tmp_path, 60, 20, seed=1)
     data = cifar.read_folder(folder, layouts.OWN_LAYOUT, "synthetic")
-    assert data.classes == synthetic.CLASSES
+    assert data.classes == SYNTHETIC_CLASSES
     assert np.bincount(data.train.labels).tolist() == [6] * 10
     assert data.train.images.shape == (60, 32, 32, 3) and len(data.test.labels) == 20
     assert python_folder.write_synthetic(tmp_path, 60, 20, seed=1) == folder  # written once

@@ -11,43 +11,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from common.cli import CommandParser, error_line, interruptible_imports, path_option, run_main
-
-with interruptible_imports():  # torch and the rest take seconds to import
-    import torch
-
-    from common.compile_modes import COMPILE_MODES
-    from common.errors import DataError
-    from common.files import place_problem, write_json
-    from common.hardware import available_cores
-    from engine.config import TrainConfig, resolve
-    from engine.run import DTYPES
-    from loaders import synthetic
-    from loaders.options import data_dir_option
-    from loaders.python_folder import check_synthetic_memory
-    from tools.bench_output import metadata, report
-    from tools.bench_peers import bench_peers
-    from tools.bench_profile import bench_profile
-    from tools.bench_sections import (
-        TEST_IMAGES,
-        bench_epochs,
-        bench_loaders,
-        bench_mfu,
-        bench_steps,
-        log,
-    )
-    from tools.options import add_device_option, pick_device
+from common.compile_modes import COMPILE_MODES
+from common.errors import DataError
+from common.files import place_problem
+from common.hardware import available_cores
+from engine.config import PRECISIONS
+from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, data_dir_option
+from tools.options import add_device_option
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
+TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 T = TypeVar("T")  # the value type of an argparse type below
 
 # Options left out: (on CUDA, on CPU, with --quick). The help text is made from this table.
@@ -159,7 +138,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     problems = [s for s in args.sections if s not in SECTIONS]
-    problems += [x for x in args.precisions if x not in DTYPES]
+    problems += [x for x in args.precisions if x not in PRECISIONS]
     problems += [x for x in args.formats if x not in ("channels_last", "contiguous")]
     problems += [x for x in args.compile or [] if x not in ("off", "on")]
     problems += [x for x in args.compile_modes or [] if x not in COMPILE_MODES]
@@ -169,9 +148,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) == []:
             p.error(f"--{name.replace('_', '-')} needs at least one value")
     few = [f"--{name.replace('_', '-')} {n}" for name in IMAGE_COUNTS
-           if (n := getattr(args, name)) is not None and n < len(synthetic.CLASSES)]
+           if (n := getattr(args, name)) is not None and n < len(SYNTHETIC_CLASSES)]
     if few:  # else every row of their sections fails, in synthetic's words
-        p.error(f"{', '.join(few)}: the synthetic data needs at least {len(synthetic.CLASSES)} "
+        p.error(f"{', '.join(few)}: the synthetic data needs at least {len(SYNTHETIC_CLASSES)} "
                 "training images, one per class")
     for name in IMAGE_COUNTS:  # named as bench's options, not as engine/train.py's
         if getattr(args, name) is not None:
@@ -188,8 +167,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         problem = place_problem(path, made) if path is not None else None
         if problem:
             p.error(f"{option} {path}: {problem}; name a file in a writable folder")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     return args
 
 
@@ -201,114 +178,16 @@ def fill_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, values[column])
 
 
-def measured_device(args: argparse.Namespace) -> torch.device:
-    """The device to measure; for cpu, GPUs are hidden so the engine's accelerator uses none."""
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
-    device = pick_device(args.device)
-    args.device = device.type
-    return device
-
-
-def base_config(args: argparse.Namespace, device: torch.device, images: int,
-                out: str) -> TrainConfig:
-    """The engine's config (fast preset, device defaults) on synthetic data of `images` images;
-    with --quick never compiled, as on the CPU (the engine compiles by default on CUDA)."""
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(args.data_dir),
-                      synthetic_size=(images, TEST_IMAGES), width=args.width,
-                      batch_size=args.batch_size, workers=args.workers, out=out,
-                      compile=False if args.quick else None)
-    return resolve(cfg, device.type == "cuda")
-
-
-def trace_path(args: argparse.Namespace) -> Path | None:
-    """Where the profile section writes its trace: --trace, else beside --json, else nowhere."""
-    if args.trace is not None:
-        return args.trace
-    return args.json.with_suffix(".trace.json.gz") if args.json is not None else None
-
-
-def run_sections(args: argparse.Namespace, device: torch.device, out: str,
-                 done: Callable[[dict, dict[str, float]], None]) -> tuple[dict, dict[str, float]]:
-    """The chosen sections, always in the order of SECTIONS, and their seconds; `done` gets
-    both after each section."""
-    base = base_config(args, device, args.images, out)
-    results: dict = {}
-    jobs = {
-        "loaders": lambda: bench_loaders(base, device, args),
-        "peers": lambda: bench_peers(base, device, args, out, partial("peers")),
-        "step": lambda: bench_steps(replace(base, loader="resident"), args, partial("step")),
-        "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args,
-                                      partial("epoch")),
-        "mfu": lambda: bench_mfu(results, base, device, args),
-        "profile": lambda: bench_profile(base_config(args, device, args.epoch_images, out),
-                                         args, trace_path(args)),
-    }
-    seconds: dict[str, float] = {}
-
-    def partial(name: str) -> Callable[[Any], None]:
-        """A section's rows so far, saved as a section still running (not in `seconds`)."""
-        return lambda rows: done({**results, name: rows}, seconds)
-
-    for name in (s for s in SECTIONS if s in args.sections):
-        start = time.perf_counter()
-        results[name] = jobs[name]()
-        seconds[name] = time.perf_counter() - start
-        done(results, seconds)
-        log(f"{name} section: {seconds[name]:.0f} s")
-    return results, seconds
-
-
-def serializable(result: Any) -> Any:
-    """A section's result as JSON-ready lists and dicts (dataclasses, lists and dicts of them,
-    and plain values such as a failure's reason)."""
-    if isinstance(result, list):
-        return [serializable(r) for r in result]
-    if isinstance(result, dict):
-        return {k: serializable(v) for k, v in result.items()}
-    return asdict(result) if is_dataclass(result) else result
-
-
-def failed(results: Any) -> int:
-    """How many rows of the results failed (status "failed", and the peers' seed vs default
-    epochs when they failed; "skipped" and "not installed" rows are what this machine cannot
-    run, not failures)."""
-    if isinstance(results, dict):
-        return (int(results.get("status") == "failed") + int("epochs_failed" in results)
-                + sum(map(failed, results.values())))
-    return sum(map(failed, results)) if isinstance(results, list) else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Measure the chosen sections, print the tables and write --json; 1 when a row failed
     (its reason is in its table), so a script sees an incomplete run."""
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    args = parse_args(argv)  # first: --help and a refused option answer before torch loads
+    with interruptible_imports():  # torch and the rest take seconds to import
+        from tools.bench_run import run_bench
 
     def body() -> int:
-        device = measured_device(args)
-        fill_defaults(args)
-        meta = metadata(device, argv)
-        for key in ("command", "commit", "date", "device_name", "load_average", "torch", "cuda"):
-            log(f"{key}: {meta[key]}")
-        log(f"options: {vars(args)}")
-        options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-        def save(results: dict, seconds: dict[str, float]) -> None:
-            """--json as it stands: rewritten after each section, so a run cut short (a
-            time limit, Ctrl-C) keeps what it measured; `complete` says whether it was."""
-            if args.json:
-                meta.update(section_s=seconds, complete=seconds.keys() == set(args.sections))
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                write_json(args.json, dict(meta=meta, options=options,
-                                           **{k: serializable(v) for k, v in results.items()}))
-
-        with tempfile.TemporaryDirectory(prefix="bench-") as out:
-            results, _ = run_sections(args, device, out, save)
-        log(report(results))
-        if args.json:
-            log(f"wrote {args.json}")
-        bad = failed(serializable(results))
+        bad = run_bench(args, argv)
         if bad:
             error_line(f"error: {bad} measurement(s) failed; each one's reason is in its table "
                        "above.")

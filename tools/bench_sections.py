@@ -112,7 +112,6 @@ class MfuResult:
     not_peaks: list[str] = field(default_factory=list)  # dtypes whose matmul a run outpaced
 
 
-TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 # what a configuration that cannot run here raises: fp16 on CPU, a failed compile, a loader's
 # error, out of memory, any CUDA error; it is recorded in its row and the others go on
 MEASURE_ERRORS = (EngineError, RuntimeError)

@@ -1,0 +1,130 @@
+"""A bench run: the device measured, the chosen sections in order, their tables logged and
+--json rewritten after each (tools/bench.py is its command line)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.files import write_json
+from engine.config import TrainConfig, resolve
+from tools.bench import SECTIONS, TEST_IMAGES, fill_defaults
+from tools.bench_output import metadata, report
+from tools.bench_peers import bench_peers
+from tools.bench_profile import bench_profile
+from tools.bench_sections import bench_epochs, bench_loaders, bench_mfu, bench_steps, log
+from tools.options import pick_device
+
+
+def measured_device(args: argparse.Namespace) -> torch.device:
+    """The device to measure; for cpu, GPUs are hidden so the engine's accelerator uses none."""
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
+    device = pick_device(args.device)
+    args.device = device.type
+    return device
+
+
+def base_config(args: argparse.Namespace, device: torch.device, images: int,
+                out: str) -> TrainConfig:
+    """The engine's config (fast preset, device defaults) on synthetic data of `images` images;
+    with --quick never compiled, as on the CPU (the engine compiles by default on CUDA)."""
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(args.data_dir),
+                      synthetic_size=(images, TEST_IMAGES), width=args.width,
+                      batch_size=args.batch_size, workers=args.workers, out=out,
+                      compile=False if args.quick else None)
+    return resolve(cfg, device.type == "cuda")
+
+
+def trace_path(args: argparse.Namespace) -> Path | None:
+    """Where the profile section writes its trace: --trace, else beside --json, else nowhere."""
+    if args.trace is not None:
+        return args.trace
+    return args.json.with_suffix(".trace.json.gz") if args.json is not None else None
+
+
+def run_sections(args: argparse.Namespace, device: torch.device, out: str,
+                 done: Callable[[dict, dict[str, float]], None]) -> tuple[dict, dict[str, float]]:
+    """The chosen sections, always in the order of SECTIONS, and their seconds; `done` gets
+    both after each section."""
+    base = base_config(args, device, args.images, out)
+    results: dict = {}
+    jobs = {
+        "loaders": lambda: bench_loaders(base, device, args),
+        "peers": lambda: bench_peers(base, device, args, out, partial("peers")),
+        "step": lambda: bench_steps(replace(base, loader="resident"), args, partial("step")),
+        "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args,
+                                      partial("epoch")),
+        "mfu": lambda: bench_mfu(results, base, device, args),
+        "profile": lambda: bench_profile(base_config(args, device, args.epoch_images, out),
+                                         args, trace_path(args)),
+    }
+    seconds: dict[str, float] = {}
+
+    def partial(name: str) -> Callable[[Any], None]:
+        """A section's rows so far, saved as a section still running (not in `seconds`)."""
+        return lambda rows: done({**results, name: rows}, seconds)
+
+    for name in (s for s in SECTIONS if s in args.sections):
+        start = time.perf_counter()
+        results[name] = jobs[name]()
+        seconds[name] = time.perf_counter() - start
+        done(results, seconds)
+        log(f"{name} section: {seconds[name]:.0f} s")
+    return results, seconds
+
+
+def serializable(result: Any) -> Any:
+    """A section's result as JSON-ready lists and dicts (dataclasses, lists and dicts of them,
+    and plain values such as a failure's reason)."""
+    if isinstance(result, list):
+        return [serializable(r) for r in result]
+    if isinstance(result, dict):
+        return {k: serializable(v) for k, v in result.items()}
+    return asdict(result) if is_dataclass(result) else result
+
+
+def failed(results: Any) -> int:
+    """How many rows of the results failed (status "failed", and the peers' seed vs default
+    epochs when they failed; "skipped" and "not installed" rows are what this machine cannot
+    run, not failures)."""
+    if isinstance(results, dict):
+        return (int(results.get("status") == "failed") + int("epochs_failed" in results)
+                + sum(map(failed, results.values())))
+    return sum(map(failed, results)) if isinstance(results, list) else 0
+
+
+def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    """Measure the sections args names, log their tables and write --json; how many rows
+    failed (each one's reason is in its table)."""
+    device = measured_device(args)
+    fill_defaults(args)
+    meta = metadata(device, argv)
+    for key in ("command", "commit", "date", "device_name", "load_average", "torch", "cuda"):
+        log(f"{key}: {meta[key]}")
+    log(f"options: {vars(args)}")
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+    def save(results: dict, seconds: dict[str, float]) -> None:
+        """--json as it stands: rewritten after each section, so a run cut short (a
+        time limit, Ctrl-C) keeps what it measured; `complete` says whether it was."""
+        if args.json:
+            meta.update(section_s=seconds, complete=seconds.keys() == set(args.sections))
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            write_json(args.json, dict(meta=meta, options=options,
+                                       **{k: serializable(v) for k, v in results.items()}))
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as out:
+        results, _ = run_sections(args, device, out, save)
+    log(report(results))
+    if args.json:
+        log(f"wrote {args.json}")
+    return failed(serializable(results))

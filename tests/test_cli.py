@@ -56,23 +56,44 @@ finally:
 """
 
 
-@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--epochs", "0"], 2),
-                                        (["--loader", "nope"], 2), (["--preset"], 2)])
-def test_train_answers_help_and_refusals_before_torch_loads(args, code, tmp_path):
-    """engine/train.py parses its options in plain Python first: torch (seconds) loads only
-    for a command line that can run, and no run folder is made for one that cannot."""
-    result = subprocess.run([sys.executable, "-c", IMPORTED_BY_EXIT, str(ROOT / "engine/train.py"),
-                             *args, "--out", str(tmp_path / "run")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+# (script, arguments, exit status): a command line each script answers in plain Python
+ANSWERED_BEFORE_TORCH = [
+    *[(script, ["--help"], 0) for script in (
+        "engine/train.py", "loaders/prepare.py", "tools/report.py", "tools/predict.py",
+        "tools/export.py", "tools/bench.py", "tools/lr_find.py", "tools/compare.py")],
+    ("engine/train.py", ["--epochs", "0", "--out", "{tmp}/run"], 2),
+    ("engine/train.py", ["--loader", "nope", "--out", "{tmp}/run"], 2),
+    ("engine/train.py", ["--out", "{tmp}/run", "--preset"], 2),
+    ("loaders/prepare.py", ["--dataset", "nope", "--data-dir", "{tmp}/data"], 2),
+    ("tools/report.py", ["x.pt", "-n", "0", "--out", "{tmp}/report"], 2),
+    ("tools/report.py", ["x.pt", "--methods", "nope"], 2),
+    ("tools/predict.py", ["x.pt", "a.png", "-k", "0"], 2),
+    ("tools/export.py", ["x.pt", "--format", "nope", "--out", "{tmp}/model.onnx"], 2),
+    ("tools/bench.py", ["--precisions", "nope", "--json", "{tmp}/bench.json"], 2),
+    ("tools/bench.py", ["--epochs", "0"], 2),
+    ("tools/lr_find.py", ["--iterations", "0", "--out", "{tmp}/lr"], 2),
+    ("tools/compare.py", ["--optimizers", "nope", "--out", "{tmp}/compare"], 2),
+]
+
+
+@pytest.mark.parametrize("script, args, code", ANSWERED_BEFORE_TORCH,
+                         ids=[f"{s} {' '.join(a)}" for s, a, _ in ANSWERED_BEFORE_TORCH])
+def test_commands_answer_help_and_refusals_before_torch_loads(script, args, code, tmp_path):
+    """Every command parses its options in plain Python first: torch (seconds) loads only for
+    a command line that can run, and nothing is written for one that cannot."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = subprocess.run([sys.executable, "-c", IMPORTED_BY_EXIT, str(ROOT / script), *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == code, result.stderr[-2000:]
     assert result.stderr.splitlines()[-1] == "imported: none", result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+    assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
 
 
 def test_help_and_refusals_wait_for_no_grad_cam():
-    """pytorch-grad-cam brings torchvision, scikit-learn and scipy (seconds): report.py and
-    predict.py import it only when they draw a map, so --help and a refused checkpoint are quick."""
-    code = ("import sys, tools.report, tools.predict\n"
+    """pytorch-grad-cam brings torchvision, scikit-learn and scipy (seconds): report's and
+    predict's work (tools/report_folder.py, tools/prediction.py) imports it only when it draws a
+    map, so a refused checkpoint is quick."""
+    code = ("import sys, tools.report_folder, tools.prediction\n"
             "heavy = {'pytorch_grad_cam', 'sklearn'} & set(sys.modules)\n"
             "sys.exit(' '.join(sorted(heavy)) or None)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -101,9 +122,19 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-# the options with which a script goes on to import torch: --help, but where a script parses its
-# options first (without torch), options that parse and name a run that is not there
-PAST_PARSING = {"engine/train.py": ["--resume", "no-such-run"]}
+# options with which each script gets past parsing and goes on to import torch; what they name
+# is not there, so a script the Ctrl-C missed stops soon after
+PAST_PARSING = {
+    "engine/train.py": ["--resume", "no-such-run"],
+    "loaders/prepare.py": ["--dataset", "folder", "--data-dir", "no-such-folder"],
+    "tools/report.py": ["no-such.pt"],
+    "tools/predict.py": ["no-such.pt", "no-such.png"],
+    "tools/export.py": ["no-such.pt", "--format", "onnx"],
+    "tools/bench.py": ["--device", "cpu", "--sections", "mfu", "--quick",
+                       "--data-dir", "no-such-folder"],
+    "tools/lr_find.py": ["--dataset", "folder", "--data-dir", "no-such-folder"],
+    "tools/compare.py": ["--dataset", "folder", "--data-dir", "no-such-folder"],
+}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -115,7 +146,7 @@ def test_ctrl_c_while_a_script_still_imports_is_one_line(script, prefixes, count
     # imports it, it was swallowed: the command ran on (--help printed, exit 0), or failed
     # later on the half-imported numpy (RecursionError)
     result = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, str(ROOT / script),
-                             *PAST_PARSING.get(script, ["--help"])], cwd=ROOT,
+                             *PAST_PARSING[script]], cwd=ROOT,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PREFIXES": prefixes, "COUNT": str(count)})
     assert (result.returncode, result.stderr.strip(), result.stdout) == (130, "interrupted", ""), \

@@ -22,6 +22,7 @@ from pypdf import PdfReader
 from engine import checkpoint
 from loaders import beton, synthetic
 from tools import report, report_faithfulness, report_figures, report_inputs, report_tables
+from tools.cam_methods import METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +113,7 @@ def test_misclassified_and_per_class_match_an_independent_evaluation(report_dir,
         assert int(row["correct"]) == ((pred == c) & (labels == c)).sum()
 
 
-@pytest.mark.parametrize("method", list(report_figures.METHODS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
     inputs = report_inputs.normalized(loaded, np.arange(3))
     assert inputs.shape == (3, 3, 32, 32)

@@ -13,13 +13,10 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from common.progress import track
+from tools.cam_methods import METHODS
 from tools.plots import Panel, plot_history
 from tools.report_inputs import Inputs, layer_of, normalized
 
-# --methods name -> pytorch-grad-cam's class, imported where a map is made: grad-cam pulls in
-# torchvision, scikit-learn and scipy (seconds) that --help and a refused input need not wait for
-METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "scorecam": "ScoreCAM",
-           "eigencam": "EigenCAM", "layercam": "LayerCAM"}
 CLASS_AGNOSTIC = {"eigencam"}  # a principal component of the activations: no target class
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
 CURVES = [Panel("loss (log scale)", ("train_loss", "test_loss"), yscale="log"),

@@ -1,0 +1,140 @@
+"""Pictures classified by a checkpoint's model: each read as CIFAR input, its top-k classes,
+and a Grad-CAM overlay for its predicted class (tools/predict.py is its command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from common.errors import DataError
+from common.files import atomic_write, make_dir
+from common.progress import progress_bar
+from engine import checkpoint
+from loaders.augment import Augment
+from loaders.images import expand, read_image
+from tools.options import pick_device
+from tools.report_figures import cams, overlay
+from tools.report_inputs import evaluation_input, layer_of
+
+BATCH = 256  # pictures per forward pass
+CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
+PROGRESS_FROM = 100  # pictures from which a progress bar is worth showing
+
+
+@dataclass
+class Classifier:
+    """A checkpoint's model on a device, with the input evaluation gives it."""
+
+    model: nn.Module
+    to_input: Augment  # uint8 N x 32 x 32 x 3 pictures -> the model's input
+    classes: list[str]
+
+
+def load_classifier(path: Path, device: str | None) -> Classifier:
+    """The model of checkpoint `path` on `device` (None: the best one here)."""
+    where = pick_device(device)
+    ckpt = checkpoint.load(path)
+    model = checkpoint.model_from(ckpt, path).to(where)
+    return Classifier(model, evaluation_input(ckpt, where), ckpt["classes"])
+
+
+def prepare_cams(classifier: Classifier, layer: str, out: Path) -> None:
+    """Refuse a --layer without a feature map and make the --cam folder: before any work, as
+    a CAM of fc would fail only after predicting."""
+    layer_of(classifier.model, layer, "--layer")
+    make_dir(out, "--cam")
+
+
+@dataclass
+class Pictures:
+    """The picture files given, and what reading them gave."""
+
+    files: list[Path]  # each file as given, each folder's pictures sorted by name
+    readable: list[Path]
+    images: np.ndarray  # the readable ones as uint8 N x 32 x 32 x 3
+    errors: dict[Path, str]  # an error message per other file
+
+
+def read_pictures(paths: list[Path]) -> Pictures:
+    """The picture files and folders `paths` name, read; DataError when they hold none."""
+    files = expand(paths)
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, paths))}; pass PNG or JPEG "
+                        "files or folders holding them.")
+    return Pictures(files, *read_all(files))
+
+
+def read_all(files: list[Path]) -> tuple[list[Path], np.ndarray, dict[Path, str]]:
+    """The readable pictures as uint8 N x 32 x 32 x 3, and an error message per other file."""
+    good, images, errors = [], [], {}
+    with progress_bar(len(files), "reading", "image", enabled=len(files) >= PROGRESS_FROM) as bar:
+        for path in files:
+            try:
+                images.append(read_image(path))
+                good.append(path)
+            except DataError as error:
+                errors[path] = str(error)
+            bar.update()
+    return good, np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8), errors
+
+
+def classify(model: nn.Module, augment: Augment, images: np.ndarray) -> torch.Tensor:
+    """Softmax probabilities (N x C, on the CPU) of uint8 N x 32 x 32 x 3 pictures."""
+    probs = []
+    with torch.inference_mode(), progress_bar(len(images), "classifying", "image",
+                                              enabled=len(images) >= PROGRESS_FROM) as bar:
+        for start in range(0, len(images), BATCH):
+            batch = torch.from_numpy(images[start:start + BATCH]).to(augment.device)
+            probs.append(model(augment(batch)).float().softmax(1).cpu())
+            bar.update(len(batch))
+    return torch.cat(probs)
+
+
+def top_classes(classifier: Classifier, pictures: Pictures,
+                k: int) -> tuple[list[dict], np.ndarray]:
+    """A row per file, {file, predictions: [{class, probability}] of its top k classes} or
+    {file, error}; and the predicted class of each readable picture."""
+    classified = len(pictures.readable) > 0
+    probs = (classify(classifier.model, classifier.to_input, pictures.images) if classified
+             else torch.zeros(0, 1))
+    top = probs.topk(min(k, len(classifier.classes)), dim=1) if classified else None
+    found = {path: [{"class": classifier.classes[int(c)], "probability": float(p)}
+                    for p, c in zip(top.values[i], top.indices[i], strict=True)]
+             for i, path in enumerate(pictures.readable)}
+    rows = [{"file": str(path), "predictions": found[path]} if path in found
+            else {"file": str(path), "error": pictures.errors[path]} for path in pictures.files]
+    return rows, probs.argmax(1).numpy()
+
+
+def cam_names(files: list[Path]) -> list[str]:
+    """One overlay file name per picture: its stem, numbered when two pictures share one."""
+    names, seen = [], set()
+    for path in files:
+        name, n = f"{path.stem}.cam.png", 1
+        while name in seen:
+            n += 1
+            name = f"{path.stem}-{n}.cam.png"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray, layer: str,
+               out: Path) -> None:
+    """A Grad-CAM overlay PNG per readable picture for its predicted class, as report.py draws
+    them."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = cam_names(pictures.readable)
+    for start in range(0, len(pictures.images), BATCH):
+        chunk = pictures.images[start:start + BATCH]
+        inputs = classifier.to_input(torch.from_numpy(chunk).to(classifier.to_input.device))
+        maps = cams(classifier.model, inputs, predicted[start:start + BATCH], layer)
+        for image, cam, name in zip(chunk, maps, names[start:start + BATCH], strict=True):
+            big = Image.fromarray(overlay(image, cam)).resize(
+                (32 * CAM_SCALE, 32 * CAM_SCALE), Image.Resampling.NEAREST)
+            atomic_write(out / name, lambda tmp, big=big: big.save(tmp, format="PNG"))

@@ -23,7 +23,7 @@ from loaders.options import SYNTHETIC_SIZE, AugmentConfig, add_data_arguments, s
 ARCHS = ("resnet18",)
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
-PRECISIONS = ("bf16", "fp16", "fp32")  # engine.run.DTYPES maps them to torch dtypes
+PRECISIONS = ("bf16", "fp16", "fp32")  # engine.run.DTYPES gives their torch dtypes
 
 
 def trackers() -> list[str]:

@@ -15,14 +15,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.errors import TrainingError
-from engine.config import TrainConfig
+from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
 from engine.optimizers import build_optimizer, build_schedule
 from loaders import make_loader
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = dict(zip(PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 
 
 @dataclass

@@ -19,9 +19,8 @@ from torch import nn
 
 import engine.run
 from common.errors import LoaderError
-from engine.config import PRECISIONS, TrainConfig
+from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
-from engine.run import DTYPES
 from tools import bench, bench_peers, bench_run, bench_sections
 from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
@@ -210,12 +209,6 @@ def test_impossible_options_are_usage_errors(args, message, capsys):
         bench.parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-def test_the_precisions_offered_are_the_engines_dtypes():
-    """bench parses --precisions before torch loads, with engine.config's names: each must be
-    one engine.run can train in, and each of those offered."""
-    assert tuple(DTYPES) == PRECISIONS
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")

@@ -21,7 +21,7 @@ import engine.run
 from common.errors import LoaderError
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
-from tools import bench, bench_peers, bench_run, bench_sections
+from tools import bench, bench_options, bench_peers, bench_run, bench_sections
 from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
 
@@ -62,8 +62,8 @@ def test_quick_runs_record_metadata(quick):
         assert meta["complete"] is True
         assert f"command: {meta['command']}" in logs
     assert {s for meta in report["meta"].values() for s in meta["section_s"]} == set(
-        bench.SECTIONS)
-    for section in bench.SECTIONS:
+        bench_options.SECTIONS)
+    for section in bench_options.SECTIONS:
         assert f"== {section}" in logs
 
 
@@ -206,7 +206,7 @@ def test_sections_choose_what_runs(tmp_path):
 ])
 def test_impossible_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args(args)
+        bench_options.parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -227,9 +227,9 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
         device, quick, modes):
     """CUDA's defaults compile, so reduce-overhead (CUDA graphs) is also timed at the base
     configuration; the CPU's and --quick's do not, and time no compile mode either."""
-    args = bench.parse_args(["--quick"] if quick else [])
+    args = bench_options.parse_args(["--quick"] if quick else [])
     args.device = device  # the configurations are only listed here: no GPU is needed
-    bench.fill_defaults(args)
+    bench_options.fill_defaults(args)
     base = bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
     configs = bench_sections.step_configs(base, args)
     assert [c.compile_mode for c in configs] == ["default"] * (len(configs) - len(modes)) + modes
@@ -241,7 +241,7 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
 def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option):
     """Before any section runs: --trace's was found after the profile had run."""
     with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args([option, str(tmp_path)])
+        bench_options.parse_args([option, str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"{option} {tmp_path} is a folder; name a file" in capsys.readouterr().err
 
@@ -253,7 +253,7 @@ def test_an_unwritable_output_is_a_usage_error(option, tmp_path, capsys):
     (tmp_path / "file").write_text("a file, not a folder")
     path = tmp_path / "file" / "b.json"
     with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args([option, str(path)])
+        bench_options.parse_args([option, str(path)])
     assert exit_info.value.code == 2
     assert f"{option} {path}: {tmp_path / 'file'} is a file, not a folder" in (
         capsys.readouterr().err)
@@ -334,8 +334,8 @@ def test_the_peer_loaders_are_saved_after_every_turn(prepared, tmp_path, monkeyp
     once the whole peers section was done."""
     lineup = bench_peers.lineup  # airbench and ours beside it: no FFCV compile here
     monkeypatch.setattr(bench_peers, "lineup", lambda *a: lineup(*a)[:2])
-    args = bench.parse_args(["--quick", "--device", "cpu", "--epochs", "2"])
-    bench.fill_defaults(args)
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--epochs", "2"])
+    bench_options.fill_defaults(args)
     saved = []
     rows = bench_peers.bench_peer_loaders(
         prepared, TrainConfig(batch_size=64, precision="fp32"), torch.device("cpu"), args,
@@ -351,8 +351,8 @@ def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):
     cfg = TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
                       synthetic_size=SYNTHETIC_SIZE, batch_size=4096, precision="fp32",
                       workers=1)
-    args = bench.parse_args(["--quick", "--device", "cpu", "--epochs", "1"])
-    bench.fill_defaults(args)
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--epochs", "1"])
+    bench_options.fill_defaults(args)
     rows = bench_sections.bench_loaders(cfg, torch.device("cpu"), args)
     assert [(r.status, r.batch_size) for r in rows] == [("ok", SYNTHETIC_SIZE[0])] * 2
 
@@ -432,11 +432,11 @@ class FailsAfterWarmup:
 def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch, tmp_path):
     """One broken CUDA path must not cost a GPU run the other loaders' figures: a loader
     failing mid-section (loaders) or at construction (epoch) is a failed row, the rest run."""
-    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256", "--epoch-images", "128", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
     device = bench_run.measured_device(args)
-    bench.fill_defaults(args)
+    bench_options.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))  # no numba JIT
     real = bench_sections.make_loader
     monkeypatch.setattr(bench_sections, "make_loader", lambda kind, *a, **k: (
@@ -469,11 +469,11 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
                                                                            tmp_path):
     """fp16 on a CPU cannot run here (skipped); out of memory or a failed compile in a step on
     a GPU is what the step grid is there to find (failed: the command exits 1)."""
-    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     device = bench_run.measured_device(args)
-    bench.fill_defaults(args)
+    bench_options.fill_defaults(args)
     base = replace(bench_run.base_config(args, device, 64, str(tmp_path)), loader="resident")
     refused = bench_sections.bench_step(replace(base, precision="fp16"), args)
     assert (refused.status, refused.images_per_s) == ("skipped", None)
@@ -491,11 +491,11 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
 def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypatch, tmp_path):
     """--batch-size 400 over 100 images steps on batches of 100: images/s counts those, not
     400 a step (a 4x overstatement, MFU with it), and the row says so."""
-    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--batch-size", "400", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     device = bench_run.measured_device(args)
-    bench.fill_defaults(args)
+    bench_options.fill_defaults(args)
     base = replace(bench_run.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
     assert row.status == "ok" and row.batch_size == 100
@@ -521,11 +521,11 @@ def test_failed_peer_epochs_count_as_a_failure():
 
 def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConfig:
     """The config a `--quick --device cpu` bench epoch trains, on the resident loader."""
-    args = bench.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
     device = bench_run.measured_device(args)
-    bench.fill_defaults(args)
+    bench_options.fill_defaults(args)
     return replace(bench_run.base_config(args, device, images, str(tmp_path)), loader="resident")
 
 

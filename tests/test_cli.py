@@ -320,8 +320,8 @@ def test_an_empty_data_dir_is_refused_not_read_as_the_current_folder(module, arg
     ("tools.report.parse_args", ["ckpt.pt", "--out", ""], "--out"),
     ("tools.export.parse_args", ["ckpt.pt", "--out", ""], "--out"),
     ("tools.predict.parse_args", ["ckpt.pt", "a.png", "--cam", ""], "--cam"),
-    ("tools.bench.parse_args", ["--json", ""], "--json"),
-    ("tools.bench.parse_args", ["--trace", ""], "--trace"),
+    ("tools.bench_options.parse_args", ["--json", ""], "--json"),
+    ("tools.bench_options.parse_args", ["--trace", ""], "--trace"),
 ])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(parse, args, option, capsys):
     """`--out ""` (an unset shell variable) was a timestamped run folder for training, and the

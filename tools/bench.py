@@ -9,180 +9,18 @@ the step's dtype, itself timed in the same run.
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import TypeVar
 
-from common.cli import CommandParser, error_line, interruptible_imports, path_option, run_main
-from common.compile_modes import COMPILE_MODES
-from common.errors import DataError
-from common.files import place_problem
-from common.hardware import available_cores
-from engine.config import PRECISIONS
-from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, data_dir_option
-from tools.options import add_device_option
-
-SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
-TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
-T = TypeVar("T")  # the value type of an argparse type below
-
-# Options left out: (on CUDA, on CPU, with --quick). The help text is made from this table.
-DEFAULTS: dict[str, tuple] = {
-    "images": (50_000, 50_000, 2_048),
-    "epoch_images": (50_000, 2_560, 256),
-    "epochs": (2, 2, 1),
-    "width": (64, 64, 16),
-    "batch_size": (512, 256, 64),
-    "batch_sizes": ([256, 1024], [128, 512], [32]),
-    "compile": (["off", "on"], ["off", "on"], ["off"]),
-    "compile_modes": (["reduce-overhead"], ["reduce-overhead"], []),
-    "warmup_steps": (3, 3, 1),
-    "steps": (20, 3, 2),
-    "repeats": (3, 3, 1),
-    "matmul_size": (8192, 2048, 1024),  # CUDA: large enough to fill an H100's tensor cores
-    "matmul_seconds": (1.0, 1.0, 0.3),
-    "peer_epoch_images": (50_000, 1_024, 256),
-    "peer_width": (64, 64, 16),
-    "profile_steps": (20, 3, 2),
-}
-
-
-def default_text(name: str) -> str:
-    """DEFAULTS[name] as help text: '512 on CUDA, 256 on CPU, quick 64'."""
-    def show(v) -> str:
-        return (",".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
-
-    cuda, cpu, quick = (show(v) for v in DEFAULTS[name])
-    both = cuda if cuda == cpu else f"{cuda} on CUDA, {cpu} on CPU"
-    return f"default: {both}, quick {quick}"
-
-
-def csv(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
-    """An argparse type: comma-separated values of `kind`."""
-    return lambda text: [kind(v) for v in text.split(",") if v]
-
-
-def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse type: a number of `kind` that is at least 1 (or above 0 for floats), and
-    finite (--matmul-seconds inf would time blocks forever)."""
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        if value == math.inf:
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: '1e3'"
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """bench's options; those left out stay None until fill_defaults."""
-    p = CommandParser(prog="python tools/bench.py", description=__doc__.splitlines()[0],
-                      epilog="Options left out take device-dependent defaults, smaller with "
-                             "--quick.")
-    add_device_option(p)
-    p.add_argument("--sections", type=csv(str), default=list(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    file = path_option("name the current directory")
-    p.add_argument("--json", type=file, help="also write every figure and the metadata here")
-    p.add_argument("--quick", action="store_true",
-                   help="small images counts and width 16, no compile: about 80 s on 2 cores")
-    p.add_argument("--data-dir", type=data_dir_option, default=Path("data"),
-                   help="where the synthetic data and its .beton files are kept (default: ./data)")
-    count, number = positive(int), positive(float)
-    for name, kind, help_text in (
-            ("images", count, "training images of the loaders section"),
-            ("epoch-images", count, "training images of the epoch section"),
-            ("epochs", count, "steady-state epochs after the warm-up one"),
-            ("width", count, "ResNet-18 width"),
-            ("batch-size", count, "batch size of every section"),
-            ("batch-sizes", csv(positive(int)), "more batch sizes for the step section, at "
-                                                 "the engine's defaults"),
-            ("compile", csv(str), "step section torch.compile settings (off,on)"),
-            ("compile-modes", csv(str), "torch.compile modes the step section also times at "
-                                        "--batch-size when it compiles, besides default"),
-            ("warmup-steps", count, "untimed steps first"),
-            ("steps", count, "timed steps per block"),
-            ("repeats", count, "timed blocks of steps and of matmuls; the fastest counts"),
-            ("matmul-size", count, "n of the peak n x n matmul"),
-            ("matmul-seconds", number, "time spent on each peak measurement"),
-            ("peer-epoch-images", count, "training images of the peers section's seed vs "
-                                         "default epochs"),
-            ("peer-width", count, "ResNet-18 width of the peers section's epochs"),
-            ("profile-steps", count, "training steps the profile section records, after "
-                                     "--warmup-steps")):
-        p.add_argument(f"--{name}", type=kind,
-                       help=f"{help_text} ({default_text(name.replace('-', '_'))})")
-    p.add_argument("--precisions", type=csv(str), default=["fp32", "bf16", "fp16"],
-                   help="step section precisions (default: fp32,bf16,fp16)")
-    p.add_argument("--formats", type=csv(str), default=["channels_last", "contiguous"],
-                   help="step section memory formats (default: channels_last,contiguous)")
-    p.add_argument("--trace", type=file, help="the profile section's gzipped Chrome trace "
-                                              "(default: beside --json, as NAME.trace.json.gz)")
-    p.add_argument("--workers", type=count, help="loader workers (default: cores available)")
-    p.add_argument("--threads", type=count, default=available_cores(),
-                   help="torch intra-op threads for the step, epoch and mfu sections "
-                        "(default: cores available)")
-    return p
-
-
-IMAGE_COUNTS = ("images", "epoch_images", "peer_epoch_images")  # synthetic training splits
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The command line, its values checked before any section runs."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    problems = [s for s in args.sections if s not in SECTIONS]
-    problems += [x for x in args.precisions if x not in PRECISIONS]
-    problems += [x for x in args.formats if x not in ("channels_last", "contiguous")]
-    problems += [x for x in args.compile or [] if x not in ("off", "on")]
-    problems += [x for x in args.compile_modes or [] if x not in COMPILE_MODES]
-    if problems:
-        p.error(f"unknown value(s) {', '.join(problems)}")
-    for name in ("sections", "precisions", "formats", "compile", "batch_sizes"):
-        if getattr(args, name) == []:
-            p.error(f"--{name.replace('_', '-')} needs at least one value")
-    few = [f"--{name.replace('_', '-')} {n}" for name in IMAGE_COUNTS
-           if (n := getattr(args, name)) is not None and n < len(SYNTHETIC_CLASSES)]
-    if few:  # else every row of their sections fails, in synthetic's words
-        p.error(f"{', '.join(few)}: the synthetic data needs at least {len(SYNTHETIC_CLASSES)} "
-                "training images, one per class")
-    for name in IMAGE_COUNTS:  # named as bench's options, not as engine/train.py's
-        if getattr(args, name) is not None:
-            try:
-                check_synthetic_memory(getattr(args, name), TEST_IMAGES,
-                                       f"--{name.replace('_', '-')}", str(getattr(args, name)))
-            except DataError as error:
-                p.error(str(error))
-    for option, path, name in (("--json", args.json, "bench.json"),
-                               ("--trace", args.trace, "bench.trace.json.gz")):
-        if path is not None and path.is_dir():
-            p.error(f"{option} {path} is a folder; name a file, e.g. {path / name}")
-    for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):
-        problem = place_problem(path, made) if path is not None else None
-        if problem:
-            p.error(f"{option} {path}: {problem}; name a file in a writable folder")
-    return args
-
-
-def fill_defaults(args: argparse.Namespace) -> None:
-    """Give the options left out their values for this device and mode."""
-    column = 2 if args.quick else 0 if args.device == "cuda" else 1
-    for name, values in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values[column])
+from common.cli import error_line, interruptible_imports, run_main
+from tools.bench_options import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Measure the chosen sections, print the tables and write --json; 1 when a row failed
     (its reason is in its table), so a script sees an incomplete run."""
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)  # first: --help and a refused option answer before torch loads
+    # first: --help and a refused option answer before torch loads
+    args = parse_args(argv, __doc__.splitlines()[0])
     with interruptible_imports():  # torch and the rest take seconds to import
         from tools.bench_run import run_bench
 

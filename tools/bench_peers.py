@@ -22,7 +22,7 @@ from loaders import beton
 from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.preparation import Prepared, prepare
-from tools.bench import TEST_IMAGES
+from tools.bench_options import TEST_IMAGES
 from tools.bench_sections import (
     MEASURE_ERRORS,
     build_loader,

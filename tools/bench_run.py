@@ -16,7 +16,7 @@ import torch
 
 from common.files import write_json
 from engine.config import TrainConfig, resolve
-from tools.bench import SECTIONS, TEST_IMAGES, fill_defaults
+from tools.bench_options import SECTIONS, TEST_IMAGES, fill_defaults
 from tools.bench_output import metadata, report
 from tools.bench_peers import bench_peers
 from tools.bench_profile import bench_profile

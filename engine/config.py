@@ -17,7 +17,13 @@ from common.cli import CommandParser, interruptible_imports, path_option
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
 from loaders import LOADERS
-from loaders.options import SYNTHETIC_SIZE, AugmentConfig, add_data_arguments, seed_problem
+from loaders.options import (
+    SYNTHETIC_SIZE,
+    AugmentConfig,
+    add_data_arguments,
+    seed_problem,
+    synthetic_size_problem,
+)
 
 # the names engine.model and engine.optimizers build from, here so options parse without torch
 ARCHS = ("resnet18",)
@@ -234,8 +240,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--compile-mode {cfg.compile_mode} compiles; drop --no-compile")
     if cfg.workers is not None and cfg.workers < 1:
         problems.append("--workers must be at least 1")
-    if min(cfg.synthetic_size) < 1:
-        problems.append("--synthetic-size needs positive sizes")
+    if problem := synthetic_size_problem(*cfg.synthetic_size):
+        problems.append(f"--synthetic-size {' '.join(map(str, cfg.synthetic_size))}: {problem}")
     return problems
 
 

@@ -18,7 +18,7 @@ from common.errors import DataError
 from common.files import usual_permissions
 from loaders import folders, synthetic
 from loaders.layouts import OWN_LAYOUT, ROW_SIZE
-from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory
+from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, synthetic_size_problem
 
 
 def synthetic_folder_name(n_train: int, n_test: int, seed: int) -> str:
@@ -85,9 +85,8 @@ def _write_splits(staging: Path, classes: list[str], train: dict[str, np.ndarray
 
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
-    if n_train < len(SYNTHETIC_CLASSES) or n_test < 1:
-        raise DataError(f"Synthetic data needs at least {len(SYNTHETIC_CLASSES)} training and "
-                        f"1 test image, got {n_train} and {n_test}.")
+    if problem := synthetic_size_problem(n_train, n_test):
+        raise DataError(f"--synthetic-size {n_train} {n_test}: {problem}.")
     # loading a written folder needs the memory all the same
     check_synthetic_memory(n_train, n_test, "--synthetic-size", f"{n_train} {n_test}")
     folder = data_dir / synthetic_folder_name(n_train, n_test, seed)

@@ -201,8 +201,8 @@ def test_sections_choose_what_runs(tmp_path):
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
     (["--compile-modes", "fast"], "unknown value(s) fast"),
     (["--precisions", "fp32,fp8"], "unknown value(s) fp8"),
-    (["--epoch-images", "1", "--images", "5"], "--images 5, --epoch-images 1: the synthetic "
-                                               "data needs at least 10 training images"),
+    (["--epoch-images", "1"], "--epoch-images 1: the synthetic data needs at least 10 "
+                              "training images, one per class"),
 ])
 def test_impossible_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -677,8 +677,11 @@ def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_
 
 
 def test_write_synthetic_refuses_too_few_images(tmp_path):
-    with pytest.raises(DataError, match="at least 10"):
+    with pytest.raises(DataError, match="--synthetic-size 9 5: .* at least 10 training images"):
         python_folder.write_synthetic(tmp_path, 9, 5)
+    with pytest.raises(DataError, match="and 1 test image"):
+        python_folder.write_synthetic(tmp_path, 10, 0)
+    assert not any(tmp_path.iterdir())
 
 
 def test_synthetic_boxes_hold_the_object(tmp_path):

@@ -64,6 +64,7 @@ ANSWERED_BEFORE_TORCH = [
     ("engine/train.py", ["--epochs", "0", "--out", "{tmp}/run"], 2),
     ("engine/train.py", ["--loader", "nope", "--out", "{tmp}/run"], 2),
     ("engine/train.py", ["--out", "{tmp}/run", "--preset"], 2),
+    ("engine/train.py", ["--synthetic-size", "9", "1", "--out", "{tmp}/run"], 2),
     ("loaders/prepare.py", ["--dataset", "nope", "--data-dir", "{tmp}/data"], 2),
     ("tools/report.py", ["x.pt", "-n", "0", "--out", "{tmp}/report"], 2),
     ("tools/report.py", ["x.pt", "--methods", "nope"], 2),

@@ -419,6 +419,8 @@ def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, t
     (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
     (["--seed", str(2**64)], "--seed must be in 0..4294967295"),
     (["--cutout", "40"], "--cutout in 0..32"),
+    (["--dataset", "synthetic", "--synthetic-size", "9", "100"], "--synthetic-size 9 100: the "
+     "synthetic data needs at least 10 training images, one per class, and 1 test image"),
 ])
 def test_impossible_values_are_refused_before_anything_is_written(option, message, tmp_path):
     """In one line (not argparse's whole usage first), exit 2, nothing written."""

@@ -15,7 +15,7 @@ from common.errors import DataError
 from common.files import place_problem
 from common.hardware import available_cores
 from engine.config import PRECISIONS
-from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, data_dir_option
+from loaders.options import check_synthetic_memory, data_dir_option, synthetic_size_problem
 from tools.options import add_device_option
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
@@ -141,16 +141,13 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
     for name in ("sections", "precisions", "formats", "compile", "batch_sizes"):
         if getattr(args, name) == []:
             p.error(f"--{name.replace('_', '-')} needs at least one value")
-    few = [f"--{name.replace('_', '-')} {n}" for name in IMAGE_COUNTS
-           if (n := getattr(args, name)) is not None and n < len(SYNTHETIC_CLASSES)]
-    if few:  # else every row of their sections fails, in synthetic's words
-        p.error(f"{', '.join(few)}: the synthetic data needs at least {len(SYNTHETIC_CLASSES)} "
-                "training images, one per class")
     for name in IMAGE_COUNTS:  # named as bench's options, not as engine/train.py's
-        if getattr(args, name) is not None:
+        if (n := getattr(args, name)) is not None:
+            option = f"--{name.replace('_', '-')}"
+            if problem := synthetic_size_problem(n, TEST_IMAGES):  # else all its rows fail
+                p.error(f"{option} {n}: {problem}")
             try:
-                check_synthetic_memory(getattr(args, name), TEST_IMAGES,
-                                       f"--{name.replace('_', '-')}", str(getattr(args, name)))
+                check_synthetic_memory(n, TEST_IMAGES, option, str(n))
             except DataError as error:
                 p.error(str(error))
     for option, path, name in (("--json", args.json, "bench.json"),

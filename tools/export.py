@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         from tools.export_model import export
 
     def body() -> None:
-        out, check = export(args.checkpoint, args.format, args.out, args.data_dir)
+        out, check = export(args.checkpoint, args.format, args.out, args.data_dir,
+                            warn=lambda note: print(note, file=sys.stderr))
         print(check)
         print(f"wrote {out}")
 

@@ -3,8 +3,8 @@ renamed into place (tools/export.py is its command line)."""
 
 from __future__ import annotations
 
-import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,16 +49,18 @@ def check_out(out: Path, source: Path, default: Path) -> None:
                       f"--out (the default is {default}).")
 
 
-def check_images(ckpt: dict, path: Path, data_dir: Path | None) -> tuple[np.ndarray, str]:
-    """Images for the check and what they are: test images, or noise when those are gone."""
+def check_images(ckpt: dict, path: Path, data_dir: Path | None,
+                 warn: Callable[[str], None]) -> tuple[np.ndarray, str]:
+    """Images for the check and what they are: test images, or noise (`warn` says so) when
+    those are gone."""
     try:
         test = locate_test_data(ckpt, path, data_dir)
         return beton.read(test).images[:CHECK_IMAGES], f"{test}"
     except EngineError as error:
         if data_dir is not None:  # asked for explicitly: its failure is the user's to fix
             raise
-        print(f"note: no test data to check with ({error}) Checking on {CHECK_IMAGES} uniform "
-              "noise images instead.", file=sys.stderr)
+        warn(f"note: no test data to check with ({error}) Checking on {CHECK_IMAGES} uniform "
+             "noise images instead.")
         noise = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, 32, 32, 3), np.uint8)
         return noise, "uniform noise"
 
@@ -89,16 +91,18 @@ def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
     return line
 
 
-def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None) -> tuple[Path, str]:
+def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,
+           warn: Callable[[str], None]) -> tuple[Path, str]:
     """Write the model of checkpoint `path` in `fmt` to `out` (default: beside it) once it
-    agrees with the checkpoint's own model; the file written and how well it agrees."""
+    agrees with the checkpoint's own model; the file written and how well it agrees. `warn`
+    hears of a fallback as it happens (the export takes seconds more)."""
     ckpt = checkpoint.load(path)  # first: a folder ('.', '/') has no file name
     default = path.with_suffix(SUFFIX[fmt])
     out = out or default
     check_out(out, path, default)
     require(fmt)
     model = checkpoint.model_from(ckpt, path)
-    images, what = check_images(ckpt, path, data_dir)
+    images, what = check_images(ckpt, path, data_dir, warn)
     ref = reference_logits(ckpt, model, images)
     if not np.isfinite(ref).all():  # nothing to compare an export with
         raise ExportError(f"{path}'s model gives NaN or infinite logits; its weights are broken "

@@ -73,6 +73,7 @@ def exported(request, run_dir, tmp_path_factory) -> tuple[subprocess.CompletedPr
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:FutureWarning")  # loading is the point here
 @pytest.mark.parametrize("exported", ["onnx", "torchscript", "safetensors"], indirect=True)
 def test_export_runs_like_the_checkpoint(exported, ckpt, test_images):
     result, out = exported

@@ -1,8 +1,8 @@
 """Guards around FFCV 1.0.2: its import resets torch's thread count, spends seconds in a JIT
 compile it does not need and, on one core, starts numba threads that hang the process at exit;
 more workers than numba may start is a numba traceback; a failure in its pipeline thread leaves
-the consumer waiting forever, and so does a dead DatasetWriter worker. All are put right here,
-on demand."""
+the consumer waiting forever, and so does a dead DatasetWriter worker; a process that ends while
+that thread compiles crashes. All are put right here, on demand."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -24,6 +24,7 @@ from common.errors import DataError, LoaderError
 from common.hardware import available_cores
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
+STOP_POLL = 0.5  # seconds between looks at a stopping FFCV epoch thread (its own put timeout)
 
 
 @contextmanager
@@ -106,12 +107,38 @@ def install_failure_hook() -> None:
     threading.excepthook = hook
 
 
+def _stop(epoch: threading.Thread) -> None:
+    """Stop an FFCV EpochIterator left early and wait until its thread has ended.
+
+    On a Loader's first epoch that thread compiles the pipeline with numba, in LLVM calls that
+    release the GIL; a process ending meanwhile (Ctrl-C, an error) tore LLVM down under it, a
+    segfault or an LLVM assertion instead of the command's own exit (benchmarks/results/
+    ffcv-stop-during-jit-cpu-2core.log). The wait lasts at most the rest of that compile and
+    one batch; signals are held for it, so a second Ctrl-C cannot cut it short.
+    """
+    epoch.iter_ixes = iter(())  # FFCV 1.0.2's batches still to make: none after this one
+    epoch.close()  # FFCV's own: its thread returns at its next put into a full queue
+    with stop_signals_held():
+        while epoch.is_alive():
+            epoch.join(STOP_POLL)
+            # room for its last put, the end-of-epoch None, which waits without looking
+            with suppress(queue.Empty):
+                while True:
+                    epoch.output_queue.get_nowait()
+
+
 def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
-    """Iterate an FFCV Loader, raising LoaderError when its pipeline thread fails."""
+    """Iterate an FFCV Loader, raising LoaderError when its pipeline thread fails; an
+    iteration left early (Ctrl-C, an error, a break) stops that thread before going on."""
     install_failure_hook()
     with torch_threads_kept():  # each epoch's iter() sets torch's threads to its workers
         epoch = iter(loader)
-    yield from epoch
+    try:
+        yield from epoch
+    finally:
+        # not while the interpreter shuts down: the thread could never take the GIL again
+        if epoch.is_alive() and not sys.is_finalizing():
+            _stop(epoch)
     failure = getattr(epoch, "failure", None)
     if failure is not None:
         raise LoaderError(f"FFCV's pipeline failed while reading {loader.reader.file_name}: "

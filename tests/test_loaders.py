@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,19 @@ def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
     assert result.returncode == 0, result.stderr
     assert "ValueError: boom in the pipeline" in result.stdout
     assert str(prepared.test) in result.stdout
+
+
+def test_an_ffcv_epoch_left_early_ends_its_pipeline_thread_first(make):
+    """A Ctrl-C or an error mid-epoch (here: close) waits for FFCV's pipeline thread to end. On
+    a first epoch it compiles in LLVM without the GIL, and a process that ended meanwhile
+    crashed under it, a segfault or an LLVM assertion instead of the command's own exit."""
+    before = set(threading.enumerate())
+    batches = iter(make("ffcv", True, copy=1))  # a new Loader: its first epoch compiles
+    next(batches)
+    (pipeline,) = set(threading.enumerate()) - before  # FFCV's EpochIterator
+    assert pipeline.is_alive()  # producing the batches ahead, or waiting for room for them
+    batches.close()
+    assert not pipeline.is_alive()
 
 
 def test_an_ffcv_epoch_leaves_torchs_threads_as_they_were(make):

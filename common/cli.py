@@ -148,7 +148,7 @@ def interruptible_imports() -> Iterator[None]:
         sys.exit(INTERRUPTED)
 
 
-def _exit_at_once_on_ctrl_c() -> None:
+def exit_at_once_on_ctrl_c() -> None:
     """At exit, Ctrl-C ends the process at once, silently: torch's own teardown takes seconds,
     even after a bare `import torch`, and a Ctrl-C in it printed an 'Exception ignored in
     atexit callback' traceback. Registered last, this runs first; the command's
@@ -187,7 +187,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
         sys.unraisablehook = _quiet_lost_stop(hook)
-        for callback in (gc.freeze, _exit_at_once_on_ctrl_c):  # once, however often it runs
+        for callback in (gc.freeze, exit_at_once_on_ctrl_c):  # once, however often it runs
             atexit.unregister(callback)
             atexit.register(callback)
     try:

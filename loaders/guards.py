@@ -6,6 +6,7 @@ that thread compiles crashes. All are put right here, on demand."""
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.queues
@@ -15,16 +16,16 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import torch
 
-from common.cli import STOP_SIGNALS, stop_signals_held
+from common.cli import STOP_SIGNALS, exit_at_once_on_ctrl_c, stop_signals_held
 from common.errors import DataError, LoaderError
 from common.hardware import available_cores
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
-STOP_POLL = 0.5  # seconds between looks at a stopping FFCV epoch thread (its own put timeout)
+LLVM_EXIT_WAIT = 30.0  # seconds an exit waits for another thread's LLVM call (one call: less)
 
 
 @contextmanager
@@ -107,38 +108,33 @@ def install_failure_hook() -> None:
     threading.excepthook = hook
 
 
-def _stop(epoch: threading.Thread) -> None:
-    """Stop an FFCV EpochIterator left early and wait until its thread has ended.
+def _hold_llvm() -> None:
+    """At exit: take llvmlite's lock, which every LLVM call takes, and keep it.
 
-    On a Loader's first epoch that thread compiles the pipeline with numba, in LLVM calls that
-    release the GIL; a process ending meanwhile (Ctrl-C, an error) tore LLVM down under it, a
-    segfault or an LLVM assertion instead of the command's own exit (benchmarks/results/
-    ffcv-stop-during-jit-cpu-2core.log). The wait lasts at most the rest of that compile and
-    one batch; signals are held for it, so a second Ctrl-C cannot cut it short.
+    An FFCV pipeline thread still compiling its Loader's first epoch (left by a Ctrl-C or an
+    error) then stops at its next LLVM call; it went on in LLVM, without the GIL, while the
+    process tore LLVM down: a segfault or an LLVM assertion instead of the command's own exit
+    (benchmarks/results/ffcv-stop-during-jit-cpu-2core.log). The exit waits for the call in
+    progress only, and not at all for a lock this thread holds (it is reentrant).
     """
-    epoch.iter_ixes = iter(())  # FFCV 1.0.2's batches still to make: none after this one
-    epoch.close()  # FFCV's own: its thread returns at its next put into a full queue
-    with stop_signals_held():
-        while epoch.is_alive():
-            epoch.join(STOP_POLL)
-            # room for its last put, the end-of-epoch None, which waits without looking
-            with suppress(queue.Empty):
-                while True:
-                    epoch.output_queue.get_nowait()
+    from llvmlite.binding import ffi
+
+    exit_at_once_on_ctrl_c()  # the process is leaving: a Ctrl-C meanwhile ends it silently
+    ffi.lib._lock._lock.acquire(timeout=LLVM_EXIT_WAIT)  # the RLock, without numba's event hooks
 
 
 def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
-    """Iterate an FFCV Loader, raising LoaderError when its pipeline thread fails; an
-    iteration left early (Ctrl-C, an error, a break) stops that thread before going on."""
+    """Iterate an FFCV Loader, raising LoaderError when its pipeline thread fails; an epoch
+    left early (Ctrl-C, an error, a break) tells that thread to stop."""
     install_failure_hook()
+    atexit.unregister(_hold_llvm)  # once, and before the exit callbacks registered earlier
+    atexit.register(_hold_llvm)
     with torch_threads_kept():  # each epoch's iter() sets torch's threads to its workers
         epoch = iter(loader)
     try:
         yield from epoch
     finally:
-        # not while the interpreter shuts down: the thread could never take the GIL again
-        if epoch.is_alive() and not sys.is_finalizing():
-            _stop(epoch)
+        epoch.close()  # FFCV's own: its thread returns at its next put into a full queue
     failure = getattr(epoch, "failure", None)
     if failure is not None:
         raise LoaderError(f"FFCV's pipeline failed while reading {loader.reader.file_name}: "

@@ -326,17 +326,52 @@ def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
     assert str(prepared.test) in result.stdout
 
 
-def test_an_ffcv_epoch_left_early_ends_its_pipeline_thread_first(make):
-    """A Ctrl-C or an error mid-epoch (here: close) waits for FFCV's pipeline thread to end. On
-    a first epoch it compiles in LLVM without the GIL, and a process that ended meanwhile
-    crashed under it, a segfault or an LLVM assertion instead of the command's own exit."""
+def test_an_ffcv_epoch_left_early_tells_its_pipeline_thread_to_stop(make):
+    """A Ctrl-C, an error or a break mid-epoch (here: close) stops FFCV's pipeline thread,
+    which otherwise stayed alive for the rest of the process."""
     before = set(threading.enumerate())
-    batches = iter(make("ffcv", True, copy=1))  # a new Loader: its first epoch compiles
+    batches = iter(make("ffcv", True, copy=1))
     next(batches)
     (pipeline,) = set(threading.enumerate()) - before  # FFCV's EpochIterator
     assert pipeline.is_alive()  # producing the batches ahead, or waiting for room for them
     batches.close()
+    pipeline.join(timeout=60)
     assert not pipeline.is_alive()
+
+
+EXIT_AFTER_AN_EPOCH_LEFT_EARLY = """
+import atexit, sys, threading
+from llvmlite.binding import ffi
+import loaders
+from loaders.options import AugmentConfig
+
+def at_exit():  # registered first, so it runs after the guard's callback
+    taken = []
+    other = threading.Thread(target=lambda: taken.append(ffi.lib._lock._lock.acquire(timeout=1)))
+    other.start()
+    other.join()
+    print("another thread can call LLVM at exit:", taken[0])
+
+atexit.register(at_exit)
+loader = loaders.make_loader("ffcv", sys.argv[1], train=True, batch_size=64, device="cpu",
+                             mean=[0.5] * 3, std=[0.25] * 3, augment=AugmentConfig(), seed=0,
+                             workers=1)
+next(iter(loader))
+sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_at_exit_no_other_thread_can_enter_llvm(prepared):
+    """A process that leaves while FFCV's thread still compiles its first epoch's pipeline
+    (Ctrl-C, an error) crashed: the thread went on in LLVM while the process tore LLVM down, a
+    segfault or an LLVM assertion (benchmarks/results/ffcv-stop-during-jit-cpu-2core.log, 10
+    of 20 Ctrl-Cs). At exit the guard holds llvmlite's lock, which every LLVM call takes."""
+    result = subprocess.run([sys.executable, "-c", EXIT_AFTER_AN_EPOCH_LEFT_EARLY,
+                             str(prepared.train)], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "another thread can call LLVM at exit: False"
 
 
 def test_an_ffcv_epoch_leaves_torchs_threads_as_they_were(make):

@@ -365,7 +365,7 @@ sys.exit(3)
 def test_at_exit_no_other_thread_can_enter_llvm(prepared):
     """A process that leaves while FFCV's thread still compiles its first epoch's pipeline
     (Ctrl-C, an error) crashed: the thread went on in LLVM while the process tore LLVM down, a
-    segfault or an LLVM assertion (benchmarks/results/ffcv-stop-during-jit-cpu-2core.log, 10
+    segfault or an LLVM assertion (benchmarks/results/ffcv-stop-during-jit-cpu-2core.log: 13
     of 20 Ctrl-Cs). At exit the guard holds llvmlite's lock, which every LLVM call takes."""
     result = subprocess.run([sys.executable, "-c", EXIT_AFTER_AN_EPOCH_LEFT_EARLY,
                              str(prepared.train)], capture_output=True, text=True, timeout=120,

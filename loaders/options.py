@@ -16,14 +16,6 @@ SYNTHETIC_SIZE = (50_000, 10_000)  # training and test images: CIFAR-10's, which
 SYNTHETIC_CLASSES = ["disc", "ring", "square", "frame", "plus", "cross", "hbars", "vbars",
                      "triangle", "diamond"]  # one shape per class (loaders/synthetic.py)
 
-def synthetic_size_problem(n_train: int, n_test: int) -> str | None:
-    """Why no synthetic split of these sizes can be made (each class needs a training image),
-    or None."""
-    if n_train >= len(SYNTHETIC_CLASSES) and n_test >= 1:
-        return None
-    return (f"the synthetic data needs at least {len(SYNTHETIC_CLASSES)} training images, one "
-            "per class, and 1 test image")
-
 
 def seed_problem(seed: int) -> str | None:
     """Why --seed cannot seed the data and the run (numpy's and torch's generators both take
@@ -61,6 +53,15 @@ class AugmentConfig:
         if not 0 <= self.translate <= 16 or not 0 <= self.cutout <= 32:
             raise ValueError(f"--translate must be in 0..16 and --cutout in 0..32, got "
                              f"{self.translate} and {self.cutout}")
+
+
+def synthetic_size_problem(n_train: int, n_test: int) -> str | None:
+    """Why no synthetic split of these sizes can be made (each class needs a training image),
+    or None."""
+    if n_train >= len(SYNTHETIC_CLASSES) and n_test >= 1:
+        return None
+    return (f"the synthetic data needs at least {len(SYNTHETIC_CLASSES)} training images, one "
+            "per class, and 1 test image")
 
 
 def check_synthetic_memory(n_train: int, n_test: int, option: str, given: str) -> None:

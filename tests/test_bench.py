@@ -22,6 +22,7 @@ from common.errors import LoaderError
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
 from tools import bench, bench_options, bench_peers, bench_run, bench_sections
+from tools.bench_output import NAME_WIDTH, shortened
 from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
 
@@ -174,6 +175,14 @@ def test_quick_run_profiles_training_steps_and_writes_their_trace(quick):
         events = json.load(trace)["traceEvents"]
     # exactly the profiled steps: ResNet-18 runs 20 convolutions forward per step
     assert sum(e.get("name") == "aten::convolution" for e in events) == 2 * 20
+
+
+def test_the_profile_table_cuts_long_kernel_names():
+    """cuDNN's templated kernel names run to 1,600 characters: the first H200 profile table
+    padded every row to that width. The JSON keeps the whole name."""
+    long = "_ZN17cutlass__5x_cudnn6KernelINS_4conv6kernel" + "x" * 1600
+    assert shortened(long) == long[:NAME_WIDTH - 3] + "..." and len(shortened(long)) == NAME_WIDTH
+    assert shortened("aten::convolution_backward") == "aten::convolution_backward"
 
 
 @pytest.mark.slow

@@ -277,3 +277,5 @@ def test_bench_quick_on_cuda(tmp_path):
     assert bench["mfu"]["rows"] and all(0 < row["mfu"] < 1 for row in bench["mfu"]["rows"])
     profile = bench["profile"]  # ranked by the kernels' time on the GPU
     assert profile["sort_by"] == "self_device_ms" and profile["ops"][0]["self_device_ms"] > 0
+    names = [op["name"] for op in profile["ops"]]  # ops, not also their kernels by the same name
+    assert len(set(names)) == len(names), names

@@ -180,6 +180,28 @@ def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tm
     assert [c["status"] for c in suite.done[0]["commands"]] == ["exit 1", "ok"]
 
 
+def test_a_test_steps_failure_is_printed_before_its_next_test_runs(tmp_path):
+    """A test step killed at its limit never reaches pytest's end-of-run report: on the first
+    H200 run a resume test's failure was lost so. The steps load tests.failures_at_once."""
+    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {}, [])
+    argv = gpu_suite.pytest_step(suite, "tests-quick", "gpu")[0][1]
+    assert argv[argv.index("tests.failures_at_once") - 1] == "-p"
+    (tmp_path / "test_two.py").write_text(
+        "def test_fails():\n    assert 1 == 2, 'the first test fails'\n\n\n"
+        "def test_after():\n    pass\n")
+
+    def pytest_output(*options: str) -> str:
+        return subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                               *options, "test_two.py"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              ).stdout
+
+    at_once = pytest_output("-p", "tests.failures_at_once")
+    assert at_once.index("the first test fails") < at_once.index("test_after PASSED")
+    at_end = pytest_output()
+    assert at_end.index("the first test fails") > at_end.index("test_after PASSED")
+
+
 def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
     """run_command's timeout ends the command's whole process group: a child it started
     (a DataLoader worker, a compile worker) does not live on to hold the GPU."""

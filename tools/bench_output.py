@@ -25,6 +25,7 @@ COLUMNS = {name: [f.name for f in fields(cls)] for name, cls in
 COLUMNS["peers"] = [f.name for f in fields(PeerResult)]
 COLUMNS["seed"] = [f.name for f in fields(SeedEpochResult)]
 COLUMNS["mfu"] = ["source", "config", "images_per_s", "achieved_TFLOP/s", "peak_TFLOP/s", "mfu"]
+NAME_WIDTH = 100  # the profile table's op names, cut to this (its JSON keeps them whole)
 
 
 def commit() -> str:
@@ -68,6 +69,12 @@ def number(value: object) -> str:
     return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def shortened(name: str, width: int = NAME_WIDTH) -> str:
+    """A name cut to `width` characters for a table (a cuDNN kernel's runs to 1,600); the
+    JSON keeps it whole."""
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
 def table(title: str, rows: list[dict], columns: list[str]) -> str:
     """A fixed-width text table of the given keys of rows."""
     cells = [columns] + [[number(row.get(c, "")) for c in columns] for row in rows]
@@ -109,7 +116,8 @@ def report(results: dict) -> str:
                            f"{r.loader} loader, {r.precision} "
                            f"{compile_text(r.compile)} batch {r.batch_size}, "
                            f"width {r.width}; ops by {r.sort_by}",
-                           r.ops, ["name", "calls", r.sort_by, where]))
+                           [{**op, "name": shortened(op["name"])} for op in r.ops],
+                           ["name", "calls", r.sort_by, where]))
         if r.trace:
             parts.append(f"trace: {r.trace}")
     return "\n".join(parts)

@@ -12,6 +12,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from common.files import atomic_write
@@ -53,10 +54,13 @@ def write_trace(prof: profile, path: Path) -> None:
 
 
 def top_ops(prof: profile, device: bool) -> tuple[str, list[dict]]:
-    """(ranking column, the TOP ops by self time on the device, or on the host on CPU)."""
+    """(ranking column, the TOP ops by self time on the device, or on the host on CPU).
+
+    Ops only: each kernel is also an event of its own, which would list a kernel that an op
+    launched alone (every Triton kernel, by the same name) twice."""
     where = "device" if device else "cpu"
-    ranked = sorted(prof.key_averages(), reverse=True,
-                    key=lambda e: getattr(e, f"self_{where}_time_total"))
+    ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    ranked = sorted(ops, reverse=True, key=lambda e: getattr(e, f"self_{where}_time_total"))
     return f"self_{where}_ms", [
         dict(name=e.key, calls=e.count,
              **{f"self_{where}_ms": getattr(e, f"self_{where}_time_total") / 1e3,

@@ -45,9 +45,10 @@ STEPS = ("tests-quick", "train", "bench-peers", "bench-epoch", "tests-e2e", "tra
 GROUPS = {"all": STEPS, "tests": ("tests-quick", "tests-e2e"),
           "bench": ("bench-peers", "bench-epoch", "bench-step")}
 STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
-# the first steps' own limits (guesses until a GPU run times them): a hang in the quick tests,
-# or a step slower than thought, leaves the next steps of a 9-minute lease their turn
-LIMITS = {"tests-quick": 180, "train": 240, "bench-peers": 180, "bench-epoch": 240}
+# the first steps' own limits, in whole minutes at 1.6x or more of their times on the first H200
+# run (52, 106, 97 and 111 s: benchmarks/results/h200-2026-12-04/): a hang in the quick tests,
+# or a step slower on another GPU, leaves the next steps of a 9-minute lease their turn
+LIMITS = {"tests-quick": 120, "train": 180, "bench-peers": 180, "bench-epoch": 180}
 START_MIN_S = 30  # a command is not started with less of the budget left
 RESERVE_S = 10  # of the budget, kept for the summary and the last bundle
 STOP_WAIT_S = 30  # a command Ctrl-C reached gets this long to save and stop
@@ -106,8 +107,10 @@ GPU_TESTS = ("test_gpu.py", "test_predict.py")
 
 def pytest_step(s: Suite, name: str, marks: str) -> Commands:
     """pytest on the tests of `marks` in GPU_TESTS (skipped, not run, in a dry run on the
-    CPU); verbose, so a command killed at its limit still shows which tests passed."""
+    CPU); verbose, and each failure's traceback printed when it fails, so a command killed at
+    its limit still shows which tests passed and why the others failed."""
     return [(name, [s.python, "-m", "pytest", "-v", "-m", marks, "-p", "no:cacheprovider",
+                    "-p", "tests.failures_at_once",
                     "--durations", "0", "--junitxml", str(s.results / f"{name}.xml"),
                     *(str(ROOT / "tests" / f) for f in GPU_TESTS)])]
 

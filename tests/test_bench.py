@@ -18,6 +18,7 @@ from conftest import ROOT, SYNTHETIC_SIZE, run_script
 from torch import nn
 
 import engine.run
+import loaders
 from common.errors import LoaderError
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
@@ -230,20 +231,38 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert "Traceback" not in err and not json.exists()
 
 
-@pytest.mark.parametrize("device, quick, modes", [("cuda", False, ["reduce-overhead"]),
+@pytest.mark.parametrize("device, quick, modes", [("cuda", False, ["default"]),
                                                   ("cpu", False, []), ("cuda", True, [])])
 def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compiles(
         device, quick, modes):
-    """CUDA's defaults compile, so reduce-overhead (CUDA graphs) is also timed at the base
-    configuration; the CPU's and --quick's do not, and time no compile mode either."""
+    """CUDA's defaults compile with CUDA graphs (reduce-overhead), so the default mode is also
+    timed at the base configuration: the change's before and after in one run. The CPU's and
+    --quick's defaults do not compile, and time no compile mode either."""
     args = bench_options.parse_args(["--quick"] if quick else [])
     args.device = device  # the configurations are only listed here: no GPU is needed
     bench_options.fill_defaults(args)
     base = bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
     configs = bench_sections.step_configs(base, args)
-    assert [c.compile_mode for c in configs] == ["default"] * (len(configs) - len(modes)) + modes
+    grid = [base.compile_mode] * (len(configs) - len(modes))
+    assert [c.compile_mode for c in configs] == grid + modes
     for cfg in configs[len(configs) - len(modes):]:
         assert cfg == replace(base, compile=True, compile_mode=cfg.compile_mode)
+
+
+@pytest.mark.parametrize("device, quick, extra", [("cuda", False, [("resident", "default")]),
+                                                  ("cpu", False, []), ("cuda", True, [])])
+def test_the_epoch_section_times_the_default_loader_in_the_other_compile_modes(device, quick,
+                                                                              extra):
+    """On CUDA each loader's epoch runs on CUDA graphs, the engine's mode, and the default
+    loader's again in the default mode: the first H200 run's configuration, in the same run."""
+    args = bench_options.parse_args(["--quick"] if quick else [])
+    args.device = device
+    bench_options.fill_defaults(args)
+    base = bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
+    configs = bench_sections.epoch_configs(base, args)
+    assert [(c.loader, c.compile_mode) for c in configs] == (
+        [(kind, base.compile_mode) for kind in loaders.LOADERS] + extra)
+    assert base.compile_mode == ("reduce-overhead" if extra else "default")
 
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])

@@ -68,6 +68,20 @@ def test_a_compile_mode_compiles_and_may_change_on_resume():
     assert (again.compile, again.compile_mode, validate(again)) == (False, "default", [])
 
 
+@pytest.mark.parametrize("argv, cuda, want", [
+    ([], True, (True, "reduce-overhead")),  # CUDA's default: compiled, on CUDA graphs
+    ([], False, (False, "default")),  # the CPU compiles only when asked
+    (["--compile"], False, (True, "default")),  # and then in the default mode
+    (["--compile-mode", "default"], True, (True, "default")),  # the mode before CUDA graphs
+    (["--no-compile"], True, (False, "default")),
+])
+def test_cuda_compiles_on_cuda_graphs_unless_told_otherwise(argv, cuda, want):
+    """The first H200 profile left the default mode's GPU idle for most of each step: CUDA's
+    default is now reduce-overhead; config.json records the mode that ran."""
+    cfg = resolve(parse(argv).cfg, cuda=cuda)
+    assert (cfg.compile, cfg.compile_mode) == want and validate(cfg) == []
+
+
 @pytest.mark.slow
 def test_the_compile_mode_reaches_inductor(prepared, tmp_path):
     """A real compile (under a minute on 2 cores): reduce-overhead asks inductor for CUDA graphs,

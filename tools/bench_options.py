@@ -31,7 +31,7 @@ DEFAULTS: dict[str, tuple] = {
     "batch_size": (512, 256, 64),
     "batch_sizes": ([256, 1024], [128, 512], [32]),
     "compile": (["off", "on"], ["off", "on"], ["off"]),
-    "compile_modes": (["reduce-overhead"], ["reduce-overhead"], []),
+    "compile_modes": (["default", "reduce-overhead"], ["default", "reduce-overhead"], []),
     "warmup_steps": (3, 3, 1),
     "steps": (20, 3, 2),
     "repeats": (3, 3, 1),
@@ -96,8 +96,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
             ("batch-sizes", csv(positive(int)), "more batch sizes for the step section, at "
                                                  "the engine's defaults"),
             ("compile", csv(str), "step section torch.compile settings (off,on)"),
-            ("compile-modes", csv(str), "torch.compile modes the step section also times at "
-                                        "--batch-size when it compiles, besides default"),
+            ("compile-modes", csv(str), "torch.compile modes the step and epoch sections "
+                                        "also time at the engine's defaults when those "
+                                        "compile, besides the engine's own"),
             ("warmup-steps", count, "untimed steps first"),
             ("steps", count, "timed steps per block"),
             ("repeats", count, "timed blocks of steps and of matmuls; the fastest counts"),

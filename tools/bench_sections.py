@@ -81,6 +81,7 @@ class EpochResult:
     compile: bool
     batch_size: int
     width: int
+    compile_mode: str = "default"
     status: str = "ok"  # "failed": see reason (the other loaders' epochs run all the same)
     reason: str = ""
     images: int | None = None  # per epoch
@@ -246,7 +247,8 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     """Full training epochs with cfg's loader (a warm-up epoch, then steady-state ones), then
     as many images as steps on one of its batches, to tell the loader's cost apart: as many
     times as steady epochs, the fastest of each set against the other."""
-    r = EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width)
+    r = EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
+                    cfg.compile_mode)
     try:
         start = time.perf_counter()
         run = make_run(cfg, threads)
@@ -268,19 +270,27 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     return r
 
 
+def epoch_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConfig]:
+    """Each loader at the engine's defaults for the device, then, where those compile (CUDA),
+    the default loader in the other --compile-modes: the engine's mode against the others."""
+    others = [m for m in args.compile_modes if m != base.compile_mode] if base.compile else []
+    return ([replace(base, loader=kind) for kind in LOADERS]
+            + [replace(base, compile_mode=mode) for mode in others])
+
+
 def bench_epochs(base: TrainConfig, args: argparse.Namespace,
                  partial: Callable[[list], object]) -> list[EpochResult]:
-    """A full training epoch with each loader, at the engine's defaults for the device;
-    partial gets the rows so far after each."""
+    """A full training epoch of each of epoch_configs; partial gets the rows so far after
+    each."""
     results = []
-    for kind in LOADERS:
-        results.append(bench_epoch(replace(base, loader=kind), args.epochs, args.threads))
+    for cfg in epoch_configs(base, args):
+        results.append(bench_epoch(cfg, args.epochs, args.threads))
         partial(results)
         r = results[-1]
-        log(f"epoch: {kind} " + (f"{r.images_per_s:,.1f} images/s, data wait "
-                                 f"{r.data_wait_share:.1%}, loader overhead "
-                                 f"{r.loader_overhead_share:.1%}" if r.status == "ok"
-                                 else f"{r.status}, {r.reason}"))
+        log(f"epoch: {r.loader} {compile_text(r.compile, r.compile_mode)} "
+            + (f"{r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%}, loader "
+               f"overhead {r.loader_overhead_share:.1%}" if r.status == "ok"
+               else f"{r.status}, {r.reason}"))
         release()
     return results
 
@@ -303,7 +313,7 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
                  precision=r.precision, images_per_s=r.images_per_s)
             for r in results.get("step", []) if r.status == "ok"]
     rows += [dict(source="epoch", config=f"{r.loader} loader, {r.precision} "
-                  f"{compile_text(r.compile)} batch {r.batch_size}",
+                  f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}",
                   precision=r.precision, images_per_s=r.images_per_s)
              for r in results.get("epoch", []) if r.status == "ok"]
     # the peers' timed training epochs, each with the FLOPs counted on its own model

@@ -63,6 +63,10 @@ def test_dry_run_bench_steps_and_tests_leave_their_results(gpu_suite_dry_run):
     results = gpu_suite_dry_run.results
     for name in ("tests-quick", "tests-e2e"):
         assert "testsuite" in (results / f"{name}.xml").read_text()
+        # each test's time on its line, as it ends: the first H200 run's cut step left none
+        lines = [line for line in (results / f"{name}.log").read_text().splitlines()
+                 if "tests/test_gpu.py::" in line]
+        assert lines and all(re.search(r"\d(\.\d+)?(us|ms|s)$", line) for line in lines), lines
     for name, sections in (("bench-epoch", ["loaders", "epoch", "mfu", "profile"]),
                            ("bench-peers", ["peers", "mfu"]), ("bench-step", ["step", "mfu"])):
         report = json.loads((results / f"{name}.json").read_text())

@@ -107,10 +107,11 @@ GPU_TESTS = ("test_gpu.py", "test_predict.py")
 
 def pytest_step(s: Suite, name: str, marks: str) -> Commands:
     """pytest on the tests of `marks` in GPU_TESTS (skipped, not run, in a dry run on the
-    CPU); verbose, and each failure's traceback printed when it fails, so a command killed at
-    its limit still shows which tests passed and why the others failed."""
+    CPU); verbose, with each test's seconds on its line and each failure's traceback printed
+    when it fails, so a command killed at its limit still shows which tests passed, how long
+    each took, and why the others failed."""
     return [(name, [s.python, "-m", "pytest", "-v", "-m", marks, "-p", "no:cacheprovider",
-                    "-p", "tests.failures_at_once",
+                    "-p", "tests.failures_at_once", "-o", "console_output_style=times",
                     "--durations", "0", "--junitxml", str(s.results / f"{name}.xml"),
                     *(str(ROOT / "tests" / f) for f in GPU_TESTS)])]
 

@@ -106,6 +106,12 @@ def path_option(what: str) -> Callable[[str], Path]:
     return parse
 
 
+def option_name(dest: str) -> str:
+    """The command-line option an argparse dest comes from, for messages: batch_size ->
+    --batch-size."""
+    return f"--{dest.replace('_', '-')}"
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors are one line, 'prog: error: ...; see --help', not
     the whole usage first (engine/train.py's alone is two dozen lines above the one that

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, path_option
+from common.cli import CommandParser, interruptible_imports, option_name, path_option
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
 from loaders import LOADERS
@@ -220,7 +220,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     problems = []
     for name in ("epochs", "batch_size", "width"):
         if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+            problems.append(f"{option_name(name)} must be at least 1")
     if cfg.lr != "auto" and not (isinstance(cfg.lr, float | int) and 0 < cfg.lr < math.inf):
         problems.append(f"--lr must be a positive finite number or 'auto', got {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
@@ -294,8 +294,8 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
                      if k not in RESUMABLE and _plain(saved.get(k)) != v
                      and not (k == "lr" and v == "auto" and saved.get("lr_auto")))  # its origin
     if refused:
-        names = ", ".join(f"--{k.replace('_', '-')}" for k in refused)
-        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE)
+        names = ", ".join(map(option_name, refused))
+        allowed = ", ".join(map(option_name, RESUMABLE))
         raise ValueError(f"{names} cannot change when resuming {run_dir}, which continues with "
                          f"its saved config; only {allowed} can. Start a new run with another "
                          "--out to change the rest.")

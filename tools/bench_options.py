@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from common.cli import CommandParser, path_option
+from common.cli import CommandParser, option_name, path_option
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
 from common.files import place_problem
@@ -141,10 +141,10 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
         p.error(f"unknown value(s) {', '.join(problems)}")
     for name in ("sections", "precisions", "formats", "compile", "batch_sizes"):
         if getattr(args, name) == []:
-            p.error(f"--{name.replace('_', '-')} needs at least one value")
+            p.error(f"{option_name(name)} needs at least one value")
     for name in IMAGE_COUNTS:  # named as bench's options, not as engine/train.py's
         if (n := getattr(args, name)) is not None:
-            option = f"--{name.replace('_', '-')}"
+            option = option_name(name)
             if problem := synthetic_size_problem(n, TEST_IMAGES):  # else all its rows fail
                 p.error(f"{option} {n}: {problem}")
             try:

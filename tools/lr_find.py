@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, run_main
+from common.cli import CommandParser, interruptible_imports, option_name, run_main
 from engine import lr_sweep
 from engine.config import parse_tool_args
 
@@ -39,7 +39,7 @@ UNUSED = ("lr", "epochs", "schedule", "warmup", "tta", "log_with")
 def check(args: argparse.Namespace) -> None:
     """Raise ValueError for a sweep that cannot run or a training option it would ignore."""
     lr_sweep.check_sweep(args.start_lr, args.end_lr, args.iterations)
-    given = [f"--{name.replace('_', '-')}" for name in UNUSED if getattr(args, name) is not None]
+    given = [option_name(name) for name in UNUSED if getattr(args, name) is not None]
     if given:
         them = "them" if len(given) > 1 else "it"
         raise ValueError(f"{', '.join(given)}: the range test does not use {them} (it sweeps "

@@ -22,7 +22,7 @@ import loaders
 from common.errors import LoaderError
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
-from tools import bench, bench_options, bench_peers, bench_run, bench_sections
+from tools import bench, bench_options, bench_peers, bench_profile, bench_run, bench_sections
 from tools.bench_output import NAME_WIDTH, shortened
 from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
@@ -172,10 +172,24 @@ def test_quick_run_profiles_training_steps_and_writes_their_trace(quick):
     times = [op["self_cpu_ms"] for op in profile["ops"]]
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert "== profile: 2 steps after 1 warm-up" in quick[1]
+    # device busy: for a GPU, where a device runs apart from the host
+    assert profile["device_busy_ms"] is profile["step_ms"] is profile["device_busy_share"] is None
     with gzip.open(profile["trace"]) as trace:  # beside --json, a Chrome trace
         events = json.load(trace)["traceEvents"]
     # exactly the profiled steps: ResNet-18 runs 20 convolutions forward per step
     assert sum(e.get("name") == "aten::convolution" for e in events) == 2 * 20
+
+
+@pytest.mark.parametrize("spans, busy", [
+    ([], 0),
+    ([(0, 2), (5, 6)], 3),  # apart
+    ([(0, 4), (1, 2), (3, 6)], 6),  # nested, then overlapping: each moment counted once
+    ([(3, 6), (0, 4)], 6),  # in any order
+])
+def test_device_busy_time_counts_each_moment_once(spans, busy):
+    """Kernels on two streams, or a copy beside a kernel, overlap: the device is busy while
+    any of them runs, so their summed durations would overstate it."""
+    assert bench_profile.covered(spans) == busy
 
 
 def test_the_profile_table_cuts_long_kernel_names():

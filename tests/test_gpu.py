@@ -279,3 +279,6 @@ def test_bench_quick_on_cuda(tmp_path):
     assert profile["sort_by"] == "self_device_ms" and profile["ops"][0]["self_device_ms"] > 0
     names = [op["name"] for op in profile["ops"]]  # ops, not also their kernels by the same name
     assert len(set(names)) == len(names), names
+    # the device ran kernels for part of each step, and not longer than the step (timed apart,
+    # so up to their noise)
+    assert profile["device_busy_ms"] > 0 and 0 < profile["device_busy_share"] < 1.2, profile

@@ -23,6 +23,7 @@ from conftest import ROOT, run_gpu_suite
 
 from common.compile_modes import COMPILE_MODES, compile_text
 from tools import gpu_suite, gpu_summary
+from tools.bench_profile import ProfileResult
 from tools.bench_sections import StepResult
 
 PY312 = Path("/root/.pyenv/versions/3.12.1/bin/python3")
@@ -467,3 +468,16 @@ def test_the_summary_tells_rows_apart_and_keeps_the_goals_digits():
         "- peers: default pipeline epoch 2,000 images/s, 19.96x seed",
         "- step fp16 channels_last eager batch 64: skipped, " + failed["reason"],
         "- step fp16 contiguous eager batch 64: skipped, " + failed["reason"]]
+
+
+def test_the_summary_gives_the_profiles_device_busy_share():
+    """The question the first H200 profile answered by hand (how much of a step the GPU
+    works) is a summary line of every GPU run; a CPU profile has no such figures."""
+    profile = asdict(ProfileResult("resident", "bf16", True, 512, 64, 3, 20, "self_device_ms",
+                                   "", [], "reduce-overhead", device_busy_ms=6.33, step_ms=7.0,
+                                   device_busy_share=6.33 / 7.0))
+    assert gpu_summary.bench_lines({"profile": profile}) == [
+        "- profile, resident loader, bf16 compiled reduce-overhead batch 512: device busy "
+        "6.33 ms of a 7.00 ms step (90%)"]
+    cpu = profile | dict(device_busy_ms=None, step_ms=None, device_busy_share=None)
+    assert gpu_summary.bench_lines({"profile": cpu}) == []

@@ -114,10 +114,14 @@ def report(results: dict) -> str:
         where = r.sort_by.removeprefix("self_")
         parts.append(table(f"profile: {r.steps} steps after {r.warmup_steps} warm-up, "
                            f"{r.loader} loader, {r.precision} "
-                           f"{compile_text(r.compile)} batch {r.batch_size}, "
+                           f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}, "
                            f"width {r.width}; ops by {r.sort_by}",
                            [{**op, "name": shortened(op["name"])} for op in r.ops],
                            ["name", "calls", r.sort_by, where]))
+        if r.device_busy_ms is not None:
+            parts.append(f"device busy {r.device_busy_ms:.2f} ms per step (profiled) of a "
+                         f"{r.step_ms:.2f} ms step (not profiled): {r.device_busy_share:.0%}; "
+                         "the rest of the step the device waited for the host")
         if r.trace:
             parts.append(f"trace: {r.trace}")
     return "\n".join(parts)

@@ -1,6 +1,8 @@
 """The profile section of tools/bench.py: torch.profiler over training steps fed by the
 engine's own loader, after warm-up steps, so that a run on a GPU leaves a trace to study
-offline (the ops taking the most time in the log, the whole timeline as a Chrome trace)."""
+offline (the ops taking the most time in the log, the whole timeline as a Chrome trace), and
+on a GPU how much of a step the device spends running anything: the rest it waits for the
+host (the first H200 run's profile showed 44%: benchmarks/results/h200-2026-12-04/)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import argparse
 import gzip
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common.files import atomic_write
 from engine.config import TrainConfig
-from engine.run import endless, train_step
+from engine.run import Run, endless, train_step
 from tools.bench_sections import log, make_run
 from tools.timing import sync
 
@@ -38,6 +42,13 @@ class ProfileResult:
     sort_by: str  # the column the ops are ranked by
     trace: str  # the gzipped Chrome trace (chrome://tracing, ui.perfetto.dev), or "" if none
     ops: list[dict] = field(default_factory=list)  # the TOP ops: name, calls, self/total ms
+    compile_mode: str = "default"
+    # per step, on CUDA: how long the device ran any kernel, copy or fill (from the profile);
+    # the same number of steps timed again without the profiler, whose host work would slow
+    # them; and the first over the second
+    device_busy_ms: float | None = None
+    step_ms: float | None = None
+    device_busy_share: float | None = None
 
 
 def write_trace(prof: profile, path: Path) -> None:
@@ -68,6 +79,33 @@ def top_ops(prof: profile, device: bool) -> tuple[str, list[dict]]:
         for e in ranked[:TOP]]
 
 
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) spans: how long at least one of them ran,
+    however many overlapped (kernels on several streams, a copy beside a kernel)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:  # the part of this span past everything before it
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def device_busy_us(prof: profile) -> float:
+    """Microseconds in which the device ran any of the profile's device-side events."""
+    return covered([(e.time_range.start, e.time_range.end) for e in prof.events()
+                    if e.device_type != DeviceType.CPU])
+
+
+def step_seconds(run: Run, batches: Iterator, steps: int) -> float:
+    """Seconds per training step over `steps` steps fed by the loader, device synchronized."""
+    sync(run.accelerator.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(run, *next(batches))
+    sync(run.accelerator.device)
+    return (time.perf_counter() - start) / steps
+
+
 def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
                   trace: Path | None) -> ProfileResult:
     """Profile args.profile_steps training steps after args.warmup_steps, batches from cfg's
@@ -83,12 +121,17 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
             for _ in range(args.profile_steps):
                 train_step(run, *next(batches))
             sync(run.accelerator.device)
+        step_s = step_seconds(run, batches, args.profile_steps) if cuda else None
     if trace is not None:
         write_trace(prof, trace)
     sort_by, ops = top_ops(prof, cuda)
     result = ProfileResult(cfg.loader, cfg.precision, cfg.compile, run.train_loader.batch_size,
                            cfg.width, args.warmup_steps, args.profile_steps, sort_by,
-                           str(trace or ""), ops)
+                           str(trace or ""), ops, cfg.compile_mode)
+    if step_s is not None:
+        result.device_busy_ms = device_busy_us(prof) / 1e3 / args.profile_steps
+        result.step_ms = step_s * 1e3
+        result.device_busy_share = result.device_busy_ms / result.step_ms
     log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"
         + (f"; trace {trace}" if trace else ""))
     return result

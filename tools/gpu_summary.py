@@ -78,6 +78,12 @@ def bench_lines(bench: dict) -> list[str]:
               "TFLOP/s" for r in bench.get("mfu", {}).get("rows", []) if r["mfu"] is not None]
     lines += [f"- no {dtype} MFU: a {dtype} run outpaced the {dtype} matmul peak"
               for dtype in bench.get("mfu", {}).get("not_peaks", [])]
+    profile = bench.get("profile", {})
+    if profile.get("device_busy_share") is not None:
+        lines.append(f"- profile, {profile['loader']} loader, {profile['precision']} "
+                     f"{compiled(profile)} batch {profile['batch_size']}: device busy "
+                     f"{profile['device_busy_ms']:.2f} ms of a {profile['step_ms']:.2f} ms step "
+                     f"({profile['device_busy_share']:.0%})")
     rows = [(section, r) for section in ROW_LINES for r in bench.get(section, [])]
     rows += [("peers", r) for r in peers.get("loaders", [])]
     lines += [f"- {section} {ROW_NAMES[section](r)}: {r['status']}, {r['reason']}"

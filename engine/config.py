@@ -309,8 +309,9 @@ def resolve(cfg: TrainConfig, cuda: bool) -> TrainConfig:
     """cfg with the choices that depend on the hardware filled in, so config.json records what
     ran: loader, precision, compile and its mode, and the default run folder.
 
-    CUDA compiles with CUDA graphs (reduce-overhead): on the first H200 run the default mode's
-    step kept the GPU busy 6.3 ms of its 14.5 (README, GPU), the rest launching kernels."""
+    CUDA compiles with CUDA graphs (reduce-overhead): on the first H200 run, a step in the
+    default mode kept the GPU busy 6.3 ms of its 14.5; the rest of the time the GPU waited while
+    the host launched kernels (BENCHMARKS.md, GPU)."""
     compile = cuda if cfg.compile is None else cfg.compile
     return replace(cfg, loader=cfg.loader or ("resident" if cuda else "ffcv"),
                    precision=cfg.precision or ("bf16" if cuda else "fp32"), compile=compile,

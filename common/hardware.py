@@ -23,6 +23,12 @@ def default_workers(processes: int = 1) -> int:
     return max(1, available_cores() // processes)
 
 
+def launched_processes() -> int:
+    """This run's processes as torchrun or accelerate launch started them (their WORLD_SIZE);
+    1 for a plain `python` run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, or what platform knows."""
     try:

@@ -77,7 +77,7 @@ class TrainConfig:
     cutout: int = 0
     precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
     compile: bool | None = None  # None: on for CUDA
-    compile_mode: str | None = None  # None: reduce-overhead on CUDA, default elsewhere
+    compile_mode: str | None = None  # None: reduce-overhead on one GPU, default elsewhere
     channels_last: bool = True
     tta: bool = True
     seed: int = 0
@@ -169,9 +169,9 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
-                   help="torch.compile mode, implies --compile (default: reduce-overhead on "
-                        "CUDA, which replays CUDA graphs; default elsewhere); max-autotune "
-                        "also tunes kernels")
+                   help="torch.compile mode, implies --compile (default: reduce-overhead, "
+                        "which replays CUDA graphs, in a one-process CUDA run; default "
+                        "elsewhere); max-autotune also tunes kernels")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels_last memory format")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction,
@@ -305,18 +305,20 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
     return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
 
 
-def resolve(cfg: TrainConfig, cuda: bool) -> TrainConfig:
+def resolve(cfg: TrainConfig, cuda: bool, processes: int = 1) -> TrainConfig:
     """cfg with the choices that depend on the hardware filled in, so config.json records what
     ran: loader, precision, compile and its mode, and the default run folder.
 
-    CUDA compiles with CUDA graphs (reduce-overhead): on the first H200 run, a step in the
-    default mode kept the GPU busy 6.3 ms of its 14.5; the rest of the time the GPU waited while
-    the host launched kernels (BENCHMARKS.md, GPU)."""
+    One CUDA process compiles with CUDA graphs (reduce-overhead): on the first H200 run, a step
+    in the default mode kept the GPU busy 6.3 ms of its 14.5; the rest of the time the GPU
+    waited while the host launched kernels (BENCHMARKS.md, GPU). Several processes keep the
+    default mode: under DDP, BatchNorm's buffers are mutated inputs, for which CUDA graphs are
+    skipped and the step slows down (pytorch/pytorch#139207)."""
     compile = cuda if cfg.compile is None else cfg.compile
+    graphs = cuda and compile and processes == 1
     return replace(cfg, loader=cfg.loader or ("resident" if cuda else "ffcv"),
                    precision=cfg.precision or ("bf16" if cuda else "fp32"), compile=compile,
-                   compile_mode=cfg.compile_mode or (
-                       "reduce-overhead" if cuda and compile else "default"),
+                   compile_mode=cfg.compile_mode or ("reduce-overhead" if graphs else "default"),
                    out=cfg.out or timestamped(cfg.dataset))
 
 

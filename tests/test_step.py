@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import SYNTHETIC_SIZE
 from torch._dynamo.utils import counters
 
+from common.hardware import launched_processes
 from engine.config import TrainConfig, parse, resolve, resume_config, validate
 from engine.run import build, make_accelerator, train_step
 
@@ -68,18 +69,28 @@ def test_a_compile_mode_compiles_and_may_change_on_resume():
     assert (again.compile, again.compile_mode, validate(again)) == (False, "default", [])
 
 
-@pytest.mark.parametrize("argv, cuda, want", [
-    ([], True, (True, "reduce-overhead")),  # CUDA's default: compiled, on CUDA graphs
-    ([], False, (False, "default")),  # the CPU compiles only when asked
-    (["--compile"], False, (True, "default")),  # and then in the default mode
-    (["--compile-mode", "default"], True, (True, "default")),  # the mode before CUDA graphs
-    (["--no-compile"], True, (False, "default")),
+@pytest.mark.parametrize("argv, cuda, processes, want", [
+    ([], True, 1, (True, "reduce-overhead")),  # one GPU's default: compiled, on CUDA graphs
+    ([], True, 2, (True, "default")),  # DDP: BatchNorm's buffers would make them skip
+    (["--compile-mode", "reduce-overhead"], True, 2, (True, "reduce-overhead")),  # if asked
+    ([], False, 1, (False, "default")),  # the CPU compiles only when asked
+    (["--compile"], False, 1, (True, "default")),  # and then in the default mode
+    (["--compile-mode", "default"], True, 1, (True, "default")),  # the mode before CUDA graphs
+    (["--no-compile"], True, 1, (False, "default")),
 ])
-def test_cuda_compiles_on_cuda_graphs_unless_told_otherwise(argv, cuda, want):
-    """The first H200 profile left the default mode's GPU idle for most of each step: CUDA's
-    default is now reduce-overhead; config.json records the mode that ran."""
-    cfg = resolve(parse(argv).cfg, cuda=cuda)
+def test_one_gpu_compiles_on_cuda_graphs_unless_told_otherwise(argv, cuda, processes, want):
+    """The first H200 profile left the default mode's GPU idle for most of each step: a
+    one-process CUDA run's default is now reduce-overhead; config.json records the mode."""
+    cfg = resolve(parse(argv).cfg, cuda=cuda, processes=processes)
     assert (cfg.compile, cfg.compile_mode) == want and validate(cfg) == []
+
+
+def test_a_launched_runs_processes_come_from_its_world_size(monkeypatch):
+    """torchrun and accelerate launch set WORLD_SIZE in every process they start."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launched_processes() == 1
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert launched_processes() == 8
 
 
 @pytest.mark.slow

@@ -81,6 +81,7 @@ class TrainConfig:
     channels_last: bool = True
     tta: bool = True
     seed: int = 0
+    deterministic: bool = False  # torch's deterministic algorithms (cuDNN's, on CUDA)
     out: str | None = None  # None: runs/<dataset>-<time>
     log_with: str | None = None
 
@@ -177,6 +178,9 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="flip test-time augmentation at evaluation")
     g.add_argument("--seed", type=int, help="seed of initialization, order and augmentation")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
+                   help="runs that repeat on CUDA too: torch's deterministic algorithms, "
+                        "cuDNN's among them (slower); an op without one warns")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=path_option("write the run into the current directory"),
                    help=f"run directory (default: runs/{tool or '<dataset>'}-<time>)")
@@ -248,7 +252,8 @@ def validate(cfg: TrainConfig) -> list[str]:
 
 # What --resume DIR may change: how long to train, and where the data and workers are.
 # Everything else would make the continued run a different run.
-RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mode")
+RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mode",
+             "deterministic")
 
 
 @dataclass

@@ -4,6 +4,7 @@ accelerator that places them. engine/train.py, the LR range test and the tools s
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -83,6 +84,16 @@ def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank:
                 seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers)
 
 
+def deterministic(on: bool) -> None:
+    """torch's deterministic algorithms on or off for the runs built from now on. Two CUDA runs
+    of one config otherwise drift apart: some of cuDNN's backward kernels add with atomics, in
+    no fixed order (benchmarks/results/resume-noise-threads-cpu-2core.log shows how far another
+    summing order takes this recipe). An op with no deterministic version warns, not fails."""
+    if on:  # cuBLAS reads it when it starts, at the first CUDA matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     """Data, loaders, model, optimizer and schedule of a resolved config, placed by accelerate.
 
@@ -100,6 +111,7 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     test_loader = make_loader(cfg.loader, data.test, train=False,
                               batch_size=2 * cfg.batch_size, **common)
     torch.manual_seed(cfg.seed)  # same initial weights on every process and every rerun
+    deterministic(cfg.deterministic)
     model = build_model(cfg.arch, len(data.classes), cfg.width).to(accelerator.device)
     if cfg.channels_last:  # before prepare, so DDP's buckets see the final layout
         model = model.to(memory_format=torch.channels_last)

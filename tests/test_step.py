@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,6 +92,30 @@ def test_a_launched_runs_processes_come_from_its_world_size(monkeypatch):
     assert launched_processes() == 1
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert launched_processes() == 8
+
+
+def test_deterministic_turns_torchs_deterministic_algorithms_on_for_its_run(prepared, tmp_path,
+                                                                            monkeypatch):
+    """--deterministic reaches torch when the run is built (cuDNN's deterministic kernels on
+    CUDA; ops without one warn), with cuBLAS's workspace set as torch asks; a run without it
+    turns them off again, so one process can build both (the bench, tools/compare.py)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    argv = ["--dataset", "synthetic", "--data-dir", str(prepared.source.parent),
+            "--synthetic-size", *map(str, SYNTHETIC_SIZE), "--width", "4", "--batch-size", "64",
+            "--workers", "1", "--out", str(tmp_path / "run")]
+    try:
+        cfg = resolve(parse([*argv, "--deterministic"]).cfg, cuda=False)
+        run = build(cfg, make_accelerator(cfg))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        loss, _ = train_step(run, *next(iter(run.train_loader)))
+        assert torch.isfinite(loss)
+        cfg = resolve(parse(argv).cfg, cuda=False)
+        build(cfg, make_accelerator(cfg))
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.slow

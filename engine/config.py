@@ -16,6 +16,7 @@ from pathlib import Path
 from common.cli import CommandParser, interruptible_imports, option_name, path_option
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
+from common.hardware import launched_processes
 from loaders import LOADERS
 from loaders.options import (
     SYNTHETIC_SIZE,
@@ -310,9 +311,10 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
     return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
 
 
-def resolve(cfg: TrainConfig, cuda: bool, processes: int = 1) -> TrainConfig:
+def resolve(cfg: TrainConfig, cuda: bool, processes: int | None = None) -> TrainConfig:
     """cfg with the choices that depend on the hardware filled in, so config.json records what
-    ran: loader, precision, compile and its mode, and the default run folder.
+    ran: loader, precision, compile and its mode, and the default run folder. `processes`:
+    the run's, by default as launched (WORLD_SIZE).
 
     One CUDA process compiles with CUDA graphs (reduce-overhead): on the first H200 run, a step
     in the default mode kept the GPU busy 6.3 ms of its 14.5; the rest of the time the GPU
@@ -320,6 +322,7 @@ def resolve(cfg: TrainConfig, cuda: bool, processes: int = 1) -> TrainConfig:
     default mode: under DDP, BatchNorm's buffers are mutated inputs, for which CUDA graphs are
     skipped and the step slows down (pytorch/pytorch#139207)."""
     compile = cuda if cfg.compile is None else cfg.compile
+    processes = launched_processes() if processes is None else processes
     graphs = cuda and compile and processes == 1
     return replace(cfg, loader=cfg.loader or ("resident" if cuda else "ffcv"),
                    precision=cfg.precision or ("bf16" if cuda else "fp32"), compile=compile,

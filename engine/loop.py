@@ -17,7 +17,7 @@ from common.cli import stop_signals_held
 from common.compile_modes import compile_text
 from common.errors import CheckpointError, Interrupted, TrainingError, one_line
 from common.files import locked_dir, sweep_temporaries, write_json
-from common.hardware import device_name, launched_processes
+from common.hardware import device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve, resume_config
@@ -205,7 +205,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
                                                                                      dict | None]:
     """The resolved config of a new run or of the run in `resume`, and its checkpoint."""
     if resume is None:
-        return resolve(cfg, torch.cuda.is_available(), launched_processes()), None
+        return resolve(cfg, torch.cuda.is_available()), None
     if Path(resume).is_file():
         raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
                               f"{Path(resume).parent}")
@@ -230,7 +230,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     if cfg.epochs < done:
         raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
                             f"has done; pass --epochs above {done} to extend it.")
-    return resolve(cfg, torch.cuda.is_available(), launched_processes()), ckpt
+    return resolve(cfg, torch.cuda.is_available()), ckpt
 
 
 def end_processes() -> None:

@@ -245,6 +245,15 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert "Traceback" not in err and not json.exists()
 
 
+def listed_options(device: str, quick: bool) -> tuple:
+    """bench's options and base config for `device`, to list its configurations: no GPU is
+    needed for that."""
+    args = bench_options.parse_args(["--quick"] if quick else [])
+    args.device = device
+    bench_options.fill_defaults(args)
+    return args, bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
+
+
 @pytest.mark.parametrize("device, quick, modes", [("cuda", False, ["default"]),
                                                   ("cpu", False, []), ("cuda", True, [])])
 def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compiles(
@@ -252,10 +261,7 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
     """CUDA's defaults compile with CUDA graphs (reduce-overhead), so the default mode is also
     timed at the base configuration: the change's before and after in one run. The CPU's and
     --quick's defaults do not compile, and time no compile mode either."""
-    args = bench_options.parse_args(["--quick"] if quick else [])
-    args.device = device  # the configurations are only listed here: no GPU is needed
-    bench_options.fill_defaults(args)
-    base = bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
+    args, base = listed_options(device, quick)
     configs = bench_sections.step_configs(base, args)
     grid = [base.compile_mode] * (len(configs) - len(modes))
     assert [c.compile_mode for c in configs] == grid + modes
@@ -269,10 +275,7 @@ def test_the_epoch_section_times_the_default_loader_in_the_other_compile_modes(d
                                                                               extra):
     """On CUDA each loader's epoch runs on CUDA graphs, the engine's mode, and the default
     loader's again in the default mode: the first H200 run's configuration, in the same run."""
-    args = bench_options.parse_args(["--quick"] if quick else [])
-    args.device = device
-    bench_options.fill_defaults(args)
-    base = bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
+    args, base = listed_options(device, quick)
     configs = bench_sections.epoch_configs(base, args)
     assert [(c.loader, c.compile_mode) for c in configs] == (
         [(kind, base.compile_mode) for kind in loaders.LOADERS] + extra)

@@ -9,6 +9,8 @@ import resource
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.errors import SetupError
+
 if TYPE_CHECKING:  # torch is imported only when a GPU's name is asked for
     import torch
 
@@ -25,8 +27,14 @@ def default_workers(processes: int = 1) -> int:
 
 def launched_processes() -> int:
     """This run's processes as torchrun or accelerate launch started them (their WORLD_SIZE);
-    1 for a plain `python` run."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    1 for a plain `python` run. A WORLD_SIZE that is no count of processes (left over in a
+    shell, say) is refused by name."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise SetupError(f"WORLD_SIZE={value!r} is not a number of processes: torchrun and "
+                         "accelerate launch set it; unset it (`unset WORLD_SIZE`) for a "
+                         "one-process run.")
+    return int(value)
 
 
 def cpu_model() -> str:

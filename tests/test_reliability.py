@@ -173,6 +173,21 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
     assert out.read_text() == "not a folder"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ["abc", "0", ""])
+def test_a_world_size_that_is_no_count_is_refused_by_name(value, tmp_path):
+    """WORLD_SIZE left over in a shell (torchrun and accelerate launch set it) ended in a
+    ValueError's traceback."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    result = train("--data-dir", data, "--out", out, timeout=300,
+                   env={**os.environ, "WORLD_SIZE": value})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result) == (
+        f"error: WORLD_SIZE={value!r} is not a number of processes: torchrun and accelerate "
+        "launch set it; unset it (`unset WORLD_SIZE`) for a one-process run.")
+    assert not out.exists() and not data.exists()  # refused before any work
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 

@@ -159,7 +159,8 @@ class Augment:
         if self.cfg is not None:
             if self.generator is None:
                 raise RuntimeError("call set_epoch(seed, epoch) before augmenting")
-            fill = self._black() if normalized else None  # zero padding = black pixels
+            # zero padding of a normalized split writes black pixels (reflect padding, none)
+            fill = self._black() if normalized and not self.cfg.reflect else None
             images = flip_translate(images, self.cfg, self.generator, index, fill)
         elif normalized:
             images = images.index_select(0, index)

@@ -101,19 +101,32 @@ def gpu_suite_dry_run(tmp_path_factory) -> SuiteRun:
 # Modules whose tests run on another module's pytest-xdist worker: both read the same
 # session-scoped run (here the GPU suite's dry run, the slowest fixture of all), made once.
 SAME_WORKER = {"tests/test_gpu_suite.py": "tests/test_bench.py"}
+# Modules spread over the workers a test each, tests with the same parameters together: the
+# GPU's end-to-end tests, tens of seconds each, where a parameter picks a module fixture's run
+# (test_gpu's cuda_run per loader), made once per worker that needs it.
+BY_PARAMETERS = {"tests/test_gpu.py"}
+
+
+def worker_scope(nodeid: str) -> str:
+    """The tests that share a pytest-xdist worker: by module, by SAME_WORKER, or in
+    BY_PARAMETERS's modules by parameters (else by test)."""
+    module, _, test = nodeid.partition("::")
+    if module in BY_PARAMETERS:
+        name, bracket, parameters = test.partition("[")
+        return f"{module}::{'[' + parameters if bracket else name}"
+    return SAME_WORKER.get(module, module)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which plain pytest runs lack
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """`make test` runs the tests on one worker per core (pytest -n): whole modules to a
-    worker, so that each module's shared runs (its module- and session-scoped fixtures) are
-    made once, and SAME_WORKER's modules with their partner."""
+    worker (worker_scope), so that each module's shared runs (its module- and session-scoped
+    fixtures) are made once."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return SAME_WORKER.get(module, module)
+            return worker_scope(nodeid)
 
     return ModuleScheduling(config, log)
 

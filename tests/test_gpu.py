@@ -224,6 +224,7 @@ def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_alone
 def test_impossible_batch_size_ends_in_the_out_of_memory_message(data_dir, tmp_path):
     out = tmp_path / "oom"
     # the batch is capped at the 50k-image split: in fp32 (twice bf16's bytes) ResNet-18's
@@ -266,6 +267,7 @@ def test_lr_find_on_cuda(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_alone
 def test_bench_quick_on_cuda(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("tools/bench.py", "--quick", "--device", "cuda", "--data-dir",

@@ -14,12 +14,13 @@ import sys
 import tarfile
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_gpu_suite
+from conftest import ROOT, run_gpu_suite, worker_scope
 
 from common.compile_modes import COMPILE_MODES, compile_text
 from tools import gpu_suite, gpu_summary
@@ -62,12 +63,13 @@ def test_dry_run_bench_steps_and_tests_leave_their_results(gpu_suite_dry_run):
     """Each bench step is one tools/bench.py --quick run of its sections (test_bench reads
     their figures); each test step leaves pytest's junit report."""
     results = gpu_suite_dry_run.results
-    for name in ("tests-quick", "tests-e2e"):
+    for name in ("tests-quick", "tests-e2e", "tests-e2e-alone"):
         assert "testsuite" in (results / f"{name}.xml").read_text()
-        # each test's time on its line, as it ends: the first H200 run's cut step left none
-        lines = [line for line in (results / f"{name}.log").read_text().splitlines()
-                 if "tests/test_gpu.py::" in line]
-        assert lines and all(re.search(r"\d(\.\d+)?(us|ms|s)$", line) for line in lines), lines
+    # each test's time on its line, as it ends, where the tests run in a row (the end-to-end
+    # ones may be on several workers): the first H200 run's cut step left none
+    lines = [line for line in (results / "tests-quick.log").read_text().splitlines()
+             if "tests/test_gpu.py::" in line]
+    assert lines and all(re.search(r"\d(\.\d+)?(us|ms|s)$", line) for line in lines), lines
     for name, sections in (("bench-epoch", ["loaders", "epoch", "mfu", "profile"]),
                            ("bench-peers", ["peers", "mfu"]), ("bench-step", ["step", "mfu"])):
         report = json.loads((results / f"{name}.json").read_text())
@@ -207,6 +209,54 @@ def test_a_test_steps_failure_is_printed_before_its_next_test_runs(tmp_path):
     assert at_end.index("the first test fails") > at_end.index("test_after PASSED")
 
 
+def junit_tests(xml: Path) -> set[str]:
+    """The test names in a junit report."""
+    return {case.get("name") for case in ElementTree.parse(xml).getroot().iter("testcase")}
+
+
+@pytest.mark.slow
+def test_end_to_end_tests_spread_over_workers_and_the_gpu_alone_ones_run_after(tmp_path):
+    """In a row on the first H200 run, 8 of the 10 end-to-end tests took 233 s before its
+    budget cut the 9th: they run on pytest-xdist workers now, then those that need the GPU to
+    themselves (out of memory, timing) one at a time. On the CPU each is skipped, but the
+    commands, collection and scheduling are the GPU's."""
+    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {}, [],
+                            test_workers=2)
+    (spread, argv), (alone, alone_argv) = gpu_suite.COMMANDS["tests-e2e"](suite)
+    assert (spread, alone) == ("tests-e2e", "tests-e2e-alone")
+    assert argv[argv.index("-n") + 1] == "2" and "-n" not in alone_argv
+    outputs = []
+    for command in (argv, alone_argv):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        outputs.append(result.stdout)
+    assert "created: 2/2 workers" in outputs[0] and "workers" not in outputs[1]
+    assert junit_tests(tmp_path / "tests-e2e-alone.xml") == {
+        "test_impossible_batch_size_ends_in_the_out_of_memory_message",
+        "test_bench_quick_on_cuda"}
+    every = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m",
+         "gpu and slow", *(str(ROOT / "tests" / f) for f in gpu_suite.GPU_TESTS)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    names = {line.split("::", 1)[1] for line in every.splitlines() if "::" in line}
+    assert junit_tests(tmp_path / "tests-e2e.xml") == names - junit_tests(
+        tmp_path / "tests-e2e-alone.xml")
+
+
+def test_gpu_tests_share_a_worker_by_their_parameters():
+    """A loader's two tests of one cuda_run share a worker, so its training runs once; the
+    other end-to-end tests spread; other modules stay whole (their fixtures made once)."""
+    gpu = "tests/test_gpu.py::"
+    scope = worker_scope
+    assert scope(f"{gpu}test_report_on_cuda[ffcv]") == scope(
+        f"{gpu}test_cuda_run_reports_the_accuracy_of_its_checkpoint[ffcv]")
+    assert scope(f"{gpu}test_report_on_cuda[ffcv]") != scope(f"{gpu}test_report_on_cuda[resident]")
+    assert len({scope(f"{gpu}test_lr_find_on_cuda"), scope(f"{gpu}test_bench_quick_on_cuda"),
+                scope(f"{gpu}test_report_on_cuda[ffcv]")}) == 3
+    assert scope("tests/test_train.py::test_a[x]") == scope("tests/test_train.py::test_b")
+    assert scope("tests/test_gpu_suite.py::test_a") == scope("tests/test_bench.py::test_b")
+
+
 def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
     """run_command's timeout ends the command's whole process group: a child it started
     (a DataLoader worker, a compile worker) does not live on to hold the GPU."""
@@ -296,7 +346,7 @@ def test_relative_paths_name_places_from_where_the_suite_is_called(tmp_path, mon
     monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [
         ("first", ["touch", str(s.results / "made"), str(s.work / "made")])])
     # the import checks and the header (torch and ffcv imported: seconds) are not under test
-    monkeypatch.setattr(gpu_suite, "missing", lambda python, env: {})
+    monkeypatch.setattr(gpu_suite, "missing", lambda python, env, names: {})
     monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
     monkeypatch.delenv("OUT", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -6,13 +6,13 @@ Steps, in the order `all` runs them (most wanted first, so a short lease measure
 tests-quick (pytest -m "gpu and not slow"), train (the seed pipeline, then the fast preset
 compiled, on 50k synthetic images: the headline ratio), bench-peers (the public loaders and the
 seed pipeline's epoch beside ours), bench-epoch (loaders, 50k-image epochs per loader, MFU, a
-profile), tests-e2e (pytest -m "gpu and slow"), train-eager (the fast preset not compiled),
-bench-step (the precision x format x compile x batch grid). Each step has a time limit, so one
-slow step cannot take the lease from the ones after it. --budget ends the whole run in time: a
-command is killed at it and later steps are recorded as not run. --bundle packs the results into one
-.tar.gz after every command (for machines that hand back few files). --dry-run runs the same
-commands on the CPU with tiny sizes. On a machine without ffcv or grad-cam, the wheels in the
-checkout's .whl/ (tools/wheelhouse.sh) are installed first.
+profile), tests-e2e (pytest -m "gpu and slow", on several workers), train-eager (the fast
+preset not compiled), bench-step (the precision x format x compile x batch grid). Each step
+has a time limit, so one slow step cannot take the lease from the ones after it. --budget ends
+the whole run in time: a command is killed at it and later steps are recorded as not run.
+--bundle packs the results into one .tar.gz after every command (for machines that hand back
+few files). --dry-run runs the same commands on the CPU with tiny sizes. On a machine without
+ffcv or grad-cam, the wheels in the checkout's .whl/ (tools/wheelhouse.sh) are installed first.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ START_MIN_S = 30  # a command is not started with less of the budget left
 RESERVE_S = 10  # of the budget, kept for the summary and the last bundle
 STOP_WAIT_S = 30  # a command Ctrl-C reached gets this long to save and stop
 NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
+TEST_WORKERS, TEST_CORES = 4, 4  # tests-e2e on 16 cores: 4 workers of 4 cores each
 EPOCHS = 24  # the fast preset's (1 in a dry run); GPU_SUITE_EPOCHS=N sets N instead
 
 # the header of every log: tools/bench_output.metadata, in the environment the steps run in
@@ -78,6 +79,7 @@ class Suite:
     dry: bool
     meta: dict  # the header of every log
     steps: list[str]  # what this run was asked for, in order
+    test_workers: int = 1  # pytest-xdist workers of the end-to-end tests (1: no xdist)
     deadline: float = math.inf  # time.monotonic() at which --budget runs out
     bundle: Path | None = None
     done: list[dict] = field(default_factory=list)  # one record per step run so far
@@ -105,15 +107,34 @@ Commands = list[tuple[str, list[str]]]
 GPU_TESTS = ("test_gpu.py", "test_predict.py")
 
 
-def pytest_step(s: Suite, name: str, marks: str) -> Commands:
+def pytest_step(s: Suite, name: str, marks: str, workers: int = 1) -> Commands:
     """pytest on the tests of `marks` in GPU_TESTS (skipped, not run, in a dry run on the
-    CPU); verbose, with each test's seconds on its line and each failure's traceback printed
-    when it fails, so a command killed at its limit still shows which tests passed, how long
-    each took, and why the others failed."""
+    CPU); verbose, with each failure's traceback printed when it fails, so a command killed at
+    its limit still shows which tests passed and why the others failed. On one worker each
+    test's seconds are on its line; on several (pytest-xdist) that style prints no true times,
+    so they come from --durations and the junit report."""
+    spread = ["-n", str(workers)] if workers > 1 else ["-o", "console_output_style=times"]
     return [(name, [s.python, "-m", "pytest", "-v", "-m", marks, "-p", "no:cacheprovider",
-                    "-p", "tests.failures_at_once", "-o", "console_output_style=times",
-                    "--durations", "0", "--junitxml", str(s.results / f"{name}.xml"),
+                    "-p", "tests.failures_at_once", *spread, "--durations", "0",
+                    "--junitxml", str(s.results / f"{name}.xml"),
                     *(str(ROOT / "tests" / f) for f in GPU_TESTS)])]
+
+
+def end_to_end_tests(s: Suite) -> Commands:
+    """The slow GPU tests, runs of the commands end to end: spread over s.test_workers (in a
+    row, the first H200 run's budget cut them at the 9th of 10, after 233 s), then those
+    marked gpu_alone one at a time, as they fill the GPU's memory or time it."""
+    return [*pytest_step(s, "tests-e2e", "gpu and slow and not gpu_alone", s.test_workers),
+            *pytest_step(s, "tests-e2e-alone", "gpu and slow and gpu_alone")]
+
+
+def test_workers(python: str, env: dict) -> int:
+    """pytest-xdist workers for the end-to-end tests: one per TEST_CORES cores, at most
+    TEST_WORKERS (each runs subprocesses with loader threads of their own), or 1 where `python`
+    lacks pytest-xdist."""
+    if missing(python, env, ("xdist",)):
+        return 1
+    return max(1, min(TEST_WORKERS, len(os.sched_getaffinity(0)) // TEST_CORES))
 
 
 def bench(s: Suite, name: str, sections: str) -> Commands:
@@ -149,7 +170,7 @@ COMMANDS = {
     # the headline: the seed pipeline, then the default preset compiled, on the same GPU; the
     # short, fixed seed run first, so a compiled run cut by the step's limit leaves it measured
     "train": lambda s: train_commands(s, "train-seed", "train-fast-compile"),
-    "tests-e2e": lambda s: pytest_step(s, "tests-e2e", "gpu and slow"),
+    "tests-e2e": end_to_end_tests,
     # airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images, then
     # a 50k-image training epoch of the seed pipeline beside the default preset, with the MFU
     "bench-peers": lambda s: bench(s, "bench-peers", "peers,mfu"),
@@ -164,10 +185,10 @@ COMMANDS = {
 # --- the environment -------------------------------------------------------------------
 
 
-def missing(python: str, env: dict) -> dict[str, str]:
-    """Which of NEEDED `python` cannot import with `env`, each with its error's last line."""
+def missing(python: str, env: dict, names: tuple[str, ...]) -> dict[str, str]:
+    """Which of `names` `python` cannot import with `env`, each with its error's last line."""
     code = ("import importlib, sys\n"
-            f"for name in {NEEDED!r}:\n"
+            f"for name in {names!r}:\n"
             "    try:\n"
             "        importlib.import_module(name)\n"
             "    except Exception as error:\n"
@@ -188,7 +209,7 @@ def environment(python: str, site: Path) -> dict:
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
     paths.insert(0, str(ROOT))
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    lacking = missing(python, env)
+    lacking = missing(python, env, NEEDED)
     if not lacking:
         return env
     wheels = sorted((ROOT / ".whl").glob("*.whl"))
@@ -206,14 +227,14 @@ def environment(python: str, site: Path) -> dict:
         raise SetupError(f"pip could not install the wheels of .whl/ into {site}: "
                          f"{install.stderr.strip()[-800:]}")
     env["PYTHONPATH"] = os.pathsep.join([str(site), *paths])
-    lacking = missing(python, env)
+    lacking = missing(python, env, NEEDED)
     libs = ROOT / ".whl" / "lib"
     if libs.is_dir() and any(".so" in error for error in lacking.values()):
         # an image without X11: the libraries that ffcv's bundled libGLX needs, carried
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
         print(f"adding {libs} to LD_LIBRARY_PATH: {'; '.join(lacking.values())}", flush=True)
-        lacking = missing(python, env)
+        lacking = missing(python, env, NEEDED)
     if lacking:
         why = "; ".join(f"{name}: {error}" for name, error in lacking.items())
         raise SetupError(f"after installing .whl/ into {site}, {python} still cannot import "
@@ -452,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
             # absolute: the commands run in the checkout, the caller named them from elsewhere
             work = args.work.absolute() if args.work else Path(tmp)
-            suite = Suite(results, work, sys.executable, env, args.dry_run,
-                          meta, steps, deadline, bundle)
+            suite = Suite(results, work, sys.executable, env, args.dry_run, meta, steps,
+                          test_workers(sys.executable, env), deadline, bundle)
             failed = run_steps(suite)
         print((results / "summary.md").read_text())
         print(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))

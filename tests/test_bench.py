@@ -146,6 +146,8 @@ def test_quick_run_records_every_peer_or_why_not(quick):
         if r["status"] == "ok":
             assert r["images"] == 2048 and r["images_per_s"] > 0 and len(r["epoch_s"]) == 1
             assert r["output"].endswith("3x32x32 channels_last") or r["role"] == "peer"
+            # the profiled epoch's op of most (host) time; device figures only on a GPU
+            assert r["top_op"].endswith(" ms") and r["device_busy_ms"] is None
         else:  # a peer that cannot run here says why and how to fix it
             assert r["status"] in ("not installed", "failed") and r["reason"]
         if r["role"] == "ours" and speed[r["versus"]]["status"] == "ok":
@@ -385,7 +387,9 @@ def test_the_peer_loaders_are_saved_after_every_turn(prepared, tmp_path, monkeyp
     rows = bench_peers.bench_peer_loaders(
         prepared, TrainConfig(batch_size=64, precision="fp32"), torch.device("cpu"), args,
         tmp_path, lambda rows: saved.append([asdict(r) for r in rows]))
-    assert [[len(r["epoch_s"]) for r in turn] for turn in saved] == [[1, 1], [2, 2]]
+    # each turn, then the profiled epoch after them (top_op: the host's op on the CPU)
+    assert [[len(r["epoch_s"]) for r in turn] for turn in saved] == [[1, 1], [2, 2], [2, 2]]
+    assert [[bool(r["top_op"]) for r in turn] for turn in saved] == [[False] * 2] * 2 + [[True] * 2]
     assert saved[0][1]["ratio"] > 0 and saved[-1] == [asdict(r) for r in rows]
 
 

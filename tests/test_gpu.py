@@ -285,3 +285,7 @@ def test_bench_quick_on_cuda(tmp_path):
     # the device ran kernels for part of each step, and not longer than the step (timed apart,
     # so up to their noise)
     assert profile["device_busy_ms"] > 0 and 0 < profile["device_busy_share"] < 1.2, profile
+    # each loader of the peers section, profiled for an epoch: how long the device worked
+    peers = [r for r in bench["peers"]["loaders"] if r["status"] == "ok"]
+    assert peers and all(r["device_busy_ms"] > 0 and r["device_events"] > 0 and r["top_op"]
+                         for r in peers), peers

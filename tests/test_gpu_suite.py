@@ -24,6 +24,7 @@ from conftest import ROOT, run_gpu_suite, worker_scope
 
 from common.compile_modes import COMPILE_MODES, compile_text
 from tools import gpu_suite, gpu_summary
+from tools.bench_peers import PeerResult
 from tools.bench_profile import ProfileResult
 from tools.bench_sections import StepResult
 
@@ -518,6 +519,21 @@ def test_the_summary_tells_rows_apart_and_keeps_the_goals_digits():
         "- peers: default pipeline epoch 2,000 images/s, 19.96x seed",
         "- step fp16 channels_last eager batch 64: skipped, " + failed["reason"],
         "- step fp16 contiguous eager batch 64: skipped, " + failed["reason"]]
+
+
+def test_the_summary_gives_each_profiled_loaders_device_busy_time():
+    """Whether a loader's epoch is the device's time or the host's (the first H200 run's
+    resident loader against airbench's, not profiled then) is a line of every GPU run."""
+    row = asdict(PeerResult("airbench.CifarLoader", "peer", "flip, translate 2 reflect",
+                            output="float16 3x32x32 contiguous", images=50_000,
+                            images_per_s=6_250_000.0, top_op="aten::index 1.50 ms",
+                            device_busy_ms=2.5, device_events=400))
+    assert gpu_summary.bench_lines({"peers": {"loaders": [row]}}) == [
+        "- peers, profiled: airbench.CifarLoader (flip, translate 2 reflect; float16 3x32x32 "
+        "contiguous): device busy 2.50 ms of a 8.00 ms epoch, 400 device events, most time in "
+        "aten::index 1.50 ms"]
+    cpu = row | dict(device_busy_ms=None, device_events=None)
+    assert gpu_summary.bench_lines({"peers": {"loaders": [cpu]}}) == []
 
 
 def test_the_summary_gives_the_profiles_device_busy_share():

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from common.errors import one_line
 from common.hardware import default_workers
@@ -23,6 +25,7 @@ from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.preparation import Prepared, prepare
 from tools.bench_options import TEST_IMAGES
+from tools.bench_profile import device_busy_us, top_ops
 from tools.bench_sections import (
     MEASURE_ERRORS,
     build_loader,
@@ -56,6 +59,13 @@ class PeerResult:
     images_per_s: float | None = None  # of the fastest steady-state epoch
     versus: str = ""  # the peer this row of ours is compared with
     ratio: float | None = None  # images_per_s over versus's
+    # one more epoch under torch.profiler, after the timed ones: the op that took the most
+    # time (on the device on a GPU, else on the host) and, on a GPU, how long the device ran
+    # anything in that epoch and how many kernels, copies and fills it ran; the rest of an
+    # epoch's time is launches and host work
+    top_op: str = ""
+    device_busy_ms: float | None = None
+    device_events: int | None = None
 
 
 @dataclass
@@ -240,6 +250,25 @@ def first_pass(row: PeerResult, loader: Measured) -> Pass | None:
         return None
 
 
+def profile_epoch(row: PeerResult, loader: Measured, epoch: int) -> None:
+    """One more epoch of a loader under torch.profiler, into its row's top_op and, on a GPU,
+    device_busy_ms and device_events: whether an epoch's time is the device's or the host's."""
+    cuda = loader.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with profile(activities=activities) as prof:
+            loader_pass(loader, epoch)
+    except PEER_ERRORS as error:  # the timed epochs stand; the row only lacks its profile
+        log(f"peers: {row.loader}: the profiled epoch failed: {one_line(error)}")
+        return
+    sort_by, ops = top_ops(prof, cuda)
+    if ops:
+        row.top_op = f"{ops[0]['name']} {ops[0][sort_by]:.2f} ms"
+    if cuda:
+        row.device_busy_ms = device_busy_us(prof) / 1e3
+        row.device_events = sum(e.device_type != DeviceType.CPU for e in prof.events())
+
+
 def score(rows: list[PeerResult], built: list[tuple[PeerResult, Measured]],
           steady: dict[int, list[Pass]]) -> None:
     """Each row's fastest steady epoch so far, and its ratio to the peer it is set beside."""
@@ -279,10 +308,16 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
                 built.remove((row, loader))
         score(rows, built, steady)
         save(rows)
+    for row, loader in built:  # after the timed epochs, which the profiler would slow
+        profile_epoch(row, loader, args.epochs + 1)
+    save(rows)
     for r in rows:
         log(f"peers: {r.loader} ({r.augment}): " + (
             f"{r.images_per_s:,.0f} images/s" if r.status == "ok" else f"{r.status}, {r.reason}")
-            + (f", {r.ratio:.2f}x {r.versus}" if r.ratio else ""))
+            + (f", {r.ratio:.2f}x {r.versus}" if r.ratio else "")
+            + (f"; profiled epoch: most time in {r.top_op}" if r.top_op else "")
+            + (f", device busy {r.device_busy_ms:.2f} ms, {r.device_events} device events"
+               if r.device_busy_ms is not None else ""))
     return rows
 
 

@@ -72,6 +72,12 @@ def bench_lines(bench: dict) -> list[str]:
     peers = bench.get("peers", {})
     lines += [f"- peers: {ROW_NAMES['peers'](r)}: {r['ratio']:.2f}x"
               for r in peers.get("loaders", []) if r.get("ratio")]
+    # the profiled epoch against the fastest timed one: what of it the device was busy
+    lines += [f"- peers, profiled: {ROW_NAMES['peers'](r)}: device busy "
+              f"{r['device_busy_ms']:.2f} ms of a {1e3 * r['images'] / r['images_per_s']:.2f} ms "
+              f"epoch, {r['device_events']} device events, most time in {r['top_op']}"
+              for r in peers.get("loaders", [])
+              if r.get("device_busy_ms") is not None and r.get("images_per_s")]
     lines += [f"- peers: {r['pipeline']} pipeline epoch {r['images_per_s']:,.0f} images/s, "
               f"{r['vs_seed']:.2f}x seed" for r in peers.get("epochs", [])]
     lines += [f"- MFU {r['config']}: {r['mfu']:.1%} of {r['peak_flops_per_s'] / 1e12:.3g} "

@@ -1,8 +1,11 @@
 """Batched augmentation on whatever device the batch is on: flip, translate, normalize, cutout.
 
-Flip and translate are one gather, over uint8 pixels (a quarter of the bytes of fp32) or over
-a split normalized once when it was loaded (the resident loader: then the gather is the whole
-per-epoch work); reflect or zero padding is done by index arithmetic, so no padded copy is made.
+Flip and translate are one gather. Over a uint8 batch (a quarter of the bytes of fp32) it
+takes whole pixels by a flat pixel index, and reflect or zero padding is index arithmetic.
+Over a split held on the device (the resident loader), normalized once when it was loaded and
+padded and mirrored then too, it takes whole output rows: each is a contiguous run of a padded
+row, so an epoch's sample order, flips and shifts are one row index, 1/32 the pixel index's
+entries, and the gather is the whole per-epoch work.
 """
 
 from __future__ import annotations
@@ -66,38 +69,46 @@ def _shift_tables(h: int, w: int, cfg: AugmentConfig, device: torch.device
 
 
 def gather_flip_translate(images: torch.Tensor, cfg: AugmentConfig, shift: torch.Tensor,
-                          flip: torch.Tensor | None, index: torch.Tensor | None = None,
-                          fill: torch.Tensor | None = None) -> torch.Tensor:
-    """N x H x W x C images flipped where `flip` and shifted by `shift`, as one gather.
-
-    With `index`, the images taken are images[index], picked by the same gather; zero padding
-    writes `fill` (one value per channel, for normalized images) instead of 0.
-    """
-    _, h, w, c = images.shape
+                          flip: torch.Tensor | None) -> torch.Tensor:
+    """N x H x W x C images flipped where `flip` and shifted by `shift`, as one gather."""
+    n, h, w, c = images.shape
     dev = images.device
-    n = shift.shape[1]
     rows, row_ok, cols, col_ok = _shift_tables(h, w, cfg, dev)
     dy, dx = shift[0, :, 0] + cfg.translate, shift[1, :, 0] + cfg.translate
     flipped = flip[:, 0].long() if flip is not None else torch.zeros_like(dx)
     rows, cols = rows[dy], cols[flipped, dx]  # n x h, n x w
-    samples = torch.arange(n, device=dev) if index is None else index
     # one flat pixel index per output pixel: index_select copies whole pixels (C values) and
     # measured faster than advanced indexing with three index tensors
+    samples = torch.arange(n, device=dev)
     pixel = ((samples[:, None] * h + rows)[:, :, None] * w + cols[:, None, :]).view(-1)
     out = images.reshape(-1, c).index_select(0, pixel).view(n, h, w, c)
     if not cfg.reflect:
-        inside = (row_ok[dy][:, :, None] & col_ok[flipped, dx][:, None, :])[..., None]
-        out = out * inside if fill is None else torch.where(inside, out, fill)
+        out = out * (row_ok[dy][:, :, None] & col_ok[flipped, dx][:, None, :])[..., None]
     return out
 
 
-def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
-                   index: torch.Tensor | None = None,
-                   fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Random flip and translation of N x H x W x C images (or images[index]), as one gather."""
-    n = images.shape[0] if index is None else len(index)
-    shift, flip = draw_flip_translate(n, cfg, g, images.device)
-    return gather_flip_translate(images, cfg, shift, flip, index, fill)
+def flip_translate(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Random flip and translation of N x H x W x C images, as one gather."""
+    shift, flip = draw_flip_translate(images.shape[0], cfg, g, images.device)
+    return gather_flip_translate(images, cfg, shift, flip)
+
+
+def crop_rows(padded: torch.Tensor, cfg: AugmentConfig, shift: torch.Tensor,
+              flip: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    """Images `index` of a split made by `Augment.store` (copies x N x H' x W' x C: padded by
+    cfg.translate, its mirror image second), flipped where `flip` and shifted by `shift`: the
+    same pixels as gather_flip_translate, gathered as whole output rows."""
+    copies, n_all, hp, wp, c = padded.shape
+    h, w = hp - 2 * cfg.translate, wp - 2 * cfg.translate
+    dy, dx = shift[0, :, 0] + cfg.translate, shift[1, :, 0] + cfg.translate
+    if flip is not None:  # the mirror's column x + 2T - dx is column x - T + dx mirrored
+        dx = torch.where(flip[:, 0], 2 * cfg.translate - dx, dx)
+        index = index + flip[:, 0] * n_all
+    rows = (index * hp + dy)[:, None] + torch.arange(h, device=padded.device)  # n x h
+    start = (rows * wp + dx[:, None]).view(-1)  # the pixel each output row starts at
+    flat = padded.view(-1)
+    runs = flat.as_strided((flat.numel() // c - w + 1, w * c), (c, 1))  # every run of w pixels
+    return runs.index_select(0, start).view(len(index), h, w, c)
 
 
 def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
@@ -139,17 +150,33 @@ class Augment:
         # multiplying apart were three, about 1.4x the time on CPU)
         return torch.addcmul(self.offset, images.permute(0, 3, 1, 2), self.scale)
 
-    def store(self, images: torch.Tensor) -> torch.Tensor:
-        """A whole uint8 N x H x W x C split normalized once, in the output dtype and still
-        N x H x W x C, for `__call__` with an index: each epoch is then one gather (flip,
-        translate and sample order at once, no float conversion or normalization per epoch).
-        Flip and translate only move pixels, so the output is the same as augmenting the uint8
-        split."""
+    def _normalized_split(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x C normalized in the output dtype, still N x H x W x C."""
         return self._normalized(images).to(self.dtype).permute(0, 2, 3, 1)
 
-    def _black(self) -> torch.Tensor:
-        """What zero padding writes in normalized images: a black pixel, normalized."""
-        return self.store(torch.zeros(1, 1, 1, 3, dtype=torch.uint8, device=self.device))[0, 0, 0]
+    def store(self, images: torch.Tensor) -> torch.Tensor:
+        """A whole uint8 N x H x W x C split normalized once, in the output dtype, for
+        `__call__` with an index, which then neither converts nor normalizes per epoch. For
+        training, padded by cfg.translate (reflect, or black pixels) and, with flips, stacked
+        with its mirror image: 1 or 2 x N x H' x W' x C, 2.5x the split's bytes at translate 2,
+        so that each epoch is one gather of whole rows (crop_rows). Flip and translate only
+        move pixels, so the output is the same as augmenting the uint8 split."""
+        split = self._normalized_split(images)
+        if self.cfg is None:
+            return split
+        t, (n, h, w, c) = self.cfg.translate, split.shape
+        padded = torch.empty((1 + self.cfg.flip, n, h + 2 * t, w + 2 * t, c),
+                             dtype=split.dtype, device=split.device)
+        if self.cfg.reflect:
+            padded[0] = torch.nn.functional.pad(split.permute(0, 3, 1, 2), (t,) * 4,
+                                                mode="reflect").permute(0, 2, 3, 1)
+        else:  # zero padding of normalized images: black pixels
+            padded[0] = self._normalized_split(
+                torch.zeros(1, 1, 1, c, dtype=torch.uint8, device=split.device))
+            padded[0, :, t:t + h, t:t + w] = split
+        if self.cfg.flip:
+            padded[1] = padded[0].flip(2)
+        return padded
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Augment a uint8 batch, or images[index] of a split made by `store`."""
@@ -159,9 +186,12 @@ class Augment:
         if self.cfg is not None:
             if self.generator is None:
                 raise RuntimeError("call set_epoch(seed, epoch) before augmenting")
-            # zero padding of a normalized split writes black pixels (reflect padding, none)
-            fill = self._black() if normalized and not self.cfg.reflect else None
-            images = flip_translate(images, self.cfg, self.generator, index, fill)
+            if normalized:
+                shift, flip = draw_flip_translate(len(index), self.cfg, self.generator,
+                                                  self.device)
+                images = crop_rows(images, self.cfg, shift, flip, index)
+            else:
+                images = flip_translate(images, self.cfg, self.generator)
         elif normalized:
             images = images.index_select(0, index)
         x = images.permute(0, 3, 1, 2) if normalized else self._normalized(images)

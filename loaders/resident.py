@@ -1,7 +1,8 @@
 """The whole split held on the device (as airbench's loader holds it), normalized once in the
-output dtype when it is loaded; each epoch is a permutation (sharding's, drawn on the CPU)
-on the device and one gather per large chunk (sample order, flip and translate together;
-ours, where airbench crops by masked copies), so the host does nothing per batch."""
+output dtype when it is loaded, and padded and mirrored then too (Augment.store); each epoch
+is a permutation (sharding's, drawn on the CPU) on the device and one gather of whole image
+rows per large chunk (sample order, flip and translate together; ours, where airbench crops
+by masked copies), so the host does nothing per batch."""
 
 from __future__ import annotations
 

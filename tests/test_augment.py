@@ -139,8 +139,10 @@ def test_config_out_of_range_is_refused(bad):
 @pytest.mark.parametrize("cfg", [None, AugmentConfig(), AugmentConfig(reflect=False),
                                  AugmentConfig(translate=4, reflect=False, cutout=8),
                                  AugmentConfig(translate=3, flip=False),
-                                 AugmentConfig(translate=0)],
-                         ids=["plain", "reflect", "zeros", "zeros-cutout", "no-flip", "flip-only"])
+                                 AugmentConfig(translate=0), AugmentConfig(translate=16),
+                                 AugmentConfig(translate=16, reflect=False)],
+                         ids=["plain", "reflect", "zeros", "zeros-cutout", "no-flip", "flip-only",
+                              "reflect-16", "zeros-16"])
 def test_normalizing_once_then_gathering_is_exactly_augmenting_uint8(cfg, dtype):
     # the resident loader's path: the split normalized at load, then one gather per chunk
     images, index = random_images(64), torch.randperm(64)[:40]

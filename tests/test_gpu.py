@@ -24,6 +24,7 @@ from engine.evaluate import evaluate
 from engine.run import DTYPES, build, make_accelerator, train_step
 from loaders.augment import (
     Augment,
+    crop_rows,
     draw_flip_translate,
     gather_flip_translate,
 )
@@ -103,6 +104,13 @@ def test_flip_and_translate_on_cuda_equal_the_cpu_for_the_same_draws(reflect):
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu(), on_cpu)
     assert not torch.equal(on_cpu, images)
+    # the resident loader's way: a split stored padded and mirrored, gathered by whole rows
+    stored = Augment(cfg, [0.5] * 3, [0.25] * 3, torch.bfloat16, "cpu").store(images)
+    index = torch.randperm(len(images), generator=torch.Generator().manual_seed(2))[:300]
+    draws = shift[:, :300], flip[:300]
+    on_cpu = crop_rows(stored, cfg, *draws, index)
+    on_gpu = crop_rows(stored.cuda(), cfg, *(d.cuda() for d in draws), index.cuda())
+    assert torch.equal(on_gpu.cpu(), on_cpu)
 
 
 def test_normalization_on_cuda_equals_the_cpu():

@@ -98,7 +98,7 @@ def crop_rows(padded: torch.Tensor, cfg: AugmentConfig, shift: torch.Tensor,
     """Images `index` of a split made by `Augment.store` (copies x N x H' x W' x C: padded by
     cfg.translate, its mirror image second), flipped where `flip` and shifted by `shift`: the
     same pixels as gather_flip_translate, gathered as whole output rows."""
-    copies, n_all, hp, wp, c = padded.shape
+    _, n_all, hp, wp, c = padded.shape
     h, w = hp - 2 * cfg.translate, wp - 2 * cfg.translate
     dy, dx = shift[0, :, 0] + cfg.translate, shift[1, :, 0] + cfg.translate
     if flip is not None:  # the mirror's column x + 2T - dx is column x - T + dx mirrored

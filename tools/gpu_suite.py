@@ -171,8 +171,9 @@ COMMANDS = {
     # short, fixed seed run first, so a compiled run cut by the step's limit leaves it measured
     "train": lambda s: train_commands(s, "train-seed", "train-fast-compile"),
     "tests-e2e": end_to_end_tests,
-    # airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images, then
-    # a 50k-image training epoch of the seed pipeline beside the default preset, with the MFU
+    # airbench's loader, stock FFCV and the seed DataLoader beside ours over 50k images (and a
+    # profiled epoch of each: the device's busy time), then a 50k-image training epoch of the
+    # seed pipeline beside the default preset, with the MFU
     "bench-peers": lambda s: bench(s, "bench-peers", "peers,mfu"),
     "train-eager": lambda s: train_commands(s, "train-fast-eager"),
     # every precision x format x compile at batch 512, then batch 256 and 1024 (compiled), then

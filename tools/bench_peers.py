@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 
 from common.errors import one_line
 from common.hardware import default_workers
@@ -25,7 +24,7 @@ from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.preparation import Prepared, prepare
 from tools.bench_options import TEST_IMAGES
-from tools.bench_profile import device_busy_us, top_ops
+from tools.bench_profile import activities, device_busy_us, device_events, top_ops
 from tools.bench_sections import (
     MEASURE_ERRORS,
     build_loader,
@@ -254,9 +253,8 @@ def profile_epoch(row: PeerResult, loader: Measured, epoch: int) -> None:
     """One more epoch of a loader under torch.profiler, into its row's top_op and, on a GPU,
     device_busy_ms and device_events: whether an epoch's time is the device's or the host's."""
     cuda = loader.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:
-        with profile(activities=activities) as prof:
+        with profile(activities=activities(cuda)) as prof:
             loader_pass(loader, epoch)
     except PEER_ERRORS as error:  # the timed epochs stand; the row only lacks its profile
         log(f"peers: {row.loader}: the profiled epoch failed: {one_line(error)}")
@@ -265,8 +263,8 @@ def profile_epoch(row: PeerResult, loader: Measured, epoch: int) -> None:
     if ops:
         row.top_op = f"{ops[0]['name']} {ops[0][sort_by]:.2f} ms"
     if cuda:
-        row.device_busy_ms = device_busy_us(prof) / 1e3
-        row.device_events = sum(e.device_type != DeviceType.CPU for e in prof.events())
+        events = device_events(prof)
+        row.device_busy_ms, row.device_events = device_busy_us(events) / 1e3, len(events)
 
 
 def score(rows: list[PeerResult], built: list[tuple[PeerResult, Measured]],

@@ -90,10 +90,19 @@ def covered(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def device_busy_us(prof: profile) -> float:
-    """Microseconds in which the device ran any of the profile's device-side events."""
-    return covered([(e.time_range.start, e.time_range.end) for e in prof.events()
-                    if e.device_type != DeviceType.CPU])
+def activities(cuda: bool) -> list[ProfilerActivity]:
+    """What torch.profiler records: host ops, and on CUDA the device's kernels too."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+
+def device_events(prof: profile) -> list:
+    """The profile's device-side events: kernels, copies and fills."""
+    return [e for e in prof.events() if e.device_type != DeviceType.CPU]
+
+
+def device_busy_us(events: list) -> float:
+    """Microseconds in which the device ran any of these device-side events."""
+    return covered([(e.time_range.start, e.time_range.end) for e in events])
 
 
 def step_seconds(run: Run, batches: Iterator, steps: int) -> float:
@@ -112,12 +121,11 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
     loader; the Chrome trace goes to `trace` when given."""
     run = make_run(cfg, args.threads)
     cuda = run.accelerator.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with closing(endless(run)) as batches:
         for _ in range(args.warmup_steps):
             train_step(run, *next(batches))
         sync(run.accelerator.device)
-        with profile(activities=activities) as prof:  # its time holds the profiler's own
+        with profile(activities=activities(cuda)) as prof:  # its time holds the profiler's own
             step_seconds(run, batches, args.profile_steps)
         step_s = step_seconds(run, batches, args.profile_steps) if cuda else None
     if trace is not None:
@@ -127,7 +135,7 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
                            cfg.width, args.warmup_steps, args.profile_steps, sort_by,
                            str(trace or ""), ops, cfg.compile_mode)
     if step_s is not None:
-        result.device_busy_ms = device_busy_us(prof) / 1e3 / args.profile_steps
+        result.device_busy_ms = device_busy_us(device_events(prof)) / 1e3 / args.profile_steps
         result.step_ms = step_s * 1e3
         result.device_busy_share = result.device_busy_ms / result.step_ms
     log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"

@@ -80,7 +80,6 @@ class Suite:
     dry: bool
     meta: dict  # the header of every log
     steps: list[str]  # what this run was asked for, in order
-    test_workers: int = 1  # pytest-xdist workers of the end-to-end tests (1: no xdist)
     deadline: float = math.inf  # time.monotonic() at which --budget runs out
     bundle: Path | None = None
     done: list[dict] = field(default_factory=list)  # one record per step run so far
@@ -122,10 +121,11 @@ def pytest_step(s: Suite, name: str, marks: str, workers: int = 1) -> Commands:
 
 
 def end_to_end_tests(s: Suite) -> Commands:
-    """The slow GPU tests, runs of the commands end to end: spread over s.test_workers (in a
+    """The slow GPU tests, runs of the commands end to end: spread over test_workers (in a
     row, the first H200 run's budget cut them at the 9th of 10, after 233 s), then those
     marked gpu_alone one at a time, as they fill the GPU's memory or time it."""
-    return [*pytest_step(s, "tests-e2e", "gpu and slow and not gpu_alone", s.test_workers),
+    workers = test_workers(s.python, s.env)
+    return [*pytest_step(s, "tests-e2e", "gpu and slow and not gpu_alone", workers),
             *pytest_step(s, "tests-e2e-alone", "gpu and slow and gpu_alone")]
 
 
@@ -475,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
             # absolute: the commands run in the checkout, the caller named them from elsewhere
             work = args.work.absolute() if args.work else Path(tmp)
-            suite = Suite(results, work, sys.executable, env, args.dry_run, meta, steps,
-                          test_workers(sys.executable, env), deadline, bundle)
+            suite = Suite(results, work, sys.executable, env, args.dry_run,
+                          meta, steps, deadline, bundle)
             failed = run_steps(suite)
         print((results / "summary.md").read_text())
         print(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))

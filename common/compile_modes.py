@@ -1,5 +1,6 @@
-"""torch.compile's modes and how a run names them, without importing torch, so tools that only
-read results (tools/gpu_summary.py) label rows exactly as the engine and the bench do."""
+"""torch.compile's modes, and how a run names them and its cuDNN autotuning, without importing
+torch, so tools that only read results (tools/gpu_summary.py) label rows exactly as the engine
+and the bench do."""
 
 from __future__ import annotations
 
@@ -11,3 +12,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def compile_text(compile: bool, mode: str = "default") -> str:
     """How a step runs, for logs and tables: 'eager', 'compiled' or 'compiled reduce-overhead'."""
     return ("compiled" if mode == "default" else f"compiled {mode}") if compile else "eager"
+
+
+def autotune_text(cudnn_benchmark: bool) -> str:
+    """What a row's name adds when cuDNN picked its algorithms untimed: '' or ', no cuDNN
+    autotuning' (the engine's runs autotune; see engine.run.choose_algorithms)."""
+    return "" if cudnn_benchmark else ", no cuDNN autotuning"

@@ -83,6 +83,7 @@ class TrainConfig:
     tta: bool = True
     seed: int = 0
     deterministic: bool = False  # torch's deterministic algorithms (cuDNN's, on CUDA)
+    cudnn_benchmark: bool = True  # cuDNN times its algorithms per shape (not if deterministic)
     out: str | None = None  # None: runs/<dataset>-<time>
     log_with: str | None = None
 
@@ -182,6 +183,9 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
                    help="runs that repeat on CUDA too: torch's deterministic algorithms, "
                         "cuDNN's among them (slower); an op without one warns")
+    g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction,
+                   help="cuDNN times its convolution algorithms at each new input shape and "
+                        "keeps the fastest (default: on; off with --deterministic)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=path_option("write the run into the current directory"),
                    help=f"run directory (default: runs/{tool or '<dataset>'}-<time>)")
@@ -254,7 +258,7 @@ def validate(cfg: TrainConfig) -> list[str]:
 # What --resume DIR may change: how long to train, and where the data and workers are.
 # Everything else would make the continued run a different run.
 RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mode",
-             "deterministic")
+             "deterministic", "cudnn_benchmark")
 
 
 @dataclass

@@ -271,17 +271,20 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
         assert cfg == replace(base, compile=True, compile_mode=cfg.compile_mode)
 
 
-@pytest.mark.parametrize("device, quick, extra", [("cuda", False, [("resident", "default")]),
-                                                  ("cpu", False, []), ("cuda", True, [])])
+@pytest.mark.parametrize("device, quick, extra", [
+    ("cuda", False, [("resident", "default", True), ("resident", "reduce-overhead", False)]),
+    ("cpu", False, []), ("cuda", True, [("resident", "default", False)])])
 def test_the_epoch_section_times_the_default_loader_in_the_other_compile_modes(device, quick,
                                                                               extra):
     """On CUDA each loader's epoch runs on CUDA graphs, the engine's mode, and the default
-    loader's again in the default mode: the first H200 run's configuration, in the same run."""
+    loader's again in the default mode: the first H200 run's configuration, in the same run;
+    then without cuDNN's autotuning, which that run also went without."""
     args, base = listed_options(device, quick)
     configs = bench_sections.epoch_configs(base, args)
-    assert [(c.loader, c.compile_mode) for c in configs] == (
-        [(kind, base.compile_mode) for kind in loaders.LOADERS] + extra)
-    assert base.compile_mode == ("reduce-overhead" if extra else "default")
+    assert [(c.loader, c.compile_mode, c.cudnn_benchmark) for c in configs] == (
+        [(kind, base.compile_mode, True) for kind in loaders.LOADERS] + extra)
+    assert base.compile_mode == ("reduce-overhead" if device == "cuda" and not quick
+                                 else "default")
 
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])

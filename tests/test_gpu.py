@@ -286,6 +286,9 @@ def test_bench_quick_on_cuda(tmp_path):
     assert {r["loader"] for r in bench["loaders"]} == set(loaders.LOADERS)
     assert any(r["status"] == "ok" and r["precision"] == "fp16" for r in bench["step"])
     assert bench["mfu"]["rows"] and all(0 < row["mfu"] < 1 for row in bench["mfu"]["rows"])
+    # each loader's epoch with cuDNN's autotuning, then the default loader's without it
+    assert [(r["status"], r["cudnn_benchmark"]) for r in bench["epoch"]] == (
+        [("ok", True)] * len(loaders.LOADERS) + [("ok", False)]), bench["epoch"]
     profile = bench["profile"]  # ranked by the kernels' time on the GPU
     assert profile["sort_by"] == "self_device_ms" and profile["ops"][0]["self_device_ms"] > 0
     names = [op["name"] for op in profile["ops"]]  # ops, not also their kernels by the same name

@@ -26,7 +26,7 @@ from common.compile_modes import COMPILE_MODES, compile_text
 from tools import gpu_suite, gpu_summary
 from tools.bench_peers import PeerResult
 from tools.bench_profile import ProfileResult
-from tools.bench_sections import StepResult
+from tools.bench_sections import EpochResult, StepResult
 
 PY312 = Path("/root/.pyenv/versions/3.12.1/bin/python3")
 
@@ -498,6 +498,22 @@ def test_the_summary_names_each_step_row_as_the_bench_does():
             assert gpu_summary.bench_lines({"step": [row]}) == [
                 f"- step bf16 channels_last {compile_text(compile, mode)} batch 512: "
                 "1,000 images/s"]
+
+
+def test_the_summary_names_an_epoch_row_without_cudnn_autotuning_as_the_bench_does():
+    """The epoch rows differ only in cuDNN's autotuning on CUDA; a row written before the field
+    (the first H200 run's, which did not autotune) reads as untuned."""
+    row = asdict(EpochResult("resident", "bf16", True, 512, 64, "reduce-overhead", False,
+                             images=50_000, images_per_s=50_000.0, data_wait_share=0.01,
+                             loader_overhead_share=0.02))
+    line = ("- epoch, resident loader, bf16 compiled reduce-overhead batch 512{}: 1.000 s per "
+            "50,000 images, data wait 1.0% (blocked in next()), loader overhead 2.0% (over "
+            "steps on a batch on the device)")
+    assert gpu_summary.bench_lines({"epoch": [row]}) == [line.format(", no cuDNN autotuning")]
+    assert gpu_summary.bench_lines({"epoch": [row | {"cudnn_benchmark": True}]}) == [
+        line.format("")]
+    del row["cudnn_benchmark"]
+    assert gpu_summary.bench_lines({"epoch": [row]}) == [line.format(", no cuDNN autotuning")]
 
 
 def test_the_summary_tells_rows_apart_and_keeps_the_goals_digits():

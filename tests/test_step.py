@@ -97,23 +97,31 @@ def test_a_launched_runs_processes_come_from_its_world_size(monkeypatch):
 def test_deterministic_turns_torchs_deterministic_algorithms_on_for_its_run(prepared, tmp_path,
                                                                             monkeypatch):
     """--deterministic reaches torch when the run is built (cuDNN's deterministic kernels on
-    CUDA; ops without one warn), with cuBLAS's workspace set as torch asks; a run without it
-    turns them off again, so one process can build both (the bench, tools/compare.py)."""
+    CUDA; ops without one warn), with cuBLAS's workspace set as torch asks, and turns cuDNN's
+    autotuning off, which could time its way to other kernels in another process; a run
+    without it turns them off again and autotunes, unless --no-cudnn-benchmark, so one process
+    can build each (the bench, tools/compare.py)."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     argv = ["--dataset", "synthetic", "--data-dir", str(prepared.source.parent),
             "--synthetic-size", *map(str, SYNTHETIC_SIZE), "--width", "4", "--batch-size", "64",
             "--workers", "1", "--out", str(tmp_path / "run")]
     try:
-        cfg = resolve(parse([*argv, "--deterministic"]).cfg, cuda=False)
+        cfg = resolve(parse([*argv, "--deterministic", "--cudnn-benchmark"]).cfg, cuda=False)
         run = build(cfg, make_accelerator(cfg))
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.benchmark is False
         loss, _ = train_step(run, *next(iter(run.train_loader)))
         assert torch.isfinite(loss)
         cfg = resolve(parse(argv).cfg, cuda=False)
         build(cfg, make_accelerator(cfg))
         assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is True
+        cfg = resolve(parse([*argv, "--no-cudnn-benchmark"]).cfg, cuda=False)
+        build(cfg, make_accelerator(cfg))
+        assert torch.backends.cudnn.benchmark is False
     finally:
         torch.use_deterministic_algorithms(False)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common.cli import stop_if_interrupted
-from common.compile_modes import compile_text
+from common.compile_modes import autotune_text, compile_text
 from common.errors import EngineError, SetupError, TrainingError, one_line
 from engine.config import TrainConfig
 from engine.loop import out_of_memory
@@ -82,6 +82,7 @@ class EpochResult:
     batch_size: int
     width: int
     compile_mode: str = "default"
+    cudnn_benchmark: bool = True  # cuDNN's autotuning, as in engine.run.choose_algorithms
     status: str = "ok"  # "failed": see reason (the other loaders' epochs run all the same)
     reason: str = ""
     images: int | None = None  # per epoch
@@ -248,7 +249,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     as many images as steps on one of its batches, to tell the loader's cost apart: as many
     times as steady epochs, the fastest of each set against the other."""
     r = EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
-                    cfg.compile_mode)
+                    cfg.compile_mode, cfg.cudnn_benchmark and not cfg.deterministic)
     try:
         start = time.perf_counter()
         run = make_run(cfg, threads)
@@ -272,10 +273,13 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
 
 def epoch_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConfig]:
     """Each loader at the engine's defaults for the device, then, where those compile (CUDA),
-    the default loader in the other --compile-modes: the engine's mode against the others."""
+    the default loader in the other --compile-modes: the engine's mode against the others; and
+    on CUDA the default loader without cuDNN's autotuning, which the engine's runs did without
+    until the first GPU run's figures (BENCHMARKS.md): the change's before, beside its after."""
     others = [m for m in args.compile_modes if m != base.compile_mode] if base.compile else []
+    untuned = [replace(base, cudnn_benchmark=False)] if args.device == "cuda" else []
     return ([replace(base, loader=kind) for kind in LOADERS]
-            + [replace(base, compile_mode=mode) for mode in others])
+            + [replace(base, compile_mode=mode) for mode in others] + untuned)
 
 
 def bench_epochs(base: TrainConfig, args: argparse.Namespace,
@@ -287,7 +291,8 @@ def bench_epochs(base: TrainConfig, args: argparse.Namespace,
         results.append(bench_epoch(cfg, args.epochs, args.threads))
         partial(results)
         r = results[-1]
-        log(f"epoch: {r.loader} {compile_text(r.compile, r.compile_mode)} "
+        log(f"epoch: {r.loader} {compile_text(r.compile, r.compile_mode)}"
+            f"{autotune_text(r.cudnn_benchmark)} "
             + (f"{r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%}, loader "
                f"overhead {r.loader_overhead_share:.1%}" if r.status == "ok"
                else f"{r.status}, {r.reason}"))
@@ -313,7 +318,8 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
                  precision=r.precision, images_per_s=r.images_per_s)
             for r in results.get("step", []) if r.status == "ok"]
     rows += [dict(source="epoch", config=f"{r.loader} loader, {r.precision} "
-                  f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}",
+                  f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}"
+                  f"{autotune_text(r.cudnn_benchmark)}",
                   precision=r.precision, images_per_s=r.images_per_s)
              for r in results.get("epoch", []) if r.status == "ok"]
     # the peers' timed training epochs, each with the FLOPs counted on its own model

@@ -9,7 +9,7 @@ import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from common.compile_modes import compile_text
+from common.compile_modes import autotune_text, compile_text
 
 
 def read_json(path: Path) -> dict:
@@ -42,8 +42,9 @@ def compiled(r: dict) -> str:
 # each row's name, enough to tell it from the other rows of its section
 ROW_NAMES = {
     "loaders": lambda r: r["loader"],
+    # rows written before the field was did not autotune: they say so
     "epoch": lambda r: (f"{r['loader']} loader, {r['precision']} {compiled(r)} batch "
-                        f"{r['batch_size']}"),
+                        f"{r['batch_size']}{autotune_text(r.get('cudnn_benchmark', False))}"),
     "step": lambda r: (f"{r['precision']} {r['memory_format']} {compiled(r)} batch "
                        f"{r['batch_size']}"),
     "peers": lambda r: (f"{r['loader']} ({'; '.join(filter(None, (r['augment'], r['output'])))})"

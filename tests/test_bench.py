@@ -22,7 +22,15 @@ import loaders
 from common.errors import LoaderError
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
-from tools import bench, bench_options, bench_peers, bench_profile, bench_run, bench_sections
+from tools import (
+    bench,
+    bench_options,
+    bench_peers,
+    bench_profile,
+    bench_run,
+    bench_sections,
+    timing,
+)
 from tools.bench_output import NAME_WIDTH, shortened
 from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
@@ -75,7 +83,8 @@ def test_quick_run_measures_every_loader(quick):
     assert set(loaders) == {"ffcv", "resident", "torchvision"}
     for r in loaders.values():
         assert r["images"] == 2048 and r["images_per_s"] > 0
-        assert r["first_epoch_s"] > 0 and len(r["epoch_s"]) == 1
+        # one turn (--quick): as many epochs as fill it (tools.timing.loader_turn)
+        assert r["first_epoch_s"] > 0 and 1 <= len(r["epoch_s"]) <= timing.TURN_EPOCHS
     assert loaders["torchvision"]["vs_torchvision"] == 1
 
 
@@ -144,7 +153,8 @@ def test_quick_run_records_every_peer_or_why_not(quick):
     speed = {r["loader"]: r for r in rows if r["role"] == "peer"}
     for r in rows:
         if r["status"] == "ok":
-            assert r["images"] == 2048 and r["images_per_s"] > 0 and len(r["epoch_s"]) == 1
+            assert r["images"] == 2048 and r["images_per_s"] > 0
+            assert 1 <= len(r["epoch_s"]) <= timing.TURN_EPOCHS  # one turn of epochs
             assert r["output"].endswith("3x32x32 channels_last") or r["role"] == "peer"
             # the profiled epoch's op of most (host) time; device figures only on a GPU
             assert r["top_op"].endswith(" ms") and r["device_busy_ms"] is None
@@ -384,6 +394,7 @@ def test_the_peer_loaders_are_saved_after_every_turn(prepared, tmp_path, monkeyp
     once the whole peers section was done."""
     lineup = bench_peers.lineup  # airbench and ours beside it: no FFCV compile here
     monkeypatch.setattr(bench_peers, "lineup", lambda *a: lineup(*a)[:2])
+    monkeypatch.setattr(timing, "TURN_S", 0)  # one epoch a turn, to count the turns
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--epochs", "2"])
     bench_options.fill_defaults(args)
     saved = []
@@ -394,6 +405,22 @@ def test_the_peer_loaders_are_saved_after_every_turn(prepared, tmp_path, monkeyp
     assert [[len(r["epoch_s"]) for r in turn] for turn in saved] == [[1, 1], [2, 2], [2, 2]]
     assert [[bool(r["top_op"]) for r in turn] for turn in saved] == [[False] * 2] * 2 + [[True] * 2]
     assert saved[0][1]["ratio"] > 0 and saved[-1] == [asdict(r) for r in rows]
+
+
+def test_a_loaders_turn_repeats_its_epochs_until_they_fill_the_turn(prepared, monkeypatch):
+    """On a GPU the resident loader's 50k-image epoch takes milliseconds: a turn times it many
+    times, each epoch with its own number (so its own augmentations); a loader whose epoch
+    fills the turn (here: a turn of no time) runs once."""
+    loader = loaders.make_loader("resident", prepared.train, train=True, batch_size=64,
+                                 device="cpu", mean=prepared.mean, std=prepared.std,
+                                 augment=TrainConfig().augment())
+    passes = timing.loader_turn(loader, 5)
+    assert 1 < len(passes) <= timing.TURN_EPOCHS
+    assert sum(p.seconds for p in passes) >= timing.TURN_S or len(passes) == timing.TURN_EPOCHS
+    assert loader.epoch == 5 + len(passes) - 1
+    assert all(p.images == SYNTHETIC_SIZE[0] for p in passes)
+    monkeypatch.setattr(timing, "TURN_S", 0)
+    assert len(timing.loader_turn(loader, 0)) == 1
 
 
 def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):

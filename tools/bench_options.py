@@ -20,6 +20,7 @@ from tools.options import add_device_option
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
 TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
+TURN_S, TURN_EPOCHS = 0.2, 32  # a loader's turn (tools.timing.loader_turn): seconds, epochs
 T = TypeVar("T")  # the value type of an argparse type below
 
 # Options left out: (on CUDA, on CPU, with --quick). The help text is made from this table.
@@ -90,7 +91,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     for name, kind, help_text in (
             ("images", count, "training images of the loaders section"),
             ("epoch-images", count, "training images of the epoch section"),
-            ("epochs", count, "steady-state epochs after the warm-up one"),
+            ("epochs", count, "steady-state epochs after the warm-up one (loaders and peers "
+                              f"sections: turns, in which each loader repeats its epoch until "
+                              f"{TURN_S:g} s have passed, at most {TURN_EPOCHS} times)"),
             ("width", count, "ResNet-18 width"),
             ("batch-size", count, "batch size of every section"),
             ("batch-sizes", csv(positive(int)), "more batch sizes for the step section, at "

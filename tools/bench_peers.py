@@ -34,7 +34,7 @@ from tools.bench_sections import (
     release,
 )
 from tools.flops import train_flops
-from tools.timing import Pass, fastest, loader_pass, train_pass
+from tools.timing import Pass, fastest, loader_pass, loader_turn, train_pass
 
 BENCH_EXTRA = "pip install -e '.[bench]' (or: make bench)"
 # what a peer's loader may raise (foreign code: more than ours), recorded in its row
@@ -283,8 +283,9 @@ def score(rows: list[PeerResult], built: list[tuple[PeerResult, Measured]],
 def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
                        args: argparse.Namespace, folder: Path,
                        save: Callable[[list[PeerResult]], None]) -> list[PeerResult]:
-    """Every peer and ours beside it, the steady-state epochs of all taken in turns; `save`
-    gets the rows after each turn, so a run cut short keeps the turns it finished."""
+    """Every peer and ours beside it, the steady-state epochs of all taken in turns
+    (tools.timing.loader_turn); `save` gets the rows after each turn, so a run cut short keeps
+    the turns it finished."""
     built: list[tuple[PeerResult, Measured]] = []
     rows = []
     for row, make in lineup(data, cfg, device, folder):
@@ -296,10 +297,10 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
             row.images, row.first_epoch_s = first.images, first.seconds
             built.append((row, loader))
     steady: dict[int, list[Pass]] = {id(row): [] for row, _ in built}
-    for epoch in range(1, args.epochs + 1):
+    for _ in range(args.epochs):
         for row, loader in list(built):
-            try:
-                steady[id(row)].append(loader_pass(loader, epoch))
+            try:  # each epoch its own number after the warm-up's 0, so its own augmentations
+                steady[id(row)] += loader_turn(loader, len(steady[id(row)]) + 1)
             except PEER_ERRORS as error:
                 row.status, row.reason = "failed", one_line(error)
                 row.epoch_s, row.images_per_s = None, None  # no figure of a loader that failed
@@ -307,7 +308,7 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
         score(rows, built, steady)
         save(rows)
     for row, loader in built:  # after the timed epochs, which the profiler would slow
-        profile_epoch(row, loader, args.epochs + 1)
+        profile_epoch(row, loader, len(steady[id(row)]) + 1)
     save(rows)
     for r in rows:
         log(f"peers: {r.loader} ({r.augment}): " + (

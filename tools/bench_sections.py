@@ -30,6 +30,7 @@ from tools.timing import (
     Peak,
     fastest,
     loader_pass,
+    loader_turn,
     matmul_peak,
     sync,
     timed_epoch_steps,
@@ -160,7 +161,7 @@ def build_loader(kind: str, data: Prepared, cfg: TrainConfig,
 def bench_loaders(cfg: TrainConfig, device: torch.device,
                   args: argparse.Namespace) -> list[LoaderResult]:
     """Every loader over the same split and augmentations, their epochs taken in turns so that
-    a burst of load on a shared machine hits all of them alike."""
+    a burst of load on a shared machine hits all of them alike (tools.timing.loader_turn)."""
     data = prepare("synthetic", Path(cfg.data_dir), cfg.synthetic_size,
                    workers=cfg.workers)
     results = {kind: LoaderResult(kind, cfg.batch_size) for kind in LOADERS}
@@ -173,10 +174,12 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
             r.status, r.reason = "failed", one_line(error)
     pin_threads(args.threads)
     steady: dict[str, list[Pass]] = {kind: [] for kind in LOADERS}
-    for epoch in range(args.epochs + 1):  # epoch 0 is the warm-up
+    for turn in range(args.epochs + 1):  # turn 0 is the warm-up epoch
         for kind in list(built):
             try:
-                steady[kind].append(loader_pass(built[kind], epoch))
+                passes = steady[kind]  # each epoch its own number, so its own augmentations
+                passes += (loader_turn(built[kind], len(passes)) if turn
+                           else [loader_pass(built[kind], 0)])
             except MEASURE_ERRORS as error:
                 results[kind].status, results[kind].reason = "failed", one_line(error)
                 del built[kind]

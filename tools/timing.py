@@ -12,6 +12,7 @@ import torch
 
 from engine.run import DTYPES, Run, train_step
 from loaders.base import BatchLoader
+from tools.bench_options import TURN_EPOCHS, TURN_S
 
 
 @dataclass
@@ -54,6 +55,16 @@ def loader_pass(loader: BatchLoader, epoch: int,
         images += len(labels)
     sync(loader.device)
     return Pass(images, time.perf_counter() - start)
+
+
+def loader_turn(loader: BatchLoader, epoch: int) -> list[Pass]:
+    """A loader's turn where loaders take turns: epochs `epoch`, `epoch + 1`, ... until they
+    fill TURN_S, at most TURN_EPOCHS of them, so that an epoch of milliseconds (a GPU's) is
+    timed dozens of times a turn rather than once, and a slow one still once."""
+    passes = [loader_pass(loader, epoch)]
+    while sum(p.seconds for p in passes) < TURN_S and len(passes) < TURN_EPOCHS:
+        passes.append(loader_pass(loader, epoch + len(passes)))
+    return passes
 
 
 def train_pass(run: Run, epoch: int) -> Pass:

@@ -105,6 +105,12 @@ def test_dry_run_bundle_holds_every_result_and_the_summary_names_the_figures(gpu
     assert summary == (results / "summary.md").read_text()
     assert summary in process.stdout  # the end of the output is what a lease hands back
     assert "| bench-epoch | bench-epoch | ok |" in summary and "Still to run" not in summary
+    # profile-ffcv: bench-epoch's profile, its steps fed by the ffcv loader, with its trace
+    assert "| profile-ffcv | profile-ffcv | ok |" in summary
+    profile = json.loads((results / "profile-ffcv.json").read_text())["profile"]
+    assert profile["loader"] == "ffcv" and profile["ops"]
+    assert profile["trace"] == str(results / "profile-ffcv.trace.json.gz")
+    assert (results / "profile-ffcv.trace.json.gz").stat().st_size > 0
     figures = summary.split("## Figures", 1)[1]
     for expected in ("- loader resident: ", "- epoch, ffcv loader, fp32 eager batch 64: ",
                      "data wait", "- MFU ", "- train-seed: 2 epochs in ", "- tests-e2e: ",

@@ -15,6 +15,7 @@ from common.errors import DataError
 from common.files import place_problem
 from common.hardware import available_cores
 from engine.config import PRECISIONS
+from loaders import LOADERS
 from loaders.options import check_synthetic_memory, data_dir_option, synthetic_size_problem
 from tools.options import add_device_option
 
@@ -118,6 +119,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="step section precisions (default: fp32,bf16,fp16)")
     p.add_argument("--formats", type=csv(str), default=["channels_last", "contiguous"],
                    help="step section memory formats (default: channels_last,contiguous)")
+    p.add_argument("--profile-loader", choices=LOADERS,
+                   help="the loader feeding the profile section's steps (default: the "
+                        "engine's for the device: resident on CUDA, ffcv on CPU)")
     p.add_argument("--trace", type=file, help="the profile section's gzipped Chrome trace "
                                               "(default: beside --json, as NAME.trace.json.gz)")
     p.add_argument("--workers", type=count, help="loader workers (default: cores available)")

@@ -44,6 +44,12 @@ def base_config(args: argparse.Namespace, device: torch.device, images: int,
     return resolve(cfg, device.type == "cuda")
 
 
+def profiled_config(args: argparse.Namespace, device: torch.device, out: str) -> TrainConfig:
+    """The profile section's run: the epoch section's defaults, fed by --profile-loader."""
+    cfg = base_config(args, device, args.epoch_images, out)
+    return replace(cfg, loader=args.profile_loader or cfg.loader)
+
+
 def trace_path(args: argparse.Namespace) -> Path | None:
     """Where the profile section writes its trace: --trace, else beside --json, else nowhere."""
     if args.trace is not None:
@@ -64,8 +70,8 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
         "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args,
                                       partial("epoch")),
         "mfu": lambda: bench_mfu(results, base, device, args),
-        "profile": lambda: bench_profile(base_config(args, device, args.epoch_images, out),
-                                         args, trace_path(args)),
+        "profile": lambda: bench_profile(profiled_config(args, device, out), args,
+                                         trace_path(args)),
     }
     seconds: dict[str, float] = {}
 

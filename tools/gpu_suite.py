@@ -7,9 +7,10 @@ tests-quick (pytest -m "gpu and not slow"), train (the seed pipeline, then the f
 compiled, on 50k synthetic images: the headline ratio), bench-peers (the public loaders and the
 seed pipeline's epoch beside ours), bench-epoch (loaders, 50k-image epochs per loader, MFU, a
 profile), tests-e2e (pytest -m "gpu and slow", on several workers), train-eager (the fast
-preset not compiled), bench-step (the precision x format x compile x batch grid). Each step
-has a time limit, so one slow step cannot take the lease from the ones after it. --budget ends
-the whole run in time: a command is killed at it and later steps are recorded as not run.
+preset not compiled), bench-step (the precision x format x compile x batch grid), profile-ffcv
+(bench-epoch's profile, its steps fed by the ffcv loader). Each step has a time limit, so one
+slow step cannot take the lease from the ones after it. --budget ends the whole run in time: a
+command is killed at it and later steps are recorded as not run.
 --bundle packs the results into one .tar.gz after every command (for machines that hand back
 few files). --dry-run runs the same commands on the CPU with tiny sizes. On a machine without
 ffcv or grad-cam, the wheels in the checkout's .whl/ (tools/wheelhouse.sh) are installed first.

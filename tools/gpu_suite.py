@@ -7,8 +7,8 @@ tests-quick (pytest -m "gpu and not slow"), train (the seed pipeline, then the f
 compiled, on 50k synthetic images: the headline ratio), bench-peers (the public loaders and the
 seed pipeline's epoch beside ours), bench-epoch (loaders, 50k-image epochs per loader, MFU, a
 profile), tests-e2e (pytest -m "gpu and slow", on several workers), train-eager (the fast
-preset not compiled), bench-step (the precision x format x compile x batch grid), profile-ffcv
-(bench-epoch's profile, its steps fed by the ffcv loader). Each step has a time limit, so one
+preset not compiled), profile-ffcv (bench-epoch's profile, its steps fed by the ffcv loader),
+bench-step (the precision x format x compile x batch grid). Each step has a time limit, so one
 slow step cannot take the lease from the ones after it. --budget ends the whole run in time: a
 command is killed at it and later steps are recorded as not run.
 --bundle packs the results into one .tar.gz after every command (for machines that hand back
@@ -42,9 +42,9 @@ from tools.gpu_summary import render
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("tests-quick", "train", "bench-peers", "bench-epoch", "tests-e2e", "train-eager",
-         "bench-step", "profile-ffcv")
+         "profile-ffcv", "bench-step")
 GROUPS = {"all": STEPS, "tests": ("tests-quick", "tests-e2e"),
-          "bench": ("bench-peers", "bench-epoch", "bench-step", "profile-ffcv")}
+          "bench": ("bench-peers", "bench-epoch", "profile-ffcv", "bench-step")}
 STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
 # the first steps' own limits, in whole minutes at 1.6x or more of their times on the first H200
 # run (52, 106, 97 and 111 s: benchmarks/results/h200-2026-12-04/): a hang in the quick tests,
@@ -180,13 +180,13 @@ COMMANDS = {
     # seed pipeline beside the default preset, with the MFU
     "bench-peers": lambda s: bench(s, "bench-peers", "peers,mfu"),
     "train-eager": lambda s: train_commands(s, "train-fast-eager"),
-    # every precision x format x compile at batch 512, then batch 256 and 1024 (compiled), then
-    # reduce-overhead (CUDA graphs): 9 of its 15 configurations compile; the JSON is rewritten
-    # after each one
-    "bench-step": lambda s: bench(s, "bench-step", "step,mfu"),
     # the profile of bench-epoch, its steps fed by the ffcv loader: the first H200 run's ffcv
     # epoch waited for data 13.3% of its time (goal: under 2%), not explained yet
     "profile-ffcv": lambda s: bench(s, "profile-ffcv", "profile", "--profile-loader", "ffcv"),
+    # every precision x format x compile at batch 512, then batch 256 and 1024 (compiled), all on
+    # CUDA graphs (the engine's mode), then torch.compile's default mode: 9 of its 15
+    # configurations compile; the JSON is rewritten after each one
+    "bench-step": lambda s: bench(s, "bench-step", "step,mfu"),
 }
 
 

@@ -34,6 +34,12 @@ class Trained:
     cfg: TrainConfig  # as resolved and run (--lr auto's LR included)
     history: list[dict]  # one row per epoch, as in metrics.jsonl
     main_process: bool  # the process that wrote the run directory
+    # this call's share: the epochs it trained (the last of history; fewer when it resumed),
+    # the seconds it took to build the run (data, loaders, model; a compile is its first
+    # epoch's) and to write each epoch's files: where the wall time went besides the epochs
+    epochs_run: int = 0
+    setup_s: float = 0.0
+    saving_s: float = 0.0
 
     @property
     def out(self) -> Path:
@@ -124,9 +130,11 @@ def summary_line(row: dict, epochs: int) -> str:
             f"{row['images_per_s']:,.0f} img/s")
 
 
-def fit(run: Run, history: list[dict], log: Log) -> None:
-    """Train from len(history) to cfg.epochs, saving after every epoch (main process only)."""
+def fit(run: Run, history: list[dict], log: Log) -> float:
+    """Train from len(history) to cfg.epochs, saving after every epoch (main process only);
+    returns the seconds the saving took."""
     cfg, acc, out = run.cfg, run.accelerator, Path(run.cfg.out)
+    saving = 0.0
     for epoch in range(len(history), cfg.epochs):
         row = dict(epoch=epoch + 1, **train_epoch(run, epoch), **test_epoch(run),
                    lr=run.optimizer.param_groups[0]["lr"])
@@ -143,6 +151,7 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
         acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         if acc.is_main_process:
             # the epoch's files as one: Ctrl-C waits, so none is left an epoch behind the others
+            start = time.perf_counter()
             with stop_signals_held():
                 if max(history, key=lambda r: r["test_acc"]) is row:
                     checkpoint.save(out / "best.pt", checkpoint.content(run, history, False))
@@ -150,7 +159,9 @@ def fit(run: Run, history: list[dict], log: Log) -> None:
                 checkpoint.write_metrics(out, history)
                 # beside the first checkpoint, not before: a run that fails early leaves nothing
                 write_json(out / "config.json", cfg.to_dict())
+            saving += time.perf_counter() - start
             log(summary_line(row, cfg.epochs))
+    return saving
 
 
 # how a failed allocation reads when it is not a torch.OutOfMemoryError: the CPU allocator's,
@@ -272,6 +283,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
     out = Path(cfg.out)
     history: list[dict] = []
     run = None
+    start = time.perf_counter()
     try:
         if ckpt is not None and len(ckpt["history"]) == cfg.epochs:  # a requeued job, say
             say(f"{out} is finished ({cfg.epochs}/{cfg.epochs} epochs): nothing to train. "
@@ -292,7 +304,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
             f"{len(run.train_loader)} steps/epoch; writing {out}/")
         if cfg.log_with:
             start_trackers(run)
-        fit(run, history, say)
+        done, setup_s = len(history), time.perf_counter() - start
+        saving_s = fit(run, history, say)
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except KeyboardInterrupt:
         if (out / "ckpt.pt").exists():
@@ -329,4 +342,5 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
             tracker.finish()
         if last:
             end_processes()
-    return Trained(run.cfg, history, accelerator.is_main_process)
+    return Trained(run.cfg, history, accelerator.is_main_process, len(history) - done, setup_s,
+                   saving_s)

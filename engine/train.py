@@ -22,9 +22,15 @@ def main(argv: list[str] | None = None) -> int:
         result = train(options.cfg, options.resume, options.given, log=print)
         if result.main_process and result.history:
             best = max(result.history, key=lambda r: r["test_acc"])
-            total = sum(r["seconds"] for r in result.history)
-            print(f"best test accuracy {best['test_acc']:.2%} at epoch {best['epoch']}; "
-                  f"{total:.1f}s of training; saved {result.out}/ckpt.pt, best.pt, metrics.csv")
+            print(f"best test accuracy {best['test_acc']:.2%} at epoch {best['epoch']}; saved "
+                  f"{result.out}/ckpt.pt, best.pt, metrics.csv")
+            if result.epochs_run:  # where this command's time went
+                ran = result.history[-result.epochs_run:]
+                epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
+                print(f"{epochs}: {sum(r['seconds'] for r in ran):.1f}s of "
+                      f"training, {sum(r['eval_seconds'] for r in ran):.1f}s of evaluation, "
+                      f"{result.saving_s:.1f}s of saving; {result.setup_s:.1f}s building the "
+                      "run before them")
 
     return run_main(body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,12 @@ def test_best_pt_is_kept_when_a_later_epoch_is_worse(two_epoch_run, tmp_path):
     assert [r["test_acc"] < 1.0 for r in history(run)] == [True, False, True]
     assert (run / "best.pt").read_bytes() == before
     assert checkpoint.load(run / "ckpt.pt")["epoch"] == 3
+    # where the command's time went: the one epoch it trained, not the two it resumed from
+    third = history(run)[2]
+    assert re.search(rf"^1 epoch: {third['seconds']:.1f}s of training, "
+                     rf"{third['eval_seconds']:.1f}s of evaluation, \d+\.\ds of saving; "
+                     r"\d+\.\ds building the run before them$", result.stdout, re.MULTILINE), \
+        result.stdout
 
 
 def test_reported_accuracy_matches_an_independent_evaluation(two_epoch_run):

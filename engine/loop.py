@@ -35,8 +35,8 @@ class Trained:
     history: list[dict]  # one row per epoch, as in metrics.jsonl
     main_process: bool  # the process that wrote the run directory
     # this call's share: the epochs it trained (the last of history; fewer when it resumed),
-    # the seconds it took to build the run (data, loaders, model; a compile is its first
-    # epoch's) and to write each epoch's files: where the wall time went besides the epochs
+    # the seconds it took to build the run (data, loaders, model, --lr auto's range test; a
+    # compile is its first epoch's) and to write each epoch's files: where the wall time went
     epochs_run: int = 0
     setup_s: float = 0.0
     saving_s: float = 0.0

@@ -16,5 +16,5 @@ def compile_text(compile: bool, mode: str = "default") -> str:
 
 def autotune_text(cudnn_benchmark: bool) -> str:
     """What a row's name adds when cuDNN picked its algorithms untimed: '' or ', no cuDNN
-    autotuning' (the engine's runs autotune; see engine.run.choose_algorithms)."""
+    autotuning' (the engine's runs autotune; see TrainConfig.autotunes)."""
     return "" if cudnn_benchmark else ", no cuDNN autotuning"

@@ -91,6 +91,11 @@ class TrainConfig:
         # config.json and ckpt.pt store tuples as lists: re-type them once, here
         self.synthetic_size = tuple(self.synthetic_size)
 
+    def autotunes(self) -> bool:
+        """Whether cuDNN times its algorithms (--cudnn-benchmark): never in a --deterministic
+        run, since autotuning may time its way to another algorithm in another process."""
+        return self.cudnn_benchmark and not self.deterministic
+
     def augment(self) -> AugmentConfig:
         """The augmentation options as loaders.augment takes them (it checks their ranges)."""
         return AugmentConfig(flip=self.flip, translate=self.translate,

@@ -84,19 +84,18 @@ def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank:
                 seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers)
 
 
-def choose_algorithms(deterministic: bool, cudnn_benchmark: bool) -> None:
+def choose_algorithms(deterministic: bool, cudnn_autotune: bool) -> None:
     """torch's deterministic algorithms on or off, and cuDNN's autotuning, for the runs built
     from now on. Two CUDA runs of one config otherwise drift apart: some of cuDNN's backward
     kernels add with atomics, in no fixed order (benchmarks/results/resume-noise-threads-cpu-
-    2core.log shows how far another summing order takes this recipe), and autotuning may time
-    its way to another algorithm in another process, so a deterministic run goes without it.
-    An op with no deterministic version warns, not fails."""
+    2core.log shows how far another summing order takes this recipe). An op with no
+    deterministic version warns, not fails."""
     if deterministic:  # cuBLAS reads it when it starts, at the first CUDA matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     # cuDNN times its convolution algorithms once per input shape and keeps the fastest, where
     # its heuristics otherwise pick one untimed; airbench turns it on when imported, too
-    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+    torch.backends.cudnn.benchmark = cudnn_autotune
 
 
 def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
@@ -116,7 +115,7 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     test_loader = make_loader(cfg.loader, data.test, train=False,
                               batch_size=2 * cfg.batch_size, **common)
     torch.manual_seed(cfg.seed)  # same initial weights on every process and every rerun
-    choose_algorithms(cfg.deterministic, cfg.cudnn_benchmark)
+    choose_algorithms(cfg.deterministic, cfg.autotunes())
     model = build_model(cfg.arch, len(data.classes), cfg.width).to(accelerator.device)
     if cfg.channels_last:  # before prepare, so DDP's buckets see the final layout
         model = model.to(memory_format=torch.channels_last)

@@ -83,7 +83,7 @@ class EpochResult:
     batch_size: int
     width: int
     compile_mode: str = "default"
-    cudnn_benchmark: bool = True  # cuDNN's autotuning, as in engine.run.choose_algorithms
+    cudnn_benchmark: bool = True  # cuDNN's autotuning (TrainConfig.autotunes)
     status: str = "ok"  # "failed": see reason (the other loaders' epochs run all the same)
     reason: str = ""
     images: int | None = None  # per epoch
@@ -252,7 +252,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     as many images as steps on one of its batches, to tell the loader's cost apart: as many
     times as steady epochs, the fastest of each set against the other."""
     r = EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
-                    cfg.compile_mode, cfg.cudnn_benchmark and not cfg.deterministic)
+                    cfg.compile_mode, cfg.autotunes())
     try:
         start = time.perf_counter()
         run = make_run(cfg, threads)

@@ -237,6 +237,7 @@ def test_sections_choose_what_runs(tmp_path):
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
     (["--compile-modes", "fast"], "unknown value(s) fast"),
     (["--precisions", "fp32,fp8"], "unknown value(s) fp8"),
+    (["--profile-loader", "dali"], "--profile-loader: invalid choice: 'dali'"),
     (["--epoch-images", "1"], "--epoch-images 1: the synthetic data needs at least 10 "
                               "training images, one per class"),
 ])

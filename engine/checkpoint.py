@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import recursively_apply
 from torch import nn
 
 from common.errors import CheckpointError, one_line
-from common.files import atomic_write, write_csv, write_text
+from common.files import atomic_write, write_csv, write_json, write_text
 from common.hardware import device_name
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
@@ -178,28 +178,42 @@ def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:
     return model.eval()
 
 
-def content(run: Run, history: list[dict], with_state: bool) -> dict:
-    """ckpt.pt's content: plain containers and fp32 CPU tensors only."""
-    weights = {k: (v.float() if v.is_floating_point() else v).detach().cpu()
+def content(run: Run, history: list[dict]) -> dict:
+    """ckpt.pt's content: plain containers and fp32 CPU tensors only, copies that training
+    cannot change while engine.epoch_writer writes them."""
+    def copy(tensor: torch.Tensor) -> torch.Tensor:  # .cpu() of a CPU tensor is the tensor
+        return tensor.detach().to("cpu", copy=True)
+
+    weights = {k: copy(v.float() if v.is_floating_point() else v)
                for k, v in run.unwrapped.state_dict().items()}
-    ckpt = dict(
+    return dict(
         format=FORMAT, version=VERSION, arch=run.cfg.arch, width=run.cfg.width,
         num_classes=len(run.data.classes), state_dict=weights, classes=run.data.classes,
-        mean=run.data.mean, std=run.data.std, config=run.cfg.to_dict(), history=history,
+        mean=run.data.mean, std=run.data.std, config=run.cfg.to_dict(), history=list(history),
         epoch=len(history),
         data=dict(dataset=run.data.name, data_dir=str(Path(run.cfg.data_dir).resolve()),
                   train=str(run.data.train.resolve()), test=str(run.data.test.resolve()),
                   source=str(run.data.source.resolve())),
         device=device_name(run.accelerator.device), processes=run.accelerator.num_processes,
         torch=str(torch.__version__),  # a TorchVersion object would not load with weights_only
+        # what --resume needs beyond the weights; the optimizer's state on the CPU too, so
+        # that the file loads anywhere
+        resume=dict(optimizer=recursively_apply(copy, run.optimizer.state_dict()),
+                    scheduler=run.scheduler.state_dict(),
+                    scaler=run.scaler.state_dict() if run.scaler else None,
+                    rng=torch.get_rng_state()),
     )
-    if with_state:  # what --resume needs beyond the weights
-        # the optimizer's state lives where the weights do: on the CPU, the file loads anywhere
-        ckpt["resume"] = dict(optimizer=send_to_device(run.optimizer.state_dict(), "cpu"),
-                              scheduler=run.scheduler.state_dict(),
-                              scaler=run.scaler.state_dict() if run.scaler else None,
-                              rng=torch.get_rng_state())
-    return ckpt
+
+
+def write_epoch(out: Path, ckpt: dict, best: bool) -> None:
+    """One epoch's files: best.pt (the weights alone, when the epoch beats every earlier one),
+    ckpt.pt, metrics and config.json (beside the first checkpoint, not before: a run that
+    fails early leaves nothing)."""
+    if best:
+        save(out / "best.pt", {k: v for k, v in ckpt.items() if k != "resume"})
+    save(out / "ckpt.pt", ckpt)
+    write_metrics(out, ckpt["history"])
+    write_json(out / "config.json", ckpt["config"])
 
 
 def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:

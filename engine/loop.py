@@ -8,19 +8,20 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate.tracking import get_available_trackers
 
-from common.cli import stop_signals_held
 from common.compile_modes import compile_text
 from common.errors import CheckpointError, Interrupted, TrainingError, one_line
-from common.files import locked_dir, sweep_temporaries, write_json
+from common.files import locked_dir, sweep_temporaries
 from common.hardware import device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve, resume_config
+from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.run import Run, build, make_accelerator, train_step
 
@@ -36,7 +37,8 @@ class Trained:
     main_process: bool  # the process that wrote the run directory
     # this call's share: the epochs it trained (the last of history; fewer when it resumed),
     # the seconds it took to build the run (data, loaders, model, --lr auto's range test; a
-    # compile is its first epoch's) and to write each epoch's files: where the wall time went
+    # compile is its first epoch's) and that training waited for each epoch's files (written
+    # in the background: the copies of the state, and a write still going): the wall time
     epochs_run: int = 0
     setup_s: float = 0.0
     saving_s: float = 0.0
@@ -130,38 +132,43 @@ def summary_line(row: dict, epochs: int) -> str:
             f"{row['images_per_s']:,.0f} img/s")
 
 
+def check_finite(run: Run, epoch: int, row: dict) -> None:
+    """TrainingError when the epoch's test loss, or a weight or BatchNorm statistic, is NaN or
+    infinite: nothing non-finite is ever saved, a checkpoint must be a state to go on from."""
+    if not math.isfinite(row["test_loss"]):
+        raise diverged(run, epoch, f"the test loss became NaN or infinite in epoch {epoch + 1}")
+    bad = nonfinite_state(run.unwrapped)
+    if bad:
+        raise diverged(run, epoch, f"{len(bad)} weights or BatchNorm statistics became NaN "
+                                   f"or infinite in epoch {epoch + 1} ({', '.join(bad[:3])}"
+                                   + (", ..." if len(bad) > 3 else "") + ")")
+
+
 def fit(run: Run, history: list[dict], log: Log) -> float:
-    """Train from len(history) to cfg.epochs, saving after every epoch (main process only);
-    returns the seconds the saving took."""
+    """Train from len(history) to cfg.epochs. After every epoch the main process copies the
+    state and writes the epoch's files on a thread while the next epoch trains; returns the
+    seconds training waited for them (the copies, and a write still going when the next was
+    due or the run ended)."""
     cfg, acc, out = run.cfg, run.accelerator, Path(run.cfg.out)
-    saving = 0.0
-    for epoch in range(len(history), cfg.epochs):
-        row = dict(epoch=epoch + 1, **train_epoch(run, epoch), **test_epoch(run),
-                   lr=run.optimizer.param_groups[0]["lr"])
-        # nothing non-finite is ever saved: a checkpoint must be a state training can go on from
-        if not math.isfinite(row["test_loss"]):
-            raise diverged(run, epoch, f"the test loss became NaN or infinite in epoch "
-                                       f"{epoch + 1}")
-        bad = nonfinite_state(run.unwrapped)
-        if bad:
-            raise diverged(run, epoch, f"{len(bad)} weights or BatchNorm statistics became NaN "
-                                       f"or infinite in epoch {epoch + 1} ({', '.join(bad[:3])}"
-                                       + (", ..." if len(bad) > 3 else "") + ")")
-        history.append(row)
-        acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        if acc.is_main_process:
-            # the epoch's files as one: Ctrl-C waits, so none is left an epoch behind the others
-            start = time.perf_counter()
-            with stop_signals_held():
-                if max(history, key=lambda r: r["test_acc"]) is row:
-                    checkpoint.save(out / "best.pt", checkpoint.content(run, history, False))
-                checkpoint.save(out / "ckpt.pt", checkpoint.content(run, history, True))
-                checkpoint.write_metrics(out, history)
-                # beside the first checkpoint, not before: a run that fails early leaves nothing
-                write_json(out / "config.json", cfg.to_dict())
-            saving += time.perf_counter() - start
-            log(summary_line(row, cfg.epochs))
-    return saving
+    waited = 0.0
+    with EpochWriter() as writer:  # however the loop ends, the last epoch's files are whole
+        for epoch in range(len(history), cfg.epochs):
+            row = dict(epoch=epoch + 1, **train_epoch(run, epoch), **test_epoch(run),
+                       lr=run.optimizer.param_groups[0]["lr"])
+            check_finite(run, epoch, row)
+            history.append(row)
+            acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            if acc.is_main_process:
+                start = time.perf_counter()
+                best = max(history, key=lambda r: r["test_acc"]) is row
+                writer.submit(partial(checkpoint.write_epoch, out,
+                                      checkpoint.content(run, history), best))
+                waited += time.perf_counter() - start
+                log(summary_line(row, cfg.epochs))
+        start = time.perf_counter()
+        writer.wait()
+        waited += time.perf_counter() - start
+    return waited
 
 
 # how a failed allocation reads when it is not a torch.OutOfMemoryError: the CPU allocator's,

@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
             if result.epochs_run:  # where this command's time went
                 ran = result.history[-result.epochs_run:]
                 epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
-                print(f"{epochs}: {sum(r['seconds'] for r in ran):.1f}s of "
-                      f"training, {sum(r['eval_seconds'] for r in ran):.1f}s of evaluation, "
-                      f"{result.saving_s:.1f}s of saving; {result.setup_s:.1f}s building the "
-                      "run before them")
+                print(f"{epochs}: {sum(r['seconds'] for r in ran):.1f}s of training, "
+                      f"{sum(r['eval_seconds'] for r in ran):.1f}s of evaluation, "
+                      f"{result.saving_s:.1f}s waiting for checkpoints; "
+                      f"{result.setup_s:.1f}s building the run before them")
 
     return run_main(body)
 

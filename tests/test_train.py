@@ -82,9 +82,9 @@ def test_best_pt_is_kept_when_a_later_epoch_is_worse(two_epoch_run, tmp_path):
     # where the command's time went: the one epoch it trained, not the two it resumed from
     third = history(run)[2]
     assert re.search(rf"^1 epoch: {third['seconds']:.1f}s of training, "
-                     rf"{third['eval_seconds']:.1f}s of evaluation, \d+\.\ds of saving; "
-                     r"\d+\.\ds building the run before them$", result.stdout, re.MULTILINE), \
-        result.stdout
+                     rf"{third['eval_seconds']:.1f}s of evaluation, "
+                     r"\d+\.\ds waiting for checkpoints; \d+\.\ds building the run before them$",
+                     result.stdout, re.MULTILINE), result.stdout
 
 
 def test_reported_accuracy_matches_an_independent_evaluation(two_epoch_run):
@@ -235,6 +235,49 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_all_its_files(data_dir, tmp_pa
     assert f"ckpt.pt holds epoch 1; continue with --resume {out}" in result.stderr
     assert [checkpoint.load(out / name)["epoch"] for name in ("best.pt", "ckpt.pt")] == [1, 1]
     assert len(history(out)) == 1 and json.loads((out / "config.json").read_text())["epochs"] == 3
+
+
+# python -c this script args: engine/train.py, each ckpt.pt write held until the main thread
+# has printed its epoch's line, which comes after the write is handed over; a write that the
+# epoch waited for would never see the line (and say so after a minute)
+WRITES_BESIDE_TRAINING = """
+import runpy, sys, threading
+from engine import checkpoint, loop
+printed = threading.Event()
+line = loop.summary_line
+def note_the_line(row, epochs):
+    printed.set()
+    return line(row, epochs)
+loop.summary_line = note_the_line
+save = checkpoint.save
+def save_after_the_line(path, content):
+    if path.name == "ckpt.pt":
+        went_on = printed.wait(timeout=60)
+        printed.clear()
+        print(f"ckpt.pt of epoch {content['epoch']} on {threading.current_thread().name}: "
+              f"training went on {went_on}", flush=True)
+    save(path, content)
+checkpoint.save = save_after_the_line
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_each_epoch_is_written_in_the_background_and_the_last_before_the_end(data_dir, tmp_path):
+    """Training goes on while an epoch's files are written (a GPU would otherwise wait for the
+    disk), and the command ends only once the last epoch's files are whole."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", WRITES_BESIDE_TRAINING,
+                             str(ROOT / "engine/train.py"), *SMALL, "--synthetic-size", "1500",
+                             "300", "--data-dir", str(data_dir), "--epochs", "2", "--out",
+                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    writes = [i for i, line in enumerate(lines) if line.startswith("ckpt.pt of epoch")]
+    assert [lines[i] for i in writes] == [f"ckpt.pt of epoch {n} on epoch-writer_0: training "
+                                          "went on True" for n in (1, 2)], result.stdout
+    assert writes[-1] < next(i for i, line in enumerate(lines) if line.startswith("best test"))
+    assert checkpoint.load(out / "ckpt.pt")["epoch"] == 2 and len(history(out)) == 2
 
 
 @pytest.mark.parametrize("content", [b"", b"not a zip", "foreign", "truncated"])

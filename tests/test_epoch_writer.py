@@ -1,0 +1,113 @@
+"""engine.epoch_writer: an epoch's files written on a thread, one write at a time, its errors
+raised in the training thread, the last write finished however the run ends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SYNTHETIC_SIZE
+
+from common.errors import CheckpointError
+from engine import checkpoint
+from engine.config import TrainConfig, resolve
+from engine.epoch_writer import EpochWriter
+from engine.run import build, make_accelerator, train_step
+
+
+def test_submit_returns_while_the_write_goes_on_in_another_thread():
+    """The point of it: the next epoch trains while this one's files are written. The write
+    waits for the caller to go on; a submit that blocked until the write ended would make it
+    time out instead."""
+    went_on, seen = threading.Event(), {}
+
+    def write() -> None:
+        seen["went_on"] = went_on.wait(timeout=60)
+        seen["thread"] = threading.current_thread()
+
+    with EpochWriter() as writer:
+        writer.submit(write)
+        went_on.set()
+    assert seen["went_on"] and seen["thread"] is not threading.main_thread()
+
+
+def test_writes_run_one_at_a_time_in_the_order_submitted():
+    spans: list[tuple[int, float, float]] = []
+
+    def write(epoch: int) -> None:
+        start = time.perf_counter()
+        time.sleep(0.05)  # long enough that a second writer thread would overlap it
+        spans.append((epoch, start, time.perf_counter()))
+
+    with EpochWriter() as writer:
+        for epoch in range(4):
+            writer.submit(lambda epoch=epoch: write(epoch))
+    assert [epoch for epoch, _, _ in spans] == [0, 1, 2, 3]
+    assert all(after[1] >= before[2] for before, after in zip(spans, spans[1:], strict=False))
+
+
+def test_a_failed_write_is_raised_by_the_next_submit_which_writes_nothing():
+    written = []
+
+    def fail() -> None:
+        raise CheckpointError("could not write ckpt.pt (disk full)")
+
+    with EpochWriter() as writer:
+        writer.submit(fail)
+        with pytest.raises(CheckpointError, match="disk full"):
+            writer.submit(lambda: written.append(2))
+        writer.wait()  # the error was raised once, and nothing is left to wait for
+    assert written == []
+
+
+def test_a_failed_last_write_is_raised_when_the_block_ends():
+    def fail() -> None:
+        raise OSError(28, "No space left on device", "runs/a/metrics.csv")
+
+    with pytest.raises(OSError, match="metrics.csv"), EpochWriter() as writer:
+        writer.submit(fail)
+
+
+def test_an_interrupt_leaves_the_block_only_once_the_write_in_flight_is_done(tmp_path: Path):
+    """A Ctrl-C in the training thread while an epoch's files are written: the files are
+    finished before the interrupt goes on to say which epoch ckpt.pt holds."""
+    started, done = threading.Event(), tmp_path / "done"
+
+    def write() -> None:
+        started.set()
+        time.sleep(0.3)
+        done.write_text("epoch 1")
+
+    with pytest.raises(KeyboardInterrupt), EpochWriter() as writer:
+        writer.submit(write)
+        started.wait(timeout=60)
+        raise KeyboardInterrupt
+    assert done.read_text() == "epoch 1"
+
+
+def test_the_state_handed_to_the_writer_is_a_copy_training_cannot_change(prepared, tmp_path):
+    """On the CPU, .cpu() hands back the very tensors the next step updates in place: the
+    checkpoint written during that step would mix two epochs' weights and moments."""
+    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
+                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
+                              loader="resident", compile=False, workers=1,
+                              out=str(tmp_path / "run")), cuda=False)
+    run = build(cfg, make_accelerator(cfg))
+    batches = iter(run.train_loader)
+    train_step(run, *next(batches))  # the optimizer has moments now
+    history = [dict(epoch=1)]
+    ckpt = checkpoint.content(run, history)
+    weights = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+    moments = [s["momentum_buffer"].clone()
+               for s in ckpt["resume"]["optimizer"]["state"].values()]
+    train_step(run, *next(batches))
+    history.append(dict(epoch=2))
+    live = run.unwrapped.state_dict()
+    assert not torch.equal(live["fc.weight"], weights["fc.weight"])  # the step changed it
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in weights.items())
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in
+               zip(ckpt["resume"]["optimizer"]["state"].values(), moments, strict=True))
+    assert ckpt["history"] == [dict(epoch=1)] and ckpt["epoch"] == 1

@@ -1,6 +1,6 @@
 """Each epoch's files written on a thread while the next epoch trains: on a GPU an epoch takes
-about a second, and writing ckpt.pt and best.pt of a width-64 ResNet-18 (128 MiB) takes a
-tenth of one or more, time the GPU would otherwise sit idle."""
+about a second, and writing best.pt and ckpt.pt of a width-64 ResNet-18 (128 MiB) up to a tenth
+of that (BENCHMARKS.md), time the GPU would otherwise sit idle."""
 
 from __future__ import annotations
 

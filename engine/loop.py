@@ -35,13 +35,13 @@ class Trained:
     cfg: TrainConfig  # as resolved and run (--lr auto's LR included)
     history: list[dict]  # one row per epoch, as in metrics.jsonl
     main_process: bool  # the process that wrote the run directory
-    # this call's share: the epochs it trained (the last of history; fewer when it resumed),
-    # the seconds it took to build the run (data, loaders, model, --lr auto's range test; a
-    # compile is its first epoch's) and that training waited for each epoch's files (written
-    # in the background: the copies of the state, and a write still going): the wall time
+    # this call's share of the wall time: the epochs it trained (the last of history; fewer
+    # when it resumed), the seconds it took to build the run (data, loaders, model, --lr auto's
+    # range test; a compile is its first epoch's), and the seconds training waited for
+    # checkpoints (the state's copies, and a write still going when the next was due)
     epochs_run: int = 0
     setup_s: float = 0.0
-    saving_s: float = 0.0
+    checkpoint_wait_s: float = 0.0
 
     @property
     def out(self) -> Path:
@@ -312,7 +312,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         if cfg.log_with:
             start_trackers(run)
         done, setup_s = len(history), time.perf_counter() - start
-        saving_s = fit(run, history, say)
+        checkpoint_wait_s = fit(run, history, say)
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except KeyboardInterrupt:
         if (out / "ckpt.pt").exists():
@@ -350,4 +350,4 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         if last:
             end_processes()
     return Trained(run.cfg, history, accelerator.is_main_process, len(history) - done, setup_s,
-                   saving_s)
+                   checkpoint_wait_s)

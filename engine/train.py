@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                 epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
                 print(f"{epochs}: {sum(r['seconds'] for r in ran):.1f}s of training, "
                       f"{sum(r['eval_seconds'] for r in ran):.1f}s of evaluation, "
-                      f"{result.saving_s:.1f}s waiting for checkpoints; "
+                      f"{result.checkpoint_wait_s:.1f}s waiting for checkpoints; "
                       f"{result.setup_s:.1f}s building the run before them")
 
     return run_main(body)

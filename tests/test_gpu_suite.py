@@ -175,11 +175,12 @@ def test_a_runs_epoch_time_leaves_out_its_warm_up_epoch(tmp_path):
     allocator's start) inflating the seed-vs-default headline."""
     run = tmp_path / "train-seed"
     run.mkdir()
-    rows = [dict(epoch=i + 1, seconds=s, test_acc=0.5) for i, s in enumerate([10.0, 2.0, 3.0])]
+    rows = [dict(epoch=i + 1, seconds=s, eval_seconds=0.25, test_acc=0.5)
+            for i, s in enumerate([10.0, 2.0, 3.0])]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (line,) = gpu_summary.run_line(run, 20.0)
-    assert "3 epochs in 20 s wall, 2.50 s per training epoch (median after the first; " \
-           "first 10.0 s)" in line
+    assert "3 epochs in 20 s wall (15.0 s of training, 0.8 s of evaluation), 2.50 s per " \
+           "training epoch (median after the first; first 10.0 s)" in line
 
 
 def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tmp_path,

@@ -21,6 +21,7 @@ import loaders
 from engine import checkpoint
 from engine.config import TrainConfig, resolve
 from engine.evaluate import evaluate
+from engine.loop import out_of_memory
 from engine.run import DTYPES, build, make_accelerator, train_step
 from loaders.augment import (
     Augment,
@@ -245,6 +246,19 @@ def test_impossible_batch_size_ends_in_the_out_of_memory_message(data_dir, tmp_p
             "--batch-size 25000.") in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()  # a run that never finished an epoch leaves no folder behind
+
+
+def test_no_cudnn_engine_counts_as_out_of_memory_once_an_allocation_failed():
+    """With cuDNN autotuning, a convolution whose workspaces do not fit ends in torch's 'FIND
+    was unable to find an engine' (it skips each engine whose allocation failed); the
+    allocator's count of refusals tells that from a convolution no engine supports."""
+    words = RuntimeError("FIND was unable to find an engine to execute this computation")
+    torch.cuda.init()
+    torch.cuda.reset_accumulated_memory_stats()  # num_ooms back to 0
+    assert not out_of_memory(words)
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(2**60, dtype=torch.uint8, device="cuda")  # an exbibyte: refused at once
+    assert out_of_memory(words)
 
 
 # --- the tools ---------------------------------------------------------------------------

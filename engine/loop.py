@@ -23,6 +23,7 @@ from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve, resume_config
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
+from engine.failures import out_of_memory, peer_gone
 from engine.run import Run, build, make_accelerator, train_step
 
 Log = Callable[[str], None]
@@ -169,45 +170,6 @@ def fit(run: Run, history: list[dict], log: Log) -> float:
         writer.wait()
         waited += time.perf_counter() - start
     return waited
-
-
-# how a failed allocation reads when it is not a torch.OutOfMemoryError: the CPU allocator's,
-# and cuBLAS's and cuDNN's when their workspace cannot be had on a full GPU (cuDNN 8's
-# CUDNN_STATUS_ALLOC_FAILED; cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_{HOST,DEVICE}_ALLOCATION_FAILED)
-OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                 "CUDNN_STATUS_ALLOC_FAILED", "ALLOCATION_FAILED")
-# torch's words when no cuDNN engine could run a convolution ("FIND was ...", "GET was ..."):
-# with autotuning, how a workspace that did not fit ends, since torch skips each engine whose
-# allocation failed. An unsupported GPU or dtype ends in them too, so they mean memory only
-# once the CUDA allocator has refused an allocation in this process.
-NO_ENGINE = "unable to find an engine to execute this computation"
-
-
-def cuda_allocation_refused() -> bool:
-    """Whether the CUDA caching allocator has failed an allocation in this process."""
-    return torch.cuda.is_initialized() and torch.cuda.memory_stats().get("num_ooms", 0) > 0
-
-
-def out_of_memory(error: BaseException | None) -> bool:
-    """Whether an error is, or was raised while handling, a failed allocation: CUDA's
-    OutOfMemoryError, the RuntimeError of the CPU allocator or of a CUDA library, or either
-    one wrapped (by torch.compile's backend, a DataLoader's pin-memory thread)."""
-    while error is not None:
-        if isinstance(error, torch.OutOfMemoryError) or (
-                isinstance(error, RuntimeError) and (
-                    any(text in str(error) for text in OUT_OF_MEMORY)
-                    or (NO_ENGINE in str(error) and cuda_allocation_refused()))):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def peer_gone(error: BaseException) -> bool:
-    """Whether a collective (a barrier, DDP's all-reduce) failed: in a run of several processes,
-    because another one stopped first (gloo: 'Connection closed by peer'; NCCL raises
-    DistBackendError), and that process's own message says why."""
-    return isinstance(error, torch.distributed.DistError) or (
-        isinstance(error, RuntimeError) and "gloo" in str(error))
 
 
 def check_tracker(log_with: str | None) -> None:

@@ -21,7 +21,7 @@ import loaders
 from engine import checkpoint
 from engine.config import TrainConfig, resolve
 from engine.evaluate import evaluate
-from engine.loop import out_of_memory
+from engine.failures import out_of_memory
 from engine.run import DTYPES, build, make_accelerator, train_step
 from loaders.augment import (
     Augment,

@@ -24,7 +24,8 @@ from common.errors import CheckpointError, OutputError, TrainingError
 from common.files import atomic_writes, locked_dir, write_text
 from engine import checkpoint, loop
 from engine.config import TrainConfig
-from engine.loop import configure, nonfinite_state, out_of_memory
+from engine.failures import out_of_memory
+from engine.loop import configure, nonfinite_state
 from engine.loop import train as train_run
 from engine.model import build_model
 

@@ -18,7 +18,7 @@ from common.cli import stop_if_interrupted
 from common.compile_modes import autotune_text, compile_text
 from common.errors import EngineError, SetupError, TrainingError, one_line
 from engine.config import TrainConfig
-from engine.loop import out_of_memory
+from engine.failures import out_of_memory
 from engine.model import build_model, forward_macs
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader

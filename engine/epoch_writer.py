@@ -1,6 +1,7 @@
 """Each epoch's files written on a thread while the next epoch trains: on a GPU an epoch takes
 about a second, and writing best.pt and ckpt.pt of a width-64 ResNet-18 (128 MiB) up to a tenth
-of that (BENCHMARKS.md), time the GPU would otherwise sit idle."""
+of that (BENCHMARKS.md), time the GPU would otherwise sit idle. One writer thread, as PyTorch
+Lightning's AsyncCheckpointIO has."""
 
 from __future__ import annotations
 

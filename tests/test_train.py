@@ -237,46 +237,50 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_all_its_files(data_dir, tmp_pa
     assert len(history(out)) == 1 and json.loads((out / "config.json").read_text())["epochs"] == 3
 
 
-# python -c this script args: engine/train.py, each ckpt.pt write held until the main thread
-# has printed its epoch's line, which comes after the write is handed over; a write that the
-# epoch waited for would never see the line (and say so after a minute)
+# python -c this script records args: engine/train.py, each ckpt.pt write held until the main
+# thread has made its epoch's line, which comes after the write is handed over (a write that the
+# epoch waited for would never see the line, and say so after a minute); a line per write in
+# `records`, not on stdout, where the main thread's print could split it
 WRITES_BESIDE_TRAINING = """
 import runpy, sys, threading
 from engine import checkpoint, loop
-printed = threading.Event()
+records = open(sys.argv[1], "a", buffering=1)
+made = threading.Event()
 line = loop.summary_line
 def note_the_line(row, epochs):
-    printed.set()
+    made.set()
     return line(row, epochs)
 loop.summary_line = note_the_line
 save = checkpoint.save
 def save_after_the_line(path, content):
-    if path.name == "ckpt.pt":
-        went_on = printed.wait(timeout=60)
-        printed.clear()
-        print(f"ckpt.pt of epoch {content['epoch']} on {threading.current_thread().name}: "
-              f"training went on {went_on}", flush=True)
+    if path.name != "ckpt.pt":
+        return save(path, content)
+    went_on = made.wait(timeout=60)
+    made.clear()
     save(path, content)
+    records.write(f"ckpt.pt of epoch {content['epoch']} written on "
+                  f"{threading.current_thread().name}: training went on {went_on}\\n")
 checkpoint.save = save_after_the_line
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.argv = sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    records.write("the command returned\\n")
 """
 
 
 def test_each_epoch_is_written_in_the_background_and_the_last_before_the_end(data_dir, tmp_path):
     """Training goes on while an epoch's files are written (a GPU would otherwise wait for the
-    disk), and the command ends only once the last epoch's files are whole."""
-    out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", WRITES_BESIDE_TRAINING,
+    disk), and the command returns only once the last epoch's files are whole."""
+    out, records = tmp_path / "run", tmp_path / "records.txt"
+    result = subprocess.run([sys.executable, "-c", WRITES_BESIDE_TRAINING, str(records),
                              str(ROOT / "engine/train.py"), *SMALL, "--synthetic-size", "1500",
                              "300", "--data-dir", str(data_dir), "--epochs", "2", "--out",
                              str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    writes = [i for i, line in enumerate(lines) if line.startswith("ckpt.pt of epoch")]
-    assert [lines[i] for i in writes] == [f"ckpt.pt of epoch {n} on epoch-writer_0: training "
-                                          "went on True" for n in (1, 2)], result.stdout
-    assert writes[-1] < next(i for i, line in enumerate(lines) if line.startswith("best test"))
+    assert records.read_text().splitlines() == [
+        *(f"ckpt.pt of epoch {n} written on epoch-writer_0: training went on True"
+          for n in (1, 2)), "the command returned"], result.stdout
     assert checkpoint.load(out / "ckpt.pt")["epoch"] == 2 and len(history(out)) == 2
 
 

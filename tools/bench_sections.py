@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common.cli import stop_if_interrupted
-from common.compile_modes import autotune_text, compile_text
+from common.compile_modes import autotune_text, compile_text, epoch_name, step_name
 from common.errors import EngineError, SetupError, TrainingError, one_line
 from engine.config import TrainConfig
 from engine.failures import out_of_memory
@@ -240,9 +240,9 @@ def bench_steps(base: TrainConfig, args: argparse.Namespace,
         results.append(bench_step(cfg, args))
         partial(results)
         r = results[-1]
-        log(f"step: {r.precision} {r.memory_format} {compile_text(r.compile, r.compile_mode)} "
-            f"batch {r.batch_size}: "
-            + (f"{r.images_per_s:,.1f} images/s" if r.status == "ok" else r.reason))
+        name = step_name(r.precision, r.memory_format, r.compile, r.compile_mode, r.batch_size)
+        log(f"step: {name}: " + (f"{r.images_per_s:,.1f} images/s" if r.status == "ok"
+                                 else r.reason))
         release()
     return results
 
@@ -316,13 +316,13 @@ def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) ->
 
 def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
     """MFU of every step configuration that ran and of every steady-state training epoch."""
-    rows = [dict(source="step", config=f"{r.precision} {r.memory_format} "
-                 f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}",
+    rows = [dict(source="step", config=step_name(r.precision, r.memory_format, r.compile,
+                                                 r.compile_mode, r.batch_size),
                  precision=r.precision, images_per_s=r.images_per_s)
             for r in results.get("step", []) if r.status == "ok"]
-    rows += [dict(source="epoch", config=f"{r.loader} loader, {r.precision} "
-                  f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}"
-                  f"{autotune_text(r.cudnn_benchmark)}",
+    rows += [dict(source="epoch", config=epoch_name(r.loader, r.precision, r.compile,
+                                                    r.compile_mode, r.batch_size,
+                                                    r.cudnn_benchmark),
                   precision=r.precision, images_per_s=r.images_per_s)
              for r in results.get("epoch", []) if r.status == "ok"]
     # the peers' timed training epochs, each with the FLOPs counted on its own model

@@ -9,7 +9,7 @@ import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from common.compile_modes import autotune_text, compile_text
+from common.compile_modes import compile_text, epoch_name, step_name
 
 
 def read_json(path: Path) -> dict:
@@ -34,19 +34,24 @@ def tests_line(xml: Path) -> list[str]:
             + (f" ({', '.join(failed)})" if failed else "")]
 
 
+def mode(r: dict) -> str:
+    """A bench row's compile mode: rows written before the field was ran the default one."""
+    return r.get("compile_mode", "default")
+
+
 def compiled(r: dict) -> str:
     """How a bench row's step ran, named as the bench names it ('eager', 'compiled ...')."""
-    return compile_text(r["compile"], r.get("compile_mode", "default"))
+    return compile_text(r["compile"], mode(r))
 
 
-# each row's name, enough to tell it from the other rows of its section
+# each row's name, enough to tell it from the other rows of its section, as the bench names it
 ROW_NAMES = {
     "loaders": lambda r: r["loader"],
-    # rows written before the field was did not autotune: they say so
-    "epoch": lambda r: (f"{r['loader']} loader, {r['precision']} {compiled(r)} batch "
-                        f"{r['batch_size']}{autotune_text(r.get('cudnn_benchmark', False))}"),
-    "step": lambda r: (f"{r['precision']} {r['memory_format']} {compiled(r)} batch "
-                       f"{r['batch_size']}"),
+    # epoch rows written before the field was did not autotune: they say so
+    "epoch": lambda r: epoch_name(r["loader"], r["precision"], r["compile"], mode(r),
+                                  r["batch_size"], r.get("cudnn_benchmark", False)),
+    "step": lambda r: step_name(r["precision"], r["memory_format"], r["compile"], mode(r),
+                                r["batch_size"]),
     "peers": lambda r: (f"{r['loader']} ({'; '.join(filter(None, (r['augment'], r['output'])))})"
                         + (f" vs {r['versus']}" if r["versus"] else "")),
 }

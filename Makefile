@@ -50,11 +50,12 @@ bench: setup
 report: setup
 	$(PY) tools/report.py $(ARGS)
 
-# the GPU validation (tools/gpu_suite.py): STEP= one or more of tests-quick train bench-peers
-# bench-epoch tests-e2e train-eager profile-ffcv bench-step, or the groups tests, bench, all
-# (the default: every step, most wanted first); each step under 9 minutes, ARGS="--budget S"
-# bounds them all; results in benchmarks/results/gpu-<date>/ (or packed into $$OUT). Uses
-# .venv when there is one (no setup here: a bare GPU image installs the wheels of .whl/ instead).
+# the GPU validation (tools/gpu_suite.py, steps in gpu_steps.py): STEP= one or more of tests-quick
+# train bench-peers bench-epoch tests-e2e train-eager profile-ffcv bench-step, or the groups tests,
+# bench, all (the default: every step, most wanted first); each step under 9 minutes,
+# ARGS="--budget S" bounds them all; results in benchmarks/results/gpu-<date>/ (or packed into
+# $$OUT). Uses .venv when there is one (no setup here: a bare GPU image installs the wheels of
+# .whl/ instead).
 STEP ?= all
 gpu:
 	bash tools/gpu_suite.sh $(STEP) $(ARGS)

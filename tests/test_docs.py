@@ -160,8 +160,8 @@ def readme_table(header: str) -> str:
 
 def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits():
     """README's table of `make gpu` steps: the suite's steps in the order `all` runs them, each
-    with the time limit tools/gpu_suite.py gives it; the Makefile's comment in the same order."""
-    from tools.gpu_suite import LIMITS, STEPS
+    with the time limit tools/gpu_steps.py gives it; the Makefile's comment in the same order."""
+    from tools.gpu_steps import LIMITS, STEPS
 
     block = readme_table("| `STEP=` | what runs |")
     table = dict(re.findall(r"^\| `([\w-]+)` \|(.*)\|$", block, re.MULTILINE))

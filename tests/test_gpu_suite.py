@@ -23,7 +23,8 @@ import pytest
 from conftest import ROOT, run_gpu_suite, worker_scope
 
 from common.compile_modes import COMPILE_MODES, compile_text
-from tools import gpu_suite, gpu_summary
+from common.errors import SetupError
+from tools import gpu_environment, gpu_steps, gpu_suite, gpu_summary
 from tools.bench_peers import PeerResult
 from tools.bench_profile import ProfileResult
 from tools.bench_sections import EpochResult, StepResult
@@ -37,12 +38,12 @@ def test_the_suite_runs_every_module_with_gpu_tests():
     marked = {path.name for path in (ROOT / "tests").glob("test_*.py")
               if re.search(r"^(@pytest\.mark\.gpu$|pytestmark = .*pytest\.mark\.gpu\b)",
                            path.read_text(), re.MULTILINE)}
-    assert marked == set(gpu_suite.GPU_TESTS)
+    assert marked == set(gpu_steps.GPU_TESTS)
 
 
 def test_dry_run_writes_every_step_with_its_header(gpu_suite_dry_run):
     results = gpu_suite_dry_run.results
-    for step in gpu_suite.STEPS:
+    for step in gpu_steps.STEPS:
         head = dict(line[2:].split(": ", 1) for line in
                     (results / f"{step}.log").read_text().splitlines() if line.startswith("# ")
                     and ": " in line)
@@ -55,7 +56,7 @@ def test_dry_run_writes_every_step_with_its_header(gpu_suite_dry_run):
         assert summary["ok"] and all(c["status"] == "ok" for c in summary["commands"])
         assert summary["meta"]["step"] == step
     record = json.loads((results / "suite.json").read_text())
-    assert [s["step"] for s in record["steps"]] == list(gpu_suite.STEPS)  # in priority order
+    assert [s["step"] for s in record["steps"]] == list(gpu_steps.STEPS)  # in priority order
     assert record["not_run"] == []
 
 
@@ -160,10 +161,10 @@ def test_a_command_is_not_started_with_less_than_its_minimum_of_the_step_limit(
         tmp_path, monkeypatch, capsys):
     """A step's second command, left under START_MIN_S of the step's limit, would be killed
     and read as a failure: it is recorded as not run, and the step as cut short by its limit."""
-    monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [("first", ["sleep", "3"]),
+    monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["sleep", "3"]),
                                                               ("second", ["true"])])
-    monkeypatch.setitem(gpu_suite.LIMITS, "two", gpu_suite.START_MIN_S + 2)
-    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
+    monkeypatch.setitem(gpu_steps.LIMITS, "two", gpu_suite.START_MIN_S + 2)
+    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
                             ["two"])
     assert not gpu_suite.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == ["ok", "not run"]
@@ -187,9 +188,9 @@ def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tm
                                                                               monkeypatch):
     """The train step's seed run and the compiled run are independent: a failed seed run left
     the headline run not run, with the step's time unspent."""
-    monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [("first", ["false"]),
+    monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["false"]),
                                                               ("second", ["true"])])
-    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
+    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
                             ["two"])
     assert not gpu_suite.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == ["exit 1", "ok"]
@@ -198,8 +199,8 @@ def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tm
 def test_a_test_steps_failure_is_printed_before_its_next_test_runs(tmp_path):
     """A test step killed at its limit never reaches pytest's end-of-run report: on the first
     H200 run a resume test's failure was lost so. The steps load tests.failures_at_once."""
-    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {}, [])
-    argv = gpu_suite.pytest_step(suite, "tests-quick", "gpu")[0][1]
+    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {}, [])
+    argv = gpu_steps.pytest_step(suite, "tests-quick", "gpu")[0][1]
     assert argv[argv.index("tests.failures_at_once") - 1] == "-p"
     (tmp_path / "test_two.py").write_text(
         "def test_fails():\n    assert 1 == 2, 'the first test fails'\n\n\n"
@@ -229,9 +230,9 @@ def test_end_to_end_tests_spread_over_workers_and_the_gpu_alone_ones_run_after(t
     budget cut the 9th: they run on pytest-xdist workers now, then those that need the GPU to
     themselves (out of memory, timing) one at a time. On the CPU each is skipped, but the
     commands, collection and scheduling are the GPU's."""
-    monkeypatch.setattr(gpu_suite, "test_workers", lambda python, env: 2)  # as 8 cores would
-    suite = gpu_suite.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {}, [])
-    (spread, argv), (alone, alone_argv) = gpu_suite.COMMANDS["tests-e2e"](suite)
+    monkeypatch.setattr(gpu_steps, "test_workers", lambda python, env: 2)  # as 8 cores would
+    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {}, [])
+    (spread, argv), (alone, alone_argv) = gpu_steps.COMMANDS["tests-e2e"](suite)
     assert (spread, alone) == ("tests-e2e", "tests-e2e-alone")
     assert argv[argv.index("-n") + 1] == "2" and "-n" not in alone_argv
     outputs = []
@@ -245,7 +246,7 @@ def test_end_to_end_tests_spread_over_workers_and_the_gpu_alone_ones_run_after(t
         "test_bench_quick_on_cuda"}
     every = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m",
-         "gpu and slow", *(str(ROOT / "tests" / f) for f in gpu_suite.GPU_TESTS)],
+         "gpu and slow", *(str(ROOT / "tests" / f) for f in gpu_steps.GPU_TESTS)],
         cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     names = {line.split("::", 1)[1] for line in every.splitlines() if "::" in line}
     assert junit_tests(tmp_path / "tests-e2e.xml") == names - junit_tests(
@@ -329,14 +330,14 @@ def test_a_bundle_that_cannot_be_written_is_refused_before_any_step(tmp_path, mo
 def test_a_step_clears_what_an_earlier_suite_left_for_its_commands(tmp_path, monkeypatch):
     """The summary reads the results folder: an old run's metrics beside a command that
     failed this time showed the old figures as this run's."""
-    monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [("first", ["false"])])
+    monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["false"])])
     stale = [tmp_path / "first" / "metrics.jsonl", tmp_path / "first.json",
              tmp_path / "first.trace.json.gz", tmp_path / "first.xml"]
     for path in stale:
         path.parent.mkdir(exist_ok=True)
         path.write_text("{}")
     (tmp_path / "other.json").write_text("{}")  # another command's: kept
-    suite = gpu_suite.Suite(tmp_path, tmp_path / "work", sys.executable, dict(os.environ),
+    suite = gpu_steps.Suite(tmp_path, tmp_path / "work", sys.executable, dict(os.environ),
                             True, {}, ["two"])
     assert not gpu_suite.run_step(suite, "two")
     assert not any(path.exists() for path in stale) and (tmp_path / "other.json").exists()
@@ -352,10 +353,10 @@ def test_relative_paths_name_places_from_where_the_suite_is_called(tmp_path, mon
                             capture_output=True, text=True, timeout=120)  # a folder here only
     assert result.returncode == 1 and f"{tmp_path / 'b.tar.gz'}: it is a folder" in result.stderr
     monkeypatch.setattr(gpu_suite, "STEPS", (*gpu_suite.STEPS, "two"))
-    monkeypatch.setitem(gpu_suite.COMMANDS, "two", lambda s: [
+    monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [
         ("first", ["touch", str(s.results / "made"), str(s.work / "made")])])
     # the import checks and the header (torch and ffcv imported: seconds) are not under test
-    monkeypatch.setattr(gpu_suite, "missing", lambda python, env, names: {})
+    monkeypatch.setattr(gpu_environment, "missing", lambda python, env, names: {})
     monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
     monkeypatch.delenv("OUT", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -428,19 +429,19 @@ def test_a_library_the_image_lacks_is_found_in_whl_lib_or_named(tmp_path, monkey
     if carried:  # a real shared object (ctypes' own) under the name the package asks for
         (tmp_path / ".whl" / "lib").mkdir()
         shutil.copy(_ctypes.__file__, tmp_path / ".whl" / "lib" / library)
-    monkeypatch.setattr(gpu_suite, "ROOT", tmp_path)
-    monkeypatch.setattr(gpu_suite, "NEEDED", ("lib_probe",))
+    monkeypatch.setattr(gpu_environment, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_environment, "NEEDED", ("lib_probe",))
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
     site = tmp_path / "site"
     if carried:
-        env = gpu_suite.environment(sys.executable, site)
+        env = gpu_environment.environment(sys.executable, site)
         assert env["LD_LIBRARY_PATH"] == str(tmp_path / ".whl" / "lib")
         assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(site), str(tmp_path)]
         assert f"adding {tmp_path / '.whl' / 'lib'} to LD_LIBRARY_PATH" in capsys.readouterr().out
     else:
-        with pytest.raises(gpu_suite.SetupError,
+        with pytest.raises(SetupError,
                            match=f"still cannot import lib_probe: .*{library}"):
-            gpu_suite.environment(sys.executable, site)
+            gpu_environment.environment(sys.executable, site)
     assert (site / "lib_probe" / "__init__.py").exists()  # the wheel was installed either way
 
 

@@ -1,0 +1,98 @@
+"""What the GPU suite's commands run with: the checkout on PYTHONPATH, the .whl/ wheels
+installed where a bare GPU image lacks ffcv or grad-cam, and the header of every log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+from common.errors import SetupError
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
+
+# the header of every log: tools/bench_output.metadata, in the environment the steps run in
+# (and /dev/shm's size: the torchvision DataLoader's workers pass batches through it, and a
+# container's small default would end them in a bus error)
+HEADER = ("import json, os, shutil, sys, torch; from importlib.metadata import version; "
+          "from tools.bench_output import metadata; "
+          "m = metadata(torch.device(sys.argv[1]), []); "
+          "m.update({p: version(p) for p in ('numba', 'grad-cam', 'pytest')}); "
+          "m['dev_shm_bytes'] = shutil.disk_usage('/dev/shm').total "
+          "if os.path.isdir('/dev/shm') else None; "
+          "print(json.dumps(m))")
+
+
+def missing(python: str, env: dict, names: tuple[str, ...]) -> dict[str, str]:
+    """Which of `names` `python` cannot import with `env`, each with its error's last line."""
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except Exception as error:\n"
+            "        last = (str(error).splitlines() or [''])[-1]\n"
+            "        print(name, type(error).__name__ + ':', last)")
+    result = subprocess.run([python, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise SetupError(f"{python} cannot run: {result.stderr.strip()[-500:]}")
+    return dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+
+
+def environment(python: str, site: Path) -> dict:
+    """The steps' environment: the checkout on PYTHONPATH, and the .whl/ wheels installed into
+    `site` (and put first on it) when ffcv or grad-cam cannot be imported otherwise; .whl/lib
+    (tools/wheelhouse.sh) goes on LD_LIBRARY_PATH if ffcv still cannot load its libraries."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
+    paths.insert(0, str(ROOT))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    lacking = missing(python, env, NEEDED)
+    if not lacking:
+        return env
+    wheels = sorted((ROOT / ".whl").glob("*.whl"))
+    if not wheels:
+        raise SetupError(f"{python} cannot import {', '.join(lacking)} and {ROOT / '.whl'} "
+                         "holds no wheels. Run `make setup` (a .venv with everything), or build "
+                         "the wheels with `make wheels` on a machine with network and copy .whl/ "
+                         "into this checkout.")
+    print(f"installing {len(wheels)} wheels from .whl/ into {site}", flush=True)
+    # --upgrade: a second suite on the same machine replaces the wheels a first one installed
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                              "--upgrade", "--target", str(site), *map(str, wheels)],
+                             capture_output=True, text=True)
+    if install.returncode != 0:
+        raise SetupError(f"pip could not install the wheels of .whl/ into {site}: "
+                         f"{install.stderr.strip()[-800:]}")
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *paths])
+    lacking = missing(python, env, NEEDED)
+    libs = ROOT / ".whl" / "lib"
+    if libs.is_dir() and any(".so" in error for error in lacking.values()):
+        # an image without X11: the libraries that ffcv's bundled libGLX needs, carried
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
+        print(f"adding {libs} to LD_LIBRARY_PATH: {'; '.join(lacking.values())}", flush=True)
+        lacking = missing(python, env, NEEDED)
+    if lacking:
+        why = "; ".join(f"{name}: {error}" for name, error in lacking.items())
+        raise SetupError(f"after installing .whl/ into {site}, {python} still cannot import "
+                         f"{why}. Install what is named, or rebuild the wheels for this Python "
+                         "with `make wheels`.")
+    return env
+
+
+def header(python: str, env: dict, device: str, argv: list[str], dry: bool) -> dict:
+    """What ran where, read once: tools/bench_output.metadata of the device, plus the suite's
+    own (the commit comes from git, else from $GPU_SUITE_COMMIT for a copy without .git)."""
+    result = subprocess.run([python, "-c", HEADER, device], env=env, cwd=ROOT,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SetupError(f"cannot read the device and library versions with {python}: "
+                         f"{result.stderr.strip()[-800:]}")
+    meta = json.loads(result.stdout.splitlines()[-1])
+    meta.update(command=shlex.join(["bash", "tools/gpu_suite.sh", *argv]), argv=argv,
+                dry_run=dry, pythonpath=env["PYTHONPATH"])
+    return meta

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from loaders import beton
 from loaders.base import Batch, BatchLoader
@@ -18,7 +19,7 @@ with importing_ffcv():
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader
-    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+    from ffcv.transforms import ToTensor
     from ffcv.traversal_order.base import TraversalOrder
 
 
@@ -44,26 +45,39 @@ class FFCVLoader(BatchLoader):
     def __init__(self, path: Path, **kwargs: Any):
         num_samples = beton.check(Path(path)).num_samples  # a damaged file: DataError, not FFCV's
         super().__init__(path, num_samples=num_samples, **kwargs)
-        # A blocking copy: FFCV 1.0.2 decodes each batch into one of a few pinned host buffers
-        # and its CUDA events guard only the device buffers, so an asynchronous copy still
-        # queued behind the training kernels could read a buffer already refilled (found by
-        # reading its epoch_iterator.py; PyTorch leaves the source's lifetime to the caller).
-        # The wait is in FFCV's own thread; when the GPU is the bottleneck it reaches the
-        # training loop as time in next() (tools/bench.py's loader overhead tells them apart).
-        to_device = [ToDevice(self.device, non_blocking=False)] if self.device.type != "cpu" else []
+        # the copies to a GPU: on a stream of their own, which never waits for training (ours)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with torch_threads_kept():  # Loader() sets torch's threads to num_workers
             self.loader = Loader(
                 str(path), batch_size=self.batch_size, num_workers=numba_workers(self.workers),
                 order=_ShardOrder(self), drop_last=False, os_cache=True,
-                pipelines={
-                    "image": [SimpleRGBImageDecoder(), ToTensor(), *to_device],
-                    # Squeeze(1), not Squeeze(): a last batch of one sample keeps its batch
-                    # dimension, which ToDevice indexes
-                    "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
-                },
+                pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
+                           "label": [IntDecoder(), ToTensor()]},
             )
 
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in guarded(self.loader):
-            # FFCV reuses its output buffers a few batches later: labels must be copied out
-            yield self.augment(images), labels.view(-1).clone()
+            images, labels = self.owned(images, labels.view(-1))
+            yield self.augment(images), labels
+
+    def owned(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """The batch in memory of its own: FFCV's thread refills its host buffers once the next
+        batch is asked for. On the CPU the labels are cloned (augmenting writes new images); on
+        a GPU both are copied there, and the copy has finished when this returns.
+
+        Not FFCV's ToDevice: it copies on streams that first wait for the training work queued
+        when the batch before was handed over, so the training loop gets each batch only once
+        the GPU has nearly caught up with it (our reading of FFCV 1.0.2's epoch_iterator.py).
+        Our stream holds these copies alone: waiting for it takes a copy's time, and training
+        runs ahead of the GPU as far as with the resident loader. The copies are recorded on
+        the training stream, so that their memory is not reused before that stream is done."""
+        if self.copy_stream is None:
+            return images, labels.clone()
+        with torch.cuda.stream(self.copy_stream):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        self.copy_stream.synchronize()  # FFCV's buffers read; training's kernels come after
+        training = torch.cuda.current_stream(self.device)
+        images.record_stream(training)
+        labels.record_stream(training)
+        return images, labels

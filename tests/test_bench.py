@@ -107,6 +107,8 @@ def test_quick_run_measures_epochs_and_data_wait(quick):
     for r in epochs.values():
         assert r["images"] == 256 and r["images_per_s"] > 0
         assert 0 <= r["data_wait_share"] <= 1
+        assert all(0 < first <= wait for first, wait in
+                   zip(r["first_batch_wait_s"], r["data_wait_s"], strict=True))
         # the same images as steps on one batch: the loader's cost is what the epoch adds
         assert r["step_only_s"] > 0
         assert r["loader_overhead_share"] == pytest.approx(

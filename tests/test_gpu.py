@@ -93,6 +93,29 @@ def test_a_last_batch_of_one_sample_reaches_the_gpu(prepared, source, drain, kin
     assert labels.item() == source.test.labels[-1]
 
 
+@pytest.mark.parametrize("kind", loaders.LOADERS)
+def test_batches_stay_right_while_the_gpu_lags_behind(prepared, source, drain, kind):
+    """Each batch is followed by a kernel that keeps the GPU busy, so the host runs ever further
+    ahead: a copy still queued behind that work when the loader reuses its host buffer (FFCV
+    refills a few in turn) would deliver another batch's pixels."""
+
+    def lagging(loader):
+        for batch in loader:
+            yield batch
+            torch.cuda._sleep(10_000_000)  # about 5 ms at 2 GHz, queued after the batch's use
+
+    loader = loaders.make_loader(kind, prepared.test, train=False, batch_size=16, device="cuda",
+                                 mean=prepared.mean, std=prepared.std, dtype=torch.float32,
+                                 workers=1)
+    batches = drain(lagging(loader), timeout=120)
+    labels = torch.cat([labels for _, labels in batches]).cpu().numpy()
+    np.testing.assert_array_equal(labels, source.test.labels)
+    images = torch.cat([images for images, _ in batches]).cpu().numpy()
+    mean, std = (np.reshape(v, (3, 1, 1)) for v in (prepared.mean, prepared.std))
+    want = (source.test.images.transpose(0, 3, 1, 2) / 255 - mean) / std
+    np.testing.assert_allclose(images, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("reflect", [True, False], ids=["reflect", "zeros"])
 def test_flip_and_translate_on_cuda_equal_the_cpu_for_the_same_draws(reflect):
     cfg = AugmentConfig(translate=4, reflect=reflect)

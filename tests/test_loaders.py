@@ -234,6 +234,18 @@ def test_a_batch_beyond_the_shard_is_the_whole_shard(prepared, source, run_epoch
     np.testing.assert_array_equal(batch[1].numpy(), source.train.labels[indices(n, True, 0, 1, 2)])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_last_batch_of_one_sample_keeps_its_batch_dimension(prepared, source, run_epoch, kind):
+    """201 test images in batches of 100: the last holds one sample, its label a 1-d tensor."""
+    loader = loaders.make_loader(kind, prepared.test, train=False, batch_size=100, device="cpu",
+                                 mean=prepared.mean, std=prepared.std, workers=1)
+    batches = run_epoch(loader)
+    assert [len(labels) for _, labels in batches] == [100, 100, 1]
+    images, labels = batches[-1]
+    assert images.shape == (1, 3, 32, 32) and labels.shape == (1,)
+    assert labels.item() == source.test.labels[-1]
+
+
 # --- the sharding rule ------------------------------------------------------------------------
 
 

@@ -91,11 +91,11 @@ class EpochResult:
     first_epoch_s: float | None = None  # warm-up epoch: JIT, torch.compile, worker start-up
     epoch_s: list[float] = field(default_factory=list)  # steady-state epochs
     data_wait_s: list[float] = field(default_factory=list)  # blocked in next(), per epoch
+    first_batch_wait_s: list[float] = field(default_factory=list)  # of it, for the first batch
     data_wait_share: float | None = None  # of the fastest steady-state epoch: wait / epoch
     images_per_s: float | None = None  # of the fastest steady-state epoch
     # the same images as steps on one batch already on the device, and the share of the
-    # fastest epoch that the loader adds to them: the data cost wherever the host blocks (on a
-    # GPU, FFCV's blocking copy turns the GPU's backlog into time blocked in next())
+    # fastest epoch that the loader adds to them: the data cost wherever the host blocks
     step_only_s: float | None = None
     loader_overhead_share: float | None = None
 
@@ -269,6 +269,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     best = fastest(steady)
     r.images, r.first_epoch_s = first.images, first.seconds
     r.epoch_s, r.data_wait_s = [p.seconds for p in steady], [p.wait_s for p in steady]
+    r.first_batch_wait_s = [p.first_wait_s for p in steady]
     r.data_wait_share, r.images_per_s = best.wait_s / best.seconds, best.images / best.seconds
     r.step_only_s, r.loader_overhead_share = step_only_s, 1 - step_only_s / best.seconds
     return r
@@ -296,11 +297,18 @@ def bench_epochs(base: TrainConfig, args: argparse.Namespace,
         r = results[-1]
         log(f"epoch: {r.loader} {compile_text(r.compile, r.compile_mode)}"
             f"{autotune_text(r.cudnn_benchmark)} "
-            + (f"{r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%}, loader "
-               f"overhead {r.loader_overhead_share:.1%}" if r.status == "ok"
+            + (f"{r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%} (the "
+               f"first batch's: {ms_range(r.first_batch_wait_s)} ms), loader overhead "
+               f"{r.loader_overhead_share:.1%}" if r.status == "ok"
                else f"{r.status}, {r.reason}"))
         release()
     return results
+
+
+def ms_range(seconds: list[float]) -> str:
+    """Seconds as milliseconds, "3.1" or "3.1-4.2" from the least to the most."""
+    low, high = (f"{1e3 * x:.1f}" for x in (min(seconds), max(seconds)))
+    return low if low == high else f"{low}-{high}"
 
 
 def hand_train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:

@@ -137,7 +137,8 @@ COMMANDS = {
     "bench-peers": lambda s: bench(s, "bench-peers", "peers,mfu"),
     "train-eager": lambda s: train_commands(s, "train-fast-eager"),
     # the profile of bench-epoch, its steps fed by the ffcv loader: the first H200 run's ffcv
-    # epoch waited for data 13.3% of its time (goal: under 2%), not explained yet
+    # epoch waited for data 13.3% of its time (goal: under 2%), with FFCV's ToDevice then; the
+    # loader now copies on a stream of its own (loaders/stream.py): is the wait gone?
     "profile-ffcv": lambda s: bench(s, "profile-ffcv", "profile", "--profile-loader", "ffcv"),
     # every precision x format x compile at batch 512, then batch 256 and 1024 (compiled), all on
     # CUDA graphs (the engine's mode), then torch.compile's default mode: 9 of its 15

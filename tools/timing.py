@@ -22,6 +22,7 @@ class Pass:
     images: int
     seconds: float
     wait_s: float = 0.0
+    first_wait_s: float = 0.0  # of wait_s, for the first batch: the epoch's start-up
 
 
 @dataclass
@@ -68,22 +69,23 @@ def loader_turn(loader: BatchLoader, epoch: int) -> list[Pass]:
 
 
 def train_pass(run: Run, epoch: int) -> Pass:
-    """One epoch of engine.run.train_step over the run's loader, timing the waits in next()."""
+    """One epoch of engine.run.train_step over the run's loader, timing the waits in next()
+    (the first apart: an epoch's start, such as FFCV's new pipeline thread)."""
     loader, device = run.train_loader, run.accelerator.device
     loader.set_epoch(epoch)
     run.model.train()
     sync(device)
-    start, images, wait, batches = time.perf_counter(), 0, 0.0, iter(loader)
+    start, images, waits, batches = time.perf_counter(), 0, [], iter(loader)
     while True:
         before = time.perf_counter()
         batch = next(batches, None)
-        wait += time.perf_counter() - before
+        waits.append(time.perf_counter() - before)
         if batch is None:
             break
         train_step(run, *batch)
         images += len(batch[1])
     sync(device)
-    return Pass(images, time.perf_counter() - start, wait)
+    return Pass(images, time.perf_counter() - start, sum(waits), waits[0])
 
 
 def timed_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, n: int) -> float:

@@ -24,6 +24,7 @@ from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
 from tools import (
     bench,
+    bench_mfu,
     bench_options,
     bench_peers,
     bench_profile,
@@ -338,7 +339,7 @@ def test_train_flops_by_hand():
         nn.Linear(4 * 8 * 8, 5),  # 256*5
     )
     conv, linear = 2 * 256 * 27, 2 * 256 * 5  # forward FLOPs
-    assert bench_sections.hand_train_flops(net, (1, 3, 8, 8)) == 3 * (conv + linear)
+    assert bench_mfu.hand_train_flops(net, (1, 3, 8, 8)) == 3 * (conv + linear)
     # counted as it runs: the first layer's backward skips the input's gradient (no one needs
     # it), so the conv costs 2x its forward and the linear 3x
     counted, by_module = count_train_flops(net, (3, 8, 8))
@@ -462,14 +463,14 @@ def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
              for precision, speed in (("fp32", 100.0), ("bf16", 10.0), ("bf16", 100.0))]
     peaks = {dtype: Peak(dtype, 1, 1, [1], flops, dtype)
              for dtype, flops in (("fp32", 1e6), ("bf16", 5e4))}
-    rows = bench_sections.mfu_rows({"step": steps}, 1000, peaks)
+    rows = bench_mfu.mfu_rows({"step": steps}, 1000, peaks)
     assert [row["mfu"] for row in rows] == [pytest.approx(0.1), None, None]
-    assert bench_sections.outpaced_peaks(rows) == ["bf16"]
+    assert bench_mfu.outpaced_peaks(rows) == ["bf16"]
 
 
 def test_mfu_arithmetic():
     # 1000 images/s x 3.33 GFLOPs = 3.33 TFLOP/s, a third of a 10 TFLOP/s peak
-    assert bench_sections.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)
+    assert bench_mfu.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)
 
 
 @pytest.mark.slow
@@ -542,7 +543,7 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
                                                       ("torchvision", "ok")]
     assert "cannot hold the split" in epochs[0].reason and epochs[1].images_per_s > 0
     assert saved == [1, 2]  # the rows so far, after each loader
-    rows = bench_sections.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
+    rows = bench_mfu.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
                                                                        "fp32")})
     assert [row["config"].split()[0] for row in rows] == ["torchvision"]  # failed: no MFU
 

@@ -16,11 +16,12 @@ import torch
 
 from common.files import write_json
 from engine.config import TrainConfig, resolve
+from tools.bench_mfu import bench_mfu
 from tools.bench_options import SECTIONS, TEST_IMAGES, fill_defaults
 from tools.bench_output import metadata, report
 from tools.bench_peers import bench_peers
 from tools.bench_profile import bench_profile
-from tools.bench_sections import bench_epochs, bench_loaders, bench_mfu, bench_steps, log
+from tools.bench_sections import bench_epochs, bench_loaders, bench_steps, log
 from tools.options import pick_device
 
 

@@ -1,37 +1,31 @@
-"""The sections of tools/bench.py: loaders alone, the training step, full epochs and MFU.
-Each returns result dataclasses; their fields are the columns of the printed tables."""
+"""The sections of tools/bench.py: loaders alone, the training step and full epochs (MFU:
+bench_mfu.py). Each returns result dataclasses; their fields are the columns of the printed
+tables."""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from common.cli import stop_if_interrupted
-from common.compile_modes import autotune_text, compile_text, epoch_name, step_name
-from common.errors import EngineError, SetupError, TrainingError, one_line
+from common.compile_modes import autotune_text, compile_text, step_name
+from common.errors import EngineError, TrainingError, one_line
 from engine.config import TrainConfig
-from engine.failures import out_of_memory
-from engine.model import build_model, forward_macs
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare
-from tools.flops import count_train_flops
 from tools.timing import (
     Pass,
-    Peak,
     fastest,
     loader_pass,
     loader_turn,
-    matmul_peak,
     sync,
     timed_epoch_steps,
     timed_steps,
@@ -98,21 +92,6 @@ class EpochResult:
     # fastest epoch that the loader adds to them: the data cost wherever the host blocks
     step_only_s: float | None = None
     loader_overhead_share: float | None = None
-
-
-@dataclass
-class MfuResult:
-    """FLOPs per image, the measured peaks, and the MFU of every throughput of the run."""
-
-    train_flops_per_image: int  # counted by tools.flops (FlopCounterMode), forward + backward
-    flops_by_module: dict[str, int]  # the same count per top-level module
-    macs_per_image: int  # forward multiply-accumulates (engine.model.forward_macs)
-    hand_count_flops_per_image: int  # 3 x 2 x macs_per_image: the cross-check
-    formula: str = ("train FLOPs/image counted by torch.utils.flop_counter.FlopCounterMode over "
-                    "a forward and backward pass (cross-check: 3 x 2 x forward MACs)")
-    peaks: dict[str, Peak] = field(default_factory=dict)
-    rows: list[dict] = field(default_factory=list)
-    not_peaks: list[str] = field(default_factory=list)  # dtypes whose matmul a run outpaced
 
 
 # what a configuration that cannot run here raises: fp16 on CPU, a failed compile, a loader's
@@ -309,87 +288,3 @@ def ms_range(seconds: list[float]) -> str:
     """Seconds as milliseconds, "3.1" or "3.1-4.2" from the least to the most."""
     low, high = (f"{1e3 * x:.1f}" for x in (min(seconds), max(seconds)))
     return low if low == high else f"{low}-{high}"
-
-
-def hand_train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
-    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x forward MACs (backward ~
-    2 x forward; 1 MAC = 2 FLOPs)."""
-    return 3 * 2 * forward_macs(model, input_shape)
-
-
-def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) -> float:
-    """Model FLOPs utilization: achieved training FLOP/s over the peak."""
-    return images_per_s * flops_per_image / peak_flops_per_s
-
-
-def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
-    """MFU of every step configuration that ran and of every steady-state training epoch."""
-    rows = [dict(source="step", config=step_name(r.precision, r.memory_format, r.compile,
-                                                 r.compile_mode, r.batch_size),
-                 precision=r.precision, images_per_s=r.images_per_s)
-            for r in results.get("step", []) if r.status == "ok"]
-    rows += [dict(source="epoch", config=epoch_name(r.loader, r.precision, r.compile,
-                                                    r.compile_mode, r.batch_size,
-                                                    r.cudnn_benchmark),
-                  precision=r.precision, images_per_s=r.images_per_s)
-             for r in results.get("epoch", []) if r.status == "ok"]
-    # the peers' timed training epochs, each with the FLOPs counted on its own model
-    rows += [dict(source="peers", config=f"{r.pipeline} pipeline, {r.loader} loader, "
-                  f"{r.precision} width {r.width} batch {r.batch_size}", precision=r.precision,
-                  images_per_s=r.images_per_s, flops=r.train_flops_per_image)
-             for r in results.get("peers", {}).get("epochs", [])]
-    for row in rows:
-        peak, per_image = peaks[row["precision"]].flops_per_s, row.pop("flops", flops)
-        row.update(achieved_flops_per_s=row["images_per_s"] * per_image, peak_flops_per_s=peak,
-                   mfu=mfu(row["images_per_s"], per_image, peak))
-    outpaced = outpaced_peaks(rows)
-    for row in rows:  # an MFU over 100% would only say the peak is wrong: none at all
-        if row["precision"] in outpaced:
-            row["mfu"] = None
-    return rows
-
-
-def outpaced_peaks(rows: list[dict]) -> list[str]:
-    """The precisions a run computed faster than their matmul peak: that matmul is then not the
-    device's fastest path (torch's bf16 matmul on a CPU without bf16 instructions is far slower
-    than oneDNN's bf16 convolutions), and no MFU of that precision means anything."""
-    return sorted({row["precision"] for row in rows
-                   if row["achieved_flops_per_s"] > row["peak_flops_per_s"]})
-
-
-@contextmanager
-def named_out_of_memory(message: str) -> Iterator[None]:
-    """SetupError(message), naming the option to lower, for running out of memory in the
-    block (torch's error or the CPU allocator's); any other error as it was."""
-    try:
-        yield
-    except RuntimeError as error:
-        if not out_of_memory(error):
-            raise
-        raise SetupError(message) from None
-
-
-def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
-              args: argparse.Namespace) -> MfuResult:
-    """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput.
-    SetupError naming the option when the model or a matmul does not fit in memory."""
-    with named_out_of_memory(f"out of memory counting the FLOPs of the model at --width "
-                             f"{base.width}; choose a smaller --width."):
-        model = build_model(base.arch, 10, base.width)
-        counted, by_module = count_train_flops(model, channels_last=base.channels_last)
-    out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
-    dtypes = {"fp32", *(r.precision for r in results.get("step", []) if r.status == "ok"),
-              *(r.precision for r in results.get("epoch", [])),
-              *(r.precision for r in results.get("peers", {}).get("epochs", []))}
-    pin_threads(args.threads)
-    for dtype in sorted(dtypes):
-        with named_out_of_memory(f"out of memory for the {dtype} matmul peak at --matmul-size "
-                                 f"{args.matmul_size}; choose a smaller --matmul-size."):
-            out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,
-                                           args.repeats)
-        log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "
-            f"({out.peaks[dtype].math})")
-    out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)
-    out.not_peaks = outpaced_peaks(out.rows)
-    return out
-

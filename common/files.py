@@ -77,14 +77,20 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def json_text(content: dict) -> str:
+    return json.dumps(content, indent=2) + "\n"
+
+
 def write_json(path: Path, content: dict) -> None:
-    write_text(path, json.dumps(content, indent=2) + "\n")
+    write_text(path, json_text(content))
 
 
 def csv_text(rows: Sequence[dict], fields: Sequence[str] | None = None) -> str:
-    """rows as CSV with a header: `fields`, or the keys of the first row."""
+    """rows as CSV with a header: `fields`, or every row's keys in the order they first come
+    (an older run's rows may lack a column added since; their cells are left empty)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields or (rows[0] if rows else [])))
+    header = fields or dict.fromkeys(key for row in rows for key in row)
+    writer = csv.DictWriter(buffer, fieldnames=list(header), restval="")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

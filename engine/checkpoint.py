@@ -7,6 +7,7 @@ the optimizer it continues from can never disagree.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ from accelerate.utils import recursively_apply
 from torch import nn
 
 from common.errors import CheckpointError, one_line
-from common.files import atomic_write, write_csv, write_json, write_text
+from common.files import atomic_writes, csv_text, json_text
 from common.hardware import device_name
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
@@ -57,17 +58,26 @@ def unreadable(error: Exception) -> str:
     return one_line(error).split(". ")[0].rstrip(": ")  # a zip's or pickle's: its first sentence
 
 
-def save(path: Path, checkpoint: dict) -> None:
-    """Write atomically; a failed write (a full disk, ...) leaves the previous file intact."""
+def torch_save(tmp: Path, content: dict) -> None:
+    """torch.save to `tmp`, whose zip writer reports a full disk as a RuntimeError naming no
+    file: an OSError naming `tmp` instead, as common.files.atomic_writes expects."""
     try:
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as either
-        free = shutil.disk_usage(Path(path).parent).free / 2**20
-        then = ("the previous one is intact. Free some space and continue with --resume"
-                if Path(path).exists() else "nothing was written. Free some space (or choose "
-                "another --out) and run the same command again")
-        raise CheckpointError(f"could not write {path} ({one_line(error)}); {then}. Its disk has "
-                              f"{free:,.0f} MiB free.") from None
+        torch.save(content, tmp)
+    except RuntimeError as error:
+        raise OSError(None, one_line(error), str(tmp)) from error
+
+
+def unwritten(path: Path, error: OSError, kept: str | None) -> CheckpointError:
+    """The error for `path` not written: what was `kept` intact (None: nothing) and the fix,
+    space for a full disk (or a write torch says no more of), else a writable folder."""
+    full = error.errno in (None, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    fix = "Free some space" if full else f"Make {path.parent} writable"
+    then = (f"{kept} intact. {fix} and continue with --resume" if kept else
+            f"nothing was written. {fix} (or choose another --out) and run the same command "
+            "again")
+    free = shutil.disk_usage(path.parent).free / 2**20
+    return CheckpointError(f"could not write {path} ({error.strerror or error}); {then}. Its "
+                           f"disk has {free:,.0f} MiB free.")
 
 
 def load(path: Path) -> dict:
@@ -144,6 +154,16 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
     def count(x: object) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
+    def resume(x: object) -> bool:  # engine/train.py's training state; best.pt has none
+        if not isinstance(x, dict) or not isinstance(x.get("optimizer"), dict):
+            return False
+        state, groups = x["optimizer"].get("state"), x["optimizer"].get("param_groups")
+        return (isinstance(state, dict) and all(isinstance(v, dict) for v in state.values())
+                and isinstance(groups, list) and all(isinstance(g, dict) for g in groups)
+                and isinstance(x.get("scheduler"), dict)
+                and isinstance(x.get("scaler"), dict | None)
+                and isinstance(x.get("rng"), torch.Tensor) and x["rng"].dtype == torch.uint8)
+
     n = ckpt["num_classes"]
     return {
         "arch": isinstance(ckpt["arch"], str),
@@ -163,6 +183,8 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
             for r in ckpt["history"]),
         "data": isinstance(ckpt["data"], dict) and all(
             isinstance(ckpt["data"].get(k), str) for k in DATA_KEYS),
+        "resume": "resume" not in ckpt or resume(ckpt["resume"]),
+        "processes": count(ckpt.get("processes", 1)),
     }
 
 
@@ -208,12 +230,23 @@ def content(run: Run, history: list[dict]) -> dict:
 def write_epoch(out: Path, ckpt: dict, best: bool) -> None:
     """One epoch's files: best.pt (the weights alone, when the epoch beats every earlier one),
     ckpt.pt, metrics and config.json (beside the first checkpoint, not before: a run that
-    fails early leaves nothing)."""
-    if best:
-        save(out / "best.pt", {k: v for k, v in ckpt.items() if k != "resume"})
-    save(out / "ckpt.pt", ckpt)
-    write_metrics(out, ckpt["history"])
-    write_json(out / "config.json", ckpt["config"])
+    fails early leaves nothing). All are renamed into place once every one is whole, so they
+    never disagree: a failed write leaves the previous epoch's files as they were."""
+    history = ckpt["history"]
+    writes = {out / "best.pt": lambda tmp: torch_save(tmp, {k: v for k, v in ckpt.items()
+                                                            if k != "resume"})} if best else {}
+    writes |= {
+        out / "ckpt.pt": lambda tmp: torch_save(tmp, ckpt),
+        out / "metrics.jsonl": lambda tmp: tmp.write_text(
+            "".join(json.dumps(row) + "\n" for row in history)),
+        out / "metrics.csv": lambda tmp: tmp.write_text(csv_text(history)),
+        out / "config.json": lambda tmp: tmp.write_text(json_text(ckpt["config"])),
+    }
+    kept = "the previous epoch's files are" if (out / "ckpt.pt").exists() else None
+    try:
+        atomic_writes(writes)
+    except OSError as error:
+        raise unwritten(Path(error.filename or out), error, kept) from None
 
 
 def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
@@ -240,16 +273,10 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
         if state["scaler"] is not None and run.scaler is not None:
             run.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         raise CheckpointError(f"{path}'s saved training state does not fit its run "
                               f"({one_line(error)}); it was damaged or "
                               "written by other code. Resume from the ckpt.pt that "
                               "engine/train.py wrote, or start a new run with another --out."
                               ) from None
     return list(ckpt["history"])
-
-
-def write_metrics(out: Path, history: list[dict]) -> None:
-    """metrics.csv and metrics.jsonl: one row per epoch, rewritten whole from the history."""
-    write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-    write_csv(out / "metrics.csv", history)

@@ -103,7 +103,7 @@ def test_onnx_takes_any_batch_size(exported, test_images):
 @pytest.mark.slow
 def test_missing_test_data_falls_back_to_noise_with_a_note(ckpt, tmp_path):
     moved = dict(ckpt, data=dict(ckpt["data"], test=str(tmp_path / "gone.beton")))
-    checkpoint.save(tmp_path / "moved.pt", moved)
+    torch.save(moved, tmp_path / "moved.pt")
     result = export(tmp_path / "moved.pt", "--format", "torchscript")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gone.beton" in result.stderr and "noise" in result.stderr
@@ -150,7 +150,7 @@ def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path):
 def test_broken_weights_are_refused(ckpt, tmp_path):
     weights = dict(ckpt["state_dict"])
     weights["fc.weight"] = torch.full_like(weights["fc.weight"], float("nan"))
-    checkpoint.save(tmp_path / "nan.pt", dict(ckpt, state_dict=weights))
+    torch.save(dict(ckpt, state_dict=weights), tmp_path / "nan.pt")
     result = export(tmp_path / "nan.pt", "--format", "safetensors")
     assert result.returncode == 1 and "NaN" in result.stderr and "best.pt" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]

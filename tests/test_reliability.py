@@ -4,6 +4,7 @@ moments, and impossible values. Real subprocesses on tiny synthetic data (CPU)."
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -21,7 +22,7 @@ from conftest import ROOT, run_script, tmpfs
 from test_folders import write_tree
 
 from common.errors import CheckpointError, OutputError, TrainingError
-from common.files import atomic_writes, locked_dir, write_text
+from common.files import atomic_writes, csv_text, locked_dir, write_text
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.failures import out_of_memory
@@ -378,6 +379,61 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
 
+def epoch_files(epoch: int, resume_bytes: int) -> dict:
+    """A checkpoint dict as checkpoint.write_epoch takes it, its training state this big."""
+    row = dict(epoch=epoch, train_loss=1.0 / epoch, test_acc=0.5)
+    return dict(epoch=epoch, history=[dict(row, epoch=e) for e in range(1, epoch + 1)],
+                config=dict(epochs=3), state_dict={"w": torch.full((8,), float(epoch))},
+                resume=dict(optimizer=torch.zeros(resume_bytes // 4)))
+
+
+def test_an_epoch_that_cannot_be_written_leaves_the_previous_epochs_files_whole(tmp_path):
+    """best.pt, ckpt.pt, the metrics and config.json are renamed into place together: when
+    ckpt.pt does not fit, the new best.pt (written first) is not kept beside the old ckpt.pt."""
+    with tmpfs(tmp_path / "disk", "size=256k") as out:
+        checkpoint.write_epoch(out, epoch_files(1, 1024), best=True)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert sorted(before) == ["best.pt", "ckpt.pt", "config.json", "metrics.csv",
+                                  "metrics.jsonl"]
+        with pytest.raises(CheckpointError) as refused:
+            checkpoint.write_epoch(out, epoch_files(2, 300_000), best=True)
+        message = str(refused.value)
+        del refused  # its traceback holds torch's writer, whose open file keeps the disk busy
+        gc.collect()
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporaries
+    assert message.startswith(f"could not write {out / 'ckpt.pt'} (")
+    assert ("); the previous epoch's files are intact. Free some space and continue with "
+            "--resume.") in message
+
+
+@pytest.mark.parametrize("code, fix", [
+    (28, "Free some space"), (None, "Free some space"), (13, "Make {folder} writable")],
+    ids=["ENOSPC", "torch's RuntimeError", "EACCES"])
+def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_path, code, fix):
+    path = tmp_path / "ckpt.pt"
+    error = checkpoint.unwritten(path, OSError(code, "why", str(path)), None)
+    assert str(error).startswith(f"could not write {path} (why); nothing was written. "
+                                 f"{fix.format(folder=tmp_path)} (or choose another --out)")
+
+
+def test_metrics_csv_has_every_column_when_older_rows_lack_one():
+    """History rows of a checkpoint from before a column came (eval_seconds, say) beside new
+    ones: DictWriter refused them (a traceback, and a run that could never be resumed)."""
+    rows = [dict(epoch=1, test_acc=0.5), dict(epoch=2, test_acc=0.6, eval_seconds=1.5)]
+    assert csv_text(rows).splitlines() == ["epoch,test_acc,eval_seconds", "1,0.5,", "2,0.6,1.5"]
+
+
+@pytest.mark.slow
+def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    _damaged(run, lambda ckpt: [row.pop(key) for row in ckpt["history"]
+                                for key in ("eval_seconds", "train_images", "test_images")])
+    result = train("--resume", run, "--epochs", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, first, second = (run / "metrics.csv").read_text().splitlines()
+    assert "eval_seconds" in header.split(",") and len(history(run)) == 2
+
+
 # --- one core ---------------------------------------------------------------------------------
 
 
@@ -486,10 +542,20 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("history", lambda c: c["history"][0].pop("lr")),  # and the curves the LR
     ("data", lambda c: c["data"].update(test=5)),  # the report finds the test split there
     ("data", lambda c: c["data"].pop("source")),  # --resume names it on a class mismatch
+    # the training state: torch's load_state_dict raised AttributeError (a traceback) on the
+    # first, took the second and failed at the first step; a tensor of processes a traceback
+    ("resume", lambda c: c["resume"]["optimizer"].update(state=[])),
+    ("resume", lambda c: c["resume"]["optimizer"]["state"].update({0: 5})),
+    ("resume", lambda c: c["resume"].update(rng=torch.zeros(3))),
+    ("processes", lambda c: c.update(processes=torch.tensor(2))),
+    ("resume", lambda c: c.update(resume={})),
+    ("resume", lambda c: c.update(resume=[1, 2])),
 ], ids=["width True", "width 0", "9 of 10 classes", "unknown config key", "int weight",
         "int32 weights",
         "std 0", "std 1e-300", "mean NaN", "mean of 2", "no test_acc", "no epoch", "no lr",
-        "data test 5", "data without source"])
+        "data test 5", "data without source", "optimizer state a list",
+        "optimizer state of a number", "rng of floats", "processes a tensor", "resume empty",
+        "resume a list"])
 def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
     ckpt = checkpoint.load(finished / "ckpt.pt")
     damage(ckpt)
@@ -599,13 +665,11 @@ def test_an_fp16_run_is_resumed_only_where_fp16_can_run(finished, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change, cause", [
-    (lambda ckpt: ckpt["resume"].update(rng=torch.zeros(3)), "TypeError"),
     (lambda ckpt: ckpt["resume"]["optimizer"].update(param_groups=[]), "ValueError"),
     (lambda ckpt: ckpt["resume"].update(scheduler={"foo": 1}), "KeyError"),
-    (lambda ckpt: ckpt.update(resume={}), "KeyError: 'optimizer'"),
-    (lambda ckpt: ckpt.update(resume=[1, 2]), "TypeError"),
-], ids=["rng", "optimizer groups", "scheduler", "empty", "a list"])
+], ids=["optimizer groups", "scheduler"])
 def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, change, cause):
+    """Damage of the right types (load's checks pass it) that does not fit the run."""
     run = copy_run(finished, tmp_path)
     path = _damaged(run, change)
     before = path.read_bytes()

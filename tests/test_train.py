@@ -211,12 +211,12 @@ CTRL_C_AFTER_BEST = """
 import os, runpy, signal, sys
 from engine import checkpoint
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a command typed at a terminal
-save = checkpoint.save
-def save_then_interrupt(path, content):
-    save(path, content)
-    if path.name == "best.pt":
+save = checkpoint.torch_save
+def save_then_interrupt(tmp, content):
+    save(tmp, content)
+    if tmp.name.startswith(".best.pt."):
         os.kill(os.getpid(), signal.SIGINT)
-checkpoint.save = save_then_interrupt
+checkpoint.torch_save = save_then_interrupt
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -251,16 +251,16 @@ def note_the_line(row, epochs):
     made.set()
     return line(row, epochs)
 loop.summary_line = note_the_line
-save = checkpoint.save
-def save_after_the_line(path, content):
-    if path.name != "ckpt.pt":
-        return save(path, content)
+save = checkpoint.torch_save
+def save_after_the_line(tmp, content):
+    if not tmp.name.startswith(".ckpt.pt."):
+        return save(tmp, content)
     went_on = made.wait(timeout=60)
     made.clear()
-    save(path, content)
+    save(tmp, content)
     records.write(f"ckpt.pt of epoch {content['epoch']} written on "
                   f"{threading.current_thread().name}: training went on {went_on}\\n")
-checkpoint.save = save_after_the_line
+checkpoint.torch_save = save_after_the_line
 sys.argv = sys.argv[2:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")

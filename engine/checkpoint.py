@@ -111,13 +111,23 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path} has the cifar10-engine marker but malformed "
                               f"{', '.join(wrong)}; it was damaged or written by other code. "
                               "Use the ckpt.pt that engine/train.py wrote.")
-    bad = [k for k, v in ckpt["state_dict"].items() if not torch.isfinite(v).all()]
+    bad = nonfinite(ckpt["state_dict"])
     if bad:  # training never saves one (engine.loop.fit): no model to evaluate or resume
         raise CheckpointError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}"
                               f"{', ...' if len(bad) > 3 else ''}); engine/train.py never saves "
                               "such a state, so it was damaged or written by other code. Use "
                               "another checkpoint, e.g. the run's best.pt.")
     return ckpt
+
+
+def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state` holding NaN or infinity (one host sync
+    for all, wherever they are)."""
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist()
+    return [name for name, ok in zip(floats, finite, strict=True) if not ok]
 
 
 def checked_config(path: Path, ckpt: dict, build: Callable[[], TrainConfig], fix: str,

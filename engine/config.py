@@ -260,8 +260,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-# What --resume DIR may change: how long to train, and where the data and workers are.
-# Everything else would make the continued run a different run.
+# What --resume DIR may change: how long to train, where the data and workers are, the
+# trackers, and how the same computation runs (compiled or not, its mode, determinism, cuDNN's
+# autotuning). Everything else would make the continued run a different run.
 RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mode",
              "deterministic", "cudnn_benchmark")
 
@@ -332,11 +333,17 @@ def resolve(cfg: TrainConfig, cuda: bool, processes: int | None = None) -> Train
     skipped and the step slows down (pytorch/pytorch#139207)."""
     compile = cuda if cfg.compile is None else cfg.compile
     processes = launched_processes() if processes is None else processes
-    graphs = cuda and compile and processes == 1
     return replace(cfg, loader=cfg.loader or ("resident" if cuda else "ffcv"),
                    precision=cfg.precision or ("bf16" if cuda else "fp32"), compile=compile,
-                   compile_mode=cfg.compile_mode or ("reduce-overhead" if graphs else "default"),
+                   compile_mode=cfg.compile_mode or default_compile_mode(cuda, compile,
+                                                                         processes),
                    out=cfg.out or timestamped(cfg.dataset))
+
+
+def default_compile_mode(cuda: bool, compile: bool, processes: int) -> str:
+    """torch.compile's mode where none is asked for: CUDA graphs for one CUDA process (see
+    resolve), torch's default mode elsewhere."""
+    return "reduce-overhead" if cuda and compile and processes == 1 else "default"
 
 
 def parse_tool_args(argv: list[str] | None, prog: str, description: str,

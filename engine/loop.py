@@ -20,7 +20,7 @@ from common.files import locked_dir, sweep_temporaries
 from common.hardware import device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, resolve, resume_config
+from engine.config import TrainConfig, default_compile_mode, resolve, resume_config
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
@@ -62,13 +62,6 @@ def diverged(run: Run, done: int, what: str) -> TrainingError:
     out = " and a new --out" if done else ""  # else the same --out is free again
     return TrainingError(f"{what}; {kept}. --resume would repeat it: start again with "
                          f"{fix}{out}.")
-
-
-def nonfinite_state(model: torch.nn.Module) -> list[str]:
-    """Names of the weights and buffers holding NaN or infinity (one host sync for all)."""
-    floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist()
-    return [name for name, ok in zip(floats, finite, strict=True) if not ok]
 
 
 def train_epoch(run: Run, epoch: int) -> dict:
@@ -138,7 +131,7 @@ def check_finite(run: Run, epoch: int, row: dict) -> None:
     infinite: nothing non-finite is ever saved, a checkpoint must be a state to go on from."""
     if not math.isfinite(row["test_loss"]):
         raise diverged(run, epoch, f"the test loss became NaN or infinite in epoch {epoch + 1}")
-    bad = nonfinite_state(run.unwrapped)
+    bad = checkpoint.nonfinite(run.unwrapped.state_dict())
     if bad:
         raise diverged(run, epoch, f"{len(bad)} weights or BatchNorm statistics became NaN "
                                    f"or infinite in epoch {epoch + 1} ({', '.join(bad[:3])}"
@@ -207,6 +200,12 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     ckpt = checkpoint.load(path)
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
+    # a compile mode the run's own machine picked (none was asked for) is picked again for
+    # this one: CUDA graphs trained on one GPU would otherwise go on under DDP, or the reverse
+    trained_on_cuda = not ckpt.get("device", "cpu").startswith("cpu")
+    if "compile_mode" not in (given or {}) and saved.get("compile_mode") == default_compile_mode(
+            trained_on_cuda, saved.get("compile"), ckpt.get("processes", 1)):
+        saved["compile_mode"] = None
     try:
         cfg = checkpoint.checked_config(
             path, ckpt, lambda: resume_config(saved, given or {}, Path(resume)),
@@ -312,9 +311,11 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
                                 f"{cfg.width}{held}); try a smaller --width"
                                 f"{' or --loader ffcv' if resident else ''}.") from None
         batch = run.train_loader.batch_size  # capped at the shard: the size that ran
-        whole = f" (batches of {batch}, the whole split)" if batch < cfg.batch_size else ""
+        split = "this process's shard" if accelerator.num_processes > 1 else "the whole split"
+        whole = f" (batches of {batch}, {split})" if batch < cfg.batch_size else ""
+        fix = f"--batch-size {batch // 2}" if batch > 1 else f"a --width below {cfg.width}"
         raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
-                            f"--batch-size {max(1, batch // 2)}.") from None
+                            f"{fix}.") from None
     finally:
         # this run's trackers; not accelerator.end_training(), which also ends the process
         # group, and a second Accelerator in this process would not start it again

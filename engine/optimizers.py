@@ -121,7 +121,6 @@ def build_schedule(
     warmup_frac: float = 0.2,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-batch LambdaLR whose multiplier is lr_at (see there for the shapes); step every batch."""
-    # partial of a module-level function, not a lambda, so the scheduler state_dict stays plain.
     fn = partial(lr_at, name, total_steps=total_steps, warmup_frac=warmup_frac)
     fn(0)  # validate arguments here, with a clear message, before LambdaLR touches the optimizer
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -26,7 +26,7 @@ from common.files import atomic_writes, csv_text, locked_dir, write_text
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.failures import out_of_memory
-from engine.loop import configure, nonfinite_state
+from engine.loop import configure
 from engine.loop import train as train_run
 from engine.model import build_model
 
@@ -279,11 +279,11 @@ def test_divergence_in_the_first_epoch_says_nothing_was_saved(data_dir, tmp_path
 
 def test_nonfinite_weights_and_buffers_are_found_by_name():
     model = build_model("resnet18", 10, 4)
-    assert nonfinite_state(model) == []
+    assert checkpoint.nonfinite(model.state_dict()) == []
     with torch.no_grad():
         model.layer2[0].bn1.running_var[3] = float("nan")
         model.fc.weight[0, 0] = float("inf")
-    assert nonfinite_state(model) == ["layer2.0.bn1.running_var", "fc.weight"]
+    assert checkpoint.nonfinite(model.state_dict()) == ["layer2.0.bn1.running_var", "fc.weight"]
 
 
 # --- out of memory --------------------------------------------------------------------------------
@@ -321,6 +321,21 @@ def test_out_of_memory_beyond_the_split_suggests_half_the_split(data_dir, tmp_pa
     assert str(refused.value) == ("out of memory at --batch-size 1000000000000000 (batches of "
                                   "1024, the whole split); try --batch-size 512.")
     assert not (tmp_path / "out").exists()
+
+
+def test_out_of_memory_at_a_batch_of_one_suggests_a_narrower_model(data_dir, tmp_path,
+                                                                   monkeypatch):
+    """Halving a batch of one is no advice: the model is what does not fit."""
+    def full(*args) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(loop, "train_step", full)
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=1, loader="resident", workers=1,
+                      out=str(tmp_path / "out"))
+    with pytest.raises(TrainingError) as refused:
+        train_run(cfg)
+    assert str(refused.value) == "out of memory at --batch-size 1; try a --width below 8."
 
 
 def test_a_model_too_wide_for_memory_names_the_width_not_the_batch(data_dir, tmp_path):
@@ -650,6 +665,25 @@ def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_p
         configure(TrainConfig(), run, {})
     assert str(refused.value).startswith(f"{path} holds a config no run could have (")
     assert problem in str(refused.value) and "damaged or edited" in str(refused.value)
+
+
+@pytest.mark.parametrize("trained, mode, resumed", [
+    (("NVIDIA H200", 1), "reduce-overhead", "default"),  # its machine's pick: picked again here
+    (("NVIDIA H200", 1), "default", "default"),  # asked for on one GPU, where graphs are the pick
+    (("NVIDIA H200", 1), "max-autotune", "max-autotune"),  # asked for
+], ids=["picked", "asked for default", "asked for max-autotune"])
+def test_a_compile_mode_the_machine_picked_is_picked_again_on_resume(finished, tmp_path,
+                                                                      trained, mode, resumed):
+    """A run compiled on one GPU took CUDA graphs by default; resumed elsewhere (here the CPU;
+    on several GPUs alike) the mode is this launch's default, while one asked for is kept."""
+    run = copy_run(finished, tmp_path)
+    device, processes = trained
+    _damaged(run, lambda ckpt: (ckpt.update(device=device, processes=processes),
+                                ckpt["config"].update(compile=True, compile_mode=mode)))
+    cfg, _ = configure(TrainConfig(), run, {})
+    assert (cfg.compile, cfg.compile_mode) == (True, resumed)
+    cfg, _ = configure(TrainConfig(), run, {"compile_mode": "max-autotune"})
+    assert cfg.compile_mode == "max-autotune"  # given on the command line: always taken
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where a CUDA GPU is")

@@ -231,11 +231,13 @@ def end_processes() -> None:
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
-          log: Log = lambda _: None, last: bool = True) -> Trained:
+          log: Log = lambda _: None, last: bool = True, extend: str | None = None) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
     return its history; each epoch's line and each notice go to log (the command line passes
     print). Ctrl-C raises Interrupted, saying what was kept. `last=False` keeps the process
-    group for another run in this process (tools/comparison.py), which calls end_processes()."""
+    group for another run in this process (tools/comparison.py), which calls end_processes().
+    `extend`: how to train a finished run further, said when resuming one (by default, with
+    --resume and more --epochs; a tool of its own words for its own command line)."""
     cfg, ckpt = configure(cfg, resume, given)
     check_tracker(cfg.log_with)
     accelerator = make_accelerator(cfg)
@@ -250,14 +252,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
             sweep_temporaries(out)  # of a save that was killed midway
         try:
             return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
-                          log if main else (lambda _: None), last)
+                          log if main else (lambda _: None), last, extend)
         finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full) goes
             if main and not (out / "ckpt.pt").exists():
                 (out / "best.pt").unlink(missing_ok=True)
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
-           say: Log, last: bool) -> Trained:
+           say: Log, last: bool, extend: str | None) -> Trained:
     """train() once the run folder is held: build, restore, fit, and Ctrl-C's message."""
     out = Path(cfg.out)
     history: list[dict] = []
@@ -266,7 +268,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
     try:
         if ckpt is not None and len(ckpt["history"]) == cfg.epochs:  # a requeued job, say
             say(f"{out} is finished ({cfg.epochs}/{cfg.epochs} epochs): nothing to train. "
-                f"Extend it with --resume {out} --epochs N, N above {cfg.epochs}.")
+                + (extend or f"Extend it with --resume {out} --epochs N, N above {cfg.epochs}."))
             return Trained(cfg, list(ckpt["history"]), accelerator.is_main_process)
         run = build(cfg, accelerator)
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr

@@ -95,6 +95,9 @@ def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_p
     result = compare(*common, "--epochs", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert {name: (again / name / "ckpt.pt").read_bytes() for name in before} == before
+    # compare takes no --resume: it says how to extend its runs in its own options
+    assert "Extend it by running this command with a larger --epochs." in result.stdout
+    assert "--resume" not in result.stdout + result.stderr
     assert (again / "compare.csv").read_text() == (out / "compare.csv").read_text()
 
     result = compare(*common, "--epochs", "2")

@@ -87,7 +87,8 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
     try:
         trained = train(cfg, resume, given_options(cfg) if resume else None,
-                        log=lambda line: log(f"{optimizer}: {line}"), last=False)
+                        log=lambda line: log(f"{optimizer}: {line}"), last=False,
+                        extend="Extend it by running this command with a larger --epochs.")
         return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
     except (TrainingError, RangeTestError) as error:  # a result, not the end
         error_line(f"error: {optimizer}: {error}")

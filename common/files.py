@@ -34,6 +34,18 @@ def temporary_writer(entry: Path, path: Path, kinds: tuple[str, ...] = ("tmp",))
     return None
 
 
+@contextmanager
+def _naming(path: Path, tmp: Path) -> Iterator[None]:
+    """An OSError of the block that names no file, or names `tmp` (as a failed write() or
+    os.replace(tmp, path) does), raised again naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename not in (None, str(tmp)):
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary sibling of path, then rename it over path."""
     atomic_writes({path: write})
@@ -41,8 +53,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     """Call write(tmp) for each path's temporary sibling and, once every one is written, rename
-    them all into place: files that belong together (a table and its plot) are all new or
-    all as they were, never a mix, whatever fails.
+    them all into place: files that belong together (a table and its plot) are all as they
+    were when any write fails (a full disk, an error), and all new once renamed. A rename that
+    fails (rare: the path became a folder, the disk failed) leaves the files renamed before it
+    new and the others as they were.
 
     An OSError that names no file (a full disk hit by write(), not by open()) or names a
     temporary is raised again naming its path, so that the one-line error says which file
@@ -50,14 +64,11 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     temporaries = {Path(path): temporary_name(Path(path)) for path in writes}
     try:
         for (path, tmp), write in zip(temporaries.items(), writes.values(), strict=True):
-            try:
+            with _naming(path, tmp):
                 write(tmp)
-            except OSError as error:
-                if error.filename not in (None, str(tmp)):
-                    raise
-                raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         for path, tmp in temporaries.items():
-            os.replace(tmp, path)
+            with _naming(path, tmp):
+                os.replace(tmp, path)
     finally:
         for tmp in temporaries.values():
             if os.path.lexists(tmp):  # unlink would fail on a read-only disk even with no file
@@ -139,14 +150,13 @@ def place_problem(path: Path, folders_made: bool = False) -> str | None:
     return f"{folder} {problem}" if problem else None
 
 
-def make_dir(path: Path, option: str = "--out") -> bool:
-    """Create folder `path` (and parents) and check it is writable; True when it is new.
+def make_dir(path: Path, option: str = "--out") -> None:
+    """Create folder `path` (and parents) and check it is writable.
 
     Called before any work, so a bad --out (or other `option`) is found in a second, not
     after an hour.
     """
     path = Path(path)
-    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         problem = unwritable(path)
@@ -155,7 +165,6 @@ def make_dir(path: Path, option: str = "--out") -> bool:
                    else f"cannot be written ({error.strerror})")
     if problem:
         raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
-    return created
 
 
 @contextmanager

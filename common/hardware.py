@@ -30,11 +30,12 @@ def launched_processes() -> int:
     1 for a plain `python` run. A WORLD_SIZE that is no count of processes (left over in a
     shell, say) is refused by name."""
     value = os.environ.get("WORLD_SIZE", "1")
-    if not value.strip().isdigit() or int(value) < 1:
-        raise SetupError(f"WORLD_SIZE={value!r} is not a number of processes: torchrun and "
-                         "accelerate launch set it; unset it (`unset WORLD_SIZE`) for a "
-                         "one-process run.")
-    return int(value)
+    with contextlib.suppress(ValueError):  # not a number, or digits int() reads not ('²')
+        if int(value) >= 1:
+            return int(value)
+    raise SetupError(f"WORLD_SIZE={value!r} is not a number of processes: torchrun and "
+                     "accelerate launch set it; unset it (`unset WORLD_SIZE`) for a "
+                     "one-process run.")
 
 
 def cpu_model() -> str:

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
+from common.errors import LoaderError, one_line
 from loaders import beton
 from loaders.augment import epoch_generator
 from loaders.base import Batch, BatchLoader
@@ -98,7 +99,17 @@ class TorchvisionLoader(BatchLoader):
         # with the same --workers (each worker draws for the batches it is dealt)
         self.loader.generator = epoch_generator(self.seed, self.epoch, "cpu", rank=self.rank)
         dtype = self.augment.dtype
-        for images, labels in self.loader:
-            images = images.to(self.device, dtype, non_blocking=True)
-            yield (images.contiguous(memory_format=torch.channels_last),
-                   labels.to(self.device, non_blocking=True))
+        try:
+            for images, labels in self.loader:
+                images = images.to(self.device, dtype, non_blocking=True)
+                yield (images.contiguous(memory_format=torch.channels_last),
+                       labels.to(self.device, non_blocking=True))
+        except RuntimeError as error:
+            # torch's words for a worker that is gone: "... exited unexpectedly", "... is
+            # killed by signal: Killed." (the OOM killer's, most often), "... Bus error"
+            if not str(error).startswith("DataLoader worker"):
+                raise
+            raise LoaderError(
+                f"a --loader torchvision worker reading {self.path} died ({one_line(error)}); "
+                "most often the system ran out of memory: pass fewer --workers (here "
+                f"{self.workers}), or use --loader ffcv.") from error

@@ -3,7 +3,9 @@ when its md5 matches, and extracted safely (nothing outside the target, no links
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -12,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from common.errors import DataError
+from common.errors import DataError, one_line
 from common.files import file_hash, usual_permissions
 from loaders.layouts import LAYOUTS
 
@@ -26,29 +28,46 @@ def md5sum(path: Path) -> str:
     return file_hash(path, hashlib.md5())
 
 
-def download(url: str, md5: str, dest: Path) -> Path:
-    """Fetch url to dest through a temporary file that is renamed only once its md5 matches."""
+def download(url: str, md5: str, dest: Path, advice: str = "") -> Path:
+    """Fetch url to dest through a temporary file that is renamed only once its md5 matches.
+
+    A failure is a DataError, with `advice` (what to do offline) after its message; not after
+    a full disk's, where placing the archive by hand would fail the same way.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
+    size = None  # the archive's bytes, when the server gives them (Content-Length)
     try:
         digest = hashlib.md5()
         with (os.fdopen(fd, "wb") as out,
               urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response):
+            size = response.length
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
         if digest.hexdigest() != md5:
             raise DataError(
                 f"The download from {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}. "
-                "Nothing was kept; run again, or place the archive by hand (see below)."
+                f"Nothing was kept; run again, or place the archive by hand (see below).{advice}"
             )
         usual_permissions(tmp, 0o666)
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, OSError, TimeoutError) as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not the network
+            # the size the server gave; else at least what was written before the disk filled
+            needed = (f"{size / 1e6:,.1f} MB" if size else
+                      f"over {tmp.stat().st_size / 1e6:,.1f} MB")
+            raise DataError(
+                f"cannot download {url} into {dest.parent}: {error.strerror}. The archive "
+                f"needs {needed} there, and extracting it about as much again: free some "
+                "space, or pass another --data-dir.") from error
         reason = getattr(error, "reason", error)
-        raise DataError(f"Could not download {url}: {reason}.") from error
+        raise DataError(f"Could not download {url}: {reason}.{advice}") from error
+    except http.client.HTTPException as error:  # a reply cut short or garbled: no OSError
+        raise DataError(f"Could not download {url}: the server's reply was cut short or "
+                        f"malformed ({one_line(error)}).{advice}") from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -108,15 +127,11 @@ def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = N
     url, md5 = url or layout.url, md5 or layout.md5
     archive = data_dir / Path(url).name
     found = md5sum(archive) if archive.is_file() else None
-    try:
-        if found != md5:
-            download(url, md5, archive)
-    except DataError as error:
-        raise DataError(
-            f"{error}{_wrong_archive(archive, found, md5)} To work offline, place "
-            f"{Path(layout.url).name} (md5 {layout.md5}) or its extracted folder "
-            f"{layout.folder}/ in {data_dir}, or use --dataset synthetic."
-        ) from error
+    if found != md5:
+        download(url, md5, archive,
+                 f"{_wrong_archive(archive, found, md5)} To work offline, place "
+                 f"{Path(layout.url).name} (md5 {layout.md5}) or its extracted folder "
+                 f"{layout.folder}/ in {data_dir}, or use --dataset synthetic.")
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
     try:
         safe_extract(archive, staging)

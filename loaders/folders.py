@@ -20,12 +20,19 @@ from loaders.images import decode_image, quiet_pil
 SPLITS = ("train", "test")
 
 
+def _unlistable(error: OSError) -> None:
+    """os.walk's onerror: a folder it cannot list (permissions, a failing disk) is a DataError."""
+    raise DataError(f"{error.filename}: cannot be read ({error.strerror}); fix its permissions "
+                    "or remove it.") from error
+
+
 def images_under(folder: Path) -> list[Path]:
     """Every file in `folder` and its sub-folders, as torchvision's ImageFolder takes them
     (linked folders followed, each once), sorted; hidden files and folders (.DS_Store, ...)
-    left out. DataError for a link whose file is gone: skipped, its image would be lost."""
+    left out. DataError for a link whose file is gone and for a folder that cannot be listed
+    (os.walk skips it without a word): their images would be lost."""
     files, seen = [], set()
-    for top, dirs, names in os.walk(folder, followlinks=True):
+    for top, dirs, names in os.walk(folder, onerror=_unlistable, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:  # a link back up the tree: walked already
             dirs.clear()

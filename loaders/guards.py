@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from common.cli import STOP_SIGNALS, exit_at_once_on_ctrl_c, stop_signals_held
-from common.errors import DataError, LoaderError
+from common.errors import DataError, LoaderError, SetupError, one_line
 from common.hardware import available_cores
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
@@ -51,7 +51,9 @@ def importing_ffcv() -> Iterator[None]:
     - keeps a process that may use one core from hanging at exit: FFCV's import starts
       numba's threads, and TBB, numba's first choice, starts no worker there and then waits
       forever in its unload (numba#10556, oneTBB#2056). There numba prefers OpenMP, unless
-      NUMBA_THREADING_LAYER(_PRIORITY) says otherwise."""
+      NUMBA_THREADING_LAYER(_PRIORITY) says otherwise.
+    An ImportError in the block (FFCV's, or of a library it loads) is a SetupError naming what
+    to install: a traceback otherwise."""
     import numba.typed
 
     patch = "ffcv" not in sys.modules
@@ -63,6 +65,12 @@ def importing_ffcv() -> Iterator[None]:
     try:
         with torch_threads_kept():
             yield
+    except ImportError as error:
+        raise SetupError(
+            f"FFCV cannot be imported ({one_line(error)}); install the system libraries it is "
+            "built against (apt-get install libopencv-dev libturbojpeg0-dev pkg-config) and "
+            "the project's Python packages: `rm .venv/.installed; make setup` does both."
+        ) from error
     finally:
         if patch:
             del numba.typed.Dict

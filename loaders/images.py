@@ -71,6 +71,16 @@ def quiet_pil() -> Iterator[None]:
         yield
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says (photos taken sideways stand upright);
+    as stored when its EXIF block cannot be applied: that is only metadata, and on damaged
+    tags PIL raises TypeError, struct.error and more while rewriting the block."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - the pixels are whole: used as they are stored
+        return image
+
+
 def read_image(path: Path) -> np.ndarray:
     """A picture as uint8 32 x 32 x 3 RGB (see the module docstring); DataError naming the file."""
     with quiet_pil():
@@ -86,14 +96,17 @@ def decode_image(path: Path) -> np.ndarray:
             if opened.width * opened.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to 2x
                 raise Image.DecompressionBombError
             opened.load()
-            image = ImageOps.exif_transpose(opened)  # photos taken sideways stand upright
-            image = to_rgb(image)
+            image = to_rgb(upright(opened))
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image; pass a PNG or JPEG file") from None
     except Image.DecompressionBombError:
         raise DataError(f"{path}: over {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
                         "decompression bomb; shrink it first") from None
-    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data
+    except MemoryError:
+        raise  # the machine's limit, not the file's fault: the command says so (common.cli)
+    # truncated or corrupt data: PIL's plugins raise OSError, ValueError, SyntaxError,
+    # TypeError, struct.error, ..., and whichever it is, the file cannot be used
+    except Exception as error:  # noqa: BLE001
         raise DataError(f"{path}: cannot decode it ({' '.join(str(error).split())[:120]}); "
                         "the file is damaged or not an image") from None
     if image.size != (SIZE, SIZE):

@@ -67,8 +67,8 @@ def synthetic_size_problem(n_train: int, n_test: int) -> str | None:
 def check_synthetic_memory(n_train: int, n_test: int, option: str, given: str) -> None:
     """DataError naming `option` and its `given` values (the command's: tools/bench.py sizes
     the split with --images) when the images would not fit in memory, raised before any is
-    made (an allocation that fails is a traceback, one that the kernel grants and cannot back
-    is a process killed by the OOM killer)."""
+    made (a failed allocation only says "out of memory", naming no option; one that the
+    kernel grants and cannot back is a process killed by the OOM killer)."""
     # the written batches are read back and joined: two copies of the images at the peak
     needed = 2 * (n_train + n_test) * ROW_SIZE
     available = available_memory()

@@ -14,7 +14,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from conftest import (
 )
 
 from common import hardware
-from common.errors import OutputError
+from common.errors import OutputError, one_line_text
 from common.files import output_dir, waiting_lock
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
@@ -132,6 +134,61 @@ def test_fetch_names_a_placed_archive_whose_md5_is_wrong(tmp_path, closed_port):
     assert f"{archive} already there has md5 {found}, not {LAYOUT.md5}" in message
     assert "delete it, or replace it" in message and "--dataset synthetic" in message
     assert md5(archive) == found  # the user's file is theirs to delete
+
+
+class _RawReply(BaseHTTPRequestHandler):
+    """Answers every GET with the bytes of its `reply` as they are, then hangs up."""
+
+    reply = b""
+
+    def do_GET(self):
+        self.wfile.write(self.reply)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("reply, error", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nonly a few bytes",
+     "IncompleteRead"),
+    (b"<html>Sign in to the hotel's network</html>\r\n", "BadStatusLine"),
+], ids=["cut chunked body", "captive portal"])
+def test_fetch_a_broken_reply_names_url_and_the_offline_way(tmp_path, monkeypatch, reply,
+                                                             error):
+    """http.client's errors for a reply cut short or garbled are no OSErrors: they were a
+    traceback. Nothing is kept."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    handler = type("Reply", (_RawReply,), {"reply": reply})
+    data_dir = tmp_path / "data"
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{ARCHIVE}"
+        try:
+            with pytest.raises(DataError) as refused:
+                download.fetch("cifar10", data_dir, url=url, md5="0" * 32)
+        finally:
+            server.shutdown()
+    message = str(refused.value)
+    assert message.startswith(f"Could not download {url}: the server's reply was cut short "
+                              f"or malformed ({error}: ")
+    assert "--dataset synthetic" in message and one_line_text(message)
+    assert list(data_dir.iterdir()) == []
+
+
+def test_a_full_disk_while_downloading_names_the_folder_and_the_space(tmp_path, http_server):
+    """Not a failed download: the advice to place the archive there by hand would fail the
+    same way. Nothing is left."""
+    (http_server.root / ARCHIVE).write_bytes(os.urandom(1 << 20))
+    url = f"{http_server.url}/{ARCHIVE}"
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        with pytest.raises(DataError) as refused:
+            download.fetch("cifar10", disk, url=url, md5="0" * 32)
+        assert str(refused.value) == (
+            f"cannot download {url} into {disk}: No space left on device. The archive needs "
+            "1.0 MB there, and extracting it about as much again: free some space, or pass "
+            "another --data-dir.")
+        assert list(disk.iterdir()) == []
 
 
 def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_script, tmpfs
+from conftest import ROOT, run_script, tmpfs
 from PIL import Image
 
 from common.errors import DataError
@@ -109,6 +111,38 @@ def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
     with pytest.raises(DataError, match=f"^{tmp_path}/test/frog/gone.png links to "
                                         f"{tmp_path}/moved.png, which does not exist"):
         prepare("folder", tmp_path, workers=1)
+
+
+def without_root_powers(command: list) -> list:
+    """`command` run as a user meets a folder it may not read: for root, with the two
+    capabilities that let it read any folder (DAC_OVERRIDE, DAC_READ_SEARCH) dropped."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to take root's power to read any folder")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+
+
+@pytest.mark.parametrize("locked", ["train/cat/2023", "test/frog"],
+                         ids=["sub-folder", "class folder"])
+def test_a_folder_that_cannot_be_read_is_named(tmp_path, locked):
+    """os.walk skipped a folder it could not list without a word: a sub-folder's images were
+    left out of the dataset, and an unreadable class folder was said to hold no images."""
+    write_tree(tmp_path)
+    (tmp_path / "train" / "cat" / "2023").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "train/cat/2023/0.png")
+    (tmp_path / locked).chmod(0)
+    try:
+        result = subprocess.run(without_root_powers(
+            [sys.executable, ROOT / "loaders" / "prepare.py", "--dataset", "folder",
+             "--data-dir", tmp_path]), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        (tmp_path / locked).chmod(0o755)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: {tmp_path / locked}: cannot be read (Permission denied); fix its permissions "
+        "or remove it.\n")
+    assert not list(tmp_path.glob("folder-*")) and not list(tmp_path.glob("*.beton"))
 
 
 def test_unreadable_files_are_all_named(tmp_path):

@@ -4,6 +4,9 @@ sharding rule, and the guard that turns a dying FFCV pipeline into an error."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -430,6 +433,27 @@ def test_importing_any_module_changes_no_process_state():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+PREPARE_WITHOUT_OPENCV = """
+import runpy, sys
+sys.modules["cv2"] = None  # opencv's Python package gone, as when a library it loads is missing
+sys.argv[0] = "loaders/prepare.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ffcv_that_cannot_be_imported_is_one_setup_error(tmp_path):
+    """FFCV's ImportError (opencv or turbojpeg missing) was a traceback of every command that
+    prepares or loads data."""
+    result = subprocess.run([sys.executable, "-c", PREPARE_WITHOUT_OPENCV, "--dataset",
+                             "synthetic", "--synthetic-size", "20", "5", "--data-dir", tmp_path],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and result.stderr == (
+        "error: FFCV cannot be imported (ModuleNotFoundError: import of cv2 halted; None in "
+        "sys.modules); install the system libraries it is built against (apt-get install "
+        "libopencv-dev libturbojpeg0-dev pkg-config) and the project's Python packages: "
+        "`rm .venv/.installed; make setup` does both.\n")
+
+
 def test_the_failure_hook_is_installed_once_and_chains(prepared):
     """guards.install_failure_hook is idempotent and hands other threads' errors on."""
     import threading
@@ -462,6 +486,26 @@ def test_torchvision_workers_end_with_their_epoch(make):
     batches = iter(loader)
     next(batches)
     batches.close()  # a pass stopped early, as a benchmark or a failed step does
+    assert multiprocessing.active_children() == []
+
+
+def _killed(image) -> None:
+    """A transform that ends its worker as the OOM killer does: SIGKILL, no goodbye."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_torchvision_worker_is_one_loader_error(prepared):
+    """torch's RuntimeError "DataLoader worker (pid N) is killed by signal" was a traceback;
+    it names the likely cause and the fix, and leaves no worker behind."""
+    loader = loaders.make_loader("torchvision", prepared.test, train=False, batch_size=BATCH,
+                                 device="cpu", mean=prepared.mean, std=prepared.std, workers=1)
+    loader.loader.dataset.transform = _killed  # the first image a worker reads kills it
+    with pytest.raises(LoaderError) as error:
+        next(iter(loader))
+    assert re.fullmatch(
+        rf"a --loader torchvision worker reading {re.escape(str(prepared.test))} died "
+        r"\(RuntimeError: DataLoader worker \(pid.*\); most often the system ran out of "
+        r"memory: pass fewer --workers \(here 1\), or use --loader ffcv\.", str(error.value))
     assert multiprocessing.active_children() == []
 
 

@@ -131,6 +131,20 @@ def test_files_written_together_are_all_new_or_all_old_on_a_full_disk(tmp_path):
         assert (table.read_text(), plot.read_text()) == ("new table", "new plot")
 
 
+def test_a_failed_rename_names_the_file_not_its_temporary(tmp_path):
+    """The plot's place is taken by a folder: its rename fails, and the error named the
+    temporary ('.plot.png.<pid>.tmp'), which means nothing to the user. The table, renamed
+    before it, is new; no temporary is left."""
+    table, plot = tmp_path / "table.csv", tmp_path / "plot.png"
+    plot.mkdir()
+    with pytest.raises(IsADirectoryError) as raised:
+        atomic_writes({table: lambda tmp: tmp.write_text("new table"),
+                       plot: lambda tmp: tmp.write_text("new plot")})
+    assert raised.value.filename == str(plot) and raised.value.filename2 is None
+    assert table.read_text() == "new table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "table.csv"]
+
+
 def test_the_folder_lock_is_exclusive_and_a_failure_leaving_it_empty_removes_it(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(OutputError, match="in use by another run"), locked_dir(out):
@@ -176,10 +190,10 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value", ["abc", "0", ""])
+@pytest.mark.parametrize("value", ["abc", "0", "", "²"])
 def test_a_world_size_that_is_no_count_is_refused_by_name(value, tmp_path):
     """WORLD_SIZE left over in a shell (torchrun and accelerate launch set it) ended in a
-    ValueError's traceback."""
+    ValueError's traceback; so did a digit int() reads no value from ('²', a superscript)."""
     out, data = tmp_path / "run", tmp_path / "data"
     result = train("--data-dir", data, "--out", out, timeout=300,
                    env={**os.environ, "WORLD_SIZE": value})

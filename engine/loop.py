@@ -304,6 +304,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
                                 f"{accelerator.num_processes} stops: most often another process "
                                 "of this run stopped first, and its own message says why (here "
                                 f"a collective failed: {one_line(error, 160)}).") from None
+        for loader in (run.train_loader, run.test_loader) if run else ():
+            if (died := loader.worker_died(error)) is not None:  # raised in next(), or by
+                raise died from None  # torch's handler of the worker's SIGCHLD, anywhere
         if not out_of_memory(error):
             raise
         if run is None:  # the model, or the split on the device, did not fit: not the batch

@@ -64,3 +64,8 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError
+
+    def worker_died(self, error: BaseException) -> Exception | None:
+        """The error to raise instead of `error` when it says a worker process of this loader
+        died; None here, where no loader has worker processes but the torchvision one."""
+        return None

@@ -105,11 +105,18 @@ class TorchvisionLoader(BatchLoader):
                 yield (images.contiguous(memory_format=torch.channels_last),
                        labels.to(self.device, non_blocking=True))
         except RuntimeError as error:
-            # torch's words for a worker that is gone: "... exited unexpectedly", "... is
-            # killed by signal: Killed." (the OOM killer's, most often), "... Bus error"
-            if not str(error).startswith("DataLoader worker"):
+            if (died := self.worker_died(error)) is None:
                 raise
-            raise LoaderError(
-                f"a --loader torchvision worker reading {self.path} died ({one_line(error)}); "
-                "most often the system ran out of memory: pass fewer --workers (here "
-                f"{self.workers}), or use --loader ffcv.") from error
+            raise died from error
+
+    def worker_died(self, error: BaseException) -> LoaderError | None:
+        """The LoaderError for torch's words of a worker that is gone ("... exited
+        unexpectedly", "... is killed by signal: Killed.", the OOM killer's most often), else
+        None. Raised in next(), or, by the handler torch installs for SIGCHLD, wherever the
+        main thread is when the worker dies (the training loop asks this too)."""
+        if not isinstance(error, RuntimeError) or not str(error).startswith("DataLoader worker"):
+            return None
+        return LoaderError(
+            f"a --loader torchvision worker reading {self.path} died ({one_line(error)}); most "
+            f"often the system ran out of memory: pass fewer --workers (here {self.workers}), "
+            "or use --loader ffcv.")

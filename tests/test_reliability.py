@@ -382,6 +382,35 @@ def test_cuda_libraries_failing_to_allocate_count_as_out_of_memory():
                                           "computation"))
 
 
+def forked_children(pid: int) -> list[int]:
+    """The processes `pid` forked (its command line): a DataLoader's workers, say."""
+    def cmdline(p: int | str) -> bytes:
+        return Path(f"/proc/{p}/cmdline").read_bytes()
+
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if cmdline(c) == cmdline(pid)]
+
+
+@pytest.mark.slow
+def test_a_torchvision_worker_killed_mid_training_is_one_clear_error(data_dir, tmp_path):
+    """The OOM killer ends a DataLoader worker: torch says so in next(), or wherever the main
+    thread is when its SIGCHLD handler runs (mid-step, say); either way one line with the fix."""
+    proc = start("--data-dir", str(data_dir), "--epochs", "3", "--loader", "torchvision",
+                 "--workers", "2", "--out", str(tmp_path / "out"))
+    try:
+        deadline = time.monotonic() + 300
+        while not (workers := forked_children(proc.pid)):
+            assert time.monotonic() < deadline and proc.poll() is None, "no worker started"
+            time.sleep(0.05)
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "error: a --loader torchvision worker reading " in stderr
+    assert "pass fewer --workers (here 2), or use --loader ffcv." in stderr
+
+
 # --- a full disk --------------------------------------------------------------------------------
 
 

@@ -21,8 +21,13 @@ def available_cores() -> int:
 
 
 def default_workers(processes: int = 1) -> int:
-    """Loader workers per process when none are asked for: the cores, shared by processes."""
-    return max(1, available_cores() // processes)
+    """Loader workers per process when none are asked for: the cores, shared by this machine's
+    processes of the run (LOCAL_WORLD_SIZE, as torchrun and accelerate launch set it; else all
+    `processes`, on one machine). On 2 machines of 8 GPUs each, dividing by all 16 processes
+    left half of each machine's cores idle."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    here = int(local) if local.isascii() and local.isdigit() and int(local) > 0 else processes
+    return max(1, available_cores() // min(here, processes))
 
 
 def launched_processes() -> int:

@@ -19,6 +19,7 @@ from conftest import ROOT
 
 import loaders
 from common.errors import LoaderError
+from common.hardware import default_workers
 from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
@@ -247,6 +248,21 @@ def test_a_last_batch_of_one_sample_keeps_its_batch_dimension(prepared, source, 
     images, labels = batches[-1]
     assert images.shape == (1, 3, 32, 32) and labels.shape == (1,)
     assert labels.item() == source.test.labels[-1]
+
+
+@pytest.mark.parametrize("local, per_process", [(None, 1), ("2", 4), ("²", 1), ("0", 1)],
+                         ids=["one machine", "2 per machine", "no count", "zero"])
+def test_default_workers_share_this_machines_cores_among_its_own_processes(
+        monkeypatch, local, per_process):
+    """8 processes of a run on 4 machines (2 each) share each machine's 8 cores 2 ways, not
+    8 ways; with no LOCAL_WORLD_SIZE (one machine) all 8 processes share them."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert default_workers(8) == per_process
+    assert default_workers() == 8  # one process: all the cores, whatever the launcher said
 
 
 # --- the sharding rule ------------------------------------------------------------------------

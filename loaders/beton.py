@@ -149,12 +149,6 @@ def sidecar_damage(path: Path) -> str | None:
     return None
 
 
-def intact(path: Path) -> BetonInfo | None:
-    """path's sidecar info when the file matches it in size and hash, else None."""
-    info = read_info(path)
-    return info if info is not None and damage(path, info) is None else None
-
-
 class _Rows:
     """The indexable dataset DatasetWriter asks for: (HWC uint8 image, int label) pairs."""
 

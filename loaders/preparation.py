@@ -33,9 +33,10 @@ class Prepared:
     source: Path  # the python-format folder the .beton files were made from
 
 
-def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
+def check_data_dir(data_dir: Path | str, writing: bool = True, why: str = "") -> None:
     """DataError naming data_dir when it cannot hold the data (a file, or, when something must
-    be written there, a folder that cannot be), raised before any download or conversion."""
+    be written there, a folder that cannot be, with `why` it must), raised before any download
+    or conversion."""
     if not str(data_dir).strip():  # a library caller's "" (Path("") would mean ".")
         raise DataError("The data folder is empty (''); name a folder, e.g. --data-dir data.")
     existing = Path(data_dir)
@@ -46,8 +47,9 @@ def check_data_dir(data_dir: Path | str, writing: bool = True) -> None:
                         "folder (it is created when missing).")
     problem = unwritable(existing) if writing else None
     if problem:  # read-only (a mount, modes), or a disk out of space or inodes: the reason
-        raise DataError(f"--data-dir {data_dir}: {existing} {problem}; pass a folder you "
-                        "can write to, with free space, or fix this one.")
+        because = f", and the data must be written there again: {why}" if why else ""
+        raise DataError(f"--data-dir {data_dir}: {existing} {problem}{because}; pass a folder "
+                        "you can write to, with free space, or fix this one.")
 
 
 def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_SIZE,
@@ -63,17 +65,18 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size, seed)
     tag = name if name in LAYOUTS else source.name
     paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
+    why = ""  # why .beton files that are there cannot be used
     if all(beton.sidecar(p).is_file() for p in paths.values()):
         # read from the python folder when it is there; CIFAR's archive or an image folder's
         # pictures would have to be written out first, which a shared read-only folder
         # refuses (an image folder's .beton names come from its pictures: these are of them)
         if source.is_dir():
-            ready = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
+            ready, why = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
         else:  # .beton files copied without their source, as FFCV users do
-            ready = _without_source(name, source, paths)
+            ready, why = _without_source(name, source, paths)
         if ready is not None:
             return ready
-    check_data_dir(data_dir)  # something must be written there
+    check_data_dir(data_dir, why=why)  # something must be written there
     with preparing(Path(data_dir)):  # the second writer then finds the first's files ready
         sweep_stale(Path(data_dir), source.name)
         return _convert(name, Path(data_dir), synthetic_size, seed, workers, paths)
@@ -109,27 +112,39 @@ def _prepared(data: cifar.CifarData, paths: dict[str, Path], train: beton.BetonI
 
 
 def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
-           paths: dict[str, Path]) -> Prepared | None:
-    """The .beton files at paths when both hold dataset `name` as it is now, else None."""
+           paths: dict[str, Path]) -> tuple[Prepared | None, str]:
+    """The .beton files at paths when both hold dataset `name` as it is now (the test split
+    normalized with the training split's statistics); else None, and why."""
     data = cifar.load(name, data_dir, synthetic_size, seed)
-    train, _ = beton.cached(paths["train"], data.train, data.classes)
-    if train is None or beton.cached(paths["test"], data.test, data.classes,
-                                     (train.mean, train.std))[0] is None:
-        return None
-    return _prepared(data, paths, train)
+    infos: dict[str, beton.BetonInfo] = {}
+    for split, path in paths.items():
+        stats = (infos["train"].mean, infos["train"].std) if infos else None
+        info, damaged = beton.cached(path, getattr(data, split), data.classes, stats)
+        if info is None:
+            return None, (f"{path} is damaged ({damaged})" if damaged
+                          else f"{path.name} no longer matches {data.source}")
+        infos[split] = info
+    return _prepared(data, paths, infos["train"]), ""
 
 
-def _without_source(name: str, source: Path, paths: dict[str, Path]) -> Prepared | None:
+def _without_source(name: str, source: Path, paths: dict[str, Path]) -> tuple[Prepared | None,
+                                                                               str]:
     """The .beton files at paths on their own, their source gone: when both are whole (by
     their sidecars' size and hash) and of one dataset (same classes, test normalized with
-    train's statistics), else None and the source is fetched or made again."""
-    train, test = beton.intact(paths["train"]), beton.intact(paths["test"])
-    if train is None or test is None:
-        return None
+    train's statistics); else None, and why (the source is then fetched or made again)."""
+    infos: dict[str, beton.BetonInfo] = {}
+    for split, path in paths.items():
+        info = beton.read_info(path)
+        damaged = ((beton.sidecar_damage(path) or "its sidecar is of another release")
+                   if info is None else beton.damage(path, info))
+        if damaged:
+            return None, f"{path} is damaged ({damaged})"
+        infos[split] = info
+    train, test = infos["train"], infos["test"]
     if (test.classes, test.mean, test.std) != (train.classes, train.mean, train.std):
-        return None
+        return None, f"{paths['train'].name} and {paths['test'].name} were not made together"
     return Prepared(name, train.classes, paths["train"], paths["test"], train.mean, train.std,
-                    source)
+                    source), ""
 
 
 def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,

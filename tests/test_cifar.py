@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tarfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -268,30 +270,53 @@ def test_unusable_data_dir_is_refused_before_any_work(tmp_path, read_only_dir, s
     assert list(read_only_dir.iterdir()) == [] and not (tmp_path / "run").exists()
 
 
+@contextmanager
+def read_only_view(folder: Path, view: Path) -> Iterator[Path]:
+    """`folder` seen read-only at `view`: a read-only bind mount for root (who ignores modes),
+    a copy with read-only modes otherwise."""
+    view.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", str(folder), str(view)]).returncode:
+            pytest.skip("cannot bind-mount here")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+    else:
+        shutil.copytree(folder, view, dirs_exist_ok=True)
+        for path in (view, *view.rglob("*")):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        yield view
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(view)], check=True)
+        else:
+            for path in (view, *view.rglob("*")):
+                path.chmod(0o755)
+
+
 def test_a_prepared_read_only_data_dir_is_used_as_is(tmp_path):
     """A shared, prepared data folder need not be writable: nothing is written to it."""
     made = prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    if os.geteuid() == 0:  # root ignores modes: a read-only bind mount
-        if subprocess.run(["mount", "--bind", str(tmp_path / "data"), str(shared)]).returncode:
-            pytest.skip("cannot bind-mount here")
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(shared)], check=True)
-    else:
-        shutil.copytree(tmp_path / "data", shared, dirs_exist_ok=True)
-        for path in (shared, *shared.rglob("*")):
-            path.chmod(0o555 if path.is_dir() else 0o444)
-    try:
+    with read_only_view(tmp_path / "data", tmp_path / "shared") as shared:
         again = prepare("synthetic", shared, synthetic_size=(20, 5), workers=1)
         assert again.train == shared / made.train.name and again.mean == made.mean
         with pytest.raises(DataError, match=r"cannot be written \("):
             prepare("synthetic", shared, synthetic_size=(21, 5), workers=1)  # must write
-    finally:
-        if os.geteuid() == 0:
-            subprocess.run(["umount", str(shared)], check=True)
-        else:
-            for path in (shared, *shared.rglob("*")):
-                path.chmod(0o755)
+
+
+def test_a_damaged_beton_in_a_read_only_data_dir_is_named(tmp_path):
+    """.beton files copied without their source into a read-only folder, one damaged: the
+    error said only that the folder cannot be written, never which file had to be rebuilt."""
+    made = prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
+    shutil.rmtree(made.source)
+    with open(made.test, "r+b") as f:  # same size, other bytes: its sidecar's hash tells
+        f.write(b"\xff" * 64)
+    with read_only_view(tmp_path / "data", tmp_path / "shared") as shared, pytest.raises(
+            DataError) as refused:
+        prepare("synthetic", shared, synthetic_size=(20, 5), workers=1)
+    message = str(refused.value)
+    assert f"{shared} cannot be written (" in message
+    assert (f", and the data must be written there again: {shared / made.test.name} is damaged "
+            "(its content differs from the hash its sidecar records); ") in message
 
 
 def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, closed_port):

@@ -5,6 +5,7 @@ validated, converted once and reused while its source is unchanged. Training, th
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -156,4 +157,22 @@ def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: i
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)
     # the test split is normalized with the training statistics, as the model will see it
     beton.write(paths["test"], data.test, data.classes, (train.mean, train.std), workers)
+    if name == "folder":
+        sweep_older_conversions(data_dir, data.source.name)
     return _prepared(data, paths, train)
+
+
+def sweep_older_conversions(root: Path, current: str) -> None:
+    """Remove what earlier states of the image folder `root` were converted into (their python
+    folders and .beton files, ours by name: folder-<16 hex digits>), keeping `current`'s:
+    each change to the pictures would otherwise leave a whole copy of the data behind. Called
+    holding the lock, once the current files are written."""
+    for old in root.iterdir():
+        tag = re.fullmatch(r"(folder-[0-9a-f]{16})(?:-(?:train|test)\.beton(?:\.json)?)?",
+                           old.name)
+        if tag is None or tag.group(1) == current:
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)

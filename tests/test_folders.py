@@ -70,8 +70,13 @@ def test_the_conversion_is_cached_until_a_file_changes(tmp_path):
     assert prepare("folder", tmp_path, workers=1) == first
     extra = tmp_path / "train" / "dog" / "new.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(extra)
+    (tmp_path / "folder-notes").mkdir()  # not ours by name: kept
     second = prepare("folder", tmp_path, workers=1)
     assert second.source != first.source and len(beton.read(second.train).labels) == 19
+    # the first state's copy is gone: a copy of the whole data each change kept otherwise
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("folder-")) == sorted(
+        [second.source.name, "folder-notes", *(p.name for p in (second.train, second.test)),
+         *(beton.sidecar(p).name for p in (second.train, second.test))])
 
 
 def test_betons_of_the_pictures_need_no_python_folder(tmp_path):

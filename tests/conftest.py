@@ -408,6 +408,23 @@ def tmpfs(mount: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) with its bytes, by relative path: to show
+    that a failed command left a folder exactly as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def cpu_out_of_memory() -> None:
+    """A real failed allocation: the CPU allocator's RuntimeError for 4 TiB."""
+    torch.empty(1 << 40)
+
+
+def cuda_out_of_memory() -> None:
+    """What the CUDA caching allocator raises when it fails, made here: a failure of its own
+    cannot be had on a machine with no GPU, nor safely on a shared one."""
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A folder this process cannot write: a read-only tmpfs for root (who ignores modes),

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, tmpfs
+from conftest import cpu_out_of_memory, cuda_out_of_memory, run_script, tmpfs
 
 from common.errors import ExportError
 from engine import checkpoint
 from engine.model import build_model
 from loaders import beton
 from tools.export_formats import EXTRA_FILE, require
-from tools.export_model import compare, reference_logits
+from tools.export_model import compare, memory_advice, reference_logits
 from tools.export_writers import to_01
 
 
@@ -192,3 +192,14 @@ def test_a_read_only_out_is_named_not_its_temporary(run_dir, tmp_path):
         result = export(run_dir / "ckpt.pt", "--format", "torchscript", "--out", out)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith(f"error: cannot use {out}: Read-only file system.")
+
+
+def test_running_out_of_memory_is_one_line(tmp_path):
+    """Out of memory was a traceback (torch's errors are no EngineError): CUDA's, and a real
+    failed allocation of the CPU allocator; the export has no option that needs less."""
+    for fail in (cpu_out_of_memory, cuda_out_of_memory):
+        with pytest.raises(ExportError) as refused, memory_advice(tmp_path / "ckpt.pt"):
+            fail()
+        assert str(refused.value) == (f"out of memory exporting {tmp_path / 'ckpt.pt'}; nothing "
+                                      "was written. Close other programs to free memory, or "
+                                      "export on a machine with more.")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, tmpfs
 
 from common.errors import RangeTestError
 from engine import lr_range, lr_sweep
@@ -201,6 +201,21 @@ def test_a_sweep_that_fails_leaves_no_out_folder_it_made(tmp_path, capsys):
                              "fp16", "--out", str(out)])
         assert code == 1 and "--precision fp16 needs a CUDA GPU" in capsys.readouterr().err
         assert out.is_dir() == existed
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_last_write_leaves_no_out_folder_it_made(data_dir, tmp_path):
+    """lr_find.csv and .png were written after the block that removes a failed run's --out
+    had ended: a full disk there left the folder, empty, where the README says none is left."""
+    with tmpfs(tmp_path / "full", "size=24k") as full:  # the table fits, not its plot
+        out = full / "lr"
+        result = run_script("tools/lr_find.py", *SMALL, "--data-dir", str(data_dir),
+                            "--iterations", "20", "--out", str(out))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.splitlines()[-1] == (f"error: the disk is full writing "
+                                                  f"{out / 'lr_find.png'}; free some space or "
+                                                  "write to another disk.")
+        assert list(full.iterdir()) == []
 
 
 def test_the_tools_help_lists_their_own_out_and_no_resume(capsys):

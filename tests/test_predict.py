@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import cpu_out_of_memory, cuda_out_of_memory, run_script, tmpfs, tree
 from PIL import Image
 
-from common.errors import DataError
+from common.errors import DataError, ReportError
 from engine import checkpoint
 from loaders import beton
 from loaders.augment import Augment
 from loaders.images import expand, read_image
+from tools import predict as predict_command
+from tools import prediction
 
 N_CIFAR = 40  # test images saved as PNGs and predicted
 
@@ -86,6 +88,30 @@ def test_a_float_picture_is_scaled_not_cut(tmp_path, value, top, grey):
     assert (read_image(tmp_path / "float.tif")[1:] == grey).all()
 
 
+def exif_block(raw: bytes) -> int:
+    """Where a JPEG's EXIF block, a TIFF structure, starts."""
+    return raw.index(b"Exif\0\0") + 6
+
+
+def first_directory(raw: bytes, tiff: int) -> tuple[int, str]:
+    """The offset of the first tag directory of the TIFF structure at `tiff` (a TIFF file, or
+    a photo's EXIF block), and its byte order."""
+    order = "little" if raw[tiff:tiff + 2] == b"II" else "big"
+    return tiff + int.from_bytes(raw[tiff + 4:tiff + 8], order), order
+
+
+def retyped(path: Path, tiff: int, tag: int) -> None:
+    """Damage `tag` of the TIFF structure at `tiff` in file `path`: its type becomes text
+    (ASCII), as a buggy writer or a flipped byte leaves it, its value's bytes unchanged."""
+    raw = bytearray(path.read_bytes())
+    directory, order = first_directory(raw, tiff)
+    count = int.from_bytes(raw[directory:directory + 2], order)
+    (entry,) = [e for e in range(directory + 2, directory + 2 + 12 * count, 12)
+                if int.from_bytes(raw[e:e + 2], order) == tag]
+    raw[entry + 2:entry + 4] = (2).to_bytes(2, order)
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.filterwarnings("error")
 def test_damaged_metadata_and_nan_pixels_are_read_without_warnings(tmp_path):
     """A photo's corrupt EXIF block (its pixels intact) and a float TIFF's NaN: PIL and numpy
@@ -96,14 +122,41 @@ def test_damaged_metadata_and_nan_pixels_are_read_without_warnings(tmp_path):
     exif[0x010F] = "Camera"  # Make
     photo.save(tmp_path / "photo.jpg", exif=exif)
     raw = bytearray((tmp_path / "photo.jpg").read_bytes())
-    tiff = raw.index(b"Exif\0\0") + 6  # the EXIF block's TIFF header
-    order = "little" if raw[tiff:tiff + 2] == b"II" else "big"
-    first_ifd = tiff + int.from_bytes(raw[tiff + 4:tiff + 8], order)
+    first_ifd, order = first_directory(raw, exif_block(raw))
     raw[first_ifd:first_ifd + 2] = (40).to_bytes(2, order)  # 40 entries where there is one
     (tmp_path / "photo.jpg").write_bytes(bytes(raw))
     assert read_image(tmp_path / "photo.jpg").shape == (32, 32, 3)
     Image.fromarray(np.full((32, 32), np.nan, np.float32)).save(tmp_path / "nan.tif")
     assert (read_image(tmp_path / "nan.tif") == 0).all()
+
+
+@pytest.mark.parametrize("tag, value", [(0x011A, 72.0), (0x0128, 2)],
+                         ids=["XResolution", "ResolutionUnit"])
+def test_a_photo_whose_exif_cannot_be_applied_is_read_as_stored(tmp_path, tag, value):
+    """A photo taken sideways (orientation 6) whose rational XResolution or short
+    ResolutionUnit became text: PIL's rewrite of the EXIF block raised TypeError or
+    struct.error, a traceback of predict and of --dataset folder. EXIF is only metadata: the
+    pixels are read as they are stored."""
+    path = tmp_path / "photo.jpg"
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 64, 3), np.uint8))
+    exif = photo.getexif()
+    exif[0x0112], exif[tag] = 6, value  # Orientation: turn it a quarter to stand upright
+    photo.save(path, exif=exif)
+    retyped(path, exif_block(path.read_bytes()), tag)
+    with Image.open(path) as stored:
+        assert stored.getexif()[0x0112] == 6  # the orientation itself is intact
+        want = stored.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(read_image(path), np.asarray(want))
+
+
+def test_a_picture_pil_fails_on_with_any_error_is_named(tmp_path):
+    """A TIFF whose StripOffsets tag became text: PIL's load raises TypeError, which was a
+    traceback (only OSError, ValueError and SyntaxError were taken for damaged files)."""
+    path = tmp_path / "strips.tif"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    retyped(path, 0, 0x0111)
+    with pytest.raises(DataError, match=f"^{path}: cannot decode it .*; the file is damaged"):
+        read_image(path)
 
 
 def test_downscaling_averages_instead_of_sampling(tmp_path):
@@ -245,6 +298,75 @@ def test_a_cam_folder_that_is_a_file_is_refused_before_any_work(run_dir, tmp_pat
     assert result.stderr == (f"error: --cam {tmp_path / 'afile'} is a file, not a folder; "
                              "choose a writable folder.\n")
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_layer_without_cam_is_a_usage_error(tmp_path, capsys):
+    """--layer only chooses what --cam draws: without --cam it was ignored, even --layer fc,
+    where tools refuse an option they would ignore (lr_find does)."""
+    with pytest.raises(SystemExit) as exit:
+        predict_command.main([str(tmp_path / "ckpt.pt"), str(tmp_path / "a.png"), "--layer",
+                              "fc"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "python tools/predict.py: error: --layer: only --cam draws Grad-CAM maps, so without "
+        "it --layer would be ignored; add --cam DIR or leave --layer out; see --help\n")
+
+
+@pytest.mark.slow
+def test_a_cam_run_with_no_readable_picture_leaves_no_folder(run_dir, tmp_path):
+    """The --cam folder was made before any picture was read, and left empty when none could
+    be; a folder that was there stays."""
+    (tmp_path / "no-pictures").mkdir()
+    (tmp_path / "text.png").write_text("not a picture")
+    (tmp_path / "mine").mkdir()
+    for pictures, errors in (([tmp_path / "no-pictures"], 1),
+                             ([tmp_path / "text.png", tmp_path / "missing.png"], 2)):
+        for cam in (tmp_path / "cams", tmp_path / "mine"):
+            result = predict(run_dir / "ckpt.pt", *pictures, "--cam", cam)
+            assert result.returncode == 1 and result.stdout == ""
+            assert len(result.stderr.splitlines()) == errors and "Traceback" not in result.stderr
+            assert sorted(p.name for p in tmp_path.iterdir()) == [
+                "mine", "no-pictures", "text.png"]
+            assert list((tmp_path / "mine").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_no_overlay_of_the_run(run_dir, tmp_path):
+    """Overlays were written one by one into --cam: a full disk left some of them there, and
+    the folder the run made. Now none is left, nor a hidden folder; a folder that was there
+    keeps what it held, an older overlay of the same name too; the error names --cam."""
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(45):  # about 360 KiB of overlays
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            pictures / f"p{i:02d}.png")
+    with tmpfs(tmp_path / "full", "size=200k") as full:
+        (full / "mine").mkdir()
+        (full / "mine" / "p00.cam.png").write_bytes(b"an older overlay")
+        (full / "mine" / "notes.txt").write_text("mine")
+        for cam in (full / "new", full / "mine"):
+            before = tree(full)
+            result = predict(run_dir / "ckpt.pt", pictures, "--cam", cam)
+            assert result.returncode == 1
+            assert tree(full) == before and sorted(p.name for p in full.iterdir()) == ["mine"]
+            assert result.stderr == (f"error: --cam {cam}: its disk is full, so the overlays "
+                                     "could not be written (nothing was left there); free some "
+                                     "space or choose another --cam.\n")
+
+
+@pytest.mark.parametrize("device, cam, advice", [
+    ("cuda", True, "try fewer pictures at a time or leave out --cam, or pass --device cpu."),
+    ("cpu", False, "try fewer pictures at a time.")])
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(device, cam, advice):
+    """Out of memory was a traceback (torch's errors are no EngineError): CUDA's, and a real
+    failed allocation of the CPU allocator."""
+    for fail in (cpu_out_of_memory, cuda_out_of_memory):
+        with pytest.raises(ReportError) as refused, \
+                prediction.memory_advice(torch.device(device), cam):
+            fail()
+        assert str(refused.value) == (f"out of memory classifying the pictures on {device}; "
+                                      f"{advice}")
 
 
 @pytest.mark.gpu

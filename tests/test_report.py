@@ -14,14 +14,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, synthetic_boxes, tmpfs, train_tiny
+from conftest import (
+    cpu_out_of_memory,
+    cuda_out_of_memory,
+    run_script,
+    synthetic_boxes,
+    tmpfs,
+    train_tiny,
+    tree,
+)
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import imread
 from pypdf import PdfReader
 
+from common.errors import ReportError
 from engine import checkpoint
+from engine.model import build_model
 from loaders import beton, synthetic
-from tools import report, report_faithfulness, report_figures, report_inputs, report_tables
+from tools import (
+    report,
+    report_faithfulness,
+    report_figures,
+    report_folder,
+    report_inputs,
+    report_tables,
+)
 from tools.cam_methods import METHODS
 
 pytestmark = pytest.mark.slow
@@ -94,6 +111,9 @@ def test_report_writes_every_file(run_dir, report_dir, ckpt):
     assert "most faithful explanation" in summary and "| random | - |" in summary
     assert f"{ckpt['history'][-1]['test_acc']:.2%}" in summary
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+    # its own files and the marker that lets the next report replace them, nothing else
+    assert sorted(p.name for p in report_dir.iterdir()) == sorted(
+        [*report_folder.FILES, ".cifar10-report"])
 
 
 def test_misclassified_and_per_class_match_an_independent_evaluation(report_dir, ckpt):
@@ -161,15 +181,20 @@ def test_road_ranks_gradcam_and_the_object_box_above_random_maps(loaded):
         assert gain.mean() > 3 * gain.std(ddof=1) / np.sqrt(len(gain)), (name, gain.mean())
 
 
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "from before the marker"])
 def test_data_dir_rebuilds_the_same_test_split_and_replaces_an_older_report(
-        run_dir, report_dir, tmp_path):
+        run_dir, report_dir, tmp_path, marked):
+    """An older report is replaced whole: one with the .cifar10-report marker, and one written
+    before there was a marker (the report's files only, its summary.md)."""
     out = tmp_path / "old-report"
     shutil.copytree(report_dir, out)
-    (out / "stale.txt").write_text("from an older report")
+    (out / "misclassified.csv").write_text("from an older report")
+    if not marked:
+        (out / ".cifar10-report").unlink()
     result = run_report(run_dir / "ckpt.pt", "--data-dir", run_dir.parent / "data", "-n", 2,
                         "--layers", "layer3", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not (out / "stale.txt").exists()
+    assert (out / ".cifar10-report").is_file()
     assert read_csv(out / "misclassified.csv") == read_csv(report_dir / "misclassified.csv")[:2]
     assert len(PdfReader(out / "gradcam.pdf").pages) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["old-report"]
@@ -286,6 +311,91 @@ def test_an_existing_folder_that_is_not_a_report_is_never_replaced(run_dir, caps
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_a_folder_with_a_summary_md_and_other_files_is_refused_and_kept(run_dir, tmp_path):
+    """Any folder holding a summary.md counted as an older report, and was deleted whole with
+    a project's own files in it."""
+    out = (tmp_path / "project").resolve()
+    (out / "src").mkdir(parents=True)
+    (out / "summary.md").write_text("# Project summary\n")
+    (out / "src" / "important.py").write_text("keep = True\n")
+    before = tree(out)
+    result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--out", out)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"error: --out {out} is not a report folder (it holds src, which no "
+                             "report writes), and a report replaces its folder whole; choose "
+                             "another --out.\n")
+    assert tree(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no temporary left either
+
+
+def _foreign_summary(out: Path, report_dir: Path) -> str:
+    (out / "summary.md").write_text("# Project summary\n")
+    return "has no .cifar10-report and no report's summary.md"
+
+
+def _report_and_notes(out: Path, report_dir: Path) -> str:
+    shutil.copytree(report_dir, out, dirs_exist_ok=True)
+    (out / "notes.txt").write_text("mine")
+    return "holds notes.txt, which no report writes"
+
+
+def _unmarked_report_and_a_folder(out: Path, report_dir: Path) -> str:
+    shutil.copytree(report_dir, out, dirs_exist_ok=True)
+    (out / ".cifar10-report").unlink()
+    (out / "gradcam.pdf").unlink()
+    (out / "gradcam.pdf").mkdir()  # a report's file name, but a folder: not the report's
+    (out / "gradcam.pdf" / "a.txt").write_text("mine")
+    return "holds gradcam.pdf, which no report writes"
+
+
+def _many_files(out: Path, report_dir: Path) -> str:
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt", "summary.md"):
+        (out / name).write_text(report_tables.TITLE + "\n")
+    return "holds a.txt, b.txt, c.txt and 2 more, which no report writes"
+
+
+@pytest.mark.parametrize("make", [_foreign_summary, _report_and_notes,
+                                  _unmarked_report_and_a_folder, _many_files],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_only_a_reports_own_folder_is_replaced(make, run_dir, report_dir, tmp_path, capsys):
+    """A folder is a report's own when it holds the report's files and nothing else, with the
+    marker each report writes, or (from before the marker) the report's summary.md."""
+    out = (tmp_path / "out").resolve()
+    out.mkdir()
+    problem = make(out, report_dir)
+    before = tree(out)
+    code = report.main([str(run_dir / "ckpt.pt"), "-n", "1", "--out", str(out)])
+    assert code == 1
+    assert capsys.readouterr().err == (f"error: --out {out} is not a report folder (it "
+                                       f"{problem}), and a report replaces its folder whole; "
+                                       "choose another --out.\n")
+    assert tree(out) == before
+
+
+def test_a_missing_checkpoint_is_named_before_the_default_report_folder(tmp_path, capsys):
+    """The default folder beside a mistyped checkpoint was checked first, and refused as an
+    --out that was never given."""
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "notes.txt").write_text("mine")
+    assert report.main([str(tmp_path / "typo.pt")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'typo.pt'} does not exist; pass the "
+                                       "ckpt.pt of a training run.\n")
+
+
+def test_a_default_report_folder_that_is_no_report_is_named_as_the_default(run_dir, tmp_path,
+                                                                           capsys):
+    shutil.copy(run_dir / "ckpt.pt", tmp_path / "ckpt.pt")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "notes.txt").write_text("mine")
+    assert report.main([str(tmp_path / "ckpt.pt")]) == 1
+    out = (tmp_path / "report").resolve()
+    assert capsys.readouterr().err == (f"error: the default report folder {out} is not a "
+                                       "report folder (it holds notes.txt, which no report "
+                                       "writes), and a report replaces its folder whole; pass "
+                                       "--out DIR to write it elsewhere.\n")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_out_dot_is_the_current_folder(run_dir, tmp_path):
     """`--out .` names the folder the command runs in (once a traceback: `.` has no name)."""
     here = tmp_path / "here"
@@ -321,6 +431,73 @@ def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_pa
                         tmp_path / "report")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["report"])
+
+
+def test_cams_and_road_in_chunks_equal_one_pass(loaded):
+    """-n images are explained and scored `chunk` at a time (3 here, 7 images: 3 + 3 + 1), so
+    -n no longer sets the memory of a pass; the maps are those of one pass over all 7, and the
+    ROAD scores too, within the noise ROAD's imputer adds (shown by how far apart two single
+    passes are)."""
+    probs = np.eye(len(loaded.classes))[(loaded.labels + 1) % len(loaded.classes)]
+    indices = np.arange(7)
+    whole = report_figures.explain(loaded, probs, indices, ["layer2", "layer3"],
+                                   ["gradcam", "eigencam"])
+    chunked = report_figures.explain(loaded, probs, indices, ["layer2", "layer3"],
+                                     ["gradcam", "eigencam"], chunk=3)
+    assert whole.keys() == chunked.keys() and len(whole) == 8
+    for key, maps in whole.items():
+        assert maps.shape == (7, 32, 32)
+        np.testing.assert_allclose(chunked[key], maps, atol=1e-5, err_msg=str(key))
+    inputs = report_inputs.normalized(loaded, indices)
+    targets = probs[indices].argmax(1)
+    maps = {("gradcam", "layer3"): whole["gradcam", "layer3", "predicted"]}
+
+    def road(chunk: int) -> dict[tuple[str, str], float]:
+        rows = report_faithfulness.faithfulness(loaded.model, inputs, targets, maps, chunk=chunk)
+        assert [r["images"] for r in rows] == [7, 7]
+        return {(r["method"], r["layer"]): r["road"] for r in rows}
+
+    first, second, chunked_road = road(256), road(256), road(3)
+    noise = max(abs(first[key] - second[key]) for key in first)
+    assert noise < 0.02
+    for key, score in first.items():
+        assert chunked_road[key] == pytest.approx(score, abs=3 * noise + 1e-3), key
+
+
+@pytest.mark.parametrize("device, advice", [
+    ("cuda", "try a smaller -n, or fewer --methods or --layers, or --device cpu."),
+    ("cpu", "try a smaller -n, or fewer --methods or --layers.")])
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(device, advice):
+    """Out of memory was a traceback (torch's errors are no EngineError): CUDA's, and a real
+    failed allocation of the CPU allocator."""
+    for fail in (cpu_out_of_memory, cuda_out_of_memory):
+        with pytest.raises(ReportError) as refused, \
+                report_folder.memory_advice(torch.device(device)):
+            fail()
+        assert str(refused.value) == f"out of memory making the report on {device}; {advice}"
+    for other in (ValueError("not memory"), ReportError("its own words")):
+        with pytest.raises(type(other)) as passed, \
+                report_folder.memory_advice(torch.device(device)):
+            raise other
+        assert passed.value is other
+
+
+def test_a_layer_without_a_convolution_is_refused_as_such():
+    """A BatchNorm's output is a spatial map too: what is refused is a layer holding no
+    convolution, and the message said 'no such layer with a spatial feature map'."""
+    model = build_model("resnet18", 10, 8)
+    with pytest.raises(ReportError) as refused:
+        report_inputs.layer_of(model, "layer1.0.bn1")
+    assert str(refused.value) == (
+        "--layers layer1.0.bn1: that layer holds no convolution, whose feature map a CAM "
+        "explains; choose from stem, layer1, layer2, layer3, layer4 (or a block such as "
+        "layer3.1).")
+    for name in ("layer9", ""):
+        with pytest.raises(ReportError) as refused:
+            report_inputs.layer_of(model, name, "--layer")
+        assert str(refused.value).startswith(f"--layer {name}: the model has no such layer; "
+                                             "choose from stem, layer1,")
+    assert report_inputs.layer_of(model, "layer1.0") is model.layer1[0]
 
 
 def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(loaded, tmp_path):

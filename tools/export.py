@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 when the export was written and checked, 1 otherwise."""
     args = parse_args(argv)  # first: --help and a refused option answer before torch loads
     with interruptible_imports():  # torch and the rest take seconds to import
-        from tools.export_model import export
+        from tools.export_model import export, memory_advice
 
     def body() -> None:
-        out, check = export(args.checkpoint, args.format, args.out, args.data_dir,
-                            warn=lambda note: print(note, file=sys.stderr))
+        with memory_advice(args.checkpoint):
+            out, check = export(args.checkpoint, args.format, args.out, args.data_dir,
+                                warn=lambda note: print(note, file=sys.stderr))
         print(check)
         print(f"wrote {out}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from engine import checkpoint
 from loaders import beton
 from tools.export_formats import SUFFIX, metadata, require
 from tools.export_writers import RUNNERS, WRITERS
+from tools.options import out_of_memory_as
 from tools.report_inputs import evaluation_input, locate_test_data
 
 CHECK_IMAGES = 256  # test images the export is checked on
@@ -89,6 +91,14 @@ def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
         raise ExportError(f"the {fmt} export does not match the checkpoint's model: {line}; "
                           f"nothing was written to {path}.")
     return line
+
+
+def memory_advice(path: Path) -> AbstractContextManager[None]:
+    """For the block: running out of memory becomes one line. The export runs on the CPU,
+    256 images at a time, with no option that would need less: the fix is free memory."""
+    return out_of_memory_as(ExportError(
+        f"out of memory exporting {path}; nothing was written. Close other programs to free "
+        "memory, or export on a machine with more."))
 
 
 def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,

@@ -58,12 +58,15 @@ def write_lr_curve(cfg: TrainConfig, start_lr: float, end_lr: float,
     """Sweep the LR on cfg's run and write lr_find.csv and lr_find.png into cfg.out; the
     result, or None in a process other than the one that writes."""
     out = Path(cfg.out)
-    with output_dir(out):  # a bad --out is found now, not after the sweep
+    # a bad --out is found now, not after the sweep; a folder made here goes again when the
+    # sweep or the writes after it fail (a full disk)
+    with output_dir(out):
         result, main_process = find(cfg, start_lr, end_lr, iterations)
-    if not main_process:
-        return None
-    fig = plot(result)
-    # the table and its plot together: a full disk leaves neither new, not one of them
-    atomic_writes({out / "lr_find.csv": lambda tmp: tmp.write_text(csv_text(rows(result))),
-                   out / "lr_find.png": lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
+        if not main_process:
+            return None
+        fig = plot(result)
+        # the table and its plot together: a full disk leaves neither new, not one of them
+        atomic_writes({
+            out / "lr_find.csv": lambda tmp: tmp.write_text(csv_text(rows(result))),
+            out / "lr_find.png": lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
     return result

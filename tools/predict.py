@@ -3,8 +3,9 @@
 Each picture is converted to RGB and resized whole to 32 x 32 (loaders/images.py says how and
 why), normalized with the checkpoint's mean/std exactly as evaluation does, and classified by
 the checkpoint's model. Prints the top-k classes with probabilities (or --json); --cam DIR also
-writes a Grad-CAM overlay per picture for its predicted class. A file that cannot be read is
-named on stderr and the others are still classified; the exit code is then 1.
+writes a Grad-CAM overlay per picture for its predicted class (of --layer), all or none of them.
+A file that cannot be read is named on stderr and the others are still classified; the exit
+code is then 1.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, error_line, interruptible_imports, path_option, run_main
-from tools.options import add_checkpoint_argument, add_device_option
+from tools.options import add_checkpoint_argument, add_device_option, pick_device
+
+CAM_LAYER = "layer3"  # --layer's default
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,12 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cam", type=path_option("write into the current directory"),
                         default=None, metavar="DIR",
                         help="write a Grad-CAM overlay PNG per picture for its predicted class")
-    parser.add_argument("--layer", default="layer3",
-                        help="model layer Grad-CAM explains (default: layer3)")
+    parser.add_argument("--layer", default=None,
+                        help=f"with --cam: the model layer Grad-CAM explains (default: "
+                             f"{CAM_LAYER})")
     add_device_option(parser)
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"-k must be at least 1, got {args.k}")
+    if args.layer is not None and args.cam is None:  # it would be ignored without a word
+        parser.error("--layer: only --cam draws Grad-CAM maps, so without it --layer would "
+                     "be ignored; add --cam DIR or leave --layer out")
+    if args.layer is None:
+        args.layer = CAM_LAYER
     return args
 
 
@@ -57,27 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # first: --help and a refused option answer before torch loads
     with interruptible_imports():  # torch and the rest take seconds to import
         from tools.prediction import (
+            cam_folder,
             load_classifier,
-            prepare_cams,
+            memory_advice,
             read_pictures,
             top_classes,
             write_cams,
         )
 
     def body() -> int:
-        classifier = load_classifier(args.checkpoint, args.device)
-        if args.cam is not None:
-            prepare_cams(classifier, args.layer, args.cam)
-        pictures = read_pictures(args.images)
-        for message in pictures.errors.values():
-            error_line(f"error: {message}")
-        rows, predicted = top_classes(classifier, pictures, args.k)
-        if args.json or pictures.readable:  # a table of no picture would be a lone header
-            print(json.dumps(rows, indent=2) if args.json else table(rows))
-        if args.cam is not None and pictures.readable:
-            write_cams(classifier, pictures, predicted, args.layer, args.cam)
-            print(f"wrote {len(pictures.readable)} Grad-CAM overlays ({args.layer}) to "
-                  f"{args.cam}/", file=sys.stderr)
+        device = pick_device(args.device)
+        with memory_advice(device, args.cam is not None):
+            classifier = load_classifier(args.checkpoint, device)
+            with cam_folder(classifier, args.layer, args.cam):
+                pictures = read_pictures(args.images)
+                for message in pictures.errors.values():
+                    error_line(f"error: {message}")
+                rows, predicted = top_classes(classifier, pictures, args.k)
+                if args.json or pictures.readable:  # a table of no picture: a lone header
+                    print(json.dumps(rows, indent=2) if args.json else table(rows))
+                if args.cam is not None and pictures.readable:
+                    write_cams(classifier, pictures, predicted, args.layer, args.cam)
+                    print(f"wrote {len(pictures.readable)} Grad-CAM overlays ({args.layer}) "
+                          f"to {args.cam}/", file=sys.stderr)
         return 1 if pictures.errors else 0
 
     return run_main(body)

@@ -3,6 +3,10 @@ and a Grad-CAM overlay for its predicted class (tools/predict.py is its command 
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,14 +15,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.errors import DataError
-from common.files import atomic_write, make_dir
+from common.errors import DataError, ReportError
+from common.files import output_dir, temporary_name
 from common.progress import progress_bar
 from engine import checkpoint
 from loaders.augment import Augment
 from loaders.images import expand, read_image
-from tools.options import pick_device
+from tools.options import out_of_memory_as
 from tools.report_figures import cams, overlay
+from tools.report_folder import sweep_stale, write_failed
 from tools.report_inputs import evaluation_input, layer_of
 
 BATCH = 256  # pictures per forward pass
@@ -35,19 +40,39 @@ class Classifier:
     classes: list[str]
 
 
-def load_classifier(path: Path, device: str | None) -> Classifier:
-    """The model of checkpoint `path` on `device` (None: the best one here)."""
-    where = pick_device(device)
+def load_classifier(path: Path, device: torch.device) -> Classifier:
+    """The model of checkpoint `path` on `device`."""
     ckpt = checkpoint.load(path)
-    model = checkpoint.model_from(ckpt, path).to(where)
-    return Classifier(model, evaluation_input(ckpt, where), ckpt["classes"])
+    model = checkpoint.model_from(ckpt, path).to(device)
+    return Classifier(model, evaluation_input(ckpt, device), ckpt["classes"])
 
 
-def prepare_cams(classifier: Classifier, layer: str, out: Path) -> None:
-    """Refuse a --layer without a feature map and make the --cam folder: before any work, as
-    a CAM of fc would fail only after predicting."""
+def memory_advice(device: torch.device, cam: bool) -> AbstractContextManager[None]:
+    """For the block: running out of memory becomes one line naming what to lower, the
+    pictures held at once, the Grad-CAMs (`cam`: --cam given) or the device."""
+    without_cam = " or leave out --cam" if cam else ""
+    cpu = ", or pass --device cpu" if device.type != "cpu" else ""
+    return out_of_memory_as(ReportError(
+        f"out of memory classifying the pictures on {device.type}; try fewer pictures at a "
+        f"time{without_cam}{cpu}."))
+
+
+@contextmanager
+def cam_folder(classifier: Classifier, layer: str, out: Path | None) -> Iterator[None]:
+    """With --cam (`out`; None: without), for the block: refuse a --layer without a feature
+    map and make the folder before any work (a CAM of fc would fail only after predicting, a
+    bad --cam after an hour of it). A folder made here is removed when the block fails or
+    writes nothing into it (no picture was readable): a run that makes no overlay leaves no
+    folder."""
+    if out is None:
+        yield
+        return
     layer_of(classifier.model, layer, "--layer")
-    make_dir(out, "--cam")
+    created = not out.exists()
+    with output_dir(out, "--cam"):
+        yield
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 @dataclass
@@ -127,14 +152,25 @@ def cam_names(files: list[Path]) -> list[str]:
 def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray, layer: str,
                out: Path) -> None:
     """A Grad-CAM overlay PNG per readable picture for its predicted class, as report.py draws
-    them."""
-    out.mkdir(parents=True, exist_ok=True)
+    them, into existing folder `out`. All are made in a hidden folder in `out` and moved out
+    of it only once every one is written, so a failed run (a full disk) leaves none of them,
+    and an older overlay of the same name as it was."""
+    staging = temporary_name(out / "overlays")
+    sweep_stale(out / "overlays")  # the hidden folders of runs that were killed
     names = cam_names(pictures.readable)
-    for start in range(0, len(pictures.images), BATCH):
-        chunk = pictures.images[start:start + BATCH]
-        inputs = classifier.to_input(torch.from_numpy(chunk).to(classifier.to_input.device))
-        maps = cams(classifier.model, inputs, predicted[start:start + BATCH], layer)
-        for image, cam, name in zip(chunk, maps, names[start:start + BATCH], strict=True):
-            big = Image.fromarray(overlay(image, cam)).resize(
-                (32 * CAM_SCALE, 32 * CAM_SCALE), Image.Resampling.NEAREST)
-            atomic_write(out / name, lambda tmp, big=big: big.save(tmp, format="PNG"))
+    try:
+        staging.mkdir()
+        for start in range(0, len(pictures.images), BATCH):
+            chunk = pictures.images[start:start + BATCH]
+            inputs = classifier.to_input(torch.from_numpy(chunk).to(classifier.to_input.device))
+            maps = cams(classifier.model, inputs, predicted[start:start + BATCH], layer)
+            for image, cam, name in zip(chunk, maps, names[start:start + BATCH], strict=True):
+                Image.fromarray(overlay(image, cam)).resize(
+                    (32 * CAM_SCALE, 32 * CAM_SCALE), Image.Resampling.NEAREST,
+                ).save(staging / name, format="PNG")
+        for name in names:  # renames on one disk: they take no space a full disk lacks
+            os.replace(staging / name, out / name)
+    except OSError as error:
+        raise write_failed(error, out, "--cam", "the overlays") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

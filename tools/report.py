@@ -4,8 +4,10 @@ Writes curves.png, misclassified.png (+ .csv), gradcam.pdf, confusion.png, per_c
 faithfulness.csv and summary.md into a report folder (default: report/ beside the checkpoint).
 Everything is written into a temporary folder beside it and renamed into place at the end, so
 a failed run never leaves a half report, and an older report is replaced only by a complete
-one. The temporary folder of a report that was killed is removed by the next report into the
-same folder.
+one. A folder is replaced only when it is a report's own: the report's files and nothing else,
+with the .cifar10-report file each report writes (or, from before it, the report's
+summary.md); any other folder is refused. The temporary folder of a report that was killed is
+removed by the next report into the same folder.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import sys
 
 from common.cli import CommandParser, interruptible_imports, path_option, run_main
 from tools.cam_methods import METHODS
-from tools.options import add_checkpoint_argument, add_data_dir_option, add_device_option
+from tools.options import (
+    add_checkpoint_argument,
+    add_data_dir_option,
+    add_device_option,
+    pick_device,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,8 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_checkpoint_argument(parser)
     parser.add_argument("--out", type=path_option("replace the current directory"),
                         default=None, metavar="DIR",
-                        help="report folder, replaced when complete (default: report/ beside "
-                             "the checkpoint)")
+                        help="report folder, replaced when complete, and only if it is a "
+                             "report's own (default: report/ beside the checkpoint)")
     add_data_dir_option(parser)
     parser.add_argument("-n", type=int, default=20,
                         help="misclassified images to show and explain (default: 20)")
@@ -47,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 on success, 1 with a one-paragraph error on stderr."""
     args = parse_args(argv)  # first: --help and a refused option answer before torch loads
     with interruptible_imports():  # torch and the rest take seconds to import
-        from tools.report_folder import write_report_folder
+        from tools.report_folder import FILES, memory_advice, write_report_folder
 
     def body() -> None:
-        out = write_report_folder(args.checkpoint, args.out, args.data_dir, args.device, args.n,
-                                  args.layers, args.methods)
-        print(f"wrote {out}/: summary.md, curves.png, misclassified.png, misclassified.csv, "
-              "gradcam.pdf, confusion.png, per_class.csv, faithfulness.csv")
+        device = pick_device(args.device)
+        with memory_advice(device):
+            out = write_report_folder(args.checkpoint, args.out, args.data_dir, device, args.n,
+                                      args.layers, args.methods)
+        print(f"wrote {out}/: {', '.join(FILES)}")
 
     return run_main(body)
 

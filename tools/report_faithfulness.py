@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tools.report_inputs import CHUNK, in_chunks
+
 PERCENTILES = [20, 40, 60, 80]  # of pixels removed; pytorch-grad-cam's default is 10..90
 RANDOM = "random"  # the baseline's method name in the table
 
@@ -37,13 +39,18 @@ def random_maps(like: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
-                 maps: dict[tuple[str, str], np.ndarray]) -> list[dict]:
+                 maps: dict[tuple[str, str], np.ndarray], chunk: int = CHUNK) -> list[dict]:
     """A row per (method, layer) and one for random maps, best first: mean and spread of the
-    ROAD score over the images."""
+    ROAD score over the images, scored `chunk` images at a time."""
     if not len(targets):
         return []
-    scored = {key: road(model, inputs, targets, m) for key, m in maps.items()}
-    scored[RANDOM, "-"] = road(model, inputs, targets, random_maps(next(iter(maps.values()))))
+
+    def scores(of: np.ndarray) -> np.ndarray:
+        return in_chunks(lambda part: road(model, inputs[part], targets[part], of[part]),
+                         len(targets), chunk)
+
+    scored = {key: scores(m) for key, m in maps.items()}
+    scored[RANDOM, "-"] = scores(random_maps(next(iter(maps.values()))))
     rows = [dict(method=method, layer=layer, road=round(float(s.mean()), 4),
                  road_std=round(float(s.std()), 4), images=len(s))
             for (method, layer), s in scored.items()]

@@ -15,7 +15,7 @@ from torch import nn
 from common.progress import track
 from tools.cam_methods import METHODS
 from tools.plots import Panel, plot_history
-from tools.report_inputs import Inputs, layer_of, normalized
+from tools.report_inputs import CHUNK, Inputs, in_chunks, layer_of, normalized
 
 CLASS_AGNOSTIC = {"eigencam"}  # a principal component of the activations: no target class
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
@@ -157,16 +157,21 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
 
 
 def explain(run: Inputs, probs: np.ndarray, indices: np.ndarray, layers: list[str],
-            methods: list[str]) -> dict[tuple[str, str, str], np.ndarray]:
+            methods: list[str], chunk: int = CHUNK) -> dict[tuple[str, str, str], np.ndarray]:
     """CAMs of the images at `indices` for their predicted and their true class:
-    {(method, layer, "predicted" or "true"): N x 32 x 32}; EigenCAM's, which no class changes,
-    is made once and given for both."""
+    {(method, layer, "predicted" or "true"): N x 32 x 32}, made `chunk` images at a time;
+    EigenCAM's, which no class changes, is made once and given for both."""
     inputs = normalized(run, indices)
     targets = {"predicted": probs[indices].argmax(1), "true": run.labels[indices]}
     jobs = [(m, layer, kind) for m in methods for layer in layers
             for kind in (["predicted"] if m in CLASS_AGNOSTIC else targets)]
-    maps = {(m, layer, kind): cams(run.model, inputs, targets[kind], layer, m)
-            for m, layer, kind in track(jobs if len(indices) else [], desc="CAMs", unit="map")}
+
+    def maps_of(method: str, layer: str, kind: str) -> np.ndarray:
+        return in_chunks(lambda part: cams(run.model, inputs[part], targets[kind][part], layer,
+                                           method), len(indices), chunk)
+
+    maps = {job: maps_of(*job)
+            for job in track(jobs if len(indices) else [], desc="CAMs", unit="map")}
     # a class-agnostic method's one map serves both targets
     return maps | {(m, layer, "true"): maps[m, layer, "predicted"]
                    for m, layer, _ in maps if m in CLASS_AGNOSTIC}

@@ -7,11 +7,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from contextlib import AbstractContextManager
 from pathlib import Path
+
+import torch
 
 from common.errors import ReportError
 from common.files import temporary_name, temporary_writer, write_csv
-from tools.options import pick_device
+from tools.options import out_of_memory_as
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import explain, plot_confusion, plot_curves, plot_misclassified, write_pdf
 from tools.report_inputs import (
@@ -25,6 +28,7 @@ from tools.report_inputs import (
 from tools.report_tables import (
     FAITHFULNESS_FIELDS,
     MISCLASSIFIED_FIELDS,
+    TITLE,
     confusion,
     headline,
     misclassified_rows,
@@ -32,13 +36,55 @@ from tools.report_tables import (
     summary,
 )
 
+FILES = ("summary.md", "curves.png", "misclassified.png", "misclassified.csv", "gradcam.pdf",
+         "confusion.png", "per_class.csv", "faithfulness.csv")  # what write_report writes
+MARKER = ".cifar10-report"  # written into every report: what says a folder is one
+MARKER_TEXT = "tools/report.py wrote this folder; the next report into it replaces it whole.\n"
 
-def check_out(out: Path) -> None:
-    """Refuse to replace anything but an older report (or an empty folder)."""
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir())
-                                               or (out / "summary.md").is_file())):
-        raise ReportError(f"--out {out} exists and is not a report folder; choose another "
-                          "--out (a report folder is replaced whole).")
+
+def listing(names: list[str], most: int = 3) -> str:
+    """`names` for a message: the first `most`, then how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def report_summary(path: Path) -> bool:
+    """Whether `path` is a summary.md as report_tables.summary begins it."""
+    start = f"{TITLE}\n".encode()
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(start)) == start
+    except OSError:
+        return False
+
+
+def not_a_report(out: Path) -> str | None:
+    """Why folder `out` must not be replaced, or None when it may: it is missing, empty, or
+    one of the report's own, holding the report's files and nothing else, with its MARKER or
+    (a report from before the marker) its summary.md. Anything else in it would go with it."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "is a file"
+    entries = list(out.iterdir())
+    foreign = sorted(e.name for e in entries if e.name not in (*FILES, MARKER) or not e.is_file())
+    if foreign:
+        return f"holds {listing(foreign)}, which no report writes"
+    if entries and not (out / MARKER).is_file() and not report_summary(out / "summary.md"):
+        return f"has no {MARKER} and no report's summary.md"
+    return None
+
+
+def check_out(out: Path, given: bool) -> None:
+    """Refuse to replace a folder that is not a report's (not_a_report): a report replaces its
+    folder whole. `given`: whether --out named it, or it is the default."""
+    problem = not_a_report(out)
+    if problem is None:
+        return
+    what, fix = ((f"--out {out}", "choose another --out") if given else
+                 (f"the default report folder {out}", "pass --out DIR to write it elsewhere"))
+    raise ReportError(f"{what} is not a report folder (it {problem}), and a report replaces "
+                      f"its folder whole; {fix}.")
 
 
 def write_report(run: Inputs, folder: Path, n: int, layers: list[str],
@@ -66,6 +112,7 @@ def write_report(run: Inputs, folder: Path, n: int, layers: list[str],
     write_pdf(run, facts, probs, indices, maps, folder / "gradcam.pdf")
     (folder / "summary.md").write_text(
         summary(facts, classes, methods, layers, len(indices), scores))
+    (folder / MARKER).write_text(MARKER_TEXT)
 
 
 def publish(folder: Path, out: Path) -> None:
@@ -94,7 +141,7 @@ def writer_alive(pid: int) -> bool:
 
 
 def sweep_stale(out: Path) -> None:
-    """Remove the `.<name>.<pid>.tmp` and `.old` folders that reports into `out` left when
+    """Remove the `.<name>.<pid>.tmp` and `.old` folders that writers into `out` left when
     killed (SIGKILL, a power cut): of dead writers, or of this PID, reused after a restart.
     Nothing else ever removes them, and each can hold a whole report."""
     for entry in out.parent.iterdir():
@@ -103,38 +150,51 @@ def sweep_stale(out: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def write_failed(error: OSError, out: Path) -> Exception:
-    """What to raise when writing the report failed: a ReportError naming --out and the fix,
-    or `error` itself when it names a file elsewhere (an input)."""
+def write_failed(error: OSError, out: Path, option: str = "--out",
+                 what: str = "the report") -> Exception:
+    """What to raise when writing `what` into folder `out` (given as `option`) failed: a
+    ReportError naming them and the fix, or `error` itself when it names a file elsewhere (an
+    input)."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ReportError(f"--out {out}: its disk is full, so the report could not be written "
-                           "(nothing was left there); free some space or choose another --out.")
+        return ReportError(f"{option} {out}: its disk is full, so {what} could not be written "
+                           f"(nothing was left there); free some space or choose another "
+                           f"{option}.")
     if error.filename is None or out.parent in Path(str(error.filename)).parents:
-        return ReportError(f"--out {out}: the report could not be written there "
-                           f"({error.strerror or error}); choose a writable --out.")
+        return ReportError(f"{option} {out}: {what} could not be written there "
+                           f"({error.strerror or error}); choose a writable {option}.")
     return error
 
 
+def memory_advice(device: torch.device) -> AbstractContextManager[None]:
+    """For the block: running out of memory becomes one line naming what to lower, the
+    images explained (-n), the maps of each (--methods, --layers) or the device."""
+    cpu = ", or --device cpu" if device.type != "cpu" else ""
+    return out_of_memory_as(ReportError(
+        f"out of memory making the report on {device.type}; try a smaller -n, or fewer "
+        f"--methods or --layers{cpu}."))
+
+
 def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | None,
-                        device: str | None, n: int, layers: list[str],
+                        device: torch.device, n: int, layers: list[str],
                         methods: list[str]) -> Path:
     """The report of `checkpoint` written whole into `out` (None: report/ beside it), its
-    model run on `device` (None: the best one here); returns the folder written."""
+    model run on `device`; returns the folder written."""
+    run = load(checkpoint, data_dir, device)  # first: a missing checkpoint is what to fix
     # resolved: `--out .` has no name, and the temporary's name is made from it
-    out = (out or checkpoint.parent / "report").resolve()
-    check_out(out)
-    run = load(checkpoint, data_dir, pick_device(device))
+    target = (out or checkpoint.parent / "report").resolve()
+    check_out(target, out is not None)
     for layer in layers:
         layer_of(run.model, layer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)
-    folder = temporary_name(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
+    folder = temporary_name(target)
     try:
         folder.mkdir()
         write_report(run, folder, n, layers, methods)
-        publish(folder, out)
+        check_out(target, out is not None)  # again: files may have come in meanwhile
+        publish(folder, target)
     except OSError as error:
-        raise write_failed(error, out) from None
+        raise write_failed(error, target) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return out
+    return target

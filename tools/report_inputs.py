@@ -3,6 +3,7 @@ against (checked to fit), and the model's predictions on it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from loaders.augment import Augment
 from loaders.preparation import prepare
 
 BATCH = 500  # test images per forward pass of the evaluation
+CHUNK = 256  # images per CAM or ROAD pass: what sets the memory a pass takes, not -n
 
 
 @dataclass
@@ -41,10 +43,10 @@ class Inputs:
 
 def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
     """The test .beton: the one recorded in the checkpoint, or rebuilt from --data-dir."""
-    data = ckpt["data"] if isinstance(ckpt["data"], dict) else {}
-    dataset = data.get("dataset", "?")
+    data = ckpt["data"]  # checkpoint.load made sure it holds each DATA_KEYS entry as text
+    dataset = data["dataset"]
     if data_dir is None:
-        recorded = Path(data.get("test", ""))
+        recorded = Path(data["test"])
         if not recorded.is_file():
             raise ReportError(f"{path} records its test data at {recorded}, which does not "
                               f"exist (moved or deleted?). Pass --data-dir DIR to rebuild the "
@@ -54,7 +56,7 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
         what = "is a file, not a folder" if data_dir.exists() else "does not exist"
         raise ReportError(f"--data-dir {data_dir} {what}. Pass the folder the run was "
                           f"trained from (it holds the {dataset} data or its .beton files), or "
-                          f"leave --data-dir out to use {data.get('test', '?')}.")
+                          f"leave --data-dir out to use {data['test']}.")
     # the config says how the data was made (synthetic_size): rebuilt from a damaged one, it
     # would be a guess
     cfg = checkpoint.checked_config(path, ckpt, lambda: TrainConfig(**ckpt["config"]),
@@ -80,22 +82,31 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
 
 
 def layer_of(model: nn.Module, name: str, option: str = "--layers") -> nn.Module:
-    """A submodule by its name (layer3, layer3.1, ...); ReportError naming `option` (the
-    command's) and the valid layers."""
+    """A submodule holding a convolution, by its name (layer3, layer3.1, ...); ReportError
+    naming `option` (the command's) and the valid layers."""
     modules = dict(model.named_modules())
-    # a CAM needs a spatial feature map: a layer with no convolution in it (fc, pool) has none
-    if not name or name not in modules or not any(
-            isinstance(m, nn.Conv2d) for m in modules[name].modules()):
-        names = ", ".join(modules_with_maps(model))
-        raise ReportError(f"{option} {name}: the model has no such layer with a spatial "
-                          f"feature map; choose from {names} (or a block such as layer3.1).")
-    return modules[name]
+    known = bool(name) and name in modules  # "" names the whole model
+    if known and any(isinstance(m, nn.Conv2d) for m in modules[name].modules()):
+        return modules[name]
+    # only layers holding a convolution: fc and pool have no spatial map, and a BatchNorm's or
+    # a ReLU's map is the convolution's before it, rescaled or clipped
+    why = ("that layer holds no convolution, whose feature map a CAM explains" if known
+           else "the model has no such layer")
+    raise ReportError(f"{option} {name}: {why}; choose from "
+                      f"{', '.join(modules_with_maps(model))} (or a block such as layer3.1).")
 
 
 def modules_with_maps(model: nn.Module) -> list[str]:
     """Top-level layers whose output is a spatial feature map, the ones CAMs can explain."""
     return [name for name, m in model.named_children()
             if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+
+
+def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int = CHUNK) -> np.ndarray:
+    """work(part) for consecutive slices of at most `size` of n images, joined in order: a
+    pass over n images then needs the memory of `size` of them, whatever n (-n has no upper
+    bound)."""
+    return np.concatenate([work(slice(start, start + size)) for start in range(0, n, size)])
 
 
 def predictions(run: Inputs) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,8 @@ from tools.report_inputs import Inputs
 
 FAITHFULNESS_FIELDS = ("method", "layer", "road", "road_std", "images")
 MISCLASSIFIED_FIELDS = ("rank", "index", "true", "predicted", "probability", "true_probability")
+TITLE = "# Training report"  # summary.md's first line: tools/report_folder.py knows a report by it
+
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts C x C: row = true class, column = predicted class."""
@@ -44,13 +46,13 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
     """The run's key figures, shared by the PDF's first page and summary.md."""
     ckpt, history = run.ckpt, run.ckpt["history"]
     last, best = history[-1], max(history, key=lambda r: r["test_acc"])
-    seconds = sum(r.get("seconds", 0.0) for r in history)
+    seconds = sum(r["seconds"] for r in history)
     tta = " with flip TTA" if ckpt["config"].get("tta") else ""
     params = sum(p.numel() for p in run.model.parameters())
     wrong = int((probs.argmax(1) != labels).sum())
     return {
         "checkpoint": str(run.path),
-        "dataset": f"{ckpt['data'].get('dataset', '?')}: {len(labels):,} test images, "
+        "dataset": f"{ckpt['data']['dataset']}: {len(labels):,} test images, "
                    f"{ckpt['num_classes']} classes ({run.test})",
         "model": f"{ckpt['arch']}, width {ckpt['width']}, {params:,} parameters",
         "epochs": f"{len(history)} of {ckpt['config'].get('epochs', '?')}",
@@ -76,7 +78,7 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
             layers: list[str], shown: int, scores: list[dict]) -> str:
     """summary.md: the headline figures, the hardest classes, how faithful each explanation
     is, and links to every file."""
-    lines = ["# Training report", "", "| | |", "| --- | --- |"]
+    lines = [TITLE, "", "| | |", "| --- | --- |"]
     lines += [f"| {key} | {cell(value)} |" for key, value in facts.items()]
     hardest = sorted(classes, key=lambda r: r["recall"])[:5]
     lines += ["", "## Hardest classes", "",

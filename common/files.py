@@ -167,21 +167,45 @@ def make_dir(path: Path, option: str = "--out") -> None:
         raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, the deepest first."""
+    missing, path = [], Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 @contextmanager
-def output_dir(path: Path, option: str = "--out") -> Iterator[None]:
-    """Make folder `path` for the block as make_dir does, and remove it again when the block
-    fails (Ctrl-C included) having left it empty: a failed command leaves no trace. Not on
+def removed_on_failure(folders: list[Path]) -> Iterator[None]:
+    """Remove `folders` (missing_folders: the deepest first) that are empty when the block
+    fails (Ctrl-C included): a failed command leaves no folder of its own behind. Not on
     success: under torchrun another process may still be about to write there."""
-    path = Path(path)
-    created = not path.exists()
     try:
-        make_dir(path, option)  # made, then found unwritable (a full disk): removed too
         yield
     except BaseException:
-        with suppress(OSError):  # not empty after all, or gone: nothing to undo
-            if created and path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+        for folder in folders:  # one that is not empty stays, and so do those above it
+            with suppress(OSError):
+                folder.rmdir()
         raise
+
+
+@contextmanager
+def made_for(path: Path) -> Iterator[None]:
+    """The folders missing above file or folder `path` made for the block, and removed again
+    when it fails leaving them empty."""
+    with removed_on_failure(missing_folders(Path(path).parent)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        yield
+
+
+@contextmanager
+def output_dir(path: Path, option: str = "--out") -> Iterator[None]:
+    """Make folder `path` for the block as make_dir does; it and the parents made for it go
+    again when the block fails having left them empty."""
+    with removed_on_failure(missing_folders(path)):
+        make_dir(path, option)  # made, then found unwritable (a full disk): removed too
+        yield
 
 
 def _is_current(fd: int, lock: Path) -> bool:

@@ -176,9 +176,10 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_a_full_disk_is_one_message_naming_the_file_and_leaves_nothing(run_dir, tmp_path, fmt):
-    """torch.jit.save would abort the process there, safetensors raise its own error type."""
+    """torch.jit.save would abort the process there, safetensors raise its own error type.
+    Nothing is left: not the folder made for --out either (x here)."""
     with tmpfs(tmp_path / "full", "size=64k") as full:  # every export takes over 400 KiB
-        out = full / f"m.{fmt}"
+        out = full / "x" / f"m.{fmt}"
         result = export(run_dir / "ckpt.pt", "--format", fmt, "--out", out)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.strip().endswith(f"the disk is full writing {out}; free some space "

@@ -22,7 +22,7 @@ from conftest import ROOT, run_script, tmpfs
 from test_folders import write_tree
 
 from common.errors import CheckpointError, OutputError, TrainingError
-from common.files import atomic_writes, csv_text, locked_dir, write_text
+from common.files import atomic_writes, csv_text, locked_dir, output_dir, write_text
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.failures import out_of_memory
@@ -143,6 +143,18 @@ def test_a_failed_rename_names_the_file_not_its_temporary(tmp_path):
     assert raised.value.filename == str(plot) and raised.value.filename2 is None
     assert table.read_text() == "new table"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "table.csv"]
+
+
+def test_a_failed_command_leaves_none_of_the_folders_made_for_its_out(tmp_path):
+    """--out a/b/c, none of them there: a failure takes all three away again; a folder that
+    holds something by then stays, and so do the folders above it."""
+    with pytest.raises(KeyboardInterrupt), output_dir(tmp_path / "a" / "b" / "c"):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError), output_dir(tmp_path / "a" / "b" / "c"):
+        (tmp_path / "a" / "note.txt").write_text("not ours to remove")
+        raise ValueError
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["note.txt"]
 
 
 def test_the_folder_lock_is_exclusive_and_a_failure_leaving_it_empty_removes_it(tmp_path):

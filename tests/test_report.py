@@ -408,8 +408,9 @@ def test_out_dot_is_the_current_folder(run_dir, tmp_path):
 
 
 def test_a_full_disk_names_out_and_leaves_nothing(run_dir, tmp_path):
+    """Nothing: not the folders made for --out either (a/b here)."""
     with tmpfs(tmp_path / "full", "size=100k") as full:  # a report takes over 200 KiB
-        out = (full / "report").resolve()
+        out = (full / "a" / "b" / "report").resolve()
         result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--out", out)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith(f"error: --out {out}: its disk is full")

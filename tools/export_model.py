@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common.errors import EngineError, ExportError
-from common.files import atomic_write
+from common.files import atomic_write, made_for
 from engine import checkpoint
 from loaders import beton
 from tools.export_formats import SUFFIX, metadata, require
@@ -124,6 +124,6 @@ def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,
         WRITERS[fmt](model, meta, tmp)
         result.append(compare(ref, RUNNERS[fmt](tmp, images), fmt, out))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, write_and_check)  # renamed into place only once checked
+    with made_for(out):  # the folders above it, removed again when nothing is written
+        atomic_write(out, write_and_check)  # renamed into place only once checked
     return out, f"check on {len(images)} images ({what}): {result[0]}: OK"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ReportError
-from common.files import temporary_name, temporary_writer, write_csv
+from common.files import made_for, temporary_name, temporary_writer, write_csv
 from tools.options import out_of_memory_as
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import explain, plot_confusion, plot_curves, plot_misclassified, write_pdf
@@ -185,16 +185,16 @@ def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | Non
     check_out(target, out is not None)
     for layer in layers:
         layer_of(run.model, layer)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target)
-    folder = temporary_name(target)
-    try:
-        folder.mkdir()
-        write_report(run, folder, n, layers, methods)
-        check_out(target, out is not None)  # again: files may have come in meanwhile
-        publish(folder, target)
-    except OSError as error:
-        raise write_failed(error, target) from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with made_for(target):  # the folders above it, removed again when nothing is written
+        sweep_stale(target)
+        folder = temporary_name(target)
+        try:
+            folder.mkdir()
+            write_report(run, folder, n, layers, methods)
+            check_out(target, out is not None)  # again: files may have come in meanwhile
+            publish(folder, target)
+        except OSError as error:
+            raise write_failed(error, target) from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     return target

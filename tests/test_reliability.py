@@ -870,8 +870,8 @@ def test_report_refuses_a_layer_without_feature_maps(finished, tmp_path):
     result = run_script("tools/report.py", finished / "ckpt.pt", "--layers", "fc", "--out",
                         tmp_path / "report", timeout=120)
     assert result.returncode == 1
-    assert "--layers fc: the model has no such layer with a spatial feature map" in \
-        one_line_error(result)
+    assert "--layers fc: that layer holds no convolution, whose feature map a CAM explains" \
+        in one_line_error(result)
     assert not (tmp_path / "report").exists()
 
 

@@ -202,7 +202,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
     # a compile mode the run's own machine picked (none was asked for) is picked again for
     # this one: CUDA graphs trained on one GPU would otherwise go on under DDP, or the reverse
-    trained_on_cuda = not ckpt.get("device", "cpu").startswith("cpu")
+    trained_on_cuda = not str(ckpt.get("device", "cpu")).startswith("cpu")
     if "compile_mode" not in (given or {}) and saved.get("compile_mode") == default_compile_mode(
             trained_on_cuda, saved.get("compile"), ckpt.get("processes", 1)):
         saved["compile_mode"] = None

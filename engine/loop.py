@@ -289,6 +289,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         checkpoint_wait_s = fit(run, history, say)
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except KeyboardInterrupt:
+        if not accelerator.is_main_process:  # it alone waits for its writer, and knows
+            raise Interrupted(f"process {accelerator.process_index} of "
+                              f"{accelerator.num_processes} stopped; process 0 says what was "
+                              "kept") from None
         if (out / "ckpt.pt").exists():
             # read, not len(history): a Ctrl-C during a save keeps the previous checkpoint
             saved = len(checkpoint.load(out / "ckpt.pt")["history"])

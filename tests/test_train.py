@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +166,33 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     assert row["test_images"] == n_test  # evaluated once each, across both shards
     assert result.stdout.count("best test accuracy") == 1  # only the main process prints
     assert_reported_accuracy_matches(ckpt)
+
+
+def test_ctrl_c_on_several_processes_says_once_what_was_kept(data_dir, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the run. Each said what ckpt.pt held as
+    it saw it, where only the main process waits for its writer: the lines could disagree.
+    Now the main process says it, the others that they stopped. (torchrun's own traceback for
+    the signal it got is its own.)"""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
+         "20", "--loader", "resident", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no epoch was saved"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal sends it
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = sorted(line for line in stderr.splitlines() if line.startswith("interrupted: "))
+    assert len(lines) == 2, stderr[-3000:]
+    assert re.fullmatch(rf"interrupted: {re.escape(str(out))}/ckpt.pt holds epoch \d+; "
+                        rf"continue with --resume {re.escape(str(out))}", lines[0]), lines
+    assert lines[1] == "interrupted: process 1 of 2 stopped; process 0 says what was kept"
 
 
 def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):

@@ -4,7 +4,12 @@ them (engine.loop, the bench)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+
+from common.errors import EngineError
 
 # how a failed allocation reads when it is not a torch.OutOfMemoryError: the CPU allocator's,
 # and cuBLAS's and cuDNN's when their workspace cannot be had on a full GPU (cuDNN 8's
@@ -35,6 +40,22 @@ def out_of_memory(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@contextmanager
+def out_of_memory_as(refusal: EngineError) -> Iterator[None]:
+    """Run the block, raising `refusal` (one line naming what to lower) where an allocation in
+    it failed (out_of_memory, or numpy's MemoryError): none of those is an EngineError, so a
+    command printed a traceback. An EngineError passes as it is: one raised while handling a
+    failed allocation says more than this."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except Exception as error:
+        if not (isinstance(error, MemoryError) or out_of_memory(error)):
+            raise
+        raise refusal from None
 
 
 def peer_gone(error: BaseException) -> bool:

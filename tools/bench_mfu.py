@@ -5,8 +5,6 @@ measured."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +13,7 @@ from torch import nn
 from common.compile_modes import epoch_name, step_name
 from common.errors import SetupError
 from engine.config import TrainConfig
-from engine.failures import out_of_memory
+from engine.failures import out_of_memory_as
 from engine.model import build_model, forward_macs
 from tools.bench_sections import log, pin_threads
 from tools.flops import count_train_flops
@@ -83,24 +81,12 @@ def outpaced_peaks(rows: list[dict]) -> list[str]:
                    if row["achieved_flops_per_s"] > row["peak_flops_per_s"]})
 
 
-@contextmanager
-def named_out_of_memory(message: str) -> Iterator[None]:
-    """SetupError(message), naming the option to lower, for running out of memory in the
-    block (torch's error or the CPU allocator's); any other error as it was."""
-    try:
-        yield
-    except RuntimeError as error:
-        if not out_of_memory(error):
-            raise
-        raise SetupError(message) from None
-
-
 def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
               args: argparse.Namespace) -> MfuResult:
     """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput.
     SetupError naming the option when the model or a matmul does not fit in memory."""
-    with named_out_of_memory(f"out of memory counting the FLOPs of the model at --width "
-                             f"{base.width}; choose a smaller --width."):
+    with out_of_memory_as(SetupError(f"out of memory counting the FLOPs of the model at "
+                                      f"--width {base.width}; choose a smaller --width.")):
         model = build_model(base.arch, 10, base.width)
         counted, by_module = count_train_flops(model, channels_last=base.channels_last)
     out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
@@ -109,8 +95,9 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
               *(r.precision for r in results.get("peers", {}).get("epochs", []))}
     pin_threads(args.threads)
     for dtype in sorted(dtypes):
-        with named_out_of_memory(f"out of memory for the {dtype} matmul peak at --matmul-size "
-                                 f"{args.matmul_size}; choose a smaller --matmul-size."):
+        with out_of_memory_as(SetupError(f"out of memory for the {dtype} matmul peak at "
+                                          f"--matmul-size {args.matmul_size}; choose a "
+                                          "smaller --matmul-size.")):
             out.peaks[dtype] = matmul_peak(dtype, device, args.matmul_size, args.matmul_seconds,
                                            args.repeats)
         log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "

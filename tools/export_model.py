@@ -14,10 +14,10 @@ import torch
 from common.errors import EngineError, ExportError
 from common.files import atomic_write, made_for
 from engine import checkpoint
+from engine.failures import out_of_memory_as
 from loaders import beton
 from tools.export_formats import SUFFIX, metadata, require
 from tools.export_writers import RUNNERS, WRITERS
-from tools.options import out_of_memory_as
 from tools.report_inputs import evaluation_input, locate_test_data
 
 CHECK_IMAGES = 256  # test images the export is checked on

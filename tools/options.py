@@ -5,12 +5,10 @@ rebuilds a test split."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.errors import EngineError, SetupError
+from common.errors import SetupError
 from loaders.options import data_dir_option
 
 if TYPE_CHECKING:  # torch is imported when a device is picked, after parsing
@@ -46,21 +44,3 @@ def pick_device(name: str | None) -> torch.device:
         raise SetupError("--device cuda: no CUDA GPU is available here; use --device cpu.")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-
-@contextmanager
-def out_of_memory_as(refusal: EngineError) -> Iterator[None]:
-    """Run the block, raising `refusal` (one line naming what to lower) where an allocation in
-    it failed: torch's OutOfMemoryError, the CPU allocator's or a CUDA library's RuntimeError
-    (engine.failures.out_of_memory), numpy's MemoryError. None of those is an EngineError, so
-    the command printed a traceback. An EngineError passes as it is: one raised while handling
-    a failed allocation says more than this."""
-    try:
-        yield
-    except EngineError:
-        raise
-    except Exception as error:
-        from engine.failures import out_of_memory  # torch: loaded by now, after parsing
-
-        if not (isinstance(error, MemoryError) or out_of_memory(error)):
-            raise
-        raise refusal from None

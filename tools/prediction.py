@@ -19,9 +19,9 @@ from common.errors import DataError, ReportError
 from common.files import output_dir, temporary_name
 from common.progress import progress_bar
 from engine import checkpoint
+from engine.failures import out_of_memory_as
 from loaders.augment import Augment
 from loaders.images import expand, read_image
-from tools.options import out_of_memory_as
 from tools.report_figures import cams, overlay
 from tools.report_folder import sweep_stale, write_failed
 from tools.report_inputs import evaluation_input, layer_of

@@ -14,7 +14,7 @@ import torch
 
 from common.errors import ReportError
 from common.files import made_for, temporary_name, temporary_writer, write_csv
-from tools.options import out_of_memory_as
+from engine.failures import out_of_memory_as
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import explain, plot_confusion, plot_curves, plot_misclassified, write_pdf
 from tools.report_inputs import (

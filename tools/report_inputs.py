@@ -86,7 +86,7 @@ def layer_of(model: nn.Module, name: str, option: str = "--layers") -> nn.Module
     naming `option` (the command's) and the valid layers."""
     modules = dict(model.named_modules())
     known = bool(name) and name in modules  # "" names the whole model
-    if known and any(isinstance(m, nn.Conv2d) for m in modules[name].modules()):
+    if known and has_map(modules[name]):
         return modules[name]
     # only layers holding a convolution: fc and pool have no spatial map, and a BatchNorm's or
     # a ReLU's map is the convolution's before it, rescaled or clipped
@@ -96,10 +96,14 @@ def layer_of(model: nn.Module, name: str, option: str = "--layers") -> nn.Module
                       f"{', '.join(modules_with_maps(model))} (or a block such as layer3.1).")
 
 
+def has_map(module: nn.Module) -> bool:
+    """Whether `module` holds a convolution: its output is then a spatial feature map."""
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
 def modules_with_maps(model: nn.Module) -> list[str]:
     """Top-level layers whose output is a spatial feature map, the ones CAMs can explain."""
-    return [name for name, m in model.named_children()
-            if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+    return [name for name, m in model.named_children() if has_map(m)]
 
 
 def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int = CHUNK) -> np.ndarray:

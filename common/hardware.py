@@ -25,9 +25,17 @@ def default_workers(processes: int = 1) -> int:
     processes of the run (LOCAL_WORLD_SIZE, as torchrun and accelerate launch set it; else all
     `processes`, on one machine). On 2 machines of 8 GPUs each, dividing by all 16 processes
     left half of each machine's cores idle."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    here = int(local) if local.isascii() and local.isdigit() and int(local) > 0 else processes
+    here = process_count(os.environ.get("LOCAL_WORLD_SIZE", "")) or processes
     return max(1, available_cores() // min(here, processes))
+
+
+def process_count(value: str) -> int | None:
+    """`value` (a launcher's WORLD_SIZE or LOCAL_WORLD_SIZE) as a number of processes; None
+    when it is none: not a number, below 1, or digits int() reads no value from ('²')."""
+    with contextlib.suppress(ValueError):
+        if int(value) >= 1:
+            return int(value)
+    return None
 
 
 def launched_processes() -> int:
@@ -35,9 +43,8 @@ def launched_processes() -> int:
     1 for a plain `python` run. A WORLD_SIZE that is no count of processes (left over in a
     shell, say) is refused by name."""
     value = os.environ.get("WORLD_SIZE", "1")
-    with contextlib.suppress(ValueError):  # not a number, or digits int() reads not ('²')
-        if int(value) >= 1:
-            return int(value)
+    if count := process_count(value):
+        return count
     raise SetupError(f"WORLD_SIZE={value!r} is not a number of processes: torchrun and "
                      "accelerate launch set it; unset it (`unset WORLD_SIZE`) for a "
                      "one-process run.")

@@ -64,8 +64,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     """
     check_data_dir(data_dir, writing=False)
     source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size, seed)
-    tag = name if name in LAYOUTS else source.name
-    paths = {split: Path(data_dir) / f"{tag}-{split}.beton" for split in ("train", "test")}
+    paths = beton_paths(name, Path(data_dir), source.name)
     why = ""  # why .beton files that are there cannot be used
     if all(beton.sidecar(p).is_file() for p in paths.values()):
         # read from the python folder when it is there; CIFAR's archive or an image folder's
@@ -80,7 +79,15 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     check_data_dir(data_dir, why=why)  # something must be written there
     with preparing(Path(data_dir)):  # the second writer then finds the first's files ready
         sweep_stale(Path(data_dir), source.name)
-        return _convert(name, Path(data_dir), synthetic_size, seed, workers, paths)
+        return _convert(name, Path(data_dir), synthetic_size, seed, workers)
+
+
+def beton_paths(name: str, data_dir: Path, source: str) -> dict[str, Path]:
+    """Where dataset `name`, read from the python folder `source`, is converted to: named
+    after the dataset (CIFAR), or after the folder (one per synthetic size, one per state of
+    an image folder)."""
+    tag = name if name in LAYOUTS else source
+    return {split: data_dir / f"{tag}-{split}.beton" for split in ("train", "test")}
 
 
 def sweep_stale(data_dir: Path, source: str) -> None:
@@ -149,9 +156,12 @@ def _without_source(name: str, source: Path, paths: dict[str, Path]) -> tuple[Pr
 
 
 def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
-             workers: int | None, paths: dict[str, Path]) -> Prepared:
-    """prepare's work: load dataset `name`, write (or reuse) its .beton files at paths."""
+             workers: int | None) -> Prepared:
+    """prepare's work: load dataset `name`, write its .beton files (or reuse them, up to date)."""
     data = cifar.load(name, data_dir, synthetic_size, seed)
+    # named by what was read: pictures changed since prepare named them (while it waited for
+    # the lock, say) would otherwise be written under the earlier state's name, then swept
+    paths = beton_paths(name, data_dir, data.source.name)
     # writer processes beyond the cores only cost memory, and a page of disk space each
     workers = min(workers, default_workers()) if workers else default_workers()
     train = beton.write(paths["train"], data.train, data.classes, workers=workers)

@@ -16,7 +16,7 @@ from conftest import ROOT, run_script, tmpfs
 from PIL import Image
 
 from common.errors import DataError
-from loaders import beton, cifar, folders, make_loader
+from loaders import beton, cifar, folders, make_loader, preparation
 from loaders.preparation import prepare
 
 CLASSES = ["cat", "dog", "frog"]
@@ -77,6 +77,25 @@ def test_the_conversion_is_cached_until_a_file_changes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("folder-")) == sorted(
         [second.source.name, "folder-notes", *(p.name for p in (second.train, second.test)),
          *(beton.sidecar(p).name for p in (second.train, second.test))])
+
+
+def test_pictures_changed_while_waiting_for_the_lock_are_converted_under_their_name(
+        tmp_path, monkeypatch):
+    """prepare names the conversion, then waits for the lock (another process converting): a
+    picture added meanwhile was converted under the earlier state's name, and those files
+    swept at once as an older state's, so the paths it returned did not exist."""
+    write_tree(tmp_path)
+    lock = preparation.preparing
+
+    def add_a_picture_meanwhile(data_dir: Path):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "train/dog/new.png")
+        return lock(data_dir)
+
+    monkeypatch.setattr(preparation, "preparing", add_a_picture_meanwhile)
+    prepared = prepare("folder", tmp_path, workers=1)
+    assert len(beton.read(prepared.train).labels) == 19
+    monkeypatch.undo()
+    assert prepare("folder", tmp_path, workers=1) == prepared  # this state's, reused
 
 
 def test_betons_of_the_pictures_need_no_python_folder(tmp_path):

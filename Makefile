@@ -1,7 +1,10 @@
 # One-command setup, training, tests and benchmarks on a fresh Debian/Ubuntu machine.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-APT     := libopencv-dev libturbojpeg0-dev pkg-config
+APT     := libopencv-dev libturbojpeg0-dev pkg-config python3-venv python3-dev build-essential
+# what building FFCV (no wheel: a C++ extension) and the venv need, present when all succeed
+NEEDS   := pkg-config --exists libturbojpeg opencv4 && command -v c++ && python3 -c \
+           "import ensurepip, os, sysconfig; assert os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))"
 PROJECT := '.[dev,bench,export]'
 ARGS    ?=
 # test workers (pytest-xdist, a module per worker: tests/conftest.py); past 4 the slowest
@@ -12,9 +15,10 @@ JOBS    ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 ))
 
 setup: $(STAMP)
 
-# FFCV compiles against opencv and turbojpeg: install them when pkg-config cannot find them.
+# FFCV compiles against opencv and turbojpeg, with a C++ compiler and Python's headers, and
+# python3 -m venv needs ensurepip (Debian's python3-venv): Debian's packages when one is missing.
 $(STAMP): pyproject.toml
-	@if ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then \
+	@if ! { $(NEEDS); } >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT); \
 	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv .venv

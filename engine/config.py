@@ -177,9 +177,9 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
-                   help="torch.compile mode, implies --compile (default: reduce-overhead, "
-                        "which replays CUDA graphs, in a one-process CUDA run; default "
-                        "elsewhere); max-autotune also tunes kernels")
+                   help="torch.compile mode; any but default implies --compile (default: "
+                        "reduce-overhead, which replays CUDA graphs, in a one-process CUDA "
+                        "run; default elsewhere); max-autotune also tunes kernels")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels_last memory format")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction,

@@ -27,10 +27,12 @@ def _unlistable(error: OSError) -> None:
 
 
 def images_under(folder: Path) -> list[Path]:
-    """Every file in `folder` and its sub-folders, as torchvision's ImageFolder takes them
-    (linked folders followed, each once), sorted; hidden files and folders (.DS_Store, ...)
-    left out. DataError for a link whose file is gone and for a folder that cannot be listed
-    (os.walk skips it without a word): their images would be lost."""
+    """Every file in `folder` and its sub-folders (linked folders followed, as torchvision's
+    ImageFolder follows them, each once), sorted; hidden files and folders (.DS_Store, ...)
+    left out. Every file, where ImageFolder keeps image extensions only: a stray file is then
+    named as unreadable, not skipped unseen (ours). DataError for a link whose file is gone and
+    for a folder that cannot be listed (os.walk skips it without a word): their images would
+    be lost."""
     files, seen = [], set()
     for top, dirs, names in os.walk(folder, onerror=_unlistable, followlinks=True):
         real = os.path.realpath(top)

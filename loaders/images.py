@@ -2,9 +2,9 @@
 mode -> uint8 32 x 32 x 3 RGB.
 
 CIFAR-10's images are whole photos shrunk to 32 x 32 (the 80 Million Tiny Images were resized
-without cropping), so a picture is resized whole, ignoring its aspect ratio, with an
-antialiasing filter: LANCZOS when shrinking (a bilinear or nearest shrink would alias fine
-detail into patterns CIFAR never shows), BICUBIC when enlarging. A 32 x 32 picture is used as
+without cropping), so a picture is resized whole, ignoring its aspect ratio: LANCZOS when
+shrinking (antialiased, as PIL's bilinear is too, and sharper; a nearest shrink would alias
+fine detail into patterns CIFAR never shows), BICUBIC when enlarging. A 32 x 32 picture is used as
 is, so saving a CIFAR image and predicting it gives the model exactly that image.
 """
 

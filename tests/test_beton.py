@@ -276,14 +276,15 @@ def _vouch_for(path: Path, like: Path) -> None:
     write_json(beton.sidecar(path), asdict(info))
 
 
-def _write_other_images(path: Path, mode: str, size: int) -> None:
+def _write_other_images(path: Path, mode: str, size: int, width: int | None = None) -> None:
     """A .beton written by stock FFCV, as beton.write does, but of other images: `mode`
-    ("raw" or "jpg") images of size x size pixels."""
+    ("raw" or "jpg") images of size x size pixels (size x width when width is given)."""
     with importing_ffcv():
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
     rng = np.random.default_rng(0)
-    split = cifar.Split(rng.integers(0, 256, (20, size, size, 3), dtype=np.uint8),
+    shape = (20, size, size if width is None else width, 3)
+    split = cifar.Split(rng.integers(0, 256, shape, dtype=np.uint8),
                         np.arange(20) % 10)
     writer = guarded_writer(DatasetWriter)
     writer(str(path), {"image": RGBImageField(write_mode=mode), "label": IntField()},
@@ -299,6 +300,11 @@ STRUCTURE = {  # case: (damage, words of read()'s refusal)
     "foreign file": (lambda p: p.write_bytes(b'{"not": "a beton"}' * 100),
                      "is not a readable .beton (file format mismatch"),
     "16x16 raw images": (lambda p: _write_other_images(p, "raw", 16),
+                         "does not hold raw 32x32 images"),
+    # one side right: each side is checked, not only the height
+    "32x16 raw images": (lambda p: _write_other_images(p, "raw", 32, 16),
+                         "does not hold raw 32x32 images"),
+    "16x32 raw images": (lambda p: _write_other_images(p, "raw", 16, 32),
                          "does not hold raw 32x32 images"),
     "jpeg images": (lambda p: _write_other_images(p, "jpg", 32),
                     "does not hold raw 32x32 images"),

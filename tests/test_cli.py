@@ -332,3 +332,32 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(parse, args, op
         getattr(importlib.import_module(module), name)(args)
     assert stop.value.code == 2
     assert f"argument {option}: an empty value would " in capsys.readouterr().err
+
+
+def test_options_given_with_a_preset_override_its_values():
+    """--preset gives the starting values; an option typed beside it wins, and the preset's
+    other values stay."""
+    from engine.config import PRESETS, parse
+
+    seed = PRESETS["seed"]
+    cfg = parse(["--preset", "seed", "--lr", "0.05", "--epochs", "3", "--tta"]).cfg
+    assert (cfg.preset, cfg.lr, cfg.epochs, cfg.tta) == ("seed", 0.05, 3, True)
+    assert (cfg.lr, cfg.epochs, cfg.tta) != (seed["lr"], seed["epochs"], seed["tta"])
+    assert (cfg.optimizer, cfg.schedule, cfg.batch_size, cfg.pad_mode) == (
+        seed["optimizer"], seed["schedule"], seed["batch_size"], seed["pad_mode"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
+    (["--warmup", "1"], "--warmup must be in [0, 1)"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
+])
+def test_optimizer_values_outside_their_ranges_are_refused(option, message, capsys):
+    """Momentum 1 never forgets a gradient (SGD takes it and runs away); a whole-run warm-up
+    leaves no step to decay in: refused as usage errors, before any work."""
+    from engine.config import parse
+
+    with pytest.raises(SystemExit) as stop:
+        parse(option)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -98,6 +98,43 @@ def test_pictures_changed_while_waiting_for_the_lock_are_converted_under_their_n
     assert prepare("folder", tmp_path, workers=1) == prepared  # this state's, reused
 
 
+def test_an_image_moved_to_another_class_is_converted_again_with_that_label(tmp_path):
+    """mv keeps a file's name, size and time, so its class folder is part of what the cached
+    conversion is known by: here the moved cat is the last cat and the first dog, every file
+    is listed in the same order as before, and only its label changed."""
+    made = write_tree(tmp_path)
+    dog = tmp_path / "train" / "dog"
+    for path in dog.iterdir():  # dog's own pictures sort after the one moved in
+        path.rename(dog / f"dog-{path.name}")
+    first = prepare("folder", tmp_path, workers=1)
+    os.rename(tmp_path / "train" / "cat" / "005.png", dog / "005.png")
+    second = prepare("folder", tmp_path, workers=1)
+    assert second.source != first.source
+    read = beton.read(second.train)
+    np.testing.assert_array_equal(np.bincount(read.labels), [5, 7, 6])
+    moved = made["train"][0][5]  # cat 005, the sixth image of the tree as made
+    (where,) = np.flatnonzero((read.images == moved).all(axis=(1, 2, 3)))
+    assert CLASSES[read.labels[where]] == "dog"
+
+
+def test_an_image_replaced_by_one_of_the_same_size_is_converted_again(tmp_path):
+    """An uncompressed picture (BMP) replaced by another keeps its byte size: its modification
+    time tells that the conversion is stale."""
+    write_tree(tmp_path)
+    path = tmp_path / "train" / "cat" / "replaced.bmp"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    first = prepare("folder", tmp_path, workers=1)
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(path)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a second later, whatever the clock
+    assert path.stat().st_size == size
+    second = prepare("folder", tmp_path, workers=1)
+    assert second.source != first.source
+    images = beton.read(second.train).images
+    assert (images == 255).all(axis=(1, 2, 3)).sum() == 1
+    assert not (images == 0).all(axis=(1, 2, 3)).any()
+
+
 def test_betons_of_the_pictures_need_no_python_folder(tmp_path):
     """Its python folder gone (deleted to save space), the .beton files named after these very
     pictures are used as they are: it was written again, without the lock or a check that
@@ -121,6 +158,7 @@ def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
         Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(nested / f"{i}.png")
     (tmp_path / "train" / "cat" / ".thumbs").mkdir()
     (tmp_path / "train" / "cat" / ".thumbs" / "x.png").write_text("not an image")
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # macOS's
     os.mkfifo(tmp_path / "train" / "dog" / "pipe.png")
     elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
     shutil.copytree(nested, elsewhere)

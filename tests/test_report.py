@@ -637,6 +637,24 @@ def test_summary_lists_the_five_lowest_recalls_hardest_first():
     assert "| f | 10 | 50.00% | 10.00% | 50.00% |" in table
 
 
+def _road_row(method: str, layer: str, road: float) -> dict:
+    return dict(method=method, layer=layer, road=road, road_std=0.1, images=8)
+
+
+def test_the_verdict_names_the_best_explanation_and_whether_it_beats_random_maps():
+    """The summary's one line on faithfulness: the best map that is no random one, and
+    "NOT above" when random maps score higher, as on a model that learned little."""
+    above = [_road_row("gradcam", "layer3", 0.25), _road_row("gradcam", "layer2", 0.1),
+             _road_row("random", "-", 0.05)]
+    assert report_faithfulness.verdict(above).startswith(
+        "gradcam of layer3: ROAD +0.250, above random maps (+0.050)")
+    below = [_road_row("random", "-", 0.1), _road_row("gradcam", "layer2", 0.02),
+             _road_row("gradcam", "layer3", -0.03)]
+    assert report_faithfulness.verdict(below).startswith(
+        "gradcam of layer2: ROAD +0.020, NOT above random maps (+0.100)")
+    assert report_faithfulness.verdict([]) == "no images to score"
+
+
 def test_a_class_name_with_a_bar_or_a_line_break_keeps_its_table_row():
     """An image folder's class may be named 'cat|dog', and a pickled CIFAR meta may hold a
     line break: the summary's tables keep one cell per column and one line per row."""

@@ -1,0 +1,52 @@
+"""engine.evaluate against a count by hand over the whole test split at once: sums, not means,
+so batches of any size (the last one short) count each image once; flip TTA averages the
+mirror's scores; the model's mode is left as it was. Seconds, where the training runs that
+also check it take tens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.evaluate import evaluate, predict
+from engine.model import build_model
+from loaders import make_loader
+
+BATCH = 7  # divides neither the 201 test images nor any power of two
+
+
+@pytest.fixture(scope="module")
+def batches(prepared) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader = make_loader("resident", prepared.test, train=False, batch_size=BATCH, device="cpu",
+                         mean=prepared.mean, std=prepared.std, workers=1)
+    return list(loader)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_evaluate_sums_each_image_once_whatever_the_batches(batches, tta):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=4)
+    images, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    model.eval()
+    with torch.no_grad():
+        plain = model(images)
+        logits = (plain + model(images.flip(3))) / 2 if tta else plain
+    model.train()
+    loss, correct, count = evaluate(model, batches, tta=tta).tolist()
+    assert len(batches[-1][1]) < BATCH and count == len(labels) == 201
+    assert loss == pytest.approx(F.cross_entropy(logits, labels, reduction="sum").item(),
+                                 rel=1e-5)
+    assert correct == (logits.argmax(1) == labels).sum().item()
+    assert model.training  # the caller's training mode, given back
+    if tta:  # a model that is no mirror image of itself: TTA changed what was scored
+        assert not torch.allclose(logits, plain)
+        probs, order = predict(model, batches, tta=True)
+        torch.testing.assert_close(probs, logits.softmax(1))
+        assert torch.equal(order, labels)
+
+
+def test_an_empty_shard_still_reports_zeros():
+    """A process dealt no test images takes part in the sum across processes all the same."""
+    model = build_model("resnet18", 10, width=4)
+    assert evaluate(model, []).tolist() == [0.0, 0.0, 0.0]

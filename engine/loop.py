@@ -24,7 +24,7 @@ from engine.config import TrainConfig, default_compile_mode, resolve, resume_con
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
-from engine.run import Run, build, make_accelerator, train_step
+from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
 
 Log = Callable[[str], None]
 
@@ -280,9 +280,14 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
                 f"{accelerator.num_processes}: its steps now take {accelerator.num_processes} "
                 f"x {run.train_loader.batch_size} images, and the schedule goes on from epoch "
                 f"{len(history)}.")
-        say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}: "
-            f"{cfg.loader} loader, {cfg.precision}, {compile_text(cfg.compile, cfg.compile_mode)}, "
+        n = torch.get_num_threads()
+        threads = f", {n} thread{'s' * (n != 1)} each" if accelerator.device.type == "cpu" else ""
+        say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}"
+            f"{threads}: {cfg.loader} loader, {cfg.precision}, "
+            f"{compile_text(cfg.compile, cfg.compile_mode)}, "
             f"{len(run.train_loader)} steps/epoch; writing {out}/")
+        if notice := launcher_options_ignored():
+            say(notice)
         if cfg.log_with:
             start_trackers(run)
         done, setup_s = len(history), time.perf_counter() - start

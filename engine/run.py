@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.errors import TrainingError
+from common.hardware import default_workers, launched_processes
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
 from engine.optimizers import build_optimizer, build_schedule
@@ -24,6 +25,8 @@ from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare
 
 DTYPES = dict(zip(PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
+# set in each process by torchrun (TORCHELASTIC_RUN_ID) and by accelerate launch
+LAUNCHED = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
 
 
 @dataclass
@@ -69,12 +72,40 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     if cfg.precision == "fp16" and not cuda:
         raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU.")
+    if not cuda:
+        share_cores()
     try:
-        # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun)
+        # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun);
+        # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
+        # model behind a run whose header and config.json said eager
         return Accelerator(cpu=not cuda, log_with=cfg.log_with, project_dir=cfg.out,
-                           mixed_precision="no")
+                           mixed_precision="no", dynamo_backend="no")
     except ValueError as error:  # accelerate's word for an unknown tracker
         raise TrainingError(str(error)) from None
+
+
+def share_cores() -> None:
+    """torch's CPU threads in a launched process: the cores shared by this machine's processes,
+    as loader workers share them (default_workers), where OMP_NUM_THREADS is 1 under a
+    launcher. torchrun sets 1 for several processes and accelerate launch unless --cpu, which
+    left a one-process CPU run on one core, half plain python's speed on 2; a 1 set by hand
+    there reads the same, and any other value is kept."""
+    if os.environ.get("OMP_NUM_THREADS") == "1" and any(k in os.environ for k in LAUNCHED):
+        torch.set_num_threads(default_workers(launched_processes()))
+
+
+def launcher_options_ignored() -> str | None:
+    """A notice when `accelerate launch` was given a mixed precision or a dynamo backend (or
+    `accelerate config` saved one): the run does not use them, its own options choose."""
+    given = {option: os.environ.get(variable, "no") for option, variable in (
+        ("--mixed_precision", "ACCELERATE_MIXED_PRECISION"),
+        ("--dynamo_backend", "ACCELERATE_DYNAMO_BACKEND"))}
+    given = {option: value for option, value in given.items() if value.lower() != "no"}
+    if not given:
+        return None
+    return ("notice: accelerate launch's " + " and ".join(f"{o} {v}" for o, v in given.items())
+            + " are not used: this engine's --precision and --compile (--compile-mode) choose, "
+            "as the line above says.")
 
 
 def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank: int = 0,

@@ -158,7 +158,8 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
          str(data_dir), "--epochs", "1", "--loader", "resident", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert " x2: resident loader" in result.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared by the two
+    assert f" x2, {threads} thread{'s' * (threads != 1)} each: resident loader" in result.stdout
     ckpt = checkpoint.load(out / "ckpt.pt")
     assert ckpt["processes"] == 2
     row = ckpt["history"][0]
@@ -166,6 +167,29 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     assert row["test_images"] == n_test  # evaluated once each, across both shards
     assert result.stdout.count("best test accuracy") == 1  # only the main process prints
     assert_reported_accuracy_matches(ckpt)
+
+
+def test_accelerate_launch_neither_compiles_nor_narrows_a_cpu_run_behind_its_back(data_dir,
+                                                                                   tmp_path):
+    """`accelerate launch` sets OMP_NUM_THREADS=1 (without --cpu), which left a one-process
+    CPU run on one core; its --dynamo_backend compiled the model of a run whose header and
+    config.json said eager, and its --mixed_precision went unused without a word."""
+    out, cache = tmp_path / "run", tmp_path / "inductor"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+         "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "inductor",
+         *TRAIN[1:], *SMALL, "--synthetic-size", "300", "100", "--data-dir", str(data_dir),
+         "--epochs", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    assert f" x1, {cores} thread{'s' * (cores != 1)} each: ffcv loader, fp32, eager" \
+        in result.stdout
+    assert ("notice: accelerate launch's --mixed_precision bf16 and --dynamo_backend INDUCTOR "
+            "are not used") in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert (config["precision"], config["compile"]) == ("fp32", False)
+    assert not any(cache.rglob("*"))  # inductor writes its cache as soon as it compiles
 
 
 def test_ctrl_c_on_several_processes_says_once_what_was_kept(data_dir, tmp_path):

@@ -572,3 +572,17 @@ def test_the_summary_gives_the_profiles_device_busy_share():
         "6.33 ms of a 7.00 ms step (90%)"]
     cpu = profile | dict(device_busy_ms=None, step_ms=None, device_busy_share=None)
     assert gpu_summary.bench_lines({"profile": cpu}) == []
+
+
+def test_a_dry_runs_results_stay_out_of_the_repository(monkeypatch):
+    """A dry run's CPU figures went to benchmarks/results/gpu-<date>/, beside a GPU's real
+    results, where `git add` takes them; a real run's default stays that folder."""
+    monkeypatch.delenv("OUT", raising=False)
+    dry, _ = gpu_suite.outputs(gpu_suite.parse_args(["train", "--dry-run"]))
+    try:
+        assert dry.is_dir() and not dry.is_relative_to(ROOT) and not any(dry.iterdir())
+    finally:
+        shutil.rmtree(dry)
+    real, bundle = gpu_suite.outputs(gpu_suite.parse_args(["train"]))
+    assert real.parent == ROOT / "benchmarks" / "results" and real.name.startswith("gpu-")
+    assert bundle is None

@@ -184,7 +184,8 @@ def run_steps(s: Suite) -> list[str]:
 def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     """The results folder and the bundle. With $OUT set (a machine that hands back a few files
     of one folder) and no --results, the folder is a new temporary one and the bundle
-    $OUT/gpu-suite.tar.gz; otherwise the folder is --results, else
+    $OUT/gpu-suite.tar.gz; otherwise the folder is --results, else a temporary one for a dry
+    run (its CPU figures must not land beside a GPU's, where `git add` would take them), else
     benchmarks/results/gpu-<date>/."""
     out = os.environ.get("OUT")
     bundle = args.bundle or (Path(out) / "gpu-suite.tar.gz" if out else None)
@@ -196,7 +197,7 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
                              + f": {problem}; name a .tar.gz file in a writable folder.")
     if args.results is not None:
         return args.results.absolute(), bundle
-    if out:  # a fresh folder: a second call on the same machine bundles nothing stale
+    if out or args.dry_run:  # fresh: a second call on one machine bundles nothing stale
         return Path(tempfile.mkdtemp(prefix="gpu-suite-results-")), bundle
     return ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today().isoformat()}", bundle
 
@@ -213,8 +214,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="end the whole run within this many seconds (wheel install included): "
                         "a command still running then is killed, later steps are not run")
     p.add_argument("--results", type=path_option("write the results into the current folder"),
-                   help="default: a temporary folder when $OUT is set, else "
-                        "benchmarks/results/gpu-<date>/")
+                   help="default: a temporary folder when $OUT is set or with --dry-run, "
+                        "else benchmarks/results/gpu-<date>/")
     p.add_argument("--bundle", type=Path, metavar="FILE.tar.gz",
                    help="pack the results folder into this file after every command, with "
                         "FILE.summary.md beside it (default: $OUT/gpu-suite.tar.gz when $OUT "

@@ -256,8 +256,8 @@ def _busy_run(folder: Path) -> Callable[[int], None]:
     """locked_dir's answer to a held lock: refuse, naming the run that holds it."""
     def refuse(fd: int) -> None:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        raise OutputError(f"--out {folder} is in use by another run (process {holder}); "
-                          "wait for it to finish or choose another folder.")
+        raise OutputError(f"{folder} is in use by another run (process {holder}); wait for it "
+                          "to finish, or use another --out.")
     return refuse
 
 

@@ -238,8 +238,9 @@ def test_sections_choose_what_runs(tmp_path):
     (["--batch-size", "1e3"], "--batch-size: invalid int value: '1e3'"),
     (["--images", "1000000000"], "--images 1000000000 needs about 6144.0 GB of memory"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
-    (["--compile-modes", "fast"], "unknown value(s) fast"),
-    (["--precisions", "fp32,fp8"], "unknown value(s) fp8"),
+    (["--compile-modes", "fast"], "--compile-modes: unknown value(s) fast; choose from default,"),
+    (["--precisions", "fp32,fp8"], "--precisions: unknown value(s) fp8; choose from bf16, fp16,"),
+    (["--sections", "nope"], "--sections: unknown value(s) nope; choose from loaders, peers,"),
     (["--profile-loader", "dali"], "--profile-loader: invalid choice: 'dali'"),
     (["--epoch-images", "1"], "--epoch-images 1: the synthetic data needs at least 10 "
                               "training images, one per class"),

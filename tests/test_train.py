@@ -410,7 +410,9 @@ def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent)).Reload()
+    # where the README says: DIR/cifar10-engine/
+    events = EventAccumulator(str(next((out / "cifar10-engine").rglob(
+        "events.out.tfevents.*")).parent)).Reload()
     assert {"test_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
 
 

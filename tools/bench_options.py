@@ -139,13 +139,14 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
     --help."""
     p = build_parser(description)
     args = p.parse_args(argv)
-    problems = [s for s in args.sections if s not in SECTIONS]
-    problems += [x for x in args.precisions if x not in PRECISIONS]
-    problems += [x for x in args.formats if x not in ("channels_last", "contiguous")]
-    problems += [x for x in args.compile or [] if x not in ("off", "on")]
-    problems += [x for x in args.compile_modes or [] if x not in COMPILE_MODES]
-    if problems:
-        p.error(f"unknown value(s) {', '.join(problems)}")
+    for option, given, known in (("--sections", args.sections, SECTIONS),
+                                 ("--precisions", args.precisions, PRECISIONS),
+                                 ("--formats", args.formats, ("channels_last", "contiguous")),
+                                 ("--compile", args.compile or [], ("off", "on")),
+                                 ("--compile-modes", args.compile_modes or [], COMPILE_MODES)):
+        if unknown := [x for x in given if x not in known]:
+            p.error(f"{option}: unknown value(s) {', '.join(unknown)}; choose from "
+                    f"{', '.join(known)}")
     for name in ("sections", "precisions", "formats", "compile", "batch_sizes"):
         if getattr(args, name) == []:
             p.error(f"{option_name(name)} needs at least one value")

@@ -296,6 +296,9 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
     preset = given.get("preset", "fast")
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, **given})
     problems = validate(cfg)
+    if "synthetic_size" in given and cfg.dataset != "synthetic" and resume is None:
+        # as other options that would do nothing: it read as used, and config.json kept it
+        problems.append(f"--synthetic-size is for --dataset synthetic, not {cfg.dataset}")
     if problems:
         parser.error("; ".join(problems))
     return Options(cfg, resume, given)

@@ -348,14 +348,18 @@ def test_options_given_with_a_preset_override_its_values():
 
 
 @pytest.mark.parametrize("option, message", [
+    (["--synthetic-size", "100", "10"], "--synthetic-size is for --dataset synthetic, not cifar10"),
+    (["--dataset", "folder", "--synthetic-size", "100", "10"],
+     "--synthetic-size is for --dataset synthetic, not folder"),
     (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
     (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
     (["--warmup", "1"], "--warmup must be in [0, 1)"),
     (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
 ])
-def test_optimizer_values_outside_their_ranges_are_refused(option, message, capsys):
+def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     """Momentum 1 never forgets a gradient (SGD takes it and runs away); a whole-run warm-up
-    leaves no step to decay in: refused as usage errors, before any work."""
+    leaves no step to decay in; synthetic sizes would do nothing for another dataset: refused
+    as usage errors, before any work."""
     from engine.config import parse
 
     with pytest.raises(SystemExit) as stop:

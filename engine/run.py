@@ -88,7 +88,7 @@ def share_cores() -> None:
     """torch's CPU threads in a launched process: the cores shared by this machine's processes,
     as loader workers share them (default_workers), where OMP_NUM_THREADS is 1 under a
     launcher. torchrun sets 1 for several processes and accelerate launch unless --cpu, which
-    left a one-process CPU run on one core, half plain python's speed on 2; a 1 set by hand
+    left a one-process CPU run on one core where plain python takes them all; a 1 set by hand
     there reads the same, and any other value is kept."""
     if os.environ.get("OMP_NUM_THREADS") == "1" and any(k in os.environ for k in LAUNCHED):
         torch.set_num_threads(default_workers(launched_processes()))

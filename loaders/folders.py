@@ -98,13 +98,14 @@ def fingerprint(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:
     return h.hexdigest()
 
 
-def read_split(classes: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N x 32 x 32 x 3) and labels (index in the sorted class names) of one split.
+def read_splits(files: dict[str, dict[str, list[Path]]]) -> dict[str, tuple[np.ndarray,
+                                                                         np.ndarray]]:
+    """{split: (images N x 32 x 32 x 3, labels: index in the sorted class names)}.
 
-    Every unreadable file is collected, so one error names them all rather than the first.
+    Every unreadable file of either split is collected, so one error names them all rather
+    than the first, or the training split's before the test split's.
     """
-    paths = [p for files in classes.values() for p in files]
-    labels = np.repeat(np.arange(len(classes)), [len(f) for f in classes.values()])
+    paths = [p for classes in files.values() for names in classes.values() for p in names]
 
     def attempt(path: Path) -> np.ndarray | DataError:
         try:
@@ -120,4 +121,10 @@ def read_split(classes: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(f"{len(bad)} file(s) could not be read as images: "
                         f"{'; '.join(bad[:3])}{more}. Delete or replace them.")
-    return np.stack(images), labels.astype(np.int64)
+    out, start = {}, 0
+    for split, classes in files.items():
+        sizes = [len(names) for names in classes.values()]
+        labels = np.repeat(np.arange(len(classes)), sizes).astype(np.int64)
+        out[split] = np.stack(images[start:start + sum(sizes)]), labels
+        start += sum(sizes)
+    return out

@@ -107,8 +107,8 @@ def write_image_folder(root: Path) -> Path:
     if folder.is_dir():
         return folder
     def make() -> Splits:
-        return tuple(dict(zip(("images", "labels"), folders.read_split(files[split]),
-                              strict=True))
+        read = folders.read_splits(files)
+        return tuple(dict(zip(("images", "labels"), read[split], strict=True))
                      for split in folders.SPLITS)
 
     return write_python_folder(folder, list(files["train"]), make)

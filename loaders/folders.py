@@ -51,36 +51,51 @@ def images_under(folder: Path) -> list[Path]:
 
 
 def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
-    """{split: {class: files}} of an ImageFolder tree; DataError for what is missing or empty.
+    """{split: {class: files}} of an ImageFolder tree; DataError for what is missing or empty:
+    a missing split at once (the layout is wrong), else each split's problem in one message,
+    so that the test split's does not wait for the training split's to be fixed.
 
     Every file under a class folder is one of its images (images_under).
     """
-    out = {}
     for split in SPLITS:
-        folder = root / split
-        if not folder.is_dir():
-            raise DataError(f"{folder} is missing: --dataset folder reads {root}/train/<class>/ "
-                            f"and {root}/test/<class>/ image files (the ImageFolder layout).")
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
-                         and not p.name.startswith("."))
-        broken = [repr(c) for c in classes if not one_line_text(c)]
-        if broken:  # each name is a line of the report's tables and of messages
-            raise DataError(f"{folder} has class folders whose names hold a line break "
-                            f"({', '.join(broken)}); rename them.")
-        if len(classes) < 2:  # a classifier of one class has nothing to tell apart
-            found = f"only the class folder {classes[0]}" if classes else "no class folders"
-            raise DataError(f"{folder} has {found}; a classifier needs at least 2 classes: put "
-                            f"each class's images in {folder}/<class name>/.")
-        out[split] = {c: images_under(folder / c) for c in classes}
-        empty = [str(folder / c) for c, files in out[split].items() if not files]
-        if empty:
-            raise DataError(f"{', '.join(empty)}: no images in this class folder; add some or "
-                            "remove the folder.")
+        if not (root / split).is_dir():
+            raise DataError(f"{root / split} is missing: --dataset folder reads "
+                            f"{root}/train/<class>/ and {root}/test/<class>/ image files (the "
+                            "ImageFolder layout).")
+    out, problems = {}, []
+    for split in SPLITS:
+        try:
+            out[split] = _split_classes(root, split)
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        raise DataError(" ".join(problems))
     if list(out["test"]) != list(out["train"]):
         raise DataError(f"{root}/train and {root}/test hold different classes "
                         f"({', '.join(out['train'])} against {', '.join(out['test'])}); "
                         "both need the same class folders.")
     return out
+
+
+def _split_classes(root: Path, split: str) -> dict[str, list[Path]]:
+    """{class: files} of one split of an ImageFolder tree; DataError for its first problem."""
+    folder = root / split
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
+                     and not p.name.startswith("."))
+    broken = [repr(c) for c in classes if not one_line_text(c)]
+    if broken:  # each name is a line of the report's tables and of messages
+        raise DataError(f"{folder} has class folders whose names hold a line break "
+                        f"({', '.join(broken)}); rename them.")
+    if len(classes) < 2:  # a classifier of one class has nothing to tell apart
+        found = f"only the class folder {classes[0]}" if classes else "no class folders"
+        raise DataError(f"{folder} has {found}; a classifier needs at least 2 classes: put "
+                        f"each class's images in {folder}/<class name>/.")
+    files = {c: images_under(folder / c) for c in classes}
+    empty = [str(folder / c) for c, names in files.items() if not names]
+    if empty:
+        raise DataError(f"{', '.join(empty)}: no images in this class folder; add some or "
+                        "remove the folder.")
+    return files
 
 
 def fingerprint(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:

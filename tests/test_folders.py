@@ -256,6 +256,19 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
     assert str(tmp_path) in str(error.value)
 
 
+def test_both_splits_problems_are_named_in_one_error(tmp_path):
+    """An empty class folder in each split: the test split's was named only once the training
+    split's was fixed, a round of fixes per split."""
+    write_tree(tmp_path)
+    for split, name in (("train", "cat"), ("test", "frog")):
+        for f in (tmp_path / split / name).iterdir():
+            f.unlink()
+    with pytest.raises(DataError) as error:
+        folders.class_files(tmp_path)
+    for split, name in (("train", "cat"), ("test", "frog")):
+        assert f"{tmp_path / split / name}: no images in this class folder" in str(error.value)
+
+
 def test_names_that_are_no_utf8_are_converted_and_read_as_latin1(tmp_path):
     """Folders and files named in an older encoding (bytes that are no UTF-8) are used; the
     class reads as Latin-1 text."""

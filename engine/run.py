@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.errors import TrainingError
-from common.hardware import default_workers, launched_processes
+from common.hardware import core_share, process_count
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
 from engine.optimizers import build_optimizer, build_schedule
@@ -72,26 +72,31 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     if cfg.precision == "fp16" and not cuda:
         raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU.")
-    if not cuda:
-        share_cores()
     try:
         # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun);
         # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
         # model behind a run whose header and config.json said eager
-        return Accelerator(cpu=not cuda, log_with=cfg.log_with, project_dir=cfg.out,
-                           mixed_precision="no", dynamo_backend="no")
+        accelerator = Accelerator(cpu=not cuda, log_with=cfg.log_with, project_dir=cfg.out,
+                                  mixed_precision="no", dynamo_backend="no")
     except ValueError as error:  # accelerate's word for an unknown tracker
         raise TrainingError(str(error)) from None
+    if not cuda:  # after Accelerator: under mpirun it is what sets WORLD_SIZE and LOCAL_...
+        share_cores()
+    return accelerator
 
 
 def share_cores() -> None:
-    """torch's CPU threads in a launched process: the cores shared by this machine's processes,
-    as loader workers share them (default_workers), where OMP_NUM_THREADS is 1 under a
-    launcher. torchrun sets 1 for several processes and accelerate launch unless --cpu, which
-    left a one-process CPU run on one core where plain python takes them all; a 1 set by hand
-    there reads the same, and any other value is kept."""
-    if os.environ.get("OMP_NUM_THREADS") == "1" and any(k in os.environ for k in LAUNCHED):
-        torch.set_num_threads(default_workers(launched_processes()))
+    """torch's CPU threads in a launched process: its share of the cores it may use
+    (core_share, as loader workers share them), or OMP_NUM_THREADS where that is fewer and
+    not 1. A launcher's OMP_NUM_THREADS is a guess: torchrun sets 1 for several processes,
+    accelerate launch 1 unless --cpu, and with --cpu the host's physical cores over the
+    processes, blind to a cpuset; a one-process CPU run took one core where plain python takes
+    them all. A 1 set by hand reads the same as a launcher's. Plain python: torch's own."""
+    if not any(k in os.environ for k in LAUNCHED):
+        return
+    asked = process_count(os.environ.get("OMP_NUM_THREADS", ""))
+    share = core_share()
+    torch.set_num_threads(share if asked in (None, 1) else min(asked, share))
 
 
 def launcher_options_ignored() -> str | None:

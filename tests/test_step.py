@@ -94,6 +94,35 @@ def test_a_launched_runs_processes_come_from_its_world_size(monkeypatch):
     assert launched_processes() == 8
 
 
+@pytest.mark.parametrize("env, threads", [
+    ({"OMP_NUM_THREADS": "1"}, 3),  # plain python: torch's own count, untouched
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}, 8),
+    ({"TORCHELASTIC_RUN_ID": "r", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+      "LOCAL_WORLD_SIZE": "2"}, 4),
+    ({"TORCHELASTIC_RUN_ID": "r", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "4",
+      "LOCAL_WORLD_SIZE": "2"}, 4),  # two machines: this one's cores, 2 ways
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "16"}, 8),  # --cpu's host guess
+    ({"TORCHELASTIC_RUN_ID": "r", "OMP_NUM_THREADS": "3"}, 3),  # fewer, by hand: kept
+], ids=["python", "accelerate", "torchrun x2", "two machines", "accelerate --cpu", "by hand"])
+def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, env, threads):
+    """A launcher's OMP_NUM_THREADS=1 left a one-process CPU run on one of 8 cores; accelerate
+    --cpu's count of the host's cores ignored the 8 this process may use."""
+    from engine.run import LAUNCHED, share_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for name in (*LAUNCHED, "OMP_NUM_THREADS", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        share_cores()
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_deterministic_turns_torchs_deterministic_algorithms_on_for_its_run(prepared, tmp_path,
                                                                             monkeypatch):
     """--deterministic reaches torch when the run is built (cuDNN's deterministic kernels on

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow  # every test here runs engine/train.py
 
 TRAIN = [sys.executable, str(ROOT / "engine" / "train.py")]
 SMALL = ["--dataset", "synthetic", "--width", "8", "--batch-size", "128", "--seed", "1"]
+# the launchers' own choice of threads, not one exported in the shell that runs the tests
+LAUNCHER_ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
 def train(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -156,7 +158,7 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          *TRAIN[1:], *SMALL, "--synthetic-size", str(n_train), str(n_test), "--data-dir",
          str(data_dir), "--epochs", "1", "--loader", "resident", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=LAUNCHER_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared by the two
     assert f" x2, {threads} thread{'s' * (threads != 1)} each: resident loader" in result.stdout
@@ -180,7 +182,7 @@ def test_accelerate_launch_neither_compiles_nor_narrows_a_cpu_run_behind_its_bac
          "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "inductor",
          *TRAIN[1:], *SMALL, "--synthetic-size", "300", "100", "--data-dir", str(data_dir),
          "--epochs", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+        timeout=600, env={**LAUNCHER_ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     cores = len(os.sched_getaffinity(0))
     assert f" x1, {cores} thread{'s' * (cores != 1)} each: ffcv loader, fp32, eager" \

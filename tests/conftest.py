@@ -35,6 +35,17 @@ from loaders.preparation import Prepared, prepare
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
 
 
+def launcher_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a test's torchrun or accelerate launch: the shell's, but its
+    temporary folder in the test's own (torch's elastic agent left a torchelastic_* folder in
+    /tmp during one CI run) and the launchers' own choice of threads, not one the shell
+    exported."""
+    tmp = tmp_path / "launcher-tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return {**env, "TMPDIR": str(tmp)}
+
+
 def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """`python <script> <args>`, from the repository root unless cwd= says otherwise, as a user
     runs it; text output."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, interrupt_after_first_epoch, run_script
+from conftest import ROOT, interrupt_after_first_epoch, launcher_env, run_script
 
 import engine.loop
 from common.errors import TrainingError
@@ -27,8 +27,6 @@ pytestmark = pytest.mark.slow  # every test here runs engine/train.py
 
 TRAIN = [sys.executable, str(ROOT / "engine" / "train.py")]
 SMALL = ["--dataset", "synthetic", "--width", "8", "--batch-size", "128", "--seed", "1"]
-# the launchers' own choice of threads, not one exported in the shell that runs the tests
-LAUNCHER_ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
 def train(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -158,7 +156,7 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          *TRAIN[1:], *SMALL, "--synthetic-size", str(n_train), str(n_test), "--data-dir",
          str(data_dir), "--epochs", "1", "--loader", "resident", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=LAUNCHER_ENV)
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=launcher_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared by the two
     assert f" x2, {threads} thread{'s' * (threads != 1)} each: resident loader" in result.stdout
@@ -182,7 +180,7 @@ def test_accelerate_launch_neither_compiles_nor_narrows_a_cpu_run_behind_its_bac
          "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "inductor",
          *TRAIN[1:], *SMALL, "--synthetic-size", "300", "100", "--data-dir", str(data_dir),
          "--epochs", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env={**LAUNCHER_ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+        timeout=600, env={**launcher_env(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     cores = len(os.sched_getaffinity(0))
     assert f" x1, {cores} thread{'s' * (cores != 1)} each: ffcv loader, fp32, eager" \
@@ -204,7 +202,7 @@ def test_ctrl_c_on_several_processes_says_once_what_was_kept(data_dir, tmp_path)
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
          *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
          "20", "--loader", "resident", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stderr=subprocess.PIPE, text=True, start_new_session=True, env=launcher_env(tmp_path))
     try:
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists():
@@ -228,7 +226,8 @@ def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
          *SMALL, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out",
-         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=launcher_env(tmp_path))
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
     assert "batches.meta is missing" in errors[0]

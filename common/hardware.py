@@ -29,14 +29,9 @@ def default_workers(processes: int = 1) -> int:
     return max(1, available_cores() // min(here, processes))
 
 
-def core_share() -> int:
-    """The cores of one process of this run, as default_workers shares them among the
-    processes a launcher started (WORLD_SIZE; 1 for plain python)."""
-    return default_workers(launched_processes())
-
 
 def process_count(value: str) -> int | None:
-    """`value` (a launcher's WORLD_SIZE or LOCAL_WORLD_SIZE) as a number of processes; None
+    """`value` (a launcher's WORLD_SIZE, LOCAL_WORLD_SIZE or OMP_NUM_THREADS) as a count; None
     when it is none: not a number, below 1, or digits int() reads no value from ('²')."""
     with contextlib.suppress(ValueError):
         if int(value) >= 1:

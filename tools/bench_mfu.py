@@ -105,4 +105,3 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
     out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)
     out.not_peaks = outpaced_peaks(out.rows)
     return out
-

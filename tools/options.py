@@ -43,4 +43,3 @@ def pick_device(name: str | None) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SetupError("--device cuda: no CUDA GPU is available here; use --device cpu.")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-

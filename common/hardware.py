@@ -20,14 +20,34 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def default_workers(processes: int = 1) -> int:
-    """Loader workers per process when none are asked for: the cores, shared by this machine's
-    processes of the run (LOCAL_WORLD_SIZE, as torchrun and accelerate launch set it; else all
-    `processes`, on one machine). On 2 machines of 8 GPUs each, dividing by all 16 processes
-    left half of each machine's cores idle."""
-    here = process_count(os.environ.get("LOCAL_WORLD_SIZE", "")) or processes
-    return max(1, available_cores() // min(here, processes))
+# each logical CPU's hyper-thread siblings: one string per physical core
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 
+
+def physical_cores() -> int:
+    """Physical cores among those this process may use: a core's hyper-threads count once, as
+    in torch's own default thread count (c10's defaultNumThreads: cpuinfo's cores). The
+    logical count where the topology cannot be read."""
+    cpus = os.sched_getaffinity(0)
+    try:
+        return len({(CPU_TOPOLOGY / f"cpu{cpu}/topology/thread_siblings_list").read_text()
+                    for cpu in cpus})
+    except OSError:
+        return len(cpus)
+
+
+def local_share(count: int, processes: int) -> int:
+    """`count` (cores) shared by this machine's processes of the run: LOCAL_WORLD_SIZE, as
+    torchrun and accelerate launch set it; else all `processes`, on one machine. On 2
+    machines of 8 GPUs each, dividing by all 16 processes left half of each one's cores idle."""
+    here = process_count(os.environ.get("LOCAL_WORLD_SIZE", "")) or processes
+    return max(1, count // min(here, processes))
+
+
+def default_workers(processes: int = 1) -> int:
+    """Loader workers per process when none are asked for: the cores this process may use,
+    hyper-threads included, shared by this machine's processes of the run."""
+    return local_share(available_cores(), processes)
 
 
 def process_count(value: str) -> int | None:

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.errors import TrainingError
-from common.hardware import default_workers, launched_processes, process_count
+from common.hardware import launched_processes, local_share, physical_cores, process_count
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
 from engine.optimizers import build_optimizer, build_schedule
@@ -86,16 +86,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def share_cores() -> None:
-    """torch's CPU threads in a launched process: its share of the cores it may use (as
-    default_workers shares them among the run's processes), or OMP_NUM_THREADS where fewer and
-    not 1. A launcher's OMP_NUM_THREADS is a guess: torchrun sets 1 for several processes,
+    """torch's CPU threads in a launched process: its share of the physical cores it may use
+    (torch's own default counts physical cores too), or OMP_NUM_THREADS where fewer and not 1.
+    A launcher's OMP_NUM_THREADS is a guess: torchrun sets 1 for several processes,
     accelerate launch 1 unless --cpu, and with --cpu the host's physical cores over the
     processes, blind to a cpuset; a one-process CPU run took one core where plain python takes
     them all. A 1 set by hand reads the same as a launcher's. Plain python: torch's own."""
     if not any(k in os.environ for k in LAUNCHED):
         return
     asked = process_count(os.environ.get("OMP_NUM_THREADS", ""))
-    share = default_workers(launched_processes())
+    share = local_share(physical_cores(), launched_processes())
     torch.set_num_threads(share if asked in (None, 1) else min(asked, share))
 
 

@@ -94,6 +94,17 @@ def test_a_launched_runs_processes_come_from_its_world_size(monkeypatch):
     assert launched_processes() == 8
 
 
+def fake_topology(root: Path, cores: int, threads_per_core: int) -> Path:
+    """A /sys/devices/system/cpu of `cores` cores with `threads_per_core` hyper-threads each,
+    numbered as Linux numbers them (a core's second threads after all the first ones)."""
+    logical = cores * threads_per_core
+    for cpu in range(logical):
+        siblings = ",".join(str(cpu % cores + cores * t) for t in range(threads_per_core))
+        (root / f"cpu{cpu}/topology").mkdir(parents=True)
+        (root / f"cpu{cpu}/topology/thread_siblings_list").write_text(siblings + "\n")
+    return root
+
+
 @pytest.mark.parametrize("env, threads", [
     ({"OMP_NUM_THREADS": "1"}, 3),  # plain python: torch's own count, untouched
     ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "1"}, 8),
@@ -104,12 +115,18 @@ def test_a_launched_runs_processes_come_from_its_world_size(monkeypatch):
     ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "16"}, 8),  # --cpu's host guess
     ({"TORCHELASTIC_RUN_ID": "r", "OMP_NUM_THREADS": "3"}, 3),  # fewer, by hand: kept
 ], ids=["python", "accelerate", "torchrun x2", "two machines", "accelerate --cpu", "by hand"])
-def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, env, threads):
+@pytest.mark.parametrize("threads_per_core", [1, 2], ids=["cores", "hyper-threads"])
+def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, tmp_path, env, threads,
+                                                             threads_per_core):
     """A launcher's OMP_NUM_THREADS=1 left a one-process CPU run on one of 8 cores; accelerate
-    --cpu's count of the host's cores ignored the 8 this process may use."""
+    --cpu's count of the host's cores ignored the 8 this process may use. Hyper-threads count
+    once: 8 cores of 2 threads each give what 8 cores do, as torch's own default does."""
+    import common.hardware
     from engine.run import LAUNCHED, share_cores
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8 * threads_per_core)))
+    monkeypatch.setattr(common.hardware, "CPU_TOPOLOGY",
+                        fake_topology(tmp_path, 8, threads_per_core))
     for name in (*LAUNCHED, "OMP_NUM_THREADS", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -121,6 +138,22 @@ def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, env, t
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_physical_cores_counts_the_cores_of_the_cpus_this_process_may_use(monkeypatch,
+                                                                         tmp_path):
+    """Of 4 cores of 2 threads each (cpu0-7, cpu4 cpu0's sibling), a cpuset of cpu0, cpu4 and
+    cpu1 holds 2 cores; where the topology cannot be read, each CPU counts as a core."""
+    import common.hardware
+    from common.hardware import physical_cores
+
+    monkeypatch.setattr(common.hardware, "CPU_TOPOLOGY", fake_topology(tmp_path / "sys", 4, 2))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 4, 1})
+    assert physical_cores() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert physical_cores() == 4
+    monkeypatch.setattr(common.hardware, "CPU_TOPOLOGY", tmp_path / "none")
+    assert physical_cores() == 8
 
 
 def test_deterministic_turns_torchs_deterministic_algorithms_on_for_its_run(prepared, tmp_path,

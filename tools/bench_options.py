@@ -13,7 +13,7 @@ from common.cli import CommandParser, option_name, path_option
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
 from common.files import place_problem
-from common.hardware import available_cores
+from common.hardware import physical_cores
 from engine.config import PRECISIONS
 from loaders import LOADERS
 from loaders.options import check_synthetic_memory, data_dir_option, synthetic_size_problem
@@ -125,9 +125,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--trace", type=file, help="the profile section's gzipped Chrome trace "
                                               "(default: beside --json, as NAME.trace.json.gz)")
     p.add_argument("--workers", type=count, help="loader workers (default: cores available)")
-    p.add_argument("--threads", type=count, default=available_cores(),
+    p.add_argument("--threads", type=count, default=physical_cores(),
                    help="torch intra-op threads for the step, epoch and mfu sections "
-                        "(default: cores available)")
+                        "(default: physical cores available; hyper-threads count once)")
     return p
 
 

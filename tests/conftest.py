@@ -46,6 +46,22 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
     return {**env, "TMPDIR": str(tmp)}
 
 
+def torchrun_env(tmp_path: Path) -> dict[str, str]:
+    """launcher_env for torchrun on one machine, whose rendezvous waits for minutes, starting
+    no process, where this machine's hostname does not resolve (a bare Debian chroot's did
+    not): a failure that names the fix at once instead (accelerate launch starts there)."""
+    host = socket.gethostname()
+    try:
+        socket.getaddrinfo(host, None)
+        unresolved = None
+    except OSError as error:
+        unresolved = error.strerror
+    if unresolved:  # outside the except: the failure alone, not the lookup's traceback too
+        pytest.fail(f"torchrun cannot start here: this machine's hostname {host!r} does not "
+                    f"resolve ({unresolved}); add it to /etc/hosts.")
+    return launcher_env(tmp_path)
+
+
 def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """`python <script> <args>`, from the repository root unless cwd= says otherwise, as a user
     runs it; text output."""

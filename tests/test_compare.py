@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, launcher_env, run_script
+from conftest import ROOT, run_script, torchrun_env
 
 from engine import checkpoint
 from tools.compare import main
@@ -49,7 +49,7 @@ def test_two_processes_compare_every_optimizer_in_turn(tmp_path):
          "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
          str(tmp_path / "data"), "--optimizers", "sgd", "adam", "--epochs", "1", "--out",
          str(out)], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env=launcher_env(tmp_path))
+        timeout=600, env=torchrun_env(tmp_path))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))

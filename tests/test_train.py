@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, interrupt_after_first_epoch, launcher_env, run_script
+from conftest import ROOT, interrupt_after_first_epoch, launcher_env, run_script, torchrun_env
 
 import engine.loop
 from common.errors import TrainingError
@@ -202,7 +202,7 @@ def test_ctrl_c_on_several_processes_says_once_what_was_kept(data_dir, tmp_path)
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
          *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
          "20", "--loader", "resident", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True, env=launcher_env(tmp_path))
+        stderr=subprocess.PIPE, text=True, start_new_session=True, env=torchrun_env(tmp_path))
     try:
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists():
@@ -227,7 +227,7 @@ def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
          *SMALL, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out",
          str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=launcher_env(tmp_path))
+        env=torchrun_env(tmp_path))
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
     assert "batches.meta is missing" in errors[0]

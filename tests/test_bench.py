@@ -324,6 +324,19 @@ def test_an_unwritable_output_is_a_usage_error(option, tmp_path, capsys):
         capsys.readouterr().err)
 
 
+def test_json_may_name_folders_still_to_make_and_trace_may_not(tmp_path, capsys):
+    """--json's folders are made when it is written, so a new folder for it is fine; the
+    trace's writer makes none, so its missing folder is refused before any section runs."""
+    json_path = tmp_path / "new" / "deeper" / "b.json"
+    assert bench_options.parse_args(["--json", str(json_path)]).json == json_path
+    trace = tmp_path / "new" / "t.json.gz"
+    with pytest.raises(SystemExit) as exit_info:
+        bench_options.parse_args(["--trace", str(trace)])
+    assert exit_info.value.code == 2
+    assert f"--trace {trace}: {tmp_path / 'new'} is missing" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_unwritable_json_stops_the_command_before_any_section(tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
     result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "loaders",

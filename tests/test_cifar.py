@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -151,6 +152,20 @@ class _RawReply(BaseHTTPRequestHandler):
         pass
 
 
+def refusal_from(handler: type, data_dir: Path) -> tuple[str, str]:
+    """The URL of a local server answering with `handler`, and download.fetch's DataError
+    message for it."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{ARCHIVE}"
+        try:
+            with pytest.raises(DataError) as refused:
+                download.fetch("cifar10", data_dir, url=url, md5="0" * 32)
+        finally:
+            server.shutdown()
+    return url, str(refused.value)
+
+
 @pytest.mark.parametrize("reply, error", [
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nonly a few bytes",
      "IncompleteRead"),
@@ -163,18 +178,33 @@ def test_fetch_a_broken_reply_names_url_and_the_offline_way(tmp_path, monkeypatc
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     handler = type("Reply", (_RawReply,), {"reply": reply})
     data_dir = tmp_path / "data"
-    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/{ARCHIVE}"
-        try:
-            with pytest.raises(DataError) as refused:
-                download.fetch("cifar10", data_dir, url=url, md5="0" * 32)
-        finally:
-            server.shutdown()
-    message = str(refused.value)
+    url, message = refusal_from(handler, data_dir)
     assert message.startswith(f"Could not download {url}: the server's reply was cut short "
                               f"or malformed ({error}: ")
     assert "--dataset synthetic" in message and one_line_text(message)
+    assert list(data_dir.iterdir()) == []
+
+
+class _SilentReply(BaseHTTPRequestHandler):
+    """Takes every GET and says nothing for a few seconds: a server that hangs."""
+
+    def do_GET(self):
+        time.sleep(5)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_goes_silent_is_given_up_after_the_download_timeout(tmp_path, monkeypatch):
+    """A connection that stays silent must end the download with the offline advice, not hang
+    the command forever (urlopen waits for ever without a timeout)."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT", 0.5)
+    data_dir = tmp_path / "data"
+    url, message = refusal_from(_SilentReply, data_dir)
+    assert message.startswith(f"Could not download {url}: timed out.")
+    assert "--dataset synthetic" in message
     assert list(data_dir.iterdir()) == []
 
 

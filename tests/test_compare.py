@@ -16,7 +16,7 @@ from conftest import ROOT, run_script, torchrun_env
 
 from engine import checkpoint
 from tools.compare import main
-from tools.comparison import default_lr
+from tools.comparison import Result, default_lr
 
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
          "--batch-size", "64", "--loader", "resident"]
@@ -74,6 +74,23 @@ def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     table = (out / "compare.md").read_text().splitlines()
     body = [line for line in table if line.startswith("| ")][2:]  # after header and rule
     assert [line.split("|")[1].strip() for line in body] == ["sgd", "adam"]
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_is_a_row_with_its_reason_and_the_next_one_still_runs(tmp_path):
+    """An LR an optimizer cannot take is a finding of the comparison, not its end: the
+    diverged run gets a note, and the optimizers after it are trained and tabled (the exit
+    status is 1 all the same: a run failed)."""
+    out = tmp_path / "out"
+    result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
+                     "adam", "--lr", "1e12", "--schedule", "constant", "--epochs", "1",
+                     "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: sgd: " in result.stderr and "error: adam: " in result.stderr
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["optimizer"] for r in rows] == ["sgd", "adam"]
+    assert all("NaN or infinite in epoch 1" in r["note"] for r in rows), rows
 
 
 @pytest.mark.slow
@@ -167,3 +184,15 @@ def test_an_out_that_is_a_file_is_named_before_any_run(tmp_path, capsys):
 def test_default_lrs_follow_the_linear_scaling_rule_for_sgd_only():
     assert default_lr("nesterov", 512) == pytest.approx(0.2)  # the fast preset's peak
     assert default_lr("adamw", 512) == default_lr("adamw", 128) == 1e-3
+    for adaptive in ("adam", "adamw", "rmsprop"):  # their 1e-3 holds at any batch size
+        assert default_lr(adaptive, 1024) == default_lr(adaptive, 64) == 1e-3, adaptive
+
+
+def test_a_row_gives_the_last_and_best_accuracy_and_the_mean_epoch_time():
+    """compare.csv and compare.md: a run whose accuracy fell at the end has a best above its
+    final figure, and s/epoch is per epoch, not the run's total."""
+    history = [dict(test_acc=0.5, seconds=3.0), dict(test_acc=0.7, seconds=1.0),
+               dict(test_acc=0.6, seconds=2.0)]
+    row = Result("sgd", 0.1, history).row()
+    assert (row["final_test_acc"], row["best_test_acc"]) == (0.6, 0.7)
+    assert row["seconds_per_epoch"] == pytest.approx(2.0) and row["epochs"] == 3

@@ -167,6 +167,26 @@ def test_check_refuses_different_logits_and_flipped_classes():
         compare(ref, ref[:, :5], "onnx", Path("m.onnx"))
 
 
+def test_check_refuses_nan_logits_even_where_they_flip_no_class():
+    """A NaN beside finite logits makes every difference NaN (never over the limit) and, at
+    the top class, argmax still agrees: only the finiteness check refuses the export."""
+    ref = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    got = ref.copy()
+    got[np.arange(64), ref.argmax(1)] = np.nan
+    with pytest.raises(ExportError, match="does not match"):
+        compare(ref, got, "onnx", Path("m.onnx"))
+
+
+def test_check_accepts_a_top_class_flipped_between_near_equal_logits():
+    """Where the checkpoint's top two logits are within rounding of each other, an export
+    that rounds them the other way is as right: refusing it would refuse good exports."""
+    ref = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    ref[0, :2] = [5.0, 5.0 + 1e-5]  # a near tie, class 1 ahead
+    got = ref.copy()
+    got[0, :2] = [5.0 + 1e-5, 5.0]  # class 0 ahead, within the tolerance
+    assert "top-1 differs on 0 of 64" in compare(ref, got, "onnx", Path("m.onnx"))
+
+
 def test_missing_extra_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     with pytest.raises(ExportError, match=r"pip install 'cifar10-engine\[export\]'.*onnxruntime"):

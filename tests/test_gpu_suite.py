@@ -574,6 +574,28 @@ def test_the_summary_gives_the_profiles_device_busy_share():
     assert gpu_summary.bench_lines({"profile": cpu}) == []
 
 
+def test_the_summary_names_the_tests_that_failed_and_those_that_errored(tmp_path):
+    """A test whose fixture broke (an error, not a failure) is as much a test to look at: the
+    summary names both kinds, with pytest's counts."""
+    xml = tmp_path / "tests-gpu.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="1" skipped="0">'
+        '<testcase name="test_ok"/>'
+        '<testcase name="test_wrong"><failure message="assert"/></testcase>'
+        '<testcase name="test_broken_fixture"><error message="fixture"/></testcase>'
+        '</testsuite></testsuites>')
+    assert gpu_summary.tests_line(xml) == [
+        "- tests-gpu: 3 tests, 1 failed, 1 errors, 0 skipped (test_wrong, test_broken_fixture)"]
+
+
+def test_a_results_file_cut_short_reads_as_not_written_yet(tmp_path):
+    """A step killed while writing its JSON leaves half of it: the summary of the rest of the
+    suite is still written."""
+    (tmp_path / "bench.json").write_text('{"loaders": [{"loader": "resident", "images_per')
+    assert gpu_summary.read_json(tmp_path / "bench.json") == {}
+    assert gpu_summary.read_json(tmp_path / "missing.json") == {}
+
+
 def test_a_dry_runs_results_stay_out_of_the_repository(monkeypatch):
     """A dry run's CPU figures went to benchmarks/results/gpu-<date>/, beside a GPU's real
     results, where `git add` takes them; a real run's default stays that folder."""

@@ -161,6 +161,14 @@ def test_impossible_sweeps_are_refused(start, end, iterations):
         lr_sweep.check_sweep(start, end, iterations)
 
 
+def test_the_shortest_and_the_longest_sweeps_allowed_run():
+    """The limits the messages give ('at least 20', 'at most 100,000') are allowed themselves."""
+    lr_sweep.check_sweep(1e-5, 1.0, lr_sweep.MIN_ITERATIONS)
+    lr_sweep.check_sweep(1e-5, 1.0, lr_sweep.MAX_ITERATIONS)
+    with pytest.raises(ValueError, match="at most 100,000"):
+        lr_sweep.check_sweep(1e-5, 1.0, lr_sweep.MAX_ITERATIONS + 1)
+
+
 @pytest.mark.slow
 def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
     out = tmp_path / "out"

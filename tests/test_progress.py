@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from common.progress import Bar, LineProgress
+import os
+import signal
+
+from common.cli import run_main
+from common.progress import Bar, LineProgress, progress_bar, track
 
 
 def test_a_log_line_is_due_once_its_interval_has_passed(capsys):
@@ -19,3 +23,43 @@ def test_a_bar_refreshes_its_postfix_at_most_once_a_second_and_never_when_disabl
     assert bar.due() and not bar.due()  # the second ask comes within the second
     bar.close()
     assert not Bar(total=10, disable=True).due()
+
+
+def test_a_log_gets_one_line_per_interval_not_one_per_update_after_it(capsys):
+    """LineProgress exists so a log is not flooded: once a line is written the next waits a
+    whole interval again, and due() says yes exactly when update() writes."""
+    line = LineProgress(10, "epoch 1/1", "batch", interval=3600.0)
+    line.last -= 3600.0  # as if an hour had passed since the last line
+    assert line.due()
+    line.update()
+    assert not line.due()
+    line.update()
+    line.update()
+    assert capsys.readouterr().err == "epoch 1/1: 1/10 batches\n"
+
+
+def test_processes_other_than_the_main_one_get_a_silent_bar_even_in_a_log(capsys):
+    """Under torchrun every process shares one log: only the main one writes progress lines
+    (stderr, captured, is no terminal, as in a batch job)."""
+    assert isinstance(progress_bar(10, "epoch 1/1", "batch"), LineProgress)
+    quiet = progress_bar(10, "epoch 1/1", "batch", enabled=False)
+    assert isinstance(quiet, Bar) and quiet.disable
+
+
+def test_a_stop_signal_lost_in_a_finalizer_stops_the_loop_at_its_next_progress_update(capsys):
+    """A SIGTERM raised inside a __del__ is dropped by Python: the next progress update raises
+    it again, so training stops at the next step, not once every epoch has run."""
+    seen = []
+
+    class SignalsWhenCollected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside __del__
+
+    def body() -> None:
+        for step in track(range(100), desc="epoch 1/1", unit="batch"):
+            seen.append(step)
+            if step == 2:
+                SignalsWhenCollected()
+
+    assert run_main(body) == 143
+    assert seen == [0, 1, 2]

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from conftest import ROOT, run_script, tmpfs
 from test_folders import write_tree
 
 from common.errors import CheckpointError, OutputError, TrainingError
-from common.files import atomic_writes, csv_text, locked_dir, output_dir, write_text
+from common.files import (
+    atomic_writes,
+    csv_text,
+    locked_dir,
+    output_dir,
+    temporary_writer,
+    waiting_lock,
+    write_text,
+)
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.failures import out_of_memory
@@ -186,6 +195,48 @@ def test_a_stale_longer_lock_file_is_overwritten_with_our_pid(tmp_path):
     (tmp_path / ".lock").write_text("99999999")
     with locked_dir(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_lock_freed_while_a_process_waits_is_taken_at_its_path_not_on_the_removed_file(
+        tmp_path):
+    """A holder removes the lock file as it lets go: a waiter that wakes holding the removed
+    file must lock the file now at the path, else a third process takes that one at once and
+    two prepare (or write) the same data together."""
+    lock, waiting, inside, leave = tmp_path / ".lock", threading.Event(), threading.Event(), \
+        threading.Event()
+
+    def waiter() -> None:
+        with waiting_lock(lock, waiting.set):
+            inside.set()
+            leave.wait(timeout=60)
+
+    class Busy(Exception):
+        pass
+
+    def refuse() -> None:
+        raise Busy
+
+    thread = threading.Thread(target=waiter)
+    with waiting_lock(lock, lambda: None):
+        thread.start()
+        assert waiting.wait(timeout=60)  # the waiter opened the file this holder removes
+    try:
+        assert inside.wait(timeout=60)
+        with pytest.raises(Busy), waiting_lock(lock, refuse):
+            pass  # a third process found the lock free while the waiter held it
+    finally:
+        leave.set()
+        thread.join(timeout=60)
+
+
+def test_only_a_writers_temporaries_of_the_kinds_asked_for_are_named_its():
+    """sweep_stale removes the folders temporary_writer names: `.report.<pid>.<other>` (a
+    user's own folder) is none of them, and is never removed."""
+    out = Path("runs") / "report"
+    assert temporary_writer(Path("runs/.report.123.tmp"), out, ("tmp", "old")) == 123
+    assert temporary_writer(Path("runs/.report.123.old"), out, ("tmp", "old")) == 123
+    for name in (".report.123.keep", ".report.123", ".report.x1.tmp", ".other.123.tmp"):
+        assert temporary_writer(Path("runs") / name, out, ("tmp", "old")) is None, name
 
 
 @pytest.mark.slow

@@ -58,8 +58,9 @@ class FFCVLoader(BatchLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         # closed by name: Python 3.12.3 (Ubuntu 24.04's, the GPU image's) closes a generator
-        # without freeing what its for loops iterate (CPython gh-118272, fixed after it), so an
-        # epoch left early kept FFCV's pipeline thread running until this generator was freed
+        # without freeing what its for loops iterate (3.12.1 and 3.13.0 free it; likely CPython
+        # gh-118272), so an epoch left early kept FFCV's pipeline thread running until this
+        # generator was freed (benchmarks/results/ubuntu-24.04-setup-cpu-2core.log)
         with closing(guarded(self.loader)) as batches:
             for images, labels in batches:
                 images, labels = self.owned(images, labels.view(-1))

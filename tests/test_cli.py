@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SignalsWhenCollected
 
 from common.cli import run_main
 from common.errors import DataError, Interrupted
@@ -274,10 +274,6 @@ def test_each_line_run_main_prints_is_one_write(monkeypatch):
 def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(capsys):
     """SIGTERM's KeyboardInterrupt raised inside a __del__ (or logging's at-fork hook) is
     printed and dropped by Python; the command still ends as stopped, not with 0."""
-    class SignalsWhenCollected:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside __del__
-
     def body() -> None:
         SignalsWhenCollected()
 

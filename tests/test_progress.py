@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
+from conftest import SignalsWhenCollected
 
 from common.cli import run_main
 from common.progress import Bar, LineProgress, progress_bar, track
@@ -50,10 +49,6 @@ def test_a_stop_signal_lost_in_a_finalizer_stops_the_loop_at_its_next_progress_u
     """A SIGTERM raised inside a __del__ is dropped by Python: the next progress update raises
     it again, so training stops at the next step, not once every epoch has run."""
     seen = []
-
-    class SignalsWhenCollected:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside __del__
 
     def body() -> None:
         for step in track(range(100), desc="epoch 1/1", unit="batch"):

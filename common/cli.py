@@ -161,7 +161,10 @@ def exit_at_once_on_ctrl_c() -> None:
     files are all written by then, and its output is flushed here."""
     def exit_now(signum: int, frame) -> None:
         for stream in (sys.stdout, sys.stderr):
-            with suppress(OSError, ValueError):  # a pipe whose reader left (| head), closed
+            # OSError: a pipe whose reader left (| head); ValueError: closed; RuntimeError: this
+            # handler runs inside that stream's own flush, which cannot be entered twice (a
+            # buffered writer runs handlers between its writes: Python 3.10 ran one at exit so)
+            with suppress(OSError, ValueError, RuntimeError):
                 stream.flush()
         os._exit(INTERRUPTED)
 

@@ -160,13 +160,40 @@ def test_ctrl_c_while_a_script_still_imports_is_one_line(script, prefixes, count
 def test_ctrl_c_while_the_interpreter_shuts_down_exits_at_once_and_silently(body, stdout):
     # torch's teardown takes seconds after a command's last line; a Ctrl-C in it printed an
     # "Exception ignored in atexit callback" traceback. The harness's own atexit callback,
-    # registered first so run last (after run_main's), sends the real signal
-    code = ("import atexit, os, signal, sys; atexit.register(os.kill, os.getpid(), "
-            "signal.SIGINT); import torch; from common.cli import run_main; "
-            f"sys.exit(run_main(lambda: {body}))")
+    # registered first so run last (after run_main's), sends the real signal and then takes
+    # a slow teardown's time (Python 3.10 runs a handler at its next check, not in os.kill)
+    code = ("import atexit, os, signal, sys, time; atexit.register(lambda: (os.kill("
+            "os.getpid(), signal.SIGINT), time.sleep(60))); import torch; "
+            f"from common.cli import run_main; sys.exit(run_main(lambda: {body}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert (result.returncode, result.stdout, result.stderr) == (130, stdout, "")
+
+
+def test_ctrl_c_at_exit_inside_a_flush_of_the_output_still_exits_at_once_and_silently():
+    # a buffered writer runs signal handlers between its writes to the file, so the handler
+    # can run inside the flush of the very stream it flushes: a flush cannot be entered twice
+    code = """
+import io, os, signal, sys
+from common.cli import exit_at_once_on_ctrl_c
+
+class Terminal(io.RawIOBase):  # stdout whose write brings a Ctrl-C
+    def writable(self):
+        return True
+
+    def write(self, data):
+        os.write(1, data)
+        os.kill(os.getpid(), signal.SIGINT)
+        return len(data)
+
+sys.stdout = io.TextIOWrapper(io.BufferedWriter(Terminal()))
+exit_at_once_on_ctrl_c()
+print("all written")
+sys.stdout.flush()
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "all written\n", "")
 
 
 def test_the_last_collection_at_exit_is_spared_and_atexit_callbacks_still_run():

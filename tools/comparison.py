@@ -150,7 +150,7 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path
         try:
             lr = default_lr(name, cfg.batch_size) if own_lrs else cfg.lr
             result, main_process = train_one(cfg, name, lr, out / name, log)
-        except Interrupted:
+        except (Interrupted, KeyboardInterrupt):  # the second: before train() could say more
             if not any((out / n / "ckpt.pt").exists() for n in optimizers):
                 raise Interrupted(f"stopped during {name}, before any run saved an epoch; run "
                                   "the same command again") from None

@@ -447,16 +447,23 @@ def test_cuda_libraries_failing_to_allocate_count_as_out_of_memory():
 
 
 def data_workers(pid: int) -> list[int]:
-    """The DataLoader workers of process `pid`: its children torch named pt_data_worker. Not
-    every child with its command line: a .beton writer's workers have it too, and so has a
-    subprocess between its fork and its exec."""
-    def name(child: str) -> str:
-        with suppress(OSError):  # it ended meanwhile
-            return Path(f"/proc/{child}/comm").read_text().strip()
+    """The DataLoader workers of process `pid`: the processes under it torch named
+    pt_data_worker. Not its children with its command line: a .beton writer's workers have it
+    too, and so has a subprocess before its exec; and from Python 3.14 the workers are the
+    children of a forkserver, itself a child."""
+    def read(path: str) -> str:
+        with suppress(OSError):  # the process ended meanwhile
+            return Path(path).read_text()
         return ""
 
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if name(c) == "pt_data_worker"]
+    workers, todo = [], [str(pid)]
+    while todo:
+        p = todo.pop()
+        children = read(f"/proc/{p}/task/{p}/children").split()
+        todo += children
+        workers += [int(c) for c in children
+                    if read(f"/proc/{c}/comm").strip() == "pt_data_worker"]
+    return workers
 
 
 @pytest.mark.slow

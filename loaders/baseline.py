@@ -3,6 +3,7 @@ with the same augmentations as augment.py. Kept to measure what the other loader
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,11 @@ class TorchvisionLoader(BatchLoader):
         super().__init__(path, num_samples=len(split.labels), augment=augment, mean=mean,
                          std=std, **kwargs)
         transform = pil_transform(augment if self.train else None, mean, std)
+        # Workers forked, as by default up to Python 3.13: 3.14's default start method,
+        # forkserver, pickles the dataset (the whole split: 150 MB of CIFAR-10's) to each
+        # worker of each epoch, 1 to 3 s before an epoch's first batch on 2 workers
+        # (benchmarks/results/dataloader-start-method-py314-cpu-2core.log)
+        fork = self.workers and "fork" in multiprocessing.get_all_start_methods()
         # Workers live for one epoch, as with DataLoader's defaults: they are then joined when
         # the epoch ends. Persistent ones are only stopped when the DataLoader is freed, and
         # freed by the cycle collector (a loader in any reference cycle) each waits out a 5 s
@@ -91,7 +97,8 @@ class TorchvisionLoader(BatchLoader):
         self.loader = DataLoader(
             ImageDataset(split.images, split.labels, transform),
             batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=self.workers,
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda",
+            multiprocessing_context=multiprocessing.get_context("fork") if fork else None)
 
     def __iter__(self) -> Iterator[Batch]:
         # the workers' seeds come from this generator: one per (seed, epoch, rank), so an epoch

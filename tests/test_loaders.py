@@ -505,6 +505,16 @@ def test_torchvision_workers_end_with_their_epoch(make):
     assert multiprocessing.active_children() == []
 
 
+def test_torchvision_workers_are_forked_whatever_pythons_default(make):
+    """Forked, as up to Python 3.13, not started by 3.14's forkserver, which pickles the dataset
+    (the whole split) to every worker of every epoch: a transform that cannot be pickled, as a
+    notebook's lambda, still runs in the workers."""
+    loader = make("torchvision", True, copy=3)  # its own: the transform is replaced
+    loader.loader.dataset.transform = lambda image: torch.full((3, 32, 32), 7.0)
+    assert all(bool((images == 7).all()) for images, _ in loader)
+    assert loader.loader.multiprocessing_context.get_start_method() == "fork"
+
+
 def _killed(image) -> None:
     """A transform that ends its worker as the OOM killer does: SIGKILL, no goodbye."""
     os.kill(os.getpid(), signal.SIGKILL)

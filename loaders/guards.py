@@ -15,6 +15,7 @@ import queue
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -52,6 +53,9 @@ def importing_ffcv() -> Iterator[None]:
       numba's threads, and TBB, numba's first choice, starts no worker there and then waits
       forever in its unload (numba#10556, oneTBB#2056). There numba prefers OpenMP, unless
       NUMBA_THREADING_LAYER(_PRIORITY) says otherwise.
+    - silences numba's warning, as the threads start, that a system TBB older than 2021.6
+      (Ubuntu 22.04's, which opencv brings) cannot be its threading layer: numba then takes the
+      next layer, and the warning's two lines came before every command's own.
     An ImportError in the block (FFCV's, or of a library it loads) is a SetupError naming what
     to install: a traceback otherwise."""
     import numba.typed
@@ -63,7 +67,9 @@ def importing_ffcv() -> Iterator[None]:
         if available_cores() == 1 and not chosen:
             numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
     try:
-        with torch_threads_kept():
+        with torch_threads_kept(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The TBB threading layer requires TBB version",
+                                    numba.NumbaWarning)
             yield
     except ImportError as error:
         raise SetupError(

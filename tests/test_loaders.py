@@ -457,6 +457,40 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+START_NUMBA_THREADS = """
+import numba, numpy
+from loaders.guards import importing_ffcv
+
+@numba.njit(parallel=True)
+def total(x):
+    s = 0.0
+    for i in numba.prange(len(x)):
+        s += x[i]
+    return s
+
+with importing_ffcv():  # FFCV's import starts numba's threads; here a parallel function does
+    total(numpy.ones(8))
+print(numba.threading_layer())
+"""
+
+
+def test_a_system_tbb_too_old_for_numba_is_passed_over_silently(tmp_path):
+    """Ubuntu 22.04's libtbb (2021.5, which opencv brings) is older than numba's TBB layer
+    needs: numba takes its next layer, and its warning saying so came before every command's
+    own lines. Here a library of that name and version, found first, stands in for it (not
+    with FFCV: opencv would load it too, and miss the rest of TBB)."""
+    stand_in = tmp_path / "tbb.c"
+    stand_in.write_text("int TBB_runtime_interface_version(void) { return 12050; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libtbb.so.12"),
+                    str(stand_in)], check=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path),
+           "NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue"}  # TBB first, on any core count
+    result = subprocess.run([sys.executable, "-c", START_NUMBA_THREADS], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=env)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr[-2000:]
+    assert result.stdout.strip() in ("omp", "workqueue")
+
+
 def test_ffcv_that_cannot_be_imported_is_one_setup_error(tmp_path):
     """FFCV's ImportError (opencv or turbojpeg missing) was a traceback of every command that
     prepares or loads data."""

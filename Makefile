@@ -16,10 +16,14 @@ JOBS    ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 ))
 setup: $(STAMP)
 
 # FFCV compiles against opencv and turbojpeg, with a C++ compiler and Python's headers, and
-# python3 -m venv needs ensurepip (Debian's python3-venv): Debian's packages when one is missing.
+# python3 -m venv needs ensurepip (Debian's python3-venv): Debian's packages when one is missing
+# (without apt-get, what to install).
 $(STAMP): pyproject.toml
 	@if ! { $(NEEDS); } >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT); \
+	  if ! command -v apt-get >/dev/null; then echo "setup: FFCV's build needs opencv and \
+	libjpeg-turbo with their pkg-config files, pkg-config, a C++ compiler, and Python's headers and \
+	venv module; install your system's packages of them (on Debian and Ubuntu: $(APT))" >&2; exit 1; \
+	  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT); \
 	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv .venv
 	# uv fetches and unpacks torch's gigabytes of CUDA wheels in parallel, in half pip's time

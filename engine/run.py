@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from common.cli import stop_if_interrupted
 from common.errors import TrainingError
 from common.hardware import launched_processes, local_share, physical_cores, process_count
 from engine.config import PRECISIONS, TrainConfig
@@ -166,6 +167,9 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     step_model = (torch.compile(model, dynamic=False, mode=cfg.compile_mode) if cfg.compile
                   else model)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    # a Ctrl-C that Python dropped in a finalizer meanwhile (numba's, as FFCV compiles a
+    # loader) stops the run here, not after the first step, which may compile for a minute
+    stop_if_interrupted()
     return Run(cfg, accelerator, data, train_loader, test_loader, model, step_model, optimizer,
                scheduler, scaler)
 

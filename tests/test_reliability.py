@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script, tmpfs
+from conftest import ROOT, SignalsWhenCollected, run_script, tmpfs
 from test_folders import write_tree
 
+from common.cli import run_main
 from common.errors import CheckpointError, OutputError, TrainingError
 from common.files import (
     atomic_writes,
@@ -39,6 +40,8 @@ from engine.failures import out_of_memory
 from engine.loop import configure
 from engine.loop import train as train_run
 from engine.model import build_model
+from engine.run import train_step
+from loaders import make_loader
 
 SIZE = ["--synthetic-size", "1024", "128"]
 TINY = ["--dataset", "synthetic", *SIZE, "--width", "8", "--batch-size", "128",
@@ -414,6 +417,27 @@ def test_out_of_memory_at_a_batch_of_one_suggests_a_narrower_model(data_dir, tmp
     with pytest.raises(TrainingError) as refused:
         train_run(cfg)
     assert str(refused.value) == "out of memory at --batch-size 1; try a --width below 8."
+
+
+def test_a_stop_signal_lost_while_the_run_is_built_stops_it_before_its_first_step(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """A SIGTERM raised inside a __del__ (numba's, while FFCV compiles a loader) is dropped by
+    Python: the run stops once built, not after its first step, which may compile the model
+    for a minute before the first progress update raises it again."""
+    def loader_then_lost_signal(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        SignalsWhenCollected()
+        return loader
+
+    steps = []
+    monkeypatch.setattr("engine.run.make_loader", loader_then_lost_signal)
+    monkeypatch.setattr(loop, "train_step", lambda *args: steps.append(1) or train_step(*args))
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1,
+                      out=str(tmp_path / "out"))
+    assert run_main(lambda: train_run(cfg)) == 143 and steps == []
+    assert capsys.readouterr().err.endswith(
+        "interrupted: no epoch had finished, so nothing was saved; run the same command again\n")
 
 
 def test_a_model_too_wide_for_memory_names_the_width_not_the_batch(data_dir, tmp_path):

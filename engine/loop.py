@@ -243,24 +243,40 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     out = Path(cfg.out)
-    # the main process owns the run folder for the whole run: a second run into it is refused
-    with locked_dir(out) if main else nullcontext():
-        if main and ckpt is None and (out / "ckpt.pt").exists():
-            raise TrainingError(f"{out} already holds a run; continue it with --resume {out} "
-                                "or choose another --out.")
-        if main:
-            sweep_temporaries(out)  # of a save that was killed midway
-        try:
-            return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
-                          log if main else (lambda _: None), last, extend)
-        finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full) goes
-            if main and not (out / "ckpt.pt").exists():
-                (out / "best.pt").unlink(missing_ok=True)
+    try:
+        # the main process owns the run folder for the whole run: a second run into it is
+        # refused
+        with locked_dir(out) if main else nullcontext():
+            if main and ckpt is None and (out / "ckpt.pt").exists():
+                raise TrainingError(f"{out} already holds a run; continue it with --resume "
+                                    f"{out} or choose another --out.")
+            if main:
+                sweep_temporaries(out)  # of a save that was killed midway
+            try:
+                return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
+                              log if main else (lambda _: None), last, extend)
+            finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full)
+                if main and not (out / "ckpt.pt").exists():
+                    (out / "best.pt").unlink(missing_ok=True)
+    except KeyboardInterrupt:  # wherever it landed once the run's processes were up
+        raise stopped(accelerator, out) from None
+
+
+def stopped(accelerator, out: Path) -> Interrupted:
+    """What a Ctrl-C kept, said by the main process, which alone waits for its writer."""
+    if not accelerator.is_main_process:
+        return Interrupted(f"process {accelerator.process_index} of {accelerator.num_processes} "
+                           "stopped; process 0 says what was kept")
+    if (out / "ckpt.pt").exists():
+        # read, not the history in memory: a Ctrl-C during a save keeps the previous checkpoint
+        saved = len(checkpoint.load(out / "ckpt.pt")["history"])
+        return Interrupted(f"{out}/ckpt.pt holds epoch {saved}; continue with --resume {out}")
+    return Interrupted("no epoch had finished, so nothing was saved; run the same command again")
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
            say: Log, last: bool, extend: str | None) -> Trained:
-    """train() once the run folder is held: build, restore, fit, and Ctrl-C's message."""
+    """train() once the run folder is held: build, restore, fit, and failures' messages."""
     out = Path(cfg.out)
     history: list[dict] = []
     run = None
@@ -293,18 +309,6 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         done, setup_s = len(history), time.perf_counter() - start
         checkpoint_wait_s = fit(run, history, say)
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
-    except KeyboardInterrupt:
-        if not accelerator.is_main_process:  # it alone waits for its writer, and knows
-            raise Interrupted(f"process {accelerator.process_index} of "
-                              f"{accelerator.num_processes} stopped; process 0 says what was "
-                              "kept") from None
-        if (out / "ckpt.pt").exists():
-            # read, not len(history): a Ctrl-C during a save keeps the previous checkpoint
-            saved = len(checkpoint.load(out / "ckpt.pt")["history"])
-            raise Interrupted(f"{out}/ckpt.pt holds epoch {saved}; continue with "
-                              f"--resume {out}") from None
-        raise Interrupted("no epoch had finished, so nothing was saved; run the same "
-                          "command again") from None
     except Exception as error:
         if accelerator.num_processes > 1 and peer_gone(error):  # not a traceback of its own
             # the collective's own words too: all of them fail alike when, say, NCCL cannot

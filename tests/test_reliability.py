@@ -440,6 +440,22 @@ def test_a_stop_signal_lost_while_the_run_is_built_stops_it_before_its_first_ste
         "interrupted: no epoch had finished, so nothing was saved; run the same command again\n")
 
 
+def test_ctrl_c_as_the_run_folder_is_taken_says_what_was_kept_and_leaves_no_folder(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C landing between the run folder's lock and the build (here: as a killed save's
+    temporaries are swept) says what was kept, as one in the build or an epoch does; it was a
+    bare 'interrupted', and tools/compare.py could not name the run it stopped."""
+    monkeypatch.setattr(loop, "sweep_temporaries", lambda out: os.kill(os.getpid(),
+                                                                         signal.SIGINT))
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1,
+                      out=str(tmp_path / "out"))
+    assert run_main(lambda: train_run(cfg)) == 130
+    assert capsys.readouterr().err.endswith(
+        "interrupted: no epoch had finished, so nothing was saved; run the same command again\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_too_wide_for_memory_names_the_width_not_the_batch(data_dir, tmp_path):
     """Width 100,000 asks for terabytes of weights: halving the batch would not help."""
     out = tmp_path / "out"

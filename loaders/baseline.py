@@ -89,7 +89,8 @@ class TorchvisionLoader(BatchLoader):
         # forkserver, pickles the dataset (the whole split: 150 MB of CIFAR-10's) to each
         # worker of each epoch, 1 to 3 s before an epoch's first batch on 2 workers
         # (benchmarks/results/dataloader-start-method-py314-cpu-2core.log)
-        fork = self.workers and "fork" in multiprocessing.get_all_start_methods()
+        forked = (multiprocessing.get_context("fork") if self.workers > 0
+                  and "fork" in multiprocessing.get_all_start_methods() else None)
         # Workers live for one epoch, as with DataLoader's defaults: they are then joined when
         # the epoch ends. Persistent ones are only stopped when the DataLoader is freed, and
         # freed by the cycle collector (a loader in any reference cycle) each waits out a 5 s
@@ -98,7 +99,7 @@ class TorchvisionLoader(BatchLoader):
             ImageDataset(split.images, split.labels, transform),
             batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            multiprocessing_context=multiprocessing.get_context("fork") if fork else None)
+            multiprocessing_context=forked)
 
     def __iter__(self) -> Iterator[Batch]:
         # the workers' seeds come from this generator: one per (seed, epoch, rank), so an epoch

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import NoReturn
 
@@ -184,19 +185,37 @@ def error_text(error: Exception) -> str:
     raise error
 
 
+def _bound_with_nanobind(module: object) -> bool:
+    """Whether module is an extension built with nanobind: its functions and classes are
+    nanobind's own types."""
+    file = str(getattr(module, "__file__", None) or "")
+    return file.endswith(tuple(EXTENSION_SUFFIXES)) and any(
+        type(value).__module__ == "nanobind" for value in vars(module).values())
+
+
+def spare_last_collection() -> None:
+    """At exit: gc.freeze spares the interpreter its last full collection, which walks torch's
+    whole object graph to free memory the process hands back anyway (most of the time a command
+    took after its last line). Not once an extension built with nanobind is loaded (triton's
+    from 3.9, which torch.compile imports): the objects freezing keeps alive look leaked to
+    nanobind's check at exit, which then prints thirty-odd lines of leak reports after the
+    command's own."""
+    if not any(_bound_with_nanobind(module) for module in list(sys.modules.values())):
+        gc.freeze()
+
+
 def run_main(body: Callable[[], int | None]) -> int:
     """Call a command's body; EngineError -> 'error: ...' and 1, Ctrl-C -> one line and 130
     (SIGTERM: 143).
 
-    At exit, gc.freeze spares the interpreter its last full collection, which walks torch's
-    whole object graph to free memory the process hands back anyway: much of the time each
-    command took after its last line. Atexit callbacks and module teardown still run.
+    At exit, spare_last_collection; atexit callbacks and module teardown still run.
     """
     previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
         sys.unraisablehook = _quiet_lost_stop(hook)
-        for callback in (gc.freeze, exit_at_once_on_ctrl_c):  # once, however often it runs
+        # once, however often it runs
+        for callback in (spare_last_collection, exit_at_once_on_ctrl_c):
             atexit.unregister(callback)
             atexit.register(callback)
     try:

@@ -187,6 +187,8 @@ def test_quick_run_profiles_training_steps_and_writes_their_trace(quick):
     times = [op["self_cpu_ms"] for op in profile["ops"]]
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert "== profile: 2 steps after 1 warm-up" in quick[1]
+    # nor kineto's lines, two a profile (this and each peer's), amid the tables
+    assert "profiler_start" not in quick[1] and "gpuGetDeviceCount" not in quick[1]
     # device busy: for a GPU, where a device runs apart from the host
     assert profile["device_busy_ms"] is profile["step_ms"] is profile["device_busy_share"] is None
     with gzip.open(profile["trace"]) as trace:  # beside --json, a Chrome trace

@@ -9,6 +9,7 @@ the step's dtype, itself timed in the same run.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from common.cli import error_line, interruptible_imports, run_main
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # first: --help and a refused option answer before torch loads
     args = parse_args(argv, __doc__.splitlines()[0])
+    # kineto, torch.profiler's backend, logs every profile's start and stop (and without a CUDA
+    # driver an ERROR that it found no GPU): 15 lines amid the tables of --quick. Above its
+    # highest level it logs nothing; a level you set wins. Read when a first profile starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with interruptible_imports():  # torch and the rest take seconds to import
         from tools.bench_run import run_bench
 

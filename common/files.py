@@ -176,6 +176,14 @@ def missing_folders(path: Path) -> list[Path]:
     return missing
 
 
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (missing_folders: the deepest first) that are empty; one that
+    is not stays, and so do those above it."""
+    for folder in folders:
+        with suppress(OSError):
+            folder.rmdir()
+
+
 @contextmanager
 def removed_on_failure(folders: list[Path]) -> Iterator[None]:
     """Remove `folders` (missing_folders: the deepest first) that are empty when the block
@@ -184,9 +192,7 @@ def removed_on_failure(folders: list[Path]) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for folder in folders:  # one that is not empty stays, and so do those above it
-            with suppress(OSError):
-                folder.rmdir()
+        remove_empty(folders)
         raise
 
 

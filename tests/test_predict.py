@@ -315,13 +315,13 @@ def test_a_layer_without_cam_is_a_usage_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_cam_run_with_no_readable_picture_leaves_no_folder(run_dir, tmp_path):
     """The --cam folder was made before any picture was read, and left empty when none could
-    be; a folder that was there stays."""
+    be, with the folders made above it; a folder that was there stays."""
     (tmp_path / "no-pictures").mkdir()
     (tmp_path / "text.png").write_text("not a picture")
     (tmp_path / "mine").mkdir()
     for pictures, errors in (([tmp_path / "no-pictures"], 1),
                              ([tmp_path / "text.png", tmp_path / "missing.png"], 2)):
-        for cam in (tmp_path / "cams", tmp_path / "mine"):
+        for cam in (tmp_path / "cams", tmp_path / "new" / "cams", tmp_path / "mine"):
             result = predict(run_dir / "ckpt.pt", *pictures, "--cam", cam)
             assert result.returncode == 1 and result.stdout == ""
             assert len(result.stderr.splitlines()) == errors and "Traceback" not in result.stderr

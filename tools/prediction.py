@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from common.errors import DataError, ReportError
-from common.files import output_dir, temporary_name
+from common.files import missing_folders, output_dir, remove_empty, temporary_name
 from common.progress import progress_bar
 from engine import checkpoint
 from engine.failures import out_of_memory_as
@@ -61,18 +61,17 @@ def memory_advice(device: torch.device, cam: bool) -> AbstractContextManager[Non
 def cam_folder(classifier: Classifier, layer: str, out: Path | None) -> Iterator[None]:
     """With --cam (`out`; None: without), for the block: refuse a --layer without a feature
     map and make the folder before any work (a CAM of fc would fail only after predicting, a
-    bad --cam after an hour of it). A folder made here is removed when the block fails or
-    writes nothing into it (no picture was readable): a run that makes no overlay leaves no
-    folder."""
+    bad --cam after an hour of it). The folders made here are removed when the block fails
+    or writes nothing into them (no picture was readable): a run that makes no overlay leaves
+    no folder."""
     if out is None:
         yield
         return
     layer_of(classifier.model, layer, "--layer")
-    created = not out.exists()
+    made = missing_folders(out)
     with output_dir(out, "--cam"):
         yield
-    if created and not any(out.iterdir()):
-        out.rmdir()
+    remove_empty(made)  # it and the folders made above it, where no overlay was written
 
 
 @dataclass

@@ -192,7 +192,8 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
     (["--resume", "somewhere"], "unrecognized arguments: --resume"),
     (["--optimizer", "lion"], "invalid choice"),
     (["--lr", "0.1"], "--lr: the range test does not use it (it sweeps the LR from"),
-    (["--epochs", "3", "--no-tta"], "--epochs, --tta: the range test does not use them"),
+    (["--epochs", "3", "--no-tta"], "--epochs, --no-tta: the range test does not use them"),
+    (["--tta"], "--tta: the range test does not use it"),
 ])
 def test_lr_find_refuses_bad_options_with_a_usage_error(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

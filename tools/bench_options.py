@@ -85,7 +85,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     file = path_option("name the current directory")
     p.add_argument("--json", type=file, help="also write every figure and the metadata here")
     p.add_argument("--quick", action="store_true",
-                   help="small images counts and width 16, no compile: about 80 s on 2 cores")
+                   help="small images counts and width 16, no compile: about 40 s on 2 cores")
     p.add_argument("--data-dir", type=data_dir_option, default=Path("data"),
                    help="where the synthetic data and its .beton files are kept (default: ./data)")
     count, number = positive(int), positive(float)

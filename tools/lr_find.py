@@ -39,7 +39,10 @@ UNUSED = ("lr", "epochs", "schedule", "warmup", "tta", "log_with")
 def check(args: argparse.Namespace) -> None:
     """Raise ValueError for a sweep that cannot run or a training option it would ignore."""
     lr_sweep.check_sweep(args.start_lr, args.end_lr, args.iterations)
-    given = [option_name(name) for name in UNUSED if getattr(args, name) is not None]
+    values = {name: getattr(args, name) for name in UNUSED}
+    # as typed: --no-tta for a switch turned off
+    given = [option_name(f"no_{name}" if value is False else name)
+             for name, value in values.items() if value is not None]
     if given:
         them = "them" if len(given) > 1 else "it"
         raise ValueError(f"{', '.join(given)}: the range test does not use {them} (it sweeps "

@@ -46,6 +46,17 @@ def _naming(path: Path, tmp: Path) -> Iterator[None]:
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why a file written at `path` cannot take the place of what is there ('is a folder',
+    'is a device, pipe or socket'), or None where there is a file or nothing. A rename over
+    a device would make /dev/null a plain file for the whole machine."""
+    if path.is_dir():
+        return "is a folder"
+    if path.exists() and not path.is_file():
+        return "is a device, pipe or socket, not a file"
+    return None
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary sibling of path, then rename it over path."""
     atomic_writes({path: write})
@@ -62,6 +73,9 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     temporary is raised again naming its path, so that the one-line error says which file
     could not be written (the temporary's name means nothing to the user)."""
     temporaries = {Path(path): temporary_name(Path(path)) for path in writes}
+    for path in temporaries:
+        if problem := not_a_file(path):
+            raise OutputError(f"{path} {problem}; writing it would replace that. Name a file.")
     try:
         for (path, tmp), write in zip(temporaries.items(), writes.values(), strict=True):
             with _naming(path, tmp):

@@ -314,6 +314,16 @@ def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option
 
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])
+def test_a_file_option_naming_a_pipe_is_a_usage_error(tmp_path, capsys, option):
+    """A pipe stands in for /dev/null, which the rename at the end made a plain file."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_options.parse_args([option, str(tmp_path / "pipe")])
+    assert exit_info.value.code == 2
+    assert f"{option} {tmp_path / 'pipe'} is a device, pipe or socket" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--json", "--trace"])
 def test_an_unwritable_output_is_a_usage_error(option, tmp_path, capsys):
     """Found before any section runs, not when the first one is written; a path under a
     regular file cannot be written, even by root."""

@@ -5,7 +5,9 @@ checkpoint's model on the test .beton images."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +115,10 @@ def test_missing_test_data_falls_back_to_noise_with_a_note(ckpt, tmp_path):
 @pytest.mark.slow
 def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
     (tmp_path / "junk.pt").write_text("junk")
+    os.mkfifo(tmp_path / "pipe")  # a device's stand-in: renamed over, /dev/null became a file
     cases = (((tmp_path / "junk.pt", "--format", "onnx"), "junk.pt"),
+             ((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path / "pipe"),
+              "pipe is a device, pipe or socket"),
              ((run_dir / "ckpt.pt", "--format", "onnx", "--data-dir", tmp_path / "nodata",
                "--out", tmp_path / "x.onnx"), "nodata"),
              ((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path), str(tmp_path)),
@@ -124,7 +129,8 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
         result = export(*args)
         assert result.returncode == 1 and named in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "pipe"]
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
 
 
 @pytest.mark.slow

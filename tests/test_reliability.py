@@ -11,6 +11,7 @@ import pickle
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -144,15 +145,25 @@ def test_files_written_together_are_all_new_or_all_old_on_a_full_disk(tmp_path):
         assert (table.read_text(), plot.read_text()) == ("new table", "new plot")
 
 
+def test_a_device_or_pipe_is_never_renamed_over(tmp_path):
+    """A rename over /dev/null made it a plain file for the whole machine (export --out and
+    bench --json did so as root): a pipe stands in for the device, refused before any write."""
+    table, pipe = tmp_path / "table.csv", tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(OutputError, match=f"{pipe} is a device, pipe or socket"):
+        atomic_writes({table: lambda tmp: tmp.write_text("new table"),
+                       pipe: lambda tmp: tmp.write_text("new plot")})
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(tmp_path.iterdir()) == [pipe]
+
+
 def test_a_failed_rename_names_the_file_not_its_temporary(tmp_path):
-    """The plot's place is taken by a folder: its rename fails, and the error named the
-    temporary ('.plot.png.<pid>.tmp'), which means nothing to the user. The table, renamed
-    before it, is new; no temporary is left."""
+    """The plot's place is taken by a folder while the files are written: its rename fails,
+    and the error named the temporary ('.plot.png.<pid>.tmp'), which means nothing to the
+    user. The table, renamed before it, is new; no temporary is left."""
     table, plot = tmp_path / "table.csv", tmp_path / "plot.png"
-    plot.mkdir()
     with pytest.raises(IsADirectoryError) as raised:
         atomic_writes({table: lambda tmp: tmp.write_text("new table"),
-                       plot: lambda tmp: tmp.write_text("new plot")})
+                       plot: lambda tmp: (tmp.write_text("new plot"), plot.mkdir())})
     assert raised.value.filename == str(plot) and raised.value.filename2 is None
     assert table.read_text() == "new table"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "table.csv"]

@@ -12,7 +12,7 @@ from typing import TypeVar
 from common.cli import CommandParser, option_name, path_option
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
-from common.files import place_problem
+from common.files import not_a_file, place_problem
 from common.hardware import physical_cores
 from engine.config import PRECISIONS
 from loaders import LOADERS
@@ -161,8 +161,9 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
                 p.error(str(error))
     for option, path, name in (("--json", args.json, "bench.json"),
                                ("--trace", args.trace, "bench.trace.json.gz")):
-        if path is not None and path.is_dir():
-            p.error(f"{option} {path} is a folder; name a file, e.g. {path / name}")
+        if path is not None and (problem := not_a_file(path)):
+            example = f", e.g. {path / name}" if path.is_dir() else ""
+            p.error(f"{option} {path} {problem}; name a file{example}")
     for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):
         problem = place_problem(path, made) if path is not None else None
         if problem:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common.errors import EngineError, ExportError
-from common.files import atomic_write, made_for
+from common.files import atomic_write, made_for, not_a_file
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton
@@ -39,8 +39,8 @@ def holds_checkpoint(path: Path) -> bool:
 def check_out(out: Path, source: Path, default: Path) -> None:
     """Refuse an --out that would replace the checkpoint being exported or another one: a run
     overwritten by its export can no longer be resumed, evaluated or exported again."""
-    if out.is_dir():
-        raise ExportError(f"--out {out} is a folder; name the file to write.")
+    if problem := not_a_file(out):
+        raise ExportError(f"--out {out} {problem}; name the file to write.")
     if out.resolve() == source.resolve():
         what = "is the checkpoint being exported"
     elif out.is_file() and holds_checkpoint(out):

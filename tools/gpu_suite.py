@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common.cli import CommandParser, path_option, run_main
 from common.errors import SetupError
-from common.files import atomic_write, place_problem, write_json, write_text
+from common.files import atomic_write, not_a_file, place_problem, write_json, write_text
 from tools.gpu_environment import ROOT, environment, header
 from tools.gpu_steps import COMMANDS, GROUPS, LIMITS, STEP_LIMIT_S, STEPS, Suite
 from tools.gpu_summary import render
@@ -191,7 +191,8 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     bundle = args.bundle or (Path(out) / "gpu-suite.tar.gz" if out else None)
     if bundle is not None:  # found now, not after the first command
         bundle = bundle.absolute()
-        problem = "it is a folder" if bundle.is_dir() else place_problem(bundle)
+        problem = not_a_file(bundle)
+        problem = f"it {problem}" if problem else place_problem(bundle)
         if problem:
             raise SetupError(f"--bundle {bundle}" + (" (from $OUT)" if args.bundle is None else "")
                              + f": {problem}; name a .tar.gz file in a writable folder.")

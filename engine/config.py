@@ -6,7 +6,6 @@ refused value answered, before torch loads (seconds); the command imports it aft
 from __future__ import annotations
 
 import argparse
-import math
 import types
 import typing
 from collections.abc import Callable
@@ -31,6 +30,10 @@ ARCHS = ("resnet18",)
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
 PRECISIONS = ("bf16", "fp16", "fp32")  # engine.run.DTYPES gives their torch dtypes
+# the largest float32: the optimizers scale float32 weights' steps by the LR and weight decay,
+# and a larger value is a traceback from inside the first step ("cannot be converted to type
+# float without overflow")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def trackers() -> list[str]:
@@ -235,14 +238,16 @@ def validate(cfg: TrainConfig) -> list[str]:
     for name in ("epochs", "batch_size", "width"):
         if getattr(cfg, name) < 1:
             problems.append(f"{option_name(name)} must be at least 1")
-    if cfg.lr != "auto" and not (isinstance(cfg.lr, float | int) and 0 < cfg.lr < math.inf):
-        problems.append(f"--lr must be a positive finite number or 'auto', got {cfg.lr}")
+    if cfg.lr != "auto" and not (isinstance(cfg.lr, float | int) and 0 < cfg.lr <= FLOAT32_MAX):
+        problems.append(f"--lr must be a positive finite number no larger than {FLOAT32_MAX:.2g} "
+                        f"(the float32 weights' largest) or 'auto', got {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
         problems.append("--label-smoothing must be in [0, 1)")
     if not 0 <= cfg.warmup < 1:
         problems.append("--warmup must be in [0, 1)")
-    if not 0 <= cfg.weight_decay < math.inf:
-        problems.append(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.weight_decay <= FLOAT32_MAX:
+        problems.append(f"--weight-decay must be a finite number >= 0 no larger than "
+                        f"{FLOAT32_MAX:.2g} (the float32 weights' largest), got {cfg.weight_decay}")
     if not 0 <= cfg.momentum < 1:
         problems.append(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if problem := seed_problem(cfg.seed):

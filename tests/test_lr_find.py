@@ -185,7 +185,9 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--start-lr", "1", "--end-lr", "0.1"], "start-lr"),
-    (["--end-lr", "inf"], "both finite"),
+    (["--end-lr", "inf"], "--end-lr <= 3.4e+38 (the float32 weights' largest)"),
+    (["--start-lr", "1e-320"], "--end-lr / --start-lr (10 / 9.99989e-321) overflows to "
+                               "infinity; raise --start-lr (the default is 1e-07)"),
     (["--iterations", "5"], "--iterations must be at least 20: the first 10 steps"),
     (["--iterations", "100000000000"], "--iterations must be at most 100,000 (the default is "
                                        "100), got 100,000,000,000"),

@@ -679,6 +679,9 @@ def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, t
     (["--lr", "inf"], "--lr must be a positive finite number"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
     (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    # past float32's largest: a traceback from the optimizer's first step
+    (["--lr", "1e39"], "--lr must be a positive finite number no larger than 3.4e+38"),
+    (["--weight-decay", "1e39"], "--weight-decay must be a finite number >= 0 no larger than"),
     (["--seed", str(2**64)], "--seed must be in 0..4294967295"),
     (["--cutout", "40"], "--cutout in 0..32"),
     (["--dataset", "synthetic", "--synthetic-size", "9", "100"], "--synthetic-size 9 100: the "
@@ -816,7 +819,8 @@ def _damaged(run: Path, change) -> Path:
     ("batch_size", "abc", "batch_size is 'abc', not <class 'int'>"),
     ("synthetic_size", "x", "synthetic_size is ('x',), not tuple[int, int]"),
     ("batch_size", 0, "--batch-size must be at least 1"),
-    ("lr", float("nan"), "--lr must be a positive finite number or 'auto', got nan"),
+    ("lr", float("nan"), "--lr must be a positive finite number no larger than 3.4e+38 (the "
+                         "float32 weights' largest) or 'auto', got nan"),
     ("translate", 99, "--translate must be in 0..16"),
     ("dataset", "imagenet", "dataset is 'imagenet', not one of cifar10, cifar100"),
     ("optimizer", "foo", "optimizer is 'foo', not one of sgd, nesterov"),

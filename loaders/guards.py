@@ -23,7 +23,7 @@ import torch
 
 from common.cli import STOP_SIGNALS, exit_at_once_on_ctrl_c, stop_signals_held
 from common.errors import DataError, LoaderError, SetupError, one_line
-from common.hardware import available_cores
+from common.hardware import available_cores, process_count
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
 LLVM_EXIT_WAIT = 30.0  # seconds an exit waits for another thread's LLVM call (one call: less)
@@ -58,6 +58,7 @@ def importing_ffcv() -> Iterator[None]:
       next layer, and the warning's two lines came before every command's own.
     An ImportError in the block (FFCV's, or of a library it loads) is a SetupError naming what
     to install: a traceback otherwise."""
+    numba_threads_checked()
     import numba.typed
 
     patch = "ffcv" not in sys.modules
@@ -80,6 +81,17 @@ def importing_ffcv() -> Iterator[None]:
     finally:
         if patch:
             del numba.typed.Dict
+
+
+def numba_threads_checked() -> None:
+    """Refuse a NUMBA_NUM_THREADS that is no count of threads, which numba reads as it is
+    imported: below 1, a traceback from inside that import; unreadable, numba's warning with
+    a traceback in it, then every core anyway."""
+    value = os.environ.get("NUMBA_NUM_THREADS")
+    if value is not None and process_count(value) is None:
+        raise SetupError(f"NUMBA_NUM_THREADS={value!r} is not a number of threads: numba (FFCV's "
+                         "compiler) needs a whole number of at least 1; unset it (`unset "
+                         "NUMBA_NUM_THREADS`) for as many as this process may use.")
 
 
 def numba_workers(workers: int) -> int:

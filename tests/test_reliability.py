@@ -282,6 +282,20 @@ def test_a_world_size_that_is_no_count_is_refused_by_name(value, tmp_path):
     assert not out.exists() and not data.exists()  # refused before any work
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ["0", "abc"])
+def test_a_numba_thread_count_that_is_no_count_is_refused_by_name(value, tmp_path):
+    """numba reads NUMBA_NUM_THREADS as FFCV imports it: 0 was a traceback from inside that
+    import, 'abc' a warning with a traceback in it before the run went on."""
+    out = tmp_path / "run"
+    result = train("--out", out, timeout=300, env={**os.environ, "NUMBA_NUM_THREADS": value})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result).startswith(
+        f"error: NUMBA_NUM_THREADS={value!r} is not a number of threads: numba (FFCV's compiler) "
+        "needs a whole number of at least 1; unset it")
+    assert not out.exists()
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 

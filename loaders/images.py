@@ -89,8 +89,9 @@ def read_image(path: Path) -> np.ndarray:
 
 def decode_image(path: Path) -> np.ndarray:
     """read_image, for threads: their caller holds quiet_pil() around them all."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if not path.is_file():  # a pipe or a device would never end: not opened
+        raise DataError(f"{path}: not a file (a folder, device or pipe); pass a picture file"
+                        if path.exists() else f"{path}: no such file")
     try:
         with Image.open(path) as opened:
             if opened.width * opened.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to 2x

@@ -5,6 +5,7 @@ checkpoint's model on the .beton images."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -172,6 +173,16 @@ def test_unreadable_files_are_named(tmp_path, name):
     write_pictures(tmp_path)
     with pytest.raises(DataError, match=name):
         read_image(tmp_path / name)
+
+
+def test_a_pipe_is_named_as_no_file_and_never_opened(tmp_path):
+    """A pipe (or /dev/zero) exists: 'no such file' sent the user looking for it. Opened, a
+    pipe with no writer would wait forever."""
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(DataError, match="pipe.png: not a file .*; pass a picture file$"):
+        read_image(tmp_path / "pipe.png")
+    with pytest.raises(DataError, match="missing.png: no such file$"):
+        read_image(tmp_path / "missing.png")
 
 
 @pytest.mark.parametrize("limit", [200_000, 100_000])  # PIL warns above it, refuses above 2x

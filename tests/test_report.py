@@ -570,6 +570,16 @@ LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
 PRED = np.array([0, 0, 0, 1, 0, 0, 1, 0, 2, 2])
 
 
+def test_a_confusion_matrix_of_many_classes_keeps_the_size_of_a_hundred(tmp_path):
+    """1000 classes named at 0.45 inch each made a 72,000 x 36,000-pixel figure: the report
+    was killed for memory, with no message. Past 100 classes the axes count the classes."""
+    for n in (100, 1000):
+        report_figures.plot_confusion(np.eye(n, dtype=int), [f"c{i}" for i in range(n)],
+                                      tmp_path / f"{n}.png")
+    hundred, thousand = (imread(tmp_path / f"{n}.png").shape for n in (100, 1000))
+    assert thousand == hundred and hundred[1] < 8000
+
+
 def test_confusion_and_per_class_metrics_by_hand():
     matrix = report_tables.confusion(PRED, LABELS, 3)
     assert matrix.tolist() == [[3, 1, 0], [2, 1, 0], [1, 0, 2]]

@@ -19,6 +19,7 @@ from tools.report_inputs import CHUNK, Inputs, in_chunks, layer_of, normalized
 
 CLASS_AGNOSTIC = {"eigencam"}  # a principal component of the activations: no target class
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
+NAMED_CLASSES = 100  # ours: CIFAR-100's count; the confusion matrix names up to this many
 CURVES = [Panel("loss (log scale)", ("train_loss", "test_loss"), yscale="log"),
           Panel("accuracy (%)", ("train_acc", "test_acc"), scale=100),
           Panel("learning rate (end of epoch)", ("lr",))]
@@ -67,19 +68,24 @@ def plot_misclassified(run: Inputs, probs: np.ndarray, indices: np.ndarray, path
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
-    """The confusion matrix as counts and row-normalized (each true class sums to 1)."""
+    """The confusion matrix as counts and row-normalized (each true class sums to 1). Past
+    NAMED_CLASSES classes its axes count them instead, at that many classes' size: 1000 named
+    made a figure of 72,000 x 36,000 pixels, and the OOM killer ended the report."""
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    size = max(6.0, 0.45 * len(classes) + 2)
+    named = len(classes) <= NAMED_CLASSES
+    size = max(6.0, 0.45 * min(len(classes), NAMED_CLASSES) + 2)
     fig = Figure(figsize=(2 * size + 1, size), layout="constrained")
     for ax, values, title, fmt in zip(fig.subplots(1, 2), (matrix, rates),
                                       ("counts", "row-normalized (recall on the diagonal)"),
                                       ("{:d}", "{:.2f}"), strict=True):
         image = ax.imshow(values, cmap="Blues")
         fig.colorbar(image, ax=ax, shrink=0.8)
-        ax.set(title=title, xlabel="predicted class", ylabel="true class")
-        ticks = np.arange(len(classes))
-        ax.set_xticks(ticks, classes, rotation=90, fontsize=8 if len(classes) > 20 else 10)
-        ax.set_yticks(ticks, classes, fontsize=8 if len(classes) > 20 else 10)
+        which = "" if named else " (its index in per_class.csv)"
+        ax.set(title=title, xlabel=f"predicted class{which}", ylabel=f"true class{which}")
+        if named:
+            ticks = np.arange(len(classes))
+            ax.set_xticks(ticks, classes, rotation=90, fontsize=8 if len(classes) > 20 else 10)
+            ax.set_yticks(ticks, classes, fontsize=8 if len(classes) > 20 else 10)
         if len(classes) <= 20:  # more numbers than that would be unreadable
             for (t, p), v in np.ndenumerate(values):
                 ax.text(p, t, fmt.format(v.item()), ha="center", va="center", fontsize=8,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 from common.errors import EngineError, Interrupted
@@ -188,9 +189,11 @@ def error_text(error: Exception) -> str:
 def _bound_with_nanobind(module: object) -> bool:
     """Whether module is an extension built with nanobind: its functions and classes are
     nanobind's own types."""
-    file = str(getattr(module, "__file__", None) or "")
-    return file.endswith(tuple(EXTENSION_SUFFIXES)) and any(
-        type(value).__module__ == "nanobind" for value in vars(module).values())
+    if not isinstance(module, ModuleType):  # sys.modules may hold other objects (or None)
+        return False
+    names = vars(module)  # not getattr: a lazy module's hook could import, or raise, at exit
+    return str(names.get("__file__") or "").endswith(tuple(EXTENSION_SUFFIXES)) and any(
+        type(value).__module__ == "nanobind" for value in names.values())
 
 
 def spare_last_collection() -> None:

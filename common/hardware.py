@@ -51,8 +51,9 @@ def default_workers(processes: int = 1) -> int:
 
 
 def process_count(value: str) -> int | None:
-    """`value` (a launcher's WORLD_SIZE, LOCAL_WORLD_SIZE or OMP_NUM_THREADS) as a count; None
-    when it is none: not a number, below 1, or digits int() reads no value from ('²')."""
+    """`value` (a launcher's WORLD_SIZE, LOCAL_WORLD_SIZE, OMP_NUM_THREADS; NUMBA_NUM_THREADS)
+    as a count; None when it is none: not a number, below 1, or digits int() reads no value
+    from ('²')."""
     with contextlib.suppress(ValueError):
         if int(value) >= 1:
             return int(value)

@@ -196,10 +196,19 @@ sys.stdout.flush()
     assert (result.returncode, result.stdout, result.stderr) == (130, "all written\n", "")
 
 
-def test_the_last_collection_at_exit_is_spared_and_atexit_callbacks_still_run():
-    # the harness's callback, registered first, runs last: after run_main's gc.freeze
+LAZY_MODULE = ("import types; lazy = types.ModuleType('lazy'); sys.modules['lazy'] = lazy;"
+               " lazy.__getattr__ = lambda name: exec('raise ImportError(name)');"
+               " sys.modules['odd'] = object();")
+
+
+@pytest.mark.parametrize("modules", ["", LAZY_MODULE])
+def test_the_last_collection_at_exit_is_spared_and_atexit_callbacks_still_run(modules):
+    # the harness's callback, registered first, runs last: after run_main's gc.freeze. The
+    # search for nanobind's modules before it reads no attribute through a lazy module's hook
+    # (one that raises was a traceback at exit), nor of what is no module in sys.modules
     code = ("import atexit, gc, sys; atexit.register(lambda: print(gc.get_freeze_count() > 0));"
-            " from common.cli import run_main; sys.exit(run_main(lambda: print('done')))")
+            f" {modules} from common.cli import run_main;"
+            " sys.exit(run_main(lambda: print('done')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert (result.returncode, result.stdout, result.stderr) == (0, "done\nTrue\n", "")

@@ -82,6 +82,38 @@ def stop_signals_held() -> Iterator[None]:
                 signal.raise_signal(caught[0])
 
 
+@contextmanager
+def stop_signals_end_at_once() -> Iterator[None]:
+    """For a block that waits inside C++, where Python's signal handlers never run: Ctrl-C or
+    SIGTERM then ends the process at once, run_main's line and code. For torch.distributed's
+    rendezvous, which waits for a peer that may never come (a node that did not start), and
+    writes nothing that could be left half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    # Python's own C handler writes each signal's number here as it arrives, in any thread
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while received := os.read(read, 1):  # b"" once the block is done: the pipe closed
+            if received[0] in STOP_SIGNALS:
+                _stopped_by[:] = [received[0]]
+                error_line(INTERRUPTED_LINE)
+                os._exit(stopped_code())
+
+    watcher = threading.Thread(target=watch, name="stop-signals", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write)
+        watcher.join()
+        os.close(read)
+
+
 def stopped_code() -> int:
     """The exit code of a command stopped by a signal: 130 for Ctrl-C, 143 for SIGTERM."""
     return STOP_SIGNALS.get(_stopped_by[0], INTERRUPTED) if _stopped_by else INTERRUPTED

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from common.cli import stop_if_interrupted
+from common.cli import stop_if_interrupted, stop_signals_end_at_once
 from common.errors import TrainingError
 from common.hardware import launched_processes, local_share, physical_cores, process_count
 from engine.config import PRECISIONS, TrainConfig
@@ -77,8 +77,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun);
         # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
         # model behind a run whose header and config.json said eager
-        accelerator = Accelerator(cpu=not cuda, log_with=cfg.log_with, project_dir=cfg.out,
-                                  mixed_precision="no", dynamo_backend="no")
+        with stop_signals_end_at_once():  # several processes: a rendezvous, waiting in C++
+            accelerator = Accelerator(cpu=not cuda, log_with=cfg.log_with,
+                                      project_dir=cfg.out, mixed_precision="no",
+                                      dynamo_backend="no")
     except ValueError as error:  # accelerate's word for an unknown tracker
         raise TrainingError(str(error)) from None
     if not cuda:  # after Accelerator: under mpirun it is what sets WORLD_SIZE and LOCAL_...

@@ -4,9 +4,12 @@ writes the run folder, nothing is counted twice, and a run resumes on the same t
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,31 @@ def test_two_nodes_train_once_write_once_and_resume(tmp_path):
         assert node.returncode == 0, node.stderr[-3000:]
     history = checkpoint.load(out / "ckpt.pt")["history"]
     assert [r["epoch"] for r in history] == [1, 2] and history[0] == row
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_node_waiting_for_a_peer_that_never_comes_stops_on_a_signal(tmp_path, signum, code):
+    """Rank 0 of two started by hand (srun-style variables), its peer never started: it waits
+    in torch.distributed's rendezvous, inside C++, where Python's handlers never ran, and
+    Ctrl-C or SIGTERM did nothing until a SIGKILL."""
+    port, out = free_port(), tmp_path / "run"
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), *TINY, "--out",
+                           str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while True:  # rank 0 serves the rendezvous's store: listening, it waits for rank 1
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.2)
+            time.sleep(1)
+            proc.send_signal(signum)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            proc.kill()  # where the signal did nothing
+    assert proc.returncode == code and stderr.splitlines()[-1] == "interrupted", stderr
+    assert "Traceback" not in stderr and not out.exists()

@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     # first: --help and a refused option answer before torch loads
     args = parse_args(argv, __doc__.splitlines()[0])
     # kineto, torch.profiler's backend, logs every profile's start and stop (and without a CUDA
-    # driver an ERROR that it found no GPU): 15 lines amid the tables of --quick. Above its
-    # highest level it logs nothing; a level you set wins. Read when a first profile starts.
+    # driver an ERROR that it found no GPU): 21 lines amid the tables of --quick
+    # (benchmarks/results/kineto-lines-cpu-2core.log). Above its highest level it logs
+    # nothing; a level you set wins. Read when a first profile starts.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with interruptible_imports():  # torch and the rest take seconds to import
         from tools.bench_run import run_bench

@@ -121,8 +121,13 @@ class TorchvisionLoader(BatchLoader):
         """The LoaderError for torch's words of a worker that is gone ("... exited
         unexpectedly", "... is killed by signal: Killed.", the OOM killer's most often), else
         None. Raised in next(), or, by the handler torch installs for SIGCHLD, wherever the
-        main thread is when the worker dies (the training loop asks this too)."""
-        if not isinstance(error, RuntimeError) or not str(error).startswith("DataLoader worker"):
+        main thread is when the worker dies (the training loop asks this too): there it can
+        break the code it interrupts, whose own error then holds torch's in its context (inside
+        Thread.start, threading's bookkeeping raised a KeyError)."""
+        while error is not None and not (isinstance(error, RuntimeError)
+                                         and str(error).startswith("DataLoader worker")):
+            error = error.__context__
+        if error is None:
             return None
         return LoaderError(
             f"a --loader torchvision worker reading {self.path} died ({one_line(error)}); most "

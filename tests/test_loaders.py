@@ -569,6 +569,23 @@ def test_a_killed_torchvision_worker_is_one_loader_error(prepared):
     assert multiprocessing.active_children() == []
 
 
+def test_a_worker_death_that_broke_the_code_it_interrupted_is_still_named(prepared):
+    """torch's SIGCHLD handler raised its RuntimeError inside Thread.start, whose bookkeeping
+    then failed with a KeyError holding torch's error as its context: a traceback in a CI run."""
+    loader = loaders.make_loader("torchvision", prepared.test, train=False, batch_size=BATCH,
+                                 device="cpu", mean=prepared.mean, std=prepared.std, workers=1)
+    try:
+        try:
+            raise RuntimeError("DataLoader worker (pid 6547) is killed by signal: Killed. ")
+        except RuntimeError:
+            raise KeyError("<Thread(QueueFeederThread, started daemon)>") from None
+    except KeyError as broken:
+        died = loader.worker_died(broken)
+    assert isinstance(died, LoaderError) and "(RuntimeError: DataLoader worker (pid 6547)" in str(
+        died) and "pass fewer --workers (here 1)" in str(died)
+    assert loader.worker_died(KeyError("no worker died")) is None
+
+
 def test_more_ffcv_workers_than_numba_may_start_is_one_clear_error(prepared):
     """FFCV's workers are numba threads, at most NUMBA_NUM_THREADS of them: more was a
     traceback from numba, after the data was prepared."""

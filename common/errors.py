@@ -5,6 +5,8 @@ Every message says what went wrong, names the file or option, and says what to d
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class EngineError(Exception):
     """Base of every error a user can act on; the message is the whole explanation."""
@@ -56,7 +58,8 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
-def one_line_text(text: str) -> bool:
-    """Whether text stays on one line of a message or a table: no line break of any kind
-    (those str.splitlines splits at)."""
-    return text.splitlines() in ([], [text])
+def plain_line(text: str) -> bool:
+    """Whether text prints as one visible line of a message or a table: not blank, and no
+    line break (any that str.splitlines splits at), tab, NUL or other control character."""
+    return bool(text.strip()) and not any(
+        unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)

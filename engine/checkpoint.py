@@ -21,8 +21,8 @@ import torch
 from accelerate.utils import recursively_apply
 from torch import nn
 
-from common.errors import CheckpointError, one_line
-from common.files import atomic_writes, csv_text, json_text
+from common.errors import CheckpointError, one_line, plain_line
+from common.files import atomic_writes, csv_text, json_text, not_a_file
 from common.hardware import device_name
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
@@ -35,8 +35,13 @@ if TYPE_CHECKING:
 FORMAT = "cifar10-engine/ckpt"
 VERSION = 1
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
+# fields TrainConfig gained after version 1: an older checkpoint's config lacks them and they
+# take their defaults; every other field every checkpoint's config holds
+LATER_CONFIG_KEYS = {"lr_auto", "compile_mode", "deterministic", "cudnn_benchmark"}
 REQUIRED = ("format", "version", "arch", "width", "num_classes", "state_dict", "classes",
             "mean", "std", "config", "history", "data")
+# what every epoch writes into the run folder (best.pt only when it beats the earlier ones)
+EPOCH_FILES = ("best.pt", "ckpt.pt", "metrics.jsonl", "metrics.csv", "config.json")
 # what the tools read of every history row and of the data record
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 DATA_KEYS = ("dataset", "data_dir", "train", "test", "source")
@@ -184,13 +189,15 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
             isinstance(k, str) and isinstance(v, torch.Tensor)
             and v.dtype in (torch.float32, torch.int64) for k, v in ckpt["state_dict"].items()),
         "classes": isinstance(ckpt["classes"], list) and len(ckpt["classes"]) == n
-                   and all(isinstance(c, str) for c in ckpt["classes"]),
+                   and all(isinstance(c, str) and plain_line(c) for c in ckpt["classes"]),
         "mean": numbers(ckpt["mean"], 3),
         "std": numbers(ckpt["std"], 3) and min(ckpt["std"]) >= MIN_STD,
-        "config": isinstance(ckpt["config"], dict) and set(ckpt["config"]) <= CONFIG_KEYS,
-        "history": isinstance(ckpt["history"], list) and all(
+        "config": isinstance(ckpt["config"], dict)
+                  and CONFIG_KEYS - LATER_CONFIG_KEYS <= set(ckpt["config"]) <= CONFIG_KEYS,
+        # one row per epoch trained, numbered from 1: a checkpoint is saved after an epoch
+        "history": isinstance(ckpt["history"], list) and len(ckpt["history"]) > 0 and all(
             isinstance(r, dict) and all(number(r.get(k)) for k in HISTORY_KEYS)
-            for r in ckpt["history"]),
+            and r["epoch"] == epoch for epoch, r in enumerate(ckpt["history"], 1)),
         "data": isinstance(ckpt["data"], dict) and all(
             isinstance(ckpt["data"].get(k), str) for k in DATA_KEYS),
         "resume": "resume" not in ckpt or resume(ckpt["resume"]),
@@ -237,21 +244,30 @@ def content(run: Run, history: list[dict]) -> dict:
     )
 
 
+def blocked_epoch_files(out: Path) -> None:
+    """CheckpointError naming the first of a run's files in `out` that a folder, device or pipe
+    has taken the place of: checked before --resume trains, whose epoch would be lost."""
+    for name in EPOCH_FILES:
+        if problem := not_a_file(out / name):
+            raise CheckpointError(f"{out / name} {problem}; each epoch of the run writes its "
+                                  f"{name} there. Move it away and resume again.")
+
+
 def write_epoch(out: Path, ckpt: dict, best: bool) -> None:
     """One epoch's files: best.pt (the weights alone, when the epoch beats every earlier one),
     ckpt.pt, metrics and config.json (beside the first checkpoint, not before: a run that
     fails early leaves nothing). All are renamed into place once every one is whole, so they
     never disagree: a failed write leaves the previous epoch's files as they were."""
     history = ckpt["history"]
-    writes = {out / "best.pt": lambda tmp: torch_save(tmp, {k: v for k, v in ckpt.items()
-                                                            if k != "resume"})} if best else {}
-    writes |= {
-        out / "ckpt.pt": lambda tmp: torch_save(tmp, ckpt),
-        out / "metrics.jsonl": lambda tmp: tmp.write_text(
+    writers = {
+        "best.pt": lambda tmp: torch_save(tmp, {k: v for k, v in ckpt.items() if k != "resume"}),
+        "ckpt.pt": lambda tmp: torch_save(tmp, ckpt),
+        "metrics.jsonl": lambda tmp: tmp.write_text(
             "".join(json.dumps(row) + "\n" for row in history)),
-        out / "metrics.csv": lambda tmp: tmp.write_text(csv_text(history)),
-        out / "config.json": lambda tmp: tmp.write_text(json_text(ckpt["config"])),
+        "metrics.csv": lambda tmp: tmp.write_text(csv_text(history)),
+        "config.json": lambda tmp: tmp.write_text(json_text(ckpt["config"])),
     }
+    writes = {out / name: write for name, write in writers.items() if best or name != "best.pt"}
     kept = "the previous epoch's files are" if (out / "ckpt.pt").exists() else None
     try:
         atomic_writes(writes)

@@ -198,6 +198,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
         raise CheckpointError(f"--resume {resume}: {path} does not exist; pass the --out folder "
                               "of a run that saved an epoch.")
     ckpt = checkpoint.load(path)
+    checkpoint.blocked_epoch_files(Path(resume))
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
     # a compile mode the run's own machine picked (none was asked for) is picked again for

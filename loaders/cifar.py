@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError, one_line_text
+from common.errors import DataError, plain_line
 from loaders import download, folders, python_folder
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
 from loaders.options import DATASETS, SYNTHETIC_SIZE
@@ -168,10 +168,12 @@ def _class_names(meta: Path, key: bytes, fix: str) -> list[str]:
         raise DataError(f"{meta} has no '{key.decode()}' list of class names (found "
                         f"{found}). {fix}")
     classes = [_text(n) for n in names]
-    broken = [repr(c) for c in classes if not one_line_text(c)]
+    broken = [repr(c) for c in classes if not plain_line(c)]
     if broken:  # each name is a line of the report's tables and of messages
-        raise DataError(f"{meta} has class names that hold a line break ({', '.join(broken)}), "
-                        f"as readlines() leaves them; strip them. {fix}")
+        raise DataError(f"{meta} has class names that are blank or hold a line break, tab or "
+                        f"other control character ({', '.join(broken)}); give each class a "
+                        f"plain name (readlines() leaves a line break at each end: strip it). "
+                        f"{fix}")
     if len(classes) < 2:
         raise DataError(f"{meta} names {len(classes)} class(es) ({', '.join(classes)}); a "
                         f"classifier needs at least 2 classes. {fix}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError, one_line_text
+from common.errors import DataError, plain_line
 from common.hardware import default_workers
 from common.progress import track
 from loaders.images import decode_image, quiet_pil
@@ -82,10 +82,11 @@ def _split_classes(root: Path, split: str) -> dict[str, list[Path]]:
     folder = root / split
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
                      and not p.name.startswith("."))
-    broken = [repr(c) for c in classes if not one_line_text(c)]
+    broken = [repr(c) for c in classes if not plain_line(c)]
     if broken:  # each name is a line of the report's tables and of messages
-        raise DataError(f"{folder} has class folders whose names hold a line break "
-                        f"({', '.join(broken)}); rename them.")
+        raise DataError(f"{folder} has class folders whose names are blank or hold a line "
+                        f"break, tab or other control character ({', '.join(broken)}); "
+                        "rename them.")
     if len(classes) < 2:  # a classifier of one class has nothing to tell apart
         found = f"only the class folder {classes[0]}" if classes else "no class folders"
         raise DataError(f"{folder} has {found}; a classifier needs at least 2 classes: put "

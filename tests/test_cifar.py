@@ -38,7 +38,7 @@ from conftest import (
 )
 
 from common import hardware
-from common.errors import OutputError, one_line_text
+from common.errors import OutputError, plain_line
 from common.files import output_dir, waiting_lock
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
@@ -181,7 +181,7 @@ def test_fetch_a_broken_reply_names_url_and_the_offline_way(tmp_path, monkeypatc
     url, message = refusal_from(handler, data_dir)
     assert message.startswith(f"Could not download {url}: the server's reply was cut short "
                               f"or malformed ({error}: ")
-    assert "--dataset synthetic" in message and one_line_text(message)
+    assert "--dataset synthetic" in message and plain_line(message)
     assert list(data_dir.iterdir()) == []
 
 
@@ -644,7 +644,11 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
                   "names 1 class(es) (only); a classifier needs at least 2 classes"),
     "class names with line breaks": ("batches.meta",  # as readlines() leaves them
                                      {"label_names": [f"{c}\n" for c in CIFAR10_CLASSES]},
-                                     "hold a line break ('airplane\\n', 'automobile\\n', "),
+                                     "are blank or hold a line break, tab or other control "
+                                     "character ('airplane\\n', 'automobile\\n', "),
+    "class names with a tab, a NUL, blank": (
+        "batches.meta", {"label_names": ["a\tb", "c\x00", "", " ", *CIFAR10_CLASSES[4:]]},
+        "character ('a\\tb', 'c\\x00', '', ' '); give each class a plain name"),
     "duplicate class names": ("batches.meta", {"label_names": [*CIFAR10_CLASSES[:9], "cat"]},
                               "names the class(es) cat more than once"),
     "empty test split": ("test_batch", {"data": np.zeros((0, 3072), np.uint8), "labels": []},

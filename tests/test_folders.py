@@ -228,7 +228,9 @@ def test_unreadable_files_are_all_named(tmp_path):
     ("other classes", "hold different classes"),
     ("no classes", "has no class folders"),
     ("one class", "has only the class folder cat; a classifier needs at least 2 classes"),
-    ("line break", r"names hold a line break \('do\\ng'\); rename them"),
+    ("line break", r"names are blank or hold a line break, tab or other control character "
+                   r"\('do\\ng'\); rename them"),
+    ("tab", r"control character \('do\\tg'\); rename them"),
 ])
 def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
     write_tree(tmp_path)
@@ -241,6 +243,8 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
         os.rename(tmp_path / "test" / "dog", tmp_path / "test" / "wolf")
     elif damage == "line break":  # one line per name in the report's tables and messages
         os.rename(tmp_path / "train" / "dog", tmp_path / "train" / "do\ng")
+    elif damage == "tab":  # a tab would split the name across the report's columns
+        os.rename(tmp_path / "train" / "dog", tmp_path / "train" / "do\tg")
     elif damage == "one class":
         for split in folders.SPLITS:
             for name in CLASSES[1:]:

@@ -751,18 +751,43 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("processes", lambda c: c.update(processes=torch.tensor(2))),
     ("resume", lambda c: c.update(resume={})),
     ("resume", lambda c: c.update(resume=[1, 2])),
+    # hand edits the tools took: a name that breaks predict's table and the report's columns,
+    # a config of defaults the run never had, epochs no run numbers so, no epoch at all
+    ("classes", lambda c: c["classes"].__setitem__(3, "c\tat")),
+    ("classes", lambda c: c["classes"].__setitem__(3, " ")),
+    ("config", lambda c: c.update(config={})),
+    ("config", lambda c: c["config"].pop("epochs")),
+    ("history", lambda c: c["history"][0].update(epoch=-1)),
+    ("history", lambda c: c["history"][0].update(epoch=1.5)),
+    ("history", lambda c: c["history"].append({**c["history"][-1], "epoch": 5})),
+    ("history", lambda c: c.update(history=[])),
 ], ids=["width True", "width 0", "9 of 10 classes", "unknown config key", "int weight",
         "int32 weights",
         "std 0", "std 1e-300", "mean NaN", "mean of 2", "no test_acc", "no epoch", "no lr",
         "data test 5", "data without source", "optimizer state a list",
         "optimizer state of a number", "rng of floats", "processes a tensor", "resume empty",
-        "resume a list"])
+        "resume a list", "class name with a tab", "blank class name", "config empty",
+        "config without epochs", "epoch -1", "epoch 1.5", "epochs 1, 2, 5", "no history"])
 def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
     ckpt = checkpoint.load(finished / "ckpt.pt")
     damage(ckpt)
     torch.save(ckpt, tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match=f"malformed {field};"):
         checkpoint.load(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.slow
+def test_a_config_from_before_the_later_fields_loads_with_their_defaults(finished, tmp_path):
+    """Version-1 checkpoints written before TrainConfig gained a field stay readable."""
+    ckpt = checkpoint.load(finished / "ckpt.pt")
+    for key in checkpoint.LATER_CONFIG_KEYS:
+        del ckpt["config"][key]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    loaded = checkpoint.load(tmp_path / "ckpt.pt")
+    cfg = checkpoint.checked_config(tmp_path / "ckpt.pt", loaded,
+                                    lambda: TrainConfig(**loaded["config"]), fix="")
+    assert cfg.to_dict() == {**ckpt["config"], **{
+        key: getattr(TrainConfig(), key) for key in checkpoint.LATER_CONFIG_KEYS}}
 
 
 @pytest.mark.slow
@@ -819,6 +844,26 @@ def test_resume_from_a_copy_of_best_pt_is_one_clear_error(finished, tmp_path):
     assert str(refused.value) == (f"{run / 'ckpt.pt'} has no optimizer state (best.pt?); "
                                   "resume from the run's ckpt.pt")
     assert (run / "ckpt.pt").read_bytes() == before and len(history(run)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, block, problem", [
+    ("best.pt", os.mkdir, "is a folder"),
+    ("metrics.csv", os.mkfifo, "is a device, pipe or socket, not a file"),
+], ids=["best.pt a folder", "metrics.csv a pipe"])
+def test_resume_refuses_a_run_file_taken_by_no_file_before_training(finished, tmp_path, name,
+                                                                    block, problem):
+    """The epoch's write would fail after its training (said once as 'make the folder
+    writable'): the run's files are checked first, and each epoch writes exactly these."""
+    assert sorted(p.name for p in finished.iterdir()) == sorted(checkpoint.EPOCH_FILES)
+    run = copy_run(finished, tmp_path)
+    (run / name).unlink()
+    block(run / name)
+    with pytest.raises(CheckpointError) as refused:
+        train_run(TrainConfig(), run, {"epochs": 2})
+    assert str(refused.value) == (f"{run / name} {problem}; each epoch of the run writes its "
+                                  f"{name} there. Move it away and resume again.")
+    assert len(history(run)) == 1
 
 
 def _damaged(run: Path, change) -> Path:

@@ -46,8 +46,12 @@ class FFCVLoader(BatchLoader):
     def __init__(self, path: Path, **kwargs: Any):
         num_samples = beton.check(Path(path)).num_samples  # a damaged file: DataError, not FFCV's
         super().__init__(path, num_samples=num_samples, **kwargs)
-        # the copies to a GPU: on a stream of their own, which never waits for training (ours)
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # the copies to a GPU: on a stream of their own, which never waits for training (ours).
+        # High priority: torch hands out the 32 streams of each priority's pool in turn, and
+        # FFCV takes 5 of the default priority's every epoch (waiting there for training's
+        # work), as do CUDA graphs; none takes from this pool
+        self.copy_stream = (torch.cuda.Stream(self.device, priority=-1)
+                            if self.device.type == "cuda" else None)
         with torch_threads_kept():  # Loader() sets torch's threads to num_workers
             self.loader = Loader(
                 str(path), batch_size=self.batch_size, num_workers=numba_workers(self.workers),

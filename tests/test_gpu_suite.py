@@ -561,6 +561,10 @@ def test_the_summary_gives_each_profiled_loaders_device_busy_time():
         "aten::index 1.50 ms"]
     cpu = row | dict(device_busy_ms=None, device_events=None)
     assert gpu_summary.bench_lines({"peers": {"loaders": [cpu]}}) == []
+    # stock FFCV's ops run on its own thread, which the profiler does not record: no top op
+    unseen = row | dict(top_op="")
+    assert gpu_summary.bench_lines({"peers": {"loaders": [unseen]}})[0].endswith(
+        "8.00 ms epoch, 400 device events")
 
 
 def test_the_summary_gives_the_profiles_device_busy_share():

@@ -59,7 +59,8 @@ class PeerResult:
     versus: str = ""  # the peer this row of ours is compared with
     ratio: float | None = None  # images_per_s over versus's
     # one more epoch under torch.profiler, after the timed ones: the op that took the most
-    # time (on the device on a GPU, else on the host) and, on a GPU, how long the device ran
+    # time (on the device on a GPU, else on the host; none for a loader whose transforms run on
+    # a thread of its own: stock FFCV's) and, on a GPU, how long the device ran
     # anything in that epoch and how many kernels, copies and fills it ran; the rest of an
     # epoch's time is launches and host work
     top_op: str = ""
@@ -87,10 +88,13 @@ class SeedEpochResult:
 
 
 class Timed:
-    """A peer's loader behind the interface tools.timing.loader_pass times (set_epoch, device)."""
+    """A peer's loader behind the interface tools.timing.loader_pass times (set_epoch, device).
+    `own_thread`: its transforms run on a thread of its own, whose ops torch.profiler (which
+    records the thread that started it) never sees."""
 
-    def __init__(self, batches: Callable[[], Iterator], device: torch.device):
-        self.batches, self.device = batches, device
+    def __init__(self, batches: Callable[[], Iterator], device: torch.device,
+                 own_thread: bool = False):
+        self.batches, self.device, self.own_thread = batches, device, own_thread
 
     def set_epoch(self, epoch: int) -> None:
         """Peers count their own epochs."""
@@ -171,7 +175,7 @@ def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) ->
                         order=OrderOption.RANDOM, drop_last=False, os_cache=True, pipelines={
                             "image": [SimpleRGBImageDecoder(), *augment, *tail],
                             "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]})
-    return Timed(lambda: iter(guarded(loader)), device)
+    return Timed(lambda: iter(guarded(loader)), device, own_thread=True)
 
 
 def ours(kind: str, data: Prepared, cfg: TrainConfig, device: torch.device) -> BatchLoader:
@@ -260,7 +264,7 @@ def profile_epoch(row: PeerResult, loader: Measured, epoch: int) -> None:
         log(f"peers: {row.loader}: the profiled epoch failed: {one_line(error)}")
         return
     sort_by, ops = top_ops(prof, cuda)
-    if ops:
+    if ops and not getattr(loader, "own_thread", False):  # else an op of this thread's, idle
         row.top_op = f"{ops[0]['name']} {ops[0][sort_by]:.2f} ms"
     if cuda:
         events = device_events(prof)

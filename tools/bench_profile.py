@@ -96,8 +96,12 @@ def activities(cuda: bool) -> list[ProfilerActivity]:
 
 
 def device_events(prof: profile) -> list:
-    """The profile's device-side events: kernels, copies and fills."""
-    return [e for e in prof.events() if e.device_type != DeviceType.CPU]
+    """The profile's device-side events: kernels, copies and fills. Not the spans kineto draws
+    on the device for each record_function scope (inductor's '## Call CompiledFxGraph', the
+    optimizer's step): from their first kernel to their last, gaps included, they would count
+    the launch gaps as busy (torch's own tables leave them out too; torch 2.4 cannot tell)."""
+    return [e for e in prof.events() if e.device_type != DeviceType.CPU
+            and not getattr(e, "is_user_annotation", False)]
 
 
 def device_busy_us(events: list) -> float:

@@ -81,7 +81,8 @@ def bench_lines(bench: dict) -> list[str]:
     # the profiled epoch against the fastest timed one: what of it the device was busy
     lines += [f"- peers, profiled: {ROW_NAMES['peers'](r)}: device busy "
               f"{r['device_busy_ms']:.2f} ms of a {1e3 * r['images'] / r['images_per_s']:.2f} ms "
-              f"epoch, {r['device_events']} device events, most time in {r['top_op']}"
+              f"epoch, {r['device_events']} device events"
+              + (f", most time in {r['top_op']}" if r["top_op"] else "")
               for r in peers.get("loaders", [])
               if r.get("device_busy_ms") is not None and r.get("images_per_s")]
     lines += [f"- peers: {r['pipeline']} pipeline epoch {r['images_per_s']:,.0f} images/s, "

@@ -30,10 +30,10 @@ def images_under(folder: Path) -> list[Path]:
     """Every file in `folder` and its sub-folders (linked folders followed, as torchvision's
     ImageFolder follows them, each once), sorted; hidden files and folders (.DS_Store, ...)
     left out. Every file, where ImageFolder keeps image extensions only: a stray file is then
-    named as unreadable, not skipped unseen (ours). DataError for a link whose file is gone and
-    for a folder that cannot be listed (os.walk skips it without a word): their images would
-    be lost."""
-    files, seen = [], set()
+    named as unreadable, not skipped unseen (ours). DataError for the links whose files are gone
+    (all of them in one message) and for a folder that cannot be listed (os.walk skips it
+    without a word): their images would be lost."""
+    files, seen, gone = [], set(), []
     for top, dirs, names in os.walk(folder, onerror=_unlistable, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:  # a link back up the tree: walked already
@@ -43,17 +43,21 @@ def images_under(folder: Path) -> list[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for path in (Path(top, n) for n in names if not n.startswith(".")):
             if path.is_symlink() and not path.exists():
-                raise DataError(f"{path} links to {os.readlink(path)}, which does not exist; "
-                                "restore it or delete the link.")
-            if path.is_file():  # not a FIFO or a socket, which reading would wait on
+                gone.append(f"{path} links to {os.readlink(path)}, which does not exist")
+            elif path.is_file():  # not a FIFO or a socket, which reading would wait on
                 files.append(path)
+    if gone:
+        more = f" and {len(gone) - 5} more links" if len(gone) > 5 else ""
+        raise DataError(f"{'; '.join(sorted(gone)[:5])}{more}; restore "
+                        f"{'them' if len(gone) > 1 else 'it'} or delete the "
+                        f"link{'s' * (len(gone) > 1)}.")
     return sorted(files)
 
 
 def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
     """{split: {class: files}} of an ImageFolder tree; DataError for what is missing or empty:
-    a missing split at once (the layout is wrong), else each split's problem in one message,
-    so that the test split's does not wait for the training split's to be fixed.
+    a missing split at once (the layout is wrong), else every problem of both splits in one
+    message, so that no problem waits for another to be fixed.
 
     Every file under a class folder is one of its images (images_under).
     """
@@ -78,24 +82,32 @@ def class_files(root: Path) -> dict[str, dict[str, list[Path]]]:
 
 
 def _split_classes(root: Path, split: str) -> dict[str, list[Path]]:
-    """{class: files} of one split of an ImageFolder tree; DataError for its first problem."""
+    """{class: files} of one split of an ImageFolder tree; DataError naming all its problems
+    at once (a round of fixes each was slow on a large tree)."""
     folder = root / split
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
                      and not p.name.startswith("."))
+    problems, files = [], {}
     broken = [repr(c) for c in classes if not plain_line(c)]
     if broken:  # each name is a line of the report's tables and of messages
-        raise DataError(f"{folder} has class folders whose names are blank or hold a line "
+        problems.append(f"{folder} has class folders whose names are blank or hold a line "
                         f"break, tab or other control character ({', '.join(broken)}); "
                         "rename them.")
     if len(classes) < 2:  # a classifier of one class has nothing to tell apart
         found = f"only the class folder {classes[0]}" if classes else "no class folders"
-        raise DataError(f"{folder} has {found}; a classifier needs at least 2 classes: put "
+        problems.append(f"{folder} has {found}; a classifier needs at least 2 classes: put "
                         f"each class's images in {folder}/<class name>/.")
-    files = {c: images_under(folder / c) for c in classes}
+    for c in classes:
+        try:
+            files[c] = images_under(folder / c)
+        except DataError as error:
+            problems.append(str(error))
     empty = [str(folder / c) for c, names in files.items() if not names]
     if empty:
-        raise DataError(f"{', '.join(empty)}: no images in this class folder; add some or "
+        problems.append(f"{', '.join(empty)}: no images in this class folder; add some or "
                         "remove the folder.")
+    if problems:
+        raise DataError(" ".join(problems))
     return files
 
 

@@ -260,6 +260,27 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
     assert str(tmp_path) in str(error.value)
 
 
+def test_every_problem_of_one_split_is_named_in_one_error(tmp_path):
+    """A tab in a class name, an empty class folder and two links to moved files in one split:
+    each was named only once the one before it was fixed, a round of fixes per problem."""
+    write_tree(tmp_path)
+    train = tmp_path / "train"
+    os.rename(train / "dog", train / "do\tg")
+    for f in (train / "cat").iterdir():
+        f.unlink()
+    for name in ("a.png", "b.png"):
+        (train / "frog" / name).symlink_to(tmp_path / "moved" / name)
+    with pytest.raises(DataError) as error:
+        folders.class_files(tmp_path)
+    assert str(error.value) == (
+        f"{train} has class folders whose names are blank or hold a line break, tab or other "
+        "control character ('do\\tg'); rename them. "
+        f"{train}/frog/a.png links to {tmp_path}/moved/a.png, which does not exist; "
+        f"{train}/frog/b.png links to {tmp_path}/moved/b.png, which does not exist; restore "
+        f"them or delete the links. {train}/cat: no images in this class folder; add some or "
+        "remove the folder.")
+
+
 def test_both_splits_problems_are_named_in_one_error(tmp_path):
     """An empty class folder in each split: the test split's was named only once the training
     split's was fixed, a round of fixes per split."""

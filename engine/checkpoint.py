@@ -116,13 +116,34 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path} has the cifar10-engine marker but malformed "
                               f"{', '.join(wrong)}; it was damaged or written by other code. "
                               "Use the ckpt.pt that engine/train.py wrote.")
+    if why := misfit(ckpt):
+        raise CheckpointError(f"{path}: its weights do not fit a {ckpt['arch']} of width "
+                              f"{ckpt['width']} with {ckpt['num_classes']} classes ({why}); it "
+                              "was damaged or written by other code. Use the ckpt.pt that "
+                              "engine/train.py wrote.")
     bad = nonfinite(ckpt["state_dict"])
     if bad:  # training never saves one (engine.loop.fit): no model to evaluate or resume
         raise CheckpointError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}"
                               f"{', ...' if len(bad) > 3 else ''}); engine/train.py never saves "
                               "such a state, so it was damaged or written by other code. Use "
                               "another checkpoint, e.g. the run's best.pt.")
+    variances = [k for k, v in ckpt["state_dict"].items()
+                 if k.endswith("running_var") and bool((v < 0).any())]
+    if variances:  # a variance is never below 0; normalizing by one gives NaN
+        raise CheckpointError(f"{path} holds negative BatchNorm variances "
+                              f"({', '.join(variances[:3])}{', ...' if len(variances) > 3 else ''}"
+                              "); engine/train.py never saves such a state, so it was damaged "
+                              "or written by other code. Use another checkpoint, e.g. the run's "
+                              "best.pt.")
     return ckpt
+
+
+def broken_outputs(path: Path) -> CheckpointError:
+    """The error for a checkpoint whose model gives NaN or infinite logits (finite weights too
+    large to compute with, say): nothing a tool could show of it would mean anything."""
+    return CheckpointError(f"{path}'s model gives NaN or infinite logits; its weights are "
+                           "broken (a diverged run?). Use another checkpoint, e.g. the run's "
+                           "best.pt.")
 
 
 def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
@@ -205,16 +226,33 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
     }
 
 
-def model_from(ckpt: dict, path: Path | str = "checkpoint") -> nn.Module:
-    """The trained model rebuilt from a loaded checkpoint: fp32, eager, unwrapped, eval mode."""
-    try:
-        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["width"])
-        model.load_state_dict(ckpt["state_dict"])
-    except (ValueError, RuntimeError) as error:  # unknown arch, or weights of another shape
-        raise CheckpointError(f"{path}: its weights do not fit a {ckpt['arch']} of width "
-                              f"{ckpt['width']} with {ckpt['num_classes']} classes "
-                              f"({one_line(error)}).") from None
+def model_from(ckpt: dict) -> nn.Module:
+    """The trained model rebuilt from a checkpoint that load() checked: fp32, eager,
+    unwrapped, eval mode."""
+    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["width"])
+    model.load_state_dict(ckpt["state_dict"])
     return model.eval()
+
+
+def misfit(ckpt: dict) -> str | None:
+    """Why ckpt's weights do not fit the model its arch, width and classes name, or None.
+    Compared on the meta device, without memory: an edited width (4096, say) would fill the
+    machine's memory before any weight was compared."""
+    def dims(shape: torch.Size | None) -> str:
+        return "none" if shape is None else "x".join(map(str, shape)) or "a scalar"
+
+    try:
+        with torch.device("meta"):
+            model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["width"])
+    except (ValueError, RuntimeError) as error:  # an unknown arch, a width no tensor can have
+        return one_line(error)
+    wanted = {k: v.shape for k, v in model.state_dict().items()}
+    saved = {k: v.shape for k, v in ckpt["state_dict"].items()}
+    wrong = [k for k in wanted if saved.get(k) != wanted[k]] + sorted(saved.keys() - wanted)
+    if not wrong:
+        return None
+    return (f"{len(wrong)} of its tensors, such as {wrong[0]}: {dims(saved.get(wrong[0]))} "
+            f"where the model has {dims(wanted.get(wrong[0]))}")
 
 
 def content(run: Run, history: list[dict]) -> dict:

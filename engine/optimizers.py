@@ -158,3 +158,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
               for saved, group in zip(state["param_groups"], optimizer.param_groups,
                                       strict=False)]
     optimizer.load_state_dict({**state, "param_groups": groups})
+    # load_state_dict takes a momentum buffer of any shape; the first step would fail on it
+    for param, buffers in optimizer.state.items():
+        for name, value in buffers.items():
+            if name != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise ValueError(f"a saved {name} of shape {tuple(value.shape)} for a parameter "
+                                 f"of shape {tuple(param.shape)}")

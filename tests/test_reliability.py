@@ -807,6 +807,44 @@ def test_non_finite_weights_are_refused_by_every_tool(finished, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_giving_nan_logits_is_refused_by_every_tool(finished, tmp_path):
+    """Finite weights too large to compute with: predict printed 'nan%' and report wrote a
+    whole report of NaN, both exiting 0 (export alone refused)."""
+    run = copy_run(finished, tmp_path)
+    path = _damaged(run, lambda ckpt: ckpt["state_dict"]["stem.0.weight"].mul_(3e38))
+    for result in (run_script("tools/predict.py", path, ROOT / "docs" / "curves.png"),
+                   run_script("tools/report.py", path, "--out", tmp_path / "report"),
+                   run_script("tools/export.py", path, "--format", "safetensors")):
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert one_line_error(result) == (
+            f"error: {path}'s model gives NaN or infinite logits; its weights are broken (a "
+            "diverged run?). Use another checkpoint, e.g. the run's best.pt.")
+    assert sorted(p.name for p in run.iterdir()) == sorted(checkpoint.EPOCH_FILES)
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, words", [
+    # the model of an edited width was built before its weights were compared: at 4096 it
+    # filled the machine's memory until the kernel killed the process
+    (lambda c: c.update(width=4096), "do not fit a resnet18 of width 4096 with 10 classes (101 "
+                                     "of its tensors, such as stem.0.weight: 8x3x3x3 where the "
+                                     "model has 4096x3x3x3)"),
+    (lambda c: c["state_dict"].update(extra=torch.zeros(())),
+     "(1 of its tensors, such as extra: a scalar where the model has none)"),
+    (lambda c: c["state_dict"]["stem.1.running_var"].fill_(-1),
+     "holds negative BatchNorm variances (stem.1.running_var)"),
+], ids=["width 4096", "a tensor too many", "negative variance"])
+def test_weights_that_misfit_their_model_are_refused_on_load(finished, tmp_path, damage, words):
+    ckpt = checkpoint.load(finished / "ckpt.pt")
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(tmp_path / "ckpt.pt")
+    assert words in str(refused.value)
+
+
+@pytest.mark.slow
 def test_a_checkpoint_of_another_version_is_refused_naming_both(finished, tmp_path):
     ckpt = checkpoint.load(finished / "ckpt.pt")
     ckpt["version"] = 2  # otherwise whole: only the version tells it apart
@@ -933,7 +971,10 @@ def test_an_fp16_run_is_resumed_only_where_fp16_can_run(finished, tmp_path):
 @pytest.mark.parametrize("change, cause", [
     (lambda ckpt: ckpt["resume"]["optimizer"].update(param_groups=[]), "ValueError"),
     (lambda ckpt: ckpt["resume"].update(scheduler={"foo": 1}), "KeyError"),
-], ids=["optimizer groups", "scheduler"])
+    # taken by load_state_dict; the first step then failed in a traceback
+    (lambda ckpt: ckpt["resume"]["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)),
+     "ValueError: a saved momentum_buffer of shape (3,) for a parameter of shape (8, 3, 3, 3)"),
+], ids=["optimizer groups", "scheduler", "momentum of another shape"])
 def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, change, cause):
     """Damage of the right types (load's checks pass it) that does not fit the run."""
     run = copy_run(finished, tmp_path)

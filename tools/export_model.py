@@ -111,12 +111,11 @@ def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,
     out = out or default
     check_out(out, path, default)
     require(fmt)
-    model = checkpoint.model_from(ckpt, path)
+    model = checkpoint.model_from(ckpt)
     images, what = check_images(ckpt, path, data_dir, warn)
     ref = reference_logits(ckpt, model, images)
     if not np.isfinite(ref).all():  # nothing to compare an export with
-        raise ExportError(f"{path}'s model gives NaN or infinite logits; its weights are broken "
-                          "(a diverged run?). Export another checkpoint, e.g. the run's best.pt.")
+        raise checkpoint.broken_outputs(path)
     meta = metadata(ckpt, fmt, path.resolve())
     result: list[str] = []
 

@@ -38,13 +38,14 @@ class Classifier:
     model: nn.Module
     to_input: Augment  # uint8 N x 32 x 32 x 3 pictures -> the model's input
     classes: list[str]
+    path: Path  # its checkpoint
 
 
 def load_classifier(path: Path, device: torch.device) -> Classifier:
     """The model of checkpoint `path` on `device`."""
     ckpt = checkpoint.load(path)
-    model = checkpoint.model_from(ckpt, path).to(device)
-    return Classifier(model, evaluation_input(ckpt, device), ckpt["classes"])
+    model = checkpoint.model_from(ckpt).to(device)
+    return Classifier(model, evaluation_input(ckpt, device), ckpt["classes"], path)
 
 
 def memory_advice(device: torch.device, cam: bool) -> AbstractContextManager[None]:
@@ -126,6 +127,8 @@ def top_classes(classifier: Classifier, pictures: Pictures,
     classified = len(pictures.readable) > 0
     probs = (classify(classifier.model, classifier.to_input, pictures.images) if classified
              else torch.zeros(0, 1))
+    if not probs.isfinite().all():
+        raise checkpoint.broken_outputs(classifier.path)
     top = probs.topk(min(k, len(classifier.classes)), dim=1) if classified else None
     found = {path: [{"class": classifier.classes[int(c)], "probability": float(p)}
                     for p, c in zip(top.values[i], top.indices[i], strict=True)]

@@ -10,10 +10,12 @@ import shutil
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.errors import ReportError
 from common.files import made_for, temporary_name, temporary_writer, write_csv
+from engine import checkpoint
 from engine.failures import out_of_memory_as
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import explain, plot_confusion, plot_curves, plot_misclassified, write_pdf
@@ -92,6 +94,8 @@ def write_report(run: Inputs, folder: Path, n: int, layers: list[str],
     """Every file of the report, into `folder`: the `n` most confidently wrong test images,
     explained at `layers` by `methods`."""
     probs, labels = predictions(run)
+    if not np.isfinite(probs).all():
+        raise checkpoint.broken_outputs(run.path)
     pred = probs.argmax(1)
     indices = most_confidently_wrong(probs, labels, n)
     facts = headline(run, probs, labels)

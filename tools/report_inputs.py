@@ -67,7 +67,7 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
 def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
     """Checkpoint, model and test split; ReportError (or Checkpoint/DataError) if they misfit."""
     ckpt = checkpoint.load(path)  # its history holds at least one epoch
-    model = checkpoint.model_from(ckpt, path).to(device)
+    model = checkpoint.model_from(ckpt).to(device)
     test = locate_test_data(ckpt, path, data_dir)
     split = beton.read(test)
     info = beton.read_info(test)

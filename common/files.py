@@ -49,11 +49,15 @@ def _naming(path: Path, tmp: Path) -> Iterator[None]:
 def not_a_file(path: Path) -> str | None:
     """Why a file written at `path` cannot take the place of what is there ('is a folder',
     'is a device, pipe or socket'), or None where there is a file or nothing. A rename over
-    a device would make /dev/null a plain file for the whole machine."""
-    if path.is_dir():
-        return "is a folder"
-    if path.exists() and not path.is_file():
-        return "is a device, pipe or socket, not a file"
+    a device would make /dev/null a plain file for the whole machine. A path that cannot even
+    be looked at (a name too long) is None: the write, or place_problem, says why."""
+    try:
+        if path.is_dir():
+            return "is a folder"
+        if path.exists() and not path.is_file():
+            return "is a device, pipe or socket, not a file"
+    except OSError:
+        pass
     return None
 
 
@@ -160,6 +164,13 @@ def place_problem(path: Path, folders_made: bool = False) -> str | None:
         folder = next(p for p in (folder, *folder.parents) if p.exists())  # / always does
     if not folder.is_dir():
         return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
+    # the write goes to a temporary named after the file, a few bytes longer
+    longest, limit = len(os.fsencode(temporary_name(path).name)), os.pathconf(folder,
+                                                                              "PC_NAME_MAX")
+    if longest > limit:
+        return (f"its name is too long ({len(os.fsencode(path.name))} bytes; this file system "
+                f"takes {limit}, less {longest - len(os.fsencode(path.name))} for the "
+                "temporary it is written as first)")
     problem = unwritable(folder)
     return f"{folder} {problem}" if problem else None
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from common.errors import LoaderError, one_line
+from common.hardware import available_cores
 from loaders import beton
 from loaders.augment import epoch_generator
 from loaders.base import Batch, BatchLoader
@@ -84,6 +85,11 @@ class TorchvisionLoader(BatchLoader):
         split = beton.read(Path(path))
         super().__init__(path, num_samples=len(split.labels), augment=augment, mean=mean,
                          std=std, **kwargs)
+        cores = available_cores()
+        if self.workers > cores:  # else as many processes as asked: 99999 filled the machine
+            raise LoaderError(f"--workers {self.workers}: the torchvision loader's workers are "
+                              f"processes, and this process may use {cores} cores; pass "
+                              f"--workers {cores} or fewer.")
         transform = pil_transform(augment if self.train else None, mean, std)
         # Workers forked, as by default up to Python 3.13: 3.14's default start method,
         # forkserver, pickles the dataset (the whole split: 150 MB of CIFAR-10's) to each

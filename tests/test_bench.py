@@ -270,6 +270,12 @@ def test_sections_choose_what_runs(tmp_path):
     (["--profile-loader", "dali"], "--profile-loader: invalid choice: 'dali'"),
     (["--epoch-images", "1"], "--epoch-images 1: the synthetic data needs at least 10 "
                               "training images, one per class"),
+    # 99999999999 threads was torch's traceback; as many workers, processes until memory ran out
+    (["--threads", "99999999999"], f"--threads 99999999999: this process may use "
+                                   f"{len(os.sched_getaffinity(0))} cores; pass --threads"),
+    (["--workers", "99999999999"], "--workers 99999999999: this process may use"),
+    (["--json", "/tmp/" + "a" * 300 + ".json"], "its name is too long (305 bytes; this file "
+                                                 "system takes 255, less "),  # the pid's digits
 ])
 def test_impossible_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -19,7 +19,7 @@ from conftest import ROOT
 
 import loaders
 from common.errors import LoaderError
-from common.hardware import default_workers
+from common.hardware import available_cores, default_workers
 from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
@@ -596,3 +596,15 @@ def test_more_ffcv_workers_than_numba_may_start_is_one_clear_error(prepared):
                        f"threads.* pass --workers {config.NUMBA_NUM_THREADS} or fewer"):
         loaders.make_loader("ffcv", prepared.train, train=True, batch_size=BATCH, device="cpu",
                             mean=prepared.mean, std=prepared.std, workers=too_many)
+
+
+def test_more_torchvision_workers_than_cores_is_one_clear_error(prepared):
+    """Each of its workers is a process: --workers 99999999999 started them until the machine's
+    memory ran short (hundreds in seconds), and a stop signal left some behind."""
+    cores = available_cores()
+    with pytest.raises(LoaderError, match=f"^--workers {cores + 1}: the torchvision loader's "
+                       f"workers are processes, and this process may use {cores} cores; pass "
+                       f"--workers {cores} or fewer.$"):
+        loaders.make_loader("torchvision", prepared.train, train=True, batch_size=BATCH,
+                            device="cpu", mean=prepared.mean, std=prepared.std,
+                            workers=cores + 1)

@@ -61,6 +61,16 @@ def not_a_file(path: Path) -> str | None:
     return None
 
 
+def resolved(path: Path, option: str) -> Path:
+    """path.resolve(), or OutputError naming `option` where its links loop (resolve raises
+    RuntimeError for that up to Python 3.12, OSError from 3.13)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:
+        raise OutputError(f"{option} {path} cannot be followed ({error}); point its links at "
+                          "a file or folder, or choose another path.") from None
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary sibling of path, then rename it over path."""
     atomic_writes({path: write})

@@ -116,7 +116,11 @@ def test_missing_test_data_falls_back_to_noise_with_a_note(ckpt, tmp_path):
 def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
     (tmp_path / "junk.pt").write_text("junk")
     os.mkfifo(tmp_path / "pipe")  # a device's stand-in: renamed over, /dev/null became a file
-    cases = (((tmp_path / "junk.pt", "--format", "onnx"), "junk.pt"),
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")  # links in a loop: pathlib's traceback
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    cases = (((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path / "l1"),
+              "l1 cannot be followed ("),
+             ((tmp_path / "junk.pt", "--format", "onnx"), "junk.pt"),
              ((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path / "pipe"),
               "pipe is a device, pipe or socket"),
              ((run_dir / "ckpt.pt", "--format", "onnx", "--data-dir", tmp_path / "nodata",
@@ -129,7 +133,7 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
         result = export(*args)
         assert result.returncode == 1 and named in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "pipe"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "l1", "l2", "pipe"]
     assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
 
 

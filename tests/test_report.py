@@ -407,6 +407,17 @@ def test_out_dot_is_the_current_folder(run_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["here"]
 
 
+def test_an_out_whose_links_loop_is_one_line(run_dir, tmp_path, capsys):
+    """pathlib's resolve raised RuntimeError on the loop: a traceback."""
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    assert report.main([str(run_dir / "ckpt.pt"), "--out", str(tmp_path / "l1")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'l1'} cannot be followed (") and \
+        err.endswith("); point its links at a file or folder, or choose another path.\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l1", "l2"]
+
+
 def test_a_full_disk_names_out_and_leaves_nothing(run_dir, tmp_path):
     """Nothing: not the folders made for --out either (a/b here)."""
     with tmpfs(tmp_path / "full", "size=100k") as full:  # a report takes over 200 KiB

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common.errors import EngineError, ExportError
-from common.files import atomic_write, made_for, not_a_file
+from common.files import atomic_write, made_for, not_a_file, resolved
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton
@@ -41,7 +41,7 @@ def check_out(out: Path, source: Path, default: Path) -> None:
     overwritten by its export can no longer be resumed, evaluated or exported again."""
     if problem := not_a_file(out):
         raise ExportError(f"--out {out} {problem}; name the file to write.")
-    if out.resolve() == source.resolve():
+    if resolved(out, "--out") == source.resolve():  # the checkpoint was read: no loop
         what = "is the checkpoint being exported"
     elif out.is_file() and holds_checkpoint(out):
         what = "is a cifar10-engine checkpoint"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from common.errors import ReportError
-from common.files import made_for, temporary_name, temporary_writer, write_csv
+from common.files import made_for, resolved, temporary_name, temporary_writer, write_csv
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from tools.report_faithfulness import faithfulness, verdict
@@ -185,7 +185,7 @@ def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | Non
     model run on `device`; returns the folder written."""
     run = load(checkpoint, data_dir, device)  # first: a missing checkpoint is what to fix
     # resolved: `--out .` has no name, and the temporary's name is made from it
-    target = (out or checkpoint.parent / "report").resolve()
+    target = resolved(out or checkpoint.parent / "report", "--out")
     check_out(target, out is not None)
     for layer in layers:
         layer_of(run.model, layer)

@@ -246,6 +246,8 @@ def run_main(body: Callable[[], int | None]) -> int:
     At exit, spare_last_collection; atexit callbacks and module teardown still run.
     """
     previous, hook = {}, sys.unraisablehook
+    if hasattr(sys.stdout, "reconfigure"):  # a file name's bytes that are not UTF-8 printed as
+        sys.stdout.reconfigure(errors="surrogateescape")  # they are, as ls does; not an error
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
         sys.unraisablehook = _quiet_lost_stop(hook)

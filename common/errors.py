@@ -58,6 +58,12 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
+def shown(text: str) -> str:
+    """text that can be printed, drawn and written as UTF-8: the bytes of a file name that are
+    not UTF-8 (which Python keeps as lone surrogates) become '?'."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def plain_line(text: str) -> bool:
     """Whether text prints as one visible line of a message or a table: not blank, and no
     line break (any that str.splitlines splits at), tab, NUL or other control character."""

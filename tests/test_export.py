@@ -138,6 +138,20 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_in_a_folder_named_in_no_utf8_is_exported(run_dir, tmp_path):
+    """torch.jit.load takes a file name only in UTF-8 (a traceback): it reads the bytes."""
+    folder = tmp_path / os.fsdecode(b"run-\xff\xfe")
+    folder.mkdir()
+    shutil.copy(run_dir / "ckpt.pt", folder / "ckpt.pt")
+    result = run_script("tools/export.py", folder / "ckpt.pt", "--format", "torchscript",
+                        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+                        errors="surrogateescape", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.endswith(f"wrote {folder}/ckpt.torchscript.pt\n")
+    assert (folder / "ckpt.torchscript.pt").is_file()
+
+
+@pytest.mark.slow
 def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path):
     """--out naming the checkpoint exported (here through a symlink) or another checkpoint
     (best.pt) would replace a file the run resumes from: refused, and nothing is touched."""

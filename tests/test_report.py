@@ -407,6 +407,22 @@ def test_out_dot_is_the_current_folder(run_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["here"]
 
 
+def test_a_checkpoint_in_a_folder_named_in_no_utf8_is_reported(run_dir, tmp_path):
+    """Names are bytes on Linux: matplotlib refused to draw the path's undecodable bytes (a
+    traceback); the report shows them as '?', and the last line prints them as they are, also
+    where stdout would refuse them (a UTF-8 locale's strict errors, forced here)."""
+    folder = tmp_path / os.fsdecode(b"run-\xff\xfe")
+    folder.mkdir()
+    shutil.copy(run_dir / "ckpt.pt", folder / "ckpt.pt")
+    result = run_script("tools/report.py", folder / "ckpt.pt", "-n", 1, "--layers", "layer3",
+                        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+                        errors="surrogateescape", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"wrote {folder}/report/: summary.md")
+    summary = (folder / "report" / "summary.md").read_text()
+    assert f"{tmp_path}/run-??/ckpt.pt" in summary
+
+
 def test_an_out_whose_links_loop_is_one_line(run_dir, tmp_path, capsys):
     """pathlib's resolve raised RuntimeError on the loop: a traceback."""
     (tmp_path / "l1").symlink_to(tmp_path / "l2")

@@ -75,7 +75,8 @@ def write_torchscript(model: nn.Module, meta: dict[str, str], path: Path) -> Non
 def run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
     """Logits of uint8 N x 32 x 32 x 3 images from the TorchScript file, by torch.jit.load."""
     with jit_quietly():
-        module = torch.jit.load(str(path), map_location="cpu")
+        # from the file's bytes: torch's C++ takes a name only if it is UTF-8
+        module = torch.jit.load(io.BytesIO(path.read_bytes()), map_location="cpu")
     with torch.no_grad():
         return module(to_01(images)).numpy()
 

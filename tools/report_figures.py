@@ -12,6 +12,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from torch import nn
 
+from common.errors import shown
 from common.progress import track
 from tools.cam_methods import METHODS
 from tools.plots import Panel, plot_history
@@ -103,7 +104,7 @@ def summary_page(facts: dict[str, str], config: dict) -> Figure:
         fig.text(0.27, y, value, fontsize=11, wrap=True)
         y -= 0.04
     fig.text(0.05, y - 0.02, "config", fontsize=13, weight="bold")
-    items = [f"{k} = {v}" for k, v in config.items()]
+    items = [f"{k} = {shown(str(v))}" for k, v in config.items()]  # paths among them
     half = -(-len(items) // 2)
     for column, part in enumerate((items[:half], items[half:])):
         fig.text(0.05 + 0.47 * column, y - 0.05, "\n".join(part), fontsize=9, va="top",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import shown
 from tools.report_inputs import Inputs
 
 FAITHFULNESS_FIELDS = ("method", "layer", "road", "road_std", "images")
@@ -51,9 +52,9 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
     params = sum(p.numel() for p in run.model.parameters())
     wrong = int((probs.argmax(1) != labels).sum())
     return {
-        "checkpoint": str(run.path),
+        "checkpoint": shown(str(run.path)),
         "dataset": f"{ckpt['data']['dataset']}: {len(labels):,} test images, "
-                   f"{ckpt['num_classes']} classes ({run.test})",
+                   f"{ckpt['num_classes']} classes ({shown(str(run.test))})",
         "model": f"{ckpt['arch']}, width {ckpt['width']}, {params:,} parameters",
         "epochs": f"{len(history)} of {ckpt['config'].get('epochs', '?')}",
         "final test accuracy": f"{last['test_acc']:.2%} at epoch {last['epoch']}{tta} "

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, run_script, torchrun_env
 
 from engine import checkpoint
+from tools import comparison
 from tools.compare import main
 from tools.comparison import Result, default_lr
 
@@ -91,6 +92,17 @@ def test_a_run_that_diverges_is_a_row_with_its_reason_and_the_next_one_still_run
         rows = list(csv.DictReader(f))
     assert [r["optimizer"] for r in rows] == ["sgd", "adam"]
     assert all("NaN or infinite in epoch 1" in r["note"] for r in rows), rows
+
+
+@pytest.mark.slow
+def test_a_stopped_runs_history_comes_from_its_checkpoint(out, tmp_path):
+    """A diverged run's saved epochs were read from metrics.jsonl, whose hand-cut last line
+    was a JSONDecodeError traceback; ckpt.pt holds them, checked as it loads."""
+    run = Path(shutil.copytree(out / "sgd", tmp_path / "sgd"))
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])
+    assert comparison.saved_history(run) == checkpoint.load(run / "ckpt.pt")["history"] != []
+    assert comparison.saved_history(tmp_path / "none") == []
 
 
 @pytest.mark.slow

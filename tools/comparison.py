@@ -4,7 +4,6 @@ command line)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from common.cli import error_line
 from common.errors import Interrupted, RangeTestError, TrainingError
 from common.files import atomic_write, output_dir, write_csv, write_text
+from engine import checkpoint
 from engine.config import TrainConfig
 from engine.loop import Log, end_processes, train
 from tools.plots import Panel, plot_history
@@ -97,10 +97,10 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log
 
 
 def saved_history(run_dir: Path) -> list[dict]:
-    """The epochs a stopped run saved, from its metrics.jsonl."""
-    metrics = run_dir / "metrics.jsonl"
-    return ([json.loads(line) for line in metrics.read_text().splitlines()]
-            if metrics.exists() else [])
+    """The epochs a stopped run saved, from its ckpt.pt: checked as it loads, where
+    metrics.jsonl is a copy that a hand (or a full disk) may have cut short."""
+    path = run_dir / "ckpt.pt"
+    return checkpoint.load(path)["history"] if path.exists() else []
 
 
 PANELS = [Panel("train loss", ("train_loss",)), Panel("test accuracy", ("test_acc",)),

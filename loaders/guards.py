@@ -27,6 +27,7 @@ from common.hardware import available_cores, process_count
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
 LLVM_EXIT_WAIT = 30.0  # seconds an exit waits for another thread's LLVM call (one call: less)
+NUMBA_LAYERS = ("tbb", "omp", "workqueue")  # numba's threading layers
 
 
 @contextmanager
@@ -58,7 +59,7 @@ def importing_ffcv() -> Iterator[None]:
       next layer, and the warning's two lines came before every command's own.
     An ImportError in the block (FFCV's, or of a library it loads) is a SetupError naming what
     to install: a traceback otherwise."""
-    numba_threads_checked()
+    numba_settings_checked()
     import numba.typed
 
     patch = "ffcv" not in sys.modules
@@ -83,15 +84,28 @@ def importing_ffcv() -> Iterator[None]:
             del numba.typed.Dict
 
 
-def numba_threads_checked() -> None:
-    """Refuse a NUMBA_NUM_THREADS that is no count of threads, which numba reads as it is
-    imported: below 1, a traceback from inside that import; unreadable, numba's warning with
-    a traceback in it, then every core anyway."""
+def numba_settings_checked() -> None:
+    """Refuse numba's thread settings it would fail on, each a traceback otherwise: a
+    NUMBA_NUM_THREADS that is no count of threads (read as numba is imported: below 1, an error
+    inside that import; unreadable, numba's warning with a traceback in it, then every core
+    anyway), and a threading layer, or an order of them, that numba does not know (read as its
+    threads start, in FFCV's first epoch)."""
     value = os.environ.get("NUMBA_NUM_THREADS")
     if value is not None and process_count(value) is None:
         raise SetupError(f"NUMBA_NUM_THREADS={value!r} is not a number of threads: numba (FFCV's "
                          "compiler) needs a whole number of at least 1; unset it (`unset "
                          "NUMBA_NUM_THREADS`) for as many as this process may use.")
+    layer = os.environ.get("NUMBA_THREADING_LAYER")
+    if layer is not None and layer not in ("default", "safe", "threadsafe", "forksafe",
+                                           *NUMBA_LAYERS):
+        raise SetupError(f"NUMBA_THREADING_LAYER={layer!r} is no threading layer numba (FFCV's "
+                         f"compiler) knows: choose one of {', '.join(NUMBA_LAYERS)}, or default, "
+                         "safe, threadsafe or forksafe; or unset it.")
+    order = os.environ.get("NUMBA_THREADING_LAYER_PRIORITY")
+    if order is not None and sorted(order.split()) != sorted(NUMBA_LAYERS):
+        raise SetupError(f"NUMBA_THREADING_LAYER_PRIORITY={order!r} is not an order of numba's "
+                         f"three threading layers: name each of {', '.join(NUMBA_LAYERS)} once, "
+                         "separated by spaces; or unset it.")
 
 
 def numba_workers(workers: int) -> int:

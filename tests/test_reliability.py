@@ -296,6 +296,22 @@ def test_a_numba_thread_count_that_is_no_count_is_refused_by_name(value, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, value, words", [
+    ("NUMBA_THREADING_LAYER", "garbage", "is no threading layer numba (FFCV's compiler) knows"),
+    ("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb", "is not an order of numba's three threading "
+                                                  "layers"),
+])
+def test_a_numba_threading_layer_numba_does_not_know_is_refused_by_name(name, value, words,
+                                                                        tmp_path):
+    """numba reads them as its threads start, in FFCV's first epoch: a ValueError traceback."""
+    out = tmp_path / "run"
+    result = train("--out", out, timeout=300, env={**os.environ, name: value})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result).startswith(f"error: {name}={value!r} {words}")
+    assert not out.exists()
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 

@@ -28,6 +28,9 @@ from loaders.preparation import Prepared, prepare
 DTYPES = dict(zip(PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 # set in each process by torchrun (TORCHELASTIC_RUN_ID) and by accelerate launch
 LAUNCHED = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
+# what torchrun and accelerate launch set, besides accelerate's own ACCELERATE_*
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT")
 
 
 @dataclass
@@ -81,8 +84,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             accelerator = Accelerator(cpu=not cuda, log_with=cfg.log_with,
                                       project_dir=cfg.out, mixed_precision="no",
                                       dynamo_backend="no")
-    except ValueError as error:  # accelerate's word for an unknown tracker
-        raise TrainingError(str(error)) from None
+    except ValueError as error:  # an unknown tracker, or a launcher's variable it cannot read
+        read = [f"{k}={v!r}" for k, v in sorted(os.environ.items()) if k in LAUNCH_VARIABLES
+                or k.startswith("ACCELERATE_")]  # which one, its message does not say
+        where = (f" (accelerate reads {', '.join(read)} from the environment: correct or unset "
+                 "the one it cannot read)") if read else ""
+        raise TrainingError(f"{error}{where}") from None
     if not cuda:  # after Accelerator: under mpirun it is what sets WORLD_SIZE and LOCAL_...
         share_cores()
     return accelerator

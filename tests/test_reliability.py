@@ -312,6 +312,22 @@ def test_a_numba_threading_layer_numba_does_not_know_is_refused_by_name(name, va
     assert not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, value, error", [
+    ("LOCAL_RANK", "x", "invalid literal for int() with base 10: 'x'"),
+    ("ACCELERATE_USE_CPU", "maybe", "invalid truth value maybe"),
+])
+def test_a_launch_variable_accelerate_cannot_read_is_named(name, value, error, tmp_path):
+    """accelerate's own words name the value, not the variable it came from."""
+    out = tmp_path / "run"
+    result = train("--out", out, timeout=300, env={**os.environ, name: value})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result) == (
+        f"error: {error} (accelerate reads {name}={value!r} from the environment: correct or "
+        "unset the one it cannot read)")
+    assert not out.exists()
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 

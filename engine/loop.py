@@ -57,6 +57,9 @@ def diverged(run: Run, done: int, what: str) -> TrainingError:
             else "no epoch had finished, so nothing was saved")
     if cfg.precision == "fp16":
         fix = "--precision bf16 (or fp32) instead of fp16"
+    elif cfg.weight_decay >= 1:  # each step's decay alone scales the weights by 1 - lr x wd
+        fix = (f"a --weight-decay far below 1 (the default is {TrainConfig.weight_decay:g}; "
+               f"it diverged with {cfg.weight_decay:.3g})")
     else:
         fix = f"a lower --lr (e.g. --lr {float(cfg.lr) / 10:.3g})"
     out = " and a new --out" if done else ""  # else the same --out is free again

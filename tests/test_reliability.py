@@ -415,6 +415,17 @@ def test_divergence_in_the_first_epoch_says_nothing_was_saved(data_dir, tmp_path
     assert not (out / "ckpt.pt").exists()  # so the same --out takes the next try
 
 
+@pytest.mark.slow
+def test_divergence_from_a_huge_weight_decay_names_the_weight_decay(data_dir, tmp_path):
+    """It advised a lower --lr, which left the cause in place."""
+    result = train("--data-dir", data_dir, "--epochs", "1", "--weight-decay", "1e11",
+                   "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert one_line_error(result).endswith(
+        "start again with a --weight-decay far below 1 (the default is 0.0005; it diverged with "
+        "1e+11).")
+
+
 def test_nonfinite_weights_and_buffers_are_found_by_name():
     model = build_model("resnet18", 10, 4)
     assert checkpoint.nonfinite(model.state_dict()) == []

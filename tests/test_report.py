@@ -423,6 +423,17 @@ def test_a_checkpoint_in_a_folder_named_in_no_utf8_is_reported(run_dir, tmp_path
     assert f"{tmp_path}/run-??/ckpt.pt" in summary
 
 
+def test_recorded_test_data_that_is_a_pipe_is_named_as_such(run_dir, tmp_path, capsys):
+    """It was said not to exist."""
+    os.mkfifo(tmp_path / "test.beton")
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ckpt["data"]["test"] = str(tmp_path / "test.beton")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert report.main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "report")]) == 1
+    assert f"at {tmp_path / 'test.beton'}, which is not a file (a folder, device or pipe). " \
+        "Pass --data-dir DIR" in capsys.readouterr().err
+
+
 def test_an_out_whose_links_loop_is_one_line(run_dir, tmp_path, capsys):
     """pathlib's resolve raised RuntimeError on the loop: a traceback."""
     (tmp_path / "l1").symlink_to(tmp_path / "l2")

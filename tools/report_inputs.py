@@ -48,9 +48,10 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
     if data_dir is None:
         recorded = Path(data["test"])
         if not recorded.is_file():
-            raise ReportError(f"{path} records its test data at {recorded}, which does not "
-                              f"exist (moved or deleted?). Pass --data-dir DIR to rebuild the "
-                              f"{dataset} test split there.")
+            what = ("is not a file (a folder, device or pipe)" if recorded.exists()
+                    else "does not exist (moved or deleted?)")
+            raise ReportError(f"{path} records its test data at {recorded}, which {what}. "
+                              f"Pass --data-dir DIR to rebuild the {dataset} test split there.")
         return recorded
     if not data_dir.is_dir():
         what = "is a file, not a folder" if data_dir.exists() else "does not exist"

@@ -4,6 +4,7 @@ with the same augmentations as augment.py. Kept to measure what the other loader
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
+from common.cli import STOP_SIGNALS, stop_signals_held
 from common.errors import LoaderError, one_line
 from common.hardware import available_cores
 from loaders import beton
@@ -65,6 +67,19 @@ class ImageDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+def _stop_quietly(worker_id: int) -> None:
+    """A worker's init: Ctrl-C and SIGTERM, which a terminal, `timeout` or Slurm send to the
+    whole group, end it as torch's worker loop ends on Ctrl-C, quietly and with status 0 (the
+    parent stops). torch's own SIGTERM handler lets a SIGTERM not sent by the parent kill the
+    worker, which the parent then reported after its own line: 'Exception ignored in:
+    <function _MultiProcessingDataLoaderIter.__del__ ...> ... RuntimeError: DataLoader worker
+    (pid N) is killed by signal: Terminated.' The worker starts with them blocked (__iter__),
+    so none reaches torch's handler before this one replaces it."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class _ShardSampler(Sampler[int]):
     def __init__(self, owner: BatchLoader):
         self.owner = owner
@@ -105,7 +120,7 @@ class TorchvisionLoader(BatchLoader):
             ImageDataset(split.images, split.labels, transform),
             batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            multiprocessing_context=forked)
+            multiprocessing_context=forked, worker_init_fn=_stop_quietly)
 
     def __iter__(self) -> Iterator[Batch]:
         # the workers' seeds come from this generator: one per (seed, epoch, rank), so an epoch
@@ -113,8 +128,17 @@ class TorchvisionLoader(BatchLoader):
         # with the same --workers (each worker draws for the batches it is dealt)
         self.loader.generator = epoch_generator(self.seed, self.epoch, "cpu", rank=self.rank)
         dtype = self.augment.dtype
+        # held while iter() forks the workers: Python drops a KeyboardInterrupt raised in an
+        # at-fork hook (logging's), and the command ran on; and blocked in this thread, so that
+        # the workers start with them blocked until _stop_quietly
+        with stop_signals_held():
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                batches = iter(self.loader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
-            for images, labels in self.loader:
+            for images, labels in batches:
                 images = images.to(self.device, dtype, non_blocking=True)
                 yield (images.contiguous(memory_format=torch.channels_last),
                        labels.to(self.device, non_blocking=True))

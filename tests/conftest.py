@@ -158,6 +158,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return ModuleScheduling(config, log)
 
 
+# every core this machine lets the tests use, before pytest_configure gives a worker its share
+MACHINE_CORES = sorted(os.sched_getaffinity(0))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Give each pytest-xdist worker cores of its own, for itself and the commands it starts:
     unpinned, N workers' torch processes each spread over every core, and their threads spin
@@ -166,7 +170,7 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = getattr(config, "workerinput", None)
     if worker is None:
         return
-    cores = sorted(os.sched_getaffinity(0))
+    cores = MACHINE_CORES
     index, count = int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])
     mine = set(cores[index % len(cores)::count])  # every core, none twice while there are enough
     os.sched_setaffinity(0, mine)

@@ -579,7 +579,7 @@ def test_a_torchvision_worker_killed_mid_training_is_one_clear_error(data_dir, t
     """The OOM killer ends a DataLoader worker: torch says so in next(), or wherever the main
     thread is when its SIGCHLD handler runs (mid-step, say); either way one line with the fix."""
     proc = start("--data-dir", str(data_dir), "--epochs", "3", "--loader", "torchvision",
-                 "--workers", "2", "--out", str(tmp_path / "out"))
+                 "--workers", "1", "--out", str(tmp_path / "out"))
     try:
         deadline = time.monotonic() + 300
         while not (workers := data_workers(proc.pid)):
@@ -591,7 +591,7 @@ def test_a_torchvision_worker_killed_mid_training_is_one_clear_error(data_dir, t
         proc.kill()
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "error: a --loader torchvision worker reading " in stderr
-    assert "pass fewer --workers (here 2), or use --loader ffcv." in stderr
+    assert "pass fewer --workers (here 1), or use --loader ffcv." in stderr
 
 
 # --- a full disk --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.cli import stop_if_interrupted
 from engine.run import DTYPES, Run, train_step
 from loaders.base import BatchLoader
 from tools.bench_options import TURN_EPOCHS, TURN_S
@@ -50,10 +51,17 @@ def loader_pass(loader: BatchLoader, epoch: int,
     loader.set_epoch(epoch)
     sync(loader.device)
     start, images = time.perf_counter(), 0
-    for batch, labels in loader:
-        if on_first is not None and not images:
-            on_first(batch)
-        images += len(labels)
+    try:
+        for batch, labels in loader:
+            if on_first is not None and not images:
+                on_first(batch)
+            images += len(labels)
+    finally:
+        # a stop signal that Python dropped during the pass (in a finalizer or an at-fork
+        # hook) stops here, and so does the error it caused meanwhile (a torchvision worker
+        # the same signal killed): the sections record an error and go on, and the loaders'
+        # turns, as many as --epochs, logged nothing that would have stopped them
+        stop_if_interrupted()
     sync(loader.device)
     return Pass(images, time.perf_counter() - start)
 
@@ -76,14 +84,17 @@ def train_pass(run: Run, epoch: int) -> Pass:
     run.model.train()
     sync(device)
     start, images, waits, batches = time.perf_counter(), 0, [], iter(loader)
-    while True:
-        before = time.perf_counter()
-        batch = next(batches, None)
-        waits.append(time.perf_counter() - before)
-        if batch is None:
-            break
-        train_step(run, *batch)
-        images += len(batch[1])
+    try:
+        while True:
+            before = time.perf_counter()
+            batch = next(batches, None)
+            waits.append(time.perf_counter() - before)
+            if batch is None:
+                break
+            train_step(run, *batch)
+            images += len(batch[1])
+    finally:
+        stop_if_interrupted()  # as in loader_pass
     sync(device)
     return Pass(images, time.perf_counter() - start, sum(waits), waits[0])
 

@@ -254,6 +254,11 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
             if main and ckpt is None and (out / "ckpt.pt").exists():
                 raise TrainingError(f"{out} already holds a run; continue it with --resume "
                                     f"{out} or choose another --out.")
+            if main and ckpt is None and (found := [n for n in checkpoint.EPOCH_FILES
+                                                    if (out / n).exists()]):
+                # not a run's (it saves them with its ckpt.pt): the user's own, say
+                raise TrainingError(f"{out} holds {', '.join(found)}, which a run writes over; "
+                                    "choose another --out, or move them away.")
             if main:
                 sweep_temporaries(out)  # of a save that was killed midway
             try:

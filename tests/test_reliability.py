@@ -332,6 +332,25 @@ def test_a_launch_variable_accelerate_cannot_read_is_named(name, value, error, t
 
 
 @pytest.mark.slow
+def test_a_new_run_never_writes_over_files_in_its_out(finished, tmp_path):
+    """A run's own folder is for --resume; a folder holding files of the names a run writes
+    (the user's config.json and metrics.csv, say) were written over without a word."""
+    run = copy_run(finished, tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("config.json", "metrics.csv"):
+        (mine / name).write_text("the user's own\n")
+    for out, words in ((run, f"{run} already holds a run; continue it with --resume {run} or "
+                             "choose another --out."),
+                       (mine, f"{mine} holds metrics.csv, config.json, which a run writes over; "
+                              "choose another --out, or move them away.")):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        result = train("--out", out, timeout=300)
+        assert result.returncode == 1 and one_line_error(result) == f"error: {words}"
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     (run / ".ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint of a killed save")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -654,9 +655,16 @@ def test_sigterm_to_the_group_amid_torchvision_workers_prints_one_line(tmp_path)
             assert time.monotonic() < deadline and proc.poll() is None, "no worker started"
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # which process is still there, and where it waits
+            left = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:24,args", "-g",
+                                   str(proc.pid)], capture_output=True, text=True).stdout
+            pytest.fail(f"still running 120 s after SIGTERM (parent's status {proc.poll()}):\n"
+                        f"{left}")
     finally:
-        proc.kill()
+        with suppress(ProcessLookupError):  # the parent and any worker it left behind
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143 and stderr.strip() == "interrupted", stderr[-3000:]
 
 

@@ -51,13 +51,11 @@ def not_a_file(path: Path) -> str | None:
     'is a device, pipe or socket'), or None where there is a file or nothing. A rename over
     a device would make /dev/null a plain file for the whole machine. A path that cannot even
     be looked at (a name too long) is None: the write, or place_problem, says why."""
-    try:
+    with suppress(OSError):
         if path.is_dir():
             return "is a folder"
         if path.exists() and not path.is_file():
             return "is a device, pipe or socket, not a file"
-    except OSError:
-        pass
     return None
 
 

@@ -15,7 +15,7 @@ import torch
 
 from common.errors import ReportError
 from common.files import made_for, resolved, temporary_name, temporary_writer, write_csv
-from engine import checkpoint
+from engine.checkpoint import broken_outputs
 from engine.failures import out_of_memory_as
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import explain, plot_confusion, plot_curves, plot_misclassified, write_pdf
@@ -95,7 +95,7 @@ def write_report(run: Inputs, folder: Path, n: int, layers: list[str],
     explained at `layers` by `methods`."""
     probs, labels = predictions(run)
     if not np.isfinite(probs).all():
-        raise checkpoint.broken_outputs(run.path)
+        raise broken_outputs(run.path)
     pred = probs.argmax(1)
     indices = most_confidently_wrong(probs, labels, n)
     facts = headline(run, probs, labels)

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from common.errors import EngineError, Interrupted
+from common.files import dead_link
 
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of its own
@@ -124,6 +125,8 @@ def os_error_text(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         where = f" writing {error.filename}" if error.filename else ""
         return f"the disk is full{where}; free some space or write to another disk."
+    if error.filename and (problem := dead_link(error.filename)):
+        return f"{error.filename} {problem}."
     where = f" {error.filename}" if error.filename else ""
     return (f"cannot use{where}: {error.strerror or error}. Check that the path exists, is "
             "writable and that its disk has free space.")

@@ -183,6 +183,16 @@ def place_problem(path: Path, folders_made: bool = False) -> str | None:
     return f"{folder} {problem}" if problem else None
 
 
+def dead_link(path: Path | str) -> str | None:
+    """Why `path` cannot be followed where it is a symbolic link that leads nowhere (its
+    links loop, or end at a missing path's parent), or None: mkdir and open then say only
+    'File exists' or 'No such file'."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"is a symbolic link that cannot be followed (to {os.readlink(path)}: its links "
+                "loop or lead nowhere); point it at a path that exists, or remove it")
+    return None
+
+
 def make_dir(path: Path, option: str = "--out") -> None:
     """Create folder `path` (and parents) and check it is writable.
 
@@ -194,8 +204,8 @@ def make_dir(path: Path, option: str = "--out") -> None:
         path.mkdir(parents=True, exist_ok=True)
         problem = unwritable(path)
     except OSError as error:
-        problem = ("is a file, not a folder" if path.is_file()
-                   else f"cannot be written ({error.strerror})")
+        problem = ("is a file, not a folder" if path.is_file() else dead_link(path)
+                   or f"cannot be written ({error.strerror})")
     if problem:
         raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
 

@@ -331,6 +331,20 @@ def test_a_launch_variable_accelerate_cannot_read_is_named(name, value, error, t
 # --- resume -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("option", ["--out", "--data-dir"])
+def test_a_path_whose_links_loop_is_named_as_such(option, tmp_path):
+    """mkdir said only 'File exists' of it: 'cannot be written (File exists)', or 'cannot use'
+    it, where nothing by that name could be seen."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    others = ["--out", tmp_path / "run"] if option == "--data-dir" else []
+    result = train(option, tmp_path / "a", *others, timeout=120)
+    assert result.returncode in (1, 2), result.stderr[-2000:]
+    assert f"{tmp_path / 'a'} is a symbolic link that cannot be followed (to b: its links loop " \
+        "or lead nowhere); point it at a path that exists, or remove it" in one_line_error(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
 @pytest.mark.slow
 def test_a_new_run_never_writes_over_files_in_its_out(finished, tmp_path):
     """A run's own folder is for --resume; a folder holding files of the names a run writes

@@ -183,6 +183,9 @@ def test_a_pipe_is_named_as_no_file_and_never_opened(tmp_path):
         read_image(tmp_path / "pipe.png")
     with pytest.raises(DataError, match="missing.png: no such file$"):
         read_image(tmp_path / "missing.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")  # 'no such file', though ls shows it
+    with pytest.raises(DataError, match="loop.png is a symbolic link that cannot be followed"):
+        read_image(tmp_path / "loop.png")
 
 
 @pytest.mark.parametrize("limit", [200_000, 100_000])  # PIL warns above it, refuses above 2x

@@ -121,20 +121,16 @@ def load(path: Path) -> dict:
                               f"{ckpt['width']} with {ckpt['num_classes']} classes ({why}); it "
                               "was damaged or written by other code. Use the ckpt.pt that "
                               "engine/train.py wrote.")
-    bad = nonfinite(ckpt["state_dict"])
-    if bad:  # training never saves one (engine.loop.fit): no model to evaluate or resume
-        raise CheckpointError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}"
-                              f"{', ...' if len(bad) > 3 else ''}); engine/train.py never saves "
-                              "such a state, so it was damaged or written by other code. Use "
-                              "another checkpoint, e.g. the run's best.pt.")
+    # states training never saves (engine.loop.fit stops first): no model to evaluate or resume
     variances = [k for k, v in ckpt["state_dict"].items()
-                 if k.endswith("running_var") and bool((v < 0).any())]
-    if variances:  # a variance is never below 0; normalizing by one gives NaN
-        raise CheckpointError(f"{path} holds negative BatchNorm variances "
-                              f"({', '.join(variances[:3])}{', ...' if len(variances) > 3 else ''}"
-                              "); engine/train.py never saves such a state, so it was damaged "
-                              "or written by other code. Use another checkpoint, e.g. the run's "
-                              "best.pt.")
+                 if k.endswith("running_var") and bool((v < 0).any())]  # normalized by: NaN
+    for what, names in (("NaN or infinite weights", nonfinite(ckpt["state_dict"])),
+                        ("negative BatchNorm variances", variances)):
+        if names:
+            raise CheckpointError(f"{path} holds {what} ({', '.join(names[:3])}"
+                                  f"{', ...' if len(names) > 3 else ''}); engine/train.py never "
+                                  "saves such a state, so it was damaged or written by other "
+                                  "code. Use another checkpoint, e.g. the run's best.pt.")
     return ckpt
 
 

@@ -8,18 +8,22 @@ from engine.config import ARCHS
 
 
 class PointwiseConv(nn.Conv2d):
-    """A 1x1 convolution. With a stride on the CPU it subsamples first and convolves with stride
-    1, which gives the same numbers and never reaches oneDNN's strided 1x1 backward-weights
-    kernel: on channels_last input with fewer input channels than the SIMD block (16 with
-    AVX-512, 8 with AVX2) it writes past its scratch buffer (uxlfoundation/oneDNN#6035, in the
-    oneDNN 3.12 bundled with torch 2.14), which here killed the process at widths 4, 8 and 12,
-    in training and in Grad-CAM. tests/test_model.py sweeps widths and batch sizes."""
+    """A 1x1 convolution that, given a stride, subsamples first and convolves with stride 1:
+    the same numbers, with no strided 1x1 kernel on either device. On the CPU, oneDNN's
+    strided 1x1 backward-weights kernel on channels_last input with fewer input channels than
+    its SIMD block (16 with AVX-512, 8 with AVX2) writes past its scratch buffer
+    (uxlfoundation/oneDNN#6035, in the oneDNN 3.12 bundled with torch 2.14): it killed the
+    process at widths 4, 8 and 12, in training and in Grad-CAM (tests/test_model.py sweeps
+    widths and batch sizes). On the H200, cuDNN's heuristics ran layer2's strided forward (by
+    launch order) through two layout transposes around a non-tensor-core kernel, 186 us, where
+    layer3's and layer4's took 12.4 and 10.9 (benchmarks/results/h200-2026-12-04/
+    trace-kernel-kinds.log); at stride 1 it is a plain GEMM over a quarter of the pixels."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
         super().__init__(in_ch, out_ch, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or self.stride == (1, 1):
+        if self.stride == (1, 1):
             return super().forward(x)
         sy, sx = self.stride
         return F.conv2d(x[:, :, ::sy, ::sx], self.weight)

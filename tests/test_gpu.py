@@ -22,6 +22,7 @@ from engine import checkpoint
 from engine.config import TrainConfig, resolve
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory
+from engine.model import PointwiseConv
 from engine.run import DTYPES, build, make_accelerator, train_step
 from loaders.augment import (
     Augment,
@@ -156,6 +157,29 @@ def test_normalization_on_cuda_equals_the_cpu():
     on_gpu = Augment(None, mean, std, torch.float32, "cuda")(images.cuda())
     assert on_gpu.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pointwise_conv_on_cuda_equals_a_strided_convolution(dtype):
+    """The shortcut's subsampling route computes what cuDNN's strided 1x1 convolution does,
+    in the training layout, values and both gradients."""
+    torch.manual_seed(0)
+    ours = PointwiseConv(64, 128, stride=2).cuda().to(dtype)
+    plain = torch.nn.Conv2d(64, 128, 1, stride=2, bias=False).cuda().to(dtype)
+    plain.weight.data.copy_(ours.weight.data)
+    x = torch.randn(32, 64, 32, 32, device="cuda", dtype=dtype).to(
+        memory_format=torch.channels_last).requires_grad_()
+    y = torch.randn(32, 128, 16, 16, device="cuda", dtype=dtype)
+    grads = []
+    for conv in (ours, plain):
+        x.grad = None
+        out = conv(x)
+        (out.float() * y).sum().backward()
+        grads.append((out, x.grad, conv.weight.grad))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-3)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    assert not torch.equal(grads[0][1], torch.zeros_like(x))  # the input's gradient is there
 
 
 # --- the training step -------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
+from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
 from common.files import dead_link
 
@@ -163,7 +164,11 @@ def interruptible_imports() -> Iterator[None]:
     """Around a script's slow imports (torch: seconds, before run_main is in place): a Ctrl-C
     meanwhile ends the command as run_main's would, one line and 130, even where a library
     swallows it: one that lands while torch imports numpy is lost, and the command ran on, or
-    failed later on the half-imported numpy (a RecursionError)."""
+    failed later on the half-imported numpy (a RecursionError). First, an allocator setting
+    torch would abort on as it loads is refused in one line (common.allocator)."""
+    if problem := allocator_problem():
+        error_line(f"error: {problem}")
+        sys.exit(1)
     previous = signal.getsignal(signal.SIGINT)
     if (threading.current_thread() is not threading.main_thread()
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable

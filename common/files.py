@@ -47,10 +47,11 @@ def _naming(path: Path, tmp: Path) -> Iterator[None]:
 
 
 def not_a_file(path: Path) -> str | None:
-    """Why a file written at `path` cannot take the place of what is there ('is a folder',
-    'is a device, pipe or socket'), or None where there is a file or nothing. A rename over
-    a device would make /dev/null a plain file for the whole machine. A path that cannot even
-    be looked at (a name too long) is None: the write, or place_problem, says why."""
+    """Why `path` is no file to read, nor one a write may replace ('is a folder', 'is a
+    device, pipe or socket'), or None where there is a file or nothing. Read, a pipe with no
+    writer waits forever; renamed over, /dev/null would become a plain file for the whole
+    machine. A path that cannot even be looked at (a name too long) is None: the read or
+    write, or place_problem, says why."""
     with suppress(OSError):
         if path.is_dir():
             return "is a folder"

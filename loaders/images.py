@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import DataError
-from common.files import dead_link
+from common.files import dead_link, not_a_file
 
 SIZE = 32
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -91,9 +91,10 @@ def read_image(path: Path) -> np.ndarray:
 def decode_image(path: Path) -> np.ndarray:
     """read_image, for threads: their caller holds quiet_pil() around them all."""
     if not path.is_file():  # a pipe or a device would never end: not opened
-        raise DataError(f"{path}: not a file (a folder, device or pipe); pass a picture file"
-                        if path.exists() else f"{path} {problem}" if (problem := dead_link(path))
-                        else f"{path}: no such file")
+        if problem := not_a_file(path):
+            raise DataError(f"{path} {problem}; pass a picture file")
+        problem = dead_link(path)
+        raise DataError(f"{path} {problem}" if problem else f"{path}: no such file")
     try:
         with Image.open(path) as opened:
             if opened.width * opened.height > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to 2x

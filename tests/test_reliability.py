@@ -24,6 +24,7 @@ import torch
 from conftest import ROOT, SignalsWhenCollected, run_script, tmpfs
 from test_folders import write_tree
 
+from common.allocator import allocator_problem
 from common.cli import run_main
 from common.errors import CheckpointError, OutputError, TrainingError
 from common.files import (
@@ -326,6 +327,29 @@ def test_a_launch_variable_accelerate_cannot_read_is_named(name, value, error, t
         f"error: {error} (accelerate reads {name}={value!r} from the environment: correct or "
         "unset the one it cannot read)")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, value", [("PYTORCH_CUDA_ALLOC_CONF", "garbage"),
+                                         ("PYTORCH_ALLOC_CONF", "max_split_size_mb:1:2")])
+def test_an_allocator_setting_torch_aborts_on_is_named_before_torch_loads(name, value,
+                                                                          tmp_path):
+    """torch's core libraries parse it as they load: a failed C++ assertion, a core dump and
+    exit 134, with no word of which setting it was."""
+    out = tmp_path / "run"
+    result = train("--out", out, timeout=120, env={**os.environ, name: value}, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result).startswith(
+        f"error: torch aborts as it loads with the allocator setting {name}={value!r} (")
+    assert one_line_error(result).endswith("expandable_segments:True, say), or unset it.")
+    assert sorted(tmp_path.iterdir()) == []  # no run folder, and no core file of the probe's
+
+
+def test_allocator_settings_torch_reads_pass(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF",
+                       "expandable_segments:True,roundup_power2_divisions:[256:1,512:2]")
+    assert allocator_problem() is None
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage")
+    assert "PYTORCH_CUDA_ALLOC_CONF='garbage'" in allocator_problem()
 
 
 # --- resume -----------------------------------------------------------------------------------

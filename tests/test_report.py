@@ -430,7 +430,7 @@ def test_recorded_test_data_that_is_a_pipe_is_named_as_such(run_dir, tmp_path, c
     ckpt["data"]["test"] = str(tmp_path / "test.beton")
     torch.save(ckpt, tmp_path / "ckpt.pt")
     assert report.main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "report")]) == 1
-    assert f"at {tmp_path / 'test.beton'}, which is not a file (a folder, device or pipe). " \
+    assert f"at {tmp_path / 'test.beton'}, which is a device, pipe or socket, not a file. " \
         "Pass --data-dir DIR" in capsys.readouterr().err
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common.errors import ReportError
+from common.files import not_a_file
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.evaluate import predict
@@ -48,8 +49,7 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
     if data_dir is None:
         recorded = Path(data["test"])
         if not recorded.is_file():
-            what = ("is not a file (a folder, device or pipe)" if recorded.exists()
-                    else "does not exist (moved or deleted?)")
+            what = not_a_file(recorded) or "does not exist (moved or deleted?)"
             raise ReportError(f"{path} records its test data at {recorded}, which {what}. "
                               f"Pass --data-dir DIR to rebuild the {dataset} test split there.")
         return recorded

@@ -1,0 +1,39 @@
+"""torch's memory-allocator settings, checked before torch loads: its core libraries parse them
+as they load, and one they cannot parse ('garbage', 'a:b:c') ends the process in a failed C++
+assertion and a core dump (torch 2.15), before any Python code could say which setting it was."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+# torch's core libraries loaded alone, with no core file: tens of milliseconds, where importing
+# torch takes seconds. No torch to find is no abort to report (the probe then fails quietly).
+PROBE = """
+import ctypes, importlib.util, os, resource
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+lib = os.path.join(importlib.util.find_spec("torch").submodule_search_locations[0], "lib")
+for name in ("libc10.so", "libc10_cuda.so", "libc10_hip.so"):
+    if os.path.exists(os.path.join(lib, name)):
+        ctypes.CDLL(os.path.join(lib, name))
+"""
+
+
+def allocator_problem() -> str | None:
+    """Why torch would abort as it loads on the allocator settings in the environment, or None
+    (always where none is set: no child process then)."""
+    given = {name: os.environ[name] for name in VARIABLES if os.environ.get(name, "").strip()}
+    if not given:
+        return None
+    child = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                           errors="replace", check=False)
+    if child.returncode >= 0:  # loaded, or failed for another reason: not the abort
+        return None
+    what = next((line.split("what():", 1)[1].strip() for line in child.stderr.splitlines()
+                 if "what():" in line), f"signal {-child.returncode}")
+    settings = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    return (f"torch aborts as it loads with the allocator setting {settings} ({what}); write it "
+            "as option:value pairs separated by commas (expandable_segments:True, say), or "
+            "unset it.")

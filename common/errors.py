@@ -69,3 +69,11 @@ def plain_line(text: str) -> bool:
     line break (any that str.splitlines splits at), tab, NUL or other control character."""
     return bool(text.strip()) and not any(
         unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def unplain(names: list[str]) -> str | None:
+    """What is wrong with those of `names` that are no plain_line, naming them; None when all
+    are: each class name is a line of the report's tables and of messages."""
+    broken = [repr(name) for name in names if not plain_line(name)]
+    return (f"blank or hold a line break, tab or other control character ({', '.join(broken)})"
+            if broken else None)

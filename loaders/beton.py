@@ -211,19 +211,20 @@ def write(path: Path, split: Split, classes: list[str],
     written: dict[str, object] = {}
 
     def write_beton(tmp: Path) -> None:
-        try:
-            writer_class(str(tmp), fields, num_workers=workers).from_indexed_dataset(
-                _Rows(split), chunksize=1000, shuffle_indices=False)
-        except OSError as error:  # the parent's own writes (header, table) hit the disk
-            raise DataError(f"could not write {tmp} ({error.strerror or error}); check that "
-                            f"{path.parent} is writable and has free space.") from error
+        writer_class(str(tmp), fields, num_workers=workers).from_indexed_dataset(
+            _Rows(split), chunksize=1000, shuffle_indices=False)
         written.update(size=tmp.stat().st_size, file_digest=file_digest(tmp))
 
     try:
         atomic_write(path, write_beton)
-    except DataError as error:
-        raise DataError(f"Writing {path} failed: {error}. Nothing was kept; free space in "
-                        f"{path.parent} or fix the cause above, then run again.") from error
+    except (DataError, OSError) as error:  # OSError: the parent's own writes hit the disk
+        why = str(error)
+        if isinstance(error, OSError):  # atomic_write named `path` where it wrote the temporary
+            why = error.strerror or why
+            if error.filename not in (None, str(path)):
+                why += f" ({error.filename})"
+        raise DataError(f"Writing {path} failed: {why}. Nothing was kept; free space in "
+                        f"{path.parent} or fix the cause, then run again.") from error
     info = BetonInfo(FORMAT, len(split.labels), source, classes, mean, std, **written)
     try:
         write_json(sidecar(path), asdict(info))

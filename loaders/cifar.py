@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError, plain_line
+from common.errors import DataError, one_line, unplain
+from common.files import not_a_file
 from loaders import download, folders, python_folder
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
 from loaders.options import DATASETS, SYNTHETIC_SIZE
@@ -71,15 +72,13 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _unpickle(path: Path, fix: str) -> dict:
     """The dict a batch or meta file holds; DataError naming path for anything else."""
     if not path.is_file():
-        raise DataError(f"{path} {'is a folder, not a file' if path.is_dir() else 'is missing'}."
-                        f" {fix}")
+        raise DataError(f"{path} {not_a_file(path) or 'is missing'}. {fix}")
     try:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as error:  # truncated files raise EOFError, garbage raises many kinds
         raise DataError(
-            f"{path} is truncated or not a CIFAR python batch ({type(error).__name__}: "
-            f"{error}). {fix}"
+            f"{path} is truncated or not a CIFAR python batch ({one_line(error)}). {fix}"
         ) from error
     if not isinstance(content, dict):
         raise DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch dict. {fix}")
@@ -168,12 +167,9 @@ def _class_names(meta: Path, key: bytes, fix: str) -> list[str]:
         raise DataError(f"{meta} has no '{key.decode()}' list of class names (found "
                         f"{found}). {fix}")
     classes = [_text(n) for n in names]
-    broken = [repr(c) for c in classes if not plain_line(c)]
-    if broken:  # each name is a line of the report's tables and of messages
-        raise DataError(f"{meta} has class names that are blank or hold a line break, tab or "
-                        f"other control character ({', '.join(broken)}); give each class a "
-                        f"plain name (readlines() leaves a line break at each end: strip it). "
-                        f"{fix}")
+    if problem := unplain(classes):
+        raise DataError(f"{meta} has class names that are {problem}; give each class a plain "
+                        f"name (readlines() leaves a line break at each end: strip it). {fix}")
     if len(classes) < 2:
         raise DataError(f"{meta} names {len(classes)} class(es) ({', '.join(classes)}); a "
                         f"classifier needs at least 2 classes. {fix}")
@@ -186,8 +182,11 @@ def _class_names(meta: Path, key: bytes, fix: str) -> list[str]:
 
 def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
     """Read and validate a python-format folder; any defect raises DataError naming the file."""
-    fix = (f"Delete {folder} to download it again, or replace the file from the original "
-           "archive.")
+    if name in ("synthetic", "folder"):  # ours, made from the generator or the image folders
+        fix = f"Delete {folder}; the next run makes it again."
+    else:
+        fix = (f"Delete {folder} to download it again, or replace the file from the original "
+               "archive.")
     classes = _class_names(folder / layout.meta_file, layout.names_key, fix)
 
     def read(files: tuple[str, ...]) -> Split:
@@ -202,18 +201,18 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
 
 
 def source_name(name: str, data_dir: Path,
-                synthetic_size: tuple[int, int] = SYNTHETIC_SIZE, seed: int = 0) -> str:
+                synthetic_size: tuple[int, int] = SYNTHETIC_SIZE) -> str:
     """The name of the python-format folder dataset `name` is read from: one per synthetic
-    size and seed, one per state of an image folder, the archive's folder for CIFAR."""
+    size, one per state of an image folder, the archive's folder for CIFAR."""
     if name == "synthetic":
-        return python_folder.synthetic_folder_name(*synthetic_size, seed)
+        return python_folder.synthetic_folder_name(*synthetic_size)
     if name == "folder":
         return python_folder.image_folder_name(data_dir, folders.class_files(data_dir))
     return LAYOUTS[name].folder
 
 
-def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_SIZE,
-         seed: int = 0) -> CifarData:
+def load(name: str, data_dir: Path,
+         synthetic_size: tuple[int, int] = SYNTHETIC_SIZE) -> CifarData:
     """Fetch, generate or convert (when needed), read and validate dataset `name`."""
     if name not in DATASETS:
         raise DataError(f"Unknown dataset '{name}'; choose one of {', '.join(DATASETS)}.")
@@ -221,6 +220,6 @@ def load(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_
         return read_folder(python_folder.write_image_folder(data_dir), OWN_LAYOUT, name)
     data_dir.mkdir(parents=True, exist_ok=True)
     if name == "synthetic":
-        folder = python_folder.write_synthetic(data_dir, *synthetic_size, seed=seed)
+        folder = python_folder.write_synthetic(data_dir, *synthetic_size)
         return read_folder(folder, OWN_LAYOUT, name)
     return read_folder(download.fetch(name, data_dir), LAYOUTS[name], name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError, plain_line
+from common.errors import DataError, unplain
 from common.hardware import default_workers
 from common.progress import track
 from loaders.images import decode_image, quiet_pil
@@ -88,11 +88,8 @@ def _split_classes(root: Path, split: str) -> dict[str, list[Path]]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
                      and not p.name.startswith("."))
     problems, files = [], {}
-    broken = [repr(c) for c in classes if not plain_line(c)]
-    if broken:  # each name is a line of the report's tables and of messages
-        problems.append(f"{folder} has class folders whose names are blank or hold a line "
-                        f"break, tab or other control character ({', '.join(broken)}); "
-                        "rename them.")
+    if problem := unplain(classes):
+        problems.append(f"{folder} has class folders whose names are {problem}; rename them.")
     if len(classes) < 2:  # a classifier of one class has nothing to tell apart
         found = f"only the class folder {classes[0]}" if classes else "no class folders"
         problems.append(f"{folder} has {found}; a classifier needs at least 2 classes: put "

@@ -178,7 +178,7 @@ def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
     failure = getattr(epoch, "failure", None)
     if failure is not None:
         raise LoaderError(f"FFCV's pipeline failed while reading {loader.reader.file_name}: "
-                          f"{type(failure).__name__}: {failure}") from failure
+                          f"{one_line(failure)}") from failure
 
 
 def _quiet_worker(errors: multiprocessing.queues.Queue, work: Callable[..., None],
@@ -191,7 +191,7 @@ def _quiet_worker(errors: multiprocessing.queues.Queue, work: Callable[..., None
     try:
         work(*args)
     except BaseException as error:  # noqa: BLE001 - everything goes to the parent
-        errors.put(f"{type(error).__name__}: {error}")
+        errors.put(one_line(error))
         sys.exit(1)
 
 
@@ -255,8 +255,8 @@ def guarded_writer(writer_class: type) -> type:
                 for p in processes:
                     p.join(WRITE_TIMEOUT)
                 if done.value != num_samples:
-                    raise DataError(f"{self.fname}: the writer wrote {done.value} of "
-                                    f"{num_samples} samples.")
+                    raise DataError(f"the writer wrote {done.value} of {num_samples} "
+                                    "samples")
                 self.finalize(allocations)
             finally:
                 with stop_signals_held():  # a second signal here would skip what follows
@@ -297,6 +297,6 @@ def guarded_writer(writer_class: type) -> type:
                 reason = ("it ended without reporting its allocations" if not code
                           else f"killed by {signal.Signals(-code).name}" if code < 0
                           else f"exit status {code}")
-            return f"a worker writing {self.fname} failed ({reason})"
+            return f"a worker failed ({reason})"  # beton.write names the file
 
     return GuardedWriter

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from common.errors import DataError
+from common.errors import DataError, one_line
 from common.files import dead_link, not_a_file
 
 SIZE = 32
@@ -111,7 +111,7 @@ def decode_image(path: Path) -> np.ndarray:
     # truncated or corrupt data: PIL's plugins raise OSError, ValueError, SyntaxError,
     # TypeError, struct.error, ..., and whichever it is, the file cannot be used
     except Exception as error:  # noqa: BLE001
-        raise DataError(f"{path}: cannot decode it ({' '.join(str(error).split())[:120]}); "
+        raise DataError(f"{path}: cannot decode it ({one_line(error, 120)}); "
                         "the file is damaged or not an image") from None
     if image.size != (SIZE, SIZE):
         shrink = image.width >= SIZE and image.height >= SIZE

@@ -54,7 +54,7 @@ def check_data_dir(data_dir: Path | str, writing: bool = True, why: str = "") ->
 
 
 def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHETIC_SIZE,
-            seed: int = 0, workers: int | None = None) -> Prepared:
+            workers: int | None = None) -> Prepared:
     """Make sure data_dir holds up-to-date train/test .beton files for dataset `name`.
 
     A read-only data_dir is fine once it holds them (a shared, prepared data folder), with or
@@ -63,7 +63,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     preparing).
     """
     check_data_dir(data_dir, writing=False)
-    source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size, seed)
+    source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size)
     paths = beton_paths(name, Path(data_dir), source.name)
     why = ""  # why .beton files that are there cannot be used
     if all(beton.sidecar(p).is_file() for p in paths.values()):
@@ -71,7 +71,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
         # pictures would have to be written out first, which a shared read-only folder
         # refuses (an image folder's .beton names come from its pictures: these are of them)
         if source.is_dir():
-            ready, why = _reuse(name, Path(data_dir), synthetic_size, seed, paths)
+            ready, why = _reuse(name, Path(data_dir), synthetic_size, paths)
         else:  # .beton files copied without their source, as FFCV users do
             ready, why = _without_source(name, source, paths)
         if ready is not None:
@@ -79,7 +79,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     check_data_dir(data_dir, why=why)  # something must be written there
     with preparing(Path(data_dir)):  # the second writer then finds the first's files ready
         sweep_stale(Path(data_dir), source.name)
-        return _convert(name, Path(data_dir), synthetic_size, seed, workers)
+        return _convert(name, Path(data_dir), synthetic_size, workers)
 
 
 def beton_paths(name: str, data_dir: Path, source: str) -> dict[str, Path]:
@@ -119,11 +119,11 @@ def _prepared(data: cifar.CifarData, paths: dict[str, Path], train: beton.BetonI
                     train.std, data.source)
 
 
-def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
+def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int],
            paths: dict[str, Path]) -> tuple[Prepared | None, str]:
     """The .beton files at paths when both hold dataset `name` as it is now (the test split
     normalized with the training split's statistics); else None, and why."""
-    data = cifar.load(name, data_dir, synthetic_size, seed)
+    data = cifar.load(name, data_dir, synthetic_size)
     infos: dict[str, beton.BetonInfo] = {}
     for split, path in paths.items():
         stats = (infos["train"].mean, infos["train"].std) if infos else None
@@ -155,10 +155,10 @@ def _without_source(name: str, source: Path, paths: dict[str, Path]) -> tuple[Pr
                     source), ""
 
 
-def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int], seed: int,
+def _convert(name: str, data_dir: Path, synthetic_size: tuple[int, int],
              workers: int | None) -> Prepared:
     """prepare's work: load dataset `name`, write its .beton files (or reuse them, up to date)."""
-    data = cifar.load(name, data_dir, synthetic_size, seed)
+    data = cifar.load(name, data_dir, synthetic_size)
     # named by what was read: pictures changed since prepare named them (while it waited for
     # the lock, say) would otherwise be written under the earlier state's name, then swept
     paths = beton_paths(name, data_dir, data.source.name)

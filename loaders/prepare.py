@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, run_main
-from loaders.options import SYNTHETIC_SIZE, add_data_arguments, seed_problem
+from loaders.options import SYNTHETIC_SIZE, add_data_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,15 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     add_data_arguments(parser)
     parser.set_defaults(dataset="cifar10", data_dir=Path("data"),
                         synthetic_size=SYNTHETIC_SIZE)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     args = parser.parse_args(argv)
-    if problem := seed_problem(args.seed):
-        parser.error(problem)
     with interruptible_imports():  # numpy, FFCV and torch take seconds to import
         from loaders.preparation import prepare
 
     def body() -> None:
-        prepared = prepare(args.dataset, args.data_dir, tuple(args.synthetic_size), args.seed)
+        prepared = prepare(args.dataset, args.data_dir, tuple(args.synthetic_size))
         print(prepared.train)
         print(prepared.test)
 

@@ -21,7 +21,7 @@ from loaders.layouts import OWN_LAYOUT, ROW_SIZE
 from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, synthetic_size_problem
 
 
-def synthetic_folder_name(n_train: int, n_test: int, seed: int) -> str:
+def synthetic_folder_name(n_train: int, n_test: int, seed: int = 0) -> str:
     """The python folder the synthetic dataset is written to: one per size and seed."""
     return f"synthetic-{n_train}-{n_test}-seed{seed}"
 
@@ -54,8 +54,8 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
         train, test = make()
         try:
             _write_splits(staging, classes, train, test)
-        except OSError as error:  # a full disk names no file: say which folder, what it needs
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as error:  # a full disk (a quota, a file size limit) names no file:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # say which folder
                 raise
             needed = sum(a.nbytes for split in (train, test) for a in split.values())
             raise DataError(f"Writing {folder} failed ({error.strerror}); it needs about "

@@ -454,18 +454,21 @@ def test_writer_workers_beyond_the_cores_are_the_cores(tmp_path):
     assert beton.read_info(prepared.train).num_samples == 64
 
 
-def _limit_file_size() -> None:
-    """preexec_fn: files of the child may not grow past 12 MB (Python then gets EFBIG)."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (12 << 20, 12 << 20))
+def prepare_with_files_up_to(limit: int, data_dir: Path, train_images: int
+                             ) -> subprocess.CompletedProcess:
+    """prepare.py making a synthetic set, its files allowed `limit` bytes at most (past it
+    Python gets EFBIG, as from a full disk)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset", "synthetic",
+         "--data-dir", str(data_dir), "--synthetic-size", str(train_images), "64"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
 
 
 @pytest.mark.slow
 def test_writer_worker_failing_ends_in_one_error_without_leftovers(tmp_path):
     data_dir = tmp_path / "data"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset", "synthetic",
-         "--data-dir", str(data_dir), "--synthetic-size", "3000", "64"], cwd=ROOT,
-        capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size)
+    result = prepare_with_files_up_to(12 << 20, data_dir, 3000)  # the source fits, not the .beton
     assert result.returncode == 1
     train = data_dir / "synthetic-3000-64-seed0-train.beton"
     assert result.stderr.startswith(f"error: Writing {train} failed: a worker failed (")
@@ -479,11 +482,7 @@ def test_writer_worker_failing_ends_in_one_error_without_leftovers(tmp_path):
 def test_a_file_size_limit_hit_writing_the_source_folder_names_it(tmp_path):
     """EFBIG (as ENOSPC) names no file: the command said 'cannot use: File too large'."""
     data_dir = tmp_path / "data"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "loaders/prepare.py"), "--dataset", "synthetic",
-         "--data-dir", str(data_dir), "--synthetic-size", "300", "64"], cwd=ROOT,
-        capture_output=True, text=True, timeout=120,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)))
+    result = prepare_with_files_up_to(64, data_dir, 300)
     assert result.returncode == 1
     assert result.stderr == (f"error: Writing {data_dir / 'synthetic-300-64-seed0'} failed (File "
                              f"too large); it needs about 1.1 MB in {data_dir}. Nothing was kept; "

@@ -1,1 +1,2 @@
-"""What every layer shares and nothing heavy: errors, atomic files, the machine, CLI exits."""
+"""What every layer shares, none of it torch: errors, atomic files, the machine, command-line
+exits and progress, allocator settings, compile modes."""

@@ -77,3 +77,9 @@ def unplain(names: list[str]) -> str | None:
     broken = [repr(name) for name in names if not plain_line(name)]
     return (f"blank or hold a line break, tab or other control character ({', '.join(broken)})"
             if broken else None)
+
+
+def listing(names: list[str], most: int = 3) -> str:
+    """`names` for a message: the first `most`, then how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more

@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import recursively_apply
 from torch import nn
 
-from common.errors import CheckpointError, one_line, plain_line
+from common.errors import CheckpointError, listing, one_line, plain_line
 from common.files import atomic_writes, csv_text, json_text, not_a_file
 from common.hardware import device_name
 from engine.config import TrainConfig, foreign_values, validate
@@ -127,10 +127,9 @@ def load(path: Path) -> dict:
     for what, names in (("NaN or infinite weights", nonfinite(ckpt["state_dict"])),
                         ("negative BatchNorm variances", variances)):
         if names:
-            raise CheckpointError(f"{path} holds {what} ({', '.join(names[:3])}"
-                                  f"{', ...' if len(names) > 3 else ''}); engine/train.py never "
-                                  "saves such a state, so it was damaged or written by other "
-                                  "code. Use another checkpoint, e.g. the run's best.pt.")
+            raise CheckpointError(f"{path} holds {what} ({listing(names)}); engine/train.py "
+                                  "never saves such a state, so it was damaged or written by "
+                                  "other code. Use another checkpoint, e.g. the run's best.pt.")
     return ckpt
 
 
@@ -316,8 +315,7 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
                               "run's ckpt.pt")
     if ckpt["classes"] != run.data.classes:  # else a traceback, or silently other labels
         def names(classes: list[str]) -> str:
-            more = ", ..." if len(classes) > 10 else ""
-            return f"{len(classes)}: {', '.join(classes[:10])}{more}"
+            return f"{len(classes)}: {listing(classes, 10)}"
 
         raise CheckpointError(
             f"{path} was trained on other classes ({names(ckpt['classes'])}) than its data "

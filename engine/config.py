@@ -75,8 +75,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     decay_norm_bias: bool = False
     label_smoothing: float = 0.2
-    flip: bool = True
-    translate: int = 2
+    flip: bool = AugmentConfig.flip
+    translate: int = AugmentConfig.translate
     pad_mode: str = "reflect"
     cutout: int = 0
     precision: str | None = None  # None: bf16 on GPU, fp32 on CPU

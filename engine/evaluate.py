@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model import eval_mode
+
 
 def logits_of(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
     """Class scores, averaged with those of the mirrored image when tta is on (airbench's
@@ -29,17 +31,15 @@ def evaluate(model: nn.Module, loader: Iterable, tta: bool = False,
     once, after the sum over processes, and each sample counts once. `autocast` gives the
     training run's mixed precision (Run.autocast), so batches of its dtype fit the model.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     totals, count = torch.zeros(2, device=device), 0
-    for images, labels in loader:
-        with autocast():
-            logits = logits_of(model, images, tta)
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                               (logits.argmax(1) == labels).sum().float()])
-        count += len(labels)  # on the host: a tensor made per batch would wait for the device
-    model.train(was_training)
+    with eval_mode(model):
+        for images, labels in loader:
+            with autocast():
+                logits = logits_of(model, images, tta)
+            totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                   (logits.argmax(1) == labels).sum().float()])
+            count += len(labels)  # on the host: a tensor per batch would wait for the device
     # an empty shard still takes part in the reduction, with zeros
     return torch.cat([totals, torch.tensor([float(count)], device=device)])
 
@@ -47,11 +47,9 @@ def evaluate(model: nn.Module, loader: Iterable, tta: bool = False,
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, tta: bool = False) -> tuple[torch.Tensor, ...]:
     """Softmax probabilities (N x C) and labels (N) on the CPU, in loader order."""
-    was_training = model.training
-    model.eval()
     probs, labels = [], []
-    for images, batch_labels in loader:
-        probs.append(logits_of(model, images, tta).softmax(1).cpu())
-        labels.append(batch_labels.cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for images, batch_labels in loader:
+            probs.append(logits_of(model, images, tta).softmax(1).cpu())
+            labels.append(batch_labels.cpu())
     return torch.cat(probs), torch.cat(labels)

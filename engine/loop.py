@@ -15,7 +15,7 @@ import torch
 from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
-from common.errors import CheckpointError, Interrupted, TrainingError, one_line
+from common.errors import CheckpointError, Interrupted, TrainingError, listing, one_line
 from common.files import locked_dir, sweep_temporaries
 from common.hardware import device_name
 from common.progress import progress_bar
@@ -137,8 +137,7 @@ def check_finite(run: Run, epoch: int, row: dict) -> None:
     bad = checkpoint.nonfinite(run.unwrapped.state_dict())
     if bad:
         raise diverged(run, epoch, f"{len(bad)} weights or BatchNorm statistics became NaN "
-                                   f"or infinite in epoch {epoch + 1} ({', '.join(bad[:3])}"
-                                   + (", ..." if len(bad) > 3 else "") + ")")
+                                   f"or infinite in epoch {epoch + 1} ({listing(bad)})")
 
 
 def fit(run: Run, history: list[dict], log: Log) -> float:

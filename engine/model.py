@@ -1,5 +1,8 @@
 """CIFAR ResNet-18 (He et al. 2016; the kuangliu/pytorch-cifar variant) and its MAC count."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +20,8 @@ class PointwiseConv(nn.Conv2d):
     widths and batch sizes). On the H200, cuDNN's heuristics ran layer2's strided forward (by
     launch order) through two layout transposes around a non-tensor-core kernel, 186 us, where
     layer3's and layer4's took 12.4 and 10.9 (benchmarks/results/h200-2026-12-04/
-    trace-kernel-kinds.log); at stride 1 it is a plain GEMM over a quarter of the pixels."""
+    trace-kernel-kinds.log); at stride 1 it is a plain GEMM over a quarter of the pixels (what
+    that gains there is not measured yet: BENCHMARKS.md)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
         super().__init__(in_ch, out_ch, 1, stride=stride, bias=False)
@@ -112,14 +116,22 @@ def forward_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
     p = next(model.parameters())
-    was_training = model.training
-    # eval mode so the probe pass leaves BN running statistics untouched.
-    model.eval()
-    try:
-        with torch.no_grad():
+    try:  # eval mode: the probe pass leaves BatchNorm's running statistics untouched
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(input_shape, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return macs // input_shape[0]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block (BatchNorm uses its running statistics and
+    leaves them alone), then back in the mode it was in, however the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -6,7 +6,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from engine.config import OPTIMIZERS, SCHEDULES
+from engine.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 # onecycle starts at peak/25 and ends at peak/(25 * 1e4), the torch.optim.lr_scheduler.OneCycleLR
 # defaults (div_factor, final_div_factor).
@@ -36,9 +36,9 @@ def build_optimizer(
     name: str,
     model: nn.Module,
     lr: float,
-    weight_decay: float = 5e-4,
-    momentum: float = 0.9,
-    decay_norm_and_bias: bool = False,
+    weight_decay: float = TrainConfig.weight_decay,
+    momentum: float = TrainConfig.momentum,
+    decay_norm_and_bias: bool = TrainConfig.decay_norm_bias,
     fused: bool = False,
 ) -> torch.optim.Optimizer:
     """Build an optimizer by name; adam adds weight decay to the gradient (L2), adamw decouples.
@@ -73,7 +73,7 @@ def lr_at(
     name: str,
     step: int,
     total_steps: int,
-    warmup_frac: float = 0.2,
+    warmup_frac: float = TrainConfig.warmup,
 ) -> float:
     """LR multiplier (on each group's base lr) before optimizer step `step` of `total_steps`.
 
@@ -118,7 +118,7 @@ def build_schedule(
     name: str,
     optimizer: torch.optim.Optimizer,
     total_steps: int,
-    warmup_frac: float = 0.2,
+    warmup_frac: float = TrainConfig.warmup,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-batch LambdaLR whose multiplier is lr_at (see there for the shapes); step every batch."""
     fn = partial(lr_at, name, total_steps=total_steps, warmup_frac=warmup_frac)

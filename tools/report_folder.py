@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import ReportError
+from common.errors import ReportError, listing
 from common.files import made_for, resolved, temporary_name, temporary_writer, write_csv
 from engine.checkpoint import broken_outputs
 from engine.failures import out_of_memory_as
@@ -42,12 +42,6 @@ FILES = ("summary.md", "curves.png", "misclassified.png", "misclassified.csv", "
          "confusion.png", "per_class.csv", "faithfulness.csv")  # what write_report writes
 MARKER = ".cifar10-report"  # written into every report: what says a folder is one
 MARKER_TEXT = "tools/report.py wrote this folder; the next report into it replaces it whole.\n"
-
-
-def listing(names: list[str], most: int = 3) -> str:
-    """`names` for a message: the first `most`, then how many more."""
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
 
 
 def report_summary(path: Path) -> bool:

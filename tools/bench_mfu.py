@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from common.compile_modes import epoch_name, step_name
 from common.errors import SetupError
 from engine.config import TrainConfig
 from engine.failures import out_of_memory_as
 from engine.model import build_model, forward_macs
+from tools.bench_names import epoch_name, step_name
 from tools.bench_sections import log, pin_threads
 from tools.flops import count_train_flops
 from tools.timing import Peak, matmul_peak
@@ -54,7 +54,7 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
             for r in results.get("step", []) if r.status == "ok"]
     rows += [dict(source="epoch", config=epoch_name(r.loader, r.precision, r.compile,
                                                     r.compile_mode, r.batch_size,
-                                                    r.cudnn_benchmark),
+                                                    cudnn_benchmark=r.cudnn_benchmark),
                   precision=r.precision, images_per_s=r.images_per_s)
              for r in results.get("epoch", []) if r.status == "ok"]
     # the peers' timed training epochs, each with the FLOPs counted on its own model

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from common.compile_modes import compile_text
 from common.hardware import available_cores, device_name
+from tools.bench_names import epoch_name
 from tools.bench_peers import PeerResult, SeedEpochResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
 
@@ -112,9 +112,8 @@ def report(results: dict) -> str:
     if "profile" in results:
         r = results["profile"]
         where = r.sort_by.removeprefix("self_")
-        parts.append(table(f"profile: {r.steps} steps after {r.warmup_steps} warm-up, "
-                           f"{r.loader} loader, {r.precision} "
-                           f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}, "
+        name = epoch_name(r.loader, r.precision, r.compile, r.compile_mode, r.batch_size)
+        parts.append(table(f"profile: {r.steps} steps after {r.warmup_steps} warm-up, {name}, "
                            f"width {r.width}; ops by {r.sort_by}",
                            [{**op, "name": shortened(op["name"])} for op in r.ops],
                            ["name", "calls", r.sort_by, where]))

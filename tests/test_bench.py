@@ -577,8 +577,8 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     failing mid-section (loaders) or at construction (epoch) is a failed row, the rest run."""
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256", "--epoch-images", "128", "--workers", "1"])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
-    device = bench_run.measured_device(args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))  # no numba JIT
     real = bench_sections.make_loader
@@ -626,7 +626,7 @@ def test_a_stop_signal_lost_in_a_loader_pass_stops_the_loaders_section(monkeypat
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                                      "--images", "256", "--epochs", "3", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench_run.measured_device(args)
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))
     real, turns = bench_sections.make_loader, []
@@ -675,7 +675,7 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench_run.measured_device(args)
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     base = replace(bench_run.base_config(args, device, 64, str(tmp_path)), loader="resident")
     refused = bench_sections.bench_step(replace(base, precision="fp16"), args)
@@ -697,7 +697,7 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--batch-size", "400", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench_run.measured_device(args)
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     base = replace(bench_run.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
@@ -726,8 +726,8 @@ def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConf
     """The config a `--quick --device cpu` bench epoch trains, on the resident loader."""
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--workers", "1"])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
-    device = bench_run.measured_device(args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     return replace(bench_run.base_config(args, device, images, str(tmp_path)), loader="resident")
 

@@ -394,15 +394,15 @@ def test_an_unwritable_json_stops_the_command_before_any_section(tmp_path):
 
 def test_train_flops_by_hand():
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),  # 4*8*8 outputs, 3*3*3 MACs each
+        nn.Conv2d(3, 4, 3, padding=1),  # 4*32*32 outputs, 3*3*3 MACs each
         nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 5),  # 256*5
+        nn.Linear(4 * 32 * 32, 5),  # 4096*5
     )
-    conv, linear = 2 * 256 * 27, 2 * 256 * 5  # forward FLOPs
-    assert bench_mfu.hand_train_flops(net, (1, 3, 8, 8)) == 3 * (conv + linear)
+    conv, linear = 2 * 4096 * 27, 2 * 4096 * 5  # forward FLOPs
+    assert bench_mfu.hand_train_flops(net) == 3 * (conv + linear)
     # counted as it runs: the first layer's backward skips the input's gradient (no one needs
     # it), so the conv costs 2x its forward and the linear 3x
-    counted, by_module = count_train_flops(net, (3, 8, 8))
+    counted, by_module = count_train_flops(net)
     assert counted == 2 * conv + 3 * linear
     assert by_module == {"Sequential.0": 2 * conv, "Sequential.2": 3 * linear}
 

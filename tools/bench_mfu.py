@@ -35,10 +35,10 @@ class MfuResult:
     not_peaks: list[str] = field(default_factory=list)  # dtypes whose matmul a run outpaced
 
 
-def hand_train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
-    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x forward MACs (backward ~
-    2 x forward; 1 MAC = 2 FLOPs)."""
-    return 3 * 2 * forward_macs(model, input_shape)
+def hand_train_flops(model: nn.Module) -> int:
+    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x forward MACs of a 3 x 32 x
+    32 image (backward ~ 2 x forward; 1 MAC = 2 FLOPs)."""
+    return 3 * 2 * forward_macs(model)
 
 
 def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) -> float:

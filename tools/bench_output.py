@@ -69,10 +69,10 @@ def number(value: object) -> str:
     return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def shortened(name: str, width: int = NAME_WIDTH) -> str:
-    """A name cut to `width` characters for a table (a cuDNN kernel's runs to 1,600); the
+def shortened(name: str) -> str:
+    """A name cut to NAME_WIDTH characters for a table (a cuDNN kernel's runs to 1,600); the
     JSON keeps it whole."""
-    return name if len(name) <= width else name[:width - 3] + "..."
+    return name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
 
 
 def table(title: str, rows: list[dict], columns: list[str]) -> str:

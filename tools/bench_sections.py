@@ -9,6 +9,7 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -196,9 +197,9 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
         run = make_run(cfg, args.threads)
         images, labels = next(iter(run.train_loader))
         result.batch_size = len(labels)  # a batch over the split is the split (BatchLoader)
-        result.warmup_s = timed_steps(run, images, labels, args.warmup_steps)
-        result.block_s = [timed_steps(run, images, labels, args.steps)
-                          for _ in range(args.repeats)]
+        batches = repeat((images, labels))
+        result.warmup_s = timed_steps(run, batches, args.warmup_steps)
+        result.block_s = [timed_steps(run, batches, args.steps) for _ in range(args.repeats)]
     except MEASURE_ERRORS as error:
         # a configuration the engine refuses here (fp16 on a CPU) is skipped; out of memory, a
         # failed compile or a CUDA error is a failure, which makes the command exit 1

@@ -4,9 +4,10 @@ and of matmuls, each waited for on the device so host clocks measure the work.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice, repeat
 
 import torch
 
@@ -99,12 +100,13 @@ def train_pass(run: Run, epoch: int) -> Pass:
     return Pass(images, time.perf_counter() - start, sum(waits), waits[0])
 
 
-def timed_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, n: int) -> float:
-    """Seconds for n training steps on one batch already on the device."""
+def timed_steps(run: Run, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
+    """Seconds for n training steps on the next n batches (itertools.repeat of one batch
+    already on the device: the step alone), device synchronized."""
     device = run.accelerator.device
     sync(device)
     start = time.perf_counter()
-    for _ in range(n):
+    for images, labels in islice(batches, n):
         train_step(run, images, labels)
     sync(device)
     return time.perf_counter() - start
@@ -115,8 +117,8 @@ def timed_epoch_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, tota
     the device: its full batches, then its partial last one (which runs eager, not compiled:
     engine.run.build), so a loader is not charged for that batch's own cost."""
     full, rest = divmod(total, len(labels))
-    return timed_steps(run, images, labels, full) + (
-        timed_steps(run, images[:rest], labels[:rest], 1) if rest else 0.0)
+    return timed_steps(run, repeat((images, labels)), full) + (
+        timed_steps(run, [(images[:rest], labels[:rest])], 1) if rest else 0.0)
 
 
 def fastest(passes: list[Pass]) -> Pass:

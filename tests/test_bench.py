@@ -523,9 +523,9 @@ def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
              for precision, speed in (("fp32", 100.0), ("bf16", 10.0), ("bf16", 100.0))]
     peaks = {dtype: Peak(dtype, 1, 1, [1], flops, dtype)
              for dtype, flops in (("fp32", 1e6), ("bf16", 5e4))}
-    rows = bench_mfu.mfu_rows({"step": steps}, 1000, peaks)
+    rows, outpaced = bench_mfu.mfu_rows({"step": steps}, 1000, peaks)
     assert [row["mfu"] for row in rows] == [pytest.approx(0.1), None, None]
-    assert bench_mfu.outpaced_peaks(rows) == ["bf16"]
+    assert outpaced == ["bf16"]
 
 
 def test_mfu_arithmetic():
@@ -603,8 +603,8 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
                                                       ("torchvision", "ok")]
     assert "cannot hold the split" in epochs[0].reason and epochs[1].images_per_s > 0
     assert saved == [1, 2]  # the rows so far, after each loader
-    rows = bench_mfu.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
-                                                                       "fp32")})
+    rows, _ = bench_mfu.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
+                                                                          "fp32")})
     assert [row["config"].split()[0] for row in rows] == ["torchvision"]  # failed: no MFU
 
 

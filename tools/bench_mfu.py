@@ -46,8 +46,10 @@ def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) ->
     return images_per_s * flops_per_image / peak_flops_per_s
 
 
-def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
-    """MFU of every step configuration that ran and of every steady-state training epoch."""
+def mfu_rows(results: dict, flops: int,
+             peaks: dict[str, Peak]) -> tuple[list[dict], list[str]]:
+    """MFU of every step configuration that ran and of every steady-state training epoch, and
+    the precisions whose peak a run outpaced (their rows get no MFU: outpaced_peaks)."""
     rows = [dict(source="step", config=step_name(r.precision, r.memory_format, r.compile,
                                                  r.compile_mode, r.batch_size),
                  precision=r.precision, images_per_s=r.images_per_s)
@@ -70,7 +72,7 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
     for row in rows:  # an MFU over 100% would only say the peak is wrong: none at all
         if row["precision"] in outpaced:
             row["mfu"] = None
-    return rows
+    return rows, outpaced
 
 
 def outpaced_peaks(rows: list[dict]) -> list[str]:
@@ -102,6 +104,5 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
                                            args.repeats)
         log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "
             f"({out.peaks[dtype].math})")
-    out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)
-    out.not_peaks = outpaced_peaks(out.rows)
+    out.rows, out.not_peaks = mfu_rows(results, out.train_flops_per_image, out.peaks)
     return out

@@ -88,7 +88,7 @@ class SeedEpochResult:
 
 
 class Timed:
-    """A peer's loader behind the interface tools.timing.loader_pass times (set_epoch, device).
+    """A peer's loader behind the interface tools.timing.loader_pass times (EpochLoader).
     `own_thread`: its transforms run on a thread of its own, whose ops torch.profiler (which
     records the thread that started it) never sees."""
 

@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice, repeat
+from typing import Protocol
 
 import torch
 
 from common.cli import stop_if_interrupted
 from engine.run import DTYPES, Run, train_step
-from loaders.base import BatchLoader
 from tools.bench_options import TURN_EPOCHS, TURN_S
 
 
@@ -39,13 +39,24 @@ class Peak:
     math: str  # the arithmetic the product ran in: the dtype, or tf32 for fp32 on tensor cores
 
 
+class EpochLoader(Protocol):
+    """What loader_pass times: one of ours (loaders.base.BatchLoader) or a peer's behind
+    tools.bench_peers.Timed, iterated for an epoch's (images, labels) batches."""
+
+    device: torch.device
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so host clocks measure it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def loader_pass(loader: BatchLoader, epoch: int,
+def loader_pass(loader: EpochLoader, epoch: int,
                 on_first: Callable[[torch.Tensor], object] | None = None) -> Pass:
     """Iterate one epoch of a loader, as a consumer that keeps every batch would; on_first sees
     the first batch's images (to describe a loader's output without starting an extra epoch)."""
@@ -67,7 +78,7 @@ def loader_pass(loader: BatchLoader, epoch: int,
     return Pass(images, time.perf_counter() - start)
 
 
-def loader_turn(loader: BatchLoader, epoch: int) -> list[Pass]:
+def loader_turn(loader: EpochLoader, epoch: int) -> list[Pass]:
     """A loader's turn where loaders take turns: epochs `epoch`, `epoch + 1`, ... until they
     fill TURN_S, at most TURN_EPOCHS of them, so that an epoch of milliseconds (a GPU's) is
     timed dozens of times a turn rather than once, and a slow one still once."""

@@ -163,8 +163,13 @@ def use_suggestion(run: Run) -> RangeTest:
     return result
 
 
-def describe(result: RangeTest, schedule: str) -> str:
-    """One line on what --lr auto found and did."""
+def found(result: RangeTest) -> str:
+    """What a sweep found, for tools/lr_find.py and --lr auto alike."""
     return (f"LR range test: {len(result.lrs)} steps from {result.lrs[0]:.2g} to "
             f"{result.lrs[-1]:.2g}; suggested lr {result.suggested:.3g} (min/10; steepest "
-            f"{result.steepest:.3g}), the peak of the {schedule} schedule")
+            f"{result.steepest:.3g})")
+
+
+def describe(result: RangeTest, schedule: str) -> str:
+    """One line on what --lr auto found and did."""
+    return f"{found(result)}, the peak of the {schedule} schedule"

@@ -394,15 +394,15 @@ def test_an_unwritable_json_stops_the_command_before_any_section(tmp_path):
 
 def test_train_flops_by_hand():
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),  # 4*8*8 outputs, 3*3*3 MACs each
+        nn.Conv2d(3, 4, 3, padding=1),  # 4*32*32 outputs, 3*3*3 MACs each
         nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 5),  # 256*5
+        nn.Linear(4 * 32 * 32, 5),  # 4096*5
     )
-    conv, linear = 2 * 256 * 27, 2 * 256 * 5  # forward FLOPs
-    assert bench_mfu.hand_train_flops(net, (1, 3, 8, 8)) == 3 * (conv + linear)
+    conv, linear = 2 * 4096 * 27, 2 * 4096 * 5  # forward FLOPs
+    assert bench_mfu.hand_train_flops(net) == 3 * (conv + linear)
     # counted as it runs: the first layer's backward skips the input's gradient (no one needs
     # it), so the conv costs 2x its forward and the linear 3x
-    counted, by_module = count_train_flops(net, (3, 8, 8))
+    counted, by_module = count_train_flops(net)
     assert counted == 2 * conv + 3 * linear
     assert by_module == {"Sequential.0": 2 * conv, "Sequential.2": 3 * linear}
 
@@ -523,9 +523,9 @@ def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
              for precision, speed in (("fp32", 100.0), ("bf16", 10.0), ("bf16", 100.0))]
     peaks = {dtype: Peak(dtype, 1, 1, [1], flops, dtype)
              for dtype, flops in (("fp32", 1e6), ("bf16", 5e4))}
-    rows = bench_mfu.mfu_rows({"step": steps}, 1000, peaks)
+    rows, outpaced = bench_mfu.mfu_rows({"step": steps}, 1000, peaks)
     assert [row["mfu"] for row in rows] == [pytest.approx(0.1), None, None]
-    assert bench_mfu.outpaced_peaks(rows) == ["bf16"]
+    assert outpaced == ["bf16"]
 
 
 def test_mfu_arithmetic():
@@ -577,8 +577,8 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     failing mid-section (loaders) or at construction (epoch) is a failed row, the rest run."""
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256", "--epoch-images", "128", "--workers", "1"])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
-    device = bench_run.measured_device(args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))  # no numba JIT
     real = bench_sections.make_loader
@@ -603,8 +603,8 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
                                                       ("torchvision", "ok")]
     assert "cannot hold the split" in epochs[0].reason and epochs[1].images_per_s > 0
     assert saved == [1, 2]  # the rows so far, after each loader
-    rows = bench_mfu.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
-                                                                       "fp32")})
+    rows, _ = bench_mfu.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
+                                                                          "fp32")})
     assert [row["config"].split()[0] for row in rows] == ["torchvision"]  # failed: no MFU
 
 
@@ -626,7 +626,7 @@ def test_a_stop_signal_lost_in_a_loader_pass_stops_the_loaders_section(monkeypat
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                                      "--images", "256", "--epochs", "3", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench_run.measured_device(args)
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))
     real, turns = bench_sections.make_loader, []
@@ -675,7 +675,7 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--images", "256"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench_run.measured_device(args)
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     base = replace(bench_run.base_config(args, device, 64, str(tmp_path)), loader="resident")
     refused = bench_sections.bench_step(replace(base, precision="fp16"), args)
@@ -697,7 +697,7 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--batch-size", "400", "--workers", "1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    device = bench_run.measured_device(args)
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     base = replace(bench_run.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
@@ -726,8 +726,8 @@ def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConf
     """The config a `--quick --device cpu` bench epoch trains, on the resident loader."""
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
                              "--workers", "1"])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # measured_device's, undone after the test
-    device = bench_run.measured_device(args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
+    device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     return replace(bench_run.base_config(args, device, images, str(tmp_path)), loader="resident")
 

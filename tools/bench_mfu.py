@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from common.compile_modes import epoch_name, step_name
 from common.errors import SetupError
 from engine.config import TrainConfig
 from engine.failures import out_of_memory_as
 from engine.model import build_model, forward_macs
+from tools.bench_names import epoch_name, step_name
 from tools.bench_sections import log, pin_threads
 from tools.flops import count_train_flops
 from tools.timing import Peak, matmul_peak
@@ -35,10 +35,10 @@ class MfuResult:
     not_peaks: list[str] = field(default_factory=list)  # dtypes whose matmul a run outpaced
 
 
-def hand_train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
-    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x forward MACs (backward ~
-    2 x forward; 1 MAC = 2 FLOPs)."""
-    return 3 * 2 * forward_macs(model, input_shape)
+def hand_train_flops(model: nn.Module) -> int:
+    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x forward MACs of a 3 x 32 x
+    32 image (backward ~ 2 x forward; 1 MAC = 2 FLOPs)."""
+    return 3 * 2 * forward_macs(model)
 
 
 def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) -> float:
@@ -46,15 +46,17 @@ def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) ->
     return images_per_s * flops_per_image / peak_flops_per_s
 
 
-def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
-    """MFU of every step configuration that ran and of every steady-state training epoch."""
+def mfu_rows(results: dict, flops: int,
+             peaks: dict[str, Peak]) -> tuple[list[dict], list[str]]:
+    """MFU of every step configuration that ran and of every steady-state training epoch, and
+    the precisions whose peak a run outpaced (their rows get no MFU: outpaced_peaks)."""
     rows = [dict(source="step", config=step_name(r.precision, r.memory_format, r.compile,
                                                  r.compile_mode, r.batch_size),
                  precision=r.precision, images_per_s=r.images_per_s)
             for r in results.get("step", []) if r.status == "ok"]
     rows += [dict(source="epoch", config=epoch_name(r.loader, r.precision, r.compile,
                                                     r.compile_mode, r.batch_size,
-                                                    r.cudnn_benchmark),
+                                                    cudnn_benchmark=r.cudnn_benchmark),
                   precision=r.precision, images_per_s=r.images_per_s)
              for r in results.get("epoch", []) if r.status == "ok"]
     # the peers' timed training epochs, each with the FLOPs counted on its own model
@@ -70,7 +72,7 @@ def mfu_rows(results: dict, flops: int, peaks: dict[str, Peak]) -> list[dict]:
     for row in rows:  # an MFU over 100% would only say the peak is wrong: none at all
         if row["precision"] in outpaced:
             row["mfu"] = None
-    return rows
+    return rows, outpaced
 
 
 def outpaced_peaks(rows: list[dict]) -> list[str]:
@@ -102,6 +104,5 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
                                            args.repeats)
         log(f"mfu: {dtype} matmul peak {out.peaks[dtype].flops_per_s / 1e12:.3f} TFLOP/s "
             f"({out.peaks[dtype].math})")
-    out.rows = mfu_rows(results, out.train_flops_per_image, out.peaks)
-    out.not_peaks = outpaced_peaks(out.rows)
+    out.rows, out.not_peaks = mfu_rows(results, out.train_flops_per_image, out.peaks)
     return out

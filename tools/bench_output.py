@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from common.compile_modes import compile_text
 from common.hardware import available_cores, device_name
+from tools.bench_names import epoch_name
 from tools.bench_peers import PeerResult, SeedEpochResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
 
@@ -69,10 +69,10 @@ def number(value: object) -> str:
     return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def shortened(name: str, width: int = NAME_WIDTH) -> str:
-    """A name cut to `width` characters for a table (a cuDNN kernel's runs to 1,600); the
+def shortened(name: str) -> str:
+    """A name cut to NAME_WIDTH characters for a table (a cuDNN kernel's runs to 1,600); the
     JSON keeps it whole."""
-    return name if len(name) <= width else name[:width - 3] + "..."
+    return name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
 
 
 def table(title: str, rows: list[dict], columns: list[str]) -> str:
@@ -112,9 +112,8 @@ def report(results: dict) -> str:
     if "profile" in results:
         r = results["profile"]
         where = r.sort_by.removeprefix("self_")
-        parts.append(table(f"profile: {r.steps} steps after {r.warmup_steps} warm-up, "
-                           f"{r.loader} loader, {r.precision} "
-                           f"{compile_text(r.compile, r.compile_mode)} batch {r.batch_size}, "
+        name = epoch_name(r.loader, r.precision, r.compile, r.compile_mode, r.batch_size)
+        parts.append(table(f"profile: {r.steps} steps after {r.warmup_steps} warm-up, {name}, "
                            f"width {r.width}; ops by {r.sort_by}",
                            [{**op, "name": shortened(op["name"])} for op in r.ops],
                            ["name", "calls", r.sort_by, where]))

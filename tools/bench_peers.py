@@ -88,7 +88,7 @@ class SeedEpochResult:
 
 
 class Timed:
-    """A peer's loader behind the interface tools.timing.loader_pass times (set_epoch, device).
+    """A peer's loader behind the interface tools.timing.loader_pass times (EpochLoader).
     `own_thread`: its transforms run on a thread of its own, whose ops torch.profiler (which
     records the thread that started it) never sees."""
 
@@ -184,9 +184,9 @@ def ours(kind: str, data: Prepared, cfg: TrainConfig, device: torch.device) -> B
     return loader
 
 
-def augment_text(cfg: TrainConfig, reflect: bool) -> str:
+def augment_text(cfg: TrainConfig) -> str:
     """'flip, translate 2 reflect': the augmentations a row's images go through."""
-    return f"flip, translate {cfg.translate} {'reflect' if reflect else 'zeros'}" + (
+    return f"flip, translate {cfg.translate} {cfg.pad_mode}" + (
         f", cutout {cfg.cutout}" if cfg.cutout else "")
 
 
@@ -200,28 +200,28 @@ def lineup(data: Prepared, cfg: TrainConfig, device: torch.device,
     """
     air = replace(cfg, precision="fp16", pad_mode="reflect", cutout=0)
     stock = replace(cfg, pad_mode="zeros")
-    seed = replace(cfg, pad_mode="reflect")
+    reflect = replace(cfg, pad_mode="reflect")
     rows = [
-        (PeerResult("airbench.CifarLoader", "peer", augment_text(air, True)),
+        (PeerResult("airbench.CifarLoader", "peer", augment_text(air)),
          lambda: airbench_loader(data, air, device, folder)),
-        (PeerResult("resident", "ours", augment_text(air, True), versus="airbench.CifarLoader"),
+        (PeerResult("resident", "ours", augment_text(air), versus="airbench.CifarLoader"),
          lambda: ours("resident", data, air, device)),
-        (PeerResult("resident", "ours", augment_text(cfg, True), versus="airbench.CifarLoader"),
-         lambda: ours("resident", data, seed, device)),
-        (PeerResult("stock ffcv.Loader", "peer", augment_text(stock, False)),
+        (PeerResult("resident", "ours", augment_text(reflect), versus="airbench.CifarLoader"),
+         lambda: ours("resident", data, reflect, device)),
+        (PeerResult("stock ffcv.Loader", "peer", augment_text(stock)),
          lambda: stock_ffcv_loader(data, stock, device)),
-        (PeerResult("ffcv", "ours", augment_text(stock, False), versus="stock ffcv.Loader"),
+        (PeerResult("ffcv", "ours", augment_text(stock), versus="stock ffcv.Loader"),
          lambda: ours("ffcv", data, stock, device)),
-        (PeerResult("resident", "ours", augment_text(stock, False), versus="stock ffcv.Loader"),
+        (PeerResult("resident", "ours", augment_text(stock), versus="stock ffcv.Loader"),
          lambda: ours("resident", data, stock, device)),
-        (PeerResult("seed torchvision DataLoader", "peer", augment_text(seed, True)),
-         lambda: ours("torchvision", data, seed, device)),
-        (PeerResult("resident", "ours", augment_text(seed, True),
+        (PeerResult("seed torchvision DataLoader", "peer", augment_text(reflect)),
+         lambda: ours("torchvision", data, reflect, device)),
+        (PeerResult("resident", "ours", augment_text(reflect),
                     versus="seed torchvision DataLoader"),
-         lambda: ours("resident", data, seed, device)),
-        (PeerResult("ffcv", "ours", augment_text(seed, True),
+         lambda: ours("resident", data, reflect, device)),
+        (PeerResult("ffcv", "ours", augment_text(reflect),
                     versus="seed torchvision DataLoader"),
-         lambda: ours("ffcv", data, seed, device)),
+         lambda: ours("ffcv", data, reflect, device)),
     ]
     return rows
 

@@ -10,8 +10,6 @@ import argparse
 import gzip
 import shutil
 import tempfile
-import time
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from common.files import atomic_write
 from engine.config import TrainConfig
-from engine.run import Run, endless, train_step
+from engine.run import endless, train_step
 from tools.bench_sections import log, make_run
-from tools.timing import sync
+from tools.timing import sync, timed_steps
 
 TOP = 25  # ops listed in the log and the JSON
 
@@ -109,16 +107,6 @@ def device_busy_us(events: list) -> float:
     return covered([(e.time_range.start, e.time_range.end) for e in events])
 
 
-def step_seconds(run: Run, batches: Iterator, steps: int) -> float:
-    """Seconds per training step over `steps` steps fed by the loader, device synchronized."""
-    sync(run.accelerator.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(run, *next(batches))
-    sync(run.accelerator.device)
-    return (time.perf_counter() - start) / steps
-
-
 def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
                   trace: Path | None) -> ProfileResult:
     """Profile args.profile_steps training steps after args.warmup_steps, batches from cfg's
@@ -130,17 +118,17 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
             train_step(run, *next(batches))
         sync(run.accelerator.device)
         with profile(activities=activities(cuda)) as prof:  # its time holds the profiler's own
-            step_seconds(run, batches, args.profile_steps)
-        step_s = step_seconds(run, batches, args.profile_steps) if cuda else None
+            timed_steps(run, batches, args.profile_steps)
+        steps_s = timed_steps(run, batches, args.profile_steps) if cuda else None
     if trace is not None:
         write_trace(prof, trace)
     sort_by, ops = top_ops(prof, cuda)
     result = ProfileResult(cfg.loader, cfg.precision, cfg.compile, run.train_loader.batch_size,
                            cfg.width, args.warmup_steps, args.profile_steps, sort_by,
                            str(trace or ""), ops, cfg.compile_mode)
-    if step_s is not None:
+    if steps_s is not None:
         result.device_busy_ms = device_busy_us(device_events(prof)) / 1e3 / args.profile_steps
-        result.step_ms = step_s * 1e3
+        result.step_ms = steps_s * 1e3 / args.profile_steps
         result.device_busy_share = result.device_busy_ms / result.step_ms
     log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"
         + (f"; trace {trace}" if trace else ""))

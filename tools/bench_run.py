@@ -25,8 +25,10 @@ from tools.bench_sections import bench_epochs, bench_loaders, bench_steps, log
 from tools.options import pick_device
 
 
-def measured_device(args: argparse.Namespace) -> torch.device:
-    """The device to measure; for cpu, GPUs are hidden so the engine's accelerator uses none."""
+def settle_device(args: argparse.Namespace) -> torch.device:
+    """The device to measure, settled for the whole process: for cpu the GPUs are hidden
+    (CUDA_VISIBLE_DEVICES) so the engine's accelerator uses none, and args.device becomes the
+    device's type ('auto' resolved), which fill_defaults and the sections read."""
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
     device = pick_device(args.device)
@@ -112,7 +114,7 @@ def failed(results: Any) -> int:
 def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     """Measure the sections args names, log their tables and write --json; how many rows
     failed (each one's reason is in its table)."""
-    device = measured_device(args)
+    device = settle_device(args)
     fill_defaults(args)
     meta = metadata(device, argv)
     for key in ("command", "commit", "date", "device_name", "load_average", "torch", "cuda"):

@@ -9,18 +9,19 @@ import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from pathlib import Path
 
 import torch
 
 from common.cli import stop_if_interrupted
-from common.compile_modes import autotune_text, compile_text, step_name
 from common.errors import EngineError, TrainingError, one_line
 from engine.config import TrainConfig
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare
+from tools.bench_names import epoch_name, step_name
 from tools.timing import (
     Pass,
     fastest,
@@ -196,9 +197,9 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
         run = make_run(cfg, args.threads)
         images, labels = next(iter(run.train_loader))
         result.batch_size = len(labels)  # a batch over the split is the split (BatchLoader)
-        result.warmup_s = timed_steps(run, images, labels, args.warmup_steps)
-        result.block_s = [timed_steps(run, images, labels, args.steps)
-                          for _ in range(args.repeats)]
+        batches = repeat((images, labels))
+        result.warmup_s = timed_steps(run, batches, args.warmup_steps)
+        result.block_s = [timed_steps(run, batches, args.steps) for _ in range(args.repeats)]
     except MEASURE_ERRORS as error:
         # a configuration the engine refuses here (fp16 on a CPU) is skipped; out of memory, a
         # failed compile or a CUDA error is a failure, which makes the command exit 1
@@ -274,8 +275,9 @@ def bench_epochs(base: TrainConfig, args: argparse.Namespace,
         results.append(bench_epoch(cfg, args.epochs, args.threads))
         partial(results)
         r = results[-1]
-        log(f"epoch: {r.loader} {compile_text(r.compile, r.compile_mode)}"
-            f"{autotune_text(r.cudnn_benchmark)} "
+        name = epoch_name(r.loader, r.precision, r.compile, r.compile_mode, r.batch_size,
+                          cudnn_benchmark=r.cudnn_benchmark)
+        log(f"epoch: {name}: "
             + (f"{r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%} (the "
                f"first batch's: {ms_range(r.first_batch_wait_s)} ms), loader overhead "
                f"{r.loader_overhead_share:.1%}" if r.status == "ok"

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, run_main
+from common.cli import CommandParser, error_line, interruptible_imports, run_main
 from engine.config import OPTIMIZERS, parse_tool_args
 
 
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         from tools.comparison import compare
 
     def body() -> int:
-        results, table = compare(cfg, args.optimizers, args.lr is None, log=print)
+        results, table = compare(cfg, args.optimizers, args.lr is None, log=print,
+                                 warn=error_line)
         if table is not None:  # None: another process writes
             print(table, end="")
             print(f"wrote {Path(cfg.out)}/compare.png, compare.csv, compare.md")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from common.cli import error_line
 from common.errors import Interrupted, RangeTestError, TrainingError
 from common.files import atomic_write, output_dir, write_csv, write_text
 from engine import checkpoint
@@ -75,10 +74,10 @@ def given_options(cfg: TrainConfig) -> dict:
 
 
 def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log: Log,
-              ) -> tuple[Result, bool]:
+              warn: Log) -> tuple[Result, bool]:
     """Train one optimizer with engine.loop.train, its lines to log; a diverged run is kept as
-    a result. A run already in `out` (a comparison stopped and started again) is resumed, or
-    reused when it is finished.
+    a result, its error to warn. A run already in `out` (a comparison stopped and started
+    again) is resumed, or reused when it is finished.
 
     Returns the result and whether this is the process that writes files.
     """
@@ -91,7 +90,7 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log
                         extend="Extend it by running this command with a larger --epochs.")
         return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
     except (TrainingError, RangeTestError) as error:  # a result, not the end
-        error_line(f"error: {optimizer}: {error}")
+        warn(f"error: {optimizer}: {error}")
         history = saved_history(out)
         return Result(optimizer, lr, history, str(error)), True
 
@@ -141,7 +140,7 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
 
 
 def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path, log: Log,
-               ) -> tuple[list[Result], bool]:
+               warn: Log) -> tuple[list[Result], bool]:
     """Each optimizer's run in out/<name>, in turn, at its default LR (own_lrs: no --lr given)
     or cfg.lr; the results and whether this process writes. Ctrl-C says how to go on: the
     same command resumes the runs, or reuses finished ones."""
@@ -149,7 +148,7 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path
     for name in optimizers:
         try:
             lr = default_lr(name, cfg.batch_size) if own_lrs else cfg.lr
-            result, main_process = train_one(cfg, name, lr, out / name, log)
+            result, main_process = train_one(cfg, name, lr, out / name, log, warn)
         except (Interrupted, KeyboardInterrupt):  # the second: before train() could say more
             if not any((out / n / "ckpt.pt").exists() for n in optimizers):
                 raise Interrupted(f"stopped during {name}, before any run saved an epoch; run "
@@ -162,17 +161,18 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path
     return results, main_process
 
 
-def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool,
-            log: Log) -> tuple[list[Result], str | None]:
+def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
+            warn: Log) -> tuple[list[Result], str | None]:
     """Train each optimizer in turn in cfg.out/<name>, each at its default LR (own_lrs: no --lr
-    given) or cfg.lr, their lines to log, and write the comparison into cfg.out; the results
-    and the markdown table, None in a process other than the one that writes."""
+    given) or cfg.lr, their lines to log and the errors of runs that failed to warn, and write
+    the comparison into cfg.out; the results and the markdown table, None in a process other
+    than the one that writes."""
     out = Path(cfg.out)
     # a file or a read-only --out is named as such before any run; each run's folder goes
     # too when a failure leaves it empty
     try:
         with output_dir(out):
-            results, main_process = train_each(cfg, optimizers, own_lrs, out, log)
+            results, main_process = train_each(cfg, optimizers, own_lrs, out, log, warn)
     finally:  # the runs kept the process group for one another
         end_processes()
     if not main_process:  # under torchrun, one process writes

@@ -13,13 +13,12 @@ from torch.utils.flop_counter import FlopCounterMode
 PROBE_IMAGES = 2  # images of the counted batch: FLOPs scale linearly with it
 
 
-def count_train_flops(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32),
-                      channels_last: bool = False) -> tuple[int, dict[str, int]]:
-    """FLOPs per image of one forward + backward (loss included) in training mode, in total
-    and per top-level module; counted on a CPU copy so the model's weights, statistics and
-    gradients are untouched."""
+def count_train_flops(model: nn.Module, channels_last: bool = False) -> tuple[int, dict[str, int]]:
+    """FLOPs per 3 x 32 x 32 image of one forward + backward (loss included) in training mode,
+    in total and per top-level module; counted on a CPU copy so the model's weights, statistics
+    and gradients are untouched."""
     probe = copy.deepcopy(model).float().cpu().train()
-    x = torch.randn(PROBE_IMAGES, *input_shape)
+    x = torch.randn(PROBE_IMAGES, 3, 32, 32)
     if channels_last:
         probe, x = probe.to(memory_format=torch.channels_last), x.contiguous(
             memory_format=torch.channels_last)

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.hardware import available_cores
+from engine.config import PRESETS, TrainConfig
 from tools.gpu_environment import ROOT, missing
 
 STEPS = ("tests-quick", "train", "bench-peers", "bench-epoch", "tests-e2e", "train-eager",
@@ -33,7 +35,13 @@ STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
 LIMITS = {"tests-quick": 120, "train": 180, "bench-peers": 180, "bench-epoch": 300,
           "profile-ffcv": 120}
 TEST_WORKERS, TEST_CORES = 4, 4  # tests-e2e on 16 cores: 4 workers of 4 cores each
-EPOCHS = 24  # the fast preset's (1 in a dry run); GPU_SUITE_EPOCHS=N sets N instead
+# the fast preset's (1 in a dry run); GPU_SUITE_EPOCHS=N sets N instead
+EPOCHS = TrainConfig(**PRESETS["fast"]).epochs
+
+
+def suite_device(dry: bool) -> str:
+    """The device a suite's commands run on: the CPU in a dry run, else the GPU."""
+    return "cpu" if dry else "cuda"
 
 
 @dataclass
@@ -53,7 +61,7 @@ class Suite:
 
     @property
     def device(self) -> str:
-        return "cpu" if self.dry else "cuda"
+        return suite_device(self.dry)
 
     def script(self, path: str, *args: str) -> list[str]:
         """The argv of a repository script run with the suite's Python, from any directory."""
@@ -95,7 +103,7 @@ def test_workers(python: str, env: dict) -> int:
     lacks pytest-xdist."""
     if missing(python, env, ("xdist",)):
         return 1
-    return max(1, min(TEST_WORKERS, len(os.sched_getaffinity(0)) // TEST_CORES))
+    return max(1, min(TEST_WORKERS, available_cores() // TEST_CORES))
 
 
 def bench(s: Suite, name: str, sections: str, *options: str) -> Commands:

@@ -30,7 +30,7 @@ from common.cli import CommandParser, path_option, run_main
 from common.errors import SetupError
 from common.files import atomic_write, not_a_file, place_problem, write_json, write_text
 from tools.gpu_environment import ROOT, environment, header
-from tools.gpu_steps import COMMANDS, GROUPS, LIMITS, STEP_LIMIT_S, STEPS, Suite
+from tools.gpu_steps import COMMANDS, GROUPS, LIMITS, STEP_LIMIT_S, STEPS, Suite, suite_device
 from tools.gpu_summary import render
 
 START_MIN_S = 30  # a command is not started with less of the budget left
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         results, bundle = outputs(args)
         results.mkdir(parents=True, exist_ok=True)
         env = environment(sys.executable, args.site.absolute())
-        device = "cpu" if args.dry_run else "cuda"
-        meta = header(sys.executable, env, device, argv, args.dry_run)
+        meta = header(sys.executable, env, suite_device(args.dry_run), argv, args.dry_run)
         deadline = start + args.budget if args.budget else math.inf
         with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
             # absolute: the commands run in the checkout, the caller named them from elsewhere

@@ -9,7 +9,7 @@ import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from common.compile_modes import compile_text, epoch_name, step_name
+from tools.bench_names import epoch_name, step_name
 
 
 def read_json(path: Path) -> dict:
@@ -39,17 +39,13 @@ def mode(r: dict) -> str:
     return r.get("compile_mode", "default")
 
 
-def compiled(r: dict) -> str:
-    """How a bench row's step ran, named as the bench names it ('eager', 'compiled ...')."""
-    return compile_text(r["compile"], mode(r))
-
-
 # each row's name, enough to tell it from the other rows of its section, as the bench names it
 ROW_NAMES = {
     "loaders": lambda r: r["loader"],
     # epoch rows written before the field was did not autotune: they say so
     "epoch": lambda r: epoch_name(r["loader"], r["precision"], r["compile"], mode(r),
-                                  r["batch_size"], r.get("cudnn_benchmark", False)),
+                                  r["batch_size"],
+                                  cudnn_benchmark=r.get("cudnn_benchmark", False)),
     "step": lambda r: step_name(r["precision"], r["memory_format"], r["compile"], mode(r),
                                 r["batch_size"]),
     "peers": lambda r: (f"{r['loader']} ({'; '.join(filter(None, (r['augment'], r['output'])))})"
@@ -93,8 +89,9 @@ def bench_lines(bench: dict) -> list[str]:
               for dtype in bench.get("mfu", {}).get("not_peaks", [])]
     profile = bench.get("profile", {})
     if profile.get("device_busy_share") is not None:
-        lines.append(f"- profile, {profile['loader']} loader, {profile['precision']} "
-                     f"{compiled(profile)} batch {profile['batch_size']}: device busy "
+        name = epoch_name(profile["loader"], profile["precision"], profile["compile"],
+                          mode(profile), profile["batch_size"])
+        lines.append(f"- profile, {name}: device busy "
                      f"{profile['device_busy_ms']:.2f} ms of a {profile['step_ms']:.2f} ms step "
                      f"({profile['device_busy_share']:.0%})")
     rows = [(section, r) for section in ROW_LINES for r in bench.get(section, [])]

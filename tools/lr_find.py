@@ -32,14 +32,15 @@ def own_options() -> argparse.ArgumentParser:
 
 
 # training options the sweep has no use for: it sets the LR itself, step by step, for
-# --iterations steps, and never evaluates; given, they would be ignored without a word
-UNUSED = ("lr", "epochs", "schedule", "warmup", "tta", "log_with")
+# --iterations steps, and never evaluates; given, they would be ignored without a word, so
+# check refuses them
+REFUSED_OPTIONS = ("lr", "epochs", "schedule", "warmup", "tta", "log_with")
 
 
 def check(args: argparse.Namespace) -> None:
     """Raise ValueError for a sweep that cannot run or a training option it would ignore."""
     lr_sweep.check_sweep(args.start_lr, args.end_lr, args.iterations)
-    values = {name: getattr(args, name) for name in UNUSED}
+    values = {name: getattr(args, name) for name in REFUSED_OPTIONS}
     # as typed: --no-tta for a switch turned off
     given = [option_name(f"no_{name}" if value is False else name)
              for name, value in values.items() if value is not None]
@@ -57,16 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_tool_args(argv, "tools/lr_find.py", __doc__.splitlines()[0], own_options(),
                                 check)
     with interruptible_imports():  # torch and the rest take seconds to import
+        from engine.lr_range import found
         from tools.lr_curve import write_lr_curve
 
     def body() -> None:
         result = write_lr_curve(cfg, args.start_lr, args.end_lr, args.iterations)
         if result is None:  # another process writes and says so
             return
-        print(f"suggested lr {result.suggested:.4g} (minimum/10; steepest descent at "
-              f"{result.steepest:.4g}) over {len(result.lrs)} steps from {result.lrs[0]:.2g} "
-              f"to {result.lrs[-1]:.2g}; wrote {Path(cfg.out)}/lr_find.png and lr_find.csv. Train "
-              f"with --lr {result.suggested:.3g}, or let engine/train.py --lr auto find it.")
+        print(f"{found(result)}; wrote {Path(cfg.out)}/lr_find.png and lr_find.csv. Train with "
+              f"--lr {result.suggested:.3g}, or let engine/train.py --lr auto find it.")
 
     return run_main(body)
 

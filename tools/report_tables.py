@@ -76,7 +76,7 @@ def cell(text: object) -> str:
 
 
 def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
-            layers: list[str], shown: int, scores: list[dict]) -> str:
+            layers: list[str], images_shown: int, scores: list[dict]) -> str:
     """summary.md: the headline figures, the hardest classes, how faithful each explanation
     is, and links to every file."""
     lines = [TITLE, "", "| | |", "| --- | --- |"]
@@ -102,9 +102,9 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
               "- [curves.png](curves.png): train and test loss and accuracy, and the LR, "
               "per epoch", "",
               "  ![curves](curves.png)", "",
-              f"- [misclassified.png](misclassified.png): the {shown} most confidently wrong "
-              "test images ([misclassified.csv](misclassified.csv): their test indices and "
-              "probabilities)", "",
+              f"- [misclassified.png](misclassified.png): the {images_shown} most confidently "
+              "wrong test images ([misclassified.csv](misclassified.csv): their test indices "
+              "and probabilities)", "",
               "  ![misclassified](misclassified.png)", "",
               f"- [gradcam.pdf](gradcam.pdf): a run summary page, then one page per image above "
               f"with {', '.join(methods)} maps of {', '.join(layers)} for the predicted and the "

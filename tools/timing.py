@@ -4,15 +4,16 @@ and of matmuls, each waited for on the device so host clocks measure the work.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice, repeat
+from typing import Protocol
 
 import torch
 
 from common.cli import stop_if_interrupted
 from engine.run import DTYPES, Run, train_step
-from loaders.base import BatchLoader
 from tools.bench_options import TURN_EPOCHS, TURN_S
 
 
@@ -38,13 +39,24 @@ class Peak:
     math: str  # the arithmetic the product ran in: the dtype, or tf32 for fp32 on tensor cores
 
 
+class EpochLoader(Protocol):
+    """What loader_pass times: one of ours (loaders.base.BatchLoader) or a peer's behind
+    tools.bench_peers.Timed, iterated for an epoch's (images, labels) batches."""
+
+    device: torch.device
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so host clocks measure it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def loader_pass(loader: BatchLoader, epoch: int,
+def loader_pass(loader: EpochLoader, epoch: int,
                 on_first: Callable[[torch.Tensor], object] | None = None) -> Pass:
     """Iterate one epoch of a loader, as a consumer that keeps every batch would; on_first sees
     the first batch's images (to describe a loader's output without starting an extra epoch)."""
@@ -66,7 +78,7 @@ def loader_pass(loader: BatchLoader, epoch: int,
     return Pass(images, time.perf_counter() - start)
 
 
-def loader_turn(loader: BatchLoader, epoch: int) -> list[Pass]:
+def loader_turn(loader: EpochLoader, epoch: int) -> list[Pass]:
     """A loader's turn where loaders take turns: epochs `epoch`, `epoch + 1`, ... until they
     fill TURN_S, at most TURN_EPOCHS of them, so that an epoch of milliseconds (a GPU's) is
     timed dozens of times a turn rather than once, and a slow one still once."""
@@ -99,12 +111,13 @@ def train_pass(run: Run, epoch: int) -> Pass:
     return Pass(images, time.perf_counter() - start, sum(waits), waits[0])
 
 
-def timed_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, n: int) -> float:
-    """Seconds for n training steps on one batch already on the device."""
+def timed_steps(run: Run, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
+    """Seconds for n training steps on the next n batches (itertools.repeat of one batch
+    already on the device: the step alone), device synchronized."""
     device = run.accelerator.device
     sync(device)
     start = time.perf_counter()
-    for _ in range(n):
+    for images, labels in islice(batches, n):
         train_step(run, images, labels)
     sync(device)
     return time.perf_counter() - start
@@ -115,8 +128,8 @@ def timed_epoch_steps(run: Run, images: torch.Tensor, labels: torch.Tensor, tota
     the device: its full batches, then its partial last one (which runs eager, not compiled:
     engine.run.build), so a loader is not charged for that batch's own cost."""
     full, rest = divmod(total, len(labels))
-    return timed_steps(run, images, labels, full) + (
-        timed_steps(run, images[:rest], labels[:rest], 1) if rest else 0.0)
+    return timed_steps(run, repeat((images, labels)), full) + (
+        timed_steps(run, [(images[:rest], labels[:rest])], 1) if rest else 0.0)
 
 
 def fastest(passes: list[Pass]) -> Pass:

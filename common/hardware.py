@@ -20,6 +20,17 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def beyond_cores(option: str, count: int) -> str | None:
+    """Why `count` workers or threads are too many for `option`, or None: more than the cores
+    this process may use are no faster, and each torchvision worker is a process (99999999999
+    of them filled the machine's memory)."""
+    cores = available_cores()
+    if count <= cores:
+        return None
+    return (f"{option} {count}: this process may use {cores} core{'s' * (cores != 1)}; pass "
+            f"{option} {cores} or fewer")
+
+
 # each logical CPU's hyper-thread siblings: one string per physical core
 CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 

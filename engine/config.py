@@ -15,7 +15,7 @@ from pathlib import Path
 from common.cli import CommandParser, interruptible_imports, option_name, path_option
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
-from common.hardware import launched_processes
+from common.hardware import beyond_cores, launched_processes
 from loaders import LOADERS
 from loaders.options import (
     SYNTHETIC_SIZE,
@@ -23,6 +23,7 @@ from loaders.options import (
     add_data_arguments,
     seed_problem,
     synthetic_size_problem,
+    synthetic_size_unused,
 )
 
 # the names engine.model and engine.optimizers build from, here so options parse without torch
@@ -260,6 +261,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--compile-mode {cfg.compile_mode} compiles; drop --no-compile")
     if cfg.workers is not None and cfg.workers < 1:
         problems.append("--workers must be at least 1")
+    elif cfg.workers is not None and (problem := beyond_cores("--workers", cfg.workers)):
+        problems.append(problem)
     if problem := synthetic_size_problem(*cfg.synthetic_size):
         problems.append(f"--synthetic-size {' '.join(map(str, cfg.synthetic_size))}: {problem}")
     return problems
@@ -301,9 +304,9 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
     preset = given.get("preset", "fast")
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, **given})
     problems = validate(cfg)
-    if "synthetic_size" in given and cfg.dataset != "synthetic" and resume is None:
-        # as other options that would do nothing: it read as used, and config.json kept it
-        problems.append(f"--synthetic-size is for --dataset synthetic, not {cfg.dataset}")
+    if "synthetic_size" in given and resume is None and (
+            problem := synthetic_size_unused(cfg.dataset)):
+        problems.append(problem)
     if problems:
         parser.error("; ".join(problems))
     return Options(cfg, resume, given)

@@ -25,6 +25,7 @@ from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
 from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
+from loaders.guards import numba_settings_checked
 
 Log = Callable[[str], None]
 
@@ -241,6 +242,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     group for another run in this process (tools/comparison.py), which calls end_processes().
     `extend`: how to train a finished run further, said when resuming one (by default, with
     --resume and more --epochs; a tool of its own words for its own command line)."""
+    numba_settings_checked()  # read by FFCV's compiler as the data is prepared: refused first
     cfg, ckpt = configure(cfg, resume, given)
     check_tracker(cfg.log_with)
     accelerator = make_accelerator(cfg)

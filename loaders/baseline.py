@@ -17,7 +17,7 @@ from torchvision import transforms
 
 from common.cli import STOP_SIGNALS, stop_signals_held
 from common.errors import LoaderError, one_line
-from common.hardware import available_cores
+from common.hardware import beyond_cores
 from loaders import beton
 from loaders.augment import epoch_generator
 from loaders.base import Batch, BatchLoader
@@ -100,11 +100,8 @@ class TorchvisionLoader(BatchLoader):
         split = beton.read(Path(path))
         super().__init__(path, num_samples=len(split.labels), augment=augment, mean=mean,
                          std=std, **kwargs)
-        cores = available_cores()
-        if self.workers > cores:  # else as many processes as asked: 99999 filled the machine
-            raise LoaderError(f"--workers {self.workers}: the torchvision loader's workers are "
-                              f"processes, and this process may use {cores} cores; pass "
-                              f"--workers {cores} or fewer.")
+        if problem := beyond_cores("--workers", self.workers):  # each worker is a process
+            raise LoaderError(problem)
         transform = pil_transform(augment if self.train else None, mean, std)
         # Workers forked, as by default up to Python 3.13: 3.14's default start method,
         # forkserver, pickles the dataset (the whole split: 150 MB of CIFAR-10's) to each

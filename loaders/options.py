@@ -40,6 +40,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per split of --dataset synthetic (default: 50000 10000)")
 
 
+def synthetic_size_unused(dataset: str) -> str | None:
+    """Why --synthetic-size, given, would do nothing with `dataset` (it read as used, and a
+    run's config.json kept it), or None for the synthetic dataset."""
+    return None if dataset == "synthetic" else (
+        f"--synthetic-size is for --dataset synthetic, not {dataset}")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """The training augmentation a loader applies (loaders.augment does it), range-checked."""

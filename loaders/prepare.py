@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, run_main
-from loaders.options import SYNTHETIC_SIZE, add_data_arguments
+from loaders.options import SYNTHETIC_SIZE, add_data_arguments, synthetic_size_unused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,14 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     are parsed first, so --help and a refused value answer before numpy and torch load."""
     parser = CommandParser(prog="python loaders/prepare.py", description=__doc__)
     add_data_arguments(parser)
-    parser.set_defaults(dataset="cifar10", data_dir=Path("data"),
-                        synthetic_size=SYNTHETIC_SIZE)
+    parser.set_defaults(dataset="cifar10", data_dir=Path("data"))
     args = parser.parse_args(argv)
+    if args.synthetic_size is not None and (problem := synthetic_size_unused(args.dataset)):
+        parser.error(problem)
     with interruptible_imports():  # numpy, FFCV and torch take seconds to import
         from loaders.preparation import prepare
 
     def body() -> None:
-        prepared = prepare(args.dataset, args.data_dir, tuple(args.synthetic_size))
+        size = tuple(args.synthetic_size or SYNTHETIC_SIZE)
+        prepared = prepare(args.dataset, args.data_dir, size)
         print(prepared.train)
         print(prepared.test)
 

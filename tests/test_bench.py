@@ -253,6 +253,9 @@ def test_sections_choose_what_runs(tmp_path):
     assert report["mfu"]["rows"] == [] and report["mfu"]["peaks"]["fp32"]["flops_per_s"] > 0
 
 
+CORES = len(os.sched_getaffinity(0))  # this process's: pytest_configure set them
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sections", "loaders,gpu"], "gpu"),
     (["--sections", ""], "--sections needs at least one value"),
@@ -275,8 +278,8 @@ def test_sections_choose_what_runs(tmp_path):
     (["--epoch-images", "1"], "--epoch-images 1: the synthetic data needs at least 10 "
                               "training images, one per class"),
     # 99999999999 threads was torch's traceback; as many workers, processes until memory ran out
-    (["--threads", "99999999999"], f"--threads 99999999999: this process may use "
-                                   f"{len(os.sched_getaffinity(0))} cores; pass --threads"),
+    (["--threads", "99999999999"], "--threads 99999999999: this process may use "
+                                   f"{CORES} core{'s' * (CORES != 1)}; pass --threads {CORES} or"),
     (["--workers", "99999999999"], "--workers 99999999999: this process may use"),
     (["--json", "/tmp/" + "a" * 300 + ".json"], "its name is too long (305 bytes; this file "
                                                  "system takes 255, less "),  # the pid's digits

@@ -894,3 +894,13 @@ def test_prepare_refuses_an_empty_data_dir_and_writes_nothing(tmp_path, monkeypa
         prepare("synthetic", "", synthetic_size=(20, 5), workers=1)
     assert str(refused.value).startswith("The data folder is empty ('')")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_cli_refuses_a_synthetic_size_for_another_dataset(tmp_path):
+    """It was ignored: the command then fetched CIFAR-10 as if the size meant something."""
+    result = run_script("loaders/prepare.py", "--dataset", "cifar10", "--synthetic-size", 100, 10,
+                        "--data-dir", tmp_path / "data", timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        "python loaders/prepare.py: error: --synthetic-size is for --dataset synthetic, not "
+        "cifar10; see --help\n")
+    assert not (tmp_path / "data").exists()

@@ -288,13 +288,14 @@ def test_a_world_size_that_is_no_count_is_refused_by_name(value, tmp_path):
 def test_a_numba_thread_count_that_is_no_count_is_refused_by_name(value, tmp_path):
     """numba reads NUMBA_NUM_THREADS as FFCV imports it: 0 was a traceback from inside that
     import, 'abc' a warning with a traceback in it before the run went on."""
-    out = tmp_path / "run"
-    result = train("--out", out, timeout=300, env={**os.environ, "NUMBA_NUM_THREADS": value})
+    out, data = tmp_path / "run", tmp_path / "data"
+    result = train("--out", out, "--data-dir", data, timeout=300,
+                   env={**os.environ, "NUMBA_NUM_THREADS": value})
     assert result.returncode == 1, result.stderr[-2000:]
     assert one_line_error(result).startswith(
         f"error: NUMBA_NUM_THREADS={value!r} is not a number of threads: numba (FFCV's compiler) "
         "needs a whole number of at least 1; unset it")
-    assert not out.exists()
+    assert not out.exists() and not data.exists()  # refused before any work
 
 
 @pytest.mark.slow
@@ -305,11 +306,13 @@ def test_a_numba_thread_count_that_is_no_count_is_refused_by_name(value, tmp_pat
 ])
 def test_a_numba_threading_layer_numba_does_not_know_is_refused_by_name(name, value, words,
                                                                         tmp_path):
-    """numba reads them as its threads start, in FFCV's first epoch: a ValueError traceback."""
-    out = tmp_path / "run"
-    result = train("--out", out, timeout=300, env={**os.environ, name: value})
+    """numba reads them as its threads start, in FFCV's first epoch: a ValueError traceback;
+    then, refused as FFCV was imported, after the data had been fetched and partly written."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    result = train("--out", out, "--data-dir", data, timeout=300, env={**os.environ, name: value})
     assert result.returncode == 1, result.stderr[-2000:]
     assert one_line_error(result).startswith(f"error: {name}={value!r} {words}")
+    assert not data.exists()
     assert not out.exists()
 
 
@@ -1212,12 +1215,12 @@ def test_resume_rules_apply_what_can_change_and_name_the_rest():
     from engine.config import RESUMABLE, parse, resume_config
 
     saved = parse(["--dataset", "synthetic", "--epochs", "2"]).cfg.to_dict()
-    given = parse(["--epochs", "5", "--workers", "3", "--preset", "seed", "--lr", "0.3"]).given
+    given = parse(["--epochs", "5", "--workers", "1", "--preset", "seed", "--lr", "0.3"]).given
     with pytest.raises(ValueError, match="--lr, --preset cannot change") as error:
         resume_config(saved, given, Path("runs/x"))
     assert all(f"--{k.replace('_', '-')}" in str(error.value) for k in RESUMABLE)
-    cfg = resume_config(saved, {"epochs": 5, "workers": 3}, Path("runs/x"))
-    assert (cfg.epochs, cfg.workers, cfg.out, cfg.dataset) == (5, 3, "runs/x", "synthetic")
+    cfg = resume_config(saved, {"epochs": 5, "workers": 1}, Path("runs/x"))
+    assert (cfg.epochs, cfg.workers, cfg.out, cfg.dataset) == (5, 1, "runs/x", "synthetic")
     same = resume_config(saved, {"dataset": "synthetic", "synthetic_size": (50_000, 10_000)},
                          Path("runs/x"))  # repeating a saved value is no change
     assert same.synthetic_size == (50_000, 10_000)

@@ -366,9 +366,22 @@ def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, 
      "--compile-mode reduce-overhead compiles; drop --no-compile"),
 ])
 def test_impossible_options_are_refused(option, message, tmp_path):
-    result = train(*option, "--out", str(tmp_path / "out"), timeout=120)
+    result = train(*option, "--out", tmp_path / "out", "--data-dir", tmp_path / "data",
+                   timeout=120)
     assert result.returncode == 2 and message in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_more_workers_than_cores_are_refused_before_the_data_is_made(tmp_path):
+    """With any loader: the resident one trained with them (it has no workers, but writes
+    the .beton files with them), the others refused them after the data was written."""
+    cores = len(os.sched_getaffinity(0))  # the child's, which inherits this process's cores
+    result = train("--workers", cores + 1, "--loader", "resident", "--out", tmp_path / "out",
+                   "--data-dir", tmp_path / "data", timeout=120)
+    assert result.returncode == 2 and (f"--workers {cores + 1}: this process may use {cores} "
+                                       f"core{'s' * (cores != 1)}; pass --workers {cores} or "
+                                       "fewer") in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
 def test_fp16_without_a_gpu_is_refused(tmp_path):

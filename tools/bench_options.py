@@ -13,7 +13,7 @@ from common.cli import CommandParser, option_name, path_option
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
 from common.files import not_a_file, place_problem
-from common.hardware import available_cores, physical_cores
+from common.hardware import beyond_cores, physical_cores
 from engine.config import PRECISIONS
 from loaders import LOADERS
 from loaders.options import check_synthetic_memory, data_dir_option, synthetic_size_problem
@@ -159,11 +159,10 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
                 check_synthetic_memory(n, TEST_IMAGES, option, str(n))
             except DataError as error:
                 p.error(str(error))
-    cores = available_cores()
-    for name in ("threads", "workers"):  # more are no faster; 99999999999 workers filled memory
-        if (n := getattr(args, name)) is not None and n > cores:
-            p.error(f"{option_name(name)} {n}: this process may use {cores} cores; pass "
-                    f"{option_name(name)} {cores} or fewer")
+    for name in ("threads", "workers"):
+        if (n := getattr(args, name)) is not None and (
+                problem := beyond_cores(option_name(name), n)):
+            p.error(problem)
     for option, path, name in (("--json", args.json, "bench.json"),
                                ("--trace", args.trace, "bench.trace.json.gz")):
         if path is not None and (problem := not_a_file(path)):

@@ -5,6 +5,7 @@ assertion and a core dump (torch 2.15), before any Python code could say which s
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,21 +20,33 @@ for name in ("libc10.so", "libc10_cuda.so", "libc10_hip.so"):
     if os.path.exists(os.path.join(lib, name)):
         ctypes.CDLL(os.path.join(lib, name))
 """
+BUG_REPORT = ", please report a bug to PyTorch."  # torch's words for any failed assertion
+
+
+def _aborts(env: dict[str, str]) -> str | None:
+    """What torch's failed assertion says where loading it with `env` aborts, else None (it
+    loads, or the probe could not run: nothing to report then)."""
+    try:
+        child = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                               errors="replace", env=env, check=False)
+    except OSError:
+        return None
+    if child.returncode != -signal.SIGABRT:
+        return None
+    return next((line.split("what():", 1)[1].replace(BUG_REPORT, ";").strip()
+                 for line in child.stderr.splitlines() if "what():" in line), "no message")
 
 
 def allocator_problem() -> str | None:
-    """Why torch would abort as it loads on the allocator settings in the environment, or None
-    (always where none is set: no child process then)."""
-    given = {name: os.environ[name] for name in VARIABLES if os.environ.get(name, "").strip()}
-    if not given:
+    """Why torch would abort as it loads on the allocator settings in the environment, naming
+    the one(s) it aborts on, or None (always where none is set: no child process then)."""
+    given = [name for name in VARIABLES if os.environ.get(name, "").strip()]
+    if not given or (what := _aborts(dict(os.environ))) is None:
         return None
-    child = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                           errors="replace", check=False)
-    if child.returncode >= 0:  # loaded, or failed for another reason: not the abort
-        return None
-    what = next((line.split("what():", 1)[1].strip() for line in child.stderr.splitlines()
-                 if "what():" in line), f"signal {-child.returncode}")
-    settings = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    others = {name: value for name, value in os.environ.items() if name not in given}
+    # torch reads one of them: the one that aborts alone is the one to fix
+    culprits = [name for name in given if _aborts({**others, name: os.environ[name]})] or given
+    settings = ", ".join(f"{name}={os.environ[name]!r}" for name in culprits)
     return (f"torch aborts as it loads with the allocator setting {settings} ({what}); write it "
             "as option:value pairs separated by commas (expandable_segments:True, say), or "
             "unset it.")

@@ -159,6 +159,13 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
+def _refuse_an_aborting_allocator() -> None:
+    """End the command in one line, 1, where torch would abort as it loads (common.allocator)."""
+    if problem := allocator_problem():
+        error_line(f"error: {problem}")
+        sys.exit(1)
+
+
 @contextmanager
 def interruptible_imports() -> Iterator[None]:
     """Around a script's slow imports (torch: seconds, before run_main is in place): a Ctrl-C
@@ -166,12 +173,10 @@ def interruptible_imports() -> Iterator[None]:
     swallows it: one that lands while torch imports numpy is lost, and the command ran on, or
     failed later on the half-imported numpy (a RecursionError). First, an allocator setting
     torch would abort on as it loads is refused in one line (common.allocator)."""
-    if problem := allocator_problem():
-        error_line(f"error: {problem}")
-        sys.exit(1)
     previous = signal.getsignal(signal.SIGINT)
     if (threading.current_thread() is not threading.main_thread()
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable
+        _refuse_an_aborting_allocator()
         yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
         return
     # its own record, not run_main's: a block inside another (a module imported in one that
@@ -185,6 +190,7 @@ def interruptible_imports() -> Iterator[None]:
 
     signal.signal(signal.SIGINT, note)
     try:
+        _refuse_an_aborting_allocator()
         yield
     except BaseException:
         if not caught:

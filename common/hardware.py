@@ -28,7 +28,7 @@ def beyond_cores(option: str, count: int) -> str | None:
     if count <= cores:
         return None
     return (f"{option} {count}: this process may use {cores} core{'s' * (cores != 1)}; pass "
-            f"{option} {cores} or fewer")
+            f"{option} {cores}{' or fewer' * (cores != 1)}")
 
 
 # each logical CPU's hyper-thread siblings: one string per physical core

@@ -261,8 +261,6 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--compile-mode {cfg.compile_mode} compiles; drop --no-compile")
     if cfg.workers is not None and cfg.workers < 1:
         problems.append("--workers must be at least 1")
-    elif cfg.workers is not None and (problem := beyond_cores("--workers", cfg.workers)):
-        problems.append(problem)
     if problem := synthetic_size_problem(*cfg.synthetic_size):
         problems.append(f"--synthetic-size {' '.join(map(str, cfg.synthetic_size))}: {problem}")
     return problems
@@ -303,7 +301,9 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
         given.setdefault("compile", True)  # a mode asks for compiling, on the CPU too
     preset = given.get("preset", "fast")
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, **given})
-    problems = validate(cfg)
+    problems = validate(cfg)  # of any config; this machine's cores only bound the command's
+    if "workers" in given and (problem := beyond_cores("--workers", cfg.workers)):
+        problems.append(problem)
     if "synthetic_size" in given and resume is None and (
             problem := synthetic_size_unused(cfg.dataset)):
         problems.append(problem)

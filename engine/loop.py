@@ -17,7 +17,7 @@ from accelerate.tracking import get_available_trackers
 from common.compile_modes import compile_text
 from common.errors import CheckpointError, Interrupted, TrainingError, listing, one_line
 from common.files import locked_dir, sweep_temporaries
-from common.hardware import device_name
+from common.hardware import beyond_cores, device_name
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, default_compile_mode, resolve, resume_config
@@ -25,7 +25,6 @@ from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
 from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
-from loaders.guards import numba_settings_checked
 
 Log = Callable[[str], None]
 
@@ -217,6 +216,9 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
                 "another --out.")
     except ValueError as error:  # an option that --resume cannot change
         raise CheckpointError(f"{path}: {error}") from None
+    if cfg.workers is not None and "workers" not in (given or {}) and (
+            problem := beyond_cores("--workers", cfg.workers)):
+        raise TrainingError(f"{resume} was trained with {problem} (--resume may change it).")
     if cfg.precision == "fp16" and not torch.cuda.is_available():  # --precision is kept
         raise TrainingError(f"{path} trained in fp16, which needs a CUDA GPU; resume it on a "
                             "machine with one (--resume keeps the run's --precision).")
@@ -242,7 +244,6 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     group for another run in this process (tools/comparison.py), which calls end_processes().
     `extend`: how to train a finished run further, said when resuming one (by default, with
     --resume and more --epochs; a tool of its own words for its own command line)."""
-    numba_settings_checked()  # read by FFCV's compiler as the data is prepared: refused first
     cfg, ckpt = configure(cfg, resume, given)
     check_tracker(cfg.log_with)
     accelerator = make_accelerator(cfg)

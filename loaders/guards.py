@@ -108,12 +108,15 @@ def numba_settings_checked() -> None:
                          "separated by spaces; or unset it.")
 
 
-def numba_workers(workers: int) -> int:
-    """`workers` for an FFCV Loader, whose workers are numba threads: more than numba may start
-    is one LoaderError naming the limit, where numba's own error would be a traceback."""
+def numba_workers(workers: int | None, default: int) -> int:
+    """The workers of an FFCV Loader, which are numba threads: `workers` as asked, where more
+    than numba may start is one LoaderError naming the limit (numba's own error would be a
+    traceback); none asked, `default` up to that limit (a NUMBA_NUM_THREADS below it)."""
     import numba
 
     threads = numba.config.NUMBA_NUM_THREADS
+    if workers is None:
+        return min(default, threads)
     if workers > threads:
         raise LoaderError(
             f"--workers {workers}: FFCV's workers are numba threads, and numba may start "

@@ -15,6 +15,7 @@ from common.errors import DataError
 from common.files import unwritable, waiting_lock
 from common.hardware import default_workers
 from loaders import beton, cifar
+from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS
 from loaders.options import SYNTHETIC_SIZE
 
@@ -62,6 +63,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     rank of a run does it at once); processes that must write there take turns (see
     preparing).
     """
+    numba_settings_checked()  # FFCV's compiler would fail on them after the source is written
     check_data_dir(data_dir, writing=False)
     source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size)
     paths = beton_paths(name, Path(data_dir), source.name)

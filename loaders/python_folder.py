@@ -58,9 +58,11 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
             if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # say which folder
                 raise
             needed = sum(a.nbytes for split in (train, test) for a in split.values())
+            fix = ("raise this process's file size limit (ulimit -f)" if error.errno ==
+                   errno.EFBIG else "free some space there or use a --data-dir on another disk")
             raise DataError(f"Writing {folder} failed ({error.strerror}); it needs about "
-                            f"{needed / 1e6:.1f} MB in {folder.parent}. Nothing was kept; free "
-                            "some space there or use a --data-dir on another disk.") from error
+                            f"{needed / 1e6:.1f} MB in {folder.parent}. Nothing was kept; "
+                            f"{fix}.") from error
         usual_permissions(staging)
         os.replace(staging, folder)
     finally:

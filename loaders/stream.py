@@ -52,9 +52,10 @@ class FFCVLoader(BatchLoader):
         # work), as do CUDA graphs; none takes from this pool
         self.copy_stream = (torch.cuda.Stream(self.device, priority=-1)
                             if self.device.type == "cuda" else None)
+        self.workers = numba_workers(kwargs.get("workers"), self.workers)
         with torch_threads_kept():  # Loader() sets torch's threads to num_workers
             self.loader = Loader(
-                str(path), batch_size=self.batch_size, num_workers=numba_workers(self.workers),
+                str(path), batch_size=self.batch_size, num_workers=self.workers,
                 order=_ShardOrder(self), drop_last=False, os_cache=True,
                 pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
                            "label": [IntDecoder(), ToTensor()]},

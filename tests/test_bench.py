@@ -279,7 +279,7 @@ CORES = len(os.sched_getaffinity(0))  # this process's: pytest_configure set the
                               "training images, one per class"),
     # 99999999999 threads was torch's traceback; as many workers, processes until memory ran out
     (["--threads", "99999999999"], "--threads 99999999999: this process may use "
-                                   f"{CORES} core{'s' * (CORES != 1)}; pass --threads {CORES} or"),
+                                   f"{CORES} core{'s' * (CORES != 1)}; pass --threads {CORES}"),
     (["--workers", "99999999999"], "--workers 99999999999: this process may use"),
     (["--json", "/tmp/" + "a" * 300 + ".json"], "its name is too long (305 bytes; this file "
                                                  "system takes 255, less "),  # the pid's digits

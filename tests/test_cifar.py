@@ -904,3 +904,13 @@ def test_prepare_cli_refuses_a_synthetic_size_for_another_dataset(tmp_path):
         "python loaders/prepare.py: error: --synthetic-size is for --dataset synthetic, not "
         "cifar10; see --help\n")
     assert not (tmp_path / "data").exists()
+
+
+def test_prepare_refuses_numba_settings_before_writing_anything(tmp_path):
+    """Checked as FFCV was imported, after the synthetic source folder was written."""
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size", 100,
+                        10, "--data-dir", tmp_path / "data", timeout=120,
+                        env={**os.environ, "NUMBA_THREADING_LAYER": "foo"})
+    assert result.returncode == 1 and result.stderr.startswith(
+        "error: NUMBA_THREADING_LAYER='foo' is no threading layer numba (FFCV's compiler) knows")
+    assert not (tmp_path / "data").exists()

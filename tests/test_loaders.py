@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import MACHINE_CORES, ROOT
 
 import loaders
 from common.errors import LoaderError
@@ -598,12 +598,37 @@ def test_more_ffcv_workers_than_numba_may_start_is_one_clear_error(prepared):
                             mean=prepared.mean, std=prepared.std, workers=too_many)
 
 
+DEFAULT_FFCV_WORKERS = """
+import sys
+import loaders
+from pathlib import Path
+from loaders.beton import read_info
+loader = loaders.make_loader("ffcv", sys.argv[1], train=False, batch_size=64, device="cpu",
+                             mean=[0.5] * 3, std=[0.25] * 3)
+print(loader.workers, sum(len(labels) for _, labels in loader),
+      read_info(Path(sys.argv[1])).num_samples)
+"""
+
+
+@pytest.mark.skipif(len(MACHINE_CORES) < 2, reason="needs 2 cores: the default is 1 on one")
+def test_ffcv_workers_left_to_their_default_stay_within_numba_threads(prepared):
+    """NUMBA_NUM_THREADS=1 on 2 cores: the default, 2, was refused, naming a --workers 2
+    nobody passed."""
+    result = subprocess.run(
+        [sys.executable, "-c", DEFAULT_FFCV_WORKERS, str(prepared.test)], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "NUMBA_NUM_THREADS": "1"},
+        preexec_fn=lambda: os.sched_setaffinity(0, MACHINE_CORES))
+    assert result.returncode == 0, result.stderr[-2000:]
+    workers, seen, samples = map(int, result.stdout.split())
+    assert workers == 1 and seen == samples
+
+
 def test_more_torchvision_workers_than_cores_is_one_clear_error(prepared):
     """Each of its workers is a process: --workers 99999999999 started them until the machine's
     memory ran short (hundreds in seconds), and a stop signal left some behind."""
     cores = available_cores()
     with pytest.raises(LoaderError, match=f"^--workers {cores + 1}: this process may use {cores} "
-                       f"cores?; pass --workers {cores} or fewer$"):
+                       f"cores?; pass --workers {cores}( or fewer)?$"):
         loaders.make_loader("torchvision", prepared.train, train=True, batch_size=BATCH,
                             device="cpu", mean=prepared.mean, std=prepared.std,
                             workers=cores + 1)

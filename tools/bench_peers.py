@@ -171,7 +171,7 @@ def stock_ffcv_loader(data: Prepared, cfg: TrainConfig, device: torch.device) ->
     to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
     with torch_threads_kept():
         loader = Loader(str(data.train), batch_size=cfg.batch_size,
-                        num_workers=numba_workers(cfg.workers or default_workers()),
+                        num_workers=numba_workers(cfg.workers, default_workers()),
                         order=OrderOption.RANDOM, drop_last=False, os_cache=True, pipelines={
                             "image": [SimpleRGBImageDecoder(), *augment, *tail],
                             "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]})

@@ -5,6 +5,7 @@ bench take them unchanged."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,15 @@ def _unlistable(error: OSError) -> None:
                     "or remove it.") from error
 
 
+def _loops(path: Path) -> bool:
+    """Whether following `path`'s links comes back around (ELOOP) rather than to nothing."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
 def images_under(folder: Path) -> list[Path]:
     """Every file in `folder` and its sub-folders (linked folders followed, as torchvision's
     ImageFolder follows them, each once), sorted; hidden files and folders (.DS_Store, ...)
@@ -43,7 +53,8 @@ def images_under(folder: Path) -> list[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for path in (Path(top, n) for n in names if not n.startswith(".")):
             if path.is_symlink() and not path.exists():
-                gone.append(f"{path} links to {os.readlink(path)}, which does not exist")
+                end = "its links loop" if _loops(path) else "which does not exist"
+                gone.append(f"{path} links to {os.readlink(path)}, {end}")
             elif path.is_file():  # not a FIFO or a socket, which reading would wait on
                 files.append(path)
     if gone:

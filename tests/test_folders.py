@@ -173,6 +173,11 @@ def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
     with pytest.raises(DataError, match=f"^{tmp_path}/test/frog/gone.png links to "
                                         f"{tmp_path}/moved.png, which does not exist"):
         prepare("folder", tmp_path, workers=1)
+    (tmp_path / "test" / "frog" / "gone.png").unlink()
+    (tmp_path / "test" / "frog" / "loop.png").symlink_to("loop.png")  # said not to exist
+    with pytest.raises(DataError, match=f"^{tmp_path}/test/frog/loop.png links to loop.png, "
+                                        "its links loop; restore it or delete the link"):
+        prepare("folder", tmp_path, workers=1)
 
 
 def without_root_powers(command: list) -> list:

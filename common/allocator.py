@@ -43,9 +43,10 @@ def allocator_problem() -> str | None:
     given = [name for name in VARIABLES if os.environ.get(name, "").strip()]
     if not given or (what := _aborts(dict(os.environ))) is None:
         return None
-    others = {name: value for name, value in os.environ.items() if name not in given}
-    # torch reads one of them: the one that aborts alone is the one to fix
-    culprits = [name for name in given if _aborts({**others, name: os.environ[name]})] or given
+    culprits = given
+    if len(given) > 1:  # torch reads one of them: the one that aborts alone is the one to fix
+        others = {name: value for name, value in os.environ.items() if name not in given}
+        culprits = [n for n in given if _aborts({**others, n: os.environ[n]})] or given
     settings = ", ".join(f"{name}={os.environ[name]!r}" for name in culprits)
     return (f"torch aborts as it loads with the allocator setting {settings} ({what}); write it "
             "as option:value pairs separated by commas (expandable_segments:True, say), or "

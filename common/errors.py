@@ -79,7 +79,8 @@ def unplain(names: list[str]) -> str | None:
             if broken else None)
 
 
-def listing(names: list[str], most: int = 3) -> str:
-    """`names` for a message: the first `most`, then how many more."""
+def listing(names: list[str], most: int = 3, sep: str = ", ") -> str:
+    """`names` for a message: the first `most`, then how many more (`sep` "; " where names
+    hold commas themselves)."""
     more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
+    return sep.join(names[:most]) + more

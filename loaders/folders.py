@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError, unplain
+from common.errors import DataError, listing, unplain
 from common.hardware import default_workers
 from common.progress import track
 from loaders.images import decode_image, quiet_pil
@@ -58,8 +58,7 @@ def images_under(folder: Path) -> list[Path]:
             elif path.is_file():  # not a FIFO or a socket, which reading would wait on
                 files.append(path)
     if gone:
-        more = f" and {len(gone) - 5} more links" if len(gone) > 5 else ""
-        raise DataError(f"{'; '.join(sorted(gone)[:5])}{more}; restore "
+        raise DataError(f"{listing(sorted(gone), 5, '; ')}; restore "
                         f"{'them' if len(gone) > 1 else 'it'} or delete the "
                         f"link{'s' * (len(gone) > 1)}.")
     return sorted(files)
@@ -154,9 +153,8 @@ def read_splits(files: dict[str, dict[str, list[Path]]]) -> dict[str, tuple[np.n
         images = list(track(pool.map(attempt, paths), len(paths), "reading images", "image"))
     bad = [str(e) for e in images if isinstance(e, DataError)]
     if bad:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise DataError(f"{len(bad)} file(s) could not be read as images: "
-                        f"{'; '.join(bad[:3])}{more}. Delete or replace them.")
+                        f"{listing(bad, 3, '; ')}. Delete or replace them.")
     out, start = {}, 0
     for split, classes in files.items():
         sizes = [len(names) for names in classes.values()]

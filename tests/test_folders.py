@@ -227,6 +227,19 @@ def test_unreadable_files_are_all_named(tmp_path):
     assert not list(tmp_path.glob("*.beton")) and not list(tmp_path.glob("folder-*"))
 
 
+def test_many_unreadable_files_are_counted_past_the_first_three(tmp_path):
+    """Five bad files: three named, with the number of the rest, in one line."""
+    write_tree(tmp_path)
+    for name in "abcde":
+        (tmp_path / "train" / "cat" / f"{name}.png").write_text("not an image")
+    with pytest.raises(DataError) as error:
+        prepare("folder", tmp_path, workers=1)
+    message = str(error.value)
+    assert message.startswith("5 file(s) could not be read as images: ")
+    assert message.count(": not a readable image") == 3
+    assert message.endswith(" and 2 more. Delete or replace them.")
+
+
 @pytest.mark.parametrize("damage, words", [
     ("empty class", "no images in this class folder"),
     ("no test split", "test is missing"),

@@ -62,6 +62,25 @@ def test_two_processes_compare_every_optimizer_in_turn(tmp_path):
 
 
 @pytest.mark.slow
+def test_under_torchrun_a_diverged_run_is_said_and_tabled_once(tmp_path):
+    """Both processes diverge alike; only the first says so and writes the comparison (each
+    took itself for the writer once a run failed: two error lines, two tables written)."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
+         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
+         str(tmp_path / "data"), "--optimizers", "sgd", "--lr", "1e12", "--schedule",
+         "constant", "--epochs", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
+        text=True, timeout=600, env=torchrun_env(tmp_path))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("error: sgd: ") == 1, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1 and result.stdout.count("| sgd |") == 1
+    with open(out / "compare.csv") as f:
+        assert [r["optimizer"] for r in csv.DictReader(f)] == ["sgd"]
+
+
+@pytest.mark.slow
 def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     assert [p.name for p in out.glob("*.png")] == ["compare.png"]
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")

@@ -73,14 +73,17 @@ def given_options(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if v is not None and k != "out"}
 
 
+def writes_files() -> bool:
+    """Whether this process writes the comparison and says a run failed: under torchrun the
+    first (the runs keep their process group until compare ends it), else the only one."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log: Log,
-              warn: Log) -> tuple[Result, bool]:
+              warn: Log) -> Result:
     """Train one optimizer with engine.loop.train, its lines to log; a diverged run is kept as
     a result, its error to warn. A run already in `out` (a comparison stopped and started
-    again) is resumed, or reused when it is finished.
-
-    Returns the result and whether this is the process that writes files.
-    """
+    again) is resumed, or reused when it is finished."""
     cfg = replace(base, optimizer=optimizer, lr=lr, out=str(out))
     resume = out if (out / "ckpt.pt").exists() else None
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
@@ -88,11 +91,11 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log
         trained = train(cfg, resume, given_options(cfg) if resume else None,
                         log=lambda line: log(f"{optimizer}: {line}"), last=False,
                         extend="Extend it by running this command with a larger --epochs.")
-        return Result(optimizer, trained.cfg.lr, trained.history), trained.main_process
+        return Result(optimizer, trained.cfg.lr, trained.history)
     except (TrainingError, RangeTestError) as error:  # a result, not the end
-        warn(f"error: {optimizer}: {error}")
-        history = saved_history(out)
-        return Result(optimizer, lr, history, str(error)), True
+        if writes_files():  # every process failed alike: one says so
+            warn(f"error: {optimizer}: {error}")
+        return Result(optimizer, lr, saved_history(out), str(error))
 
 
 def saved_history(run_dir: Path) -> list[dict]:
@@ -140,15 +143,15 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
 
 
 def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path, log: Log,
-               warn: Log) -> tuple[list[Result], bool]:
+               warn: Log) -> list[Result]:
     """Each optimizer's run in out/<name>, in turn, at its default LR (own_lrs: no --lr given)
-    or cfg.lr; the results and whether this process writes. Ctrl-C says how to go on: the
-    same command resumes the runs, or reuses finished ones."""
-    results, main_process = [], True
+    or cfg.lr. Ctrl-C says how to go on: the same command resumes the runs, or reuses
+    finished ones."""
+    results = []
     for name in optimizers:
         try:
             lr = default_lr(name, cfg.batch_size) if own_lrs else cfg.lr
-            result, main_process = train_one(cfg, name, lr, out / name, log, warn)
+            result = train_one(cfg, name, lr, out / name, log, warn)
         except (Interrupted, KeyboardInterrupt):  # the second: before train() could say more
             if not any((out / n / "ckpt.pt").exists() for n in optimizers):
                 raise Interrupted(f"stopped during {name}, before any run saved an epoch; run "
@@ -158,7 +161,7 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path
                               f"--out {out}: its runs are resumed, or reused when finished"
                               ) from None
         results.append(result)
-    return results, main_process
+    return results
 
 
 def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
@@ -172,9 +175,10 @@ def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
     # too when a failure leaves it empty
     try:
         with output_dir(out):
-            results, main_process = train_each(cfg, optimizers, own_lrs, out, log, warn)
+            results = train_each(cfg, optimizers, own_lrs, out, log, warn)
+            writer = writes_files()
     finally:  # the runs kept the process group for one another
         end_processes()
-    if not main_process:  # under torchrun, one process writes
+    if not writer:  # under torchrun, one process writes
         return results, None
     return results, write_report(results, cfg, lr_source(None if own_lrs else cfg.lr), out)

@@ -447,6 +447,28 @@ def test_a_library_the_image_lacks_is_found_in_whl_lib_or_named(tmp_path, monkey
     assert (site / "lib_probe" / "__init__.py").exists()  # the wheel was installed either way
 
 
+def test_without_grad_cam_the_steps_run_and_are_warned(tmp_path, monkeypatch, capsys):
+    """grad-cam needs OpenCV, scikit-learn and SciPy, which the wheels do not carry: an image
+    without them must still run the training and bench steps (the whole suite stopped)."""
+    monkeypatch.setattr(gpu_environment, "ROOT", tmp_path)  # no .whl/ here
+    monkeypatch.setattr(gpu_environment, "WANTED", ("no_such_cam_package",))
+    env = gpu_environment.environment(sys.executable, tmp_path / "site")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
+    assert ("warning: no_such_cam_package cannot be imported (ModuleNotFoundError: "
+            in capsys.readouterr().out)
+    monkeypatch.setattr(gpu_environment, "NEEDED", ("no_such_cam_package",))
+    with pytest.raises(SetupError, match="no_such_cam_package"):  # what every step needs
+        gpu_environment.environment(sys.executable, tmp_path / "site")
+
+
+def test_the_header_names_a_package_the_image_lacks_as_none(monkeypatch):
+    """A version the header reads of a package not installed is None, not the suite's end."""
+    monkeypatch.setattr(gpu_environment, "VERSIONED", ("numba", "no-such-package"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    meta = gpu_environment.header(sys.executable, env, "cpu", [], True)
+    assert meta["no-such-package"] is None and meta["numba"]
+
+
 def test_wheelhouse_answers_help_and_refuses_an_unknown_option_before_building(tmp_path):
     """--help and a mistyped option return at once: neither apt, a venv nor a build starts,
     and no folder named after the option is made."""

@@ -12,18 +12,31 @@ from pathlib import Path
 from common.errors import SetupError
 
 ROOT = Path(__file__).resolve().parents[1]
-NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
+# what a bare GPU image lacks; the wheels provide them. Every step reads .beton files; only
+# report's and predict's runs and tests need grad-cam (and its torchvision, OpenCV, scikit-learn
+# and SciPy, which the wheels do not carry), so the other steps run without it
+NEEDED = ("ffcv",)
+WANTED = ("pytorch_grad_cam",)
+
+VERSIONED = ("numba", "grad-cam", "pytest")  # in the header beside metadata's own
 
 # the header of every log: tools/bench_output.metadata, in the environment the steps run in
 # (and /dev/shm's size: the torchvision DataLoader's workers pass batches through it, and a
 # container's small default would end them in a bus error)
-HEADER = ("import json, os, shutil, sys, torch; from importlib.metadata import version; "
-          "from tools.bench_output import metadata; "
-          "m = metadata(torch.device(sys.argv[1]), []); "
-          "m.update({p: version(p) for p in ('numba', 'grad-cam', 'pytest')}); "
-          "m['dev_shm_bytes'] = shutil.disk_usage('/dev/shm').total "
-          "if os.path.isdir('/dev/shm') else None; "
-          "print(json.dumps(m))")
+HEADER = """\
+import json, os, shutil, sys, torch
+from importlib.metadata import PackageNotFoundError, version
+from tools.bench_output import metadata
+def installed(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:  # None in the header; the steps that need it fail alone
+        return None
+m = metadata(torch.device(sys.argv[1]), [])
+m.update({p: installed(p) for p in sys.argv[2:]})
+m['dev_shm_bytes'] = shutil.disk_usage('/dev/shm').total if os.path.isdir('/dev/shm') else None
+print(json.dumps(m))
+"""
 
 
 def missing(python: str, env: dict, names: tuple[str, ...]) -> dict[str, str]:
@@ -50,10 +63,12 @@ def environment(python: str, site: Path) -> dict:
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
     paths.insert(0, str(ROOT))
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    lacking = missing(python, env, NEEDED)
+    lacking = missing(python, env, NEEDED + WANTED)
     if not lacking:
         return env
     wheels = sorted((ROOT / ".whl").glob("*.whl"))
+    if not wheels and not set(lacking) & set(NEEDED):
+        return going_without(lacking, env)
     if not wheels:
         raise SetupError(f"{python} cannot import {', '.join(lacking)} and {ROOT / '.whl'} "
                          "holds no wheels. Run `make setup` (a .venv with everything), or build "
@@ -68,26 +83,34 @@ def environment(python: str, site: Path) -> dict:
         raise SetupError(f"pip could not install the wheels of .whl/ into {site}: "
                          f"{install.stderr.strip()[-800:]}")
     env["PYTHONPATH"] = os.pathsep.join([str(site), *paths])
-    lacking = missing(python, env, NEEDED)
+    lacking = missing(python, env, NEEDED + WANTED)
     libs = ROOT / ".whl" / "lib"
     if libs.is_dir() and any(".so" in error for error in lacking.values()):
         # an image without X11: the libraries that ffcv's bundled libGLX needs, carried
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
         print(f"adding {libs} to LD_LIBRARY_PATH: {'; '.join(lacking.values())}", flush=True)
-        lacking = missing(python, env, NEEDED)
-    if lacking:
+        lacking = missing(python, env, NEEDED + WANTED)
+    if set(lacking) & set(NEEDED):
         why = "; ".join(f"{name}: {error}" for name, error in lacking.items())
         raise SetupError(f"after installing .whl/ into {site}, {python} still cannot import "
                          f"{why}. Install what is named, or rebuild the wheels for this Python "
                          "with `make wheels`.")
+    return going_without(lacking, env)
+
+
+def going_without(lacking: dict[str, str], env: dict) -> dict:
+    """env, after saying which of WANTED the steps go without (their runs and tests fail)."""
+    for name, error in lacking.items():
+        print(f"warning: {name} cannot be imported ({error}); report's and predict's runs "
+              "and tests will fail, the other steps run", flush=True)
     return env
 
 
 def header(python: str, env: dict, device: str, argv: list[str], dry: bool) -> dict:
     """What ran where, read once: tools/bench_output.metadata of the device, plus the suite's
     own (the commit comes from git, else from $GPU_SUITE_COMMIT for a copy without .git)."""
-    result = subprocess.run([python, "-c", HEADER, device], env=env, cwd=ROOT,
+    result = subprocess.run([python, "-c", HEADER, device, *VERSIONED], env=env, cwd=ROOT,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SetupError(f"cannot read the device and library versions with {python}: "

@@ -46,6 +46,11 @@ def budget_left(s: Suite) -> float:
 # --- running a step ----------------------------------------------------------------------
 
 
+# the command's own process group, set by the child between fork and exec: with no Python run
+# there from 3.11 on (preexec_fn is unsafe once threads exist, and CUDA's driver starts some)
+OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 def run_command(argv: list[str], env: dict, log, timeout: float) -> tuple[int | None, float]:
     """argv with its output appended to `log`; (return code or None when killed at timeout,
     seconds). The command runs in its own process group so a timeout ends its children too; in
@@ -53,7 +58,7 @@ def run_command(argv: list[str], env: dict, log, timeout: float) -> tuple[int | 
     machine's call returning) ends a command still running as well."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=os.setpgrp)  # safe: the suite starts no threads
+                            **OWN_GROUP)
     try:
         code = proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:

@@ -103,6 +103,15 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({cpu_model()}, {available_cores()} cores)"
 
 
+def native_bf16() -> bool:
+    """Whether this machine's GPU computes bf16 natively: compute capability 8.0 (Ampere) and
+    up. Older GPUs (a T4, a V100) have no bf16 tensor cores, and inductor will not compile bf16
+    for them (torch/_inductor/compile_fx.py: "does not support bfloat16 compilation")."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _kb_values(path: Path) -> dict[str, int]:
     """The `Name:  N kB` lines of a /proc file, in bytes; {} where it cannot be read."""
     try:

@@ -80,7 +80,7 @@ class TrainConfig:
     translate: int = AugmentConfig.translate
     pad_mode: str = "reflect"
     cutout: int = 0
-    precision: str | None = None  # None: bf16 on GPU, fp32 on CPU
+    precision: str | None = None  # None: resolve's default_precision
     compile: bool | None = None  # None: on for CUDA
     compile_mode: str | None = None  # None: reduce-overhead on one GPU, default elsewhere
     channels_last: bool = True
@@ -177,7 +177,8 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss")
     g = p.add_argument_group("numerics and hardware")
     g.add_argument("--precision", choices=PRECISIONS,
-                   help="default: bf16 on GPU, fp32 on CPU; fp16 uses a loss scaler")
+                   help="default: bf16 on GPU (fp16 below compute capability 8.0), fp32 on "
+                        "CPU; fp16 uses a loss scaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
@@ -332,10 +333,12 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
     return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
 
 
-def resolve(cfg: TrainConfig, cuda: bool, processes: int | None = None) -> TrainConfig:
+def resolve(cfg: TrainConfig, cuda: bool, processes: int | None = None,
+            bf16: bool = True) -> TrainConfig:
     """cfg with the choices that depend on the hardware filled in, so config.json records what
     ran: loader, precision, compile and its mode, and the default run folder. `processes`:
-    the run's, by default as launched (WORLD_SIZE).
+    the run's, by default as launched (WORLD_SIZE). `bf16`: whether the GPU computes bf16
+    natively (common.hardware.native_bf16); where not, fp16 with the loss scaler is the default.
 
     One CUDA process compiles with CUDA graphs (reduce-overhead): on the first H200 run, a step
     in the default mode kept the GPU busy 6.3 ms of its 14.5; the rest of the time the GPU
@@ -345,10 +348,16 @@ def resolve(cfg: TrainConfig, cuda: bool, processes: int | None = None) -> Train
     compile = cuda if cfg.compile is None else cfg.compile
     processes = launched_processes() if processes is None else processes
     return replace(cfg, loader=cfg.loader or ("resident" if cuda else "ffcv"),
-                   precision=cfg.precision or ("bf16" if cuda else "fp32"), compile=compile,
+                   precision=cfg.precision or default_precision(cuda, bf16), compile=compile,
                    compile_mode=cfg.compile_mode or default_compile_mode(cuda, compile,
                                                                          processes),
                    out=cfg.out or timestamped(cfg.dataset))
+
+
+def default_precision(cuda: bool, bf16: bool) -> str:
+    """--precision where none is asked for: bf16 on a GPU that has it natively, else fp16 (with
+    the loss scaler); fp32 on the CPU."""
+    return ("bf16" if bf16 else "fp16") if cuda else "fp32"
 
 
 def default_compile_mode(cuda: bool, compile: bool, processes: int) -> str:

@@ -17,7 +17,7 @@ from accelerate.tracking import get_available_trackers
 from common.compile_modes import compile_text
 from common.errors import CheckpointError, Interrupted, TrainingError, listing, one_line
 from common.files import locked_dir, sweep_temporaries
-from common.hardware import beyond_cores, device_name
+from common.hardware import beyond_cores, device_name, native_bf16
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, default_compile_mode, resolve, resume_config
@@ -83,9 +83,10 @@ def train_epoch(run: Run, epoch: int) -> dict:
         correct += batch_correct
         seen += len(labels)
         if bar.due():  # reading the loss waits for the device: only when it will be shown
+            loss, accuracy = batch_losses[i].item() / len(labels), correct.item() / seen
+            # after the wait: images trained, not only queued (the host runs ahead on a GPU)
             rate = seen * acc.num_processes / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{batch_losses[i].item() / len(labels):.3f}",
-                            acc=f"{correct.item() / seen:.1%}", img_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1%}", img_s=f"{rate:,.0f}")
         bar.update()
     bar.close()
     bad = (~torch.isfinite(batch_losses)).nonzero()
@@ -191,7 +192,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
                                                                                      dict | None]:
     """The resolved config of a new run or of the run in `resume`, and its checkpoint."""
     if resume is None:
-        return resolve(cfg, torch.cuda.is_available()), None
+        return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), None
     if Path(resume).is_file():
         raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
                               f"{Path(resume).parent}")
@@ -226,7 +227,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     if cfg.epochs < done:
         raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
                             f"has done; pass --epochs above {done} to extend it.")
-    return resolve(cfg, torch.cuda.is_available()), ckpt
+    return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), ckpt
 
 
 def end_processes() -> None:

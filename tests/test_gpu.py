@@ -18,6 +18,7 @@ from test_train import history
 from torch._dynamo.utils import counters
 
 import loaders
+from common.hardware import native_bf16
 from engine import checkpoint
 from engine.config import TrainConfig, resolve
 from engine.evaluate import evaluate
@@ -183,6 +184,13 @@ def test_pointwise_conv_on_cuda_equals_a_strided_convolution(dtype):
 
 
 # --- the training step -------------------------------------------------------------------
+
+
+def test_the_default_precision_is_bf16_only_where_the_gpu_has_it_natively():
+    """A T4 or a V100 (compute capability below 8.0) trains in fp16 with the scaler by default:
+    inductor will not compile bf16 there."""
+    want = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
+    assert resolve(TrainConfig(), cuda=True, bf16=native_bf16()).precision == want
 
 
 @pytest.mark.parametrize("precision, compile, mode", [

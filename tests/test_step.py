@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import SYNTHETIC_SIZE
 from torch._dynamo.utils import counters
 
-from common.hardware import launched_processes
+from common.hardware import launched_processes, native_bf16
 from engine.config import TrainConfig, parse, resolve, resume_config, validate
 from engine.run import build, make_accelerator, train_step
 
@@ -68,6 +68,17 @@ def test_a_compile_mode_compiles_and_may_change_on_resume():
     # and --no-compile on a run of a mode: refused as a contradiction, which it was not
     again = resume_config(cfg.to_dict(), parse(["--no-compile"]).given, Path("runs/x"))
     assert (again.compile, again.compile_mode, validate(again)) == (False, "default", [])
+
+
+@pytest.mark.parametrize("argv, cuda, bf16, want", [
+    ([], True, True, "bf16"),  # Ampere and up
+    ([], True, False, "fp16"),  # a T4 or a V100: no bf16 tensor cores, no bf16 compilation
+    ([], False, False, "fp32"),  # the CPU
+    (["--precision", "bf16"], True, False, "bf16"),  # asked for: as asked
+])
+def test_the_default_precision_follows_the_gpus_bf16(argv, cuda, bf16, want):
+    assert resolve(parse(argv).cfg, cuda=cuda, processes=1, bf16=bf16).precision == want
+    assert not native_bf16()  # no GPU here
 
 
 @pytest.mark.parametrize("argv, cuda, processes, want", [

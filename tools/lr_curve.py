@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from common.files import atomic_writes, csv_text, output_dir
+from common.hardware import native_bf16
 from engine import lr_range
 from engine.config import TrainConfig, resolve
 from engine.lr_range import RangeTest
@@ -20,7 +21,7 @@ def find(cfg: TrainConfig, start_lr: float, end_lr: float,
          iterations: int) -> tuple[RangeTest, bool]:
     """The range test on the run engine/train.py would build; (result, is main process)."""
     # a number, not 'auto': the sweep sets the LR itself
-    cfg = resolve(replace(cfg, lr=start_lr), torch.cuda.is_available())
+    cfg = resolve(replace(cfg, lr=start_lr), torch.cuda.is_available(), bf16=native_bf16())
     accelerator = make_accelerator(cfg)
     run = build(cfg, accelerator)
     return (lr_range.range_test(run, start_lr, end_lr, iterations),

@@ -13,9 +13,10 @@ from torch import nn
 from common.errors import SetupError
 from engine.config import TrainConfig
 from engine.failures import out_of_memory_as
+from engine.loop import Log
 from engine.model import build_model, forward_macs
 from tools.bench_names import epoch_name, step_name
-from tools.bench_sections import log, pin_threads
+from tools.bench_sections import pin_threads, silent
 from tools.flops import count_train_flops
 from tools.timing import Peak, matmul_peak
 
@@ -84,7 +85,7 @@ def outpaced_peaks(rows: list[dict]) -> list[str]:
 
 
 def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
-              args: argparse.Namespace) -> MfuResult:
+              args: argparse.Namespace, log: Log = silent) -> MfuResult:
     """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput.
     SetupError naming the option when the model or a matmul does not fit in memory."""
     with out_of_memory_as(SetupError(f"out of memory counting the FLOPs of the model at "

@@ -18,6 +18,7 @@ from torch.profiler import profile
 from common.errors import one_line
 from common.hardware import default_workers
 from engine.config import PRESETS, TrainConfig, resolve
+from engine.loop import Log
 from engine.run import DTYPES
 from loaders import beton
 from loaders.base import BatchLoader
@@ -28,10 +29,10 @@ from tools.bench_profile import activities, device_busy_us, device_events, top_o
 from tools.bench_sections import (
     MEASURE_ERRORS,
     build_loader,
-    log,
     make_run,
     pin_threads,
     release,
+    silent,
 )
 from tools.flops import train_flops
 from tools.timing import Pass, fastest, loader_pass, loader_turn, train_pass
@@ -253,7 +254,7 @@ def first_pass(row: PeerResult, loader: Measured) -> Pass | None:
         return None
 
 
-def profile_epoch(row: PeerResult, loader: Measured, epoch: int) -> None:
+def profile_epoch(row: PeerResult, loader: Measured, epoch: int, log: Log = silent) -> None:
     """One more epoch of a loader under torch.profiler, into its row's top_op and, on a GPU,
     device_busy_ms and device_events: whether an epoch's time is the device's or the host's."""
     cuda = loader.device.type == "cuda"
@@ -286,7 +287,8 @@ def score(rows: list[PeerResult], built: list[tuple[PeerResult, Measured]],
 
 def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
                        args: argparse.Namespace, folder: Path,
-                       save: Callable[[list[PeerResult]], None]) -> list[PeerResult]:
+                       save: Callable[[list[PeerResult]], None],
+                       log: Log = silent) -> list[PeerResult]:
     """Every peer and ours beside it, the steady-state epochs of all taken in turns
     (tools.timing.loader_turn); `save` gets the rows after each turn, so a run cut short keeps
     the turns it finished."""
@@ -312,7 +314,7 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
         score(rows, built, steady)
         save(rows)
     for row, loader in built:  # after the timed epochs, which the profiler would slow
-        profile_epoch(row, loader, len(steady[id(row)]) + 1)
+        profile_epoch(row, loader, len(steady[id(row)]) + 1, log)
     save(rows)
     for r in rows:
         log(f"peers: {r.loader} ({r.augment}): " + (
@@ -337,8 +339,8 @@ def seed_configs(args: argparse.Namespace, device: torch.device, out: str) -> li
     return [resolve(seed, cuda), resolve(default, cuda)]
 
 
-def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
-                      out: str) -> list[SeedEpochResult]:
+def bench_seed_epochs(args: argparse.Namespace, device: torch.device, out: str,
+                      log: Log = silent) -> list[SeedEpochResult]:
     """One training epoch of the seed's pipeline beside one of the default preset, in turns."""
     configs = seed_configs(args, device, out)
     runs = [make_run(cfg, args.threads) for cfg in configs]
@@ -366,7 +368,7 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
 
 
 def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace,
-                out: str, save: Callable[[dict], None]) -> dict:
+                out: str, save: Callable[[dict], None], log: Log = silent) -> dict:
     """The peers section: loaders beside the public peers, then seed vs default epochs (none,
     and why in `epochs_failed`, when either pipeline cannot run here); `save` gets what is
     measured so far, as the loaders' turns end."""
@@ -375,10 +377,10 @@ def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace
     folder = Path(out) / "airbench"
     folder.mkdir(parents=True, exist_ok=True)
     loaders = bench_peer_loaders(data, cfg, device, args, folder,
-                                 lambda rows: save(dict(loaders=rows, epochs=[])))
+                                 lambda rows: save(dict(loaders=rows, epochs=[])), log)
     release()
     try:
-        return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out))
+        return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out, log))
     except MEASURE_ERRORS as error:
         log(f"peers: the seed vs default epochs failed: {one_line(error)}")
         release()

@@ -17,6 +17,7 @@ import torch
 from common.cli import stop_if_interrupted
 from common.errors import EngineError, TrainingError, one_line
 from engine.config import TrainConfig
+from engine.loop import Log
 from engine.run import Run, build, loader_options, make_accelerator
 from loaders import LOADERS, make_loader
 from loaders.base import BatchLoader
@@ -100,11 +101,8 @@ class EpochResult:
 MEASURE_ERRORS = (EngineError, RuntimeError)
 
 
-def log(message: str) -> None:
-    """Progress on stdout, flushed so a redirected log is complete at every moment; like any
-    progress update, it raises a Ctrl-C again that a finalizer swallowed (common.cli)."""
-    print(message, flush=True)
-    stop_if_interrupted()
+def silent(message: str) -> None:
+    """The sections' default log: no progress lines, for a caller that wants the rows only."""
 
 
 def release() -> None:
@@ -138,8 +136,8 @@ def build_loader(kind: str, data: Prepared, cfg: TrainConfig,
     return loader, time.perf_counter() - start
 
 
-def bench_loaders(cfg: TrainConfig, device: torch.device,
-                  args: argparse.Namespace) -> list[LoaderResult]:
+def bench_loaders(cfg: TrainConfig, device: torch.device, args: argparse.Namespace,
+                  log: Log = silent) -> list[LoaderResult]:
     """Every loader over the same split and augmentations, their epochs taken in turns so that
     a burst of load on a shared machine hits all of them alike (tools.timing.loader_turn)."""
     data = prepare("synthetic", Path(cfg.data_dir), cfg.synthetic_size,
@@ -211,8 +209,8 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
     return result
 
 
-def bench_steps(base: TrainConfig, args: argparse.Namespace,
-                partial: Callable[[list], object]) -> list[StepResult]:
+def bench_steps(base: TrainConfig, args: argparse.Namespace, partial: Callable[[list], object],
+                log: Log = silent) -> list[StepResult]:
     """Every step configuration, one after the other, freeing each before the next; partial
     gets the rows so far after each, before its line is logged (a run cut short keeps them)."""
     results = []
@@ -266,8 +264,8 @@ def epoch_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConf
             + [replace(base, compile_mode=mode) for mode in others] + untuned)
 
 
-def bench_epochs(base: TrainConfig, args: argparse.Namespace,
-                 partial: Callable[[list], object]) -> list[EpochResult]:
+def bench_epochs(base: TrainConfig, args: argparse.Namespace, partial: Callable[[list], object],
+                 log: Log = silent) -> list[EpochResult]:
     """A full training epoch of each of epoch_configs; partial gets the rows so far after
     each."""
     results = []

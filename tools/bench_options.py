@@ -4,12 +4,11 @@ device-dependent defaults of those left out (tools/bench_run.py runs what they a
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from common.cli import CommandParser, option_name, path_option
+from common.cli import CommandParser, option_name, path_option, positive
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
 from common.files import not_a_file, place_problem
@@ -58,20 +57,6 @@ def default_text(name: str) -> str:
 def csv(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
     """An argparse type: comma-separated values of `kind`."""
     return lambda text: [kind(v) for v in text.split(",") if v]
-
-
-def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse type: a number of `kind` that is at least 1 (or above 0 for floats), and
-    finite (--matmul-seconds inf would time blocks forever)."""
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        if value == math.inf:
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: '1e3'"
-    return parse
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

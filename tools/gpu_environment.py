@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 from common.errors import SetupError
+from tools import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 NEEDED = ("ffcv", "pytorch_grad_cam")  # what a bare GPU image lacks; the wheels provide them
 
 # the header of every log: tools/bench_output.metadata, in the environment the steps run in

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from common.files import write_json
-from engine.config import TrainConfig, resolve
+from engine.config import TrainConfig
 from engine.loop import Log
 from tools.bench_mfu import bench_mfu
-from tools.bench_options import SECTIONS, TEST_IMAGES, fill_defaults
+from tools.bench_options import SECTIONS, fill_defaults
 from tools.bench_output import metadata
 from tools.bench_peers import bench_peers
 from tools.bench_profile import bench_profile
-from tools.bench_sections import bench_epochs, bench_loaders, bench_steps
+from tools.bench_sections import base_config, bench_epochs, bench_loaders, bench_steps
 from tools.options import pick_device
 
 
@@ -35,17 +35,6 @@ def settle_device(args: argparse.Namespace) -> torch.device:
     device = pick_device(args.device)
     args.device = device.type
     return device
-
-
-def base_config(args: argparse.Namespace, device: torch.device, images: int,
-                out: str) -> TrainConfig:
-    """The engine's config (fast preset, device defaults) on synthetic data of `images` images;
-    with --quick never compiled, as on the CPU (the engine compiles by default on CUDA)."""
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(args.data_dir),
-                      synthetic_size=(images, TEST_IMAGES), width=args.width,
-                      batch_size=args.batch_size, workers=args.workers, out=out,
-                      compile=False if args.quick else None)
-    return resolve(cfg, device.type == "cuda")
 
 
 def profiled_config(args: argparse.Namespace, device: torch.device, out: str) -> TrainConfig:

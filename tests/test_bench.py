@@ -38,8 +38,8 @@ from tools import (
     bench_sections,
     timing,
 )
+from tools.bench_mfu import count_train_flops
 from tools.bench_output import NAME_WIDTH, shortened
-from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
 
 
@@ -184,7 +184,7 @@ def test_quick_run_records_every_peer_or_why_not(quick):
         "default", 128, 256)
     assert seed["vs_seed"] == 1 and default["vs_seed"] > 0
     assert seed["images"] == default["images"] == 256 and seed["width"] == 16
-    assert seed["train_flops_per_image"] == train_flops(ResNet18(width=16))
+    assert seed["train_flops_per_image"] == count_train_flops(ResNet18(width=16))[0]
 
 
 @pytest.mark.slow
@@ -414,16 +414,16 @@ def test_counted_flops_agree_with_the_hand_count():
     # ResNet-18 at width 64: ~0.556 GMACs forward, so ~3.33 training GFLOPs per image
     for width in (16, 64):
         model = ResNet18(width=width)
-        counted = train_flops(model)
+        counted = count_train_flops(model)[0]
         assert counted == pytest.approx(6 * forward_macs(model), rel=0.02)
-        assert train_flops(model, channels_last=True) == counted
-    assert train_flops(ResNet18(width=64)) == pytest.approx(3.33e9, rel=0.01)
+        assert count_train_flops(model, channels_last=True)[0] == counted
+    assert count_train_flops(ResNet18(width=64))[0] == pytest.approx(3.33e9, rel=0.01)
 
 
 def test_counting_flops_leaves_the_model_untouched():
     model = ResNet18(width=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_flops(model)
+    count_train_flops(model)[0]
     assert all(p.grad is None for p in model.parameters())
     assert all((before[k] == v).all() for k, v in model.state_dict().items())
 

@@ -24,6 +24,7 @@ from loaders import beton
 from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.preparation import Prepared, prepare
+from tools.bench_mfu import count_train_flops
 from tools.bench_profile import activities, device_busy_us, device_events, top_ops
 from tools.bench_sections import (
     MEASURE_ERRORS,
@@ -34,7 +35,6 @@ from tools.bench_sections import (
     release,
     silent,
 )
-from tools.flops import train_flops
 from tools.timing import Pass, fastest, loader_pass, take_turns, train_pass
 
 BENCH_EXTRA = "pip install -e '.[bench]' (or: make bench)"
@@ -81,7 +81,7 @@ class SeedEpochResult:
     batch_size: int
     width: int
     images: int  # per epoch
-    train_flops_per_image: int  # counted (tools.flops), forward and backward
+    train_flops_per_image: int  # counted (bench_mfu.count_train_flops), forward and backward
     first_epoch_s: float
     epoch_s: list[float]
     images_per_s: float  # of the fastest steady-state epoch
@@ -335,7 +335,8 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device, out: str,
         results.append(SeedEpochResult(
             name, cfg.loader, cfg.precision, cfg.compile, cfg.channels_last,
             run.train_loader.batch_size,  # capped at the split, as in training
-            cfg.width, warm.images, train_flops(run.unwrapped, channels_last=cfg.channels_last),
+            cfg.width, warm.images,
+            count_train_flops(run.unwrapped, channels_last=cfg.channels_last)[0],
             warm.seconds, [p.seconds for p in passes], best.images / best.seconds))
     for r in results:
         r.vs_seed = r.images_per_s / results[0].images_per_s

@@ -54,7 +54,7 @@ def default_text(name: str) -> str:
     return f"default: {both}, quick {quick}"
 
 
-def csv(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
+def comma_separated(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
     """An argparse type: comma-separated values of `kind`."""
     return lambda text: [kind(v) for v in text.split(",") if v]
 
@@ -65,7 +65,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                       epilog="Options left out take device-dependent defaults, smaller with "
                              "--quick.")
     add_device_option(p)
-    p.add_argument("--sections", type=csv(str), default=list(SECTIONS),
+    names = comma_separated(str)
+    p.add_argument("--sections", type=names, default=list(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     file = path_option("name the current directory")
     p.add_argument("--json", type=file, help="also write every figure and the metadata here")
@@ -81,13 +82,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                               f"sections: turns, in which each loader repeats its epoch until "
                               f"{TURN_S:g} s have passed, at most {TURN_EPOCHS} times)"),
             ("width", count, "ResNet-18 width"),
-            ("batch-size", count, "batch size of every section"),
-            ("batch-sizes", csv(positive(int)), "more batch sizes for the step section, at "
-                                                 "the engine's defaults"),
-            ("compile", csv(str), "step section torch.compile settings (off,on)"),
-            ("compile-modes", csv(str), "torch.compile modes the step and epoch sections "
-                                        "also time at the engine's defaults when those "
-                                        "compile, besides the engine's own"),
+            ("batch-size", count, "batch size of every section but the peers' seed vs "
+                                  "default epochs, which keep their presets' 128 and 512"),
+            ("batch-sizes", comma_separated(count), "more batch sizes for the step section, at "
+                                                    "the engine's defaults"),
+            ("compile", names, "step section torch.compile settings (off,on)"),
+            ("compile-modes", names, "torch.compile modes the step and epoch sections "
+                                     "also time at the engine's defaults when those "
+                                     "compile, besides the engine's own"),
             ("warmup-steps", count, "untimed steps first"),
             ("steps", count, "timed steps per block"),
             ("repeats", count, "timed blocks of steps and of matmuls; the fastest counts"),
@@ -100,9 +102,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                                      "--warmup-steps")):
         p.add_argument(f"--{name}", type=kind,
                        help=f"{help_text} ({default_text(name.replace('-', '_'))})")
-    p.add_argument("--precisions", type=csv(str), default=["fp32", "bf16", "fp16"],
+    p.add_argument("--precisions", type=names, default=["fp32", "bf16", "fp16"],
                    help="step section precisions (default: fp32,bf16,fp16)")
-    p.add_argument("--formats", type=csv(str), default=["channels_last", "contiguous"],
+    p.add_argument("--formats", type=names, default=["channels_last", "contiguous"],
                    help="step section memory formats (default: channels_last,contiguous)")
     p.add_argument("--profile-loader", choices=LOADERS,
                    help="the loader feeding the profile section's steps (default: the "

@@ -29,7 +29,7 @@ from tools.options import pick_device
 def settle_device(args: argparse.Namespace) -> torch.device:
     """The device to measure, settled for the whole process: for cpu the GPUs are hidden
     (CUDA_VISIBLE_DEVICES) so the engine's accelerator uses none, and args.device becomes the
-    device's type ('auto' resolved), which fill_defaults and the sections read."""
+    device's type (None: cuda when available), which fill_defaults and the sections read."""
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
     device = pick_device(args.device)

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import errno
 import gc
+import math
 import os
 import signal
 import sys
@@ -15,12 +16,13 @@ from contextlib import contextmanager, suppress
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
 from common.files import dead_link
 
+T = TypeVar("T")  # the value type of an argparse type below
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of its own
 # SIGTERM (timeout, Slurm, docker stop) stops as cleanly as Ctrl-C, with the shell's 128 + 15
@@ -141,6 +143,20 @@ def path_option(what: str) -> Callable[[str], Path]:
         if not value.strip():
             raise argparse.ArgumentTypeError(f"an empty value would {what}; name a path")
         return Path(value)
+    return parse
+
+
+def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type: a number of `kind` that is at least 1 (or above 0 for floats), and
+    finite (--matmul-seconds inf would time blocks forever)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: '1e3'"
     return parse
 
 

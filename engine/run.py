@@ -130,6 +130,14 @@ def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank:
                 seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers)
 
 
+def make_train_loader(kind: str, cfg: TrainConfig, data: Prepared,
+                      options: dict) -> BatchLoader:
+    """The `kind` loader of the training split at cfg's batch size and augmentations;
+    `options`: loader_options'."""
+    return make_loader(kind, data.train, train=True, batch_size=cfg.batch_size,
+                       augment=cfg.augment(), **options)
+
+
 def choose_algorithms(deterministic: bool, cudnn_autotune: bool) -> None:
     """torch's deterministic algorithms on or off, and cuDNN's autotuning, for the runs built
     from now on. Two CUDA runs of one config otherwise drift apart: some of cuDNN's backward
@@ -154,12 +162,11 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     # then everyone else, who only reads them.
     with accelerator.main_process_first(), accelerator.local_main_process_first():
         data = prepare(cfg.dataset, Path(cfg.data_dir), cfg.synthetic_size, workers=cfg.workers)
-    common = loader_options(cfg, data, accelerator.device, accelerator.process_index,
+    shared = loader_options(cfg, data, accelerator.device, accelerator.process_index,
                             accelerator.num_processes)
-    train_loader = make_loader(cfg.loader, data.train, train=True, batch_size=cfg.batch_size,
-                               augment=cfg.augment(), **common)
+    train_loader = make_train_loader(cfg.loader, cfg, data, shared)
     test_loader = make_loader(cfg.loader, data.test, train=False,
-                              batch_size=2 * cfg.batch_size, **common)
+                              batch_size=2 * cfg.batch_size, **shared)
     torch.manual_seed(cfg.seed)  # same initial weights on every process and every rerun
     choose_algorithms(cfg.deterministic, cfg.autotunes())
     model = build_model(cfg.arch, len(data.classes), cfg.width).to(accelerator.device)

@@ -38,8 +38,8 @@ from tools import (
     bench_sections,
     timing,
 )
+from tools.bench_mfu import count_train_flops
 from tools.bench_output import NAME_WIDTH, shortened
-from tools.flops import count_train_flops, train_flops
 from tools.timing import Peak, timed_epoch_steps
 
 
@@ -184,7 +184,7 @@ def test_quick_run_records_every_peer_or_why_not(quick):
         "default", 128, 256)
     assert seed["vs_seed"] == 1 and default["vs_seed"] > 0
     assert seed["images"] == default["images"] == 256 and seed["width"] == 16
-    assert seed["train_flops_per_image"] == train_flops(ResNet18(width=16))
+    assert seed["train_flops_per_image"] == count_train_flops(ResNet18(width=16))[0]
 
 
 @pytest.mark.slow
@@ -307,7 +307,7 @@ def listed_options(device: str, quick: bool) -> tuple:
     args = bench_options.parse_args(["--quick"] if quick else [])
     args.device = device
     bench_options.fill_defaults(args)
-    return args, bench_run.base_config(args, torch.device(device), 1_000, "runs/x")
+    return args, bench_sections.base_config(args, torch.device(device), 1_000, "runs/x")
 
 
 @pytest.mark.parametrize("device, quick, modes", [("cuda", False, ["default"]),
@@ -414,16 +414,16 @@ def test_counted_flops_agree_with_the_hand_count():
     # ResNet-18 at width 64: ~0.556 GMACs forward, so ~3.33 training GFLOPs per image
     for width in (16, 64):
         model = ResNet18(width=width)
-        counted = train_flops(model)
+        counted = count_train_flops(model)[0]
         assert counted == pytest.approx(6 * forward_macs(model), rel=0.02)
-        assert train_flops(model, channels_last=True) == counted
-    assert train_flops(ResNet18(width=64)) == pytest.approx(3.33e9, rel=0.01)
+        assert count_train_flops(model, channels_last=True)[0] == counted
+    assert count_train_flops(ResNet18(width=64))[0] == pytest.approx(3.33e9, rel=0.01)
 
 
 def test_counting_flops_leaves_the_model_untouched():
     model = ResNet18(width=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_flops(model)
+    count_train_flops(model)[0]
     assert all(p.grad is None for p in model.parameters())
     assert all((before[k] == v).all() for k, v in model.state_dict().items())
 
@@ -584,11 +584,11 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))  # no numba JIT
-    real = bench_sections.make_loader
-    monkeypatch.setattr(bench_sections, "make_loader", lambda kind, *a, **k: (
+    real = engine.run.make_loader
+    monkeypatch.setattr(engine.run, "make_loader", lambda kind, *a, **k: (
         FailsAfterWarmup(real(kind, *a, **k)) if kind == "resident" else real(kind, *a, **k)))
     rows = {r.loader: r for r in bench_sections.bench_loaders(
-        bench_run.base_config(args, device, 256, str(tmp_path)), device, args)}
+        bench_sections.base_config(args, device, 256, str(tmp_path)), device, args)}
     assert (rows["resident"].status, rows["resident"].images_per_s) == ("failed", None)
     assert rows["resident"].reason == "LoaderError: the pipeline thread died"
     assert rows["torchvision"].status == "ok" and rows["torchvision"].vs_torchvision == 1
@@ -600,8 +600,9 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
 
     monkeypatch.setattr(engine.run, "make_loader", refuse)
     saved = []
-    epochs = bench_sections.bench_epochs(bench_run.base_config(args, device, 128, str(tmp_path)),
-                                         args, lambda rows: saved.append(len(rows)))
+    epochs = bench_sections.bench_epochs(
+        bench_sections.base_config(args, device, 128, str(tmp_path)), args,
+        lambda rows: saved.append(len(rows)))
     assert [(r.loader, r.status) for r in epochs] == [("resident", "failed"),
                                                       ("torchvision", "ok")]
     assert "cannot hold the split" in epochs[0].reason and epochs[1].images_per_s > 0
@@ -632,12 +633,12 @@ def test_a_stop_signal_lost_in_a_loader_pass_stops_the_loaders_section(monkeypat
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))
-    real, turns = bench_sections.make_loader, []
-    monkeypatch.setattr(bench_sections, "make_loader", lambda kind, *a, **k: (
+    real, real_turn, turns = engine.run.make_loader, timing.loader_turn, []
+    monkeypatch.setattr(engine.run, "make_loader", lambda kind, *a, **k: (
         LosesAStop(real(kind, *a, **k)) if kind == "resident" else real(kind, *a, **k)))
-    monkeypatch.setattr(bench_sections, "loader_turn", lambda loader, epoch: (
-        turns.append(type(loader).__name__) or timing.loader_turn(loader, epoch)))
-    cfg = bench_run.base_config(args, device, 256, str(tmp_path))
+    monkeypatch.setattr(timing, "loader_turn", lambda loader, epoch: (
+        turns.append(type(loader).__name__) or real_turn(loader, epoch)))
+    cfg = bench_sections.base_config(args, device, 256, str(tmp_path))
     assert run_main(lambda: bench_sections.bench_loaders(cfg, device, args)) == 143
     assert turns == ["LosesAStop"]  # no turn after the one the signal stopped
 
@@ -680,7 +681,7 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
-    base = replace(bench_run.base_config(args, device, 64, str(tmp_path)), loader="resident")
+    base = replace(bench_sections.base_config(args, device, 64, str(tmp_path)), loader="resident")
     refused = bench_sections.bench_step(replace(base, precision="fp16"), args)
     assert (refused.status, refused.images_per_s) == ("skipped", None)
 
@@ -702,7 +703,7 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
-    base = replace(bench_run.base_config(args, device, 100, str(tmp_path)), loader="resident")
+    base = replace(bench_sections.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
     assert row.status == "ok" and row.batch_size == 100
     assert row.images_per_s == pytest.approx(args.steps * 100 / min(row.block_s))
@@ -732,7 +733,8 @@ def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConf
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
-    return replace(bench_run.base_config(args, device, images, str(tmp_path)), loader="resident")
+    return replace(bench_sections.base_config(args, device, images, str(tmp_path)),
+                   loader="resident")
 
 
 def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_path):

@@ -12,8 +12,15 @@ from __future__ import annotations
 import os
 import sys
 
-from common.cli import error_line, interruptible_imports, run_main
+from common.cli import error_line, interruptible_imports, run_main, stop_if_interrupted
 from tools.bench_options import parse_args
+
+
+def log(line: str) -> None:
+    """Progress on stdout, flushed so a redirected log is complete at every moment; like any
+    progress update, it raises a Ctrl-C again that a finalizer swallowed (common.cli)."""
+    print(line, flush=True)
+    stop_if_interrupted()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     # nothing; a level you set wins. Read when a first profile starts.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with interruptible_imports():  # torch and the rest take seconds to import
-        from tools.bench_run import run_bench
+        from tools.bench_output import report
+        from tools.bench_run import failed, run_bench, serializable
 
     def body() -> int:
-        bad = run_bench(args, argv)
+        results = run_bench(args, argv, log)
+        log(report(results))
+        if args.json:
+            log(f"wrote {args.json}")
+        bad = failed(serializable(results))
         if bad:
             error_line(f"error: {bad} measurement(s) failed; each one's reason is in its table "
                        "above.")

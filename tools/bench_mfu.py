@@ -1,30 +1,54 @@
-"""The MFU section of tools/bench.py: training FLOPs per image counted on the model, dense
-matmul peaks measured in the same run, and the MFU of every throughput the other sections
-measured."""
+"""The MFU section of tools/bench.py: training FLOPs per image counted on the model (by
+torch.utils.flop_counter.FlopCounterMode over a real forward and backward pass, so MFU rests on
+what runs rather than on a hand count, which is kept to cross-check it), dense matmul peaks
+measured in the same run, and the MFU of every throughput the other sections measured."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import SetupError
 from engine.config import TrainConfig
 from engine.failures import out_of_memory_as
+from engine.loop import Log
 from engine.model import build_model, forward_macs
 from tools.bench_names import epoch_name, step_name
-from tools.bench_sections import log, pin_threads
-from tools.flops import count_train_flops
+from tools.bench_sections import pin_threads, silent
 from tools.timing import Peak, matmul_peak
+
+PROBE_IMAGES = 2  # images of the counted batch: FLOPs scale linearly with it
+
+
+def count_train_flops(model: nn.Module, channels_last: bool = False) -> tuple[int, dict[str, int]]:
+    """FLOPs per 3 x 32 x 32 image of one forward + backward (loss included) in training mode,
+    in total and per top-level module; counted on a CPU copy so the model's weights, statistics
+    and gradients are untouched."""
+    probe = copy.deepcopy(model).float().cpu().train()
+    x = torch.randn(PROBE_IMAGES, 3, 32, 32)
+    if channels_last:
+        probe, x = probe.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        logits = probe(x)
+        F.cross_entropy(logits, torch.zeros(PROBE_IMAGES, dtype=torch.long)).backward()
+    by_module = {name: sum(counts.values()) // PROBE_IMAGES
+                 for name, counts in counter.get_flop_counts().items() if name.count(".") == 1}
+    return counter.get_total_flops() // PROBE_IMAGES, by_module
 
 
 @dataclass
 class MfuResult:
     """FLOPs per image, the measured peaks, and the MFU of every throughput of the run."""
 
-    train_flops_per_image: int  # counted by tools.flops (FlopCounterMode), forward + backward
+    train_flops_per_image: int  # counted by count_train_flops, forward + backward
     flops_by_module: dict[str, int]  # the same count per top-level module
     macs_per_image: int  # forward multiply-accumulates (engine.model.forward_macs)
     hand_count_flops_per_image: int  # 3 x 2 x macs_per_image: the cross-check
@@ -84,7 +108,7 @@ def outpaced_peaks(rows: list[dict]) -> list[str]:
 
 
 def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
-              args: argparse.Namespace) -> MfuResult:
+              args: argparse.Namespace, log: Log = silent) -> MfuResult:
     """Peaks of fp32 and of every precision that ran, and the MFU of every measured throughput.
     SetupError naming the option when the model or a matmul does not fit in memory."""
     with out_of_memory_as(SetupError(f"out of memory counting the FLOPs of the model at "

@@ -6,12 +6,6 @@ from __future__ import annotations
 from common.compile_modes import compile_text
 
 
-def autotune_text(cudnn_benchmark: bool) -> str:
-    """What a row's name adds when cuDNN picked its algorithms untimed: '' or ', no cuDNN
-    autotuning' (the engine's runs autotune; see TrainConfig.autotunes)."""
-    return "" if cudnn_benchmark else ", no cuDNN autotuning"
-
-
 def step_name(precision: str, memory_format: str, compile: bool, mode: str,
               batch_size: int) -> str:
     """A step section row's name: 'bf16 channels_last compiled batch 512'."""
@@ -22,5 +16,6 @@ def epoch_name(loader: str, precision: str, compile: bool, mode: str, batch_size
                cudnn_benchmark: bool = True) -> str:
     """An epoch section row's name, or the profile's: 'resident loader, bf16 compiled batch
     512' (and ', no cuDNN autotuning' where cuDNN did not time its algorithms)."""
+    # the engine's runs autotune (TrainConfig.autotunes): only a row that did not says so
     return (f"{loader} loader, {precision} {compile_text(compile, mode)} batch {batch_size}"
-            f"{autotune_text(cudnn_benchmark)}")
+            + ("" if cudnn_benchmark else ", no cuDNN autotuning"))

@@ -4,12 +4,11 @@ device-dependent defaults of those left out (tools/bench_run.py runs what they a
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from common.cli import CommandParser, option_name, path_option
+from common.cli import CommandParser, option_name, path_option, positive
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
 from common.files import not_a_file, place_problem
@@ -55,23 +54,9 @@ def default_text(name: str) -> str:
     return f"default: {both}, quick {quick}"
 
 
-def csv(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
+def comma_separated(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
     """An argparse type: comma-separated values of `kind`."""
     return lambda text: [kind(v) for v in text.split(",") if v]
-
-
-def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse type: a number of `kind` that is at least 1 (or above 0 for floats), and
-    finite (--matmul-seconds inf would time blocks forever)."""
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        if value == math.inf:
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: '1e3'"
-    return parse
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -80,7 +65,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                       epilog="Options left out take device-dependent defaults, smaller with "
                              "--quick.")
     add_device_option(p)
-    p.add_argument("--sections", type=csv(str), default=list(SECTIONS),
+    names = comma_separated(str)
+    p.add_argument("--sections", type=names, default=list(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     file = path_option("name the current directory")
     p.add_argument("--json", type=file, help="also write every figure and the metadata here")
@@ -96,13 +82,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                               f"sections: turns, in which each loader repeats its epoch until "
                               f"{TURN_S:g} s have passed, at most {TURN_EPOCHS} times)"),
             ("width", count, "ResNet-18 width"),
-            ("batch-size", count, "batch size of every section"),
-            ("batch-sizes", csv(positive(int)), "more batch sizes for the step section, at "
-                                                 "the engine's defaults"),
-            ("compile", csv(str), "step section torch.compile settings (off,on)"),
-            ("compile-modes", csv(str), "torch.compile modes the step and epoch sections "
-                                        "also time at the engine's defaults when those "
-                                        "compile, besides the engine's own"),
+            ("batch-size", count, "batch size of every section but the peers' seed vs "
+                                  "default epochs, which keep their presets' 128 and 512"),
+            ("batch-sizes", comma_separated(count), "more batch sizes for the step section, at "
+                                                    "the engine's defaults"),
+            ("compile", names, "step section torch.compile settings (off,on)"),
+            ("compile-modes", names, "torch.compile modes the step and epoch sections "
+                                     "also time at the engine's defaults when those "
+                                     "compile, besides the engine's own"),
             ("warmup-steps", count, "untimed steps first"),
             ("steps", count, "timed steps per block"),
             ("repeats", count, "timed blocks of steps and of matmuls; the fastest counts"),
@@ -115,9 +102,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                                      "--warmup-steps")):
         p.add_argument(f"--{name}", type=kind,
                        help=f"{help_text} ({default_text(name.replace('-', '_'))})")
-    p.add_argument("--precisions", type=csv(str), default=["fp32", "bf16", "fp16"],
+    p.add_argument("--precisions", type=names, default=["fp32", "bf16", "fp16"],
                    help="step section precisions (default: fp32,bf16,fp16)")
-    p.add_argument("--formats", type=csv(str), default=["channels_last", "contiguous"],
+    p.add_argument("--formats", type=names, default=["channels_last", "contiguous"],
                    help="step section memory formats (default: channels_last,contiguous)")
     p.add_argument("--profile-loader", choices=LOADERS,
                    help="the loader feeding the profile section's steps (default: the "

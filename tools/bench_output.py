@@ -10,16 +10,15 @@ import shlex
 import subprocess
 from dataclasses import asdict, fields
 from importlib.metadata import version
-from pathlib import Path
 
 import torch
 
 from common.hardware import available_cores, device_name
+from tools import ROOT
 from tools.bench_names import epoch_name
 from tools.bench_peers import PeerResult, SeedEpochResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
 
-ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {name: [f.name for f in fields(cls)] for name, cls in
            (("loaders", LoaderResult), ("step", StepResult), ("epoch", EpochResult))}
 COLUMNS["peers"] = [f.name for f in fields(PeerResult)]

@@ -17,24 +17,25 @@ from torch.profiler import profile
 
 from common.errors import one_line
 from common.hardware import default_workers
-from engine.config import PRESETS, TrainConfig, resolve
+from engine.config import PRESETS, TrainConfig
+from engine.loop import Log
 from engine.run import DTYPES
 from loaders import beton
 from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.preparation import Prepared, prepare
-from tools.bench_options import TEST_IMAGES
+from tools.bench_mfu import count_train_flops
 from tools.bench_profile import activities, device_busy_us, device_events, top_ops
 from tools.bench_sections import (
     MEASURE_ERRORS,
+    base_config,
     build_loader,
-    log,
     make_run,
     pin_threads,
     release,
+    silent,
 )
-from tools.flops import train_flops
-from tools.timing import Pass, fastest, loader_pass, loader_turn, train_pass
+from tools.timing import Pass, fastest, loader_pass, take_turns, train_pass
 
 BENCH_EXTRA = "pip install -e '.[bench]' (or: make bench)"
 # what a peer's loader may raise (foreign code: more than ours), recorded in its row
@@ -80,7 +81,7 @@ class SeedEpochResult:
     batch_size: int
     width: int
     images: int  # per epoch
-    train_flops_per_image: int  # counted (tools.flops), forward and backward
+    train_flops_per_image: int  # counted (bench_mfu.count_train_flops), forward and backward
     first_epoch_s: float
     epoch_s: list[float]
     images_per_s: float  # of the fastest steady-state epoch
@@ -241,19 +242,7 @@ def construct(row: PeerResult, make: Callable[[], Measured]) -> Measured | None:
     return loader
 
 
-def first_pass(row: PeerResult, loader: Measured) -> Pass | None:
-    """The warm-up epoch, noting the output of its first batch; None (and why) if it fails."""
-    def note(images: torch.Tensor) -> None:
-        row.output = describe(images)
-
-    try:
-        return loader_pass(loader, 0, on_first=note)
-    except PEER_ERRORS as error:
-        row.status, row.reason = "failed", one_line(error)
-        return None
-
-
-def profile_epoch(row: PeerResult, loader: Measured, epoch: int) -> None:
+def profile_epoch(row: PeerResult, loader: Measured, epoch: int, log: Log = silent) -> None:
     """One more epoch of a loader under torch.profiler, into its row's top_op and, on a GPU,
     device_busy_ms and device_events: whether an epoch's time is the device's or the host's."""
     cuda = loader.device.type == "cuda"
@@ -271,13 +260,8 @@ def profile_epoch(row: PeerResult, loader: Measured, epoch: int) -> None:
         row.device_busy_ms, row.device_events = device_busy_us(events) / 1e3, len(events)
 
 
-def score(rows: list[PeerResult], built: list[tuple[PeerResult, Measured]],
-          steady: dict[int, list[Pass]]) -> None:
-    """Each row's fastest steady epoch so far, and its ratio to the peer it is set beside."""
-    for row, _ in built:
-        best = fastest(steady[id(row)])
-        row.epoch_s = [p.seconds for p in steady[id(row)]]
-        row.images_per_s = best.images / best.seconds
+def score(rows: list[PeerResult]) -> None:
+    """Each row's ratio to the peer it is set beside, from the fastest steady epochs so far."""
     speed = {r.loader: r.images_per_s for r in rows if r.role == "peer"}
     for r in rows:
         r.ratio = (r.images_per_s / speed[r.versus]
@@ -286,33 +270,30 @@ def score(rows: list[PeerResult], built: list[tuple[PeerResult, Measured]],
 
 def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
                        args: argparse.Namespace, folder: Path,
-                       save: Callable[[list[PeerResult]], None]) -> list[PeerResult]:
-    """Every peer and ours beside it, the steady-state epochs of all taken in turns
-    (tools.timing.loader_turn); `save` gets the rows after each turn, so a run cut short keeps
-    the turns it finished."""
+                       save: Callable[[list[PeerResult]], None],
+                       log: Log = silent) -> list[PeerResult]:
+    """Every peer and ours beside it, the epochs of all taken in turns (tools.timing.take_turns,
+    the warm-up noting each one's output); `save` gets the rows after each turn, so a run cut
+    short keeps the turns it finished."""
     built: list[tuple[PeerResult, Measured]] = []
     rows = []
     for row, make in lineup(data, cfg, device, folder):
         rows.append(row)
         loader = construct(row, make)
         pin_threads(args.threads)  # FFCV's Loader and airbench's torch calls may change them
-        first = first_pass(row, loader) if loader is not None else None
-        if first is not None:
-            row.images, row.first_epoch_s = first.images, first.seconds
+        if loader is not None:
             built.append((row, loader))
-    steady: dict[int, list[Pass]] = {id(row): [] for row, _ in built}
-    for _ in range(args.epochs):
-        for row, loader in list(built):
-            try:  # each epoch its own number after the warm-up's 0, so its own augmentations
-                steady[id(row)] += loader_turn(loader, len(steady[id(row)]) + 1)
-            except PEER_ERRORS as error:
-                row.status, row.reason = "failed", one_line(error)
-                row.epoch_s, row.images_per_s = None, None  # no figure of a loader that failed
-                built.remove((row, loader))
-        score(rows, built, steady)
+
+    def note(row: PeerResult, images: torch.Tensor) -> None:
+        row.output = describe(images)
+
+    def scored() -> None:
+        score(rows)
         save(rows)
-    for row, loader in built:  # after the timed epochs, which the profiler would slow
-        profile_epoch(row, loader, len(steady[id(row)]) + 1)
+
+    for row, loader in take_turns(built, args.epochs, PEER_ERRORS, note, scored):
+        # after the timed epochs, which the profiler would slow
+        profile_epoch(row, loader, len(row.epoch_s) + 1, log)
     save(rows)
     for r in rows:
         log(f"peers: {r.loader} ({r.augment}): " + (
@@ -327,18 +308,18 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
 def seed_configs(args: argparse.Namespace, device: torch.device, out: str) -> list[TrainConfig]:
     """The seed notebook's pipeline and the default preset, at --peer-width over
     --peer-epoch-images."""
-    common = dict(dataset="synthetic", data_dir=str(args.data_dir), width=args.peer_width,
-                  synthetic_size=(args.peer_epoch_images, TEST_IMAGES), workers=args.workers,
-                  out=out)
-    default = TrainConfig(**common, compile=False if args.quick else None)  # as base_config
-    seed = TrainConfig(**PRESETS["seed"], preset="seed", loader="torchvision", precision="fp32",
-                       compile=False, channels_last=False, **common)
-    cuda = device.type == "cuda"
-    return [resolve(seed, cuda), resolve(default, cuda)]
+    images, width = args.peer_epoch_images, args.peer_width
+    seed = base_config(args, device, images, out, width=width, **PRESETS["seed"], preset="seed",
+                       loader="torchvision", precision="fp32", compile=False,
+                       channels_last=False)
+    # the default preset's own batch size, not --batch-size
+    default = base_config(args, device, images, out, width=width,
+                          batch_size=TrainConfig.batch_size)
+    return [seed, default]
 
 
-def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
-                      out: str) -> list[SeedEpochResult]:
+def bench_seed_epochs(args: argparse.Namespace, device: torch.device, out: str,
+                      log: Log = silent) -> list[SeedEpochResult]:
     """One training epoch of the seed's pipeline beside one of the default preset, in turns."""
     configs = seed_configs(args, device, out)
     runs = [make_run(cfg, args.threads) for cfg in configs]
@@ -354,7 +335,8 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
         results.append(SeedEpochResult(
             name, cfg.loader, cfg.precision, cfg.compile, cfg.channels_last,
             run.train_loader.batch_size,  # capped at the split, as in training
-            cfg.width, warm.images, train_flops(run.unwrapped, channels_last=cfg.channels_last),
+            cfg.width, warm.images,
+            count_train_flops(run.unwrapped, channels_last=cfg.channels_last)[0],
             warm.seconds, [p.seconds for p in passes], best.images / best.seconds))
     for r in results:
         r.vs_seed = r.images_per_s / results[0].images_per_s
@@ -366,7 +348,7 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device,
 
 
 def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace,
-                out: str, save: Callable[[dict], None]) -> dict:
+                out: str, save: Callable[[dict], None], log: Log = silent) -> dict:
     """The peers section: loaders beside the public peers, then seed vs default epochs (none,
     and why in `epochs_failed`, when either pipeline cannot run here); `save` gets what is
     measured so far, as the loaders' turns end."""
@@ -375,10 +357,10 @@ def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace
     folder = Path(out) / "airbench"
     folder.mkdir(parents=True, exist_ok=True)
     loaders = bench_peer_loaders(data, cfg, device, args, folder,
-                                 lambda rows: save(dict(loaders=rows, epochs=[])))
+                                 lambda rows: save(dict(loaders=rows, epochs=[])), log)
     release()
     try:
-        return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out))
+        return dict(loaders=loaders, epochs=bench_seed_epochs(args, device, out, log))
     except MEASURE_ERRORS as error:
         log(f"peers: the seed vs default epochs failed: {one_line(error)}")
         release()

@@ -19,8 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from common.files import atomic_write
 from engine.config import TrainConfig
+from engine.loop import Log
 from engine.run import endless, train_step
-from tools.bench_sections import log, make_run
+from tools.bench_sections import make_run, silent
 from tools.timing import sync, timed_steps
 
 TOP = 25  # ops listed in the log and the JSON
@@ -107,8 +108,8 @@ def device_busy_us(events: list) -> float:
     return covered([(e.time_range.start, e.time_range.end) for e in events])
 
 
-def bench_profile(cfg: TrainConfig, args: argparse.Namespace,
-                  trace: Path | None) -> ProfileResult:
+def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None,
+                  log: Log = silent) -> ProfileResult:
     """Profile args.profile_steps training steps after args.warmup_steps, batches from cfg's
     loader; the Chrome trace goes to `trace` when given."""
     run = make_run(cfg, args.threads)

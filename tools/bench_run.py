@@ -1,5 +1,5 @@
-"""A bench run: the device measured, the chosen sections in order, their tables logged and
---json rewritten after each (tools/bench.py is its command line)."""
+"""A bench run: the device measured, the chosen sections in order, their progress logged and
+--json rewritten after each (tools/bench.py is its command line, which prints the tables)."""
 
 from __future__ import annotations
 
@@ -15,36 +15,26 @@ from typing import Any
 import torch
 
 from common.files import write_json
-from engine.config import TrainConfig, resolve
+from engine.config import TrainConfig
+from engine.loop import Log
 from tools.bench_mfu import bench_mfu
-from tools.bench_options import SECTIONS, TEST_IMAGES, fill_defaults
-from tools.bench_output import metadata, report
+from tools.bench_options import SECTIONS, fill_defaults
+from tools.bench_output import metadata
 from tools.bench_peers import bench_peers
 from tools.bench_profile import bench_profile
-from tools.bench_sections import bench_epochs, bench_loaders, bench_steps, log
+from tools.bench_sections import base_config, bench_epochs, bench_loaders, bench_steps
 from tools.options import pick_device
 
 
 def settle_device(args: argparse.Namespace) -> torch.device:
     """The device to measure, settled for the whole process: for cpu the GPUs are hidden
     (CUDA_VISIBLE_DEVICES) so the engine's accelerator uses none, and args.device becomes the
-    device's type ('auto' resolved), which fill_defaults and the sections read."""
+    device's type (None: cuda when available), which fill_defaults and the sections read."""
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks torch about CUDA
     device = pick_device(args.device)
     args.device = device.type
     return device
-
-
-def base_config(args: argparse.Namespace, device: torch.device, images: int,
-                out: str) -> TrainConfig:
-    """The engine's config (fast preset, device defaults) on synthetic data of `images` images;
-    with --quick never compiled, as on the CPU (the engine compiles by default on CUDA)."""
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(args.data_dir),
-                      synthetic_size=(images, TEST_IMAGES), width=args.width,
-                      batch_size=args.batch_size, workers=args.workers, out=out,
-                      compile=False if args.quick else None)
-    return resolve(cfg, device.type == "cuda")
 
 
 def profiled_config(args: argparse.Namespace, device: torch.device, out: str) -> TrainConfig:
@@ -61,20 +51,21 @@ def trace_path(args: argparse.Namespace) -> Path | None:
 
 
 def run_sections(args: argparse.Namespace, device: torch.device, out: str,
-                 done: Callable[[dict, dict[str, float]], None]) -> tuple[dict, dict[str, float]]:
-    """The chosen sections, always in the order of SECTIONS, and their seconds; `done` gets
-    both after each section."""
+                 done: Callable[[dict, dict[str, float]], None], log: Log) -> dict:
+    """The chosen sections' results, always in the order of SECTIONS; `done` gets them and
+    the seconds of each section after each section."""
     base = base_config(args, device, args.images, out)
     results: dict = {}
     jobs = {
-        "loaders": lambda: bench_loaders(base, device, args),
-        "peers": lambda: bench_peers(base, device, args, out, partial("peers")),
-        "step": lambda: bench_steps(replace(base, loader="resident"), args, partial("step")),
+        "loaders": lambda: bench_loaders(base, device, args, log),
+        "peers": lambda: bench_peers(base, device, args, out, partial("peers"), log),
+        "step": lambda: bench_steps(replace(base, loader="resident"), args, partial("step"),
+                                    log),
         "epoch": lambda: bench_epochs(base_config(args, device, args.epoch_images, out), args,
-                                      partial("epoch")),
-        "mfu": lambda: bench_mfu(results, base, device, args),
+                                      partial("epoch"), log),
+        "mfu": lambda: bench_mfu(results, base, device, args, log),
         "profile": lambda: bench_profile(profiled_config(args, device, out), args,
-                                         trace_path(args)),
+                                         trace_path(args), log),
     }
     seconds: dict[str, float] = {}
 
@@ -88,7 +79,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, out: str,
         seconds[name] = time.perf_counter() - start
         done(results, seconds)
         log(f"{name} section: {seconds[name]:.0f} s")
-    return results, seconds
+    return results
 
 
 def serializable(result: Any) -> Any:
@@ -111,9 +102,9 @@ def failed(results: Any) -> int:
     return sum(map(failed, results)) if isinstance(results, list) else 0
 
 
-def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
-    """Measure the sections args names, log their tables and write --json; how many rows
-    failed (each one's reason is in its table)."""
+def run_bench(args: argparse.Namespace, argv: list[str], log: Log) -> dict:
+    """Measure the sections args names, logging where it runs and its progress, and write
+    --json; the sections' results (tools.bench_output.report makes their tables)."""
     device = settle_device(args)
     fill_defaults(args)
     meta = metadata(device, argv)
@@ -132,8 +123,4 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
                                        **{k: serializable(v) for k, v in results.items()}))
 
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
-        results, _ = run_sections(args, device, out, save)
-    log(report(results))
-    if args.json:
-        log(f"wrote {args.json}")
-    return failed(serializable(results))
+        return run_sections(args, device, out, save, log)

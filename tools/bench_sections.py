@@ -11,27 +11,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from common.cli import stop_if_interrupted
 from common.errors import EngineError, TrainingError, one_line
-from engine.config import TrainConfig
-from engine.run import Run, build, loader_options, make_accelerator
-from loaders import LOADERS, make_loader
+from common.hardware import native_bf16
+from engine.config import TrainConfig, resolve
+from engine.loop import Log
+from engine.run import Run, build, loader_options, make_accelerator, make_train_loader
+from loaders import LOADERS
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare
 from tools.bench_names import epoch_name, step_name
-from tools.timing import (
-    Pass,
-    fastest,
-    loader_pass,
-    loader_turn,
-    sync,
-    timed_epoch_steps,
-    timed_steps,
-    train_pass,
-)
+from tools.bench_options import TEST_IMAGES
+from tools.timing import fastest, sync, take_turns, timed_epoch_steps, timed_steps, train_pass
 
 
 @dataclass
@@ -100,11 +95,20 @@ class EpochResult:
 MEASURE_ERRORS = (EngineError, RuntimeError)
 
 
-def log(message: str) -> None:
-    """Progress on stdout, flushed so a redirected log is complete at every moment; like any
-    progress update, it raises a Ctrl-C again that a finalizer swallowed (common.cli)."""
-    print(message, flush=True)
-    stop_if_interrupted()
+def silent(message: str) -> None:
+    """The sections' default log: no progress lines, for a caller that wants the rows only."""
+
+
+def base_config(args: argparse.Namespace, device: torch.device, images: int, out: str,
+                **given: Any) -> TrainConfig:
+    """The engine's config (fast preset, device defaults) on synthetic data of `images` images,
+    at --width and --batch-size unless `given` (TrainConfig's fields) says otherwise; with
+    --quick never compiled, as on the CPU (the engine compiles by default on CUDA)."""
+    cfg = TrainConfig(**{**dict(dataset="synthetic", data_dir=str(args.data_dir),
+                                synthetic_size=(images, TEST_IMAGES), width=args.width,
+                                batch_size=args.batch_size, workers=args.workers, out=out,
+                                compile=False if args.quick else None), **given})
+    return resolve(cfg, device.type == "cuda", bf16=native_bf16())
 
 
 def release() -> None:
@@ -132,16 +136,15 @@ def build_loader(kind: str, data: Prepared, cfg: TrainConfig,
                  device: torch.device) -> tuple[BatchLoader, float]:
     """A training loader as engine.run.build makes it, and the seconds its construction took."""
     start = time.perf_counter()
-    loader = make_loader(kind, data.train, train=True, batch_size=cfg.batch_size,
-                         augment=cfg.augment(), **loader_options(cfg, data, device))
+    loader = make_train_loader(kind, cfg, data, loader_options(cfg, data, device))
     sync(device)  # resident queues the normalization of the whole split on the GPU
     return loader, time.perf_counter() - start
 
 
-def bench_loaders(cfg: TrainConfig, device: torch.device,
-                  args: argparse.Namespace) -> list[LoaderResult]:
+def bench_loaders(cfg: TrainConfig, device: torch.device, args: argparse.Namespace,
+                  log: Log = silent) -> list[LoaderResult]:
     """Every loader over the same split and augmentations, their epochs taken in turns so that
-    a burst of load on a shared machine hits all of them alike (tools.timing.loader_turn)."""
+    a burst of load on a shared machine hits all of them alike (tools.timing.take_turns)."""
     data = prepare("synthetic", Path(cfg.data_dir), cfg.synthetic_size,
                    workers=cfg.workers)
     results = {kind: LoaderResult(kind, cfg.batch_size) for kind in LOADERS}
@@ -153,21 +156,8 @@ def bench_loaders(cfg: TrainConfig, device: torch.device,
         except MEASURE_ERRORS as error:
             r.status, r.reason = "failed", one_line(error)
     pin_threads(args.threads)
-    steady: dict[str, list[Pass]] = {kind: [] for kind in LOADERS}
-    for turn in range(args.epochs + 1):  # turn 0 is the warm-up epoch
-        for kind in list(built):
-            try:
-                passes = steady[kind]  # each epoch its own number, so its own augmentations
-                passes += (loader_turn(built[kind], len(passes)) if turn
-                           else [loader_pass(built[kind], 0)])
-            except MEASURE_ERRORS as error:
-                results[kind].status, results[kind].reason = "failed", one_line(error)
-                del built[kind]
-    for kind in built:
-        r, (first, *rest) = results[kind], steady[kind]
-        best = fastest(rest)
-        r.images, r.first_epoch_s = first.images, first.seconds
-        r.epoch_s, r.images_per_s = [p.seconds for p in rest], best.images / best.seconds
+    take_turns([(results[kind], loader) for kind, loader in built.items()], args.epochs,
+               MEASURE_ERRORS)
     baseline = results["torchvision"].images_per_s
     for r in results.values():
         if r.images_per_s and baseline:
@@ -211,8 +201,8 @@ def bench_step(cfg: TrainConfig, args: argparse.Namespace) -> StepResult:
     return result
 
 
-def bench_steps(base: TrainConfig, args: argparse.Namespace,
-                partial: Callable[[list], object]) -> list[StepResult]:
+def bench_steps(base: TrainConfig, args: argparse.Namespace, partial: Callable[[list], object],
+                log: Log = silent) -> list[StepResult]:
     """Every step configuration, one after the other, freeing each before the next; partial
     gets the rows so far after each, before its line is logged (a run cut short keeps them)."""
     results = []
@@ -266,8 +256,8 @@ def epoch_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConf
             + [replace(base, compile_mode=mode) for mode in others] + untuned)
 
 
-def bench_epochs(base: TrainConfig, args: argparse.Namespace,
-                 partial: Callable[[list], object]) -> list[EpochResult]:
+def bench_epochs(base: TrainConfig, args: argparse.Namespace, partial: Callable[[list], object],
+                 log: Log = silent) -> list[EpochResult]:
     """A full training epoch of each of epoch_configs; partial gets the rows so far after
     each."""
     results = []

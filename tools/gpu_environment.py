@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 from common.errors import SetupError
+from tools import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # what a bare GPU image lacks; the wheels provide them. Every step reads .beton files; only
 # report's and predict's runs and tests need grad-cam (and its torchvision, OpenCV, scikit-learn
 # and SciPy, which the wheels do not carry), so the other steps run without it

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from common.hardware import available_cores
 from engine.config import PRESETS, TrainConfig
-from tools.gpu_environment import ROOT, missing
+from tools import ROOT
+from tools.gpu_environment import missing
 
 STEPS = ("tests-quick", "train", "bench-peers", "bench-epoch", "tests-e2e", "train-eager",
          "profile-ffcv", "bench-step")

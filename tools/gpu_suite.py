@@ -29,7 +29,8 @@ from pathlib import Path
 from common.cli import CommandParser, path_option, run_main
 from common.errors import SetupError
 from common.files import atomic_write, not_a_file, place_problem, write_json, write_text
-from tools.gpu_environment import ROOT, environment, header
+from tools import ROOT
+from tools.gpu_environment import environment, header
 from tools.gpu_steps import COMMANDS, GROUPS, LIMITS, STEP_LIMIT_S, STEPS, Suite, suite_device
 from tools.gpu_summary import render
 

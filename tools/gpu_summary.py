@@ -20,21 +20,21 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def tests_line(xml: Path) -> list[str]:
+def tests_line(report: Path) -> list[str]:
     """pytest's counts from its junit report, and the names of the tests that failed."""
     try:
-        suite = ElementTree.parse(xml).getroot().find("testsuite")
+        suite = ElementTree.parse(report).getroot().find("testsuite")
     except (OSError, ElementTree.ParseError):
         return []
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     failed = [case.get("name") for case in suite.iter("testcase")
               if case.find("failure") is not None or case.find("error") is not None]
-    return [f"- {xml.stem}: {counts['tests']} tests, {counts['failures']} failed, "
+    return [f"- {report.stem}: {counts['tests']} tests, {counts['failures']} failed, "
             f"{counts['errors']} errors, {counts['skipped']} skipped"
             + (f" ({', '.join(failed)})" if failed else "")]
 
 
-def mode(r: dict) -> str:
+def compile_mode_of(r: dict) -> str:
     """A bench row's compile mode: rows written before the field was ran the default one."""
     return r.get("compile_mode", "default")
 
@@ -43,11 +43,11 @@ def mode(r: dict) -> str:
 ROW_NAMES = {
     "loaders": lambda r: r["loader"],
     # epoch rows written before the field was did not autotune: they say so
-    "epoch": lambda r: epoch_name(r["loader"], r["precision"], r["compile"], mode(r),
+    "epoch": lambda r: epoch_name(r["loader"], r["precision"], r["compile"], compile_mode_of(r),
                                   r["batch_size"],
                                   cudnn_benchmark=r.get("cudnn_benchmark", False)),
-    "step": lambda r: step_name(r["precision"], r["memory_format"], r["compile"], mode(r),
-                                r["batch_size"]),
+    "step": lambda r: step_name(r["precision"], r["memory_format"], r["compile"],
+                                compile_mode_of(r), r["batch_size"]),
     "peers": lambda r: (f"{r['loader']} ({'; '.join(filter(None, (r['augment'], r['output'])))})"
                         + (f" vs {r['versus']}" if r["versus"] else "")),
 }
@@ -90,7 +90,7 @@ def bench_lines(bench: dict) -> list[str]:
     profile = bench.get("profile", {})
     if profile.get("device_busy_share") is not None:
         name = epoch_name(profile["loader"], profile["precision"], profile["compile"],
-                          mode(profile), profile["batch_size"])
+                          compile_mode_of(profile), profile["batch_size"])
         lines.append(f"- profile, {name}: device busy "
                      f"{profile['device_busy_ms']:.2f} ms of a {profile['step_ms']:.2f} ms step "
                      f"({profile['device_busy_share']:.0%})")

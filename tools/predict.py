@@ -15,7 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, error_line, interruptible_imports, path_option, run_main
+from common.cli import (
+    CommandParser,
+    error_line,
+    interruptible_imports,
+    path_option,
+    positive,
+    run_main,
+)
 from tools.options import add_checkpoint_argument, add_device_option, pick_device
 
 CAM_LAYER = "layer3"  # --layer's default
@@ -28,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_checkpoint_argument(parser)
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                         help="picture files (PNG, JPEG, ...) or folders of them")
-    parser.add_argument("-k", type=int, default=3, help="classes to show per picture (default 3)")
+    parser.add_argument("-k", type=positive(int), default=3,
+                        help="classes to show per picture (default 3)")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list of {file, predictions: [{class, probability}]} "
                              "(or {file, error}) instead of a table")
@@ -40,8 +48,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{CAM_LAYER})")
     add_device_option(parser)
     args = parser.parse_args(argv)
-    if args.k < 1:
-        parser.error(f"-k must be at least 1, got {args.k}")
     if args.layer is not None and args.cam is None:  # it would be ignored without a word
         parser.error("--layer: only --cam draws Grad-CAM maps, so without it --layer would "
                      "be ignored; add --cam DIR or leave --layer out")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import CommandParser, interruptible_imports, path_option, run_main
+from common.cli import CommandParser, interruptible_imports, path_option, positive, run_main
 from tools.cam_methods import METHODS
 from tools.options import (
     add_checkpoint_argument,
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="report folder, replaced when complete, and only if it is a "
                              "report's own (default: report/ beside the checkpoint)")
     add_data_dir_option(parser)
-    parser.add_argument("-n", type=int, default=20,
+    parser.add_argument("-n", type=positive(int), default=20,
                         help="misclassified images to show and explain (default: 20)")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3", "layer4"],
                         metavar="NAME",
@@ -45,8 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"CAM methods: {', '.join(METHODS)} (default: gradcam)")
     add_device_option(parser)
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"-n must be at least 1, got {args.n}")
     return args
 
 

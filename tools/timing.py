@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice, repeat
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from common.cli import stop_if_interrupted
+from common.errors import one_line
 from engine.run import DTYPES, Run, train_step
 from tools.bench_options import TURN_EPOCHS, TURN_S
 
@@ -86,6 +87,60 @@ def loader_turn(loader: EpochLoader, epoch: int) -> list[Pass]:
     while sum(p.seconds for p in passes) < TURN_S and len(passes) < TURN_EPOCHS:
         passes.append(loader_pass(loader, epoch + len(passes)))
     return passes
+
+
+class TurnRow(Protocol):
+    """A loaders table's row that take_turns fills (bench_sections.LoaderResult,
+    bench_peers.PeerResult)."""
+
+    status: str
+    reason: str
+    images: int | None
+    first_epoch_s: float | None
+    epoch_s: list[float] | None
+    images_per_s: float | None
+
+
+Row = TypeVar("Row", bound=TurnRow)
+
+
+def take_turns(entrants: list[tuple[Row, EpochLoader]], turns: int,
+               errors: tuple[type[Exception], ...],
+               on_first: Callable[[Row, torch.Tensor], object] = lambda row, images: None,
+               after_turn: Callable[[], object] = lambda: None) -> list[tuple[Row, EpochLoader]]:
+    """A warm-up epoch of each loader, then `turns` turns (loader_turn) in which they take
+    their steady-state epochs one after the other, so that a burst of load on a shared machine
+    hits all of them alike. Each row gets its warm-up's images and seconds, and after each turn
+    its steady epochs and the images/s of the fastest; `on_first` sees a row's first batch,
+    `after_turn` runs after each turn. A loader raising one of `errors` marks its row failed,
+    its steady figures as they were before its turns, and takes no more turns. The entrants
+    that ran every epoch."""
+    running, steady, unfilled = [], {}, {}
+    for row, loader in entrants:
+        try:
+            first = loader_pass(loader, 0, on_first=lambda images, row=row: on_first(row, images))
+        except errors as error:
+            row.status, row.reason = "failed", one_line(error)
+            continue
+        row.images, row.first_epoch_s = first.images, first.seconds
+        running.append((row, loader))
+        steady[id(row)], unfilled[id(row)] = [], row.epoch_s
+    for _ in range(turns):
+        for row, loader in list(running):
+            passes = steady[id(row)]
+            try:  # each epoch its own number after the warm-up's 0, so its own augmentations
+                passes += loader_turn(loader, len(passes) + 1)
+            except errors as error:
+                row.status, row.reason = "failed", one_line(error)
+                # no steady figure of a loader that failed
+                row.epoch_s, row.images_per_s = unfilled[id(row)], None
+                running.remove((row, loader))
+        for row, _ in running:
+            best = fastest(steady[id(row)])
+            row.epoch_s = [p.seconds for p in steady[id(row)]]
+            row.images_per_s = best.images / best.seconds
+        after_turn()
+    return running
 
 
 def train_pass(run: Run, epoch: int) -> Pass:

@@ -18,7 +18,7 @@ from engine.failures import out_of_memory_as
 from loaders import beton
 from tools.export_formats import SUFFIX, metadata, require
 from tools.export_writers import RUNNERS, WRITERS
-from tools.report_inputs import evaluation_input, locate_test_data
+from tools.report_inputs import locate_test_data
 
 CHECK_IMAGES = 256  # test images the export is checked on
 TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|): fp32 rounding
@@ -69,7 +69,7 @@ def check_images(ckpt: dict, path: Path, data_dir: Path | None,
 
 def reference_logits(ckpt: dict, model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """The checkpoint's model on the images, normalized exactly as evaluation does."""
-    to_input = evaluation_input(ckpt, "cpu")
+    to_input = checkpoint.model_input(ckpt, "cpu")
     with torch.no_grad():
         return model(to_input(torch.from_numpy(images))).numpy()
 

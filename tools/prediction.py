@@ -16,15 +16,20 @@ from PIL import Image
 from torch import nn
 
 from common.errors import DataError, ReportError
-from common.files import missing_folders, output_dir, remove_empty, temporary_name
+from common.files import (
+    missing_folders,
+    output_dir,
+    remove_empty,
+    sweep_dead_writers,
+    temporary_name,
+    write_failed,
+)
 from common.progress import progress_bar
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders.augment import Augment
 from loaders.images import expand, read_image
-from tools.report_figures import cams, overlay
-from tools.report_folder import sweep_stale, write_failed
-from tools.report_inputs import evaluation_input, layer_of
+from tools.cams import cams, layer_of, overlay
 
 BATCH = 256  # pictures per forward pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
@@ -45,7 +50,7 @@ def load_classifier(path: Path, device: torch.device) -> Classifier:
     """The model of checkpoint `path` on `device`."""
     ckpt = checkpoint.load(path)
     model = checkpoint.model_from(ckpt).to(device)
-    return Classifier(model, evaluation_input(ckpt, device), ckpt["classes"], path)
+    return Classifier(model, checkpoint.model_input(ckpt, device), ckpt["classes"], path)
 
 
 def memory_advice(device: torch.device, cam: bool) -> AbstractContextManager[None]:
@@ -158,7 +163,7 @@ def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray
     of it only once every one is written, so a failed run (a full disk) leaves none of them,
     and an older overlay of the same name as it was."""
     staging = temporary_name(out / "overlays")
-    sweep_stale(out / "overlays")  # the hidden folders of runs that were killed
+    sweep_dead_writers(out / "overlays")  # the hidden folders of runs that were killed
     names = cam_names(pictures.readable)
     try:
         staging.mkdir()

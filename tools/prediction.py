@@ -26,12 +26,13 @@ from common.files import (
 )
 from common.progress import progress_bar
 from engine import checkpoint
+from engine.evaluate import probabilities
 from engine.failures import out_of_memory_as
 from loaders.augment import Augment
 from loaders.images import expand, read_image
 from tools.cams import cams, layer_of, overlay
 
-BATCH = 256  # pictures per forward pass
+BATCH = 256  # pictures per Grad-CAM pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
 PROGRESS_FROM = 100  # pictures from which a progress bar is worth showing
 
@@ -113,16 +114,12 @@ def read_all(files: list[Path]) -> tuple[list[Path], np.ndarray, dict[Path, str]
     return good, np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8), errors
 
 
-def classify(model: nn.Module, augment: Augment, images: np.ndarray) -> torch.Tensor:
-    """Softmax probabilities (N x C, on the CPU) of uint8 N x 32 x 32 x 3 pictures."""
-    probs = []
-    with torch.inference_mode(), progress_bar(len(images), "classifying", "image",
-                                              enabled=len(images) >= PROGRESS_FROM) as bar:
-        for start in range(0, len(images), BATCH):
-            batch = torch.from_numpy(images[start:start + BATCH]).to(augment.device)
-            probs.append(model(augment(batch)).float().softmax(1).cpu())
-            bar.update(len(batch))
-    return torch.cat(probs)
+def classify(classifier: Classifier, images: np.ndarray) -> torch.Tensor:
+    """Softmax probabilities (N x C, on the CPU) of uint8 N x 32 x 32 x 3 pictures, with a
+    progress bar from PROGRESS_FROM pictures."""
+    with progress_bar(len(images), "classifying", "image",
+                      enabled=len(images) >= PROGRESS_FROM) as bar:
+        return probabilities(classifier.model, classifier.to_input, images, bar.update)
 
 
 def top_classes(classifier: Classifier, pictures: Pictures,
@@ -130,8 +127,7 @@ def top_classes(classifier: Classifier, pictures: Pictures,
     """A row per file, {file, predictions: [{class, probability}] of its top k classes} or
     {file, error}; and the predicted class of each readable picture."""
     classified = len(pictures.readable) > 0
-    probs = (classify(classifier.model, classifier.to_input, pictures.images) if classified
-             else torch.zeros(0, 1))
+    probs = classify(classifier, pictures.images) if classified else torch.zeros(0, 1)
     if not probs.isfinite().all():
         raise checkpoint.broken_outputs(classifier.path)
     top = probs.topk(min(k, len(classifier.classes)), dim=1) if classified else None

@@ -16,11 +16,10 @@ from common.errors import ReportError
 from common.files import not_a_file
 from engine import checkpoint
 from engine.config import TrainConfig
-from engine.evaluate import predict
-from loaders import beton, make_loader
+from engine.evaluate import probabilities
+from loaders import beton
 from loaders.preparation import prepare
 
-BATCH = 500  # test images per forward pass of the evaluation
 CHUNK = 256  # images per CAM or ROAD pass: what sets the memory a pass takes, not -n
 
 
@@ -89,10 +88,8 @@ def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int = CHUNK) ->
 
 def predictions(run: Inputs) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (N x C) and labels of the test split: fp32, eager, no TTA."""
-    loader = make_loader("resident", run.test, train=False, batch_size=BATCH, device=run.device,
-                         mean=run.ckpt["mean"], std=run.ckpt["std"])
-    probs, labels = predict(run.model, loader, tta=False)
-    return probs.numpy(), labels.numpy()
+    to_input = checkpoint.model_input(run.ckpt, run.device)
+    return probabilities(run.model, to_input, run.images).numpy(), run.labels
 
 
 def most_confidently_wrong(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:

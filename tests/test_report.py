@@ -40,7 +40,7 @@ from tools import (
     report_inputs,
     report_tables,
 )
-from tools.cam_methods import METHODS
+from tools.options import METHODS
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from common.errors import ReportError
-from tools.cam_methods import METHODS
+from tools.options import METHODS
 
 CLASS_AGNOSTIC = {"eigencam"}  # a principal component of the activations: no target class
 

@@ -21,8 +21,8 @@ from common.errors import ExportError
 from engine import checkpoint
 from engine.model import build_model
 from loaders import beton
-from tools.export_formats import EXTRA_FILE, require
-from tools.export_model import compare, memory_advice, reference_logits
+from tools.export_formats import EXTRA_FILE
+from tools.export_model import compare, memory_advice, reference_logits, require
 from tools.export_writers import to_01
 
 

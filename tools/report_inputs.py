@@ -79,7 +79,7 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
     return Inputs(path, ckpt, model, test, split.images, split.labels, device)
 
 
-def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int = CHUNK) -> np.ndarray:
+def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int) -> np.ndarray:
     """work(part) for consecutive slices of at most `size` of n images, joined in order: a
     pass over n images then needs the memory of `size` of them, whatever n (-n has no upper
     bound)."""

@@ -100,7 +100,7 @@ def reference_logits(ckpt: dict, model: torch.nn.Module, images: np.ndarray) -> 
         return model(to_input(torch.from_numpy(images))).numpy()
 
 
-def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
+def agreement(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
     """One line saying how well the export agrees; ExportError when it does not."""
     if got.shape != ref.shape:
         raise ExportError(f"{fmt} export gives logits of shape {got.shape}, the checkpoint's "
@@ -147,7 +147,7 @@ def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,
 
     def write_and_check(tmp: Path) -> None:
         WRITERS[fmt](model, meta, tmp)
-        result.append(compare(ref, RUNNERS[fmt](tmp, images), fmt, out))
+        result.append(agreement(ref, RUNNERS[fmt](tmp, images), fmt, out))
 
     with made_for(out):  # the folders above it, removed again when nothing is written
         atomic_write(out, write_and_check)  # renamed into place only once checked

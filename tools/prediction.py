@@ -126,17 +126,23 @@ def top_classes(classifier: Classifier, pictures: Pictures,
                 k: int) -> tuple[list[dict], np.ndarray]:
     """A row per file, {file, predictions: [{class, probability}] of its top k classes} or
     {file, error}; and the predicted class of each readable picture."""
-    classified = len(pictures.readable) > 0
-    probs = classify(classifier, pictures.images) if classified else torch.zeros(0, 1)
+    if not pictures.readable:  # nothing to classify: every file is an error row
+        return file_rows(pictures, {}), np.zeros(0, np.int64)
+    probs = classify(classifier, pictures.images)
     if not probs.isfinite().all():
         raise checkpoint.broken_outputs(classifier.path)
-    top = probs.topk(min(k, len(classifier.classes)), dim=1) if classified else None
+    top = probs.topk(min(k, len(classifier.classes)), dim=1)
     found = {path: [{"class": classifier.classes[int(c)], "probability": float(p)}
                     for p, c in zip(top.values[i], top.indices[i], strict=True)]
              for i, path in enumerate(pictures.readable)}
-    rows = [{"file": str(path), "predictions": found[path]} if path in found
+    return file_rows(pictures, found), probs.argmax(1).numpy()
+
+
+def file_rows(pictures: Pictures, found: dict[Path, list[dict]]) -> list[dict]:
+    """A row per file, in the order given: its predictions where `found` holds them, else its
+    error."""
+    return [{"file": str(path), "predictions": found[path]} if path in found
             else {"file": str(path), "error": pictures.errors[path]} for path in pictures.files]
-    return rows, probs.argmax(1).numpy()
 
 
 def cam_names(files: list[Path]) -> list[str]:

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import csv
 import datetime
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from common.errors import OutputError
+from common.errors import OutputError, ReportError
 
 
 def temporary_name(path: Path, kind: str = "tmp") -> Path:
@@ -32,6 +34,42 @@ def temporary_writer(entry: Path, path: Path, kinds: tuple[str, ...] = ("tmp",))
     if entry.name.startswith(prefix) and kind in kinds and pid.isdigit():
         return int(pid)
     return None
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid` runs (another user's too: signalling it is refused, not failed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_writers(out: Path) -> None:
+    """Remove the `.<name>.<pid>.tmp` and `.old` folders that writers into `out` left when
+    killed (SIGKILL, a power cut): of dead writers, or of this PID, reused after a restart.
+    Nothing else ever removes them, and each can hold a whole report."""
+    for entry in out.parent.iterdir():
+        pid = temporary_writer(entry, out, ("tmp", "old"))
+        if pid is not None and (pid == os.getpid() or not writer_alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def write_failed(error: OSError, out: Path, option: str = "--out",
+                 what: str = "the report") -> Exception:
+    """What to raise when writing `what` into folder `out` (given as `option`) failed: a
+    ReportError naming them and the fix, or `error` itself when it names a file elsewhere (an
+    input)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ReportError(f"{option} {out}: its disk is full, so {what} could not be written "
+                           f"(nothing was left there); free some space or choose another "
+                           f"{option}.")
+    if error.filename is None or out.parent in Path(str(error.filename)).parents:
+        return ReportError(f"{option} {out}: {what} could not be written there "
+                           f"({error.strerror or error}); choose a writable {option}.")
+    return error
 
 
 @contextmanager

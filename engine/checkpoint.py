@@ -27,6 +27,7 @@ from common.hardware import device_name
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule
+from loaders.augment import Augment
 from loaders.beton import MIN_STD
 
 if TYPE_CHECKING:
@@ -227,6 +228,12 @@ def model_from(ckpt: dict) -> nn.Module:
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["width"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
+
+
+def model_input(ckpt: dict, device: torch.device | str) -> Augment:
+    """uint8 NHWC images -> the checkpoint model's fp32 input: training's normalization, no
+    augmentation, as evaluation does."""
+    return Augment(None, ckpt["mean"], ckpt["std"], torch.float32, device)
 
 
 def misfit(ckpt: dict) -> str | None:

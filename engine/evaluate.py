@@ -1,16 +1,20 @@
 """Evaluation: summed loss and accuracy (reduced across processes by the caller), optional flip
-test-time augmentation, and per-image predictions for reports."""
+test-time augmentation, and per-image probabilities for report and predict."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.model import eval_mode
+from loaders.augment import Augment
+
+BATCH = 256  # images per forward pass of probabilities
 
 
 def logits_of(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -44,12 +48,15 @@ def evaluate(model: nn.Module, loader: Iterable, tta: bool = False,
     return torch.cat([totals, torch.tensor([float(count)], device=device)])
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, tta: bool = False) -> tuple[torch.Tensor, ...]:
-    """Softmax probabilities (N x C) and labels (N) on the CPU, in loader order."""
-    probs, labels = [], []
-    with eval_mode(model):
-        for images, batch_labels in loader:
-            probs.append(logits_of(model, images, tta).softmax(1).cpu())
-            labels.append(batch_labels.cpu())
-    return torch.cat(probs), torch.cat(labels)
+@torch.inference_mode()
+def probabilities(model: nn.Module, to_input: Augment, images: np.ndarray,
+                  on_batch: Callable[[int], object] = lambda n: None) -> torch.Tensor:
+    """Softmax probabilities (N x C, on the CPU) of uint8 N x 32 x 32 x 3 images, BATCH at a
+    time, given to `model` (in eval mode) as `to_input` makes them; on_batch(size) after each
+    batch (a progress bar)."""
+    probs = []
+    for start in range(0, len(images), BATCH):
+        batch = torch.from_numpy(images[start:start + BATCH]).to(to_input.device)
+        probs.append(model(to_input(batch)).float().softmax(1).cpu())
+        on_batch(len(batch))
+    return torch.cat(probs)

@@ -102,6 +102,18 @@ def test_help_and_refusals_wait_for_no_grad_cam():
     assert result.returncode == 0, f"imported at start: {result.stderr[-2000:]}"
 
 
+def test_predict_loads_none_of_the_report():
+    """predict shares the CAMs, the model's input and the folder writes with report, not
+    report's modules: those bring matplotlib's PDF backend and the report's tables."""
+    code = ("import sys, tools.prediction\n"
+            "loaded = {'matplotlib.backends.backend_pdf', 'tools.report_folder',\n"
+            "          'tools.report_figures', 'tools.report_inputs'} & set(sys.modules)\n"
+            "sys.exit(' '.join(sorted(loaded)) or None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"imported with predict: {result.stderr[-2000:]}"
+
+
 # python -c this script args: a real SIGINT as the import of the COUNT-th module whose name
 # starts with one of PREFIXES begins. SIGINT as a terminal's foreground command has it: a test
 # run started in the background (`cmd &` without job control) passes SIGINT ignored down to

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.evaluate import evaluate, predict
+from engine.evaluate import evaluate
 from engine.model import build_model
 from loaders import make_loader
 
@@ -41,9 +41,6 @@ def test_evaluate_sums_each_image_once_whatever_the_batches(batches, tta):
     assert model.training  # the caller's training mode, given back
     if tta:  # a model that is no mirror image of itself: TTA changed what was scored
         assert not torch.allclose(logits, plain)
-        probs, order = predict(model, batches, tta=True)
-        torch.testing.assert_close(probs, logits.softmax(1))
-        assert torch.equal(order, labels)
 
 
 def test_an_empty_shard_still_reports_zeros():

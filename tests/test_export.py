@@ -21,8 +21,8 @@ from common.errors import ExportError
 from engine import checkpoint
 from engine.model import build_model
 from loaders import beton
-from tools.export_formats import EXTRA_FILE, require
-from tools.export_model import compare, memory_advice, reference_logits
+from tools.export_formats import EXTRA_FILE
+from tools.export_model import agreement, memory_advice, reference_logits, require
 from tools.export_writers import to_01
 
 
@@ -182,13 +182,13 @@ def test_broken_weights_are_refused(ckpt, tmp_path):
 
 def test_check_refuses_different_logits_and_flipped_classes():
     ref = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
-    assert "top-1 differs on 0 of 64" in compare(ref, ref + 1e-6, "onnx", Path("m.onnx"))
+    assert "top-1 differs on 0 of 64" in agreement(ref, ref + 1e-6, "onnx", Path("m.onnx"))
     with pytest.raises(ExportError, match="m.onnx"):
-        compare(ref, ref + 1e-2, "onnx", Path("m.onnx"))
+        agreement(ref, ref + 1e-2, "onnx", Path("m.onnx"))
     with pytest.raises(ExportError, match="top-1 differs"):
-        compare(ref, ref[:, ::-1].copy(), "onnx", Path("m.onnx"))
+        agreement(ref, ref[:, ::-1].copy(), "onnx", Path("m.onnx"))
     with pytest.raises(ExportError, match="shape"):
-        compare(ref, ref[:, :5], "onnx", Path("m.onnx"))
+        agreement(ref, ref[:, :5], "onnx", Path("m.onnx"))
 
 
 def test_check_refuses_nan_logits_even_where_they_flip_no_class():
@@ -198,7 +198,7 @@ def test_check_refuses_nan_logits_even_where_they_flip_no_class():
     got = ref.copy()
     got[np.arange(64), ref.argmax(1)] = np.nan
     with pytest.raises(ExportError, match="does not match"):
-        compare(ref, got, "onnx", Path("m.onnx"))
+        agreement(ref, got, "onnx", Path("m.onnx"))
 
 
 def test_check_accepts_a_top_class_flipped_between_near_equal_logits():
@@ -208,7 +208,7 @@ def test_check_accepts_a_top_class_flipped_between_near_equal_logits():
     ref[0, :2] = [5.0, 5.0 + 1e-5]  # a near tie, class 1 ahead
     got = ref.copy()
     got[0, :2] = [5.0 + 1e-5, 5.0]  # class 0 ahead, within the tolerance
-    assert "top-1 differs on 0 of 64" in compare(ref, got, "onnx", Path("m.onnx"))
+    assert "top-1 differs on 0 of 64" in agreement(ref, got, "onnx", Path("m.onnx"))
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch):

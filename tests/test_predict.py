@@ -210,7 +210,7 @@ def test_cams_survive_odd_channels_last_batches():
     # torch 2.14's CPU backward crashed the process on channels_last batches of 3, 5, 7, ...
     # (engine.model.PointwiseConv routes around it; tests/test_model.py sweeps the shapes)
     from engine.model import build_model
-    from tools.report_figures import cams
+    from tools.cams import cams
 
     model = build_model("resnet18", 10, 8).eval()
     augment = Augment(None, [0.5] * 3, [0.25] * 3, torch.float32, "cpu")

@@ -246,7 +246,7 @@ def test_a_lock_freed_while_a_process_waits_is_taken_at_its_path_not_on_the_remo
 
 
 def test_only_a_writers_temporaries_of_the_kinds_asked_for_are_named_its():
-    """sweep_stale removes the folders temporary_writer names: `.report.<pid>.<other>` (a
+    """sweep_dead_writers removes the folders temporary_writer names: `.report.<pid>.<other>` (a
     user's own folder) is none of them, and is never removed."""
     out = Path("runs") / "report"
     assert temporary_writer(Path("runs/.report.123.tmp"), out, ("tmp", "old")) == 123

@@ -32,6 +32,7 @@ from engine import checkpoint
 from engine.model import build_model
 from loaders import beton, synthetic
 from tools import (
+    cams,
     report,
     report_faithfulness,
     report_figures,
@@ -39,7 +40,7 @@ from tools import (
     report_inputs,
     report_tables,
 )
-from tools.cam_methods import METHODS
+from tools.options import METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +139,7 @@ def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
     inputs = report_inputs.normalized(loaded, np.arange(3))
     assert inputs.shape == (3, 3, 32, 32)
     for layer in ("layer2", "layer3", "layer4"):
-        maps = report_figures.cams(loaded.model, inputs, loaded.labels[:3], layer, method)
+        maps = cams.cams(loaded.model, inputs, loaded.labels[:3], layer, method)
         assert maps.shape == (3, 32, 32)
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
 
@@ -150,7 +151,7 @@ def test_gradcam_peaks_on_the_object(loaded):
     right = np.flatnonzero(probs.argmax(1) == labels)[:200]
     assert len(right) >= 100  # the model learned something
     inputs = report_inputs.normalized(loaded, right)
-    maps = report_figures.cams(loaded.model, inputs, labels[right], "layer3")
+    maps = cams.cams(loaded.model, inputs, labels[right], "layer3")
     y, x = np.unravel_index(maps.reshape(len(maps), -1).argmax(1), (32, 32))
     y0, x0, y1, x1 = synthetic_boxes(Path(loaded.ckpt["data"]["source"]))[right].T
     inside = (y >= y0 - 1) & (y < y1 + 1) & (x >= x0 - 1) & (x < x1 + 1)
@@ -172,7 +173,7 @@ def test_road_ranks_gradcam_and_the_object_box_above_random_maps(loaded):
     rows, cols = np.arange(32)[None, :, None], np.arange(32)[None, None, :]
     boxes = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) & (cols >= x0[:, None, None])
              & (cols < x1[:, None, None])).astype(np.float32)
-    gradcam = report_figures.cams(loaded.model, inputs, labels[right], "layer3")
+    gradcam = cams.cams(loaded.model, inputs, labels[right], "layer3")
     noise = report_faithfulness.random_maps(gradcam)
     score = {name: report_faithfulness.road(loaded.model, inputs, labels[right], maps)
              for name, maps in (("box", boxes), ("gradcam", gradcam), ("random", noise))}
@@ -526,17 +527,17 @@ def test_a_layer_without_a_convolution_is_refused_as_such():
     convolution, and the message said 'no such layer with a spatial feature map'."""
     model = build_model("resnet18", 10, 8)
     with pytest.raises(ReportError) as refused:
-        report_inputs.layer_of(model, "layer1.0.bn1")
+        cams.layer_of(model, "layer1.0.bn1")
     assert str(refused.value) == (
         "--layers layer1.0.bn1: that layer holds no convolution, whose feature map a CAM "
         "explains; choose from stem, layer1, layer2, layer3, layer4 (or a block such as "
         "layer3.1).")
     for name in ("layer9", ""):
         with pytest.raises(ReportError) as refused:
-            report_inputs.layer_of(model, name, "--layer")
+            cams.layer_of(model, name, "--layer")
         assert str(refused.value).startswith(f"--layer {name}: the model has no such layer; "
                                              "choose from stem, layer1,")
-    assert report_inputs.layer_of(model, "layer1.0") is model.layer1[0]
+    assert cams.layer_of(model, "layer1.0") is model.layer1[0]
 
 
 def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(loaded, tmp_path):

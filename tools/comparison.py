@@ -20,8 +20,8 @@ from tools.plots import Panel, plot_history
 # - sgd, nesterov: 0.1 per 256 images, ResNet's 0.1 at batch 256 (He et al., 2016) with the
 #   linear scaling rule (Goyal et al., 2017), as the fast preset's 0.2 at batch 512.
 # - adam, adamw: 1e-3, the default of Kingma & Ba (2015), Loshchilov & Hutter (2019) and torch.
-# - rmsprop: 1e-3, Hinton's lecture 6e and Keras' default (torch's 1e-2 assumes no momentum,
-#   and engine.optimizers gives RMSprop the run's momentum).
+# - rmsprop: 1e-3, Keras' default. Torch's default is 1e-2; that it is too high once
+#   engine.optimizers gives RMSprop the run's momentum is our inference, not torch's docs.
 BASE_LRS = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 SCALED = {"sgd", "nesterov"}  # scaled linearly with batch size / 256
 FIELDS = ("optimizer", "lr", "final_test_acc", "best_test_acc", "seconds_per_epoch", "epochs",

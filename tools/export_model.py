@@ -3,6 +3,8 @@ renamed into place (tools/export.py is its command line)."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -16,12 +18,36 @@ from common.files import atomic_write, made_for, not_a_file, resolved
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton
-from tools.export_formats import SUFFIX, metadata, require
+from tools.export_formats import INPUT_01, INPUT_NORMALIZED, PACKAGES, SUFFIX
 from tools.export_writers import RUNNERS, WRITERS
-from tools.report_inputs import evaluation_input, locate_test_data
+from tools.report_inputs import locate_test_data
 
 CHECK_IMAGES = 256  # test images the export is checked on
 TOLERANCE = 1e-4  # max |logit difference|, relative to max(1, largest |logit|): fp32 rounding
+
+
+def require(fmt: str) -> None:
+    """Refuse early, in one line, when the optional packages a format needs are missing."""
+    missing = []
+    for package in PACKAGES[fmt]:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ExportError(f"--format {fmt} needs {', '.join(missing)}, which is not installed: "
+                          f"pip install 'cifar10-engine[export]' (or pip install "
+                          f"{' '.join(PACKAGES[fmt])}).")
+
+
+def metadata(ckpt: dict, fmt: str, source: Path) -> dict[str, str]:
+    """What a user of the file needs besides the weights, as strings (all formats take those)."""
+    return {"format": "cifar10-engine/export", "arch": ckpt["arch"], "width": str(ckpt["width"]),
+            "num_classes": str(ckpt["num_classes"]), "classes": json.dumps(ckpt["classes"]),
+            "mean": json.dumps(ckpt["mean"]), "std": json.dumps(ckpt["std"]),
+            "input": INPUT_NORMALIZED if fmt == "safetensors" else INPUT_01,
+            "output": "float32 N x num_classes logits", "checkpoint": str(source),
+            "epoch": str(ckpt.get("epoch", len(ckpt["history"])))}
 
 
 def holds_checkpoint(path: Path) -> bool:
@@ -69,12 +95,12 @@ def check_images(ckpt: dict, path: Path, data_dir: Path | None,
 
 def reference_logits(ckpt: dict, model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """The checkpoint's model on the images, normalized exactly as evaluation does."""
-    to_input = evaluation_input(ckpt, "cpu")
+    to_input = checkpoint.model_input(ckpt, "cpu")
     with torch.no_grad():
         return model(to_input(torch.from_numpy(images))).numpy()
 
 
-def compare(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
+def agreement(ref: np.ndarray, got: np.ndarray, fmt: str, path: Path) -> str:
     """One line saying how well the export agrees; ExportError when it does not."""
     if got.shape != ref.shape:
         raise ExportError(f"{fmt} export gives logits of shape {got.shape}, the checkpoint's "
@@ -121,7 +147,7 @@ def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,
 
     def write_and_check(tmp: Path) -> None:
         WRITERS[fmt](model, meta, tmp)
-        result.append(compare(ref, RUNNERS[fmt](tmp, images), fmt, out))
+        result.append(agreement(ref, RUNNERS[fmt](tmp, images), fmt, out))
 
     with made_for(out):  # the folders above it, removed again when nothing is written
         atomic_write(out, write_and_check)  # renamed into place only once checked

@@ -1,6 +1,6 @@
 """The options the tools share, declared once in plain Python (a command line is parsed before
-torch loads): the checkpoint they read, the device the model runs on, and the data folder that
-rebuilds a test split."""
+torch loads): the checkpoint they read, the device the model runs on, the data folder that
+rebuilds a test split, and the CAM methods report offers (tools/cams.py makes the maps)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from loaders.options import data_dir_option
 
 if TYPE_CHECKING:  # torch is imported when a device is picked, after parsing
     import torch
+
+# --methods name -> pytorch-grad-cam's class, imported where a map is made: grad-cam pulls in
+# torchvision, scikit-learn and scipy (seconds) that --help and a refused input need not wait for
+METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "scorecam": "ScoreCAM",
+           "eigencam": "EigenCAM", "layercam": "LayerCAM"}
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:

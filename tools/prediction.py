@@ -16,17 +16,23 @@ from PIL import Image
 from torch import nn
 
 from common.errors import DataError, ReportError
-from common.files import missing_folders, output_dir, remove_empty, temporary_name
+from common.files import (
+    missing_folders,
+    output_dir,
+    remove_empty,
+    sweep_dead_writers,
+    temporary_name,
+    write_failed,
+)
 from common.progress import progress_bar
 from engine import checkpoint
+from engine.evaluate import probabilities
 from engine.failures import out_of_memory_as
 from loaders.augment import Augment
 from loaders.images import expand, read_image
-from tools.report_figures import cams, overlay
-from tools.report_folder import sweep_stale, write_failed
-from tools.report_inputs import evaluation_input, layer_of
+from tools.cams import cams, layer_of, overlay
 
-BATCH = 256  # pictures per forward pass
+BATCH = 256  # pictures per Grad-CAM pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
 PROGRESS_FROM = 100  # pictures from which a progress bar is worth showing
 
@@ -45,7 +51,7 @@ def load_classifier(path: Path, device: torch.device) -> Classifier:
     """The model of checkpoint `path` on `device`."""
     ckpt = checkpoint.load(path)
     model = checkpoint.model_from(ckpt).to(device)
-    return Classifier(model, evaluation_input(ckpt, device), ckpt["classes"], path)
+    return Classifier(model, checkpoint.model_input(ckpt, device), ckpt["classes"], path)
 
 
 def memory_advice(device: torch.device, cam: bool) -> AbstractContextManager[None]:
@@ -108,34 +114,35 @@ def read_all(files: list[Path]) -> tuple[list[Path], np.ndarray, dict[Path, str]
     return good, np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8), errors
 
 
-def classify(model: nn.Module, augment: Augment, images: np.ndarray) -> torch.Tensor:
-    """Softmax probabilities (N x C, on the CPU) of uint8 N x 32 x 32 x 3 pictures."""
-    probs = []
-    with torch.inference_mode(), progress_bar(len(images), "classifying", "image",
-                                              enabled=len(images) >= PROGRESS_FROM) as bar:
-        for start in range(0, len(images), BATCH):
-            batch = torch.from_numpy(images[start:start + BATCH]).to(augment.device)
-            probs.append(model(augment(batch)).float().softmax(1).cpu())
-            bar.update(len(batch))
-    return torch.cat(probs)
+def classify(classifier: Classifier, images: np.ndarray) -> torch.Tensor:
+    """Softmax probabilities (N x C, on the CPU) of uint8 N x 32 x 32 x 3 pictures, with a
+    progress bar from PROGRESS_FROM pictures."""
+    with progress_bar(len(images), "classifying", "image",
+                      enabled=len(images) >= PROGRESS_FROM) as bar:
+        return probabilities(classifier.model, classifier.to_input, images, bar.update)
 
 
 def top_classes(classifier: Classifier, pictures: Pictures,
                 k: int) -> tuple[list[dict], np.ndarray]:
     """A row per file, {file, predictions: [{class, probability}] of its top k classes} or
     {file, error}; and the predicted class of each readable picture."""
-    classified = len(pictures.readable) > 0
-    probs = (classify(classifier.model, classifier.to_input, pictures.images) if classified
-             else torch.zeros(0, 1))
+    if not pictures.readable:  # nothing to classify: every file is an error row
+        return file_rows(pictures, {}), np.zeros(0, np.int64)
+    probs = classify(classifier, pictures.images)
     if not probs.isfinite().all():
         raise checkpoint.broken_outputs(classifier.path)
-    top = probs.topk(min(k, len(classifier.classes)), dim=1) if classified else None
+    top = probs.topk(min(k, len(classifier.classes)), dim=1)
     found = {path: [{"class": classifier.classes[int(c)], "probability": float(p)}
                     for p, c in zip(top.values[i], top.indices[i], strict=True)]
              for i, path in enumerate(pictures.readable)}
-    rows = [{"file": str(path), "predictions": found[path]} if path in found
+    return file_rows(pictures, found), probs.argmax(1).numpy()
+
+
+def file_rows(pictures: Pictures, found: dict[Path, list[dict]]) -> list[dict]:
+    """A row per file, in the order given: its predictions where `found` holds them, else its
+    error."""
+    return [{"file": str(path), "predictions": found[path]} if path in found
             else {"file": str(path), "error": pictures.errors[path]} for path in pictures.files]
-    return rows, probs.argmax(1).numpy()
 
 
 def cam_names(files: list[Path]) -> list[str]:
@@ -158,7 +165,7 @@ def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray
     of it only once every one is written, so a failed run (a full disk) leaves none of them,
     and an older overlay of the same name as it was."""
     staging = temporary_name(out / "overlays")
-    sweep_stale(out / "overlays")  # the hidden folders of runs that were killed
+    sweep_dead_writers(out / "overlays")  # the hidden folders of runs that were killed
     names = cam_names(pictures.readable)
     try:
         staging.mkdir()

@@ -16,8 +16,8 @@ import argparse
 import sys
 
 from common.cli import CommandParser, interruptible_imports, path_option, positive, run_main
-from tools.cam_methods import METHODS
 from tools.options import (
+    METHODS,
     add_checkpoint_argument,
     add_data_dir_option,
     add_device_option,

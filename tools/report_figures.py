@@ -6,19 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
-from torch import nn
 
 from common.errors import shown
 from common.progress import track
-from tools.cam_methods import METHODS
+from tools.cams import CLASS_AGNOSTIC, cams, overlay
 from tools.plots import Panel, plot_history
-from tools.report_inputs import CHUNK, Inputs, in_chunks, layer_of, normalized
+from tools.report_inputs import CHUNK, Inputs, in_chunks, normalized
 
-CLASS_AGNOSTIC = {"eigencam"}  # a principal component of the activations: no target class
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
 NAMED_CLASSES = 100  # ours: CIFAR-100's count; the confusion matrix names up to this many
 CURVES = [Panel("loss (log scale)", ("train_loss", "test_loss"), yscale="log"),
@@ -29,24 +26,6 @@ CURVES = [Panel("loss (log scale)", ("train_loss", "test_loss"), yscale="log"),
 def plot_curves(history: list[dict], path: Path) -> None:
     """Train/test loss and accuracy and the LR per epoch, from the checkpoint's history."""
     plot_history({"run": history}, CURVES).savefig(path, dpi=90)
-
-
-def cams(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray, layer: str,
-         method: str = "gradcam") -> np.ndarray:
-    """Class activation maps of `layer` for each input's target class: N x H x W in [0, 1]."""
-    import pytorch_grad_cam
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    method_class = getattr(pytorch_grad_cam, METHODS[method])
-    with method_class(model=model, target_layers=[layer_of(model, layer)]) as cam:
-        return cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
-
-
-def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """A uint8 HxWx3 image with its map blended in half and half, as pytorch-grad-cam draws it."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    return show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True, image_weight=0.5)
 
 
 def plot_misclassified(run: Inputs, probs: np.ndarray, indices: np.ndarray, path: Path) -> None:

@@ -4,7 +4,6 @@ its command line)."""
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from contextlib import AbstractContextManager
@@ -14,14 +13,21 @@ import numpy as np
 import torch
 
 from common.errors import ReportError, listing
-from common.files import made_for, resolved, temporary_name, temporary_writer, write_csv
+from common.files import (
+    made_for,
+    resolved,
+    sweep_dead_writers,
+    temporary_name,
+    write_csv,
+    write_failed,
+)
 from engine.checkpoint import broken_outputs
 from engine.failures import out_of_memory_as
+from tools.cams import layer_of
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import explain, plot_confusion, plot_curves, plot_misclassified, write_pdf
 from tools.report_inputs import (
     Inputs,
-    layer_of,
     load,
     most_confidently_wrong,
     normalized,
@@ -127,42 +133,6 @@ def publish(folder: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def writer_alive(pid: int) -> bool:
-    """Whether process `pid` runs (another user's too: signalling it is refused, not failed)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale(out: Path) -> None:
-    """Remove the `.<name>.<pid>.tmp` and `.old` folders that writers into `out` left when
-    killed (SIGKILL, a power cut): of dead writers, or of this PID, reused after a restart.
-    Nothing else ever removes them, and each can hold a whole report."""
-    for entry in out.parent.iterdir():
-        pid = temporary_writer(entry, out, ("tmp", "old"))
-        if pid is not None and (pid == os.getpid() or not writer_alive(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def write_failed(error: OSError, out: Path, option: str = "--out",
-                 what: str = "the report") -> Exception:
-    """What to raise when writing `what` into folder `out` (given as `option`) failed: a
-    ReportError naming them and the fix, or `error` itself when it names a file elsewhere (an
-    input)."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ReportError(f"{option} {out}: its disk is full, so {what} could not be written "
-                           f"(nothing was left there); free some space or choose another "
-                           f"{option}.")
-    if error.filename is None or out.parent in Path(str(error.filename)).parents:
-        return ReportError(f"{option} {out}: {what} could not be written there "
-                           f"({error.strerror or error}); choose a writable {option}.")
-    return error
-
-
 def memory_advice(device: torch.device) -> AbstractContextManager[None]:
     """For the block: running out of memory becomes one line naming what to lower, the
     images explained (-n), the maps of each (--methods, --layers) or the device."""
@@ -184,7 +154,7 @@ def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | Non
     for layer in layers:
         layer_of(run.model, layer)
     with made_for(target):  # the folders above it, removed again when nothing is written
-        sweep_stale(target)
+        sweep_dead_writers(target)
         folder = temporary_name(target)
         try:
             folder.mkdir()

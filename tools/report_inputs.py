@@ -1,5 +1,6 @@
 """report.py's inputs: the checkpoint, its model on a device, the test split it was trained
-against (checked to fit), and the model's predictions on it."""
+against (checked to fit), and the model's predictions on it; export's check finds its test
+split here too (locate_test_data)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ from common.errors import ReportError
 from common.files import not_a_file
 from engine import checkpoint
 from engine.config import TrainConfig
-from engine.evaluate import predict
-from loaders import beton, make_loader
-from loaders.augment import Augment
+from engine.evaluate import probabilities
+from loaders import beton
 from loaders.preparation import prepare
 
-BATCH = 500  # test images per forward pass of the evaluation
 CHUNK = 256  # images per CAM or ROAD pass: what sets the memory a pass takes, not -n
 
 
@@ -80,32 +79,7 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
     return Inputs(path, ckpt, model, test, split.images, split.labels, device)
 
 
-def layer_of(model: nn.Module, name: str, option: str = "--layers") -> nn.Module:
-    """A submodule holding a convolution, by its name (layer3, layer3.1, ...); ReportError
-    naming `option` (the command's) and the valid layers."""
-    modules = dict(model.named_modules())
-    known = bool(name) and name in modules  # "" names the whole model
-    if known and has_map(modules[name]):
-        return modules[name]
-    # only layers holding a convolution: fc and pool have no spatial map, and a BatchNorm's or
-    # a ReLU's map is the convolution's before it, rescaled or clipped
-    why = ("that layer holds no convolution, whose feature map a CAM explains" if known
-           else "the model has no such layer")
-    raise ReportError(f"{option} {name}: {why}; choose from "
-                      f"{', '.join(modules_with_maps(model))} (or a block such as layer3.1).")
-
-
-def has_map(module: nn.Module) -> bool:
-    """Whether `module` holds a convolution: its output is then a spatial feature map."""
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
-
-
-def modules_with_maps(model: nn.Module) -> list[str]:
-    """Top-level layers whose output is a spatial feature map, the ones CAMs can explain."""
-    return [name for name, m in model.named_children() if has_map(m)]
-
-
-def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int = CHUNK) -> np.ndarray:
+def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int) -> np.ndarray:
     """work(part) for consecutive slices of at most `size` of n images, joined in order: a
     pass over n images then needs the memory of `size` of them, whatever n (-n has no upper
     bound)."""
@@ -114,10 +88,8 @@ def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int = CHUNK) ->
 
 def predictions(run: Inputs) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (N x C) and labels of the test split: fp32, eager, no TTA."""
-    loader = make_loader("resident", run.test, train=False, batch_size=BATCH, device=run.device,
-                         mean=run.ckpt["mean"], std=run.ckpt["std"])
-    probs, labels = predict(run.model, loader, tta=False)
-    return probs.numpy(), labels.numpy()
+    to_input = checkpoint.model_input(run.ckpt, run.device)
+    return probabilities(run.model, to_input, run.images).numpy(), run.labels
 
 
 def most_confidently_wrong(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -127,14 +99,8 @@ def most_confidently_wrong(probs: np.ndarray, labels: np.ndarray, n: int) -> np.
     return wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
 
 
-def evaluation_input(ckpt: dict, device: torch.device | str) -> Augment:
-    """uint8 NHWC images -> the checkpoint model's fp32 input: training's normalization, no
-    augmentation, as evaluation does."""
-    return Augment(None, ckpt["mean"], ckpt["std"], torch.float32, device)
-
-
 def normalized(run: Inputs, indices: np.ndarray) -> torch.Tensor:
     """The model's input for these test images."""
-    to_input = evaluation_input(run.ckpt, run.device)
+    to_input = checkpoint.model_input(run.ckpt, run.device)
     return to_input(torch.from_numpy(run.images[indices]).to(run.device))
 

@@ -48,7 +48,7 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
     ckpt, history = run.ckpt, run.ckpt["history"]
     last, best = history[-1], max(history, key=lambda r: r["test_acc"])
     seconds = sum(r["seconds"] for r in history)
-    tta = " with flip TTA" if ckpt["config"].get("tta") else ""
+    tta = " with flip TTA" if ckpt["config"]["tta"] else ""
     params = sum(p.numel() for p in run.model.parameters())
     wrong = int((probs.argmax(1) != labels).sum())
     return {
@@ -56,7 +56,7 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
         "dataset": f"{ckpt['data']['dataset']}: {len(labels):,} test images, "
                    f"{ckpt['num_classes']} classes ({shown(str(run.test))})",
         "model": f"{ckpt['arch']}, width {ckpt['width']}, {params:,} parameters",
-        "epochs": f"{len(history)} of {ckpt['config'].get('epochs', '?')}",
+        "epochs": f"{len(history)} of {ckpt['config']['epochs']}",
         "final test accuracy": f"{last['test_acc']:.2%} at epoch {last['epoch']}{tta} "
                                f"(test loss {last['test_loss']:.4f})",
         "best test accuracy": f"{best['test_acc']:.2%} at epoch {best['epoch']}{tta}",

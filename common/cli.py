@@ -31,6 +31,24 @@ _stop_requested = threading.Event()  # set by run_main's handler, cleared when i
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
 
+def reopen_closed_streams() -> None:
+    """Standard streams closed by the caller (`2>&-`) reopened on /dev/null: Python leaves
+    them None, so the first error line raised an AttributeError nobody saw, and the next file
+    opened took descriptor 2, where C libraries' warnings would then land."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        null = os.open(os.devnull, os.O_RDWR)
+        with suppress(OSError):  # raises while fd is still free, for /dev/null to take
+            os.fstat(fd)
+            fd = null  # a file opened since took it: the stream gets a descriptor of its own
+        if fd != null:
+            os.dup2(null, fd)
+            os.close(null)
+        # the process's own stream, for as long as it runs: no block to close it in
+        setattr(sys, name, open(fd, "r" if name == "stdin" else "w", closefd=False))  # noqa: SIM115
+
+
 def error_line(text: str) -> None:
     """Print text on stderr in one write: stderr writes through, so print() sent the text and
     its newline as two, and the lines of processes sharing one stderr (torchrun's) could run
@@ -189,6 +207,7 @@ def interruptible_imports() -> Iterator[None]:
     swallows it: one that lands while torch imports numpy is lost, and the command ran on, or
     failed later on the half-imported numpy (a RecursionError). First, an allocator setting
     torch would abort on as it loads is refused in one line (common.allocator)."""
+    reopen_closed_streams()
     previous = signal.getsignal(signal.SIGINT)
     if (threading.current_thread() is not threading.main_thread()
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable
@@ -232,7 +251,8 @@ def exit_at_once_on_ctrl_c() -> None:
                 stream.flush()
         os._exit(INTERRUPTED)
 
-    signal.signal(signal.SIGINT, exit_now)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays so
+        signal.signal(signal.SIGINT, exit_now)
 
 
 def error_text(error: Exception) -> str:
@@ -275,11 +295,15 @@ def run_main(body: Callable[[], int | None]) -> int:
 
     At exit, spare_last_collection; atexit callbacks and module teardown still run.
     """
+    reopen_closed_streams()
     previous, hook = {}, sys.unraisablehook
     if hasattr(sys.stdout, "reconfigure"):  # a file name's bytes that are not UTF-8 printed as
         sys.stdout.reconfigure(errors="surrogateescape")  # they are, as ls does; not an error
     if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
+        # a signal ignored as the command started stays so: SIGINT in a script's background
+        # job, which the terminal's Ctrl-C is not meant for (interruptible_imports too)
+        previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS
+                    if signal.getsignal(s) is not signal.SIG_IGN}
         sys.unraisablehook = _quiet_lost_stop(hook)
         # once, however often it runs
         for callback in (spare_last_collection, exit_at_once_on_ctrl_c):

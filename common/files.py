@@ -279,9 +279,15 @@ def removed_on_failure(folders: list[Path]) -> Iterator[None]:
 
 
 @contextmanager
-def made_for(path: Path) -> Iterator[None]:
+def made_for(path: Path, option: str = "--out") -> Iterator[None]:
     """The folders missing above file or folder `path` made for the block, and removed again
-    when it fails leaving them empty."""
+    when it fails leaving them empty; OutputError naming `option` where a file stands in for
+    one of them (mkdir says only 'File exists')."""
+    above = Path(path).absolute().parent
+    nearest = next(p for p in (above, *above.parents) if p.exists())  # / always does
+    if not nearest.is_dir():
+        raise OutputError(f"{option} {path}: {nearest} is a file, not a folder; choose another "
+                          f"{option}.")
     with removed_on_failure(missing_folders(Path(path).parent)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         yield

@@ -93,8 +93,9 @@ def load(path: Path) -> dict:
         inside = path / "ckpt.pt"
         such = f", such as {inside}" if inside.is_file() else " (a run's ckpt.pt or best.pt)"
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file{such}.")
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; pass the ckpt.pt of a training run.")
+    if not path.is_file():  # a pipe or a device is no checkpoint either, but it does exist
+        why = not_a_file(path) or "does not exist"
+        raise CheckpointError(f"{path} {why}; pass the ckpt.pt of a training run.")
     try:
         with warnings.catch_warnings():  # torch's advice on a foreign file's pickle protocol
             warnings.simplefilter("ignore")

@@ -348,6 +348,33 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(capsys):
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+def test_a_ctrl_c_ignored_as_the_command_starts_stays_ignored():
+    """bash starts a script's background job with SIGINT ignored: run_main's handler made the
+    terminal's Ctrl-C, meant for the foreground, stop the job (exit 130)."""
+    code = ("import os, signal, sys; from common.cli import run_main; "
+            "sys.exit(run_main(lambda: (os.kill(os.getpid(), signal.SIGINT), print('done'))[1]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
+
+
+def test_a_closed_stderr_is_reopened_on_dev_null(tmp_path):
+    """`2>&-`: Python's sys.stderr was None, so the error line raised an AttributeError that
+    could not be shown, and the next file opened took descriptor 2."""
+    code = ("import os, sys; from common.cli import run_main; from common.errors import "
+            "DataError\n"
+            "def body():\n"
+            f"    fd = os.open({str(tmp_path / 'out')!r}, os.O_WRONLY | os.O_CREAT)\n"
+            "    os.write(fd, str(fd).encode())\n"
+            "    raise DataError('named')\n"
+            "sys.exit(run_main(body))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            timeout=120, preexec_fn=lambda: os.close(2))
+    assert result.returncode == 1
+    assert (tmp_path / "out").read_text() != "2"
+
+
 def test_other_unraisable_errors_reach_the_hook_in_place_when_run_main_starts(monkeypatch):
     """run_main hides only the lost stop signal; the rest goes to the hook of the moment
     (pytest's, a user's), not to the one present when common.cli was imported."""

@@ -138,17 +138,24 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_in_a_folder_named_in_no_utf8_is_exported(run_dir, tmp_path):
-    """torch.jit.load takes a file name only in UTF-8 (a traceback): it reads the bytes."""
+@pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:FutureWarning")  # loading is the point here
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".torchscript.pt"),
+                                         ("safetensors", ".safetensors"), ("onnx", ".onnx")])
+def test_a_checkpoint_in_a_folder_named_in_no_utf8_is_exported(run_dir, tmp_path, fmt, suffix):
+    """torch.jit.load takes a file name only in UTF-8 (a traceback): it reads the bytes. ONNX
+    and safetensors metadata take UTF-8 text only: the path's other bytes are written \\xNN
+    (a UnicodeEncodeError traceback)."""
     folder = tmp_path / os.fsdecode(b"run-\xff\xfe")
     folder.mkdir()
     shutil.copy(run_dir / "ckpt.pt", folder / "ckpt.pt")
-    result = run_script("tools/export.py", folder / "ckpt.pt", "--format", "torchscript",
+    result = run_script("tools/export.py", folder / "ckpt.pt", "--format", fmt,
                         env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
                         errors="surrogateescape", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.endswith(f"wrote {folder}/ckpt.torchscript.pt\n")
-    assert (folder / "ckpt.torchscript.pt").is_file()
+    assert result.stdout.endswith(f"wrote {folder}/ckpt{suffix}\n")
+    plain = shutil.copy(folder / f"ckpt{suffix}", tmp_path / f"plain{suffix}")  # for the readers
+    _, meta = run_exported(fmt, plain, np.zeros((1, 32, 32, 3), np.uint8))
+    assert meta["checkpoint"] == f"{tmp_path}/run-\\xff\\xfe/ckpt.pt"
 
 
 @pytest.mark.slow

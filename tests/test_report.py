@@ -201,6 +201,19 @@ def test_data_dir_rebuilds_the_same_test_split_and_replaces_an_older_report(
     assert [p.name for p in tmp_path.iterdir()] == ["old-report"]
 
 
+def test_a_dollar_in_a_path_is_drawn_as_written(run_dir, tmp_path):
+    """matplotlib reads `$...$` as math: a run's folder named so ended the report in a
+    ParseFatalException traceback, and `$5 or $6` would come out in italics."""
+    moved = tmp_path / "m$\\x$ $5 or $6"
+    moved.mkdir()
+    shutil.copy(run_dir / "ckpt.pt", moved)
+    result = run_report(moved / "ckpt.pt", "--data-dir", run_dir.parent / "data", "-n", 1,
+                        "--layers", "layer3", "--methods", "gradcam")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    summary_page = PdfReader(moved / "report" / "gradcam.pdf").pages[0].extract_text()
+    assert "m$\\x$ $5 or $6" in summary_page
+
+
 def _not_a_checkpoint(tmp: Path, run_dir: Path) -> list:
     (tmp / "ckpt.pt").write_text("not a checkpoint\n")
     return [tmp / "ckpt.pt"]
@@ -381,6 +394,24 @@ def test_a_missing_checkpoint_is_named_before_the_default_report_folder(tmp_path
     assert report.main([str(tmp_path / "typo.pt")]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'typo.pt'} does not exist; pass the "
                                        "ckpt.pt of a training run.\n")
+
+
+def test_a_pipe_given_as_the_checkpoint_is_named_as_one(tmp_path, capsys):
+    """It was said not to exist."""
+    os.mkfifo(tmp_path / "ckpt.pt")
+    assert report.main([str(tmp_path / "ckpt.pt")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'ckpt.pt'} is a device, pipe or "
+                                       "socket, not a file; pass the ckpt.pt of a training run.\n")
+
+
+def test_a_file_among_the_outs_folders_is_named(run_dir, tmp_path, capsys):
+    """mkdir said 'cannot use X: File exists', with advice about permissions and disk space."""
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / "afile" / "sub"
+    assert report.main([str(run_dir / "ckpt.pt"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"error: --out {out}: {tmp_path / 'afile'} is a file, not "
+                                       "a folder; choose another --out.\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 def test_a_default_report_folder_that_is_no_report_is_named_as_the_default(run_dir, tmp_path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -46,7 +47,9 @@ def metadata(ckpt: dict, fmt: str, source: Path) -> dict[str, str]:
             "num_classes": str(ckpt["num_classes"]), "classes": json.dumps(ckpt["classes"]),
             "mean": json.dumps(ckpt["mean"]), "std": json.dumps(ckpt["std"]),
             "input": INPUT_NORMALIZED if fmt == "safetensors" else INPUT_01,
-            "output": "float32 N x num_classes logits", "checkpoint": str(source),
+            "output": "float32 N x num_classes logits",
+            # a name's bytes that are not UTF-8 as \xNN: ONNX and safetensors take UTF-8 only
+            "checkpoint": os.fsencode(source).decode("utf-8", "backslashreplace"),
             "epoch": str(ckpt.get("epoch", len(ckpt["history"])))}
 
 

@@ -50,7 +50,8 @@ def run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
     """Logits of uint8 N x 32 x 32 x 3 images from the ONNX file, by onnxruntime on the CPU."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # from the file's bytes, as for TorchScript: onnxruntime takes a name only if it is UTF-8
+    session = onnxruntime.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
     return session.run(["logits"], {"image": to_01(images).numpy()})[0]
 
 
@@ -94,13 +95,14 @@ def write_safetensors(model: nn.Module, meta: dict[str, str], path: Path) -> Non
 
 def run_safetensors(path: Path, images: np.ndarray) -> np.ndarray:
     """Logits from a fresh engine.model network loaded from the file, as a user would."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+    # from the file's bytes, as for TorchScript: safetensors takes a name only if it is UTF-8;
+    # its header is 8 bytes of length, then JSON with the metadata under __metadata__
+    data = path.read_bytes()
+    meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
     model = build_model(meta["arch"], int(meta["num_classes"]), int(meta["width"]))
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load(data))
     wrapped = Normalized(model.eval(), json.loads(meta["mean"]), json.loads(meta["std"]))
     with torch.no_grad():
         return wrapped(to_01(images)).numpy()

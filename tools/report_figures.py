@@ -3,8 +3,10 @@ PDF of the trained model (a summary page, then a page of maps per image)."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_pdf import PdfPages
@@ -15,6 +17,12 @@ from common.progress import track
 from tools.cams import CLASS_AGNOSTIC, cams, overlay
 from tools.plots import Panel, plot_history
 from tools.report_inputs import CHUNK, Inputs, in_chunks, normalized
+
+
+def plain_text() -> AbstractContextManager:
+    """For the block: text drawn as written. matplotlib reads `$...$` as math, so a class name
+    or a run's path with `$` in it came out in italics, or ended the report in a parse error."""
+    return matplotlib.rc_context({"text.parse_math": False})
 
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
 NAMED_CLASSES = 100  # ours: CIFAR-100's count; the confusion matrix names up to this many
@@ -80,7 +88,9 @@ def summary_page(facts: dict[str, str], config: dict) -> Figure:
     y = 0.88
     for key, value in facts.items():
         fig.text(0.05, y, f"{key}:", fontsize=11, weight="bold")
-        fig.text(0.27, y, value, fontsize=11, wrap=True)
+        # wrapping measures text holding two `$` as math, parse_math or not (matplotlib 3.11):
+        # escaped, the `$` are measured and drawn as written
+        fig.text(0.27, y, value.replace("$", r"\$"), fontsize=11, wrap=True, parse_math=True)
         y -= 0.04
     fig.text(0.05, y - 0.02, "config", fontsize=13, weight="bold")
     items = [f"{k} = {shown(str(v))}" for k, v in config.items()]  # paths among them

@@ -25,7 +25,14 @@ from engine.checkpoint import broken_outputs
 from engine.failures import out_of_memory_as
 from tools.cams import layer_of
 from tools.report_faithfulness import faithfulness, verdict
-from tools.report_figures import explain, plot_confusion, plot_curves, plot_misclassified, write_pdf
+from tools.report_figures import (
+    explain,
+    plain_text,
+    plot_confusion,
+    plot_curves,
+    plot_misclassified,
+    write_pdf,
+)
 from tools.report_inputs import (
     Inputs,
     load,
@@ -158,7 +165,8 @@ def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | Non
         folder = temporary_name(target)
         try:
             folder.mkdir()
-            write_report(run, folder, n, layers, methods)
+            with plain_text():  # class names and paths drawn as written, `$` and all
+                write_report(run, folder, n, layers, methods)
             check_out(target, out is not None)  # again: files may have come in meanwhile
             publish(folder, target)
         except OSError as error:

@@ -8,6 +8,7 @@ import errno
 import gc
 import math
 import os
+import select
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ from contextlib import contextmanager, suppress
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn, TypeVar
+from typing import NoReturn, TextIO, TypeVar
 
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
@@ -52,8 +53,29 @@ def reopen_closed_streams() -> None:
 def error_line(text: str) -> None:
     """Print text on stderr in one write: stderr writes through, so print() sent the text and
     its newline as two, and the lines of processes sharing one stderr (torchrun's) could run
-    into each other."""
-    sys.stderr.write(f"{text}\n")
+    into each other. Where no one reads stderr any more, nothing is said."""
+    try:
+        sys.stderr.write(f"{text}\n")
+    except BrokenPipeError:
+        quiet_if_gone(sys.stderr)
+
+
+def quiet_if_gone(stream: TextIO) -> bool:
+    """Point `stream` at /dev/null where its reader has gone (`| head`, or a `| tee` the same
+    Ctrl-C ended): what is still written to it, and its flush at exit (else exit status 120),
+    go nowhere instead of failing again. Whether it had gone."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # no descriptor (a test's capture), or closed
+        return False
+    watch = select.poll()  # a pipe whose reader has gone polls as an error, at once
+    watch.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in watch.poll(0)):
+        return False
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+    return True
 
 
 def _on_stop_signal(signum: int, frame) -> None:
@@ -319,6 +341,15 @@ def run_main(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         error_line(INTERRUPTED_LINE)
         return stopped_code()
+    except BrokenPipeError as error:
+        if not (quiet_if_gone(sys.stdout) | quiet_if_gone(sys.stderr)):  # a socket's, say
+            error_line(f"error: {error_text(error)}")
+            return 1
+        if _stop_requested.is_set():  # the Ctrl-C that ended a `| tee` too: it stopped this
+            return stopped_code()
+        error_line("error: stopped: the program reading this command's output (such as head "
+                   "or tee) closed it; send the output to a file or keep its reader running.")
+        return 1
     except Exception as error:
         if _stop_requested.is_set():  # a library made the Ctrl-C an error of its own: torch's
             error_line(INTERRUPTED_LINE)  # exporter, stopped mid-import, raises TorchExportError

@@ -359,6 +359,35 @@ def test_a_ctrl_c_ignored_as_the_command_starts_stays_ignored():
     assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
 
 
+LINES_FOREVER = ("import sys, time; from common.cli import run_main\n"
+                 "def body():\n"
+                 "    while True:\n"
+                 "        print('a line', flush=True)\n"
+                 "        time.sleep(0.05)\n"
+                 "sys.exit(run_main(body))")
+
+
+@pytest.mark.parametrize("interrupt, code", [(False, 1), (True, 130)],
+                         ids=["| head -1", "2>&1 | tee, and a Ctrl-C"])
+def test_an_output_whose_reader_has_gone_ends_the_command_in_one_line(interrupt, code):
+    """`| head -1`: 'cannot use: Broken pipe. Check that the path exists, is writable...'.
+    `2>&1 | tee` with a Ctrl-C, which ends tee too: exit 1, not 130, as the line saying so
+    failed on the same pipe (or 120 for the flush at exit)."""
+    proc = subprocess.Popen([sys.executable, "-c", LINES_FOREVER], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if not interrupt
+                            else subprocess.STDOUT)
+    assert proc.stdout.readline() == b"a line\n"
+    proc.stdout.close()  # the reader has gone
+    if interrupt:
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == code
+    if not interrupt:
+        assert proc.stderr.read().decode() == (
+            "error: stopped: the program reading this command's output (such as head or tee) "
+            "closed it; send the output to a file or keep its reader running.\n")
+        proc.stderr.close()
+
+
 def test_a_closed_stderr_is_reopened_on_dev_null(tmp_path):
     """`2>&-`: Python's sys.stderr was None, so the error line raised an AttributeError that
     could not be shown, and the next file opened took descriptor 2."""

@@ -250,6 +250,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     out = Path(cfg.out)
+    if ckpt is not None and len(ckpt["history"]) == cfg.epochs:  # a requeued job, say
+        # before the lock: nothing is written, so a run on a read-only share is finished too
+        if main:
+            log(f"{out} is finished ({cfg.epochs}/{cfg.epochs} epochs): nothing to train. "
+                + (extend or f"Extend it with --resume {out} --epochs N, N above {cfg.epochs}."))
+        if last:
+            end_processes()
+        return Trained(cfg, list(ckpt["history"]), main)
     try:
         # the main process owns the run folder for the whole run: a second run into it is
         # refused
@@ -294,10 +302,6 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
     run = None
     start = time.perf_counter()
     try:
-        if ckpt is not None and len(ckpt["history"]) == cfg.epochs:  # a requeued job, say
-            say(f"{out} is finished ({cfg.epochs}/{cfg.epochs} epochs): nothing to train. "
-                + (extend or f"Extend it with --resume {out} --epochs N, N above {cfg.epochs}."))
-            return Trained(cfg, list(ckpt["history"]), accelerator.is_main_process)
         run = build(cfg, accelerator)
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))

@@ -418,6 +418,18 @@ def test_a_new_run_never_writes_over_files_in_its_out(finished, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_finished_run_on_a_read_only_share_is_finished_too(finished, tmp_path):
+    """A requeued job of a finished run exits 0 saying so; on a read-only share it took the
+    run folder's lock first and failed: '--out ... cannot be written', an option not given."""
+    with tmpfs(tmp_path / "share", "size=64m") as share:
+        run = copy_run(finished, share)
+        subprocess.run(["mount", "-o", "remount,ro", str(share)], check=True)
+        result = train("--resume", run, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"{run} is finished (1/1 epochs): nothing to train" in result.stdout
+
+
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     (run / ".ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint of a killed save")

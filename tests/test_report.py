@@ -488,6 +488,24 @@ def test_a_full_disk_names_out_and_leaves_nothing(run_dir, tmp_path):
         assert list(full.iterdir()) == []  # the temporary folder went too
 
 
+def test_a_mount_point_as_out_gets_the_report_made_inside_it(run_dir, report_dir, tmp_path):
+    """A volume (`docker run -v host:/out ... --out /out`) cannot be renamed over, so every
+    report into it failed: 'could not be written there (Device or resource busy)'. Made
+    inside it, and again over an older report; a killed one's staging folder is swept."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    with tmpfs(tmp_path / "volume", "size=8m") as volume:
+        for _ in range(2):
+            result = run_report(run_dir / "ckpt.pt", "-n", 2, "--layers", "layer3",
+                                "--methods", "gradcam", "--out", volume)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert sorted(p.name for p in volume.iterdir()) == sorted(
+                p.name for p in report_dir.iterdir())
+            assert read_csv(volume / "misclassified.csv") == read_csv(
+                report_dir / "misclassified.csv")[:2]
+            (volume / f".report.{dead}.tmp").mkdir()  # as a killed report leaves it
+
+
 def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_path):
     """A report killed mid-way (SIGKILL) leaves its temporary folder: the next report into the
     same --out removes those of dead writers, and keeps a live writer's and other names'."""

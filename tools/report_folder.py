@@ -18,6 +18,8 @@ from common.files import (
     resolved,
     sweep_dead_writers,
     temporary_name,
+    temporary_writer,
+    unwritable,
     write_csv,
     write_failed,
 )
@@ -55,6 +57,7 @@ FILES = ("summary.md", "curves.png", "misclassified.png", "misclassified.csv", "
          "confusion.png", "per_class.csv", "faithfulness.csv")  # what write_report writes
 MARKER = ".cifar10-report"  # written into every report: what says a folder is one
 MARKER_TEXT = "tools/report.py wrote this folder; the next report into it replaces it whole.\n"
+STAGED = "report"  # a report made inside its folder is made in .report.<pid>.tmp there
 
 
 def report_summary(path: Path) -> bool:
@@ -75,7 +78,8 @@ def not_a_report(out: Path) -> str | None:
         return None
     if not out.is_dir():
         return "is a file"
-    entries = list(out.iterdir())
+    # a report being made inside it (built_inside) is none of its contents
+    entries = [e for e in out.iterdir() if temporary_writer(e, out / STAGED) is None]
     foreign = sorted(e.name for e in entries if e.name not in (*FILES, MARKER) or not e.is_file())
     if foreign:
         return f"holds {listing(foreign)}, which no report writes"
@@ -140,6 +144,21 @@ def publish(folder: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def built_inside(out: Path) -> bool:
+    """Whether the report must be made inside `out` and its files moved into place: a mount
+    point (a container's volume) cannot be renamed over, nor can a folder whose parent
+    cannot be written (a volume mounted in a read-only tree)."""
+    return out.is_dir() and (os.path.ismount(out) or unwritable(out.parent) is not None)
+
+
+def publish_inside(folder: Path, out: Path) -> None:
+    """Rename each file of the finished report in `folder` (inside `out`) over its older
+    version in `out`: every file whole at every moment, the report whole once all are."""
+    for entry in folder.iterdir():
+        os.replace(entry, out / entry.name)
+    folder.rmdir()
+
+
 def memory_advice(device: torch.device) -> AbstractContextManager[None]:
     """For the block: running out of memory becomes one line naming what to lower, the
     images explained (-n), the maps of each (--methods, --layers) or the device."""
@@ -157,18 +176,21 @@ def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | Non
     run = load(checkpoint, data_dir, device)  # first: a missing checkpoint is what to fix
     # resolved: `--out .` has no name, and the temporary's name is made from it
     target = resolved(out or checkpoint.parent / "report", "--out")
+    if target.is_dir():  # a report killed while it was made inside (built_inside)
+        sweep_dead_writers(target / STAGED)
     check_out(target, out is not None)
     for layer in layers:
         layer_of(run.model, layer)
     with made_for(target):  # the folders above it, removed again when nothing is written
         sweep_dead_writers(target)
-        folder = temporary_name(target)
+        inside = built_inside(target)
+        folder = temporary_name(target / STAGED if inside else target)
         try:
             folder.mkdir()
             with plain_text():  # class names and paths drawn as written, `$` and all
                 write_report(run, folder, n, layers, methods)
             check_out(target, out is not None)  # again: files may have come in meanwhile
-            publish(folder, target)
+            (publish_inside if inside else publish)(folder, target)
         except OSError as error:
             raise write_failed(error, target) from None
         finally:

@@ -126,7 +126,8 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     temporaries = {Path(path): temporary_name(Path(path)) for path in writes}
     for path in temporaries:
         if problem := not_a_file(path):
-            raise OutputError(f"{path} {problem}; writing it would replace that. Name a file.")
+            raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, "
+                              "or write elsewhere.")
     try:
         for (path, tmp), write in zip(temporaries.items(), writes.values(), strict=True):
             with _naming(path, tmp):

@@ -274,6 +274,16 @@ def test_table_and_cam_overlays(run_dir, tmp_path):
     assert all(Image.open(p).size == (256, 256) for p in overlays)
 
 
+def test_an_overlay_of_a_picture_with_a_long_name_fits_a_file_name():
+    """A 251-byte stem and '.cam.png' made 259 bytes: 'File name too long; choose a
+    writable --cam', which no --cam would fix. Cut, the names stay apart when numbered."""
+    long = "é" * 125 + "x"  # 251 bytes, a 255-byte picture name with .png
+    names = prediction.cam_names([Path(f"a/{long}.png"), Path(f"b/{long}.jpg")])
+    assert all(len(name.encode()) <= 255 for name in names)
+    assert names[0].startswith("é" * 119) and names[0].endswith(".cam.png")
+    assert names[1] == names[0].removesuffix(".cam.png") + "-2.cam.png"
+
+
 @pytest.mark.slow
 def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path):
     picture = write_pictures(tmp_path)["one.png"]

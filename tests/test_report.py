@@ -775,3 +775,10 @@ def test_a_data_dir_that_is_no_folder_is_named_as_it_is(tmp_path, make, what):
     with pytest.raises(report_inputs.ReportError) as refused:
         report_inputs.locate_test_data(ckpt, tmp_path / "ckpt.pt", data_dir)
     assert str(refused.value).startswith(f"--data-dir {data_dir} {what}. Pass the folder")
+    # the recorded split, gone too, is no way out (the advice sent users round in a loop)
+    assert str(refused.value).endswith("another existing folder to rebuild the test split in.")
+    (tmp_path / "test.beton").write_bytes(b"")
+    ckpt["data"]["test"] = str(tmp_path / "test.beton")
+    with pytest.raises(report_inputs.ReportError) as refused:
+        report_inputs.locate_test_data(ckpt, tmp_path / "ckpt.pt", data_dir)
+    assert str(refused.value).endswith(f", or leave --data-dir out to use {tmp_path}/test.beton.")

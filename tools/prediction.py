@@ -145,14 +145,23 @@ def file_rows(pictures: Pictures, found: dict[Path, list[dict]]) -> list[dict]:
             else {"file": str(path), "error": pictures.errors[path]} for path in pictures.files]
 
 
+# a stem's bytes in an overlay's name: with "-<n>.cam.png" it stays within the 255 bytes a
+# file system's names take, however long the picture's name was (it may be 255 itself)
+STEM_BYTES = 255 - len("-99999.cam.png")
+
+
 def cam_names(files: list[Path]) -> list[str]:
-    """One overlay file name per picture: its stem, numbered when two pictures share one."""
+    """One overlay file name per picture: its stem (cut to STEM_BYTES), numbered when two
+    pictures share one."""
     names, seen = [], set()
     for path in files:
-        name, n = f"{path.stem}.cam.png", 1
+        stem = path.stem
+        while len(os.fsencode(stem)) > STEM_BYTES:
+            stem = stem[:-1]
+        name, n = f"{stem}.cam.png", 1
         while name in seen:
             n += 1
-            name = f"{path.stem}-{n}.cam.png"
+            name = f"{stem}-{n}.cam.png"
         seen.add(name)
         names.append(name)
     return names

@@ -50,13 +50,17 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
         if not recorded.is_file():
             what = not_a_file(recorded) or "does not exist (moved or deleted?)"
             raise ReportError(f"{path} records its test data at {recorded}, which {what}. "
-                              f"Pass --data-dir DIR to rebuild the {dataset} test split there.")
+                              f"Pass --data-dir DIR, an existing folder, to rebuild the {dataset} "
+                              "test split there.")
         return recorded
     if not data_dir.is_dir():
         what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        # the recorded split as the way out only where it is still there
+        recorded = (f", or leave --data-dir out to use {data['test']}"
+                    if Path(data["test"]).is_file() else "")
         raise ReportError(f"--data-dir {data_dir} {what}. Pass the folder the run was "
-                          f"trained from (it holds the {dataset} data or its .beton files), or "
-                          f"leave --data-dir out to use {data['test']}.")
+                          f"trained from (it holds the {dataset} data or its .beton files) or "
+                          f"another existing folder to rebuild the test split in{recorded}.")
     # the config says how the data was made (synthetic_size): rebuilt from a damaged one, it
     # would be a guess
     cfg = checkpoint.checked_config(path, ckpt, lambda: TrainConfig(**ckpt["config"]),

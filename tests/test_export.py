@@ -178,6 +178,27 @@ def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_out_that_is_a_link_is_written_through(run_dir, tmp_path):
+    """As cp writes: the export's rename made the link itself a plain file. A link that leads
+    nowhere is refused, as cp and train refuse one."""
+    (tmp_path / "real.safetensors").write_bytes(b"an older export")
+    (tmp_path / "link.safetensors").symlink_to("real.safetensors")
+    result = export(run_dir / "ckpt.pt", "--format", "safetensors", "--out",
+                    tmp_path / "link.safetensors")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "link.safetensors").is_symlink()
+    assert (tmp_path / "real.safetensors").read_bytes() != b"an older export"
+    (tmp_path / "dead.safetensors").symlink_to("gone/x.safetensors")
+    refused = export(run_dir / "ckpt.pt", "--format", "safetensors", "--out",
+                     tmp_path / "dead.safetensors")
+    assert refused.returncode == 1 and refused.stderr.startswith(
+        f"error: --out {tmp_path / 'dead.safetensors'} is a symbolic link that cannot be "
+        "followed"), refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dead.safetensors", "link.safetensors", "real.safetensors"]
+
+
+@pytest.mark.slow
 def test_broken_weights_are_refused(ckpt, tmp_path):
     weights = dict(ckpt["state_dict"])
     weights["fc.weight"] = torch.full_like(weights["fc.weight"], float("nan"))

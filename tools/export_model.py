@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common.errors import EngineError, ExportError
-from common.files import atomic_write, made_for, not_a_file, resolved
+from common.files import atomic_write, dead_link, made_for, not_a_file, resolved
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton
@@ -74,6 +74,8 @@ def check_out(out: Path, source: Path, default: Path) -> None:
         what = "is the checkpoint being exported"
     elif out.is_file() and holds_checkpoint(out):
         what = "is a cifar10-engine checkpoint"
+    elif problem := dead_link(out):  # written through a link, as cp refuses to write it too
+        raise ExportError(f"--out {out} {problem}.")
     else:
         return
     raise ExportError(f"--out {out} {what}; the export would overwrite it. Choose another "
@@ -153,5 +155,6 @@ def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,
         result.append(agreement(ref, RUNNERS[fmt](tmp, images), fmt, out))
 
     with made_for(out):  # the folders above it, removed again when nothing is written
-        atomic_write(out, write_and_check)  # renamed into place only once checked
+        # through a link, as cp writes: renamed over, the link itself became a plain file
+        atomic_write(resolved(out, "--out"), write_and_check)  # in place only once checked
     return out, f"check on {len(images)} images ({what}): {result[0]}: OK"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import DataError
-from common.files import unwritable, waiting_lock
+from common.files import missing_folders, removed_on_failure, unwritable, waiting_lock
 from common.hardware import default_workers
 from loaders import beton, cifar
 from loaders.guards import numba_settings_checked
@@ -79,7 +79,9 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
         if ready is not None:
             return ready
     check_data_dir(data_dir, why=why)  # something must be written there
-    with preparing(Path(data_dir)):  # the second writer then finds the first's files ready
+    # a second writer waits, then finds the first's files ready; a data folder this call made
+    # goes again when the call fails leaving it empty (a failed download, a Ctrl-C)
+    with removed_on_failure(missing_folders(Path(data_dir))), preparing(Path(data_dir)):
         sweep_stale(Path(data_dir), source.name)
         return _convert(name, Path(data_dir), synthetic_size, workers)
 

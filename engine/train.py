@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train(options.cfg, options.resume, options.given, log=print)
         if result.main_process and result.history:
             best = max(result.history, key=lambda r: r["test_acc"])
-            print(f"best test accuracy {best['test_acc']:.2%} at epoch {best['epoch']}; saved "
-                  f"{result.out}/ckpt.pt, best.pt, metrics.csv")
+            # a finished run resumed saved nothing (its best.pt may even be gone)
+            saved = (f"; saved {result.out}/ckpt.pt, best.pt, metrics.csv" if result.epochs_run
+                     else "")
+            print(f"best test accuracy {best['test_acc']:.2%} at epoch {best['epoch']}{saved}")
             if result.epochs_run:  # where this command's time went
                 ran = result.history[-result.epochs_run:]
                 epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"

@@ -447,6 +447,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
     again = train("--resume", run, timeout=300)  # a requeued job: nothing left, not an error
     assert again.returncode == 0 and f"{run} is finished (2/2 epochs): nothing to train" in \
         again.stdout, again.stderr[-3000:]
+    assert "saved" not in again.stdout  # it saved nothing
     fewer = train("--resume", run, "--epochs", "1", timeout=300)
     assert fewer.returncode == 1
     assert one_line_error(fewer) == (f"error: --epochs 1 is fewer than the 2 epochs {run} has "

@@ -250,6 +250,22 @@ def make_dir(path: Path, option: str = "--out") -> None:
         raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
 
 
+def mount_point(path: Path) -> bool:
+    """Whether `path` is a mount point, which no rename may replace: os.path.ismount, and the
+    mount table for a bind mount of the same disk, which ismount cannot tell from a folder."""
+    if os.path.ismount(path):
+        return True
+    try:  # field 5 of each line is a mount point, its spaces and the like escaped in octal
+        with open("/proc/self/mountinfo", "rb") as table:
+            points = {fields[4] for fields in map(bytes.split, table) if len(fields) > 4}
+    except OSError:  # not Linux
+        return False
+    escaped = os.fsencode(Path(path).resolve())
+    for char in b"\\ \t\n":
+        escaped = escaped.replace(bytes([char]), b"\\%03o" % char)
+    return escaped in points
+
+
 def missing_folders(path: Path) -> list[Path]:
     """`path` and those of its parents that do not exist yet, the deepest first."""
     missing, path = [], Path(path).absolute()

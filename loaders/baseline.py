@@ -74,9 +74,12 @@ def _stop_quietly(worker_id: int) -> None:
     worker, which the parent then reported after its own line: 'Exception ignored in:
     <function _MultiProcessingDataLoaderIter.__del__ ...> ... RuntimeError: DataLoader worker
     (pid N) is killed by signal: Terminated.' The worker starts with them blocked (__iter__),
-    so none reaches torch's handler before this one replaces it."""
+    so none reaches torch's handler before this one replaces it. One the command ignores (a
+    script's background job ignores Ctrl-C) the worker ignores too: killed by it, the parent
+    carried on and failed on its dead workers."""
     for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.default_int_handler)
+        if signal.getsignal(stop) is not signal.SIG_IGN:
+            signal.signal(stop, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 

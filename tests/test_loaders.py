@@ -554,6 +554,19 @@ def _killed(image) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def test_a_torchvision_worker_ignores_what_its_command_ignores():
+    """A script's background job ignores Ctrl-C, and so does the command (common.cli): its
+    workers took it up again, died of the group's Ctrl-C, and the command failed on them."""
+    code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "from loaders.baseline import _stop_quietly\n"
+            "_stop_quietly(0)\n"
+            "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,\n"
+            "      signal.getsignal(signal.SIGTERM) is signal.default_int_handler)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout == "True True\n", result.stderr[-2000:]
+
+
 def test_a_killed_torchvision_worker_is_one_loader_error(prepared):
     """torch's RuntimeError "DataLoader worker (pid N) is killed by signal" was a traceback;
     it names the likely cause and the fix, and leaves no worker behind."""

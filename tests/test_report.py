@@ -506,6 +506,40 @@ def test_a_mount_point_as_out_gets_the_report_made_inside_it(run_dir, report_dir
             (volume / f".report.{dead}.tmp").mkdir()  # as a killed report leaves it
 
 
+def test_a_bind_mount_as_out_is_told_from_a_folder(run_dir, tmp_path):
+    """os.path.ismount cannot tell a bind mount of the same disk from a folder: the report was
+    made beside it and its rename failed ('Invalid cross-device link')."""
+    (tmp_path / "shared data").mkdir()
+    point = tmp_path / "the volume"
+    point.mkdir()
+    if subprocess.run(["mount", "--bind", str(tmp_path / "shared data"), str(point)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (not root)")
+    try:
+        result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--methods",
+                            "gradcam", "--out", point)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "shared data" / "summary.md").is_file()
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_a_report_moved_in_file_by_file_moves_its_marker_first(tmp_path, monkeypatch):
+    """Killed midway, a report made inside its folder leaves a folder the next may replace
+    (report files without the marker were refused as no report's)."""
+    built, out = tmp_path / "out" / ".report.1.tmp", tmp_path / "out"
+    built.mkdir(parents=True)
+    for name in (*report_folder.FILES, report_folder.MARKER):
+        (built / name).write_text(name)
+    moved = []
+    replace = os.replace
+    monkeypatch.setattr(report_folder.os, "replace",
+                        lambda a, b: (moved.append(Path(b).name), replace(a, b))[1])
+    report_folder.publish_inside(built, out)
+    assert moved[0] == report_folder.MARKER and sorted(moved) == sorted(
+        p.name for p in out.iterdir())
+
+
 def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_path):
     """A report killed mid-way (SIGKILL) leaves its temporary folder: the next report into the
     same --out removes those of dead writers, and keeps a live writer's and other names'."""

@@ -15,6 +15,7 @@ import torch
 from common.errors import ReportError, listing
 from common.files import (
     made_for,
+    mount_point,
     resolved,
     sweep_dead_writers,
     temporary_name,
@@ -148,13 +149,14 @@ def built_inside(out: Path) -> bool:
     """Whether the report must be made inside `out` and its files moved into place: a mount
     point (a container's volume) cannot be renamed over, nor can a folder whose parent
     cannot be written (a volume mounted in a read-only tree)."""
-    return out.is_dir() and (os.path.ismount(out) or unwritable(out.parent) is not None)
+    return out.is_dir() and (mount_point(out) or unwritable(out.parent) is not None)
 
 
 def publish_inside(folder: Path, out: Path) -> None:
     """Rename each file of the finished report in `folder` (inside `out`) over its older
-    version in `out`: every file whole at every moment, the report whole once all are."""
-    for entry in folder.iterdir():
+    version in `out`: every file whole at every moment, the report whole once all are. The
+    marker first: a report killed midway leaves a folder the next one may replace."""
+    for entry in sorted(folder.iterdir(), key=lambda entry: entry.name != MARKER):
         os.replace(entry, out / entry.name)
     folder.rmdir()
 

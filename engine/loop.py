@@ -288,9 +288,11 @@ def stopped(accelerator, out: Path) -> Interrupted:
         return Interrupted(f"process {accelerator.process_index} of {accelerator.num_processes} "
                            "stopped; process 0 says what was kept")
     if (out / "ckpt.pt").exists():
-        # read, not the history in memory: a Ctrl-C during a save keeps the previous checkpoint
-        saved = len(checkpoint.load(out / "ckpt.pt")["history"])
-        return Interrupted(f"{out}/ckpt.pt holds epoch {saved}; continue with --resume {out}")
+        try:  # read, not the history in memory: a Ctrl-C during a save keeps the previous one
+            held = f"epoch {len(checkpoint.load(out / 'ckpt.pt')['history'])}"
+        except KeyboardInterrupt:  # a second Ctrl-C as it is read: what was kept still counts
+            held = "the last epoch saved"
+        return Interrupted(f"{out}/ckpt.pt holds {held}; continue with --resume {out}")
     return Interrupted("no epoch had finished, so nothing was saved; run the same command again")
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from contextlib import suppress
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,23 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 
 # --- the run folder ---------------------------------------------------------------------------
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_read_keeps_the_resume_line(finished,
+                                                                            tmp_path):
+    """Two Ctrl-Cs in a row: the second landed as stopped() read ckpt.pt to count its epochs,
+    and the command said only 'interrupted', not where the run was kept."""
+    run = copy_run(finished, tmp_path)
+
+    def second_ctrl_c(path):  # as the second signal arrives while the file is read
+        signal.raise_signal(signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop.checkpoint, "load", second_ctrl_c)
+        kept = loop.stopped(SimpleNamespace(is_main_process=True), run)
+    assert str(kept) == f"{run}/ckpt.pt holds the last epoch saved; continue with --resume {run}"
+    assert str(loop.stopped(SimpleNamespace(is_main_process=True), run)) == (
+        f"{run}/ckpt.pt holds epoch 1; continue with --resume {run}")
 
 
 @pytest.mark.slow

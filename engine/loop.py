@@ -4,6 +4,7 @@ whole run as a library call that returns its history or raises an EngineError.""
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from engine.failures import out_of_memory, peer_gone
 from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
 
 Log = Callable[[str], None]
+TRACKERS = "cifar10-engine"  # the --log-with trackers' project: their folder in the run's
 
 
 @dataclass
@@ -185,7 +187,7 @@ def start_trackers(run: Run) -> None:
     """Open the --log-with trackers (check_tracker has made sure they are installed)."""
     flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
             for k, v in run.cfg.to_dict().items()}
-    run.accelerator.init_trackers("cifar10-engine", config=flat)
+    run.accelerator.init_trackers(TRACKERS, config=flat)
 
 
 def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tuple[TrainConfig,
@@ -272,12 +274,16 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
                                     "choose another --out, or move them away.")
             if main:
                 sweep_temporaries(out)  # of a save that was killed midway
+            # the trackers' folder, when this run makes it: of no epoch, it goes with best.pt
+            logs = out / TRACKERS if cfg.log_with and not (out / TRACKERS).exists() else None
             try:
                 return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
                               log if main else (lambda _: None), last, extend)
             finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full)
                 if main and not (out / "ckpt.pt").exists():
                     (out / "best.pt").unlink(missing_ok=True)
+                    if logs is not None:
+                        shutil.rmtree(logs, ignore_errors=True)
     except KeyboardInterrupt:  # wherever it landed once the run's processes were up
         raise stopped(accelerator, out) from None
 

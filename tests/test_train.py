@@ -430,6 +430,26 @@ def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
     assert {"test_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
 
 
+def test_a_ctrl_c_before_the_first_epoch_leaves_no_tracker_logs(tmp_path, data_dir):
+    """'nothing was saved', and nothing is: the trackers' folder of a run stopped before its
+    first epoch was left, and with it the run folder."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "engine" / "train.py"), "--dataset", "synthetic",
+         "--synthetic-size", "6000", "100", "--width", "16", "--data-dir", str(data_dir),
+         "--epochs", "3", "--loader", "resident", "--log-with", "tensorboard", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "cifar10-engine").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().endswith("no epoch had finished, so nothing was saved; run the same "
+                                   "command again")
+    assert not out.exists()
+
+
 def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path):
     result = train("--log-with", "no-such-tracker", "--out", str(tmp_path / "out"), timeout=120)
     assert result.returncode == 2 and "invalid choice: 'no-such-tracker'" in result.stderr

@@ -301,12 +301,13 @@ def made_for(path: Path, option: str = "--out") -> Iterator[None]:
     when it fails leaving them empty; OutputError naming `option` where a file stands in for
     one of them (mkdir says only 'File exists')."""
     above = Path(path).absolute().parent
-    nearest = next(p for p in (above, *above.parents) if p.exists())  # / always does
+    made = missing_folders(above)
+    nearest = made[-1].parent if made else above  # the first that exists: / always does
     if not nearest.is_dir():
         raise OutputError(f"{option} {path}: {nearest} is a file, not a folder; choose another "
                           f"{option}.")
-    with removed_on_failure(missing_folders(Path(path).parent)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with removed_on_failure(made):
+        above.mkdir(parents=True, exist_ok=True)
         yield
 
 

@@ -28,7 +28,7 @@ from engine.failures import out_of_memory, peer_gone
 from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
 
 Log = Callable[[str], None]
-TRACKERS = "cifar10-engine"  # the --log-with trackers' project: their folder in the run's
+TRACKERS = "cifar10-engine"  # the --log-with trackers' project, and their folder in the run
 
 
 @dataclass

@@ -108,6 +108,18 @@ def resolved(path: Path, option: str) -> Path:
                           "a file or folder, or choose another path.") from None
 
 
+def link_target(path: Path) -> Path:
+    """The file a write to `path` lands in: where path is a symbolic link, the file it leads to,
+    as open() and cp write through links (a temporary renamed over the link would replace the
+    link itself with a plain file). OutputError where the link leads nowhere, as cp refuses to
+    write through a dangling link."""
+    if not os.path.islink(path):
+        return path
+    if problem := dead_link(path):
+        raise OutputError(f"{path} {problem}.")
+    return Path(os.path.realpath(path))
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary sibling of path, then rename it over path."""
     atomic_writes({path: write})
@@ -118,12 +130,14 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     them all into place: files that belong together (a table and its plot) are all as they
     were when any write fails (a full disk, an error), and all new once renamed. A rename that
     fails (rare: the path became a folder, the disk failed) leaves the files renamed before it
-    new and the others as they were.
+    new and the others as they were. A path that is a symbolic link is written through
+    (link_target).
 
     An OSError that names no file (a full disk hit by write(), not by open()) or names a
     temporary is raised again naming its path, so that the one-line error says which file
     could not be written (the temporary's name means nothing to the user)."""
-    temporaries = {Path(path): temporary_name(Path(path)) for path in writes}
+    temporaries = {(target := link_target(Path(path))): temporary_name(target)
+                   for path in writes}
     for path in temporaries:
         if problem := not_a_file(path):
             raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, "

@@ -178,6 +178,27 @@ def test_a_device_or_pipe_is_never_renamed_over(tmp_path):
     assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(tmp_path.iterdir()) == [pipe]
 
 
+def test_a_symbolic_link_is_written_through_and_a_dangling_one_refused(tmp_path):
+    """bench --json, lr_find's files, a run's metrics: a temporary renamed over a link made the
+    link a plain file, and the file it led to (on another disk, say) stayed old. Written
+    through now, as open() and cp write; a link that leads nowhere is refused, as cp does."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "bench.json").write_text("old")
+    link, dead = tmp_path / "bench.json", tmp_path / "dead.json"
+    link.symlink_to(shared / "bench.json")
+    dead.symlink_to("gone/bench.json")
+    atomic_writes({link: lambda tmp: tmp.write_text("new")})
+    assert link.is_symlink() and (shared / "bench.json").read_text() == "new"
+    with pytest.raises(OutputError) as refused:
+        atomic_writes({dead: lambda tmp: tmp.write_text("new")})
+    assert str(refused.value) == (f"{dead} is a symbolic link that cannot be followed (to "
+                                  "gone/bench.json: its links loop or lead nowhere); point it at "
+                                  "a path that exists, or remove it.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "dead.json", "shared"]
+    assert [p.name for p in shared.iterdir()] == ["bench.json"]
+
+
 def test_a_failed_rename_names_the_file_not_its_temporary(tmp_path):
     """The plot's place is taken by a folder while the files are written: its rename fails,
     and the error named the temporary ('.plot.png.<pid>.tmp'), which means nothing to the

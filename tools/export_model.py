@@ -155,6 +155,5 @@ def export(path: Path, fmt: str, out: Path | None, data_dir: Path | None,
         result.append(agreement(ref, RUNNERS[fmt](tmp, images), fmt, out))
 
     with made_for(out):  # the folders above it, removed again when nothing is written
-        # through a link, as cp writes: renamed over, the link itself became a plain file
-        atomic_write(resolved(out, "--out"), write_and_check)  # in place only once checked
+        atomic_write(out, write_and_check)  # in place only once checked
     return out, f"check on {len(images)} images ({what}): {result[0]}: OK"

@@ -30,6 +30,7 @@ from loaders.options import (
 ARCHS = ("resnet18",)
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
+WARMUP_SCHEDULES = ("onecycle", "triangular")  # the schedules engine.optimizers.lr_at warms up
 PRECISIONS = ("bf16", "fp16", "fp32")  # engine.run.DTYPES gives their torch dtypes
 # the largest float32: the optimizers scale float32 weights' steps by the LR and weight decay,
 # and a larger value is a traceback from inside the first step ("cannot be converted to type
@@ -169,7 +170,9 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")
     g.add_argument("--lr", type=_lr, help="peak learning rate, or 'auto' for the LR range test")
     g.add_argument("--schedule", choices=SCHEDULES, help="LR schedule, stepped per batch")
-    g.add_argument("--warmup", type=float, help="fraction of steps spent warming up")
+    g.add_argument("--warmup", type=float,
+                   help=f"fraction of steps spent warming up ({' and '.join(WARMUP_SCHEDULES)} "
+                        "only)")
     g.add_argument("--momentum", type=float, help="momentum (SGD, RMSprop) or beta1 (Adam)")
     g.add_argument("--weight-decay", type=float, help="weight decay")
     g.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction,
@@ -308,9 +311,24 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
     if "synthetic_size" in given and resume is None and (
             problem := synthetic_size_unused(cfg.dataset)):
         problems.append(problem)
+    problems += unused_options(cfg, given) if resume is None else []
     if problems:
         parser.error("; ".join(problems))
     return Options(cfg, resume, given)
+
+
+def unused_options(cfg: TrainConfig, given: dict) -> list[str]:
+    """Options typed on the command line that cfg's other choices leave with nothing to do,
+    as messages: --warmup beside a schedule with no warm-up (cosine, step and constant start
+    at the peak LR), --pad-mode with no --translate to pad for. Taken and ignored, the run
+    would not be the one asked for (timm and torchvision's reference warm up any schedule)."""
+    problems = []
+    if "warmup" in given and cfg.schedule not in WARMUP_SCHEDULES:
+        problems.append(f"--warmup is for --schedule {' or '.join(WARMUP_SCHEDULES)}; "
+                        f"{cfg.schedule} has no warm-up, leave --warmup out")
+    if "pad_mode" in given and not cfg.translate:
+        problems.append("--pad-mode pads for --translate, which is 0; leave --pad-mode out")
+    return problems
 
 
 def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:

@@ -84,7 +84,9 @@ def lr_at(
       which starts at 0.2 instead). The +1 is ours: the first batch trains at 1/(W+1) rather
       than waste a step at lr 0.
     - onecycle: half-cosine from 1/25 up to 1 at step W, then half-cosine down to 1/25/1e4 at
-      total_steps (Smith & Topin 2019; the shape of torch's OneCycleLR with pct_start=warmup_frac).
+      total_steps (Smith & Topin 2019; the LR of torch's OneCycleLR with pct_start=warmup_frac).
+      The LR only: momentum stays --momentum, where OneCycleLR (cycle_momentum) and fastai's
+      fit_one_cycle move it between 0.95 and 0.85 against the LR.
     - cosine: half-cosine from 1 to 0 over all steps; ignores warmup_frac (SGDR without restarts,
       Loshchilov & Hutter 2017). Use onecycle or triangular for a warm-up.
     - step: STEP_GAMMA ** (milestones passed), milestone m of STEP_MILESTONES falling at step

@@ -474,13 +474,32 @@ def test_options_given_with_a_preset_override_its_values():
     (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
     (["--warmup", "1"], "--warmup must be in [0, 1)"),
     (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
+    (["--schedule", "cosine", "--warmup", "0.1"],
+     "--warmup is for --schedule onecycle or triangular; cosine has no warm-up"),
+    (["--schedule", "step", "--warmup", "0.1"], "step has no warm-up, leave --warmup out"),
+    (["--preset", "seed", "--warmup", "0.1"], "constant has no warm-up, leave --warmup out"),
+    (["--translate", "0", "--pad-mode", "zeros"],
+     "--pad-mode pads for --translate, which is 0; leave --pad-mode out"),
 ])
 def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     """Momentum 1 never forgets a gradient (SGD takes it and runs away); a whole-run warm-up
-    leaves no step to decay in; synthetic sizes would do nothing for another dataset: refused
-    as usage errors, before any work."""
+    leaves no step to decay in; synthetic sizes would do nothing for another dataset, nor
+    --warmup for a schedule without a warm-up (cosine trained at the peak LR from its first
+    step), nor --pad-mode without --translate: refused as usage errors, before any work."""
     from engine.config import parse
 
     with pytest.raises(SystemExit) as stop:
         parse(option)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--schedule", "onecycle", "--warmup", "0.3"],
+                                    ["--warmup", "0"], ["--schedule", "cosine"],
+                                    ["--pad-mode", "zeros"],
+                                    ["--preset", "seed", "--pad-mode", "reflect"]])
+def test_warmup_and_pad_mode_are_taken_where_they_act(option):
+    """--warmup beside a schedule that warms up, and --pad-mode beside a translate, are taken
+    like any option; a schedule without a warm-up is fine while --warmup is left out."""
+    from engine.config import parse
+
+    assert parse(option).given  # no usage error (SystemExit): the options were taken

@@ -56,6 +56,8 @@ def test_two_processes_compare_every_optimizer_in_turn(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["optimizer"], r["epochs"], r["note"]) for r in rows] == [
         ("sgd", "1", ""), ("adam", "1", "")]
+    # the linear scaling rule on a step's images: 2 processes of 64 (it took 64 alone)
+    assert [float(r["lr"]) for r in rows] == [0.1 * 2 * 64 / 256, 1e-3]
     for name in ("sgd", "adam"):
         assert checkpoint.load(out / name / "ckpt.pt")["processes"] == 2
     assert result.stdout.count("wrote ") == 1  # one process writes the comparison
@@ -214,6 +216,9 @@ def test_an_out_that_is_a_file_is_named_before_any_run(tmp_path, capsys):
 
 def test_default_lrs_follow_the_linear_scaling_rule_for_sgd_only():
     assert default_lr("nesterov", 512) == pytest.approx(0.2)  # the fast preset's peak
+    # the rule's batch is a step's: every process's images together
+    assert default_lr("sgd", 256, processes=4) == default_lr("sgd", 1024) == pytest.approx(0.4)
+    assert default_lr("adam", 256, processes=4) == 1e-3
     assert default_lr("adamw", 512) == default_lr("adamw", 128) == 1e-3
     for adaptive in ("adam", "adamw", "rmsprop"):  # their 1e-3 holds at any batch size
         assert default_lr(adaptive, 1024) == default_lr(adaptive, 64) == 1e-3, adaptive

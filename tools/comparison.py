@@ -11,6 +11,7 @@ import torch
 
 from common.errors import Interrupted, RangeTestError, TrainingError
 from common.files import atomic_write, output_dir, write_csv, write_text
+from common.hardware import launched_processes
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.loop import Log, end_processes, train
@@ -18,12 +19,13 @@ from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:
 # - sgd, nesterov: 0.1 per 256 images, ResNet's 0.1 at batch 256 (He et al., 2016) with the
-#   linear scaling rule (Goyal et al., 2017), as the fast preset's 0.2 at batch 512.
+#   linear scaling rule (Goyal et al., 2017), as the fast preset's 0.2 at batch 512. The rule's
+#   batch is a step's, all processes' images together: --batch-size x processes under torchrun.
 # - adam, adamw: 1e-3, the default of Kingma & Ba (2015), Loshchilov & Hutter (2019) and torch.
 # - rmsprop: 1e-3, Keras' default. Torch's default is 1e-2; that it is too high once
 #   engine.optimizers gives RMSprop the run's momentum is our inference, not torch's docs.
 BASE_LRS = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
-SCALED = {"sgd", "nesterov"}  # scaled linearly with batch size / 256
+SCALED = {"sgd", "nesterov"}  # scaled linearly with the images of a step / 256
 FIELDS = ("optimizer", "lr", "final_test_acc", "best_test_acc", "seconds_per_epoch", "epochs",
           "note")
 
@@ -53,9 +55,18 @@ def lr_text(lr: float | str) -> str:
     return f"{lr:.3g}" if isinstance(lr, float) else lr
 
 
-def default_lr(optimizer: str, batch_size: int) -> float:
-    """The optimizer's peak LR from BASE_LRS, scaled to the batch size for SGD."""
-    return BASE_LRS[optimizer] * (batch_size / 256 if optimizer in SCALED else 1.0)
+def default_lr(optimizer: str, batch_size: int, processes: int = 1) -> float:
+    """The optimizer's peak LR from BASE_LRS, scaled for SGD to the images of a step: each of
+    the run's `processes` takes `batch_size` of them."""
+    return BASE_LRS[optimizer] * (batch_size * processes / 256 if optimizer in SCALED else 1.0)
+
+
+def run_processes() -> int:
+    """The processes each run of the comparison has: the process group's, once a run has
+    started it, else as launched (WORLD_SIZE)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return launched_processes()
 
 
 def lr_source(lr: float | str | None) -> str:
@@ -150,7 +161,7 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path
     results = []
     for name in optimizers:
         try:
-            lr = default_lr(name, cfg.batch_size) if own_lrs else cfg.lr
+            lr = default_lr(name, cfg.batch_size, run_processes()) if own_lrs else cfg.lr
             result = train_one(cfg, name, lr, out / name, log, warn)
         except (Interrupted, KeyboardInterrupt):  # the second: before train() could say more
             if not any((out / n / "ckpt.pt").exists() for n in optimizers):

@@ -120,6 +120,17 @@ def link_target(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
+def synced(path: Path) -> None:
+    """fsync a file or folder: a file renamed into place before its data reached the disk can
+    be empty or cut short after a power loss or a kernel crash (on XFS, say), and a checkpoint
+    so lost would take every epoch with it, not only the last."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary sibling of path, then rename it over path."""
     atomic_writes({path: write})
@@ -130,8 +141,8 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     them all into place: files that belong together (a table and its plot) are all as they
     were when any write fails (a full disk, an error), and all new once renamed. A rename that
     fails (rare: the path became a folder, the disk failed) leaves the files renamed before it
-    new and the others as they were. A path that is a symbolic link is written through
-    (link_target).
+    new and the others as they were. Each file reaches the disk before it is renamed (synced).
+    A path that is a symbolic link is written through (link_target).
 
     An OSError that names no file (a full disk hit by write(), not by open()) or names a
     temporary is raised again naming its path, so that the one-line error says which file
@@ -146,9 +157,13 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
         for (path, tmp), write in zip(temporaries.items(), writes.values(), strict=True):
             with _naming(path, tmp):
                 write(tmp)
+                synced(tmp)
         for path, tmp in temporaries.items():
             with _naming(path, tmp):
                 os.replace(tmp, path)
+        for folder in {path.parent for path in temporaries}:
+            with suppress(OSError):  # some file systems cannot sync a folder (EINVAL)
+                synced(folder)  # the renames too
     finally:
         for tmp in temporaries.values():
             if os.path.lexists(tmp):  # unlink would fail on a read-only disk even with no file

@@ -115,7 +115,8 @@ def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     """Zero a size x size square centred uniformly in each image (DeVries & Taylor, 2017).
 
     Applied after normalization, so zero is the dataset's mean colour. The square is clipped
-    at the borders, as in the paper.
+    at the borders, as in the paper's code; its side is `size` for odd sizes too, where the
+    paper's code (centre +- size // 2) cuts one pixel less.
     """
     n, _, h, w = x.shape
     dev = x.device

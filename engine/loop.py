@@ -16,7 +16,7 @@ import torch
 from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
-from common.errors import CheckpointError, Interrupted, TrainingError, listing, one_line
+from common.errors import CheckpointError, Interrupted, RunFailed, TrainingError, listing, one_line
 from common.files import locked_dir, sweep_temporaries
 from common.hardware import beyond_cores, device_name, native_bf16
 from common.progress import progress_bar
@@ -51,7 +51,7 @@ class Trained:
         return Path(self.cfg.out)
 
 
-def diverged(run: Run, done: int, what: str) -> TrainingError:
+def diverged(run: Run, done: int, what: str) -> RunFailed:
     """The error for a run whose numbers stopped being finite: what happened, what was kept,
     and what to run next (--resume cannot help: it would continue with the same options)."""
     cfg = run.cfg
@@ -65,7 +65,7 @@ def diverged(run: Run, done: int, what: str) -> TrainingError:
     else:
         fix = f"a lower --lr (e.g. --lr {float(cfg.lr) / 10:.3g})"
     out = " and a new --out" if done else ""  # else the same --out is free again
-    return TrainingError(f"{what}; {kept}. --resume would repeat it: start again with "
+    return RunFailed(f"{what}; {kept}. --resume would repeat it: start again with "
                          f"{fix}{out}.")
 
 
@@ -356,7 +356,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         split = "this process's shard" if accelerator.num_processes > 1 else "the whole split"
         whole = f" (batches of {batch}, {split})" if batch < cfg.batch_size else ""
         fix = f"--batch-size {batch // 2}" if batch > 1 else f"a --width below {cfg.width}"
-        raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
+        raise RunFailed(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
                             f"{fix}.") from None
     finally:
         # this run's trackers; not accelerator.end_training(), which also ends the process

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, run_script, torchrun_env
 
 from engine import checkpoint
@@ -19,6 +20,7 @@ from tools import comparison
 from tools.compare import main
 from tools.comparison import Result, default_lr
 
+WRITTEN = ("compare.png", "compare.csv", "compare.md")  # the comparison's own files in --out
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
          "--batch-size", "64", "--loader", "resident"]
 
@@ -166,6 +168,35 @@ def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
                      "--epochs", "1", "--width", "16", "--out", str(again))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"--width cannot change when resuming {again / 'adam'}" in result.stderr
+
+
+@pytest.mark.slow
+def test_fewer_epochs_than_a_run_has_done_stops_the_comparison_and_keeps_its_files(out,
+                                                                                   tmp_path):
+    """A refused option is no finding about an optimizer: it was a row of the table ('--epochs 1
+    is fewer than the 2 epochs ...'), and compare.png, .csv and .md were written over with it."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    common = [*SMALL, "--data-dir", str(out.parent / "data"), "--out", str(again)]
+    assert compare(*common, "--optimizers", "sgd", "--epochs", "2").returncode == 0
+    before = {name: (again / name).read_bytes() for name in WRITTEN}
+    result = compare(*common, "--optimizers", "sgd", "adam", "--epochs", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'sgd'} "
+                             "has done; pass --epochs above 2 to extend it.\n")
+    assert {name: (again / name).read_bytes() for name in WRITTEN} == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a CUDA GPU")
+def test_an_option_this_machine_cannot_run_is_said_once_and_leaves_no_table(tmp_path):
+    """--precision fp16 on the CPU fails every optimizer alike: it was said once per optimizer
+    and tabled as their results, in a compare.csv of empty rows."""
+    out = tmp_path / "out"
+    result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
+                     "adam", "--epochs", "1", "--precision", "fp16", "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr == ("error: --precision fp16 needs a CUDA GPU; use bf16 or fp32 on "
+                             "CPU.\n")
+    assert not out.exists()
 
 
 @pytest.mark.slow

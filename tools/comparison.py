@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import Interrupted, RangeTestError, TrainingError
+from common.errors import Interrupted, RangeTestError, RunFailed
 from common.files import atomic_write, output_dir, write_csv, write_text
 from engine import checkpoint
 from engine.config import TrainConfig
@@ -81,9 +81,12 @@ def writes_files() -> bool:
 
 def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log: Log,
               warn: Log) -> Result:
-    """Train one optimizer with engine.loop.train, its lines to log; a diverged run is kept as
-    a result, its error to warn. A run already in `out` (a comparison stopped and started
-    again) is resumed, or reused when it is finished."""
+    """Train one optimizer with engine.loop.train, its lines to log; a run that failed on its
+    own numbers (diverged, out of memory) is kept as a result, its error to warn. Any other
+    error (an option this machine cannot run, fewer --epochs than done) is raised: it would
+    fail every optimizer alike, and a table of those failures would replace the comparison.
+    A run already in `out` (a comparison stopped and started again) is resumed, or reused
+    when it is finished."""
     cfg = replace(base, optimizer=optimizer, lr=lr, out=str(out))
     resume = out if (out / "ckpt.pt").exists() else None
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
@@ -92,7 +95,7 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log
                         log=lambda line: log(f"{optimizer}: {line}"), last=False,
                         extend="Extend it by running this command with a larger --epochs.")
         return Result(optimizer, trained.cfg.lr, trained.history)
-    except (TrainingError, RangeTestError) as error:  # a result, not the end
+    except (RunFailed, RangeTestError) as error:  # a result, not the end
         if writes_files():  # every process failed alike: one says so
             warn(f"error: {optimizer}: {error}")
         return Result(optimizer, lr, saved_history(out), str(error))

@@ -209,18 +209,32 @@ def place_problem(path: Path, folders_made: bool = False) -> str | None:
     of path that exists is the one that must be writable."""
     folder = path.absolute().parent
     if folders_made:
-        folder = next(p for p in (folder, *folder.parents) if p.exists())  # / always does
+        folder = nearest_existing(folder)
     if not folder.is_dir():
         return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
-    # the write goes to a temporary named after the file, a few bytes longer
+    problem = long_name(path)
+    if problem is None and (problem := unwritable(folder)):
+        problem = f"{folder} {problem}"
+    return problem
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its parents that exists (/ always does)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def long_name(path: Path) -> str | None:
+    """Why `path` is too long a name for its temporary_name, which a write (or a report's
+    folder, made whole) goes to first, a few bytes longer: the name fits, its temporary would
+    not ('File name too long'); None when it fits."""
+    folder = nearest_existing(Path(path).absolute().parent)  # made by the writer, if missing
     longest, limit = len(os.fsencode(temporary_name(path).name)), os.pathconf(folder,
                                                                               "PC_NAME_MAX")
     if longest > limit:
         return (f"its name is too long ({len(os.fsencode(path.name))} bytes; this file system "
                 f"takes {limit}, less {longest - len(os.fsencode(path.name))} for the "
                 "temporary it is written as first)")
-    problem = unwritable(folder)
-    return f"{folder} {problem}" if problem else None
+    return None
 
 
 def dead_link(path: Path | str) -> str | None:

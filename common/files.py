@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -113,6 +113,16 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     atomic_writes({path: write})
 
 
+def check_replaceable(paths: Iterable[Path]) -> None:
+    """OutputError naming the first of `paths` that a file written there would replace and
+    that is no file (a folder, a pipe): called by atomic_writes, and before hours of work by
+    a command that writes its files only at the end."""
+    for path in paths:
+        if problem := not_a_file(path):
+            raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, "
+                              "or write elsewhere.")
+
+
 def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     """Call write(tmp) for each path's temporary sibling and, once every one is written, rename
     them all into place: files that belong together (a table and its plot) are all as they
@@ -124,10 +134,7 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     temporary is raised again naming its path, so that the one-line error says which file
     could not be written (the temporary's name means nothing to the user)."""
     temporaries = {Path(path): temporary_name(Path(path)) for path in writes}
-    for path in temporaries:
-        if problem := not_a_file(path):
-            raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, "
-                              "or write elsewhere.")
+    check_replaceable(temporaries)
     try:
         for (path, tmp), write in zip(temporaries.items(), writes.values(), strict=True):
             with _naming(path, tmp):

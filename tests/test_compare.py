@@ -15,12 +15,13 @@ import pytest
 import torch
 from conftest import ROOT, run_script, torchrun_env
 
+from common.errors import OutputError
 from engine import checkpoint
+from engine.config import TrainConfig
 from tools import comparison
 from tools.compare import main
-from tools.comparison import Result, default_lr
+from tools.comparison import WRITTEN, Result, default_lr
 
-WRITTEN = ("compare.png", "compare.csv", "compare.md")  # the comparison's own files in --out
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
          "--batch-size", "64", "--loader", "resident"]
 
@@ -184,6 +185,39 @@ def test_fewer_epochs_than_a_run_has_done_stops_the_comparison_and_keeps_its_fil
     assert result.stderr == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'sgd'} "
                              "has done; pass --epochs above 2 to extend it.\n")
     assert {name: (again / name).read_bytes() for name in WRITTEN} == before
+
+
+@pytest.mark.slow
+def test_a_folder_in_a_comparison_files_place_is_named_before_the_runs(out, tmp_path):
+    """compare.md a folder: the runs trained, then compare.png and compare.csv were written
+    over and compare.md refused, a comparison of two states; now nothing trains or changes."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    (again / "compare.md").unlink()
+    (again / "compare.md").mkdir()
+    before = {name: (again / name).read_bytes() for name in ("compare.png", "compare.csv")}
+    result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd",
+                     "adam", "--epochs", "2", "--out", str(again))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr == (f"error: {again / 'compare.md'} is a folder; writing it would "
+                             "replace that. Move it away, or write elsewhere.\n")
+    assert result.stdout == ""  # no run resumed
+    assert {name: (again / name).read_bytes() for name in before} == before
+
+
+def test_the_comparison_files_are_written_all_or_none(out, tmp_path):
+    """A write that fails (here compare.md's, a folder since the check) leaves the earlier
+    compare.png and compare.csv as they were."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    before = {name: (again / name).read_bytes() for name in WRITTEN}
+    cfg = TrainConfig(epochs=1, out=str(again))
+    results = [Result("sgd", 0.1, [dict(epoch=1, test_acc=0.5, train_loss=1.0, lr=0.0,
+                                        seconds=1.0)])]
+    (again / "compare.md").unlink()
+    (again / "compare.md").mkdir()
+    with pytest.raises(OutputError, match="compare.md is a folder"):
+        comparison.write_report(results, cfg, "test", again)
+    assert {name: (again / name).read_bytes() for name in WRITTEN[:2]} == \
+        {name: before[name] for name in WRITTEN[:2]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a CUDA GPU")

@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from common.errors import Interrupted, RangeTestError, RunFailed
-from common.files import atomic_write, output_dir, write_csv, write_text
+from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.loop import Log, end_processes, train
@@ -24,6 +25,7 @@ from tools.plots import Panel, plot_history
 #   engine.optimizers gives RMSprop the run's momentum is our inference, not torch's docs.
 BASE_LRS = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 SCALED = {"sgd", "nesterov"}  # scaled linearly with batch size / 256
+WRITTEN = ("compare.png", "compare.csv", "compare.md")  # into --out, together
 FIELDS = ("optimizer", "lr", "final_test_acc", "best_test_acc", "seconds_per_epoch", "epochs",
           "note")
 
@@ -112,11 +114,10 @@ PANELS = [Panel("train loss", ("train_loss",)), Panel("test accuracy", ("test_ac
           Panel("LR at the end of the epoch", ("lr",), yscale="lr")]
 
 
-def plot(results: list[Result], path: Path) -> None:
+def plot(results: list[Result]) -> Figure:
     """Train loss, test accuracy and LR per epoch, one line per optimizer."""
-    fig = plot_history({f"{r.optimizer} (lr {lr_text(r.lr)})": r.history for r in results},
-                       PANELS)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return plot_history({f"{r.optimizer} (lr {lr_text(r.lr)})": r.history for r in results},
+                        PANELS)
 
 
 def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
@@ -136,12 +137,15 @@ def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
 
 
 def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path) -> str:
-    """compare.png, compare.csv and compare.md into out; the table, to show too."""
+    """compare.png, compare.csv and compare.md into out, all three or none (a full disk, a
+    folder in one's place: the earlier comparison stays whole); the table, to show too."""
     rows = [r.row() for r in results]
     table = markdown(rows, cfg, source)
-    plot(results, out / "compare.png")
-    write_csv(out / "compare.csv", rows, FIELDS)
-    write_text(out / "compare.md", table)
+    fig = plot(results)
+    png, csv, md = (out / name for name in WRITTEN)
+    atomic_writes({png: lambda tmp: fig.savefig(tmp, format="png", dpi=120),
+                   csv: lambda tmp: tmp.write_text(csv_text(rows, FIELDS)),
+                   md: lambda tmp: tmp.write_text(table)})
     return table
 
 
@@ -178,6 +182,7 @@ def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
     # too when a failure leaves it empty
     try:
         with output_dir(out):
+            check_replaceable(out / name for name in WRITTEN)  # now, not after the runs
             results = train_each(cfg, optimizers, own_lrs, out, log, warn)
             writer = writes_files()
     finally:  # the runs kept the process group for one another

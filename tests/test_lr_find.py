@@ -214,6 +214,17 @@ def test_a_sweep_that_fails_leaves_no_out_folder_it_made(tmp_path, capsys):
         assert out.is_dir() == existed
 
 
+def test_a_folder_in_the_plots_place_is_named_before_the_sweep(tmp_path, capsys):
+    """It was named after the sweep, minutes of a full-width model on a CPU, all lost."""
+    (tmp_path / "out" / "lr_find.png").mkdir(parents=True)
+    assert lr_find.main([*SMALL, "--data-dir", str(tmp_path / "data"), "--out",
+                         str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'out' / 'lr_find.png'} is a "
+                                       "folder; writing it would replace that. Move it away, "
+                                       "or write elsewhere.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no data prepared
+
+
 @pytest.mark.slow
 def test_a_full_disk_at_the_last_write_leaves_no_out_folder_it_made(data_dir, tmp_path):
     """lr_find.csv and .png were written after the block that removes a failed run's --out

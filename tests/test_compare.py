@@ -204,6 +204,21 @@ def test_a_folder_in_a_comparison_files_place_is_named_before_the_runs(out, tmp_
     assert {name: (again / name).read_bytes() for name in before} == before
 
 
+def test_a_file_in_an_optimizers_place_is_named_before_the_runs(tmp_path):
+    """It was named after the runs before it had trained, as '--out OUT/adam is a file', an
+    --out never given."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adam").write_text("mine")
+    result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
+                     "adam", "--epochs", "1", "--out", str(out))
+    assert result.returncode == 1 and result.stdout == "", result.stderr[-3000:]
+    assert result.stderr == (f"error: {out / 'adam'} is a file, where the adam run of the "
+                             "comparison goes; move it away, or choose another --out.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no data prepared
+    assert sorted(p.name for p in out.iterdir()) == ["adam"]
+
+
 def test_the_comparison_files_are_written_all_or_none(out, tmp_path):
     """A write that fails (here compare.md's, a folder since the check) leaves the earlier
     compare.png and compare.csv as they were."""

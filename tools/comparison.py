@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from common.errors import Interrupted, RangeTestError, RunFailed
+from common.errors import Interrupted, OutputError, RangeTestError, RunFailed
 from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from engine import checkpoint
 from engine.config import TrainConfig
@@ -171,6 +171,16 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path
     return results
 
 
+def check_places(out: Path, optimizers: list[str]) -> None:
+    """OutputError, before any run, for a place in `out` the comparison cannot write: a
+    folder where one of its files goes, a file where an optimizer's run folder goes."""
+    check_replaceable(out / name for name in WRITTEN)
+    for name in optimizers:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise OutputError(f"{out / name} is a file, where the {name} run of the comparison "
+                              "goes; move it away, or choose another --out.")
+
+
 def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
             warn: Log) -> tuple[list[Result], str | None]:
     """Train each optimizer in turn in cfg.out/<name>, each at its default LR (own_lrs: no --lr
@@ -182,7 +192,7 @@ def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
     # too when a failure leaves it empty
     try:
         with output_dir(out):
-            check_replaceable(out / name for name in WRITTEN)  # now, not after the runs
+            check_places(out, optimizers)  # now, not after the runs
             results = train_each(cfg, optimizers, own_lrs, out, log, warn)
             writer = writes_files()
     finally:  # the runs kept the process group for one another

@@ -84,6 +84,29 @@ def test_under_torchrun_a_diverged_run_is_said_and_tabled_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_under_torchrun_a_run_refused_by_the_main_process_stops_every_process(tmp_path):
+    """The main process alone checks a new run's folder: it tabled 'sgd holds config.json' as
+    sgd's row and went on to adam while process 1 trained sgd, and adam's steps were averaged
+    with sgd's into a row labelled adam. Now the refusal ends the comparison, in every
+    process."""
+    out = tmp_path / "out"
+    (out / "sgd").mkdir(parents=True)
+    (out / "sgd" / "config.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
+         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
+         str(tmp_path / "data"), "--optimizers", "sgd", "adam", "--epochs", "1", "--out",
+         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=torchrun_env(tmp_path))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (f"error: {out / 'sgd'} holds config.json, which a run writes over; choose another "
+            "--out, or move them away.") in result.stderr, result.stderr[-3000:]
+    assert "adam:" not in result.stdout and not (out / "adam").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["sgd"]  # no compare.* written
+
+
+@pytest.mark.slow
 def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     assert [p.name for p in out.glob("*.png")] == ["compare.png"]
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")

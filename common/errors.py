@@ -28,6 +28,12 @@ class TrainingError(EngineError):
     """Training cannot start or go on (diverged, out of memory, bad options)."""
 
 
+class RunFailed(TrainingError):
+    """A run that was training stopped on its own numbers (they diverged, or a batch did not
+    fit in memory): a finding about its options. Any other TrainingError is a setup to fix
+    before anything trains (an option this machine cannot run, fewer --epochs than done)."""
+
+
 class RangeTestError(EngineError):
     """The LR range test found no usable curve; the message says what to change."""
 

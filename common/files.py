@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -136,6 +136,16 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     atomic_writes({path: write})
 
 
+def check_replaceable(paths: Iterable[Path]) -> None:
+    """OutputError naming the first of `paths` that a file written there would replace and
+    that is no file (a folder, a pipe): called by atomic_writes, and before hours of work by
+    a command that writes its files only at the end."""
+    for path in paths:
+        if problem := not_a_file(path):
+            raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, "
+                              "or write elsewhere.")
+
+
 def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     """Call write(tmp) for each path's temporary sibling and, once every one is written, rename
     them all into place: files that belong together (a table and its plot) are all as they
@@ -149,10 +159,7 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     could not be written (the temporary's name means nothing to the user)."""
     temporaries = {(target := link_target(Path(path))): temporary_name(target)
                    for path in writes}
-    for path in temporaries:
-        if problem := not_a_file(path):
-            raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, "
-                              "or write elsewhere.")
+    check_replaceable(temporaries)
     try:
         for (path, tmp), write in zip(temporaries.items(), writes.values(), strict=True):
             with _naming(path, tmp):
@@ -238,18 +245,32 @@ def place_problem(path: Path, folders_made: bool = False) -> str | None:
     of path that exists is the one that must be writable."""
     folder = path.absolute().parent
     if folders_made:
-        folder = next(p for p in (folder, *folder.parents) if p.exists())  # / always does
+        folder = nearest_existing(folder)
     if not folder.is_dir():
         return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
-    # the write goes to a temporary named after the file, a few bytes longer
+    problem = long_name(path)
+    if problem is None and (problem := unwritable(folder)):
+        problem = f"{folder} {problem}"
+    return problem
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its parents that exists (/ always does)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def long_name(path: Path) -> str | None:
+    """Why `path` is too long a name for its temporary_name, which a write (or a report's
+    folder, made whole) goes to first, a few bytes longer: the name fits, its temporary would
+    not ('File name too long'); None when it fits."""
+    folder = nearest_existing(Path(path).absolute().parent)  # made by the writer, if missing
     longest, limit = len(os.fsencode(temporary_name(path).name)), os.pathconf(folder,
                                                                               "PC_NAME_MAX")
     if longest > limit:
         return (f"its name is too long ({len(os.fsencode(path.name))} bytes; this file system "
                 f"takes {limit}, less {longest - len(os.fsencode(path.name))} for the "
                 "temporary it is written as first)")
-    problem = unwritable(folder)
-    return f"{folder} {problem}" if problem else None
+    return None
 
 
 def dead_link(path: Path | str) -> str | None:

@@ -16,7 +16,15 @@ import torch
 from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
-from common.errors import CheckpointError, Interrupted, TrainingError, listing, one_line
+from common.errors import (
+    CheckpointError,
+    Interrupted,
+    RunFailed,
+    TrainingError,
+    listing,
+    one_line,
+    shown,
+)
 from common.files import locked_dir, sweep_temporaries
 from common.hardware import beyond_cores, device_name, native_bf16
 from common.progress import progress_bar
@@ -51,7 +59,7 @@ class Trained:
         return Path(self.cfg.out)
 
 
-def diverged(run: Run, done: int, what: str) -> TrainingError:
+def diverged(run: Run, done: int, what: str) -> RunFailed:
     """The error for a run whose numbers stopped being finite: what happened, what was kept,
     and what to run next (--resume cannot help: it would continue with the same options)."""
     cfg = run.cfg
@@ -65,7 +73,7 @@ def diverged(run: Run, done: int, what: str) -> TrainingError:
     else:
         fix = f"a lower --lr (e.g. --lr {float(cfg.lr) / 10:.3g})"
     out = " and a new --out" if done else ""  # else the same --out is free again
-    return TrainingError(f"{what}; {kept}. --resume would repeat it: start again with "
+    return RunFailed(f"{what}; {kept}. --resume would repeat it: start again with "
                          f"{fix}{out}.")
 
 
@@ -171,9 +179,15 @@ def fit(run: Run, history: list[dict], log: Log) -> float:
     return waited
 
 
-def check_tracker(log_with: str | None) -> None:
+def check_tracker(log_with: str | None, out: str = "") -> None:
     """TrainingError, before any work, when --log-with names a tracker whose package is not
-    installed: accelerate would only warn, then train without it."""
+    installed (accelerate would only warn, then train without it), or when the run folder
+    `out`, where the trackers write, is named in bytes that are not UTF-8: tensorboard takes
+    its folder as UTF-8 text (a UnicodeEncodeError traceback)."""
+    if log_with is not None and shown(out) != out:
+        raise TrainingError(f"--log-with {log_with}: the trackers name their files in UTF-8, "
+                            f"and --out {shown(out)} holds bytes that are not UTF-8 (shown as "
+                            "?); choose an --out named in UTF-8, or leave --log-with out.")
     installed = [tracker.value for tracker in get_available_trackers()]
     if log_with is None or (installed if log_with == "all" else log_with in installed):
         return
@@ -186,7 +200,9 @@ def check_tracker(log_with: str | None) -> None:
 
 def start_trackers(run: Run) -> None:
     """Open the --log-with trackers (check_tracker has made sure they are installed)."""
-    flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
+    # as text trackers take (shown: a --data-dir named in bytes that are not UTF-8 was a
+    # UnicodeEncodeError traceback in tensorboard's hparams)
+    flat = {k: v if isinstance(v, int | float | bool) else shown(str(v))
             for k, v in run.cfg.to_dict().items()}
     run.accelerator.init_trackers(TRACKERS, config=flat)
 
@@ -249,7 +265,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     `extend`: how to train a finished run further, said when resuming one (by default, with
     --resume and more --epochs; a tool of its own words for its own command line)."""
     cfg, ckpt = configure(cfg, resume, given)
-    check_tracker(cfg.log_with)
+    check_tracker(cfg.log_with, cfg.out)
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     out = Path(cfg.out)
@@ -357,7 +373,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         split = "this process's shard" if accelerator.num_processes > 1 else "the whole split"
         whole = f" (batches of {batch}, {split})" if batch < cfg.batch_size else ""
         fix = f"--batch-size {batch // 2}" if batch > 1 else f"a --width below {cfg.width}"
-        raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
+        raise RunFailed(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
                             f"{fix}.") from None
     finally:
         # this run's trackers; not accelerator.end_training(), which also ends the process

@@ -146,7 +146,24 @@ def range_test(run: Run, start_lr: float = START_LR, end_lr: float = END_LR,
         raise RangeTestError(
             f"the training loss was not finite within the first steps of the LR range test "
             f"(from lr {start_lr:g}); check the data, or lower the start of the sweep.")
+    if diverged and int(np.argmin(smoothed)) == 0:
+        raise never_fell(run, lrs, iterations)
     return RangeTest(lrs, losses, smoothed, *suggestions(lrs, smoothed), diverged=diverged)
+
+
+def never_fell(run: Run, lrs: list[float], iterations: int) -> RangeTestError:
+    """The error for a sweep that diverged before its loss ever fell below its first step's:
+    no LR of it trained, and its start, the suggestion suggestions() would make, diverges
+    in training too."""
+    if run.cfg.weight_decay >= 1:  # each step's decay alone scales the weights by 1 - lr x wd
+        fix = f"use a --weight-decay far below 1 (the sweep ran with {run.cfg.weight_decay:.3g})"
+    else:
+        fix = (f"start the sweep lower than lr {lrs[0]:.2g}, or sweep in finer steps (more "
+               "--iterations, or a narrower range)")
+    return RangeTestError(
+        f"the LR range test diverged at lr {lrs[-1]:.2g} (step {len(lrs)} of {iterations}) "
+        f"before its loss ever fell below the first step's: no LR it tried trains, so it has "
+        f"none to suggest; {fix}.")
 
 
 def use_suggestion(run: Run) -> RangeTest:

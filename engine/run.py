@@ -31,6 +31,8 @@ LAUNCHED = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
 # what torchrun and accelerate launch set, besides accelerate's own ACCELERATE_*
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                     "MASTER_PORT")
+# what accelerate reads besides them: OMP_NUM_THREADS with int() in a multi-process CPU run
+ACCELERATE_READS = (*LAUNCH_VARIABLES, "OMP_NUM_THREADS")
 
 
 @dataclass
@@ -85,14 +87,25 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                                       project_dir=cfg.out, mixed_precision="no",
                                       dynamo_backend="no")
     except ValueError as error:  # an unknown tracker, or a launcher's variable it cannot read
-        read = [f"{k}={v!r}" for k, v in sorted(os.environ.items()) if k in LAUNCH_VARIABLES
-                or k.startswith("ACCELERATE_")]  # which one, its message does not say
-        where = (f" (accelerate reads {', '.join(read)} from the environment: correct or unset "
-                 "the one it cannot read)") if read else ""
-        raise TrainingError(f"{error}{where}") from None
+        raise TrainingError(f"{error}{unread_variable(error)}") from None
     if not cuda:  # after Accelerator: under mpirun it is what sets WORLD_SIZE and LOCAL_...
         share_cores()
     return accelerator
+
+
+def unread_variable(error: ValueError) -> str:
+    """Which environment variable accelerate could not read, for its error, whose message
+    gives the value only ("invalid literal for int() with base 10: 'abc'"): the one whose
+    value the message quotes, else all it reads; "" when none is set."""
+    read = {k: v for k, v in sorted(os.environ.items())
+            if k in ACCELERATE_READS or k.startswith("ACCELERATE_")}
+    quoted = [k for k, v in read.items() if repr(v) in str(error)]
+    if len(quoted) == 1:
+        return (f" (accelerate reads {quoted[0]}={read[quoted[0]]!r} from the environment: "
+                "correct or unset it)")
+    listed = ", ".join(f"{k}={v!r}" for k, v in read.items())
+    return (f" (accelerate reads {listed} from the environment: correct or unset the one it "
+            "cannot read)") if read else ""
 
 
 def share_cores() -> None:

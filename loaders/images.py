@@ -27,12 +27,15 @@ BACKGROUND = (255, 255, 255)  # transparent pixels become white, as viewers show
 
 
 def expand(paths: list[Path]) -> list[Path]:
-    """The files to classify: each file as given, each folder's image files sorted by name."""
+    """The files to classify: each file as given, each folder's image files sorted by name.
+    A folder's entry with an image's name that is no file (a link to a file that is gone, a
+    pipe) is among them, to be named as unreadable rather than left out unseen; a sub-folder
+    is not (sub-folders are not read)."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
             files += sorted(p for p in path.iterdir()
-                            if p.is_file() and p.suffix.lower() in SUFFIXES)
+                            if not p.is_dir() and p.suffix.lower() in SUFFIXES)
         else:
             files.append(path)
     return files

@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, run_script, torchrun_env
 
+from common.errors import OutputError
 from engine import checkpoint
+from engine.config import TrainConfig
 from tools import comparison
 from tools.compare import main
-from tools.comparison import Result, default_lr
+from tools.comparison import WRITTEN, Result, default_lr
 
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
          "--batch-size", "64", "--loader", "resident"]
@@ -80,6 +83,29 @@ def test_under_torchrun_a_diverged_run_is_said_and_tabled_once(tmp_path):
     assert result.stdout.count("wrote ") == 1 and result.stdout.count("| sgd |") == 1
     with open(out / "compare.csv") as f:
         assert [r["optimizer"] for r in csv.DictReader(f)] == ["sgd"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_run_refused_by_the_main_process_stops_every_process(tmp_path):
+    """The main process alone checks a new run's folder: it tabled 'sgd holds config.json' as
+    sgd's row and went on to adam while process 1 trained sgd, and adam's steps were averaged
+    with sgd's into a row labelled adam. Now the refusal ends the comparison, in every
+    process."""
+    out = tmp_path / "out"
+    (out / "sgd").mkdir(parents=True)
+    (out / "sgd" / "config.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
+         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
+         str(tmp_path / "data"), "--optimizers", "sgd", "adam", "--epochs", "1", "--out",
+         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=torchrun_env(tmp_path))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (f"error: {out / 'sgd'} holds config.json, which a run writes over; choose another "
+            "--out, or move them away.") in result.stderr, result.stderr[-3000:]
+    assert "adam:" not in result.stdout and not (out / "adam").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["sgd"]  # no compare.* written
 
 
 @pytest.mark.slow
@@ -168,6 +194,83 @@ def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
                      "--epochs", "1", "--width", "16", "--out", str(again))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"--width cannot change when resuming {again / 'adam'}" in result.stderr
+
+
+@pytest.mark.slow
+def test_fewer_epochs_than_a_run_has_done_stops_the_comparison_and_keeps_its_files(out,
+                                                                                   tmp_path):
+    """A refused option is no finding about an optimizer: it was a row of the table ('--epochs 1
+    is fewer than the 2 epochs ...'), and compare.png, .csv and .md were written over with it."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    common = [*SMALL, "--data-dir", str(out.parent / "data"), "--out", str(again)]
+    assert compare(*common, "--optimizers", "sgd", "--epochs", "2").returncode == 0
+    before = {name: (again / name).read_bytes() for name in WRITTEN}
+    result = compare(*common, "--optimizers", "sgd", "adam", "--epochs", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'sgd'} "
+                             "has done; pass --epochs above 2 to extend it.\n")
+    assert {name: (again / name).read_bytes() for name in WRITTEN} == before
+
+
+@pytest.mark.slow
+def test_a_folder_in_a_comparison_files_place_is_named_before_the_runs(out, tmp_path):
+    """compare.md a folder: the runs trained, then compare.png and compare.csv were written
+    over and compare.md refused, a comparison of two states; now nothing trains or changes."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    (again / "compare.md").unlink()
+    (again / "compare.md").mkdir()
+    before = {name: (again / name).read_bytes() for name in ("compare.png", "compare.csv")}
+    result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd",
+                     "adam", "--epochs", "2", "--out", str(again))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr == (f"error: {again / 'compare.md'} is a folder; writing it would "
+                             "replace that. Move it away, or write elsewhere.\n")
+    assert result.stdout == ""  # no run resumed
+    assert {name: (again / name).read_bytes() for name in before} == before
+
+
+def test_a_file_in_an_optimizers_place_is_named_before_the_runs(tmp_path):
+    """It was named after the runs before it had trained, as '--out OUT/adam is a file', an
+    --out never given."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adam").write_text("mine")
+    result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
+                     "adam", "--epochs", "1", "--out", str(out))
+    assert result.returncode == 1 and result.stdout == "", result.stderr[-3000:]
+    assert result.stderr == (f"error: {out / 'adam'} is a file, where the adam run of the "
+                             "comparison goes; move it away, or choose another --out.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no data prepared
+    assert sorted(p.name for p in out.iterdir()) == ["adam"]
+
+
+def test_the_comparison_files_are_written_all_or_none(out, tmp_path):
+    """A write that fails (here compare.md's, a folder since the check) leaves the earlier
+    compare.png and compare.csv as they were."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    before = {name: (again / name).read_bytes() for name in WRITTEN}
+    cfg = TrainConfig(epochs=1, out=str(again))
+    results = [Result("sgd", 0.1, [dict(epoch=1, test_acc=0.5, train_loss=1.0, lr=0.0,
+                                        seconds=1.0)])]
+    (again / "compare.md").unlink()
+    (again / "compare.md").mkdir()
+    with pytest.raises(OutputError, match="compare.md is a folder"):
+        comparison.write_report(results, cfg, "test", again)
+    assert {name: (again / name).read_bytes() for name in WRITTEN[:2]} == \
+        {name: before[name] for name in WRITTEN[:2]}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a CUDA GPU")
+def test_an_option_this_machine_cannot_run_is_said_once_and_leaves_no_table(tmp_path):
+    """--precision fp16 on the CPU fails every optimizer alike: it was said once per optimizer
+    and tabled as their results, in a compare.csv of empty rows."""
+    out = tmp_path / "out"
+    result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
+                     "adam", "--epochs", "1", "--precision", "fp16", "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr == ("error: --precision fp16 needs a CUDA GPU; use bf16 or fp32 on "
+                             "CPU.\n")
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -267,6 +267,19 @@ def test_a_read_only_out_is_named_not_its_temporary(run_dir, tmp_path):
         assert result.stderr.startswith(f"error: cannot use {out}: Read-only file system.")
 
 
+def test_a_name_too_long_for_its_temporary_is_named_before_the_export(run_dir, tmp_path):
+    """A 245-byte name fits the file system, its temporary (`.<name>.<pid>.tmp`) does not: it
+    was 'cannot use ...: File name too long. Check that the path exists, is writable ...'."""
+    out = tmp_path / "new" / ("m" * 242 + ".pt")
+    result = export(run_dir / "ckpt.pt", "--format", "torchscript", "--out", out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: --out {out}: its name is too long (245 bytes; "
+                                    "this file system takes 255, less ")
+    assert result.stderr.endswith(" for the temporary it is written as first); choose a "
+                                  "shorter name.\n")
+    assert list(tmp_path.iterdir()) == []  # nor the folder it would have made
+
+
 def test_running_out_of_memory_is_one_line(tmp_path):
     """Out of memory was a traceback (torch's errors are no EngineError): CUDA's, and a real
     failed allocation of the CPU allocator; the export has no option that needs less."""

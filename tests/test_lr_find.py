@@ -154,6 +154,28 @@ def test_a_sweep_stops_where_it_diverges_and_leaves_eval_mode_as_it_was(data_dir
     assert not run.model.training
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args, fix", [
+    (["--start-lr", "100", "--end-lr", "1e5"], "start the sweep lower than lr 1e+02, or sweep "
+                                               "in finer steps (more --iterations, or a "
+                                               "narrower range)"),
+    (["--weight-decay", "1e30"], "use a --weight-decay far below 1 (the sweep ran with 1e+30)"),
+])
+def test_a_sweep_that_diverges_before_its_loss_falls_suggests_nothing(data_dir, tmp_path, args,
+                                                                      fix):
+    """It suggested its first LR, where it had just diverged ('suggested lr 100 ... Train with
+    --lr 100'), and exited 0; now the error says why there is no suggestion, and writes
+    nothing."""
+    out = tmp_path / "out"
+    result = run_script("tools/lr_find.py", *SMALL, "--data-dir", str(data_dir),
+                        "--iterations", "20", *args, "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith("error: the LR range test diverged at lr "), result.stderr
+    assert "before its loss ever fell below the first step's" in result.stderr
+    assert result.stderr.endswith(f"none to suggest; {fix}.\n"), result.stderr
+    assert "Train with" not in result.stdout and not out.exists()
+
+
 @pytest.mark.parametrize("start, end, iterations", [(1.0, 0.1, 100), (0.0, 1.0, 100),
                                                     (1e-5, 1.0, 1), (1e-5, 1.0, 19)])
 def test_impossible_sweeps_are_refused(start, end, iterations):
@@ -212,6 +234,17 @@ def test_a_sweep_that_fails_leaves_no_out_folder_it_made(tmp_path, capsys):
                              "fp16", "--out", str(out)])
         assert code == 1 and "--precision fp16 needs a CUDA GPU" in capsys.readouterr().err
         assert out.is_dir() == existed
+
+
+def test_a_folder_in_the_plots_place_is_named_before_the_sweep(tmp_path, capsys):
+    """It was named after the sweep, minutes of a full-width model on a CPU, all lost."""
+    (tmp_path / "out" / "lr_find.png").mkdir(parents=True)
+    assert lr_find.main([*SMALL, "--data-dir", str(tmp_path / "data"), "--out",
+                         str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'out' / 'lr_find.png'} is a "
+                                       "folder; writing it would replace that. Move it away, "
+                                       "or write elsewhere.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no data prepared
 
 
 @pytest.mark.slow

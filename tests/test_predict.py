@@ -243,6 +243,25 @@ def test_mixed_folder_classifies_the_pictures_and_names_the_rest(run_dir, ckpt, 
 
 
 @pytest.mark.slow
+def test_a_folders_dead_link_and_pipe_are_named_not_left_out(run_dir, tmp_path):
+    """A picture's link whose file was moved, and a pipe of a picture's name, were left out
+    of a folder's results without a word (given by name, each is named)."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (32, 32), "red").save(pics / "a.png")
+    (pics / "gone.png").symlink_to(tmp_path / "moved.png")
+    os.mkfifo(pics / "pipe.jpg")
+    (pics / "sub.png").mkdir()  # a sub-folder: not read
+    result = predict(run_dir / "ckpt.pt", pics, "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    rows = {Path(r["file"]).name: r for r in json.loads(result.stdout)}
+    assert sorted(rows) == ["a.png", "gone.png", "pipe.jpg"] and "predictions" in rows["a.png"]
+    bad = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(bad) == 2 and "gone.png" in bad[0] and "pipe.jpg is a device, pipe or socket" \
+        in bad[1], bad
+
+
+@pytest.mark.slow
 def test_saved_test_images_get_the_models_own_answers(run_dir, ckpt, tmp_path):
     split = beton.read(Path(ckpt["data"]["test"]))
     images = split.images[:N_CIFAR]

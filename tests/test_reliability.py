@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, SignalsWhenCollected, run_script, tmpfs, train_tiny
+from conftest import ROOT, SignalsWhenCollected, run_script, tmpfs, torchrun_env, train_tiny
 from test_folders import write_tree
 
 from common.allocator import allocator_problem
@@ -377,18 +377,35 @@ def test_a_numba_threading_layer_numba_does_not_know_is_refused_by_name(name, va
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, value, error", [
-    ("LOCAL_RANK", "x", "invalid literal for int() with base 10: 'x'"),
-    ("ACCELERATE_USE_CPU", "maybe", "invalid truth value maybe"),
+@pytest.mark.parametrize("name, value, error, fix", [
+    ("LOCAL_RANK", "x", "invalid literal for int() with base 10: 'x'", "it"),
+    ("ACCELERATE_USE_CPU", "maybe", "invalid truth value maybe", "the one it cannot read"),
 ])
-def test_a_launch_variable_accelerate_cannot_read_is_named(name, value, error, tmp_path):
+def test_a_launch_variable_accelerate_cannot_read_is_named(name, value, error, fix, tmp_path):
     """accelerate's own words name the value, not the variable it came from."""
     out = tmp_path / "run"
     result = train("--out", out, timeout=300, env={**os.environ, name: value})
     assert result.returncode == 1, result.stderr[-2000:]
     assert one_line_error(result) == (
         f"error: {error} (accelerate reads {name}={value!r} from the environment: correct or "
-        "unset the one it cannot read)")
+        f"unset {fix})")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_omp_num_threads_accelerate_cannot_read_is_named_under_torchrun(tmp_path):
+    """accelerate reads OMP_NUM_THREADS with int() in a CPU run of several processes: 'abc'
+    (which one process runs with) was blamed on the launch variables, none of them 'abc'."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(ROOT / "engine" / "train.py"), *TINY, "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+        env={**torchrun_env(tmp_path), "OMP_NUM_THREADS": "abc"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: invalid literal for int() with base 10: 'abc' (accelerate reads "
+                     "OMP_NUM_THREADS='abc' from the environment: correct or unset it)"] * 2
     assert not out.exists()
 
 

@@ -450,6 +450,31 @@ def test_a_ctrl_c_before_the_first_epoch_leaves_no_tracker_logs(tmp_path, data_d
     assert not out.exists()
 
 
+def test_a_tracker_into_an_out_named_in_no_utf8_is_refused_before_any_work(tmp_path):
+    """tensorboard encodes its folder as UTF-8: a UnicodeEncodeError traceback, then an
+    AttributeError one from accelerate's tracker.finish(), and exit 1."""
+    out = tmp_path / os.fsdecode(b"run-\xff")
+    result = train("--data-dir", str(tmp_path / "data"), "--log-with", "tensorboard", "--out",
+                   str(out), errors="surrogateescape")
+    assert result.returncode == 1 and result.stdout == "", result.stderr[-3000:]
+    assert result.stderr == (f"error: --log-with tensorboard: the trackers name their files in "
+                             f"UTF-8, and --out {tmp_path}/run-? holds bytes that are not UTF-8 "
+                             "(shown as ?); choose an --out named in UTF-8, or leave --log-with "
+                             "out.\n")
+    assert list(tmp_path.iterdir()) == []  # no data prepared, no run folder
+
+
+def test_a_tracker_logs_a_run_whose_data_dir_is_named_in_no_utf8(tmp_path):
+    """config.json's values go to the trackers too: tensorboard's hparams refused the
+    --data-dir's undecodable bytes (a UnicodeEncodeError traceback); they go as '?'."""
+    data = tmp_path / os.fsdecode(b"data-\xff")
+    result = train("--synthetic-size", "200", "50", "--data-dir", str(data), "--epochs", "1",
+                   "--width", "8", "--log-with", "tensorboard", "--out", str(tmp_path / "out"),
+                   errors="surrogateescape")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert next((tmp_path / "out" / "cifar10-engine").rglob("events.out.tfevents.*"))
+
+
 def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path):
     result = train("--log-with", "no-such-tracker", "--out", str(tmp_path / "out"), timeout=120)
     assert result.returncode == 2 and "invalid choice: 'no-such-tracker'" in result.stderr

@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-from common.errors import Interrupted, RangeTestError, TrainingError
-from common.files import atomic_write, output_dir, write_csv, write_text
+from common.errors import Interrupted, OutputError, RangeTestError, RunFailed
+from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from common.hardware import launched_processes
 from engine import checkpoint
 from engine.config import TrainConfig
@@ -26,6 +27,7 @@ from tools.plots import Panel, plot_history
 #   engine.optimizers gives RMSprop the run's momentum is our inference, not torch's docs.
 BASE_LRS = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 SCALED = {"sgd", "nesterov"}  # scaled linearly with the images of a step / 256
+WRITTEN = ("compare.png", "compare.csv", "compare.md")  # into --out, together
 FIELDS = ("optimizer", "lr", "final_test_acc", "best_test_acc", "seconds_per_epoch", "epochs",
           "note")
 
@@ -92,9 +94,12 @@ def writes_files() -> bool:
 
 def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log: Log,
               warn: Log) -> Result:
-    """Train one optimizer with engine.loop.train, its lines to log; a diverged run is kept as
-    a result, its error to warn. A run already in `out` (a comparison stopped and started
-    again) is resumed, or reused when it is finished."""
+    """Train one optimizer with engine.loop.train, its lines to log; a run that failed on its
+    own numbers (diverged, out of memory) is kept as a result, its error to warn. Any other
+    error (an option this machine cannot run, fewer --epochs than done) is raised: it would
+    fail every optimizer alike, and a table of those failures would replace the comparison.
+    A run already in `out` (a comparison stopped and started again) is resumed, or reused
+    when it is finished."""
     cfg = replace(base, optimizer=optimizer, lr=lr, out=str(out))
     resume = out if (out / "ckpt.pt").exists() else None
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
@@ -103,7 +108,7 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log
                         log=lambda line: log(f"{optimizer}: {line}"), last=False,
                         extend="Extend it by running this command with a larger --epochs.")
         return Result(optimizer, trained.cfg.lr, trained.history)
-    except (TrainingError, RangeTestError) as error:  # a result, not the end
+    except (RunFailed, RangeTestError) as error:  # a result, not the end
         if writes_files():  # every process failed alike: one says so
             warn(f"error: {optimizer}: {error}")
         return Result(optimizer, lr, saved_history(out), str(error))
@@ -120,11 +125,10 @@ PANELS = [Panel("train loss", ("train_loss",)), Panel("test accuracy", ("test_ac
           Panel("LR at the end of the epoch", ("lr",), yscale="lr")]
 
 
-def plot(results: list[Result], path: Path) -> None:
+def plot(results: list[Result]) -> Figure:
     """Train loss, test accuracy and LR per epoch, one line per optimizer."""
-    fig = plot_history({f"{r.optimizer} (lr {lr_text(r.lr)})": r.history for r in results},
-                       PANELS)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return plot_history({f"{r.optimizer} (lr {lr_text(r.lr)})": r.history for r in results},
+                        PANELS)
 
 
 def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
@@ -144,12 +148,15 @@ def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
 
 
 def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path) -> str:
-    """compare.png, compare.csv and compare.md into out; the table, to show too."""
+    """compare.png, compare.csv and compare.md into out, all three or none (a full disk, a
+    folder in one's place: the earlier comparison stays whole); the table, to show too."""
     rows = [r.row() for r in results]
     table = markdown(rows, cfg, source)
-    plot(results, out / "compare.png")
-    write_csv(out / "compare.csv", rows, FIELDS)
-    write_text(out / "compare.md", table)
+    fig = plot(results)
+    png, csv, md = (out / name for name in WRITTEN)
+    atomic_writes({png: lambda tmp: fig.savefig(tmp, format="png", dpi=120),
+                   csv: lambda tmp: tmp.write_text(csv_text(rows, FIELDS)),
+                   md: lambda tmp: tmp.write_text(table)})
     return table
 
 
@@ -175,6 +182,16 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path
     return results
 
 
+def check_places(out: Path, optimizers: list[str]) -> None:
+    """OutputError, before any run, for a place in `out` the comparison cannot write: a
+    folder where one of its files goes, a file where an optimizer's run folder goes."""
+    check_replaceable(out / name for name in WRITTEN)
+    for name in optimizers:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise OutputError(f"{out / name} is a file, where the {name} run of the comparison "
+                              "goes; move it away, or choose another --out.")
+
+
 def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
             warn: Log) -> tuple[list[Result], str | None]:
     """Train each optimizer in turn in cfg.out/<name>, each at its default LR (own_lrs: no --lr
@@ -186,6 +203,7 @@ def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
     # too when a failure leaves it empty
     try:
         with output_dir(out):
+            check_places(out, optimizers)  # now, not after the runs
             results = train_each(cfg, optimizers, own_lrs, out, log, warn)
             writer = writes_files()
     finally:  # the runs kept the process group for one another

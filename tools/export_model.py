@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common.errors import EngineError, ExportError
-from common.files import atomic_write, dead_link, made_for, not_a_file, resolved
+from common.files import atomic_write, dead_link, long_name, made_for, not_a_file, resolved
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton
@@ -70,6 +70,8 @@ def check_out(out: Path, source: Path, default: Path) -> None:
     overwritten by its export can no longer be resumed, evaluated or exported again."""
     if problem := not_a_file(out):
         raise ExportError(f"--out {out} {problem}; name the file to write.")
+    if problem := long_name(resolved(out, "--out")):  # the file written, through a link
+        raise ExportError(f"--out {out}: {problem}; choose a shorter name.")
     if resolved(out, "--out") == source.resolve():  # the checkpoint was read: no loop
         what = "is the checkpoint being exported"
     elif out.is_file() and holds_checkpoint(out):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from common.files import atomic_writes, csv_text, output_dir
+from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from common.hardware import native_bf16
 from engine import lr_range
 from engine.config import TrainConfig, resolve
@@ -61,13 +61,14 @@ def write_lr_curve(cfg: TrainConfig, start_lr: float, end_lr: float,
     out = Path(cfg.out)
     # a bad --out is found now, not after the sweep; a folder made here goes again when the
     # sweep or the writes after it fail (a full disk)
+    csv, png = out / "lr_find.csv", out / "lr_find.png"
     with output_dir(out):
+        check_replaceable((csv, png))  # a folder in their place: said now, not after the sweep
         result, main_process = find(cfg, start_lr, end_lr, iterations)
         if not main_process:
             return None
         fig = plot(result)
         # the table and its plot together: a full disk leaves neither new, not one of them
-        atomic_writes({
-            out / "lr_find.csv": lambda tmp: tmp.write_text(csv_text(rows(result))),
-            out / "lr_find.png": lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
+        atomic_writes({csv: lambda tmp: tmp.write_text(csv_text(rows(result))),
+                       png: lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
     return result

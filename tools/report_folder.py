@@ -14,6 +14,7 @@ import torch
 
 from common.errors import ReportError, listing
 from common.files import (
+    long_name,
     made_for,
     mount_point,
     resolved,
@@ -186,6 +187,8 @@ def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | Non
     with made_for(target):  # the folders above it, removed again when nothing is written
         sweep_dead_writers(target)
         inside = built_inside(target)
+        if not inside and (problem := long_name(target)):  # made whole under a longer name
+            raise ReportError(f"--out {target}: {problem}; choose a shorter --out.")
         folder = temporary_name(target / STAGED if inside else target)
         try:
             folder.mkdir()

@@ -6,6 +6,11 @@ ROAD removes the pixels a map ranks most relevant (and, separately, least releva
 in from their neighbours, and measures the model's confidence in the explained class. The
 combined score is (confidence drop when the most relevant go - drop when the least relevant
 go) / 2: higher is more faithful. Random maps are scored the same way, as the floor.
+
+Each map is scored by the order of its pixels (removal_order), ties broken in one fixed random
+order: pytorch-grad-cam removes the pixels at or above a percentile of the map, and a Grad-CAM
+map is mostly exact zeros (the ReLU), so at every percentile it removed them all, not the
+share it names.
 """
 
 from __future__ import annotations
@@ -18,19 +23,37 @@ from tools.report_inputs import CHUNK, in_chunks
 
 PERCENTILES = [20, 40, 60, 80]  # of pixels removed; pytorch-grad-cam's default is 10..90
 RANDOM = "random"  # the baseline's method name in the table
+TIE_SEED = 0  # the order in which tied pixels of a map are removed: one for every map
+
+
+def removal_order(maps: np.ndarray) -> np.ndarray:
+    """N x H x W maps as the ranks of their pixels scaled to [0, 1], distinct within each map:
+    the order ROAD removes them in, with ties (the zeros of a Grad-CAM map, a box's inside)
+    broken by a fixed random order of the positions. pytorch-grad-cam's thresholds then remove
+    the share of pixels a percentile names (Rong et al. remove a share of the pixels in the
+    map's order); a map of tied values lost all of its pixels at every percentile."""
+    flat = maps.reshape(len(maps), -1)
+    tiebreak = np.broadcast_to(np.random.default_rng(TIE_SEED).random(flat.shape[1]),
+                               flat.shape)
+    order = np.lexsort((tiebreak, flat), axis=-1)  # by value, then by the tie-break
+    ranks = np.empty(flat.shape, dtype=np.float32)
+    np.put_along_axis(ranks, order, np.arange(flat.shape[1], dtype=np.float32)[None], axis=-1)
+    return (ranks / max(flat.shape[1] - 1, 1)).reshape(maps.shape)
 
 
 def road(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
          maps: np.ndarray) -> np.ndarray:
-    """ROADCombined score of each image's map for its target class (softmax confidence)."""
-    # imported here, as in report_figures.cams: seconds that --help need not wait for
+    """ROADCombined score of each image's map for its target class (softmax confidence), the
+    map taken as the order of its pixels (removal_order)."""
+    # imported here, as in tools.cams.cams: seconds that --help need not wait for
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     metric = ROADCombined(percentiles=PERCENTILES)
     classes = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
     # the imputer works on contiguous CHW images; channels_last is only a layout
-    return np.asarray(metric(inputs.contiguous(), maps, classes, model), dtype=np.float64)
+    return np.asarray(metric(inputs.contiguous(), removal_order(maps), classes, model),
+                      dtype=np.float64)
 
 
 def random_maps(like: np.ndarray) -> np.ndarray:

@@ -91,7 +91,8 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
               f"{r['f1']:.2%} |" for r in hardest]
     lines += ["", "## Which explanation to trust", "",
               "ROAD score of each map for the predicted class of the images above (Rong et al. "
-              "2022, with pytorch-grad-cam's ROADCombined at 20/40/60/80% of pixels removed): "
+              "2022, with pytorch-grad-cam's ROADCombined at 20/40/60/80% of pixels removed, "
+              "tied pixels in a fixed random order): "
               "the confidence drop when the most relevant pixels are removed minus the drop "
               "when the least relevant are, halved. Higher is more faithful; random maps are "
               "the floor.", "",

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.cli import stop_if_interrupted, stop_signals_end_at_once
-from common.errors import TrainingError
+from common.errors import TrainingError, one_line
 from common.hardware import launched_processes, local_share, physical_cores, process_count
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
@@ -88,6 +88,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                                       dynamo_backend="no")
     except ValueError as error:  # an unknown tracker, or a launcher's variable it cannot read
         raise TrainingError(f"{error}{unread_variable(error)}") from None
+    except torch.distributed.DistNetworkError as error:  # rank 0 could not serve the store
+        raise TrainingError(store_failed(error)) from None
     if not cuda:  # after Accelerator: under mpirun it is what sets WORLD_SIZE and LOCAL_...
         share_cores()
     return accelerator
@@ -106,6 +108,20 @@ def unread_variable(error: ValueError) -> str:
     listed = ", ".join(f"{k}={v!r}" for k, v in read.items())
     return (f" (accelerate reads {listed} from the environment: correct or unset the one it "
             "cannot read)") if read else ""
+
+
+def store_failed(error: Exception) -> str:
+    """The message for a process group that could not start its store at MASTER_ADDR and
+    MASTER_PORT, which a process started without a launcher serves as rank 0 (torch's
+    DistNetworkError traceback): most often the port is another program's."""
+    where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')!r} "
+             f"MASTER_PORT={os.environ.get('MASTER_PORT')!r}")
+    if "EADDRINUSE" in str(error):
+        return (f"process 0 cannot serve the run's rendezvous at {where}: the port is in use "
+                "(by another run, or another program); set MASTER_PORT to a free port, the "
+                "same on every process of this run.")
+    return (f"the run's processes cannot meet at {where} ({one_line(error, 160)}); check both "
+            "variables, the same on every process of this run.")
 
 
 def share_cores() -> None:

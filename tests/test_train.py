@@ -238,6 +238,44 @@ def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):
     assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
 
 
+def rank_of(torchrun: int, rank: int) -> int:
+    """The pid of the process of `rank` that torchrun (pid `torchrun`) started."""
+    for child in Path(f"/proc/{torchrun}/task/{torchrun}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"torchrun {torchrun} has no process of rank {rank}")
+
+
+def test_a_process_killed_alone_leaves_the_main_one_saying_what_was_kept(data_dir, tmp_path):
+    """kill -9 of one process (the OOM killer's way) mid-run: the main process said only that
+    another process stopped first, and the killed one says nothing, so no line said that
+    ckpt.pt holds the last epoch and how to go on."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
+         "30", "--loader", "resident", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True, env=torchrun_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no epoch was saved"
+            time.sleep(0.02)
+        os.kill(rank_of(proc.pid, 1), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    done = len(history(out))
+    assert 0 < done < 30, stderr[-3000:]
+    # its error, or its Ctrl-C line where torchrun's SIGTERM to it comes first
+    said = [line for line in stderr.splitlines() if line.startswith(("error: process 0 of 2",
+                                                                     "interrupted: "))]
+    assert len(said) == 1, stderr[-3000:]
+    assert said[0].endswith(f"{out}/ckpt.pt holds epoch {done}; continue with --resume {out}"
+                            + "." * said[0].startswith("error")), said
+
+
 def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path):
     common = ["--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs", "3",
               "--loader", "resident"]

@@ -78,6 +78,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     if cfg.precision == "fp16" and not cuda:
         raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU.")
+    if not cuda and (problem := restarts_refused(cfg.out)):
+        raise TrainingError(problem)
     try:
         # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun);
         # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
@@ -108,6 +110,22 @@ def unread_variable(error: ValueError) -> str:
     listed = ", ".join(f"{k}={v!r}" for k, v in read.items())
     return (f" (accelerate reads {listed} from the environment: correct or unset the one it "
             "cannot read)") if read else ""
+
+
+def restarts_refused(out: str) -> str | None:
+    """Why a CPU run of several processes that torchrun may restart (--max-restarts, which it
+    passes on as TORCHELASTIC_MAX_RESTARTS) is refused, before its rendezvous; None where it
+    may not. Restarted after a failure, the processes waited in gloo's rendezvous (minutes,
+    until stopped) or failed there with a traceback, a plain script's too (torch 2.15); and
+    the restart of a new run would find its own run in --out."""
+    restarts = process_count(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if not restarts or launched_processes() < 2:
+        return None
+    return (f"torchrun --max-restarts {restarts} would start this run's processes again after a "
+            "failure, and several CPU processes started again wait in gloo's rendezvous, or "
+            "fail there, instead of training (the restart of a new run would also find its "
+            "own run in --out); leave --max-restarts (accelerate launch: --max_restarts) out, "
+            f"and continue a stopped run with --resume {out}.")
 
 
 def store_failed(error: Exception) -> str:

@@ -238,6 +238,27 @@ def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):
     assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
 
 
+def test_torchrun_restarts_of_several_cpu_processes_are_refused_before_they_hang(data_dir,
+                                                                                 tmp_path):
+    """torchrun --max-restarts starts every process again after one fails: started again, two
+    CPU processes waited in gloo's rendezvous (minutes, until stopped) or failed there with a
+    traceback, as a plain script's do; and a new run's restart finds its own run in --out."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--max-restarts", "1", *TRAIN[1:], *SMALL, "--synthetic-size", "300", "100",
+         "--data-dir", str(data_dir), "--epochs", "1", "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env=torchrun_env(tmp_path))
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
+    assert result.returncode != 0 and errors == {
+        "error: torchrun --max-restarts 1 would start this run's processes again after a "
+        "failure, and several CPU processes started again wait in gloo's rendezvous, or fail "
+        "there, instead of training (the restart of a new run would also find its own run in "
+        "--out); leave --max-restarts (accelerate launch: --max_restarts) out, and continue a "
+        f"stopped run with --resume {out}."}, result.stderr[-3000:]
+    assert result.stderr.count("Traceback") == 1 and not out.exists()  # torchrun's own
+
+
 def rank_of(torchrun: int, rank: int) -> int:
     """The pid of the process of `rank` that torchrun (pid `torchrun`) started."""
     for child in Path(f"/proc/{torchrun}/task/{torchrun}/children").read_text().split():

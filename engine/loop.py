@@ -359,6 +359,12 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         checkpoint_wait_s = fit(run, history, say)
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except Exception as error:
+        if isinstance(error, RunFailed) and not accelerator.is_main_process:
+            # diverged: found on every process at once (from reduced sums, or weights DDP
+            # keeps equal), and each printed the same paragraph
+            raise RunFailed(f"process {accelerator.process_index} of "
+                            f"{accelerator.num_processes} stops with process 0, which says why "
+                            "and what to run next") from None
         if accelerator.num_processes > 1 and peer_gone(error):  # not a traceback of its own
             # the collective's own words too: all of them fail alike when, say, NCCL cannot
             # start, and then no other process has more to say; the main process, whose

@@ -469,6 +469,24 @@ def test_divergence_stops_with_the_epoch_and_batch(data_dir, tmp_path):
     assert not (out / "ckpt.pt").exists()  # no good epoch: nothing claims to be one
 
 
+def test_divergence_on_several_processes_is_said_once(data_dir, tmp_path):
+    """Every process finds a divergence at once (from the sums they share), and each printed
+    the same paragraph; now the main process says it, each other one that it stopped too."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--synthetic-size", "1000", "200", "--data-dir", str(data_dir), "--epochs",
+         "1", "--loader", "resident", "--lr", "1e8", "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env=torchrun_env(tmp_path))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
+    stopped = "error: process 1 of 2 stops with process 0, which says why and what to run next"
+    assert stopped in errors, errors
+    said = errors[1 - errors.index(stopped)]
+    assert "became NaN or infinite in epoch 1" in said and "--lr" in said, said
+    assert not (out / "ckpt.pt").exists()
+
+
 def test_an_existing_run_is_not_overwritten(two_epoch_run):
     before = (two_epoch_run / "ckpt.pt").stat().st_mtime_ns
     result = train("--out", str(two_epoch_run), timeout=120)

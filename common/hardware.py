@@ -74,13 +74,22 @@ def process_count(value: str) -> int | None:
 def launched_processes() -> int:
     """This run's processes as torchrun or accelerate launch started them (their WORLD_SIZE);
     1 for a plain `python` run. A WORLD_SIZE that is no count of processes (left over in a
-    shell, say) is refused by name."""
+    shell, say) is refused by name, and so is a RANK of no process of it: set by hand, it
+    waited in the rendezvous for ever, for peers that no rank can complete (a RANK that is no
+    number, accelerate's own error names)."""
     value = os.environ.get("WORLD_SIZE", "1")
-    if count := process_count(value):
-        return count
-    raise SetupError(f"WORLD_SIZE={value!r} is not a number of processes: torchrun and "
-                     "accelerate launch set it; unset it (`unset WORLD_SIZE`) for a "
-                     "one-process run.")
+    if not (count := process_count(value)):
+        raise SetupError(f"WORLD_SIZE={value!r} is not a number of processes: torchrun and "
+                         "accelerate launch set it; unset it (`unset WORLD_SIZE`) for a "
+                         "one-process run.")
+    rank = os.environ.get("RANK", "0")
+    with contextlib.suppress(ValueError):
+        if count > 1 and not 0 <= int(rank) < count:
+            raise SetupError(f"RANK={rank!r} is no process of WORLD_SIZE={count} (0 to "
+                             f"{count - 1}): torchrun and accelerate launch set both; give each "
+                             "process its own RANK in that range, or unset both for a "
+                             "one-process run.")
+    return count
 
 
 def cpu_model() -> str:

@@ -310,13 +310,21 @@ def stopped(accelerator, out: Path) -> Interrupted:
     if not accelerator.is_main_process:
         return Interrupted(f"process {accelerator.process_index} of {accelerator.num_processes} "
                            "stopped; process 0 says what was kept")
+    try:
+        return Interrupted(kept(out))
+    except KeyboardInterrupt:  # a second Ctrl-C as ckpt.pt is read: what was kept still counts
+        return Interrupted(kept(out, "the last epoch saved"))
+
+
+def kept(out: Path, held: str | None = None) -> str:
+    """What a run that stopped early kept in `out` and how to go on, said by the main process
+    once its writer is done: the epoch ckpt.pt holds (read, not the history in memory: a
+    Ctrl-C during a save keeps the previous one; `held` instead where it cannot be read) and
+    the --resume command, or that nothing was saved."""
     if (out / "ckpt.pt").exists():
-        try:  # read, not the history in memory: a Ctrl-C during a save keeps the previous one
-            held = f"epoch {len(checkpoint.load(out / 'ckpt.pt')['history'])}"
-        except KeyboardInterrupt:  # a second Ctrl-C as it is read: what was kept still counts
-            held = "the last epoch saved"
-        return Interrupted(f"{out}/ckpt.pt holds {held}; continue with --resume {out}")
-    return Interrupted("no epoch had finished, so nothing was saved; run the same command again")
+        held = held or f"epoch {len(checkpoint.load(out / 'ckpt.pt')['history'])}"
+        return f"{out}/ckpt.pt holds {held}; continue with --resume {out}"
+    return "no epoch had finished, so nothing was saved; run the same command again"
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
@@ -351,13 +359,21 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         checkpoint_wait_s = fit(run, history, say)
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except Exception as error:
+        if isinstance(error, RunFailed) and not accelerator.is_main_process:
+            # diverged: found on every process at once (from reduced sums, or weights DDP
+            # keeps equal), and each printed the same paragraph
+            raise RunFailed(f"process {accelerator.process_index} of "
+                            f"{accelerator.num_processes} stops with process 0, which says why "
+                            "and what to run next") from None
         if accelerator.num_processes > 1 and peer_gone(error):  # not a traceback of its own
             # the collective's own words too: all of them fail alike when, say, NCCL cannot
-            # start, and then no other process has more to say
+            # start, and then no other process has more to say; the main process, whose
+            # writer is done, says what was kept (a peer killed, or stopped alone, says not)
+            said = f" {kept(out)}." if accelerator.is_main_process else ""
             raise TrainingError(f"process {accelerator.process_index} of "
                                 f"{accelerator.num_processes} stops: most often another process "
                                 "of this run stopped first, and its own message says why (here "
-                                f"a collective failed: {one_line(error, 160)}).") from None
+                                f"a collective failed: {one_line(error, 160)}).{said}") from None
         for loader in (run.train_loader, run.test_loader) if run else ():
             if (died := loader.worker_died(error)) is not None:  # raised in next(), or by
                 raise died from None  # torch's handler of the worker's SIGCHLD, anywhere

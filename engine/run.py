@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from common.cli import stop_if_interrupted, stop_signals_end_at_once
-from common.errors import TrainingError
+from common.errors import TrainingError, one_line
 from common.hardware import launched_processes, local_share, physical_cores, process_count
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
@@ -78,6 +78,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     if cfg.precision == "fp16" and not cuda:
         raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU.")
+    if not cuda and (problem := restarts_refused(cfg.out)):
+        raise TrainingError(problem)
     try:
         # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun);
         # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
@@ -88,6 +90,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                                       dynamo_backend="no")
     except ValueError as error:  # an unknown tracker, or a launcher's variable it cannot read
         raise TrainingError(f"{error}{unread_variable(error)}") from None
+    except torch.distributed.DistNetworkError as error:  # rank 0 could not serve the store
+        raise TrainingError(store_failed(error)) from None
     if not cuda:  # after Accelerator: under mpirun it is what sets WORLD_SIZE and LOCAL_...
         share_cores()
     return accelerator
@@ -106,6 +110,36 @@ def unread_variable(error: ValueError) -> str:
     listed = ", ".join(f"{k}={v!r}" for k, v in read.items())
     return (f" (accelerate reads {listed} from the environment: correct or unset the one it "
             "cannot read)") if read else ""
+
+
+def restarts_refused(out: str) -> str | None:
+    """Why a CPU run of several processes that torchrun may restart (--max-restarts, which it
+    passes on as TORCHELASTIC_MAX_RESTARTS) is refused, before its rendezvous; None where it
+    may not. Restarted after a failure, the processes waited in gloo's rendezvous (minutes,
+    until stopped) or failed there with a traceback, a plain script's too (torch 2.15); and
+    the restart of a new run would find its own run in --out."""
+    restarts = process_count(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if not restarts or launched_processes() < 2:
+        return None
+    return (f"torchrun --max-restarts {restarts} would start this run's processes again after a "
+            "failure, and several CPU processes started again wait in gloo's rendezvous, or "
+            "fail there, instead of training (the restart of a new run would also find its "
+            "own run in --out); leave --max-restarts (accelerate launch: --max_restarts) out, "
+            f"and continue a stopped run with --resume {out}.")
+
+
+def store_failed(error: Exception) -> str:
+    """The message for a process group that could not start its store at MASTER_ADDR and
+    MASTER_PORT, which a process started without a launcher serves as rank 0 (torch's
+    DistNetworkError traceback): most often the port is another program's."""
+    where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')!r} "
+             f"MASTER_PORT={os.environ.get('MASTER_PORT')!r}")
+    if "EADDRINUSE" in str(error):
+        return (f"process 0 cannot serve the run's rendezvous at {where}: the port is in use "
+                "(by another run, or another program); set MASTER_PORT to a free port, the "
+                "same on every process of this run.")
+    return (f"the run's processes cannot meet at {where} ({one_line(error, 160)}); check both "
+            "variables, the same on every process of this run.")
 
 
 def share_cores() -> None:

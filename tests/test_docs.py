@@ -31,7 +31,8 @@ OTHERS = {"--cpu", "--machine_rank", "--main_process_ip", "--main_process_port",
           "--mpirun_hostfile", "--multi_gpu", "--num_machines", "--num_processes",
           "--master_addr", "--nnodes", "--node_rank", "--nproc_per_node", "--no-deps",
           "--no-index", "--target", "--no-", "--mixed_precision", "--dynamo_backend",
-          "--logdir"}
+          "--logdir", "--master_port",
+          "--max-restarts", "--max_restarts"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target
 

@@ -91,3 +91,25 @@ def test_a_node_waiting_for_a_peer_that_never_comes_stops_on_a_signal(tmp_path, 
             proc.kill()  # where the signal did nothing
     assert proc.returncode == code and stderr.splitlines()[-1] == "interrupted", stderr
     assert "Traceback" not in stderr and not out.exists()
+
+
+def test_a_master_port_another_program_holds_is_named(tmp_path):
+    """Rank 0 started by hand (srun-style variables) serves the rendezvous's store at
+    MASTER_PORT: a port another program listens on ended in torch's DistNetworkError
+    traceback (EADDRINUSE)."""
+    out = tmp_path / "run"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        result = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), *TINY,
+                                 "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"error: process 0 cannot serve the run's rendezvous at MASTER_ADDR='127.0.0.1' "
+        f"MASTER_PORT='{port}': the port is in use (by another run, or another program); set "
+        "MASTER_PORT to a free port, the same on every process of this run.")
+    assert "Traceback" not in result.stderr and not out.exists()

@@ -344,6 +344,23 @@ def test_a_world_size_that_is_no_count_is_refused_by_name(value, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rank", ["2", "-1"])
+def test_a_rank_of_no_process_of_the_world_size_is_refused_by_name(rank, tmp_path):
+    """A process started by hand (srun-style variables) with a RANK outside 0..WORLD_SIZE-1
+    waited in the rendezvous for ever: no set of peers can complete it."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    result = train("--data-dir", data, "--out", out, timeout=300, env=env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result) == (
+        f"error: RANK={rank!r} is no process of WORLD_SIZE=2 (0 to 1): torchrun and accelerate "
+        "launch set both; give each process its own RANK in that range, or unset both for a "
+        "one-process run.")
+    assert not out.exists() and not data.exists()  # refused before any work
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "abc"])
 def test_a_numba_thread_count_that_is_no_count_is_refused_by_name(value, tmp_path):
     """numba reads NUMBA_NUM_THREADS as FFCV imports it: 0 was a traceback from inside that

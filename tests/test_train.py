@@ -238,6 +238,65 @@ def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):
     assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
 
 
+def test_torchrun_restarts_of_several_cpu_processes_are_refused_before_they_hang(data_dir,
+                                                                                 tmp_path):
+    """torchrun --max-restarts starts every process again after one fails: started again, two
+    CPU processes waited in gloo's rendezvous (minutes, until stopped) or failed there with a
+    traceback, as a plain script's do; and a new run's restart finds its own run in --out."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--max-restarts", "1", *TRAIN[1:], *SMALL, "--synthetic-size", "300", "100",
+         "--data-dir", str(data_dir), "--epochs", "1", "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env=torchrun_env(tmp_path))
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
+    assert result.returncode != 0 and errors == {
+        "error: torchrun --max-restarts 1 would start this run's processes again after a "
+        "failure, and several CPU processes started again wait in gloo's rendezvous, or fail "
+        "there, instead of training (the restart of a new run would also find its own run in "
+        "--out); leave --max-restarts (accelerate launch: --max_restarts) out, and continue a "
+        f"stopped run with --resume {out}."}, result.stderr[-3000:]
+    assert result.stderr.count("Traceback") == 1 and not out.exists()  # torchrun's own
+
+
+def rank_of(torchrun: int, rank: int) -> int:
+    """The pid of the process of `rank` that torchrun (pid `torchrun`) started."""
+    for child in Path(f"/proc/{torchrun}/task/{torchrun}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"torchrun {torchrun} has no process of rank {rank}")
+
+
+def test_a_process_killed_alone_leaves_the_main_one_saying_what_was_kept(data_dir, tmp_path):
+    """kill -9 of one process (the OOM killer's way) mid-run: the main process said only that
+    another process stopped first, and the killed one says nothing, so no line said that
+    ckpt.pt holds the last epoch and how to go on."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
+         "30", "--loader", "resident", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True, env=torchrun_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no epoch was saved"
+            time.sleep(0.02)
+        os.kill(rank_of(proc.pid, 1), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    done = len(history(out))
+    assert 0 < done < 30, stderr[-3000:]
+    # its error, or its Ctrl-C line where torchrun's SIGTERM to it comes first
+    said = [line for line in stderr.splitlines() if line.startswith(("error: process 0 of 2",
+                                                                     "interrupted: "))]
+    assert len(said) == 1, stderr[-3000:]
+    assert said[0].endswith(f"{out}/ckpt.pt holds epoch {done}; continue with --resume {out}"
+                            + "." * said[0].startswith("error")), said
+
+
 def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path):
     common = ["--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs", "3",
               "--loader", "resident"]
@@ -408,6 +467,24 @@ def test_divergence_stops_with_the_epoch_and_batch(data_dir, tmp_path):
     assert result.returncode == 1
     assert "NaN or infinite in epoch 1, batch" in result.stderr
     assert not (out / "ckpt.pt").exists()  # no good epoch: nothing claims to be one
+
+
+def test_divergence_on_several_processes_is_said_once(data_dir, tmp_path):
+    """Every process finds a divergence at once (from the sums they share), and each printed
+    the same paragraph; now the main process says it, each other one that it stopped too."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--synthetic-size", "1000", "200", "--data-dir", str(data_dir), "--epochs",
+         "1", "--loader", "resident", "--lr", "1e8", "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env=torchrun_env(tmp_path))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
+    stopped = "error: process 1 of 2 stops with process 0, which says why and what to run next"
+    assert stopped in errors, errors
+    said = errors[1 - errors.index(stopped)]
+    assert "became NaN or infinite in epoch 1" in said and "--lr" in said, said
+    assert not (out / "ckpt.pt").exists()
 
 
 def test_an_existing_run_is_not_overwritten(two_epoch_run):

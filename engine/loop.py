@@ -341,10 +341,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
         history = checkpoint.restore(run, ckpt, ckpt_path) if ckpt else []
         trained_on = ckpt.get("processes") if ckpt else None
         if trained_on not in (None, accelerator.num_processes):
-            say(f"{ckpt_path} trained on {trained_on} processes, this run has "
-                f"{accelerator.num_processes}: its steps now take {accelerator.num_processes} "
-                f"x {run.train_loader.batch_size} images, and the schedule goes on from epoch "
-                f"{len(history)}.")
+            procs = accelerator.num_processes
+            say(f"{ckpt_path} trained on {trained_on} process{'es' * (trained_on != 1)}, "
+                f"this run has {procs}: its steps now take {procs} x {run.train_loader.batch_size} "
+                f"images, and the schedule goes on from epoch {len(history)}.")
         n = torch.get_num_threads()
         threads = f", {n} thread{'s' * (n != 1)} each" if accelerator.device.type == "cpu" else ""
         say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}"

@@ -419,13 +419,13 @@ def test_a_file_among_the_outs_folders_is_named(run_dir, tmp_path, capsys):
 
 
 def test_an_out_too_long_for_its_temporary_is_named_as_such(run_dir, tmp_path, capsys):
-    """The report is made in `.<name>.<pid>.tmp` beside --out: a 248-byte name fits the file
-    system but not that, and was 'could not be written there (File name too long); choose a
-    writable --out'."""
-    out = tmp_path / "new" / ("r" * 248)
+    """The report is made in `.<name>.<pid>.tmp` beside --out: a 250-byte name fits the file
+    system but not that (257 bytes or more, whatever the pid), and was 'could not be written
+    there (File name too long); choose a writable --out'."""
+    out = tmp_path / "new" / ("r" * 250)
     assert report.main([str(run_dir / "ckpt.pt"), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --out {out}: its name is too long (248 bytes; this file "
+    assert err.startswith(f"error: --out {out}: its name is too long (250 bytes; this file "
                           "system takes 255, less "), err
     assert err.endswith(" for the temporary it is written as first); choose a shorter "
                         "--out.\n"), err

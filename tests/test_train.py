@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -192,26 +193,37 @@ def test_accelerate_launch_neither_compiles_nor_narrows_a_cpu_run_behind_its_bac
     assert not any(cache.rglob("*"))  # inductor writes its cache as soon as it compiles
 
 
-def test_ctrl_c_on_several_processes_says_once_what_was_kept(data_dir, tmp_path):
-    """A terminal's Ctrl-C reaches every process of the run. Each said what ckpt.pt held as
-    it saw it, where only the main process waits for its writer: the lines could disagree.
-    Now the main process says it, the others that they stopped. (torchrun's own traceback for
-    the signal it got is its own.)"""
+def stopped_mid_run(data_dir: Path, tmp_path: Path, epochs: int,
+                    stop: Callable[[int], None]) -> tuple[subprocess.Popen, str, Path]:
+    """A two-process resident run under torchrun, stop(torchrun's pid) called once it saved
+    its first epoch: the finished process, its stderr and the run folder."""
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
          *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
-         "20", "--loader", "resident", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True, env=torchrun_env(tmp_path))
+         str(epochs), "--loader", "resident", "--out", str(out)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=torchrun_env(tmp_path))
     try:
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists():
             assert time.monotonic() < deadline and proc.poll() is None, "no epoch was saved"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal sends it
+        stop(proc.pid)
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
+    return proc, stderr, out
+
+
+def test_ctrl_c_on_several_processes_says_once_what_was_kept(data_dir, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the run. Each said what ckpt.pt held as
+    it saw it, where only the main process waits for its writer: the lines could disagree.
+    Now the main process says it, the others that they stopped. (torchrun's own traceback for
+    the signal it got is its own.)"""
+    # the whole group, as a terminal sends it
+    _, stderr, out = stopped_mid_run(data_dir, tmp_path, 20,
+                                     lambda pid: os.killpg(pid, signal.SIGINT))
     lines = sorted(line for line in stderr.splitlines() if line.startswith("interrupted: "))
     assert len(lines) == 2, stderr[-3000:]
     assert re.fullmatch(rf"interrupted: {re.escape(str(out))}/ckpt.pt holds epoch \d+; "
@@ -271,21 +283,8 @@ def test_a_process_killed_alone_leaves_the_main_one_saying_what_was_kept(data_di
     """kill -9 of one process (the OOM killer's way) mid-run: the main process said only that
     another process stopped first, and the killed one says nothing, so no line said that
     ckpt.pt holds the last epoch and how to go on."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
-         *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
-         "30", "--loader", "resident", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True, env=torchrun_env(tmp_path))
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "no epoch was saved"
-            time.sleep(0.02)
-        os.kill(rank_of(proc.pid, 1), signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc, stderr, out = stopped_mid_run(data_dir, tmp_path, 30,
+                                        lambda pid: os.kill(rank_of(pid, 1), signal.SIGKILL))
     assert proc.returncode != 0
     done = len(history(out))
     assert 0 < done < 30, stderr[-3000:]

@@ -84,7 +84,10 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
     hardest = sorted(classes, key=lambda r: r["recall"])[:5]
     lines += ["", "## Hardest classes", "",
               "Per-class accuracy is the share of a class's test images classified correctly, "
-              "which is the same number as its recall.", "",
+              "which is the same number as its recall. It, the confusion matrix and the "
+              "misclassified images come from this report's evaluation (fp32, no TTA), as "
+              "the maps explain one forward pass; the training run's accuracies above are "
+              "its own.", "",
               "| class | support | precision | recall (= accuracy) | F1 |",
               "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {cell(r['name'])} | {r['support']} | {r['precision']:.2%} | {r['recall']:.2%} | "

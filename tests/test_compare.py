@@ -193,7 +193,13 @@ def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
     result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "adam",
                      "--epochs", "1", "--width", "16", "--out", str(again))
     assert result.returncode == 1 and "Traceback" not in result.stderr
+    # said as the comparison's, as a --width (or --lr) given to the earlier one and left out
+    # here would be named too
+    assert result.stderr.startswith(f"error: {again / 'adam'} holds a run of an earlier "
+                                    "comparison that this one cannot continue: ")
     assert f"--width cannot change when resuming {again / 'adam'}" in result.stderr
+    assert result.stderr.endswith("Give compare that comparison's options (its runs' "
+                                  "config.json) to continue it.\n")
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from common.errors import Interrupted, OutputError, RangeTestError, RunFailed
+from common.errors import CheckpointError, Interrupted, OutputError, RangeTestError, RunFailed
 from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from common.hardware import launched_processes
 from engine import checkpoint
@@ -112,6 +112,14 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log
         if writes_files():  # every process failed alike: one says so
             warn(f"error: {optimizer}: {error}")
         return Result(optimizer, lr, saved_history(out), str(error))
+    except CheckpointError as error:
+        if resume is None:
+            raise
+        # the options it names may be ones this command left out (an --lr the earlier
+        # comparison was given): say where they come from
+        raise CheckpointError(f"{out} holds a run of an earlier comparison that this one "
+                              f"cannot continue: {error} Give compare that comparison's "
+                              f"options (its runs' config.json) to continue it.") from None
 
 
 def saved_history(run_dir: Path) -> list[dict]:

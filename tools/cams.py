@@ -12,6 +12,9 @@ from common.errors import ReportError
 from tools.options import METHODS
 
 CLASS_AGNOSTIC = {"eigencam"}  # a principal component of the activations: no target class
+# images per CAM (or ROAD) pass, for report and predict: what sets the memory a pass takes,
+# however many images are explained
+CAM_BATCH = 256
 
 
 def has_map(module: nn.Module) -> bool:

@@ -30,9 +30,8 @@ from engine.evaluate import probabilities
 from engine.failures import out_of_memory_as
 from loaders.augment import Augment
 from loaders.images import expand, read_image
-from tools.cams import cams, layer_of, overlay
+from tools.cams import CAM_BATCH, cams, layer_of, overlay
 
-BATCH = 256  # pictures per Grad-CAM pass
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
 PROGRESS_FROM = 100  # pictures from which a progress bar is worth showing
 
@@ -178,11 +177,11 @@ def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray
     names = cam_names(pictures.readable)
     try:
         staging.mkdir()
-        for start in range(0, len(pictures.images), BATCH):
-            chunk = pictures.images[start:start + BATCH]
+        for start in range(0, len(pictures.images), CAM_BATCH):
+            chunk = pictures.images[start:start + CAM_BATCH]
             inputs = classifier.to_input(torch.from_numpy(chunk).to(classifier.to_input.device))
-            maps = cams(classifier.model, inputs, predicted[start:start + BATCH], layer)
-            for image, cam, name in zip(chunk, maps, names[start:start + BATCH], strict=True):
+            maps = cams(classifier.model, inputs, predicted[start:start + CAM_BATCH], layer)
+            for image, cam, name in zip(chunk, maps, names[start:start + CAM_BATCH], strict=True):
                 Image.fromarray(overlay(image, cam)).resize(
                     (32 * CAM_SCALE, 32 * CAM_SCALE), Image.Resampling.NEAREST,
                 ).save(staging / name, format="PNG")

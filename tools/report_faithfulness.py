@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tools.report_inputs import CHUNK, in_chunks
+from tools.cams import CAM_BATCH
+from tools.report_inputs import in_chunks
 
 PERCENTILES = [20, 40, 60, 80]  # of pixels removed; pytorch-grad-cam's default is 10..90
 RANDOM = "random"  # the baseline's method name in the table
@@ -63,7 +64,7 @@ def random_maps(like: np.ndarray) -> np.ndarray:
 
 
 def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
-                 maps: dict[tuple[str, str], np.ndarray], chunk: int = CHUNK) -> list[dict]:
+                 maps: dict[tuple[str, str], np.ndarray], chunk: int = CAM_BATCH) -> list[dict]:
     """A row per (method, layer) and one for random maps, best first: mean and spread of the
     ROAD score over the images, scored `chunk` images at a time."""
     if not len(targets):

@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 
 from common.errors import shown
 from common.progress import track
-from tools.cams import CLASS_AGNOSTIC, cams, overlay
+from tools.cams import CAM_BATCH, CLASS_AGNOSTIC, cams, overlay
 from tools.plots import Panel, plot_history
-from tools.report_inputs import CHUNK, Inputs, in_chunks, normalized
+from tools.report_inputs import Inputs, in_chunks, normalized
 
 
 def plain_text() -> AbstractContextManager:
@@ -153,7 +153,7 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
 
 
 def explain(run: Inputs, probs: np.ndarray, indices: np.ndarray, layers: list[str],
-            methods: list[str], chunk: int = CHUNK) -> dict[tuple[str, str, str], np.ndarray]:
+            methods: list[str], chunk: int = CAM_BATCH) -> dict[tuple[str, str, str], np.ndarray]:
     """CAMs of the images at `indices` for their predicted and their true class:
     {(method, layer, "predicted" or "true"): N x 32 x 32}, made `chunk` images at a time;
     EigenCAM's, which no class changes, is made once and given for both."""

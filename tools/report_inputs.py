@@ -20,8 +20,6 @@ from engine.evaluate import probabilities
 from loaders import beton
 from loaders.preparation import prepare
 
-CHUNK = 256  # images per CAM or ROAD pass: what sets the memory a pass takes, not -n
-
 
 @dataclass
 class Inputs:

@@ -70,9 +70,10 @@ def check_out(out: Path, source: Path, default: Path) -> None:
     overwritten by its export can no longer be resumed, evaluated or exported again."""
     if problem := not_a_file(out):
         raise ExportError(f"--out {out} {problem}; name the file to write.")
-    if problem := long_name(resolved(out, "--out")):  # the file written, through a link
+    target = resolved(out, "--out")  # the file written, through a link
+    if problem := long_name(target):
         raise ExportError(f"--out {out}: {problem}; choose a shorter name.")
-    if resolved(out, "--out") == source.resolve():  # the checkpoint was read: no loop
+    if target == source.resolve():  # the checkpoint was read: no loop
         what = "is the checkpoint being exported"
     elif out.is_file() and holds_checkpoint(out):
         what = "is a cifar10-engine checkpoint"

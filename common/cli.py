@@ -26,8 +26,10 @@ from common.files import dead_link
 T = TypeVar("T")  # the value type of an argparse type below
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of its own
-# SIGTERM (timeout, Slurm, docker stop) stops as cleanly as Ctrl-C, with the shell's 128 + 15
-STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM}
+# SIGTERM (timeout, Slurm, docker stop) and SIGHUP (the terminal or SSH session closed; torchrun
+# hands its workers a SIGTERM for it) stop as cleanly as Ctrl-C, with the shell's 128 + signal
+STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM,
+                signal.SIGHUP: 128 + signal.SIGHUP}
 _stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
@@ -56,7 +58,7 @@ def error_line(text: str) -> None:
     into each other. Where no one reads stderr any more, nothing is said."""
     try:
         sys.stderr.write(f"{text}\n")
-    except BrokenPipeError:
+    except OSError:  # a pipe's reader gone, or a hung-up terminal's EIO: no one to tell
         quiet_if_gone(sys.stderr)
 
 
@@ -103,10 +105,11 @@ def _quiet_lost_stop(previous: Callable) -> Callable:
 
 @contextmanager
 def stop_signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have: for work
-    an interrupt must not cut in two (a lock taken and never released, a fork hook that drops
-    the interrupt). A handler that only takes note, not a blocked signal mask: Python runs
-    handlers in the main thread whichever thread the signal reached (numba's, torch's)."""
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as they would have:
+    for work an interrupt must not cut in two (a lock taken and never released, a fork hook
+    that drops the interrupt). A handler that only takes note, not a blocked signal mask:
+    Python runs handlers in the main thread whichever thread the signal reached (numba's,
+    torch's)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread gets Python's signal handlers
         return
@@ -128,10 +131,10 @@ def stop_signals_held() -> Iterator[None]:
 
 @contextmanager
 def stop_signals_end_at_once() -> Iterator[None]:
-    """For a block that waits inside C++, where Python's signal handlers never run: Ctrl-C or
-    SIGTERM then ends the process at once, run_main's line and code. For torch.distributed's
-    rendezvous, which waits for a peer that may never come (a node that did not start), and
-    writes nothing that could be left half done."""
+    """For a block that waits inside C++, where Python's signal handlers never run: Ctrl-C,
+    SIGTERM or SIGHUP then ends the process at once, run_main's line and code. For
+    torch.distributed's rendezvous, which waits for a peer that may never come (a node that did
+    not start), and writes nothing that could be left half done."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -159,7 +162,8 @@ def stop_signals_end_at_once() -> Iterator[None]:
 
 
 def stopped_code() -> int:
-    """The exit code of a command stopped by a signal: 130 for Ctrl-C, 143 for SIGTERM."""
+    """The exit code of a command stopped by a signal: 130 for Ctrl-C, 143 for SIGTERM, 129
+    for SIGHUP."""
     return STOP_SIGNALS.get(_stopped_by[0], INTERRUPTED) if _stopped_by else INTERRUPTED
 
 
@@ -313,7 +317,7 @@ def spare_last_collection() -> None:
 
 def run_main(body: Callable[[], int | None]) -> int:
     """Call a command's body; EngineError -> 'error: ...' and 1, Ctrl-C -> one line and 130
-    (SIGTERM: 143).
+    (SIGTERM: 143, SIGHUP: 129).
 
     At exit, spare_last_collection; atexit callbacks and module teardown still run.
     """

@@ -68,8 +68,8 @@ class ImageDataset(Dataset):
 
 
 def _stop_quietly(worker_id: int) -> None:
-    """A worker's init: Ctrl-C and SIGTERM, which a terminal, `timeout` or Slurm send to the
-    whole group, end it as torch's worker loop ends on Ctrl-C, quietly and with status 0 (the
+    """A worker's init: Ctrl-C, SIGTERM and SIGHUP, which a terminal, `timeout` or Slurm send to
+    the whole group, end it as torch's worker loop ends on Ctrl-C, quietly and with status 0 (the
     parent stops). torch's own SIGTERM handler lets a SIGTERM not sent by the parent kill the
     worker, which the parent then reported after its own line: 'Exception ignored in:
     <function _MultiProcessingDataLoaderIter.__del__ ...> ... RuntimeError: DataLoader worker

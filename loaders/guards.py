@@ -186,8 +186,8 @@ def guarded(loader: Iterable[tuple]) -> Iterator[tuple]:
 
 def _quiet_worker(errors: multiprocessing.queues.Queue, work: Callable[..., None],
                   *args: object) -> None:
-    """A writer worker that ignores Ctrl-C and SIGTERM, which a terminal, `timeout` or Slurm
-    send to the whole group (the parent stops it; it starts with them held, so none arrives
+    """A writer worker that ignores Ctrl-C, SIGTERM and SIGHUP, which a terminal, `timeout` or
+    Slurm send to the whole group (the parent stops it; it starts with them held, so none arrives
     before), and reports its failure to the parent as one line instead of a traceback."""
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)

@@ -8,7 +8,9 @@ import gc
 import json
 import os
 import pickle
+import pty
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -897,6 +899,36 @@ def test_ctrl_c_during_lr_auto_does_not_advise_resuming(data_dir, tmp_path):
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "--resume" not in stderr
     assert "nothing was saved" in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux's setsid")
+def test_a_closed_terminal_stops_training_as_cleanly_as_ctrl_c(data_dir, tmp_path):
+    """An SSH session dropped: its terminal hangs up, the kernel sends the run SIGHUP, and the
+    run's writes to the terminal fail (EIO). SIGHUP killed the run on the spot, whatever it
+    was writing; now it stops as Ctrl-C does: exit 129, every finished epoch kept, no lock or
+    temporary left."""
+    out = tmp_path / "out"
+    terminal, run_side = pty.openpty()
+    # setsid --ctty: the run leads a session whose controlling terminal is the pty, as a login
+    # shell's command is
+    proc = subprocess.Popen(["setsid", "--ctty", "--wait", sys.executable,
+                             str(ROOT / "engine" / "train.py"), *TINY, "--data-dir",
+                             str(data_dir), "--epochs", "30", "--out", str(out)],
+                            cwd=ROOT, stdin=run_side, stdout=run_side, stderr=run_side)
+    os.close(run_side)
+    said = bytearray()
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists():  # the terminal read meanwhile, as a user's is
+        assert time.monotonic() < deadline and proc.poll() is None, said.decode()[-3000:]
+        if select.select([terminal], [], [], 0.05)[0]:
+            with suppress(OSError):
+                said += os.read(terminal, 65536)
+    os.close(terminal)  # the hang-up
+    assert proc.wait(timeout=120) == 129, said.decode()[-3000:]
+    done = len(history(out))
+    assert 0 < done < 30 and checkpoint.load(out / "ckpt.pt")["epoch"] == done
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.slow

@@ -137,13 +137,15 @@ def test_misclassified_and_per_class_match_an_independent_evaluation(report_dir,
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
+def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method, capfd):
+    """...and say nothing: ScoreCAM drew a progress bar for each image it explained."""
     inputs = report_inputs.normalized(loaded, np.arange(3))
     assert inputs.shape == (3, 3, 32, 32)
     for layer in ("layer2", "layer3", "layer4"):
         maps = cams.cams(loaded.model, inputs, loaded.labels[:3], layer, method)
         assert maps.shape == (3, 32, 32)
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert capfd.readouterr().err == ""
 
 
 def test_gradcam_peaks_on_the_object(loaded):

@@ -4,6 +4,11 @@ imported only when a map is made."""
 
 from __future__ import annotations
 
+import functools
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -49,8 +54,26 @@ def cams(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray, layer: str
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     method_class = getattr(pytorch_grad_cam, METHODS[method])
-    with method_class(model=model, target_layers=[layer_of(model, layer)]) as cam:
+    with method_class(model=model, target_layers=[layer_of(model, layer)]) as cam, \
+            _without_progress_bars():
+        cam.batch_size = CAM_BATCH  # ScoreCAM's masked copies of an image per pass (its own: 16)
         return cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+@contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """pytorch-grad-cam's ScoreCAM draws a tqdm bar for each image it explains (a report of 20
+    images, two classes and three layers: 120 bars) and has no option to hide them: for the
+    block, the tqdm its module calls draws none."""
+    import tqdm
+    from pytorch_grad_cam import score_cam
+
+    drawn = score_cam.tqdm
+    score_cam.tqdm = types.SimpleNamespace(tqdm=functools.partial(tqdm.tqdm, disable=True))
+    try:
+        yield
+    finally:
+        score_cam.tqdm = drawn
 
 
 def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import errno
 import gc
 import math
@@ -22,6 +23,7 @@ from typing import NoReturn, TextIO, TypeVar
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
 from common.files import dead_link
+from common.hardware import launched
 
 T = TypeVar("T")  # the value type of an argparse type below
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
@@ -30,6 +32,7 @@ INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of it
 # hands its workers a SIGTERM for it) stop as cleanly as Ctrl-C, with the shell's 128 + signal
 STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM,
                 signal.SIGHUP: 128 + signal.SIGHUP}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent thread ends
 _stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
@@ -84,6 +87,16 @@ def _on_stop_signal(signum: int, frame) -> None:
     _stopped_by[:] = [signum]
     _stop_requested.set()
     raise KeyboardInterrupt
+
+
+def stop_with_launcher() -> None:
+    """In a process torchrun or accelerate launch started: a SIGTERM when the launcher dies.
+    Stopped, a launcher hands its processes a SIGTERM; killed outright (kill -9, the OOM
+    killer) it hands them nothing, and torchrun's, each in a session of its own, trained on
+    unseen, holding the run's folder and its GPU. Linux only; a launcher killed in the
+    seconds before this call is not seen."""
+    if sys.platform == "linux" and launched():
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def stop_if_interrupted() -> None:
@@ -331,6 +344,7 @@ def run_main(body: Callable[[], int | None]) -> int:
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS
                     if signal.getsignal(s) is not signal.SIG_IGN}
         sys.unraisablehook = _quiet_lost_stop(hook)
+        stop_with_launcher()  # after the handlers: its SIGTERM stops as any other does
         # once, however often it runs
         for callback in (spare_last_collection, exit_at_once_on_ctrl_c):
             atexit.unregister(callback)

@@ -71,6 +71,15 @@ def process_count(value: str) -> int | None:
     return None
 
 
+# set in each process by torchrun (TORCHELASTIC_RUN_ID) and by accelerate launch
+LAUNCHED = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
+
+
+def launched() -> bool:
+    """Whether torchrun or accelerate launch started this process (not plain python)."""
+    return any(k in os.environ for k in LAUNCHED)
+
+
 def launched_processes() -> int:
     """This run's processes as torchrun or accelerate launch started them (their WORLD_SIZE);
     1 for a plain `python` run. A WORLD_SIZE that is no count of processes (left over in a

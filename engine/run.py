@@ -17,7 +17,13 @@ from torch import nn
 
 from common.cli import stop_if_interrupted, stop_signals_end_at_once
 from common.errors import TrainingError, one_line
-from common.hardware import launched_processes, local_share, physical_cores, process_count
+from common.hardware import (
+    launched,
+    launched_processes,
+    local_share,
+    physical_cores,
+    process_count,
+)
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
 from engine.optimizers import build_optimizer, build_schedule
@@ -26,8 +32,6 @@ from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare
 
 DTYPES = dict(zip(PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
-# set in each process by torchrun (TORCHELASTIC_RUN_ID) and by accelerate launch
-LAUNCHED = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
 # what torchrun and accelerate launch set, besides accelerate's own ACCELERATE_*
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                     "MASTER_PORT")
@@ -149,7 +153,7 @@ def share_cores() -> None:
     accelerate launch 1 unless --cpu, and with --cpu the host's physical cores over the
     processes, blind to a cpuset; a one-process CPU run took one core where plain python takes
     them all. A 1 set by hand reads the same as a launcher's. Plain python: torch's own."""
-    if not any(k in os.environ for k in LAUNCHED):
+    if not launched():
         return
     asked = process_count(os.environ.get("OMP_NUM_THREADS", ""))
     share = local_share(physical_cores(), launched_processes())

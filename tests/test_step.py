@@ -133,7 +133,8 @@ def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, tmp_pa
     --cpu's count of the host's cores ignored the 8 this process may use. Hyper-threads count
     once: 8 cores of 2 threads each give what 8 cores do, as torch's own default does."""
     import common.hardware
-    from engine.run import LAUNCHED, share_cores
+    from common.hardware import LAUNCHED
+    from engine.run import share_cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8 * threads_per_core)))
     monkeypatch.setattr(common.hardware, "CPU_TOPOLOGY",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,31 @@ def test_a_process_killed_alone_leaves_the_main_one_saying_what_was_kept(data_di
     assert len(said) == 1, stderr[-3000:]
     assert said[0].endswith(f"{out}/ckpt.pt holds epoch {done}; continue with --resume {out}"
                             + "." * said[0].startswith("error")), said
+
+
+def test_torchrun_killed_outright_stops_its_processes_with_every_finished_epoch(data_dir,
+                                                                                tmp_path):
+    """kill -9 of torchrun itself (the OOM killer's way, a scheduler's hard stop) handed its
+    processes nothing: each in a session of its own, they trained on unseen, holding the
+    run's folder. Now each gets a SIGTERM as torchrun dies and stops as on torchrun's own."""
+    workers: list[int] = []
+
+    def kill_torchrun(pid: int) -> None:
+        workers.extend(rank_of(pid, rank) for rank in (0, 1))
+        os.kill(pid, signal.SIGKILL)
+
+    try:
+        _, stderr, out = stopped_mid_run(data_dir, tmp_path, 30, kill_torchrun)
+    finally:  # a failed test leaves no process training
+        for pid in workers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    done = len(history(out))
+    assert 0 < done < 30, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+    assert f"interrupted: {out}/ckpt.pt holds epoch {done}; continue with --resume {out}" in \
+        said, stderr[-3000:]
+    assert checkpoint.load(out / "ckpt.pt")["epoch"] == done and not (out / ".lock").exists()
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path):

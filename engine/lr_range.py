@@ -50,6 +50,21 @@ class RangeTest:
         """
         return self.min_over_10
 
+    @property
+    def caveat(self) -> str | None:
+        """Why the suggestion is a guess, or None: a sweep that never diverged and whose loss
+        never fell, or still fell at its last LR, never saw where the loss stops improving, so
+        the minimum the suggestion rests on is only the sweep's edge."""
+        low = int(np.argmin(self.smoothed))
+        if self.diverged or 0 < low < len(self.smoothed) - 1:
+            return None
+        if low == 0:
+            return ("but the loss never fell below its first step's, so the suggestion is the "
+                    "sweep's start: widen the sweep (tools/lr_find.py --start-lr, --end-lr)")
+        return (f"but the loss still fell at the sweep's last lr {self.lrs[-1]:.2g}, so its "
+                "minimum, and with it the suggestion, lie higher: sweep to higher LRs "
+                "(tools/lr_find.py --end-lr)")
+
     def record(self) -> dict:
         """The suggestions as config.json keeps them (TrainConfig.lr_auto)."""
         return dict(suggested=self.suggested, steepest=self.steepest,
@@ -182,9 +197,10 @@ def use_suggestion(run: Run) -> RangeTest:
 
 def found(result: RangeTest) -> str:
     """What a sweep found, for tools/lr_find.py and --lr auto alike."""
-    return (f"LR range test: {len(result.lrs)} steps from {result.lrs[0]:.2g} to "
+    text = (f"LR range test: {len(result.lrs)} steps from {result.lrs[0]:.2g} to "
             f"{result.lrs[-1]:.2g}; suggested lr {result.suggested:.3g} (min/10; steepest "
             f"{result.steepest:.3g})")
+    return f"{text}, {result.caveat}" if result.caveat else text
 
 
 def describe(result: RangeTest, schedule: str) -> str:

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,28 @@ def test_suggestions_never_go_below_the_start_of_the_sweep():
     lrs = np.logspace(-5, -4.5, 6).tolist()
     smoothed = [3.0, 2.5, 1.0, 2.0, 3.0, 4.0]  # minimum at point 2: slopes searched from 1
     assert lr_range.suggestions(lrs, smoothed) == (lrs[1], lrs[0])
+
+
+@pytest.mark.parametrize("smoothed, caveat", [
+    ([3.0, 2.0, 1.0, 2.0, 3.0], None),  # a minimum inside the sweep
+    ([3.0, 2.5, 2.0, 1.5, 1.0], "but the loss still fell at the sweep's last lr 0.0001, so its "
+                                "minimum, and with it the suggestion, lie higher"),
+    ([1.0, 1.5, 1.2, 1.8, 2.0], "but the loss never fell below its first step's, so the "
+                                "suggestion is the sweep's start"),
+])
+def test_a_sweep_that_never_saw_the_loss_stop_falling_says_so(smoothed, caveat):
+    """A sweep wholly below the LRs that train fast (or one whose loss never fell) suggested
+    its edge as confidently as a real minimum's tenth."""
+    lrs = np.logspace(-5, -4, 5).tolist()
+    result = lr_range.RangeTest(lrs, smoothed, smoothed, *lr_range.suggestions(lrs, smoothed),
+                                diverged=False)
+    said = lr_range.found(result)
+    if caveat is None:
+        assert result.caveat is None and said.endswith(")")
+    else:
+        assert result.caveat.startswith(caveat) and said.endswith(f"), {result.caveat}")
+    # one that diverged found the rise: its minimum is real even at the edge
+    assert replace(result, diverged=True).caveat is None
 
 
 @pytest.mark.slow

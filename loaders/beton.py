@@ -150,6 +150,16 @@ def sidecar_damage(path: Path) -> str | None:
     return None
 
 
+def unusable(path: Path) -> str:
+    """Why read_info(path) is None, to follow the file's name in a message: it is missing,
+    has no sidecar, or is damaged (with its sidecar's reason)."""
+    if not path.is_file():
+        return "is missing"
+    if not sidecar(path).is_file():
+        return f"has no sidecar {sidecar(path).name}"
+    return f"is damaged ({sidecar_damage(path) or 'its sidecar is of another release'})"
+
+
 class _Rows:
     """The indexable dataset DatasetWriter asks for: (HWC uint8 image, int label) pairs."""
 

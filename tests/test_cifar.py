@@ -377,6 +377,40 @@ def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, cl
         prepare("cifar10", data.data_dir, workers=1)
 
 
+def test_a_failed_fetch_of_a_damaged_betons_source_says_why_it_was_fetched(
+        tmp_path, monkeypatch, closed_port):
+    """.beton files copied without their source, one damaged, offline: the error said only
+    that the archive could not be downloaded, not why prepared data was being fetched."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    offline = replace(LAYOUT, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    monkeypatch.setitem(layouts.LAYOUTS, "cifar10", offline)
+    data = write_cifar10(tmp_path / "data")
+    made = prepare("cifar10", data.data_dir, workers=1)
+    shutil.rmtree(data.folder)
+    with open(made.train, "r+b") as f:  # same size, other bytes
+        f.write(b"\xff" * 64)
+    with pytest.raises(DataError) as refused:
+        prepare("cifar10", data.data_dir, workers=1)
+    assert str(refused.value).startswith(
+        f"{made.train} is damaged (its content differs from the hash its sidecar records); "
+        "making the .beton files again from their source failed: Could not download ")
+
+
+@pytest.mark.parametrize("source", ["kept", "gone"])
+def test_a_missing_beton_in_a_read_only_data_dir_is_named_missing(tmp_path, source):
+    """A .beton deleted beside its sidecar, in a read-only folder: the error called it "no
+    longer matching" its source, or its sidecar "of another release" without the source."""
+    made = prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
+    if source == "gone":
+        shutil.rmtree(made.source)
+    made.train.unlink()
+    with read_only_view(tmp_path / "data", tmp_path / "shared") as shared, pytest.raises(
+            DataError) as refused:
+        prepare("synthetic", shared, synthetic_size=(20, 5), workers=1)
+    assert (f", and the data must be written there again: {shared / made.train.name} is "
+            "missing; ") in str(refused.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("before", ["nothing", "a damaged train.beton"])
 def test_two_processes_preparing_one_folder_share_its_files(tmp_path, before):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +72,22 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path, fix: str) -> dict:
     """The dict a batch or meta file holds; DataError naming path for anything else."""
-    if not path.is_file():
-        raise DataError(f"{path} {not_a_file(path) or 'is missing'}. {fix}")
     try:
-        with open(path, "rb") as f:
-            content = _ArrayUnpickler(f, encoding="bytes").load()
+        regular = stat.S_ISREG(path.stat().st_mode)  # a pipe is not opened: it would wait
+        if regular:
+            with open(path, "rb") as f:
+                content = _ArrayUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:  # a link to nothing too
+        raise DataError(f"{path} is missing. {fix}") from None
+    except PermissionError as error:  # the file's, or a folder's above it: nothing is damaged
+        raise DataError(f"{path} cannot be read ({error.strerror}); fix the permissions of "
+                        f"the file and its folder. Or: {fix}") from error
     except Exception as error:  # truncated files raise EOFError, garbage raises many kinds
         raise DataError(
             f"{path} is truncated or not a CIFAR python batch ({one_line(error)}). {fix}"
         ) from error
+    if not regular:
+        raise DataError(f"{path} {not_a_file(path) or 'is not a file'}. {fix}")
     if not isinstance(content, dict):
         raise DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch dict. {fix}")
     return content

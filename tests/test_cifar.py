@@ -34,6 +34,7 @@ from conftest import (
     synthetic_boxes,
     tmpfs,
     to_rows,
+    without_root_powers,
     write_cifar10,
 )
 
@@ -647,6 +648,8 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
     "a folder": ("data_batch_3", lambda p: p.unlink() or p.mkdir(), "data_batch_3 is a folder."),
     "a pipe": ("data_batch_3", lambda p: p.unlink() or os.mkfifo(p),  # was 'is missing'
                "data_batch_3 is a device, pipe or socket, not a file."),
+    "a link to nothing": ("data_batch_3", lambda p: p.unlink() or p.symlink_to("gone"),
+                          "data_batch_3 is missing."),
     "truncated file": ("data_batch_2", _truncate, "truncated"),
     "garbage file": ("test_batch", lambda p: p.write_bytes(b"\x00junk" * 999), "truncated"),
     "not a dict": ("data_batch_1", [1, 2, 3], "not a CIFAR batch dict"),
@@ -709,6 +712,26 @@ def test_pickle_that_would_run_code_is_refused_not_run(cifar10_dir, tmp_path, pr
     dump_pickle(path, {b"data": _RunsCode(marker)}, protocol)
     assert_refused(cifar10_dir, path, "refusing to load")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("locked", ["data_batch_2", "."], ids=["file", "folder"])
+def test_a_batch_file_this_user_may_not_read_is_named_so(tmp_path, locked):
+    """A batch file, or the python folder, that the user may not read: the file was said to be
+    "truncated or not a CIFAR python batch" (and to be downloaded again), and behind a folder
+    it could not enter the error was a generic "cannot use ...: check that it is writable"."""
+    made = write_cifar10(tmp_path / "data")
+    (made.folder / locked).chmod(0)
+    try:
+        result = subprocess.run(without_root_powers(
+            [sys.executable, ROOT / "loaders" / "prepare.py", "--data-dir", made.data_dir]),
+            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        (made.folder / locked).chmod(0o755 if locked == "." else 0o644)
+    named = made.folder / ("batches.meta" if locked == "." else locked)  # the first read
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: {named} cannot be read (Permission denied); fix the permissions of the file "
+        f"and its folder. Or: Delete {made.folder} to download it again")
+    assert made.betons() == []
 
 
 # --- synthetic data ---------------------------------------------------------------------------

@@ -93,6 +93,23 @@ def test_fetch_uses_an_existing_folder_without_downloading(cifar10_dir, closed_p
         cifar10_dir.folder
 
 
+@pytest.mark.parametrize("renamed", [False, True], ids=["as extracted", "renamed"])
+def test_a_data_dir_that_is_the_python_folder_itself_is_named(tmp_path, closed_port, renamed):
+    """--data-dir data/cifar-10-batches-py (the folder, not the one holding it) went on to
+    download the archive into it, and offline said to place the folder in itself."""
+    made = write_cifar10(tmp_path / "data")
+    folder = made.folder.rename(tmp_path / "data" / "cifar10") if renamed else made.folder
+    where = (f"move them into {folder / LAYOUT.folder}/" if renamed
+             else f"pass --data-dir {made.data_dir}")
+    with pytest.raises(DataError) as refused:
+        download.fetch("cifar10", folder, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    assert str(refused.value) == (
+        f"--data-dir {folder} holds cifar10's batch files themselves (batches.meta, "
+        f"data_batch_1, ...), where it names the folder that holds {LAYOUT.folder}/: {where}.")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*LAYOUT.train_files, *LAYOUT.test_files, LAYOUT.meta_file])  # nothing written
+
+
 def test_download_keeps_the_file_only_when_its_md5_matches(tmp_path, served_archive):
     _, url, digest = served_archive
     dest = download.download(url, digest, tmp_path / "data" / "ok.tar.gz")

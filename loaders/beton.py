@@ -123,12 +123,14 @@ def check_space(folder: Path, needed: int) -> None:
 def read_info(path: Path) -> BetonInfo | None:
     """The sidecar of a .beton, or None when either is missing or unreadable, or the sidecar
     is of another FORMAT or records a normalization that cannot be used (a std below MIN_STD,
-    as written before it was the floor): its file is then rebuilt, never read."""
+    as written before it was the floor; other than one value per RGB channel): its file is
+    then rebuilt, never read."""
     if not path.is_file():
         return None
     try:
         info = _load_sidecar(path)
-        usable = all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD
+        usable = (len(info.mean) == len(info.std) == 3
+                  and all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD)
     except (OSError, ValueError, TypeError):
         return None
     return info if info.format == FORMAT and usable else None

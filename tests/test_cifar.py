@@ -751,6 +751,26 @@ def test_a_batch_file_this_user_may_not_read_is_named_so(tmp_path, locked):
     assert made.betons() == []
 
 
+@pytest.mark.parametrize("locked", ["train.beton", "."], ids=["beton", "data dir"])
+def test_a_prepared_file_this_user_may_not_read_is_named_with_the_fix(tmp_path, locked):
+    """A prepared .beton, or the data folder, that the user may not read: the error said to
+    check that the path 'exists, is writable and that its disk has free space'."""
+    made = prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
+    target = made.train if locked == "train.beton" else made.train.parent
+    target.chmod(0)
+    try:
+        result = subprocess.run(without_root_powers(
+            [sys.executable, ROOT / "loaders" / "prepare.py", "--dataset", "synthetic",
+             "--synthetic-size", "20", "5", "--data-dir", made.train.parent]),
+            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        target.chmod(0o755 if target.is_dir() else 0o644)
+    assert result.returncode == 1 and re.fullmatch(
+        f"error: cannot use {re.escape(str(made.train.parent))}/\\S+: Permission denied; fix "
+        "its permissions, or those of the folders above it, or choose another path.\n",
+        result.stderr), result.stderr
+
+
 # --- synthetic data ---------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ entry point, first fetches the archive (loaders/download.py) or writes the folde
 
 from __future__ import annotations
 
+import errno
 import pickle
 import re
 import stat
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError, one_line, unplain
-from common.files import not_a_file
+from common.files import dead_link, not_a_file
 from loaders import download, folders, python_folder
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
 from loaders.options import DATASETS, SYNTHETIC_SIZE
@@ -77,11 +78,13 @@ def _unpickle(path: Path, fix: str) -> dict:
         if regular:
             with open(path, "rb") as f:
                 content = _ArrayUnpickler(f, encoding="bytes").load()
-    except FileNotFoundError:  # a link to nothing too
-        raise DataError(f"{path} is missing. {fix}") from None
-    except PermissionError as error:  # the file's, or a folder's above it: nothing is damaged
-        raise DataError(f"{path} cannot be read ({error.strerror}); fix the permissions of "
-                        f"the file and its folder. Or: {fix}") from error
+    except OSError as error:  # of the path or the disk; the content raises no OSError
+        if error.errno in (errno.ENOENT, errno.ELOOP):  # a link to nothing, or in a loop
+            raise DataError(f"{path} {dead_link(path) or 'is missing'}. {fix}") from None
+        advice = (" fix the permissions of the file and its folder. Or:"
+                  if error.errno in (errno.EACCES, errno.EPERM) else "")
+        raise DataError(f"{path} cannot be read ({error.strerror or error});{advice} "
+                        f"{fix}") from error
     except Exception as error:  # truncated files raise EOFError, garbage raises many kinds
         raise DataError(
             f"{path} is truncated or not a CIFAR python batch ({one_line(error)}). {fix}"

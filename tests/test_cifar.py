@@ -666,7 +666,9 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
     "a pipe": ("data_batch_3", lambda p: p.unlink() or os.mkfifo(p),  # was 'is missing'
                "data_batch_3 is a device, pipe or socket, not a file."),
     "a link to nothing": ("data_batch_3", lambda p: p.unlink() or p.symlink_to("gone"),
-                          "data_batch_3 is missing."),
+                          "data_batch_3 is a symbolic link that cannot be followed (to gone"),
+    "a link to itself": ("data_batch_3", lambda p: p.unlink() or p.symlink_to(p.name),
+                         "data_batch_3 is a symbolic link that cannot be followed"),
     "truncated file": ("data_batch_2", _truncate, "truncated"),
     "garbage file": ("test_batch", lambda p: p.write_bytes(b"\x00junk" * 999), "truncated"),
     "not a dict": ("data_batch_1", [1, 2, 3], "not a CIFAR batch dict"),

@@ -188,6 +188,9 @@ def os_error_text(error: OSError) -> str:
     if error.filename and (problem := dead_link(error.filename)):
         return f"{error.filename} {problem}."
     where = f" {error.filename}" if error.filename else ""
+    if error.errno in (errno.EACCES, errno.EPERM):  # neither a missing path nor a full disk
+        return (f"cannot use{where}: {error.strerror}; fix its permissions, or those of the "
+                "folders above it, or choose another path.")
     return (f"cannot use{where}: {error.strerror or error}. Check that the path exists, is "
             "writable and that its disk has free space.")
 

@@ -123,12 +123,14 @@ def check_space(folder: Path, needed: int) -> None:
 def read_info(path: Path) -> BetonInfo | None:
     """The sidecar of a .beton, or None when either is missing or unreadable, or the sidecar
     is of another FORMAT or records a normalization that cannot be used (a std below MIN_STD,
-    as written before it was the floor): its file is then rebuilt, never read."""
+    as written before it was the floor; other than one value per RGB channel): its file is
+    then rebuilt, never read."""
     if not path.is_file():
         return None
     try:
         info = _load_sidecar(path)
-        usable = all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD
+        usable = (len(info.mean) == len(info.std) == 3
+                  and all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD)
     except (OSError, ValueError, TypeError):
         return None
     return info if info.format == FORMAT and usable else None
@@ -148,6 +150,16 @@ def sidecar_damage(path: Path) -> str | None:
     except (OSError, ValueError, TypeError) as error:
         return f"its sidecar {sidecar(path).name} cannot be read: {error}"
     return None
+
+
+def unusable(path: Path) -> str:
+    """Why read_info(path) is None, to follow the file's name in a message: it is missing,
+    has no sidecar, or is damaged (with its sidecar's reason)."""
+    if not path.is_file():
+        return "is missing"
+    if not sidecar(path).is_file():
+        return f"has no sidecar {sidecar(path).name}"
+    return f"is damaged ({sidecar_damage(path) or 'its sidecar is of another release'})"
 
 
 class _Rows:

@@ -4,8 +4,10 @@ entry point, first fetches the archive (loaders/download.py) or writes the folde
 
 from __future__ import annotations
 
+import errno
 import pickle
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError, one_line, unplain
-from common.files import not_a_file
+from common.files import dead_link, not_a_file
 from loaders import download, folders, python_folder
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
 from loaders.options import DATASETS, SYNTHETIC_SIZE
@@ -71,15 +73,24 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path, fix: str) -> dict:
     """The dict a batch or meta file holds; DataError naming path for anything else."""
-    if not path.is_file():
-        raise DataError(f"{path} {not_a_file(path) or 'is missing'}. {fix}")
     try:
-        with open(path, "rb") as f:
-            content = _ArrayUnpickler(f, encoding="bytes").load()
+        regular = stat.S_ISREG(path.stat().st_mode)  # a pipe is not opened: it would wait
+        if regular:
+            with open(path, "rb") as f:
+                content = _ArrayUnpickler(f, encoding="bytes").load()
+    except OSError as error:  # of the path or the disk; the content raises no OSError
+        if error.errno in (errno.ENOENT, errno.ELOOP):  # a link to nothing, or in a loop
+            raise DataError(f"{path} {dead_link(path) or 'is missing'}. {fix}") from None
+        advice = (" fix the permissions of the file and its folder. Or:"
+                  if error.errno in (errno.EACCES, errno.EPERM) else "")
+        raise DataError(f"{path} cannot be read ({error.strerror or error});{advice} "
+                        f"{fix}") from error
     except Exception as error:  # truncated files raise EOFError, garbage raises many kinds
         raise DataError(
             f"{path} is truncated or not a CIFAR python batch ({one_line(error)}). {fix}"
         ) from error
+    if not regular:
+        raise DataError(f"{path} {not_a_file(path) or 'is not a file'}. {fix}")
     if not isinstance(content, dict):
         raise DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch dict. {fix}")
     return content

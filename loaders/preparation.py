@@ -68,6 +68,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     source = Path(data_dir) / cifar.source_name(name, Path(data_dir), synthetic_size)
     paths = beton_paths(name, Path(data_dir), source.name)
     why = ""  # why .beton files that are there cannot be used
+    sourceless = False  # they are there without the source they would be rebuilt from
     if all(beton.sidecar(p).is_file() for p in paths.values()):
         # read from the python folder when it is there; CIFAR's archive or an image folder's
         # pictures would have to be written out first, which a shared read-only folder
@@ -76,6 +77,7 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
             ready, why = _reuse(name, Path(data_dir), synthetic_size, paths)
         else:  # .beton files copied without their source, as FFCV users do
             ready, why = _without_source(name, source, paths)
+            sourceless = True
         if ready is not None:
             return ready
     check_data_dir(data_dir, why=why)  # something must be written there
@@ -83,7 +85,15 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
     # goes again when the call fails leaving it empty (a failed download, a Ctrl-C)
     with removed_on_failure(missing_folders(Path(data_dir))), preparing(Path(data_dir)):
         sweep_stale(Path(data_dir), source.name)
-        return _convert(name, Path(data_dir), synthetic_size, workers)
+        try:
+            return _convert(name, Path(data_dir), synthetic_size, workers)
+        except DataError as error:
+            if not sourceless:
+                raise
+            # else the error (a failed download, offline) would not say why the source of
+            # prepared files was fetched at all
+            raise DataError(f"{why}; making the .beton files again from their source failed: "
+                            f"{error}") from error
 
 
 def beton_paths(name: str, data_dir: Path, source: str) -> dict[str, Path]:
@@ -134,6 +144,7 @@ def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int],
         info, damaged = beton.cached(path, getattr(data, split), data.classes, stats)
         if info is None:
             return None, (f"{path} is damaged ({damaged})" if damaged
+                          else f"{path} {beton.unusable(path)}" if beton.read_info(path) is None
                           else f"{path.name} no longer matches {data.source}")
         infos[split] = info
     return _prepared(data, paths, infos["train"]), ""
@@ -147,9 +158,9 @@ def _without_source(name: str, source: Path, paths: dict[str, Path]) -> tuple[Pr
     infos: dict[str, beton.BetonInfo] = {}
     for split, path in paths.items():
         info = beton.read_info(path)
-        damaged = ((beton.sidecar_damage(path) or "its sidecar is of another release")
-                   if info is None else beton.damage(path, info))
-        if damaged:
+        if info is None:
+            return None, f"{path} {beton.unusable(path)}"
+        if damaged := beton.damage(path, info):
             return None, f"{path} is damaged ({damaged})"
         infos[split] = info
     train, test = infos["train"], infos["test"]

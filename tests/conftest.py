@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import queue
+import shutil
 import signal
 import socket
 import struct
@@ -437,6 +438,17 @@ def tmpfs(mount: Path, options: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def without_root_powers(command: list) -> list:
+    """`command` run as a user meets a folder it may not read: for root, with the two
+    capabilities that let it read any folder (DAC_OVERRIDE, DAC_READ_SEARCH) dropped."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to take root's power to read any folder")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

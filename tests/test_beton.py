@@ -83,13 +83,17 @@ def test_a_channel_that_never_varies_gets_the_least_std_not_nan():
     np.testing.assert_allclose(mean, [77 / 255, images[..., 1].mean() / 255, 0], atol=1e-12)
 
 
-@pytest.mark.parametrize("std", [[float("nan"), 0.2, 0.2], [0.0, 0.2, 0.2], [1e-9, 0.2, 0.2]],
-                         ids=["NaN", "0", "below MIN_STD"])
-def test_a_sidecar_whose_std_cannot_normalize_is_rebuilt(prepared, tmp_path, std):
-    # as a constant channel's sidecar was written before MIN_STD: reusing it made every loss NaN
+@pytest.mark.parametrize("stats", [
+    {"std": [float("nan"), 0.2, 0.2]}, {"std": [0.0, 0.2, 0.2]}, {"std": [1e-9, 0.2, 0.2]},
+    {"std": [0.2, 0.2]}, {"mean": [0.5, 0.5, 0.5, 0.5]}],
+    ids=["NaN", "0", "below MIN_STD", "std of 2 channels", "mean of 4 channels"])
+def test_a_sidecar_whose_stats_cannot_normalize_is_rebuilt(prepared, tmp_path, stats):
+    # as a constant channel's sidecar was written before MIN_STD: reusing it made every loss
+    # NaN; and stats of other than 3 channels (a sidecar edited by hand) were a traceback
+    # building the loader's normalization
     data_dir = _prepared_copy(prepared, tmp_path)
     path = data_dir / prepared.train.name
-    write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), std=std)))
+    write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), **stats)))
     assert beton.read_info(path) is None
     again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert (again.mean, again.std) == (prepared.mean, prepared.std)

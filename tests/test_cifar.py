@@ -34,6 +34,7 @@ from conftest import (
     synthetic_boxes,
     tmpfs,
     to_rows,
+    without_root_powers,
     write_cifar10,
 )
 
@@ -90,6 +91,23 @@ def test_fetch_uses_an_existing_folder_without_downloading(cifar10_dir, closed_p
     url = f"http://127.0.0.1:{closed_port}/{ARCHIVE}"
     assert download.fetch("cifar10", cifar10_dir.data_dir, url=url, md5="0" * 32) == \
         cifar10_dir.folder
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["as extracted", "renamed"])
+def test_a_data_dir_that_is_the_python_folder_itself_is_named(tmp_path, closed_port, renamed):
+    """--data-dir data/cifar-10-batches-py (the folder, not the one holding it) went on to
+    download the archive into it, and offline said to place the folder in itself."""
+    made = write_cifar10(tmp_path / "data")
+    folder = made.folder.rename(tmp_path / "data" / "cifar10") if renamed else made.folder
+    where = (f"move them into {folder / LAYOUT.folder}/" if renamed
+             else f"pass --data-dir {made.data_dir}")
+    with pytest.raises(DataError) as refused:
+        download.fetch("cifar10", folder, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    assert str(refused.value) == (
+        f"--data-dir {folder} holds cifar10's batch files themselves (batches.meta, "
+        f"data_batch_1, ...), where it names the folder that holds {LAYOUT.folder}/: {where}.")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*LAYOUT.train_files, *LAYOUT.test_files, LAYOUT.meta_file])  # nothing written
 
 
 def test_download_keeps_the_file_only_when_its_md5_matches(tmp_path, served_archive):
@@ -377,6 +395,40 @@ def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, cl
         prepare("cifar10", data.data_dir, workers=1)
 
 
+def test_a_failed_fetch_of_a_damaged_betons_source_says_why_it_was_fetched(
+        tmp_path, monkeypatch, closed_port):
+    """.beton files copied without their source, one damaged, offline: the error said only
+    that the archive could not be downloaded, not why prepared data was being fetched."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    offline = replace(LAYOUT, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    monkeypatch.setitem(layouts.LAYOUTS, "cifar10", offline)
+    data = write_cifar10(tmp_path / "data")
+    made = prepare("cifar10", data.data_dir, workers=1)
+    shutil.rmtree(data.folder)
+    with open(made.train, "r+b") as f:  # same size, other bytes
+        f.write(b"\xff" * 64)
+    with pytest.raises(DataError) as refused:
+        prepare("cifar10", data.data_dir, workers=1)
+    assert str(refused.value).startswith(
+        f"{made.train} is damaged (its content differs from the hash its sidecar records); "
+        "making the .beton files again from their source failed: Could not download ")
+
+
+@pytest.mark.parametrize("source", ["kept", "gone"])
+def test_a_missing_beton_in_a_read_only_data_dir_is_named_missing(tmp_path, source):
+    """A .beton deleted beside its sidecar, in a read-only folder: the error called it "no
+    longer matching" its source, or its sidecar "of another release" without the source."""
+    made = prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
+    if source == "gone":
+        shutil.rmtree(made.source)
+    made.train.unlink()
+    with read_only_view(tmp_path / "data", tmp_path / "shared") as shared, pytest.raises(
+            DataError) as refused:
+        prepare("synthetic", shared, synthetic_size=(20, 5), workers=1)
+    assert (f", and the data must be written there again: {shared / made.train.name} is "
+            "missing; ") in str(refused.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("before", ["nothing", "a damaged train.beton"])
 def test_two_processes_preparing_one_folder_share_its_files(tmp_path, before):
@@ -613,6 +665,10 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
     "a folder": ("data_batch_3", lambda p: p.unlink() or p.mkdir(), "data_batch_3 is a folder."),
     "a pipe": ("data_batch_3", lambda p: p.unlink() or os.mkfifo(p),  # was 'is missing'
                "data_batch_3 is a device, pipe or socket, not a file."),
+    "a link to nothing": ("data_batch_3", lambda p: p.unlink() or p.symlink_to("gone"),
+                          "data_batch_3 is a symbolic link that cannot be followed (to gone"),
+    "a link to itself": ("data_batch_3", lambda p: p.unlink() or p.symlink_to(p.name),
+                         "data_batch_3 is a symbolic link that cannot be followed"),
     "truncated file": ("data_batch_2", _truncate, "truncated"),
     "garbage file": ("test_batch", lambda p: p.write_bytes(b"\x00junk" * 999), "truncated"),
     "not a dict": ("data_batch_1", [1, 2, 3], "not a CIFAR batch dict"),
@@ -675,6 +731,46 @@ def test_pickle_that_would_run_code_is_refused_not_run(cifar10_dir, tmp_path, pr
     dump_pickle(path, {b"data": _RunsCode(marker)}, protocol)
     assert_refused(cifar10_dir, path, "refusing to load")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("locked", ["data_batch_2", "."], ids=["file", "folder"])
+def test_a_batch_file_this_user_may_not_read_is_named_so(tmp_path, locked):
+    """A batch file, or the python folder, that the user may not read: the file was said to be
+    "truncated or not a CIFAR python batch" (and to be downloaded again), and behind a folder
+    it could not enter the error was a generic "cannot use ...: check that it is writable"."""
+    made = write_cifar10(tmp_path / "data")
+    (made.folder / locked).chmod(0)
+    try:
+        result = subprocess.run(without_root_powers(
+            [sys.executable, ROOT / "loaders" / "prepare.py", "--data-dir", made.data_dir]),
+            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        (made.folder / locked).chmod(0o755 if locked == "." else 0o644)
+    named = made.folder / ("batches.meta" if locked == "." else locked)  # the first read
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: {named} cannot be read (Permission denied); fix the permissions of the file "
+        f"and its folder. Or: Delete {made.folder} to download it again")
+    assert made.betons() == []
+
+
+@pytest.mark.parametrize("locked", ["train.beton", "."], ids=["beton", "data dir"])
+def test_a_prepared_file_this_user_may_not_read_is_named_with_the_fix(tmp_path, locked):
+    """A prepared .beton, or the data folder, that the user may not read: the error said to
+    check that the path 'exists, is writable and that its disk has free space'."""
+    made = prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
+    target = made.train if locked == "train.beton" else made.train.parent
+    target.chmod(0)
+    try:
+        result = subprocess.run(without_root_powers(
+            [sys.executable, ROOT / "loaders" / "prepare.py", "--dataset", "synthetic",
+             "--synthetic-size", "20", "5", "--data-dir", made.train.parent]),
+            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        target.chmod(0o755 if target.is_dir() else 0o644)
+    assert result.returncode == 1 and re.fullmatch(
+        f"error: cannot use {re.escape(str(made.train.parent))}/\\S+: Permission denied; fix "
+        "its permissions, or those of the folders above it, or choose another path.\n",
+        result.stderr), result.stderr
 
 
 # --- synthetic data ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script, tmpfs
+from conftest import ROOT, run_script, tmpfs, without_root_powers
 from PIL import Image
 
 from common.errors import DataError
@@ -178,17 +178,6 @@ def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
     with pytest.raises(DataError, match=f"^{tmp_path}/test/frog/loop.png links to loop.png, "
                                         "its links loop; restore it or delete the link"):
         prepare("folder", tmp_path, workers=1)
-
-
-def without_root_powers(command: list) -> list:
-    """`command` run as a user meets a folder it may not read: for root, with the two
-    capabilities that let it read any folder (DAC_OVERRIDE, DAC_READ_SEARCH) dropped."""
-    if os.geteuid() != 0:
-        return command
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is needed to take root's power to read any folder")
-    caps = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
 
 
 @pytest.mark.parametrize("locked", ["train/cat/2023", "test/frog"],

@@ -17,7 +17,6 @@ from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
 from common.errors import (
-    CheckpointError,
     Interrupted,
     RunFailed,
     TrainingError,
@@ -26,13 +25,14 @@ from common.errors import (
     shown,
 )
 from common.files import locked_dir, sweep_temporaries
-from common.hardware import beyond_cores, device_name, native_bf16
+from common.hardware import device_name, native_bf16
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, default_compile_mode, resolve, resume_config
+from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
+from engine.resume import saved_run
 from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
 
 Log = Callable[[str], None]
@@ -210,42 +210,9 @@ def start_trackers(run: Run) -> None:
 def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tuple[TrainConfig,
                                                                                      dict | None]:
     """The resolved config of a new run or of the run in `resume`, and its checkpoint."""
-    if resume is None:
-        return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), None
-    if Path(resume).is_file():
-        raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
-                              f"{Path(resume).parent}")
-    path = Path(resume) / "ckpt.pt"
-    if not path.exists():
-        raise CheckpointError(f"--resume {resume}: {path} does not exist; pass the --out folder "
-                              "of a run that saved an epoch.")
-    ckpt = checkpoint.load(path)
-    checkpoint.blocked_epoch_files(Path(resume))
-    # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
-    saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
-    # a compile mode the run's own machine picked (none was asked for) is picked again for
-    # this one: CUDA graphs trained on one GPU would otherwise go on under DDP, or the reverse
-    trained_on_cuda = not str(ckpt.get("device", "cpu")).startswith("cpu")
-    if "compile_mode" not in (given or {}) and saved.get("compile_mode") == default_compile_mode(
-            trained_on_cuda, saved.get("compile"), ckpt.get("processes", 1)):
-        saved["compile_mode"] = None
-    try:
-        cfg = checkpoint.checked_config(
-            path, ckpt, lambda: resume_config(saved, given or {}, Path(resume)),
-            fix="Resume from the ckpt.pt that engine/train.py wrote, or start a new run with "
-                "another --out.")
-    except ValueError as error:  # an option that --resume cannot change
-        raise CheckpointError(f"{path}: {error}") from None
-    if cfg.workers is not None and "workers" not in (given or {}) and (
-            problem := beyond_cores("--workers", cfg.workers)):
-        raise TrainingError(f"{resume} was trained with {problem} (--resume may change it).")
-    if cfg.precision == "fp16" and not torch.cuda.is_available():  # --precision is kept
-        raise TrainingError(f"{path} trained in fp16, which needs a CUDA GPU; resume it on a "
-                            "machine with one (--resume keeps the run's --precision).")
-    done = len(ckpt["history"])
-    if cfg.epochs < done:
-        raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
-                            f"has done; pass --epochs above {done} to extend it.")
+    ckpt = None
+    if resume is not None:
+        cfg, ckpt = saved_run(resume, given or {})
     return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), ckpt
 
 

@@ -14,7 +14,9 @@ from conftest import SYNTHETIC_SIZE
 from torch._dynamo.utils import counters
 
 from common.hardware import launched_processes, native_bf16
-from engine.config import TrainConfig, parse, resolve, resume_config, validate
+from engine.config import TrainConfig, resolve, validate
+from engine.options import parse
+from engine.resume import resume_config
 from engine.run import build, make_accelerator, train_step
 
 

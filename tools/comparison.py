@@ -81,7 +81,7 @@ def lr_source(lr: float | str | None) -> str:
 
 
 def given_options(cfg: TrainConfig) -> dict:
-    """cfg as the options a resumed run must not change (engine.config.resume_config refuses
+    """cfg as the options a resumed run must not change (engine.resume.resume_config refuses
     others by name): all but the run folder. --lr auto is the saved LR's origin: no change."""
     return {k: v for k, v in cfg.to_dict().items() if v is not None and k != "out"}
 

@@ -32,8 +32,9 @@ from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
+from engine.launch import end_processes, launcher_options_ignored, make_accelerator
 from engine.resume import saved_run
-from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
+from engine.run import Run, build, train_step
 
 Log = Callable[[str], None]
 TRACKERS = "cifar10-engine"  # the --log-with trackers' project, and their folder in the run
@@ -214,13 +215,6 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     if resume is not None:
         cfg, ckpt = saved_run(resume, given or {})
     return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), ckpt
-
-
-def end_processes() -> None:
-    """Leave the process group of torchrun or accelerate launch, once this process trains no
-    more: gloo's threads otherwise die at exit with SIGABRT."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,

@@ -15,9 +15,10 @@ from torch._dynamo.utils import counters
 
 from common.hardware import launched_processes, native_bf16
 from engine.config import TrainConfig, resolve, validate
+from engine.launch import make_accelerator
 from engine.options import parse
 from engine.resume import resume_config
-from engine.run import build, make_accelerator, train_step
+from engine.run import build, train_step
 
 
 def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, tmp_path):
@@ -135,7 +136,7 @@ def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, tmp_pa
     --cpu's count of the host's cores ignored the 8 this process may use. Hyper-threads count
     once: 8 cores of 2 threads each give what 8 cores do, as torch's own default does."""
     import common.hardware
-    from engine.run import LAUNCHED, share_cores
+    from engine.launch import LAUNCHED, share_cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8 * threads_per_core)))
     monkeypatch.setattr(common.hardware, "CPU_TOPOLOGY",

@@ -15,7 +15,8 @@ from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from common.hardware import launched_processes
 from engine import checkpoint
 from engine.config import TrainConfig
-from engine.loop import Log, end_processes, train
+from engine.launch import end_processes
+from engine.loop import Log, train
 from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:

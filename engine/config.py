@@ -143,15 +143,18 @@ def field_value(value: object) -> object:
 
 
 def _fits(value: object, hint: object) -> bool:
-    """Whether value has the type a TrainConfig field's annotation names (an int is a float)."""
+    """Whether value has the type a TrainConfig field's annotation names (an int is a float;
+    a bool, an int to Python, is neither: `"epochs": true` in an edited config is no count)."""
     if isinstance(hint, types.UnionType):
         return any(_fits(value, h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         items = typing.get_args(hint)
         return isinstance(value, tuple) and len(value) == len(items) and all(
             _fits(v, h) for v, h in zip(value, items, strict=True))
+    if isinstance(value, bool) and hint in (int, float):
+        return False
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, int | float)
     return value is None if hint is type(None) else isinstance(value, hint)
 
 

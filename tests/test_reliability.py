@@ -1150,6 +1150,8 @@ def _damaged(run: Path, change) -> Path:
 
 @pytest.mark.parametrize("key, value, problem", [
     ("batch_size", "abc", "batch_size is 'abc', not <class 'int'>"),
+    ("epochs", True, "epochs is True, not <class 'int'>"),  # a bool is an int to Python
+    ("workers", False, "workers is False, not int | None"),
     ("synthetic_size", "x", "synthetic_size is ('x',), not tuple[int, int]"),
     ("batch_size", 0, "--batch-size must be at least 1"),
     ("lr", float("nan"), "--lr must be a positive finite number no larger than 3.4e+38 (the "

@@ -1,29 +1,27 @@
-"""TrainConfig, its presets and the command line of engine/train.py (torchvision style).
+"""TrainConfig, every choice of a run: its presets, the checks of its values, and the choices
+the hardware resolves (loader, precision, compile mode) once the run's machine is known.
 
-Plain Python, like the option names it offers: a command line is parsed, and --help or a
-refused value answered, before torch loads (seconds); the command imports it afterwards."""
+Plain Python, like the option names it offers: engine.options parses a command line into it,
+and answers --help or a refused value, before torch loads (seconds)."""
 
 from __future__ import annotations
 
-import argparse
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, option_name, path_option
+from common.cli import interruptible_imports, option_name
 from common.compile_modes import COMPILE_MODES
 from common.files import timestamped
-from common.hardware import beyond_cores, launched_processes
+from common.hardware import launched_processes
 from loaders import LOADERS
 from loaders.options import (
+    DATASETS,
     SYNTHETIC_SIZE,
     AugmentConfig,
-    add_data_arguments,
     seed_problem,
     synthetic_size_problem,
-    synthetic_size_unused,
 )
 
 # the names engine.model and engine.optimizers build from, here so options parse without torch
@@ -32,6 +30,7 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step", "triangular", "constant")
 WARMUP_SCHEDULES = ("onecycle", "triangular")  # the schedules engine.optimizers.lr_at warms up
 PRECISIONS = ("bf16", "fp16", "fp32")  # engine.run.DTYPES gives their torch dtypes
+PAD_MODES = ("reflect", "zeros")  # --translate's padding: TrainConfig.augment's reflect or not
 # the largest float32: the optimizers scale float32 weights' steps by the LR and weight decay,
 # and a larger value is a traceback from inside the first step ("cannot be converted to type
 # float without overflow")
@@ -44,14 +43,6 @@ def trackers() -> list[str]:
     with interruptible_imports():
         from accelerate.utils import LoggerType
     return [t.value for t in LoggerType]
-
-
-def _tracker(value: str) -> str:
-    names = trackers()
-    if value not in names:
-        raise argparse.ArgumentTypeError(
-            f"invalid choice: {value!r} (choose from {', '.join(names)})")
-    return value
 
 
 @dataclass
@@ -135,92 +126,35 @@ PRESETS: dict[str, dict] = {
                  pad_mode="zeros", tta=False),
 }
 
+# the fields that take one of a list of names, in the order engine.options offers them (a test
+# keeps the two alike); foreign_values checks a saved config against them, and log_with
+# against trackers()
+CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": tuple(sorted(PRESETS)), "dataset": DATASETS, "loader": LOADERS,
+    "pad_mode": PAD_MODES, "arch": ARCHS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+    "precision": PRECISIONS, "compile_mode": COMPILE_MODES}
 
-def _lr(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{value}'") from None
 
-
-def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
-    """engine/train.py's options; for another `tool` that trains (lr_find, compare), the same
-    but --resume, which continues one run, and with that tool's --out."""
-    p = CommandParser(
-        prog="engine/train.py",
-        description="Train a CIFAR ResNet-18 (accelerate launch engine/train.py, or plain python).",
-        epilog="Options left out take their values from --preset (default: fast).")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="starting values; any option given here overrides them (default: fast)")
-    add_data_arguments(p)
-    g = p.add_argument_group("data loading and augmentation")
-    g.add_argument("--loader", choices=LOADERS, help="default: resident on GPU, ffcv on CPU")
-    g.add_argument("--workers", type=int, help="loader CPU workers (default: cores available)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip")
-    g.add_argument("--translate", type=int, help="random shift in pixels (pad and crop); 0 = off")
-    g.add_argument("--pad-mode", choices=("reflect", "zeros"), help="padding for --translate")
-    g.add_argument("--cutout", type=int, help="side of the cutout square; 0 = off")
-    g = p.add_argument_group("model and optimization")
-    g.add_argument("--arch", choices=ARCHS, help="architecture")
-    g.add_argument("--width", type=int, help="channels of the first stage (64 = ResNet-18)")
-    g.add_argument("--epochs", type=int, help="training epochs")
-    g.add_argument("--batch-size", type=int, help="images per step on each process")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")
-    g.add_argument("--lr", type=_lr, help="peak learning rate, or 'auto' for the LR range test")
-    g.add_argument("--schedule", choices=SCHEDULES, help="LR schedule, stepped per batch")
-    g.add_argument("--warmup", type=float,
-                   help=f"fraction of steps spent warming up ({' and '.join(WARMUP_SCHEDULES)} "
-                        "only)")
-    g.add_argument("--momentum", type=float, help="momentum (SGD, RMSprop) or beta1 (Adam)")
-    g.add_argument("--weight-decay", type=float, help="weight decay")
-    g.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction,
-                   help="also decay BatchNorm and bias parameters")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss")
-    g = p.add_argument_group("numerics and hardware")
-    g.add_argument("--precision", choices=PRECISIONS,
-                   help="default: bf16 on GPU (fp16 below compute capability 8.0), fp32 on "
-                        "CPU; fp16 uses a loss scaler")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on for CUDA)")
-    g.add_argument("--compile-mode", choices=COMPILE_MODES,
-                   help="torch.compile mode; any but default implies --compile (default: "
-                        "reduce-overhead, which replays CUDA graphs, in a one-process CUDA "
-                        "run; default elsewhere); max-autotune also tunes kernels")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="channels_last memory format")
-    g.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                   help="flip test-time augmentation at evaluation")
-    g.add_argument("--seed", type=int, help="seed of initialization, order and augmentation")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
-                   help="runs that repeat on CUDA too: torch's deterministic algorithms, "
-                        "cuDNN's among them (slower); an op without one warns")
-    g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction,
-                   help="cuDNN times its convolution algorithms at each new input shape and "
-                        "keeps the fastest (default: on; off with --deterministic)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", type=path_option("write the run into the current directory"),
-                   help=f"run directory (default: runs/{tool or '<dataset>'}-<time>)")
-    if tool is None:
-        g.add_argument("--resume", type=path_option("resume the current directory"),
-                       help="continue the interrupted run in this directory with its saved config")
-    g.add_argument("--log-with", type=_tracker, metavar="TRACKER",
-                   help="an accelerate tracker, e.g. tensorboard or wandb (its package "
-                        "installed)")
-    return p
+def field_value(value: object) -> object:
+    """An option's value, or a saved config's, as a TrainConfig field holds it: paths as
+    strings, lists (JSON's tuples) as tuples."""
+    return str(value) if isinstance(value, Path) else tuple(value) if isinstance(
+        value, list) else value
 
 
 def _fits(value: object, hint: object) -> bool:
-    """Whether value has the type a TrainConfig field's annotation names (an int is a float)."""
+    """Whether value has the type a TrainConfig field's annotation names (an int is a float;
+    a bool, an int to Python, is neither: `"epochs": true` in an edited config is no count)."""
     if isinstance(hint, types.UnionType):
         return any(_fits(value, h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         items = typing.get_args(hint)
         return isinstance(value, tuple) and len(value) == len(items) and all(
             _fits(v, h) for v, h in zip(value, items, strict=True))
+    if isinstance(value, bool) and hint in (int, float):
+        return False
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, int | float)
     return value is None if hint is type(None) else isinstance(value, hint)
 
 
@@ -230,8 +164,7 @@ def foreign_values(cfg: TrainConfig) -> list[str]:
     hints = typing.get_type_hints(TrainConfig)
     wrong = [f"{name} is {getattr(cfg, name)!r}, not {hint}" for name, hint in hints.items()
              if not _fits(getattr(cfg, name), hint)]
-    choices = {a.dest: a.choices for a in build_parser()._actions if a.choices}
-    choices["log_with"] = trackers()
+    choices = {**CHOICES, "log_with": trackers()}
     return wrong or [f"{name} is {getattr(cfg, name)!r}, not one of {', '.join(options)}"
                      for name, options in choices.items()
                      if getattr(cfg, name) not in (None, *options)]
@@ -270,87 +203,6 @@ def validate(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-# What --resume DIR may change: how long to train, where the data and workers are, the
-# trackers, and how the same computation runs (compiled or not, its mode, determinism, cuDNN's
-# autotuning). Everything else would make the continued run a different run.
-RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mode",
-             "deterministic", "cudnn_benchmark")
-
-
-@dataclass
-class Options:
-    """A parsed command line: the run's config, --resume, and the options given explicitly."""
-
-    cfg: TrainConfig
-    resume: Path | None
-    given: dict  # option name (TrainConfig field) -> value typed on the command line
-
-
-def _plain(value: object) -> object:
-    """An option's value as config.json holds it: paths as strings, lists as tuples."""
-    return str(value) if isinstance(value, Path) else tuple(value) if isinstance(
-        value, list) else value
-
-
-def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
-    """The run's config from the command line (preset, then explicit options) and --resume;
-    `prog` names the tool in usage errors when another tool's options are parsed here."""
-    parser = build_parser()
-    parser.prog = prog or parser.prog
-    args = vars(parser.parse_args(argv))
-    resume = args.pop("resume")
-    names = {f.name for f in fields(TrainConfig)}
-    given = {k: _plain(v) for k, v in args.items() if k in names and v is not None}
-    if given.get("compile_mode", "default") != "default":
-        given.setdefault("compile", True)  # a mode asks for compiling, on the CPU too
-    preset = given.get("preset", "fast")
-    cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, **given})
-    problems = validate(cfg)  # of any config; this machine's cores only bound the command's
-    if "workers" in given and (problem := beyond_cores("--workers", cfg.workers)):
-        problems.append(problem)
-    if "synthetic_size" in given and resume is None and (
-            problem := synthetic_size_unused(cfg.dataset)):
-        problems.append(problem)
-    problems += unused_options(cfg, given) if resume is None else []
-    if problems:
-        parser.error("; ".join(problems))
-    return Options(cfg, resume, given)
-
-
-def unused_options(cfg: TrainConfig, given: dict) -> list[str]:
-    """Options typed on the command line that cfg's other choices leave with nothing to do,
-    as messages: --warmup beside a schedule with no warm-up (cosine, step and constant start
-    at the peak LR), --pad-mode with no --translate to pad for. Taken and ignored, the run
-    would not be the one asked for (timm and torchvision's reference warm up any schedule)."""
-    problems = []
-    if "warmup" in given and cfg.schedule not in WARMUP_SCHEDULES:
-        problems.append(f"--warmup is for --schedule {' or '.join(WARMUP_SCHEDULES)}; "
-                        f"{cfg.schedule} has no warm-up, leave --warmup out")
-    if "pad_mode" in given and not cfg.translate:
-        problems.append("--pad-mode pads for --translate, which is 0; leave --pad-mode out")
-    return problems
-
-
-def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
-    """The config a --resume continues: the saved one, with the RESUMABLE options applied.
-
-    Any other option given on the command line is refused by name rather than dropped.
-    """
-    refused = sorted(k for k, v in given.items()
-                     if k not in RESUMABLE and _plain(saved.get(k)) != v
-                     and not (k == "lr" and v == "auto" and saved.get("lr_auto")))  # its origin
-    if refused:
-        names = ", ".join(map(option_name, refused))
-        allowed = ", ".join(map(option_name, RESUMABLE))
-        raise ValueError(f"{names} cannot change when resuming {run_dir}, which continues with "
-                         f"its saved config; only {allowed} can. Start a new run with another "
-                         "--out to change the rest.")
-    changes = {k: v for k, v in given.items() if k in RESUMABLE}
-    if changes.get("compile") is False:  # --no-compile: no mode left to compile in
-        changes.setdefault("compile_mode", "default")
-    return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
-
-
 def resolve(cfg: TrainConfig, cuda: bool, processes: int | None = None,
             bf16: bool = True) -> TrainConfig:
     """cfg with the choices that depend on the hardware filled in, so config.json records what
@@ -382,26 +234,3 @@ def default_compile_mode(cuda: bool, compile: bool, processes: int) -> str:
     """torch.compile's mode where none is asked for: CUDA graphs for one CUDA process (see
     resolve), torch's default mode elsewhere."""
     return "reduce-overhead" if cuda and compile and processes == 1 else "default"
-
-
-def parse_tool_args(argv: list[str] | None, prog: str, description: str,
-                    own: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None],
-                    ) -> tuple[argparse.Namespace, TrainConfig]:
-    """A tool's options (`own`, add_help=False) beside every option of engine/train.py.
-
-    Returns the raw namespace (None where an option was left out) and the TrainConfig that
-    engine.config.parse makes of the training options, presets and validation included.
-    `check` raises ValueError for a bad combination of the tool's options: a usage error.
-    """
-    tool = Path(prog).stem
-    full = CommandParser(prog=prog, description=description, add_help=False,
-                         parents=[build_parser(tool), own], allow_abbrev=False)
-    args = full.parse_args(argv)  # --help lists every option; a bad one of either exits here
-    try:
-        check(args)
-    except ValueError as error:
-        full.error(str(error))
-    _, rest = own.parse_known_args(argv)
-    cfg = parse(rest, prog).cfg
-    cfg.out = cfg.out or timestamped(tool)
-    return args, cfg

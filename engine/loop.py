@@ -1,5 +1,6 @@
-"""The epoch loop: train and test epochs, a checkpoint after each, resume, and `train()`, the
-whole run as a library call that returns its history or raises an EngineError."""
+"""The epoch loop: train and test epochs, a checkpoint after each, and `train()`, the whole
+run (a new one, or one engine.resume continues) as a library call that returns its history or
+raises an EngineError."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
 from common.errors import (
-    CheckpointError,
     Interrupted,
     RunFailed,
     TrainingError,
@@ -26,14 +27,16 @@ from common.errors import (
     shown,
 )
 from common.files import locked_dir, sweep_temporaries
-from common.hardware import beyond_cores, device_name, native_bf16
+from common.hardware import device_name, native_bf16
 from common.progress import progress_bar
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, default_compile_mode, resolve, resume_config
+from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
-from engine.run import Run, build, launcher_options_ignored, make_accelerator, train_step
+from engine.launch import end_processes, launcher_options_ignored, make_accelerator
+from engine.resume import saved_run
+from engine.run import Run, build, train_step
 
 Log = Callable[[str], None]
 TRACKERS = "cifar10-engine"  # the --log-with trackers' project, and their folder in the run
@@ -56,6 +59,7 @@ class Trained:
 
     @property
     def out(self) -> Path:
+        """The run folder."""
         return Path(self.cfg.out)
 
 
@@ -74,7 +78,24 @@ def diverged(run: Run, done: int, what: str) -> RunFailed:
         fix = f"a lower --lr (e.g. --lr {float(cfg.lr) / 10:.3g})"
     out = " and a new --out" if done else ""  # else the same --out is free again
     return RunFailed(f"{what}; {kept}. --resume would repeat it: start again with "
-                         f"{fix}{out}.")
+                     f"{fix}{out}.")
+
+
+def out_of_memory_failure(cfg: TrainConfig, run: Run | None, processes: int) -> TrainingError:
+    """The error for a failed allocation, with what to lower: --width when building the run
+    (`run` None: the model, or the split --loader resident holds, did not fit), else the
+    batch size that ran."""
+    if run is None:
+        resident = cfg.loader == "resident"
+        held = " and the split --loader resident holds on the device" if resident else ""
+        return TrainingError(f"out of memory building the run (the model at --width "
+                             f"{cfg.width}{held}); try a smaller --width"
+                             f"{' or --loader ffcv' if resident else ''}.")
+    batch = run.train_loader.batch_size  # capped at the shard: the size that ran
+    split = "this process's shard" if processes > 1 else "the whole split"
+    whole = f" (batches of {batch}, {split})" if batch < cfg.batch_size else ""
+    fix = f"--batch-size {batch // 2}" if batch > 1 else f"a --width below {cfg.width}"
+    return RunFailed(f"out of memory at --batch-size {cfg.batch_size}{whole}; try {fix}.")
 
 
 def train_epoch(run: Run, epoch: int) -> dict:
@@ -210,50 +231,10 @@ def start_trackers(run: Run) -> None:
 def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tuple[TrainConfig,
                                                                                      dict | None]:
     """The resolved config of a new run or of the run in `resume`, and its checkpoint."""
-    if resume is None:
-        return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), None
-    if Path(resume).is_file():
-        raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
-                              f"{Path(resume).parent}")
-    path = Path(resume) / "ckpt.pt"
-    if not path.exists():
-        raise CheckpointError(f"--resume {resume}: {path} does not exist; pass the --out folder "
-                              "of a run that saved an epoch.")
-    ckpt = checkpoint.load(path)
-    checkpoint.blocked_epoch_files(Path(resume))
-    # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
-    saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
-    # a compile mode the run's own machine picked (none was asked for) is picked again for
-    # this one: CUDA graphs trained on one GPU would otherwise go on under DDP, or the reverse
-    trained_on_cuda = not str(ckpt.get("device", "cpu")).startswith("cpu")
-    if "compile_mode" not in (given or {}) and saved.get("compile_mode") == default_compile_mode(
-            trained_on_cuda, saved.get("compile"), ckpt.get("processes", 1)):
-        saved["compile_mode"] = None
-    try:
-        cfg = checkpoint.checked_config(
-            path, ckpt, lambda: resume_config(saved, given or {}, Path(resume)),
-            fix="Resume from the ckpt.pt that engine/train.py wrote, or start a new run with "
-                "another --out.")
-    except ValueError as error:  # an option that --resume cannot change
-        raise CheckpointError(f"{path}: {error}") from None
-    if cfg.workers is not None and "workers" not in (given or {}) and (
-            problem := beyond_cores("--workers", cfg.workers)):
-        raise TrainingError(f"{resume} was trained with {problem} (--resume may change it).")
-    if cfg.precision == "fp16" and not torch.cuda.is_available():  # --precision is kept
-        raise TrainingError(f"{path} trained in fp16, which needs a CUDA GPU; resume it on a "
-                            "machine with one (--resume keeps the run's --precision).")
-    done = len(ckpt["history"])
-    if cfg.epochs < done:
-        raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
-                            f"has done; pass --epochs above {done} to extend it.")
+    ckpt = None
+    if resume is not None:
+        cfg, ckpt = saved_run(resume, given or {})
     return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), ckpt
-
-
-def end_processes() -> None:
-    """Leave the process group of torchrun or accelerate launch, once this process trains no
-    more: gloo's threads otherwise die at exit with SIGABRT."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
@@ -294,8 +275,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
             # the trackers' folder, when this run makes it: of no epoch, it goes with best.pt
             logs = out / TRACKERS if cfg.log_with and not (out / TRACKERS).exists() else None
             try:
-                return _train(cfg, ckpt, accelerator, Path(resume or out) / "ckpt.pt",
-                              log if main else (lambda _: None), last, extend)
+                return _train(cfg, ckpt, accelerator, log if main else (lambda _: None), last)
             finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full)
                 if main and not (out / "ckpt.pt").exists():
                     (out / "best.pt").unlink(missing_ok=True)
@@ -305,7 +285,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
         raise stopped(accelerator, out) from None
 
 
-def stopped(accelerator, out: Path) -> Interrupted:
+def stopped(accelerator: Accelerator, out: Path) -> Interrupted:
     """What a Ctrl-C kept, said by the main process, which alone waits for its writer."""
     if not accelerator.is_main_process:
         return Interrupted(f"process {accelerator.process_index} of {accelerator.num_processes} "
@@ -327,10 +307,11 @@ def kept(out: Path, held: str | None = None) -> str:
     return "no epoch had finished, so nothing was saved; run the same command again"
 
 
-def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
-           say: Log, last: bool, extend: str | None) -> Trained:
+def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: Log,
+           last: bool) -> Trained:
     """train() once the run folder is held: build, restore, fit, and failures' messages."""
     out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"  # a resumed run's: its config's out is the --resume folder
     history: list[dict] = []
     run = None
     start = time.perf_counter()
@@ -379,18 +360,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator, ckpt_path: Path,
                 raise died from None  # torch's handler of the worker's SIGCHLD, anywhere
         if not out_of_memory(error):
             raise
-        if run is None:  # the model, or the split on the device, did not fit: not the batch
-            resident = cfg.loader == "resident"
-            held = " and the split --loader resident holds on the device" if resident else ""
-            raise TrainingError(f"out of memory building the run (the model at --width "
-                                f"{cfg.width}{held}); try a smaller --width"
-                                f"{' or --loader ffcv' if resident else ''}.") from None
-        batch = run.train_loader.batch_size  # capped at the shard: the size that ran
-        split = "this process's shard" if accelerator.num_processes > 1 else "the whole split"
-        whole = f" (batches of {batch}, {split})" if batch < cfg.batch_size else ""
-        fix = f"--batch-size {batch // 2}" if batch > 1 else f"a --width below {cfg.width}"
-        raise RunFailed(f"out of memory at --batch-size {cfg.batch_size}{whole}; try "
-                            f"{fix}.") from None
+        raise out_of_memory_failure(cfg, run, accelerator.num_processes) from None
     finally:
         # this run's trackers; not accelerator.end_training(), which also ends the process
         # group, and a second Accelerator in this process would not start it again

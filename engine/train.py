@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from common.cli import interruptible_imports, run_main
-from engine.config import parse
+from engine.options import parse
 
 
 def main(argv: list[str] | None = None) -> int:

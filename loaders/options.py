@@ -29,7 +29,7 @@ data_dir_option = path_option("write the data into the current directory (e.g. -
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options shared by every command that reads a dataset."""
-    # no defaults here: engine.config tells options given from options left out, and
+    # no defaults here: engine.options tells options given from options left out, and
     # TrainConfig (or the caller's set_defaults) holds the defaults named in the help
     parser.add_argument("--dataset", choices=DATASETS,
                         help="cifar10 and cifar100 are downloaded once; synthetic is generated "

@@ -435,8 +435,8 @@ def test_an_empty_data_dir_is_refused_not_read_as_the_current_folder(module, arg
 
 
 @pytest.mark.parametrize("parse, args, option", [
-    ("engine.config.parse", ["--out", ""], "--out"),
-    ("engine.config.parse", ["--resume", ""], "--resume"),
+    ("engine.options.parse", ["--out", ""], "--out"),
+    ("engine.options.parse", ["--resume", ""], "--resume"),
     ("tools.report.parse_args", ["ckpt.pt", "--out", ""], "--out"),
     ("tools.export.parse_args", ["ckpt.pt", "--out", ""], "--out"),
     ("tools.predict.parse_args", ["ckpt.pt", "a.png", "--cam", ""], "--cam"),
@@ -453,10 +453,22 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(parse, args, op
     assert f"argument {option}: an empty value would " in capsys.readouterr().err
 
 
+def test_the_command_line_offers_the_choices_a_saved_config_is_checked_against():
+    """engine.config.CHOICES, which foreign_values checks a checkpoint's config against, is
+    every list of names the command line offers, in its order (the order of the messages)."""
+    from engine.config import CHOICES
+    from engine.options import build_parser
+
+    offered = {a.dest: tuple(a.choices) for a in build_parser()._actions
+               if a.choices and a.dest != "help"}
+    assert offered == CHOICES and list(offered) == list(CHOICES)
+
+
 def test_options_given_with_a_preset_override_its_values():
     """--preset gives the starting values; an option typed beside it wins, and the preset's
     other values stay."""
-    from engine.config import PRESETS, parse
+    from engine.config import PRESETS
+    from engine.options import parse
 
     seed = PRESETS["seed"]
     cfg = parse(["--preset", "seed", "--lr", "0.05", "--epochs", "3", "--tta"]).cfg
@@ -486,7 +498,7 @@ def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     leaves no step to decay in; synthetic sizes would do nothing for another dataset, nor
     --warmup for a schedule without a warm-up (cosine trained at the peak LR from its first
     step), nor --pad-mode without --translate: refused as usage errors, before any work."""
-    from engine.config import parse
+    from engine.options import parse
 
     with pytest.raises(SystemExit) as stop:
         parse(option)
@@ -500,6 +512,6 @@ def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
 def test_warmup_and_pad_mode_are_taken_where_they_act(option):
     """--warmup beside a schedule that warms up, and --pad-mode beside a translate, are taken
     like any option; a schedule without a warm-up is fine while --warmup is left out."""
-    from engine.config import parse
+    from engine.options import parse
 
     assert parse(option).given  # no usage error (SystemExit): the options were taken

@@ -179,7 +179,8 @@ def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits()
 def test_the_option_tables_defaults_are_what_a_run_takes():
     """README's table of engine/train.py's options: each default is the parsed config's (with
     "on GPU" and "on CPU", "for CUDA", the config resolved for each)."""
-    from engine.config import parse, resolve
+    from engine.config import resolve
+    from engine.options import parse
 
     cfg = parse([]).cfg
     machines = {"GPU": resolve(cfg, cuda=True), "CPU": resolve(cfg, cuda=False)}

@@ -15,7 +15,8 @@ from common.errors import CheckpointError
 from engine import checkpoint
 from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter
-from engine.run import build, make_accelerator, train_step
+from engine.launch import make_accelerator
+from engine.run import build, train_step
 
 
 def test_submit_returns_while_the_write_goes_on_in_another_thread():

@@ -23,8 +23,9 @@ from engine import checkpoint
 from engine.config import TrainConfig, resolve
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory
+from engine.launch import make_accelerator
 from engine.model import PointwiseConv
-from engine.run import DTYPES, build, make_accelerator, train_step
+from engine.run import DTYPES, build, train_step
 from loaders.augment import (
     Augment,
     crop_rows,

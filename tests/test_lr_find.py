@@ -20,8 +20,9 @@ from conftest import run_script, tmpfs
 from common.errors import RangeTestError
 from engine import lr_range, lr_sweep
 from engine.config import TrainConfig, resolve
+from engine.launch import make_accelerator
 from engine.optimizers import lr_at
-from engine.run import Run, build, make_accelerator, train_step
+from engine.run import Run, build, train_step
 from loaders.preparation import prepare
 from tools import lr_find
 

@@ -1182,6 +1182,8 @@ def _damaged(run: Path, change) -> Path:
 
 @pytest.mark.parametrize("key, value, problem", [
     ("batch_size", "abc", "batch_size is 'abc', not <class 'int'>"),
+    ("epochs", True, "epochs is True, not <class 'int'>"),  # a bool is an int to Python
+    ("workers", False, "workers is False, not int | None"),
     ("synthetic_size", "x", "synthetic_size is ('x',), not tuple[int, int]"),
     ("batch_size", 0, "--batch-size must be at least 1"),
     ("lr", float("nan"), "--lr must be a positive finite number no larger than 3.4e+38 (the "
@@ -1376,8 +1378,9 @@ def test_the_shapes_that_crashed_torch_train_and_report(tmp_path):
 
 
 def test_resume_rules_apply_what_can_change_and_name_the_rest():
-    """engine.config.resume_config on its own: every option typed is either applied or named."""
-    from engine.config import RESUMABLE, parse, resume_config
+    """engine.resume.resume_config on its own: every option typed is either applied or named."""
+    from engine.options import parse
+    from engine.resume import RESUMABLE, resume_config
 
     saved = parse(["--dataset", "synthetic", "--epochs", "2"]).cfg.to_dict()
     given = parse(["--epochs", "5", "--workers", "1", "--preset", "seed", "--lr", "0.3"]).given
@@ -1394,7 +1397,8 @@ def test_resume_rules_apply_what_can_change_and_name_the_rest():
 def test_resuming_an_lr_auto_run_takes_its_command_again():
     """A --lr auto run saves the LR it found: the same command with --resume repeats 'auto',
     which is the saved LR's origin, not a change (it was refused as '--lr cannot change')."""
-    from engine.config import parse, resume_config
+    from engine.options import parse
+    from engine.resume import resume_config
 
     found = {"suggested": 0.0123, "steepest": 0.004}
     saved = {**parse(["--lr", "auto"]).cfg.to_dict(), "lr": 0.0123, "lr_auto": found}

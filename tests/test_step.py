@@ -14,8 +14,11 @@ from conftest import SYNTHETIC_SIZE
 from torch._dynamo.utils import counters
 
 from common.hardware import launched_processes, native_bf16
-from engine.config import TrainConfig, parse, resolve, resume_config, validate
-from engine.run import build, make_accelerator, train_step
+from engine.config import TrainConfig, resolve, validate
+from engine.launch import make_accelerator
+from engine.options import parse
+from engine.resume import resume_config
+from engine.run import build, train_step
 
 
 def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, tmp_path):
@@ -134,7 +137,7 @@ def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, tmp_pa
     once: 8 cores of 2 threads each give what 8 cores do, as torch's own default does."""
     import common.hardware
     from common.hardware import LAUNCHED
-    from engine.run import share_cores
+    from engine.launch import share_cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8 * threads_per_core)))
     monkeypatch.setattr(common.hardware, "CPU_TOPOLOGY",

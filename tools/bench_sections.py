@@ -19,8 +19,9 @@ from common.cli import stop_if_interrupted
 from common.errors import EngineError, TrainingError, one_line
 from common.hardware import native_bf16
 from engine.config import TrainConfig, resolve
+from engine.launch import make_accelerator
 from engine.loop import Log
-from engine.run import Run, build, loader_options, make_accelerator, make_train_loader
+from engine.run import Run, build, loader_options, make_train_loader
 from loaders import LOADERS
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, error_line, interruptible_imports, run_main
-from engine.config import OPTIMIZERS, parse_tool_args
+from engine.config import OPTIMIZERS
+from engine.options import parse_tool_args
 
 
 def own_options() -> argparse.ArgumentParser:

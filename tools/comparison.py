@@ -15,7 +15,8 @@ from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from common.hardware import launched_processes
 from engine import checkpoint
 from engine.config import TrainConfig
-from engine.loop import Log, end_processes, train
+from engine.launch import end_processes
+from engine.loop import Log, train
 from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:
@@ -81,7 +82,7 @@ def lr_source(lr: float | str | None) -> str:
 
 
 def given_options(cfg: TrainConfig) -> dict:
-    """cfg as the options a resumed run must not change (engine.config.resume_config refuses
+    """cfg as the options a resumed run must not change (engine.resume.resume_config refuses
     others by name): all but the run folder. --lr auto is the saved LR's origin: no change."""
     return {k: v for k, v in cfg.to_dict().items() if v is not None and k != "out"}
 

@@ -13,8 +13,9 @@ from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from common.hardware import native_bf16
 from engine import lr_range
 from engine.config import TrainConfig, resolve
+from engine.launch import make_accelerator
 from engine.lr_range import RangeTest
-from engine.run import build, make_accelerator
+from engine.run import build
 
 
 def find(cfg: TrainConfig, start_lr: float, end_lr: float,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, option_name, run_main
 from engine import lr_sweep
-from engine.config import parse_tool_args
+from engine.options import parse_tool_args
 
 
 def own_options() -> argparse.ArgumentParser:

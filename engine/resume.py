@@ -1,0 +1,81 @@
+"""--resume DIR: what a resumed run may change (RESUMABLE), and the config and checkpoint it
+continues from, checked against the machine it resumes on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.cli import option_name
+from common.errors import CheckpointError, TrainingError
+from common.hardware import beyond_cores
+from engine import checkpoint
+from engine.config import TrainConfig, default_compile_mode, field_value
+
+# What --resume DIR may change: how long to train, where the data and workers are, the
+# trackers, and how the same computation runs (compiled or not, its mode, determinism, cuDNN's
+# autotuning). Everything else would make the continued run a different run.
+RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mode",
+             "deterministic", "cudnn_benchmark")
+
+
+def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
+    """The config a --resume continues: the saved one, with the RESUMABLE options applied.
+
+    Any other option given on the command line is refused by name rather than dropped.
+    """
+    refused = sorted(k for k, v in given.items()
+                     if k not in RESUMABLE and field_value(saved.get(k)) != v
+                     and not (k == "lr" and v == "auto" and saved.get("lr_auto")))  # its origin
+    if refused:
+        names = ", ".join(map(option_name, refused))
+        allowed = ", ".join(map(option_name, RESUMABLE))
+        raise ValueError(f"{names} cannot change when resuming {run_dir}, which continues with "
+                         f"its saved config; only {allowed} can. Start a new run with another "
+                         "--out to change the rest.")
+    changes = {k: v for k, v in given.items() if k in RESUMABLE}
+    if changes.get("compile") is False:  # --no-compile: no mode left to compile in
+        changes.setdefault("compile_mode", "default")
+    return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
+
+
+def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
+    """The config (not yet resolved for this machine) and the checkpoint of the run in
+    `resume`, with the options `given` on the command line applied; CheckpointError or
+    TrainingError, saying what to change, for a run this machine cannot continue as asked."""
+    if Path(resume).is_file():
+        raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
+                              f"{Path(resume).parent}")
+    path = Path(resume) / "ckpt.pt"
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: {path} does not exist; pass the --out folder "
+                              "of a run that saved an epoch.")
+    ckpt = checkpoint.load(path)
+    checkpoint.blocked_epoch_files(Path(resume))
+    # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
+    saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
+    # a compile mode the run's own machine picked (none was asked for) is picked again for
+    # this one: CUDA graphs trained on one GPU would otherwise go on under DDP, or the reverse
+    trained_on_cuda = not str(ckpt.get("device", "cpu")).startswith("cpu")
+    if "compile_mode" not in given and saved.get("compile_mode") == default_compile_mode(
+            trained_on_cuda, saved.get("compile"), ckpt.get("processes", 1)):
+        saved["compile_mode"] = None
+    try:
+        cfg = checkpoint.checked_config(
+            path, ckpt, lambda: resume_config(saved, given, Path(resume)),
+            fix="Resume from the ckpt.pt that engine/train.py wrote, or start a new run with "
+                "another --out.")
+    except ValueError as error:  # an option that --resume cannot change
+        raise CheckpointError(f"{path}: {error}") from None
+    if cfg.workers is not None and "workers" not in given and (
+            problem := beyond_cores("--workers", cfg.workers)):
+        raise TrainingError(f"{resume} was trained with {problem} (--resume may change it).")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():  # --precision is kept
+        raise TrainingError(f"{path} trained in fp16, which needs a CUDA GPU; resume it on a "
+                            "machine with one (--resume keeps the run's --precision).")
+    done = len(ckpt["history"])
+    if cfg.epochs < done:
+        raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
+                            f"has done; pass --epochs above {done} to extend it.")
+    return cfg, ckpt

@@ -29,8 +29,11 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str, stream: i
     its own augmentations (the same ones would pair images across a global batch); the sample
     order is one permutation that the ranks split, so it takes rank 0 on every rank.
     """
+    mixed = (seed * 1_000_003 + epoch) * 2 + stream
+    # the high half folded into the low one, all a CPU generator keeps: seeds 2**31 apart drew
+    # the same batches there (the doubling shifts a seed's top bit out of the low half)
     return torch.Generator(device=device).manual_seed(
-        (seed * 1_000_003 + epoch) * 2 + stream + rank * RANK_STRIDE)
+        (mixed ^ (mixed >> 32)) + rank * RANK_STRIDE)
 
 
 def _source_index(index: torch.Tensor, size: int, reflect: bool) -> tuple[torch.Tensor, ...]:

@@ -211,6 +211,17 @@ def test_an_epochs_order_stream_is_not_the_next_epochs_augmentation_stream(seed,
     assert torch.equal(draws(epoch, 1), draws(epoch, 1))
 
 
+@pytest.mark.parametrize("stream", [0, 1])
+def test_seeds_2_31_apart_draw_apart_on_the_cpu(stream):
+    """--seed 5 and --seed 2**31 + 5 trained on the same order and augmentations on the CPU,
+    whose generator keeps only the low 32 bits of what seeds it."""
+
+    def draws(seed: int) -> torch.Tensor:
+        return torch.randint(2**62, (4,), generator=epoch_generator(seed, 3, "cpu", stream))
+
+    assert not torch.equal(draws(5), draws(5 + 2**31))
+
+
 def _cutout_centres(hole: torch.Tensor, size: int) -> list[int]:
     """The centre row of each image's size-`size` hole (N x H of covered rows), clipped or not."""
     centres = []

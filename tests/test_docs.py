@@ -1,8 +1,9 @@
 """The docs stay true: every command README.md, BENCHMARKS.md and docs/*.md show is accepted by
 that command's own parser, every option and make target they name exists, every file they
 point to (a raw log, a picture) is in the repository, every BENCHMARKS.md row names its device
-and commit and its raw log holds its figures, README's option table gives the defaults a run
-takes, and its table of GPU steps is the suite's, time limits included."""
+and commit and its raw log holds its figures, docs/training.md's option table gives the
+defaults a run takes, and docs/gpu.md's table of GPU steps is the suite's, time limits
+included."""
 
 from __future__ import annotations
 
@@ -154,18 +155,19 @@ def test_every_file_the_docs_point_to_exists():
 
 
 
-def readme_table(header: str) -> str:
-    """The README table whose first line is `header`, up to the blank line that ends it."""
-    readme = (ROOT / "README.md").read_text()
-    return readme[readme.index(header):].split("\n\n")[0]
+def doc_table(page: str, header: str) -> str:
+    """The table of docs/`page` whose first line is `header`, up to the blank line that ends
+    it."""
+    text = (ROOT / "docs" / page).read_text()
+    return text[text.index(header):].split("\n\n")[0]
 
 
 def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits():
-    """README's table of `make gpu` steps: the suite's steps in the order `all` runs them, each
+    """docs/gpu.md's table of `make gpu` steps: the suite's steps in the order `all` runs them, each
     with the time limit tools/gpu_steps.py gives it; the Makefile's comment in the same order."""
     from tools.gpu_steps import LIMITS, STEPS
 
-    block = readme_table("| `STEP=` | what runs |")
+    block = doc_table("gpu.md", "| `STEP=` | what runs |")
     table = dict(re.findall(r"^\| `([\w-]+)` \|(.*)\|$", block, re.MULTILINE))
     assert list(table) == list(STEPS)  # the groups' row, `tests`, `bench`, `all`, aside
     for step, text in table.items():
@@ -177,14 +179,14 @@ def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits()
 
 
 def test_the_option_tables_defaults_are_what_a_run_takes():
-    """README's table of engine/train.py's options: each default is the parsed config's (with
+    """docs/training.md's table of engine/train.py's options: each default is the parsed config's (with
     "on GPU" and "on CPU", "for CUDA", the config resolved for each)."""
     from engine.config import resolve
     from engine.options import parse
 
     cfg = parse([]).cfg
     machines = {"GPU": resolve(cfg, cuda=True), "CPU": resolve(cfg, cuda=False)}
-    block = readme_table("| option | default | |")
+    block = doc_table("training.md", "| option | default | |")
     checked = []
     for options, defaults in re.findall(r"^\| (`--[^|]*) \|([^|]*)\|", block, re.MULTILINE):
         names = [n.replace("-", "_") for n in re.findall(r"`--([\w-]+)", options)]

@@ -179,8 +179,8 @@ def test_the_gpu_steps_table_and_the_makefile_list_the_suites_steps_and_limits()
 
 
 def test_the_option_tables_defaults_are_what_a_run_takes():
-    """docs/training.md's table of engine/train.py's options: each default is the parsed config's (with
-    "on GPU" and "on CPU", "for CUDA", the config resolved for each)."""
+    """docs/training.md's table of engine/train.py's options: each default is the parsed
+    config's (with "on GPU" and "on CPU", "for CUDA", the config resolved for each)."""
     from engine.config import resolve
     from engine.options import parse
 

@@ -274,7 +274,8 @@ def test_a_folder_in_the_plots_place_is_named_before_the_sweep(tmp_path, capsys)
 @pytest.mark.slow
 def test_a_full_disk_at_the_last_write_leaves_no_out_folder_it_made(data_dir, tmp_path):
     """lr_find.csv and .png were written after the block that removes a failed run's --out
-    had ended: a full disk there left the folder, empty, where the README says none is left."""
+    had ended: a full disk there left the folder, empty, where docs/lr-and-optimizers.md says
+    none is left."""
     with tmpfs(tmp_path / "full", "size=24k") as full:  # the table fits, not its plot
         out = full / "lr"
         result = run_script("tools/lr_find.py", *SMALL, "--data-dir", str(data_dir),

@@ -148,8 +148,8 @@ def test_train_loss_and_accuracy_are_those_of_the_epochs_batches(data_dir, tmp_p
 
 
 def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path):
-    """Started as the README starts several GPUs, `accelerate launch --multi_gpu`: on a machine
-    without one, its torchrun processes train on the CPU over gloo. (Its --cpu mode would
+    """Started as docs/training.md starts several GPUs, `accelerate launch --multi_gpu`: on a
+    machine without one, its torchrun processes train on the CPU over gloo. (Its --cpu mode would
     start one process: accelerate's several CPU processes need an MPI hostfile.)"""
     out = tmp_path / "dist"
     n_train, n_test = 2001, 301  # odd sizes: one padding sample, unequal test shards
@@ -526,7 +526,7 @@ def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # where the README says: DIR/cifar10-engine/
+    # where docs/training.md says: DIR/cifar10-engine/
     events = EventAccumulator(str(next((out / "cifar10-engine").rglob(
         "events.out.tfevents.*")).parent)).Reload()
     assert {"test_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])

@@ -33,7 +33,10 @@ from common.files import (
     atomic_writes,
     csv_text,
     locked_dir,
+    long_name,
+    make_dir,
     output_dir,
+    sweep_dead_writers,
     temporary_name,
     temporary_writer,
     waiting_lock,
@@ -312,8 +315,40 @@ def test_only_a_writers_temporaries_of_the_kinds_asked_for_are_named_its():
     out = Path("runs") / "report"
     assert temporary_writer(Path("runs/.report.123.tmp"), out, ("tmp", "old")) == 123
     assert temporary_writer(Path("runs/.report.123.old"), out, ("tmp", "old")) == 123
-    for name in (".report.123.keep", ".report.123", ".report.x1.tmp", ".other.123.tmp"):
+    for name in (".report.123.keep", ".report.123", ".report.x1.tmp", ".other.123.tmp",
+                 "123.tmp"):  # a user's own folder, named as a pid's temporary is, unhidden
         assert temporary_writer(Path("runs") / name, out, ("tmp", "old")) is None, name
+
+
+def test_a_sweep_removes_the_temporaries_of_dead_writers_and_of_this_pid_only(tmp_path):
+    """What a dead process left goes, and so does what this PID left (a PID reused after a
+    restart: no write of this process is under way at a sweep); a live writer's stays."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    alive = os.getppid()
+    for pid in (os.getpid(), ended.pid, alive):
+        (tmp_path / f".report.{pid}.tmp").mkdir()
+    sweep_dead_writers(tmp_path / "report")
+    assert [p.name for p in tmp_path.iterdir()] == [f".report.{alive}.tmp"]
+
+
+def test_a_name_whose_temporary_just_fits_is_taken_and_one_byte_longer_is_not(tmp_path):
+    """long_name refuses a name only when its temporary (a few bytes longer) passes the file
+    system's limit, not when it reaches it."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    extra = len(temporary_name(tmp_path / "a").name) - 1
+    assert long_name(tmp_path / ("a" * (limit - extra))) is None
+    assert long_name(tmp_path / ("a" * (limit - extra + 1))) == (
+        f"its name is too long ({limit - extra + 1} bytes; this file system takes {limit}, "
+        f"less {extra} for the temporary it is written as first)")
+
+
+def test_make_dir_refuses_a_folder_that_exists_but_cannot_be_written(read_only_dir):
+    """An existing --out that takes no file is refused by make_dir, before any work."""
+    with pytest.raises(OutputError) as refused:
+        make_dir(read_only_dir, "--out")
+    assert str(refused.value).startswith(f"--out {read_only_dir} cannot be written (")
+    assert str(refused.value).endswith("); choose a writable folder.")
 
 
 @pytest.mark.slow

@@ -737,6 +737,17 @@ def test_confusion_and_per_class_metrics_by_hand():
     ]
 
 
+def test_a_class_never_predicted_or_never_seen_scores_zero_not_nan():
+    """No image predicted as b: its precision (0 of 0) is 0, not NaN; c has no test image: its
+    recall (0 of 0) is 0; and an F1 of two zeros is 0."""
+    matrix = report_tables.confusion(np.array([0, 0, 0]), np.array([0, 0, 1]), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's 'invalid value' for 0 / 0
+        rows = report_tables.per_class(matrix, ["a", "b", "c"])
+    assert [(r["precision"], r["recall"], r["f1"]) for r in rows] == [
+        (0.6667, 1.0, 0.8), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
+
+
 def _inputs(labels: np.ndarray, history: list[dict]) -> report_inputs.Inputs:
     """Inputs around a hand-made checkpoint dict and a real (tiny) model: 3 x 2 + 2 = 8
     parameters."""
@@ -771,6 +782,19 @@ def test_headline_reports_accuracy_best_and_final_epochs_by_hand():
     assert facts["epochs"] == "2 of 3"
     assert facts["model"] == "resnet18, width 8, 8 parameters"
     assert facts["training time"] == "90.0 s (1.5 min) over 2 epochs, 1,234 images/s last"
+
+
+def test_headline_says_when_the_runs_accuracies_were_measured_with_flip_tta():
+    """A --tta run's own test accuracies are of flipped pairs: the headline says so; this
+    report's own accuracy stays 'no TTA'."""
+    history = [dict(epoch=1, test_acc=0.8, test_loss=0.5, seconds=30.0)]
+    labels = np.array([0, 1])
+    run = _inputs(labels, history)
+    run.ckpt["config"]["tta"] = True
+    facts = report_tables.headline(run, np.eye(3)[:2], labels)
+    assert facts["final test accuracy"] == "80.00% at epoch 1 with flip TTA (test loss 0.5000)"
+    assert facts["best test accuracy"] == "80.00% at epoch 1 with flip TTA"
+    assert facts["this report's accuracy"] == "100.00% (0 wrong; fp32, no TTA, on cpu)"
 
 
 def test_summary_lists_the_five_lowest_recalls_hardest_first():

@@ -5,6 +5,7 @@ of the synthetic data."""
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import shutil
 import subprocess
@@ -144,6 +145,17 @@ def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method):
         maps = cams.cams(loaded.model, inputs, loaded.labels[:3], layer, method)
         assert maps.shape == (3, 32, 32)
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_each_method_makes_its_own_maps():
+    """--methods picks the map: on one model and input, no two methods give the same maps (a
+    method name that fell back to Grad-CAM would still lie in [0, 1])."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 8).eval()
+    inputs, targets = torch.randn(2, 3, 32, 32), np.array([1, 2])
+    maps = {method: cams.cams(model, inputs, targets, "layer3", method) for method in METHODS}
+    for first, second in itertools.combinations(METHODS, 2):
+        assert np.abs(maps[first] - maps[second]).max() > 0.1, (first, second)
 
 
 def test_gradcam_peaks_on_the_object(loaded):

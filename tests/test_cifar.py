@@ -43,7 +43,7 @@ from common.errors import OutputError, plain_line
 from common.files import output_dir, waiting_lock
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
-from loaders.options import SYNTHETIC_CLASSES
+from loaders.options import DATASETS, SYNTHETIC_CLASSES
 from loaders.preparation import prepare
 
 LAYOUT = layouts.LAYOUTS["cifar10"]
@@ -885,6 +885,25 @@ def test_write_synthetic_refuses_too_few_images(tmp_path):
     with pytest.raises(DataError, match="and 1 test image"):
         python_folder.write_synthetic(tmp_path, 10, 0)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["synthetic", "folder"])
+def test_a_damaged_folder_the_engine_wrote_is_to_be_deleted_not_downloaded(tmp_path, name):
+    """A python folder the engine made (synthetic, or from image folders) is remade by the
+    next run: its fix is to delete it, never the archive's 'download it again'."""
+    folder = python_folder.write_synthetic(tmp_path, 10, 5, seed=0)
+    (folder / layouts.OWN_LAYOUT.test_files[0]).unlink()
+    with pytest.raises(DataError) as refused:
+        cifar.read_folder(folder, layouts.OWN_LAYOUT, name)
+    assert str(refused.value).endswith(f"Delete {folder}; the next run makes it again.")
+
+
+def test_load_refuses_an_unknown_dataset_before_making_its_data_dir(tmp_path):
+    """cifar.load names the datasets it knows, and creates no data folder for another."""
+    with pytest.raises(DataError, match="^Unknown dataset 'imagenet'; choose one of "
+                                        f"{', '.join(DATASETS)}.$"):
+        cifar.load("imagenet", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
 
 
 def test_synthetic_boxes_hold_the_object(tmp_path):

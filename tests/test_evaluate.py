@@ -5,13 +5,16 @@ also check it take tens."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.evaluate import evaluate
+from engine.evaluate import BATCH as PROBABILITY_BATCH
+from engine.evaluate import evaluate, probabilities
 from engine.model import build_model
 from loaders import make_loader
+from loaders.augment import Augment
 
 BATCH = 7  # divides neither the 201 test images nor any power of two
 
@@ -62,3 +65,21 @@ def test_the_model_is_given_batches_in_the_runs_memory_format(batches, channels_
     evaluate(model, batches[:2], tta=True, channels_last=channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert len(seen) == 4 and all(x.is_contiguous(memory_format=layout) for x in seen)
+
+
+def test_probabilities_are_each_images_softmax_in_batches_of_any_last_size():
+    """probabilities() gives every image, in order, the softmax over classes of the model's
+    scores for that image alone, however its BATCH-image passes split them (the last one
+    short), and reports each pass's true size."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=4).eval()
+    n = PROBABILITY_BATCH + 44
+    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    to_input = Augment(None, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], torch.float32, "cpu")
+    sizes: list[int] = []
+    probs = probabilities(model, to_input, images, on_batch=sizes.append)
+    assert sizes == [PROBABILITY_BATCH, 44] and probs.shape == (n, 10)
+    with torch.no_grad():
+        for index in (0, PROBABILITY_BATCH - 1, PROBABILITY_BATCH, n - 1):
+            alone = model(to_input(torch.from_numpy(images[index:index + 1]))).softmax(1)[0]
+            torch.testing.assert_close(probs[index], alone, rtol=1e-4, atol=1e-6)

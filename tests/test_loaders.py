@@ -18,8 +18,9 @@ import torch
 from conftest import MACHINE_CORES, ROOT
 
 import loaders
-from common.errors import LoaderError
+from common.errors import LoaderError, SetupError
 from common.hardware import available_cores, default_workers
+from loaders import guards
 from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
@@ -491,6 +492,18 @@ def test_a_system_tbb_too_old_for_numba_is_passed_over_silently(tmp_path):
     assert result.stdout.strip() in ("omp", "workqueue")
 
 
+def test_a_threading_layer_order_the_user_chose_is_kept_on_one_core():
+    """On one core importing_ffcv puts TBB last (it hangs there at exit), but only where the
+    user chose no order: NUMBA_THREADING_LAYER_PRIORITY, when set, is the order numba takes."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER_PRIORITY": "workqueue omp tbb"}
+    core = {min(os.sched_getaffinity(0))}
+    result = subprocess.run([sys.executable, "-c", START_NUMBA_THREADS], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=env,
+                            preexec_fn=lambda: os.sched_setaffinity(0, core))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "workqueue"
+
+
 def test_ffcv_that_cannot_be_imported_is_one_setup_error(tmp_path):
     """FFCV's ImportError (opencv or turbojpeg missing) was a traceback of every command that
     prepares or loads data."""
@@ -506,10 +519,6 @@ def test_ffcv_that_cannot_be_imported_is_one_setup_error(tmp_path):
 
 def test_the_failure_hook_is_installed_once_and_chains(prepared):
     """guards.install_failure_hook is idempotent and hands other threads' errors on."""
-    import threading
-
-    from loaders import guards
-
     seen = []
     previous = threading.excepthook
     threading.excepthook = lambda args: seen.append(args.exc_value)
@@ -609,6 +618,35 @@ def test_more_ffcv_workers_than_numba_may_start_is_one_clear_error(prepared):
                        f"threads.* pass --workers {config.NUMBA_NUM_THREADS} or fewer"):
         loaders.make_loader("ffcv", prepared.train, train=True, batch_size=BATCH, device="cpu",
                             mean=prepared.mean, std=prepared.std, workers=too_many)
+
+
+def test_as_many_ffcv_workers_as_numba_threads_are_taken():
+    """The limit itself is allowed: --workers NUMBA_NUM_THREADS starts that many threads."""
+    from numba import config
+
+    assert guards.numba_workers(config.NUMBA_NUM_THREADS, 1) == config.NUMBA_NUM_THREADS
+
+
+@pytest.mark.parametrize("name, value", [
+    *(("NUMBA_THREADING_LAYER", layer) for layer in (
+        "default", "safe", "threadsafe", "forksafe", *guards.NUMBA_LAYERS)),
+    ("NUMBA_THREADING_LAYER_PRIORITY", "workqueue omp tbb"),
+    ("NUMBA_NUM_THREADS", "1"),
+])
+def test_numba_settings_numba_takes_are_not_refused(monkeypatch, name, value):
+    """Every threading layer numba knows, any order of its three layers and a count of 1 pass
+    numba_settings_checked (refusing one would stop every command that reads data)."""
+    monkeypatch.setenv(name, value)
+    guards.numba_settings_checked()
+
+
+@pytest.mark.parametrize("order", ["omp omp tbb workqueue", "omp tbb tbb", "omp tbb"])
+def test_a_threading_layer_order_naming_a_layer_twice_or_leaving_one_out_is_refused(
+        monkeypatch, order):
+    """The order must name each of numba's three layers exactly once."""
+    monkeypatch.setenv("NUMBA_THREADING_LAYER_PRIORITY", order)
+    with pytest.raises(SetupError, match="is not an order of numba's three threading layers"):
+        guards.numba_settings_checked()
 
 
 DEFAULT_FFCV_WORKERS = """

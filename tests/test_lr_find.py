@@ -119,6 +119,16 @@ def test_suggestions_skip_the_early_points_of_the_slope_search():
     assert min_over_10 == pytest.approx(lrs[15] / 10)
 
 
+def test_a_curve_falling_fastest_at_its_last_point_suggests_that_point_as_steepest():
+    """A sweep that ended before its loss turned: the minimum is its last point, and so is the
+    steepest fall (np.gradient's one-sided slope there); the search includes the minimum."""
+    lrs = np.logspace(-5, -3.6, 15).tolist()
+    smoothed = [5.0 - 0.02 * i**2 for i in range(15)]  # falls ever faster to point 14
+    steepest, min_over_10 = lr_range.suggestions(lrs, smoothed)
+    assert steepest == lrs[14]
+    assert min_over_10 == pytest.approx(lrs[14] / 10)
+
+
 def test_suggestions_never_go_below_the_start_of_the_sweep():
     """A minimum within the sweep's first decade: a tenth of its LR lies below start_lr, so
     start_lr it is; the slope search then starts one point before the minimum."""

@@ -4,6 +4,7 @@ moments, and impossible values. Real subprocesses on tiny synthetic data (CPU)."
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -34,7 +35,10 @@ from common.files import (
     atomic_writes,
     csv_text,
     locked_dir,
+    long_name,
+    make_dir,
     output_dir,
+    sweep_dead_writers,
     temporary_name,
     temporary_writer,
     waiting_lock,
@@ -313,8 +317,40 @@ def test_only_a_writers_temporaries_of_the_kinds_asked_for_are_named_its():
     out = Path("runs") / "report"
     assert temporary_writer(Path("runs/.report.123.tmp"), out, ("tmp", "old")) == 123
     assert temporary_writer(Path("runs/.report.123.old"), out, ("tmp", "old")) == 123
-    for name in (".report.123.keep", ".report.123", ".report.x1.tmp", ".other.123.tmp"):
+    for name in (".report.123.keep", ".report.123", ".report.x1.tmp", ".other.123.tmp",
+                 "123.tmp"):  # a user's own folder, named as a pid's temporary is, unhidden
         assert temporary_writer(Path("runs") / name, out, ("tmp", "old")) is None, name
+
+
+def test_a_sweep_removes_the_temporaries_of_dead_writers_and_of_this_pid_only(tmp_path):
+    """What a dead process left goes, and so does what this PID left (a PID reused after a
+    restart: no write of this process is under way at a sweep); a live writer's stays."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    alive = os.getppid()
+    for pid in (os.getpid(), ended.pid, alive):
+        (tmp_path / f".report.{pid}.tmp").mkdir()
+    sweep_dead_writers(tmp_path / "report")
+    assert [p.name for p in tmp_path.iterdir()] == [f".report.{alive}.tmp"]
+
+
+def test_a_name_whose_temporary_just_fits_is_taken_and_one_byte_longer_is_not(tmp_path):
+    """long_name refuses a name only when its temporary (a few bytes longer) passes the file
+    system's limit, not when it reaches it."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    extra = len(temporary_name(tmp_path / "a").name) - 1
+    assert long_name(tmp_path / ("a" * (limit - extra))) is None
+    assert long_name(tmp_path / ("a" * (limit - extra + 1))) == (
+        f"its name is too long ({limit - extra + 1} bytes; this file system takes {limit}, "
+        f"less {extra} for the temporary it is written as first)")
+
+
+def test_make_dir_refuses_a_folder_that_exists_but_cannot_be_written(read_only_dir):
+    """An existing --out that takes no file is refused by make_dir, before any work."""
+    with pytest.raises(OutputError) as refused:
+        make_dir(read_only_dir, "--out")
+    assert str(refused.value).startswith(f"--out {read_only_dir} cannot be written (")
+    assert str(refused.value).endswith("); choose a writable folder.")
 
 
 @pytest.mark.slow
@@ -842,9 +878,23 @@ def test_an_epoch_that_cannot_be_written_leaves_the_previous_epochs_files_whole(
             "--resume.") in message
 
 
+def test_an_epoch_that_is_not_the_best_keeps_the_earlier_best_pt(tmp_path):
+    """best=False writes the epoch's ckpt.pt and metrics but leaves best.pt the best epoch's,
+    without the training state; a run whose first epoch is not the best has none yet."""
+    checkpoint.write_epoch(tmp_path, epoch_files(1, 64), best=False)
+    assert not (tmp_path / "best.pt").exists() and (tmp_path / "ckpt.pt").is_file()
+    checkpoint.write_epoch(tmp_path, epoch_files(2, 64), best=True)
+    checkpoint.write_epoch(tmp_path, epoch_files(3, 64), best=False)
+    best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "ckpt.pt"))
+    assert (best["epoch"], last["epoch"]) == (2, 3) and "resume" not in best and "resume" in last
+    assert [row["epoch"] for row in history(tmp_path)] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("code, fix", [
-    (28, "Free some space"), (None, "Free some space"), (13, "Make {folder} writable")],
-    ids=["ENOSPC", "torch's RuntimeError", "EACCES"])
+    (errno.ENOSPC, "Free some space"), (errno.EDQUOT, "Free some space"),
+    (errno.EFBIG, "Free some space"), (None, "Free some space"),
+    (errno.EACCES, "Make {folder} writable")],
+    ids=["ENOSPC", "EDQUOT", "EFBIG", "torch's RuntimeError", "EACCES"])
 def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_path, code, fix):
     path = tmp_path / "ckpt.pt"
     error = checkpoint.unwritten(path, OSError(code, "why", str(path)), None)
@@ -998,6 +1048,7 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("width", lambda c: c.update(width=True)),  # an int to Python, never a width
     ("width", lambda c: c.update(width=0)),  # a model of no channels
     ("classes", lambda c: c.update(classes=c["classes"][:9])),  # 9 names for 10 outputs
+    ("classes", lambda c: c["classes"].append("extra")),  # 11 names for 10 outputs
     ("config", lambda c: c["config"].update(bogus=1)),  # TrainConfig(**config) would fail
     ("state_dict", lambda c: c.update(state_dict={"w": 1})),  # weights that are no tensors
     ("state_dict", lambda c: c["state_dict"].update(  # weights the engine never saves
@@ -1006,6 +1057,7 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("std", lambda c: c.update(std=[1e-300, 0.2, 0.2])),  # and by this, overflow to inf
     ("mean", lambda c: c.update(mean=[float("nan"), 0.5, 0.5])),
     ("mean", lambda c: c.update(mean=[0.5, 0.5])),  # one value per RGB channel
+    ("mean", lambda c: c.update(mean=[True, 0.5, 0.5])),  # a bool is an int, never a mean
     ("history", lambda c: c["history"][0].pop("test_acc")),  # the report's headline reads it
     ("history", lambda c: c["history"][0].pop("epoch")),  # and the epoch of it
     ("history", lambda c: c["history"][0].pop("lr")),  # and the curves the LR
@@ -1029,9 +1081,10 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("history", lambda c: c["history"][0].update(epoch=1.5)),
     ("history", lambda c: c["history"].append({**c["history"][-1], "epoch": 5})),
     ("history", lambda c: c.update(history=[])),
-], ids=["width True", "width 0", "9 of 10 classes", "unknown config key", "int weight",
-        "int32 weights",
-        "std 0", "std 1e-300", "mean NaN", "mean of 2", "no test_acc", "no epoch", "no lr",
+], ids=["width True", "width 0", "9 of 10 classes", "11 of 10 classes", "unknown config key",
+        "int weight", "int32 weights",
+        "std 0", "std 1e-300", "mean NaN", "mean of 2", "mean of a bool", "no test_acc",
+        "no epoch", "no lr",
         "data test 5", "data without source", "optimizer state a list",
         "optimizer state of a number", "rng of floats", "processes a tensor", "resume empty",
         "resume a list", "class name with a tab", "blank class name", "config empty",
@@ -1110,6 +1163,17 @@ def test_weights_that_misfit_their_model_are_refused_on_load(finished, tmp_path,
     with pytest.raises(CheckpointError) as refused:
         checkpoint.load(tmp_path / "ckpt.pt")
     assert words in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_batchnorm_variance_of_exactly_zero_loads(finished, tmp_path):
+    """A channel no input ever reaches decays its running variance to 0.0 in fp32 over a long
+    run: a state training saves, so load takes it (only a negative variance is damage)."""
+    ckpt = checkpoint.load(finished / "ckpt.pt")
+    ckpt["state_dict"]["stem.1.running_var"][0] = 0.0
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    loaded = checkpoint.load(tmp_path / "ckpt.pt")
+    assert loaded["state_dict"]["stem.1.running_var"][0].item() == 0.0
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ of the synthetic data."""
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import shutil
 import subprocess
@@ -146,6 +147,17 @@ def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method, capfd):
         assert maps.shape == (3, 32, 32)
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     assert capfd.readouterr().err == ""
+
+
+def test_each_method_makes_its_own_maps():
+    """--methods picks the map: on one model and input, no two methods give the same maps (a
+    method name that fell back to Grad-CAM would still lie in [0, 1])."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 8).eval()
+    inputs, targets = torch.randn(2, 3, 32, 32), np.array([1, 2])
+    maps = {method: cams.cams(model, inputs, targets, "layer3", method) for method in METHODS}
+    for first, second in itertools.combinations(METHODS, 2):
+        assert np.abs(maps[first] - maps[second]).max() > 0.1, (first, second)
 
 
 def test_gradcam_peaks_on_the_object(loaded):
@@ -739,6 +751,17 @@ def test_confusion_and_per_class_metrics_by_hand():
     ]
 
 
+def test_a_class_never_predicted_or_never_seen_scores_zero_not_nan():
+    """No image predicted as b: its precision (0 of 0) is 0, not NaN; c has no test image: its
+    recall (0 of 0) is 0; and an F1 of two zeros is 0."""
+    matrix = report_tables.confusion(np.array([0, 0, 0]), np.array([0, 0, 1]), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's 'invalid value' for 0 / 0
+        rows = report_tables.per_class(matrix, ["a", "b", "c"])
+    assert [(r["precision"], r["recall"], r["f1"]) for r in rows] == [
+        (0.6667, 1.0, 0.8), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
+
+
 def _inputs(labels: np.ndarray, history: list[dict]) -> report_inputs.Inputs:
     """Inputs around a hand-made checkpoint dict and a real (tiny) model: 3 x 2 + 2 = 8
     parameters."""
@@ -773,6 +796,19 @@ def test_headline_reports_accuracy_best_and_final_epochs_by_hand():
     assert facts["epochs"] == "2 of 3"
     assert facts["model"] == "resnet18, width 8, 8 parameters"
     assert facts["training time"] == "90.0 s (1.5 min) over 2 epochs, 1,234 images/s last"
+
+
+def test_headline_says_when_the_runs_accuracies_were_measured_with_flip_tta():
+    """A --tta run's own test accuracies are of flipped pairs: the headline says so; this
+    report's own accuracy stays 'no TTA'."""
+    history = [dict(epoch=1, test_acc=0.8, test_loss=0.5, seconds=30.0)]
+    labels = np.array([0, 1])
+    run = _inputs(labels, history)
+    run.ckpt["config"]["tta"] = True
+    facts = report_tables.headline(run, np.eye(3)[:2], labels)
+    assert facts["final test accuracy"] == "80.00% at epoch 1 with flip TTA (test loss 0.5000)"
+    assert facts["best test accuracy"] == "80.00% at epoch 1 with flip TTA"
+    assert facts["this report's accuracy"] == "100.00% (0 wrong; fp32, no TTA, on cpu)"
 
 
 def test_summary_lists_the_five_lowest_recalls_hardest_first():

@@ -134,8 +134,11 @@ def stop_signals_held() -> Iterator[None]:
         yield  # only the main thread gets Python's signal handlers
         return
     caught: list[int] = []
+    # one the command ignores stays ignored (SIGHUP under nohup, SIGINT in a background job):
+    # noted, it was the one acted on, as nothing, and a SIGTERM after it was lost; and the
+    # processes forked in the block (DataLoader workers) took it up again
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in STOP_SIGNALS}
+                for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -385,6 +385,22 @@ def test_a_launcher_killed_before_run_main_still_stops_its_process():
     assert result.stderr == "\ninterrupted\ncode 143\n", result.stderr
 
 
+def test_a_stop_signal_after_an_ignored_one_in_a_held_block_still_stops():
+    """`nohup` ignores SIGHUP: a hang-up and then a SIGTERM inside stop_signals_held acted on
+    the first (ignored, so nothing), and the SIGTERM was lost: the command ran on."""
+    code = ("import os, signal, sys; from common.cli import run_main, stop_signals_held\n"
+            "def body():\n"
+            "    with stop_signals_held():\n"
+            "        os.kill(os.getpid(), signal.SIGHUP)\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    print('ran on')\n"
+            "sys.exit(run_main(body))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert (result.returncode, result.stdout, result.stderr) == (143, "", "\ninterrupted\n")
+
+
 LINES_FOREVER = ("import sys, time; from common.cli import run_main\n"
                  "def body():\n"
                  "    while True:\n"

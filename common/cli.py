@@ -33,6 +33,10 @@ INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of it
 STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM,
                 signal.SIGHUP: 128 + signal.SIGHUP}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent thread ends
+# the parent as a command starts (this module is among its first imports; a forked child's is
+# its forker): one gone by the time stop_with_launcher asks for its death's signal sends none
+_parent = [os.getppid()]
+os.register_at_fork(after_in_child=lambda: _parent.__setitem__(0, os.getppid()))
 _stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
@@ -93,10 +97,13 @@ def stop_with_launcher() -> None:
     """In a process torchrun or accelerate launch started: a SIGTERM when the launcher dies.
     Stopped, a launcher hands its processes a SIGTERM; killed outright (kill -9, the OOM
     killer) it hands them nothing, and torchrun's, each in a session of its own, trained on
-    unseen, holding the run's folder and its GPU. Linux only; a launcher killed in the
-    seconds before this call is not seen."""
+    unseen, holding the run's folder and its GPU. Linux only. A launcher killed before this
+    call, as the process imported torch, sends nothing: the process, its parent no longer the
+    one it started with, sends itself the SIGTERM."""
     if sys.platform == "linux" and launched():
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != _parent[0]:  # checked after the call: no death falls in between
+            signal.raise_signal(signal.SIGTERM)
 
 
 def stop_if_interrupted() -> None:
@@ -127,8 +134,11 @@ def stop_signals_held() -> Iterator[None]:
         yield  # only the main thread gets Python's signal handlers
         return
     caught: list[int] = []
+    # one the command ignores stays ignored (SIGHUP under nohup, SIGINT in a background job):
+    # noted, it was the one acted on, as nothing, and a SIGTERM after it was lost; and the
+    # processes forked in the block (DataLoader workers) took it up again
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in STOP_SIGNALS}
+                for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -347,12 +357,13 @@ def run_main(body: Callable[[], int | None]) -> int:
         previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS
                     if signal.getsignal(s) is not signal.SIG_IGN}
         sys.unraisablehook = _quiet_lost_stop(hook)
-        stop_with_launcher()  # after the handlers: its SIGTERM stops as any other does
         # once, however often it runs
         for callback in (spare_last_collection, exit_at_once_on_ctrl_c):
             atexit.unregister(callback)
             atexit.register(callback)
     try:
+        if threading.current_thread() is threading.main_thread():
+            stop_with_launcher()  # after the handlers, in the try: its SIGTERM stops as any does
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code

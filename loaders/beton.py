@@ -154,12 +154,20 @@ def sidecar_damage(path: Path) -> str | None:
 
 def unusable(path: Path) -> str:
     """Why read_info(path) is None, to follow the file's name in a message: it is missing,
-    has no sidecar, or is damaged (with its sidecar's reason)."""
+    has no sidecar, or is damaged (with its sidecar's reason: unreadable, of another release,
+    or a normalization that cannot be used)."""
     if not path.is_file():
         return "is missing"
     if not sidecar(path).is_file():
         return f"has no sidecar {sidecar(path).name}"
-    return f"is damaged ({sidecar_damage(path) or 'its sidecar is of another release'})"
+    if problem := sidecar_damage(path):
+        return f"is damaged ({problem})"
+    info = _load_sidecar(path)
+    if info.format != FORMAT:
+        return "is damaged (its sidecar is of another release)"
+    return (f"is damaged (its sidecar's normalization cannot be used: mean {info.mean}, std "
+            f"{info.std}, where it takes one finite value per RGB channel, each std at least "
+            f"{MIN_STD:.3g})")
 
 
 class _Rows:

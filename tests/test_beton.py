@@ -95,6 +95,10 @@ def test_a_sidecar_whose_stats_cannot_normalize_is_rebuilt(prepared, tmp_path, s
     path = data_dir / prepared.train.name
     write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), **stats)))
     assert beton.read_info(path) is None
+    # said as what it is where the file cannot be rebuilt (its source gone, offline), not
+    # as a sidecar "of another release"
+    assert beton.unusable(path).startswith("is damaged (its sidecar's normalization cannot be "
+                                           "used: mean ")
     again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert (again.mean, again.std) == (prepared.mean, prepared.std)
     assert beton.read_info(path).std == prepared.std

@@ -359,6 +359,48 @@ def test_a_ctrl_c_ignored_as_the_command_starts_stays_ignored():
     assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
 
 
+# a process torchrun started (TORCHELASTIC_RUN_ID), whose launcher is gone before run_main
+LAUNCHED_ORPHAN = ("import os, sys, time; from common.cli import run_main\n"
+                   "launcher = os.getppid()\n"
+                   "print('ready', flush=True)\n"
+                   "while os.getppid() == launcher:  # until the launcher has died\n"
+                   "    time.sleep(0.01)\n"
+                   "print(f'code {run_main(lambda: 0)}', file=sys.stderr, flush=True)")
+# the launcher: starts it, waits until it has imported common.cli, then is killed outright
+LAUNCHER = ("import os, signal, subprocess, sys\n"
+            "child = subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+            "stdout=subprocess.PIPE, env={**os.environ, 'TORCHELASTIC_RUN_ID': 'test'})\n"
+            "assert child.stdout.readline() == b'ready\\n'\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_before_run_main_still_stops_its_process():
+    """A launcher killed outright while its process still imported torch (seconds, before
+    run_main asks for a SIGTERM at its death) left that process training unseen: asked too
+    late, the parent it watches is already gone."""
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, LAUNCHED_ORPHAN], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert result.stderr == "\ninterrupted\ncode 143\n", result.stderr
+
+
+def test_a_stop_signal_after_an_ignored_one_in_a_held_block_still_stops():
+    """`nohup` ignores SIGHUP: a hang-up and then a SIGTERM inside stop_signals_held acted on
+    the first (ignored, so nothing), and the SIGTERM was lost: the command ran on."""
+    code = ("import os, signal, sys; from common.cli import run_main, stop_signals_held\n"
+            "def body():\n"
+            "    with stop_signals_held():\n"
+            "        os.kill(os.getpid(), signal.SIGHUP)\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    print('ran on')\n"
+            "sys.exit(run_main(body))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert (result.returncode, result.stdout, result.stderr) == (143, "", "\ninterrupted\n")
+
+
 LINES_FOREVER = ("import sys, time; from common.cli import run_main\n"
                  "def body():\n"
                  "    while True:\n"

@@ -576,6 +576,26 @@ def test_a_torchvision_worker_ignores_what_its_command_ignores():
     assert result.stdout == "True True\n", result.stderr[-2000:]
 
 
+def _hung_up(image) -> torch.Tensor:
+    """A transform that gets its worker the SIGHUP a closed terminal sends the whole group."""
+    os.kill(os.getpid(), signal.SIGHUP)
+    return torch.zeros(3, 32, 32)
+
+
+def test_torchvision_workers_of_a_nohup_run_outlive_the_terminal(make):
+    """`nohup` ignores SIGHUP, and so does the command; its workers, forked while the loader
+    held the stop signals (common.cli.stop_signals_held, whose note had replaced the ignored
+    disposition), took SIGHUP up again: a closed terminal ended them, and the run failed on
+    its dead workers."""
+    loader = make("torchvision", False, copy=4)  # its own: the transform is replaced
+    loader.loader.dataset.transform = _hung_up
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert sum(len(labels) for _, labels in loader) == loader.num_samples
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_a_killed_torchvision_worker_is_one_loader_error(prepared):
     """torch's RuntimeError "DataLoader worker (pid N) is killed by signal" was a traceback;
     it names the likely cause and the fix, and leaves no worker behind."""

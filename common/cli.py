@@ -33,10 +33,6 @@ INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of it
 STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM,
                 signal.SIGHUP: 128 + signal.SIGHUP}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent thread ends
-# the parent as a command starts (this module is among its first imports; a forked child's is
-# its forker): one gone by the time stop_with_launcher asks for its death's signal sends none
-_parent = [os.getppid()]
-os.register_at_fork(after_in_child=lambda: _parent.__setitem__(0, os.getppid()))
 _stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
@@ -97,13 +93,11 @@ def stop_with_launcher() -> None:
     """In a process torchrun or accelerate launch started: a SIGTERM when the launcher dies.
     Stopped, a launcher hands its processes a SIGTERM; killed outright (kill -9, the OOM
     killer) it hands them nothing, and torchrun's, each in a session of its own, trained on
-    unseen, holding the run's folder and its GPU. Linux only. A launcher killed before this
-    call, as the process imported torch, sends nothing: the process, its parent no longer the
-    one it started with, sends itself the SIGTERM."""
+    unseen, holding the run's folder and its GPU. Linux only. Asked first by
+    interruptible_imports, before torch loads (seconds), so only a launcher killed in the
+    moment before a command's own options were read goes unseen."""
     if sys.platform == "linux" and launched():
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != _parent[0]:  # checked after the call: no death falls in between
-            signal.raise_signal(signal.SIGTERM)
 
 
 def stop_if_interrupted() -> None:
@@ -258,8 +252,10 @@ def interruptible_imports() -> Iterator[None]:
     meanwhile ends the command as run_main's would, one line and 130, even where a library
     swallows it: one that lands while torch imports numpy is lost, and the command ran on, or
     failed later on the half-imported numpy (a RecursionError). First, an allocator setting
-    torch would abort on as it loads is refused in one line (common.allocator)."""
+    torch would abort on as it loads is refused in one line (common.allocator), and a process
+    a launcher started asks for a SIGTERM at the launcher's death (stop_with_launcher)."""
     reopen_closed_streams()
+    stop_with_launcher()  # its SIGTERM, until run_main's handlers, ends it as torch loads
     previous = signal.getsignal(signal.SIGINT)
     if (threading.current_thread() is not threading.main_thread()
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable

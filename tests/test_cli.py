@@ -350,14 +350,20 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(capsys):
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+def run_ignoring(code: str, signum: int) -> subprocess.CompletedProcess:
+    """`python -c code` started with `signum` ignored, as bash starts a script's background job
+    (SIGINT) and nohup its command (SIGHUP)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
+
+
 def test_a_ctrl_c_ignored_as_the_command_starts_stays_ignored():
     """bash starts a script's background job with SIGINT ignored: run_main's handler made the
     terminal's Ctrl-C, meant for the foreground, stop the job (exit 130)."""
     code = ("import os, signal, sys; from common.cli import run_main; "
             "sys.exit(run_main(lambda: (os.kill(os.getpid(), signal.SIGINT), print('done'))[1]))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    result = run_ignoring(code, signal.SIGINT)
     assert (result.returncode, result.stdout, result.stderr) == (0, "done\n", "")
 
 
@@ -414,9 +420,7 @@ def test_a_stop_signal_after_an_ignored_one_in_a_held_block_still_stops():
             "        os.kill(os.getpid(), signal.SIGTERM)\n"
             "    print('ran on')\n"
             "sys.exit(run_main(body))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    result = run_ignoring(code, signal.SIGHUP)
     assert (result.returncode, result.stdout, result.stderr) == (143, "", "\ninterrupted\n")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import json
 import os
 import pickle
 import pty
@@ -25,7 +24,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, SignalsWhenCollected, run_script, tmpfs, torchrun_env, train_tiny
+from conftest import (
+    ROOT,
+    SignalsWhenCollected,
+    history,
+    run_script,
+    tmpfs,
+    torchrun_env,
+    train_tiny,
+)
 from test_folders import write_tree
 
 from common.allocator import allocator_problem
@@ -73,10 +80,6 @@ def wait_for(path: Path, timeout: float = 300) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
-
-
-def history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def one_line_error(result) -> str:

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, interrupt_after_first_epoch, launcher_env, run_script, torchrun_env
+from conftest import (
+    ROOT,
+    history,
+    interrupt_after_first_epoch,
+    launcher_env,
+    run_script,
+    torchrun_env,
+)
 
 import engine.loop
 from common.errors import TrainingError
@@ -33,10 +40,6 @@ SMALL = ["--dataset", "synthetic", "--width", "8", "--batch-size", "128", "--see
 
 def train(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     return run_script("engine/train.py", *SMALL, *args, timeout=timeout, **kwargs)
-
-
-def history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

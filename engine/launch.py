@@ -125,8 +125,8 @@ def launcher_options_ignored() -> str | None:
     if not given:
         return None
     return ("notice: accelerate launch's " + " and ".join(f"{o} {v}" for o, v in given.items())
-            + " are not used: this engine's --precision and --compile (--compile-mode) choose, "
-            "as the line above says.")
+            + (" is" if len(given) == 1 else " are") + " not used: this engine's --precision "
+            "and --compile (--compile-mode) choose, as the line above says.")
 
 
 def end_processes() -> None:

@@ -55,6 +55,13 @@ def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
     checkpoint.blocked_epoch_files(Path(resume))
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
+    if (saved.get("dataset") == "folder" and "data_dir" not in given
+            and not Path(saved["data_dir"]).is_dir()):
+        # CIFAR and synthetic data are fetched or made again; pictures are only where they are
+        raise CheckpointError(
+            f"{path} was trained on the image folder {saved['data_dir']}, which does not exist "
+            "(moved or deleted?); pass --data-dir DIR, the folder that now holds its train/ "
+            "and test/ (--resume may change it).")
     # a compile mode the run's own machine picked (none was asked for) is picked again for
     # this one: CUDA graphs trained on one GPU would otherwise go on under DDP, or the reverse
     trained_on_cuda = not str(ckpt.get("device", "cpu")).startswith("cpu")

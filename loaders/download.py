@@ -124,14 +124,19 @@ def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = N
     folder = data_dir / layout.folder
     if folder.is_dir():
         return folder
-    if all((data_dir / f).is_file() for f in (layout.meta_file, layout.train_files[0])):
+    holds_batches = all((data_dir / f).is_file()
+                        for f in (layout.meta_file, layout.train_files[0]))
+    if holds_batches or data_dir.name == layout.folder:
         # the python folder itself was named: a download would go into it, 170 MB for nothing
-        # online, and offline the advice to place the folder there read as a riddle
+        # online, and offline the advice to place the folder there read as a riddle (an empty
+        # one, too: its batch files not yet in place)
         where = (f"pass --data-dir {data_dir.parent}" if data_dir.name == layout.folder
                  else f"move them into {folder}/")
-        raise DataError(f"--data-dir {data_dir} holds {name}'s batch files themselves "
-                        f"({layout.meta_file}, {layout.train_files[0]}, ...), where it names the "
-                        f"folder that holds {layout.folder}/: {where}.")
+        what = (f"holds {name}'s batch files themselves ({layout.meta_file}, "
+                f"{layout.train_files[0]}, ...)" if holds_batches
+                else f"is {name}'s python folder itself, {layout.folder}/")
+        raise DataError(f"--data-dir {data_dir} {what}, where it names the folder that holds "
+                        f"{layout.folder}/: {where}.")
     url, md5 = url or layout.url, md5 or layout.md5
     archive = data_dir / Path(url).name
     found = md5sum(archive) if archive.is_file() else None

@@ -110,6 +110,20 @@ def test_a_data_dir_that_is_the_python_folder_itself_is_named(tmp_path, closed_p
         [*LAYOUT.train_files, *LAYOUT.test_files, LAYOUT.meta_file])  # nothing written
 
 
+def test_a_data_dir_named_as_the_python_folder_is_refused_before_its_batch_files_are_in(
+        tmp_path, closed_port):
+    """An empty --data-dir data/cifar-10-batches-py was downloaded into, and offline the error
+    said to place cifar-10-batches-py/ in data/cifar-10-batches-py."""
+    folder = tmp_path / "data" / LAYOUT.folder
+    folder.mkdir(parents=True)
+    with pytest.raises(DataError) as refused:
+        download.fetch("cifar10", folder, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    assert str(refused.value) == (
+        f"--data-dir {folder} is cifar10's python folder itself, {LAYOUT.folder}/, where it "
+        f"names the folder that holds {LAYOUT.folder}/: pass --data-dir {folder.parent}.")
+    assert not any(folder.iterdir())  # nothing written
+
+
 def test_download_keeps_the_file_only_when_its_md5_matches(tmp_path, served_archive):
     _, url, digest = served_archive
     dest = download.download(url, digest, tmp_path / "data" / "ok.tar.gz")

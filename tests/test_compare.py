@@ -341,3 +341,13 @@ def test_a_row_gives_the_last_and_best_accuracy_and_the_mean_epoch_time():
     row = Result("sgd", 0.1, history).row()
     assert (row["final_test_acc"], row["best_test_acc"]) == (0.6, 0.7)
     assert row["seconds_per_epoch"] == pytest.approx(2.0) and row["epochs"] == 3
+
+
+@pytest.mark.parametrize("epochs, said", [(1, "1 epoch of synthetic,"),
+                                          (3, "3 epochs of synthetic,")])
+def test_the_tables_first_line_counts_the_epochs_in_words(epochs, said):
+    """A one-epoch comparison's compare.md began "1 epochs of synthetic"."""
+    cfg = TrainConfig(dataset="synthetic", epochs=epochs)
+    text = comparison.markdown([Result("sgd", 0.1, [dict(test_acc=0.5, seconds=1.0)]).row()],
+                               cfg, "each optimizer's default")
+    assert text.startswith(said)

@@ -591,15 +591,22 @@ def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
     assert (run / "ckpt.pt").read_bytes() == before
 
 
-@pytest.mark.slow
-def test_resume_after_the_classes_changed_names_both(tmp_path):
-    """An image folder that gained a class: the checkpoint's head has one output too few."""
+def trained_on_pictures(tmp_path: Path) -> tuple[Path, Path]:
+    """An image folder of cat, dog and frog in tmp_path/pictures, and a one-epoch run on it in
+    tmp_path/run."""
     pictures, run = tmp_path / "pictures", tmp_path / "run"
     write_tree(pictures, per_class=(16, 4))
     first = run_script("engine/train.py", "--dataset", "folder", "--data-dir", pictures,
                        "--width", "8", "--batch-size", "16", "--epochs", "1", "--loader",
                        "resident", "--out", run, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    return pictures, run
+
+
+@pytest.mark.slow
+def test_resume_after_the_classes_changed_names_both(tmp_path):
+    """An image folder that gained a class: the checkpoint's head has one output too few."""
+    pictures, run = trained_on_pictures(tmp_path)
     for split in ("train", "test"):
         shutil.copytree(pictures / split / "dog", pictures / split / "emu")
     result = run_script("engine/train.py", "--resume", run, "--epochs", "2", timeout=300)
@@ -608,6 +615,25 @@ def test_resume_after_the_classes_changed_names_both(tmp_path):
     assert f"{run / 'ckpt.pt'} was trained on other classes (3: cat, dog, frog) than its " \
            "data" in message and "now holds (4: cat, dog, emu, frog)" in message, message
     assert len(history(run)) == 1
+
+
+@pytest.mark.slow
+def test_resume_after_the_image_folder_moved_says_to_pass_data_dir(tmp_path):
+    """It said only that the recorded folder's train/ was missing, not that --resume takes
+    --data-dir for the folder's new place."""
+    pictures, run = trained_on_pictures(tmp_path)
+    moved = pictures.rename(tmp_path / "moved")
+    result = run_script("engine/train.py", "--resume", run, "--epochs", "2", timeout=300)
+    assert result.returncode == 1
+    assert one_line_error(result) == (
+        f"error: {run / 'ckpt.pt'} was trained on the image folder {pictures}, which does not "
+        "exist (moved or deleted?); pass --data-dir DIR, the folder that now holds its train/ "
+        "and test/ (--resume may change it).")
+    assert len(history(run)) == 1
+    result = run_script("engine/train.py", "--resume", run, "--epochs", "2", "--data-dir",
+                        moved, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(history(run)) == 2
 
 
 @pytest.mark.slow

@@ -155,6 +155,22 @@ def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, tmp_pa
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("env, said", [
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "--mixed_precision bf16 is not used"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
+     "--mixed_precision bf16 and --dynamo_backend INDUCTOR are not used"),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, None)])
+def test_the_notice_of_accelerates_unused_options_names_them_in_number(monkeypatch, env, said):
+    """A lone --mixed_precision was said to be "are not used"."""
+    from engine.launch import launcher_options_ignored
+    for variable in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    notice = launcher_options_ignored()
+    assert (notice is None) if said is None else f"accelerate launch's {said}:" in notice
+
+
 def test_physical_cores_counts_the_cores_of_the_cpus_this_process_may_use(monkeypatch,
                                                                          tmp_path):
     """Of 4 cores of 2 threads each (cpu0-7, cpu4 cpu0's sibling), a cpuset of cpu0, cpu4 and

@@ -145,8 +145,9 @@ def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.2%}"
 
-    lines = [f"{cfg.epochs} epochs of {cfg.dataset}, batch {cfg.batch_size}, width {cfg.width}, "
-             f"{cfg.schedule} schedule, seed {cfg.seed}; LR: {source}.", "",
+    lines = [f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {cfg.dataset}, "
+             f"batch {cfg.batch_size}, width {cfg.width}, {cfg.schedule} schedule, "
+             f"seed {cfg.seed}; LR: {source}.", "",
              "| optimizer | lr | final test acc | best test acc | s/epoch | note |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     lines += [f"| {r['optimizer']} | {lr_text(r['lr'])} | {pct(r['final_test_acc'])} | "

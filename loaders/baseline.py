@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils import signal_handling
 from torchvision import transforms
 
 from common.cli import STOP_SIGNALS, stop_signals_held
@@ -94,6 +95,16 @@ class _ShardSampler(Sampler[int]):
         return self.owner.shard_size
 
 
+def _worker_failure() -> RuntimeError | None:
+    """torch's error for a DataLoader worker of this process that died (what its SIGCHLD
+    handler raises), or None while they all live."""
+    try:
+        signal_handling._error_if_any_worker_fails()
+    except RuntimeError as error:
+        return error
+    return None
+
+
 class TorchvisionLoader(BatchLoader):
     """The seed's way: a DataLoader of per-image PIL transforms in worker processes; the
     baseline the other loaders are measured against."""
@@ -142,7 +153,7 @@ class TorchvisionLoader(BatchLoader):
                 images = images.to(self.device, dtype, non_blocking=True)
                 yield (images.contiguous(memory_format=torch.channels_last),
                        labels.to(self.device, non_blocking=True))
-        except RuntimeError as error:
+        except (RuntimeError, OSError, EOFError) as error:  # asked while its workers are known
             if (died := self.worker_died(error)) is None:
                 raise
             raise died from error
@@ -157,6 +168,10 @@ class TorchvisionLoader(BatchLoader):
         while error is not None and not (isinstance(error, RuntimeError)
                                          and str(error).startswith("DataLoader worker")):
             error = error.__context__
+        # a worker that died handing a batch over broke the connection its shared memory
+        # comes through (a ConnectionResetError in next()) before torch's handler said why:
+        # torch is asked, as that handler asks it
+        error = error or _worker_failure()
         if error is None:
             return None
         return LoaderError(

@@ -93,9 +93,10 @@ def stop_with_launcher() -> None:
     """In a process torchrun or accelerate launch started: a SIGTERM when the launcher dies.
     Stopped, a launcher hands its processes a SIGTERM; killed outright (kill -9, the OOM
     killer) it hands them nothing, and torchrun's, each in a session of its own, trained on
-    unseen, holding the run's folder and its GPU. Linux only. Asked first by
-    interruptible_imports, before torch loads (seconds), so only a launcher killed in the
-    moment before a command's own options were read goes unseen."""
+    unseen, holding the run's folder and its GPU. Linux only. Asked once, by
+    interruptible_imports, before torch loads (seconds): the signal is then handled by
+    whatever handler is in place when it comes (run_main's, a clean stop). Only a launcher
+    killed in the moment before a command's own options were read goes unseen."""
     if sys.platform == "linux" and launched():
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -358,8 +359,6 @@ def run_main(body: Callable[[], int | None]) -> int:
             atexit.unregister(callback)
             atexit.register(callback)
     try:
-        if threading.current_thread() is threading.main_thread():
-            stop_with_launcher()  # after the handlers, in the try: its SIGTERM stops as any does
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code

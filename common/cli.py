@@ -234,10 +234,12 @@ def option_name(dest: str) -> str:
 class CommandParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors are one line, 'prog: error: ...; see --help', not
     the whole usage first (engine/train.py's alone is two dozen lines above the one that
-    matters). Exit code 2, as argparse's."""
+    matters). Exit code 2, as argparse's. Under a launcher, every process reads the same
+    options: the first of each machine's (LOCAL_RANK 0) says what is wrong, not every one."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+        first = not launched() or os.environ.get("LOCAL_RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n" if first else None)
 
 
 def _refuse_an_aborting_allocator() -> None:
@@ -344,21 +346,24 @@ def run_main(body: Callable[[], int | None]) -> int:
 
     At exit, spare_last_collection; atexit callbacks and module teardown still run.
     """
-    reopen_closed_streams()
     previous, hook = {}, sys.unraisablehook
-    if hasattr(sys.stdout, "reconfigure"):  # a file name's bytes that are not UTF-8 printed as
-        sys.stdout.reconfigure(errors="surrogateescape")  # they are, as ls does; not an error
-    if threading.current_thread() is threading.main_thread():
-        # a signal ignored as the command started stays so: SIGINT in a script's background
-        # job, which the terminal's Ctrl-C is not meant for (interruptible_imports too)
-        previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS
-                    if signal.getsignal(s) is not signal.SIG_IGN}
-        sys.unraisablehook = _quiet_lost_stop(hook)
-        # once, however often it runs
-        for callback in (spare_last_collection, exit_at_once_on_ctrl_c):
-            atexit.unregister(callback)
-            atexit.register(callback)
+    # all in the try: a Ctrl-C before the handlers below are in place (Python's own raises
+    # KeyboardInterrupt), or the moment one is, is a stop like any other, not a traceback
     try:
+        reopen_closed_streams()
+        if hasattr(sys.stdout, "reconfigure"):  # a file name's bytes that are not UTF-8 printed
+            sys.stdout.reconfigure(errors="surrogateescape")  # as they are, as ls does
+        if threading.current_thread() is threading.main_thread():
+            sys.unraisablehook = _quiet_lost_stop(hook)
+            # once, however often it runs
+            for callback in (spare_last_collection, exit_at_once_on_ctrl_c):
+                atexit.unregister(callback)
+                atexit.register(callback)
+            # a signal ignored as the command started stays so: SIGINT in a script's background
+            # job, which the terminal's Ctrl-C is not meant for (interruptible_imports too)
+            for s in STOP_SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    previous[s] = signal.signal(s, _on_stop_signal)
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code

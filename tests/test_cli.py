@@ -350,6 +350,53 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_command(capsys):
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+# run_main(body), with signal sys.argv[2] sent to the process as run_main reaches the
+# sys.argv[1]-th line it runs (from 1), unless that is the body's call: then "past" on stderr.
+# Not at `try:` and the assignment before it: Python runs a signal's handler at a call or a
+# backward jump, which neither holds, but the trace function's own calls would.
+SIGNAL_AT_LINE = """
+import inspect, os, signal, sys
+import common.cli
+nth, signum = int(sys.argv[1]), int(sys.argv[2])
+lines, first = inspect.getsourcelines(common.cli.run_main)
+body_line = first + next(i for i, text in enumerate(lines) if "body()" in text)
+quiet = {first + i for i, text in enumerate(lines)
+         if text.strip() == "try:" or text.strip().startswith("previous, hook = ")}
+reached = 0
+def trace(frame, event, arg):
+    global reached
+    if frame.f_code is not common.cli.run_main.__code__:
+        return None
+    if event == "line" and frame.f_lineno not in quiet and (reached := reached + 1) == nth:
+        sys.settrace(None)
+        if frame.f_lineno >= body_line:
+            print("past", file=sys.stderr)
+        else:
+            os.kill(os.getpid(), signum)
+    return trace
+sys.settrace(trace)
+sys.exit(common.cli.run_main(lambda: print("body ran")))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_at_any_line_before_the_body_is_a_clean_stop(signum):
+    """A Ctrl-C as run_main set up (Python's own handler; or run_main's, in place before its
+    try) ended in a KeyboardInterrupt traceback. At each line it runs up to the body's call:
+    one line and the stop's code, or SIGTERM's default action before its handler is in
+    place."""
+    codes = {signal.SIGINT: (130,), signal.SIGTERM: (143, -signal.SIGTERM)}[signum]
+    for nth in range(1, 100):
+        result = subprocess.run([sys.executable, "-c", SIGNAL_AT_LINE, str(nth), str(signum)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        if result.stderr == "past\n":
+            break
+        assert "Traceback" not in result.stderr, (nth, result.stderr)
+        assert result.returncode in codes, (nth, result.returncode, result.stderr)
+        assert result.stdout == "", (nth, result.stdout)  # stopped before the body ran
+    assert nth > 5, "run_main's lines were not traced"
+
+
 def run_ignoring(code: str, signum: int) -> subprocess.CompletedProcess:
     """`python -c code` started with `signum` ignored, as bash starts a script's background job
     (SIGINT) and nohup its command (SIGHUP)."""

@@ -220,6 +220,21 @@ def stopped_mid_run(data_dir: Path, tmp_path: Path, epochs: int,
     return proc, stderr, out
 
 
+@pytest.mark.slow
+def test_a_refused_option_under_torchrun_is_said_once(tmp_path):
+    """Every process reads the same options, so each printed the same usage error: eight lines
+    for eight GPUs, above torchrun's summary. The first process of the machine says it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
+         *SMALL, "--epochs", "0", "--out", str(tmp_path / "run")], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env=torchrun_env(tmp_path))
+    assert result.returncode != 0
+    assert result.stderr.count("error: --epochs must be at least 1; see --help") == 1, (
+        result.stderr)
+    assert "exitcode  : 2" in result.stderr  # each process still exits as refused
+    assert not (tmp_path / "run").exists()
+
+
 def test_ctrl_c_on_several_processes_says_once_what_was_kept(data_dir, tmp_path):
     """A terminal's Ctrl-C reaches every process of the run. Each said what ckpt.pt held as
     it saw it, where only the main process waits for its writer: the lines could disagree.

@@ -341,6 +341,47 @@ def test_the_epoch_section_times_the_default_loader_in_the_other_compile_modes(d
                                  else "default")
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_an_untuned_cuda_epoch_runs_in_a_process_of_its_own(monkeypatch, device):
+    """cuDNN reuses, for the life of a process, the plan it first ran for a convolution,
+    autotuned or not: the row without autotuning, after the autotuned ones, would time their
+    plans (bench_sections.bench_epoch_alone). The CPU has no cuDNN: every row stays here."""
+    args, base = listed_options(device, quick=True)
+    where = []
+
+    def measured(place: str):
+        def epoch(cfg: TrainConfig, epochs: int, threads: int) -> bench_sections.EpochResult:
+            where.append((place, cfg.cudnn_benchmark))
+            return bench_sections.EpochResult(cfg.loader, cfg.precision, cfg.compile,
+                                              cfg.batch_size, cfg.width, status="failed")
+        return epoch
+
+    monkeypatch.setattr(bench_sections, "bench_epoch", measured("here"))
+    monkeypatch.setattr(bench_sections, "bench_epoch_alone", measured("alone"))
+    bench_sections.bench_epochs(base, args, lambda rows: None)
+    alone = [("alone", False)] if device == "cuda" else []
+    assert where == [("here", True)] * len(loaders.LOADERS) + alone
+
+
+@pytest.mark.slow
+def test_an_epoch_alone_is_measured_in_a_spawned_process_and_its_death_is_a_failed_row(
+        prepared, tmp_path):
+    """The row comes back over the pipe; a process that dies before it answers (here on an
+    error bench_epoch does not catch: no steady epoch to take the fastest of) is a failed row
+    naming its exit code, not a hang or a traceback here."""
+    args, _ = listed_options("cpu", quick=True)
+    cfg = replace(bench_sections.base_config(args, torch.device("cpu"), SYNTHETIC_SIZE[0],
+                                             str(tmp_path / "run")),
+                  data_dir=str(prepared.source.parent), synthetic_size=SYNTHETIC_SIZE, width=4,
+                  batch_size=64, workers=1, loader="resident", cudnn_benchmark=False)
+    row = bench_sections.bench_epoch_alone(cfg, 1, 1)
+    assert (row.status, row.images, row.cudnn_benchmark) == ("ok", SYNTHETIC_SIZE[0], False)
+    assert len(row.epoch_s) == 1 and row.step_only_s > 0
+    died = bench_sections.bench_epoch_alone(cfg, 0, 1)
+    assert died.status == "failed" and died.reason == (
+        "its process ended with exit code 1 before it gave a result"), died
+
+
 @pytest.mark.parametrize("option", ["--json", "--trace"])
 def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option):
     """Before any section runs: --trace's was found after the profile had run."""

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import repeat
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.cli import stop_if_interrupted
+from common.cli import STOP_SIGNALS, stop_if_interrupted
 from common.errors import EngineError, TrainingError, one_line
 from common.hardware import native_bf16
 from engine.config import TrainConfig, resolve
@@ -246,6 +249,42 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     return r
 
 
+def _epoch_to(connection: Connection, cfg: TrainConfig, epochs: int, threads: int) -> None:
+    """bench_epoch in the process bench_epoch_alone started; its row goes to `connection`."""
+    for stop in STOP_SIGNALS:  # a Ctrl-C reaches the whole group: the parent ends this one
+        signal.signal(stop, signal.SIG_IGN)
+    connection.send(bench_epoch(cfg, epochs, threads))
+
+
+def bench_epoch_alone(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
+    """bench_epoch in a fresh process. cuDNN keeps the plan it first ran for each convolution
+    (per thread, for the life of the process) and looks it up before it asks whether to
+    autotune: its cache key holds no autotuning flag (torch's aten/src/ATen/native/cudnn/
+    Conv_v8.cpp, run_single_conv). After autotuned epochs, an untuned one in the same process
+    would run their plans; nor would a thread of our own do, since a backward runs on the
+    device's autograd worker thread, which every run shares (torch.autograd.grad_mode.
+    set_multithreading_enabled's documentation)."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_epoch_to, args=(send, cfg, epochs, threads))
+    child.start()
+    send.close()  # the child's end alone is left: its death reads as end-of-file
+    try:
+        row = receive.recv()
+    except EOFError:  # it died before it answered
+        row = None
+    except BaseException:  # this process stops (Ctrl-C): the child ignores the stop signals
+        child.kill()
+        raise
+    finally:
+        child.join()
+        receive.close()
+    return row or EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
+                              cfg.compile_mode, cfg.autotunes(), status="failed",
+                              reason=f"its process ended with exit code {child.exitcode} "
+                                     "before it gave a result")
+
+
 def epoch_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConfig]:
     """Each loader at the engine's defaults for the device, then, where those compile (CUDA),
     the default loader in the other --compile-modes: the engine's mode against the others; and
@@ -263,7 +302,10 @@ def bench_epochs(base: TrainConfig, args: argparse.Namespace, partial: Callable[
     each."""
     results = []
     for cfg in epoch_configs(base, args):
-        results.append(bench_epoch(cfg, args.epochs, args.threads))
+        # untuned after the autotuned: cuDNN would reuse their plans (bench_epoch_alone)
+        alone = args.device == "cuda" and not cfg.autotunes()
+        results.append((bench_epoch_alone if alone else bench_epoch)(cfg, args.epochs,
+                                                                     args.threads))
         partial(results)
         r = results[-1]
         name = epoch_name(r.loader, r.precision, r.compile, r.compile_mode, r.batch_size,

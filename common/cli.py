@@ -83,6 +83,16 @@ def quiet_if_gone(stream: TextIO) -> bool:
     return True
 
 
+def hung_up(error: BaseException) -> bool:
+    """Whether error is a write's EIO from the terminal of stdout or stderr hanging up (an
+    SSH session dropped, a terminal window closed): the kernel fails the terminal's writes
+    first and sends SIGHUP after, so a write in between ends the command before that signal
+    is there. Such streams then write to /dev/null (quiet_if_gone: a hung-up terminal polls
+    as an error too)."""
+    return (isinstance(error, OSError) and error.errno == errno.EIO
+            and quiet_if_gone(sys.stdout) | quiet_if_gone(sys.stderr))
+
+
 def _on_stop_signal(signum: int, frame) -> None:
     _stopped_by[:] = [signum]
     _stop_requested.set()
@@ -383,6 +393,11 @@ def run_main(body: Callable[[], int | None]) -> int:
                    "or tee) closed it; send the output to a file or keep its reader running.")
         return 1
     except Exception as error:
+        if hung_up(error):  # a closed terminal: stopped as its SIGHUP stops the command
+            _stopped_by[:] = _stopped_by or [signal.SIGHUP]
+            if previous.pop(signal.SIGHUP, None) is not None:  # that SIGHUP, still to come,
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # is not a second stop, nor a
+            return stopped_code()  # death at exit
         if _stop_requested.is_set():  # a library made the Ctrl-C an error of its own: torch's
             error_line(INTERRUPTED_LINE)  # exporter, stopped mid-import, raises TorchExportError
             return stopped_code()

@@ -1010,6 +1010,38 @@ def test_a_closed_terminal_stops_training_as_cleanly_as_ctrl_c(data_dir, tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+# prints to its terminal until a write fails; its body's line if one does
+PRINTS_TO_A_TERMINAL = """
+import sys, time
+from common.cli import run_main
+def body():
+    while True:
+        print("epoch", flush=True)
+        time.sleep(0.01)
+sys.exit(run_main(body))
+"""
+
+
+def test_a_terminal_hung_up_before_its_sighup_came_is_a_stop_as_by_sighup():
+    """The kernel fails a hung-up terminal's writes (EIO) first and sends SIGHUP after: a
+    write in between ended the run with 'error: ... Input/output error' and 1, where the
+    signal gives 129 (the whole suite, on a loaded machine, once failed the test above so).
+    A pty that is not the command's controlling terminal hangs up with no SIGHUP at all."""
+    terminal, run_side = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", PRINTS_TO_A_TERMINAL], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=run_side, stderr=run_side,
+                            start_new_session=True)  # a session of its own: no SIGHUP for it
+    os.close(run_side)
+    said = bytearray()
+    deadline = time.monotonic() + 120
+    while b"epoch" not in said:
+        assert time.monotonic() < deadline and proc.poll() is None, said.decode()
+        if select.select([terminal], [], [], 0.05)[0]:
+            said += os.read(terminal, 65536)
+    os.close(terminal)  # the hang-up
+    assert proc.wait(timeout=60) == 129
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, tmp_path, stop,

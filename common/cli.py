@@ -22,8 +22,8 @@ from typing import NoReturn, TextIO, TypeVar
 
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
-from common.files import dead_link
 from common.hardware import launched
+from common.paths import dead_link
 
 T = TypeVar("T")  # the value type of an argparse type below
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT

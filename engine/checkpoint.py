@@ -21,9 +21,10 @@ import torch
 from accelerate.utils import recursively_apply
 from torch import nn
 
+from common.atomic import atomic_writes, csv_text, json_text
 from common.errors import CheckpointError, listing, one_line, plain_line
-from common.files import atomic_writes, csv_text, json_text, not_a_file
 from common.hardware import device_name
+from common.paths import not_a_file
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule
@@ -66,7 +67,7 @@ def unreadable(error: Exception) -> str:
 
 def torch_save(tmp: Path, content: dict) -> None:
     """torch.save to `tmp`, whose zip writer reports a full disk as a RuntimeError naming no
-    file: an OSError naming `tmp` instead, as common.files.atomic_writes expects."""
+    file: an OSError naming `tmp` instead, as common.atomic.atomic_writes expects."""
     try:
         torch.save(content, tmp)
     except RuntimeError as error:

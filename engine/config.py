@@ -13,8 +13,8 @@ from pathlib import Path
 
 from common.cli import interruptible_imports, option_name
 from common.compile_modes import COMPILE_MODES
-from common.files import timestamped
 from common.hardware import launched_processes
+from common.output_folders import timestamped
 from loaders import LOADERS
 from loaders.options import (
     DATASETS,

@@ -26,9 +26,10 @@ from common.errors import (
     one_line,
     shown,
 )
-from common.files import locked_dir, sweep_temporaries
 from common.hardware import device_name, native_bf16
+from common.locks import locked_dir
 from common.progress import progress_bar
+from common.temporaries import sweep_temporaries
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter

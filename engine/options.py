@@ -13,8 +13,8 @@ from pathlib import Path
 
 from common.cli import CommandParser, path_option
 from common.compile_modes import COMPILE_MODES
-from common.files import timestamped
 from common.hardware import beyond_cores
+from common.output_folders import timestamped
 from engine.config import (
     ARCHS,
     OPTIMIZERS,

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_write, write_json
 from common.errors import DataError
-from common.files import atomic_write, file_hash, sweep_temporaries, write_json
+from common.hashing import file_hash
+from common.temporaries import sweep_temporaries
 from loaders.cifar import Split
 from loaders.guards import guarded_writer, importing_ffcv
 from loaders.layouts import ROW_SIZE

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError, one_line, unplain
-from common.files import dead_link, not_a_file
+from common.paths import dead_link, not_a_file
 from loaders import download, folders, python_folder
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
 from loaders.options import DATASETS, SYNTHETIC_SIZE

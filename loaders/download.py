@@ -15,7 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from common.errors import DataError, one_line
-from common.files import file_hash, usual_permissions
+from common.hashing import file_hash
+from common.temporaries import usual_permissions
 from loaders.layouts import LAYOUTS
 
 # seconds a download's connection may stay silent (connecting, or between two reads) before

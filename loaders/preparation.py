@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import DataError
-from common.files import missing_folders, removed_on_failure, unwritable, waiting_lock
 from common.hardware import default_workers
+from common.locks import waiting_lock
+from common.output_folders import missing_folders, removed_on_failure
+from common.paths import unwritable
 from loaders import beton, cifar
 from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS

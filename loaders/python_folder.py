@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
-from common.files import usual_permissions
+from common.temporaries import usual_permissions
 from loaders import folders, synthetic
 from loaders.layouts import OWN_LAYOUT, ROW_SIZE
 from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, synthetic_size_problem

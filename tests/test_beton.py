@@ -21,7 +21,7 @@ import pytest
 from conftest import CIFAR10_CLASSES, ROOT, SYNTHETIC_SIZE, dump_pickle, run_script, tmpfs
 
 import loaders
-from common.files import write_json
+from common.atomic import write_json
 from loaders import beton, cifar
 from loaders.cifar import DataError
 from loaders.guards import guarded_writer, importing_ffcv

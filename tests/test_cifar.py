@@ -40,7 +40,8 @@ from conftest import (
 
 from common import hardware
 from common.errors import OutputError, plain_line
-from common.files import output_dir, waiting_lock
+from common.locks import waiting_lock
+from common.output_folders import output_dir
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
 from loaders.cifar import DataError
 from loaders.options import DATASETS, SYNTHETIC_CLASSES

@@ -36,21 +36,13 @@ from conftest import (
 from test_folders import write_tree
 
 from common.allocator import allocator_problem
+from common.atomic import atomic_writes, csv_text, write_text
 from common.cli import run_main
 from common.errors import CheckpointError, OutputError, TrainingError
-from common.files import (
-    atomic_writes,
-    csv_text,
-    locked_dir,
-    long_name,
-    make_dir,
-    output_dir,
-    sweep_dead_writers,
-    temporary_name,
-    temporary_writer,
-    waiting_lock,
-    write_text,
-)
+from common.locks import locked_dir, waiting_lock
+from common.output_folders import make_dir, output_dir
+from common.paths import long_name
+from common.temporaries import sweep_dead_writers, temporary_name, temporary_writer
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.failures import out_of_memory

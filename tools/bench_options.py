@@ -11,8 +11,8 @@ from typing import TypeVar
 from common.cli import CommandParser, option_name, path_option, positive
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
-from common.files import not_a_file, place_problem
 from common.hardware import beyond_cores, physical_cores
+from common.paths import not_a_file, place_problem
 from engine.config import PRECISIONS
 from loaders import LOADERS
 from loaders.options import check_synthetic_memory, data_dir_option, synthetic_size_problem

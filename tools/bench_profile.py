@@ -17,7 +17,7 @@ from pathlib import Path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from common.files import atomic_write
+from common.atomic import atomic_write
 from engine.config import TrainConfig
 from engine.loop import Log
 from engine.run import endless, train_step

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from common.files import write_json
+from common.atomic import write_json
 from engine.config import TrainConfig
 from engine.loop import Log
 from tools.bench_mfu import bench_mfu

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from common.atomic import atomic_writes, check_replaceable, csv_text
 from common.errors import CheckpointError, Interrupted, OutputError, RangeTestError, RunFailed
-from common.files import atomic_writes, check_replaceable, csv_text, output_dir
 from common.hardware import launched_processes
+from common.output_folders import output_dir
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.launch import end_processes

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.atomic import atomic_write
 from common.errors import EngineError, ExportError
-from common.files import atomic_write, dead_link, long_name, made_for, not_a_file, resolved
+from common.output_folders import made_for
+from common.paths import dead_link, long_name, not_a_file, resolved
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton

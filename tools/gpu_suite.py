@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.atomic import atomic_write, write_json, write_text
 from common.cli import CommandParser, path_option, run_main
 from common.errors import SetupError
-from common.files import atomic_write, not_a_file, place_problem, write_json, write_text
+from common.paths import not_a_file, place_problem
 from tools import ROOT
 from tools.gpu_environment import environment, header
 from tools.gpu_steps import COMMANDS, GROUPS, LIMITS, STEP_LIMIT_S, STEPS, Suite, suite_device

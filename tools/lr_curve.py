@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from common.files import atomic_writes, check_replaceable, csv_text, output_dir
+from common.atomic import atomic_writes, check_replaceable, csv_text
 from common.hardware import native_bf16
+from common.output_folders import output_dir
 from engine import lr_range
 from engine.config import TrainConfig, resolve
 from engine.launch import make_accelerator

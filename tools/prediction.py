@@ -15,16 +15,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from common.atomic import write_failed
 from common.errors import DataError, ReportError
-from common.files import (
-    missing_folders,
-    output_dir,
-    remove_empty,
-    sweep_dead_writers,
-    temporary_name,
-    write_failed,
-)
+from common.output_folders import missing_folders, output_dir, remove_empty
 from common.progress import progress_bar
+from common.temporaries import sweep_dead_writers, temporary_name
 from engine import checkpoint
 from engine.evaluate import probabilities
 from engine.failures import out_of_memory_as

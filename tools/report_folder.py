@@ -12,19 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.atomic import write_csv, write_failed
 from common.errors import ReportError, listing
-from common.files import (
-    long_name,
-    made_for,
-    mount_point,
-    resolved,
-    sweep_dead_writers,
-    temporary_name,
-    temporary_writer,
-    unwritable,
-    write_csv,
-    write_failed,
-)
+from common.output_folders import made_for
+from common.paths import long_name, mount_point, resolved, unwritable
+from common.temporaries import sweep_dead_writers, temporary_name, temporary_writer
 from engine.checkpoint import broken_outputs
 from engine.failures import out_of_memory_as
 from tools.cams import layer_of

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common.errors import ReportError
-from common.files import not_a_file
+from common.paths import not_a_file
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.evaluate import probabilities

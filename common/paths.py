@@ -1,0 +1,123 @@
+"""What stands at a path and whether a file can be written there: a folder or a pipe where a
+file should be, a link that leads nowhere, a name too long, a folder that cannot be written;
+checked before the work, not after an hour of it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+
+from common.errors import OutputError
+from common.temporaries import temporary_name
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` is no file to read, nor one a write may replace ('is a folder', 'is a
+    device, pipe or socket'), or None where there is a file or nothing. Read, a pipe with no
+    writer waits forever; renamed over, /dev/null would become a plain file for the whole
+    machine. A path that cannot even be looked at (a name too long) is None: the read or
+    write, or place_problem, says why."""
+    with suppress(OSError):
+        if path.is_dir():
+            return "is a folder"
+        if path.exists() and not path.is_file():
+            return "is a device, pipe or socket, not a file"
+    return None
+
+
+def resolved(path: Path, option: str) -> Path:
+    """path.resolve(), or OutputError naming `option` where its links loop (resolve raises
+    RuntimeError for that up to Python 3.12, OSError from 3.13)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:
+        raise OutputError(f"{option} {path} cannot be followed ({error}); point its links at "
+                          "a file or folder, or choose another path.") from None
+
+
+def link_target(path: Path) -> Path:
+    """The file a write to `path` lands in: where path is a symbolic link, the file it leads to,
+    as open() and cp write through links (a temporary renamed over the link would replace the
+    link itself with a plain file). OutputError where the link leads nowhere, as cp refuses to
+    write through a dangling link."""
+    if not os.path.islink(path):
+        return path
+    if problem := dead_link(path):
+        raise OutputError(f"{path} {problem}.")
+    return Path(os.path.realpath(path))
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be made in existing `folder` ('cannot be written (Permission denied)'),
+    or None. Trying is the only sure test: os.access misses read-only mounts, ACLs and root;
+    and a byte is written, since an empty file is made on a disk with no space left."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:  # unlinked at once: nothing is left
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())  # where space is taken at write-back, it is taken here
+    except OSError as error:
+        return f"cannot be written ({error.strerror or error})"
+    return None
+
+
+def place_problem(path: Path, folders_made: bool = False) -> str | None:
+    """Why no file can be written at `path`, or None: checked before the work it records,
+    not after an hour of it. With folders_made (the writer makes them), the nearest folder
+    of path that exists is the one that must be writable."""
+    folder = path.absolute().parent
+    if folders_made:
+        folder = nearest_existing(folder)
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
+    problem = long_name(path)
+    if problem is None and (problem := unwritable(folder)):
+        problem = f"{folder} {problem}"
+    return problem
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its parents that exists (/ always does)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def long_name(path: Path) -> str | None:
+    """Why `path` is too long a name for its temporary_name, which a write (or a report's
+    folder, made whole) goes to first, a few bytes longer: the name fits, its temporary would
+    not ('File name too long'); None when it fits."""
+    folder = nearest_existing(Path(path).absolute().parent)  # made by the writer, if missing
+    longest, limit = len(os.fsencode(temporary_name(path).name)), os.pathconf(folder,
+                                                                              "PC_NAME_MAX")
+    if longest > limit:
+        return (f"its name is too long ({len(os.fsencode(path.name))} bytes; this file system "
+                f"takes {limit}, less {longest - len(os.fsencode(path.name))} for the "
+                "temporary it is written as first)")
+    return None
+
+
+def dead_link(path: Path | str) -> str | None:
+    """Why `path` cannot be followed where it is a symbolic link that leads nowhere (its
+    links loop, or end at a missing path's parent), or None: mkdir and open then say only
+    'File exists' or 'No such file'."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"is a symbolic link that cannot be followed (to {os.readlink(path)}: its links "
+                "loop or lead nowhere); point it at a path that exists, or remove it")
+    return None
+
+
+def mount_point(path: Path) -> bool:
+    """Whether `path` is a mount point, which no rename may replace: os.path.ismount, and the
+    mount table for a bind mount of the same disk, which ismount cannot tell from a folder."""
+    if os.path.ismount(path):
+        return True
+    try:  # field 5 of each line is a mount point, its spaces and the like escaped in octal
+        with open("/proc/self/mountinfo", "rb") as table:
+            points = {fields[4] for fields in map(bytes.split, table) if len(fields) > 4}
+    except OSError:  # not Linux
+        return False
+    escaped = os.fsencode(Path(path).resolve())
+    for char in b"\\ \t\n":
+        escaped = escaped.replace(bytes([char]), b"\\%03o" % char)
+    return escaped in points

@@ -1,0 +1,60 @@
+"""The hidden temporaries a write goes to first (`.<name>.<pid>.tmp`), the sweep of those that
+killed writers left behind, and the usual mode for what tempfile made (0600/0700)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def temporary_name(path: Path, kind: str = "tmp") -> Path:
+    """The hidden sibling `.<name>.<pid>.<kind>` a write goes to first (kind "tmp"), or an old
+    file waits in before it is removed; temporary_writer reads the pid back."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+
+
+def temporary_writer(entry: Path, path: Path, kinds: tuple[str, ...] = ("tmp",)) -> int | None:
+    """The pid of the process that made `entry`, when entry is a temporary_name of `path` of
+    one of `kinds`; else None."""
+    prefix = f".{path.name}."
+    pid, _, kind = entry.name.removeprefix(prefix).partition(".")
+    if entry.name.startswith(prefix) and kind in kinds and pid.isdigit():
+        return int(pid)
+    return None
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid` runs (another user's too: signalling it is refused, not failed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_writers(out: Path) -> None:
+    """Remove the `.<name>.<pid>.tmp` and `.old` folders that writers into `out` left when
+    killed (SIGKILL, a power cut): of dead writers, or of this PID, reused after a restart.
+    Nothing else ever removes them, and each can hold a whole report."""
+    for entry in out.parent.iterdir():
+        pid = temporary_writer(entry, out, ("tmp", "old"))
+        if pid is not None and (pid == os.getpid() or not writer_alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def sweep_temporaries(folder: Path, name: str = "*") -> None:
+    """Delete the `.<name>.<pid>.tmp` files (of every name by default) that writers killed
+    mid-write left in folder."""
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
+def usual_permissions(path: Path, mode: int = 0o777) -> None:
+    """Give a file or folder made by tempfile (0600/0700) the mode open() and mkdir() would."""
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)

@@ -12,7 +12,9 @@ import os
 import select
 import signal
 import sys
+import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -33,6 +35,7 @@ INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of it
 STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM,
                 signal.SIGHUP: 128 + signal.SIGHUP}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent thread ends
+PEER_SAYS_IT_S = 10  # how long a launched process waits for its machine's first to refuse
 _stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
 
@@ -83,14 +86,27 @@ def quiet_if_gone(stream: TextIO) -> bool:
     return True
 
 
+def _hung_up_terminal(stream: TextIO) -> bool:
+    """Whether stream is a terminal that hung up: its ioctls then fail with EIO (a file or a
+    pipe's with ENOTTY), where a pipe whose reader left polls as an error too."""
+    try:
+        termios.tcgetattr(stream.fileno())
+    except termios.error as error:
+        return error.args[0] == errno.EIO
+    except (OSError, ValueError):  # no descriptor (a test's capture), or closed
+        return False
+    return False
+
+
 def hung_up(error: BaseException) -> bool:
     """Whether error is a write's EIO from the terminal of stdout or stderr hanging up (an
-    SSH session dropped, a terminal window closed): the kernel fails the terminal's writes
-    first and sends SIGHUP after, so a write in between ends the command before that signal
-    is there. Such streams then write to /dev/null (quiet_if_gone: a hung-up terminal polls
-    as an error too)."""
+    SSH session dropped, a terminal window closed): Linux fails the terminal's writes first
+    and only then signals SIGHUP (to the shell, which hands it on), so a write in between
+    ends the command before that signal is there. Such streams then write to /dev/null
+    (quiet_if_gone). A disk's EIO while a `| head` has gone is no hang-up: it is said."""
     return (isinstance(error, OSError) and error.errno == errno.EIO
-            and quiet_if_gone(sys.stdout) | quiet_if_gone(sys.stderr))
+            and any([quiet_if_gone(stream) for stream in (sys.stdout, sys.stderr)
+                     if _hung_up_terminal(stream)]))
 
 
 def _on_stop_signal(signum: int, frame) -> None:
@@ -248,8 +264,13 @@ class CommandParser(argparse.ArgumentParser):
     options: the first of each machine's (LOCAL_RANK 0) says what is wrong, not every one."""
 
     def error(self, message: str) -> NoReturn:
-        first = not launched() or os.environ.get("LOCAL_RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n" if first else None)
+        if launched() and os.environ.get("LOCAL_RANK", "0") != "0":
+            # torchrun ends every process once one has failed (SIGTERM, within its 0.1 s
+            # monitor interval): one that exited first ended the first before it had said it
+            with suppress(KeyboardInterrupt):  # a Ctrl-C meanwhile: exit as refused
+                time.sleep(PEER_SAYS_IT_S)
+            self.exit(2)
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def _refuse_an_aborting_allocator() -> None:
@@ -372,8 +393,11 @@ def run_main(body: Callable[[], int | None]) -> int:
             # a signal ignored as the command started stays so: SIGINT in a script's background
             # job, which the terminal's Ctrl-C is not meant for (interruptible_imports too)
             for s in STOP_SIGNALS:
-                if signal.getsignal(s) is not signal.SIG_IGN:
-                    previous[s] = signal.signal(s, _on_stop_signal)
+                # noted before it is replaced: a signal as signal.signal returns raises
+                # before an assignment of what it returned, and the handler stayed
+                if (handler := signal.getsignal(s)) is not signal.SIG_IGN:
+                    previous[s] = handler
+                    signal.signal(s, _on_stop_signal)
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code
@@ -393,11 +417,16 @@ def run_main(body: Callable[[], int | None]) -> int:
                    "or tee) closed it; send the output to a file or keep its reader running.")
         return 1
     except Exception as error:
-        if hung_up(error):  # a closed terminal: stopped as its SIGHUP stops the command
-            _stopped_by[:] = _stopped_by or [signal.SIGHUP]
-            if previous.pop(signal.SIGHUP, None) is not None:  # that SIGHUP, still to come,
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # is not a second stop, nor a
-            return stopped_code()  # death at exit
+        try:
+            if hung_up(error):  # a closed terminal: stopped as its SIGHUP stops the command
+                _stopped_by[:] = _stopped_by or [signal.SIGHUP]
+                if signal.SIGHUP in previous:  # that SIGHUP, still to come, is not a
+                    del previous[signal.SIGHUP]  # second stop, nor a death at exit
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                return stopped_code()
+        except KeyboardInterrupt:  # its SIGHUP came as this looked, the moment it is most
+            hung_up(error)  # likely to: the same stop, its streams quieted all the same
+            return stopped_code()
         if _stop_requested.is_set():  # a library made the Ctrl-C an error of its own: torch's
             error_line(INTERRUPTED_LINE)  # exporter, stopped mid-import, raises TorchExportError
             return stopped_code()

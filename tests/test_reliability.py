@@ -1034,6 +1034,58 @@ def test_a_terminal_hung_up_before_its_sighup_came_is_a_stop_as_by_sighup():
     assert proc.wait(timeout=60) == 129
 
 
+# its body fails with EIO; the terminal's SIGHUP comes as run_main looks at its streams
+SIGHUP_AS_IT_LOOKS = """
+import errno, os, signal, sys
+import common.cli
+from common.cli import run_main
+sent = []
+def sighup_now(stream):  # once, as the terminal's shell hands it on
+    if not sent:
+        sent.append(stream)
+        os.kill(os.getpid(), signal.SIGHUP)
+    return True
+common.cli._hung_up_terminal = lambda stream: True
+common.cli.quiet_if_gone = sighup_now
+def body():
+    raise OSError(errno.EIO, "Input/output error")
+sys.exit(run_main(body))
+"""
+
+
+def test_the_sighup_of_a_terminal_that_hung_up_as_run_main_looks_is_the_same_stop():
+    """The SIGHUP follows the failed write at once: as run_main looked at the streams it
+    raised out of its except branch, a KeyboardInterrupt traceback and 130, not 129."""
+    result = subprocess.run([sys.executable, "-c", SIGHUP_AS_IT_LOOKS], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (129, "")
+
+
+# a disk's EIO, with stdout's reader gone (`| head`)
+DISK_EIO = """
+import errno, sys
+from common.cli import run_main
+def body():
+    raise OSError(errno.EIO, "Input/output error", "/data/train.beton")
+sys.exit(run_main(body))
+"""
+
+
+def test_a_disk_eio_with_a_pipe_reader_gone_is_said_not_taken_for_a_hang_up():
+    """A pipe whose reader has gone polls as an error, as a hung-up terminal does: a disk's
+    EIO then ended the command as a closed terminal's SIGHUP, 129 and nothing said on a
+    stderr someone still reads."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-c", DISK_EIO], cwd=ROOT, stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 1, result.stderr
+    assert "/data/train.beton: Input/output error" in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, tmp_path, stop,

@@ -220,13 +220,26 @@ def stopped_mid_run(data_dir: Path, tmp_path: Path, epochs: int,
     return proc, stderr, out
 
 
+# engine/train.py, its first process started late (a loaded machine's scheduling)
+FIRST_STARTS_LATE = """
+import os, runpy, sys, time
+if os.environ["LOCAL_RANK"] == "0":
+    time.sleep(1)
+sys.argv[0] = sys.argv.pop(1)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_a_refused_option_under_torchrun_is_said_once(tmp_path):
     """Every process reads the same options, so each printed the same usage error: eight lines
-    for eight GPUs, above torchrun's summary. The first process of the machine says it."""
+    for eight GPUs, above torchrun's summary. The first process of the machine says it, even
+    when it starts late: torchrun ended it as soon as another one had exited."""
+    late = tmp_path / "late.py"
+    late.write_text(FIRST_STARTS_LATE)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
-         *SMALL, "--epochs", "0", "--out", str(tmp_path / "run")], cwd=ROOT,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(late),
+         *TRAIN[1:], *SMALL, "--epochs", "0", "--out", str(tmp_path / "run")], cwd=ROOT,
         capture_output=True, text=True, timeout=300, env=torchrun_env(tmp_path))
     assert result.returncode != 0
     assert result.stderr.count("error: --epochs must be at least 1; see --help") == 1, (

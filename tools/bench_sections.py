@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import repeat
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,7 @@ def _epoch_to(connection: Connection, cfg: TrainConfig, epochs: int, threads: in
     """bench_epoch in the process bench_epoch_alone started; its row goes to `connection`."""
     for stop in STOP_SIGNALS:  # a Ctrl-C reaches the whole group: the parent ends this one
         signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked as it started
     connection.send(bench_epoch(cfg, epochs, threads))
 
 
@@ -267,17 +269,26 @@ def bench_epoch_alone(cfg: TrainConfig, epochs: int, threads: int) -> EpochResul
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_epoch_to, args=(send, cfg, epochs, threads))
-    child.start()
+    # held until it ignores them: else a Ctrl-C in its seconds of imports printed its traceback
+    # (as multiprocessing's resource tracker starts, which it does first: it then unblocks)
+    resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        child.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     send.close()  # the child's end alone is left: its death reads as end-of-file
     try:
-        row = receive.recv()
-    except EOFError:  # it died before it answered
-        row = None
+        try:
+            row = receive.recv()
+        except EOFError:  # it died before it answered
+            row = None
+        child.join()
     except BaseException:  # this process stops (Ctrl-C): the child ignores the stop signals
         child.kill()
+        child.join()
         raise
     finally:
-        child.join()
         receive.close()
     return row or EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
                               cfg.compile_mode, cfg.autotunes(), status="failed",

@@ -119,12 +119,19 @@ def stop_with_launcher() -> None:
     """In a process torchrun or accelerate launch started: a SIGTERM when the launcher dies.
     Stopped, a launcher hands its processes a SIGTERM; killed outright (kill -9, the OOM
     killer) it hands them nothing, and torchrun's, each in a session of its own, trained on
-    unseen, holding the run's folder and its GPU. Linux only. Asked once, by
+    unseen, holding the run's folder and its GPU. Asked once, by
     interruptible_imports, before torch loads (seconds): the signal is then handled by
     whatever handler is in place when it comes (run_main's, a clean stop). Only a launcher
     killed in the moment before a command's own options were read goes unseen."""
-    if sys.platform == "linux" and launched():
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if launched():
+        signal_at_parent_death(signal.SIGTERM)
+
+
+def signal_at_parent_death(signum: int) -> None:
+    """Ask Linux to send this process signum when its parent ends (prctl PR_SET_PDEATHSIG);
+    elsewhere nothing."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 def stop_if_interrupted() -> None:
@@ -266,10 +273,10 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if launched() and os.environ.get("LOCAL_RANK", "0") != "0":
             # torchrun ends every process once one has failed (SIGTERM, within its 0.1 s
-            # monitor interval): one that exited first ended the first before it had said it
+            # monitor interval): one that exited first ended the first before it had said it.
+            # Not ended by then, the first did not refuse them: this one says it after all
             with suppress(KeyboardInterrupt):  # a Ctrl-C meanwhile: exit as refused
                 time.sleep(PEER_SAYS_IT_S)
-            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 

@@ -382,6 +382,65 @@ def test_an_epoch_alone_is_measured_in_a_spawned_process_and_its_death_is_a_fail
         "its process ended with exit code 1 before it gave a result"), died
 
 
+# bench_epoch_alone of the config given as JSON, for ever (epochs without end)
+EPOCHS_ALONE = """
+import json, sys
+from engine.config import TrainConfig, field_value
+from tools.bench_sections import bench_epoch_alone
+cfg = TrainConfig(**{k: field_value(v) for k, v in json.loads(sys.argv[1]).items()})
+bench_epoch_alone(cfg, 10**6, 1)
+"""
+
+
+def spawned_child(parent: int) -> int | None:
+    """The pid of the child multiprocessing spawned from process `parent` (not its resource
+    tracker), or None."""
+    with suppress(OSError):
+        for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    return None
+
+
+def ended(pid: int) -> bool:
+    """Whether process pid has ended (gone, or a zombie its new parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl and /proc are Linux's")
+def test_an_epoch_alone_dies_with_a_parent_killed_outright(prepared, tmp_path):
+    """The untuned row's process ignores the stop signals (its parent ends it): with its
+    parent killed by the OOM killer or kill -9 it ran its epochs on, holding the GPU."""
+    args, _ = listed_options("cpu", quick=True)
+    cfg = replace(bench_sections.base_config(args, torch.device("cpu"), SYNTHETIC_SIZE[0],
+                                             str(tmp_path / "run")),
+                  data_dir=str(prepared.source.parent), synthetic_size=SYNTHETIC_SIZE, width=4,
+                  batch_size=64, workers=1, loader="resident", cudnn_benchmark=False)
+    parent = subprocess.Popen([sys.executable, "-c", EPOCHS_ALONE, json.dumps(asdict(cfg))],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while (child := spawned_child(parent.pid)) is None:
+            assert time.monotonic() < deadline and parent.poll() is None, parent.stderr.read()
+            time.sleep(0.05)
+        time.sleep(5)  # into its epochs, as a rule (before them, it ends itself all the same)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    try:
+        while not ended(child):
+            assert time.monotonic() < deadline, f"process {child} runs on without its parent"
+            time.sleep(0.05)
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("option", ["--json", "--trace"])
 def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option):
     """Before any section runs: --trace's was found after the profile had run."""

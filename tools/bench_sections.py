@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gc
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common.cli import STOP_SIGNALS, stop_if_interrupted
+from common.cli import STOP_SIGNALS, signal_at_parent_death, stop_if_interrupted
 from common.errors import EngineError, TrainingError, one_line
 from common.hardware import native_bf16
 from engine.config import TrainConfig, resolve
@@ -250,11 +251,17 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     return r
 
 
-def _epoch_to(connection: Connection, cfg: TrainConfig, epochs: int, threads: int) -> None:
-    """bench_epoch in the process bench_epoch_alone started; its row goes to `connection`."""
+def _epoch_to(connection: Connection, parent: int, cfg: TrainConfig, epochs: int,
+              threads: int) -> None:
+    """bench_epoch in the process bench_epoch_alone (process `parent`) started; its row goes
+    to `connection`."""
     for stop in STOP_SIGNALS:  # a Ctrl-C reaches the whole group: the parent ends this one
         signal.signal(stop, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked as it started
+    # a parent killed outright (the OOM killer) kills it too, rather than leave it on the GPU
+    signal_at_parent_death(signal.SIGKILL)
+    if os.getppid() != parent:  # killed already, before the request
+        os._exit(1)
     connection.send(bench_epoch(cfg, epochs, threads))
 
 
@@ -268,27 +275,29 @@ def bench_epoch_alone(cfg: TrainConfig, epochs: int, threads: int) -> EpochResul
     set_multithreading_enabled's documentation)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_epoch_to, args=(send, cfg, epochs, threads))
+    child = context.Process(target=_epoch_to, args=(send, os.getpid(), cfg, epochs, threads))
     # held until it ignores them: else a Ctrl-C in its seconds of imports printed its traceback
     # (as multiprocessing's resource tracker starts, which it does first: it then unblocks)
     resource_tracker.ensure_running()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        child.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    send.close()  # the child's end alone is left: its death reads as end-of-file
-    try:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            child.start()
+        finally:  # a stop that came meanwhile is raised from here on: the child goes with it
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        send.close()  # the child's end alone is left: its death reads as end-of-file
         try:
             row = receive.recv()
         except EOFError:  # it died before it answered
             row = None
         child.join()
     except BaseException:  # this process stops (Ctrl-C): the child ignores the stop signals
-        child.kill()
-        child.join()
+        if child.pid is not None:  # started
+            child.kill()
+            child.join()
         raise
     finally:
+        send.close()
         receive.close()
     return row or EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
                               cfg.compile_mode, cfg.autotunes(), status="failed",

@@ -72,6 +72,12 @@ def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def run_code(code: str, *args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """`python -c <code> <args>` from the repository root, its output captured as text."""
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
 def run_gpu_suite(*args, python: str = sys.executable, timeout: float = 900,
                   out: Path | None = None) -> subprocess.CompletedProcess:
     """`bash tools/gpu_suite.sh args` with PYTHON set, as `make gpu` runs it; $OUT set to

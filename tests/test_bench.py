@@ -849,6 +849,13 @@ def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_pat
     assert sizes == [64, 64, 22]  # as an epoch of 150 images at batch 64 steps
 
 
+def test_the_first_batch_waits_are_one_figure_when_they_round_alike():
+    """The epoch line's first-batch waits: a range from the least to the most, one figure
+    where both round to the same tenth of a millisecond."""
+    assert bench_sections.ms_range([0.00314, 0.00306]) == "3.1"
+    assert bench_sections.ms_range([0.0042, 0.0031, 0.0035]) == "3.1-4.2"
+
+
 def test_the_loader_overhead_sets_fastest_against_fastest(monkeypatch, tmp_path):
     """The step-only time was one pass against the fastest of the epochs: a minimum on one
     side only, which pushed the share down (negative in the dry run)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SignalsWhenCollected
+from conftest import ROOT, SignalsWhenCollected, run_code
 
 from common.cli import run_main
 from common.errors import DataError, Interrupted
@@ -400,9 +400,7 @@ def test_a_stop_signal_at_any_line_before_the_body_is_a_clean_stop(signum):
 def run_ignoring(code: str, signum: int) -> subprocess.CompletedProcess:
     """`python -c code` started with `signum` ignored, as bash starts a script's background job
     (SIGINT) and nohup its command (SIGHUP)."""
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120,
-                          preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
+    return run_code(code, preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
 
 
 def test_a_ctrl_c_ignored_as_the_command_starts_stays_ignored():
@@ -457,6 +455,46 @@ def test_a_launcher_killed_while_its_process_imports_torch_stops_that_process():
             os.kill(child, signal.SIGKILL)
 
 
+def test_a_background_jobs_ctrl_c_stays_ignored_while_it_imports_and_at_exit():
+    """SIGINT ignored (a script's background job): a Ctrl-C while the command imports torch, or
+    once its work is done, is not meant for it either."""
+    code = ("import os, signal; from common.cli import exit_at_once_on_ctrl_c, "
+            "interruptible_imports\n"
+            "with interruptible_imports(): os.kill(os.getpid(), signal.SIGINT)\n"
+            "exit_at_once_on_ctrl_c(); os.kill(os.getpid(), signal.SIGINT); print('ran on')")
+    result = run_ignoring(code, signal.SIGINT)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ran on\n", "")
+
+
+def test_of_two_stop_signals_in_a_held_block_the_first_is_acted_on_by_its_own_handler():
+    """Outside run_main (engine.loop.train called as a library) each signal has a handler of
+    its own: a SIGTERM and then a Ctrl-C inside stop_signals_held end the process as the
+    SIGTERM's would (killed by it), not as a Ctrl-C (a KeyboardInterrupt traceback)."""
+    code = ("import os, signal; from common.cli import stop_signals_held\n"
+            "with stop_signals_held():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "print('ran on')")
+    result = run_code(code)
+    assert (result.returncode, result.stdout, result.stderr) == (-signal.SIGTERM, "", "")
+
+
+def test_a_stop_signal_lost_before_the_output_broke_still_ends_as_stopped():
+    """A Ctrl-C lost in a finalizer, and then a write to an output whose reader has gone (the
+    `| tee` the same Ctrl-C ended): 130, the Ctrl-C's code, not a broken pipe's message."""
+    code = ("import os, signal, sys; from common.cli import run_main\n"
+            "read, write = os.pipe(); os.close(read); os.dup2(write, 1)\n"
+            "class Stops:\n"
+            "    def __del__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "def body():\n"
+            "    Stops()\n"
+            "    print('a line', flush=True)\n"
+            "sys.exit(run_main(body))")
+    result = run_code(code)
+    assert (result.returncode, result.stderr) == (130, "")
+
+
 def test_a_stop_signal_after_an_ignored_one_in_a_held_block_still_stops():
     """`nohup` ignores SIGHUP: a hang-up and then a SIGTERM inside stop_signals_held acted on
     the first (ignored, so nothing), and the SIGTERM was lost: the command ran on."""
@@ -500,6 +538,11 @@ def test_an_output_whose_reader_has_gone_ends_the_command_in_one_line(interrupt,
         proc.stderr.close()
 
 
+def with_stderr_closed(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` started with descriptor 2 closed (`2>&-`)."""
+    return run_code(code, preexec_fn=lambda: os.close(2))
+
+
 def test_a_closed_stderr_is_reopened_on_dev_null(tmp_path):
     """`2>&-`: Python's sys.stderr was None, so the error line raised an AttributeError that
     could not be shown, and the next file opened took descriptor 2."""
@@ -510,10 +553,31 @@ def test_a_closed_stderr_is_reopened_on_dev_null(tmp_path):
             "    os.write(fd, str(fd).encode())\n"
             "    raise DataError('named')\n"
             "sys.exit(run_main(body))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            timeout=120, preexec_fn=lambda: os.close(2))
-    assert result.returncode == 1
+    assert with_stderr_closed(code).returncode == 1
     assert (tmp_path / "out").read_text() != "2"
+
+
+def test_a_file_that_took_the_closed_stderrs_descriptor_keeps_it(tmp_path):
+    """`2>&-`, and a file opened before run_main took descriptor 2: stderr is reopened on a
+    descriptor of its own, and the file's writes still reach the file."""
+    code = ("import os, sys; from common.cli import run_main\n"
+            f"fd = os.open({str(tmp_path / 'out')!r}, os.O_WRONLY | os.O_CREAT)\n"
+            "def body():\n"
+            "    os.write(fd, b'kept')\n"
+            "sys.exit(run_main(body))")
+    assert with_stderr_closed(code).returncode == 0
+    assert (tmp_path / "out").read_text() == "kept"
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM], ids=["EACCES", "EPERM"])
+def test_a_permission_error_of_either_kind_says_to_fix_permissions(code):
+    """EPERM (chattr +i, a mount that refuses the operation) is a matter of permissions as
+    much as EACCES: not advice to check that the path exists and the disk has space."""
+    from common.cli import error_text
+
+    text = error_text(PermissionError(code, os.strerror(code), "/some/file"))
+    assert text == (f"cannot use /some/file: {os.strerror(code)}; fix its permissions, or "
+                    "those of the folders above it, or choose another path.")
 
 
 def test_other_unraisable_errors_reach_the_hook_in_place_when_run_main_starts(monkeypatch):
@@ -548,6 +612,7 @@ def test_an_empty_data_dir_is_refused_not_read_as_the_current_folder(module, arg
 
 @pytest.mark.parametrize("parse, args, option", [
     ("engine.options.parse", ["--out", ""], "--out"),
+    ("engine.options.parse", ["--out", "  "], "--out"),
     ("engine.options.parse", ["--resume", ""], "--resume"),
     ("tools.report.parse_args", ["ckpt.pt", "--out", ""], "--out"),
     ("tools.export.parse_args", ["ckpt.pt", "--out", ""], "--out"),
@@ -595,6 +660,9 @@ def test_options_given_with_a_preset_override_its_values():
     (["--dataset", "folder", "--synthetic-size", "100", "10"],
      "--synthetic-size is for --dataset synthetic, not folder"),
     (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--lr", "0"], "--lr must be a positive finite number"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--workers", "0"], "--workers must be at least 1"),
     (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
     (["--warmup", "1"], "--warmup must be in [0, 1)"),
     (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
@@ -627,3 +695,23 @@ def test_warmup_and_pad_mode_are_taken_where_they_act(option):
     from engine.options import parse
 
     assert parse(option).given  # no usage error (SystemExit): the options were taken
+
+
+@pytest.mark.parametrize("option", [["--lr", "3.4028234663852886e38"], ["--lr", "1e-30"],
+                                    ["--label-smoothing", "0"], ["--momentum", "0"],
+                                    ["--weight-decay", "0"], ["--workers", "1"]])
+def test_the_edges_of_each_range_are_taken(option):
+    """The values at the closed ends of the ranges the messages quote (the largest float32 LR,
+    no smoothing, momentum or decay, one worker) are options like any other."""
+    from engine.options import parse
+
+    assert parse(option).given
+
+
+def test_pad_mode_zeros_pads_with_black_pixels():
+    """--pad-mode zeros reaches the augmentation as zero padding, reflect (the default) as
+    reflection."""
+    from engine.options import parse
+
+    assert not parse(["--pad-mode", "zeros"]).cfg.augment().reflect
+    assert parse([]).cfg.augment().reflect

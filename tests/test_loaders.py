@@ -241,6 +241,31 @@ def test_a_batch_beyond_the_shard_is_the_whole_shard(prepared, source, run_epoch
     np.testing.assert_array_equal(batch[1].numpy(), source.train.labels[indices(n, True, 0, 1, 2)])
 
 
+@pytest.mark.parametrize("chunk, batch", [(150, 64), (8, 100)],
+                         ids=["chunks of two batches", "a batch above the chunk"])
+def test_a_resident_epoch_in_several_chunks_is_still_the_shared_order(prepared, source,
+                                                                      run_epoch, monkeypatch,
+                                                                      chunk, batch):
+    """The resident loader gathers CHUNK images at a time (16,384: the suite's splits fit in
+    one). Over several chunks an epoch still visits every sample once, in the shared order,
+    each image beside its own label, in whole batches; a batch above CHUNK is one chunk."""
+    from loaders import resident
+
+    monkeypatch.setattr(resident, "CHUNK", chunk)
+    loader = loaders.make_loader("resident", prepared.train, train=True, batch_size=batch,
+                                 device="cpu", mean=prepared.mean, std=prepared.std,
+                                 augment=None, workers=1)
+    batches = run_epoch(loader, 3)
+    n = len(source.train.labels)
+    order = indices(n, True, epoch=3)
+    assert [len(labels) for _, labels in batches] == [batch] * (n // batch) + [n % batch]
+    np.testing.assert_array_equal(labels_of(batches), source.train.labels[order])
+    images = torch.cat([images for images, _ in batches]).numpy()
+    mean, std = (np.reshape(v, (3, 1, 1)) for v in (prepared.mean, prepared.std))
+    want = (source.train.images[order].transpose(0, 3, 1, 2) / 255 - mean) / std
+    np.testing.assert_allclose(images, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_last_batch_of_one_sample_keeps_its_batch_dimension(prepared, source, run_epoch, kind):
     """201 test images in batches of 100: the last holds one sample, its label a 1-d tensor."""

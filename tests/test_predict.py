@@ -303,6 +303,13 @@ def test_an_overlay_of_a_picture_with_a_long_name_fits_a_file_name():
     assert names[1] == names[0].removesuffix(".cam.png") + "-2.cam.png"
 
 
+def test_overlays_of_three_pictures_of_one_name_are_three_files():
+    """Pictures of one name in three folders: a number each from the second on, never the
+    same name twice (the third overwrote the second's overlay)."""
+    names = prediction.cam_names([Path("a/cat.png"), Path("b/cat.png"), Path("c/cat.jpg")])
+    assert names == ["cat.cam.png", "cat-2.cam.png", "cat-3.cam.png"]
+
+
 @pytest.mark.slow
 def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path):
     picture = write_pictures(tmp_path)["one.png"]

@@ -128,7 +128,10 @@ def fake_topology(root: Path, cores: int, threads_per_core: int) -> Path:
       "LOCAL_WORLD_SIZE": "2"}, 4),  # two machines: this one's cores, 2 ways
     ({"ACCELERATE_DYNAMO_BACKEND": "NO", "OMP_NUM_THREADS": "16"}, 8),  # --cpu's host guess
     ({"TORCHELASTIC_RUN_ID": "r", "OMP_NUM_THREADS": "3"}, 3),  # fewer, by hand: kept
-], ids=["python", "accelerate", "torchrun x2", "two machines", "accelerate --cpu", "by hand"])
+    ({"TORCHELASTIC_RUN_ID": "r", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "16",
+      "LOCAL_WORLD_SIZE": "16"}, 1),  # more processes than cores: one thread each, not none
+], ids=["python", "accelerate", "torchrun x2", "two machines", "accelerate --cpu", "by hand",
+        "more processes than cores"])
 @pytest.mark.parametrize("threads_per_core", [1, 2], ids=["cores", "hyper-threads"])
 def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, tmp_path, env, threads,
                                                              threads_per_core):
@@ -159,7 +162,8 @@ def test_a_launched_cpu_process_takes_its_share_of_the_cores(monkeypatch, tmp_pa
     ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "--mixed_precision bf16 is not used"),
     ({"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
      "--mixed_precision bf16 and --dynamo_backend INDUCTOR are not used"),
-    ({"ACCELERATE_MIXED_PRECISION": "no"}, None)])
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, None),
+    ({"ACCELERATE_DYNAMO_BACKEND": "NO"}, None)])  # as accelerate launch sets it
 def test_the_notice_of_accelerates_unused_options_names_them_in_number(monkeypatch, env, said):
     """A lone --mixed_precision was said to be "are not used"."""
     from engine.launch import launcher_options_ignored
@@ -169,6 +173,41 @@ def test_the_notice_of_accelerates_unused_options_names_them_in_number(monkeypat
         monkeypatch.setenv(variable, value)
     notice = launcher_options_ignored()
     assert (notice is None) if said is None else f"accelerate launch's {said}:" in notice
+
+
+@pytest.mark.parametrize("world_size, refused", [("1", False), ("2", True)])
+def test_torchrun_restarts_are_refused_only_for_several_cpu_processes(monkeypatch, world_size,
+                                                                      refused):
+    """One process started again finds no peer to wait for in a rendezvous: --max-restarts
+    is refused for CPU runs of several processes only."""
+    from engine.launch import restarts_refused
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.delenv("RANK", raising=False)
+    problem = restarts_refused("runs/x")
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.startswith("torchrun --max-restarts 3 would start this run's processes")
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"LOCAL_RANK": "x", "MASTER_PORT": "7"},
+     " (accelerate reads LOCAL_RANK='x' from the environment: correct or unset it)"),
+    ({"LOCAL_RANK": "x", "MASTER_PORT": "x"},
+     " (accelerate reads LOCAL_RANK='x', MASTER_PORT='x' from the environment: correct or unset "
+     "the one it cannot read)")], ids=["one holds the value", "two hold it"])
+def test_the_variable_accelerate_could_not_read_is_named_only_when_it_is_plain(monkeypatch, env,
+                                                                              said):
+    """accelerate's message quotes a value only: the variable holding it is named where one
+    does, and every variable it reads is listed where several do (naming one would guess)."""
+    from engine.launch import ACCELERATE_READS, unread_variable
+
+    for name in [*ACCELERATE_READS, *(k for k in os.environ if k.startswith("ACCELERATE_"))]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert unread_variable(ValueError("invalid literal for int() with base 10: 'x'")) == said
 
 
 def test_physical_cores_counts_the_cores_of_the_cpus_this_process_may_use(monkeypatch,

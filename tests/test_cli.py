@@ -387,8 +387,7 @@ def test_a_stop_signal_at_any_line_before_the_body_is_a_clean_stop(signum):
     place."""
     codes = {signal.SIGINT: (130,), signal.SIGTERM: (143, -signal.SIGTERM)}[signum]
     for nth in range(1, 100):
-        result = subprocess.run([sys.executable, "-c", SIGNAL_AT_LINE, str(nth), str(signum)],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = run_code(SIGNAL_AT_LINE, nth, int(signum))
         if result.stderr == "past\n":
             break
         assert "Traceback" not in result.stderr, (nth, result.stderr)

@@ -28,6 +28,7 @@ from conftest import (
     ROOT,
     SignalsWhenCollected,
     history,
+    run_code,
     run_script,
     tmpfs,
     torchrun_env,
@@ -1056,8 +1057,7 @@ sys.exit(run_main(body))
 def test_the_sighup_of_a_terminal_that_hung_up_as_run_main_looks_is_the_same_stop():
     """The SIGHUP follows the failed write at once: as run_main looked at the streams it
     raised out of its except branch, a KeyboardInterrupt traceback and 130, not 129."""
-    result = subprocess.run([sys.executable, "-c", SIGHUP_AS_IT_LOOKS], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_code(SIGHUP_AS_IT_LOOKS)
     assert (result.returncode, result.stderr) == (129, "")
 
 

@@ -72,6 +72,20 @@ def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def small_run(prepared: Prepared, tmp_path: Path, **options):
+    """A real run (engine.run.build) of the `prepared` synthetic split on the CPU: width 4,
+    batches of 64, the resident loader, eager; `options` change its TrainConfig."""
+    from engine.config import TrainConfig, resolve
+    from engine.launch import make_accelerator
+    from engine.run import build
+
+    fields = dict(dataset="synthetic", data_dir=str(prepared.source.parent),
+                  synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64, loader="resident",
+                  compile=False, workers=1, out=str(tmp_path / "run"))
+    cfg = resolve(TrainConfig(**{**fields, **options}), cuda=False)
+    return build(cfg, make_accelerator(cfg))
+
+
 def run_code(code: str, *args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     """`python -c <code> <args>` from the repository root, its output captured as text."""
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTHETIC_SIZE
+from conftest import small_run
 
 from common.errors import CheckpointError
 from engine import checkpoint
-from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter
-from engine.launch import make_accelerator
-from engine.run import build, train_step
+from engine.run import train_step
 
 
 def test_submit_returns_while_the_write_goes_on_in_another_thread():
@@ -92,11 +90,7 @@ def test_an_interrupt_leaves_the_block_only_once_the_write_in_flight_is_done(tmp
 def test_the_state_handed_to_the_writer_is_a_copy_training_cannot_change(prepared, tmp_path):
     """On the CPU, .cpu() hands back the very tensors the next step updates in place: the
     checkpoint written during that step would mix two epochs' weights and moments."""
-    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
-                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
-                              loader="resident", compile=False, workers=1,
-                              out=str(tmp_path / "run")), cuda=False)
-    run = build(cfg, make_accelerator(cfg))
+    run = small_run(prepared, tmp_path)
     batches = iter(run.train_loader)
     train_step(run, *next(batches))  # the optimizer has moments now
     history = [dict(epoch=1)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import math
 import os
 import pickle
 import pty
@@ -39,7 +40,7 @@ from test_folders import write_tree
 from common.allocator import allocator_problem
 from common.atomic import atomic_writes, csv_text, write_text
 from common.cli import run_main
-from common.errors import CheckpointError, OutputError, TrainingError
+from common.errors import CheckpointError, OutputError, RunFailed, TrainingError
 from common.locks import locked_dir, waiting_lock
 from common.output_folders import make_dir, output_dir
 from common.paths import long_name
@@ -679,6 +680,78 @@ def test_divergence_from_a_huge_weight_decay_names_the_weight_decay(data_dir, tm
         "1e+11).")
 
 
+@pytest.mark.parametrize("options, done, advice", [
+    (dict(weight_decay=1.0), 0, "a --weight-decay far below 1 (the default is 0.0005; it "
+                                "diverged with 1)."),
+    (dict(weight_decay=0.99, lr=0.4), 0, "a lower --lr (e.g. --lr 0.04)."),
+    (dict(lr=0.4), 3, "a lower --lr (e.g. --lr 0.04) and a new --out."),
+    (dict(precision="fp16", weight_decay=5.0), 3, "--precision bf16 (or fp32) instead of fp16 "
+                                                  "and a new --out."),
+], ids=["weight decay of 1", "weight decay below 1", "after a saved epoch", "fp16"])
+def test_a_divergence_names_the_option_to_change_and_a_new_out_once_an_epoch_is_saved(
+        options, done, advice):
+    """A weight decay of 1 scales the weights by 1 - lr each step: its own cause, not the LR.
+    fp16's overflow comes first of all. Once ckpt.pt holds an epoch, the same --out is taken,
+    so a new run needs another."""
+    cfg = TrainConfig(out="runs/x", **options)
+    message = str(loop.diverged(SimpleNamespace(cfg=cfg), done, "it diverged"))
+    assert message.endswith(f". --resume would repeat it: start again with {advice}"), message
+    kept = "runs/x/ckpt.pt keeps epoch 3" if done else "no epoch had finished"
+    assert message.startswith(f"it diverged; {kept}"), message
+
+
+def test_a_divergence_names_the_first_batch_whose_loss_overflowed(data_dir, tmp_path,
+                                                                  monkeypatch):
+    """Counted from 1, as the progress bar counts: the batch whose loss was the first to be NaN
+    or infinite, as the steps themselves return it."""
+    losses = []
+
+    def step(run, images, labels):
+        loss, correct = train_step(run, images, labels)
+        losses.append(loss.item())
+        return loss, correct
+
+    monkeypatch.setattr(loop, "train_step", step)
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=64, loader="resident", workers=1, optimizer="sgd",
+                      lr=1e12, schedule="constant", out=str(tmp_path / "out"))
+    with pytest.raises(RunFailed) as refused:
+        train_run(cfg)
+    first = next(i for i, loss in enumerate(losses) if not math.isfinite(loss))
+    assert first > 0  # the first step's loss is of the initial weights
+    assert str(refused.value).startswith(
+        f"the training loss became NaN or infinite in epoch 1, batch {first + 1}; no epoch"), (
+        refused.value)
+
+
+def test_a_run_that_saved_nothing_keeps_a_trackers_folder_it_did_not_make(data_dir, tmp_path):
+    """A run that ends before its first epoch takes its trackers' folder with it, but only one
+    it made: a folder of that name already in --out (the user's own) is left as it was."""
+    out = tmp_path / "out"
+    (out / "cifar10-engine").mkdir(parents=True)
+    (out / "cifar10-engine" / "notes.txt").write_text("mine")
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, optimizer="sgd",
+                      lr=1e12, schedule="constant", log_with="tensorboard", out=str(out))
+    with pytest.raises(RunFailed, match="nothing was saved"):
+        train_run(cfg)
+    assert (out / "cifar10-engine" / "notes.txt").read_text() == "mine"
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_a_run_called_as_a_library_closes_its_trackers(data_dir, tmp_path):
+    """train() in a process that goes on (tools/compare.py trains several runs in one) closes
+    its --log-with writers: their threads end once it returns, each run's events written."""
+    before = set(threading.enumerate())
+    out = tmp_path / "out"
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
+                      log_with="tensorboard", out=str(out))
+    train_run(cfg, last=False)
+    assert list((out / "cifar10-engine").rglob("events.out.tfevents.*"))
+    assert set(threading.enumerate()) <= before
+
+
 def test_nonfinite_weights_and_buffers_are_found_by_name():
     model = build_model("resnet18", 10, 4)
     assert checkpoint.nonfinite(model.state_dict()) == []
@@ -686,6 +759,25 @@ def test_nonfinite_weights_and_buffers_are_found_by_name():
         model.layer2[0].bn1.running_var[3] = float("nan")
         model.fc.weight[0, 0] = float("inf")
     assert checkpoint.nonfinite(model.state_dict()) == ["layer2.0.bn1.running_var", "fc.weight"]
+
+
+def test_an_epoch_whose_test_loss_or_weights_are_not_finite_is_not_kept():
+    """Each check on its own: a weight can overflow in the epoch's last step, after its loss
+    was taken; a test loss can overflow with every weight finite."""
+    model = build_model("resnet18", 10, 4)
+    run = SimpleNamespace(cfg=TrainConfig(out="runs/x"), unwrapped=model)
+    loop.check_finite(run, 1, dict(test_loss=2.3))  # finite: nothing to say
+    with pytest.raises(RunFailed) as refused:
+        loop.check_finite(run, 1, dict(test_loss=float("inf")))
+    assert str(refused.value).startswith("the test loss became NaN or infinite in epoch 2; "
+                                         "runs/x/ckpt.pt keeps epoch 1,"), refused.value
+    with torch.no_grad():
+        model.layer1[0].bn2.running_mean[0] = float("nan")
+    with pytest.raises(RunFailed) as refused:
+        loop.check_finite(run, 1, dict(test_loss=2.3))
+    assert str(refused.value).startswith(
+        "1 weights or BatchNorm statistics became NaN or infinite in epoch 2 "
+        "(layer1.0.bn2.running_mean); runs/x/ckpt.pt keeps epoch 1,"), refused.value
 
 
 # --- out of memory --------------------------------------------------------------------------------
@@ -725,19 +817,41 @@ def test_out_of_memory_beyond_the_split_suggests_half_the_split(data_dir, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("batch, advice", [(1, "a --width below 8"), (2, "--batch-size 1")])
 def test_out_of_memory_at_a_batch_of_one_suggests_a_narrower_model(data_dir, tmp_path,
-                                                                   monkeypatch):
-    """Halving a batch of one is no advice: the model is what does not fit."""
+                                                                   monkeypatch, batch, advice):
+    """Halving a batch of one is no advice: the model is what does not fit. A batch of two
+    still halves."""
     def full(*args) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
 
     monkeypatch.setattr(loop, "train_step", full)
     cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=1, loader="resident", workers=1,
+                      width=8, batch_size=batch, loader="resident", workers=1,
                       out=str(tmp_path / "out"))
     with pytest.raises(TrainingError) as refused:
         train_run(cfg)
-    assert str(refused.value) == "out of memory at --batch-size 1; try a --width below 8."
+    assert str(refused.value) == f"out of memory at --batch-size {batch}; try {advice}."
+
+
+def test_each_epoch_trains_on_an_order_of_its_own(data_dir, tmp_path, monkeypatch):
+    """The loader is set to each epoch's number: set to one for all, every epoch would train
+    on the same batches in the same order, augmented alike."""
+    labels_seen = []
+
+    def step(run, images, labels):
+        labels_seen.append(labels.clone())
+        return train_step(run, images, labels)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, epochs=2,
+                      out=str(tmp_path / "out"))
+    train_run(cfg)
+    first, second = torch.cat(labels_seen[:4]), torch.cat(labels_seen[4:])
+    assert len(labels_seen) == 8 and len(first) == len(second) == 1024
+    assert torch.equal(first.sort().values, second.sort().values)  # the whole split, each
+    assert not torch.equal(first, second)
 
 
 def test_a_stop_signal_lost_while_the_run_is_built_stops_it_before_its_first_step(

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 import torch
 import torch._inductor.config
 import torch.nn.functional as F
-from conftest import SYNTHETIC_SIZE
+from conftest import SYNTHETIC_SIZE, small_run
 from torch._dynamo.utils import counters
 
 from common.hardware import launched_processes, native_bf16
 from engine.config import TrainConfig, resolve, validate
 from engine.launch import make_accelerator
+from engine.optimizers import lr_at
 from engine.options import parse
 from engine.resume import resume_config
-from engine.run import build, train_step
+from engine.run import build, endless, train_step
 
 
 def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, tmp_path):
@@ -298,3 +300,58 @@ def test_the_loss_of_a_partial_last_batch_is_summed_over_its_own_images(prepared
     loss, correct = train_step(run, images, labels)
     assert loss.item() == pytest.approx(want.item(), rel=1e-4)
     assert 0 <= correct.item() <= 29
+
+
+def test_the_seed_picks_the_order_of_the_batches_too(prepared, tmp_path):
+    """--seed reaches the loaders, not only the initial weights: one seed shuffles and augments
+    the split alike each time, another apart."""
+    def first_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        run = small_run(prepared, tmp_path, seed=seed)
+        run.train_loader.set_epoch(0)
+        return next(iter(run.train_loader))
+
+    (images, labels), (again, labels_again), (_, other_labels) = map(first_batch, (1, 1, 2))
+    assert torch.equal(images, again) and torch.equal(labels, labels_again)
+    assert not torch.equal(labels, other_labels)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_a_runs_batches_and_forward_pass_are_of_its_precision(prepared, tmp_path, precision,
+                                                              dtype):
+    """--precision bf16 runs on the CPU too: the loader hands over bf16 batches and the forward
+    pass autocasts to bf16, not fp16; the step's loss is taken in fp32."""
+    run = small_run(prepared, tmp_path, precision=precision)
+    images, labels = next(iter(run.train_loader))
+    assert images.dtype == dtype
+    with run.autocast():
+        assert run.model(images).dtype == dtype
+    loss, correct = train_step(run, images, labels)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_a_runs_schedule_spans_every_step_of_its_epochs(prepared, tmp_path):
+    """The LR follows --schedule over epochs x steps per epoch, with --warmup's share: its
+    peak after the warmup, its end value at the last step of the last epoch."""
+    run = small_run(prepared, tmp_path, epochs=3, schedule="triangular", warmup=0.25, lr=0.2)
+    total = run.cfg.epochs * len(run.train_loader)
+    lrs = []
+    for _ in range(total + 1):
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        run.optimizer.step()  # no gradients: nothing moves, but the scheduler may step
+        run.scheduler.step()
+    assert lrs == pytest.approx([0.2 * lr_at("triangular", step, total, warmup_frac=0.25)
+                                 for step in range(total + 1)])
+    assert max(lrs) == pytest.approx(0.2) and lrs[-1] == 0.0
+
+
+def test_endless_batches_go_on_in_each_next_epochs_order(prepared, tmp_path):
+    """A range test or profile longer than an epoch goes on into epoch 2's shuffle, not epoch
+    1's order again."""
+    run = small_run(prepared, tmp_path)
+    steps = len(run.train_loader)
+    with closing(endless(run)) as batches:
+        labels = [next(batches)[1] for _ in range(2 * steps)]
+    first, second = torch.cat(labels[:steps]), torch.cat(labels[steps:])
+    assert len(first) == SYNTHETIC_SIZE[0]
+    assert torch.equal(first.sort().values, second.sort().values)  # the whole split, each
+    assert not torch.equal(first, second)

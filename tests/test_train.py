@@ -561,6 +561,8 @@ def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
     events = EventAccumulator(str(next((out / "cifar10-engine").rglob(
         "events.out.tfevents.*")).parent)).Reload()
     assert {"test_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
+    # at the epoch's number, as metrics.csv counts them (a resumed run's go on from its own)
+    assert [event.step for event in events.Scalars("test_acc")] == [1]
 
 
 def test_a_ctrl_c_before_the_first_epoch_leaves_no_tracker_logs(tmp_path, data_dir):

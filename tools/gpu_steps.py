@@ -30,10 +30,11 @@ STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
 # the first steps' own limits, in whole minutes at 1.6x or more of their times on the first H200
 # run (52, 106, 97 and 111 s: benchmarks/results/h200-2026-12-04/): a hang in the quick tests,
 # or a step slower on another GPU, leaves the next steps of a 9-minute lease their turn.
-# bench-epoch's is two minutes more: its five epochs now compile, four on CUDA graphs (our
-# estimate from the first run's sections: 150 to 220 s);
+# bench-epoch's is three minutes more: its five epochs now compile, four on CUDA graphs (our
+# estimate from the first run's sections: 150 to 220 s), and the untuned one starts a process
+# of its own (tools/bench_sections.bench_epoch_alone: imports, CUDA, a compile from warm caches);
 # profile-ffcv's, not run yet, is an estimate (a process, FFCV's numba JIT, a compile, 43 steps)
-LIMITS = {"tests-quick": 120, "train": 180, "bench-peers": 180, "bench-epoch": 300,
+LIMITS = {"tests-quick": 120, "train": 180, "bench-peers": 180, "bench-epoch": 360,
           "profile-ffcv": 120}
 TEST_WORKERS, TEST_CORES = 4, 4  # tests-e2e on 16 cores: 4 workers of 4 cores each
 # the fast preset's (1 in a dry run); GPU_SUITE_EPOCHS=N sets N instead

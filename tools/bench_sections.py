@@ -95,6 +95,12 @@ class EpochResult:
     step_only_s: float | None = None
     loader_overhead_share: float | None = None
 
+    @classmethod
+    def of(cls, cfg: TrainConfig, **figures: Any) -> EpochResult:
+        """The row of cfg's epochs: what they ran with, and `figures` (a failure, say)."""
+        return cls(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
+                   cfg.compile_mode, cfg.autotunes(), **figures)
+
 
 # what a configuration that cannot run here raises: fp16 on CPU, a failed compile, a loader's
 # error, out of memory, any CUDA error; it is recorded in its row and the others go on
@@ -227,8 +233,7 @@ def bench_epoch(cfg: TrainConfig, epochs: int, threads: int) -> EpochResult:
     """Full training epochs with cfg's loader (a warm-up epoch, then steady-state ones), then
     as many images as steps on one of its batches, to tell the loader's cost apart: as many
     times as steady epochs, the fastest of each set against the other."""
-    r = EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
-                    cfg.compile_mode, cfg.autotunes())
+    r = EpochResult.of(cfg)
     try:
         start = time.perf_counter()
         run = make_run(cfg, threads)
@@ -299,10 +304,9 @@ def bench_epoch_alone(cfg: TrainConfig, epochs: int, threads: int) -> EpochResul
     finally:
         send.close()
         receive.close()
-    return row or EpochResult(cfg.loader, cfg.precision, cfg.compile, cfg.batch_size, cfg.width,
-                              cfg.compile_mode, cfg.autotunes(), status="failed",
-                              reason=f"its process ended with exit code {child.exitcode} "
-                                     "before it gave a result")
+    return row or EpochResult.of(cfg, status="failed",
+                                 reason=f"its process ended with exit code {child.exitcode} "
+                                        "before it gave a result")
 
 
 def epoch_configs(base: TrainConfig, args: argparse.Namespace) -> list[TrainConfig]:

@@ -92,6 +92,20 @@ def run_code(code: str, *args, timeout: float = 120, **kwargs) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie no one reaps has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children(pid: int) -> list[tuple[int, bytes]]:
+    """The child processes of `pid` with their command lines (Linux's /proc)."""
+    found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [(int(c), Path(f"/proc/{c}/cmdline").read_bytes()) for c in found]
+
+
 def run_gpu_suite(*args, python: str = sys.executable, timeout: float = 900,
                   out: Path | None = None) -> subprocess.CompletedProcess:
     """`bash tools/gpu_suite.sh args` with PYTHON set, as `make gpu` runs it; $OUT set to

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MACHINE_CORES, ROOT, SYNTHETIC_SIZE, SignalsWhenCollected, run_script
+from conftest import (
+    MACHINE_CORES,
+    ROOT,
+    SYNTHETIC_SIZE,
+    SignalsWhenCollected,
+    children,
+    run_script,
+    running,
+)
 from test_reliability import data_workers
 from torch import nn
 from torch.autograd import DeviceType
@@ -396,18 +404,9 @@ def spawned_child(parent: int) -> int | None:
     """The pid of the child multiprocessing spawned from process `parent` (not its resource
     tracker), or None."""
     with suppress(OSError):
-        for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
+        return next((pid for pid, cmdline in children(parent) if b"spawn_main" in cmdline),
+                    None)
     return None
-
-
-def ended(pid: int) -> bool:
-    """Whether process pid has ended (gone, or a zombie its new parent has not reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.slow
@@ -433,7 +432,7 @@ def test_an_epoch_alone_dies_with_a_parent_killed_outright(prepared, tmp_path):
         parent.wait()
     deadline = time.monotonic() + 60
     try:
-        while not ended(child):
+        while running(child):
             assert time.monotonic() < deadline, f"process {child} runs on without its parent"
             time.sleep(0.05)
     finally:

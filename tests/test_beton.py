@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CIFAR10_CLASSES, ROOT, SYNTHETIC_SIZE, dump_pickle, run_script, tmpfs
+from conftest import (
+    CIFAR10_CLASSES,
+    ROOT,
+    SYNTHETIC_SIZE,
+    children,
+    dump_pickle,
+    run_script,
+    tmpfs,
+)
 
 import loaders
 from common.atomic import write_json
@@ -517,8 +525,7 @@ except cifar.DataError as error:
 def _forked_workers(pid: int) -> list[int]:
     """The children of pid forked from it without exec (same command line)."""
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == cmdline]
+    return [child for child, its in children(pid) if its == cmdline]
 
 
 def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SignalsWhenCollected, run_code
+from conftest import ROOT, SignalsWhenCollected, run_code, running
 
 from common.cli import run_main
 from common.errors import DataError, Interrupted
@@ -425,14 +425,6 @@ LAUNCHER = ("import os, signal, subprocess, sys\n"
             "assert child.stdout.readline() == b'importing\\n'\n"
             "print(child.pid, flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)")
-
-
-def running(pid: int) -> bool:
-    """Whether process `pid` exists and has not exited (a zombie no one reaps has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")

@@ -28,22 +28,17 @@ def logits_of(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, tta: bool = False,
-             autocast: Callable[[], AbstractContextManager] = nullcontext,
-             channels_last: bool = True) -> torch.Tensor:
+             autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """[loss summed over samples, correct, count] of this process's shard, on the device.
 
     Sums rather than means, so shards of different sizes reduce exactly: the mean is taken
     once, after the sum over processes, and each sample counts once. `autocast` gives the
     training run's mixed precision (Run.autocast), so batches of its dtype fit the model.
-    `channels_last`: the run's --channels-last; the loaders hand over channels_last batches,
-    made contiguous for a model that is not, as engine.run.train_step does for training.
     """
     device = next(model.parameters()).device
     totals, count = torch.zeros(2, device=device), 0
     with eval_mode(model):
         for images, labels in loader:
-            if not channels_last:
-                images = images.contiguous()
             with autocast():
                 logits = logits_of(model, images, tta)
             totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),

@@ -149,7 +149,7 @@ def test_epoch(run: Run) -> dict:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
     loss, correct, count = run.accelerator.reduce(
-        evaluate(model, run.test_loader, run.cfg.tta, run.autocast, run.cfg.channels_last),
+        evaluate(model, run.test_loader, run.cfg.tta, run.autocast),
         "sum").tolist()
     return dict(test_loss=loss / count, test_acc=correct / count, test_images=int(count),
                 eval_seconds=time.perf_counter() - start)

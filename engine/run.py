@@ -64,7 +64,8 @@ def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank:
                    world_size: int = 1) -> dict:
     """The make_loader options a run uses for both splits (the workers shared by processes)."""
     return dict(device=device, mean=data.mean, std=data.std, dtype=DTYPES[cfg.precision],
-                seed=cfg.seed, rank=rank, world_size=world_size, workers=cfg.workers)
+                channels_last=cfg.channels_last, seed=cfg.seed, rank=rank,
+                world_size=world_size, workers=cfg.workers)
 
 
 def make_train_loader(kind: str, cfg: TrainConfig, data: Prepared,
@@ -129,8 +130,6 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One optimizer step; returns (loss summed over the batch, correct) without a host sync."""
-    if not run.cfg.channels_last:
-        images = images.contiguous()
     # the compiled graph is for full batches (see build); the loader's, capped at the shard
     model = run.step_model if len(labels) == run.train_loader.batch_size else run.model
     # the last step's gradients go before the forward: with CUDA graphs (reduce-overhead) they

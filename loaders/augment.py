@@ -134,11 +134,13 @@ def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
 
 class Augment:
     """uint8 N x 32 x 32 x 3 batches in (or splits already through `store`), normalized
-    channels_last N x 3 x 32 x 32 out."""
+    N x 3 x 32 x 32 out, channels_last unless asked for contiguous (a --no-channels-last run's
+    model)."""
 
     def __init__(self, cfg: AugmentConfig | None, mean: list[float], std: list[float],
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, channels_last: bool = True):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # (x / 255 - mean) / std = x * scale + offset: one fused multiply-add reading uint8
         self.scale = 1 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255)
         self.offset = -torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255 * self.scale
@@ -201,4 +203,4 @@ class Augment:
         x = images.permute(0, 3, 1, 2) if normalized else self._normalized(images)
         if self.cfg is not None and self.cfg.cutout:
             x = cutout(x, self.cfg.cutout, self.generator)
-        return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype).contiguous(memory_format=self.memory_format)

@@ -13,7 +13,8 @@ from loaders.augment import Augment
 from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # images N x 3 x 32 x 32 channels_last, labels int64
+# images N x 3 x 32 x 32 in the loader's memory format (channels_last by default), labels int64
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class BatchLoader:
@@ -25,7 +26,8 @@ class BatchLoader:
     def __init__(self, path: Path, *, train: bool, batch_size: int, device: torch.device | str,
                  num_samples: int, mean: list[float], std: list[float],
                  dtype: torch.dtype = torch.float32, augment: AugmentConfig | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int | None = None):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int | None = None,
+                 channels_last: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.path, self.train = Path(path), train
@@ -36,7 +38,10 @@ class BatchLoader:
         # buffers by the option (FFCV's would overflow at --batch-size 10**15)
         self.batch_size = min(batch_size, max(self.shard_size, 1))
         self.workers = workers or default_workers(world_size)
-        self.augment = Augment(augment if train else None, mean, std, dtype, self.device)
+        # batches in the model's memory format: a contiguous model given channels_last ones
+        # would need a copy per batch, or run other kernels and a transpose per convolution
+        self.augment = Augment(augment if train else None, mean, std, dtype, self.device,
+                               channels_last)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:

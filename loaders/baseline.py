@@ -151,7 +151,7 @@ class TorchvisionLoader(BatchLoader):
         try:
             for images, labels in batches:
                 images = images.to(self.device, dtype, non_blocking=True)
-                yield (images.contiguous(memory_format=torch.channels_last),
+                yield (images.contiguous(memory_format=self.augment.memory_format),
                        labels.to(self.device, non_blocking=True))
         except (RuntimeError, OSError, EOFError) as error:  # asked while its workers are known
             if (died := self.worker_died(error)) is None:

@@ -52,21 +52,6 @@ def test_an_empty_shard_still_reports_zeros():
     assert evaluate(model, []).tolist() == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_the_model_is_given_batches_in_the_runs_memory_format(batches, channels_last):
-    """The loaders hand over channels_last batches; a --no-channels-last run trains on them
-    made contiguous (engine.run.train_step), and is evaluated on them made contiguous too,
-    not in the other layout (on a GPU, other kernels and a transpose per convolution)."""
-    model = build_model("resnet18", 10, width=4)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    evaluate(model, batches[:2], tta=True, channels_last=channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    assert len(seen) == 4 and all(x.is_contiguous(memory_format=layout) for x in seen)
-
-
 def test_probabilities_are_each_images_softmax_in_batches_of_any_last_size():
     """probabilities() gives every image, in order, the softmax over classes of the model's
     scores for that image alone, however its BATCH-image passes split them (the last one

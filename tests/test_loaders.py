@@ -33,19 +33,22 @@ AUGMENT = AugmentConfig(flip=True, translate=2, cutout=8)  # what training batch
 
 @pytest.fixture(scope="module")
 def make(prepared):
-    """make(kind, train, seed=0, rank=0, world_size=1, copy=0, augment=AUGMENT): a loader,
+    """make(kind, train, seed=0, rank=0, world_size=1, copy=0, augment=AUGMENT,
+    channels_last=True): a loader,
     built once per arguments (each FFCV Loader costs a compilation); `copy` asks for another
     instance."""
     built = {}
 
     def get(kind: str, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-            copy: int = 0, augment: AugmentConfig = AUGMENT) -> loaders.BatchLoader:
-        key = (kind, train, seed, rank, world_size, copy, augment)
+            copy: int = 0, augment: AugmentConfig = AUGMENT,
+            channels_last: bool = True) -> loaders.BatchLoader:
+        key = (kind, train, seed, rank, world_size, copy, augment, channels_last)
         if key not in built:
             built[key] = loaders.make_loader(
                 kind, prepared.train if train else prepared.test, train=train,
                 batch_size=BATCH, device="cpu", mean=prepared.mean, std=prepared.std,
-                augment=augment, seed=seed, rank=rank, world_size=world_size, workers=1)
+                augment=augment, seed=seed, rank=rank, world_size=world_size, workers=1,
+                channels_last=channels_last)
         return built[key]
 
     yield get
@@ -90,6 +93,22 @@ def test_batches_are_channels_last_float_with_int64_labels(make, run_epoch, sour
         assert images.shape == (len(labels), 3, 32, 32) and images.dtype == torch.float32
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert labels.dtype == torch.int64 and labels.shape == (len(labels),)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_loader_asked_for_contiguous_batches_gives_the_same_images_so(make, run_epoch, kind,
+                                                                        train):
+    """channels_last=False (a --no-channels-last run's loaders): contiguous batches of the very
+    values the channels_last loader gives, the same augmentations included."""
+    got = run_epoch(make(kind, train, channels_last=False))
+    want = run_epoch(make(kind, train))
+    assert len(got) == len(want)
+    for (images, labels), (other, other_labels) in zip(got, want, strict=True):
+        assert images.is_contiguous() and not images.is_contiguous(
+            memory_format=torch.channels_last)
+        torch.testing.assert_close(images, other, rtol=0, atol=0)
+        assert torch.equal(labels, other_labels)
 
 
 @pytest.mark.parametrize("kind", KINDS)

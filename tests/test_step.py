@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from common.hardware import launched_processes, native_bf16
 from engine.config import TrainConfig, resolve, validate
 from engine.launch import make_accelerator
+from engine.loop import test_epoch as evaluate_epoch  # not collected as a test by its name
 from engine.optimizers import lr_at
 from engine.options import parse
 from engine.resume import resume_config
@@ -327,6 +328,23 @@ def test_a_runs_batches_and_forward_pass_are_of_its_precision(prepared, tmp_path
         assert run.model(images).dtype == dtype
     loss, correct = train_step(run, images, labels)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_runs_model_is_given_batches_in_its_memory_format(prepared, tmp_path, channels_last):
+    """--no-channels-last: both loaders hand over contiguous batches, as its model is, so that
+    neither training nor evaluation copies each batch into the other layout (on a GPU, other
+    kernels and a transpose per convolution); by default both are channels_last."""
+    run = small_run(prepared, tmp_path, channels_last=channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    seen = []
+    run.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    train_step(run, *next(iter(run.train_loader)))
+    evaluate_epoch(run)
+    assert len(seen) == 1 + (1 + run.cfg.tta) * len(run.test_loader)  # tta: 2 passes a batch
+    assert all(x.is_contiguous(memory_format=layout) for x in seen)
+    assert next(run.model.parameters()).dim() == 4  # a convolution first: the layout matters
+    assert next(run.model.parameters()).is_contiguous(memory_format=layout)
 
 
 def test_a_runs_schedule_spans_every_step_of_its_epochs(prepared, tmp_path):

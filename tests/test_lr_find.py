@@ -24,7 +24,7 @@ from engine.launch import make_accelerator
 from engine.optimizers import lr_at
 from engine.run import Run, build, train_step
 from loaders.preparation import prepare
-from tools import lr_find
+from tools import lr_curve, lr_find
 
 SIZE = (1000, 200)
 BATCH = 32  # 32 steps per epoch: the sweeps below run over several epochs
@@ -237,6 +237,23 @@ def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
     assert list(rows[0]) == ["lr", "loss", "smoothed"] and 2 <= len(rows) <= 20
     suggested = float(re.search(r"suggested lr (\S+)", result.stdout).group(1))
     assert float(rows[0]["lr"]) <= suggested <= float(rows[-1]["lr"])
+
+
+def test_the_plot_shows_the_curve_not_the_loss_of_the_step_that_diverged():
+    """A diverged sweep's last step has a huge loss (the smoothed loss passes 4x its best only
+    after one): the y axis is cut above the start, and must be cut below the curve too. Left
+    to matplotlib, the bottom went as far below the curve as that loss lies above it (-150 for
+    a last loss of 3086), and the whole curve was a flat line along the top."""
+    lrs = np.geomspace(1e-4, 31, 55).tolist()
+    losses = [2.5 - 0.01 * i for i in range(54)] + [3086.0]
+    smoothed = losses[:54] + [95.0]
+    result = lr_range.RangeTest(lrs, losses, smoothed, *lr_range.suggestions(lrs, smoothed),
+                                diverged=True)
+    bottom, top = lr_curve.plot(result).axes[0].get_ylim()
+    low, high = min(losses), 1.5 * smoothed[0]
+    assert low - 0.1 * (high - low) <= bottom <= low  # every point of the curve drawn
+    assert high <= top <= high + 0.1 * (high - low)
+    assert (high - low) / (top - bottom) > 0.8  # the curve fills the axis
 
 
 @pytest.mark.parametrize("args, message", [

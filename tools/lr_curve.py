@@ -48,7 +48,11 @@ def plot(result: RangeTest) -> Figure:
     ax.axvline(result.min_over_10, color="C2", ls="--",
                label=f"minimum / 10: {result.min_over_10:.3g} (suggested)")
     ax.set_xscale("log")
-    ax.set_ylim(top=min(max(result.losses), 1.5 * result.smoothed[0]) * 1.02)
+    # the curve, not the loss of the step that diverged (thousands): cut at 1.5x the start
+    # above, and at the lowest point below, where matplotlib's margin grew with that loss
+    top = min(max(result.losses), 1.5 * result.smoothed[0]) * 1.02
+    low = min(*result.losses, *result.smoothed)
+    ax.set_ylim(low - 0.02 * (top - low), top)
     ax.set(xlabel="learning rate", ylabel="training loss",
            title=f"LR range test: suggested lr {result.suggested:.3g}"
                  + (f" (diverged at {result.lrs[-1]:.2g})" if result.diverged else ""))

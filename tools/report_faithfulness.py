@@ -22,7 +22,9 @@ from torch import nn
 from tools.cams import CAM_BATCH
 from tools.report_inputs import in_chunks
 
-PERCENTILES = [20, 40, 60, 80]  # of pixels removed; pytorch-grad-cam's default is 10..90
+# pytorch-grad-cam's percentiles (its default: 10..90); at percentile p it keeps the p% of
+# pixels ranked below it and removes the other 100 - p%: 80/60/40/20% removed
+PERCENTILES = [20, 40, 60, 80]
 RANDOM = "random"  # the baseline's method name in the table
 TIE_SEED = 0  # the order in which tied pixels of a map are removed: one for every map
 
@@ -30,9 +32,9 @@ TIE_SEED = 0  # the order in which tied pixels of a map are removed: one for eve
 def removal_order(maps: np.ndarray) -> np.ndarray:
     """N x H x W maps as the ranks of their pixels scaled to [0, 1], distinct within each map:
     the order ROAD removes them in, with ties (the zeros of a Grad-CAM map, a box's inside)
-    broken by a fixed random order of the positions. pytorch-grad-cam's thresholds then remove
-    the share of pixels a percentile names (Rong et al. remove a share of the pixels in the
-    map's order); a map of tied values lost all of its pixels at every percentile."""
+    broken by a fixed random order of the positions. pytorch-grad-cam's threshold at percentile
+    p then removes 100 - p% of the pixels, in the map's order (as Rong et al. remove a share of
+    them); a map of tied values lost all of its pixels at every percentile."""
     flat = maps.reshape(len(maps), -1)
     tiebreak = np.broadcast_to(np.random.default_rng(TIE_SEED).random(flat.shape[1]),
                                flat.shape)

@@ -20,7 +20,7 @@ from engine import checkpoint
 from engine.config import TrainConfig
 from tools import comparison
 from tools.compare import main
-from tools.comparison import WRITTEN, Result, default_lr
+from tools.comparison import WRITTEN, Result, default_lr, default_weight_decay
 
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
          "--batch-size", "64", "--loader", "resident"]
@@ -32,10 +32,10 @@ def compare(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
-    """sgd and adam, one epoch each, at their default LRs."""
+    """sgd and adamw, one epoch each, at their default LRs and weight decays."""
     root = tmp_path_factory.mktemp("compare")
     out = root / "out"
-    result = compare(*SMALL, "--data-dir", str(root / "data"), "--optimizers", "sgd", "adam",
+    result = compare(*SMALL, "--data-dir", str(root / "data"), "--optimizers", "sgd", "adamw",
                      "--epochs", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -114,14 +114,20 @@ def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["optimizer"] for r in rows] == ["sgd", "adam"]
+    assert [r["optimizer"] for r in rows] == ["sgd", "adamw"]
     assert [float(r["lr"]) for r in rows] == [0.1 * 64 / 256, 1e-3]
+    # AdamW's decoupled decay scaled to its LR, what each run trained with
+    assert [float(r["weight_decay"]) for r in rows] == [5e-4, pytest.approx(0.05)]
+    assert [json.loads((out / r["optimizer"] / "config.json").read_text())["weight_decay"]
+            for r in rows] == [5e-4, pytest.approx(0.05)]
     for row in rows:
         assert 0 <= float(row["final_test_acc"]) <= float(row["best_test_acc"]) <= 1
         assert float(row["seconds_per_epoch"]) > 0 and row["epochs"] == "1" and not row["note"]
     table = (out / "compare.md").read_text().splitlines()
     body = [line for line in table if line.startswith("| ")][2:]  # after header and rule
-    assert [line.split("|")[1].strip() for line in body] == ["sgd", "adam"]
+    assert [line.split("|")[1].strip() for line in body] == ["sgd", "adamw"]
+    assert [line.split("|")[3].strip() for line in body] == ["0.0005", "0.05"]
+    assert "weight decay: AdamW's scaled to its LR" in table[0]
 
 
 @pytest.mark.slow
@@ -131,13 +137,16 @@ def test_a_run_that_diverges_is_a_row_with_its_reason_and_the_next_one_still_run
     status is 1 all the same: a run failed)."""
     out = tmp_path / "out"
     result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
-                     "adam", "--lr", "1e12", "--schedule", "constant", "--epochs", "1",
+                     "adamw", "--lr", "1e12", "--schedule", "constant", "--epochs", "1",
                      "--out", str(out))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "error: sgd: " in result.stderr and "error: adam: " in result.stderr
+    assert "error: sgd: " in result.stderr and "error: adamw: " in result.stderr
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["optimizer"] for r in rows] == ["sgd", "adam"]
+    assert [r["optimizer"] for r in rows] == ["sgd", "adamw"]
+    # one --lr for all, so one weight decay for all: AdamW's own is scaled to its own LR
+    assert [float(r["weight_decay"]) for r in rows] == [5e-4, 5e-4]
+    assert "one weight decay for all" in (out / "compare.md").read_text().splitlines()[0]
     assert all("NaN or infinite in epoch 1" in r["note"] for r in rows), rows
 
 
@@ -154,7 +163,7 @@ def test_a_stopped_runs_history_comes_from_its_checkpoint(out, tmp_path):
 
 @pytest.mark.slow
 def test_each_optimizer_keeps_its_own_run_directory_from_the_same_seed(out):
-    for name in ("sgd", "adam"):
+    for name in ("sgd", "adamw"):
         config = json.loads((out / name / "config.json").read_text())
         assert config["optimizer"] == name and config["seed"] == 0
         assert (out / name / "ckpt.pt").is_file() and (out / name / "metrics.jsonl").is_file()
@@ -165,9 +174,9 @@ def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_p
     """A comparison stopped midway goes on when run again: finished runs are reused as they
     are, and a longer --epochs resumes each run where it stopped."""
     again = Path(shutil.copytree(out, tmp_path / "out"))
-    common = [*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "adam",
+    common = [*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "adamw",
               "--out", str(again)]
-    before = {name: (again / name / "ckpt.pt").read_bytes() for name in ("sgd", "adam")}
+    before = {name: (again / name / "ckpt.pt").read_bytes() for name in ("sgd", "adamw")}
     result = compare(*common, "--epochs", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert {name: (again / name / "ckpt.pt").read_bytes() for name in before} == before
@@ -178,7 +187,7 @@ def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_p
 
     result = compare(*common, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("sgd", "adam"):
+    for name in ("sgd", "adamw"):
         rows = [json.loads(line) for line in (again / name / "metrics.jsonl").open()]
         assert [r["epoch"] for r in rows] == [1, 2]
         first = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])
@@ -190,14 +199,14 @@ def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_p
 @pytest.mark.slow
 def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
     again = Path(shutil.copytree(out, tmp_path / "out"))
-    result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "adam",
+    result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "adamw",
                      "--epochs", "1", "--width", "16", "--out", str(again))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     # said as the comparison's, as a --width (or --lr) given to the earlier one and left out
     # here would be named too
-    assert result.stderr.startswith(f"error: {again / 'adam'} holds a run of an earlier "
+    assert result.stderr.startswith(f"error: {again / 'adamw'} holds a run of an earlier "
                                     "comparison that this one cannot continue: ")
-    assert f"--width cannot change when resuming {again / 'adam'}" in result.stderr
+    assert f"--width cannot change when resuming {again / 'adamw'}" in result.stderr
     assert result.stderr.endswith("Give compare that comparison's options (its runs' "
                                   "config.json) to continue it.\n")
 
@@ -211,7 +220,7 @@ def test_fewer_epochs_than_a_run_has_done_stops_the_comparison_and_keeps_its_fil
     common = [*SMALL, "--data-dir", str(out.parent / "data"), "--out", str(again)]
     assert compare(*common, "--optimizers", "sgd", "--epochs", "2").returncode == 0
     before = {name: (again / name).read_bytes() for name in WRITTEN}
-    result = compare(*common, "--optimizers", "sgd", "adam", "--epochs", "1")
+    result = compare(*common, "--optimizers", "sgd", "adamw", "--epochs", "1")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'sgd'} "
                              "has done; pass --epochs above 2 to extend it.\n")
@@ -256,7 +265,7 @@ def test_the_comparison_files_are_written_all_or_none(out, tmp_path):
     again = Path(shutil.copytree(out, tmp_path / "out"))
     before = {name: (again / name).read_bytes() for name in WRITTEN}
     cfg = TrainConfig(epochs=1, out=str(again))
-    results = [Result("sgd", 0.1, [dict(epoch=1, test_acc=0.5, train_loss=1.0, lr=0.0,
+    results = [Result("sgd", 0.1, 5e-4, [dict(epoch=1, test_acc=0.5, train_loss=1.0, lr=0.0,
                                         seconds=1.0)])]
     (again / "compare.md").unlink()
     (again / "compare.md").mkdir()
@@ -333,12 +342,23 @@ def test_default_lrs_follow_the_linear_scaling_rule_for_sgd_only():
         assert default_lr(adaptive, 1024) == default_lr(adaptive, 64) == 1e-3, adaptive
 
 
+def test_adamws_own_weight_decay_shrinks_its_weights_per_step_as_sgds_does():
+    """At their own LRs (batch 256), AdamW's decoupled decay (lr x wd per step) takes off what
+    SGD's L2 term does (lr x wd x w); the others take the run's weight decay as it is."""
+    for wd in (5e-4, 1e-3, 0.0):
+        adamw = default_weight_decay("adamw", wd)
+        assert default_lr("adamw", 256) * adamw == pytest.approx(default_lr("sgd", 256) * wd)
+        for name in ("sgd", "nesterov", "adam", "rmsprop"):
+            assert default_weight_decay(name, wd) == wd
+    assert default_weight_decay("adamw", 5e-4) == pytest.approx(0.05)
+
+
 def test_a_row_gives_the_last_and_best_accuracy_and_the_mean_epoch_time():
     """compare.csv and compare.md: a run whose accuracy fell at the end has a best above its
     final figure, and s/epoch is per epoch, not the run's total."""
     history = [dict(test_acc=0.5, seconds=3.0), dict(test_acc=0.7, seconds=1.0),
                dict(test_acc=0.6, seconds=2.0)]
-    row = Result("sgd", 0.1, history).row()
+    row = Result("sgd", 0.1, 5e-4, history).row()
     assert (row["final_test_acc"], row["best_test_acc"]) == (0.6, 0.7)
     assert row["seconds_per_epoch"] == pytest.approx(2.0) and row["epochs"] == 3
 
@@ -348,6 +368,6 @@ def test_a_row_gives_the_last_and_best_accuracy_and_the_mean_epoch_time():
 def test_the_tables_first_line_counts_the_epochs_in_words(epochs, said):
     """A one-epoch comparison's compare.md began "1 epochs of synthetic"."""
     cfg = TrainConfig(dataset="synthetic", epochs=epochs)
-    text = comparison.markdown([Result("sgd", 0.1, [dict(test_acc=0.5, seconds=1.0)]).row()],
+    text = comparison.markdown([Result("sgd", 0.1, 5e-4, [dict(test_acc=0.5, seconds=1.0)]).row()],
                                cfg, "each optimizer's default")
     assert text.startswith(said)

@@ -2,7 +2,8 @@
 
 Trains one run per optimizer with engine/train.py's own training loop, from the same seed, data
 and options, each at its own LR: BASE_LRS in tools/comparison.py, `--lr auto` (the range
-test's suggestion for each optimizer) or one `--lr X` for all. Each run keeps its directory in
+test's suggestion for each optimizer) or one `--lr X` for all; at their own LRs, with no
+--weight-decay given, AdamW's decoupled decay is scaled to its LR. Each run keeps its directory in
 --out/<optimizer>/ (the same command run again resumes a stopped run there, and reuses a
 finished one); compare.png overlays train loss, test accuracy and LR per epoch, and compare.csv
 and compare.md give each optimizer's LR, final and best test accuracy and seconds per epoch.
@@ -27,7 +28,8 @@ def own_options() -> argparse.ArgumentParser:
                    metavar="NAME",
                    help=f"optimizers to train, each once: {', '.join(OPTIMIZERS)} (default: "
                         "all). Without --lr each takes its own LR (BASE_LRS in "
-                        "tools/comparison.py)")
+                        "tools/comparison.py), and without --weight-decay too, AdamW a "
+                        "weight decay scaled to its LR (default_weight_decay there)")
     return p
 
 
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         from tools.comparison import compare
 
     def body() -> int:
-        results, table = compare(cfg, args.optimizers, args.lr is None, log=print,
+        # each its own weight decay only beside its own LR: AdamW's is scaled to its LR
+        results, table = compare(cfg, args.optimizers, args.lr is None,
+                                 args.lr is None and args.weight_decay is None, log=print,
                                  warn=error_line)
         if table is not None:  # None: another process writes
             print(table, end="")

@@ -30,8 +30,8 @@ from tools.plots import Panel, plot_history
 BASE_LRS = {"sgd": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 SCALED = {"sgd", "nesterov"}  # scaled linearly with the images of a step / 256
 WRITTEN = ("compare.png", "compare.csv", "compare.md")  # into --out, together
-FIELDS = ("optimizer", "lr", "final_test_acc", "best_test_acc", "seconds_per_epoch", "epochs",
-          "note")
+FIELDS = ("optimizer", "lr", "weight_decay", "final_test_acc", "best_test_acc",
+          "seconds_per_epoch", "epochs", "note")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Result:
 
     optimizer: str
     lr: float | str
+    weight_decay: float
     history: list[dict]
     note: str = ""  # empty when the run finished
 
@@ -47,7 +48,7 @@ class Result:
         """The run in one table row."""
         accs = [r["test_acc"] for r in self.history]
         seconds = [r["seconds"] for r in self.history]
-        return dict(optimizer=self.optimizer, lr=self.lr,
+        return dict(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
                     final_test_acc=accs[-1] if accs else None,
                     best_test_acc=max(accs) if accs else None,
                     seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None,
@@ -65,6 +66,15 @@ def default_lr(optimizer: str, batch_size: int, processes: int = 1) -> float:
     return BASE_LRS[optimizer] * (batch_size * processes / 256 if optimizer in SCALED else 1.0)
 
 
+def default_weight_decay(optimizer: str, weight_decay: float) -> float:
+    """The run's weight decay for an optimizer at its BASE_LRS LR. AdamW's is decoupled (the
+    weights times 1 - lr x wd per step, its LR 1e-3), so at the run's 5e-4 it would hardly
+    decay: scaled by BASE_LRS' sgd/adamw ratio, it shrinks the weights per step as the run's
+    L2 term does under SGD at batch 256 (ours; at 5e-4 that is 0.05, the value of DeiT's and
+    ConvNeXt's AdamW recipes). Adam and RMSprop add it to the gradient, as SGD does."""
+    return weight_decay * (BASE_LRS["sgd"] / BASE_LRS["adamw"] if optimizer == "adamw" else 1)
+
+
 def run_processes() -> int:
     """The processes each run of the comparison has: the process group's, once a run has
     started it, else as launched (WORLD_SIZE)."""
@@ -73,13 +83,15 @@ def run_processes() -> int:
     return launched_processes()
 
 
-def lr_source(lr: float | str | None) -> str:
-    """Where the runs' LRs came from, for the table's caption."""
+def lr_source(lr: float | str | None, own_decay: bool) -> str:
+    """Where the runs' LRs and weight decays came from, for the table's caption."""
+    decay = ("; weight decay: AdamW's scaled to its LR (default_weight_decay in "
+             "tools/comparison.py)" if own_decay else "; one weight decay for all")
     if lr is None:
-        return "each optimizer's default (BASE_LRS in tools/comparison.py)"
+        return "each optimizer's default (BASE_LRS in tools/comparison.py)" + decay
     if lr == "auto":
-        return "each optimizer's LR range test suggestion (--lr auto)"
-    return f"--lr {lr:g} for all"
+        return "each optimizer's LR range test suggestion (--lr auto)" + decay
+    return f"--lr {lr:g} for all" + decay
 
 
 def given_options(cfg: TrainConfig) -> dict:
@@ -94,26 +106,26 @@ def writes_files() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def train_one(base: TrainConfig, optimizer: str, lr: float | str, out: Path, log: Log,
-              warn: Log) -> Result:
+def train_one(base: TrainConfig, optimizer: str, lr: float | str, weight_decay: float,
+              out: Path, log: Log, warn: Log) -> Result:
     """Train one optimizer with engine.loop.train, its lines to log; a run that failed on its
     own numbers (diverged, out of memory) is kept as a result, its error to warn. Any other
     error (an option this machine cannot run, fewer --epochs than done) is raised: it would
     fail every optimizer alike, and a table of those failures would replace the comparison.
     A run already in `out` (a comparison stopped and started again) is resumed, or reused
     when it is finished."""
-    cfg = replace(base, optimizer=optimizer, lr=lr, out=str(out))
+    cfg = replace(base, optimizer=optimizer, lr=lr, weight_decay=weight_decay, out=str(out))
     resume = out if (out / "ckpt.pt").exists() else None
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
     try:
         trained = train(cfg, resume, given_options(cfg) if resume else None,
                         log=lambda line: log(f"{optimizer}: {line}"), last=False,
                         extend="Extend it by running this command with a larger --epochs.")
-        return Result(optimizer, trained.cfg.lr, trained.history)
+        return Result(optimizer, trained.cfg.lr, weight_decay, trained.history)
     except (RunFailed, RangeTestError) as error:  # a result, not the end
         if writes_files():  # every process failed alike: one says so
             warn(f"error: {optimizer}: {error}")
-        return Result(optimizer, lr, saved_history(out), str(error))
+        return Result(optimizer, lr, weight_decay, saved_history(out), str(error))
     except CheckpointError as error:
         if resume is None:
             raise
@@ -149,9 +161,10 @@ def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
     lines = [f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {cfg.dataset}, "
              f"batch {cfg.batch_size}, width {cfg.width}, {cfg.schedule} schedule, "
              f"seed {cfg.seed}; LR: {source}.", "",
-             "| optimizer | lr | final test acc | best test acc | s/epoch | note |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['optimizer']} | {lr_text(r['lr'])} | {pct(r['final_test_acc'])} | "
+             "| optimizer | lr | weight decay | final test acc | best test acc | s/epoch | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['optimizer']} | {lr_text(r['lr'])} | {r['weight_decay']:g} | "
+              f"{pct(r['final_test_acc'])} | "
               f"{pct(r['best_test_acc'])} | "
               + ("-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}")
               + f" | {r['note'].split(';')[0]} |" for r in rows]
@@ -171,16 +184,18 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
     return table
 
 
-def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, out: Path, log: Log,
-               warn: Log) -> list[Result]:
+def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: bool,
+               out: Path, log: Log, warn: Log) -> list[Result]:
     """Each optimizer's run in out/<name>, in turn, at its default LR (own_lrs: no --lr given)
-    or cfg.lr. Ctrl-C says how to go on: the same command resumes the runs, or reuses
-    finished ones."""
+    or cfg.lr, and its default weight decay (own_decay) or cfg.weight_decay. Ctrl-C says how
+    to go on: the same command resumes the runs, or reuses finished ones."""
     results = []
     for name in optimizers:
         try:
             lr = default_lr(name, cfg.batch_size, run_processes()) if own_lrs else cfg.lr
-            result = train_one(cfg, name, lr, out / name, log, warn)
+            decay = (default_weight_decay(name, cfg.weight_decay) if own_decay
+                     else cfg.weight_decay)
+            result = train_one(cfg, name, lr, decay, out / name, log, warn)
         except (Interrupted, KeyboardInterrupt):  # the second: before train() could say more
             if not any((out / n / "ckpt.pt").exists() for n in optimizers):
                 raise Interrupted(f"stopped during {name}, before any run saved an epoch; run "
@@ -203,22 +218,23 @@ def check_places(out: Path, optimizers: list[str]) -> None:
                               "goes; move it away, or choose another --out.")
 
 
-def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, log: Log,
+def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: bool, log: Log,
             warn: Log) -> tuple[list[Result], str | None]:
     """Train each optimizer in turn in cfg.out/<name>, each at its default LR (own_lrs: no --lr
-    given) or cfg.lr, their lines to log and the errors of runs that failed to warn, and write
-    the comparison into cfg.out; the results and the markdown table, None in a process other
-    than the one that writes."""
+    given) or cfg.lr and its default weight decay (own_decay) or cfg.weight_decay, their lines
+    to log and the errors of runs that failed to warn, and write the comparison into cfg.out;
+    the results and the markdown table, None in a process other than the one that writes."""
     out = Path(cfg.out)
     # a file or a read-only --out is named as such before any run; each run's folder goes
     # too when a failure leaves it empty
     try:
         with output_dir(out):
             check_places(out, optimizers)  # now, not after the runs
-            results = train_each(cfg, optimizers, own_lrs, out, log, warn)
+            results = train_each(cfg, optimizers, own_lrs, own_decay, out, log, warn)
             writer = writes_files()
     finally:  # the runs kept the process group for one another
         end_processes()
     if not writer:  # under torchrun, one process writes
         return results, None
-    return results, write_report(results, cfg, lr_source(None if own_lrs else cfg.lr), out)
+    return results, write_report(results, cfg, lr_source(None if own_lrs else cfg.lr,
+                                                         own_decay), out)

@@ -44,6 +44,7 @@ from tools import (
     report_tables,
 )
 from tools.options import METHODS
+from tools.plots import plot_history
 
 pytestmark = pytest.mark.slow
 
@@ -713,6 +714,20 @@ def test_eigencam_is_made_once_and_its_row_says_no_class_changes_it(loaded):
     fig = report_figures.cam_page(loaded, 0, probs[0], {k: v[0] for k, v in maps.items()})
     assert [fig.axes[5 * row].get_ylabel() for row in range(2)] == [
         "eigencam: any class\nlayer3", "gradcam\nlayer3"]
+
+
+@pytest.mark.parametrize("smoothing, title", [
+    (0.2, "loss (log scale; train's with label smoothing 0.2)"), (0.0, "loss (log scale)")])
+def test_the_loss_panel_says_when_the_train_loss_is_label_smoothed(tmp_path, smoothing, title):
+    """Trained with label smoothing, the train loss stays above about 0.87 (at 0.2, 10
+    classes) while the test loss, plain cross-entropy, falls below it: the panel says which
+    loss is which, so train above test does not read as a model fitting its test set."""
+    history = [dict(epoch=e, train_loss=1.0, test_loss=0.5, train_acc=0.9, test_acc=0.9,
+                    lr=0.1) for e in (1, 2)]
+    fig = plot_history({"run": history}, report_figures.curve_panels(smoothing))
+    assert fig.axes[0].get_title() == title
+    report_figures.plot_curves(history, smoothing, tmp_path / "curves.png")
+    assert imread(tmp_path / "curves.png").shape[2] in (3, 4)
 
 
 # --- report_tables on hand-made predictions: every expected number worked out by hand ---------

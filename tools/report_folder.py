@@ -106,7 +106,8 @@ def write_report(run: Inputs, folder: Path, n: int, layers: list[str],
     facts = headline(run, probs, labels)
     matrix = confusion(pred, labels, len(run.classes))
     classes = per_class(matrix, run.classes)
-    plot_curves(run.ckpt["history"], folder / "curves.png")
+    plot_curves(run.ckpt["history"], run.ckpt["config"]["label_smoothing"],
+                folder / "curves.png")
     plot_misclassified(run, probs, indices, folder / "misclassified.png")
     write_csv(folder / "misclassified.csv", misclassified_rows(run, probs, indices),
               MISCLASSIFIED_FIELDS)

@@ -247,6 +247,28 @@ def test_cosine_is_a_half_cosine_not_a_line():
     assert lr_at("cosine", 3 * T // 4, T) == pytest.approx(1 - quarter)
 
 
+@pytest.mark.parametrize("total, warmup_frac", [(100, 0.25), (40, 0.3)])
+def test_onecycle_is_torchs_onecyclelr_a_step_later(total, warmup_frac):
+    """As its docstring says: torch's OneCycleLR (cos annealing, LR only) at step s is ours at
+    s + 1 from its peak on, and between ours at s and s + 1 while it rises (warm-up steps a
+    whole number: 25 and 12)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    torchs = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=total,
+                                                 pct_start=warmup_frac, cycle_momentum=False)
+    peak = int(warmup_frac * total) - 1
+    for s in range(total):
+        lr = optimizer.param_groups[0]["lr"]
+        ours = lr_at("onecycle", s, total, warmup_frac), lr_at("onecycle", s + 1, total,
+                                                                 warmup_frac)
+        if s >= peak:
+            assert lr == pytest.approx(ours[1], rel=1e-9), s
+        else:
+            assert ours[0] <= lr <= ours[1], s
+        optimizer.step()
+        torchs.step()
+
+
 def test_onecycle_rises_and_falls_along_half_cosines():
     """A quarter into the warm-up (step 5 of 20) and into the decay (step 20 + 20 of 80)."""
     quarter = (1 + math.cos(math.pi / 4)) / 2

@@ -730,6 +730,18 @@ def test_the_loss_panel_says_when_the_train_loss_is_label_smoothed(tmp_path, smo
     assert imread(tmp_path / "curves.png").shape[2] in (3, 4)
 
 
+def test_the_log_scale_is_labelled_in_numbers_where_the_report_turns_math_off():
+    """The report draws with math text off (class names and paths with `$` drawn as written):
+    a log axis's default labels, mathtext, were drawn as `$\\mathdefault{10^{0}}$`."""
+    history = [dict(epoch=e, train_loss=loss, test_loss=loss / 3, train_acc=0.5, test_acc=0.5,
+                    lr=0.1) for e, loss in ((1, 20.0), (2, 0.9), (3, 0.5))]
+    with report_figures.plain_text():
+        fig = plot_history({"run": history}, report_figures.curve_panels(0.2))
+        FigureCanvasAgg(fig).draw()
+        labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    assert {"1", "10"} <= set(labels) and not any("$" in label for label in labels), labels
+
+
 # --- report_tables on hand-made predictions: every expected number worked out by hand ---------
 
 # 10 images of 3 classes; confusion (row = true, column = predicted): [[3, 1, 0], [2, 1, 0],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ def plot_history(runs: dict[str, list[dict]], panels: list[Panel]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         if panel.yscale == "log":
             ax.set_yscale("log")
+            # plain numbers: the default labels are mathtext ($10^{0}$), drawn as that raw text
+            # where the report turns math off for the names it draws (report_figures.plain_text)
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         elif panel.yscale == "lr":
             # LRs of different optimizers lie decades apart, and a schedule may end at 0:
             # log scale down to the smallest LR recorded, linear below it

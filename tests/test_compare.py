@@ -363,6 +363,14 @@ def test_a_row_gives_the_last_and_best_accuracy_and_the_mean_epoch_time():
     assert row["seconds_per_epoch"] == pytest.approx(2.0) and row["epochs"] == 3
 
 
+def test_the_figure_names_each_run_with_its_lr_and_weight_decay():
+    history = [dict(epoch=1, train_loss=1.0, test_acc=0.5, lr=0.1, seconds=1.0)]
+    fig = comparison.plot([Result("sgd", 0.1, 5e-4, history), Result("adamw", 1e-3, 0.05,
+                                                                     history)])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "sgd (lr 0.1, wd 0.0005)", "adamw (lr 0.001, wd 0.05)"]
+
+
 @pytest.mark.parametrize("epochs, said", [(1, "1 epoch of synthetic,"),
                                           (3, "3 epochs of synthetic,")])
 def test_the_tables_first_line_counts_the_epochs_in_words(epochs, said):

@@ -148,9 +148,10 @@ PANELS = [Panel("train loss", ("train_loss",)), Panel("test accuracy", ("test_ac
 
 
 def plot(results: list[Result]) -> Figure:
-    """Train loss, test accuracy and LR per epoch, one line per optimizer."""
-    return plot_history({f"{r.optimizer} (lr {lr_text(r.lr)})": r.history for r in results},
-                        PANELS)
+    """Train loss, test accuracy and LR per epoch, one line per optimizer, named with its LR
+    and weight decay."""
+    return plot_history({f"{r.optimizer} (lr {lr_text(r.lr)}, wd {r.weight_decay:g})": r.history
+                         for r in results}, PANELS)
 
 
 def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:

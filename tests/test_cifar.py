@@ -35,6 +35,7 @@ from conftest import (
     tmpfs,
     to_rows,
     without_root_powers,
+    write_batch,
     write_cifar10,
 )
 
@@ -390,6 +391,9 @@ def test_prepared_betons_are_used_without_their_source(tmp_path, monkeypatch, cl
     monkeypatch.setitem(layouts.LAYOUTS, "cifar10", offline)  # a download would fail at once
     data = write_cifar10(tmp_path / "data")
     made = prepare("cifar10", data.data_dir, workers=1)
+    # named after the dataset (the names FFCV users copy), not after its python folder
+    assert (made.train, made.test) == (data.data_dir / "cifar10-train.beton",
+                                       data.data_dir / "cifar10-test.beton")
     shutil.rmtree(data.folder)
     (data.data_dir / ARCHIVE).write_bytes(b"an archive is no source at hand: extracting writes")
     assert prepare("cifar10", data.data_dir, workers=1) == made
@@ -427,6 +431,39 @@ def test_a_failed_fetch_of_a_damaged_betons_source_says_why_it_was_fetched(
     assert str(refused.value).startswith(
         f"{made.train} is damaged (its content differs from the hash its sidecar records); "
         "making the .beton files again from their source failed: Could not download ")
+
+
+def test_a_test_beton_normalized_with_another_training_split_is_rebuilt(tmp_path):
+    """The same test images, but a .beton (and sidecar) normalized with another training
+    split's statistics: with the source at hand, the test split is written again, normalized
+    with this training split's."""
+    made = prepare("cifar10", write_cifar10(tmp_path / "data").data_dir, workers=1)
+    other = write_cifar10(tmp_path / "other")
+    write_batch(other.folder / LAYOUT.train_files[0],
+                random_split(3, np.random.default_rng(9)))  # the same test split, other train
+    other_made = prepare("cifar10", other.data_dir, workers=1)
+    assert other_made.mean != made.mean
+    for path in (other_made.test, beton.sidecar(other_made.test)):
+        shutil.copyfile(path, made.test.parent / path.name)
+    assert prepare("cifar10", tmp_path / "data", workers=1) == made
+    test = beton.read_info(made.test)
+    assert (test.mean, test.std) == (made.mean, made.std)
+
+
+def test_betons_of_two_preparations_are_not_used_together_without_their_source(tmp_path):
+    """A test .beton copied from another preparation, whole by its sidecar but normalized with
+    another training split's statistics: without their source, the two are not used together."""
+    made = prepare("cifar10", write_cifar10(tmp_path / "data").data_dir, workers=1)
+    other = prepare("cifar10", write_cifar10(tmp_path / "other", seed=1).data_dir, workers=1)
+    assert (other.mean, other.std) != (made.mean, made.std)
+    shutil.rmtree(made.source)
+    for path in (other.test, beton.sidecar(other.test)):
+        shutil.copyfile(path, made.test.parent / path.name)
+    with read_only_view(tmp_path / "data", tmp_path / "shared") as shared, pytest.raises(
+            DataError) as refused:
+        prepare("cifar10", shared, workers=1)
+    assert (f", and the data must be written there again: {made.train.name} and "
+            f"{made.test.name} were not made together; ") in str(refused.value)
 
 
 @pytest.mark.parametrize("source", ["kept", "gone"])
@@ -574,6 +611,30 @@ def test_read_folder_reads_images_labels_and_class_names(cifar10_dir):
 def test_load_reads_an_existing_cifar10_folder(cifar10_dir):
     data = cifar.load("cifar10", cifar10_dir.data_dir)
     assert_splits_equal(data.train, cifar10_dir.train)
+
+
+def test_load_reads_cifar100s_fine_labels_and_names_not_its_coarse_ones(tmp_path):
+    """CIFAR-100's files hold two labelings: its 100 fine classes, the dataset's, and 20
+    coarse superclasses beside them, which training on cifar100 never reads."""
+    layout = layouts.LAYOUTS["cifar100"]
+    folder = tmp_path / "data" / layout.folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    fine = [f"fine{i}" for i in range(100)]
+    splits = {}
+    for name, n in ((layout.train_files[0], 30), (layout.test_files[0], 10)):
+        split = random_split(n, rng, num_classes=100)
+        dump_pickle(folder / name, {b"data": to_rows(split.images),
+                                    b"fine_labels": split.labels.tolist(),
+                                    b"coarse_labels": (split.labels // 5).tolist()})
+        splits[name] = split
+    dump_pickle(folder / layout.meta_file, {
+        b"fine_label_names": [c.encode() for c in fine],
+        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    data = cifar.load("cifar100", tmp_path / "data")
+    assert data.classes == fine and data.source == folder
+    assert_splits_equal(data.train, splits[layout.train_files[0]])
+    assert_splits_equal(data.test, splits[layout.test_files[0]])
 
 
 def test_rows_are_rgb_planes_in_row_major_order(cifar10_dir):
@@ -1017,11 +1078,13 @@ def test_synthetic_splits_and_seeds_never_share_images(tmp_path):
     assert not np.array_equal(a.test.images, b.test.images)
 
 
-def test_prepare_refuses_an_empty_data_dir_and_writes_nothing(tmp_path, monkeypatch):
-    """A library caller's "" must not mean the current directory (Path("") is ".")."""
+@pytest.mark.parametrize("empty", ["", "  "], ids=["empty", "blank"])
+def test_prepare_refuses_an_empty_data_dir_and_writes_nothing(tmp_path, monkeypatch, empty):
+    """A library caller's "" must not mean the current directory (Path("") is "."), nor its
+    "  " a folder of two spaces there."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError) as refused:
-        prepare("synthetic", "", synthetic_size=(20, 5), workers=1)
+        prepare("synthetic", empty, synthetic_size=(20, 5), workers=1)
     assert str(refused.value).startswith("The data folder is empty ('')")
     assert list(tmp_path.iterdir()) == []
 

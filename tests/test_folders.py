@@ -318,6 +318,20 @@ def test_names_that_are_no_utf8_are_converted_and_read_as_latin1(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_older_conversion_that_is_a_link_is_unlinked_not_followed(tmp_path):
+    """A folder-<hash> entry that is a link to a folder (a conversion moved to another disk)
+    goes as a link: rmtree refuses links, and with its errors ignored the link stayed."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "data_batch_1").write_text("kept")
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "folder-0123456789abcdef").symlink_to(target)
+    (tmp_path / "pics" / "folder-fedcba9876543210").mkdir()
+    preparation.sweep_older_conversions(tmp_path / "pics", "folder-fedcba9876543210")
+    assert [p.name for p in (tmp_path / "pics").iterdir()] == ["folder-fedcba9876543210"]
+    assert (target / "data_batch_1").read_text() == "kept"
+
+
 def test_a_full_disk_while_converting_names_the_folder(tmp_path):
     """The images fill most of a small disk: their python-format copy does not fit."""
     with tmpfs(tmp_path / "disk", "size=256k") as disk:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MACHINE_CORES, ROOT
+from conftest import MACHINE_CORES, ROOT, children
 
 import loaders
 from common.errors import LoaderError, SetupError
@@ -211,6 +211,22 @@ def test_train_images_are_flipped_shifted_crops_of_their_source(make, run_epoch,
     assert 0.4 <= flip.mean() <= 0.6
     assert set(dy) == set(dx) == set(range(-2, 3))
     assert ((dy == 0) & (dx == 0) & (flip == 0)).mean() < 0.1  # about 1 in 50 by chance
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_epoch_draws_augmentations_of_its_own(make, run_epoch, source, prepared, kind):
+    """The n-th image of epoch 2 is not cropped and flipped as the n-th of epoch 1 was: the
+    draws follow the epoch (for torchvision, through its workers' seeds), not only the order."""
+    loader = make(kind, True, augment=AugmentConfig(flip=True, translate=2, cutout=0))
+    draws = []
+    for epoch in (1, 2):
+        images = torch.cat([images for images, _ in run_epoch(loader, epoch)]).numpy()
+        order = indices(len(source.train.labels), True, epoch=epoch)
+        drawn, distance = match_flipped_crops(images, source.train.images[order], 2, True,
+                                              prepared)
+        assert distance.max() < 1e-4
+        draws.append(drawn)
+    assert (draws[0] != draws[1]).any(1).mean() > 0.8  # about 49 in 50 by chance
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
@@ -464,6 +480,30 @@ def test_an_ffcv_epoch_leaves_torchs_threads_as_they_were(make):
         torch.set_num_threads(threads)
 
 
+def test_making_an_ffcv_loader_leaves_torchs_threads_as_they_were(prepared):
+    """FFCV's Loader() sets torch's intra-op threads to its workers, as each iter() does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loaders.make_loader("ffcv", prepared.test, train=False, batch_size=BATCH, device="cpu",
+                            mean=prepared.mean, std=prepared.std, workers=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ffcv_batches_kept_past_the_next_one_stay_as_they_were(make, source):
+    """On the CPU each FFCV batch is the caller's own, kept uncopied (a list of an epoch's
+    batches): FFCV refills its host buffers once the next batch is asked for (an epoch of more
+    batches than it has buffers: the training split's)."""
+    loader = make("ffcv", True)
+    loader.set_epoch(0)
+    kept = list(loader)
+    order = indices(len(source.train.labels), True)
+    np.testing.assert_array_equal(torch.cat([labels for _, labels in kept]).numpy(),
+                                  source.train.labels[order])
+
+
 IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys, threading, torch
 torch.set_num_threads(2)
@@ -550,15 +590,33 @@ def test_a_threading_layer_order_the_user_chose_is_kept_on_one_core():
     assert result.stdout.strip() == "workqueue"
 
 
-def test_ffcv_that_cannot_be_imported_is_one_setup_error(tmp_path):
+# a compiled module whose shared library is gone: a plain ImportError, no ModuleNotFoundError
+PREPARE_WITHOUT_LIBOPENCV = """
+import runpy, sys
+class LibraryGone:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cv2":
+            raise ImportError("libopencv_core.so.406: cannot open shared object file")
+sys.meta_path.insert(0, LibraryGone())
+sys.argv[0] = "loaders/prepare.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("code, why", [
+    (PREPARE_WITHOUT_OPENCV, "ModuleNotFoundError: import of cv2 halted; None in sys.modules"),
+    (PREPARE_WITHOUT_LIBOPENCV, "ImportError: libopencv_core.so.406: cannot open shared object "
+                                "file"),
+], ids=["package gone", "library gone"])
+def test_ffcv_that_cannot_be_imported_is_one_setup_error(tmp_path, code, why):
     """FFCV's ImportError (opencv or turbojpeg missing) was a traceback of every command that
     prepares or loads data."""
-    result = subprocess.run([sys.executable, "-c", PREPARE_WITHOUT_OPENCV, "--dataset",
+    result = subprocess.run([sys.executable, "-c", code, "--dataset",
                              "synthetic", "--synthetic-size", "20", "5", "--data-dir", tmp_path],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1 and result.stderr == (
-        "error: FFCV cannot be imported (ModuleNotFoundError: import of cv2 halted; None in "
-        "sys.modules); install the system libraries it is built against (apt-get install "
+        f"error: FFCV cannot be imported ({why}); install the system libraries it is built "
+        "against (apt-get install "
         "libopencv-dev libturbojpeg0-dev pkg-config) and the project's Python packages: "
         "`rm .venv/.installed; make setup` does both.\n")
 
@@ -592,6 +650,27 @@ def test_torchvision_workers_end_with_their_epoch(make):
     next(batches)
     batches.close()  # a pass stopped early, as a benchmark or a failed step does
     assert multiprocessing.active_children() == []
+
+
+def test_a_torchvision_epoch_blocks_stop_signals_in_neither_this_thread_nor_its_workers(make):
+    """iter() forks the workers with Ctrl-C, SIGTERM and SIGHUP blocked in this thread: left
+    blocked here, a Ctrl-C reached the command only through another thread, or never; left
+    blocked in a worker, a stop sent to it waited for the end of the epoch."""
+
+    def blocked(pid: int) -> set[int]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+        return {s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if mask >> (s - 1) & 1}
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    batches = iter(make("torchvision", True, copy=3))
+    next(batches)  # each worker ran its init before it made a batch
+    try:
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        workers = [pid for pid, _ in children(os.getpid())]
+        assert workers and all(blocked(pid) == set() for pid in workers)
+    finally:
+        batches.close()
 
 
 def test_torchvision_workers_are_forked_whatever_pythons_default(make):
@@ -728,6 +807,29 @@ def test_numba_settings_numba_takes_are_not_refused(monkeypatch, name, value):
     numba_settings_checked (refusing one would stop every command that reads data)."""
     monkeypatch.setenv(name, value)
     guards.numba_settings_checked()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", ""])
+def test_a_numba_thread_count_that_is_no_count_is_refused(monkeypatch, value):
+    """NUMBA_NUM_THREADS below 1 failed inside numba's import, a traceback; one that is no
+    number was numba's warning, with a traceback in it, and then every core anyway."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", value)
+    with pytest.raises(SetupError) as refused:
+        guards.numba_settings_checked()
+    assert str(refused.value) == (
+        f"NUMBA_NUM_THREADS={value!r} is not a number of threads: numba (FFCV's compiler) "
+        "needs a whole number of at least 1; unset it (`unset NUMBA_NUM_THREADS`) for as many "
+        "as this process may use.")
+
+
+def test_far_more_ffcv_workers_than_numba_threads_names_the_limit():
+    """The advice names numba's limit, whatever --workers asked for."""
+    from numba import config
+
+    threads = config.NUMBA_NUM_THREADS
+    with pytest.raises(LoaderError, match=f"^--workers {threads + 5}: .* pass --workers "
+                                          f"{threads} or fewer.$"):
+        guards.numba_workers(threads + 5, 1)
 
 
 @pytest.mark.parametrize("order", ["omp omp tbb workqueue", "omp tbb tbb", "omp tbb"])

@@ -9,7 +9,7 @@ from conftest import ROOT
 from torch import nn
 
 from engine.config import ARCHS
-from engine.model import PointwiseConv, ResNet18, build_model, forward_macs
+from engine.model import PointwiseConv, ResNet18, build_model, eval_mode, forward_macs
 
 
 def n_params(model: nn.Module) -> int:
@@ -68,6 +68,18 @@ def test_forward_macs_by_hand():
     assert forward_macs(net, (3, 3, 8, 8)) == expected
     assert net.training
     assert net[2].num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eval_mode_puts_back_the_mode_it_found(training):
+    """A model in eval mode (a tool's, a checkpoint's) stays in it after eval_mode and
+    forward_macs: BatchNorm would otherwise go on updating its statistics in later passes."""
+    model = build_model("resnet18", 10, 4).train(training)
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training == training for m in model.modules())
+    forward_macs(model)
+    assert all(m.training == training for m in model.modules())
 
 
 def test_forward_macs_resnet18():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cpu_out_of_memory, cuda_out_of_memory, run_script, tmpfs, tree
+from conftest import cpu_out_of_memory, cuda_out_of_memory, run_code, run_script, tmpfs, tree
 from PIL import Image
 
 from common.errors import DataError, ReportError
@@ -76,6 +76,49 @@ def test_transparency_becomes_white_and_16_bit_is_scaled(tmp_path):
     deep = np.full((32, 32), 32896, dtype=np.uint16)  # 128 * 257: mid grey in 16 bits
     Image.fromarray(deep).save(tmp_path / "deep.png")
     assert (read_image(tmp_path / "deep.png") == 128).all()  # not clipped to 255
+
+
+def test_a_palettes_transparency_and_32_bit_greys_are_read_as_they_look(tmp_path):
+    """A GIF-style palette picture whose transparent index is black shows white, as viewers
+    show it; 32-bit integer greys beyond 255 are 16-bit values, scaled (mode I: a 16-bit PNG
+    PIL opens as I, or TIFF), not clipped to white."""
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 16, 32))  # left half red, right half the transparent black
+    palette.save(tmp_path / "palette.png", transparency=0)
+    with Image.open(tmp_path / "palette.png") as opened:
+        assert opened.mode == "P"
+    image = read_image(tmp_path / "palette.png")
+    assert (image[:, :16] == (255, 0, 0)).all() and (image[:, 16:] == 255).all()
+    deep = Image.fromarray(np.full((32, 32), 32896, np.int32))  # 128 * 257, mode I
+    deep.save(tmp_path / "deep.tif")
+    with Image.open(tmp_path / "deep.tif") as opened:
+        assert opened.mode == "I"
+    assert (read_image(tmp_path / "deep.tif") == 128).all()
+
+
+def test_a_photo_taken_sideways_is_turned_upright(tmp_path):
+    """EXIF orientation 6 (the camera held a quarter turn round): the picture is turned as
+    viewers show it before it is shrunk, not classified lying on its side."""
+    path = tmp_path / "photo.png"
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 64, 3), np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(path, exif=exif)
+    want = photo.transpose(Image.Transpose.ROTATE_270).resize((32, 32),
+                                                               Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(read_image(path), np.asarray(want))
+
+
+@pytest.mark.parametrize("size", [(64, 16), (16, 64)], ids=["wide", "tall"])
+def test_a_picture_enlarged_along_one_side_is_resized_bicubic(tmp_path, size):
+    """LANCZOS only when both sides shrink: a picture also enlarged along one side is resized
+    with BICUBIC, as one enlarged along both."""
+    picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (*size[::-1], 3),
+                                                                np.uint8))
+    picture.save(tmp_path / "strip.png")
+    want = picture.resize((32, 32), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(read_image(tmp_path / "strip.png"), np.asarray(want))
 
 
 @pytest.mark.parametrize("value, top, grey", [(0.5, 1.0, 128), (200.0, 200.0, 200),
@@ -160,6 +203,29 @@ def test_a_picture_pil_fails_on_with_any_error_is_named(tmp_path):
         read_image(path)
 
 
+DECODE_IN_TOO_LITTLE_MEMORY = """
+import resource, sys
+from pathlib import Path
+from PIL import Image
+from loaders.images import read_image
+path = Path(sys.argv[1])
+Image.new("1", (9000, 9000)).save(path)  # 10 kB of PNG, 81 MB once decoded
+size = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + 40 * 2**20, resource.RLIM_INFINITY))
+try:
+    read_image(path)
+except MemoryError:
+    print("MemoryError")
+"""
+
+
+def test_a_picture_too_big_for_the_memory_left_is_out_of_memory_not_damaged(tmp_path):
+    """A real failed allocation while decoding is the machine's limit, which the command names
+    as such (common.cli): never 'the file is damaged or not an image'."""
+    result = run_code(DECODE_IN_TOO_LITTLE_MEMORY, tmp_path / "big.png")
+    assert result.returncode == 0 and result.stdout == "MemoryError\n", result.stderr[-2000:]
+
+
 def test_downscaling_averages_instead_of_sampling(tmp_path):
     # a one-pixel checkerboard: an antialiasing filter gives grey, nearest sampling black/white
     board = (np.indices((320, 320)).sum(0) % 2 * 255).astype(np.uint8)
@@ -200,10 +266,11 @@ def test_enormous_pictures_are_refused_by_name(tmp_path, monkeypatch, limit):
 def test_folders_expand_to_sorted_image_files(tmp_path):
     write_pictures(tmp_path / "pics")
     (tmp_path / "pics" / "notes.txt").write_text("skip me")
+    Image.new("RGB", (8, 8)).save(tmp_path / "pics" / "CAMERA.JPG")  # a camera's upper case
     files = expand([tmp_path / "pics", tmp_path / "extra.png"])
     names = [p.name for p in files]
     assert names[:-1] == sorted(names[:-1]) and "notes.txt" not in names
-    assert names[-1] == "extra.png" and len(names) == 10
+    assert names[-1] == "extra.png" and "CAMERA.JPG" in names and len(names) == 11
 
 
 def test_cams_survive_odd_channels_last_batches():

@@ -31,6 +31,7 @@ from conftest import (
     history,
     run_code,
     run_script,
+    small_run,
     tmpfs,
     torchrun_env,
     train_tiny,
@@ -983,6 +984,9 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     assert result.returncode == 1
     message = one_line_error(result)
     assert f"could not write {out / 'ckpt.pt'}" in message and "free" in message
+    # torch's writer names no errno: still a full disk, whose fix is space, not permissions
+    assert ("; nothing was written. Free some space (or choose another --out) and run the same "
+            "command again. Its disk has ") in message
     assert not list(out.glob(".*.tmp")) and not (out / "ckpt.pt").exists()
     assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
@@ -1412,7 +1416,13 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(finished, tmp_pa
      "it is incomplete."),
     ([checkpoint.FORMAT, checkpoint.VERSION],
      f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker)"),
-], ids=["marker and version only", "a list"])
+    # another tool's file with a format key of its own: not ours, whatever else it holds
+    ({"format": "other-tool/ckpt", "version": checkpoint.VERSION},
+     f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker)"),
+    # a version before ours, as well as after it
+    ({"format": checkpoint.FORMAT, "version": 0},
+     f"has checkpoint version 0; this engine reads version {checkpoint.VERSION}."),
+], ids=["marker and version only", "a list", "another format", "version 0"])
 def test_a_checkpoint_that_is_no_whole_dict_is_refused(tmp_path, content, message):
     """Refused in words, not with the KeyError or AttributeError of reading it."""
     torch.save(content, tmp_path / "ckpt.pt")
@@ -1538,6 +1548,19 @@ def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, chang
     assert str(refused.value).startswith(f"{path}'s saved training state does not fit its run "
                                          f"({cause}")
     assert path.read_bytes() == before and len(history(run)) == 1
+
+
+def test_restore_goes_on_with_the_random_state_the_checkpoint_saved(prepared, tmp_path):
+    """--loader torchvision --workers 0 draws its crops, flips and Cutout from torch's global
+    generator in this process: a resumed run must go on from the state its checkpoint saved,
+    not from whatever building the run left, or its epochs are not the uninterrupted run's."""
+    run = small_run(prepared, tmp_path)
+    row = dict.fromkeys(checkpoint.HISTORY_KEYS, 0.5) | {"epoch": 1}
+    saved = checkpoint.content(run, [row])
+    torch.rand(100)  # the process draws on after the save (or a new process starts elsewhere)
+    assert not torch.equal(torch.get_rng_state(), saved["resume"]["rng"])
+    assert checkpoint.restore(run, saved, tmp_path / "ckpt.pt") == [row]
+    assert torch.equal(torch.get_rng_state(), saved["resume"]["rng"])
 
 
 @pytest.mark.slow

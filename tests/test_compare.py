@@ -344,7 +344,8 @@ def test_default_lrs_follow_the_linear_scaling_rule_for_sgd_only():
 
 def test_adamws_own_weight_decay_shrinks_its_weights_per_step_as_sgds_does():
     """At their own LRs (batch 256), AdamW's decoupled decay (lr x wd per step) takes off what
-    SGD's L2 term does (lr x wd x w); the others take the run's weight decay as it is."""
+    SGD's L2 term does in one step before momentum (lr x wd x w); the others take the run's
+    weight decay as it is."""
     for wd in (5e-4, 1e-3, 0.0):
         adamw = default_weight_decay("adamw", wd)
         assert default_lr("adamw", 256) * adamw == pytest.approx(default_lr("sgd", 256) * wd)

@@ -69,8 +69,9 @@ def default_lr(optimizer: str, batch_size: int, processes: int = 1) -> float:
 def default_weight_decay(optimizer: str, weight_decay: float) -> float:
     """The run's weight decay for an optimizer at its BASE_LRS LR. AdamW's is decoupled (the
     weights times 1 - lr x wd per step, its LR 1e-3), so at the run's 5e-4 it would hardly
-    decay: scaled by BASE_LRS' sgd/adamw ratio, it shrinks the weights per step as the run's
-    L2 term does under SGD at batch 256 (ours; at 5e-4 that is 0.05, the value of DeiT's and
+    decay: scaled by BASE_LRS' sgd/adamw ratio, its lr x wd per step is that of the run's L2
+    term in an SGD step at batch 256 before momentum, which carries SGD's on to about
+    1 / (1 - momentum) times that (ours; at 5e-4 that is 0.05, the value of DeiT's and
     ConvNeXt's AdamW recipes). Adam and RMSprop add it to the gradient, as SGD does."""
     return weight_decay * (BASE_LRS["sgd"] / BASE_LRS["adamw"] if optimizer == "adamw" else 1)
 

@@ -2,7 +2,7 @@
 
 Trains one run per optimizer with engine/train.py's own training loop, from the same seed, data
 and options, each at its own LR: BASE_LRS in tools/comparison.py, `--lr auto` (the range
-test's suggestion for each optimizer) or one `--lr X` for all; at their own LRs, with no
+test's suggestion for each optimizer) or one `--lr X` for all; at BASE_LRS (no --lr), with no
 --weight-decay given, AdamW's decoupled decay is scaled to its LR. Each run keeps its directory in
 --out/<optimizer>/ (the same command run again resumes a stopped run there, and reuses a
 finished one); compare.png overlays train loss, test accuracy and LR per epoch, and compare.csv

@@ -37,7 +37,7 @@ def plot_history(runs: dict[str, list[dict]], panels: list[Panel]) -> Figure:
             # plain numbers: the default labels are mathtext ($10^{0}$), drawn as that raw text
             # where the report turns math off for the names it draws (report_figures.plain_text)
             ax.yaxis.set_major_formatter(LogFormatter())
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(LogFormatter())
         elif panel.yscale == "lr":
             # LRs of different optimizers lie decades apart, and a schedule may end at 0:
             # log scale down to the smallest LR recorded, linear below it

@@ -261,6 +261,21 @@ def test_sections_choose_what_runs(tmp_path):
     assert report["mfu"]["rows"] == [] and report["mfu"]["peaks"]["fp32"]["flops_per_s"] > 0
 
 
+@pytest.mark.slow
+def test_the_profile_trace_goes_beside_the_json_in_folders_still_to_make(tmp_path):
+    """--json may name folders still to make, and the trace goes beside it; but the trace is
+    written first, at the end of the profile section: with no section before it, the folder
+    was not made yet, and the command failed after measuring ('cannot use
+    .../bench.trace.json.gz: No such file or directory')."""
+    out = tmp_path / "new" / "results" / "bench.json"
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "profile",
+                        "--data-dir", tmp_path / "data", "--json", out, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    trace = out.with_name("bench.trace.json.gz")
+    assert json.loads(out.read_text())["profile"]["trace"] == str(trace)
+    assert trace.stat().st_size > 0
+
+
 CORES = len(os.sched_getaffinity(0))  # this process's: pytest_configure set them
 
 

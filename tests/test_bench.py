@@ -13,6 +13,7 @@ import time
 from contextlib import suppress
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -259,6 +260,60 @@ def test_sections_choose_what_runs(tmp_path):
     assert {"loaders", "step", "epoch"}.isdisjoint(report) and "== step" not in stdout
     assert report["meta"]["complete"] is True and list(report["meta"]["section_s"]) == ["mfu"]
     assert report["mfu"]["rows"] == [] and report["mfu"]["peaks"]["fp32"]["flops_per_s"] > 0
+
+
+def test_the_profile_section_profiles_the_loader_asked_for(monkeypatch, tmp_path):
+    """profile-ffcv (the GPU suite's step) profiles the epoch section's run fed by
+    --profile-loader: it profiled the default loader again."""
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                                     "--profile-loader", "torchvision"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
+    device = bench_run.settle_device(args)
+    bench_options.fill_defaults(args)
+    base = bench_sections.base_config(args, device, args.epoch_images, str(tmp_path))
+    profiled = bench_run.profiled_config(args, device, str(tmp_path))
+    assert profiled.loader == "torchvision" != base.loader
+    assert replace(profiled, loader=base.loader) == base
+
+
+def test_ours_beside_airbench_hands_over_its_fp16_then_the_training_dtype(prepared, tmp_path):
+    """airbench hands over fp16 whatever the run trains in: ours is set beside it in fp16,
+    then in the training dtype."""
+    rows = bench_peers.lineup(prepared, TrainConfig(batch_size=64, precision="fp32"),
+                              torch.device("cpu"), tmp_path)
+    outputs = []
+    for row, make in rows[1:3]:
+        images, _ = next(iter(make()))
+        outputs.append((row.versus, bench_peers.describe(images).split()[0]))
+    assert outputs == [("airbench.CifarLoader", "float16"), ("airbench.CifarLoader", "float32")]
+
+
+@pytest.mark.slow
+def test_the_profile_trace_goes_beside_the_json_in_folders_still_to_make(tmp_path):
+    """--json may name folders still to make, and the trace goes beside it; but the trace is
+    written first, at the end of the profile section: with no section before it, the folder
+    was not made yet, and the command failed after measuring ('cannot use
+    .../bench.trace.json.gz: No such file or directory')."""
+    out = tmp_path / "new" / "results" / "bench.json"
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "profile",
+                        "--data-dir", tmp_path / "data", "--json", out, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    trace = out.with_name("bench.trace.json.gz")
+    assert json.loads(out.read_text())["profile"]["trace"] == str(trace)
+    assert trace.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sections_run_in_their_own_order_whatever_the_order_given(tmp_path):
+    """mfu named before step ran first, with no step to rate. (--json in a folder still to
+    make: the first section's save makes it.)"""
+    out = tmp_path / "new" / "bench.json"
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "mfu,step",
+                        "--data-dir", tmp_path / "data", "--json", out, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["meta"]["section_s"]) == ["step", "mfu"]
+    assert {row["source"] for row in report["mfu"]["rows"]} == {"step"}
 
 
 CORES = len(os.sched_getaffinity(0))  # this process's: pytest_configure set them
@@ -517,6 +572,11 @@ def test_counted_flops_agree_with_the_hand_count():
         assert counted == pytest.approx(6 * forward_macs(model), rel=0.02)
         assert count_train_flops(model, channels_last=True)[0] == counted
     assert count_train_flops(ResNet18(width=64))[0] == pytest.approx(3.33e9, rel=0.01)
+    # per top-level module (a nested one's FLOPs are its parent's): together, the total
+    counted, by_module = count_train_flops(ResNet18(width=8))
+    assert sorted(by_module) == [f"ResNet18.{name}" for name in
+                                 ("fc", "layer1", "layer2", "layer3", "layer4", "stem")]
+    assert sum(by_module.values()) == counted
 
 
 def test_counting_flops_leaves_the_model_untouched():
@@ -630,6 +690,41 @@ def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
     assert outpaced == ["bf16"]
 
 
+def test_a_peer_epochs_mfu_rests_on_the_flops_of_its_own_model():
+    """The seed pipeline trains a narrower model than the default preset: each peer epoch's
+    MFU takes the FLOPs counted on its own model, not the section's."""
+    epochs = [bench_peers.SeedEpochResult(pipeline, "torchvision", "fp32", False, False, 64,
+                                          width, 512, flops, 1.0, [1.0], 100.0)
+              for pipeline, width, flops in (("seed", 16, 1000), ("default", 64, 4000))]
+    peaks = {"fp32": Peak("fp32", 1, 1, [1], 1e9, "fp32")}
+    rows, _ = bench_mfu.mfu_rows({"peers": {"epochs": epochs}}, 7, peaks)
+    assert [row["achieved_flops_per_s"] for row in rows] == [1e5, 4e5]
+    assert [row["mfu"] for row in rows] == [pytest.approx(1e-4), pytest.approx(4e-4)]
+
+
+def test_each_row_of_ours_is_scored_against_the_peer_it_is_set_beside():
+    rows = [bench_peers.PeerResult("airbench.CifarLoader", "peer", "flip", images_per_s=100.0),
+            bench_peers.PeerResult("resident", "ours", "flip", images_per_s=250.0,
+                                   versus="airbench.CifarLoader"),
+            bench_peers.PeerResult("ffcv", "ours", "flip", status="failed",
+                                   versus="airbench.CifarLoader")]
+    bench_peers.score(rows)
+    assert [row.ratio for row in rows] == [None, 2.5, None]
+
+
+def test_a_matmul_peak_leaves_tf32_matmuls_as_it_found_them():
+    """The fp32 peak turns TF32 on or off for its own products only: the sections after it
+    (a step, an epoch) run with the setting the engine chose."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for setting in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = setting
+            peak = timing.matmul_peak("fp32", torch.device("cpu"), 16, 0.001, 2)
+            assert peak.math == "fp32" and torch.backends.cuda.matmul.allow_tf32 is setting
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_mfu_arithmetic():
     # 1000 images/s x 3.33 GFLOPs = 3.33 TFLOP/s, a third of a 10 TFLOP/s peak
     assert bench_mfu.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)
@@ -709,6 +804,70 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     rows, _ = bench_mfu.mfu_rows({"epoch": epochs}, 1, {"fp32": Peak("fp32", 1, 1, [1], 1e9,
                                                                           "fp32")})
     assert [row["config"].split()[0] for row in rows] == ["torchvision"]  # failed: no MFU
+
+
+class FailsFromEpoch(FailsAfterWarmup):
+    """A real loader that fails from epoch `last + 1` on: after some turns of steady epochs."""
+
+    def __init__(self, loader, last: int):
+        super().__init__(loader)
+        self.last = last
+
+    def __iter__(self):
+        if self.epoch > self.last:
+            raise LoaderError("the pipeline thread died")
+        return iter(self.loader)
+
+
+def test_each_turn_goes_on_from_the_epochs_before_and_a_late_failure_keeps_no_figure(
+        prepared, monkeypatch):
+    """Every turn's epochs have numbers of their own (their own augmentations: each turn
+    restarted at epoch 1); a loader failing in a later turn is a failed row without the
+    images/s of its earlier turns."""
+    monkeypatch.setattr(timing, "TURN_S", 0)  # one epoch a turn
+
+    def resident():
+        return loaders.make_loader("resident", prepared.train, train=True, batch_size=64,
+                                   device="cpu", mean=prepared.mean, std=prepared.std,
+                                   augment=TrainConfig().augment())
+
+    steady, failing = resident(), FailsFromEpoch(resident(), last=1)
+    rows = [bench_peers.PeerResult(name, "ours", "flip") for name in ("steady", "failing")]
+    running = timing.take_turns([(rows[0], steady), (rows[1], failing)], 3, (LoaderError,))
+    assert [row for row, _ in running] == [rows[0]]
+    assert steady.epoch == 3 and len(rows[0].epoch_s) == 3 and rows[0].images_per_s > 0
+    assert (rows[1].status, rows[1].reason, rows[1].epoch_s, rows[1].images_per_s) == (
+        "failed", "LoaderError: the pipeline thread died", None, None)
+
+
+class FirstBatchLate:
+    """A real loader whose epochs' first batch takes `late` seconds of a clock (FFCV starting
+    its pipeline thread)."""
+
+    def __init__(self, loader, clock: list[float], late: float):
+        self.loader, self.clock, self.late = loader, clock, late
+        self.batch_size = loader.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        self.clock[0] += self.late  # on the first next(), as this is a generator
+        yield from self.loader
+
+
+def test_a_training_epochs_first_wait_is_its_first_batchs(monkeypatch, tmp_path):
+    """The epoch line's first-batch wait (an epoch's start-up) is the wait for its first batch,
+    not for the end of its batches. A clock only the loader moves makes the waits exact."""
+    cfg = quick_resident_config(monkeypatch, tmp_path, 200)
+    run = bench_sections.make_run(cfg, 1)
+    clock = [0.0]
+    run.train_loader = FirstBatchLate(run.train_loader, clock, 5.0)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    result = timing.train_pass(run, 3)
+    assert (result.images, result.first_wait_s, result.wait_s, result.seconds) == (
+        200, 5.0, 5.0, 5.0)
+    assert run.train_loader.loader.epoch == 3  # its own order and augmentations
 
 
 class LosesAStop(FailsAfterWarmup):

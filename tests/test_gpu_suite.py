@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import _ctypes
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -20,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_gpu_suite, running, worker_scope
+from conftest import ROOT, run_code, run_gpu_suite, running, worker_scope
 
 from common.compile_modes import COMPILE_MODES, compile_text
 from common.errors import SetupError
@@ -171,6 +173,77 @@ def test_a_command_is_not_started_with_less_than_its_minimum_of_the_step_limit(
     assert not gpu_suite.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == ["ok", "not run"]
     assert "two: cut short by its step limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cut, status, said", [
+    ("step", "killed at the step limit", "two: FAILED; the whole log is "),
+    ("budget", "killed at the budget", "two: cut short by the --budget; the log is ")])
+def test_a_command_killed_at_a_limit_is_recorded_with_that_limit(tmp_path, monkeypatch, capsys,
+                                                                 cut, status, said):
+    """A hang (a quick test that never ends) is killed at its step's limit, so the next steps
+    get their turn: a failure, its log's tail printed. Killed at the --budget, the step was
+    cut short, no failure of its own. The margins are made small so the kill comes in
+    seconds."""
+    monkeypatch.setattr(gpu_suite, "START_MIN_S", 1)
+    monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("hang", ["sleep", "60"])])
+    deadline = math.inf
+    if cut == "step":
+        monkeypatch.setitem(gpu_steps.LIMITS, "two", 3)
+    else:
+        deadline = time.monotonic() + gpu_suite.RESERVE_S + 3
+    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
+                            ["two"], deadline)
+    assert not gpu_suite.run_step(suite, "two")
+    assert [c["status"] for c in suite.done[0]["commands"]] == [status]
+    err = capsys.readouterr().err
+    assert said in err and ("FAILED" in err) == (cut == "step"), err
+
+
+COMMAND_SAVING_ON_CTRL_C = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+open(sys.argv[1], "w").write(str(os.getpid()))
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("saved and stopped", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_to_the_suite_reaches_its_command_and_waits_for_it_to_stop(tmp_path):
+    """The command runs in a process group of its own, which the terminal's Ctrl-C does not
+    reach: the suite passes it on and waits while the command saves and stops, rather than
+    leaving it training on the GPU."""
+    ready, log = tmp_path / "command.pid", tmp_path / "log"
+    code = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from tools import gpu_suite
+signal.signal(signal.SIGINT, signal.default_int_handler)
+ready = Path(sys.argv[1])
+
+def interrupt():
+    while not ready.exists() or not ready.read_text():
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=interrupt, daemon=True).start()
+with open(sys.argv[2], "w") as log:
+    try:
+        gpu_suite.run_command([sys.executable, "-c", sys.argv[3], sys.argv[1]],
+                              dict(os.environ), log, 120)
+    except KeyboardInterrupt:
+        print("interrupted")
+"""
+    result = run_code(code, ready, log, COMMAND_SAVING_ON_CTRL_C)
+    pid = int(ready.read_text())
+    try:
+        assert result.stdout == "interrupted\n", result.stderr[-2000:]
+        assert log.read_text() == "saved and stopped\n" and not running(pid)
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_runs_epoch_time_leaves_out_its_warm_up_epoch(tmp_path):
@@ -633,3 +706,85 @@ def test_a_dry_runs_results_stay_out_of_the_repository(monkeypatch):
     real, bundle = gpu_suite.outputs(gpu_suite.parse_args(["train"]))
     assert real.parent == ROOT / "benchmarks" / "results" and real.name.startswith("gpu-")
     assert bundle is None
+
+
+def test_with_out_set_a_real_run_writes_a_fresh_folder_bundled_into_out(tmp_path, monkeypatch):
+    """On the device machine ($OUT set) the results go to a new temporary folder, packed into
+    $OUT: in benchmarks/results/gpu-<date>/ a second call on the machine packed the first
+    one's files with its own."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    folders = []
+    try:
+        for _ in range(2):
+            results, bundle = gpu_suite.outputs(gpu_suite.parse_args(["train"]))
+            folders.append(results)
+            assert results.is_dir() and not results.is_relative_to(ROOT)
+            assert not any(results.iterdir()) and bundle == tmp_path / "gpu-suite.tar.gz"
+        assert folders[0] != folders[1]
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_outside_a_dry_run_the_commands_are_the_gpus_full_runs(tmp_path, monkeypatch):
+    """A dry run's sizes (bench --quick, tiny images, width 8, 1 epoch, eager) on the GPU would
+    spend a whole lease measuring nothing: the real commands run on cuda at full size, the
+    fast preset's epochs compiled, each writing its figures into the results."""
+    monkeypatch.delenv("GPU_SUITE_EPOCHS", raising=False)
+    results, work = tmp_path / "results", tmp_path / "work"
+    gpu = gpu_steps.Suite(results, work, sys.executable, dict(os.environ), False, {}, [])
+    commands = dict(command for step in gpu_steps.STEPS
+                    for command in gpu_steps.COMMANDS[step](gpu))
+    benches = [argv for argv in commands.values() if argv[1].endswith("tools/bench.py")]
+    assert len(benches) == 4
+    for argv in benches:
+        assert argv[argv.index("--device") + 1] == "cuda" and "--quick" not in argv
+    for name in ("train-seed", "train-fast-compile", "train-fast-eager"):
+        argv = commands[name]
+        assert "--synthetic-size" not in argv and "--width" not in argv, name
+        assert argv[argv.index("--out") + 1] == str(work / name)  # checkpoints stay in work
+    for name in ("train-fast-compile", "train-fast-eager"):
+        assert commands[name][commands[name].index("--epochs") + 1] == str(gpu_steps.EPOCHS)
+    assert "--compile" in commands["train-fast-compile"] and gpu_steps.EPOCHS > 1
+    for name, argv in commands.items():
+        for option, suffix in (("--json", ".json"), ("--junitxml", ".xml")):
+            if option in argv:
+                assert argv[argv.index(option) + 1] == str(results / f"{name}{suffix}")
+
+
+def test_end_to_end_tests_get_a_worker_per_four_cores_and_at_most_four(monkeypatch):
+    for cores, workers in ((2, 1), (7, 1), (8, 2), (16, 4), (64, 4)):
+        monkeypatch.setattr(gpu_steps, "available_cores", lambda cores=cores: cores)
+        assert gpu_steps.test_workers(sys.executable, dict(os.environ)) == workers, cores
+    if PY312.exists():  # a Python without pytest-xdist: one worker, no -n
+        assert gpu_steps.test_workers(str(PY312), dict(os.environ)) == 1
+
+
+@pytest.mark.parametrize("args, steps", [
+    ([], list(gpu_steps.STEPS)),
+    (["tests", "tests-quick", "bench-step", "bench"],
+     ["tests-quick", "tests-e2e", "bench-step", "bench-peers", "bench-epoch", "profile-ffcv"]),
+])
+def test_the_steps_named_run_once_each_in_the_order_named(tmp_path, monkeypatch, args, steps):
+    """No step named runs every step; a step named twice, or in a group named too (`make gpu
+    STEP='tests tests-quick'`), ran twice, spending the lease on it again."""
+    for step in gpu_steps.STEPS:
+        monkeypatch.setitem(gpu_steps.COMMANDS, step, lambda s: [("first", ["true"])])
+    # the import checks and the header (torch and ffcv imported: seconds) are not under test
+    monkeypatch.setattr(gpu_environment, "missing", lambda python, env, names: {})
+    monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
+    monkeypatch.delenv("OUT", raising=False)
+    assert gpu_suite.main([*args, "--dry-run", "--results", str(tmp_path / "r")]) == 0
+    record = json.loads((tmp_path / "r" / "suite.json").read_text())
+    assert [step["step"] for step in record["steps"]] == steps and record["not_run"] == []
+
+
+def test_the_budgets_reserve_is_kept_for_the_last_save(tmp_path, monkeypatch):
+    """A command is not started with less than START_MIN_S left once RESERVE_S (the summary and
+    the last bundle) is set aside: started, it would be killed, or leave no time to pack."""
+    monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["true"])])
+    deadline = time.monotonic() + gpu_suite.RESERVE_S + gpu_suite.START_MIN_S - 1
+    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
+                            ["two"], deadline)
+    assert not gpu_suite.run_step(suite, "two")
+    assert [c["status"] for c in suite.done[0]["commands"]] == ["not run"]

@@ -22,7 +22,7 @@ from engine import lr_range, lr_sweep
 from engine.config import TrainConfig, resolve
 from engine.launch import make_accelerator
 from engine.optimizers import lr_at
-from engine.run import Run, build, train_step
+from engine.run import Run, build, endless, train_step
 from loaders.preparation import prepare
 from tools import lr_curve, lr_find
 
@@ -93,6 +93,16 @@ def test_range_test_sweeps_suggests_inside_and_restores_the_run_bit_exact(data_d
     assert_identical(run.optimizer.state_dict(), before["optimizer"], "optimizer")
     assert_identical(scheduler.state_dict(), before["scheduler"], "scheduler")
     assert run.train_loader.epoch == 0 and run.model.training
+
+
+def test_the_sweeps_losses_are_each_batchs_mean_loss(data_dir, tmp_path):
+    """The curve, lr_find.csv and the divergence rule read a step's loss per image: the sum
+    over the batch was 32 times it. A twin run takes the same first batch to check it."""
+    swept, twin = (small_run(data_dir, tmp_path / name) for name in ("swept", "twin"))
+    result = lr_range.range_test(swept, start_lr=1e-4, end_lr=1e-3, iterations=20)
+    images, labels = next(endless(twin))
+    loss_sum, _ = train_step(twin, images, labels)  # its loss is before its update
+    assert result.losses[0] == pytest.approx(loss_sum.item() / len(labels), rel=1e-5)
 
 
 def test_suggestions_on_a_known_curve():
@@ -194,6 +204,9 @@ def test_a_sweep_stops_where_it_diverges_and_leaves_eval_mode_as_it_was(data_dir
                                                "in finer steps (more --iterations, or a "
                                                "narrower range)"),
     (["--weight-decay", "1e30"], "use a --weight-decay far below 1 (the sweep ran with 1e+30)"),
+    # a decay of 1 alone takes lr x 1 of the weights each step: the decay is still to blame
+    (["--start-lr", "100", "--end-lr", "1e5", "--weight-decay", "1"],
+     "use a --weight-decay far below 1 (the sweep ran with 1)"),
 ])
 def test_a_sweep_that_diverges_before_its_loss_falls_suggests_nothing(data_dir, tmp_path, args,
                                                                       fix):

@@ -5,6 +5,7 @@ moments, and impossible values. Real subprocesses on tiny synthetic data (CPU)."
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import math
 import os
@@ -35,13 +36,22 @@ from conftest import (
     tmpfs,
     torchrun_env,
     train_tiny,
+    without_root_powers,
 )
 from test_folders import write_tree
 
 from common.allocator import allocator_problem
-from common.atomic import atomic_writes, csv_text, write_text
+from common.atomic import atomic_writes, csv_text, write_failed, write_text
 from common.cli import run_main
-from common.errors import CheckpointError, OutputError, RunFailed, TrainingError
+from common.errors import (
+    CheckpointError,
+    OutputError,
+    ReportError,
+    RunFailed,
+    TrainingError,
+    listing,
+    plain_line,
+)
 from common.locks import locked_dir, waiting_lock
 from common.output_folders import make_dir, output_dir
 from common.paths import long_name
@@ -149,6 +159,27 @@ def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path):
             write_text(disk / "metrics.csv", "x" * (1 << 20))
         assert raised.value.errno == 28 and raised.value.filename == str(disk / "metrics.csv")
         assert list(disk.iterdir()) == []  # no temporary left behind
+
+
+def test_a_failed_write_names_its_option_and_the_fix_and_an_inputs_error_stays_its_own(
+        tmp_path):
+    """write_failed: a full disk or a spent quota (EDQUOT: a cluster's /home) is said to be
+    full; an error naming a file in --out, or in the temporary beside it where a report is
+    made first, names --out and the fix; one naming a file elsewhere (an input) is raised as
+    it was."""
+    out = tmp_path / "report"
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        error = write_failed(OSError(code, os.strerror(code)), out, "--cam", "the overlays")
+        assert isinstance(error, ReportError) and str(error) == (
+            f"--cam {out}: its disk is full, so the overlays could not be written (nothing was "
+            "left there); free some space or choose another --cam.")
+    for where in (out / "index.html", temporary_name(out) / "index.html"):
+        error = write_failed(OSError(errno.EROFS, "Read-only file system", str(where)), out)
+        assert isinstance(error, ReportError) and str(error) == (
+            f"--out {out}: the report could not be written there (Read-only file system); "
+            "choose a writable --out.")
+    elsewhere = OSError(errno.EIO, "Input/output error", str(tmp_path.parent / "ckpt.pt"))
+    assert write_failed(elsewhere, out) is elsewhere
 
 
 def test_files_written_together_are_all_new_or_all_old_on_a_full_disk(tmp_path):
@@ -275,6 +306,67 @@ def test_a_stale_longer_lock_file_is_overwritten_with_our_pid(tmp_path):
     (tmp_path / ".lock").write_text("99999999")
     with locked_dir(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_refused_lock_leaves_no_descriptor_open(tmp_path):
+    """A process that goes on after a refusal (tools/compare.py trains several runs in one)
+    kept each refused lock file open."""
+    out = tmp_path / "out"
+    with locked_dir(out):
+        before = sorted(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(OutputError, match="in use by another run"), locked_dir(out):
+                pass
+        assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def blocked_on(lock: Path) -> None:
+    """Wait until some flock waits for the file now at `lock` (a '->' line of /proc/locks)."""
+    inode, deadline = f":{lock.stat().st_ino} ", time.monotonic() + 60
+    while not any("->" in line and inode in line
+                  for line in Path("/proc/locks").read_text().splitlines()):
+        assert time.monotonic() < deadline, f"nothing ever waited for {lock}"
+        time.sleep(0.01)
+
+
+def test_a_waiter_that_finds_the_lock_taken_again_says_it_waits_once(tmp_path):
+    """The holder lets go, and another process takes the new lock file first: the waiter
+    goes on waiting, but said so (on_wait: 'waiting for ... to prepare the data') again."""
+    lock, waits, inside = tmp_path / ".lock", [], threading.Event()
+    first = os.open(lock, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(first, fcntl.LOCK_EX)
+
+    def waiter() -> None:
+        with waiting_lock(lock, lambda: waits.append("waiting")):
+            inside.set()
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    try:
+        blocked_on(lock)
+        lock.unlink()  # as a holder leaves: its file removed, then let go
+        third = os.open(lock, os.O_CREAT | os.O_RDWR)  # a third process, first to the new one
+        fcntl.flock(third, fcntl.LOCK_EX)
+        os.close(first)
+        blocked_on(lock)  # the waiter, woken on the removed file, now waits for the new one
+        os.close(third)
+        assert inside.wait(timeout=60)
+    finally:
+        thread.join(timeout=60)
+    assert waits == ["waiting"]
+
+
+def test_another_users_lock_file_that_we_may_only_read_is_still_locked(tmp_path):
+    """A shared data folder's .prepare.lock left by another user (mode 0644 there): opening it
+    for writing is refused, so it is flocked read-only."""
+    lock = tmp_path / ".lock"
+    lock.write_text("4242")
+    lock.chmod(0o444)  # not ours to write, as another user's is (for root, without its powers)
+    code = ("import sys; from pathlib import Path; from common.locks import waiting_lock\n"
+            "with waiting_lock(Path(sys.argv[1]), lambda: None):\n    print('held')")
+    result = subprocess.run(without_root_powers([sys.executable, "-c", code, str(lock)]),
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "held\n", result.stderr[-2000:]
 
 
 def test_a_lock_freed_while_a_process_waits_is_taken_at_its_path_not_on_the_removed_file(
@@ -486,6 +578,30 @@ def test_allocator_settings_torch_reads_pass(monkeypatch):
     problem = allocator_problem()  # the setting torch aborts on, not every one that is set
     assert "setting PYTORCH_CUDA_ALLOC_CONF='garbage' (" in problem
     assert "PYTORCH_ALLOC_CONF" not in problem and "report a bug" not in problem
+
+
+def test_an_allocator_setting_is_not_blamed_where_the_probe_cannot_load_torch(tmp_path,
+                                                                              monkeypatch):
+    """The probe failing without torch's abort (no torch package to load: the probe fails
+    quietly) is no abort to report: nothing is blamed on the setting."""
+    (tmp_path / "torch.py").write_text("")  # a module, no package: the probe finds no lib/
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage")
+    assert allocator_problem() is None
+
+
+def test_a_listing_names_its_first_names_then_how_many_more():
+    assert listing(["a", "b", "c"]) == "a, b, c"
+    assert listing(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
+    assert listing(["a, b", "c"], 1, "; ") == "a, b and 1 more"
+
+
+def test_a_unicode_line_or_paragraph_separator_is_no_plain_line():
+    """str.splitlines splits at U+2028 and U+2029 too: a class name holding one broke its
+    table row as a line break does."""
+    assert plain_line("truck, big")
+    for name in ("a\u2028b", "a\u2029b", "a\nb", "a\tb", " "):
+        assert not plain_line(name), repr(name)
 
 
 @pytest.mark.slow

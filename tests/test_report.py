@@ -26,6 +26,7 @@ from conftest import (
     tree,
 )
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 from pypdf import PdfReader
 from torch import nn
@@ -703,11 +704,15 @@ def test_a_cam_page_keeps_every_label_on_the_page_and_no_panel_over_another(load
         assert not any(box.overlaps(label) for label in labels)
 
 
-def test_eigencam_is_made_once_and_its_row_says_no_class_changes_it(loaded):
+def test_eigencam_is_made_once_and_its_row_says_no_class_changes_it(loaded, monkeypatch):
     """EigenCAM ignores the target: its 'predicted' and 'true' maps were one picture drawn
-    twice under two class names, as if evidence for each."""
+    twice under two class names, as if evidence for each; and it is made once, not again
+    for the true class."""
+    made, cams = [], report_figures.cams
+    monkeypatch.setattr(report_figures, "cams", lambda *args: made.append(args[-1]) or cams(*args))
     probs = np.eye(len(loaded.classes))[(loaded.labels[:2] + 1) % len(loaded.classes)]
     maps = report_figures.explain(loaded, probs, np.arange(2), ["layer3"], ["eigencam", "gradcam"])
+    assert sorted(made) == ["eigencam", "gradcam", "gradcam"]  # 2 images: one chunk a map
     assert maps["eigencam", "layer3", "true"] is maps["eigencam", "layer3", "predicted"]
     gradcam = maps["gradcam", "layer3", "true"], maps["gradcam", "layer3", "predicted"]
     assert not np.allclose(*gradcam)  # a class-specific method: two classes, two maps
@@ -740,6 +745,42 @@ def test_the_log_scale_is_labelled_in_numbers_where_the_report_turns_math_off():
         FigureCanvasAgg(fig).draw()
         labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
     assert {"1", "10"} <= set(labels) and not any("$" in label for label in labels), labels
+
+
+def test_a_map_with_no_positive_evidence_says_so(loaded):
+    """All zero after the ReLU, a heat map is one flat colour, which looks like a bug."""
+    maps = {("gradcam", "layer3", kind): np.zeros((32, 32)) for kind in ("predicted", "true")}
+    probs = np.full(len(loaded.classes), 1 / len(loaded.classes))
+    fig = report_figures.cam_page(loaded, 0, probs, maps)
+    assert [[t.get_text() for t in fig.axes[i].texts] for i in range(5)] == [
+        [], ["no positive\nevidence"], [], ["no positive\nevidence"], []]
+
+
+def drawn(monkeypatch) -> list[Figure]:
+    """The figures the block saves, kept instead of written."""
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    return figures
+
+
+def test_a_confusion_matrix_names_a_hundred_classes_and_counts_more(tmp_path, monkeypatch):
+    """CIFAR-100's classes are named on its axes; past 100 the axes say they count them."""
+    figures = drawn(monkeypatch)
+    for n in (100, 101):
+        report_figures.plot_confusion(np.eye(n, dtype=int), [f"c{i}" for i in range(n)],
+                                      tmp_path / f"{n}.png")
+    hundred, more = (fig.axes[0] for fig in figures)
+    assert [t.get_text() for t in hundred.get_xticklabels()] == [f"c{i}" for i in range(100)]
+    assert hundred.get_xlabel() == "predicted class"
+    assert more.get_xlabel() == "predicted class (its index in per_class.csv)"
+
+
+def test_a_class_missing_from_the_test_split_has_rates_of_zero_not_nan(tmp_path, monkeypatch):
+    figures = drawn(monkeypatch)
+    report_figures.plot_confusion(np.array([[2, 1], [0, 0]]), ["cat", "dog"], tmp_path / "c.png")
+    counts, rates = figures[0].axes[:2]
+    assert [t.get_text() for t in counts.texts] == ["2", "1", "0", "0"]
+    assert [t.get_text() for t in rates.texts] == ["0.67", "0.33", "0.00", "0.00"]
 
 
 # --- report_tables on hand-made predictions: every expected number worked out by hand ---------

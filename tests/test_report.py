@@ -672,6 +672,25 @@ def test_a_model_without_mistakes_gets_an_empty_grid_and_a_summary_only_pdf(load
     assert len(PdfReader(tmp_path / "gradcam.pdf").pages) == 1
 
 
+def test_each_pdf_page_shows_its_own_images_maps(loaded, tmp_path, monkeypatch):
+    """Page k + 1 of gradcam.pdf is the k-th wrong image's: its title, its maps (each image's
+    map here a different constant) for both classes, not the first image's on every page."""
+    probs = np.full((len(loaded.labels), len(loaded.classes)), 0.01)
+    indices = np.array([3, 0, 7])
+    maps = {("gradcam", "layer3", kind): np.stack([np.full((32, 32), (k + 1) / 4 + shift)
+                                                   for k in range(len(indices))])
+            for kind, shift in (("predicted", 0.0), ("true", 0.01))}
+    figures = drawn(monkeypatch)
+    report_figures.write_pdf(loaded, {"run": "three pages"}, probs, indices, maps,
+                             tmp_path / "gradcam.pdf")
+    assert len(figures) == 1 + len(indices)  # the summary, then a page per image
+    for k, (fig, index) in enumerate(zip(figures[1:], indices, strict=True)):
+        assert fig.get_suptitle().startswith(f"test image #{index}: ")
+        heat_maps = [fig.axes[column].images[0].get_array() for column in (1, 3)]
+        assert [float(m.mean()) for m in heat_maps] == pytest.approx(
+            [(k + 1) / 4, (k + 1) / 4 + 0.01])
+
+
 @pytest.mark.parametrize("layers", [["layer4"], ["layer2", "layer3", "layer4"]])
 @pytest.mark.parametrize("methods", [["gradcam"], ["gradcam", "eigencam"]])
 def test_a_cam_page_keeps_every_label_on_the_page_and_no_panel_over_another(loaded, layers,

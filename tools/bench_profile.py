@@ -51,7 +51,10 @@ class ProfileResult:
 
 
 def write_trace(prof: profile, path: Path) -> None:
-    """The profiler's Chrome trace, gzipped, written atomically."""
+    """The profiler's Chrome trace, gzipped, written atomically; beside --json, in the folders
+    --json may name still to make (written before --json is, the trace failed without them,
+    and the command with it, its measurement lost)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trace-") as tmp:
         raw = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(raw))

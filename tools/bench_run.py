@@ -44,15 +44,10 @@ def profiled_config(args: argparse.Namespace, device: torch.device, out: str) ->
 
 
 def trace_path(args: argparse.Namespace) -> Path | None:
-    """Where the profile section writes its trace: --trace, else beside --json, else nowhere.
-    Beside --json, the folders --json may name still to make are made now: the trace is
-    written before --json is (--sections profile failed, its measurement lost)."""
+    """Where the profile section writes its trace: --trace, else beside --json, else nowhere."""
     if args.trace is not None:
         return args.trace
-    if args.json is None:
-        return None
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    return args.json.with_suffix(".trace.json.gz")
+    return args.json.with_suffix(".trace.json.gz") if args.json is not None else None
 
 
 def run_sections(args: argparse.Namespace, device: torch.device, out: str,

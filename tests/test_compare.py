@@ -208,7 +208,25 @@ def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
                                     "comparison that this one cannot continue: ")
     assert f"--width cannot change when resuming {again / 'adamw'}" in result.stderr
     assert result.stderr.endswith("Give compare that comparison's options (its runs' "
-                                  "config.json) to continue it.\n")
+                                  "config.json) to continue it; an LR or weight decay it chose "
+                                  "itself (no --lr, no --weight-decay) comes back with the "
+                                  "option left out.\n")
+
+
+@pytest.mark.slow
+def test_a_weight_decay_the_comparison_chose_is_refused_when_given_and_taken_back_left_out(
+        out, tmp_path):
+    """The default comparison gave AdamW 0.05; the same command with --weight-decay 5e-4, the
+    others' value, is refused for AdamW, and the message says to leave the option out, which
+    then continues the runs (their config.json's 0.05 would refuse SGD instead)."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    common = [*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "adamw",
+              "--epochs", "1", "--out", str(again)]
+    result = compare(*common, "--weight-decay", "5e-4")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"--weight-decay cannot change when resuming {again / 'adamw'}" in result.stderr
+    assert "comes back with the option left out." in result.stderr
+    assert compare(*common).returncode == 0
 
 
 @pytest.mark.slow

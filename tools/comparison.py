@@ -134,7 +134,9 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, weight_decay: 
         # comparison was given): say where they come from
         raise CheckpointError(f"{out} holds a run of an earlier comparison that this one "
                               f"cannot continue: {error} Give compare that comparison's "
-                              f"options (its runs' config.json) to continue it.") from None
+                              f"options (its runs' config.json) to continue it; an LR or "
+                              "weight decay it chose itself (no --lr, no --weight-decay) comes "
+                              "back with the option left out.") from None
 
 
 def saved_history(run_dir: Path) -> list[dict]:

@@ -84,14 +84,12 @@ def lr_at(
       which starts at 0.2 instead). The +1 is ours: the first batch trains at 1/(W+1) rather
       than waste a step at lr 0.
     - onecycle: half-cosine from 1/25 up to 1 at step W, then half-cosine down to 1/25/1e4 at
-      total_steps: the cosine one-cycle of fastai's fit_one_cycle (in step with ours where
-      warmup_frac x total_steps is whole, its end 1/1e5) and of torch's OneCycleLR
-      (pct_start=warmup_frac, its default cos annealing), a step ahead of ours (its LR at step
-      s is ours at s + 1 from its peak, at step W - 1, on, and between ours at s and s + 1
-      before, where warmup_frac x total_steps is whole; torch keeps the fraction);
-      Smith & Topin (2019) moved the LR linearly. The LR only: momentum stays
-      --momentum, where OneCycleLR (cycle_momentum) and fastai's fit_one_cycle move it between
-      0.95 and 0.85 against the LR.
+      total_steps: the cosine one-cycle of fastai's fit_one_cycle, in step with ours (it ends
+      at 1/1e5), and of torch's OneCycleLR (pct_start=warmup_frac, cos annealing), a step
+      ahead: its LR at step s is ours at s + 1 from its peak (step W - 1) on, and between ours
+      at s and s + 1 before (both where warmup_frac x total_steps is whole). Smith & Topin
+      (2019) moved the LR linearly. The LR only: momentum stays --momentum, where OneCycleLR
+      (cycle_momentum) and fit_one_cycle move it between 0.95 and 0.85 against the LR.
     - cosine: half-cosine from 1 to 0 over all steps; ignores warmup_frac (SGDR without restarts,
       Loshchilov & Hutter 2017). Use onecycle or triangular for a warm-up.
     - step: STEP_GAMMA ** (milestones passed), milestone m of STEP_MILESTONES falling at step

@@ -269,6 +269,17 @@ def test_the_plot_shows_the_curve_not_the_loss_of_the_step_that_diverged():
     assert (high - low) / (top - bottom) > 0.8  # the curve fills the axis
 
 
+def test_lr_find_csv_has_each_steps_loss_beside_its_smoothed_loss():
+    """A row per step: its LR, the raw loss of that step and the running EMA, each in its
+    own column."""
+    lrs, losses = [1e-3, 1e-2, 1e-1], [2.3, 2.0, 9.0]
+    smoothed = [2.3, 2.2, 4.1]
+    result = lr_range.RangeTest(lrs, losses, smoothed, 1e-2, 1e-3, diverged=True)
+    assert lr_curve.rows(result) == [dict(lr=1e-3, loss=2.3, smoothed=2.3),
+                                     dict(lr=1e-2, loss=2.0, smoothed=2.2),
+                                     dict(lr=1e-1, loss=9.0, smoothed=4.1)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--start-lr", "1", "--end-lr", "0.1"], "start-lr"),
     (["--end-lr", "inf"], "--end-lr <= 3.4e+38 (the float32 weights' largest)"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from conftest import cpu_out_of_memory, cuda_out_of_memory, run_code, run_script, tmpfs, tree
 from PIL import Image
 
-from common.errors import DataError, ReportError
+from common.errors import CheckpointError, DataError, ReportError
 from engine import checkpoint
 from loaders import beton
 from loaders.augment import Augment
@@ -471,6 +472,47 @@ def test_a_full_disk_leaves_no_overlay_of_the_run(run_dir, tmp_path):
             assert result.stderr == (f"error: --cam {cam}: its disk is full, so the overlays "
                                      "could not be written (nothing was left there); free some "
                                      "space or choose another --cam.\n")
+
+
+def test_k_above_the_number_of_classes_lists_every_class_once(run_dir, ckpt, tmp_path):
+    """-k 20 of a 10-class model: its 10 classes, not torch's 'selected index k out of range'."""
+    paths = write_pictures(tmp_path / "pics")
+    classifier = prediction.load_classifier(run_dir / "ckpt.pt", torch.device("cpu"))
+    pictures = prediction.read_pictures([paths["rgba.png"], paths["big.jpg"]])
+    rows, predicted = prediction.top_classes(classifier, pictures, 2 * len(ckpt["classes"]))
+    for row in rows:
+        assert sorted(p["class"] for p in row["predictions"]) == sorted(ckpt["classes"])
+    assert predicted.shape == (2,)
+
+
+def test_a_model_giving_nan_is_named_a_broken_checkpoint_not_a_table(run_dir, tmp_path):
+    """Weights that overflow to NaN logits: one line naming the checkpoint, no table of NaNs."""
+    paths = write_pictures(tmp_path / "pics")
+    classifier = prediction.load_classifier(run_dir / "ckpt.pt", torch.device("cpu"))
+    with torch.no_grad():
+        for parameter in classifier.model.parameters():
+            parameter.fill_(3e38)
+    pictures = prediction.read_pictures([paths["big.jpg"]])
+    with pytest.raises(CheckpointError, match="NaN or infinite logits"):
+        prediction.top_classes(classifier, pictures, 3)
+
+
+def test_overlays_remove_the_hidden_folders_of_killed_cam_runs_only(run_dir, tmp_path):
+    """A predict --cam killed mid-way (SIGKILL) leaves its hidden staging folder in --cam: the
+    next run into it removes those of dead writers and keeps a live writer's."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    out = tmp_path / "cams"
+    stale, live = out / f".overlays.{dead}.tmp", out / f".overlays.{os.getppid()}.tmp"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "half.cam.png").write_bytes(b"half an overlay")
+    paths = write_pictures(tmp_path / "pics")
+    classifier = prediction.load_classifier(run_dir / "ckpt.pt", torch.device("cpu"))
+    pictures = prediction.read_pictures([paths["big.jpg"]])
+    _, predicted = prediction.top_classes(classifier, pictures, 3)
+    prediction.write_cams(classifier, pictures, predicted, "layer3", out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([live.name, "big.cam.png"])
 
 
 @pytest.mark.parametrize("device, cam, advice", [

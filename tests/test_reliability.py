@@ -45,6 +45,7 @@ from common.atomic import atomic_writes, csv_text, write_failed, write_text
 from common.cli import run_main
 from common.errors import (
     CheckpointError,
+    EngineError,
     OutputError,
     ReportError,
     RunFailed,
@@ -53,12 +54,12 @@ from common.errors import (
     plain_line,
 )
 from common.locks import locked_dir, waiting_lock
-from common.output_folders import make_dir, output_dir
+from common.output_folders import made_for, make_dir, output_dir
 from common.paths import long_name
 from common.temporaries import sweep_dead_writers, temporary_name, temporary_writer
 from engine import checkpoint, loop
 from engine.config import TrainConfig
-from engine.failures import out_of_memory
+from engine.failures import out_of_memory, out_of_memory_as, peer_gone
 from engine.loop import configure
 from engine.loop import train as train_run
 from engine.model import build_model
@@ -275,6 +276,21 @@ def test_a_failed_command_leaves_none_of_the_folders_made_for_its_out(tmp_path):
         (tmp_path / "a" / "note.txt").write_text("not ours to remove")
         raise ValueError
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["note.txt"]
+
+
+def test_the_folders_made_for_a_file_are_made_and_a_file_among_them_is_named(tmp_path):
+    """made_for: --out a/b/x.onnx, a and b missing, makes both (and takes them again on a
+    failure); f/a/x.onnx, f a file, names f, not the folders still to make."""
+    with made_for(tmp_path / "a" / "b" / "x.onnx"):
+        assert (tmp_path / "a" / "b").is_dir()
+    with pytest.raises(ValueError), made_for(tmp_path / "c" / "d" / "x.onnx"):
+        raise ValueError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(OutputError) as refused, made_for(tmp_path / "f" / "a" / "x.onnx", "--to"):
+        pass
+    assert str(refused.value) == (f"--to {tmp_path}/f/a/x.onnx: {tmp_path}/f is a file, not a "
+                                  "folder; choose another --to.")
 
 
 def test_the_folder_lock_is_exclusive_and_a_failure_leaving_it_empty_removes_it(tmp_path):
@@ -1036,6 +1052,28 @@ def test_cuda_libraries_failing_to_allocate_count_as_out_of_memory():
     # no allocation failed in this process (no GPU here): a convolution no cuDNN engine runs
     assert not out_of_memory(RuntimeError("FIND was unable to find an engine to execute this "
                                           "computation"))
+
+
+def test_an_engine_error_raised_while_handling_an_allocation_failure_passes_as_it_is():
+    """Its own words say more than the generic advice it would be replaced with."""
+    with pytest.raises(EngineError, match="^the specific one$"), \
+            out_of_memory_as(EngineError("the generic advice")):
+        try:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except RuntimeError:
+            raise EngineError("the specific one") from None
+    with pytest.raises(EngineError, match="^the generic advice$"), \
+            out_of_memory_as(EngineError("the generic advice")):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_collective_failing_over_gloo_or_torchs_dist_error_is_a_peer_gone():
+    """Several processes: the one whose barrier failed says only that another stopped."""
+    assert peer_gone(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+                                  "Connection closed by peer [127.0.0.1]:29500"))
+    assert peer_gone(torch.distributed.DistError("NCCL communicator was aborted"))
+    assert not peer_gone(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not peer_gone(ValueError("gloo"))
 
 
 def data_workers(pid: int) -> list[int]:

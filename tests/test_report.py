@@ -35,6 +35,7 @@ from common.errors import ReportError
 from engine import checkpoint
 from engine.model import build_model
 from loaders import beton, synthetic
+from loaders.cifar import Split
 from tools import (
     cams,
     report,
@@ -45,7 +46,7 @@ from tools import (
     report_tables,
 )
 from tools.options import METHODS
-from tools.plots import plot_history
+from tools.plots import Panel, plot_history
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +150,22 @@ def test_cams_have_the_input_size_and_lie_in_0_1(loaded, method, capfd):
         assert maps.shape == (3, 32, 32)
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     assert capfd.readouterr().err == ""
+
+
+def test_scorecams_progress_bars_are_hidden_only_while_a_map_is_made():
+    """cams() silences the tqdm of pytorch-grad-cam's score_cam for its block only: after a
+    ScoreCAM, and after one that failed, that module draws its bars again."""
+    from pytorch_grad_cam import score_cam
+
+    drawn = score_cam.tqdm
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 8).eval()
+    cams.cams(model, torch.randn(1, 3, 32, 32), np.array([1]), "layer3", "scorecam")
+    assert score_cam.tqdm is drawn
+    with pytest.raises(ValueError), cams._without_progress_bars():
+        assert score_cam.tqdm is not drawn
+        raise ValueError
+    assert score_cam.tqdm is drawn
 
 
 def test_each_method_makes_its_own_maps():
@@ -296,6 +313,20 @@ def _unknown_dataset(tmp: Path, run_dir: Path) -> list:
     ckpt["data"]["dataset"] = "bogus"
     torch.save(ckpt, tmp / "ckpt.pt")
     return [tmp / "ckpt.pt", "--data-dir", run_dir.parent / "data"]
+
+
+def test_a_test_split_with_a_label_one_past_the_classes_is_another_dataset(run_dir, tmp_path):
+    """Label 10 of a 10-class model (a split of 11 classes whose names the sidecar does not
+    tell apart): refused, not an index error or a wrong report."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    labels = np.arange(12) % (ckpt["num_classes"] + 1)
+    split = Split(np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+                  labels.astype(np.int64))
+    beton.write(tmp_path / "test.beton", split, list(ckpt["classes"]), workers=1)
+    ckpt["data"]["test"] = str(tmp_path / "test.beton")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(ReportError, match="holds another dataset than the one"):
+        report_inputs.load(tmp_path / "ckpt.pt", None, torch.device("cpu"))
 
 
 def assert_refused(code: int, stderr: str, out: Path) -> None:
@@ -542,9 +573,10 @@ def test_a_mount_point_as_out_gets_the_report_made_inside_it(run_dir, report_dir
 
 def test_a_bind_mount_as_out_is_told_from_a_folder(run_dir, tmp_path):
     """os.path.ismount cannot tell a bind mount of the same disk from a folder: the report was
-    made beside it and its rename failed ('Invalid cross-device link')."""
+    made beside it and its rename failed ('Invalid cross-device link'). The mount table escapes
+    a space and a backslash of its name."""
     (tmp_path / "shared data").mkdir()
-    point = tmp_path / "the volume"
+    point = tmp_path / "the volume\\1"
     point.mkdir()
     if subprocess.run(["mount", "--bind", str(tmp_path / "shared data"), str(point)],
                       capture_output=True).returncode:
@@ -738,6 +770,32 @@ def test_eigencam_is_made_once_and_its_row_says_no_class_changes_it(loaded, monk
     fig = report_figures.cam_page(loaded, 0, probs[0], {k: v[0] for k, v in maps.items()})
     assert [fig.axes[5 * row].get_ylabel() for row in range(2)] == [
         "eigencam: any class\nlayer3", "gradcam\nlayer3"]
+
+
+def test_a_panel_has_a_legend_where_it_draws_more_than_one_line():
+    """One run: train and test in one panel are told apart by a legend, a lone LR line needs
+    none; several runs: a line per run, named."""
+    history = [dict(epoch=e, train_loss=1.0, test_loss=0.5, lr=0.1) for e in (1, 2)]
+    panels = [Panel("loss", ("train_loss", "test_loss")), Panel("learning rate", ("lr",))]
+
+    def legends(runs: dict) -> list:
+        return [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else None
+                for ax in plot_history(runs, panels).axes]
+
+    assert legends({"run": history}) == [["train", "test"], None]
+    assert legends({"a": history, "b": history}) == [
+        ["a train_loss", "a test_loss", "b train_loss", "b test_loss"], ["a", "b"]]
+
+
+def test_an_lr_panel_of_a_schedule_ending_at_zero_is_log_down_to_its_smallest_lr():
+    """A schedule that decays to 0: symlog, linear only below the smallest LR above 0 (a
+    linthresh of 0 is no scale matplotlib can draw)."""
+    history = [dict(epoch=e, lr=lr) for e, lr in ((1, 0.1), (2, 0.001), (3, 0.0))]
+    fig = plot_history({"run": history}, [Panel("learning rate", ("lr",), yscale="lr")])
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "symlog" and ax.yaxis.get_transform().linthresh == 0.001
+    assert ax.get_ylim()[0] == 0
 
 
 @pytest.mark.parametrize("smoothing, title", [

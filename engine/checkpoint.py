@@ -234,8 +234,8 @@ def model_from(ckpt: dict) -> nn.Module:
 
 def model_input(ckpt: dict, device: torch.device | str) -> Augment:
     """uint8 NHWC images -> the checkpoint model's fp32 input: training's normalization, no
-    augmentation, as evaluation does."""
-    return Augment(None, ckpt["mean"], ckpt["std"], torch.float32, device)
+    augmentation, as evaluation does; contiguous, the layout of model_from's weights."""
+    return Augment(None, ckpt["mean"], ckpt["std"], torch.float32, device, channels_last=False)
 
 
 def misfit(ckpt: dict) -> str | None:

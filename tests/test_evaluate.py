@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.checkpoint import model_input
 from engine.evaluate import BATCH as PROBABILITY_BATCH
 from engine.evaluate import evaluate, probabilities
 from engine.model import build_model
@@ -68,3 +69,17 @@ def test_probabilities_are_each_images_softmax_in_batches_of_any_last_size():
         for index in (0, PROBABILITY_BATCH - 1, PROBABILITY_BATCH, n - 1):
             alone = model(to_input(torch.from_numpy(images[index:index + 1]))).softmax(1)[0]
             torch.testing.assert_close(probs[index], alone, rtol=1e-4, atol=1e-6)
+
+
+def test_a_checkpoints_model_input_is_evaluations_normalization_laid_out_as_its_model():
+    """report, predict and export feed model_from's fp32 model, whose weights are contiguous,
+    the same values evaluation's loader makes (channels_last in training), laid out like the
+    weights: mixed layouts make convolutions convert one of them each call."""
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3),
+                                                                 dtype=np.uint8))
+    got = model_input({"mean": mean, "std": std}, "cpu")(images)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    training = Augment(None, mean, std, torch.float32, "cpu")(images)
+    assert training.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, training, rtol=0, atol=0)

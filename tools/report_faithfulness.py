@@ -54,8 +54,7 @@ def road(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
 
     metric = ROADCombined(percentiles=PERCENTILES)
     classes = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
-    # the imputer works on contiguous CHW images; channels_last is only a layout
-    return np.asarray(metric(inputs.contiguous(), removal_order(maps), classes, model),
+    return np.asarray(metric(inputs, removal_order(maps), classes, model),
                       dtype=np.float64)
 
 

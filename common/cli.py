@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import errno
 import gc
 import math
 import os
-import select
 import signal
 import sys
-import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,202 +17,30 @@ from contextlib import contextmanager, suppress
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn, TextIO, TypeVar
+from typing import NoReturn, TypeVar
 
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
 from common.hardware import launched
 from common.paths import dead_link
+from common.stop_signals import (
+    INTERRUPTED,
+    INTERRUPTED_LINE,
+    STOP_SIGNALS,
+    exit_at_once_on_ctrl_c,
+    forget_stop,
+    note_hang_up,
+    on_stop_signal,
+    quiet_lost_stop,
+    stop_if_interrupted,
+    stop_requested,
+    stop_with_launcher,
+    stopped_code,
+)
+from common.streams import error_line, hung_up, quiet_if_gone, reopen_closed_streams
 
 T = TypeVar("T")  # the value type of an argparse type below
-INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
-INTERRUPTED_LINE = "\ninterrupted"  # all a plain Ctrl-C prints, on a line of its own
-# SIGTERM (timeout, Slurm, docker stop) and SIGHUP (the terminal or SSH session closed; torchrun
-# hands its workers a SIGTERM for it) stop as cleanly as Ctrl-C, with the shell's 128 + signal
-STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM,
-                signal.SIGHUP: 128 + signal.SIGHUP}
-PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent thread ends
 PEER_SAYS_IT_S = 10  # how long a launched process waits for its machine's first to refuse
-_stop_requested = threading.Event()  # set by run_main's handler, cleared when it returns
-_stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
-
-
-def reopen_closed_streams() -> None:
-    """Standard streams closed by the caller (`2>&-`) reopened on /dev/null: Python leaves
-    them None, so the first error line raised an AttributeError nobody saw, and the next file
-    opened took descriptor 2, where C libraries' warnings would then land."""
-    for fd, name in enumerate(("stdin", "stdout", "stderr")):
-        if getattr(sys, name) is not None:
-            continue
-        null = os.open(os.devnull, os.O_RDWR)
-        with suppress(OSError):  # raises while fd is still free, for /dev/null to take
-            os.fstat(fd)
-            fd = null  # a file opened since took it: the stream gets a descriptor of its own
-        if fd != null:
-            os.dup2(null, fd)
-            os.close(null)
-        # the process's own stream, for as long as it runs: no block to close it in
-        setattr(sys, name, open(fd, "r" if name == "stdin" else "w", closefd=False))  # noqa: SIM115
-
-
-def error_line(text: str) -> None:
-    """Print text on stderr in one write: stderr writes through, so print() sent the text and
-    its newline as two, and the lines of processes sharing one stderr (torchrun's) could run
-    into each other. Where no one reads stderr any more, nothing is said."""
-    try:
-        sys.stderr.write(f"{text}\n")
-    except OSError:  # a pipe's reader gone, or a hung-up terminal's EIO: no one to tell
-        quiet_if_gone(sys.stderr)
-
-
-def quiet_if_gone(stream: TextIO) -> bool:
-    """Point `stream` at /dev/null where its reader has gone (`| head`, or a `| tee` the same
-    Ctrl-C ended): what is still written to it, and its flush at exit (else exit status 120),
-    go nowhere instead of failing again. Whether it had gone."""
-    try:
-        fd = stream.fileno()
-    except (OSError, ValueError):  # no descriptor (a test's capture), or closed
-        return False
-    watch = select.poll()  # a pipe whose reader has gone polls as an error, at once
-    watch.register(fd, select.POLLOUT)
-    if not any(events & select.POLLERR for _, events in watch.poll(0)):
-        return False
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, fd)
-    os.close(null)
-    return True
-
-
-def _hung_up_terminal(stream: TextIO) -> bool:
-    """Whether stream is a terminal that hung up: its ioctls then fail with EIO (a file or a
-    pipe's with ENOTTY), where a pipe whose reader left polls as an error too."""
-    try:
-        termios.tcgetattr(stream.fileno())
-    except termios.error as error:
-        return error.args[0] == errno.EIO
-    except (OSError, ValueError):  # no descriptor (a test's capture), or closed
-        return False
-    return False
-
-
-def hung_up(error: BaseException) -> bool:
-    """Whether error is a write's EIO from the terminal of stdout or stderr hanging up (an
-    SSH session dropped, a terminal window closed): Linux fails the terminal's writes first
-    and only then signals SIGHUP (to the shell, which hands it on), so a write in between
-    ends the command before that signal is there. Such streams then write to /dev/null
-    (quiet_if_gone). A disk's EIO while a `| head` has gone is no hang-up: it is said."""
-    return (isinstance(error, OSError) and error.errno == errno.EIO
-            and any([quiet_if_gone(stream) for stream in (sys.stdout, sys.stderr)
-                     if _hung_up_terminal(stream)]))
-
-
-def _on_stop_signal(signum: int, frame) -> None:
-    _stopped_by[:] = [signum]
-    _stop_requested.set()
-    raise KeyboardInterrupt
-
-
-def stop_with_launcher() -> None:
-    """In a process torchrun or accelerate launch started: a SIGTERM when the launcher dies.
-    Stopped, a launcher hands its processes a SIGTERM; killed outright (kill -9, the OOM
-    killer) it hands them nothing, and torchrun's, each in a session of its own, trained on
-    unseen, holding the run's folder and its GPU. Asked once, by
-    interruptible_imports, before torch loads (seconds): the signal is then handled by
-    whatever handler is in place when it comes (run_main's, a clean stop). Only a launcher
-    killed in the moment before a command's own options were read goes unseen."""
-    if launched():
-        signal_at_parent_death(signal.SIGTERM)
-
-
-def signal_at_parent_death(signum: int) -> None:
-    """Ask Linux to send this process signum when its parent ends (prctl PR_SET_PDEATHSIG);
-    elsewhere nothing."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
-
-
-def stop_if_interrupted() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C came and was lost: raised inside a __del__ or a
-    weakref callback (numba's, during garbage collection), Python prints and ignores it.
-    Progress updates call this, so a command stops at the next step all the same."""
-    if _stop_requested.is_set():
-        raise KeyboardInterrupt
-
-
-def _quiet_lost_stop(previous: Callable) -> Callable:
-    """A sys.unraisablehook that drops the 'Exception ignored' report of a lost Ctrl-C (it is
-    not lost here: stop_if_interrupted raises it again) and hands the rest to `previous`."""
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            previous(unraisable)
-    return hook
-
-
-@contextmanager
-def stop_signals_held() -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as they would have:
-    for work an interrupt must not cut in two (a lock taken and never released, a fork hook
-    that drops the interrupt). A handler that only takes note, not a blocked signal mask:
-    Python runs handlers in the main thread whichever thread the signal reached (numba's,
-    torch's)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread gets Python's signal handlers
-        return
-    caught: list[int] = []
-    # one the command ignores stays ignored (SIGHUP under nohup, SIGINT in a background job):
-    # noted, it was the one acted on, as nothing, and a SIGTERM after it was lost; and the
-    # processes forked in the block (DataLoader workers) took it up again
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:  # the first one, as it would have been handled
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)
-            else:
-                signal.raise_signal(caught[0])
-
-
-@contextmanager
-def stop_signals_end_at_once() -> Iterator[None]:
-    """For a block that waits inside C++, where Python's signal handlers never run: Ctrl-C,
-    SIGTERM or SIGHUP then ends the process at once, run_main's line and code. For
-    torch.distributed's rendezvous, which waits for a peer that may never come (a node that did
-    not start), and writes nothing that could be left half done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    # Python's own C handler writes each signal's number here as it arrives, in any thread
-    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-
-    def watch() -> None:
-        while received := os.read(read, 1):  # b"" once the block is done: the pipe closed
-            if received[0] in STOP_SIGNALS:
-                _stopped_by[:] = [received[0]]
-                error_line(INTERRUPTED_LINE)
-                os._exit(stopped_code())
-
-    watcher = threading.Thread(target=watch, name="stop-signals", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(previous)
-        os.close(write)
-        watcher.join()
-        os.close(read)
-
-
-def stopped_code() -> int:
-    """The exit code of a command stopped by a signal: 130 for Ctrl-C, 143 for SIGTERM, 129
-    for SIGHUP."""
-    return STOP_SIGNALS.get(_stopped_by[0], INTERRUPTED) if _stopped_by else INTERRUPTED
 
 
 def os_error_text(error: OSError) -> str:
@@ -326,24 +151,6 @@ def interruptible_imports() -> Iterator[None]:
         sys.exit(INTERRUPTED)
 
 
-def exit_at_once_on_ctrl_c() -> None:
-    """At exit, Ctrl-C ends the process at once, silently: torch's own teardown takes seconds,
-    even after a bare `import torch`, and a Ctrl-C in it printed an 'Exception ignored in
-    atexit callback' traceback. Registered last, this runs first; the command's
-    files are all written by then, and its output is flushed here."""
-    def exit_now(signum: int, frame) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            # OSError: a pipe whose reader left (| head); ValueError: closed; RuntimeError: this
-            # handler runs inside that stream's own flush, which cannot be entered twice (a
-            # buffered writer runs handlers between its writes: Python 3.10 ran one at exit so)
-            with suppress(OSError, ValueError, RuntimeError):
-                stream.flush()
-        os._exit(INTERRUPTED)
-
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays so
-        signal.signal(signal.SIGINT, exit_now)
-
-
 def error_text(error: Exception) -> str:
     """The one line a command prints for a failure it expects: an EngineError's own words, a
     file it could not read or write, memory; any other error is a bug, raised again."""
@@ -392,7 +199,7 @@ def run_main(body: Callable[[], int | None]) -> int:
         if hasattr(sys.stdout, "reconfigure"):  # a file name's bytes that are not UTF-8 printed
             sys.stdout.reconfigure(errors="surrogateescape")  # as they are, as ls does
         if threading.current_thread() is threading.main_thread():
-            sys.unraisablehook = _quiet_lost_stop(hook)
+            sys.unraisablehook = quiet_lost_stop(hook)
             # once, however often it runs
             for callback in (spare_last_collection, exit_at_once_on_ctrl_c):
                 atexit.unregister(callback)
@@ -404,7 +211,7 @@ def run_main(body: Callable[[], int | None]) -> int:
                 # before an assignment of what it returned, and the handler stayed
                 if (handler := signal.getsignal(s)) is not signal.SIG_IGN:
                     previous[s] = handler
-                    signal.signal(s, _on_stop_signal)
+                    signal.signal(s, on_stop_signal)
         code = body() or 0
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code
@@ -418,7 +225,7 @@ def run_main(body: Callable[[], int | None]) -> int:
         if not (quiet_if_gone(sys.stdout) | quiet_if_gone(sys.stderr)):  # a socket's, say
             error_line(f"error: {error_text(error)}")
             return 1
-        if _stop_requested.is_set():  # the Ctrl-C that ended a `| tee` too: it stopped this
+        if stop_requested():  # the Ctrl-C that ended a `| tee` too: it stopped this
             return stopped_code()
         error_line("error: stopped: the program reading this command's output (such as head "
                    "or tee) closed it; send the output to a file or keep its reader running.")
@@ -426,7 +233,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     except Exception as error:
         try:
             if hung_up(error):  # a closed terminal: stopped as its SIGHUP stops the command
-                _stopped_by[:] = _stopped_by or [signal.SIGHUP]
+                note_hang_up()
                 if signal.SIGHUP in previous:  # that SIGHUP, still to come, is not a
                     del previous[signal.SIGHUP]  # second stop, nor a death at exit
                     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -434,14 +241,13 @@ def run_main(body: Callable[[], int | None]) -> int:
         except KeyboardInterrupt:  # its SIGHUP came as this looked, the moment it is most
             hung_up(error)  # likely to: the same stop, its streams quieted all the same
             return stopped_code()
-        if _stop_requested.is_set():  # a library made the Ctrl-C an error of its own: torch's
+        if stop_requested():  # a library made the Ctrl-C an error of its own: torch's
             error_line(INTERRUPTED_LINE)  # exporter, stopped mid-import, raises TorchExportError
             return stopped_code()
         error_line(f"error: {error_text(error)}")
         return 1
     finally:
-        _stop_requested.clear()
-        _stopped_by.clear()
+        forget_stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         sys.unraisablehook = hook

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
-from common.cli import stop_if_interrupted
+from common.stop_signals import stop_if_interrupted
 
 LOG_INTERVAL = 30.0  # seconds between progress lines when standard error is not a terminal
 POSTFIX_INTERVAL = 1.0  # seconds between a bar's postfix refreshes: nobody reads faster

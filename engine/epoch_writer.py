@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from common.cli import stop_signals_held
+from common.stop_signals import stop_signals_held
 
 
 class EpochWriter:

@@ -9,7 +9,6 @@ import os
 import torch
 from accelerate import Accelerator
 
-from common.cli import stop_signals_end_at_once
 from common.errors import TrainingError, one_line
 from common.hardware import (
     launched,
@@ -18,6 +17,7 @@ from common.hardware import (
     physical_cores,
     process_count,
 )
+from common.stop_signals import stop_signals_end_at_once
 from engine.config import TrainConfig
 
 # what torchrun and accelerate launch set, besides accelerate's own ACCELERATE_*

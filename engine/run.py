@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from common.cli import stop_if_interrupted
+from common.stop_signals import stop_if_interrupted
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
 from engine.optimizers import build_optimizer, build_schedule

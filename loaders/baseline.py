@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils import signal_handling
 from torchvision import transforms
 
-from common.cli import STOP_SIGNALS, stop_signals_held
 from common.errors import LoaderError, one_line
 from common.hardware import beyond_cores
+from common.stop_signals import STOP_SIGNALS, stop_signals_held
 from loaders import beton
 from loaders.augment import epoch_generator
 from loaders.base import Batch, BatchLoader

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 
 import torch
 
-from common.cli import STOP_SIGNALS, exit_at_once_on_ctrl_c, stop_signals_held
 from common.errors import DataError, LoaderError, SetupError, one_line
 from common.hardware import available_cores, process_count
+from common.stop_signals import STOP_SIGNALS, exit_at_once_on_ctrl_c, stop_signals_held
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
 LLVM_EXIT_WAIT = 30.0  # seconds an exit waits for another thread's LLVM call (one call: less)

@@ -189,7 +189,7 @@ def test_ctrl_c_at_exit_inside_a_flush_of_the_output_still_exits_at_once_and_sil
     # can run inside the flush of the very stream it flushes: a flush cannot be entered twice
     code = """
 import io, os, signal, sys
-from common.cli import exit_at_once_on_ctrl_c
+from common.stop_signals import exit_at_once_on_ctrl_c
 
 class Terminal(io.RawIOBase):  # stdout whose write brings a Ctrl-C
     def writable(self):
@@ -449,8 +449,8 @@ def test_a_launcher_killed_while_its_process_imports_torch_stops_that_process():
 def test_a_background_jobs_ctrl_c_stays_ignored_while_it_imports_and_at_exit():
     """SIGINT ignored (a script's background job): a Ctrl-C while the command imports torch, or
     once its work is done, is not meant for it either."""
-    code = ("import os, signal; from common.cli import exit_at_once_on_ctrl_c, "
-            "interruptible_imports\n"
+    code = ("import os, signal; from common.cli import interruptible_imports\n"
+            "from common.stop_signals import exit_at_once_on_ctrl_c\n"
             "with interruptible_imports(): os.kill(os.getpid(), signal.SIGINT)\n"
             "exit_at_once_on_ctrl_c(); os.kill(os.getpid(), signal.SIGINT); print('ran on')")
     result = run_ignoring(code, signal.SIGINT)
@@ -461,7 +461,7 @@ def test_of_two_stop_signals_in_a_held_block_the_first_is_acted_on_by_its_own_ha
     """Outside run_main (engine.loop.train called as a library) each signal has a handler of
     its own: a SIGTERM and then a Ctrl-C inside stop_signals_held end the process as the
     SIGTERM's would (killed by it), not as a Ctrl-C (a KeyboardInterrupt traceback)."""
-    code = ("import os, signal; from common.cli import stop_signals_held\n"
+    code = ("import os, signal; from common.stop_signals import stop_signals_held\n"
             "with stop_signals_held():\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
@@ -489,7 +489,8 @@ def test_a_stop_signal_lost_before_the_output_broke_still_ends_as_stopped():
 def test_a_stop_signal_after_an_ignored_one_in_a_held_block_still_stops():
     """`nohup` ignores SIGHUP: a hang-up and then a SIGTERM inside stop_signals_held acted on
     the first (ignored, so nothing), and the SIGTERM was lost: the command ran on."""
-    code = ("import os, signal, sys; from common.cli import run_main, stop_signals_held\n"
+    code = ("import os, signal, sys; from common.cli import run_main\n"
+            "from common.stop_signals import stop_signals_held\n"
             "def body():\n"
             "    with stop_signals_held():\n"
             "        os.kill(os.getpid(), signal.SIGHUP)\n"

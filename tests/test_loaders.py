@@ -689,8 +689,9 @@ def _killed(image) -> None:
 
 
 def test_a_torchvision_worker_ignores_what_its_command_ignores():
-    """A script's background job ignores Ctrl-C, and so does the command (common.cli): its
-    workers took it up again, died of the group's Ctrl-C, and the command failed on them."""
+    """A script's background job ignores Ctrl-C, and so does the command
+    (common.stop_signals): its workers took it up again, died of the group's Ctrl-C, and the
+    command failed on them."""
     code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
             "from loaders.baseline import _stop_quietly\n"
             "_stop_quietly(0)\n"
@@ -709,9 +710,9 @@ def _hung_up(image) -> torch.Tensor:
 
 def test_torchvision_workers_of_a_nohup_run_outlive_the_terminal(make):
     """`nohup` ignores SIGHUP, and so does the command; its workers, forked while the loader
-    held the stop signals (common.cli.stop_signals_held, whose note had replaced the ignored
-    disposition), took SIGHUP up again: a closed terminal ended them, and the run failed on
-    its dead workers."""
+    held the stop signals (common.stop_signals.stop_signals_held, whose note had replaced the
+    ignored disposition), took SIGHUP up again: a closed terminal ended them, and the run
+    failed on its dead workers."""
     loader = make("torchvision", False, copy=4)  # its own: the transform is replaced
     loader.loader.dataset.transform = _hung_up
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -1310,7 +1310,7 @@ def test_a_terminal_hung_up_before_its_sighup_came_is_a_stop_as_by_sighup():
 # its body fails with EIO; the terminal's SIGHUP comes as run_main looks at its streams
 SIGHUP_AS_IT_LOOKS = """
 import errno, os, signal, sys
-import common.cli
+import common.streams
 from common.cli import run_main
 sent = []
 def sighup_now(stream):  # once, as the terminal's shell hands it on
@@ -1318,8 +1318,8 @@ def sighup_now(stream):  # once, as the terminal's shell hands it on
         sent.append(stream)
         os.kill(os.getpid(), signal.SIGHUP)
     return True
-common.cli._hung_up_terminal = lambda stream: True
-common.cli.quiet_if_gone = sighup_now
+common.streams._hung_up_terminal = lambda stream: True
+common.streams.quiet_if_gone = sighup_now
 def body():
     raise OSError(errno.EIO, "Input/output error")
 sys.exit(run_main(body))

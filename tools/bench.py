@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 import sys
 
-from common.cli import error_line, interruptible_imports, run_main, stop_if_interrupted
+from common.cli import interruptible_imports, run_main
+from common.stop_signals import stop_if_interrupted
+from common.streams import error_line
 from tools.bench_options import parse_args
 
 
 def log(line: str) -> None:
     """Progress on stdout, flushed so a redirected log is complete at every moment; like any
-    progress update, it raises a Ctrl-C again that a finalizer swallowed (common.cli)."""
+    progress update, it raises a Ctrl-C again that a finalizer swallowed
+    (common.stop_signals)."""
     print(line, flush=True)
     stop_if_interrupted()
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from common.cli import STOP_SIGNALS, signal_at_parent_death, stop_if_interrupted
 from common.errors import EngineError, TrainingError, one_line
 from common.hardware import native_bf16
+from common.stop_signals import STOP_SIGNALS, signal_at_parent_death, stop_if_interrupted
 from engine.config import TrainConfig, resolve
 from engine.launch import make_accelerator
 from engine.loop import Log

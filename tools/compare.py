@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, error_line, interruptible_imports, run_main
+from common.cli import CommandParser, interruptible_imports, run_main
+from common.streams import error_line
 from engine.config import OPTIMIZERS
 from engine.options import parse_tool_args
 

@@ -15,14 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli import (
-    CommandParser,
-    error_line,
-    interruptible_imports,
-    path_option,
-    positive,
-    run_main,
-)
+from common.cli import CommandParser, interruptible_imports, path_option, positive, run_main
+from common.streams import error_line
 from tools.options import add_checkpoint_argument, add_device_option, pick_device
 
 CAM_LAYER = "layer3"  # --layer's default

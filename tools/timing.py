@@ -12,8 +12,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from common.cli import stop_if_interrupted
 from common.errors import one_line
+from common.stop_signals import stop_if_interrupted
 from engine.run import DTYPES, Run, train_step
 from tools.bench_options import TURN_EPOCHS, TURN_S
 

@@ -1,0 +1,81 @@
+"""A command's standard streams: reopened where the caller closed them, written a line at a
+time, and sent to /dev/null where their reader has gone or their terminal hung up."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import sys
+import termios
+from contextlib import suppress
+from typing import TextIO
+
+
+def reopen_closed_streams() -> None:
+    """Standard streams closed by the caller (`2>&-`) reopened on /dev/null: Python leaves
+    them None, so the first error line raised an AttributeError nobody saw, and the next file
+    opened took descriptor 2, where C libraries' warnings would then land."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        null = os.open(os.devnull, os.O_RDWR)
+        with suppress(OSError):  # raises while fd is still free, for /dev/null to take
+            os.fstat(fd)
+            fd = null  # a file opened since took it: the stream gets a descriptor of its own
+        if fd != null:
+            os.dup2(null, fd)
+            os.close(null)
+        # the process's own stream, for as long as it runs: no block to close it in
+        setattr(sys, name, open(fd, "r" if name == "stdin" else "w", closefd=False))  # noqa: SIM115
+
+
+def error_line(text: str) -> None:
+    """Print text on stderr in one write: stderr writes through, so print() sent the text and
+    its newline as two, and the lines of processes sharing one stderr (torchrun's) could run
+    into each other. Where no one reads stderr any more, nothing is said."""
+    try:
+        sys.stderr.write(f"{text}\n")
+    except OSError:  # a pipe's reader gone, or a hung-up terminal's EIO: no one to tell
+        quiet_if_gone(sys.stderr)
+
+
+def quiet_if_gone(stream: TextIO) -> bool:
+    """Point `stream` at /dev/null where its reader has gone (`| head`, or a `| tee` the same
+    Ctrl-C ended): what is still written to it, and its flush at exit (else exit status 120),
+    go nowhere instead of failing again. Whether it had gone."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # no descriptor (a test's capture), or closed
+        return False
+    watch = select.poll()  # a pipe whose reader has gone polls as an error, at once
+    watch.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in watch.poll(0)):
+        return False
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+    return True
+
+
+def _hung_up_terminal(stream: TextIO) -> bool:
+    """Whether stream is a terminal that hung up: its ioctls then fail with EIO (a file or a
+    pipe's with ENOTTY), where a pipe whose reader left polls as an error too."""
+    try:
+        termios.tcgetattr(stream.fileno())
+    except termios.error as error:
+        return error.args[0] == errno.EIO
+    except (OSError, ValueError):  # no descriptor (a test's capture), or closed
+        return False
+    return False
+
+
+def hung_up(error: BaseException) -> bool:
+    """Whether error is a write's EIO from the terminal of stdout or stderr hanging up (an
+    SSH session dropped, a terminal window closed): Linux fails the terminal's writes first
+    and only then signals SIGHUP (to the shell, which hands it on), so a write in between
+    ends the command before that signal is there. Such streams then write to /dev/null
+    (quiet_if_gone). A disk's EIO while a `| head` has gone is no hang-up: it is said."""
+    return (isinstance(error, OSError) and error.errno == errno.EIO
+            and any([quiet_if_gone(stream) for stream in (sys.stdout, sys.stderr)
+                     if _hung_up_terminal(stream)]))

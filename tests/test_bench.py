@@ -41,6 +41,7 @@ from tools import (
     bench,
     bench_mfu,
     bench_options,
+    bench_output,
     bench_peers,
     bench_profile,
     bench_run,
@@ -252,6 +253,76 @@ def test_the_profile_table_cuts_long_kernel_names():
     long = "_ZN17cutlass__5x_cudnn6KernelINS_4conv6kernel" + "x" * 1600
     assert shortened(long) == long[:NAME_WIDTH - 3] + "..." and len(shortened(long)) == NAME_WIDTH
     assert shortened("aten::convolution_backward") == "aten::convolution_backward"
+    assert shortened("x" * NAME_WIDTH) == "x" * NAME_WIDTH  # fits: kept whole, not cut
+    assert shortened("x" * (NAME_WIDTH + 1)) == "x" * (NAME_WIDTH - 3) + "..."
+
+
+def test_the_printed_tables_set_the_peers_after_the_loaders_and_name_the_peaks_outpaced():
+    """The log's tables in the sections' order (the peers' loaders beside ours, after them,
+    before the steps), and a dtype whose matmul a run outpaced is said to have no MFU: its
+    rows' MFU cells are empty, and this line is what says why."""
+    peak = Peak("fp32", 1024, 4, [0.5, 0.4], 2e12, "fp32")
+    mfu = bench_mfu.MfuResult(6000, {}, 1000, 6000, peaks={"fp32": peak}, not_peaks=["bf16"])
+    text = bench_output.report({"loaders": [], "step": [], "mfu": mfu,
+                                "peers": {"loaders": [], "epochs": []}})
+    titles = [line.split(" (")[0].split(",")[0] for line in text.splitlines()
+              if line.startswith("== ")]
+    assert titles == ["== loaders", "== peers: loaders", "== peers: training epoch", "== step",
+                      "== mfu"]
+    assert "fp32 peak: 2.000 TFLOP/s (1024^3 fp32 matmul, fastest of 2 blocks of 4)" in text
+    assert ("no bf16 MFU: a bf16 run computed faster than the bf16 matmul, so that matmul is "
+            "not this device's peak") in text.splitlines()
+
+
+def test_the_commit_is_marked_dirty_by_a_changed_tracked_file_only(tmp_path, monkeypatch):
+    """A result must say when it was measured on code that differs from its commit: a changed
+    tracked file adds -dirty, an untracked one (the log being written) does not; a copy
+    without .git (a GPU machine's) names $GPU_SUITE_COMMIT."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "a")
+    head = git("rev-parse", "HEAD")
+    monkeypatch.setattr(bench_output, "ROOT", tmp_path)
+    (tmp_path / "bench.log").write_text("written meanwhile")
+    assert bench_output.commit() == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert bench_output.commit() == f"{head}-dirty"
+    monkeypatch.setattr(bench_output, "ROOT", tmp_path / "no-checkout")
+    monkeypatch.setenv("GPU_SUITE_COMMIT", "abc123")
+    assert bench_output.commit() == "abc123"
+
+
+def test_metadata_on_the_cpu_names_no_cuda_it_did_not_run_on():
+    """cuda and cudnn are the versions a run used: None on the CPU, even with a CUDA build of
+    torch (its version is kept apart, as torch_cuda_build)."""
+    meta = bench_output.metadata(torch.device("cpu"), ["--quick"])
+    assert meta["cuda"] is None and meta["cudnn"] is None
+    assert meta["torch_cuda_build"] == torch.version.cuda and meta["device"] == "cpu"
+    assert meta["command"] == "python tools/bench.py --quick" and meta["argv"] == ["--quick"]
+
+
+def test_a_table_cell_has_thousands_separators_from_100_and_3_digits_below():
+    """Images per second run to tens of thousands: 12,345.7, not 12345.7 or 1.23e+04."""
+    number = bench_output.number
+    assert [number(v) for v in (12345.67, 100.0, 99.94, 0.012345, 2048, None, True)] == [
+        "12,345.7", "100.0", "99.9", "0.0123", "2048", "", "True"]
+    assert number([1500.0, 0.5]) == "1,500.0 0.5"
+
+
+def test_the_help_gives_each_default_once_where_cuda_and_cpu_share_it():
+    """--help's defaults: one value where CUDA's and the CPU's agree, both named where not,
+    and --quick's (an empty list as none)."""
+    assert bench_options.default_text("batch_size") == (
+        "default: 512 on CUDA, 256 on CPU, quick 64")
+    assert bench_options.default_text("width") == "default: 64, quick 16"
+    assert bench_options.default_text("compile_modes") == (
+        "default: default,reduce-overhead, quick none")
 
 
 @pytest.mark.slow
@@ -274,6 +345,23 @@ def test_the_profile_section_profiles_the_loader_asked_for(monkeypatch, tmp_path
     profiled = bench_run.profiled_config(args, device, str(tmp_path))
     assert profiled.loader == "torchvision" != base.loader
     assert replace(profiled, loader=base.loader) == base
+
+
+def test_a_profile_without_a_trace_records_none_and_prints_none(monkeypatch, tmp_path):
+    """Without --json or --trace the profile writes no trace: its JSON field is empty, not
+    the text 'None', and the log names no file; its ops are listed slowest first."""
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                                     "--workers", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
+    device = bench_run.settle_device(args)
+    bench_options.fill_defaults(args)
+    result = bench_profile.bench_profile(bench_run.profiled_config(args, device, str(tmp_path)),
+                                         args, None)
+    assert result.trace == "" and result.steps == 2 and result.sort_by == "self_cpu_ms"
+    times = [op["self_cpu_ms"] for op in result.ops]  # the ops taking the most time first
+    assert times == sorted(times, reverse=True) and times[0] > times[-1]
+    assert "trace:" not in bench_output.report({"profile": result})
+    assert not list(tmp_path.glob("*.json.gz"))
 
 
 def test_ours_beside_airbench_hands_over_its_fp16_then_the_training_dtype(prepared, tmp_path):
@@ -334,12 +422,15 @@ CORES = len(os.sched_getaffinity(0))  # this process's: pytest_configure set the
     (["--batch-size", "1e3"], "--batch-size: invalid int value: '1e3'"),
     (["--images", "1000000000"], "--images 1000000000 needs about 6144.0 GB of memory"),
     (["--batch-sizes", "64,0"], "--batch-sizes: must be positive"),
+    (["--batch-sizes", ","], "--batch-sizes needs at least one value"),
     (["--compile-modes", "fast"], "--compile-modes: unknown value(s) fast; choose from default,"),
     (["--precisions", "fp32,fp8"], "--precisions: unknown value(s) fp8; choose from bf16, fp16,"),
     (["--sections", "nope"], "--sections: unknown value(s) nope; choose from loaders, peers,"),
     (["--profile-loader", "dali"], "--profile-loader: invalid choice: 'dali'"),
     (["--epoch-images", "1"], "--epoch-images 1: the synthetic data needs at least 10 "
                               "training images, one per class"),
+    (["--peer-epoch-images", "9"], "--peer-epoch-images 9: the synthetic data needs at least "
+                                   "10 training images, one per class"),
     # 99999999999 threads was torch's traceback; as many workers, processes until memory ran out
     (["--threads", "99999999999"], "--threads 99999999999: this process may use "
                                    f"{CORES} core{'s' * (CORES != 1)}; pass --threads {CORES}"),
@@ -352,6 +443,17 @@ def test_impossible_options_are_usage_errors(args, message, capsys):
         bench_options.parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, column", [(["--device", "cuda"], 0), (["--device", "cpu"], 1),
+                                          (["--device", "cuda", "--quick"], 2)])
+def test_options_left_out_take_the_defaults_of_their_device_or_quick(argv, column):
+    """A GPU run left to its defaults runs the CUDA column (50,000 images, 8192^3 matmuls), not
+    the CPU's smaller one; --quick the quick one on any device; options given stay as given."""
+    args = bench_options.parse_args([*argv, "--steps", "7"])
+    bench_options.fill_defaults(args)
+    for name, values in bench_options.DEFAULTS.items():
+        assert getattr(args, name) == (7 if name == "steps" else values[column]), name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
@@ -501,7 +603,9 @@ def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option
     with pytest.raises(SystemExit) as exit_info:
         bench_options.parse_args([option, str(tmp_path)])
     assert exit_info.value.code == 2
-    assert f"{option} {tmp_path} is a folder; name a file" in capsys.readouterr().err
+    name = "bench.json" if option == "--json" else "bench.trace.json.gz"
+    assert f"{option} {tmp_path} is a folder; name a file, e.g. {tmp_path / name}; see --help" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])

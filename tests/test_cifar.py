@@ -135,6 +135,19 @@ def test_download_keeps_the_file_only_when_its_md5_matches(tmp_path, served_arch
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["ok.tar.gz"]
 
 
+def test_a_files_hash_covers_every_block_of_a_file_larger_than_one(tmp_path):
+    """file_hash reads 4 MB blocks: CIFAR-10's 170 MB archive is dozens of them, and a change
+    past the first block (a damaged download, a .beton's later images) must change the hash."""
+    path = tmp_path / "archive.tar.gz"
+    content = bytearray(os.urandom(9 << 20))  # two whole blocks and part of a third
+    path.write_bytes(content)
+    assert download.md5sum(path) == hashlib.md5(content).hexdigest()
+    content[-1] ^= 1
+    path.write_bytes(content)
+    assert download.md5sum(path) == hashlib.md5(content).hexdigest()
+    assert beton.file_digest(path) == hashlib.blake2b(content, digest_size=16).hexdigest()
+
+
 def test_fetch_with_wrong_md5_raises_and_leaves_nothing(tmp_path, served_archive):
     _, url, _ = served_archive
     data_dir = tmp_path / "data"
@@ -1097,6 +1110,19 @@ def test_prepare_cli_refuses_a_synthetic_size_for_another_dataset(tmp_path):
         "python loaders/prepare.py: error: --synthetic-size is for --dataset synthetic, not "
         "cifar10; see --help\n")
     assert not (tmp_path / "data").exists()
+
+
+def test_prepare_cli_prints_the_two_betons_of_the_size_asked_for(tmp_path, capsys):
+    """`cifar-prepare` prints the training and test .beton paths, one a line, for a script to
+    read; of the --synthetic-size given, not the default 50,000 and 10,000."""
+    from loaders import prepare as prepare_cli
+
+    data_dir = tmp_path / "data"
+    assert prepare_cli.main(["--dataset", "synthetic", "--synthetic-size", "20", "5",
+                             "--data-dir", str(data_dir)]) == 0
+    made = prepare("synthetic", data_dir, synthetic_size=(20, 5), workers=1)  # already there
+    assert capsys.readouterr().out == f"{made.train}\n{made.test}\n"
+    assert [len(beton.read(path).labels) for path in (made.train, made.test)] == [20, 5]
 
 
 def test_prepare_refuses_numba_settings_before_writing_anything(tmp_path):

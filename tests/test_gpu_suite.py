@@ -517,6 +517,23 @@ def test_a_library_the_image_lacks_is_found_in_whl_lib_or_named(tmp_path, monkey
     assert (site / "lib_probe" / "__init__.py").exists()  # the wheel was installed either way
 
 
+def test_whl_lib_goes_on_ld_library_path_only_for_a_library_that_failed_to_load(
+        tmp_path, monkeypatch, capsys):
+    """.whl/lib carries X11's libraries for ffcv's OpenCV; put first on LD_LIBRARY_PATH it
+    shadows the machine's own, so it goes there only when an import failed for a missing .so,
+    not for a package that is simply absent (grad-cam on a bare image)."""
+    probe_wheel(tmp_path / ".whl", "libc.so.6")  # a library every machine has
+    (tmp_path / ".whl" / "lib").mkdir()
+    monkeypatch.setattr(gpu_environment, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_environment, "NEEDED", ("lib_probe",))
+    monkeypatch.setattr(gpu_environment, "WANTED", ("no_such_cam_package",))
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    env = gpu_environment.environment(sys.executable, tmp_path / "site")
+    assert "LD_LIBRARY_PATH" not in env
+    out = capsys.readouterr().out
+    assert "LD_LIBRARY_PATH" not in out and "warning: no_such_cam_package cannot be" in out
+
+
 def test_without_grad_cam_the_steps_run_and_are_warned(tmp_path, monkeypatch, capsys):
     """grad-cam needs OpenCV, scikit-learn and SciPy, which the wheels do not carry: an image
     without them must still run the training and bench steps (the whole suite stopped)."""
@@ -529,6 +546,16 @@ def test_without_grad_cam_the_steps_run_and_are_warned(tmp_path, monkeypatch, ca
     monkeypatch.setattr(gpu_environment, "NEEDED", ("no_such_cam_package",))
     with pytest.raises(SetupError, match="no_such_cam_package"):  # what every step needs
         gpu_environment.environment(sys.executable, tmp_path / "site")
+
+
+def test_a_python_that_cannot_start_is_named_not_taken_for_one_lacking_nothing(tmp_path):
+    """The probe of what a Python lacks reads its output: a Python that cannot even start
+    printed nothing, which read as 'lacks nothing', and every step then failed alike."""
+    env = {**os.environ, "PYTHONHOME": str(tmp_path / "no-such-prefix")}  # fails at startup
+    with pytest.raises(SetupError, match=rf"^{re.escape(sys.executable)} cannot run: .+"):
+        gpu_environment.missing(sys.executable, env, ("json",))
+    assert gpu_environment.missing(sys.executable, dict(os.environ), ("json", "no_such_mod")) == {
+        "no_such_mod": "ModuleNotFoundError: No module named 'no_such_mod'"}
 
 
 def test_the_header_names_a_package_the_image_lacks_as_none(monkeypatch):

@@ -23,6 +23,7 @@ import loaders
 from common.errors import LoaderError, SetupError
 from common.hardware import available_cores, default_workers
 from loaders import guards
+from loaders.base import BatchLoader
 from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices, padding
 
@@ -308,9 +309,19 @@ def test_a_last_batch_of_one_sample_keeps_its_batch_dimension(prepared, source, 
                                  mean=prepared.mean, std=prepared.std, workers=1)
     batches = run_epoch(loader)
     assert [len(labels) for _, labels in batches] == [100, 100, 1]
+    assert len(loader) == 3  # the steps an epoch takes count the last, short batch
     images, labels = batches[-1]
     assert images.shape == (1, 3, 32, 32) and labels.shape == (1,)
     assert labels.item() == source.test.labels[-1]
+
+
+def test_a_batch_of_no_image_is_refused_by_name_and_one_image_is_a_batch():
+    """A batch size of 0 is refused when the loader is made (it was a ZeroDivisionError from
+    len(), or a loader that never ends); 1 is the smallest batch, a batch per image."""
+    kwargs = dict(train=False, device="cpu", num_samples=10, mean=[0.5] * 3, std=[0.25] * 3)
+    with pytest.raises(ValueError, match="^batch_size must be at least 1, got 0$"):
+        BatchLoader(Path("test.beton"), batch_size=0, **kwargs)
+    assert len(BatchLoader(Path("test.beton"), batch_size=1, **kwargs)) == 10
 
 
 @pytest.mark.parametrize("local, per_process", [(None, 1), ("2", 4), ("²", 1), ("0", 1)],

@@ -293,6 +293,8 @@ def test_lr_find_csv_has_each_steps_loss_beside_its_smoothed_loss():
     (["--lr", "0.1"], "--lr: the range test does not use it (it sweeps the LR from"),
     (["--epochs", "3", "--no-tta"], "--epochs, --no-tta: the range test does not use them"),
     (["--tta"], "--tta: the range test does not use it"),
+    # the sweep never evaluates: a tracker would log no epoch
+    (["--log-with", "tensorboard"], "--log-with: the range test does not use it"),
 ])
 def test_lr_find_refuses_bad_options_with_a_usage_error(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

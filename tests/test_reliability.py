@@ -56,7 +56,12 @@ from common.errors import (
 from common.locks import locked_dir, waiting_lock
 from common.output_folders import made_for, make_dir, output_dir
 from common.paths import long_name
-from common.temporaries import sweep_dead_writers, temporary_name, temporary_writer
+from common.temporaries import (
+    sweep_dead_writers,
+    sweep_temporaries,
+    temporary_name,
+    temporary_writer,
+)
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.failures import out_of_memory, out_of_memory_as, peer_gone
@@ -65,6 +70,7 @@ from engine.loop import train as train_run
 from engine.model import build_model
 from engine.run import train_step
 from loaders import make_loader
+from loaders.options import seed_problem
 
 SIZE = ["--synthetic-size", "1024", "128"]
 TINY = ["--dataset", "synthetic", *SIZE, "--width", "8", "--batch-size", "128",
@@ -438,6 +444,37 @@ def test_a_sweep_removes_the_temporaries_of_dead_writers_and_of_this_pid_only(tm
         (tmp_path / f".report.{pid}.tmp").mkdir()
     sweep_dead_writers(tmp_path / "report")
     assert [p.name for p in tmp_path.iterdir()] == [f".report.{alive}.tmp"]
+
+
+def test_another_users_live_writer_counts_as_alive():
+    """A shared --out (a lab's report folder) may hold a temporary of another user's running
+    report: signalling their process is refused (PermissionError), which says it runs; taken
+    for dead, its half-made report was swept from under it. Here as nobody, of PID 1's."""
+    code = "from common.temporaries import writer_alive; print(writer_alive(1))"
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:  # root may signal anyone: be another user
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to run as another user")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout == "True\n", result.stderr[-2000:]
+
+
+def test_a_sweep_of_temporary_files_removes_files_only_and_of_the_name_asked_for(tmp_path):
+    """sweep_temporaries (a run's --out, a .beton's folder) removes the `.<name>.<pid>.tmp`
+    files killed writes left; a folder named so is a user's, kept whole (unlinking it failed,
+    and the run with it), and a name other than the one asked for is left too."""
+    for name in (".ckpt.pt.123.tmp", ".train.beton.45.tmp", "ckpt.pt"):
+        (tmp_path / name).write_bytes(b"half a file")
+    (tmp_path / ".notes.7.tmp").mkdir()
+    (tmp_path / ".notes.7.tmp" / "mine.txt").write_text("kept")
+    sweep_temporaries(tmp_path, "train.beton")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.pt.123.tmp", ".notes.7.tmp",
+                                                          "ckpt.pt"]
+    sweep_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.7.tmp", "ckpt.pt"]
+    assert (tmp_path / ".notes.7.tmp" / "mine.txt").read_text() == "kept"
 
 
 def test_a_name_whose_temporary_just_fits_is_taken_and_one_byte_longer_is_not(tmp_path):
@@ -1403,6 +1440,13 @@ def test_impossible_values_are_refused_before_anything_is_written(option, messag
     assert result.stderr.startswith("engine/train.py: error: ") and \
         result.stderr.endswith("; see --help\n") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_seed_is_taken_up_to_the_largest_numpys_and_torchs_generators_take():
+    """--seed's range is 0..2**32-1 inclusive: its last value is taken, one past it refused."""
+    assert seed_problem(0) is None and seed_problem(2**32 - 1) is None
+    for seed in (-1, 2**32):
+        assert seed_problem(seed) == f"--seed must be in 0..4294967295, got {seed}"
 
 
 @pytest.mark.slow

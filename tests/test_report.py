@@ -606,6 +606,20 @@ def test_a_report_moved_in_file_by_file_moves_its_marker_first(tmp_path, monkeyp
         p.name for p in out.iterdir())
 
 
+def test_a_report_that_cannot_be_renamed_into_place_puts_the_older_one_back(tmp_path):
+    """publish moves an older report aside before renaming the new one over it: when that
+    rename fails (here the new folder is gone), the older report is back, whole, under its
+    own name, not left hidden as .report.<pid>.old with no report in its place."""
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in (*report_folder.FILES, report_folder.MARKER):
+        (out / name).write_text(f"older {name}")
+    before = tree(out)
+    with pytest.raises(FileNotFoundError):
+        report_folder.publish(tmp_path / ".report.1.tmp", out)
+    assert tree(out) == before and [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
 def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_path):
     """A report killed mid-way (SIGKILL) leaves its temporary folder: the next report into the
     same --out removes those of dead writers, and keeps a live writer's and other names'."""

@@ -376,6 +376,26 @@ def test_an_existing_folder_that_is_not_a_report_is_never_replaced(run_dir, caps
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_a_file_saved_into_out_while_the_report_is_made_is_kept(run_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    """--out is checked again just before the report takes its place: a folder with a file
+    of the user's, made there while the report was drawn, is refused, not replaced."""
+    out = tmp_path / "report"
+    draw = report_folder.write_report
+
+    def meanwhile(run, folder: Path, *args) -> None:
+        draw(run, folder, *args)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine\n")
+
+    monkeypatch.setattr(report_folder, "write_report", meanwhile)
+    code = report.main([str(run_dir / "ckpt.pt"), "-n", "1", "--layers", "layer3",
+                        "--out", str(out)])
+    assert code == 1 and "is not a report folder" in capsys.readouterr().err
+    assert tree(out) == {"notes.txt": b"mine\n"}
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary left either
+
+
 def test_a_folder_with_a_summary_md_and_other_files_is_refused_and_kept(run_dir, tmp_path):
     """Any folder holding a summary.md counted as an older report, and was deleted whole with
     a project's own files in it."""

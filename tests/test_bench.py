@@ -496,6 +496,14 @@ def test_an_epoch_alone_dies_with_a_parent_killed_outright(prepared, tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
+def test_a_list_option_with_a_value_of_the_wrong_kind_names_the_kind(tmp_path):
+    result = run_script("tools/bench.py", "--quick", "--batch-sizes", "a,b", "--data-dir",
+                        tmp_path / "data", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert ("error: argument --batch-sizes: invalid comma-separated int value: 'a,b'"
+            in result.stderr.splitlines()[-1])
+
+
 @pytest.mark.parametrize("option", ["--json", "--trace"])
 def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option):
     """Before any section runs: --trace's was found after the profile had run."""

@@ -55,8 +55,12 @@ def default_text(name: str) -> str:
 
 
 def comma_separated(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
-    """An argparse type: comma-separated values of `kind`."""
-    return lambda text: [kind(v) for v in text.split(",") if v]
+    """An argparse type: comma-separated values of `kind`, named so in argparse's 'invalid
+    comma-separated int value: 'a,b'' (a lambda's name made it 'invalid <lambda> value')."""
+    def parse(text: str) -> list[T]:
+        return [kind(v) for v in text.split(",") if v]
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -51,6 +51,9 @@ def os_error_text(error: OSError) -> str:
     if error.filename and (problem := dead_link(error.filename)):
         return f"{error.filename} {problem}."
     where = f" {error.filename}" if error.filename else ""
+    if error.errno == errno.EISDIR:  # a run's .lock, a .beton's sidecar: not to be checked
+        return (f"cannot use{where}: it is a folder where a file belongs; move it away, or "
+                "choose another path.")
     if error.errno in (errno.EACCES, errno.EPERM):  # neither a missing path nor a full disk
         return (f"cannot use{where}: {error.strerror}; fix its permissions, or those of the "
                 "folders above it, or choose another path.")

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from contextlib import suppress
 from pathlib import Path
 
 from common.errors import OutputError
 from common.temporaries import temporary_name
+
+CHECKPOINT_FORMAT = "cifar10-engine/ckpt"  # the marker of a checkpoint (engine.checkpoint.FORMAT)
 
 
 def not_a_file(path: Path) -> str | None:
@@ -95,6 +98,20 @@ def long_name(path: Path) -> str | None:
                 f"takes {limit}, less {longest - len(os.fsencode(path.name))} for the "
                 "temporary it is written as first)")
     return None
+
+
+def holds_checkpoint(path: Path) -> bool:
+    """Whether `path` is a cifar10-engine checkpoint: torch's zip whose pickle holds the format
+    marker. Cheap (no tensor is read), safe for any file (nothing is unpickled) and free of
+    torch, so an option can be checked before torch loads: an output written over a
+    checkpoint loses a run that can no longer be resumed, evaluated or exported."""
+    marker = CHECKPOINT_FORMAT.encode()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(marker in archive.read(name) for name in archive.namelist()
+                       if name.rpartition("/")[2] == "data.pkl")
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def dead_link(path: Path | str) -> str | None:

@@ -24,7 +24,7 @@ from torch import nn
 from common.atomic import atomic_writes, csv_text, json_text
 from common.errors import CheckpointError, listing, one_line, plain_line
 from common.hardware import device_name
-from common.paths import not_a_file
+from common.paths import CHECKPOINT_FORMAT, not_a_file
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule
@@ -34,7 +34,7 @@ from loaders.beton import MIN_STD
 if TYPE_CHECKING:
     from engine.run import Run
 
-FORMAT = "cifar10-engine/ckpt"
+FORMAT = CHECKPOINT_FORMAT
 VERSION = 1
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 # fields TrainConfig gained after version 1: an older checkpoint's config lacks them and they

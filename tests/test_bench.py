@@ -35,6 +35,7 @@ import engine.run
 import loaders
 from common.cli import run_main
 from common.errors import LoaderError
+from engine import checkpoint
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
 from tools import (
@@ -597,6 +598,14 @@ def test_an_epoch_alone_dies_with_a_parent_killed_outright(prepared, tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
+def test_a_list_option_with_a_value_of_the_wrong_kind_names_the_kind(tmp_path):
+    result = run_script("tools/bench.py", "--quick", "--batch-sizes", "a,b", "--data-dir",
+                        tmp_path / "data", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert ("error: argument --batch-sizes: invalid comma-separated int value: 'a,b'"
+            in result.stderr.splitlines()[-1])
+
+
 @pytest.mark.parametrize("option", ["--json", "--trace"])
 def test_a_file_option_naming_a_folder_is_a_usage_error(tmp_path, capsys, option):
     """Before any section runs: --trace's was found after the profile had run."""
@@ -629,6 +638,21 @@ def test_an_unwritable_output_is_a_usage_error(option, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert f"{option} {path}: {tmp_path / 'file'} is a file, not a folder" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("option", ["--json", "--trace"])
+def test_an_output_naming_a_checkpoint_is_refused_and_leaves_it_whole(option, tmp_path):
+    """--json is rewritten after each section: named at a run's ckpt.pt it replaced the
+    checkpoint with JSON, where export refuses the same --out."""
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"format": checkpoint.FORMAT}, ckpt)
+    before = ckpt.read_bytes()
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", option, ckpt,
+                        "--data-dir", tmp_path / "data", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"error: {option} {ckpt} is a cifar10-engine checkpoint; the results would "
+            "overwrite it. Name another file") in result.stderr.splitlines()[-1]
+    assert ckpt.read_bytes() == before and not (tmp_path / "data").exists()
 
 
 def test_json_may_name_folders_still_to_make_and_trace_may_not(tmp_path, capsys):

@@ -369,6 +369,18 @@ def test_a_command_runs_in_its_own_group_but_in_the_suites_session(tmp_path):
     assert code == 0 and session == os.getsid(0) and group == pid
 
 
+def test_a_results_path_that_is_a_file_is_named_with_the_option_and_left_alone(tmp_path):
+    """mkdir's bare 'File exists' came out as 'cannot use PATH: File exists. Check that the
+    path exists', naming no option and asking for what was there."""
+    results = tmp_path / "ckpt.pt"
+    results.write_text("not a folder")
+    process = run_gpu_suite("train", "--dry-run", "--results", results, timeout=120)
+    assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
+    assert process.stderr.splitlines()[-1] == (f"error: --results {results} is a file, not a "
+                                               "folder; choose a writable folder.")
+    assert results.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("case", ["missing folder", "a folder", "read-only folder",
                                   "$OUT a file"])
 def test_a_bundle_that_cannot_be_written_is_refused_before_any_step(tmp_path, monkeypatch,

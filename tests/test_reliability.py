@@ -1795,6 +1795,19 @@ def test_a_run_resumed_on_another_process_count_goes_on_at_its_epochs(finished, 
     assert trained.history[-1]["lr"] == 0  # the triangle's end: 2 epochs of this run's steps
 
 
+def test_a_folder_where_the_run_lock_belongs_is_named_as_a_folder(finished, tmp_path):
+    """open()'s EISDIR came out as 'cannot use RUN/.lock: Is a directory. Check that the path
+    exists, is writable ...', advice that fits no folder."""
+    run = copy_run(finished, tmp_path)
+    (run / ".lock").mkdir()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    result = train("--resume", run, "--epochs", "2", timeout=300)
+    assert result.returncode == 1
+    assert one_line_error(result) == (f"error: cannot use {run / '.lock'}: it is a folder where "
+                                      "a file belongs; move it away, or choose another path.")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_resume_from_a_folder_without_a_checkpoint_asks_for_a_run_folder(tmp_path):
     with pytest.raises(CheckpointError, match=f"--resume {tmp_path}: {tmp_path / 'ckpt.pt'} "
                                               "does not exist; pass the --out folder of a run"):

@@ -12,7 +12,7 @@ from common.cli import CommandParser, option_name, path_option, positive
 from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
 from common.hardware import beyond_cores, physical_cores
-from common.paths import not_a_file, place_problem
+from common.paths import holds_checkpoint, not_a_file, place_problem
 from engine.config import PRECISIONS
 from loaders import LOADERS
 from loaders.options import check_synthetic_memory, data_dir_option, synthetic_size_problem
@@ -55,8 +55,12 @@ def default_text(name: str) -> str:
 
 
 def comma_separated(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
-    """An argparse type: comma-separated values of `kind`."""
-    return lambda text: [kind(v) for v in text.split(",") if v]
+    """An argparse type: comma-separated values of `kind`, named so in argparse's 'invalid
+    comma-separated int value: 'a,b'' (a lambda's name made it 'invalid <lambda> value')."""
+    def parse(text: str) -> list[T]:
+        return [kind(v) for v in text.split(",") if v]
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -155,6 +159,9 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
         if path is not None and (problem := not_a_file(path)):
             example = f", e.g. {path / name}" if path.is_dir() else ""
             p.error(f"{option} {path} {problem}; name a file{example}")
+        if path is not None and holds_checkpoint(path):  # --json is written after a section
+            p.error(f"{option} {path} is a cifar10-engine checkpoint; the results would "
+                    f"overwrite it. Name another file")
     for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):
         problem = place_problem(path, made) if path is not None else None
         if problem:

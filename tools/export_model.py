@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from common.atomic import atomic_write
 from common.errors import EngineError, ExportError
 from common.output_folders import made_for
-from common.paths import dead_link, long_name, not_a_file, resolved
+from common.paths import dead_link, holds_checkpoint, long_name, not_a_file, resolved
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton
@@ -53,18 +52,6 @@ def metadata(ckpt: dict, fmt: str, source: Path) -> dict[str, str]:
             # a name's bytes that are not UTF-8 as \xNN: ONNX and safetensors take UTF-8 only
             "checkpoint": os.fsencode(source).decode("utf-8", "backslashreplace"),
             "epoch": str(ckpt.get("epoch", len(ckpt["history"])))}
-
-
-def holds_checkpoint(path: Path) -> bool:
-    """Whether `path` is a cifar10-engine checkpoint: torch's zip whose pickle holds the format
-    marker. Cheap (no tensor is read) and safe for any file (nothing is unpickled)."""
-    marker = checkpoint.FORMAT.encode()
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(marker in archive.read(name) for name in archive.namelist()
-                       if name.rpartition("/")[2] == "data.pkl")
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def check_out(out: Path, source: Path, default: Path) -> None:

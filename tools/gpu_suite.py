@@ -29,6 +29,7 @@ from pathlib import Path
 from common.atomic import atomic_write, write_json, write_text
 from common.cli import CommandParser, path_option, run_main
 from common.errors import SetupError
+from common.output_folders import make_dir
 from common.paths import not_a_file, place_problem
 from tools import ROOT
 from tools.gpu_environment import environment, header
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SetupError("torch sees no CUDA GPU here; run on a GPU machine, or check "
                                  "the commands on the CPU with --dry-run.")
         results, bundle = outputs(args)
-        results.mkdir(parents=True, exist_ok=True)
+        make_dir(results, "--results")  # a file there: named, with the fix
         env = environment(sys.executable, args.site.absolute())
         meta = header(sys.executable, env, suite_device(args.dry_run), argv, args.dry_run)
         deadline = start + args.budget if args.budget else math.inf

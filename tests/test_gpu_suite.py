@@ -125,6 +125,13 @@ def test_dry_run_bundle_holds_every_result_and_the_summary_names_the_figures(gpu
         assert expected in figures, expected
 
 
+def without_import_checks(monkeypatch) -> None:
+    """gpu_suite.main without its import checks and header (torch and ffcv imported in
+    subprocesses: seconds), where they are not under test."""
+    monkeypatch.setattr(gpu_environment, "missing", lambda python, env, names: {})
+    monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
+
+
 @pytest.mark.slow
 def test_with_out_set_a_short_budget_leaves_a_bundle_and_names_what_did_not_run(
         tmp_path, monkeypatch, capsys):
@@ -137,12 +144,12 @@ def test_with_out_set_a_short_budget_leaves_a_bundle_and_names_what_did_not_run(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the results folder goes
     monkeypatch.setattr(gpu_suite, "START_MIN_S", 1)
     monkeypatch.setattr(gpu_suite, "RESERVE_S", 2)
-    # the seed run (2 epochs) and then the compiled one, thousands of epochs long, start after
-    # the suite's own start (its import checks: about 10 s, 25 s and more on a loaded 2-core
-    # machine); the budget kills the second (or, on a slow enough machine, already the first)
-    # and nothing else can start then
+    without_import_checks(monkeypatch)  # 10 s, 25 s and more of the budget on a loaded machine
+    # the seed run (2 epochs) and then the compiled one, thousands of epochs long: the budget
+    # kills the second (or, on a slow enough machine, already the first) and nothing else can
+    # start then
     monkeypatch.setenv("GPU_SUITE_EPOCHS", "10000")
-    code = gpu_suite.main(["train", "bench-epoch", "--dry-run", "--budget", "45"])
+    code = gpu_suite.main(["train", "bench-epoch", "--dry-run", "--budget", "20"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err[-3000:]
     assert "failed or not run: train, bench-epoch" in err
@@ -439,9 +446,7 @@ def test_relative_paths_name_places_from_where_the_suite_is_called(tmp_path, mon
     monkeypatch.setattr(gpu_suite, "STEPS", (*gpu_suite.STEPS, "two"))
     monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [
         ("first", ["touch", str(s.results / "made"), str(s.work / "made")])])
-    # the import checks and the header (torch and ffcv imported: seconds) are not under test
-    monkeypatch.setattr(gpu_environment, "missing", lambda python, env, names: {})
-    monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
+    without_import_checks(monkeypatch)
     monkeypatch.delenv("OUT", raising=False)
     monkeypatch.chdir(tmp_path)
     assert gpu_suite.main(["two", "--dry-run", "--results", "r", "--work", "w"]) == 0
@@ -515,6 +520,9 @@ def test_a_library_the_image_lacks_is_found_in_whl_lib_or_named(tmp_path, monkey
         shutil.copy(_ctypes.__file__, tmp_path / ".whl" / "lib" / library)
     monkeypatch.setattr(gpu_environment, "ROOT", tmp_path)
     monkeypatch.setattr(gpu_environment, "NEEDED", ("lib_probe",))
+    # the probe alone is imported: grad-cam (torch, OpenCV, scikit-learn), which this test is
+    # not about, took seconds in each of the suite's import checks
+    monkeypatch.setattr(gpu_environment, "WANTED", ())
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
     site = tmp_path / "site"
     if carried:
@@ -809,9 +817,7 @@ def test_the_steps_named_run_once_each_in_the_order_named(tmp_path, monkeypatch,
     STEP='tests tests-quick'`), ran twice, spending the lease on it again."""
     for step in gpu_steps.STEPS:
         monkeypatch.setitem(gpu_steps.COMMANDS, step, lambda s: [("first", ["true"])])
-    # the import checks and the header (torch and ffcv imported: seconds) are not under test
-    monkeypatch.setattr(gpu_environment, "missing", lambda python, env, names: {})
-    monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
+    without_import_checks(monkeypatch)
     monkeypatch.delenv("OUT", raising=False)
     assert gpu_suite.main([*args, "--dry-run", "--results", str(tmp_path / "r")]) == 0
     record = json.loads((tmp_path / "r" / "suite.json").read_text())

@@ -70,11 +70,19 @@ def shown(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
+CONTROL = ("Cc", "Zl", "Zp")  # the Unicode categories of line breaks, tabs, NUL and the like
+
+
 def plain_line(text: str) -> bool:
     """Whether text prints as one visible line of a message or a table: not blank, and no
     line break (any that str.splitlines splits at), tab, NUL or other control character."""
-    return bool(text.strip()) and not any(
-        unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+    return bool(text.strip()) and not any(unicodedata.category(c) in CONTROL for c in text)
+
+
+def escaped(text: str) -> str:
+    """text on one line of a table: each line break, tab or other control character written
+    as repr writes it ('\\n', '\\t', '\\x00'), the rest as it is (a file name may hold any)."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in CONTROL else c for c in text)
 
 
 def unplain(names: list[str]) -> str | None:

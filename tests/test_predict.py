@@ -349,11 +349,13 @@ def test_saved_test_images_get_the_models_own_answers(run_dir, ckpt, tmp_path):
 def test_table_and_cam_overlays(run_dir, tmp_path):
     paths = write_pictures(tmp_path / "pics")
     good = [p for n, p in paths.items() if n not in ("text.png", "empty.png")]
+    good[0] = good[0].rename(good[0].with_name("two\nlines.png"))  # any name a file may have
     result = predict(run_dir / "ckpt.pt", *good, "--cam", tmp_path / "cams", "--layer", "layer2")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["file", "top-1", "top-2", "top-3"]
-    assert len(lines) == 1 + len(good)
+    assert len(lines) == 1 + len(good)  # a row per picture, its name's line break escaped
+    assert lines[1].startswith(f"{good[0].parent}/two\\nlines.png  ")
     column = lines[0].index("top-1")  # aligned: every row's first class starts under top-1
     assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines[1:])
     overlays = sorted((tmp_path / "cams").iterdir())

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, path_option, positive, run_main
+from common.errors import escaped
 from common.streams import error_line
 from tools.options import add_checkpoint_argument, add_device_option, pick_device
 
@@ -52,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def table(rows: list[dict]) -> str:
     """The top-k predictions as aligned columns: file, then `class probability` per rank."""
-    lines = [[r["file"]] + [f"{p['class']} {p['probability']:.1%}" for p in r["predictions"]]
+    # a file's name may hold a line break: escaped, each picture stays one row
+    lines = [[escaped(r["file"])] + [f"{p['class']} {p['probability']:.1%}"
+                                      for p in r["predictions"]]
              for r in rows if "predictions" in r]
     ranks = max((len(line) - 1 for line in lines), default=0)
     header = ["file"] + [f"top-{r + 1}" for r in range(ranks)]

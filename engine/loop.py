@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import get_available_trackers
 
 from common.compile_modes import compile_text
 from common.errors import (
@@ -24,7 +23,6 @@ from common.errors import (
     TrainingError,
     listing,
     one_line,
-    shown,
 )
 from common.hardware import device_name, native_bf16
 from common.locks import locked_dir
@@ -38,9 +36,9 @@ from engine.failures import out_of_memory, peer_gone
 from engine.launch import end_processes, launcher_options_ignored, make_accelerator
 from engine.resume import saved_run
 from engine.run import Run, build, train_step
+from engine.trackers import TRACKERS, check_tracker, start_trackers
 
 Log = Callable[[str], None]
-TRACKERS = "cifar10-engine"  # the --log-with trackers' project, and their folder in the run
 
 
 @dataclass
@@ -199,34 +197,6 @@ def fit(run: Run, history: list[dict], log: Log) -> float:
         writer.wait()
         waited += time.perf_counter() - start
     return waited
-
-
-def check_tracker(log_with: str | None, out: str = "") -> None:
-    """TrainingError, before any work, when --log-with names a tracker whose package is not
-    installed (accelerate would only warn, then train without it), or when the run folder
-    `out`, where the trackers write, is named in bytes that are not UTF-8: tensorboard takes
-    its folder as UTF-8 text (a UnicodeEncodeError traceback)."""
-    if log_with is not None and shown(out) != out:
-        raise TrainingError(f"--log-with {log_with}: the trackers name their files in UTF-8, "
-                            f"and --out {shown(out)} holds bytes that are not UTF-8 (shown as "
-                            "?); choose an --out named in UTF-8, or leave --log-with out.")
-    installed = [tracker.value for tracker in get_available_trackers()]
-    if log_with is None or (installed if log_with == "all" else log_with in installed):
-        return
-    if log_with == "all":  # accelerate's every tracker that is installed: none is
-        raise TrainingError("--log-with all: no tracker's package is installed; pip install "
-                            "one (e.g. tensorboard), or leave --log-with out.")
-    raise TrainingError(f"--log-with {log_with}: its package is not installed; pip install "
-                        f"{log_with}, or leave --log-with out.")
-
-
-def start_trackers(run: Run) -> None:
-    """Open the --log-with trackers (check_tracker has made sure they are installed)."""
-    # as text trackers take (shown: a --data-dir named in bytes that are not UTF-8 was a
-    # UnicodeEncodeError traceback in tensorboard's hparams)
-    flat = {k: v if isinstance(v, int | float | bool) else shown(str(v))
-            for k, v in run.cfg.to_dict().items()}
-    run.accelerator.init_trackers(TRACKERS, config=flat)
 
 
 def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tuple[TrainConfig,

@@ -27,7 +27,7 @@ from conftest import (
     torchrun_env,
 )
 
-import engine.loop
+import engine.trackers
 from common.errors import TrainingError
 from engine import checkpoint
 from loaders import beton
@@ -631,9 +631,9 @@ def test_a_tracker_whose_package_is_missing_says_what_to_install(tmp_path, data_
 
 def test_log_with_all_and_no_tracker_installed_says_to_install_one(monkeypatch):
     """accelerate's 'all' is every tracker that is installed: with none, one message."""
-    monkeypatch.setattr(engine.loop, "get_available_trackers", lambda: [])  # a bare install
+    monkeypatch.setattr(engine.trackers, "get_available_trackers", lambda: [])  # a bare install
     with pytest.raises(TrainingError) as refused:
-        engine.loop.check_tracker("all")
+        engine.trackers.check_tracker("all")
     assert str(refused.value) == ("--log-with all: no tracker's package is installed; pip "
                                   "install one (e.g. tensorboard), or leave --log-with out.")
-    engine.loop.check_tracker(None)  # no tracker asked for: nothing to check
+    engine.trackers.check_tracker(None)  # no tracker asked for: nothing to check

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import suppress
 from importlib.metadata import PackageNotFoundError, entry_points, version
@@ -72,6 +73,7 @@ ANSWERED_BEFORE_TORCH = [
     ("tools/report.py", ["x.pt", "--methods", "nope"], 2),
     ("tools/predict.py", ["x.pt", "a.png", "-k", "0"], 2),
     ("tools/export.py", ["x.pt", "--format", "nope", "--out", "{tmp}/model.onnx"], 2),
+    ("tools/export.py", ["x.pt", "--out", "{tmp}/model.onnx"], 2),  # no --format
     ("tools/bench.py", ["--precisions", "nope", "--json", "{tmp}/bench.json"], 2),
     ("tools/bench.py", ["--epochs", "0"], 2),
     ("tools/lr_find.py", ["--iterations", "0", "--out", "{tmp}/lr"], 2),
@@ -208,6 +210,23 @@ sys.stdout.flush()
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert (result.returncode, result.stdout, result.stderr) == (130, "all written\n", "")
+
+
+def buffered_env() -> dict[str, str]:
+    """The environment without PYTHONUNBUFFERED (a CI runner or container may set it): the
+    standard streams buffered, as a user's are, so that what a buffer still holds shows."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+def test_output_written_at_exit_before_a_ctrl_c_there_is_kept():
+    """The script's own output is flushed as it ends, but an atexit callback's (a tracker's
+    closing summary, say) may still sit in stdout's buffer when a Ctrl-C ends the process at
+    once: it is flushed first."""
+    code = ("import atexit, os, signal, sys, time; atexit.register(lambda: (print('at exit'), "
+            "os.kill(os.getpid(), signal.SIGINT), time.sleep(60)))\n"
+            "from common.cli import run_main; sys.exit(run_main(lambda: print('all written')))")
+    result = run_code(code, env=buffered_env())
+    assert (result.returncode, result.stdout, result.stderr) == (130, "all written\nat exit\n",
+                                                                 "")
 
 
 LAZY_MODULE = ("import types; lazy = types.ModuleType('lazy'); sys.modules['lazy'] = lazy;"
@@ -470,19 +489,25 @@ def test_of_two_stop_signals_in_a_held_block_the_first_is_acted_on_by_its_own_ha
     assert (result.returncode, result.stdout, result.stderr) == (-signal.SIGTERM, "", "")
 
 
+def stop_lost_in_a_finalizer(signum: str, then: str, setup: str = "") -> str:
+    """Code that runs `setup`, then run_main of a body whose dropped object's __del__ sends
+    signal `signum` (its KeyboardInterrupt, raised in a finalizer, is lost), then runs `then`."""
+    return ("import os, signal, sys; from common.cli import run_main\n"
+            f"{setup}"
+            "class Stops:\n"
+            "    def __del__(self):\n"
+            f"        os.kill(os.getpid(), signal.{signum})\n"
+            "def body():\n"
+            "    Stops()\n"
+            f"    {then}\n"
+            "sys.exit(run_main(body))")
+
 def test_a_stop_signal_lost_before_the_output_broke_still_ends_as_stopped():
     """A Ctrl-C lost in a finalizer, and then a write to an output whose reader has gone (the
     `| tee` the same Ctrl-C ended): 130, the Ctrl-C's code, not a broken pipe's message."""
-    code = ("import os, signal, sys; from common.cli import run_main\n"
-            "read, write = os.pipe(); os.close(read); os.dup2(write, 1)\n"
-            "class Stops:\n"
-            "    def __del__(self):\n"
-            "        os.kill(os.getpid(), signal.SIGINT)\n"
-            "def body():\n"
-            "    Stops()\n"
-            "    print('a line', flush=True)\n"
-            "sys.exit(run_main(body))")
-    result = run_code(code)
+    result = run_code(stop_lost_in_a_finalizer(
+        "SIGINT", "print('a line', flush=True)",
+        setup="read, write = os.pipe(); os.close(read); os.dup2(write, 1)\n"))
     assert (result.returncode, result.stderr) == (130, "")
 
 
@@ -499,6 +524,70 @@ def test_a_stop_signal_after_an_ignored_one_in_a_held_block_still_stops():
             "sys.exit(run_main(body))")
     result = run_ignoring(code, signal.SIGHUP)
     assert (result.returncode, result.stdout, result.stderr) == (143, "", "\ninterrupted\n")
+
+
+@pytest.mark.parametrize("block", ["stop_signals_held", "stop_signals_end_at_once"])
+def test_a_signal_block_in_another_thread_runs_as_it_is(block):
+    """Only the main thread may set signal handlers or the wakeup descriptor: a held or
+    end-at-once block in another thread (a loader's or a writer's) runs as it is, Python
+    delivering the signals to the main thread anyway, where setting them there was a
+    ValueError that ended that thread's work."""
+    from common import stop_signals
+
+    ran: list[str] = []
+
+    def work() -> None:
+        try:
+            with getattr(stop_signals, block)():
+                ran.append("inside")
+        except ValueError as error:
+            ran.append(f"refused: {error}")
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert ran == ["inside"]
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_hang_up_after_a_signal_keeps_that_signals_exit_code():
+    """A terminal that hung up stops the command as its SIGHUP would (129), unless a signal
+    had already stopped it: a SIGTERM's run then ends 143, as the first stop says."""
+    from common import stop_signals
+
+    try:
+        stop_signals.note_hang_up()
+        assert stop_signals.stopped_code() == 129
+        stop_signals.forget_stop()
+        with pytest.raises(KeyboardInterrupt):
+            stop_signals.on_stop_signal(signal.SIGTERM, None)
+        stop_signals.note_hang_up()
+        assert stop_signals.stopped_code() == 143
+    finally:
+        stop_signals.forget_stop()
+
+
+def test_a_stop_lost_in_a_finalizer_prints_no_exception_ignored_report():
+    """Python prints 'Exception ignored in: <function ...__del__>' and the traceback of a
+    KeyboardInterrupt raised in a finalizer; run_main raises that stop again, so the report
+    is noise and dropped: the command says 'interrupted' and nothing else."""
+    result = run_code(stop_lost_in_a_finalizer("SIGTERM", "print('ran on')"))
+    assert (result.returncode, result.stderr) == (143, "\ninterrupted\n")
+
+
+def test_a_signal_other_than_a_stop_while_waiting_in_cpp_ends_nothing():
+    """stop_signals_end_at_once's watcher hears of every signal with a Python handler (a
+    library's SIGUSR1 or a terminal's SIGWINCH, say); only a stop signal ends the process."""
+    code = ("import os, signal, time; from common.stop_signals import stop_signals_end_at_once\n"
+            "heard = []\n"
+            "signal.signal(signal.SIGUSR1, lambda signum, frame: heard.append(signum))\n"
+            "with stop_signals_end_at_once():\n"
+            "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "    time.sleep(0.5)  # the watcher's time to read the signal's byte\n"
+            "print('ran on', heard == [signal.SIGUSR1])")
+    result = run_code(code)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ran on True\n", "")
 
 
 LINES_FOREVER = ("import sys, time; from common.cli import run_main\n"
@@ -528,6 +617,36 @@ def test_an_output_whose_reader_has_gone_ends_the_command_in_one_line(interrupt,
             "error: stopped: the program reading this command's output (such as head or tee) "
             "closed it; send the output to a file or keep its reader running.\n")
         proc.stderr.close()
+
+
+def test_an_error_whose_stderr_reader_has_gone_still_exits_1():
+    """`2>&1 | head`-like: the error line fails on stderr's pipe, whose reader has gone; the
+    line left in stderr's buffer then failed again at exit, and Python's exit status for a
+    failed flush (120) replaced the error's 1."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", "import sys; from common.cli import run_main\n"
+             "from common.errors import DataError\n"
+             "def body():\n"
+             "    raise DataError('named')\n"
+             "sys.exit(run_main(body))"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=write,
+            env=buffered_env(), timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 1
+
+
+def test_a_closed_stdin_is_reopened_for_reading(tmp_path):
+    """`0<&-`: stdin is reopened on /dev/null for reading, as a library's prompt (input())
+    expects: it reads the end of input, not an 'io.UnsupportedOperation: not readable'."""
+    code = ("import sys; from common.cli import run_main\n"
+            "def body():\n"
+            "    print(repr(sys.stdin.read()))\n"
+            "sys.exit(run_main(body))")
+    result = run_code(code, preexec_fn=lambda: os.close(0))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "''\n", "")
 
 
 def with_stderr_closed(code: str) -> subprocess.CompletedProcess:

@@ -21,8 +21,8 @@ from common.errors import ExportError
 from engine import checkpoint
 from engine.model import build_model
 from loaders import beton
-from tools.export_formats import EXTRA_FILE
-from tools.export_model import agreement, memory_advice, reference_logits, require
+from tools import export as export_command
+from tools.export_model import agreement, memory_advice, metadata, reference_logits, require
 from tools.export_writers import to_01
 
 
@@ -48,10 +48,11 @@ def run_exported(fmt: str, path: Path, images: np.ndarray) -> tuple[np.ndarray, 
         pixels = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
         return session.run(None, {"image": pixels})[0], meta
     if fmt == "torchscript":
-        extra = {EXTRA_FILE: ""}
+        # the extra file's name as docs/predict-export.md gives it to users, not EXTRA_FILE
+        extra = {"cifar10_engine.json": ""}
         module = torch.jit.load(str(path), _extra_files=extra)
         with torch.no_grad():
-            return module(to_01(images)).numpy(), json.loads(extra[EXTRA_FILE])
+            return module(to_01(images)).numpy(), json.loads(extra["cifar10_engine.json"])
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -290,3 +291,59 @@ def test_running_out_of_memory_is_one_line(tmp_path):
         assert str(refused.value) == (f"out of memory exporting {tmp_path / 'ckpt.pt'}; nothing "
                                       "was written. Close other programs to free memory, or "
                                       "export on a machine with more.")
+
+
+def test_the_check_tolerance_grows_with_the_largest_logit():
+    """fp32 rounding grows with the logits' size: on logits near 100 a difference of 5e-3 is
+    rounding (5e-5 of the largest), accepted; 2e-2 is not."""
+    ref = 100 * np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    assert "top-1 differs on 0 of 64" in agreement(ref, ref + 5e-3, "onnx", Path("m.onnx"))
+    with pytest.raises(ExportError, match="does not match"):
+        agreement(ref, ref + 0.2, "onnx", Path("m.onnx"))
+
+
+def test_a_top_class_flipped_within_twice_the_tolerance_is_accepted():
+    """Each logit may move by the tolerance, so two that are up to twice it apart may swap:
+    an export within the tolerance on every logit is accepted, whichever class it then puts
+    on top (a flip past twice the tolerance moves some logit past it, refused as such)."""
+    ref = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    ref[0, :2] = [10.0, 10.0015]  # the largest |logit|: the limit is 1e-4 of it, just over 1e-3
+    got = ref.copy()
+    got[0, :2] = [10.0008, 10.0007]  # each moved by 8e-4, within the limit: class 0 on top
+    assert "top-1 differs on 0 of 64" in agreement(ref, got, "onnx", Path("m.onnx"))
+
+
+def test_the_metadata_gives_each_formats_own_input_contract(ckpt, tmp_path):
+    """ONNX and TorchScript hold the normalization in the graph and take 0..1 pixels;
+    safetensors holds the bare network, which takes them normalized: a user following the
+    0..1 contract for safetensors would get wrong classes without an error."""
+    for fmt in ("onnx", "torchscript"):
+        assert "0..1" in metadata(ckpt, fmt, tmp_path / "ckpt.pt")["input"]
+    assert metadata(ckpt, "safetensors", tmp_path / "ckpt.pt")["input"] == (
+        "float32 N x 3 x 32 x 32 RGB, (pixels / 255 - mean) / std")
+
+
+@pytest.mark.parametrize("package", ["onnx", "onnxruntime", "onnxscript"])
+def test_each_package_the_onnx_export_needs_is_named_before_it_starts(monkeypatch, package):
+    """torch.onnx.export's dynamo exporter imports onnxscript: without it the export failed
+    with torch's own ImportError traceback, after the checkpoint was read and checked."""
+    monkeypatch.setitem(sys.modules, package, None)  # as if it were not installed
+    with pytest.raises(ExportError) as refused:
+        require("onnx")
+    named = str(refused.value).removeprefix("--format onnx needs ").split(", which is not")[0]
+    assert package in named.split(", "), str(refused.value)  # onnxscript imports onnx, too
+
+
+def test_the_command_turns_running_out_of_memory_into_its_one_line(run_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """tools/export.py's own run under memory_advice: a real failed allocation of the CPU
+    allocator as the model is traced is the advice, exit 1 and nothing written, not a
+    traceback (the test above checks the advice, this that the command uses it)."""
+    monkeypatch.setattr(torch.jit, "trace", lambda *args, **kwargs: cpu_out_of_memory())
+    out = tmp_path / "m.torchscript.pt"
+    code = export_command.main([str(run_dir / "ckpt.pt"), "--format", "torchscript",
+                                "--out", str(out)])
+    assert (code, capsys.readouterr().err) == (
+        1, f"error: out of memory exporting {run_dir / 'ckpt.pt'}; nothing was written. Close "
+           "other programs to free memory, or export on a machine with more.\n")
+    assert list(tmp_path.iterdir()) == []

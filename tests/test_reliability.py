@@ -744,6 +744,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
     assert again.returncode == 0 and f"{run} is finished (2/2 epochs): nothing to train" in \
         again.stdout, again.stderr[-3000:]
     assert "saved" not in again.stdout  # it saved nothing
+    assert "of training" not in again.stdout  # nor trained: no time to account for
     fewer = train("--resume", run, "--epochs", "1", timeout=300)
     assert fewer.returncode == 1
     assert one_line_error(fewer) == (f"error: --epochs 1 is fewer than the 2 epochs {run} has "
@@ -1368,6 +1369,55 @@ def test_the_sighup_of_a_terminal_that_hung_up_as_run_main_looks_is_the_same_sto
     raised out of its except branch, a KeyboardInterrupt traceback and 130, not 129."""
     result = run_code(SIGHUP_AS_IT_LOOKS)
     assert (result.returncode, result.stderr) == (129, "")
+
+
+
+# waits for its terminal to hang up (a session of its own: no SIGHUP comes), then fails as
+# sys.argv[1] says; sys.argv[2] "late": a line on stderr after run_main returned
+FAILS_AFTER_A_HANG_UP = """
+import errno, sys, termios, time
+from common.cli import run_main
+def body():
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            termios.tcgetattr(1)
+        except termios.error:
+            break  # the hang-up: a hung-up terminal's ioctls fail with EIO
+        time.sleep(0.01)
+    code = errno.ENOSPC if sys.argv[1] == "full disk" else errno.EIO
+    raise OSError(code, "failed", "/data/run/ckpt.pt")
+code = run_main(body)
+if sys.argv[2] == "late":
+    print("a line after the command, from what still runs", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_on_a_terminal_that_hangs_up(*args: str) -> int:
+    """FAILS_AFTER_A_HANG_UP with stdout and stderr on a pty whose other side closes at
+    once; its exit status."""
+    terminal, run_side = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", FAILS_AFTER_A_HANG_UP, *args], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=run_side, stderr=run_side,
+                            start_new_session=True)
+    os.close(run_side)
+    os.close(terminal)  # the hang-up
+    return proc.wait(timeout=120)
+
+
+def test_a_full_disk_while_the_terminal_has_hung_up_is_a_failure_not_a_stop():
+    """Only a write's EIO is the terminal's hang-up: a full disk at the same time is the
+    command's failure (1), not a stop by SIGHUP (129), whatever the terminal."""
+    assert run_on_a_terminal_that_hangs_up("full disk", "") == 1
+    assert run_on_a_terminal_that_hangs_up("eio", "") == 129
+
+
+def test_after_a_hang_up_both_streams_write_to_dev_null():
+    """A hung-up terminal's stdout and stderr are both sent to /dev/null, not only the first
+    looked at: what writes to stderr after (a finalizer's or a library's line at exit) then
+    failed with EIO in turn, a traceback no one sees and exit 1 where the hang-up gives 129."""
+    assert run_on_a_terminal_that_hangs_up("eio", "late") == 129
 
 
 # a disk's EIO, with stdout's reader gone (`| head`)

@@ -457,6 +457,19 @@ def test_only_a_reports_own_folder_is_replaced(make, run_dir, report_dir, tmp_pa
     assert tree(out) == before
 
 
+def test_the_defaults_the_help_gives_are_the_ones_used(capsys):
+    """-n, --layers and --methods left out take the values --help promises (its text is
+    written by hand, not drawn from the parser's defaults)."""
+    args = report.parse_args(["ckpt.pt"])
+    assert (args.n, args.layers, args.methods) == (20, ["layer2", "layer3", "layer4"],
+                                                   ["gradcam"])
+    with pytest.raises(SystemExit):
+        report.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 20)", "(default: layer2 layer3 layer4)", "(default: gradcam)"):
+        assert default in shown
+
+
 def test_a_missing_checkpoint_is_named_before_the_default_report_folder(tmp_path, capsys):
     """The default folder beside a mistyped checkpoint was checked first, and refused as an
     --out that was never given."""
@@ -703,6 +716,21 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(device, advice):
                 report_folder.memory_advice(torch.device(device)):
             raise other
         assert passed.value is other
+
+
+def test_the_command_turns_running_out_of_memory_into_its_one_line(run_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """tools/report.py's own run under memory_advice: a real failed allocation of the CPU
+    allocator where the report draws its first figure is the advice, exit 1 and nothing
+    left, not a traceback (the test above checks the advice, this that the command uses it)."""
+    monkeypatch.setattr(Figure, "savefig", lambda *args, **kwargs: cpu_out_of_memory())
+    out = tmp_path / "report"
+    code = report.main([str(run_dir / "ckpt.pt"), "-n", "1", "--layers", "layer3",
+                        "--device", "cpu", "--out", str(out)])
+    assert (code, capsys.readouterr().err) == (
+        1, "error: out of memory making the report on cpu; try a smaller -n, or fewer "
+           "--methods or --layers.\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_layer_without_a_convolution_is_refused_as_such():

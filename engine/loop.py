@@ -27,6 +27,7 @@ from common.errors import (
 from common.hardware import device_name, native_bf16
 from common.locks import locked_dir
 from common.progress import progress_bar
+from common.stop_signals import stop_requested
 from common.temporaries import sweep_temporaries
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve
@@ -254,6 +255,10 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
                         shutil.rmtree(logs, ignore_errors=True)
     except KeyboardInterrupt:  # wherever it landed once the run's processes were up
         raise stopped(accelerator, out) from None
+    except Exception:
+        if stop_requested():  # a Ctrl-C that a library caught and made an error of its own:
+            raise stopped(accelerator, out) from None  # a stop all the same (run_main's case)
+        raise
 
 
 def stopped(accelerator: Accelerator, out: Path) -> Interrupted:

@@ -217,6 +217,7 @@ def buffered_env() -> dict[str, str]:
     standard streams buffered, as a user's are, so that what a buffer still holds shows."""
     return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
+
 def test_output_written_at_exit_before_a_ctrl_c_there_is_kept():
     """The script's own output is flushed as it ends, but an atexit callback's (a tracker's
     closing summary, say) may still sit in stdout's buffer when a Ctrl-C ends the process at
@@ -501,6 +502,7 @@ def stop_lost_in_a_finalizer(signum: str, then: str, setup: str = "") -> str:
             "    Stops()\n"
             f"    {then}\n"
             "sys.exit(run_main(body))")
+
 
 def test_a_stop_signal_lost_before_the_output_broke_still_ends_as_stopped():
     """A Ctrl-C lost in a finalizer, and then a write to an output whose reader has gone (the

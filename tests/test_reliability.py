@@ -40,6 +40,7 @@ from conftest import (
 )
 from test_folders import write_tree
 
+from common import temporaries
 from common.allocator import allocator_problem
 from common.atomic import atomic_writes, csv_text, write_failed, write_text
 from common.cli import run_main
@@ -449,15 +450,16 @@ def test_a_sweep_removes_the_temporaries_of_dead_writers_and_of_this_pid_only(tm
 def test_another_users_live_writer_counts_as_alive():
     """A shared --out (a lab's report folder) may hold a temporary of another user's running
     report: signalling their process is refused (PermissionError), which says it runs; taken
-    for dead, its half-made report was swept from under it. Here as nobody, of PID 1's."""
-    code = "from common.temporaries import writer_alive; print(writer_alive(1))"
+    for dead, its half-made report was swept from under it. Here as nobody, of PID 1's. The
+    module's source goes in with the code: nobody may not read this checkout (a clone in
+    mktemp's folder, 0700)."""
+    code = Path(temporaries.__file__).read_text() + "\nprint(writer_alive(1))\n"
     command = [sys.executable, "-c", code]
     if os.geteuid() == 0:  # root may signal anyone: be another user
         if shutil.which("setpriv") is None:
             pytest.skip("setpriv (util-linux) is needed to run as another user")
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=60)
     assert result.stdout == "True\n", result.stderr[-2000:]
 
 
@@ -908,6 +910,27 @@ def test_a_run_that_saved_nothing_keeps_a_trackers_folder_it_did_not_make(data_d
         train_run(cfg)
     assert (out / "cifar10-engine" / "notes.txt").read_text() == "mine"
     assert not (out / "ckpt.pt").exists()
+
+
+def test_a_ctrl_c_a_library_turned_into_its_own_error_still_says_what_was_kept(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """A library may catch the KeyboardInterrupt of a Ctrl-C and raise an error of its own:
+    the run still stops as a stop, saying what was kept (the command said a bare
+    'interrupted', as for a stop before the run began)."""
+    def converts(run, history, log) -> float:  # as such a library, where the epochs begin
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise RuntimeError("a library's own error") from None
+        return 0.0
+
+    monkeypatch.setattr(loop, "fit", converts)
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
+                      out=str(tmp_path / "out"))
+    assert run_main(lambda: train_run(cfg)) == 130
+    assert capsys.readouterr().err == ("\ninterrupted: no epoch had finished, so nothing was "
+                                       "saved; run the same command again\n")
 
 
 def test_a_run_called_as_a_library_closes_its_trackers(data_dir, tmp_path):

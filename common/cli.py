@@ -1,4 +1,6 @@
-"""The one way a command line ends: library errors become one message and an exit code."""
+"""A command line's start and end: the parser whose usage errors are one line, its option types,
+imports a Ctrl-C may stop, and run_main, the one way a command ends (a library's error becomes
+one message and an exit code)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ from common.paths import dead_link, not_a_file
 
 SIZE = 32
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# what errors name as readable: a file given by name is read whatever its suffix, by PIL
+FORMATS = "PNG, JPEG, BMP, GIF, TIFF, WebP or another format PIL reads"
 BACKGROUND = (255, 255, 255)  # transparent pixels become white, as viewers show them
 
 
@@ -105,7 +107,8 @@ def decode_image(path: Path) -> np.ndarray:
             opened.load()
             image = to_rgb(upright(opened))
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not a readable image; pass a PNG or JPEG file") from None
+        raise DataError(f"{path}: not a readable image; pass a picture file ({FORMATS})"
+                        ) from None
     except Image.DecompressionBombError:
         raise DataError(f"{path}: over {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
                         "decompression bomb; shrink it first") from None

@@ -544,3 +544,17 @@ def test_cuda_gives_the_cpu_answers(run_dir, tmp_path):
     assert cpu.keys() == cuda.keys() and len(cpu) == 10
     for name, probability in cpu.items():
         assert cuda[name] == pytest.approx(probability, abs=5e-3), name
+
+
+def test_unreadable_and_missing_pictures_name_every_format_taken(tmp_path):
+    """The errors named PNG and JPEG alone, where BMP, GIF, TIFF and WebP are read too, and
+    a folder's pictures are found by suffix."""
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(DataError, match=r"notes\.png: not a readable image; pass a picture "
+                                        r"file \(PNG, JPEG, BMP, GIF, TIFF, WebP or another"):
+        read_image(tmp_path / "notes.png")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.heic").write_bytes(b"\0" * 16)
+    with pytest.raises(DataError, match=r"a folder's pictures are its files named \.bmp \.gif "
+                                        r"\.jpeg \.jpg \.png \.tif \.tiff \.webp \(in any case\)"):
+        prediction.read_pictures([tmp_path / "photos"])

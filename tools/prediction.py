@@ -24,7 +24,7 @@ from engine import checkpoint
 from engine.evaluate import probabilities
 from engine.failures import out_of_memory_as
 from loaders.augment import Augment
-from loaders.images import expand, read_image
+from loaders.images import SUFFIXES, expand, read_image
 from tools.cams import CAM_BATCH, cams, layer_of, overlay
 
 CAM_SCALE = 8  # overlays are written 8x enlarged (256 x 256), nearest-neighbour, to be seen
@@ -89,8 +89,9 @@ def read_pictures(paths: list[Path]) -> Pictures:
     """The picture files and folders `paths` name, read; DataError when they hold none."""
     files = expand(paths)
     if not files:
-        raise DataError(f"no image files in {', '.join(map(str, paths))}; pass PNG or JPEG "
-                        "files or folders holding them.")
+        raise DataError(f"no image files in {', '.join(map(str, paths))}; a folder's pictures "
+                        f"are its files named {' '.join(sorted(SUFFIXES))} (in any case): name "
+                        "a picture of another name as a file.")
     return Pictures(files, *read_all(files))
 
 

@@ -398,3 +398,12 @@ def test_the_tables_first_line_counts_the_epochs_in_words(epochs, said):
     text = comparison.markdown([Result("sgd", 0.1, 5e-4, [dict(test_acc=0.5, seconds=1.0)]).row()],
                                cfg, "each optimizer's default")
     assert text.startswith(said)
+
+
+def test_the_figure_gives_test_accuracy_in_percent_as_the_table_does():
+    """compare.png drew fractions (0.09 to 0.10) beside compare.md's 9.00% and 10.00%."""
+    results = [Result("sgd", 0.2, 5e-4, [dict(epoch=1, test_acc=0.09, train_loss=2.3, lr=0.1),
+                                         dict(epoch=2, test_acc=0.104, train_loss=2.2, lr=0.0)])]
+    accuracy = comparison.plot(results).axes[1]
+    assert accuracy.get_title() == "test accuracy (%)"
+    assert list(accuracy.lines[0].get_ydata()) == pytest.approx([9.0, 10.4])

@@ -146,7 +146,9 @@ def saved_history(run_dir: Path) -> list[dict]:
     return checkpoint.load(path)["history"] if path.exists() else []
 
 
-PANELS = [Panel("train loss", ("train_loss",)), Panel("test accuracy", ("test_acc",)),
+# accuracy in percent, as compare.md and report's curves.png give it
+PANELS = [Panel("train loss", ("train_loss",)),
+          Panel("test accuracy (%)", ("test_acc",), scale=100),
           Panel("LR at the end of the epoch", ("lr",), yscale="lr")]
 
 

@@ -1018,6 +1018,20 @@ def test_headline_says_when_the_runs_accuracies_were_measured_with_flip_tta():
     assert facts["this report's accuracy"] == "100.00% (0 wrong; fp32, no TTA, on cpu)"
 
 
+def test_headline_counts_one_epoch_and_one_process_in_the_singular():
+    """'x 1 process(es)' and 'over 1 epochs' read as unfinished; several keep the plural."""
+    history = [dict(epoch=1, test_acc=0.8, test_loss=0.5, seconds=30.0)]
+    labels = np.array([0, 1])
+    run = _inputs(labels, history)
+    run.ckpt.update(device="cpu", processes=1, torch="2.15")
+    facts = report_tables.headline(run, np.eye(3)[:2], labels)
+    assert facts["trained on"] == "cpu x 1 process, torch 2.15"
+    assert facts["training time"].startswith("30.0 s (0.5 min) over 1 epoch, ")
+    run.ckpt["processes"] = 2
+    assert report_tables.headline(run, np.eye(3)[:2], labels)["trained on"] == \
+        "cpu x 2 processes, torch 2.15"
+
+
 def test_summary_lists_the_five_lowest_recalls_hardest_first():
     recalls = {"a": 0.9, "b": 0.2, "c": 0.7, "d": 0.5, "e": 0.95, "f": 0.1, "g": 0.6}
     classes = [dict(name=name, support=10, precision=0.5, recall=recall, f1=0.5)

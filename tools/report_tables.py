@@ -51,6 +51,7 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
     tta = " with flip TTA" if ckpt["config"]["tta"] else ""
     params = sum(p.numel() for p in run.model.parameters())
     wrong = int((probs.argmax(1) != labels).sum())
+    processes, epochs = ckpt.get("processes", 1), len(history)
     return {
         "checkpoint": shown(str(run.path)),
         "dataset": f"{ckpt['data']['dataset']}: {len(labels):,} test images, "
@@ -62,10 +63,11 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
         "best test accuracy": f"{best['test_acc']:.2%} at epoch {best['epoch']}{tta}",
         "this report's accuracy": f"{1 - wrong / len(labels):.2%} ({wrong:,} wrong; fp32, "
                                   f"no TTA, on {run.device.type})",
-        "trained on": f"{ckpt.get('device', '?')} x {ckpt.get('processes', 1)} process(es), "
-                      f"torch {ckpt.get('torch', '?')}",
-        "training time": f"{seconds:,.1f} s ({seconds / 60:.1f} min) over {len(history)} "
-                         f"epochs, {history[-1].get('images_per_s', 0):,.0f} images/s last",
+        "trained on": f"{ckpt.get('device', '?')} x {processes} "
+                      f"process{'es' * (processes != 1)}, torch {ckpt.get('torch', '?')}",
+        "training time": f"{seconds:,.1f} s ({seconds / 60:.1f} min) over {epochs} "
+                         f"epoch{'s' * (epochs != 1)}, "
+                         f"{history[-1].get('images_per_s', 0):,.0f} images/s last",
     }
 
 

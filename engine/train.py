@@ -6,14 +6,15 @@ channels_last and mixed precision; every epoch leaves an atomic ckpt.pt, metrics
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from common.cli import interruptible_imports, run_main
 from engine.options import parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train as the command line says, then print the best accuracy; the exit status comes
-    from run_main, so a known error or Ctrl-C is one line, not a traceback."""
+    """Train as the command line says, then print the final and best accuracy; the exit status
+    comes from run_main, so a known error or Ctrl-C is one line, not a traceback."""
     options = parse(argv)  # first: --help and a refused option answer before torch loads
     with interruptible_imports():  # torch and the rest take seconds to import
         from engine.loop import train
@@ -21,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         result = train(options.cfg, options.resume, options.given, log=print)
         if result.main_process and result.history:
-            best = max(result.history, key=lambda r: r["test_acc"])
-            # a finished run resumed saved nothing (its best.pt may even be gone)
-            saved = (f"; saved {result.out}/ckpt.pt, best.pt, metrics.csv" if result.epochs_run
-                     else "")
-            print(f"best test accuracy {best['test_acc']:.2%} at epoch {best['epoch']}{saved}")
+            print(accuracy_line(result.history, result.out if result.epochs_run else None))
             if result.epochs_run:  # where this command's time went
                 ran = result.history[-result.epochs_run:]
                 epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
@@ -35,6 +32,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result.setup_s:.1f}s building the run before them")
 
     return run_main(body)
+
+
+def accuracy_line(history: list[dict], saved: Path | None) -> str:
+    """The last epoch's test accuracy, the run's result, then the best one, which best.pt
+    keeps: picked on the test set (CIFAR has no validation split), so it is optimistic.
+    `saved`: the run folder this command wrote, if any (a finished run resumed saved nothing,
+    and its best.pt may even be gone)."""
+    last, best = history[-1], max(history, key=lambda r: r["test_acc"])
+    files = f"; saved {saved}/ckpt.pt, best.pt, metrics.csv" if saved is not None else ""
+    return (f"final test accuracy {last['test_acc']:.2%} at epoch {last['epoch']}; "
+            f"best test accuracy {best['test_acc']:.2%} at epoch {best['epoch']} (best.pt, "
+            f"picked on the test set){files}")
 
 
 if __name__ == "__main__":

@@ -87,11 +87,14 @@ def test_best_pt_is_kept_when_a_later_epoch_is_worse(two_epoch_run, tmp_path):
     assert [r["test_acc"] < 1.0 for r in history(run)] == [True, False, True]
     assert (run / "best.pt").read_bytes() == before
     assert checkpoint.load(run / "ckpt.pt")["epoch"] == 3
-    # the line names the best epoch, not the last
-    assert re.search(r"^best test accuracy 100\.00% at epoch 2; saved ", result.stdout,
+    # the line names the last epoch, the run's result, then the best one, which best.pt holds
+    third = history(run)[2]
+    final = re.escape(f"{third['test_acc']:.2%}")
+    assert re.search(rf"^final test accuracy {final} at epoch 3; best test "
+                     r"accuracy 100\.00% at epoch 2 \(best\.pt, picked on the test set\); "
+                     rf"saved {re.escape(str(run))}/ckpt\.pt", result.stdout,
                      re.MULTILINE), result.stdout
     # where the command's time went: the one epoch it trained, not the two it resumed from
-    third = history(run)[2]
     assert re.search(rf"^1 epoch: {third['seconds']:.1f}s of training, "
                      rf"{third['eval_seconds']:.1f}s of evaluation, "
                      r"\d+\.\ds waiting for checkpoints; \d+\.\ds building the run before them$",

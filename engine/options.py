@@ -70,15 +70,15 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--cutout", type=int, help="side of the cutout square; 0 = off")
     g = p.add_argument_group("model and optimization")
     g.add_argument("--arch", choices=ARCHS, help="architecture")
-    g.add_argument("--width", type=int, help="channels of the first stage (64 = ResNet-18)")
+    g.add_argument("--width", type=int, help="channels of the first stage; 64 is ResNet-18")
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument("--batch-size", type=int, help="images per step on each process")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")
     g.add_argument("--lr", type=_lr, help="peak learning rate, or 'auto' for the LR range test")
     g.add_argument("--schedule", choices=SCHEDULES, help="LR schedule, stepped per batch")
     g.add_argument("--warmup", type=float,
-                   help=f"fraction of steps spent warming up ({' and '.join(WARMUP_SCHEDULES)} "
-                        "only)")
+                   help=f"fraction of steps spent warming up, for "
+                        f"{' and '.join(WARMUP_SCHEDULES)} only")
     g.add_argument("--momentum", type=float, help="momentum (SGD, RMSprop) or beta1 (Adam)")
     g.add_argument("--weight-decay", type=float, help="weight decay")
     g.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction,
@@ -114,7 +114,31 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--log-with", type=_tracker, metavar="TRACKER",
                    help="an accelerate tracker, e.g. tensorboard or wandb (its package "
                         "installed)")
+    if tool is None:  # lr_find and compare choose some of these values their own way
+        _show_preset_values(p)
     return p
+
+
+def _show_preset_values(parser: argparse.ArgumentParser) -> None:
+    """End the help of each option that a preset sets, and whose help names no default, with
+    the value it takes when left out, and another preset's where that differs: --help did not
+    say that a run trains 24 epochs at lr 0.2."""
+    default = TrainConfig.preset
+    values = {name: TrainConfig(**overrides).to_dict() for name, overrides in PRESETS.items()}
+    for action in parser._actions:
+        value = values[default].get(action.dest)
+        if value is None or action.help is None or "default" in action.help:
+            continue
+        others = "".join(f"; --preset {name}: {_shown(preset[action.dest])}"
+                         for name, preset in values.items() if preset[action.dest] != value)
+        action.help = f"{action.help} (default: {_shown(value)}{others})"
+
+
+def _shown(value: object) -> str:
+    """An option's value as --help gives it: on or off, 5e-04 as 0.0005, else as typed."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass

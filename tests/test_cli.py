@@ -754,6 +754,22 @@ def test_the_command_line_offers_the_choices_a_saved_config_is_checked_against()
     assert offered == CHOICES and list(offered) == list(CHOICES)
 
 
+def test_train_help_gives_each_option_its_preset_value():
+    """--help named no value for --epochs, --lr and the like (only 'from --preset'): each now
+    says the fast preset's, and the seed preset's where it differs. lr_find and compare,
+    which choose some of them their own way (compare's per-optimizer LRs), say none."""
+    from engine.options import build_parser
+
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert helps["epochs"] == "training epochs (default: 24; --preset seed: 20)"
+    assert helps["lr"].endswith("(default: 0.2; --preset seed: 0.01)")
+    assert helps["weight_decay"].endswith("(default: 0.0005; --preset seed: 0)")
+    assert helps["flip"].endswith("(default: on)") and helps["seed"].endswith("(default: 0)")
+    assert helps["tta"].endswith("(default: on; --preset seed: off)")
+    assert helps["loader"] == "default: resident on GPU, ffcv on CPU"  # its own words, kept
+    assert "(default:" not in {a.dest: a.help for a in build_parser("compare")._actions}["lr"]
+
+
 def test_options_given_with_a_preset_override_its_values():
     """--preset gives the starting values; an option typed beside it wins, and the preset's
     other values stay."""

@@ -830,6 +830,19 @@ def test_a_peer_epochs_mfu_rests_on_the_flops_of_its_own_model():
     assert [row["mfu"] for row in rows] == [pytest.approx(1e-4), pytest.approx(4e-4)]
 
 
+def test_the_two_rows_of_ours_beside_airbench_log_distinct_lines():
+    """The resident loader beside airbench's, in its fp16 and then in the training dtype, was
+    logged twice as 'resident (flip, translate 2 reflect)': the lines now name the output,
+    as the table and the GPU summary do."""
+    rows = [bench_peers.PeerResult("resident", "ours", "flip, translate 2 reflect",
+                                   output=f"{dtype} 3x32x32 channels_last", images_per_s=10.0)
+            for dtype in ("float16", "float32")]
+    lines = [bench_peers.peer_line(row) for row in rows]
+    assert lines[0] != lines[1]
+    assert lines[0] == ("peers: resident (flip, translate 2 reflect; float16 3x32x32 "
+                        "channels_last): 10 images/s")
+
+
 def test_each_row_of_ours_is_scored_against_the_peer_it_is_set_beside():
     rows = [bench_peers.PeerResult("airbench.CifarLoader", "peer", "flip", images_per_s=100.0),
             bench_peers.PeerResult("resident", "ours", "flip", images_per_s=250.0,

@@ -1,4 +1,4 @@
-"""The names of the bench's step and epoch rows, without importing torch, so tools that only
+"""The names of the bench's step, epoch and peers rows, without importing torch, so tools that only
 read results (tools/gpu_summary.py) label rows exactly as the bench does."""
 
 from __future__ import annotations
@@ -19,3 +19,10 @@ def epoch_name(loader: str, precision: str, compile: bool, mode: str, batch_size
     # the engine's runs autotune (TrainConfig.autotunes): only a row that did not says so
     return (f"{loader} loader, {precision} {compile_text(compile, mode)} batch {batch_size}"
             + ("" if cudnn_benchmark else ", no cuDNN autotuning"))
+
+
+def peer_name(loader: str, augment: str, output: str) -> str:
+    """A peers section row's name: 'resident (flip, translate 2 reflect; float16 3x32x32
+    channels_last)'. The output tells apart the rows of one loader set beside one peer (ours
+    in airbench's fp16, then in the training dtype); it is empty for a row that never ran."""
+    return f"{loader} ({'; '.join(filter(None, (augment, output)))})"

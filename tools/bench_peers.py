@@ -25,6 +25,7 @@ from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
 from loaders.preparation import Prepared, prepare
 from tools.bench_mfu import count_train_flops
+from tools.bench_names import peer_name
 from tools.bench_profile import activities, device_busy_us, device_events, top_ops
 from tools.bench_sections import (
     MEASURE_ERRORS,
@@ -296,13 +297,20 @@ def bench_peer_loaders(data: Prepared, cfg: TrainConfig, device: torch.device,
         profile_epoch(row, loader, len(row.epoch_s) + 1, log)
     save(rows)
     for r in rows:
-        log(f"peers: {r.loader} ({r.augment}): " + (
-            f"{r.images_per_s:,.0f} images/s" if r.status == "ok" else f"{r.status}, {r.reason}")
+        log(peer_line(r))
+    return rows
+
+
+def peer_line(r: PeerResult) -> str:
+    """A row of the peers table as the section's log line, named with its output as in the
+    table: ours beside airbench's loader is two rows of one loader and augmentation."""
+    return (f"peers: {peer_name(r.loader, r.augment, r.output)}: "
+            + (f"{r.images_per_s:,.0f} images/s" if r.status == "ok"
+               else f"{r.status}, {r.reason}")
             + (f", {r.ratio:.2f}x {r.versus}" if r.ratio else "")
             + (f"; profiled epoch: most time in {r.top_op}" if r.top_op else "")
             + (f", device busy {r.device_busy_ms:.2f} ms, {r.device_events} device events"
                if r.device_busy_ms is not None else ""))
-    return rows
 
 
 def seed_configs(args: argparse.Namespace, device: torch.device, out: str) -> list[TrainConfig]:

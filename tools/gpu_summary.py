@@ -9,7 +9,7 @@ import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from tools.bench_names import epoch_name, step_name
+from tools.bench_names import epoch_name, peer_name, step_name
 
 
 def read_json(path: Path) -> dict:
@@ -48,7 +48,7 @@ ROW_NAMES = {
                                   cudnn_benchmark=r.get("cudnn_benchmark", False)),
     "step": lambda r: step_name(r["precision"], r["memory_format"], r["compile"],
                                 compile_mode_of(r), r["batch_size"]),
-    "peers": lambda r: (f"{r['loader']} ({'; '.join(filter(None, (r['augment'], r['output'])))})"
+    "peers": lambda r: (peer_name(r["loader"], r["augment"], r["output"])
                         + (f" vs {r['versus']}" if r["versus"] else "")),
 }
 

@@ -96,7 +96,8 @@ def build_model(arch: str, num_classes: int, width: int) -> nn.Module:
 def forward_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
     """Multiply-accumulates (MACs, not FLOPs; 1 MAC = 2 FLOPs) of one forward pass per image.
 
-    Counts only nn.Conv2d and nn.Linear, which dominate the cost; used for MFU estimates.
+    Counts only nn.Conv2d and nn.Linear, which dominate the cost: the hand count that
+    tools/bench_mfu.py checks torch's FlopCounterMode against (MFU uses the counted FLOPs).
     """
     macs = 0
 

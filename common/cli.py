@@ -40,6 +40,7 @@ from common.stop_signals import (
     stopped_code,
 )
 from common.streams import error_line, hung_up, quiet_if_gone, reopen_closed_streams
+from common.torch_environment import cache_folder_problem, torch_logs_problem
 
 T = TypeVar("T")  # the value type of an argparse type below
 PEER_SAYS_IT_S = 10  # how long a launched process waits for its machine's first to refuse
@@ -111,9 +112,24 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def _refuse_an_aborting_allocator() -> None:
-    """End the command in one line, 1, where torch would abort as it loads (common.allocator)."""
-    if problem := allocator_problem():
+    """End the command in one line, 1, where torch would abort as it loads (common.allocator),
+    or fail as it loads on a cache folder that cannot be made (common.torch_environment)."""
+    if problem := allocator_problem() or cache_folder_problem():
         error_line(f"error: {problem}")
+        sys.exit(1)
+
+
+@contextmanager
+def _torch_logs_said() -> Iterator[None]:
+    """Around torch's import: its refusal of TORCH_LOGS (a ValueError and pages of names, raised
+    as it loads) ends the command in one line and 1, naming the variable."""
+    try:
+        yield
+    except ValueError as error:
+        if (said := torch_logs_problem(error)) is None:
+            raise
+        told, line = said
+        error_line(f"{told}\n{line}" if told else line)
         sys.exit(1)
 
 
@@ -131,7 +147,8 @@ def interruptible_imports() -> Iterator[None]:
     if (threading.current_thread() is not threading.main_thread()
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable
         _refuse_an_aborting_allocator()
-        yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
+        with _torch_logs_said():
+            yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
         return
     # its own record, not run_main's: a block inside another (a module imported in one that
     # imports in one itself) exits through the outer one, which must let that exit pass
@@ -145,7 +162,8 @@ def interruptible_imports() -> Iterator[None]:
     signal.signal(signal.SIGINT, note)
     try:
         _refuse_an_aborting_allocator()
-        yield
+        with _torch_logs_said():
+            yield
     except BaseException:
         if not caught:
             raise

@@ -624,6 +624,44 @@ def test_an_allocator_setting_torch_aborts_on_is_named_before_torch_loads(name, 
     assert sorted(tmp_path.iterdir()) == []  # no run folder, and no core file of the probe's
 
 
+@pytest.mark.parametrize("value, told", [("garbage", False), ("help", True)])
+def test_a_torch_logs_setting_torch_refuses_is_named_in_one_line(value, told, tmp_path):
+    """torch parses TORCH_LOGS as it loads and raises a ValueError: a traceback ending in pages
+    of log names (TORCH_LOGS=help: its help text, raised the same way), with no run made."""
+    out = tmp_path / "run"
+    result = train("--out", out, timeout=120, env={**os.environ, "TORCH_LOGS": value},
+                   cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    if told:  # the help asked for comes first, then the line saying nothing ran
+        assert "TORCH_LOGS Info" in result.stderr
+        assert last == ("error: TORCH_LOGS='help' prints torch's log names (above) and runs "
+                        "nothing; unset it to run the command.")
+    else:
+        assert one_line_error(result) == (
+            "error: torch cannot load with TORCH_LOGS='garbage': it is no comma-separated list "
+            "of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("below", ["", "cache"])
+def test_an_inductor_cache_dir_that_is_a_file_is_named_before_torch_loads(below, tmp_path):
+    """torch._dynamo makes TORCHINDUCTOR_CACHE_DIR as it loads: every run failed on 'cannot use
+    PATH: File exists. Check that the path exists...', an eager one too, naming no variable."""
+    afile, out = tmp_path / "afile", tmp_path / "run"
+    afile.write_text("x")
+    cache = afile / below if below else afile
+    result = train("--out", out, timeout=120,
+                   env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result) == (
+        f"error: TORCHINDUCTOR_CACHE_DIR={str(cache)!r}: {afile} is a file, not a folder; torch "
+        "makes its cache there as it loads. Point it at a folder (it is created when missing), "
+        "or unset it.")
+    assert not out.exists()
+
+
 def test_allocator_settings_torch_reads_pass(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF",
                        "expandable_segments:True,roundup_power2_divisions:[256:1,512:2]")

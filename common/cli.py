@@ -39,7 +39,13 @@ from common.stop_signals import (
     stop_with_launcher,
     stopped_code,
 )
-from common.streams import error_line, hung_up, quiet_if_gone, reopen_closed_streams
+from common.streams import (
+    error_line,
+    hung_up,
+    printable_stdout,
+    quiet_if_gone,
+    reopen_closed_streams,
+)
 from common.torch_environment import cache_folder_problem, torch_logs_problem
 
 T = TypeVar("T")  # the value type of an argparse type below
@@ -219,8 +225,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     # KeyboardInterrupt), or the moment one is, is a stop like any other, not a traceback
     try:
         reopen_closed_streams()
-        if hasattr(sys.stdout, "reconfigure"):  # a file name's bytes that are not UTF-8 printed
-            sys.stdout.reconfigure(errors="surrogateescape")  # as they are, as ls does
+        printable_stdout()  # a file name's bytes that are not UTF-8 as they are, as ls does
         if threading.current_thread() is threading.main_thread():
             sys.unraisablehook = quiet_lost_stop(hook)
             # once, however often it runs

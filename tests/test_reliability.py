@@ -662,6 +662,18 @@ def test_an_inductor_cache_dir_that_is_a_file_is_named_before_torch_loads(below,
     assert not out.exists()
 
 
+def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
+    """An --out named 'ré' printed on an ASCII stdout (PYTHONIOENCODING=ascii; LC_ALL=C where
+    Python has no UTF-8 mode) ended the command in a UnicodeEncodeError traceback, exit 1."""
+    data = tmp_path / "dé"
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size",
+                        "64", "32", "--data-dir", data, timeout=120,
+                        env={**os.environ, "PYTHONIOENCODING": "ascii"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        f"{tmp_path}/d\\xe9/synthetic-64-32-seed0-{split}.beton" for split in ("train", "test")]
+
+
 def test_allocator_settings_torch_reads_pass(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF",
                        "expandable_segments:True,roundup_power2_divisions:[256:1,512:2]")

@@ -46,7 +46,11 @@ from common.streams import (
     quiet_if_gone,
     reopen_closed_streams,
 )
-from common.torch_environment import cache_folder_problem, torch_logs_problem
+from common.torch_environment import (
+    cache_folder_problem,
+    deleted_cwd_problem,
+    torch_logs_problem,
+)
 
 T = TypeVar("T")  # the value type of an argparse type below
 PEER_SAYS_IT_S = 10  # how long a launched process waits for its machine's first to refuse
@@ -119,8 +123,9 @@ class CommandParser(argparse.ArgumentParser):
 
 def _refuse_an_aborting_allocator() -> None:
     """End the command in one line, 1, where torch would abort as it loads (common.allocator),
-    or fail as it loads on a cache folder that cannot be made (common.torch_environment)."""
-    if problem := allocator_problem() or cache_folder_problem():
+    or fail as it loads on a cache folder that cannot be made or a deleted current folder
+    (common.torch_environment)."""
+    if problem := deleted_cwd_problem() or allocator_problem() or cache_folder_problem():
         error_line(f"error: {problem}")
         sys.exit(1)
 

@@ -2,7 +2,8 @@
 a TORCH_LOGS it cannot parse (torch raises a ValueError with pages of names as it loads, and
 TORCH_LOGS=help raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no
 folder (torch._dynamo makes it as it loads, and every run failed on 'File exists', even one
-that compiles nothing, without the variable's name)."""
+that compiles nothing, without the variable's name); and a current folder that was deleted
+(MKL then fails to load torch: 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ def cache_folder_problem() -> str | None:
             return (f"{name}={value!r}: {there} is a file, not a folder; torch makes its cache "
                     "there as it loads. Point it at a folder (it is created when missing), or "
                     "unset it.")
+    return None
+
+
+def deleted_cwd_problem() -> str | None:
+    """Why torch cannot load from this current folder: it was deleted (removed by another
+    program, or a checkout, while a shell stood in it); None where it exists."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return ("the current folder was deleted, and torch cannot load from it; cd to a folder "
+                "that exists (`cd \"$PWD\"` if it was made again) and run the command again.")
     return None
 
 

@@ -13,6 +13,7 @@ import pickle
 import pty
 import resource
 import select
+import shlex
 import shutil
 import signal
 import stat
@@ -659,6 +660,22 @@ def test_an_inductor_cache_dir_that_is_a_file_is_named_before_torch_loads(below,
         f"error: TORCHINDUCTOR_CACHE_DIR={str(cache)!r}: {afile} is a file, not a folder; torch "
         "makes its cache there as it loads. Point it at a folder (it is created when missing), "
         "or unset it.")
+    assert not out.exists()
+
+
+def test_a_deleted_current_folder_is_said_in_one_line(tmp_path):
+    """Started in a folder deleted meanwhile, every command ended in 'Intel oneMKL FATAL ERROR:
+    Cannot load .../libtorch_cpu.so.' and exit 2 as torch loaded, which named no folder."""
+    gone, out = tmp_path / "gone", tmp_path / "run"
+    gone.mkdir()
+    command = " ".join(map(shlex.quote, [sys.executable, str(ROOT / "engine" / "train.py"),
+                                         *TINY, "--out", str(out)]))
+    result = subprocess.run(["bash", "-c", f'cd "$1" && rmdir "$1" && exec {command}', "-",
+                             str(gone)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result) == (
+        "error: the current folder was deleted, and torch cannot load from it; cd to a folder "
+        'that exists (`cd "$PWD"` if it was made again) and run the command again.')
     assert not out.exists()
 
 

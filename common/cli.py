@@ -47,6 +47,7 @@ from common.streams import (
     reopen_closed_streams,
 )
 from common.torch_environment import (
+    address_space_problem,
     cache_folder_problem,
     deleted_cwd_problem,
     torch_logs_problem,
@@ -133,10 +134,14 @@ def _refuse_an_aborting_allocator() -> None:
 @contextmanager
 def _torch_logs_said() -> Iterator[None]:
     """Around torch's import: its refusal of TORCH_LOGS (a ValueError and pages of names, raised
-    as it loads) ends the command in one line and 1, naming the variable."""
+    as it loads), or its libraries not fitting under ulimit -v (an ImportError), ends the
+    command in one line and 1, naming the setting."""
     try:
         yield
-    except ValueError as error:
+    except (ValueError, ImportError) as error:
+        if line := address_space_problem(error):
+            error_line(line)
+            sys.exit(1)
         if (said := torch_logs_problem(error)) is None:
             raise
         told, line = said

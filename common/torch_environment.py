@@ -3,11 +3,14 @@ a TORCH_LOGS it cannot parse (torch raises a ValueError with pages of names as i
 TORCH_LOGS=help raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no
 folder (torch._dynamo makes it as it loads, and every run failed on 'File exists', even one
 that compiles nothing, without the variable's name); and a current folder that was deleted
-(MKL then fails to load torch: 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2)."""
+(MKL then fails to load torch: 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2);
+an address-space limit (ulimit -v) below what torch's libraries take to load (an ImportError
+traceback: 'libtorch_cpu.so: failed to map segment from shared object')."""
 
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 from types import TracebackType
 
@@ -63,3 +66,16 @@ def torch_logs_problem(error: BaseException) -> tuple[str, str] | None:
                 "(above) and runs nothing; unset it to run the command.")
     return ("", f"error: torch cannot load with TORCH_LOGS={value!r}: it is no comma-separated "
             "list of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
+
+
+def address_space_problem(error: BaseException) -> str | None:
+    """For an error of torch's import: the line saying that torch's libraries do not fit under
+    this process's address-space limit, where that is why it failed (glibc's 'failed to map
+    segment' with RLIMIT_AS set); None for any other error."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if (not isinstance(error, ImportError) or limit == resource.RLIM_INFINITY
+            or "failed to map segment" not in str(error)):
+        return None
+    return (f"error: torch cannot load under this process's address-space limit (ulimit -v "
+            f"{limit // 1024} KiB: {str(error).split(':', 1)[0]} does not fit); raise it "
+            "(`ulimit -v unlimited`; torch takes several GiB of address space) and run again.")

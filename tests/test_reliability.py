@@ -679,6 +679,24 @@ def test_a_deleted_current_folder_is_said_in_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_an_address_space_limit_torch_cannot_load_under_is_said_in_one_line(tmp_path):
+    """Under `ulimit -v 1000000`, torch's libraries do not fit: an ImportError traceback
+    ('libtorch_cpu.so: failed to map segment from shared object') that named no limit."""
+    out = tmp_path / "run"
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1_000_000 * 1024, resource.RLIM_INFINITY))
+
+    result = train("--out", out, timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = one_line_error(result)
+    assert line.startswith("error: torch cannot load under this process's address-space limit "
+                           "(ulimit -v 1000000 KiB: libtorch"), line
+    assert line.endswith("raise it (`ulimit -v unlimited`; torch takes several GiB of address "
+                         "space) and run again.")
+    assert not out.exists()
+
+
 def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
     """An --out named 'ré' printed on an ASCII stdout (PYTHONIOENCODING=ascii; LC_ALL=C where
     Python has no UTF-8 mode) ended the command in a UnicodeEncodeError traceback, exit 1."""

@@ -24,7 +24,7 @@ from typing import NoReturn, TypeVar
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
 from common.hardware import launched
-from common.paths import dead_link
+from common.paths import FILE_SIZE_FIX, dead_link
 from common.stop_signals import (
     INTERRUPTED,
     INTERRUPTED_LINE,
@@ -62,6 +62,10 @@ def os_error_text(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         where = f" writing {error.filename}" if error.filename else ""
         return f"the disk is full{where}; free some space or write to another disk."
+    if error.errno == errno.EFBIG:  # no free space would help: the limit is this process's
+        where = f" {error.filename}" if error.filename else ""
+        return (f"cannot write{where}: it passes this process's file size limit; "
+                f"{FILE_SIZE_FIX}.")
     if error.filename and (problem := dead_link(error.filename)):
         return f"{error.filename} {problem}."
     where = f" {error.filename}" if error.filename else ""

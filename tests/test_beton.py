@@ -502,7 +502,7 @@ def test_a_file_size_limit_hit_writing_the_source_folder_names_it(tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"error: Writing {data_dir / 'synthetic-300-64-seed0'} failed (File "
                              f"too large); it needs about 1.1 MB in {data_dir}. Nothing was kept; "
-                             "raise this process's file size limit (ulimit -f).\n")
+                             "raise this process's file size limit (`ulimit -f unlimited`).\n")
     assert not data_dir.exists()  # made for the data, removed again: it was left empty
 
 

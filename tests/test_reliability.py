@@ -697,6 +697,29 @@ def test_an_address_space_limit_torch_cannot_load_under_is_said_in_one_line(tmp_
     assert not out.exists()
 
 
+def test_a_file_size_limit_is_named_as_the_fix_not_free_space(tmp_path):
+    """Under `ulimit -f`, a checkpoint, a report or an export past the limit said 'Free some
+    space' or 'Check that the path exists, is writable and that its disk has free space', on a
+    disk with gigabytes free; each is now told to raise the limit, and leaves nothing."""
+    first = train("--out", tmp_path / "run", timeout=120, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, resource.RLIM_INFINITY))
+
+    fix = "raise this process's file size limit (`ulimit -f unlimited`)"
+    onnx = tmp_path / "model.onnx"
+    export = run_script("tools/export.py", tmp_path / "run" / "ckpt.pt", "--format", "onnx",
+                        "--out", onnx, timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert export.returncode == 1, export.stderr[-2000:]
+    assert one_line_error(export) == (f"error: cannot write {onnx}: it passes this process's "
+                                      f"file size limit; {fix}.")
+    again = train("--out", tmp_path / "limited", timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert again.returncode == 1, again.stderr[-2000:]
+    assert f"nothing was written. R{fix[1:]} or free some space (or choose" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+
+
 def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
     """An --out named 'ré' printed on an ASCII stdout (PYTHONIOENCODING=ascii; LC_ALL=C where
     Python has no UTF-8 mode) ended the command in a UnicodeEncodeError traceback, exit 1."""
@@ -1284,9 +1307,11 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     assert result.returncode == 1
     message = one_line_error(result)
     assert f"could not write {out / 'ckpt.pt'}" in message and "free" in message
-    # torch's writer names no errno: still a full disk, whose fix is space, not permissions
-    assert ("; nothing was written. Free some space (or choose another --out) and run the same "
-            "command again. Its disk has ") in message
+    # torch's writer names no errno: a full disk or the file size limit (set here), whose fix
+    # is space or a higher limit, not permissions
+    assert ("; nothing was written. Raise this process's file size limit (`ulimit -f "
+            "unlimited`) or free some space (or choose another --out) and run the same command "
+            "again. Its disk has ") in message
     assert not list(out.glob(".*.tmp")) and not (out / "ckpt.pt").exists()
     assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
@@ -1332,7 +1357,8 @@ def test_an_epoch_that_is_not_the_best_keeps_the_earlier_best_pt(tmp_path):
 
 @pytest.mark.parametrize("code, fix", [
     (errno.ENOSPC, "Free some space"), (errno.EDQUOT, "Free some space"),
-    (errno.EFBIG, "Free some space"), (None, "Free some space"),
+    (errno.EFBIG, "Raise this process's file size limit (`ulimit -f unlimited`)"),
+    (None, "Free some space"),
     (errno.EACCES, "Make {folder} writable")],
     ids=["ENOSPC", "EDQUOT", "EFBIG", "torch's RuntimeError", "EACCES"])
 def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_path, code, fix):

@@ -79,6 +79,12 @@ def os_error_text(error: OSError) -> str:
             "writable and that its disk has free space.")
 
 
+def summary(doc: str | None) -> str | None:
+    """The first line of a command's docstring, its --help description; None under python -OO,
+    which strips docstrings (`__doc__.splitlines()` then ended the command in a traceback)."""
+    return doc.splitlines()[0] if doc else None
+
+
 def path_option(what: str) -> Callable[[str], Path]:
     """An argparse type for a path option: an empty value (a shell variable left unset) is
     refused, where Path('') would silently mean the current directory. `what` ends the

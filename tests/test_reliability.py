@@ -720,6 +720,17 @@ def test_a_file_size_limit_is_named_as_the_fix_not_free_space(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
 
 
+@pytest.mark.parametrize("script", ["tools/lr_find.py", "tools/compare.py", "tools/bench.py",
+                                    "tools/gpu_suite.py"])
+def test_commands_run_under_python_OO(script):
+    """python -OO strips docstrings: these took their --help description from
+    __doc__.splitlines(), and every use of them ended in an AttributeError traceback."""
+    result = subprocess.run([sys.executable, "-OO", str(ROOT / script), "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: ") and result.stderr == ""
+
+
 def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
     """An --out named 'ré' printed on an ASCII stdout (PYTHONIOENCODING=ascii; LC_ALL=C where
     Python has no UTF-8 mode) ended the command in a UnicodeEncodeError traceback, exit 1."""

@@ -13,7 +13,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError, ReportError
-from common.paths import link_target, not_a_file
+from common.paths import FILE_SIZE_FIX, link_target, not_a_file
 from common.temporaries import temporary_name
 
 
@@ -26,6 +26,9 @@ def write_failed(error: OSError, out: Path, option: str = "--out",
         return ReportError(f"{option} {out}: its disk is full, so {what} could not be written "
                            f"(nothing was left there); free some space or choose another "
                            f"{option}.")
+    if error.errno == errno.EFBIG:
+        return ReportError(f"{option} {out}: {what} could not be written, as it passes this "
+                           f"process's file size limit (nothing was left there); {FILE_SIZE_FIX}.")
     if error.filename is None or out.parent in Path(str(error.filename)).parents:
         return ReportError(f"{option} {out}: {what} could not be written there "
                            f"({error.strerror or error}); choose a writable {option}.")

@@ -24,7 +24,7 @@ from typing import NoReturn, TypeVar
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
 from common.hardware import launched
-from common.paths import dead_link
+from common.paths import FILE_SIZE_FIX, dead_link
 from common.stop_signals import (
     INTERRUPTED,
     INTERRUPTED_LINE,
@@ -39,7 +39,19 @@ from common.stop_signals import (
     stop_with_launcher,
     stopped_code,
 )
-from common.streams import error_line, hung_up, quiet_if_gone, reopen_closed_streams
+from common.streams import (
+    error_line,
+    hung_up,
+    printable_stdout,
+    quiet_if_gone,
+    reopen_closed_streams,
+)
+from common.torch_environment import (
+    address_space_problem,
+    cache_folder_problem,
+    deleted_cwd_problem,
+    torch_logs_problem,
+)
 
 T = TypeVar("T")  # the value type of an argparse type below
 PEER_SAYS_IT_S = 10  # how long a launched process waits for its machine's first to refuse
@@ -50,6 +62,10 @@ def os_error_text(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         where = f" writing {error.filename}" if error.filename else ""
         return f"the disk is full{where}; free some space or write to another disk."
+    if error.errno == errno.EFBIG:  # no free space would help: the limit is this process's
+        where = f" {error.filename}" if error.filename else ""
+        return (f"cannot write{where}: it passes this process's file size limit; "
+                f"{FILE_SIZE_FIX}.")
     if error.filename and (problem := dead_link(error.filename)):
         return f"{error.filename} {problem}."
     where = f" {error.filename}" if error.filename else ""
@@ -61,6 +77,12 @@ def os_error_text(error: OSError) -> str:
                 "folders above it, or choose another path.")
     return (f"cannot use{where}: {error.strerror or error}. Check that the path exists, is "
             "writable and that its disk has free space.")
+
+
+def summary(doc: str | None) -> str | None:
+    """The first line of a command's docstring, its --help description; None under python -OO,
+    which strips docstrings (`__doc__.splitlines()` then ended the command in a traceback)."""
+    return doc.splitlines()[0] if doc else None
 
 
 def path_option(what: str) -> Callable[[str], Path]:
@@ -111,9 +133,29 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def _refuse_an_aborting_allocator() -> None:
-    """End the command in one line, 1, where torch would abort as it loads (common.allocator)."""
-    if problem := allocator_problem():
+    """End the command in one line, 1, where torch would abort as it loads (common.allocator),
+    or fail as it loads on a cache folder that cannot be made or a deleted current folder
+    (common.torch_environment)."""
+    if problem := deleted_cwd_problem() or allocator_problem() or cache_folder_problem():
         error_line(f"error: {problem}")
+        sys.exit(1)
+
+
+@contextmanager
+def _torch_logs_said() -> Iterator[None]:
+    """Around torch's import: its refusal of TORCH_LOGS (a ValueError and pages of names, raised
+    as it loads), or its libraries not fitting under ulimit -v (an ImportError), ends the
+    command in one line and 1, naming the setting."""
+    try:
+        yield
+    except (ValueError, ImportError) as error:
+        if line := address_space_problem(error):
+            error_line(line)
+            sys.exit(1)
+        if (said := torch_logs_problem(error)) is None:
+            raise
+        told, line = said
+        error_line(f"{told}\n{line}" if told else line)
         sys.exit(1)
 
 
@@ -131,7 +173,8 @@ def interruptible_imports() -> Iterator[None]:
     if (threading.current_thread() is not threading.main_thread()
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable
         _refuse_an_aborting_allocator()
-        yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
+        with _torch_logs_said():
+            yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
         return
     # its own record, not run_main's: a block inside another (a module imported in one that
     # imports in one itself) exits through the outer one, which must let that exit pass
@@ -145,7 +188,8 @@ def interruptible_imports() -> Iterator[None]:
     signal.signal(signal.SIGINT, note)
     try:
         _refuse_an_aborting_allocator()
-        yield
+        with _torch_logs_said():
+            yield
     except BaseException:
         if not caught:
             raise
@@ -201,8 +245,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     # KeyboardInterrupt), or the moment one is, is a stop like any other, not a traceback
     try:
         reopen_closed_streams()
-        if hasattr(sys.stdout, "reconfigure"):  # a file name's bytes that are not UTF-8 printed
-            sys.stdout.reconfigure(errors="surrogateescape")  # as they are, as ls does
+        printable_stdout()  # a file name's bytes that are not UTF-8 as they are, as ls does
         if threading.current_thread() is threading.main_thread():
             sys.unraisablehook = quiet_lost_stop(hook)
             # once, however often it runs

@@ -5,6 +5,7 @@ checked before the work, not after an hour of it."""
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 import zipfile
 from contextlib import suppress
@@ -14,6 +15,14 @@ from common.errors import OutputError
 from common.temporaries import temporary_name
 
 CHECKPOINT_FORMAT = "cifar10-engine/ckpt"  # the marker of a checkpoint (engine.checkpoint.FORMAT)
+# the fix for a write that passed RLIMIT_FSIZE (EFBIG, or torch's zip writer's RuntimeError)
+FILE_SIZE_FIX = "raise this process's file size limit (`ulimit -f unlimited`)"
+
+
+def file_size_limited() -> bool:
+    """Whether this process may write files only up to a size (ulimit -f): a write past it
+    fails with EFBIG ('File too large'), which no free space on the disk would fix."""
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 
 def not_a_file(path: Path) -> str | None:

@@ -3,6 +3,7 @@ time, and sent to /dev/null where their reader has gone or their terminal hung u
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import select
@@ -28,6 +29,31 @@ def reopen_closed_streams() -> None:
             os.close(null)
         # the process's own stream, for as long as it runs: no block to close it in
         setattr(sys, name, open(fd, "r" if name == "stdin" else "w", closefd=False))  # noqa: SIM115
+
+
+# a file name's bytes that are not UTF-8 (lone surrogates) printed as they are, as ls does; any
+# other character stdout's encoding cannot write (PYTHONIOENCODING=ascii, LC_ALL=C on Python
+# without UTF-8 mode) as a backslash escape
+PRINT_ERRORS = "cifar10-engine-printable"
+
+
+def _printable(error: UnicodeError) -> tuple[str | bytes, int]:
+    """codecs' error handler PRINT_ERRORS: surrogateescape where it applies, else
+    backslashreplace (surrogateescape alone raised a UnicodeEncodeError and a traceback for
+    'é' in an --out printed on an ASCII stdout)."""
+    try:
+        return codecs.lookup_error("surrogateescape")(error)
+    except UnicodeError:
+        return codecs.lookup_error("backslashreplace")(error)
+
+
+codecs.register_error(PRINT_ERRORS, _printable)
+
+
+def printable_stdout() -> None:
+    """stdout written whatever its encoding cannot encode: with PRINT_ERRORS."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors=PRINT_ERRORS)
 
 
 def error_line(text: str) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from common.atomic import atomic_writes, csv_text, json_text
 from common.errors import CheckpointError, listing, one_line, plain_line
 from common.hardware import device_name
-from common.paths import CHECKPOINT_FORMAT, not_a_file
+from common.paths import CHECKPOINT_FORMAT, FILE_SIZE_FIX, file_size_limited, not_a_file
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule
@@ -79,6 +79,10 @@ def unwritten(path: Path, error: OSError, kept: str | None) -> CheckpointError:
     space for a full disk (or a write torch says no more of), else a writable folder."""
     full = error.errno in (None, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     fix = "Free some space" if full else f"Make {path.parent} writable"
+    if error.errno == errno.EFBIG:
+        fix = FILE_SIZE_FIX[0].upper() + FILE_SIZE_FIX[1:]
+    elif error.errno is None and file_size_limited():  # torch's RuntimeError: either one
+        fix = f"{FILE_SIZE_FIX[0].upper()}{FILE_SIZE_FIX[1:]} or free some space"
     then = (f"{kept} intact. {fix} and continue with --resume" if kept else
             f"nothing was written. {fix} (or choose another --out) and run the same command "
             "again")

@@ -3,6 +3,7 @@ content of their source; read back in bulk without a Loader (for data held on th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import numpy as np
 from common.atomic import atomic_write, write_json
 from common.errors import DataError
 from common.hashing import file_hash
+from common.paths import FILE_SIZE_FIX
 from common.temporaries import sweep_temporaries
 from loaders.cifar import Split
 from loaders.guards import guarded_writer, importing_ffcv
@@ -245,8 +247,12 @@ def write(path: Path, split: Split, classes: list[str],
             why = error.strerror or why
             if error.filename not in (None, str(path)):
                 why += f" ({error.filename})"
-        raise DataError(f"Writing {path} failed: {why}. Nothing was kept; free space in "
-                        f"{path.parent} or fix the cause, then run again.") from error
+        fix = f"free space in {path.parent} or fix the cause"
+        # a worker's EFBIG arrives as its message: no free space would help there
+        if getattr(error, "errno", None) == errno.EFBIG or f"[Errno {errno.EFBIG}]" in why:
+            fix = FILE_SIZE_FIX
+        raise DataError(f"Writing {path} failed: {why}. Nothing was kept; {fix}, then run "
+                        "again.") from error
     info = BetonInfo(FORMAT, len(split.labels), source, classes, mean, std, **written)
     try:
         write_json(sidecar(path), asdict(info))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
+from common.paths import FILE_SIZE_FIX
 from common.temporaries import usual_permissions
 from loaders import folders, synthetic
 from loaders.layouts import OWN_LAYOUT, ROW_SIZE
@@ -58,8 +59,8 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
             if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # say which folder
                 raise
             needed = sum(a.nbytes for split in (train, test) for a in split.values())
-            fix = ("raise this process's file size limit (ulimit -f)" if error.errno ==
-                   errno.EFBIG else "free some space there or use a --data-dir on another disk")
+            fix = (FILE_SIZE_FIX if error.errno == errno.EFBIG else
+                   "free some space there or use a --data-dir on another disk")
             raise DataError(f"Writing {folder} failed ({error.strerror}); it needs about "
                             f"{needed / 1e6:.1f} MB in {folder.parent}. Nothing was kept; "
                             f"{fix}.") from error

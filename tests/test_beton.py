@@ -490,6 +490,9 @@ def test_writer_worker_failing_ends_in_one_error_without_leftovers(tmp_path):
     assert result.stderr.startswith(f"error: Writing {train} failed: a worker failed (")
     assert ".tmp" not in result.stderr  # the temporary's name means nothing to the user
     assert "File too large" in result.stderr and "Nothing was kept" in result.stderr
+    # the limit, not the disk (which said 'free space in DIR or fix the cause')
+    assert result.stderr.endswith("Nothing was kept; raise this process's file size limit "
+                                  "(`ulimit -f unlimited`), then run again.\n")
     assert "Traceback" not in result.stderr and "leaked" not in result.stderr
     assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
 
@@ -502,7 +505,7 @@ def test_a_file_size_limit_hit_writing_the_source_folder_names_it(tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"error: Writing {data_dir / 'synthetic-300-64-seed0'} failed (File "
                              f"too large); it needs about 1.1 MB in {data_dir}. Nothing was kept; "
-                             "raise this process's file size limit (ulimit -f).\n")
+                             "raise this process's file size limit (`ulimit -f unlimited`).\n")
     assert not data_dir.exists()  # made for the data, removed again: it was left empty
 
 

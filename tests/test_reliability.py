@@ -13,6 +13,7 @@ import pickle
 import pty
 import resource
 import select
+import shlex
 import shutil
 import signal
 import stat
@@ -624,6 +625,124 @@ def test_an_allocator_setting_torch_aborts_on_is_named_before_torch_loads(name, 
     assert sorted(tmp_path.iterdir()) == []  # no run folder, and no core file of the probe's
 
 
+@pytest.mark.parametrize("value, told", [("garbage", False), ("help", True)])
+def test_a_torch_logs_setting_torch_refuses_is_named_in_one_line(value, told, tmp_path):
+    """torch parses TORCH_LOGS as it loads and raises a ValueError: a traceback ending in pages
+    of log names (TORCH_LOGS=help: its help text, raised the same way), with no run made."""
+    out = tmp_path / "run"
+    result = train("--out", out, timeout=120, env={**os.environ, "TORCH_LOGS": value},
+                   cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    if told:  # the help asked for comes first, then the line saying nothing ran
+        assert "TORCH_LOGS Info" in result.stderr
+        assert last == ("error: TORCH_LOGS='help' prints torch's log names (above) and runs "
+                        "nothing; unset it to run the command.")
+    else:
+        assert one_line_error(result) == (
+            "error: torch cannot load with TORCH_LOGS='garbage': it is no comma-separated list "
+            "of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("below", ["", "cache"])
+def test_an_inductor_cache_dir_that_is_a_file_is_named_before_torch_loads(below, tmp_path):
+    """torch._dynamo makes TORCHINDUCTOR_CACHE_DIR as it loads: every run failed on 'cannot use
+    PATH: File exists. Check that the path exists...', an eager one too, naming no variable."""
+    afile, out = tmp_path / "afile", tmp_path / "run"
+    afile.write_text("x")
+    cache = afile / below if below else afile
+    result = train("--out", out, timeout=120,
+                   env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result) == (
+        f"error: TORCHINDUCTOR_CACHE_DIR={str(cache)!r}: {afile} is a file, not a folder; torch "
+        "makes its cache there as it loads. Point it at a folder (it is created when missing), "
+        "or unset it.")
+    assert not out.exists()
+
+
+def test_a_deleted_current_folder_is_said_in_one_line(tmp_path):
+    """Started in a folder deleted meanwhile, every command ended in 'Intel oneMKL FATAL ERROR:
+    Cannot load .../libtorch_cpu.so.' and exit 2 as torch loaded, which named no folder."""
+    gone, out = tmp_path / "gone", tmp_path / "run"
+    gone.mkdir()
+    command = " ".join(map(shlex.quote, [sys.executable, str(ROOT / "engine" / "train.py"),
+                                         *TINY, "--out", str(out)]))
+    result = subprocess.run(["bash", "-c", f'cd "$1" && rmdir "$1" && exec {command}', "-",
+                             str(gone)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result) == (
+        "error: the current folder was deleted, and torch cannot load from it; cd to a folder "
+        'that exists (`cd "$PWD"` if it was made again) and run the command again.')
+    assert not out.exists()
+
+
+def test_an_address_space_limit_torch_cannot_load_under_is_said_in_one_line(tmp_path):
+    """Under `ulimit -v 1000000`, torch's libraries do not fit: an ImportError traceback
+    ('libtorch_cpu.so: failed to map segment from shared object') that named no limit."""
+    out = tmp_path / "run"
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1_000_000 * 1024, resource.RLIM_INFINITY))
+
+    result = train("--out", out, timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = one_line_error(result)
+    assert line.startswith("error: torch cannot load under this process's address-space limit "
+                           "(ulimit -v 1000000 KiB: libtorch"), line
+    assert line.endswith("raise it (`ulimit -v unlimited`; torch takes several GiB of address "
+                         "space) and run again.")
+    assert not out.exists()
+
+
+def test_a_file_size_limit_is_named_as_the_fix_not_free_space(tmp_path):
+    """Under `ulimit -f`, a checkpoint, a report or an export past the limit said 'Free some
+    space' or 'Check that the path exists, is writable and that its disk has free space', on a
+    disk with gigabytes free; each is now told to raise the limit, and leaves nothing."""
+    first = train("--out", tmp_path / "run", timeout=120, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, resource.RLIM_INFINITY))
+
+    fix = "raise this process's file size limit (`ulimit -f unlimited`)"
+    onnx = tmp_path / "model.onnx"
+    export = run_script("tools/export.py", tmp_path / "run" / "ckpt.pt", "--format", "onnx",
+                        "--out", onnx, timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert export.returncode == 1, export.stderr[-2000:]
+    assert one_line_error(export) == (f"error: cannot write {onnx}: it passes this process's "
+                                      f"file size limit; {fix}.")
+    again = train("--out", tmp_path / "limited", timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert again.returncode == 1, again.stderr[-2000:]
+    assert f"nothing was written. R{fix[1:]} or free some space (or choose" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+
+
+@pytest.mark.parametrize("script", ["tools/lr_find.py", "tools/compare.py", "tools/bench.py",
+                                    "tools/gpu_suite.py"])
+def test_commands_run_under_python_OO(script):
+    """python -OO strips docstrings: these took their --help description from
+    __doc__.splitlines(), and every use of them ended in an AttributeError traceback."""
+    result = subprocess.run([sys.executable, "-OO", str(ROOT / script), "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: ") and result.stderr == ""
+
+
+def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
+    """An --out named 'ré' printed on an ASCII stdout (PYTHONIOENCODING=ascii; LC_ALL=C where
+    Python has no UTF-8 mode) ended the command in a UnicodeEncodeError traceback, exit 1."""
+    data = tmp_path / "dé"
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size",
+                        "64", "32", "--data-dir", data, timeout=120,
+                        env={**os.environ, "PYTHONIOENCODING": "ascii"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        f"{tmp_path}/d\\xe9/synthetic-64-32-seed0-{split}.beton" for split in ("train", "test")]
+
+
 def test_allocator_settings_torch_reads_pass(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF",
                        "expandable_segments:True,roundup_power2_divisions:[256:1,512:2]")
@@ -1199,9 +1318,11 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     assert result.returncode == 1
     message = one_line_error(result)
     assert f"could not write {out / 'ckpt.pt'}" in message and "free" in message
-    # torch's writer names no errno: still a full disk, whose fix is space, not permissions
-    assert ("; nothing was written. Free some space (or choose another --out) and run the same "
-            "command again. Its disk has ") in message
+    # torch's writer names no errno: a full disk or the file size limit (set here), whose fix
+    # is space or a higher limit, not permissions
+    assert ("; nothing was written. Raise this process's file size limit (`ulimit -f "
+            "unlimited`) or free some space (or choose another --out) and run the same command "
+            "again. Its disk has ") in message
     assert not list(out.glob(".*.tmp")) and not (out / "ckpt.pt").exists()
     assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
@@ -1247,7 +1368,8 @@ def test_an_epoch_that_is_not_the_best_keeps_the_earlier_best_pt(tmp_path):
 
 @pytest.mark.parametrize("code, fix", [
     (errno.ENOSPC, "Free some space"), (errno.EDQUOT, "Free some space"),
-    (errno.EFBIG, "Free some space"), (None, "Free some space"),
+    (errno.EFBIG, "Raise this process's file size limit (`ulimit -f unlimited`)"),
+    (None, "Free some space"),
     (errno.EACCES, "Make {folder} writable")],
     ids=["ENOSPC", "EDQUOT", "EFBIG", "torch's RuntimeError", "EACCES"])
 def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_path, code, fix):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from common.cli import interruptible_imports, run_main
+from common.cli import interruptible_imports, run_main, summary
 from common.stop_signals import stop_if_interrupted
 from common.streams import error_line
 from tools.bench_options import parse_args
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     (its reason is in its table), so a script sees an incomplete run."""
     argv = sys.argv[1:] if argv is None else argv
     # first: --help and a refused option answer before torch loads
-    args = parse_args(argv, __doc__.splitlines()[0])
+    args = parse_args(argv, summary(__doc__))
     # kineto, torch.profiler's backend, logs every profile's start and stop (and without a CUDA
     # driver an ERROR that it found no GPU): 21 lines amid the tables of --quick
     # (benchmarks/results/kineto-lines-cpu-2core.log). Above its highest level it logs

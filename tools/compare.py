@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, run_main
+from common.cli import CommandParser, interruptible_imports, run_main, summary
 from common.streams import error_line
 from engine.config import OPTIMIZERS
 from engine.options import parse_tool_args
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train each optimizer in turn and write the comparison; exit 1 if any run failed, so a
     script sees an incomplete table."""
     # first: --help and a refused option answer before torch loads
-    args, cfg = parse_tool_args(argv, "tools/compare.py", __doc__.splitlines()[0],
+    args, cfg = parse_tool_args(argv, "tools/compare.py", summary(__doc__),
                                 own_options(), check)
     with interruptible_imports():  # torch and the rest take seconds to import
         from tools.comparison import compare

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from common.atomic import atomic_write, write_json, write_text
-from common.cli import CommandParser, path_option, run_main
+from common.cli import CommandParser, path_option, run_main, summary
 from common.errors import SetupError
 from common.output_folders import make_dir
 from common.paths import not_a_file, place_problem
@@ -213,7 +213,7 @@ def outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The suite's options, checked: a bad step name, --budget or --bundle is a usage error."""
-    p = CommandParser(prog="bash tools/gpu_suite.sh", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="bash tools/gpu_suite.sh", description=summary(__doc__))
     p.add_argument("steps", nargs="*", default=["all"], metavar="STEP",
                    help=f"any of {', '.join(STEPS)}, or the groups {', '.join(GROUPS)} "
                         "(default: all)")

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import CommandParser, interruptible_imports, option_name, run_main
+from common.cli import CommandParser, interruptible_imports, option_name, run_main, summary
 from engine import lr_sweep
 from engine.options import parse_tool_args
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the range test and write lr_find.csv and lr_find.png with the suggested LR, so the
     LR is chosen from this setup's own losses."""
     # first: --help and a refused option answer before torch loads
-    args, cfg = parse_tool_args(argv, "tools/lr_find.py", __doc__.splitlines()[0], own_options(),
+    args, cfg = parse_tool_args(argv, "tools/lr_find.py", summary(__doc__), own_options(),
                                 check)
     with interruptible_imports():  # torch and the rest take seconds to import
         from engine.lr_range import found

@@ -76,13 +76,17 @@ def torch_save(tmp: Path, content: dict) -> None:
 
 def unwritten(path: Path, error: OSError, kept: str | None) -> CheckpointError:
     """The error for `path` not written: what was `kept` intact (None: nothing) and the fix,
-    space for a full disk (or a write torch says no more of), else a writable folder."""
-    full = error.errno in (None, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    fix = "Free some space" if full else f"Make {path.parent} writable"
-    if error.errno == errno.EFBIG:
-        fix = FILE_SIZE_FIX[0].upper() + FILE_SIZE_FIX[1:]
+    space for a full disk (or a write torch says no more of), a higher limit for one past
+    ulimit -f, else a writable folder."""
+    if error.errno == errno.EFBIG:  # this process's limit: no free space would help
+        fix = FILE_SIZE_FIX
     elif error.errno is None and file_size_limited():  # torch's RuntimeError: either one
-        fix = f"{FILE_SIZE_FIX[0].upper()}{FILE_SIZE_FIX[1:]} or free some space"
+        fix = f"{FILE_SIZE_FIX} or free some space"
+    elif error.errno in (None, errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space"
+    else:
+        fix = f"make {path.parent} writable"
+    fix = fix[0].upper() + fix[1:]  # it begins a sentence
     then = (f"{kept} intact. {fix} and continue with --resume" if kept else
             f"nothing was written. {fix} (or choose another --out) and run the same command "
             "again")

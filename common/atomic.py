@@ -16,6 +16,10 @@ from common.errors import OutputError, ReportError
 from common.paths import FILE_SIZE_FIX, link_target, not_a_file
 from common.temporaries import temporary_name
 
+# the encoding of every text file the commands write and read back, whatever the locale's:
+# class names may be any text, and a run's files are read on other machines
+ENCODING = "utf-8"
+
 
 def write_failed(error: OSError, out: Path, option: str = "--out",
                  what: str = "the report") -> Exception:
@@ -104,8 +108,13 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
                 tmp.unlink()
 
 
+def text_writer(text: str) -> Callable[[Path], None]:
+    """A write for atomic_writes that puts `text` in its file, in ENCODING."""
+    return lambda tmp: tmp.write_text(text, encoding=ENCODING)
+
+
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, text_writer(text))
 
 
 def json_text(content: dict) -> str:

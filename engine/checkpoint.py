@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import recursively_apply
 from torch import nn
 
-from common.atomic import atomic_writes, csv_text, json_text
+from common.atomic import atomic_writes, csv_text, json_text, text_writer
 from common.errors import CheckpointError, listing, one_line, plain_line
 from common.hardware import device_name
 from common.paths import CHECKPOINT_FORMAT, FILE_SIZE_FIX, file_size_limited, not_a_file
@@ -312,10 +312,9 @@ def write_epoch(out: Path, ckpt: dict, best: bool) -> None:
     writers = {
         "best.pt": lambda tmp: torch_save(tmp, {k: v for k, v in ckpt.items() if k != "resume"}),
         "ckpt.pt": lambda tmp: torch_save(tmp, ckpt),
-        "metrics.jsonl": lambda tmp: tmp.write_text(
-            "".join(json.dumps(row) + "\n" for row in history)),
-        "metrics.csv": lambda tmp: tmp.write_text(csv_text(history)),
-        "config.json": lambda tmp: tmp.write_text(json_text(ckpt["config"])),
+        "metrics.jsonl": text_writer("".join(json.dumps(row) + "\n" for row in history)),
+        "metrics.csv": text_writer(csv_text(history)),
+        "config.json": text_writer(json_text(ckpt["config"])),
     }
     writes = {out / name: write for name, write in writers.items() if best or name != "best.pt"}
     kept = "the previous epoch's files are" if (out / "ckpt.pt").exists() else None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_write, write_json
+from common.atomic import ENCODING, atomic_write, write_json
 from common.errors import DataError
 from common.hashing import file_hash
 from common.paths import FILE_SIZE_FIX
@@ -141,7 +141,7 @@ def read_info(path: Path) -> BetonInfo | None:
 
 
 def _load_sidecar(path: Path) -> BetonInfo:
-    return BetonInfo(**json.loads(sidecar(path).read_text()))
+    return BetonInfo(**json.loads(sidecar(path).read_text(encoding=ENCODING)))
 
 
 def sidecar_damage(path: Path) -> str | None:

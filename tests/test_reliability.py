@@ -1386,6 +1386,21 @@ def test_metrics_csv_has_every_column_when_older_rows_lack_one():
     assert csv_text(rows).splitlines() == ["epoch,test_acc,eval_seconds", "1,0.5,", "2,0.6,1.5"]
 
 
+def test_text_files_are_written_in_utf8_whatever_the_locale(tmp_path):
+    """A report's per-class table names classes as their folders do ('café'): under a locale
+    whose encoding is not UTF-8 (ASCII here, latin-1 elsewhere) the write raised a
+    UnicodeEncodeError and a traceback, or wrote bytes another machine reads otherwise."""
+    code = ("import sys; from pathlib import Path; from common.atomic import write_csv; "
+            "write_csv(Path(sys.argv[1]), [{'class': 'caf\\u00e9', 'accuracy': 0.5}])")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(ROOT)}
+    table = tmp_path / "per_class.csv"
+    result = subprocess.run([sys.executable, "-c", code, table], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert table.read_bytes() == "class,accuracy\r\ncafé,0.5\r\n".encode()
+
+
 @pytest.mark.slow
 def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path):
     run = copy_run(finished, tmp_path)

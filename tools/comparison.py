@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from common.atomic import atomic_writes, check_replaceable, csv_text
+from common.atomic import atomic_writes, check_replaceable, csv_text, text_writer
 from common.errors import CheckpointError, Interrupted, OutputError, RangeTestError, RunFailed
 from common.hardware import launched_processes
 from common.output_folders import output_dir
@@ -185,8 +185,8 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
     fig = plot(results)
     png, csv, md = (out / name for name in WRITTEN)
     atomic_writes({png: lambda tmp: fig.savefig(tmp, format="png", dpi=120),
-                   csv: lambda tmp: tmp.write_text(csv_text(rows, FIELDS)),
-                   md: lambda tmp: tmp.write_text(table)})
+                   csv: text_writer(csv_text(rows, FIELDS)),
+                   md: text_writer(table)})
     return table
 
 

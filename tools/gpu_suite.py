@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.atomic import atomic_write, write_json, write_text
+from common.atomic import ENCODING, atomic_write, write_json, write_text
 from common.cli import CommandParser, path_option, run_main, summary
 from common.errors import SetupError
 from common.output_folders import make_dir
@@ -134,7 +134,7 @@ def run_step(s: Suite, step: str) -> bool:
     log_path = s.results / f"{step}.log"
     clear_outputs(s, [name for name, _ in commands])
     cut = "the --budget"  # what stopped the step, should a command not start
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding=ENCODING) as log:
         log.writelines(f"# {key}: {value}\n" for key, value in meta.items())
         for name, argv in commands:
             step_left = step_end - time.monotonic()
@@ -163,7 +163,7 @@ def run_step(s: Suite, step: str) -> bool:
     write_json(s.results / f"{step}.summary.json", dict(meta=meta, **record))
     save(s)
     if any(c["status"] not in ("ok", "not run", "killed at the budget") for c in done):
-        tail = log_path.read_text().splitlines()[-25:]
+        tail = log_path.read_text(encoding=ENCODING).splitlines()[-25:]
         print("\n".join(tail), file=sys.stderr)
         print(f"{step}: FAILED; the whole log is {log_path}", file=sys.stderr)
     elif not record["ok"]:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             suite = Suite(results, work, sys.executable, env, args.dry_run,
                           meta, steps, deadline, bundle)
             failed = run_steps(suite)
-        print((results / "summary.md").read_text())
+        print((results / "summary.md").read_text(encoding=ENCODING))
         print(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))
         if failed:
             print(f"failed or not run: {', '.join(failed)}", file=sys.stderr)

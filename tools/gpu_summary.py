@@ -9,13 +9,14 @@ import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+from common.atomic import ENCODING
 from tools.bench_names import epoch_name, peer_name, step_name
 
 
 def read_json(path: Path) -> dict:
     """A results file, or {} while it is not written yet (a step killed before its first save)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding=ENCODING))
     except (OSError, ValueError):
         return {}
 
@@ -109,7 +110,8 @@ def run_line(folder: Path, seconds: float | None) -> list[str]:
     seconds after the first (its warm-up: cuDNN's and the allocator's start, compilation),
     last accuracy."""
     try:
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text(
+            encoding=ENCODING).splitlines()]
     except (OSError, ValueError):
         return []
     if not rows:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from common.atomic import atomic_writes, check_replaceable, csv_text
+from common.atomic import atomic_writes, check_replaceable, csv_text, text_writer
 from common.hardware import native_bf16
 from common.output_folders import output_dir
 from engine import lr_range
@@ -75,6 +75,6 @@ def write_lr_curve(cfg: TrainConfig, start_lr: float, end_lr: float,
             return None
         fig = plot(result)
         # the table and its plot together: a full disk leaves neither new, not one of them
-        atomic_writes({csv: lambda tmp: tmp.write_text(csv_text(rows(result))),
+        atomic_writes({csv: text_writer(csv_text(rows(result))),
                        png: lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
     return result

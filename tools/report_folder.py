@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomic import write_csv, write_failed
+from common.atomic import ENCODING, write_csv, write_failed
 from common.errors import ReportError, listing
 from common.output_folders import made_for
 from common.paths import long_name, mount_point, resolved, unwritable
@@ -121,8 +121,8 @@ def write_report(run: Inputs, folder: Path, n: int, layers: list[str],
     facts["most faithful explanation"] = verdict(scores)
     write_pdf(run, facts, probs, indices, maps, folder / "gradcam.pdf")
     (folder / "summary.md").write_text(
-        summary(facts, classes, methods, layers, len(indices), scores))
-    (folder / MARKER).write_text(MARKER_TEXT)
+        summary(facts, classes, methods, layers, len(indices), scores), encoding=ENCODING)
+    (folder / MARKER).write_text(MARKER_TEXT, encoding=ENCODING)
 
 
 def publish(folder: Path, out: Path) -> None:

@@ -1,11 +1,11 @@
-"""torch's environment variables that break its import, said in one line naming the variable:
-a TORCH_LOGS it cannot parse (torch raises a ValueError with pages of names as it loads, and
-TORCH_LOGS=help raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no
-folder (torch._dynamo makes it as it loads, and every run failed on 'File exists', even one
-that compiles nothing, without the variable's name); and a current folder that was deleted
-(MKL then fails to load torch: 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2);
-an address-space limit (ulimit -v) below what torch's libraries take to load (an ImportError
-traceback: 'libtorch_cpu.so: failed to map segment from shared object')."""
+"""What in torch's environment breaks its import, said in one line naming it: a TORCH_LOGS it
+cannot parse (torch raises a ValueError with pages of names as it loads, and TORCH_LOGS=help
+raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no folder (torch._dynamo
+makes it as it loads, and every run failed on 'File exists', even one that compiles nothing,
+without the variable's name), a current folder that was deleted (MKL then fails to load torch:
+'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2), and an address-space limit
+(ulimit -v) below what torch's libraries take to load (an ImportError traceback:
+'libtorch_cpu.so: failed to map segment from shared object')."""
 
 from __future__ import annotations
 
@@ -53,19 +53,19 @@ def _raised_in_torch_logging(trace: TracebackType | None) -> bool:
     return last is not None and f"torch{os.sep}_logging{os.sep}" in last.f_code.co_filename
 
 
-def torch_logs_problem(error: BaseException) -> tuple[str, str] | None:
-    """For an error of torch's import: (what torch said, the one line to end with) where it is
-    torch refusing TORCH_LOGS; None for any other error. torch's words are kept only for
-    TORCH_LOGS=help and +help, whose text is the help the user asked for."""
+def torch_logs_problem(error: BaseException) -> str | None:
+    """For an error of torch's import: what to print where it is torch refusing TORCH_LOGS,
+    one line; None for any other error. torch's words come first only for TORCH_LOGS=help and
+    +help, whose text is the help the user asked for."""
     value = os.environ.get("TORCH_LOGS")
     if (value is None or not isinstance(error, ValueError)
             or not _raised_in_torch_logging(error.__traceback__)):
         return None
     if value.strip() in ("help", "+help"):
-        return (str(error).strip(), f"error: TORCH_LOGS={value!r} prints torch's log names "
+        return (f"{str(error).strip()}\nerror: TORCH_LOGS={value!r} prints torch's log names "
                 "(above) and runs nothing; unset it to run the command.")
-    return ("", f"error: torch cannot load with TORCH_LOGS={value!r}: it is no comma-separated "
-            "list of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
+    return (f"error: torch cannot load with TORCH_LOGS={value!r}: it is no comma-separated list "
+            "of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
 
 
 def address_space_problem(error: BaseException) -> str | None:

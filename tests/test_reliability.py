@@ -187,6 +187,12 @@ def test_a_failed_write_names_its_option_and_the_fix_and_an_inputs_error_stays_i
         assert isinstance(error, ReportError) and str(error) == (
             f"--out {out}: the report could not be written there (Read-only file system); "
             "choose a writable --out.")
+    # no free space would help past this process's file size limit: raising it would
+    error = write_failed(OSError(errno.EFBIG, "File too large"), out, "--cam", "the overlays")
+    assert isinstance(error, ReportError) and str(error) == (
+        f"--cam {out}: the overlays could not be written, as it passes this process's file size "
+        "limit (nothing was left there); raise this process's file size limit (`ulimit -f "
+        "unlimited`).")
     elsewhere = OSError(errno.EIO, "Input/output error", str(tmp_path.parent / "ckpt.pt"))
     assert write_failed(elsewhere, out) is elsewhere
 
@@ -697,27 +703,26 @@ def test_an_address_space_limit_torch_cannot_load_under_is_said_in_one_line(tmp_
     assert not out.exists()
 
 
-def test_a_file_size_limit_is_named_as_the_fix_not_free_space(tmp_path):
-    """Under `ulimit -f`, a checkpoint, a report or an export past the limit said 'Free some
-    space' or 'Check that the path exists, is writable and that its disk has free space', on a
-    disk with gigabytes free; each is now told to raise the limit, and leaves nothing."""
-    first = train("--out", tmp_path / "run", timeout=120, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_a_file_size_limit_is_named_as_the_fix_not_free_space(finished, data_dir, tmp_path):
+    """Under `ulimit -f`, an export or a checkpoint past the limit said 'Check that the path
+    exists, is writable and that its disk has free space' or 'Free some space', on a disk with
+    gigabytes free; each is now told to raise the limit, and leaves nothing."""
 
     def limited() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, resource.RLIM_INFINITY))
 
     fix = "raise this process's file size limit (`ulimit -f unlimited`)"
     onnx = tmp_path / "model.onnx"
-    export = run_script("tools/export.py", tmp_path / "run" / "ckpt.pt", "--format", "onnx",
+    export = run_script("tools/export.py", finished / "ckpt.pt", "--format", "onnx",
                         "--out", onnx, timeout=120, cwd=tmp_path, preexec_fn=limited)
     assert export.returncode == 1, export.stderr[-2000:]
     assert one_line_error(export) == (f"error: cannot write {onnx}: it passes this process's "
                                       f"file size limit; {fix}.")
-    again = train("--out", tmp_path / "limited", timeout=120, cwd=tmp_path, preexec_fn=limited)
-    assert again.returncode == 1, again.stderr[-2000:]
-    assert f"nothing was written. R{fix[1:]} or free some space (or choose" in again.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+    run = train("--data-dir", data_dir, "--epochs", "1", "--out", tmp_path / "limited",
+                timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"nothing was written. R{fix[1:]} or free some space (or choose" in run.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("script", ["tools/lr_find.py", "tools/compare.py", "tools/bench.py",

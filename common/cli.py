@@ -144,9 +144,12 @@ def _torch_loading() -> Iterator[None]:
     try:
         yield
     except (ValueError, ImportError) as error:
-        if (said := address_space_problem(error) or torch_logs_problem(error)) is None:
+        if problem := address_space_problem(error, "torch"):
+            error_line(f"error: {problem}")
+        elif said := torch_logs_problem(error):
+            error_line(said)
+        else:
             raise
-        error_line(said)
         sys.exit(1)
 
 

@@ -68,14 +68,14 @@ def torch_logs_problem(error: BaseException) -> str | None:
             "of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
 
 
-def address_space_problem(error: BaseException) -> str | None:
-    """For an error of torch's import: the line saying that torch's libraries do not fit under
-    this process's address-space limit, where that is why it failed (glibc's 'failed to map
-    segment' with RLIMIT_AS set); None for any other error."""
+def address_space_problem(error: BaseException, what: str) -> str | None:
+    """For an error of importing `what` (torch, FFCV): why, where one of its libraries did not
+    fit under this process's address-space limit (glibc's 'failed to map segment' with
+    RLIMIT_AS set); None for any other error."""
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     if (not isinstance(error, ImportError) or limit == resource.RLIM_INFINITY
             or "failed to map segment" not in str(error)):
         return None
-    return (f"error: torch cannot load under this process's address-space limit (ulimit -v "
+    return (f"{what} cannot load under this process's address-space limit (ulimit -v "
             f"{limit // 1024} KiB: {str(error).split(':', 1)[0]} does not fit); raise it "
             "(`ulimit -v unlimited`; torch takes several GiB of address space) and run again.")

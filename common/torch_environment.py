@@ -4,7 +4,7 @@ raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no folder 
 makes it as it loads, and every run failed on 'File exists', even one that compiles nothing,
 without the variable's name), a current folder that was deleted (MKL then fails to load torch:
 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2), and an address-space limit
-(ulimit -v) below what torch's libraries take to load (an ImportError traceback:
+(ulimit -v) below what torch's libraries, or FFCV's, take to load (an ImportError traceback:
 'libtorch_cpu.so: failed to map segment from shared object')."""
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def _raised_in_torch_logging(trace: TracebackType | None) -> bool:
 
 def torch_logs_problem(error: BaseException) -> str | None:
     """For an error of torch's import: what to print where it is torch refusing TORCH_LOGS,
-    one line; None for any other error. torch's words come first only for TORCH_LOGS=help and
-    +help, whose text is the help the user asked for."""
+    ending in one error line; None for any other error. torch's words come first only for
+    TORCH_LOGS=help and +help, whose text is the help the user asked for."""
     value = os.environ.get("TORCH_LOGS")
     if (value is None or not isinstance(error, ValueError)
             or not _raised_in_torch_logging(error.__traceback__)):

@@ -132,30 +132,24 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
-def _refuse_an_aborting_allocator() -> None:
-    """End the command in one line, 1, where torch would abort as it loads (common.allocator),
-    or fail as it loads on a cache folder that cannot be made or a deleted current folder
-    (common.torch_environment)."""
+@contextmanager
+def _torch_loading() -> Iterator[None]:
+    """Around torch's import, ending the command in one line and 1 that names the setting: first
+    what torch would abort or fail on as it loads (common.allocator: an allocator setting;
+    common.torch_environment: a deleted current folder, a cache folder it cannot make), then
+    its import failing on TORCH_LOGS or under ulimit -v (common.torch_environment)."""
     if problem := deleted_cwd_problem() or allocator_problem() or cache_folder_problem():
         error_line(f"error: {problem}")
         sys.exit(1)
-
-
-@contextmanager
-def _torch_logs_said() -> Iterator[None]:
-    """Around torch's import: its refusal of TORCH_LOGS (a ValueError and pages of names, raised
-    as it loads), or its libraries not fitting under ulimit -v (an ImportError), ends the
-    command in one line and 1, naming the setting."""
     try:
         yield
     except (ValueError, ImportError) as error:
-        if line := address_space_problem(error):
-            error_line(line)
-            sys.exit(1)
-        if (said := torch_logs_problem(error)) is None:
+        if problem := address_space_problem(error, "torch"):
+            error_line(f"error: {problem}")
+        elif said := torch_logs_problem(error):
+            error_line(said)
+        else:
             raise
-        told, line = said
-        error_line(f"{told}\n{line}" if told else line)
         sys.exit(1)
 
 
@@ -164,16 +158,15 @@ def interruptible_imports() -> Iterator[None]:
     """Around a script's slow imports (torch: seconds, before run_main is in place): a Ctrl-C
     meanwhile ends the command as run_main's would, one line and 130, even where a library
     swallows it: one that lands while torch imports numpy is lost, and the command ran on, or
-    failed later on the half-imported numpy (a RecursionError). First, an allocator setting
-    torch would abort on as it loads is refused in one line (common.allocator), and a process
-    a launcher started asks for a SIGTERM at the launcher's death (stop_with_launcher)."""
+    failed later on the half-imported numpy (a RecursionError). What torch cannot load under
+    is said in one line (_torch_loading), and a process a launcher started asks for a SIGTERM
+    at the launcher's death (stop_with_launcher)."""
     reopen_closed_streams()
     stop_with_launcher()  # its SIGTERM, until run_main's handlers, ends it as torch loads
     previous = signal.getsignal(signal.SIGINT)
     if (threading.current_thread() is not threading.main_thread()
             or previous in (signal.SIG_IGN, None)):  # None: set outside Python, not restorable
-        _refuse_an_aborting_allocator()
-        with _torch_logs_said():
+        with _torch_loading():
             yield  # SIG_IGN: a background job, which a Ctrl-C must not stop
         return
     # its own record, not run_main's: a block inside another (a module imported in one that
@@ -187,8 +180,7 @@ def interruptible_imports() -> Iterator[None]:
 
     signal.signal(signal.SIGINT, note)
     try:
-        _refuse_an_aborting_allocator()
-        with _torch_logs_said():
+        with _torch_loading():
             yield
     except BaseException:
         if not caught:

@@ -47,11 +47,10 @@ def _printable(error: UnicodeError) -> tuple[str | bytes, int]:
         return codecs.lookup_error("backslashreplace")(error)
 
 
-codecs.register_error(PRINT_ERRORS, _printable)
-
-
 def printable_stdout() -> None:
-    """stdout written whatever its encoding cannot encode: with PRINT_ERRORS."""
+    """stdout written whatever its encoding cannot encode: with PRINT_ERRORS (registered here,
+    not as this module is imported, which only defines things; registering again replaces)."""
+    codecs.register_error(PRINT_ERRORS, _printable)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors=PRINT_ERRORS)
 

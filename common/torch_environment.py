@@ -1,11 +1,11 @@
-"""torch's environment variables that break its import, said in one line naming the variable:
-a TORCH_LOGS it cannot parse (torch raises a ValueError with pages of names as it loads, and
-TORCH_LOGS=help raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no
-folder (torch._dynamo makes it as it loads, and every run failed on 'File exists', even one
-that compiles nothing, without the variable's name); and a current folder that was deleted
-(MKL then fails to load torch: 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2);
-an address-space limit (ulimit -v) below what torch's libraries take to load (an ImportError
-traceback: 'libtorch_cpu.so: failed to map segment from shared object')."""
+"""What in torch's environment breaks its import, said in one line naming it: a TORCH_LOGS it
+cannot parse (torch raises a ValueError with pages of names as it loads, and TORCH_LOGS=help
+raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no folder (torch._dynamo
+makes it as it loads, and every run failed on 'File exists', even one that compiles nothing,
+without the variable's name), a current folder that was deleted (MKL then fails to load torch:
+'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2), and an address-space limit
+(ulimit -v) below what torch's libraries, or FFCV's, take to load (an ImportError traceback:
+'libtorch_cpu.so: failed to map segment from shared object')."""
 
 from __future__ import annotations
 
@@ -53,29 +53,29 @@ def _raised_in_torch_logging(trace: TracebackType | None) -> bool:
     return last is not None and f"torch{os.sep}_logging{os.sep}" in last.f_code.co_filename
 
 
-def torch_logs_problem(error: BaseException) -> tuple[str, str] | None:
-    """For an error of torch's import: (what torch said, the one line to end with) where it is
-    torch refusing TORCH_LOGS; None for any other error. torch's words are kept only for
+def torch_logs_problem(error: BaseException) -> str | None:
+    """For an error of torch's import: what to print where it is torch refusing TORCH_LOGS,
+    ending in one error line; None for any other error. torch's words come first only for
     TORCH_LOGS=help and +help, whose text is the help the user asked for."""
     value = os.environ.get("TORCH_LOGS")
     if (value is None or not isinstance(error, ValueError)
             or not _raised_in_torch_logging(error.__traceback__)):
         return None
     if value.strip() in ("help", "+help"):
-        return (str(error).strip(), f"error: TORCH_LOGS={value!r} prints torch's log names "
+        return (f"{str(error).strip()}\nerror: TORCH_LOGS={value!r} prints torch's log names "
                 "(above) and runs nothing; unset it to run the command.")
-    return ("", f"error: torch cannot load with TORCH_LOGS={value!r}: it is no comma-separated "
-            "list of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
+    return (f"error: torch cannot load with TORCH_LOGS={value!r}: it is no comma-separated list "
+            "of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
 
 
-def address_space_problem(error: BaseException) -> str | None:
-    """For an error of torch's import: the line saying that torch's libraries do not fit under
-    this process's address-space limit, where that is why it failed (glibc's 'failed to map
-    segment' with RLIMIT_AS set); None for any other error."""
+def address_space_problem(error: BaseException, what: str) -> str | None:
+    """For an error of importing `what` (torch, FFCV): why, where one of its libraries did not
+    fit under this process's address-space limit (glibc's 'failed to map segment' with
+    RLIMIT_AS set); None for any other error."""
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     if (not isinstance(error, ImportError) or limit == resource.RLIM_INFINITY
             or "failed to map segment" not in str(error)):
         return None
-    return (f"error: torch cannot load under this process's address-space limit (ulimit -v "
+    return (f"{what} cannot load under this process's address-space limit (ulimit -v "
             f"{limit // 1024} KiB: {str(error).split(':', 1)[0]} does not fit); raise it "
             "(`ulimit -v unlimited`; torch takes several GiB of address space) and run again.")

@@ -97,7 +97,8 @@ def forward_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)
     """Multiply-accumulates (MACs, not FLOPs; 1 MAC = 2 FLOPs) of one forward pass per image.
 
     Counts only nn.Conv2d and nn.Linear, which dominate the cost: the hand count that
-    tools/bench_mfu.py checks torch's FlopCounterMode against (MFU uses the counted FLOPs).
+    tools/bench_mfu.py reports beside torch's FlopCounterMode count, to cross-check it (MFU
+    uses the counted FLOPs).
     """
     macs = 0
 

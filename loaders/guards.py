@@ -24,6 +24,7 @@ import torch
 from common.errors import DataError, LoaderError, SetupError, one_line
 from common.hardware import available_cores, process_count
 from common.stop_signals import STOP_SIGNALS, exit_at_once_on_ctrl_c, stop_signals_held
+from common.torch_environment import address_space_problem
 
 WRITE_TIMEOUT = 5.0  # seconds the writer waits for its workers once one has died
 LLVM_EXIT_WAIT = 30.0  # seconds an exit waits for another thread's LLVM call (one call: less)
@@ -58,7 +59,7 @@ def importing_ffcv() -> Iterator[None]:
       (Ubuntu 22.04's, which opencv brings) cannot be its threading layer: numba then takes the
       next layer, and the warning's two lines came before every command's own.
     An ImportError in the block (FFCV's, or of a library it loads) is a SetupError naming what
-    to install: a traceback otherwise."""
+    to install, or the address-space limit a library did not fit under: a traceback otherwise."""
     numba_settings_checked()
     import numba.typed
 
@@ -74,6 +75,8 @@ def importing_ffcv() -> Iterator[None]:
                                     numba.NumbaWarning)
             yield
     except ImportError as error:
+        if problem := address_space_problem(error, "FFCV"):  # not a missing library
+            raise SetupError(problem) from None
         raise SetupError(
             f"FFCV cannot be imported ({one_line(error)}); install the system libraries it is "
             "built against (apt-get install libopencv-dev libturbojpeg0-dev pkg-config) and "

@@ -7,6 +7,7 @@ import errno
 import multiprocessing
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -601,17 +602,22 @@ def test_a_threading_layer_order_the_user_chose_is_kept_on_one_core():
     assert result.stdout.strip() == "workqueue"
 
 
-# a compiled module whose shared library is gone: a plain ImportError, no ModuleNotFoundError
-PREPARE_WITHOUT_LIBOPENCV = """
-import runpy, sys
-class LibraryGone:
+# prepare, with cv2's import failing in a plain ImportError, no ModuleNotFoundError, that says
+# {message}; {prelude} runs first
+PREPARE_WITH_CV2_FAILING = """
+import resource, runpy, sys
+{prelude}
+class Cv2Fails:
     def find_spec(self, name, path=None, target=None):
         if name == "cv2":
-            raise ImportError("libopencv_core.so.406: cannot open shared object file")
-sys.meta_path.insert(0, LibraryGone())
+            raise ImportError({message!r})
+sys.meta_path.insert(0, Cv2Fails())
 sys.argv[0] = "loaders/prepare.py"
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+# a compiled module whose shared library is gone
+PREPARE_WITHOUT_LIBOPENCV = PREPARE_WITH_CV2_FAILING.format(
+    prelude="", message="libopencv_core.so.406: cannot open shared object file")
 
 
 @pytest.mark.parametrize("code, why", [
@@ -630,6 +636,24 @@ def test_ffcv_that_cannot_be_imported_is_one_setup_error(tmp_path, code, why):
         "against (apt-get install "
         "libopencv-dev libturbojpeg0-dev pkg-config) and the project's Python packages: "
         "`rm .venv/.installed; make setup` does both.\n")
+
+
+def test_ffcv_that_does_not_fit_under_ulimit_v_names_the_limit_not_an_install(tmp_path):
+    """An opencv that did not fit under `ulimit -v` was told to install the system libraries,
+    which are there."""
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = 2**46 if hard == resource.RLIM_INFINITY else hard  # torch fits: only cv2 fails
+    # glibc's words, seen at `ulimit -v 3500000`, where torch fitted and FFCV's opencv did not
+    code = PREPARE_WITH_CV2_FAILING.format(
+        prelude=f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {hard}))",
+        message="/lib/cv2.abi3.so: failed to map segment from shared object")
+    result = subprocess.run([sys.executable, "-c", code, "--dataset", "synthetic",
+                             "--synthetic-size", "20", "5", "--data-dir", tmp_path],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: FFCV cannot load under this process's address-space limit (ulimit -v "
+        f"{limit // 1024} KiB: /lib/cv2.abi3.so does not fit); raise it (`ulimit -v "
+        "unlimited`; torch takes several GiB of address space) and run again.\n")
 
 
 def test_the_failure_hook_is_installed_once_and_chains(prepared):

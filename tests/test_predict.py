@@ -556,5 +556,7 @@ def test_unreadable_and_missing_pictures_name_every_format_taken(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.heic").write_bytes(b"\0" * 16)
     with pytest.raises(DataError, match=r"a folder's pictures are its files named \.bmp \.gif "
-                                        r"\.jpeg \.jpg \.png \.tif \.tiff \.webp \(in any case\)"):
+                                        r"\.jpeg \.jpg \.png \.tif \.tiff \.webp \(in any "
+                                        r"case\); pass a picture with another suffix by its "
+                                        r"file name\.$"):
         prediction.read_pictures([tmp_path / "photos"])

@@ -187,6 +187,12 @@ def test_a_failed_write_names_its_option_and_the_fix_and_an_inputs_error_stays_i
         assert isinstance(error, ReportError) and str(error) == (
             f"--out {out}: the report could not be written there (Read-only file system); "
             "choose a writable --out.")
+    # no free space would help past this process's file size limit: raising it would
+    error = write_failed(OSError(errno.EFBIG, "File too large"), out, "--cam", "the overlays")
+    assert isinstance(error, ReportError) and str(error) == (
+        f"--cam {out}: the overlays could not be written, as it passes this process's file size "
+        "limit (nothing was left there); raise this process's file size limit (`ulimit -f "
+        "unlimited`).")
     elsewhere = OSError(errno.EIO, "Input/output error", str(tmp_path.parent / "ckpt.pt"))
     assert write_failed(elsewhere, out) is elsewhere
 
@@ -697,27 +703,26 @@ def test_an_address_space_limit_torch_cannot_load_under_is_said_in_one_line(tmp_
     assert not out.exists()
 
 
-def test_a_file_size_limit_is_named_as_the_fix_not_free_space(tmp_path):
-    """Under `ulimit -f`, a checkpoint, a report or an export past the limit said 'Free some
-    space' or 'Check that the path exists, is writable and that its disk has free space', on a
-    disk with gigabytes free; each is now told to raise the limit, and leaves nothing."""
-    first = train("--out", tmp_path / "run", timeout=120, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_a_file_size_limit_is_named_as_the_fix_not_free_space(finished, data_dir, tmp_path):
+    """Under `ulimit -f`, an export or a checkpoint past the limit said 'Check that the path
+    exists, is writable and that its disk has free space' or 'Free some space', on a disk with
+    gigabytes free; each is now told to raise the limit, and leaves nothing."""
 
     def limited() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, resource.RLIM_INFINITY))
 
     fix = "raise this process's file size limit (`ulimit -f unlimited`)"
     onnx = tmp_path / "model.onnx"
-    export = run_script("tools/export.py", tmp_path / "run" / "ckpt.pt", "--format", "onnx",
+    export = run_script("tools/export.py", finished / "ckpt.pt", "--format", "onnx",
                         "--out", onnx, timeout=120, cwd=tmp_path, preexec_fn=limited)
     assert export.returncode == 1, export.stderr[-2000:]
     assert one_line_error(export) == (f"error: cannot write {onnx}: it passes this process's "
                                       f"file size limit; {fix}.")
-    again = train("--out", tmp_path / "limited", timeout=120, cwd=tmp_path, preexec_fn=limited)
-    assert again.returncode == 1, again.stderr[-2000:]
-    assert f"nothing was written. R{fix[1:]} or free some space (or choose" in again.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+    run = train("--data-dir", data_dir, "--epochs", "1", "--out", tmp_path / "limited",
+                timeout=120, cwd=tmp_path, preexec_fn=limited)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"nothing was written. R{fix[1:]} or free some space (or choose" in run.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("script", ["tools/lr_find.py", "tools/compare.py", "tools/bench.py",
@@ -1366,15 +1371,30 @@ def test_an_epoch_that_is_not_the_best_keeps_the_earlier_best_pt(tmp_path):
     assert [row["epoch"] for row in history(tmp_path)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("code, fix", [
-    (errno.ENOSPC, "Free some space"), (errno.EDQUOT, "Free some space"),
-    (errno.EFBIG, "Raise this process's file size limit (`ulimit -f unlimited`)"),
-    (None, "Free some space"),
-    (errno.EACCES, "Make {folder} writable")],
-    ids=["ENOSPC", "EDQUOT", "EFBIG", "torch's RuntimeError", "EACCES"])
-def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_path, code, fix):
+@pytest.mark.parametrize("code, limited, fix", [
+    (errno.ENOSPC, True, "Free some space"), (errno.EDQUOT, True, "Free some space"),
+    (errno.EFBIG, True, "Raise this process's file size limit (`ulimit -f unlimited`)"),
+    (None, False, "Free some space"),
+    (None, True, "Raise this process's file size limit (`ulimit -f unlimited`) or free some "
+                 "space"),
+    (errno.EACCES, True, "Make {folder} writable")],
+    ids=["ENOSPC", "EDQUOT", "EFBIG", "torch's RuntimeError", "torch's, under ulimit -f",
+         "EACCES"])
+def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_path, code,
+                                                                          limited, fix):
+    """torch's writer names no errno: a file size limit, where this process has one (the
+    soft limit set here, whatever the host's), is named beside free space."""
     path = tmp_path / "ckpt.pt"
-    error = checkpoint.unwritten(path, OSError(code, "why", str(path)), None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    unlimited = hard == resource.RLIM_INFINITY
+    if not (limited or unlimited):
+        pytest.skip("this host's hard file size limit leaves no process unlimited")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (
+        (2**62 if unlimited else hard) if limited else resource.RLIM_INFINITY, hard))
+    try:
+        error = checkpoint.unwritten(path, OSError(code, "why", str(path)), None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(error).startswith(f"could not write {path} (why); nothing was written. "
                                  f"{fix.format(folder=tmp_path)} (or choose another --out)")
 

@@ -90,8 +90,8 @@ def read_pictures(paths: list[Path]) -> Pictures:
     files = expand(paths)
     if not files:
         raise DataError(f"no image files in {', '.join(map(str, paths))}; a folder's pictures "
-                        f"are its files named {' '.join(sorted(SUFFIXES))} (in any case): name "
-                        "a picture of another name as a file.")
+                        f"are its files named {' '.join(sorted(SUFFIXES))} (in any case); pass a "
+                        "picture with another suffix by its file name.")
     return Pictures(files, *read_all(files))
 
 

@@ -332,6 +332,20 @@ def test_sections_choose_what_runs(tmp_path):
     assert {"loaders", "step", "epoch"}.isdisjoint(report) and "== step" not in stdout
     assert report["meta"]["complete"] is True and list(report["meta"]["section_s"]) == ["mfu"]
     assert report["mfu"]["rows"] == [] and report["mfu"]["peaks"]["fp32"]["flops_per_s"] > 0
+    assert stdout.splitlines()[-1] == f"wrote {tmp_path / 'bench.json'}"  # --json, said last
+
+
+def test_the_profile_section_prints_no_lines_of_kineto(tmp_path):
+    """kineto, torch.profiler's backend, logs each profile's start and stop, and without a CUDA
+    driver an ERROR line that it found no GPU, amid the tables: the bench quiets it."""
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "profile",
+                        "--data-dir", tmp_path / "data", "--json", tmp_path / "bench.json",
+                        timeout=300, env={k: v for k, v in os.environ.items()
+                                          if k != "KINETO_LOG_LEVEL"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== profile" in result.stdout
+    for line in ("profiler_start", "gpuGetDeviceCount"):
+        assert line not in result.stdout + result.stderr, result.stderr[-3000:]
 
 
 def test_the_profile_section_profiles_the_loader_asked_for(monkeypatch, tmp_path):
@@ -489,6 +503,42 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
     assert [c.compile_mode for c in configs] == grid + modes
     for cfg in configs[len(configs) - len(modes):]:
         assert cfg == replace(base, compile=True, compile_mode=cfg.compile_mode)
+
+
+def test_the_base_config_takes_the_width_and_batch_size_asked_for():
+    """Every section's config starts at --width and --batch-size (a field `given` wins), on
+    synthetic data of the section's images."""
+    args = bench_options.parse_args(["--quick", "--width", "24", "--batch-size", "96"])
+    args.device = "cpu"
+    bench_options.fill_defaults(args)
+    cfg = bench_sections.base_config(args, torch.device("cpu"), 300, "runs/x")
+    assert (cfg.width, cfg.batch_size, cfg.dataset) == (24, 96, "synthetic")
+    assert cfg.synthetic_size == (300, bench_options.TEST_IMAGES)
+    assert bench_sections.base_config(args, torch.device("cpu"), 300, "runs/x",
+                                      width=8).width == 8
+
+
+def test_the_step_grid_times_each_configuration_once():
+    """--batch-sizes naming --batch-size too adds no second row of the grid's configuration."""
+    args = bench_options.parse_args(["--quick", "--batch-sizes", "64,32"])
+    args.device = "cpu"
+    bench_options.fill_defaults(args)
+    base = bench_sections.base_config(args, torch.device("cpu"), 1_000, "runs/x")
+    rows = [(c.precision, c.channels_last, c.compile, c.compile_mode, c.batch_size)
+            for c in bench_sections.step_configs(base, args)]
+    assert len(rows) == len(set(rows)) and {r[-1] for r in rows} == {64, 32}
+
+
+def test_compile_off_alone_times_no_compiled_step_where_the_engine_compiles():
+    """--compile off on CUDA, whose defaults compile: the other batch sizes and compile modes
+    are timed as the grid is, uncompiled, not compiled after all."""
+    args = bench_options.parse_args(["--compile", "off"])
+    args.device = "cuda"
+    bench_options.fill_defaults(args)
+    base = bench_sections.base_config(args, torch.device("cuda"), 1_000, "runs/x")
+    assert base.compile  # the engine's default there
+    configs = bench_sections.step_configs(base, args)
+    assert configs and not any(c.compile for c in configs)
 
 
 @pytest.mark.parametrize("device, quick, extra", [
@@ -786,8 +836,17 @@ def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):
                       workers=1)
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--epochs", "1"])
     bench_options.fill_defaults(args)
-    rows = bench_sections.bench_loaders(cfg, torch.device("cpu"), args)
+    args.threads, threads = 1, torch.get_num_threads()
+    torch.set_num_threads(2)  # as FFCV leaves them: the section sets --threads again
+    try:
+        rows = bench_sections.bench_loaders(cfg, torch.device("cpu"), args)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert [(r.status, r.batch_size) for r in rows] == [("ok", SYNTHETIC_SIZE[0])] * 2
+    # each against torchvision's, which is 1
+    assert [r.vs_torchvision for r in rows] == pytest.approx(
+        [rows[0].images_per_s / rows[1].images_per_s, 1])
 
 
 def test_stock_ffcv_with_more_workers_than_numba_may_start_is_a_failed_row(prepared):
@@ -841,6 +900,15 @@ def test_the_two_rows_of_ours_beside_airbench_log_distinct_lines():
     assert lines[0] != lines[1]
     assert lines[0] == ("peers: resident (flip, translate 2 reflect; float16 3x32x32 "
                         "channels_last): 10 images/s")
+
+
+def test_a_peer_row_that_never_ran_is_named_by_its_augmentation_alone():
+    """A peer not installed has no output to name: its line gives its loader and augmentation,
+    with no empty part after them, then why."""
+    row = bench_peers.PeerResult("airbench", "peer", "flip, translate 2 reflect",
+                                 status="not installed", reason="pip install airbench")
+    assert bench_peers.peer_line(row) == ("peers: airbench (flip, translate 2 reflect): not "
+                                          "installed, pip install airbench")
 
 
 def test_each_row_of_ours_is_scored_against_the_peer_it_is_set_beside():
@@ -927,6 +995,14 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     assert (rows["resident"].status, rows["resident"].images_per_s) == ("failed", None)
     assert rows["resident"].reason == "LoaderError: the pipeline thread died"
     assert rows["torchvision"].status == "ok" and rows["torchvision"].vs_torchvision == 1
+
+    # torchvision's own failure leaves the others measured, with nothing to compare them to
+    monkeypatch.setattr(engine.run, "make_loader", lambda kind, *a, **k: (
+        FailsAfterWarmup(real(kind, *a, **k)) if kind == "torchvision" else real(kind, *a, **k)))
+    rows = {r.loader: r for r in bench_sections.bench_loaders(
+        bench_sections.base_config(args, device, 256, str(tmp_path)), device, args)}
+    assert rows["torchvision"].status == "failed" and rows["resident"].status == "ok"
+    assert rows["resident"].images_per_s > 0 and rows["resident"].vs_torchvision is None
 
     def refuse(kind, *a, **k):
         if kind == "resident":
@@ -1091,6 +1167,14 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     broken = bench_sections.bench_step(base, args)
     assert (broken.status, broken.images_per_s) == ("failed", None)
     assert broken.reason.startswith("OutOfMemoryError: CUDA out of memory")
+
+    def pipeline_died(*args):
+        raise LoaderError("the pipeline thread died")
+
+    # an error of the engine's that is no refusal of the configuration: a failure too
+    monkeypatch.setattr(bench_sections, "timed_steps", pipeline_died)
+    died = bench_sections.bench_step(base, args)
+    assert (died.status, died.reason) == ("failed", "LoaderError: the pipeline thread died")
     assert bench_run.failed({"step": [asdict(refused), asdict(broken)]}) == 1
 
 
@@ -1098,13 +1182,14 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     """--batch-size 400 over 100 images steps on batches of 100: images/s counts those, not
     400 a step (a 4x overstatement, MFU with it), and the row says so."""
     args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
-                             "--batch-size", "400", "--workers", "1"])
+                             "--batch-size", "400", "--workers", "1", "--repeats", "2"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
     base = replace(bench_sections.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
-    assert row.status == "ok" and row.batch_size == 100
+    assert row.status == "ok" and row.batch_size == 100 and len(row.block_s) == 2
+    # of the fastest block (--repeats 2: two blocks, one the faster)
     assert row.images_per_s == pytest.approx(args.steps * 100 / min(row.block_s))
 
 
@@ -1140,7 +1225,13 @@ def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_pat
     """The loader-overhead share compares an epoch with the same steps on one batch: its full
     batches and its partial last one, which the loader must not be charged for."""
     cfg = quick_resident_config(monkeypatch, tmp_path, 200)
-    run = bench_sections.make_run(cfg, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as FFCV leaves them: a run is built at the threads asked for
+    try:
+        run = bench_sections.make_run(cfg, 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     images, labels = next(iter(run.train_loader))
     sizes = []
     run.unwrapped.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
@@ -1153,6 +1244,15 @@ def test_the_first_batch_waits_are_one_figure_when_they_round_alike():
     where both round to the same tenth of a millisecond."""
     assert bench_sections.ms_range([0.00314, 0.00306]) == "3.1"
     assert bench_sections.ms_range([0.0042, 0.0031, 0.0035]) == "3.1-4.2"
+
+
+def test_an_epoch_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypatch,
+                                                                         tmp_path):
+    """--batch-size 4096 over 128 images trains batches of 128, as training does: the epoch row
+    gives the batch that ran, as the step and loaders rows do."""
+    cfg = replace(quick_resident_config(monkeypatch, tmp_path, 128), batch_size=4096)
+    row = bench_sections.bench_epoch(cfg, 1, 1)
+    assert (row.status, row.batch_size, row.images) == ("ok", 128, 128), row.reason
 
 
 def test_the_loader_overhead_sets_fastest_against_fastest(monkeypatch, tmp_path):

@@ -497,6 +497,21 @@ def test_writer_worker_failing_ends_in_one_error_without_leftovers(tmp_path):
     assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
 
 
+def test_a_file_size_limit_hit_by_the_writers_own_last_write_is_named_as_the_fix(tmp_path):
+    """The .beton's tables, which the writing process adds after its workers' images, past
+    `ulimit -f` by a byte: an OSError of its own (EFBIG), not a worker's message, said 'free
+    space in DIR or fix the cause' on a disk with room to spare."""
+    whole = prepare("synthetic", tmp_path / "whole", synthetic_size=(300, 64))
+    data_dir = tmp_path / "data"
+    result = prepare_with_files_up_to(whole.train.stat().st_size - 1, data_dir, 300)
+    assert result.returncode == 1
+    train = data_dir / "synthetic-300-64-seed0-train.beton"
+    assert result.stderr == (f"error: Writing {train} failed: File too large. Nothing was kept; "
+                             "raise this process's file size limit (`ulimit -f unlimited`), "
+                             "then run again.\n")
+    assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
+
+
 @pytest.mark.slow
 def test_a_file_size_limit_hit_writing_the_source_folder_names_it(tmp_path):
     """EFBIG (as ENOSPC) names no file: the command said 'cannot use: File too large'."""

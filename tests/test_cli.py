@@ -767,6 +767,10 @@ def test_train_help_gives_each_option_its_preset_value():
     assert helps["flip"].endswith("(default: on)") and helps["seed"].endswith("(default: 0)")
     assert helps["tta"].endswith("(default: on; --preset seed: off)")
     assert helps["loader"] == "default: resident on GPU, ffcv on CPU"  # its own words, kept
+    # an option whose help names its default already is given no second one
+    assert helps["preset"] == ("starting values; any option given here overrides them "
+                               "(default: fast)")
+    assert all(text.count("(default:") <= 1 for text in helps.values() if text), helps
     assert "(default:" not in {a.dest: a.help for a in build_parser("compare")._actions}["lr"]
 
 

@@ -4,6 +4,7 @@ moments, and impossible values. Real subprocesses on tiny synthetic data (CPU)."
 
 from __future__ import annotations
 
+import ast
 import errno
 import fcntl
 import gc
@@ -11,6 +12,7 @@ import math
 import os
 import pickle
 import pty
+import re
 import resource
 import select
 import shlex
@@ -195,6 +197,17 @@ def test_a_failed_write_names_its_option_and_the_fix_and_an_inputs_error_stays_i
         "unlimited`).")
     elsewhere = OSError(errno.EIO, "Input/output error", str(tmp_path.parent / "ckpt.pt"))
     assert write_failed(elsewhere, out) is elsewhere
+
+
+def test_a_write_past_the_file_size_limit_names_the_limit_not_the_folder(tmp_path):
+    """write_failed: EFBIG (`ulimit -f`) names no file and no folder is at fault: 'choose a
+    writable --out' would send the user to another folder, past the same limit."""
+    out = tmp_path / "report"
+    error = write_failed(OSError(errno.EFBIG, os.strerror(errno.EFBIG)), out)
+    assert isinstance(error, ReportError) and str(error) == (
+        f"--out {out}: the report could not be written, as it passes this process's file size "
+        "limit (nothing was left there); raise this process's file size limit (`ulimit -f "
+        "unlimited`).")
 
 
 def test_files_written_together_are_all_new_or_all_old_on_a_full_disk(tmp_path):
@@ -631,7 +644,7 @@ def test_an_allocator_setting_torch_aborts_on_is_named_before_torch_loads(name, 
     assert sorted(tmp_path.iterdir()) == []  # no run folder, and no core file of the probe's
 
 
-@pytest.mark.parametrize("value, told", [("garbage", False), ("help", True)])
+@pytest.mark.parametrize("value, told", [("garbage", False), ("help", True), ("+help", True)])
 def test_a_torch_logs_setting_torch_refuses_is_named_in_one_line(value, told, tmp_path):
     """torch parses TORCH_LOGS as it loads and raises a ValueError: a traceback ending in pages
     of log names (TORCH_LOGS=help: its help text, raised the same way), with no run made."""
@@ -643,13 +656,24 @@ def test_a_torch_logs_setting_torch_refuses_is_named_in_one_line(value, told, tm
     last = result.stderr.strip().splitlines()[-1]
     if told:  # the help asked for comes first, then the line saying nothing ran
         assert "TORCH_LOGS Info" in result.stderr
-        assert last == ("error: TORCH_LOGS='help' prints torch's log names (above) and runs "
-                        "nothing; unset it to run the command.")
+        assert last == (f"error: TORCH_LOGS={value!r} prints torch's log names (above) and "
+                        "runs nothing; unset it to run the command.")
     else:
         assert one_line_error(result) == (
             "error: torch cannot load with TORCH_LOGS='garbage': it is no comma-separated list "
             "of torch's log names (TORCH_LOGS=help lists them); correct it, or unset it.")
     assert not out.exists()
+
+
+def test_another_settings_refusal_as_torch_loads_is_not_blamed_on_a_valid_torch_logs(tmp_path):
+    """Only torch's log-settings parser's ValueError is TORCH_LOGS': PYTORCH_JIT=abc, refused
+    by torch.jit as torch loads, beside a valid TORCH_LOGS is that setting's error, named."""
+    result = train("--out", tmp_path / "run", timeout=120, cwd=tmp_path,
+                   env={**os.environ, "TORCH_LOGS": "dynamo", "PYTORCH_JIT": "abc"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Unknown setting of PYTORCH_JIT" in result.stderr, result.stderr[-2000:]
+    assert "TORCH_LOGS" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("below", ["", "cache"])
@@ -698,9 +722,31 @@ def test_an_address_space_limit_torch_cannot_load_under_is_said_in_one_line(tmp_
     line = one_line_error(result)
     assert line.startswith("error: torch cannot load under this process's address-space limit "
                            "(ulimit -v 1000000 KiB: libtorch"), line
+    # the library that did not fit, by name: glibc's own words after it are said as the cause
+    assert re.search(r"KiB: libtorch\w*\.so does not fit\); raise it", line), line
     assert line.endswith("raise it (`ulimit -v unlimited`; torch takes several GiB of address "
                          "space) and run again.")
     assert not out.exists()
+
+
+def test_a_missing_package_under_an_address_space_limit_is_not_blamed_on_the_limit(tmp_path):
+    """Under a generous `ulimit -v` (as clusters set), an import that fails for another reason
+    (here accelerate missing) is not said to be torch not fitting under the limit: its own
+    error, naming the package, is what the user needs."""
+    gone = tmp_path / "site" / "accelerate"
+    gone.mkdir(parents=True)
+    (gone / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'accelerate'\", name='accelerate')\n")
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (64 << 30, resource.RLIM_INFINITY))
+
+    result = train("--out", tmp_path / "run", timeout=120, cwd=tmp_path, preexec_fn=limited,
+                   env={**os.environ, "PYTHONPATH": f"{gone.parent}{os.pathsep}{ROOT}"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "No module named 'accelerate'" in result.stderr, result.stderr[-2000:]
+    assert "address-space" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_file_size_limit_is_named_as_the_fix_not_free_space(finished, data_dir, tmp_path):
@@ -734,6 +780,38 @@ def test_commands_run_under_python_OO(script):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage: ") and result.stderr == ""
+
+
+@pytest.mark.parametrize("script", ["tools/lr_find.py", "tools/compare.py", "tools/bench.py",
+                                    "tools/gpu_suite.py"])
+def test_help_describes_a_command_by_its_docstrings_first_line_only(script):
+    """--help's description is the docstring's first line (common.cli.summary): the rest of
+    it, paragraphs on how figures are made, is for the source's reader."""
+    doc = ast.get_docstring(ast.parse((ROOT / script).read_text()), clean=False)
+    first, rest = (" ".join(part.split()) for part in doc.split("\n", 1))
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = " ".join(result.stdout.split())
+    assert first in said and rest[:40] not in said, result.stdout
+
+
+@pytest.mark.parametrize("name, value, said", [
+    ("TORCH_LOGS", "garbage", "error: torch cannot load with TORCH_LOGS='garbage': it is no "),
+    ("TORCHINDUCTOR_CACHE_DIR", "afile", "error: TORCHINDUCTOR_CACHE_DIR='afile': ")],
+    ids=["TORCH_LOGS", "TORCHINDUCTOR_CACHE_DIR"])
+def test_a_torch_setting_refused_in_a_background_job_is_one_line_too(name, value, said,
+                                                                     tmp_path):
+    """A background job (`train.py &` from a script) starts with SIGINT ignored, and takes
+    interruptible_imports' other branch: a setting torch fails on as it loads is one line there
+    too, not a traceback (ending in pages of log names, or in 'File exists')."""
+    (tmp_path / "afile").write_text("x")
+    result = train("--out", tmp_path / "run", timeout=120, cwd=tmp_path,
+                   env={**os.environ, name: value},
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_line_error(result).startswith(said)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
@@ -1397,6 +1475,26 @@ def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_pa
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(error).startswith(f"could not write {path} (why); nothing was written. "
                                  f"{fix.format(folder=tmp_path)} (or choose another --out)")
+
+
+@pytest.mark.parametrize("code, fix", [
+    (errno.ENOSPC, "Free some space"), (errno.EFBIG, "Raise this process's file size limit"),
+    (None, "Raise this process's file size limit (`ulimit -f unlimited`) or free some space"),
+    (errno.EACCES, "Make {folder} writable")],
+    ids=["ENOSPC", "EFBIG", "torch's RuntimeError", "EACCES"])
+def test_under_a_file_size_limit_only_an_error_that_may_be_it_is_blamed_on_it(tmp_path, code,
+                                                                               fix):
+    """Under `ulimit -f`, torch's RuntimeError names no errno and may be the limit or a full
+    disk; an errno that says what happened (a full disk, a folder not writable) keeps its own
+    fix, not the limit's."""
+    path, (soft, hard) = tmp_path / "ckpt.pt", resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 40, hard))  # far above any file here
+    try:
+        error = checkpoint.unwritten(path, OSError(code, "why", str(path)), None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(error).startswith(f"could not write {path} (why); nothing was written. "
+                                 f"{fix.format(folder=tmp_path)}")
 
 
 def test_metrics_csv_has_every_column_when_older_rows_lack_one():

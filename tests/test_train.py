@@ -569,6 +569,12 @@ def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
     assert {"test_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
     # at the epoch's number, as metrics.csv counts them (a resumed run's go on from its own)
     assert [event.step for event in events.Scalars("test_acc")] == [1]
+    # the run's config as hparams, its numbers as numbers (tensorboard filters and sorts them)
+    import yaml
+
+    hparams = yaml.safe_load(next((out / "cifar10-engine").rglob("hparams.yml")).read_text())
+    assert (hparams["epochs"], hparams["width"], hparams["tta"]) == (1, 8, True), hparams
+    assert isinstance(hparams["lr"], float) and hparams["data_dir"] == str(data_dir)
 
 
 def test_a_ctrl_c_before_the_first_epoch_leaves_no_tracker_logs(tmp_path, data_dir):
@@ -605,6 +611,16 @@ def test_a_tracker_into_an_out_named_in_no_utf8_is_refused_before_any_work(tmp_p
     assert list(tmp_path.iterdir()) == []  # no data prepared, no run folder
 
 
+def test_an_out_named_in_no_utf8_trains_where_no_tracker_writes(tmp_path):
+    """Only the trackers need their folder in UTF-8: without --log-with, an --out named in
+    other bytes (a Latin-1 name on an old disk) trains and saves as any other."""
+    out = tmp_path / os.fsdecode(b"run-\xff")
+    result = train("--synthetic-size", "200", "50", "--data-dir", str(tmp_path / "data"),
+                   "--epochs", "1", "--out", str(out), errors="surrogateescape")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "ckpt.pt").is_file() and (out / "best.pt").is_file()
+
+
 def test_a_tracker_logs_a_run_whose_data_dir_is_named_in_no_utf8(tmp_path):
     """config.json's values go to the trackers too: tensorboard's hparams refused the
     --data-dir's undecodable bytes (a UnicodeEncodeError traceback); they go as '?'."""
@@ -630,6 +646,15 @@ def test_a_tracker_whose_package_is_missing_says_what_to_install(tmp_path, data_
     assert result.returncode == 1 and result.stdout == "" and not (tmp_path / "out").exists()
     assert result.stderr == ("error: --log-with wandb: its package is not installed; pip "
                              "install wandb, or leave --log-with out.\n")  # no warning first
+
+
+def test_log_with_all_takes_the_trackers_installed():
+    """accelerate's 'all' is every tracker that is installed: with tensorboard installed (a
+    test dependency), it is no error."""
+    from accelerate.tracking import get_available_trackers
+
+    assert "tensorboard" in [tracker.value for tracker in get_available_trackers()]
+    engine.trackers.check_tracker("all")
 
 
 def test_log_with_all_and_no_tracker_installed_says_to_install_one(monkeypatch):

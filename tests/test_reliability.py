@@ -1477,26 +1477,6 @@ def test_a_file_that_could_not_be_written_gets_the_fix_its_error_asks_for(tmp_pa
                                  f"{fix.format(folder=tmp_path)} (or choose another --out)")
 
 
-@pytest.mark.parametrize("code, fix", [
-    (errno.ENOSPC, "Free some space"), (errno.EFBIG, "Raise this process's file size limit"),
-    (None, "Raise this process's file size limit (`ulimit -f unlimited`) or free some space"),
-    (errno.EACCES, "Make {folder} writable")],
-    ids=["ENOSPC", "EFBIG", "torch's RuntimeError", "EACCES"])
-def test_under_a_file_size_limit_only_an_error_that_may_be_it_is_blamed_on_it(tmp_path, code,
-                                                                               fix):
-    """Under `ulimit -f`, torch's RuntimeError names no errno and may be the limit or a full
-    disk; an errno that says what happened (a full disk, a folder not writable) keeps its own
-    fix, not the limit's."""
-    path, (soft, hard) = tmp_path / "ckpt.pt", resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 40, hard))  # far above any file here
-    try:
-        error = checkpoint.unwritten(path, OSError(code, "why", str(path)), None)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert str(error).startswith(f"could not write {path} (why); nothing was written. "
-                                 f"{fix.format(folder=tmp_path)}")
-
-
 def test_metrics_csv_has_every_column_when_older_rows_lack_one():
     """History rows of a checkpoint from before a column came (eval_seconds, say) beside new
     ones: DictWriter refused them (a traceback, and a run that could never be resumed)."""

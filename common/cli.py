@@ -50,7 +50,7 @@ from common.torch_environment import (
     address_space_problem,
     cache_folder_problem,
     deleted_cwd_problem,
-    torch_logs_problem,
+    torch_setting_problem,
 )
 
 T = TypeVar("T")  # the value type of an argparse type below
@@ -137,7 +137,8 @@ def _torch_loading() -> Iterator[None]:
     """Around torch's import, ending the command in one line and 1 that names the setting: first
     what torch would abort or fail on as it loads (common.allocator: an allocator setting;
     common.torch_environment: a deleted current folder, a cache folder it cannot make), then
-    its import failing on TORCH_LOGS or under ulimit -v (common.torch_environment)."""
+    its import failing on a setting it refuses (TORCH_LOGS, PYTORCH_JIT) or under ulimit -v
+    (common.torch_environment)."""
     if problem := deleted_cwd_problem() or allocator_problem() or cache_folder_problem():
         error_line(f"error: {problem}")
         sys.exit(1)
@@ -146,7 +147,7 @@ def _torch_loading() -> Iterator[None]:
     except (ValueError, ImportError) as error:
         if problem := address_space_problem(error, "torch"):
             error_line(f"error: {problem}")
-        elif said := torch_logs_problem(error):
+        elif said := torch_setting_problem(error):
             error_line(said)
         else:
             raise

@@ -1,7 +1,8 @@
 """What in torch's environment breaks its import, said in one line naming it: a TORCH_LOGS it
 cannot parse (torch raises a ValueError with pages of names as it loads, and TORCH_LOGS=help
-raises its help text the same way), a TORCHINDUCTOR_CACHE_DIR that is no folder (torch._dynamo
-makes it as it loads, and every run failed on 'File exists', even one that compiles nothing,
+raises its help text the same way) or another setting torch refuses as it loads (PYTORCH_JIT=abc:
+a ValueError traceback too), a TORCHINDUCTOR_CACHE_DIR that is no folder (torch._dynamo makes it
+as it loads, and every run failed on 'File exists', even one that compiles nothing,
 without the variable's name), a current folder that was deleted (MKL then fails to load torch:
 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so', 2), and an address-space limit
 (ulimit -v) below what torch's libraries, or FFCV's, take to load (an ImportError traceback:
@@ -45,22 +46,26 @@ def deleted_cwd_problem() -> str | None:
     return None
 
 
-def _raised_in_torch_logging(trace: TracebackType | None) -> bool:
-    """Whether the innermost frame of `trace` is torch's log-settings parser."""
+def _raised_in(trace: TracebackType | None, package: str) -> bool:
+    """Whether the innermost frame of `trace` is in torch's `package` ("" for any of torch)."""
     last = None
     while trace is not None:
         last, trace = trace.tb_frame, trace.tb_next
-    return last is not None and f"torch{os.sep}_logging{os.sep}" in last.f_code.co_filename
+    where = os.path.join("torch", package, "") if package else os.path.join("torch", "")
+    return last is not None and f"{os.sep}{where}" in last.f_code.co_filename
 
 
-def torch_logs_problem(error: BaseException) -> str | None:
-    """For an error of torch's import: what to print where it is torch refusing TORCH_LOGS,
-    ending in one error line; None for any other error. torch's words come first only for
-    TORCH_LOGS=help and +help, whose text is the help the user asked for."""
-    value = os.environ.get("TORCH_LOGS")
-    if (value is None or not isinstance(error, ValueError)
-            or not _raised_in_torch_logging(error.__traceback__)):
+def torch_setting_problem(error: BaseException) -> str | None:
+    """For an error of torch's import: what to print where it is torch refusing a setting of
+    the environment (a ValueError of its own code: TORCH_LOGS, PYTORCH_JIT, ...), ending in one
+    error line; None for any other error. torch's words come first only for TORCH_LOGS=help and
+    +help, whose text is the help the user asked for."""
+    if not isinstance(error, ValueError) or not _raised_in(error.__traceback__, ""):
         return None
+    value = os.environ.get("TORCH_LOGS")
+    if value is None or not _raised_in(error.__traceback__, "_logging"):
+        return (f"error: torch cannot load: {' '.join(str(error).split())} Correct or unset the "
+                "environment variable it names.")
     if value.strip() in ("help", "+help"):
         return (f"{str(error).strip()}\nerror: TORCH_LOGS={value!r} prints torch's log names "
                 "(above) and runs nothing; unset it to run the command.")

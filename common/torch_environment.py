@@ -51,8 +51,8 @@ def _raised_in(trace: TracebackType | None, package: str) -> bool:
     last = None
     while trace is not None:
         last, trace = trace.tb_frame, trace.tb_next
-    where = os.path.join("torch", package, "") if package else os.path.join("torch", "")
-    return last is not None and f"{os.sep}{where}" in last.f_code.co_filename
+    return last is not None and f"{os.sep}{os.path.join('torch', package, '')}" in (
+        last.f_code.co_filename)
 
 
 def torch_setting_problem(error: BaseException) -> str | None:

@@ -155,10 +155,11 @@ def test_epoch(run: Run) -> dict:
 
 
 def summary_line(row: dict, epochs: int) -> str:
-    """One finished epoch's metrics as the line printed after its progress bar."""
+    """One finished epoch's metrics as the line printed after its progress bar. The LR is the
+    one after the epoch's last step (0 at the end of a decaying schedule), as the plots say."""
     return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.2%}  test loss {row['test_loss']:.4f} "
-            f"acc {row['test_acc']:.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s "
+            f"acc {row['test_acc']:.2%}  end lr {row['lr']:.3g}  {row['seconds']:.1f}s "
             f"{row['images_per_s']:,.0f} img/s")
 
 

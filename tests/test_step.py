@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from common.hardware import launched_processes, native_bf16
 from engine.config import TrainConfig, resolve, validate
 from engine.launch import make_accelerator
+from engine.loop import summary_line
 from engine.loop import test_epoch as evaluate_epoch  # not collected as a test by its name
 from engine.optimizers import lr_at
 from engine.options import parse
@@ -373,3 +374,12 @@ def test_endless_batches_go_on_in_each_next_epochs_order(prepared, tmp_path):
     assert len(first) == SYNTHETIC_SIZE[0]
     assert torch.equal(first.sort().values, second.sort().values)  # the whole split, each
     assert not torch.equal(first, second)
+
+
+def test_the_epoch_line_says_its_lr_is_the_one_after_the_epoch():
+    """A decaying schedule ends at LR 0: a bare 'lr 0' on the last line read as if the whole
+    epoch had not trained."""
+    row = dict(epoch=24, train_loss=0.1, train_acc=0.97, test_loss=0.2, test_acc=0.94, lr=0.0,
+               seconds=1.5, images_per_s=33_000.0)
+    line = summary_line(row, 24)
+    assert "end lr 0 " in line and line.startswith("epoch  24/24  train loss 0.1000 acc 97.00%")

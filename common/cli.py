@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn, TypeVar
+from typing import IO, NoReturn, TypeVar
 
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
@@ -45,6 +45,7 @@ from common.streams import (
     printable_stdout,
     quiet_if_gone,
     reopen_closed_streams,
+    write_stdout,
 )
 from common.torch_environment import (
     address_space_problem,
@@ -130,6 +131,20 @@ class CommandParser(argparse.ArgumentParser):
             with suppress(KeyboardInterrupt):  # a Ctrl-C meanwhile: exit as refused
                 time.sleep(PEER_SAYS_IT_S)
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+    def print_help(self, file: IO[str] | None = None) -> None:
+        """argparse's, but help that cannot be written (stdout on a full disk) ends in one line
+        and exit status 1: argparse drops the write's error, and exited 0 with no help written,
+        or 120 with 'Exception ignored' lines where the interpreter flushed stdout at exit."""
+        if file is not None:
+            return super().print_help(file)
+        try:
+            write_stdout(self.format_help())
+        except BrokenPipeError:  # its reader took what it wanted (`--help | head`)
+            quiet_if_gone(sys.stdout)
+        except OSError as error:
+            self.exit(1, f"{self.prog}: error: {os_error_text(error)}\n")
+        return None
 
 
 @contextmanager
@@ -254,6 +269,7 @@ def run_main(body: Callable[[], int | None]) -> int:
                     previous[s] = handler
                     signal.signal(s, on_stop_signal)
         code = body() or 0
+        write_stdout()  # what stdout still buffers: a full disk said here, not at exit (120)
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code
     except Interrupted as stop:
@@ -288,6 +304,10 @@ def run_main(body: Callable[[], int | None]) -> int:
         error_line(f"error: {error_text(error)}")
         return 1
     finally:
+        try:  # what an error above left in stdout's buffer: not failed on again at exit
+            write_stdout()
+        except OSError:
+            quiet_if_gone(sys.stdout)
         forget_stop()
         for s, handler in previous.items():
             signal.signal(s, handler)

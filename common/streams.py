@@ -77,10 +77,34 @@ def quiet_if_gone(stream: TextIO) -> bool:
     watch.register(fd, select.POLLOUT)
     if not any(events & select.POLLERR for _, events in watch.poll(0)):
         return False
+    _to_null(fd)
+    return True
+
+
+def _to_null(fd: int) -> None:
+    """Descriptor fd pointed at /dev/null: what its stream still writes, or holds in its buffer
+    for the interpreter's flush at exit, goes nowhere instead of failing again."""
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, fd)
     os.close(null)
-    return True
+
+
+def write_stdout(text: str = "") -> None:
+    """Write text to stdout and flush it, so that a failure is raised here, where it can still
+    be said: else the interpreter's flush at exit met it (a full disk: exit status 120 and its
+    'Exception ignored' lines). The OSError names standard output, which then writes to
+    /dev/null; a reader gone or a terminal hung up is raised as it is, for run_main to tell."""
+    if sys.stdout.closed:  # closed by the command itself: nothing is left to write
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as error:
+        if isinstance(error, BrokenPipeError) or error.errno == errno.EIO:
+            raise
+        with suppress(OSError, ValueError):  # no descriptor (a test's capture)
+            _to_null(sys.stdout.fileno())
+        raise OSError(error.errno, error.strerror, "standard output") from None
 
 
 def _hung_up_terminal(stream: TextIO) -> bool:

@@ -848,3 +848,48 @@ def test_pad_mode_zeros_pads_with_black_pixels():
 
     assert not parse(["--pad-mode", "zeros"]).cfg.augment().reflect
     assert parse([]).cfg.augment().reflect
+
+
+FULL_STDOUT_LINE = ("the disk is full writing standard output; free some space or write to "
+                    "another disk.")
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_help_on_a_full_disk_says_so_and_exits_1(unbuffered):
+    """`--help > /dev/full`: argparse dropped the write's error and exited 0 with no help
+    written (or 120 with 'Exception ignored' lines where Python flushed stdout at exit)."""
+    env = buffered_env() | ({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), "--help"],
+                                cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True,
+                                env=env, timeout=120)
+    assert (result.returncode, result.stderr) == (
+        1, f"python tools/report.py: error: {FULL_STDOUT_LINE}\n")
+
+
+def test_output_a_full_disk_refuses_at_exit_is_said_with_exit_status_1():
+    """What a command printed last sat in stdout's buffer until Python flushed it at exit: on a
+    full disk that was exit status 120 and 'Exception ignored' lines, the work looking done."""
+    code = ("import sys; from common.cli import run_main\n"
+            "sys.exit(run_main(lambda: print('final test accuracy 94.00%')))")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=full,
+                                stderr=subprocess.PIPE, text=True, env=buffered_env(),
+                                timeout=120)
+    assert (result.returncode, result.stderr) == (1, f"error: {FULL_STDOUT_LINE}\n")
+
+
+def test_output_left_in_stdouts_buffer_by_an_error_does_not_fail_again_at_exit():
+    """An error while the buffer holds lines a full disk refuses: its own line and exit status
+    1, not 120 from the interpreter's flush failing after it."""
+    code = ("import sys; from common.cli import run_main\n"
+            "from common.errors import DataError\n"
+            "def body():\n"
+            "    print('epoch 1')\n"
+            "    raise DataError('named')\n"
+            "sys.exit(run_main(body))")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=full,
+                                stderr=subprocess.PIPE, text=True, env=buffered_env(),
+                                timeout=120)
+    assert (result.returncode, result.stderr) == (1, "error: named\n")

@@ -51,9 +51,11 @@ def _lr(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{value}'") from None
 
 
-def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
+def build_parser(tool: str | None = None,
+                 decided: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """engine/train.py's options; for another `tool` that trains (lr_find, compare), the same
-    but --resume, which continues one run, and with that tool's --out."""
+    but --resume, which continues one run, and with that tool's --out. `decided`: the options
+    that tool sets (or refuses) its own way, whose help then gives no preset's value."""
     p = CommandParser(
         prog="engine/train.py",
         description="Train a CIFAR ResNet-18 (accelerate launch engine/train.py, or plain python).",
@@ -114,20 +116,20 @@ def build_parser(tool: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--log-with", type=_tracker, metavar="TRACKER",
                    help="an accelerate tracker, e.g. tensorboard or wandb (its package "
                         "installed)")
-    if tool is None:  # lr_find and compare choose some of these values their own way
-        _show_preset_values(p)
+    _show_preset_values(p, decided)
     return p
 
 
-def _show_preset_values(parser: argparse.ArgumentParser) -> None:
+def _show_preset_values(parser: argparse.ArgumentParser, decided: tuple[str, ...]) -> None:
     """End the help of each option that a preset sets, and whose help names no default, with
     the value it takes when left out, and another preset's where that differs: --help did not
-    say that a run trains 24 epochs at lr 0.2."""
+    say that a run trains 24 epochs at lr 0.2. Not for the options in `decided`."""
     default = TrainConfig.preset
     values = {name: TrainConfig(**overrides).to_dict() for name, overrides in PRESETS.items()}
     for action in parser._actions:
         value = values[default].get(action.dest)
-        if value is None or action.help is None or "default" in action.help:
+        if (value is None or action.dest in decided or action.help is None
+                or "default" in action.help):
             continue
         others = "".join(f"; --preset {name}: {_shown(preset[action.dest])}"
                          for name, preset in values.items() if preset[action.dest] != value)
@@ -191,16 +193,17 @@ def unused_options(cfg: TrainConfig, given: dict) -> list[str]:
 
 def parse_tool_args(argv: list[str] | None, prog: str, description: str,
                     own: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None],
-                    ) -> tuple[argparse.Namespace, TrainConfig]:
+                    decided: tuple[str, ...]) -> tuple[argparse.Namespace, TrainConfig]:
     """A tool's options (`own`, add_help=False) beside every option of engine/train.py.
 
     Returns the raw namespace (None where an option was left out) and the TrainConfig that
     parse makes of the training options, presets and validation included.
     `check` raises ValueError for a bad combination of the tool's options: a usage error.
+    `decided`: the training options the tool sets or refuses itself (build_parser).
     """
     tool = Path(prog).stem
     full = CommandParser(prog=prog, description=description, add_help=False,
-                         parents=[build_parser(tool), own], allow_abbrev=False)
+                         parents=[build_parser(tool, decided), own], allow_abbrev=False)
     args = full.parse_args(argv)  # --help lists every option; a bad one of either exits here
     try:
         check(args)

@@ -756,8 +756,7 @@ def test_the_command_line_offers_the_choices_a_saved_config_is_checked_against()
 
 def test_train_help_gives_each_option_its_preset_value():
     """--help named no value for --epochs, --lr and the like (only 'from --preset'): each now
-    says the fast preset's, and the seed preset's where it differs. lr_find and compare,
-    which choose some of them their own way (compare's per-optimizer LRs), say none."""
+    says the fast preset's, and the seed preset's where it differs."""
     from engine.options import build_parser
 
     helps = {a.dest: a.help for a in build_parser()._actions}
@@ -771,7 +770,25 @@ def test_train_help_gives_each_option_its_preset_value():
     assert helps["preset"] == ("starting values; any option given here overrides them "
                                "(default: fast)")
     assert all(text.count("(default:") <= 1 for text in helps.values() if text), helps
-    assert "(default:" not in {a.dest: a.help for a in build_parser("compare")._actions}["lr"]
+
+
+@pytest.mark.parametrize("tool, decided", [("lr_find", ["--lr", "--epochs", "--schedule"]),
+                                           ("compare", ["--optimizer", "--lr",
+                                                        "--weight-decay"])])
+def test_the_tools_help_gives_preset_values_but_for_the_options_they_decide(tool, decided,
+                                                                            capsys):
+    """lr_find and compare gave no value for any training option; they now give the preset's
+    for those they take from it (--width, --batch-size), and none for those they set or refuse
+    themselves (the sweep's LR, compare's per-optimizer LR and weight decay)."""
+    module = importlib.import_module(f"tools.{tool}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+    assert "--width WIDTH channels of the first stage; 64 is ResNet-18 (default: 64)" in shown
+    assert "--batch-size BATCH_SIZE images per step on each process (default: 512; " in shown
+    for option in decided:
+        text = shown.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert "(default:" not in text, (option, text)
 
 
 def test_options_given_with_a_preset_override_its_values():

@@ -20,6 +20,10 @@ from common.streams import error_line
 from engine.config import OPTIMIZERS
 from engine.options import parse_tool_args
 
+# training options each run takes from its optimizer (or refuses: --optimizers replaces
+# --optimizer), not from the preset
+DECIDED = ("optimizer", "lr", "weight_decay")
+
 
 def own_options() -> argparse.ArgumentParser:
     """--optimizers, the one option of this tool; parse_tool_args adds engine/train.py's."""
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     script sees an incomplete table."""
     # first: --help and a refused option answer before torch loads
     args, cfg = parse_tool_args(argv, "tools/compare.py", summary(__doc__),
-                                own_options(), check)
+                                own_options(), check, DECIDED)
     with interruptible_imports():  # torch and the rest take seconds to import
         from tools.comparison import compare
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     LR is chosen from this setup's own losses."""
     # first: --help and a refused option answer before torch loads
     args, cfg = parse_tool_args(argv, "tools/lr_find.py", summary(__doc__), own_options(),
-                                check)
+                                check, REFUSED_OPTIONS)
     with interruptible_imports():  # torch and the rest take seconds to import
         from engine.lr_range import found
         from tools.lr_curve import write_lr_curve

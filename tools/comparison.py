@@ -45,9 +45,14 @@ class Result:
     note: str = ""  # empty when the run finished
 
     def row(self) -> dict:
-        """The run in one table row."""
+        """The run in one table row; its s/epoch the mean of the epochs after the first, as
+        the GPU suite's summary takes them (tools/gpu_summary.run_line)."""
         accs = [r["test_acc"] for r in self.history]
-        seconds = [r["seconds"] for r in self.history]
+        # the first epoch is the warm-up: on a GPU it holds torch.compile, the CUDA graphs'
+        # recording and cuDNN's autotuning, tens of seconds beside a steady epoch's one or two,
+        # and the autotuning (once a process) only in the first optimizer's run, which then
+        # looked slowest for running first; a one-epoch run has only its first
+        seconds = [r["seconds"] for r in self.history[1:] or self.history]
         return dict(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
                     final_test_acc=accs[-1] if accs else None,
                     best_test_acc=max(accs) if accs else None,

@@ -360,8 +360,7 @@ def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace
     """The peers section: loaders beside the public peers, then seed vs default epochs (none,
     and why in `epochs_failed`, when either pipeline cannot run here); `save` gets what is
     measured so far, as the loaders' turns end."""
-    data = prepare("synthetic", Path(cfg.data_dir), tuple(cfg.synthetic_size),
-                   workers=cfg.workers)
+    data = prepare("synthetic", Path(cfg.data_dir), cfg.synthetic_size, workers=cfg.workers)
     folder = Path(out) / "airbench"
     folder.mkdir(parents=True, exist_ok=True)
     loaders = bench_peer_loaders(data, cfg, device, args, folder,

@@ -1,4 +1,5 @@
-"""The machine a process runs on: its cores and a readable name for a device."""
+"""The machine a process runs on and the run it belongs to: the cores and memory it may use,
+a device's readable name, and how many processes a launcher started."""
 
 from __future__ import annotations
 

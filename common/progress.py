@@ -27,7 +27,7 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         stop_if_interrupted()
         self.n += n
-        if time.monotonic() - self.last >= self.interval:
+        if self.due():
             self.last = time.monotonic()
             units = self.unit + ("es" if self.unit.endswith(("s", "ch", "sh", "x")) else "s")
             print(f"{self.desc}: {self.n}/{self.total} {units} {self.postfix}".rstrip(),

@@ -92,6 +92,11 @@ class TrainConfig:
         run, since autotuning may time its way to another algorithm in another process."""
         return self.cudnn_benchmark and not self.deterministic
 
+    def decay_to_blame(self) -> bool:
+        """Whether a divergence is blamed on --weight-decay (1 or more), not on the LR: each
+        step's decay alone scales the weights by 1 - lr x wd."""
+        return self.weight_decay >= 1
+
     def augment(self) -> AugmentConfig:
         """The augmentation options as loaders.augment takes them (it checks their ranges)."""
         return AugmentConfig(flip=self.flip, translate=self.translate,

@@ -71,7 +71,7 @@ def diverged(run: Run, done: int, what: str) -> RunFailed:
             else "no epoch had finished, so nothing was saved")
     if cfg.precision == "fp16":
         fix = "--precision bf16 (or fp32) instead of fp16"
-    elif cfg.weight_decay >= 1:  # each step's decay alone scales the weights by 1 - lr x wd
+    elif cfg.decay_to_blame():
         fix = (f"a --weight-decay far below 1 (the default is {TrainConfig.weight_decay:g}; "
                f"it diverged with {cfg.weight_decay:.3g})")
     else:

@@ -170,7 +170,7 @@ def never_fell(run: Run, lrs: list[float], iterations: int) -> RangeTestError:
     """The error for a sweep that diverged before its loss ever fell below its first step's:
     no LR of it trained, and its start, the suggestion suggestions() would make, diverges
     in training too."""
-    if run.cfg.weight_decay >= 1:  # each step's decay alone scales the weights by 1 - lr x wd
+    if run.cfg.decay_to_blame():
         fix = f"use a --weight-decay far below 1 (the sweep ran with {run.cfg.weight_decay:.3g})"
     else:
         fix = (f"start the sweep lower than lr {lrs[0]:.2g}, or sweep in finer steps (more "

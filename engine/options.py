@@ -163,7 +163,7 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
     given = {k: field_value(v) for k, v in args.items() if k in names and v is not None}
     if given.get("compile_mode", "default") != "default":
         given.setdefault("compile", True)  # a mode asks for compiling, on the CPU too
-    preset = given.get("preset", "fast")
+    preset = given.get("preset", TrainConfig.preset)
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, **given})
     problems = validate(cfg)  # of any config; this machine's cores only bound the command's
     if "workers" in given and (problem := beyond_cores("--workers", cfg.workers)):

@@ -60,6 +60,11 @@ def run_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                           warmup_frac=cfg.warmup)
 
 
+def prepare_data(cfg: TrainConfig) -> Prepared:
+    """The config's dataset as .beton files in its --data-dir, made there when needed."""
+    return prepare(cfg.dataset, Path(cfg.data_dir), cfg.synthetic_size, workers=cfg.workers)
+
+
 def loader_options(cfg: TrainConfig, data: Prepared, device: torch.device, rank: int = 0,
                    world_size: int = 1) -> dict:
     """The make_loader options a run uses for both splits (the workers shared by processes)."""
@@ -99,7 +104,7 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     # shared file system it finds the files made; on a node's own disk it makes them once);
     # then everyone else, who only reads them.
     with accelerator.main_process_first(), accelerator.local_main_process_first():
-        data = prepare(cfg.dataset, Path(cfg.data_dir), cfg.synthetic_size, workers=cfg.workers)
+        data = prepare_data(cfg)
     shared = loader_options(cfg, data, accelerator.device, accelerator.process_index,
                             accelerator.num_processes)
     train_loader = make_train_loader(cfg.loader, cfg, data, shared)

@@ -1,7 +1,8 @@
 """Train a CIFAR ResNet-18: `accelerate launch engine/train.py [options]`, plain python, or
-`cifar-train`. Data is converted once to .beton files and augmented on the device; the model is
-channels_last and mixed precision; every epoch leaves an atomic ckpt.pt, metrics and config in
---out. The training itself is engine.loop.train; this is its command line."""
+`cifar-train`. Data is converted once to .beton files and, but with --loader torchvision,
+augmented on the device; the model is channels_last, and mixed precision on a GPU (fp32 on the
+CPU); every epoch leaves an atomic ckpt.pt, metrics and config in --out. The training itself
+is engine.loop.train; this is its command line."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from common.errors import DataError
 from common.hardware import default_workers
 from common.locks import waiting_lock
 from common.output_folders import missing_folders, removed_on_failure
-from common.paths import unwritable
+from common.paths import nearest_existing, unwritable
 from loaders import beton, cifar
 from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS
@@ -43,9 +43,7 @@ def check_data_dir(data_dir: Path | str, writing: bool = True, why: str = "") ->
     or conversion."""
     if not str(data_dir).strip():  # a library caller's "" (Path("") would mean ".")
         raise DataError("The data folder is empty (''); name a folder, e.g. --data-dir data.")
-    existing = Path(data_dir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # a folder still to be made is made in this one
+    existing = nearest_existing(Path(data_dir))  # a folder still to be made is made in this one
     if not existing.is_dir():
         raise DataError(f"--data-dir {data_dir}: {existing} is a file, not a folder; pass a "
                         "folder (it is created when missing).")

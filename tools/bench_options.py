@@ -19,6 +19,7 @@ from loaders.options import check_synthetic_memory, data_dir_option, synthetic_s
 from tools.options import add_device_option
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
+MEMORY_FORMATS = ("channels_last", "contiguous")  # the step section's --formats
 TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 TURN_S, TURN_EPOCHS = 0.2, 32  # a loader's turn (tools.timing.loader_turn): seconds, epochs
 T = TypeVar("T")  # the value type of an argparse type below
@@ -108,8 +109,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                        help=f"{help_text} ({default_text(name.replace('-', '_'))})")
     p.add_argument("--precisions", type=names, default=["fp32", "bf16", "fp16"],
                    help="step section precisions (default: fp32,bf16,fp16)")
-    p.add_argument("--formats", type=names, default=["channels_last", "contiguous"],
-                   help="step section memory formats (default: channels_last,contiguous)")
+    p.add_argument("--formats", type=names, default=list(MEMORY_FORMATS),
+                   help=f"step section memory formats (default: {','.join(MEMORY_FORMATS)})")
     p.add_argument("--profile-loader", choices=LOADERS,
                    help="the loader feeding the profile section's steps (default: the "
                         "engine's for the device: resident on CUDA, ffcv on CPU)")
@@ -132,7 +133,7 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
     args = p.parse_args(argv)
     for option, given, known in (("--sections", args.sections, SECTIONS),
                                  ("--precisions", args.precisions, PRECISIONS),
-                                 ("--formats", args.formats, ("channels_last", "contiguous")),
+                                 ("--formats", args.formats, MEMORY_FORMATS),
                                  ("--compile", args.compile or [], ("off", "on")),
                                  ("--compile-modes", args.compile_modes or [], COMPILE_MODES)):
         if unknown := [x for x in given if x not in known]:

@@ -20,9 +20,8 @@ from tools.bench_peers import PeerResult, SeedEpochResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
 
 COLUMNS = {name: [f.name for f in fields(cls)] for name, cls in
-           (("loaders", LoaderResult), ("step", StepResult), ("epoch", EpochResult))}
-COLUMNS["peers"] = [f.name for f in fields(PeerResult)]
-COLUMNS["seed"] = [f.name for f in fields(SeedEpochResult)]
+           (("loaders", LoaderResult), ("step", StepResult), ("epoch", EpochResult),
+            ("peers", PeerResult), ("seed", SeedEpochResult))}
 COLUMNS["mfu"] = ["source", "config", "images_per_s", "achieved_TFLOP/s", "peak_TFLOP/s", "mfu"]
 NAME_WIDTH = 100  # the profile table's op names, cut to this (its JSON keeps them whole)
 

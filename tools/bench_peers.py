@@ -19,11 +19,11 @@ from common.errors import one_line
 from common.hardware import default_workers
 from engine.config import PRESETS, TrainConfig
 from engine.loop import Log
-from engine.run import DTYPES
+from engine.run import DTYPES, prepare_data
 from loaders import beton
 from loaders.base import BatchLoader
 from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads_kept
-from loaders.preparation import Prepared, prepare
+from loaders.preparation import Prepared
 from tools.bench_mfu import count_train_flops
 from tools.bench_names import peer_name
 from tools.bench_profile import activities, device_busy_us, device_events, top_ops
@@ -360,8 +360,7 @@ def bench_peers(cfg: TrainConfig, device: torch.device, args: argparse.Namespace
     """The peers section: loaders beside the public peers, then seed vs default epochs (none,
     and why in `epochs_failed`, when either pipeline cannot run here); `save` gets what is
     measured so far, as the loaders' turns end."""
-    data = prepare("synthetic", Path(cfg.data_dir), tuple(cfg.synthetic_size),
-                   workers=cfg.workers)
+    data = prepare_data(cfg)
     folder = Path(out) / "airbench"
     folder.mkdir(parents=True, exist_ok=True)
     loaders = bench_peer_loaders(data, cfg, device, args, folder,

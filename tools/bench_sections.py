@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from itertools import repeat
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,10 +25,10 @@ from common.stop_signals import STOP_SIGNALS, signal_at_parent_death, stop_if_in
 from engine.config import TrainConfig, resolve
 from engine.launch import make_accelerator
 from engine.loop import Log
-from engine.run import Run, build, loader_options, make_train_loader
+from engine.run import Run, build, loader_options, make_train_loader, prepare_data
 from loaders import LOADERS
 from loaders.base import BatchLoader
-from loaders.preparation import Prepared, prepare
+from loaders.preparation import Prepared
 from tools.bench_names import epoch_name, step_name
 from tools.bench_options import TEST_IMAGES
 from tools.timing import fastest, sync, take_turns, timed_epoch_steps, timed_steps, train_pass
@@ -157,8 +156,7 @@ def bench_loaders(cfg: TrainConfig, device: torch.device, args: argparse.Namespa
                   log: Log = silent) -> list[LoaderResult]:
     """Every loader over the same split and augmentations, their epochs taken in turns so that
     a burst of load on a shared machine hits all of them alike (tools.timing.take_turns)."""
-    data = prepare("synthetic", Path(cfg.data_dir), cfg.synthetic_size,
-                   workers=cfg.workers)
+    data = prepare_data(cfg)
     results = {kind: LoaderResult(kind, cfg.batch_size) for kind in LOADERS}
     built: dict[str, BatchLoader] = {}
     for kind, r in results.items():

@@ -19,13 +19,15 @@ from tools.export_formats import EXTRA_FILE
 
 
 class Normalized(nn.Module):
-    """The trained network behind its own normalization: 0..1 RGB in, logits out."""
+    """The trained network behind its own normalization, the mean and std that the export's
+    metadata (`meta`, JSON values) records: 0..1 RGB in, logits out."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, meta: dict[str, str]):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        for name in ("mean", "std"):
+            self.register_buffer(name, torch.tensor(json.loads(meta[name]),
+                                                    dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model((image - self.mean) / self.std)
@@ -36,10 +38,8 @@ def write_onnx(model: nn.Module, meta: dict[str, str], path: Path) -> None:
     import onnx
 
     example = torch.rand(2, 3, 32, 32)
-    program = torch.onnx.export(Normalized(model, json.loads(meta["mean"]),
-                                           json.loads(meta["std"])).eval(),
-                                (example,), dynamo=True, input_names=["image"],
-                                output_names=["logits"], verbose=False,
+    program = torch.onnx.export(Normalized(model, meta).eval(), (example,), dynamo=True,
+                                input_names=["image"], output_names=["logits"], verbose=False,
                                 dynamic_shapes=({0: torch.export.Dim("batch")},))
     proto = program.model_proto
     onnx.helper.set_model_props(proto, meta)
@@ -65,7 +65,7 @@ def jit_quietly() -> Iterator[None]:
 
 def write_torchscript(model: nn.Module, meta: dict[str, str], path: Path) -> None:
     """A traced TorchScript module with the metadata as the extra file cifar10_engine.json."""
-    wrapped = Normalized(model, json.loads(meta["mean"]), json.loads(meta["std"])).eval()
+    wrapped = Normalized(model, meta).eval()
     with torch.no_grad(), jit_quietly():
         traced = torch.jit.trace(wrapped, torch.rand(2, 3, 32, 32))
         buffer = io.BytesIO()  # written by Python: torch.jit.save aborts the process on a full disk
@@ -103,7 +103,7 @@ def run_safetensors(path: Path, images: np.ndarray) -> np.ndarray:
     meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
     model = build_model(meta["arch"], int(meta["num_classes"]), int(meta["width"]))
     model.load_state_dict(load(data))
-    wrapped = Normalized(model.eval(), json.loads(meta["mean"]), json.loads(meta["std"]))
+    wrapped = Normalized(model, meta).eval()
     with torch.no_grad():
         return wrapped(to_01(images)).numpy()
 

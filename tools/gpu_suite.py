@@ -106,15 +106,15 @@ def save(s: Suite) -> None:
     record = dict(meta=s.meta, steps=s.done,
                   not_run=[step for step in s.steps if step not in {d["step"] for d in s.done}])
     write_json(s.results / "suite.json", record)
-    summary = render(record, s.results)
-    write_text(s.results / "summary.md", summary)
+    summary_md = render(record, s.results)
+    write_text(s.results / "summary.md", summary_md)
     if s.bundle is not None:
         def pack(tmp: Path) -> None:
             with tarfile.open(tmp, "w:gz") as tar:
                 tar.add(s.results, arcname=s.bundle.name.removesuffix(".tar.gz"))
 
         atomic_write(s.bundle, pack)
-        write_text(summary_path(s.bundle), summary)
+        write_text(summary_path(s.bundle), summary_md)
 
 
 def summary_path(bundle: Path) -> Path:

@@ -44,8 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar="NAME",
                         help=f"CAM methods: {', '.join(METHODS)} (default: gradcam)")
     add_device_option(parser)
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

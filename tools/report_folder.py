@@ -54,7 +54,7 @@ MARKER_TEXT = "tools/report.py wrote this folder; the next report into it replac
 STAGED = "report"  # a report made inside its folder is made in .report.<pid>.tmp there
 
 
-def report_summary(path: Path) -> bool:
+def begins_as_summary(path: Path) -> bool:
     """Whether `path` is a summary.md as report_tables.summary begins it."""
     start = f"{TITLE}\n".encode()
     try:
@@ -77,7 +77,7 @@ def not_a_report(out: Path) -> str | None:
     foreign = sorted(e.name for e in entries if e.name not in (*FILES, MARKER) or not e.is_file())
     if foreign:
         return f"holds {listing(foreign)}, which no report writes"
-    if entries and not (out / MARKER).is_file() and not report_summary(out / "summary.md"):
+    if entries and not (out / MARKER).is_file() and not begins_as_summary(out / "summary.md"):
         return f"has no {MARKER} and no report's summary.md"
     return None
 

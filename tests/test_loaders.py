@@ -451,10 +451,17 @@ from llvmlite.binding import ffi
 import loaders
 from loaders.options import AugmentConfig
 
+taken, exiting = [], threading.Event()
+
+def call_llvm():  # started now: Python 3.12 starts no thread at exit
+    exiting.wait()
+    taken.append(ffi.lib._lock._lock.acquire(timeout=1))
+
+other = threading.Thread(target=call_llvm, daemon=True)  # daemon: not waited for before atexit
+other.start()
+
 def at_exit():  # registered first, so it runs after the guard's callback
-    taken = []
-    other = threading.Thread(target=lambda: taken.append(ffi.lib._lock._lock.acquire(timeout=1)))
-    other.start()
+    exiting.set()
     other.join()
     print("another thread can call LLVM at exit:", taken[0])
 

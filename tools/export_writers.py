@@ -38,9 +38,10 @@ def write_onnx(model: nn.Module, meta: dict[str, str], path: Path) -> None:
     import onnx
 
     example = torch.rand(2, 3, 32, 32)
-    program = torch.onnx.export(Normalized(model, meta).eval(), (example,), dynamo=True,
-                                input_names=["image"], output_names=["logits"], verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with future_warnings_hidden(r".*LeafSpec"):
+        program = torch.onnx.export(Normalized(model, meta).eval(), (example,), dynamo=True,
+                                    input_names=["image"], output_names=["logits"],
+                                    verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
     proto = program.model_proto
     onnx.helper.set_model_props(proto, meta)
     onnx.save(proto, str(path))
@@ -56,17 +57,19 @@ def run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def jit_quietly() -> Iterator[None]:
-    """Hide torch's FutureWarning that torch.jit is deprecated: the user asked for TorchScript."""
+def future_warnings_hidden(message: str) -> Iterator[None]:
+    """Hide torch's FutureWarnings whose text matches `message`: notices the user cannot act
+    on (torch.jit is deprecated, and they asked for TorchScript; torch 2.11's ONNX exporter
+    copying its own deprecated pytree LeafSpec)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=message)
         yield
 
 
 def write_torchscript(model: nn.Module, meta: dict[str, str], path: Path) -> None:
     """A traced TorchScript module with the metadata as the extra file cifar10_engine.json."""
     wrapped = Normalized(model, meta).eval()
-    with torch.no_grad(), jit_quietly():
+    with torch.no_grad(), future_warnings_hidden(r".*torch\.jit"):
         traced = torch.jit.trace(wrapped, torch.rand(2, 3, 32, 32))
         buffer = io.BytesIO()  # written by Python: torch.jit.save aborts the process on a full disk
         torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(meta)})
@@ -75,7 +78,7 @@ def write_torchscript(model: nn.Module, meta: dict[str, str], path: Path) -> Non
 
 def run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
     """Logits of uint8 N x 32 x 32 x 3 images from the TorchScript file, by torch.jit.load."""
-    with jit_quietly():
+    with future_warnings_hidden(r".*torch\.jit"):
         # from the file's bytes: torch's C++ takes a name only if it is UTF-8
         module = torch.jit.load(io.BytesIO(path.read_bytes()), map_location="cpu")
     with torch.no_grad():

@@ -61,7 +61,9 @@ def torchrun_env(tmp_path: Path) -> dict[str, str]:
     if unresolved:  # outside the except: the failure alone, not the lookup's traceback too
         pytest.fail(f"torchrun cannot start here: this machine's hostname {host!r} does not "
                     f"resolve ({unresolved}); add it to /etc/hosts.")
-    return launcher_env(tmp_path)
+    # a port of its own for the rendezvous (torchrun reads PET_<option>): at its default,
+    # 29500, two launchers on two test workers at once failed with EADDRINUSE
+    return {**launcher_env(tmp_path), "PET_MASTER_PORT": str(free_port())}
 
 
 def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -371,12 +373,17 @@ def http_server(tmp_path, monkeypatch):
     thread.join()
 
 
-@pytest.fixture
-def closed_port() -> int:
-    """A local port nothing listens on: connections to it are refused."""
+def free_port() -> int:
+    """A local port nothing listens on now (the system's pick of a free one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on: connections to it are refused."""
+    return free_port()
 
 
 # --- prepared .beton files and loaders -----------------------------------------------------

@@ -13,19 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 from engine import checkpoint
 
 pytestmark = pytest.mark.slow
 TINY = ["--dataset", "synthetic", "--synthetic-size", "1001", "151", "--width", "8",
         "--batch-size", "128", "--loader", "resident", "--seed", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(*args, timeout: float = 600) -> list[subprocess.CompletedProcess]:

@@ -165,6 +165,7 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", "0",  # a free port: 29500, its default, may be another test's
          *TRAIN[1:], *SMALL, "--synthetic-size", str(n_train), str(n_test), "--data-dir",
          str(data_dir), "--epochs", "1", "--loader", "resident", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=launcher_env(tmp_path))

@@ -162,6 +162,9 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(script, tmp_path):
     assert out.read_text() == "not a folder"
 
 
+# --- the environment a command meets: variables, limits, interpreter, cores -------------------
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("value", ["abc", "0", "", "²"])
 def test_a_world_size_that_is_no_count_is_refused_by_name(value, tmp_path):
@@ -449,8 +452,9 @@ def test_a_torch_setting_refused_in_a_background_job_is_one_line_too(name, value
 
 
 def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
-    """An --out named 'ré' printed on an ASCII stdout (PYTHONIOENCODING=ascii; LC_ALL=C where
-    Python has no UTF-8 mode) ended the command in a UnicodeEncodeError traceback, exit 1."""
+    """A path named 'dé' printed on an ASCII stdout (PYTHONIOENCODING=ascii; LC_ALL=C where
+    Python has no UTF-8 mode) ended the command in a UnicodeEncodeError traceback, exit 1:
+    here prepare's --data-dir, whose .beton files it prints."""
     data = tmp_path / "dé"
     result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size",
                         "64", "32", "--data-dir", data, timeout=120,

@@ -1308,14 +1308,23 @@ def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, t
     (["--cutout", "40"], "--cutout in 0..32"),
     (["--dataset", "synthetic", "--synthetic-size", "9", "100"], "--synthetic-size 9 100: the "
      "synthetic data needs at least 10 training images, one per class, and 1 test image"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+    (["--lr", "-1"], "--lr must be a positive finite number"),
+    (["--lr", "fast"], "expected a number or 'auto'"),
+    (["--translate", "40"], "--translate must be in 0..16"),
+    (["--compile-mode", "reduce-overhead", "--no-compile"],
+     "--compile-mode reduce-overhead compiles; drop --no-compile"),
 ])
 def test_impossible_values_are_refused_before_anything_is_written(option, message, tmp_path):
-    """In one line (not argparse's whole usage first), exit 2, nothing written."""
-    result = train(*option, "--out", tmp_path / "out", timeout=120)
+    """In one line (not argparse's whole usage first), exit 2, nothing written: no run folder,
+    no data."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    result = train(*option, "--out", out, "--data-dir", data, timeout=120)
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.startswith("engine/train.py: error: ") and \
         result.stderr.endswith("; see --help\n") and result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    assert "Traceback" not in result.stderr and not out.exists() and not data.exists()
 
 
 def test_a_seed_is_taken_up_to_the_largest_numpys_and_torchs_generators_take():

@@ -1,6 +1,8 @@
 """Data fixtures shared by the tests: small CIFAR-format folders written like the original
-files, tar.gz archives, a local HTTP server, a prepared synthetic dataset, a bounded way to
-drain a loader, and one dry run of the GPU suite (whose bench runs tests/test_bench.py reads)."""
+files, image folders (--dataset folder), tar.gz archives, a local HTTP server, a prepared
+synthetic dataset, a bounded way to drain a loader, and one dry run of the GPU suite (whose
+bench runs tests/test_bench.py reads); and what several modules ask of a process they start
+(its children, its DataLoader workers)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -30,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from loaders import cifar, layouts
+from loaders import cifar, folders, layouts
 from loaders.preparation import Prepared, prepare
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
@@ -104,6 +107,26 @@ def children(pid: int) -> list[tuple[int, bytes]]:
     """The child processes of `pid` with their command lines (Linux's /proc)."""
     found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [(int(c), Path(f"/proc/{c}/cmdline").read_bytes()) for c in found]
+
+
+def data_workers(pid: int) -> list[int]:
+    """The DataLoader workers of process `pid`: the processes under it torch named
+    pt_data_worker. Not its children with its command line: a .beton writer's workers have it
+    too, and so has a subprocess before its exec; and from Python 3.14 the workers are the
+    children of a forkserver, itself a child."""
+    def read(path: str) -> str:
+        with suppress(OSError):  # the process ended meanwhile
+            return Path(path).read_text()
+        return ""
+
+    workers, todo = [], [str(pid)]
+    while todo:
+        p = todo.pop()
+        children = read(f"/proc/{p}/task/{p}/children").split()
+        todo += children
+        workers += [int(c) for c in children
+                    if read(f"/proc/{c}/comm").strip() == "pt_data_worker"]
+    return workers
 
 
 def run_gpu_suite(*args, python: str = sys.executable, timeout: float = 900,
@@ -340,6 +363,27 @@ def make_tar_gz(path: Path, folder: Path | None = None,
                 info.size = len(data)
             tar.addfile(info, io.BytesIO(data) if data else None)
     return path
+
+
+FOLDER_CLASSES = ["cat", "dog", "frog"]
+
+
+def write_tree(root: Path, per_class: tuple[int, int] = (6, 3), seed: int = 0) -> dict:
+    """An image folder (--dataset folder) of FOLDER_CLASSES: PNG files of random 32x32
+    images, {split: (images, labels)} in sorted-file order."""
+    rng = np.random.default_rng(seed)
+    made = {}
+    for split, n in zip(folders.SPLITS, per_class, strict=True):
+        images, labels = [], []
+        for label, name in enumerate(FOLDER_CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i:03d}.png")
+                images.append(pixels)
+                labels.append(label)
+        made[split] = (np.stack(images), np.array(labels))
+    return made
 
 
 # --- a local HTTP server -----------------------------------------------------------------

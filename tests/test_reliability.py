@@ -28,14 +28,15 @@ import torch
 from conftest import (
     ROOT,
     SignalsWhenCollected,
+    data_workers,
     history,
     run_code,
     run_script,
     small_run,
     tmpfs,
     torchrun_env,
+    write_tree,
 )
-from test_folders import write_tree
 
 from common.allocator import allocator_problem
 from common.cli import run_main
@@ -977,26 +978,6 @@ def test_a_collective_failing_over_gloo_or_torchs_dist_error_is_a_peer_gone():
     assert peer_gone(torch.distributed.DistError("NCCL communicator was aborted"))
     assert not peer_gone(RuntimeError("CUDA error: device-side assert triggered"))
     assert not peer_gone(ValueError("gloo"))
-
-
-def data_workers(pid: int) -> list[int]:
-    """The DataLoader workers of process `pid`: the processes under it torch named
-    pt_data_worker. Not its children with its command line: a .beton writer's workers have it
-    too, and so has a subprocess before its exec; and from Python 3.14 the workers are the
-    children of a forkserver, itself a child."""
-    def read(path: str) -> str:
-        with suppress(OSError):  # the process ended meanwhile
-            return Path(path).read_text()
-        return ""
-
-    workers, todo = [], [str(pid)]
-    while todo:
-        p = todo.pop()
-        children = read(f"/proc/{p}/task/{p}/children").split()
-        todo += children
-        workers += [int(c) for c in children
-                    if read(f"/proc/{c}/comm").strip() == "pt_data_worker"]
-    return workers
 
 
 @pytest.mark.slow

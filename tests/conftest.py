@@ -1,6 +1,8 @@
 """Data fixtures shared by the tests: small CIFAR-format folders written like the original
-files, tar.gz archives, a local HTTP server, a prepared synthetic dataset, a bounded way to
-drain a loader, and one dry run of the GPU suite (whose bench runs tests/test_bench.py reads)."""
+files, image folders (--dataset folder), tar.gz archives, a local HTTP server, a prepared
+synthetic dataset, a bounded way to drain a loader, and one dry run of the GPU suite (whose
+bench runs tests/test_bench.py reads); and what several modules ask of a process they start
+(its children, its DataLoader workers)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,8 @@ import sys
 import tarfile
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -30,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from loaders import cifar, layouts
+from loaders import cifar, folders, layouts
 from loaders.preparation import Prepared, prepare
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
@@ -106,6 +108,26 @@ def children(pid: int) -> list[tuple[int, bytes]]:
     """The child processes of `pid` with their command lines (Linux's /proc)."""
     found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [(int(c), Path(f"/proc/{c}/cmdline").read_bytes()) for c in found]
+
+
+def data_workers(pid: int) -> list[int]:
+    """The DataLoader workers of process `pid`: the processes under it torch named
+    pt_data_worker. Not its children with its command line: a .beton writer's workers have it
+    too, and so has a subprocess before its exec; and from Python 3.14 the workers are the
+    children of a forkserver, itself a child."""
+    def read(path: str) -> str:
+        with suppress(OSError):  # the process ended meanwhile
+            return Path(path).read_text()
+        return ""
+
+    workers, todo = [], [str(pid)]
+    while todo:
+        p = todo.pop()
+        children = read(f"/proc/{p}/task/{p}/children").split()
+        todo += children
+        workers += [int(c) for c in children
+                    if read(f"/proc/{c}/comm").strip() == "pt_data_worker"]
+    return workers
 
 
 def run_gpu_suite(*args, python: str = sys.executable, timeout: float = 900,
@@ -344,6 +366,27 @@ def make_tar_gz(path: Path, folder: Path | None = None,
     return path
 
 
+FOLDER_CLASSES = ["cat", "dog", "frog"]
+
+
+def write_tree(root: Path, per_class: tuple[int, int] = (6, 3), seed: int = 0) -> dict:
+    """An image folder (--dataset folder) of FOLDER_CLASSES: PNG files of random 32x32
+    images, {split: (images, labels)} in sorted-file order."""
+    rng = np.random.default_rng(seed)
+    made = {}
+    for split, n in zip(folders.SPLITS, per_class, strict=True):
+        images, labels = [], []
+        for label, name in enumerate(FOLDER_CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i:03d}.png")
+                images.append(pixels)
+                labels.append(label)
+        made[split] = (np.stack(images), np.array(labels))
+    return made
+
+
 # --- a local HTTP server -----------------------------------------------------------------
 
 
@@ -538,15 +581,28 @@ def read_only_dir(tmp_path):
         folder.chmod(0o755)
 
 
+# python -c this script args: engine/train.py args, which sends itself a Ctrl-C as soon as its
+# first epoch's files are written (on the epoch writer's thread, while epoch 2 trains)
+CTRL_C_AFTER_FIRST_EPOCH = """
+import os, runpy, signal, sys
+from engine import checkpoint
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a command typed at a terminal
+write = checkpoint.write_epoch
+def write_then_interrupt(out, ckpt, best):
+    write(out, ckpt, best)
+    if ckpt["epoch"] == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+checkpoint.write_epoch = write_then_interrupt
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def interrupt_after_first_epoch(args: list, out: Path) -> tuple[int, str]:
-    """Start `engine/train.py *args --out out`, send Ctrl-C once its first epoch is saved;
-    (exit code, stderr)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), *map(str, args),
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    return proc.returncode, stderr
+    """`engine/train.py *args --out out`, stopped by a Ctrl-C once its first epoch is saved;
+    (exit code, stderr). The run sends the signal itself: one sent by the test after seeing
+    the files could come epochs late on a loaded host, or after the run had ended."""
+    result = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_FIRST_EPOCH,
+                             str(ROOT / "engine" / "train.py"), *map(str, args), "--out",
+                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return result.returncode, result.stderr

@@ -23,10 +23,10 @@ from conftest import (
     SYNTHETIC_SIZE,
     SignalsWhenCollected,
     children,
+    data_workers,
     run_script,
     running,
 )
-from test_reliability import data_workers
 from torch import nn
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent

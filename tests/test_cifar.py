@@ -233,10 +233,12 @@ def test_fetch_a_broken_reply_names_url_and_the_offline_way(tmp_path, monkeypatc
 
 
 class _SilentReply(BaseHTTPRequestHandler):
-    """Takes every GET and says nothing for a few seconds: a server that hangs."""
+    """Takes every GET and says nothing for a minute: a server that hangs. Not for a few
+    seconds only: a client held off the CPU that long (a loaded host) would then meet a closed
+    connection, not its timeout. The handler's thread is a daemon: nothing waits for it."""
 
     def do_GET(self):
-        time.sleep(5)
+        time.sleep(60)
         self.close_connection = True
 
     def log_message(self, *args):

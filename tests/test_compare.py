@@ -30,6 +30,17 @@ def compare(*args: str) -> subprocess.CompletedProcess:
     return run_script("tools/compare.py", *args)
 
 
+def compare_on_two_processes(tmp_path: Path, *args) -> subprocess.CompletedProcess:
+    """tools/compare.py under torchrun, 2 CPU processes, on 400 + 100 synthetic images (in
+    tmp_path/data) at width 4 and batches of 64: the shared part of the torchrun tests."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
+         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
+         str(tmp_path / "data"), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env=torchrun_env(tmp_path))
+
+
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     """sgd and adamw, one epoch each, at their default LRs and weight decays."""
@@ -47,13 +58,8 @@ def test_two_processes_compare_every_optimizer_in_turn(tmp_path):
     leave the process group to the second (it ended it, and the second run stopped at its
     first barrier with a traceback on both processes)."""
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
-         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
-         str(tmp_path / "data"), "--optimizers", "sgd", "adam", "--epochs", "1", "--out",
-         str(out)], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env=torchrun_env(tmp_path))
+    result = compare_on_two_processes(tmp_path, "--optimizers", "sgd", "adam", "--epochs", "1",
+                                      "--out", out)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
@@ -71,13 +77,8 @@ def test_under_torchrun_a_diverged_run_is_said_and_tabled_once(tmp_path):
     """Both processes diverge alike; only the first says so and writes the comparison (each
     took itself for the writer once a run failed: two error lines, two tables written)."""
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
-         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
-         str(tmp_path / "data"), "--optimizers", "sgd", "--lr", "1e12", "--schedule",
-         "constant", "--epochs", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
-        text=True, timeout=600, env=torchrun_env(tmp_path))
+    result = compare_on_two_processes(tmp_path, "--optimizers", "sgd", "--lr", "1e12",
+                                      "--schedule", "constant", "--epochs", "1", "--out", out)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("error: sgd: ") == 1, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1 and result.stdout.count("| sgd |") == 1
@@ -94,13 +95,8 @@ def test_under_torchrun_a_run_refused_by_the_main_process_stops_every_process(tm
     out = tmp_path / "out"
     (out / "sgd").mkdir(parents=True)
     (out / "sgd" / "config.json").write_text("{}")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         str(ROOT / "tools" / "compare.py"), "--dataset", "synthetic", "--synthetic-size", "400",
-         "100", "--width", "4", "--batch-size", "64", "--loader", "resident", "--data-dir",
-         str(tmp_path / "data"), "--optimizers", "sgd", "adam", "--epochs", "1", "--out",
-         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=torchrun_env(tmp_path))
+    result = compare_on_two_processes(tmp_path, "--optimizers", "sgd", "adam", "--epochs", "1",
+                                      "--out", out)
     assert result.returncode == 1, result.stderr[-3000:]
     assert (f"error: {out / 'sgd'} holds config.json, which a run writes over; choose another "
             "--out, or move them away.") in result.stderr, result.stderr[-3000:]

@@ -31,8 +31,9 @@ def export(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def test_images(ckpt) -> tuple[np.ndarray, np.ndarray]:
-    """The first 300 test images and the checkpoint's own logits on them."""
+def held_out(ckpt) -> tuple[np.ndarray, np.ndarray]:
+    """The run's whole test split (run_dir's 300 images) and the checkpoint's own logits on
+    them. Not named test_*: a fixture, which a reader should not take for a test."""
     images = beton.read(Path(ckpt["data"]["test"])).images
     return images, reference_logits(ckpt, checkpoint.model_from(ckpt), images)
 
@@ -78,13 +79,13 @@ def exported(request, run_dir, tmp_path_factory) -> tuple[subprocess.CompletedPr
 @pytest.mark.slow
 @pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*:FutureWarning")  # loading is the point here
 @pytest.mark.parametrize("exported", ["onnx", "torchscript", "safetensors"], indirect=True)
-def test_export_runs_like_the_checkpoint(exported, ckpt, test_images):
+def test_export_runs_like_the_checkpoint(exported, ckpt, held_out):
     result, out = exported
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-1 differs on 0 of 256 images: OK" in result.stdout
     assert "Warning" not in result.stderr  # torch.jit's deprecation notices are hidden
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left behind
-    images, expected = test_images
+    images, expected = held_out
     logits, meta = run_exported(out.suffix[1:], out, images)
     assert np.array_equal(logits.argmax(1), expected.argmax(1))
     assert np.abs(logits - expected).max() < 1e-3
@@ -94,10 +95,10 @@ def test_export_runs_like_the_checkpoint(exported, ckpt, test_images):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("exported", ["onnx"], indirect=True)
-def test_onnx_takes_any_batch_size(exported, test_images):
+def test_onnx_takes_any_batch_size(exported, held_out):
     result, out = exported
     assert result.returncode == 0, result.stderr[-3000:]
-    images, expected = test_images
+    images, expected = held_out
     for n in (1, 7):
         logits, _ = run_exported("onnx", out, images[:n])
         assert logits.shape == (n, 10) and np.allclose(logits, expected[:n], atol=1e-3)

@@ -12,37 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script, tmpfs, without_root_powers
+from conftest import (
+    FOLDER_CLASSES,
+    ROOT,
+    run_script,
+    tmpfs,
+    without_root_powers,
+    write_tree,
+)
 from PIL import Image
 
 from common.errors import DataError
 from loaders import beton, cifar, folders, make_loader, preparation
 from loaders.preparation import prepare
 
-CLASSES = ["cat", "dog", "frog"]
-
-
-def write_tree(root: Path, per_class: tuple[int, int] = (6, 3), seed: int = 0) -> dict:
-    """PNG files of random 32x32 images: {split: (images, labels)} in sorted-file order."""
-    rng = np.random.default_rng(seed)
-    made = {}
-    for split, n in zip(folders.SPLITS, per_class, strict=True):
-        images, labels = [], []
-        for label, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i:03d}.png")
-                images.append(pixels)
-                labels.append(label)
-        made[split] = (np.stack(images), np.array(labels))
-    return made
-
 
 def test_an_image_folder_becomes_betons_with_exactly_its_pixels(tmp_path):
     made = write_tree(tmp_path)
     prepared = prepare("folder", tmp_path, workers=1)
-    assert prepared.classes == CLASSES
+    assert prepared.classes == FOLDER_CLASSES
     for split, path in (("train", prepared.train), ("test", prepared.test)):
         read = beton.read(path)
         np.testing.assert_array_equal(read.images, made[split][0])  # 32x32 PNG: identity
@@ -114,7 +102,7 @@ def test_an_image_moved_to_another_class_is_converted_again_with_that_label(tmp_
     np.testing.assert_array_equal(np.bincount(read.labels), [5, 7, 6])
     moved = made["train"][0][5]  # cat 005, the sixth image of the tree as made
     (where,) = np.flatnonzero((read.images == moved).all(axis=(1, 2, 3)))
-    assert CLASSES[read.labels[where]] == "dog"
+    assert FOLDER_CLASSES[read.labels[where]] == "dog"
 
 
 def test_an_image_replaced_by_one_of_the_same_size_is_converted_again(tmp_path):
@@ -165,7 +153,7 @@ def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
     (tmp_path / "train" / "dog" / "more").symlink_to(elsewhere)
     (nested / "up").symlink_to(tmp_path / "train" / "cat")  # a loop
     files = folders.class_files(tmp_path)["train"]
-    assert [len(files[c]) for c in CLASSES] == [6 + 2, 6 + 2, 6]
+    assert [len(files[c]) for c in FOLDER_CLASSES] == [6 + 2, 6 + 2, 6]
     assert files["cat"][-2:] == [nested / "0.png", nested / "1.png"]  # sorted by path
     prepared = prepare("folder", tmp_path, workers=1)
     assert len(beton.read(prepared.train).labels) == 22
@@ -254,7 +242,7 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
         os.rename(tmp_path / "train" / "dog", tmp_path / "train" / "do\tg")
     elif damage == "one class":
         for split in folders.SPLITS:
-            for name in CLASSES[1:]:
+            for name in FOLDER_CLASSES[1:]:
                 shutil.rmtree(tmp_path / split / name)
     else:
         for split in folders.SPLITS:

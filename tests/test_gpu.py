@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC_SIZE, interrupt_after_first_epoch, run_script
-from test_train import history
+from conftest import SYNTHETIC_SIZE, history, interrupt_after_first_epoch, run_script
 from torch._dynamo.utils import counters
 
 import loaders

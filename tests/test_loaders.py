@@ -833,7 +833,9 @@ def test_more_ffcv_workers_than_numba_may_start_is_one_clear_error(prepared):
 
 
 def test_as_many_ffcv_workers_as_numba_threads_are_taken():
-    """The limit itself is allowed: --workers NUMBA_NUM_THREADS starts that many threads."""
+    """The limit itself is allowed: --workers NUMBA_NUM_THREADS is taken as asked, not
+    refused (test_ffcv_workers_left_to_their_default_stay_within_numba_threads reads a split
+    with a loader of as many workers as numba threads)."""
     from numba import config
 
     assert guards.numba_workers(config.NUMBA_NUM_THREADS, 1) == config.NUMBA_NUM_THREADS

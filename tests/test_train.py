@@ -368,11 +368,10 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path)
 
     cut = tmp_path / "cut"
     returncode, stderr = interrupt_after_first_epoch([*SMALL, *common], cut)
-    done = len(history(cut))
-    if done < 3:  # interrupted mid-run, as intended: a clean exit that names --resume
-        assert returncode == 130 and f"--resume {cut}" in stderr
-        assert f"ckpt.pt holds epoch {done};" in stderr
-        assert checkpoint.load(cut / "ckpt.pt")["epoch"] == done
+    # stopped mid-run: a clean exit that names --resume
+    assert returncode == 130 and f"--resume {cut}" in stderr, stderr[-3000:]
+    assert "ckpt.pt holds epoch 1;" in stderr
+    assert checkpoint.load(cut / "ckpt.pt")["epoch"] == len(history(cut)) == 1
 
     resumed = train("--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -478,22 +477,6 @@ def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, 
     assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt"]  # nothing else written
 
 
-@pytest.mark.parametrize("option, message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    (["--lr", "-1"], "--lr must be a positive finite number"),
-    (["--lr", "fast"], "expected a number or 'auto'"),
-    (["--translate", "40"], "--translate must be in 0..16"),
-    (["--compile-mode", "reduce-overhead", "--no-compile"],
-     "--compile-mode reduce-overhead compiles; drop --no-compile"),
-])
-def test_impossible_options_are_refused(option, message, tmp_path):
-    result = train(*option, "--out", tmp_path / "out", "--data-dir", tmp_path / "data",
-                   timeout=120)
-    assert result.returncode == 2 and message in result.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
-
-
 def test_more_workers_than_cores_are_refused_before_the_data_is_made(tmp_path):
     """With any loader: the resident one trained with them (it has no workers, but writes
     the .beton files with them), the others refused them after the data was written."""
@@ -522,16 +505,6 @@ def test_a_data_dir_without_data_names_the_file(tmp_path):
     assert not list(tmp_path.glob("*.beton")) and not (tmp_path / "out").exists()
 
 
-def test_divergence_stops_with_the_epoch_and_batch(data_dir, tmp_path):
-    out = tmp_path / "out"
-    result = train("--synthetic-size", "2000", "200", "--data-dir", str(data_dir), "--epochs",
-                   "1", "--loader", "resident", "--optimizer", "sgd", "--lr", "1e12",
-                   "--schedule", "constant", "--out", str(out))
-    assert result.returncode == 1
-    assert "NaN or infinite in epoch 1, batch" in result.stderr
-    assert not (out / "ckpt.pt").exists()  # no good epoch: nothing claims to be one
-
-
 def test_divergence_on_several_processes_is_said_once(data_dir, tmp_path):
     """Every process finds a divergence at once (from the sums they share), and each printed
     the same paragraph; now the main process says it, each other one that it stopped too."""
@@ -548,13 +521,6 @@ def test_divergence_on_several_processes_is_said_once(data_dir, tmp_path):
     said = errors[1 - errors.index(stopped)]
     assert "became NaN or infinite in epoch 1" in said and "--lr" in said, said
     assert not (out / "ckpt.pt").exists()
-
-
-def test_an_existing_run_is_not_overwritten(two_epoch_run):
-    before = (two_epoch_run / "ckpt.pt").stat().st_mtime_ns
-    result = train("--out", str(two_epoch_run), timeout=120)
-    assert result.returncode == 1 and "--resume" in result.stderr
-    assert (two_epoch_run / "ckpt.pt").stat().st_mtime_ns == before
 
 
 def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):

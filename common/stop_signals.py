@@ -28,7 +28,14 @@ _stopped_by: list[int] = []  # the signal that stopped the command, for its exit
 
 def on_stop_signal(signum: int, frame) -> None:
     """run_main's handler of the stop signals: the signal noted (stopped_code,
-    stop_if_interrupted), then the KeyboardInterrupt of Python's own Ctrl-C."""
+    stop_if_interrupted), then the KeyboardInterrupt of Python's own Ctrl-C. A launched
+    process's SIGTERM after a SIGTERM is the same stop, not a second one: Linux sends the
+    parent-death signal (stop_with_launcher) again each time the process is handed to another
+    of its dying launcher's threads (and after torchrun's own SIGTERM, where torchrun ends
+    first); raised again, it cut short what the first one's stop was still doing (process 0 said
+    'ckpt.pt holds the last epoch saved', not which epoch)."""
+    if signum == signal.SIGTERM and _stopped_by == [signal.SIGTERM] and launched():
+        return
     _stopped_by[:] = [signum]
     _stop_requested.set()
     raise KeyboardInterrupt

@@ -910,3 +910,30 @@ def test_output_left_in_stdouts_buffer_by_an_error_does_not_fail_again_at_exit()
                                 stderr=subprocess.PIPE, text=True, env=buffered_env(),
                                 timeout=120)
     assert (result.returncode, result.stderr) == (1, "error: named\n")
+
+
+STOPPED_TWICE = ("import os, signal, sys, time; from common.cli import run_main\n"
+                 "def body():\n"
+                 "    try:\n"
+                 "        os.kill(os.getpid(), signal.SIGTERM)  # the stop\n"
+                 "        time.sleep(60)\n"
+                 "    except KeyboardInterrupt:\n"
+                 "        os.kill(os.getpid(), signal.SIGTERM)  # again, as the stop is said\n"
+                 "        time.sleep(0.5)\n"
+                 "        print('said what was kept')\n"
+                 "        raise\n"
+                 "sys.exit(run_main(body))")
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["under torchrun", "plain python"])
+def test_a_launched_processs_second_sigterm_is_the_same_stop(launched):
+    """torchrun killed outright: Linux's parent-death signal came once per launcher thread the
+    process was handed to, and the second SIGTERM cut short process 0's account of what was
+    kept ('ckpt.pt holds the last epoch saved', not the epoch). Under a launcher the second is
+    the same stop; run by hand, a second SIGTERM still stops whatever is under way."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID",
+                                                          "ACCELERATE_DYNAMO_BACKEND")}
+    result = run_code(STOPPED_TWICE, env={**env, "TORCHELASTIC_RUN_ID": "test"} if launched
+                      else env)
+    assert result.returncode == 143, result.stderr
+    assert ("said what was kept" in result.stdout) == launched, result.stdout

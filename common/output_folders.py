@@ -28,8 +28,10 @@ def make_dir(path: Path, option: str = "--out") -> None:
         path.mkdir(parents=True, exist_ok=True)
         problem = unwritable(path)
     except OSError as error:
-        problem = ("is a file, not a folder" if path.is_file() else dead_link(path)
-                   or f"cannot be written ({error.strerror})")
+        if link := dead_link(path):  # which says its own fix
+            raise OutputError(f"{option} {path} {link}.") from None
+        problem = ("is a file, not a folder" if path.is_file()
+                   else f"cannot be written ({error.strerror})")
     if problem:
         raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
 

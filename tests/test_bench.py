@@ -441,6 +441,8 @@ CORES = len(os.sched_getaffinity(0))  # this process's: pytest_configure set the
     (["--compile-modes", "fast"], "--compile-modes: unknown value(s) fast; choose from default,"),
     (["--precisions", "fp32,fp8"], "--precisions: unknown value(s) fp8; choose from bf16, fp16,"),
     (["--sections", "nope"], "--sections: unknown value(s) nope; choose from loaders, peers,"),
+    (["--formats", "channels_last,nhwc"], "--formats: unknown value(s) nhwc; choose from "
+                                          "channels_last, contiguous; see --help"),
     (["--profile-loader", "dali"], "--profile-loader: invalid choice: 'dali'"),
     (["--epoch-images", "1"], "--epoch-images 1: the synthetic data needs at least 10 "
                               "training images, one per class"),

@@ -644,3 +644,22 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_nothing(tmp_path, during, 
     assert _leftovers(data_dir) == [] and not list(data_dir.glob("*.beton"))
     if during == "generating":
         assert list(data_dir.iterdir()) == []
+
+
+def test_a_runs_data_is_written_by_no_more_workers_than_its_workers_option(tmp_path,
+                                                                           monkeypatch):
+    """engine.run.prepare_data (build's, the bench's) converts with the config's --workers:
+    `--workers 1` on a shared machine wrote the .beton files with every core's worker."""
+    from engine.config import TrainConfig
+    from engine.run import prepare_data
+
+    real, asked = beton.write, []
+
+    def write(*args, **kwargs):  # the real writer, its worker count noted
+        asked.append(kwargs.get("workers", args[4] if len(args) > 4 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(beton, "write", write)
+    prepare_data(TrainConfig(dataset="synthetic", data_dir=str(tmp_path),
+                             synthetic_size=(100, 20), workers=1))
+    assert asked == [1, 1]

@@ -621,6 +621,48 @@ def test_an_output_whose_reader_has_gone_ends_the_command_in_one_line(interrupt,
         proc.stderr.close()
 
 
+# waits for stdout's reader to go, then leaves a line in stdout's buffer for run_main's flush
+# (with "error": then fails, the line still buffered)
+LINE_AFTER_THE_READER_WENT = ("import select, sys; from common.cli import run_main\n"
+                              "from common.errors import DataError\n"
+                              "def body():\n"
+                              "    watch = select.poll()\n"
+                              "    watch.register(1, select.POLLOUT)\n"
+                              "    watch.poll(60_000)  # POLLERR: the reader has gone\n"
+                              "    print('final test accuracy 94.00%')\n"
+                              "    if sys.argv[1:] == ['error']:\n"
+                              "        raise DataError('named')\n"
+                              "sys.exit(run_main(body))")
+
+
+def test_a_reader_gone_before_the_last_flush_of_stdout_is_said_as_any_reader_gone():
+    """`| head -1` that has gone when run_main flushes what stdout still holds: the same line
+    as for a write that failed in the command ('the program reading ... closed it'); had the
+    flush's broken pipe been named a failure to write standard output, and stdout pointed at
+    /dev/null before run_main looked, it read 'error: ... standard output: Broken pipe'."""
+    proc = subprocess.Popen([sys.executable, "-c", LINE_AFTER_THE_READER_WENT], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=buffered_env())
+    proc.stdout.close()  # the reader has gone
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read().decode() == (
+        "error: stopped: the program reading this command's output (such as head or tee) "
+        "closed it; send the output to a file or keep its reader running.\n")
+    proc.stderr.close()
+
+
+def test_an_error_with_output_buffered_for_a_reader_gone_exits_1_not_120():
+    """An error while stdout's buffer holds a line for a reader that has gone: its flush in
+    run_main fails with a broken pipe, which leaves the line in the buffer, and the
+    interpreter's flush at exit failed on it again ('Exception ignored', exit status 120)."""
+    proc = subprocess.Popen([sys.executable, "-c", LINE_AFTER_THE_READER_WENT, "error"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=buffered_env())
+    proc.stdout.close()  # the reader has gone
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read().decode() == "error: named\n"
+    proc.stderr.close()
+
+
 def test_an_error_whose_stderr_reader_has_gone_still_exits_1():
     """`2>&1 | head`-like: the error line fails on stderr's pipe, whose reader has gone; the
     line left in stderr's buffer then failed again at exit, and Python's exit status for a
@@ -882,6 +924,36 @@ def test_help_on_a_full_disk_says_so_and_exits_1(unbuffered):
                                 env=env, timeout=120)
     assert (result.returncode, result.stderr) == (
         1, f"python tools/report.py: error: {FULL_STDOUT_LINE}\n")
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_help_whose_reader_has_gone_ends_quietly_with_exit_status_0(unbuffered):
+    """`--help | head -1`: the reader took what it wanted; the help's broken pipe is no
+    failure, so no error line and exit 0, as argparse's own help would end (a failure to
+    write --help is exit 1 only where the help could not be written at all, a full disk)."""
+    env = buffered_env() | ({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "tools" / "report.py"), "--help"],
+                                cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True,
+                                env=env, timeout=120)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_help_asked_for_in_a_file_of_the_callers_is_written_there(capsys):
+    """CommandParser.print_help writes stdout's help itself (a full disk said in one line);
+    given a file, as argparse's is, it writes there and not to stdout."""
+    import io
+
+    from engine.options import build_parser
+
+    parser = build_parser()
+    buffer = io.StringIO()
+    parser.print_help(buffer)
+    assert buffer.getvalue() == parser.format_help() and capsys.readouterr().out == ""
 
 
 def test_output_a_full_disk_refuses_at_exit_is_said_with_exit_status_1():

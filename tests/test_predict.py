@@ -311,6 +311,20 @@ def test_mixed_folder_classifies_the_pictures_and_names_the_rest(run_dir, ckpt, 
 
 
 @pytest.mark.slow
+def test_json_of_no_readable_picture_is_still_a_list_of_their_errors(run_dir, tmp_path):
+    """--json is for scripts: where no picture could be read it is still the JSON list, of
+    {file, error} rows, not an empty stdout (which a script's json.loads fails on), while the
+    table, which would be a lone header, is left out."""
+    (tmp_path / "text.png").write_text("not a picture")
+    result = predict(run_dir / "ckpt.pt", tmp_path / "text.png", tmp_path / "missing.png",
+                     "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    rows = json.loads(result.stdout)
+    assert [Path(r["file"]).name for r in rows] == ["text.png", "missing.png"]
+    assert all(set(r) == {"file", "error"} for r in rows)
+
+
+@pytest.mark.slow
 def test_a_folders_dead_link_and_pipe_are_named_not_left_out(run_dir, tmp_path):
     """A picture's link whose file was moved, and a pipe of a picture's name, were left out
     of a folder's results without a word (given by name, each is named)."""
@@ -419,6 +433,22 @@ def test_a_cam_folder_that_is_a_file_is_refused_before_any_work(run_dir, tmp_pat
     assert result.stderr == (f"error: --cam {tmp_path / 'afile'} is a file, not a folder; "
                              "choose a writable folder.\n")
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_the_table_ends_no_line_in_padding():
+    """The columns are padded to line up, but a line's last cell is not: the padding of a
+    short class name (cat beside airplane) left trailing spaces on its row. A file that
+    could not be read has no row (its error is on stderr)."""
+    def row(name: str, *classes: tuple[str, float]) -> dict:
+        return {"file": name, "predictions": [{"class": c, "probability": p} for c, p in classes]}
+
+    lines = predict_command.table([row("a.png", ("airplane", 0.9), ("cat", 0.1)),
+                                   row("long-name.png", ("cat", 0.6), ("airplane", 0.4)),
+                                   {"file": "bad.png", "error": "cannot decode it"}]).splitlines()
+    assert [line.split() for line in lines] == [
+        ["file", "top-1", "top-2"], ["a.png", "airplane", "90.0%", "cat", "10.0%"],
+        ["long-name.png", "cat", "60.0%", "airplane", "40.0%"]]
+    assert all(line == line.rstrip() for line in lines), lines
 
 
 def test_a_layer_without_cam_is_a_usage_error(tmp_path, capsys):

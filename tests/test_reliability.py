@@ -46,6 +46,7 @@ from common.errors import (
     RunFailed,
     TrainingError,
     listing,
+    one_line,
     plain_line,
 )
 from engine import checkpoint, loop
@@ -490,6 +491,16 @@ def test_a_listing_names_its_first_names_then_how_many_more():
     assert listing(["a", "b", "c"]) == "a, b, c"
     assert listing(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
     assert listing(["a, b", "c"], 1, "; ") == "a, b and 1 more"
+
+
+def test_an_error_is_one_line_of_at_most_300_characters_of_its_message():
+    """A library's message may span lines or pages (a compiler's, a C++ backtrace): in a
+    message or a table row it is one line, its white space runs as one space, cut at 300
+    characters (or the limit asked for), after the exception's name."""
+    assert one_line(ValueError("bad\n  value:\tthere\n")) == "ValueError: bad value: there"
+    assert one_line(RuntimeError("x" * 1000)) == f"RuntimeError: {'x' * 300}"
+    assert one_line(OSError("abcdef"), 3) == "OSError: abc"
+    assert one_line(KeyError()) == "KeyError: "
 
 
 def test_a_unicode_line_or_paragraph_separator_is_no_plain_line():
@@ -1182,7 +1193,9 @@ def test_the_sighup_of_a_terminal_that_hung_up_as_run_main_looks_is_the_same_sto
 
 
 # waits for its terminal to hang up (a session of its own: no SIGHUP comes), then fails as
-# sys.argv[1] says; sys.argv[2] "late": a line on stderr after run_main returned
+# sys.argv[1] says ("last line": leaves a line without its line break in stdout's buffer, a
+# terminal's flushing at one, for run_main's last flush); sys.argv[2] "late": a line on
+# stderr after run_main returned
 FAILS_AFTER_A_HANG_UP = """
 import errno, sys, termios, time
 from common.cli import run_main
@@ -1194,6 +1207,9 @@ def body():
         except termios.error:
             break  # the hang-up: a hung-up terminal's ioctls fail with EIO
         time.sleep(0.01)
+    if sys.argv[1] == "last line":
+        sys.stdout.write("final test accuracy 94.00%")
+        return
     code = errno.ENOSPC if sys.argv[1] == "full disk" else errno.EIO
     raise OSError(code, "failed", "/data/run/ckpt.pt")
 code = run_main(body)
@@ -1203,16 +1219,21 @@ sys.exit(code)
 """
 
 
-def run_on_a_terminal_that_hangs_up(*args: str) -> int:
+def run_on_a_terminal_that_hangs_up(*args: str, stderr_apart: bool = False) -> int:
     """FAILS_AFTER_A_HANG_UP with stdout and stderr on a pty whose other side closes at
-    once; its exit status."""
+    once (stderr_apart: stderr on a pipe, where nothing may be said); its exit status. Its
+    streams buffered, as a user's are (not by PYTHONUNBUFFERED)."""
     terminal, run_side = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", FAILS_AFTER_A_HANG_UP, *args], cwd=ROOT,
-                            stdin=subprocess.DEVNULL, stdout=run_side, stderr=run_side,
-                            start_new_session=True)
+                            stdin=subprocess.DEVNULL, stdout=run_side,
+                            stderr=subprocess.PIPE if stderr_apart else run_side, text=True,
+                            start_new_session=True, env={
+                                k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
     os.close(run_side)
     os.close(terminal)  # the hang-up
-    return proc.wait(timeout=120)
+    said = proc.communicate(timeout=120)[1]
+    assert not said, said
+    return proc.returncode
 
 
 def test_a_full_disk_while_the_terminal_has_hung_up_is_a_failure_not_a_stop():
@@ -1227,6 +1248,14 @@ def test_after_a_hang_up_both_streams_write_to_dev_null():
     looked at: what writes to stderr after (a finalizer's or a library's line at exit) then
     failed with EIO in turn, a traceback no one sees and exit 1 where the hang-up gives 129."""
     assert run_on_a_terminal_that_hangs_up("eio", "late") == 129
+
+
+def test_a_hang_up_met_by_the_last_flush_of_stdout_is_a_stop_with_stderr_elsewhere():
+    """`train.py 2> err.log` in a terminal that closes: the flush of what stdout still held
+    fails with the terminal's EIO, a hang-up (129) as any write's EIO is; had write_stdout
+    pointed stdout at /dev/null before run_main looked, no stream was a hung-up terminal
+    any more, and the command failed (1) with an error line in err.log."""
+    assert run_on_a_terminal_that_hangs_up("last line", "", stderr_apart=True) == 129
 
 
 # a disk's EIO, with stdout's reader gone (`| head`)

@@ -886,6 +886,30 @@ def test_the_log_scale_is_labelled_in_numbers_where_the_report_turns_math_off():
     assert {"1", "10"} <= set(labels) and not any("$" in label for label in labels), labels
 
 
+def test_a_log_axis_within_one_decade_labels_its_minor_ticks_in_numbers_too():
+    """Losses within one decade (0.5 to 0.9) have no power of ten on the axis, so matplotlib
+    labels the minor ticks: in mathtext by default, drawn as `$\\mathdefault{6\\times10^{-1}}$`
+    where the report turns math off, as the major labels were."""
+    history = [dict(epoch=e, train_loss=loss, test_loss=loss, train_acc=0.5, test_acc=0.5,
+                    lr=0.1) for e, loss in ((1, 0.9), (2, 0.7), (3, 0.5))]
+    with report_figures.plain_text():
+        fig = plot_history({"run": history}, report_figures.curve_panels(0.0))
+        FigureCanvasAgg(fig).draw()
+        labels = [t.get_text() for t in fig.axes[0].get_yticklabels(minor=True)
+                  if t.get_text()]
+    assert labels and not any("$" in label for label in labels), labels
+
+
+def test_the_epoch_axis_is_labelled_in_whole_epochs():
+    """A run of 3 epochs was drawn with ticks at 1.25, 1.5, 1.75 ...: an epoch is counted
+    whole."""
+    history = [dict(epoch=e, lr=0.1) for e in (1, 2, 3)]
+    fig = plot_history({"run": history}, [Panel("learning rate", ("lr",))])
+    FigureCanvasAgg(fig).draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(t == int(t) for t in ticks), ticks
+
+
 def test_a_map_with_no_positive_evidence_says_so(loaded):
     """All zero after the ReLU, a heat map is one flat colour, which looks like a bug."""
     maps = {("gradcam", "layer3", kind): np.zeros((32, 32)) for kind in ("predicted", "true")}

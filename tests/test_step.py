@@ -62,6 +62,18 @@ def test_a_batch_size_above_the_split_still_runs_the_compiled_model(prepared, tm
     assert sizes == [SYNTHETIC_SIZE[0]]
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune",
+                                  "max-autotune-no-cudagraphs"])
+def test_each_compile_mode_the_docs_name_is_taken_and_is_one_of_torch_compiles(mode):
+    """docs/training.md offers torch.compile's four modes: each is taken by --compile-mode
+    (a mode left out of COMPILE_MODES was refused as no choice), and each is one torch.compile
+    knows, so the choices name no mode inductor would refuse."""
+    from torch._inductor import list_mode_options
+
+    assert parse(["--compile-mode", mode]).cfg.compile_mode == mode
+    assert mode in list_mode_options()
+
+
 def test_a_compile_mode_compiles_and_may_change_on_resume():
     """--compile-mode asks for torch.compile (also where it is off by default, the CPU) and,
     like --compile, may change when a run is resumed."""

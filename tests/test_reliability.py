@@ -81,10 +81,16 @@ def lock_holder(lock: Path) -> str:
     return ""
 
 
+# a progress line, printed every 30 s where stderr is no terminal (common.progress.LineProgress):
+# an epoch of a test's run on a loaded host can take that long
+PROGRESS_LINE = re.compile(r"[^:]+: \d+/\d+ \w+")
+
+
 def one_line_error(result) -> str:
-    """stderr of a failed run: one paragraph, no traceback."""
+    """stderr of a failed run: one paragraph, no traceback (progress lines aside)."""
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not PROGRESS_LINE.match(line)]
     assert len(lines) == 1, result.stderr[-3000:]
     return lines[0]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,10 @@ import loaders
 from common.hardware import native_bf16
 from engine import checkpoint
 from engine.config import TrainConfig, resolve
-from engine.evaluate import evaluate
+from engine.evaluate import evaluate, logits_of
 from engine.failures import out_of_memory
 from engine.launch import make_accelerator
-from engine.model import PointwiseConv
+from engine.model import PointwiseConv, eval_mode
 from engine.run import DTYPES, build, train_step
 from loaders.augment import (
     Augment,
@@ -252,8 +254,28 @@ def tensors(value) -> list[torch.Tensor]:
     return [t for v in items for t in tensors(v)] if isinstance(value, dict | list | tuple) else []
 
 
+# a few of bf16's rounding steps (2^-8 to 2^-7 of a value) at the top score's size
+BORDERLINE = 2**-5
+
+
+def borderline_samples(model: torch.nn.Module, loader: loaders.BatchLoader, tta: bool,
+                       autocast: Callable[[], AbstractContextManager]) -> int:
+    """How many samples' two highest class scores (evaluate's: bf16 logits, TTA averaged) lie
+    within BORDERLINE of the highest one's size: another convolution algorithm (cuDNN's
+    autotuning picks by timing, per process) rounds some bf16 activations the other way, which
+    can move such a sample's argmax, and with it the count of correct answers, either way."""
+    count = 0
+    with torch.no_grad(), eval_mode(model):
+        for images, _ in loader:
+            with autocast():
+                top2 = logits_of(model, images, tta).topk(2, dim=1).values
+            gap = top2[:, 0] - top2[:, 1]
+            count += int((gap <= BORDERLINE * top2[:, 0].abs().clamp(min=1)).sum())
+    return count
+
+
 @pytest.mark.slow
-def test_cuda_run_reports_the_accuracy_of_its_checkpoint(cuda_run):
+def test_cuda_run_reports_the_accuracy_of_its_checkpoint(cuda_run, monkeypatch):
     config = json.loads((cuda_run / "config.json").read_text())
     assert (config["precision"], config["compile"]) == ("bf16", True)
     ckpt = checkpoint.load(cuda_run / "ckpt.pt")
@@ -262,18 +284,25 @@ def test_cuda_run_reports_the_accuracy_of_its_checkpoint(cuda_run):
     last = ckpt["history"][-1]
     assert [r["epoch"] for r in ckpt["history"]] == [1, 2] and last["test_acc"] > 0.5
     # an independent evaluation: the weights rebuilt eagerly, a fresh loader, the run's bf16,
-    # the run's test batch size (2x); cuDNN's autotuning may pick other kernels than the run's
+    # the run's test batch size (2x), cuDNN's autotuning as the run had it (not as an earlier
+    # test in this worker left it: engine.run.build sets it for the process)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", TrainConfig(**config).autotunes())
     model = checkpoint.model_from(ckpt).cuda().to(memory_format=torch.channels_last)
     loader = loaders.make_loader("resident", Path(ckpt["data"]["test"]), train=False,
                                  batch_size=2 * config["batch_size"], device="cuda",
                                  mean=ckpt["mean"], std=ckpt["std"], dtype=torch.bfloat16)
-    with torch.no_grad():
-        loss, correct, count = evaluate(
-            model, loader, tta=config["tta"],
-            autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16)).tolist()
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    loss, correct, count = evaluate(model, loader, tta=config["tta"], autocast=autocast).tolist()
     assert count == last["test_images"] == int(E2E_SIZE[1])
-    # a margin of one bf16 borderline sample, should a fresh process still differ
-    assert abs(correct - last["test_acc"] * count) <= 1
+    # autotuning times its way to its own kernels in each process, so the run's may not be
+    # these: a sample near a tie between two classes may then go either way (one sample was
+    # the margin when both processes used cuDNN's heuristics, which pick alike)
+    borderline = borderline_samples(model, loader, config["tta"], autocast)
+    assert abs(correct - last["test_acc"] * count) <= max(1, borderline), (
+        correct, last["test_acc"] * count, borderline)
     assert loss / count == pytest.approx(last["test_loss"], rel=1e-2)
 
 

@@ -1003,9 +1003,9 @@ def test_a_launched_processs_second_sigterm_is_the_same_stop(launched):
     process was handed to, and the second SIGTERM cut short process 0's account of what was
     kept ('ckpt.pt holds the last epoch saved', not the epoch). Under a launcher the second is
     the same stop; run by hand, a second SIGTERM still stops whatever is under way."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID",
-                                                          "ACCELERATE_DYNAMO_BACKEND")}
-    result = run_code(STOPPED_TWICE, env={**env, "TORCHELASTIC_RUN_ID": "test"} if launched
-                      else env)
+    from common.hardware import LAUNCHED
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHED}
+    result = run_code(STOPPED_TWICE, env={**env, LAUNCHED[0]: "test"} if launched else env)
     assert result.returncode == 143, result.stderr
     assert ("said what was kept" in result.stdout) == launched, result.stdout

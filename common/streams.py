@@ -107,6 +107,13 @@ def write_stdout(text: str = "") -> None:
         raise OSError(error.errno, error.strerror, "standard output") from None
 
 
+def say(line: str) -> None:
+    """print() for a command's lines on stdout, through write_stdout: each flushed as it is
+    said (a log is complete at every moment), and a full disk named as standard output even
+    mid-run, where print's OSError named no file."""
+    write_stdout(line + "\n")
+
+
 def _hung_up_terminal(stream: TextIO) -> bool:
     """Whether stream is a terminal that hung up: its ioctls then fail with EIO (a file or a
     pipe's with ENOTTY), where a pipe whose reader left polls as an error too."""

@@ -213,9 +213,10 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
           log: Log = lambda _: None, last: bool = True, extend: str | None = None) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
-    return its history; each epoch's line and each notice go to log (the command line passes
-    print). Ctrl-C raises Interrupted, saying what was kept. `last=False` keeps the process
-    group for another run in this process (tools/comparison.py), which calls end_processes().
+    return its history; each epoch's line and each notice go to log (the command line's is
+    common.streams.say). Ctrl-C raises Interrupted, saying what was kept. `last=False` keeps
+    the process group for another run in this process (tools/comparison.py), which calls
+    end_processes().
     `extend`: how to train a finished run further, said when resuming one (by default, with
     --resume and more --epochs; a tool of its own words for its own command line)."""
     cfg, ckpt = configure(cfg, resume, given)

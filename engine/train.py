@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from common.cli import interruptible_imports, run_main
+from common.streams import say
 from engine.options import parse
 
 
@@ -21,16 +22,16 @@ def main(argv: list[str] | None = None) -> int:
         from engine.loop import train
 
     def body() -> None:
-        result = train(options.cfg, options.resume, options.given, log=print)
+        result = train(options.cfg, options.resume, options.given, log=say)
         if result.main_process and result.history:
-            print(accuracy_line(result.history, result.out if result.epochs_run else None))
+            say(accuracy_line(result.history, result.out if result.epochs_run else None))
             if result.epochs_run:  # where this command's time went
                 ran = result.history[-result.epochs_run:]
                 epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
-                print(f"{epochs}: {sum(r['seconds'] for r in ran):.1f}s of training, "
-                      f"{sum(r['eval_seconds'] for r in ran):.1f}s of evaluation, "
-                      f"{result.checkpoint_wait_s:.1f}s waiting for checkpoints; "
-                      f"{result.setup_s:.1f}s building the run before them")
+                say(f"{epochs}: {sum(r['seconds'] for r in ran):.1f}s of training, "
+                    f"{sum(r['eval_seconds'] for r in ran):.1f}s of evaluation, "
+                    f"{result.checkpoint_wait_s:.1f}s waiting for checkpoints; "
+                    f"{result.setup_s:.1f}s building the run before them")
 
     return run_main(body)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, run_main
+from common.streams import say
 from loaders.options import SYNTHETIC_SIZE, add_data_arguments, synthetic_size_unused
 
 
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         size = tuple(args.synthetic_size or SYNTHETIC_SIZE)
         prepared = prepare(args.dataset, args.data_dir, size)
-        print(prepared.train)
-        print(prepared.test)
+        say(str(prepared.train))
+        say(str(prepared.test))
 
     return run_main(body)
 

@@ -1050,6 +1050,29 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
 
+
+@pytest.mark.slow
+def test_stdout_on_a_full_disk_mid_run_is_named_and_the_epochs_kept(data_dir, tmp_path):
+    """stdout in a file on a disk that fills after a few lines (a one-page tmpfs, the file
+    padded to leave 300 bytes: the run's first line and at most two epochs' lines; a short
+    write leaves the rest in the buffer, so the next line fails): print's error named no file
+    ('the disk is full; ...'). It names standard output, and the epochs done are saved."""
+    out = tmp_path / "out"
+    with tmpfs(tmp_path / "disk", "size=4k") as disk:
+        log = disk / "train.log"
+        log.write_bytes(b"\n" * (4096 - 300))
+        with open(log, "a") as stdout:
+            result = subprocess.run(
+                [sys.executable, str(ROOT / "engine" / "train.py"), *TINY, "--data-dir",
+                 data_dir, "--epochs", "4", "--out", out], cwd=ROOT, stdout=stdout,
+                stderr=subprocess.PIPE, text=True, timeout=300)
+        written = log.read_text().split()
+    assert result.returncode == 1 and written[0] == "synthetic", written
+    assert one_line_error(result) == ("error: the disk is full writing standard output; free "
+                                      "some space or write to another disk.")
+    assert 1 <= len(history(out)) < 4 and (out / "ckpt.pt").exists()
+
+
 @pytest.mark.slow
 def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path):
     run = copy_run(finished, tmp_path)

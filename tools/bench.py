@@ -14,7 +14,7 @@ import sys
 
 from common.cli import interruptible_imports, run_main, summary
 from common.stop_signals import stop_if_interrupted
-from common.streams import error_line
+from common.streams import error_line, say
 from tools.bench_options import parse_args
 
 
@@ -22,7 +22,7 @@ def log(line: str) -> None:
     """Progress on stdout, flushed so a redirected log is complete at every moment; like any
     progress update, it raises a Ctrl-C again that a finalizer swallowed
     (common.stop_signals)."""
-    print(line, flush=True)
+    say(line)
     stop_if_interrupted()
 
 

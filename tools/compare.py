@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, run_main, summary
-from common.streams import error_line
+from common.streams import error_line, say, write_stdout
 from engine.config import OPTIMIZERS
 from engine.options import parse_tool_args
 
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         # each its own weight decay only beside its own LR: AdamW's is scaled to its LR
         results, table = compare(cfg, args.optimizers, args.lr is None,
-                                 args.lr is None and args.weight_decay is None, log=print,
+                                 args.lr is None and args.weight_decay is None, log=say,
                                  warn=error_line)
         if table is not None:  # None: another process writes
-            print(table, end="")
-            print(f"wrote {Path(cfg.out)}/compare.png, compare.csv, compare.md")
+            write_stdout(table)
+            say(f"wrote {Path(cfg.out)}/compare.png, compare.csv, compare.md")
         return 1 if any(r.note for r in results) else 0
 
     return run_main(body)

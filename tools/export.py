@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from common.cli import CommandParser, interruptible_imports, path_option, run_main
+from common.streams import say
 from tools.export_formats import PACKAGES
 from tools.options import add_checkpoint_argument, add_data_dir_option
 
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         with memory_advice(args.checkpoint):
             out, check = export(args.checkpoint, args.format, args.out, args.data_dir,
                                 warn=lambda note: print(note, file=sys.stderr))
-        print(check)
-        print(f"wrote {out}")
+        say(check)
+        say(f"wrote {out}")
 
     return run_main(body)
 

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from common.errors import SetupError
+from common.streams import say
 from tools import ROOT
 
 # what a bare GPU image lacks; the wheels provide them. Every step reads .beton files; only
@@ -74,7 +75,7 @@ def environment(python: str, site: Path) -> dict:
                          "holds no wheels. Run `make setup` (a .venv with everything), or build "
                          "the wheels with `make wheels` on a machine with network and copy .whl/ "
                          "into this checkout.")
-    print(f"installing {len(wheels)} wheels from .whl/ into {site}", flush=True)
+    say(f"installing {len(wheels)} wheels from .whl/ into {site}")
     # --upgrade: a second suite on the same machine replaces the wheels a first one installed
     install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                               "--upgrade", "--target", str(site), *map(str, wheels)],
@@ -89,7 +90,7 @@ def environment(python: str, site: Path) -> dict:
         # an image without X11: the libraries that ffcv's bundled libGLX needs, carried
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
-        print(f"adding {libs} to LD_LIBRARY_PATH: {'; '.join(lacking.values())}", flush=True)
+        say(f"adding {libs} to LD_LIBRARY_PATH: {'; '.join(lacking.values())}")
         lacking = missing(python, env, NEEDED + WANTED)
     if set(lacking) & set(NEEDED):
         why = "; ".join(f"{name}: {error}" for name, error in lacking.items())
@@ -102,8 +103,8 @@ def environment(python: str, site: Path) -> dict:
 def going_without(lacking: dict[str, str], env: dict) -> dict:
     """env, after saying which of WANTED the steps go without (their runs and tests fail)."""
     for name, error in lacking.items():
-        print(f"warning: {name} cannot be imported ({error}); report's and predict's runs "
-              "and tests will fail, the other steps run", flush=True)
+        say(f"warning: {name} cannot be imported ({error}); report's and predict's runs "
+            "and tests will fail, the other steps run")
     return env
 
 

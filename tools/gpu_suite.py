@@ -31,6 +31,7 @@ from common.cli import CommandParser, path_option, run_main, summary
 from common.errors import SetupError
 from common.output_folders import make_dir
 from common.paths import not_a_file, place_problem
+from common.streams import say
 from tools import ROOT
 from tools.gpu_environment import environment, header
 from tools.gpu_steps import COMMANDS, GROUPS, LIMITS, STEP_LIMIT_S, STEPS, Suite, suite_device
@@ -143,7 +144,7 @@ def run_step(s: Suite, step: str) -> bool:
                 cut = "the --budget" if budget <= step_left else "its step limit"
                 break
             left = min(step_left, budget)
-            print(f"{step}: {name} (at most {left:.0f} s)", flush=True)
+            say(f"{step}: {name} (at most {left:.0f} s)")
             log.write(f"\n$ {shlex.join(argv)}\n")
             log.flush()
             code, seconds = run_command(argv, s.env, log, left)
@@ -169,7 +170,7 @@ def run_step(s: Suite, step: str) -> bool:
     elif not record["ok"]:
         print(f"{step}: cut short by {cut}; the log is {log_path}", file=sys.stderr)
     else:
-        print(f"{step}: ok ({sum(c['seconds'] for c in done):.0f} s), log {log_path}")
+        say(f"{step}: ok ({sum(c['seconds'] for c in done):.0f} s), log {log_path}")
     return record["ok"]
 
 
@@ -271,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             suite = Suite(results, work, sys.executable, env, args.dry_run,
                           meta, steps, deadline, bundle)
             failed = run_steps(suite)
-        print((results / "summary.md").read_text(encoding=ENCODING))
-        print(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))
+        say((results / "summary.md").read_text(encoding=ENCODING))
+        say(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))
         if failed:
             print(f"failed or not run: {', '.join(failed)}", file=sys.stderr)
             return 1

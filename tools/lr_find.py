@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, option_name, run_main, summary
+from common.streams import say
 from engine import lr_sweep
 from engine.options import parse_tool_args
 
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         result = write_lr_curve(cfg, args.start_lr, args.end_lr, args.iterations)
         if result is None:  # another process writes and says so
             return
-        print(f"{found(result)}; wrote {Path(cfg.out)}/lr_find.png and lr_find.csv. Train with "
-              f"--lr {result.suggested:.3g}, or let engine/train.py --lr auto find it.")
+        say(f"{found(result)}; wrote {Path(cfg.out)}/lr_find.png and lr_find.csv. Train with "
+            f"--lr {result.suggested:.3g}, or let engine/train.py --lr auto find it.")
 
     return run_main(body)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, path_option, positive, run_main
 from common.errors import escaped
-from common.streams import error_line
+from common.streams import error_line, say
 from tools.options import add_checkpoint_argument, add_device_option, pick_device
 
 CAM_LAYER = "layer3"  # --layer's default
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     error_line(f"error: {message}")
                 rows, predicted = top_classes(classifier, pictures, args.k)
                 if args.json or pictures.readable:  # a table of no picture: a lone header
-                    print(json.dumps(rows, indent=2) if args.json else table(rows))
+                    say(json.dumps(rows, indent=2) if args.json else table(rows))
                 if args.cam is not None and pictures.readable:
                     write_cams(classifier, pictures, predicted, args.layer, args.cam)
                     print(f"wrote {len(pictures.readable)} Grad-CAM overlays ({args.layer}) "

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from common.cli import CommandParser, interruptible_imports, path_option, positive, run_main
+from common.streams import say
 from tools.options import (
     METHODS,
     add_checkpoint_argument,
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         with memory_advice(device):
             out = write_report_folder(args.checkpoint, args.out, args.data_dir, device, args.n,
                                       args.layers, args.methods)
-        print(f"wrote {out}/: {', '.join(FILES)}")
+        say(f"wrote {out}/: {', '.join(FILES)}")
 
     return run_main(body)
 

@@ -1,5 +1,6 @@
 """FFCV .beton files: written once with FFCV's own DatasetWriter, atomically, and cached by the
-content of their source; read back in bulk without a Loader (for data held on the device)."""
+content of their source; read back in bulk with numpy alone, neither a Loader nor an import of
+FFCV (for data held on the device, the torchvision DataLoader and the tools)."""
 
 from __future__ import annotations
 
@@ -262,37 +263,73 @@ def write(path: Path, split: Split, classes: list[str],
     return info
 
 
+# The .beton layout, as FFCV 1.0's writer lays it out (ffcv/types.py, ffcv/reader.py), read
+# with numpy alone: importing ffcv takes seconds (ffcv.fields.rgb_image compiles a numba typed
+# dict as it loads), which every command that only reads images would pay. In order: a header,
+# one descriptor per field, one metadata row per sample, the samples' bytes, and the
+# allocation table, which ends the file.
+VERSION = 2  # FFCV's CURRENT_VERSION: another is another layout
+HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                   ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                 align=True)
+ALLOCATION = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+# the two fields beton.write gives a file: FFCV's type id and metadata row of each
+FIELDS = {"image": (2, np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"),
+                                 ("data_ptr", "<u8")])),  # RGBImageField
+          "label": (1, np.dtype("<i8"))}  # IntField
+RAW_MODE = 1  # RGBImageField's mode of images stored verbatim (FFCV's IMAGE_MODES["raw"])
+
+
+def _sections(blob: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The metadata column of each field and the allocation table of the .beton in `blob`;
+    ValueError saying what does not fit the layout."""
+    header = np.frombuffer(blob, HEADER, count=1)[0]
+    if header["version"] != VERSION:
+        raise ValueError(f"file format mismatch: version {header['version']}, where FFCV's "
+                         f"is {VERSION}")
+    fields = np.frombuffer(blob, FIELD, count=int(header["num_fields"]), offset=HEADER.itemsize)
+    names = [bytes(name).rstrip(b"\0").decode(errors="replace") for name in fields["name"]]
+    kinds, ours = dict(zip(names, fields["type_id"].tolist(), strict=True)), {
+        name: kind for name, (kind, _) in FIELDS.items()}
+    if len(names) != len(FIELDS) or kinds != ours:
+        raise ValueError(f"its fields and their FFCV type ids are {kinds}, where ours are {ours}")
+    # FFCV's metadata row: each field's, in the file's order, aligned as a C struct
+    row = np.dtype([(name, FIELDS[name][1]) for name in names], align=True)
+    rows = np.frombuffer(blob, row, count=int(header["num_samples"]),
+                         offset=HEADER.itemsize + fields.nbytes)
+    start = int(header["alloc_table_ptr"])
+    if start > len(blob):
+        raise ValueError("its allocation table would start past its end")
+    table = blob[start:]
+    if len(table) % ALLOCATION.itemsize:
+        raise EOFError  # the table was cut (or grew) mid-entry
+    return {name: rows[name] for name in names}, table.view(ALLOCATION)
+
+
 def read(path: Path) -> Split:
     """All images (N x 32 x 32 x 3 uint8) and labels of a raw-image .beton, read in bulk.
 
-    Raw RGBImageField samples are stored verbatim at metadata['image']['data_ptr'], so a
-    memory map gives them back without compiling an FFCV pipeline.
+    Raw RGBImageField samples are stored verbatim at each metadata row's data_ptr, so a
+    memory map gives them back without FFCV (see HEADER above).
     """
-    with importing_ffcv():
-        from ffcv.fields.rgb_image import IMAGE_MODES
-        from ffcv.reader import Reader
-        from ffcv.types import ALLOC_TABLE_TYPE
-
     check(path)
+    blob = np.memmap(path, dtype=np.uint8, mode="r")
     try:
-        reader = Reader(str(path))
-        # metadata columns are named f0, f1, ... in field order
-        column = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
-        image, label = reader.metadata[column["image"]], reader.metadata[column["label"]]
-    except Exception as error:  # FFCV raises assorted errors on foreign or truncated files
+        columns, table = _sections(blob)
+    except EOFError:
+        raise DataError(f"{path} is truncated; delete it to rebuild it.") from None
+    except ValueError as error:  # a header, descriptors or rows the file is too short for
         raise DataError(
             f"{path} is not a readable .beton ({error}); delete it to rebuild it.") from error
-    if (image["mode"] != IMAGE_MODES["raw"]).any() or (image["height"] != 32).any() \
+    image, label = columns["image"], columns["label"]
+    if (image["mode"] != RAW_MODE).any() or (image["height"] != 32).any() \
             or (image["width"] != 32).any():
         raise DataError(f"{path} does not hold raw 32x32 images; delete it to rebuild it.")
-    blob = np.memmap(path, dtype=np.uint8, mode="r")
-    # the allocation table ends the file: a cut file leaves a partial table, or images whose
-    # allocations are missing from it
-    table_bytes = len(blob) - int(reader.header["alloc_table_ptr"])
-    if table_bytes % ALLOC_TABLE_TYPE.itemsize or not np.isin(
-            image["data_ptr"], reader.alloc_table["ptr"]).all():
+    # a cut file can also leave a whole table whose images' allocations are missing from it
+    if not np.isin(image["data_ptr"], table["ptr"]).all():
         raise DataError(f"{path} is truncated; delete it to rebuild it.")
     # one vectorised gather: row i of the window view is the nbytes starting at byte i
     windows = np.lib.stride_tricks.sliding_window_view(blob, ROW_SIZE)
     images = windows[image["data_ptr"].astype(np.int64)].reshape(-1, 32, 32, 3)
-    return Split(images, np.array(label, dtype=np.int64))  # a copy: FFCV maps it read-only
+    return Split(images, np.array(label, dtype=np.int64))  # np.array: a copy, not the map

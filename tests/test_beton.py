@@ -24,6 +24,7 @@ from conftest import (
     SYNTHETIC_SIZE,
     children,
     dump_pickle,
+    run_code,
     run_script,
     tmpfs,
 )
@@ -292,19 +293,22 @@ def _vouch_for(path: Path, like: Path) -> None:
     write_json(beton.sidecar(path), asdict(info))
 
 
-def _write_other_images(path: Path, mode: str, size: int, width: int | None = None) -> None:
+def _write_other_images(path: Path, mode: str, size: int, width: int | None = None,
+                        label: str = "IntField") -> None:
     """A .beton written by stock FFCV, as beton.write does, but of other images: `mode`
-    ("raw" or "jpg") images of size x size pixels (size x width when width is given)."""
+    ("raw" or "jpg") images of size x size pixels (size x width when width is given), and
+    labels in FFCV's field `label`."""
     with importing_ffcv():
-        from ffcv.fields import IntField, RGBImageField
+        import ffcv.fields
         from ffcv.writer import DatasetWriter
     rng = np.random.default_rng(0)
     shape = (20, size, size if width is None else width, 3)
     split = cifar.Split(rng.integers(0, 256, shape, dtype=np.uint8),
                         np.arange(20) % 10)
     writer = guarded_writer(DatasetWriter)
-    writer(str(path), {"image": RGBImageField(write_mode=mode), "label": IntField()},
-           num_workers=1).from_indexed_dataset(beton._Rows(split))
+    fields = {"image": ffcv.fields.RGBImageField(write_mode=mode),
+              "label": getattr(ffcv.fields, label)()}
+    writer(str(path), fields, num_workers=1).from_indexed_dataset(beton._Rows(split))
 
 
 # FFCV's allocation table (24-byte rows) ends the file
@@ -324,7 +328,21 @@ STRUCTURE = {  # case: (damage, words of read()'s refusal)
                          "does not hold raw 32x32 images"),
     "jpeg images": (lambda p: _write_other_images(p, "jpg", 32),
                     "does not hold raw 32x32 images"),
+    # read with numpy, each field's layout is the reader's: another type's is refused
+    "float labels": (lambda p: _write_other_images(p, "raw", 32, label="FloatField"),
+                     "is not a readable .beton (its fields and their FFCV type ids are "
+                     "{'image': 2, 'label': 0}, where ours are {'image': 2, 'label': 1})"),
 }
+
+
+def test_reading_a_beton_imports_neither_ffcv_nor_numba(prepared):
+    """beton.read parses the layout with numpy: FFCV's import (numba, opencv, its own) took
+    seconds of the start of every command that reads images without FFCV's Loader."""
+    code = ("import sys; from pathlib import Path; from loaders import beton\n"
+            "split = beton.read(Path(sys.argv[1]))\n"
+            "print(len(split.labels), sorted({'ffcv', 'numba', 'cv2'} & set(sys.modules)))")
+    result = run_code(code, prepared.test)
+    assert result.stdout == f"{SYNTHETIC_SIZE[1]} []\n", result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("case", STRUCTURE)

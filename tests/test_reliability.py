@@ -1093,7 +1093,7 @@ def test_a_run_on_one_core_ends_instead_of_hanging_at_exit(data_dir, tmp_path):
     FFCV's import, used to hang the process at exit once training was done (numba#10556);
     loaders.guards.importing_ffcv picks another threading layer there."""
     core = {min(os.sched_getaffinity(0))}
-    result = train("--data-dir", data_dir, "--epochs", "1", "--loader", "torchvision", "--out",
+    result = train("--data-dir", data_dir, "--epochs", "1", "--loader", "ffcv", "--out",
                    tmp_path / "out", timeout=600,  # a hang fails here; a loaded host is slow
                    preexec_fn=lambda: os.sched_setaffinity(0, core))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,7 +2,7 @@
 files, image folders (--dataset folder), tar.gz archives, a local HTTP server, a prepared
 synthetic dataset, a bounded way to drain a loader, and one dry run of the GPU suite (whose
 bench runs tests/test_bench.py reads); and what several modules ask of a process they start
-(its children, its DataLoader workers)."""
+(its children, its DataLoader workers, a bounded wait for it to reach some point)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -102,6 +104,43 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+T = TypeVar("T")  # what a wait_until condition returns
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str,
+               process: subprocess.Popen | None = None, interval: float = 0.02) -> T:
+    """Call condition() every `interval` s until it returns a truthy value, and return that
+    value; fail the test with `what` once `timeout` s have passed, or as soon as `process` has
+    exited (its exit code and, where it was piped, the tail of its stderr added). For a test
+    that waits for a process it started to reach some point: bounded, so a run that never
+    gets there fails instead of hanging the suite, and polled, so the test acts on what it
+    waited for at once (a worker killed on sight). A wait that goes on past the process's
+    exit to an assertion of its own leaves `process` out and puts the exit in the condition
+    (`... or proc.poll() is not None`)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"{what}: {_ended(process)}")
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what} (waited {timeout} s)")
+        time.sleep(interval)
+    return value
+
+
+def _ended(process: subprocess.Popen) -> str:
+    """How `process`, which has exited, ended: its exit code and its stderr's tail if piped."""
+    said = ""
+    if process.stderr is not None:
+        # bounded: a child of the process (a DataLoader worker) may still hold the pipe open,
+        # and then the message goes without it
+        with suppress(subprocess.TimeoutExpired):
+            said = process.communicate(timeout=5)[1] or ""
+    if isinstance(said, bytes):
+        said = said.decode(errors="replace")
+    tail = f"; its stderr ends:\n{said[-3000:]}" if said.strip() else ""
+    return f"process {process.pid} exited with {process.returncode}{tail}"
 
 
 def children(pid: int) -> list[tuple[int, bytes]]:

@@ -26,6 +26,7 @@ from conftest import (
     data_workers,
     run_script,
     running,
+    wait_until,
 )
 from torch import nn
 from torch.autograd import DeviceType
@@ -632,19 +633,16 @@ def test_an_epoch_alone_dies_with_a_parent_killed_outright(prepared, tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", EPOCHS_ALONE, json.dumps(asdict(cfg))],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while (child := spawned_child(parent.pid)) is None:
-            assert time.monotonic() < deadline and parent.poll() is None, parent.stderr.read()
-            time.sleep(0.05)
+        child = wait_until(lambda: spawned_child(parent.pid), 120,
+                           "no process was spawned for the epochs", process=parent,
+                           interval=0.05)
         time.sleep(5)  # into its epochs, as a rule (before them, it ends itself all the same)
     finally:
         parent.kill()
         parent.wait()
-    deadline = time.monotonic() + 60
     try:
-        while running(child):
-            assert time.monotonic() < deadline, f"process {child} runs on without its parent"
-            time.sleep(0.05)
+        wait_until(lambda: not running(child), 60, f"process {child} runs on without its parent",
+                   interval=0.05)
     finally:
         with suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
@@ -1131,10 +1129,8 @@ def test_sigterm_to_the_group_amid_torchvision_workers_prints_one_line(tmp_path)
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not data_workers(proc.pid):
-            assert time.monotonic() < deadline and proc.poll() is None, "no worker started"
-            time.sleep(0.01)
+        wait_until(lambda: data_workers(proc.pid), 300, "no worker started", process=proc,
+                   interval=0.01)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             _, stderr = proc.communicate(timeout=120)

@@ -27,6 +27,7 @@ from conftest import (
     run_code,
     run_script,
     tmpfs,
+    wait_until,
 )
 
 import loaders
@@ -238,12 +239,11 @@ def test_writer_killed_midway_leaves_no_file_and_next_write_sweeps(tmp_path):
         return shared.read_text().lstrip("/") if shared.exists() else ""
 
     try:
-        # polls, not a time limit: the writer (its worker asleep on the last sample) is killed
-        # once its temporary file and its shared memory's name are both there
-        for _ in range(12_000):
-            if (tmp.exists() and named()) or writer.poll() is not None:
-                break
-            time.sleep(0.01)
+        # polled: the writer (its worker asleep on the last sample) is killed once its
+        # temporary file and its shared memory's name are both there
+        wait_until(lambda: (tmp.exists() and named()) or writer.poll() is not None, 120,
+                   "the writer never showed its temporary file and shared memory's name",
+                   interval=0.01)
         assert tmp.exists(), "the writer never showed its temporary file"
     finally:
         os.killpg(writer.pid, signal.SIGKILL)  # the writer and its pool workers
@@ -572,12 +572,9 @@ def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):
                               stderr=subprocess.PIPE, text=True)
     tmp = tmp_path / f".{path.name}.{writer.pid}.tmp"
     try:
-        for _ in range(12_000):  # polls, not a time limit: a worker is killed on sight
-            workers = _forked_workers(writer.pid) if tmp.exists() else []
-            if workers or writer.poll() is not None:
-                break
-            time.sleep(0.01)
-        assert workers, "the writer never started its workers"
+        workers = wait_until(  # polled: a worker is killed on sight
+            lambda: _forked_workers(writer.pid) if tmp.exists() else [], 120,
+            "the writer never started its workers", process=writer, interval=0.01)
         os.kill(workers[-1], signal.SIGKILL)
         out, err = writer.communicate(timeout=30)  # a hang fails here
     finally:
@@ -642,10 +639,8 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_nothing(tmp_path, during, 
                             start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(30_000):
-            if list(data_dir.glob(pattern)) or prep.poll() is not None:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: list(data_dir.glob(pattern)) or prep.poll() is not None, 300,
+                   f"prepare never reached {during}", interval=0.01)
         assert list(data_dir.glob(pattern)), f"prepare never reached {during}"
         time.sleep(0.05)
         if stop == "ctrl-c":

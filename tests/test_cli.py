@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from contextlib import suppress
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SignalsWhenCollected, run_code, running
+from conftest import ROOT, SignalsWhenCollected, run_code, running, wait_until
 
 from common.cli import run_main
 from common.errors import DataError, Interrupted
@@ -457,10 +456,8 @@ def test_a_launcher_killed_while_its_process_imports_torch_stops_that_process():
     assert result.returncode == -signal.SIGKILL, result.stderr
     child = int(result.stdout)
     try:
-        deadline = time.monotonic() + 30
-        while running(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not running(child)
+        wait_until(lambda: not running(child), 30,
+                   f"process {child} runs on after its launcher was killed", interval=0.05)
     finally:
         with suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)

@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script, torchrun_env
+from conftest import ROOT, run_script, torchrun_env, wait_until
 
 from common.errors import OutputError
 from engine import checkpoint
@@ -312,10 +311,9 @@ def test_ctrl_c_in_the_first_run_leaves_no_out_folder(out, tmp_path):
          "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "--epochs", "1",
          "--out", str(again)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
-    deadline = time.monotonic() + 300
-    while not (again / "sgd" / ".lock").exists() and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    # an early exit goes on to the assertions below, which show its stderr
+    wait_until(lambda: (again / "sgd" / ".lock").exists() or process.poll() is not None, 300,
+               "sgd's run never locked its folder")
     process.send_signal(signal.SIGINT)  # a width-64 epoch is seconds away: none is saved
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "stopped during sgd" in stderr, stderr[-3000:]

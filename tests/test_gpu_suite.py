@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_code, run_gpu_suite, running, worker_scope
+from conftest import ROOT, run_code, run_gpu_suite, running, wait_until, worker_scope
 
 from common.compile_modes import COMPILE_MODES, compile_text
 from common.errors import SetupError
@@ -358,12 +358,9 @@ def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
         code, seconds = gpu_suite.run_command(argv, dict(os.environ), log, timeout=2)
     assert code is None and seconds < 60
     child = int(pid_file.read_text())
-    for _ in range(50):  # SIGKILL is delivered at once; a zombie waits for init to reap it
-        if not running(child):
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the command's child ({child}) outlived the kill")
+    # SIGKILL is delivered at once; a zombie waits for init to reap it
+    wait_until(lambda: not running(child), 5, f"the command's child ({child}) outlived the kill",
+               interval=0.1)
 
 
 def test_a_command_runs_in_its_own_group_but_in_the_suites_session(tmp_path):

@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MACHINE_CORES, ROOT, children
+from conftest import MACHINE_CORES, ROOT, children, wait_until
 
 import loaders
 from common.errors import LoaderError, SetupError
@@ -791,10 +790,9 @@ def test_a_worker_death_that_broke_a_batchs_hand_over_is_named(prepared):
     handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         os.kill(worker.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-            assert time.monotonic() < deadline, "the worker outlived SIGKILL"
-            time.sleep(0.01)
+        stat = Path(f"/proc/{worker.pid}/stat")  # its state is a zombie's once it died
+        wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", 60,
+                   "the worker outlived SIGKILL", interval=0.01)
         died = loader.worker_died(ConnectionResetError(errno.ECONNRESET, "Connection reset"))
     finally:
         signal.signal(signal.SIGCHLD, handler)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_until
 
 from engine import checkpoint
 
@@ -71,13 +71,13 @@ def test_a_node_waiting_for_a_peer_that_never_comes_stops_on_a_signal(tmp_path, 
                            str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as proc:
         try:
-            deadline = time.monotonic() + 120
-            while True:  # rank 0 serves the rendezvous's store: listening, it waits for rank 1
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            def listening() -> bool:
+                """Rank 0 serves the rendezvous's store: listening, it waits for rank 1."""
                 with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.2)
+                    return s.connect_ex(("127.0.0.1", port)) == 0
+
+            wait_until(listening, 120, "rank 0 never listened for its peer", process=proc,
+                       interval=0.2)
             time.sleep(1)
             proc.send_signal(signum)
             _, stderr = proc.communicate(timeout=30)

@@ -16,12 +16,11 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, history, tmpfs, without_root_powers
+from conftest import ROOT, history, tmpfs, wait_until, without_root_powers
 
 from common import temporaries
 from common.atomic import atomic_writes, csv_text, write_failed, write_text
@@ -240,11 +239,10 @@ def test_a_refused_lock_leaves_no_descriptor_open(tmp_path):
 
 def blocked_on(lock: Path) -> None:
     """Wait until some flock waits for the file now at `lock` (a '->' line of /proc/locks)."""
-    inode, deadline = f":{lock.stat().st_ino} ", time.monotonic() + 60
-    while not any("->" in line and inode in line
-                  for line in Path("/proc/locks").read_text().splitlines()):
-        assert time.monotonic() < deadline, f"nothing ever waited for {lock}"
-        time.sleep(0.01)
+    inode = f":{lock.stat().st_ino} "
+    wait_until(lambda: any("->" in line and inode in line
+                           for line in Path("/proc/locks").read_text().splitlines()),
+               60, f"nothing ever waited for {lock}", interval=0.01)
 
 
 def test_a_waiter_that_finds_the_lock_taken_again_says_it_waits_once(tmp_path):

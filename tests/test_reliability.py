@@ -35,6 +35,7 @@ from conftest import (
     small_run,
     tmpfs,
     torchrun_env,
+    wait_until,
     write_tree,
 )
 
@@ -145,10 +146,8 @@ def test_a_second_run_into_a_busy_folder_is_refused(data_dir, tmp_path):
     out = tmp_path / "out"
     first = start("--data-dir", str(data_dir), "--epochs", "100", "--out", str(out))
     try:
-        deadline = time.monotonic() + 300
-        while lock_holder(out / ".lock") != str(first.pid):
-            assert time.monotonic() < deadline and first.poll() is None, "the run never locked"
-            time.sleep(0.05)
+        wait_until(lambda: lock_holder(out / ".lock") == str(first.pid), 300,
+                   "the run never locked", process=first, interval=0.05)
         second = train("--data-dir", data_dir, "--epochs", "1", "--out", out, timeout=300)
         assert second.returncode == 1
         assert f"{out} is in use by another run (process {first.pid})" in one_line_error(second)
@@ -1006,10 +1005,8 @@ def test_a_torchvision_worker_killed_mid_training_is_one_clear_error(data_dir, t
     proc = start("--data-dir", str(data_dir), "--epochs", "3", "--loader", "torchvision",
                  "--workers", "1", "--out", str(tmp_path / "out"))
     try:
-        deadline = time.monotonic() + 300
-        while not (workers := data_workers(proc.pid)):
-            assert time.monotonic() < deadline and proc.poll() is None, "no worker started"
-            time.sleep(0.05)
+        workers = wait_until(lambda: data_workers(proc.pid), 300, "no worker started",
+                             process=proc, interval=0.05)
         os.kill(workers[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=300)
     finally:
@@ -1323,10 +1320,8 @@ def test_ctrl_c_in_report_is_one_line_and_leaves_no_temporary_folder(finished, t
                              "--methods", "gradcam", "gradcam++", "layercam", "--layers",
                              "layer1", "layer2", "layer3", "layer4"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(".report.*.tmp")):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
+    wait_until(lambda: list(tmp_path.glob(".report.*.tmp")), 300,
+               "the report never made its temporary folder", process=proc, interval=0.05)
     time.sleep(1)
     proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=300)

@@ -25,6 +25,7 @@ from conftest import (
     launcher_env,
     run_script,
     torchrun_env,
+    wait_until,
 )
 
 import engine.trackers
@@ -216,10 +217,7 @@ def stopped_mid_run(data_dir: Path, tmp_path: Path, epochs: int,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env=torchrun_env(tmp_path))
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "no epoch was saved"
-            time.sleep(0.02)
+        wait_until((out / "metrics.jsonl").exists, 300, "no epoch was saved", process=proc)
         stop(proc.pid)
         _, stderr = proc.communicate(timeout=120)
     finally:

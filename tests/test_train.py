@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -551,9 +550,8 @@ def test_a_ctrl_c_before_the_first_epoch_leaves_no_tracker_logs(tmp_path, data_d
          "--synthetic-size", "6000", "100", "--width", "16", "--data-dir", str(data_dir),
          "--epochs", "3", "--loader", "resident", "--log-with", "tensorboard", "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "cifar10-engine").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # strict: a Ctrl-C sent before the trackers' folder was made would test nothing of it
+    wait_until((out / "cifar10-engine").exists, 300, "the trackers' folder never appeared", proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]

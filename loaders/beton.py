@@ -264,10 +264,10 @@ def write(path: Path, split: Split, classes: list[str],
 
 
 # The .beton layout, as FFCV 1.0's writer lays it out (ffcv/types.py, ffcv/reader.py), read
-# with numpy alone: importing ffcv takes seconds (ffcv.fields.rgb_image compiles a numba typed
-# dict as it loads), which every command that only reads images would pay. In order: a header,
-# one descriptor per field, one metadata row per sample, the samples' bytes, and the
-# allocation table, which ends the file.
+# with numpy alone: importing ffcv loads numba and opencv too, time every command that only
+# reads images would spend (benchmarks/results/beton-read-without-ffcv-cpu-2core.log). In
+# order: a header, one descriptor per field, one metadata row per sample, the samples' bytes,
+# and the allocation table, which ends the file.
 VERSION = 2  # FFCV's CURRENT_VERSION: another is another layout
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
                    ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
@@ -281,30 +281,38 @@ FIELDS = {"image": (2, np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "
 RAW_MODE = 1  # RGBImageField's mode of images stored verbatim (FFCV's IMAGE_MODES["raw"])
 
 
-def _sections(blob: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The metadata column of each field and the allocation table of the .beton in `blob`;
-    ValueError saying what does not fit the layout."""
-    header = np.frombuffer(blob, HEADER, count=1)[0]
-    if header["version"] != VERSION:
-        raise ValueError(f"file format mismatch: version {header['version']}, where FFCV's "
-                         f"is {VERSION}")
-    fields = np.frombuffer(blob, FIELD, count=int(header["num_fields"]), offset=HEADER.itemsize)
-    names = [bytes(name).rstrip(b"\0").decode(errors="replace") for name in fields["name"]]
-    kinds, ours = dict(zip(names, fields["type_id"].tolist(), strict=True)), {
-        name: kind for name, (kind, _) in FIELDS.items()}
-    if len(names) != len(FIELDS) or kinds != ours:
-        raise ValueError(f"its fields and their FFCV type ids are {kinds}, where ours are {ours}")
-    # FFCV's metadata row: each field's, in the file's order, aligned as a C struct
-    row = np.dtype([(name, FIELDS[name][1]) for name in names], align=True)
-    rows = np.frombuffer(blob, row, count=int(header["num_samples"]),
-                         offset=HEADER.itemsize + fields.nbytes)
+def _sections(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """The .beton at path memory-mapped, the metadata column of each field, and the allocation
+    table; DataError when the file does not fit the layout."""
+    def unreadable(why: str) -> DataError:
+        return DataError(f"{path} is not a readable .beton ({why}); delete it to rebuild it.")
+
+    try:  # numpy's ValueError: a file shorter than its header, descriptors or rows (or empty)
+        blob = np.memmap(path, dtype=np.uint8, mode="r")
+        header = np.frombuffer(blob, HEADER, count=1)[0]
+        if header["version"] != VERSION:
+            raise unreadable(f"file format mismatch: version {header['version']}, where "
+                             f"FFCV's is {VERSION}")
+        fields = np.frombuffer(blob, FIELD, count=int(header["num_fields"]),
+                               offset=HEADER.itemsize)
+        names = [bytes(name).rstrip(b"\0").decode(errors="replace") for name in fields["name"]]
+        kinds = dict(zip(names, fields["type_id"].tolist(), strict=True))
+        ours = {name: kind for name, (kind, _) in FIELDS.items()}
+        if len(names) != len(FIELDS) or kinds != ours:
+            raise unreadable(f"its fields and their FFCV type ids are {kinds}, where ours are "
+                             f"{ours}")
+        # FFCV's metadata row: each field's, in the file's order, aligned as a C struct
+        row = np.dtype([(name, FIELDS[name][1]) for name in names], align=True)
+        rows = np.frombuffer(blob, row, count=int(header["num_samples"]),
+                             offset=HEADER.itemsize + fields.nbytes)
+    except ValueError as error:
+        raise unreadable(str(error)) from error
     start = int(header["alloc_table_ptr"])
     if start > len(blob):
-        raise ValueError("its allocation table would start past its end")
-    table = blob[start:]
-    if len(table) % ALLOCATION.itemsize:
-        raise EOFError  # the table was cut (or grew) mid-entry
-    return {name: rows[name] for name in names}, table.view(ALLOCATION)
+        raise unreadable("its allocation table would start past its end")
+    if (len(blob) - start) % ALLOCATION.itemsize:  # the table was cut (or grew) mid-entry
+        raise DataError(f"{path} is truncated; delete it to rebuild it.")
+    return blob, {name: rows[name] for name in names}, blob[start:].view(ALLOCATION)
 
 
 def read(path: Path) -> Split:
@@ -314,14 +322,7 @@ def read(path: Path) -> Split:
     memory map gives them back without FFCV (see HEADER above).
     """
     check(path)
-    blob = np.memmap(path, dtype=np.uint8, mode="r")
-    try:
-        columns, table = _sections(blob)
-    except EOFError:
-        raise DataError(f"{path} is truncated; delete it to rebuild it.") from None
-    except ValueError as error:  # a header, descriptors or rows the file is too short for
-        raise DataError(
-            f"{path} is not a readable .beton ({error}); delete it to rebuild it.") from error
+    blob, columns, table = _sections(path)
     image, label = columns["image"], columns["label"]
     if (image["mode"] != RAW_MODE).any() or (image["height"] != 32).any() \
             or (image["width"] != 32).any():

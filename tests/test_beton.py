@@ -317,6 +317,8 @@ STRUCTURE = {  # case: (damage, words of read()'s refusal)
     "last allocation cut": (lambda p: p.write_bytes(p.read_bytes()[:-24]), "is truncated"),
     "last byte cut": (lambda p: p.write_bytes(p.read_bytes()[:-1]), "is truncated"),
     "cut in half": (_cut(0.5), "is not a readable .beton"),
+    "emptied": (lambda p: p.write_bytes(b""), "is not a readable .beton"),
+    "header cut": (lambda p: p.write_bytes(p.read_bytes()[:20]), "is not a readable .beton"),
     "foreign file": (lambda p: p.write_bytes(b'{"not": "a beton"}' * 100),
                      "is not a readable .beton (file format mismatch"),
     "16x16 raw images": (lambda p: _write_other_images(p, "raw", 16),

@@ -24,6 +24,9 @@ STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent thread ends
 _stop_requested = threading.Event()  # set by on_stop_signal, cleared by forget_stop
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
+# the parent this process started under, read as this module loads: among a command's first
+# imports, before its options are read and stop_with_launcher asks for the parent's death
+PARENT = os.getppid()
 
 
 def on_stop_signal(signum: int, frame) -> None:
@@ -64,10 +67,13 @@ def stop_with_launcher() -> None:
     killer) it hands them nothing, and torchrun's, each in a session of its own, trained on
     unseen, holding the run's folder and its GPU. Asked once, by
     interruptible_imports, before torch loads (seconds): the signal is then handled by
-    whatever handler is in place when it comes (run_main's, a clean stop). Only a launcher
-    killed in the moment before a command's own options were read goes unseen."""
+    whatever handler is in place when it comes (run_main's, a clean stop). A launcher that
+    died before the request sends nothing: this process, handed to another parent by then,
+    sends itself the SIGTERM. Only one killed before this module loaded goes unseen."""
     if launched():
         signal_at_parent_death(signal.SIGTERM)
+        if os.getppid() != PARENT:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def signal_at_parent_death(signum: int) -> None:

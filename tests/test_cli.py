@@ -463,6 +463,34 @@ def test_a_launcher_killed_while_its_process_imports_torch_stops_that_process():
             os.kill(child, signal.SIGKILL)
 
 
+
+# a process torchrun started that reaches its imports only once its launcher has gone (its
+# stdin, a pipe from the launcher, then ends): the launcher died before any parent-death request
+LAUNCHED_LATE = ("import sys, time; from common.cli import interruptible_imports\n"
+                 "print('importing', flush=True)\n"
+                 "sys.stdin.read()\n"
+                 "with interruptible_imports():\n"
+                 "    while True:\n"
+                 "        time.sleep(0.01)")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_before_its_process_asked_for_its_death_stops_that_process():
+    """Linux signals a parent's death only to processes that asked before it: a launcher
+    killed in the moment before (a command's options being read) left its process running."""
+    launcher = LAUNCHER.replace("stdout=subprocess.PIPE,", "stdin=subprocess.PIPE, "
+                                "stdout=subprocess.PIPE,")
+    result = subprocess.run([sys.executable, "-c", launcher, LAUNCHED_LATE], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    child = int(result.stdout)
+    try:
+        wait_until(lambda: not running(child), 30,
+                   f"process {child} runs on after its launcher was killed", interval=0.05)
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
 def test_a_background_jobs_ctrl_c_stays_ignored_while_it_imports_and_at_exit():
     """SIGINT ignored (a script's background job): a Ctrl-C while the command imports torch, or
     once its work is done, is not meant for it either."""

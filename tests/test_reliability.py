@@ -840,12 +840,15 @@ def test_an_epoch_whose_test_loss_or_weights_are_not_finite_is_not_kept():
 
 def test_running_out_of_memory_on_the_cpu_names_the_batch_size_to_try(data_dir, tmp_path):
     """The CPU allocator's failure is a RuntimeError, not CUDA's OutOfMemoryError: it gets the
-    same one-line message. An 8 GiB address-space limit stands in for a small machine."""
+    same one-line message. A 7 GiB address-space limit stands in for a small machine."""
     def limit_memory() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (7 << 30, 7 << 30))
 
     out = tmp_path / "out"
-    # width 256: ~2 GB of weights, gradients and momentum fit; 1 GB per activation does not
+    # width 256: ~2 GB of weights, gradients and momentum fit; 1 GB per activation does not.
+    # The run computes the forward's convolutions until an activation fails to fit: each GiB
+    # of limit above what the model needs is seconds of them (8 GiB took ~5 s longer than 7);
+    # 4 GiB is too little for the model itself (the message names --width, not the batch)
     result = train("--data-dir", data_dir, "--width", "256", "--batch-size", "1024",
                    "--epochs", "1", "--out", out, timeout=300, preexec_fn=limit_memory)
     assert result.returncode == 1

@@ -451,7 +451,13 @@ def test_a_launcher_killed_while_its_process_imports_torch_stops_that_process():
     """A launcher killed outright while its process still imported torch (seconds, before
     run_main's handlers) left that process running unseen when only run_main asked for a
     SIGTERM at the launcher's death."""
-    result = subprocess.run([sys.executable, "-c", LAUNCHER, LAUNCHED_IMPORTING], cwd=ROOT,
+    stops_once_its_launcher_is_killed(LAUNCHER, LAUNCHED_IMPORTING)
+
+
+def stops_once_its_launcher_is_killed(launcher: str, code: str) -> None:
+    """Run `launcher` (as LAUNCHER: it starts `code` and is killed outright) and wait for the
+    process it started to end."""
+    result = subprocess.run([sys.executable, "-c", launcher, code], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr
     child = int(result.stdout)
@@ -478,18 +484,9 @@ LAUNCHED_LATE = ("import sys, time; from common.cli import interruptible_imports
 def test_a_launcher_killed_before_its_process_asked_for_its_death_stops_that_process():
     """Linux signals a parent's death only to processes that asked before it: a launcher
     killed in the moment before (a command's options being read) left its process running."""
-    launcher = LAUNCHER.replace("stdout=subprocess.PIPE,", "stdin=subprocess.PIPE, "
-                                "stdout=subprocess.PIPE,")
-    result = subprocess.run([sys.executable, "-c", launcher, LAUNCHED_LATE], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr
-    child = int(result.stdout)
-    try:
-        wait_until(lambda: not running(child), 30,
-                   f"process {child} runs on after its launcher was killed", interval=0.05)
-    finally:
-        with suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
+    stops_once_its_launcher_is_killed(LAUNCHER.replace(
+        "stdout=subprocess.PIPE,", "stdin=subprocess.PIPE, stdout=subprocess.PIPE,"),
+        LAUNCHED_LATE)
 
 def test_a_background_jobs_ctrl_c_stays_ignored_while_it_imports_and_at_exit():
     """SIGINT ignored (a script's background job): a Ctrl-C while the command imports torch, or

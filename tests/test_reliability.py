@@ -1050,7 +1050,6 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
 
-
 @pytest.mark.slow
 def test_stdout_on_a_full_disk_mid_run_is_named_and_the_epochs_kept(data_dir, tmp_path):
     """stdout in a file on a disk that fills after a few lines (a one-page tmpfs, the file
@@ -1093,6 +1092,7 @@ def test_a_run_on_one_core_ends_instead_of_hanging_at_exit(data_dir, tmp_path):
     FFCV's import, used to hang the process at exit once training was done (numba#10556);
     loaders.guards.importing_ffcv picks another threading layer there."""
     core = {min(os.sched_getaffinity(0))}
+    # --loader ffcv: the other loaders read their .beton without importing FFCV
     result = train("--data-dir", data_dir, "--epochs", "1", "--loader", "ffcv", "--out",
                    tmp_path / "out", timeout=600,  # a hang fails here; a loaded host is slow
                    preexec_fn=lambda: os.sched_setaffinity(0, core))

@@ -46,7 +46,8 @@ def torch_threads_kept() -> Iterator[None]:
 def importing_ffcv() -> Iterator[None]:
     """Import FFCV inside this. Besides keeping torch's threads (torch_threads_kept), it
     - spares each process a JIT compile, 5 s or more on 2 cores (benchmarks/results/
-      ffcv-import-cpu-2core.log: reading a .beton, means of 9.2 s before, 3.7 s after): at import,
+      ffcv-import-cpu-2core.log: reading a .beton through FFCV, as it was then read, means of
+      9.2 s before, 3.7 s after): at import,
       ffcv/fields/rgb_image.py builds IMAGE_MODES, two constants that only Python code reads,
       as a numba typed Dict, which compiles the typed dict's methods. During FFCV's first
       import `numba.typed.Dict` is a plain dict (ffcv/memory_managers/base.py, the one other

@@ -13,9 +13,10 @@ from common.errors import SetupError
 from common.streams import say
 from tools import ROOT
 
-# what a bare GPU image lacks; the wheels provide them. Every step writes .beton files; only
-# report's and predict's runs and tests need grad-cam (and its torchvision, OpenCV, scikit-learn
-# and SciPy, which the wheels do not carry), so the other steps run without it
+# what a bare GPU image lacks; the wheels provide them. The steps write .beton files and train on
+# the ffcv loader; only report's and predict's runs and tests need grad-cam (and its torchvision,
+# OpenCV, scikit-learn and SciPy, which the wheels do not carry), so the other steps run
+# without it
 NEEDED = ("ffcv",)
 WANTED = ("pytorch_grad_cam",)
 

@@ -111,6 +111,20 @@ def device_busy_us(events: list) -> float:
     return covered([(e.time_range.start, e.time_range.end) for e in events])
 
 
+# why a CUDA profile's busy time is missing: a GPU step launches kernels, so a profile without
+# one is CUPTI not attached, and a 0% busy device would read as a measurement
+NO_DEVICE_EVENTS = ("the profiler recorded no device event, so the device's busy time is left "
+                    "out: CUPTI did not attach (KINETO_LOG_LEVEL=6, which bench.py sets, hides "
+                    "its error; rerun with KINETO_LOG_LEVEL=2 to see it)")
+
+
+def device_busy_ms(prof: profile) -> tuple[float | None, int]:
+    """Milliseconds in which the device ran the profile's device events, and how many there
+    were; None with 0 events (NO_DEVICE_EVENTS)."""
+    events = device_events(prof)
+    return (device_busy_us(events) / 1e3 if events else None), len(events)
+
+
 def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None,
                   log: Log = silent) -> ProfileResult:
     """Profile args.profile_steps training steps after args.warmup_steps, batches from cfg's
@@ -131,9 +145,13 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None
                            cfg.width, args.warmup_steps, args.profile_steps, sort_by,
                            str(trace or ""), ops, cfg.compile_mode)
     if steps_s is not None:
-        result.device_busy_ms = device_busy_us(device_events(prof)) / 1e3 / args.profile_steps
         result.step_ms = steps_s * 1e3 / args.profile_steps
-        result.device_busy_share = result.device_busy_ms / result.step_ms
+        busy_ms, _ = device_busy_ms(prof)
+        if busy_ms is None:
+            log(f"profile: {NO_DEVICE_EVENTS}")
+        else:
+            result.device_busy_ms = busy_ms / args.profile_steps
+            result.device_busy_share = result.device_busy_ms / result.step_ms
     log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"
         + (f"; trace {trace}" if trace else ""))
     return result

@@ -469,7 +469,6 @@ def stops_once_its_launcher_is_killed(launcher: str, code: str) -> None:
             os.kill(child, signal.SIGKILL)
 
 
-
 # a process torchrun started that reaches its imports only once its launcher has gone (its
 # stdin, a pipe from the launcher, then ends): the launcher died before any parent-death request
 LAUNCHED_LATE = ("import sys, time; from common.cli import interruptible_imports\n"
@@ -487,6 +486,7 @@ def test_a_launcher_killed_before_its_process_asked_for_its_death_stops_that_pro
     stops_once_its_launcher_is_killed(LAUNCHER.replace(
         "stdout=subprocess.PIPE,", "stdin=subprocess.PIPE, stdout=subprocess.PIPE,"),
         LAUNCHED_LATE)
+
 
 def test_a_background_jobs_ctrl_c_stays_ignored_while_it_imports_and_at_exit():
     """SIGINT ignored (a script's background job): a Ctrl-C while the command imports torch, or

@@ -211,6 +211,7 @@ def test_quick_run_profiles_training_steps_and_writes_their_trace(quick):
     assert "profiler_start" not in quick[1] and "gpuGetDeviceCount" not in quick[1]
     # device busy: for a GPU, where a device runs apart from the host
     assert profile["device_busy_ms"] is profile["step_ms"] is profile["device_busy_share"] is None
+    assert profile["kernel_kinds"] is None  # no kernels on the CPU
     with gzip.open(profile["trace"]) as trace:  # beside --json, a Chrome trace
         events = json.load(trace)["traceEvents"]
     # exactly the profiled steps: ResNet-18 runs 20 convolutions forward per step

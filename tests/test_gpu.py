@@ -416,6 +416,10 @@ def test_bench_quick_on_cuda(tmp_path):
     # the device ran kernels for part of each step, and not longer than the step (timed apart,
     # so up to their noise)
     assert profile["device_busy_ms"] > 0 and 0 < profile["device_busy_share"] < 1.2, profile
+    # its kernels by kind, named even when CUDA graphs replay them: convolutions among them
+    kinds = {row["kind"]: row for row in profile["kernel_kinds"]}
+    assert kinds["convolution forward"]["ms"] > 0 and kinds["convolution weight gradient"]["ms"] > 0
+    assert sum(row["share"] for row in kinds.values()) == pytest.approx(1), kinds
     # each loader of the peers section, profiled for an epoch: how long the device worked
     peers = [r for r in bench["peers"]["loaders"] if r["status"] == "ok"]
     assert peers and all(r["device_busy_ms"] > 0 and r["device_events"] > 0 for r in peers)

@@ -30,6 +30,7 @@ from tools import gpu_environment, gpu_steps, gpu_suite, gpu_summary
 from tools.bench_peers import PeerResult
 from tools.bench_profile import ProfileResult
 from tools.bench_sections import EpochResult, StepResult
+from tools.kernel_kinds import kernel_kinds
 
 PY312 = Path("/root/.pyenv/versions/3.12.1/bin/python3")
 
@@ -704,15 +705,25 @@ def test_the_summary_gives_each_profiled_loaders_device_busy_time():
 
 
 def test_the_summary_gives_the_profiles_device_busy_share():
-    """The question the first H200 profile answered by hand (how much of a step the GPU
-    works) is a summary line of every GPU run; a CPU profile has no such figures."""
+    """The questions the first H200 profile answered by hand (how much of a step the GPU
+    works, and on what kinds of kernel) are summary lines of every GPU run; a CPU profile has
+    no such figures."""
+    kinds = kernel_kinds([(f"triton_poi_fused_{i}", 50.0) for i in range(7)]
+                         + [("sm90_xmma_wgrad", 300.0), ("sm90_xmma_fprop", 200.0),
+                            ("sm90_xmma_dgrad", 100.0), ("cutlass_gemm", 20.0),
+                            ("Memset (Device)", 10.0), ("nll_loss_forward", 20.0)], 1)
     profile = asdict(ProfileResult("resident", "bf16", True, 512, 64, 3, 20, "self_device_ms",
                                    "", [], "reduce-overhead", device_busy_ms=6.33, step_ms=7.0,
-                                   device_busy_share=6.33 / 7.0))
+                                   device_busy_share=6.33 / 7.0, kernel_kinds=kinds))
     assert gpu_summary.bench_lines({"profile": profile}) == [
         "- profile, resident loader, bf16 compiled reduce-overhead batch 512: device busy "
-        "6.33 ms of a 7.00 ms step (90%)"]
-    cpu = profile | dict(device_busy_ms=None, step_ms=None, device_busy_share=None)
+        "6.33 ms of a 7.00 ms step (90%)",
+        # the kinds of most time, five of them
+        "- profile, kernel time per step: Triton pointwise 0.35 ms (35%), convolution weight "
+        "gradient 0.30 ms (30%), convolution forward 0.20 ms (20%), convolution input gradient "
+        "0.10 ms (10%), matrix multiply 0.02 ms (2%)"]
+    cpu = profile | dict(device_busy_ms=None, step_ms=None, device_busy_share=None,
+                         kernel_kinds=None)
     assert gpu_summary.bench_lines({"profile": cpu}) == []
 
 

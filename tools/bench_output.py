@@ -119,6 +119,9 @@ def report(results: dict) -> str:
             parts.append(f"device busy {r.device_busy_ms:.2f} ms per step (profiled) of a "
                          f"{r.step_ms:.2f} ms step (not profiled): {r.device_busy_share:.0%}; "
                          "the rest of the step the device waited for the host")
+        if r.kernel_kinds:
+            parts.append(table("profile: kernels by kind (by their names), per step",
+                               r.kernel_kinds, ["kind", "kernels", "ms", "share"]))
         if r.trace:
             parts.append(f"trace: {r.trace}")
     return "\n".join(parts)

@@ -22,6 +22,7 @@ from engine.config import TrainConfig
 from engine.loop import Log
 from engine.run import endless, train_step
 from tools.bench_sections import make_run, silent
+from tools.kernel_kinds import kernel_kinds
 from tools.timing import sync, timed_steps
 
 TOP = 25  # ops listed in the log and the JSON
@@ -48,6 +49,9 @@ class ProfileResult:
     device_busy_ms: float | None = None
     step_ms: float | None = None
     device_busy_share: float | None = None
+    # on CUDA: the kernels' time per step by kind (tools/kernel_kinds.py), the most first; by
+    # their names, as CUDA graphs leave a replayed kernel no op of its own
+    kernel_kinds: list[dict] | None = None
 
 
 def write_trace(prof: profile, path: Path) -> None:
@@ -152,6 +156,9 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None
         else:
             result.device_busy_ms = busy_ms / args.profile_steps
             result.device_busy_share = result.device_busy_ms / result.step_ms
+            result.kernel_kinds = kernel_kinds(((e.name, e.time_range.elapsed_us())
+                                                for e in device_events(prof)),
+                                               args.profile_steps)
     log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"
         + (f"; trace {trace}" if trace else ""))
     return result

@@ -12,6 +12,8 @@ from pathlib import Path
 from common.atomic import ENCODING
 from tools.bench_names import epoch_name, peer_name, step_name
 
+KINDS_LISTED = 5  # of the profile's kernel kinds, in the summary's line
+
 
 def read_json(path: Path) -> dict:
     """A results file, or {} while it is not written yet (a step killed before its first save)."""
@@ -95,6 +97,10 @@ def bench_lines(bench: dict) -> list[str]:
         lines.append(f"- profile, {name}: device busy "
                      f"{profile['device_busy_ms']:.2f} ms of a {profile['step_ms']:.2f} ms step "
                      f"({profile['device_busy_share']:.0%})")
+    if profile.get("kernel_kinds"):  # the kinds that hold most of the kernels' time
+        lines.append("- profile, kernel time per step: " + ", ".join(
+            f"{k['kind']} {k['ms']:.2f} ms ({k['share']:.0%})"
+            for k in profile["kernel_kinds"][:KINDS_LISTED]))
     rows = [(section, r) for section in ROW_LINES for r in bench.get(section, [])]
     rows += [("peers", r) for r in peers.get("loaders", [])]
     lines += [f"- {section} {ROW_NAMES[section](r)}: {r['status']}, {r['reason']}"

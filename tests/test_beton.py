@@ -93,6 +93,17 @@ def test_a_channel_that_never_varies_gets_the_least_std_not_nan():
     np.testing.assert_allclose(mean, [77 / 255, images[..., 1].mean() / 255, 0], atol=1e-12)
 
 
+def test_a_constant_channel_whose_variance_rounds_below_0_gets_the_least_std():
+    """In float64, E[x^2] - E[x]^2 of 3/255 everywhere is about -7e-15: unclamped, its square
+    root is NaN, and a std of NaN makes every loss NaN; clamped to 0, it gets MIN_STD."""
+    images = np.full((1000, 32, 32, 3), 3, np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in sqrt"
+        mean, std = beton.channel_stats(images)
+    assert std == [beton.MIN_STD] * 3
+    np.testing.assert_allclose(mean, [3 / 255] * 3, atol=1e-12)
+
+
 @pytest.mark.parametrize("stats", [
     {"std": [float("nan"), 0.2, 0.2]}, {"std": [0.0, 0.2, 0.2]}, {"std": [1e-9, 0.2, 0.2]},
     {"std": [0.2, 0.2]}, {"mean": [0.5, 0.5, 0.5, 0.5]}],
@@ -125,6 +136,21 @@ def test_second_prepare_is_a_cache_hit(prepared):
     again = prepare("synthetic", prepared.train.parent, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert again == prepared
     assert _stats(files) == before
+
+
+def test_a_constant_channels_file_is_read_and_cached_as_written(tmp_path):
+    """A channel that never varies is recorded with a std of exactly MIN_STD: that sidecar is
+    usable (the floor is reached, not crossed), so the file is read and never rebuilt."""
+    path = tmp_path / "constant-blue.beton"
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    images[..., 2] = 0
+    split = cifar.Split(images, np.arange(20) % 10)
+    info = beton.write(path, split, CLASSES, workers=1)
+    assert info.std[2] == beton.MIN_STD and beton.read_info(path) == info
+    before = _stats([path, beton.sidecar(path)])
+    assert beton.write(path, split, CLASSES, workers=1) == info
+    assert _stats([path, beton.sidecar(path)]) == before
+    np.testing.assert_array_equal(beton.read(path).images, images)
 
 
 def test_changed_source_image_rebuilds_the_beton(cifar10_dir):
@@ -294,21 +320,41 @@ def _vouch_for(path: Path, like: Path) -> None:
 
 
 def _write_other_images(path: Path, mode: str, size: int, width: int | None = None,
-                        label: str = "IntField") -> None:
+                        label: str = "IntField", last: tuple[int, int] | None = None,
+                        label_first: bool = False) -> cifar.Split:
     """A .beton written by stock FFCV, as beton.write does, but of other images: `mode`
-    ("raw" or "jpg") images of size x size pixels (size x width when width is given), and
-    labels in FFCV's field `label`."""
+    ("raw", "jpg", or "proportion": each image raw or jpeg at random) images of size x size
+    pixels (size x width when width is given; the last one's height and width `last` when
+    given), and labels in FFCV's field `label`, the fields in the order label, image when
+    label_first. Returns the split written (its images a list where they differ in size)."""
     with importing_ffcv():
         import ffcv.fields
         from ffcv.writer import DatasetWriter
     rng = np.random.default_rng(0)
     shape = (20, size, size if width is None else width, 3)
-    split = cifar.Split(rng.integers(0, 256, shape, dtype=np.uint8),
-                        np.arange(20) % 10)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    if last is not None:
+        images = [*images[:-1], rng.integers(0, 256, (*last, 3), dtype=np.uint8)]
+    split = cifar.Split(images, np.arange(20) % 10)
     writer = guarded_writer(DatasetWriter)
     fields = {"image": ffcv.fields.RGBImageField(write_mode=mode),
               "label": getattr(ffcv.fields, label)()}
-    writer(str(path), fields, num_workers=1).from_indexed_dataset(beton._Rows(split))
+    rows = beton._Rows(split)
+    if label_first:  # FFCV takes each sample's values in the order of its fields
+        fields = {"label": fields["label"], "image": fields["image"]}
+        rows = [rows[i][::-1] for i in range(len(rows))]
+    np.random.seed(0)  # "proportion" draws each image's mode from numpy's global generator
+    writer(str(path), fields, num_workers=1).from_indexed_dataset(rows)
+    return split
+
+
+def _cut_allocation_table(path: Path) -> None:
+    """The file cut where its allocation table starts (FFCV writes the table last), as a copy
+    made before the writer's last write leaves it."""
+    with importing_ffcv():
+        from ffcv.types import HeaderType
+    data = path.read_bytes()
+    path.write_bytes(data[: int(np.frombuffer(data, HeaderType, count=1)[0]["alloc_table_ptr"])])
 
 
 # FFCV's allocation table (24-byte rows) ends the file
@@ -330,6 +376,15 @@ STRUCTURE = {  # case: (damage, words of read()'s refusal)
                          "does not hold raw 32x32 images"),
     "jpeg images": (lambda p: _write_other_images(p, "jpg", 32),
                     "does not hold raw 32x32 images"),
+    # a few wrong images among right ones: each is checked, not only whether all are wrong
+    "raw and jpeg images mixed": (lambda p: _write_other_images(p, "proportion", 32),
+                                  "does not hold raw 32x32 images"),
+    "one 16x32 raw image": (lambda p: _write_other_images(p, "raw", 32, last=(16, 32)),
+                            "does not hold raw 32x32 images"),
+    "one 32x16 raw image": (lambda p: _write_other_images(p, "raw", 32, last=(32, 16)),
+                            "does not hold raw 32x32 images"),
+    # no allocation at all: the table starts at the end, not past it
+    "whole allocation table cut": (_cut_allocation_table, "is truncated"),
     # read with numpy, each field's layout is the reader's: another type's is refused
     "float labels": (lambda p: _write_other_images(p, "raw", 32, label="FloatField"),
                      "is not a readable .beton (its fields and their FFCV type ids are "
@@ -359,6 +414,64 @@ def test_read_checks_the_structure_of_a_file_its_sidecar_vouches_for(prepared, t
     assert beton.check(path)  # the sidecar alone would let it through
     with pytest.raises(DataError, match=re.escape(f"{path} {words}")):
         beton.read(path)
+
+
+def test_read_takes_the_fields_in_the_files_order(prepared, tmp_path):
+    """FFCV lays each metadata row out in the order of the writer's fields: a file written
+    label first (by another tool) must read back as written, not with image and label mixed."""
+    path = tmp_path / "label-first.beton"
+    split = _write_other_images(path, "raw", 32, label_first=True)
+    _vouch_for(path, prepared.test)
+    got = beton.read(path)
+    np.testing.assert_array_equal(got.images, split.images)
+    np.testing.assert_array_equal(got.labels, split.labels)
+
+
+def test_read_returns_arrays_of_its_own_not_views_of_the_file(prepared, tmp_path):
+    """A view of the memory map is read-only and changes when the file does (rewritten in
+    place): read's images and labels must be the caller's to keep and to change."""
+    path = tmp_path / prepared.test.name
+    shutil.copyfile(prepared.test, path)
+    shutil.copyfile(beton.sidecar(prepared.test), beton.sidecar(path))
+    got = beton.read(path)
+    want = (got.images.copy(), got.labels.copy())
+    with open(path, "r+b") as f:  # every byte zeroed, in place
+        f.write(bytes(path.stat().st_size))
+    np.testing.assert_array_equal(got.images, want[0])
+    np.testing.assert_array_equal(got.labels, want[1])
+    assert got.images.flags.writeable and got.labels.flags.writeable
+
+
+def test_read_finds_images_stored_past_4_gib(prepared, source, tmp_path):
+    """FFCV's pointers are 64-bit: a file over 4 GiB (1.4 million 32x32 images) keeps its
+    later images past 4 GiB. Here the prepared file, its samples moved 4 GiB on (a hole)."""
+    with importing_ffcv():  # FFCV's own layout, not the reader's
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_metadata_type
+    data = bytearray(prepared.test.read_bytes())
+    header = np.frombuffer(data, HeaderType, count=1)  # views of data: changed in place
+    rows = np.frombuffer(data, get_metadata_type([RGBImageField(), IntField()]),
+                         count=int(header[0]["num_samples"]), offset=HeaderType.itemsize
+                         + int(header[0]["num_fields"]) * FieldDescType.itemsize)
+    table = np.frombuffer(data, ALLOC_TABLE_TYPE, offset=int(header[0]["alloc_table_ptr"]))
+    start, shift = int(rows["f0"]["data_ptr"].min()), 4 << 30  # all from the first sample on
+    rows["f0"]["data_ptr"] += shift
+    table["ptr"] += shift
+    header["alloc_table_ptr"] += shift
+    path = tmp_path / prepared.test.name
+    with open(path, "wb") as f:
+        f.write(data[:start])
+        f.seek(start + shift)  # sparse: no disk space for the hole
+        f.write(data[start:])
+    # its size recorded (check() compares no more), not its hash: that would read 4 GiB
+    write_json(beton.sidecar(path), asdict(replace(beton.read_info(prepared.test),
+                                                   size=path.stat().st_size)))
+    try:
+        got = beton.read(path)
+    finally:
+        path.unlink()
+    np.testing.assert_array_equal(got.images, source.test.images)
+    np.testing.assert_array_equal(got.labels, source.test.labels)
 
 
 # --- damaged files: the sidecar records size and hash ----------------------------------------

@@ -488,6 +488,15 @@ def test_a_launcher_killed_before_its_process_asked_for_its_death_stops_that_pro
         LAUNCHED_LATE)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_nohup_launcher_killed_while_its_process_imports_torch_stops_that_process():
+    """`nohup torchrun ...` leaves SIGHUP ignored in the launcher and its processes: the signal
+    asked for at the launcher's death must be one they act on (SIGTERM), or they train on."""
+    stops_once_its_launcher_is_killed(
+        "import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup\n" + LAUNCHER,
+        LAUNCHED_IMPORTING)
+
+
 def test_a_background_jobs_ctrl_c_stays_ignored_while_it_imports_and_at_exit():
     """SIGINT ignored (a script's background job): a Ctrl-C while the command imports torch, or
     once its work is done, is not meant for it either."""
@@ -612,6 +621,21 @@ def test_a_signal_other_than_a_stop_while_waiting_in_cpp_ends_nothing():
             "print('ran on', heard == [signal.SIGUSR1])")
     result = run_code(code)
     assert (result.returncode, result.stdout, result.stderr) == (0, "ran on True\n", "")
+
+
+def test_a_stop_signal_after_a_wait_in_cpp_is_said_in_one_line():
+    """Once stop_signals_end_at_once is done, Python must no longer write each signal to its
+    closed pipe: a later SIGTERM added 'Exception ignored ... signal wakeup fd' to its line."""
+    code = ("import os, signal, sys, time; from common.cli import run_main\n"
+            "from common.stop_signals import stop_signals_end_at_once\n"
+            "def body():\n"
+            "    with stop_signals_end_at_once():\n"
+            "        pass\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n"
+            "sys.exit(run_main(body))")
+    result = run_code(code)
+    assert (result.returncode, result.stdout, result.stderr) == (143, "", "\ninterrupted\n")
 
 
 LINES_FOREVER = ("import sys, time; from common.cli import run_main\n"

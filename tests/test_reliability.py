@@ -471,6 +471,19 @@ def test_a_name_stdout_cannot_encode_is_printed_escaped(tmp_path):
         f"{tmp_path}/d\\xe9/synthetic-64-32-seed0-{split}.beton" for split in ("train", "test")]
 
 
+def test_a_name_in_no_utf8_is_printed_as_its_bytes(tmp_path):
+    """A --data-dir whose name's bytes are not UTF-8 is printed as those bytes, as ls prints
+    it, even where stdout's encoding is strict: not as '\\udcff' escapes."""
+    data = tmp_path / os.fsdecode(b"d\xff")
+    result = run_script("loaders/prepare.py", "--dataset", "synthetic", "--synthetic-size",
+                        "64", "32", "--data-dir", data, timeout=120,
+                        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, cwd=tmp_path,
+                        errors="surrogateescape")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        f"{data}/synthetic-64-32-seed0-{split}.beton" for split in ("train", "test")]
+
+
 def test_allocator_settings_torch_reads_pass(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF",
                        "expandable_segments:True,roundup_power2_divisions:[256:1,512:2]")

@@ -266,3 +266,28 @@ def test_a_stored_split_without_an_index_is_refused(cfg):
     augment.set_epoch(0, 0)
     with pytest.raises(ValueError, match="store"):
         augment(augment.store(random_images()))
+
+
+def _cutout_holes(seed: int, epoch: int, rank: int = 0) -> torch.Tensor:
+    """N x H x W: where Augment's cutout (its only augmentation here) zeroed whole pixels."""
+    augment = Augment(AugmentConfig(flip=False, translate=0, cutout=8), MEAN, STD,
+                      torch.float32, "cpu")
+    augment.set_epoch(seed, epoch, rank)
+    return (augment(bright_images(64)) == 0).all(1)
+
+
+def test_cutout_squares_follow_the_seed_epoch_and_rank():
+    """Cutout draws from the epoch's generator like flip and translate: a fixed one would cut
+    the same squares every epoch, on every rank and for every seed."""
+    assert torch.equal(_cutout_holes(1, 0), _cutout_holes(1, 0))
+    assert not torch.equal(_cutout_holes(1, 0), _cutout_holes(1, 1))
+    assert not torch.equal(_cutout_holes(1, 0), _cutout_holes(2, 0))
+    assert not torch.equal(_cutout_holes(1, 0), _cutout_holes(1, 0, rank=1))
+
+
+def test_cutout_rows_and_columns_are_drawn_apart():
+    """A square's row and column are independent draws: one draw for both would keep every
+    square on the diagonal (they agree about 1 time in 32)."""
+    hole = cutout(torch.ones(2000, 1, 32, 32), 1, epoch_generator(0, 0, "cpu"))[:, 0] == 0
+    rows, cols = hole.any(2).int().argmax(1), hole.any(1).int().argmax(1)
+    assert (rows == cols).float().mean() < 0.1

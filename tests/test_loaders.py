@@ -302,6 +302,29 @@ def test_a_resident_epoch_in_several_chunks_is_still_the_shared_order(prepared, 
     np.testing.assert_allclose(images, want, rtol=1e-5, atol=1e-5)
 
 
+def test_each_resident_chunk_draws_augmentations_of_its_own(prepared, source, run_epoch,
+                                                           monkeypatch):
+    """Over several chunks (CHUNK images each: a 50,000-image split is four) the draws go on
+    from chunk to chunk: re-seeded per chunk, the k-th image of every chunk would be cropped
+    and flipped alike. Apart, two images' draws agree about 1 time in 50."""
+    from loaders import resident
+
+    monkeypatch.setattr(resident, "CHUNK", 150)  # chunks of two batches of 64
+    cfg = AugmentConfig(flip=True, translate=2, cutout=0)
+    loader = loaders.make_loader("resident", prepared.train, train=True, batch_size=BATCH,
+                                 device="cpu", mean=prepared.mean, std=prepared.std,
+                                 augment=cfg, workers=1)
+    batches = run_epoch(loader, 1)
+    order = indices(len(source.train.labels), True, epoch=1)
+    np.testing.assert_array_equal(labels_of(batches), source.train.labels[order])
+    images = torch.cat([images for images, _ in batches]).numpy()
+    draws, distance = match_flipped_crops(images, source.train.images[order], cfg.translate,
+                                          True, prepared)
+    assert distance.max() < 1e-4, f"{(distance >= 1e-4).sum()} images are no such crop"
+    chunk = 2 * BATCH
+    assert (draws[:chunk] == draws[chunk:2 * chunk]).all(1).mean() < 0.2
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_last_batch_of_one_sample_keeps_its_batch_dimension(prepared, source, run_epoch, kind):
     """201 test images in batches of 100: the last holds one sample, its label a 1-d tensor."""

@@ -684,7 +684,9 @@ def test_resume_refuses_options_it_cannot_apply_by_name(finished, tmp_path):
     result = train("--resume", run, "--lr", "0.5", "--width", "32", timeout=300)
     assert result.returncode == 1
     message = one_line_error(result)
-    assert "--lr, --width cannot change when resuming" in message and "--epochs" in message
+    assert message.startswith(f"error: {run / 'ckpt.pt'}: --lr, --width cannot change when "
+                              f"resuming {run}, "), message
+    assert "--epochs" in message
     assert (run / "ckpt.pt").read_bytes() == before
 
 
@@ -1550,10 +1552,12 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(finished, tmp_pa
      "lacks arch, width, num_classes, state_dict, classes, mean, std, config, history, data; "
      "it is incomplete."),
     ([checkpoint.FORMAT, checkpoint.VERSION],
-     f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker)"),
+     f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker); use the ckpt.pt "
+     "that engine/train.py wrote."),
     # another tool's file with a format key of its own: not ours, whatever else it holds
     ({"format": "other-tool/ckpt", "version": checkpoint.VERSION},
-     f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker)"),
+     f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker); use the ckpt.pt "
+     "that engine/train.py wrote."),
     # a version before ours, as well as after it
     ({"format": checkpoint.FORMAT, "version": 0},
      f"has checkpoint version 0; this engine reads version {checkpoint.VERSION}."),
@@ -1654,6 +1658,15 @@ def test_a_compile_mode_the_machine_picked_is_picked_again_on_resume(finished, t
     assert cfg.compile_mode == "max-autotune"  # given on the command line: always taken
 
 
+def test_no_compile_on_resume_leaves_no_compile_mode_behind(finished, tmp_path):
+    """--resume may change --compile: --no-compile on a run compiled in max-autotune goes on
+    eagerly, not refused as a config whose compile mode asks for the compiling it turned off."""
+    run = copy_run(finished, tmp_path)
+    _damaged(run, lambda ckpt: ckpt["config"].update(compile=True, compile_mode="max-autotune"))
+    cfg, _ = configure(TrainConfig(), run, {"compile": False})
+    assert (cfg.compile, cfg.compile_mode) == (False, "default")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where a CUDA GPU is")
 def test_an_fp16_run_is_resumed_only_where_fp16_can_run(finished, tmp_path):
     """No advice to pick another --precision, which --resume refuses: a GPU is the way on."""
@@ -1696,6 +1709,26 @@ def test_restore_goes_on_with_the_random_state_the_checkpoint_saved(prepared, tm
     assert not torch.equal(torch.get_rng_state(), saved["resume"]["rng"])
     assert checkpoint.restore(run, saved, tmp_path / "ckpt.pt") == [row]
     assert torch.equal(torch.get_rng_state(), saved["resume"]["rng"])
+
+
+def test_restore_goes_on_at_the_lr_of_the_uninterrupted_run_after_its_epochs(prepared,
+                                                                              tmp_path):
+    """A checkpoint of 2 epochs resumes its schedule after 2 epochs' steps: the first resumed
+    step trains at the uninterrupted run's LR there, not at the LR after epoch 1."""
+    rows = [dict.fromkeys(checkpoint.HISTORY_KEYS, 0.5) | {"epoch": e} for e in (1, 2)]
+    saved = checkpoint.content(small_run(prepared, tmp_path / "a", epochs=4), rows)
+    uninterrupted = small_run(prepared, tmp_path / "b", epochs=4)
+    lrs = []  # the LR after each epoch of steps
+    for _ in range(2):
+        for _ in range(len(uninterrupted.train_loader)):
+            uninterrupted.optimizer.step()  # no gradients: only the schedule moves
+            uninterrupted.scheduler.step()
+        lrs.append(uninterrupted.optimizer.param_groups[0]["lr"])
+    assert lrs[0] != pytest.approx(lrs[1])  # the schedule tells the epochs apart
+    resumed = small_run(prepared, tmp_path / "c", epochs=4)
+    checkpoint.restore(resumed, saved, tmp_path / "ckpt.pt")
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[1], rel=1e-6)
+    assert resumed.scheduler.last_epoch == uninterrupted.scheduler.last_epoch
 
 
 @pytest.mark.slow
@@ -1794,6 +1827,8 @@ def test_an_unreadable_checkpoint_gets_the_reason_never_advice_to_unpickle_it(
         checkpoint.load(path)
     message = str(refused.value)
     assert message.startswith(f"{path} is not a readable checkpoint (") and reason in message
+    assert message.endswith("). It may be truncated or come from another tool; use the ckpt.pt "
+                            "that engine/train.py wrote.")  # the fix, whatever torch said
     assert "weights_only" not in message and "\n" not in message
 
 

@@ -193,6 +193,19 @@ def match_flipped_crops(images: np.ndarray, sources: np.ndarray, pad: int, refle
     return draws, best
 
 
+def epoch_draws(batches: list, source, prepared, epoch: int, pad: int,
+                reflect: bool = True) -> np.ndarray:
+    """The (dy, dx, flip) draw of each image of a training epoch's batches, after checking that
+    they hold the shared order's labels and that each image is such a crop of its source."""
+    order = indices(len(source.train.labels), True, epoch=epoch)
+    np.testing.assert_array_equal(labels_of(batches), source.train.labels[order])
+    images = torch.cat([images for images, _ in batches]).numpy()
+    draws, distance = match_flipped_crops(images, source.train.images[order], pad, reflect,
+                                          prepared)
+    assert distance.max() < 1e-4, f"{(distance >= 1e-4).sum()} images are no such crop"
+    return draws
+
+
 @pytest.mark.parametrize("reflect", [True, False], ids=["reflect", "zeros"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_train_images_are_flipped_shifted_crops_of_their_source(make, run_epoch, source,
@@ -202,13 +215,7 @@ def test_train_images_are_flipped_shifted_crops_of_their_source(make, run_epoch,
     occurs and few images are left as they were."""
     cfg = AugmentConfig(flip=True, translate=2, reflect=reflect, cutout=0)
     batches = run_epoch(make(kind, True, augment=cfg), epoch=1)
-    order = indices(len(source.train.labels), True, epoch=1)
-    np.testing.assert_array_equal(labels_of(batches), source.train.labels[order])
-    images = torch.cat([images for images, _ in batches]).numpy()
-    draws, distance = match_flipped_crops(images, source.train.images[order], cfg.translate,
-                                          reflect, prepared)
-    assert distance.max() < 1e-4, f"{(distance >= 1e-4).sum()} images are no such crop"
-    dy, dx, flip = draws.T
+    dy, dx, flip = epoch_draws(batches, source, prepared, 1, cfg.translate, reflect).T
     assert 0.4 <= flip.mean() <= 0.6
     assert set(dy) == set(dx) == set(range(-2, 3))
     assert ((dy == 0) & (dx == 0) & (flip == 0)).mean() < 0.1  # about 1 in 50 by chance
@@ -219,14 +226,8 @@ def test_each_epoch_draws_augmentations_of_its_own(make, run_epoch, source, prep
     """The n-th image of epoch 2 is not cropped and flipped as the n-th of epoch 1 was: the
     draws follow the epoch (for torchvision, through its workers' seeds), not only the order."""
     loader = make(kind, True, augment=AugmentConfig(flip=True, translate=2, cutout=0))
-    draws = []
-    for epoch in (1, 2):
-        images = torch.cat([images for images, _ in run_epoch(loader, epoch)]).numpy()
-        order = indices(len(source.train.labels), True, epoch=epoch)
-        drawn, distance = match_flipped_crops(images, source.train.images[order], 2, True,
-                                              prepared)
-        assert distance.max() < 1e-4
-        draws.append(drawn)
+    draws = [epoch_draws(run_epoch(loader, epoch), source, prepared, epoch, 2)
+             for epoch in (1, 2)]
     assert (draws[0] != draws[1]).any(1).mean() > 0.8  # about 49 in 50 by chance
 
 
@@ -314,13 +315,7 @@ def test_each_resident_chunk_draws_augmentations_of_its_own(prepared, source, ru
     loader = loaders.make_loader("resident", prepared.train, train=True, batch_size=BATCH,
                                  device="cpu", mean=prepared.mean, std=prepared.std,
                                  augment=cfg, workers=1)
-    batches = run_epoch(loader, 1)
-    order = indices(len(source.train.labels), True, epoch=1)
-    np.testing.assert_array_equal(labels_of(batches), source.train.labels[order])
-    images = torch.cat([images for images, _ in batches]).numpy()
-    draws, distance = match_flipped_crops(images, source.train.images[order], cfg.translate,
-                                          True, prepared)
-    assert distance.max() < 1e-4, f"{(distance >= 1e-4).sum()} images are no such crop"
+    draws = epoch_draws(run_epoch(loader, 1), source, prepared, 1, cfg.translate)
     chunk = 2 * BATCH
     assert (draws[:chunk] == draws[chunk:2 * chunk]).all(1).mean() < 0.2
 

@@ -1,9 +1,9 @@
 """A CUDA profile's kernel time by kind (convolution forward and gradients, inductor's fused
 Triton kernels, cuDNN's layout kernels, ...), from the kernels' own names: under CUDA graphs
 (torch.compile's `reduce-overhead`, the engine's default on one GPU) a replayed kernel has no
-op of its own, and an op table credits them all to the op that launched the graph. The first H200
-run's kinds were summed by hand, by the launching op
-(benchmarks/results/h200-2026-12-04/trace-kernel-kinds.log); tests check these sums match."""
+op of its own, and an op table credits them all to the op that launched the graph. The first
+H200 run's kinds were summed by hand, by the launching op
+(benchmarks/results/h200-2026-12-04/trace-kernel-kinds.log); a test checks these sums match."""
 
 from __future__ import annotations
 

@@ -26,7 +26,13 @@ from loaders.guards import guarded, importing_ffcv, numba_workers, torch_threads
 from loaders.preparation import Prepared
 from tools.bench_mfu import count_train_flops
 from tools.bench_names import peer_name
-from tools.bench_profile import NO_DEVICE_EVENTS, activities, device_busy_ms, top_ops
+from tools.bench_profile import (
+    NO_DEVICE_EVENTS,
+    activities,
+    device_busy_ms,
+    device_events,
+    top_ops,
+)
 from tools.bench_sections import (
     MEASURE_ERRORS,
     base_config,
@@ -257,7 +263,8 @@ def profile_epoch(row: PeerResult, loader: Measured, epoch: int, log: Log = sile
     if ops and not getattr(loader, "own_thread", False):  # else an op of this thread's, idle
         row.top_op = f"{ops[0]['name']} {ops[0][sort_by]:.2f} ms"
     if cuda:
-        row.device_busy_ms, row.device_events = device_busy_ms(prof)
+        events = device_events(prof)
+        row.device_busy_ms, row.device_events = device_busy_ms(events), len(events)
         if row.device_busy_ms is None:
             log(f"peers: {row.loader}: {NO_DEVICE_EVENTS}")
 

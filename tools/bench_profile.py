@@ -122,11 +122,10 @@ NO_DEVICE_EVENTS = ("the profiler recorded no device event, so the device's busy
                     "its error; rerun with KINETO_LOG_LEVEL=2 to see it)")
 
 
-def device_busy_ms(prof: profile) -> tuple[float | None, int]:
-    """Milliseconds in which the device ran the profile's device events, and how many there
-    were; None with 0 events (NO_DEVICE_EVENTS)."""
-    events = device_events(prof)
-    return (device_busy_us(events) / 1e3 if events else None), len(events)
+def device_busy_ms(events: list) -> float | None:
+    """Milliseconds in which the device ran these device events (device_events'); None where
+    there are none (NO_DEVICE_EVENTS)."""
+    return device_busy_us(events) / 1e3 if events else None
 
 
 def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None,
@@ -150,15 +149,15 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None
                            str(trace or ""), ops, cfg.compile_mode)
     if steps_s is not None:
         result.step_ms = steps_s * 1e3 / args.profile_steps
-        busy_ms, _ = device_busy_ms(prof)
+        events = device_events(prof)
+        busy_ms = device_busy_ms(events)
         if busy_ms is None:
             log(f"profile: {NO_DEVICE_EVENTS}")
         else:
             result.device_busy_ms = busy_ms / args.profile_steps
             result.device_busy_share = result.device_busy_ms / result.step_ms
             result.kernel_kinds = kernel_kinds(((e.name, e.time_range.elapsed_us())
-                                                for e in device_events(prof)),
-                                               args.profile_steps)
+                                                for e in events), args.profile_steps)
     log(f"profile: {len(ops)} ops by {sort_by}, the first {ops[0]['name'] if ops else '-'}"
         + (f"; trace {trace}" if trace else ""))
     return result

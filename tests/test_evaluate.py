@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import model_input
+from engine.checkpoint import model_from, model_input
 from engine.evaluate import BATCH as PROBABILITY_BATCH
 from engine.evaluate import evaluate, probabilities
 from engine.model import build_model
@@ -83,3 +83,19 @@ def test_a_checkpoints_model_input_is_evaluations_normalization_laid_out_as_its_
     training = Augment(None, mean, std, torch.float32, "cpu")(images)
     assert training.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, training, rtol=0, atol=0)
+
+
+def test_a_checkpoints_model_scores_each_image_by_its_running_statistics_alone():
+    """model_from's model is in eval mode: BatchNorm normalizes with the statistics training
+    saved, so a picture's scores do not depend on the pictures predicted beside it (report,
+    predict and export all take this model)."""
+    torch.manual_seed(0)
+    trained = build_model("resnet18", 10, width=4).train()
+    with torch.no_grad():
+        trained(torch.randn(16, 3, 32, 32) * 3 + 1)  # running statistics far from 0 and 1
+    model = model_from({"arch": "resnet18", "num_classes": 10, "width": 4,
+                        "state_dict": trained.state_dict()})
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        together, alone = model(images), model(images[:1])
+    torch.testing.assert_close(alone[0], together[0], rtol=1e-4, atol=1e-5)

@@ -35,6 +35,9 @@ PAD_MODES = ("reflect", "zeros")  # --translate's padding: TrainConfig.augment's
 # and a larger value is a traceback from inside the first step ("cannot be converted to type
 # float without overflow")
 FLOAT32_MAX = 3.4028234663852886e38
+# why an explicit --cudnn-benchmark is refused beside --deterministic: taken, it would be
+# ignored (TrainConfig.autotunes); engine.options says it of a new run, engine.resume of a resume
+AUTOTUNE_REFUSED = "--cudnn-benchmark times cuDNN's algorithms, which --deterministic rules out"
 
 
 def trackers() -> list[str]:

@@ -17,6 +17,7 @@ from common.hardware import beyond_cores
 from common.output_folders import timestamped
 from engine.config import (
     ARCHS,
+    AUTOTUNE_REFUSED,
     OPTIMIZERS,
     PAD_MODES,
     PRECISIONS,
@@ -180,14 +181,18 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
 def unused_options(cfg: TrainConfig, given: dict) -> list[str]:
     """Options typed on the command line that cfg's other choices leave with nothing to do,
     as messages: --warmup beside a schedule with no warm-up (cosine, step and constant start
-    at the peak LR), --pad-mode with no --translate to pad for. Taken and ignored, the run
-    would not be the one asked for (timm and torchvision's reference warm up any schedule)."""
+    at the peak LR), --pad-mode with no --translate to pad for, --cudnn-benchmark in a
+    --deterministic run (which never autotunes). Taken and ignored, the run would not be the
+    one asked for (timm and torchvision's reference warm up any schedule)."""
     problems = []
     if "warmup" in given and cfg.schedule not in WARMUP_SCHEDULES:
         problems.append(f"--warmup is for --schedule {' or '.join(WARMUP_SCHEDULES)}; "
                         f"{cfg.schedule} has no warm-up, leave --warmup out")
     if "pad_mode" in given and not cfg.translate:
         problems.append("--pad-mode pads for --translate, which is 0; leave --pad-mode out")
+    if given.get("cudnn_benchmark") and cfg.deterministic:
+        problems.append(f"{AUTOTUNE_REFUSED} (another run may time its way to others); "
+                        "leave one out")
     return problems
 
 

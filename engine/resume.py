@@ -11,7 +11,7 @@ from common.cli import option_name
 from common.errors import CheckpointError, TrainingError
 from common.hardware import beyond_cores
 from engine import checkpoint
-from engine.config import TrainConfig, default_compile_mode, field_value
+from engine.config import AUTOTUNE_REFUSED, TrainConfig, default_compile_mode, field_value
 
 # What --resume DIR may change: how long to train, where the data and workers are, the
 # trackers, and how the same computation runs (compiled or not, its mode, determinism, cuDNN's
@@ -23,7 +23,8 @@ RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mo
 def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
     """The config a --resume continues: the saved one, with the RESUMABLE options applied.
 
-    Any other option given on the command line is refused by name rather than dropped.
+    Any other option given on the command line is refused by name rather than dropped, and
+    so is --cudnn-benchmark where the resumed run stays --deterministic (it never autotunes).
     """
     refused = sorted(k for k, v in given.items()
                      if k not in RESUMABLE and field_value(saved.get(k)) != v
@@ -37,6 +38,9 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
     changes = {k: v for k, v in given.items() if k in RESUMABLE}
     if changes.get("compile") is False:  # --no-compile: no mode left to compile in
         changes.setdefault("compile_mode", "default")
+    if changes.get("cudnn_benchmark") and changes.get("deterministic", saved.get("deterministic")):
+        raise ValueError(f"{AUTOTUNE_REFUSED} (resuming {run_dir} deterministically); "
+                         "pass --no-deterministic too, or leave --cudnn-benchmark out.")
     return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
 
 

@@ -910,12 +910,15 @@ def test_options_given_with_a_preset_override_its_values():
     (["--preset", "seed", "--warmup", "0.1"], "constant has no warm-up, leave --warmup out"),
     (["--translate", "0", "--pad-mode", "zeros"],
      "--pad-mode pads for --translate, which is 0; leave --pad-mode out"),
+    (["--deterministic", "--cudnn-benchmark"],
+     "--cudnn-benchmark times cuDNN's algorithms, which --deterministic rules out"),
 ])
 def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     """Momentum 1 never forgets a gradient (SGD takes it and runs away); a whole-run warm-up
     leaves no step to decay in; synthetic sizes would do nothing for another dataset, nor
     --warmup for a schedule without a warm-up (cosine trained at the peak LR from its first
-    step), nor --pad-mode without --translate: refused as usage errors, before any work."""
+    step), nor --pad-mode without --translate, nor --cudnn-benchmark in a --deterministic run
+    (which would train untuned): refused as usage errors, before any work."""
     from engine.options import parse
 
     with pytest.raises(SystemExit) as stop:
@@ -926,10 +929,13 @@ def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
 @pytest.mark.parametrize("option", [["--schedule", "onecycle", "--warmup", "0.3"],
                                     ["--warmup", "0"], ["--schedule", "cosine"],
                                     ["--pad-mode", "zeros"],
-                                    ["--preset", "seed", "--pad-mode", "reflect"]])
+                                    ["--preset", "seed", "--pad-mode", "reflect"],
+                                    ["--deterministic", "--no-cudnn-benchmark"],
+                                    ["--no-deterministic", "--cudnn-benchmark"]])
 def test_warmup_and_pad_mode_are_taken_where_they_act(option):
-    """--warmup beside a schedule that warms up, and --pad-mode beside a translate, are taken
-    like any option; a schedule without a warm-up is fine while --warmup is left out."""
+    """--warmup beside a schedule that warms up, --pad-mode beside a translate, and
+    --cudnn-benchmark without --deterministic are taken like any option; a schedule without a
+    warm-up is fine while --warmup is left out."""
     from engine.options import parse
 
     assert parse(option).given  # no usage error (SystemExit): the options were taken

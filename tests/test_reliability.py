@@ -1883,6 +1883,24 @@ def test_resume_rules_apply_what_can_change_and_name_the_rest():
     assert same.synthetic_size == (50_000, 10_000)
 
 
+def test_resuming_a_deterministic_run_refuses_cudnn_benchmark_unless_determinism_goes_too():
+    """A --deterministic run never autotunes: --cudnn-benchmark on its resume would be taken
+    and ignored, so it is refused, as beside --deterministic in a new run; with
+    --no-deterministic it is taken."""
+    from engine.options import parse
+    from engine.resume import resume_config
+
+    saved = parse(["--deterministic"]).cfg.to_dict()
+    with pytest.raises(ValueError, match="--cudnn-benchmark times cuDNN's algorithms, which "
+                                         "--deterministic rules out .resuming runs/x"):
+        resume_config(saved, {"cudnn_benchmark": True}, Path("runs/x"))
+    with pytest.raises(ValueError, match="pass --no-deterministic too"):
+        resume_config(parse([]).cfg.to_dict(), {"cudnn_benchmark": True, "deterministic": True},
+                      Path("runs/x"))
+    cfg = resume_config(saved, {"cudnn_benchmark": True, "deterministic": False}, Path("runs/x"))
+    assert cfg.autotunes()
+
+
 def test_resuming_an_lr_auto_run_takes_its_command_again():
     """A --lr auto run saves the LR it found: the same command with --resume repeats 'auto',
     which is the saved LR's origin, not a change (it was refused as '--lr cannot change')."""

@@ -154,19 +154,25 @@ def test_fetch_with_wrong_md5_raises_and_leaves_nothing(tmp_path, served_archive
     with pytest.raises(DataError) as error:
         download.fetch("cifar10", data_dir, url=url, md5="0" * 32)
     assert url in str(error.value) and "md5" in str(error.value)
+    # a proxy or portal that alters every download: the offline way is the one left
+    assert str(error.value).endswith(f"in {data_dir}, or use --dataset synthetic.")
     assert list(data_dir.iterdir()) == []  # no archive, no .part, no .extract- folder
 
 
-@pytest.mark.parametrize("where", ["closed port", "missing file"])
+@pytest.mark.parametrize("where, reason", [
+    ("closed port", "[Errno 111] Connection refused"), ("missing file", "File not found"),
+])
 def test_fetch_unreachable_names_url_manual_file_and_synthetic(tmp_path, http_server,
-                                                               closed_port, where):
+                                                               closed_port, where, reason):
     base = f"http://127.0.0.1:{closed_port}" if where == "closed port" else http_server.url
     url = f"{base}/{ARCHIVE}"
     data_dir = tmp_path / "data"
     with pytest.raises(DataError) as error:
         download.fetch("cifar10", data_dir, url=url, md5="0" * 32)
     message = str(error.value)
-    assert url in message
+    # the cause itself, not urllib's wrapping of it ("<urlopen error ...>")
+    assert message.startswith(f"Could not download {url}: {reason}. To work offline, place ")
+    assert "already there" not in message  # no archive was there to be damaged
     assert ARCHIVE in message and LAYOUT.md5 in message and str(data_dir) in message
     assert "--dataset synthetic" in message
     assert list(data_dir.iterdir()) == []
@@ -272,6 +278,57 @@ def test_a_full_disk_while_downloading_names_the_folder_and_the_space(tmp_path, 
         assert list(disk.iterdir()) == []
 
 
+def test_a_full_disk_under_a_download_of_unknown_size_names_what_was_written(tmp_path,
+                                                                             monkeypatch):
+    """A chunked reply gives no Content-Length: the space needed is at least what was written
+    before the disk filled (64 KB here, of a 1 MB archive), not a size made up."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    body = os.urandom(1 << 20)
+    reply = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+             + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        url, message = refusal_from(type("Reply", (_RawReply,), {"reply": reply}), disk)
+        assert message == (
+            f"cannot download {url} into {disk}: No space left on device. The archive needs "
+            "over 0.1 MB there, and extracting it about as much again: free some space, or "
+            "pass another --data-dir.")
+        assert list(disk.iterdir()) == []
+
+
+def test_a_download_of_many_read_blocks_is_kept_whole(tmp_path, http_server):
+    """The reply is read in 1 MB blocks: CIFAR-10's 170 MB archive is many of them."""
+    content = os.urandom((2 << 20) + 12345)
+    (http_server.root / ARCHIVE).write_bytes(content)
+    dest = download.download(f"{http_server.url}/{ARCHIVE}", hashlib.md5(content).hexdigest(),
+                             tmp_path / "data" / ARCHIVE)
+    assert dest.read_bytes() == content
+
+
+def test_a_download_killed_midway_leaves_a_part_file_the_next_prepare_sweeps(tmp_path,
+                                                                             monkeypatch):
+    """SIGKILL runs no cleanup: the temporary file a download writes must be one that the
+    sweep of stale files knows, or it stays in the data folder for good."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    data_dir = tmp_path / "data"
+    during = []
+
+    class Looking(BaseHTTPRequestHandler):
+        """Notes the data folder's files while the download waits for its reply; 404."""
+
+        def do_GET(self):
+            during.extend(p.name for p in data_dir.iterdir())
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    refusal_from(Looking, data_dir)
+    assert len(during) == 1 and during[0].startswith(f".{ARCHIVE}.")
+    (data_dir / during[0]).write_bytes(b"cut short by a kill")  # as a killed download left it
+    prepare("synthetic", data_dir, synthetic_size=(20, 5), workers=1)
+    assert not (data_dir / during[0]).exists()
+
+
 def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.linkname = kind, target
@@ -295,6 +352,23 @@ def test_fetch_refuses_archive_members_that_escape(tmp_path, http_server, evil):
         download.fetch("cifar10", data_dir, url=f"{http_server.url}/{ARCHIVE}", md5=md5(archive))
     assert not outside.exists() and not (tmp_path / "data" / "outside").exists()
     assert [p.name for p in data_dir.iterdir()] == [ARCHIVE]  # no folder, no staging left
+
+
+def test_extracted_files_get_no_unsafe_modes_and_no_owner_from_the_archive(tmp_path,
+                                                                            closed_port):
+    """tarfile extracts a member's mode (setuid, world-writable) and, for root, its owner as
+    they are; the "data" filter clears the one and keeps the other ours."""
+    made = write_cifar10(tmp_path / "made")
+    member = _member(f"{LAYOUT.folder}/extra")
+    member.mode, member.uid, member.gid = 0o4777, 12345, 12345
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = make_tar_gz(data_dir / ARCHIVE, made.folder, [(member, b"extra")])
+    folder = download.fetch("cifar10", data_dir, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}",
+                            md5=md5(archive))
+    extra = (folder / "extra").stat()
+    assert extra.st_mode & 0o7777 == 0o755
+    assert (extra.st_uid, extra.st_gid) == (os.geteuid(), os.getegid())
 
 
 @pytest.mark.slow

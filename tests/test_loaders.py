@@ -389,9 +389,13 @@ def test_ranks_split_evaluation_indices_without_duplicates(n, world_size):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-def test_rank_outside_the_world_is_refused():
-    with pytest.raises(ValueError, match="rank 2"):
-        epoch_indices(10, epoch=0, seed=0, shuffle=True, rank=2, world_size=2)
+@pytest.mark.parametrize("rank", [2, -1])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+def test_rank_outside_the_world_is_refused(rank, train):
+    """A negative rank (-1, "no rank" to some launch scripts) sliced from the end: that rank
+    visited one sample an epoch, silently."""
+    with pytest.raises(ValueError, match=f"rank {rank} is outside 0..1"):
+        epoch_indices(10, epoch=0, seed=0, shuffle=train, rank=rank, world_size=2)
 
 
 def test_unknown_loader_kind_is_refused(prepared):

@@ -12,6 +12,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 from common.errors import DataError, one_line
@@ -94,12 +95,14 @@ def safe_extract(archive: Path, target: Path) -> None:
                     )
                 size += member.size
             tar.extractall(target, **EXTRACT_FILTER)
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
         if isinstance(error, OSError) and error.errno is not None:  # the disk, not the data
             raise DataError(f"cannot extract {archive} into {target.parent}: "
                             f"{error.strerror}. It needs {size / 1e6:,.0f} MB there: free some "
                             "space, or pass another --data-dir.") from error
-        # gzip's and zlib's errors for damaged data are OSErrors without an errno
+        # damaged data: tarfile's ReadError (zlib's errors in a header among them), gzip's
+        # BadGzipFile (an OSError without an errno), EOFError for an archive cut short, and
+        # zlib's own error in a member's data, which extractall lets through
         raise DataError(
             f"{archive} is not a readable tar.gz archive ({error}). Delete it and run again."
         ) from error

@@ -392,8 +392,8 @@ def test_ranks_split_evaluation_indices_without_duplicates(n, world_size):
 @pytest.mark.parametrize("rank", [2, -1])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
 def test_rank_outside_the_world_is_refused(rank, train):
-    """A negative rank (-1, "no rank" to some launch scripts) sliced from the end: that rank
-    visited one sample an epoch, silently."""
+    """A negative rank (-1, "no rank" to some launch scripts) is refused too: taken, it would
+    slice from the end, and that rank would visit one sample an epoch, silently."""
     with pytest.raises(ValueError, match=f"rank {rank} is outside 0..1"):
         epoch_indices(10, epoch=0, seed=0, shuffle=train, rank=rank, world_size=2)
 

@@ -5,6 +5,7 @@ moments, and impossible values. Real subprocesses on tiny synthetic data (CPU)."
 from __future__ import annotations
 
 import ast
+import errno
 import math
 import os
 import pickle
@@ -773,6 +774,31 @@ def test_a_divergence_names_the_first_batch_whose_loss_overflowed(data_dir, tmp_
         refused.value)
 
 
+def test_a_divergence_in_an_epochs_first_batch_is_found_and_named_batch_1(data_dir, tmp_path,
+                                                                        monkeypatch):
+    """The first batch is index 0: a loss that is infinite there stops the run as one later
+    would, named as batch 1 (not taken for no batch at all, which trained on and saved the
+    epoch, nor for a batch of another process)."""
+    steps = []
+
+    def step(run, images, labels):
+        loss, correct = train_step(run, images, labels)
+        steps.append(1)
+        return (torch.full_like(loss, float("inf")) if len(steps) == 1 else loss), correct
+
+    monkeypatch.setattr(loop, "train_step", step)
+    out = tmp_path / "out"
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
+                      out=str(out))
+    with pytest.raises(RunFailed) as refused:
+        train_run(cfg)
+    assert str(refused.value).startswith(
+        "the training loss became NaN or infinite in epoch 1, batch 1; no epoch had finished, "
+        "so nothing was saved."), refused.value
+    assert not (out / "ckpt.pt").exists()
+
+
 def test_a_run_that_saved_nothing_keeps_a_trackers_folder_it_did_not_make(data_dir, tmp_path):
     """A run that ends before its first epoch takes its trackers' folder with it, but only one
     it made: a folder of that name already in --out (the user's own) is left as it was."""
@@ -850,6 +876,27 @@ def test_an_epoch_whose_test_loss_or_weights_are_not_finite_is_not_kept():
         "(layer1.0.bn2.running_mean); runs/x/ckpt.pt keeps epoch 1,"), refused.value
 
 
+def test_an_epoch_whose_test_loss_overflowed_is_not_saved(data_dir, tmp_path, monkeypatch):
+    """Every training loss finite, every weight too, but the test loss infinite (a logit that
+    overflowed in evaluation): the epoch is refused as a divergence, and nothing is saved."""
+    from engine.evaluate import evaluate
+
+    def overflowed(*args):
+        totals = evaluate(*args)
+        totals[0] = float("inf")
+        return totals
+
+    monkeypatch.setattr(loop, "evaluate", overflowed)
+    out = tmp_path / "out"
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
+                      out=str(out))
+    with pytest.raises(RunFailed) as refused:
+        train_run(cfg)
+    assert str(refused.value).startswith(
+        "the test loss became NaN or infinite in epoch 1; no epoch had finished"), refused.value
+    assert not (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
+
 # --- out of memory --------------------------------------------------------------------------------
 
 
@@ -888,6 +935,16 @@ def test_out_of_memory_beyond_the_split_suggests_half_the_split(data_dir, tmp_pa
     assert str(refused.value) == ("out of memory at --batch-size 1000000000000000 (batches of "
                                   "1024, the whole split); try --batch-size 512.")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("processes, ran", [(1, "the whole split"), (2, "this process's shard")])
+def test_out_of_memory_beyond_a_shard_names_the_shard_a_process_ran(processes, ran):
+    """Each of several processes trains on its shard: a --batch-size above it ran as batches of
+    the shard, and the message says so, not that they were the whole split."""
+    run = SimpleNamespace(train_loader=SimpleNamespace(batch_size=500))
+    message = str(loop.out_of_memory_failure(TrainConfig(batch_size=1024), run, processes))
+    assert message == (f"out of memory at --batch-size 1024 (batches of 500, {ran}); try "
+                       "--batch-size 250.")
 
 
 @pytest.mark.parametrize("batch, advice", [(1, "a --width below 8"), (2, "--batch-size 1")])
@@ -1034,6 +1091,27 @@ def test_a_torchvision_worker_killed_mid_training_is_one_clear_error(data_dir, t
     assert "pass fewer --workers (here 1), or use --loader ffcv." in stderr
 
 
+def test_a_worker_death_raised_mid_step_is_the_same_one_clear_error(data_dir, tmp_path,
+                                                                    monkeypatch):
+    """torch's SIGCHLD handler raises a dead worker's error wherever the main thread is: in a
+    training step, outside the loader's own next(), the run still says which loader's worker
+    died and the fix, not torch's words alone."""
+    def killed(*args) -> None:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+
+    monkeypatch.setattr(loop, "train_step", killed)
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="torchvision", workers=1, epochs=1,
+                      out=str(tmp_path / "out"))
+    with pytest.raises(EngineError) as refused:
+        train_run(cfg)
+    message = str(refused.value)
+    assert message.startswith("a --loader torchvision worker reading ") and message.endswith(
+        "died (RuntimeError: DataLoader worker (pid 4242) is killed by signal: Killed.); most "
+        "often the system ran out of memory: pass fewer --workers (here 1), or use --loader "
+        "ffcv."), message
+    assert not (tmp_path / "out").exists()
+
 # --- a full disk --------------------------------------------------------------------------------
 
 
@@ -1097,6 +1175,47 @@ def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path):
     header, first, second = (run / "metrics.csv").read_text().splitlines()
     assert "eval_seconds" in header.split(",") and len(history(run)) == 2
 
+
+def test_a_best_pt_renamed_into_place_without_its_ckpt_pt_is_removed(data_dir, tmp_path,
+                                                                     monkeypatch):
+    """The first epoch's files are renamed into place one by one, best.pt first: a rename of
+    ckpt.pt that fails (the disk failed) left a best.pt of a run that saved nothing, and a
+    --out the next run refuses as one that holds a run's files."""
+    real = os.replace
+
+    def failing_for_ckpt_pt(source, target) -> None:
+        if Path(target).name == "ckpt.pt":
+            raise OSError(errno.EIO, "Input/output error", str(source))
+        real(source, target)
+
+    monkeypatch.setattr("common.atomic.os.replace", failing_for_ckpt_pt)
+    out = tmp_path / "out"
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
+                      out=str(out))
+    with pytest.raises(EngineError, match=f"could not write {out / 'ckpt.pt'}"):
+        train_run(cfg)
+    assert not (out / "best.pt").exists() and not out.exists()  # nor the folder made for it
+
+
+@pytest.mark.parametrize("slow", ["content", "write_epoch"])
+def test_the_time_waited_for_checkpoints_counts_the_copy_and_the_last_write(
+        data_dir, tmp_path, monkeypatch, slow):
+    """What training waited for: the state's copy, taken before the epoch's files go to the
+    writer thread, and at the end the last epoch's write, still going. Either one slowed by
+    half a second is in the seconds the command says it waited for checkpoints."""
+    real = getattr(checkpoint, slow)
+
+    def slowed(*args):
+        time.sleep(0.5)
+        return real(*args)
+
+    monkeypatch.setattr(checkpoint, slow, slowed)
+    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
+                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
+                      out=str(tmp_path / "out"))
+    trained = train_run(cfg)
+    assert trained.epochs_run == 1 and trained.checkpoint_wait_s >= 0.5, trained
 
 # --- one core ---------------------------------------------------------------------------------
 

@@ -70,6 +70,15 @@ def train(*args, **kwargs) -> subprocess.CompletedProcess:
     return run_script("engine/train.py", *TINY, *args, **kwargs)
 
 
+def tiny_config(data_dir: Path, out: Path, **changes) -> TrainConfig:
+    """A run of data_dir's prepared split (SIZE) for train_run in this process: width 8,
+    batches of 256, the resident loader, one worker, one epoch; `changes` on top."""
+    return TrainConfig(**{**dict(dataset="synthetic", data_dir=str(data_dir),
+                                 synthetic_size=(int(SIZE[1]), int(SIZE[2])), width=8,
+                                 batch_size=256, loader="resident", workers=1, epochs=1,
+                                 out=str(out)), **changes})
+
+
 def start(*args) -> subprocess.Popen:
     """engine/train.py in the background, its output piped."""
     return subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), *TINY, *args],
@@ -762,9 +771,8 @@ def test_a_divergence_names_the_first_batch_whose_loss_overflowed(data_dir, tmp_
         return loss, correct
 
     monkeypatch.setattr(loop, "train_step", step)
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=64, loader="resident", workers=1, optimizer="sgd",
-                      lr=1e12, schedule="constant", out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out", batch_size=64, optimizer="sgd", lr=1e12,
+                      schedule="constant")
     with pytest.raises(RunFailed) as refused:
         train_run(cfg)
     first = next(i for i, loss in enumerate(losses) if not math.isfinite(loss))
@@ -788,9 +796,7 @@ def test_a_divergence_in_an_epochs_first_batch_is_found_and_named_batch_1(data_d
 
     monkeypatch.setattr(loop, "train_step", step)
     out = tmp_path / "out"
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
-                      out=str(out))
+    cfg = tiny_config(data_dir, out)
     with pytest.raises(RunFailed) as refused:
         train_run(cfg)
     assert str(refused.value).startswith(
@@ -805,9 +811,8 @@ def test_a_run_that_saved_nothing_keeps_a_trackers_folder_it_did_not_make(data_d
     out = tmp_path / "out"
     (out / "cifar10-engine").mkdir(parents=True)
     (out / "cifar10-engine" / "notes.txt").write_text("mine")
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, optimizer="sgd",
-                      lr=1e12, schedule="constant", log_with="tensorboard", out=str(out))
+    cfg = tiny_config(data_dir, out, optimizer="sgd", lr=1e12, schedule="constant",
+                      log_with="tensorboard")
     with pytest.raises(RunFailed, match="nothing was saved"):
         train_run(cfg)
     assert (out / "cifar10-engine" / "notes.txt").read_text() == "mine"
@@ -827,9 +832,7 @@ def test_a_ctrl_c_a_library_turned_into_its_own_error_still_says_what_was_kept(
         return 0.0
 
     monkeypatch.setattr(loop, "fit", converts)
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out")
     assert run_main(lambda: train_run(cfg)) == 130
     assert capsys.readouterr().err == ("\ninterrupted: no epoch had finished, so nothing was "
                                        "saved; run the same command again\n")
@@ -840,9 +843,7 @@ def test_a_run_called_as_a_library_closes_its_trackers(data_dir, tmp_path):
     its --log-with writers: their threads end once it returns, each run's events written."""
     before = set(threading.enumerate())
     out = tmp_path / "out"
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
-                      log_with="tensorboard", out=str(out))
+    cfg = tiny_config(data_dir, out, log_with="tensorboard")
     train_run(cfg, last=False)
     assert list((out / "cifar10-engine").rglob("events.out.tfevents.*"))
     assert set(threading.enumerate()) <= before
@@ -888,14 +889,13 @@ def test_an_epoch_whose_test_loss_overflowed_is_not_saved(data_dir, tmp_path, mo
 
     monkeypatch.setattr(loop, "evaluate", overflowed)
     out = tmp_path / "out"
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
-                      out=str(out))
+    cfg = tiny_config(data_dir, out)
     with pytest.raises(RunFailed) as refused:
         train_run(cfg)
     assert str(refused.value).startswith(
         "the test loss became NaN or infinite in epoch 1; no epoch had finished"), refused.value
     assert not (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
+
 
 # --- out of memory --------------------------------------------------------------------------------
 
@@ -927,9 +927,7 @@ def test_out_of_memory_beyond_the_split_suggests_half_the_split(data_dir, tmp_pa
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
 
     monkeypatch.setattr(loop, "train_step", full)
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=10**15, loader="resident", workers=1,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out", batch_size=10**15)
     with pytest.raises(TrainingError) as refused:
         train_run(cfg)
     assert str(refused.value) == ("out of memory at --batch-size 1000000000000000 (batches of "
@@ -956,9 +954,7 @@ def test_out_of_memory_at_a_batch_of_one_suggests_a_narrower_model(data_dir, tmp
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
 
     monkeypatch.setattr(loop, "train_step", full)
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=batch, loader="resident", workers=1,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out", batch_size=batch)
     with pytest.raises(TrainingError) as refused:
         train_run(cfg)
     assert str(refused.value) == f"out of memory at --batch-size {batch}; try {advice}."
@@ -974,9 +970,7 @@ def test_each_epoch_trains_on_an_order_of_its_own(data_dir, tmp_path, monkeypatc
         return train_step(run, images, labels)
 
     monkeypatch.setattr(loop, "train_step", step)
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, epochs=2,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out", epochs=2)
     train_run(cfg)
     first, second = torch.cat(labels_seen[:4]), torch.cat(labels_seen[4:])
     assert len(labels_seen) == 8 and len(first) == len(second) == 1024
@@ -997,9 +991,7 @@ def test_a_stop_signal_lost_while_the_run_is_built_stops_it_before_its_first_ste
     steps = []
     monkeypatch.setattr("engine.run.make_loader", loader_then_lost_signal)
     monkeypatch.setattr(loop, "train_step", lambda *args: steps.append(1) or train_step(*args))
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out")
     assert run_main(lambda: train_run(cfg)) == 143 and steps == []
     assert capsys.readouterr().err.endswith(
         "interrupted: no epoch had finished, so nothing was saved; run the same command again\n")
@@ -1012,9 +1004,7 @@ def test_ctrl_c_as_the_run_folder_is_taken_says_what_was_kept_and_leaves_no_fold
     bare 'interrupted', and tools/compare.py could not name the run it stopped."""
     monkeypatch.setattr(loop, "sweep_temporaries", lambda out: os.kill(os.getpid(),
                                                                          signal.SIGINT))
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out")
     assert run_main(lambda: train_run(cfg)) == 130
     assert capsys.readouterr().err.endswith(
         "interrupted: no epoch had finished, so nothing was saved; run the same command again\n")
@@ -1100,9 +1090,7 @@ def test_a_worker_death_raised_mid_step_is_the_same_one_clear_error(data_dir, tm
         raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
 
     monkeypatch.setattr(loop, "train_step", killed)
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="torchvision", workers=1, epochs=1,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out", loader="torchvision")
     with pytest.raises(EngineError) as refused:
         train_run(cfg)
     message = str(refused.value)
@@ -1111,6 +1099,7 @@ def test_a_worker_death_raised_mid_step_is_the_same_one_clear_error(data_dir, tm
         "often the system ran out of memory: pass fewer --workers (here 1), or use --loader "
         "ffcv."), message
     assert not (tmp_path / "out").exists()
+
 
 # --- a full disk --------------------------------------------------------------------------------
 
@@ -1190,9 +1179,7 @@ def test_a_best_pt_renamed_into_place_without_its_ckpt_pt_is_removed(data_dir, t
 
     monkeypatch.setattr("common.atomic.os.replace", failing_for_ckpt_pt)
     out = tmp_path / "out"
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
-                      out=str(out))
+    cfg = tiny_config(data_dir, out)
     with pytest.raises(EngineError, match=f"could not write {out / 'ckpt.pt'}"):
         train_run(cfg)
     assert not (out / "best.pt").exists() and not out.exists()  # nor the folder made for it
@@ -1211,11 +1198,10 @@ def test_the_time_waited_for_checkpoints_counts_the_copy_and_the_last_write(
         return real(*args)
 
     monkeypatch.setattr(checkpoint, slow, slowed)
-    cfg = TrainConfig(dataset="synthetic", data_dir=str(data_dir), synthetic_size=(1024, 128),
-                      width=8, batch_size=256, loader="resident", workers=1, epochs=1,
-                      out=str(tmp_path / "out"))
+    cfg = tiny_config(data_dir, tmp_path / "out")
     trained = train_run(cfg)
     assert trained.epochs_run == 1 and trained.checkpoint_wait_s >= 0.5, trained
+
 
 # --- one core ---------------------------------------------------------------------------------
 

@@ -364,8 +364,9 @@ def test_table_and_cam_overlays(run_dir, tmp_path):
     paths = write_pictures(tmp_path / "pics")
     good = [p for n, p in paths.items() if n not in ("text.png", "empty.png")]
     good[0] = good[0].rename(good[0].with_name("two\nlines.png"))  # any name a file may have
-    result = predict(run_dir / "ckpt.pt", *good, "--cam", tmp_path / "cams", "--layer", "layer2")
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = predict(run_dir / "ckpt.pt", *good, paths["text.png"], "--cam", tmp_path / "cams",
+                     "--layer", "layer2")  # a file that is no picture: the others still drawn
+    assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["file", "top-1", "top-2", "top-3"]
     assert len(lines) == 1 + len(good)  # a row per picture, its name's line break escaped
@@ -375,6 +376,9 @@ def test_table_and_cam_overlays(run_dir, tmp_path):
     overlays = sorted((tmp_path / "cams").iterdir())
     assert [p.name for p in overlays] == sorted(f"{p.stem}.cam.png" for p in good)
     assert all(Image.open(p).size == (256, 256) for p in overlays)
+    error, wrote = result.stderr.splitlines()  # the count of pictures read, not of files given
+    assert error.startswith(f"error: {paths['text.png']}: ")
+    assert wrote == f"wrote {len(good)} Grad-CAM overlays (layer2) to {tmp_path / 'cams'}/"
 
 
 def test_an_overlay_of_a_picture_with_a_long_name_fits_a_file_name():
@@ -589,3 +593,72 @@ def test_unreadable_and_missing_pictures_name_every_format_taken(tmp_path):
                                         r"case\); pass a picture with another suffix by its "
                                         r"file name\.$"):
         prediction.read_pictures([tmp_path / "photos"])
+
+
+def test_rows_follow_the_files_given_each_unreadable_one_with_its_own_error(run_dir, tmp_path):
+    """A script pairs --json's rows with the files it passed by position: an unreadable file
+    keeps its place among the pictures (not moved after them), its row holds the message read
+    it gave, and the class predicted for each picture (its overlay's) is its row's top-1."""
+    paths = write_pictures(tmp_path / "pics")
+    given = [paths["text.png"], paths["big.jpg"], tmp_path / "missing.png", paths["rgba.png"]]
+    classifier = prediction.load_classifier(run_dir / "ckpt.pt", torch.device("cpu"))
+    rows, predicted = prediction.top_classes(classifier, prediction.read_pictures(given), 3)
+    assert [row["file"] for row in rows] == [str(path) for path in given]
+    for row, path in ((rows[0], given[0]), (rows[2], given[2])):
+        with pytest.raises(DataError) as unreadable:
+            read_image(path)
+        assert row == {"file": str(path), "error": str(unreadable.value)}
+    assert [classifier.classes[c] for c in predicted] == [
+        rows[i]["predictions"][0]["class"] for i in (1, 3)]
+
+
+def test_overlays_of_several_batches_each_show_their_own_picture_and_class(
+        run_dir, tmp_path, monkeypatch):
+    """Overlays are drawn CAM_BATCH pictures at a time (here 2, for 5 pictures): each file
+    is its own picture's Grad-CAM for the class it was given, in every batch, not the first
+    batch's names or classes again."""
+    from tools.cams import cams, overlay
+
+    monkeypatch.setattr(prediction, "CAM_BATCH", 2)
+    rng = np.random.default_rng(5)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "cams").mkdir()
+    classifier = prediction.load_classifier(run_dir / "ckpt.pt", torch.device("cpu"))
+    pictures = prediction.read_pictures([tmp_path])
+    classes = np.array([0, 1, 2, 3, 4])
+    prediction.write_cams(classifier, pictures, classes, "layer3", tmp_path / "cams")
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [
+        f"p{i}.cam.png" for i in range(5)]
+    for i, image in enumerate(pictures.images):
+        alone = cams(classifier.model, classifier.to_input(torch.from_numpy(image[None])),
+                     classes[i:i + 1], "layer3")
+        want = np.asarray(Image.fromarray(overlay(image, alone[0])).resize(
+            (256, 256), Image.Resampling.NEAREST))
+        got = np.asarray(Image.open(tmp_path / "cams" / f"p{i}.cam.png"))
+        assert np.abs(got.astype(int) - want).max() <= 2, i
+
+
+def test_a_model_giving_nan_for_one_picture_of_several_is_a_broken_checkpoint(run_dir,
+                                                                               tmp_path):
+    """Weights whose logits overflow for one picture only (the one of larger features): the
+    checkpoint is still named broken, not a table whose row for that picture is nan%."""
+    classifier = prediction.load_classifier(run_dir / "ckpt.pt", torch.device("cpu"))
+    Image.new("RGB", (32, 32), "black").save(tmp_path / "black.png")
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "white.png")
+    pictures = prediction.read_pictures([tmp_path])
+    fc = classifier.model.fc
+    sums = []
+    hook = fc.register_forward_hook(lambda _m, inputs, _out: sums.extend(inputs[0].sum(1)))
+    with torch.no_grad():
+        classifier.model(classifier.to_input(torch.from_numpy(pictures.images)))
+    hook.remove()
+    small, large = sorted(float(s) for s in sums)
+    assert large > 2 * small > 0
+    with torch.no_grad():  # every logit c * (its features' sum): finite for one picture only
+        fc.weight.fill_(3e38 / (small * large) ** 0.5)
+        fc.bias.zero_()
+    assert prediction.classify(classifier, pictures.images).isfinite().all(1).tolist().count(
+        True) == 1
+    with pytest.raises(CheckpointError, match="NaN or infinite logits"):
+        prediction.top_classes(classifier, pictures, 3)

@@ -853,6 +853,8 @@ def test_train_help_gives_each_option_its_preset_value():
     assert helps["weight_decay"].endswith("(default: 0.0005; --preset seed: 0)")
     assert helps["flip"].endswith("(default: on)") and helps["seed"].endswith("(default: 0)")
     assert helps["tta"].endswith("(default: on; --preset seed: off)")
+    assert helps["translate"].endswith("(default: 2; --preset seed: 4)")
+    assert helps["pad_mode"].endswith("(default: reflect; --preset seed: zeros)")
     assert helps["loader"] == "default: resident on GPU, ffcv on CPU"  # its own words, kept
     # an option whose help names its default already is given no second one
     assert helps["preset"] == ("starting values; any option given here overrides them "
@@ -901,6 +903,9 @@ def test_options_given_with_a_preset_override_its_values():
     (["--lr", "0"], "--lr must be a positive finite number"),
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
     (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "99999999999"], "--workers 99999999999: this process may use "),
+    (["--width", "0"], "--width must be at least 1"),
+    (["--log-with", "nope"], "argument --log-with: invalid choice: 'nope' (choose from "),
     (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
     (["--warmup", "1"], "--warmup must be in [0, 1)"),
     (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
@@ -912,13 +917,17 @@ def test_options_given_with_a_preset_override_its_values():
      "--pad-mode pads for --translate, which is 0; leave --pad-mode out"),
     (["--deterministic", "--cudnn-benchmark"],
      "--cudnn-benchmark times cuDNN's algorithms, which --deterministic rules out"),
+    (["--no-compile", "--compile-mode", "max-autotune"],
+     "--compile-mode max-autotune compiles; drop --no-compile"),
 ])
 def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     """Momentum 1 never forgets a gradient (SGD takes it and runs away); a whole-run warm-up
     leaves no step to decay in; synthetic sizes would do nothing for another dataset, nor
     --warmup for a schedule without a warm-up (cosine trained at the peak LR from its first
     step), nor --pad-mode without --translate, nor --cudnn-benchmark in a --deterministic run
-    (which would train untuned): refused as usage errors, before any work."""
+    (which would train untuned), nor --compile-mode beside --no-compile; more workers than
+    cores, a width of 0 and a tracker accelerate lacks neither: refused as usage errors, before
+    any work."""
     from engine.options import parse
 
     with pytest.raises(SystemExit) as stop:
@@ -928,14 +937,14 @@ def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
 
 @pytest.mark.parametrize("option", [["--schedule", "onecycle", "--warmup", "0.3"],
                                     ["--warmup", "0"], ["--schedule", "cosine"],
-                                    ["--pad-mode", "zeros"],
+                                    ["--pad-mode", "zeros"], ["--translate", "0"],
                                     ["--preset", "seed", "--pad-mode", "reflect"],
                                     ["--deterministic", "--no-cudnn-benchmark"],
                                     ["--no-deterministic", "--cudnn-benchmark"]])
 def test_warmup_and_pad_mode_are_taken_where_they_act(option):
     """--warmup beside a schedule that warms up, --pad-mode beside a translate, and
     --cudnn-benchmark without --deterministic are taken like any option; a schedule without a
-    warm-up is fine while --warmup is left out."""
+    warm-up is fine while --warmup is left out, and --translate 0 while --pad-mode is."""
     from engine.options import parse
 
     assert parse(option).given  # no usage error (SystemExit): the options were taken
@@ -943,13 +952,40 @@ def test_warmup_and_pad_mode_are_taken_where_they_act(option):
 
 @pytest.mark.parametrize("option", [["--lr", "3.4028234663852886e38"], ["--lr", "1e-30"],
                                     ["--label-smoothing", "0"], ["--momentum", "0"],
-                                    ["--weight-decay", "0"], ["--workers", "1"]])
+                                    ["--weight-decay", "0"], ["--workers", "1"],
+                                    ["--weight-decay", "3.4028234663852886e38"]])
 def test_the_edges_of_each_range_are_taken(option):
-    """The values at the closed ends of the ranges the messages quote (the largest float32 LR,
-    no smoothing, momentum or decay, one worker) are options like any other."""
+    """The values at the closed ends of the ranges the messages quote (the largest float32 LR
+    and weight decay, no smoothing, momentum or decay, one worker) are options like any
+    other."""
     from engine.options import parse
 
     assert parse(option).given
+
+
+def test_options_checked_against_a_new_runs_config_are_left_to_the_resume():
+    """With --resume the run's saved config decides (engine.resume): --synthetic-size is not
+    refused for the preset's cifar10, the saved dataset being the one it is checked against."""
+    from engine.options import parse
+
+    options = parse(["--resume", "runs/x", "--synthetic-size", "100", "10"])
+    assert options.given == {"synthetic_size": (100, 10)}
+
+
+def test_a_saved_config_of_other_types_than_the_command_lines_is_named():
+    """foreign_values, the check of a damaged or edited ckpt.pt config: an int is a float (a
+    hand-written lr 1), a bool is neither (true for a momentum), a tuple has its length, and an
+    lr of a word other than 'auto' is named by validate, never compared with 0 (a TypeError)."""
+    from engine.config import TrainConfig, foreign_values, validate
+
+    assert foreign_values(TrainConfig(lr=1, weight_decay=0, momentum=0, warmup=0)) == []
+    assert foreign_values(TrainConfig(momentum=True)) == ["momentum is True, not <class 'float'>"]
+    assert foreign_values(TrainConfig(synthetic_size=[100, 10, 5])) == [
+        "synthetic_size is (100, 10, 5), not tuple[int, int]"]
+    assert foreign_values(TrainConfig(lr="fast")) == []  # a str, as "auto" is
+    assert validate(TrainConfig(lr="fast")) == [
+        "--lr must be a positive finite number no larger than 3.4e+38 (the float32 weights' "
+        "largest) or 'auto', got fast"]
 
 
 def test_pad_mode_zeros_pads_with_black_pixels():

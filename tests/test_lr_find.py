@@ -290,6 +290,8 @@ def test_lr_find_csv_has_each_steps_loss_beside_its_smoothed_loss():
                                        "100), got 100,000,000,000"),
     (["--resume", "somewhere"], "unrecognized arguments: --resume"),
     (["--optimizer", "lion"], "invalid choice"),
+    # a training option's refusal names the tool, not engine/train.py
+    (["--momentum", "1"], "tools/lr_find.py: error: --momentum must be in [0, 1), got 1.0"),
     (["--lr", "0.1"], "--lr: the range test does not use it (it sweeps the LR from"),
     (["--epochs", "3", "--no-tta"], "--epochs, --no-tta: the range test does not use them"),
     (["--tta"], "--tta: the range test does not use it"),

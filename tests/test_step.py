@@ -122,6 +122,7 @@ def test_a_launched_runs_processes_come_from_its_world_size(monkeypatch):
     assert launched_processes() == 1
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert launched_processes() == 8
+    assert resolve(TrainConfig(), cuda=True).compile_mode == "default"  # DDP's, not CUDA graphs
 
 
 def fake_topology(root: Path, cores: int, threads_per_core: int) -> Path:
@@ -255,7 +256,7 @@ def test_deterministic_turns_torchs_deterministic_algorithms_on_for_its_run(prep
             "--synthetic-size", *map(str, SYNTHETIC_SIZE), "--width", "4", "--batch-size", "64",
             "--workers", "1", "--out", str(tmp_path / "run")]
     try:
-        cfg = resolve(parse([*argv, "--deterministic", "--cudnn-benchmark"]).cfg, cuda=False)
+        cfg = resolve(parse([*argv, "--deterministic"]).cfg, cuda=False)  # benchmark on by default
         run = build(cfg, make_accelerator(cfg))
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()

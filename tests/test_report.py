@@ -329,6 +329,22 @@ def test_a_test_split_with_a_label_one_past_the_classes_is_another_dataset(run_d
         report_inputs.load(tmp_path / "ckpt.pt", None, torch.device("cpu"))
 
 
+def test_a_test_split_of_other_class_names_is_another_dataset(run_dir, tmp_path):
+    """A split whose labels all fit the model but whose .beton names other classes (another
+    dataset of as many classes): refused, not a report of the wrong classes' numbers."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    labels = np.arange(12) % ckpt["num_classes"]
+    split = Split(np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+                  labels.astype(np.int64))
+    others = [f"other{i}" for i in range(ckpt["num_classes"])]
+    beton.write(tmp_path / "test.beton", split, others, workers=1)
+    assert beton.read_info(tmp_path / "test.beton").classes == others
+    ckpt["data"]["test"] = str(tmp_path / "test.beton")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(ReportError, match="holds another dataset than the one"):
+        report_inputs.load(tmp_path / "ckpt.pt", None, torch.device("cpu"))
+
+
 def assert_refused(code: int, stderr: str, out: Path) -> None:
     """A non-zero exit, one paragraph on stderr and no traceback, and no --out folder."""
     assert code != 0
@@ -946,6 +962,21 @@ def test_a_class_missing_from_the_test_split_has_rates_of_zero_not_nan(tmp_path,
     assert [t.get_text() for t in rates.texts] == ["0.67", "0.33", "0.00", "0.00"]
 
 
+def test_a_confusion_matrix_draws_true_classes_down_and_predicted_across(tmp_path,
+                                                                         monkeypatch):
+    """Row t, column p of the matrix (true cat, predicted dog: 1) is shaded and numbered at
+    x = p, y = t on both panels, as the axes' labels say; the shading is of the same numbers
+    as the text."""
+    figures = drawn(monkeypatch)
+    matrix = np.array([[2, 1], [0, 3]])
+    report_figures.plot_confusion(matrix, ["cat", "dog"], tmp_path / "c.png")
+    for ax, values in zip(figures[0].axes[:2], (matrix, matrix / matrix.sum(1, keepdims=True)),
+                          strict=True):
+        np.testing.assert_allclose(ax.images[0].get_array(), values)
+        at = {tuple(np.round(t.get_position()).astype(int)): float(t.get_text()) for t in ax.texts}
+        assert at == pytest.approx({(p, t): round(v, 2) for (t, p), v in np.ndenumerate(values)})
+
+
 # --- report_tables on hand-made predictions: every expected number worked out by hand ---------
 
 # 10 images of 3 classes; confusion (row = true, column = predicted): [[3, 1, 0], [2, 1, 0],
@@ -1024,6 +1055,7 @@ def test_headline_reports_accuracy_best_and_final_epochs_by_hand():
     assert facts["this report's accuracy"] == "75.00% (1 wrong; fp32, no TTA, on cpu)"
     assert facts["best test accuracy"] == "80.00% at epoch 1"
     assert facts["final test accuracy"] == "60.00% at epoch 2 (test loss 0.9000)"
+    assert facts["dataset"] == "synthetic: 4 test images, 3 classes (test.beton)"
     assert facts["epochs"] == "2 of 3"
     assert facts["model"] == "resnet18, width 8, 8 parameters"
     assert facts["training time"] == "90.0 s (1.5 min) over 2 epochs, 1,234 images/s last"
@@ -1068,6 +1100,19 @@ def test_summary_lists_the_five_lowest_recalls_hardest_first():
             if line.startswith("| ") and "%" in line]
     assert rows == ["f", "b", "d", "g", "c"]  # recall 10%, 20%, 50%, 60%, 70%
     assert "| f | 10 | 50.00% | 10.00% | 50.00% |" in table
+
+
+def test_summary_gives_each_explanations_road_and_its_spread_in_their_own_columns():
+    """The faithfulness table: ROAD signed, its standard deviation, the images scored, one row
+    per method and layer in the order given."""
+    scores = [dict(method="gradcam", layer="layer3", road=0.25, road_std=0.125, images=8),
+              dict(method="random", layer="-", road=-0.03, road_std=0.5, images=7)]
+    text = report_tables.summary({}, [], ["gradcam"], ["layer3"], 8, scores)
+    table = text.split("## Which explanation to trust")[1].split("## Files")[0]
+    header, rule, *rows = (line for line in table.splitlines() if line.startswith("| "))
+    assert header == "| method | layer | ROAD | std | images |"
+    assert rows == ["| gradcam | layer3 | +0.2500 | 0.1250 | 8 |",
+                    "| random | - | -0.0300 | 0.5000 | 7 |"]
 
 
 class ChangedPixels(nn.Module):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script, torchrun_env, wait_until
+from conftest import ROOT, SYNTHETIC_SIZE, run_script, torchrun_env, wait_until
 
 from common.errors import OutputError
 from engine import checkpoint
-from engine.config import TrainConfig
+from engine.config import TrainConfig, resolve
 from tools import comparison
 from tools.compare import main
 from tools.comparison import WRITTEN, Result, default_lr, default_weight_decay
@@ -122,6 +122,8 @@ def test_compare_writes_one_figure_and_a_row_per_optimizer(out):
     body = [line for line in table if line.startswith("| ")][2:]  # after header and rule
     assert [line.split("|")[1].strip() for line in body] == ["sgd", "adamw"]
     assert [line.split("|")[3].strip() for line in body] == ["0.0005", "0.05"]
+    # each at its own LR, not the preset's 0.2 that no --lr leaves in the config
+    assert "LR: each optimizer's default (BASE_LRS" in table[0]
     assert "weight decay: AdamW's scaled to its LR" in table[0]
 
 
@@ -407,3 +409,89 @@ def test_the_figure_gives_test_accuracy_in_percent_as_the_table_does():
     accuracy = comparison.plot(results).axes[1]
     assert accuracy.get_title() == "test accuracy (%)"
     assert list(accuracy.lines[0].get_ydata()) == pytest.approx([9.0, 10.4])
+
+
+def test_the_table_gives_each_runs_numbers_in_its_own_column_and_a_diverged_runs_reason():
+    """compare.md's cells under their headers, in --optimizers' order: accuracies in percent,
+    s/epoch to a tenth, and a diverged run's dashes and the first clause of its error (what
+    happened), its advice left to the error line."""
+    finished = Result("sgd", 0.0234375, 5e-4, [dict(test_acc=0.5, seconds=40.0),
+                                               dict(test_acc=0.7, seconds=1.0),
+                                               dict(test_acc=0.65, seconds=1.0),
+                                               dict(test_acc=0.6, seconds=2.0)])
+    # AdamW's own weight decay at --weight-decay 7e-4, 0.06999999999999999
+    diverged = Result("adamw", 1e-3, default_weight_decay("adamw", 7e-4), [],
+                      "the training loss became NaN or infinite in epoch 1; no epoch had "
+                      "finished, so nothing was saved")
+    text = comparison.markdown([finished.row(), diverged.row()], TrainConfig(epochs=3), "x")
+    lines = text.splitlines()
+    assert lines[2] == ("| optimizer | lr | weight decay | final test acc | best test acc | "
+                        "s/epoch | note |")
+    assert lines[4:] == ["| sgd | 0.0234 | 0.0005 | 60.00% | 70.00% | 1.3 |  |",
+                         "| adamw | 0.001 | 0.07 | - | - | - | the training loss became NaN or "
+                         "infinite in epoch 1 |"]
+
+
+@pytest.mark.parametrize("lr, own_decay, said", [
+    (None, True, "each optimizer's default (BASE_LRS in tools/comparison.py); weight decay: "
+                 "AdamW's scaled to its LR (default_weight_decay in tools/comparison.py)"),
+    (None, False, "each optimizer's default (BASE_LRS in tools/comparison.py); one weight "
+                  "decay for all"),
+    ("auto", False, "each optimizer's LR range test suggestion (--lr auto); one weight decay "
+                    "for all"),
+    (0.05, False, "--lr 0.05 for all; one weight decay for all"),
+])
+def test_the_tables_caption_says_where_the_lrs_and_weight_decays_came_from(lr, own_decay, said):
+    assert comparison.lr_source(lr, own_decay) == said
+
+
+def test_the_report_writes_the_figure_the_csv_and_the_table_it_shows(tmp_path):
+    """compare.csv has a row per run with every column, the note included, in --optimizers'
+    order; compare.md is the table compare prints; compare.png a PNG."""
+    history = [dict(epoch=1, test_acc=0.5, train_loss=1.0, lr=0.1, seconds=2.0)]
+    results = [Result("sgd", 0.1, 5e-4, history),
+               Result("adam", 1e-3, 5e-4, [], "the test loss became NaN or infinite in epoch 1")]
+    table = comparison.write_report(results, TrainConfig(epochs=1), "test", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(WRITTEN)
+    assert (tmp_path / "compare.md").read_text() == table
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+    with open(tmp_path / "compare.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == comparison.FIELDS
+    assert rows == [
+        dict(optimizer="sgd", lr="0.1", weight_decay="0.0005", final_test_acc="0.5",
+             best_test_acc="0.5", seconds_per_epoch="2.0", epochs="1", note=""),
+        dict(optimizer="adam", lr="0.001", weight_decay="0.0005", final_test_acc="",
+             best_test_acc="", seconds_per_epoch="", epochs="0",
+             note="the test loss became NaN or infinite in epoch 1")]
+
+
+def test_the_figure_names_an_lr_in_three_digits_and_draws_lrs_on_a_log_scale():
+    """An LR scaled to the batch (0.1 x 60 / 256) is named as the table gives it; the LRs of
+    SGD and Adam lie two decades apart, on a log scale."""
+    history = [dict(epoch=1, train_loss=1.0, test_acc=0.5, lr=0.0234375)]
+    fig = comparison.plot([Result("sgd", 0.0234375, 5e-4, history),
+                           Result("adam", 1e-3, 5e-4, [dict(history[0], lr=1e-3)])])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "sgd (lr 0.0234, wd 0.0005)", "adam (lr 0.001, wd 0.0005)"]
+    assert fig.axes[2].get_yscale() == "symlog"
+
+
+@pytest.mark.slow
+def test_an_lr_the_range_test_chose_is_tabled_as_the_number_it_trained_at(prepared, tmp_path):
+    """--lr auto: each row, compare.csv's and compare.md's, gives the LR the run's range test
+    suggested and the run trained at (its config.json's), not 'auto'."""
+    out = tmp_path / "out"
+    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
+                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
+                              loader="resident", compile=False, workers=1, epochs=1, lr="auto",
+                              out=str(out)), cuda=False)
+    results, table = comparison.compare(cfg, ["adam"], False, False, log=lambda _: None,
+                                        warn=pytest.fail)
+    lr = json.loads((out / "adam" / "config.json").read_text())["lr"]
+    assert isinstance(lr, float) and [r.lr for r in results] == [lr]
+    with open(out / "compare.csv") as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == [lr]
+    assert f"| adam | {lr:.3g} | " in table
+    assert "LR range test suggestion (--lr auto)" in table.splitlines()[0]

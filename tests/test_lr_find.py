@@ -129,6 +129,27 @@ def test_suggestions_skip_the_early_points_of_the_slope_search():
     assert min_over_10 == pytest.approx(lrs[15] / 10)
 
 
+def test_a_steep_fall_anywhere_in_the_first_skip_points_is_not_the_steepest():
+    """Not only the first point or two: a drop at points 6 and 7, still among the first SKIP
+    (10), steeper than any after them, is the average settling too; the steepest is searched
+    from point 10 on (slopes there: -0.1, -0.175, -0.15, -0.075, -0.1, +0.05)."""
+    lrs = np.logspace(-5, -3.3, 18).tolist()
+    smoothed = [5.0, 4.9, 4.8, 4.7, 4.6, 4.5, 4.4, 3.0, 2.9, 2.8, 2.7, 2.6, 2.35, 2.3, 2.2, 2.1,
+                2.3, 2.5]  # minimum at point 15; slopes at points 6 and 7: -0.75
+    assert lr_sweep.SKIP == 10
+    assert lr_range.suggestions(lrs, smoothed)[0] == lrs[11]
+
+
+def test_a_fall_after_the_minimum_is_not_the_steepest():
+    """A loss that blew up past its minimum (point 12) and fell back, still above it: that
+    fall (slope -3 at point 15) is at LRs that diverge; the steepest is searched on the
+    descent only (slopes at points 10 to 12: -0.175, -0.15, +1.5)."""
+    lrs = np.logspace(-5, -3.3, 18).tolist()
+    smoothed = [5.0, 4.0, 3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3, 2.2, 1.95, 1.9, 5.0, 9.0, 6.0,
+                3.0, 2.5]
+    assert lr_range.suggestions(lrs, smoothed) == (lrs[10], pytest.approx(lrs[12] / 10))
+
+
 def test_a_curve_falling_fastest_at_its_last_point_suggests_that_point_as_steepest():
     """A sweep that ended before its loss turned: the minimum is its last point, and so is the
     steepest fall (np.gradient's one-sided slope there); the search includes the minimum."""

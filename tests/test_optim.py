@@ -298,7 +298,6 @@ def test_warmup_steps_are_rounded_down():
         ONECYCLE_START + (1 - ONECYCLE_START) / 2)
 
 
-
 @pytest.mark.parametrize("total, warmup_frac", [(T, 0.0), (10, 0.05)])
 def test_onecycle_without_warmup_steps_starts_at_its_peak(total, warmup_frac):
     """--warmup 0, or a fraction of so few steps that W = int(0.05 * 10) = 0: no warm-up to
@@ -307,6 +306,7 @@ def test_onecycle_without_warmup_steps_starts_at_its_peak(total, warmup_frac):
     assert lr_at("onecycle", total, total, warmup_frac) == pytest.approx(ONECYCLE_END)
     lrs = [lr_at("onecycle", s, total, warmup_frac) for s in range(total + 1)]
     assert lrs == sorted(lrs, reverse=True)
+
 
 @pytest.mark.parametrize("saved_fused, fused", [(False, True), (True, False)])
 def test_a_loaded_state_keeps_the_way_this_optimizer_steps(saved_fused, fused):

@@ -78,17 +78,23 @@ def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def small_run(prepared: Prepared, tmp_path: Path, **options):
-    """A real run (engine.run.build) of the `prepared` synthetic split on the CPU: width 4,
-    batches of 64, the resident loader, eager; `options` change its TrainConfig."""
+def small_config(prepared: Prepared, tmp_path: Path, **options):
+    """The resolved CPU config of a run of the `prepared` synthetic split into tmp_path/run:
+    width 4, batches of 64, the resident loader, eager; `options` change its TrainConfig."""
     from engine.config import TrainConfig, resolve
-    from engine.launch import make_accelerator
-    from engine.run import build
 
     fields = dict(dataset="synthetic", data_dir=str(prepared.source.parent),
                   synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64, loader="resident",
                   compile=False, workers=1, out=str(tmp_path / "run"))
-    cfg = resolve(TrainConfig(**{**fields, **options}), cuda=False)
+    return resolve(TrainConfig(**{**fields, **options}), cuda=False)
+
+
+def small_run(prepared: Prepared, tmp_path: Path, **options):
+    """A real run (engine.run.build) of small_config's config on the CPU."""
+    from engine.launch import make_accelerator
+    from engine.run import build
+
+    cfg = small_config(prepared, tmp_path, **options)
     return build(cfg, make_accelerator(cfg))
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC_SIZE, run_script, torchrun_env, wait_until
+from conftest import ROOT, run_script, small_config, torchrun_env, wait_until
 
 from common.errors import OutputError
 from engine import checkpoint
-from engine.config import TrainConfig, resolve
+from engine.config import TrainConfig
 from tools import comparison
 from tools.compare import main
 from tools.comparison import WRITTEN, Result, default_lr, default_weight_decay
@@ -483,11 +483,8 @@ def test_an_lr_the_range_test_chose_is_tabled_as_the_number_it_trained_at(prepar
     """--lr auto: each row, compare.csv's and compare.md's, gives the LR the run's range test
     suggested and the run trained at (its config.json's), not 'auto'. Batches of 16: the
     sweep is 100 steps long."""
-    out = tmp_path / "out"
-    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
-                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=16,
-                              loader="resident", compile=False, workers=1, epochs=1, lr="auto",
-                              out=str(out)), cuda=False)
+    cfg = small_config(prepared, tmp_path, batch_size=16, epochs=1, lr="auto")
+    out = Path(cfg.out)
     results, table = comparison.compare(cfg, ["nesterov"], False, False, log=lambda _: None,
                                         warn=pytest.fail)
     lr = json.loads((out / "nesterov" / "config.json").read_text())["lr"]

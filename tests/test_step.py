@@ -26,11 +26,7 @@ from engine.run import build, endless, train_step
 
 
 def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, tmp_path):
-    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
-                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
-                              loader="resident", compile=False, workers=1,
-                              out=str(tmp_path / "run")), cuda=False)
-    run = build(cfg, make_accelerator(cfg))
+    run = small_run(prepared, tmp_path)
     graphs = []
 
     def count_graphs(graph: torch.fx.GraphModule, example_inputs) -> Callable:
@@ -40,7 +36,7 @@ def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, 
     # build's compilation, with a backend that records graphs instead of making kernels
     run.step_model = torch.compile(run.model, backend=count_graphs, dynamic=False)
     batches = list(run.train_loader)
-    assert len(batches[-1][1]) < cfg.batch_size  # 605 images: a last batch of 29
+    assert len(batches[-1][1]) < run.cfg.batch_size  # 605 images: a last batch of 29
     for images, labels in batches:
         loss, correct = train_step(run, images, labels)
         assert torch.isfinite(loss)
@@ -50,11 +46,7 @@ def test_a_smaller_last_batch_runs_eager_and_compiles_no_second_graph(prepared, 
 def test_a_batch_size_above_the_split_still_runs_the_compiled_model(prepared, tmp_path):
     """The loader caps the batch at the split (605 images here): every batch is then full, so
     each step runs the compiled graph. Compared with the option, they all ran eagerly."""
-    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
-                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=4096,
-                              loader="resident", compile=False, workers=1,
-                              out=str(tmp_path / "run")), cuda=False)
-    run = build(cfg, make_accelerator(cfg))
+    run = small_run(prepared, tmp_path, batch_size=4096)
     sizes, compiled = [], run.step_model
     run.step_model = lambda images: sizes.append(len(images)) or compiled(images)
     for images, labels in run.train_loader:
@@ -281,11 +273,7 @@ def test_the_compile_mode_reaches_inductor(prepared, tmp_path):
     which it skips on the CPU and counts as skipped; the default mode never asks for them.
     Inductor writes scalar C++ here: vectorized kernels are not what is tested, and they took
     longer to compile (CI starts without inductor's cache)."""
-    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
-                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
-                              loader="resident", compile=True, compile_mode="reduce-overhead",
-                              workers=1, out=str(tmp_path / "run")), cuda=False)
-    run = build(cfg, make_accelerator(cfg))
+    run = small_run(prepared, tmp_path, compile=True, compile_mode="reduce-overhead")
     counters.clear()
     images, labels = next(iter(run.train_loader))
     with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):  # compiled at the first step
@@ -300,18 +288,14 @@ def test_the_loss_of_a_partial_last_batch_is_summed_over_its_own_images(prepared
     last batch), not times the batch size, so the epoch's mean loss is right. The reference is
     the same model's label-smoothed cross entropy on that batch, taken just before the step
     (BatchNorm in train mode normalizes by the batch, so the step's forward gives the same)."""
-    cfg = resolve(TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
-                              synthetic_size=SYNTHETIC_SIZE, width=4, batch_size=64,
-                              loader="resident", compile=False, workers=1,
-                              out=str(tmp_path / "run")), cuda=False)
-    assert cfg.label_smoothing > 0  # the reference must apply it too
-    run = build(cfg, make_accelerator(cfg))
+    run = small_run(prepared, tmp_path)
+    assert run.cfg.label_smoothing > 0  # the reference must apply it too
     *_, (images, labels) = run.train_loader
     assert len(labels) == 29
     run.model.train()
     with torch.no_grad(), run.autocast():
         want = F.cross_entropy(run.model(images).float(), labels, reduction="sum",
-                               label_smoothing=cfg.label_smoothing)
+                               label_smoothing=run.cfg.label_smoothing)
     loss, correct = train_step(run, images, labels)
     assert loss.item() == pytest.approx(want.item(), rel=1e-4)
     assert 0 <= correct.item() <= 29

@@ -3,6 +3,7 @@ atomic writes under SIGKILL, and refusal of damaged files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -679,22 +680,35 @@ def _forked_workers(pid: int) -> list[int]:
     return [child for child, its in children(pid) if its == cmdline]
 
 
-def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_writer_worker_killed_ends_in_a_data_error_within_seconds(tmp_path, workers):
+    """With 2 workers, both stuck on a sample, the one not killed goes too: it was left to
+    run on after the command had ended (here for an hour), ignoring Ctrl-C as workers do."""
     path = tmp_path / "dead-worker.beton"
-    writer = subprocess.Popen([sys.executable, "-c", WRITE_AND_REPORT, str(path),
+    script = WRITE_AND_REPORT.replace("i == 5999", "i >= 3000").replace(
+        "workers=1", f"workers={workers}")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(path),
                                str(tmp_path.parent / f"{tmp_path.name}-shared-memory")], cwd=ROOT,
                               start_new_session=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     tmp = tmp_path / f".{path.name}.{writer.pid}.tmp"
+
+    def all_started() -> list[int]:
+        found = _forked_workers(writer.pid) if tmp.exists() else []
+        return found if len(found) == workers else []
+
     try:
-        workers = wait_until(  # polled: a worker is killed on sight
-            lambda: _forked_workers(writer.pid) if tmp.exists() else [], 120,
-            "the writer never started its workers", process=writer, interval=0.01)
-        os.kill(workers[-1], signal.SIGKILL)
+        started = wait_until(all_started, 120,  # polled: a worker is killed on sight
+                             "the writer never started its workers", process=writer,
+                             interval=0.01)
+        os.kill(started[-1], signal.SIGKILL)
         out, err = writer.communicate(timeout=30)  # a hang fails here
+        left = [w for w in started[:-1] if Path(f"/proc/{w}").exists()
+                and Path(f"/proc/{w}/stat").read_text().split()[2] != "Z"]
     finally:
-        if writer.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # the writer, or a worker it left
             os.killpg(writer.pid, signal.SIGKILL)
+    assert left == []
     assert writer.returncode == 0, err
     assert "a worker failed (killed by SIGKILL)" in out and "Nothing was kept" in out
     assert "leaked: []" in out and "Traceback" not in err

@@ -41,7 +41,7 @@ from conftest import (
 )
 
 from common import hardware
-from common.errors import OutputError, plain_line
+from common.errors import OutputError, SetupError, plain_line
 from common.locks import waiting_lock
 from common.output_folders import output_dir
 from loaders import beton, cifar, download, layouts, python_folder, synthetic
@@ -673,6 +673,16 @@ def test_prepare_checks_the_data_dir_first(tmp_path):
     a_file.write_text("")
     with pytest.raises(DataError, match=f"{a_file} is a file"):
         prepare("synthetic", a_file, synthetic_size=(20, 5))
+
+
+def test_numba_settings_it_would_fail_on_are_refused_before_any_data_is_written(
+        tmp_path, monkeypatch):
+    """FFCV's compiler reads them only once the source is written: a download (170 MB for
+    CIFAR-10) or a whole conversion was done before the error, and left behind."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "0")
+    with pytest.raises(SetupError, match="^NUMBA_NUM_THREADS='0' is not a number of threads"):
+        prepare("synthetic", tmp_path / "data", synthetic_size=(20, 5), workers=1)
+    assert not (tmp_path / "data").exists()
 
 
 def test_what_a_killed_writer_left_is_swept_by_the_next_prepare(tmp_path):

@@ -123,6 +123,18 @@ def test_an_image_replaced_by_one_of_the_same_size_is_converted_again(tmp_path):
     assert not (images == 0).all(axis=(1, 2, 3)).any()
 
 
+def test_an_image_replaced_by_one_of_another_size_but_the_same_time_is_seen(tmp_path):
+    """rsync -a and cp -p give a newer picture the source's older time: its size alone tells
+    that the cached conversion is stale, which would otherwise train on the old picture."""
+    write_tree(tmp_path)
+    path = tmp_path / "train" / "cat" / "000.png"
+    before = folders.fingerprint(tmp_path, folders.class_files(tmp_path))
+    mtime = path.stat().st_mtime_ns
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)  # compresses far smaller
+    os.utime(path, ns=(mtime, mtime))
+    assert folders.fingerprint(tmp_path, folders.class_files(tmp_path)) != before
+
+
 def test_betons_of_the_pictures_need_no_python_folder(tmp_path):
     """Its python folder gone (deleted to save space), the .beton files named after these very
     pictures are used as they are: it was written again, without the lock or a check that
@@ -253,6 +265,16 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
     with pytest.raises(DataError, match=words) as error:
         cifar.load("folder", tmp_path)
     assert str(tmp_path) in str(error.value)
+
+
+def test_files_beside_the_class_folders_are_no_classes(tmp_path):
+    """A README or a .csv of labels in train/ is left out, as ImageFolder leaves it: taken
+    for a class, it was refused as an empty class folder, and the whole tree with it."""
+    write_tree(tmp_path)
+    for split in folders.SPLITS:
+        (tmp_path / split / "README.txt").write_text("CINIC-10, a subset")
+    files = folders.class_files(tmp_path)
+    assert [list(files[split]) for split in folders.SPLITS] == [FOLDER_CLASSES] * 2
 
 
 def test_every_problem_of_one_split_is_named_in_one_error(tmp_path):

@@ -630,6 +630,18 @@ def test_a_threading_layer_order_the_user_chose_is_kept_on_one_core():
     assert result.stdout.strip() == "workqueue"
 
 
+def test_numba_takes_no_tbb_on_one_core_unless_the_user_chose_it():
+    """With one core and no order chosen, numba's TBB layer, its first choice, started no
+    worker and then hung the process at exit (numba#10556): importing_ffcv puts it last."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    core = {min(os.sched_getaffinity(0))}
+    result = subprocess.run([sys.executable, "-c", START_NUMBA_THREADS], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, env=env,
+                            preexec_fn=lambda: os.sched_setaffinity(0, core))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() in ("omp", "workqueue")
+
+
 # prepare, with cv2's import failing in a plain ImportError, no ModuleNotFoundError, that says
 # {message}; {prelude} runs first
 PREPARE_WITH_CV2_FAILING = """

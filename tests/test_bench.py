@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import suppress
 from dataclasses import asdict, replace
+from itertools import repeat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,7 @@ from conftest import (
 from torch import nn
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
+from torch.overrides import TorchFunctionMode
 
 import engine.run
 import loaders
@@ -39,6 +41,8 @@ from common.errors import LoaderError
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.model import ResNet18, forward_macs
+from loaders.base import BatchLoader
+from loaders.preparation import Prepared
 from tools import (
     bench,
     bench_mfu,
@@ -828,9 +832,7 @@ def test_a_loaders_turn_repeats_its_epochs_until_they_fill_the_turn(prepared, mo
     """On a GPU the resident loader's 50k-image epoch takes milliseconds: a turn times it many
     times, each epoch with its own number (so its own augmentations); a loader whose epoch
     fills the turn (here: a turn of no time) runs once."""
-    loader = loaders.make_loader("resident", prepared.train, train=True, batch_size=64,
-                                 device="cpu", mean=prepared.mean, std=prepared.std,
-                                 augment=TrainConfig().augment())
+    loader = resident_loader(prepared)
     passes = timing.loader_turn(loader, 5)
     assert 1 < len(passes) <= timing.TURN_EPOCHS
     assert sum(p.seconds for p in passes) >= timing.TURN_S or len(passes) == timing.TURN_EPOCHS
@@ -1056,18 +1058,131 @@ def test_each_turn_goes_on_from_the_epochs_before_and_a_late_failure_keeps_no_fi
     images/s of its earlier turns."""
     monkeypatch.setattr(timing, "TURN_S", 0)  # one epoch a turn
 
-    def resident():
-        return loaders.make_loader("resident", prepared.train, train=True, batch_size=64,
-                                   device="cpu", mean=prepared.mean, std=prepared.std,
-                                   augment=TrainConfig().augment())
-
-    steady, failing = resident(), FailsFromEpoch(resident(), last=1)
+    steady, failing = resident_loader(prepared), FailsFromEpoch(resident_loader(prepared), last=1)
     rows = [bench_peers.PeerResult(name, "ours", "flip") for name in ("steady", "failing")]
     running = timing.take_turns([(rows[0], steady), (rows[1], failing)], 3, (LoaderError,))
     assert [row for row, _ in running] == [rows[0]]
     assert steady.epoch == 3 and len(rows[0].epoch_s) == 3 and rows[0].images_per_s > 0
     assert (rows[1].status, rows[1].reason, rows[1].epoch_s, rows[1].images_per_s) == (
         "failed", "LoaderError: the pipeline thread died", None, None)
+
+
+def resident_loader(prepared: Prepared) -> BatchLoader:
+    """The resident loader of the prepared synthetic train split, as training augments it."""
+    return loaders.make_loader("resident", prepared.train, train=True, batch_size=64,
+                               device="cpu", mean=prepared.mean, std=prepared.std,
+                               augment=TrainConfig().augment())
+
+
+class ScriptedEpochs(FailsFromEpoch):
+    """A real loader whose epoch `e` takes `seconds[e]` (1 if not given) of a clock only it
+    moves, logging (its name, the epoch) as each epoch starts; it fails from `last + 1` on."""
+
+    def __init__(self, loader: BatchLoader, name: str, clock: list[float],
+                 seconds: dict[int, float], log: list[tuple[str, int]], last: int = 10**6):
+        super().__init__(loader, last)
+        self.name, self.clock, self.seconds, self.log = name, clock, seconds, log
+
+    def __iter__(self):
+        self.log.append((self.name, self.epoch))
+        yield from super().__iter__()
+        self.clock[0] += self.seconds.get(self.epoch, 1.0)
+
+
+def test_a_loaders_row_gives_its_epochs_and_the_images_per_s_of_the_fastest(prepared,
+                                                                            monkeypatch):
+    """The loaders table's figures are what they say: the warm-up's seconds apart, each steady
+    epoch of the turn (as many as fill TURN_S), and images/s of the fastest of them, not of
+    the last or of their sum. A clock only the loader moves makes the seconds exact."""
+    clock: list[float] = [0.0]
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(timing, "TURN_S", 6.0)  # epochs 1 to 3 fill it: 3 + 1 + 2 s
+    loader = ScriptedEpochs(resident_loader(prepared), "resident", clock,
+                            {0: 10.0, 1: 3.0, 2: 1.0, 3: 2.0}, [])
+    row, firsts = bench_peers.PeerResult("resident", "ours", "flip"), []
+    assert timing.take_turns([(row, loader)], 1, (LoaderError,),
+                             on_first=lambda r, images: firsts.append((r, len(images)))
+                             ) == [(row, loader)]
+    assert firsts == [(row, 64)]  # the warm-up's first batch, once: what describes the output
+    assert (row.images, row.first_epoch_s, row.epoch_s, row.images_per_s) == (
+        SYNTHETIC_SIZE[0], 10.0, [3.0, 1.0, 2.0], SYNTHETIC_SIZE[0] / 1.0)
+
+
+def test_loaders_take_turns_and_one_that_fails_costs_the_others_none(prepared, monkeypatch):
+    """A burst of load on a shared machine must hit every loader alike: each turn runs one
+    epoch of each in order, and a loader failing mid-run leaves the ones after it every turn
+    (removing it while going through the turn's loaders skipped the next one)."""
+    clock: list[float] = [0.0]
+    log: list[tuple[str, int]] = []
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(timing, "TURN_S", 0)  # one epoch a turn
+    entrants = [(bench_peers.PeerResult(name, "ours", "flip"),
+                 ScriptedEpochs(resident_loader(prepared), name, clock, {}, log, last))
+                for name, last in (("failing", 1), ("a", 10**6), ("b", 10**6))]
+    running = timing.take_turns(entrants, 3, (LoaderError,))
+    assert [row.loader for row, _ in running] == ["a", "b"]
+    assert log == [(name, epoch) for epoch in range(4) for name in ("failing", "a", "b")
+                   if (name, epoch) != ("failing", 3)]
+    assert [row.epoch_s for row, _ in entrants] == [None, [1.0] * 3, [1.0] * 3]
+
+
+class ClaimsDevice:
+    """A real loader or accelerator that says its work is on `device`: all that the timing
+    functions read of it to know which device to wait for (there is no GPU here)."""
+
+    def __init__(self, real, device: torch.device):
+        self.real, self.device = real, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def __iter__(self):
+        return iter(self.real)
+
+
+def test_timed_work_is_waited_for_on_the_device_before_each_clock_read(prepared, monkeypatch,
+                                                                      tmp_path):
+    """A GPU runs its queue after the host moves on: a loader epoch, a training epoch and a
+    block of steps each wait for the device before they start the clock and before they stop
+    it, or the figure times the queueing, or the work queued before it. A training epoch
+    trains in train mode, whatever mode the model was left in."""
+    run = bench_sections.make_run(quick_resident_config(monkeypatch, tmp_path, 128), 1)
+    batch = next(iter(run.train_loader))
+    cuda, events = torch.device("cuda:0"), []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(device))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(
+        perf_counter=lambda: events.append("clock") or 0.0))
+    run.accelerator = ClaimsDevice(run.accelerator, cuda)
+    loader = ClaimsDevice(resident_loader(prepared), cuda)
+    run.model.eval()
+    for timed in (lambda: timing.loader_pass(loader, 0), lambda: timing.train_pass(run, 1),
+                  lambda: timing.timed_steps(run, repeat(batch), 2)):
+        events.clear()
+        timed()
+        assert events[:2] == events[-2:] == [cuda, "clock"] and events.count(cuda) == 2
+    assert run.model.training
+
+
+class CountedMatmuls(TorchFunctionMode):
+    """Counts the torch.matmul calls made inside it, running each."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.matmul
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_matmul_peak_is_the_flops_of_its_fastest_block():
+    """MFU's denominator: 2 n^3 FLOPs a product, times the products a block times (every one
+    of them run), over the fastest of the blocks asked for."""
+    with CountedMatmuls() as products:
+        peak = timing.matmul_peak("fp32", torch.device("cpu"), 64, 0.01, 3)
+    assert len(peak.block_s) == 3 and peak.reps >= 3
+    assert products.count == 2 + 3 * peak.reps  # a warm-up and a calibration, then the blocks
+    assert peak.flops_per_s == pytest.approx(2 * 64**3 * peak.reps / min(peak.block_s))
 
 
 class FirstBatchLate:
@@ -1248,6 +1363,9 @@ def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_pat
     run.unwrapped.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
     assert timed_epoch_steps(run, images, labels, 150) > 0
     assert sizes == [64, 64, 22]  # as an epoch of 150 images at batch 64 steps
+    sizes.clear()
+    timed_epoch_steps(run, images, labels, 128)
+    assert sizes == [64, 64]  # no partial batch, so no step of none
 
 
 def test_the_first_batch_waits_are_one_figure_when_they_round_alike():

@@ -1151,6 +1151,15 @@ def test_road_removes_the_share_of_pixels_it_names_from_maps_of_tied_values():
     assert removed[-1][1][box].all()  # 20% most relevant first: all of the box
 
 
+def test_tied_pixels_are_removed_in_one_fixed_order_for_every_map_and_call():
+    """Tie-breaking is part of the score: one random order of the positions, the same for
+    every map and on every call, so a report's ROAD of tied maps is the same on a rerun."""
+    maps = np.zeros((2, 32, 32), np.float32)
+    first = report_faithfulness.removal_order(maps)
+    np.testing.assert_array_equal(first, report_faithfulness.removal_order(maps))
+    np.testing.assert_array_equal(first[0], first[1])
+
+
 def _road_row(method: str, layer: str, road: float) -> dict:
     return dict(method=method, layer=layer, road=road, road_std=0.1, images=8)
 
@@ -1167,6 +1176,48 @@ def test_the_verdict_names_the_best_explanation_and_whether_it_beats_random_maps
     assert report_faithfulness.verdict(below).startswith(
         "gradcam of layer2: ROAD +0.020, NOT above random maps (+0.100)")
     assert report_faithfulness.verdict([]) == "no images to score"
+
+
+def test_the_verdict_is_above_random_maps_only_when_strictly_higher():
+    """The verdict's line is the comparison itself: a score equal to the random maps', or
+    below it by any margin, is not above them; one higher by any margin is."""
+    def line(best: float) -> str:
+        return report_faithfulness.verdict([_road_row("gradcam", "layer3", best),
+                                            _road_row("random", "-", 0.03)])
+
+    assert [line(best).split(", ")[1] for best in (0.03, 0.02, 0.031)] == [
+        "NOT above random maps (+0.030); higher is more faithful",
+        "NOT above random maps (+0.030); higher is more faithful",
+        "above random maps (+0.030); higher is more faithful"]
+
+
+class BoxClassifier(nn.Module):
+    """A real classifier that looks at one box of the image alone: class 1's logit is its mean
+    brightness (times 4), class 0's is zero. The box is the faithful map of class 1."""
+
+    BOX = (slice(8, 16), slice(8, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        evidence = 4 * x[(slice(None), slice(None), *self.BOX)].mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(evidence), evidence], 1)
+
+
+def test_the_faithfulness_verdict_tells_a_faithful_map_from_an_unfaithful_one():
+    """What the check is for: on a model whose evidence is known, the map of that evidence
+    scores above random maps and tops the table, the map of everything else scores below
+    them, and the verdict says so of each. 2 images: the imputer's solve is the cost."""
+    inputs = torch.zeros(2, 3, 32, 32)
+    inputs[(slice(None), slice(None), *BoxClassifier.BOX)] = 1
+    box = (inputs[:, 0] > 0).numpy().astype(np.float32)
+    maps = {("box", "faithful"): box, ("outside", "unfaithful"): 1 - box}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # upstream's DeprecationWarnings, not ours
+        rows = report_faithfulness.faithfulness(BoxClassifier(), inputs, np.ones(2, int), maps)
+    assert [r["method"] for r in rows] == ["box", report_faithfulness.RANDOM, "outside"]
+    assert rows[0]["road"] > 0.1 and rows[2]["road"] < -0.1
+    assert report_faithfulness.verdict(rows).startswith("box of faithful: ROAD +0.")
+    assert ", above random maps" in report_faithfulness.verdict(rows)
+    assert ", NOT above random maps" in report_faithfulness.verdict(rows[1:])
 
 
 def test_a_class_name_with_a_bar_or_a_line_break_keeps_its_table_row():

@@ -729,6 +729,22 @@ def test_data_made_in_temporary_folders_gets_the_usual_permissions(tmp_path, ser
 # --- validation -------------------------------------------------------------------------------
 
 
+def test_the_layouts_are_where_and_how_the_datasets_are_published():
+    """Each layout's URL, md5 and files are the published ones, as torchvision's own CIFAR
+    readers have them: a wrong md5 refuses every real download as corrupt, and the tests'
+    own archives are checked against whatever md5 the layout holds."""
+    from torchvision import datasets
+
+    for name, published in (("cifar10", datasets.CIFAR10), ("cifar100", datasets.CIFAR100)):
+        layout = layouts.LAYOUTS[name]
+        assert (layout.url, layout.md5, layout.folder) == (
+            published.url, published.tgz_md5, published.base_folder), name
+        assert list(layout.train_files) == [file for file, _ in published.train_list], name
+        assert list(layout.test_files) == [file for file, _ in published.test_list], name
+        assert layout.meta_file == published.meta["filename"], name
+        assert layout.names_key == published.meta["key"].encode(), name
+
+
 def test_read_folder_reads_images_labels_and_class_names(cifar10_dir):
     data = read(cifar10_dir.folder)
     assert data.classes == CIFAR10_CLASSES

@@ -290,6 +290,23 @@ def test_the_plot_shows_the_curve_not_the_loss_of_the_step_that_diverged():
     assert (high - low) / (top - bottom) > 0.8  # the curve fills the axis
 
 
+def test_the_plot_marks_each_suggestion_at_its_lr_on_a_log_axis_and_titles_the_suggestion():
+    """What a user reads the LR off: a log LR axis, a dashed line at the steepest descent's
+    LR and one at the minimum / 10, each labelled with its own value, and the suggested LR in
+    the title, with where the sweep diverged only for a sweep that did."""
+    lrs = np.geomspace(1e-4, 0.5, 40).tolist()
+    losses = [2.3 - 0.02 * i for i in range(40)]
+    result = lr_range.RangeTest(lrs, losses, losses, 1e-3, 2e-2, diverged=True)
+    ax = lr_curve.plot(result).axes[0]
+    assert ax.get_xscale() == "log"
+    marks = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines()
+             if line.get_linestyle() == "--"}
+    assert marks == {"steepest descent: 0.001": 1e-3, "minimum / 10: 0.02 (suggested)": 2e-2}
+    assert ax.get_title() == "LR range test: suggested lr 0.02 (diverged at 0.5)"
+    ax = lr_curve.plot(replace(result, diverged=False)).axes[0]
+    assert ax.get_title() == "LR range test: suggested lr 0.02"
+
+
 def test_lr_find_csv_has_each_steps_loss_beside_its_smoothed_loss():
     """A row per step: its LR, the raw loss of that step and the running EMA, each in its
     own column."""

@@ -29,6 +29,7 @@ import torch
 from conftest import (
     ROOT,
     SignalsWhenCollected,
+    cpu_out_of_memory,
     data_workers,
     history,
     run_code,
@@ -1050,6 +1051,22 @@ def test_an_engine_error_raised_while_handling_an_allocation_failure_passes_as_i
     with pytest.raises(EngineError, match="^the generic advice$"), \
             out_of_memory_as(EngineError("the generic advice")):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_memory_error_and_an_error_raised_while_handling_a_failed_allocation_are_refused():
+    """The one-line advice, not a traceback, for a MemoryError (numpy's, Python's: a picture
+    or a batch of maps too large) and for an error raised while handling a real failed
+    allocation (its cleanup failing too: the allocation is what the user has to lower)."""
+    refusal = EngineError("the generic advice")
+    with pytest.raises(EngineError) as refused, out_of_memory_as(refusal):
+        bytearray(1 << 62)
+    assert refused.value is refusal
+    with pytest.raises(EngineError) as refused, out_of_memory_as(refusal):
+        try:
+            cpu_out_of_memory()
+        except RuntimeError:
+            raise ValueError("cleaning up failed too")  # noqa: B904 (its context is the point)
+    assert refused.value is refusal
 
 
 def test_a_collective_failing_over_gloo_or_torchs_dist_error_is_a_peer_gone():

@@ -179,6 +179,45 @@ def test_each_method_makes_its_own_maps():
         assert np.abs(maps[first] - maps[second]).max() > 0.1, (first, second)
 
 
+def test_gradcam_is_the_named_layers_map_for_each_inputs_own_class():
+    """A map explains the class it is labelled with, from the layer asked for: each input's
+    Grad-CAM equals one computed here by hand (the layer's activations weighted by the mean
+    gradient of that input's target logit, ReLU, scaled to [0, 1]) at layer1, whose 32 x 32
+    map needs no resizing; another class's map differs, so a wrong target would show."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 8).eval()
+    inputs, targets = torch.randn(2, 3, 32, 32), np.array([3, 7])
+    seen = {}
+    hook = model.layer1.register_forward_hook(lambda _, __, out: seen.update(out=out))
+    logits = model(inputs.requires_grad_())
+    hook.remove()
+
+    def by_hand(classes: list[int]) -> np.ndarray:
+        (grads,) = torch.autograd.grad(logits[[0, 1], classes].sum(), seen["out"],
+                                       retain_graph=True)
+        maps = (grads.mean((2, 3), keepdim=True) * seen["out"]).sum(1).clamp(min=0).detach()
+        low = maps.amin((1, 2), keepdim=True)
+        return ((maps - low) / (maps.amax((1, 2), keepdim=True) - low)).numpy()
+
+    want = by_hand(targets.tolist())
+    np.testing.assert_allclose(cams.cams(model, inputs.detach(), targets, "layer1"), want,
+                               atol=1e-4)
+    assert np.abs(by_hand([7, 3]) - want).max() > 0.1  # the classes' maps tell them apart
+
+
+def test_an_overlay_blends_the_jet_heat_half_and_half_in_rgb():
+    """Hot is red and cold is blue, as in every Grad-CAM figure (BGR order swaps them), and
+    the picture shows through at half weight: a white picture under a cold map is
+    (0.5 + 0.5 * jet's dark blue) scaled to 255 at its brightest, a black one under a hot
+    map jet's dark red at full brightness."""
+    white, black = np.full((4, 4, 3), 255, np.uint8), np.zeros((4, 4, 3), np.uint8)
+    cold, hot = np.zeros((4, 4), np.float32), np.ones((4, 4), np.float32)
+    cool = cams.overlay(white, cold)
+    assert cool.dtype == np.uint8 and cool.shape == (4, 4, 3)
+    np.testing.assert_allclose(cool.reshape(-1, 3), [[170, 170, 255]] * 16, atol=1)
+    np.testing.assert_array_equal(cams.overlay(black, hot).reshape(-1, 3), [[255, 0, 0]] * 16)
+
+
 def test_gradcam_peaks_on_the_object(loaded):
     """On correctly classified images the true class's layer-3 map peaks inside the shape's
     box (dilated by a pixel) far more often than chance; a transposed or flipped map fails."""

@@ -28,6 +28,7 @@ import pytest
 from conftest import (
     CIFAR10_CLASSES,
     ROOT,
+    Cifar10Dir,
     dump_pickle,
     make_tar_gz,
     random_split,
@@ -818,8 +819,9 @@ def test_folders_written_by_python3_are_read_like_the_original(tmp_path, protoco
     assert_splits_equal(got.test, made.test)
 
 
-@pytest.mark.parametrize("labels", [list, np.asarray, lambda a: [int(x) for x in a]],
-                         ids=["numpy integers", "an array", "python ints"])
+@pytest.mark.parametrize("labels", [list, np.asarray, lambda a: [int(x) for x in a],
+                                    lambda a: a.astype(np.uint8)],
+                         ids=["numpy integers", "an array", "python ints", "a uint8 array"])
 def test_labels_as_numpy_integers_an_array_or_ints(cifar10_dir, labels):
     path = cifar10_dir.folder / "test_batch"
     test = cifar10_dir.test
@@ -841,6 +843,13 @@ def test_class_names_in_latin1_bytes_are_read_as_latin1(cifar10_dir, protocol):
 def test_class_names_in_a_numpy_array_are_read(cifar10_dir, kind, protocol):
     names = np.array(CIFAR10_CLASSES if kind == "str" else [c.encode() for c in CIFAR10_CLASSES])
     dump_pickle(cifar10_dir.folder / "batches.meta", {"label_names": names}, protocol)
+    assert read(cifar10_dir.folder).classes == CIFAR10_CLASSES
+
+
+def test_class_names_in_a_tuple_are_read(cifar10_dir: Cifar10Dir) -> None:
+    """A tuple of names (tuple(names), or names unpacked from a zip) is as good as a list: Python
+    3 writers save either."""
+    dump_pickle(cifar10_dir.folder / "batches.meta", {"label_names": tuple(CIFAR10_CLASSES)}, 4)
     assert read(cifar10_dir.folder).classes == CIFAR10_CLASSES
 
 
@@ -892,6 +901,9 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
                          "data_batch_3 is a symbolic link that cannot be followed"),
     "truncated file": ("data_batch_2", _truncate, "truncated"),
     "garbage file": ("test_batch", lambda p: p.write_bytes(b"\x00junk" * 999), "truncated"),
+    "a damaged header": ("data_batch_2",  # its pixels' type u1 became u9: TypeError, not EOF
+                         lambda p: p.write_bytes(p.read_bytes().replace(b"U\x02u1", b"U\x02u9")),
+                         "not a CIFAR python batch (TypeError: data type 'u9' not understood)"),
     "not a dict": ("data_batch_1", [1, 2, 3], "not a CIFAR batch dict"),
     "no data key": ("data_batch_4", _with(data=None), "no 'data' entry"),
     "no labels key": ("test_batch", _with(labels=None), "no 'labels' entry"),
@@ -899,6 +911,8 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
                    "uint8"),
     "3071 values a row": ("data_batch_1", _with(data=np.zeros((4, 3071), np.uint8)), "3072"),
     "fewer labels than rows": ("test_batch", _with(labels=[0, 1, 2]), "one integer label"),
+    "labels a column, as Keras keeps them": ("data_batch_1", _with(labels=np.zeros((4, 1), int)),
+                                             "labels of shape (4, 1) and type int64"),
     "ragged labels": ("data_batch_1", _with(labels=[[1, 2], [3], 0, 0]),
                       "ragged labels (lists of different lengths); expected one integer label"),
     "label 10": ("data_batch_2", _with(labels=[0, 1, 10, 2]), "outside 0..9"),

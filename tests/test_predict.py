@@ -79,6 +79,13 @@ def test_transparency_becomes_white_and_16_bit_is_scaled(tmp_path):
     assert (read_image(tmp_path / "deep.png") == 128).all()  # not clipped to 255
 
 
+def test_a_dark_16_bit_picture_stays_dark(tmp_path: Path) -> None:
+    """16-bit greys all below 256 are near black (200 of 65535 is 1 of 255, rounded), not 8-bit
+    values: the mode's bit depth, not the picture's maximum, sets the scale."""
+    Image.fromarray(np.full((32, 32), 200, dtype=np.uint16)).save(tmp_path / "dark.png")
+    assert (read_image(tmp_path / "dark.png") == 1).all()
+
+
 def test_a_palettes_transparency_and_32_bit_greys_are_read_as_they_look(tmp_path):
     """A GIF-style palette picture whose transparent index is black shows white, as viewers
     show it; 32-bit integer greys beyond 255 are 16-bit values, scaled (mode I: a 16-bit PNG

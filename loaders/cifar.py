@@ -110,6 +110,8 @@ def _one_label_each(path: Path, count: int, value: object, fix: str) -> np.ndarr
         labels = None
     if labels is not None and labels.size == 0:  # np.asarray([]) is float64; still valid
         labels = labels.astype(np.int64)
+    if labels is not None and labels.shape == (count, 1):  # a column: Keras's y_train
+        labels = labels[:, 0]
     if labels is None or labels.shape != (count,) or not np.issubdtype(labels.dtype,
                                                                          np.integer):
         got = ("ragged labels (lists of different lengths)" if labels is None

@@ -820,9 +820,13 @@ def test_folders_written_by_python3_are_read_like_the_original(tmp_path, protoco
 
 
 @pytest.mark.parametrize("labels", [list, np.asarray, lambda a: [int(x) for x in a],
-                                    lambda a: a.astype(np.uint8)],
-                         ids=["numpy integers", "an array", "python ints", "a uint8 array"])
-def test_labels_as_numpy_integers_an_array_or_ints(cifar10_dir, labels):
+                                    lambda a: a.astype(np.uint8), lambda a: a[:, None],
+                                    lambda a: [[int(x)] for x in a]],
+                         ids=["numpy integers", "an array", "python ints", "a uint8 array",
+                              "a column, as Keras keeps them", "a list of one-int lists"])
+def test_labels_in_any_integer_form_are_read(cifar10_dir, labels):
+    """Python 3 writers save labels as a list, an array of any integer type, or a column (Keras's
+    y_train is N x 1): each is one label an image, read as int64."""
     path = cifar10_dir.folder / "test_batch"
     test = cifar10_dir.test
     dump_pickle(path, {"data": to_rows(test.images), "labels": labels(test.labels)}, 4)
@@ -911,8 +915,8 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
                    "uint8"),
     "3071 values a row": ("data_batch_1", _with(data=np.zeros((4, 3071), np.uint8)), "3072"),
     "fewer labels than rows": ("test_batch", _with(labels=[0, 1, 2]), "one integer label"),
-    "labels a column, as Keras keeps them": ("data_batch_1", _with(labels=np.zeros((4, 1), int)),
-                                             "labels of shape (4, 1) and type int64"),
+    "two labels an image": ("data_batch_1", _with(labels=np.zeros((4, 2), int)),
+                            "labels of shape (4, 2) and type int64"),
     "ragged labels": ("data_batch_1", _with(labels=[[1, 2], [3], 0, 0]),
                       "ragged labels (lists of different lengths); expected one integer label"),
     "label 10": ("data_batch_2", _with(labels=[0, 1, 10, 2]), "outside 0..9"),

@@ -86,6 +86,18 @@ def test_a_dark_16_bit_picture_stays_dark(tmp_path: Path) -> None:
     assert (read_image(tmp_path / "dark.png") == 1).all()
 
 
+def test_a_grey_picture_with_transparency_is_read_as_it_looks(tmp_path: Path) -> None:
+    """A grey PNG with an alpha channel (mode LA, as GIMP and scanners save them): its
+    transparent pixels show white, as in viewers, not the black grey value stored under them."""
+    grey = np.zeros((32, 32, 2), np.uint8)
+    grey[:, :16, 1] = 255  # left half opaque black, right half transparent black
+    Image.fromarray(grey, "LA").save(tmp_path / "grey.png")
+    with Image.open(tmp_path / "grey.png") as opened:
+        assert opened.mode == "LA"
+    image = read_image(tmp_path / "grey.png")
+    assert (image[:, :16] == 0).all() and (image[:, 16:] == 255).all()
+
+
 def test_a_palettes_transparency_and_32_bit_greys_are_read_as_they_look(tmp_path):
     """A GIF-style palette picture whose transparent index is black shows white, as viewers
     show it; 32-bit integer greys beyond 255 are 16-bit values, scaled (mode I: a 16-bit PNG
@@ -118,14 +130,19 @@ def test_a_photo_taken_sideways_is_turned_upright(tmp_path):
     np.testing.assert_array_equal(read_image(path), np.asarray(want))
 
 
-@pytest.mark.parametrize("size", [(64, 16), (16, 64)], ids=["wide", "tall"])
-def test_a_picture_enlarged_along_one_side_is_resized_bicubic(tmp_path, size):
-    """LANCZOS only when both sides shrink: a picture also enlarged along one side is resized
-    with BICUBIC, as one enlarged along both."""
+@pytest.mark.parametrize("size, filter_", [((64, 16), Image.Resampling.BICUBIC),
+                                            ((16, 64), Image.Resampling.BICUBIC),
+                                            ((64, 32), Image.Resampling.LANCZOS),
+                                            ((32, 64), Image.Resampling.LANCZOS)],
+                         ids=["wide", "tall", "wide, 32 high", "tall, 32 wide"])
+def test_a_picture_is_resized_bicubic_when_a_side_grows_else_lanczos(
+        tmp_path: Path, size: tuple[int, int], filter_: Image.Resampling) -> None:
+    """LANCZOS only when no side grows: a picture also enlarged along one side is resized with
+    BICUBIC, as one enlarged along both; one 32 pixels along a side is only shrunk: LANCZOS."""
     picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (*size[::-1], 3),
                                                                 np.uint8))
     picture.save(tmp_path / "strip.png")
-    want = picture.resize((32, 32), Image.Resampling.BICUBIC)
+    want = picture.resize((32, 32), filter_)
     np.testing.assert_array_equal(read_image(tmp_path / "strip.png"), np.asarray(want))
 
 
@@ -279,6 +296,18 @@ def test_folders_expand_to_sorted_image_files(tmp_path):
     names = [p.name for p in files]
     assert names[:-1] == sorted(names[:-1]) and "notes.txt" not in names
     assert names[-1] == "extra.png" and "CAMERA.JPG" in names and len(names) == 11
+
+
+def test_a_folders_pictures_are_its_files_of_every_suffix(tmp_path: Path) -> None:
+    """Each suffix taken (.jpeg as well as .jpg, .tiff, .webp, ...), lower or upper case, is a
+    picture of the folder, in name order; a sub-folder named like a picture is not read."""
+    suffixes = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp")
+    pictures = [tmp_path / name for s in suffixes for name in (f"a.{s}", f"B.{s.upper()}")]
+    for path in pictures:
+        path.touch()  # listed, not read: any bytes will do
+    (tmp_path / "album.jpeg").mkdir()
+    (tmp_path / "album.jpeg" / "c.png").touch()
+    assert expand([tmp_path]) == sorted(pictures)
 
 
 def test_cams_survive_odd_channels_last_batches():

@@ -34,12 +34,14 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.overrides import TorchFunctionMode
 
+import engine.options
 import engine.run
 import loaders
 from common.cli import run_main
 from common.errors import LoaderError
+from common.hardware import native_bf16
 from engine import checkpoint
-from engine.config import TrainConfig
+from engine.config import TrainConfig, resolve
 from engine.model import ResNet18, forward_macs
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared
@@ -407,6 +409,30 @@ def test_ours_beside_airbench_hands_over_its_fp16_then_the_training_dtype(prepar
         images, _ = next(iter(make()))
         outputs.append((row.versus, bench_peers.describe(images).split()[0]))
     assert outputs == [("airbench.CifarLoader", "float16"), ("airbench.CifarLoader", "float32")]
+
+
+@pytest.mark.slow  # stock FFCV's numba JIT: seconds
+def test_every_peer_and_ours_beside_it_run_the_same_split_batch_and_augmentations(prepared,
+                                                                                 drain,
+                                                                                 tmp_path):
+    """A fair lineup: every loader hands over the whole split in batches of the run's size, in
+    the dtype its row compares (airbench's fp16, else the training dtype), each of ours with
+    the augmentations its row names, and the seed's peer is the torchvision DataLoader."""
+    cfg = TrainConfig(batch_size=64, precision="bf16", workers=1)
+    rows = bench_peers.lineup(prepared, cfg, torch.device("cpu"), tmp_path)
+    assert [row.augment for row, _ in rows] == ["flip, translate 2 reflect"] * 3 + [
+        "flip, translate 2 zeros"] * 3 + ["flip, translate 2 reflect"] * 3
+    for index, (row, make) in enumerate(rows):
+        loader = make()
+        batches = drain(loader)
+        assert len(batches[0][0]) == 64 and sum(len(labels) for _, labels in batches) == 605
+        dtype = "float16" if index < 2 else "bfloat16"
+        assert bench_peers.describe(batches[0][0]).startswith(f"{dtype} 3x32x32"), row
+        if row.role == "ours":
+            made = loader.augment.cfg
+            assert row.augment == (f"flip, translate {made.translate} "
+                                   f"{'reflect' if made.reflect else 'zeros'}") and made.flip
+    assert type(rows[6][1]()).__name__ == "TorchvisionLoader"
 
 
 @pytest.mark.slow
@@ -927,13 +953,56 @@ def test_a_peer_row_that_never_ran_is_named_by_its_augmentation_alone():
 
 
 def test_each_row_of_ours_is_scored_against_the_peer_it_is_set_beside():
+    """Ours over the peer, as its line says (2.5x: ours is faster); beside a peer that failed
+    there is no ratio, and scoring goes on instead of dividing by its missing figure."""
     rows = [bench_peers.PeerResult("airbench.CifarLoader", "peer", "flip", images_per_s=100.0),
             bench_peers.PeerResult("resident", "ours", "flip", images_per_s=250.0,
                                    versus="airbench.CifarLoader"),
             bench_peers.PeerResult("ffcv", "ours", "flip", status="failed",
-                                   versus="airbench.CifarLoader")]
+                                   versus="airbench.CifarLoader"),
+            bench_peers.PeerResult("stock ffcv.Loader", "peer", "flip", status="failed"),
+            bench_peers.PeerResult("ffcv", "ours", "flip", images_per_s=300.0,
+                                   versus="stock ffcv.Loader")]
     bench_peers.score(rows)
-    assert [row.ratio for row in rows] == [None, 2.5, None]
+    assert [row.ratio for row in rows] == [None, 2.5, None, None, None]
+    assert bench_peers.peer_line(rows[1]).endswith(": 250 images/s, 2.50x airbench.CifarLoader")
+    assert bench_peers.peer_line(rows[4]).endswith(": 300 images/s")
+
+
+def test_the_seed_epoch_is_the_seed_preset_as_typed_and_the_default_its_own_batch(tmp_path):
+    """On a GPU the seed notebook's epoch is `--preset seed --loader torchvision --precision
+    fp32 --no-compile --no-channels-last` at width 64, and the default preset's epoch takes its
+    own batch size, not --batch-size: one option off and the figure is another pipeline's."""
+    args = bench_options.parse_args(["--device", "cuda", "--data-dir", str(tmp_path),
+                                     "--batch-size", "100", "--workers", "1"])
+    bench_options.fill_defaults(args)
+    seed, default = bench_peers.seed_configs(args, torch.device("cuda"), str(tmp_path))
+
+    def typed(*given: str) -> TrainConfig:
+        common = ["--dataset", "synthetic", "--data-dir", str(tmp_path), "--synthetic-size",
+                  "50000", str(bench_options.TEST_IMAGES), "--workers", "1", "--out",
+                  str(tmp_path), "--width", "64"]
+        return resolve(engine.options.parse([*common, *given]).cfg, True, bf16=native_bf16())
+
+    assert seed == typed("--preset", "seed", "--loader", "torchvision", "--precision", "fp32",
+                         "--no-compile", "--no-channels-last")
+    assert default == typed()
+
+
+def test_the_seed_and_default_epochs_are_rated_from_their_own_fastest_epochs(tmp_path):
+    """Each pipeline's row: its name, the batch that ran (the default's 512 capped at the 300
+    images), as many steady epochs as asked, images/s of the fastest, and its speed over the
+    seed's (the default's figure a user quotes as 'Nx the seed notebook')."""
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--data-dir", str(tmp_path),
+                                     "--epochs", "2", "--workers", "1",
+                                     "--peer-epoch-images", "300", "--peer-width", "4"])
+    bench_options.fill_defaults(args)
+    seed, default = bench_peers.bench_seed_epochs(args, torch.device("cpu"), str(tmp_path))
+    assert [(r.pipeline, r.loader, r.batch_size, r.width, r.images) for r in (seed, default)] == [
+        ("seed", "torchvision", 128, 4, 300), ("default", "ffcv", 300, 4, 300)]
+    for r in (seed, default):
+        assert len(r.epoch_s) == 2 and r.images_per_s == 300 / min(r.epoch_s)
+    assert seed.vs_seed == 1 and default.vs_seed == default.images_per_s / seed.images_per_s
 
 
 def test_a_matmul_peak_leaves_tf32_matmuls_as_it_found_them():

@@ -365,17 +365,19 @@ class Cifar10Dir:
 
 
 def write_cifar10(data_dir: Path, rows=(3, 2, 4, 1, 2), n_test: int = 5, seed: int = 0,
-                  protocol: int | str = "py2", py3: bool = False) -> Cifar10Dir:
-    """A small CIFAR-10 python folder with `rows[i]` images in data_batch_{i+1}; py3 writes
-    it as Python 3 code would (see write_batch)."""
+                  protocol: int | str = "py2", py3: bool = False,
+                  make_split: Callable[[int, np.random.Generator], cifar.Split] = random_split
+                  ) -> Cifar10Dir:
+    """A small CIFAR-10 python folder with `rows[i]` images in data_batch_{i+1}, each split
+    made by `make_split`; py3 writes it as Python 3 code would (see write_batch)."""
     layout = layouts.LAYOUTS["cifar10"]
     folder = data_dir / layout.folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    parts = [random_split(n, rng) for n in rows]
+    parts = [make_split(n, rng) for n in rows]
     for name, part in zip(layout.train_files, parts, strict=True):
         write_batch(folder / name, part, protocol, py3)
-    test = random_split(n_test, rng)
+    test = make_split(n_test, rng)
     write_batch(folder / "test_batch", test, protocol, py3)
     meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
     if py3:

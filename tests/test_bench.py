@@ -849,6 +849,22 @@ def test_missing_peer_is_recorded_not_fatal(monkeypatch, tmp_path):
     assert "airbench" in row.reason and ".[bench]" in row.reason
 
 
+@pytest.mark.parametrize("damage, error", [("missing", "FileNotFoundError"),
+                                            ("empty", "IndexError")])
+def test_a_peer_failing_in_its_own_way_is_a_failed_row_with_its_reason(prepared, tmp_path,
+                                                                       damage, error):
+    """Foreign code fails with errors of its own (stock FFCV on a .beton missing or empty: an
+    OSError, an IndexError): its row says why, and the section goes on to the other loaders."""
+    beton = tmp_path / "train.beton"
+    if damage == "empty":
+        beton.touch()
+    row = bench_peers.PeerResult("stock ffcv.Loader", "peer", "flip")
+    loader = bench_peers.construct(row, lambda: bench_peers.stock_ffcv_loader(
+        replace(prepared, train=beton), TrainConfig(workers=1, precision="fp32"),
+        torch.device("cpu")))
+    assert loader is None and row.status == "failed" and row.reason.startswith(error)
+
+
 def test_airbench_hands_over_every_image_of_the_split(prepared, tmp_path):
     """Its training default drops the last partial batch after augmenting it: 576 of these
     605 images were counted, and 64 of 100 at --images 100 --batch-size 64."""

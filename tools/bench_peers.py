@@ -46,7 +46,7 @@ from tools.timing import Pass, fastest, loader_pass, take_turns, train_pass
 
 BENCH_EXTRA = "pip install -e '.[bench]' (or: make bench)"
 # what a peer's loader may raise (foreign code: more than ours), recorded in its row
-PEER_ERRORS = (*MEASURE_ERRORS, ValueError, TypeError, AssertionError, OSError)
+PEER_ERRORS = (*MEASURE_ERRORS, ValueError, TypeError, LookupError, AssertionError, OSError)
 
 
 @dataclass

@@ -5,6 +5,7 @@ of the synthetic data."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import os
 import shutil
@@ -1288,3 +1289,127 @@ def test_a_data_dir_that_is_no_folder_is_named_as_it_is(tmp_path, make, what):
     with pytest.raises(report_inputs.ReportError) as refused:
         report_inputs.locate_test_data(ckpt, tmp_path / "ckpt.pt", data_dir)
     assert str(refused.value).endswith(f", or leave --data-dir out to use {tmp_path}/test.beton.")
+
+
+# --- the figures on hand-made inputs: what a reader reads off each one -------------------------
+
+
+def test_the_curves_draw_epochs_across_each_key_up_and_accuracy_in_percent(tmp_path,
+                                                                           monkeypatch):
+    """curves.png: each panel's lines are its keys' values over the epochs, the train line
+    labelled train and the test line test, accuracies in percent on the axis that says so,
+    losses on a log axis titled with the run's label smoothing."""
+    history = [dict(epoch=e, train_loss=4.0 / 2**e, test_loss=3.0 / 2**e, train_acc=0.25 * e,
+                    test_acc=0.125 * e, lr=1 / 2**e) for e in (1, 2, 3)]  # exact in binary
+    figures = drawn(monkeypatch)
+    report_figures.plot_curves(history, 0.1, tmp_path / "curves.png")
+    loss, accuracy, lr = figures[0].axes
+    drawn_lines = {ax.get_title(): [(line.get_label(), list(line.get_xdata()),
+                                     list(line.get_ydata())) for line in ax.get_lines()]
+                   for ax in (loss, accuracy, lr)}
+    assert drawn_lines == {
+        "loss (log scale; train's with label smoothing 0.1)": [
+            ("train", [1, 2, 3], [2.0, 1.0, 0.5]), ("test", [1, 2, 3], [1.5, 0.75, 0.375])],
+        "accuracy (%)": [("train", [1, 2, 3], [25.0, 50.0, 75.0]),
+                         ("test", [1, 2, 3], [12.5, 25.0, 37.5])],
+        "learning rate (end of epoch)": [("lr", [1, 2, 3], [0.5, 0.25, 0.125])]}
+    assert [(ax.get_xlabel(), ax.get_yscale()) for ax in (loss, accuracy, lr)] == [
+        ("epoch", "log"), ("epoch", "linear"), ("epoch", "linear")]
+
+
+def _numbered(labels: np.ndarray) -> report_inputs.Inputs:
+    """_inputs whose test image i is the flat grey 10 * i, so a panel tells which it shows."""
+    run = _inputs(labels, [])
+    images = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(len(labels))])
+    return dataclasses.replace(run, images=images)
+
+
+def test_the_misclassified_grid_shows_each_wrong_image_most_confident_first(tmp_path,
+                                                                            monkeypatch):
+    """misclassified.png: the 7 wrong of 9 test images, highest probability first, each its
+    own image titled with its index, its true class and the class predicted with how sure: 7
+    panels, 5 a row, so the second row is drawn too."""
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    probs = np.array([[0.2, 0.8, 0.0], [0.0, 0.9, 0.1], [0.3, 0.0, 0.7], [0.0, 0.3, 0.7],
+                      [0.6, 0.4, 0.0], [0.0, 0.95, 0.05], [0.1, 0.0, 0.9], [0.5, 0.1, 0.4],
+                      [0.0, 0.65, 0.35]])  # right: 1 (b) and 2 (c)
+    indices = report_inputs.most_confidently_wrong(probs, labels, 20)
+    assert indices.tolist() == [5, 6, 0, 3, 8, 4, 7]
+    figures = drawn(monkeypatch)
+    run = _numbered(labels)
+    report_figures.plot_misclassified(run, probs, indices, tmp_path / "misclassified.png")
+    panels = [ax for ax in figures[0].axes if ax.images]
+    assert [int(ax.images[0].get_array().mean()) // 10 for ax in panels] == indices.tolist()
+    assert [ax.get_title() for ax in panels] == [
+        "#5  true: c\npredicted: b 95%", "#6  true: a\npredicted: c 90%",
+        "#0  true: a\npredicted: b 80%", "#3  true: a\npredicted: c 70%",
+        "#8  true: c\npredicted: b 65%", "#4  true: b\npredicted: a 60%",
+        "#7  true: b\npredicted: a 50%"]
+    assert figures[0].get_suptitle() == "Most confidently wrong test predictions"
+
+
+def test_a_grid_of_no_mistakes_says_so(tmp_path, monkeypatch):
+    """A model right on every test image gets a grid that says there is nothing to show,
+    not a blank picture."""
+    figures = drawn(monkeypatch)
+    report_figures.plot_misclassified(_numbered(np.array([0, 1])), np.eye(3)[:2],
+                                      np.array([], int), tmp_path / "misclassified.png")
+    assert [[t.get_text() for t in ax.texts] for ax in figures[0].axes] == [
+        ["no misclassified test images"]]
+
+
+def test_a_cam_page_titles_each_map_with_its_class_and_draws_them_on_one_scale():
+    """A page of image 1 (true a, predicted c with 70%): the predicted class's maps under
+    "predicted: c", the true class's under "true: a", titled on the first row; each heat map
+    on the colorbar's fixed 0..1 scale and each overlay its own map blended on the image."""
+    run = _numbered(np.array([1, 0]))
+    maps = {("gradcam", layer, kind): np.full((32, 32), value)
+            for layer in ("layer3", "layer4")
+            for kind, value in (("predicted", 0.5), ("true", 0.25))}
+    fig = report_figures.cam_page(run, 1, np.array([0.1, 0.2, 0.7]), maps)
+    assert fig.get_suptitle() == "test image #1: true a, predicted c with probability 70.0%"
+    axes = np.array(fig.axes[:10]).reshape(2, 5)
+    assert [ax.get_title() for ax in axes[0]] == [
+        "test image", "predicted: c\nheat map", "predicted: c\noverlay", "true: a\nheat map",
+        "true: a\noverlay"]
+    for row in axes:
+        for column, value in ((1, 0.5), (3, 0.25)):
+            heat, blended = row[column].images[0], row[column + 1].images[0]
+            assert heat.get_clim() == (0, 1)
+            np.testing.assert_array_equal(heat.get_array(), np.full((32, 32), value))
+            np.testing.assert_array_equal(blended.get_array(),
+                                          cams.overlay(run.images[1], np.full((32, 32), value)))
+
+
+def test_a_pdf_page_names_its_own_images_prediction(tmp_path, monkeypatch):
+    """gradcam.pdf's page for each image names that image's predicted class and probability,
+    not those of the image at its place in the list."""
+    run = _numbered(np.array([0, 0, 0]))
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.4, 0.0, 0.6]])
+    maps = {("gradcam", "layer3", kind): np.full((2, 32, 32), 0.5)
+            for kind in ("predicted", "true")}
+    figures = drawn(monkeypatch)
+    report_figures.write_pdf(run, {"run": "two pages"}, probs, np.array([2, 1]), maps,
+                             tmp_path / "gradcam.pdf")
+    assert [fig.get_suptitle() for fig in figures[1:]] == [
+        "test image #2: true a, predicted c with probability 60.0%",
+        "test image #1: true a, predicted b with probability 80.0%"]
+
+
+def test_explain_maps_the_images_and_the_true_classes_at_the_indices_it_is_given():
+    """The maps of test images [2, 0] are those of the same two images put first in the split:
+    explained at their own indices, not at the first len(indices) images or labels."""
+    torch.manual_seed(0)
+    labels = np.array([0, 1, 2])
+    run = dataclasses.replace(
+        _inputs(labels, []), model=build_model("resnet18", 3, 8).eval(),
+        ckpt={**_inputs(labels, []).ckpt, "mean": [0.5] * 3, "std": [0.25] * 3},
+        images=np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8))
+    probs = np.eye(3)[[1, 2, 0]]  # every image wrong: predicted one past its true class
+    moved = dataclasses.replace(run, images=run.images[[2, 0, 1]], labels=labels[[2, 0, 1]])
+    maps = report_figures.explain(run, probs, np.array([2, 0]), ["layer3"], ["gradcam"])
+    first = report_figures.explain(moved, probs[[2, 0, 1]], np.arange(2), ["layer3"],
+                                   ["gradcam"])
+    assert maps.keys() == first.keys()
+    for key, values in maps.items():
+        np.testing.assert_allclose(values, first[key], atol=1e-5, err_msg=str(key))

@@ -1401,9 +1401,10 @@ def test_explain_maps_the_images_and_the_true_classes_at_the_indices_it_is_given
     explained at their own indices, not at the first len(indices) images or labels."""
     torch.manual_seed(0)
     labels = np.array([0, 1, 2])
+    base = _inputs(labels, [])
     run = dataclasses.replace(
-        _inputs(labels, []), model=build_model("resnet18", 3, 8).eval(),
-        ckpt={**_inputs(labels, []).ckpt, "mean": [0.5] * 3, "std": [0.25] * 3},
+        base, model=build_model("resnet18", 3, 8).eval(),
+        ckpt={**base.ckpt, "mean": [0.5] * 3, "std": [0.25] * 3},
         images=np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8))
     probs = np.eye(3)[[1, 2, 0]]  # every image wrong: predicted one past its true class
     moved = dataclasses.replace(run, images=run.images[[2, 0, 1]], labels=labels[[2, 0, 1]])

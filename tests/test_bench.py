@@ -358,14 +358,23 @@ def test_sections_choose_what_runs(tmp_path):
     assert stdout.splitlines()[-1] == f"wrote {tmp_path / 'bench.json'}"  # --json, said last
 
 
-def test_the_profile_section_prints_no_lines_of_kineto(tmp_path):
+@pytest.fixture(scope="module")
+def profile_alone(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`tools/bench.py --quick --sections profile`, its --json in folders still to make and
+    KINETO_LOG_LEVEL unset (as users run it): the run and its --json."""
+    out = tmp_path_factory.mktemp("profile") / "new" / "results" / "bench.json"
+    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "profile",
+                        "--data-dir", out.parents[2] / "data", "--json", out, timeout=900,
+                        env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result, out
+
+
+@pytest.mark.slow
+def test_the_profile_section_prints_no_lines_of_kineto(profile_alone):
     """kineto, torch.profiler's backend, logs each profile's start and stop, and without a CUDA
     driver an ERROR line that it found no GPU, amid the tables: the bench quiets it."""
-    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "profile",
-                        "--data-dir", tmp_path / "data", "--json", tmp_path / "bench.json",
-                        timeout=300, env={k: v for k, v in os.environ.items()
-                                          if k != "KINETO_LOG_LEVEL"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result, _ = profile_alone
     assert "== profile" in result.stdout
     for line in ("profiler_start", "gpuGetDeviceCount"):
         assert line not in result.stdout + result.stderr, result.stderr[-3000:]
@@ -470,15 +479,12 @@ def test_every_peer_and_ours_beside_it_run_the_same_split_batch_and_augmentation
 
 
 @pytest.mark.slow
-def test_the_profile_trace_goes_beside_the_json_in_folders_still_to_make(tmp_path):
+def test_the_profile_trace_goes_beside_the_json_in_folders_still_to_make(profile_alone):
     """--json may name folders still to make, and the trace goes beside it; but the trace is
     written first, at the end of the profile section: with no section before it, the folder
     was not made yet, and the command failed after measuring ('cannot use
     .../bench.trace.json.gz: No such file or directory')."""
-    out = tmp_path / "new" / "results" / "bench.json"
-    result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "profile",
-                        "--data-dir", tmp_path / "data", "--json", out, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    _, out = profile_alone
     trace = out.with_name("bench.trace.json.gz")
     assert json.loads(out.read_text())["profile"]["trace"] == str(trace)
     assert trace.stat().st_size > 0

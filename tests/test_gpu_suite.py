@@ -150,7 +150,7 @@ def test_with_out_set_a_short_budget_leaves_a_bundle_and_names_what_did_not_run(
     # kills the second (or, on a slow enough machine, already the first) and nothing else can
     # start then
     monkeypatch.setenv("GPU_SUITE_EPOCHS", "10000")
-    code = gpu_suite.main(["train", "bench-epoch", "--dry-run", "--budget", "20"])
+    code = gpu_suite.main(["train", "bench-epoch", "--dry-run", "--budget", "12"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err[-3000:]
     assert "failed or not run: train, bench-epoch" in err

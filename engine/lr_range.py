@@ -119,6 +119,12 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
     return lrs[first + int(np.argmin(slope[first:low + 1]))], max(lrs[low] / 10, lrs[0])
 
 
+def diverging(smoothed: list[float]) -> bool:
+    """The sweep's stop: its smoothed loss past DIVERGE times the lowest so far (fastai's
+    rule; not its first: a loss that fell far and climbs back diverged before passing that)."""
+    return smoothed[-1] > DIVERGE * min(smoothed)
+
+
 def sweep(run: Run, start_lr: float, end_lr: float,
           iterations: int) -> tuple[list[float], list[float], list[float], bool]:
     """Train at exponentially growing LRs; (lrs, losses, smoothed, diverged)."""
@@ -143,7 +149,7 @@ def sweep(run: Run, start_lr: float, end_lr: float,
             smoothed.append(average / (1 - BETA ** len(losses)))
             bar.update()
             bar.set_postfix(lr=f"{lr:.2g}", loss=f"{smoothed[-1]:.3f}")
-            if smoothed[-1] > DIVERGE * min(smoothed):
+            if diverging(smoothed):
                 return lrs, losses, smoothed, True
     return lrs, losses, smoothed, False
 

@@ -65,15 +65,25 @@ def assert_identical(a, b, where: str = "state") -> None:
 
 
 @pytest.mark.slow
-def test_range_test_sweeps_suggests_inside_and_restores_the_run_bit_exact(data_dir, tmp_path):
+def test_range_test_sweeps_suggests_inside_and_restores_the_run_bit_exact(data_dir, tmp_path,
+                                                                         monkeypatch):
+    """The run is handed over in eval mode (say, just evaluated): the sweep trains as training
+    does, BatchNorm on each batch's statistics, and gives the run back in eval mode."""
     run = small_run(data_dir, tmp_path / "out")
     for images, labels in itertools.islice(run.train_loader, 3):  # momentum, BN stats, schedule
         train_step(run, images, labels)
+    run.model.eval()
     scheduler = run.scheduler
     before = copy.deepcopy(dict(model=run.model.state_dict(),
                                 optimizer=run.optimizer.state_dict(),
                                 scheduler=scheduler.state_dict()))
+    modes, step = [], lr_range.train_step
 
+    def noting_the_mode(run: Run, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        modes.append(run.model.training)
+        return step(run, *batch)
+
+    monkeypatch.setattr(lr_range, "train_step", noting_the_mode)
     result = lr_range.range_test(run, start_lr=1e-4, end_lr=10.0, iterations=40)
 
     lrs = np.array(result.lrs)
@@ -92,7 +102,12 @@ def test_range_test_sweeps_suggests_inside_and_restores_the_run_bit_exact(data_d
     assert_identical(run.model.state_dict(), before["model"], "model")
     assert_identical(run.optimizer.state_dict(), before["optimizer"], "optimizer")
     assert_identical(scheduler.state_dict(), before["scheduler"], "scheduler")
-    assert run.train_loader.epoch == 0 and run.model.training
+    assert all(modes) and run.train_loader.epoch == 0 and not run.model.training
+
+
+def test_the_sweep_stops_past_four_times_its_lowest_smoothed_loss_not_its_first():
+    assert not lr_range.diverging([1.0, 3.9]) and lr_range.diverging([1.0, 4.1])
+    assert lr_range.diverging([2.0, 0.5, 2.1])  # far below 4 x the first, 2.0
 
 
 def test_the_sweeps_losses_are_each_batchs_mean_loss(data_dir, tmp_path):

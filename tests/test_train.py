@@ -282,6 +282,7 @@ def test_a_process_that_fails_stops_the_others_with_one_line_each(tmp_path):
     assert errors[1].startswith("error: process 1 of 2 stops: most often another process of "
                                 "this run stopped first, and its own message says why (here a "
                                 "collective failed: RuntimeError: ")
+    assert errors[1].endswith(").")  # what was kept is the main process's to say, not its own
     # torchrun's own report of a failed process is its one traceback
     assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
 

@@ -22,13 +22,15 @@ TINY = ["--dataset", "synthetic", "--synthetic-size", "1001", "151", "--width", 
         "--batch-size", "128", "--loader", "resident", "--seed", "1"]
 
 
-def two_nodes(*args, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """engine/train.py on two nodes of one process each; both nodes' results."""
+def two_nodes(*args, second: tuple = (), timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """engine/train.py on two nodes of one process each, the second with `second` after
+    `args`; both nodes' results."""
     port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
          "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
-         str(port), str(ROOT / "engine" / "train.py"), *TINY, *map(str, args)],
+         str(port), str(ROOT / "engine" / "train.py"), *TINY, *map(str, args),
+         *map(str, second if rank else ())],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)]
     results = []
@@ -40,10 +42,15 @@ def two_nodes(*args, timeout: float = 600) -> list[subprocess.CompletedProcess]:
 
 def test_two_nodes_train_once_write_once_and_resume(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
-    nodes = two_nodes("--data-dir", data, "--epochs", "1", "--out", out)
+    # the second node's --out stands for the same path on a disk of its own (a node-local
+    # scratch): the global main process alone writes a run folder
+    own_disk = tmp_path / "second-node" / "run"
+    nodes = two_nodes("--data-dir", data, "--epochs", "1", "--out", out,
+                      second=("--out", own_disk))
     for node in nodes:
         assert node.returncode == 0, node.stderr[-3000:]
     assert sum(node.stdout.count("best test accuracy") for node in nodes) == 1
+    assert not own_disk.parent.exists()
     ckpt = checkpoint.load(out / "ckpt.pt")
     assert ckpt["processes"] == 2
     row = ckpt["history"][0]

@@ -351,6 +351,15 @@ def random_split(n: int, rng: np.random.Generator, num_classes: int = 10) -> cif
     return cifar.Split(images, rng.integers(0, num_classes, size=n).astype(np.int64))
 
 
+def ramp_split(n: int, rng: np.random.Generator) -> cifar.Split:
+    """n images that show where each pixel came from: red grows with the column and green with
+    the row, 8 levels a step (the same in every image), blue is noise."""
+    steps = 4 + 8 * np.arange(32, dtype=np.uint8)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    images[..., 0], images[..., 1] = steps[None, None, :], steps[None, :, None]
+    return cifar.Split(images, rng.integers(0, 10, n).astype(np.int64))
+
+
 @dataclass
 class Cifar10Dir:
     """A data dir holding cifar-10-batches-py/ and what its files contain."""
@@ -490,6 +499,54 @@ def prepared(tmp_path_factory) -> Prepared:
 def source(prepared) -> cifar.CifarData:
     """What the prepared .beton files were made from."""
     return cifar.read_folder(prepared.source, layouts.OWN_LAYOUT, "synthetic")
+
+
+def flips_and_shifts(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flipped, row shift, column shift) of each augmented ramp_split image, however it was
+    normalized: the 28 x 28 middle, which no shift of 2 or less pads, holds 32 distinct reds
+    and greens, each one source column or row in the order of their values."""
+    middle = images.float()[:, :2, 2:30, 2:30]
+    red, green = middle[:, 0, 14].contiguous(), middle[:, 1, :, 14].contiguous()  # a row, a column
+    cols = torch.searchsorted(torch.unique(middle[:, 0]), red)
+    rows = torch.searchsorted(torch.unique(middle[:, 1]), green)
+    flipped = cols[:, 1] < cols[:, 0]
+    # every pixel moved as a whole: consecutive columns (reversed if flipped), rows in order
+    assert (cols.diff() == torch.where(flipped, -1, 1)[:, None]).all() and (rows.diff() == 1).all()
+    return flipped, rows[:, 0] - 2, torch.where(flipped, 29 - cols[:, 0], cols[:, 0] - 2)
+
+
+def check_the_lineup(tmp_path: Path, device: torch.device, drain: Callable) -> None:
+    """A fair lineup (tools/bench_peers.lineup) on `device`: every loader hands over the whole
+    split in batches of the run's size, in the dtype its row compares (airbench's fp16, else
+    the training dtype), flipping about half its images and shifting them by up to 2 pixels
+    each way (peers too: their figures would otherwise time less work), each of ours as its
+    row names, and the seed's peer is the torchvision DataLoader."""
+    from engine.config import TrainConfig
+    from tools import bench_peers
+
+    made = write_cifar10(tmp_path / "data", rows=(26,) * 5, make_split=ramp_split)
+    data = prepare("cifar10", made.data_dir, workers=1)
+    cfg = TrainConfig(batch_size=64, precision="bf16", workers=1)
+    rows = bench_peers.lineup(data, cfg, device, tmp_path)
+    assert [row.augment for row, _ in rows] == ["flip, translate 2 reflect"] * 3 + [
+        "flip, translate 2 zeros"] * 3 + ["flip, translate 2 reflect"] * 3
+    kinds = []
+    for index, (row, make) in enumerate(rows):
+        loader = make()
+        kinds.append(type(loader).__name__)
+        batches = drain(loader)
+        assert len(batches[0][0]) == 64 and sum(len(labels) for _, labels in batches) == 130
+        dtype = "float16" if index < 2 else "bfloat16"
+        assert bench_peers.describe(batches[0][0]).startswith(f"{dtype} 3x32x32"), row
+        assert batches[0][0].device.type == device.type, row
+        flipped, dy, dx = flips_and_shifts(torch.cat([images for images, _ in batches]))
+        assert 0.3 < flipped.float().mean() < 0.7, row  # 4.5 standard deviations
+        assert set(dy.tolist()) == set(dx.tolist()) == set(range(-2, 3)), row
+        if row.role == "ours":
+            augment = loader.augment.cfg
+            assert row.augment == (f"flip, translate {augment.translate} "
+                                   f"{'reflect' if augment.reflect else 'zeros'}")
+    assert kinds[6] == "TorchvisionLoader"  # the seed's peer
 
 
 def _copy(x):

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC_SIZE, history, interrupt_after_first_epoch, run_script
+from conftest import (
+    SYNTHETIC_SIZE,
+    check_the_lineup,
+    history,
+    interrupt_after_first_epoch,
+    run_script,
+)
 from torch._dynamo.utils import counters
 
 import loaders
@@ -151,6 +157,14 @@ def test_flip_and_translate_on_cuda_equal_the_cpu_for_the_same_draws(reflect):
     on_cpu = crop_rows(stored, cfg, *draws, index)
     on_gpu = crop_rows(stored.cuda(), cfg, *(d.cuda() for d in draws), index.cuda())
     assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+@pytest.mark.slow  # stock FFCV's numba JIT: seconds
+def test_every_peer_and_ours_beside_it_run_the_same_split_batch_and_augmentations(drain,
+                                                                                 tmp_path):
+    """test_bench's fair lineup with every loader on the GPU, where the peers table's figures
+    come from (check_the_lineup)."""
+    check_the_lineup(tmp_path, torch.device("cuda"), drain)
 
 
 def test_normalization_on_cuda_equals_the_cpu():

@@ -41,6 +41,7 @@ from loaders.augment import (
 )
 from loaders.options import AugmentConfig
 from loaders.sharding import epoch_indices
+from tools import timing
 
 pytestmark = pytest.mark.gpu
 
@@ -382,6 +383,24 @@ def test_no_cudnn_engine_counts_as_out_of_memory_once_an_allocation_failed():
 
 
 # --- the tools ---------------------------------------------------------------------------
+
+
+def test_the_matmul_peak_times_the_gpus_products_not_their_launches():
+    """The MFU's denominator: its host clock read before the GPU finished would time the
+    launches alone, a peak many times too high. Short blocks (a few products each, not enough
+    to fill CUDA's launch queue, which would hide it) against CUDA events around the same
+    products, which time them on the GPU itself."""
+    n = 4096
+    peak = timing.matmul_peak("bf16", torch.device("cuda"), n, 0.003, 3)
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(peak.reps):
+        torch.matmul(a, b)
+    end.record()
+    end.synchronize()
+    on_the_gpu = 2 * n**3 * peak.reps / (start.elapsed_time(end) / 1e3)
+    assert 0.5 < peak.flops_per_s / on_the_gpu < 2, (peak, on_the_gpu)
 
 
 @pytest.mark.slow

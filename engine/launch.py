@@ -5,6 +5,9 @@ group, and what a launcher's settings that cannot work mean, said in one line ea
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +21,7 @@ from common.hardware import (
     process_count,
 )
 from common.stop_signals import stop_signals_end_at_once
+from common.streams import error_line
 from engine.config import TrainConfig
 
 # what torchrun and accelerate launch set, besides accelerate's own ACCELERATE_*
@@ -25,6 +29,8 @@ LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAS
                     "MASTER_PORT")
 # what accelerate reads besides them: OMP_NUM_THREADS with int() in a multi-process CPU run
 ACCELERATE_READS = (*LAUNCH_VARIABLES, "OMP_NUM_THREADS")
+# ours: processes started together meet within seconds; after this long, the wait is said
+RENDEZVOUS_NOTICE_S = 60.0
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -43,7 +49,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun);
         # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
         # model behind a run whose header and config.json said eager
-        with stop_signals_end_at_once():  # several processes: a rendezvous, waiting in C++
+        # several processes: a rendezvous, waiting in C++ for every one of them
+        with stop_signals_end_at_once(), said_while_waiting():
             accelerator = Accelerator(cpu=not cuda, log_with=cfg.log_with,
                                       project_dir=cfg.out, mixed_precision="no",
                                       dynamo_backend="no")
@@ -54,6 +61,31 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if not cuda:  # after Accelerator: under mpirun it is what sets WORLD_SIZE and LOCAL_...
         share_cores()
     return accelerator
+
+
+@contextmanager
+def said_while_waiting() -> Iterator[None]:
+    """A notice, from the first process of each machine, if the block (the rendezvous of a run
+    of several processes) still waits after RENDEZVOUS_NOTICE_S: torch waits in silence until
+    its own timeout for a process whose command failed before joining, or never started."""
+    processes = launched_processes()
+    if processes < 2 or os.environ.get("LOCAL_RANK", "0") != "0":
+        yield
+        return
+    where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')!r} "
+             f"MASTER_PORT={os.environ.get('MASTER_PORT')!r}")
+    notice = threading.Timer(RENDEZVOUS_NOTICE_S, error_line, (
+        f"notice: process {os.environ.get('RANK', '0')} of {processes} has waited "
+        f"{RENDEZVOUS_NOTICE_S:.0f} s for the other processes of this run to meet at {where}; "
+        "one whose command failed before it joined, or that was never started, leaves the "
+        "others waiting until torch's timeout (30 minutes by default, 10 with NCCL): check the "
+        "other machines' output, or stop with Ctrl-C.",))
+    notice.daemon = True
+    notice.start()
+    try:
+        yield
+    finally:
+        notice.cancel()
 
 
 def unread_variable(error: ValueError) -> str:

@@ -66,17 +66,30 @@ def test_two_nodes_train_once_write_once_and_resume(tmp_path):
     assert [r["epoch"] for r in history] == [1, 2] and history[0] == row
 
 
+# python -c this script args: engine/train.py, saying after 1 s (not a minute) that it waits
+NOTICE_AFTER_1_S = """
+import runpy, sys
+from engine import launch
+launch.RENDEZVOUS_NOTICE_S = 1.0
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_node_waiting_for_a_peer_that_never_comes_stops_on_a_signal(tmp_path, signum, code):
+def test_a_node_waiting_for_a_peer_that_never_comes_says_so_and_stops_on_a_signal(tmp_path,
+                                                                                  signum, code):
     """Rank 0 of two started by hand (srun-style variables), its peer never started: it waits
-    in torch.distributed's rendezvous, inside C++, where Python's handlers never ran, and
-    Ctrl-C or SIGTERM did nothing until a SIGKILL."""
+    in torch.distributed's rendezvous, inside C++, where Python's handlers never ran, in
+    silence until torch's timeout (half an hour), and Ctrl-C or SIGTERM did nothing until a
+    SIGKILL. Now it says what it waits for (after RENDEZVOUS_NOTICE_S), and stops."""
     port, out = free_port(), tmp_path / "run"
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), *TINY, "--out",
-                           str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen([sys.executable, "-c", NOTICE_AFTER_1_S,
+                           str(ROOT / "engine" / "train.py"), *TINY, "--out", str(out)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
         try:
             def listening() -> bool:
                 """Rank 0 serves the rendezvous's store: listening, it waits for rank 1."""
@@ -85,12 +98,19 @@ def test_a_node_waiting_for_a_peer_that_never_comes_stops_on_a_signal(tmp_path, 
 
             wait_until(listening, 120, "rank 0 never listened for its peer", process=proc,
                        interval=0.2)
-            time.sleep(1)
+            time.sleep(2)
             proc.send_signal(signum)
             _, stderr = proc.communicate(timeout=30)
         finally:
             proc.kill()  # where the signal did nothing
     assert proc.returncode == code and stderr.splitlines()[-1] == "interrupted", stderr
+    said = [line for line in stderr.splitlines() if line]  # "interrupted" begins a new line
+    assert said[-2] == (
+        f"notice: process 0 of 2 has waited 1 s for the other processes of this run to meet "
+        f"at MASTER_ADDR='127.0.0.1' MASTER_PORT='{port}'; one whose command failed before it "
+        "joined, or that was never started, leaves the others waiting until torch's timeout "
+        "(30 minutes by default, 10 with NCCL): check the other machines' output, or stop with "
+        "Ctrl-C."), stderr
     assert "Traceback" not in stderr and not out.exists()
 
 

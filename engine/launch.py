@@ -48,8 +48,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     try:
         # cpu=True is what makes accelerate use gloo for multi-process CPU runs (torchrun);
         # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
-        # model behind a run whose header and config.json said eager
-        # several processes: a rendezvous, waiting in C++ for every one of them
+        # model behind a run whose header and config.json said eager. With several
+        # processes this is their rendezvous, which waits in C++ for every one of them
         with stop_signals_end_at_once(), said_while_waiting():
             accelerator = Accelerator(cpu=not cuda, log_with=cfg.log_with,
                                       project_dir=cfg.out, mixed_precision="no",
@@ -72,11 +72,10 @@ def said_while_waiting() -> Iterator[None]:
     if processes < 2 or os.environ.get("LOCAL_RANK", "0") != "0":
         yield
         return
-    where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')!r} "
-             f"MASTER_PORT={os.environ.get('MASTER_PORT')!r}")
     notice = threading.Timer(RENDEZVOUS_NOTICE_S, error_line, (
         f"notice: process {os.environ.get('RANK', '0')} of {processes} has waited "
-        f"{RENDEZVOUS_NOTICE_S:.0f} s for the other processes of this run to meet at {where}; "
+        f"{RENDEZVOUS_NOTICE_S:.0f} s for the other processes of this run to meet at "
+        f"{rendezvous_address()}; "
         "one whose command failed before it joined, or that was never started, leaves the "
         "others waiting until torch's timeout (30 minutes by default, 10 with NCCL): check the "
         "other machines' output, or stop with Ctrl-C.",))
@@ -119,12 +118,17 @@ def restarts_refused(out: str) -> str | None:
             f"and continue a stopped run with --resume {out}.")
 
 
+def rendezvous_address() -> str:
+    """Where the run's processes meet, as their launcher (or a scheduler) set it."""
+    return (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')!r} "
+            f"MASTER_PORT={os.environ.get('MASTER_PORT')!r}")
+
+
 def store_failed(error: Exception) -> str:
     """The message for a process group that could not start its store at MASTER_ADDR and
     MASTER_PORT, which a process started without a launcher serves as rank 0 (torch's
     DistNetworkError traceback): most often the port is another program's."""
-    where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')!r} "
-             f"MASTER_PORT={os.environ.get('MASTER_PORT')!r}")
+    where = rendezvous_address()
     if "EADDRINUSE" in str(error):
         return (f"process 0 cannot serve the run's rendezvous at {where}: the port is in use "
                 "(by another run, or another program); set MASTER_PORT to a free port, the "

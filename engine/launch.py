@@ -74,7 +74,7 @@ def said_while_waiting() -> Iterator[None]:
         return
     notice = threading.Timer(RENDEZVOUS_NOTICE_S, error_line, (
         f"notice: process {os.environ.get('RANK', '0')} of {processes} has waited "
-        f"{RENDEZVOUS_NOTICE_S:.0f} s for the other processes of this run to meet at "
+        f"{RENDEZVOUS_NOTICE_S:g} s for the other processes of this run to meet at "
         f"{rendezvous_address()}; "
         "one whose command failed before it joined, or that was never started, leaves the "
         "others waiting until torch's timeout (30 minutes by default, 10 with NCCL): check the "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port, wait_until
 
-from engine import checkpoint
+from engine import checkpoint, launch
 
 pytestmark = pytest.mark.slow
 TINY = ["--dataset", "synthetic", "--synthetic-size", "1001", "151", "--width", "8",
@@ -112,6 +112,30 @@ def test_a_node_waiting_for_a_peer_that_never_comes_says_so_and_stops_on_a_signa
         "(30 minutes by default, 10 with NCCL): check the other machines' output, or stop with "
         "Ctrl-C."), stderr
     assert "Traceback" not in stderr and not out.exists()
+
+
+def test_the_waiting_notice_comes_once_and_only_while_the_rendezvous_still_waits(monkeypatch,
+                                                                                  capsys):
+    """said_while_waiting on its own: a rendezvous over in time says nothing, then or later
+    (mid-training); one still waiting says so once; the other processes of a machine leave it
+    to its first."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "0"),
+                        ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(launch, "RENDEZVOUS_NOTICE_S", 0.3)
+    with launch.said_while_waiting():
+        pass
+    time.sleep(0.6)
+    assert capsys.readouterr().err == ""
+    with launch.said_while_waiting():
+        time.sleep(0.6)
+    assert capsys.readouterr().err.startswith(
+        "notice: process 1 of 2 has waited 0.3 s for the other processes of this run to meet at "
+        "MASTER_ADDR='10.0.0.1' MASTER_PORT='29500'; ")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with launch.said_while_waiting():
+        time.sleep(0.6)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_master_port_another_program_holds_is_named(tmp_path):

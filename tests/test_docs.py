@@ -33,7 +33,7 @@ OTHERS = {"--cpu", "--machine_rank", "--main_process_ip", "--main_process_port",
           "--master_addr", "--nnodes", "--node_rank", "--nproc_per_node", "--no-deps",
           "--no-index", "--target", "--no-", "--mixed_precision", "--dynamo_backend",
           "--logdir", "--master_port",
-          "--max-restarts", "--max_restarts"}
+          "--max-restarts", "--max_restarts", "--rdzv-conf"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target
 

@@ -9,7 +9,6 @@ import atexit
 import errno
 import gc
 import math
-import os
 import signal
 import sys
 import threading
@@ -23,7 +22,7 @@ from typing import IO, NoReturn, TypeVar
 
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
-from common.hardware import launched
+from common.hardware import first_of_machine, launched
 from common.paths import FILE_SIZE_FIX, dead_link
 from common.stop_signals import (
     INTERRUPTED,
@@ -124,7 +123,7 @@ class CommandParser(argparse.ArgumentParser):
     options: the first of each machine's (LOCAL_RANK 0) says what is wrong, not every one."""
 
     def error(self, message: str) -> NoReturn:
-        if launched() and os.environ.get("LOCAL_RANK", "0") != "0":
+        if launched() and not first_of_machine():
             # torchrun ends every process once one has failed (SIGTERM, within its 0.1 s
             # monitor interval): one that exited first ended the first before it had said it.
             # Not ended by then, the first did not refuse them: this one says it after all

@@ -81,6 +81,12 @@ def launched() -> bool:
     return any(k in os.environ for k in LAUNCHED)
 
 
+def first_of_machine() -> bool:
+    """Whether this process is its machine's first (LOCAL_RANK 0, or no launcher's): the one
+    that says what every process of the machine would say alike."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def launched_processes() -> int:
     """This run's processes as torchrun or accelerate launch started them (their WORLD_SIZE);
     1 for a plain `python` run. A WORLD_SIZE that is no count of processes (left over in a

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 from common.errors import TrainingError, one_line
 from common.hardware import (
+    first_of_machine,
     launched,
     launched_processes,
     local_share,
@@ -69,7 +70,7 @@ def said_while_waiting() -> Iterator[None]:
     of several processes) still waits after RENDEZVOUS_NOTICE_S: torch waits in silence until
     its own timeout for a process whose command failed before joining, or never started."""
     processes = launched_processes()
-    if processes < 2 or os.environ.get("LOCAL_RANK", "0") != "0":
+    if processes < 2 or not first_of_machine():
         yield
         return
     notice = threading.Timer(RENDEZVOUS_NOTICE_S, error_line, (

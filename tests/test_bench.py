@@ -46,6 +46,7 @@ from engine.config import TrainConfig, resolve
 from engine.model import ResNet18, forward_macs
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared
+from loaders.python_folder import synthetic_folder_name
 from tools import (
     bench,
     bench_mfu,
@@ -1409,6 +1410,31 @@ def test_an_mfu_section_out_of_memory_names_the_option(tmp_path, capsys, option,
 def test_failed_peer_epochs_count_as_a_failure():
     assert bench_run.failed({"peers": {"loaders": [], "epochs": [], "epochs_failed": "x"}}) == 1
     assert bench_run.failed({"peers": {"loaders": [], "epochs": []}}) == 0
+
+
+def test_seed_epochs_that_cannot_run_leave_the_peer_loaders_and_say_why(tmp_path, monkeypatch):
+    """The seed vs default epochs train on data of their own size: where it cannot be read (a
+    damaged folder), the section keeps the loaders' rows it measured, names the file in
+    `epochs_failed`, its log line and its table, and the run counts as failed."""
+    lineup = bench_peers.lineup  # airbench and ours beside it: no FFCV compile here
+    monkeypatch.setattr(bench_peers, "lineup", lambda *a: lineup(*a)[:2])
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--epochs", "1",
+                                     "--data-dir", str(tmp_path / "data"), "--workers", "1",
+                                     "--peer-epoch-images", "300", "--peer-width", "4"])
+    bench_options.fill_defaults(args)
+    damaged = tmp_path / "data" / synthetic_folder_name(300, bench_options.TEST_IMAGES)
+    damaged.mkdir(parents=True)
+    device, lines = torch.device("cpu"), []
+    cfg = bench_sections.base_config(args, device, SYNTHETIC_SIZE[0], str(tmp_path / "out"),
+                                     precision="fp32")
+    peers = bench_peers.bench_peers(cfg, device, args, str(tmp_path / "out"), lambda rows: None,
+                                    lines.append)
+    assert [r.status for r in peers["loaders"]] == ["ok", "ok"] and peers["epochs"] == []
+    why = f"DataError: {damaged / 'batches.meta'} is missing. Delete {damaged}"
+    assert peers["epochs_failed"].startswith(why)
+    assert lines[-1] == f"peers: the seed vs default epochs failed: {peers['epochs_failed']}"
+    assert f"failed: {why}" in bench_output.report({"peers": peers})
+    assert bench_run.failed({"peers": peers}) == 1
 
 
 def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from conftest import ROOT, run_script, small_config, torchrun_env, wait_until
 
 from common.errors import OutputError
-from engine import checkpoint
+from engine import checkpoint, loop
 from engine.config import TrainConfig
 from tools import comparison
 from tools.compare import main
@@ -156,6 +157,31 @@ def test_a_stopped_runs_history_comes_from_its_checkpoint(out, tmp_path):
     metrics.write_text(metrics.read_text()[:-20])
     assert comparison.saved_history(run) == checkpoint.load(run / "ckpt.pt")["history"] != []
     assert comparison.saved_history(tmp_path / "none") == []
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_after_a_saved_epoch_is_tabled_with_that_epoch(out, tmp_path,
+                                                                         monkeypatch):
+    """A run extended past its saved epoch that then diverges keeps that epoch's numbers in
+    the table and the figure (read back from its ckpt.pt), with the divergence as its note."""
+    run = Path(shutil.copytree(out / "sgd", tmp_path / "sgd"))
+    saved = json.loads((run / "config.json").read_text())
+    step = loop.train_step
+
+    def overflowing(*args):  # the real step, its loss then reported as infinite
+        loss, correct = step(*args)
+        return loss * math.inf, correct
+
+    monkeypatch.setattr(loop, "train_step", overflowing)
+    warned = []
+    result = comparison.train_one(TrainConfig(**{**saved, "epochs": 2}), "sgd", saved["lr"],
+                                  saved["weight_decay"], run, log=lambda line: None,
+                                  warn=warned.append)
+    assert result.note.startswith("the training loss became NaN or infinite in epoch 2, batch 1")
+    assert warned == [f"error: sgd: {result.note}"]
+    history = checkpoint.load(run / "ckpt.pt")["history"]
+    assert [r["epoch"] for r in history] == [1] and result.history == history
+    assert result.row()["final_test_acc"] == history[0]["test_acc"]
 
 
 @pytest.mark.slow

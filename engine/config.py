@@ -113,8 +113,9 @@ class TrainConfig:
 # Where the default ("fast") choices come from; what is not credited below is our own.
 # - nesterov SGD (momentum 0.9) at lr 0.2 for a batch of about 500, weight decay 5e-4, and a
 #   triangular LR peaking at 20% of the steps and ending at 0: Keller Jordan's ResNet-18
-#   baseline (github.com/KellerJordan/cifar10-zoo, airbench/baselines/train_resnet18_94.py:
-#   26 epochs at batch 500, 94% with its TTA level 2, "51 seconds on an A100", 2.10 s/epoch).
+#   baseline (github.com/KellerJordan/cifar10-zoo at d5a9ca5,
+#   airbench/baselines/train_resnet18_94.py, since removed from the repository: 26 epochs at
+#   batch 500, 94% with its TTA level 2, "Runs in 51 seconds on an NVIDIA A100", 2.10 s/epoch).
 #   That schedule starts at 0.2 of the peak; ours starts at 1/(W+1) of it (engine/optimizers.py).
 #   lr 0.2 at batch 512 is also the linear scaling rule, 0.1 per 256 images (Goyal et al. 2017).
 # - label smoothing 0.2 and flip + 2-pixel reflect translate: airbench94's hyp['opt'] and

@@ -5,7 +5,9 @@ loss is recorded and smoothed; the sweep stops once training diverges. Weights, 
 buffers, optimizer, schedule and loss scaler are restored bit-exact afterwards, so the same run
 can then train for real. The test is Smith's ("Cyclical Learning Rates for Training Neural
 Networks", 2017, sec. 3.3, which raises the LR linearly and watches accuracy); the exponential
-sweep on the loss, its smoothing, divergence rule and suggestions follow fastai's lr_find.
+sweep on the loss, its smoothing and divergence rule follow fastai's lr_find, and its two
+suggestions are fastai's `steep` and `minimum` (its defaults in earlier fastai 2 releases; its
+default is now `valley`).
 """
 
 from __future__ import annotations

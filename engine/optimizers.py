@@ -80,9 +80,9 @@ def lr_at(
     W = int(warmup_frac * total_steps) warm-up steps; steps past total_steps stay at the end value.
     - constant: 1.
     - triangular: linear (s+1)/(W+1) up to 1 at step W, then linear down to 0 at total_steps
-      (the shape of Keller Jordan's ResNet-18 baseline in github.com/KellerJordan/cifar10-zoo,
-      which starts at 0.2 instead). The +1 is ours: the first batch trains at 1/(W+1) rather
-      than waste a step at lr 0.
+      (the shape of Keller Jordan's ResNet-18 baseline in github.com/KellerJordan/cifar10-zoo at
+      d5a9ca5, which starts at 0.2 instead). The +1 is ours: the first batch trains at 1/(W+1)
+      rather than waste a step at lr 0.
     - onecycle: half-cosine from 1/25 up to 1 at step W, then half-cosine down to 1/25/1e4 at
       total_steps: the cosine one-cycle of fastai's fit_one_cycle, in step with ours (it ends
       at 1/1e5), and of torch's OneCycleLR (pct_start=warmup_frac, cos annealing), a step

@@ -38,11 +38,12 @@ def _loops(path: Path) -> bool:
 
 def images_under(folder: Path) -> list[Path]:
     """Every file in `folder` and its sub-folders (linked folders followed, as torchvision's
-    ImageFolder follows them, each once), sorted; hidden files and folders (.DS_Store, ...)
-    left out. Every file, where ImageFolder keeps image extensions only: a stray file is then
-    named as unreadable, not skipped unseen (ours). DataError for the links whose files are gone
-    (all of them in one message) and for a folder that cannot be listed (os.walk skips it
-    without a word): their images would be lost."""
+    ImageFolder follows them; each only once, which is ours: ImageFolder's os.walk has no
+    cycle guard), sorted; hidden files and folders (.DS_Store, ...) left out (ours too). Every
+    file, where ImageFolder keeps image extensions only: a stray file is then named as
+    unreadable, not skipped unseen (ours). DataError for the links whose files are gone (all
+    of them in one message) and for a folder that cannot be listed (os.walk skips it without a
+    word): their images would be lost."""
     files, seen, gone = [], set(), []
     for top, dirs, names in os.walk(folder, onerror=_unlistable, followlinks=True):
         real = os.path.realpath(top)

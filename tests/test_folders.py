@@ -149,8 +149,8 @@ def test_betons_of_the_pictures_need_no_python_folder(tmp_path):
 
 
 def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
-    """As torchvision's ImageFolder walks a class folder: sub-folders and linked folders count
-    (a link back up the tree once), hidden ones and FIFOs do not; a dangling link is named."""
+    """Sub-folders and linked folders count, as in torchvision's ImageFolder; ours: a link back
+    up the tree counts once, hidden entries and FIFOs not at all, a dangling link is named."""
     write_tree(tmp_path)
     nested = tmp_path / "train" / "cat" / "2023" / "june"
     nested.mkdir(parents=True)

@@ -28,6 +28,7 @@ from common.stop_signals import (
     INTERRUPTED,
     INTERRUPTED_LINE,
     STOP_SIGNALS,
+    decide_outcome,
     exit_at_once_on_ctrl_c,
     forget_stop,
     note_hang_up,
@@ -267,7 +268,10 @@ def run_main(body: Callable[[], int | None]) -> int:
                 if (handler := signal.getsignal(s)) is not signal.SIG_IGN:
                     previous[s] = handler
                     signal.signal(s, on_stop_signal)
-        code = body() or 0
+        try:
+            code = body() or 0
+        finally:
+            decide_outcome()
         write_stdout()  # what stdout still buffers: a full disk said here, not at exit (120)
         stop_if_interrupted()  # a signal lost in a finalizer or an at-fork hook still stops
         return code
@@ -287,15 +291,11 @@ def run_main(body: Callable[[], int | None]) -> int:
                    "or tee) closed it; send the output to a file or keep its reader running.")
         return 1
     except Exception as error:
-        try:
-            if hung_up(error):  # a closed terminal: stopped as its SIGHUP stops the command
-                note_hang_up()
-                if signal.SIGHUP in previous:  # that SIGHUP, still to come, is not a
-                    del previous[signal.SIGHUP]  # second stop, nor a death at exit
-                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                return stopped_code()
-        except KeyboardInterrupt:  # its SIGHUP came as this looked, the moment it is most
-            hung_up(error)  # likely to: the same stop, its streams quieted all the same
+        if hung_up(error):  # a closed terminal: stopped as its SIGHUP stops the command
+            note_hang_up()
+            if signal.SIGHUP in previous:  # that SIGHUP, still to come, is not a
+                del previous[signal.SIGHUP]  # second stop, nor a death at exit
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             return stopped_code()
         if stop_requested():  # a library made the Ctrl-C an error of its own: torch's
             error_line(INTERRUPTED_LINE)  # exporter, stopped mid-import, raises TorchExportError
@@ -307,7 +307,7 @@ def run_main(body: Callable[[], int | None]) -> int:
             write_stdout()
         except OSError:
             quiet_if_gone(sys.stdout)
-        forget_stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         sys.unraisablehook = hook
+        forget_stop()  # last: a stop before the handlers above are back changes nothing

@@ -24,6 +24,7 @@ STOP_SIGNALS = {signal.SIGINT: INTERRUPTED, signal.SIGTERM: 128 + signal.SIGTERM
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent thread ends
 _stop_requested = threading.Event()  # set by on_stop_signal, cleared by forget_stop
 _stopped_by: list[int] = []  # the signal that stopped the command, for its exit code
+_outcome_decided = threading.Event()  # set by decide_outcome, cleared by forget_stop
 # the parent this process started under, read as this module loads: among a command's first
 # imports, before its options are read and stop_with_launcher asks for the parent's death
 PARENT = os.getppid()
@@ -36,8 +37,11 @@ def on_stop_signal(signum: int, frame) -> None:
     parent-death signal (stop_with_launcher) again each time the process is handed to another
     of its dying launcher's threads (and after torchrun's own SIGTERM, where torchrun ends
     first); raised again, it cut short what the first one's stop was still doing (process 0 said
-    'ckpt.pt holds the last epoch saved', not which epoch)."""
-    if signum == signal.SIGTERM and _stopped_by == [signal.SIGTERM] and launched():
+    'ckpt.pt holds the last epoch saved', not which epoch). Once the command's outcome is
+    decided (decide_outcome), a stop changes nothing: raised as its error or its last output
+    is being written, it would cut that short into a traceback."""
+    if _outcome_decided.is_set() or (signum == signal.SIGTERM and _stopped_by == [signal.SIGTERM]
+                                     and launched()):
         return
     _stopped_by[:] = [signum]
     _stop_requested.set()
@@ -55,10 +59,18 @@ def note_hang_up() -> None:
     _stopped_by[:] = _stopped_by or [signal.SIGHUP]
 
 
+def decide_outcome() -> None:
+    """As run_main's body ends, by returning or raising: what it ended with is the command's
+    outcome. A launcher stops the processes left once one has failed (torchrun's SIGTERM),
+    most likely as they say their own error, which the stop must not turn into a traceback."""
+    _outcome_decided.set()
+
+
 def forget_stop() -> None:
     """As run_main returns: a command run after it in this process starts unstopped."""
     _stop_requested.clear()
     _stopped_by.clear()
+    _outcome_decided.clear()
 
 
 def stop_with_launcher() -> None:

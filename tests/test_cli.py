@@ -601,6 +601,33 @@ def test_a_hang_up_after_a_signal_keeps_that_signals_exit_code():
         stop_signals.forget_stop()
 
 
+# a command whose error brings the signal argv[1] as it is said, and whose stdout still holds a
+# line as run_main ends: the moment a launcher stops the processes left once one has failed
+STOPPED_AS_IT_FAILS = """
+import os, signal, sys
+from common.cli import run_main
+from common.errors import RunFailed
+class Failed(RunFailed):
+    def __str__(self):
+        os.kill(os.getpid(), signal.Signals[sys.argv[1]])
+        return "process 1 of 2 stops"
+def body():
+    print("epoch 1")
+    raise Failed()
+sys.exit(run_main(body))
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_stop_that_comes_as_a_failure_is_said_changes_nothing(stop):
+    """torchrun stops the processes left once one has failed (SIGTERM): raised as a process
+    said its own error, the stop ran through run_main's last lines into a traceback
+    ([rank1]: Traceback ... on_stop_signal). Once the body has ended, its outcome stands."""
+    result = run_code(STOPPED_AS_IT_FAILS, stop)
+    assert (result.returncode, result.stdout) == (1, "epoch 1\n"), result.stderr
+    assert result.stderr == "error: process 1 of 2 stops\n"
+
+
 def test_a_stop_lost_in_a_finalizer_prints_no_exception_ignored_report():
     """Python prints 'Exception ignored in: <function ...__del__>' and the traceback of a
     KeyboardInterrupt raised in a finalizer; run_main raises that stop again, so the report

@@ -9,7 +9,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError
-from common.paths import dead_link, unwritable
+from common.paths import dead_link_on, unwritable
 
 
 def timestamped(prefix: str) -> str:
@@ -28,8 +28,8 @@ def make_dir(path: Path, option: str = "--out") -> None:
         path.mkdir(parents=True, exist_ok=True)
         problem = unwritable(path)
     except OSError as error:
-        if link := dead_link(path):  # which says its own fix
-            raise OutputError(f"{option} {path} {link}.") from None
+        if link := dead_link_on(path):  # which says its own fix
+            raise OutputError(f"{option} {path}{link}.") from None
         problem = ("is a file, not a folder" if path.is_file()
                    else f"cannot be written ({error.strerror})")
     if problem:

@@ -40,13 +40,13 @@ def not_a_file(path: Path) -> str | None:
 
 
 def resolved(path: Path, option: str) -> Path:
-    """path.resolve(), or OutputError naming `option` where its links loop (resolve raises
-    RuntimeError for that up to Python 3.12, OSError from 3.13)."""
-    try:
-        return path.resolve()
-    except (RuntimeError, OSError) as error:
-        raise OutputError(f"{option} {path} cannot be followed ({error}); point its links at "
-                          "a file or folder, or choose another path.") from None
+    """path.resolve(), or OutputError naming `option` where it or a folder above it is a link
+    that cannot be followed: its links loop (resolve raised RuntimeError up to Python 3.12) or
+    it leads nowhere (resolve would follow it there, and the folders made for the path would
+    be made where it points, where `mkdir -p` refuses)."""
+    if problem := dead_link_on(path):
+        raise OutputError(f"{option} {path}{problem}.")
+    return path.resolve()
 
 
 def link_target(path: Path) -> Path:
@@ -130,6 +130,16 @@ def dead_link(path: Path | str) -> str | None:
     if os.path.islink(path) and not os.path.exists(path):
         return (f"is a symbolic link that cannot be followed (to {os.readlink(path)}: its links "
                 "loop or lead nowhere); point it at a path that exists, or remove it")
+    return None
+
+
+def dead_link_on(path: Path) -> str | None:
+    """What to say after `path` where it or a folder above it is a link that leads nowhere
+    (dead_link): ' is a symbolic link ...', or ': <the link above> is a symbolic link ...';
+    else None."""
+    for link in (path, *path.parents):
+        if problem := dead_link(link):
+            return f" {problem}" if link == path else f": {link} {problem}"
     return None
 
 

@@ -121,7 +121,7 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
     (tmp_path / "l1").symlink_to(tmp_path / "l2")  # links in a loop: pathlib's traceback
     (tmp_path / "l2").symlink_to(tmp_path / "l1")
     cases = (((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path / "l1"),
-              "l1 cannot be followed ("),
+              "l1 is a symbolic link that cannot be followed ("),
              ((tmp_path / "junk.pt", "--format", "onnx"), "junk.pt"),
              ((run_dir / "ckpt.pt", "--format", "onnx", "--out", tmp_path / "pipe"),
               "pipe is a device, pipe or socket"),

@@ -577,14 +577,14 @@ def test_a_run_trained_with_more_workers_than_these_cores_goes_on_with_fewer(fin
 # --- resume -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", ["--out", "--data-dir"])
-def test_a_path_whose_links_loop_is_named_as_such(option, tmp_path):
+@pytest.mark.parametrize("option, path", [("--out", "a"), ("--data-dir", "a"), ("--out", "a/run")])
+def test_a_path_whose_links_loop_is_named_as_such(option, path, tmp_path):
     """mkdir said only 'File exists' of it: 'cannot be written (File exists)', or 'cannot use'
-    it, where nothing by that name could be seen."""
+    it, where nothing by that name could be seen; or of a folder under it."""
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")
     others = ["--out", tmp_path / "run"] if option == "--data-dir" else []
-    result = train(option, tmp_path / "a", *others, timeout=120)
+    result = train(option, tmp_path / path, *others, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]  # found as the path is used
     said = one_line_error(result)
     assert f"{tmp_path / 'a'} is a symbolic link that cannot be followed (to b: its links loop " \

@@ -620,15 +620,23 @@ def test_recorded_test_data_that_is_a_pipe_is_named_as_such(run_dir, tmp_path, c
         "Pass --data-dir DIR" in capsys.readouterr().err
 
 
-def test_an_out_whose_links_loop_is_one_line(run_dir, tmp_path, capsys):
-    """pathlib's resolve raised RuntimeError on the loop: a traceback."""
+@pytest.mark.parametrize("out", ["l1", "dead", "dead/report"])
+def test_an_out_through_a_link_that_cannot_be_followed_is_one_line(run_dir, tmp_path, capsys,
+                                                                  out):
+    """pathlib's resolve raised RuntimeError on links in a loop: a traceback. It follows a link
+    that leads nowhere to where it points: the report was written there, folders and all
+    (here: gone/x), where `mkdir -p` refuses, as every other command's --out does."""
     (tmp_path / "l1").symlink_to(tmp_path / "l2")
     (tmp_path / "l2").symlink_to(tmp_path / "l1")
-    assert report.main([str(run_dir / "ckpt.pt"), "--out", str(tmp_path / "l1")]) == 1
+    (tmp_path / "dead").symlink_to(tmp_path / "gone" / "x")
+    link = tmp_path / out.split("/")[0]
+    assert report.main([str(run_dir / "ckpt.pt"), "--out", str(tmp_path / out)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --out {tmp_path / 'l1'} cannot be followed (") and \
-        err.endswith("); point its links at a file or folder, or choose another path.\n"), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l1", "l2"]
+    said = f"{tmp_path / out}" + (f": {link}" if link != tmp_path / out else "")
+    assert err == (f"error: --out {said} is a symbolic link that cannot be followed (to "
+                   f"{os.readlink(link)}: its links loop or lead nowhere); point it at a path "
+                   "that exists, or remove it.\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dead", "l1", "l2"]
 
 
 def test_a_full_disk_names_out_and_leaves_nothing(run_dir, tmp_path):

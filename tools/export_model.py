@@ -16,7 +16,7 @@ import torch
 from common.atomic import atomic_write
 from common.errors import EngineError, ExportError
 from common.output_folders import made_for
-from common.paths import dead_link, holds_checkpoint, long_name, not_a_file, resolved
+from common.paths import holds_checkpoint, long_name, not_a_file, resolved
 from engine import checkpoint
 from engine.failures import out_of_memory_as
 from loaders import beton
@@ -66,8 +66,6 @@ def check_out(out: Path, source: Path, default: Path) -> None:
         what = "is the checkpoint being exported"
     elif out.is_file() and holds_checkpoint(out):
         what = "is a cifar10-engine checkpoint"
-    elif problem := dead_link(out):  # written through a link, as cp refuses to write it too
-        raise ExportError(f"--out {out} {problem}.")
     else:
         return
     raise ExportError(f"--out {out} {what}; the export would overwrite it. Choose another "

@@ -27,8 +27,7 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
     so is --cudnn-benchmark where the resumed run stays --deterministic (it never autotunes).
     """
     refused = sorted(k for k, v in given.items()
-                     if k not in RESUMABLE and field_value(saved.get(k)) != v
-                     and not (k == "lr" and v == "auto" and saved.get("lr_auto")))  # its origin
+                     if k not in RESUMABLE and not repeated(k, v, saved, run_dir))
     if refused:
         names = ", ".join(map(option_name, refused))
         allowed = ", ".join(map(option_name, RESUMABLE))
@@ -42,6 +41,16 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
         raise ValueError(f"{AUTOTUNE_REFUSED} (resuming {run_dir} deterministically); "
                          "pass --no-deterministic too, or leave --cudnn-benchmark out.")
     return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
+
+
+def repeated(key: str, value: object, saved: dict, run_dir: Path) -> bool:
+    """Whether option `key`, given as `value`, says what the resumed run already has: its
+    saved value; --lr auto, the saved LR's origin; an --out naming its folder, however written
+    (./runs/x, an absolute path; the saved one is as the last --resume wrote it)."""
+    if key == "out":
+        return Path(value).resolve() == Path(run_dir).resolve()
+    return field_value(saved.get(key)) == value or (
+        key == "lr" and value == "auto" and bool(saved.get("lr_auto")))
 
 
 def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:

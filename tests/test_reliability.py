@@ -2001,6 +2001,13 @@ def test_resume_rules_apply_what_can_change_and_name_the_rest():
     same = resume_config(saved, {"dataset": "synthetic", "synthetic_size": (50_000, 10_000)},
                          Path("runs/x"))  # repeating a saved value is no change
     assert same.synthetic_size == (50_000, 10_000)
+    # its own folder however written, whatever folder the saved config names (where the run
+    # was last resumed from); never another folder
+    for out in ("runs/x", "./runs/x/", Path.cwd() / "runs" / "x", "runs/y/../x"):
+        assert resume_config({**saved, "out": "../elsewhere/runs/x"}, {"out": str(out)},
+                             Path("runs/x")).out == "runs/x"
+    with pytest.raises(ValueError, match="--out cannot change when resuming runs/x"):
+        resume_config(saved, {"out": "runs/y"}, Path("runs/x"))
 
 
 def test_resuming_a_deterministic_run_refuses_cudnn_benchmark_unless_determinism_goes_too():

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import shlex
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from common.temporaries import sweep_temporaries
 from loaders.cifar import Split
 from loaders.guards import guarded_writer, importing_ffcv
 from loaders.layouts import ROW_SIZE
+from loaders.python_folder import data_options
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +103,22 @@ def check(path: Path) -> BetonInfo:
     info = read_info(path)
     if info is None:
         raise DataError(f"{path} is missing or has no up-to-date sidecar {sidecar(path).name}; "
-                        "run `python loaders/prepare.py` (or training) to rebuild it.")
+                        f"{rebuild_advice(path)}.")
     why = damage(path, info, full=False)
     if why:
-        raise DataError(f"{path} is damaged ({why}); run `python loaders/prepare.py` (or "
-                        "training) to rebuild it from its source.")
+        raise DataError(f"{path} is damaged ({why}); {rebuild_advice(path)} from its source.")
     return info
+
+
+def rebuild_advice(path: Path) -> str:
+    """How to make the .beton at `path` again: the prepare command of the data its name
+    (preparation.beton_paths': <dataset or source folder>-<split>.beton) and folder say."""
+    options = data_options(path.name.removesuffix(".beton").rpartition("-")[0])
+    if options is None:  # renamed by hand
+        return ("run `python loaders/prepare.py` with the run's --dataset and --data-dir (or "
+                "training) to rebuild it")
+    command = f"python loaders/prepare.py {options} --data-dir {shlex.quote(str(path.parent))}"
+    return f"run `{command}` (or training) to rebuild it"
 
 
 def space_needed(num_samples: int, workers: int) -> int:

@@ -20,6 +20,7 @@ from loaders import beton, cifar
 from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS
 from loaders.options import SYNTHETIC_SIZE
+from loaders.python_folder import IMAGE_FOLDER_NAME
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def sweep_older_conversions(root: Path, current: str) -> None:
     each change to the pictures would otherwise leave a whole copy of the data behind. Called
     holding the lock, once the current files are written."""
     for old in root.iterdir():
-        tag = re.fullmatch(r"(folder-[0-9a-f]{16})(?:-(?:train|test)\.beton(?:\.json)?)?",
+        tag = re.fullmatch(rf"({IMAGE_FOLDER_NAME})(?:-(?:train|test)\.beton(?:\.json)?)?",
                            old.name)
         if tag is None or tag.group(1) == current:
             continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,13 +19,26 @@ from common.errors import DataError
 from common.paths import FILE_SIZE_FIX
 from common.temporaries import usual_permissions
 from loaders import folders, synthetic
-from loaders.layouts import OWN_LAYOUT, ROW_SIZE
+from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE
 from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, synthetic_size_problem
+
+IMAGE_FOLDER_NAME = r"folder-[0-9a-f]{16}"  # image_folder_name's names, as a pattern
 
 
 def synthetic_folder_name(n_train: int, n_test: int, seed: int = 0) -> str:
     """The python folder the synthetic dataset is written to: one per size and seed."""
     return f"synthetic-{n_train}-{n_test}-seed{seed}"
+
+
+def data_options(source: str) -> str | None:
+    """The --dataset option (and --synthetic-size) of the data read from the python folder
+    named `source` (cifar.source_name's: a dataset's, a synthetic size's, an image folder's);
+    None for a name none of them has."""
+    if match := re.fullmatch(r"synthetic-(\d+)-(\d+)-seed0", source):
+        return f"--dataset synthetic --synthetic-size {match[1]} {match[2]}"
+    if re.fullmatch(IMAGE_FOLDER_NAME, source):
+        return "--dataset folder"
+    return f"--dataset {source}" if source in LAYOUTS else None
 
 
 def image_folder_name(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:

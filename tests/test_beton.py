@@ -552,9 +552,28 @@ def test_loaders_refuse_a_damaged_beton_naming_it(prepared, tmp_path, kind, dama
     shutil.copyfile(prepared.test, path)
     shutil.copyfile(beton.sidecar(prepared.test), beton.sidecar(path))
     damage(path)
-    with pytest.raises(DataError, match=str(path)):
+    with pytest.raises(DataError, match=str(path)) as refused:
         loaders.make_loader(kind, path, train=False, batch_size=8, device="cpu",
                             mean=prepared.mean, std=prepared.std)
+    # the command that makes this very file again, not prepare's defaults (CIFAR-10 in data/)
+    n_train, n_test = SYNTHETIC_SIZE
+    assert f"; run `python loaders/prepare.py --dataset synthetic --synthetic-size {n_train} " \
+        f"{n_test} --data-dir {tmp_path}` (or training) to rebuild it" in str(refused.value)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("cifar100-test.beton", "--dataset cifar100"),
+    ("folder-0123456789abcdef-train.beton", "--dataset folder"),
+    ("synthetic-50000-10000-seed0-train.beton", "--dataset synthetic --synthetic-size 50000 10000"),
+    ("mine.beton", None), ("folder-x-train.beton", None)])
+def test_a_betons_rebuild_command_is_that_of_the_data_its_name_says(name, options):
+    """Named as preparation.beton_paths names them; a file renamed by hand is left to the run's
+    own options. The folder is quoted for the shell."""
+    advice = beton.rebuild_advice(Path("/data/my runs") / name)
+    assert advice == (f"run `python loaders/prepare.py {options} --data-dir '/data/my runs'` (or "
+                      "training) to rebuild it" if options else
+                      "run `python loaders/prepare.py` with the run's --dataset and --data-dir "
+                      "(or training) to rebuild it")
 
 
 # --- writer failures end in a DataError within seconds, leaving nothing -------------------------

@@ -118,10 +118,13 @@ def load(path: Path) -> dict:
                               "marker); use the ckpt.pt that engine/train.py wrote.")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this "
-                              f"engine reads version {VERSION}.")
+                              f"engine reads version {VERSION}. Read it with the cifar10-engine "
+                              "that wrote it, or train a new run with this one.")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete.")
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete (edited, or "
+                              "written by other code). Use the ckpt.pt that engine/train.py "
+                              "wrote.")
     wrong = [key for key, ok in shape_checks(ckpt).items() if not ok]
     if wrong:
         raise CheckpointError(f"{path} has the cifar10-engine marker but malformed "

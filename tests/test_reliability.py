@@ -1664,13 +1664,15 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(finished, tmp_pa
     with pytest.raises(CheckpointError) as refused:
         checkpoint.load(tmp_path / "ckpt.pt")
     assert str(refused.value) == (f"{tmp_path / 'ckpt.pt'} has checkpoint version 2; this "
-                                  "engine reads version 1.")
+                                  "engine reads version 1. Read it with the cifar10-engine that "
+                                  "wrote it, or train a new run with this one.")
 
 
 @pytest.mark.parametrize("content, message", [
     ({"format": checkpoint.FORMAT, "version": checkpoint.VERSION},
      "lacks arch, width, num_classes, state_dict, classes, mean, std, config, history, data; "
-     "it is incomplete."),
+     "it is incomplete (edited, or written by other code). Use the ckpt.pt that "
+     "engine/train.py wrote."),
     ([checkpoint.FORMAT, checkpoint.VERSION],
      f"is not a cifar10-engine checkpoint (no '{checkpoint.FORMAT}' marker); use the ckpt.pt "
      "that engine/train.py wrote."),
@@ -1680,7 +1682,8 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(finished, tmp_pa
      "that engine/train.py wrote."),
     # a version before ours, as well as after it
     ({"format": checkpoint.FORMAT, "version": 0},
-     f"has checkpoint version 0; this engine reads version {checkpoint.VERSION}."),
+     f"has checkpoint version 0; this engine reads version {checkpoint.VERSION}. Read it with "
+     "the cifar10-engine that wrote it, or train a new run with this one."),
 ], ids=["marker and version only", "a list", "another format", "version 0"])
 def test_a_checkpoint_that_is_no_whole_dict_is_refused(tmp_path, content, message):
     """Refused in words, not with the KeyError or AttributeError of reading it."""

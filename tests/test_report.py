@@ -943,7 +943,7 @@ def test_the_log_scale_is_labelled_in_numbers_where_the_report_turns_math_off():
     a log axis's default labels, mathtext, were drawn as `$\\mathdefault{10^{0}}$`."""
     history = [dict(epoch=e, train_loss=loss, test_loss=loss / 3, train_acc=0.5, test_acc=0.5,
                     lr=0.1) for e, loss in ((1, 20.0), (2, 0.9), (3, 0.5))]
-    with report_figures.plain_text():
+    with report_figures.text_as_written():
         fig = plot_history({"run": history}, report_figures.curve_panels(0.2))
         FigureCanvasAgg(fig).draw()
         labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
@@ -956,12 +956,28 @@ def test_a_log_axis_within_one_decade_labels_its_minor_ticks_in_numbers_too():
     where the report turns math off, as the major labels were."""
     history = [dict(epoch=e, train_loss=loss, test_loss=loss, train_acc=0.5, test_acc=0.5,
                     lr=0.1) for e, loss in ((1, 0.9), (2, 0.7), (3, 0.5))]
-    with report_figures.plain_text():
+    with report_figures.text_as_written():
         fig = plot_history({"run": history}, report_figures.curve_panels(0.0))
         FigureCanvasAgg(fig).draw()
         labels = [t.get_text() for t in fig.axes[0].get_yticklabels(minor=True)
                   if t.get_text()]
     assert labels and not any("$" in label for label in labels), labels
+
+
+def test_characters_the_font_lacks_are_one_notice_and_other_warnings_stay(tmp_path, caplog):
+    """A class named 狗 printed matplotlib's warning, and its source line, for each figure that
+    drew it: one notice names every such character and the font; a warning of anything else
+    is shown as it would have been."""
+    with pytest.warns(UserWarning, match="^another$"), report_figures.text_as_written():
+        for name in ("confusion.png", "grid.png"):
+            fig = Figure()
+            fig.suptitle("狗 猫 $cat$")
+            fig.savefig(tmp_path / name)
+        warnings.warn("another", UserWarning, stacklevel=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "notice: the report's font (DejaVu Sans) has no 狗猫, drawn as boxes in its figures; "
+        "install a font that has them and list it after that one in font.family of your "
+        "matplotlibrc (matplotlib draws each character in the first font that has it)."]
 
 
 def test_the_epoch_axis_is_labelled_in_whole_epochs():

@@ -35,7 +35,8 @@ def plot_history(runs: dict[str, list[dict]], panels: list[Panel]) -> Figure:
         if panel.yscale == "log":
             ax.set_yscale("log")
             # plain numbers: the default labels are mathtext ($10^{0}$), drawn as that raw text
-            # where the report turns math off for the names it draws (report_figures.plain_text)
+            # where the report turns math off for the names it draws
+            # (report_figures.text_as_written)
             ax.yaxis.set_major_formatter(LogFormatter())
             ax.yaxis.set_minor_formatter(LogFormatter())
         elif panel.yscale == "lr":

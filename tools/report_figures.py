@@ -3,7 +3,11 @@ PDF of the trained model (a summary page, then a page of maps per image)."""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -18,11 +22,34 @@ from tools.cams import CAM_BATCH, CLASS_AGNOSTIC, cams, overlay
 from tools.plots import Panel, plot_history
 from tools.report_inputs import Inputs, in_chunks, normalized
 
+log = logging.getLogger(__name__)
+# matplotlib's warning for each character its fonts lack, each time a figure draws it
+MISSING_GLYPH = re.compile(r"Glyph (\d+) .* missing from font\(s\) (.+)\.")
 
-def plain_text() -> AbstractContextManager:
+
+@contextmanager
+def text_as_written() -> Iterator[None]:
     """For the block: text drawn as written. matplotlib reads `$...$` as math, so a class name
-    or a run's path with `$` in it came out in italics, or ended the report in a parse error."""
-    return matplotlib.rc_context({"text.parse_math": False})
+    or a run's path with `$` in it came out in italics, or ended the report in a parse error.
+    Characters the font lacks (class names in Chinese where DejaVu Sans is the font) are drawn
+    as boxes, said in one notice, not in matplotlib's warning per figure and character with its
+    source line under each."""
+    with matplotlib.rc_context({"text.parse_math": False}), \
+            warnings.catch_warnings(record=True) as caught:
+        yield
+    missing: dict[str, str] = {}  # character -> the fonts that lack it
+    for warning in caught:
+        if match := MISSING_GLYPH.fullmatch(str(warning.message)):
+            missing[chr(int(match[1]))] = match[2]
+        else:  # any other warning as it would have been shown
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno, source=warning.source)
+    if missing:
+        log.warning(f"notice: the report's font ({', '.join(sorted(set(missing.values())))}) "
+                    f"has no {''.join(sorted(missing))}, drawn as boxes in its figures; install "
+                    "a font that has them and list it after that one in font.family of your "
+                    "matplotlibrc (matplotlib draws each character in the first font that has "
+                    "it).")
 
 PANEL = 2.0  # inches per image panel: 32x32 pixels drawn large enough to see
 NAMED_CLASSES = 100  # ours: CIFAR-100's count; the confusion matrix names up to this many

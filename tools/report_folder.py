@@ -23,10 +23,10 @@ from tools.cams import layer_of
 from tools.report_faithfulness import faithfulness, verdict
 from tools.report_figures import (
     explain,
-    plain_text,
     plot_confusion,
     plot_curves,
     plot_misclassified,
+    text_as_written,
     write_pdf,
 )
 from tools.report_inputs import (
@@ -185,7 +185,7 @@ def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | Non
         folder = temporary_name(target / STAGED if inside else target)
         try:
             folder.mkdir()
-            with plain_text():  # class names and paths drawn as written, `$` and all
+            with text_as_written():  # class names and paths drawn as written, `$` and all
                 write_report(run, folder, n, layers, methods)
             check_out(target, out is not None)  # again: files may have come in meanwhile
             (publish_inside if inside else publish)(folder, target)

@@ -306,6 +306,22 @@ def blocked_epoch_files(out: Path) -> None:
                                   f"{name} there. Move it away and resume again.")
 
 
+def check_space(out: Path, cfg: TrainConfig) -> None:
+    """CheckpointError where `out`'s disk has less free space than an epoch's files take at the
+    least (the weights in best.pt and again in ckpt.pt, written beside the previous epoch's
+    before they replace them): said before the data is prepared and an epoch trained, where
+    the first save would fail only once that epoch is done."""
+    with torch.device("meta"):  # shapes alone: no memory, no time
+        model = build_model(cfg.arch, 1, cfg.width)  # one class: less than any dataset's
+    need = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise CheckpointError(f"--out {out}: its disk has {free / 2**20:,.1f} MiB free, and "
+                              f"each epoch's checkpoints of this run (width {cfg.width}) take "
+                              f"at least {need / 2**20:,.1f} MiB; free some space or choose "
+                              "another --out.")
+
+
 def write_epoch(out: Path, ckpt: dict, best: bool) -> None:
     """One epoch's files: best.pt (the weights alone, when the epoch beats every earlier one),
     ckpt.pt, metrics and config.json (beside the first checkpoint, not before: a run that

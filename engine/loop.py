@@ -246,6 +246,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
                                     "choose another --out, or move them away.")
             if main:
                 sweep_temporaries(out)  # of a save that was killed midway
+                checkpoint.check_space(out, cfg)
             # the trackers' folder, when this run makes it: of no epoch, it goes with best.pt
             logs = out / TRACKERS if cfg.log_with and not (out / TRACKERS).exists() else None
             try:

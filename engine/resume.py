@@ -3,6 +3,7 @@ continues from, checked against the machine it resumes on."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ def repeated(key: str, value: object, saved: dict, run_dir: Path) -> bool:
     """Whether option `key`, given as `value`, says what the resumed run already has: its
     saved value; --lr auto, the saved LR's origin; an --out naming its folder, however written
     (./runs/x, an absolute path; the saved one is as the last --resume wrote it)."""
-    if key == "out":
-        return Path(value).resolve() == Path(run_dir).resolve()
+    if key == "out":  # realpath: links in a loop, refused later as --out, raise no error here
+        return os.path.realpath(value) == os.path.realpath(run_dir)
     return field_value(saved.get(key)) == value or (
         key == "lr" and value == "auto" and bool(saved.get("lr_auto")))
 

@@ -306,19 +306,17 @@ def blocked_epoch_files(out: Path) -> None:
                                   f"{name} there. Move it away and resume again.")
 
 
-def check_space(out: Path, cfg: TrainConfig) -> None:
+def check_space(out: Path, model: nn.Module, width: int) -> None:
     """CheckpointError where `out`'s disk has less free space than an epoch's files take at the
-    least (the weights in best.pt and again in ckpt.pt, written beside the previous epoch's
-    before they replace them): said before the data is prepared and an epoch trained, where
-    the first save would fail only once that epoch is done."""
-    with torch.device("meta"):  # shapes alone: no memory, no time
-        model = build_model(cfg.arch, 1, cfg.width)  # one class: less than any dataset's
+    least (model's weights in best.pt and again in ckpt.pt, written beside the previous
+    epoch's before they replace them): said before the first epoch, where the first save would
+    fail only once that epoch is done (an hour, on a CPU)."""
     need = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
     free = shutil.disk_usage(out).free
     if free < need:
         raise CheckpointError(f"--out {out}: its disk has {free / 2**20:,.1f} MiB free, and "
-                              f"each epoch's checkpoints of this run (width {cfg.width}) take "
-                              f"at least {need / 2**20:,.1f} MiB; free some space or choose "
+                              f"each epoch's checkpoints of this run (width {width}) take at "
+                              f"least {need / 2**20:,.1f} MiB; free some space or choose "
                               "another --out.")
 
 

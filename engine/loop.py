@@ -246,7 +246,6 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
                                     "choose another --out, or move them away.")
             if main:
                 sweep_temporaries(out)  # of a save that was killed midway
-                checkpoint.check_space(out, cfg)
             # the trackers' folder, when this run makes it: of no epoch, it goes with best.pt
             logs = out / TRACKERS if cfg.log_with and not (out / TRACKERS).exists() else None
             try:
@@ -296,6 +295,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: L
     start = time.perf_counter()
     try:
         run = build(cfg, accelerator)
+        if accelerator.is_main_process:  # the one that writes them
+            checkpoint.check_space(out, run.unwrapped, cfg.width)
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
         history = checkpoint.restore(run, ckpt, ckpt_path) if ckpt else []

@@ -86,14 +86,29 @@ def _unpickle(path: Path, fix: str) -> dict:
         raise DataError(f"{path} cannot be read ({error.strerror or error});{advice} "
                         f"{fix}") from error
     except Exception as error:  # truncated files raise EOFError, garbage raises many kinds
-        raise DataError(
-            f"{path} is truncated or not a CIFAR python batch ({one_line(error)}). {fix}"
-        ) from error
+        raise DataError(f"{path} {_what_else(path, error, fix)}") from error
     if not regular:
         raise DataError(f"{path} {not_a_file(path) or 'is not a file'}. {fix}")
     if not isinstance(content, dict):
         raise DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch dict. {fix}")
     return content
+
+
+def _what_else(path: Path, error: Exception, fix: str) -> str:
+    """What a file the unpickler could not read is, and its fix: what torch.save and np.save
+    write, and torch tensors pickled, are written again as a CIFAR batch is; anything else
+    was cut short or is no batch at all."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"PK\x03\x04"):
+        return ("is a zip archive (as torch.save writes), not a pickle: write it with "
+                "pickle.dump, its tensors as numpy arrays (tensor.numpy()).")
+    if head == b"\x93NUMPY":
+        return ("is a .npy file (as np.save writes), not a pickle: write a dict of its arrays "
+                "with pickle.dump (docs/data.md).")
+    if re.search(r"refusing to load torch\.", str(error)):
+        return "holds torch tensors: pickle them as numpy arrays (tensor.numpy())."
+    return f"is truncated or not a CIFAR python batch ({one_line(error)}). {fix}"
 
 
 def _entry(content: dict, key: bytes) -> object:
@@ -129,9 +144,10 @@ def _read_batch(path: Path, labels_key: bytes, num_classes: int, fix: str) -> Sp
             raise DataError(f"{path} has no '{key.decode()}' entry. {fix}")
     data = _entry(batch, b"data")
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
-        raise DataError(f"{path}: 'data' must be a uint8 array, got {type(data).__name__} "
-                        f"of {getattr(data, 'dtype', '?')}; pixels of 0..255 convert with "
-                        f"np.asarray(data, dtype=np.uint8). {fix}")
+        got = (f"an array of {data.dtype}" if isinstance(data, np.ndarray)
+               else f"a {type(data).__name__}")
+        raise DataError(f"{path}: 'data' must be a uint8 array, got {got}; pixels of 0..255 "
+                        f"convert with np.asarray(data, dtype=np.uint8). {fix}")
     images = _as_hwc(path, data, fix)
     labels = _one_label_each(path, len(images), _entry(batch, labels_key), fix)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -197,10 +213,16 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
     """Read and validate a python-format folder; any defect raises DataError naming the file."""
     if name in ("synthetic", "folder"):  # ours, made from the generator or the image folders
         fix = f"Delete {folder}; the next run makes it again."
-    else:
+    else:  # the archive's, or one a user wrote: deleting theirs would lose it
         fix = (f"Delete {folder} to download it again, or replace the file from the original "
-               "archive.")
+               "archive; a folder you wrote yourself: write that file again as a pickled dict "
+               "of numpy arrays (docs/data.md).")
     classes = _class_names(folder / layout.meta_file, layout.names_key, fix)
+    if extra := sorted(set(_numbered(folder, layout.train_files)) - set(layout.train_files)):
+        # a sixth batch of a folder written by hand was left out without a word
+        raise DataError(f"{folder} holds {', '.join(extra)} beside "
+                        f"{', '.join(layout.train_files)}, the {name} training batches read; "
+                        "merge its images into those, or move it away.")
 
     def read(files: tuple[str, ...]) -> Split:
         parts = [_read_batch(folder / f, layout.labels_key, len(classes), fix) for f in files]
@@ -211,6 +233,13 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
                      np.concatenate([p.labels for p in parts]))
 
     return CifarData(name, classes, read(layout.train_files), read(layout.test_files), folder)
+
+
+def _numbered(folder: Path, files: tuple[str, ...]) -> list[str]:
+    """The files in `folder` numbered as `files` are (data_batch_<n>), any number."""
+    stem = files[0].rstrip("0123456789")
+    return [p.name for p in folder.glob(f"{stem}*")
+            if stem != files[0] and p.name[len(stem):].isdigit()]
 
 
 def source_name(name: str, data_dir: Path,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import (
     CIFAR10_CLASSES,
     ROOT,
@@ -1195,6 +1196,63 @@ def test_three_dimensional_data_is_refused_naming_the_file(cifar10_dir):
     path = cifar10_dir.folder / "data_batch_1"
     dump_pickle(path, _with(data=np.zeros((4, layouts.ROW_SIZE, 1), np.uint8)))
     assert_refused(cifar10_dir, path, "'data' has shape (4, 3072, 1)")
+
+
+def np_saved(array: np.ndarray) -> bytes:
+    """What np.save writes of array (to a path, it would add .npy to the name)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+# what users write in a batch's place, and the words the refusal must hold: what it is and
+# what to write instead (it was 'truncated or not a CIFAR python batch', and to delete the
+# folder, theirs, to download CIFAR-10 again)
+WRITTEN_OTHERWISE = {
+    "torch.save": (lambda path, batch: torch.save(batch, path),
+                   "is a zip archive (as torch.save writes), not a pickle: write it with "
+                   "pickle.dump, its tensors as numpy arrays (tensor.numpy())."),
+    "np.save": (lambda path, batch: path.write_bytes(np_saved(batch[b"data"])),
+                "is a .npy file (as np.save writes), not a pickle: write a dict of its arrays "
+                "with pickle.dump (docs/data.md)."),
+    "tensors": (lambda path, batch: dump_pickle(
+        path, {**batch, b"data": torch.from_numpy(batch[b"data"])}, 4),
+        "holds torch tensors: pickle them as numpy arrays (tensor.numpy())."),
+    "a list": (lambda path, batch: dump_pickle(path, {**batch, b"data": batch[b"data"].tolist()},
+                                               4),
+               "'data' must be a uint8 array, got a list; pixels of 0..255 convert with "
+               "np.asarray(data, dtype=np.uint8). Delete"),
+}
+
+
+@pytest.mark.parametrize("case", WRITTEN_OTHERWISE)
+def test_a_batch_written_otherwise_is_named_with_what_to_write(cifar10_dir, case):
+    write, words = WRITTEN_OTHERWISE[case]
+    path = cifar10_dir.folder / "data_batch_2"
+    write(path, _good_batch())
+    assert_refused(cifar10_dir, path, f"{path}{': ' if case == 'a list' else ' '}{words}")
+
+
+def test_a_refusal_in_a_folder_a_user_may_have_written_says_how_to_write_it_again(cifar10_dir):
+    """Deleting the folder to download CIFAR-10 again was the only fix given: for a folder the
+    user wrote, the loss of it."""
+    path = cifar10_dir.folder / "data_batch_3"
+    _truncate(path)
+    assert_refused(cifar10_dir, path, f"Delete {cifar10_dir.folder} to download it again, or "
+                   "replace the file from the original archive; a folder you wrote yourself: "
+                   "write that file again as a pickled dict of numpy arrays (docs/data.md).")
+
+
+def test_a_training_batch_past_the_fifth_is_refused_not_left_out(cifar10_dir):
+    """A sixth batch written by hand was skipped without a word: its images never trained."""
+    shutil.copyfile(cifar10_dir.folder / "data_batch_1", cifar10_dir.folder / "data_batch_6")
+    (cifar10_dir.folder / "data_batch_notes").write_text("not numbered: not a batch")
+    with pytest.raises(DataError) as refused:
+        read(cifar10_dir.folder)
+    assert str(refused.value) == (
+        f"{cifar10_dir.folder} holds data_batch_6 beside data_batch_1, data_batch_2, "
+        "data_batch_3, data_batch_4, data_batch_5, the cifar10 training batches read; merge its "
+        "images into those, or move it away.")
 
 
 def test_fetch_extracts_a_placed_archive_without_downloading(tmp_path, closed_port):

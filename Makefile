@@ -18,6 +18,12 @@ setup: $(STAMP)
 # FFCV compiles against opencv and turbojpeg, with a C++ compiler and Python's headers, and
 # python3 -m venv needs ensurepip (Debian's python3-venv): Debian's packages when one is missing
 # (without apt-get, what to install).
+# The install: uv fetches and unpacks torch's gigabytes of CUDA wheels in parallel, in half
+# pip's time (benchmarks/results/setup-pip-vs-uv-cpu-2core.log); compiled to bytecode as pip
+# does, or every command would compile torch's sources again. pip, with this machine's own
+# configuration (a private index, say), when uv cannot. The extras too, so the tests exercise
+# the bench's peers and the exports for real. uv's TMPDIR in .venv: it leaves a lock file in
+# the temporary folder per package it builds (astral-sh/uv#14385).
 $(STAMP): pyproject.toml
 	@if ! { $(NEEDS); } >/dev/null 2>&1; then \
 	  if ! command -v apt-get >/dev/null; then echo "setup: FFCV's build needs opencv and \
@@ -26,12 +32,6 @@ $(STAMP): pyproject.toml
 	  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT); \
 	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
 	test -x $(PY) || python3 -m venv .venv
-	# uv fetches and unpacks torch's gigabytes of CUDA wheels in parallel, in half pip's time
-	# (benchmarks/results/setup-pip-vs-uv-cpu-2core.log); compiled to bytecode as pip does, or
-	# every command would compile torch's sources again. pip, with this machine's own
-	# configuration (a private index, say), when uv cannot. The extras too, so the tests
-	# exercise the bench's peers and the exports for real. uv's TMPDIR in .venv: it leaves a
-	# lock file in the temporary folder per package it builds (astral-sh/uv#14385).
 	mkdir -p .venv/tmp
 	{ $(PY) -m pip install -q uv && TMPDIR="$(CURDIR)/.venv/tmp" $(PY) -m uv pip install -q \
 	  --compile-bytecode --python $(PY) -e $(PROJECT); } || $(PY) -m pip install -q -e $(PROJECT)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,7 +52,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # compiling is ours too (--compile): `accelerate launch --dynamo_backend` compiled the
         # model behind a run whose header and config.json said eager. With several
         # processes this is their rendezvous, which waits in C++ for every one of them
-        with stop_signals_end_at_once(), said_while_waiting():
+        with stop_signals_end_at_once(), said_while_waiting(), warnings.catch_warnings():
+            # its "OMP_NUM_THREADS/MKL_NUM_THREADS unset, we set it at N" of a multi-process
+            # CPU run: share_cores below sets the threads, and the run's header says how many
+            warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset")
             accelerator = Accelerator(cpu=not cuda, log_with=cfg.log_with,
                                       project_dir=cfg.out, mixed_precision="no",
                                       dynamo_backend="no")

@@ -336,6 +336,8 @@ def test_a_table_cell_has_thousands_separators_from_100_and_3_digits_below():
     assert [number(v) for v in (12345.67, 100.0, 99.94, 0.012345, 2048, None, True)] == [
         "12,345.7", "100.0", "99.9", "0.0123", "2048", "", "True"]
     assert number([1500.0, 0.5]) == "1,500.0 0.5"
+    # a fast loader's 32 epochs of a turn: their count and range
+    assert number([0.0131, *[0.0129] * 30, 0.0151]) == "32: 0.0129..0.0151"
 
 
 def test_the_help_gives_each_default_once_where_cuda_and_cpu_share_it():

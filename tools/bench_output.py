@@ -24,6 +24,8 @@ COLUMNS = {name: [f.name for f in fields(cls)] for name, cls in
             ("peers", PeerResult), ("seed", SeedEpochResult))}
 COLUMNS["mfu"] = ["source", "config", "images_per_s", "achieved_TFLOP/s", "peak_TFLOP/s", "mfu"]
 NAME_WIDTH = 100  # the profile table's op names, cut to this (its JSON keeps them whole)
+LISTED = 6  # numbers a table cell lists; more (a turn's repeats of a fast loader's epoch, up
+# to 32 on a GPU) as their count and range, where the line ran to hundreds of characters
 
 
 def commit() -> str:
@@ -59,6 +61,8 @@ def metadata(device: torch.device, argv: list[str]) -> dict:
 def number(value: object) -> str:
     """A cell of a table: thousands separators for large numbers, 3 significant digits else."""
     if isinstance(value, list):
+        if len(value) > LISTED:  # the JSON keeps them all
+            return f"{len(value)}: {number(min(value))}..{number(max(value))}"
         return " ".join(number(v) for v in value)
     if value is None:
         return ""

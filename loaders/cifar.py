@@ -9,6 +9,7 @@ import pickle
 import re
 import stat
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def _what_else(path: Path, error: Exception, fix: str) -> str:
     """What a file the unpickler could not read is, and its fix: what torch.save and np.save
     write, and torch tensors pickled, are written again as a CIFAR batch is; anything else
     was cut short or is no batch at all."""
-    with open(path, "rb") as f:
+    head = b""
+    with suppress(OSError), open(path, "rb") as f:  # gone meanwhile: said as the rest is
         head = f.read(6)
     if head.startswith(b"PK\x03\x04"):
         return ("is a zip archive (as torch.save writes), not a pickle: write it with "

@@ -310,7 +310,7 @@ def check_space(out: Path, model: nn.Module, width: int) -> None:
     """CheckpointError where `out`'s disk has less free space than an epoch's files take at the
     least (model's weights in best.pt and again in ckpt.pt, written beside the previous
     epoch's before they replace them): said before the first epoch, where the first save would
-    fail only once that epoch is done (an hour, on a CPU)."""
+    fail only once that epoch is done (a long one, on a CPU)."""
     need = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
     free = shutil.disk_usage(out).free
     if free < need:

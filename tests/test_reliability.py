@@ -1149,7 +1149,7 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
 
 def test_an_out_without_space_for_the_checkpoints_is_refused_before_the_first_epoch(
         data_dir, tmp_path):
-    """A disk with a few KiB free took the run: a whole epoch trained (an hour, on a CPU)
+    """A disk with a few KiB free took the run: a whole epoch trained (long, on a CPU)
     before the first save failed. Width 16's weights take 2.7 MiB, twice over in best.pt and
     ckpt.pt; this disk has 1 MiB."""
     with tmpfs(tmp_path / "disk", "size=1m") as disk:

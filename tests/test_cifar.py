@@ -1205,22 +1205,22 @@ def np_saved(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# what users write in a batch's place, and the words the refusal must hold: what it is and
+# what users write in a batch's place, and the words after its path in the refusal: what it is and
 # what to write instead (it was 'truncated or not a CIFAR python batch', and to delete the
 # folder, theirs, to download CIFAR-10 again)
 WRITTEN_OTHERWISE = {
     "torch.save": (lambda path, batch: torch.save(batch, path),
-                   "is a zip archive (as torch.save writes), not a pickle: write it with "
+                   " is a zip archive (as torch.save writes), not a pickle: write it with "
                    "pickle.dump, its tensors as numpy arrays (tensor.numpy())."),
     "np.save": (lambda path, batch: path.write_bytes(np_saved(batch[b"data"])),
-                "is a .npy file (as np.save writes), not a pickle: write a dict of its arrays "
+                " is a .npy file (as np.save writes), not a pickle: write a dict of its arrays "
                 "with pickle.dump (docs/data.md)."),
     "tensors": (lambda path, batch: dump_pickle(
         path, {**batch, b"data": torch.from_numpy(batch[b"data"])}, 4),
-        "holds torch tensors: pickle them as numpy arrays (tensor.numpy())."),
+        " holds torch tensors: pickle them as numpy arrays (tensor.numpy())."),
     "a list": (lambda path, batch: dump_pickle(path, {**batch, b"data": batch[b"data"].tolist()},
                                                4),
-               "'data' must be a uint8 array, got a list; pixels of 0..255 convert with "
+               ": 'data' must be a uint8 array, got a list; pixels of 0..255 convert with "
                "np.asarray(data, dtype=np.uint8). Delete"),
 }
 
@@ -1230,7 +1230,7 @@ def test_a_batch_written_otherwise_is_named_with_what_to_write(cifar10_dir, case
     write, words = WRITTEN_OTHERWISE[case]
     path = cifar10_dir.folder / "data_batch_2"
     write(path, _good_batch())
-    assert_refused(cifar10_dir, path, f"{path}{': ' if case == 'a list' else ' '}{words}")
+    assert_refused(cifar10_dir, path, f"{path}{words}")
 
 
 def test_a_refusal_in_a_folder_a_user_may_have_written_says_how_to_write_it_again(cifar10_dir):

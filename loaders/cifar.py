@@ -240,8 +240,9 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
 def _numbered(folder: Path, files: tuple[str, ...]) -> list[str]:
     """The files in `folder` numbered as `files` are (data_batch_<n>), any number."""
     stem = files[0].rstrip("0123456789")
-    return [p.name for p in folder.glob(f"{stem}*")
-            if stem != files[0] and p.name[len(stem):].isdigit()]
+    if stem == files[0]:  # not numbered (CIFAR-100's one train file)
+        return []
+    return [p.name for p in folder.glob(f"{stem}*") if p.name[len(stem):].isdigit()]
 
 
 def source_name(name: str, data_dir: Path,

@@ -162,8 +162,15 @@ def _as_hwc(path: Path, data: np.ndarray, fix: str) -> np.ndarray:
     """uint8 pixels as N x 32 x 32 x 3 (HWC, what decoders and PIL expect) from the archive's
     rows of R, G and B planes (N x 3072), or from the image arrays Python 3 writers save
     (N x 3 x 32 x 32 planes, N x 32 x 32 x 3 pixels; 3 is never 32, so neither is mistaken
-    for the other); DataError naming path for any other shape."""
+    for the other); DataError naming path for any other shape, or for rows that look like
+    pixels flattened (_flattened_pixels)."""
     if data.ndim == 2 and data.shape[1] == ROW_SIZE:
+        if _flattened_pixels(data):
+            raise DataError(
+                f"{path}: 'data' holds rows that look like N x 32 x 32 x 3 images flattened "
+                "pixel by pixel (x.reshape(len(x), -1)), not the archive's R, G and B planes: "
+                "read as planes they would be scrambled. Save the images unflattened, or as "
+                f"planes: x.transpose(0, 3, 1, 2).reshape(len(x), -1). {fix}")
         return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     if data.shape[1:] == (3, 32, 32):
         return data.transpose(0, 2, 3, 1)
@@ -172,6 +179,36 @@ def _as_hwc(path: Path, data: np.ndarray, fix: str) -> np.ndarray:
     raise DataError(f"{path}: 'data' has shape {data.shape}; expected N x {ROW_SIZE} rows of R, "
                     "G and B planes (the original archive's layout), N x 3 x 32 x 32 or "
                     f"N x 32 x 32 x 3. {fix}")
+
+
+# images looked at to tell planes from flattened pixels, and by how much (of a correlation's
+# -1..1) the pixels' reading must be the smoother: a picture's rows are like their next ones,
+# read as it was written; flattened pixels read as planes have no such rows, and noise has
+# none either way (benchmarks/results/flattened-pixels-check-cpu.log: photographs' patches,
+# the tests' synthetic pictures, noise, flat colours and ramps, written both ways)
+FLATTENED_SAMPLE, FLATTENED_MARGIN = 256, 0.5
+
+
+def _flattened_pixels(rows: np.ndarray) -> bool:
+    """Whether N x 3072 rows are rather pictures flattened pixel by pixel (HWC) than the
+    archive's planes: a shape cannot tell, so how alike vertically adjacent pixels are, read
+    either way, in each image of a sample where both readings vary."""
+    sample = rows[:FLATTENED_SAMPLE].astype(np.float32)
+    as_planes = _vertical_likeness(sample.reshape(-1, 3, 32, 32))
+    as_pixels = _vertical_likeness(sample.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2))
+    kept = ~(np.isnan(as_planes) | np.isnan(as_pixels))
+    return bool(kept.any()) and np.median(as_pixels[kept] - as_planes[kept]) > FLATTENED_MARGIN
+
+
+def _vertical_likeness(planes: np.ndarray) -> np.ndarray:
+    """Per image of N x 3 x 32 x 32, the mean over its planes of the correlation of each pixel
+    with the one below it: near 1 for a picture, near 0 for noise; NaN where a plane is flat."""
+    above, below = planes[:, :, :-1], planes[:, :, 1:]
+    above = above - above.mean((2, 3), keepdims=True)
+    below = below - below.mean((2, 3), keepdims=True)
+    spread = np.sqrt((above ** 2).sum((2, 3)) * (below ** 2).sum((2, 3)))
+    with np.errstate(invalid="ignore"):  # a flat plane: 0 / NaN
+        return ((above * below).sum((2, 3)) / np.where(spread > 0, spread, np.nan)).mean(1)
 
 
 def _text(name: bytes | str) -> str:

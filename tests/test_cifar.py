@@ -1191,6 +1191,35 @@ def test_image_arrays_as_python_3_writers_save_them_are_read(cifar10_dir, layout
     assert_splits_equal(data.test, cifar10_dir.test)
 
 
+def pictures(n: int, rng: np.random.Generator) -> cifar.Split:
+    """n of loaders.synthetic's pictures: shapes over smoothly varying backgrounds."""
+    images, labels, _ = synthetic.make_split(n, seed=int(rng.integers(1 << 31)))
+    return cifar.Split(images, labels)
+
+
+@pytest.mark.parametrize("make_split, refused", [(pictures, True), (random_split, False)],
+                         ids=["pictures", "noise"])
+def test_pictures_flattened_pixel_by_pixel_are_refused(tmp_path, make_split, refused):
+    """N x 32 x 32 x 3 pictures flattened (x.reshape(len(x), -1)) have the shape of the
+    archive's rows of planes, and read as planes were scrambled: refused with both ways to
+    write them, by how alike vertically adjacent pixels are read either way. The same pictures
+    as planes are read; noise, as rough either way, cannot be told and is read."""
+    made = write_cifar10(tmp_path, rows=(3, 2, 8, 1, 2), make_split=make_split)
+    assert_splits_equal(read(made.folder).train, made.train)
+    path = made.folder / "data_batch_3"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    pixels = batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    dump_pickle(path, {**batch, b"data": pixels.reshape(len(pixels), -1).copy()})
+    if refused:
+        assert_refused(made, path, "'data' holds rows that look like N x 32 x 32 x 3 images "
+                                   "flattened pixel by pixel (x.reshape(len(x), -1)), not the "
+                                   "archive's R, G and B planes: read as planes they would be "
+                                   "scrambled. Save the images unflattened, or as planes: "
+                                   "x.transpose(0, 3, 1, 2).reshape(len(x), -1).")
+    else:
+        assert len(read(made.folder).train.labels) == 16
+
+
 def test_three_dimensional_data_is_refused_naming_the_file(cifar10_dir):
     """(4, 3072, 1) has 3072 values a row but is no batch of rows."""
     path = cifar10_dir.folder / "data_batch_1"

@@ -576,6 +576,18 @@ def test_a_python_that_cannot_start_is_named_not_taken_for_one_lacking_nothing(t
         "no_such_mod": "ModuleNotFoundError: No module named 'no_such_mod'"}
 
 
+def test_ffcv_that_cannot_load_is_named_by_its_own_error(tmp_path):
+    """The probe imports FFCV through the steps' guard (loaders.guards.importing_ffcv), whose
+    advice is for a checkout's .venv: what it says of FFCV is the error beneath, the missing
+    .so that decides whether .whl/lib goes on LD_LIBRARY_PATH."""
+    (tmp_path / "ffcv").mkdir()
+    (tmp_path / "ffcv" / "__init__.py").write_text(
+        "raise ImportError('libturbojpeg.so.0: cannot open shared object file')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    assert gpu_environment.missing(sys.executable, env, ("ffcv",)) == {
+        "ffcv": "ImportError: libturbojpeg.so.0: cannot open shared object file"}
+
+
 def test_the_header_names_a_package_the_image_lacks_as_none(monkeypatch):
     """A version the header reads of a package not installed is None, not the suite's end."""
     monkeypatch.setattr(gpu_environment, "VERSIONED", ("numba", "no-such-package"))

@@ -42,12 +42,18 @@ print(json.dumps(m))
 
 
 def missing(python: str, env: dict, names: tuple[str, ...]) -> dict[str, str]:
-    """Which of `names` `python` cannot import with `env`, each with its error's last line."""
-    code = ("import importlib, sys\n"
+    """Which of `names` `python` cannot import with `env`, each with its error's last line.
+    FFCV is imported as the steps import it (loaders.guards.importing_ffcv: seconds faster),
+    its error the ImportError beneath the guard's advice, which is for a checkout's .venv."""
+    code = ("import importlib\n"
+            "from contextlib import nullcontext\n"
+            "from loaders.guards import importing_ffcv\n"
             f"for name in {names!r}:\n"
             "    try:\n"
-            "        importlib.import_module(name)\n"
+            "        with importing_ffcv() if name == 'ffcv' else nullcontext():\n"
+            "            importlib.import_module(name)\n"
             "    except Exception as error:\n"
+            "        error = error.__cause__ or error\n"
             "        last = (str(error).splitlines() or [''])[-1]\n"
             "        print(name, type(error).__name__ + ':', last)")
     result = subprocess.run([python, "-c", code], env=env, cwd=ROOT, capture_output=True,

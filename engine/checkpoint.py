@@ -27,7 +27,7 @@ from common.hardware import device_name
 from common.paths import CHECKPOINT_FORMAT, FILE_SIZE_FIX, file_size_limited, not_a_file
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
-from engine.optimizers import load_optimizer, load_schedule
+from engine.optimizers import load_optimizer, load_schedule, state_per_parameter
 from loaders.augment import Augment
 from loaders.beton import MIN_STD
 
@@ -306,18 +306,25 @@ def blocked_epoch_files(out: Path) -> None:
                                   f"{name} there. Move it away and resume again.")
 
 
-def check_space(out: Path, model: nn.Module, width: int) -> None:
-    """CheckpointError where `out`'s disk has less free space than an epoch's files take at the
-    least (model's weights in best.pt and again in ckpt.pt, written beside the previous
-    epoch's before they replace them): said before the first epoch, where the first save would
-    fail only once that epoch is done (a long one, on a CPU)."""
-    need = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+def check_space(out: Path, model: nn.Module, cfg: TrainConfig, resumed: bool) -> None:
+    """CheckpointError where `out`'s disk has less free space than the run's checkpoints take
+    at the least: best.pt (the weights) and ckpt.pt (the weights and the optimizer's state),
+    and a new run of several epochs twice that, since each epoch's files are written beside
+    the last epoch's before they replace them. Said before the first epoch, where a save
+    would fail only once an epoch is done (a long one, on a CPU)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state = state_per_parameter(cfg.optimizer, cfg.momentum) * sum(
+        p.numel() * p.element_size() for p in model.parameters())
+    twice = not resumed and cfg.epochs > 1  # a resumed run's last files are there already
+    need = (2 if twice else 1) * (2 * weights + state)
     free = shutil.disk_usage(out).free
     if free < need:
-        raise CheckpointError(f"--out {out}: its disk has {free / 2**20:,.1f} MiB free, and "
-                              f"each epoch's checkpoints of this run (width {width}) take at "
-                              f"least {need / 2**20:,.1f} MiB; free some space or choose "
-                              "another --out.")
+        raise CheckpointError(
+            f"--out {out}: its disk has {free / 2**20:,.1f} MiB free, and this run's "
+            f"checkpoints (width {cfg.width}, {cfg.optimizer}) need at least "
+            f"{need / 2**20:,.1f} MiB (best.pt and ckpt.pt"
+            f"{', two epochs of them while one replaces the other' if twice else ''}); free "
+            "some space or choose another --out.")
 
 
 def write_epoch(out: Path, ckpt: dict, best: bool) -> None:

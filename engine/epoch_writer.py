@@ -13,9 +13,9 @@ from common.stop_signals import stop_signals_held
 
 class EpochWriter:
     """Runs one write at a time, in order, on its own thread. A write's error is raised by the
-    next submit() or wait(). Leaving the `with` block waits for the write in flight, whatever
-    ends the block: a Ctrl-C (which Python delivers to the main thread only, never to the
-    writer) leaves the last epoch's files whole, as the interrupt message says."""
+    next check(), submit() or wait(). Leaving the `with` block waits for the write in flight,
+    whatever ends the block: a Ctrl-C (which Python delivers to the main thread only, never to
+    the writer) leaves the last epoch's files whole, as the interrupt message says."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-writer")
@@ -25,6 +25,11 @@ class EpochWriter:
         """Start write() once the previous write has finished (raising its error, if any)."""
         self.wait()
         self._pending = self._pool.submit(write)
+
+    def check(self) -> None:
+        """Raise the error of a write that has failed; return at once while one still runs."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
 
     def wait(self) -> None:
         """Return once nothing is being written; raise the error of a write that failed."""

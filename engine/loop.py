@@ -98,8 +98,9 @@ def out_of_memory_failure(cfg: TrainConfig, run: Run | None, processes: int) -> 
     return RunFailed(f"out of memory at --batch-size {cfg.batch_size}{whole}; try {fix}.")
 
 
-def train_epoch(run: Run, epoch: int) -> dict:
-    """One pass over this process's shard; metrics summed over all processes."""
+def train_epoch(run: Run, epoch: int, before_step: Callable[[], None]) -> dict:
+    """One pass over this process's shard; metrics summed over all processes. before_step()
+    runs before each step (fit's: raising a failed save of the last epoch's files)."""
     loader, acc = run.train_loader, run.accelerator
     loader.set_epoch(epoch)
     run.model.train()
@@ -110,6 +111,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
                        enabled=acc.is_local_main_process)
     start = time.perf_counter()
     for i, (images, labels) in enumerate(loader):
+        before_step()
         batch_losses[i], batch_correct = train_step(run, images, labels)
         correct += batch_correct
         seen += len(labels)
@@ -176,15 +178,16 @@ def check_finite(run: Run, epoch: int, row: dict) -> None:
 
 def fit(run: Run, history: list[dict], log: Log) -> float:
     """Train from len(history) to cfg.epochs. After every epoch the main process copies the
-    state and writes the epoch's files on a thread while the next epoch trains; returns the
-    seconds training waited for them (the copies, and a write still going when the next was
-    due or the run ended)."""
+    state and writes the epoch's files on a thread while the next epoch trains, which a failed
+    write stops at its next step (not when it ends: its steps are lost either way); returns
+    the seconds training waited for them (the copies, and a write still going when the next
+    was due or the run ended)."""
     cfg, acc, out = run.cfg, run.accelerator, Path(run.cfg.out)
     waited = 0.0
     with EpochWriter() as writer:  # however the loop ends, the last epoch's files are whole
         for epoch in range(len(history), cfg.epochs):
-            row = dict(epoch=epoch + 1, **train_epoch(run, epoch), **test_epoch(run),
-                       lr=run.optimizer.param_groups[0]["lr"])
+            row = dict(epoch=epoch + 1, **train_epoch(run, epoch, writer.check),
+                       **test_epoch(run), lr=run.optimizer.param_groups[0]["lr"])
             check_finite(run, epoch, row)
             history.append(row)
             acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
@@ -296,7 +299,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: L
     try:
         run = build(cfg, accelerator)
         if accelerator.is_main_process:  # the one that writes them
-            checkpoint.check_space(out, run.unwrapped, cfg.width)
+            checkpoint.check_space(out, run.unwrapped, cfg, resumed=ckpt is not None)
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr
             say(lr_range.describe(lr_range.use_suggestion(run), cfg.schedule))
         history = checkpoint.restore(run, ckpt, ckpt_path) if ckpt else []

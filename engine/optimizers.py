@@ -32,6 +32,19 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     ]
 
 
+def state_per_parameter(name: str, momentum: float) -> int:
+    """Tensors the size of each parameter that optimizer `name` keeps once it has stepped (its
+    share of ckpt.pt): SGD's momentum buffer, Adam's two moments, RMSprop's mean square and
+    its momentum buffer."""
+    if name in ("sgd", "nesterov"):
+        return int(momentum > 0)
+    if name in ("adam", "adamw"):
+        return 2
+    if name == "rmsprop":
+        return 1 + int(momentum > 0)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
 def build_optimizer(
     name: str,
     model: nn.Module,

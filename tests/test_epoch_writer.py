@@ -62,6 +62,25 @@ def test_a_failed_write_is_raised_by_the_next_submit_which_writes_nothing():
     assert written == []
 
 
+def test_check_raises_a_failed_write_and_returns_at_once_while_one_runs():
+    """check() is called before every training step: it must never wait for a write."""
+    release = threading.Event()
+
+    def fail() -> None:
+        release.wait(timeout=60)
+        raise CheckpointError("could not write ckpt.pt (disk full)")
+
+    with EpochWriter() as writer:
+        writer.submit(fail)
+        writer.check()  # still running: nothing to raise, and no wait
+        release.set()
+        with pytest.raises(CheckpointError, match="disk full"):
+            for _ in range(600):  # until the write has failed, 60 s at most
+                writer.check()
+                time.sleep(0.1)
+        writer.check()  # raised once
+
+
 def test_a_failed_last_write_is_raised_when_the_block_ends():
     def fail() -> None:
         raise OSError(28, "No space left on device", "runs/a/metrics.csv")

@@ -17,6 +17,7 @@ from engine.optimizers import (
     load_schedule,
     lr_at,
     param_groups,
+    state_per_parameter,
 )
 
 T = 100  # total steps; with the default warmup_frac 0.2 warm-up ends at step 20
@@ -45,6 +46,20 @@ def test_optimizer_steps(name: str):
     model(torch.randn(4, 3, 8, 8)).square().mean().backward()
     opt.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_the_state_counted_for_the_checkpoint_is_what_the_optimizer_keeps(name, momentum):
+    """checkpoint.check_space counts the optimizer's state before it exists (before the first
+    step): the count per parameter must be what torch keeps once it has stepped."""
+    model = Tiny()
+    opt = build_optimizer(name, model, lr=0.01, momentum=momentum)
+    model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    opt.step()
+    kept = sum(v.numel() for state in opt.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.ndim)  # not Adam's step count, a 0-d tensor
+    assert kept == state_per_parameter(name, momentum) * sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -1129,8 +1129,8 @@ def limit_file_size(limit: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_path, epochs):
-    """The write runs beside the next epoch, so its error comes when that epoch ends (or, after
-    the last epoch, at once): the same message either way, and nothing half-written."""
+    """The write runs beside the next epoch, so its error comes at that epoch's next step (or,
+    after the last epoch, at once): the same message either way, and nothing half-written."""
     out = tmp_path / "out"
     # width 16: best.pt holds the weights (~2.8 MB), ckpt.pt adds the optimizer (~5.6 MB)
     result = train("--data-dir", data_dir, "--width", "16", "--epochs", epochs, "--out", out,
@@ -1147,11 +1147,39 @@ def test_a_full_disk_while_saving_the_checkpoint_is_a_clear_error(data_dir, tmp_
     assert not (out / "best.pt").exists()  # written before ckpt.pt failed: it goes too
 
 
+def test_a_failed_save_stops_the_next_epoch_at_its_next_step(data_dir, tmp_path, monkeypatch):
+    """Epoch 1's files are written while epoch 2 trains; their write failed, and epoch 2 went
+    on to its end (a long one, on a CPU) before the error was raised. Now the next step raises
+    it: epoch 2's steps are lost either way. 1024 images in batches of 64: 16 steps an epoch;
+    the write fails once epoch 2's first step has begun, which then waits for it."""
+    began, failed, steps = threading.Event(), threading.Event(), []
+    step = loop.train_step
+
+    def full_disk(out: Path, *_) -> None:
+        began.wait(timeout=60)
+        failed.set()
+        raise CheckpointError(f"could not write {out / 'ckpt.pt'} (No space left on device)")
+
+    def counted(*args):
+        steps.append(len(steps) + 1)
+        if len(steps) == 17:
+            began.set()
+            assert failed.wait(timeout=60)
+        return step(*args)
+
+    monkeypatch.setattr(checkpoint, "write_epoch", full_disk)
+    monkeypatch.setattr(loop, "train_step", counted)
+    with pytest.raises(CheckpointError, match="could not write .*No space left on device"):
+        train_run(tiny_config(data_dir, tmp_path / "out", epochs=2, batch_size=64))
+    assert len(steps) == 17
+
+
 def test_an_out_without_space_for_the_checkpoints_is_refused_before_the_first_epoch(
         data_dir, tmp_path):
     """A disk with a few KiB free took the run: a whole epoch trained (long, on a CPU)
-    before the first save failed. Width 16's weights take 2.7 MiB, twice over in best.pt and
-    ckpt.pt; this disk has 1 MiB."""
+    before the first save failed. Width 16's weights take 2.7 MiB, in best.pt and again in
+    ckpt.pt beside nesterov's momentum (2.7 MiB more), for each of two epochs while one
+    replaces the other; this disk has 1 MiB."""
     with tmpfs(tmp_path / "disk", "size=1m") as disk:
         result = train("--width", "16", "--data-dir", data_dir, "--out", disk / "run",
                        timeout=300)
@@ -1159,9 +1187,28 @@ def test_an_out_without_space_for_the_checkpoints_is_refused_before_the_first_ep
     assert result.returncode == 1, result.stderr[-2000:]
     said = one_line_error(result)
     assert said.startswith(f"error: --out {disk / 'run'}: its disk has ") and said.endswith(
-        " MiB free, and each epoch's checkpoints of this run (width 16) take at least 5.4 MiB; "
-        "free some space or choose another --out."), said
+        " MiB free, and this run's checkpoints (width 16, nesterov) need at least 16.1 MiB "
+        "(best.pt and ckpt.pt, two epochs of them while one replaces the other); free some "
+        "space or choose another --out."), said
     assert left == [] and "train loss" not in result.stdout  # no epoch line
+
+
+@pytest.mark.parametrize("epochs, resumed, refused", [(2, False, True), (1, False, False),
+                                                     (2, True, False)])
+def test_the_space_checked_is_one_epochs_files_or_two_while_one_replaces_the_other(
+        tmp_path, epochs, resumed, refused):
+    """Width 16 with nesterov: best.pt's weights (2.7 MiB), ckpt.pt's and its momentum
+    (5.4 MiB): 8 MiB an epoch, on a 12 MiB disk. A new run of two epochs writes the second's
+    beside the first's and is refused; one epoch, or a resumed run (its files already there),
+    needs room for one epoch's files."""
+    cfg = TrainConfig(width=16, optimizer="nesterov", momentum=0.9, epochs=epochs)
+    with tmpfs(tmp_path / "disk", "size=12m") as disk:
+        if refused:
+            with pytest.raises(CheckpointError, match=r"need at least 16\.1 MiB \(best\.pt and "
+                               r"ckpt\.pt, two epochs of them while one replaces the other\)"):
+                checkpoint.check_space(disk, build_model("resnet18", 10, 16), cfg, resumed)
+        else:
+            checkpoint.check_space(disk, build_model("resnet18", 10, 16), cfg, resumed)
 
 
 @pytest.mark.slow

@@ -121,8 +121,9 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     # stepped by us once per batch; accelerate would step a prepared one once per process
     scheduler = run_schedule(cfg, optimizer, len(train_loader))
     model = accelerator.prepare(model)  # DDP when distributed; the optimizer stays plain
-    # one static graph for the batch size; train_step runs any other size eagerly, since a
-    # second size would compile again, and dynamo would then prefer a dynamic-shape graph
+    # one static graph for the batch size (dynamic=False: never a symbolic-shape one);
+    # train_step runs any other size eagerly, since a second size would compile, and with CUDA
+    # graphs record, a second graph for one batch an epoch
     step_model = (torch.compile(model, dynamic=False, mode=cfg.compile_mode) if cfg.compile
                   else model)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None

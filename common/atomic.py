@@ -13,7 +13,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError, ReportError
-from common.paths import FILE_SIZE_FIX, link_target, not_a_file
+from common.paths import DISK_FULL, FILE_SIZE_FIX, link_target, not_a_file
 from common.temporaries import temporary_name
 
 # the encoding of every text file the commands write and read back, whatever the locale's:
@@ -26,7 +26,7 @@ def write_failed(error: OSError, out: Path, option: str = "--out",
     """What to raise when writing `what` into folder `out` (given as `option`) failed: a
     ReportError naming them and the fix, or `error` itself when it names a file elsewhere (an
     input)."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
         return ReportError(f"{option} {out}: its disk is full, so {what} could not be written "
                            f"(nothing was left there); free some space or choose another "
                            f"{option}.")

@@ -23,7 +23,7 @@ from typing import IO, NoReturn, TypeVar
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
 from common.hardware import first_of_machine, launched
-from common.paths import FILE_SIZE_FIX, dead_link
+from common.paths import DISK_FULL, FILE_SIZE_FIX, dead_link
 from common.stop_signals import (
     INTERRUPTED,
     INTERRUPTED_LINE,
@@ -60,7 +60,7 @@ PEER_SAYS_IT_S = 10  # how long a launched process waits for its machine's first
 
 def os_error_text(error: OSError) -> str:
     """An OSError as one line that names its file (when it has one) and what to do."""
-    if error.errno == errno.ENOSPC:
+    if error.errno in DISK_FULL:
         where = f" writing {error.filename}" if error.filename else ""
         return f"the disk is full{where}; free some space or write to another disk."
     if error.errno == errno.EFBIG:  # no free space would help: the limit is this process's

@@ -4,6 +4,7 @@ checked before the work, not after an hour of it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import tempfile
@@ -17,6 +18,8 @@ from common.temporaries import temporary_name
 CHECKPOINT_FORMAT = "cifar10-engine/ckpt"  # the marker of a checkpoint (engine.checkpoint.FORMAT)
 # the fix for a write that passed RLIMIT_FSIZE (EFBIG, or torch's zip writer's RuntimeError)
 FILE_SIZE_FIX = "raise this process's file size limit (`ulimit -f unlimited`)"
+# a write's errors whose fix is free space: a full disk, or the user's quota on it used up
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def file_size_limited() -> bool:

@@ -24,7 +24,13 @@ from torch import nn
 from common.atomic import atomic_writes, csv_text, json_text, text_writer
 from common.errors import CheckpointError, listing, one_line, plain_line
 from common.hardware import device_name
-from common.paths import CHECKPOINT_FORMAT, FILE_SIZE_FIX, file_size_limited, not_a_file
+from common.paths import (
+    CHECKPOINT_FORMAT,
+    DISK_FULL,
+    FILE_SIZE_FIX,
+    file_size_limited,
+    not_a_file,
+)
 from engine.config import TrainConfig, foreign_values, validate
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule, state_per_parameter
@@ -82,7 +88,7 @@ def unwritten(path: Path, error: OSError, kept: str | None) -> CheckpointError:
         fix = FILE_SIZE_FIX
     elif error.errno is None and file_size_limited():  # torch's RuntimeError: either one
         fix = f"{FILE_SIZE_FIX} or free some space"
-    elif error.errno in (None, errno.ENOSPC, errno.EDQUOT):
+    elif error.errno is None or error.errno in DISK_FULL:
         fix = "free some space"
     else:
         fix = f"make {path.parent} writable"

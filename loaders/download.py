@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common.errors import DataError, one_line
 from common.hashing import file_hash
+from common.paths import DISK_FULL, FILE_SIZE_FIX
 from common.temporaries import usual_permissions
 from loaders.layouts import LAYOUTS
 
@@ -57,14 +58,16 @@ def download(url: str, md5: str, dest: Path, advice: str = "") -> Path:
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, OSError, TimeoutError) as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not the network
-            # the size the server gave; else at least what was written before the disk filled
+        if error.errno in (*DISK_FULL, errno.EFBIG):  # the disk or a limit, not the network
+            # the size the server gave; else at least what was written before the write failed
             needed = (f"{size / 1e6:,.1f} MB" if size else
                       f"over {tmp.stat().st_size / 1e6:,.1f} MB")
+            fix = (FILE_SIZE_FIX if error.errno == errno.EFBIG else
+                   "free some space, or pass another --data-dir")
             raise DataError(
                 f"cannot download {url} into {dest.parent}: {error.strerror}. The archive "
-                f"needs {needed} there, and extracting it about as much again: free some "
-                "space, or pass another --data-dir.") from error
+                f"needs {needed} there, and extracting it about as much again: {fix}."
+            ) from error
         reason = getattr(error, "reason", error)
         raise DataError(f"Could not download {url}: {reason}.{advice}") from error
     except http.client.HTTPException as error:  # a reply cut short or garbled: no OSError

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
-from common.paths import FILE_SIZE_FIX
+from common.paths import DISK_FULL, FILE_SIZE_FIX
 from common.temporaries import usual_permissions
 from loaders import folders, synthetic
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE
@@ -70,7 +70,7 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
         try:
             _write_splits(staging, classes, train, test)
         except OSError as error:  # a full disk (a quota, a file size limit) names no file:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # say which folder
+            if error.errno not in (*DISK_FULL, errno.EFBIG):  # say which folder
                 raise
             needed = sum(a.nbytes for split in (train, test) for a in split.values())
             fix = (FILE_SIZE_FIX if error.errno == errno.EFBIG else

@@ -281,6 +281,27 @@ def test_a_full_disk_while_downloading_names_the_folder_and_the_space(tmp_path, 
         assert list(disk.iterdir()) == []
 
 
+def test_a_download_past_the_file_size_limit_names_the_limit_not_the_network(tmp_path,
+                                                                            http_server):
+    """`ulimit -f` below the archive's size: the write fails with EFBIG, which read as a
+    failed download (and the advice to place the archive by hand, which fails alike)."""
+    (http_server.root / ARCHIVE).write_bytes(os.urandom(1 << 20))
+    url, data = f"{http_server.url}/{ARCHIVE}", tmp_path / "data"
+    data.mkdir()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limits[1]))  # Python ignores SIGXFSZ
+    try:
+        with pytest.raises(DataError) as refused:
+            download.fetch("cifar10", data, url=url, md5="0" * 32)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert str(refused.value) == (
+        f"cannot download {url} into {data}: File too large. The archive needs 1.0 MB "
+        "there, and extracting it about as much again: raise this process's file size limit "
+        "(`ulimit -f unlimited`).")
+    assert list(data.iterdir()) == []
+
+
 def test_a_full_disk_under_a_download_of_unknown_size_names_what_was_written(tmp_path,
                                                                              monkeypatch):
     """A chunked reply gives no Content-Length: the space needed is at least what was written

@@ -302,9 +302,10 @@ def test_run_main_maps_errors_to_one_line_and_an_exit_code(capsys):
     assert err.startswith("error: cannot use /proc/definitely/not/here") and "\n" not in err[:-1]
 
 
-def test_run_main_names_a_full_disk_and_a_lack_of_memory(capsys):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])  # a full disk, a used-up quota
+def test_run_main_names_a_full_disk_and_a_lack_of_memory(capsys, code):
     def full():
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/a/ckpt.pt")
+        raise OSError(code, os.strerror(code), "runs/a/ckpt.pt")
 
     def huge():
         return np.zeros(1 << 62, dtype=np.uint8)  # numpy's MemoryError, not an OSError

@@ -239,14 +239,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
         # the main process owns the run folder for the whole run: a second run into it is
         # refused
         with locked_dir(out) if main else nullcontext():
-            if main and ckpt is None and (out / "ckpt.pt").exists():
-                raise TrainingError(f"{out} already holds a run; continue it with --resume "
-                                    f"{out} or choose another --out.")
-            if main and ckpt is None and (found := [n for n in checkpoint.EPOCH_FILES
-                                                    if (out / n).exists()]):
-                # not a run's (it saves them with its ckpt.pt): the user's own, say
-                raise TrainingError(f"{out} holds {', '.join(found)}, which a run writes over; "
-                                    "choose another --out, or move them away.")
+            if main and ckpt is None:
+                refuse_used(out)
             if main:
                 sweep_temporaries(out)  # of a save that was killed midway
             # the trackers' folder, when this run makes it: of no epoch, it goes with best.pt
@@ -264,6 +258,17 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
         if stop_requested():  # a Ctrl-C that a library caught and made an error of its own:
             raise stopped(accelerator, out) from None  # a stop all the same (run_main's case)
         raise
+
+
+def refuse_used(out: Path) -> None:
+    """TrainingError where a new run's `out` holds a run, or files a run writes over."""
+    if (out / "ckpt.pt").exists():
+        raise TrainingError(f"{out} already holds a run; continue it with --resume {out} or "
+                            "choose another --out.")
+    if found := [name for name in checkpoint.EPOCH_FILES if (out / name).exists()]:
+        # not a run's (it saves them with its ckpt.pt): the user's own, say
+        raise TrainingError(f"{out} holds {', '.join(found)}, which a run writes over; choose "
+                            "another --out, or move them away.")
 
 
 def stopped(accelerator: Accelerator, out: Path) -> Interrupted:
@@ -286,6 +291,31 @@ def kept(out: Path, held: str | None = None) -> str:
         held = held or f"epoch {len(checkpoint.load(out / 'ckpt.pt')['history'])}"
         return f"{out}/ckpt.pt holds {held}; continue with --resume {out}"
     return "no epoch had finished, so nothing was saved; run the same command again"
+
+
+def failure(error: Exception, cfg: TrainConfig, run: Run | None,
+            accelerator: Accelerator) -> Exception | None:
+    """What a run that failed with `error` raises instead, where it is one of ours to say (a
+    divergence every process found, a collective failed, a loader's worker dead, out of
+    memory); None for any other error, raised as it is."""
+    procs, index = accelerator.num_processes, accelerator.process_index
+    if isinstance(error, RunFailed) and not accelerator.is_main_process:
+        # diverged: found on every process at once (from reduced sums, or weights DDP keeps
+        # equal), and each printed the same paragraph
+        return RunFailed(f"process {index} of {procs} stops with process 0, which says why and "
+                         "what to run next")
+    if procs > 1 and peer_gone(error):  # not a traceback of its own
+        # the collective's own words too: all of them fail alike when, say, NCCL cannot start,
+        # and then no other process has more to say; the main process, whose writer is done,
+        # says what was kept (a peer killed, or stopped alone, says not)
+        said = f" {kept(Path(cfg.out))}." if accelerator.is_main_process else ""
+        return TrainingError(f"process {index} of {procs} stops: most often another process of "
+                             "this run stopped first, and its own message says why (here a "
+                             f"collective failed: {one_line(error, 160)}).{said}")
+    for loader in (run.train_loader, run.test_loader) if run else ():
+        if (died := loader.worker_died(error)) is not None:  # raised in next(), or by torch's
+            return died  # handler of the worker's SIGCHLD, anywhere
+    return out_of_memory_failure(cfg, run, procs) if out_of_memory(error) else None
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: Log,
@@ -323,27 +353,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: L
         checkpoint_wait_s = fit(run, history, say)
         accelerator.wait_for_everyone()  # no process exits while rank 0 is still saving
     except Exception as error:
-        if isinstance(error, RunFailed) and not accelerator.is_main_process:
-            # diverged: found on every process at once (from reduced sums, or weights DDP
-            # keeps equal), and each printed the same paragraph
-            raise RunFailed(f"process {accelerator.process_index} of "
-                            f"{accelerator.num_processes} stops with process 0, which says why "
-                            "and what to run next") from None
-        if accelerator.num_processes > 1 and peer_gone(error):  # not a traceback of its own
-            # the collective's own words too: all of them fail alike when, say, NCCL cannot
-            # start, and then no other process has more to say; the main process, whose
-            # writer is done, says what was kept (a peer killed, or stopped alone, says not)
-            said = f" {kept(out)}." if accelerator.is_main_process else ""
-            raise TrainingError(f"process {accelerator.process_index} of "
-                                f"{accelerator.num_processes} stops: most often another process "
-                                "of this run stopped first, and its own message says why (here "
-                                f"a collective failed: {one_line(error, 160)}).{said}") from None
-        for loader in (run.train_loader, run.test_loader) if run else ():
-            if (died := loader.worker_died(error)) is not None:  # raised in next(), or by
-                raise died from None  # torch's handler of the worker's SIGCHLD, anywhere
-        if not out_of_memory(error):
+        if (said := failure(error, cfg, run, accelerator)) is None:
             raise
-        raise out_of_memory_failure(cfg, run, accelerator.num_processes) from None
+        raise said from None
     finally:
         # this run's trackers; not accelerator.end_training(), which also ends the process
         # group, and a second Accelerator in this process would not start it again

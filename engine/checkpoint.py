@@ -313,11 +313,11 @@ def blocked_epoch_files(out: Path) -> None:
 
 
 def check_space(out: Path, model: nn.Module, cfg: TrainConfig, resumed: bool) -> None:
-    """CheckpointError where `out`'s disk has less free space than the run's checkpoints take
-    at the least: best.pt (the weights) and ckpt.pt (the weights and the optimizer's state),
-    and a new run of several epochs twice that, since each epoch's files are written beside
-    the last epoch's before they replace them. Said before the first epoch, where a save
-    would fail only once an epoch is done (a long one, on a CPU)."""
+    """CheckpointError where `out`'s disk has less free space than the run's checkpoints take:
+    best.pt (the weights) and ckpt.pt (the weights and the optimizer's state), and for a new
+    run of several epochs twice that, since an epoch's files (best.pt too, while the accuracy
+    improves) are written beside the last epoch's before they replace them. Said before the
+    first epoch, where a save would fail only once an epoch is done (a long one, on a CPU)."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     state = state_per_parameter(cfg.optimizer, cfg.momentum) * sum(
         p.numel() * p.element_size() for p in model.parameters())

@@ -14,7 +14,7 @@ from common.hardware import native_bf16
 from common.output_folders import output_dir
 from engine import lr_range
 from engine.config import TrainConfig, resolve
-from engine.launch import make_accelerator
+from engine.launch import end_processes, make_accelerator
 from engine.lr_range import RangeTest
 from engine.run import build
 
@@ -70,7 +70,10 @@ def write_lr_curve(cfg: TrainConfig, start_lr: float, end_lr: float,
     csv, png = out / "lr_find.csv", out / "lr_find.png"
     with output_dir(out):
         check_replaceable((csv, png))  # a folder in their place: said now, not after the sweep
-        result, main_process = find(cfg, start_lr, end_lr, iterations)
+        try:
+            result, main_process = find(cfg, start_lr, end_lr, iterations)
+        finally:  # the process group torchrun's processes joined, left as train() leaves it
+            end_processes()
         if not main_process:
             return None
         fig = plot(result)

@@ -394,17 +394,18 @@ def test_adamws_own_weight_decay_shrinks_its_weights_per_step_as_sgds_does():
     assert default_weight_decay("adamw", 5e-4) == pytest.approx(0.05)
 
 
-def test_a_row_gives_the_last_and_best_accuracy_and_the_mean_epoch_time():
+def test_a_row_gives_the_last_and_best_accuracy_and_the_median_epoch_time():
     """compare.csv and compare.md: a run whose accuracy fell at the end has a best above its
     final figure, and s/epoch is per epoch, not the run's total, and leaves out the first
     epoch, the warm-up: on a GPU it holds the compile, the CUDA graphs' recording and, in the
-    first optimizer's run alone, cuDNN's autotuning (40 s here beside steady epochs of 1 and
-    2 s: the mean with it, 14.3 s, said that the run's optimizer was slow)."""
+    first optimizer's run alone, cuDNN's autotuning (40 s here beside steady epochs of 1 s:
+    the mean with it, 13 s, said that the run's optimizer was slow). The median, as the GPU
+    suite's summary takes it: one epoch slowed by the machine (10 s) moves it no more."""
     history = [dict(test_acc=0.5, seconds=40.0), dict(test_acc=0.7, seconds=1.0),
-               dict(test_acc=0.6, seconds=2.0)]
+               dict(test_acc=0.65, seconds=10.0), dict(test_acc=0.6, seconds=1.0)]
     row = Result("sgd", 0.1, 5e-4, history).row()
     assert (row["final_test_acc"], row["best_test_acc"]) == (0.6, 0.7)
-    assert row["seconds_per_epoch"] == pytest.approx(1.5) and row["epochs"] == 3
+    assert row["seconds_per_epoch"] == pytest.approx(1.0) and row["epochs"] == 4
     # a one-epoch run has only its warm-up to give
     one = Result("sgd", 0.1, 5e-4, history[:1]).row()
     assert one["seconds_per_epoch"] == pytest.approx(40.0) and one["epochs"] == 1
@@ -443,7 +444,7 @@ def test_the_table_gives_each_runs_numbers_in_its_own_column_and_a_diverged_runs
     happened), its advice left to the error line."""
     finished = Result("sgd", 0.0234375, 5e-4, [dict(test_acc=0.5, seconds=40.0),
                                                dict(test_acc=0.7, seconds=1.0),
-                                               dict(test_acc=0.65, seconds=1.0),
+                                               dict(test_acc=0.65, seconds=1.3),
                                                dict(test_acc=0.6, seconds=2.0)])
     # AdamW's own weight decay at --weight-decay 7e-4, 0.06999999999999999
     diverged = Result("adamw", 1e-3, default_weight_decay("adamw", 7e-4), [],

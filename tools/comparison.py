@@ -4,6 +4,7 @@ command line)."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,8 +46,8 @@ class Result:
     note: str = ""  # empty when the run finished
 
     def row(self) -> dict:
-        """The run in one table row; its s/epoch the mean of the epochs after the first, as
-        the GPU suite's summary takes them (tools/gpu_summary.run_line)."""
+        """The run in one table row; its s/epoch the median of the epochs after the first,
+        as the GPU suite's summary takes them (tools/gpu_summary.run_line)."""
         accs = [r["test_acc"] for r in self.history]
         # the first epoch is the warm-up: on a GPU it holds torch.compile, the CUDA graphs'
         # recording and cuDNN's autotuning, tens of seconds beside a steady epoch's one or two,
@@ -56,7 +57,7 @@ class Result:
         return dict(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
                     final_test_acc=accs[-1] if accs else None,
                     best_test_acc=max(accs) if accs else None,
-                    seconds_per_epoch=sum(seconds) / len(seconds) if seconds else None,
+                    seconds_per_epoch=statistics.median(seconds) if seconds else None,
                     epochs=len(self.history), note=self.note)
 
 

@@ -47,15 +47,19 @@ def removal_order(maps: np.ndarray) -> np.ndarray:
 def road(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
          maps: np.ndarray) -> np.ndarray:
     """ROADCombined score of each image's map for its target class (softmax confidence), the
-    map taken as the order of its pixels (removal_order)."""
+    map taken as the order of its pixels (removal_order). Its imputer adds noise from torch's
+    generator (1% of a pixel's scale): seeded here, so a report of one checkpoint scores the
+    same each time, and the caller's generator is left as it was."""
     # imported here, as in tools.cams.cams: seconds that --help need not wait for
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     metric = ROADCombined(percentiles=PERCENTILES)
     classes = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
-    return np.asarray(metric(inputs, removal_order(maps), classes, model),
-                      dtype=np.float64)
+    with torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []):
+        torch.manual_seed(TIE_SEED)
+        return np.asarray(metric(inputs, removal_order(maps), classes, model),
+                          dtype=np.float64)
 
 
 def random_maps(like: np.ndarray) -> np.ndarray:

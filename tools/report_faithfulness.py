@@ -48,8 +48,9 @@ def road(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
          maps: np.ndarray) -> np.ndarray:
     """ROADCombined score of each image's map for its target class (softmax confidence), the
     map taken as the order of its pixels (removal_order). Its imputer adds noise from torch's
-    generator (1% of a pixel's scale): seeded here, so a report of one checkpoint scores the
-    same each time, and the caller's generator is left as it was."""
+    generator (a standard deviation of 0.01 in the normalized inputs): seeded here, so a
+    report of one checkpoint scores the same each time, and the caller's generator is left as
+    it was."""
     # imported here, as in tools.cams.cams: seconds that --help need not wait for
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget

@@ -784,7 +784,6 @@ def test_counted_flops_agree_with_the_hand_count():
         model = ResNet18(width=width)
         counted = count_train_flops(model)[0]
         assert counted == pytest.approx(6 * forward_macs(model), rel=0.02)
-        assert count_train_flops(model, channels_last=True)[0] == counted
     assert counted == pytest.approx(3.33e9, rel=0.01)  # width 64's, the last counted
     # per top-level module (a nested one's FLOPs are its parent's): together, the total
     counted, by_module = count_train_flops(ResNet18(width=8))

@@ -26,15 +26,12 @@ from tools.timing import Peak, matmul_peak
 PROBE_IMAGES = 2  # images of the counted batch: FLOPs scale linearly with it
 
 
-def count_train_flops(model: nn.Module, channels_last: bool = False) -> tuple[int, dict[str, int]]:
+def count_train_flops(model: nn.Module) -> tuple[int, dict[str, int]]:
     """FLOPs per 3 x 32 x 32 image of one forward + backward (loss included) in training mode,
     in total and per top-level module; counted on a CPU copy so the model's weights, statistics
-    and gradients are untouched."""
+    and gradients are untouched. Counted from shapes: the memory format changes none."""
     probe = copy.deepcopy(model).float().cpu().train()
     x = torch.randn(PROBE_IMAGES, 3, 32, 32)
-    if channels_last:
-        probe, x = probe.to(memory_format=torch.channels_last), x.contiguous(
-            memory_format=torch.channels_last)
     counter = FlopCounterMode(display=False)
     with counter:
         logits = probe(x)
@@ -114,7 +111,7 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
     with out_of_memory_as(SetupError(f"out of memory counting the FLOPs of the model at "
                                       f"--width {base.width}; choose a smaller --width.")):
         model = build_model(base.arch, 10, base.width)
-        counted, by_module = count_train_flops(model, channels_last=base.channels_last)
+        counted, by_module = count_train_flops(model)
     out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
     dtypes = {"fp32", *(r.precision for r in results.get("step", []) if r.status == "ok"),
               *(r.precision for r in results.get("epoch", [])),

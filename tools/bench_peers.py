@@ -352,7 +352,7 @@ def bench_seed_epochs(args: argparse.Namespace, device: torch.device, out: str,
             name, cfg.loader, cfg.precision, cfg.compile, cfg.channels_last,
             run.train_loader.batch_size,  # capped at the split, as in training
             cfg.width, warm.images,
-            count_train_flops(run.unwrapped, channels_last=cfg.channels_last)[0],
+            count_train_flops(run.unwrapped)[0],
             warm.seconds, [p.seconds for p in passes], best.images / best.seconds))
     for r in results:
         r.vs_seed = r.images_per_s / results[0].images_per_s

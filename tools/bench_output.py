@@ -59,7 +59,8 @@ def metadata(device: torch.device, argv: list[str]) -> dict:
 
 
 def number(value: object) -> str:
-    """A cell of a table: thousands separators for large numbers, 3 significant digits else."""
+    """A cell of a table: a float with thousands separators from 100, 3 significant digits
+    below; an integer (a count, a batch size) as it is; a long list as its count and range."""
     if isinstance(value, list):
         if len(value) > LISTED:  # the JSON keeps them all
             return f"{len(value)}: {number(min(value))}..{number(max(value))}"

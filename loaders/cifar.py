@@ -207,8 +207,8 @@ def _vertical_likeness(planes: np.ndarray) -> np.ndarray:
     above = above - above.mean((2, 3), keepdims=True)
     below = below - below.mean((2, 3), keepdims=True)
     spread = np.sqrt((above ** 2).sum((2, 3)) * (below ** 2).sum((2, 3)))
-    with np.errstate(invalid="ignore"):  # a flat plane: 0 / NaN
-        return ((above * below).sum((2, 3)) / np.where(spread > 0, spread, np.nan)).mean(1)
+    # a flat plane's spread is 0: NaN in its place, which divides without a warning
+    return ((above * below).sum((2, 3)) / np.where(spread > 0, spread, np.nan)).mean(1)
 
 
 def _text(name: bytes | str) -> str:

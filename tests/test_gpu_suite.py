@@ -307,24 +307,21 @@ def junit_tests(xml: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_end_to_end_tests_spread_over_workers_and_the_gpu_alone_ones_run_after(tmp_path,
-                                                                              monkeypatch):
+def test_end_to_end_tests_spread_over_workers_and_the_gpu_alone_ones_run_after(
+        gpu_suite_dry_run):
     """In a row on the first H200 run, 8 of the 10 end-to-end tests took 233 s before its
     budget cut the 9th: they run on pytest-xdist workers now, then those that need the GPU to
-    themselves (out of memory, timing) one at a time. On the CPU each is skipped, but the
-    commands, collection and scheduling are the GPU's."""
-    monkeypatch.setattr(gpu_steps, "test_workers", lambda python, env: 2)  # as 8 cores would
-    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {}, [])
-    (spread, argv), (alone, alone_argv) = gpu_steps.COMMANDS["tests-e2e"](suite)
+    themselves (out of memory, timing) one at a time. The dry run skips each, on 2 workers
+    whatever the cores, but its commands, collection and scheduling are the GPU's."""
+    results = gpu_suite_dry_run.results
+    step, = (s for s in json.loads((results / "suite.json").read_text())["steps"]
+             if s["step"] == "tests-e2e")
+    (spread, argv), (alone, alone_argv) = ((c["name"], c["argv"]) for c in step["commands"])
     assert (spread, alone) == ("tests-e2e", "tests-e2e-alone")
     assert argv[argv.index("-n") + 1] == "2" and "-n" not in alone_argv
-    outputs = []
-    for command in (argv, alone_argv):
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        outputs.append(result.stdout)
-    assert "created: 2/2 workers" in outputs[0] and "workers" not in outputs[1]
-    assert junit_tests(tmp_path / "tests-e2e-alone.xml") == {
+    spread_log, alone_log = (results / "tests-e2e.log").read_text().split("# tests-e2e: ok")
+    assert "created: 2/2 workers" in spread_log and "workers" not in alone_log
+    assert junit_tests(results / "tests-e2e-alone.xml") == {
         "test_impossible_batch_size_ends_in_the_out_of_memory_message",
         "test_bench_quick_on_cuda"}
     every = subprocess.run(
@@ -332,8 +329,8 @@ def test_end_to_end_tests_spread_over_workers_and_the_gpu_alone_ones_run_after(t
          "gpu and slow", *(str(ROOT / "tests" / f) for f in gpu_steps.GPU_TESTS)],
         cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
     names = {line.split("::", 1)[1] for line in every.splitlines() if "::" in line}
-    assert junit_tests(tmp_path / "tests-e2e.xml") == names - junit_tests(
-        tmp_path / "tests-e2e-alone.xml")
+    assert junit_tests(results / "tests-e2e.xml") == names - junit_tests(
+        results / "tests-e2e-alone.xml")
 
 
 def test_gpu_tests_share_a_worker_by_their_parameters():
@@ -822,9 +819,10 @@ def test_outside_a_dry_run_the_commands_are_the_gpus_full_runs(tmp_path, monkeyp
 def test_end_to_end_tests_get_a_worker_per_four_cores_and_at_most_four(monkeypatch):
     for cores, workers in ((2, 1), (7, 1), (8, 2), (16, 4), (64, 4)):
         monkeypatch.setattr(gpu_steps, "available_cores", lambda cores=cores: cores)
-        assert gpu_steps.test_workers(sys.executable, dict(os.environ)) == workers, cores
+        assert gpu_steps.test_workers(sys.executable, dict(os.environ), False) == workers, cores
+        assert gpu_steps.test_workers(sys.executable, dict(os.environ), True) == 2, cores
     if PY312.exists():  # a Python without pytest-xdist: one worker, no -n
-        assert gpu_steps.test_workers(str(PY312), dict(os.environ)) == 1
+        assert gpu_steps.test_workers(str(PY312), dict(os.environ), True) == 1
 
 
 @pytest.mark.parametrize("args, steps", [

@@ -37,6 +37,7 @@ STEP_LIMIT_S = 530  # every step ends (its command killed) before 9 minutes
 LIMITS = {"tests-quick": 120, "train": 180, "bench-peers": 180, "bench-epoch": 360,
           "profile-ffcv": 120}
 TEST_WORKERS, TEST_CORES = 4, 4  # tests-e2e on 16 cores: 4 workers of 4 cores each
+DRY_TEST_WORKERS = 2  # a dry run's (skipped) tests-e2e spread as a GPU's do, on any cores
 # the fast preset's (1 in a dry run); GPU_SUITE_EPOCHS=N sets N instead
 EPOCHS = TrainConfig(**PRESETS["fast"]).epochs
 
@@ -94,17 +95,20 @@ def end_to_end_tests(s: Suite) -> Commands:
     """The slow GPU tests, runs of the commands end to end: spread over test_workers (in a
     row, the first H200 run's budget cut them at the 9th of 10, after 233 s), then those
     marked gpu_alone one at a time, as they fill the GPU's memory or time it."""
-    workers = test_workers(s.python, s.env)
+    workers = test_workers(s.python, s.env, s.dry)
     return [*pytest_step(s, "tests-e2e", "gpu and slow and not gpu_alone", workers),
             *pytest_step(s, "tests-e2e-alone", "gpu and slow and gpu_alone")]
 
 
-def test_workers(python: str, env: dict) -> int:
+def test_workers(python: str, env: dict, dry: bool) -> int:
     """pytest-xdist workers for the end-to-end tests: one per TEST_CORES cores, at most
-    TEST_WORKERS (each runs subprocesses with loader threads of their own), or 1 where `python`
-    lacks pytest-xdist."""
+    TEST_WORKERS (each runs subprocesses with loader threads of their own), DRY_TEST_WORKERS
+    in a dry run (its tests skip: the spread is what it rehearses), or 1 where `python` lacks
+    pytest-xdist."""
     if missing(python, env, ("xdist",)):
         return 1
+    if dry:
+        return DRY_TEST_WORKERS
     return max(1, min(TEST_WORKERS, available_cores() // TEST_CORES))
 
 

@@ -34,6 +34,7 @@ from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
+from engine.history import best_epoch
 from engine.launch import end_processes, launcher_options_ignored, make_accelerator
 from engine.resume import saved_run
 from engine.run import Run, build, train_step
@@ -193,7 +194,7 @@ def fit(run: Run, history: list[dict], log: Log) -> float:
             acc.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if acc.is_main_process:
                 start = time.perf_counter()
-                best = max(history, key=lambda r: r["test_acc"]) is row
+                best = best_epoch(history) is row
                 writer.submit(partial(checkpoint.write_epoch, out,
                                       checkpoint.content(run, history), best))
                 waited += time.perf_counter() - start

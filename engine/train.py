@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.cli import interruptible_imports, run_main
 from common.streams import say
+from engine.history import best_epoch
 from engine.options import parse
 
 
@@ -41,7 +42,7 @@ def accuracy_line(history: list[dict], saved: Path | None) -> str:
     keeps: picked on the test set (CIFAR has no validation split), so it is optimistic.
     `saved`: the run folder this command wrote, if any (a finished run resumed saved nothing,
     and its best.pt may even be gone)."""
-    last, best = history[-1], max(history, key=lambda r: r["test_acc"])
+    last, best = history[-1], best_epoch(history)
     files = f"; saved {saved}/ckpt.pt, best.pt, metrics.csv" if saved is not None else ""
     return (f"final test accuracy {last['test_acc']:.2%} at epoch {last['epoch']}; "
             f"best test accuracy {best['test_acc']:.2%} at epoch {best['epoch']} (best.pt, "

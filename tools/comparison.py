@@ -4,7 +4,6 @@ command line)."""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from common.hardware import launched_processes
 from common.output_folders import output_dir
 from engine import checkpoint
 from engine.config import TrainConfig
+from engine.history import steady_seconds
 from engine.launch import end_processes
 from engine.loop import Log, train
 from tools.plots import Panel, plot_history
@@ -46,18 +46,15 @@ class Result:
     note: str = ""  # empty when the run finished
 
     def row(self) -> dict:
-        """The run in one table row; its s/epoch the median of the epochs after the first,
-        as the GPU suite's summary takes them (tools/gpu_summary.run_line)."""
+        """The run in one table row; its s/epoch steady_seconds's, as the GPU suite's summary
+        takes them. The first epoch's warm-up is tens of seconds on a GPU beside a steady
+        epoch's one or two, and cuDNN's autotuning (once a process) falls in the first
+        optimizer's run only, which looked slowest for running first."""
         accs = [r["test_acc"] for r in self.history]
-        # the first epoch is the warm-up: on a GPU it holds torch.compile, the CUDA graphs'
-        # recording and cuDNN's autotuning, tens of seconds beside a steady epoch's one or two,
-        # and the autotuning (once a process) only in the first optimizer's run, which then
-        # looked slowest for running first; a one-epoch run has only its first
-        seconds = [r["seconds"] for r in self.history[1:] or self.history]
         return dict(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
                     final_test_acc=accs[-1] if accs else None,
                     best_test_acc=max(accs) if accs else None,
-                    seconds_per_epoch=statistics.median(seconds) if seconds else None,
+                    seconds_per_epoch=steady_seconds(self.history),
                     epochs=len(self.history), note=self.note)
 
 

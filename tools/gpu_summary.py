@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import shlex
-import statistics
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from common.atomic import ENCODING
+from engine.history import steady_seconds
 from tools.bench_names import epoch_name, peer_name, step_name
 
 KINDS_LISTED = 5  # of the profile's kernel kinds, in the summary's line
@@ -112,9 +112,8 @@ def bench_lines(bench: dict) -> list[str]:
 
 def run_line(folder: Path, seconds: float | None) -> list[str]:
     """A training run: epochs, wall time of its command and the training and evaluation in it
-    (the rest: start, building the run, waiting for checkpoints, exit), the median epoch
-    seconds after the first (its warm-up: cuDNN's and the allocator's start, compilation),
-    last accuracy."""
+    (the rest: start, building the run, waiting for checkpoints, exit), its steady epoch
+    seconds (engine.history.steady_seconds), last accuracy."""
     try:
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text(
             encoding=ENCODING).splitlines()]
@@ -125,9 +124,8 @@ def run_line(folder: Path, seconds: float | None) -> list[str]:
     wall = f" in {seconds:,.0f} s wall" if seconds is not None else ""
     spent = (f" ({sum(r['seconds'] for r in rows):.1f} s of training, "
              f"{sum(r['eval_seconds'] for r in rows):.1f} s of evaluation)")
-    steady = rows[1:] or rows  # a one-epoch run (a dry run's) has only its first
     return [f"- {folder.name}: {len(rows)} epoch{'s' * (len(rows) != 1)}{wall}{spent}, "
-            f"{statistics.median(r['seconds'] for r in steady):.2f} s per training epoch "
+            f"{steady_seconds(rows):.2f} s per training epoch "
             f"(median after the first; first {rows[0]['seconds']:.1f} s), test accuracy "
             f"{rows[-1]['test_acc']:.2%}"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.errors import shown
+from engine.history import best_epoch
 from tools.report_inputs import Inputs
 
 FAITHFULNESS_FIELDS = ("method", "layer", "road", "road_std", "images")
@@ -46,7 +47,7 @@ def misclassified_rows(run: Inputs, probs: np.ndarray, indices: np.ndarray) -> l
 def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, str]:
     """The run's key figures, shared by the PDF's first page and summary.md."""
     ckpt, history = run.ckpt, run.ckpt["history"]
-    last, best = history[-1], max(history, key=lambda r: r["test_acc"])
+    last, best = history[-1], best_epoch(history)
     seconds = sum(r["seconds"] for r in history)
     tta = " with flip TTA" if ckpt["config"]["tta"] else ""
     params = sum(p.numel() for p in run.model.parameters())

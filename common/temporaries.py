@@ -3,6 +3,7 @@ killed writers left behind, and the usual mode for what tempfile made (0600/0700
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -35,21 +36,29 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
+def gone_writer(pid: int) -> bool:
+    """Whether a temporary of writer `pid` was left behind: its process is dead, or is this
+    one (the pid reused after a restart; this process writes none while it sweeps)."""
+    return pid == os.getpid() or not writer_alive(pid)
+
+
 def sweep_dead_writers(out: Path) -> None:
     """Remove the `.<name>.<pid>.tmp` and `.old` folders that writers into `out` left when
-    killed (SIGKILL, a power cut): of dead writers, or of this PID, reused after a restart.
-    Nothing else ever removes them, and each can hold a whole report."""
+    killed (SIGKILL, a power cut). Nothing else ever removes them, and each can hold a whole
+    report."""
     for entry in out.parent.iterdir():
         pid = temporary_writer(entry, out, ("tmp", "old"))
-        if pid is not None and (pid == os.getpid() or not writer_alive(pid)):
+        if pid is not None and gone_writer(pid):
             shutil.rmtree(entry, ignore_errors=True)
 
 
 def sweep_temporaries(folder: Path, name: str = "*") -> None:
     """Delete the `.<name>.<pid>.tmp` files (of every name by default) that writers killed
-    mid-write left in folder."""
-    for stale in Path(folder).glob(f".{name}.*.tmp"):
-        if stale.is_file():
+    mid-write left in folder; a live writer's is a write under way (tools/export.py's beside
+    the checkpoints while the run resumes), kept."""
+    for stale in Path(folder).glob(f".{name if name == '*' else glob.escape(name)}.*.tmp"):
+        pid = stale.name.removesuffix(".tmp").rpartition(".")[2]
+        if pid.isdigit() and gone_writer(int(pid)) and stale.is_file():
             stale.unlink(missing_ok=True)
 
 

@@ -359,17 +359,35 @@ def test_another_users_live_writer_counts_as_alive():
 def test_a_sweep_of_temporary_files_removes_files_only_and_of_the_name_asked_for(tmp_path):
     """sweep_temporaries (a run's --out, a .beton's folder) removes the `.<name>.<pid>.tmp`
     files killed writes left; a folder named so is a user's, kept whole (unlinking it failed,
-    and the run with it), and a name other than the one asked for is left too."""
-    for name in (".ckpt.pt.123.tmp", ".train.beton.45.tmp", "ckpt.pt"):
+    and the run with it), and a name other than the one asked for is left too. A name with
+    glob's characters is its own (a `[` matched none of its temporaries)."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a writer that is gone
+    for name in (f".ckpt.pt.{ended.pid}.tmp", f".train.beton.{ended.pid}.tmp",
+                 f".r[1].beton.{os.getpid()}.tmp", "ckpt.pt"):
         (tmp_path / name).write_bytes(b"half a file")
-    (tmp_path / ".notes.7.tmp").mkdir()
-    (tmp_path / ".notes.7.tmp" / "mine.txt").write_text("kept")
+    (tmp_path / f".notes.{ended.pid}.tmp").mkdir()
+    (tmp_path / f".notes.{ended.pid}.tmp" / "mine.txt").write_text("kept")
     sweep_temporaries(tmp_path, "train.beton")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.pt.123.tmp", ".notes.7.tmp",
-                                                          "ckpt.pt"]
+    sweep_temporaries(tmp_path, "r[1].beton")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".ckpt.pt.{ended.pid}.tmp", f".notes.{ended.pid}.tmp", "ckpt.pt"]
     sweep_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.7.tmp", "ckpt.pt"]
-    assert (tmp_path / ".notes.7.tmp" / "mine.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".notes.{ended.pid}.tmp", "ckpt.pt"]
+    assert (tmp_path / f".notes.{ended.pid}.tmp" / "mine.txt").read_text() == "kept"
+
+
+def test_a_sweep_of_temporary_files_keeps_a_live_writers(tmp_path):
+    """A resumed run sweeps its folder, where tools/export.py may be writing
+    `.best.onnx.<pid>.tmp` beside the checkpoints: deleted, the export failed on a missing
+    file. A live writer's temporary stays; a dead one's and this PID's go."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    alive = os.getppid()
+    for pid in (alive, ended.pid, os.getpid()):
+        (tmp_path / f".best.onnx.{pid}.tmp").write_bytes(b"an export under way")
+    sweep_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [f".best.onnx.{alive}.tmp"]
 
 
 def test_a_name_whose_temporary_just_fits_is_taken_and_one_byte_longer_is_not(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.errors import OutputError, ReportError
 from common.paths import DISK_FULL, FILE_SIZE_FIX, link_target, not_a_file
+from common.stop_signals import stop_signals_held
 from common.temporaries import temporary_name
 
 # the encoding of every text file the commands write and read back, whatever the locale's:
@@ -80,10 +81,11 @@ def check_replaceable(paths: Iterable[Path]) -> None:
 def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
     """Call write(tmp) for each path's temporary sibling and, once every one is written, rename
     them all into place: files that belong together (a table and its plot) are all as they
-    were when any write fails (a full disk, an error), and all new once renamed. A rename that
-    fails (rare: the path became a folder, the disk failed) leaves the files renamed before it
-    new and the others as they were. Each file reaches the disk before it is renamed (synced).
-    A path that is a symbolic link is written through (link_target).
+    were when any write fails (a full disk, an error), and all new once renamed (Ctrl-C waits
+    for the renames). A rename that fails (rare: the path became a folder, the disk failed)
+    leaves the files renamed before it new and the others as they were. Each file reaches the
+    disk before it is renamed (synced). A path that is a symbolic link is written through
+    (link_target).
 
     An OSError that names no file (a full disk hit by write(), not by open()) or names a
     temporary is raised again naming its path, so that the one-line error says which file
@@ -96,9 +98,10 @@ def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:
             with _naming(path, tmp):
                 write(tmp)
                 synced(tmp)
-        for path, tmp in temporaries.items():
-            with _naming(path, tmp):
-                os.replace(tmp, path)
+        with stop_signals_held():  # a Ctrl-C between two renames left the table new, its plot old
+            for path, tmp in temporaries.items():
+                with _naming(path, tmp):
+                    os.replace(tmp, path)
         for folder in {path.parent for path in temporaries}:
             with suppress(OSError):  # some file systems cannot sync a folder (EINVAL)
                 synced(folder)  # the renames too

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, history, tmpfs, wait_until, without_root_powers
+from conftest import ROOT, history, run_code, tmpfs, wait_until, without_root_powers
 
 from common import temporaries
 from common.atomic import atomic_writes, csv_text, write_failed, write_text
@@ -100,6 +100,35 @@ def test_files_written_together_are_all_new_or_all_old_on_a_full_disk(tmp_path):
         atomic_writes({table: lambda tmp: tmp.write_text("new table"),
                        plot: lambda tmp: tmp.write_text("new plot")})
         assert (table.read_text(), plot.read_text()) == ("new table", "new plot")
+
+
+# python -c this: Ctrl-C (SIGINT) arrives as the first of two renames ends
+CTRL_C_AMID_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from common import atomic
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a command typed at a terminal
+table, plot = Path(sys.argv[1]), Path(sys.argv[2])
+table.write_text("old table"); plot.write_text("old plot")
+replace = os.replace
+def replace_then_ctrl_c(source, target):
+    replace(source, target)
+    os.kill(os.getpid(), signal.SIGINT)
+atomic.os.replace = replace_then_ctrl_c
+try:
+    atomic.atomic_writes({table: lambda tmp: tmp.write_text("new table"),
+                          plot: lambda tmp: tmp.write_text("new plot")})
+except KeyboardInterrupt:
+    print("interrupted:", table.read_text(), "and", plot.read_text())
+"""
+
+
+def test_ctrl_c_between_two_renames_waits_for_the_second(tmp_path):
+    """compare's table and plot, renamed one after the other in the main thread: a Ctrl-C
+    after the first rename left a new table beside an old plot. It waits for the second."""
+    result = run_code(CTRL_C_AMID_RENAMES, tmp_path / "compare.csv", tmp_path / "compare.png")
+    assert result.stdout == "interrupted: new table and new plot\n", result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.csv", "compare.png"]
 
 
 def test_a_device_or_pipe_is_never_renamed_over(tmp_path):

@@ -156,16 +156,44 @@ def available_memory() -> int:
     soft = resource.getrlimit(resource.RLIMIT_AS)[0]
     if soft != resource.RLIM_INFINITY:
         headrooms.append(soft - _kb_values(Path("/proc/self/status")).get("VmSize", 0))
-    for folder, names in CGROUPS.items():
-        with contextlib.suppress(OSError, ValueError):  # no such cgroup, or no limit ("max")
-            headrooms.append(_cgroup_headroom(folder, *names))
-    return max(0, min(headrooms))
+    try:
+        membership = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        membership = ""
+    return max(0, min(headrooms + cgroup_headrooms(CGROUPS, membership)))
 
 
-# a container's memory cgroup: its limit, its usage and (in memory.stat) its reclaimable cache
-CGROUPS = {Path("/sys/fs/cgroup"): ("memory.max", "memory.current", "inactive_file"),  # v2
-           Path("/sys/fs/cgroup/memory"): ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                           "total_inactive_file")}  # v1
+# the memory cgroups' mount points: the controller by which /proc/self/cgroup names this
+# process's cgroup there ("" in v2's one hierarchy), then the files of its limit, its usage
+# and (in memory.stat) its reclaimable cache
+CGROUPS = {Path("/sys/fs/cgroup"): ("", ("memory.max", "memory.current", "inactive_file")),
+           Path("/sys/fs/cgroup/memory"): ("memory", ("memory.limit_in_bytes",
+                                                      "memory.usage_in_bytes",
+                                                      "total_inactive_file"))}
+
+
+def cgroup_folders(root: Path, controller: str, membership: str) -> list[Path]:
+    """The folders under mount `root` of the cgroups whose limits hold this process, by
+    `membership` (/proc/self/cgroup's lines): its own and each above it (Slurm and
+    `systemd-run -p MemoryMax` limit a cgroup below the root; a container's is its root)."""
+    for line in membership.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):  # v2's "" in its "0::<path>" line
+            below = Path(path.lstrip("/"))
+            return [root / below, *(root / above for above in below.parents)]
+    return [root]
+
+
+def cgroup_headrooms(cgroups: dict[Path, tuple[str, tuple[str, str, str]]],
+                     membership: str) -> list[int]:
+    """Bytes left under each memory limit of the cgroups holding this process
+    (cgroup_folders), at `cgroups`' mount points."""
+    headrooms = []
+    for root, (controller, names) in cgroups.items():
+        for folder in cgroup_folders(root, controller, membership):
+            with contextlib.suppress(OSError, ValueError):  # no such cgroup, or no limit ("max")
+                headrooms.append(_cgroup_headroom(folder, *names))
+    return headrooms
 
 
 def _cgroup_headroom(cgroup: Path, limit: str, usage: str, cache: str) -> int:

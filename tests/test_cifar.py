@@ -1108,13 +1108,41 @@ def test_a_synthetic_size_beyond_memory_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists()  # made for the data, removed again when refused
 
 
+def write_cgroup(folder: Path, names: tuple[str, str, str], limit: str, used: int,
+                 cache: int) -> None:
+    """A memory cgroup's files, as the kernel shows them, in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / names[0]).write_text(f"{limit}\n")
+    (folder / names[1]).write_text(f"{used}\n")
+    (folder / "memory.stat").write_text(f"anon {used - cache}\n{names[2]} {cache}\n")
+
+
 @pytest.mark.parametrize("version", [0, 1], ids=["v2", "v1"])
 def test_a_cgroup_limit_counts_its_reclaimable_cache_as_free(tmp_path, version):
-    names = list(hardware.CGROUPS.values())[version]
-    for name, value in zip(names, ("1000000", "600000"), strict=False):
-        (tmp_path / name).write_text(value + "\n")
-    (tmp_path / "memory.stat").write_text(f"anon 400000\n{names[2]} 200000\n")
+    _, names = list(hardware.CGROUPS.values())[version]
+    write_cgroup(tmp_path, names, "1000000", 600_000, 200_000)
     assert hardware._cgroup_headroom(tmp_path, *names) == 1_000_000 - (600_000 - 200_000)
+
+
+@pytest.mark.parametrize("version", [0, 1], ids=["v2", "v1"])
+def test_a_limit_on_a_cgroup_above_this_process_is_found(tmp_path, version):
+    """Slurm limits a job's cgroup and runs its steps in cgroups below it; `systemd-run -p
+    MemoryMax` limits one below the root: only the root's files were read, so a synthetic
+    split past the limit was killed by the kernel instead of refused. The limits of the
+    process's own cgroup and of each above it count; a sibling's does not."""
+    controller, names = list(hardware.CGROUPS.values())[version]
+    membership = f"7:pids:/elsewhere\n{'4:memory' if controller else '0:'}:/job_7/step_0\n"
+    unlimited = str(2**63 - 4096) if controller else "max"  # v1's "no limit", and v2's
+    write_cgroup(tmp_path, names, unlimited, 5000, 0)
+    write_cgroup(tmp_path / "job_7", names, "1000000", 600_000, 200_000)
+    write_cgroup(tmp_path / "job_7" / "step_0", names, unlimited, 300_000, 0)
+    write_cgroup(tmp_path / "job_8", names, "1000", 900, 0)  # a sibling: not this process's
+    cgroups = {tmp_path: (controller, names)}
+    assert min(hardware.cgroup_headrooms(cgroups, membership)) == 600_000
+    # in the root cgroup (a container's own, under its cgroup namespace): the root's alone
+    at_root = f"{'4:memory' if controller else '0:'}:/\n"
+    assert hardware.cgroup_headrooms(cgroups, at_root) == ([2**63 - 4096 - 5000] if controller
+                                                            else [])
 
 
 def test_available_memory_is_at_most_what_the_system_has():

@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	venv module; install your system's packages of them (on Debian and Ubuntu: $(APT))" >&2; exit 1; \
 	  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT); \
 	  else echo "setup: missing system packages; run: sudo apt-get install $(APT)" >&2; exit 1; fi; fi
-	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear .venv  # none, or half made
 	mkdir -p .venv/tmp
 	{ $(PY) -m pip install -q uv && TMPDIR="$(CURDIR)/.venv/tmp" $(PY) -m uv pip install -q \
 	  --compile-bytecode --python $(PY) -e $(PROJECT); } || $(PY) -m pip install -q -e $(PROJECT)

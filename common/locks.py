@@ -85,7 +85,8 @@ def locked_dir(path: Path) -> Iterator[None]:
                 os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            with suppress(OSError):  # a folder made read-only meanwhile: the flock dies anyway
+                lock.unlink(missing_ok=True)
             os.close(fd)
 
 

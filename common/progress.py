@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from tqdm import tqdm
 
 from common.stop_signals import stop_if_interrupted
+from common.streams import error_line
 
 LOG_INTERVAL = 30.0  # seconds between progress lines when standard error is not a terminal
 POSTFIX_INTERVAL = 1.0  # seconds between a bar's postfix refreshes: nobody reads faster
@@ -30,8 +31,7 @@ class LineProgress:
         if self.due():
             self.last = time.monotonic()
             units = self.unit + ("es" if self.unit.endswith(("s", "ch", "sh", "x")) else "s")
-            print(f"{self.desc}: {self.n}/{self.total} {units} {self.postfix}".rstrip(),
-                  file=sys.stderr, flush=True)
+            error_line(f"{self.desc}: {self.n}/{self.total} {units} {self.postfix}".rstrip())
 
     def due(self) -> bool:
         """Whether the next update writes a line: the time to refresh a costly postfix."""

@@ -314,6 +314,21 @@ def test_another_users_lock_file_that_we_may_only_read_is_still_locked(tmp_path)
     assert result.returncode == 0 and result.stdout == "held\n", result.stderr[-2000:]
 
 
+def test_a_run_folder_made_read_only_mid_run_ends_the_lock_without_an_error(tmp_path):
+    """The lock file of a run folder made read-only while the run held it (a user's chmod, a
+    share remounted) cannot be removed: it stays (its flock dies with the process), where the
+    run that had finished failed on its removal (PermissionError)."""
+    out = tmp_path / "run"
+    code = ("import os, sys; from pathlib import Path; from common.locks import locked_dir\n"
+            "out = Path(sys.argv[1])\n"
+            "with locked_dir(out):\n    os.chmod(out, 0o555)\nprint('done')")
+    result = subprocess.run(without_root_powers([sys.executable, "-c", code, str(out)]),
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out.chmod(0o755)
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr[-2000:]
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
 def test_a_lock_freed_while_a_process_waits_is_taken_at_its_path_not_on_the_removed_file(
         tmp_path):
     """A holder removes the lock file as it lets go: a waiter that wakes holding the removed

@@ -1,5 +1,6 @@
-"""The data and augmentation options every command shares, declared once in plain Python, so
-a command line is parsed (its --help, a refused value) before numpy and torch load: seconds."""
+"""The data options of the commands that read a dataset, and the augmentation config with its
+ranges, declared once in plain Python, so a command line is parsed (its --help, a refused
+value) before numpy and torch load: seconds."""
 
 from __future__ import annotations
 

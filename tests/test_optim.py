@@ -72,11 +72,20 @@ def test_momentum_reaches_every_optimizer(name: str):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_no_momentum_is_a_choice_every_optimizer_takes(name: str):
-    """--momentum 0: nesterov, whose look-ahead then looks nowhere, steps as plain SGD does (torch
-    refused it: a traceback after the data was prepared); the others take it as it is."""
+    """--momentum 0 reaches every optimizer as 0 (SGD's and RMSprop's momentum, Adam's beta1):
+    none may put a default of its own in its place, as a `momentum or 0.9` would."""
+    opt = build_optimizer(name, Tiny(), lr=0.01, momentum=0.0)
+    for group in opt.param_groups:
+        assert (group["betas"][0] if name in ("adam", "adamw") else group["momentum"]) == 0
+
+
+def test_nesterov_with_no_momentum_steps_as_plain_sgd():
+    """--optimizer nesterov --momentum 0: the look-ahead then looks nowhere, so it steps as plain
+    SGD does (torch refuses nesterov without momentum: it was a traceback after the data was
+    prepared)."""
     steps = []
-    for optimizer in (name, "sgd"):
-        torch.manual_seed(0)
+    for optimizer in ("nesterov", "sgd"):
+        torch.manual_seed(0)  # the same model and batches for both
         model = Tiny()
         opt = build_optimizer(optimizer, model, lr=0.01, momentum=0.0)
         for _ in range(3):
@@ -84,8 +93,7 @@ def test_no_momentum_is_a_choice_every_optimizer_takes(name: str):
             model(torch.randn(4, 3, 8, 8)).square().mean().backward()
             opt.step()
         steps.append([p.detach() for p in model.parameters()])
-    if name in ("sgd", "nesterov"):
-        assert all(torch.equal(a, b) for a, b in zip(*steps, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(*steps, strict=True))
 
 
 def test_no_decay_group_is_bn_and_biases():

@@ -63,14 +63,6 @@ def test_the_state_counted_for_the_checkpoint_is_what_the_optimizer_keeps(name, 
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_momentum_reaches_every_optimizer(name: str):
-    """--momentum is SGD's and RMSprop's momentum and Adam's beta1: no optimizer ignores it."""
-    opt = build_optimizer(name, Tiny(), lr=0.01, momentum=0.8)
-    for group in opt.param_groups:
-        assert (group["betas"][0] if "betas" in group else group["momentum"]) == 0.8
-
-
-@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_no_momentum_is_a_choice_every_optimizer_takes(name: str):
     """--momentum 0 reaches every optimizer as 0 (SGD's and RMSprop's momentum, Adam's beta1):
     none may put a default of its own in its place, as a `momentum or 0.9` would."""

@@ -651,6 +651,13 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def file_identities(paths) -> list[tuple[int, int]]:
+    """(inode, modification time) of each path: a file reused keeps both, one written again
+    changes them even with the same bytes (written in place, or renamed over it), which is
+    how a test tells a cache hit from a conversion that gave the same result."""
+    return [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths]
+
+
 class SignalsWhenCollected:
     """Sends this process SIGTERM from its __del__: a stop signal whose KeyboardInterrupt,
     raised in a finalizer, Python prints and drops."""

@@ -25,6 +25,7 @@ from conftest import (
     SYNTHETIC_SIZE,
     children,
     dump_pickle,
+    file_identities,
     run_code,
     run_script,
     tmpfs,
@@ -126,17 +127,13 @@ def test_a_sidecar_whose_stats_cannot_normalize_is_rebuilt(prepared, tmp_path, s
     assert beton.read_info(path).std == prepared.std
 
 
-def _stats(paths) -> list[tuple[int, int]]:
-    return [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths]
-
-
 def test_second_prepare_is_a_cache_hit(prepared):
     files = [prepared.train, prepared.test, beton.sidecar(prepared.train),
              beton.sidecar(prepared.test)]
-    before = _stats(files)
+    before = file_identities(files)
     again = prepare("synthetic", prepared.train.parent, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert again == prepared
-    assert _stats(files) == before
+    assert file_identities(files) == before
 
 
 def test_a_constant_channels_file_is_read_and_cached_as_written(tmp_path):
@@ -148,9 +145,9 @@ def test_a_constant_channels_file_is_read_and_cached_as_written(tmp_path):
     split = cifar.Split(images, np.arange(20) % 10)
     info = beton.write(path, split, CLASSES, workers=1)
     assert info.std[2] == beton.MIN_STD and beton.read_info(path) == info
-    before = _stats([path, beton.sidecar(path)])
+    before = file_identities([path, beton.sidecar(path)])
     assert beton.write(path, split, CLASSES, workers=1) == info
-    assert _stats([path, beton.sidecar(path)]) == before
+    assert file_identities([path, beton.sidecar(path)]) == before
     np.testing.assert_array_equal(beton.read(path).images, images)
 
 

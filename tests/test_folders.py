@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     FOLDER_CLASSES,
     ROOT,
+    file_identities,
     run_script,
     tmpfs,
     without_root_powers,
@@ -52,10 +53,22 @@ def test_reading_in_threads_leaves_the_warning_filters_as_they_were(tmp_path):
     np.testing.assert_array_equal(images, made["train"][0])
 
 
+def _converted(prepared) -> list[Path]:
+    """What converting an image folder writes: its python folder, the files in it, the two
+    .beton files and their sidecars."""
+    betons = (prepared.train, prepared.test)
+    return [prepared.source, *prepared.source.iterdir(), *betons, *map(beton.sidecar, betons)]
+
+
 def test_the_conversion_is_cached_until_a_file_changes(tmp_path):
+    """A second prepare of unchanged pictures reuses every file of the first (a conversion done
+    again gives an equal Prepared: the files' inodes and times tell them apart); a picture
+    added makes a new conversion, and the older one goes."""
     write_tree(tmp_path)
     first = prepare("folder", tmp_path, workers=1)
+    before = file_identities(_converted(first))
     assert prepare("folder", tmp_path, workers=1) == first
+    assert file_identities(_converted(first)) == before
     extra = tmp_path / "train" / "dog" / "new.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(extra)
     (tmp_path / "folder-notes").mkdir()  # not ours by name: kept
@@ -83,7 +96,9 @@ def test_pictures_changed_while_waiting_for_the_lock_are_converted_under_their_n
     prepared = prepare("folder", tmp_path, workers=1)
     assert len(beton.read(prepared.train).labels) == 19
     monkeypatch.undo()
-    assert prepare("folder", tmp_path, workers=1) == prepared  # this state's, reused
+    before = file_identities(_converted(prepared))
+    assert prepare("folder", tmp_path, workers=1) == prepared
+    assert file_identities(_converted(prepared)) == before  # this state's, reused
 
 
 def test_an_image_moved_to_another_class_is_converted_again_with_that_label(tmp_path):

@@ -342,7 +342,6 @@ def test_names_that_are_no_utf8_are_converted_and_read_as_latin1(tmp_path):
     np.testing.assert_array_equal(read.labels, made["train"][1])
 
 
-@pytest.mark.slow
 def test_an_older_conversion_that_is_a_link_is_unlinked_not_followed(tmp_path):
     """A folder-<hash> entry that is a link to a folder (a conversion moved to another disk)
     goes as a link: rmtree refuses links, and with its errors ignored the link stayed."""

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,15 @@ N_CIFAR = 40  # test images saved as PNGs and predicted
 
 def predict(*args) -> subprocess.CompletedProcess:
     return run_script("tools/predict.py", *args, timeout=300)
+
+
+def predict_here(capsys: pytest.CaptureFixture, *args) -> subprocess.CompletedProcess:
+    """predict(*args) run in this process through the command's own main, its exit code and
+    output as a process would give them: the same code without the seconds a new process
+    spends importing torch, for the rows of a test beside the one it runs as a real process."""
+    code = predict_command.main([str(arg) for arg in args])
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(["tools/predict.py", *args], code, said.out, said.err)
 
 
 def write_pictures(folder: Path) -> dict[str, Path]:
@@ -435,21 +445,30 @@ def test_overlays_of_three_pictures_of_one_name_are_three_files():
 
 
 @pytest.mark.slow
-def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path):
+def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path, capsys):
+    """A file that is no checkpoint, a --layer the model lacks, a picture that is not there or
+    is no picture: exit 1 and one error line naming it, no traceback, no --cam folder made,
+    and no table of no picture (a lone header). The first is a real process; the others run
+    through the command's main."""
     picture = write_pictures(tmp_path)["one.png"]
-    (tmp_path / "junk.pt").write_text("junk")
-    for args, named in (((tmp_path / "junk.pt", picture), "junk.pt"),
-                        ((run_dir / "ckpt.pt", picture, "--cam", tmp_path / "c", "--layer",
-                          "layer9"), "layer9"),
-                        ((run_dir / "ckpt.pt", tmp_path / "nothing-here"), "nothing-here")):
-        result = predict(*args)
-        assert result.returncode == 1 and named in result.stderr
-        assert "Traceback" not in result.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk")
+    result = predict(junk, picture)
+    assert result.returncode == 1 and result.stdout == "", result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: {junk} is not a readable checkpoint (")
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no traceback
+    text = tmp_path / "text.png"
+    text.write_text("not a picture")  # read, but no picture in it
+    for args, said in (
+            ((picture, "--cam", tmp_path / "c", "--layer", "layer9"),
+             "error: --layer layer9: the model has no such layer; choose from stem, layer1, "
+             "layer2, layer3, layer4 (or a block such as layer3.1).\n"),
+            ((tmp_path / "nothing-here",), f"error: {tmp_path / 'nothing-here'}: no such file\n"),
+            ((text,), f"error: {text}: not a readable image; pass a picture file (PNG, JPEG, "
+                      "BMP, GIF, TIFF, WebP or another format PIL reads)\n")):
+        result = predict_here(capsys, run_dir / "ckpt.pt", *args)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", said)
     assert not (tmp_path / "c").exists()
-    (tmp_path / "text.png").write_text("not a picture")
-    result = predict(run_dir / "ckpt.pt", tmp_path / "text.png")  # read, but no picture in it
-    assert result.returncode == 1 and "text.png" in result.stderr
-    assert result.stdout == ""  # no table of nothing: a lone header
 
 
 @pytest.mark.slow
@@ -504,21 +523,31 @@ def test_a_layer_without_cam_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_cam_run_with_no_readable_picture_leaves_no_folder(run_dir, tmp_path):
+def test_a_cam_run_with_no_readable_picture_leaves_no_folder(run_dir, tmp_path, capsys):
     """The --cam folder was made before any picture was read, and left empty when none could
-    be, with the folders made above it; a folder that was there stays."""
+    be, with the folders made above it; a folder that was there stays. The first run is a
+    real process; the other five run through the command's main."""
     (tmp_path / "no-pictures").mkdir()
-    (tmp_path / "text.png").write_text("not a picture")
+    text = tmp_path / "text.png"
+    text.write_text("not a picture")
     (tmp_path / "mine").mkdir()
-    for pictures, errors in (([tmp_path / "no-pictures"], 1),
-                             ([tmp_path / "text.png", tmp_path / "missing.png"], 2)):
-        for cam in (tmp_path / "cams", tmp_path / "new" / "cams", tmp_path / "mine"):
-            result = predict(run_dir / "ckpt.pt", *pictures, "--cam", cam)
-            assert result.returncode == 1 and result.stdout == ""
-            assert len(result.stderr.splitlines()) == errors and "Traceback" not in result.stderr
-            assert sorted(p.name for p in tmp_path.iterdir()) == [
-                "mine", "no-pictures", "text.png"]
-            assert list((tmp_path / "mine").iterdir()) == []
+    errors = {
+        (tmp_path / "no-pictures",): (
+            f"error: no image files in {tmp_path / 'no-pictures'}; a folder's pictures are its "
+            "files named .bmp .gif .jpeg .jpg .png .tif .tiff .webp (in any case); pass a "
+            "picture with another suffix by its file name.\n"),
+        (text, tmp_path / "missing.png"): (
+            f"error: {text}: not a readable image; pass a picture file (PNG, JPEG, BMP, GIF, "
+            "TIFF, WebP or another format PIL reads)\n"
+            f"error: {tmp_path / 'missing.png'}: no such file\n")}
+    runs = [(pictures, said, cam) for pictures, said in errors.items()
+            for cam in (tmp_path / "cams", tmp_path / "new" / "cams", tmp_path / "mine")]
+    ways = [predict, *[partial(predict_here, capsys)] * (len(runs) - 1)]
+    for way, (pictures, said, cam) in zip(ways, runs, strict=True):
+        result = way(run_dir / "ckpt.pt", *pictures, "--cam", cam)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", said)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "no-pictures", "text.png"]
+        assert list((tmp_path / "mine").iterdir()) == []
 
 
 @pytest.mark.slow

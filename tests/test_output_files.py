@@ -50,8 +50,8 @@ def test_a_failed_write_names_its_option_and_the_fix_and_an_inputs_error_stays_i
         tmp_path):
     """write_failed: a full disk or a spent quota (EDQUOT: a cluster's /home) is said to be
     full; an error naming a file in --out, or in the temporary beside it where a report is
-    made first, names --out and the fix; one naming a file elsewhere (an input) is raised as
-    it was."""
+    made first, names --out and the fix; past the file size limit, the limit, not the folder;
+    one naming a file elsewhere (an input) is raised as it was."""
     out = tmp_path / "report"
     for code in (errno.ENOSPC, errno.EDQUOT):
         error = write_failed(OSError(code, os.strerror(code)), out, "--cam", "the overlays")
@@ -69,19 +69,12 @@ def test_a_failed_write_names_its_option_and_the_fix_and_an_inputs_error_stays_i
         f"--cam {out}: the overlays could not be written, as it passes this process's file size "
         "limit (nothing was left there); raise this process's file size limit (`ulimit -f "
         "unlimited`).")
+    # a report's --out (the defaults) too: 'choose a writable --out' would send the user to
+    # another folder, past the same limit
+    assert str(write_failed(OSError(errno.EFBIG, "File too large"), out)) == str(error).replace(
+        f"--cam {out}: the overlays", f"--out {out}: the report")
     elsewhere = OSError(errno.EIO, "Input/output error", str(tmp_path.parent / "ckpt.pt"))
     assert write_failed(elsewhere, out) is elsewhere
-
-
-def test_a_write_past_the_file_size_limit_names_the_limit_not_the_folder(tmp_path):
-    """write_failed: EFBIG (`ulimit -f`) names no file and no folder is at fault: 'choose a
-    writable --out' would send the user to another folder, past the same limit."""
-    out = tmp_path / "report"
-    error = write_failed(OSError(errno.EFBIG, os.strerror(errno.EFBIG)), out)
-    assert isinstance(error, ReportError) and str(error) == (
-        f"--out {out}: the report could not be written, as it passes this process's file size "
-        "limit (nothing was left there); raise this process's file size limit (`ulimit -f "
-        "unlimited`).")
 
 
 def test_files_written_together_are_all_new_or_all_old_on_a_full_disk(tmp_path):

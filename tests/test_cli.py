@@ -34,7 +34,6 @@ SCRIPTS = {  # path -> (module, console script)
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_runs_as_a_module(script):
     """`python -m module --help` answers with its usage. Run by path, each script answers in

@@ -46,7 +46,7 @@ class Result:
     note: str = ""  # empty when the run finished
 
     def row(self) -> dict:
-        """The run in one table row; its s/epoch steady_seconds's, as the GPU suite's summary
+        """The run in one table row; its s/epoch by steady_seconds, as the GPU suite's summary
         takes them. The first epoch's warm-up is tens of seconds on a GPU beside a steady
         epoch's one or two, and cuDNN's autotuning (once a process) falls in the first
         optimizer's run only, which looked slowest for running first."""

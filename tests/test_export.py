@@ -115,7 +115,9 @@ def test_missing_test_data_falls_back_to_noise_with_a_note(ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
+def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path, capsys):
+    """The first case by a real subprocess, the others through the command's main() in this
+    process (its exit code and stderr the same; a process each took 2 seconds)."""
     (tmp_path / "junk.pt").write_text("junk")
     os.mkfifo(tmp_path / "pipe")  # a device's stand-in: renamed over, /dev/null became a file
     (tmp_path / "l1").symlink_to(tmp_path / "l2")  # links in a loop: pathlib's traceback
@@ -131,10 +133,14 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path):
              # folders with no file name to derive the default --out from
              (("/", "--format", "safetensors"), "/ is a folder"),
              (("", "--format", "onnx", "--out", tmp_path / "x.onnx"), ". is a folder"))
-    for args, named in cases:
-        result = export(*args)
-        assert result.returncode == 1 and named in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    for n, (args, named) in enumerate(cases):
+        if n == 0:
+            result = export(*args)
+            code, err = result.returncode, result.stderr
+        else:
+            code, err = export_command.main(list(map(str, args))), capsys.readouterr().err
+        assert code == 1 and named in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "l1", "l2", "pipe"]
     assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
 
@@ -161,9 +167,10 @@ def test_a_checkpoint_in_a_folder_named_in_no_utf8_is_exported(run_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path):
+def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path, capsys):
     """--out naming the checkpoint exported (here through a symlink) or another checkpoint
-    (best.pt) would replace a file the run resumes from: refused, and nothing is touched."""
+    (best.pt) would replace a file the run resumes from: refused, and nothing is touched.
+    The first case by a real subprocess, the others through the command's main()."""
     for name in ("ckpt.pt", "best.pt"):
         shutil.copy(run_dir / name, tmp_path / name)
     (tmp_path / "link.pt").symlink_to(tmp_path / "ckpt.pt")
@@ -171,18 +178,25 @@ def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path):
     for out, what in (("ckpt.pt", "is the checkpoint being exported"),
                       ("link.pt", "is the checkpoint being exported"),
                       ("best.pt", "is a cifar10-engine checkpoint")):
-        result = export(tmp_path / "ckpt.pt", "--format", "safetensors", "--out", tmp_path / out)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.startswith(f"error: --out {tmp_path / out} {what}")
-        assert "another --out" in result.stderr and len(result.stderr.splitlines()) == 1
-        assert result.stdout == ""  # refused before any check ran
+        args = [str(tmp_path / "ckpt.pt"), "--format", "safetensors", "--out", str(tmp_path / out)]
+        if out == "ckpt.pt":
+            result = export(*args)
+            code, stdout, err = result.returncode, result.stdout, result.stderr
+        else:
+            code = export_command.main(args)
+            stdout, err = capsys.readouterr()
+        assert code == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: --out {tmp_path / out} {what}")
+        assert "another --out" in err and len(err.splitlines()) == 1
+        assert stdout == ""  # refused before any check ran
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.slow
-def test_an_out_that_is_a_link_is_written_through(run_dir, tmp_path):
+def test_an_out_that_is_a_link_is_written_through(run_dir, tmp_path, capsys):
     """As cp writes: the export's rename made the link itself a plain file. A link that leads
-    nowhere is refused, as cp and train refuse one."""
+    nowhere is refused, as cp and train refuse one (through the command's main(), in this
+    process; the export by a real subprocess)."""
     (tmp_path / "real.safetensors").write_bytes(b"an older export")
     (tmp_path / "link.safetensors").symlink_to("real.safetensors")
     result = export(run_dir / "ckpt.pt", "--format", "safetensors", "--out",
@@ -191,11 +205,12 @@ def test_an_out_that_is_a_link_is_written_through(run_dir, tmp_path):
     assert (tmp_path / "link.safetensors").is_symlink()
     assert (tmp_path / "real.safetensors").read_bytes() != b"an older export"
     (tmp_path / "dead.safetensors").symlink_to("gone/x.safetensors")
-    refused = export(run_dir / "ckpt.pt", "--format", "safetensors", "--out",
-                     tmp_path / "dead.safetensors")
-    assert refused.returncode == 1 and refused.stderr.startswith(
+    code = export_command.main([str(run_dir / "ckpt.pt"), "--format", "safetensors", "--out",
+                                str(tmp_path / "dead.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(
         f"error: --out {tmp_path / 'dead.safetensors'} is a symbolic link that cannot be "
-        "followed"), refused.stderr
+        "followed"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "dead.safetensors", "link.safetensors", "real.safetensors"]
 

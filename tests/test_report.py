@@ -261,32 +261,34 @@ def test_road_ranks_gradcam_and_the_object_box_above_random_maps(loaded):
 
 @pytest.mark.parametrize("marked", [True, False], ids=["marked", "from before the marker"])
 def test_data_dir_rebuilds_the_same_test_split_and_replaces_an_older_report(
-        run_dir, report_dir, tmp_path, marked):
+        run_dir, report_dir, tmp_path, marked, capsys):
     """An older report is replaced whole: one with the .cifar10-report marker, and one written
-    before there was a marker (the report's files only, its summary.md)."""
+    before there was a marker (the report's files only, its summary.md). In-process (main()
+    returns the exit code)."""
     out = tmp_path / "old-report"
     shutil.copytree(report_dir, out)
     (out / "misclassified.csv").write_text("from an older report")
     if not marked:
         (out / ".cifar10-report").unlink()
-    result = run_report(run_dir / "ckpt.pt", "--data-dir", run_dir.parent / "data", "-n", 2,
-                        "--layers", "layer3", "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code = report.main([str(run_dir / "ckpt.pt"), "--data-dir", str(run_dir.parent / "data"),
+                        "-n", "2", "--layers", "layer3", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert (out / ".cifar10-report").is_file()
     assert read_csv(out / "misclassified.csv") == read_csv(report_dir / "misclassified.csv")[:2]
     assert len(PdfReader(out / "gradcam.pdf").pages) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["old-report"]
 
 
-def test_a_dollar_in_a_path_is_drawn_as_written(run_dir, tmp_path):
+def test_a_dollar_in_a_path_is_drawn_as_written(run_dir, tmp_path, capsys):
     """matplotlib reads `$...$` as math: a run's folder named so ended the report in a
-    ParseFatalException traceback, and `$5 or $6` would come out in italics."""
+    ParseFatalException traceback, and `$5 or $6` would come out in italics. In-process."""
     moved = tmp_path / "m$\\x$ $5 or $6"
     moved.mkdir()
     shutil.copy(run_dir / "ckpt.pt", moved)
-    result = run_report(moved / "ckpt.pt", "--data-dir", run_dir.parent / "data", "-n", 1,
-                        "--layers", "layer3", "--methods", "gradcam")
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    code = report.main([str(moved / "ckpt.pt"), "--data-dir", str(run_dir.parent / "data"),
+                        "-n", "1", "--layers", "layer3", "--methods", "gradcam"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, err[-3000:]
     summary_page = PdfReader(moved / "report" / "gradcam.pdf").pages[0].extract_text()
     assert "m$\\x$ $5 or $6" in summary_page
 
@@ -395,12 +397,18 @@ def assert_refused(code: int, stderr: str, out: Path) -> None:
 
 @pytest.mark.parametrize("make", [_not_a_checkpoint, _foreign_torch_file, _truncated,
                                   _missing_data_dir], ids=lambda f: f.__name__.strip("_"))
-def test_bad_input_gets_a_clear_error_and_writes_nothing(make, run_dir, tmp_path):
+def test_bad_input_gets_a_clear_error_and_writes_nothing(make, run_dir, tmp_path, capsys):
+    """The first case by a real subprocess, the others in-process (main() returns the exit
+    code), to save interpreter starts."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     out = tmp_path / "out" / "report"
-    result = run_report(*make(inputs, run_dir), "--out", out)
-    assert_refused(result.returncode, result.stderr, out)
+    args = [str(a) for a in make(inputs, run_dir)] + ["--out", str(out)]
+    if make is _not_a_checkpoint:
+        result = run_report(*args)
+        assert_refused(result.returncode, result.stderr, out)
+    else:
+        assert_refused(report.main(args), capsys.readouterr().err, out)
 
 
 @pytest.mark.parametrize("make", [_moved_test_data, _other_architecture, _other_class_count,
@@ -452,19 +460,21 @@ def test_a_file_saved_into_out_while_the_report_is_made_is_kept(run_dir, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary left either
 
 
-def test_a_folder_with_a_summary_md_and_other_files_is_refused_and_kept(run_dir, tmp_path):
+def test_a_folder_with_a_summary_md_and_other_files_is_refused_and_kept(run_dir, tmp_path,
+                                                                         capsys):
     """Any folder holding a summary.md counted as an older report, and was deleted whole with
-    a project's own files in it."""
+    a project's own files in it. In-process (main() returns the exit code)."""
     out = (tmp_path / "project").resolve()
     (out / "src").mkdir(parents=True)
     (out / "summary.md").write_text("# Project summary\n")
     (out / "src" / "important.py").write_text("keep = True\n")
     before = tree(out)
-    result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--out", out)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == (f"error: --out {out} is not a report folder (it holds src, which no "
-                             "report writes), and a report replaces its folder whole; choose "
-                             "another --out.\n")
+    code = report.main([str(run_dir / "ckpt.pt"), "-n", "1", "--layers", "layer3",
+                        "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 1 and stdout == ""
+    assert err == (f"error: --out {out} is not a report folder (it holds src, which no report "
+                   "writes), and a report replaces its folder whole; choose another --out.\n")
     assert tree(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no temporary left either
 
@@ -639,28 +649,32 @@ def test_an_out_through_a_link_that_cannot_be_followed_is_one_line(run_dir, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dead", "l1", "l2"]
 
 
-def test_a_full_disk_names_out_and_leaves_nothing(run_dir, tmp_path):
-    """Nothing: not the folders made for --out either (a/b here)."""
+def test_a_full_disk_names_out_and_leaves_nothing(run_dir, tmp_path, capsys):
+    """Nothing: not the folders made for --out either (a/b here). In-process."""
     with tmpfs(tmp_path / "full", "size=100k") as full:  # a report takes over 200 KiB
         out = (full / "a" / "b" / "report").resolve()
-        result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--out", out)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.startswith(f"error: --out {out}: its disk is full")
-        assert "another --out" in result.stderr and len(result.stderr.splitlines()) == 1
+        code = report.main([str(run_dir / "ckpt.pt"), "-n", "1", "--layers", "layer3",
+                            "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: --out {out}: its disk is full")
+        assert "another --out" in err and len(err.splitlines()) == 1
         assert list(full.iterdir()) == []  # the temporary folder went too
 
 
-def test_a_mount_point_as_out_gets_the_report_made_inside_it(run_dir, report_dir, tmp_path):
+def test_a_mount_point_as_out_gets_the_report_made_inside_it(run_dir, report_dir, tmp_path,
+                                                             capsys):
     """A volume (`docker run -v host:/out ... --out /out`) cannot be renamed over, so every
     report into it failed: 'could not be written there (Device or resource busy)'. Made
-    inside it, and again over an older report; a killed one's staging folder is swept."""
+    inside it, and again over an older report; a killed one's staging folder is swept.
+    In-process (main() returns the exit code)."""
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout)
     with tmpfs(tmp_path / "volume", "size=8m") as volume:
         for _ in range(2):
-            result = run_report(run_dir / "ckpt.pt", "-n", 2, "--layers", "layer3",
-                                "--methods", "gradcam", "--out", volume)
-            assert result.returncode == 0, result.stderr[-3000:]
+            code = report.main([str(run_dir / "ckpt.pt"), "-n", "2", "--layers", "layer3",
+                                "--methods", "gradcam", "--out", str(volume)])
+            assert code == 0, capsys.readouterr().err[-3000:]
             assert sorted(p.name for p in volume.iterdir()) == sorted(
                 p.name for p in report_dir.iterdir())
             assert read_csv(volume / "misclassified.csv") == read_csv(
@@ -668,10 +682,10 @@ def test_a_mount_point_as_out_gets_the_report_made_inside_it(run_dir, report_dir
             (volume / f".report.{dead}.tmp").mkdir()  # as a killed report leaves it
 
 
-def test_a_bind_mount_as_out_is_told_from_a_folder(run_dir, tmp_path):
+def test_a_bind_mount_as_out_is_told_from_a_folder(run_dir, tmp_path, capsys):
     """os.path.ismount cannot tell a bind mount of the same disk from a folder: the report was
     made beside it and its rename failed ('Invalid cross-device link'). The mount table escapes
-    a space and a backslash of its name."""
+    a space and a backslash of its name. In-process (main() returns the exit code)."""
     (tmp_path / "shared data").mkdir()
     point = tmp_path / "the volume\\1"
     point.mkdir()
@@ -679,9 +693,9 @@ def test_a_bind_mount_as_out_is_told_from_a_folder(run_dir, tmp_path):
                       capture_output=True).returncode:
         pytest.skip("cannot bind-mount here (not root)")
     try:
-        result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--methods",
-                            "gradcam", "--out", point)
-        assert result.returncode == 0, result.stderr[-3000:]
+        code = report.main([str(run_dir / "ckpt.pt"), "-n", "1", "--layers", "layer3",
+                            "--methods", "gradcam", "--out", str(point)])
+        assert code == 0, capsys.readouterr().err[-3000:]
         assert (tmp_path / "shared data" / "summary.md").is_file()
     finally:
         subprocess.run(["umount", str(point)], check=True)

@@ -464,7 +464,9 @@ def http_server(tmp_path, monkeypatch):
     root = tmp_path / "www"
     root.mkdir()
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # polled every 0.05 s, not serve_forever's 0.5: shutdown() waits for the next poll
+    thread = threading.Thread(target=partial(server.serve_forever, poll_interval=0.05),
+                              daemon=True)
     thread.start()
     yield Server(root, f"http://127.0.0.1:{server.server_address[1]}")
     server.shutdown()

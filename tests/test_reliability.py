@@ -61,6 +61,9 @@ from engine.model import build_model
 from engine.run import train_step
 from loaders import make_loader
 from loaders.options import seed_problem
+from tools import export as export_command
+from tools import predict as predict_command
+from tools import report as report_command
 
 SIZE = ["--synthetic-size", "1024", "128"]
 TINY = ["--dataset", "synthetic", *SIZE, "--width", "8", "--batch-size", "128",
@@ -132,6 +135,13 @@ def finished(data_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stderr  # not a terminal: progress as lines, not tqdm refreshes
     return out
+
+
+def in_process(capsys, main, *args) -> SimpleNamespace:
+    """A command's main() run in this process: its exit code and stderr (from capsys) as a
+    subprocess's returncode and stderr, for one_line_error; a process took 2 seconds."""
+    code = main([str(arg) for arg in args])
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
@@ -1573,7 +1583,8 @@ def test_a_seed_is_taken_up_to_the_largest_numpys_and_torchs_generators_take():
 
 
 @pytest.mark.slow
-def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_path):
+def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_path, capsys):
+    """train --resume by a real subprocess, the report in this process."""
     ckpt = checkpoint.load(finished / "ckpt.pt")
     ckpt["classes"] = 5
     ckpt["mean"] = "0.5"
@@ -1581,7 +1592,7 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     run.mkdir()
     torch.save(ckpt, run / "ckpt.pt")
     for result in (train("--resume", run, timeout=120),
-                   run_script("tools/report.py", run / "ckpt.pt", timeout=120)):
+                   in_process(capsys, report_command.main, run / "ckpt.pt")):
         assert result.returncode == 1
         message = one_line_error(result)
         assert str(run / "ckpt.pt") in message and "malformed classes, mean" in message
@@ -1656,14 +1667,14 @@ def test_a_config_from_before_the_later_fields_loads_with_their_defaults(finishe
 
 
 @pytest.mark.slow
-def test_non_finite_weights_are_refused_by_every_tool(finished, tmp_path):
-    """predict used to print 'nan%' and exit 0, and --resume to call the bad epoch good."""
+def test_non_finite_weights_are_refused_by_every_tool(finished, tmp_path, capsys):
+    """predict used to print 'nan%' and exit 0, and --resume to call the bad epoch good.
+    train --resume by a real subprocess, predict in this process."""
     run = copy_run(finished, tmp_path)
     path = _damaged(run, lambda ckpt: ckpt["state_dict"]["layer1.0.conv1.weight"].fill_(
         float("nan")))
     for result in (train("--resume", run, "--epochs", "2", timeout=120),
-                   run_script("tools/predict.py", path, ROOT / "docs" / "curves.png",
-                              timeout=120)):
+                   in_process(capsys, predict_command.main, path, ROOT / "docs" / "curves.png")):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert one_line_error(result) == (
             f"error: {path} holds NaN or infinite weights (layer1.0.conv1.weight); "
@@ -1672,14 +1683,15 @@ def test_non_finite_weights_are_refused_by_every_tool(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_model_giving_nan_logits_is_refused_by_every_tool(finished, tmp_path):
+def test_a_model_giving_nan_logits_is_refused_by_every_tool(finished, tmp_path, capsys):
     """Finite weights too large to compute with: predict printed 'nan%' and report wrote a
-    whole report of NaN, both exiting 0 (export alone refused)."""
+    whole report of NaN, both exiting 0 (export alone refused). predict by a real subprocess,
+    report and export in this process."""
     run = copy_run(finished, tmp_path)
     path = _damaged(run, lambda ckpt: ckpt["state_dict"]["stem.0.weight"].mul_(3e38))
     for result in (run_script("tools/predict.py", path, ROOT / "docs" / "curves.png"),
-                   run_script("tools/report.py", path, "--out", tmp_path / "report"),
-                   run_script("tools/export.py", path, "--format", "safetensors")):
+                   in_process(capsys, report_command.main, path, "--out", tmp_path / "report"),
+                   in_process(capsys, export_command.main, path, "--format", "safetensors")):
         assert result.returncode == 1, result.stderr[-3000:]
         assert one_line_error(result) == (
             f"error: {path}'s model gives NaN or infinite logits; its weights are broken (a "

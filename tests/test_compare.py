@@ -220,74 +220,82 @@ def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_p
 
 
 @pytest.mark.slow
-def test_compare_will_not_continue_runs_with_other_options(out, tmp_path):
+def test_compare_will_not_continue_runs_with_other_options(out, tmp_path, capsys):
+    """In-process (main() returns the exit code), to save an interpreter start."""
     again = Path(shutil.copytree(out, tmp_path / "out"))
-    result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "adamw",
-                     "--epochs", "1", "--width", "16", "--out", str(again))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    code = main([*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "adamw",
+                 "--epochs", "1", "--width", "16", "--out", str(again)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
     # said as the comparison's, as a --width (or --lr) given to the earlier one and left out
     # here would be named too
-    assert result.stderr.startswith(f"error: {again / 'adamw'} holds a run of an earlier "
-                                    "comparison that this one cannot continue: ")
-    assert f"--width cannot change when resuming {again / 'adamw'}" in result.stderr
-    assert result.stderr.endswith("Give compare that comparison's options (its runs' "
-                                  "config.json) to continue it; an LR or weight decay it chose "
-                                  "itself (no --lr, no --weight-decay) comes back with the "
-                                  "option left out.\n")
+    assert err.startswith(f"error: {again / 'adamw'} holds a run of an earlier comparison that "
+                          "this one cannot continue: ")
+    assert f"--width cannot change when resuming {again / 'adamw'}" in err
+    assert err.endswith("Give compare that comparison's options (its runs' config.json) to "
+                        "continue it; an LR or weight decay it chose itself (no --lr, no "
+                        "--weight-decay) comes back with the option left out.\n")
 
 
 @pytest.mark.slow
 def test_a_weight_decay_the_comparison_chose_is_refused_when_given_and_taken_back_left_out(
-        out, tmp_path):
+        out, tmp_path, capsys):
     """The default comparison gave AdamW 0.05; the same command with --weight-decay 5e-4, the
     others' value, is refused for AdamW, and the message says to leave the option out, which
-    then continues the runs (their config.json's 0.05 would refuse SGD instead)."""
+    then continues the runs (their config.json's 0.05 would refuse SGD instead). The refused
+    call in-process (main() returns the exit code), the one that continues a real subprocess."""
     again = Path(shutil.copytree(out, tmp_path / "out"))
     common = [*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "adamw",
               "--epochs", "1", "--out", str(again)]
-    result = compare(*common, "--weight-decay", "5e-4")
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert f"--weight-decay cannot change when resuming {again / 'adamw'}" in result.stderr
-    assert "comes back with the option left out." in result.stderr
+    code = main([*common, "--weight-decay", "5e-4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert f"--weight-decay cannot change when resuming {again / 'adamw'}" in err
+    assert "comes back with the option left out." in err
     assert compare(*common).returncode == 0
 
 
 @pytest.mark.slow
-def test_fewer_epochs_than_a_run_has_done_stops_the_comparison_and_keeps_its_files(out,
-                                                                                   tmp_path):
+def test_fewer_epochs_than_a_run_has_done_stops_the_comparison_and_keeps_its_files(
+        out, tmp_path, capsys):
     """A refused option is no finding about an optimizer: it was a row of the table ('--epochs 1
-    is fewer than the 2 epochs ...'), and compare.png, .csv and .md were written over with it."""
+    is fewer than the 2 epochs ...'), and compare.png, .csv and .md were written over with it.
+    The run a real subprocess, the refused call in-process (main() returns the exit code)."""
     again = Path(shutil.copytree(out, tmp_path / "out"))
     common = [*SMALL, "--data-dir", str(out.parent / "data"), "--out", str(again)]
     assert compare(*common, "--optimizers", "sgd", "--epochs", "2").returncode == 0
     before = {name: (again / name).read_bytes() for name in WRITTEN}
-    result = compare(*common, "--optimizers", "sgd", "adamw", "--epochs", "1")
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'sgd'} "
-                             "has done; pass --epochs above 2 to extend it.\n")
+    code = main([*common, "--optimizers", "sgd", "adamw", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert err == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'sgd'} has done; "
+                   "pass --epochs above 2 to extend it.\n")
     assert {name: (again / name).read_bytes() for name in WRITTEN} == before
 
 
 @pytest.mark.slow
-def test_a_folder_in_a_comparison_files_place_is_named_before_the_runs(out, tmp_path):
+def test_a_folder_in_a_comparison_files_place_is_named_before_the_runs(out, tmp_path, capsys):
     """compare.md a folder: the runs trained, then compare.png and compare.csv were written
-    over and compare.md refused, a comparison of two states; now nothing trains or changes."""
+    over and compare.md refused, a comparison of two states; now nothing trains or changes.
+    In-process (main() returns the exit code)."""
     again = Path(shutil.copytree(out, tmp_path / "out"))
     (again / "compare.md").unlink()
     (again / "compare.md").mkdir()
     before = {name: (again / name).read_bytes() for name in ("compare.png", "compare.csv")}
-    result = compare(*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd",
-                     "adam", "--epochs", "2", "--out", str(again))
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr == (f"error: {again / 'compare.md'} is a folder; writing it would "
-                             "replace that. Move it away, or write elsewhere.\n")
-    assert result.stdout == ""  # no run resumed
+    code = main([*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "adam",
+                 "--epochs", "2", "--out", str(again)])
+    stdout, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert err == (f"error: {again / 'compare.md'} is a folder; writing it would replace that. "
+                   "Move it away, or write elsewhere.\n")
+    assert stdout == ""  # no run resumed
     assert {name: (again / name).read_bytes() for name in before} == before
 
 
 def test_a_file_in_an_optimizers_place_is_named_before_the_runs(tmp_path):
     """It was named after the runs before it had trained, as '--out OUT/adam is a file', an
-    --out never given."""
+    --out never given. A real subprocess: the refusal, exit code and stderr of the command
+    itself (the other refusals run its main() in this process)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "adam").write_text("mine")
@@ -317,15 +325,16 @@ def test_the_comparison_files_are_written_all_or_none(out, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a CUDA GPU")
-def test_an_option_this_machine_cannot_run_is_said_once_and_leaves_no_table(tmp_path):
+def test_an_option_this_machine_cannot_run_is_said_once_and_leaves_no_table(tmp_path, capsys):
     """--precision fp16 on the CPU fails every optimizer alike: it was said once per optimizer
-    and tabled as their results, in a compare.csv of empty rows."""
+    and tabled as their results, in a compare.csv of empty rows. In-process (main() returns
+    the exit code)."""
     out = tmp_path / "out"
-    result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
-                     "adam", "--epochs", "1", "--precision", "fp16", "--out", str(out))
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr == ("error: --precision fp16 needs a CUDA GPU; use bf16 or fp32 on "
-                             "CPU.\n")
+    code = main([*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd", "adam",
+                 "--epochs", "1", "--precision", "fp16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert err == "error: --precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU.\n"
     assert not out.exists()
 
 

@@ -401,12 +401,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.mark.slow
 def test_ctrl_c_while_an_epoch_is_saved_waits_for_all_its_files(data_dir, tmp_path):
     """best.pt, ckpt.pt, metrics and config.json are one epoch's files: a Ctrl-C between them
-    left best.pt an epoch ahead of ckpt.pt (or, in the first epoch, no run at all)."""
+    left best.pt an epoch ahead of ckpt.pt (or, in the first epoch, no run at all). The
+    resident loader: FFCV's JIT would add seconds to a test of the saving."""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_BEST, str(ROOT / "engine/train.py"),
-                             *SMALL, "--synthetic-size", "1500", "300", "--data-dir",
-                             str(data_dir), "--epochs", "3", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+                             *SMALL, "--synthetic-size", "1500", "300", "--loader", "resident",
+                             "--data-dir", str(data_dir), "--epochs", "3", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 130, result.stderr[-3000:]
     assert f"ckpt.pt holds epoch 1; continue with --resume {out}" in result.stderr
     assert [checkpoint.load(out / name)["epoch"] for name in ("best.pt", "ckpt.pt")] == [1, 1]
@@ -447,12 +448,14 @@ finally:
 
 def test_each_epoch_is_written_in_the_background_and_the_last_before_the_end(data_dir, tmp_path):
     """Training goes on while an epoch's files are written (a GPU would otherwise wait for the
-    disk), and the command returns only once the last epoch's files are whole."""
+    disk), and the command returns only once the last epoch's files are whole. The resident
+    loader: FFCV's JIT would add seconds to a test of the writing."""
     out, records = tmp_path / "run", tmp_path / "records.txt"
     result = subprocess.run([sys.executable, "-c", WRITES_BESIDE_TRAINING, str(records),
                              str(ROOT / "engine/train.py"), *SMALL, "--synthetic-size", "1500",
-                             "300", "--data-dir", str(data_dir), "--epochs", "2", "--out",
-                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             "300", "--loader", "resident", "--data-dir", str(data_dir),
+                             "--epochs", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert records.read_text().splitlines() == [
         *(f"ckpt.pt of epoch {n} written on epoch-writer_0: training went on True"
@@ -579,10 +582,12 @@ def test_a_tracker_into_an_out_named_in_no_utf8_is_refused_before_any_work(tmp_p
 
 def test_an_out_named_in_no_utf8_trains_where_no_tracker_writes(tmp_path):
     """Only the trackers need their folder in UTF-8: without --log-with, an --out named in
-    other bytes (a Latin-1 name on an old disk) trains and saves as any other."""
+    other bytes (a Latin-1 name on an old disk) trains and saves as any other (the resident
+    loader: the name is no loader's concern, and FFCV's JIT takes seconds)."""
     out = tmp_path / os.fsdecode(b"run-\xff")
-    result = train("--synthetic-size", "200", "50", "--data-dir", str(tmp_path / "data"),
-                   "--epochs", "1", "--out", str(out), errors="surrogateescape")
+    result = train("--synthetic-size", "200", "50", "--loader", "resident", "--data-dir",
+                   str(tmp_path / "data"), "--epochs", "1", "--out", str(out),
+                   errors="surrogateescape")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "ckpt.pt").is_file() and (out / "best.pt").is_file()
 

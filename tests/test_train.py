@@ -528,7 +528,7 @@ def test_divergence_on_several_processes_is_said_once(data_dir, tmp_path):
 
 def test_tensorboard_tracker_logs_the_epoch_metrics(tmp_path, data_dir):
     out = tmp_path / "out"
-    result = train("--synthetic-size", "2000", "200", "--data-dir", str(data_dir), "--epochs",
+    result = train("--synthetic-size", "300", "100", "--data-dir", str(data_dir), "--epochs",
                    "1", "--loader", "resident", "--log-with", "tensorboard", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

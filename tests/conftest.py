@@ -78,6 +78,17 @@ def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int],
+               *args) -> subprocess.CompletedProcess:
+    """A command's main(args) run in this process, its exit code and output as run_script
+    gives a process's: for the rows of a test beside the one it runs as a real process (a
+    process spends seconds importing torch)."""
+    code = main([str(arg) for arg in args])
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess([main.__module__, *map(str, args)], code, said.out,
+                                       said.err)
+
+
 def small_config(prepared: Prepared, tmp_path: Path, **options):
     """The resolved CPU config of a run of the `prepared` synthetic split into tmp_path/run:
     width 4, batches of 64, the resident loader, eager; `options` change its TrainConfig."""

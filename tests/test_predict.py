@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cpu_out_of_memory, cuda_out_of_memory, run_code, run_script, tmpfs, tree
+from conftest import (
+    cpu_out_of_memory,
+    cuda_out_of_memory,
+    in_process,
+    run_code,
+    run_script,
+    tmpfs,
+    tree,
+)
 from PIL import Image
 
 from common.errors import CheckpointError, DataError, ReportError
@@ -30,15 +38,6 @@ N_CIFAR = 40  # test images saved as PNGs and predicted
 
 def predict(*args) -> subprocess.CompletedProcess:
     return run_script("tools/predict.py", *args, timeout=300)
-
-
-def predict_here(capsys: pytest.CaptureFixture, *args) -> subprocess.CompletedProcess:
-    """predict(*args) run in this process through the command's own main, its exit code and
-    output as a process would give them: the same code without the seconds a new process
-    spends importing torch, for the rows of a test beside the one it runs as a real process."""
-    code = predict_command.main([str(arg) for arg in args])
-    said = capsys.readouterr()
-    return subprocess.CompletedProcess(["tools/predict.py", *args], code, said.out, said.err)
 
 
 def write_pictures(folder: Path) -> dict[str, Path]:
@@ -466,7 +465,7 @@ def test_bad_checkpoint_and_layer_are_one_message(run_dir, tmp_path, capsys):
             ((tmp_path / "nothing-here",), f"error: {tmp_path / 'nothing-here'}: no such file\n"),
             ((text,), f"error: {text}: not a readable image; pass a picture file (PNG, JPEG, "
                       "BMP, GIF, TIFF, WebP or another format PIL reads)\n")):
-        result = predict_here(capsys, run_dir / "ckpt.pt", *args)
+        result = in_process(capsys, predict_command.main, run_dir / "ckpt.pt", *args)
         assert (result.returncode, result.stdout, result.stderr) == (1, "", said)
     assert not (tmp_path / "c").exists()
 
@@ -542,7 +541,7 @@ def test_a_cam_run_with_no_readable_picture_leaves_no_folder(run_dir, tmp_path, 
             f"error: {tmp_path / 'missing.png'}: no such file\n")}
     runs = [(pictures, said, cam) for pictures, said in errors.items()
             for cam in (tmp_path / "cams", tmp_path / "new" / "cams", tmp_path / "mine")]
-    ways = [predict, *[partial(predict_here, capsys)] * (len(runs) - 1)]
+    ways = [predict, *[partial(in_process, capsys, predict_command.main)] * (len(runs) - 1)]
     for way, (pictures, said, cam) in zip(ways, runs, strict=True):
         result = way(run_dir / "ckpt.pt", *pictures, "--cam", cam)
         assert (result.returncode, result.stdout, result.stderr) == (1, "", said)

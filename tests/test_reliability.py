@@ -32,6 +32,7 @@ from conftest import (
     cpu_out_of_memory,
     data_workers,
     history,
+    in_process,
     run_code,
     run_script,
     small_run,
@@ -135,13 +136,6 @@ def finished(data_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stderr  # not a terminal: progress as lines, not tqdm refreshes
     return out
-
-
-def in_process(capsys, main, *args) -> SimpleNamespace:
-    """A command's main() run in this process: its exit code and stderr (from capsys) as a
-    subprocess's returncode and stderr, for one_line_error; a process took 2 seconds."""
-    code = main([str(arg) for arg in args])
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:

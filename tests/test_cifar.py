@@ -31,6 +31,7 @@ from conftest import (
     ROOT,
     Cifar10Dir,
     dump_pickle,
+    in_process,
     make_tar_gz,
     random_split,
     run_script,
@@ -472,11 +473,9 @@ def test_unusable_data_dir_is_refused_before_any_work(tmp_path, read_only_dir, s
         args = ["--dataset", "synthetic", "--synthetic-size", "20", "5", "--data-dir", value]
         if script == "engine/train.py":
             args += ["--epochs", "1", "--out", str(tmp_path / "run")]
-        if case in ("empty", "read-only"):
-            result = run_script(script, *args, timeout=120)
-            code, err = result.returncode, result.stderr
-        else:
-            code, err = main(args), capsys.readouterr().err
+        result = (run_script(script, *args, timeout=120) if case in ("empty", "read-only") else
+                  in_process(capsys, main, *args))
+        code, err = result.returncode, result.stderr
         assert code in (1, 2), case
         assert words in err and "Traceback" not in err, (case, err)
         assert len(err.strip().splitlines()) == 1, (case, err)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cpu_out_of_memory, cuda_out_of_memory, run_script, tmpfs
+from conftest import cpu_out_of_memory, cuda_out_of_memory, in_process, run_script, tmpfs
 
 from common.errors import ExportError
 from engine import checkpoint
@@ -134,13 +134,10 @@ def test_bad_inputs_are_one_message_and_leave_nothing(run_dir, tmp_path, capsys)
              (("/", "--format", "safetensors"), "/ is a folder"),
              (("", "--format", "onnx", "--out", tmp_path / "x.onnx"), ". is a folder"))
     for n, (args, named) in enumerate(cases):
-        if n == 0:
-            result = export(*args)
-            code, err = result.returncode, result.stderr
-        else:
-            code, err = export_command.main(list(map(str, args))), capsys.readouterr().err
-        assert code == 1 and named in err, err
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        result = export(*args) if n == 0 else in_process(capsys, export_command.main, *args)
+        assert result.returncode == 1 and named in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "l1", "l2", "pipe"]
     assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
 
@@ -179,16 +176,12 @@ def test_an_out_that_is_a_checkpoint_is_refused(run_dir, tmp_path, capsys):
                       ("link.pt", "is the checkpoint being exported"),
                       ("best.pt", "is a cifar10-engine checkpoint")):
         args = [str(tmp_path / "ckpt.pt"), "--format", "safetensors", "--out", str(tmp_path / out)]
-        if out == "ckpt.pt":
-            result = export(*args)
-            code, stdout, err = result.returncode, result.stdout, result.stderr
-        else:
-            code = export_command.main(args)
-            stdout, err = capsys.readouterr()
-        assert code == 1 and "Traceback" not in err, err
-        assert err.startswith(f"error: --out {tmp_path / out} {what}")
-        assert "another --out" in err and len(err.splitlines()) == 1
-        assert stdout == ""  # refused before any check ran
+        result = (export(*args) if out == "ckpt.pt" else
+                  in_process(capsys, export_command.main, *args))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"error: --out {tmp_path / out} {what}")
+        assert "another --out" in result.stderr and len(result.stderr.splitlines()) == 1
+        assert result.stdout == ""  # refused before any check ran
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 

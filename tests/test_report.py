@@ -20,6 +20,7 @@ import torch
 from conftest import (
     cpu_out_of_memory,
     cuda_out_of_memory,
+    in_process,
     run_script,
     synthetic_boxes,
     tmpfs,
@@ -404,11 +405,9 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(make, run_dir, tmp_path
     inputs.mkdir()
     out = tmp_path / "out" / "report"
     args = [str(a) for a in make(inputs, run_dir)] + ["--out", str(out)]
-    if make is _not_a_checkpoint:
-        result = run_report(*args)
-        assert_refused(result.returncode, result.stderr, out)
-    else:
-        assert_refused(report.main(args), capsys.readouterr().err, out)
+    result = (run_report(*args) if make is _not_a_checkpoint else
+              in_process(capsys, report.main, *args))
+    assert_refused(result.returncode, result.stderr, out)
 
 
 @pytest.mark.parametrize("make", [_moved_test_data, _other_architecture, _other_class_count,

@@ -22,6 +22,15 @@ FILE_SIZE_FIX = "raise this process's file size limit (`ulimit -f unlimited`)"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def room_fix(error: OSError, free: str) -> str | None:
+    """The fix for a write that failed for want of room: FILE_SIZE_FIX past this process's
+    file size limit (EFBIG: no free space would help), `free` on a full disk or quota; None
+    for any other error."""
+    if error.errno == errno.EFBIG:
+        return FILE_SIZE_FIX
+    return free if error.errno in DISK_FULL else None
+
+
 def file_size_limited() -> bool:
     """Whether this process may write files only up to a size (ulimit -f): a write past it
     fails with EFBIG ('File too large'), which no free space on the disk would fix."""

@@ -3,7 +3,6 @@ when its md5 matches, and extracted safely (nothing outside the target, no links
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from common.errors import DataError, one_line
 from common.hashing import file_hash
-from common.paths import DISK_FULL, FILE_SIZE_FIX
+from common.paths import room_fix
 from common.temporaries import usual_permissions
 from loaders.layouts import LAYOUTS
 
@@ -58,12 +57,11 @@ def download(url: str, md5: str, dest: Path, advice: str = "") -> Path:
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, OSError, TimeoutError) as error:
-        if error.errno in (*DISK_FULL, errno.EFBIG):  # the disk or a limit, not the network
+        # the disk or a limit, not the network
+        if fix := room_fix(error, "free some space, or pass another --data-dir"):
             # the size the server gave; else at least what was written before the write failed
             needed = (f"{size / 1e6:,.1f} MB" if size else
                       f"over {tmp.stat().st_size / 1e6:,.1f} MB")
-            fix = (FILE_SIZE_FIX if error.errno == errno.EFBIG else
-                   "free some space, or pass another --data-dir")
             raise DataError(
                 f"cannot download {url} into {dest.parent}: {error.strerror}. The archive "
                 f"needs {needed} there, and extracting it about as much again: {fix}."

@@ -4,7 +4,6 @@ path from there on."""
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
-from common.paths import DISK_FULL, FILE_SIZE_FIX
+from common.paths import room_fix
 from common.temporaries import usual_permissions
 from loaders import folders, synthetic
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE
@@ -70,11 +69,10 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
         try:
             _write_splits(staging, classes, train, test)
         except OSError as error:  # a full disk (a quota, a file size limit) names no file:
-            if error.errno not in (*DISK_FULL, errno.EFBIG):  # say which folder
+            fix = room_fix(error, "free some space there or use a --data-dir on another disk")
+            if fix is None:  # say which folder
                 raise
             needed = sum(a.nbytes for split in (train, test) for a in split.values())
-            fix = (FILE_SIZE_FIX if error.errno == errno.EFBIG else
-                   "free some space there or use a --data-dir on another disk")
             raise DataError(f"Writing {folder} failed ({error.strerror}); it needs about "
                             f"{needed / 1e6:.1f} MB in {folder.parent}. Nothing was kept; "
                             f"{fix}.") from error

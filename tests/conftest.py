@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import queue
 import shutil
 import signal
@@ -328,15 +329,36 @@ class _Py2Pickler(pickle._Pickler):
     dispatch[str] = dispatch[bytes] = save_string
 
 
-def dump_pickle(path: Path, obj, protocol: int | str = "py2") -> None:
-    """Write obj as a pickle: "py2" like the original CIFAR files, or a Python 3 protocol."""
+def numpy1_names(data: bytes) -> bytes:
+    """A pickle as numpy 1 writes it: the numpy._core modules it names under their numpy 1
+    names, numpy.core (numpy 2 renamed them), and without frames, which are optional and
+    whose lengths the longer names would break."""
+    ops = list(pickletools.genops(data))
+    ends = [pos for _, _, pos in ops[1:]] + [len(data)]
+    out = []
+    for (op, arg, pos), end in zip(ops, ends, strict=True):
+        raw = data[pos:end]
+        if op.name == "FRAME":
+            continue
+        if op.name == "GLOBAL":  # protocols 0 to 3: "c<module>\n<name>\n"
+            raw = raw.replace(b"cnumpy._core.", b"cnumpy.core.", 1)
+        elif op.name == "SHORT_BINUNICODE" and arg.startswith("numpy._core."):  # 4 and 5
+            name = arg.replace("numpy._core.", "numpy.core.", 1).encode()
+            raw = pickle.SHORT_BINUNICODE + bytes([len(name)]) + name
+        out.append(raw)
+    return b"".join(out)
+
+
+def dump_pickle(path: Path, obj, protocol: int | str = "py2", numpy1: bool = False) -> None:
+    """Write obj as a pickle: "py2" like the original CIFAR files, or a Python 3 protocol;
+    numpy's functions named as numpy 1 names them for "py2" and where numpy1 asks."""
     if protocol == "py2":
         buffer = io.BytesIO()
         _Py2Pickler(buffer, protocol=2).dump(obj)
-        data = buffer.getvalue().replace(b"cnumpy._core.", b"cnumpy.core.")
+        data, numpy1 = buffer.getvalue(), True
     else:
         data = pickle.dumps(obj, protocol=protocol)
-    path.write_bytes(data)
+    path.write_bytes(numpy1_names(data) if numpy1 else data)
 
 
 def to_rows(images: np.ndarray) -> np.ndarray:
@@ -345,16 +367,16 @@ def to_rows(images: np.ndarray) -> np.ndarray:
 
 
 def write_batch(path: Path, split: cifar.Split, protocol: int | str = "py2",
-                py3: bool = False) -> None:
+                py3: bool = False, numpy1: bool = False) -> None:
     """A CIFAR batch as the original archive has it, or (py3) as Python 3 code writes one:
-    str keys and names, labels as a list of numpy integers."""
+    str keys and names, labels as a list of numpy integers; with numpy 1's names (numpy1)."""
     batch = {b"batch_label": b"testing", b"labels": split.labels.tolist(),
              b"data": to_rows(split.images),
              b"filenames": [f"img_{i}.png".encode() for i in range(len(split.labels))]}
     if py3:
         batch = {"batch_label": "testing", "labels": list(split.labels),
                  "data": batch[b"data"], "filenames": [f.decode() for f in batch[b"filenames"]]}
-    dump_pickle(path, batch, protocol)
+    dump_pickle(path, batch, protocol, numpy1)
 
 
 def random_split(n: int, rng: np.random.Generator, num_classes: int = 10) -> cifar.Split:
@@ -385,20 +407,21 @@ class Cifar10Dir:
 
 
 def write_cifar10(data_dir: Path, rows=(3, 2, 4, 1, 2), n_test: int = 5, seed: int = 0,
-                  protocol: int | str = "py2", py3: bool = False,
+                  protocol: int | str = "py2", py3: bool = False, numpy1: bool = False,
                   make_split: Callable[[int, np.random.Generator], cifar.Split] = random_split
                   ) -> Cifar10Dir:
     """A small CIFAR-10 python folder with `rows[i]` images in data_batch_{i+1}, each split
-    made by `make_split`; py3 writes it as Python 3 code would (see write_batch)."""
+    made by `make_split`; py3 writes it as Python 3 code would, with numpy 1 where numpy1
+    says (see write_batch)."""
     layout = layouts.LAYOUTS["cifar10"]
     folder = data_dir / layout.folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     parts = [make_split(n, rng) for n in rows]
     for name, part in zip(layout.train_files, parts, strict=True):
-        write_batch(folder / name, part, protocol, py3)
+        write_batch(folder / name, part, protocol, py3, numpy1)
     test = make_split(n_test, rng)
-    write_batch(folder / "test_batch", test, protocol, py3)
+    write_batch(folder / "test_batch", test, protocol, py3, numpy1)
     meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
     if py3:
         meta = {"label_names": list(CIFAR10_CLASSES), "num_vis": 3072}

@@ -50,6 +50,7 @@ PAGE_SIZE = 4 << 21  # FFCV's default page (4 x 2 MiB); each writer worker leave
 # the least std a channel is given (one grey level, ours): a channel that never varies (a dataset
 # whose blue is always 0) would otherwise be divided by 0, and every loss would be NaN
 MIN_STD = 1 / 255
+STATS_CHUNK = 8192  # images channel_stats takes at once: 200 MB of float64 pixels
 
 
 def digest(split: Split) -> str:
@@ -64,7 +65,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in 0..1, accumulated in float64 chunks to bound memory; std is
     at least MIN_STD."""
     total, total_sq, count = np.zeros(3), np.zeros(3), 0
-    for chunk in np.array_split(images, max(1, len(images) // 8192)):
+    for chunk in np.array_split(images, max(1, len(images) // STATS_CHUNK)):
         pixels = chunk.reshape(-1, 3).astype(np.float64) / 255
         total += pixels.sum(0)
         total_sq += (pixels**2).sum(0)

@@ -82,6 +82,19 @@ def test_sidecar_records_size_classes_and_training_stats(prepared, source):
     assert (test.mean, test.std) == (train.mean, train.std) == (prepared.mean, prepared.std)
 
 
+def test_channel_stats_over_several_chunks_are_the_whole_splits(monkeypatch):
+    """Summed over chunks of STATS_CHUNK images (CIFAR-10's 50,000 make six; the suite's
+    splits, one): every chunk counts, however they split the images (here 4, 3 and 3, the
+    first darker)."""
+    monkeypatch.setattr(beton, "STATS_CHUNK", 3)
+    images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    images[:4] //= 2
+    mean, std = beton.channel_stats(images)
+    pixels = images.reshape(-1, 3) / 255
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-9)
+
+
 def test_a_channel_that_never_varies_gets_the_least_std_not_nan():
     # blue always 0 (the variance formula's rounding made it NaN), red always 77 (a spurious
     # 2e-6, which made one grey level of a test image's red worth about 1,600); green varies
@@ -575,12 +588,19 @@ def test_a_betons_rebuild_command_is_that_of_the_data_its_name_says(name, option
 
 # --- writer failures end in a DataError within seconds, leaving nothing -------------------------
 
-def test_space_needed_bounds_the_real_size(tmp_path):
+def test_betons_of_one_or_more_writer_workers_read_back_exact_in_the_space_needed(tmp_path):
+    """Within space_needed's bound; and exact where several workers wrote (a run's default,
+    one a core): each lays out its chunks of 1000 images as it goes, so an image's bytes need
+    not follow the one before (the prepared files, of one worker, all do)."""
+    rng = np.random.default_rng(0)
     for n, workers in [(1, 1), (1500, 1), (1500, 2), (5000, 2)]:
         path = tmp_path / f"n{n}-w{workers}.beton"
-        split = cifar.Split(np.zeros((n, 32, 32, 3), np.uint8), np.arange(n) % 10)
+        split = cifar.Split(rng.integers(0, 256, (n, 32, 32, 3), np.uint8), np.arange(n) % 10)
         size = beton.write(path, split, CLASSES, workers=workers).size
         assert size <= beton.space_needed(n, workers), (n, workers)
+        got = beton.read(path)
+        np.testing.assert_array_equal(got.images, split.images)
+        np.testing.assert_array_equal(got.labels, split.labels)
 
 
 def test_check_space_names_the_folder_and_both_sizes(tmp_path):

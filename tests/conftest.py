@@ -537,6 +537,30 @@ def source(prepared) -> cifar.CifarData:
     return cifar.read_folder(prepared.source, layouts.OWN_LAYOUT, "synthetic")
 
 
+def cutout_centres(out: torch.Tensor, x: torch.Tensor, size: int,
+                   atol: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centre row and column of the cutout hole in each of N x C x H x W images `out`,
+    after checking that each is its image of x (which holds no zero pixel) with one size x size
+    square of zeros (every channel of its pixels), clipped at the border around a centre inside
+    the image, and nothing else changed (within atol)."""
+    hole = out == 0
+    assert torch.equal(hole.all(1), hole.any(1))  # every channel of a pixel, or none
+    assert ((out - x).abs() <= atol)[~hole].all()  # nothing else changes
+    hole = hole[:, 0]
+    rows, cols = hole.any(2), hole.any(1)
+    assert torch.equal(hole, rows[:, :, None] & cols[:, None, :])  # a rectangle
+    lines = torch.cat([rows, cols])  # each image's rows in the hole, then its columns
+    count, end = lines.sum(1), lines.shape[1] - 1
+    first, last = lines.int().argmax(1), end - lines.flip(1).int().argmax(1)
+    assert (count > 0).all() and (count == last - first + 1).all()  # contiguous, never empty
+    inner = (first > 0) & (last < end)
+    assert (count[inner] == size).all()
+    # clipped at the border: the centre still lies inside the image
+    assert ((size - size // 2 <= count[~inner]) & (count[~inner] <= size)).all()
+    top = torch.where(first > 0, first, last - size + 1)  # clipped on one side at most
+    return (top + size // 2).split(len(out))
+
+
 def flips_and_shifts(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flipped, row shift, column shift) of each augmented ramp_split image, however it was
     normalized: the 28 x 28 middle, which no shift of 2 or less pads, holds 32 distinct reds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import cutout_centres
 
 from loaders.augment import (
     Augment,
@@ -76,21 +77,7 @@ def test_no_flip_and_no_translate_is_the_identity():
 @pytest.mark.parametrize("size", [1, 8, 13, 32])
 def test_cutout_zeroes_exactly_one_clipped_square(size):
     x = torch.rand(500, 3, 32, 32) + 1  # no zero anywhere before
-    out = cutout(x.clone(), size, epoch_generator(0, 0, "cpu"))
-    hole = out == 0
-    assert torch.equal(hole.all(1), hole.any(1))  # every channel of a pixel, or none
-    assert torch.equal(out[~hole], x[~hole])  # nothing else changes
-    hole = hole[:, 0]
-    rows, cols = hole.any(2), hole.any(1)
-    assert torch.equal(hole, rows[:, :, None] & cols[:, None, :])  # a rectangle
-    for line in (*rows, *cols):
-        (inside,) = torch.nonzero(line, as_tuple=True)
-        first, last = int(inside[0]), int(inside[-1])
-        assert len(inside) == last - first + 1  # contiguous and never empty
-        if first > 0 and last < 31:
-            assert len(inside) == size
-        else:  # clipped at the border: the centre still lies inside the image
-            assert size - size // 2 <= len(inside) <= size
+    cutout_centres(cutout(x.clone(), size, epoch_generator(0, 0, "cpu")), x, size)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -222,26 +209,13 @@ def test_seeds_2_31_apart_draw_apart_on_the_cpu(stream):
     assert not torch.equal(draws(5), draws(5 + 2**31))
 
 
-def _cutout_centres(hole: torch.Tensor, size: int) -> list[int]:
-    """The centre row of each image's size-`size` hole (N x H of covered rows), clipped or not."""
-    centres = []
-    for line in hole:
-        (inside,) = torch.nonzero(line, as_tuple=True)
-        first, last = int(inside[0]), int(inside[-1])
-        top = first if first > 0 else last - size + 1  # a hole is clipped on one side at most
-        centres.append(top + size // 2)
-    return centres
-
-
 @pytest.mark.parametrize("size", [1, 8])
 def test_cutout_centres_reach_every_row_and_column_including_the_last(size):
     """The centre is uniform over all 32 rows and columns, the border ones too (a hole centred
     on the last row covers it: for size 1, only that centre does)."""
     x = torch.ones(2000, 1, 32, 32)
-    hole = cutout(x, size, epoch_generator(0, 0, "cpu"))[:, 0] == 0
-    rows, cols = hole.any(2), hole.any(1)
-    assert set(_cutout_centres(rows, size)) == set(range(32))
-    assert set(_cutout_centres(cols, size)) == set(range(32))
+    rows, cols = cutout_centres(cutout(x.clone(), size, epoch_generator(0, 0, "cpu")), x, size)
+    assert set(rows.tolist()) == set(cols.tolist()) == set(range(32))
 
 
 @pytest.mark.parametrize("edge", [{"cutout": 32}, {"translate": 16}, {"cutout": 0, "translate": 0}])

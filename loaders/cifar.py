@@ -212,10 +212,11 @@ def _vertical_likeness(planes: np.ndarray) -> np.ndarray:
 
 
 def _text(name: bytes | str) -> str:
-    """A class name as text: bytes as UTF-8, else as Latin-1 (Python 2 era files), which
-    decodes any bytes, so a name in an older encoding still reads instead of failing."""
+    """A class name as plain str: bytes as UTF-8, else as Latin-1 (Python 2 era files), which
+    decodes any bytes, so a name in an older encoding still reads instead of failing; numpy's
+    str scalars as str, which a checkpoint's weights-only load takes (it refuses numpy's)."""
     if isinstance(name, str):
-        return name
+        return str(name)
     try:
         return name.decode()
     except UnicodeDecodeError:

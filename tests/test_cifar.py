@@ -1271,18 +1271,22 @@ def pictures(n: int, rng: np.random.Generator) -> cifar.Split:
     return cifar.Split(images, labels)
 
 
-@pytest.mark.parametrize("make_split, refused", [(pictures, True), (random_split, False)],
-                         ids=["pictures", "noise"])
-def test_pictures_flattened_pixel_by_pixel_are_refused(tmp_path, make_split, refused):
+@pytest.mark.parametrize("make_split, refused, blank", [
+    (pictures, True, False), (pictures, True, True), (random_split, False, False)],
+    ids=["pictures", "pictures, one blank", "noise"])
+def test_pictures_flattened_pixel_by_pixel_are_refused(tmp_path, make_split, refused, blank):
     """N x 32 x 32 x 3 pictures flattened (x.reshape(len(x), -1)) have the shape of the
     archive's rows of planes, and read as planes were scrambled: refused with both ways to
-    write them, by how alike vertically adjacent pixels are read either way. The same pictures
+    write them, by how alike vertically adjacent pixels are read either way, also where one
+    image is blank (its flat planes tell nothing: the others still count). The same pictures
     as planes are read; noise, as rough either way, cannot be told and is read."""
     made = write_cifar10(tmp_path, rows=(3, 2, 8, 1, 2), make_split=make_split)
     assert_splits_equal(read(made.folder).train, made.train)
     path = made.folder / "data_batch_3"
     batch = pickle.loads(path.read_bytes(), encoding="bytes")
     pixels = batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if blank:
+        pixels[0] = 0
     dump_pickle(path, {**batch, b"data": pixels.reshape(len(pixels), -1).copy()})
     if refused:
         assert_refused(made, path, "'data' holds rows that look like N x 32 x 32 x 3 images "

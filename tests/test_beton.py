@@ -34,6 +34,7 @@ from conftest import (
 
 import loaders
 from common.atomic import write_json
+from common.hardware import default_workers
 from loaders import beton, cifar
 from loaders.cifar import DataError
 from loaders.guards import guarded_writer, importing_ffcv
@@ -634,10 +635,25 @@ def test_prepare_on_a_full_disk_says_how_much_space_is_missing(small_disk):
     assert _leftovers(small_disk) == [] and not list(small_disk.glob("*.beton"))
 
 
-def test_writer_workers_beyond_the_cores_are_the_cores(tmp_path):
+@pytest.fixture
+def writers(monkeypatch) -> list[int]:
+    """The worker count each beton.write call of the test is given, in order; the real writer
+    writes."""
+    real, asked = beton.write, []
+
+    def write(*args, **kwargs):  # the real writer, its worker count noted
+        asked.append(kwargs.get("workers", args[4] if len(args) > 4 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(beton, "write", write)
+    return asked
+
+
+def test_writer_workers_beyond_the_cores_are_the_cores(tmp_path, writers):
     """--workers 100000 asked for a page of disk per writer (800 GB), and as many processes."""
     prepared = prepare("synthetic", tmp_path, synthetic_size=(64, 16), workers=100_000)
     assert beton.read_info(prepared.train).num_samples == 64
+    assert writers == [default_workers()] * 2
 
 
 def prepare_with_files_up_to(limit: int, data_dir: Path, train_images: int
@@ -828,20 +844,12 @@ def test_ctrl_c_in_prepare_prints_one_line_and_leaves_nothing(tmp_path, during, 
         assert list(data_dir.iterdir()) == []
 
 
-def test_a_runs_data_is_written_by_no_more_workers_than_its_workers_option(tmp_path,
-                                                                           monkeypatch):
+def test_a_runs_data_is_written_by_no_more_workers_than_its_workers_option(tmp_path, writers):
     """engine.run.prepare_data (build's, the bench's) converts with the config's --workers:
     `--workers 1` on a shared machine wrote the .beton files with every core's worker."""
     from engine.config import TrainConfig
     from engine.run import prepare_data
 
-    real, asked = beton.write, []
-
-    def write(*args, **kwargs):  # the real writer, its worker count noted
-        asked.append(kwargs.get("workers", args[4] if len(args) > 4 else None))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(beton, "write", write)
     prepare_data(TrainConfig(dataset="synthetic", data_dir=str(tmp_path),
                              synthetic_size=(100, 20), workers=1))
-    assert asked == [1, 1]
+    assert writers == [1, 1]

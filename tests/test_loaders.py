@@ -469,15 +469,28 @@ def test_guard_turns_a_failing_ffcv_pipeline_into_loader_error(prepared):
     assert str(prepared.test) in result.stdout
 
 
-def test_an_ffcv_epoch_left_early_tells_its_pipeline_thread_to_stop(make):
-    """A Ctrl-C, an error or a break mid-epoch (here: close) stops FFCV's pipeline thread,
-    which otherwise stayed alive for the rest of the process."""
+def _interrupted(*args, **kwargs) -> None:
+    """A wait that a Ctrl-C interrupts."""
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", ["close", "ctrl-c"], ids=["closed", "Ctrl-C in next()"])
+def test_an_ffcv_epoch_left_early_tells_its_pipeline_thread_to_stop(make, stop):
+    """A Ctrl-C, an error or a break mid-epoch stops FFCV's pipeline thread, which otherwise
+    stayed alive for the rest of the process: the epoch closed (a break, or an error in the
+    loop over it), or a Ctrl-C raised in next() as it waits for FFCV's next batch (here by
+    that wait), which closes nothing: the guard closes FFCV's epoch itself."""
     before = set(threading.enumerate())
     batches = iter(make("ffcv", True, copy=1))
     next(batches)
     (pipeline,) = set(threading.enumerate()) - before  # FFCV's EpochIterator
     assert pipeline.is_alive()  # producing the batches ahead, or waiting for room for them
-    batches.close()
+    if stop == "close":
+        batches.close()
+    else:
+        pipeline.output_queue.get = _interrupted  # where next() waits for a batch
+        with pytest.raises(KeyboardInterrupt):
+            next(batches)
     pipeline.join(timeout=60)
     assert not pipeline.is_alive()
 

@@ -1619,6 +1619,7 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("resume", lambda c: c["resume"]["optimizer"].update(state=[])),
     ("resume", lambda c: c["resume"]["optimizer"]["state"].update({0: 5})),
     ("resume", lambda c: c["resume"].update(rng=torch.zeros(3))),
+    ("resume", lambda c: c["resume"].update(rng=5)),  # its dtype read: an AttributeError
     ("processes", lambda c: c.update(processes=torch.tensor(2))),
     ("resume", lambda c: c.update(resume={})),
     ("resume", lambda c: c.update(resume=[1, 2])),
@@ -1637,9 +1638,10 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
         "std 0", "std 1e-300", "mean NaN", "mean of 2", "mean of a bool", "no test_acc",
         "no epoch", "no lr",
         "data test 5", "data without source", "optimizer state a list",
-        "optimizer state of a number", "rng of floats", "processes a tensor", "resume empty",
-        "resume a list", "class name with a tab", "blank class name", "config empty",
-        "config without epochs", "epoch -1", "epoch 1.5", "epochs 1, 2, 5", "no history"])
+        "optimizer state of a number", "rng of floats", "rng a number", "processes a tensor",
+        "resume empty", "resume a list", "class name with a tab", "blank class name",
+        "config empty", "config without epochs", "epoch -1", "epoch 1.5", "epochs 1, 2, 5",
+        "no history"])
 def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
     ckpt = checkpoint.load(finished / "ckpt.pt")
     damage(ckpt)
@@ -1707,8 +1709,17 @@ def test_a_model_giving_nan_logits_is_refused_by_every_tool(finished, tmp_path, 
      "(1 of its tensors, such as extra: a scalar where the model has none)"),
     (lambda c: c["state_dict"]["stem.1.running_var"].fill_(-1),
      "holds negative BatchNorm variances (stem.1.running_var)"),
-], ids=["width 4096", "a tensor too many", "negative variance"])
+    # no model to compare with: build_model's ValueError, and the meta device's RuntimeError
+    # for a width whose tensors no int64 can size
+    (lambda c: c.update(arch="vgg"), "do not fit a vgg of width 8 with 10 classes (ValueError: "
+                                     "unknown arch 'vgg'; choose one of resnet18)"),
+    (lambda c: c.update(width=2**40), "do not fit a resnet18 of width 1099511627776 with 10 "
+                                      "classes (RuntimeError: Storage size calculation "
+                                      "overflowed"),
+], ids=["width 4096", "a tensor too many", "negative variance", "unknown arch",
+        "width past int64"])
 def test_weights_that_misfit_their_model_are_refused_on_load(finished, tmp_path, damage, words):
+    """Refused in words naming the file, however the model it names fails to be built."""
     ckpt = checkpoint.load(finished / "ckpt.pt")
     damage(ckpt)
     torch.save(ckpt, tmp_path / "ckpt.pt")

@@ -1891,7 +1891,10 @@ def test_an_fp16_run_is_resumed_only_where_fp16_can_run(finished, tmp_path):
     # taken by load_state_dict; the first step then failed in a traceback
     (lambda ckpt: ckpt["resume"]["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)),
      "ValueError: a saved momentum_buffer of shape (3,) for a parameter of shape (8, 3, 3, 3)"),
-], ids=["optimizer groups", "scheduler", "momentum of another shape"])
+    # uint8, as load checks: torch's generator refuses its size
+    (lambda ckpt: ckpt["resume"].update(rng=torch.zeros(3, dtype=torch.uint8)),
+     "RuntimeError: Expected a CPUGeneratorImplState of size"),
+], ids=["optimizer groups", "scheduler", "momentum of another shape", "rng of another size"])
 def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, change, cause):
     """Damage of the right types (load's checks pass it) that does not fit the run."""
     run = copy_run(finished, tmp_path)

@@ -60,6 +60,7 @@ from engine.loop import configure
 from engine.loop import train as train_run
 from engine.model import build_model
 from engine.run import train_step
+from engine.train import main as train_main
 from loaders import make_loader
 from loaders.options import seed_problem
 from tools import export as export_command
@@ -631,9 +632,12 @@ def test_a_finished_run_on_a_read_only_share_is_finished_too(finished, tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
+def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path, capsys):
+    """The resume by a real subprocess; its requeue and refusals by main() in this process."""
     run = copy_run(finished, tmp_path)
-    (run / ".ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint of a killed save")
+    killed = subprocess.Popen(["true"])  # a writer that is gone: a fixed pid might run here
+    killed.wait()
+    (run / f".ckpt.pt.{killed.pid}.tmp").write_bytes(b"half a checkpoint of a killed save")
     result = train("--resume", run, "--epochs", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["epoch"] for r in history(run)] == [1, 2]
@@ -642,16 +646,17 @@ def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path):
     assert not list(run.glob(".*.tmp"))  # the killed save's temporary was swept
 
     before = (run / "ckpt.pt").read_bytes()
-    again = train("--resume", run, timeout=300)  # a requeued job: nothing left, not an error
+    # a requeued job: nothing left, not an error
+    again = in_process(capsys, train_main, "--resume", run)
     assert again.returncode == 0 and f"{run} is finished (2/2 epochs): nothing to train" in \
         again.stdout, again.stderr[-3000:]
     assert "saved" not in again.stdout  # it saved nothing
     assert "of training" not in again.stdout  # nor trained: no time to account for
-    fewer = train("--resume", run, "--epochs", "1", timeout=300)
+    fewer = in_process(capsys, train_main, "--resume", run, "--epochs", 1)
     assert fewer.returncode == 1
     assert one_line_error(fewer) == (f"error: --epochs 1 is fewer than the 2 epochs {run} has "
                                      "done; pass --epochs above 2 to extend it.")
-    file = train("--resume", run / "ckpt.pt", timeout=300)
+    file = in_process(capsys, train_main, "--resume", run / "ckpt.pt")
     assert file.returncode == 1
     assert one_line_error(file) == (f"error: --resume takes the run folder, not a file; use "
                                     f"--resume {run}")

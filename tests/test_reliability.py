@@ -555,10 +555,11 @@ def test_a_unicode_line_or_paragraph_separator_is_no_plain_line():
 
 @pytest.mark.slow
 def test_a_run_trained_with_more_workers_than_these_cores_goes_on_with_fewer(finished,
-                                                                              tmp_path):
+                                                                              tmp_path, capsys):
     """A run of a bigger machine was 'damaged or edited' for resume, report and export: its
     config failed this machine's check of --workers against the cores. Report and export read
-    it as it is; --resume asks for --workers this machine has, and goes on with them."""
+    it as it is; --resume asks for --workers this machine has (main() in this process), and
+    goes on with them (a real process)."""
     run = copy_run(finished, tmp_path)
     cores = len(os.sched_getaffinity(0))
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
@@ -566,14 +567,14 @@ def test_a_run_trained_with_more_workers_than_these_cores_goes_on_with_fewer(fin
     torch.save(ckpt, run / "ckpt.pt")
     assert checkpoint.checked_config(run / "ckpt.pt", ckpt, lambda: TrainConfig(
         **ckpt["config"]), fix="").workers == cores + 1  # report's and export's reading of it
-    resume = ("engine/train.py", "--resume", run, "--epochs", "2")
-    refused = run_script(*resume, timeout=300)
+    resume = ("--resume", run, "--epochs", "2")
+    refused = in_process(capsys, train_main, *resume)
     assert refused.returncode == 1
     assert one_line_error(refused) == (
         f"error: {run} was trained with --workers {cores + 1}: this process may use {cores} "
         f"core{'s' * (cores != 1)}; pass --workers {cores}{' or fewer' * (cores != 1)} "
         "(--resume may change it).")
-    resumed = run_script(*resume, "--workers", cores, timeout=300)
+    resumed = run_script("engine/train.py", *resume, "--workers", cores, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(checkpoint.load(run / "ckpt.pt")["history"]) == 2
 
@@ -598,9 +599,10 @@ def test_a_path_whose_links_loop_is_named_as_such(option, path, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_new_run_never_writes_over_files_in_its_out(finished, tmp_path):
+def test_a_new_run_never_writes_over_files_in_its_out(finished, tmp_path, capsys):
     """A run's own folder is for --resume; a folder holding files of the names a run writes
-    (the user's config.json and metrics.csv, say) were written over without a word."""
+    (the user's config.json and metrics.csv, say) were written over without a word. The first
+    by a real process, the second by main() in this one."""
     run = copy_run(finished, tmp_path)
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -611,7 +613,8 @@ def test_a_new_run_never_writes_over_files_in_its_out(finished, tmp_path):
                        (mine, f"{mine} holds metrics.csv, config.json, which a run writes over; "
                               "choose another --out, or move them away.")):
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        result = train("--out", out, timeout=300)
+        result = (train("--out", out, timeout=300) if out == run else
+                  in_process(capsys, train_main, *TINY, "--out", out))
         assert result.returncode == 1 and one_line_error(result) == f"error: {words}"
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -687,12 +690,13 @@ def test_resume_after_the_classes_changed_names_both(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_the_image_folder_moved_says_to_pass_data_dir(tmp_path):
+def test_resume_after_the_image_folder_moved_says_to_pass_data_dir(tmp_path, capsys):
     """It said only that the recorded folder's train/ was missing, not that --resume takes
-    --data-dir for the folder's new place."""
+    --data-dir for the folder's new place. The refusal by main() in this process, the resume
+    with --data-dir by a real one."""
     pictures, run = trained_on_pictures(tmp_path)
     moved = pictures.rename(tmp_path / "moved")
-    result = run_script("engine/train.py", "--resume", run, "--epochs", "2", timeout=300)
+    result = in_process(capsys, train_main, "--resume", run, "--epochs", 2)
     assert result.returncode == 1
     assert one_line_error(result) == (
         f"error: {run / 'ckpt.pt'} was trained on the image folder {pictures}, which does not "

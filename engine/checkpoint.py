@@ -122,10 +122,12 @@ def load(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cifar10-engine checkpoint (no '{FORMAT}' "
                               "marker); use the ckpt.pt that engine/train.py wrote.")
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this "
-                              f"engine reads version {VERSION}. Read it with the cifar10-engine "
-                              "that wrote it, or train a new run with this one.")
+    version = ckpt.get("version")
+    if type(version) is not int or version != VERSION:  # a bool or a tensor is none either
+        said = version if type(version) is int else f"of type {type(version).__name__}"
+        raise CheckpointError(f"{path} has checkpoint version {said}; this engine reads version "
+                              f"{VERSION}. Read it with the cifar10-engine that wrote it, or "
+                              "train a new run with this one.")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete (edited, or "

@@ -1773,9 +1773,16 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(finished, tmp_pa
     ({"format": checkpoint.FORMAT, "version": 0},
      f"has checkpoint version 0; this engine reads version {checkpoint.VERSION}. Read it with "
      "the cifar10-engine that wrote it, or train a new run with this one."),
-], ids=["marker and version only", "a list", "another format", "version 0"])
+    # no version this engine writes: compared with 1, a tensor of two was a RuntimeError
+    # traceback ('Boolean value of Tensor with more than one value is ambiguous')
+    ({"format": checkpoint.FORMAT, "version": torch.ones(2, dtype=torch.int64)},
+     f"has checkpoint version of type Tensor; this engine reads version {checkpoint.VERSION}."),
+    ({"format": checkpoint.FORMAT, "version": True},  # == 1 to Python
+     f"has checkpoint version of type bool; this engine reads version {checkpoint.VERSION}."),
+], ids=["marker and version only", "a list", "another format", "version 0", "version a tensor",
+        "version True"])
 def test_a_checkpoint_that_is_no_whole_dict_is_refused(tmp_path, content, message):
-    """Refused in words, not with the KeyError or AttributeError of reading it."""
+    """Refused in words, not with the KeyError, AttributeError or RuntimeError of reading it."""
     torch.save(content, tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError) as refused:
         checkpoint.load(tmp_path / "ckpt.pt")

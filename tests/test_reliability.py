@@ -1224,6 +1224,17 @@ def test_the_space_checked_is_one_epochs_files_or_two_while_one_replaces_the_oth
 
 
 @pytest.mark.slow
+def test_a_resumed_run_goes_on_on_a_disk_with_room_for_one_epochs_files(finished, tmp_path):
+    """--resume on a disk whose free space (half again the run's files) holds one epoch's files
+    beside the last ones, not two epochs' as a new run's check asks: it trains on, and saves."""
+    files = sum(p.stat().st_size for p in finished.iterdir())
+    with tmpfs(tmp_path / "disk", f"size={files * 5 // 2}") as disk:
+        run = copy_run(finished, disk)
+        trained = train_run(TrainConfig(), run, {"epochs": 2})
+        assert trained.epochs_run == 1 and len(history(run)) == 2
+
+
+@pytest.mark.slow
 def test_stdout_on_a_full_disk_mid_run_is_named_and_the_epochs_kept(data_dir, tmp_path):
     """stdout in a file on a disk that fills after a few lines (a one-page tmpfs, the file
     padded to leave 300 bytes: the run's first line and at most two epochs' lines; a short

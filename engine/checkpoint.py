@@ -183,13 +183,15 @@ def checked_config(path: Path, ckpt: dict, build: Callable[[], TrainConfig], fix
     except TypeError as error:  # a value TrainConfig cannot re-type (a number for a tuple)
         problems = [str(error)]
     else:
-        problems = foreign_values(cfg) or validate(cfg)
-        if (cfg.arch, cfg.width) != (ckpt["arch"], ckpt["width"]):
-            problems.append(f"its config's {cfg.arch} of width {cfg.width} is not its "
-                            f"weights' {ckpt['arch']} of width {ckpt['width']}")
-        if cfg.dataset != ckpt["data"]["dataset"]:
-            problems.append(f"its data is {ckpt['data']['dataset']!r}, its config's dataset "
-                            f"{cfg.dataset!r}")
+        problems = foreign_values(cfg)
+        if not problems:  # of the right types only: a tensor's != is no bool
+            problems = validate(cfg)
+            if (cfg.arch, cfg.width) != (ckpt["arch"], ckpt["width"]):
+                problems.append(f"its config's {cfg.arch} of width {cfg.width} is not its "
+                                f"weights' {ckpt['arch']} of width {ckpt['width']}")
+            if cfg.dataset != ckpt["data"]["dataset"]:
+                problems.append(f"its data is {ckpt['data']['dataset']!r}, its config's "
+                                f"dataset {cfg.dataset!r}")
     if problems:
         raise CheckpointError(f"{path} holds a config no run could have ({'; '.join(problems)});"
                               f" it was damaged or edited. {fix}")
@@ -226,7 +228,9 @@ def shape_checks(ckpt: dict) -> dict[str, bool]:
         "state_dict": isinstance(ckpt["state_dict"], dict) and all(
             isinstance(k, str) and isinstance(v, torch.Tensor)
             and v.dtype in (torch.float32, torch.int64) for k, v in ckpt["state_dict"].items()),
-        "classes": isinstance(ckpt["classes"], list) and len(ckpt["classes"]) == n
+        # as many as num_classes says, where that is a count (a tensor's == is no bool)
+        "classes": isinstance(ckpt["classes"], list)
+                   and (not count(n) or len(ckpt["classes"]) == n)
                    and all(isinstance(c, str) and plain_line(c) for c in ckpt["classes"]),
         "mean": numbers(ckpt["mean"], 3),
         "std": numbers(ckpt["std"], 3) and min(ckpt["std"]) >= MIN_STD,
@@ -267,7 +271,8 @@ def misfit(ckpt: dict) -> str | None:
     try:
         with torch.device("meta"):
             model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["width"])
-    except (ValueError, RuntimeError) as error:  # an unknown arch, a width no tensor can have
+    # an unknown arch, a width no tensor can have (RuntimeError) or no int64 holds (TypeError)
+    except (ValueError, RuntimeError, TypeError) as error:
         return one_line(error)
     wanted = {k: v.shape for k, v in model.state_dict().items()}
     saved = {k: v.shape for k, v in ckpt["state_dict"].items()}

@@ -1641,6 +1641,8 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
     ("resume", lambda c: c["resume"].update(rng=torch.zeros(3))),
     ("resume", lambda c: c["resume"].update(rng=5)),  # its dtype read: an AttributeError
     ("processes", lambda c: c.update(processes=torch.tensor(2))),
+    # compared with the names' count, a tensor of two was a RuntimeError traceback
+    ("num_classes", lambda c: c.update(num_classes=torch.ones(2))),
     ("resume", lambda c: c.update(resume={})),
     ("resume", lambda c: c.update(resume=[1, 2])),
     # hand edits the tools took: a name that breaks predict's table and the report's columns,
@@ -1659,9 +1661,9 @@ def test_a_checkpoint_with_the_marker_but_wrong_types_is_refused(finished, tmp_p
         "no epoch", "no lr",
         "data test 5", "data without source", "optimizer state a list",
         "optimizer state of a number", "rng of floats", "rng a number", "processes a tensor",
-        "resume empty", "resume a list", "class name with a tab", "blank class name",
-        "config empty", "config without epochs", "epoch -1", "epoch 1.5", "epochs 1, 2, 5",
-        "no history"])
+        "num_classes a tensor", "resume empty", "resume a list", "class name with a tab",
+        "blank class name", "config empty", "config without epochs", "epoch -1", "epoch 1.5",
+        "epochs 1, 2, 5", "no history"])
 def test_every_field_the_tools_read_is_checked_on_load(finished, tmp_path, field, damage):
     ckpt = checkpoint.load(finished / "ckpt.pt")
     damage(ckpt)
@@ -1729,15 +1731,17 @@ def test_a_model_giving_nan_logits_is_refused_by_every_tool(finished, tmp_path, 
      "(1 of its tensors, such as extra: a scalar where the model has none)"),
     (lambda c: c["state_dict"]["stem.1.running_var"].fill_(-1),
      "holds negative BatchNorm variances (stem.1.running_var)"),
-    # no model to compare with: build_model's ValueError, and the meta device's RuntimeError
-    # for a width whose tensors no int64 can size
+    # no model to compare with: build_model's ValueError, the meta device's RuntimeError for a
+    # width whose tensors no int64 can size, and torch's TypeError for a width no int64 holds
     (lambda c: c.update(arch="vgg"), "do not fit a vgg of width 8 with 10 classes (ValueError: "
                                      "unknown arch 'vgg'; choose one of resnet18)"),
     (lambda c: c.update(width=2**40), "do not fit a resnet18 of width 1099511627776 with 10 "
                                       "classes (RuntimeError: Storage size calculation "
                                       "overflowed"),
+    (lambda c: c.update(width=10**30), f"do not fit a resnet18 of width {10**30} with 10 "
+                                       "classes (TypeError: "),
 ], ids=["width 4096", "a tensor too many", "negative variance", "unknown arch",
-        "width past int64"])
+        "width of tensors past int64", "width past int64"])
 def test_weights_that_misfit_their_model_are_refused_on_load(finished, tmp_path, damage, words):
     """Refused in words naming the file, however the model it names fails to be built."""
     ckpt = checkpoint.load(finished / "ckpt.pt")
@@ -1858,6 +1862,8 @@ def _damaged(run: Path, change) -> Path:
     ("optimizer", "foo", "optimizer is 'foo', not one of sgd, nesterov"),
     ("log_with", "foo", "log_with is 'foo', not one of all, "),  # accelerate's names
     ("width", 16, "its config's resnet18 of width 16 is not its weights' resnet18 of width"),
+    # compared with the weights' width, a tensor of two was a RuntimeError traceback
+    ("width", torch.ones(2), "width is tensor([1., 1.]), not <class 'int'>"),
     ("dataset", "cifar100", "its data is 'synthetic', its config's dataset 'cifar100'"),
 ])
 def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_path, key, value,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from contextlib import closing
@@ -328,6 +329,22 @@ def test_a_runs_batches_and_forward_pass_are_of_its_precision(prepared, tmp_path
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def test_the_loss_scaler_steps_as_an_unscaled_step_would(prepared, tmp_path):
+    """fp16's path through train_step: the loss scaled before backward, the gradients unscaled
+    before the optimizer steps, the scale updated after. fp16 needs CUDA, so a real GradScaler
+    on the CPU stands in for the one build makes for it: with a power of two for its scale
+    (exact in fp32) the step moves the weights as the unscaled one does, and a finite step
+    grows the scale (growth_interval 1)."""
+    plain, scaled = (small_run(prepared, tmp_path) for _ in range(2))
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    images, labels = next(iter(plain.train_loader))
+    for run in (plain, scaled):
+        train_step(run, images[:8], labels[:8])
+    for a, b in zip(plain.model.parameters(), scaled.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert scaled.scaler.get_scale() == 2.0**11
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_runs_model_is_given_batches_in_its_memory_format(prepared, tmp_path, channels_last):
     """--no-channels-last: both loaders hand over contiguous batches, as its model is, so that
@@ -346,18 +363,45 @@ def test_a_runs_model_is_given_batches_in_its_memory_format(prepared, tmp_path, 
 
 
 def test_a_runs_schedule_spans_every_step_of_its_epochs(prepared, tmp_path):
-    """The LR follows --schedule over epochs x steps per epoch, with --warmup's share: its
-    peak after the warmup, its end value at the last step of the last epoch."""
-    run = small_run(prepared, tmp_path, epochs=3, schedule="triangular", warmup=0.25, lr=0.2)
-    total = run.cfg.epochs * len(run.train_loader)
+    """The LR follows --schedule over epochs x steps per epoch, with --warmup's share, one
+    schedule step per train_step: its peak after the warmup, its end value at the last step
+    of the last epoch. Stepped by train_step itself, whose missing scheduler.step() left every
+    step at the first one's LR."""
+    run = small_run(prepared, tmp_path, epochs=2, batch_size=256, schedule="triangular",
+                    warmup=0.4, lr=0.2)
+    total = run.cfg.epochs * len(run.train_loader)  # 2 x 3: warm-up steps 0 and 1
+    images, labels = next(iter(run.train_loader))
     lrs = []
     for _ in range(total + 1):
         lrs.append(run.optimizer.param_groups[0]["lr"])
-        run.optimizer.step()  # no gradients: nothing moves, but the scheduler may step
-        run.scheduler.step()
-    assert lrs == pytest.approx([0.2 * lr_at("triangular", step, total, warmup_frac=0.25)
+        train_step(run, images[:8], labels[:8])  # any batch steps the schedule once
+    assert lrs == pytest.approx([0.2 * lr_at("triangular", step, total, warmup_frac=0.4)
                                  for step in range(total + 1)])
     assert max(lrs) == pytest.approx(0.2) and lrs[-1] == 0.0
+
+
+@pytest.mark.parametrize("decay_norm_bias", [False, True])
+def test_a_step_takes_its_own_batchs_gradients_with_the_runs_optimizer(prepared, tmp_path,
+                                                                      decay_norm_bias):
+    """The optimizer train_step steps has the config's momentum and weight decay (none on
+    BatchNorm and biases but with --decay-norm-bias), and a step's gradients are its own
+    batch's loss's alone: left from the previous step (no zero_grad), they would add up."""
+    run = small_run(prepared, tmp_path, optimizer="nesterov", momentum=0.5, weight_decay=0.01,
+                    decay_norm_bias=decay_norm_bias)
+    decays = [0.01] if decay_norm_bias else [0.01, 0.0]  # engine.optimizers.param_groups'
+    assert [(g["weight_decay"], g["momentum"], g["nesterov"]) for g in
+            run.optimizer.param_groups] == [(decay, 0.5, True) for decay in decays]
+    images, labels = next(iter(run.train_loader))
+    first, second = (images[:8], labels[:8]), (images[8:16], labels[8:16])
+    train_step(run, *first)  # its gradients are left on the weights
+    reference = copy.deepcopy(run.model)  # the weights the second step starts from
+    reference.zero_grad(set_to_none=True)
+    with run.autocast():
+        F.cross_entropy(reference(second[0]).float(), second[1],
+                        label_smoothing=run.cfg.label_smoothing).backward()
+    train_step(run, *second)
+    for param, want in zip(run.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, want.grad)
 
 
 def test_endless_batches_go_on_in_each_next_epochs_order(prepared, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -16,9 +17,10 @@ from conftest import SYNTHETIC_SIZE, small_run
 from torch._dynamo.utils import counters
 
 from common.hardware import launched_processes, native_bf16
+from common.progress import LineProgress
 from engine.config import TrainConfig, resolve, validate
 from engine.launch import make_accelerator
-from engine.loop import summary_line
+from engine.loop import summary_line, train_epoch
 from engine.loop import test_epoch as evaluate_epoch  # not collected as a test by its name
 from engine.optimizers import lr_at
 from engine.options import parse
@@ -343,6 +345,26 @@ def test_the_loss_scaler_steps_as_an_unscaled_step_would(prepared, tmp_path):
     for a, b in zip(plain.model.parameters(), scaled.model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert scaled.scaler.get_scale() == 2.0**11
+
+
+def test_an_epochs_progress_lines_give_each_batchs_mean_loss_and_the_accuracy_so_far(
+        prepared, tmp_path, monkeypatch, capsys):
+    """In a log (stderr no terminal, as here), train_epoch's progress line gives the last
+    batch's loss per image (not summed over the batch), the epoch's accuracy so far and its
+    images per second: here a line after every batch, not every LOG_INTERVAL seconds."""
+    monkeypatch.setattr(LineProgress.__init__, "__defaults__", (0.0,))  # interval=0.0
+    run = small_run(prepared, tmp_path, batch_size=256)  # 3 steps: 256, 256 and 93 images
+    row = train_epoch(run, 0, lambda: None)
+    lines = capsys.readouterr().err.splitlines()
+    steps = len(run.train_loader)
+    found = [re.fullmatch(rf"epoch 1/{run.cfg.epochs}: (\d+)/{steps} batches loss=(\d+\.\d{{3}}) "
+                          r"acc=(\d+\.\d%) img_s=[1-9][\d,]*", line) for line in lines]
+    assert all(found) and [int(m[1]) for m in found] == list(range(1, steps + 1)), lines
+    sizes = [run.cfg.batch_size] * (steps - 1) + [SYNTHETIC_SIZE[0] % run.cfg.batch_size]
+    losses = [float(m[2]) for m in found]
+    mean = sum(loss * n for loss, n in zip(losses, sizes, strict=True)) / sum(sizes)
+    assert mean == pytest.approx(row["train_loss"], abs=5e-4)  # the lines' rounding
+    assert found[-1][3] == f"{row['train_acc']:.1%}"
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ from conftest import (
 import engine.trackers
 from common.errors import TrainingError
 from engine import checkpoint
+from engine.optimizers import lr_at
 from loaders import beton
 
 pytestmark = pytest.mark.slow  # every test here runs engine/train.py
@@ -65,6 +67,11 @@ def test_training_learns_and_writes_the_run_directory(two_epoch_run):
     assert len((two_epoch_run / "metrics.csv").read_text().splitlines()) == 3  # header + 2
     config = json.loads((two_epoch_run / "config.json").read_text())
     assert config["loader"] == "ffcv" and config["precision"] == "fp32"
+    # the LR after each epoch's last step, as the schedule gives it there: 0 at the end
+    total = config["epochs"] * math.ceil(4000 / config["batch_size"])
+    assert [r["lr"] for r in rows] == pytest.approx([config["lr"] * lr_at(
+        config["schedule"], total * r["epoch"] // 2, total, config["warmup"]) for r in rows])
+    assert rows[-1]["lr"] == 0.0
     ckpt = torch.load(two_epoch_run / "ckpt.pt", weights_only=True)
     assert ckpt["history"] == rows and ckpt["num_classes"] == 10 and ckpt["width"] == 8
     assert all(v.dtype != torch.bfloat16 for v in ckpt["state_dict"].values())

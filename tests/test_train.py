@@ -163,18 +163,42 @@ def test_train_loss_and_accuracy_are_those_of_the_epochs_batches(data_dir, tmp_p
     assert abs(row["train_acc"] * 256 - int((logits.argmax(1) == labels).sum())) <= 1
 
 
+# engine/train.py (the second argument), each process writing the samples of each epoch's
+# training shard, a line an epoch, to RECORDS.<its rank> (RECORDS the first argument)
+SHARDS_RECORDED = """
+import runpy, sys
+from engine import loop
+records = sys.argv.pop(1)
+train_epoch = loop.train_epoch
+def record_the_shard(run, epoch, before_step):
+    run.train_loader.set_epoch(epoch)
+    with open(f"{records}.{run.accelerator.process_index}", "a") as f:
+        f.write(" ".join(map(str, run.train_loader.indices().tolist())) + "\\n")
+    return train_epoch(run, epoch, before_step)
+loop.train_epoch = record_the_shard
+sys.argv[0] = sys.argv.pop(1)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path):
     """Started as docs/training.md starts several GPUs, `accelerate launch --multi_gpu`: on a
     machine without one, its torchrun processes train on the CPU over gloo. (Its --cpu mode would
-    start one process: accelerate's several CPU processes need an MPI hostfile.)"""
-    out = tmp_path / "dist"
+    start one process: accelerate's several CPU processes need an MPI hostfile.) Their training
+    shards, recorded by a script around engine/train.py, hold every sample once and one more
+    as padding between them: the count alone was the same for two shards of rank 0's, half
+    the split unseen."""
+    out, records = tmp_path / "dist", tmp_path / "shards"
+    recorder = tmp_path / "record_shards.py"
+    recorder.write_text(SHARDS_RECORDED)
     n_train, n_test = 2001, 301  # odd sizes: one padding sample, unequal test shards
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", "0",  # a free port: 29500, its default, may be another test's
-         *TRAIN[1:], *SMALL, "--synthetic-size", str(n_train), str(n_test), "--data-dir",
-         str(data_dir), "--epochs", "1", "--loader", "resident", "--out", str(out)],
+         str(recorder), str(records), *TRAIN[1:], *SMALL, "--synthetic-size", str(n_train),
+         str(n_test), "--data-dir", str(data_dir), "--epochs", "1", "--loader", "resident",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=launcher_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared by the two
@@ -183,6 +207,9 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     assert ckpt["processes"] == 2
     row = ckpt["history"][0]
     assert row["train_images"] == n_train + 1  # every sample once, plus the explicit padding
+    shards = [[int(i) for i in Path(f"{records}.{rank}").read_text().split()] for rank in (0, 1)]
+    seen = torch.bincount(torch.tensor(shards[0] + shards[1]), minlength=n_train)
+    assert len(shards[0]) == len(shards[1]) and seen.min() == 1 and seen.sum() == n_train + 1
     assert row["test_images"] == n_test  # evaluated once each, across both shards
     assert result.stdout.count("best test accuracy") == 1  # only the main process prints
     assert_reported_accuracy_matches(ckpt)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from conftest import (
     ROOT,
     history,
+    in_process,
     interrupt_after_first_epoch,
     launcher_env,
     run_script,
@@ -29,6 +30,7 @@ from conftest import (
 )
 
 import engine.trackers
+import engine.train as train_command
 from common.errors import TrainingError
 from engine import checkpoint
 from engine.optimizers import lr_at
@@ -498,7 +500,9 @@ def test_each_epoch_is_written_in_the_background_and_the_last_before_the_end(dat
 
 
 @pytest.mark.parametrize("content", [b"", b"not a zip", "foreign", "truncated"])
-def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, content):
+def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, capsys, content):
+    """One message naming the file, exit 1, nothing written: the truncated file as a real
+    process, the others through main() (checkpoint.load's own refusals are test_reliability's)."""
     run = tmp_path / "run"
     run.mkdir()
     if content == "foreign":
@@ -508,7 +512,8 @@ def test_resume_rejects_foreign_or_corrupt_checkpoints(two_epoch_run, tmp_path, 
         (run / "ckpt.pt").write_bytes(blob[: len(blob) // 2])
     else:
         (run / "ckpt.pt").write_bytes(content)
-    result = train("--resume", str(run), timeout=120)
+    result = (train("--resume", run, timeout=120) if content == "truncated" else
+              in_process(capsys, train_command.main, *SMALL, "--resume", run))
     assert result.returncode == 1
     assert str(run / "ckpt.pt") in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt"]  # nothing else written

@@ -347,18 +347,26 @@ def test_the_loss_scaler_steps_as_an_unscaled_step_would(prepared, tmp_path):
     assert scaled.scaler.get_scale() == 2.0**11
 
 
-def test_an_epochs_progress_lines_give_each_batchs_mean_loss_and_the_accuracy_so_far(
+def test_an_epoch_trains_its_own_order_and_its_progress_lines_give_its_numbers(
         prepared, tmp_path, monkeypatch, capsys):
-    """In a log (stderr no terminal, as here), train_epoch's progress line gives the last
-    batch's loss per image (not summed over the batch), the epoch's accuracy so far and its
-    images per second: here a line after every batch, not every LOG_INTERVAL seconds."""
+    """train_epoch(run, e) trains epoch e's shuffle and augmentation (a loader left at its
+    first epoch trains one order every epoch), and in a log (stderr no terminal, as here) its
+    progress lines give the last batch's loss per image (not summed over the batch), the
+    epoch's accuracy so far and its images per second: a line after every batch here, not
+    every LOG_INTERVAL seconds."""
     monkeypatch.setattr(LineProgress.__init__, "__defaults__", (0.0,))  # interval=0.0
     run = small_run(prepared, tmp_path, batch_size=256)  # 3 steps: 256, 256 and 93 images
-    row = train_epoch(run, 0, lambda: None)
+    trained = []
+    run.model.register_forward_pre_hook(lambda module, args: trained.append(args[0].clone()))
+    row = train_epoch(run, 1, lambda: None)
+    run.train_loader.set_epoch(1)
+    assert all(torch.equal(images, batch) for (batch, _), images in
+               zip(run.train_loader, trained, strict=True))
     lines = capsys.readouterr().err.splitlines()
     steps = len(run.train_loader)
-    found = [re.fullmatch(rf"epoch 1/{run.cfg.epochs}: (\d+)/{steps} batches loss=(\d+\.\d{{3}}) "
-                          r"acc=(\d+\.\d%) img_s=[1-9][\d,]*", line) for line in lines]
+    found = [re.fullmatch(rf"epoch 2/{run.cfg.epochs}: (\d+)/{steps} batches "
+                          r"loss=(\d+\.\d{3}) acc=(\d+\.\d%) img_s=[1-9][\d,]*", line)
+             for line in lines]
     assert all(found) and [int(m[1]) for m in found] == list(range(1, steps + 1)), lines
     sizes = [run.cfg.batch_size] * (steps - 1) + [SYNTHETIC_SIZE[0] % run.cfg.batch_size]
     losses = [float(m[2]) for m in found]

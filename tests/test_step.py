@@ -290,18 +290,20 @@ def test_the_loss_of_a_partial_last_batch_is_summed_over_its_own_images(prepared
     """train_step returns the batch's summed loss: the mean times the images it held (29 in the
     last batch), not times the batch size, so the epoch's mean loss is right. The reference is
     the same model's label-smoothed cross entropy on that batch, taken just before the step
-    (BatchNorm in train mode normalizes by the batch, so the step's forward gives the same)."""
+    (BatchNorm in train mode normalizes by the batch, so the step's forward gives the same);
+    the count of correct answers is that forward's too."""
     run = small_run(prepared, tmp_path)
     assert run.cfg.label_smoothing > 0  # the reference must apply it too
     *_, (images, labels) = run.train_loader
     assert len(labels) == 29
     run.model.train()
     with torch.no_grad(), run.autocast():
-        want = F.cross_entropy(run.model(images).float(), labels, reduction="sum",
-                               label_smoothing=run.cfg.label_smoothing)
+        logits = run.model(images).float()
+    want = F.cross_entropy(logits, labels, reduction="sum",
+                           label_smoothing=run.cfg.label_smoothing)
     loss, correct = train_step(run, images, labels)
     assert loss.item() == pytest.approx(want.item(), rel=1e-4)
-    assert 0 <= correct.item() <= 29
+    assert correct.item() == (logits.argmax(1) == labels).sum().item()
 
 
 def test_the_seed_picks_the_order_of_the_batches_too(prepared, tmp_path):

@@ -306,15 +306,17 @@ def test_the_loss_of_a_partial_last_batch_is_summed_over_its_own_images(prepared
     assert correct.item() == (logits.argmax(1) == labels).sum().item()
 
 
-def test_the_seed_picks_the_order_of_the_batches_too(prepared, tmp_path):
-    """--seed reaches the loaders, not only the initial weights: one seed shuffles and augments
-    the split alike each time, another apart."""
-    def first_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def test_the_seed_picks_the_initial_weights_and_the_order_of_the_batches(prepared, tmp_path):
+    """--seed reaches the model and the loaders: one seed builds the same weights and shuffles
+    and augments the split alike each time, another apart."""
+    def first_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         run = small_run(prepared, tmp_path, seed=seed)
         run.train_loader.set_epoch(0)
-        return next(iter(run.train_loader))
+        return next(run.model.parameters()), *next(iter(run.train_loader))
 
-    (images, labels), (again, labels_again), (_, other_labels) = map(first_batch, (1, 1, 2))
+    (weights, images, labels), (same, again, labels_again), (other, _, other_labels) = map(
+        first_batch, (1, 1, 2))
+    assert torch.equal(weights, same) and not torch.equal(weights, other)
     assert torch.equal(images, again) and torch.equal(labels, labels_again)
     assert not torch.equal(labels, other_labels)
 

@@ -165,19 +165,27 @@ def test_train_loss_and_accuracy_are_those_of_the_epochs_batches(data_dir, tmp_p
     assert abs(row["train_acc"] * 256 - int((logits.argmax(1) == labels).sum())) <= 1
 
 
-# engine/train.py (the second argument), each process writing the samples of each epoch's
-# training shard, a line an epoch, to RECORDS.<its rank> (RECORDS the first argument)
-SHARDS_RECORDED = """
+# engine/train.py (the second argument), each process writing two lines an epoch to
+# RECORDS.<its rank> (RECORDS the first argument): the samples of the shard it trained, and
+# its own sums of the loss, the correct answers and the images of its steps
+EPOCHS_RECORDED = """
 import runpy, sys
 from engine import loop
 records = sys.argv.pop(1)
-train_epoch = loop.train_epoch
-def record_the_shard(run, epoch, before_step):
-    run.train_loader.set_epoch(epoch)
+train_epoch, train_step = loop.train_epoch, loop.train_step
+sums = [0.0, 0, 0]
+def summed_step(run, images, labels):
+    loss, correct = train_step(run, images, labels)
+    sums[0] += loss.item(); sums[1] += int(correct); sums[2] += len(labels)
+    return loss, correct
+def record_the_epoch(run, epoch, before_step):
+    sums[:] = [0.0, 0, 0]
+    row = train_epoch(run, epoch, before_step)
     with open(f"{records}.{run.accelerator.process_index}", "a") as f:
         f.write(" ".join(map(str, run.train_loader.indices().tolist())) + "\\n")
-    return train_epoch(run, epoch, before_step)
-loop.train_epoch = record_the_shard
+        f.write(" ".join(map(str, sums)) + "\\n")
+    return row
+loop.train_epoch, loop.train_step = record_the_epoch, summed_step
 sys.argv[0] = sys.argv.pop(1)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -188,11 +196,12 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     machine without one, its torchrun processes train on the CPU over gloo. (Its --cpu mode would
     start one process: accelerate's several CPU processes need an MPI hostfile.) Their training
     shards, recorded by a script around engine/train.py, hold every sample once and one more
-    as padding between them: the count alone was the same for two shards of rank 0's, half
-    the split unseen."""
-    out, records = tmp_path / "dist", tmp_path / "shards"
-    recorder = tmp_path / "record_shards.py"
-    recorder.write_text(SHARDS_RECORDED)
+    as padding between them (the count alone was the same for two shards of rank 0's, half
+    the split unseen), and the epoch's train loss and accuracy are those of both processes'
+    steps together."""
+    out, records = tmp_path / "dist", tmp_path / "epochs"
+    recorder = tmp_path / "record_epochs.py"
+    recorder.write_text(EPOCHS_RECORDED)
     n_train, n_test = 2001, 301  # odd sizes: one padding sample, unequal test shards
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
@@ -209,9 +218,15 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     assert ckpt["processes"] == 2
     row = ckpt["history"][0]
     assert row["train_images"] == n_train + 1  # every sample once, plus the explicit padding
-    shards = [[int(i) for i in Path(f"{records}.{rank}").read_text().split()] for rank in (0, 1)]
-    seen = torch.bincount(torch.tensor(shards[0] + shards[1]), minlength=n_train)
-    assert len(shards[0]) == len(shards[1]) and seen.min() == 1 and seen.sum() == n_train + 1
+    lines = [Path(f"{records}.{rank}").read_text().splitlines() for rank in (0, 1)]
+    (shard_0, sums_0), (shard_1, sums_1) = ([list(map(float, line.split())) for line in rank]
+                                            for rank in lines)
+    seen = torch.bincount(torch.tensor(shard_0 + shard_1, dtype=torch.long), minlength=n_train)
+    assert len(shard_0) == len(shard_1) and seen.min() == 1 and seen.sum() == n_train + 1
+    loss, correct, images = (a + b for a, b in zip(sums_0, sums_1, strict=True))
+    assert images == n_train + 1
+    assert (row["train_loss"], row["train_acc"]) == pytest.approx((loss / images,
+                                                                   correct / images), rel=1e-5)
     assert row["test_images"] == n_test  # evaluated once each, across both shards
     assert result.stdout.count("best test accuracy") == 1  # only the main process prints
     assert_reported_accuracy_matches(ckpt)

@@ -24,7 +24,10 @@ class EpochWriter:
     def submit(self, write: Callable[[], None]) -> None:
         """Start write() once the previous write has finished (raising its error, if any)."""
         self.wait()
-        self._pending = self._pool.submit(write)
+        # a Ctrl-C waits until the write is held to wait for: the first submit starts the
+        # thread, which may run the write (and a stop it sends) before submit returns
+        with stop_signals_held():
+            self._pending = self._pool.submit(write)
 
     def check(self) -> None:
         """Raise the error of a write that has failed; return at once while one still runs."""

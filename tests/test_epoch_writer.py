@@ -3,6 +3,8 @@ raised in the training thread, the last write finished however the run ends."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -125,3 +127,25 @@ def test_the_state_handed_to_the_writer_is_a_copy_training_cannot_change(prepare
     assert all(torch.equal(s["momentum_buffer"], m) for s, m in
                zip(ckpt["resume"]["optimizer"]["state"].values(), moments, strict=True))
     assert ckpt["history"] == [dict(epoch=1)] and ckpt["epoch"] == 1
+
+
+def test_a_stop_signal_as_the_first_write_starts_still_waits_for_that_write(tmp_path):
+    """The first submit starts the writer's thread, which may run the write before submit
+    returns: a Ctrl-C then (sent here by the write itself) left the block without waiting for
+    the write, whose thread the pool did not yet hold to join. Training then said that nothing
+    was saved, and removed best.pt, while ckpt.pt was still being written."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C
+    done = tmp_path / "done"
+
+    def write() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the main thread meanwhile gets its KeyboardInterrupt
+        done.write_text("")
+
+    try:
+        with pytest.raises(KeyboardInterrupt), EpochWriter() as writer:
+            writer.submit(write)
+            time.sleep(60)  # cut short by the interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert done.exists()

@@ -1434,9 +1434,11 @@ def test_a_pdf_page_names_its_own_images_prediction(tmp_path, monkeypatch):
         "test image #1: true a, predicted b with probability 80.0%"]
 
 
-def test_explain_maps_the_images_and_the_true_classes_at_the_indices_it_is_given():
-    """The maps of test images [2, 0] are those of the same two images put first in the split:
-    explained at their own indices, not at the first len(indices) images or labels."""
+def test_explain_maps_each_images_predicted_and_true_class_at_each_layer_asked_for():
+    """The maps of test images [2, 0] are, under each layer and kind, Grad-CAM's of those
+    images at that layer for the class the kind names (their predicted class, their true
+    one), computed here from inputs normalized by hand: not the first len(indices) images or
+    labels, not one layer's maps for every layer, not one class's under the other's name."""
     torch.manual_seed(0)
     labels = np.array([0, 1, 2])
     base = _inputs(labels, [])
@@ -1445,10 +1447,13 @@ def test_explain_maps_the_images_and_the_true_classes_at_the_indices_it_is_given
         ckpt={**base.ckpt, "mean": [0.5] * 3, "std": [0.25] * 3},
         images=np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8))
     probs = np.eye(3)[[1, 2, 0]]  # every image wrong: predicted one past its true class
-    moved = dataclasses.replace(run, images=run.images[[2, 0, 1]], labels=labels[[2, 0, 1]])
-    maps = report_figures.explain(run, probs, np.array([2, 0]), ["layer3"], ["gradcam"])
-    first = report_figures.explain(moved, probs[[2, 0, 1]], np.arange(2), ["layer3"],
-                                   ["gradcam"])
-    assert maps.keys() == first.keys()
-    for key, values in maps.items():
-        np.testing.assert_allclose(values, first[key], atol=1e-5, err_msg=str(key))
+    indices = np.array([2, 0])
+    maps = report_figures.explain(run, probs, indices, ["layer2", "layer3"], ["gradcam"])
+    inputs = (torch.from_numpy(run.images[indices]).permute(0, 3, 1, 2).float() / 255
+              - 0.5) / 0.25
+    classes = {"predicted": [0, 1], "true": [2, 0]}  # image 2: predicted a, true c
+    assert sorted(maps) == [("gradcam", layer, kind) for layer in ("layer2", "layer3")
+                            for kind in ("predicted", "true")]
+    for (method, layer, kind), values in maps.items():
+        want = cams.cams(run.model, inputs, np.array(classes[kind]), layer, method)
+        np.testing.assert_allclose(values, want, atol=1e-5, err_msg=f"{layer} {kind}")

@@ -4,6 +4,7 @@ checkpoint's model on the test .beton images."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from engine import checkpoint
 from engine.model import build_model
 from loaders import beton
 from tools import export as export_command
+from tools import export_writers
 from tools.export_model import agreement, memory_advice, metadata, reference_logits, require
 from tools.export_writers import to_01
 
@@ -91,6 +93,8 @@ def test_export_runs_like_the_checkpoint(exported, ckpt, held_out):
     assert np.abs(logits - expected).max() < 1e-3
     assert json.loads(meta["classes"]) == ckpt["classes"]
     assert json.loads(meta["mean"]) == ckpt["mean"] and json.loads(meta["std"]) == ckpt["std"]
+    assert (meta["arch"], meta["width"], meta["num_classes"], meta["epoch"]) == (
+        ckpt["arch"], str(ckpt["width"]), str(ckpt["num_classes"]), str(ckpt["epoch"]))
 
 
 @pytest.mark.slow
@@ -206,6 +210,34 @@ def test_an_out_that_is_a_link_is_written_through(run_dir, tmp_path, capsys):
         "followed"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "dead.safetensors", "link.safetensors", "real.safetensors"]
+
+
+def test_an_export_that_disagrees_with_the_checkpoint_is_refused_and_leaves_the_older(
+        run_dir, tmp_path, monkeypatch, capsys):
+    """The check is what stands between a wrong file and the user: a real safetensors file of
+    other weights (one class's bias raised, as a faulty writer might leave it), loaded back
+    and run as any export is, is refused in one line naming the logit gap, and the earlier
+    file at --out is left as it was, with no temporary beside it. Through main()."""
+    write = export_writers.WRITERS["safetensors"]
+
+    def other_weights(model: torch.nn.Module, meta: dict[str, str], path: Path) -> None:
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            changed.fc.bias[0] += 1
+        write(changed, meta, path)
+
+    monkeypatch.setitem(export_writers.WRITERS, "safetensors", other_weights)
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"an older export")
+    code = export_command.main([str(run_dir / "ckpt.pt"), "--format", "safetensors", "--out",
+                                str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 1 and stdout == "", err
+    assert err.startswith("error: the safetensors export does not match the checkpoint's "
+                          "model: max |logit difference| 1.00e+00 (limit "), err
+    assert err.endswith(f"; nothing was written to {out}.\n") and len(err.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert out.read_bytes() == b"an older export"
 
 
 @pytest.mark.slow

@@ -921,7 +921,10 @@ def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
              for precision, speed in (("fp32", 100.0), ("bf16", 10.0), ("bf16", 100.0))]
     peaks = {dtype: Peak(dtype, 1, 1, [1], flops, dtype)
              for dtype, flops in (("fp32", 1e6), ("bf16", 5e4))}
-    rows, outpaced = bench_mfu.mfu_rows({"step": steps}, 1000, peaks)
+    # a step skipped here (fp16 on a CPU) has no throughput, and no peak was measured for it
+    skipped = bench_sections.StepResult("fp16", "channels_last", False, 64, 16,
+                                        status="skipped")
+    rows, outpaced = bench_mfu.mfu_rows({"step": [*steps, skipped]}, 1000, peaks)
     assert [row["mfu"] for row in rows] == [pytest.approx(0.1), None, None]
     assert outpaced == ["bf16"]
 
@@ -1026,9 +1029,21 @@ def test_a_matmul_peak_leaves_tf32_matmuls_as_it_found_them():
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def test_mfu_arithmetic():
-    # 1000 images/s x 3.33 GFLOPs = 3.33 TFLOP/s, a third of a 10 TFLOP/s peak
-    assert bench_mfu.mfu(1000, 3.33e9, 10e12) == pytest.approx(0.333)
+def test_the_mfu_table_gives_the_figures_of_the_json_in_tflops():
+    """The printed MFU row is its JSON row: 1000 images/s x 3.33 GFLOPs = 3.33 TFLOP/s, a
+    third of a 10 TFLOP/s peak (the JSON keeps FLOP/s, the table TFLOP/s)."""
+    step = bench_sections.StepResult("fp32", "channels_last", False, 64, 16,
+                                     images_per_s=1000.0)
+    peaks = {"fp32": Peak("fp32", 1024, 4, [0.5], 10e12, "fp32")}
+    rows, _ = bench_mfu.mfu_rows({"step": [step]}, 3_330_000_000, peaks)
+    assert (rows[0]["achieved_flops_per_s"], rows[0]["peak_flops_per_s"]) == (3.33e12, 10e12)
+    assert rows[0]["mfu"] == pytest.approx(0.333)
+    mfu = bench_mfu.MfuResult(3_330_000_000, {}, 555_000_000, 3_330_000_000, peaks=peaks,
+                              rows=rows)
+    (line,) = [line for line in bench_output.report({"mfu": mfu}).splitlines()
+               if line.lstrip().startswith("step ")]
+    assert line.split()[-4:] == ["1,000.0", "3.33", "10", "0.333"]
+    assert line.split()[1:-4] == ["fp32", "channels_last", "eager", "batch", "64"]
 
 
 @pytest.mark.slow

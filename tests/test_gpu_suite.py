@@ -29,7 +29,7 @@ from common.errors import SetupError
 from tools import gpu_environment, gpu_steps, gpu_suite, gpu_summary
 from tools.bench_peers import PeerResult
 from tools.bench_profile import ProfileResult
-from tools.bench_sections import EpochResult, StepResult
+from tools.bench_sections import EpochResult, LoaderResult, StepResult
 from tools.kernel_kinds import kernel_kinds
 
 PY312 = Path("/root/.pyenv/versions/3.12.1/bin/python3")
@@ -693,6 +693,24 @@ def test_the_summary_tells_rows_apart_and_keeps_the_goals_digits():
         "- peers: default pipeline epoch 2,000 images/s, 19.96x seed",
         "- step fp16 channels_last eager batch 64: skipped, " + failed["reason"],
         "- step fp16 contiguous eager batch 64: skipped, " + failed["reason"]]
+
+
+def test_the_summary_gives_the_loaders_epochs_and_the_mfu_of_the_bench():
+    """A loader's epoch in milliseconds from its images/s, each MFU in percent of its peak in
+    TFLOP/s, none for a precision whose peak a run outpaced (a line says why), and the seed
+    epochs' failure: the figures a GPU run is read for."""
+    loader = asdict(LoaderResult("resident", 512, images=50_000, images_per_s=2_000_000.0))
+    mfu = {"rows": [{"config": "bf16 channels_last compiled batch 512", "mfu": 0.4567,
+                     "peak_flops_per_s": 989.4e12},
+                    {"config": "fp16 channels_last compiled batch 512", "mfu": None,
+                     "peak_flops_per_s": 1e12}],
+           "not_peaks": ["fp16"]}
+    peers = {"loaders": [], "epochs": [], "epochs_failed": "DataError: a damaged folder"}
+    assert gpu_summary.bench_lines({"loaders": [loader], "mfu": mfu, "peers": peers}) == [
+        "- loader resident: 2,000,000 images/s, 25.0 ms per 50,000-image epoch",
+        "- MFU bf16 channels_last compiled batch 512: 45.7% of 989 TFLOP/s",
+        "- no fp16 MFU: a fp16 run outpaced the fp16 matmul peak",
+        "- peers: seed vs default epochs failed: DataError: a damaged folder"]
 
 
 def test_the_summary_gives_each_profiled_loaders_device_busy_time():

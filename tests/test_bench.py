@@ -381,6 +381,15 @@ def test_the_profile_section_prints_no_lines_of_kineto(profile_alone):
         assert line not in result.stdout + result.stderr, result.stderr[-3000:]
 
 
+def test_a_device_left_out_is_named_as_the_one_measured():
+    """Without --device the bench measures the best device here, and args.device names it:
+    the defaults' column (fill_defaults) and the CUDA-only rows (epoch_configs) read it, so a
+    GPU run left at None would have taken the CPU's sizes and rows."""
+    args = bench_options.parse_args(["--quick"])
+    device = bench_run.settle_device(args)
+    assert args.device == device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_the_profile_section_profiles_the_loader_asked_for(monkeypatch, tmp_path):
     """profile-ffcv (the GPU suite's step) profiles the epoch section's run fed by
     --profile-loader: it profiled the default loader again."""
@@ -930,8 +939,8 @@ def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
 
 
 def test_a_peer_epochs_mfu_rests_on_the_flops_of_its_own_model():
-    """The seed pipeline trains a narrower model than the default preset: each peer epoch's
-    MFU takes the FLOPs counted on its own model, not the section's."""
+    """The peers' epochs train at --peer-width, the other sections at --width: each peer
+    epoch's MFU takes the FLOPs counted on its own model, not the section's."""
     epochs = [bench_peers.SeedEpochResult(pipeline, "torchvision", "fp32", False, False, 64,
                                           width, 512, flops, 1.0, [1.0], 100.0)
               for pipeline, width, flops in (("seed", 16, 1000), ("default", 64, 4000))]

@@ -873,14 +873,20 @@ def test_the_peer_loaders_are_saved_after_every_turn(prepared, tmp_path, monkeyp
 
 def test_a_loaders_turn_repeats_its_epochs_until_they_fill_the_turn(prepared, monkeypatch):
     """On a GPU the resident loader's 50k-image epoch takes milliseconds: a turn times it many
-    times, each epoch with its own number (so its own augmentations); a loader whose epoch
-    fills the turn (here: a turn of no time) runs once."""
+    times, each epoch with its own number (so its own augmentations), but at most TURN_EPOCHS
+    (here 3 epochs of 1 s of a clock only the loader moves, in a turn of 6 s); a loader whose
+    epoch fills the turn (here: a turn of no time) runs once."""
     loader = resident_loader(prepared)
     passes = timing.loader_turn(loader, 5)
     assert 1 < len(passes) <= timing.TURN_EPOCHS
     assert sum(p.seconds for p in passes) >= timing.TURN_S or len(passes) == timing.TURN_EPOCHS
     assert loader.epoch == 5 + len(passes) - 1
     assert all(p.images == SYNTHETIC_SIZE[0] for p in passes)
+    clock: list[float] = [0.0]
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(timing, "TURN_EPOCHS", 3)
+    monkeypatch.setattr(timing, "TURN_S", 6.0)
+    assert len(timing.loader_turn(ScriptedEpochs(loader, "resident", clock, {}, []), 0)) == 3
     monkeypatch.setattr(timing, "TURN_S", 0)
     assert len(timing.loader_turn(loader, 0)) == 1
 

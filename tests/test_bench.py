@@ -282,16 +282,21 @@ def test_the_profile_table_cuts_long_kernel_names():
 
 def test_the_printed_tables_set_the_peers_after_the_loaders_and_name_the_peaks_outpaced():
     """The log's tables in the sections' order (the peers' loaders beside ours, after them,
-    before the steps), and a dtype whose matmul a run outpaced is said to have no MFU: its
-    rows' MFU cells are empty, and this line is what says why."""
+    before the steps; first where the loaders did not run), and a dtype whose matmul a run
+    outpaced is said to have no MFU: its rows' MFU cells are empty, and this line says why."""
     peak = Peak("fp32", 1024, 4, [0.5, 0.4], 2e12, "fp32")
     mfu = bench_mfu.MfuResult(6000, {}, 1000, 6000, peaks={"fp32": peak}, not_peaks=["bf16"])
     text = bench_output.report({"loaders": [], "step": [], "mfu": mfu,
                                 "peers": {"loaders": [], "epochs": []}})
-    titles = [line.split(" (")[0].split(",")[0] for line in text.splitlines()
-              if line.startswith("== ")]
-    assert titles == ["== loaders", "== peers: loaders", "== peers: training epoch", "== step",
-                      "== mfu"]
+    def titles(text: str) -> list[str]:
+        return [line.split(" (")[0].split(",")[0] for line in text.splitlines()
+                if line.startswith("== ")]
+
+    assert titles(text) == ["== loaders", "== peers: loaders", "== peers: training epoch",
+                            "== step", "== mfu"]
+    # without the loaders section, the peers come first
+    assert titles(bench_output.report({"step": [], "peers": {"loaders": [], "epochs": []}})) == [
+        "== peers: loaders", "== peers: training epoch", "== step"]
     assert "fp32 peak: 2.000 TFLOP/s (1024^3 fp32 matmul, fastest of 2 blocks of 4)" in text
     assert ("no bf16 MFU: a bf16 run computed faster than the bf16 matmul, so that matmul is "
             "not this device's peak") in text.splitlines()

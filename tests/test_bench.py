@@ -897,13 +897,15 @@ def test_a_loaders_turn_repeats_its_epochs_until_they_fill_the_turn(prepared, mo
 
 
 def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):
-    """A --batch-size over the split is the split, in each loader as in training."""
+    """A --batch-size over the split is the split, in each loader as in training; each loader
+    takes --epochs turns (here of one epoch each)."""
     # two of them: ffcv's numba compilation would take the longest here
     monkeypatch.setattr(bench_sections, "LOADERS", ("resident", "torchvision"))
+    monkeypatch.setattr(timing, "TURN_S", 0)  # one epoch a turn, to count the turns
     cfg = TrainConfig(dataset="synthetic", data_dir=str(prepared.source.parent),
                       synthetic_size=SYNTHETIC_SIZE, batch_size=4096, precision="fp32",
                       workers=1)
-    args = bench_options.parse_args(["--quick", "--device", "cpu", "--epochs", "1"])
+    args = bench_options.parse_args(["--quick", "--device", "cpu", "--epochs", "2"])
     bench_options.fill_defaults(args)
     args.threads, threads = 1, torch.get_num_threads()
     torch.set_num_threads(2)  # as FFCV leaves them: the section sets --threads again
@@ -912,7 +914,8 @@ def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    assert [(r.status, r.batch_size) for r in rows] == [("ok", SYNTHETIC_SIZE[0])] * 2
+    assert [(r.status, r.batch_size, len(r.epoch_s)) for r in rows] == [
+        ("ok", SYNTHETIC_SIZE[0], 2)] * 2
     # each against torchvision's, which is 1
     assert [r.vs_torchvision for r in rows] == pytest.approx(
         [rows[0].images_per_s / rows[1].images_per_s, 1])

@@ -872,3 +872,20 @@ def test_the_budgets_reserve_is_kept_for_the_last_save(tmp_path, monkeypatch):
                             ["two"], deadline)
     assert not gpu_suite.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == ["not run"]
+
+
+def test_the_budget_counts_from_the_start_wheel_install_included(tmp_path, monkeypatch, capsys):
+    """--budget ends the whole run, the wheels' install included: an install that spent the
+    budget leaves no time to start a step (counted from after it, a lease would be overrun)."""
+    monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["true"])])
+    monkeypatch.setattr(gpu_suite, "STEPS", (*gpu_suite.STEPS, "two"))
+    monkeypatch.setattr(gpu_suite, "START_MIN_S", 1)
+    monkeypatch.setattr(gpu_suite, "RESERVE_S", 0)
+    monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
+    # the install, here 2 s of a 2.5 s budget
+    monkeypatch.setattr(gpu_suite, "environment", lambda *args: time.sleep(2) or {})
+    monkeypatch.delenv("OUT", raising=False)
+    assert gpu_suite.main(["two", "--dry-run", "--results", str(tmp_path), "--budget",
+                           "2.5"]) == 1
+    assert "two: not run, the --budget is spent" in capsys.readouterr().err
+    assert json.loads((tmp_path / "suite.json").read_text())["not_run"] == ["two"]

@@ -814,7 +814,8 @@ def test_with_out_set_a_real_run_writes_a_fresh_folder_bundled_into_out(tmp_path
 def test_outside_a_dry_run_the_commands_are_the_gpus_full_runs(tmp_path, monkeypatch):
     """A dry run's sizes (bench --quick, tiny images, width 8, 1 epoch, eager) on the GPU would
     spend a whole lease measuring nothing: the real commands run on cuda at full size, the
-    fast preset's epochs compiled, each writing its figures into the results."""
+    fast preset's epochs compiled, each writing its figures into the results and its data
+    into the work folder."""
     monkeypatch.delenv("GPU_SUITE_EPOCHS", raising=False)
     results, work = tmp_path / "results", tmp_path / "work"
     gpu = gpu_steps.Suite(results, work, sys.executable, dict(os.environ), False, {}, [])
@@ -835,6 +836,9 @@ def test_outside_a_dry_run_the_commands_are_the_gpus_full_runs(tmp_path, monkeyp
         for option, suffix in (("--json", ".json"), ("--junitxml", ".xml")):
             if option in argv:
                 assert argv[argv.index(option) + 1] == str(results / f"{name}{suffix}")
+    # the data (50k images and their .beton files) stays in work, out of the packed results
+    assert {argv[argv.index("--data-dir") + 1] for argv in commands.values()
+            if "--data-dir" in argv} == {str(work / "data")}
 
 
 def test_end_to_end_tests_get_a_worker_per_four_cores_and_at_most_four(monkeypatch):

@@ -874,6 +874,7 @@ def test_the_peer_loaders_are_saved_after_every_turn(prepared, tmp_path, monkeyp
     assert [[len(r["epoch_s"]) for r in turn] for turn in saved] == [[1, 1], [2, 2], [2, 2]]
     assert [[bool(r["top_op"]) for r in turn] for turn in saved] == [[False] * 2] * 2 + [[True] * 2]
     assert saved[0][1]["ratio"] > 0 and saved[-1] == [asdict(r) for r in rows]
+    assert all(r.construct_s > 0 for r in rows)  # the peers table's construction column
 
 
 def test_a_loaders_turn_repeats_its_epochs_until_they_fill_the_turn(prepared, monkeypatch):
@@ -916,6 +917,7 @@ def test_the_loaders_table_gives_the_batch_that_ran(prepared, monkeypatch):
         torch.set_num_threads(threads)
     assert [(r.status, r.batch_size, len(r.epoch_s)) for r in rows] == [
         ("ok", SYNTHETIC_SIZE[0], 2)] * 2
+    assert all(r.construct_s > 0 for r in rows)  # the loaders table's construction column
     # each against torchvision's, which is 1
     assert [r.vs_torchvision for r in rows] == pytest.approx(
         [rows[0].images_per_s / rows[1].images_per_s, 1])

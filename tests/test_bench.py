@@ -1432,6 +1432,7 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     base = replace(bench_sections.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
     assert row.status == "ok" and row.batch_size == 100 and len(row.block_s) == 2
+    assert row.warmup_s > 0 and row.steps == args.steps
     # of the fastest block (--repeats 2: two blocks, one the faster)
     assert row.images_per_s == pytest.approx(args.steps * 100 / min(row.block_s))
 
@@ -1548,7 +1549,7 @@ def test_an_epoch_row_rates_the_fastest_epoch_and_sets_fastest_against_fastest(m
     monkeypatch.setattr(bench_sections, "train_pass", train_pass)
     monkeypatch.setattr(bench_sections, "timed_epoch_steps", timed)
     row = bench_sections.bench_epoch(cfg, 3, 1)
-    assert row.status == "ok" and len(passes) == 3
+    assert row.status == "ok" and len(passes) == 3 and row.build_s > 0
     assert (row.images, row.first_epoch_s, row.epoch_s, row.data_wait_s,
             row.first_batch_wait_s) == (128, 9.0, [2.0, 1.0, 4.0], [0.5, 0.2, 0.1],
                                         [0.1, 0.05, 0.02])

@@ -697,21 +697,25 @@ def test_the_summary_tells_rows_apart_and_keeps_the_goals_digits():
         "- step fp16 contiguous eager batch 64: skipped, " + failed["reason"]]
 
 
-def test_the_summary_gives_the_loaders_epochs_and_the_mfu_of_the_bench():
+def test_the_summary_gives_the_loaders_the_mfu_and_what_failed_in_the_bench():
     """A loader's epoch in milliseconds from its images/s, each MFU in percent of its peak in
-    TFLOP/s, none for a precision whose peak a run outpaced (a line says why), and the seed
-    epochs' failure: the figures a GPU run is read for."""
+    TFLOP/s, none for a precision whose peak a run outpaced (a line says why), and a peer
+    that did not run and the seed epochs' failure, with why: what a GPU run is read for."""
     loader = asdict(LoaderResult("resident", 512, images=50_000, images_per_s=2_000_000.0))
     mfu = {"rows": [{"config": "bf16 channels_last compiled batch 512", "mfu": 0.4567,
                      "peak_flops_per_s": 989.4e12},
                     {"config": "fp16 channels_last compiled batch 512", "mfu": None,
                      "peak_flops_per_s": 1e12}],
            "not_peaks": ["fp16"]}
-    peers = {"loaders": [], "epochs": [], "epochs_failed": "DataError: a damaged folder"}
+    missing = asdict(PeerResult("airbench.CifarLoader", "peer", "flip, translate 2 reflect",
+                                status="not installed", reason="no module 'airbench'"))
+    peers = {"loaders": [missing], "epochs": [], "epochs_failed": "DataError: a damaged folder"}
     assert gpu_summary.bench_lines({"loaders": [loader], "mfu": mfu, "peers": peers}) == [
         "- loader resident: 2,000,000 images/s, 25.0 ms per 50,000-image epoch",
         "- MFU bf16 channels_last compiled batch 512: 45.7% of 989 TFLOP/s",
         "- no fp16 MFU: a fp16 run outpaced the fp16 matmul peak",
+        "- peers airbench.CifarLoader (flip, translate 2 reflect): not installed, no module "
+        "'airbench'",
         "- peers: seed vs default epochs failed: DataError: a damaged folder"]
 
 

@@ -44,6 +44,7 @@ def test_the_suite_runs_every_module_with_gpu_tests():
     assert marked == set(gpu_steps.GPU_TESTS)
 
 
+@pytest.mark.slow  # the whole suite's dry run: minutes, which -m "not slow" is to leave out
 def test_dry_run_writes_every_step_with_its_header(gpu_suite_dry_run):
     results = gpu_suite_dry_run.results
     for step in gpu_steps.STEPS:

@@ -453,6 +453,8 @@ def test_bench_quick_on_cuda(tmp_path):
     kinds = {row["kind"]: row for row in profile["kernel_kinds"]}
     assert kinds["convolution forward"]["ms"] > 0 and kinds["convolution weight gradient"]["ms"] > 0
     assert sum(row["share"] for row in kinds.values()) == pytest.approx(1), kinds
+    # both per step: the busy time counts overlapping kernels once, the kinds each of them
+    assert profile["device_busy_ms"] <= sum(row["ms"] for row in kinds.values()) * (1 + 1e-6)
     # each loader of the peers section, profiled for an epoch: how long the device worked
     peers = [r for r in bench["peers"]["loaders"] if r["status"] == "ok"]
     assert peers and all(r["device_busy_ms"] > 0 and r["device_events"] > 0 for r in peers)

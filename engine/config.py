@@ -6,6 +6,7 @@ and answers --help or a refused value, before torch loads (seconds)."""
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, replace
@@ -171,12 +172,19 @@ def foreign_values(cfg: TrainConfig) -> list[str]:
     """Fields of another type than declared, or outside the command line's choices: never
     from the command line (argparse types and checks it), so from a damaged checkpoint."""
     hints = typing.get_type_hints(TrainConfig)
-    wrong = [f"{name} is {getattr(cfg, name)!r}, not {hint}" for name, hint in hints.items()
+    wrong = [f"{name} is {_said(getattr(cfg, name))}, not {hint}" for name, hint in hints.items()
              if not _fits(getattr(cfg, name), hint)]
     choices = {**CHOICES, "log_with": trackers()}
-    return wrong or [f"{name} is {getattr(cfg, name)!r}, not one of {', '.join(options)}"
+    return wrong or [f"{name} is {_said(getattr(cfg, name))}, not one of {', '.join(options)}"
                      for name, options in choices.items()
                      if getattr(cfg, name) not in (None, *options)]
+
+
+def _said(value: object, limit: int = 80) -> str:
+    """A foreign value as part of a one-line message: a tensor's or a list's repr may run over
+    many lines and pages."""
+    text = re.sub(r"\s*\n\s*", " ", repr(value))  # a str's repr holds no line break
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def validate(cfg: TrainConfig) -> list[str]:

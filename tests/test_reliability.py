@@ -1864,6 +1864,8 @@ def _damaged(run: Path, change) -> Path:
     ("width", 16, "its config's resnet18 of width 16 is not its weights' resnet18 of width"),
     # compared with the weights' width, a tensor of two was a RuntimeError traceback
     ("width", torch.ones(2), "width is tensor([1., 1.]), not <class 'int'>"),
+    # a repr of many lines, cut to a part of one
+    ("width", torch.ones(100, 2), "width is tensor([[1., 1.], [1., 1.], [1., 1.], [1., 1.], "),
     ("dataset", "cifar100", "its data is 'synthetic', its config's dataset 'cifar100'"),
 ])
 def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_path, key, value,
@@ -1876,6 +1878,7 @@ def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_p
         configure(TrainConfig(), run, {})
     assert str(refused.value).startswith(f"{path} holds a config no run could have (")
     assert problem in str(refused.value) and "damaged or edited" in str(refused.value)
+    assert len(str(refused.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("trained, mode, resumed", [

@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Callable
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from conftest import SYNTHETIC_SIZE, small_run
 from torch._dynamo.utils import counters
 
+from common import progress
 from common.hardware import launched_processes, native_bf16
-from common.progress import LineProgress
 from engine.config import TrainConfig, resolve, validate
 from engine.launch import make_accelerator
 from engine.loop import summary_line, train_epoch
@@ -358,7 +359,7 @@ def test_an_epoch_trains_its_own_order_and_its_progress_lines_give_its_numbers(
     progress lines give the last batch's loss per image (not summed over the batch), the
     epoch's accuracy so far and its images per second: a line after every batch here, not
     every LOG_INTERVAL seconds."""
-    monkeypatch.setattr(LineProgress.__init__, "__defaults__", (0.0,))  # interval=0.0
+    monkeypatch.setattr(progress, "LineProgress", partial(progress.LineProgress, interval=0.0))
     run = small_run(prepared, tmp_path, batch_size=256)  # 3 steps: 256, 256 and 93 images
     trained = []
     run.model.register_forward_pre_hook(lambda module, args: trained.append(args[0].clone()))

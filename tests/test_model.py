@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 from conftest import ROOT
 from torch import nn
 
@@ -18,6 +19,44 @@ def n_params(model: nn.Module) -> int:
 
 def test_param_count_matches_kuangliu_resnet18():
     assert n_params(ResNet18(num_classes=10, width=64)) == 11_173_962
+
+
+def torchvision_resnet18(model: ResNet18) -> nn.Module:
+    """torchvision's ResNet-18 given kuangliu's CIFAR stem (3x3 stride-1, no max-pool), holding
+    `model`'s weights and statistics: an independent build of the architecture to compare with."""
+    reference = torchvision.models.resnet18(num_classes=model.fc.out_features)
+    reference.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+    reference.maxpool = nn.Identity()
+    theirs = {"stem.0.": "conv1.", "stem.1.": "bn1.", ".shortcut.": ".downsample."}
+    state = {}
+    for key, value in model.state_dict().items():
+        for old, new in theirs.items():
+            key = key.replace(old, new)
+        state[key] = value
+    reference.load_state_dict(state)  # strict: each tensor has one place there, of its shape
+    return reference
+
+
+def test_resnet18_computes_what_torchvisions_does_with_the_cifar_stem():
+    """Layer for layer (BatchNorm after each convolution, ReLU after the residual add and in the
+    stem, projection shortcuts, average pool) the same network: the same weights give the same
+    scores in eval and in training mode (the parameter count pins the shapes, not the wiring)."""
+    torch.manual_seed(0)
+    model = ResNet18(width=64)
+    with torch.no_grad():  # BatchNorm away from its identity initialisation, so each one counts
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t, (low, high) in zip((m.weight, m.bias, m.running_mean, m.running_var),
+                                          ((0.5, 1.5), (-0.5, 0.5), (-0.5, 0.5), (0.5, 1.5)),
+                                          strict=True):
+                    t.uniform_(low, high)
+    reference = torchvision_resnet18(model)
+    x = torch.randn(2, 3, 32, 32)
+    for training in (False, True):
+        model.train(training)
+        reference.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])

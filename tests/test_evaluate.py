@@ -47,6 +47,26 @@ def test_evaluate_sums_each_image_once_whatever_the_batches(batches, tta):
         assert not torch.allclose(logits, plain)
 
 
+def test_evaluate_scores_under_the_runs_autocast_and_averages_the_views_in_fp32(batches):
+    """A bf16 run's batches fit its fp32 model only inside the autocast the run gives
+    (Run.autocast): evaluation scores inside it, and averages TTA's two views in fp32."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, width=4).eval()
+    few = [(images.bfloat16(), labels) for images, labels in batches[:3]]
+
+    def autocast() -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    with torch.no_grad(), autocast():
+        logits = torch.cat([(model(x).float() + model(x.flip(3)).float()) / 2 for x, _ in few])
+    labels = torch.cat([y for _, y in few])
+    loss, correct, count = evaluate(model, few, tta=True, autocast=autocast).tolist()
+    assert count == 3 * BATCH
+    assert loss == pytest.approx(F.cross_entropy(logits, labels, reduction="sum").item(),
+                                 rel=1e-6)
+    assert correct == (logits.argmax(1) == labels).sum().item()
+
+
 def test_an_empty_shard_still_reports_zeros():
     """A process dealt no test images takes part in the sum across processes all the same."""
     model = build_model("resnet18", 10, width=4)

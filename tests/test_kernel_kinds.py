@@ -76,6 +76,10 @@ def test_the_h200_profile_by_kind_matches_its_count_by_hand():
      "BatchNorm (eager)"),
     ("void at::native::batch_norm_collect_statistics_channels_last_kernel<float>",
      "BatchNorm (eager)"),
+    # cuDNN's backward and its channels_last kernels, named batchnorm without an underscore
+    ("void cudnn::bn_bw_1C11_singleread_specialized<__nv_bfloat16, float>", "BatchNorm (eager)"),
+    ("void batchnorm_bwtr_nhwc_semiPersist<__nv_bfloat16, float, 512, true, false, true>",
+     "BatchNorm (eager)"),
     ("void at::native::multi_tensor_apply_kernel<FusedSgdMathFunctor<float, 2>>",
      "optimizer step"),
     ("Memcpy HtoD (Pinned -> Device)", "copies and fills"),

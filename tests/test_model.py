@@ -87,7 +87,10 @@ def test_channels_last_is_kept():
 
 
 def test_build_model():
-    assert isinstance(build_model("resnet18", 10, 8), ResNet18)
+    """By name, with the classes and width asked for; an unknown name is refused."""
+    model = build_model("resnet18", 100, 12)
+    assert isinstance(model, ResNet18)
+    assert (model.stem[0].out_channels, model.fc.out_features) == (12, 100)
     with pytest.raises(ValueError, match="resnet18"):
         build_model("resnet50", 10, 64)
     assert ARCHS == ("resnet18",)

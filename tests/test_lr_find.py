@@ -295,16 +295,24 @@ def test_the_shortest_and_the_longest_sweeps_allowed_run():
 
 @pytest.mark.slow
 def test_lr_find_writes_its_plot_and_prints_the_suggestion(data_dir, tmp_path):
+    """lr_find.csv holds the sweep's steps (the LR from --start-lr up by equal factors to
+    --end-lr), and the LR printed, in the summary and in the command to train with, is a tenth
+    of the LR of the csv's lowest smoothed loss (not below the start): not the steepest's."""
     out = tmp_path / "out"
     result = run_script("tools/lr_find.py", *SMALL, "--data-dir", str(data_dir), "--start-lr",
-                     "1e-4", "--iterations", "20", "--out", str(out))
+                        "1e-4", "--iterations", "20", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "lr_find.png").read_bytes().startswith(b"\x89PNG")
     with open(out / "lr_find.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["lr", "loss", "smoothed"] and 2 <= len(rows) <= 20
-    suggested = float(re.search(r"suggested lr (\S+)", result.stdout).group(1))
-    assert float(rows[0]["lr"]) <= suggested <= float(rows[-1]["lr"])
+    lrs, smoothed = ([float(row[key]) for row in rows] for key in ("lr", "smoothed"))
+    assert lrs[0] == pytest.approx(1e-4)
+    assert np.allclose(np.diff(np.log(lrs)), math.log(10 / 1e-4) / 19)  # 20 steps to 10
+    want = f"{max(lrs[int(np.argmin(smoothed))] / 10, lrs[0]):.3g}"
+    assert re.search(r"suggested lr (\S+) \(min/10; steepest", result.stdout).group(1) == want
+    assert f"; wrote {out}/lr_find.png and lr_find.csv. Train with --lr {want}, or let " \
+        in result.stdout, result.stdout
 
 
 def test_the_plot_shows_the_curve_not_the_loss_of_the_step_that_diverged():

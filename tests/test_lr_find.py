@@ -375,6 +375,9 @@ def test_lr_find_csv_has_each_steps_loss_beside_its_smoothed_loss():
     (["--lr", "0.1"], "--lr: the range test does not use it (it sweeps the LR from"),
     (["--epochs", "3", "--no-tta"], "--epochs, --no-tta: the range test does not use them"),
     (["--tta"], "--tta: the range test does not use it"),
+    # the sweep sets the LR of each step itself
+    (["--schedule", "onecycle", "--warmup", "0.2"],
+     "--schedule, --warmup: the range test does not use them"),
     # the sweep never evaluates: a tracker would log no epoch
     (["--log-with", "tensorboard"], "--log-with: the range test does not use it"),
 ])

@@ -6,6 +6,7 @@ and answers --help or a refused value, before torch loads (seconds)."""
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -36,6 +37,10 @@ PAD_MODES = ("reflect", "zeros")  # --translate's padding: TrainConfig.augment's
 # and a larger value is a traceback from inside the first step ("cannot be converted to type
 # float without overflow")
 FLOAT32_MAX = 3.4028234663852886e38
+# the widest ResNet-18 torch can make: its layer4 weights (8w x 8w x 3 x 3 float32) in bytes
+# within an int64; past it the model's build was a RuntimeError traceback ("Storage size
+# calculation overflowed"), where narrower widths that do not fit end as out of memory
+MAX_WIDTH = math.isqrt((2**63 - 1) // (8 * 8 * 3 * 3 * 4))
 # why an explicit --cudnn-benchmark is refused beside --deterministic: taken, it would be
 # ignored (TrainConfig.autotunes); engine.options says it of a new run, engine.resume of a resume
 AUTOTUNE_REFUSED = "--cudnn-benchmark times cuDNN's algorithms, which --deterministic rules out"
@@ -193,6 +198,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     for name in ("epochs", "batch_size", "width"):
         if getattr(cfg, name) < 1:
             problems.append(f"{option_name(name)} must be at least 1")
+    if cfg.width > MAX_WIDTH:
+        problems.append(f"--width must be at most {MAX_WIDTH} (a wider model's largest weight "
+                        f"has more bytes than torch can count), got {cfg.width}")
     if cfg.lr != "auto" and not (isinstance(cfg.lr, float | int) and 0 < cfg.lr <= FLOAT32_MAX):
         problems.append(f"--lr must be a positive finite number no larger than {FLOAT32_MAX:.2g} "
                         f"(the float32 weights' largest) or 'auto', got {cfg.lr}")

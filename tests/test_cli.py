@@ -929,6 +929,9 @@ def test_options_given_with_a_preset_override_its_values():
     (["--workers", "0"], "--workers must be at least 1"),
     (["--workers", "99999999999"], "--workers 99999999999: this process may use "),
     (["--width", "0"], "--width must be at least 1"),
+    # past it, the model's build was a RuntimeError traceback (torch's storage size overflowed)
+    (["--width", "63270844"], "--width must be at most 63270843 (a wider model's largest weight "
+                              "has more bytes than torch can count), got 63270844"),
     (["--log-with", "nope"], "argument --log-with: invalid choice: 'nope' (choose from "),
     (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
     (["--warmup", "1"], "--warmup must be in [0, 1)"),
@@ -977,11 +980,12 @@ def test_warmup_and_pad_mode_are_taken_where_they_act(option):
 @pytest.mark.parametrize("option", [["--lr", "3.4028234663852886e38"], ["--lr", "1e-30"],
                                     ["--label-smoothing", "0"], ["--momentum", "0"],
                                     ["--weight-decay", "0"], ["--workers", "1"],
-                                    ["--weight-decay", "3.4028234663852886e38"]])
+                                    ["--weight-decay", "3.4028234663852886e38"],
+                                    ["--width", "63270843"]])
 def test_the_edges_of_each_range_are_taken(option):
     """The values at the closed ends of the ranges the messages quote (the largest float32 LR
-    and weight decay, no smoothing, momentum or decay, one worker) are options like any
-    other."""
+    and weight decay, no smoothing, momentum or decay, one worker, the widest model) are
+    options like any other."""
     from engine.options import parse
 
     assert parse(option).given

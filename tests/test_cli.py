@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -905,6 +906,24 @@ def test_the_tools_help_gives_preset_values_but_for_the_options_they_decide(tool
         assert "(default:" not in text, (option, text)
 
 
+@pytest.mark.parametrize("tool, decided", [("lr_find", "REFUSED_OPTIONS"),
+                                           ("compare", "DECIDED")])
+def test_a_tools_run_folder_left_out_is_named_after_it_to_the_second(tool, decided):
+    """parse_tool_args: no --out is runs/<tool>-<date>-<time to the second> (a training run's
+    is named after its dataset), so runs a minute apart get folders of their own; an --out
+    given is kept."""
+    from engine.options import parse_tool_args
+
+    module = importlib.import_module(f"tools.{tool}")
+
+    def out(*argv: str) -> str:
+        return parse_tool_args(list(argv), f"tools/{tool}.py", None, module.own_options(),
+                               module.check, getattr(module, decided))[1].out
+
+    assert re.fullmatch(rf"runs/{tool}-\d{{8}}-\d{{6}}", out()), out()
+    assert out("--out", "runs/mine") == "runs/mine"
+
+
 def test_options_given_with_a_preset_override_its_values():
     """--preset gives the starting values; an option typed beside it wins, and the preset's
     other values stay."""
@@ -929,9 +948,11 @@ def test_options_given_with_a_preset_override_its_values():
     (["--workers", "0"], "--workers must be at least 1"),
     (["--workers", "99999999999"], "--workers 99999999999: this process may use "),
     (["--width", "0"], "--width must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
     # past it, the model's build was a RuntimeError traceback (torch's storage size overflowed)
     (["--width", "63270844"], "--width must be at most 63270843 (a wider model's largest weight "
                               "has more bytes than torch can count), got 63270844"),
+    (["--seed", "4294967296"], "--seed must be in 0..4294967295, got 4294967296"),
     (["--log-with", "nope"], "argument --log-with: invalid choice: 'nope' (choose from "),
     (["--momentum", "-0.1"], "--momentum must be in [0, 1), got -0.1"),
     (["--warmup", "1"], "--warmup must be in [0, 1)"),
@@ -954,41 +975,57 @@ def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     step), nor --pad-mode without --translate, nor --cudnn-benchmark in a --deterministic run
     (which would train untuned), nor --compile-mode beside --no-compile; more workers than
     cores, a width of 0 and a tracker accelerate lacks neither: refused as usage errors, before
-    any work."""
+    any work. Each refusal is the one line CommandParser gives a usage error."""
     from engine.options import parse
 
     with pytest.raises(SystemExit) as stop:
         parse(option)
-    assert stop.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err, err
+    assert err.startswith("engine/train.py: error: ") and err.endswith("; see --help\n"), err
+    assert err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("option", [["--schedule", "onecycle", "--warmup", "0.3"],
-                                    ["--warmup", "0"], ["--schedule", "cosine"],
-                                    ["--pad-mode", "zeros"], ["--translate", "0"],
-                                    ["--preset", "seed", "--pad-mode", "reflect"],
-                                    ["--deterministic", "--no-cudnn-benchmark"],
-                                    ["--no-deterministic", "--cudnn-benchmark"]])
-def test_warmup_and_pad_mode_are_taken_where_they_act(option):
+@pytest.mark.parametrize("option, given", [
+    (["--schedule", "onecycle", "--warmup", "0.3"], dict(schedule="onecycle", warmup=0.3)),
+    (["--warmup", "0"], dict(warmup=0.0)), (["--schedule", "cosine"], dict(schedule="cosine")),
+    (["--pad-mode", "zeros"], dict(pad_mode="zeros")), (["--translate", "0"], dict(translate=0)),
+    (["--preset", "seed", "--pad-mode", "reflect"], dict(preset="seed", pad_mode="reflect")),
+    (["--deterministic", "--no-cudnn-benchmark"],
+     dict(deterministic=True, cudnn_benchmark=False)),
+    (["--no-deterministic", "--cudnn-benchmark"],
+     dict(deterministic=False, cudnn_benchmark=True))])
+def test_warmup_and_pad_mode_are_taken_where_they_act(option, given):
     """--warmup beside a schedule that warms up, --pad-mode beside a translate, and
     --cudnn-benchmark without --deterministic are taken like any option; a schedule without a
     warm-up is fine while --warmup is left out, and --translate 0 while --pad-mode is."""
     from engine.options import parse
 
-    assert parse(option).given  # no usage error (SystemExit): the options were taken
+    options = parse(option)  # no usage error (SystemExit), and the values typed are the run's
+    assert options.given == given
+    assert {name: getattr(options.cfg, name) for name in given} == given
 
 
-@pytest.mark.parametrize("option", [["--lr", "3.4028234663852886e38"], ["--lr", "1e-30"],
-                                    ["--label-smoothing", "0"], ["--momentum", "0"],
-                                    ["--weight-decay", "0"], ["--workers", "1"],
-                                    ["--weight-decay", "3.4028234663852886e38"],
-                                    ["--width", "63270843"]])
-def test_the_edges_of_each_range_are_taken(option):
+@pytest.mark.parametrize("option, value", [
+    (["--lr", "3.4028234663852886e38"], dict(lr=3.4028234663852886e38)),
+    (["--lr", "1e-30"], dict(lr=1e-30)), (["--lr", "auto"], dict(lr="auto")),
+    (["--label-smoothing", "0"], dict(label_smoothing=0.0)),
+    (["--momentum", "0"], dict(momentum=0.0)),
+    (["--weight-decay", "0"], dict(weight_decay=0.0)), (["--workers", "1"], dict(workers=1)),
+    (["--weight-decay", "3.4028234663852886e38"], dict(weight_decay=3.4028234663852886e38)),
+    (["--seed", "4294967295"], dict(seed=4294967295)),
+    (["--width", "63270843"], dict(width=63270843)),
+    (["--translate", "16", "--cutout", "32"], dict(translate=16, cutout=32))])
+def test_the_edges_of_each_range_are_taken(option, value):
     """The values at the closed ends of the ranges the messages quote (the largest float32 LR
-    and weight decay, no smoothing, momentum or decay, one worker, the widest model) are
-    options like any other."""
+    and weight decay, no smoothing, momentum or decay, one worker, the last seed, the widest
+    model, the largest shift and cutout) and --lr auto are options like any other, taken as
+    typed."""
     from engine.options import parse
 
-    assert parse(option).given
+    options = parse(option)
+    assert options.given == value
+    assert {name: getattr(options.cfg, name) for name in value} == value
 
 
 def test_options_checked_against_a_new_runs_config_are_left_to_the_resume():

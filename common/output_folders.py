@@ -9,7 +9,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError
-from common.paths import dead_link_on, unwritable
+from common.paths import dead_link_on, nearest_existing, unwritable
 
 
 def timestamped(prefix: str) -> str:
@@ -30,10 +30,28 @@ def make_dir(path: Path, option: str = "--out") -> None:
     except OSError as error:
         if link := dead_link_on(path):  # which says its own fix
             raise OutputError(f"{option} {path}{link}.") from None
-        problem = ("is a file, not a folder" if path.is_file()
-                   else f"cannot be written ({error.strerror})")
+        # mkdir says only 'File exists' or 'Not a directory', naming neither file
+        if (blocking := in_the_way(path)) is None:
+            problem = f"cannot be written ({error.strerror})"
+        elif blocking == path.absolute():
+            problem = not_a_folder(blocking)
+        else:
+            raise OutputError(f"{option} {path}: {blocking} {not_a_folder(blocking)}; choose a "
+                              "writable folder.") from None
     if problem:
         raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
+
+
+def in_the_way(path: Path) -> Path | None:
+    """What stands where folder `path` or the nearest of the folders above it that exists
+    belongs, when that is no folder (a file, a device); None when it is one."""
+    nearest = nearest_existing(Path(path).absolute())
+    return None if nearest.is_dir() else nearest
+
+
+def not_a_folder(path: Path) -> str:
+    """What `path`, which exists and is no folder, is instead, for a message."""
+    return f"is {'a file' if path.is_file() else 'a device, pipe or socket'}, not a folder"
 
 
 def missing_folders(path: Path) -> list[Path]:
@@ -71,12 +89,10 @@ def made_for(path: Path, option: str = "--out") -> Iterator[None]:
     when it fails leaving them empty; OutputError naming `option` where a file stands in for
     one of them (mkdir says only 'File exists')."""
     above = Path(path).absolute().parent
-    made = missing_folders(above)
-    nearest = made[-1].parent if made else above  # the first that exists: / always does
-    if not nearest.is_dir():
-        raise OutputError(f"{option} {path}: {nearest} is a file, not a folder; choose another "
-                          f"{option}.")
-    with removed_on_failure(made):
+    if (blocking := in_the_way(above)) is not None:
+        raise OutputError(f"{option} {path}: {blocking} {not_a_folder(blocking)}; choose "
+                          f"another {option}.")
+    with removed_on_failure(missing_folders(above)):
         above.mkdir(parents=True, exist_ok=True)
         yield
 

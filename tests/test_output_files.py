@@ -446,6 +446,25 @@ def test_make_dir_refuses_a_folder_that_exists_but_cannot_be_written(read_only_d
     assert str(refused.value).endswith("); choose a writable folder.")
 
 
+def test_make_dir_names_the_file_or_pipe_standing_where_a_folder_belongs(tmp_path):
+    """mkdir says only 'File exists' or 'Not a directory': an --out that is a file or a pipe,
+    or is under a file, is refused naming that file (under one, the message named neither),
+    and nothing is made."""
+    afile, pipe = tmp_path / "afile", tmp_path / "pipe"
+    afile.write_text("not a folder")
+    os.mkfifo(pipe)
+    fix = "; choose a writable folder."
+    for path, message in {afile: f"--out {afile} is a file, not a folder{fix}",
+                          afile / "a" / "b": f"--out {afile}/a/b: {afile} is a file, not a "
+                                             f"folder{fix}",
+                          pipe: f"--out {pipe} is a device, pipe or socket, not a folder{fix}",
+                          }.items():
+        with pytest.raises(OutputError) as refused:
+            make_dir(path)
+        assert str(refused.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "pipe"]
+
+
 def epoch_files(epoch: int, resume_bytes: int) -> dict:
     """A checkpoint dict as checkpoint.write_epoch takes it, its training state this big."""
     row = dict(epoch=epoch, train_loss=1.0 / epoch, test_acc=0.5)

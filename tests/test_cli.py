@@ -795,15 +795,31 @@ def test_a_file_that_took_the_closed_stderrs_descriptor_keeps_it(tmp_path):
     assert (tmp_path / "out").read_text() == "kept"
 
 
-@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM], ids=["EACCES", "EPERM"])
-def test_a_permission_error_of_either_kind_says_to_fix_permissions(code):
+@pytest.mark.parametrize("code, filename, said", [
+    (errno.EACCES, "/some/file", "cannot use /some/file: Permission denied; fix its "
+                                 "permissions, or those of the folders above it, or choose "
+                                 "another path."),
+    (errno.EPERM, "/some/file", "cannot use /some/file: Operation not permitted; fix its "
+                                "permissions, or those of the folders above it, or choose "
+                                "another path."),
+    (errno.EFBIG, "/some/file", "cannot write /some/file: it passes this process's file size "
+                                "limit; raise this process's file size limit (`ulimit -f "
+                                "unlimited`)."),
+    (errno.EFBIG, None, "cannot write: it passes this process's file size limit; raise this "
+                        "process's file size limit (`ulimit -f unlimited`)."),
+    (errno.EISDIR, "/run/.lock", "cannot use /run/.lock: it is a folder where a file belongs; "
+                                 "move it away, or choose another path."),
+    (errno.EIO, "/some/file", "cannot use /some/file: Input/output error. Check that the path "
+                              "exists, is writable and that its disk has free space."),
+], ids=["EACCES", "EPERM", "EFBIG", "EFBIG of no file", "EISDIR", "EIO"])
+def test_each_kind_of_os_error_gets_its_own_fix(code, filename, said):
     """EPERM (chattr +i, a mount that refuses the operation) is a matter of permissions as
-    much as EACCES: not advice to check that the path exists and the disk has space."""
+    much as EACCES; past the file size limit, free space would not help; a folder where a
+    file belongs is named so: none is the catch-all advice to check that the path exists and
+    the disk has space."""
     from common.cli import error_text
 
-    text = error_text(PermissionError(code, os.strerror(code), "/some/file"))
-    assert text == (f"cannot use /some/file: {os.strerror(code)}; fix its permissions, or "
-                    "those of the folders above it, or choose another path.")
+    assert error_text(OSError(code, os.strerror(code), filename)) == said
 
 
 def test_other_unraisable_errors_reach_the_hook_in_place_when_run_main_starts(monkeypatch):

@@ -1069,12 +1069,13 @@ def test_a_saved_config_of_other_types_than_the_command_lines_is_named():
         "largest) or 'auto', got fast"]
 
 
-def test_pad_mode_zeros_pads_with_black_pixels():
-    """--pad-mode zeros reaches the augmentation as zero padding, reflect (the default) as
-    reflection."""
+def test_pad_mode_reaches_the_augmentation_as_zero_or_reflect_padding():
+    """--pad-mode zeros (and the seed preset's) reaches the augmentation as zero padding,
+    reflect (the default) as reflection; the pixels each pads with are test_augment's."""
     from engine.options import parse
 
     assert not parse(["--pad-mode", "zeros"]).cfg.augment().reflect
+    assert not parse(["--preset", "seed"]).cfg.augment().reflect
     assert parse([]).cfg.augment().reflect
 
 

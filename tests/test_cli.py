@@ -1010,11 +1010,15 @@ def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     (["--deterministic", "--no-cudnn-benchmark"],
      dict(deterministic=True, cudnn_benchmark=False)),
     (["--no-deterministic", "--cudnn-benchmark"],
-     dict(deterministic=False, cudnn_benchmark=True))])
+     dict(deterministic=False, cudnn_benchmark=True)),
+    (["--compile-mode", "max-autotune"], dict(compile_mode="max-autotune", compile=True)),
+    (["--compile-mode", "default"], dict(compile_mode="default"))])
 def test_warmup_and_pad_mode_are_taken_where_they_act(option, given):
     """--warmup beside a schedule that warms up, --pad-mode beside a translate, and
     --cudnn-benchmark without --deterministic are taken like any option; a schedule without a
-    warm-up is fine while --warmup is left out, and --translate 0 while --pad-mode is."""
+    warm-up is fine while --warmup is left out, and --translate 0 while --pad-mode is. A
+    compile mode asks for compiling, but for the default one, which leaves it to the device
+    (eager on the CPU)."""
     from engine.options import parse
 
     options = parse(option)  # no usage error (SystemExit), and the values typed are the run's

@@ -201,6 +201,21 @@ def test_a_failed_command_leaves_none_of_the_folders_made_for_its_out(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["note.txt"]
 
 
+def test_folders_made_for_an_out_found_unwritable_are_taken_away_again(tmp_path):
+    """output_dir on a full disk: --out a/b is made (a folder takes no space on a tmpfs), then
+    found unwritable; the refusal names it and leaves neither folder behind."""
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        with pytest.raises(OSError), open(disk / "filler", "wb") as filler:
+            while True:  # the disk filled to its last byte
+                filler.write(b"x" * 4096)
+                filler.flush()
+        with pytest.raises(OutputError) as refused, output_dir(disk / "a" / "b"):
+            pass
+        assert str(refused.value) == (f"--out {disk / 'a' / 'b'} cannot be written (No space "
+                                      "left on device); choose a writable folder.")
+        assert [p.name for p in disk.iterdir()] == ["filler"]
+
+
 def test_the_folders_made_for_a_file_are_made_and_a_file_among_them_is_named(tmp_path):
     """made_for: --out a/b/x.onnx, a and b missing, makes both (and takes them again on a
     failure); f/a/x.onnx, f a file, names f, not the folders still to make."""

@@ -192,15 +192,22 @@ def _said(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
+def too_wide(option: str, width: int) -> str | None:
+    """Why a model `width` wide cannot be built, for `option`; None when it can be."""
+    if width > MAX_WIDTH:
+        return (f"{option} must be at most {MAX_WIDTH} (a wider model's largest weight has more "
+                f"bytes than torch can count), got {width}")
+    return None
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Impossible or contradictory values, as messages a user can act on."""
     problems = []
     for name in ("epochs", "batch_size", "width"):
         if getattr(cfg, name) < 1:
             problems.append(f"{option_name(name)} must be at least 1")
-    if cfg.width > MAX_WIDTH:
-        problems.append(f"--width must be at most {MAX_WIDTH} (a wider model's largest weight "
-                        f"has more bytes than torch can count), got {cfg.width}")
+    if problem := too_wide("--width", cfg.width):
+        problems.append(problem)
     if cfg.lr != "auto" and not (isinstance(cfg.lr, float | int) and 0 < cfg.lr <= FLOAT32_MAX):
         problems.append(f"--lr must be a positive finite number no larger than {FLOAT32_MAX:.2g} "
                         f"(the float32 weights' largest) or 'auto', got {cfg.lr}")

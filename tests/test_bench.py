@@ -42,7 +42,7 @@ from common.cli import run_main
 from common.errors import LoaderError
 from common.hardware import native_bf16
 from engine import checkpoint
-from engine.config import TrainConfig, resolve
+from engine.config import MAX_WIDTH, TrainConfig, resolve
 from engine.model import ResNet18, forward_macs
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared
@@ -503,6 +503,9 @@ CORES = len(os.sched_getaffinity(0))  # this process's: pytest_configure set the
     (["--threads", "99999999999"], "--threads 99999999999: this process may use "
                                    f"{CORES} core{'s' * (CORES != 1)}; pass --threads {CORES}"),
     (["--workers", "99999999999"], "--workers 99999999999: this process may use"),
+    # a model no int64 can size was torch's traceback (engine/train.py refuses it alike)
+    (["--width", str(MAX_WIDTH + 1)], f"--width must be at most {MAX_WIDTH} (a wider model's "),
+    (["--peer-width", "10" * 10], f"--peer-width must be at most {MAX_WIDTH} "),
     (["--json", "/tmp/" + "a" * 300 + ".json"], "its name is too long (305 bytes; this file "
                                                  "system takes 255, less "),  # the pid's digits
 ])

@@ -76,7 +76,8 @@ def test_the_h200_profile_by_kind_matches_its_count_by_hand():
      "BatchNorm (eager)"),
     ("void at::native::batch_norm_collect_statistics_channels_last_kernel<float>",
      "BatchNorm (eager)"),
-    # cuDNN's backward and its channels_last kernels, named batchnorm without an underscore
+    # the patterns' other forms (names of these forms, not from a committed trace): a bn_bw
+    # backward, and batchnorm without an underscore
     ("void cudnn::bn_bw_1C11_singleread_specialized<__nv_bfloat16, float>", "BatchNorm (eager)"),
     ("void batchnorm_bwtr_nhwc_semiPersist<__nv_bfloat16, float, 512, true, false, true>",
      "BatchNorm (eager)"),

@@ -13,7 +13,7 @@ from common.compile_modes import COMPILE_MODES
 from common.errors import DataError
 from common.hardware import beyond_cores, physical_cores
 from common.paths import holds_checkpoint, not_a_file, place_problem
-from engine.config import PRECISIONS
+from engine.config import PRECISIONS, too_wide
 from loaders import LOADERS
 from loaders.options import check_synthetic_memory, data_dir_option, synthetic_size_problem
 from tools.options import add_device_option
@@ -154,6 +154,9 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
     for name in ("threads", "workers"):
         if (n := getattr(args, name)) is not None and (
                 problem := beyond_cores(option_name(name), n)):
+            p.error(problem)
+    for name in ("width", "peer_width"):  # else a traceback from building the model
+        if (n := getattr(args, name)) is not None and (problem := too_wide(option_name(name), n)):
             p.error(problem)
     for option, path, name in (("--json", args.json, "bench.json"),
                                ("--trace", args.trace, "bench.trace.json.gz")):

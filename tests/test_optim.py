@@ -156,25 +156,31 @@ def test_build_schedule_follows_lr_at(name: str):
     assert torch.load(buf, weights_only=True)["last_epoch"] == 10
 
 
-def test_a_stretched_schedule_resumes_at_its_own_lr():
+@pytest.mark.parametrize("saved_total, saved_steps, total, step", [(10, 10, 20, 10),
+                                                                   (10, 5, 20, 10)],
+                         ids=["more epochs", "fewer processes"])
+def test_a_stretched_schedule_resumes_at_its_own_lr(saved_total, saved_steps, total, step):
     """--resume --epochs 2N: the saved optimizer holds the short schedule's last LR (0 for
-    triangular); the first resumed step trains at what the stretched schedule gives there."""
+    triangular); the first resumed step trains at what the stretched schedule gives there.
+    Saved by 2 processes (5 steps an epoch) and resumed by 1 (10 an epoch), the saved count
+    (5) is not this run's (10): the schedule goes on from this run's step, not the file's."""
     model = nn.Linear(2, 1)
     opt = build_optimizer("sgd", model, lr=0.5)
-    sched = build_schedule("triangular", opt, total_steps=10)
-    for _ in range(10):
+    sched = build_schedule("triangular", opt, total_steps=saved_total)
+    for _ in range(saved_steps):
         opt.step()
         sched.step()
-    assert opt.param_groups[0]["lr"] == 0.0
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        0.5 * lr_at("triangular", saved_steps, saved_total))
     saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
 
     opt = build_optimizer("sgd", model, lr=0.5)
-    sched = build_schedule("triangular", opt, total_steps=20)
+    sched = build_schedule("triangular", opt, total_steps=total)
     opt.load_state_dict(saved_opt)
-    load_schedule(sched, saved_sched, 10)
-    assert sched.last_epoch == 10
-    for s in range(10, 20):
-        expected = 0.5 * lr_at("triangular", s, 20)
+    load_schedule(sched, saved_sched, step)
+    assert sched.last_epoch == step
+    for s in range(step, total):
+        expected = 0.5 * lr_at("triangular", s, total)
         assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0] == pytest.approx(expected)
         opt.step()
         sched.step()

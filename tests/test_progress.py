@@ -9,11 +9,13 @@ from common.progress import Bar, LineProgress, progress_bar, track
 
 
 def test_a_log_line_is_due_once_its_interval_has_passed(capsys):
+    """The line counts every unit an update brings and shows each postfix value (the loop
+    sets several) in the order given, space-separated, as tqdm's bar does."""
     line = LineProgress(10, "epoch 1/1", "batch", interval=0.0)
     assert line.due()
-    line.set_postfix(loss="0.5")
-    line.update()
-    assert capsys.readouterr().err == "epoch 1/1: 1/10 batches loss=0.5\n"
+    line.set_postfix(loss="0.5", acc="80.0%")
+    line.update(3)
+    assert capsys.readouterr().err == "epoch 1/1: 3/10 batches loss=0.5 acc=80.0%\n"
     assert not LineProgress(10, "epoch 1/1", "batch", interval=3600.0).due()
 
 

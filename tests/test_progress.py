@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import sys
+
 from conftest import SignalsWhenCollected
 
 from common.cli import run_main
@@ -45,6 +49,17 @@ def test_processes_other_than_the_main_one_get_a_silent_bar_even_in_a_log(capsys
     assert isinstance(progress_bar(10, "epoch 1/1", "batch"), LineProgress)
     quiet = progress_bar(10, "epoch 1/1", "batch", enabled=False)
     assert isinstance(quiet, Bar) and quiet.disable
+
+
+def test_a_terminal_gets_a_tqdm_bar_not_log_lines(monkeypatch):
+    """On a terminal (here a real pty as standard error) the main process gets tqdm's bar, which
+    redraws its one line in place, and no line every interval."""
+    terminal, user_side = pty.openpty()
+    with os.fdopen(terminal, "rb", buffering=0), os.fdopen(user_side, "w") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        bar = progress_bar(10, "epoch 1/1", "batch")
+        assert isinstance(bar, Bar) and not bar.disable
+        bar.close()
 
 
 def test_a_stop_signal_lost_in_a_finalizer_stops_the_loop_at_its_next_progress_update(capsys):

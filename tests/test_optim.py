@@ -142,11 +142,13 @@ def test_step_drops_by_gamma_at_milestones():
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_build_schedule_follows_lr_at(name: str):
+    """Step by step the optimizer's LR is lr_at's, with the warm-up asked for (--warmup 0.5,
+    not the default 0.2: a schedule dropping it would warm up for 2 steps, not 5)."""
     model = nn.Linear(2, 1)
     opt = build_optimizer("sgd", model, lr=0.5)
-    sched = build_schedule(name, opt, total_steps=10)
+    sched = build_schedule(name, opt, total_steps=10, warmup_frac=0.5)
     for s in range(10):
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_at(name, s, 10))
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_at(name, s, 10, 0.5))
         opt.step()
         sched.step()
     # The state must survive torch.save/torch.load(weights_only=True) for --resume.

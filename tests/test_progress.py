@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pty
 import sys
+from collections.abc import Iterator
 
+import pytest
 from conftest import SignalsWhenCollected
 
 from common.cli import run_main
@@ -62,13 +64,27 @@ def test_a_terminal_gets_a_tqdm_bar_not_log_lines(monkeypatch):
         bar.close()
 
 
-def test_a_stop_signal_lost_in_a_finalizer_stops_the_loop_at_its_next_progress_update(capsys):
+def _silent_steps(n: int) -> Iterator[int]:
+    """n steps under the silent bar of a process other than the main one, updated per step."""
+    with progress_bar(n, "epoch 1/1", "batch", enabled=False) as bar:
+        for step in range(n):
+            yield step
+            bar.update()
+
+
+@pytest.mark.parametrize("steps", [
+    lambda: track(range(100), desc="epoch 1/1", unit="batch"),
+    lambda: _silent_steps(100),
+], ids=["log lines", "silent bar"])
+def test_a_stop_signal_lost_in_a_finalizer_stops_the_loop_at_its_next_progress_update(
+        capsys, steps):
     """A SIGTERM raised inside a __del__ is dropped by Python: the next progress update raises
-    it again, so training stops at the next step, not once every epoch has run."""
+    it again, so training stops at the next step, not once every epoch has run; in the main
+    process's log and in every other process, whose silent bar is the Bar a terminal gets."""
     seen = []
 
     def body() -> None:
-        for step in track(range(100), desc="epoch 1/1", unit="batch"):
+        for step in steps():
             seen.append(step)
             if step == 2:
                 SignalsWhenCollected()

@@ -355,6 +355,22 @@ def test_a_loaded_state_keeps_the_way_this_optimizer_steps(saved_fused, fused):
     assert all(optimizer.state[p]["step"].item() == 2 for p in params)
 
 
+@pytest.mark.parametrize("name, buffer", [("sgd", "momentum_buffer"), ("adam", "exp_avg_sq"),
+                                          ("rmsprop", "square_avg")])
+def test_a_saved_state_of_another_shape_is_refused_on_load(name, buffer):
+    """torch's load_state_dict takes any buffer of a parameter's state, whatever its shape; the
+    first step would then fail in a traceback. Every buffer is checked, not only SGD's."""
+    model = Tiny()
+    saved = build_optimizer(name, model, lr=0.01)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    saved.step()
+    state = saved.state_dict()
+    state["state"][0][buffer] = torch.zeros(3)
+    with pytest.raises(ValueError, match=rf"a saved {buffer} of shape \(3,\) for a parameter of "
+                                         r"shape \(4, 3, 3, 3\)"):
+        load_optimizer(build_optimizer(name, Tiny(), lr=0.01), state)
+
+
 def _saved(state: dict) -> bytes:
     """state as torch.save writes it into a checkpoint."""
     buffer = io.BytesIO()

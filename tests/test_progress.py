@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import SignalsWhenCollected
+from conftest import ROOT, SignalsWhenCollected
 
 from common.cli import run_main
 from common.progress import Bar, LineProgress, progress_bar, track
@@ -43,6 +43,15 @@ def test_a_log_gets_one_line_per_interval_not_one_per_update_after_it(capsys):
     line.update()
     line.update()
     assert capsys.readouterr().err == "epoch 1/1: 1/10 batches\n"
+
+
+def test_a_log_gets_a_line_every_30_seconds_as_the_docs_say():
+    """docs/training.md and docs/layout.md promise a log a line every 30 s: the LineProgress a
+    log gets waits that long (not the tests' interval 0 or an hour)."""
+    for page in ("training.md", "layout.md"):
+        assert "a line every 30 s" in " ".join((ROOT / "docs" / page).read_text().split())
+    line = progress_bar(10, "epoch 1/1", "batch")
+    assert isinstance(line, LineProgress) and line.interval == 30.0
 
 
 def test_processes_other_than_the_main_one_get_a_silent_bar_even_in_a_log(capsys):

@@ -12,7 +12,10 @@ def test_the_best_epoch_is_the_first_of_a_tie():
 
 def test_steady_seconds_leave_the_warm_up_out():
     """The median of the epochs after the first: a compiling first epoch and one slow epoch
-    after it move it not; a one-epoch run has only its first, no epoch has none."""
+    after it move it not; of an even count, the mean of the middle two (not either one: a
+    3-epoch run's figure is both its later epochs'); a one-epoch run has only its first, no
+    epoch has none."""
     history = [dict(seconds=s) for s in (30.0, 1.0, 1.2, 9.0)]
     assert steady_seconds(history) == 1.2
+    assert steady_seconds(history[:3]) == 1.1
     assert steady_seconds(history[:1]) == 30.0 and steady_seconds([]) is None

@@ -284,10 +284,15 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
 
 def test_files_beside_the_class_folders_are_no_classes(tmp_path):
     """A README or a .csv of labels in train/ is left out, as ImageFolder leaves it: taken
-    for a class, it was refused as an empty class folder, and the whole tree with it."""
+    for a class, it was refused as an empty class folder, and the whole tree with it. So is a
+    hidden folder (Jupyter's .ipynb_checkpoints, with a picture in it): taken for a class, it
+    would be trained on as one more class."""
     write_tree(tmp_path)
     for split in folders.SPLITS:
         (tmp_path / split / "README.txt").write_text("CINIC-10, a subset")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(
+            tmp_path / split / ".ipynb_checkpoints" / "000.png")
     files = folders.class_files(tmp_path)
     assert [list(files[split]) for split in folders.SPLITS] == [FOLDER_CLASSES] * 2
 

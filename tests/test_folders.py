@@ -319,16 +319,19 @@ def test_every_problem_of_one_split_is_named_in_one_error(tmp_path):
 
 
 def test_both_splits_problems_are_named_in_one_error(tmp_path):
-    """An empty class folder in each split: the test split's was named only once the training
-    split's was fixed, a round of fixes per split."""
+    """An empty class folder in each split, two in the training split: the test split's was
+    named only once the training split's was fixed, a round of fixes per split; and every
+    empty folder of a split is named, not the first of them."""
     write_tree(tmp_path)
-    for split, name in (("train", "cat"), ("test", "frog")):
+    for split, name in (("train", "cat"), ("train", "frog"), ("test", "frog")):
         for f in (tmp_path / split / name).iterdir():
             f.unlink()
     with pytest.raises(DataError) as error:
         folders.class_files(tmp_path)
-    for split, name in (("train", "cat"), ("test", "frog")):
-        assert f"{tmp_path / split / name}: no images in this class folder" in str(error.value)
+    train, test = (tmp_path / split for split in folders.SPLITS)
+    assert f"{train / 'cat'}, {train / 'frog'}: no images in this class folder" in str(
+        error.value)
+    assert f"{test / 'frog'}: no images in this class folder" in str(error.value)
 
 
 def test_names_that_are_no_utf8_are_converted_and_read_as_latin1(tmp_path):

@@ -247,6 +247,7 @@ def test_many_unreadable_files_are_counted_past_the_first_three(tmp_path):
 @pytest.mark.parametrize("damage, words", [
     ("empty class", "no images in this class folder"),
     ("no test split", "test is missing"),
+    ("no train split", "train is missing"),
     ("other classes", "hold different classes"),
     ("no classes", "has no class folders"),
     ("one class", "has only the class folder cat; a classifier needs at least 2 classes"),
@@ -261,6 +262,8 @@ def test_a_malformed_tree_is_refused_naming_the_folder(tmp_path, damage, words):
             f.unlink()
     elif damage == "no test split":
         os.rename(tmp_path / "test", tmp_path / "validation")
+    elif damage == "no train split":  # listing it would end in a traceback (FileNotFoundError)
+        os.rename(tmp_path / "train", tmp_path / "training")
     elif damage == "other classes":
         os.rename(tmp_path / "test" / "dog", tmp_path / "test" / "wolf")
     elif damage == "line break":  # one line per name in the report's tables and messages

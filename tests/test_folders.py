@@ -53,6 +53,26 @@ def test_reading_in_threads_leaves_the_warning_filters_as_they_were(tmp_path):
     np.testing.assert_array_equal(images, made["train"][0])
 
 
+def test_pictures_of_other_sizes_and_modes_become_32x32_rgb(tmp_path):
+    """Pictures as they come (larger, greyscale, transparent, palette) are read as the
+    predictions read them: scaled to 32x32, grey spread over R, G and B, transparency on
+    white. Every picture write_tree makes is a 32x32 RGB PNG, which any reader reads alike."""
+    write_tree(tmp_path, per_class=(1, 1))
+    grey = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 256
+    pictures = {  # name: (picture, what it is read as)
+        "a-large.png": (Image.new("RGB", (64, 48), (10, 200, 30)), (10, 200, 30)),
+        "b-grey.png": (Image.fromarray(grey.astype(np.uint8), "L"), np.stack([grey] * 3, -1)),
+        "c-clear.png": (Image.new("RGBA", (32, 32), (0, 0, 0, 0)), (255, 255, 255)),
+        "d-palette.png": (Image.new("RGB", (32, 32), (0, 0, 255)).convert("P"), (0, 0, 255)),
+    }
+    for name, (picture, _) in pictures.items():
+        picture.save(tmp_path / "train" / "dog" / name)
+    images, labels = folders.read_splits(folders.class_files(tmp_path))["train"]
+    assert images.shape == (7, 32, 32, 3) and list(labels) == [0, 1, 1, 1, 1, 1, 2]
+    for image, (_, want) in zip(images[2:6], pictures.values(), strict=True):
+        np.testing.assert_array_equal(image, np.broadcast_to(want, (32, 32, 3)))
+
+
 def _converted(prepared) -> list[Path]:
     """What converting an image folder writes: its python folder, the files in it, the two
     .beton files and their sidecars."""

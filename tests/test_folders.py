@@ -170,6 +170,19 @@ def test_an_image_replaced_by_one_of_another_size_but_the_same_time_is_seen(tmp_
     assert folders.fingerprint(tmp_path, folders.class_files(tmp_path)) != before
 
 
+def test_a_linked_picture_whose_file_is_replaced_is_seen(tmp_path):
+    """A tree of links to the pictures (splits made without copying them): the file linked to
+    is what changes, the link keeps its own size and time, so those of the file are hashed."""
+    write_tree(tmp_path)
+    target = tmp_path / "elsewhere.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)
+    (tmp_path / "train" / "cat" / "linked.png").symlink_to(target)
+    before = folders.fingerprint(tmp_path, folders.class_files(tmp_path))
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8)).save(
+        target)
+    assert folders.fingerprint(tmp_path, folders.class_files(tmp_path)) != before
+
+
 def test_betons_of_the_pictures_need_no_python_folder(tmp_path):
     """Its python folder gone (deleted to save space), the .beton files named after these very
     pictures are used as they are: it was written again, without the lock or a check that

@@ -116,6 +116,14 @@ def run_code(code: str, *args, timeout: float = 120, **kwargs) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def ended_pid() -> int:
+    """The pid of a process that has ended: a writer that is gone (a fixed number might be
+    a live process on the host)."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
+
+
 def running(pid: int) -> bool:
     """Whether process `pid` exists and has not exited (a zombie no one reaps has)."""
     try:

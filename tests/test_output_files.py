@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, history, run_code, tmpfs, wait_until, without_root_powers
+from conftest import ROOT, ended_pid, history, run_code, tmpfs, wait_until, without_root_powers
 
 from common import temporaries
 from common.atomic import atomic_writes, csv_text, write_failed, write_text
@@ -387,10 +387,8 @@ def test_only_a_writers_temporaries_of_the_kinds_asked_for_are_named_its():
 def test_a_sweep_removes_the_temporaries_of_dead_writers_and_of_this_pid_only(tmp_path):
     """What a dead process left goes, and so does what this PID left (a PID reused after a
     restart: no write of this process is under way at a sweep); a live writer's stays."""
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    alive = os.getppid()
-    for pid in (os.getpid(), ended.pid, alive):
+    ended, alive = ended_pid(), os.getppid()
+    for pid in (os.getpid(), ended, alive):
         (tmp_path / f".report.{pid}.tmp").mkdir()
     sweep_dead_writers(tmp_path / "report")
     assert [p.name for p in tmp_path.iterdir()] == [f".report.{alive}.tmp"]
@@ -417,30 +415,28 @@ def test_a_sweep_of_temporary_files_removes_files_only_and_of_the_name_asked_for
     files killed writes left; a folder named so is a user's, kept whole (unlinking it failed,
     and the run with it), and a name other than the one asked for is left too. A name with
     glob's characters is its own (a `[` matched none of its temporaries)."""
-    ended = subprocess.Popen(["true"])
-    ended.wait()  # a writer that is gone
-    for name in (f".ckpt.pt.{ended.pid}.tmp", f".train.beton.{ended.pid}.tmp",
+    ended = ended_pid()  # a writer that is gone
+    for name in (f".ckpt.pt.{ended}.tmp", f".train.beton.{ended}.tmp",
                  f".r[1].beton.{os.getpid()}.tmp", "ckpt.pt"):
         (tmp_path / name).write_bytes(b"half a file")
-    (tmp_path / f".notes.{ended.pid}.tmp").mkdir()
-    (tmp_path / f".notes.{ended.pid}.tmp" / "mine.txt").write_text("kept")
+    (tmp_path / f".notes.{ended}.tmp").mkdir()
+    (tmp_path / f".notes.{ended}.tmp" / "mine.txt").write_text("kept")
     sweep_temporaries(tmp_path, "train.beton")
     sweep_temporaries(tmp_path, "r[1].beton")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f".ckpt.pt.{ended.pid}.tmp", f".notes.{ended.pid}.tmp", "ckpt.pt"]
+        f".ckpt.pt.{ended}.tmp", f".notes.{ended}.tmp", "ckpt.pt"]
     sweep_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".notes.{ended.pid}.tmp", "ckpt.pt"]
-    assert (tmp_path / f".notes.{ended.pid}.tmp" / "mine.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".notes.{ended}.tmp", "ckpt.pt"]
+    assert (tmp_path / f".notes.{ended}.tmp" / "mine.txt").read_text() == "kept"
 
 
 def test_a_sweep_of_temporary_files_keeps_a_live_writers(tmp_path):
     """A resumed run sweeps its folder, where tools/export.py may be writing
     `.best.onnx.<pid>.tmp` beside the checkpoints: deleted, the export failed on a missing
     file. A live writer's temporary stays; a dead one's and this PID's go."""
-    ended = subprocess.Popen(["true"])
-    ended.wait()
+    ended = ended_pid()
     alive = os.getppid()
-    for pid in (alive, ended.pid, os.getpid()):
+    for pid in (alive, ended, os.getpid()):
         (tmp_path / f".best.onnx.{pid}.tmp").write_bytes(b"an export under way")
     sweep_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [f".best.onnx.{alive}.tmp"]

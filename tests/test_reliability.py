@@ -31,6 +31,7 @@ from conftest import (
     SignalsWhenCollected,
     cpu_out_of_memory,
     data_workers,
+    ended_pid,
     history,
     in_process,
     run_code,
@@ -638,9 +639,7 @@ def test_a_finished_run_on_a_read_only_share_is_finished_too(finished, tmp_path)
 def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path, capsys):
     """The resume by a real subprocess; its requeue and refusals by main() in this process."""
     run = copy_run(finished, tmp_path)
-    killed = subprocess.Popen(["true"])  # a writer that is gone: a fixed pid might run here
-    killed.wait()
-    (run / f".ckpt.pt.{killed.pid}.tmp").write_bytes(b"half a checkpoint of a killed save")
+    (run / f".ckpt.pt.{ended_pid()}.tmp").write_bytes(b"half a checkpoint of a killed save")
     result = train("--resume", run, "--epochs", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["epoch"] for r in history(run)] == [1, 2]

@@ -1004,6 +1004,15 @@ def test_values_out_of_range_or_of_no_use_are_refused(option, message, capsys):
     assert err.count("\n") == 1, err
 
 
+def assert_taken_as_typed(option: list[str], given: dict) -> None:
+    """`option` parses with no usage error (SystemExit), and the values typed are the run's."""
+    from engine.options import parse
+
+    options = parse(option)
+    assert options.given == given
+    assert {name: getattr(options.cfg, name) for name in given} == given
+
+
 @pytest.mark.parametrize("option, given", [
     (["--schedule", "onecycle", "--warmup", "0.3"], dict(schedule="onecycle", warmup=0.3)),
     (["--warmup", "0"], dict(warmup=0.0)), (["--schedule", "cosine"], dict(schedule="cosine")),
@@ -1021,11 +1030,7 @@ def test_warmup_and_pad_mode_are_taken_where_they_act(option, given):
     warm-up is fine while --warmup is left out, and --translate 0 while --pad-mode is. A
     compile mode asks for compiling, but for the default one, which leaves it to the device
     (eager on the CPU)."""
-    from engine.options import parse
-
-    options = parse(option)  # no usage error (SystemExit), and the values typed are the run's
-    assert options.given == given
-    assert {name: getattr(options.cfg, name) for name in given} == given
+    assert_taken_as_typed(option, given)
 
 
 @pytest.mark.parametrize("option, value", [
@@ -1043,11 +1048,7 @@ def test_the_edges_of_each_range_are_taken(option, value):
     and weight decay, no smoothing, momentum or decay, one worker, the last seed, the widest
     model, the largest shift and cutout) and --lr auto are options like any other, taken as
     typed."""
-    from engine.options import parse
-
-    options = parse(option)
-    assert options.given == value
-    assert {name: getattr(options.cfg, name) for name in value} == value
+    assert_taken_as_typed(option, value)
 
 
 def test_options_checked_against_a_new_runs_config_are_left_to_the_resume():

@@ -237,6 +237,11 @@ def test_training_step_lowers_the_loss(prepared, tmp_path, precision, compile, m
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     # inductor counts each graph it could not capture (tests/test_step.py: on the CPU, one)
     assert counters["inductor"]["cudagraph_skips"] == 0
+    # and each input it copies into a graph as it records one (the images, at least): no skip
+    # is also what a step that never reached CUDA graphs (run eagerly, or compiled without
+    # them) counts, so the reduce-overhead case must show a recording, the others none
+    recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    assert (recorded > 0) == (mode == "reduce-overhead"), dict(counters["inductor"])
 
 
 # --- engine/train.py end to end ----------------------------------------------------------
@@ -253,7 +258,8 @@ def train(*args, timeout: float = 540) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module", params=["resident", "ffcv"])
 def cuda_run(request, data_dir, tmp_path_factory) -> Path:
-    """2 epochs with the CUDA defaults (bf16, torch.compile, channels_last) and the loader."""
+    """2 epochs with the CUDA defaults (bf16, torch.compile on CUDA graphs, channels_last) and
+    the loader."""
     out = tmp_path_factory.mktemp("cuda-run") / request.param
     result = train("--synthetic-size", *E2E_SIZE, "--data-dir", data_dir, "--epochs", "2",
                    "--loader", request.param, "--out", out)
@@ -292,7 +298,9 @@ def borderline_samples(model: torch.nn.Module, loader: loaders.BatchLoader, tta:
 @pytest.mark.slow
 def test_cuda_run_reports_the_accuracy_of_its_checkpoint(cuda_run, monkeypatch):
     config = json.loads((cuda_run / "config.json").read_text())
-    assert (config["precision"], config["compile"]) == ("bf16", True)
+    # the engine's CUDA defaults, CUDA graphs included: what a user's GPU run trains with
+    assert (config["precision"], config["compile"], config["compile_mode"]) == (
+        "bf16", True, "reduce-overhead")
     ckpt = checkpoint.load(cuda_run / "ckpt.pt")
     saved = torch.load(cuda_run / "ckpt.pt", weights_only=True)  # each tensor where saved
     assert {t.device.type for t in tensors(saved["resume"])} == {"cpu"}  # loads anywhere
@@ -334,9 +342,12 @@ def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
 
     cut = tmp_path / "cut"
     returncode, stderr = interrupt_after_first_epoch([*SMALL, *common], cut)
+    # stopped mid-run, as tests/test_train.py's CPU resume requires: a run that ended before
+    # its Ctrl-C landed would leave nothing to resume, and the comparison below would then
+    # hold between two uninterrupted runs, passing without a resume
     done = len(history(cut))
-    if done < 4:  # interrupted mid-run, as intended
-        assert returncode == 130 and f"--resume {cut}" in stderr
+    assert returncode == 130 and f"--resume {cut}" in stderr and done < 4, (
+        returncode, done, stderr[-3000:])
 
     resumed = train("--resume", cut)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

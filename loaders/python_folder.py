@@ -24,9 +24,10 @@ from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, synthetic
 IMAGE_FOLDER_NAME = r"folder-[0-9a-f]{16}"  # image_folder_name's names, as a pattern
 
 
-def synthetic_folder_name(n_train: int, n_test: int, seed: int = 0) -> str:
-    """The python folder the synthetic dataset is written to: one per size and seed."""
-    return f"synthetic-{n_train}-{n_test}-seed{seed}"
+def synthetic_folder_name(n_train: int, n_test: int) -> str:
+    """The python folder the synthetic dataset is written to: one per size ("seed0": the name
+    such folders have always had; write_synthetic draws its splits from seeds 0 and 1)."""
+    return f"synthetic-{n_train}-{n_test}-seed0"
 
 
 def data_options(source: str) -> str | None:
@@ -98,19 +99,19 @@ def _write_splits(staging: Path, classes: list[str], train: dict[str, np.ndarray
         pickle.dump({OWN_LAYOUT.names_key: [os.fsencode(c) for c in classes]}, f)
 
 
-def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+def write_synthetic(data_dir: Path, n_train: int, n_test: int) -> Path:
     """Write (once) the synthetic dataset as a CIFAR-10 python folder; return the folder."""
     if problem := synthetic_size_problem(n_train, n_test):
         raise DataError(f"--synthetic-size {n_train} {n_test}: {problem}.")
     # loading a written folder needs the memory all the same
     check_synthetic_memory(n_train, n_test, "--synthetic-size", f"{n_train} {n_test}")
-    folder = data_dir / synthetic_folder_name(n_train, n_test, seed)
+    folder = data_dir / synthetic_folder_name(n_train, n_test)
     if folder.is_dir():
         return folder
-    def make() -> Splits:
+    def make() -> Splits:  # a seed of each split's own: no test image is a training image
         return tuple(dict(zip(("images", "labels", "boxes"), synthetic.make_split(n, seed=s),
                               strict=True))
-                     for n, s in ((n_train, 2 * seed), (n_test, 2 * seed + 1)))
+                     for n, s in ((n_train, 0), (n_test, 1)))
 
     return write_python_folder(folder, SYNTHETIC_CLASSES, make)
 

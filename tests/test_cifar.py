@@ -722,7 +722,7 @@ def test_what_a_killed_writer_left_is_swept_by_the_next_prepare(tmp_path):
     folder and the source folder's staging folder stayed in the data folder for good."""
     data = tmp_path / "data"
     stale = [data / ".cifar-10-python.tar.gz.x1y2.part", data / ".extract-k3j4" / "f",
-             data / f".{python_folder.synthetic_folder_name(20, 5, 0)}-q9w8" / "data_batch_1"]
+             data / f".{python_folder.synthetic_folder_name(20, 5)}-q9w8" / "data_batch_1"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"left by a killed writer")
@@ -1187,12 +1187,12 @@ def test_synthetic_shapes_and_balanced_classes(n):
 
 
 def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_path):
-    folder = python_folder.write_synthetic(tmp_path, 60, 20, seed=1)
+    folder = python_folder.write_synthetic(tmp_path, 60, 20)
     data = cifar.read_folder(folder, layouts.OWN_LAYOUT, "synthetic")
     assert data.classes == SYNTHETIC_CLASSES
     assert np.bincount(data.train.labels).tolist() == [6] * 10
     assert data.train.images.shape == (60, 32, 32, 3) and len(data.test.labels) == 20
-    assert python_folder.write_synthetic(tmp_path, 60, 20, seed=1) == folder  # written once
+    assert python_folder.write_synthetic(tmp_path, 60, 20) == folder  # written once
 
 
 def test_write_synthetic_refuses_too_few_images(tmp_path):
@@ -1207,7 +1207,7 @@ def test_write_synthetic_refuses_too_few_images(tmp_path):
 def test_a_damaged_folder_the_engine_wrote_is_to_be_deleted_not_downloaded(tmp_path, name):
     """A python folder the engine made (synthetic, or from image folders) is remade by the
     next run: its fix is to delete it, never the archive's 'download it again'."""
-    folder = python_folder.write_synthetic(tmp_path, 10, 5, seed=0)
+    folder = python_folder.write_synthetic(tmp_path, 10, 5)
     (folder / layouts.OWN_LAYOUT.test_files[0]).unlink()
     with pytest.raises(DataError) as refused:
         cifar.read_folder(folder, layouts.OWN_LAYOUT, name)
@@ -1224,7 +1224,7 @@ def test_load_refuses_an_unknown_dataset_before_making_its_data_dir(tmp_path):
 
 def test_synthetic_boxes_hold_the_object(tmp_path):
     """Each box lies in the image and holds the object: one flat colour, never outside it."""
-    folder = python_folder.write_synthetic(tmp_path, 10, 200, seed=2)
+    folder = python_folder.write_synthetic(tmp_path, 10, 200)
     images = cifar.read_folder(folder, layouts.OWN_LAYOUT, "synthetic").test.images
     boxes = synthetic_boxes(folder)
     assert boxes.shape == (200, 4)
@@ -1394,18 +1394,14 @@ def test_a_full_disk_while_extracting_keeps_the_good_archive(tmp_path, closed_po
         assert [p.name for p in disk.iterdir()] == [ARCHIVE]  # no staging folder left
 
 
-def test_synthetic_splits_and_seeds_never_share_images(tmp_path):
-    """The test split is drawn from its own seed (2 seed + 1), so no test image is a training
-    image, nor is any split another seed's (seeds s and s + 1 would make seed 0's test split
-    seed 1's training split); each seed has its own folder and data. Equal split sizes make a
-    shared seed show."""
-    first = python_folder.write_synthetic(tmp_path, 20, 20, seed=0)
-    other = python_folder.write_synthetic(tmp_path, 20, 20, seed=1)
-    assert first != other and first.name.endswith("seed0") and other.name.endswith("seed1")
-    a, b = (cifar.read_folder(f, layouts.OWN_LAYOUT, "synthetic") for f in (first, other))
-    splits = [{image.tobytes() for image in split.images}
-              for data in (a, b) for split in (data.train, data.test)]
-    assert len(set.union(*splits)) == sum(map(len, splits)) == 80  # no image in two splits
+def test_synthetic_splits_never_share_images(tmp_path):
+    """The test split is drawn from a seed of its own, so no test image is a training image.
+    Equal split sizes make a shared seed show."""
+    folder = python_folder.write_synthetic(tmp_path, 20, 20)
+    assert folder.name == "synthetic-20-20-seed0"
+    data = cifar.read_folder(folder, layouts.OWN_LAYOUT, "synthetic")
+    splits = [{image.tobytes() for image in split.images} for split in (data.train, data.test)]
+    assert len(set.union(*splits)) == sum(map(len, splits)) == 40  # no image in two splits
 
 
 @pytest.mark.parametrize("empty", ["", "  "], ids=["empty", "blank"])

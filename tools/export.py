@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from common.cli import CommandParser, interruptible_imports, path_option, run_main
-from common.streams import say
+from common.streams import error_line, say
 from tools.export_formats import PACKAGES
 from tools.options import add_checkpoint_argument, add_data_dir_option
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         with memory_advice(args.checkpoint):
             out, check = export(args.checkpoint, args.format, args.out, args.data_dir,
-                                warn=lambda note: print(note, file=sys.stderr))
+                                warn=error_line)
         say(check)
         say(f"wrote {out}")
 

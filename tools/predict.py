@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     say(json.dumps(rows, indent=2) if args.json else table(rows))
                 if args.cam is not None and pictures.readable:
                     write_cams(classifier, pictures, predicted, args.layer, args.cam)
-                    print(f"wrote {len(pictures.readable)} Grad-CAM overlays ({args.layer}) "
-                          f"to {args.cam}/", file=sys.stderr)
+                    error_line(f"wrote {len(pictures.readable)} Grad-CAM overlays "
+                               f"({args.layer}) to {args.cam}/")
         return 1 if pictures.errors else 0
 
     return run_main(body)

@@ -53,6 +53,9 @@ EPOCH_FILES = ("best.pt", "ckpt.pt", "metrics.jsonl", "metrics.csv", "config.jso
 # what the tools read of every history row and of the data record
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 DATA_KEYS = ("dataset", "data_dir", "train", "test", "source")
+# what a refused checkpoint's message asks for instead, and how a refused resume goes on
+OUR_CHECKPOINT = "the ckpt.pt that engine/train.py wrote"
+RESUME_FIX = f"Resume from {OUR_CHECKPOINT}, or start a new run with another --out."
 
 
 def unreadable(error: Exception) -> str:
@@ -118,10 +121,10 @@ def load(path: Path) -> dict:
     except Exception as error:  # truncated zips, pickles of classes, random bytes, ...
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({unreadable(error)}). It may be truncated or "
-            "come from another tool; use the ckpt.pt that engine/train.py wrote.") from None
+            f"come from another tool; use {OUR_CHECKPOINT}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cifar10-engine checkpoint (no '{FORMAT}' "
-                              "marker); use the ckpt.pt that engine/train.py wrote.")
+                              f"marker); use {OUR_CHECKPOINT}.")
     version = ckpt.get("version")
     if type(version) is not int or version != VERSION:  # a bool or a tensor is none either
         said = version if type(version) is int else f"of type {type(version).__name__}"
@@ -131,18 +134,16 @@ def load(path: Path) -> dict:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete (edited, or "
-                              "written by other code). Use the ckpt.pt that engine/train.py "
-                              "wrote.")
+                              f"written by other code). Use {OUR_CHECKPOINT}.")
     wrong = [key for key, ok in shape_checks(ckpt).items() if not ok]
     if wrong:
         raise CheckpointError(f"{path} has the cifar10-engine marker but malformed "
                               f"{', '.join(wrong)}; it was damaged or written by other code. "
-                              "Use the ckpt.pt that engine/train.py wrote.")
+                              f"Use {OUR_CHECKPOINT}.")
     if why := misfit(ckpt):
         raise CheckpointError(f"{path}: its weights do not fit a {ckpt['arch']} of width "
                               f"{ckpt['width']} with {ckpt['num_classes']} classes ({why}); it "
-                              "was damaged or written by other code. Use the ckpt.pt that "
-                              "engine/train.py wrote.")
+                              f"was damaged or written by other code. Use {OUR_CHECKPOINT}.")
     # states training never saves (engine.loop.fit stops first): no model to evaluate or resume
     variances = [k for k, v in ckpt["state_dict"].items()
                  if k.endswith("running_var") and bool((v < 0).any())]  # normalized by: NaN
@@ -386,8 +387,6 @@ def restore(run: Run, ckpt: dict, path: Path) -> list[dict]:
         torch.set_rng_state(state["rng"])
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         raise CheckpointError(f"{path}'s saved training state does not fit its run "
-                              f"({one_line(error)}); it was damaged or "
-                              "written by other code. Resume from the ckpt.pt that "
-                              "engine/train.py wrote, or start a new run with another --out."
-                              ) from None
+                              f"({one_line(error)}); it was damaged or written by other code. "
+                              f"{RESUME_FIX}") from None
     return list(ckpt["history"])

@@ -85,8 +85,7 @@ def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
     try:
         cfg = checkpoint.checked_config(
             path, ckpt, lambda: resume_config(saved, given, Path(resume)),
-            fix="Resume from the ckpt.pt that engine/train.py wrote, or start a new run with "
-                "another --out.")
+            fix=checkpoint.RESUME_FIX)
     except ValueError as error:  # an option that --resume cannot change
         raise CheckpointError(f"{path}: {error}") from None
     if cfg.workers is not None and "workers" not in given and (

@@ -31,7 +31,7 @@ from common.cli import CommandParser, path_option, run_main, summary
 from common.errors import SetupError
 from common.output_folders import make_dir
 from common.paths import not_a_file, place_problem
-from common.streams import say
+from common.streams import error_line, say
 from tools import ROOT
 from tools.gpu_environment import environment, header
 from tools.gpu_steps import COMMANDS, GROUPS, LIMITS, STEP_LIMIT_S, STEPS, Suite, suite_device
@@ -165,10 +165,10 @@ def run_step(s: Suite, step: str) -> bool:
     save(s)
     if any(c["status"] not in ("ok", "not run", "killed at the budget") for c in done):
         tail = log_path.read_text(encoding=ENCODING).splitlines()[-25:]
-        print("\n".join(tail), file=sys.stderr)
-        print(f"{step}: FAILED; the whole log is {log_path}", file=sys.stderr)
+        error_line("\n".join(tail))
+        error_line(f"{step}: FAILED; the whole log is {log_path}")
     elif not record["ok"]:
-        print(f"{step}: cut short by {cut}; the log is {log_path}", file=sys.stderr)
+        error_line(f"{step}: cut short by {cut}; the log is {log_path}")
     else:
         say(f"{step}: ok ({sum(c['seconds'] for c in done):.0f} s), log {log_path}")
     return record["ok"]
@@ -179,7 +179,7 @@ def run_steps(s: Suite) -> list[str]:
     failed = []
     for step in s.steps:
         if budget_left(s) < START_MIN_S:
-            print(f"{step}: not run, the --budget is spent", file=sys.stderr)
+            error_line(f"{step}: not run, the --budget is spent")
             failed.append(step)
         elif not run_step(s, step):
             failed.append(step)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         say((results / "summary.md").read_text(encoding=ENCODING))
         say(f"results in {results}" + (f", packed into {bundle}" if bundle else ""))
         if failed:
-            print(f"failed or not run: {', '.join(failed)}", file=sys.stderr)
+            error_line(f"failed or not run: {', '.join(failed)}")
             return 1
         return 0
 

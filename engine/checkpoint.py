@@ -311,7 +311,7 @@ def content(run: Run, history: list[dict]) -> dict:
     )
 
 
-def blocked_epoch_files(out: Path) -> None:
+def check_epoch_files(out: Path) -> None:
     """CheckpointError naming the first of a run's files in `out` that a folder, device or pipe
     has taken the place of: checked before --resume trains, whose epoch would be lost."""
     for name in EPOCH_FILES:

@@ -66,7 +66,7 @@ def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
         raise CheckpointError(f"--resume {resume}: {path} does not exist; pass the --out folder "
                               "of a run that saved an epoch.")
     ckpt = checkpoint.load(path)
-    checkpoint.blocked_epoch_files(Path(resume))
+    checkpoint.check_epoch_files(Path(resume))
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
     if (saved.get("dataset") == "folder" and "data_dir" not in given

@@ -38,7 +38,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=data_dir_option,
                         help="downloads, extracted batches and .beton files (default: ./data)")
     parser.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "TEST"),
-                        help="images per split of --dataset synthetic (default: 50000 10000)")
+                        help="images per split of --dataset synthetic (default: "
+                             f"{' '.join(map(str, SYNTHETIC_SIZE))})")
 
 
 def synthetic_size_unused(dataset: str) -> str | None:

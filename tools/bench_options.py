@@ -20,6 +20,7 @@ from tools.options import add_device_option
 
 SECTIONS = ("loaders", "peers", "step", "epoch", "mfu", "profile")
 MEMORY_FORMATS = ("channels_last", "contiguous")  # the step section's --formats
+STEP_PRECISIONS = ("fp32", "bf16", "fp16")  # the step section's default --precisions
 TEST_IMAGES = 1_000  # size of the synthetic test split, which `build` loads but is never timed
 TURN_S, TURN_EPOCHS = 0.2, 32  # a loader's turn (tools.timing.loader_turn): seconds, epochs
 T = TypeVar("T")  # the value type of an argparse type below
@@ -107,8 +108,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                                      "--warmup-steps")):
         p.add_argument(f"--{name}", type=kind,
                        help=f"{help_text} ({default_text(name.replace('-', '_'))})")
-    p.add_argument("--precisions", type=names, default=["fp32", "bf16", "fp16"],
-                   help="step section precisions (default: fp32,bf16,fp16)")
+    p.add_argument("--precisions", type=names, default=list(STEP_PRECISIONS),
+                   help=f"step section precisions (default: {','.join(STEP_PRECISIONS)})")
     p.add_argument("--formats", type=names, default=list(MEMORY_FORMATS),
                    help=f"step section memory formats (default: {','.join(MEMORY_FORMATS)})")
     p.add_argument("--profile-loader", choices=LOADERS,

@@ -27,6 +27,7 @@ from tools.report_inputs import in_chunks
 PERCENTILES = [20, 40, 60, 80]
 RANDOM = "random"  # the baseline's method name in the table
 TIE_SEED = 0  # the order in which tied pixels of a map are removed: one for every map
+NOISE_SEED = 0  # torch's generator for the imputer's noise: one report, one score
 
 
 def removal_order(maps: np.ndarray) -> np.ndarray:
@@ -58,7 +59,7 @@ def road(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
     metric = ROADCombined(percentiles=PERCENTILES)
     classes = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
     with torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []):
-        torch.manual_seed(TIE_SEED)
+        torch.manual_seed(NOISE_SEED)
         return np.asarray(metric(inputs, removal_order(maps), classes, model),
                           dtype=np.float64)
 

@@ -294,11 +294,16 @@ FIELDS = {"image": (2, np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "
 RAW_MODE = 1  # RGBImageField's mode of images stored verbatim (FFCV's IMAGE_MODES["raw"])
 
 
+def rebuild(path: Path, what: str) -> DataError:
+    """A .beton that cannot be read said with its fix: deleted, the next run writes it again."""
+    return DataError(f"{path} {what}; delete it to rebuild it.")
+
+
 def _sections(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """The .beton at path memory-mapped, the metadata column of each field, and the allocation
     table; DataError when the file does not fit the layout."""
     def unreadable(why: str) -> DataError:
-        return DataError(f"{path} is not a readable .beton ({why}); delete it to rebuild it.")
+        return rebuild(path, f"is not a readable .beton ({why})")
 
     try:  # numpy's ValueError: a file shorter than its header, descriptors or rows (or empty)
         blob = np.memmap(path, dtype=np.uint8, mode="r")
@@ -324,7 +329,7 @@ def _sections(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray
     if start > len(blob):
         raise unreadable("its allocation table would start past its end")
     if (len(blob) - start) % ALLOCATION.itemsize:  # the table was cut (or grew) mid-entry
-        raise DataError(f"{path} is truncated; delete it to rebuild it.")
+        raise rebuild(path, "is truncated")
     return blob, {name: rows[name] for name in names}, blob[start:].view(ALLOCATION)
 
 
@@ -339,10 +344,10 @@ def read(path: Path) -> Split:
     image, label = columns["image"], columns["label"]
     if (image["mode"] != RAW_MODE).any() or (image["height"] != 32).any() \
             or (image["width"] != 32).any():
-        raise DataError(f"{path} does not hold raw 32x32 images; delete it to rebuild it.")
+        raise rebuild(path, "does not hold raw 32x32 images")
     # a cut file can also leave a whole table whose images' allocations are missing from it
     if not np.isin(image["data_ptr"], table["ptr"]).all():
-        raise DataError(f"{path} is truncated; delete it to rebuild it.")
+        raise rebuild(path, "is truncated")
     # one vectorised gather: row i of the window view is the nbytes starting at byte i
     windows = np.lib.stride_tricks.sliding_window_view(blob, ROW_SIZE)
     images = windows[image["data_ptr"].astype(np.int64)].reshape(-1, 32, 32, 3)

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "report's own (default: report/ beside the checkpoint)")
     add_data_dir_option(parser)
     parser.add_argument("-n", type=positive(int), default=20,
-                        help="misclassified images to show and explain (default: 20)")
+                        help="misclassified images to show and explain (default: %(default)s)")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3", "layer4"],
                         metavar="NAME",
                         help="model layers to explain (default: layer2 layer3 layer4)")

@@ -13,7 +13,6 @@ import math
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,7 @@ from common.paths import (
     file_size_limited,
     not_a_file,
 )
-from engine.config import TrainConfig, foreign_values, validate
+from engine.config import CONFIG_KEYS, TrainConfig, foreign_values, validate
 from engine.model import build_model
 from engine.optimizers import load_optimizer, load_schedule, state_per_parameter
 from loaders.augment import Augment
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 
 FORMAT = CHECKPOINT_FORMAT
 VERSION = 1
-CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 # fields TrainConfig gained after version 1: an older checkpoint's config lacks them and they
 # take their defaults; every other field every checkpoint's config holds
 LATER_CONFIG_KEYS = {"lr_auto", "compile_mode", "deterministic", "cudnn_benchmark"}

@@ -10,7 +10,7 @@ import math
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from common.cli import interruptible_imports, option_name
@@ -140,6 +140,8 @@ PRESETS: dict[str, dict] = {
                  epochs=20, weight_decay=0.0, label_smoothing=0.0, translate=4,
                  pad_mode="zeros", tta=False),
 }
+
+CONFIG_KEYS = {f.name for f in fields(TrainConfig)}  # what a saved config holds
 
 # the fields that take one of a list of names, in the order engine.options offers them (a test
 # keeps the two alike); foreign_values checks a saved config against them, and log_with

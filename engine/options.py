@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import CommandParser, path_option
@@ -18,6 +18,7 @@ from common.output_folders import timestamped
 from engine.config import (
     ARCHS,
     AUTOTUNE_REFUSED,
+    CONFIG_KEYS,
     OPTIMIZERS,
     PAD_MODES,
     PRECISIONS,
@@ -160,8 +161,7 @@ def parse(argv: list[str] | None = None, prog: str | None = None) -> Options:
     parser.prog = prog or parser.prog
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    names = {f.name for f in fields(TrainConfig)}
-    given = {k: field_value(v) for k, v in args.items() if k in names and v is not None}
+    given = {k: field_value(v) for k, v in args.items() if k in CONFIG_KEYS and v is not None}
     if given.get("compile_mode", "default") != "default":
         given.setdefault("compile", True)  # a mode asks for compiling, on the CPU too
     preset = given.get("preset", TrainConfig.preset)

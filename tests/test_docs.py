@@ -239,8 +239,9 @@ def benchmark_rows() -> Iterator[tuple[dict[str, str], str]]:
 
 
 def test_every_benchmarks_row_names_its_device_and_commit_and_its_log_holds_its_figures():
-    """Each row: a device, a commit, a raw log linked, and every figure of it (the number,
-    commas aside) in that log or in its .json twin; the 'what' column only describes."""
+    """Each row: a device, a commit, a raw log linked, the commit that log records (a row
+    copied from another run's kept its commit), and every figure of it (the number, commas
+    aside) in that log or in its .json twin; the 'what' column only describes."""
     rows = list(benchmark_rows())
     assert len(rows) > 30
     for row, line in rows:
@@ -249,6 +250,7 @@ def test_every_benchmarks_row_names_its_device_and_commit_and_its_log_holds_its_
         assert logs and all(log.is_file() for log in logs), line
         text = "".join(path.read_text() for log in logs
                        for path in (log, log.with_suffix(".json")) if path.is_file())
+        assert row["commit"].removesuffix("-dirty") in text, ("commit", line)  # the log's run
         logged = {n.replace(",", "") for n in NUMBER.findall(text)}
         for column, cell in row.items():
             if column not in ("device", "commit", "what", "raw log"):

@@ -56,11 +56,11 @@ def code(doc: Path) -> Iterator[tuple[int, str, bool]]:
             yield from ((number, span, False) for span in re.findall(r"`([^`]+)`", line))
 
 
-def commands() -> list[tuple[str, str, list[str]]]:
+def commands(docs: list[Path] = DOCS) -> list[tuple[str, str, list[str]]]:
     """(where, script, its arguments) of every command of ours the docs show, directly or
     through a make target that passes ARGS on."""
     found = []
-    for doc in DOCS:
+    for doc in docs:
         for number, text, fenced in code(doc):
             where = f"{doc.name}:{number}: {text.strip()}"
             try:
@@ -95,15 +95,22 @@ def parse_only(script: str, args: list[str], monkeypatch) -> tuple[int | None, s
     return code, out.getvalue() + err.getvalue()
 
 
-def test_every_command_the_docs_show_is_accepted_by_its_parser(monkeypatch):
-    shown = commands()
-    assert {script for _, script, _ in shown} == set(SCRIPTS)  # the search finds every one
-    refused = []
+def refused(shown: list[tuple[str, str, list[str]]], monkeypatch) -> list[str]:
+    """Where each of the `shown` commands its parser refuses is, with its exit code and the
+    parser's last words."""
+    said = []
     for where, script, args in shown:
         code, output = parse_only(script, args, monkeypatch)
         if code != 0:
-            refused.append(f"{where}\n    -> exit {code}: {output.strip()[-300:]}")
-    assert not refused, "\n".join(refused)
+            said.append(f"{where}\n    -> exit {code}: {output.strip()[-300:]}")
+    return said
+
+
+def test_every_command_the_docs_show_is_accepted_by_its_parser(monkeypatch):
+    shown = commands()
+    assert {script for _, script, _ in shown} == set(SCRIPTS)  # the search finds every one
+    wrong = refused(shown, monkeypatch)
+    assert not wrong, "\n".join(wrong)
 
 
 def test_a_command_with_an_unknown_option_is_found_out(monkeypatch):
@@ -113,17 +120,22 @@ def test_a_command_with_an_unknown_option_is_found_out(monkeypatch):
     assert parse_only("tools/gpu_suite.sh", ["train", "bench"], monkeypatch)[0] == 0
 
 
-def test_every_option_the_docs_name_is_one_of_a_command(monkeypatch):
-    """Options named in the prose too (the option table, the notes): each is one of our
-    commands' (read from their --help) or one the docs give to accelerate, torchrun or pip."""
+def unknown_options(docs: list[Path], monkeypatch) -> list[str]:
+    """Each option the docs name, in commands or prose, that is neither one of our commands'
+    (read from their --help) nor in OTHERS."""
     ours = set()
     for script in SCRIPTS:
         code, usage = parse_only(script, ["--help"], monkeypatch)
         assert code == 0 and usage.startswith("usage:"), (script, usage[:300])
         ours |= set(OPTION.findall(usage))
-    unknown = sorted({f"{doc.name}: {option}" for doc in DOCS
-                      for option in OPTION.findall(doc.read_text())
-                      if option not in ours | OTHERS})
+    return sorted({f"{doc.name}: {option}" for doc in docs
+                   for option in OPTION.findall(doc.read_text()) if option not in ours | OTHERS})
+
+
+def test_every_option_the_docs_name_is_one_of_a_command(monkeypatch):
+    """Options named in the prose too (the option table, the notes): each is one of our
+    commands' or one the docs give to accelerate, torchrun or pip."""
+    unknown = unknown_options(DOCS, monkeypatch)
     assert not unknown, unknown
 
 
@@ -147,10 +159,16 @@ def files_named(doc: Path) -> Iterator[tuple[str, Path]]:
             yield path, ROOT / path
 
 
+def missing_files(docs: list[Path]) -> list[tuple[str, str]]:
+    """(doc, as written) of each file the docs point to that is not there."""
+    return sorted({(doc.name, written) for doc in docs for written, path in files_named(doc)
+                   if not path.exists()})
+
+
 def test_every_file_the_docs_point_to_exists():
-    named = [(doc.name, written, path) for doc in DOCS for written, path in files_named(doc)]
+    named = [path for doc in DOCS for _, path in files_named(doc)]
     assert len(named) > 20  # the raw logs of the figures, the pictures
-    missing = sorted({(doc, written) for doc, written, path in named if not path.exists()})
+    missing = missing_files(DOCS)
     assert not missing, missing
 
 
@@ -223,11 +241,11 @@ def test_the_option_tables_defaults_are_what_a_run_takes():
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")  # 186,047.9, 0.000721, 13.5
 
 
-def benchmark_rows() -> Iterator[tuple[dict[str, str], str]]:
+def benchmark_rows(doc: Path = ROOT / "BENCHMARKS.md") -> Iterator[tuple[dict[str, str], str]]:
     """({header: cell}, the line) of each row of BENCHMARKS.md's tables of measured figures:
     those with a device and a commit column."""
     header = None
-    for line in (ROOT / "BENCHMARKS.md").read_text().splitlines():
+    for line in doc.read_text().splitlines():
         if not line.startswith("|"):
             header = None
             continue
@@ -238,21 +256,81 @@ def benchmark_rows() -> Iterator[tuple[dict[str, str], str]]:
             yield dict(zip(header, cells, strict=True)), line
 
 
-def test_every_benchmarks_row_names_its_device_and_commit_and_its_log_holds_its_figures():
-    """Each row: a device, a commit, a raw log linked, the commit that log records (a row
-    copied from another run's kept its commit), and every figure of it (the number, commas
-    aside) in that log or in its .json twin; the 'what' column only describes."""
-    rows = list(benchmark_rows())
-    assert len(rows) > 30
-    for row, line in rows:
-        assert row["device"] and row["commit"], line
-        logs = [ROOT / link.split("#")[0] for link in LINK.findall(line)]
-        assert logs and all(log.is_file() for log in logs), line
+def unlogged(doc: Path) -> list[tuple[str, str]]:
+    """(what is wrong, the line) of each row of `doc`'s tables of measured figures that lacks a
+    device, a commit or a raw log that is there, whose commit (-dirty aside) its log or the
+    log's .json twin does not record, or one of whose figures (the number, commas aside) is
+    in neither; the 'what' column only describes."""
+    wrong = []
+    for row, line in benchmark_rows(doc):
+        logs = [doc.parent / link.split("#")[0] for link in LINK.findall(line)]
+        if not (row["device"] and row["commit"] and logs and all(p.is_file() for p in logs)):
+            wrong.append(("no device, commit or raw log", line))
+            continue
         text = "".join(path.read_text() for log in logs
                        for path in (log, log.with_suffix(".json")) if path.is_file())
-        assert row["commit"].removesuffix("-dirty") in text, ("commit", line)  # the log's run
+        if row["commit"].removesuffix("-dirty") not in text:  # a row copied from another run's
+            wrong.append((f"commit {row['commit']}", line))
         logged = {n.replace(",", "") for n in NUMBER.findall(text)}
         for column, cell in row.items():
             if column not in ("device", "commit", "what", "raw log"):
-                for figure in NUMBER.findall(re.sub(r"\[[^]]*\]\([^)]*\)", "", cell)):
-                    assert figure.replace(",", "") in logged, (column, figure, line)
+                figures = NUMBER.findall(re.sub(r"\[[^]]*\]\([^)]*\)", "", cell))
+                wrong += [(f"{column}: {figure}", line) for figure in figures
+                          if figure.replace(",", "") not in logged]
+    return wrong
+
+
+def test_every_benchmarks_row_names_its_device_and_commit_and_its_log_holds_its_figures():
+    """Each row: a device, a commit, a raw log linked that records that commit (not another
+    run's) and holds every figure of the row."""
+    assert len(list(benchmark_rows())) > 30
+    wrong = unlogged(ROOT / "BENCHMARKS.md")
+    assert not wrong, wrong
+
+
+BROKEN_PAGE = """# A page with one of each mistake
+
+Run `tools/report.py --bogus RUN`; `tools/compare.py` alone is a script named in a sentence,
+and `--no-cudnn-benchmarks` a misspelt switch. See [the log](logs/gone.log) and
+benchmarks/results/gone.log.
+
+```bash
+python tools/bench.py --device cpu \\
+    --epocs 4
+python tools/lr_find.py
+make gpu STEP=trains
+make bench ARGS="--quik"
+```
+
+| what | device | commit | measured | raw log |
+| --- | --- | --- | --- | --- |
+| an epoch | cpu | 0123456789ab | 1.25 s, 3,001 images | [run.log](run.log) |
+| a row copied from another run | cpu | ba9876543210 | 3,001 images | [run.log](run.log) |
+| a row without its log | cpu | 0123456789ab | 3,001 images | [gone.log](gone.log) |
+"""
+
+
+def test_the_checks_find_each_mistake_of_a_broken_page(tmp_path, monkeypatch):
+    """The checks above pass on the real docs; here each finds its mistake in a page that has
+    one of each: a continued line's options, a make target's STEP and ARGS, an inline command
+    and a bare one in a block are all read (a search that dropped any passed the real docs
+    unseen), and a missing file, a figure or a commit its log lacks are named."""
+    doc = tmp_path / "page.md"
+    doc.write_text(BROKEN_PAGE)
+    (tmp_path / "run.log").write_text("commit: 0123456789abcdef\nepoch: 1.5 s, 3001 images\n")
+    shown = commands([doc])
+    assert [(script, args) for _, script, args in shown] == [
+        ("tools/report.py", ["--bogus", "RUN"]),
+        ("tools/bench.py", ["--device", "cpu", "--epocs", "4"]),
+        ("tools/lr_find.py", []), ("tools/gpu_suite.sh", ["trains"]),
+        ("tools/bench.py", ["--quik"])]
+    assert [said.split("\n")[0] for said in refused(shown, monkeypatch)] == [
+        where for where, script, _ in shown if script != "tools/lr_find.py"]
+    assert unknown_options([doc], monkeypatch) == [
+        f"page.md: {option}" for option in ("--bogus", "--epocs", "--no-cudnn-benchmarks",
+                                            "--quik")]
+    assert missing_files([doc]) == [("page.md", written) for written in (
+        "benchmarks/results/gone.log", "gone.log", "logs/gone.log")]
+    rows = BROKEN_PAGE.splitlines()[-3:]
+    assert unlogged(doc) == [("measured: 1.25", rows[0]), ("commit ba9876543210", rows[1]),
+                             ("no device, commit or raw log", rows[2])]

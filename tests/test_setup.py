@@ -117,3 +117,15 @@ def test_a_venv_without_pip_is_made_again_and_one_with_pip_is_installed_into(tmp
     assert result.returncode == (0 if installed else 2), result.stderr
     assert (tmp_path / ".venv" / ".installed").exists() == installed
     assert not (installed and (tmp_path / ".venv" / "tmp").exists())
+
+
+def test_ci_runs_make_test_in_the_repository_root_and_fails_with_it(tmp_path):
+    """.ci/run, CI's entry point, started from another folder: `make test` (the whole suite,
+    not test-fast) in the repository root, and CI fails with it. A stand-in make logs where and
+    what it ran, and fails."""
+    calls = tmp_path / "calls"
+    script(tmp_path / "bin" / "make", f'echo "$PWD: make $*" >> {calls}; exit 3')
+    result = subprocess.run([str(ROOT / ".ci" / "run")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60,
+                            env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    assert result.returncode == 3 and calls.read_text() == f"{ROOT}: make test\n", result.stderr

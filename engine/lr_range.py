@@ -145,10 +145,13 @@ def sweep(run: Run, start_lr: float, end_lr: float,
             loss = run.accelerator.reduce(loss_sum / len(labels), "mean").item()
             if not math.isfinite(loss):
                 return lrs, losses, smoothed, True
-            average = BETA * average + (1 - BETA) * loss
+            # averaged as its difference from the first loss, so that a flat curve stays flat:
+            # an average of the losses themselves dipped 3e-15 below a constant loss at its
+            # second step (the bias correction's rounding), a minimum that hid "never fell"
+            average = BETA * average + (1 - BETA) * (loss - losses[0] if losses else 0.0)
             lrs.append(lr)
             losses.append(loss)
-            smoothed.append(average / (1 - BETA ** len(losses)))
+            smoothed.append(losses[0] + average / (1 - BETA ** len(losses)))
             bar.update()
             bar.set_postfix(lr=f"{lr:.2g}", loss=f"{smoothed[-1]:.3f}")
             if diverging(smoothed):

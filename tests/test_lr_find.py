@@ -205,6 +205,23 @@ def test_a_sweep_that_never_saw_the_loss_stop_falling_says_so(smoothed, caveat):
     assert replace(result, diverged=True).caveat is None
 
 
+def test_a_sweep_whose_loss_never_moves_suggests_its_start_and_says_why(data_dir, tmp_path):
+    """A classifier of zeros gives every image the same loss, log 10, and at LRs of 1e-20 its
+    updates stay far below float32's resolution of the logits: the loss neither falls nor
+    diverges. The sweep suggests its start with the caveat, not the error of a sweep that
+    diverged before its loss fell; and not silently, as when an average of the losses
+    themselves dipped below a flat curve in rounding, a minimum at its second step."""
+    run = small_run(data_dir, tmp_path / "out")
+    with torch.no_grad():
+        run.model.fc.weight.zero_()
+        run.model.fc.bias.zero_()
+    result = lr_range.range_test(run, start_lr=1e-20, end_lr=1e-19, iterations=20)
+    assert len(result.losses) == 20 and len(set(result.losses)) == 1  # flat, as meant
+    assert not result.diverged and result.smoothed == result.losses
+    assert result.suggested == result.steepest == result.lrs[0]
+    assert result.caveat.startswith("but the loss never fell below its first step's")
+
+
 @pytest.mark.slow
 def test_a_sweep_stops_where_it_diverges_and_leaves_eval_mode_as_it_was(data_dir, tmp_path):
     """From lr 0.01 to 1000 the loss blows up within 20 steps: the sweep stops at the first

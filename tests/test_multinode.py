@@ -52,6 +52,9 @@ def test_two_nodes_train_once_write_once_and_resume(tmp_path):
         # accelerate's word on threads it set, which share_cores sets again (no OMP_NUM_THREADS
         # from torchrun at one process a node)
         assert "OMP_NUM_THREADS/MKL_NUM_THREADS unset" not in node.stderr, node.stderr[-3000:]
+        # the second node's first process prepares after the first node's is done (and finds
+        # the files made), not beside it, waiting on the data folder's lock
+        assert "waiting for another process preparing" not in node.stderr, node.stderr[-3000:]
     assert sum(node.stdout.count("best test accuracy") for node in nodes) == 1
     assert not own_disk.parent.exists()
     ckpt = checkpoint.load(out / "ckpt.pt")

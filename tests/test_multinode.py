@@ -124,7 +124,7 @@ def test_the_waiting_notice_comes_once_and_only_while_the_rendezvous_still_waits
                                                                                   capsys):
     """said_while_waiting on its own: a rendezvous over in time says nothing, then or later
     (mid-training); one still waiting says so once; the other processes of a machine leave it
-    to its first."""
+    to its first; a run of one process, which meets no one, says nothing however long."""
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "0"),
                         ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
@@ -139,6 +139,11 @@ def test_the_waiting_notice_comes_once_and_only_while_the_rendezvous_still_waits
         "notice: process 1 of 2 has waited 0.3 s for the other processes of this run to meet at "
         "MASTER_ADDR='10.0.0.1' MASTER_PORT='29500'; ")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    with launch.said_while_waiting():
+        time.sleep(0.6)
+    assert capsys.readouterr().err == ""
+    for name, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)  # one process: nothing to wait for
     with launch.said_while_waiting():
         time.sleep(0.6)
     assert capsys.readouterr().err == ""

@@ -129,3 +129,33 @@ def test_ci_runs_make_test_in_the_repository_root_and_fails_with_it(tmp_path):
                             text=True, timeout=60,
                             env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
     assert result.returncode == 3 and calls.read_text() == f"{ROOT}: make test\n", result.stderr
+
+
+def test_each_make_target_runs_its_command_with_step_and_args(tmp_path):
+    """What the docs show as `make train ARGS=...`, `make gpu STEP=... ARGS=...` and the like
+    runs the script test_docs checks those ARGS against (its MAKE), with them; `make test`
+    lints then runs every test, `make test-fast` those not marked slow. Setup is done (the
+    stamp newer than pyproject.toml); stand-ins for the venv's python and for bash log their
+    arguments."""
+    from test_docs import MAKE
+
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    calls = tmp_path / "calls"
+    script(tmp_path / ".venv" / "bin" / "python", f'echo "python $*" >> {calls}')
+    script(tmp_path / "bin" / "bash", f'echo "bash $*" >> {calls}')
+    (tmp_path / ".venv" / ".installed").touch()
+    runs = {"train": ["ARGS=--epochs 10"], "bench": ["ARGS=--quick"], "report": ["ARGS=--x y"],
+            "gpu": ["STEP=train", "ARGS=--dry-run"], "test": ["JOBS=3", "ARGS=-x"],
+            "test-fast": ["JOBS=3"]}
+    for target, args in runs.items():
+        result = subprocess.run([shutil.which("make"), "--no-print-directory", target, *args],
+                                cwd=tmp_path, env={"PATH": str(tmp_path / "bin")},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (target, result.stderr)
+    lint = "python -m ruff check ."
+    assert calls.read_text().splitlines() == [
+        f"python {MAKE['train']} --epochs 10", f"python {MAKE['bench']} --quick",
+        f"python {MAKE['report']} --x y", f"bash {MAKE['gpu']} train --dry-run",
+        lint, "python -m pytest -q -n 3 --durations=15 -x",
+        lint, "python -m pytest -q -n 3 -m not slow"]

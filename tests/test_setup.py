@@ -145,10 +145,10 @@ def test_each_make_target_runs_its_command_with_step_and_args(tmp_path):
     script(tmp_path / ".venv" / "bin" / "python", f'echo "python $*" >> {calls}')
     script(tmp_path / "bin" / "bash", f'echo "bash $*" >> {calls}')
     (tmp_path / ".venv" / ".installed").touch()
-    runs = {"train": ["ARGS=--epochs 10"], "bench": ["ARGS=--quick"], "report": ["ARGS=--x y"],
-            "gpu": ["STEP=train", "ARGS=--dry-run"], "test": ["JOBS=3", "ARGS=-x"],
-            "test-fast": ["JOBS=3"]}
-    for target, args in runs.items():
+    runs = [["train", "ARGS=--epochs 10"], ["bench", "ARGS=--quick"], ["report", "ARGS=--x y"],
+            ["gpu"], ["gpu", "STEP=train", "ARGS=--dry-run"], ["test", "JOBS=3", "ARGS=-x"],
+            ["test-fast", "JOBS=3"]]
+    for target, *args in runs:
         result = subprocess.run([shutil.which("make"), "--no-print-directory", target, *args],
                                 cwd=tmp_path, env={"PATH": str(tmp_path / "bin")},
                                 capture_output=True, text=True, timeout=60)
@@ -156,6 +156,7 @@ def test_each_make_target_runs_its_command_with_step_and_args(tmp_path):
     lint = "python -m ruff check ."
     assert calls.read_text().splitlines() == [
         f"python {MAKE['train']} --epochs 10", f"python {MAKE['bench']} --quick",
-        f"python {MAKE['report']} --x y", f"bash {MAKE['gpu']} train --dry-run",
+        f"python {MAKE['report']} --x y", f"bash {MAKE['gpu']} all",  # every step, by default
+        f"bash {MAKE['gpu']} train --dry-run",
         lint, "python -m pytest -q -n 3 --durations=15 -x",
         lint, "python -m pytest -q -n 3 -m not slow"]

@@ -40,6 +40,10 @@ from loaders import cifar, folders, layouts
 from loaders.preparation import Prepared, prepare
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
+# make targets that pass ARGS (and gpu's STEP) on, and the script each runs: the commands the
+# docs show as `make train ARGS=...` (test_docs) and the Makefile's recipes (test_setup)
+MAKE = {"train": "engine/train.py", "bench": "tools/bench.py", "report": "tools/report.py",
+        "gpu": "tools/gpu_suite.sh"}
 
 
 def launcher_env(tmp_path: Path) -> dict[str, str]:

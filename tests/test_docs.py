@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import MAKE, ROOT
 
 DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = {  # how the docs start a command -> its module, whose main() parses, then run_main()
@@ -24,8 +24,6 @@ SCRIPTS = {  # how the docs start a command -> its module, whose main() parses, 
     "tools/lr_find.py": "tools.lr_find", "tools/compare.py": "tools.compare",
     "tools/predict.py": "tools.predict", "tools/export.py": "tools.export",
     "tools/gpu_suite.sh": "tools.gpu_suite"}
-MAKE = {"train": "engine/train.py", "bench": "tools/bench.py", "report": "tools/report.py",
-        "gpu": "tools/gpu_suite.sh"}  # make targets that pass ARGS (and gpu's STEP) on
 # options the docs give to other programs: accelerate launch, torchrun, pip; and "--no-...",
 # the docs' name for the off switch of every on/off option
 OTHERS = {"--cpu", "--machine_rank", "--main_process_ip", "--main_process_port",

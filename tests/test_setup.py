@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import MAKE, ROOT
 
 APT = "libopencv-dev libturbojpeg0-dev pkg-config python3-venv python3-dev build-essential"
 
@@ -133,12 +133,10 @@ def test_ci_runs_make_test_in_the_repository_root_and_fails_with_it(tmp_path):
 
 def test_each_make_target_runs_its_command_with_step_and_args(tmp_path):
     """What the docs show as `make train ARGS=...`, `make gpu STEP=... ARGS=...` and the like
-    runs the script test_docs checks those ARGS against (its MAKE), with them; `make test`
+    runs the script test_docs checks those ARGS against (conftest.MAKE), with them; `make test`
     lints then runs every test, `make test-fast` those not marked slow. Setup is done (the
     stamp newer than pyproject.toml); stand-ins for the venv's python and for bash log their
     arguments."""
-    from test_docs import MAKE
-
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
     calls = tmp_path / "calls"

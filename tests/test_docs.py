@@ -256,9 +256,9 @@ def benchmark_rows(doc: Path = ROOT / "BENCHMARKS.md") -> Iterator[tuple[dict[st
 
 def unlogged(doc: Path) -> list[tuple[str, str]]:
     """(what is wrong, the line) of each row of `doc`'s tables of measured figures that lacks a
-    device, a commit or a raw log that is there, whose commit (-dirty aside) its log or the
-    log's .json twin does not record, or one of whose figures (the number, commas aside) is
-    in neither; the 'what' column only describes."""
+    device, a commit or a raw log that is there, whose commit (with -dirty where it ran with
+    uncommitted changes) its log or the log's .json twin does not record, or one of whose
+    figures (the number, commas aside) is in neither; the 'what' column only describes."""
     wrong = []
     for row, line in benchmark_rows(doc):
         logs = [doc.parent / link.split("#")[0] for link in LINK.findall(line)]
@@ -267,7 +267,10 @@ def unlogged(doc: Path) -> list[tuple[str, str]]:
             continue
         text = "".join(path.read_text() for log in logs
                        for path in (log, log.with_suffix(".json")) if path.is_file())
-        if row["commit"].removesuffix("-dirty") not in text:  # a row copied from another run's
+        commit = row["commit"].removesuffix("-dirty")
+        # a row copied from another run's, or one that hides the uncommitted changes it ran with
+        dirty = re.search(re.escape(commit) + r"[0-9a-f]*-dirty", text) is not None
+        if commit not in text or dirty != row["commit"].endswith("-dirty"):
             wrong.append((f"commit {row['commit']}", line))
         logged = {n.replace(",", "") for n in NUMBER.findall(text)}
         for column, cell in row.items():
@@ -305,6 +308,7 @@ make bench ARGS="--quik"
 | an epoch | cpu | 0123456789ab | 1.25 s, 3,001 images | [run.log](run.log) |
 | a row copied from another run | cpu | ba9876543210 | 3,001 images | [run.log](run.log) |
 | a row without its log | cpu | 0123456789ab | 3,001 images | [gone.log](gone.log) |
+| uncommitted changes unsaid | cpu | fedcba987654 | 3,001 images | [dirty.log](dirty.log) |
 """
 
 
@@ -312,10 +316,12 @@ def test_the_checks_find_each_mistake_of_a_broken_page(tmp_path, monkeypatch):
     """The checks above pass on the real docs; here each finds its mistake in a page that has
     one of each: a continued line's options, a make target's STEP and ARGS, an inline command
     and a bare one in a block are all read (a search that dropped any passed the real docs
-    unseen), and a missing file, a figure or a commit its log lacks are named."""
+    unseen), and a missing file, a figure or a commit its log lacks (or has with -dirty) are
+    named."""
     doc = tmp_path / "page.md"
     doc.write_text(BROKEN_PAGE)
     (tmp_path / "run.log").write_text("commit: 0123456789abcdef\nepoch: 1.5 s, 3001 images\n")
+    (tmp_path / "dirty.log").write_text("commit: fedcba9876543210-dirty\n3001 images\n")
     shown = commands([doc])
     assert [(script, args) for _, script, args in shown] == [
         ("tools/report.py", ["--bogus", "RUN"]),
@@ -329,6 +335,7 @@ def test_the_checks_find_each_mistake_of_a_broken_page(tmp_path, monkeypatch):
                                             "--quik")]
     assert missing_files([doc]) == [("page.md", written) for written in (
         "benchmarks/results/gone.log", "gone.log", "logs/gone.log")]
-    rows = BROKEN_PAGE.splitlines()[-3:]
+    rows = BROKEN_PAGE.splitlines()[-4:]
     assert unlogged(doc) == [("measured: 1.25", rows[0]), ("commit ba9876543210", rows[1]),
-                             ("no device, commit or raw log", rows[2])]
+                             ("no device, commit or raw log", rows[2]),
+                             ("commit fedcba987654", rows[3])]

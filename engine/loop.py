@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -246,19 +246,27 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
                 sweep_temporaries(out)  # of a save that was killed midway
             # the trackers' folder, when this run makes it: of no epoch, it goes with best.pt
             logs = out / TRACKERS if cfg.log_with and not (out / TRACKERS).exists() else None
-            try:
+            with unsaved_removed(out, logs) if main else nullcontext():
                 return _train(cfg, ckpt, accelerator, log if main else (lambda _: None), last)
-            finally:  # a first best.pt whose ckpt.pt was never written (stopped, disk full)
-                if main and not (out / "ckpt.pt").exists():
-                    (out / "best.pt").unlink(missing_ok=True)
-                    if logs is not None:
-                        shutil.rmtree(logs, ignore_errors=True)
     except KeyboardInterrupt:  # wherever it landed once the run's processes were up
         raise stopped(accelerator, out) from None
     except Exception:
         if stop_requested():  # a Ctrl-C that a library caught and made an error of its own:
             raise stopped(accelerator, out) from None  # a stop all the same (run_main's case)
         raise
+
+
+@contextmanager
+def unsaved_removed(out: Path, logs: Path | None) -> Iterator[None]:
+    """On the way out, a first best.pt whose ckpt.pt was never written (stopped, disk full)
+    removed, and the trackers' folder `logs` this run made with it: files of no saved epoch."""
+    try:
+        yield
+    finally:
+        if not (out / "ckpt.pt").exists():
+            (out / "best.pt").unlink(missing_ok=True)
+            if logs is not None:
+                shutil.rmtree(logs, ignore_errors=True)
 
 
 def refuse_used(out: Path) -> None:

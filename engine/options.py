@@ -53,11 +53,13 @@ def _lr(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{value}'") from None
 
 
-def build_parser(tool: str | None = None,
-                 decided: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+def build_parser(tool: str | None = None, decided: tuple[str, ...] = (),
+                 refused: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """engine/train.py's options; for another `tool` that trains (lr_find, compare), the same
     but --resume, which continues one run, and with that tool's --out. `decided`: the options
-    that tool sets (or refuses) its own way, whose help then gives no preset's value."""
+    that tool sets (or refuses) its own way, whose help then gives no preset's value;
+    `refused`: those it refuses, each with why, which its help says instead of what the
+    option does in a training run."""
     p = CommandParser(
         prog="engine/train.py",
         description="Train a CIFAR ResNet-18 (accelerate launch engine/train.py, or plain python).",
@@ -119,6 +121,9 @@ def build_parser(tool: str | None = None,
                    help="an accelerate tracker, e.g. tensorboard or wandb (its package "
                         "installed)")
     _show_preset_values(p, decided)
+    for action in p._actions:
+        if refused and action.dest in refused:
+            action.help = f"refused here: {refused[action.dest]}"
     return p
 
 
@@ -198,17 +203,19 @@ def unused_options(cfg: TrainConfig, given: dict) -> list[str]:
 
 def parse_tool_args(argv: list[str] | None, prog: str, description: str,
                     own: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None],
-                    decided: tuple[str, ...]) -> tuple[argparse.Namespace, TrainConfig]:
+                    decided: tuple[str, ...], refused: dict[str, str] | None = None
+                    ) -> tuple[argparse.Namespace, TrainConfig]:
     """A tool's options (`own`, add_help=False) beside every option of engine/train.py.
 
     Returns the raw namespace (None where an option was left out) and the TrainConfig that
     parse makes of the training options, presets and validation included.
     `check` raises ValueError for a bad combination of the tool's options: a usage error.
-    `decided`: the training options the tool sets or refuses itself (build_parser).
+    `decided`: the training options the tool sets or refuses itself, and `refused` those it
+    refuses with why, for its --help (build_parser).
     """
     tool = Path(prog).stem
     full = CommandParser(prog=prog, description=description, add_help=False,
-                         parents=[build_parser(tool, decided), own], allow_abbrev=False)
+                         parents=[build_parser(tool, decided, refused), own], allow_abbrev=False)
     args = full.parse_args(argv)  # --help lists every option; a bad one of either exits here
     try:
         check(args)

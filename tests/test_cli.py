@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_code, running, wait_until
+from conftest import ROOT, run_code, run_script, running, wait_until
 
 from common.cli import run_main
 from common.errors import DataError, Interrupted
@@ -920,6 +920,25 @@ def test_the_tools_help_gives_preset_values_but_for_the_options_they_decide(tool
     for option in decided:
         text = shown.split(f" {option} ", 1)[1].split(" --", 1)[0]
         assert "(default:" not in text, (option, text)
+
+
+@pytest.mark.parametrize("script, refused", [
+    ("tools/lr_find.py", ["--lr LR", "--epochs EPOCHS", "--schedule {", "--warmup WARMUP",
+                          "--tta, --no-tta", "--log-with TRACKER"]),
+    ("tools/compare.py", ["--optimizer {"]),
+])
+def test_the_tools_help_says_which_training_options_they_refuse(script, refused):
+    """lr_find's --help described --lr, --epochs, ... as engine/train.py takes them ('peak
+    learning rate, or 'auto' for the LR range test'), and compare's --optimizer as 'optimizer',
+    where both tools refuse them (docs/lr-and-optimizers.md); the help now says so."""
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(result.stdout.split())
+    for option in refused:
+        after = shown[shown.index(" " + option) + 1:]
+        described = after[after.index("}") + 1 if option.endswith("{") else len(option):]
+        assert described.lstrip().startswith("refused here: "), (option, described[:80])
+    assert "--momentum MOMENTUM momentum (SGD, RMSprop)" in shown  # one it takes, as training
 
 
 @pytest.mark.parametrize("tool, decided, own", [

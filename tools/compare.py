@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     script sees an incomplete table."""
     # first: --help and a refused option answer before torch loads
     args, cfg = parse_tool_args(argv, "tools/compare.py", summary(__doc__),
-                                own_options(), check, DECIDED)
+                                own_options(), check, DECIDED,
+                                {"optimizer": "this tool trains each of --optimizers"})
     with interruptible_imports():  # torch and the rest take seconds to import
         from tools.comparison import compare
 

@@ -36,6 +36,9 @@ def own_options() -> argparse.ArgumentParser:
 # --iterations steps, and never evaluates; given, they would be ignored without a word, so
 # check refuses them
 REFUSED_OPTIONS = ("lr", "epochs", "schedule", "warmup", "tta", "log_with")
+# what --help says of each of them, which it would otherwise describe as training takes it
+REFUSED_HELP = ("the range test does not use it (it sweeps the LR from --start-lr to --end-lr "
+                "over --iterations steps and never evaluates); pass it to engine/train.py")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     LR is chosen from this setup's own losses."""
     # first: --help and a refused option answer before torch loads
     args, cfg = parse_tool_args(argv, "tools/lr_find.py", summary(__doc__), own_options(),
-                                check, REFUSED_OPTIONS)
+                                check, REFUSED_OPTIONS,
+                                dict.fromkeys(REFUSED_OPTIONS, REFUSED_HELP))
     with interruptible_imports():  # torch and the rest take seconds to import
         from engine.lr_range import found
         from tools.lr_curve import write_lr_curve

@@ -941,6 +941,16 @@ def test_the_tools_help_says_which_training_options_they_refuse(script, refused)
     assert "--momentum MOMENTUM momentum (SGD, RMSprop)" in shown  # one it takes, as training
 
 
+def test_lr_finds_help_gives_both_limits_of_iterations():
+    """--help said '(default: 100; at least 20)' where --iterations over 100,000 is refused too
+    (docs/lr-and-optimizers.md names both limits)."""
+    result = run_script("tools/lr_find.py", "--help")
+    shown = " ".join(result.stdout.split())
+    assert "(default: 100; at least 20, at most 100,000)" in shown, shown[-400:]
+    refused = run_script("tools/lr_find.py", "--iterations", "100001")
+    assert refused.returncode == 2 and "at most 100,000" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize("tool, decided, own", [
     ("lr_find", "REFUSED_OPTIONS", ["--iterations", "50"]),
     ("compare", "DECIDED", ["--optimizers", "sgd"])])

@@ -28,7 +28,7 @@ def own_options() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=lr_sweep.ITERATIONS,
                    help=f"training steps of the sweep, over as many epochs as needed; it stops "
                         f"early once the loss diverges (default: {lr_sweep.ITERATIONS}; at least "
-                        f"{lr_sweep.MIN_ITERATIONS})")
+                        f"{lr_sweep.MIN_ITERATIONS}, at most {lr_sweep.MAX_ITERATIONS:,})")
     return p
 
 

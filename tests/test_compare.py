@@ -473,17 +473,21 @@ def test_the_table_gives_each_runs_numbers_in_its_own_column_and_a_diverged_runs
                          "infinite in epoch 1 |"]
 
 
-@pytest.mark.parametrize("lr, own_decay, said", [
-    (None, True, "each optimizer's default (BASE_LRS in tools/comparison.py); weight decay: "
-                 "AdamW's scaled to its LR (default_weight_decay in tools/comparison.py)"),
-    (None, False, "each optimizer's default (BASE_LRS in tools/comparison.py); one weight "
-                  "decay for all"),
-    ("auto", False, "each optimizer's LR range test suggestion (--lr auto); one weight decay "
-                    "for all"),
-    (0.05, False, "--lr 0.05 for all; one weight decay for all"),
+@pytest.mark.parametrize("lr, own_decay, optimizers, said", [
+    (None, True, ["sgd", "adamw"], "each optimizer's default (BASE_LRS in tools/comparison.py); "
+     "weight decay: AdamW's scaled to its LR (default_weight_decay in tools/comparison.py)"),
+    # no AdamW to scale for: `compare --optimizers sgd adam` named AdamW's decay all the same
+    (None, True, ["sgd", "adam"], "each optimizer's default (BASE_LRS in tools/comparison.py); "
+                                  "one weight decay for all"),
+    (None, False, ["sgd", "adamw"], "each optimizer's default (BASE_LRS in "
+                                    "tools/comparison.py); one weight decay for all"),
+    ("auto", False, ["adamw"], "each optimizer's LR range test suggestion (--lr auto); one "
+                               "weight decay for all"),
+    (0.05, False, ["sgd", "adamw"], "--lr 0.05 for all; one weight decay for all"),
 ])
-def test_the_tables_caption_says_where_the_lrs_and_weight_decays_came_from(lr, own_decay, said):
-    assert comparison.lr_source(lr, own_decay) == said
+def test_the_tables_caption_says_where_the_lrs_and_weight_decays_came_from(lr, own_decay,
+                                                                            optimizers, said):
+    assert comparison.lr_source(lr, own_decay, optimizers) == said
 
 
 def test_the_report_writes_the_figure_the_csv_and_the_table_it_shows(tmp_path):

@@ -87,10 +87,12 @@ def run_processes() -> int:
     return launched_processes()
 
 
-def lr_source(lr: float | str | None, own_decay: bool) -> str:
-    """Where the runs' LRs and weight decays came from, for the table's caption."""
+def lr_source(lr: float | str | None, own_decay: bool, optimizers: list[str]) -> str:
+    """Where the runs' LRs and weight decays came from, for the table's caption: AdamW's own
+    weight decay only where AdamW is one of the `optimizers`, the others taking the run's."""
     decay = ("; weight decay: AdamW's scaled to its LR (default_weight_decay in "
-             "tools/comparison.py)" if own_decay else "; one weight decay for all")
+             "tools/comparison.py)" if own_decay and "adamw" in optimizers
+             else "; one weight decay for all")
     if lr is None:
         return "each optimizer's default (BASE_LRS in tools/comparison.py)" + decay
     if lr == "auto":
@@ -246,4 +248,4 @@ def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: b
     if not writer:  # under torchrun, one process writes
         return results, None
     return results, write_report(results, cfg, lr_source(None if own_lrs else cfg.lr,
-                                                         own_decay), out)
+                                                         own_decay, optimizers), out)

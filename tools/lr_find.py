@@ -36,9 +36,9 @@ def own_options() -> argparse.ArgumentParser:
 # --iterations steps, and never evaluates; given, they would be ignored without a word, so
 # check refuses them
 REFUSED_OPTIONS = ("lr", "epochs", "schedule", "warmup", "tta", "log_with")
+SWEEP = "it sweeps the LR from --start-lr to --end-lr over --iterations steps and never evaluates"
 # what --help says of each of them, which it would otherwise describe as training takes it
-REFUSED_HELP = ("the range test does not use it (it sweeps the LR from --start-lr to --end-lr "
-                "over --iterations steps and never evaluates); pass it to engine/train.py")
+REFUSED_HELP = f"the range test does not use it ({SWEEP}); pass it to engine/train.py"
 
 
 def check(args: argparse.Namespace) -> None:
@@ -50,9 +50,8 @@ def check(args: argparse.Namespace) -> None:
              for name, value in values.items() if value is not None]
     if given:
         them = "them" if len(given) > 1 else "it"
-        raise ValueError(f"{', '.join(given)}: the range test does not use {them} (it sweeps "
-                         "the LR from --start-lr to --end-lr over --iterations steps and never "
-                         f"evaluates); leave {them} out here, and pass {them} to engine/train.py")
+        raise ValueError(f"{', '.join(given)}: the range test does not use {them} ({SWEEP}); "
+                         f"leave {them} out here, and pass {them} to engine/train.py")
 
 
 def main(argv: list[str] | None = None) -> int:

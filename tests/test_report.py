@@ -1209,6 +1209,21 @@ def test_summary_gives_each_explanations_road_and_its_spread_in_their_own_column
                     "| random | - | -0.0300 | 0.5000 | 7 |"]
 
 
+@pytest.mark.parametrize("methods, end", [
+    (["gradcam"], "the true class"),
+    (["gradcam", "eigencam"], "the true class (eigencam: one map, for any class)")])
+def test_summary_says_what_each_file_holds(methods, end):
+    """The Files list: per_class.csv's columns, every one (it once left out the counts), and
+    for the PDF that EigenCAM's one map is no class's (it said 'for the predicted and the
+    true class' of every method)."""
+    files = report_tables.summary({}, [], methods, ["layer3"], 8, []).split("## Files")[1]
+    csv = next(line for line in files.splitlines() if line.startswith("- [per_class.csv]"))
+    columns = report_tables.per_class(np.eye(2, dtype=int), ["a", "b"])[0]
+    assert [c for c in columns if c.replace("f1", "F1") not in csv] == [], csv
+    pdf = next(line for line in files.splitlines() if line.startswith("- [gradcam.pdf]"))
+    assert pdf.endswith(f"for the predicted and {end}"), pdf
+
+
 class ChangedPixels(nn.Module):
     """A real linear classifier that records, for every batch it sees, which pixels differ
     from zero: on all-zero inputs, the pixels ROAD removed (its imputer adds noise to them)."""

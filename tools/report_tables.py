@@ -7,6 +7,7 @@ import numpy as np
 
 from common.errors import shown
 from engine.history import best_epoch
+from tools.cams import CLASS_AGNOSTIC
 from tools.report_inputs import Inputs
 
 FAITHFULNESS_FIELDS = ("method", "layer", "road", "road_std", "images")
@@ -78,6 +79,12 @@ def cell(text: object) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def any_class(methods: list[str]) -> str:
+    """What the PDF's pages say of the class-agnostic methods among `methods`: one map each."""
+    agnostic = [m for m in methods if m in CLASS_AGNOSTIC]
+    return f" ({', '.join(agnostic)}: one map, for any class)" if agnostic else ""
+
+
 def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
             layers: list[str], images_shown: int, scores: list[dict]) -> str:
     """summary.md: the headline figures, the hardest classes, how faithful each explanation
@@ -115,11 +122,11 @@ def summary(facts: dict[str, str], classes: list[dict], methods: list[str],
               "  ![misclassified](misclassified.png)", "",
               f"- [gradcam.pdf](gradcam.pdf): a run summary page, then one page per image above "
               f"with {', '.join(methods)} maps of {', '.join(layers)} for the predicted and the "
-              "true class", "",
+              f"true class{any_class(methods)}", "",
               "- [confusion.png](confusion.png): the confusion matrix, counts and row-normalized",
               "", "  ![confusion](confusion.png)", "",
-              "- [per_class.csv](per_class.csv): support, precision, recall, accuracy (= recall) "
-              "and F1 of every class", "",
+              "- [per_class.csv](per_class.csv): every class's index, name, support, predicted "
+              "and correct counts, precision, recall, accuracy (= recall) and F1", "",
               "- [faithfulness.csv](faithfulness.csv): the ROAD table above", ""]
     return "\n".join(lines)
 

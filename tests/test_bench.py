@@ -957,6 +957,27 @@ def test_a_precision_faster_than_its_matmul_peak_gets_no_mfu():
     assert outpaced == ["bf16"]
 
 
+def test_only_the_precisions_that_ran_get_a_matmul_peak(monkeypatch):
+    """A failed epoch row (bf16 on a machine that cannot run it) has no throughput: its
+    precision's matmul peak was measured all the same, seconds of --matmul-seconds per block
+    for a peak no row uses; a skipped step's was not. Both are left out now."""
+    measured = []
+
+    def peak(dtype, device, n, seconds, blocks):
+        measured.append(dtype)
+        return Peak(dtype, n, 1, [1.0], 1e9, dtype)
+
+    monkeypatch.setattr(bench_mfu, "matmul_peak", peak)
+    failed_epoch = bench_sections.EpochResult("resident", "bf16", False, 64, 4, status="failed")
+    skipped_step = bench_sections.StepResult("fp16", "channels_last", False, 64, 4,
+                                             status="skipped")
+    args = SimpleNamespace(threads=torch.get_num_threads(), matmul_size=8, matmul_seconds=0.01,
+                           repeats=1)
+    out = bench_mfu.bench_mfu({"epoch": [failed_epoch], "step": [skipped_step]},
+                              TrainConfig(width=4), torch.device("cpu"), args)
+    assert measured == ["fp32"] and out.rows == []
+
+
 def test_a_peer_epochs_mfu_rests_on_the_flops_of_its_own_model():
     """The peers' epochs train at --peer-width, the other sections at --width: each peer
     epoch's MFU takes the FLOPs counted on its own model, not the section's."""

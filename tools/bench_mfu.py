@@ -67,10 +67,10 @@ def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) ->
     return images_per_s * flops_per_image / peak_flops_per_s
 
 
-def mfu_rows(results: dict, flops: int,
-             peaks: dict[str, Peak]) -> tuple[list[dict], list[str]]:
-    """MFU of every step configuration that ran and of every steady-state training epoch, and
-    the precisions whose peak a run outpaced (their rows get no MFU: outpaced_peaks)."""
+def throughputs(results: dict) -> list[dict]:
+    """Every throughput the other sections measured, a row each (source, config, precision,
+    images_per_s, and a peer epoch's own FLOPs): the step configurations and training epochs
+    that ran, and the peers' timed epochs."""
     rows = [dict(source="step", config=step_name(r.precision, r.memory_format, r.compile,
                                                  r.compile_mode, r.batch_size),
                  precision=r.precision, images_per_s=r.images_per_s)
@@ -85,6 +85,14 @@ def mfu_rows(results: dict, flops: int,
                   f"{r.precision} width {r.width} batch {r.batch_size}", precision=r.precision,
                   images_per_s=r.images_per_s, flops=r.train_flops_per_image)
              for r in results.get("peers", {}).get("epochs", [])]
+    return rows
+
+
+def mfu_rows(results: dict, flops: int,
+             peaks: dict[str, Peak]) -> tuple[list[dict], list[str]]:
+    """MFU of every throughput (throughputs), and the precisions whose peak a run outpaced
+    (their rows get no MFU: outpaced_peaks)."""
+    rows = throughputs(results)
     for row in rows:
         peak, per_image = peaks[row["precision"]].flops_per_s, row.pop("flops", flops)
         row.update(achieved_flops_per_s=row["images_per_s"] * per_image, peak_flops_per_s=peak,
@@ -113,9 +121,7 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
         model = build_model(base.arch, 10, base.width)
         counted, by_module = count_train_flops(model)
     out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
-    dtypes = {"fp32", *(r.precision for r in results.get("step", []) if r.status == "ok"),
-              *(r.precision for r in results.get("epoch", [])),
-              *(r.precision for r in results.get("peers", {}).get("epochs", []))}
+    dtypes = {"fp32", *(row["precision"] for row in throughputs(results))}
     pin_threads(args.threads)
     for dtype in sorted(dtypes):
         with out_of_memory_as(SetupError(f"out of memory for the {dtype} matmul peak at "

@@ -539,8 +539,7 @@ def test_only_a_reports_own_folder_is_replaced(make, run_dir, report_dir, tmp_pa
 
 
 def test_the_defaults_the_help_gives_are_the_ones_used(capsys):
-    """-n, --layers and --methods left out take the values --help promises (its text is
-    written by hand, not drawn from the parser's defaults)."""
+    """-n, --layers and --methods left out take the values --help promises."""
     args = report.parse_args(["ckpt.pt"])
     assert (args.n, args.layers, args.methods) == (20, ["layer2", "layer3", "layer4"],
                                                    ["gradcam"])

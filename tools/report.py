@@ -25,6 +25,9 @@ from tools.options import (
     pick_device,
 )
 
+LAYERS = ("layer2", "layer3", "layer4")  # --layers' default
+CAM_METHODS = ("gradcam",)  # --methods' default
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
@@ -38,12 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_data_dir_option(parser)
     parser.add_argument("-n", type=positive(int), default=20,
                         help="misclassified images to show and explain (default: %(default)s)")
-    parser.add_argument("--layers", nargs="+", default=["layer2", "layer3", "layer4"],
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), metavar="NAME",
+                        help=f"model layers to explain (default: {' '.join(LAYERS)})")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(CAM_METHODS),
                         metavar="NAME",
-                        help="model layers to explain (default: layer2 layer3 layer4)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["gradcam"],
-                        metavar="NAME",
-                        help=f"CAM methods: {', '.join(METHODS)} (default: gradcam)")
+                        help=f"CAM methods: {', '.join(METHODS)} (default: "
+                             f"{' '.join(CAM_METHODS)})")
     add_device_option(parser)
     return parser.parse_args(argv)
 

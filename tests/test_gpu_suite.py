@@ -883,6 +883,20 @@ def test_the_budgets_reserve_is_kept_for_the_last_save(tmp_path, monkeypatch):
     assert [c["status"] for c in suite.done[0]["commands"]] == ["not run"]
 
 
+def test_a_summary_saved_mid_run_blames_no_budget_for_the_steps_still_to_come(tmp_path,
+                                                                           monkeypatch):
+    """The summary is saved after every command, so that a suite cut short (the lease ended,
+    a Ctrl-C) keeps it: one saved after the first step's command said the second was 'not
+    run: the budget was spent', with no --budget given; it is not reached yet. Only once the
+    suite has ended are the steps left the budget's."""
+    monkeypatch.setitem(gpu_steps.COMMANDS, "one", lambda s: [("first", ["true"])])
+    suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
+                            ["one", "two"])
+    assert gpu_suite.run_step(suite, "one")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| two | | not reached yet | |" in summary and "budget" not in summary
+
+
 def test_the_budget_counts_from_the_start_wheel_install_included(tmp_path, monkeypatch, capsys):
     """--budget ends the whole run, the wheels' install included: an install that spent the
     budget leaves no time to start a step (counted from after it, a lease would be overrun)."""

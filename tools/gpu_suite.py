@@ -100,14 +100,15 @@ def keep_run(s: Suite, name: str) -> None:
                 shutil.copy2(run / file, s.results / name / file)
 
 
-def save(s: Suite) -> None:
+def save(s: Suite, finished: bool = False) -> None:
     """The suite's record as it stands (suite.json, summary.md) and, with --bundle, the whole
     results folder packed anew, with the summary beside it: called after every command, so a
-    run cut short keeps everything up to its last command."""
+    run cut short keeps everything up to its last command; `finished` once no step is left to
+    start (the steps not run then are the budget's)."""
     record = dict(meta=s.meta, steps=s.done,
                   not_run=[step for step in s.steps if step not in {d["step"] for d in s.done}])
     write_json(s.results / "suite.json", record)
-    summary_md = render(record, s.results)
+    summary_md = render(record, s.results, finished)
     write_text(s.results / "summary.md", summary_md)
     if s.bundle is not None:
         def pack(tmp: Path) -> None:
@@ -183,7 +184,7 @@ def run_steps(s: Suite) -> list[str]:
             failed.append(step)
         elif not run_step(s, step):
             failed.append(step)
-    save(s)
+    save(s, finished=True)
     return failed
 
 

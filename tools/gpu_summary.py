@@ -142,8 +142,9 @@ def figures(record: dict, results: Path) -> list[str]:
     return lines
 
 
-def render(record: dict, results: Path) -> str:
-    """The summary as Markdown: header, a row per command, what did not run, the figures."""
+def render(record: dict, results: Path, finished: bool) -> str:
+    """The summary as Markdown: header, a row per command, what did not run (`finished`: the
+    suite has ended, and the budget left them out; else they are still to come), the figures."""
     meta = record["meta"]
     lines = [f"# GPU suite on {meta.get('device_name')}, commit {meta.get('commit')}, "
              f"{meta.get('date')}", "", f"`{meta.get('command')}`", "",
@@ -151,7 +152,8 @@ def render(record: dict, results: Path) -> str:
     for step in record["steps"]:
         lines += [f"| {step['step']} | {c['name']} | {c['status']} | {c.get('seconds', '')} |"
                   for c in step["commands"]]
-    lines += [f"| {step} | | not run: the budget was spent | |" for step in record["not_run"]]
+    why = "not run: the budget was spent" if finished else "not reached yet"
+    lines += [f"| {step} | | {why} | |" for step in record["not_run"]]
     left = [s["step"] for s in record["steps"] if not s["ok"]] + record["not_run"]
     if left:
         lines += ["", f"Still to run: `bash tools/gpu_suite.sh {shlex.join(left)}`"]

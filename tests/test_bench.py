@@ -758,17 +758,21 @@ def test_an_output_naming_a_checkpoint_is_refused_and_leaves_it_whole(option, tm
     assert ckpt.read_bytes() == before and not (tmp_path / "data").exists()
 
 
-def test_json_may_name_folders_still_to_make_and_trace_may_not(tmp_path, capsys):
-    """--json's folders are made when it is written, so a new folder for it is fine; the
-    trace's writer makes none, so its missing folder is refused before any section runs."""
+def test_json_and_trace_may_name_folders_still_to_make(tmp_path, capsys):
+    """Both writers make the folders above their file when they write it (write_trace since
+    the trace beside --json needed them), so a new folder is fine for either; --trace's was
+    refused as missing all the same. Nothing is made while the options are checked; a file
+    where a folder goes is still refused before any section runs."""
     json_path = tmp_path / "new" / "deeper" / "b.json"
     assert bench_options.parse_args(["--json", str(json_path)]).json == json_path
     trace = tmp_path / "new" / "t.json.gz"
-    with pytest.raises(SystemExit) as exit_info:
-        bench_options.parse_args(["--trace", str(trace)])
-    assert exit_info.value.code == 2
-    assert f"--trace {trace}: {tmp_path / 'new'} is missing" in capsys.readouterr().err
+    assert bench_options.parse_args(["--trace", str(trace)]).trace == trace
     assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_options.parse_args(["--trace", str(tmp_path / "file" / "t.json.gz")])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_an_unwritable_json_stops_the_command_before_any_section(tmp_path):

@@ -167,9 +167,9 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
         if path is not None and holds_checkpoint(path):  # --json is written after a section
             p.error(f"{option} {path} is a cifar10-engine checkpoint; the results would "
                     f"overwrite it. Name another file")
-    for option, path, made in (("--json", args.json, True), ("--trace", args.trace, False)):
-        problem = place_problem(path, made) if path is not None else None
-        if problem:
+    for option, path in (("--json", args.json), ("--trace", args.trace)):
+        # both writers make the folders missing above their file (bench_run, write_trace)
+        if path is not None and (problem := place_problem(path, folders_made=True)):
             p.error(f"{option} {path}: {problem}; name a file in a writable folder")
     return args
 

@@ -1,10 +1,11 @@
-"""`python tools/bench.py` (or `cifar-bench`): loaders, peers, steps, epochs and MFU, one process.
+"""`python tools/bench.py` (or `cifar-bench`): loaders, peers, steps, epochs, MFU and a profile.
 
 Every figure of a report is measured in the same run, so ratios between them hold on a noisy,
 shared machine. The peers section puts public CIFAR-10 loaders (airbench, stock FFCV, the seed
 notebook's DataLoader) beside ours. Training FLOPs per image are counted by FlopCounterMode over
 a forward and backward pass; MFU is images/s x FLOPs per image over the dense matmul peak of
-the step's dtype, itself timed in the same run.
+the step's dtype, itself timed in the same run. The profile section runs training steps under
+torch.profiler: the ops that took the most time, and a Chrome trace beside --json.
 """
 
 from __future__ import annotations

@@ -271,6 +271,19 @@ def test_a_runs_epoch_time_leaves_out_its_warm_up_epoch(tmp_path):
            "training epoch (median after the first; first 10.0 s)" in line
 
 
+def test_a_one_epoch_runs_time_is_not_called_a_median_after_its_first(tmp_path):
+    """A run of one epoch (the fast preset's GPU_SUITE_EPOCHS=1, every dry run) has no epoch
+    after its first: its line said 'median after the first; first 10.0 s' of that one epoch's
+    own time, warm-up and all, as if steady epochs had been measured."""
+    run = tmp_path / "train-fast-compile"
+    run.mkdir()
+    row = dict(epoch=1, seconds=10.0, eval_seconds=0.25, test_acc=0.5)
+    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (line,) = gpu_summary.run_line(run, 20.0)
+    assert "1 epoch in 20 s wall (10.0 s of training, 0.2 s of evaluation), 10.00 s per " \
+           "training epoch (its one epoch, warm-up included)" in line
+
+
 def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tmp_path,
                                                                               monkeypatch):
     """The train step's seed run and the compiled run are independent: a failed seed run left

@@ -124,9 +124,10 @@ def run_line(folder: Path, seconds: float | None) -> list[str]:
     wall = f" in {seconds:,.0f} s wall" if seconds is not None else ""
     spent = (f" ({sum(r['seconds'] for r in rows):.1f} s of training, "
              f"{sum(r['eval_seconds'] for r in rows):.1f} s of evaluation)")
+    steady = (f"median after the first; first {rows[0]['seconds']:.1f} s" if len(rows) > 1
+              else "its one epoch, warm-up included")
     return [f"- {folder.name}: {len(rows)} epoch{'s' * (len(rows) != 1)}{wall}{spent}, "
-            f"{steady_seconds(rows):.2f} s per training epoch "
-            f"(median after the first; first {rows[0]['seconds']:.1f} s), test accuracy "
+            f"{steady_seconds(rows):.2f} s per training epoch ({steady}), test accuracy "
             f"{rows[-1]['test_acc']:.2%}"]
 
 

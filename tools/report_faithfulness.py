@@ -28,6 +28,7 @@ PERCENTILES = [20, 40, 60, 80]
 RANDOM = "random"  # the baseline's method name in the table
 TIE_SEED = 0  # the order in which tied pixels of a map are removed: one for every map
 NOISE_SEED = 0  # torch's generator for the imputer's noise: one report, one score
+FLOOR_SEED = 0  # the random maps of the floor: the same maps for every report
 
 
 def removal_order(maps: np.ndarray) -> np.ndarray:
@@ -67,7 +68,7 @@ def road(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,
 def random_maps(like: np.ndarray) -> np.ndarray:
     """Uniform noise maps of the same shape, the same on every call: what an explanation must
     beat."""
-    return np.random.default_rng(0).random(like.shape, dtype=np.float32)
+    return np.random.default_rng(FLOOR_SEED).random(like.shape, dtype=np.float32)
 
 
 def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray,

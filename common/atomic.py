@@ -117,14 +117,17 @@ def text_writer(text: str) -> Callable[[Path], None]:
 
 
 def write_text(path: Path, text: str) -> None:
+    """`text` written to `path` atomically, in ENCODING."""
     atomic_write(path, text_writer(text))
 
 
 def json_text(content: dict) -> str:
+    """`content` as the project's JSON files hold it: indented, one newline at the end."""
     return json.dumps(content, indent=2) + "\n"
 
 
 def write_json(path: Path, content: dict) -> None:
+    """`content` written to `path` atomically, as json_text gives it."""
     write_text(path, json_text(content))
 
 
@@ -140,4 +143,5 @@ def csv_text(rows: Sequence[dict], fields: Sequence[str] | None = None) -> str:
 
 
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str] | None = None) -> None:
+    """`rows` written to `path` atomically, as csv_text gives them."""
     write_text(path, csv_text(rows, fields))

@@ -9,7 +9,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError
-from common.paths import dead_link_on, nearest_existing, unwritable
+from common.paths import dead_link_on, nearest_existing, not_a_folder, unwritable
 
 
 def timestamped(prefix: str) -> str:
@@ -47,11 +47,6 @@ def in_the_way(path: Path) -> Path | None:
     belongs, when that is no folder (a file, a device); None when it is one."""
     nearest = nearest_existing(Path(path).absolute())
     return None if nearest.is_dir() else nearest
-
-
-def not_a_folder(path: Path) -> str:
-    """What `path`, which exists and is no folder, is instead, for a message."""
-    return f"is {'a file' if path.is_file() else 'a device, pipe or socket'}, not a folder"
 
 
 def missing_folders(path: Path) -> list[Path]:

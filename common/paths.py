@@ -87,6 +87,11 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def not_a_folder(path: Path) -> str:
+    """What `path`, which exists and is no folder, is instead, for a message."""
+    return f"is {'a file' if path.is_file() else 'a device, pipe or socket'}, not a folder"
+
+
 def place_problem(path: Path, folders_made: bool = False) -> str | None:
     """Why no file can be written at `path`, or None: checked before the work it records,
     not after an hour of it. With folders_made (the writer makes them), the nearest folder
@@ -95,7 +100,7 @@ def place_problem(path: Path, folders_made: bool = False) -> str | None:
     if folders_made:
         folder = nearest_existing(folder)
     if not folder.is_dir():
-        return f"{folder} is a file, not a folder" if folder.exists() else f"{folder} is missing"
+        return f"{folder} {not_a_folder(folder)}" if folder.exists() else f"{folder} is missing"
     problem = long_name(path)
     if problem is None and (problem := unwritable(folder)):
         problem = f"{folder} {problem}"

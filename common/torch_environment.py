@@ -15,7 +15,7 @@ import resource
 from pathlib import Path
 from types import TracebackType
 
-from common.paths import nearest_existing
+from common.paths import nearest_existing, not_a_folder
 
 # folders torch makes as its modules load (torch._dynamo: the inductor cache's)
 CACHE_FOLDERS = ("TORCHINDUCTOR_CACHE_DIR",)
@@ -29,7 +29,7 @@ def cache_folder_problem() -> str | None:
             continue
         there = nearest_existing(Path(value).absolute())
         if not there.is_dir():
-            return (f"{name}={value!r}: {there} is a file, not a folder; torch makes its cache "
+            return (f"{name}={value!r}: {there} {not_a_folder(there)}; torch makes its cache "
                     "there as it loads. Point it at a folder (it is created when missing), or "
                     "unset it.")
     return None

@@ -15,7 +15,7 @@ from common.errors import DataError
 from common.hardware import default_workers
 from common.locks import waiting_lock
 from common.output_folders import missing_folders, removed_on_failure
-from common.paths import nearest_existing, unwritable
+from common.paths import nearest_existing, not_a_folder, unwritable
 from loaders import beton, cifar
 from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS
@@ -46,7 +46,7 @@ def check_data_dir(data_dir: Path | str, writing: bool = True, why: str = "") ->
         raise DataError("The data folder is empty (''); name a folder, e.g. --data-dir data.")
     existing = nearest_existing(Path(data_dir))  # a folder still to be made is made in this one
     if not existing.is_dir():
-        raise DataError(f"--data-dir {data_dir}: {existing} is a file, not a folder; pass a "
+        raise DataError(f"--data-dir {data_dir}: {existing} {not_a_folder(existing)}; pass a "
                         "folder (it is created when missing).")
     problem = unwritable(existing) if writing else None
     if problem:  # read-only (a mount, modes), or a disk out of space or inodes: the reason

@@ -453,6 +453,8 @@ def _bad_data_dirs(tmp_path: Path, read_only: Path) -> dict[str, tuple[str, str]
     return {"empty": ("", "--data-dir: an empty value"),
             "a file": (str(a_file), f"{a_file} is a file, not a folder"),
             "under a file": (str(a_file / "data"), f"{a_file} is a file, not a folder"),
+            # /dev/null: not called a file (it was, by this check alone)
+            "a device": ("/dev/null", "/dev/null is a device, pipe or socket, not a folder"),
             "read-only": (str(read_only), f"{read_only} cannot be written ("),
             "under a read-only folder": (str(read_only / "data"),
                                          f"{read_only} cannot be written (")}

@@ -307,8 +307,9 @@ def test_a_file_in_an_optimizers_place_is_named_before_the_runs(tmp_path):
     result = compare(*SMALL, "--data-dir", str(tmp_path / "data"), "--optimizers", "sgd",
                      "adam", "--epochs", "1", "--out", str(out))
     assert result.returncode == 1 and result.stdout == "", result.stderr[-3000:]
-    assert result.stderr == (f"error: {out / 'adam'} is a file, where the adam run of the "
-                             "comparison goes; move it away, or choose another --out.\n")
+    assert result.stderr == (f"error: {out / 'adam'} is a file, not a folder, where the adam "
+                             "run of the comparison goes; move it away, or choose another "
+                             "--out.\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no data prepared
     assert sorted(p.name for p in out.iterdir()) == ["adam"]
 

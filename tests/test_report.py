@@ -520,8 +520,14 @@ def _many_files(out: Path, report_dir: Path) -> str:
     return "holds a.txt, b.txt, c.txt and 2 more, which no report writes"
 
 
+def _a_file(out: Path, report_dir: Path) -> str:
+    out.rmdir()
+    out.write_text("mine")
+    return "is a file, not a folder"
+
+
 @pytest.mark.parametrize("make", [_foreign_summary, _report_and_notes,
-                                  _unmarked_report_and_a_folder, _many_files],
+                                  _unmarked_report_and_a_folder, _many_files, _a_file],
                          ids=lambda f: f.__name__.strip("_"))
 def test_only_a_reports_own_folder_is_replaced(make, run_dir, report_dir, tmp_path, capsys):
     """A folder is a report's own when it holds the report's files and nothing else, with the

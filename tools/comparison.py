@@ -14,6 +14,7 @@ from common.atomic import atomic_writes, check_replaceable, csv_text, text_write
 from common.errors import CheckpointError, Interrupted, OutputError, RangeTestError, RunFailed
 from common.hardware import launched_processes
 from common.output_folders import output_dir
+from common.paths import not_a_folder
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.history import steady_seconds
@@ -225,8 +226,8 @@ def check_places(out: Path, optimizers: list[str]) -> None:
     check_replaceable(out / name for name in WRITTEN)
     for name in optimizers:
         if (out / name).exists() and not (out / name).is_dir():
-            raise OutputError(f"{out / name} is a file, where the {name} run of the comparison "
-                              "goes; move it away, or choose another --out.")
+            raise OutputError(f"{out / name} {not_a_folder(out / name)}, where the {name} run of "
+                              "the comparison goes; move it away, or choose another --out.")
 
 
 def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: bool, log: Log,

@@ -15,7 +15,7 @@ import torch
 from common.atomic import ENCODING, write_csv, write_failed
 from common.errors import ReportError, listing
 from common.output_folders import made_for
-from common.paths import long_name, mount_point, resolved, unwritable
+from common.paths import long_name, mount_point, not_a_folder, resolved, unwritable
 from common.temporaries import sweep_dead_writers, temporary_name, temporary_writer
 from engine.checkpoint import broken_outputs
 from engine.failures import out_of_memory_as
@@ -71,7 +71,7 @@ def not_a_report(out: Path) -> str | None:
     if not out.exists():
         return None
     if not out.is_dir():
-        return "is a file"
+        return not_a_folder(out)
     # a report being made inside it (built_inside) is none of its contents
     entries = [e for e in out.iterdir() if temporary_writer(e, out / STAGED) is None]
     foreign = sorted(e.name for e in entries if e.name not in (*FILES, MARKER) or not e.is_file())

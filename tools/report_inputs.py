@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common.errors import ReportError
-from common.paths import not_a_file
+from common.paths import not_a_file, not_a_folder
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.evaluate import probabilities
@@ -52,7 +52,7 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
                               "test split there.")
         return recorded
     if not data_dir.is_dir():
-        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        what = not_a_folder(data_dir) if data_dir.exists() else "does not exist"
         # the recorded split as the way out only where it is still there
         recorded = (f", or leave --data-dir out to use {data['test']}"
                     if Path(data["test"]).is_file() else "")

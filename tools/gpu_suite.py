@@ -141,15 +141,16 @@ def run_step(s: Suite, step: str) -> bool:
         for name, argv in commands:
             step_left = step_end - time.monotonic()
             budget = budget_left(s)
-            if min(step_left, budget) < START_MIN_S:  # it would be killed before its end
-                cut = "the --budget" if budget <= step_left else "its step limit"
-                break
+            by_budget = budget <= step_left  # which of the two ends the command, if any
             left = min(step_left, budget)
+            if left < START_MIN_S:  # it would be killed before its end
+                cut = "the --budget" if by_budget else "its step limit"
+                break
             say(f"{step}: {name} (at most {left:.0f} s)")
             log.write(f"\n$ {shlex.join(argv)}\n")
             log.flush()
             code, seconds = run_command(argv, s.env, log, left)
-            limit = "the budget" if budget <= step_left else "the step limit"
+            limit = "the budget" if by_budget else "the step limit"
             status = ("ok" if code == 0 else f"exit {code}" if code is not None
                       else f"killed at {limit}")
             log.write(f"# {name}: {status}, {seconds:.1f} s\n")

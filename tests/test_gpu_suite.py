@@ -27,6 +27,7 @@ from conftest import ROOT, run_code, run_gpu_suite, running, wait_until, worker_
 from common.compile_modes import COMPILE_MODES, compile_text
 from common.errors import SetupError
 from tools import gpu_environment, gpu_steps, gpu_suite, gpu_summary
+from tools.bench_names import overhead_text
 from tools.bench_peers import PeerResult
 from tools.bench_profile import ProfileResult
 from tools.bench_sections import EpochResult, LoaderResult, StepResult
@@ -687,6 +688,18 @@ def test_the_summary_names_an_epoch_row_without_cudnn_autotuning_as_the_bench_do
         line.format("")]
     del row["cudnn_benchmark"]
     assert gpu_summary.bench_lines({"epoch": [row]}) == [line.format(", no cuDNN autotuning")]
+
+
+def test_a_negative_loader_overhead_is_said_to_be_noise():
+    """Steps on one batch timed slower than the whole epoch (a loaded machine: -514% seen) are
+    no loader that saves time; the bench's line and the summary's say it is noise."""
+    assert overhead_text(0.02) == "2.0%"
+    assert overhead_text(-5.141) == ("-514.1% (noise: the machine's load changed between the "
+                                     "timings)")
+    row = asdict(EpochResult("ffcv", "fp32", False, 512, 8, "default", False, images=1000,
+                             images_per_s=1000.0, data_wait_share=0.0,
+                             loader_overhead_share=-5.141))
+    assert "loader overhead -514.1% (noise: " in gpu_summary.bench_lines({"epoch": [row]})[0]
 
 
 def test_the_summary_tells_rows_apart_and_keeps_the_goals_digits():

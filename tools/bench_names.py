@@ -1,9 +1,18 @@
 """The names of the bench's step, epoch and peers rows, without importing torch, so tools that only
-read results (tools/gpu_summary.py) label rows exactly as the bench does."""
+read results (tools/gpu_summary.py) label rows exactly as the bench does; and how a row's loader
+overhead is said."""
 
 from __future__ import annotations
 
 from common.compile_modes import compile_text
+
+
+def overhead_text(share: float) -> str:
+    """An epoch row's loader overhead (1 - steps on one batch / the epoch) as a percentage; below
+    zero the steps alone ran slower than the whole epoch, which only a change in the machine's
+    load between the two timings does: said so, not left to read as a loader that saves time."""
+    return f"{share:.1%}" + (" (noise: the machine's load changed between the timings)"
+                             if share < 0 else "")
 
 
 def step_name(precision: str, memory_format: str, compile: bool, mode: str,

@@ -29,7 +29,7 @@ from engine.run import Run, build, loader_options, make_train_loader, prepare_da
 from loaders import LOADERS
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared
-from tools.bench_names import epoch_name, step_name
+from tools.bench_names import epoch_name, overhead_text, step_name
 from tools.bench_options import TEST_IMAGES
 from tools.timing import fastest, sync, take_turns, timed_epoch_steps, timed_steps, train_pass
 
@@ -335,7 +335,7 @@ def bench_epochs(base: TrainConfig, args: argparse.Namespace, partial: Callable[
         log(f"epoch: {name}: "
             + (f"{r.images_per_s:,.1f} images/s, data wait {r.data_wait_share:.1%} (the "
                f"first batch's: {ms_range(r.first_batch_wait_s)} ms), loader overhead "
-               f"{r.loader_overhead_share:.1%}" if r.status == "ok"
+               f"{overhead_text(r.loader_overhead_share)}" if r.status == "ok"
                else f"{r.status}, {r.reason}"))
         release()
     return results

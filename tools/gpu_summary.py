@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common.atomic import ENCODING
 from engine.history import steady_seconds
-from tools.bench_names import epoch_name, peer_name, step_name
+from tools.bench_names import epoch_name, overhead_text, peer_name, step_name
 
 KINDS_LISTED = 5  # of the profile's kernel kinds, in the summary's line
 
@@ -63,8 +63,8 @@ ROW_LINES = {
     "epoch": lambda r: (f"epoch, {ROW_NAMES['epoch'](r)}: {r['images'] / r['images_per_s']:.3f} "
                         f"s per {r['images']:,} images, data wait {r['data_wait_share']:.1%} "
                         f"(blocked in next()), loader overhead "
-                        f"{r['loader_overhead_share']:.1%} (over steps on a batch on the "
-                        "device)"),
+                        f"{overhead_text(r['loader_overhead_share'])} (over steps on a batch on "
+                        "the device)"),
     "step": lambda r: f"step {ROW_NAMES['step'](r)}: {r['images_per_s']:,.0f} images/s",
 }
 

@@ -836,6 +836,20 @@ def test_a_run_that_saved_nothing_keeps_a_trackers_folder_it_did_not_make(data_d
     assert (out / "cifar10-engine" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_files_of_no_saved_epoch_go_on_the_way_out_and_only_those(tmp_path, saved):
+    """unsaved_removed, as train leaves by an error: a best.pt without its ckpt.pt goes, and the
+    trackers' folder the run made with it; once ckpt.pt is there, all of them stay."""
+    (tmp_path / "best.pt").write_bytes(b"best")
+    logs = tmp_path / "cifar10-engine"
+    (logs / "run").mkdir(parents=True)
+    if saved:
+        (tmp_path / "ckpt.pt").write_bytes(b"ckpt")
+    with pytest.raises(RuntimeError, match="stopped"), loop.unsaved_removed(tmp_path, logs):
+        raise RuntimeError("stopped")
+    assert (tmp_path / "best.pt").exists() == logs.exists() == saved
+
+
 def test_a_ctrl_c_a_library_turned_into_its_own_error_still_says_what_was_kept(
         data_dir, tmp_path, monkeypatch, capsys):
     """A library may catch the KeyboardInterrupt of a Ctrl-C and raise an error of its own:

@@ -922,22 +922,24 @@ def test_the_tools_help_gives_preset_values_but_for_the_options_they_decide(tool
         assert "(default:" not in text, (option, text)
 
 
-@pytest.mark.parametrize("script, refused", [
+@pytest.mark.parametrize("script, refused, why", [
     ("tools/lr_find.py", ["--lr LR", "--epochs EPOCHS", "--schedule {", "--warmup WARMUP",
-                          "--tta, --no-tta", "--log-with TRACKER"]),
-    ("tools/compare.py", ["--optimizer {"]),
+                          "--tta, --no-tta", "--log-with TRACKER"],
+     "the range test does not use it (it sweeps the LR from --start-lr to --end-lr over "
+     "--iterations steps and never evaluates); pass it to engine/train.py"),
+    ("tools/compare.py", ["--optimizer {"], "this tool trains each of --optimizers"),
 ])
-def test_the_tools_help_says_which_training_options_they_refuse(script, refused):
+def test_the_tools_help_says_which_training_options_they_refuse(script, refused, why):
     """lr_find's --help described --lr, --epochs, ... as engine/train.py takes them ('peak
     learning rate, or 'auto' for the LR range test'), and compare's --optimizer as 'optimizer',
-    where both tools refuse them (docs/lr-and-optimizers.md); the help now says so."""
+    where both tools refuse them (docs/lr-and-optimizers.md); the help now says so, and why."""
     result = run_script(script, "--help")
     assert result.returncode == 0, result.stderr
     shown = " ".join(result.stdout.split())
     for option in refused:
         after = shown[shown.index(" " + option) + 1:]
         described = after[after.index("}") + 1 if option.endswith("{") else len(option):]
-        assert described.lstrip().startswith("refused here: "), (option, described[:80])
+        assert described.lstrip().startswith(f"refused here: {why}"), (option, described[:80])
     assert "--momentum MOMENTUM momentum (SGD, RMSprop)" in shown  # one it takes, as training
 
 

@@ -270,6 +270,11 @@ def test_a_runs_epoch_time_leaves_out_its_warm_up_epoch(tmp_path):
     (line,) = gpu_summary.run_line(run, 20.0)
     assert "3 epochs in 20 s wall (15.0 s of training, 0.8 s of evaluation), 2.50 s per " \
            "training epoch (median after the first; first 10.0 s)" in line
+    # the seed run's own 2 epochs: one after the first, still a median of it
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (line,) = gpu_summary.run_line(run, 20.0)
+    assert "2 epochs in 20 s wall (12.0 s of training, 0.5 s of evaluation), 2.00 s per " \
+           "training epoch (median after the first; first 10.0 s)" in line
 
 
 def test_a_one_epoch_runs_time_is_not_called_a_median_after_its_first(tmp_path):
@@ -693,7 +698,7 @@ def test_the_summary_names_an_epoch_row_without_cudnn_autotuning_as_the_bench_do
 def test_a_negative_loader_overhead_is_said_to_be_noise():
     """Steps on one batch timed slower than the whole epoch (a loaded machine: -514% seen) are
     no loader that saves time; the bench's line and the summary's say it is noise."""
-    assert overhead_text(0.02) == "2.0%"
+    assert overhead_text(0.02) == "2.0%" and overhead_text(0.0) == "0.0%"  # none: no noise
     assert overhead_text(-5.141) == ("-514.1% (noise: the machine's load changed between the "
                                      "timings)")
     row = asdict(EpochResult("ffcv", "fp32", False, 512, 8, "default", False, images=1000,

@@ -980,6 +980,12 @@ def test_only_the_precisions_that_ran_get_a_matmul_peak(monkeypatch):
     out = bench_mfu.bench_mfu({"epoch": [failed_epoch], "step": [skipped_step]},
                               TrainConfig(width=4), torch.device("cpu"), args)
     assert measured == ["fp32"] and out.rows == []
+    # a step that ran in bf16 gets its peak, and its row an MFU against it
+    measured.clear()
+    ran = bench_sections.StepResult("bf16", "channels_last", False, 64, 4, images_per_s=10.0)
+    out = bench_mfu.bench_mfu({"epoch": [failed_epoch], "step": [skipped_step, ran]},
+                              TrainConfig(width=4), torch.device("cpu"), args)
+    assert measured == ["bf16", "fp32"] and [row["precision"] for row in out.rows] == ["bf16"]
 
 
 def test_a_peer_epochs_mfu_rests_on_the_flops_of_its_own_model():

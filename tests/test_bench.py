@@ -728,6 +728,11 @@ def test_a_file_option_naming_a_pipe_is_a_usage_error(tmp_path, capsys, option):
         bench_options.parse_args([option, str(tmp_path / "pipe")])
     assert exit_info.value.code == 2
     assert f"{option} {tmp_path / 'pipe'} is a device, pipe or socket" in capsys.readouterr().err
+    # and where a folder of the file goes: not called a file
+    with pytest.raises(SystemExit):
+        bench_options.parse_args([option, str(tmp_path / "pipe" / "b.json")])
+    assert (f"{option} {tmp_path / 'pipe' / 'b.json'}: {tmp_path / 'pipe'} is a device, pipe or "
+            "socket, not a folder; ") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])

@@ -365,6 +365,15 @@ def test_an_inductor_cache_dir_that_is_a_file_is_named_before_torch_loads(below,
     assert not out.exists()
 
 
+def test_an_inductor_cache_dir_below_a_device_names_the_device(monkeypatch):
+    """/dev/null/cache: the device is said to be one, not 'a file' (cache_folder_problem)."""
+    from common.torch_environment import cache_folder_problem
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/dev/null/cache")
+    assert cache_folder_problem().startswith(
+        "TORCHINDUCTOR_CACHE_DIR='/dev/null/cache': /dev/null is a device, pipe or socket, not a "
+        "folder; torch makes its cache there as it loads.")
+
+
 def test_a_deleted_current_folder_is_said_in_one_line(tmp_path):
     """Started in a folder deleted meanwhile, every command ended in 'Intel oneMKL FATAL ERROR:
     Cannot load .../libtorch_cpu.so.' and exit 2 as torch loaded, which named no folder."""

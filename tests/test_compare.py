@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -472,6 +473,16 @@ def test_the_table_gives_each_runs_numbers_in_its_own_column_and_a_diverged_runs
     assert lines[4:] == ["| sgd | 0.0234 | 0.0005 | 60.00% | 70.00% | 1.3 |  |",
                          "| adamw | 0.001 | 0.07 | - | - | - | the training loss became NaN or "
                          "infinite in epoch 1 |"]
+
+
+def test_a_pipe_where_a_run_of_the_comparison_goes_is_named_a_pipe(tmp_path):
+    """check_places: a pipe at --out/sgd is refused before any run, as a pipe, not 'a file'."""
+    os.mkfifo(tmp_path / "sgd")
+    with pytest.raises(OutputError) as refused:
+        comparison.check_places(tmp_path, ["sgd"])
+    assert str(refused.value) == (f"{tmp_path / 'sgd'} is a device, pipe or socket, not a "
+                                  "folder, where the sgd run of the comparison goes; move it "
+                                  "away, or choose another --out.")
 
 
 @pytest.mark.parametrize("lr, own_decay, optimizers, said", [

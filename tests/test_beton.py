@@ -424,8 +424,9 @@ def test_read_checks_the_structure_of_a_file_its_sidecar_vouches_for(prepared, t
     damage(path)
     _vouch_for(path, prepared.test)
     assert beton.check(path)  # the sidecar alone would let it through
-    with pytest.raises(DataError, match=re.escape(f"{path} {words}")):
+    with pytest.raises(DataError, match=re.escape(f"{path} {words}")) as refused:
         beton.read(path)
+    assert str(refused.value).endswith("; delete it to rebuild it."), refused.value  # the fix
 
 
 def test_read_takes_the_fields_in_the_files_order(prepared, tmp_path):

@@ -1962,6 +1962,9 @@ def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, chang
         train_run(TrainConfig(), run, {"epochs": 2})
     assert str(refused.value).startswith(f"{path}'s saved training state does not fit its run "
                                          f"({cause}")
+    assert str(refused.value).endswith(
+        "; it was damaged or written by other code. Resume from the ckpt.pt that engine/train.py "
+        "wrote, or start a new run with another --out."), refused.value
     assert path.read_bytes() == before and len(history(run)) == 1
 
 

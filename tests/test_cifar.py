@@ -1190,6 +1190,7 @@ def test_synthetic_shapes_and_balanced_classes(n):
 
 def test_write_synthetic_is_a_cifar10_folder_with_balanced_training_classes(tmp_path):
     folder = python_folder.write_synthetic(tmp_path, 60, 20)
+    assert folder == tmp_path / "synthetic-60-20-seed0"  # the name such folders always had
     data = cifar.read_folder(folder, layouts.OWN_LAYOUT, "synthetic")
     assert data.classes == SYNTHETIC_CLASSES
     assert np.bincount(data.train.labels).tolist() == [6] * 10

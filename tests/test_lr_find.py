@@ -395,7 +395,9 @@ def test_lr_find_csv_has_each_steps_loss_beside_its_smoothed_loss():
     # a training option's refusal names the tool, not engine/train.py
     (["--momentum", "1"], "tools/lr_find.py: error: --momentum must be in [0, 1), got 1.0"),
     (["--lr", "0.1"], "--lr: the range test does not use it (it sweeps the LR from"),
-    (["--epochs", "3", "--no-tta"], "--epochs, --no-tta: the range test does not use them"),
+    (["--epochs", "3", "--no-tta"], "--epochs, --no-tta: the range test does not use them (it "
+     "sweeps the LR from --start-lr to --end-lr over --iterations steps and never evaluates); "
+     "leave them out here, and pass them to engine/train.py; see --help\n"),
     (["--tta"], "--tta: the range test does not use it"),
     # the sweep sets the LR of each step itself
     (["--schedule", "onecycle", "--warmup", "0.2"],

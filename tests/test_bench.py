@@ -355,6 +355,14 @@ def test_the_help_gives_each_default_once_where_cuda_and_cpu_share_it():
         "default: default,reduce-overhead, quick none")
 
 
+def test_the_step_sections_precisions_left_out_are_all_three_the_help_names(capsys):
+    """--precisions left out: fp32, bf16 and fp16, as --help says."""
+    assert bench_options.parse_args([]).precisions == ["fp32", "bf16", "fp16"]
+    with pytest.raises(SystemExit):
+        bench_options.parse_args(["--help"])
+    assert "(default: fp32,bf16,fp16)" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.slow
 def test_sections_choose_what_runs(tmp_path):
     report, stdout = run_bench(tmp_path, "--sections", "mfu")

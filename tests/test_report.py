@@ -1346,19 +1346,20 @@ def test_a_class_name_with_a_bar_or_a_line_break_keeps_its_table_row():
     assert "| two lines | 3 | 50.00% | 50.00% | 50.00% |" in text
 
 
-@pytest.mark.parametrize("make, what", [(lambda p: p.write_text("x"), "is a file, not a folder"),
-                                        (os.mkfifo, "is a device, pipe or socket, not a folder")],
-                         ids=["a file", "a pipe"])
+# what can stand where a folder belongs, and how the report's messages call it
+NOT_FOLDERS = [pytest.param(lambda p: p.write_text("x"), "is a file, not a folder", id="a file"),
+               pytest.param(os.mkfifo, "is a device, pipe or socket, not a folder", id="a pipe")]
+
+
+@pytest.mark.parametrize("make, what", NOT_FOLDERS)
 def test_an_out_that_is_no_folder_is_said_to_be_what_it_is(tmp_path, make, what):
     """not_a_report: --out a file, or a pipe, is no report folder, in words of its own."""
     make(tmp_path / "out")
     assert report_folder.not_a_report(tmp_path / "out") == what
 
 
-@pytest.mark.parametrize("make, what", [(lambda p: None, "does not exist"),
-                                        (lambda p: p.write_text("x"), "is a file, not a folder"),
-                                        (os.mkfifo, "is a device, pipe or socket, not a folder")],
-                         ids=["missing", "a file", "a pipe"])
+@pytest.mark.parametrize("make, what", [
+    pytest.param(lambda p: None, "does not exist", id="missing"), *NOT_FOLDERS])
 def test_a_data_dir_that_is_no_folder_is_named_as_it_is(tmp_path, make, what):
     data_dir = tmp_path / "data"
     make(data_dir)

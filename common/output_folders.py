@@ -9,7 +9,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError
-from common.paths import dead_link_on, nearest_existing, not_a_folder, unwritable
+from common.paths import dead_link_on, in_the_way, not_a_folder, unwritable
 
 
 def timestamped(prefix: str) -> str:
@@ -40,13 +40,6 @@ def make_dir(path: Path, option: str = "--out") -> None:
                               "writable folder.") from None
     if problem:
         raise OutputError(f"{option} {path} {problem}; choose a writable folder.")
-
-
-def in_the_way(path: Path) -> Path | None:
-    """What stands where folder `path` or the nearest of the folders above it that exists
-    belongs, when that is no folder (a file, a device); None when it is one."""
-    nearest = nearest_existing(Path(path).absolute())
-    return None if nearest.is_dir() else nearest
 
 
 def missing_folders(path: Path) -> list[Path]:

@@ -87,6 +87,13 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def in_the_way(path: Path) -> Path | None:
+    """What stands where folder `path` or the nearest of the folders above it that exists
+    belongs, when that is no folder (a file, a device); None when it is one."""
+    nearest = nearest_existing(Path(path).absolute())
+    return None if nearest.is_dir() else nearest
+
+
 def not_a_folder(path: Path) -> str:
     """What `path`, which exists and is no folder, is instead, for a message."""
     return f"is {'a file' if path.is_file() else 'a device, pipe or socket'}, not a folder"

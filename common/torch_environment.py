@@ -15,7 +15,7 @@ import resource
 from pathlib import Path
 from types import TracebackType
 
-from common.paths import nearest_existing, not_a_folder
+from common.paths import in_the_way, not_a_folder
 
 # folders torch makes as its modules load (torch._dynamo: the inductor cache's)
 CACHE_FOLDERS = ("TORCHINDUCTOR_CACHE_DIR",)
@@ -27,8 +27,7 @@ def cache_folder_problem() -> str | None:
     for name in CACHE_FOLDERS:
         if not (value := os.environ.get(name, "")):
             continue
-        there = nearest_existing(Path(value).absolute())
-        if not there.is_dir():
+        if (there := in_the_way(Path(value))) is not None:
             return (f"{name}={value!r}: {there} {not_a_folder(there)}; torch makes its cache "
                     "there as it loads. Point it at a folder (it is created when missing), or "
                     "unset it.")

@@ -203,15 +203,15 @@ def test_quick_run_records_every_peer_or_why_not(quick):
     assert (default["pipeline"], seed["batch_size"], default["batch_size"]) == (
         "default", 128, 256)
     assert seed["vs_seed"] == 1 and default["vs_seed"] > 0
-    assert seed["images"] == default["images"] == 256 and seed["width"] == 16
-    assert seed["train_flops_per_image"] == count_train_flops(ResNet18(width=16))[0]
+    assert seed["images"] == default["images"] == 256 and seed["width"] == 8
+    assert seed["train_flops_per_image"] == count_train_flops(ResNet18(width=8))[0]
 
 
 @pytest.mark.slow
 def test_quick_run_profiles_training_steps_and_writes_their_trace(quick):
     profile = quick[0]["profile"]
     assert (profile["steps"], profile["warmup_steps"], profile["sort_by"]) == (2, 1, "self_cpu_ms")
-    assert profile["loader"] == "ffcv" and profile["width"] == 16  # the CPU defaults, quick
+    assert profile["loader"] == "ffcv" and profile["width"] == 8  # the CPU defaults, quick
     times = [op["self_cpu_ms"] for op in profile["ops"]]
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert "== profile: 2 steps after 1 warm-up" in quick[1]
@@ -350,7 +350,7 @@ def test_the_help_gives_each_default_once_where_cuda_and_cpu_share_it():
     and --quick's (an empty list as none)."""
     assert bench_options.default_text("batch_size") == (
         "default: 512 on CUDA, 256 on CPU, quick 64")
-    assert bench_options.default_text("width") == "default: 64, quick 16"
+    assert bench_options.default_text("width") == "default: 64, quick 8"
     assert bench_options.default_text("compile_modes") == (
         "default: default,reduce-overhead, quick none")
 

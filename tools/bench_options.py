@@ -30,7 +30,7 @@ DEFAULTS: dict[str, tuple] = {
     "images": (50_000, 50_000, 2_048),
     "epoch_images": (50_000, 2_560, 256),
     "epochs": (2, 2, 1),
-    "width": (64, 64, 16),
+    "width": (64, 64, 8),
     "batch_size": (512, 256, 64),
     "batch_sizes": ([256, 1024], [128, 512], [32]),
     "compile": (["off", "on"], ["off", "on"], ["off"]),
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, tuple] = {
     "matmul_size": (8192, 2048, 1024),  # CUDA: large enough to fill an H100's tensor cores
     "matmul_seconds": (1.0, 1.0, 0.3),
     "peer_epoch_images": (50_000, 1_024, 256),
-    "peer_width": (64, 64, 16),
+    "peer_width": (64, 64, 8),
     "profile_steps": (20, 3, 2),
 }
 
@@ -77,7 +77,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     file = path_option("name the current directory")
     p.add_argument("--json", type=file, help="also write every figure and the metadata here")
     p.add_argument("--quick", action="store_true",
-                   help="small images counts and width 16, no compile: about 40 s on 2 cores")
+                   help="small image counts and width 8, no compile: every section as a smoke test")
     p.add_argument("--data-dir", type=data_dir_option, default=Path("data"),
                    help="where the synthetic data and its .beton files are kept (default: ./data)")
     count, number = positive(int), positive(float)

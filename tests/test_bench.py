@@ -468,9 +468,10 @@ def test_the_profile_trace_goes_beside_the_json_in_folders_still_to_make(profile
 @pytest.mark.slow
 def test_sections_run_in_their_own_order_whatever_the_order_given(tmp_path):
     """mfu named before step ran first, with no step to rate. (--json in a folder still to
-    make: the first section's save makes it.)"""
+    make: the first section's save makes it.) A grid of two steps: the order is what counts."""
     out = tmp_path / "new" / "bench.json"
     result = run_script("tools/bench.py", "--quick", "--device", "cpu", "--sections", "mfu,step",
+                        "--precisions", "fp32", "--formats", "channels_last",
                         "--data-dir", tmp_path / "data", "--json", out, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -411,9 +411,9 @@ def test_torchrun_killed_outright_stops_its_processes_with_every_finished_epoch(
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path):
-    # 1000 images (8 batches, the last one short), the data the divergence test makes too:
+    # 600 images (5 batches, the last one short), the data the divergence test makes too:
     # three runs of an uninterrupted, a cut and a resumed history, epochs of any size compared
-    common = ["--synthetic-size", "1000", "200", "--data-dir", str(data_dir), "--epochs", "3",
+    common = ["--synthetic-size", "600", "200", "--data-dir", str(data_dir), "--epochs", "3",
               "--loader", "resident"]
     full = tmp_path / "full"
     assert train(*common, "--out", str(full)).returncode == 0
@@ -569,7 +569,7 @@ def test_divergence_on_several_processes_is_said_once(data_dir, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
-         *SMALL, "--synthetic-size", "1000", "200", "--data-dir", str(data_dir), "--epochs",
+         *SMALL, "--synthetic-size", "600", "200", "--data-dir", str(data_dir), "--epochs",
          "1", "--loader", "resident", "--lr", "1e8", "--out", str(out)], cwd=ROOT,
         capture_output=True, text=True, timeout=600, env=torchrun_env(tmp_path))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

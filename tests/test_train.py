@@ -457,7 +457,7 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_all_its_files(data_dir, tmp_pa
     resident loader: FFCV's JIT would add seconds to a test of the saving."""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_BEST, str(ROOT / "engine/train.py"),
-                             *SMALL, "--synthetic-size", "1500", "300", "--loader", "resident",
+                             *SMALL, "--synthetic-size", "600", "200", "--loader", "resident",
                              "--data-dir", str(data_dir), "--epochs", "3", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 130, result.stderr[-3000:]
@@ -504,8 +504,8 @@ def test_each_epoch_is_written_in_the_background_and_the_last_before_the_end(dat
     loader: FFCV's JIT would add seconds to a test of the writing."""
     out, records = tmp_path / "run", tmp_path / "records.txt"
     result = subprocess.run([sys.executable, "-c", WRITES_BESIDE_TRAINING, str(records),
-                             str(ROOT / "engine/train.py"), *SMALL, "--synthetic-size", "1500",
-                             "300", "--loader", "resident", "--data-dir", str(data_dir),
+                             str(ROOT / "engine/train.py"), *SMALL, "--synthetic-size", "600",
+                             "200", "--loader", "resident", "--data-dir", str(data_dir),
                              "--epochs", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -263,7 +263,7 @@ def stopped_mid_run(data_dir: Path, tmp_path: Path, epochs: int,
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
-         *SMALL, "--synthetic-size", "1500", "300", "--data-dir", str(data_dir), "--epochs",
+         *SMALL, "--synthetic-size", "600", "200", "--data-dir", str(data_dir), "--epochs",
          str(epochs), "--loader", "resident", "--out", str(out)], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env=torchrun_env(tmp_path))

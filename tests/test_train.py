@@ -203,7 +203,7 @@ def test_two_processes_share_the_work_without_double_counting(data_dir, tmp_path
     out, records = tmp_path / "dist", tmp_path / "epochs"
     recorder = tmp_path / "record_epochs.py"
     recorder.write_text(EPOCHS_RECORDED)
-    n_train, n_test = 2001, 301  # odd sizes: one padding sample, unequal test shards
+    n_train, n_test = 601, 201  # odd sizes: one padding sample, unequal test shards
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script, small_config, torchrun_env, wait_until
+from conftest import ROOT, in_process, run_script, small_config, torchrun_env, wait_until
 
 from common.errors import OutputError
 from engine import checkpoint, loop
@@ -199,14 +199,16 @@ def test_each_optimizer_keeps_its_own_run_directory_from_the_same_seed(out):
 
 
 @pytest.mark.slow
-def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_path):
+def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_path, capsys):
     """A comparison stopped midway goes on when run again: finished runs are reused as they
-    are, and a longer --epochs resumes each run where it stopped."""
+    are, and a longer --epochs resumes each run where it stopped. The reuse through main()
+    in this process (the continuing call of the weight decay test below reuses them as a real
+    process), the extension a real subprocess."""
     again = Path(shutil.copytree(out, tmp_path / "out"))
     common = [*SMALL, "--data-dir", str(out.parent / "data"), "--optimizers", "sgd", "adamw",
               "--out", str(again)]
     before = {name: (again / name / "ckpt.pt").read_bytes() for name in ("sgd", "adamw")}
-    result = compare(*common, "--epochs", "1")
+    result = in_process(capsys, main, *common, "--epochs", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert {name: (again / name / "ckpt.pt").read_bytes() for name in before} == before
     # compare takes no --resume: it says how to extend its runs in its own options

@@ -23,7 +23,7 @@ from tools import comparison
 from tools.compare import main
 from tools.comparison import WRITTEN, Result, default_lr, default_weight_decay
 
-SMALL = ["--dataset", "synthetic", "--synthetic-size", "1000", "200", "--width", "8",
+SMALL = ["--dataset", "synthetic", "--synthetic-size", "500", "200", "--width", "8",
          "--batch-size", "64", "--loader", "resident"]
 
 

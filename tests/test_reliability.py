@@ -674,22 +674,23 @@ def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path, caps
     assert (run / "ckpt.pt").read_bytes() == before
 
 
-def trained_on_pictures(tmp_path: Path) -> tuple[Path, Path]:
+def trained_on_pictures(tmp_path: Path, capsys: pytest.CaptureFixture) -> tuple[Path, Path]:
     """An image folder of cat, dog and frog in tmp_path/pictures, and a one-epoch run on it in
-    tmp_path/run."""
+    tmp_path/run, trained by main() in this process: the tests that use it run the resume they
+    check by a real subprocess (a process spends seconds importing torch)."""
     pictures, run = tmp_path / "pictures", tmp_path / "run"
     write_tree(pictures, per_class=(16, 4))
-    first = run_script("engine/train.py", "--dataset", "folder", "--data-dir", pictures,
+    first = in_process(capsys, train_main, "--dataset", "folder", "--data-dir", pictures,
                        "--width", "8", "--batch-size", "16", "--epochs", "1", "--loader",
-                       "resident", "--out", run, timeout=300)
+                       "resident", "--out", run)
     assert first.returncode == 0, first.stderr[-3000:]
     return pictures, run
 
 
 @pytest.mark.slow
-def test_resume_after_the_classes_changed_names_both(tmp_path):
+def test_resume_after_the_classes_changed_names_both(tmp_path, capsys):
     """An image folder that gained a class: the checkpoint's head has one output too few."""
-    pictures, run = trained_on_pictures(tmp_path)
+    pictures, run = trained_on_pictures(tmp_path, capsys)
     for split in ("train", "test"):
         shutil.copytree(pictures / split / "dog", pictures / split / "emu")
     result = run_script("engine/train.py", "--resume", run, "--epochs", "2", timeout=300)
@@ -705,7 +706,7 @@ def test_resume_after_the_image_folder_moved_says_to_pass_data_dir(tmp_path, cap
     """It said only that the recorded folder's train/ was missing, not that --resume takes
     --data-dir for the folder's new place. The refusal by main() in this process, the resume
     with --data-dir by a real one."""
-    pictures, run = trained_on_pictures(tmp_path)
+    pictures, run = trained_on_pictures(tmp_path, capsys)
     moved = pictures.rename(tmp_path / "moved")
     result = in_process(capsys, train_main, "--resume", run, "--epochs", 2)
     assert result.returncode == 1
@@ -734,12 +735,18 @@ def test_resume_refuses_options_it_cannot_apply_by_name(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_another_directory_uses_the_recorded_data(tmp_path):
+def test_resume_from_another_directory_uses_the_recorded_data(tmp_path, capsys, monkeypatch):
+    """The first run, its --data-dir and --out relative to its folder, by main() in this
+    process from there; the resume from another folder by a real subprocess."""
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
     second.mkdir()
-    result = train("--data-dir", "data", "--epochs", "1", "--out", "run", cwd=first)
+    with monkeypatch.context() as inside:
+        inside.chdir(first)
+        result = in_process(capsys, train_main, *TINY, "--data-dir", "data", "--epochs", 1,
+                            "--out", "run")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (first / "data").is_dir() and (first / "run" / "ckpt.pt").is_file()
     result = train("--resume", first / "run", "--epochs", "2", cwd=second)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (second / "data").exists()  # nothing regenerated relative to the new cwd

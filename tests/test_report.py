@@ -612,13 +612,18 @@ def test_a_default_report_folder_that_is_no_report_is_named_as_the_default(run_d
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_out_dot_is_the_current_folder(run_dir, tmp_path):
-    """`--out .` names the folder the command runs in (once a traceback: `.` has no name)."""
+def test_out_dot_is_the_current_folder(run_dir, tmp_path, capsys, monkeypatch):
+    """`--out .` names the folder the command runs in (once a traceback: `.` has no name).
+    By main() in this process, run from that folder (report_dir's report is the real
+    subprocess)."""
     here = tmp_path / "here"
     here.mkdir()
-    result = run_script("tools/report.py", run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3",
-                        "--out", ".", cwd=here, timeout=300)
+    with monkeypatch.context() as inside:
+        inside.chdir(here)
+        result = in_process(capsys, report.main, run_dir / "ckpt.pt", "-n", 1, "--layers",
+                            "layer3", "--out", ".")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"wrote {here}/: summary.md"), result.stdout
     assert (here / "summary.md").is_file() and (here / "gradcam.pdf").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["here"]
 

@@ -756,18 +756,20 @@ def test_a_report_that_cannot_be_renamed_into_place_puts_the_older_one_back(tmp_
     assert tree(out) == before and [p.name for p in tmp_path.iterdir()] == ["report"]
 
 
-def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_path):
+def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_path, capsys):
     """A report killed mid-way (SIGKILL) leaves its temporary folder: the next report into the
-    same --out removes those of dead writers, and keeps a live writer's and other names'."""
+    same --out removes those of dead writers, and keeps a live writer's and other names'. The
+    report by main() in this process (report_dir's is the real subprocess), so the live
+    writer is this process's parent: the sweeping process's own pid counts as one reused."""
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout)
     stale = [f".report.{dead}.tmp", f".report.{dead}.old"]
-    kept = [f".report.{os.getpid()}.tmp", f".other.{dead}.tmp"]  # a running writer; not ours
+    kept = [f".report.{os.getppid()}.tmp", f".other.{dead}.tmp"]  # a running writer; not ours
     for name in stale + kept:
         (tmp_path / name).mkdir()
         (tmp_path / name / "curves.png").write_bytes(b"half a report")
-    result = run_report(run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3", "--out",
-                        tmp_path / "report")
+    result = in_process(capsys, report.main, run_dir / "ckpt.pt", "-n", 1, "--layers", "layer3",
+                        "--out", tmp_path / "report")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["report"])
 

@@ -722,10 +722,13 @@ def test_resume_after_the_image_folder_moved_says_to_pass_data_dir(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_resume_refuses_options_it_cannot_apply_by_name(finished, tmp_path):
+def test_resume_refuses_options_it_cannot_apply_by_name(finished, tmp_path, capsys):
+    """By main() in this process (test_resume_after_the_classes_changed_names_both's refusal
+    is a real subprocess's)."""
     run = copy_run(finished, tmp_path)
     before = (run / "ckpt.pt").read_bytes()
-    result = train("--resume", run, "--lr", "0.5", "--width", "32", timeout=300)
+    result = in_process(capsys, train_main, *TINY, "--resume", run, "--lr", "0.5", "--width",
+                        "32")
     assert result.returncode == 1
     message = one_line_error(result)
     assert message.startswith(f"error: {run / 'ckpt.pt'}: --lr, --width cannot change when "
@@ -769,10 +772,12 @@ def test_divergence_in_the_first_epoch_says_nothing_was_saved(data_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_divergence_from_a_huge_weight_decay_names_the_weight_decay(data_dir, tmp_path):
-    """It advised a lower --lr, which left the cause in place."""
-    result = train("--data-dir", data_dir, "--epochs", "1", "--weight-decay", "1e11",
-                   "--out", tmp_path / "out")
+def test_divergence_from_a_huge_weight_decay_names_the_weight_decay(data_dir, tmp_path,
+                                                                   capsys):
+    """It advised a lower --lr, which left the cause in place. By main() in this process (the
+    divergence above is a real subprocess's)."""
+    result = in_process(capsys, train_main, *TINY, "--data-dir", data_dir, "--epochs", 1,
+                        "--weight-decay", "1e11", "--out", tmp_path / "out")
     assert result.returncode == 1
     assert one_line_error(result).endswith(
         "start again with a --weight-decay far below 1 (the default is 0.0005; it diverged with "
@@ -1289,11 +1294,13 @@ def test_stdout_on_a_full_disk_mid_run_is_named_and_the_epochs_kept(data_dir, tm
 
 
 @pytest.mark.slow
-def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path):
+def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path, capsys):
+    """By main() in this process (test_resume_with_more_epochs_extends_a_finished_run resumes
+    by a real subprocess)."""
     run = copy_run(finished, tmp_path)
     _damaged(run, lambda ckpt: [row.pop(key) for row in ckpt["history"]
                                 for key in ("eval_seconds", "train_images", "test_images")])
-    result = train("--resume", run, "--epochs", "2", timeout=300)
+    result = in_process(capsys, train_main, *TINY, "--resume", run, "--epochs", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     header, first, second = (run / "metrics.csv").read_text().splitlines()
     assert "eval_seconds" in header.split(",") and len(history(run)) == 2

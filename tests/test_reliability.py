@@ -64,6 +64,7 @@ from engine.run import train_step
 from engine.train import main as train_main
 from loaders import make_loader
 from loaders.options import seed_problem
+from loaders.preparation import prepare
 from tools import export as export_command
 from tools import predict as predict_command
 from tools import report as report_command
@@ -124,9 +125,10 @@ def one_line_error(result) -> str:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
+    """The synthetic split of SIZE, prepared as loaders/prepare.py prepares it, in this process
+    (that command's own tests run it as a process)."""
     path = tmp_path_factory.mktemp("data")
-    result = run_script("loaders/prepare.py", "--dataset", "synthetic", *SIZE, "--data-dir", path)
-    assert result.returncode == 0, result.stderr
+    prepare("synthetic", path, (int(SIZE[1]), int(SIZE[2])), workers=1)
     return path
 
 

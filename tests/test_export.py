@@ -309,12 +309,16 @@ def test_a_read_only_out_is_named_not_its_temporary(run_dir, tmp_path):
         assert result.stderr.startswith(f"error: cannot use {out}: Read-only file system.")
 
 
-def test_a_name_too_long_for_its_temporary_is_named_before_the_export(run_dir, tmp_path):
+def test_a_name_too_long_for_its_temporary_is_named_before_the_export(run_dir, tmp_path,
+                                                                      capsys):
     """A 250-byte name fits the file system, its temporary (`.<name>.<pid>.tmp`, 257 bytes or
     more whatever the pid) does not: it was 'cannot use ...: File name too long. Check that the
-    path exists, is writable ...'. (245 bytes passed or failed with the pid's digits.)"""
+    path exists, is writable ...'. (245 bytes passed or failed with the pid's digits.)
+    Through the command's main() in this process (the read-only --out above is a real
+    subprocess's refusal)."""
     out = tmp_path / "new" / ("m" * 247 + ".pt")
-    result = export(run_dir / "ckpt.pt", "--format", "torchscript", "--out", out)
+    result = in_process(capsys, export_command.main, run_dir / "ckpt.pt", "--format",
+                        "torchscript", "--out", out)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"error: --out {out}: its name is too long (250 bytes; "
                                     "this file system takes 255, less ")

@@ -69,7 +69,8 @@ from tools import export as export_command
 from tools import predict as predict_command
 from tools import report as report_command
 
-SIZE = ["--synthetic-size", "1024", "128"]
+SPLIT = (1024, 128)  # synthetic training and test images
+SIZE = ["--synthetic-size", *map(str, SPLIT)]
 TINY = ["--dataset", "synthetic", *SIZE, "--width", "8", "--batch-size", "128",
         "--loader", "resident", "--seed", "1"]
 
@@ -79,10 +80,10 @@ def train(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def tiny_config(data_dir: Path, out: Path, **changes) -> TrainConfig:
-    """A run of data_dir's prepared split (SIZE) for train_run in this process: width 8,
+    """A run of data_dir's prepared split (SPLIT) for train_run in this process: width 8,
     batches of 256, the resident loader, one worker, one epoch; `changes` on top."""
     return TrainConfig(**{**dict(dataset="synthetic", data_dir=str(data_dir),
-                                 synthetic_size=(int(SIZE[1]), int(SIZE[2])), width=8,
+                                 synthetic_size=SPLIT, width=8,
                                  batch_size=256, loader="resident", workers=1, epochs=1,
                                  out=str(out)), **changes})
 
@@ -125,10 +126,10 @@ def one_line_error(result) -> str:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """The synthetic split of SIZE, prepared as loaders/prepare.py prepares it, in this process
+    """The synthetic split of SPLIT, prepared as loaders/prepare.py prepares it, in this process
     (that command's own tests run it as a process)."""
     path = tmp_path_factory.mktemp("data")
-    prepare("synthetic", path, (int(SIZE[1]), int(SIZE[2])), workers=1)
+    prepare("synthetic", path, SPLIT, workers=1)
     return path
 
 

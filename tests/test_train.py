@@ -40,6 +40,9 @@ pytestmark = pytest.mark.slow  # every test here runs engine/train.py
 
 TRAIN = [sys.executable, str(ROOT / "engine" / "train.py")]
 SMALL = ["--dataset", "synthetic", "--width", "8", "--batch-size", "128", "--seed", "1"]
+# the split the runs that stop, resume or save mid-run share, prepared once in data_dir: 5
+# batches of 128, the last one short
+SHARED_SPLIT = ["--synthetic-size", "600", "200"]
 
 
 def train(*args, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -263,7 +266,7 @@ def stopped_mid_run(data_dir: Path, tmp_path: Path, epochs: int,
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
-         *SMALL, "--synthetic-size", "600", "200", "--data-dir", str(data_dir), "--epochs",
+         *SMALL, *SHARED_SPLIT, "--data-dir", str(data_dir), "--epochs",
          str(epochs), "--loader", "resident", "--out", str(out)], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env=torchrun_env(tmp_path))
@@ -411,9 +414,9 @@ def test_torchrun_killed_outright_stops_its_processes_with_every_finished_epoch(
 
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path):
-    # 600 images (5 batches, the last one short), the data the divergence test makes too:
-    # three runs of an uninterrupted, a cut and a resumed history, epochs of any size compared
-    common = ["--synthetic-size", "600", "200", "--data-dir", str(data_dir), "--epochs", "3",
+    # three runs of an uninterrupted, a cut and a resumed history on SHARED_SPLIT (its last
+    # batch short), epochs of any size compared
+    common = [*SHARED_SPLIT, "--data-dir", str(data_dir), "--epochs", "3",
               "--loader", "resident"]
     full = tmp_path / "full"
     assert train(*common, "--out", str(full)).returncode == 0
@@ -457,7 +460,7 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_all_its_files(data_dir, tmp_pa
     resident loader: FFCV's JIT would add seconds to a test of the saving."""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_BEST, str(ROOT / "engine/train.py"),
-                             *SMALL, "--synthetic-size", "600", "200", "--loader", "resident",
+                             *SMALL, *SHARED_SPLIT, "--loader", "resident",
                              "--data-dir", str(data_dir), "--epochs", "3", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 130, result.stderr[-3000:]
@@ -504,8 +507,8 @@ def test_each_epoch_is_written_in_the_background_and_the_last_before_the_end(dat
     loader: FFCV's JIT would add seconds to a test of the writing."""
     out, records = tmp_path / "run", tmp_path / "records.txt"
     result = subprocess.run([sys.executable, "-c", WRITES_BESIDE_TRAINING, str(records),
-                             str(ROOT / "engine/train.py"), *SMALL, "--synthetic-size", "600",
-                             "200", "--loader", "resident", "--data-dir", str(data_dir),
+                             str(ROOT / "engine/train.py"), *SMALL, *SHARED_SPLIT,
+                             "--loader", "resident", "--data-dir", str(data_dir),
                              "--epochs", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -569,7 +572,7 @@ def test_divergence_on_several_processes_is_said_once(data_dir, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:],
-         *SMALL, "--synthetic-size", "600", "200", "--data-dir", str(data_dir), "--epochs",
+         *SMALL, *SHARED_SPLIT, "--data-dir", str(data_dir), "--epochs",
          "1", "--loader", "resident", "--lr", "1e8", "--out", str(out)], cwd=ROOT,
         capture_output=True, text=True, timeout=600, env=torchrun_env(tmp_path))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -805,7 +805,7 @@ def test_train_flops_by_hand():
         nn.Linear(4 * 32 * 32, 5),  # 4096*5
     )
     conv, linear = 2 * 4096 * 27, 2 * 4096 * 5  # forward FLOPs
-    assert bench_mfu.hand_train_flops(net) == 3 * (conv + linear)
+    assert bench_mfu.hand_train_flops(forward_macs(net)) == 3 * (conv + linear)
     # counted as it runs: the first layer's backward skips the input's gradient (no one needs
     # it), so the conv costs 2x its forward and the linear 3x
     counted, by_module = count_train_flops(net)

@@ -56,10 +56,10 @@ class MfuResult:
     not_peaks: list[str] = field(default_factory=list)  # dtypes whose matmul a run outpaced
 
 
-def hand_train_flops(model: nn.Module) -> int:
-    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x forward MACs of a 3 x 32 x
-    32 image (backward ~ 2 x forward; 1 MAC = 2 FLOPs)."""
-    return 3 * 2 * forward_macs(model)
+def hand_train_flops(macs: int) -> int:
+    """The hand count kept to cross-check the counted FLOPs: 3 x 2 x an image's forward MACs
+    (backward ~ 2 x forward; 1 MAC = 2 FLOPs)."""
+    return 3 * 2 * macs
 
 
 def mfu(images_per_s: float, flops_per_image: float, peak_flops_per_s: float) -> float:
@@ -120,7 +120,8 @@ def bench_mfu(results: dict, base: TrainConfig, device: torch.device,
                                       f"--width {base.width}; choose a smaller --width.")):
         model = build_model(base.arch, 10, base.width)
         counted, by_module = count_train_flops(model)
-    out = MfuResult(counted, by_module, forward_macs(model), hand_train_flops(model))
+    macs = forward_macs(model)
+    out = MfuResult(counted, by_module, macs, hand_train_flops(macs))
     dtypes = {"fp32", *(row["precision"] for row in throughputs(results))}
     pin_threads(args.threads)
     for dtype in sorted(dtypes):

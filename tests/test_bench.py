@@ -56,6 +56,7 @@ from tools import (
     bench_profile,
     bench_run,
     bench_sections,
+    bench_setup,
     timing,
 )
 from tools.bench_mfu import count_train_flops
@@ -411,7 +412,7 @@ def test_the_profile_section_profiles_the_loader_asked_for(monkeypatch, tmp_path
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
-    base = bench_sections.base_config(args, device, args.epoch_images, str(tmp_path))
+    base = bench_setup.base_config(args, device, args.epoch_images, str(tmp_path))
     profiled = bench_run.profiled_config(args, device, str(tmp_path))
     assert profiled.loader == "torchvision" != base.loader
     assert replace(profiled, loader=base.loader) == base
@@ -552,7 +553,7 @@ def listed_options(device: str, quick: bool) -> tuple:
     args = bench_options.parse_args(["--quick"] if quick else [])
     args.device = device
     bench_options.fill_defaults(args)
-    return args, bench_sections.base_config(args, torch.device(device), 1_000, "runs/x")
+    return args, bench_setup.base_config(args, torch.device(device), 1_000, "runs/x")
 
 
 @pytest.mark.parametrize("device, quick, modes", [("cuda", False, ["default"]),
@@ -576,10 +577,10 @@ def test_the_base_config_takes_the_width_and_batch_size_asked_for():
     args = bench_options.parse_args(["--quick", "--width", "24", "--batch-size", "96"])
     args.device = "cpu"
     bench_options.fill_defaults(args)
-    cfg = bench_sections.base_config(args, torch.device("cpu"), 300, "runs/x")
+    cfg = bench_setup.base_config(args, torch.device("cpu"), 300, "runs/x")
     assert (cfg.width, cfg.batch_size, cfg.dataset) == (24, 96, "synthetic")
     assert cfg.synthetic_size == (300, bench_options.TEST_IMAGES)
-    assert bench_sections.base_config(args, torch.device("cpu"), 300, "runs/x",
+    assert bench_setup.base_config(args, torch.device("cpu"), 300, "runs/x",
                                       width=8).width == 8
 
 
@@ -588,7 +589,7 @@ def test_the_step_grid_times_each_configuration_once():
     args = bench_options.parse_args(["--quick", "--batch-sizes", "64,32"])
     args.device = "cpu"
     bench_options.fill_defaults(args)
-    base = bench_sections.base_config(args, torch.device("cpu"), 1_000, "runs/x")
+    base = bench_setup.base_config(args, torch.device("cpu"), 1_000, "runs/x")
     rows = [(c.precision, c.channels_last, c.compile, c.compile_mode, c.batch_size)
             for c in bench_sections.step_configs(base, args)]
     assert len(rows) == len(set(rows)) and {r[-1] for r in rows} == {64, 32}
@@ -600,7 +601,7 @@ def test_compile_off_alone_times_no_compiled_step_where_the_engine_compiles():
     args = bench_options.parse_args(["--compile", "off"])
     args.device = "cuda"
     bench_options.fill_defaults(args)
-    base = bench_sections.base_config(args, torch.device("cuda"), 1_000, "runs/x")
+    base = bench_setup.base_config(args, torch.device("cuda"), 1_000, "runs/x")
     assert base.compile  # the engine's default there
     configs = bench_sections.step_configs(base, args)
     assert configs and not any(c.compile for c in configs)
@@ -651,7 +652,7 @@ def test_an_epoch_alone_is_measured_in_a_spawned_process_and_its_death_is_a_fail
     error bench_epoch does not catch: no steady epoch to take the fastest of) is a failed row
     naming its exit code, not a hang or a traceback here."""
     args, _ = listed_options("cpu", quick=True)
-    cfg = replace(bench_sections.base_config(args, torch.device("cpu"), SYNTHETIC_SIZE[0],
+    cfg = replace(bench_setup.base_config(args, torch.device("cpu"), SYNTHETIC_SIZE[0],
                                              str(tmp_path / "run")),
                   data_dir=str(prepared.source.parent), synthetic_size=SYNTHETIC_SIZE, width=4,
                   batch_size=64, workers=1, loader="resident", cudnn_benchmark=False)
@@ -688,7 +689,7 @@ def test_an_epoch_alone_dies_with_a_parent_killed_outright(prepared, tmp_path):
     """The untuned row's process ignores the stop signals (its parent ends it): with its
     parent killed by the OOM killer or kill -9 it ran its epochs on, holding the GPU."""
     args, _ = listed_options("cpu", quick=True)
-    cfg = replace(bench_sections.base_config(args, torch.device("cpu"), SYNTHETIC_SIZE[0],
+    cfg = replace(bench_setup.base_config(args, torch.device("cpu"), SYNTHETIC_SIZE[0],
                                              str(tmp_path / "run")),
                   data_dir=str(prepared.source.parent), synthetic_size=SYNTHETIC_SIZE, width=4,
                   batch_size=64, workers=1, loader="resident", cudnn_benchmark=False)
@@ -1171,7 +1172,7 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     monkeypatch.setattr(engine.run, "make_loader", lambda kind, *a, **k: (
         FailsAfterWarmup(real(kind, *a, **k)) if kind == "resident" else real(kind, *a, **k)))
     rows = {r.loader: r for r in bench_sections.bench_loaders(
-        bench_sections.base_config(args, device, 256, str(tmp_path)), device, args)}
+        bench_setup.base_config(args, device, 256, str(tmp_path)), device, args)}
     assert (rows["resident"].status, rows["resident"].images_per_s) == ("failed", None)
     assert rows["resident"].reason == "LoaderError: the pipeline thread died"
     assert rows["torchvision"].status == "ok" and rows["torchvision"].vs_torchvision == 1
@@ -1180,7 +1181,7 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     monkeypatch.setattr(engine.run, "make_loader", lambda kind, *a, **k: (
         FailsAfterWarmup(real(kind, *a, **k)) if kind == "torchvision" else real(kind, *a, **k)))
     rows = {r.loader: r for r in bench_sections.bench_loaders(
-        bench_sections.base_config(args, device, 256, str(tmp_path)), device, args)}
+        bench_setup.base_config(args, device, 256, str(tmp_path)), device, args)}
     assert rows["torchvision"].status == "failed" and rows["resident"].status == "ok"
     assert rows["resident"].images_per_s > 0 and rows["resident"].vs_torchvision is None
 
@@ -1192,7 +1193,7 @@ def test_a_loader_that_fails_is_recorded_and_the_others_are_measured(monkeypatch
     monkeypatch.setattr(engine.run, "make_loader", refuse)
     saved = []
     epochs = bench_sections.bench_epochs(
-        bench_sections.base_config(args, device, 128, str(tmp_path)), args,
+        bench_setup.base_config(args, device, 128, str(tmp_path)), args,
         lambda rows: saved.append(len(rows)))
     assert [(r.loader, r.status) for r in epochs] == [("resident", "failed"),
                                                       ("torchvision", "ok")]
@@ -1311,7 +1312,7 @@ def test_timed_work_is_waited_for_on_the_device_before_each_clock_read(prepared,
     block of steps each wait for the device before they start the clock and before they stop
     it, or the figure times the queueing, or the work queued before it. A training epoch
     trains in train mode, whatever mode the model was left in."""
-    run = bench_sections.make_run(quick_resident_config(monkeypatch, tmp_path, 128), 1)
+    run = bench_setup.make_run(quick_resident_config(monkeypatch, tmp_path, 128), 1)
     batch = next(iter(run.train_loader))
     cuda, events = torch.device("cuda:0"), []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(device))
@@ -1370,7 +1371,7 @@ def test_a_training_epochs_first_wait_is_its_first_batchs(monkeypatch, tmp_path)
     """The epoch line's first-batch wait (an epoch's start-up) is the wait for its first batch,
     not for the end of its batches. A clock only the loader moves makes the waits exact."""
     cfg = quick_resident_config(monkeypatch, tmp_path, 200)
-    run = bench_sections.make_run(cfg, 1)
+    run = bench_setup.make_run(cfg, 1)
     clock = [0.0]
     run.train_loader = FirstBatchLate(run.train_loader, clock, 5.0)
     monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -1406,7 +1407,7 @@ def test_a_stop_signal_lost_in_a_loader_pass_stops_the_loaders_section(monkeypat
         LosesAStop(real(kind, *a, **k)) if kind == "resident" else real(kind, *a, **k)))
     monkeypatch.setattr(timing, "loader_turn", lambda loader, epoch: (
         turns.append(type(loader).__name__) or real_turn(loader, epoch)))
-    cfg = bench_sections.base_config(args, device, 256, str(tmp_path))
+    cfg = bench_setup.base_config(args, device, 256, str(tmp_path))
     assert run_main(lambda: bench_sections.bench_loaders(cfg, device, args)) == 143
     assert turns == ["LosesAStop"]  # no turn after the one the signal stopped
 
@@ -1447,7 +1448,7 @@ def test_a_step_the_engine_refuses_is_skipped_and_one_that_breaks_is_failed(monk
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
-    base = replace(bench_sections.base_config(args, device, 64, str(tmp_path)), loader="resident")
+    base = replace(bench_setup.base_config(args, device, 64, str(tmp_path)), loader="resident")
     refused = bench_sections.bench_step(replace(base, precision="fp16"), args)
     assert (refused.status, refused.images_per_s) == ("skipped", None)
 
@@ -1477,7 +1478,7 @@ def test_a_step_batch_beyond_the_split_is_counted_as_the_batch_that_ran(monkeypa
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
-    base = replace(bench_sections.base_config(args, device, 100, str(tmp_path)), loader="resident")
+    base = replace(bench_setup.base_config(args, device, 100, str(tmp_path)), loader="resident")
     row = bench_sections.bench_step(base, args)
     assert row.status == "ok" and row.batch_size == 100 and len(row.block_s) == 2
     assert row.warmup_s > 0 and row.steps == args.steps
@@ -1515,7 +1516,7 @@ def test_seed_epochs_that_cannot_run_leave_the_peer_loaders_and_say_why(tmp_path
     damaged = tmp_path / "data" / synthetic_folder_name(300, bench_options.TEST_IMAGES)
     damaged.mkdir(parents=True)
     device, lines = torch.device("cpu"), []
-    cfg = bench_sections.base_config(args, device, SYNTHETIC_SIZE[0], str(tmp_path / "out"),
+    cfg = bench_setup.base_config(args, device, SYNTHETIC_SIZE[0], str(tmp_path / "out"),
                                      precision="fp32")
     peers = bench_peers.bench_peers(cfg, device, args, str(tmp_path / "out"), lambda rows: None,
                                     lines.append)
@@ -1534,7 +1535,7 @@ def quick_resident_config(monkeypatch, tmp_path: Path, images: int) -> TrainConf
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # settle_device's, undone after the test
     device = bench_run.settle_device(args)
     bench_options.fill_defaults(args)
-    return replace(bench_sections.base_config(args, device, images, str(tmp_path)),
+    return replace(bench_setup.base_config(args, device, images, str(tmp_path)),
                    loader="resident")
 
 
@@ -1545,7 +1546,7 @@ def test_the_step_only_reference_takes_the_epochs_own_steps(monkeypatch, tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # as FFCV leaves them: a run is built at the threads asked for
     try:
-        run = bench_sections.make_run(cfg, 1)
+        run = bench_setup.make_run(cfg, 1)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)

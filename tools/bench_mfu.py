@@ -20,7 +20,7 @@ from engine.failures import out_of_memory_as
 from engine.loop import Log
 from engine.model import build_model, forward_macs
 from tools.bench_names import epoch_name, step_name
-from tools.bench_sections import pin_threads, silent
+from tools.bench_setup import pin_threads, silent
 from tools.timing import Peak, matmul_peak
 
 PROBE_IMAGES = 2  # images of the counted batch: FLOPs scale linearly with it

@@ -33,7 +33,7 @@ from tools.bench_profile import (
     device_events,
     top_ops,
 )
-from tools.bench_sections import (
+from tools.bench_setup import (
     MEASURE_ERRORS,
     base_config,
     build_loader,

@@ -21,7 +21,7 @@ from common.atomic import atomic_write
 from engine.config import TrainConfig
 from engine.loop import Log
 from engine.run import endless, train_step
-from tools.bench_sections import make_run, silent
+from tools.bench_setup import make_run, silent
 from tools.kernel_kinds import kernel_kinds
 from tools.timing import sync, timed_steps
 

@@ -22,7 +22,8 @@ from tools.bench_options import SECTIONS, fill_defaults
 from tools.bench_output import metadata
 from tools.bench_peers import bench_peers
 from tools.bench_profile import bench_profile
-from tools.bench_sections import base_config, bench_epochs, bench_loaders, bench_steps
+from tools.bench_sections import bench_epochs, bench_loaders, bench_steps
+from tools.bench_setup import base_config
 from tools.options import pick_device
 
 

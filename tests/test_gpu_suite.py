@@ -26,7 +26,7 @@ from conftest import ROOT, run_code, run_gpu_suite, running, wait_until, worker_
 
 from common.compile_modes import COMPILE_MODES, compile_text
 from common.errors import SetupError
-from tools import gpu_environment, gpu_steps, gpu_suite, gpu_summary
+from tools import gpu_environment, gpu_run, gpu_steps, gpu_suite, gpu_summary
 from tools.bench_names import overhead_text
 from tools.bench_peers import PeerResult
 from tools.bench_profile import ProfileResult
@@ -94,7 +94,7 @@ def test_dry_run_trains_the_fast_and_seed_pipelines(gpu_suite_dry_run):
     for name, epochs in (("train-fast-compile", 1), ("train-fast-eager", 1), ("train-seed", 2)):
         rows = (results / name / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == epochs, name
-        # a run's small files are kept (gpu_suite.keep_run); its checkpoints stay out
+        # a run's small files are kept (gpu_run.keep_run); its checkpoints stay out
         assert {p.name for p in (results / name).iterdir()} == {
             "config.json", "metrics.jsonl", "metrics.csv"}, name
     seed = json.loads((results / "train-seed" / "config.json").read_text())
@@ -147,8 +147,8 @@ def test_with_out_set_a_short_budget_leaves_a_bundle_and_names_what_did_not_run(
     out.mkdir()
     monkeypatch.setenv("OUT", str(out))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the results folder goes
-    monkeypatch.setattr(gpu_suite, "START_MIN_S", 1)
-    monkeypatch.setattr(gpu_suite, "RESERVE_S", 2)
+    monkeypatch.setattr(gpu_run, "START_MIN_S", 1)
+    monkeypatch.setattr(gpu_run, "RESERVE_S", 2)
     without_import_checks(monkeypatch)  # 10 s, 25 s and more of the budget on a loaded machine
     # the seed run (2 epochs) and then the compiled one, thousands of epochs long: the budget
     # kills the second (or, on a slow enough machine, already the first, or leaves the second
@@ -180,10 +180,10 @@ def test_a_command_is_not_started_with_less_than_its_minimum_of_the_step_limit(
     and read as a failure: it is recorded as not run, and the step as cut short by its limit."""
     monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["sleep", "3"]),
                                                               ("second", ["true"])])
-    monkeypatch.setitem(gpu_steps.LIMITS, "two", gpu_suite.START_MIN_S + 2)
+    monkeypatch.setitem(gpu_steps.LIMITS, "two", gpu_run.START_MIN_S + 2)
     suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
                             ["two"])
-    assert not gpu_suite.run_step(suite, "two")
+    assert not gpu_run.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == ["ok", "not run"]
     assert "two: cut short by its step limit" in capsys.readouterr().err
 
@@ -197,16 +197,16 @@ def test_a_command_killed_at_a_limit_is_recorded_with_that_limit(tmp_path, monke
     get their turn: a failure, its log's tail printed. Killed at the --budget, the step was
     cut short, no failure of its own. The margins are made small so the kill comes in
     seconds."""
-    monkeypatch.setattr(gpu_suite, "START_MIN_S", 1)
+    monkeypatch.setattr(gpu_run, "START_MIN_S", 1)
     monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("hang", ["sleep", "60"])])
     deadline = math.inf
     if cut == "step":
         monkeypatch.setitem(gpu_steps.LIMITS, "two", 3)
     else:
-        deadline = time.monotonic() + gpu_suite.RESERVE_S + 3
+        deadline = time.monotonic() + gpu_run.RESERVE_S + 3
     suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
                             ["two"], deadline)
-    assert not gpu_suite.run_step(suite, "two")
+    assert not gpu_run.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == [status]
     err = capsys.readouterr().err
     assert said in err and ("FAILED" in err) == (cut == "step"), err
@@ -232,7 +232,7 @@ def test_ctrl_c_to_the_suite_reaches_its_command_and_waits_for_it_to_stop(tmp_pa
     code = """
 import os, signal, sys, threading, time
 from pathlib import Path
-from tools import gpu_suite
+from tools import gpu_run
 signal.signal(signal.SIGINT, signal.default_int_handler)
 ready = Path(sys.argv[1])
 
@@ -244,8 +244,8 @@ def interrupt():
 threading.Thread(target=interrupt, daemon=True).start()
 with open(sys.argv[2], "w") as log:
     try:
-        gpu_suite.run_command([sys.executable, "-c", sys.argv[3], sys.argv[1]],
-                              dict(os.environ), log, 120)
+        gpu_run.run_command([sys.executable, "-c", sys.argv[3], sys.argv[1]],
+                            dict(os.environ), log, 120)
     except KeyboardInterrupt:
         print("interrupted")
 """
@@ -298,7 +298,7 @@ def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tm
                                                               ("second", ["true"])])
     suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
                             ["two"])
-    assert not gpu_suite.run_step(suite, "two")
+    assert not gpu_run.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == ["exit 1", "ok"]
 
 
@@ -376,7 +376,7 @@ def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     argv = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
     with open(tmp_path / "log", "w") as log:
-        code, seconds = gpu_suite.run_command(argv, dict(os.environ), log, timeout=2)
+        code, seconds = gpu_run.run_command(argv, dict(os.environ), log, timeout=2)
     assert code is None and seconds < 60
     child = int(pid_file.read_text())
     # SIGKILL is delivered at once; a zombie waits for init to reap it
@@ -389,7 +389,7 @@ def test_a_command_runs_in_its_own_group_but_in_the_suites_session(tmp_path):
     its own: a command the suite started with setsid would hold the GPU after a cut call."""
     argv = [sys.executable, "-c", "import os; print(os.getsid(0), os.getpgrp(), os.getpid())"]
     with open(tmp_path / "log", "w") as log:
-        code, _ = gpu_suite.run_command(argv, dict(os.environ), log, timeout=60)
+        code, _ = gpu_run.run_command(argv, dict(os.environ), log, timeout=60)
     session, group, pid = map(int, (tmp_path / "log").read_text().split())
     assert code == 0 and session == os.getsid(0) and group == pid
 
@@ -448,7 +448,7 @@ def test_a_step_clears_what_an_earlier_suite_left_for_its_commands(tmp_path, mon
     (tmp_path / "other.json").write_text("{}")  # another command's: kept
     suite = gpu_steps.Suite(tmp_path, tmp_path / "work", sys.executable, dict(os.environ),
                             True, {}, ["two"])
-    assert not gpu_suite.run_step(suite, "two")
+    assert not gpu_run.run_step(suite, "two")
     assert not any(path.exists() for path in stale) and (tmp_path / "other.json").exists()
 
 
@@ -907,10 +907,10 @@ def test_the_budgets_reserve_is_kept_for_the_last_save(tmp_path, monkeypatch):
     """A command is not started with less than START_MIN_S left once RESERVE_S (the summary and
     the last bundle) is set aside: started, it would be killed, or leave no time to pack."""
     monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["true"])])
-    deadline = time.monotonic() + gpu_suite.RESERVE_S + gpu_suite.START_MIN_S - 1
+    deadline = time.monotonic() + gpu_run.RESERVE_S + gpu_run.START_MIN_S - 1
     suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
                             ["two"], deadline)
-    assert not gpu_suite.run_step(suite, "two")
+    assert not gpu_run.run_step(suite, "two")
     assert [c["status"] for c in suite.done[0]["commands"]] == ["not run"]
 
 
@@ -923,7 +923,7 @@ def test_a_summary_saved_mid_run_blames_no_budget_for_the_steps_still_to_come(tm
     monkeypatch.setitem(gpu_steps.COMMANDS, "one", lambda s: [("first", ["true"])])
     suite = gpu_steps.Suite(tmp_path, tmp_path, sys.executable, dict(os.environ), True, {},
                             ["one", "two"])
-    assert gpu_suite.run_step(suite, "one")
+    assert gpu_run.run_step(suite, "one")
     summary = (tmp_path / "summary.md").read_text()
     assert "| two | | not reached yet | |" in summary and "budget" not in summary
 
@@ -933,8 +933,8 @@ def test_the_budget_counts_from_the_start_wheel_install_included(tmp_path, monke
     budget leaves no time to start a step (counted from after it, a lease would be overrun)."""
     monkeypatch.setitem(gpu_steps.COMMANDS, "two", lambda s: [("first", ["true"])])
     monkeypatch.setattr(gpu_suite, "STEPS", (*gpu_suite.STEPS, "two"))
-    monkeypatch.setattr(gpu_suite, "START_MIN_S", 1)
-    monkeypatch.setattr(gpu_suite, "RESERVE_S", 0)
+    monkeypatch.setattr(gpu_run, "START_MIN_S", 1)
+    monkeypatch.setattr(gpu_run, "RESERVE_S", 0)
     monkeypatch.setattr(gpu_suite, "header", lambda *args: {})
     # the install, here 2 s of a 2.5 s budget
     monkeypatch.setattr(gpu_suite, "environment", lambda *args: time.sleep(2) or {})

@@ -101,10 +101,9 @@ def check(path: Path) -> BetonInfo:
 
     Only the size is compared: loaders open files that prepare() has just verified in full.
     """
-    info = read_info(path)
+    info, why = sidecar_state(path)
     if info is None:
-        raise DataError(f"{path} is missing or has no up-to-date sidecar {sidecar(path).name}; "
-                        f"{rebuild_advice(path)}.")
+        raise DataError(f"{path} {why}; {rebuild_advice(path)}.")
     why = damage(path, info, full=False)
     if why:
         raise DataError(f"{path} is damaged ({why}); {rebuild_advice(path)} from its source.")
@@ -138,54 +137,49 @@ def check_space(folder: Path, needed: int) -> None:
                         "--data-dir.")
 
 
-def read_info(path: Path) -> BetonInfo | None:
-    """The sidecar of a .beton, or None when either is missing or unreadable, or the sidecar
-    is of another FORMAT or records a normalization that cannot be used (a std below MIN_STD,
-    as written before it was the floor; other than one value per RGB channel): its file is
-    then rebuilt, never read."""
+def sidecar_state(path: Path) -> tuple[BetonInfo | None, str | None]:
+    """The sidecar info of the .beton at path, or None and why it cannot be used, to follow
+    the file's name in a message: it is missing, has no sidecar, or is damaged (its sidecar
+    unreadable, of another FORMAT, or recording a normalization that cannot be used). Such a
+    file is rebuilt, never read."""
+    info, why, _ = _sidecar_state(path)
+    return info, why
+
+
+def _sidecar_state(path: Path) -> tuple[BetonInfo | None, str | None, bool]:
+    """sidecar_state, and whether its sidecar is there but cut short or overwritten: the one
+    reason write tells as it rebuilds the file (the others are a first write's, or an older
+    release's)."""
     if not path.is_file():
-        return None
+        return None, "is missing", False
     try:
-        info = _load_sidecar(path)
-        usable = (len(info.mean) == len(info.std) == 3
-                  and all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD)
-    except (OSError, ValueError, TypeError):
-        return None
-    return info if info.format == FORMAT and usable else None
-
-
-def _load_sidecar(path: Path) -> BetonInfo:
-    return BetonInfo(**json.loads(sidecar(path).read_text(encoding=ENCODING)))
-
-
-def sidecar_damage(path: Path) -> str | None:
-    """Why the sidecar of .beton `path` is there but is no sidecar (cut short, overwritten),
-    or None: the file is rebuilt all the same, and the notice says why."""
-    try:
-        _load_sidecar(path)
+        info = BetonInfo(**json.loads(sidecar(path).read_text(encoding=ENCODING)))
     except FileNotFoundError:
-        return None
+        return None, f"has no sidecar {sidecar(path).name}", False
     except (OSError, ValueError, TypeError) as error:
-        return f"its sidecar {sidecar(path).name} cannot be read: {error}"
-    return None
-
-
-def unusable(path: Path) -> str:
-    """Why read_info(path) is None, to follow the file's name in a message: it is missing,
-    has no sidecar, or is damaged (with its sidecar's reason: unreadable, of another release,
-    or a normalization that cannot be used)."""
-    if not path.is_file():
-        return "is missing"
-    if not sidecar(path).is_file():
-        return f"has no sidecar {sidecar(path).name}"
-    if problem := sidecar_damage(path):
-        return f"is damaged ({problem})"
-    info = _load_sidecar(path)
+        return None, f"is damaged (its sidecar {sidecar(path).name} cannot be read: {error})", True
     if info.format != FORMAT:
-        return "is damaged (its sidecar is of another release)"
-    return (f"is damaged (its sidecar's normalization cannot be used: mean {info.mean}, std "
-            f"{info.std}, where it takes one finite value per RGB channel, each std at least "
-            f"{MIN_STD:.3g})")
+        return None, "is damaged (its sidecar is of another release)", False
+    if not _normalizes(info):
+        return None, (f"is damaged (its sidecar's normalization cannot be used: mean {info.mean}, "
+                      f"std {info.std}, where it takes one finite value per RGB channel, each std "
+                      f"at least {MIN_STD:.3g})"), False
+    return info, None, False
+
+
+def _normalizes(info: BetonInfo) -> bool:
+    """Whether info's mean and std can normalize images: one finite value per RGB channel, each
+    std at least MIN_STD (a smaller one was written before it was the floor)."""
+    try:
+        return (len(info.mean) == len(info.std) == 3
+                and all(map(math.isfinite, info.mean + info.std)) and min(info.std) >= MIN_STD)
+    except TypeError:  # a sidecar edited by hand: a number where a list belongs, or text
+        return False
+
+
+def read_info(path: Path) -> BetonInfo | None:
+    """The sidecar info of a usable .beton, or None (sidecar_state, without the reason)."""
+    return sidecar_state(path)[0]
 
 
 class _Rows:
@@ -203,18 +197,20 @@ class _Rows:
 
 def cached(path: Path, split: Split, classes: list[str],
            stats: tuple[list[float], list[float]] | None = None,
-           ) -> tuple[BetonInfo | None, str | None]:
+           ) -> tuple[BetonInfo | None, str | None, bool]:
     """path's info when it holds this split as it is now (its source, classes and, when
-    given, normalization) and is undamaged; else None, with why when the file is damaged."""
-    old = read_info(path)
+    given, normalization) and is undamaged; else None, with why it cannot be used (None where
+    it holds other data), to follow its name, and whether that is damage (an unreadable
+    sidecar, other bytes than it records), which the rebuild tells."""
+    old, why, damaged = _sidecar_state(path)
     if old is None:
-        return None, sidecar_damage(path) if path.is_file() else None
+        return None, why, damaged
     if (old.num_samples, old.source_digest, old.classes) != (
             len(split.labels), digest(split), classes) or stats not in (
             None, (old.mean, old.std)):
-        return None, None
+        return None, None, False
     why = damage(path, old)
-    return (old, None) if why is None else (None, why)
+    return (old, None, False) if why is None else (None, f"is damaged ({why})", True)
 
 
 def write(path: Path, split: Split, classes: list[str],
@@ -230,11 +226,11 @@ def write(path: Path, split: Split, classes: list[str],
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
-    old, why = cached(path, split, classes, stats)
+    old, why, damaged = cached(path, split, classes, stats)
     if old is not None:
         return old
-    if why is not None:  # a notice, not an error: the source is at hand, the rebuild repairs it
-        log.warning(f"notice: {path} is damaged ({why}); rebuilding it from its source.")
+    if damaged:  # a notice, not an error: the source is at hand, the rebuild repairs it
+        log.warning(f"notice: {path} {why}; rebuilding it from its source.")
     source = digest(split)
     if len(split.labels) == 0:
         raise DataError(f"{path}: the split it would hold has no images; a .beton needs at "

@@ -142,11 +142,9 @@ def _reuse(name: str, data_dir: Path, synthetic_size: tuple[int, int],
     infos: dict[str, beton.BetonInfo] = {}
     for split, path in paths.items():
         stats = (infos["train"].mean, infos["train"].std) if infos else None
-        info, damaged = beton.cached(path, getattr(data, split), data.classes, stats)
+        info, why, _ = beton.cached(path, getattr(data, split), data.classes, stats)
         if info is None:
-            return None, (f"{path} is damaged ({damaged})" if damaged
-                          else f"{path} {beton.unusable(path)}" if beton.read_info(path) is None
-                          else f"{path.name} no longer matches {data.source}")
+            return None, f"{path} {why}" if why else f"{path.name} no longer matches {data.source}"
         infos[split] = info
     return _prepared(data, paths, infos["train"]), ""
 
@@ -158,9 +156,9 @@ def _without_source(name: str, source: Path, paths: dict[str, Path]) -> tuple[Pr
     train's statistics); else None, and why (the source is then fetched or made again)."""
     infos: dict[str, beton.BetonInfo] = {}
     for split, path in paths.items():
-        info = beton.read_info(path)
+        info, why = beton.sidecar_state(path)
         if info is None:
-            return None, f"{path} {beton.unusable(path)}"
+            return None, f"{path} {why}"
         if damaged := beton.damage(path, info):
             return None, f"{path} is damaged ({damaged})"
         infos[split] = info

@@ -134,8 +134,8 @@ def test_a_sidecar_whose_stats_cannot_normalize_is_rebuilt(prepared, tmp_path, s
     assert beton.read_info(path) is None
     # said as what it is where the file cannot be rebuilt (its source gone, offline), not
     # as a sidecar "of another release"
-    assert beton.unusable(path).startswith("is damaged (its sidecar's normalization cannot be "
-                                           "used: mean ")
+    assert beton.sidecar_state(path)[1].startswith("is damaged (its sidecar's normalization "
+                                                   "cannot be used: mean ")
     again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert (again.mean, again.std) == (prepared.mean, prepared.std)
     assert beton.read_info(path).std == prepared.std
@@ -547,7 +547,7 @@ def test_a_sidecar_of_another_format_is_rebuilt_never_trusted(prepared, tmp_path
     path = data_dir / prepared.train.name
     _older_sidecar(path)
     assert beton.read_info(path) is None
-    with pytest.raises(DataError, match="no up-to-date sidecar"):
+    with pytest.raises(DataError, match=r"is damaged \(its sidecar is of another release\)"):
         beton.check(path)
     again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert again == replace(prepared, train=path, test=data_dir / prepared.test.name,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 import tempfile
 import zipfile
@@ -22,13 +23,19 @@ FILE_SIZE_FIX = "raise this process's file size limit (`ulimit -f unlimited`)"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def room_fix(error: OSError, free: str) -> str | None:
+def room_fix(error: Exception, free: str) -> str | None:
     """The fix for a write that failed for want of room: FILE_SIZE_FIX past this process's
     file size limit (EFBIG: no free space would help), `free` on a full disk or quota; None
     for any other error."""
-    if error.errno == errno.EFBIG:
+    if isinstance(error, OSError):
+        code = error.errno
+    else:  # another process's OSError relayed as its message (FFCV's writer workers'), so
+        # the errno it quotes: "[Errno 27] File too large"
+        quoted = re.search(r"\[Errno (\d+)\]", str(error))
+        code = int(quoted[1]) if quoted else None
+    if code == errno.EFBIG:
         return FILE_SIZE_FIX
-    return free if error.errno in DISK_FULL else None
+    return free if code in DISK_FULL else None
 
 
 def file_size_limited() -> bool:

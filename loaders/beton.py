@@ -4,7 +4,6 @@ FFCV (for data held on the device, the torchvision DataLoader and the tools)."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -19,7 +18,7 @@ import numpy as np
 from common.atomic import ENCODING, atomic_write, write_json
 from common.errors import DataError
 from common.hashing import file_hash
-from common.paths import FILE_SIZE_FIX
+from common.paths import room_fix
 from common.temporaries import sweep_temporaries
 from loaders.cifar import Split
 from loaders.guards import guarded_writer, importing_ffcv
@@ -252,17 +251,7 @@ def write(path: Path, split: Split, classes: list[str],
     try:
         atomic_write(path, write_beton)
     except (DataError, OSError) as error:  # OSError: the parent's own writes hit the disk
-        why = str(error)
-        if isinstance(error, OSError):  # atomic_write named `path` where it wrote the temporary
-            why = error.strerror or why
-            if error.filename not in (None, str(path)):
-                why += f" ({error.filename})"
-        fix = f"free space in {path.parent} or fix the cause"
-        # a worker's EFBIG arrives as its message: no free space would help there
-        if getattr(error, "errno", None) == errno.EFBIG or f"[Errno {errno.EFBIG}]" in why:
-            fix = FILE_SIZE_FIX
-        raise DataError(f"Writing {path} failed: {why}. Nothing was kept; {fix}, then run "
-                        "again.") from error
+        raise _write_failed(path, error) from error
     info = BetonInfo(FORMAT, len(split.labels), source, classes, mean, std, **written)
     try:
         write_json(sidecar(path), asdict(info))
@@ -270,6 +259,19 @@ def write(path: Path, split: Split, classes: list[str],
         path.unlink(missing_ok=True)
         raise
     return info
+
+
+def _write_failed(path: Path, error: DataError | OSError) -> DataError:
+    """The failed write of the .beton at path said with its fix: nothing was kept, so the fix
+    and a rerun are all it takes."""
+    why = str(error)
+    if isinstance(error, OSError):  # atomic_write named `path` where it wrote the temporary
+        why = error.strerror or why
+        if error.filename not in (None, str(path)):
+            why += f" ({error.filename})"
+    free = f"free space in {path.parent} or fix the cause"  # a full disk's fix, or any other's
+    return DataError(f"Writing {path} failed: {why}. Nothing was kept; "
+                     f"{room_fix(error, free) or free}, then run again.")
 
 
 # The .beton layout, as FFCV 1.0's writer lays it out (ffcv/types.py, ffcv/reader.py), read

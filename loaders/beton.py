@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shlex
 import shutil
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from common.hashing import file_hash
 from common.paths import room_fix
 from common.temporaries import sweep_temporaries
 from loaders.cifar import Split
+from loaders.folders import SPLITS
 from loaders.guards import guarded_writer, importing_ffcv
 from loaders.layouts import ROW_SIZE
 from loaders.python_folder import data_options
@@ -74,9 +76,24 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), np.maximum(np.sqrt(variance), MIN_STD).tolist()
 
 
+def file_name(tag: str, split: str) -> str:
+    """The name of the .beton of `split` of the data `tag` names (preparation.beton_paths'
+    tag: the dataset, or the python folder it was read from)."""
+    return f"{tag}-{split}.beton"
+
+
+def tag_of(name: str) -> str | None:
+    """The tag a .beton named by file_name was named with, or None for another name."""
+    match = re.fullmatch(rf"(.+)-(?:{'|'.join(SPLITS)})\.beton", name)
+    return match[1] if match else None
+
+
+SIDECAR_SUFFIX = ".json"
+
+
 def sidecar(path: Path) -> Path:
     """Where the .beton at `path` keeps its BetonInfo: `<name>.beton.json` beside it."""
-    return path.with_name(path.name + ".json")
+    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 def file_digest(path: Path) -> str:
@@ -111,8 +128,9 @@ def check(path: Path) -> BetonInfo:
 
 def rebuild_advice(path: Path) -> str:
     """How to make the .beton at `path` again: the prepare command of the data its name
-    (preparation.beton_paths': <dataset or source folder>-<split>.beton) and folder say."""
-    options = data_options(path.name.removesuffix(".beton").rpartition("-")[0])
+    (file_name's) and folder say."""
+    tag = tag_of(path.name)
+    options = data_options(tag) if tag else None
     if options is None:  # renamed by hand
         return ("run `python loaders/prepare.py` with the run's --dataset and --data-dir (or "
                 "training) to rebuild it")

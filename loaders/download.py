@@ -23,6 +23,16 @@ from loaders.layouts import LAYOUTS
 # seconds a download's connection may stay silent (connecting, or between two reads) before
 # it is given up: the whole download may take longer
 DOWNLOAD_TIMEOUT = 60.0
+# what a download is written under first, beside the archive (.<archive>.<random>.part), and
+# what an archive is extracted in (.extract-<random>): preparation.sweep_stale removes what a
+# writer killed outright left of them
+PART_SUFFIX = ".part"
+EXTRACT_PREFIX = ".extract-"
+
+
+def part_prefix(archive: str) -> str:
+    """The start of the name a download of the file named `archive` is written under first."""
+    return f".{archive}."
 
 
 def md5sum(path: Path) -> str:
@@ -37,7 +47,8 @@ def download(url: str, md5: str, dest: Path, advice: str = "") -> Path:
     a full disk's, where placing the archive by hand would fail the same way.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=part_prefix(dest.name), suffix=PART_SUFFIX,
+                                    dir=dest.parent)
     tmp = Path(tmp_name)
     size = None  # the archive's bytes, when the server gives them (Content-Length)
     try:
@@ -150,7 +161,7 @@ def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = N
                  f"{_wrong_archive(archive, found, md5)} To work offline, place "
                  f"{Path(layout.url).name} (md5 {layout.md5}) or its extracted folder "
                  f"{layout.folder}/ in {data_dir}, or use --dataset synthetic.")
-    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
+    staging = Path(tempfile.mkdtemp(prefix=EXTRACT_PREFIX, dir=data_dir))
     try:
         safe_extract(archive, staging)
         extracted = staging / layout.folder

@@ -17,10 +17,12 @@ from common.locks import waiting_lock
 from common.output_folders import missing_folders, removed_on_failure
 from common.paths import nearest_existing, not_a_folder, unwritable
 from loaders import beton, cifar
+from loaders.download import EXTRACT_PREFIX, PART_SUFFIX, part_prefix
+from loaders.folders import SPLITS
 from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS
 from loaders.options import SYNTHETIC_SIZE
-from loaders.python_folder import IMAGE_FOLDER_NAME
+from loaders.python_folder import IMAGE_FOLDER_NAME, staging_prefix
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +104,15 @@ def beton_paths(name: str, data_dir: Path, source: str) -> dict[str, Path]:
     after the dataset (CIFAR), or after the folder (one per synthetic size, one per state of
     an image folder)."""
     tag = name if name in LAYOUTS else source
-    return {split: data_dir / f"{tag}-{split}.beton" for split in ("train", "test")}
+    return {split: data_dir / beton.file_name(tag, split) for split in SPLITS}
 
 
 def sweep_stale(data_dir: Path, source: str) -> None:
     """Remove what a writer killed outright (SIGKILL, the OOM killer: no cleanup ran) left in
     data_dir: a partial download, an extraction's staging folder, the `source` folder's
     staging folder. Called holding the lock: no live writer's files are among them."""
-    for pattern in (".*.tar.gz.*.part", ".extract-*", f".{source}-*"):
+    for pattern in (f"{part_prefix('*.tar.gz')}*{PART_SUFFIX}", f"{EXTRACT_PREFIX}*",
+                    f"{staging_prefix(source)}*"):
         for stale in data_dir.glob(pattern):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -191,10 +194,9 @@ def sweep_older_conversions(root: Path, current: str) -> None:
     folders and .beton files, ours by name: folder-<16 hex digits>), keeping `current`'s:
     each change to the pictures would otherwise leave a whole copy of the data behind. Called
     holding the lock, once the current files are written."""
-    for old in root.iterdir():
-        tag = re.fullmatch(rf"({IMAGE_FOLDER_NAME})(?:-(?:train|test)\.beton(?:\.json)?)?",
-                           old.name)
-        if tag is None or tag.group(1) == current:
+    for old in root.iterdir():  # the python folder itself, or a .beton or sidecar of its
+        tag = beton.tag_of(old.name.removesuffix(beton.SIDECAR_SUFFIX)) or old.name
+        if not re.fullmatch(IMAGE_FOLDER_NAME, tag) or tag == current:
             continue
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)

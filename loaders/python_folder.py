@@ -22,19 +22,21 @@ from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE
 from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, synthetic_size_problem
 
 IMAGE_FOLDER_NAME = r"folder-[0-9a-f]{16}"  # image_folder_name's names, as a pattern
+# synthetic_folder_name's names, of the sizes filled in ("seed0": the name such folders have
+# always had; write_synthetic draws its splits from seeds 0 and 1)
+SYNTHETIC_FOLDER_NAME = "synthetic-{}-{}-seed0"
 
 
 def synthetic_folder_name(n_train: int, n_test: int) -> str:
-    """The python folder the synthetic dataset is written to: one per size ("seed0": the name
-    such folders have always had; write_synthetic draws its splits from seeds 0 and 1)."""
-    return f"synthetic-{n_train}-{n_test}-seed0"
+    """The python folder the synthetic dataset is written to: one per size."""
+    return SYNTHETIC_FOLDER_NAME.format(n_train, n_test)
 
 
 def data_options(source: str) -> str | None:
     """The --dataset option (and --synthetic-size) of the data read from the python folder
     named `source` (cifar.source_name's: a dataset's, a synthetic size's, an image folder's);
     None for a name none of them has."""
-    if match := re.fullmatch(r"synthetic-(\d+)-(\d+)-seed0", source):
+    if match := re.fullmatch(SYNTHETIC_FOLDER_NAME.format(r"(\d+)", r"(\d+)"), source):
         return f"--dataset synthetic --synthetic-size {match[1]} {match[2]}"
     if re.fullmatch(IMAGE_FOLDER_NAME, source):
         return "--dataset folder"
@@ -45,6 +47,12 @@ def image_folder_name(root: Path, files: dict[str, dict[str, list[Path]]]) -> st
     """The python folder the ImageFolder tree in `root` converts into: one per state of its
     files."""
     return f"folder-{folders.fingerprint(root, files)}"
+
+
+def staging_prefix(folder_name: str) -> str:
+    """The start of the name of the staging folder write_python_folder writes `folder_name`
+    in first, beside it: preparation.sweep_stale removes what a killed writer left."""
+    return f".{folder_name}-"
 
 
 def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> None:
@@ -64,7 +72,7 @@ def write_python_folder(folder: Path, classes: list[str], make: Callable[[], Spl
     CIFAR-10 python folder, through a staging folder renamed into place, so a crash or Ctrl-C
     while they are made or written never leaves half a folder. Extra arrays (the synthetic
     boxes) are stored under their names; readers ignore them."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=folder.parent))
     try:
         train, test = make()
         try:

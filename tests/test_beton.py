@@ -577,7 +577,7 @@ def test_loaders_refuse_a_damaged_beton_naming_it(prepared, tmp_path, kind, dama
     ("cifar100-test.beton", "--dataset cifar100"),
     ("folder-0123456789abcdef-train.beton", "--dataset folder"),
     ("synthetic-50000-10000-seed0-train.beton", "--dataset synthetic --synthetic-size 50000 10000"),
-    ("mine.beton", None), ("folder-x-train.beton", None)])
+    ("mine.beton", None), ("folder-x-train.beton", None), ("cifar10-old.beton", None)])
 def test_a_betons_rebuild_command_is_that_of_the_data_its_name_says(name, options):
     """Named as preparation.beton_paths names them; a file renamed by hand is left to the run's
     own options. The folder is quoted for the shell."""

@@ -36,7 +36,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import cifar, folders, layouts
+from loaders import beton, cifar, folders, layouts
 from loaders.preparation import Prepared, prepare
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run from here
@@ -672,6 +672,18 @@ def train_tiny(base: Path, width: int = 8, epochs: int = 1,
 def history(out: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one per epoch."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def overwritten_copy(recorded: Path, folder: Path) -> Path:
+    """A copy of the .beton `recorded` and its sidecar in folder, 16 of its middle bytes then
+    overwritten: the size its sidecar records still holds, only the hash tells."""
+    damaged = folder / recorded.name
+    shutil.copyfile(recorded, damaged)
+    shutil.copyfile(beton.sidecar(recorded), beton.sidecar(damaged))
+    with open(damaged, "r+b") as f:
+        f.seek(damaged.stat().st_size // 2)
+        f.write(b"\xa5" * 16)
+    return damaged
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cpu_out_of_memory, cuda_out_of_memory, in_process, run_script, tmpfs
+from conftest import (
+    cpu_out_of_memory,
+    cuda_out_of_memory,
+    in_process,
+    overwritten_copy,
+    run_script,
+    tmpfs,
+)
 
 from common.errors import ExportError
 from engine import checkpoint
@@ -24,7 +31,14 @@ from engine.model import build_model
 from loaders import beton
 from tools import export as export_command
 from tools import export_writers
-from tools.export_model import agreement, memory_advice, metadata, reference_logits, require
+from tools.export_model import (
+    agreement,
+    check_images,
+    memory_advice,
+    metadata,
+    reference_logits,
+    require,
+)
 from tools.export_writers import to_01
 
 
@@ -116,6 +130,19 @@ def test_missing_test_data_falls_back_to_noise_with_a_note(ckpt, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gone.beton" in result.stderr and "noise" in result.stderr
     assert "uniform noise" in result.stdout and (tmp_path / "moved.torchscript.pt").is_file()
+
+
+def test_recorded_test_data_overwritten_in_place_is_noted_not_checked_with(ckpt, tmp_path):
+    """Nothing verified the split a checkpoint recorded (prepare() verifies the files it
+    returns): its size alone was checked, and the export was checked on the damaged images."""
+    test = overwritten_copy(Path(ckpt["data"]["test"]), tmp_path)
+    notes = []
+    _, what = check_images(dict(ckpt, data=dict(ckpt["data"], test=str(test))),
+                           tmp_path / "ckpt.pt", None, notes.append)
+    assert what == "uniform noise" and len(notes) == 1
+    assert notes[0].startswith(f"note: no test data to check with ({test} is damaged (its "
+                               "content differs from the hash its sidecar records); run `python "
+                               "loaders/prepare.py --dataset synthetic ")
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from conftest import (
     cpu_out_of_memory,
     cuda_out_of_memory,
     in_process,
+    overwritten_copy,
     run_script,
     synthetic_boxes,
     tmpfs,
@@ -653,6 +654,21 @@ def test_recorded_test_data_that_is_a_pipe_is_named_as_such(run_dir, tmp_path, c
     assert report.main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "report")]) == 1
     assert f"at {tmp_path / 'test.beton'}, which is a device, pipe or socket, not a file. " \
         "Pass --data-dir DIR" in capsys.readouterr().err
+
+
+def test_recorded_test_data_overwritten_in_place_is_refused_naming_it(run_dir, tmp_path, capsys):
+    """Nothing verified the split a checkpoint recorded (prepare() verifies the files it
+    returns): its size alone was checked, and the report was made of the damaged images."""
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    test = overwritten_copy(Path(ckpt["data"]["test"]), tmp_path)
+    ckpt["data"]["test"] = str(test)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert report.main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "report")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {test} is damaged (its content differs from the hash its sidecar records); run "
+        f"`python loaders/prepare.py --dataset synthetic --synthetic-size 4000 500 --data-dir "
+        f"{tmp_path}` (or training) to rebuild it from its source.\n")
+    assert not (tmp_path / "report").exists()
 
 
 @pytest.mark.parametrize("out", ["l1", "dead", "dead/report"])

@@ -78,7 +78,7 @@ def check_images(ckpt: dict, path: Path, data_dir: Path | None,
     those are gone."""
     try:
         test = locate_test_data(ckpt, path, data_dir)
-        return beton.read(test).images[:CHECK_IMAGES], f"{test}"
+        return beton.read(test, full=True).images[:CHECK_IMAGES], f"{test}"
     except EngineError as error:
         if data_dir is not None:  # asked for explicitly: its failure is the user's to fix
             raise

@@ -71,7 +71,7 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
     ckpt = checkpoint.load(path)  # its history holds at least one epoch
     model = checkpoint.model_from(ckpt).to(device)
     test = locate_test_data(ckpt, path, data_dir)
-    split = beton.read(test)
+    split = beton.read(test, full=True)
     info = beton.read_info(test)
     if (info is not None and info.classes != ckpt["classes"]) or (
             len(split.labels) and split.labels.max() >= ckpt["num_classes"]):

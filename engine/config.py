@@ -13,7 +13,7 @@ import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from common.cli import interruptible_imports, option_name
+from common.cli import option_name
 from common.compile_modes import COMPILE_MODES
 from common.hardware import launched_processes
 from common.output_folders import timestamped
@@ -44,14 +44,6 @@ MAX_WIDTH = math.isqrt((2**63 - 1) // (8 * 8 * 3 * 3 * 4))
 # why an explicit --cudnn-benchmark is refused beside --deterministic: taken, it would be
 # ignored (TrainConfig.autotunes); engine.options says it of a new run, engine.resume of a resume
 AUTOTUNE_REFUSED = "--cudnn-benchmark times cuDNN's algorithms, which --deterministic rules out"
-
-
-def trackers() -> list[str]:
-    """What accelerate's log_with takes; asked of accelerate itself, which imports torch, so
-    only when --log-with is given or a saved config is checked."""
-    with interruptible_imports():
-        from accelerate.utils import LoggerType
-    return [t.value for t in LoggerType]
 
 
 @dataclass
@@ -145,7 +137,7 @@ CONFIG_KEYS = {f.name for f in fields(TrainConfig)}  # what a saved config holds
 
 # the fields that take one of a list of names, in the order engine.options offers them (a test
 # keeps the two alike); foreign_values checks a saved config against them, and log_with
-# against trackers()
+# against engine.trackers.tracker_names()
 CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(sorted(PRESETS)), "dataset": DATASETS, "loader": LOADERS,
     "pad_mode": PAD_MODES, "arch": ARCHS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
@@ -178,10 +170,13 @@ def _fits(value: object, hint: object) -> bool:
 def foreign_values(cfg: TrainConfig) -> list[str]:
     """Fields of another type than declared, or outside the command line's choices: never
     from the command line (argparse types and checks it), so from a damaged checkpoint."""
+    # here, not at the top: accelerate imports torch, and this module parses options without it
+    from engine.trackers import tracker_names
+
     hints = typing.get_type_hints(TrainConfig)
     wrong = [f"{name} is {_said(getattr(cfg, name))}, not {hint}" for name, hint in hints.items()
              if not _fits(getattr(cfg, name), hint)]
-    choices = {**CHOICES, "log_with": trackers()}
+    choices = {**CHOICES, "log_with": tracker_names()}
     return wrong or [f"{name} is {_said(getattr(cfg, name))}, not one of {', '.join(options)}"
                      for name, options in choices.items()
                      if getattr(cfg, name) not in (None, *options)]

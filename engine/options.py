@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import CommandParser, path_option
+from common.cli import CommandParser, interruptible_imports, path_option
 from common.compile_modes import COMPILE_MODES
 from common.hardware import beyond_cores
 from common.output_folders import timestamped
@@ -27,7 +27,6 @@ from engine.config import (
     WARMUP_SCHEDULES,
     TrainConfig,
     field_value,
-    trackers,
     validate,
 )
 from loaders import LOADERS
@@ -35,8 +34,11 @@ from loaders.options import add_data_arguments, synthetic_size_unused
 
 
 def _tracker(value: str) -> str:
-    """--log-with's type: one of accelerate's trackers, which are asked for only when given."""
-    names = trackers()
+    """--log-with's type: one of accelerate's trackers, which are asked for only when given:
+    accelerate imports torch (seconds), which the command line's guard surrounds."""
+    with interruptible_imports():
+        from engine.trackers import tracker_names
+    names = tracker_names()
     if value not in names:
         raise argparse.ArgumentTypeError(
             f"invalid choice: {value!r} (choose from {', '.join(names)})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 
 from common.errors import TrainingError, shown
 
@@ -13,6 +14,12 @@ if TYPE_CHECKING:
     from engine.run import Run
 
 TRACKERS = "cifar10-engine"  # the --log-with trackers' project, and their folder in the run
+
+
+def tracker_names() -> list[str]:
+    """What accelerate's log_with takes: --log-with's choices, and what a saved config's
+    log_with is checked against."""
+    return [t.value for t in LoggerType]
 
 
 def check_tracker(log_with: str | None, out: str = "") -> None:

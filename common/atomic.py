@@ -68,14 +68,21 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     atomic_writes({path: write})
 
 
+def unreplaceable(paths: Iterable[Path]) -> tuple[Path, str] | None:
+    """The first of `paths` that a file written there would replace and that is no file (a
+    folder, a pipe), with what it is instead (common.paths.not_a_file); None where there is
+    none: for a caller whose message says its own fix (engine.checkpoint's, to resume)."""
+    return next(((path, problem) for path in paths if (problem := not_a_file(path))), None)
+
+
 def check_replaceable(paths: Iterable[Path]) -> None:
     """OutputError naming the first of `paths` that a file written there would replace and
     that is no file (a folder, a pipe): called by atomic_writes, and before hours of work by
     a command that writes its files only at the end."""
-    for path in paths:
-        if problem := not_a_file(path):
-            raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, "
-                              "or write elsewhere.")
+    if found := unreplaceable(paths):
+        path, problem = found
+        raise OutputError(f"{path} {problem}; writing it would replace that. Move it away, or "
+                          "write elsewhere.")
 
 
 def atomic_writes(writes: dict[Path, Callable[[Path], object]]) -> None:

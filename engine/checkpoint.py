@@ -20,7 +20,7 @@ import torch
 from accelerate.utils import recursively_apply
 from torch import nn
 
-from common.atomic import atomic_writes, csv_text, json_text, text_writer
+from common.atomic import atomic_writes, csv_text, json_text, text_writer, unreplaceable
 from common.errors import CheckpointError, listing, one_line, plain_line
 from common.hardware import device_name
 from common.paths import (
@@ -312,10 +312,10 @@ def content(run: Run, history: list[dict]) -> dict:
 def check_epoch_files(out: Path) -> None:
     """CheckpointError naming the first of a run's files in `out` that a folder, device or pipe
     has taken the place of: checked before --resume trains, whose epoch would be lost."""
-    for name in EPOCH_FILES:
-        if problem := not_a_file(out / name):
-            raise CheckpointError(f"{out / name} {problem}; each epoch of the run writes its "
-                                  f"{name} there. Move it away and resume again.")
+    if found := unreplaceable(out / name for name in EPOCH_FILES):
+        path, problem = found
+        raise CheckpointError(f"{path} {problem}; each epoch of the run writes its {path.name} "
+                              "there. Move it away and resume again.")
 
 
 def check_space(out: Path, model: nn.Module, cfg: TrainConfig, resumed: bool) -> None:

@@ -7,7 +7,6 @@ the optimizer it continues from can never disagree.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shutil
@@ -25,10 +24,10 @@ from common.errors import CheckpointError, listing, one_line, plain_line
 from common.hardware import device_name
 from common.paths import (
     CHECKPOINT_FORMAT,
-    DISK_FULL,
     FILE_SIZE_FIX,
     file_size_limited,
     not_a_file,
+    room_fix,
 )
 from engine.config import CONFIG_KEYS, TrainConfig, foreign_values, validate
 from engine.model import build_model
@@ -85,14 +84,10 @@ def unwritten(path: Path, error: OSError, kept: str | None) -> CheckpointError:
     """The error for `path` not written: what was `kept` intact (None: nothing) and the fix,
     space for a full disk (or a write torch says no more of), a higher limit for one past
     ulimit -f, else a writable folder."""
-    if error.errno == errno.EFBIG:  # this process's limit: no free space would help
-        fix = FILE_SIZE_FIX
-    elif error.errno is None and file_size_limited():  # torch's RuntimeError: either one
-        fix = f"{FILE_SIZE_FIX} or free some space"
-    elif error.errno is None or error.errno in DISK_FULL:
-        fix = "free some space"
+    if error.errno is None:  # torch's RuntimeError: a full disk, or past the size limit
+        fix = f"{FILE_SIZE_FIX} or free some space" if file_size_limited() else "free some space"
     else:
-        fix = f"make {path.parent} writable"
+        fix = room_fix(error, "free some space") or f"make {path.parent} writable"
     fix = fix[0].upper() + fix[1:]  # it begins a sentence
     then = (f"{kept} intact. {fix} and continue with --resume" if kept else
             f"nothing was written. {fix} (or choose another --out) and run the same command "

@@ -52,7 +52,7 @@ def local_share(count: int, processes: int) -> int:
     """`count` (cores) shared by this machine's processes of the run: LOCAL_WORLD_SIZE, as
     torchrun and accelerate launch set it; else all `processes`, on one machine. On 2
     machines of 8 GPUs each, dividing by all 16 processes left half of each one's cores idle."""
-    here = process_count(os.environ.get("LOCAL_WORLD_SIZE", "")) or processes
+    here = positive_count(os.environ.get("LOCAL_WORLD_SIZE", "")) or processes
     return max(1, count // min(here, processes))
 
 
@@ -62,10 +62,10 @@ def default_workers(processes: int = 1) -> int:
     return local_share(available_cores(), processes)
 
 
-def process_count(value: str) -> int | None:
-    """`value` (a launcher's WORLD_SIZE, LOCAL_WORLD_SIZE, OMP_NUM_THREADS; NUMBA_NUM_THREADS)
-    as a count; None when it is none: not a number, below 1, or digits int() reads no value
-    from ('²')."""
+def positive_count(value: str) -> int | None:
+    """`value`, a setting's text, as a count of 1 or more (a launcher's WORLD_SIZE,
+    LOCAL_WORLD_SIZE, TORCHELASTIC_MAX_RESTARTS; OMP_NUM_THREADS, NUMBA_NUM_THREADS); None when
+    it is none: not a number, below 1, or digits int() reads no value from ('²')."""
     with contextlib.suppress(ValueError):
         if int(value) >= 1:
             return int(value)
@@ -94,7 +94,7 @@ def launched_processes() -> int:
     waited in the rendezvous for ever, for peers that no rank can complete (a RANK that is no
     number, accelerate's own error names)."""
     value = os.environ.get("WORLD_SIZE", "1")
-    if not (count := process_count(value)):
+    if not (count := positive_count(value)):
         raise SetupError(f"WORLD_SIZE={value!r} is not a number of processes: torchrun and "
                          "accelerate launch set it; unset it (`unset WORLD_SIZE`) for a "
                          "one-process run.")

@@ -20,7 +20,7 @@ from common.hardware import (
     launched_processes,
     local_share,
     physical_cores,
-    process_count,
+    positive_count,
 )
 from common.stop_signals import stop_signals_end_at_once
 from common.streams import error_line
@@ -113,7 +113,7 @@ def restarts_refused(out: str) -> str | None:
     may not. Restarted after a failure, the processes waited in gloo's rendezvous (minutes,
     until stopped) or failed there with a traceback, a plain script's too (torch 2.15); and
     the restart of a new run would find its own run in --out."""
-    restarts = process_count(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    restarts = positive_count(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if not restarts or launched_processes() < 2:
         return None
     return (f"torchrun --max-restarts {restarts} would start this run's processes again after a "
@@ -151,7 +151,7 @@ def share_cores() -> None:
     them all. A 1 set by hand reads the same as a launcher's. Plain python: torch's own."""
     if not launched():
         return
-    asked = process_count(os.environ.get("OMP_NUM_THREADS", ""))
+    asked = positive_count(os.environ.get("OMP_NUM_THREADS", ""))
     share = local_share(physical_cores(), launched_processes())
     torch.set_num_threads(share if asked in (None, 1) else min(asked, share))
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from common.errors import DataError, LoaderError, SetupError, one_line
-from common.hardware import available_cores, process_count
+from common.hardware import available_cores, positive_count
 from common.stop_signals import STOP_SIGNALS, exit_at_once_on_ctrl_c, stop_signals_held
 from common.torch_environment import address_space_problem
 
@@ -95,7 +95,7 @@ def numba_settings_checked() -> None:
     anyway), and a threading layer, or an order of them, that numba does not know (read as its
     threads start, in FFCV's first epoch)."""
     value = os.environ.get("NUMBA_NUM_THREADS")
-    if value is not None and process_count(value) is None:
+    if value is not None and positive_count(value) is None:
         raise SetupError(f"NUMBA_NUM_THREADS={value!r} is not a number of threads: numba (FFCV's "
                          "compiler) needs a whole number of at least 1; unset it (`unset "
                          "NUMBA_NUM_THREADS`) for as many as this process may use.")

@@ -38,7 +38,7 @@ from engine.history import best_epoch
 from engine.launch import end_processes, launcher_options_ignored, make_accelerator
 from engine.resume import saved_run
 from engine.run import Run, build, train_step
-from engine.trackers import TRACKERS, check_tracker, start_trackers
+from engine.trackers import TRACKER_PROJECT, check_tracker, start_trackers
 
 Log = Callable[[str], None]
 
@@ -245,7 +245,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
             if main:
                 sweep_temporaries(out)  # of a save that was killed midway
             # the trackers' folder, when this run makes it: of no epoch, it goes with best.pt
-            logs = out / TRACKERS if cfg.log_with and not (out / TRACKERS).exists() else None
+            logs = (out / TRACKER_PROJECT if cfg.log_with and not (out / TRACKER_PROJECT).exists()
+                    else None)
             with unsaved_removed(out, logs) if main else nullcontext():
                 return _train(cfg, ckpt, accelerator, log if main else (lambda _: None), last)
     except KeyboardInterrupt:  # wherever it landed once the run's processes were up

@@ -13,7 +13,7 @@ from common.errors import TrainingError, shown
 if TYPE_CHECKING:
     from engine.run import Run
 
-TRACKERS = "cifar10-engine"  # the --log-with trackers' project, and their folder in the run
+TRACKER_PROJECT = "cifar10-engine"  # the --log-with trackers' project, and their folder in the run
 
 
 def tracker_names() -> list[str]:
@@ -47,4 +47,4 @@ def start_trackers(run: Run) -> None:
     # UnicodeEncodeError traceback in tensorboard's hparams)
     flat = {k: v if isinstance(v, int | float | bool) else shown(str(v))
             for k, v in run.cfg.to_dict().items()}
-    run.accelerator.init_trackers(TRACKERS, config=flat)
+    run.accelerator.init_trackers(TRACKER_PROJECT, config=flat)

@@ -215,12 +215,13 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
-          log: Log = lambda _: None, last: bool = True, extend: str | None = None) -> Trained:
+          log: Log = lambda _: None, end_process_group: bool = True,
+          extend: str | None = None) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
     return its history; each epoch's line and each notice go to log (the command line's is
-    common.streams.say). Ctrl-C raises Interrupted, saying what was kept. `last=False` keeps
-    the process group for another run in this process (tools/comparison.py), which calls
-    end_processes().
+    common.streams.say). Ctrl-C raises Interrupted, saying what was kept.
+    `end_process_group=False` keeps the process group for another run in this process
+    (tools/comparison.py), which calls end_processes().
     `extend`: how to train a finished run further, said when resuming one (by default, with
     --resume and more --epochs; a tool of its own words for its own command line)."""
     cfg, ckpt = configure(cfg, resume, given)
@@ -233,7 +234,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
         if main:
             log(f"{out} is finished ({cfg.epochs}/{cfg.epochs} epochs): nothing to train. "
                 + (extend or f"Extend it with --resume {out} --epochs N, N above {cfg.epochs}."))
-        if last:
+        if end_process_group:
             end_processes()
         return Trained(cfg, list(ckpt["history"]), main)
     try:
@@ -248,7 +249,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
             logs = (out / TRACKER_PROJECT if cfg.log_with and not (out / TRACKER_PROJECT).exists()
                     else None)
             with unsaved_removed(out, logs) if main else nullcontext():
-                return _train(cfg, ckpt, accelerator, log if main else (lambda _: None), last)
+                return _train(cfg, ckpt, accelerator, log if main else (lambda _: None),
+                              end_process_group)
     except KeyboardInterrupt:  # wherever it landed once the run's processes were up
         raise stopped(accelerator, out) from None
     except Exception:
@@ -329,7 +331,7 @@ def failure(error: Exception, cfg: TrainConfig, run: Run | None,
 
 
 def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: Log,
-           last: bool) -> Trained:
+           end_process_group: bool) -> Trained:
     """train() once the run folder is held: build, restore, fit, and failures' messages."""
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"  # a resumed run's: its config's out is the --resume folder
@@ -371,7 +373,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: L
         # group, and a second Accelerator in this process would not start it again
         for tracker in accelerator.trackers:
             tracker.finish()
-        if last:
+        if end_process_group:
             end_processes()
     return Trained(run.cfg, history, accelerator.is_main_process, len(history) - done, setup_s,
                    checkpoint_wait_s)

@@ -899,7 +899,7 @@ def test_a_run_called_as_a_library_closes_its_trackers(data_dir, tmp_path):
     before = set(threading.enumerate())
     out = tmp_path / "out"
     cfg = tiny_config(data_dir, out, log_with="tensorboard")
-    train_run(cfg, last=False)
+    train_run(cfg, end_process_group=False)
     assert list((out / "cifar10-engine").rglob("events.out.tfevents.*"))
     assert set(threading.enumerate()) <= before
 

@@ -126,7 +126,7 @@ def train_one(base: TrainConfig, optimizer: str, lr: float | str, weight_decay: 
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
     try:
         trained = train(cfg, resume, given_options(cfg) if resume else None,
-                        log=lambda line: log(f"{optimizer}: {line}"), last=False,
+                        log=lambda line: log(f"{optimizer}: {line}"), end_process_group=False,
                         extend="Extend it by running this command with a larger --epochs.")
         return Result(optimizer, trained.cfg.lr, weight_decay, trained.history)
     except (RunFailed, RangeTestError) as error:  # a result, not the end

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import SetupError
 
-if TYPE_CHECKING:  # torch is imported only when a GPU's name is asked for
+if TYPE_CHECKING:  # torch is imported only when a GPU is asked about (device_name, native_bf16)
     import torch
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.cli import interruptible_imports, run_main
 from common.streams import say
-from engine.history import best_epoch
+from engine.history import best_epoch, time_spent
 from engine.options import parse
 
 
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             if result.epochs_run:  # where this command's time went
                 ran = result.history[-result.epochs_run:]
                 epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
-                say(f"{epochs}: {sum(r['seconds'] for r in ran):.1f}s of training, "
-                    f"{sum(r['eval_seconds'] for r in ran):.1f}s of evaluation, "
+                say(f"{epochs}: {time_spent(ran):.1f}s of training, "
+                    f"{time_spent(ran, 'eval_seconds'):.1f}s of evaluation, "
                     f"{result.checkpoint_wait_s:.1f}s waiting for checkpoints; "
                     f"{result.setup_s:.1f}s building the run before them")
 

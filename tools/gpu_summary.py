@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from common.atomic import ENCODING
-from engine.history import steady_seconds
+from engine.history import read_history, steady_seconds, time_spent
 from tools.bench_names import epoch_name, overhead_text, peer_name, step_name
 
 KINDS_LISTED = 5  # of the profile's kernel kinds, in the summary's line
@@ -115,15 +115,14 @@ def run_line(folder: Path, seconds: float | None) -> list[str]:
     (the rest: start, building the run, waiting for checkpoints, exit), its steady epoch
     seconds (engine.history.steady_seconds), last accuracy."""
     try:
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text(
-            encoding=ENCODING).splitlines()]
+        rows = read_history(folder)
     except (OSError, ValueError):
         return []
     if not rows:
         return []
     wall = f" in {seconds:,.0f} s wall" if seconds is not None else ""
-    spent = (f" ({sum(r['seconds'] for r in rows):.1f} s of training, "
-             f"{sum(r['eval_seconds'] for r in rows):.1f} s of evaluation)")
+    spent = (f" ({time_spent(rows):.1f} s of training, "
+             f"{time_spent(rows, 'eval_seconds'):.1f} s of evaluation)")
     steady = (f"median after the first; first {rows[0]['seconds']:.1f} s" if len(rows) > 1
               else "its one epoch, warm-up included")
     return [f"- {folder.name}: {len(rows)} epoch{'s' * (len(rows) != 1)}{wall}{spent}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.errors import shown
-from engine.history import best_epoch
+from engine.history import best_epoch, time_spent
 from tools.cams import CLASS_AGNOSTIC
 from tools.report_inputs import Inputs
 
@@ -49,7 +49,7 @@ def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, st
     """The run's key figures, shared by the PDF's first page and summary.md."""
     ckpt, history = run.ckpt, run.ckpt["history"]
     last, best = history[-1], best_epoch(history)
-    seconds = sum(r["seconds"] for r in history)
+    seconds = time_spent(history)
     tta = " with flip TTA" if ckpt["config"]["tta"] else ""
     params = sum(p.numel() for p in run.model.parameters())
     wrong = int((probs.argmax(1) != labels).sum())

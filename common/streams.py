@@ -9,6 +9,7 @@ import os
 import select
 import sys
 import termios
+from collections.abc import Callable
 from contextlib import suppress
 from typing import TextIO
 
@@ -105,6 +106,15 @@ def write_stdout(text: str = "") -> None:
         with suppress(OSError, ValueError):  # no descriptor (a test's capture)
             _to_null(sys.stdout.fileno())
         raise OSError(error.errno, error.strerror, "standard output") from None
+
+
+# where library code sends its progress lines: the command line passes say, a caller that
+# wants the results alone passes silent
+Log = Callable[[str], None]
+
+
+def silent(line: str) -> None:
+    """A Log that says nothing."""
 
 
 def say(line: str) -> None:

@@ -28,6 +28,7 @@ from common.hardware import device_name, native_bf16
 from common.locks import locked_dir
 from common.progress import progress_bar
 from common.stop_signals import stop_requested
+from common.streams import Log, silent
 from common.temporaries import sweep_temporaries
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve
@@ -39,8 +40,6 @@ from engine.launch import end_processes, launcher_options_ignored, make_accelera
 from engine.resume import saved_run
 from engine.run import Run, build, train_step
 from engine.trackers import TRACKER_PROJECT, check_tracker, start_trackers
-
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -215,7 +214,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
-          log: Log = lambda _: None, end_process_group: bool = True,
+          log: Log = silent, end_process_group: bool = True,
           extend: str | None = None) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
     return its history; each epoch's line and each notice go to log (the command line's is
@@ -249,7 +248,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
             logs = (out / TRACKER_PROJECT if cfg.log_with and not (out / TRACKER_PROJECT).exists()
                     else None)
             with unsaved_removed(out, logs) if main else nullcontext():
-                return _train(cfg, ckpt, accelerator, log if main else (lambda _: None),
+                return _train(cfg, ckpt, accelerator, log if main else silent,
                               end_process_group)
     except KeyboardInterrupt:  # wherever it landed once the run's processes were up
         raise stopped(accelerator, out) from None

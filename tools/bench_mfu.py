@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import SetupError
+from common.streams import Log, silent
 from engine.config import TrainConfig
 from engine.failures import out_of_memory_as
-from engine.loop import Log
 from engine.model import build_model, forward_macs
 from tools.bench_names import epoch_name, step_name
-from tools.bench_setup import pin_threads, silent
+from tools.bench_setup import pin_threads
 from tools.timing import Peak, matmul_peak
 
 PROBE_IMAGES = 2  # images of the counted batch: FLOPs scale linearly with it

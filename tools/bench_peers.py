@@ -17,8 +17,8 @@ from torch.profiler import profile
 
 from common.errors import one_line
 from common.hardware import default_workers
+from common.streams import Log, silent
 from engine.config import PRESETS, TrainConfig
-from engine.loop import Log
 from engine.run import DTYPES, prepare_data
 from loaders import beton
 from loaders.base import BatchLoader
@@ -40,7 +40,6 @@ from tools.bench_setup import (
     make_run,
     pin_threads,
     release,
-    silent,
 )
 from tools.timing import Pass, fastest, loader_pass, take_turns, train_pass
 

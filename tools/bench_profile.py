@@ -18,10 +18,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from common.atomic import atomic_write
+from common.streams import Log, silent
 from engine.config import TrainConfig
-from engine.loop import Log
 from engine.run import endless, train_step
-from tools.bench_setup import make_run, silent
+from tools.bench_setup import make_run
 from tools.kernel_kinds import kernel_kinds
 from tools.timing import sync, timed_steps
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from common.atomic import write_json
+from common.streams import Log
 from engine.config import TrainConfig
-from engine.loop import Log
 from tools.bench_mfu import bench_mfu
 from tools.bench_options import SECTIONS, fill_defaults
 from tools.bench_output import metadata

@@ -20,8 +20,8 @@ import torch
 
 from common.errors import TrainingError, one_line
 from common.stop_signals import STOP_SIGNALS, signal_at_parent_death
+from common.streams import Log, silent
 from engine.config import TrainConfig
-from engine.loop import Log
 from engine.run import prepare_data
 from loaders import LOADERS
 from loaders.base import BatchLoader
@@ -32,7 +32,6 @@ from tools.bench_setup import (
     make_run,
     pin_threads,
     release,
-    silent,
 )
 from tools.timing import fastest, sync, take_turns, timed_epoch_steps, timed_steps, train_pass
 

@@ -26,10 +26,6 @@ from tools.timing import sync
 MEASURE_ERRORS = (EngineError, RuntimeError)
 
 
-def silent(message: str) -> None:
-    """The sections' default log: no progress lines, for a caller that wants the rows only."""
-
-
 def base_config(args: argparse.Namespace, device: torch.device, images: int, out: str,
                 **given: Any) -> TrainConfig:
     """The engine's config (fast preset, device defaults) on synthetic data of `images` images,

@@ -15,11 +15,12 @@ from common.errors import CheckpointError, Interrupted, OutputError, RangeTestEr
 from common.hardware import launched_processes
 from common.output_folders import output_dir
 from common.paths import not_a_folder
+from common.streams import Log
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.history import steady_seconds
 from engine.launch import end_processes
-from engine.loop import Log, train
+from engine.loop import train
 from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:

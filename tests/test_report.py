@@ -84,7 +84,7 @@ def report_dir(run_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(run_dir) -> report_inputs.Inputs:
+def loaded(run_dir) -> report_inputs.TrainedRun:
     return report_inputs.load(run_dir / "ckpt.pt", None, torch.device("cpu"))
 
 
@@ -1146,13 +1146,13 @@ def test_a_class_never_predicted_or_never_seen_scores_zero_not_nan():
         (0.6667, 1.0, 0.8), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)]
 
 
-def _inputs(labels: np.ndarray, history: list[dict]) -> report_inputs.Inputs:
-    """Inputs around a hand-made checkpoint dict and a real (tiny) model: 3 x 2 + 2 = 8
+def _inputs(labels: np.ndarray, history: list[dict]) -> report_inputs.TrainedRun:
+    """TrainedRun around a hand-made checkpoint dict and a real (tiny) model: 3 x 2 + 2 = 8
     parameters."""
     ckpt = dict(arch="resnet18", width=8, num_classes=3, classes=["a", "b", "c"],
                 history=history, config=dict(epochs=3, tta=False),
                 data=dict(dataset="synthetic"), device="cpu", processes=1, torch="2.x")
-    return report_inputs.Inputs(Path("run/ckpt.pt"), ckpt, torch.nn.Linear(3, 2),
+    return report_inputs.TrainedRun(Path("run/ckpt.pt"), ckpt, torch.nn.Linear(3, 2),
                                 Path("test.beton"), np.zeros((len(labels), 32, 32, 3), np.uint8),
                                 labels, torch.device("cpu"))
 
@@ -1425,7 +1425,7 @@ def test_the_curves_draw_epochs_across_each_key_up_and_accuracy_in_percent(tmp_p
         ("epoch", "log"), ("epoch", "linear"), ("epoch", "linear")]
 
 
-def _numbered(labels: np.ndarray) -> report_inputs.Inputs:
+def _numbered(labels: np.ndarray) -> report_inputs.TrainedRun:
     """_inputs whose test image i is the flat grey 10 * i, so a panel tells which it shows."""
     run = _inputs(labels, [])
     images = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(len(labels))])

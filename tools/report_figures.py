@@ -20,7 +20,7 @@ from common.errors import shown
 from common.progress import track
 from tools.cams import CAM_BATCH, CLASS_AGNOSTIC, cams, overlay
 from tools.plots import Panel, plot_history
-from tools.report_inputs import Inputs, in_chunks, normalized
+from tools.report_inputs import TrainedRun, in_chunks, normalized
 
 log = logging.getLogger(__name__)
 # matplotlib's warning for each character its fonts lack, each time a figure draws it
@@ -70,7 +70,7 @@ def plot_curves(history: list[dict], label_smoothing: float, path: Path) -> None
     plot_history({"run": history}, curve_panels(label_smoothing)).savefig(path, dpi=90)
 
 
-def plot_misclassified(run: Inputs, probs: np.ndarray, indices: np.ndarray, path: Path) -> None:
+def plot_misclassified(run: TrainedRun, probs: np.ndarray, indices: np.ndarray, path: Path) -> None:
     """A grid of the most confidently wrong test images, in true colour, with both classes."""
     cols = min(5, max(1, len(indices)))
     rows = max(1, -(-len(indices) // cols))
@@ -153,7 +153,7 @@ def cam_page_frame(rows: int) -> tuple[Figure, np.ndarray, Axes]:
     return fig, axes, colorbar_axes
 
 
-def cam_page(run: Inputs, index: int, probs: np.ndarray,
+def cam_page(run: TrainedRun, index: int, probs: np.ndarray,
              maps: dict[tuple[str, str, str], np.ndarray]) -> Figure:
     """One image's page: a row per (method, layer); heat map and overlay per target class."""
     image, true, pred = run.images[index], int(run.labels[index]), int(probs.argmax())
@@ -186,7 +186,7 @@ def cam_page(run: Inputs, index: int, probs: np.ndarray,
     return fig
 
 
-def explain(run: Inputs, probs: np.ndarray, indices: np.ndarray, layers: list[str],
+def explain(run: TrainedRun, probs: np.ndarray, indices: np.ndarray, layers: list[str],
             methods: list[str], chunk: int = CAM_BATCH) -> dict[tuple[str, str, str], np.ndarray]:
     """CAMs of the images at `indices` for their predicted and their true class:
     {(method, layer, "predicted" or "true"): N x 32 x 32}, made `chunk` images at a time;
@@ -207,7 +207,7 @@ def explain(run: Inputs, probs: np.ndarray, indices: np.ndarray, layers: list[st
                    for m, layer, _ in maps if m in CLASS_AGNOSTIC}
 
 
-def write_pdf(run: Inputs, facts: dict[str, str], probs: np.ndarray, indices: np.ndarray,
+def write_pdf(run: TrainedRun, facts: dict[str, str], probs: np.ndarray, indices: np.ndarray,
               maps: dict[tuple[str, str, str], np.ndarray], path: Path) -> None:
     """gradcam.pdf: the run summary, then one page of CAMs per misclassified image."""
     with PdfPages(path) as pdf:

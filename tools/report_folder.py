@@ -30,7 +30,7 @@ from tools.report_figures import (
     write_pdf,
 )
 from tools.report_inputs import (
-    Inputs,
+    TrainedRun,
     load,
     most_confidently_wrong,
     normalized,
@@ -94,7 +94,7 @@ def check_out(out: Path, given: bool) -> None:
                       f"its folder whole; {fix}.")
 
 
-def write_report(run: Inputs, folder: Path, n: int, layers: list[str],
+def write_report(run: TrainedRun, folder: Path, n: int, layers: list[str],
                  methods: list[str]) -> None:
     """Every file of the report, into `folder`: the `n` most confidently wrong test images,
     explained at `layers` by `methods`."""

@@ -22,8 +22,9 @@ from loaders.preparation import prepare
 
 
 @dataclass
-class Inputs:
-    """A loaded checkpoint, its model on the device and its test split, checked to fit."""
+class TrainedRun:
+    """A loaded checkpoint, its model on the device and its test split, checked to fit: the
+    finished run a report describes (engine.run.Run is a run in training)."""
 
     path: Path
     ckpt: dict
@@ -66,7 +67,7 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
     return prepare(dataset, data_dir, synthetic_size=cfg.synthetic_size).test
 
 
-def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
+def load(path: Path, data_dir: Path | None, device: torch.device) -> TrainedRun:
     """Checkpoint, model and test split; ReportError (or Checkpoint/DataError) if they misfit."""
     ckpt = checkpoint.load(path)  # its history holds at least one epoch
     model = checkpoint.model_from(ckpt).to(device)
@@ -78,7 +79,7 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> Inputs:
         raise ReportError(f"{test} holds another dataset than the one {path} was trained on "
                           f"({ckpt['num_classes']} classes: {', '.join(ckpt['classes'][:4])}, "
                           "...); pass the right --data-dir.")
-    return Inputs(path, ckpt, model, test, split.images, split.labels, device)
+    return TrainedRun(path, ckpt, model, test, split.images, split.labels, device)
 
 
 def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int) -> np.ndarray:
@@ -88,7 +89,7 @@ def in_chunks(work: Callable[[slice], np.ndarray], n: int, size: int) -> np.ndar
     return np.concatenate([work(slice(start, start + size)) for start in range(0, n, size)])
 
 
-def predictions(run: Inputs) -> tuple[np.ndarray, np.ndarray]:
+def predictions(run: TrainedRun) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (N x C) and labels of the test split: fp32, eager, no TTA."""
     to_input = checkpoint.model_input(run.ckpt, run.device)
     return probabilities(run.model, to_input, run.images).numpy(), run.labels
@@ -101,7 +102,7 @@ def most_confidently_wrong(probs: np.ndarray, labels: np.ndarray, n: int) -> np.
     return wrong[np.argsort(-confidence[wrong], kind="stable")][:n]
 
 
-def normalized(run: Inputs, indices: np.ndarray) -> torch.Tensor:
+def normalized(run: TrainedRun, indices: np.ndarray) -> torch.Tensor:
     """The model's input for these test images."""
     to_input = checkpoint.model_input(run.ckpt, run.device)
     return to_input(torch.from_numpy(run.images[indices]).to(run.device))

@@ -8,7 +8,7 @@ import numpy as np
 from common.errors import shown
 from engine.history import best_epoch, time_spent
 from tools.cams import CLASS_AGNOSTIC
-from tools.report_inputs import Inputs
+from tools.report_inputs import TrainedRun
 
 FAITHFULNESS_FIELDS = ("method", "layer", "road", "road_std", "images")
 MISCLASSIFIED_FIELDS = ("rank", "index", "true", "predicted", "probability", "true_probability")
@@ -36,7 +36,7 @@ def per_class(matrix: np.ndarray, classes: list[str]) -> list[dict]:
     return rows
 
 
-def misclassified_rows(run: Inputs, probs: np.ndarray, indices: np.ndarray) -> list[dict]:
+def misclassified_rows(run: TrainedRun, probs: np.ndarray, indices: np.ndarray) -> list[dict]:
     """One row per shown image: test index, true and predicted class, both probabilities."""
     return [dict(rank=rank + 1, index=int(i), true=run.classes[run.labels[i]],
                  predicted=run.classes[probs[i].argmax()],
@@ -45,7 +45,7 @@ def misclassified_rows(run: Inputs, probs: np.ndarray, indices: np.ndarray) -> l
             for rank, i in enumerate(indices)]
 
 
-def headline(run: Inputs, probs: np.ndarray, labels: np.ndarray) -> dict[str, str]:
+def headline(run: TrainedRun, probs: np.ndarray, labels: np.ndarray) -> dict[str, str]:
     """The run's key figures, shared by the PDF's first page and summary.md."""
     ckpt, history = run.ckpt, run.ckpt["history"]
     last, best = history[-1], best_epoch(history)

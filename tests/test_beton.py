@@ -122,12 +122,16 @@ def test_a_constant_channel_whose_variance_rounds_below_0_gets_the_least_std():
 
 @pytest.mark.parametrize("stats", [
     {"std": [float("nan"), 0.2, 0.2]}, {"std": [0.0, 0.2, 0.2]}, {"std": [1e-9, 0.2, 0.2]},
-    {"std": [0.2, 0.2]}, {"mean": [0.5, 0.5, 0.5, 0.5]}],
-    ids=["NaN", "0", "below MIN_STD", "std of 2 channels", "mean of 4 channels"])
+    {"std": [0.2, 0.2]}, {"mean": [0.5, 0.5, 0.5, 0.5]}, {"std": [0.2, float("inf"), 0.2]},
+    {"mean": [0.5, float("nan"), 0.5]}, {"std": 0.2}],
+    ids=["NaN", "0", "below MIN_STD", "std of 2 channels", "mean of 4 channels", "infinite std",
+         "NaN mean", "a number for a list"])
 def test_a_sidecar_whose_stats_cannot_normalize_is_rebuilt(prepared, tmp_path, stats):
     # as a constant channel's sidecar was written before MIN_STD: reusing it made every loss
     # NaN; and stats of other than 3 channels (a sidecar edited by hand) were a traceback
-    # building the loader's normalization
+    # building the loader's normalization. An infinite std (every image all 0) or a NaN mean
+    # passes the std's floor, and a number where a list belongs has no length: each is
+    # rebuilt too, never a traceback
     data_dir = _prepared_copy(prepared, tmp_path)
     path = data_dir / prepared.train.name
     write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), **stats)))
@@ -577,16 +581,46 @@ def test_loaders_refuse_a_damaged_beton_naming_it(prepared, tmp_path, kind, dama
     ("cifar100-test.beton", "--dataset cifar100"),
     ("folder-0123456789abcdef-train.beton", "--dataset folder"),
     ("synthetic-50000-10000-seed0-train.beton", "--dataset synthetic --synthetic-size 50000 10000"),
-    ("mine.beton", None), ("folder-x-train.beton", None), ("cifar10-old.beton", None)])
+    ("mine.beton", None), ("folder-x-train.beton", None), ("cifar10-old.beton", None),
+    ("cifar10-test.beton.orig", None), ("synthetic-50000-10000-seed01-train.beton", None)])
 def test_a_betons_rebuild_command_is_that_of_the_data_its_name_says(name, options):
     """Named as preparation.beton_paths names them; a file renamed by hand is left to the run's
-    own options. The folder is quoted for the shell."""
+    own options, a name that only begins as ours too (a copy kept as .orig, a synthetic tag
+    with more after it: its command would rebuild another file). The folder is quoted for the
+    shell."""
     advice = beton.rebuild_advice(Path("/data/my runs") / name)
     assert advice == (f"run `python loaders/prepare.py {options} --data-dir '/data/my runs'` (or "
                       "training) to rebuild it" if options else
                       "run `python loaders/prepare.py` with the run's --dataset and --data-dir "
                       "(or training) to rebuild it")
 
+
+
+def test_a_beton_without_its_sidecar_is_named_so_with_the_command_that_rebuilds_it(prepared,
+                                                                                  tmp_path):
+    """A .beton copied without its sidecar (FFCV users copy the .beton alone): the reader's
+    error names the sidecar it lacks, not a file 'missing' that is there."""
+    path = tmp_path / prepared.test.name
+    shutil.copyfile(prepared.test, path)
+    with pytest.raises(DataError) as refused:
+        beton.check(path)
+    n_train, n_test = SYNTHETIC_SIZE
+    assert str(refused.value) == (
+        f"{path} has no sidecar {path.name}.json; run `python loaders/prepare.py --dataset "
+        f"synthetic --synthetic-size {n_train} {n_test} --data-dir {tmp_path}` (or training) to "
+        "rebuild it.")
+
+
+def test_prepare_names_its_files_as_the_docs_and_earlier_releases_do(prepared):
+    """The names are what FFCV users copy and what a later release looks for: <tag>-<split>.beton,
+    its sidecar <name>.beton.json beside it (a sidecar named otherwise would leave every
+    prepared folder's files unused, all converted again), the synthetic folder's tag
+    synthetic-<train>-<test>-seed0."""
+    tag = "synthetic-{}-{}-seed0".format(*SYNTHETIC_SIZE)
+    names = {p.name for p in prepared.train.parent.iterdir()}
+    assert {tag, f"{tag}-train.beton", f"{tag}-test.beton", f"{tag}-train.beton.json",
+            f"{tag}-test.beton.json"} <= names
+    assert (prepared.train.name, prepared.test.name) == (f"{tag}-train.beton", f"{tag}-test.beton")
 
 # --- writer failures end in a DataError within seconds, leaving nothing -------------------------
 

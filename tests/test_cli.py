@@ -1107,6 +1107,20 @@ def test_a_saved_config_of_other_types_than_the_command_lines_is_named():
         "largest) or 'auto', got fast"]
 
 
+
+def test_every_tracker_accelerate_names_is_taken_by_log_with_and_in_a_saved_config():
+    """--log-with's choices and a saved config's log_with are accelerate's own tracker names,
+    all of them: only a name accelerate lacks is refused (a name left out of the list would
+    refuse a tracker accelerate runs, wandb or mlflow, as a usage error or a foreign value)."""
+    from accelerate.utils import LoggerType
+
+    from engine.config import TrainConfig, foreign_values
+    from engine.options import parse
+
+    for name in (t.value for t in LoggerType):
+        assert parse(["--log-with", name]).cfg.log_with == name
+        assert foreign_values(TrainConfig(log_with=name)) == []
+
 def test_pad_mode_reaches_the_augmentation_as_zero_or_reflect_padding():
     """--pad-mode zeros (and the seed preset's) reaches the augmentation as zero padding,
     reflect (the default) as reflection; the pixels each pads with are test_augment's."""

@@ -595,7 +595,6 @@ def test_a_betons_rebuild_command_is_that_of_the_data_its_name_says(name, option
                       "(or training) to rebuild it")
 
 
-
 def test_a_beton_without_its_sidecar_is_named_so_with_the_command_that_rebuilds_it(prepared,
                                                                                   tmp_path):
     """A .beton copied without its sidecar (FFCV users copy the .beton alone): the reader's
@@ -621,6 +620,7 @@ def test_prepare_names_its_files_as_the_docs_and_earlier_releases_do(prepared):
     assert {tag, f"{tag}-train.beton", f"{tag}-test.beton", f"{tag}-train.beton.json",
             f"{tag}-test.beton.json"} <= names
     assert (prepared.train.name, prepared.test.name) == (f"{tag}-train.beton", f"{tag}-test.beton")
+
 
 # --- writer failures end in a DataError within seconds, leaving nothing -------------------------
 

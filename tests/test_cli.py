@@ -1107,7 +1107,6 @@ def test_a_saved_config_of_other_types_than_the_command_lines_is_named():
         "largest) or 'auto', got fast"]
 
 
-
 def test_every_tracker_accelerate_names_is_taken_by_log_with_and_in_a_saved_config():
     """--log-with's choices and a saved config's log_with are accelerate's own tracker names,
     all of them: only a name accelerate lacks is refused (a name left out of the list would
@@ -1120,6 +1119,7 @@ def test_every_tracker_accelerate_names_is_taken_by_log_with_and_in_a_saved_conf
     for name in (t.value for t in LoggerType):
         assert parse(["--log-with", name]).cfg.log_with == name
         assert foreign_values(TrainConfig(log_with=name)) == []
+
 
 def test_pad_mode_reaches_the_augmentation_as_zero_or_reflect_padding():
     """--pad-mode zeros (and the seed preset's) reaches the augmentation as zero padding,

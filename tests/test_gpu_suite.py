@@ -302,7 +302,6 @@ def test_a_failed_command_does_not_keep_the_next_one_of_its_step_from_running(tm
     assert [c["status"] for c in suite.done[0]["commands"]] == ["exit 1", "ok"]
 
 
-
 def test_each_command_is_recorded_before_the_next_one_of_its_step_starts(tmp_path, monkeypatch):
     """The record (suite.json, summary.md, the bundle) is saved after every command, not only
     at its step's end: a suite killed during a step's long command (the device machine's call
@@ -316,6 +315,7 @@ def test_each_command_is_recorded_before_the_next_one_of_its_step_starts(tmp_pat
                             ["two"])
     assert gpu_run.run_step(suite, "two"), (tmp_path / "two.log").read_text()
     assert "\nok\n# second: ok, " in (tmp_path / "two.log").read_text()
+
 
 def test_a_test_steps_failure_is_printed_before_its_next_test_runs(tmp_path):
     """A test step killed at its limit never reaches pytest's end-of-run report: on the first

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,13 +16,18 @@ def temporary_name(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
 
 
+def _parsed(entry: Path) -> tuple[str, int, str] | None:
+    """(name, pid, kind) of a temporary_name, `.<name>.<pid>.<kind>`; None for another name."""
+    match = re.fullmatch(r"\.(.+)\.(\d+)\.([a-z]+)", entry.name)
+    return (match[1], int(match[2]), match[3]) if match else None
+
+
 def temporary_writer(entry: Path, path: Path, kinds: tuple[str, ...] = ("tmp",)) -> int | None:
     """The pid of the process that made `entry`, when entry is a temporary_name of `path` of
     one of `kinds`; else None."""
-    prefix = f".{path.name}."
-    pid, _, kind = entry.name.removeprefix(prefix).partition(".")
-    if entry.name.startswith(prefix) and kind in kinds and pid.isdigit():
-        return int(pid)
+    parsed = _parsed(entry)
+    if parsed is not None and parsed[0] == path.name and parsed[2] in kinds:
+        return parsed[1]
     return None
 
 
@@ -57,8 +63,8 @@ def sweep_temporaries(folder: Path, name: str = "*") -> None:
     mid-write left in folder; a live writer's is a write under way (tools/export.py's beside
     the checkpoints while the run resumes), kept."""
     for stale in Path(folder).glob(f".{name if name == '*' else glob.escape(name)}.*.tmp"):
-        pid = stale.name.removesuffix(".tmp").rpartition(".")[2]
-        if pid.isdigit() and gone_writer(int(pid)) and stale.is_file():
+        parsed = _parsed(stale)
+        if parsed is not None and gone_writer(parsed[1]) and stale.is_file():
             stale.unlink(missing_ok=True)
 
 

@@ -674,15 +674,20 @@ def history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def overwrite_middle(path: Path) -> None:
+    """16 of the file's middle bytes overwritten: its size holds, only a hash tells."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\xa5" * 16)
+
+
 def overwritten_copy(recorded: Path, folder: Path) -> Path:
-    """A copy of the .beton `recorded` and its sidecar in folder, 16 of its middle bytes then
-    overwritten: the size its sidecar records still holds, only the hash tells."""
+    """A copy of the .beton `recorded` and its sidecar in folder, then overwrite_middle'd: the
+    size its sidecar records still holds, only the hash tells."""
     damaged = folder / recorded.name
     shutil.copyfile(recorded, damaged)
     shutil.copyfile(beton.sidecar(recorded), beton.sidecar(damaged))
-    with open(damaged, "r+b") as f:
-        f.seek(damaged.stat().st_size // 2)
-        f.write(b"\xa5" * 16)
+    overwrite_middle(damaged)
     return damaged
 
 

@@ -26,6 +26,7 @@ from conftest import (
     children,
     dump_pickle,
     file_identities,
+    overwrite_middle,
     run_code,
     run_script,
     tmpfs,
@@ -493,15 +494,9 @@ def test_read_finds_images_stored_past_4_gib(prepared, source, tmp_path):
 
 # --- damaged files: the sidecar records size and hash ----------------------------------------
 
-def _overwrite_middle(path: Path) -> None:
-    with open(path, "r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        f.write(b"\xa5" * 16)
-
-
 DAMAGED = {
     "cut by a few bytes": lambda p: p.write_bytes(p.read_bytes()[:-3]),
-    "middle bytes overwritten": _overwrite_middle,
+    "middle bytes overwritten": overwrite_middle,
     "header cut": lambda p: p.write_bytes(p.read_bytes()[:40]),
     "sidecar cut": lambda p: beton.sidecar(p).write_text(beton.sidecar(p).read_text()[:30]),
 }
@@ -534,7 +529,7 @@ def test_prepare_rebuilds_a_damaged_beton_from_its_source(prepared, source, tmp_
 def test_cache_hit_checks_the_content_hash(prepared, tmp_path):
     data_dir = _prepared_copy(prepared, tmp_path)
     path = data_dir / prepared.test.name
-    _overwrite_middle(path)  # same size: only the hash can tell
+    overwrite_middle(path)  # same size: only the hash can tell
     assert beton.damage(path, beton.read_info(path), full=False) is None
     assert "hash" in beton.damage(path, beton.read_info(path))
     prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)

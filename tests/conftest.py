@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import getpass
 import io
-import json
 import os
 import pickle
 import pickletools
@@ -667,11 +666,6 @@ def train_tiny(base: Path, width: int = 8, epochs: int = 1,
         "--loader", "resident", "--no-compile", "--out", base / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     return base / "run"
-
-
-def history(out: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl, one per epoch."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def overwrite_middle(path: Path) -> None:

@@ -19,6 +19,7 @@ from conftest import ROOT, in_process, run_script, small_config, torchrun_env, w
 from common.errors import OutputError
 from engine import checkpoint, loop
 from engine.config import TrainConfig
+from engine.history import read_history
 from tools import comparison
 from tools.compare import main
 from tools.comparison import WRITTEN, Result, default_lr, default_weight_decay
@@ -219,9 +220,9 @@ def test_the_same_command_again_reuses_finished_runs_and_extends_them(out, tmp_p
     result = compare(*common, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("sgd", "adamw"):
-        rows = [json.loads(line) for line in (again / name / "metrics.jsonl").open()]
+        rows = read_history(again / name)
         assert [r["epoch"] for r in rows] == [1, 2]
-        first = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])
+        first = read_history(out / name)[0]
         assert rows[0] == first  # epoch 1 is the saved one, not trained again
     with open(again / "compare.csv") as f:
         assert [r["epochs"] for r in csv.DictReader(f)] == ["2", "2"]

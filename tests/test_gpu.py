@@ -18,7 +18,6 @@ import torch
 from conftest import (
     SYNTHETIC_SIZE,
     check_the_lineup,
-    history,
     interrupt_after_first_epoch,
     run_script,
 )
@@ -30,6 +29,7 @@ from engine import checkpoint
 from engine.config import TrainConfig, resolve
 from engine.evaluate import evaluate, logits_of
 from engine.failures import out_of_memory
+from engine.history import read_history
 from engine.launch import make_accelerator
 from engine.model import PointwiseConv, eval_mode
 from engine.run import DTYPES, build, train_step
@@ -345,7 +345,7 @@ def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
     # stopped mid-run, as tests/test_train.py's CPU resume requires: a run that ended before
     # its Ctrl-C landed would leave nothing to resume, and the comparison below would then
     # hold between two uninterrupted runs, passing without a resume
-    done = len(history(cut))
+    done = len(read_history(cut))
     assert returncode == 130 and f"--resume {cut}" in stderr and done < 4, (
         returncode, done, stderr[-3000:])
 
@@ -354,7 +354,7 @@ def test_resume_on_cuda_gives_the_uninterrupted_history(data_dir, tmp_path):
     # torch's warnings for ops without a deterministic version: a failure below names them
     nondeterministic = [line for line in (result.stderr + resumed.stderr).splitlines()
                         if "deterministic" in line]
-    for a, b in zip(history(full), history(cut), strict=True):
+    for a, b in zip(read_history(full), read_history(cut), strict=True):
         assert (a["epoch"], a["lr"], a["train_images"]) == (b["epoch"], b["lr"],
                                                             b["train_images"])
         # as the CPU's resume test (tests/test_train.py: within 1e-4), a little looser: an op

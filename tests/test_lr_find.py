@@ -20,6 +20,7 @@ from conftest import run_script, tmpfs
 from common.errors import RangeTestError
 from engine import lr_range, lr_sweep
 from engine.config import TrainConfig, resolve
+from engine.history import read_history
 from engine.launch import make_accelerator
 from engine.optimizers import lr_at
 from engine.run import Run, build, endless, train_step
@@ -472,5 +473,5 @@ def test_train_lr_auto_trains_at_the_suggestion(data_dir, tmp_path):
     assert ckpt["config"]["lr"] == peak
     assert ckpt["resume"]["scheduler"]["base_lrs"] == [peak, peak]  # both parameter groups
     steps = math.ceil(SIZE[0] / batch)
-    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    [row] = read_history(out)
     assert row["lr"] == pytest.approx(peak * lr_at("onecycle", steps, steps, config["warmup"]))

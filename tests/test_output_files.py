@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, ended_pid, history, run_code, tmpfs, wait_until, without_root_powers
+from conftest import ROOT, ended_pid, run_code, tmpfs, wait_until, without_root_powers
 
 from common import temporaries
 from common.atomic import atomic_writes, csv_text, write_failed, write_text
@@ -35,6 +35,7 @@ from common.temporaries import (
     temporary_writer,
 )
 from engine import checkpoint
+from engine.history import read_history
 
 
 def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path):
@@ -516,7 +517,7 @@ def test_an_epoch_that_is_not_the_best_keeps_the_earlier_best_pt(tmp_path):
     checkpoint.write_epoch(tmp_path, epoch_files(3, 64), best=False)
     best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "ckpt.pt"))
     assert (best["epoch"], last["epoch"]) == (2, 3) and "resume" not in best and "resume" in last
-    assert [row["epoch"] for row in history(tmp_path)] == [1, 2, 3]
+    assert [row["epoch"] for row in read_history(tmp_path)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("code, limited, fix", [

@@ -32,7 +32,6 @@ from conftest import (
     cpu_out_of_memory,
     data_workers,
     ended_pid,
-    history,
     in_process,
     run_code,
     run_script,
@@ -57,6 +56,7 @@ from common.errors import (
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.failures import out_of_memory, out_of_memory_as, peer_gone
+from engine.history import read_history
 from engine.loop import configure
 from engine.loop import train as train_run
 from engine.model import build_model
@@ -654,8 +654,8 @@ def test_resume_with_more_epochs_extends_a_finished_run(finished, tmp_path, caps
     (run / f".ckpt.pt.{ended_pid()}.tmp").write_bytes(b"half a checkpoint of a killed save")
     result = train("--resume", run, "--epochs", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["epoch"] for r in history(run)] == [1, 2]
-    assert history(run)[0] == history(finished)[0]  # the first epoch is kept as it was
+    assert [r["epoch"] for r in read_history(run)] == [1, 2]
+    assert read_history(run)[0] == read_history(finished)[0]  # the first epoch is kept as it was
     assert checkpoint.load(run / "ckpt.pt")["config"]["epochs"] == 2
     assert not list(run.glob(".*.tmp"))  # the killed save's temporary was swept
 
@@ -701,7 +701,7 @@ def test_resume_after_the_classes_changed_names_both(tmp_path, capsys):
     message = one_line_error(result)
     assert f"{run / 'ckpt.pt'} was trained on other classes (3: cat, dog, frog) than its " \
            "data" in message and "now holds (4: cat, dog, emu, frog)" in message, message
-    assert len(history(run)) == 1
+    assert len(read_history(run)) == 1
 
 
 @pytest.mark.slow
@@ -717,11 +717,11 @@ def test_resume_after_the_image_folder_moved_says_to_pass_data_dir(tmp_path, cap
         f"error: {run / 'ckpt.pt'} was trained on the image folder {pictures}, which does not "
         "exist (moved or deleted?); pass --data-dir DIR, the folder that now holds its train/ "
         "and test/ (--resume may change it).")
-    assert len(history(run)) == 1
+    assert len(read_history(run)) == 1
     result = run_script("engine/train.py", "--resume", run, "--epochs", "2", "--data-dir",
                         moved, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(history(run)) == 2
+    assert len(read_history(run)) == 2
 
 
 @pytest.mark.slow
@@ -756,7 +756,7 @@ def test_resume_from_another_directory_uses_the_recorded_data(tmp_path, capsys, 
     result = train("--resume", first / "run", "--epochs", "2", cwd=second)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (second / "data").exists()  # nothing regenerated relative to the new cwd
-    assert len(history(first / "run")) == 2
+    assert len(read_history(first / "run")) == 2
 
 
 # --- divergence -------------------------------------------------------------------------------
@@ -1271,7 +1271,7 @@ def test_a_resumed_run_goes_on_on_a_disk_with_room_for_one_epochs_files(finished
     with tmpfs(tmp_path / "disk", f"size={files * 5 // 2}") as disk:
         run = copy_run(finished, disk)
         trained = train_run(TrainConfig(), run, {"epochs": 2})
-        assert trained.epochs_run == 1 and len(history(run)) == 2
+        assert trained.epochs_run == 1 and len(read_history(run)) == 2
 
 
 @pytest.mark.slow
@@ -1293,7 +1293,7 @@ def test_stdout_on_a_full_disk_mid_run_is_named_and_the_epochs_kept(data_dir, tm
     assert result.returncode == 1 and written[0] == "synthetic", written
     assert one_line_error(result) == ("error: the disk is full writing standard output; free "
                                       "some space or write to another disk.")
-    assert 1 <= len(history(out)) < 4 and (out / "ckpt.pt").exists()
+    assert 1 <= len(read_history(out)) < 4 and (out / "ckpt.pt").exists()
 
 
 @pytest.mark.slow
@@ -1306,7 +1306,7 @@ def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path, ca
     result = in_process(capsys, train_main, *TINY, "--resume", run, "--epochs", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     header, first, second = (run / "metrics.csv").read_text().splitlines()
-    assert "eval_seconds" in header.split(",") and len(history(run)) == 2
+    assert "eval_seconds" in header.split(",") and len(read_history(run)) == 2
 
 
 def test_a_best_pt_renamed_into_place_without_its_ckpt_pt_is_removed(data_dir, tmp_path,
@@ -1422,7 +1422,7 @@ def test_a_closed_terminal_stops_training_as_cleanly_as_ctrl_c(data_dir, tmp_pat
                 said += os.read(terminal, 65536)
     os.close(terminal)  # the hang-up
     assert proc.wait(timeout=120) == 129, said.decode()[-3000:]
-    done = len(history(out))
+    done = len(read_history(out))
     assert 0 < done < 30 and checkpoint.load(out / "ckpt.pt")["epoch"] == done
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
@@ -1857,7 +1857,7 @@ def test_resume_from_a_copy_of_best_pt_is_one_clear_error(finished, tmp_path):
         train_run(TrainConfig(), run, {"epochs": 2})
     assert str(refused.value) == (f"{run / 'ckpt.pt'} has no optimizer state (best.pt?); "
                                   "resume from the run's ckpt.pt")
-    assert (run / "ckpt.pt").read_bytes() == before and len(history(run)) == 1
+    assert (run / "ckpt.pt").read_bytes() == before and len(read_history(run)) == 1
 
 
 @pytest.mark.slow
@@ -1877,7 +1877,7 @@ def test_resume_refuses_a_run_file_taken_by_no_file_before_training(finished, tm
         train_run(TrainConfig(), run, {"epochs": 2})
     assert str(refused.value) == (f"{run / name} {problem}; each epoch of the run writes its "
                                   f"{name} there. Move it away and resume again.")
-    assert len(history(run)) == 1
+    assert len(read_history(run)) == 1
 
 
 def _damaged(run: Path, change) -> Path:
@@ -1982,7 +1982,7 @@ def test_a_damaged_training_state_is_refused_on_resume(finished, tmp_path, chang
     assert str(refused.value).endswith(
         "; it was damaged or written by other code. Resume from the ckpt.pt that engine/train.py "
         "wrote, or start a new run with another --out."), refused.value
-    assert path.read_bytes() == before and len(history(run)) == 1
+    assert path.read_bytes() == before and len(read_history(run)) == 1
 
 
 def test_restore_goes_on_with_the_random_state_the_checkpoint_saved(prepared, tmp_path):

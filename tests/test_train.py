@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     ROOT,
-    history,
     in_process,
     interrupt_after_first_epoch,
     launcher_env,
@@ -33,6 +32,7 @@ import engine.trackers
 import engine.train as train_command
 from common.errors import TrainingError
 from engine import checkpoint
+from engine.history import read_history
 from engine.optimizers import lr_at
 from loaders import beton
 
@@ -66,7 +66,7 @@ def two_epoch_run(data_dir, tmp_path_factory) -> Path:
 
 
 def test_training_learns_and_writes_the_run_directory(two_epoch_run):
-    rows = history(two_epoch_run)
+    rows = read_history(two_epoch_run)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1]["test_acc"] > 0.5  # chance is 0.1
     assert len((two_epoch_run / "metrics.csv").read_text().splitlines()) == 3  # header + 2
@@ -97,11 +97,11 @@ def test_best_pt_is_kept_when_a_later_epoch_is_worse(two_epoch_run, tmp_path):
     before = (run / "best.pt").read_bytes()
     result = train("--resume", str(run), "--epochs", "3")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["test_acc"] < 1.0 for r in history(run)] == [True, False, True]
+    assert [r["test_acc"] < 1.0 for r in read_history(run)] == [True, False, True]
     assert (run / "best.pt").read_bytes() == before
     assert checkpoint.load(run / "ckpt.pt")["epoch"] == 3
     # the line names the last epoch, the run's result, then the best one, which best.pt holds
-    third = history(run)[2]
+    third = read_history(run)[2]
     final = re.escape(f"{third['test_acc']:.2%}")
     assert re.search(rf"^final test accuracy {final} at epoch 3; best test "
                      r"accuracy 100\.00% at epoch 2 \(best\.pt, picked on the test set\); "
@@ -378,7 +378,7 @@ def test_a_process_killed_alone_leaves_the_main_one_saying_what_was_kept(data_di
     proc, stderr, out = stopped_mid_run(data_dir, tmp_path, 30,
                                         lambda pid: os.kill(rank_of(pid, 1), signal.SIGKILL))
     assert proc.returncode != 0
-    done = len(history(out))
+    done = len(read_history(out))
     assert 0 < done < 30, stderr[-3000:]
     # its error, or its Ctrl-C line where torchrun's SIGTERM to it comes first
     said = [line for line in stderr.splitlines() if line.startswith(("error: process 0 of 2",
@@ -405,7 +405,7 @@ def test_torchrun_killed_outright_stops_its_processes_with_every_finished_epoch(
         for pid in workers:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    done = len(history(out))
+    done = len(read_history(out))
     assert 0 < done < 30, stderr[-3000:]
     said = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
     assert f"interrupted: {out}/ckpt.pt holds epoch {done}; continue with --resume {out}" in \
@@ -426,12 +426,12 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path)
     # stopped mid-run: a clean exit that names --resume
     assert returncode == 130 and f"--resume {cut}" in stderr, stderr[-3000:]
     assert "ckpt.pt holds epoch 1;" in stderr
-    assert checkpoint.load(cut / "ckpt.pt")["epoch"] == len(history(cut)) == 1
+    assert checkpoint.load(cut / "ckpt.pt")["epoch"] == len(read_history(cut)) == 1
 
     resumed = train("--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     keys = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_images")
-    for a, b in zip(history(full), history(cut), strict=True):
+    for a, b in zip(read_history(full), read_history(cut), strict=True):
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)
 
@@ -466,7 +466,8 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_all_its_files(data_dir, tmp_pa
     assert result.returncode == 130, result.stderr[-3000:]
     assert f"ckpt.pt holds epoch 1; continue with --resume {out}" in result.stderr
     assert [checkpoint.load(out / name)["epoch"] for name in ("best.pt", "ckpt.pt")] == [1, 1]
-    assert len(history(out)) == 1 and json.loads((out / "config.json").read_text())["epochs"] == 3
+    assert len(read_history(out)) == 1
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
 
 # python -c this script records args: engine/train.py, each ckpt.pt write held until the main
@@ -515,7 +516,7 @@ def test_each_epoch_is_written_in_the_background_and_the_last_before_the_end(dat
     assert records.read_text().splitlines() == [
         *(f"ckpt.pt of epoch {n} written on epoch-writer_0: training went on True"
           for n in (1, 2)), "the command returned"], result.stdout
-    assert checkpoint.load(out / "ckpt.pt")["epoch"] == 2 and len(history(out)) == 2
+    assert checkpoint.load(out / "ckpt.pt")["epoch"] == 2 and len(read_history(out)) == 2
 
 
 @pytest.mark.parametrize("content", [b"", b"not a zip", "foreign", "truncated"])

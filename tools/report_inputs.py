@@ -72,9 +72,9 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> TrainedRun:
     ckpt = checkpoint.load(path)  # its history holds at least one epoch
     model = checkpoint.model_from(ckpt).to(device)
     test = locate_test_data(ckpt, path, data_dir)
-    split = beton.read(test, full=True)
-    info = beton.read_info(test)
-    if (info is not None and info.classes != ckpt["classes"]) or (
+    info = beton.check(test, full=True)  # the hash: the file recorded may since have changed
+    split = beton.read(test)  # checked in full just above; read compares the size again
+    if info.classes != ckpt["classes"] or (
             len(split.labels) and split.labels.max() >= ckpt["num_classes"]):
         raise ReportError(f"{test} holds another dataset than the one {path} was trained on "
                           f"({ckpt['num_classes']} classes: {', '.join(ckpt['classes'][:4])}, "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import SetupError
+from common.wording import counted
 
 if TYPE_CHECKING:  # torch is imported only when a GPU is asked about (device_name, native_bf16)
     import torch
@@ -28,7 +29,7 @@ def beyond_cores(option: str, count: int) -> str | None:
     cores = available_cores()
     if count <= cores:
         return None
-    return (f"{option} {count}: this process may use {cores} core{'s' * (cores != 1)}; pass "
+    return (f"{option} {count}: this process may use {counted(cores, 'core')}; pass "
             f"{option} {cores}{' or fewer' * (cores != 1)}")
 
 

@@ -30,6 +30,7 @@ from common.progress import progress_bar
 from common.stop_signals import stop_requested
 from common.streams import Log, silent
 from common.temporaries import sweep_temporaries
+from common.wording import counted
 from engine import checkpoint, lr_range
 from engine.config import TrainConfig, resolve
 from engine.epoch_writer import EpochWriter
@@ -347,11 +348,11 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: L
         trained_on = ckpt.get("processes") if ckpt else None
         if trained_on not in (None, accelerator.num_processes):
             procs = accelerator.num_processes
-            say(f"{ckpt_path} trained on {trained_on} process{'es' * (trained_on != 1)}, "
+            say(f"{ckpt_path} trained on {counted(trained_on, 'process', 'processes')}, "
                 f"this run has {procs}: its steps now take {procs} x {run.train_loader.batch_size} "
                 f"images, and the schedule goes on from epoch {len(history)}.")
         n = torch.get_num_threads()
-        threads = f", {n} thread{'s' * (n != 1)} each" if accelerator.device.type == "cpu" else ""
+        threads = f", {counted(n, 'thread')} each" if accelerator.device.type == "cpu" else ""
         say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}"
             f"{threads}: {cfg.loader} loader, {cfg.precision}, "
             f"{compile_text(cfg.compile, cfg.compile_mode)}, "

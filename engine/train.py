@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.cli import interruptible_imports, run_main
 from common.streams import say
+from common.wording import counted
 from engine.history import best_epoch, time_spent
 from engine.options import parse
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             say(accuracy_line(result.history, result.out if result.epochs_run else None))
             if result.epochs_run:  # where this command's time went
                 ran = result.history[-result.epochs_run:]
-                epochs = f"{result.epochs_run} epoch{'s' * (result.epochs_run != 1)}"
+                epochs = counted(result.epochs_run, "epoch")
                 say(f"{epochs}: {time_spent(ran):.1f}s of training, "
                     f"{time_spent(ran, 'eval_seconds'):.1f}s of evaluation, "
                     f"{result.checkpoint_wait_s:.1f}s waiting for checkpoints; "

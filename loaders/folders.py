@@ -16,6 +16,7 @@ import numpy as np
 from common.errors import DataError, listing, unplain
 from common.hardware import default_workers
 from common.progress import track
+from common.wording import noun
 from loaders.images import decode_image, quiet_pil
 
 SPLITS = ("train", "test")
@@ -61,7 +62,7 @@ def images_under(folder: Path) -> list[Path]:
     if gone:
         raise DataError(f"{listing(sorted(gone), 5, '; ')}; restore "
                         f"{'them' if len(gone) > 1 else 'it'} or delete the "
-                        f"link{'s' * (len(gone) > 1)}.")
+                        f"{noun(len(gone), 'link')}.")
     return sorted(files)
 
 

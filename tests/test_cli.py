@@ -1231,3 +1231,13 @@ def test_a_launched_processs_second_sigterm_is_the_same_stop(launched):
     result = run_code(STOPPED_TWICE, env={**env, LAUNCHED[0]: "test"} if launched else env)
     assert result.returncode == 143, result.stderr
     assert ("said what was kept" in result.stdout) == launched, result.stdout
+
+
+def test_counts_are_worded_in_the_singular_only_for_one():
+    """Every command's counts ('1 epoch', '2 processes', 'the links') come from one rule."""
+    from common.wording import counted, noun
+
+    assert [counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert counted(1, "process", "processes") == "1 process"
+    assert counted(3, "process", "processes") == "3 processes"
+    assert (noun(1, "link"), noun(2, "link")) == ("link", "links")

@@ -16,6 +16,7 @@ from common.hardware import launched_processes
 from common.output_folders import output_dir
 from common.paths import not_a_folder
 from common.streams import Log
+from common.wording import counted
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.history import steady_seconds
@@ -171,7 +172,7 @@ def markdown(rows: list[dict], cfg: TrainConfig, source: str) -> str:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.2%}"
 
-    lines = [f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {cfg.dataset}, "
+    lines = [f"{counted(cfg.epochs, 'epoch')} of {cfg.dataset}, "
              f"batch {cfg.batch_size}, width {cfg.width}, {cfg.schedule} schedule, "
              f"seed {cfg.seed}; LR: {source}.", "",
              "| optimizer | lr | weight decay | final test acc | best test acc | s/epoch | note |",

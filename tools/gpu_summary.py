@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from common.atomic import ENCODING
+from common.wording import counted
 from engine.history import read_history, steady_seconds, time_spent
 from tools.bench_names import epoch_name, overhead_text, peer_name, step_name
 
@@ -125,7 +126,7 @@ def run_line(folder: Path, seconds: float | None) -> list[str]:
              f"{time_spent(rows, 'eval_seconds'):.1f} s of evaluation)")
     steady = (f"median after the first; first {rows[0]['seconds']:.1f} s" if len(rows) > 1
               else "its one epoch, warm-up included")
-    return [f"- {folder.name}: {len(rows)} epoch{'s' * (len(rows) != 1)}{wall}{spent}, "
+    return [f"- {folder.name}: {counted(len(rows), 'epoch')}{wall}{spent}, "
             f"{steady_seconds(rows):.2f} s per training epoch ({steady}), test accuracy "
             f"{rows[-1]['test_acc']:.2%}"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.errors import shown
+from common.wording import counted
 from engine.history import best_epoch, time_spent
 from tools.cams import CLASS_AGNOSTIC
 from tools.report_inputs import TrainedRun
@@ -65,10 +66,10 @@ def headline(run: TrainedRun, probs: np.ndarray, labels: np.ndarray) -> dict[str
         "best test accuracy": f"{best['test_acc']:.2%} at epoch {best['epoch']}{tta}",
         "this report's accuracy": f"{1 - wrong / len(labels):.2%} ({wrong:,} wrong; fp32, "
                                   f"no TTA, on {run.device.type})",
-        "trained on": f"{ckpt.get('device', '?')} x {processes} "
-                      f"process{'es' * (processes != 1)}, torch {ckpt.get('torch', '?')}",
-        "training time": f"{seconds:,.1f} s ({seconds / 60:.1f} min) over {epochs} "
-                         f"epoch{'s' * (epochs != 1)}, "
+        "trained on": f"{ckpt.get('device', '?')} x {counted(processes, 'process', 'processes')}, "
+                      f"torch {ckpt.get('torch', '?')}",
+        "training time": f"{seconds:,.1f} s ({seconds / 60:.1f} min) over "
+                         f"{counted(epochs, 'epoch')}, "
                          f"{history[-1].get('images_per_s', 0):,.0f} images/s last",
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -451,6 +452,27 @@ def test_overlays_of_three_pictures_of_one_name_are_three_files():
     same name twice (the third overwrote the second's overlay)."""
     names = prediction.cam_names([Path("a/cat.png"), Path("b/cat.png"), Path("c/cat.jpg")])
     assert names == ["cat.cam.png", "cat-2.cam.png", "cat-3.cam.png"]
+
+
+@pytest.mark.slow
+def test_the_count_of_overlays_says_which_picture_a_numbered_one_is(run_dir, tmp_path):
+    """Two pictures named cat.png: the second's overlay is cat-2.cam.png, which the table (of
+    pictures) did not say; the line counting the overlays does. One picture: '1 overlay'."""
+    picture = next(p for n, p in write_pictures(tmp_path / "pics").items()
+                   if n not in ("text.png", "empty.png"))
+    cats = [tmp_path / folder / "cat.png" for folder in ("a", "b")]
+    for cat in cats:
+        cat.parent.mkdir()
+        shutil.copy(picture, cat)
+    result = predict(run_dir / "ckpt.pt", *cats, "--cam", tmp_path / "cams")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["cat-2.cam.png",
+                                                                      "cat.cam.png"]
+    assert result.stderr.splitlines()[-1] == (f"wrote 2 Grad-CAM overlays (layer3) to "
+                                              f"{tmp_path / 'cams'}/; {cats[1]} as cat-2.cam.png")
+    result = predict(run_dir / "ckpt.pt", cats[0], "--cam", tmp_path / "one")
+    assert result.stderr.splitlines()[-1] == \
+        f"wrote 1 Grad-CAM overlay (layer3) to {tmp_path / 'one'}/"
 
 
 @pytest.mark.slow

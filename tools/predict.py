@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, path_option, positive, run_main
-from common.errors import escaped
+from common.errors import escaped, listing
 from common.streams import error_line, say
+from common.wording import counted
 from tools.options import add_checkpoint_argument, add_device_option, pick_device
 
 CAM_LAYER = "layer3"  # --layer's default
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             load_classifier,
             memory_advice,
             read_pictures,
+            renamed,
             top_classes,
             write_cams,
         )
@@ -89,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json or pictures.readable:  # a table of no picture: a lone header
                     say(json.dumps(rows, indent=2) if args.json else table(rows))
                 if args.cam is not None and pictures.readable:
-                    write_cams(classifier, pictures, predicted, args.layer, args.cam)
-                    error_line(f"wrote {len(pictures.readable)} Grad-CAM overlays "
-                               f"({args.layer}) to {args.cam}/")
+                    names = write_cams(classifier, pictures, predicted, args.layer, args.cam)
+                    moved = renamed(pictures.readable, names)  # which picture is which
+                    error_line(f"wrote {counted(len(names), 'Grad-CAM overlay')} ({args.layer}) "
+                               f"to {args.cam}/{'; ' * bool(moved)}{listing(moved, 5, '; ')}")
         return 1 if pictures.errors else 0
 
     return run_main(body)

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from common.atomic import write_failed
-from common.errors import DataError, ReportError
+from common.errors import DataError, ReportError, escaped
 from common.output_folders import missing_folders, output_dir, remove_empty
 from common.progress import progress_bar
 from common.temporaries import sweep_dead_writers, temporary_name
@@ -162,12 +162,19 @@ def cam_names(files: list[Path]) -> list[str]:
     return names
 
 
+def renamed(files: list[Path], names: list[str]) -> list[str]:
+    """'<file> as <overlay>' for each picture whose overlay is not <its stem>.cam.png (a
+    name two pictures share, numbered; a long one, cut), so each overlay's picture is said."""
+    return [f"{escaped(str(path))} as {escaped(name)}"
+            for path, name in zip(files, names, strict=True) if name != f"{path.stem}.cam.png"]
+
+
 def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray, layer: str,
-               out: Path) -> None:
+               out: Path) -> list[str]:
     """A Grad-CAM overlay PNG per readable picture for its predicted class, as report.py draws
-    them, into existing folder `out`. All are made in a hidden folder in `out` and moved out
-    of it only once every one is written, so a failed run (a full disk) leaves none of them,
-    and an older overlay of the same name as it was."""
+    them, into existing folder `out`; their file names (cam_names). All are made in a hidden
+    folder in `out` and moved out of it only once every one is written, so a failed run (a
+    full disk) leaves none of them, and an older overlay of the same name as it was."""
     staging = temporary_name(out / "overlays")
     sweep_dead_writers(out / "overlays")  # the hidden folders of runs that were killed
     names = cam_names(pictures.readable)
@@ -187,3 +194,4 @@ def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray
         raise write_failed(error, out, "--cam", "the overlays") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return names

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -32,6 +33,7 @@ from loaders import beton
 from tools import export as export_command
 from tools import export_writers
 from tools.export_model import (
+    TOLERANCE,
     agreement,
     check_images,
     memory_advice,
@@ -237,6 +239,15 @@ def test_an_out_that_is_a_link_is_written_through(run_dir, tmp_path, capsys):
         "followed"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "dead.safetensors", "link.safetensors", "real.safetensors"]
+
+
+def test_help_states_the_tolerance_the_check_holds_to(capsys):
+    """--help gives the tolerance as a number (it named the constant TOLERANCE)."""
+    with pytest.raises(SystemExit):
+        export_command.main(["--help"])
+    stated = re.search(r"logits within (\S+) x max\(1, the largest\s+\|logit\|\)",
+                       capsys.readouterr().out)
+    assert stated and float(stated[1]) == TOLERANCE
 
 
 def test_an_export_that_disagrees_with_the_checkpoint_is_refused_and_leaves_the_older(

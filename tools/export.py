@@ -2,8 +2,9 @@
 as a file other programs can run, with its class names and normalization.
 
 After writing, the exported file is loaded back (onnxruntime, torch.jit.load, safetensors) and
-compared with the checkpoint's own model on test images: logits within TOLERANCE, and the same
-top-1 class wherever the top two logits are more than twice that apart (tools/export_model.py).
+compared with the checkpoint's own model on test images: logits within 1e-4 x max(1, the largest
+|logit|), fp32's rounding, and the same top-1 class wherever the top two logits are more than
+twice that apart (tools/export_model.py, TOLERANCE).
 The file is written under a temporary name and renamed only when the check passes, so a failed
 export leaves nothing. tools/export_formats.py states each format's input contract.
 """

@@ -209,9 +209,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"--lr must be a positive finite number no larger than {FLOAT32_MAX:.2g} "
                         f"(the float32 weights' largest) or 'auto', got {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
-        problems.append("--label-smoothing must be in [0, 1)")
+        problems.append(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 <= cfg.warmup < 1:
-        problems.append("--warmup must be in [0, 1)")
+        problems.append(f"--warmup must be in [0, 1), got {cfg.warmup}")
     if not 0 <= cfg.weight_decay <= FLOAT32_MAX:
         problems.append(f"--weight-decay must be a finite number >= 0 no larger than "
                         f"{FLOAT32_MAX:.2g} (the float32 weights' largest), got {cfg.weight_decay}")

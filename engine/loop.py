@@ -356,7 +356,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: L
         say(f"{cfg.dataset} on {device_name(accelerator.device)} x{accelerator.num_processes}"
             f"{threads}: {cfg.loader} loader, {cfg.precision}, "
             f"{compile_text(cfg.compile, cfg.compile_mode)}, "
-            f"{len(run.train_loader)} steps/epoch; writing {out}/")
+            f"{counted(len(run.train_loader), 'step')} an epoch; writing {out}/")
         if notice := launcher_options_ignored():
             say(notice)
         if cfg.log_with:

@@ -54,6 +54,27 @@ def repeated(key: str, value: object, saved: dict, run_dir: Path) -> bool:
         key == "lr" and value == "auto" and bool(saved.get("lr_auto")))
 
 
+def check_best(run_dir: Path, ckpt: dict) -> None:
+    """CheckpointError where run_dir's best.pt is not of the run its ckpt.pt (`ckpt`) holds:
+    another run's ckpt.pt, or an older one of this run, copied over it. The run, finished or
+    extended, would go on claiming best.pt's weights as its best. best.pt holds the history up
+    to its epoch, so it must begin ckpt.pt's; a run without best.pt (moved away) resumes."""
+    best_path, path = run_dir / "best.pt", run_dir / "ckpt.pt"
+    if not best_path.exists():
+        return
+    try:
+        best = checkpoint.load(best_path)
+    except CheckpointError as error:  # damaged or foreign: load's words, then resume's fix
+        raise CheckpointError(f"{error} To resume {run_dir}, move {best_path} away or delete "
+                              "it.") from None
+    if best["history"] != ckpt["history"][:len(best["history"])]:
+        raise CheckpointError(
+            f"{best_path} is not from the run {path} holds (their histories differ: another "
+            f"run's ckpt.pt, or an older one of this run, copied over it?). Put back the "
+            f"ckpt.pt of {best_path}'s run, or move {best_path} away (or delete it) to resume "
+            "without it.")
+
+
 def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
     """The config (not yet resolved for this machine) and the checkpoint of the run in
     `resume`, with the options `given` on the command line applied; CheckpointError or
@@ -67,6 +88,7 @@ def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
                               "of a run that saved an epoch.")
     ckpt = checkpoint.load(path)
     checkpoint.check_epoch_files(Path(resume))
+    check_best(Path(resume), ckpt)
     # the data folder recorded as an absolute path: resuming from elsewhere finds the same data
     saved = {**ckpt["config"], "data_dir": ckpt["data"]["data_dir"]}
     if (saved.get("dataset") == "folder" and "data_dir" not in given

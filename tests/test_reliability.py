@@ -38,6 +38,7 @@ from conftest import (
     small_run,
     tmpfs,
     torchrun_env,
+    tree,
     wait_until,
     write_tree,
 )
@@ -759,6 +760,48 @@ def test_resume_from_another_directory_uses_the_recorded_data(tmp_path, capsys, 
     assert len(read_history(first / "run")) == 2
 
 
+@pytest.mark.slow
+def test_resume_refuses_a_ckpt_pt_that_best_pt_is_not_from(finished, data_dir, tmp_path,
+                                                           capsys):
+    """Another run's ckpt.pt copied into a run folder, or an older one of the same run copied
+    back: best.pt held other weights than the run went on from, and a finished run claimed them
+    (its early return too). Refused, finished or extended, writing nothing; a damaged best.pt
+    too; without best.pt the run resumes. By main() in this process, the runs too."""
+    run = copy_run(finished, tmp_path)  # one epoch
+    older = (run / "ckpt.pt").read_bytes()
+    extended = in_process(capsys, train_main, "--resume", run, "--epochs", 3)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert len(checkpoint.load(run / "best.pt")["history"]) > 1  # an epoch the older lacks
+    other = tmp_path / "other"
+    made = in_process(capsys, train_main, *TINY, "--width", 4, "--seed", 2, "--data-dir",
+                      data_dir, "--epochs", 2, "--out", other)
+    assert made.returncode == 0, made.stderr[-3000:]
+    best, ckpt_path = run / "best.pt", run / "ckpt.pt"
+    mismatch = (f"error: {best} is not from the run {ckpt_path} holds (their histories differ: "
+                f"another run's ckpt.pt, or an older one of this run, copied over it?). Put "
+                f"back the ckpt.pt of {best}'s run, or move {best} away (or delete it) to "
+                "resume without it.")
+    for ckpt_bytes in ((other / "ckpt.pt").read_bytes(), older):
+        ckpt_path.write_bytes(ckpt_bytes)
+        before = tree(run)
+        for more in ([], ["--epochs", 4]):  # finished as it is, and extended
+            result = in_process(capsys, train_main, "--resume", run, *more)
+            assert result.returncode == 1, result.stdout[-3000:]
+            assert one_line_error(result) == mismatch
+            assert tree(run) == before
+    content = best.read_bytes()
+    best.write_bytes(content[:len(content) // 2])  # cut short
+    result = in_process(capsys, train_main, "--resume", run, "--epochs", 2)
+    assert result.returncode == 1
+    message = one_line_error(result)
+    assert message.startswith(f"error: {best} is not a readable checkpoint (")
+    assert message.endswith(f" To resume {run}, move {best} away or delete it.")
+    best.unlink()
+    result = in_process(capsys, train_main, "--resume", run, "--epochs", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_history(run)) == 2
+
+
 # --- divergence -------------------------------------------------------------------------------
 
 
@@ -1301,8 +1344,10 @@ def test_a_run_saved_before_a_history_column_came_resumes(finished, tmp_path, ca
     """By main() in this process (test_resume_with_more_epochs_extends_a_finished_run resumes
     by a real subprocess)."""
     run = copy_run(finished, tmp_path)
-    _damaged(run, lambda ckpt: [row.pop(key) for row in ckpt["history"]
-                                for key in ("eval_seconds", "train_images", "test_images")])
+    for name in ("ckpt.pt", "best.pt"):  # an older run wrote both so: best.pt begins its run
+        _damaged(run, lambda ckpt: [row.pop(key) for row in ckpt["history"]
+                                    for key in ("eval_seconds", "train_images", "test_images")],
+                 name)
     result = in_process(capsys, train_main, *TINY, "--resume", run, "--epochs", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     header, first, second = (run / "metrics.csv").read_text().splitlines()
@@ -1880,12 +1925,14 @@ def test_resume_refuses_a_run_file_taken_by_no_file_before_training(finished, tm
     assert len(read_history(run)) == 1
 
 
-def _damaged(run: Path, change) -> Path:
-    """run's ckpt.pt with change(ckpt) applied, saved back as torch.save writes it."""
-    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+def _damaged(run: Path, change, name: str = "ckpt.pt") -> Path:
+    """run's ckpt.pt (or file `name`) with change(ckpt) applied, saved back as torch.save
+    writes it."""
+    path = run / name
+    ckpt = torch.load(path, weights_only=True)
     change(ckpt)
-    torch.save(ckpt, run / "ckpt.pt")
-    return run / "ckpt.pt"
+    torch.save(ckpt, path)
+    return path
 
 
 @pytest.mark.parametrize("key, value, problem", [

@@ -94,6 +94,9 @@ def test_best_pt_is_kept_when_a_later_epoch_is_worse(two_epoch_run, tmp_path):
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     ckpt["history"][1]["test_acc"] = 1.0
     torch.save(ckpt, run / "ckpt.pt")
+    # best.pt as such a run wrote it: epoch 2's, without the training state (its history
+    # must begin ckpt.pt's, or the resume is refused as of another run's)
+    torch.save({k: v for k, v in ckpt.items() if k != "resume"}, run / "best.pt")
     before = (run / "best.pt").read_bytes()
     result = train("--resume", str(run), "--epochs", "3")
     assert result.returncode == 0, result.stderr[-3000:]

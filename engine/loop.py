@@ -38,7 +38,7 @@ from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
 from engine.history import best_epoch
 from engine.launch import end_processes, launcher_options_ignored, make_accelerator
-from engine.resume import saved_run
+from engine.resume import download_fix, saved_run
 from engine.run import Run, build, train_step
 from engine.trackers import TRACKER_PROJECT, check_tracker, start_trackers
 
@@ -339,7 +339,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, accelerator: Accelerator, say: L
     run = None
     start = time.perf_counter()
     try:
-        run = build(cfg, accelerator)
+        # a resumed run whose data must be downloaded again and cannot be: its own fix
+        with download_fix(out) if ckpt else nullcontext():
+            run = build(cfg, accelerator)
         if accelerator.is_main_process:  # the one that writes them
             checkpoint.check_space(out, run.unwrapped, cfg, resumed=ckpt is not None)
         if cfg.lr == "auto":  # on every process, in lockstep; sets run.cfg.lr

@@ -4,15 +4,18 @@ continues from, checked against the machine it resumes on."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from common.cli import option_name
-from common.errors import CheckpointError, TrainingError
+from common.errors import CheckpointError, DataError, TrainingError
 from common.hardware import beyond_cores
 from engine import checkpoint
 from engine.config import AUTOTUNE_REFUSED, TrainConfig, default_compile_mode, field_value
+from loaders.download import Unfetched
 
 # What --resume DIR may change: how long to train, where the data and workers are, the
 # trackers, and how the same computation runs (compiled or not, its mode, determinism, cuDNN's
@@ -121,3 +124,16 @@ def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
         raise TrainingError(f"--epochs {cfg.epochs} is fewer than the {done} epochs {resume} "
                             f"has done; pass --epochs above {done} to extend it.")
     return cfg, ckpt
+
+
+@contextmanager
+def download_fix(run_dir: Path) -> Iterator[None]:
+    """A failed download of the data of the run resumed from `run_dir` (its CIFAR folder moved
+    or emptied since) said with a resume's fix: --data-dir, which --resume may change, not
+    --dataset synthetic, which it may not."""
+    try:
+        yield
+    except Unfetched as error:
+        raise DataError(f"{error.failure} To resume {run_dir} offline, pass --data-dir DIR, the "
+                        "folder that now holds its data (--resume may change it), or "
+                        f"{error.place}.") from error

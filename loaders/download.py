@@ -30,6 +30,18 @@ PART_SUFFIX = ".part"
 EXTRACT_PREFIX = ".extract-"
 
 
+class Unfetched(DataError):
+    """A download that failed (the network, the server, a corrupt reply; not the disk):
+    `failure` says why, and `place` (fetch's) how to do without the network; the message adds
+    a new run's other way, --dataset synthetic. A resumed run, whose dataset cannot change,
+    says its own (engine.resume)."""
+
+    def __init__(self, failure: str, place: str = "") -> None:
+        offline = f" To work offline, {place}, or use --dataset synthetic." if place else ""
+        super().__init__(failure + offline)
+        self.failure, self.place = failure, place
+
+
 def part_prefix(archive: str) -> str:
     """The start of the name a download of the file named `archive` is written under first."""
     return f".{archive}."
@@ -40,11 +52,11 @@ def md5sum(path: Path) -> str:
     return file_hash(path, hashlib.md5())
 
 
-def download(url: str, md5: str, dest: Path, advice: str = "") -> Path:
+def download(url: str, md5: str, dest: Path) -> Path:
     """Fetch url to dest through a temporary file that is renamed only once its md5 matches.
 
-    A failure is a DataError, with `advice` (what to do offline) after its message; not after
-    a full disk's, where placing the archive by hand would fail the same way.
+    A failed download is an Unfetched, to which fetch adds what to do offline; a full disk is
+    a DataError of its own, where placing the archive by hand would fail the same way.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=part_prefix(dest.name), suffix=PART_SUFFIX,
@@ -60,9 +72,9 @@ def download(url: str, md5: str, dest: Path, advice: str = "") -> Path:
                 digest.update(block)
                 out.write(block)
         if digest.hexdigest() != md5:
-            raise DataError(
+            raise Unfetched(
                 f"The download from {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}. "
-                f"Nothing was kept; run again, or place the archive by hand (see below).{advice}"
+                "Nothing was kept; run again, or place the archive by hand (see below)."
             )
         usual_permissions(tmp, 0o666)
         os.replace(tmp, dest)
@@ -78,10 +90,10 @@ def download(url: str, md5: str, dest: Path, advice: str = "") -> Path:
                 f"needs {needed} there, and extracting it about as much again: {fix}."
             ) from error
         reason = getattr(error, "reason", error)
-        raise DataError(f"Could not download {url}: {reason}.{advice}") from error
+        raise Unfetched(f"Could not download {url}: {reason}.") from error
     except http.client.HTTPException as error:  # a reply cut short or garbled: no OSError
-        raise DataError(f"Could not download {url}: the server's reply was cut short or "
-                        f"malformed ({one_line(error)}).{advice}") from error
+        raise Unfetched(f"Could not download {url}: the server's reply was cut short or "
+                        f"malformed ({one_line(error)}).") from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -157,10 +169,12 @@ def fetch(name: str, data_dir: Path, url: str | None = None, md5: str | None = N
     archive = data_dir / Path(url).name
     found = md5sum(archive) if archive.is_file() else None
     if found != md5:
-        download(url, md5, archive,
-                 f"{_wrong_archive(archive, found, md5)} To work offline, place "
-                 f"{Path(layout.url).name} (md5 {layout.md5}) or its extracted folder "
-                 f"{layout.folder}/ in {data_dir}, or use --dataset synthetic.")
+        try:
+            download(url, md5, archive)
+        except Unfetched as error:  # what to do offline, said where the data folder is known
+            raise Unfetched(error.failure + _wrong_archive(archive, found, md5),
+                            f"place {Path(layout.url).name} (md5 {layout.md5}) or its extracted "
+                            f"folder {layout.folder}/ in {data_dir}") from error
     staging = Path(tempfile.mkdtemp(prefix=EXTRACT_PREFIX, dir=data_dir))
     try:
         safe_extract(archive, staging)

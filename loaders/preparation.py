@@ -17,7 +17,7 @@ from common.locks import waiting_lock
 from common.output_folders import missing_folders, removed_on_failure
 from common.paths import nearest_existing, not_a_folder, unwritable
 from loaders import beton, cifar
-from loaders.download import EXTRACT_PREFIX, PART_SUFFIX, part_prefix
+from loaders.download import EXTRACT_PREFIX, PART_SUFFIX, Unfetched, part_prefix
 from loaders.folders import SPLITS
 from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS
@@ -94,9 +94,11 @@ def prepare(name: str, data_dir: Path, synthetic_size: tuple[int, int] = SYNTHET
             if not sourceless:
                 raise
             # else the error (a failed download, offline) would not say why the source of
-            # prepared files was fetched at all
-            raise DataError(f"{why}; making the .beton files again from their source failed: "
-                            f"{error}") from error
+            # prepared files was fetched at all; a download's advice kept apart, as it was
+            said = f"{why}; making the .beton files again from their source failed: "
+            if isinstance(error, Unfetched):
+                raise Unfetched(said + error.failure, error.place) from error
+            raise DataError(said + str(error)) from error
 
 
 def beton_paths(name: str, data_dir: Path, source: str) -> dict[str, Path]:

@@ -584,6 +584,9 @@ def test_a_failed_fetch_of_a_damaged_betons_source_says_why_it_was_fetched(
     assert str(refused.value).startswith(
         f"{made.train} is damaged (its content differs from the hash its sidecar records); "
         "making the .beton files again from their source failed: Could not download ")
+    # what to do offline kept apart, as a resumed run says its own (engine.resume)
+    assert isinstance(refused.value, download.Unfetched)
+    assert str(refused.value).endswith(f"in {data.data_dir}, or use --dataset synthetic.")
 
 
 def test_a_test_beton_normalized_with_another_training_split_is_rebuilt(tmp_path):

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +41,7 @@ from conftest import (
     torchrun_env,
     tree,
     wait_until,
+    write_cifar10,
     write_tree,
 )
 
@@ -63,7 +65,7 @@ from engine.loop import train as train_run
 from engine.model import build_model
 from engine.run import train_step
 from engine.train import main as train_main
-from loaders import make_loader
+from loaders import layouts, make_loader
 from loaders.options import seed_problem
 from loaders.preparation import prepare
 from tools import export as export_command
@@ -723,6 +725,45 @@ def test_resume_after_the_image_folder_moved_says_to_pass_data_dir(tmp_path, cap
                         moved, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(read_history(run)) == 2
+
+
+@pytest.mark.slow
+def test_resume_of_a_cifar_folder_that_moved_offline_says_to_pass_data_dir(
+        tmp_path, capsys, monkeypatch, closed_port):
+    """A run on a CIFAR-format folder since moved, resumed offline: the failed download said to
+    use --dataset synthetic, which --resume refuses, and not --data-dir, which it takes. A new
+    run's error says what it said. The refusals by main() in this process (the download's URL
+    a closed port), the resume with --data-dir by a real one."""
+    mycifar, run = tmp_path / "mycifar", tmp_path / "run"
+    write_cifar10(mycifar, rows=(40,) * 5, n_test=20)
+    first = in_process(capsys, train_main, "--dataset", "cifar10", "--data-dir", mycifar,
+                       "--width", 4, "--batch-size", 32, "--epochs", 1, "--loader", "resident",
+                       "--out", run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    moved = mycifar.rename(tmp_path / "moved")
+    layout = layouts.LAYOUTS["cifar10"]
+    archive = Path(layout.url).name
+    url = f"http://127.0.0.1:{closed_port}/{archive}"
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setitem(layouts.LAYOUTS, "cifar10", replace(layout, url=url))
+    before = tree(run)
+    result = in_process(capsys, train_main, "--resume", run, "--epochs", 2)
+    assert result.returncode == 1
+    assert one_line_error(result) == (
+        f"error: Could not download {url}: [Errno 111] Connection refused. To resume {run} "
+        "offline, pass --data-dir DIR, the folder that now holds its data (--resume may change "
+        f"it), or place {archive} (md5 {layout.md5}) or its extracted folder {layout.folder}/ "
+        f"in {mycifar}.")
+    assert tree(run) == before and not mycifar.exists()  # the folder made to download into too
+    fresh = in_process(capsys, train_main, "--dataset", "cifar10", "--data-dir", mycifar,
+                       "--out", tmp_path / "new")
+    assert fresh.returncode == 1
+    assert one_line_error(fresh).endswith(f" in {mycifar}, or use --dataset synthetic.")
+    result = run_script("engine/train.py", "--resume", run, "--epochs", "2", "--data-dir",
+                        moved, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_history(run)) == 2
+    assert not mycifar.exists() and not (moved / archive).exists()  # nothing downloaded
 
 
 @pytest.mark.slow

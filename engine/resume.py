@@ -61,7 +61,10 @@ def check_best(run_dir: Path, ckpt: dict) -> None:
     """CheckpointError where run_dir's best.pt is not of the run its ckpt.pt (`ckpt`) holds:
     another run's ckpt.pt, or an older one of this run, copied over it. The run, finished or
     extended, would go on claiming best.pt's weights as its best. best.pt holds the history up
-    to its epoch, so it must begin ckpt.pt's; a run without best.pt (moved away) resumes."""
+    to its epoch, so it must begin ckpt.pt's; a run without best.pt (moved away) resumes.
+    write_epoch renames best.pt before ckpt.pt, so a run cut between the two renames (kill -9,
+    power lost) is refused too: its best.pt is of an epoch that would be trained again, and
+    a retrained epoch that is not the best would leave best.pt of the first try."""
     best_path, path = run_dir / "best.pt", run_dir / "ckpt.pt"
     if not best_path.exists():
         return
@@ -73,7 +76,8 @@ def check_best(run_dir: Path, ckpt: dict) -> None:
     if best["history"] != ckpt["history"][:len(best["history"])]:
         raise CheckpointError(
             f"{best_path} is not from the run {path} holds (their histories differ: another "
-            f"run's ckpt.pt, or an older one of this run, copied over it?). Put back the "
+            f"run's ckpt.pt, or an older one of this run, copied over it? or the run killed "
+            f"between saving the two?). Put back the "
             f"ckpt.pt of {best_path}'s run, or move {best_path} away (or delete it) to resume "
             "without it.")
 

@@ -76,10 +76,9 @@ def check_best(run_dir: Path, ckpt: dict) -> None:
     if best["history"] != ckpt["history"][:len(best["history"])]:
         raise CheckpointError(
             f"{best_path} is not from the run {path} holds (their histories differ: another "
-            f"run's ckpt.pt, or an older one of this run, copied over it? or the run killed "
-            f"between saving the two?). Put back the "
-            f"ckpt.pt of {best_path}'s run, or move {best_path} away (or delete it) to resume "
-            "without it.")
+            "run's ckpt.pt, or an older one of this run, copied over it? or the run killed "
+            f"between saving the two?). Put back the ckpt.pt of {best_path}'s run, or move "
+            f"{best_path} away (or delete it) to resume without it.")
 
 
 def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:

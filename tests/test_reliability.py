@@ -819,10 +819,9 @@ def test_resume_refuses_a_ckpt_pt_that_best_pt_is_not_from(finished, data_dir, t
     assert made.returncode == 0, made.stderr[-3000:]
     best, ckpt_path = run / "best.pt", run / "ckpt.pt"
     mismatch = (f"error: {best} is not from the run {ckpt_path} holds (their histories differ: "
-                f"another run's ckpt.pt, or an older one of this run, copied over it? or the "
-                f"run killed between saving the two?). Put "
-                f"back the ckpt.pt of {best}'s run, or move {best} away (or delete it) to "
-                "resume without it.")
+                "another run's ckpt.pt, or an older one of this run, copied over it? or the run "
+                f"killed between saving the two?). Put back the ckpt.pt of {best}'s run, or move "
+                f"{best} away (or delete it) to resume without it.")
     for ckpt_bytes in ((other / "ckpt.pt").read_bytes(), older):
         ckpt_path.write_bytes(ckpt_bytes)
         before = tree(run)

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.cam is not None and pictures.readable:
                     names = write_cams(classifier, pictures, predicted, args.layer, args.cam)
                     moved = renamed(pictures.readable, names)  # which picture is which
+                    which = f"; {listing(moved, 5, '; ')}" if moved else ""
                     error_line(f"wrote {counted(len(names), 'Grad-CAM overlay')} ({args.layer}) "
-                               f"to {args.cam}/{'; ' * bool(moved)}{listing(moved, 5, '; ')}")
+                               f"to {args.cam}/{which}")
         return 1 if pictures.errors else 0
 
     return run_main(body)

@@ -589,6 +589,56 @@ def test_a_failed_fetch_of_a_damaged_betons_source_says_why_it_was_fetched(
     assert str(refused.value).endswith(f"in {data.data_dir}, or use --dataset synthetic.")
 
 
+def test_a_failed_fetch_of_a_damaged_betons_source_says_the_offline_way_once(
+        tmp_path, monkeypatch, closed_port):
+    """prepare's failure keeps what to do offline out of its `failure`, as fetch's does: a
+    resumed run (engine.resume.download_fix) says its own way after `failure`, and a new run
+    the offline way once; with fetch's whole message in `failure`, both said it twice, a
+    resumed run's first time with --dataset synthetic, which --resume refuses."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    offline = replace(LAYOUT, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
+    monkeypatch.setitem(layouts.LAYOUTS, "cifar10", offline)
+    data = write_cifar10(tmp_path / "data")
+    made = prepare("cifar10", data.data_dir, workers=1)
+    shutil.rmtree(data.folder)
+    with open(made.test, "r+b") as f:  # same size, other bytes
+        f.write(b"\xff" * 64)
+    with pytest.raises(download.Unfetched) as refused:
+        prepare("cifar10", data.data_dir, workers=1)
+    assert refused.value.failure.endswith(": [Errno 111] Connection refused.")
+    assert "offline" not in refused.value.failure and "synthetic" not in refused.value.failure
+    assert str(refused.value).count("To work offline") == 1
+    assert str(refused.value).count("--dataset synthetic") == 1
+
+
+def test_a_damaged_betons_source_that_cannot_be_written_says_why_it_was_fetched(
+        tmp_path, monkeypatch, http_server):
+    """Not a failed download: the archive outgrows `ulimit -f` while written. The error still
+    says why prepared data was being fetched (which .beton is damaged), before the write's own
+    words and fix, and it is no Unfetched (placing the archive by hand would fail alike)."""
+    (http_server.root / ARCHIVE).write_bytes(os.urandom(1 << 20))
+    url = f"{http_server.url}/{ARCHIVE}"
+    monkeypatch.setitem(layouts.LAYOUTS, "cifar10", replace(LAYOUT, url=url))
+    data = write_cifar10(tmp_path / "data")
+    made = prepare("cifar10", data.data_dir, workers=1)
+    shutil.rmtree(data.folder)
+    with open(made.train, "r+b") as f:  # same size, other bytes
+        f.write(b"\xff" * 64)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limits[1]))  # Python ignores SIGXFSZ
+    try:
+        with pytest.raises(DataError) as refused:
+            prepare("cifar10", data.data_dir, workers=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert not isinstance(refused.value, download.Unfetched)
+    assert str(refused.value) == (
+        f"{made.train} is damaged (its content differs from the hash its sidecar records); "
+        f"making the .beton files again from their source failed: cannot download {url} into "
+        f"{data.data_dir}: File too large. The archive needs 1.0 MB there, and extracting it "
+        "about as much again: raise this process's file size limit (`ulimit -f unlimited`).")
+
+
 def test_a_test_beton_normalized_with_another_training_split_is_rebuilt(tmp_path):
     """The same test images, but a .beton (and sidecar) normalized with another training
     split's statistics: with the source at hand, the test split is written again, normalized

@@ -454,6 +454,15 @@ def test_overlays_of_three_pictures_of_one_name_are_three_files():
     assert names == ["cat.cam.png", "cat-2.cam.png", "cat-3.cam.png"]
 
 
+def test_a_numbered_overlays_picture_is_named_on_one_line():
+    """The line counting the overlays names each picture whose overlay is numbered: a folder
+    or file name with a line break (any name a file may have) is escaped, as in the table, so
+    the line stays one line; the overlay named as it is, only the numbered ones."""
+    files = [Path("a/cat.png"), Path("b\nc/cat.png"), Path("tab\tdir/dog.png")]
+    names = prediction.cam_names(files)
+    assert prediction.renamed(files, names) == ["b\\nc/cat.png as cat-2.cam.png"]
+
+
 @pytest.mark.slow
 def test_the_count_of_overlays_says_which_picture_a_numbered_one_is(run_dir, tmp_path):
     """Two pictures named cat.png: the second's overlay is cat-2.cam.png, which the table (of
@@ -473,6 +482,26 @@ def test_the_count_of_overlays_says_which_picture_a_numbered_one_is(run_dir, tmp
     result = predict(run_dir / "ckpt.pt", cats[0], "--cam", tmp_path / "one")
     assert result.stderr.splitlines()[-1] == \
         f"wrote 1 Grad-CAM overlay (layer3) to {tmp_path / 'one'}/"
+
+
+@pytest.mark.slow
+def test_the_count_of_overlays_names_five_numbered_pictures_then_how_many_more(run_dir,
+                                                                               tmp_path):
+    """Seven pictures named cat.png (a folder of photos per day, say): six numbered overlays.
+    The line names the first five and counts the rest, as every list in a message does; all
+    of them made one line of any length."""
+    picture = next(p for n, p in write_pictures(tmp_path / "pics").items()
+                   if n not in ("text.png", "empty.png"))
+    cats = [tmp_path / f"day{i}" / "cat.png" for i in range(7)]
+    for cat in cats:
+        cat.parent.mkdir()
+        shutil.copy(picture, cat)
+    result = predict(run_dir / "ckpt.pt", *cats, "--cam", tmp_path / "cams")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "cams").iterdir())) == 7
+    named = "; ".join(f"{cats[i]} as cat-{i + 1}.cam.png" for i in range(1, 6))
+    assert result.stderr.splitlines()[-1] == (f"wrote 7 Grad-CAM overlays (layer3) to "
+                                              f"{tmp_path / 'cams'}/; {named} and 1 more")
 
 
 @pytest.mark.slow

@@ -117,6 +117,25 @@ def test_best_pt_is_kept_when_a_later_epoch_is_worse(two_epoch_run, tmp_path):
                      result.stdout, re.MULTILINE), result.stdout
 
 
+def test_a_run_whose_best_epoch_is_not_its_last_resumes(two_epoch_run, tmp_path):
+    """best.pt of epoch 1, ckpt.pt of epoch 2 (the second epoch was worse): the commonest run
+    folder there is. best.pt's history is the start of ckpt.pt's, so it is of this run and the
+    resume goes on, keeping it; compared whole, the two histories differ and it was refused as
+    another run's."""
+    run = tmp_path / "run"
+    shutil.copytree(two_epoch_run, run)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["history"][0]["test_acc"] = 1.0
+    torch.save(ckpt, run / "ckpt.pt")
+    best = {k: v for k, v in ckpt.items() if k != "resume"}  # as write_epoch saved epoch 1's
+    torch.save({**best, "epoch": 1, "history": ckpt["history"][:1]}, run / "best.pt")
+    before = (run / "best.pt").read_bytes()
+    result = train("--resume", str(run), "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["epoch"] for r in read_history(run)] == [1, 2, 3]
+    assert (run / "best.pt").read_bytes() == before
+
+
 def test_reported_accuracy_matches_an_independent_evaluation(two_epoch_run):
     ckpt = checkpoint.load(two_epoch_run / "ckpt.pt")
     assert_reported_accuracy_matches(ckpt)

@@ -228,6 +228,18 @@ def test_images_in_sub_folders_of_a_class_are_its_images(tmp_path):
         prepare("folder", tmp_path, workers=1)
 
 
+def test_one_dangling_link_is_one_link_to_restore_or_delete(tmp_path):
+    """The whole message for a single link whose file is gone: 'it' and 'the link', in the
+    singular (the test above matches its start only, which 'the links' also begins with)."""
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "cat" / "0.png")
+    (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(DataError) as refused:
+        folders.images_under(tmp_path / "cat")
+    assert str(refused.value) == (f"{tmp_path}/cat/gone.png links to {tmp_path}/moved.png, "
+                                  "which does not exist; restore it or delete the link.")
+
+
 @pytest.mark.parametrize("locked", ["train/cat/2023", "test/frog"],
                          ids=["sub-folder", "class folder"])
 def test_a_folder_that_cannot_be_read_is_named(tmp_path, locked):

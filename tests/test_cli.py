@@ -1241,3 +1241,20 @@ def test_counts_are_worded_in_the_singular_only_for_one():
     assert counted(1, "process", "processes") == "1 process"
     assert counted(3, "process", "processes") == "3 processes"
     assert (noun(1, "link"), noun(2, "link")) == ("link", "links")
+
+
+ONE_CORE = """
+import os
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from common.hardware import beyond_cores
+print(beyond_cores("--workers", 3))
+"""
+
+
+def test_a_process_on_one_core_is_told_of_one_core():
+    """--workers beyond the cores, in a process allowed one core (taskset -c 0, a container's
+    one CPU): '1 core' and 'pass --workers 1', not '1 cores' and 'or fewer'. Any machine's
+    tests see it, not only a one-core one's."""
+    result = run_code(ONE_CORE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "--workers 3: this process may use 1 core; pass --workers 1\n"

@@ -766,6 +766,16 @@ def test_resume_of_a_cifar_folder_that_moved_offline_says_to_pass_data_dir(
     assert not mycifar.exists() and not (moved / archive).exists()  # nothing downloaded
 
 
+def test_a_run_of_one_step_an_epoch_says_so_in_the_singular(data_dir, tmp_path, capsys):
+    """The run's first line counts its steps in words, as every count: a batch as large as
+    the training split is '1 step an epoch', not '1 steps/epoch'. By main() in this process."""
+    out = tmp_path / "run"
+    result = in_process(capsys, train_main, *TINY, "--batch-size", SPLIT[0], "--data-dir",
+                        data_dir, "--epochs", 1, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f", 1 step an epoch; writing {out}/" in result.stdout, result.stdout
+
+
 @pytest.mark.slow
 def test_resume_refuses_options_it_cannot_apply_by_name(finished, tmp_path, capsys):
     """By main() in this process (test_resume_after_the_classes_changed_names_both's refusal

@@ -584,31 +584,14 @@ def test_a_failed_fetch_of_a_damaged_betons_source_says_why_it_was_fetched(
     assert str(refused.value).startswith(
         f"{made.train} is damaged (its content differs from the hash its sidecar records); "
         "making the .beton files again from their source failed: Could not download ")
-    # what to do offline kept apart, as a resumed run says its own (engine.resume)
+    # what to do offline kept apart, as a resumed run says its own (engine.resume), and said
+    # once: with fetch's whole message in `failure`, a new run said it twice, a resumed run
+    # once with --dataset synthetic, which --resume refuses
     assert isinstance(refused.value, download.Unfetched)
     assert str(refused.value).endswith(f"in {data.data_dir}, or use --dataset synthetic.")
-
-
-def test_a_failed_fetch_of_a_damaged_betons_source_says_the_offline_way_once(
-        tmp_path, monkeypatch, closed_port):
-    """prepare's failure keeps what to do offline out of its `failure`, as fetch's does: a
-    resumed run (engine.resume.download_fix) says its own way after `failure`, and a new run
-    the offline way once; with fetch's whole message in `failure`, both said it twice, a
-    resumed run's first time with --dataset synthetic, which --resume refuses."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    offline = replace(LAYOUT, url=f"http://127.0.0.1:{closed_port}/{ARCHIVE}")
-    monkeypatch.setitem(layouts.LAYOUTS, "cifar10", offline)
-    data = write_cifar10(tmp_path / "data")
-    made = prepare("cifar10", data.data_dir, workers=1)
-    shutil.rmtree(data.folder)
-    with open(made.test, "r+b") as f:  # same size, other bytes
-        f.write(b"\xff" * 64)
-    with pytest.raises(download.Unfetched) as refused:
-        prepare("cifar10", data.data_dir, workers=1)
     assert refused.value.failure.endswith(": [Errno 111] Connection refused.")
     assert "offline" not in refused.value.failure and "synthetic" not in refused.value.failure
     assert str(refused.value).count("To work offline") == 1
-    assert str(refused.value).count("--dataset synthetic") == 1
 
 
 def test_a_damaged_betons_source_that_cannot_be_written_says_why_it_was_fetched(

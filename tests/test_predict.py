@@ -465,31 +465,10 @@ def test_a_numbered_overlays_picture_is_named_on_one_line():
 
 @pytest.mark.slow
 def test_the_count_of_overlays_says_which_picture_a_numbered_one_is(run_dir, tmp_path):
-    """Two pictures named cat.png: the second's overlay is cat-2.cam.png, which the table (of
-    pictures) did not say; the line counting the overlays does. One picture: '1 overlay'."""
-    picture = next(p for n, p in write_pictures(tmp_path / "pics").items()
-                   if n not in ("text.png", "empty.png"))
-    cats = [tmp_path / folder / "cat.png" for folder in ("a", "b")]
-    for cat in cats:
-        cat.parent.mkdir()
-        shutil.copy(picture, cat)
-    result = predict(run_dir / "ckpt.pt", *cats, "--cam", tmp_path / "cams")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["cat-2.cam.png",
-                                                                      "cat.cam.png"]
-    assert result.stderr.splitlines()[-1] == (f"wrote 2 Grad-CAM overlays (layer3) to "
-                                              f"{tmp_path / 'cams'}/; {cats[1]} as cat-2.cam.png")
-    result = predict(run_dir / "ckpt.pt", cats[0], "--cam", tmp_path / "one")
-    assert result.stderr.splitlines()[-1] == \
-        f"wrote 1 Grad-CAM overlay (layer3) to {tmp_path / 'one'}/"
-
-
-@pytest.mark.slow
-def test_the_count_of_overlays_names_five_numbered_pictures_then_how_many_more(run_dir,
-                                                                               tmp_path):
-    """Seven pictures named cat.png (a folder of photos per day, say): six numbered overlays.
-    The line names the first five and counts the rest, as every list in a message does; all
-    of them made one line of any length."""
+    """Pictures named cat.png in seven folders (photos per day, say): the overlays of all but
+    the first are numbered, cat-2.cam.png on, which the table (of pictures) did not say; the
+    line counting the overlays names the first five, then how many more, as every list in a
+    message does, all on one line. Two pictures: the one numbered. One picture: '1 overlay'."""
     picture = next(p for n, p in write_pictures(tmp_path / "pics").items()
                    if n not in ("text.png", "empty.png"))
     cats = [tmp_path / f"day{i}" / "cat.png" for i in range(7)]
@@ -498,10 +477,17 @@ def test_the_count_of_overlays_names_five_numbered_pictures_then_how_many_more(r
         shutil.copy(picture, cat)
     result = predict(run_dir / "ckpt.pt", *cats, "--cam", tmp_path / "cams")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(list((tmp_path / "cams").iterdir())) == 7
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == sorted(
+        ["cat.cam.png"] + [f"cat-{i}.cam.png" for i in range(2, 8)])
     named = "; ".join(f"{cats[i]} as cat-{i + 1}.cam.png" for i in range(1, 6))
     assert result.stderr.splitlines()[-1] == (f"wrote 7 Grad-CAM overlays (layer3) to "
                                               f"{tmp_path / 'cams'}/; {named} and 1 more")
+    result = predict(run_dir / "ckpt.pt", *cats[:2], "--cam", tmp_path / "two")
+    assert result.stderr.splitlines()[-1] == (f"wrote 2 Grad-CAM overlays (layer3) to "
+                                              f"{tmp_path / 'two'}/; {cats[1]} as cat-2.cam.png")
+    result = predict(run_dir / "ckpt.pt", cats[0], "--cam", tmp_path / "one")
+    assert result.stderr.splitlines()[-1] == \
+        f"wrote 1 Grad-CAM overlay (layer3) to {tmp_path / 'one'}/"
 
 
 @pytest.mark.slow

@@ -394,7 +394,7 @@ def test_saved_test_images_get_the_models_own_answers(run_dir, ckpt, tmp_path):
     """Test images saved as PNGs get, each in its own row, every class's probability the
     model gives the .beton's pixels (RGB, normalized with the checkpoint's mean and std), in
     falling order: only the top class of most of them was compared, so a row showing another
-    picture's probabilities passed."""
+    picture's probabilities passed. -k beyond the classes shows each class once."""
     split = beton.read(Path(ckpt["data"]["test"]))
     images = split.images[:N_CIFAR]
     for i, image in enumerate(images):
@@ -403,13 +403,14 @@ def test_saved_test_images_get_the_models_own_answers(run_dir, ckpt, tmp_path):
     augment = Augment(None, ckpt["mean"], ckpt["std"], torch.float32, "cpu")
     with torch.no_grad():
         expected = model(augment(torch.from_numpy(images))).softmax(1).numpy()
-    result = predict(run_dir / "ckpt.pt", tmp_path, "--json", "-k", len(ckpt["classes"]))
+    result = predict(run_dir / "ckpt.pt", tmp_path, "--json", "-k", len(ckpt["classes"]) + 1)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(result.stdout)
     assert [Path(row["file"]).name for row in rows] == [f"{i:03d}.png" for i in range(N_CIFAR)]
     for row, want in zip(rows, expected, strict=True):
         probabilities = [p["probability"] for p in row["predictions"]]
         assert probabilities == sorted(probabilities, reverse=True), row["file"]
+        assert len(probabilities) == len(ckpt["classes"]), row["file"]
         got = {p["class"]: p["probability"] for p in row["predictions"]}
         np.testing.assert_allclose([got[c] for c in ckpt["classes"]], want, atol=1e-5,
                                    err_msg=row["file"])

@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
                         help="picture files (PNG, JPEG, ...) or folders of them")
     parser.add_argument("-k", type=positive(int), default=3,
-                        help="classes to show per picture (default: %(default)s)")
+                        help="classes to show per picture, all of them where the checkpoint "
+                             "has fewer (default: %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list of {file, predictions: [{class, probability}]} "
                              "(or {file, error}) instead of a table")

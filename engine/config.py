@@ -44,6 +44,7 @@ MAX_WIDTH = math.isqrt((2**63 - 1) // (8 * 8 * 3 * 3 * 4))
 # why an explicit --cudnn-benchmark is refused beside --deterministic: taken, it would be
 # ignored (TrainConfig.autotunes); engine.options says it of a new run, engine.resume of a resume
 AUTOTUNE_REFUSED = "--cudnn-benchmark times cuDNN's algorithms, which --deterministic rules out"
+SAID_LENGTH = 80  # a damaged checkpoint's foreign value, in a message: the first characters
 
 
 @dataclass
@@ -182,11 +183,11 @@ def foreign_values(cfg: TrainConfig) -> list[str]:
                      if getattr(cfg, name) not in (None, *options)]
 
 
-def _said(value: object, limit: int = 80) -> str:
-    """A foreign value as part of a one-line message: a tensor's or a list's repr may run over
-    many lines and pages."""
+def _said(value: object) -> str:
+    """A foreign value as part of a one-line message, cut at SAID_LENGTH characters: a
+    tensor's or a list's repr may run over many lines and pages."""
     text = re.sub(r"\s*\n\s*", " ", repr(value))  # a str's repr holds no line break
-    return text if len(text) <= limit else f"{text[:limit]}..."
+    return text if len(text) <= SAID_LENGTH else f"{text[:SAID_LENGTH]}..."
 
 
 def too_wide(option: str, width: int) -> str | None:

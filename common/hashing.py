@@ -1,4 +1,5 @@
-"""A file's content hash, read in blocks: a download's md5, a .beton cache's key."""
+"""A file's content hash, read in blocks: a download's md5, a .beton's file hash (its sidecar's
+file_digest)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The epoch loop: train and test epochs, a checkpoint after each, and `train()`, the whole
-run (a new one, or one engine.resume continues) as a library call that returns its history or
-raises an EngineError."""
+run (a new one, or one engine.resume continues) as a library call that returns a Trained (the
+resolved config, the history, where the time went) or raises an EngineError."""
 
 from __future__ import annotations
 
@@ -218,8 +218,9 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
           log: Log = silent, end_process_group: bool = True,
           extend: str | None = None) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
-    return its history; each epoch's line and each notice go to log (the command line's is
-    common.streams.say). Ctrl-C raises Interrupted, saying what was kept.
+    return a Trained: the resolved config, the history and where the time went; each epoch's
+    line and each notice go to log (the command line's is common.streams.say). Ctrl-C raises
+    Interrupted, saying what was kept.
     `end_process_group=False` keeps the process group for another run in this process
     (tools/comparison.py), which calls end_processes().
     `extend`: how to train a finished run further, said when resuming one (by default, with

@@ -99,7 +99,7 @@ def download(url: str, md5: str, dest: Path) -> Path:
 
 
 # the "data" filter (no devices, links out, absolute paths, unsafe modes) where tarfile has it:
-# Python 3.10.12+, 3.11.4+ and 3.12; before, the checks above alone
+# Python 3.10.12+, 3.11.4+ and 3.12; before, safe_extract's own member checks (below) alone
 EXTRACT_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 

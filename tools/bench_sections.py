@@ -62,7 +62,7 @@ class StepResult:
     batch_size: int
     width: int
     compile_mode: str = "default"
-    status: str = "ok"  # "skipped" when the configuration cannot run here; see reason
+    status: str = "ok"  # "skipped" (the engine refuses it here) or "failed": see reason
     reason: str = ""
     warmup_s: float | None = None  # the untimed warm-up steps, torch.compile included
     steps: int | None = None  # per timed block

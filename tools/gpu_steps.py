@@ -4,10 +4,10 @@ Steps, in the order `all` runs them (most wanted first, so a short lease measure
 tests-quick (pytest -m "gpu and not slow"), train (the seed pipeline, then the fast preset
 compiled, on 50k synthetic images: the headline ratio), bench-peers (the public loaders and the
 seed pipeline's epoch beside ours), bench-epoch (loaders, 50k-image epochs per loader, MFU, a
-profile), tests-e2e (pytest -m "gpu and slow", on several workers), train-eager (the fast
-preset not compiled), profile-ffcv (bench-epoch's profile, its steps fed by the ffcv loader),
-bench-step (the precision x format x compile x batch grid). In a dry run the same commands run
-on the CPU with tiny sizes.
+profile), tests-e2e (pytest -m "gpu and slow" on several workers, then the gpu_alone ones one
+at a time), train-eager (the fast preset not compiled), profile-ffcv (bench-epoch's profile,
+its steps fed by the ffcv loader), bench-step (the precision x format x compile x batch grid).
+In a dry run the same commands run on the CPU with tiny sizes.
 """
 
 from __future__ import annotations

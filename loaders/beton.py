@@ -196,11 +196,6 @@ def _normalizes(info: BetonInfo) -> bool:
         return False
 
 
-def read_info(path: Path) -> BetonInfo | None:
-    """The sidecar info of a usable .beton, or None (sidecar_state, without the reason)."""
-    return sidecar_state(path)[0]
-
-
 class _Rows:
     """The indexable dataset DatasetWriter asks for: (HWC uint8 image, int label) pairs."""
 
@@ -312,7 +307,7 @@ FIELDS = {"image": (2, np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "
 RAW_MODE = 1  # RGBImageField's mode of images stored verbatim (FFCV's IMAGE_MODES["raw"])
 
 
-def rebuild(path: Path, what: str) -> DataError:
+def unreadable_beton(path: Path, what: str) -> DataError:
     """A .beton that cannot be read said with its fix: deleted, the next run writes it again."""
     return DataError(f"{path} {what}; delete it to rebuild it.")
 
@@ -321,7 +316,7 @@ def _sections(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray
     """The .beton at path memory-mapped, the metadata column of each field, and the allocation
     table; DataError when the file does not fit the layout."""
     def unreadable(why: str) -> DataError:
-        return rebuild(path, f"is not a readable .beton ({why})")
+        return unreadable_beton(path, f"is not a readable .beton ({why})")
 
     try:  # numpy's ValueError: a file shorter than its header, descriptors or rows (or empty)
         blob = np.memmap(path, dtype=np.uint8, mode="r")
@@ -347,7 +342,7 @@ def _sections(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray
     if start > len(blob):
         raise unreadable("its allocation table would start past its end")
     if (len(blob) - start) % ALLOCATION.itemsize:  # the table was cut (or grew) mid-entry
-        raise rebuild(path, "is truncated")
+        raise unreadable_beton(path, "is truncated")
     return blob, {name: rows[name] for name in names}, blob[start:].view(ALLOCATION)
 
 
@@ -363,10 +358,10 @@ def read(path: Path, full: bool = False) -> Split:
     image, label = columns["image"], columns["label"]
     if (image["mode"] != RAW_MODE).any() or (image["height"] != 32).any() \
             or (image["width"] != 32).any():
-        raise rebuild(path, "does not hold raw 32x32 images")
+        raise unreadable_beton(path, "does not hold raw 32x32 images")
     # a cut file can also leave a whole table whose images' allocations are missing from it
     if not np.isin(image["data_ptr"], table["ptr"]).all():
-        raise rebuild(path, "is truncated")
+        raise unreadable_beton(path, "is truncated")
     # one vectorised gather: row i of the window view is the nbytes starting at byte i
     windows = np.lib.stride_tricks.sliding_window_view(blob, ROW_SIZE)
     images = windows[image["data_ptr"].astype(np.int64)].reshape(-1, 32, 32, 3)

@@ -372,6 +372,11 @@ def dump_pickle(path: Path, obj, protocol: int | str = "py2", numpy1: bool = Fal
     path.write_bytes(numpy1_names(data) if numpy1 else data)
 
 
+def sidecar_info(path: Path) -> beton.BetonInfo | None:
+    """The sidecar info of a usable .beton, or None (beton.sidecar_state without the reason)."""
+    return beton.sidecar_state(path)[0]
+
+
 def to_rows(images: np.ndarray) -> np.ndarray:
     """N x 32 x 32 x 3 images as CIFAR rows: R, G and B planes of 1024 values each."""
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), layouts.ROW_SIZE))

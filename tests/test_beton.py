@@ -29,6 +29,7 @@ from conftest import (
     overwrite_middle,
     run_code,
     run_script,
+    sidecar_info,
     tmpfs,
     wait_until,
 )
@@ -74,7 +75,7 @@ def test_every_image_and_label_reads_back_bit_exact(prepared, source, drain, rea
 
 
 def test_sidecar_records_size_classes_and_training_stats(prepared, source):
-    train, test = beton.read_info(prepared.train), beton.read_info(prepared.test)
+    train, test = sidecar_info(prepared.train), sidecar_info(prepared.test)
     assert (train.num_samples, test.num_samples) == (len(source.train.labels),
                                                      len(source.test.labels))
     assert train.classes == test.classes == prepared.classes == SYNTHETIC_CLASSES
@@ -135,15 +136,15 @@ def test_a_sidecar_whose_stats_cannot_normalize_is_rebuilt(prepared, tmp_path, s
     # rebuilt too, never a traceback
     data_dir = _prepared_copy(prepared, tmp_path)
     path = data_dir / prepared.train.name
-    write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), **stats)))
-    assert beton.read_info(path) is None
+    write_json(beton.sidecar(path), asdict(replace(sidecar_info(path), **stats)))
+    assert sidecar_info(path) is None
     # said as what it is where the file cannot be rebuilt (its source gone, offline), not
     # as a sidecar "of another release"
     assert beton.sidecar_state(path)[1].startswith("is damaged (its sidecar's normalization "
                                                    "cannot be used: mean ")
     again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert (again.mean, again.std) == (prepared.mean, prepared.std)
-    assert beton.read_info(path).std == prepared.std
+    assert sidecar_info(path).std == prepared.std
 
 
 def test_second_prepare_is_a_cache_hit(prepared):
@@ -163,7 +164,7 @@ def test_a_constant_channels_file_is_read_and_cached_as_written(tmp_path):
     images[..., 2] = 0
     split = cifar.Split(images, np.arange(20) % 10)
     info = beton.write(path, split, CLASSES, workers=1)
-    assert info.std[2] == beton.MIN_STD and beton.read_info(path) == info
+    assert info.std[2] == beton.MIN_STD and sidecar_info(path) == info
     before = file_identities([path, beton.sidecar(path)])
     assert beton.write(path, split, CLASSES, workers=1) == info
     assert file_identities([path, beton.sidecar(path)]) == before
@@ -184,7 +185,7 @@ def test_changed_source_image_rebuilds_the_beton(cifar10_dir):
     got, want = beton.read(second.train), cifar.load("cifar10", cifar10_dir.data_dir).train
     np.testing.assert_array_equal(got.images, want.images)
     assert not np.array_equal(got.images, cifar10_dir.train.images)
-    assert beton.read_info(second.train).source_digest == beton.digest(want)
+    assert sidecar_info(second.train).source_digest == beton.digest(want)
 
 
 def _rewrite(path: Path, change) -> None:
@@ -199,7 +200,7 @@ def test_changed_source_labels_alone_rebuild_the_beton(cifar10_dir):
     """The cache key covers the labels: relabelled images (same pixels) must not be served
     with their old labels."""
     first = prepare("cifar10", cifar10_dir.data_dir, workers=1)
-    old_digest = beton.read_info(first.train).source_digest
+    old_digest = sidecar_info(first.train).source_digest
     _rewrite(cifar10_dir.folder / "data_batch_1",
              lambda b: b.update({b"labels": [(x + 1) % 10 for x in b[b"labels"]]}))
     want = cifar.load("cifar10", cifar10_dir.data_dir).train
@@ -209,7 +210,7 @@ def test_changed_source_labels_alone_rebuild_the_beton(cifar10_dir):
     second = prepare("cifar10", cifar10_dir.data_dir, workers=1)
     got = beton.read(second.train)
     np.testing.assert_array_equal(got.labels, want.labels)
-    assert beton.read_info(second.train).source_digest == beton.digest(want) != old_digest
+    assert sidecar_info(second.train).source_digest == beton.digest(want) != old_digest
 
 
 def test_renamed_classes_reach_both_sidecars(cifar10_dir):
@@ -219,21 +220,21 @@ def test_renamed_classes_reach_both_sidecars(cifar10_dir):
              lambda m: m.update({b"label_names": [n.encode() for n in renamed]}))
     again = prepare("cifar10", cifar10_dir.data_dir, workers=1)
     assert again.classes == renamed
-    assert beton.read_info(again.train).classes == beton.read_info(again.test).classes == renamed
+    assert sidecar_info(again.train).classes == sidecar_info(again.test).classes == renamed
 
 
 def test_a_changed_train_split_renormalizes_the_unchanged_test_split(cifar10_dir):
     """The test .beton records the training split's mean and std, which the model sees it
     with: a new training split must update the test sidecar though its images are the same."""
     first = prepare("cifar10", cifar10_dir.data_dir, workers=1)
-    old_test = beton.read_info(first.test)
+    old_test = sidecar_info(first.test)
 
     def whiten(batch: dict) -> None:  # every pixel of its 3 images (of 12) white
         batch[b"data"][:] = 255
 
     _rewrite(cifar10_dir.folder / "data_batch_1", whiten)
     second = prepare("cifar10", cifar10_dir.data_dir, workers=1)
-    train, test = beton.read_info(second.train), beton.read_info(second.test)
+    train, test = sidecar_info(second.train), sidecar_info(second.test)
     assert train.mean != old_test.mean and train.std != old_test.std
     assert (test.mean, test.std) == (train.mean, train.std) == (second.mean, second.std)
     assert test.source_digest == old_test.source_digest  # its own images did not change
@@ -331,7 +332,7 @@ def _vouch_for(path: Path, like: Path) -> None:
     """Give path a sidecar that records its present size and hash (like's info otherwise),
     as if it had been written so: check() then passes, and only read()'s own checks of the
     file's structure can refuse it."""
-    info = replace(beton.read_info(like), size=path.stat().st_size,
+    info = replace(sidecar_info(like), size=path.stat().st_size,
                    file_digest=beton.file_digest(path))
     write_json(beton.sidecar(path), asdict(info))
 
@@ -482,7 +483,7 @@ def test_read_finds_images_stored_past_4_gib(prepared, source, tmp_path):
         f.seek(start + shift)  # sparse: no disk space for the hole
         f.write(data[start:])
     # its size recorded (check() compares no more), not its hash: that would read 4 GiB
-    write_json(beton.sidecar(path), asdict(replace(beton.read_info(prepared.test),
+    write_json(beton.sidecar(path), asdict(replace(sidecar_info(prepared.test),
                                                    size=path.stat().st_size)))
     try:
         got = beton.read(path)
@@ -522,7 +523,7 @@ def test_prepare_rebuilds_a_damaged_beton_from_its_source(prepared, source, tmp_
     got = beton.read(path)
     np.testing.assert_array_equal(got.images, source.train.images)
     np.testing.assert_array_equal(got.labels, source.train.labels)
-    info = beton.read_info(path)
+    info = sidecar_info(path)
     assert (info.size, info.file_digest) == (path.stat().st_size, beton.file_digest(path))
 
 
@@ -530,28 +531,28 @@ def test_cache_hit_checks_the_content_hash(prepared, tmp_path):
     data_dir = _prepared_copy(prepared, tmp_path)
     path = data_dir / prepared.test.name
     overwrite_middle(path)  # same size: only the hash can tell
-    assert beton.damage(path, beton.read_info(path), full=False) is None
-    assert "hash" in beton.damage(path, beton.read_info(path))
+    assert beton.damage(path, sidecar_info(path), full=False) is None
+    assert "hash" in beton.damage(path, sidecar_info(path))
     prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
-    assert beton.damage(path, beton.read_info(path)) is None
+    assert beton.damage(path, sidecar_info(path)) is None
 
 
 def _older_sidecar(path: Path) -> None:
     """The sidecar of path as an older release wrote it: another FORMAT, all else alike."""
-    write_json(beton.sidecar(path), asdict(replace(beton.read_info(path), format=beton.FORMAT - 1)))
+    write_json(beton.sidecar(path), asdict(replace(sidecar_info(path), format=beton.FORMAT - 1)))
 
 
 def test_a_sidecar_of_another_format_is_rebuilt_never_trusted(prepared, tmp_path):
     data_dir = _prepared_copy(prepared, tmp_path)
     path = data_dir / prepared.train.name
     _older_sidecar(path)
-    assert beton.read_info(path) is None
+    assert sidecar_info(path) is None
     with pytest.raises(DataError, match=r"is damaged \(its sidecar is of another release\)"):
         beton.check(path)
     again = prepare("synthetic", data_dir, synthetic_size=SYNTHETIC_SIZE, workers=1)
     assert again == replace(prepared, train=path, test=data_dir / prepared.test.name,
                             source=again.source)
-    assert beton.read_info(path).format == beton.FORMAT
+    assert sidecar_info(path).format == beton.FORMAT
 
 
 @pytest.mark.parametrize("kind", ["ffcv", "resident", "torchvision"])
@@ -682,7 +683,7 @@ def writers(monkeypatch) -> list[int]:
 def test_writer_workers_beyond_the_cores_are_the_cores(tmp_path, writers):
     """--workers 100000 asked for a page of disk per writer (800 GB), and as many processes."""
     prepared = prepare("synthetic", tmp_path, synthetic_size=(64, 16), workers=100_000)
-    assert beton.read_info(prepared.train).num_samples == 64
+    assert sidecar_info(prepared.train).num_samples == 64
     assert writers == [default_workers()] * 2
 
 

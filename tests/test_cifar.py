@@ -35,6 +35,7 @@ from conftest import (
     make_tar_gz,
     random_split,
     run_script,
+    sidecar_info,
     synthetic_boxes,
     tmpfs,
     to_rows,
@@ -635,7 +636,7 @@ def test_a_test_beton_normalized_with_another_training_split_is_rebuilt(tmp_path
     for path in (other_made.test, beton.sidecar(other_made.test)):
         shutil.copyfile(path, made.test.parent / path.name)
     assert prepare("cifar10", tmp_path / "data", workers=1) == made
-    test = beton.read_info(made.test)
+    test = sidecar_info(made.test)
     assert (test.mean, test.std) == (made.mean, made.std)
 
 

@@ -951,11 +951,11 @@ DEFAULT_FFCV_WORKERS = """
 import sys
 import loaders
 from pathlib import Path
-from loaders.beton import read_info
+from loaders.beton import sidecar_state
 loader = loaders.make_loader("ffcv", sys.argv[1], train=False, batch_size=64, device="cpu",
                              mean=[0.5] * 3, std=[0.25] * 3)
 print(loader.workers, sum(len(labels) for _, labels in loader),
-      read_info(Path(sys.argv[1])).num_samples)
+      sidecar_state(Path(sys.argv[1]))[0].num_samples)
 """
 
 

@@ -23,6 +23,7 @@ from conftest import (
     in_process,
     overwritten_copy,
     run_script,
+    sidecar_info,
     synthetic_boxes,
     tmpfs,
     train_tiny,
@@ -398,7 +399,7 @@ def test_a_test_split_of_other_class_names_is_another_dataset(run_dir, tmp_path)
                   labels.astype(np.int64))
     others = [f"other{i}" for i in range(ckpt["num_classes"])]
     beton.write(tmp_path / "test.beton", split, others, workers=1)
-    assert beton.read_info(tmp_path / "test.beton").classes == others
+    assert sidecar_info(tmp_path / "test.beton").classes == others
     ckpt["data"]["test"] = str(tmp_path / "test.beton")
     torch.save(ckpt, tmp_path / "ckpt.pt")
     with pytest.raises(ReportError, match="holds another dataset than the one"):

@@ -170,6 +170,20 @@ def test_every_file_the_docs_point_to_exists():
     assert not missing, missing
 
 
+def test_the_layout_page_names_every_module():
+    """docs/layout.md, which README points to for every module: a module added without a line
+    there (common/wording.py was) leaves a reader of the page without it."""
+    layout = (ROOT / "docs" / "layout.md").read_text()
+    # its module tree: a folder's part from the line it begins (`engine/   config.py ...`)
+    parts = {part.split("/")[0]: part for part in re.split(r"^(?=\w+/ )", layout, flags=re.M)}
+    modules = [path for folder in ("engine", "loaders", "tools", "common")
+               for path in sorted((ROOT / folder).iterdir())
+               if path.suffix in (".py", ".sh") and path.name != "__init__.py"]
+    assert len(modules) > 80
+    assert [f"{m.parent.name}/{m.name}" for m in modules
+            if not re.search(rf"\b{re.escape(m.name)}\b", parts.get(m.parent.name, ""))] == []
+
+
 
 def doc_table(page: str, header: str) -> str:
     """The table of docs/`page` whose first line is `header`, up to the blank line that ends

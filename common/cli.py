@@ -287,8 +287,10 @@ def run_main(body: Callable[[], int | None]) -> int:
             return 1
         if stop_requested():  # the Ctrl-C that ended a `| tee` too: it stopped this
             return stopped_code()
+        kept = "".join(f" {note}" for note in getattr(error, "__notes__", ()))  # a run's
         error_line("error: stopped: the program reading this command's output (such as head "
-                   "or tee) closed it; send the output to a file or keep its reader running.")
+                   "or tee) closed it; send the output to a file or keep its reader running."
+                   + kept)
         return 1
     except Exception as error:
         if hung_up(error):  # a closed terminal: stopped as its SIGHUP stops the command

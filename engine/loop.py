@@ -220,7 +220,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
     return a Trained: the resolved config, the history and where the time went; each epoch's
     line and each notice go to log (the command line's is common.streams.say). Ctrl-C raises
-    Interrupted, saying what was kept.
+    Interrupted, saying what was kept; a log whose reader has gone, its BrokenPipeError with a
+    note saying it.
     `end_process_group=False` keeps the process group for another run in this process
     (tools/comparison.py), which calls end_processes().
     `extend`: how to train a finished run further, said when resuming one (by default, with
@@ -254,9 +255,11 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
                               end_process_group)
     except KeyboardInterrupt:  # wherever it landed once the run's processes were up
         raise stopped(accelerator, out) from None
-    except Exception:
+    except Exception as error:
         if stop_requested():  # a Ctrl-C that a library caught and made an error of its own:
             raise stopped(accelerator, out) from None  # a stop all the same (run_main's case)
+        if isinstance(error, BrokenPipeError) and main:  # `| head`: a stop too, which run_main
+            error.add_note(f"{kept(out)}.")  # says (common.cli), with what was kept
         raise
 
 

@@ -370,6 +370,27 @@ def test_ctrl_c_in_the_first_run_leaves_no_out_folder(out, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
+def test_a_reader_of_the_output_gone_says_the_comparisons_way_on(out, tmp_path):
+    """`compare.py | head -1`: the line saying so says how the comparison goes on (the same
+    command with its --out), not the --resume of the one run it stopped in."""
+    again = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "compare.py"), *SMALL, "--data-dir",
+         str(out.parent / "data"), "--optimizers", "sgd", "adam", "--epochs", "3", "--out",
+         str(again)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("sgd: synthetic on cpu")
+    process.stdout.close()  # head has its line
+    process.wait(timeout=600)
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.returncode == 1, stderr[-3000:]
+    assert (again / "sgd" / "ckpt.pt").exists() and not (again / "adam").exists()
+    assert stderr.endswith(
+        "keep its reader running. stopped during sgd; to go on, run the same command with "
+        f"--out {again}: its runs are resumed, or reused when finished.\n"), stderr[-3000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--optimizers", "sgd", "lion"], "invalid choice"),
     (["--optimizers", "sgd", "sgd"], "twice"),

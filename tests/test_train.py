@@ -443,6 +443,27 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_history(data_dir, tmp_path)
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)
 
 
+def test_a_reader_of_the_output_gone_stops_the_run_saying_what_was_kept(data_dir, tmp_path):
+    """`engine/train.py | head -1`: the run stops at its next line, as a Ctrl-C stops it, and
+    the line saying so names the epoch ckpt.pt holds and the --resume to go on with (it said
+    only to keep the reader running)."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "engine" / "train.py"), *SMALL, *SHARED_SPLIT, "--data-dir",
+         str(data_dir), "--epochs", "3", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("synthetic on cpu")
+    process.stdout.close()  # head has its line
+    process.wait(timeout=600)
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.returncode == 1, stderr[-3000:]
+    held = checkpoint.load(out / "ckpt.pt")["epoch"]
+    assert held < 3 and stderr.endswith(
+        "keep its reader running. "
+        f"{out}/ckpt.pt holds epoch {held}; continue with --resume {out}.\n"), stderr[-3000:]
+
+
 # python -c this script args: engine/train.py, with a real Ctrl-C as soon as best.pt is saved,
 # before the epoch's ckpt.pt, metrics and config.json
 CTRL_C_AFTER_BEST = """

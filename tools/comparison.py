@@ -201,8 +201,9 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
 def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: bool,
                out: Path, log: Log, warn: Log) -> list[Result]:
     """Each optimizer's run in out/<name>, in turn, at its default LR (own_lrs: no --lr given)
-    or cfg.lr, and its default weight decay (own_decay) or cfg.weight_decay. Ctrl-C says how
-    to go on: the same command resumes the runs, or reuses finished ones."""
+    or cfg.lr, and its default weight decay (own_decay) or cfg.weight_decay. Ctrl-C (or a
+    reader of the output gone) says how to go on: the same command resumes the runs, or
+    reuses finished ones."""
     results = []
     for name in optimizers:
         try:
@@ -211,15 +212,21 @@ def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay
                      else cfg.weight_decay)
             result = train_one(cfg, name, lr, decay, out / name, log, warn)
         except (Interrupted, KeyboardInterrupt):  # the second: before train() could say more
-            if not any((out / n / "ckpt.pt").exists() for n in optimizers):
-                raise Interrupted(f"stopped during {name}, before any run saved an epoch; run "
-                                  "the same command again") from None
-            # --out named: the default is a new folder on every call
-            raise Interrupted(f"stopped during {name}; to go on, run the same command with "
-                              f"--out {out}: its runs are resumed, or reused when finished"
-                              ) from None
+            raise Interrupted(going_on(name, optimizers, out)) from None
+        except BrokenPipeError as error:  # `| head`: the run's note said --resume, for one run
+            error.__notes__ = [f"{going_on(name, optimizers, out)}."]
+            raise
         results.append(result)
     return results
+
+
+def going_on(name: str, optimizers: list[str], out: Path) -> str:
+    """How to go on with a comparison stopped during optimizer `name`'s run."""
+    if not any((out / n / "ckpt.pt").exists() for n in optimizers):
+        return f"stopped during {name}, before any run saved an epoch; run the same command again"
+    # --out named: the default is a new folder on every call
+    return (f"stopped during {name}; to go on, run the same command with --out {out}: its runs "
+            "are resumed, or reused when finished")
 
 
 def check_places(out: Path, optimizers: list[str]) -> None:

@@ -35,7 +35,7 @@ from matplotlib.image import imread
 from pypdf import PdfReader
 from torch import nn
 
-from common.errors import ReportError
+from common.errors import CheckpointError, ReportError
 from engine import checkpoint
 from engine.model import build_model
 from loaders import beton, synthetic
@@ -655,6 +655,19 @@ def test_recorded_test_data_that_is_a_pipe_is_named_as_such(run_dir, tmp_path, c
     assert report.main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "report")]) == 1
     assert f"at {tmp_path / 'test.beton'}, which is a device, pipe or socket, not a file. " \
         "Pass --data-dir DIR" in capsys.readouterr().err
+
+
+def test_a_checkpoint_or_its_recorded_test_data_that_is_a_dead_link_is_named_as_one(tmp_path):
+    """A symbolic link that leads nowhere was said not to exist, though ls shows it."""
+    (tmp_path / "ckpt.pt").symlink_to(tmp_path / "gone.pt")
+    with pytest.raises(CheckpointError, match=r"ckpt.pt is a symbolic link that cannot be "
+                       r"followed \(to .*gone.pt: .*; pass the ckpt.pt of a training run.$"):
+        checkpoint.load(tmp_path / "ckpt.pt")
+    (tmp_path / "test.beton").symlink_to(tmp_path / "gone.beton")
+    ckpt = {"data": {"dataset": "synthetic", "test": str(tmp_path / "test.beton")}}
+    with pytest.raises(ReportError, match=r"at .*test.beton, which is a symbolic link that "
+                       r"cannot be followed \(to .*gone.beton: .*Pass --data-dir DIR"):
+        report_inputs.locate_test_data(ckpt, tmp_path / "ckpt.pt", None)
 
 
 def test_recorded_test_data_overwritten_in_place_is_refused_naming_it(run_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -402,7 +403,10 @@ def test_a_test_split_of_other_class_names_is_another_dataset(run_dir, tmp_path)
     assert sidecar_info(tmp_path / "test.beton").classes == others
     ckpt["data"]["test"] = str(tmp_path / "test.beton")
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    with pytest.raises(ReportError, match="holds another dataset than the one"):
+    n, first = ckpt["num_classes"], ", ".join(ckpt["classes"][:4])  # then how many more
+    with pytest.raises(ReportError, match=re.escape(
+            f"holds another dataset than the one {tmp_path / 'ckpt.pt'} was trained on ({n} "
+            f"classes: {first} and {n - 4} more); pass the right --data-dir.")):
         report_inputs.load(tmp_path / "ckpt.pt", None, torch.device("cpu"))
 
 

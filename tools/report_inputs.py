@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import ReportError
+from common.errors import ReportError, listing
 from common.paths import dead_link, not_a_file, not_a_folder
 from engine import checkpoint
 from engine.config import TrainConfig
@@ -78,8 +78,8 @@ def load(path: Path, data_dir: Path | None, device: torch.device) -> TrainedRun:
     if info.classes != ckpt["classes"] or (
             len(split.labels) and split.labels.max() >= ckpt["num_classes"]):
         raise ReportError(f"{test} holds another dataset than the one {path} was trained on "
-                          f"({ckpt['num_classes']} classes: {', '.join(ckpt['classes'][:4])}, "
-                          "...); pass the right --data-dir.")
+                          f"({ckpt['num_classes']} classes: {listing(ckpt['classes'], 4)}); "
+                          "pass the right --data-dir.")
     return TrainedRun(path, ckpt, model, test, split.images, split.labels, device)
 
 

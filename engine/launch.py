@@ -24,6 +24,7 @@ from common.hardware import (
 )
 from common.stop_signals import stop_signals_end_at_once
 from common.streams import error_line
+from common.wording import noun
 from engine.config import TrainConfig
 
 # what torchrun and accelerate launch set, besides accelerate's own ACCELERATE_*
@@ -166,7 +167,7 @@ def launcher_options_ignored() -> str | None:
     if not given:
         return None
     return ("notice: accelerate launch's " + " and ".join(f"{o} {v}" for o, v in given.items())
-            + (" is" if len(given) == 1 else " are") + " not used: this engine's --precision "
+            + f" {noun(len(given), 'is', 'are')} not used: this engine's --precision "
             "and --compile (--compile-mode) choose, as the line above says.")
 
 

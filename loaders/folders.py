@@ -16,7 +16,7 @@ import numpy as np
 from common.errors import DataError, listing, unplain
 from common.hardware import default_workers
 from common.progress import track
-from common.wording import noun
+from common.wording import counted, noun
 from loaders.images import decode_image, quiet_pil
 
 SPLITS = ("train", "test")
@@ -61,7 +61,7 @@ def images_under(folder: Path) -> list[Path]:
                 files.append(path)
     if gone:
         raise DataError(f"{listing(sorted(gone), 5, '; ')}; restore "
-                        f"{'them' if len(gone) > 1 else 'it'} or delete the "
+                        f"{noun(len(gone), 'it', 'them')} or delete the "
                         f"{noun(len(gone), 'link')}.")
     return sorted(files)
 
@@ -155,7 +155,7 @@ def read_splits(files: dict[str, dict[str, list[Path]]]) -> dict[str, tuple[np.n
         images = list(track(pool.map(attempt, paths), len(paths), "reading images", "image"))
     bad = [str(e) for e in images if isinstance(e, DataError)]
     if bad:
-        raise DataError(f"{len(bad)} file(s) could not be read as images: "
+        raise DataError(f"{counted(len(bad), 'file')} could not be read as images: "
                         f"{listing(bad, 3, '; ')}. Delete or replace them.")
     out, start = {}, 0
     for split, classes in files.items():

@@ -1621,5 +1621,5 @@ def test_a_failed_row_is_exit_1_after_every_table_and_the_json(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     rows = {r["loader"]: r["status"] for r in json.loads(out.read_text())["loaders"]}
     assert rows == {"ffcv": "failed", "resident": "ok", "torchvision": "ok"}
-    assert result.stderr.strip().endswith("error: 1 measurement(s) failed; each one's reason "
+    assert result.stderr.strip().endswith("error: 1 measurement failed; each one's reason "
                                           "is in its table above.")

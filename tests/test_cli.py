@@ -1241,6 +1241,7 @@ def test_counts_are_worded_in_the_singular_only_for_one():
     assert counted(1, "process", "processes") == "1 process"
     assert counted(3, "process", "processes") == "3 processes"
     assert (noun(1, "link"), noun(2, "link")) == ("link", "links")
+    assert (noun(1, "it", "them"), noun(2, "it", "them")) == ("it", "them")
 
 
 ONE_CORE = """

@@ -270,7 +270,7 @@ def test_unreadable_files_are_all_named(tmp_path):
     with pytest.raises(DataError) as error:
         prepare("folder", tmp_path, workers=1)
     message = str(error.value)
-    assert message.startswith("2 file(s) could not be read as images: ")
+    assert message.startswith("2 files could not be read as images: ")
     assert f"{tmp_path / 'train' / 'cat' / 'notes.png'}: not a readable image" in message
     assert f"{tmp_path / 'test' / 'frog' / 'empty.jpg'}: not a readable image" in message
     assert not list(tmp_path.glob("*.beton")) and not list(tmp_path.glob("folder-*"))
@@ -284,7 +284,7 @@ def test_many_unreadable_files_are_counted_past_the_first_three(tmp_path):
     with pytest.raises(DataError) as error:
         prepare("folder", tmp_path, workers=1)
     message = str(error.value)
-    assert message.startswith("5 file(s) could not be read as images: ")
+    assert message.startswith("5 files could not be read as images: ")
     assert message.count(": not a readable image") == 3
     assert message.endswith(" and 2 more. Delete or replace them.")
 

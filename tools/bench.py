@@ -16,6 +16,7 @@ import sys
 from common.cli import interruptible_imports, run_main, summary
 from common.stop_signals import stop_if_interrupted
 from common.streams import error_line, say
+from common.wording import counted
 from tools.bench_options import parse_args
 
 
@@ -49,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"wrote {args.json}")
         bad = failed(serializable(results))
         if bad:
-            error_line(f"error: {bad} measurement(s) failed; each one's reason is in its table "
-                       "above.")
+            error_line(f"error: {counted(bad, 'measurement')} failed; each one's reason is in "
+                       "its table above.")
         return 1 if bad else 0
 
     return run_main(body)

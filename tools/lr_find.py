@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.cli import CommandParser, interruptible_imports, option_name, run_main, summary
 from common.streams import say
+from common.wording import noun
 from engine import lr_sweep
 from engine.options import parse_tool_args
 
@@ -49,7 +50,7 @@ def check(args: argparse.Namespace) -> None:
     given = [option_name(f"no_{name}" if value is False else name)
              for name, value in values.items() if value is not None]
     if given:
-        them = "them" if len(given) > 1 else "it"
+        them = noun(len(given), "it", "them")
         raise ValueError(f"{', '.join(given)}: the range test does not use {them} ({SWEEP}); "
                          f"leave {them} out here, and pass {them} to engine/train.py")
 

@@ -19,13 +19,14 @@ from common.hardware import (
     launched,
     launched_processes,
     local_share,
+    native_bf16,
     physical_cores,
     positive_count,
 )
 from common.stop_signals import stop_signals_end_at_once
 from common.streams import error_line
 from common.wording import noun
-from engine.config import TrainConfig
+from engine.config import TrainConfig, resolve
 
 # what torchrun and accelerate launch set, besides accelerate's own ACCELERATE_*
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -34,6 +35,12 @@ LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAS
 ACCELERATE_READS = (*LAUNCH_VARIABLES, "OMP_NUM_THREADS")
 # ours: processes started together meet within seconds; after this long, the wait is said
 RENDEZVOUS_NOTICE_S = 60.0
+
+
+def resolved_here(cfg: TrainConfig) -> TrainConfig:
+    """cfg with what it leaves to the machine (loader, precision, compile mode, ...) chosen for
+    this one (engine.config.resolve)."""
+    return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16())
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:

@@ -24,7 +24,7 @@ from common.errors import (
     listing,
     one_line,
 )
-from common.hardware import device_name, native_bf16
+from common.hardware import device_name
 from common.locks import locked_dir
 from common.progress import progress_bar
 from common.stop_signals import stop_requested
@@ -32,12 +32,17 @@ from common.streams import Log, silent
 from common.temporaries import sweep_temporaries
 from common.wording import counted
 from engine import checkpoint, lr_range
-from engine.config import TrainConfig, resolve
+from engine.config import TrainConfig
 from engine.epoch_writer import EpochWriter
 from engine.evaluate import evaluate
 from engine.failures import out_of_memory, peer_gone
 from engine.history import best_epoch
-from engine.launch import end_processes, launcher_options_ignored, make_accelerator
+from engine.launch import (
+    end_processes,
+    launcher_options_ignored,
+    make_accelerator,
+    resolved_here,
+)
 from engine.resume import download_fix, saved_run
 from engine.run import Run, build, train_step
 from engine.trackers import TRACKER_PROJECT, check_tracker, start_trackers
@@ -211,7 +216,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None) -> tupl
     ckpt = None
     if resume is not None:
         cfg, ckpt = saved_run(resume, given or {})
-    return resolve(cfg, torch.cuda.is_available(), bf16=native_bf16()), ckpt
+    return resolved_here(cfg), ckpt
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,

@@ -6,15 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 
 from common.atomic import atomic_writes, check_replaceable, csv_text, text_writer
-from common.hardware import native_bf16
 from common.output_folders import output_dir
 from engine import lr_range
-from engine.config import TrainConfig, resolve
-from engine.launch import end_processes, make_accelerator
+from engine.config import TrainConfig
+from engine.launch import end_processes, make_accelerator, resolved_here
 from engine.lr_range import RangeTest
 from engine.run import build
 
@@ -23,7 +21,7 @@ def find(cfg: TrainConfig, start_lr: float, end_lr: float,
          iterations: int) -> tuple[RangeTest, bool]:
     """The range test on the run engine/train.py would build; (result, is main process)."""
     # a number, not 'auto': the sweep sets the LR itself
-    cfg = resolve(replace(cfg, lr=start_lr), torch.cuda.is_available(), bf16=native_bf16())
+    cfg = resolved_here(replace(cfg, lr=start_lr))
     accelerator = make_accelerator(cfg)
     run = build(cfg, accelerator)
     return (lr_range.range_test(run, start_lr, end_lr, iterations),

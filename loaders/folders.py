@@ -20,6 +20,7 @@ from common.wording import counted, noun
 from loaders.images import decode_image, quiet_pil
 
 SPLITS = ("train", "test")
+FINGERPRINT_BYTES = 8  # fingerprint's size; the converted folder's name holds it in hex
 
 
 def _unlistable(error: OSError) -> None:
@@ -123,7 +124,7 @@ def _split_classes(root: Path, split: str) -> dict[str, list[Path]]:
 def fingerprint(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:
     """A hash of every image's path in `root`, size and modification time: the conversion is
     redone exactly when a file is added, removed or changed, without decoding any of them."""
-    h = hashlib.blake2b(digest_size=8)
+    h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
     for split, classes in files.items():
         for name, paths in classes.items():
             for path in paths:

@@ -22,7 +22,7 @@ from loaders.folders import SPLITS
 from loaders.guards import numba_settings_checked
 from loaders.layouts import LAYOUTS
 from loaders.options import SYNTHETIC_SIZE
-from loaders.python_folder import IMAGE_FOLDER_NAME, staging_prefix
+from loaders.python_folder import IMAGE_FOLDER_PATTERN, staging_prefix
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def sweep_older_conversions(root: Path, current: str) -> None:
     holding the lock, once the current files are written."""
     for old in root.iterdir():  # the python folder itself, or a .beton or sidecar of its
         tag = beton.tag_of(old.name.removesuffix(beton.SIDECAR_SUFFIX)) or old.name
-        if not re.fullmatch(IMAGE_FOLDER_NAME, tag) or tag == current:
+        if not re.fullmatch(IMAGE_FOLDER_PATTERN, tag) or tag == current:
             continue
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)

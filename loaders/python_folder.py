@@ -21,7 +21,8 @@ from loaders import folders, synthetic
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE
 from loaders.options import SYNTHETIC_CLASSES, check_synthetic_memory, synthetic_size_problem
 
-IMAGE_FOLDER_NAME = r"folder-[0-9a-f]{16}"  # image_folder_name's names, as a pattern
+IMAGE_FOLDER_NAME = "folder-{}"  # image_folder_name's names, of the fingerprint filled in
+IMAGE_FOLDER_PATTERN = IMAGE_FOLDER_NAME.format(f"[0-9a-f]{{{2 * folders.FINGERPRINT_BYTES}}}")
 # synthetic_folder_name's names, of the sizes filled in ("seed0": the name such folders have
 # always had; write_synthetic draws its splits from seeds 0 and 1)
 SYNTHETIC_FOLDER_NAME = "synthetic-{}-{}-seed0"
@@ -38,7 +39,7 @@ def data_options(source: str) -> str | None:
     None for a name none of them has."""
     if match := re.fullmatch(SYNTHETIC_FOLDER_NAME.format(r"(\d+)", r"(\d+)"), source):
         return f"--dataset synthetic --synthetic-size {match[1]} {match[2]}"
-    if re.fullmatch(IMAGE_FOLDER_NAME, source):
+    if re.fullmatch(IMAGE_FOLDER_PATTERN, source):
         return "--dataset folder"
     return f"--dataset {source}" if source in LAYOUTS else None
 
@@ -46,7 +47,7 @@ def data_options(source: str) -> str | None:
 def image_folder_name(root: Path, files: dict[str, dict[str, list[Path]]]) -> str:
     """The python folder the ImageFolder tree in `root` converts into: one per state of its
     files."""
-    return f"folder-{folders.fingerprint(root, files)}"
+    return IMAGE_FOLDER_NAME.format(folders.fingerprint(root, files))
 
 
 def staging_prefix(folder_name: str) -> str:

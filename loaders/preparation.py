@@ -116,10 +116,16 @@ def sweep_stale(data_dir: Path, source: str) -> None:
     for pattern in (f"{part_prefix('*.tar.gz')}*{PART_SUFFIX}", f"{EXTRACT_PREFIX}*",
                     f"{staging_prefix(source)}*"):
         for stale in data_dir.glob(pattern):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, or a folder with what it holds; a link itself, not what it leads to
+    (rmtree refuses a link, and its ignore_errors would have kept it)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def preparing(data_dir: Path) -> AbstractContextManager[None]:
@@ -200,7 +206,4 @@ def sweep_older_conversions(root: Path, current: str) -> None:
         tag = beton.tag_of(old.name.removesuffix(beton.SIDECAR_SUFFIX)) or old.name
         if not re.fullmatch(IMAGE_FOLDER_PATTERN, tag) or tag == current:
             continue
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)

@@ -766,8 +766,11 @@ def test_what_a_killed_writer_left_is_swept_by_the_next_prepare(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"left by a killed writer")
     (data / ".keep").write_text("not ours")
+    (tmp_path / "elsewhere").mkdir()  # a link among them goes, not the folder it leads to
+    (data / ".extract-ln").symlink_to(tmp_path / "elsewhere")
     prepare("synthetic", data, synthetic_size=(20, 5), workers=1)
     assert sorted(p.name for p in data.iterdir() if p.name.startswith(".")) == [".keep"]
+    assert (tmp_path / "elsewhere").is_dir()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from common.streams import Log
 from common.wording import counted
 from engine import checkpoint
 from engine.config import TrainConfig
-from engine.history import steady_seconds
+from engine.history import best_epoch, steady_seconds
 from engine.launch import end_processes
 from engine.loop import train
 from tools.plots import Panel, plot_history
@@ -53,10 +53,9 @@ class Result:
         takes them. The first epoch's warm-up is tens of seconds on a GPU beside a steady
         epoch's one or two, and cuDNN's autotuning (once a process) falls in the first
         optimizer's run only, which looked slowest for running first."""
-        accs = [r["test_acc"] for r in self.history]
+        last, best = (self.history[-1], best_epoch(self.history)) if self.history else ({}, {})
         return dict(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
-                    final_test_acc=accs[-1] if accs else None,
-                    best_test_acc=max(accs) if accs else None,
+                    final_test_acc=last.get("test_acc"), best_test_acc=best.get("test_acc"),
                     seconds_per_epoch=steady_seconds(self.history),
                     epochs=len(self.history), note=self.note)
 

@@ -1318,13 +1318,15 @@ def pictures(n: int, rng: np.random.Generator) -> cifar.Split:
 
 @pytest.mark.parametrize("make_split, refused, blank", [
     (pictures, True, False), (pictures, True, True), (random_split, False, False)],
-    ids=["pictures", "pictures, one blank", "noise"])
+    ids=["pictures", "pictures, one blank, one without blue", "noise"])
 def test_pictures_flattened_pixel_by_pixel_are_refused(tmp_path, make_split, refused, blank):
     """N x 32 x 32 x 3 pictures flattened (x.reshape(len(x), -1)) have the shape of the
     archive's rows of planes, and read as planes were scrambled: refused with both ways to
     write them, by how alike vertically adjacent pixels are read either way, also where one
-    image is blank (its flat planes tell nothing: the others still count). The same pictures
-    as planes are read; noise, as rough either way, cannot be told and is read."""
+    image is blank (its flat planes tell nothing: the others still count) and one has no blue
+    (flat read as pixels only, not as planes: it counts neither way, or its NaN let the
+    scrambled batch through). The same pictures as planes are read; noise, as rough either
+    way, cannot be told and is read."""
     made = write_cifar10(tmp_path, rows=(3, 2, 8, 1, 2), make_split=make_split)
     assert_splits_equal(read(made.folder).train, made.train)
     path = made.folder / "data_batch_3"
@@ -1332,6 +1334,7 @@ def test_pictures_flattened_pixel_by_pixel_are_refused(tmp_path, make_split, ref
     pixels = batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     if blank:
         pixels[0] = 0
+        pixels[1, ..., 2] = 0
     dump_pickle(path, {**batch, b"data": pixels.reshape(len(pixels), -1).copy()})
     if refused:
         assert_refused(made, path, "'data' holds rows that look like N x 32 x 32 x 3 images "

@@ -68,6 +68,10 @@ def test_the_h200_profile_by_kind_matches_its_count_by_hand():
      "convolution forward"),
     ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x1_tn>",
      "matrix multiply"),
+    # cuBLAS's split-K reduction of the classifier's matmul (in that trace): no "gemm" in its name
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, "
+     "false, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16, true, false, false, false>",
+     "matrix multiply"),
     # Triton's fusion of a BatchNorm is Triton's, the eager BatchNorm cuDNN's or ATen's
     ("triton_poi_fused__native_batch_norm_legit_functional_relu_4", "Triton pointwise"),
     ("triton_per_fused__native_batch_norm_legit_functional_copy__10", "Triton reductions"),

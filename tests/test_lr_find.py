@@ -339,10 +339,11 @@ def test_the_plot_shows_the_curve_not_the_loss_of_the_step_that_diverged():
     """A diverged sweep's last step has a huge loss (the smoothed loss passes 4x its best only
     after one): the y axis is cut above the start, and must be cut below the curve too. Left
     to matplotlib, the bottom went as far below the curve as that loss lies above it (-150 for
-    a last loss of 3086), and the whole curve was a flat line along the top."""
+    a last loss of 3086), and the whole curve was a flat line along the top. A step's loss
+    below the smoothed curve (a lucky batch) is drawn too, not cut off under the axis."""
     lrs = np.geomspace(1e-4, 31, 55).tolist()
-    losses = [2.5 - 0.01 * i for i in range(54)] + [3086.0]
-    smoothed = losses[:54] + [95.0]
+    smoothed = [2.5 - 0.01 * i for i in range(54)] + [95.0]
+    losses = smoothed[:50] + [1.5] + smoothed[51:54] + [3086.0]
     result = lr_range.RangeTest(lrs, losses, smoothed, *lr_range.suggestions(lrs, smoothed),
                                 diverged=True)
     bottom, top = lr_curve.plot(result).axes[0].get_ylim()

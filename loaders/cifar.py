@@ -17,6 +17,7 @@ import numpy as np
 
 from common.errors import DataError, one_line, unplain
 from common.paths import dead_link, not_a_file
+from common.wording import counted, noun
 from loaders import download, folders, python_folder
 from loaders.layouts import LAYOUTS, OWN_LAYOUT, ROW_SIZE, Layout
 from loaders.options import DATASETS, SYNTHETIC_SIZE
@@ -240,12 +241,13 @@ def _class_names(meta: Path, key: bytes, fix: str) -> list[str]:
         raise DataError(f"{meta} has class names that are {problem}; give each class a plain "
                         f"name (readlines() leaves a line break at each end: strip it). {fix}")
     if len(classes) < 2:
-        raise DataError(f"{meta} names {len(classes)} class(es) ({', '.join(classes)}); a "
-                        f"classifier needs at least 2 classes. {fix}")
+        raise DataError(f"{meta} names {counted(len(classes), 'class', 'classes')} "
+                        f"({', '.join(classes)}); a classifier needs at least 2 classes. {fix}")
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if repeated:
-        raise DataError(f"{meta} names the class(es) {', '.join(repeated)} more than once; "
-                        f"each of the {len(classes)} labels needs its own name. {fix}")
+        raise DataError(f"{meta} names the {noun(len(repeated), 'class', 'classes')} "
+                        f"{', '.join(repeated)} more than once; each of the {len(classes)} "
+                        f"labels needs its own name. {fix}")
     return classes
 
 
@@ -267,7 +269,8 @@ def read_folder(folder: Path, layout: Layout, name: str) -> CifarData:
     def read(files: tuple[str, ...]) -> Split:
         parts = [_read_batch(folder / f, layout.labels_key, len(classes), fix) for f in files]
         if not sum(len(p.labels) for p in parts):
-            raise DataError(f"{', '.join(str(folder / f) for f in files)} hold(s) no images: "
+            raise DataError(f"{', '.join(str(folder / f) for f in files)} "
+                            f"{noun(len(files), 'holds', 'hold')} no images: "
                             f"a split needs at least one. {fix}")
         return Split(np.concatenate([p.images for p in parts]),
                      np.concatenate([p.labels for p in parts]))

@@ -1018,7 +1018,7 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
     "label_names of ints": ("batches.meta", {"label_names": list(range(10))},
                             "no 'label_names' list of class names (found a list of int)"),
     "one class": ("batches.meta", {"label_names": ["only"]},
-                  "names 1 class(es) (only); a classifier needs at least 2 classes"),
+                  "names 1 class (only); a classifier needs at least 2 classes"),
     "class names with line breaks": ("batches.meta",  # as readlines() leaves them
                                      {"label_names": [f"{c}\n" for c in CIFAR10_CLASSES]},
                                      "are blank or hold a line break, tab or other control "
@@ -1027,9 +1027,9 @@ MALFORMED = {  # case: (file, what to write there or do to it, words the message
         "batches.meta", {"label_names": ["a\tb", "c\x00", "", " ", *CIFAR10_CLASSES[4:]]},
         "character ('a\\tb', 'c\\x00', '', ' '); give each class a plain name"),
     "duplicate class names": ("batches.meta", {"label_names": [*CIFAR10_CLASSES[:9], "cat"]},
-                              "names the class(es) cat more than once"),
+                              "names the class cat more than once"),
     "empty test split": ("test_batch", {"data": np.zeros((0, 3072), np.uint8), "labels": []},
-                         "hold(s) no images"),
+                         "test_batch holds no images"),
     "str keys, no labels": ("test_batch", {"data": np.zeros((2, 3072), np.uint8)},
                             "no 'labels' entry"),
 }

@@ -82,6 +82,18 @@ def run_script(script: str, *args, timeout: float = 600, **kwargs) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def with_head(script: str, *args) -> tuple[str, int, str]:
+    """`python script args | head -1`: the line head takes, then the exit code and stderr of
+    the command once that reader has gone."""
+    process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    process.stdout.close()  # head has its line
+    process.wait(timeout=600)
+    with process.stderr:
+        return line, process.returncode, process.stderr.read()
+
+
 def in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int],
                *args) -> subprocess.CompletedProcess:
     """A command's main(args) run in this process, its exit code and output as run_script

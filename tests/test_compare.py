@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, in_process, run_script, small_config, torchrun_env, wait_until
+from conftest import (
+    ROOT,
+    in_process,
+    run_script,
+    small_config,
+    torchrun_env,
+    wait_until,
+    with_head,
+)
 
 from common.errors import OutputError
 from engine import checkpoint, loop
@@ -375,16 +383,9 @@ def test_a_reader_of_the_output_gone_says_the_comparisons_way_on(out, tmp_path):
     """`compare.py | head -1`: the line saying so says how the comparison goes on (the same
     command with its --out), not the --resume of the one run it stopped in."""
     again = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "compare.py"), *SMALL, "--data-dir",
-         str(out.parent / "data"), "--optimizers", "sgd", "adam", "--epochs", "3", "--out",
-         str(again)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().startswith("sgd: synthetic on cpu")
-    process.stdout.close()  # head has its line
-    process.wait(timeout=600)
-    stderr = process.stderr.read()
-    process.stderr.close()
-    assert process.returncode == 1, stderr[-3000:]
+    line, code, stderr = with_head("tools/compare.py", *SMALL, "--data-dir", out.parent / "data",
+                                   "--optimizers", "sgd", "adam", "--epochs", 3, "--out", again)
+    assert line.startswith("sgd: synthetic on cpu") and code == 1, stderr[-3000:]
     assert (again / "sgd" / "ckpt.pt").exists() and not (again / "adam").exists()
     assert stderr.endswith(
         "keep its reader running. stopped during sgd; to go on, run the same command with "

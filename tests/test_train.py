@@ -26,6 +26,7 @@ from conftest import (
     run_script,
     torchrun_env,
     wait_until,
+    with_head,
 )
 
 import engine.trackers
@@ -448,16 +449,9 @@ def test_a_reader_of_the_output_gone_stops_the_run_saying_what_was_kept(data_dir
     the line saying so names the epoch ckpt.pt holds and the --resume to go on with (it said
     only to keep the reader running)."""
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "engine" / "train.py"), *SMALL, *SHARED_SPLIT, "--data-dir",
-         str(data_dir), "--epochs", "3", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().startswith("synthetic on cpu")
-    process.stdout.close()  # head has its line
-    process.wait(timeout=600)
-    stderr = process.stderr.read()
-    process.stderr.close()
-    assert process.returncode == 1, stderr[-3000:]
+    line, code, stderr = with_head("engine/train.py", *SMALL, *SHARED_SPLIT, "--data-dir",
+                                   data_dir, "--epochs", 3, "--out", out)
+    assert line.startswith("synthetic on cpu") and code == 1, stderr[-3000:]
     held = checkpoint.load(out / "ckpt.pt")["epoch"]
     assert held < 3 and stderr.endswith(
         "keep its reader running. "

@@ -287,7 +287,8 @@ def run_main(body: Callable[[], int | None]) -> int:
             return 1
         if stop_requested():  # the Ctrl-C that ended a `| tee` too: it stopped this
             return stopped_code()
-        kept = "".join(f" {note}" for note in getattr(error, "__notes__", ()))  # a run's
+        # what a run kept and how to go on: engine.loop.train's note
+        kept = "".join(f" {note}" for note in getattr(error, "__notes__", ()))
         error_line("error: stopped: the program reading this command's output (such as head "
                    "or tee) closed it; send the output to a file or keep its reader running."
                    + kept)

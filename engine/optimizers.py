@@ -45,6 +45,16 @@ def state_per_parameter(name: str, momentum: float) -> int:
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def fuses(name: str, device: torch.device, scaled: bool) -> bool:
+    """Whether optimizer `name` steps in one fused kernel on `device`: on CUDA, but SGD's
+    (sgd, nesterov) under the fp16 loss scaler (`scaled`). torch's fused SGD makes its
+    momentum buffers with empty_like on the first step, and its kernel skips a step whose
+    gradients the scaler found infinite: an overflowed first step leaves them uninitialized
+    and every later step adds that garbage (NaN, shown on CPU with torch 2.15: ours). Adam's
+    moments start as zeros."""
+    return device.type == "cuda" and not (scaled and name in ("sgd", "nesterov"))
+
+
 def build_optimizer(
     name: str,
     model: nn.Module,

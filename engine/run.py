@@ -19,7 +19,7 @@ from torch import nn
 from common.stop_signals import stop_if_interrupted
 from engine.config import PRECISIONS, TrainConfig
 from engine.model import build_model
-from engine.optimizers import build_optimizer, build_schedule
+from engine.optimizers import build_optimizer, build_schedule, fuses
 from loaders import make_loader
 from loaders.base import BatchLoader
 from loaders.preparation import Prepared, prepare
@@ -116,8 +116,10 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     if cfg.channels_last:  # before prepare, so DDP's buckets see the final layout
         model = model.to(memory_format=torch.channels_last)
     lr = 0.0 if cfg.lr == "auto" else float(cfg.lr)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     optimizer = build_optimizer(cfg.optimizer, model, lr, cfg.weight_decay, cfg.momentum,
-                                cfg.decay_norm_bias, fused=accelerator.device.type == "cuda")
+                                cfg.decay_norm_bias, fused=fuses(cfg.optimizer, accelerator.device,
+                                                                 scaled=scaler is not None))
     # stepped by us once per batch; accelerate would step a prepared one once per process
     scheduler = run_schedule(cfg, optimizer, len(train_loader))
     model = accelerator.prepare(model)  # DDP when distributed; the optimizer stays plain
@@ -126,7 +128,6 @@ def build(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     # graphs record, a second graph for one batch an epoch
     step_model = (torch.compile(model, dynamic=False, mode=cfg.compile_mode) if cfg.compile
                   else model)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     # a Ctrl-C that Python dropped in a finalizer meanwhile (numba's, as FFCV compiles a
     # loader) stops the run here, not after the first step, which may compile for a minute
     stop_if_interrupted()

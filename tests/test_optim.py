@@ -13,6 +13,7 @@ from engine.optimizers import (
     ONECYCLE_START,
     build_optimizer,
     build_schedule,
+    fuses,
     load_optimizer,
     load_schedule,
     lr_at,
@@ -231,6 +232,32 @@ def test_fused_optimizers_step_as_the_others_do(name: str):
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_first_step_the_fp16_scaler_skips_changes_nothing(name: str):
+    """An fp16 run on CUDA whose first step's gradients overflow, fused as `fuses` says (the
+    CPU's fused kernels skip a step as CUDA's do): after two good steps its weights are those
+    of two good steps alone. Fused SGD kept the momentum buffers it made with empty_like for
+    the skipped step, and every later step added what they held (up to 1e34 here)."""
+
+    def trained(overflow: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model, x = Tiny(), torch.randn(4, 3, 8, 8)
+        optimizer = build_optimizer(name, model, lr=0.01,
+                                    fused=fuses(name, torch.device("cuda"), scaled=True))
+        scaler = torch.amp.GradScaler("cpu")
+        for scale in [float("inf")] * overflow + [1.0, 1.0]:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(model(x).square().mean() * scale).backward()
+            scaler.step(optimizer)  # skipped where the gradients are not finite
+            scaler.update()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for skipped, alone in zip(trained(overflow=True), trained(overflow=False), strict=True):
+        torch.testing.assert_close(skipped, alone, rtol=1e-5, atol=1e-6)
+    assert fuses(name, torch.device("cuda"), scaled=False)  # bf16 and fp32 fuse every one
+    assert not fuses(name, torch.device("cpu"), scaled=False)
 
 
 # --- what the mutation audit found unpinned ---------------------------------------------------

@@ -104,20 +104,33 @@ def test_a_last_batch_of_one_sample_reaches_the_gpu(prepared, source, drain, kin
     assert labels.item() == source.test.labels[-1]
 
 
-@pytest.mark.parametrize("kind", loaders.LOADERS)
-def test_batches_stay_right_while_the_gpu_lags_behind(prepared, source, drain, kind):
+@pytest.mark.parametrize("kind, lag", [*((kind, "training") for kind in loaders.LOADERS),
+                                       ("ffcv", "copy")])
+def test_batches_stay_right_while_the_gpu_lags_behind(prepared, source, drain, kind, lag):
     """Each batch is followed by a kernel that keeps the GPU busy, so the host runs ever further
     ahead: a copy still queued behind that work when the loader reuses its host buffer (FFCV
-    refills a few in turn) would deliver another batch's pixels."""
+    refills a few in turn) would deliver another batch's pixels. The ffcv loader's copy stream
+    lagging instead: a batch augmented before its copy is done (no wait for that stream) would
+    read memory the copy has not written yet."""
 
     def lagging(loader):
         for batch in loader:
             yield batch
-            torch.cuda._sleep(10_000_000)  # about 5 ms at 2 GHz, queued after the batch's use
+            if lag == "training":  # about 5 ms at 2 GHz, queued after the batch's use
+                torch.cuda._sleep(10_000_000)
 
     loader = loaders.make_loader(kind, prepared.test, train=False, batch_size=16, device="cuda",
                                  mean=prepared.mean, std=prepared.std, dtype=torch.float32,
                                  workers=1)
+    if lag == "copy":
+        owned = loader.owned
+
+        def owned_late(images: torch.Tensor, labels: torch.Tensor):
+            with torch.cuda.stream(loader.copy_stream):
+                torch.cuda._sleep(10_000_000)  # queued before the batch's copies
+            return owned(images, labels)
+
+        loader.owned = owned_late
     batches = drain(lagging(loader), timeout=120)
     labels = torch.cat([labels for _, labels in batches]).cpu().numpy()
     np.testing.assert_array_equal(labels, source.test.labels)

@@ -2001,8 +2001,9 @@ def _damaged(run: Path, change, name: str = "ckpt.pt") -> Path:
     ("width", 16, "its config's resnet18 of width 16 is not its weights' resnet18 of width"),
     # compared with the weights' width, a tensor of two was a RuntimeError traceback
     ("width", torch.ones(2), "width is tensor([1., 1.]), not <class 'int'>"),
-    # a repr of many lines, cut to a part of one
-    ("width", torch.ones(100, 2), "width is tensor([[1., 1.], [1., 1.], [1., 1.], [1., 1.], "),
+    # a repr of many lines (a thousand characters), cut to its first 80 of one
+    ("width", torch.ones(100, 2), "width is tensor([[1., 1.], [1., 1.], [1., 1.], [1., 1.], "
+                                  "[1., 1.], [1., 1.], [1., 1.], [1..., not <class 'int'>"),
     ("dataset", "cifar100", "its data is 'synthetic', its config's dataset 'cifar100'"),
 ])
 def test_a_resumed_config_no_run_could_have_is_refused_naming_it(finished, tmp_path, key, value,

@@ -274,6 +274,10 @@ def test_unreadable_files_are_all_named(tmp_path):
     assert f"{tmp_path / 'train' / 'cat' / 'notes.png'}: not a readable image" in message
     assert f"{tmp_path / 'test' / 'frog' / 'empty.jpg'}: not a readable image" in message
     assert not list(tmp_path.glob("*.beton")) and not list(tmp_path.glob("folder-*"))
+    (tmp_path / "train" / "cat" / "notes.png").unlink()  # one fixed: the other, in the singular
+    with pytest.raises(DataError) as error:
+        prepare("folder", tmp_path, workers=1)
+    assert str(error.value).startswith("1 file could not be read as images: ")
 
 
 def test_many_unreadable_files_are_counted_past_the_first_three(tmp_path):

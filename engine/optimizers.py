@@ -50,8 +50,8 @@ def fuses(name: str, device: torch.device, scaled: bool) -> bool:
     (sgd, nesterov) under the fp16 loss scaler (`scaled`). torch's fused SGD makes its
     momentum buffers with empty_like on the first step, and its kernel skips a step whose
     gradients the scaler found infinite: an overflowed first step leaves them uninitialized
-    and every later step adds that garbage (NaN, shown on CPU with torch 2.15: ours). Adam's
-    moments start as zeros."""
+    and every later step adds that garbage (read in torch's source, and shown on the CPU,
+    whose fused kernel skips alike: tests/test_optim.py). Adam's moments start as zeros."""
     return device.type == "cuda" and not (scaled and name in ("sgd", "nesterov"))
 
 

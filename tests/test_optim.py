@@ -239,7 +239,7 @@ def test_a_first_step_the_fp16_scaler_skips_changes_nothing(name: str):
     """An fp16 run on CUDA whose first step's gradients overflow, fused as `fuses` says (the
     CPU's fused kernels skip a step as CUDA's do): after two good steps its weights are those
     of two good steps alone. Fused SGD kept the momentum buffers it made with empty_like for
-    the skipped step, and every later step added what they held (up to 1e34 here)."""
+    the skipped step, and every later step added whatever they held."""
 
     def trained(overflow: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)

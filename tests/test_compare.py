@@ -397,7 +397,8 @@ def test_a_reader_of_the_output_gone_says_the_comparisons_way_on(out, tmp_path):
     (["--optimizers", "sgd", "sgd"], "twice"),
     (["--epochs", "0"], "tools/compare.py: error: --epochs must be at least 1; see --help"),
     (["--optimizer", "adam"], "--optimizer adam: this tool trains each of --optimizers"),
-    (["--resume", "runs/a"], "unrecognized arguments: --resume"),
+    (["--resume", "runs/a"], "--resume runs/a: this tool goes on where it stopped when run again "
+                             "with the same options and --out runs/a, which resumes its runs"),
 ])
 def test_compare_refuses_bad_options_with_a_usage_error(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -35,12 +35,18 @@ def own_options() -> argparse.ArgumentParser:
                         "all). Without --lr each takes its own LR (BASE_LRS in "
                         "tools/comparison.py), and without --weight-decay too, AdamW a "
                         "weight decay scaled to its LR (default_weight_decay there)")
+    # not an option: taken only to say what does engine/train.py's --resume here
+    p.add_argument("--resume", type=Path, help=argparse.SUPPRESS)
     return p
 
 
 def check(args: argparse.Namespace) -> None:
     """Each optimizer once: every run has its own directory; and no --optimizer, which
-    --optimizers replaces here."""
+    --optimizers replaces here, nor --resume, which the same command with --out replaces."""
+    if args.resume is not None:
+        raise ValueError(f"--resume {args.resume}: this tool goes on where it stopped when run "
+                         f"again with the same options and --out {args.resume}, which resumes "
+                         "its runs or reuses finished ones")
     if args.optimizer is not None:
         raise ValueError(f"--optimizer {args.optimizer}: this tool trains each of --optimizers; "
                          f"pass --optimizers {args.optimizer}")

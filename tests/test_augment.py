@@ -111,7 +111,7 @@ def test_augmenting_before_set_epoch_raises():
 
 @pytest.mark.parametrize("bad", [{"translate": 17}, {"translate": -1}, {"cutout": 33}])
 def test_config_out_of_range_is_refused(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="--translate must be in 0..16 and --cutout in 0..32"):
         AugmentConfig(**bad)
 
 

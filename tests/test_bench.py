@@ -179,6 +179,9 @@ def test_quick_run_records_every_peer_or_why_not(quick):
     assert [r["loader"] for r in rows if r["role"] == "peer"] == [
         "airbench.CifarLoader", "stock ffcv.Loader", "seed torchvision DataLoader"]
     assert {r["loader"] for r in rows if r["role"] == "ours"} == {"resident", "ffcv"}
+    # ours always run: a row of ours that failed (construct() records any row's error) is no
+    # peer missing here
+    assert {r["status"] for r in rows if r["role"] == "ours"} == {"ok"}, rows
     assert "== peers: loaders" in stdout and "== peers: training epoch" in stdout
     speed = {r["loader"]: r for r in rows if r["role"] == "peer"}
     for r in rows:

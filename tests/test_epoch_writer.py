@@ -119,6 +119,7 @@ def test_the_state_handed_to_the_writer_is_a_copy_training_cannot_change(prepare
     weights = {k: v.clone() for k, v in ckpt["state_dict"].items()}
     moments = [s["momentum_buffer"].clone()
                for s in ckpt["resume"]["optimizer"]["state"].values()]
+    assert moments  # the optimizer's state is in the checkpoint
     train_step(run, *next(batches))
     history.append(dict(epoch=2))
     live = run.unwrapped.state_dict()

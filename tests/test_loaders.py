@@ -783,7 +783,8 @@ def test_torchvision_workers_are_forked_whatever_pythons_default(make):
     notebook's lambda, still runs in the workers."""
     loader = make("torchvision", True, copy=3)  # its own: the transform is replaced
     loader.loader.dataset.transform = lambda image: torch.full((3, 32, 32), 7.0)
-    assert all(bool((images == 7).all()) for images, _ in loader)
+    batches = list(loader)
+    assert batches and all(bool((images == 7).all()) for images, _ in batches)
     assert loader.loader.multiprocessing_context.get_start_method() == "fork"
 
 

@@ -103,7 +103,8 @@ def test_range_test_sweeps_suggests_inside_and_restores_the_run_bit_exact(data_d
     assert_identical(run.model.state_dict(), before["model"], "model")
     assert_identical(run.optimizer.state_dict(), before["optimizer"], "optimizer")
     assert_identical(scheduler.state_dict(), before["scheduler"], "scheduler")
-    assert all(modes) and run.train_loader.epoch == 0 and not run.model.training
+    assert len(modes) == len(result.losses) and all(modes)  # every step, in train mode
+    assert run.train_loader.epoch == 0 and not run.model.training
 
 
 def test_the_sweep_stops_past_four_times_its_lowest_smoothed_loss_not_its_first():
@@ -298,10 +299,13 @@ def test_a_sweep_that_a_weight_decay_made_diverge_names_the_decay(data_dir, tmp_
     _says_there_is_nothing_to_suggest(code, said.out, said.err, out, fix)
 
 
-@pytest.mark.parametrize("start, end, iterations", [(1.0, 0.1, 100), (0.0, 1.0, 100),
-                                                    (1e-5, 1.0, 1), (1e-5, 1.0, 19)])
-def test_impossible_sweeps_are_refused(start, end, iterations):
-    with pytest.raises(ValueError, match="start-lr|iterations"):
+@pytest.mark.parametrize("start, end, iterations, said", [
+    (1.0, 0.1, 100, "needs 0 < --start-lr < --end-lr"),
+    (0.0, 1.0, 100, "needs 0 < --start-lr < --end-lr"),
+    (1e-5, 1.0, 1, "--iterations must be at least 20"),
+    (1e-5, 1.0, 19, "--iterations must be at least 20")])
+def test_impossible_sweeps_are_refused(start, end, iterations, said):
+    with pytest.raises(ValueError, match=re.escape(said)):
         lr_sweep.check_sweep(start, end, iterations)
 
 

@@ -628,6 +628,7 @@ def test_k_above_the_number_of_classes_lists_every_class_once(run_dir, ckpt, tmp
     classifier = prediction.load_classifier(run_dir / "ckpt.pt", torch.device("cpu"))
     pictures = prediction.read_pictures([paths["rgba.png"], paths["big.jpg"]])
     rows, predicted = prediction.top_classes(classifier, pictures, 2 * len(ckpt["classes"]))
+    assert len(rows) == 2
     for row in rows:
         assert sorted(p["class"] for p in row["predictions"]) == sorted(ckpt["classes"])
     assert predicted.shape == (2,)

@@ -139,7 +139,9 @@ def test_misclassified_and_per_class_match_an_independent_evaluation(report_dir,
     assert [r["predicted"] for r in shown] == [ckpt["classes"][pred[i]] for i in expected]
     assert [float(r["probability"]) for r in shown] == pytest.approx(
         probs[expected].max(1), abs=1e-3)
-    for c, row in enumerate(read_csv(report_dir / "per_class.csv")):
+    per_class = read_csv(report_dir / "per_class.csv")
+    assert len(per_class) == len(ckpt["classes"])
+    for c, row in enumerate(per_class):
         assert int(row["support"]) == (labels == c).sum()
         assert int(row["predicted"]) == (pred == c).sum()
         assert int(row["correct"]) == ((pred == c) & (labels == c)).sum()

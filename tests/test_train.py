@@ -681,7 +681,11 @@ def test_a_tracker_logs_a_run_whose_data_dir_is_named_in_no_utf8(tmp_path):
                    "--width", "8", "--log-with", "tensorboard", "--out", str(tmp_path / "out"),
                    errors="surrogateescape")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert next((tmp_path / "out" / "cifar10-engine").rglob("events.out.tfevents.*"))
+    import yaml
+
+    hparams = yaml.safe_load(next((tmp_path / "out" / "cifar10-engine").rglob("hparams.yml"))
+                             .read_text())
+    assert hparams["data_dir"] == f"{tmp_path}/data-?", hparams  # not left out
 
 
 def test_an_unknown_tracker_is_a_usage_error_before_any_work(tmp_path):

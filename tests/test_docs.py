@@ -184,7 +184,6 @@ def test_the_layout_page_names_every_module():
             if not re.search(rf"\b{re.escape(m.name)}\b", parts.get(m.parent.name, ""))] == []
 
 
-
 def doc_table(page: str, header: str) -> str:
     """The table of docs/`page` whose first line is `header`, up to the blank line that ends
     it."""

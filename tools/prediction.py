@@ -140,9 +140,10 @@ def file_rows(pictures: Pictures, found: dict[Path, list[dict]]) -> list[dict]:
             else {"file": str(path), "error": pictures.errors[path]} for path in pictures.files]
 
 
+CAM_SUFFIX = ".cam.png"  # an overlay's name: its picture's stem, then this
 # a stem's bytes in an overlay's name: with "-<n>.cam.png" it stays within the 255 bytes a
 # file system's names take, however long the picture's name was (it may be 255 itself)
-STEM_BYTES = 255 - len("-99999.cam.png")
+STEM_BYTES = 255 - len(f"-99999{CAM_SUFFIX}")
 
 
 def cam_names(files: list[Path]) -> list[str]:
@@ -153,10 +154,10 @@ def cam_names(files: list[Path]) -> list[str]:
         stem = path.stem
         while len(os.fsencode(stem)) > STEM_BYTES:
             stem = stem[:-1]
-        name, n = f"{stem}.cam.png", 1
+        name, n = f"{stem}{CAM_SUFFIX}", 1
         while name in seen:
             n += 1
-            name = f"{stem}-{n}.cam.png"
+            name = f"{stem}-{n}{CAM_SUFFIX}"
         seen.add(name)
         names.append(name)
     return names
@@ -166,7 +167,7 @@ def renamed(files: list[Path], names: list[str]) -> list[str]:
     """'<file> as <overlay>' for each picture whose overlay is not <its stem>.cam.png (a
     name two pictures share, numbered; a long one, cut), so each overlay's picture is said."""
     return [f"{escaped(str(path))} as {escaped(name)}"
-            for path, name in zip(files, names, strict=True) if name != f"{path.stem}.cam.png"]
+            for path, name in zip(files, names, strict=True) if name != path.stem + CAM_SUFFIX]
 
 
 def write_cams(classifier: Classifier, pictures: Pictures, predicted: np.ndarray, layer: str,

@@ -58,6 +58,12 @@ def not_a_file(path: Path) -> str | None:
     return None
 
 
+def no_file_to_read(path: Path) -> str | None:
+    """Why there is no file to read at `path` although something is there: not_a_file's
+    reason, or dead_link's; None where nothing is (each caller says 'does not exist' its way)."""
+    return not_a_file(path) or dead_link(path)
+
+
 def resolved(path: Path, option: str) -> Path:
     """path.resolve(), or OutputError naming `option` where it or a folder above it is a link
     that cannot be followed: its links loop (resolve raised RuntimeError up to Python 3.12) or

@@ -25,9 +25,8 @@ from common.hardware import device_name
 from common.paths import (
     CHECKPOINT_FORMAT,
     FILE_SIZE_FIX,
-    dead_link,
     file_size_limited,
-    not_a_file,
+    no_file_to_read,
     room_fix,
 )
 from engine.config import CONFIG_KEYS, TrainConfig, foreign_values, validate
@@ -106,7 +105,7 @@ def load(path: Path) -> dict:
         such = f", such as {inside}" if inside.is_file() else " (a run's ckpt.pt or best.pt)"
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file{such}.")
     if not path.is_file():  # a pipe or a device is no checkpoint either, but it does exist
-        why = not_a_file(path) or dead_link(path) or "does not exist"
+        why = no_file_to_read(path) or "does not exist"
         raise CheckpointError(f"{path} {why}; pass the ckpt.pt of a training run.")
     try:
         with warnings.catch_warnings():  # torch's advice on a foreign file's pickle protocol

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common.errors import ReportError, listing
-from common.paths import dead_link, not_a_file, not_a_folder
+from common.paths import no_file_to_read, not_a_folder
 from engine import checkpoint
 from engine.config import TrainConfig
 from engine.evaluate import probabilities
@@ -47,8 +47,7 @@ def locate_test_data(ckpt: dict, path: Path, data_dir: Path | None) -> Path:
     if data_dir is None:
         recorded = Path(data["test"])
         if not recorded.is_file():
-            what = (not_a_file(recorded) or dead_link(recorded)
-                    or "does not exist (moved or deleted?)")
+            what = no_file_to_read(recorded) or "does not exist (moved or deleted?)"
             raise ReportError(f"{path} records its test data at {recorded}, which {what}. "
                               f"Pass --data-dir DIR, an existing folder, to rebuild the {dataset} "
                               "test split there.")

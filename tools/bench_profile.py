@@ -16,7 +16,6 @@ from pathlib import Path
 
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from torch.profiler._utils import _init_for_cuda_graphs
 
 from common.atomic import atomic_write
 from common.streams import Log, silent
@@ -135,10 +134,10 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None
     loader; the Chrome trace goes to `trace` when given."""
     run = make_run(cfg, args.threads)
     cuda = run.accelerator.device.type == "cuda"
-    if cuda:  # the profiler set up before the warm-up records the CUDA graphs it then sees
-        # replayed: torch's own workaround (pytorch/pytorch#75504), said needless from CUDA 12
-        # in its source, here as one run of a missing or broken trace costs a GPU session
-        _init_for_cuda_graphs()
+    # No empty profiler session before the warm-up records its CUDA graphs (torch's
+    # _init_for_cuda_graphs, for pytorch/pytorch#75504, said needless from CUDA 12 in its
+    # source): on CUDA 13.0 with torch 2.13 it left every later session without one kernel
+    # event (lightseekorg/tokenspeed#1348).
     with closing(endless(run)) as batches:
         for _ in range(args.warmup_steps):
             train_step(run, *next(batches))

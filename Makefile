@@ -20,10 +20,11 @@ setup: $(STAMP)
 # (without apt-get, what to install).
 # The install: uv fetches and unpacks torch's gigabytes of CUDA wheels in parallel, in half
 # pip's time (benchmarks/results/setup-pip-vs-uv-cpu-2core.log); compiled to bytecode as pip
-# does, or every command would compile torch's sources again. pip, with this machine's own
+# does, or the first command would compile torch's sources as it imports them (every command,
+# where PYTHONDONTWRITEBYTECODE is set). pip, with this machine's own
 # configuration (a private index, say), when uv cannot. The extras too, so the tests exercise
 # the bench's peers and the exports for real. uv's TMPDIR in .venv: it leaves a lock file in
-# the temporary folder per package it builds (astral-sh/uv#14385).
+# the temporary folder per package it builds with setuptools (astral-sh/uv#14385).
 $(STAMP): pyproject.toml
 	@if ! { $(NEEDS); } >/dev/null 2>&1; then \
 	  if ! command -v apt-get >/dev/null; then echo "setup: FFCV's build needs opencv and \

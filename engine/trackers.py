@@ -24,9 +24,9 @@ def tracker_names() -> list[str]:
 
 def check_tracker(log_with: str | None, out: str = "") -> None:
     """TrainingError, before any work, when --log-with names a tracker whose package is not
-    installed (accelerate would only warn, then train without it), or when the run folder
-    `out`, where the trackers write, is named in bytes that are not UTF-8: tensorboard takes
-    its folder as UTF-8 text (a UnicodeEncodeError traceback)."""
+    installed (accelerate would drop it, saying so only in a debug log line, and train without
+    it), or when the run folder `out`, where the trackers write, is named in bytes that are not
+    UTF-8: tensorboard takes its folder as UTF-8 text (a UnicodeEncodeError traceback)."""
     if log_with is not None and shown(out) != out:
         raise TrainingError(f"--log-with {log_with}: the trackers name their files in UTF-8, "
                             f"and --out {shown(out)} holds bytes that are not UTF-8 (shown as "

@@ -16,7 +16,8 @@ from common.progress import Bar, LineProgress, progress_bar, track
 
 def test_a_log_line_is_due_once_its_interval_has_passed(capsys):
     """The line counts every unit an update brings and shows each postfix value (the loop
-    sets several) in the order given, space-separated, as tqdm's bar does."""
+    sets several) in the order given, space-separated (ours: tqdm's bar sorts them and puts
+    commas between)."""
     line = LineProgress(10, "epoch 1/1", "batch", interval=0.0)
     assert line.due()
     line.set_postfix(loss="0.5", acc="80.0%")

@@ -29,6 +29,9 @@ from engine.run import Run, endless, run_schedule, train_step
 
 BETA = 0.98  # smoothing of the loss: an average over the last ~50 steps
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this multiple of the best one
+# a minimum less than this fraction below the first step's smoothed loss is a flat curve's
+# noise, not where the loss stops improving (ours: fastai suggests from any minimum)
+FELL = 0.05
 
 
 @dataclass
@@ -55,17 +58,24 @@ class RangeTest:
     @property
     def caveat(self) -> str | None:
         """Why the suggestion is a guess, or None: a sweep that never diverged and whose loss
-        never fell, or still fell at its last LR, never saw where the loss stops improving, so
-        the minimum the suggestion rests on is only the sweep's edge."""
+        never fell (or hardly: FELL), or still fell at its last LR, never saw where the loss
+        stops improving, so the minimum the suggestion rests on is the sweep's edge or noise."""
         low = int(np.argmin(self.smoothed))
-        if self.diverged or 0 < low < len(self.smoothed) - 1:
+        if self.diverged:
             return None
         if low == 0:
             return ("but the loss never fell below its first step's, so the suggestion is the "
                     "sweep's start: widen the sweep (tools/lr_find.py --start-lr, --end-lr)")
-        return (f"but the loss still fell at the sweep's last lr {self.lrs[-1]:.2g}, so its "
-                "minimum, and with it the suggestion, lie higher: sweep to higher LRs "
-                "(tools/lr_find.py --end-lr)")
+        if low == len(self.smoothed) - 1:
+            return (f"but the loss still fell at the sweep's last lr {self.lrs[-1]:.2g}, so its "
+                    "minimum, and with it the suggestion, lie higher: sweep to higher LRs "
+                    "(tools/lr_find.py --end-lr)")
+        fell = 1 - self.smoothed[low] / self.smoothed[0]  # above 0: the first is not the lowest
+        if fell < FELL:
+            return (f"but the loss hardly moved (its lowest {fell:.1%} below its first step's), "
+                    "so the minimum the suggestion rests on is noise: widen the sweep "
+                    "(tools/lr_find.py --start-lr, --end-lr)")
+        return None
 
     def record(self) -> dict:
         """The suggestions as config.json keeps them (TrainConfig.lr_auto)."""

@@ -191,10 +191,14 @@ def test_suggestions_never_go_below_the_start_of_the_sweep():
                                 "minimum, and with it the suggestion, lie higher"),
     ([1.0, 1.5, 1.2, 1.8, 2.0], "but the loss never fell below its first step's, so the "
                                 "suggestion is the sweep's start"),
+    # a flat curve's noise: a walkthrough's 1e-7..1e-5 sweep wandered between 2.572 and 2.622
+    ([2.6, 2.62, 2.5, 2.61, 2.59], "but the loss hardly moved (its lowest 3.8% below its first "
+                                   "step's), so the minimum the suggestion rests on is noise"),
+    ([2.6, 2.62, 2.46, 2.61, 2.59], None),  # 5.4% below: a minimum
 ])
 def test_a_sweep_that_never_saw_the_loss_stop_falling_says_so(smoothed, caveat):
-    """A sweep wholly below the LRs that train fast (or one whose loss never fell) suggested
-    its edge as confidently as a real minimum's tenth."""
+    """A sweep wholly below the LRs that train fast (or one whose loss never fell, or hardly)
+    suggested its edge, or a flat curve's noise, as confidently as a real minimum's tenth."""
     lrs = np.logspace(-5, -4, 5).tolist()
     result = lr_range.RangeTest(lrs, smoothed, smoothed, *lr_range.suggestions(lrs, smoothed),
                                 diverged=False)

@@ -18,7 +18,7 @@ from contextlib import contextmanager, suppress
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
-from typing import IO, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 from common.allocator import allocator_problem
 from common.errors import EngineError, Interrupted
@@ -121,7 +121,13 @@ class CommandParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors are one line, 'prog: error: ...; see --help', not
     the whole usage first (engine/train.py's alone is two dozen lines above the one that
     matters). Exit code 2, as argparse's. Under a launcher, every process reads the same
-    options: the first of each machine's (LOCAL_RANK 0) says what is wrong, not every one."""
+    options: the first of each machine's (LOCAL_RANK 0) says what is wrong, not every one.
+    Options are taken whole, never as prefixes (argparse's allow_abbrev), in every command
+    alike: `--epoch` for `--epochs` would break, or change meaning, once an option is added,
+    and lr_find's and compare's own options are parsed apart from train's."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         if launched() and not first_of_machine():

@@ -217,7 +217,7 @@ def parse_tool_args(argv: list[str] | None, prog: str, description: str,
     """
     tool = Path(prog).stem
     full = CommandParser(prog=prog, description=description, add_help=False,
-                         parents=[build_parser(tool, decided, refused), own], allow_abbrev=False)
+                         parents=[build_parser(tool, decided, refused), own])
     args = full.parse_args(argv)  # --help lists every option; a bad one of either exits here
     try:
         check(args)

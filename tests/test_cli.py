@@ -84,6 +84,31 @@ ANSWERED_BEFORE_TORCH = [
 ]
 
 
+# (script, arguments, the prefix among them): a prefix of one of each command's options, which
+# argparse would take for the option
+PREFIXES = [
+    ("engine/train.py", ["--epoch", "1"], "--epoch"),
+    ("loaders/prepare.py", ["--synthetic", "9", "9"], "--synthetic"),
+    ("tools/report.py", ["x.pt", "--meth", "gradcam"], "--meth"),
+    ("tools/predict.py", ["x.pt", "a.png", "--js"], "--js"),
+    ("tools/export.py", ["x.pt", "--format", "onnx", "--ou", "m.onnx"], "--ou"),
+    ("tools/bench.py", ["--js", "x.json"], "--js"),
+    ("tools/lr_find.py", ["--iter", "5"], "--iter"),
+    ("tools/compare.py", ["--optimizers", "sgd", "--epoch", "1"], "--epoch"),
+]
+
+
+@pytest.mark.parametrize("script, args, prefix", PREFIXES, ids=[s for s, _, _ in PREFIXES])
+def test_every_command_takes_options_whole_not_as_prefixes(script: str, args: list[str],
+                                                           prefix: str) -> None:
+    """Some commands took `--epoch` for `--epochs` (argparse's default), lr_find and compare
+    did not: now none does, since a prefix breaks or changes meaning once an option is added."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: unrecognized arguments: {prefix}" in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("script, args, code", ANSWERED_BEFORE_TORCH,
                          ids=[f"{s} {' '.join(a)}" for s, a, _ in ANSWERED_BEFORE_TORCH])
 def test_commands_answer_help_and_refusals_before_torch_loads(script, args, code, tmp_path):

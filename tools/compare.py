@@ -27,7 +27,7 @@ DECIDED = ("optimizer", "lr", "weight_decay")
 
 def own_options() -> argparse.ArgumentParser:
     """--optimizers, the one option of this tool; parse_tool_args adds engine/train.py's."""
-    p = CommandParser(add_help=False, allow_abbrev=False)
+    p = CommandParser(add_help=False)
     g = p.add_argument_group("comparison")
     g.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
                    metavar="NAME",

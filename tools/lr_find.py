@@ -20,7 +20,7 @@ from engine.options import parse_tool_args
 
 def own_options() -> argparse.ArgumentParser:
     """The sweep's options; parse_tool_args adds engine/train.py's, which set up the run."""
-    p = CommandParser(add_help=False, allow_abbrev=False)
+    p = CommandParser(add_help=False)
     g = p.add_argument_group("range test")
     g.add_argument("--start-lr", type=float, default=lr_sweep.START_LR,
                    help=f"first LR of the sweep (default: {lr_sweep.START_LR:g})")

@@ -320,6 +320,21 @@ def test_a_folders_pictures_are_its_files_of_every_suffix(tmp_path: Path) -> Non
     assert expand([tmp_path]) == sorted(pictures)
 
 
+@pytest.mark.parametrize("folders", [("a", "b"), ("a", "b", "c", "d")])
+def test_a_folder_of_folders_says_its_sub_folders_are_not_read(tmp_path: Path,
+                                                              folders: tuple[str, ...]) -> None:
+    """A folder holding only sub-folders (one per class, say) was said to hold no image files,
+    leaving the user to guess that sub-folders are not searched; now it names a few to pass."""
+    for name in folders:
+        (tmp_path / "photos" / name).mkdir(parents=True)
+    with pytest.raises(DataError) as refused:
+        prediction.read_pictures([tmp_path / "photos"])
+    shown = " ".join(str(tmp_path / "photos" / name) for name in folders[:3])
+    more = " ..." if len(folders) > 3 else ""
+    assert f"(in any case), not its sub-folders (pass those: {shown}{more}); pass a picture" in (
+        str(refused.value))
+
+
 def test_cams_survive_odd_channels_last_batches():
     # torch 2.14's CPU backward crashed the process on channels_last batches of 3, 5, 7, ...
     # (engine.model.PointwiseConv routes around it; tests/test_model.py sweeps the shapes)

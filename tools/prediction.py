@@ -89,9 +89,12 @@ def read_pictures(paths: list[Path]) -> Pictures:
     """The picture files and folders `paths` name, read; DataError when they hold none."""
     files = expand(paths)
     if not files:
+        inside = sorted(d for p in paths if p.is_dir() for d in p.iterdir() if d.is_dir())
+        unread = (f", not its sub-folders (pass those: {' '.join(map(str, inside[:3]))}"
+                  f"{' ...' if len(inside) > 3 else ''})" if inside else "")
         raise DataError(f"no image files in {', '.join(map(str, paths))}; a folder's pictures "
-                        f"are its files named {' '.join(sorted(SUFFIXES))} (in any case); pass a "
-                        "picture with another suffix by its file name.")
+                        f"are its files named {' '.join(sorted(SUFFIXES))} (in any case){unread}; "
+                        "pass a picture with another suffix by its file name.")
     return Pictures(files, *read_all(files))
 
 

@@ -38,8 +38,8 @@ def require(fmt: str) -> None:
             missing.append(package)
     if missing:
         raise ExportError(f"--format {fmt} needs {', '.join(missing)}, which is not installed: "
-                          f"pip install 'cifar10-engine[export]' (or pip install "
-                          f"{' '.join(PACKAGES[fmt])}).")
+                          f"pip install -e '.[export]' in the project's folder (or: make setup; "
+                          f"or pip install {' '.join(PACKAGES[fmt])}).")
 
 
 def metadata(ckpt: dict, fmt: str, source: Path) -> dict[str, str]:

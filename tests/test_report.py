@@ -810,6 +810,18 @@ def test_a_report_removes_the_temporaries_of_killed_reports_only(run_dir, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["report"])
 
 
+def test_the_reports_of_ckpt_and_best_go_to_folders_of_their_own(run_dir, tmp_path, capsys):
+    """Both went to report/ beside them by default, so a report of best.pt silently replaced
+    that of ckpt.pt: now best.pt's goes to report-best/, beside ckpt.pt's report/."""
+    for name in ("ckpt.pt", "best.pt"):
+        shutil.copy(run_dir / name, tmp_path / name)
+        result = in_process(capsys, report.main, tmp_path / name, "-n", 1, "--layers", "layer3")
+        assert result.returncode == 0, result.stderr[-3000:]
+    for folder, name in (("report", "ckpt.pt"), ("report-best", "best.pt")):
+        summary = (tmp_path / folder / "summary.md").read_text()
+        assert f"| checkpoint | {tmp_path / name} |" in summary, summary[:500]
+
+
 def test_cams_and_road_in_chunks_equal_one_pass(loaded):
     """-n images are explained and scored `chunk` at a time (3 here, 7 images: 3 + 3 + 1), so
     -n no longer sets the memory of a pass; the maps are those of one pass over all 7, and the

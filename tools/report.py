@@ -1,7 +1,8 @@
 """`python tools/report.py ckpt.pt`: turn a training run into pictures a person can read.
 
 Writes curves.png, misclassified.png (+ .csv), gradcam.pdf, confusion.png, per_class.csv,
-faithfulness.csv and summary.md into a report folder (default: report/ beside the checkpoint).
+faithfulness.csv and summary.md into a report folder (default: report/ beside a run's ckpt.pt,
+report-best/ beside best.pt, report-<name>/ beside any other checkpoint file).
 Everything is written into a temporary folder beside it and renamed into place at the end, so
 a failed run never leaves a half report, and an older report is replaced only by a complete
 one. A folder is replaced only when it is a report's own: the report's files and nothing else,
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=path_option("replace the current directory"),
                         default=None, metavar="DIR",
                         help="report folder, replaced when complete, and only if it is a "
-                             "report's own (default: report/ beside the checkpoint)")
+                             "report's own (default: report/ beside a ckpt.pt, report-NAME/ "
+                             "beside any other NAME.pt, such as report-best/ for best.pt)")
     add_data_dir_option(parser)
     parser.add_argument("-n", type=positive(int), default=20,
                         help="misclassified images to show and explain (default: %(default)s)")

@@ -164,14 +164,21 @@ def memory_advice(device: torch.device) -> AbstractContextManager[None]:
         f"--methods or --layers{cpu}."))
 
 
+def default_out(checkpoint: Path) -> Path:
+    """Where a report goes without --out: report/ beside a run's ckpt.pt, report-<name>/ beside
+    any other checkpoint (best.pt's: report-best/), so that one never replaces another's."""
+    name = "report" if checkpoint.name == "ckpt.pt" else f"report-{checkpoint.stem}"
+    return checkpoint.parent / name
+
+
 def write_report_folder(checkpoint: Path, out: Path | None, data_dir: Path | None,
                         device: torch.device, n: int, layers: list[str],
                         methods: list[str]) -> Path:
-    """The report of `checkpoint` written whole into `out` (None: report/ beside it), its
-    model run on `device`; returns the folder written."""
+    """The report of `checkpoint` written whole into `out` (None: default_out), its model run
+    on `device`; returns the folder written."""
     run = load(checkpoint, data_dir, device)  # first: a missing checkpoint is what to fix
     # resolved: `--out .` has no name, and the temporary's name is made from it
-    target = resolved(out or checkpoint.parent / "report", "--out")
+    target = resolved(out or default_out(checkpoint), "--out")
     if target.is_dir():  # a report killed while it was made inside (built_inside)
         sweep_dead_writers(target / STAGED)
     check_out(target, out is not None)

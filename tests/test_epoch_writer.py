@@ -51,9 +51,12 @@ def test_writes_run_one_at_a_time_in_the_order_submitted():
 
 
 def test_a_failed_write_is_raised_by_the_next_submit_which_writes_nothing():
+    """Also a write still running when the next submit comes: submit waits for it, raises its
+    error and writes nothing (a wait that returned while it ran lost the error, and wrote on)."""
     written = []
 
     def fail() -> None:
+        time.sleep(0.2)  # still being written as the next submit comes
         raise CheckpointError("could not write ckpt.pt (disk full)")
 
     with EpochWriter() as writer:
@@ -106,6 +109,29 @@ def test_an_interrupt_leaves_the_block_only_once_the_write_in_flight_is_done(tmp
         started.wait(timeout=60)
         raise KeyboardInterrupt
     assert done.read_text() == "epoch 1"
+
+
+def test_ctrl_cs_while_the_block_ends_wait_for_the_write_in_flight(tmp_path: Path) -> None:
+    """Two Ctrl-Cs while leaving the block waits for the last write (one as it waits for the
+    write, one as it waits for the writer's thread): the interrupt comes once the files are
+    whole. Let through, the second cut the wait for the thread short, and the interrupt came
+    while the write went on."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C
+    done = tmp_path / "done"
+
+    def write() -> None:
+        for _ in range(2):
+            time.sleep(0.2)  # the main thread meanwhile waits in the block's end
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        done.write_text("epoch 1")
+
+    try:
+        with pytest.raises(KeyboardInterrupt), EpochWriter() as writer:
+            writer.submit(write)
+        assert done.read_text() == "epoch 1"
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_state_handed_to_the_writer_is_a_copy_training_cannot_change(prepared, tmp_path):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, replace
 from itertools import repeat
@@ -575,13 +576,14 @@ def test_the_step_grid_ends_with_the_other_compile_modes_where_the_engine_compil
 
 
 def test_the_base_config_takes_the_width_and_batch_size_asked_for():
-    """Every section's config starts at --width and --batch-size (a field `given` wins), on
-    synthetic data of the section's images."""
-    args = bench_options.parse_args(["--quick", "--width", "24", "--batch-size", "96"])
+    """Every section's config starts at --width, --batch-size and --workers (a field `given`
+    wins), on synthetic data of the section's images."""
+    args = bench_options.parse_args(["--quick", "--width", "24", "--batch-size", "96",
+                                     "--workers", "1"])
     args.device = "cpu"
     bench_options.fill_defaults(args)
     cfg = bench_setup.base_config(args, torch.device("cpu"), 300, "runs/x")
-    assert (cfg.width, cfg.batch_size, cfg.dataset) == (24, 96, "synthetic")
+    assert (cfg.width, cfg.batch_size, cfg.workers, cfg.dataset) == (24, 96, 1, "synthetic")
     assert cfg.synthetic_size == (300, bench_options.TEST_IMAGES)
     assert bench_setup.base_config(args, torch.device("cpu"), 300, "runs/x",
                                       width=8).width == 8
@@ -1413,6 +1415,46 @@ def test_a_stop_signal_lost_in_a_loader_pass_stops_the_loaders_section(monkeypat
     cfg = bench_setup.base_config(args, device, 256, str(tmp_path))
     assert run_main(lambda: bench_sections.bench_loaders(cfg, device, args)) == 143
     assert turns == ["LosesAStop"]  # no turn after the one the signal stopped
+
+
+def test_a_stop_signal_lost_in_the_collection_between_configurations_stops_the_bench() -> None:
+    """release() collects the previous configuration's garbage: a stop signal handled in a
+    finalizer that collection runs is dropped by Python there, and release raises it again,
+    so no next configuration is built (the command went on after `timeout`)."""
+    went_on = []
+
+    def body() -> int:
+        cycle = [SignalsWhenCollected()]
+        cycle.append(cycle)  # freed by a collection, not by its count of references
+        del cycle
+        bench_setup.release()
+        went_on.append(True)
+        return 0
+
+    assert run_main(body) == 143
+    assert went_on == []
+
+
+def test_a_fresh_run_compiles_anew_not_from_the_graphs_compiled_before(monkeypatch, tmp_path):
+    """make_run empties torch.compile's caches: each configuration's model must not run on
+    the graphs compiled for the one before it. A function compiled between two make_runs is
+    compiled again after the second (the first sets the global state compiled code is
+    guarded on, which alone would have it compiled again)."""
+    compiled = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list) -> Callable:
+        compiled.append(graph)
+        return graph.forward
+
+    cfg = quick_resident_config(monkeypatch, tmp_path, 64)
+    bench_setup.make_run(cfg, 1)
+    double = torch.compile(lambda x: x * 2, backend=backend)
+    double(torch.ones(3))
+    double(torch.ones(3))
+    assert len(compiled) == 1  # the second call ran the graph compiled for the first
+    bench_setup.make_run(cfg, 1)
+    double(torch.ones(3))
+    assert len(compiled) == 2
 
 
 @pytest.mark.slow

@@ -394,9 +394,11 @@ def test_a_reader_of_the_output_gone_says_the_comparisons_way_on(out, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--optimizers", "sgd", "lion"], "invalid choice"),
-    (["--optimizers", "sgd", "sgd"], "twice"),
+    (["--optimizers", "sgd", "adam", "sgd"], "--optimizers names one twice: sgd adam sgd; "
+                                             "see --help"),
     (["--epochs", "0"], "tools/compare.py: error: --epochs must be at least 1; see --help"),
-    (["--optimizer", "adam"], "--optimizer adam: this tool trains each of --optimizers"),
+    (["--optimizer", "adam"], "--optimizer adam: this tool trains each of --optimizers; pass "
+                              "--optimizers adam; see --help"),
     (["--resume", "runs/a"], "--resume runs/a: this tool goes on where it stopped when run again "
                              "with the same options and --out runs/a, which resumes its runs"),
 ])
@@ -405,6 +407,15 @@ def test_compare_refuses_bad_options_with_a_usage_error(args, message, tmp_path,
         main([*args, "--out", str(tmp_path / "out")])
     assert exit.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_help_lists_no_resume_which_the_same_command_again_replaces(capsys) -> None:
+    """--resume is taken only to say what does its work here (the same command with --out):
+    the help, which lists the training options this tool takes, leaves it out."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert "--optimizers" in shown and "--resume" not in shown
 
 
 def test_an_out_that_is_a_file_is_named_before_any_run(tmp_path, capsys):

@@ -22,6 +22,7 @@ from conftest import ROOT, run_code, run_script, running, wait_until
 
 from common.cli import run_main
 from common.errors import DataError, Interrupted
+from tools.options import pick_device
 
 SCRIPTS = {  # path -> (module, console script)
     "engine/train.py": ("engine.train", "cifar-train"),
@@ -877,6 +878,21 @@ def test_an_empty_data_dir_is_refused_not_read_as_the_current_folder(module, arg
     assert stop.value.code == 2
     assert "an empty value would write the data into the current directory" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, args", [("tools.report", ["ckpt.pt"]),
+                                          ("tools.predict", ["ckpt.pt", "a.png"]),
+                                          ("tools.bench", [])])
+def test_a_device_left_out_is_the_best_one_here_as_the_help_says(module: str,
+                                                                   args: list[str]) -> None:
+    """--device left out is None, for pick_device to choose: CUDA where a GPU is (--help: "default:
+    cuda when available"). A default of "cpu" would run every tool on a GPU machine's CPU, which
+    a CPU-only host cannot tell from the best device."""
+    import torch
+
+    given = importlib.import_module(module).parse_args(args).device
+    assert given is None
+    assert pick_device(given) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("parse, args, option", [

@@ -87,6 +87,10 @@ def test_the_h200_profile_by_kind_matches_its_count_by_hand():
      "BatchNorm (eager)"),
     ("void at::native::multi_tensor_apply_kernel<FusedSgdMathFunctor<float, 2>>",
      "optimizer step"),
+    # a fused step's own kernel, outside multi_tensor_apply (names of this form, not from a
+    # committed trace): SGD's and Adam's each an optimizer step
+    ("void at::native::fused_sgd_kernel<float, float>", "optimizer step"),
+    ("void at::native::fused_adam_kernel<float, float>", "optimizer step"),
     ("Memcpy HtoD (Pinned -> Device)", "copies and fills"),
     ("Memset (Device)", "copies and fills"),
     ("void at::native::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>", OTHER),

@@ -545,6 +545,15 @@ def test_an_allocator_setting_is_not_blamed_where_the_probe_cannot_load_torch(tm
     assert allocator_problem() is None
 
 
+def test_an_allocator_setting_is_not_blamed_where_the_probe_cannot_start(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """A probe that cannot start at all (no interpreter at sys.executable: the OSError of its
+    exec) is no abort to report either, not a traceback before the command could say a word."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage")
+    assert allocator_problem() is None
+
+
 def test_a_listing_names_its_first_names_then_how_many_more():
     assert listing(["a", "b", "c"]) == "a, b, c"
     assert listing(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"

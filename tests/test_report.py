@@ -241,6 +241,17 @@ def test_an_overlay_blends_the_jet_heat_half_and_half_in_rgb():
     np.testing.assert_array_equal(cams.overlay(black, hot).reshape(-1, 3), [[255, 0, 0]] * 16)
 
 
+def test_an_overlay_reads_the_pictures_levels_as_255ths() -> None:
+    """The picture's levels are blended as fractions of 255, level for level: beside white
+    under a cold map, a level of 4 is (0.5 * 4 + 0.5 * jet's dark blue 128) over white's blue
+    (the brightest), 87 in blue, not 88 (its levels read as 256ths, white was no longer 1)."""
+    picture = np.array([[[255] * 3, [4] * 3]], np.uint8)
+    blended = cams.overlay(picture, np.zeros((1, 2), np.float32))
+    brightest = (128 + 255) / 2
+    assert blended[0, 1].tolist() == [int(255 * 2 / brightest)] * 2 + [
+        int(255 * (128 + 4) / 2 / brightest)] == [2, 2, 87]
+
+
 def test_gradcam_peaks_on_the_object(loaded):
     """On correctly classified images the true class's layer-3 map peaks inside the shape's
     box (dilated by a pixel) far more often than chance; a transposed or flipped map fails."""

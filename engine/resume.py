@@ -24,16 +24,19 @@ RESUMABLE = ("epochs", "data_dir", "workers", "log_with", "compile", "compile_mo
              "deterministic", "cudnn_benchmark")
 
 
-def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
+def resume_config(saved: dict, given: dict, run_dir: Path,
+                  derived: dict[str, str] | None = None) -> TrainConfig:
     """The config a --resume continues: the saved one, with the RESUMABLE options applied.
 
     Any other option given on the command line is refused by name rather than dropped, and
     so is --cudnn-benchmark where the resumed run stays --deterministic (it never autotunes).
+    `derived` words the values of `given` that a tool chose itself (tools/compare.py's LRs
+    and weight decays), which no option typed set: key -> how a refusal names it.
     """
     refused = sorted(k for k, v in given.items()
                      if k not in RESUMABLE and not repeated(k, v, saved, run_dir))
     if refused:
-        names = ", ".join(map(option_name, refused))
+        names = refused_names(refused, derived or {})
         allowed = ", ".join(map(option_name, RESUMABLE))
         raise ValueError(f"{names} cannot change when resuming {run_dir}, which continues with "
                          f"its saved config; only {allowed} can. Start a new run with another "
@@ -45,6 +48,15 @@ def resume_config(saved: dict, given: dict, run_dir: Path) -> TrainConfig:
         raise ValueError(f"{AUTOTUNE_REFUSED} (resuming {run_dir} deterministically); "
                          "pass --no-deterministic too, or leave --cudnn-benchmark out.")
     return TrainConfig(**{**saved, **changes, "out": str(run_dir)})
+
+
+def refused_names(refused: list[str], derived: dict[str, str]) -> str:
+    """The refused options as the refusal names them: by option name, then in brackets the
+    values a tool chose itself, in `derived`'s words (no option of theirs was typed, so naming
+    one would send the user looking for it)."""
+    named = ", ".join(option_name(k) for k in refused if k not in derived)
+    chosen = " and ".join(derived[k] for k in refused if k in derived)
+    return f"{named} (and {chosen})" if named and chosen else named or chosen
 
 
 def repeated(key: str, value: object, saved: dict, run_dir: Path) -> bool:
@@ -81,10 +93,12 @@ def check_best(run_dir: Path, ckpt: dict) -> None:
             f"{best_path} away (or delete it) to resume without it.")
 
 
-def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
+def saved_run(resume: Path, given: dict, derived: dict[str, str] | None = None,
+              ) -> tuple[TrainConfig, dict]:
     """The config (not yet resolved for this machine) and the checkpoint of the run in
-    `resume`, with the options `given` on the command line applied; CheckpointError or
-    TrainingError, saying what to change, for a run this machine cannot continue as asked."""
+    `resume`, with the options `given` on the command line applied (`derived`: resume_config's);
+    CheckpointError or TrainingError, saying what to change, for a run this machine cannot
+    continue as asked."""
     if Path(resume).is_file():
         raise CheckpointError(f"--resume takes the run folder, not a file; use --resume "
                               f"{Path(resume).parent}")
@@ -112,7 +126,7 @@ def saved_run(resume: Path, given: dict) -> tuple[TrainConfig, dict]:
         saved["compile_mode"] = None
     try:
         cfg = checkpoint.checked_config(
-            path, ckpt, lambda: resume_config(saved, given, Path(resume)),
+            path, ckpt, lambda: resume_config(saved, given, Path(resume), derived),
             fix=checkpoint.RESUME_FIX)
     except ValueError as error:  # an option that --resume cannot change
         raise CheckpointError(f"{path}: {error}") from None

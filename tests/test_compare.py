@@ -28,6 +28,7 @@ from common.errors import OutputError
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.history import read_history
+from engine.resume import resume_config
 from tools import comparison
 from tools.compare import main
 from tools.comparison import WRITTEN, Result, default_lr, default_weight_decay
@@ -290,6 +291,72 @@ def test_fewer_epochs_than_a_run_has_done_stops_the_comparison_and_keeps_its_fil
     assert err == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'sgd'} has done; "
                    "pass --epochs above 2 to extend it.\n")
     assert {name: (again / name).read_bytes() for name in WRITTEN} == before
+
+
+@pytest.mark.slow
+def test_an_option_only_a_later_run_refuses_stops_the_comparison_before_any_run_trains(
+        out, tmp_path, capsys):
+    """--weight-decay 5e-4 is SGD's saved value but not AdamW's own 0.05: SGD's run was
+    resumed and trained its second epoch before AdamW's refused the option, leaving the runs
+    at 2 and 1 epochs and compare.* of neither. Each saved run is checked first now."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    before = {path: path.read_bytes() for path in again.rglob("*") if path.is_file()}
+    result = in_process(capsys, main, *SMALL, "--data-dir", out.parent / "data",
+                        "--optimizers", "sgd", "adamw", "--epochs", "2", "--weight-decay",
+                        "5e-4", "--out", again)
+    assert result.returncode == 1 and result.stdout == "", result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: {again / 'adamw'} holds a run of an earlier "
+                                    "comparison that this one cannot continue: ")
+    assert f"--weight-decay cannot change when resuming {again / 'adamw'}" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert {path: path.read_bytes() for path in again.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+def test_fewer_epochs_than_a_later_run_has_done_stops_the_comparison_before_any_run_trains(
+        out, tmp_path, capsys):
+    """nesterov, new, trained a whole run before AdamW's 2 epochs refused --epochs 1; now
+    nothing trains, and no nesterov folder is left."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    common = [*SMALL, "--data-dir", out.parent / "data", "--out", again]
+    extended = in_process(capsys, main, *common, "--optimizers", "adamw", "--epochs", "2")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    before = {path: path.read_bytes() for path in again.rglob("*") if path.is_file()}
+    result = in_process(capsys, main, *common, "--optimizers", "nesterov", "adamw", "--epochs",
+                        "1")
+    assert result.returncode == 1 and result.stdout == "", result.stderr[-3000:]
+    assert result.stderr == (f"error: --epochs 1 is fewer than the 2 epochs {again / 'adamw'} "
+                             "has done; pass --epochs above 2 to extend it.\n")
+    assert not (again / "nesterov").exists()
+    assert {path: path.read_bytes() for path in again.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+def test_an_lr_compare_derived_is_refused_in_words_not_as_an_option_never_typed(
+        out, tmp_path, capsys):
+    """Another --batch-size moves SGD's LR, which compare derives from it (no --lr): the
+    refusal named '--batch-size, --lr', an option the command never had."""
+    again = Path(shutil.copytree(out, tmp_path / "out"))
+    result = in_process(capsys, main, *SMALL, "--data-dir", out.parent / "data",
+                        "--optimizers", "sgd", "adamw", "--epochs", "1", "--batch-size", "32",
+                        "--out", again)
+    assert result.returncode == 1 and result.stdout == "", result.stderr[-3000:]
+    assert (f"{again / 'sgd'}/ckpt.pt: --batch-size (and the LR compare derives from the batch "
+            f"size) cannot change when resuming {again / 'sgd'}, ") in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_weight_decay_compare_chose_is_refused_in_words():
+    """An earlier comparison's --weight-decay 1e-3 left out now: AdamW's own 0.05 differs,
+    and the refusal names no --weight-decay, which this command did not give."""
+    saved = TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-3).to_dict()
+    given = {"optimizer": "adamw", "lr": 1e-3,
+             "weight_decay": default_weight_decay("adamw", 5e-4)}
+    with pytest.raises(ValueError) as refused:
+        resume_config(saved, given, Path("runs/x"),
+                      comparison.derived_words("adamw", own_lrs=True, own_decay=True))
+    assert str(refused.value).startswith("the weight decay compare chooses for adamw cannot "
+                                         "change when resuming runs/x, ")
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ command line)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from engine import checkpoint
 from engine.config import TrainConfig
 from engine.history import best_epoch, steady_seconds
 from engine.launch import end_processes
-from engine.loop import train
+from engine.loop import configure, train
 from tools.plots import Panel, plot_history
 
 # Peak LRs when --lr is left out:
@@ -60,6 +62,15 @@ class Result:
                     epochs=len(self.history), note=self.note)
 
 
+@dataclass
+class Planned:
+    """One optimizer's run as the comparison trains it: its config (its out the run's folder),
+    and the values of it the comparison chose itself, in words (derived_words)."""
+
+    cfg: TrainConfig
+    derived: dict[str, str]
+
+
 def lr_text(lr: float | str) -> str:
     """An LR for a label: 3 digits, or 'auto' where the range test never ran."""
     return f"{lr:.3g}" if isinstance(lr, float) else lr
@@ -79,6 +90,33 @@ def default_weight_decay(optimizer: str, weight_decay: float) -> float:
     1 / (1 - momentum) times that (ours; at 5e-4 that is 0.05, the value of DeiT's and
     ConvNeXt's AdamW recipes). Adam and RMSprop add it to the gradient, as SGD does."""
     return weight_decay * (BASE_LRS["sgd"] / BASE_LRS["adamw"] if optimizer == "adamw" else 1)
+
+
+def derived_words(optimizer: str, own_lrs: bool, own_decay: bool) -> dict[str, str]:
+    """The LR and weight decay compare chose for `optimizer`'s run itself (own_lrs: no --lr,
+    own_decay: no --weight-decay) as a refusal to resume names them (engine.resume's
+    resume_config): no --lr or --weight-decay was typed, so naming one misleads."""
+    words = {}
+    if own_lrs:
+        words["lr"] = ("the LR compare derives from the batch size" if optimizer in SCALED
+                       else f"the LR compare chooses for {optimizer}")
+    if own_decay:
+        words["weight_decay"] = f"the weight decay compare chooses for {optimizer}"
+    return words
+
+
+def plan(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: bool,
+         out: Path) -> list[Planned]:
+    """Each optimizer's run in out/<name>, at its default LR (own_lrs: no --lr given) or
+    cfg.lr, and its default weight decay (own_decay) or cfg.weight_decay."""
+    runs = []
+    for name in optimizers:
+        lr = default_lr(name, cfg.batch_size, run_processes()) if own_lrs else cfg.lr
+        decay = default_weight_decay(name, cfg.weight_decay) if own_decay else cfg.weight_decay
+        runs.append(Planned(replace(cfg, optimizer=name, lr=lr, weight_decay=decay,
+                                    out=str(out / name)),
+                            derived_words(name, own_lrs, own_decay)))
+    return runs
 
 
 def run_processes() -> int:
@@ -114,36 +152,62 @@ def writes_files() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def train_one(base: TrainConfig, optimizer: str, lr: float | str, weight_decay: float,
-              out: Path, log: Log, warn: Log) -> Result:
-    """Train one optimizer with engine.loop.train, its lines to log; a run that failed on its
-    own numbers (diverged, out of memory) is kept as a result, its error to warn. Any other
-    error (an option this machine cannot run, fewer --epochs than done) is raised: it would
-    fail every optimizer alike, and a table of those failures would replace the comparison.
-    A run already in `out` (a comparison stopped and started again) is resumed, or reused
-    when it is finished."""
-    cfg = replace(base, optimizer=optimizer, lr=lr, weight_decay=weight_decay, out=str(out))
-    resume = out if (out / "ckpt.pt").exists() else None
+def train_one(run: Planned, log: Log, warn: Log) -> Result:
+    """Train one optimizer's run with engine.loop.train, its lines to log; a run that failed
+    on its own numbers (diverged, out of memory) is kept as a result, its error to warn. Any
+    other error (an option this machine cannot run, fewer --epochs than done) is raised: it
+    would fail every optimizer alike, and a table of those failures would replace the
+    comparison. A run already in its folder (a comparison stopped and started again) is
+    resumed, or reused when it is finished."""
+    cfg, out = run.cfg, Path(run.cfg.out)
+    resume = saved_in(out)
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
     try:
-        trained = train(cfg, resume, given_options(cfg) if resume else None,
-                        log=lambda line: log(f"{optimizer}: {line}"), end_process_group=False,
-                        extend="Extend it by running this command with a larger --epochs.")
-        return Result(optimizer, trained.cfg.lr, weight_decay, trained.history)
+        with earlier_comparison(resume):
+            trained = train(cfg, resume, given_options(cfg) if resume else None,
+                            log=lambda line: log(f"{cfg.optimizer}: {line}"),
+                            end_process_group=False,
+                            extend="Extend it by running this command with a larger --epochs.",
+                            derived=run.derived)
+        return Result(cfg.optimizer, trained.cfg.lr, cfg.weight_decay, trained.history)
     except (RunFailed, RangeTestError) as error:  # a result, not the end
         if writes_files():  # every process failed alike: one says so
-            warn(f"error: {optimizer}: {error}")
-        return Result(optimizer, lr, weight_decay, saved_history(out), str(error))
+            warn(f"error: {cfg.optimizer}: {error}")
+        return Result(cfg.optimizer, cfg.lr, cfg.weight_decay, saved_history(out), str(error))
+
+
+def saved_in(run_dir: Path) -> Path | None:
+    """run_dir where it holds a saved run, which the comparison resumes (or reuses when it is
+    finished); else None, a new run."""
+    return run_dir if (run_dir / "ckpt.pt").exists() else None
+
+
+@contextmanager
+def earlier_comparison(resume: Path | None) -> Iterator[None]:
+    """A CheckpointError resuming the run in `resume` said as a run of an earlier comparison:
+    the options it names may be ones this command left out (an --lr the earlier comparison
+    was given), so it says where they come from; a new run's (resume None) as it is."""
+    try:
+        yield
     except CheckpointError as error:
         if resume is None:
             raise
-        # the options it names may be ones this command left out (an --lr the earlier
-        # comparison was given): say where they come from
-        raise CheckpointError(f"{out} holds a run of an earlier comparison that this one "
+        raise CheckpointError(f"{resume} holds a run of an earlier comparison that this one "
                               f"cannot continue: {error} Give compare that comparison's "
                               f"options (its runs' config.json) to continue it; an LR or "
                               "weight decay it chose itself (no --lr, no --weight-decay) comes "
                               "back with the option left out.") from None
+
+
+def check_saved(runs: list[Planned]) -> None:
+    """Each run already saved checked, before any run trains, as its resume will check it
+    (engine.loop.configure): an option it refuses, or fewer --epochs than it has done, stops
+    the comparison before the runs ahead of it train on, its runs and compare.* files left in
+    step. Every process reads the same files, so under torchrun all decide alike."""
+    for run in runs:
+        if (resume := saved_in(Path(run.cfg.out))) is not None:
+            with earlier_comparison(resume):
+                configure(run.cfg, resume, given_options(run.cfg), run.derived)
 
 
 def saved_history(run_dir: Path) -> list[dict]:
@@ -197,19 +261,15 @@ def write_report(results: list[Result], cfg: TrainConfig, source: str, out: Path
     return table
 
 
-def train_each(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: bool,
-               out: Path, log: Log, warn: Log) -> list[Result]:
-    """Each optimizer's run in out/<name>, in turn, at its default LR (own_lrs: no --lr given)
-    or cfg.lr, and its default weight decay (own_decay) or cfg.weight_decay. Ctrl-C (or a
-    reader of the output gone) says how to go on: the same command resumes the runs, or
-    reuses finished ones."""
+def train_each(runs: list[Planned], out: Path, log: Log, warn: Log) -> list[Result]:
+    """Each planned run in turn. Ctrl-C (or a reader of the output gone) says how to go on:
+    the same command resumes the runs, or reuses finished ones."""
+    optimizers = [run.cfg.optimizer for run in runs]
     results = []
-    for name in optimizers:
+    for run in runs:
+        name = run.cfg.optimizer
         try:
-            lr = default_lr(name, cfg.batch_size, run_processes()) if own_lrs else cfg.lr
-            decay = (default_weight_decay(name, cfg.weight_decay) if own_decay
-                     else cfg.weight_decay)
-            result = train_one(cfg, name, lr, decay, out / name, log, warn)
+            result = train_one(run, log, warn)
         except (Interrupted, KeyboardInterrupt):  # the second: before train() could say more
             raise Interrupted(going_on(name, optimizers, out)) from None
         except BrokenPipeError as error:  # `| head`: the run's note said --resume, for one run
@@ -250,7 +310,9 @@ def compare(cfg: TrainConfig, optimizers: list[str], own_lrs: bool, own_decay: b
     try:
         with output_dir(out):
             check_places(out, optimizers)  # now, not after the runs
-            results = train_each(cfg, optimizers, own_lrs, own_decay, out, log, warn)
+            runs = plan(cfg, optimizers, own_lrs, own_decay, out)
+            check_saved(runs)  # likewise
+            results = train_each(runs, out, log, warn)
             writer = writes_files()
     finally:  # the runs kept the process group for one another
         end_processes()

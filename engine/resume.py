@@ -93,8 +93,8 @@ def check_best(run_dir: Path, ckpt: dict) -> None:
             f"{best_path} away (or delete it) to resume without it.")
 
 
-def saved_run(resume: Path, given: dict, derived: dict[str, str] | None = None,
-              ) -> tuple[TrainConfig, dict]:
+def saved_run(resume: Path, given: dict,
+              derived: dict[str, str] | None = None) -> tuple[TrainConfig, dict]:
     """The config (not yet resolved for this machine) and the checkpoint of the run in
     `resume`, with the options `given` on the command line applied (`derived`: resume_config's);
     CheckpointError or TrainingError, saying what to change, for a run this machine cannot

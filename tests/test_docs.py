@@ -24,14 +24,15 @@ SCRIPTS = {  # how the docs start a command -> its module, whose main() parses, 
     "tools/lr_find.py": "tools.lr_find", "tools/compare.py": "tools.compare",
     "tools/predict.py": "tools.predict", "tools/export.py": "tools.export",
     "tools/gpu_suite.sh": "tools.gpu_suite"}
-# options the docs give to other programs: accelerate launch, torchrun, pip; and "--no-...",
+# options the docs give to other programs: accelerate launch, torchrun, pip, torchvision's
+# reference script (what the step schedule lacks); and "--no-...",
 # the docs' name for the off switch of every on/off option
 OTHERS = {"--cpu", "--machine_rank", "--main_process_ip", "--main_process_port",
           "--mpirun_hostfile", "--multi_gpu", "--num_machines", "--num_processes",
           "--master_addr", "--nnodes", "--node_rank", "--nproc_per_node", "--no-deps",
           "--no-index", "--target", "--no-", "--mixed_precision", "--dynamo_backend",
           "--logdir", "--master_port",
-          "--max-restarts", "--max_restarts", "--rdzv-conf"}
+          "--max-restarts", "--max_restarts", "--rdzv-conf", "--lr-step-size", "--lr-gamma"}
 OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target
 

@@ -321,7 +321,7 @@ def test_check_accepts_a_top_class_flipped_between_near_equal_logits():
 
 def test_missing_extra_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
-    with pytest.raises(ExportError, match=r"pip install 'cifar10-engine\[export\]'.*onnxruntime"):
+    with pytest.raises(ExportError, match=r"pip install -e '\.\[export\]'.*onnxruntime"):
         require("onnx")
     require("torchscript")  # needs nothing beyond torch
 

@@ -320,13 +320,15 @@ def test_a_folders_pictures_are_its_files_of_every_suffix(tmp_path: Path) -> Non
     assert expand([tmp_path]) == sorted(pictures)
 
 
-@pytest.mark.parametrize("folders", [("a", "b"), ("a", "b", "c", "d")])
+@pytest.mark.parametrize("folders", [("a", "b"), ("a", "b", "c"), ("a", "b", "c", "d")])
 def test_a_folder_of_folders_says_its_sub_folders_are_not_read(tmp_path: Path,
                                                               folders: tuple[str, ...]) -> None:
     """A folder holding only sub-folders (one per class, say) was said to hold no image files,
-    leaving the user to guess that sub-folders are not searched; now it names a few to pass."""
+    leaving the user to guess that sub-folders are not searched; now it names a few to pass
+    (three, then '...' where there are more), and no file beside them (a note, a .txt)."""
     for name in folders:
         (tmp_path / "photos" / name).mkdir(parents=True)
+    (tmp_path / "photos" / "b.txt").write_text("not a picture, not a folder")
     with pytest.raises(DataError) as refused:
         prediction.read_pictures([tmp_path / "photos"])
     shown = " ".join(str(tmp_path / "photos" / name) for name in folders[:3])

@@ -24,7 +24,7 @@ from conftest import (
     with_head,
 )
 
-from common.errors import OutputError
+from common.errors import CheckpointError, OutputError
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.history import read_history
@@ -357,6 +357,41 @@ def test_a_weight_decay_compare_chose_is_refused_in_words():
                       comparison.derived_words("adamw", own_lrs=True, own_decay=True))
     assert str(refused.value).startswith("the weight decay compare chooses for adamw cannot "
                                          "change when resuming runs/x, ")
+
+
+@pytest.mark.parametrize("optimizer, own_lrs, own_decay, names", [
+    ("adamw", True, True, "the LR compare chooses for adamw and the weight decay compare "
+                          "chooses for adamw"),
+    ("sgd", False, True, "--lr (and the weight decay compare chooses for sgd)"),
+    ("nesterov", True, False, "--weight-decay (and the LR compare derives from the batch size)"),
+], ids=["both chosen", "an lr given", "a weight decay given"])
+def test_a_refusal_names_the_options_given_and_words_only_the_values_compare_chose(
+        optimizer: str, own_lrs: bool, own_decay: bool, names: str) -> None:
+    """An LR and a weight decay that both changed: those compare chose itself are said in its
+    words, joined by 'and' (an AdamW LR by the optimizer's name: only SGD's follows the batch
+    size), and one the command gave (--lr, --weight-decay) by its option, as typed."""
+    saved = TrainConfig(optimizer=optimizer, lr=1e-3, weight_decay=1e-3).to_dict()
+    given = {"optimizer": optimizer, "lr": 2e-3, "weight_decay": 2e-3}
+    with pytest.raises(ValueError) as refused:
+        resume_config(saved, given, Path("runs/x"),
+                      comparison.derived_words(optimizer, own_lrs=own_lrs, own_decay=own_decay))
+    assert str(refused.value).startswith(f"{names} cannot change when resuming runs/x, ")
+
+
+def test_a_new_runs_checkpoint_error_is_said_as_it_is_not_as_an_earlier_comparisons() -> None:
+    """A run of this comparison that cannot write its ckpt.pt (a full disk) raises a
+    CheckpointError too: only one resuming a saved run (resume a folder) is said as a run of
+    an earlier comparison, naming that folder; a new run's (resume None) is raised as it is,
+    not said to be a run of an earlier comparison held in 'None'."""
+    full = CheckpointError("could not write runs/x/sgd/ckpt.pt (No space left on device)")
+    with pytest.raises(CheckpointError) as raised, comparison.earlier_comparison(None):
+        raise full
+    assert raised.value is full
+    with pytest.raises(CheckpointError) as raised, \
+            comparison.earlier_comparison(Path("runs/x/sgd")):
+        raise full
+    assert str(raised.value).startswith("runs/x/sgd holds a run of an earlier comparison that "
+                                        f"this one cannot continue: {full} Give compare ")
 
 
 @pytest.mark.slow

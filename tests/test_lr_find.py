@@ -188,17 +188,21 @@ def test_suggestions_never_go_below_the_start_of_the_sweep():
 @pytest.mark.parametrize("smoothed, caveat", [
     ([3.0, 2.0, 1.0, 2.0, 3.0], None),  # a minimum inside the sweep
     ([3.0, 2.5, 2.0, 1.5, 1.0], "but the loss still fell at the sweep's last lr 0.0001, so its "
-                                "minimum, and with it the suggestion, lie higher"),
+                                "minimum, and with it the suggestion, lie higher: sweep to "
+                                "higher LRs (tools/lr_find.py --end-lr)"),
     ([1.0, 1.5, 1.2, 1.8, 2.0], "but the loss never fell below its first step's, so the "
-                                "suggestion is the sweep's start"),
+                                "suggestion is the sweep's start: widen the sweep "
+                                "(tools/lr_find.py --start-lr, --end-lr)"),
     # a flat curve's noise: a walkthrough's 1e-7..1e-5 sweep wandered between 2.572 and 2.622
     ([2.6, 2.62, 2.5, 2.61, 2.59], "but the loss hardly moved (its lowest 3.8% below its first "
-                                   "step's), so the minimum the suggestion rests on is noise"),
+                                   "step's), so the minimum the suggestion rests on is noise: "
+                                   "widen the sweep (tools/lr_find.py --start-lr, --end-lr)"),
     ([2.6, 2.62, 2.46, 2.61, 2.59], None),  # 5.4% below: a minimum
 ])
 def test_a_sweep_that_never_saw_the_loss_stop_falling_says_so(smoothed, caveat):
     """A sweep wholly below the LRs that train fast (or one whose loss never fell, or hardly)
-    suggested its edge, or a flat curve's noise, as confidently as a real minimum's tenth."""
+    suggested its edge, or a flat curve's noise, as confidently as a real minimum's tenth.
+    Each caveat is asserted whole: its advice (which option to change) is what the user acts on."""
     lrs = np.logspace(-5, -4, 5).tolist()
     result = lr_range.RangeTest(lrs, smoothed, smoothed, *lr_range.suggestions(lrs, smoothed),
                                 diverged=False)
@@ -206,9 +210,23 @@ def test_a_sweep_that_never_saw_the_loss_stop_falling_says_so(smoothed, caveat):
     if caveat is None:
         assert result.caveat is None and said.endswith(")")
     else:
-        assert result.caveat.startswith(caveat) and said.endswith(f"), {result.caveat}")
+        assert result.caveat == caveat and said.endswith(f"), {result.caveat}")
     # one that diverged found the rise: its minimum is real even at the edge
     assert replace(result, diverged=True).caveat is None
+
+
+def test_how_far_the_loss_fell_is_read_from_the_smoothed_curve_not_one_noisy_batch() -> None:
+    """The minimum the suggestion rests on is the smoothed loss's, so how far the loss fell is
+    measured on it too: one batch whose own loss dipped 20% (a lucky batch) under a smoothed
+    curve that moved 3.8% is still a flat curve's noise."""
+    lrs = np.logspace(-5, -4, 5).tolist()
+    smoothed = [2.6, 2.62, 2.5, 2.61, 2.59]
+    losses = [2.6, 2.64, 2.08, 2.7, 2.57]
+    result = lr_range.RangeTest(lrs, losses, smoothed, *lr_range.suggestions(lrs, smoothed),
+                                diverged=False)
+    assert result.caveat is not None
+    assert result.caveat.startswith("but the loss hardly moved (its lowest 3.8% below its first "
+                                    "step's)")
 
 
 def test_a_sweep_whose_loss_never_moves_suggests_its_start_and_says_why(data_dir, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 # torch.compile's modes: reduce-overhead replays CUDA graphs (one launch a graph instead of one
 # a kernel); the max-autotune ones also time kernel choices while compiling (minutes)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # those that replay CUDA graphs
 
 
 def compile_text(compile: bool, mode: str = "default") -> str:

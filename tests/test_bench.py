@@ -422,6 +422,20 @@ def test_the_profile_section_profiles_the_loader_asked_for(monkeypatch, tmp_path
     assert replace(profiled, loader=base.loader) == base
 
 
+def test_the_profile_section_profiles_no_cuda_graphs(tmp_path):
+    """On a GPU the engine compiles with CUDA graphs (reduce-overhead), whose replayed kernels
+    CUPTI records wrongly (pytorch/kineto#1165): the profile's run compiles the same model in
+    torch.compile's default mode instead, and is otherwise the epoch section's. The configs
+    only: no GPU is needed to resolve them."""
+    args = bench_options.parse_args(["--data-dir", str(tmp_path)])
+    bench_options.fill_defaults(args)
+    cuda = torch.device("cuda")
+    base = bench_setup.base_config(args, cuda, args.epoch_images, str(tmp_path))
+    profiled = bench_run.profiled_config(args, cuda, str(tmp_path))
+    assert base.compile and base.compile_mode == "reduce-overhead"
+    assert profiled == replace(base, compile_mode="default")
+
+
 def test_a_profile_without_a_trace_records_none_and_prints_none(monkeypatch, tmp_path):
     """Without --json or --trace the profile writes no trace: its JSON field is empty, not
     the text 'None', and the log names no file; its ops are listed slowest first."""

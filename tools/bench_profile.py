@@ -49,8 +49,8 @@ class ProfileResult:
     device_busy_ms: float | None = None
     step_ms: float | None = None
     device_busy_share: float | None = None
-    # on CUDA: the kernels' time per step by kind (tools/kernel_kinds.py), the most first; by
-    # their names, as CUDA graphs leave a replayed kernel no op of its own
+    # on CUDA: the kernels' time per step by kind, read from their names (tools/kernel_kinds.py),
+    # the most first
     kernel_kinds: list[dict] | None = None
 
 
@@ -134,10 +134,6 @@ def bench_profile(cfg: TrainConfig, args: argparse.Namespace, trace: Path | None
     loader; the Chrome trace goes to `trace` when given."""
     run = make_run(cfg, args.threads)
     cuda = run.accelerator.device.type == "cuda"
-    # No empty profiler session before the warm-up records its CUDA graphs (torch's
-    # _init_for_cuda_graphs, for pytorch/pytorch#75504, said needless from CUDA 12 in its
-    # source): on CUDA 13.0 with torch 2.13 it left every later session without one kernel
-    # event (lightseekorg/tokenspeed#1348).
     with closing(endless(run)) as batches:
         for _ in range(args.warmup_steps):
             train_step(run, *next(batches))

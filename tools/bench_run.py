@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from common.atomic import write_json
+from common.compile_modes import GRAPH_MODES
 from common.streams import Log
 from engine.config import TrainConfig
 from tools.bench_mfu import bench_mfu
@@ -39,9 +40,14 @@ def settle_device(args: argparse.Namespace) -> torch.device:
 
 
 def profiled_config(args: argparse.Namespace, device: torch.device, out: str) -> TrainConfig:
-    """The profile section's run: the epoch section's defaults, fed by --profile-loader."""
+    """The profile section's run: the epoch section's defaults, fed by --profile-loader, and
+    compiled in torch.compile's default mode where those replay CUDA graphs: CUPTI's records
+    of the kernels a graph replays are wrong (pytorch/kineto#1165, open; a fix is said to be
+    in CUDA 13.1's CUPTI, the GPU machine's torch is built for 13.0). The kernels are the
+    same; the epoch section times the graphs."""
     cfg = base_config(args, device, args.epoch_images, out)
-    return replace(cfg, loader=args.profile_loader or cfg.loader)
+    mode = "default" if cfg.compile_mode in GRAPH_MODES else cfg.compile_mode
+    return replace(cfg, loader=args.profile_loader or cfg.loader, compile_mode=mode)
 
 
 def trace_path(args: argparse.Namespace) -> Path | None:

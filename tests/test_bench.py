@@ -423,8 +423,8 @@ def test_the_profile_section_profiles_the_loader_asked_for(monkeypatch, tmp_path
 
 
 def test_the_profile_section_profiles_no_cuda_graphs(tmp_path):
-    """On a GPU the engine compiles with CUDA graphs (reduce-overhead), whose replayed kernels
-    CUPTI records wrongly (pytorch/kineto#1165): the profile's run compiles the same model in
+    """On a GPU the engine compiles with CUDA graphs (reduce-overhead), whose profiles are
+    incorrect through CUPTI (pytorch/kineto#1165): the profile's run compiles the same model in
     torch.compile's default mode instead, and is otherwise the epoch section's. The configs
     only: no GPU is needed to resolve them."""
     args = bench_options.parse_args(["--data-dir", str(tmp_path)])

@@ -42,10 +42,10 @@ def settle_device(args: argparse.Namespace) -> torch.device:
 def profiled_config(args: argparse.Namespace, device: torch.device, out: str) -> TrainConfig:
     """The profile section's run: the epoch section's defaults, fed by --profile-loader, and
     compiled in torch.compile's default mode where those replay CUDA graphs: kineto's
-    maintainers track the profiles of CUDA graphs as incorrect, through CUPTI (pytorch/kineto
-    #1165, open; a fix may have come with CUDA 13.1's CUPTI, and the GPU machine's torch is
-    built for 13.0), where the default mode's profile worked on the first H200 run. The
-    kernels are the same; the epoch section times the graphs."""
+    maintainers track the profiles of CUDA graphs as incorrect, through CUPTI
+    (pytorch/kineto#1165, open; a fix may have come with CUDA 13.1's CUPTI, and the GPU
+    machine's torch is built for 13.0), where the default mode's profile worked on the first
+    H200 run. The kernels are the same; the epoch section times the graphs."""
     cfg = base_config(args, device, args.epoch_images, out)
     mode = "default" if cfg.compile_mode in GRAPH_MODES else cfg.compile_mode
     return replace(cfg, loader=args.profile_loader or cfg.loader, compile_mode=mode)

@@ -281,7 +281,7 @@ def train_each(runs: list[Planned], out: Path, log: Log, warn: Log) -> list[Resu
 
 def going_on(name: str, optimizers: list[str], out: Path) -> str:
     """How to go on with a comparison stopped during optimizer `name`'s run."""
-    if not any((out / n / "ckpt.pt").exists() for n in optimizers):
+    if not any(saved_in(out / n) for n in optimizers):
         return f"stopped during {name}, before any run saved an epoch; run the same command again"
     # --out named: the default is a new folder on every call
     return (f"stopped during {name}; to go on, run the same command with --out {out}: its runs "

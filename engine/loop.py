@@ -221,7 +221,7 @@ def configure(cfg: TrainConfig, resume: Path | None, given: dict | None,
 
 def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = None,
           log: Log = silent, end_process_group: bool = True,
-          extend: str | None = None, derived: dict[str, str] | None = None) -> Trained:
+          extend: str | None = None) -> Trained:
     """Build the run (resumed from `resume`/ckpt.pt when given), train it to cfg.epochs and
     return a Trained: the resolved config, the history and where the time went; each epoch's
     line and each notice go to log (the command line's is common.streams.say). Ctrl-C raises
@@ -230,10 +230,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, given: dict | None = Non
     `end_process_group=False` keeps the process group for another run in this process
     (tools/comparison.py), which calls end_processes().
     `extend`: how to train a finished run further, said when resuming one (by default, with
-    --resume and more --epochs; a tool of its own words for its own command line).
-    `derived`: the values of `given` the tool chose itself, in the words a refusal to resume
-    names them (engine.resume.resume_config)."""
-    cfg, ckpt = configure(cfg, resume, given, derived)
+    --resume and more --epochs; a tool of its own words for its own command line)."""
+    cfg, ckpt = configure(cfg, resume, given)
     check_tracker(cfg.log_with, cfg.out)
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process

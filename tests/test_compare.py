@@ -24,7 +24,7 @@ from conftest import (
     with_head,
 )
 
-from common.errors import CheckpointError, OutputError
+from common.errors import OutputError
 from engine import checkpoint, loop
 from engine.config import TrainConfig
 from engine.history import read_history
@@ -376,22 +376,6 @@ def test_a_refusal_names_the_options_given_and_words_only_the_values_compare_cho
         resume_config(saved, given, Path("runs/x"),
                       comparison.derived_words(optimizer, own_lrs=own_lrs, own_decay=own_decay))
     assert str(refused.value).startswith(f"{names} cannot change when resuming runs/x, ")
-
-
-def test_a_new_runs_checkpoint_error_is_said_as_it_is_not_as_an_earlier_comparisons() -> None:
-    """A run of this comparison that cannot write its ckpt.pt (a full disk) raises a
-    CheckpointError too: only one resuming a saved run (resume a folder) is said as a run of
-    an earlier comparison, naming that folder; a new run's (resume None) is raised as it is,
-    not said to be a run of an earlier comparison held in 'None'."""
-    full = CheckpointError("could not write runs/x/sgd/ckpt.pt (No space left on device)")
-    with pytest.raises(CheckpointError) as raised, comparison.earlier_comparison(None):
-        raise full
-    assert raised.value is full
-    with pytest.raises(CheckpointError) as raised, \
-            comparison.earlier_comparison(Path("runs/x/sgd")):
-        raise full
-    assert str(raised.value).startswith("runs/x/sgd holds a run of an earlier comparison that "
-                                        f"this one cannot continue: {full} Give compare ")
 
 
 @pytest.mark.slow

@@ -4,8 +4,6 @@ command line)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -163,12 +161,9 @@ def train_one(run: Planned, log: Log, warn: Log) -> Result:
     resume = saved_in(out)
     torch.compiler.reset()  # the previous run's compiled graphs must not be reused or count
     try:
-        with earlier_comparison(resume):
-            trained = train(cfg, resume, given_options(cfg) if resume else None,
-                            log=lambda line: log(f"{cfg.optimizer}: {line}"),
-                            end_process_group=False,
-                            extend="Extend it by running this command with a larger --epochs.",
-                            derived=run.derived)
+        trained = train(cfg, resume, given_options(cfg) if resume else None,
+                        log=lambda line: log(f"{cfg.optimizer}: {line}"), end_process_group=False,
+                        extend="Extend it by running this command with a larger --epochs.")
         return Result(cfg.optimizer, trained.cfg.lr, cfg.weight_decay, trained.history)
     except (RunFailed, RangeTestError) as error:  # a result, not the end
         if writes_files():  # every process failed alike: one says so
@@ -182,32 +177,24 @@ def saved_in(run_dir: Path) -> Path | None:
     return run_dir if (run_dir / "ckpt.pt").exists() else None
 
 
-@contextmanager
-def earlier_comparison(resume: Path | None) -> Iterator[None]:
-    """A CheckpointError resuming the run in `resume` said as a run of an earlier comparison:
-    the options it names may be ones this command left out (an --lr the earlier comparison
-    was given), so it says where they come from; a new run's (resume None) as it is."""
-    try:
-        yield
-    except CheckpointError as error:
-        if resume is None:
-            raise
-        raise CheckpointError(f"{resume} holds a run of an earlier comparison that this one "
-                              f"cannot continue: {error} Give compare that comparison's "
-                              f"options (its runs' config.json) to continue it; an LR or "
-                              "weight decay it chose itself (no --lr, no --weight-decay) comes "
-                              "back with the option left out.") from None
-
-
 def check_saved(runs: list[Planned]) -> None:
     """Each run already saved checked, before any run trains, as its resume will check it
     (engine.loop.configure): an option it refuses, or fewer --epochs than it has done, stops
     the comparison before the runs ahead of it train on, its runs and compare.* files left in
-    step. Every process reads the same files, so under torchrun all decide alike."""
+    step. Every process reads the same files, so under torchrun all decide alike. A refusal
+    says the run is an earlier comparison's: the options it names may be ones this command
+    left out (an --lr that comparison was given)."""
     for run in runs:
-        if (resume := saved_in(Path(run.cfg.out))) is not None:
-            with earlier_comparison(resume):
-                configure(run.cfg, resume, given_options(run.cfg), run.derived)
+        if (resume := saved_in(Path(run.cfg.out))) is None:
+            continue
+        try:
+            configure(run.cfg, resume, given_options(run.cfg), run.derived)
+        except CheckpointError as error:
+            raise CheckpointError(f"{resume} holds a run of an earlier comparison that this one "
+                                  f"cannot continue: {error} Give compare that comparison's "
+                                  f"options (its runs' config.json) to continue it; an LR or "
+                                  "weight decay it chose itself (no --lr, no --weight-decay) "
+                                  "comes back with the option left out.") from None
 
 
 def saved_history(run_dir: Path) -> list[dict]:

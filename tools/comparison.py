@@ -200,8 +200,7 @@ def check_saved(runs: list[Planned]) -> None:
 def saved_history(run_dir: Path) -> list[dict]:
     """The epochs a stopped run saved, from its ckpt.pt: checked as it loads, where
     metrics.jsonl is a copy that a hand (or a full disk) may have cut short."""
-    path = run_dir / "ckpt.pt"
-    return checkpoint.load(path)["history"] if path.exists() else []
+    return checkpoint.load(run_dir / "ckpt.pt")["history"] if saved_in(run_dir) else []
 
 
 # accuracy in percent, as compare.md and report's curves.png give it
